@@ -1,0 +1,42 @@
+# The README's commands: `make demo` and `make test`. Both set everything up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# The CPU wheel of torch lies on local disk; install it before anything that depends on torch,
+# else pip resolves a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+BUILD_DEPS := scikit-build-core pybind11 ninja cmake
+SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q $(BUILD_DEPS)
+	$(PIP) install -q --no-build-isolation -Cbuild-dir=build/editable -e '.[transformers,test]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m converter.demo
+
+test: install
+	TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install
+	TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) bench/bench_cpu_quantize.py
+	$(PY) bench/bench_convert.py
+
+clean:
+	rm -rf build $(VENV) .pytest_cache
