@@ -1,0 +1,52 @@
+"""Exceptions the converter raises, each with the exit code the CLI gives it.
+
+Messages are one line: they name the file or tensor and end with what to do. Exit codes follow
+pip-tools: 2 for usage or input errors (the user must change something), 1 for a conversion that
+failed while running.
+"""
+
+from __future__ import annotations
+
+
+class ConverterError(Exception):
+    """Base of every error the converter raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(ConverterError):
+    """The source or the options cannot be converted as given."""
+
+    exit_code = 2
+
+
+class SourceNotFoundError(InputError):
+    """The source path does not exist, or a file it names is missing."""
+
+
+class CorruptFileError(InputError):
+    """A weight file or index is unreadable, truncated or inconsistent."""
+
+
+class AlreadyQuantizedError(InputError):
+    """The source is already quantized (quantization_config, F8 tensors, packed 4-bit weights)."""
+
+
+class PickleOnlyError(InputError):
+    """The source has only pickle (.bin/.pt) weights and pickle was not allowed."""
+
+
+class UnsupportedTensorError(InputError):
+    """A tensor selected for quantization has a dtype, shape or size we refuse."""
+
+
+class NonFiniteTensorError(InputError):
+    """A tensor selected for quantization holds NaN or Inf."""
+
+
+class OutputExistsError(InputError):
+    """The output folder holds something we did not write, or a different plan."""
+
+
+class ConversionFailedError(ConverterError):
+    """The conversion started but could not finish (disk full, I/O error...)."""

@@ -1,0 +1,170 @@
+"""What the pipeline needs from a checkpoint source (a local folder or a Hub repo).
+
+A source lists its tensors from the safetensors headers alone, then hands out one whole weight
+file at a time (``acquire``) and is told when the pipeline is done with it (``release``), so a Hub
+source can download file k+1 while file k is quantized and delete consumed files.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+#: safetensors dtype codes the converter reads (as written in a safetensors header).
+FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
+#: Float dtypes that can be quantized to 4 bit (the kernels take f32, f16, bf16).
+QUANTIZABLE_DTYPES = frozenset({"F32", "F16", "BF16"})
+#: dtypes that only appear in already-quantized checkpoints.
+FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4"})
+
+#: Bytes per element of each safetensors dtype code.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a source checkpoint, as its safetensors header describes it."""
+
+    name: str
+    file: str  # weight file name, relative to the source root
+    dtype: str  # safetensors dtype code: "BF16", "F32", "I64", ...
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES.get(self.dtype, 1)
+
+
+class Source(ABC):
+    """A checkpoint to convert. Implementations: LocalSource (sources/local.py), HubSource (sources/hub.py).
+
+    Construction validates what can be validated from headers and config (missing files, corrupt
+    headers, already-quantized or pickle-only checkpoints) and raises converter.errors exceptions.
+    """
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Provenance: {"kind": "local"|"hub", "path" or "repo_id", "revision", "commit", ...}.
+
+        Must identify the source's content well enough for resume: a Hub commit sha, or for a
+        local folder the file sizes, mtimes and a hash of the headers. JSON-serialisable.
+        """
+
+    @abstractmethod
+    def config(self) -> dict | None:
+        """The parsed config.json, or None when the source has none."""
+
+    @abstractmethod
+    def tensors(self) -> list[TensorInfo]:
+        """Every tensor of every weight file, from the safetensors headers only, in processing order."""
+
+    @abstractmethod
+    def weight_files(self) -> list[str]:
+        """Relative weight file names, in processing order."""
+
+    @abstractmethod
+    def acquire(self, file: str) -> Path:
+        """A local path to the whole file (Hub: waits for its download and prefetches the next)."""
+
+    @abstractmethod
+    def release(self, file: str) -> None:
+        """The pipeline is finished with ``file`` (Hub: delete the private download unless kept)."""
+
+    @abstractmethod
+    def extra_files(self) -> list[str]:
+        """Non-weight files to copy: tokenizer, generation config, licence, README... (relative names)."""
+
+    @abstractmethod
+    def copy_extra_file(self, name: str, dest: Path) -> None:
+        """Copy the extra file ``name`` to the path ``dest``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything (threads, temp downloads). Safe to call twice."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: Non-weight files worth copying next to the quantized shards (matched on the base name).
+EXTRA_FILE_NAMES = frozenset(
+    {
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "chat_template.json",
+        "chat_template.jinja",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+        "README.md",
+        "LICENSE",
+        "LICENSE.txt",
+        "LICENSE.md",
+        "NOTICE",
+        "USE_POLICY.md",
+    }
+)
+
+
+def is_extra_file(relname: str) -> bool:
+    """Whether a source file (relative name, '/'-separated) is copied to the output as is."""
+    base = relname.rsplit("/", 1)[-1]
+    if "/" in relname:
+        # sentence-transformers pooling folders (1_Pooling/config.json) are tiny and needed.
+        top = relname.split("/", 1)[0]
+        return top[:1].isdigit() and "_" in top and relname.endswith(".json")
+    return base in EXTRA_FILE_NAMES or base.startswith("LICENSE")
+
+
+def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | None:
+    """Why a source looks already quantized, or None. Shared by every Source implementation."""
+    if config and config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        return f"its config.json has a quantization_config (quant_method {method!r})"
+    names = {t.name for t in tensors}
+    for t in tensors:
+        if t.dtype in FP8_DTYPES:
+            return f"tensor {t.name!r} is {t.dtype}"
+        if t.dtype == "U8" and f"{t.name}.absmax" in names:
+            return f"tensor {t.name!r} is packed U8 with an absmax sibling (bitsandbytes 4-bit)"
+        if t.name.endswith((".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".SCB")):
+            return f"tensor {t.name!r} is a bitsandbytes quant state"
+    return None
