@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from qm_checkpoints import write_safetensors_header
+from safetensors.torch import save_file
+
+from converter.errors import (
+    AlreadyQuantizedError,
+    CorruptFileError,
+    PickleOnlyError,
+    SourceNotFoundError,
+)
+from converter.sources import looks_like_repo_id, open_source
+from converter.sources.local import LocalSource, MappedFile
+
+
+def test_single_file_folder(tiny_llama: Path) -> None:
+    src = open_source(tiny_llama)
+    assert isinstance(src, LocalSource)
+    assert src.weight_files() == ["model.safetensors"]
+    names = [t.name for t in src.tensors()]
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    q = next(t for t in src.tensors() if t.name == "model.layers.0.self_attn.q_proj.weight")
+    assert (q.dtype, q.shape, q.file) == ("BF16", (64, 64), "model.safetensors")
+    assert src.config()["model_type"] == "llama"
+    assert src.extra_files() == ["LICENSE", "generation_config.json", "tokenizer_config.json"]
+    d = src.describe()
+    assert d["kind"] == "local"
+    assert set(d["files"]) == {"model.safetensors"}
+
+
+def test_sharded_folder_lists_every_tensor_once(tiny_llama: Path, tiny_llama_sharded: Path) -> None:
+    single = {t.name: t for t in open_source(tiny_llama).tensors()}
+    src = open_source(tiny_llama_sharded)
+    assert len(src.weight_files()) > 2
+    sharded = src.tensors()
+    assert {t.name for t in sharded} == set(single)
+    assert len(sharded) == len(single)
+    # Processing order follows the files, then the data offsets inside each file.
+    files = [t.file for t in sharded]
+    assert files == sorted(files)
+
+
+def test_single_safetensors_file(tiny_llama: Path) -> None:
+    src = open_source(tiny_llama / "model.safetensors")
+    assert src.weight_files() == ["model.safetensors"]
+    assert src.config() is not None
+
+
+def test_mapped_file_reads_without_copy(tiny_llama: Path) -> None:
+    from safetensors import safe_open
+
+    f = MappedFile(tiny_llama / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    with safe_open(str(tiny_llama / "model.safetensors"), "pt") as ref:
+        want = ref.get_tensor(name)
+    got = f.get(name)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_missing_path() -> None:
+    with pytest.raises(
+        SourceNotFoundError, match=r"^\./nope/model: no such file or folder, and not a Hub repo id"
+    ):
+        open_source("./nope/model")
+
+
+def test_repo_id_shapes() -> None:
+    assert looks_like_repo_id("meta-llama/Llama-3.2-1B")
+    assert looks_like_repo_id("gpt2")
+    assert not looks_like_repo_id("./model")
+    assert not looks_like_repo_id("a/b/c")
+    assert not looks_like_repo_id("a--b/c")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    folder = _copy(tiny_llama_sharded, tmp_path / "m")
+    victim = sorted(folder.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(SourceNotFoundError) as exc:
+        open_source(folder)
+    assert str(exc.value) == (
+        f"{victim}: missing (named by model.safetensors.index.json); download the missing shard"
+    )
+
+
+def test_index_entry_not_in_its_shard(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    folder = _copy(tiny_llama_sharded, tmp_path / "m")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.ghost.weight"] = "model-00001-of-00004.safetensors"
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["model.ghost.weight"] = first
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CorruptFileError, match=r"tensor 'model.ghost.weight' is mapped to .* but in no shard"
+    ):
+        open_source(folder)
+
+
+def test_truncated_file(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = _copy(tiny_llama, tmp_path / "m")
+    path = folder / "model.safetensors"
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(CorruptFileError) as exc:
+        open_source(folder)
+    assert str(exc.value) == (
+        f"{path}: not a valid safetensors file (incomplete metadata, file not fully covered); "
+        "re-download or re-save it"
+    )
+
+
+def test_garbage_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"this is not a safetensors file at all" * 4)
+    with pytest.raises(
+        CorruptFileError, match=r"model.safetensors: not a valid safetensors file \(header too large\)"
+    ):
+        open_source(path)
+
+
+def test_corrupt_config(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = _copy(tiny_llama, tmp_path / "m")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CorruptFileError, match=r"config.json: not valid JSON"):
+        open_source(folder)
+
+
+def test_already_quantized_by_config(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = _copy(tiny_llama, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AlreadyQuantizedError) as exc:
+        open_source(folder)
+    assert str(exc.value) == (
+        f"{folder}: already quantized (its config.json has a quantization_config "
+        "(quant_method 'bitsandbytes')); convert the original checkpoint instead"
+    )
+
+
+def test_already_quantized_by_tensors(tmp_path: Path) -> None:
+    save_file(
+        {"w": torch.zeros(8, 1, dtype=torch.uint8), "w.absmax": torch.ones(1)},
+        tmp_path / "model.safetensors",
+    )
+    with pytest.raises(AlreadyQuantizedError, match=r"tensor 'w' is packed U8 with an absmax sibling"):
+        open_source(tmp_path)
+
+
+def test_fp8_source_refused(tmp_path: Path) -> None:
+    save_file({"w": torch.zeros(4, 4).to(torch.float8_e4m3fn)}, tmp_path / "model.safetensors")
+    with pytest.raises(AlreadyQuantizedError, match=r"tensor 'w' is F8_E4M3"):
+        open_source(tmp_path)
+
+
+def test_pickle_only(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(PickleOnlyError) as exc:
+        open_source(tmp_path)
+    assert str(exc.value) == (
+        f"{tmp_path}: only pickle weights (pytorch_model.bin); quantize-model reads safetensors: "
+        "re-save the model with save_pretrained(..., safe_serialization=True)"
+    )
+
+
+def test_sparse_header_only_file_is_readable(tmp_path: Path) -> None:
+    # A header announcing 2**31 elements over a sparse hole: listing it reads no data.
+    n = 2**31
+    write_safetensors_header(
+        tmp_path / "model.safetensors",
+        {"big.weight": {"dtype": "U8", "shape": [2**16, 2**15], "data_offsets": [0, n]}},
+        n,
+    )
+    (t,) = open_source(tmp_path).tensors()
+    assert t.numel == n
