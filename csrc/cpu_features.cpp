@@ -1,0 +1,68 @@
+#include "cpu_features.h"
+
+#include <stdexcept>
+
+namespace qm {
+
+bool cpu_has_avx2() {
+  // __builtin_cpu_supports also checks that the OS saves the YMM/ZMM state (XCR0).
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+
+bool cpu_has_avx512() {
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> isas{Isa::Scalar};
+  if (cpu_has_avx2()) isas.push_back(Isa::AVX2);
+  if (cpu_has_avx512()) isas.push_back(Isa::AVX512);
+  return isas;
+}
+
+Isa resolve_isa(Isa requested) {
+  if (requested == Isa::Auto) return supported_isas().back();
+  if ((requested == Isa::AVX2 && !cpu_has_avx2()) || (requested == Isa::AVX512 && !cpu_has_avx512())) {
+    throw std::invalid_argument(std::string("this CPU does not support the ") + isa_name(requested) +
+                                " path; use isa='auto' or one of cpu_isas()");
+  }
+  return requested;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar:
+      return "scalar";
+    case Isa::AVX2:
+      return "avx2";
+    case Isa::AVX512:
+      return "avx512";
+    case Isa::Auto:
+      return "auto";
+  }
+  return "?";
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "scalar") return Isa::Scalar;
+  if (name == "avx2") return Isa::AVX2;
+  if (name == "avx512") return Isa::AVX512;
+  if (name == "auto") return Isa::Auto;
+  throw std::invalid_argument("unknown isa '" + name + "': expected 'scalar', 'avx2', 'avx512' or 'auto'");
+}
+
+DType parse_dtype(const std::string& name) {
+  if (name == "float32") return DType::F32;
+  if (name == "float16") return DType::F16;
+  if (name == "bfloat16") return DType::BF16;
+  throw std::invalid_argument("unsupported dtype '" + name + "': expected float32, float16 or bfloat16");
+}
+
+int64_t dtype_size(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
+
+}  // namespace qm

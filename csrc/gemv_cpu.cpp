@@ -1,0 +1,194 @@
+// Fused 4-bit GEMV. Threads split the output rows; each row streams its packed codes once
+// (a quarter of the bytes of bf16) and decodes nibbles with an in-register 16-entry table.
+//
+// Trick: inside a 32-element group the high nibbles are the even elements and the low nibbles the
+// odd ones. Instead of interleaving decoded weights, x is permuted once per call to the same
+// (even, odd) order, so decoding is a shift, a mask and two table permutes per 32 weights.
+#include "gemv_cpu.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "codebooks.h"
+#include "float_convert.h"
+#include "thread_pool.h"
+
+namespace qm {
+
+namespace {
+
+// absmax of block i: stored f32, or decoded from the nested record exactly as dequantize_nested does.
+inline float block_absmax(const Gemv4bitArgs& a, int64_t i) {
+  if (a.absmax != nullptr) return a.absmax[i];
+  const float scaled = a.map8[a.absmax_codes[i]] * a.nested_absmax[i / kNestedBlocksize];
+  return scaled + a.offset;
+}
+
+// x widened to f32, and within each group of `group` elements reordered to (even..., odd...).
+template <DType DT>
+void widen_permuted(const Gemv4bitArgs& a, int64_t group, std::vector<float>& xf) {
+  const int64_t K = a.in_features, half = group / 2;
+  xf.resize(static_cast<size_t>(a.batch * K));
+  for (int64_t b = 0; b < a.batch; ++b) {
+    for (int64_t g = 0; g < K; g += group) {
+      for (int64_t j = 0; j < group; ++j) {
+        const int64_t dst = g + (j % 2 == 0 ? j / 2 : half + j / 2);
+        xf[static_cast<size_t>(b * K + dst)] = load_elem<DT>(a.x, b * K + g + j);
+      }
+    }
+  }
+}
+
+void widen_dispatch(const Gemv4bitArgs& a, int64_t group, std::vector<float>& xf) {
+  switch (a.x_dtype) {
+    case DType::F32:
+      return widen_permuted<DType::F32>(a, group, xf);
+    case DType::F16:
+      return widen_permuted<DType::F16>(a, group, xf);
+    default:
+      return widen_permuted<DType::BF16>(a, group, xf);
+  }
+}
+
+void store_y(const Gemv4bitArgs& a, int64_t idx, float v) {
+  switch (a.x_dtype) {
+    case DType::F32:
+      return store_elem<DType::F32>(a.y, idx, v);
+    case DType::F16:
+      return store_elem<DType::F16>(a.y, idx, v);
+    default:
+      return store_elem<DType::BF16>(a.y, idx, v);
+  }
+}
+
+// Scalar reference: x in natural order (group 2 = no permutation).
+void rows_scalar(const Gemv4bitArgs& a, const float* xf, int64_t o0, int64_t o1) {
+  const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* w = a.packed + o * (K / 2);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const float* xb = xf + b * K;
+      float total = 0.0f;
+      for (int64_t blk = 0; blk < bpr; ++blk) {
+        float sum = 0.0f;
+        for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 2) {
+          const uint8_t byte = w[k >> 1];
+          sum += xb[k] * a.quant_map[byte >> 4];
+          sum += xb[k + 1] * a.quant_map[byte & 0xF];
+        }
+        total += sum * block_absmax(a, o * bpr + blk);
+      }
+      store_y(a, b * a.out_features + o, total);
+    }
+  }
+}
+
+QM_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// AVX2: 16 weights per step (8 bytes); x permuted in groups of 16.
+template <int B>
+QM_TARGET_AVX2 void rows_avx2(const Gemv4bitArgs& a, const float* xf, int64_t o0, int64_t o1) {
+  const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs;
+  const __m256 qm_lo = _mm256_loadu_ps(a.quant_map), qm_hi = _mm256_loadu_ps(a.quant_map + 8);
+  const __m256i nib = _mm256_set1_epi32(0xF);
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* w = a.packed + o * (K / 2);
+    __m256 total[B];
+    for (int b = 0; b < B; ++b) total[b] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < bpr; ++blk) {
+      __m256 acc[B];
+      for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+      for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 16) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (k >> 1))));
+        const __m256i hi = _mm256_srli_epi32(v, 4), lo = _mm256_and_si256(v, nib);
+        const __m256 we = _mm256_blendv_ps(_mm256_permutevar8x32_ps(qm_lo, hi), _mm256_permutevar8x32_ps(qm_hi, hi),
+                                           _mm256_castsi256_ps(_mm256_slli_epi32(hi, 28)));
+        const __m256 wo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(qm_lo, lo), _mm256_permutevar8x32_ps(qm_hi, lo),
+                                           _mm256_castsi256_ps(_mm256_slli_epi32(lo, 28)));
+        for (int b = 0; b < B; ++b) {
+          const float* xb = xf + b * K + k;
+          acc[b] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xb), acc[b]);
+          acc[b] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xb + 8), acc[b]);
+        }
+      }
+      const __m256 scale = _mm256_set1_ps(block_absmax(a, o * bpr + blk));
+      for (int b = 0; b < B; ++b) total[b] = _mm256_fmadd_ps(acc[b], scale, total[b]);
+    }
+    for (int b = 0; b < B; ++b) store_y(a, b * a.out_features + o, hsum_avx2(total[b]));
+  }
+}
+
+// AVX-512: 32 weights per step (16 bytes); x permuted in groups of 32.
+template <int B>
+QM_TARGET_AVX512 void rows_avx512(const Gemv4bitArgs& a, const float* xf, int64_t o0, int64_t o1) {
+  const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs;
+  const __m512 table = _mm512_loadu_ps(a.quant_map);
+  const __m512i nib = _mm512_set1_epi32(0xF);
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* w = a.packed + o * (K / 2);
+    __m512 total[B];
+    for (int b = 0; b < B; ++b) total[b] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < bpr; ++blk) {
+      __m512 acc[B];
+      for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+      for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 32) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (k >> 1))));
+        const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+        const __m512 wo = _mm512_permutexvar_ps(_mm512_and_si512(v, nib), table);
+        for (int b = 0; b < B; ++b) {
+          const float* xb = xf + b * K + k;
+          acc[b] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xb), acc[b]);
+          acc[b] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xb + 16), acc[b]);
+        }
+      }
+      const __m512 scale = _mm512_set1_ps(block_absmax(a, o * bpr + blk));
+      for (int b = 0; b < B; ++b) total[b] = _mm512_fmadd_ps(acc[b], scale, total[b]);
+    }
+    for (int b = 0; b < B; ++b) store_y(a, b * a.out_features + o, _mm512_reduce_add_ps(total[b]));
+  }
+}
+
+using RowsFn = void (*)(const Gemv4bitArgs&, const float*, int64_t, int64_t);
+
+RowsFn pick_rows(Isa isa, int64_t batch) {
+  static constexpr RowsFn avx512[] = {rows_avx512<1>, rows_avx512<2>, rows_avx512<3>, rows_avx512<4>,
+                                      rows_avx512<5>, rows_avx512<6>, rows_avx512<7>, rows_avx512<8>};
+  static constexpr RowsFn avx2[] = {rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>,
+                                    rows_avx2<5>, rows_avx2<6>, rows_avx2<7>, rows_avx2<8>};
+  if (isa == Isa::AVX512) return avx512[batch - 1];
+  if (isa == Isa::AVX2) return avx2[batch - 1];
+  return rows_scalar;
+}
+
+}  // namespace
+
+void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads) {
+  const int64_t K = args.in_features, bs = args.blocksize;
+  if (bs < 32 || bs > 4096 || (bs & (bs - 1)) != 0) {
+    throw std::invalid_argument("blocksize " + std::to_string(bs) + " is not supported");
+  }
+  if (K <= 0 || K % bs != 0) {
+    throw std::invalid_argument("in_features " + std::to_string(K) + " is not a multiple of blocksize " +
+                                std::to_string(bs) + ": the fused GEMV needs whole blocks per row");
+  }
+  if (args.batch < 1 || args.batch > kGemvMaxBatch) {
+    throw std::invalid_argument("batch " + std::to_string(args.batch) + " is outside 1..8");
+  }
+  isa = resolve_isa(isa);
+  std::vector<float> xf;
+  widen_dispatch(args, isa == Isa::AVX512 ? 32 : isa == Isa::AVX2 ? 16 : 2, xf);
+  const RowsFn fn = pick_rows(isa, args.batch);
+  const float* xp = xf.data();
+  parallel_for(args.out_features, threads, 16, [&](int64_t o0, int64_t o1) { fn(args, xp, o0, o1); });
+}
+
+}  // namespace qm

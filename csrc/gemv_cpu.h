@@ -1,0 +1,34 @@
+// Fused 4-bit GEMV / small-batch GEMM for the loader: y[b, o] = sum_k x[b, k] * W[o, k].
+//
+// Not a byte-exact path: it accumulates in float32 with FMA, sums each block first and applies the
+// block's absmax once (y += absmax * sum_k x*quant_map[q]). Tested against dequantize + matmul.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_features.h"
+
+namespace qm {
+
+constexpr int64_t kGemvMaxBatch = 8;
+
+struct Gemv4bitArgs {
+  const void* x;              // [batch, in_features] in x_dtype, row-major
+  DType x_dtype;              // also the dtype of y
+  int64_t batch;              // 1..kGemvMaxBatch
+  int64_t in_features;        // K; a multiple of blocksize (a block never crosses a row)
+  int64_t out_features;       // O
+  int64_t blocksize;          // 32..4096, power of two
+  const uint8_t* packed;      // [O * K / 2] u8, row o at byte o*K/2, first element in the high nibble
+  const float* quant_map;     // [16] f32, the table stored with the weight
+  const float* absmax;        // [O * K / blocksize] f32; null when nested
+  const uint8_t* absmax_codes;  // nested: [O * K / blocksize] u8 codes into map8
+  const float* nested_absmax;   // nested: [ceil(nb / 256)] f32
+  float offset;                 // nested: absmax = map8[c] * nested_absmax[i / 256] + offset
+  const float* map8;            // nested: [256] f32
+  void* y;                    // [batch, out_features] in x_dtype
+};
+
+void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads);
+
+}  // namespace qm

@@ -1,0 +1,529 @@
+// Blockwise 4-bit quantize / dequantize and nested absmax quantization on the CPU.
+//
+// Each kernel has a scalar *_ref path (plain loops, the definition) and AVX2 / AVX-512 paths compiled
+// with target attributes. The SIMD paths do the same IEEE operations in the same order per element
+// (max is order-free, the reciprocal is one scalar division per block, s = x * inv is one rounding),
+// so they are byte-identical to the ref; tests assert it for every path on this CPU.
+#include "quant_cpu.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "float_convert.h"
+#include "thread_pool.h"
+
+namespace qm {
+
+namespace {
+
+// Elements per pool chunk: big enough to amortize the hand-out, small enough to balance 2+ cores.
+constexpr int64_t kChunkElements = 1 << 15;
+
+// ---------------------------------------------------------------------------------------------
+// Scalar reference
+
+inline uint8_t encode_nf4(float s) {
+  int c = 0;
+  for (int k = 0; k < 15; ++k) c += s > kNF4Thresholds[k];  // strict: ties go to the lower code
+  return static_cast<uint8_t>(c);
+}
+
+inline uint8_t encode_fp4(float s) {
+  const float a = std::fabs(s);
+  int k = 0;
+  for (int t = 0; t < 7; ++t) k += a > kFP4Thresholds[t];
+  return static_cast<uint8_t>(kFP4TreeCodes[k] | (s < 0.0f ? kFP4SignBit : 0));  // -0.0 is not < 0
+}
+
+template <QuantType QT>
+inline uint8_t encode(float s) {
+  return QT == QuantType::NF4 ? encode_nf4(s) : encode_fp4(s);
+}
+
+template <QuantType QT>
+constexpr uint8_t zero_code() {
+  return QT == QuantType::NF4 ? kNF4ZeroCode : kFP4ZeroCode;
+}
+
+// Quantizes blocks [b0, b1). Returns how many of them hold a NaN or Inf.
+template <DType DT, QuantType QT>
+int64_t quantize_blocks_scalar(const void* x, int64_t n, int64_t bs, int64_t b0, int64_t b1,
+                               uint8_t* packed, float* absmax) {
+  int64_t bad_blocks = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t lo = b * bs, hi = std::min(n, lo + bs);
+    float am = 0.0f;
+    bool bad = false;
+    for (int64_t i = lo; i < hi; ++i) {
+      const float a = std::fabs(load_elem<DT>(x, i));
+      bad |= !(a <= FLT_MAX);  // NaN or Inf
+      am = a > am ? a : am;
+    }
+    absmax[b] = am;
+    bad_blocks += bad;
+    const float inv = 1.0f / std::max(am, kTiny);
+    for (int64_t i = lo; i < hi; i += 2) {  // lo is even: a byte never straddles two blocks
+      const uint8_t c0 = encode<QT>(load_elem<DT>(x, i) * inv);
+      const uint8_t c1 = i + 1 < hi ? encode<QT>(load_elem<DT>(x, i + 1) * inv) : zero_code<QT>();
+      packed[i >> 1] = static_cast<uint8_t>(c0 << 4 | c1);
+    }
+  }
+  return bad_blocks;
+}
+
+template <DType DT>
+void dequantize_blocks_scalar(const uint8_t* packed, const float* absmax, int64_t n, int64_t bs, int64_t b0,
+                              int64_t b1, const float* qm, void* out) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t lo = b * bs, hi = std::min(n, lo + bs);
+    const float am = absmax[b];
+    for (int64_t i = lo; i < hi; ++i) {
+      const int q = (packed[i >> 1] >> ((i & 1) ? 0 : 4)) & 0xF;
+      store_elem<DT>(out, i, qm[q] * am);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 (+FMA +F16C). Full blocks only (blocksize is a multiple of 32); a partial last block takes
+// the scalar path, which computes the same bits.
+
+template <DType DT>
+QM_TARGET_AVX2 inline __m256 load8_avx2(const void* p, int64_t i) {
+  if constexpr (DT == DType::F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (DT == DType::F16) {
+      return _mm256_cvtph_ps(h);  // exact widening
+    } else {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+// Round-to-nearest-even f32 -> bf16 of 8 lanes (NaN quieted), as 8 u16 in a __m128i.
+QM_TARGET_AVX2 inline __m128i f32_to_bf16_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b1000);
+  return _mm256_castsi256_si128(packed);
+}
+
+template <DType DT>
+QM_TARGET_AVX2 inline void store8_avx2(void* p, int64_t i, __m256 v) {
+  if constexpr (DT == DType::F32) {
+    _mm256_storeu_ps(static_cast<float*>(p) + i, v);
+  } else {
+    auto* dst = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i);
+    if constexpr (DT == DType::F16) {
+      _mm_storeu_si128(dst, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+      _mm_storeu_si128(dst, f32_to_bf16_avx2(v));
+    }
+  }
+}
+
+QM_TARGET_AVX2 inline float hmax_avx2(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+// Codes of 8 scaled values as int32 lanes. NF4: subtract the all-ones masks of s > t_k (counting).
+template <QuantType QT>
+QM_TARGET_AVX2 inline __m256i encode8_avx2(__m256 s, const __m256* t) {
+  if constexpr (QT == QuantType::NF4) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int k = 0; k < 15; ++k) acc = _mm256_sub_epi32(acc, _mm256_castps_si256(_mm256_cmp_ps(s, t[k], _CMP_GT_OQ)));
+    return acc;
+  } else {
+    const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), s);
+    __m256i k = _mm256_setzero_si256();
+    for (int j = 0; j < 7; ++j) k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(a, t[j], _CMP_GT_OQ)));
+    const __m256i tree = _mm256_load_si256(reinterpret_cast<const __m256i*>(kFP4TreeCodes));
+    const __m256i code = _mm256_permutevar8x32_epi32(tree, k);
+    const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_or_si256(code, _mm256_and_si256(neg, _mm256_set1_epi32(kFP4SignBit)));
+  }
+}
+
+// Packs the codes of 32 consecutive elements (c_j holds elements 8j..8j+7) into 16 bytes, the first
+// element of each pair in the high nibble.
+QM_TARGET_AVX2 inline __m128i pack32_avx2(__m256i c0, __m256i c1, __m256i c2, __m256i c3) {
+  const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3));
+  // b's dwords hold elements [0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31]: restore the order.
+  const __m256i e = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  // 16-bit lane j = e[2j] | e[2j+1] << 8  ->  (e[2j] << 4) | e[2j+1] in its low byte.
+  __m256i w = _mm256_or_si256(_mm256_slli_epi16(e, 4), _mm256_srli_epi16(e, 8));
+  w = _mm256_and_si256(w, _mm256_set1_epi16(0x00ff));
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0b1000));
+}
+
+template <DType DT, QuantType QT>
+QM_TARGET_AVX2 int64_t quantize_blocks_avx2(const void* x, int64_t n, int64_t bs, int64_t b0, int64_t b1,
+                                            uint8_t* packed, float* absmax) {
+  __m256 t[15];
+  if constexpr (QT == QuantType::NF4) {
+    for (int k = 0; k < 15; ++k) t[k] = _mm256_set1_ps(kNF4Thresholds[k]);
+  } else {
+    for (int k = 0; k < 7; ++k) t[k] = _mm256_set1_ps(kFP4Thresholds[k]);
+  }
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 flt_max = _mm256_set1_ps(FLT_MAX);
+  int64_t bad_blocks = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t lo = b * bs;
+    if (lo + bs > n) {
+      bad_blocks += quantize_blocks_scalar<DT, QT>(x, n, bs, b, b + 1, packed, absmax);
+      continue;
+    }
+    __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+    for (int64_t i = lo; i < lo + bs; i += 8) {
+      const __m256 a = _mm256_and_ps(load8_avx2<DT>(x, i), abs_mask);
+      vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, flt_max, _CMP_NLE_UQ));
+      vmax = _mm256_max_ps(a, vmax);  // a NaN lane keeps vmax, as the scalar a > am ? a : am
+    }
+    const float am = hmax_avx2(vmax);
+    absmax[b] = am;
+    bad_blocks += _mm256_movemask_ps(vbad) != 0;
+    const __m256 inv = _mm256_set1_ps(1.0f / std::max(am, kTiny));
+    for (int64_t i = lo; i < lo + bs; i += 32) {
+      const __m256i c0 = encode8_avx2<QT>(_mm256_mul_ps(load8_avx2<DT>(x, i), inv), t);
+      const __m256i c1 = encode8_avx2<QT>(_mm256_mul_ps(load8_avx2<DT>(x, i + 8), inv), t);
+      const __m256i c2 = encode8_avx2<QT>(_mm256_mul_ps(load8_avx2<DT>(x, i + 16), inv), t);
+      const __m256i c3 = encode8_avx2<QT>(_mm256_mul_ps(load8_avx2<DT>(x, i + 24), inv), t);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + (i >> 1)), pack32_avx2(c0, c1, c2, c3));
+    }
+  }
+  return bad_blocks;
+}
+
+// 16-entry table lookup with 8-lane permutes: bit 3 of the index picks the half (via the sign bit).
+QM_TARGET_AVX2 inline __m256 lookup16_avx2(__m256i idx, __m256 lo, __m256 hi) {
+  const __m256 from_lo = _mm256_permutevar8x32_ps(lo, idx);
+  const __m256 from_hi = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// The codes of 32 elements from 16 packed bytes, in element order: (elements 0..15, 16..31).
+QM_TARGET_AVX2 inline void unpack32(const uint8_t* p, __m128i* first, __m128i* second) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+  const __m128i lo = _mm_and_si128(bytes, nib);
+  *first = _mm_unpacklo_epi8(hi, lo);
+  *second = _mm_unpackhi_epi8(hi, lo);
+}
+
+template <DType DT>
+QM_TARGET_AVX2 void dequantize_blocks_avx2(const uint8_t* packed, const float* absmax, int64_t n, int64_t bs,
+                                           int64_t b0, int64_t b1, const float* qm, void* out) {
+  const __m256 qm_lo = _mm256_loadu_ps(qm), qm_hi = _mm256_loadu_ps(qm + 8);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t lo = b * bs;
+    if (lo + bs > n) {
+      dequantize_blocks_scalar<DT>(packed, absmax, n, bs, b, b + 1, qm, out);
+      continue;
+    }
+    const __m256 am = _mm256_set1_ps(absmax[b]);
+    for (int64_t i = lo; i < lo + bs; i += 32) {
+      __m128i c[2];
+      unpack32(packed + (i >> 1), &c[0], &c[1]);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i i0 = _mm256_cvtepu8_epi32(c[h]);
+        const __m256i i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(c[h], 8));
+        store8_avx2<DT>(out, i + 16 * h, _mm256_mul_ps(lookup16_avx2(i0, qm_lo, qm_hi), am));
+        store8_avx2<DT>(out, i + 16 * h + 8, _mm256_mul_ps(lookup16_avx2(i1, qm_lo, qm_hi), am));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 (F, BW, VL, DQ). Same structure; the 16-entry tables fit one register, so NF4 codes come
+// from a 4-step branchless binary search over the thresholds (exactly the count of thresholds
+// strictly below s: the thresholds increase strictly) and decoding is one vpermps.
+
+template <DType DT>
+QM_TARGET_AVX512 inline __m512 load16_avx512(const void* p, int64_t i) {
+  if constexpr (DT == DType::F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (DT == DType::F16) {
+      return _mm512_cvtph_ps(h);
+    } else {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+template <DType DT>
+QM_TARGET_AVX512 inline void store16_avx512(void* p, int64_t i, __m512 v) {
+  if constexpr (DT == DType::F32) {
+    _mm512_storeu_ps(static_cast<float*>(p) + i, v);
+  } else {
+    auto* dst = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i);
+    if constexpr (DT == DType::F16) {
+      _mm256_storeu_si256(dst, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+      const __m512i u = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+      _mm256_storeu_si256(dst, _mm512_cvtepi32_epi16(r));
+    }
+  }
+}
+
+// Count of table entries strictly below s for a strictly increasing table of 2^levels - 1 entries
+// held in `table` (padded with +inf): a branchless lower_bound.
+template <int Levels>
+QM_TARGET_AVX512 inline __m512i count_below_avx512(__m512 s, __m512 table) {
+  __m512i idx = _mm512_setzero_si512();
+  for (int step = 1 << (Levels - 1); step > 0; step >>= 1) {
+    const __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(step - 1)), table);
+    const __mmask16 gt = _mm512_cmp_ps_mask(s, t, _CMP_GT_OQ);
+    idx = _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(step));
+  }
+  return idx;
+}
+
+template <QuantType QT>
+QM_TARGET_AVX512 inline __m512i encode16_avx512(__m512 s, __m512 table, __m512i tree) {
+  if constexpr (QT == QuantType::NF4) {
+    return count_below_avx512<4>(s, table);
+  } else {
+    const __m512i k = count_below_avx512<3>(_mm512_abs_ps(s), table);
+    const __m512i code = _mm512_permutexvar_epi32(k, tree);
+    const __mmask16 neg = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mask_or_epi32(code, neg, code, _mm512_set1_epi32(kFP4SignBit));
+  }
+}
+
+// 16 codes (int32 lanes, consecutive elements) -> 8 packed bytes in the low half of a __m128i.
+QM_TARGET_AVX512 inline __m128i pack16_avx512(__m512i c) {
+  // In each 64-bit lane: low dword = even element, high dword = odd element.
+  const __m512i pair = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
+  return _mm512_cvtepi64_epi8(pair);  // keeps the low byte of each lane
+}
+
+template <DType DT, QuantType QT>
+QM_TARGET_AVX512 int64_t quantize_blocks_avx512(const void* x, int64_t n, int64_t bs, int64_t b0, int64_t b1,
+                                                uint8_t* packed, float* absmax) {
+  alignas(64) float tab[16];
+  const float inf = INFINITY;
+  if constexpr (QT == QuantType::NF4) {
+    for (int k = 0; k < 15; ++k) tab[k] = kNF4Thresholds[k];
+    tab[15] = inf;
+  } else {
+    for (int k = 0; k < 16; ++k) tab[k] = k < 7 ? kFP4Thresholds[k] : inf;
+  }
+  alignas(64) int32_t tree16[16];
+  for (int k = 0; k < 16; ++k) tree16[k] = kFP4TreeCodes[k & 7];
+  const __m512 table = _mm512_load_ps(tab);
+  const __m512i tree = _mm512_load_si512(tree16);
+  const __m512 flt_max = _mm512_set1_ps(FLT_MAX);
+  int64_t bad_blocks = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t lo = b * bs;
+    if (lo + bs > n) {
+      bad_blocks += quantize_blocks_scalar<DT, QT>(x, n, bs, b, b + 1, packed, absmax);
+      continue;
+    }
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t i = lo; i < lo + bs; i += 16) {
+      const __m512 a = _mm512_abs_ps(load16_avx512<DT>(x, i));
+      bad |= _mm512_cmp_ps_mask(a, flt_max, _CMP_NLE_UQ);
+      vmax = _mm512_max_ps(a, vmax);
+    }
+    const float am = _mm512_reduce_max_ps(vmax);
+    absmax[b] = am;
+    bad_blocks += bad != 0;
+    const __m512 inv = _mm512_set1_ps(1.0f / std::max(am, kTiny));
+    for (int64_t i = lo; i < lo + bs; i += 32) {
+      const __m512i c0 = encode16_avx512<QT>(_mm512_mul_ps(load16_avx512<DT>(x, i), inv), table, tree);
+      const __m512i c1 = encode16_avx512<QT>(_mm512_mul_ps(load16_avx512<DT>(x, i + 16), inv), table, tree);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + (i >> 1)),
+                       _mm_unpacklo_epi64(pack16_avx512(c0), pack16_avx512(c1)));
+    }
+  }
+  return bad_blocks;
+}
+
+template <DType DT>
+QM_TARGET_AVX512 void dequantize_blocks_avx512(const uint8_t* packed, const float* absmax, int64_t n,
+                                               int64_t bs, int64_t b0, int64_t b1, const float* qm, void* out) {
+  const __m512 table = _mm512_loadu_ps(qm);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t lo = b * bs;
+    if (lo + bs > n) {
+      dequantize_blocks_scalar<DT>(packed, absmax, n, bs, b, b + 1, qm, out);
+      continue;
+    }
+    const __m512 am = _mm512_set1_ps(absmax[b]);
+    for (int64_t i = lo; i < lo + bs; i += 32) {
+      __m128i c[2];
+      unpack32(packed + (i >> 1), &c[0], &c[1]);
+      store16_avx512<DT>(out, i, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c[0]), table), am));
+      store16_avx512<DT>(out, i + 16,
+                         _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c[1]), table), am));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch tables
+
+using QuantizeFn = int64_t (*)(const void*, int64_t, int64_t, int64_t, int64_t, uint8_t*, float*);
+using DequantizeFn = void (*)(const uint8_t*, const float*, int64_t, int64_t, int64_t, int64_t, const float*,
+                              void*);
+
+template <DType DT, QuantType QT>
+QuantizeFn pick_quantize(Isa isa) {
+  switch (isa) {
+    case Isa::AVX512:
+      return quantize_blocks_avx512<DT, QT>;
+    case Isa::AVX2:
+      return quantize_blocks_avx2<DT, QT>;
+    default:
+      return quantize_blocks_scalar<DT, QT>;
+  }
+}
+
+template <QuantType QT>
+QuantizeFn pick_quantize(DType dt, Isa isa) {
+  switch (dt) {
+    case DType::F32:
+      return pick_quantize<DType::F32, QT>(isa);
+    case DType::F16:
+      return pick_quantize<DType::F16, QT>(isa);
+    default:
+      return pick_quantize<DType::BF16, QT>(isa);
+  }
+}
+
+QuantizeFn pick_quantize(DType dt, QuantType qt, Isa isa) {
+  return qt == QuantType::NF4 ? pick_quantize<QuantType::NF4>(dt, isa) : pick_quantize<QuantType::FP4>(dt, isa);
+}
+
+template <DType DT>
+DequantizeFn pick_dequantize(Isa isa) {
+  switch (isa) {
+    case Isa::AVX512:
+      return dequantize_blocks_avx512<DT>;
+    case Isa::AVX2:
+      return dequantize_blocks_avx2<DT>;
+    default:
+      return dequantize_blocks_scalar<DT>;
+  }
+}
+
+DequantizeFn pick_dequantize(DType dt, Isa isa) {
+  switch (dt) {
+    case DType::F32:
+      return pick_dequantize<DType::F32>(isa);
+    case DType::F16:
+      return pick_dequantize<DType::F16>(isa);
+    default:
+      return pick_dequantize<DType::BF16>(isa);
+  }
+}
+
+void check_blocksize(int64_t bs) {
+  // The SIMD paths step 32 elements at a time inside a block.
+  if (bs < 32 || bs > 4096 || (bs & (bs - 1)) != 0) {
+    throw std::invalid_argument("blocksize " + std::to_string(bs) +
+                                " is not supported: expected a power of two in 32..4096");
+  }
+}
+
+}  // namespace
+
+int64_t quantize_4bit(const void* x, DType dtype, int64_t n, int64_t blocksize, QuantType quant_type,
+                      uint8_t* packed, float* absmax, Isa isa, int threads) {
+  check_blocksize(blocksize);
+  const QuantizeFn fn = pick_quantize(dtype, quant_type, resolve_isa(isa));
+  const int64_t nb = (n + blocksize - 1) / blocksize;
+  std::atomic<int64_t> bad_blocks{0};
+  parallel_for(nb, threads, std::max<int64_t>(1, kChunkElements / blocksize), [&](int64_t b0, int64_t b1) {
+    const int64_t k = fn(x, n, blocksize, b0, b1, packed, absmax);
+    if (k) bad_blocks.fetch_add(k, std::memory_order_relaxed);
+  });
+  return bad_blocks.load();
+}
+
+void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize,
+                     const float* quant_map, void* out, DType out_dtype, Isa isa, int threads) {
+  check_blocksize(blocksize);
+  const DequantizeFn fn = pick_dequantize(out_dtype, resolve_isa(isa));
+  const int64_t nb = (n + blocksize - 1) / blocksize;
+  parallel_for(nb, threads, std::max<int64_t>(1, kChunkElements / blocksize),
+               [&](int64_t b0, int64_t b1) { fn(packed, absmax, n, blocksize, b0, b1, quant_map, out); });
+}
+
+float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* nested_absmax, int threads) {
+  if (nb <= 0) return 0.0f;
+  // The float64 sum in its fixed order: sequential within chunks of 1024 (chunks in parallel), then
+  // sequential over the chunk sums. No reassociation: -ffp-contract=off, no fast-math.
+  const int64_t n_chunks = (nb + kOffsetChunk - 1) / kOffsetChunk;
+  std::vector<double> sums(static_cast<size_t>(n_chunks));
+  parallel_for(n_chunks, threads, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t hi = std::min(nb, (c + 1) * kOffsetChunk);
+      double s = 0.0;
+      for (int64_t i = c * kOffsetChunk; i < hi; ++i) s += static_cast<double>(absmax[i]);
+      sums[static_cast<size_t>(c)] = s;
+    }
+  });
+  double total = 0.0;
+  for (const double s : sums) total += s;
+  const float offset = static_cast<float>(total / static_cast<double>(nb));
+
+  const int64_t n_nested = (nb + kNestedBlocksize - 1) / kNestedBlocksize;
+  parallel_for(n_nested, threads, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t lo = j * kNestedBlocksize, hi = std::min(nb, lo + kNestedBlocksize);
+      float m = 0.0f;
+      for (int64_t i = lo; i < hi; ++i) {
+        const float a = std::fabs(absmax[i] - offset);
+        m = a > m ? a : m;
+      }
+      nested_absmax[j] = m;
+      const float inv = 1.0f / std::max(m, kTiny);
+      for (int64_t i = lo; i < hi; ++i) {
+        const float v = (absmax[i] - offset) * inv;
+        // lower_bound: the first midpoint >= v, i.e. the count of midpoints strictly below v.
+        codes[i] = static_cast<uint8_t>(std::lower_bound(kDynamic8Midpoints, kDynamic8Midpoints + 255, v) -
+                                        kDynamic8Midpoints);
+      }
+    }
+  });
+  return offset;
+}
+
+void dequantize_nested(const uint8_t* codes, int64_t nb, const float* nested_absmax, float offset,
+                       const float* map8, float* absmax, int threads) {
+  parallel_for(nb, threads, kChunkElements, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float scaled = map8[codes[i]] * nested_absmax[i / kNestedBlocksize];
+      absmax[i] = scaled + offset;  // a separate add (no FMA: -ffp-contract=off)
+    }
+  });
+}
+
+}  // namespace qm

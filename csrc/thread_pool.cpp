@@ -1,0 +1,147 @@
+#include "thread_pool.h"
+
+#include <sched.h>
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace qm {
+
+namespace {
+
+constexpr unsigned int kMxcsrDaz = 1u << 6;
+constexpr unsigned int kMxcsrFtz = 1u << 15;
+constexpr int kMaxThreads = 256;
+
+// One job at a time: chunk counter, the function, and how many participants are still running.
+class Pool {
+ public:
+  static Pool& instance() {
+    static Pool* pool = new Pool();  // never destroyed: workers may outlive static destructors
+    return *pool;
+  }
+
+  void run(int64_t n, int threads, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
+    std::lock_guard<std::mutex> call_lock(call_mutex_);  // serialize callers (GIL is released)
+    const int64_t n_chunks = (n + chunk - 1) / chunk;
+    const int helpers = static_cast<int>(std::min<int64_t>(threads, n_chunks)) - 1;
+    if (helpers <= 0) {
+      ScopedDenormalsOn denormals;
+      fn(0, n);
+      return;
+    }
+    grow(helpers);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      fn_ = &fn;
+      n_ = n;
+      chunk_ = chunk;
+      next_.store(0, std::memory_order_relaxed);
+      active_helpers_ = helpers;
+      pending_ = helpers;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();  // the caller takes chunks too
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  Pool() = default;
+
+  void grow(int helpers) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (static_cast<int>(workers_.size()) < helpers) {
+      const int id = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, id] { loop(id); });
+      workers_.back().detach();
+    }
+  }
+
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen && id < active_helpers_; });
+        seen = generation_;
+      }
+      work();
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  void work() {
+    ScopedDenormalsOn denormals;
+    for (;;) {
+      const int64_t c = next_.fetch_add(1, std::memory_order_relaxed);
+      const int64_t begin = c * chunk_;
+      if (begin >= n_) return;
+      try {
+        (*fn_)(begin, std::min(n_, begin + chunk_));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+  }
+
+  std::mutex call_mutex_;
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0, chunk_ = 1;
+  std::atomic<int64_t> next_{0};
+  int active_helpers_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+  std::exception_ptr error_;
+};
+
+}  // namespace
+
+int affinity_cpu_count() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int count = CPU_COUNT(&set);
+    if (count > 0) return count;
+  }
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw > 0 ? static_cast<int>(hw) : 1;
+}
+
+int default_threads() {
+  static const int threads = affinity_cpu_count();
+  return threads;
+}
+
+void parallel_for(int64_t n, int threads, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  if (threads <= 0) threads = default_threads();
+  threads = std::min(threads, kMaxThreads);
+  grain = std::max<int64_t>(grain, 1);
+  // About 4 chunks per thread: dynamic hand-out evens out cores shared with other work.
+  const int64_t per = (n + int64_t{threads} * 4 - 1) / (int64_t{threads} * 4);
+  const int64_t chunk = std::max(grain, per);
+  Pool::instance().run(n, threads, chunk, fn);
+}
+
+ScopedDenormalsOn::ScopedDenormalsOn() : saved_(_mm_getcsr()) {
+  _mm_setcsr(saved_ & ~(kMxcsrDaz | kMxcsrFtz));
+}
+
+ScopedDenormalsOn::~ScopedDenormalsOn() { _mm_setcsr(saved_); }
+
+}  // namespace qm

@@ -1,0 +1,68 @@
+"""The C++ tables == formats.codebooks == bitsandbytes, bit for bit; the extension's identity."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+import converter
+from converter import _kernels, kernels
+from formats import codebooks
+
+
+def _hex(values) -> list[str]:
+    return [float(np.float32(v)).hex() for v in values]
+
+
+@pytest.mark.parametrize(
+    ("key", "python_table"),
+    [
+        ("nf4", codebooks.NF4),
+        ("nf4_thresholds", codebooks.NF4_THRESHOLDS),
+        ("fp4", codebooks.FP4),
+        ("fp4_thresholds", codebooks.FP4_THRESHOLDS),
+        ("dynamic8", codebooks.DYNAMIC8),
+        ("dynamic8_midpoints", codebooks.DYNAMIC8_MIDPOINTS),
+    ],
+)
+def test_cpp_tables_equal_python_tables(key, python_table):
+    cpp = _kernels.tables()[key]
+    assert len(cpp) == len(python_table)
+    assert _hex(cpp) == _hex(python_table)
+    # float.hex does not tell -0.0 from +0.0 for a zero: compare the sign bits too.
+    assert [np.signbit(np.float32(v)) for v in cpp] == [np.signbit(np.float32(v)) for v in python_table]
+
+
+def test_cpp_scalars_equal_python():
+    t = _kernels.tables()
+    assert list(t["fp4_tree_codes"]) == list(codebooks.FP4_TREE_CODES)
+    assert t["fp4_sign_bit"] == codebooks.FP4_SIGN_BIT
+    assert t["nf4_zero_code"] == codebooks.NF4_ZERO_CODE
+    assert t["fp4_zero_code"] == codebooks.FP4_ZERO_CODE
+    assert float(t["tiny"]).hex() == float(np.float32(1e-38)).hex()
+
+
+def test_tables_equal_bitsandbytes():
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    t = _kernels.tables()
+    assert _hex(t["nf4"]) == _hex(bnb_f.get_4bit_type("nf4", device="cpu").tolist())
+    assert _hex(t["fp4"]) == _hex(bnb_f.get_4bit_type("fp4", device="cpu").tolist())
+    dynamic = bnb_f.create_dynamic_map(signed=True).to("cpu")
+    assert _hex(t["dynamic8"]) == _hex(dynamic.tolist())
+    digest = hashlib.sha256(np.asarray(t["dynamic8"], dtype="<f4").tobytes()).hexdigest()
+    assert digest == codebooks.DYNAMIC8_SHA256
+
+
+def test_version_matches_package():
+    assert _kernels.__version__ == converter.__version__
+
+
+def test_backends_report_cpu():
+    backends = kernels.available_backends()
+    assert backends["cpu"]["isa"][0] == "scalar"
+    assert backends["cpu"]["threads"] >= 1
+    assert set(kernels.cpu_isas()) <= {"scalar", "avx2", "avx512"}
+    if not _kernels.has_cuda_build():
+        assert "cuda" not in backends
