@@ -1,0 +1,298 @@
+"""Streaming safetensors shard writer: an explicit state machine, one tensor in memory at a time.
+
+The header is laid out from the plan (the slots) before any data: fixed-size slots sit at fixed
+offsets after a reserved header, ordered by descending dtype alignment then name, so every tensor is
+aligned to its item size; variable-length U8 blobs (the quant-state JSON, whose length is known only
+after quantizing) are kept until ``close`` and appended after the fixed slots in name order. The
+real header is written at close, padded with spaces to the reserved size (a multiple of 8; readers
+accept trailing whitespace after the JSON). The file lives under a temp name in the same folder
+(``.<name>.partial``) until it is complete, fsynced and renamed; the same inputs give the same bytes.
+
+States::
+
+    OPEN --write()*--> OPEN --close()--> FINALIZING --> CLOSED
+      \\------------------- abort() / any failure -----> ABORTED
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import torch
+
+from formats.validate import (
+    DTYPES,
+    MAX_HEADER_SIZE,
+    DuplicateWrite,
+    FormatError,
+    HeaderTooLarge,
+    MissingSlots,
+    SlotMismatch,
+    UnknownDtype,
+    UnknownSlot,
+    WriterStateError,
+)
+
+#: safetensors dtype code -> torch dtype (the codes ``safetensors.torch`` knows).
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
+    "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+    "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}  # fmt: skip
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+#: safetensors dtype code -> numpy dtype, where numpy has one (no bf16 / fp8 in numpy).
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    code: np.dtype(name)
+    for code, name in {
+        "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "<i2", "U16": "<u2", "F16": "<f2",
+        "I32": "<i4", "U32": "<u4", "F32": "<f4", "I64": "<i8", "U64": "<u8", "F64": "<f8", "C64": "<c8",
+    }.items()
+}  # fmt: skip
+
+_PLACEHOLDER_OFFSET = 10**19 - 1  # more digits than any real offset: reserves header room for blobs
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    dtype: str  # safetensors dtype code: "U8", "I8", "F32", "F16", "BF16", "I64", "I32", "BOOL", ...
+    shape: tuple[int, ...] | None  # None: a 1-D U8 blob whose length is known only when written
+
+    @property
+    def nbytes(self) -> int | None:
+        return None if self.shape is None else math.prod(self.shape) * DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    sha256: str
+    size: int
+
+
+class WriterState(enum.Enum):
+    OPEN = "open"  # temp file created, header room reserved, accepting writes
+    FINALIZING = "finalizing"  # close() running: blobs, header, fsync, rename
+    CLOSED = "closed"  # the final file is in place
+    ABORTED = "aborted"  # the temp file is gone
+
+
+def temp_path(path: Path) -> Path:
+    """Where a shard lives until it is complete: a hidden ``.partial`` name in the same folder."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def _as_bytes(
+    slot: TensorSlot, data: torch.Tensor | np.ndarray | bytes | bytearray | memoryview
+) -> memoryview:
+    """A flat byte view of ``data`` after checking its dtype and element count against ``slot``."""
+    where = f"tensor {slot.name!r}"
+    count = None if slot.shape is None else math.prod(slot.shape)
+    if isinstance(data, torch.Tensor):
+        want = TORCH_DTYPES.get(slot.dtype)
+        if data.dtype != want:
+            msg = f"{where}: dtype {data.dtype} written to a {slot.dtype} slot (expected {want})"
+            raise SlotMismatch(msg)
+        if count is not None and data.numel() != count:
+            msg = f"{where}: {data.numel()} elements written, the plan says shape {list(slot.shape or ())}"
+            raise SlotMismatch(msg)
+        if slot.shape is None and data.dim() != 1:
+            msg = f"{where}: blob must be a 1-D U8 tensor, got shape {list(data.shape)}"
+            raise SlotMismatch(msg)
+        flat = data.detach().to("cpu").contiguous().reshape(-1)
+        return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    if isinstance(data, np.ndarray):
+        want_np = NUMPY_DTYPES.get(slot.dtype)
+        if want_np is None or data.dtype.newbyteorder("<") != want_np or data.dtype.byteorder == ">":
+            msg = f"{where}: numpy dtype {data.dtype} written to a {slot.dtype} slot (expected {want_np})"
+            raise SlotMismatch(msg)
+        if count is not None and data.size != count:
+            msg = f"{where}: {data.size} elements written, the plan says shape {list(slot.shape or ())}"
+            raise SlotMismatch(msg)
+        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).cast("B")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return memoryview(data).cast("B")
+    msg = f"{where}: cannot write a {type(data).__name__}; pass a torch.Tensor, numpy array or bytes"
+    raise SlotMismatch(msg)
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    while buf:
+        written = os.pwrite(fd, buf[: 1 << 30], offset)
+        buf = buf[written:]
+        offset += written
+
+
+class ShardWriter:
+    """Write one safetensors shard from a plan; see the module docstring for layout and states."""
+
+    def __init__(self, path: Path, slots: Sequence[TensorSlot], metadata: Mapping[str, str]) -> None:
+        self.path = Path(path)
+        self.info: ShardInfo | None = None
+        self._state = WriterState.ABORTED  # until the temp file exists
+        where = str(self.path)
+        for key, value in metadata.items():
+            if not key.startswith("quantize_model.") or not isinstance(value, str):
+                msg = f"{where}: metadata {key!r} must be a 'quantize_model.*' key with a string value"
+                raise FormatError(msg)
+        self._metadata = {"format": "pt", **{k: metadata[k] for k in sorted(metadata)}}
+        self._slots: dict[str, TensorSlot] = {}
+        for s in slots:
+            if s.name in self._slots or s.name == "__metadata__" or not s.name:
+                msg = f"{where}: tensor name {s.name!r} is empty, reserved or planned twice"
+                raise FormatError(msg)
+            if s.dtype not in DTYPES:
+                msg = (
+                    f"{where}: tensor {s.name!r}: unknown dtype {s.dtype!r}; expected one of {sorted(DTYPES)}"
+                )
+                raise UnknownDtype(msg)
+            if s.shape is None and s.dtype != "U8":
+                msg = f"{where}: tensor {s.name!r}: a variable-length slot must be U8, got {s.dtype}"
+                raise FormatError(msg)
+            if s.shape is not None and any(not isinstance(d, int) or d < 0 for d in s.shape):
+                msg = f"{where}: tensor {s.name!r}: shape {s.shape!r} must be non-negative integers"
+                raise FormatError(msg)
+            self._slots[s.name] = s
+        fixed = sorted((s for s in slots if s.shape is not None), key=lambda s: (-DTYPES[s.dtype], s.name))
+        self._offsets: dict[str, tuple[int, int]] = {}
+        position = 0
+        for s in fixed:
+            assert s.nbytes is not None
+            self._offsets[s.name] = (position, position + s.nbytes)
+            position += s.nbytes
+        self._fixed_end = position
+        self._blob_names = sorted(s.name for s in slots if s.shape is None)
+        self._blobs: dict[str, bytes] = {}
+        self._written: set[str] = set()
+        placeholder = {name: (_PLACEHOLDER_OFFSET, _PLACEHOLDER_OFFSET) for name in self._blob_names}
+        self._header_size = -(-len(self._header_json(placeholder)) // 8) * 8
+        if self._header_size > MAX_HEADER_SIZE:
+            msg = f"{where}: header of {self._header_size} bytes exceeds {MAX_HEADER_SIZE}; split the shard"
+            raise HeaderTooLarge(msg)
+        self._data_start = 8 + self._header_size
+        self._tmp = temp_path(self.path)
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._state = WriterState.OPEN
+        try:
+            os.ftruncate(self._fd, self._data_start + self._fixed_end)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def state(self) -> WriterState:
+        return self._state
+
+    def _expect(self, state: WriterState, step: str) -> None:
+        if self._state is not state:
+            msg = f"{self.path}: {step}() needs state {state.value}, the writer is {self._state.value}"
+            raise WriterStateError(msg)
+
+    def _header_json(self, blob_offsets: Mapping[str, tuple[int, int]]) -> bytes:
+        header: dict[str, object] = {"__metadata__": self._metadata}
+        spans = {**self._offsets, **blob_offsets}
+        for name in sorted(spans, key=lambda n: spans[n]):
+            s = self._slots[name]
+            shape = list(s.shape) if s.shape is not None else [spans[name][1] - spans[name][0]]
+            header[name] = {"dtype": s.dtype, "shape": shape, "data_offsets": list(spans[name])}
+        return json.dumps(header, separators=(",", ":")).encode("utf-8")
+
+    def write(self, name: str, data: torch.Tensor | np.ndarray | bytes | memoryview) -> None:
+        """Write one planned tensor (any order, each exactly once)."""
+        self._expect(WriterState.OPEN, "write")
+        slot = self._slots.get(name)
+        if slot is None:
+            msg = f"{self.path}: tensor {name!r} is not in this shard's plan"
+            raise UnknownSlot(msg)
+        if name in self._written:
+            msg = f"{self.path}: tensor {name!r} written twice"
+            raise DuplicateWrite(msg)
+        buf = _as_bytes(slot, data)
+        if slot.shape is None:
+            self._blobs[name] = bytes(buf)
+        else:
+            if buf.nbytes != slot.nbytes:
+                msg = f"{self.path}: tensor {name!r}: {buf.nbytes} bytes written, the plan says {slot.nbytes}"
+                raise SlotMismatch(msg)
+            _pwrite_all(self._fd, buf, self._data_start + self._offsets[name][0])
+        self._written.add(name)
+
+    def close(self) -> ShardInfo:
+        """Append the blobs, write the header, fsync, rename into place, fsync the folder."""
+        self._expect(WriterState.OPEN, "close")
+        missing = sorted(set(self._slots) - self._written)
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            msg = f"{self.path}: {len(missing)} planned tensor(s) never written: {shown}"
+            raise MissingSlots(msg)
+        self._state = WriterState.FINALIZING
+        try:
+            position = self._fixed_end
+            blob_offsets: dict[str, tuple[int, int]] = {}
+            for name in self._blob_names:
+                blob = self._blobs.pop(name)
+                _pwrite_all(self._fd, memoryview(blob), self._data_start + position)
+                blob_offsets[name] = (position, position + len(blob))
+                position += len(blob)
+            header = self._header_json(blob_offsets)
+            header += b" " * (self._header_size - len(header))
+            _pwrite_all(self._fd, memoryview(self._header_size.to_bytes(8, "little") + header), 0)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            with open(self._tmp, "rb") as f:
+                sha = hashlib.file_digest(f, "sha256").hexdigest()
+            size = self._data_start + position
+            os.replace(self._tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = WriterState.CLOSED
+        self.info = ShardInfo(self.path, sha, size)
+        return self.info
+
+    def abort(self) -> None:
+        """Remove the temp file; the final name is never touched. A no-op once closed or aborted."""
+        if self._state in (WriterState.CLOSED, WriterState.ABORTED):
+            return
+        self._state = WriterState.ABORTED
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
+        self._blobs.clear()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state is WriterState.OPEN:
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
