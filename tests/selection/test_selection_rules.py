@@ -1,0 +1,123 @@
+"""Edge cases of the selection rules and their error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from tiny_models import TensorInfo, read_config, read_infos
+
+import converter.selection as selection
+from converter.errors import InputError
+from converter.selection import SelectionError, select_tensors
+
+
+def _replace(infos, name, **changes):
+    return [dataclasses.replace(t, **changes) if t.name == name else t for t in infos]
+
+
+def test_no_config_needs_include():
+    infos = [TensorInfo("a.weight", "m.safetensors", "F16", (64, 64))]
+    with pytest.raises(SelectionError, match=r"no config\.json.*--include"):
+        select_tensors(None, infos)
+
+
+def test_no_config_with_include_quantizes_exactly_the_globs():
+    infos = [
+        TensorInfo("enc.fc1.weight", "m.safetensors", "F16", (64, 64)),
+        TensorInfo("enc.fc1.bias", "m.safetensors", "F16", (64,)),
+        TensorInfo("enc.fc2.weight", "m.safetensors", "F16", (64, 64)),
+        TensorInfo("emb.weight", "m.safetensors", "F16", (100, 64)),
+    ]
+    sel = select_tensors(None, infos, include=["enc.*"], skip=["*fc2*"])
+    assert set(sel.quantize) == {"enc.fc1.weight"}
+    assert sel.keep == {
+        "enc.fc1.bias": "bias",
+        "enc.fc2.weight": "--skip glob '*fc2*'",
+        "emb.weight": "not matched by --include",
+    }
+    assert sel.skip_modules == ["emb", "enc.fc2"]
+
+
+def test_use_transformers_without_it_names_the_extra(monkeypatch):
+    monkeypatch.setattr(selection, "transformers_usable", lambda: False)
+    with pytest.raises(SelectionError, match=r"pip install 'quantize-model\[transformers\]'"):
+        select_tensors({"model_type": "llama"}, [], use_transformers=True)
+    # auto mode falls back to the allowlist
+    infos = [TensorInfo("model.layers.0.mlp.down_proj.weight", "m.safetensors", "BF16", (64, 96))]
+    sel = select_tensors({"model_type": "llama"}, infos)
+    assert sel.mode == "allowlist"
+    assert set(sel.quantize) == {"model.layers.0.mlp.down_proj.weight"}
+
+
+def test_model_type_unknown_to_transformers():
+    cfg = {"model_type": "my_private_arch", "architectures": ["MyPrivateForCausalLM"], "auto_map": {}}
+    with pytest.raises(SelectionError, match=r"my_private_arch.*never runs a repository's own code"):
+        select_tensors(cfg, [], use_transformers=True)
+
+
+def test_missing_model_type():
+    with pytest.raises(SelectionError, match="model_type"):
+        select_tensors({"architectures": ["LlamaForCausalLM"]}, [], use_transformers=True)
+
+
+def test_selection_error_is_an_input_error():
+    assert issubclass(SelectionError, InputError)
+    assert SelectionError.exit_code == 2
+
+
+@pytest.mark.parametrize("use_transformers", [True, False])
+def test_odd_tensors_are_kept_with_reasons(tiny, use_transformers):
+    folder = tiny("llama")
+    infos = read_infos(folder)
+    infos = _replace(infos, "model.layers.0.self_attn.q_proj.weight", dtype="I8")
+    infos = _replace(infos, "model.layers.1.self_attn.q_proj.weight", dtype="F64")
+    infos.append(TensorInfo("model.layers.0.self_attn.rotary_emb.inv_freq", "model.safetensors", "F32", (8,)))
+    sel = select_tensors(read_config(folder), infos, use_transformers=use_transformers)
+    assert sel.keep["model.layers.0.self_attn.q_proj.weight"] == "dtype I8 is not float32/float16/bfloat16"
+    assert sel.keep["model.layers.1.self_attn.q_proj.weight"] == "dtype F64 is not float32/float16/bfloat16"
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" in sel.keep
+    assert len(sel.quantize) == 12
+
+
+def test_shape_mismatch_and_unknown_keys_are_kept(tiny):
+    folder = tiny("llama")
+    infos = read_infos(folder)
+    infos = _replace(infos, "model.layers.0.mlp.up_proj.weight", shape=(64, 64))
+    infos.append(TensorInfo("model.layers.0.mlp.extra_proj.weight", "model.safetensors", "BF16", (64, 64)))
+    sel = select_tensors(read_config(folder), infos)
+    assert sel.keep["model.layers.0.mlp.up_proj.weight"] == (
+        "shape [64, 64] differs from LlamaForCausalLM's [96, 64]"
+    )
+    assert sel.keep["model.layers.0.mlp.extra_proj.weight"] == (
+        "not a parameter of LlamaForCausalLM (transformers drops it on load)"
+    )
+    assert "layers.0.mlp.up_proj" in sel.skip_modules
+
+
+def test_keys_without_base_prefix_map_like_transformers(tiny):
+    """A checkpoint saved from the bare base model (no "model." prefix) described by a ForCausalLM config:
+    transformers adds the prefix on load, and so do we."""
+    folder = tiny("llama")
+    infos = [dataclasses.replace(t, name=t.name.removeprefix("model.")) for t in read_infos(folder)]
+    sel = select_tensors(read_config(folder), infos)
+    assert "layers.0.self_attn.q_proj.weight" in sel.quantize
+    assert len(sel.quantize) == 14
+
+
+def test_skip_glob_on_checkpoint_key(tiny):
+    folder = tiny("llama")
+    sel = select_tensors(read_config(folder), read_infos(folder), skip=["model.layers.1.*"])
+    assert {k for k in sel.quantize if ".layers.1." in k} == set()
+    assert sel.keep["model.layers.1.self_attn.q_proj.weight"] == "--skip glob 'model.layers.1.*'"
+    assert len(sel.quantize) == 7
+
+
+def test_selection_is_frozen(tiny):
+    folder = tiny("bert")
+    sel = select_tensors(read_config(folder), read_infos(folder))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sel.mode = "x"  # type: ignore[misc]
+    d = selection.as_dict(sel)
+    assert d["mode"] == "transformers"
+    assert len(d["quantize"]) == 13

