@@ -1,0 +1,183 @@
+"""The in-progress manifest, and what a re-run into an existing output folder does.
+
+``.quantize-model-manifest.json`` sits in the output folder from the first byte written. It holds the
+plan fingerprint (source identity, options, tool and format version), the state ("in_progress" or
+"complete") and the sha256 of every shard already finished. It is rewritten atomically (temp name,
+fsync, rename) after each shard, and marked complete only after index and config are in place.
+
+Rules (design.md): no folder (or an empty one) -> create; our manifest with the same fingerprint ->
+resume (skip shards whose recorded sha256 still matches) or, when complete, do nothing; anything else
+-> refuse with exit 2. ``overwrite`` empties the folder and starts from scratch in every case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from converter.errors import OutputExistsError
+
+MANIFEST_NAME = ".quantize-model-manifest.json"
+TOOL = "quantize-model"
+
+
+class Action(Enum):
+    CREATE = "create"
+    RESUME = "resume"
+    NOOP = "noop"
+
+
+@dataclass
+class Manifest:
+    fingerprint: str
+    state: str = "in_progress"
+    shards: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size"}
+    plan: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "tool": TOOL,
+            "fingerprint": self.fingerprint,
+            "state": self.state,
+            "shards": dict(sorted(self.shards.items())),
+            "plan": self.plan,
+        }
+
+    @classmethod
+    def load(cls, folder: Path) -> Manifest | None:
+        path = folder / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("tool") != TOOL or "fingerprint" not in data:
+            return None
+        return cls(
+            data["fingerprint"],
+            data.get("state", "in_progress"),
+            data.get("shards", {}),
+            data.get("plan", {}),
+        )
+
+    def save(self, folder: Path) -> None:
+        atomic_write_bytes(folder / MANIFEST_NAME, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp name beside ``path``, fsync, rename: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Decision:
+    action: Action
+    manifest: Manifest
+    done: dict[str, dict]  # shards verified complete: name -> {"sha256", "size"}
+
+
+def _visible_entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def decide(
+    output: Path,
+    fingerprint: str,
+    plan_json: dict,
+    *,
+    overwrite: bool,
+    protected: tuple[Path, ...] = (),
+) -> Decision:
+    """Decide what to do with ``output`` for a plan with ``fingerprint`` (see the module docstring).
+
+    ``protected`` are paths the output must not contain or equal (the source), even with overwrite.
+    """
+    output = output.resolve()
+    for p in protected:
+        p = p.resolve()
+        if output == p or p.is_relative_to(output):
+            msg = f"{output}: the output folder contains the source {p}; choose another output folder"
+            raise OutputExistsError(msg)
+    fresh = Decision(Action.CREATE, Manifest(fingerprint, plan=plan_json), {})
+    if output.exists() and not output.is_dir():
+        if not overwrite:
+            msg = f"{output}: exists and is not a folder; remove it or pass --overwrite"
+            raise OutputExistsError(msg)
+        output.unlink()
+        return fresh
+    if not output.exists() or not any(output.iterdir()):
+        return fresh
+    if overwrite:
+        # --overwrite means start from scratch, even over a finished identical conversion.
+        clear_folder(output)
+        return fresh
+    manifest = Manifest.load(output)
+    if manifest is not None and manifest.fingerprint == fingerprint:
+        if manifest.state == "complete":
+            # A finished folder is checked by size only (``quantize-model verify`` hashes it).
+            done = _verified_shards(output, manifest, deep=False)
+            if len(done) == len(manifest.shards):
+                return Decision(Action.NOOP, manifest, done)
+        done = _verified_shards(output, manifest, deep=True)
+        manifest.state = "in_progress"
+        manifest.shards = dict(done)
+        return Decision(Action.RESUME, manifest, done)
+    if manifest is None:
+        what = f"holds files quantize-model did not write ({', '.join(_visible_entries(output)[:3])})"
+    else:
+        what = "holds a conversion with different options or a different source"
+    msg = f"{output}: {what}; choose an empty folder or pass --overwrite"
+    raise OutputExistsError(msg)
+
+
+def _verified_shards(output: Path, manifest: Manifest, *, deep: bool) -> dict[str, dict]:
+    """Shards the manifest records as finished whose bytes still hash to the recorded sha256."""
+    done = {}
+    for name, info in manifest.shards.items():
+        path = output / name
+        try:
+            if path.stat().st_size != info.get("size"):
+                continue
+        except OSError:
+            continue
+        if not deep or sha256_file(path) == info.get("sha256"):
+            done[name] = info
+    return done
+
+
+def clear_folder(folder: Path) -> None:
+    """Empty ``folder`` (for --overwrite) without removing the folder itself."""
+    for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()

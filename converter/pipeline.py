@@ -1,0 +1,456 @@
+"""convert(): plan -> quantize tensor by tensor -> shards -> index -> config.
+
+One tensor is in memory at a time: each is memory-mapped from its source file (file-backed pages),
+cast if asked, quantized by converter.kernels and written into its planned slots by a streaming
+ShardWriter, then dropped. Shards land under temp names and are renamed when complete; the
+manifest records each finished shard's sha256 so a killed run resumes where it stopped; extra files,
+the report, the index and config.json are written last, and the manifest is marked complete after
+them (converter/manifest.py has the re-run rules).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from converter import kernels
+from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
+from converter.manifest import MANIFEST_NAME, Action, Manifest, atomic_write_bytes, decide
+from converter.plan import (
+    DTYPE_CODES,
+    Options,
+    PlannedTensor,
+    ShardPlan,
+    build_plan,
+    normalize_dtype,
+    parse_size,
+)
+from converter.report import REPORT_NAME, ConversionResult, build_report, make_result
+from converter.selection import select_tensors
+from converter.sources import Source, open_source
+from converter.sources.local import MappedFile
+from formats import bnb_compat, index, metadata
+from formats.record import QuantizedTensor
+from formats.validate import FORMAT_VERSION, quant_layout
+from formats.writer import TORCH_DTYPES, ShardInfo, ShardWriter, TensorSlot, temp_path
+
+#: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
+ProgressHook = Callable[[str, int], None]
+
+
+def tool_version() -> str:
+    from converter import __version__
+
+    return __version__
+
+
+def convert(
+    source: str | Path | Source,
+    output: str | Path,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: str | None = None,
+    dtype: str | None = None,
+    quant_storage: str = "uint8",
+    skip: Sequence[str] = (),
+    include: Sequence[str] = (),
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
+    revision: str | None = None,
+    keep_downloads: bool = False,
+    allow_pickle: bool = False,
+    push_to: str | None = None,
+    private: bool = False,
+    progress: bool | ProgressHook = True,
+) -> ConversionResult:
+    """Convert ``source`` (local path, Hub repo id or an open Source) into a quantized folder ``output``.
+
+    Raises converter.errors exceptions (InputError subclasses for bad input, exit code 2;
+    ConversionFailedError when writing fails, exit code 1). ``progress`` True shows a rich progress
+    bar on stderr; a callable receives (tensor name, input bytes done) instead.
+    """
+    started = time.perf_counter()
+    try:
+        options = Options(
+            quant_type=quant_type.lower(),
+            blocksize=int(blocksize),
+            double_quant=bool(double_quant),
+            compute_dtype=normalize_dtype(compute_dtype, "--compute-dtype"),
+            dtype=normalize_dtype(dtype, "--dtype"),
+            quant_storage=quant_storage,
+            skip=tuple(skip),
+            include=tuple(include),
+            max_shard_size=parse_size(max_shard_size),
+        )
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        msg = f"--device {device!r} is not supported: use cpu or cuda"
+        raise InputError(msg)
+    if device != "cpu" and "cuda" not in kernels.available_backends():
+        msg = "--device cuda: this build of quantize-model has no usable CUDA backend; use --device cpu"
+        raise InputError(msg)
+
+    output = Path(output).expanduser()
+    src = (
+        source
+        if isinstance(source, Source)
+        else open_source(source, revision=revision, keep_downloads=keep_downloads, allow_pickle=allow_pickle)
+    )
+    try:
+        result = _Conversion(src, output, options, threads=threads, device=device, started=started).run(
+            overwrite=overwrite, progress=progress
+        )
+    finally:
+        src.close()
+    if push_to:
+        from converter.push import push_folder
+
+        result.pushed_to = push_folder(output, push_to, private=private)
+    return result
+
+
+@dataclass
+class _Stats:
+    bytes_in: int = 0
+    seconds_read: float = 0.0
+    seconds_quantize: float = 0.0
+    seconds_write: float = 0.0
+    shards_written: list[str] = field(default_factory=list)
+
+
+class _Conversion:
+    def __init__(
+        self, src: Source, output: Path, options: Options, *, threads: int | None, device: str, started: float
+    ) -> None:
+        self.src, self.output, self.options = src, output, options
+        self.threads, self.device, self.started = threads, device, started
+        self.stats = _Stats()
+
+    # --- the whole run ---------------------------------------------------------------------
+    def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
+        src, options = self.src, self.options
+        config = src.config()
+        tensors = src.tensors()
+        selection = select_tensors(config, tensors, skip=options.skip, include=options.include)
+        identity = src.describe()
+        plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
+        self.plan = plan
+        tv, fv = tool_version(), str(FORMAT_VERSION)
+        plan_json = plan.to_json(tv, fv)
+        fingerprint = plan.fingerprint(tv, fv)
+        protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
+        decision = decide(self.output, fingerprint, plan_json, overwrite=overwrite, protected=protected)
+        if decision.action is Action.NOOP:
+            return self._result(decision.action, reused=len(decision.done))
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        manifest = decision.manifest
+        self._clean_leftovers(set(decision.done))
+        manifest.save(self.output)
+
+        todo = [s for s in plan.shards if s.name not in decision.done]
+        hook = _progress_hook(progress, sum(t.info.nbytes for s in todo for t in s.tensors))
+        try:
+            self._write_shards(todo, manifest, hook)
+        finally:
+            hook.close()
+        self._write_extras()
+        result = self._result(decision.action, reused=len(decision.done))
+        report = build_report(result, plan, identity, selection, self.stats)
+        atomic_write_bytes(self.output / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
+        self._write_index(manifest)
+        self._write_config(config)
+        manifest.state = "complete"
+        manifest.save(self.output)
+        return result
+
+    def _clean_leftovers(self, done: set[str]) -> None:
+        """Remove what a killed run left (partial shards, unfinished outputs); keep verified shards."""
+        for p in self.output.iterdir():
+            if p.name == MANIFEST_NAME or p.name in done:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    # --- shards ----------------------------------------------------------------------------
+    def _write_shards(self, shards: list[ShardPlan], manifest: Manifest, hook: _Hook) -> None:
+        # Reference counts per source file: acquire on first use, release after its last tensor,
+        # so a Hub source never downloads files whose shards are already done.
+        remaining = Counter(t.info.file for s in shards for t in s.tensors)
+        mapped: dict[str, MappedFile] = {}
+        try:
+            for shard in shards:
+                info = self._write_shard(shard, mapped, remaining, hook)
+                manifest.shards[shard.name] = {"sha256": info.sha256, "size": info.size}
+                manifest.save(self.output)
+                self.stats.shards_written.append(shard.name)
+        finally:
+            for file in list(mapped):
+                mapped.pop(file)
+                self.src.release(file)
+
+    def _provenance(self, shard: ShardPlan | None) -> dict:
+        identity = self.plan.source_identity
+        files = identity.get("files") or {}
+        names = sorted({p.info.file for p in shard.tensors}) if shard else self.src.weight_files()
+        return metadata.provenance(
+            source=source_label(identity),
+            files=[(f, (files.get(f) or {}).get("sha256")) for f in names],
+            options=self.options.to_json(),
+            revision=identity.get("commit"),
+        )
+
+    def _write_shard(self, shard: ShardPlan, mapped: dict, remaining: Counter, hook: _Hook) -> Any:
+        opts = self.options
+        slots: list[TensorSlot] = []
+        for p in shard.tensors:
+            if p.quantize:
+                slots.extend(
+                    QuantizedTensor.plan_slots(
+                        p.name,
+                        p.out_shape,
+                        _torch_name(p.out_dtype),
+                        opts.qtype,
+                        opts.blocksize,
+                        opts.double_quant,
+                        opts.quant_storage,
+                    )
+                )
+            else:
+                slots.append(TensorSlot(p.name, p.out_dtype, p.info.shape))
+        meta = metadata.build_metadata(
+            {p.name: _tensor_record(p, opts) for p in shard.tensors},
+            self._provenance(shard),
+            version=tool_version(),
+        )
+        path = self.output / shard.name
+        writer = ShardWriter(path, slots, meta)
+        try:
+            for p in shard.tensors:
+                file = p.info.file
+                if file not in mapped:
+                    mapped[file] = MappedFile(self.src.acquire(file), f"{file}")
+                self._convert_tensor(p, mapped[file], writer)
+                remaining[file] -= 1
+                if remaining[file] == 0:
+                    mapped.pop(file)
+                    self.src.release(file)
+                self.stats.bytes_in += p.info.nbytes
+                hook(p.name, p.info.nbytes)
+            return writer.close()
+        except OSError as exc:
+            writer.abort()
+            msg = (
+                f"{path}: writing failed ({exc.strerror or exc}); "
+                "free disk space or fix the folder, then rerun the same command to resume"
+            )
+            raise ConversionFailedError(msg) from exc
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _convert_tensor(self, p: PlannedTensor, f: MappedFile, writer: ShardWriter) -> None:
+        t0 = time.perf_counter()
+        x = f.get(p.name)
+        want = TORCH_DTYPES[p.out_dtype]
+        if x.dtype != want and (x.is_floating_point() or p.quantize):
+            x = x.to(want)  # --dtype cast (packed/absmax/maps are produced after it, never cast)
+        t1 = time.perf_counter()
+        self.stats.seconds_read += t1 - t0
+        if not p.quantize:
+            writer.write(p.name, x)
+            del x
+            self.stats.seconds_write += time.perf_counter() - t1
+            return
+        if p.transpose:
+            x = x.t()
+        x = x.contiguous()
+        record = self._quantize(p, x)
+        del x
+        t2 = time.perf_counter()
+        self.stats.seconds_quantize += t2 - t1
+        for key, value in record.state_dict().items():
+            writer.write(key, value)
+        del record
+        self.stats.seconds_write += time.perf_counter() - t2
+
+    def _quantize(self, p: PlannedTensor, x: torch.Tensor) -> QuantizedTensor:
+        opts = self.options
+        if self.device != "cpu":
+            x = x.to(self.device)
+        try:
+            packed, absmax = kernels.quantize_4bit(
+                x, blocksize=opts.blocksize, quant_type=opts.qtype, threads=self.threads
+            )
+        except kernels.NonFiniteInputError:
+            msg = (
+                f"tensor {p.name!r} in {p.info.file} holds NaN or Inf: it cannot be quantized; "
+                f"fix the checkpoint or pass --skip '{p.name.rsplit('.', 1)[0]}'"
+            )
+            raise NonFiniteTensorError(msg) from None
+        nested = None
+        if opts.double_quant:
+            codes, nested_absmax, offset = kernels.quantize_nested(absmax, threads=self.threads)
+            nested = (codes.cpu(), nested_absmax.cpu(), offset)
+        return QuantizedTensor.from_kernel_outputs(
+            name=p.name,
+            shape=p.out_shape,
+            dtype=_torch_name(p.out_dtype),
+            quant_type=opts.qtype,
+            blocksize=opts.blocksize,
+            packed=packed.cpu(),
+            absmax=absmax.cpu(),
+            nested=nested,
+            quant_storage=opts.quant_storage,
+        )
+
+    # --- the rest of the folder ------------------------------------------------------------
+    def _write_extras(self) -> None:
+        for name in self.src.extra_files():
+            if name in ("config.json", REPORT_NAME) or name.endswith(".safetensors"):
+                continue
+            dest = self.output / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(dest)
+            self.src.copy_extra_file(name, tmp)
+            tmp.replace(dest)
+
+    def _write_index(self, manifest: Manifest) -> None:
+        shards = [
+            ShardInfo(
+                self.output / s.name, manifest.shards[s.name]["sha256"], manifest.shards[s.name]["size"]
+            )
+            for s in self.plan.shards
+        ]
+        weight_map: dict[str, str] = {}
+        opts = self.options
+        for s in self.plan.shards:
+            for p in s.tensors:
+                if p.quantize:
+                    layout = quant_layout(
+                        p.name, p.out_shape, opts.qtype, opts.blocksize, opts.double_quant, opts.quant_storage
+                    )
+                    weight_map.update(dict.fromkeys(layout, s.name))
+                else:
+                    weight_map[p.name] = s.name
+        index.write_index(self.output, shards, weight_map, self._provenance(None))
+
+    def _write_config(self, config: dict | None) -> None:
+        plan = self.plan
+        qconfig = bnb_compat.quantization_config(
+            quant_type=self.options.qtype,
+            double_quant=self.options.double_quant,
+            compute_dtype=plan.compute_dtype,
+            skip_modules=plan.skip_modules,
+            quant_storage=self.options.quant_storage,
+        )
+        out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
+        text = json.dumps(out, indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(self.output / "config.json", text.encode())
+
+    def _result(self, action: Action, *, reused: int) -> ConversionResult:
+        return make_result(
+            self.output,
+            self.plan,
+            resumed=action is Action.RESUME,
+            noop=action is Action.NOOP,
+            seconds=time.perf_counter() - self.started,
+            bytes_read=self.stats.bytes_in,
+            shards_reused=reused if action is Action.RESUME else 0,
+        )
+
+
+def _torch_name(code: str) -> str:
+    return {v: k for k, v in DTYPE_CODES.items()}[code]
+
+
+def _tensor_record(p: PlannedTensor, opts: Options) -> dict:
+    if not p.quantize:
+        return metadata.passthrough_record(
+            dtype=p.out_dtype, shape=p.info.shape, reason=p.reason[:200] or "kept"
+        )
+    return metadata.quantized_record(
+        shape=p.out_shape,
+        dtype=_torch_name(p.out_dtype),
+        quant_type=opts.qtype,
+        blocksize=opts.blocksize,
+        nested=opts.double_quant,
+        quant_storage=opts.quant_storage,
+        transposed=p.transpose,
+    )
+
+
+def source_label(identity: dict) -> str:
+    """How outputs name the source: ``repo_id@commit`` for the Hub, the folder name for a local path.
+
+    Absolute local paths stay out of shards and index (they would leak into pushed repos and make
+    the same checkpoint converted from two places differ).
+    """
+    if identity.get("kind") == "hub":
+        commit = identity.get("commit")
+        return f"{identity.get('repo_id')}@{commit}" if commit else str(identity.get("repo_id"))
+    return str(identity.get("name") or Path(str(identity.get("path", "source"))).name)
+
+
+class _Hook:
+    def __call__(self, name: str, nbytes: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _CallbackHook(_Hook):
+    def __init__(self, fn: ProgressHook) -> None:
+        self.fn, self.done = fn, 0
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        self.done += nbytes
+        self.fn(name, self.done)
+
+
+class _RichHook(_Hook):
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True, markup=False, highlight=False, emoji=False)
+        self.progress = Progress(
+            TextColumn("quantizing"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[tensor]}"),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("convert", total=total, tensor="")
+        self.progress.start()
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        self.progress.update(self.task, advance=nbytes, tensor=name)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _progress_hook(progress: bool | ProgressHook, total: int) -> _Hook:
+    if callable(progress):
+        return _CallbackHook(progress)
+    if progress:
+        return _RichHook(total)
+    return _Hook()

@@ -1,0 +1,138 @@
+"""The conversion result object and ``quantization_report.json``.
+
+The result counts what the plan did (tensors and parameters quantized or kept, the share of
+parameters left in 16 bit, bytes in and out, bits per parameter) and how long it took. Timings go
+only to the result and the report, never into shards, index or config (reruns give equal bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "quantization_report.json"
+
+
+@dataclass
+class ConversionResult:
+    output: Path
+    shards: list[str]
+    tensors_quantized: int
+    tensors_kept: int
+    params_quantized: int
+    params_kept: int
+    bytes_in: int  # source bytes of every tensor (whether or not read this run)
+    bytes_out: int  # bytes of the output shards
+    seconds: float
+    skipped_modules: list[str] = field(default_factory=list)
+    resumed: bool = False
+    noop: bool = False
+    bytes_read: int = 0  # source bytes read by this run (less than bytes_in when resumed)
+    shards_reused: int = 0  # shards a resumed run found complete and kept
+    pushed_to: str | None = None
+
+    @property
+    def params_total(self) -> int:
+        return self.params_quantized + self.params_kept
+
+    @property
+    def kept_share(self) -> float:
+        """Share of parameters left unquantized (16/32 bit)."""
+        return self.params_kept / self.params_total if self.params_total else 0.0
+
+    @property
+    def bits_per_param(self) -> float:
+        """Output bits per parameter over the whole checkpoint (kept tensors included)."""
+        return 8 * self.bytes_out / self.params_total if self.params_total else 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Source bytes read per second by this run."""
+        return self.bytes_read / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d.update(
+            params_total=self.params_total,
+            kept_share=self.kept_share,
+            bits_per_param=self.bits_per_param,
+            throughput_bytes_per_s=self.throughput,
+        )
+        return d
+
+
+def make_result(
+    output: Path,
+    plan: Any,
+    *,
+    resumed: bool,
+    noop: bool,
+    seconds: float,
+    bytes_read: int,
+    shards_reused: int,
+) -> ConversionResult:
+    q = plan.quantized
+    k = plan.kept
+    bytes_out = 0
+    for s in plan.shards:
+        path = output / s.name
+        bytes_out += path.stat().st_size if path.exists() else s.nbytes
+    return ConversionResult(
+        output=output,
+        shards=[s.name for s in plan.shards],
+        tensors_quantized=len(q),
+        tensors_kept=len(k),
+        params_quantized=sum(t.info.numel for t in q),
+        params_kept=sum(t.info.numel for t in k),
+        bytes_in=sum(t.info.nbytes for t in plan.tensors),
+        bytes_out=bytes_out,
+        seconds=seconds,
+        skipped_modules=list(plan.skip_modules),
+        resumed=resumed,
+        noop=noop,
+        bytes_read=bytes_read,
+        shards_reused=shards_reused,
+    )
+
+
+def build_report(result: ConversionResult, plan: Any, identity: dict, selection: Any, stats: Any) -> dict:
+    """The content of quantization_report.json (the only output file with timings)."""
+    from converter.pipeline import tool_version
+
+    kept_reasons: dict[str, int] = {}
+    for t in plan.kept:
+        kept_reasons[t.reason] = kept_reasons.get(t.reason, 0) + t.info.numel
+    return {
+        "tool": "quantize-model",
+        "tool_version": tool_version(),
+        "source": identity,
+        "options": plan.options.to_json(),
+        "model_dtype": plan.model_dtype,
+        "compute_dtype": plan.compute_dtype,
+        "selection_mode": getattr(selection, "mode", None),
+        "summary": result.to_json(),
+        "timings": {
+            "seconds_total": result.seconds,
+            "seconds_read": stats.seconds_read,
+            "seconds_quantize": stats.seconds_quantize,
+            "seconds_write": stats.seconds_write,
+            "shards_written_this_run": stats.shards_written,
+        },
+        "kept_params_by_reason": dict(sorted(kept_reasons.items())),
+        "tensors": [
+            {
+                "name": t.name,
+                "shard": s.name,
+                "source_dtype": t.info.dtype,
+                "shape": list(t.info.shape),
+                "action": "quantize" if t.quantize else "keep",
+                "transposed": t.transpose,
+                "out_dtype": t.out_dtype,
+                **({} if t.quantize else {"reason": t.reason}),
+            }
+            for s in plan.shards
+            for t in s.tensors
+        ],
+    }

@@ -1,0 +1,261 @@
+"""End-to-end conversion of small generated checkpoints through converter.convert()."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from converter.errors import InputError, OutputExistsError, UnsupportedTensorError
+from converter.manifest import MANIFEST_NAME
+from converter.pipeline import convert
+from formats import metadata
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def output_hashes(folder: Path) -> dict[str, str]:
+    """Every deterministic output file (the report holds timings and is left out)."""
+    return {
+        p.name: sha(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != "quantization_report.json"
+    }
+
+
+def test_single_shard_folder(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = convert(tiny_llama, out, progress=False)
+    assert r.shards == ["model.safetensors"]
+    # 2 layers x 7 projections quantized; embed, norms and lm_head (the output head) kept.
+    assert (r.tensors_quantized, r.tensors_kept) == (14, 7)
+    assert r.skipped_modules == ["lm_head"]
+    assert not r.resumed
+    assert not r.noop
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        MANIFEST_NAME,
+        "LICENSE",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "quantization_report.json",
+        "tokenizer_config.json",
+    ]
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert (q["bnb_4bit_quant_type"], q["bnb_4bit_use_double_quant"], q["llm_int8_skip_modules"]) == (
+        "nf4",
+        True,
+        ["lm_head"],
+    )
+    assert q["bnb_4bit_compute_dtype"] == "bfloat16"
+    assert json.loads((out / MANIFEST_NAME).read_text())["state"] == "complete"
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["summary"]["tensors_quantized"] == 14
+    assert "seconds_total" in report["timings"]
+
+
+def test_every_shard_validates_and_index_covers_every_key(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    from formats.validate import validate_file
+
+    out = tmp_path / "out"
+    r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert len(r.shards) > 1
+    assert r.shards == [
+        f"model-{k:05d}-of-{len(r.shards):05d}.safetensors" for k in range(1, len(r.shards) + 1)
+    ]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    keys = {}
+    for shard in r.shards:
+        path = out / shard
+        with path.open("rb") as f:
+            validate_file(path, f, path.stat().st_size)
+        with safe_open(str(path), "pt") as f:
+            metadata.validate_metadata(f.metadata(), file=shard)
+            keys.update(dict.fromkeys(f.keys(), shard))
+    assert index["weight_map"] == keys
+
+
+def test_loads_with_transformers_and_bitsandbytes(tiny_llama: Path, tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    r = convert(tiny_llama, out, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    quantized_modules = {
+        n.removesuffix(".weight") for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+    }
+    report = json.loads((out / "quantization_report.json").read_text())
+    ours = {t["name"].removesuffix(".weight") for t in report["tensors"] if t["action"] == "quantize"}
+    assert quantized_modules == ours
+    assert len(ours) == r.tensors_quantized
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.no_grad():
+        got, want = model(ids).logits.float(), ref(ids).logits.float()
+    # NF4 of a random tiny model: logits stay close to the bf16 original.
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
+
+
+def test_deterministic_across_runs_and_threads(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    a = convert(tiny_llama_sharded, tmp_path / "a", max_shard_size="40KB", threads=1, progress=False)
+    b = convert(tiny_llama_sharded, tmp_path / "b", max_shard_size="40KB", threads=2, progress=False)
+    assert a.shards == b.shards
+    assert output_hashes(tmp_path / "a") == output_hashes(tmp_path / "b")
+
+
+def test_rerun_is_a_noop(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(tiny_llama, out, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = convert(tiny_llama, out, progress=False)
+    assert r.noop
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_different_options_refused_then_overwritten(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(tiny_llama, out, progress=False)
+    with pytest.raises(OutputExistsError) as exc:
+        convert(tiny_llama, out, quant_type="fp4", progress=False)
+    assert str(exc.value) == (
+        f"{out.resolve()}: holds a conversion with different options or a different source; "
+        "choose an empty folder or pass --overwrite"
+    )
+    r = convert(tiny_llama, out, quant_type="fp4", overwrite=True, progress=False)
+    assert not r.noop
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+
+
+def test_foreign_output_folder_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError) as exc:
+        convert(tiny_llama, out, progress=False)
+    assert exc.value.exit_code == 2
+    assert str(exc.value) == (
+        f"{out.resolve()}: holds files quantize-model did not write (notes.txt); "
+        "choose an empty folder or pass --overwrite"
+    )
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_output_inside_source_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    with pytest.raises(OutputExistsError, match="contains the source"):
+        convert(src, src.parent, overwrite=True, progress=False)
+    assert (src / "model.safetensors").exists()
+
+
+def test_dtype_cast_and_compute_dtype(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(tiny_llama, out, dtype="float16", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == cfg["torch_dtype"] == "float16"
+    assert cfg["quantization_config"]["bnb_4bit_compute_dtype"] == "float16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.float16
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.uint8
+        qs = bytes(f.get_tensor("model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4").tolist())
+    assert json.loads(qs)["dtype"] == "float16"
+
+
+def test_fp4_without_nesting(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = convert(tiny_llama, out, quant_type="fp4", double_quant=False, blocksize=128, progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        absmax = f.get_tensor("model.layers.1.self_attn.o_proj.weight.absmax")
+    assert "model.layers.1.self_attn.o_proj.weight.quant_state.bitsandbytes__fp4" in keys
+    assert not any(k.endswith(".nested_absmax") for k in keys)
+    assert absmax.dtype == torch.float32
+    assert absmax.numel() == 64 * 64 // 128
+    assert r.bits_per_param > 4
+
+
+def test_matches_kernels_byte_for_byte(tiny_llama: Path, tmp_path: Path) -> None:
+    from converter import kernels
+    from formats.quant_types import QuantType
+
+    out = tmp_path / "out"
+    convert(tiny_llama, out, double_quant=False, progress=False)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    with safe_open(str(tiny_llama / "model.safetensors"), "pt") as f:
+        w = f.get_tensor(name)
+    packed, absmax = kernels.quantize_4bit(w, blocksize=64, quant_type=QuantType.NF4)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor(name).reshape(-1), packed)
+        assert torch.equal(f.get_tensor(name + ".absmax"), absmax)
+
+
+def test_nothing_to_quantize(tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"^nothing to quantize: .*; check --include/--skip"):
+        convert(tiny_llama, tmp_path / "out", include=["no.such.module"], progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_elements_refused_from_the_plan(tmp_path: Path) -> None:
+    from qm_checkpoints import write_safetensors_header
+
+    src = tmp_path / "big"
+    src.mkdir()
+    n = 2**31  # 4 GiB of bf16 as a sparse hole: refused before any byte is read
+    write_safetensors_header(
+        src / "model.safetensors",
+        {"layer.weight": {"dtype": "BF16", "shape": [65536, 32768], "data_offsets": [0, 2 * n]}},
+        2 * n,
+    )
+    with pytest.raises(UnsupportedTensorError) as exc:
+        convert(src, tmp_path / "out", include=["layer"], progress=False)
+    assert str(exc.value) == (
+        "tensor 'layer.weight' in model.safetensors has 2147483648 elements (shape [65536, 32768]): "
+        "bitsandbytes indexes with 32-bit ints, so tensors of 2^31 elements or more cannot be stored; "
+        "pass --skip 'layer' to keep it unquantized"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_unquantizable_shape_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    src = tmp_path / "odd"
+    src.mkdir()
+    save_file({"layer.weight": torch.randn(6, 5)}, src / "model.safetensors")
+    with pytest.raises(UnsupportedTensorError) as exc:
+        convert(src, tmp_path / "out", include=["layer"], quant_storage="float32", progress=False)
+    assert str(exc.value) == (
+        "model.safetensors: tensor 'layer.weight': 15 packed bytes are not a whole number of float32 items "
+        "(4 bytes); use quant_storage 'uint8'"
+    )
+
+
+def test_non_finite_weight_named(tiny_llama: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from converter.errors import NonFiniteTensorError
+
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    state = load_file(src / "model.safetensors")
+    state["model.layers.1.mlp.down_proj.weight"][3, 7] = float("nan")
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteTensorError) as exc:
+        convert(src, out, progress=False)
+    assert str(exc.value) == (
+        "tensor 'model.layers.1.mlp.down_proj.weight' in model.safetensors holds NaN or Inf: it cannot be "
+        "quantized; fix the checkpoint or pass --skip 'model.layers.1.mlp.down_proj'"
+    )
+    # Nothing that looks complete: no shard under its final name, no config, no index.
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]

@@ -1,0 +1,81 @@
+"""A conversion killed with SIGKILL at various points resumes to the same bytes as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_pipeline import output_hashes
+
+from converter.manifest import MANIFEST_NAME
+from converter.pipeline import convert
+
+# The child converts and SIGKILLs itself at the chosen point: a real kill, no cleanup handlers run.
+CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from qm_checkpoints import install_reference_kernels
+    install_reference_kernels()
+    from converter import pipeline
+    from converter.manifest import MANIFEST_NAME
+
+    src, out, stage = sys.argv[1:4]
+    calls = 0
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def hook(name, done):
+        global calls
+        calls += 1
+        if stage == "first-tensor" and calls == 1:
+            die()
+        if stage == "second-shard":
+            shards = json.loads((Path(out) / MANIFEST_NAME).read_text())["shards"]
+            if shards:
+                die()
+
+    if stage == "before-config":
+        pipeline._Conversion._write_config = lambda self, config: die()
+    pipeline.convert(src, out, max_shard_size="40KB", progress=hook)
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["first-tensor", "second-shard", "before-config"])
+def test_resume_after_sigkill(stage: str, tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    convert(tiny_llama_sharded, reference, max_shard_size="40KB", progress=False)
+
+    out = tmp_path / "out"
+    script = CHILD.format(tests=str(Path(__file__).parent))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_llama_sharded), str(out), stage],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+    # Nothing looks complete: no config.json (transformers needs it), manifest still in progress.
+    assert not (out / "config.json").exists()
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["state"] == "in_progress"
+
+    r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert r.resumed
+    assert r.shards_reused == len(manifest["shards"])
+    if stage == "second-shard":
+        assert r.shards_reused == 1
+    assert output_hashes(out) == output_hashes(reference)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
