@@ -1,0 +1,849 @@
+"""A checkpoint on the Hugging Face Hub, streamed shard by shard through ``huggingface_hub``.
+
+- The revision is resolved once to a commit (``model_info``); every later request names that commit.
+- Only what the conversion needs is listed: the shards named by ``model.safetensors.index.json`` (or
+  ``model.safetensors``), ``config.json`` and the tokenizer / generation-config / licence files.
+  ``original/*.pth``, ``consolidated.*`` and ``*.bin`` duplicates are never fetched.
+- Tensors come from the safetensors headers alone (HTTP range reads), before any shard is downloaded.
+- Files already in the shared Hugging Face cache at that commit (or everything, with HF_HUB_OFFLINE=1)
+  are read in place and never deleted. Others are downloaded into a private ``local_dir``, one shard
+  ahead of the pipeline in a worker thread (at most two source shards on disk), checked against the
+  Hub's LFS sha256, and deleted when released, unless ``keep_downloads`` (then they go to the shared
+  cache, where later runs and transformers find them).
+- Transient failures (5xx, 429 with Retry-After, dropped connections) are retried with backoff on top
+  of huggingface_hub's own retries; everything else becomes a one-line converter.errors exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+# hf_xet keeps a chunk cache outside our download folder; turn it off so the disk budget holds.
+os.environ.setdefault("HF_XET_CHUNK_CACHE_SIZE_BYTES", "0")
+
+import httpx2
+from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    SafetensorsParsingError,
+)
+
+from converter.errors import (
+    AlreadyQuantizedError,
+    ConversionFailedError,
+    CorruptFileError,
+    InputError,
+    PickleOnlyError,
+    SourceNotFoundError,
+)
+from converter.sources.base import Source, TensorInfo, is_extra_file, quantized_reason
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: Headers up to this size come in the first range request (huggingface_hub reads 100 kB).
+MAX_RETRY_AFTER = 60.0
+
+T = TypeVar("T")
+DownloadCallback = Callable[[str, int, int], None]  # (file, bytes done so far, file size)
+
+
+# --- errors ------------------------------------------------------------------------------------
+class HubRepoNotFoundError(SourceNotFoundError):
+    """The repo does not exist on the endpoint (or is private and we have no access)."""
+
+
+class HubRevisionNotFoundError(SourceNotFoundError):
+    """The branch, tag or commit does not exist in the repo."""
+
+
+class HubAccessError(InputError):
+    """Gated repo without access, or a token the Hub rejects."""
+
+
+class DiskTooSmallError(InputError):
+    """The plan needs more free disk than there is (checked before anything is downloaded)."""
+
+
+class HubDownloadError(ConversionFailedError):
+    """The Hub kept failing (after retries), or a download did not match its sha256."""
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    response = getattr(exc, "response", None)
+    value = response.headers.get("Retry-After") if response is not None else None
+    try:
+        return min(MAX_RETRY_AFTER, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OfflineModeIsEnabled):
+        return False
+    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError)):
+        return False
+    if isinstance(exc, HfHubHTTPError):
+        return _status(exc) in TRANSIENT_STATUS
+    if isinstance(exc, (httpx2.TransportError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError) and "Consistency check failed" in str(exc):  # truncated body
+        return True
+    if isinstance(exc, LocalEntryNotFoundError):  # the HEAD call failed and nothing is cached
+        cause = exc.__cause__
+        return cause is not None and _is_transient(cause)
+    return False
+
+
+def _short(exc: BaseException) -> str:
+    status = _status(exc)
+    if status is not None:
+        return f"HTTP {status}"
+    cause = exc.__cause__
+    if isinstance(exc, LocalEntryNotFoundError) and cause is not None:
+        return _short(cause)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
+class HubClient:
+    """The Hub calls we make, each with a bounded retry loop and errors mapped to converter.errors."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        token: str | bool | None,
+        endpoint: str | None,
+        attempts: int = 5,
+        base_delay: float = 0.5,
+        max_delay: float = 8.0,
+        write: bool = False,
+    ) -> None:
+        self.repo_id = repo_id
+        self.write = write
+        self.token = token
+        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+        self.api = HfApi(endpoint=self.endpoint, token=token)
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.revision: str | None = None
+
+    def call(self, what: str, fn: Callable[[], T], *, file: str | None = None) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                if not _is_transient(exc) or attempt == self.attempts:
+                    raise self.map_error(exc, what, file=file, attempts=attempt) from exc
+                delay = _retry_after(exc)
+                if delay is None:
+                    delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+                time.sleep(delay)
+        raise AssertionError  # unreachable
+
+    def map_error(
+        self, exc: BaseException, what: str, *, file: str | None = None, attempts: int = 1
+    ) -> Exception:
+        repo = self.repo_id
+        login = "run `hf auth login` or set HF_TOKEN" + (" (a token with write access)" if self.write else "")
+        if isinstance(exc, GatedRepoError):
+            return HubAccessError(
+                f"{repo}: gated repo; request access at {self.endpoint}/{repo}, "
+                f"then {login} with an account that has it"
+            )
+        if isinstance(exc, RepositoryNotFoundError):
+            return HubRepoNotFoundError(
+                f"{repo}: repository not found on {self.endpoint}; "
+                f"check the repo id, or if it is private {login}"
+            )
+        if isinstance(exc, RevisionNotFoundError):
+            return HubRevisionNotFoundError(
+                f"{repo}: revision {self.revision!r} not found; "
+                "give an existing branch, tag or commit to --revision"
+            )
+        if isinstance(exc, RemoteEntryNotFoundError):
+            return SourceNotFoundError(
+                f"{repo}: file {file!r} not found at {self.revision}; the repo is incomplete"
+            )
+        if isinstance(exc, SafetensorsParsingError):
+            return CorruptFileError(
+                f"{repo}: {file}: not a valid safetensors header ({_short(exc)}); report it to the repo owner"
+            )
+        status = _status(exc)
+        if status == 401:
+            return HubAccessError(
+                f"{repo}: the Hub rejected the token (HTTP 401); {login} with a valid token"
+            )
+        if status == 403:
+            return HubAccessError(
+                f"{repo}: access denied (HTTP 403) to {file or 'the repo'}; "
+                f"{login} with a token that can read it"
+            )
+        if isinstance(exc, (OfflineModeIsEnabled,)) or (
+            isinstance(exc, LocalEntryNotFoundError) and constants.is_offline_mode()
+        ):
+            return SourceNotFoundError(
+                f"{repo}: {file + ' is' if file else 'the repo is'} not in the local Hugging Face cache and "
+                "HF_HUB_OFFLINE=1; "
+                "unset HF_HUB_OFFLINE to download it"
+            )
+        target = f"{file} " if file else ""
+        return HubDownloadError(
+            f"{repo}: {what} {target}failed after {attempts} attempt(s) ({_short(exc)}); "
+            "check the connection and rerun the same command (finished shards are kept)"
+        )
+
+
+# --- progress ----------------------------------------------------------------------------------
+class _ProgressBar:
+    """Stands in for tqdm inside hf_hub_download: forwards byte counts to the source's callback."""
+
+    sink: Callable[[str, int], None]
+    file: str
+
+    def __init__(self, *, total: int | None = None, initial: int = 0, desc: str = "", **_: Any) -> None:
+        self.n = initial
+        self.total = total
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.sink(self.file, n)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _git_sha1_file(path: Path) -> str:
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def estimate_output_bytes(tensors: list[TensorInfo]) -> int:
+    """An upper-ish estimate of the quantized folder: 2-D float weights at ~4.3 bits, the rest as is.
+
+    Embeddings and output heads usually stay 16-bit, so they are counted whole.
+    """
+    total = 0
+    for t in tensors:
+        keep = any(k in t.name for k in ("embed", "lm_head", "wte", "wpe", "norm"))
+        if len(t.shape) == 2 and t.dtype in ("F32", "F16", "BF16") and not keep:
+            total += t.numel // 2 + t.numel // 64 + 4096
+        else:
+            total += t.nbytes
+    return int(total * 1.05) + (16 << 20)
+
+
+class HubSource(Source):
+    """A Hub repo as a conversion source (see the module docstring)."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        keep_downloads: bool = False,
+        allow_pickle: bool = False,
+        disk_budget: int | None = None,
+        cache_dir: str | Path | None = None,
+        endpoint: str | None = None,
+        output_dir: str | Path | None = None,
+        download_dir: str | Path | None = None,
+        on_download: DownloadCallback | None = None,
+        attempts: int = 5,
+    ) -> None:
+        self.repo_id = repo_id
+        self.requested_revision = revision
+        self.keep_downloads = keep_downloads
+        self.allow_pickle = allow_pickle
+        self.cache_dir = str(cache_dir) if cache_dir is not None else None
+        self.on_download = on_download
+        self.client = HubClient(repo_id, token=token, endpoint=endpoint, attempts=attempts)
+        self.client.revision = revision or "main"
+        self.offline = constants.is_offline_mode()
+        self._lock = threading.Condition()
+        self._executor: ThreadPoolExecutor | None = None
+        self._futures: dict[str, Future[Path]] = {}
+        self._live: set[str] = set()  # private downloads on disk (or in flight), not yet released
+        self._released: set[str] = set()
+        self._order: list[str] = []
+        self._in_place: dict[str, Path] = {}  # cached files: read where they are, never deleted
+        self._small: dict[str, Path] = {}
+        self._converted: dict[str, Path] = {}  # pickle shards turned into temp safetensors
+        self.bytes_downloaded = 0
+        self._file_done: dict[str, int] = {}
+        self.peak_live = 0
+        self._closed = False
+        self._dl_dir: Path | None = None
+        self._owns_dl_dir = False
+        self._download_dir_arg = Path(download_dir) if download_dir is not None else None
+        self._output_dir = Path(output_dir).expanduser().resolve() if output_dir is not None else None
+        try:
+            self._resolve()
+            self._plan_files()
+            self._config = self._read_config()
+            self._tensors = self._read_tensors()
+            reason = quantized_reason(self._config, self._tensors)
+            if reason:
+                msg = f"{repo_id}: already quantized ({reason}); convert the original checkpoint instead"
+                raise AlreadyQuantizedError(msg)
+            self._check_disk(disk_budget)
+            self._order = list(self._files)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- resolution and listing ----------------------------------------------------------------
+    def _resolve(self) -> None:
+        """Pin the revision to a commit and list the files (with sizes and LFS sha256)."""
+        self._sizes: dict[str, int] = {}
+        self._sha256: dict[str, str] = {}
+        self._git_oid: dict[str, str] = {}
+        if self.offline:
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = snapshot_download(
+                    self.repo_id,
+                    revision=self.requested_revision,
+                    cache_dir=self.cache_dir,
+                    local_files_only=True,
+                )
+            except Exception as exc:
+                raise self.client.map_error(exc, "offline lookup") from exc
+            self._snapshot = Path(folder)
+            self.commit = self._snapshot.name
+            names = sorted(
+                p.relative_to(self._snapshot).as_posix() for p in self._snapshot.rglob("*") if p.is_file()
+            )
+            for n in names:
+                self._sizes[n] = (self._snapshot / n).stat().st_size
+            self._names = names
+            return
+        self._snapshot = None
+        info = self.client.call(
+            "model info",
+            lambda: self.client.api.model_info(
+                self.repo_id, revision=self.requested_revision, files_metadata=True
+            ),
+        )
+        self.commit = str(info.sha)
+        self.client.revision = self.commit
+        names = []
+        for s in info.siblings or []:
+            names.append(s.rfilename)
+            if s.size is not None:
+                self._sizes[s.rfilename] = int(s.size)
+            if s.lfs is not None:
+                self._sha256[s.rfilename] = s.lfs.sha256
+            elif s.blob_id:
+                self._git_oid[s.rfilename] = s.blob_id
+        self._names = sorted(names)
+
+    def _plan_files(self) -> None:
+        names = set(self._names)
+        self._weight_map: dict[str, str] | None = None
+        self._pickle_files: list[str] = []
+        if INDEX_NAME in names:
+            index = self._load_json(INDEX_NAME)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                msg = f"{self.repo_id}: {INDEX_NAME} has no weight_map; report it to the repo owner"
+                raise CorruptFileError(msg)
+            self._weight_map = {str(k): str(v) for k, v in weight_map.items()}
+            files = sorted(set(self._weight_map.values()))
+            missing = [f for f in files if f not in names]
+            if missing:
+                msg = (
+                    f"{self.repo_id}@{self.commit[:12]}: {missing[0]} is named by {INDEX_NAME} "
+                    "but not in the repo; report it to the repo owner"
+                )
+                raise SourceNotFoundError(msg)
+            self._files = files
+            return
+        if SINGLE_NAME in names:
+            self._files = [SINGLE_NAME]
+            return
+        top = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+        if len(top) == 1:
+            self._files = top
+            return
+        if len(top) > 1:
+            msg = (
+                f"{self.repo_id}: {len(top)} .safetensors files but no {INDEX_NAME}; "
+                "cannot tell which is the model"
+            )
+            raise SourceNotFoundError(msg)
+        pickles = self._pickle_candidates(names)
+        if not pickles:
+            msg = (
+                f"{self.repo_id}@{self.commit[:12]}: no safetensors weights "
+                f"(no {SINGLE_NAME} or {INDEX_NAME}); is this a model repo with transformers weights?"
+            )
+            raise SourceNotFoundError(msg)
+        if not self.allow_pickle:
+            msg = (
+                f"{self.repo_id}: only pickle weights ({', '.join(pickles[:3])}); "
+                "pass --allow-pickle to load them "
+                "with torch.load(weights_only=True), or use a repo with safetensors weights"
+            )
+            raise PickleOnlyError(msg)
+        self._pickle_files = pickles
+        self._files = [self._converted_name(p) for p in pickles]
+
+    def _pickle_candidates(self, names: set[str]) -> list[str]:
+        if PICKLE_INDEX in names:
+            index = self._load_json(PICKLE_INDEX)
+            return sorted(set(str(v) for v in (index.get("weight_map") or {}).values()))
+        if PICKLE_SINGLE in names:
+            return [PICKLE_SINGLE]
+        return sorted(
+            n for n in names if "/" not in n and n.endswith((".bin", ".pt")) and not n.startswith("training")
+        )
+
+    @staticmethod
+    def _converted_name(pickle_name: str) -> str:
+        return pickle_name.rsplit(".", 1)[0] + ".safetensors"
+
+    # --- small files ---------------------------------------------------------------------------
+    def _cached_path(self, name: str) -> Path | None:
+        if self._snapshot is not None:
+            p = self._snapshot / name
+            return p if p.is_file() else None
+        found = try_to_load_from_cache(self.repo_id, name, cache_dir=self.cache_dir, revision=self.commit)
+        return Path(found) if isinstance(found, str) else None
+
+    def _download_dir(self) -> Path:
+        if self._dl_dir is None:
+            if self._download_dir_arg is not None:
+                self._download_dir_arg.mkdir(parents=True, exist_ok=True)
+                base = self._download_dir_arg
+            elif self._output_dir is not None:
+                # Beside the output (same disk, usually larger than /tmp), under a fixed name so a
+                # rerun after a crash reuses a finished download instead of leaking a temp folder.
+                base = self._output_dir.parent / f".{self._output_dir.name}.quantize-model-download"
+                base.mkdir(parents=True, exist_ok=True)
+                self._dl_dir = base
+                self._owns_dl_dir = True
+                return base
+            else:
+                base = None
+            self._dl_dir = Path(tempfile.mkdtemp(prefix=".quantize-model-download-", dir=base))
+            self._owns_dl_dir = True
+        return self._dl_dir
+
+    def _fetch(self, name: str, *, progress: bool = False) -> Path:
+        """A local path to ``name``: the cache in place, else a verified download."""
+        cached = self._cached_path(name)
+        if cached is not None:
+            return cached
+        if self.offline:
+            msg = (
+                f"{self.repo_id}: {name} is not in the local cache and HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE"
+            )
+            raise SourceNotFoundError(msg)
+        bar = None
+        if progress:
+            bar = type("Bar", (_ProgressBar,), {"sink": staticmethod(self._count_bytes), "file": name})
+        kwargs: dict[str, Any] = {
+            "revision": self.commit,
+            "token": self.client.token,
+            "endpoint": self.client.endpoint,
+            "cache_dir": self.cache_dir,
+            "tqdm_class": bar,
+        }
+        if not self.keep_downloads:
+            kwargs["local_dir"] = self._download_dir()
+        for check in range(2):  # one more full download if the bytes do not match the Hub's hash
+            path = Path(
+                self.client.call("download", lambda: hf_hub_download(self.repo_id, name, **kwargs), file=name)
+            )
+            if self._verify(name, path):
+                return path
+            path.unlink(missing_ok=True)
+            if check == 0:
+                kwargs["force_download"] = True
+        expected = self._sha256.get(name) or self._git_oid.get(name)
+        msg = (
+            f"{self.repo_id}: {name} downloaded twice but does not match the Hub's hash {expected}; "
+            "rerun later or report it to the repo owner"
+        )
+        raise HubDownloadError(msg)
+
+    def _verify(self, name: str, path: Path) -> bool:
+        if name in self._sha256:
+            return _sha256_file(path) == self._sha256[name]
+        if name in self._git_oid:
+            return _git_sha1_file(path) == self._git_oid[name]
+        return True
+
+    def _count_bytes(self, file: str, n: int) -> None:
+        with self._lock:
+            self.bytes_downloaded += n
+            self._file_done[file] = self._file_done.get(file, 0) + n
+            done = self._file_done[file]
+        if self.on_download is not None:
+            self.on_download(file, done, self._sizes.get(file, 0))
+
+    def _load_json(self, name: str) -> dict:
+        path = self._fetch(name)
+        self._small[name] = path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            msg = f"{self.repo_id}: {name} is not valid JSON ({exc}); report it to the repo owner"
+            raise CorruptFileError(msg) from None
+        if not isinstance(data, dict):
+            msg = f"{self.repo_id}: {name} is not a JSON object; report it to the repo owner"
+            raise CorruptFileError(msg)
+        return data
+
+    def _read_config(self) -> dict | None:
+        return self._load_json("config.json") if "config.json" in self._names else None
+
+    # --- headers -------------------------------------------------------------------------------
+    def _read_tensors(self) -> list[TensorInfo]:
+        if self._pickle_files:
+            self._convert_pickles()
+        tensors: list[TensorInfo] = []
+        seen: dict[str, str] = {}
+        self._data_start: dict[str, int] = {}
+        self._offsets: dict[tuple[str, str], tuple[int, int]] = {}
+        for file in self._files:
+            for name, dtype, shape, (begin, end) in self._header_entries(file):
+                if name in seen:
+                    msg = (
+                        f"{self.repo_id}: tensor {name!r} is in both {seen[name]} and {file}; "
+                        "report it to the repo owner"
+                    )
+                    raise CorruptFileError(msg)
+                seen[name] = file
+                self._offsets[(file, name)] = (begin, end)
+                tensors.append(TensorInfo(name, file, dtype, shape))
+        if self._weight_map is not None:
+            for name, file in self._weight_map.items():
+                if seen.get(name) != file:
+                    where = f"found in {seen[name]}" if name in seen else "in no shard"
+                    msg = f"{self.repo_id}: {INDEX_NAME} maps tensor {name!r} to {file} but it is {where}"
+                    raise CorruptFileError(msg)
+        return tensors
+
+    def _header_entries(self, file: str) -> list[tuple[str, str, tuple[int, ...], tuple[int, int]]]:
+        local = self._converted.get(file) or self._cached_path(file)
+        if local is not None:
+            from converter.sources.local import read_header
+
+            raw, header = read_header(local, f"{self.repo_id}/{file}")
+            self._data_start[file] = len(raw)
+            items = [
+                (k, v["dtype"], tuple(int(d) for d in v["shape"]), tuple(v["data_offsets"]))
+                for k, v in header.items()
+                if k != "__metadata__"
+            ]
+        else:
+            meta = self.client.call(
+                "header read",
+                lambda: self.client.api.parse_safetensors_file_metadata(
+                    self.repo_id, file, revision=self.commit
+                ),
+                file=file,
+            )
+            items = [
+                (k, v.dtype, tuple(int(d) for d in v.shape), tuple(v.data_offsets))
+                for k, v in meta.tensors.items()
+            ]
+        # On-disk order, as LocalSource: the pipeline then reads each file front to back.
+        items.sort(key=lambda e: (e[3][0], e[0]))
+        return items  # type: ignore[return-value]
+
+    def _convert_pickles(self) -> None:
+        """Download each pickle shard, load it with weights_only=True, save it as a temp safetensors."""
+        import torch
+        from safetensors.torch import save_file
+
+        for pickle_name in self._pickle_files:
+            path = self._fetch(pickle_name, progress=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                msg = (
+                    f"{self.repo_id}: {pickle_name} cannot be loaded with torch.load(weights_only=True) "
+                    f"({_short(exc)})"
+                )
+                raise CorruptFileError(msg) from None
+            if not isinstance(state, dict):
+                msg = f"{self.repo_id}: {pickle_name} does not hold a state dict"
+                raise CorruptFileError(msg)
+            tensors: dict[str, torch.Tensor] = {}
+            seen_ptrs: set[int] = set()
+            for k, v in state.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                v = v.contiguous()
+                ptr = v.untyped_storage().data_ptr()
+                tensors[str(k)] = v.clone() if ptr in seen_ptrs else v  # tied weights share storage
+                seen_ptrs.add(ptr)
+            out = self._download_dir() / self._converted_name(pickle_name)
+            save_file(tensors, str(out), metadata={"format": "pt"})
+            del state, tensors
+            if self._cached_path(pickle_name) is None and not self.keep_downloads:
+                path.unlink(missing_ok=True)
+            self._converted[self._converted_name(pickle_name)] = out
+
+    # --- disk plan -----------------------------------------------------------------------------
+    def download_plan(self) -> dict[str, int]:
+        """Weight files that must be downloaded, with their sizes (cached ones are read in place)."""
+        return {
+            f: self._sizes.get(f, 0)
+            for f in self._files
+            if f not in self._converted and self._cached_path(f) is None
+        }
+
+    def _check_disk(self, disk_budget: int | None) -> None:
+        plan = self.download_plan()
+        sizes = sorted(plan.values(), reverse=True)
+        need_dl = sum(sizes) if self.keep_downloads else sum(sizes[:2])
+        need_out = estimate_output_bytes(self._tensors)
+        self.planned_disk = {"downloads": need_dl, "output": need_out}
+        if disk_budget is not None:
+            need = need_dl + (need_out if self._output_dir is not None else 0)
+            if need > disk_budget:
+                self._refuse(need, disk_budget, "the disk budget")
+            return
+        if not plan and self._output_dir is None:
+            return
+        dl_where = self._disk_probe(self._download_target())
+        checks: dict[int, tuple[Path, int]] = {}
+        if plan:
+            checks[os.stat(dl_where).st_dev] = (dl_where, need_dl)
+        if self._output_dir is not None:
+            out_where = self._disk_probe(self._output_dir)
+            dev = os.stat(out_where).st_dev
+            where, need = checks.get(dev, (out_where, 0))
+            checks[dev] = (where, need + need_out)
+        for where, need in checks.values():
+            free = shutil.disk_usage(where).free
+            if need > free:
+                self._refuse(need, free, str(where))
+
+    def _download_target(self) -> Path:
+        if self.keep_downloads:
+            return Path(self.cache_dir or constants.HF_HUB_CACHE)
+        if self._download_dir_arg is not None:
+            return self._download_dir_arg
+        if self._output_dir is not None:
+            return self._output_dir.parent
+        return Path(tempfile.gettempdir())
+
+    @staticmethod
+    def _disk_probe(path: Path) -> Path:
+        path = Path(path).expanduser().resolve()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path
+
+    def _refuse(self, need: int, free: int, where: str) -> None:
+        gib = 1 << 30
+        what = "all shards (--keep-downloads)" if self.keep_downloads else "two source shards"
+        msg = (
+            f"{self.repo_id}: needs {need / gib:.2f} GiB ({what} + the quantized output) but {where} has "
+            f"{free / gib:.2f} GiB free; free some space or choose another output folder"
+        )
+        raise DiskTooSmallError(msg)
+
+    # --- prefetching ---------------------------------------------------------------------------
+    def set_needed(self, files: list[str]) -> None:
+        """Only these weight files will be acquired (resume skips finished shards): prefetch just them."""
+        with self._lock:
+            self._order = [f for f in self._files if f in set(files)]
+
+    def _is_private(self, file: str) -> bool:
+        return file not in self._converted and self._cached_path(file) is None
+
+    def _schedule(self, file: str) -> None:
+        """Start downloading ``file`` in the worker (caller holds the lock)."""
+        if file in self._futures:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-prefetch")
+        self._live.add(file)
+        self.peak_live = max(self.peak_live, len(self._live))
+        self._futures[file] = self._executor.submit(self._fetch, file, progress=True)
+
+    def _prefetch_next(self) -> None:
+        """Start the next needed private file while fewer than two are on disk (caller holds the lock)."""
+        if self._closed:
+            return
+        for f in self._order:
+            if f in self._released or f in self._futures or not self._is_private(f):
+                continue
+            if len(self._live) < 2:
+                self._schedule(f)
+            return
+
+    def acquire(self, file: str) -> Path:
+        if file not in self._files:
+            msg = f"{self.repo_id}: {file} is not a weight file of this source"
+            raise SourceNotFoundError(msg)
+        if file in self._converted:
+            return self._converted[file]
+        cached = self._cached_path(file)
+        if cached is not None:
+            with self._lock:
+                self._prefetch_after(file)
+            return cached
+        with self._lock:
+            self._released.discard(file)
+            self._schedule(file)
+            future = self._futures[file]
+            self._prefetch_after(file)
+        return future.result()
+
+    def _prefetch_after(self, file: str) -> None:
+        if file in self._order:
+            i = self._order.index(file)
+            self._order = self._order[i:] + [f for f in self._order[:i] if f not in self._released]
+        self._prefetch_next()
+
+    def release(self, file: str) -> None:
+        with self._lock:
+            future = self._futures.pop(file, None)
+            self._released.add(file)
+            self._live.discard(file)
+            if future is not None and not self.keep_downloads and self._is_private(file):
+                try:
+                    path = future.result()
+                except Exception:
+                    path = None
+                if path is not None and self._dl_dir is not None and path.is_relative_to(self._dl_dir):
+                    path.unlink(missing_ok=True)
+            self._prefetch_next()
+
+    def read_tensor_bytes(self, file: str, name: str) -> bytes:
+        """The raw bytes of one tensor through an HTTP range request (no download of the file)."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        begin, end = self._offsets[(file, name)]
+        url = hf_hub_url(self.repo_id, file, revision=self.commit, endpoint=self.client.endpoint)
+        headers = build_hf_headers(token=self.client.token)
+        if file not in self._data_start:
+
+            def prefix() -> int:
+                r = get_session().get(url, headers={**headers, "Range": "bytes=0-7"}, follow_redirects=True)
+                hf_raise_for_status(r)
+                return 8 + int.from_bytes(r.content[:8], "little")
+
+            self._data_start[file] = self.client.call("header read", prefix, file=file)
+        start = self._data_start[file] + begin
+        if end == begin:
+            return b""
+
+        def get() -> bytes:
+            rng = f"bytes={start}-{start + end - begin - 1}"
+            r = get_session().get(url, headers={**headers, "Range": rng}, follow_redirects=True)
+            hf_raise_for_status(r)
+            if len(r.content) != end - begin:
+                msg = f"short range read of {name}"
+                raise httpx2.RemoteProtocolError(msg)
+            return r.content
+
+        data = self.client.call("range read", get, file=file)
+        with self._lock:
+            self.bytes_downloaded += len(data)
+        return data
+
+    def read_tensor(self, info: TensorInfo) -> Any:
+        """One tensor as a torch tensor, read by HTTP range (for files larger than the disk budget)."""
+        import torch
+        from safetensors.torch import _getdtype  # type: ignore[attr-defined]
+
+        data = bytearray(self.read_tensor_bytes(info.file, info.name))
+        dtype = _getdtype(info.dtype)
+        if not data:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
+
+    # --- Source --------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {
+            "kind": "hub",
+            "repo_id": self.repo_id,
+            "revision": self.requested_revision or "main",
+            "commit": self.commit,
+            "files": {f: self._sizes.get(f) for f in (self._pickle_files or self._files)},
+        }
+
+    def config(self) -> dict | None:
+        return self._config
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._tensors)
+
+    def weight_files(self) -> list[str]:
+        return list(self._files)
+
+    def extra_files(self) -> list[str]:
+        return [n for n in self._names if not n.startswith(".") and is_extra_file(n)]
+
+    def copy_extra_file(self, name: str, dest: Path) -> None:
+        path = self._small.get(name) or self._fetch(name)
+        shutil.copyfile(path, dest)
+        if self._dl_dir is not None and path.is_relative_to(self._dl_dir) and not self.keep_downloads:
+            path.unlink(missing_ok=True)
+            self._small.pop(name, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for f in self._futures.values():
+                f.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._owns_dl_dir and self._dl_dir is not None:
+            shutil.rmtree(self._dl_dir, ignore_errors=True)
