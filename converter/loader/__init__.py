@@ -1,0 +1,34 @@
+"""Load pre-quantized checkpoints into PyTorch: state dicts, 4-bit linear layers, whole models.
+
+``load_quantized_state`` needs only torch and safetensors; ``replace_linear_layers`` works on any
+``nn.Module``; ``load_quantized`` builds a transformers model (imported lazily, only there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "Linear4bit",
+    "dequantize_checkpoint",
+    "load_quantized",
+    "load_quantized_state",
+    "replace_linear_layers",
+]
+
+_LAZY = {
+    "Linear4bit": "converter.loader.module",
+    "load_quantized_state": "converter.loader.state",
+    "replace_linear_layers": "converter.loader.replace",
+    "load_quantized": "converter.loader.model",
+    "dequantize_checkpoint": "converter.loader.dequantize",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    msg = f"module 'converter.loader' has no attribute {name!r}"
+    raise AttributeError(msg)

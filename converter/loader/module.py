@@ -1,0 +1,441 @@
+"""``Linear4bit``: a frozen 4-bit linear layer read from a pre-quantized checkpoint.
+
+The layer keeps bitsandbytes' representation, so PEFT and bnb tooling see what they expect:
+``self.weight`` is a ``Params4bit`` (bnb's own class when bitsandbytes is installed) holding the
+packed codes, with ``weight.quant_state`` holding absmax, the 16-entry quant map and, when nested,
+the 8-bit absmax codes, their scales, offset and 256-entry map. The weight is registered as a
+*buffer*, not a parameter: ``model.parameters()`` never hands it to an optimizer.
+
+With bitsandbytes installed the class subclasses ``bnb.nn.Linear4bit``, so ``peft.get_peft_model``
+wraps it with PEFT's own 4-bit LoRA layer (and ``merge_and_unload`` dequantizes it with bnb). bnb's
+constructor is not run: it would allocate a full-precision weight first.
+
+Forward (CPU): the fused GEMV of ``converter.kernels`` for 1..8 tokens when ``in_features`` is a
+multiple of the blocksize, otherwise dequantize + ``F.linear`` in the compute dtype. Gradients flow
+to the input (``grad_x = grad_y @ W``); the weight is frozen.
+
+``.to()``, ``.cuda()``, ``.cpu()``, ``.half()`` move the packed codes and every quant-state tensor
+to the new device and never cast them (bitsandbytes#1527, #1664, #2078 are this bug class).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from converter.loader import ops
+from formats.bnb_compat import quant_state_json
+from formats.quant_types import NESTED_BLOCKSIZE, QuantType
+from formats.record import QuantizedTensor
+
+try:  # bitsandbytes is optional: with it, PEFT recognizes our layer as its own 4-bit type.
+    import bitsandbytes as _bnb
+
+    _BnbLinear4bit: type = _bnb.nn.Linear4bit
+    _BnbParams4bit: type | None = _bnb.nn.Params4bit
+    _BnbQuantState: type | None = _bnb.functional.QuantState
+except ImportError:  # pragma: no cover - exercised on installs without bitsandbytes
+    _bnb = None
+    _BnbLinear4bit = nn.Module
+    _BnbParams4bit = None
+    _BnbQuantState = None
+
+HAS_BITSANDBYTES = _bnb is not None
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    """torch dtype from "bfloat16" / "torch.float16" / a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = name.removeprefix("torch.")
+    if key not in _DTYPES:
+        msg = f"unsupported dtype {name!r}: expected one of {', '.join(_DTYPES)}"
+        raise ValueError(msg)
+    return _DTYPES[key]
+
+
+class QuantState4bit:
+    """bitsandbytes' ``QuantState`` attribute names, for installs without bitsandbytes."""
+
+    def __init__(
+        self,
+        absmax: torch.Tensor,
+        shape: torch.Size | None = None,
+        code: torch.Tensor | None = None,
+        blocksize: int | None = None,
+        quant_type: str | None = None,
+        dtype: torch.dtype | None = None,
+        offset: torch.Tensor | None = None,
+        state2: QuantState4bit | None = None,
+    ) -> None:
+        self.absmax = absmax
+        self.shape = shape
+        self.code = code
+        self.dtype = dtype
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.offset = offset
+        self.state2 = state2
+        self.nested = state2 is not None
+
+
+class Packed4bit(nn.Parameter):
+    """Frozen packed 4-bit codes with their ``quant_state`` (used when bitsandbytes is absent)."""
+
+    def __new__(cls, data: torch.Tensor, quant_state: Any = None, **_: Any) -> Packed4bit:
+        self = torch.Tensor._make_subclass(cls, data, False)
+        self.quant_state = quant_state
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Packed4bit:
+        return Packed4bit(self.data.clone(), _state_to(self.quant_state, None, clone=True))
+
+
+QuantStateClass: type = _BnbQuantState or QuantState4bit
+
+
+def make_quant_state(
+    *,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...],
+    quant_map: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    dtype: torch.dtype,
+    nested: tuple[torch.Tensor, torch.Tensor, float | torch.Tensor] | None = None,
+) -> Any:
+    """A quant state (bnb's class when installed). ``nested`` = (nested_absmax, nested_quant_map, offset)."""
+    state2 = offset = None
+    if nested is not None:
+        nested_absmax, nested_map, off = nested
+        state2 = QuantStateClass(
+            absmax=nested_absmax, code=nested_map, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
+        )
+        offset = off if isinstance(off, torch.Tensor) else torch.tensor(float(off), dtype=torch.float32)
+    return QuantStateClass(
+        absmax=absmax,
+        shape=torch.Size(shape),
+        code=quant_map,
+        blocksize=int(blocksize),
+        quant_type=quant_type,
+        dtype=dtype,
+        offset=offset,
+        state2=state2,
+    )
+
+
+def _move(t: torch.Tensor | None, device: torch.device | None, clone: bool) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t.detach()
+    if device is not None:
+        t = t.to(device)  # a device move only: never a dtype cast of packed, absmax or maps
+    return t.clone() if clone else t
+
+
+def _state_to(state: Any, device: torch.device | None, clone: bool = False) -> Any:
+    """A new quant state (same class) with every tensor on ``device``; the old one is left untouched."""
+    state2 = None
+    if state.nested:
+        s2 = state.state2
+        state2 = type(s2)(
+            absmax=_move(s2.absmax, device, clone),
+            code=_move(s2.code, device, clone),
+            blocksize=s2.blocksize,
+            dtype=s2.dtype,
+        )
+    return type(state)(
+        absmax=_move(state.absmax, device, clone),
+        shape=state.shape,
+        code=_move(state.code, device, clone),
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+        offset=_move(state.offset, device, clone),
+        state2=state2,
+    )
+
+
+def make_weight(packed: torch.Tensor, state: Any) -> torch.Tensor:
+    """The ``weight`` object of a layer: bnb ``Params4bit`` (or :class:`Packed4bit`), frozen, quantized."""
+    if _BnbParams4bit is None:
+        return Packed4bit(packed, quant_state=state)
+    return _BnbParams4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=packed.dtype,
+        module=None,
+        bnb_quantized=True,
+    )
+
+
+def state_from_record(record: QuantizedTensor) -> Any:
+    """The quant state of a record (its tensors shared, not copied)."""
+    nested = None
+    if record.nested is not None:
+        nested = (record.nested.nested_absmax, record.nested.nested_quant_map, record.nested.offset)
+    return make_quant_state(
+        absmax=record.absmax,
+        shape=record.shape,
+        quant_map=record.quant_map,
+        blocksize=record.blocksize,
+        quant_type=record.quant_type.label,
+        dtype=dtype_from_name(record.dtype),
+        nested=nested,
+    )
+
+
+def quant_state_tensors(state: Any) -> dict[str, torch.Tensor]:
+    """The tensors bitsandbytes saves under ``<module>.weight.`` besides the packed codes, in bnb's order."""
+    out = {"absmax": state.absmax, "quant_map": state.code}
+    if state.nested:
+        out["nested_absmax"] = state.state2.absmax
+        out["nested_quant_map"] = state.state2.code
+    offset = float(state.offset.item()) if state.nested else None
+    shape = [int(d) for d in state.shape]
+    qt = QuantType.parse(state.quant_type)
+    js = quant_state_json(qt, state.blocksize, _DTYPE_NAMES[state.dtype], shape, offset)
+    blob = torch.frombuffer(bytearray(js), dtype=torch.uint8)
+    out[f"quant_state.bitsandbytes__{state.quant_type}"] = blob.to(state.absmax.device)
+    return out
+
+
+class _Linear4bitFunction(torch.autograd.Function):
+    """y = x @ W.T with W decoded on the fly; grad_x = grad_y @ W; no gradient for the frozen weight."""
+
+    @staticmethod
+    def forward(ctx, x, packed, state, allow_gemv):
+        ctx.state = state
+        ctx.save_for_backward(packed)
+        out_features, in_features = (int(d) for d in state.shape)
+        x2d = x.reshape(-1, in_features)
+        if allow_gemv and ops.gemv_ok(x2d, in_features, state):
+            y = ops.gemv(x2d, packed, state, out_features, in_features).to(x.dtype)
+            return y.reshape(*x.shape[:-1], out_features)
+        # The caller's shape goes to F.linear unchanged: the same GEMM call bitsandbytes makes.
+        return F.linear(x, ops.dequantize(packed, state, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (packed,) = ctx.saved_tensors
+        w = ops.dequantize(packed, ctx.state, grad_y.dtype)
+        return grad_y @ w, None, None, None
+
+
+def linear_4bit(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, allow_gemv: bool = True
+) -> torch.Tensor:
+    """Functional form of the layer: ``x @ W.T + bias`` in ``x``'s dtype.
+
+    ``allow_gemv=False`` forces the dequantize + ``F.linear`` path (the paths differ only in the
+    order of the float sums).
+    """
+    y = _Linear4bitFunction.apply(x, weight, weight.quant_state, allow_gemv)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+class Linear4bit(_BnbLinear4bit):
+    """A frozen linear layer whose weight is 4-bit NF4/FP4 codes with blockwise absmax.
+
+    Build it from the pieces of a checkpoint with :meth:`from_quantized` (or let
+    :func:`converter.load_quantized` / :func:`converter.replace_linear_layers` do it). ``compute_dtype``
+    is the dtype of the matmul (input cast to it, output cast back, as bitsandbytes does); ``None``
+    means the dtype of the original weight.
+    """
+
+    #: Use the fused GEMV for 1..8 tokens when it applies (tests switch it off to compare paths).
+    use_gemv: bool = True
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        quant_state: Any,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # not bnb's __init__: it would allocate a full-precision weight
+        out_features, in_features = (int(d) for d in quant_state.shape)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype or quant_state.dtype
+        self.compute_type_is_set = True
+        self.quant_storage = packed.dtype
+        self.support_avx512bf16_for_cpu = False  # bnb's in-place CPU repacking is never used
+        self._set_weight(make_weight(packed, quant_state))
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(
+        cls,
+        *,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        quant_map: torch.Tensor,
+        shape: tuple[int, int],
+        blocksize: int,
+        quant_type: QuantType | str,
+        dtype: torch.dtype | str,
+        nested: tuple[torch.Tensor, torch.Tensor, float | torch.Tensor] | None = None,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
+        """A layer from the tensors of one bnb-layout weight.
+
+        ``nested`` = (nested_absmax, nested_quant_map, offset) when the absmax holds nested codes.
+        """
+        if len(shape) != 2:
+            msg = f"a 4-bit linear weight must be 2-D [out, in], got shape {list(shape)}"
+            raise ValueError(msg)
+        label = quant_type.label if isinstance(quant_type, QuantType) else QuantType.parse(quant_type).label
+        state = make_quant_state(
+            absmax=absmax,
+            shape=tuple(shape),
+            quant_map=quant_map,
+            blocksize=blocksize,
+            quant_type=label,
+            dtype=dtype_from_name(dtype),
+            nested=nested,
+        )
+        return cls(packed, state, bias=bias, compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_record(
+        cls,
+        record: QuantizedTensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
+        """A layer sharing the tensors of a :class:`formats.record.QuantizedTensor` (no copy)."""
+        if len(record.shape) != 2:
+            msg = f"tensor {record.name!r}: a 4-bit linear weight is 2-D [out, in], got {list(record.shape)}"
+            raise ValueError(msg)
+        return cls(record.packed, state_from_record(record), bias=bias, compute_dtype=compute_dtype)
+
+    # -- the weight lives in _buffers (never handed to an optimizer) ----------------------------
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        self._parameters.pop("weight", None)
+        self._buffers.pop("weight", None)
+        self.__dict__.pop("weight", None)
+        self._buffers["weight"] = weight
+        self.quant_state = weight.quant_state
+
+    @property
+    def quant_type(self) -> str:
+        return self.weight.quant_state.quant_type
+
+    @property
+    def blocksize(self) -> int:
+        return self.weight.quant_state.blocksize
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full weight [out, in] in ``dtype`` (default: the original weight's dtype)."""
+        return ops.dequantize(self.weight.data, self.weight.quant_state, dtype)
+
+    def extra_repr(self) -> str:
+        s = self.weight.quant_state
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
+            f"quant_type={s.quant_type}, blocksize={s.blocksize}, nested={s.nested}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp_dtype = x.dtype
+        compute = self.compute_dtype or inp_dtype
+        bias = self.bias.to(compute) if self.bias is not None else None
+        return linear_4bit(x.to(compute), self.weight, bias, allow_gemv=self.use_gemv).to(inp_dtype)
+
+    # -- device moves --------------------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        # Keep the quantized weight out of torch's generic _apply (which would cast a float
+        # quant_storage under .half() and never reaches the quant-state tensors); move it here.
+        where = self._parameters if "weight" in self._parameters else self._buffers
+        weight = where.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            where["weight"] = weight
+        if weight.device.type == "meta":
+            return self
+        target = fn(torch.empty(0, device=weight.device)).device
+        if target != weight.device:
+            moved = make_weight(weight.data.to(target), _state_to(weight.quant_state, target))
+            self._set_weight(moved)
+        return self
+
+    # -- bnb state-dict layout -----------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        weight = self.weight
+        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
+        for key, value in quant_state_tensors(weight.quant_state).items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        group = {
+            k: v for k, v in state_dict.items() if k == prefix + "weight" or k.startswith(prefix + "weight.")
+        }
+        if prefix + "weight" not in group:
+            missing_keys.append(prefix + "weight")
+        else:
+            record = QuantizedTensor.from_state_dict(
+                prefix + "weight", {k: v.cpu() for k, v in group.items()}
+            )
+            packed, state = record.packed, state_from_record(record)
+            expected = (self.out_features, self.in_features)
+            if tuple(state.shape) != expected:
+                error_msgs.append(
+                    f"{prefix}weight: checkpoint shape {list(state.shape)} does not match "
+                    f"the layer's {list(expected)}"
+                )
+            else:
+                device = self.weight.device
+                if device.type != "meta" and packed.device != device:
+                    packed, state = packed.to(device), _state_to(state, device)
+                self._set_weight(make_weight(packed, state))
+        bias_key = prefix + "bias"
+        if self.bias is None:
+            if bias_key in state_dict:
+                unexpected_keys.append(bias_key)
+        elif bias_key not in state_dict:
+            missing_keys.append(bias_key)
+        else:
+            value = state_dict[bias_key]
+            if local_metadata.get("assign_to_params_buffers", False) or self.bias.device.type == "meta":
+                self.bias = nn.Parameter(value.to(self.bias.dtype), requires_grad=False)
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(value)
+
+
+def nbytes(layer: Linear4bit) -> int:
+    """Bytes held by one layer's quantized weight (codes, absmax, maps), bias excluded."""
+    s = layer.weight.quant_state
+    total = layer.weight.numel() * layer.weight.element_size()
+    for t in (s.absmax, s.code, s.offset) + ((s.state2.absmax, s.state2.code) if s.nested else ()):
+        if t is not None:
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,195 @@
+"""Linear4bit: forward on every layout, GEMV vs fallback, autograd, device/dtype moves, state dict."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+from loader_helpers import make_layer, matmul_bound, reference_weight
+
+from converter.loader import ops
+from converter.loader.module import Linear4bit
+from formats.quant_types import BLOCKSIZES
+
+# (out, in): in a multiple of every blocksize up to 4096, in not a multiple (blocks cross rows), odd sizes.
+SHAPES = [(24, 4096), (33, 200), (7, 77)]
+
+
+def _reference(layer: Linear4bit, record, bias, x: torch.Tensor) -> torch.Tensor:
+    """dequantize (numpy reference) + F.linear in the compute dtype: what the fallback must give exactly."""
+    compute = layer.compute_dtype
+    w = reference_weight(record, compute)
+    y = F.linear(x.to(compute), w)
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_forward_every_blocksize_and_shape(blocksize: int, shape: tuple[int, int]) -> None:
+    out_f, in_f = shape
+    k = BLOCKSIZES.index(blocksize)
+    dtype = (torch.bfloat16, torch.float16, torch.float32)[k % 3]
+    layer, record, bias = make_layer(
+        out_f, in_f, dtype=dtype, bias=bool(k % 2), nested=k % 4 < 2, blocksize=blocksize,
+        quant_type="nf4" if k % 3 else "fp4", seed=k,
+    )  # fmt: skip
+    w32 = record.dequantize().float()
+    for batch in range(1, 9):
+        x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(batch)).to(dtype)
+        layer.use_gemv = False
+        y_fallback = layer(x)
+        assert torch.equal(y_fallback, _reference(layer, record, bias, x)), (batch, "fallback")
+        layer.use_gemv = True
+        y = layer(x)
+        assert y.dtype == dtype
+        assert y.shape == (batch, out_f)
+        exact = x.float() @ w32.T + (bias.float() if bias is not None else 0)
+        bound = matmul_bound(x, w32, dtype) * 2 + (
+            torch.finfo(dtype).eps * bias.float().abs() if bias is not None else 0
+        )
+        assert ((y.float() - exact).abs() <= bound).all(), (batch, "gemv/auto")
+
+
+def test_gemv_taken_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = ops.gemv
+    monkeypatch.setattr(ops, "gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    whole, _, _ = make_layer(32, 128, blocksize=64)
+    crossing, _, _ = make_layer(32, 100, blocksize=64)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    whole(x)
+    assert calls == [(3, 128)]  # 3 tokens, whole blocks per row: the fused GEMV
+    whole(torch.randn(9, 128, dtype=torch.bfloat16))  # 9 tokens: dequantize + matmul
+    crossing(torch.randn(2, 100, dtype=torch.bfloat16))  # blocks cross rows: dequantize + matmul
+    whole(torch.randn(2, 4, 128, dtype=torch.bfloat16))  # 8 tokens in a 3-D input: GEMV
+    assert calls == [(3, 128), (8, 128)]
+
+
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16, torch.float32])
+def test_activation_dtypes_and_compute_dtype(act: torch.dtype) -> None:
+    layer, record, bias = make_layer(16, 128, dtype=torch.bfloat16, bias=True, compute_dtype=torch.float32)
+    layer.use_gemv = False
+    x = torch.randn(2, 5, 128).to(act)
+    y = layer(x)
+    assert y.dtype == act  # output in the input's dtype, matmul in the compute dtype (as bnb)
+    assert torch.equal(y, _reference(layer, record, bias, x))
+
+
+def test_non_contiguous_input_and_3d() -> None:
+    layer, _, _ = make_layer(40, 256, bias=True)
+    big = torch.randn(4, 3, 512, dtype=torch.bfloat16)
+    x = big[..., ::2]
+    assert not x.is_contiguous()
+    for use_gemv in (True, False):
+        layer.use_gemv = use_gemv
+        assert torch.equal(layer(x), layer(x.contiguous()))
+    assert layer(x[:, 0]).shape == (4, 40)
+
+
+def test_gradient_flows_to_input_only() -> None:
+    layer, record, _ = make_layer(48, 128, dtype=torch.float32, bias=True)
+    assert [n for n, _ in layer.named_parameters()] == ["bias"]  # packed codes are a buffer
+    assert not layer.bias.requires_grad
+    w = record.dequantize()
+    for n_tokens in (1, 12):  # GEMV forward and fallback forward share the backward
+        x = torch.randn(n_tokens, 128, requires_grad=True)
+        g = torch.randn(n_tokens, 48)
+        (layer(x) * g).sum().backward()
+        torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-6)
+    assert layer.weight.grad is None
+
+
+def test_gradcheck_float64_free_path() -> None:
+    # autograd.gradcheck in float32 with loose tolerances: the backward is the exact transpose.
+    layer, _, _ = make_layer(8, 64, dtype=torch.float32)
+    layer.use_gemv = False
+    x = torch.randn(3, 64, requires_grad=True)
+    y = layer(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(gx, torch.ones(3, 8) @ layer.dequantize(torch.float32))
+
+
+def _bytes(layer: Linear4bit) -> list[torch.Tensor]:
+    s = layer.weight.quant_state
+    out = [layer.weight.data.reshape(-1).view(torch.uint8), s.absmax, s.code]
+    if s.nested:
+        out += [s.state2.absmax, s.state2.code, s.offset]
+    return [t.detach().clone() for t in out]
+
+
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16", "float32"])
+def test_dtype_casts_and_moves_keep_quantized_bytes(storage: str) -> None:
+    layer, _, _ = make_layer(32, 128, bias=True, storage=storage)
+    before = _bytes(layer)
+    packed_dtype = layer.weight.dtype
+    steps = [
+        lambda m: m.half(),
+        lambda m: m.float(),
+        lambda m: m.bfloat16(),
+        lambda m: m.to(torch.float16),
+        lambda m: m.cpu(),
+        lambda m: m.to("cpu"),
+        lambda m: m.to(torch.device("cpu"), torch.float32),
+    ]
+    for step in steps:
+        step(layer)
+        assert layer.weight.dtype == packed_dtype
+        assert all(torch.equal(a, b) for a, b in zip(before, _bytes(layer), strict=True))
+    assert layer.bias.dtype == torch.float32  # ordinary tensors do follow the casts
+    assert isinstance(layer.weight, bnb.nn.Params4bit)
+
+
+@pytest.mark.cuda
+def test_cuda_round_trip_keeps_bytes_and_output() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    layer, _, _ = make_layer(64, 256, bias=True)
+    before = _bytes(layer)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    y_cpu = layer(x)
+    layer.cuda()
+    s = layer.weight.quant_state
+    assert {t.device.type for t in (layer.weight, s.absmax, s.code, s.state2.absmax, s.state2.code)} == {
+        "cuda"
+    }
+    y_gpu = layer(x.cuda()).cpu()
+    torch.testing.assert_close(y_gpu.float(), y_cpu.float(), rtol=2e-2, atol=2e-2)
+    layer.cpu()
+    assert all(torch.equal(a, b) for a, b in zip(before, _bytes(layer), strict=True))
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_state_dict_is_bnb_layout_and_round_trips(nested: bool) -> None:
+    layer, record, bias = make_layer(40, 96, bias=True, nested=nested, quant_type="fp4")
+    sd = layer.state_dict()
+    expected = {f"weight{s}" for s in ("", ".absmax", ".quant_map", ".quant_state.bitsandbytes__fp4")} | {
+        "bias"
+    }
+    if nested:
+        expected |= {"weight.nested_absmax", "weight.nested_quant_map"}
+    assert set(sd) == expected
+    # The same keys and bytes bitsandbytes' own QuantState serializer writes.
+    for key, value in layer.weight.quant_state.as_dict(packed=True).items():
+        assert torch.equal(sd["weight." + key], value), key
+    for key, value in record.state_dict().items():
+        assert torch.equal(sd[key.replace("layer.", "")], value), key
+    other, _, _ = make_layer(40, 96, bias=True, nested=not nested, seed=5)
+    other.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(_bytes(layer), _bytes(other), strict=True))
+    assert torch.equal(other.bias, bias)
+    wrong, _, _ = make_layer(40, 95, bias=True)
+    with pytest.raises(
+        RuntimeError, match=r"weight: checkpoint shape \[40, 96\] does not match the layer's \[40, 95\]"
+    ):
+        wrong.load_state_dict(sd)
+
+
+def test_subclass_of_bnb_linear4bit_and_bnb_dequantize_agrees() -> None:
+    layer, record, _ = make_layer(32, 200, nested=True)
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(w.view(torch.int16), layer.dequantize().view(torch.int16))
+    assert torch.equal(w.view(torch.int16), record.dequantize().view(torch.int16))
