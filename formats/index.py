@@ -1,0 +1,194 @@
+"""``model.safetensors.index.json``: weight_map for transformers, per-shard sha256 and provenance for us.
+
+Layout (sorted keys, indent 2, trailing newline; written through a temp file and a rename)::
+
+    {
+      "metadata": {
+        "quantize_model": {
+          "format": {"name": "quantize-model", "version": 1},
+          "provenance": {...},                       # as in the shards' metadata
+          "shards": {"model-00001-of-00002.safetensors": {"sha256": "...", "size": 123}},
+          "tool": {"name": "quantize-model", "version": "0.1.0"}
+        },
+        "total_size": 123                            # bytes of tensor data in all shards (headers excluded)
+      },
+      "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", ...}
+    }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from formats.metadata import tool_version
+from formats.validate import FORMAT_NAME, FORMAT_VERSION, BadIndex, MissingShard, UnknownFormatVersion
+from formats.writer import ShardInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def shard_name(k: int, n: int) -> str:
+    """transformers' shard naming: ``model-00001-of-00003.safetensors`` (k counts from 1)."""
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Index:
+    folder: Path
+    total_size: int | None
+    weight_map: dict[str, str]
+    shards: dict[str, ShardEntry]  # empty for an index we did not write
+    format_version: int | None  # None for an index we did not write
+    provenance: dict[str, Any] | None
+
+    @property
+    def files(self) -> list[str]:
+        """Shard file names, sorted."""
+        return sorted(set(self.weight_map.values()) | set(self.shards))
+
+
+def _data_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        return os.fstat(f.fileno()).st_size - 8 - header_len
+
+
+def write_index(
+    folder: Path,
+    shards: Sequence[ShardInfo],
+    weight_map: Mapping[str, str],
+    provenance: Mapping[str, Any],
+    *,
+    version: str | None = None,
+) -> Path:
+    """Write the index for ``shards`` (already in ``folder``). Every shard must hold a weight_map key."""
+    folder = Path(folder)
+    names = {Path(s.path).name: s for s in shards}
+    unknown = sorted({f for f in weight_map.values() if f not in names})
+    unused = sorted(set(names) - set(weight_map.values()))
+    if unknown or unused:
+        msg = f"{folder / INDEX_NAME}: weight_map names shards {unknown} not written; shards {unused} unused"
+        raise BadIndex(msg)
+    total = sum(_data_bytes(folder / name) for name in names)
+    index = {
+        "metadata": {
+            "total_size": total,
+            "quantize_model": {
+                "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+                "tool": {"name": FORMAT_NAME, "version": version or tool_version()},
+                "shards": {name: {"sha256": s.sha256, "size": s.size} for name, s in names.items()},
+                "provenance": dict(provenance),
+            },
+        },
+        "weight_map": dict(weight_map),
+    }
+    text = json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+    path = folder / INDEX_NAME
+    tmp = folder / f".{INDEX_NAME}.partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_index(folder: Path, *, require_files: bool = True) -> Index:
+    """Parse and check an index (ours or transformers'). Raises BadIndex / MissingShard."""
+    folder = Path(folder)
+    path = folder / INDEX_NAME
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        msg = f"{path}: not a JSON file ({exc})"
+        raise BadIndex(msg) from None
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        msg = f"{path}: 'weight_map' must map tensor names to shard file names"
+        raise BadIndex(msg)
+    for key, file in wm.items():
+        if Path(file).name != file or file in ("", ".", ".."):
+            msg = f"{path}: tensor {key!r} maps to {file!r}, which is not a file name inside the folder"
+            raise BadIndex(msg)
+    meta = obj.get("metadata") or {}
+    if not isinstance(meta, dict):
+        msg = f"{path}: 'metadata' must be an object"
+        raise BadIndex(msg)
+    total = meta.get("total_size")
+    ours = meta.get("quantize_model")
+    shards: dict[str, ShardEntry] = {}
+    version = prov = None
+    if ours is not None:
+        try:
+            name, version = ours["format"]["name"], ours["format"]["version"]
+            shards = {n: ShardEntry(str(e["sha256"]), int(e["size"])) for n, e in ours["shards"].items()}
+            prov = ours.get("provenance")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            msg = f"{path}: metadata.quantize_model is malformed ({exc!r})"
+            raise BadIndex(msg) from None
+        if name != FORMAT_NAME:
+            msg = f"{path}: metadata.quantize_model.format.name is {name!r}, expected {FORMAT_NAME!r}"
+            raise BadIndex(msg)
+        if version != FORMAT_VERSION:
+            msg = f"{path}: format version {version} is not supported (this reader knows {FORMAT_VERSION})"
+            raise UnknownFormatVersion(msg)
+        stray = sorted(set(wm.values()) - set(shards))
+        if stray:
+            msg = f"{path}: weight_map names shards without a sha256 entry: {stray}"
+            raise BadIndex(msg)
+    index = Index(folder, total if isinstance(total, int) else None, dict(wm), shards, version, prov)
+    if require_files:
+        missing = [f for f in index.files if not (folder / f).is_file()]
+        if missing:
+            msg = f"{path}: shard file(s) missing: {', '.join(missing)}; re-run the conversion"
+            raise MissingShard(msg)
+    return index
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:
+    """Hash every shard (in parallel) and compare with the index; returns one line per problem."""
+    index = read_index(folder, require_files=False)
+    problems: list[str] = []
+    present: list[str] = []
+    for name in index.files:
+        p = index.folder / name
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif name in index.shards and p.stat().st_size != index.shards[name].size:
+            problems.append(f"{p}: size {p.stat().st_size}, index says {index.shards[name].size}")
+        else:
+            present.append(name)
+    hashed = [n for n in present if n in index.shards]
+    workers = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        digests = dict(zip(hashed, pool.map(lambda n: _sha256(index.folder / n), hashed), strict=True))
+    for name in hashed:
+        if digests[name] != index.shards[name].sha256:
+            problems.append(
+                f"{index.folder / name}: sha256 {digests[name]}, index says {index.shards[name].sha256}"
+            )
+    return problems
