@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+# fmt: off
 #: NF4 values indexed by the 4-bit code (7 negative, 0.0 at code 7, 8 positive).
 NF4: tuple[float, ...] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -107,6 +108,7 @@ FP4_THRESHOLDS: tuple[float, ...] = (
     float(np.float32(0.29166667)), float(np.float32(0.4166667)), float(np.float32(0.583333)),
     float(np.float32(0.8333333)),
 )
+# fmt: on
 FP4_TREE_CODES: tuple[int, ...] = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 FP4_SIGN_BIT = 0b1000
 
