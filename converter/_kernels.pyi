@@ -35,7 +35,9 @@ def quantize_4bit(
     Returns the number of blocks that hold a NaN or Inf (0 when the input is finite).
     """
 
-def quantize_nested(absmax: int, nb: int, codes: int, nested_absmax: int, threads: int = 0) -> float:
+def quantize_nested(
+    absmax: int, nb: int, codes: int, nested_absmax: int, isa: str = "auto", threads: int = 0
+) -> float:
     """Nested quantization of nb f32 absmax into codes [nb] u8 and nested_absmax [ceil(nb/256)] f32.
 
     Returns the float32 offset.

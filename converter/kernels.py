@@ -219,7 +219,7 @@ def quantize_4bit(
 
 
 def quantize_nested(
-    absmax: torch.Tensor, *, threads: int | None = None
+    absmax: torch.Tensor, *, isa: str = "auto", threads: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Nested (double) quantization of the absmax constants: blocksize 256, bnb's signed dynamic map.
 
@@ -229,12 +229,14 @@ def quantize_nested(
 
     Args:
         absmax: ``float32 [nb]``, contiguous, finite (the output of ``quantize_4bit``).
+        isa: CPU path (``"scalar"`` is the reference); every path gives the same bytes.
         threads: CPU threads (None: one per CPU). Never changes the result.
 
     Returns:
         ``(codes uint8 [nb], nested_absmax float32 [ceil(nb/256)], offset)``; offset is a float32 value.
     """
     _check_tensor("absmax", absmax, (torch.float32,))
+    _isa(isa)
     if absmax.is_cuda:
         return _cuda_module().quantize_nested(absmax)
     _check_cpu("absmax", absmax)
@@ -245,7 +247,7 @@ def quantize_nested(
     codes = torch.empty(nb, dtype=torch.uint8)
     nested_absmax = torch.empty(n_nested_blocks(nb), dtype=torch.float32)
     offset = _kernels.quantize_nested(
-        absmax.data_ptr(), nb, codes.data_ptr(), nested_absmax.data_ptr(), _threads(threads)
+        absmax.data_ptr(), nb, codes.data_ptr(), nested_absmax.data_ptr(), isa, _threads(threads)
     )
     return codes, nested_absmax, float(offset)
 

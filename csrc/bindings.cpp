@@ -115,16 +115,19 @@ PYBIND11_MODULE(_kernels, m) {
 
   m.def(
       "quantize_nested",
-      [](uintptr_t absmax, int64_t nb, uintptr_t codes, uintptr_t nested_absmax, int threads) {
+      [](uintptr_t absmax, int64_t nb, uintptr_t codes, uintptr_t nested_absmax, const std::string& isa,
+         int threads) {
         check_n(nb, "nb");
+        const qm::Isa path = qm::parse_isa(isa);
         if (nb == 0) return 0.0f;
         const auto* ap = ptr<const float>(absmax, "absmax");
         auto* cp = ptr<uint8_t>(codes, "codes");
         auto* np = ptr<float>(nested_absmax, "nested_absmax");
         py::gil_scoped_release release;
-        return qm::quantize_nested(ap, nb, cp, np, threads);
+        return qm::quantize_nested(ap, nb, cp, np, path, threads);
       },
-      py::arg("absmax"), py::arg("nb"), py::arg("codes"), py::arg("nested_absmax"), py::arg("threads") = 0,
+      py::arg("absmax"), py::arg("nb"), py::arg("codes"), py::arg("nested_absmax"), py::arg("isa") = "auto",
+      py::arg("threads") = 0,
       "Nested quantization of nb f32 absmax values into codes [nb] u8 and nested_absmax [ceil(nb/256)] f32.\n"
       "Returns the float32 offset.");
 

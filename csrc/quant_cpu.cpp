@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cfloat>
 #include <cmath>
@@ -314,11 +315,58 @@ QM_TARGET_AVX512 inline __m512i encode16_avx512(__m512 s, __m512 table, __m512i 
   }
 }
 
-// 16 codes (int32 lanes, consecutive elements) -> 8 packed bytes in the low half of a __m128i.
-QM_TARGET_AVX512 inline __m128i pack16_avx512(__m512i c) {
-  // In each 64-bit lane: low dword = even element, high dword = odd element.
-  const __m512i pair = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
-  return _mm512_cvtepi64_epi8(pair);  // keeps the low byte of each lane
+// The 32 elements at x[i..i+31] as float32, split into even (x[i], x[i+2], ...) and odd elements.
+// The even element of a pair goes to the high nibble and the odd one to the low nibble of the same
+// byte, so lane j of the two code vectors makes byte j: no shuffling of codes afterwards.
+template <DType DT>
+QM_TARGET_AVX512 inline void load32_even_odd_avx512(const void* p, int64_t i, __m512* even, __m512* odd) {
+  if constexpr (DT == DType::BF16) {
+    // Each 32-bit lane holds (odd << 16) | even: the bf16 bits are the top halves of the f32.
+    const __m512i v = _mm512_loadu_si512(static_cast<const uint16_t*>(p) + i);
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  } else if constexpr (DT == DType::F16) {
+    const __m512i v = _mm512_loadu_si512(static_cast<const uint16_t*>(p) + i);
+    *even = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    *odd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+  } else {
+    const float* f = static_cast<const float*>(p) + i;
+    const __m512 a = _mm512_loadu_ps(f), b = _mm512_loadu_ps(f + 16);
+    const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    *even = _mm512_permutex2var_ps(a, even_idx, b);
+    *odd = _mm512_permutex2var_ps(a, _mm512_add_epi32(even_idx, _mm512_set1_epi32(1)), b);
+  }
+}
+
+// Block absmax from the integer bits: for finite values |x| orders like its bit pattern, so an
+// unsigned integer max of the sign-cleared bits is the float max (exact, and cheaper than float
+// compares). Inf and NaN have the largest patterns, so they show in the max: *bad is set then.
+template <DType DT>
+QM_TARGET_AVX512 inline float block_absmax_avx512(const void* p, int64_t lo, int64_t bs, bool* bad) {
+  if constexpr (DT == DType::F32) {
+    const float* f = static_cast<const float*>(p);
+    const __m512i mask = _mm512_set1_epi32(0x7fffffff);
+    __m512i m = _mm512_setzero_si512();
+    for (int64_t i = lo; i < lo + bs; i += 16) m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(f + i), mask));
+    const uint32_t bits = _mm512_reduce_max_epu32(m);
+    *bad = bits >= 0x7f800000u;
+    return bits_f32(bits);
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(p);
+    const __m512i mask = _mm512_set1_epi16(0x7fff);
+    __m512i m = _mm512_setzero_si512();
+    for (int64_t i = lo; i < lo + bs; i += 32) m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(h + i), mask));
+    // Fold the two 16-bit halves of each lane, then reduce the 16 lanes.
+    m = _mm512_max_epu32(_mm512_and_si512(m, _mm512_set1_epi32(0xffff)), _mm512_srli_epi32(m, 16));
+    const uint16_t bits = static_cast<uint16_t>(_mm512_reduce_max_epu32(m));
+    if constexpr (DT == DType::BF16) {
+      *bad = bits >= 0x7f80u;
+      return bf16_to_f32(bits);
+    } else {
+      *bad = bits >= 0x7c00u;
+      return f16_to_f32(bits);
+    }
+  }
 }
 
 template <DType DT, QuantType QT>
@@ -336,7 +384,6 @@ QM_TARGET_AVX512 int64_t quantize_blocks_avx512(const void* x, int64_t n, int64_
   for (int k = 0; k < 16; ++k) tree16[k] = kFP4TreeCodes[k & 7];
   const __m512 table = _mm512_load_ps(tab);
   const __m512i tree = _mm512_load_si512(tree16);
-  const __m512 flt_max = _mm512_set1_ps(FLT_MAX);
   int64_t bad_blocks = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t lo = b * bs;
@@ -344,22 +391,18 @@ QM_TARGET_AVX512 int64_t quantize_blocks_avx512(const void* x, int64_t n, int64_
       bad_blocks += quantize_blocks_scalar<DT, QT>(x, n, bs, b, b + 1, packed, absmax);
       continue;
     }
-    __m512 vmax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
-    for (int64_t i = lo; i < lo + bs; i += 16) {
-      const __m512 a = _mm512_abs_ps(load16_avx512<DT>(x, i));
-      bad |= _mm512_cmp_ps_mask(a, flt_max, _CMP_NLE_UQ);
-      vmax = _mm512_max_ps(a, vmax);
-    }
-    const float am = _mm512_reduce_max_ps(vmax);
+    bool bad = false;
+    const float am = block_absmax_avx512<DT>(x, lo, bs, &bad);
     absmax[b] = am;
-    bad_blocks += bad != 0;
+    bad_blocks += bad;
     const __m512 inv = _mm512_set1_ps(1.0f / std::max(am, kTiny));
     for (int64_t i = lo; i < lo + bs; i += 32) {
-      const __m512i c0 = encode16_avx512<QT>(_mm512_mul_ps(load16_avx512<DT>(x, i), inv), table, tree);
-      const __m512i c1 = encode16_avx512<QT>(_mm512_mul_ps(load16_avx512<DT>(x, i + 16), inv), table, tree);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + (i >> 1)),
-                       _mm_unpacklo_epi64(pack16_avx512(c0), pack16_avx512(c1)));
+      __m512 even, odd;
+      load32_even_odd_avx512<DT>(x, i, &even, &odd);
+      const __m512i hi = encode16_avx512<QT>(_mm512_mul_ps(even, inv), table, tree);
+      const __m512i lo_nib = encode16_avx512<QT>(_mm512_mul_ps(odd, inv), table, tree);
+      const __m512i bytes = _mm512_or_si512(_mm512_slli_epi32(hi, 4), lo_nib);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + (i >> 1)), _mm512_cvtepi32_epi8(bytes));
     }
   }
   return bad_blocks;
@@ -476,8 +519,64 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, int6
                [&](int64_t b0, int64_t b1) { fn(packed, absmax, n, blocksize, b0, b1, quant_map, out); });
 }
 
-float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* nested_absmax, int threads) {
+namespace {
+
+// Nested codes of one 256-block [lo, hi): max|absmax - offset|, one IEEE reciprocal, then the count
+// of the 255 midpoints strictly below each v (std::lower_bound: the first midpoint >= v).
+void nested_block_scalar(const float* absmax, int64_t lo, int64_t hi, float offset, uint8_t* codes, float* nested) {
+  float m = 0.0f;
+  for (int64_t i = lo; i < hi; ++i) {
+    const float a = std::fabs(absmax[i] - offset);
+    m = a > m ? a : m;
+  }
+  *nested = m;
+  const float inv = 1.0f / std::max(m, kTiny);
+  for (int64_t i = lo; i < hi; ++i) {
+    const float v = (absmax[i] - offset) * inv;
+    codes[i] = static_cast<uint8_t>(std::lower_bound(kDynamic8Midpoints, kDynamic8Midpoints + 255, v) -
+                                    kDynamic8Midpoints);
+  }
+}
+
+// The same with 16 lanes: an 8-step branchless binary search over the midpoints padded to 256 with
+// +inf (gathers), which equals the count for the strictly increasing midpoints.
+QM_TARGET_AVX512 void nested_block_avx512(const float* absmax, int64_t lo, int64_t hi, float offset,
+                                          uint8_t* codes, float* nested) {
+  alignas(64) static const auto padded = [] {
+    std::array<float, 256> t{};
+    for (int k = 0; k < 255; ++k) t[k] = kDynamic8Midpoints[k];
+    t[255] = INFINITY;
+    return t;
+  }();
+  const __m512 off = _mm512_set1_ps(offset);
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t i = lo; i < hi; i += 16) {
+    const __mmask16 valid = hi - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (hi - i)) - 1);
+    const __m512 c = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, absmax + i), off);
+    m = _mm512_mask_max_ps(m, valid, _mm512_abs_ps(c), m);
+  }
+  const float mx = _mm512_reduce_max_ps(m);
+  *nested = mx;
+  const __m512 inv = _mm512_set1_ps(1.0f / std::max(mx, kTiny));
+  for (int64_t i = lo; i < hi; i += 16) {
+    const __mmask16 valid = hi - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (hi - i)) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, absmax + i), off), inv);
+    __m512i idx = _mm512_setzero_si512();
+    for (int step = 128; step > 0; step >>= 1) {
+      const __m512i probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step - 1));
+      const __m512 t = _mm512_i32gather_ps(probe, padded.data(), 4);
+      idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), idx, _mm512_set1_epi32(step));
+    }
+    _mm512_mask_cvtepi32_storeu_epi8(codes + i, valid, idx);
+  }
+}
+
+}  // namespace
+
+float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* nested_absmax, Isa isa,
+                      int threads) {
   if (nb <= 0) return 0.0f;
+  isa = resolve_isa(isa);
   // The float64 sum in its fixed order: sequential within chunks of 1024 (chunks in parallel), then
   // sequential over the chunk sums. No reassociation: -ffp-contract=off, no fast-math.
   const int64_t n_chunks = (nb + kOffsetChunk - 1) / kOffsetChunk;
@@ -494,23 +593,12 @@ float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* ne
   for (const double s : sums) total += s;
   const float offset = static_cast<float>(total / static_cast<double>(nb));
 
+  const auto block = isa == Isa::AVX512 ? nested_block_avx512 : nested_block_scalar;
   const int64_t n_nested = (nb + kNestedBlocksize - 1) / kNestedBlocksize;
   parallel_for(n_nested, threads, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t lo = j * kNestedBlocksize, hi = std::min(nb, lo + kNestedBlocksize);
-      float m = 0.0f;
-      for (int64_t i = lo; i < hi; ++i) {
-        const float a = std::fabs(absmax[i] - offset);
-        m = a > m ? a : m;
-      }
-      nested_absmax[j] = m;
-      const float inv = 1.0f / std::max(m, kTiny);
-      for (int64_t i = lo; i < hi; ++i) {
-        const float v = (absmax[i] - offset) * inv;
-        // lower_bound: the first midpoint >= v, i.e. the count of midpoints strictly below v.
-        codes[i] = static_cast<uint8_t>(std::lower_bound(kDynamic8Midpoints, kDynamic8Midpoints + 255, v) -
-                                        kDynamic8Midpoints);
-      }
+      block(absmax, lo, hi, offset, codes, nested_absmax + j);
     }
   });
   return offset;

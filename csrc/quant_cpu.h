@@ -30,7 +30,9 @@ int64_t quantize_4bit(const void* x, DType dtype, int64_t n, int64_t blocksize, 
 //   centered = absmax - offset; nested_absmax[j] = max|centered| over 256-block j
 //   code = number of the 255 map midpoints strictly below centered * (1 / max(nested_absmax, 1e-38f))
 // codes [nb] u8, nested_absmax [ceil(nb/256)] f32. Returns the offset. nb == 0 gives offset 0.
-float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* nested_absmax, int threads);
+// isa: Scalar (std::lower_bound, the reference) or a SIMD path; AVX2 runs the scalar code.
+float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* nested_absmax, Isa isa,
+                      int threads);
 
 // absmax[i] = map8[codes[i]] * nested_absmax[i / 256], then + offset (a separate f32 multiply and add).
 void dequantize_nested(const uint8_t* codes, int64_t nb, const float* nested_absmax, float offset,

@@ -25,11 +25,14 @@ def test_quantize_nested_equals_reference(nb):
     if nb > 300:
         absmax[256:512] = absmax[256]  # a constant nested block: centered values all equal
     ref_codes, ref_nested, ref_offset = reference.quantize_nested(absmax)
-    for threads in (1, 2, 7):
-        codes, nested, offset = kernels.quantize_nested(torch.from_numpy(absmax), threads=threads)
-        assert np.array_equal(codes.numpy(), ref_codes)
-        assert np.array_equal(nested.numpy().view(np.uint32), ref_nested.view(np.uint32))
-        assert float(offset).hex() == float(ref_offset).hex()
+    for isa in kernels.cpu_isas():
+        for threads in (1, 2, 7):
+            codes, nested, offset = kernels.quantize_nested(
+                torch.from_numpy(absmax), isa=isa, threads=threads
+            )
+            assert np.array_equal(codes.numpy(), ref_codes), f"isa={isa} threads={threads}"
+            assert np.array_equal(nested.numpy().view(np.uint32), ref_nested.view(np.uint32))
+            assert float(offset).hex() == float(ref_offset).hex()
 
 
 def test_quantize_nested_empty_and_non_finite():
