@@ -1,0 +1,130 @@
+"""``load_quantized_state``: a checkpoint folder as ``name -> QuantizedTensor | torch.Tensor``.
+
+Shards are memory-mapped: every tensor is a view of the mapping (private, copy-on-write), so
+nothing is read from disk before it is used and nothing is copied. Each shard is validated
+structurally first (``formats.validate``: header, offsets, every bnb key group), and, with
+``verify=True``, its sha256 is checked against the index before any tensor is handed out.
+
+Reads checkpoints written by quantize-model and by transformers + bitsandbytes (``save_pretrained``
+of a 4-bit model): nf4 and fp4, nested or not, any ``quant_storage``, with the stored
+``quant_map`` / ``nested_quant_map`` used as they are. A folder without a quantized weight, a
+pickle-only folder, or an unknown layout is refused with an error naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
+from formats.index import INDEX_NAME, read_index, verify_shards
+from formats.reader import open_shard
+from formats.record import QuantizedTensor
+from formats.validate import FormatError
+
+SINGLE_NAME = "model.safetensors"
+
+
+class ChecksumMismatchError(CorruptFileError):
+    """A shard's sha256 differs from the one recorded in the index."""
+
+
+class NotQuantizedError(InputError):
+    """The checkpoint holds no 4-bit quantized weight."""
+
+
+def resolve_folder(path_or_repo: str | os.PathLike) -> Path:
+    """A local folder as is; anything else is taken as a Hub repo id and fetched (cache, token, offline
+    mode as huggingface_hub does them): the safetensors shards, index and JSON files only."""
+    path = Path(path_or_repo)
+    if path.is_dir():
+        return path
+    if path.exists():
+        msg = f"{path}: expected a checkpoint folder, got a file; pass the folder that holds it"
+        raise InputError(msg)
+    text = str(path_or_repo)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        msg = f"{text}: no such folder (and not a Hub repo id of the form 'owner/name')"
+        raise SourceNotFoundError(msg)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model"]))
+    except Exception as exc:  # huggingface_hub raises many types; name the repo and the cause
+        msg = (
+            f"{text}: not a local folder, and the Hub repo could not be fetched ({type(exc).__name__}: {exc})"
+        )
+        raise SourceNotFoundError(msg) from exc
+
+
+def shard_files(folder: Path) -> tuple[list[Path], bool]:
+    """The shard files of a folder (index order) and whether the index records their sha256."""
+    if (folder / INDEX_NAME).is_file():
+        try:
+            index = read_index(folder)
+        except FormatError as exc:
+            raise CorruptFileError(str(exc)) from exc
+        names = list(dict.fromkeys(index.weight_map.values()))
+        return [folder / n for n in names], bool(index.shards)
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME], False
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found, False
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        msg = f"{folder}: only pickle weights (.bin/.pt); a quantized checkpoint must be safetensors"
+        raise PickleOnlyError(msg)
+    msg = f"{folder}: no {INDEX_NAME} and no single *.safetensors file; not a checkpoint folder"
+    raise SourceNotFoundError(msg)
+
+
+def verify_folder(folder: Path, *, threads: int | None = None) -> None:
+    """Hash every shard in parallel against the index; raise ChecksumMismatchError naming the shard."""
+    workers = threads or max(1, len(os.sched_getaffinity(0)))
+    try:
+        problems = verify_shards(folder, threads=workers)
+    except FormatError as exc:
+        raise CorruptFileError(str(exc)) from exc
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        msg = (
+            f"{problems[0]}{more}: the shard is corrupt or was changed; download or convert it again "
+            "(verify=False / --no-verify skips this check)"
+        )
+        raise ChecksumMismatchError(msg)
+
+
+def load_quantized_state(
+    path_or_repo: str | os.PathLike, *, verify: bool = True
+) -> dict[str, QuantizedTensor | torch.Tensor]:
+    """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
+    ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
+
+    Tensors are views of memory-mapped shards (nothing read before use). ``verify=True`` first
+    checks each shard's sha256 against the index (shards hashed in parallel); checkpoints whose
+    index records no hashes (e.g. written by transformers) are validated structurally only.
+    """
+    folder = resolve_folder(path_or_repo)
+    files, hashed = shard_files(folder)
+    if verify and hashed:
+        verify_folder(folder)
+    out: dict[str, QuantizedTensor | torch.Tensor] = {}
+    for path in files:
+        try:
+            records = open_shard(path).records()
+        except FormatError as exc:
+            raise CorruptFileError(str(exc)) from exc
+        for name, value in records.items():
+            if name in out:
+                msg = f"{path}: tensor {name!r} also appears in another shard; the checkpoint is inconsistent"
+                raise CorruptFileError(msg)
+            out[name] = value
+    if not any(isinstance(v, QuantizedTensor) for v in out.values()):
+        msg = (
+            f"{folder}: no 4-bit quantized weight (no '*.quant_state.bitsandbytes__nf4|fp4' key); "
+            "not a bnb 4-bit checkpoint"
+        )
+        raise NotQuantizedError(msg)
+    return out

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from loader_helpers import bnb_quantize_folder, save_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def plain_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny bf16 Llama checkpoint (read-only)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("loader") / "plain")
+
+
+@pytest.fixture(scope="session", params=[("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)],
+                ids=lambda p: f"{p[0]}-{'nested' if p[1] else 'flat'}")  # fmt: skip
+def bnb_folder(
+    request: pytest.FixtureRequest, plain_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny Llama quantized on load by transformers + bitsandbytes (CPU) and saved (read-only)."""
+    quant_type, nested = request.param
+    dst = tmp_path_factory.mktemp("loader") / f"bnb-{quant_type}-{nested}"
+    return bnb_quantize_folder(plain_llama, dst, quant_type=quant_type, nested=nested)
+
+
+@pytest.fixture(scope="session")
+def bnb_nf4(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bnb_quantize_folder(plain_llama, tmp_path_factory.mktemp("loader") / "bnb-nf4")
+
+
+@pytest.fixture(scope="session")
+def our_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama converted by our pipeline, in several shards with an index (read-only)."""
+    from converter.pipeline import convert
+
+    dst = tmp_path_factory.mktemp("loader") / "ours"
+    convert(plain_llama, dst, progress=False, max_shard_size="60KB", compute_dtype="bfloat16")
+    return dst
