@@ -9,7 +9,7 @@ from tiny_models import TINY, linear4bit_modules, quantized_modules, read_config
 
 from converter.selection import select_tensors
 
-ARCHS = ["llama", "llama_tied", "gpt2", "bert", "t5", "mixtral", "qwen3_moe"]
+ARCHS = ["llama", "llama_odd", "llama_tied", "gpt2", "bert", "t5", "mixtral", "qwen3_moe"]
 
 
 def _load_4bit(folder, skip_modules, cls_name=None):
@@ -140,5 +140,6 @@ def test_minilm_real_weights(minilm):
 
 
 def test_tiny_configs_are_tiny():
-    for model_type, _, kwargs, _ in TINY.values():
-        assert kwargs.get("hidden_size", kwargs.get("n_embd", kwargs.get("d_model"))) == 64, model_type
+    for name, (_, _, kwargs, _) in TINY.items():
+        hidden = kwargs.get("hidden_size", kwargs.get("n_embd", kwargs.get("d_model")))
+        assert hidden == (72 if name == "llama_odd" else 64), name

@@ -1,7 +1,9 @@
 """Tiny random checkpoints made with transformers, and helpers shared by tests/selection and tests/compat.
 
-Every model has hidden size 64 (rows a multiple of the 64-element block) and an intermediate size
-of 96, so the down/out projections have 96 inputs: 4-bit blocks there cross row boundaries.
+Every model but one has hidden size 64 (rows a multiple of the 64-element block) and an intermediate
+size of 96, so the down/out projections have 96 inputs: 4-bit blocks there cross row boundaries.
+"llama_odd" (hidden 72, intermediate 100) also has tensors whose size is not a multiple of 64, so
+their last block is partial.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def _decoder(**extra: Any) -> dict[str, Any]:
 # name -> (model_type, architecture, config kwargs, torch dtype name)
 TINY: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "llama": ("llama", "LlamaForCausalLM", _decoder(), "bfloat16"),
+    # hidden 72 / intermediate 100: rows not a multiple of 64 and partial last blocks (e.g. k_proj 36x72)
+    "llama_odd": (
+        "llama",
+        "LlamaForCausalLM",
+        _decoder(hidden_size=72, intermediate_size=100, head_dim=18),
+        "bfloat16",
+    ),
     "llama_tied": ("llama", "LlamaForCausalLM", _decoder(tie_word_embeddings=True), "float32"),
     "gpt2": (
         "gpt2",
