@@ -1,0 +1,158 @@
+"""Batch conversion: many sources, the same options, one output folder each; failures don't stop it.
+
+The list file is text (one source per line; blank lines and '#' comments ignored; an optional second
+column names the output folder) or JSON (a list of strings, or of objects with "source" and optional
+"output" and "revision"). Each item's output folder is ``OUTPUT_ROOT/<name>``, where ``<name>`` is the
+given name, else the local folder's name or the repo id with '/' turned into '--'.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converter.errors import ConverterError, InputError
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    source: str
+    output: str  # folder name under the output root
+    revision: str | None = None
+
+
+@dataclass
+class ItemResult:
+    item: BatchItem
+    ok: bool
+    seconds: float
+    error: str | None = None
+    exit_code: int = 0
+    result: Any = None  # ConversionResult when ok
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.item.source,
+            "output": self.item.output,
+            "revision": self.item.revision,
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "seconds": self.seconds,
+            "result": self.result.to_json() if self.result is not None else None,
+        }
+
+
+@dataclass
+class BatchResult:
+    items: list[ItemResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[ItemResult]:
+        return [i for i in self.items if not i.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def default_name(source: str) -> str:
+    path = Path(source)
+    name = path.name if (path.exists() or "/" not in source or source.startswith((".", "/", "~"))) else source
+    name = name.removesuffix(".safetensors") if path.is_file() else name
+    return re.sub(r"[^\w.-]+", "--", name.replace("/", "--")).strip("-.") or "model"
+
+
+def read_list(path: Path) -> list[BatchItem]:
+    """Parse a batch list file; raises InputError naming the file and line on bad content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"{path}: cannot read the list ({exc.strerror}); check the path"
+        raise InputError(msg) from None
+    items: list[BatchItem] = []
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            msg = f"{path}: not valid JSON ({exc}); fix the list"
+            raise InputError(msg) from None
+        if not isinstance(data, list):
+            msg = f"{path}: expected a JSON list of sources; fix the list"
+            raise InputError(msg)
+        for k, entry in enumerate(data):
+            if isinstance(entry, str):
+                items.append(BatchItem(entry, default_name(entry)))
+            elif isinstance(entry, dict) and isinstance(entry.get("source"), str):
+                src = entry["source"]
+                items.append(
+                    BatchItem(src, str(entry.get("output") or default_name(src)), entry.get("revision"))
+                )
+            else:
+                msg = f"{path}: item {k} must be a string or an object with a 'source' string; fix the list"
+                raise InputError(msg)
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) > 2:
+                msg = (
+                    f"{path}:{lineno}: expected 'SOURCE [OUTPUT_NAME]', got {len(parts)} fields; fix the line"
+                )
+                raise InputError(msg)
+            items.append(BatchItem(parts[0], parts[1] if len(parts) == 2 else default_name(parts[0])))
+    if not items:
+        msg = f"{path}: the list has no sources; add one per line"
+        raise InputError(msg)
+    seen: dict[str, str] = {}
+    for it in items:
+        if "/" in it.output or it.output in (".", ".."):
+            msg = f"{path}: output name {it.output!r} for {it.source} must be a plain folder name"
+            raise InputError(msg)
+        if it.output in seen:
+            msg = (
+                f"{path}: {seen[it.output]} and {it.source} would both write {it.output!r}; "
+                'name the outputs (second column, or "output" in JSON)'
+            )
+            raise InputError(msg)
+        seen[it.output] = it.source
+    return items
+
+
+def run_batch(
+    items: list[BatchItem],
+    output_root: Path,
+    *,
+    on_start: Callable[[int, BatchItem], None] | None = None,
+    on_done: Callable[[int, ItemResult], None] | None = None,
+    **options: Any,
+) -> BatchResult:
+    """Convert every item with ``options`` (converter.convert keywords); never stops on a failure."""
+    from converter.pipeline import convert
+
+    out = BatchResult()
+    for k, item in enumerate(items):
+        if on_start:
+            on_start(k, item)
+        t0 = time.perf_counter()
+        opts = dict(options)
+        if item.revision is not None:
+            opts["revision"] = item.revision
+        try:
+            result = convert(item.source, output_root / item.output, **opts)
+            done = ItemResult(item, True, time.perf_counter() - t0, result=result)
+        except ConverterError as exc:
+            done = ItemResult(item, False, time.perf_counter() - t0, str(exc), exc.exit_code)
+        except (OSError, ValueError, RuntimeError) as exc:
+            done = ItemResult(item, False, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}", 1)
+        out.items.append(done)
+        if on_done:
+            on_done(k, done)
+    return out

@@ -1,0 +1,143 @@
+"""All CLI output goes through one App object: one rich Console per stream, one error table.
+
+Consoles are built with markup, highlighting and emoji off, so paths and tensor names supplied by
+users are printed as they are. Messages, warnings and errors go to stderr; stdout carries only the
+result (a summary table, or JSON with --json). ``QUANTIZE_MODEL_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from converter.errors import ConverterError
+
+DEBUG_ENV = "QUANTIZE_MODEL_DEBUG"
+DEBUG_HINT = f"set {DEBUG_ENV}=1 for the traceback"
+
+
+def _format_os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"{where}no space left on device; free disk space, then rerun the same command to resume"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}permission denied; choose a folder you can write to"
+    return f"{where}{exc.strerror or exc}; check the path and rerun"
+
+
+def _format_format_error(exc: Exception) -> str:
+    return f"{exc}; the file is not a valid quantize-model shard, reconvert it"
+
+
+def _error_table() -> list[tuple[type[BaseException], Callable[[Any], str], int | None]]:
+    """Exception type -> (one-line message, exit code; None = the exception's own exit_code).
+
+    Order matters: the first matching type wins, so subclasses come before their bases.
+    """
+    from formats.validate import FormatError
+
+    return [
+        (ConverterError, str, None),  # our own messages are already one line ending in what to do
+        (FormatError, _format_format_error, 1),
+        (KeyboardInterrupt, lambda _: "interrupted; rerun the same command to resume", 130),
+        (OSError, _format_os_error, 1),
+    ]
+
+
+def describe_error(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for ``exc`` (unknown errors: exit 1 and the debug hint)."""
+    for kind, fmt, code in _error_table():
+        if isinstance(exc, kind):
+            message = fmt(exc)
+            return message, code if code is not None else getattr(exc, "exit_code", 1)
+    return f"unexpected {type(exc).__name__}: {exc}; {DEBUG_HINT}", 1
+
+
+class App:
+    """What every command receives through ``@click.pass_obj``."""
+
+    def __init__(self) -> None:
+        self.out = Console(markup=False, highlight=False, emoji=False, soft_wrap=True)
+        self.err = Console(stderr=True, markup=False, highlight=False, emoji=False, soft_wrap=True)
+        self.json = False
+        self.quiet = False
+
+    def configure(self, *, json: bool = False, quiet: bool = False) -> None:
+        self.json, self.quiet = json, quiet
+
+    @property
+    def debug(self) -> bool:
+        return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+    @property
+    def show_progress(self) -> bool:
+        """A progress bar only for a person watching: not with --json / --quiet, not into a pipe."""
+        return not (self.json or self.quiet) and self.err.is_terminal
+
+    # --- output ----------------------------------------------------------------------------
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self.err.print(text)
+
+    def warn(self, text: str) -> None:
+        self.err.print(f"Warning: {text}")
+
+    def error(self, text: str) -> None:
+        self.err.print(f"Error: {text}")
+
+    def print_json(self, obj: Any) -> None:
+        # click.echo, not rich: JSON must never be wrapped or styled.
+        click.echo(json.dumps(obj, indent=2, default=str))
+
+    def print_table(self, table: Table) -> None:
+        if not self.quiet:
+            # As wide as the content needs: a path is never cut to fit an 80-column pipe.
+            wide = self.out.options.update_width(10_000)
+            needed = self.out.measure(table, options=wide).maximum
+            if needed > self.out.width:
+                self.out.width = needed
+            self.out.print(table)
+
+    def abort(self, text: str, code: int = 1) -> NoReturn:
+        """Print one error line (and, with --json, an error object on stdout), then exit with ``code``."""
+        self.error(text)
+        if self.json:
+            self.print_json({"ok": False, "error": text, "exit_code": code})
+        raise click.exceptions.Exit(code)
+
+    def fail_with(self, exc: BaseException) -> NoReturn:
+        """Turn an exception into its one-line message and exit code (the error table)."""
+        message, code = describe_error(exc)
+        if self.debug:
+            self.err.print_exception(suppress=[click], show_locals=False)
+        self.abort(message, code)
+
+
+def table(title: str | None = None) -> Table:
+    t = Table(title=title, show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold", no_wrap=True)
+    # Values (paths, tensor names) are never cut or folded, whatever the terminal width.
+    t.add_column(no_wrap=True, overflow="ignore")
+    return t
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))

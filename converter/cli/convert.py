@@ -1,0 +1,136 @@
+"""quantize-model convert SOURCE OUTPUT: one checkpoint to a quantized folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from converter.cli._app import App, human_bytes, human_count, table
+from converter.plan import QUANT_STORAGES
+from formats.quant_types import BLOCKSIZES
+
+EPILOG = """\b
+Examples:
+  quantize-model convert ./my-model ./my-model-nf4
+  quantize-model convert meta-llama/Llama-3.2-1B ./llama-nf4 --revision main --dtype bfloat16
+  quantize-model convert ./gpt2 ./gpt2-fp4 --quant-type fp4 --no-double-quant --skip 'lm_head'
+
+Rerunning the same command resumes an interrupted conversion, or does nothing if it finished.
+Exit codes: 0 ok, 1 conversion failed, 2 usage or input error.
+"""
+
+_DTYPES = click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False)
+
+
+def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options shared by ``convert`` and ``batch`` (everything that shapes one conversion)."""
+    options = [
+        click.option("--quant-type", type=click.Choice(["nf4", "fp4"], case_sensitive=False), default="nf4",
+                     show_default=True, help="4-bit data type."),
+        click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+                     help="Quantize the absmax constants too (nested quantization)."),
+        click.option("--blocksize", type=click.Choice([str(b) for b in BLOCKSIZES]),
+                     default="64", show_default=True, help="Elements per absmax block."),
+        click.option("--compute-dtype", type=_DTYPES, default=None,
+                     help="bnb_4bit_compute_dtype in config.json [default: the model dtype]."),
+        click.option("--dtype", type=_DTYPES, default=None,
+                     help="Cast weights to this dtype before quantizing, as transformers does."),
+        click.option("--quant-storage", type=click.Choice(list(QUANT_STORAGES)),
+                     default="uint8", show_default=True, help="dtype the packed weights are stored as."),
+        click.option("--skip", multiple=True, metavar="GLOB",
+                     help="Keep modules/tensors matching GLOB unquantized (repeatable)."),
+        click.option("--include", multiple=True, metavar="GLOB",
+                     help="Quantize only modules/tensors matching GLOB (repeatable)."),
+        click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Kernel threads [default: the CPUs this process may use]."),
+        click.option("--device", default="cpu", show_default=True, help="Where to quantize: cpu or cuda."),
+        click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources only)."),
+        click.option("--keep-downloads", is_flag=True, help="Keep downloaded Hub files in the cache."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Accept pickle (.bin) weights from a source you trust."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """Click parameters -> keyword arguments of converter.pipeline.convert."""
+    return {
+        "quant_type": params["quant_type"].lower(),
+        "double_quant": params["double_quant"],
+        "blocksize": int(params["blocksize"]),
+        "compute_dtype": params["compute_dtype"],
+        "dtype": params["dtype"],
+        "quant_storage": params["quant_storage"],
+        "skip": tuple(params["skip"]),
+        "include": tuple(params["include"]),
+        "max_shard_size": params["max_shard_size"],
+        "threads": params["threads"],
+        "device": params["device"],
+        "revision": params["revision"],
+        "keep_downloads": params["keep_downloads"],
+        "allow_pickle": params["allow_pickle"],
+    }
+
+
+@click.command(short_help="Quantize one checkpoint", epilog=EPILOG)
+@click.argument("source")
+@click.argument("output", type=click.Path(path_type=Path))
+@conversion_options
+@click.option("--overwrite", is_flag=True, help="Replace whatever the output folder holds.")
+@click.option("--push-to", metavar="REPO_ID", default=None, help="Upload the result to this Hub repo.")
+@click.option("--private", is_flag=True, help="Create the --push-to repo as private.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_obj
+def convert(app: App, source: str, output: Path, **params: Any) -> None:
+    """Quantize SOURCE (a local folder, a .safetensors file or a Hub repo id) into the folder OUTPUT."""
+    from converter.pipeline import convert as run_convert
+
+    app.configure(json=params["as_json"], quiet=params["quiet"])
+    result = run_convert(
+        source,
+        output,
+        overwrite=params["overwrite"],
+        push_to=params["push_to"],
+        private=params["private"],
+        progress=app.show_progress,
+        **conversion_kwargs(params),
+    )
+    if app.json:
+        app.print_json({"ok": True, **result.to_json()})
+        return
+    if result.noop:
+        app.info(f"{result.output}: already converted with the same source and options; nothing to do")
+    elif result.resumed:
+        app.info(
+            f"{result.output}: resumed an interrupted conversion ({result.shards_reused} shard(s) reused)"
+        )
+    app.print_table(summary_table(result))
+
+
+def summary_table(result: Any) -> Any:
+    t = table()
+    t.add_row("Output", str(result.output))
+    t.add_row("Shards", str(len(result.shards)))
+    t.add_row(
+        "Tensors quantized", f"{result.tensors_quantized} ({human_count(result.params_quantized)} params)"
+    )
+    t.add_row(
+        "Tensors kept",
+        f"{result.tensors_kept} ({human_count(result.params_kept)} params, "
+        f"{100 * result.kept_share:.1f}% of parameters left in 16/32 bit)",
+    )
+    t.add_row("Bytes in / out", f"{human_bytes(result.bytes_in)} / {human_bytes(result.bytes_out)}")
+    t.add_row("Bits per parameter", f"{result.bits_per_param:.2f}")
+    t.add_row("Time", f"{result.seconds:.2f} s")
+    if not result.noop:
+        t.add_row("Throughput", f"{human_bytes(result.throughput)}/s")
+    if result.pushed_to:
+        t.add_row("Pushed to", result.pushed_to)
+    return t

@@ -1,0 +1,48 @@
+"""quantize-model inspect PATH: what a quantized folder or shard holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from converter.cli._app import App, human_bytes, human_count, table
+
+
+@click.command(short_help="Summarise a quantized folder or shard")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.pass_obj
+def inspect(app: App, path: Path, as_json: bool) -> None:
+    """Summarise PATH (a converted folder or one .safetensors shard): tensors, quant types, sizes."""
+    from converter.inspection import inspect_path
+
+    app.configure(json=as_json)
+    r = inspect_path(path)
+    if app.json:
+        app.print_json(r.to_json())
+        return
+    t = table()
+    t.add_row("Path", r.path)
+    if r.source:
+        t.add_row("Source", r.source)
+    if r.tool_version:
+        t.add_row("Written by", f"quantize-model {r.tool_version}")
+    t.add_row("Shards", str(len(r.shards)))
+    t.add_row("Quantized", f"{r.tensors_quantized} tensors, {human_count(r.params_quantized)} params")
+    for label, count in r.quant_types.items():
+        t.add_row("", f"{count} x {label}")
+    kept = ", ".join(f"{n} {d}" for d, n in r.kept_dtypes.items()) or "none"
+    t.add_row("Kept", f"{r.tensors_kept} tensors, {human_count(r.params_kept)} params ({kept})")
+    t.add_row("Size", f"{human_bytes(r.bytes_quantized + r.bytes_kept)} of tensor data")
+    t.add_row(
+        "Bits per parameter", f"{r.bits_per_param:.2f} overall, {r.quantized_bits_per_param:.3f} quantized"
+    )
+    if r.quantization_config:
+        q = r.quantization_config
+        t.add_row(
+            "quantization_config",
+            f"{q.get('bnb_4bit_quant_type')}, double quant {q.get('bnb_4bit_use_double_quant')}, "
+            f"compute {q.get('bnb_4bit_compute_dtype')}, skip {q.get('llm_int8_skip_modules')}",
+        )
+    app.print_table(t)

@@ -1,0 +1,186 @@
+"""What ``quantize-model inspect`` and ``verify`` compute: library functions returning result objects.
+
+``inspect_path`` summarises a quantized folder or one shard (tensors, quant types, sizes, bits per
+parameter) from the headers and quant states alone. ``verify_path`` re-hashes every shard against the
+index, validates every shard and every quantized record, checks the weight_map against the shards'
+contents and, for our own shards, the metadata; it returns the problems it found, one line each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from converter.errors import SourceNotFoundError
+from converter.manifest import MANIFEST_NAME
+from formats import index as index_mod
+from formats.reader import open_shard
+from formats.validate import FormatError
+
+
+@dataclass
+class InspectResult:
+    path: str
+    shards: list[str]
+    tensors_quantized: int = 0
+    tensors_kept: int = 0
+    params_quantized: int = 0
+    params_kept: int = 0
+    bytes_quantized: int = 0  # stored bytes of quantized weights (codes, absmax, maps, quant state)
+    bytes_kept: int = 0
+    quant_types: dict[str, int] = field(default_factory=dict)  # "nf4 blocksize 64 nested" -> count
+    kept_dtypes: dict[str, int] = field(default_factory=dict)
+    tool_version: str | None = None
+    source: str | None = None
+    quantization_config: dict | None = None
+
+    @property
+    def bits_per_param(self) -> float:
+        params = self.params_quantized + self.params_kept
+        return 8 * (self.bytes_quantized + self.bytes_kept) / params if params else 0.0
+
+    @property
+    def quantized_bits_per_param(self) -> float:
+        return 8 * self.bytes_quantized / self.params_quantized if self.params_quantized else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            **asdict(self),
+            "bits_per_param": self.bits_per_param,
+            "quantized_bits_per_param": self.quantized_bits_per_param,
+        }
+
+
+def _shard_files(path: Path) -> tuple[Path, list[str]]:
+    if not path.exists():
+        msg = f"{path}: no such file or folder; check the path"
+        raise SourceNotFoundError(msg)
+    if path.is_file():
+        return path.parent, [path.name]
+    if (path / index_mod.INDEX_NAME).is_file():
+        return path, index_mod.read_index(path, require_files=False).files
+    names = sorted(p.name for p in path.glob("*.safetensors"))
+    if not names:
+        msg = f"{path}: no .safetensors shards and no {index_mod.INDEX_NAME}; give a converted folder"
+        raise SourceNotFoundError(msg)
+    return path, names
+
+
+def inspect_path(path: str | Path) -> InspectResult:
+    folder, names = _shard_files(Path(path))
+    result = InspectResult(path=str(path), shards=names)
+    qtypes: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    for name in names:
+        with open_shard(folder / name) as shard:
+            meta = shard.metadata or {}
+            tool = meta.get("quantize_model.tool") or {}
+            result.tool_version = result.tool_version or tool.get("version")
+            prov = meta.get("quantize_model.provenance") or {}
+            result.source = result.source or prov.get("source")
+            for key in shard.quantized:
+                rec = shard.record(key)
+                result.tensors_quantized += 1
+                result.params_quantized += rec.n
+                result.bytes_quantized += sum(t.numel() * t.element_size() for t in rec.state_dict().values())
+                qtypes[
+                    f"{rec.quant_type.label} blocksize {rec.blocksize}{' nested' if rec.nested else ''}"
+                ] += 1
+            for key in shard.passthrough:
+                t = shard.get_tensor(key)
+                result.tensors_kept += 1
+                result.params_kept += math.prod(t.shape)
+                result.bytes_kept += t.numel() * t.element_size()
+                kept[str(t.dtype).removeprefix("torch.")] += 1
+    result.quant_types = dict(sorted(qtypes.items()))
+    result.kept_dtypes = dict(sorted(kept.items()))
+    config = folder / "config.json"
+    if config.is_file() and Path(path).is_dir():
+        try:
+            result.quantization_config = json.loads(config.read_text()).get("quantization_config")
+        except ValueError:
+            result.quantization_config = None
+    return result
+
+
+@dataclass
+class VerifyResult:
+    path: str
+    shards: list[str]
+    tensors: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def verify_path(path: str | Path) -> VerifyResult:
+    """Check a converted folder (hashes, shards, records, weight_map, metadata) or a single shard."""
+    path = Path(path)
+    folder, names = _shard_files(path)
+    result = VerifyResult(path=str(path), shards=names)
+    weight_map: dict[str, str] | None = None
+    if path.is_dir():
+        manifest = folder / MANIFEST_NAME
+        if manifest.is_file():
+            try:
+                state = json.loads(manifest.read_text()).get("state")
+            except ValueError:
+                state = None
+            if state != "complete":
+                result.problems.append(
+                    f"{folder}: the conversion did not finish; rerun the same convert command to resume"
+                )
+        if (folder / index_mod.INDEX_NAME).is_file():
+            weight_map = index_mod.read_index(folder, require_files=False).weight_map
+            result.problems.extend(index_mod.verify_shards(folder))
+        else:
+            result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")
+    found: dict[str, str] = {}
+    unreadable: set[str] = set()
+    for name in names:
+        file = folder / name
+        if not file.is_file():
+            continue  # reported by verify_shards
+        try:
+            with open_shard(file) as shard:
+                for key in shard.keys():
+                    found[key] = name
+                for key in shard.quantized:
+                    shard.record(key)
+                    result.tensors += 1
+                result.tensors += len(shard.passthrough)
+                if shard.metadata is not None:
+                    _check_metadata(shard.raw_metadata, str(file), result)
+        except FormatError as exc:
+            result.problems.append(str(exc))
+            unreadable.add(name)
+    if weight_map is not None:
+        for key, shard_name in sorted(weight_map.items()):
+            if shard_name in unreadable:
+                continue  # already reported once for the whole shard
+            if key in found and found[key] != shard_name:
+                result.problems.append(f"tensor {key!r}: index says {shard_name}, found in {found[key]}")
+            elif key not in found and (folder / shard_name).is_file():
+                result.problems.append(f"tensor {key!r}: index says {shard_name}, but it is not there")
+        for key in sorted(set(found) - set(weight_map)):
+            result.problems.append(f"tensor {key!r} in {found[key]} is missing from the index weight_map")
+    return result
+
+
+def _check_metadata(raw: dict, file: str, result: VerifyResult) -> None:
+    try:
+        from formats.metadata import validate_metadata
+
+        validate_metadata(raw, file=file)
+    except ImportError:
+        return  # the schema check needs jsonschema (a test dependency); the rest still ran
+    except FormatError as exc:
+        result.problems.append(str(exc))

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def test_batch_continues_past_failures(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two good, one bad\n{tiny_llama}\n./does/not/exist\n{tiny_llama} second\n")
+    root = tmp_path / "outs"
+    r = qm("batch", listing, root, "--json")
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    assert [i["ok"] for i in data["items"]] == [True, False, True]
+    assert [i["output"] for i in data["items"]] == ["tiny-llama", "exist", "second"]
+    assert data["items"][1]["exit_code"] == 2
+    assert data["items"][1]["error"].startswith("./does/not/exist: no such file or folder")
+    assert (root / "tiny-llama" / "config.json").exists()
+    assert (root / "second" / "config.json").exists()
+    assert (
+        r.stderr.splitlines()[-1] == "Error: 1 of 3 conversion(s) failed; fix them and rerun the same batch"
+    )
+
+
+def test_batch_json_list_and_rerun_is_noop(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps([{"source": str(tiny_llama), "output": "a"}]))
+    root = tmp_path / "outs"
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    r = qm("batch", listing, root)
+    assert r.exit_code == 0
+    assert "[1/1] " + str(tiny_llama) + " -> a: no-op in" in r.stderr
+
+
+def test_batch_duplicate_outputs_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama}\n{tiny_llama}\n")
+    r = qm("batch", listing, tmp_path / "outs")
+    assert r.exit_code == 2
+    assert r.stderr == (
+        f"Error: {listing}: {tiny_llama} and {tiny_llama} would both write 'tiny-llama'; "
+        'name the outputs (second column, or "output" in JSON)\n'
+    )

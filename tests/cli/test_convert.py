@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def test_convert_prints_summary(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = qm("convert", tiny_llama, out)
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["Output", str(out)]
+    assert lines[2].split() == ["Tensors", "quantized", "14", "(73.73K", "params)"]
+    assert "31.0% of parameters left in 16/32 bit" in lines[3]
+    assert lines[5].split()[:3] == ["Bits", "per", "parameter"]
+    assert (out / "config.json").exists()
+
+
+def test_rerun_says_nothing_to_do(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    r = qm("convert", tiny_llama, out)
+    assert r.exit_code == 0
+    assert r.stderr == f"{out}: already converted with the same source and options; nothing to do\n"
+
+
+def test_json_output(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    r = qm("convert", tiny_llama, tmp_path / "out", "--json", "--quant-type", "fp4", "--no-double-quant")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert data["ok"] is True
+    assert data["tensors_quantized"] == 14
+    assert data["shards"] == ["model.safetensors"]
+    assert data["skipped_modules"] == ["lm_head"]
+    assert r.stderr == ""
+
+
+def test_quiet_prints_nothing(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    r = qm("convert", tiny_llama, tmp_path / "out", "--quiet")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "", "")
+
+
+def test_missing_source_exit_2(qm, tmp_path: Path) -> None:
+    r = qm("convert", "./no/such/model", tmp_path / "out")
+    assert r.exit_code == 2
+    assert r.stderr == (
+        "Error: ./no/such/model: no such file or folder, and not a Hub repo id (namespace/name); "
+        "check the path or give a repo id\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_shard_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    path = src / "model.safetensors"
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    r = qm("convert", src, tmp_path / "out")
+    assert r.exit_code == 2
+    assert r.stderr == (
+        f"Error: {path}: not a valid safetensors file (incomplete metadata, file not fully covered); "
+        "re-download or re-save it\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_already_quantized_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    r = qm("convert", out, tmp_path / "again")
+    assert r.exit_code == 2
+    assert r.stderr == (
+        f"Error: {out}: already quantized (its config.json has a quantization_config "
+        "(quant_method 'bitsandbytes')); convert the original checkpoint instead\n"
+    )
+
+
+def test_unsupported_dtype_exit_2(qm, tmp_path: Path) -> None:
+    src = tmp_path / "ints"
+    src.mkdir()
+    save_file({"layer.weight": torch.zeros(8, 8, dtype=torch.int32)}, src / "model.safetensors")
+    r = qm("convert", src, tmp_path / "out", "--include", "layer")
+    assert r.exit_code == 2
+    assert r.stderr == (
+        "Error: nothing to quantize: no tensor is a float32/float16/bfloat16 linear weight selected for "
+        "quantization (e.g. 'layer.weight': dtype I32 is not float32/float16/bfloat16); "
+        "check --include/--skip, or the checkpoint's dtype\n"
+    )
+
+
+def test_foreign_output_exit_2_then_overwrite(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = qm("convert", tiny_llama, out)
+    assert r.exit_code == 2
+    assert r.stderr == (
+        f"Error: {out}: holds files quantize-model did not write (keep.txt); "
+        "choose an empty folder or pass --overwrite\n"
+    )
+    r = qm("convert", tiny_llama, out, "--overwrite", "-q")
+    assert r.exit_code == 0
+    assert not (out / "keep.txt").exists()
+
+
+def test_json_error_object(qm, tmp_path: Path) -> None:
+    r = qm("convert", "./missing/model", tmp_path / "out", "--json")
+    assert r.exit_code == 2
+    data = json.loads(r.stdout)
+    assert data["ok"] is False
+    assert data["exit_code"] == 2
+    assert data["error"].startswith("./missing/model: no such file or folder")
+
+
+def test_bad_option_is_usage_error(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    r = qm("convert", tiny_llama, tmp_path / "out", "--quant-type", "int4")
+    assert r.exit_code == 2
+    assert "Invalid value for '--quant-type': 'int4' is not one of 'nf4', 'fp4'." in r.stderr
+
+
+def test_bad_shard_size_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    r = qm("convert", tiny_llama, tmp_path / "out", "--max-shard-size", "lots")
+    assert r.exit_code == 2
+    assert r.stderr == "Error: invalid size 'lots': use a number with a unit, e.g. 5GB, 500MB, 2GiB\n"
+
+
+def test_version_lists_backends(qm) -> None:
+    r = qm("--version")
+    assert r.exit_code == 0
+    first, second = r.stdout.splitlines()
+    assert first == "quantize-model 0.1.0"
+    assert second.startswith("kernels: cpu (")

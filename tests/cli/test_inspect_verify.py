@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def converted(qm, tiny_llama: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "-q", "--max-shard-size", "60KB").exit_code == 0
+    return out
+
+
+def test_inspect_json(qm, converted: Path) -> None:
+    r = qm("inspect", converted, "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert data["tensors_quantized"] == 14
+    assert data["tensors_kept"] == 7
+    assert data["quant_types"] == {"nf4 blocksize 64 nested": 14}
+    assert data["kept_dtypes"] == {"bfloat16": 7}
+    assert data["source"] == "tiny-llama"
+    # NF4 + nested absmax, blocksize 64: 4 + 8/64 + 32/(64*256) bits, plus the per-tensor tables.
+    assert 4.127 < data["quantized_bits_per_param"] < 7
+    assert data["quantization_config"]["llm_int8_skip_modules"] == ["lm_head"]
+
+
+def test_inspect_one_shard_table(qm, converted: Path) -> None:
+    shard = sorted(converted.glob("model-*.safetensors"))[0]
+    r = qm("inspect", shard)
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[0].split() == ["Path", str(shard)]
+
+
+def test_verify_ok(qm, converted: Path) -> None:
+    r = qm("verify", converted)
+    assert r.exit_code == 0
+    assert r.stdout.startswith("OK: ")
+    assert r.stderr == ""
+
+
+def test_verify_detects_a_flipped_byte(qm, converted: Path) -> None:
+    shard = sorted(converted.glob("model-*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the packed codes: the shard still parses, only the hash differs
+    shard.write_bytes(bytes(data))
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith(f"Error: {shard}: sha256 ")
+    assert lines[-1] == f"Error: {converted}: 1 problem(s) found; reconvert with --overwrite"
+
+
+def test_verify_missing_shard(qm, converted: Path) -> None:
+    shard = sorted(converted.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    r = qm("verify", converted, "--json")
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    assert data["ok"] is False
+    assert f"{shard}: missing" in data["problems"]
+
+
+def test_verify_unfinished_conversion(qm, converted: Path) -> None:
+    manifest = converted / ".quantize-model-manifest.json"
+    m = json.loads(manifest.read_text())
+    m["state"] = "in_progress"
+    manifest.write_text(json.dumps(m))
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines()[0] == (
+        f"Error: {converted}: the conversion did not finish; rerun the same convert command to resume"
+    )
+
+
+def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
+    r = qm("inspect", tmp_path / "nothing")
+    assert r.exit_code == 2
+    assert r.stderr == f"Error: {tmp_path / 'nothing'}: no such file or folder; check the path\n"
