@@ -1,0 +1,229 @@
+"""CUDA kernels vs bitsandbytes vs a device-to-device copy, side by side on one GPU, in one run.
+
+    python bench/bench_cuda.py [--quick] [--json out.json]
+
+Each op is timed with CUDA events around each call (median of many, after warm-up); inputs rotate
+through enough buffers to exceed twice the L2 cache, so every call reads from device memory.
+"Gparam/s" is input elements per second; "floor" is the op's bytes (each input read once, each
+output written once) over the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from converter import kernels_cuda
+from formats import codebooks
+from formats.quant_types import QuantType
+
+SHAPES = ((4096, 4096), (14336, 4096), (8192, 8192), (32768, 8192))
+
+
+def time_op(fn: Callable[[int], object], rotation: int, iters: int, warmup: int = 5) -> float:
+    """Median seconds of fn(i % rotation) over iters calls, each bracketed by CUDA events."""
+    for i in range(warmup):
+        fn(i % rotation)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        starts[i].record()
+        fn(i % rotation)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) / 1e3
+
+
+def rotation_for(nbytes: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, -(-2 * l2 // max(1, nbytes)) + 1)
+
+
+def copy_bandwidth(iters: int) -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    src = torch.empty(1 << 29, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t = time_op(lambda i: dst.copy_(src), 1, iters)
+    return 2 * src.numel() * 2 / t
+
+
+def bench_shape(shape, bw, iters, bnbf, bnb) -> list[dict]:
+    out_f, in_f = shape
+    n = out_f * in_f
+    rot = rotation_for(2 * n)
+    xs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(rot)]
+    rows = []
+
+    def row(op, ours_s, base_s, base_name, floor_bytes, copy_s=None):
+        r = {
+            "op": op,
+            "shape": f"{out_f}x{in_f}",
+            "ours_us": ours_s * 1e6,
+            "ours_gparams": n / ours_s / 1e9,
+            "floor_us": floor_bytes / bw * 1e6,
+            "fraction_of_floor": floor_bytes / bw / ours_s,
+            "baseline": base_name,
+            "baseline_us": None if base_s is None else base_s * 1e6,
+            "speedup": None if base_s is None else base_s / ours_s,
+        }
+        if copy_s is not None:
+            r["copy_us"] = copy_s * 1e6
+        rows.append(r)
+        print(
+            f"{op:<24} {r['shape']:>11}  ours {r['ours_us']:9.1f} us {r['ours_gparams']:7.0f} Gp/s "
+            f"({100 * r['fraction_of_floor']:4.0f}% of floor {r['floor_us']:7.1f} us)  "
+            + ("" if base_s is None else f"{base_name} {base_s * 1e6:9.1f} us  x{r['speedup']:.1f}"),
+            flush=True,
+        )
+
+    dsts = [torch.empty_like(x) for x in xs[:2]]
+    copy_s = time_op(lambda i: dsts[i % 2].copy_(xs[i]), rot, iters)
+    q_bytes = 2 * n + n / 2 + n / 64 + 4 * n / 64 / 256
+
+    for qt in (QuantType.NF4, QuantType.FP4):
+
+        def ours_nested(i, qt=qt):
+            _, absmax, _ = kernels_cuda._launch_quantize(xs[i], 64, qt)
+            kernels_cuda._launch_nested(absmax)
+
+        t_o = time_op(ours_nested, rot, iters)
+        t_b = None
+        if bnbf is not None:
+            t_b = time_op(
+                lambda i, qt=qt: bnbf.quantize_4bit(
+                    xs[i], blocksize=64, compress_statistics=True, quant_type=qt.label
+                ),
+                rot,
+                iters,
+            )
+        row(f"quantize {qt.label} nested", t_o, t_b, "bnb", q_bytes, copy_s)
+
+    t_o = time_op(lambda i: kernels_cuda._launch_quantize(xs[i], 64, QuantType.NF4), rot, iters)
+    t_b = None
+    if bnbf is not None:
+        t_b = time_op(lambda i: bnbf.quantize_4bit(xs[i], blocksize=64, quant_type="nf4"), rot, iters)
+    row("quantize nf4 plain", t_o, t_b, "bnb", 2 * n + n / 2 + 4 * n / 64, copy_s)
+
+    # Quantized records (ours and bnb's) of each rotated input, for dequantize and GEMV.
+    dmap = torch.tensor(codebooks.DYNAMIC8, dtype=torch.float32, device="cuda")
+    qmap = torch.tensor(codebooks.NF4, dtype=torch.float32, device="cuda")
+    qrot = rotation_for(n // 2 + n // 64)
+    recs, brecs = [], []
+    for i in range(qrot):
+        x = xs[i % rot]
+        packed, codes, nabs, off = kernels_cuda.quantize_4bit_nested(
+            x, blocksize=64, quant_type=QuantType.NF4
+        )
+        recs.append((packed, (codes, nabs, off, dmap)))
+        if bnbf is not None:
+            brecs.append(bnbf.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4"))
+    outs = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+
+    def ours_deq(i):
+        packed, nest = recs[i]
+        kernels_cuda.dequantize_4bit(
+            packed,
+            None,
+            n=n,
+            blocksize=64,
+            quant_map=qmap,
+            out_dtype=torch.bfloat16,
+            out=outs[i % 2],
+            nested=nest,
+        )
+
+    t_o = time_op(ours_deq, qrot, iters)
+    t_b = None
+    if bnbf is not None:
+        t_b = time_op(lambda i: bnbf.dequantize_4bit(brecs[i][0], brecs[i][1]), qrot, iters)
+    row("dequantize nf4 nested", t_o, t_b, "bnb", n / 2 + n / 64 + 2 * n, copy_s)
+
+    # Batch-1 GEMV: ours vs bnb matmul_4bit vs bf16 F.linear (weights rotated too).
+    xv = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
+
+    def ours_gemv(i):
+        packed, nest = recs[i]
+        kernels_cuda.gemv_4bit(
+            xv,
+            packed,
+            None,
+            out_features=out_f,
+            in_features=in_f,
+            blocksize=64,
+            quant_map=qmap,
+            nested=nest,
+        )
+
+    t_o = time_op(ours_gemv, qrot, iters)
+    g_bytes = n / 2 + n / 64 + 2 * in_f + 2 * out_f
+    if bnb is not None:
+        t_b = time_op(lambda i: bnb.matmul_4bit(xv, brecs[i][0].t(), quant_state=brecs[i][1]), qrot, iters)
+        row("gemv b1 vs bnb", t_o, t_b, "bnb matmul_4bit", g_bytes)
+    t_l = time_op(lambda i: torch.nn.functional.linear(xv, xs[i]), rot, iters)
+    row("gemv b1 vs bf16 linear", t_o, t_l, "F.linear bf16", g_bytes)
+    # Correctness guard: the timed GEMV computes the product of the dequantized weight.
+    w = kernels_cuda.dequantize_4bit(
+        recs[0][0], None, n=n, blocksize=64, quant_map=qmap, out_dtype=torch.float32, nested=recs[0][1]
+    )
+    y = kernels_cuda.gemv_4bit(
+        xv,
+        recs[0][0],
+        None,
+        out_features=out_f,
+        in_features=in_f,
+        blocksize=64,
+        quant_map=qmap,
+        nested=recs[0][1],
+    )
+    ref = xv.double() @ w.view(out_f, in_f).double().T
+    rel = ((y.double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, f"GEMV relative error {rel}"
+    for held in (xs, recs, brecs, outs):
+        held.clear()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two small shapes, fewer iterations")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    usable, why = kernels_cuda.cuda_status()
+    if not usable:
+        sys.exit(f"bench_cuda.py needs the CUDA backend: {why}")
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        bnb = bnbf = None
+        print("bitsandbytes not installed: baseline columns empty")
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth(args.iters)
+    print(
+        f"device {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
+        f"torch {torch.__version__}; bitsandbytes {getattr(bnb, '__version__', None)}; "
+        f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)"
+    )
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(shape, bw, args.iters, bnbf, bnb)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"device": props.name, "copy_GBps": bw / 1e9, "rows": rows}, indent=1) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""CUDA backend of ``converter.kernels``: the same functions, the same bytes, on CUDA tensors.
+
+``converter.kernels`` validates arguments and dispatches CUDA tensors here; this module allocates the
+outputs on the input's device, launches the kernels of ``csrc/cuda`` on the current torch stream and
+returns torch tensors. Results are byte-identical to the CPU kernels and ``formats.reference``
+(design.md, exactness rules), except ``gemv_4bit`` (float32 accumulation, tolerance-tested).
+
+Two additions over the CPU interface, for GPU throughput:
+
+- ``quantize_4bit_nested(x, ...)`` quantizes and nests in one go with a single host synchronisation.
+- ``dequantize_4bit(..., nested=NestedAbsmax)`` decodes a nested absmax inline (no un-nested copy).
+
+Backend discovery: ``cuda_status()`` -> ``(usable, reason)``; ``backend_info()`` -> dict or None
+(used by ``converter.kernels.available_backends``).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import NamedTuple
+
+import torch
+
+from converter import _kernels
+from formats import codebooks
+from formats.quant_types import (
+    NESTED_BLOCKSIZE,
+    OFFSET_CHUNK,
+    QuantType,
+    check_blocksize,
+    n_blocks,
+    n_nested_blocks,
+)
+
+__all__ = [
+    "backend_info",
+    "cuda_status",
+    "dequantize_4bit",
+    "dequantize_nested",
+    "gemv_4bit",
+    "quantize_4bit",
+    "quantize_4bit_nested",
+    "quantize_nested",
+]
+
+#: dtype codes of csrc/cuda/qm_cuda.h (DType).
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class _Nested(NamedTuple):
+    codes: torch.Tensor
+    nested_absmax: torch.Tensor
+    offset: float
+    nested_map: torch.Tensor
+
+
+def _nonfinite_error() -> type[Exception]:
+    from converter import kernels  # the CPU path's exception, so callers catch one type
+
+    return kernels.NonFiniteInputError
+
+
+@cache
+def cuda_status() -> tuple[bool, str]:
+    """``(usable, reason)``: usable is False with a one-line reason (no CUDA build, no device, old driver)."""
+    if not getattr(_kernels, "has_cuda_build", lambda: False)():
+        return False, "this build of quantize-model has no CUDA backend (it was built without nvcc)"
+    count, why = _kernels.cuda_available()
+    if count == 0:
+        return False, why
+    if not torch.cuda.is_available():
+        return False, "torch reports no usable CUDA device (a CPU-only torch build?)"
+    return True, ""
+
+
+def backend_info() -> dict | None:
+    """``{"devices": [{"name", "capability", "multiprocessors", "total_memory", "l2_bytes"}, ...]}``.
+
+    None when the CUDA backend is not usable (``cuda_status()`` says why).
+    """
+    usable, _ = cuda_status()
+    if not usable:
+        return None
+    count, _ = _kernels.cuda_available()
+    devices = []
+    for i in range(count):
+        d = dict(_kernels.cuda_device_info(i))
+        d["capability"] = "{}.{}".format(*d["capability"])
+        devices.append(d)
+    return {"devices": devices}
+
+
+def _require(x: torch.Tensor, name: str) -> int:
+    if not x.is_cuda:
+        msg = f"{name} is on {x.device}: the CUDA kernels take CUDA tensors"
+        raise ValueError(msg)
+    if not x.is_contiguous():
+        msg = f"{name} is not contiguous (shape {tuple(x.shape)}): call .contiguous()"
+        raise ValueError(msg)
+    usable, why = cuda_status()
+    if not usable:
+        raise RuntimeError(why)
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@cache
+def _device_table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _mids(device: torch.device) -> torch.Tensor:
+    return _device_table(codebooks.DYNAMIC8_MIDPOINTS, device)
+
+
+def _on(t: torch.Tensor, device: torch.device, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if t.dtype != dtype:
+        msg = f"{name} has dtype {t.dtype}, expected {dtype}"
+        raise ValueError(msg)
+    return t.to(device, non_blocking=True).contiguous()
+
+
+def _launch_quantize(
+    x: torch.Tensor, blocksize: int, quant_type: QuantType
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dev = _require(x, "x")
+    if x.dtype not in _DTYPE_CODES:
+        msg = f"x has dtype {x.dtype}: expected float32, float16 or bfloat16"
+        raise ValueError(msg)
+    check_blocksize(blocksize)
+    n = x.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n_blocks(n, blocksize), dtype=torch.float32, device=x.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+    _kernels.cuda_quantize_4bit(
+        dev,
+        x.data_ptr(),
+        _DTYPE_CODES[x.dtype],
+        n,
+        blocksize,
+        int(quant_type),
+        packed.data_ptr(),
+        absmax.data_ptr(),
+        flag.data_ptr(),
+        _stream(x.device),
+    )
+    return packed, absmax, flag
+
+
+def _launch_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dev = _require(absmax, "absmax")
+    nb = absmax.numel()
+    codes = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
+    nested_absmax = torch.empty(n_nested_blocks(nb), dtype=torch.float32, device=absmax.device)
+    sums = torch.empty(max(1, -(-nb // OFFSET_CHUNK)), dtype=torch.float64, device=absmax.device)
+    offset = torch.empty(1, dtype=torch.float32, device=absmax.device)
+    _kernels.cuda_quantize_nested(
+        dev,
+        absmax.data_ptr(),
+        nb,
+        _mids(absmax.device).data_ptr(),
+        sums.data_ptr(),
+        offset.data_ptr(),
+        codes.data_ptr(),
+        nested_absmax.data_ptr(),
+        _stream(absmax.device),
+    )
+    return codes, nested_absmax, offset
+
+
+def _raise_nonfinite(flag: torch.Tensor, n: int, blocksize: int) -> None:
+    if int(flag.item()):
+        msg = f"input contains NaN or Inf (a tensor of {n} elements, blocks of {blocksize})"
+        raise _nonfinite_error()(msg)
+
+
+def quantize_4bit(
+    x: torch.Tensor, *, blocksize: int, quant_type: QuantType
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed uint8 [(n+1)//2], absmax float32 [nb])`` on x's device; see ``converter.kernels``.
+
+    Synchronises with the stream once (to raise NonFiniteInputError on NaN/Inf).
+    """
+    packed, absmax, flag = _launch_quantize(x, blocksize, quant_type)
+    _raise_nonfinite(flag, x.numel(), blocksize)
+    return packed, absmax
+
+
+def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(codes uint8 [nb], nested_absmax float32 [ceil(nb/256)], offset)``; see ``converter.kernels``."""
+    if absmax.dtype != torch.float32:
+        msg = f"absmax has dtype {absmax.dtype}, expected float32"
+        raise ValueError(msg)
+    if absmax.numel() and not bool(torch.isfinite(absmax).all()):
+        msg = "absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor"
+        raise _nonfinite_error()(msg)
+    codes, nested_absmax, offset = _launch_nested(absmax)
+    return codes, nested_absmax, float(offset.item())
+
+
+def quantize_4bit_nested(
+    x: torch.Tensor, *, blocksize: int, quant_type: QuantType
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Quantize and nest in one go: ``(packed, codes, nested_absmax, offset)``, one host synchronisation.
+
+    Equal to ``quantize_4bit`` followed by ``quantize_nested``.
+    """
+    packed, absmax, flag = _launch_quantize(x, blocksize, quant_type)
+    codes, nested_absmax, offset = _launch_nested(absmax)
+    both = torch.cat([flag.to(torch.float32), offset])  # one copy to the host for both scalars
+    bad, off = both.tolist()
+    if bad:
+        msg = f"input contains NaN or Inf (a tensor of {x.numel()} elements, blocks of {blocksize})"
+        raise _nonfinite_error()(msg)
+    return packed, codes, nested_absmax, float(off)
+
+
+def dequantize_nested(
+    codes: torch.Tensor, nested_absmax: torch.Tensor, offset: float, nested_map: torch.Tensor
+) -> torch.Tensor:
+    """absmax float32 [nb] = nested_map[codes] * nested_absmax[i // 256] + offset (separate ops)."""
+    dev = _require(codes, "codes")
+    nb = codes.numel()
+    nested_absmax = _on(nested_absmax, codes.device, torch.float32, "nested_absmax")
+    nested_map = _on(nested_map, codes.device, torch.float32, "nested_map")
+    out = torch.empty(nb, dtype=torch.float32, device=codes.device)
+    _kernels.cuda_dequantize_nested(
+        dev,
+        codes.data_ptr(),
+        nb,
+        nested_absmax.data_ptr(),
+        float(offset),
+        nested_map.data_ptr(),
+        out.data_ptr(),
+        _stream(codes.device),
+    )
+    return out
+
+
+def _nested_args(nested, device: torch.device) -> tuple[int, int, float, int, tuple]:
+    if nested is None:
+        return 0, 0, 0.0, 0, ()
+    nz = _Nested(*nested)
+    codes = _on(nz.codes, device, torch.uint8, "nested.codes")
+    nabs = _on(nz.nested_absmax, device, torch.float32, "nested.nested_absmax")
+    nmap = _on(nz.nested_map, device, torch.float32, "nested.nested_map")
+    if nmap.numel() != NESTED_BLOCKSIZE:
+        msg = f"nested.nested_map has {nmap.numel()} elements, expected 256"
+        raise ValueError(msg)
+    keep = (codes, nabs, nmap)  # alive until the launch is queued
+    return codes.data_ptr(), nabs.data_ptr(), float(nz.offset), nmap.data_ptr(), keep
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor | None,
+    *,
+    n: int,
+    blocksize: int,
+    quant_map: torch.Tensor,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    nested=None,
+) -> torch.Tensor:
+    """``[n]`` of out_dtype: ``quant_map[q] * absmax`` in float32, then a round-to-nearest-even cast.
+
+    With ``nested=(codes, nested_absmax, offset, nested_map)`` the absmax is decoded inline
+    (same bits as ``dequantize_nested`` first) and ``absmax`` may be None.
+    """
+    dev = _require(packed, "packed")
+    check_blocksize(blocksize)
+    if out_dtype not in _DTYPE_CODES:
+        msg = f"out_dtype {out_dtype} is not supported: expected float32, float16 or bfloat16"
+        raise ValueError(msg)
+    if packed.numel() != (n + 1) // 2:
+        msg = f"packed has {packed.numel()} elements, expected (n+1)//2 = {(n + 1) // 2} for n = {n}"
+        raise ValueError(msg)
+    nb = n_blocks(n, blocksize)
+    qm = _on(quant_map, packed.device, torch.float32, "quant_map")
+    nc, na, off, m8, keep = _nested_args(nested, packed.device)
+    if nested is None:
+        if absmax is None or absmax.numel() != nb:
+            msg = f"absmax must be float32 [{nb}] (n = {n}, blocksize {blocksize}) when nested is not given"
+            raise ValueError(msg)
+        absmax = _on(absmax, packed.device, torch.float32, "absmax")
+    elif keep[0].numel() != nb:
+        msg = f"nested.codes has {keep[0].numel()} elements, expected {nb} (n = {n}, blocksize {blocksize})"
+        raise ValueError(msg)
+    if out is None:
+        out = torch.empty(n, dtype=out_dtype, device=packed.device)
+    elif out.device != packed.device or out.dtype != out_dtype or out.numel() != n or not out.is_contiguous():
+        msg = f"out must be a contiguous {out_dtype} tensor of {n} elements on {packed.device}"
+        raise ValueError(msg)
+    _kernels.cuda_dequantize_4bit(
+        dev,
+        packed.data_ptr(),
+        n,
+        blocksize,
+        0 if absmax is None or nested is not None else absmax.data_ptr(),
+        nc,
+        na,
+        off,
+        m8,
+        qm.data_ptr(),
+        _DTYPE_CODES[out_dtype],
+        out.data_ptr(),
+        _stream(packed.device),
+    )
+    return out
+
+
+def gemv_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor | None = None,
+    *,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    quant_map: torch.Tensor,
+    nested=None,
+) -> torch.Tensor:
+    """``y [B, out_features]`` (``[out_features]`` for 1-D x) of x's dtype; float32 accumulation.
+
+    Each weight is decoded as ``dequantize_4bit`` does; B = 1..8 rows of x; absmax nested inline.
+    """
+    dev = _require(x, "x")
+    check_blocksize(blocksize)
+    if x.dtype not in _DTYPE_CODES:
+        msg = f"x has dtype {x.dtype}: expected float32, float16 or bfloat16"
+        raise ValueError(msg)
+    x2 = x.reshape(1, -1) if x.dim() == 1 else x
+    batch = x2.shape[0]
+    if x2.dim() != 2 or x2.shape[1] != in_features or not 1 <= batch <= 8:
+        msg = f"x has shape {tuple(x.shape)}: expected [B, {in_features}] with B in 1..8, or [{in_features}]"
+        raise ValueError(msg)
+    n = out_features * in_features
+    if packed.numel() != (n + 1) // 2:
+        shape = f"[{out_features}, {in_features}]"
+        msg = f"packed has {packed.numel()} elements, expected {(n + 1) // 2} for a weight of shape {shape}"
+        raise ValueError(msg)
+    nb = n_blocks(n, blocksize)
+    qm = _on(quant_map, x.device, torch.float32, "quant_map")
+    nc, na, off, m8, keep = _nested_args(nested, x.device)
+    if nested is None:
+        if absmax is None or absmax.numel() != nb:
+            msg = f"absmax must be float32 [{nb}] when nested is not given"
+            raise ValueError(msg)
+        absmax = _on(absmax, x.device, torch.float32, "absmax")
+    elif keep[0].numel() != nb:
+        msg = f"nested.codes has {keep[0].numel()} elements, expected {nb}"
+        raise ValueError(msg)
+    y = torch.empty((batch, out_features), dtype=x.dtype, device=x.device)
+    _kernels.cuda_gemv_4bit(
+        dev,
+        x2.data_ptr(),
+        _DTYPE_CODES[x.dtype],
+        batch,
+        out_features,
+        in_features,
+        blocksize,
+        packed.data_ptr(),
+        0 if absmax is None or nested is not None else absmax.data_ptr(),
+        nc,
+        na,
+        off,
+        m8,
+        qm.data_ptr(),
+        y.data_ptr(),
+        _stream(x.device),
+    )
+    return y if x.dim() == 2 else y[0]

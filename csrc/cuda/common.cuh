@@ -1,0 +1,154 @@
+// Device helpers shared by the CUDA kernels: element loads/stores, the 4-bit encoders, reductions.
+//
+// Exactness: this file is compiled with --fmad=false -ftz=false -prec-div=true; on top of that every
+// operation on the decision and decode paths is spelled with an explicitly rounded intrinsic
+// (__frcp_rn, __fmul_rn, __fadd_rn, __fsub_rn) so no flag or compiler version can change the bits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "codebooks.h"
+#include "qm_cuda.h"
+
+namespace qm {
+namespace cuda {
+
+// The float32 threshold literals (bit-equal to csrc/codebooks.h; static_asserts in quantize.cu).
+#define QM_NF4_THRESHOLDS                                                                       \
+  -0x1.b239bp-1f, -0x1.38a4ep-1f, -0x1.d709p-2f, -0x1.5bd4ecp-2f, -0x1.e079d8p-3f, -0x1.1a7178p-3f, \
+      -0x1.74f0e2p-5f, 0x1.45f5fep-5f, 0x1.ec90c4p-4f, 0x1.a0cfcp-3f, 0x1.2b05a8p-2f,             \
+      0x1.8ea7f2p-2f, 0x1.00da08p-1f, 0x1.491b5ep-1f, 0x1.b913b4p-1f
+#define QM_FP4_THRESHOLDS \
+  0x1.555572p-9f, 0x1.6p-4f, 0x1.aaaaaap-3f, 0x1.2aaaaap-2f, 0x1.aaaaacp-2f, 0x1.2aaaap-1f, 0x1.aaaaaap-1f
+// Unsigned FP4 code for k thresholds below |s|, one nibble per k: {0, 1, 6, 7, 4, 5, 2, 3}.
+constexpr uint32_t kFP4TreeNibbles = 0x32547610u;
+
+constexpr float kTiny = 1e-38f;  // reciprocal of max(absmax, kTiny): a zero block scales to 0, not NaN
+
+// NF4 code of a scaled value: the number of the 15 thresholds strictly below s (ties to the lower code).
+__device__ __forceinline__ uint32_t encode_nf4(float s) {
+  constexpr float t[15] = {QM_NF4_THRESHOLDS};
+  uint32_t c = 0;
+#pragma unroll
+  for (int k = 0; k < 15; ++k) c += (s > t[k]) ? 1u : 0u;
+  return c;
+}
+
+// FP4 code: bnb's CUDA decision tree on |s| (strict '>' against its literals), sign bit for s < 0.
+// -0.0 is not < 0 and gets the positive zero code, as in formats/reference.py.
+__device__ __forceinline__ uint32_t encode_fp4(float s) {
+  constexpr float t[7] = {QM_FP4_THRESHOLDS};
+  const float a = fabsf(s);
+  uint32_t k = 0;
+#pragma unroll
+  for (int j = 0; j < 7; ++j) k += (a > t[j]) ? 1u : 0u;
+  return ((kFP4TreeNibbles >> (4 * k)) & 0x7u) | (s < 0.0f ? 0x8u : 0u);
+}
+
+template <int QT>
+__device__ __forceinline__ uint32_t encode(float s) {
+  if constexpr (QT == kNF4) return encode_nf4(s);
+  else return encode_fp4(s);
+}
+
+// Element type traits: widen to float32 (exact) and narrow with round-to-nearest-even.
+template <typename T> struct Elem;
+template <> struct Elem<float> {
+  __device__ static __forceinline__ float load(const float* p) { return *p; }
+  __device__ static __forceinline__ float from(float v) { return v; }
+};
+template <> struct Elem<__half> {
+  __device__ static __forceinline__ float load(const __half* p) { return __half2float(*p); }
+  __device__ static __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
+template <> struct Elem<__nv_bfloat16> {
+  __device__ static __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+  __device__ static __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Widen 8 elements held in one 16-byte word (or 4 for float32) to float32.
+__device__ __forceinline__ void widen16(const uint4& w, float* v, const __nv_bfloat16*) {
+  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __uint_as_float(u[i] << 16);            // low half = first element (little-endian)
+    v[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void widen16(const uint4& w, float* v, const __half*) {
+  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h = *reinterpret_cast<const __half2*>(&u[i]);
+    float2 f = __half22float2(h);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void widen16(const uint4& w, float* v, const float*) {
+  v[0] = __uint_as_float(w.x);
+  v[1] = __uint_as_float(w.y);
+  v[2] = __uint_as_float(w.z);
+  v[3] = __uint_as_float(w.w);
+}
+
+// Elements of T per 16-byte word.
+template <typename T> constexpr int kPerWord = 16 / sizeof(T);
+
+// Load E consecutive elements starting at e0 as float32; elements at or past n read as 0.
+// Vector path (16-byte streaming loads) when the whole run is in range and aligned.
+template <typename T, int E>
+__device__ __forceinline__ void load_run(const T* __restrict__ x, int64_t e0, int64_t n, bool aligned,
+                                         float* v) {
+  if (aligned && e0 + E <= n) {
+    constexpr int W = E / kPerWord<T>;
+    uint4 w[W];
+    const uint4* p = reinterpret_cast<const uint4*>(x + e0);
+#pragma unroll
+    for (int i = 0; i < W; ++i) w[i] = __ldcs(p + i);
+#pragma unroll
+    for (int i = 0; i < W; ++i) widen16(w[i], v + i * kPerWord<T>, x);
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = (e0 + i < n) ? Elem<T>::load(x + e0 + i) : 0.0f;
+  }
+}
+
+// |x| of a float as an unsigned integer: for non-negative floats the integer order is the float
+// order, so an integer max gives max|x| exactly, and NaN/Inf (>= 0x7f800000) cannot hide.
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+constexpr uint32_t kInfBits = 0x7f800000u;
+
+__device__ __forceinline__ uint32_t warp_max_xor(uint32_t m, int width) {
+  for (int off = width / 2; off >= 1; off >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
+  return m;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// Nested absmax decode: map8[code] * nested_absmax + offset, a separate multiply and add.
+__device__ __forceinline__ float decode_nested(const uint8_t* __restrict__ ncodes,
+                                               const float* __restrict__ nabs, float offset,
+                                               const float* __restrict__ map8, int64_t blk) {
+  const float m = __ldg(map8 + __ldg(ncodes + blk));
+  return __fadd_rn(__fmul_rn(m, __ldg(nabs + (blk >> 8))), offset);
+}
+
+inline int ilog2(int v) {
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+inline bool valid_blocksize(int bs) { return bs >= 32 && bs <= 4096 && (bs & (bs - 1)) == 0; }
+inline bool aligned16(uintptr_t p) { return (p & 15u) == 0; }
+
+}  // namespace cuda
+}  // namespace qm
