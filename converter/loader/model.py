@@ -1,0 +1,198 @@
+"""``load_quantized``: a transformers model built from a pre-quantized folder, without bitsandbytes' loader.
+
+1. ``config.json`` -> the class named by ``architectures`` (else ``AutoModelForCausalLM``), built with
+   its parameters on the meta device (buffers such as rotary tables are computed for real);
+2. every module whose ``<name>.weight`` is quantized in the shards becomes a :class:`Linear4bit`
+   sharing the memory-mapped tensors; this is checked against the set transformers' bnb integration
+   would swap (``llm_int8_skip_modules`` or its default skips) and a difference is reported;
+3. the other tensors are assigned from the shards (still mapped when the dtype already matches,
+   cast otherwise), weights are tied, and anything left on the meta device is an error naming it.
+
+transformers is imported here only; the state API and ``replace_linear_layers`` work without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from converter.errors import InputError
+from converter.loader.module import Linear4bit, dtype_from_name
+from converter.loader.replace import is_swappable, quantized_modules, swap_layers
+from converter.loader.state import load_quantized_state, resolve_folder
+from formats.record import QuantizedTensor
+
+
+class ModelBuildError(InputError):
+    """transformers cannot build the model named by config.json, or the shards do not fill it."""
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Parameters are created on the meta device, buffers for real (accelerate's init_empty_weights)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _model_class(config: Any) -> type:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    try:
+        return transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        pass
+    try:
+        return transformers.AutoModel._model_mapping[type(config)]
+    except KeyError:
+        msg = f"transformers has no model class for model_type {config.model_type!r}"
+        raise ModelBuildError(msg) from None
+
+
+def transformers_would_quantize(model: nn.Module, quantization_config: dict | None) -> set[str]:
+    """The module names transformers' bnb integration turns into Linear4bit for this config."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    qc = quantization_config or {}
+    skip = qc.get("llm_int8_skip_modules")
+    patterns = list(skip) if skip is not None else list(get_keys_to_not_convert(model))
+    patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {n for n, m in model.named_modules() if is_swappable(m) and should_convert_module(n, patterns)}
+
+
+def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
+    """Assign the non-quantized tensors; returns checkpoint keys the model has no slot for."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    unused = []
+    for key, value in state.items():
+        if isinstance(value, QuantizedTensor):
+            continue
+        module_name, _, attr = key.rpartition(".")
+        target = params.get(key)
+        if target is None and key in buffers:
+            target = buffers[key]
+        if target is None:
+            if key.endswith(".bias") and module_name in quantized_modules(state):
+                continue  # already given to the Linear4bit
+            unused.append(key)
+            continue
+        if tuple(target.shape) != tuple(value.shape):
+            msg = (
+                f"{where}: tensor {key!r} has shape {list(value.shape)}, the model wants {list(target.shape)}"
+            )
+            raise ModelBuildError(msg)
+        # Keep the model's dtype plan (e.g. _keep_in_fp32_modules); a matching dtype stays memory-mapped.
+        data = value if value.dtype == target.dtype else value.to(target.dtype)
+        module = model.get_submodule(module_name)
+        if key in params:
+            module._parameters[attr] = nn.Parameter(data, requires_grad=False)
+        else:
+            module._buffers[attr] = data
+    return unused
+
+
+def load_quantized(
+    path_or_repo: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.bfloat16,
+    *,
+    verify: bool = True,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A transformers model from a pre-quantized folder (or Hub repo id), ready for ``generate()``.
+
+    ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
+    config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard's
+    sha256 against the index first. The model is in eval mode with ``is_loaded_in_4bit = True`` (so
+    PEFT wraps its 4-bit layers with its bnb LoRA layer).
+    """
+    try:
+        import transformers
+    except ImportError:
+        msg = (
+            "load_quantized needs transformers (pip install 'quantize-model[transformers]'); "
+            "without it use load_quantized_state / replace_linear_layers"
+        )
+        raise ModelBuildError(msg) from None
+
+    folder = resolve_folder(path_or_repo)
+    dtype = dtype_from_name(dtype)
+    state = load_quantized_state(folder, verify=verify)
+    if not (folder / "config.json").is_file():
+        msg = f"{folder}: no config.json; use load_quantized_state and replace_linear_layers instead"
+        raise ModelBuildError(msg)
+    raw_config = json.loads((folder / "config.json").read_text())
+    qc = raw_config.get("quantization_config")
+    compute = qc.get("bnb_4bit_compute_dtype") if isinstance(qc, dict) else None
+    compute_dtype = dtype_from_name(compute) if isinstance(compute, str) else dtype
+
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # we build the 4-bit layers ourselves
+    cls = _model_class(config)
+    try:
+        with _params_on_meta(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls._from_config(config, dtype=dtype)
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        msg = f"{folder}: transformers could not build {cls.__name__} from config.json ({why})"
+        raise ModelBuildError(msg) from exc
+
+    expected = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
+    swapped = set(swap_layers(model, state, compute_dtype, where=str(folder)))
+    if swapped != expected:
+        extra, missing = sorted(swapped - expected), sorted(expected - swapped)
+        warnings.warn(
+            f"{folder}: transformers + bitsandbytes would load this folder differently: quantized in "
+            f"the shards but not by transformers: {extra[:5]}; swapped by transformers but not "
+            f"quantized: {missing[:5]}",
+            stacklevel=2,
+        )
+    unused = _fill(model, state, str(folder))
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if left:
+        msg = f"{folder}: the shards have no tensor for {len(left)} model parameter(s): {left[:5]}"
+        raise ModelBuildError(msg)
+    if unused:
+        warnings.warn(
+            f"{folder}: {len(unused)} checkpoint tensor(s) unused by {cls.__name__}: {unused[:5]}",
+            stacklevel=2,
+        )
+    if isinstance(qc, dict):
+        model.config.quantization_config = qc
+    model.is_loaded_in_4bit = True
+    model.eval()
+    if torch.device(device) != torch.device("cpu"):
+        model.to(device)
+    return model
+
+
+def linear4bit_modules(model: nn.Module) -> dict[str, Linear4bit]:
+    """The 4-bit layers of a model, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}

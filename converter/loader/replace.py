@@ -1,0 +1,142 @@
+"""Swap the linear layers of any ``nn.Module`` for 4-bit layers read from a checkpoint.
+
+A layer is swapped when the checkpoint holds ``<module name>.weight`` as a quantized record and the
+module is an ``nn.Linear`` (exact type, as transformers' ``replace_with_bnb_linear`` checks) or a
+GPT-2 style ``Conv1D`` (whose quantized weight is already [out, in]). No transformers needed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from converter.errors import InputError
+from converter.loader.module import Linear4bit, dtype_from_name
+from formats.record import QuantizedTensor
+
+
+class CheckpointMismatchError(InputError):
+    """The checkpoint's quantized weights do not fit the module they are loaded into."""
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, recognized without importing transformers.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_swappable(module: nn.Module) -> bool:
+    """Whether transformers' bnb integration would turn this module into a Linear4bit."""
+    return type(module) is nn.Linear or _is_conv1d(module)
+
+
+def compute_dtype_from_config(folder: Path) -> torch.dtype | None:
+    """``quantization_config.bnb_4bit_compute_dtype`` of ``folder/config.json``, if any."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    qc = json.loads(path.read_text()).get("quantization_config") or {}
+    name = qc.get("bnb_4bit_compute_dtype")
+    return dtype_from_name(name) if isinstance(name, str) else None
+
+
+def quantized_modules(state: Mapping[str, Any]) -> dict[str, QuantizedTensor]:
+    """Module name -> record, for every quantized ``<module>.weight`` of a loaded state."""
+    return {
+        k.removesuffix(".weight"): v
+        for k, v in state.items()
+        if isinstance(v, QuantizedTensor) and k.endswith(".weight")
+    }
+
+
+def swap_layers(
+    model: nn.Module,
+    state: Mapping[str, Any],
+    compute_dtype: torch.dtype | None,
+    *,
+    where: str = "checkpoint",
+) -> list[str]:
+    """Replace each module named by a quantized weight of ``state``; returns the swapped names.
+
+    The new layers share the record's tensors (memory-mapped shards stay mapped). A bias in
+    ``state`` is used; otherwise the module's own bias (if any, and not on the meta device) is kept.
+    """
+    targets = quantized_modules(state)
+    modules = dict(model.named_modules())
+    problems = []
+    for name, record in targets.items():
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"{record.name!r} has no module {name!r} in the model")
+        elif not (is_swappable(module) or isinstance(module, Linear4bit)):
+            problems.append(
+                f"{record.name!r} is quantized but {name!r} is a {type(module).__name__}, not nn.Linear"
+            )
+        elif tuple(record.shape) != _out_in(module):
+            problems.append(
+                f"{record.name!r} has shape {list(record.shape)}, the module expects {list(_out_in(module))}"
+            )
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        msg = f"{where}: {len(problems)} quantized weight(s) do not fit the model: {shown}"
+        raise CheckpointMismatchError(msg)
+    for name, record in targets.items():
+        module = modules[name]
+        bias = state.get(f"{name}.bias")
+        if bias is None and getattr(module, "bias", None) is not None and module.bias.device.type != "meta":
+            bias = module.bias.detach()
+        has_bias = getattr(module, "bias", None) is not None
+        if has_bias and bias is None:
+            msg = f"{where}: module {name!r} has a bias but the checkpoint has no {name + '.bias'!r}"
+            raise CheckpointMismatchError(msg)
+        layer = Linear4bit.from_record(record, bias=bias if has_bias else None, compute_dtype=compute_dtype)
+        layer.train(module.training)
+        model.set_submodule(name, layer)
+    return list(targets)
+
+
+def _out_in(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, Linear4bit):
+        return (module.out_features, module.in_features)
+    if _is_conv1d(module):
+        return (int(module.weight.shape[1]), int(module.weight.shape[0]))
+    return (module.out_features, module.in_features)
+
+
+def replace_linear_layers(
+    module: nn.Module,
+    path_or_state: str | Path | Mapping[str, Any],
+    *,
+    compute_dtype: torch.dtype | str | None = None,
+    verify: bool = True,
+) -> list[str]:
+    """Swap ``module``'s linear layers for 4-bit layers from a checkpoint folder, repo id or loaded state.
+
+    Every quantized weight of the checkpoint must name an ``nn.Linear`` of ``module`` with the same
+    [out, in] shape (else :class:`CheckpointMismatchError` names them). Biases come from the
+    checkpoint. Other tensors (embeddings, norms) are not touched: load them with
+    ``module.load_state_dict({k: v for k, v in state.items() if not isinstance(v, QuantizedTensor)},
+    strict=False)``. ``compute_dtype`` defaults to the checkpoint config's ``bnb_4bit_compute_dtype``,
+    else the weights' original dtype. Sets ``module.is_loaded_in_4bit = True`` so PEFT picks its 4-bit
+    LoRA layer. Returns the names of the swapped modules.
+    """
+    from converter.loader.state import load_quantized_state, resolve_folder
+
+    where = "state dict"
+    if isinstance(path_or_state, Mapping):
+        state = path_or_state
+    else:
+        folder = resolve_folder(path_or_state)
+        where = str(folder)
+        state = load_quantized_state(folder, verify=verify)
+        if compute_dtype is None:
+            compute_dtype = compute_dtype_from_config(folder)
+    dtype = dtype_from_name(compute_dtype) if compute_dtype is not None else None
+    names = swap_layers(module, state, dtype, where=where)
+    if names:
+        module.is_loaded_in_4bit = True
+    return names

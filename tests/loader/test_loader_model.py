@@ -1,0 +1,192 @@
+"""load_quantized and replace_linear_layers: same modules, same logits as transformers + bitsandbytes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from loader_helpers import bnb_load, bnb_quantize_folder, make_layer
+from safetensors.torch import save_file
+from torch import nn
+
+from converter.loader.model import ModelBuildError, linear4bit_modules, load_quantized
+from converter.loader.module import Linear4bit
+from converter.loader.replace import CheckpointMismatchError, replace_linear_layers
+from converter.loader.state import load_quantized_state
+from formats.record import QuantizedTensor
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 200, 7, 64]])
+
+
+def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _bnb_reference(folder: Path) -> nn.Module:
+    """transformers + bnb in train mode before any forward: bnb then keeps its dequantize + F.linear
+    path (in eval mode on an AVX512-BF16 CPU it repacks the weights for its own fused kernel)."""
+    model = bnb_load(folder)
+    model.train()
+    return model
+
+
+def _quantized_names(model: nn.Module, cls: type) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+def test_same_modules_and_bit_identical_logits_on_dequant_path(bnb_folder: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "transformers would load this differently" warning
+        ours = load_quantized(bnb_folder)
+    theirs = _bnb_reference(bnb_folder)
+    assert _quantized_names(ours, Linear4bit) == _quantized_names(theirs, bnb.nn.Linear4bit)
+    for layer in linear4bit_modules(ours).values():
+        layer.use_gemv = False
+    # Same decode (bit-exact) and the same F.linear call: identical logits.
+    assert torch.equal(_logits(ours), _logits(theirs))
+
+
+def test_logits_with_fused_gemv_within_matmul_rounding(bnb_nf4: Path) -> None:
+    ours = load_quantized(bnb_nf4)
+    theirs = bnb_load(bnb_nf4)  # eval mode: bnb's own CPU kernels
+    for ids in (IDS[:, :1], IDS[:, :4], IDS):  # 1 and 4 tokens take our GEMV, 8 as well
+        a, b = _logits(ours, ids).float(), _logits(theirs, ids).float()
+        # Both paths decode identical weights; they differ only in float32 summation order and bnb's
+        # bf16 products, each linear output within about one bf16 ulp. Through two layers this stays
+        # below 4 bf16 ulps of the largest logit.
+        tol = 4 * torch.finfo(torch.bfloat16).eps * b.abs().max()
+        assert (a - b).abs().max() <= tol
+
+
+def test_generate(bnb_nf4: Path) -> None:
+    ours = load_quantized(bnb_nf4)
+    for layer in linear4bit_modules(ours).values():
+        layer.use_gemv = False
+    theirs = _bnb_reference(bnb_nf4)
+    kwargs = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        out = ours.generate(IDS[:, :3], **kwargs)
+        assert torch.equal(out, theirs.generate(IDS[:, :3], **kwargs))
+    assert out.shape == (1, 9)
+
+
+def test_skip_modules_are_honoured(plain_llama: Path, tmp_path: Path) -> None:
+    folder = bnb_quantize_folder(plain_llama, tmp_path / "skip", skip=["o_proj", "lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = load_quantized(folder)
+    assert type(ours.model.layers[0].self_attn.o_proj) is nn.Linear
+    assert _quantized_names(ours, Linear4bit) == _quantized_names(_bnb_reference(folder), bnb.nn.Linear4bit)
+
+
+def test_our_folder_loads_like_transformers_loads_it(our_folder: Path) -> None:
+    ours = load_quantized(our_folder, dtype=torch.bfloat16)
+    theirs = _bnb_reference(our_folder)
+    assert _quantized_names(ours, Linear4bit) == _quantized_names(theirs, bnb.nn.Linear4bit)
+    for layer in linear4bit_modules(ours).values():
+        layer.use_gemv = False
+    assert torch.equal(_logits(ours), _logits(theirs))
+    assert ours.is_loaded_in_4bit
+
+
+def test_non_quantized_tensors_stay_mapped(our_folder: Path) -> None:
+    model = load_quantized(our_folder, dtype=torch.bfloat16)
+    maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(our_folder) in line]
+    ranges = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in maps]
+    emb = model.model.embed_tokens.weight
+    assert any(lo <= emb.data_ptr() < hi for lo, hi in ranges)  # bf16 in, bf16 asked: no copy
+
+
+def test_replace_linear_layers_on_a_transformers_model(our_folder: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(our_folder)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = load_quantized_state(our_folder)
+    names = replace_linear_layers(model, our_folder)
+    assert set(names) == {
+        k.removesuffix(".weight") for k, v in state.items() if isinstance(v, QuantizedTensor)
+    }
+    model.load_state_dict(
+        {k: v for k, v in state.items() if not isinstance(v, QuantizedTensor)}, strict=False
+    )
+    reference = load_quantized(our_folder)
+    for m in (model, reference):
+        for layer in linear4bit_modules(m).values():
+            layer.use_gemv = False
+    assert torch.equal(_logits(model.eval()), _logits(reference))
+
+
+def test_replace_linear_layers_on_any_module(tmp_path: Path) -> None:
+    # A plain nn.Module with its own names; the checkpoint is our layers' state dicts.
+    layers = {"encoder.proj": make_layer(32, 64, bias=True)[0], "head": make_layer(8, 32, seed=1)[0]}
+    tensors = {f"{name}.{k}": v for name, layer in layers.items() for k, v in layer.state_dict().items()}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = nn.Sequential()
+    model.add_module("encoder", nn.Module())
+    model.encoder.add_module("proj", nn.Linear(64, 32, dtype=torch.bfloat16))
+    model.add_module("act", nn.ReLU())
+    model.add_module("head", nn.Linear(32, 8, bias=False, dtype=torch.bfloat16))
+    model.forward = lambda x: model.head(model.act(model.encoder.proj(x)))
+    assert sorted(replace_linear_layers(model, tmp_path)) == ["encoder.proj", "head"]
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = layers["head"](torch.relu(layers["encoder.proj"](x)))
+    assert torch.equal(model.forward(x), expected)
+    wrong = nn.Sequential()
+    wrong.add_module("encoder", nn.Module())
+    wrong.encoder.add_module("proj", nn.Linear(65, 32))
+    with pytest.raises(
+        CheckpointMismatchError, match=r"'encoder\.proj\.weight' has shape \[32, 64\].*\[32, 65\]"
+    ):
+        replace_linear_layers(wrong, tmp_path)
+
+
+def test_state_api_and_replace_work_without_transformers(our_folder: Path, tmp_path: Path) -> None:
+    script = f"""
+import sys
+sys.modules["transformers"] = None  # import transformers -> ImportError
+import torch
+from torch import nn
+from converter.loader.state import load_quantized_state
+from converter.loader.replace import replace_linear_layers
+from converter.loader.model import load_quantized, ModelBuildError
+state = load_quantized_state({str(our_folder)!r})
+q = state["model.layers.0.mlp.down_proj.weight"]
+m = nn.Module(); m.down_proj = nn.Linear(q.shape[1], q.shape[0], bias=False)
+holder = nn.Module(); holder.model = nn.Module(); holder.model.layers = nn.ModuleList([nn.Module()])
+holder.model.layers[0].mlp = m
+only = {{"model.layers.0.mlp.down_proj.weight": q}}
+x = torch.randn(2, q.shape[1], dtype=torch.bfloat16)
+print(replace_linear_layers(holder, only), m.down_proj(x).shape)
+try:
+    load_quantized({str(our_folder)!r})
+except ModelBuildError as exc:
+    print("refused:", exc)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "['model.layers.0.mlp.down_proj'] torch.Size([2, 64])" in out
+    assert "refused: load_quantized needs transformers" in out
+
+
+def test_missing_tensor_is_named(our_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "no-norm"
+    shutil.copytree(our_folder, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert "model.norm.weight" in index["weight_map"]
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # the shards have two layers
+    (folder / "config.json").write_text(json.dumps(config))
+    with (
+        pytest.warns(UserWarning, match="would load this folder differently"),
+        pytest.raises(ModelBuildError, match=r"no tensor for .* model parameter\(s\): \['model\.layers\.2\."),
+    ):
+        load_quantized(folder)
