@@ -340,8 +340,8 @@ def _select_transformers(
         if type(mod).__name__ in MODULES_TO_PATCH_FOR_QUANTIZATION:
             msg = (
                 f"{cls_name}: transformers rebuilds '{name}' ({type(mod).__name__}) as separate "
-                "per-expert layers when it loads a pre-quantized bitsandbytes checkpoint; "
-                "this architecture is not supported"
+                "per-expert layers when it loads a pre-quantized bitsandbytes checkpoint, which the fused "
+                "checkpoint cannot fill; quantize this model on load with transformers + bitsandbytes instead"
             )
             raise SelectionError(msg)
 
