@@ -255,3 +255,43 @@ def test_minilm_real_weights(minilm_src, tmp_path):
         ".quant_map": 0,
     }
     assert torch.equal(_outputs(ours, "bert"), _outputs(ref, "bert"))
+
+
+def test_skip_glob_loads_in_causal_lm_and_base_model(tiny_src, tmp_path):
+    """--skip moves layers out of quantization: our llm_int8_skip_modules (it replaces transformers'
+    default list) must keep them plain nn.Linear both in LlamaForCausalLM and in the bare LlamaModel,
+    and the logits equal bnb's own output made with the same skip list."""
+    src = tiny_src("llama")
+    sel = select_tensors(
+        read_config(src), read_infos(src), skip=["*.mlp.down_proj", "model.layers.1.self_attn.*"]
+    )
+    want = quantized_modules(sel)
+    assert len(want) == 8  # 14 - 2 down_proj - 4 attention projections of layer 1
+    pipeline.convert(
+        str(src),
+        str(tmp_path / "ours"),
+        quant_type="nf4",
+        double_quant=False,
+        compute_dtype="bfloat16",
+        skip=["*.mlp.down_proj", "model.layers.1.self_attn.*"],
+        progress=False,
+    )
+    config = read_config(tmp_path / "ours")
+    assert config["quantization_config"]["llm_int8_skip_modules"] == sel.skip_modules
+    ours, info, messages = _load(tmp_path / "ours")
+    _assert_clean_load(info, messages)
+    assert linear4bit_modules(ours) == want
+    base = transformers.LlamaModel.from_pretrained(tmp_path / "ours", device_map="cpu")
+    assert linear4bit_modules(base) == {n.removeprefix("model.") for n in want}
+
+    qc = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=sel.skip_modules,
+    )
+    ref, _, _ = _load(src, quantization_config=qc)
+    assert linear4bit_modules(ref) == want
+    ref.save_pretrained(tmp_path / "bnb")
+    ref, _, _ = _load(tmp_path / "bnb")
+    assert torch.equal(_outputs(ours, "llama"), _outputs(ref, "llama"))
