@@ -1,0 +1,71 @@
+"""PEFT LoRA on top of our 4-bit layers: plain get_peft_model, training lowers the loss, merge works."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from converter.loader.model import linear4bit_modules, load_quantized
+from converter.loader.module import Linear4bit
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_lora_trains_and_merges(bnb_nf4: Path) -> None:
+    from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
+
+    model = load_quantized(bnb_nf4)
+    original = {n: layer.dequantize().clone() for n, layer in linear4bit_modules(model).items()}
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False
+    )
+    model = peft.get_peft_model(model, config)  # no monkeypatching, no custom-module registration
+    wrapped = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(wrapped, PeftLoraLinear4bit)  # PEFT's own 4-bit LoRA layer around ours
+    assert isinstance(wrapped.base_layer, Linear4bit)
+    frozen = {n: layer.weight.data.clone() for n, layer in linear4bit_modules(model).items()}
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    # The 4-bit weights never changed: gradients went to the input and the adapters only.
+    assert all(torch.equal(frozen[n], layer.weight.data) for n, layer in linear4bit_modules(model).items())
+
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PeftLoraLinear4bit):
+            delta = module.get_delta_weight("default").detach().clone()
+            deltas[name.removeprefix("base_model.model.")] = delta
+    assert len(deltas) == 2 * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = model.merge_and_unload()
+    for name, delta in deltas.items():
+        layer = merged.get_submodule(name)
+        assert isinstance(layer, Linear4bit)
+        # PEFT decoded our weight with bnb.functional.dequantize_4bit, added the delta and let bnb
+        # quantize the sum again: the bytes are those of quantizing (our exact decode + delta).
+        expected, _ = bnb.functional.quantize_4bit(
+            (original[name] + delta).contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
+        assert torch.equal(layer.weight.data.view(torch.uint8), expected.view(torch.uint8)), name
+    with torch.no_grad():
+        assert torch.isfinite(merged(ids).logits).all()  # our forward runs on the re-quantized weight
