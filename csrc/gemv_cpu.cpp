@@ -65,26 +65,33 @@ void store_y(const Gemv4bitArgs& a, int64_t idx, float v) {
   }
 }
 
-// Scalar reference: x in natural order (group 2 = no permutation).
+// Scalar reference: x in natural order (group 2 = no permutation). The weight is the f32 product
+// quant_map[q] * absmax; products and sums are in float64 (slow, but only the output rounds).
 void rows_scalar(const Gemv4bitArgs& a, const float* xf, int64_t o0, int64_t o1) {
   const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs;
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* w = a.packed + o * (K / 2);
     for (int64_t b = 0; b < a.batch; ++b) {
       const float* xb = xf + b * K;
-      float total = 0.0f;
+      double total = 0.0;
       for (int64_t blk = 0; blk < bpr; ++blk) {
-        float sum = 0.0f;
+        const float scale = block_absmax(a, o * bpr + blk);
         for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 2) {
           const uint8_t byte = w[k >> 1];
-          sum += xb[k] * a.quant_map[byte >> 4];
-          sum += xb[k + 1] * a.quant_map[byte & 0xF];
+          total += double{xb[k]} * double{a.quant_map[byte >> 4] * scale};
+          total += double{xb[k + 1]} * double{a.quant_map[byte & 0xF] * scale};
         }
-        total += sum * block_absmax(a, o * bpr + blk);
       }
-      store_y(a, b * a.out_features + o, total);
+      store_y(a, b * a.out_features + o, static_cast<float>(total));
     }
   }
+}
+
+// 16-entry table lookup with 8-lane permutes: bit 3 of the index picks the half (via the sign bit).
+QM_TARGET_AVX2 inline __m256 lookup16_avx2(__m256i idx, __m256 lo, __m256 hi) {
+  const __m256 from_lo = _mm256_permutevar8x32_ps(lo, idx);
+  const __m256 from_hi = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
 QM_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
@@ -102,59 +109,70 @@ QM_TARGET_AVX2 void rows_avx2(const Gemv4bitArgs& a, const float* xf, int64_t o0
   const __m256i nib = _mm256_set1_epi32(0xF);
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* w = a.packed + o * (K / 2);
-    __m256 total[B];
-    for (int b = 0; b < B; ++b) total[b] = _mm256_setzero_ps();
+    __m256 acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < bpr; ++blk) {
-      __m256 acc[B];
-      for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+      const __m256 scale = _mm256_set1_ps(block_absmax(a, o * bpr + blk));
       for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 16) {
         const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (k >> 1))));
         const __m256i hi = _mm256_srli_epi32(v, 4), lo = _mm256_and_si256(v, nib);
-        const __m256 we = _mm256_blendv_ps(_mm256_permutevar8x32_ps(qm_lo, hi), _mm256_permutevar8x32_ps(qm_hi, hi),
-                                           _mm256_castsi256_ps(_mm256_slli_epi32(hi, 28)));
-        const __m256 wo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(qm_lo, lo), _mm256_permutevar8x32_ps(qm_hi, lo),
-                                           _mm256_castsi256_ps(_mm256_slli_epi32(lo, 28)));
+        const __m256 we = _mm256_mul_ps(lookup16_avx2(hi, qm_lo, qm_hi), scale);
+        const __m256 wo = _mm256_mul_ps(lookup16_avx2(lo, qm_lo, qm_hi), scale);
         for (int b = 0; b < B; ++b) {
           const float* xb = xf + b * K + k;
           acc[b] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xb), acc[b]);
           acc[b] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xb + 8), acc[b]);
         }
       }
-      const __m256 scale = _mm256_set1_ps(block_absmax(a, o * bpr + blk));
-      for (int b = 0; b < B; ++b) total[b] = _mm256_fmadd_ps(acc[b], scale, total[b]);
     }
-    for (int b = 0; b < B; ++b) store_y(a, b * a.out_features + o, hsum_avx2(total[b]));
+    for (int b = 0; b < B; ++b) store_y(a, b * a.out_features + o, hsum_avx2(acc[b]));
   }
 }
 
-// AVX-512: 32 weights per step (16 bytes); x permuted in groups of 32.
-template <int B>
-QM_TARGET_AVX512 void rows_avx512(const Gemv4bitArgs& a, const float* xf, int64_t o0, int64_t o1) {
+// AVX-512: 32 weights per step (16 bytes); x permuted in groups of 32. R rows at a time share each
+// load of x (for B = 8 the activations would otherwise be re-read from L2 for every row); each decoded
+// weight vector is scaled by its block's absmax once (the f32 product dequantize_4bit computes) and
+// then feeds B FMAs.
+template <int B, int R>
+QM_TARGET_AVX512 void tile_avx512(const Gemv4bitArgs& a, const float* xf, int64_t o) {
   const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs;
   const __m512 table = _mm512_loadu_ps(a.quant_map);
   const __m512i nib = _mm512_set1_epi32(0xF);
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* w = a.packed + o * (K / 2);
-    __m512 total[B];
-    for (int b = 0; b < B; ++b) total[b] = _mm512_setzero_ps();
-    for (int64_t blk = 0; blk < bpr; ++blk) {
-      __m512 acc[B];
-      for (int b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
-      for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 32) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (k >> 1))));
-        const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
-        const __m512 wo = _mm512_permutexvar_ps(_mm512_and_si512(v, nib), table);
-        for (int b = 0; b < B; ++b) {
-          const float* xb = xf + b * K + k;
-          acc[b] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xb), acc[b]);
-          acc[b] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xb + 16), acc[b]);
+  const uint8_t* w[R];
+  for (int r = 0; r < R; ++r) w[r] = a.packed + (o + r) * (K / 2);
+  __m512 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < bpr; ++blk) {
+    __m512 scale[R];
+    for (int r = 0; r < R; ++r) scale[r] = _mm512_set1_ps(block_absmax(a, (o + r) * bpr + blk));
+    for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 32) {
+      __m512 we[R], wo[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + (k >> 1))));
+        we[r] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), scale[r]);
+        wo[r] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, nib), table), scale[r]);
+      }
+      for (int b = 0; b < B; ++b) {
+        const float* xb = xf + b * K + k;
+        const __m512 xe = _mm512_loadu_ps(xb), xo = _mm512_loadu_ps(xb + 16);
+        for (int r = 0; r < R; ++r) {
+          acc[r][b] = _mm512_fmadd_ps(we[r], xe, acc[r][b]);
+          acc[r][b] = _mm512_fmadd_ps(wo[r], xo, acc[r][b]);
         }
       }
-      const __m512 scale = _mm512_set1_ps(block_absmax(a, o * bpr + blk));
-      for (int b = 0; b < B; ++b) total[b] = _mm512_fmadd_ps(acc[b], scale, total[b]);
     }
-    for (int b = 0; b < B; ++b) store_y(a, b * a.out_features + o, _mm512_reduce_add_ps(total[b]));
   }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) store_y(a, b * a.out_features + o + r, _mm512_reduce_add_ps(acc[r][b]));
+}
+
+template <int B>
+QM_TARGET_AVX512 void rows_avx512(const Gemv4bitArgs& a, const float* xf, int64_t o0, int64_t o1) {
+  constexpr int R = B <= 4 ? 4 : 2;  // R * B accumulators stay within the 32 zmm registers
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) tile_avx512<B, R>(a, xf, o);
+  for (; o < o1; ++o) tile_avx512<B, 1>(a, xf, o);
 }
 
 using RowsFn = void (*)(const Gemv4bitArgs&, const float*, int64_t, int64_t);
@@ -188,6 +206,7 @@ void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads) {
   widen_dispatch(args, isa == Isa::AVX512 ? 32 : isa == Isa::AVX2 ? 16 : 2, xf);
   const RowsFn fn = pick_rows(isa, args.batch);
   const float* xp = xf.data();
+  // Grain 16 rows: a multiple of every tile height.
   parallel_for(args.out_features, threads, 16, [&](int64_t o0, int64_t o1) { fn(args, xp, o0, o1); });
 }
 

@@ -1,7 +1,8 @@
 // Fused 4-bit GEMV / small-batch GEMM for the loader: y[b, o] = sum_k x[b, k] * W[o, k].
 //
-// Not a byte-exact path: it accumulates in float32 with FMA, sums each block first and applies the
-// block's absmax once (y += absmax * sum_k x*quant_map[q]). Tested against dequantize + matmul.
+// Not a byte-exact path: each weight is decoded to the f32 product quant_map[q] * absmax that
+// dequantize_4bit computes, then x * w is accumulated in float32 (FMA on the SIMD paths, in an order
+// that differs from torch's). Tested against dequantize + matmul within the dtype's rounding.
 #pragma once
 
 #include <cstdint>

@@ -134,7 +134,7 @@ void parallel_for(int64_t n, int threads, int64_t grain, const std::function<voi
   grain = std::max<int64_t>(grain, 1);
   // About 4 chunks per thread: dynamic hand-out evens out cores shared with other work.
   const int64_t per = (n + int64_t{threads} * 4 - 1) / (int64_t{threads} * 4);
-  const int64_t chunk = std::max(grain, per);
+  const int64_t chunk = (std::max(grain, per) + grain - 1) / grain * grain;  // a multiple of grain
   Pool::instance().run(n, threads, chunk, fn);
 }
 

@@ -18,7 +18,7 @@ int affinity_cpu_count();
 // Threads used when the caller passes threads <= 0: affinity_cpu_count().
 int default_threads();
 
-// Runs fn(begin, end) over [0, n) split into contiguous chunks of at least `grain` items, on up to
+// Runs fn(begin, end) over [0, n) split into contiguous chunks of a multiple of `grain` items, on up to
 // `threads` threads (the calling thread included). threads <= 0 means default_threads(). Chunks are
 // handed out dynamically; which thread runs a chunk never changes the result, because every kernel
 // writes disjoint outputs per item. Calls from several Python threads are serialized.
