@@ -70,6 +70,7 @@ def _register() -> None:
     # One line per command, in the order `--help` lists them.
     from converter.cli.batch import batch
     from converter.cli.convert import convert
+    from converter.cli.dequantize import dequantize
     from converter.cli.inspect import inspect
     from converter.cli.push import push
     from converter.cli.verify import verify
@@ -79,6 +80,7 @@ def _register() -> None:
     cli.add_command(inspect)
     cli.add_command(verify)
     cli.add_command(push)
+    cli.add_command(dequantize)
 
 
 _register()

@@ -1,0 +1,163 @@
+"""Back to a plain checkpoint: every quantized weight dequantized, every other tensor copied.
+
+Streams tensor by tensor: the plan (names, shapes, dtypes, shard split) is made from the records
+alone, then each shard is written by ``formats.writer.ShardWriter`` (temp name, fsync, rename) with
+one dequantized weight in memory at a time. Floating-point tensors are written in ``dtype``
+(integer tensors such as ``position_ids`` keep theirs). ``config.json`` loses its
+``quantization_config`` and gets ``dtype`` / ``torch_dtype``; tokenizer and other files are copied.
+The index is written last, so a folder with an index is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from converter.errors import OutputExistsError
+from converter.loader import ops
+from converter.loader.module import dtype_from_name, state_from_record
+from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
+from converter.plan import normalize_dtype, parse_size, shard_names
+from formats.record import QuantizedTensor
+from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
+
+#: Files of a quantized folder that are not copied to the plain one.
+_NOT_COPIED = {"config.json", INDEX_NAME, "quantization_report.json"}
+
+
+@dataclass
+class DequantizeResult:
+    output: Path
+    dtype: str
+    shards: list[str] = field(default_factory=list)
+    tensors_dequantized: int = 0
+    tensors_copied: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "output": str(self.output),
+            "dtype": self.dtype,
+            "shards": self.shards,
+            "tensors_dequantized": self.tensors_dequantized,
+            "tensors_copied": self.tensors_copied,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _out_dtype(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    if isinstance(value, QuantizedTensor) or value.is_floating_point():
+        return dtype
+    return value.dtype
+
+
+def _plan(state: dict, dtype: torch.dtype, max_shard_size: int) -> list[list[str]]:
+    """Names per shard, in checkpoint order, each shard at most ``max_shard_size`` bytes (unless one
+    tensor alone is larger, as transformers does)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, value in state.items():
+        n = math.prod(value.shape) * torch.empty(0, dtype=_out_dtype(value, dtype)).element_size()
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def _tensor(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, QuantizedTensor):
+        return ops.dequantize(value.packed, state_from_record(value), dtype)
+    return value.to(_out_dtype(value, dtype))
+
+
+def dequantize_checkpoint(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    max_shard_size: str | int = "5GB",
+    verify: bool = True,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> DequantizeResult:
+    """Write ``output``: a plain safetensors checkpoint of the quantized folder (or Hub repo) ``source``.
+
+    ``dtype`` ("bfloat16" / "bf16", "float16" / "fp16", "float32" / "fp32") is the dtype of every
+    floating-point tensor written. ``output`` must be absent or empty unless ``overwrite``.
+    ``progress`` is called with each tensor name as it is written.
+    """
+    started = time.perf_counter()
+    name = normalize_dtype(str(dtype).replace("torch.", ""), "--dtype")
+    torch_dtype = dtype_from_name(name)
+    limit = parse_size(max_shard_size)
+    folder = resolve_folder(source)
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
+            raise OutputExistsError(msg)
+        if out.resolve() == folder.resolve():
+            msg = f"{out}: is the source folder; write the plain checkpoint somewhere else"
+            raise OutputExistsError(msg)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    state = load_quantized_state(folder, verify=verify)
+    groups = _plan(state, torch_dtype, limit)
+    names = shard_names(len(groups))
+    result = DequantizeResult(out, name)
+    weight_map: dict[str, str] = {}
+    for shard_name, group in zip(names, groups, strict=True):
+        slots = [
+            TensorSlot(
+                k, DTYPE_CODES[_out_dtype(state[k], torch_dtype)], tuple(int(d) for d in state[k].shape)
+            )
+            for k in group
+        ]
+        with ShardWriter(out / shard_name, slots, {}) as writer:
+            for k in group:
+                writer.write(k, _tensor(state[k], torch_dtype).contiguous())
+                if isinstance(state[k], QuantizedTensor):
+                    result.tensors_dequantized += 1
+                else:
+                    result.tensors_copied += 1
+                weight_map[k] = shard_name
+                if progress is not None:
+                    progress(k)
+        result.bytes_written += (out / shard_name).stat().st_size
+        result.shards.append(shard_name)
+
+    for item in sorted(folder.iterdir()):
+        if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(".safetensors"):
+            if not item.name.startswith("."):
+                shutil.copy2(item, out / item.name)
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config["dtype"] = name
+        config["torch_dtype"] = name
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if len(names) > 1:
+        total = sum(
+            math.prod(v.shape) * torch.empty(0, dtype=_out_dtype(v, torch_dtype)).element_size()
+            for v in state.values()
+        )
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        tmp = out / f".{INDEX_NAME}.partial"
+        tmp.write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(tmp, out / INDEX_NAME)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,90 @@
+"""quantize-model dequantize / dequantize_checkpoint: a plain checkpoint, exact values, sharded, safe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from converter.cli import cli
+from converter.errors import OutputExistsError
+from converter.loader import ops
+from converter.loader.dequantize import dequantize_checkpoint
+from converter.loader.module import state_from_record
+from converter.loader.state import load_quantized_state
+from formats.record import QuantizedTensor
+
+
+def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("flag", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]
+)
+def test_cli_writes_a_plain_sharded_checkpoint(
+    our_folder: Path, tmp_path: Path, flag: str, dtype: torch.dtype
+) -> None:
+    out = tmp_path / "plain"
+    result = CliRunner().invoke(
+        cli, ["dequantize", str(our_folder), str(out), "--dtype", flag, "--max-shard-size", "100KB", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["tensors_dequantized"] == 14
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(report["shards"]) > 1
+    assert set(index["weight_map"].values()) == set(report["shards"])
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["dtype"] == str(dtype).removeprefix("torch.")
+    written = _read_folder(out)
+    state = load_quantized_state(our_folder)
+    assert set(written) == set(state)
+    for name, value in state.items():
+        if isinstance(value, QuantizedTensor):
+            # The same decode as bitsandbytes, straight into the requested dtype.
+            expected = ops.dequantize(value.packed, state_from_record(value), dtype)
+        else:
+            expected = value.to(dtype) if value.is_floating_point() else value
+        assert written[name].dtype == expected.dtype
+        assert torch.equal(written[name], expected), name
+    assert not list(out.glob(".*partial"))
+
+
+def test_plain_checkpoint_loads_in_transformers(bnb_nf4: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from converter.loader.model import linear4bit_modules, load_quantized
+
+    out = tmp_path / "plain"
+    dequantize_checkpoint(bnb_nf4, out, dtype="bf16")
+    assert (out / "model.safetensors").is_file()  # one shard: transformers' single-file name
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    quantized = load_quantized(bnb_nf4)
+    for layer in linear4bit_modules(quantized).values():
+        layer.use_gemv = False
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, quantized(ids).logits)
+
+
+def test_refuses_a_non_empty_output(our_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match=r"busy: exists and is not empty"):
+        dequantize_checkpoint(our_folder, out)
+    result = CliRunner().invoke(cli, ["dequantize", str(our_folder), str(out)])
+    assert result.exit_code == 2
+    assert (out / "mine.txt").read_text() == "keep me"
+    dequantize_checkpoint(our_folder, out, overwrite=True)
+    assert not (out / "mine.txt").exists()
