@@ -143,11 +143,16 @@ def _user_reason(skip: Sequence[str], include: Sequence[str], *names: str) -> st
 
 
 def _shape_reason(t: _TensorLike) -> str | None:
-    """Reason a tensor cannot be a quantizable weight whatever the model says, or None."""
+    """Reason a tensor cannot be a quantizable weight by its name, dtype or shape, or None."""
     if t.name.endswith(".bias"):
         return "bias"
     if not t.name.endswith(".weight"):
         return "not a .weight tensor"
+    return _data_reason(t)
+
+
+def _data_reason(t: _TensorLike) -> str | None:
+    """Reason a linear weight cannot be quantized by its dtype or shape, or None."""
     if t.dtype not in _QUANTIZABLE_DTYPES:
         return f"dtype {t.dtype} is not float32/float16/bfloat16"
     if len(t.shape) != 2:
@@ -396,11 +401,12 @@ def _select_transformers(
                 reason = f"not a parameter of {cls_name} (transformers drops it on load)"
             elif pattern is not None:
                 reason = _converter_reason(by_pattern[pattern], renamed)
-            reason = reason or _shape_reason(t)
             if reason is None:
                 mod_name, _, pname = renamed.rpartition(".")
                 mod = modules.get(mod_name)
-                if mod_name not in linear or pname != "weight":
+                if pname == "bias":
+                    reason = "bias"
+                elif mod_name not in linear or pname != "weight":
                     kind = type(mod).__name__ if mod is not None else "?"
                     reason = "router" if _is_router(mod_name, mod) else f"not nn.Linear ({kind})"
                 elif mod_name not in convertible:
@@ -408,7 +414,7 @@ def _select_transformers(
                 elif _is_router(mod_name, mod):
                     reason = "router"
                 else:
-                    reason = _user_reason(skip, include, key, module_of(key), mod_name)
+                    reason = _user_reason(skip, include, key, module_of(key), mod_name) or _data_reason(t)
                 if reason is None and tuple(t.shape) != tuple(meta_sd[renamed].shape):
                     reason = f"shape {list(t.shape)} differs from {cls_name}'s {list(meta_sd[renamed].shape)}"
                 if reason is None:
