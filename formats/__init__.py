@@ -14,7 +14,7 @@ from formats.metadata import (
     validate_metadata,
 )
 from formats.quant_types import QuantType
-from formats.reader import Shard, open_shard
+from formats.reader import Checkpoint, Shard, open_checkpoint, open_folder, open_shard
 from formats.record import NestedAbsmax, QuantizedTensor
 from formats.validate import FORMAT_VERSION, FormatError
 from formats.writer import ShardInfo, ShardWriter, TensorSlot
@@ -22,6 +22,7 @@ from formats.writer import ShardInfo, ShardWriter, TensorSlot
 __all__ = [
     "FORMAT_VERSION",
     "INDEX_NAME",
+    "Checkpoint",
     "FormatError",
     "Index",
     "NestedAbsmax",
@@ -32,6 +33,8 @@ __all__ = [
     "ShardWriter",
     "TensorSlot",
     "build_metadata",
+    "open_checkpoint",
+    "open_folder",
     "open_shard",
     "passthrough_record",
     "provenance",

@@ -8,6 +8,7 @@ writing to a returned tensor never reaches the file.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -15,9 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from formats.index import INDEX_NAME, read_index
 from formats.metadata import parse_metadata
 from formats.record import QuantizedTensor
-from formats.validate import ValidatedShard, validate_file
+from formats.validate import (
+    BadIndex,
+    DuplicateTensor,
+    MissingQuantComponent,
+    TensorEntry,
+    ValidatedShard,
+    find_quant_groups,
+    validate_file,
+)
 from formats.writer import TORCH_DTYPES
 
 
@@ -81,12 +91,32 @@ class Shard:
         tensors = {k: self.get_tensor(k) for k in group.keys}
         return QuantizedTensor.from_state_dict(name, tensors, file=str(self.path))
 
+    @property
+    def partial(self) -> dict[str, tuple[str, ...]]:
+        """Quantized weights with only some of their keys in this shard (bnb/transformers sharding
+        may split them): weight key -> the keys present here. Always empty for our shards."""
+        return dict(self._shard.partial)
+
+    def entry(self, name: str) -> TensorEntry:
+        """dtype code, shape and data offsets of a tensor (no data read)."""
+        return self._shard.entries[name]
+
     def records(self) -> dict[str, QuantizedTensor | torch.Tensor]:
-        """Every quantized weight as a record, and every passthrough tensor as a tensor."""
-        out: dict[str, QuantizedTensor | torch.Tensor] = {
-            name: self.record(name) for name in self._shard.groups
-        }
-        out.update({name: self.get_tensor(name) for name in self._shard.passthrough})
+        """Every quantized weight as a record, and every passthrough tensor as a tensor.
+
+        Refuses a shard whose quantized weights are split across shards: read those with
+        ``open_folder`` / ``open_checkpoint``, which join the pieces.
+        """
+        if self._shard.partial:
+            name = next(iter(self._shard.partial))
+            msg = (
+                f"{self.path}: tensor {name!r}: its quant-state keys are split across shards "
+                f"({len(self._shard.partial)} weight(s)); open the whole checkpoint with "
+                "formats.reader.open_folder"
+            )
+            raise MissingQuantComponent(msg)
+        out: dict[str, QuantizedTensor | torch.Tensor] = {name: self.record(name) for name in self.quantized}
+        out.update({name: self.get_tensor(name) for name in self.passthrough})
         return out
 
     def close(self) -> None:
@@ -104,3 +134,107 @@ class Shard:
 def open_shard(path: str | os.PathLike[str]) -> Shard:
     """Open and validate a safetensors shard. Raises a ``FormatError`` subclass for a bad file."""
     return Shard(Path(path))
+
+
+class Checkpoint:
+    """Several shards read as one: keys are unique across shards, and quantized weights whose keys
+    bnb/transformers' sharding split over several shards are joined and validated as a whole."""
+
+    def __init__(self, paths: Sequence[Path], *, weight_map: Mapping[str, str] | None = None) -> None:
+        self.shards: list[Shard] = [open_shard(p) for p in paths]
+        self._where: dict[str, Shard] = {}
+        for shard in self.shards:
+            for key in shard.keys():
+                if key in self._where:
+                    msg = f"{shard.path}: tensor {key!r} is also in {self._where[key].path}; inconsistent"
+                    raise DuplicateTensor(msg)
+                self._where[key] = shard
+        if weight_map is not None:
+            for key, shard in self._where.items():
+                if weight_map.get(key) != shard.path.name:
+                    msg = f"{shard.path}: tensor {key!r} is mapped to {weight_map.get(key)!r} by {INDEX_NAME}"
+                    raise BadIndex(msg)
+            missing = sorted(set(weight_map) - set(self._where))
+            if missing:
+                msg = f"{INDEX_NAME}: {len(missing)} mapped tensor(s) are in no shard, e.g. {missing[0]!r}"
+                raise BadIndex(msg)
+        # Join split groups: their pieces plus the weight key, wherever each one is.
+        pieces = {k for s in self.shards for ks in s.partial.values() for k in ks}
+        pieces |= {b for s in self.shards for b in s.partial if b in self._where}
+        entries = {k: (self.entry(k).dtype, self.entry(k).shape) for k in sorted(pieces)}
+        label = str(self.shards[0].path.parent) if self.shards else "<checkpoint>"
+        self._joined, _ = find_quant_groups(label, entries, self._read, complete=True)
+        claimed = {k for g in self._joined.values() for k in g.keys}
+        self._passthrough = [k for s in self.shards for k in s.passthrough]
+        self._passthrough += [k for k in entries if k not in claimed and k not in self._passthrough]
+        self._quantized = [n for s in self.shards for n in s.quantized] + list(self._joined)
+
+    def _read(self, key: str) -> bytes:
+        return self.get_tensor(key).reshape(-1).view(torch.uint8).numpy().tobytes()
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self._where[name].entry(name)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        shard = self._where.get(name)
+        if shard is None:
+            msg = f"no tensor {name!r} in this checkpoint"
+            raise KeyError(msg)
+        return shard.get_tensor(name)
+
+    @property
+    def quantized(self) -> list[str]:
+        return list(self._quantized)
+
+    @property
+    def passthrough(self) -> list[str]:
+        return list(self._passthrough)
+
+    def record(self, name: str) -> QuantizedTensor:
+        if name in self._joined:
+            tensors = {k: self.get_tensor(k) for k in self._joined[name].keys}
+            return QuantizedTensor.from_state_dict(name, tensors, file=str(self._where[name].path))
+        if name not in self._where:
+            msg = f"no quantized weight {name!r} in this checkpoint"
+            raise KeyError(msg)
+        return self._where[name].record(name)
+
+    def records(self) -> dict[str, QuantizedTensor | torch.Tensor]:
+        """Every quantized weight as a record and every other tensor as a tensor, over all shards."""
+        out: dict[str, QuantizedTensor | torch.Tensor] = {n: self.record(n) for n in self._quantized}
+        out.update({n: self.get_tensor(n) for n in self._passthrough})
+        return out
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def open_checkpoint(paths: Sequence[str | os.PathLike[str]]) -> Checkpoint:
+    """Open the given shard files as one checkpoint."""
+    return Checkpoint([Path(p) for p in paths])
+
+
+def open_folder(folder: str | os.PathLike[str]) -> Checkpoint:
+    """A checkpoint folder: the shards ``model.safetensors.index.json`` names (checked against its
+    weight_map), else its single ``*.safetensors`` file."""
+    folder = Path(folder)
+    if (folder / INDEX_NAME).is_file():
+        index = read_index(folder)
+        return Checkpoint([folder / n for n in index.files], weight_map=index.weight_map)
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) != 1:
+        msg = f"{folder}: no {INDEX_NAME} and {len(found)} *.safetensors files; expected exactly one"
+        raise BadIndex(msg)
+    return Checkpoint(found)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -157,6 +158,10 @@ class BadIndex(FormatError):
 
 class MissingShard(FormatError):
     """The index names a shard file that does not exist."""
+
+
+class DuplicateTensor(FormatError):
+    """The same tensor key in two shards of one checkpoint."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,6 +345,66 @@ def check_quant_group(
     return storage, expected
 
 
+def find_quant_groups(
+    file: str,
+    entries: Mapping[str, tuple[str, tuple[int, ...]]],
+    read: Callable[[str], bytes],
+    *,
+    complete: bool,
+) -> tuple[dict[str, QuantGroup], dict[str, tuple[str, ...]]]:
+    """Group the bnb keys of every quantized weight among ``entries`` (key -> (dtype code, shape)).
+
+    ``read(key)`` returns a tensor's bytes (used for the quant-state JSON). With ``complete`` every
+    group must be whole here; without it, a group with keys missing (or components without a quant
+    state) is returned in the second dict (weight key -> its keys present) instead of raising.
+    """
+    groups: dict[str, QuantGroup] = {}
+    partial: dict[str, tuple[str, ...]] = {}
+    for key in entries:
+        base, sep, _ = key.rpartition("." + QUANT_STATE_PREFIX)
+        if not sep:
+            continue
+        dtype, shape = entries[key]
+        if dtype != "U8" or len(shape) != 1:
+            msg = f"{file}: tensor {key!r}: quant state must be 1-D U8, got {dtype} {list(shape)}"
+            raise BadQuantState(msg)
+        if base in groups or base in partial:
+            msg = f"{file}: tensor {base!r}: more than one quant_state key (second: {key!r})"
+            raise UnexpectedQuantComponent(msg)
+        info = parse_quant_state(file, key, read(key))
+        present = {k: v for k, v in entries.items() if k == base or k.startswith(base + ".")}
+        names = quant_layout(
+            base, info.shape, info.quant_type, info.blocksize, info.nested_offset is not None, "uint8"
+        )
+        extra = sorted(set(present) - set(names))
+        if extra:
+            msg = (
+                f"{file}: tensor {base!r}: unexpected keys {extra} under the quantized weight "
+                "(bitsandbytes rejects them; a bias belongs at '<module>.bias')"
+            )
+            raise UnexpectedQuantComponent(msg)
+        if not complete and set(present) != set(names):
+            partial[base] = tuple(sorted(present))
+            continue
+        if base not in present:
+            msg = f"{file}: tensor {base!r}: packed weight missing (its quant state {key!r} is present)"
+            raise MissingQuantComponent(msg)
+        storage, expected = check_quant_group(file, base, info, dict(present))
+        groups[base] = QuantGroup(base, info, storage, (base, *sorted(set(expected) - {base})))
+    # Components whose weight has no quant_state key: transformers would silently load the packed
+    # bytes as the weight.
+    for key in entries:
+        base, _, suffix = key.rpartition(".")
+        if suffix not in _COMPONENT_SUFFIXES or base in groups or base in partial:
+            continue
+        if not complete:
+            partial[base] = tuple(sorted(k for k in entries if k == base or k.startswith(base + ".")))
+        elif base in entries:
+            msg = f"{file}: tensor {base!r}: has {key!r} but no '{base}.{QUANT_STATE_PREFIX}nf4|fp4' key"
+            raise MissingQuantComponent(msg)
+    return groups, partial
+
+
 # --------------------------------------------------------------------------------------------------
 # The straight-line validation of a whole shard
 
@@ -368,7 +433,8 @@ class ValidatedShard:
     data_start: int  # file offset of the data buffer (8 + header length)
     entries: dict[str, TensorEntry]  # in file order
     metadata: dict[str, str]  # raw __metadata__ (empty if absent)
-    groups: dict[str, QuantGroup]  # quantized weights by weight key
+    groups: dict[str, QuantGroup]  # quantized weights whose keys are all in this shard, by weight key
+    partial: dict[str, tuple[str, ...]]  # weight key -> its keys in this shard, the rest elsewhere
     passthrough: tuple[str, ...]  # every other key
 
 
@@ -474,36 +540,16 @@ def validate_file(path: Path, f: BinaryIO, file_size: int) -> ValidatedShard:
                 f"{FORMAT_VERSION}); upgrade quantize-model"
             )
             raise UnknownFormatVersion(msg)
-    # 7. Quantized weights: every "<W>.quant_state.bitsandbytes__x" key makes a group.
-    groups: dict[str, QuantGroup] = {}
-    claimed: set[str] = set()
-    for key in entries:
-        base, sep, _ = key.rpartition("." + QUANT_STATE_PREFIX)
-        if not sep:
-            continue
-        js = entries[key]
-        if js.dtype != "U8" or len(js.shape) != 1:
-            msg = f"{file}: tensor {key!r}: quant state must be 1-D U8, got {js.dtype} {list(js.shape)}"
-            raise BadQuantState(msg)
-        if base in groups:
-            msg = f"{file}: tensor {base!r}: more than one quant_state key (second: {key!r})"
-            raise UnexpectedQuantComponent(msg)
-        f.seek(data_start + js.begin)
-        info = parse_quant_state(file, key, f.read(js.end - js.begin))
-        if base not in entries:
-            msg = f"{file}: tensor {base!r}: packed weight missing (its quant state {key!r} is present)"
-            raise MissingQuantComponent(msg)
-        present = {k: (entries[k].dtype, entries[k].shape) for k in entries if k.startswith(base + ".")}
-        present[base] = (entries[base].dtype, entries[base].shape)
-        storage, expected = check_quant_group(file, base, info, present)
-        groups[base] = QuantGroup(base, info, storage, (base, *sorted(set(expected) - {base})))
-        claimed |= set(expected)
-    # 8. Quant-state components whose weight has no quant_state key: transformers would silently load
-    #    the packed bytes as the weight.
-    for key in entries:
-        base, _, suffix = key.rpartition(".")
-        if suffix in _COMPONENT_SUFFIXES and base in entries and base not in groups:
-            msg = f"{file}: tensor {base!r}: has {key!r} but no '{base}.{QUANT_STATE_PREFIX}nf4|fp4' key"
-            raise MissingQuantComponent(msg)
+
+    # 7. Quantized weights. Our shards hold every group whole; a shard bnb/transformers wrote may have
+    #    a weight's keys split over several shards (checked across the folder by the reader).
+    def read(key: str) -> bytes:
+        f.seek(data_start + entries[key].begin)
+        return f.read(entries[key].end - entries[key].begin)
+
+    shapes = {k: (e.dtype, e.shape) for k, e in entries.items()}
+    ours = "quantize_model.format" in metadata
+    groups, partial = find_quant_groups(file, shapes, read, complete=ours)
+    claimed = {k for g in groups.values() for k in g.keys} | {k for ks in partial.values() for k in ks}
     passthrough = tuple(k for k in entries if k not in claimed)
-    return ValidatedShard(path, data_start, entries, dict(metadata), groups, passthrough)
+    return ValidatedShard(path, data_start, entries, dict(metadata), groups, partial, passthrough)

@@ -12,8 +12,15 @@ from fmt_helpers import reference_record, shard_plan
 from formats import bnb_compat
 from formats.index import INDEX_NAME, read_index, shard_name, verify_shards, write_index
 from formats.quant_types import QuantType
-from formats.reader import open_shard
-from formats.validate import BadIndex, MissingShard, UnknownFormatVersion
+from formats.reader import open_checkpoint, open_folder, open_shard
+from formats.record import QuantizedTensor
+from formats.validate import (
+    BadIndex,
+    DuplicateTensor,
+    MissingQuantComponent,
+    MissingShard,
+    UnknownFormatVersion,
+)
 from formats.writer import ShardInfo, ShardWriter
 
 PROV = {"source": "test", "files": [], "options": {}}
@@ -136,3 +143,69 @@ def test_transformers_loads_our_folder(tmp_path: Path) -> None:
     with torch.no_grad():
         logits = loaded(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_reads_a_folder_transformers_saved(tmp_path: Path) -> None:
+    """bnb + transformers' own save_pretrained output: no quantize_model metadata, same bnb keys."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    src = tmp_path / "src"
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src)
+    bnb_cfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=bnb_cfg, device_map="cpu"
+    )
+    out = tmp_path / "bnb"
+    model.save_pretrained(out, max_shard_size="10KB")
+    index = read_index(out)
+    assert index.format_version is None
+    assert index.shards == {}
+    assert len(index.files) > 1
+    assert verify_shards(out) == []
+    for name in index.files:
+        assert open_shard(out / name).metadata is None
+    split = [open_shard(out / n) for n in index.files if open_shard(out / n).partial]
+    assert split, "transformers split no weight over two shards; shrink max_shard_size"
+    with pytest.raises(MissingQuantComponent, match="split across shards"):
+        split[0].records()
+    with open_folder(out) as ckpt:
+        records = ckpt.records()
+    assert set(records) == set(model.state_dict()) - {
+        k for k in model.state_dict() if ".weight." in k
+    }  # one record per quantized weight: its auxiliary keys are folded in
+    q_proj = records["model.layers.0.self_attn.q_proj.weight"]
+    assert isinstance(q_proj, QuantizedTensor)
+    assert q_proj.nested is not None
+    assert q_proj.shape == (64, 64)
+    import bitsandbytes.functional as bnbf
+
+    for name, rec in records.items():
+        if isinstance(rec, QuantizedTensor):
+            weight = model.get_submodule(name.removesuffix(".weight")).weight
+            theirs = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+            assert torch.equal(theirs.view(torch.int16), rec.dequantize().view(torch.int16)), name
+
+
+def test_checkpoint_refuses_duplicates_and_wrong_weight_map(tmp_path: Path) -> None:
+    infos, wm = _write_two_shards(tmp_path)
+    write_index(tmp_path, infos, wm, PROV)
+    with open_folder(tmp_path) as ckpt:
+        assert sorted(ckpt.quantized) == ["layer1.weight", "layer2.weight"]
+        assert sorted(ckpt.passthrough) == ["layer1.bias", "layer2.bias"]
+    obj = json.loads((tmp_path / INDEX_NAME).read_text())
+    obj["weight_map"]["layer1.bias"] = shard_name(2, 2)
+    (tmp_path / INDEX_NAME).write_text(json.dumps(obj))
+    with pytest.raises(BadIndex, match=r"'layer1\.bias' is mapped to 'model-00002-of-00002\.safetensors'"):
+        open_folder(tmp_path)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(infos[0].path.read_bytes())
+    with pytest.raises(DuplicateTensor, match="is also in"):
+        open_checkpoint([infos[0].path, copy])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from formats.quant_types import QuantType
-from formats.reader import open_shard
+from formats.reader import open_checkpoint, open_shard
 from formats.record import QuantizedTensor
 from formats.validate import (
     BadMetadata,
@@ -125,7 +125,7 @@ def _layout_case(tmp_path: Path, mutate) -> bytes:
     """Our valid shard's tensors re-laid out by hand after ``mutate(tensors)`` edits them."""
     tensors, _ = _our_shard(tmp_path / "base.safetensors")
     tensors = dict(tensors)
-    metadata = {"format": "pt"}
+    metadata = {"format": "pt", "quantize_model.format": '{"name":"quantize-model","version":1}'}
     mutate(tensors, metadata)
     header: dict = {"__metadata__": metadata}
     data = b""
@@ -213,6 +213,23 @@ def test_hostile_file(tmp_path: Path, error: type[FormatError], build, fragment:
     assert type(exc.value) is error
     assert fragment in str(exc.value)
     assert str(exc.value).startswith(str(tmp_path / "hostile.safetensors"))
+
+
+def test_bnb_made_file_with_missing_component(tmp_path: Path) -> None:
+    """Without our metadata a group may be split over shards: the shard opens, the checkpoint refuses."""
+
+    def drop(t: dict, m: dict) -> None:
+        t.pop(f"{W}.nested_absmax")
+        m.pop("quantize_model.format")
+
+    raw = _layout_case(tmp_path, drop)
+    shard = _open(tmp_path, raw)
+    assert W in shard.partial
+    assert W not in shard.passthrough
+    with pytest.raises(MissingQuantComponent, match="split across shards"):
+        shard.records()
+    with pytest.raises(MissingQuantComponent, match=r"nested_absmax' missing"):
+        open_checkpoint([tmp_path / "hostile.safetensors"])
 
 
 def test_every_validation_error_class_has_a_hostile_file() -> None:
