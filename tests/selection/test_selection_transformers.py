@@ -143,3 +143,63 @@ def test_tiny_configs_are_tiny():
     for name, (_, _, kwargs, _) in TINY.items():
         hidden = kwargs.get("hidden_size", kwargs.get("n_embd", kwargs.get("d_model")))
         assert hidden == (72 if name == "llama_odd" else 64), name
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.parametrize(
+    ("cfg_cls", "kwargs", "n_quantized"),
+    [
+        (
+            "LlamaConfig",  # Llama-3-8B shapes
+            dict(
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                vocab_size=128256,
+                architectures=["LlamaForCausalLM"],
+            ),
+            32 * 7,
+        ),
+        (
+            "Qwen3MoeConfig",  # Qwen3-30B-A3B shapes: 128 experts x 48 layers
+            dict(
+                hidden_size=2048,
+                intermediate_size=6144,
+                moe_intermediate_size=768,
+                num_hidden_layers=48,
+                num_attention_heads=32,
+                num_key_value_heads=4,
+                vocab_size=151936,
+                num_experts=128,
+                num_experts_per_tok=8,
+                architectures=["Qwen3MoeForCausalLM"],
+            ),
+            48 * 4,
+        ),
+    ],
+)
+def test_full_size_configs_select_on_meta(cfg_cls, kwargs, n_quantized):
+    """The skeleton lives on the meta device: selecting for a multi-GB model allocates no weights."""
+    import time
+
+    from tiny_models import TensorInfo
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from converter.selection import build_skeleton
+
+    config = getattr(transformers, cfg_cls)(**kwargs).to_dict()
+    model = build_skeleton(config)
+    sd = revert_weight_conversion(model, model.state_dict())
+    infos = [TensorInfo(k, "model.safetensors", "BF16", tuple(v.shape)) for k, v in sd.items()]
+    rss, t0 = _rss_bytes(), time.perf_counter()
+    sel = select_tensors(config, infos)
+    assert time.perf_counter() - t0 < 20
+    assert _rss_bytes() - rss < 300 * 2**20
+    assert len(sel.quantize) == n_quantized
+    assert sel.skip_modules == ["lm_head"]
