@@ -7,6 +7,11 @@ str -> str map, our format version, and then every quantized weight's group of b
 components present, nothing unknown under ``W.``, the quant_state JSON strict, the dtypes and sizes
 of packed codes, absmax and nested tensors consistent with the JSON's shape and blocksize).
 
+A shard with our metadata must hold every group whole. One that bitsandbytes/transformers wrote may
+have a weight's keys split over several shards (transformers shards by size, key by key): its
+incomplete groups are returned as ``partial`` and checked whole by ``find_quant_groups`` once the
+reader (``formats.reader.Checkpoint``) has joined the shards.
+
 Every error is a subclass of ``FormatError`` whose message names the file, the tensor, what was
 expected and what was found. The tensor layout rules (``quant_layout``) and the safetensors dtype
 table (``DTYPES``) live here because the writer, the record and the reader all check against them.
@@ -14,6 +19,7 @@ table (``DTYPES``) live here because the writer, the record and the reader all c
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import struct
@@ -360,6 +366,14 @@ def find_quant_groups(
     """
     groups: dict[str, QuantGroup] = {}
     partial: dict[str, tuple[str, ...]] = {}
+    ordered = sorted(entries)
+
+    def under(base: str) -> list[str]:
+        """``base`` (if present) and every key starting with ``base + "."`` (bisect: no N^2 scan)."""
+        lo = bisect.bisect_left(ordered, base + ".")
+        hi = bisect.bisect_left(ordered, base + "/")  # "/" is the character after "."
+        return ([base] if base in entries else []) + ordered[lo:hi]
+
     for key in entries:
         base, sep, _ = key.rpartition("." + QUANT_STATE_PREFIX)
         if not sep:
@@ -372,7 +386,7 @@ def find_quant_groups(
             msg = f"{file}: tensor {base!r}: more than one quant_state key (second: {key!r})"
             raise UnexpectedQuantComponent(msg)
         info = parse_quant_state(file, key, read(key))
-        present = {k: v for k, v in entries.items() if k == base or k.startswith(base + ".")}
+        present = {k: entries[k] for k in under(base)}
         names = quant_layout(
             base, info.shape, info.quant_type, info.blocksize, info.nested_offset is not None, "uint8"
         )
@@ -398,7 +412,7 @@ def find_quant_groups(
         if suffix not in _COMPONENT_SUFFIXES or base in groups or base in partial:
             continue
         if not complete:
-            partial[base] = tuple(sorted(k for k in entries if k == base or k.startswith(base + ".")))
+            partial[base] = tuple(sorted(under(base)))
         elif base in entries:
             msg = f"{file}: tensor {base!r}: has {key!r} but no '{base}.{QUANT_STATE_PREFIX}nf4|fp4' key"
             raise MissingQuantComponent(msg)
