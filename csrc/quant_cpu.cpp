@@ -135,28 +135,88 @@ QM_TARGET_AVX2 inline void store8_avx2(void* p, int64_t i, __m256 v) {
   }
 }
 
-QM_TARGET_AVX2 inline float hmax_avx2(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
+// Thresholds of the AVX2 binary search, one register per level. NF4 (15 thresholds t0..t14):
+// level 1 compares with t7, level 2 with t3 / t11, level 3 with t1, t5, t9, t13 (index idx/4),
+// level 4 with the even thresholds t0, t2, ..., t14 (index idx/2). FP4 (7 thresholds): t3, then
+// t1 / t5, then t0, t2, t4, t6. Strictly increasing thresholds make this exactly the count of
+// thresholds strictly below s (NaN compares false everywhere and gets 0, as the count does).
+struct SearchTables {
+  __m256 l1, l2_lo, l2_hi, l3, l4;
+};
+
+template <QuantType QT>
+QM_TARGET_AVX2 inline SearchTables search_tables_avx2() {
+  if constexpr (QT == QuantType::NF4) {
+    const float* t = kNF4Thresholds;
+    return {_mm256_set1_ps(t[7]), _mm256_set1_ps(t[3]), _mm256_set1_ps(t[11]),
+            _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0),
+            _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14])};
+  } else {
+    const float* t = kFP4Thresholds;
+    return {_mm256_set1_ps(t[3]), _mm256_set1_ps(t[1]), _mm256_set1_ps(t[5]),
+            _mm256_setr_ps(t[0], t[2], t[4], t[6], 0, 0, 0, 0), _mm256_setzero_ps()};
+  }
 }
 
-// Codes of 8 scaled values as int32 lanes. NF4: subtract the all-ones masks of s > t_k (counting).
+// Codes of 8 scaled values as int32 lanes.
 template <QuantType QT>
-QM_TARGET_AVX2 inline __m256i encode8_avx2(__m256 s, const __m256* t) {
+QM_TARGET_AVX2 inline __m256i encode8_avx2(__m256 s, const SearchTables& t) {
+  const __m256 v = QT == QuantType::NF4 ? s : _mm256_andnot_ps(_mm256_set1_ps(-0.0f), s);
+  constexpr int top = QT == QuantType::NF4 ? 8 : 4;  // the first step
+  // Level 1.
+  __m256 gt = _mm256_cmp_ps(v, t.l1, _CMP_GT_OQ);
+  __m256i idx = _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(top));
+  // Level 2: the threshold is l2_hi where level 1 went up, else l2_lo.
+  gt = _mm256_cmp_ps(v, _mm256_blendv_ps(t.l2_lo, t.l2_hi, gt), _CMP_GT_OQ);
+  idx = _mm256_add_epi32(idx, _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(top / 2)));
+  // Level 3: idx is a multiple of top/2; the candidate is l3[idx / (top/2)].
+  const __m256 t3 = _mm256_permutevar8x32_ps(t.l3, _mm256_srli_epi32(idx, top == 8 ? 2 : 1));
+  gt = _mm256_cmp_ps(v, t3, _CMP_GT_OQ);
+  idx = _mm256_add_epi32(idx, _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(top / 4)));
   if constexpr (QT == QuantType::NF4) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int k = 0; k < 15; ++k) acc = _mm256_sub_epi32(acc, _mm256_castps_si256(_mm256_cmp_ps(s, t[k], _CMP_GT_OQ)));
-    return acc;
+    // Level 4: idx is even; the candidate is l4[idx / 2] = t[idx].
+    const __m256 t4 = _mm256_permutevar8x32_ps(t.l4, _mm256_srli_epi32(idx, 1));
+    idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(v, t4, _CMP_GT_OQ)));
+    return idx;
   } else {
-    const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), s);
-    __m256i k = _mm256_setzero_si256();
-    for (int j = 0; j < 7; ++j) k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(a, t[j], _CMP_GT_OQ)));
     const __m256i tree = _mm256_load_si256(reinterpret_cast<const __m256i*>(kFP4TreeCodes));
-    const __m256i code = _mm256_permutevar8x32_epi32(tree, k);
+    const __m256i code = _mm256_permutevar8x32_epi32(tree, idx);
     const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_LT_OQ));
     return _mm256_or_si256(code, _mm256_and_si256(neg, _mm256_set1_epi32(kFP4SignBit)));
+  }
+}
+
+// Block absmax from the integer bits (see block_absmax_avx512): exact, and Inf / NaN show in the max.
+template <DType DT>
+QM_TARGET_AVX2 inline float block_absmax_avx2(const void* p, int64_t lo, int64_t bs, bool* bad) {
+  __m256i m = _mm256_setzero_si256();
+  if constexpr (DT == DType::F32) {
+    const auto* f = static_cast<const float*>(p);
+    const __m256i mask = _mm256_set1_epi32(0x7fffffff);
+    for (int64_t i = lo; i < lo + bs; i += 8) {
+      m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(f + i)), mask));
+    }
+  } else {
+    const auto* h = static_cast<const uint16_t*>(p);
+    const __m256i mask = _mm256_set1_epi16(0x7fff);
+    for (int64_t i = lo; i < lo + bs; i += 16) {
+      m = _mm256_max_epu16(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i)), mask));
+    }
+    m = _mm256_max_epu32(_mm256_and_si256(m, _mm256_set1_epi32(0xffff)), _mm256_srli_epi32(m, 16));
+  }
+  __m128i r = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  r = _mm_max_epu32(r, _mm_shuffle_epi32(r, 0x4e));
+  r = _mm_max_epu32(r, _mm_shuffle_epi32(r, 0xb1));
+  const uint32_t bits = static_cast<uint32_t>(_mm_cvtsi128_si32(r));
+  if constexpr (DT == DType::F32) {
+    *bad = bits >= 0x7f800000u;
+    return bits_f32(bits);
+  } else if constexpr (DT == DType::BF16) {
+    *bad = bits >= 0x7f80u;
+    return bf16_to_f32(static_cast<uint16_t>(bits));
+  } else {
+    *bad = bits >= 0x7c00u;
+    return f16_to_f32(static_cast<uint16_t>(bits));
   }
 }
 
@@ -175,14 +235,7 @@ QM_TARGET_AVX2 inline __m128i pack32_avx2(__m256i c0, __m256i c1, __m256i c2, __
 template <DType DT, QuantType QT>
 QM_TARGET_AVX2 int64_t quantize_blocks_avx2(const void* x, int64_t n, int64_t bs, int64_t b0, int64_t b1,
                                             uint8_t* packed, float* absmax) {
-  __m256 t[15];
-  if constexpr (QT == QuantType::NF4) {
-    for (int k = 0; k < 15; ++k) t[k] = _mm256_set1_ps(kNF4Thresholds[k]);
-  } else {
-    for (int k = 0; k < 7; ++k) t[k] = _mm256_set1_ps(kFP4Thresholds[k]);
-  }
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 flt_max = _mm256_set1_ps(FLT_MAX);
+  const SearchTables t = search_tables_avx2<QT>();
   int64_t bad_blocks = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t lo = b * bs;
@@ -190,15 +243,10 @@ QM_TARGET_AVX2 int64_t quantize_blocks_avx2(const void* x, int64_t n, int64_t bs
       bad_blocks += quantize_blocks_scalar<DT, QT>(x, n, bs, b, b + 1, packed, absmax);
       continue;
     }
-    __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
-    for (int64_t i = lo; i < lo + bs; i += 8) {
-      const __m256 a = _mm256_and_ps(load8_avx2<DT>(x, i), abs_mask);
-      vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, flt_max, _CMP_NLE_UQ));
-      vmax = _mm256_max_ps(a, vmax);  // a NaN lane keeps vmax, as the scalar a > am ? a : am
-    }
-    const float am = hmax_avx2(vmax);
+    bool bad = false;
+    const float am = block_absmax_avx2<DT>(x, lo, bs, &bad);
     absmax[b] = am;
-    bad_blocks += _mm256_movemask_ps(vbad) != 0;
+    bad_blocks += bad;
     const __m256 inv = _mm256_set1_ps(1.0f / std::max(am, kTiny));
     for (int64_t i = lo; i < lo + bs; i += 32) {
       const __m256i c0 = encode8_avx2<QT>(_mm256_mul_ps(load8_avx2<DT>(x, i), inv), t);
