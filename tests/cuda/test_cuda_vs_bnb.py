@@ -52,7 +52,10 @@ def test_codes_match_bnb_except_counted_cases(dtype, quant_type, shape):
     )
     print(f"\nbnb-vs-ours {quant_type} {str(dtype)[6:]} {shape}: {counts}")
     assert counts["unexplained"] == 0, counts
-    assert counts["reciprocal"] <= 1e-4 * x.numel() + 2, counts
+    # bf16/f16 inputs put s exactly on FP4's exact-binary thresholds (e.g. 11/128) often, where the
+    # approximate reciprocal decides; NF4's thresholds are rarely hit exactly.
+    bound = 1e-3 if quant_type == "fp4" else 1e-5
+    assert counts["reciprocal"] <= bound * x.numel() + 2, counts
     if quant_type == "nf4":
         assert counts["zero_block"] == 128, counts  # 2 blocks x 64 codes: bnb 0x00, ours 0x77
 
