@@ -79,3 +79,40 @@ def test_resume_after_sigkill(stage: str, tiny_llama_sharded: Path, tmp_path: Pa
         assert r.shards_reused == 1
     assert output_hashes(out) == output_hashes(reference)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
+
+
+def test_disk_full_fails_cleanly_then_resumes(
+    tiny_llama_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from converter.errors import ConversionFailedError
+    from formats import writer
+
+    reference = tmp_path / "reference"
+    convert(tiny_llama_sharded, reference, max_shard_size="40KB", progress=False)
+
+    real_pwrite = os.pwrite
+
+    def pwrite_until_full(fd: int, data, offset: int) -> int:
+        # The first shard fits; the disk fills up while the second is written.
+        if "model-00002-of-00004" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", pwrite_until_full)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionFailedError) as exc:
+        convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert exc.value.exit_code == 1
+    shard2 = out / "model-00002-of-00004.safetensors"
+    assert str(exc.value).startswith(f"{shard2}: writing failed (No space left on device)")
+    assert str(exc.value).endswith("free disk space or fix the folder, then rerun the same command to resume")
+    # The partial shard is gone; only the finished shard and the manifest remain.
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "model-00001-of-00004.safetensors"]
+
+    monkeypatch.setattr(writer.os, "pwrite", real_pwrite)
+    r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert r.resumed
+    assert r.shards_reused == 1
+    assert output_hashes(out) == output_hashes(reference)
