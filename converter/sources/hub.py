@@ -743,9 +743,10 @@ class HubSource(Source):
         return future.result()
 
     def _prefetch_after(self, file: str) -> None:
+        # Prefetch only files after this one: a resumed run starts past its finished shards, and
+        # files before the first one acquired are never needed (acquire() still fetches any file).
         if file in self._order:
-            i = self._order.index(file)
-            self._order = self._order[i:] + [f for f in self._order[:i] if f not in self._released]
+            self._order = self._order[self._order.index(file) :]
         self._prefetch_next()
 
     def release(self, file: str) -> None:
@@ -814,8 +815,22 @@ class HubSource(Source):
             "repo_id": self.repo_id,
             "revision": self.requested_revision or "main",
             "commit": self.commit,
-            "files": {f: self._sizes.get(f) for f in (self._pickle_files or self._files)},
+            "files": {
+                f: {"size": self._sizes.get(f), "sha256": self._file_sha256(f)}
+                for f in (self._pickle_files or self._files)
+            },
         }
+
+    def _file_sha256(self, name: str) -> str | None:
+        """The LFS sha256 from the listing, or offline the cache blob's name (blobs are named by it)."""
+        if name in self._sha256:
+            return self._sha256[name]
+        cached = self._cached_path(name)
+        if cached is not None and cached.is_symlink():
+            blob = Path(os.readlink(cached)).name
+            if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
+                return blob
+        return None
 
     def config(self) -> dict | None:
         return self._config

@@ -551,8 +551,10 @@ class _Handler(BaseHTTPRequestHandler):
         name = body["name"]
         repo_id = f"{body['organization']}/{name}" if body.get("organization") else f"tester/{name}"
         with self.hub.lock:
-            if repo_id in self.hub.repos:
-                return self._error(409, None, "You already created this model repo")
+            if repo_id in self.hub.repos:  # the real Hub's 409 body carries the url too
+                url = f"{self.hub.endpoint}/{repo_id}"
+                msg = "You already created this model repo"
+                return self._json(409, {"error": msg, "url": url}, {"X-Error-Message": msg})
             repo = FakeRepo(repo_id, private=body.get("visibility") == "private")
             sha = self.hub._new_commit_sha(repo_id)
             repo.commits[sha] = {}

@@ -1,0 +1,203 @@
+"""converter.convert() from the fake Hub: same bytes as a local conversion, resume after a kill,
+shared cache untouched, bounded private downloads, errors through the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hub_env, make_checkpoint
+from fake_hub import FakeHub
+
+pytestmark = pytest.mark.hub
+
+REPO = "org/tiny"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _without_provenance(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "quantize_model.provenance"}
+
+
+def _assert_same_conversion(a: Path, b: Path) -> None:
+    """Tensor bytes, shard metadata (but provenance), index weight_map, config and extras all equal.
+
+    Provenance names the source (repo@commit and LFS sha256 vs a folder name), so it differs.
+    """
+    from safetensors import safe_open
+
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        if name.endswith(".safetensors"):
+            with safe_open(str(a / name), "pt") as x, safe_open(str(b / name), "pt") as y:
+                assert _without_provenance(x.metadata()) == _without_provenance(y.metadata())
+                assert list(x.keys()) == list(y.keys())
+                for k in x.keys():
+                    raw_a = x.get_tensor(k).contiguous().view(-1).view(torch.uint8)
+                    raw_b = y.get_tensor(k).contiguous().view(-1).view(torch.uint8)
+                    assert raw_a.equal(raw_b), f"{name}:{k}"
+        elif name == "model.safetensors.index.json":
+            ia, ib = json.loads((a / name).read_text()), json.loads((b / name).read_text())
+            assert ia["weight_map"] == ib["weight_map"]
+        elif name in (".quantize-model-manifest.json", "quantization_report.json"):
+            continue  # fingerprint / timings and source identity differ by design
+        else:
+            assert fa[name] == fb[name], name
+
+
+def _convert(source: str | Path, out: Path, **kw):
+    from converter.pipeline import convert
+
+    kw.setdefault("max_shard_size", "40KB")
+    return convert(source, out, progress=False, **kw)
+
+
+def test_hub_conversion_equals_local(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    commit = fake_hub.add_repo(REPO, checkpoint_dir)
+    local = _convert(checkpoint_dir, tmp_path / "local")
+    hub = _convert(REPO, tmp_path / "hub")
+    assert hub.shards == local.shards
+    _assert_same_conversion(tmp_path / "local", tmp_path / "hub")
+    index = json.loads((tmp_path / "hub" / "model.safetensors.index.json").read_text())
+    prov = index["metadata"]["quantize_model"]["provenance"]
+    assert prov["source"] == f"{REPO}@{commit}"
+    assert prov["revision"] == commit
+    # The Hub's LFS sha256 of each source shard is recorded.
+    want = {f: fake_hub.repos[REPO].commits[commit][f].sha256 for f in fake_hub.repos[REPO].commits[commit]}
+    assert all(e["sha256"] == want[e["path"]] for e in prov["files"])
+    # No private download is left behind, and nothing landed in the shared cache.
+    assert not list((tmp_path / "hf-home" / "hub").rglob("*.safetensors"))
+
+
+def test_single_file_repo(tmp_path: Path, fake_hub: FakeHub, hf_home: Path) -> None:
+    src = make_checkpoint(tmp_path / "single", shards=1, seed=3)
+    fake_hub.add_repo("org/single", src)
+    _convert(src, tmp_path / "local")
+    _convert("org/single", tmp_path / "hub")
+    _assert_same_conversion(tmp_path / "local", tmp_path / "hub")
+
+
+def test_shared_cache_is_never_deleted(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    from huggingface_hub import hf_hub_download
+
+    commit = fake_hub.add_repo(REPO, checkpoint_dir)
+    # Half the repo is in the shared cache (as if transformers had downloaded it).
+    cached = [hf_hub_download(REPO, f) for f in ("model-00001-of-00003.safetensors", "config.json")]
+    before = _files(tmp_path / "hf-home")
+    mark = len(fake_hub.requests)
+    _convert(REPO, tmp_path / "hub")
+    assert _files(tmp_path / "hf-home") == before, "the shared cache must be left exactly as it was"
+    assert all(Path(p).is_file() for p in cached)
+    # The cached shard was read in place: only the two others were downloaded (plus header reads).
+    sha1 = fake_hub.repos[REPO].commits[commit]["model-00001-of-00003.safetensors"].sha256
+    whole = [p for s, m, p, r in fake_hub.requests[mark:] if s == "cdn" and m == "GET" and r is None]
+    assert len(whole) == 2
+    assert f"/blobs/{sha1}" not in whole
+
+
+def test_keep_downloads_fills_the_cache(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    fake_hub.add_repo(REPO, checkpoint_dir)
+    _convert(REPO, tmp_path / "hub", keep_downloads=True)
+    assert len(list((tmp_path / "hf-home" / "hub").rglob("model-*.safetensors"))) == 3
+    n = fake_hub.count("GET", "^/blobs/", server="cdn")
+    _convert(REPO, tmp_path / "again", keep_downloads=True)  # a second conversion downloads nothing
+    assert fake_hub.count("GET", "^/blobs/", server="cdn") == n
+
+
+_RUN = """
+import sys
+from converter.pipeline import convert
+convert(sys.argv[1], sys.argv[2], progress=False, max_shard_size="40KB")
+"""
+
+
+@pytest.mark.slow
+def test_kill_then_resume_gives_identical_bytes(tmp_path: Path, fake_hub: FakeHub, hf_home: Path) -> None:
+    src = make_checkpoint(tmp_path / "five", shards=5, seed=11)
+    fake_hub.add_repo("org/five", src)
+    reference = tmp_path / "reference"
+    _convert("org/five", reference)
+
+    env = hub_env(fake_hub, hf_home)
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    manifest = out / ".quantize-model-manifest.json"
+    fake_hub.throttle_bps = 150_000  # slow downloads so the kill lands mid-run
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, "org/five", str(out)], env=env, cwd=ROOT)
+    # Kill once at least one source file is wholly inside finished output shards.
+    ref_map = json.loads((reference / "model.safetensors.index.json").read_text())["weight_map"]
+    src_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def finished_files(done: dict) -> set[str]:
+        return {
+            f for f in set(src_map.values()) if all(ref_map[t] in done for t, g in src_map.items() if g == f)
+        }
+
+    deadline = time.monotonic() + 120
+    done_at_kill: dict = {}
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done_at_kill = json.loads(manifest.read_text())["shards"]
+        except (OSError, ValueError, KeyError):
+            done_at_kill = {}
+        if finished_files(done_at_kill):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the conversion finished before it could be killed; slow the fake Hub more"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = json.loads(manifest.read_text())["shards"]
+    assert 0 < len(done_at_kill) < len(list(reference.glob("model-*.safetensors")))
+
+    fake_hub.throttle_bps = None
+    mark = len(fake_hub.requests)
+    subprocess.run([sys.executable, "-c", _RUN, "org/five", str(out)], env=env, cwd=ROOT, check=True)
+
+    # Every file is identical but the report (timings) and the manifest (dot file).
+    def same(folder: Path) -> dict[str, str]:
+        return {
+            k: v
+            for k, v in _files(folder).items()
+            if not k.startswith(".") and k != "quantization_report.json"
+        }
+
+    assert same(out) == same(reference)
+
+    # Source files whose tensors all went into shards finished before the kill were not downloaded again.
+    finished = finished_files(done_at_kill)
+    commit = fake_hub.repos["org/five"].refs["main"]
+    blobs = {fake_hub.repos["org/five"].commits[commit][f].sha256: f for f in src_map.values()}
+    downloaded = {
+        blobs[p.rsplit("/", 1)[-1]]
+        for s, m, p, r in fake_hub.requests[mark:]
+        if s == "cdn" and m == "GET" and r is None
+    }
+    assert finished, "the kill should land after at least one source file was fully consumed"
+    assert not (finished & downloaded), f"re-downloaded finished files {finished & downloaded}"
+    # SIGKILL gives no chance to clean up: the killed run's private folder holds at most two shards.
+    leftovers = list((tmp_path / "tmp").rglob("*.safetensors"))
+    assert len(leftovers) <= 2, leftovers

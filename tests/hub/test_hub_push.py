@@ -1,0 +1,158 @@
+"""push_folder / `quantize-model push` against the fake Hub: files land, model card, resumable, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TOKEN, hub_env
+from fake_hub import FakeHub, Fault
+
+from converter.errors import InputError
+from converter.push import push_folder
+from converter.sources.hub import HubAccessError, HubDownloadError
+
+pytestmark = pytest.mark.hub
+
+SRC = "org/tiny"
+DEST = "me/tiny-nf4"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def converted(tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path) -> Path:
+    from converter.pipeline import convert
+
+    fake_hub.add_repo(SRC, checkpoint_dir)
+    out = tmp_path / "tiny-nf4"
+    convert(SRC, out, progress=False)
+    return out
+
+
+def _remote(hub: FakeHub, repo: str) -> dict[str, bytes]:
+    r = hub.repos[repo]
+    tree = r.commits[r.refs["main"]]
+    return {p: (hub.blobs / f.sha256).read_bytes() for p, f in tree.items()}
+
+
+def _card_meta(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def test_push_lands_files_and_model_card(converted: Path, fake_hub: FakeHub, monkeypatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    before = _files(converted)
+    url = push_folder(converted, DEST, private=True)
+    assert url == f"{fake_hub.endpoint}/{DEST}"
+    assert fake_hub.repos[DEST].private
+    remote = _remote(fake_hub, DEST)
+    local = {k: v for k, v in _files(converted).items() if not k.startswith(".") and k != "README.md"}
+    assert {k: hashlib.sha256(remote[k]).hexdigest() for k in local} == local
+    assert ".quantize-model-manifest.json" not in remote
+    assert "LICENSE" in remote  # licence files propagated
+    assert _files(converted) == before, "push must not modify the local folder"
+
+    card = remote["README.md"].decode()
+    meta = _card_meta(card)
+    assert meta["base_model"] == SRC
+    assert meta["base_model_relation"] == "quantized"
+    assert meta["license"] == "apache-2.0"  # from the source's model card
+    assert meta["pipeline_tag"] == "text-generation"
+    assert meta["tags"] == ["bitsandbytes", "4-bit", "nf4", "quantize-model"]
+    report = json.loads((converted / "quantization_report.json").read_text())
+    bpp = report["summary"]["bits_per_param"]
+    assert f"| Bits per parameter | {bpp:.2f} " in card
+    assert "| Block size | 64 |" in card
+    assert f'AutoModelForCausalLM.from_pretrained("{DEST}", device_map="auto")' in card
+    assert f'load_quantized("{DEST}")' in card
+    commit = report["source"]["commit"]
+    assert f"(commit `{commit}`)" in card
+
+
+def test_push_is_resumable(converted: Path, fake_hub: FakeHub, monkeypatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    # The commit fails (after the LFS uploads went through): the push is interrupted.
+    fake_hub.add_fault(Fault(path=r"/commit/", method="POST", status=500, times=100))
+    with pytest.raises(HubDownloadError, match="upload failed after 2 attempt"):
+        push_folder(converted, DEST, attempts=2)
+    uploads = fake_hub.count("PUT", "^/upload/", server="cdn")
+    assert uploads >= 1
+    fake_hub.faults.clear()
+    push_folder(converted, DEST)
+    assert fake_hub.count("PUT", "^/upload/", server="cdn") == uploads, (
+        "shards already uploaded were sent again"
+    )
+    assert "README.md" in _remote(fake_hub, DEST)
+    # Pushing again changes nothing and uploads nothing.
+    push_folder(converted, DEST)
+    assert fake_hub.count("PUT", "^/upload/", server="cdn") == uploads
+
+
+def test_push_without_token_is_a_clear_error(converted: Path, fake_hub: FakeHub) -> None:
+    with pytest.raises(HubAccessError) as err:
+        push_folder(converted, DEST)
+    assert str(err.value) == (
+        f"{DEST}: the Hub rejected the token (HTTP 401); run `hf auth login` or set HF_TOKEN "
+        "(a token with write access) with a valid token"
+    )
+    assert err.value.exit_code == 2
+
+
+def test_push_refuses_unfinished_folder(converted: Path, fake_hub: FakeHub) -> None:
+    manifest = converted / ".quantize-model-manifest.json"
+    data = json.loads(manifest.read_text())
+    data["state"] = "in_progress"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(InputError) as err:
+        push_folder(converted, DEST)
+    assert str(err.value) == (
+        f"{converted}: the conversion is not finished; rerun the same `quantize-model convert` to complete it"
+    )
+    assert DEST not in fake_hub.repos
+
+
+def test_convert_push_to(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch
+) -> None:
+    from converter.pipeline import convert
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    fake_hub.add_repo(SRC, checkpoint_dir)
+    result = convert(SRC, tmp_path / "out", progress=False, push_to=DEST, private=False)
+    assert result.pushed_to == f"{fake_hub.endpoint}/{DEST}"
+    assert "model.safetensors.index.json" in _remote(fake_hub, DEST)
+
+
+def test_cli_push(converted: Path, fake_hub: FakeHub, hf_home: Path) -> None:
+    env = hub_env(fake_hub, hf_home) | {"HF_TOKEN": TOKEN}
+    cmd = [sys.executable, "-c", "from converter.cli import main; main()", "push"]
+    ok = subprocess.run(
+        [*cmd, str(converted), DEST, "--json"], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert out["ok"] is True
+    assert out["url"] == f"{fake_hub.endpoint}/{DEST}"
+    assert "README.md" in _remote(fake_hub, DEST)
+    bad = subprocess.run(
+        [*cmd, str(converted / "nope"), DEST], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        f"Error: {converted / 'nope'}: no such folder; "
+        "give the OUTPUT folder of a finished `quantize-model convert`"
+    )
