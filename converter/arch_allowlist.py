@@ -5,6 +5,10 @@ Each family lists the leaf module names whose ``.weight`` transformers + bitsand
 what never gets quantized although its name looks like a projection: per-expert MoE weights that
 transformers >= 5 fuses into one 3-D parameter on load, and ``_keep_in_fp32_modules``.
 
+transformers also skips "the module of the last parameter": with a final norm that has weights (or an
+untied lm_head) that is never a projection, so the table can ignore it. OLMo (v1) is left out for
+that reason: its norms have no weights, so with tied embeddings its last down_proj stays unquantized.
+
 The table is conservative: it never selects a weight transformers would leave unquantized
 (tests/selection/test_allowlist.py compares every family with the transformers-based selection
 on tiny models); heads such as a sequence-classification ``classifier`` stay unquantized.
@@ -25,6 +29,9 @@ class Family:
     exclude: tuple[tuple[str, str], ...] = ()  # (regex on the module name, reason) never quantized
     keep_fp32: tuple[str, ...] = ()  # regexes of _keep_in_fp32_modules (searched in the key)
     base_prefixes: tuple[str, ...] = ()  # base_model_prefix values, stripped in llm_int8_skip_modules
+    # always in llm_int8_skip_modules: heads that may have no tensor in the checkpoint (tied to the
+    # input embedding) but are nn.Linear in the model, which transformers would otherwise swap
+    always_skip: tuple[str, ...] = ("lm_head",)
 
 
 _EXPERTS = (r"\.experts\.\d+\.", "fused MoE experts (merged on load)")
@@ -44,7 +51,6 @@ FAMILIES: tuple[Family, ...] = (
                 "qwen3_moe",
                 "gemma",
                 "gemma2",
-                "olmo",
                 "olmo2",
                 "granite",
                 "smollm3",
@@ -74,6 +80,7 @@ FAMILIES: tuple[Family, ...] = (
         # the MLM head's transform.dense is nn.Linear too, but keep heads out of a conservative table
         exclude=((r"(^|\.)cls\.|(^|\.)lm_head\.", "task head (not in the allowlist)"),),
         base_prefixes=("bert", "roberta"),
+        always_skip=("lm_head", "cls"),
     ),
     Family(
         name="t5",

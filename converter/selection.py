@@ -198,7 +198,10 @@ def _select_explicit(
             quantize[t.name] = QuantizeSpec(transpose=False)
         else:
             keep[t.name] = reason
-    return Selection(quantize, keep, _skip_list_from_keys(keep, tensors, ()), set(), "allowlist")
+    skip_modules = set(_skip_list_from_keys(keep, tensors, ()))
+    if not any(module_of(k).endswith("lm_head") for k in quantize):
+        skip_modules.add("lm_head")  # a tied head has no tensor but is an nn.Linear in the model
+    return Selection(quantize, keep, sorted(skip_modules), set(), "allowlist")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def _select_allowlist(
             quantize[t.name] = QuantizeSpec(transpose=fam.transpose)
         else:
             keep[t.name] = reason
-    skip_modules = _skip_list_from_keys(keep, tensors, fam.base_prefixes)
+    skip_modules = sorted(set(_skip_list_from_keys(keep, tensors, fam.base_prefixes)) | set(fam.always_skip))
     return Selection(quantize, keep, skip_modules, keep_fp32 - set(quantize), "allowlist")
 
 

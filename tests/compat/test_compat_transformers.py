@@ -295,3 +295,30 @@ def test_skip_glob_loads_in_causal_lm_and_base_model(tiny_src, tmp_path):
     ref.save_pretrained(tmp_path / "bnb")
     ref, _, _ = _load(tmp_path / "bnb")
     assert torch.equal(_outputs(ours, "llama"), _outputs(ref, "llama"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "t5", "mixtral"])
+def test_allowlist_output_loads_like_transformers_mode(tiny_src, tmp_path, monkeypatch, name):
+    """Converted on a machine without transformers (the allowlist picks the layers), the folder
+    has the same tensors as with transformers and loads with Linear4bit at the same places."""
+    import converter.selection as selection
+
+    src = tiny_src(name)
+    kwargs = dict(quant_type="nf4", double_quant=True, progress=False)
+    pipeline.convert(str(src), str(tmp_path / "hf"), **kwargs)
+    monkeypatch.setattr(selection, "transformers_usable", lambda: False)
+    pipeline.convert(str(src), str(tmp_path / "allowlist"), **kwargs)
+    monkeypatch.undo()
+
+    sel = select_tensors(read_config(src), read_infos(src), use_transformers=False)
+    assert sel.mode == "allowlist"
+    assert (
+        read_config(tmp_path / "allowlist")["quantization_config"]["llm_int8_skip_modules"]
+        == sel.skip_modules
+    )
+    a, b = _tensors(tmp_path / "hf"), _tensors(tmp_path / "allowlist")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, info, messages = _load(tmp_path / "allowlist")
+    _assert_clean_load(info, messages)
+    assert linear4bit_modules(model) == quantized_modules(sel)

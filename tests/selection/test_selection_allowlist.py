@@ -63,14 +63,20 @@ def _arch(model_type: str) -> str:
     raise AssertionError(model_type)
 
 
-def _checkpoint(model_type: str, arch: str | None = None) -> tuple[dict, list[TensorInfo], object]:
+def _checkpoint(
+    model_type: str, arch: str | None = None, tie: bool = False
+) -> tuple[dict, list[TensorInfo], object]:
     """config dict + the tensor list save_pretrained would write (from a meta skeleton, no weights)."""
-    cfg = transformers.AutoConfig.for_model(model_type, **_KWARGS.get(model_type, _DECODER))
+    kwargs = {**_KWARGS.get(model_type, _DECODER), "tie_word_embeddings": tie}
+    cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
     cfg.architectures = [arch or _arch(model_type)]
     config = cfg.to_dict()
     model = build_skeleton(config)
     sd = revert_weight_conversion(model, model.state_dict())
-    infos = [TensorInfo(k, "model.safetensors", "BF16", tuple(v.shape)) for k, v in sd.items()]
+    tied = set(model.all_tied_weights_keys)  # save_pretrained writes only one of tied tensors
+    infos = [
+        TensorInfo(k, "model.safetensors", "BF16", tuple(v.shape)) for k, v in sd.items() if k not in tied
+    ]
     return config, infos, model
 
 
@@ -84,9 +90,10 @@ def _bnb_would_convert(model, skip_modules: list[str]) -> set[str]:
     }
 
 
+@pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("model_type", arch_allowlist.known_model_types())
-def test_allowlist_matches_transformers(model_type):
-    config, infos, model = _checkpoint(model_type)
+def test_allowlist_matches_transformers(model_type, tie):
+    config, infos, model = _checkpoint(model_type, tie=tie)
     hf = select_tensors(config, infos, use_transformers=True)
     al = select_tensors(config, infos, use_transformers=False)
     assert al.mode == "allowlist"

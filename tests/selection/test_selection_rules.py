@@ -36,7 +36,7 @@ def test_no_config_with_include_quantizes_exactly_the_globs():
         "enc.fc2.weight": "--skip glob '*fc2*'",
         "emb.weight": "not matched by --include",
     }
-    assert sel.skip_modules == ["emb", "enc.fc2"]
+    assert sel.skip_modules == ["emb", "enc.fc2", "lm_head"]
 
 
 def test_use_transformers_without_it_names_the_extra(monkeypatch):
