@@ -211,27 +211,31 @@ def quant_state_tensors(state: Any) -> dict[str, torch.Tensor]:
 
 
 class _Linear4bitFunction(torch.autograd.Function):
-    """y = x @ W.T with W decoded on the fly; grad_x = grad_y @ W; no gradient for the frozen weight."""
+    """y = x @ W.T + b with W decoded on the fly; grad_x = grad_y @ W; the weight is frozen."""
 
     @staticmethod
-    def forward(ctx, x, packed, state, allow_gemv):
+    def forward(ctx, x, packed, state, bias, allow_gemv):
         ctx.state = state
         ctx.save_for_backward(packed)
         out_features, in_features = (int(d) for d in state.shape)
         x2d = x.reshape(-1, in_features)
         if allow_gemv and ops.gemv_ok(x2d, in_features, state):
             y = ops.gemv(x2d, packed, state, out_features, in_features).to(x.dtype)
+            if bias is not None:
+                y = y + bias
             return y.reshape(*x.shape[:-1], out_features)
-        # The caller's shape goes to F.linear unchanged: the same GEMM call bitsandbytes makes.
-        return F.linear(x, ops.dequantize(packed, state, x.dtype))
+        # The caller's shape and bias go to F.linear unchanged: the same GEMM call bitsandbytes makes.
+        return F.linear(x, ops.dequantize(packed, state, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        (packed,) = ctx.saved_tensors
-        w = ops.dequantize(packed, ctx.state, grad_y.dtype)
-        return grad_y @ w, None, None, None
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            (packed,) = ctx.saved_tensors
+            grad_x = grad_y @ ops.dequantize(packed, ctx.state, grad_y.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias, None
 
 
 def linear_4bit(
@@ -242,10 +246,9 @@ def linear_4bit(
     ``allow_gemv=False`` forces the dequantize + ``F.linear`` path (the paths differ only in the
     order of the float sums).
     """
-    y = _Linear4bitFunction.apply(x, weight, weight.quant_state, allow_gemv)
     if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y
+        bias = bias.to(x.dtype)
+    return _Linear4bitFunction.apply(x, weight, weight.quant_state, bias, allow_gemv)
 
 
 class Linear4bit(_BnbLinear4bit):

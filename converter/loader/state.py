@@ -20,7 +20,7 @@ import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
 from formats.index import INDEX_NAME, read_index, verify_shards
-from formats.reader import open_shard
+from formats.reader import open_checkpoint
 from formats.record import QuantizedTensor
 from formats.validate import FormatError
 
@@ -110,17 +110,11 @@ def load_quantized_state(
     files, hashed = shard_files(folder)
     if verify and hashed:
         verify_folder(folder)
-    out: dict[str, QuantizedTensor | torch.Tensor] = {}
-    for path in files:
-        try:
-            records = open_shard(path).records()
-        except FormatError as exc:
-            raise CorruptFileError(str(exc)) from exc
-        for name, value in records.items():
-            if name in out:
-                msg = f"{path}: tensor {name!r} also appears in another shard; the checkpoint is inconsistent"
-                raise CorruptFileError(msg)
-            out[name] = value
+    try:
+        # Groups split across shards (transformers' save_pretrained may do that) are joined here.
+        out = open_checkpoint(files).records()
+    except FormatError as exc:
+        raise CorruptFileError(str(exc)) from exc
     if not any(isinstance(v, QuantizedTensor) for v in out.values()):
         msg = (
             f"{folder}: no 4-bit quantized weight (no '*.quant_state.bitsandbytes__nf4|fp4' key); "
