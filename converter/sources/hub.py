@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -63,6 +64,7 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 60.0
 
 T = TypeVar("T")
+logger = logging.getLogger("converter.hub")
 DownloadCallback = Callable[[str, int, int], None]  # (file, bytes done so far, file size)
 
 
@@ -259,6 +261,14 @@ def _git_sha1_file(path: Path) -> str:
         while block := f.read(16 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
 
 
 def estimate_output_bytes(tensors: list[TensorInfo]) -> int:
@@ -502,6 +512,8 @@ class HubSource(Source):
                 self.client.call("download", lambda: hf_hub_download(self.repo_id, name, **kwargs), file=name)
             )
             if self._verify(name, path):
+                if progress:
+                    logger.info("downloaded %s (%s)", name, _human(path.stat().st_size))
                 return path
             path.unlink(missing_ok=True)
             if check == 0:
@@ -643,31 +655,42 @@ class HubSource(Source):
         }
 
     def _check_disk(self, disk_budget: int | None) -> None:
+        """Refuse before downloading anything when the plan cannot fit (from the repo's file sizes)."""
         plan = self.download_plan()
         sizes = sorted(plan.values(), reverse=True)
         need_dl = sum(sizes) if self.keep_downloads else sum(sizes[:2])
+        what_dl = (
+            "all source shards (--keep-downloads)" if self.keep_downloads else "the two largest source shards"
+        )
         need_out = estimate_output_bytes(self._tensors)
         self.planned_disk = {"downloads": need_dl, "output": need_out}
+        # Each filesystem: (where, [(bytes, what)]); downloads and output share one when on the same disk.
+        checks: dict[Any, tuple[str, list[tuple[int, str]]]] = {}
         if disk_budget is not None:
-            need = need_dl + (need_out if self._output_dir is not None else 0)
-            if need > disk_budget:
-                self._refuse(need, disk_budget, "the disk budget")
-            return
-        if not plan and self._output_dir is None:
-            return
-        dl_where = self._disk_probe(self._download_target())
-        checks: dict[int, tuple[Path, int]] = {}
-        if plan:
-            checks[os.stat(dl_where).st_dev] = (dl_where, need_dl)
-        if self._output_dir is not None:
-            out_where = self._disk_probe(self._output_dir)
-            dev = os.stat(out_where).st_dev
-            where, need = checks.get(dev, (out_where, 0))
-            checks[dev] = (where, need + need_out)
-        for where, need in checks.values():
-            free = shutil.disk_usage(where).free
+            parts = [(need_dl, what_dl)] + ([(need_out, "the estimated output")] if self._output_dir else [])
+            checks["budget"] = ("the disk budget", parts)
+            free_of = {"budget": disk_budget}
+        else:
+            free_of = {}
+            if plan:
+                where = self._disk_probe(self._download_target())
+                dev = os.stat(where).st_dev
+                checks[dev] = (str(where), [(need_dl, what_dl)])
+                free_of[dev] = shutil.disk_usage(where).free
+            if self._output_dir is not None:
+                where = self._disk_probe(self._output_dir)
+                dev = os.stat(where).st_dev
+                checks.setdefault(dev, (str(where), []))[1].append((need_out, "the estimated output"))
+                free_of.setdefault(dev, shutil.disk_usage(where).free)
+        for key, (where, parts) in checks.items():
+            need, free = sum(n for n, _ in parts), free_of[key]
             if need > free:
-                self._refuse(need, free, str(where))
+                detail = " + ".join(f"{what} {_human(n)}" for n, what in parts)
+                msg = (
+                    f"{self.repo_id}: needs {_human(need)} on {where} ({detail}) but it has {_human(free)} "
+                    "free; free some space or choose another output folder"
+                )
+                raise DiskTooSmallError(msg)
 
     def _download_target(self) -> Path:
         if self.keep_downloads:
@@ -684,15 +707,6 @@ class HubSource(Source):
         while not path.exists() and path != path.parent:
             path = path.parent
         return path
-
-    def _refuse(self, need: int, free: int, where: str) -> None:
-        gib = 1 << 30
-        what = "all shards (--keep-downloads)" if self.keep_downloads else "two source shards"
-        msg = (
-            f"{self.repo_id}: needs {need / gib:.2f} GiB ({what} + the quantized output) but {where} has "
-            f"{free / gib:.2f} GiB free; free some space or choose another output folder"
-        )
-        raise DiskTooSmallError(msg)
 
     # --- prefetching ---------------------------------------------------------------------------
     def set_needed(self, files: list[str]) -> None:

@@ -252,13 +252,16 @@ def test_private_repo_and_bad_token(
         assert src.commit
 
 
-def test_disk_too_small(tmp_path: Path, fake_hub: FakeHub, repo: str) -> None:
+def test_disk_too_small(tmp_path: Path, fake_hub: FakeHub, repo: str, checkpoint_dir: Path) -> None:
     with pytest.raises(DiskTooSmallError) as err:
         _open(tmp_path, disk_budget=20_000)
     assert err.value.exit_code == 2
-    assert str(err.value).startswith("org/tiny: needs ")
-    assert "(two source shards + the quantized output) but the disk budget has " in str(err.value)
-    assert str(err.value).endswith("free some space or choose another output folder")
+    sizes = sorted((checkpoint_dir / f"model-0000{k}-of-00003.safetensors").stat().st_size for k in (1, 2, 3))
+    two = (sizes[-1] + sizes[-2]) / 1000
+    msg = str(err.value)
+    assert msg.startswith("org/tiny: needs ")
+    assert f"on the disk budget (the two largest source shards {two:.1f} kB + the estimated output " in msg
+    assert msg.endswith("but it has 20.0 kB free; free some space or choose another output folder")
     assert fake_hub.count("GET", r"^/blobs/.*", server="cdn") == 3  # headers only, no download started
 
 

@@ -1,0 +1,106 @@
+"""`quantize-model convert REPO_ID ...` against the fake Hub: one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fake_hub import FakeHub, Fault
+
+pytestmark = pytest.mark.hub
+
+
+def qm(*args: str | Path):
+    from converter.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_convert_from_hub(tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path) -> None:
+    commit = fake_hub.add_repo("org/tiny", checkpoint_dir)
+    r = qm("convert", "org/tiny", tmp_path / "out", "--revision", "main", "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] is True
+    report = json.loads((tmp_path / "out" / "quantization_report.json").read_text())
+    assert report["source"]["commit"] == commit
+    assert report["source"]["repo_id"] == "org/tiny"
+
+
+def test_repo_not_found(tmp_path: Path, fake_hub: FakeHub, hf_home: Path) -> None:
+    r = qm("convert", "org/missing", tmp_path / "out")
+    assert r.exit_code == 2
+    assert _error_line(r) == (
+        f"Error: org/missing: repository not found on {fake_hub.endpoint}; check the repo id, "
+        "or if it is private run `hf auth login` or set HF_TOKEN"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_gated(tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path) -> None:
+    fake_hub.add_repo("org/gated", checkpoint_dir, gated=True)
+    r = qm("convert", "org/gated", tmp_path / "out")
+    assert r.exit_code == 2
+    assert _error_line(r) == (
+        f"Error: org/gated: gated repo; request access at {fake_hub.endpoint}/org/gated, "
+        "then run `hf auth login` or set HF_TOKEN with an account that has it"
+    )
+
+
+def test_revision_not_found(tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path) -> None:
+    fake_hub.add_repo("org/tiny", checkpoint_dir)
+    r = qm("convert", "org/tiny", tmp_path / "out", "--revision", "nope")
+    assert r.exit_code == 2
+    assert _error_line(r) == (
+        "Error: org/tiny: revision 'nope' not found; give an existing branch, tag or commit to --revision"
+    )
+
+
+def test_pickle_refused(tmp_path: Path, fake_hub: FakeHub, hf_home: Path) -> None:
+    import torch
+
+    torch.save({"w": torch.zeros(4, 4)}, tmp_path / "pytorch_model.bin")
+    fake_hub.add_repo("org/old", {"pytorch_model.bin": tmp_path / "pytorch_model.bin"})
+    r = qm("convert", "org/old", tmp_path / "out")
+    assert r.exit_code == 2
+    assert _error_line(r) == (
+        "Error: org/old: only pickle weights (pytorch_model.bin); pass --allow-pickle to load them with "
+        "torch.load(weights_only=True), or use a repo with safetensors weights"
+    )
+
+
+def test_hub_keeps_failing(tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path) -> None:
+    fake_hub.add_repo("org/tiny", checkpoint_dir)
+    fake_hub.add_fault(Fault(path=r"^/api/models/org/tiny", status=503, times=1000))
+    r = qm("convert", "org/tiny", tmp_path / "out")
+    assert r.exit_code == 1
+    assert _error_line(r) == (
+        "Error: org/tiny: model info failed after 5 attempt(s) (HTTP 503); "
+        "check the connection and rerun the same command (finished shards are kept)"
+    )
+
+
+def test_disk_too_small(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    fake_hub.add_repo("org/tiny", checkpoint_dir)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**9, 10**9 - 50_000, 50_000))
+    r = qm("convert", "org/tiny", tmp_path / "out")
+    assert r.exit_code == 2
+    line = _error_line(r)
+    assert line.startswith("Error: org/tiny: needs ")
+    assert "(the two largest source shards " in line
+    assert line.endswith("but it has 50.0 kB free; free some space or choose another output folder")
+    assert fake_hub.count("GET", "^/blobs/", server="cdn") == 3  # header reads only
