@@ -2,7 +2,14 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["ConversionResult", "__version__", "convert"]
+__all__ = [
+    "ConversionResult",
+    "__version__",
+    "convert",
+    "load_quantized",
+    "load_quantized_state",
+    "replace_linear_layers",
+]
 
 
 def __getattr__(name: str):  # lazy: `import converter` stays light (no torch) until convert is used
@@ -14,4 +21,8 @@ def __getattr__(name: str):  # lazy: `import converter` stays light (no torch) u
         from converter.report import ConversionResult
 
         return ConversionResult
+    if name in ("load_quantized", "load_quantized_state", "replace_linear_layers"):
+        from converter import loader
+
+        return getattr(loader, name)
     raise AttributeError(f"module 'converter' has no attribute {name!r}")  # noqa: EM102
