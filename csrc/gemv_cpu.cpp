@@ -129,12 +129,16 @@ QM_TARGET_AVX2 void rows_avx2(const Gemv4bitArgs& a, const float* xf, int64_t o0
   }
 }
 
-// AVX-512: 32 weights per step (16 bytes); x permuted in groups of 32. R rows at a time share each
-// load of x (for B = 8 the activations would otherwise be re-read from L2 for every row); each decoded
-// weight vector is scaled by its block's absmax once (the f32 product dequantize_4bit computes) and
-// then feeds B FMAs.
+// AVX-512: 32 weights per step (16 bytes); x permuted in groups of 32.
+//
+// Work is tiled so the activations stay in L1: a group of kGroup rows is swept over K in chunks of
+// about 32 KB of x, and inside a chunk R rows at a time share every load of x (for B = 8 the whole x
+// is 128 KB and would otherwise stream from L2 once per row). Each decoded weight vector is scaled
+// by its block's absmax once (the f32 product dequantize_4bit computes) and then feeds B FMAs.
+// Partial sums live in acc (R x B vectors in registers) and are parked in `park` between chunks.
 template <int B, int R>
-QM_TARGET_AVX512 void tile_avx512(const Gemv4bitArgs& a, const float* xf, int64_t o) {
+QM_TARGET_AVX512 inline void tile_span_avx512(const Gemv4bitArgs& a, const float* xf, int64_t o, int64_t k0,
+                                              int64_t k1, __m512* park, bool first) {
   const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs;
   const __m512 table = _mm512_loadu_ps(a.quant_map);
   const __m512i nib = _mm512_set1_epi32(0xF);
@@ -142,11 +146,12 @@ QM_TARGET_AVX512 void tile_avx512(const Gemv4bitArgs& a, const float* xf, int64_
   for (int r = 0; r < R; ++r) w[r] = a.packed + (o + r) * (K / 2);
   __m512 acc[R][B];
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
-  for (int64_t blk = 0; blk < bpr; ++blk) {
+    for (int b = 0; b < B; ++b) acc[r][b] = first ? _mm512_setzero_ps() : park[r * B + b];
+  for (int64_t k = k0; k < k1;) {
+    const int64_t blk = k / bs, seg_end = std::min(k1, (blk + 1) * bs);
     __m512 scale[R];
     for (int r = 0; r < R; ++r) scale[r] = _mm512_set1_ps(block_absmax(a, (o + r) * bpr + blk));
-    for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 32) {
+    for (; k < seg_end; k += 32) {
       __m512 we[R], wo[R];
       for (int r = 0; r < R; ++r) {
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + (k >> 1))));
@@ -164,15 +169,42 @@ QM_TARGET_AVX512 void tile_avx512(const Gemv4bitArgs& a, const float* xf, int64_
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) store_y(a, b * a.out_features + o + r, _mm512_reduce_add_ps(acc[r][b]));
+    for (int b = 0; b < B; ++b) park[r * B + b] = acc[r][b];
 }
 
+// One (row tile, K chunk) for a batch of B activations split into up to two halves of <= 4: four
+// rows x four activations keep 16 accumulators plus the decoded weights in registers, and the second
+// half re-reads the same weight bytes from L1 instead of memory.
 template <int B>
 QM_TARGET_AVX512 void rows_avx512(const Gemv4bitArgs& a, const float* xf, int64_t o0, int64_t o1) {
-  constexpr int R = B <= 4 ? 4 : 2;  // R * B accumulators stay within the 32 zmm registers
-  int64_t o = o0;
-  for (; o + R <= o1; o += R) tile_avx512<B, R>(a, xf, o);
-  for (; o < o1; ++o) tile_avx512<B, 1>(a, xf, o);
+  constexpr int B1 = B <= 4 ? B : 4, B2 = B - B1;
+  constexpr int R = 4;
+  constexpr int64_t kGroup = 16;  // rows whose partial sums are parked between K chunks
+  const int64_t K = a.in_features;
+  const int64_t chunk = std::max<int64_t>(32, (8192 / B) / 32 * 32);  // B * chunk floats = 32 KB of x
+  alignas(64) __m512 park1[kGroup * B1];
+  alignas(64) __m512 park2[kGroup * (B2 > 0 ? B2 : 1)];
+  for (int64_t g0 = o0; g0 < o1; g0 += kGroup) {
+    const int64_t g1 = std::min(o1, g0 + kGroup);
+    for (int64_t kc = 0; kc < K; kc += chunk) {
+      const int64_t kend = std::min(K, kc + chunk);
+      int64_t o = g0;
+      for (; o + R <= g1; o += R) {
+        tile_span_avx512<B1, R>(a, xf, o, kc, kend, park1 + (o - g0) * B1, kc == 0);
+        if constexpr (B2 > 0) tile_span_avx512<B2, R>(a, xf + B1 * K, o, kc, kend, park2 + (o - g0) * B2, kc == 0);
+      }
+      for (; o < g1; ++o) {
+        tile_span_avx512<B1, 1>(a, xf, o, kc, kend, park1 + (o - g0) * B1, kc == 0);
+        if constexpr (B2 > 0) tile_span_avx512<B2, 1>(a, xf + B1 * K, o, kc, kend, park2 + (o - g0) * B2, kc == 0);
+      }
+    }
+    for (int64_t o = g0; o < g1; ++o) {
+      for (int b = 0; b < B1; ++b) store_y(a, b * a.out_features + o, _mm512_reduce_add_ps(park1[(o - g0) * B1 + b]));
+      for (int b = 0; b < B2; ++b) {
+        store_y(a, (B1 + b) * a.out_features + o, _mm512_reduce_add_ps(park2[(o - g0) * B2 + b]));
+      }
+    }
+  }
 }
 
 using RowsFn = void (*)(const Gemv4bitArgs&, const float*, int64_t, int64_t);
