@@ -566,4 +566,46 @@ def validate_file(path: Path, f: BinaryIO, file_size: int) -> ValidatedShard:
     groups, partial = find_quant_groups(file, shapes, read, complete=ours)
     claimed = {k for g in groups.values() for k in g.keys} | {k for ks in partial.values() for k in ks}
     passthrough = tuple(k for k in entries if k not in claimed)
+    # 8. Our per-tensor records must describe exactly the tensors found (the bnb keys are authoritative).
+    if "quantize_model.tensors" in metadata:
+        check_tensor_records(file, metadata["quantize_model.tensors"], groups, entries, passthrough)
     return ValidatedShard(path, data_start, entries, dict(metadata), groups, partial, passthrough)
+
+
+def check_tensor_records(
+    file: str,
+    raw: str,
+    groups: Mapping[str, QuantGroup],
+    entries: Mapping[str, TensorEntry],
+    passthrough: tuple[str, ...],
+) -> None:
+    """``quantize_model.tensors`` against the shard: one record per quantized weight and passthrough."""
+    try:
+        records = json.loads(raw)
+    except ValueError as exc:
+        msg = f"{file}: __metadata__ 'quantize_model.tensors' is not JSON ({exc})"
+        raise BadMetadata(msg) from None
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        msg = f"{file}: __metadata__ 'quantize_model.tensors' must map tensor names to objects"
+        raise BadMetadata(msg)
+    described = set(groups) | set(passthrough)
+    if set(records) != described:
+        extra, missing = sorted(set(records) - described), sorted(described - set(records))
+        msg = f"{file}: quantize_model.tensors lists {extra[:3]} not in the shard and omits {missing[:3]}"
+        raise BadMetadata(msg)
+    for name, g in groups.items():
+        want = {
+            "kind": "quantized", "quant_type": g.info.quant_type.label, "blocksize": g.info.blocksize,
+            "shape": list(g.info.shape), "dtype": g.info.dtype, "nested": g.info.nested_offset is not None,
+            "quant_storage": g.quant_storage,
+        }  # fmt: skip
+        got = {k: records[name].get(k) for k in want}
+        if got != want:
+            msg = f"{file}: tensor {name!r}: metadata record {got} disagrees with its bnb keys {want}"
+            raise BadMetadata(msg)
+    for name in passthrough:
+        want = {"kind": "passthrough", "dtype": entries[name].dtype, "shape": list(entries[name].shape)}
+        got = {k: records[name].get(k) for k in want}
+        if got != want:
+            msg = f"{file}: tensor {name!r}: metadata record {got} disagrees with the stored tensor {want}"
+            raise BadMetadata(msg)

@@ -168,6 +168,11 @@ CASES = [
     (BadMetadataField, lambda p: _raw({"__metadata__": {"format": 1}}), "map strings to strings"),
     (BadMetadata, lambda p: _raw({"__metadata__": {"quantize_model.format": "{"}}), "quantize_model.format"),
     (
+        BadMetadata,
+        lambda p: _layout_case(p, lambda t, m: m.update({"quantize_model.tensors": "{}"})),
+        "quantize_model.tensors lists [] not in the shard and omits",
+    ),
+    (
         UnknownFormatVersion,
         lambda p: _raw({"__metadata__": {"quantize_model.format": '{"name":"quantize-model","version":9}'}}),
         "format version 9",
@@ -304,3 +309,19 @@ def test_fuzz_mutated_valid_shard(data: st.DataObject) -> None:
         if not raw:
             break
     _read_everything(bytes(raw))
+
+
+def test_metadata_record_must_match_the_bnb_keys(tmp_path: Path) -> None:
+    rec = reference_record(W, randn((4, 64), torch.float16, 1))
+    slots, meta = shard_plan([rec], {})
+    tensors = json.loads(meta["quantize_model.tensors"])
+    tensors[W]["blocksize"] = 128
+    meta["quantize_model.tensors"] = json.dumps(tensors)
+    path = tmp_path / "s.safetensors"
+    with ShardWriter(path, slots, meta) as w:
+        for k, v in rec.state_dict().items():
+            w.write(k, v)
+    with pytest.raises(
+        BadMetadata, match=r"down_proj\.weight': metadata record .*'blocksize': 128.* disagrees"
+    ):
+        open_shard(path)
