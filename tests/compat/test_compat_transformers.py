@@ -322,3 +322,21 @@ def test_allowlist_output_loads_like_transformers_mode(tiny_src, tmp_path, monke
     model, info, messages = _load(tmp_path / "allowlist")
     _assert_clean_load(info, messages)
     assert linear4bit_modules(model) == quantized_modules(sel)
+
+
+def test_dtype_cast_keeps_fp32_modules(tiny_src, tmp_path):
+    """--dtype bfloat16 on fp32 T5: _keep_in_fp32_modules ("wo") stay float32, the rest is cast,
+    and the folder loads cleanly with Linear4bit where we quantized."""
+    src = tiny_src("t5")
+    sel = select_tensors(read_config(src), read_infos(src))
+    assert sel.keep_fp32
+    pipeline.convert(str(src), str(tmp_path / "ours"), dtype="bfloat16", progress=False)
+    dtypes = {t.name: t.dtype for t in read_infos(tmp_path / "ours")}
+    for k in sel.keep_fp32:
+        assert dtypes[k] == "F32", k
+    kept_float = [k for k in sel.keep if k not in sel.keep_fp32 and dtypes[k] in ("F32", "BF16")]
+    assert kept_float
+    assert all(dtypes[k] == "BF16" for k in kept_float), {k: dtypes[k] for k in kept_float}
+    model, info, messages = _load(tmp_path / "ours")
+    _assert_clean_load(info, messages)
+    assert linear4bit_modules(model) == quantized_modules(sel)
