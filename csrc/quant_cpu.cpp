@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "float_convert.h"
+#include "memory_hint.h"
 #include "thread_pool.h"
 
 namespace qm {
@@ -550,6 +551,7 @@ int64_t quantize_4bit(const void* x, DType dtype, int64_t n, int64_t blocksize, 
   check_blocksize(blocksize);
   const QuantizeFn fn = pick_quantize(dtype, quant_type, resolve_isa(isa));
   const int64_t nb = (n + blocksize - 1) / blocksize;
+  advise_hugepages(packed, static_cast<size_t>((n + 1) / 2));
   std::atomic<int64_t> bad_blocks{0};
   parallel_for(nb, threads, std::max<int64_t>(1, kChunkElements / blocksize), [&](int64_t b0, int64_t b1) {
     const int64_t k = fn(x, n, blocksize, b0, b1, packed, absmax);
@@ -563,6 +565,7 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, int6
   check_blocksize(blocksize);
   const DequantizeFn fn = pick_dequantize(out_dtype, resolve_isa(isa));
   const int64_t nb = (n + blocksize - 1) / blocksize;
+  advise_hugepages(out, static_cast<size_t>(n * dtype_size(out_dtype)));
   parallel_for(nb, threads, std::max<int64_t>(1, kChunkElements / blocksize),
                [&](int64_t b0, int64_t b1) { fn(packed, absmax, n, blocksize, b0, b1, quant_map, out); });
 }
