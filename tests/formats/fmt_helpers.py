@@ -9,7 +9,13 @@ import numpy as np
 import torch
 
 from formats import reference
-from formats.metadata import build_metadata, passthrough_record, provenance, quantized_record
+from formats.metadata import (
+    build_metadata,
+    passthrough_record,
+    provenance,
+    quantized_record,
+    validate_metadata,
+)
 from formats.quant_types import QuantType
 from formats.record import QuantizedTensor
 from formats.writer import DTYPE_CODES, TensorSlot
@@ -70,7 +76,9 @@ def shard_plan(
         )
     options = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "quant_storage": "uint8"}
     prov = provenance(source="test", files=[("model.safetensors", "0" * 64)], options=options)
-    return slots, build_metadata(tensors, prov, version="0.1.0")
+    metadata = build_metadata(tensors, prov, version="0.1.0")
+    validate_metadata({"format": "pt", **metadata})  # every shard the tests write matches the schema
+    return slots, metadata
 
 
 def all_tensors(
