@@ -45,6 +45,11 @@ class Shard:
         self._map: np.memmap | None = np.memmap(self.path, dtype=np.uint8, mode="c") if size else None
 
     @property
+    def data_start(self) -> int:
+        """File offset of the data buffer (8 + header length)."""
+        return self._shard.data_start
+
+    @property
     def data_size(self) -> int:
         """Bytes of tensor data (the file minus the length prefix and the header)."""
         return max((e.end for e in self._shard.entries.values()), default=0)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import random
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fmt_helpers import all_tensors, as_bits, randn, reference_record, shard_plan
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from formats.metadata import validate_metadata
 from formats.quant_types import QuantType
+from formats.reader import open_shard
 from formats.validate import (
     DTYPES,
     DuplicateWrite,
@@ -25,7 +31,7 @@ from formats.validate import (
     UnknownSlot,
     WriterStateError,
 )
-from formats.writer import ShardWriter, TensorSlot, WriterState, temp_path
+from formats.writer import TORCH_DTYPES, ShardWriter, TensorSlot, WriterState, temp_path
 
 
 def _content() -> tuple[list, dict[str, torch.Tensor]]:
@@ -185,3 +191,46 @@ def test_transformers_safe_load(tmp_path: Path) -> None:
     _, tensors, _ = _write(path)
     sd = load_state_dict(str(path))
     assert set(sd) == set(tensors)
+
+
+_CODES = ["U8", "I8", "BOOL", "F16", "BF16", "I32", "F32", "I64", "F64"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(
+        st.text("abcxyz._", min_size=1, max_size=6),
+        st.tuples(st.sampled_from(_CODES), st.lists(st.integers(0, 5), max_size=3)),
+        max_size=8,
+    ),
+    st.dictionaries(st.text("qrs", min_size=1, max_size=4), st.binary(max_size=40), max_size=3),
+    st.randoms(use_true_random=False),
+)
+def test_round_trip_property(fixed: dict, blobs: dict, rnd: random.Random) -> None:
+    """Any plan, written in any order, reads back identically through safetensors and our reader."""
+    blobs = {f"blob.{k}": v for k, v in blobs.items()}
+    slots = [TensorSlot(k, code, tuple(shape)) for k, (code, shape) in fixed.items()]
+    slots += [TensorSlot(k, "U8", None) for k in blobs]
+    data: dict[str, torch.Tensor] = {}
+    for k, (code, shape) in fixed.items():
+        raw = torch.randint(0, 256, (math.prod(shape) * DTYPES[code],), dtype=torch.uint8)
+        data[k] = (
+            raw.view(TORCH_DTYPES[code]).reshape(shape) if code != "BOOL" else (raw % 2).bool().reshape(shape)
+        )
+    for k, v in blobs.items():
+        data[k] = torch.tensor(list(v), dtype=torch.uint8)
+    order = list(data)
+    rnd.shuffle(order)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "p.safetensors"
+        with ShardWriter(path, slots, {}) as w:
+            for k in order:
+                w.write(k, data[k])
+        loaded = load_file(path)
+        shard = open_shard(path)
+        assert set(loaded) == set(data) == set(shard.keys())
+        for k, v in data.items():
+            assert np.array_equal(as_bits(loaded[k]), as_bits(v)), k
+            assert np.array_equal(as_bits(shard.get_tensor(k)), as_bits(v)), k
+            itemsize = DTYPES[shard.entry(k).dtype]
+            assert (shard.data_start + shard.entry(k).begin) % itemsize == 0, k
