@@ -288,14 +288,13 @@ def build_skeleton(config: dict) -> Any:
                 cls = cand
                 break
         if cls is None:
-            try:
-                cls = transformers.AutoModel._model_mapping[type(cfg)]
-            except KeyError:
-                msg = (
-                    f"transformers has no model class for model_type '{model_type}'; "
-                    "name the weights to quantize with --include"
-                )
-                raise SelectionError(msg) from None
+            cls = _auto_class(transformers, cfg, config.get("architectures") or ())
+        if cls is None:
+            msg = (
+                f"transformers has no model class for model_type '{model_type}'; "
+                "name the weights to quantize with --include"
+            )
+            raise SelectionError(msg)
         try:
             with torch.device("meta"):
                 model = cls(cfg)
@@ -306,6 +305,31 @@ def build_skeleton(config: dict) -> Any:
             )
             raise SelectionError(msg) from exc
     return model
+
+
+#: Architecture name suffix -> the Auto class that builds the same head from a built-in model_type,
+#: for configs naming a class transformers does not have (repository code, which we never run).
+_AUTO_BY_SUFFIX = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    ("ForConditionalGeneration", "AutoModelForImageTextToText"),
+)
+
+
+def _auto_class(transformers: Any, cfg: Any, architectures: Sequence[str]) -> Any:
+    """The built-in class for an architecture transformers does not name: same head, else the base model."""
+    for arch in architectures:
+        for suffix, auto in _AUTO_BY_SUFFIX:
+            if arch.endswith(suffix):
+                cls = getattr(transformers, auto)._model_mapping.get(type(cfg), None)
+                if cls is not None:
+                    return cls
+    return transformers.AutoModel._model_mapping.get(type(cfg), None)
 
 
 def _converter_reason(converter: Any, target: str) -> str:

@@ -145,3 +145,13 @@ def test_llama4_fused_experts_are_refused():
     cfg["architectures"] = ["Llama4ForCausalLM"]
     with pytest.raises(SelectionError, match=r"Llama4TextExperts.*quantize this model on load"):
         select_tensors(cfg, [])
+
+
+def test_architecture_not_in_transformers_uses_the_builtin_class_with_the_same_head(tiny):
+    """A config naming a repository-code class of a built-in model_type: the matching Auto class
+    builds the skeleton (never the repository's code), so lm_head is still recognised."""
+    folder = tiny("llama")
+    config = {**read_config(folder), "architectures": ["MyFancyLlamaForCausalLM"], "auto_map": {}}
+    sel = select_tensors(config, read_infos(folder))
+    assert sel.keep["lm_head.weight"] == "lm_head (output embedding)"
+    assert len(sel.quantize) == 14
