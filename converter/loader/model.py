@@ -52,6 +52,18 @@ def _params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+def _no_init_weights() -> contextlib.AbstractContextManager:
+    """transformers' switch that skips random init (every parameter is filled from the shards)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def _model_class(config: Any) -> type:
     import transformers
 
@@ -154,7 +166,7 @@ def load_quantized(
         del config.quantization_config  # we build the 4-bit layers ourselves
     cls = _model_class(config)
     try:
-        with _params_on_meta(), warnings.catch_warnings():
+        with _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = cls._from_config(config, dtype=dtype)
     except Exception as exc:

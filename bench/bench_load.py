@@ -1,0 +1,282 @@
+"""Loading a pre-quantized checkpoint on CPU, and batch-1 GEMV through the layer, side by side.
+
+    python bench/bench_load.py [--model .cache/samples/smollm2-135m] [--workdir .cache/bench] [--repeat 3]
+
+1. Load time = from the call to the end of the first forward (8 tokens), each run in a fresh
+   subprocess that has already imported torch/transformers (imports are not timed):
+   - read: every file of the folder read once into a buffer (the floor: the bytes must be read);
+   - ours: ``converter.load_quantized(folder, verify=False)`` and ``verify=True`` (sha256 of every
+     shard, hashed in parallel, before anything else);
+   - transformers + bitsandbytes: ``AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")``.
+   Cold = the page cache dropped before the run (``/proc/sys/vm/drop_caches`` when writable, else
+   ``posix_fadvise(DONTNEED)`` on every file of the folder); warm = the folder read once before.
+   Memory after the forward: RssAnon and RssFile of the process minus what it held before the call.
+2. GEMV: ``Linear4bit`` forward for one bf16 token (the fused GEMV, nested absmax decoded inline)
+   vs ``F.linear`` with the bf16 weight, vs bitsandbytes' ``Linear4bit`` forward in eval mode, for
+   4096x4096 and 11008x4096 (median of --gemv-repeat calls after a warm-up).
+
+The folder is our NF4 conversion (blocksize 64, nested) of --model, made once in --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = ("read", "ours", "ours+verify", "transformers+bnb")
+IDS = [[1, 9, 1031, 314, 2718, 42, 7, 100]]
+
+
+# ------------------------------------------------------------------------------------------------
+# child: one measurement in a fresh process
+
+
+def _rss() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def child(case: str, folder: Path) -> dict:
+    import warnings
+
+    import torch
+
+    warnings.simplefilter("ignore")
+    ids = torch.tensor(IDS)
+    loaded = None
+    if case == "read":
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        buf = bytearray(16 << 20)
+        before = _rss()
+        start = time.perf_counter()
+        for p in files:
+            with open(p, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+        loaded = time.perf_counter()
+    else:
+        import bitsandbytes  # noqa: F401
+        import transformers
+
+        import converter.loader.model  # noqa: F401
+
+        # Imports are not timed, for either side: the model class's module is imported up front.
+        architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+        getattr(transformers, architecture)
+        before = _rss()
+        start = time.perf_counter()
+        if case.startswith("ours"):
+            from converter import load_quantized
+
+            model = load_quantized(folder, verify=case == "ours+verify")
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+        loaded = time.perf_counter()
+        with torch.no_grad():
+            model(ids)
+    end = time.perf_counter()
+    after = _rss()
+    return {
+        "load": loaded - start,
+        "seconds": end - start,
+        "rss_anon": after["RssAnon"] - before["RssAnon"],
+        "rss_file": after["RssFile"] - before["RssFile"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# parent
+
+
+def drop_cache(folder: Path) -> str:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        pass
+    for p in folder.iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return "fadvise"
+
+
+def warm_cache(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            p.read_bytes()
+
+
+def run_child(case: str, folder: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", case, str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def prepare(model: Path, workdir: Path) -> Path:
+    folder = workdir / f"{model.name}-nf4"
+    if not (folder / "model.safetensors.index.json").is_file():
+        from converter import convert
+
+        # The SmolLM2 sample was rebuilt from GGUF and its config.json still names the gguf
+        # quantization; its safetensors weights are plain bf16. Convert a copy without that entry.
+        source = workdir / f"{model.name}-src"
+        source.mkdir(parents=True, exist_ok=True)
+        for p in model.iterdir():
+            target = source / p.name
+            if p.name == "config.json":
+                config = json.loads(p.read_text())
+                config.pop("quantization_config", None)
+                target.write_text(json.dumps(config, indent=2))
+            elif not target.exists():
+                target.symlink_to(p.resolve())
+        convert(source, folder, progress=False, overwrite=True)
+    return folder
+
+
+def bench_load(folder: Path, repeat: int) -> tuple[dict, str]:
+    results: dict = {}
+    method = ""
+    for cache in ("cold", "warm"):
+        for case in CASES:
+            runs = []
+            for _ in range(repeat):
+                if cache == "cold":
+                    method = drop_cache(folder)
+                else:
+                    warm_cache(folder)
+                runs.append(run_child(case, folder))
+            results[(case, cache)] = {
+                "load": statistics.median(r["load"] for r in runs),
+                "seconds": statistics.median(r["seconds"] for r in runs),
+                "rss_anon": statistics.median(r["rss_anon"] for r in runs),
+                "rss_file": statistics.median(r["rss_file"] for r in runs),
+            }
+    return results, method
+
+
+def bench_gemv(repeat: int) -> list[tuple[str, float, float, float]]:
+    import bitsandbytes as bnb
+    import torch
+    import torch.nn.functional as F
+
+    from converter import kernels
+    from converter.loader.module import Linear4bit
+    from formats.quant_types import QuantType
+    from formats.record import QuantizedTensor
+
+    def median(fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    rows = []
+    torch.manual_seed(0)
+    for out_f, in_f in ((4096, 4096), (11008, 4096)):
+        w = (torch.randn(out_f, in_f) * 0.02).to(torch.bfloat16)
+        packed, absmax = kernels.quantize_4bit(w, blocksize=64, quant_type=QuantType.NF4)
+        record = QuantizedTensor.from_kernel_outputs(
+            "w",
+            (out_f, in_f),
+            "bfloat16",
+            QuantType.NF4,
+            64,
+            packed,
+            absmax,
+            nested=kernels.quantize_nested(absmax),
+        )
+        ours = Linear4bit.from_record(record).eval()
+        theirs = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        stats = {k: v for k, v in ours.state_dict().items() if k != "weight"}
+        theirs.weight = bnb.nn.Params4bit.from_prequantized(
+            ours.weight.data, stats, device="cpu", module=theirs
+        )
+        theirs.eval()
+        x = torch.randn(1, in_f).to(torch.bfloat16)
+        with torch.no_grad():
+            t_ours = median(lambda ours=ours, x=x: ours(x))
+            t_dense = median(lambda x=x, w=w: F.linear(x, w))
+            t_bnb = median(lambda theirs=theirs, x=x: theirs(x))
+        rows.append((f"{out_f}x{in_f}", t_ours, t_dense, t_bnb))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=REPO / ".cache/samples/smollm2-135m")
+    parser.add_argument("--workdir", type=Path, default=REPO / ".cache/bench")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--gemv-repeat", type=int, default=50)
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], Path(args.child[1]))))
+        return
+
+    import torch
+
+    folder = prepare(args.model, args.workdir)
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"checkpoint: {folder} ({size / 1e6:.1f} MB, our NF4 conversion of {args.model.name})\n")
+
+    results, method = bench_load(folder, args.repeat)
+    print(f"Load = call -> end of first forward (8 tokens); median of {args.repeat}; cold cache via {method}")
+    print("(load only = call -> model returned, before the forward)")
+    header = f"{'case':<18}{'cold s':>9}{'warm s':>9}{'cold load-only':>16}{'warm load-only':>16}"
+    print(header + f"{'RssAnon MB':>12}{'RssFile MB':>12}")
+    for case in CASES:
+        cold, warm = results[(case, "cold")], results[(case, "warm")]
+        print(
+            f"{case:<18}{cold['seconds']:>9.3f}{warm['seconds']:>9.3f}{cold['load']:>16.3f}{warm['load']:>16.3f}"
+            f"{warm['rss_anon'] / 1e6:>12.1f}{warm['rss_file'] / 1e6:>12.1f}"
+        )
+    for cache in ("cold", "warm"):
+        ours = results[("ours", cache)]["seconds"]
+        print(
+            f"{cache}: transformers+bnb / ours = "
+            f"{results[('transformers+bnb', cache)]['seconds'] / ours:.1f}x, "
+            f"ours / read = {ours / results[('read', cache)]['seconds']:.2f}x, "
+            f"verify cost = {results[('ours+verify', cache)]['seconds'] - ours:.3f} s"
+        )
+
+    print(f"\nBatch-1 bf16 GEMV (median of {args.gemv_repeat}, {torch.get_num_threads()} threads)")
+    print(f"{'shape':<12}{'ours us':>10}{'bf16 F.linear us':>18}{'bnb Linear4bit us':>19}{'bf16/ours':>11}")
+    for shape, t_ours, t_dense, t_bnb in bench_gemv(args.gemv_repeat):
+        print(
+            f"{shape:<12}{t_ours * 1e6:>10.0f}{t_dense * 1e6:>18.0f}{t_bnb * 1e6:>19.0f}"
+            f"{t_dense / t_ours:>11.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
