@@ -19,7 +19,10 @@ constexpr unsigned int kMxcsrDaz = 1u << 6;
 constexpr unsigned int kMxcsrFtz = 1u << 15;
 constexpr int kMaxThreads = 256;
 
-// One job at a time: chunk counter, the function, and how many participants are still running.
+// One job at a time. The caller publishes the job, takes chunks itself, then closes the job: workers
+// that wake up after that skip it, so a worker the OS has not scheduled yet never delays the caller
+// (on a busy machine that wait would be a whole scheduler time slice). The caller only waits for
+// workers that joined and still run a chunk.
 class Pool {
  public:
   static Pool& instance() {
@@ -43,15 +46,16 @@ class Pool {
       n_ = n;
       chunk_ = chunk;
       next_.store(0, std::memory_order_relaxed);
-      active_helpers_ = helpers;
-      pending_ = helpers;
+      max_helpers_ = helpers;
+      open_ = true;
       error_ = nullptr;
       ++generation_;
     }
     wake_.notify_all();
-    work();  // the caller takes chunks too
+    work();  // the caller takes chunks too; returns when every chunk has been handed out
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return pending_ == 0; });
+    open_ = false;  // late wakers skip this job
+    done_.wait(lock, [&] { return active_ == 0; });
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -73,12 +77,14 @@ class Pool {
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen && id < active_helpers_; });
+        wake_.wait(lock, [&] { return generation_ != seen; });
         seen = generation_;
+        if (!open_ || id >= max_helpers_) continue;
+        ++active_;
       }
       work();
       std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
+      if (--active_ == 0) done_.notify_one();
     }
   }
 
@@ -104,7 +110,8 @@ class Pool {
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_ = 0, chunk_ = 1;
   std::atomic<int64_t> next_{0};
-  int active_helpers_ = 0, pending_ = 0;
+  int max_helpers_ = 0, active_ = 0;
+  bool open_ = false;
   uint64_t generation_ = 0;
   std::exception_ptr error_;
 };
