@@ -316,6 +316,7 @@ class HubSource(Source):
         self.offline = constants.is_offline_mode()
         self._lock = threading.Condition()
         self._executor: ThreadPoolExecutor | None = None
+        self._hasher: ThreadPoolExecutor
         self._futures: dict[str, Future[Path]] = {}
         self._live: set[str] = set()  # private downloads on disk (or in flight), not yet released
         self._released: set[str] = set()
@@ -490,6 +491,10 @@ class HubSource(Source):
         cached = self._cached_path(name)
         if cached is not None:
             return cached
+        return self._checked(name, self._download(name, progress=progress), progress=progress)
+
+    def _download(self, name: str, *, progress: bool = False, force: bool = False) -> Path:
+        """hf_hub_download into the private folder (or, with keep_downloads, the shared cache)."""
         if self.offline:
             msg = (
                 f"{self.repo_id}: {name} is not in the local cache and HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE"
@@ -504,20 +509,24 @@ class HubSource(Source):
             "endpoint": self.client.endpoint,
             "cache_dir": self.cache_dir,
             "tqdm_class": bar,
+            "force_download": force,
         }
         if not self.keep_downloads:
             kwargs["local_dir"] = self._download_dir()
-        for check in range(2):  # one more full download if the bytes do not match the Hub's hash
-            path = Path(
-                self.client.call("download", lambda: hf_hub_download(self.repo_id, name, **kwargs), file=name)
-            )
+        return Path(
+            self.client.call("download", lambda: hf_hub_download(self.repo_id, name, **kwargs), file=name)
+        )
+
+    def _checked(self, name: str, path: Path, *, progress: bool = False) -> Path:
+        """``path`` once its bytes match the Hub's hash; one fresh download if they do not."""
+        for attempt in range(2):
             if self._verify(name, path):
                 if progress:
                     logger.info("downloaded %s (%s)", name, _human(path.stat().st_size))
                 return path
             path.unlink(missing_ok=True)
-            if check == 0:
-                kwargs["force_download"] = True
+            if attempt == 0:
+                path = self._download(name, progress=progress, force=True)
         expected = self._sha256.get(name) or self._git_oid.get(name)
         msg = (
             f"{self.repo_id}: {name} downloaded twice but does not match the Hub's hash {expected}; "
@@ -722,10 +731,34 @@ class HubSource(Source):
         if file in self._futures:
             return
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-prefetch")
+            # One download at a time (as the baseline), and hashing in its own thread so checking
+            # shard k does not delay the download of shard k+1.
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-download")
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-sha256")
         self._live.add(file)
         self.peak_live = max(self.peak_live, len(self._live))
-        self._futures[file] = self._executor.submit(self._fetch, file, progress=True)
+        result: Future[Path] = Future()
+        hasher = self._hasher
+
+        def check(path: Path) -> None:
+            try:
+                result.set_result(self._checked(file, path, progress=True))
+            except BaseException as exc:
+                result.set_exception(exc)
+
+        def downloaded(done: Future[Path]) -> None:
+            if done.cancelled():
+                result.cancel()
+            elif done.exception() is not None:
+                result.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                try:
+                    hasher.submit(check, done.result())
+                except RuntimeError as exc:  # the source was closed meanwhile
+                    result.set_exception(exc)
+
+        self._executor.submit(self._download, file, progress=True).add_done_callback(downloaded)
+        self._futures[file] = result
 
     def _prefetch_next(self) -> None:
         """Start the next needed private file while fewer than two are on disk (caller holds the lock)."""
@@ -874,5 +907,6 @@ class HubSource(Source):
                 f.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+            self._hasher.shutdown(wait=True, cancel_futures=True)
         if self._owns_dl_dir and self._dl_dir is not None:
             shutil.rmtree(self._dl_dir, ignore_errors=True)
