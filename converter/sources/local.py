@@ -11,17 +11,20 @@ import hashlib
 import json
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from converter.errors import AlreadyQuantizedError, CorruptFileError, PickleOnlyError, SourceNotFoundError
 from converter.sources.base import Source, TensorInfo, is_extra_file, quantized_reason
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -64,23 +67,30 @@ class LocalSource(Source):
         if not path.exists():
             msg = f"{path}: no such file or folder; check the path"
             raise SourceNotFoundError(msg)
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                self._refuse_non_safetensors(path, [path.name])
-            self.root = path.parent
-            files = [path.name]
-        else:
-            self.root = path
-            files = self._find_weight_files()
-        self._files = files
-        self._config = self._read_config()
-        self._headers: dict[str, str] = {}
-        self._tensors = self._read_tensors()
-        del allow_pickle  # pickle conversion is offered for Hub sources only (sources/hub.py)
-        reason = quantized_reason(self._config, self._tensors)
-        if reason:
-            msg = f"{self.root}: already quantized ({reason}); convert the original checkpoint instead"
-            raise AlreadyQuantizedError(msg)
+        self.allow_pickle = allow_pickle
+        self._pickles: list[str] = []  # pickle weight files converted to safetensors in _tmp
+        self._tmp: Path | None = None
+        try:
+            if path.is_file():
+                self.root = path.parent
+                if path.suffix == ".safetensors":
+                    files = [path.name]
+                else:
+                    files = self._from_pickles([path.name])
+            else:
+                self.root = path
+                files = self._find_weight_files()
+            self._files = files
+            self._config = self._read_config()
+            self._headers: dict[str, str] = {}
+            self._tensors = self._read_tensors()
+            reason = quantized_reason(self._config, self._tensors)
+            if reason:
+                msg = f"{self.root}: already quantized ({reason}); convert the original checkpoint instead"
+                raise AlreadyQuantizedError(msg)
+        except BaseException:
+            self.close()  # remove temp files made from pickle weights
+            raise
 
     # --- discovery -------------------------------------------------------------------------
     def _find_weight_files(self) -> list[str]:
@@ -109,20 +119,48 @@ class LocalSource(Source):
                 "pass one file as SOURCE or add the index"
             )
             raise SourceNotFoundError(msg)
-        pickles = sorted(p.name for p in self.root.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        self._refuse_non_safetensors(self.root, pickles)
-        raise AssertionError  # unreachable: _refuse_non_safetensors always raises
+        return self._from_pickles(self._pickle_names())
 
-    @staticmethod
-    def _refuse_non_safetensors(where: Path, names: list[str]) -> None:
-        if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+    def _pickle_names(self) -> list[str]:
+        """pytorch_model.bin, the shards of pytorch_model.bin.index.json, or any lone .bin/.pt file."""
+        index = self.root / PICKLE_INDEX_NAME
+        if index.is_file():
+            weight_map = _load_json(index, str(index)).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                msg = f"{index}: has no weight_map; fix or re-download it"
+                raise CorruptFileError(msg)
+            names = sorted({str(v) for v in weight_map.values()})
+            for name in names:
+                if not (self.root / name).is_file():
+                    msg = f"{self.root / name}: missing (named by {PICKLE_INDEX_NAME}); download it"
+                    raise SourceNotFoundError(msg)
+            return names
+        return sorted(p.name for p in self.root.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+    def _from_pickles(self, names: list[str]) -> list[str]:
+        """Refuse pickle weights, or with allow_pickle load them (weights_only) into temp safetensors."""
+        if not names:
+            msg = f"{self.root}: no model.safetensors, {INDEX_NAME} or .safetensors file; check the path"
+            raise SourceNotFoundError(msg)
+        if not all(n.endswith(PICKLE_SUFFIXES) for n in names):
+            msg = f"{self.root / names[0]}: not a .safetensors file; give a safetensors checkpoint"
+            raise SourceNotFoundError(msg)
+        if not self.allow_pickle:
             msg = (
-                f"{where}: only pickle weights ({', '.join(names[:3])}); quantize-model reads safetensors: "
-                "re-save the model with save_pretrained(..., safe_serialization=True)"
+                f"{self.root}: only pickle weights ({', '.join(names[:3])}); "
+                "quantize-model reads safetensors: "
+                "re-save the model with save_pretrained(..., safe_serialization=True), "
+                "or pass --allow-pickle if you trust the files"
             )
             raise PickleOnlyError(msg)
-        msg = f"{where}: no model.safetensors, {INDEX_NAME} or .safetensors file; check the path"
-        raise SourceNotFoundError(msg)
+        self._pickles = names
+        self._tmp = Path(tempfile.mkdtemp(prefix="quantize-model-pickle-"))
+        out = []
+        for name in names:
+            converted = name.rsplit(".", 1)[0].replace("/", "_") + ".safetensors"
+            _pickle_to_safetensors(self.root / name, self._tmp / converted)
+            out.append(converted)
+        return out
 
     def _read_config(self) -> dict | None:
         path = self.root / "config.json"
@@ -132,7 +170,7 @@ class LocalSource(Source):
         tensors: list[TensorInfo] = []
         seen: dict[str, str] = {}
         for file in self._files:
-            path = self.root / file
+            path = self.acquire(file)
             raw, header = read_header(path, str(path))
             self._headers[file] = hashlib.sha256(raw).hexdigest()
             entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
@@ -158,14 +196,17 @@ class LocalSource(Source):
     # --- Source ----------------------------------------------------------------------------
     def describe(self) -> dict:
         files = {}
-        for name in self._files:
-            st = (self.root / name).stat()
+        for name, original in zip(self._files, self._pickles or self._files, strict=True):
+            st = (self.root / original).stat()  # identity of what the user has: the pickle file if any
             files[name] = {
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
                 "header_sha256": self._headers[name],
             }
-        return {"kind": "local", "path": str(self.root), "name": self.root.name, "files": files}
+        out = {"kind": "local", "path": str(self.root), "name": self.root.name, "files": files}
+        if self._pickles:
+            out["pickle_files"] = list(self._pickles)
+        return out
 
     def config(self) -> dict | None:
         return self._config
@@ -177,7 +218,7 @@ class LocalSource(Source):
         return list(self._files)
 
     def acquire(self, file: str) -> Path:
-        return self.root / file
+        return (self._tmp if self._tmp is not None else self.root) / file
 
     def release(self, file: str) -> None:
         """Nothing to free: local files are only memory-mapped."""
@@ -192,7 +233,32 @@ class LocalSource(Source):
         shutil.copyfile(self.root / name, dest)
 
     def close(self) -> None:
-        """Nothing held open between calls."""
+        """Delete the temp safetensors made from pickle weights (nothing else is held open)."""
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _pickle_to_safetensors(src: Path, dst: Path) -> None:
+    """torch.load(weights_only=True) a pickle state dict and save it as safetensors (tied tensors cloned)."""
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        msg = f"{src}: cannot be loaded with torch.load(weights_only=True) ({reason}); re-save as safetensors"
+        raise CorruptFileError(msg) from None
+    if not isinstance(state, dict):
+        msg = f"{src}: does not hold a state dict; re-save it with save_pretrained"
+        raise CorruptFileError(msg)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            value = value.contiguous()
+            ptr = value.untyped_storage().data_ptr()
+            tensors[str(key)] = value.clone() if ptr in seen else value
+            seen.add(ptr)
+    save_file(tensors, str(dst), metadata={"format": "pt"})
 
 
 _NP_DTYPES = {

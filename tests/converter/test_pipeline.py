@@ -259,3 +259,19 @@ def test_non_finite_weight_named(tiny_llama: Path, tmp_path: Path) -> None:
     )
     # Nothing that looks complete: no shard under its final name, no config, no index.
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]
+
+
+def test_local_pickle_with_allow_pickle_matches_safetensors(tiny_llama: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_llama / "config.json", folder / "config.json")
+    torch.save(load_file(tiny_llama / "model.safetensors"), folder / "pytorch_model.bin")
+    convert(folder, tmp_path / "a", allow_pickle=True, progress=False)
+    convert(tiny_llama, tmp_path / "b", progress=False)
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as fa:
+        with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as fb:
+            assert set(fa.keys()) == set(fb.keys())
+            for key in fa.keys():
+                assert torch.equal(fa.get_tensor(key), fb.get_tensor(key)), key

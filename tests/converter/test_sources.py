@@ -171,8 +171,38 @@ def test_pickle_only(tmp_path: Path) -> None:
         open_source(tmp_path)
     assert str(exc.value) == (
         f"{tmp_path}: only pickle weights (pytorch_model.bin); quantize-model reads safetensors: "
-        "re-save the model with save_pretrained(..., safe_serialization=True)"
+        "re-save the model with save_pretrained(..., safe_serialization=True), "
+        "or pass --allow-pickle if you trust the files"
     )
+
+
+def test_allow_pickle_reads_weights_only_and_cleans_up(tiny_llama: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(tiny_llama / "model.safetensors")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny_llama / "config.json", folder / "config.json")
+    torch.save(state, folder / "pytorch_model.bin")
+    src = open_source(folder, allow_pickle=True)
+    assert src.weight_files() == ["pytorch_model.safetensors"]
+    assert {t.name for t in src.tensors()} == set(state)
+    path = src.acquire("pytorch_model.safetensors")
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(MappedFile(path).get(name), state[name])
+    assert src.describe()["pickle_files"] == ["pytorch_model.bin"]
+    src.close()
+    assert not path.exists()
+
+
+def test_pickle_that_is_not_weights_only(tmp_path: Path) -> None:
+    import pickle
+
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(object()))
+    with pytest.raises(
+        CorruptFileError, match=r"pytorch_model.bin: cannot be loaded with torch.load\(weights_only=True\)"
+    ):
+        open_source(tmp_path, allow_pickle=True)
 
 
 def test_sparse_header_only_file_is_readable(tmp_path: Path) -> None:
