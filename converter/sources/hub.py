@@ -286,6 +286,17 @@ def estimate_output_bytes(tensors: list[TensorInfo]) -> int:
     return int(total * 1.05) + (16 << 20)
 
 
+class _RangeFile:
+    """A streamed Hub file: each ``get`` is one HTTP range request for one tensor."""
+
+    def __init__(self, source: HubSource, file: str) -> None:
+        self.source, self.file = source, file
+        self._infos = {t.name: t for t in source.tensors() if t.file == file}
+
+    def get(self, name: str) -> Any:
+        return self.source.read_tensor(self._infos[name])
+
+
 class HubSource(Source):
     """A Hub repo as a conversion source (see the module docstring)."""
 
@@ -304,6 +315,7 @@ class HubSource(Source):
         download_dir: str | Path | None = None,
         on_download: DownloadCallback | None = None,
         attempts: int = 5,
+        stream_large: bool = False,
     ) -> None:
         self.repo_id = repo_id
         self.requested_revision = revision
@@ -324,6 +336,8 @@ class HubSource(Source):
         self._in_place: dict[str, Path] = {}  # cached files: read where they are, never deleted
         self._small: dict[str, Path] = {}
         self._converted: dict[str, Path] = {}  # pickle shards turned into temp safetensors
+        self._streamed: set[str] = set()  # read by HTTP range, tensor by tensor (stream_large)
+        self.stream_large = stream_large
         self.bytes_downloaded = 0
         self._file_done: dict[str, int] = {}
         self.peak_live = 0
@@ -660,11 +674,26 @@ class HubSource(Source):
         return {
             f: self._sizes.get(f, 0)
             for f in self._files
-            if f not in self._converted and self._cached_path(f) is None
+            if f not in self._converted and f not in self._streamed and self._cached_path(f) is None
         }
 
     def _check_disk(self, disk_budget: int | None) -> None:
-        """Refuse before downloading anything when the plan cannot fit (from the repo's file sizes)."""
+        """Refuse before downloading anything when the plan cannot fit (from the repo's file sizes).
+
+        With ``stream_large``, the largest files are switched to HTTP range reads (never on disk)
+        one by one until the rest fits; without it, or when even the output cannot fit, refuse.
+        """
+        while True:
+            try:
+                self._check_disk_once(disk_budget)
+                return
+            except DiskTooSmallError:
+                plan = self.download_plan()
+                if not self.stream_large or not plan:
+                    raise
+                self._streamed.add(max(plan, key=lambda f: (plan[f], f)))
+
+    def _check_disk_once(self, disk_budget: int | None) -> None:
         plan = self.download_plan()
         sizes = sorted(plan.values(), reverse=True)
         need_dl = sum(sizes) if self.keep_downloads else sum(sizes[:2])
@@ -724,7 +753,8 @@ class HubSource(Source):
             self._order = [f for f in self._files if f in set(files)]
 
     def _is_private(self, file: str) -> bool:
-        return file not in self._converted and self._cached_path(file) is None
+        """A file we download ourselves (not converted from pickle, not streamed, not cached)."""
+        return file not in self._converted and file not in self._streamed and self._cached_path(file) is None
 
     def _schedule(self, file: str) -> None:
         """Start downloading ``file`` in the worker (caller holds the lock)."""
@@ -771,10 +801,32 @@ class HubSource(Source):
                 self._schedule(f)
             return
 
+    def is_streamed(self, file: str) -> bool:
+        """Whether ``file`` is too large for the disk budget and is read by HTTP range instead."""
+        return file in self._streamed
+
+    def open_file(self, file: str) -> Any:
+        """The tensors of ``file`` as an object with ``.get(name) -> torch.Tensor``.
+
+        A streamed file is read tensor by tensor through HTTP range requests; any other file is
+        acquired and memory-mapped (converter.sources.local.MappedFile). Pair with ``release``.
+        """
+        if file in self._streamed:
+            return _RangeFile(self, file)
+        from converter.sources.local import MappedFile
+
+        return MappedFile(self.acquire(file), file)
+
     def acquire(self, file: str) -> Path:
         if file not in self._files:
             msg = f"{self.repo_id}: {file} is not a weight file of this source"
             raise SourceNotFoundError(msg)
+        if file in self._streamed:
+            msg = (
+                f"{self.repo_id}: {file} ({_human(self._sizes.get(file, 0))}) does not fit the disk budget "
+                "and is read by HTTP range only (open_file); free disk space to convert it from a whole file"
+            )
+            raise ConversionFailedError(msg)
         if file in self._converted:
             return self._converted[file]
         cached = self._cached_path(file)

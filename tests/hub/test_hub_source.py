@@ -324,3 +324,33 @@ def test_range_read_of_one_tensor(tmp_path: Path, fake_hub: FakeHub, repo: str, 
     ranges = [r for s, m, p, r in fake_hub.requests if m == "GET" and s == "cdn"]
     assert ranges[-1] is not None
     assert ranges[-1] != "bytes=0-100000"
+
+
+def test_file_larger_than_the_budget_is_streamed(
+    tmp_path: Path, fake_hub: FakeHub, repo: str, checkpoint_dir: Path
+) -> None:
+    from safetensors import safe_open
+
+    from converter.sources.local import MappedFile
+
+    sizes = {
+        f: (checkpoint_dir / f).stat().st_size
+        for f in [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+    }
+    biggest = max(sizes, key=sizes.get)
+    budget = sum(sorted(sizes.values())[:2])  # room for the two smaller shards only
+    with _open(tmp_path, disk_budget=budget, stream_large=True, output_dir=None) as src:
+        assert [f for f in src.weight_files() if src.is_streamed(f)] == [biggest]
+        with pytest.raises(ConversionFailedError, match="is read by HTTP range only"):
+            src.acquire(biggest)
+        for f in src.weight_files():
+            opened = src.open_file(f)
+            assert isinstance(opened, MappedFile) != src.is_streamed(f)
+            with safe_open(str(checkpoint_dir / f), framework="pt") as ref:
+                for name in ref.keys():
+                    assert opened.get(name).equal(ref.get_tensor(name)), name
+            src.release(f)
+        assert src.peak_live <= 2
+    whole = {p for s, m, p, r in fake_hub.requests if s == "cdn" and m == "GET" and r is None}
+    sha = fake_hub.repos[REPO].commits[repo][biggest].sha256
+    assert f"/blobs/{sha}" not in whole, "the streamed file must never be downloaded whole"
