@@ -40,7 +40,7 @@ def quantize_nested(
 ) -> float:
     """Nested quantization of nb f32 absmax into codes [nb] u8 and nested_absmax [ceil(nb/256)] f32.
 
-    Returns the float32 offset.
+    Returns the float32 offset, or NaN when absmax holds a NaN or Inf.
     """
 
 def dequantize_nested(

@@ -129,7 +129,7 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("absmax"), py::arg("nb"), py::arg("codes"), py::arg("nested_absmax"), py::arg("isa") = "auto",
       py::arg("threads") = 0,
       "Nested quantization of nb f32 absmax values into codes [nb] u8 and nested_absmax [ceil(nb/256)] f32.\n"
-      "Returns the float32 offset.");
+      "Returns the float32 offset, or NaN when absmax holds a NaN or Inf.");
 
   m.def(
       "dequantize_nested",

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cfloat>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -642,6 +643,8 @@ float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* ne
   });
   double total = 0.0;
   for (const double s : sums) total += s;
+  // A NaN or Inf absmax makes the float64 sum non-finite (finite float32 values cannot overflow it).
+  if (!std::isfinite(total)) return std::numeric_limits<float>::quiet_NaN();
   const float offset = static_cast<float>(total / static_cast<double>(nb));
 
   const auto block = isa == Isa::AVX512 ? nested_block_avx512 : nested_block_scalar;

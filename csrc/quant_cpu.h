@@ -29,7 +29,8 @@ int64_t quantize_4bit(const void* x, DType dtype, int64_t n, int64_t blocksize, 
 //   offset = float32(S / nb), S the float64 sum: sequential within chunks of 1024, then over chunk sums
 //   centered = absmax - offset; nested_absmax[j] = max|centered| over 256-block j
 //   code = number of the 255 map midpoints strictly below centered * (1 / max(nested_absmax, 1e-38f))
-// codes [nb] u8, nested_absmax [ceil(nb/256)] f32. Returns the offset. nb == 0 gives offset 0.
+// codes [nb] u8, nested_absmax [ceil(nb/256)] f32. Returns the offset (nb == 0 gives 0), or NaN when
+// absmax holds a NaN or Inf (then codes and nested_absmax are not written).
 // isa: Scalar (std::lower_bound, the reference) or a SIMD path; AVX2 runs the scalar code.
 float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* nested_absmax, Isa isa,
                       int threads);

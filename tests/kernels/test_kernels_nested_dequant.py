@@ -35,11 +35,18 @@ def test_quantize_nested_equals_reference(nb):
             assert float(offset).hex() == float(ref_offset).hex()
 
 
-def test_quantize_nested_empty_and_non_finite():
+def test_quantize_nested_empty():
     codes, nested, offset = kernels.quantize_nested(torch.empty(0))
     assert (codes.numel(), nested.numel(), offset) == (0, 0, 0.0)
-    with pytest.raises(kernels.NonFiniteInputError, match="absmax contains NaN or Inf"):
-        kernels.quantize_nested(torch.tensor([1.0, float("nan")]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_quantize_nested_non_finite_raises(bad):
+    absmax = torch.rand(3000)
+    absmax[2047] = bad
+    for isa in kernels.cpu_isas():
+        with pytest.raises(kernels.NonFiniteInputError, match="absmax contains NaN or Inf"):
+            kernels.quantize_nested(absmax, isa=isa)
 
 
 @pytest.mark.parametrize("nb", [1, 300, 70001])
