@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from converter.errors import InputError
-from converter.loader.module import Linear4bit, dtype_from_name
+from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.replace import is_swappable, quantized_modules, swap_layers
 from converter.loader.state import load_quantized_state, resolve_folder
 from formats.record import QuantizedTensor
@@ -205,6 +205,6 @@ def load_quantized(
     return model
 
 
-def linear4bit_modules(model: nn.Module) -> dict[str, Linear4bit]:
+def linear4bit_modules(model: nn.Module) -> dict[str, QuantLinear4bit]:
     """The 4-bit layers of a model, by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear4bit)}

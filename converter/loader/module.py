@@ -34,12 +34,12 @@ from formats.record import QuantizedTensor
 try:  # bitsandbytes is optional: with it, PEFT recognizes our layer as its own 4-bit type.
     import bitsandbytes as _bnb
 
-    _BnbLinear4bit: type = _bnb.nn.Linear4bit
+    _BnbLinear4bit: type | None = _bnb.nn.Linear4bit
     _BnbParams4bit: type | None = _bnb.nn.Params4bit
     _BnbQuantState: type | None = _bnb.functional.QuantState
 except ImportError:  # pragma: no cover - exercised on installs without bitsandbytes
     _bnb = None
-    _BnbLinear4bit = nn.Module
+    _BnbLinear4bit = None
     _BnbParams4bit = None
     _BnbQuantState = None
 
@@ -251,8 +251,12 @@ def linear_4bit(
     return _Linear4bitFunction.apply(x, weight, weight.quant_state, bias, allow_gemv)
 
 
-class Linear4bit(_BnbLinear4bit):
+class QuantLinear4bit(nn.Module):
     """A frozen linear layer whose weight is 4-bit NF4/FP4 codes with blockwise absmax.
+
+    All the behaviour lives here; :class:`Linear4bit` adds ``bnb.nn.Linear4bit`` as a base when
+    bitsandbytes is installed (so PEFT dispatches to its own 4-bit LoRA layer) and is this class
+    otherwise (then register :mod:`converter.loader.peft`'s LoRA layer with PEFT).
 
     Build it from the pieces of a checkpoint with :meth:`from_quantized` (or let
     :func:`converter.load_quantized` / :func:`converter.replace_linear_layers` do it). ``compute_dtype``
@@ -299,7 +303,7 @@ class Linear4bit(_BnbLinear4bit):
         nested: tuple[torch.Tensor, torch.Tensor, float | torch.Tensor] | None = None,
         bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype | None = None,
-    ) -> Linear4bit:
+    ) -> QuantLinear4bit:
         """A layer from the tensors of one bnb-layout weight.
 
         ``nested`` = (nested_absmax, nested_quant_map, offset) when the absmax holds nested codes.
@@ -325,7 +329,7 @@ class Linear4bit(_BnbLinear4bit):
         record: QuantizedTensor,
         bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype | None = None,
-    ) -> Linear4bit:
+    ) -> QuantLinear4bit:
         """A layer sharing the tensors of a :class:`formats.record.QuantizedTensor` (no copy)."""
         if len(record.shape) != 2:
             msg = f"tensor {record.name!r}: a 4-bit linear weight is 2-D [out, in], got {list(record.shape)}"
@@ -434,7 +438,16 @@ class Linear4bit(_BnbLinear4bit):
                     self.bias.copy_(value)
 
 
-def nbytes(layer: Linear4bit) -> int:
+if _bnb is not None:
+
+    class Linear4bit(QuantLinear4bit, _BnbLinear4bit):
+        """:class:`QuantLinear4bit` that is also a ``bnb.nn.Linear4bit`` (PEFT's 4-bit LoRA wraps it)."""
+
+else:  # pragma: no cover - exercised in a subprocess without bitsandbytes
+    Linear4bit = QuantLinear4bit
+
+
+def nbytes(layer: QuantLinear4bit) -> int:
     """Bytes held by one layer's quantized weight (codes, absmax, maps), bias excluded."""
     s = layer.weight.quant_state
     total = layer.weight.numel() * layer.weight.element_size()

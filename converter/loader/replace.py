@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from converter.errors import InputError
-from converter.loader.module import Linear4bit, dtype_from_name
+from converter.loader.module import Linear4bit, QuantLinear4bit, dtype_from_name
 from formats.record import QuantizedTensor
 
 
@@ -72,7 +72,7 @@ def swap_layers(
         module = modules.get(name)
         if module is None:
             problems.append(f"{record.name!r} has no module {name!r} in the model")
-        elif not (is_swappable(module) or isinstance(module, Linear4bit)):
+        elif not (is_swappable(module) or isinstance(module, QuantLinear4bit)):
             problems.append(
                 f"{record.name!r} is quantized but {name!r} is a {type(module).__name__}, not nn.Linear"
             )
@@ -100,7 +100,7 @@ def swap_layers(
 
 
 def _out_in(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, Linear4bit):
+    if isinstance(module, QuantLinear4bit):
         return (module.out_features, module.in_features)
     if _is_conv1d(module):
         return (int(module.weight.shape[1]), int(module.weight.shape[0]))

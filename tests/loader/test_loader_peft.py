@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -69,3 +71,82 @@ def test_lora_trains_and_merges(bnb_nf4: Path) -> None:
         assert torch.equal(layer.weight.data.view(torch.uint8), expected.view(torch.uint8)), name
     with torch.no_grad():
         assert torch.isfinite(merged(ids).logits).all()  # our forward runs on the re-quantized weight
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_custom_module_registration_trains_and_merges(our_folder: Path) -> None:
+    # The path for installs without bitsandbytes: PEFT's custom-module API with our LoRA layer.
+    from converter import kernels
+    from converter.loader.lora import lora_layer_class, register_lora
+    from formats.quant_types import QuantType
+
+    model = load_quantized(our_folder)
+    original = {n: layer.dequantize(torch.float32).clone() for n, layer in linear4bit_modules(model).items()}
+    config = register_lora(
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
+    )
+    model = peft.get_peft_model(model, config)
+    wrapped = model.base_model.model.model.layers[1].mlp.down_proj
+    assert type(wrapped) is lora_layer_class()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    delta = wrapped.get_delta_weight("default").detach().float()
+    merged = model.merge_and_unload()
+    layer = merged.model.layers[1].mlp.down_proj
+    assert isinstance(layer, Linear4bit)
+    name = "model.layers.1.mlp.down_proj"
+    packed, _ = kernels.quantize_4bit(
+        (original[name] + delta).to(torch.bfloat16), blocksize=64, quant_type=QuantType.NF4
+    )
+    assert torch.equal(layer.weight.data.reshape(-1), packed)
+    assert layer.weight.quant_state.nested
+
+
+HIDE_BNB = """
+import importlib.abc, importlib.util, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "bitsandbytes":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Hide())
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda n, p=None: None if n.split(".")[0] == "bitsandbytes" else _find_spec(n, p)
+"""
+
+
+def test_everything_works_without_bitsandbytes(our_folder: Path) -> None:
+    script = (
+        HIDE_BNB
+        + f"""
+import subprocess
+import sys
+import warnings
+warnings.simplefilter("ignore")
+import torch, peft
+from converter.loader.module import HAS_BITSANDBYTES, Linear4bit, QuantLinear4bit
+from converter.loader.model import load_quantized
+from converter.loader.lora import register_lora
+assert not HAS_BITSANDBYTES and Linear4bit is QuantLinear4bit
+model = load_quantized({str(our_folder)!r})
+ids = torch.tensor([[1, 2, 3, 4]])
+model = peft.get_peft_model(model, register_lora(peft.LoraConfig(r=2, target_modules=["q_proj"])))
+loss = model(ids, labels=ids).loss
+loss.backward()
+merged = model.merge_and_unload()
+print(type(merged.model.layers[0].self_attn.q_proj).__name__, sorted(merged.state_dict())[:3], "ok")
+"""
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+    assert out.stdout.startswith("QuantLinear4bit")

@@ -1,0 +1,123 @@
+"""LoRA on our 4-bit layers through PEFT's custom-module API (for installs without bitsandbytes).
+
+With bitsandbytes installed nothing is needed: :class:`~converter.loader.module.Linear4bit` is a
+``bnb.nn.Linear4bit`` and plain ``peft.get_peft_model`` wraps it with PEFT's own 4-bit LoRA layer.
+Without bitsandbytes, register this module's layer on the config first::
+
+    from peft import LoraConfig, get_peft_model
+    from converter.loader.lora import register_lora
+
+    config = register_lora(LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(model, config)
+
+``merge``/``merge_and_unload`` decode the weight exactly, add the adapter's delta and quantize the
+sum again with our kernels (same quant type, blocksize and nesting), as PEFT does with bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from converter import kernels
+from converter.loader.module import QuantLinear4bit, make_weight, state_from_record
+from formats.quant_types import QuantType
+from formats.record import QuantizedTensor
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def requantize(layer: QuantLinear4bit, weight: torch.Tensor) -> None:
+    """Replace ``layer``'s codes by ``weight`` quantized with the layer's own options."""
+    state = layer.weight.quant_state
+    qt = QuantType.parse(state.quant_type)
+    w = weight.to(state.dtype).contiguous()
+    packed, absmax = kernels.quantize_4bit(w, blocksize=state.blocksize, quant_type=qt)
+    nested = kernels.quantize_nested(absmax) if state.nested else None
+    storage = _DTYPE_NAMES.get(layer.weight.dtype, "uint8")
+    record = QuantizedTensor.from_kernel_outputs(
+        "weight", tuple(state.shape), _DTYPE_NAMES[state.dtype], qt, state.blocksize, packed, absmax, nested,
+        quant_storage=storage,
+    )  # fmt: skip
+    layer._set_weight(make_weight(record.packed, state_from_record(record)))
+
+
+def _lora_class() -> type:
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    class LoraLinear4bit(nn.Module, LoraLayer):
+        """PEFT LoRA around a :class:`QuantLinear4bit` (PEFT's conventions: lora_A/lora_B/scaling)."""
+
+        def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0,
+                     lora_alpha: int = 1, **kwargs: Any) -> None:  # fmt: skip
+            super().__init__()
+            LoraLayer.__init__(self, base_layer)
+            self.fan_in_fan_out = False
+            self._active_adapter = adapter_name
+            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+        def get_delta_weight(self, adapter: str) -> torch.Tensor:
+            return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            adapter_names = check_adapters_to_merge(self, adapter_names)
+            base = self.get_base_layer()
+            for adapter in adapter_names:
+                if adapter not in self.lora_A:
+                    continue
+                warnings.warn("Merging LoRA into a 4-bit layer re-quantizes it (rounding)", stacklevel=2)
+                w = base.dequantize(torch.float32) + self.get_delta_weight(adapter).float()
+                if safe_merge and not torch.isfinite(w).all():
+                    msg = f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken"
+                    raise ValueError(msg)
+                requantize(base, w)
+                self.merged_adapters.append(adapter)
+
+        def unmerge(self) -> None:
+            base = self.get_base_layer()
+            while self.merged_adapters:
+                adapter = self.merged_adapters.pop()
+                if adapter in self.lora_A:
+                    requantize(base, base.dequantize(torch.float32) - self.get_delta_weight(adapter).float())
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.disable_adapters:
+                if self.merged:
+                    self.unmerge()
+                return self.base_layer(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
+            if self.merged:
+                return result
+            for adapter in self.active_adapters:
+                if adapter not in self.lora_A:
+                    continue
+                lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+                h = self.lora_dropout[adapter](x.to(lora_a.weight.dtype))
+                result = result + (lora_b(lora_a(h)) * self.scaling[adapter]).to(result.dtype)
+            return result
+
+        def __repr__(self) -> str:
+            return "lora." + super().__repr__()
+
+    return LoraLinear4bit
+
+
+_CLASS: type | None = None
+
+
+def lora_layer_class() -> type:
+    """The LoRA layer class for :class:`QuantLinear4bit` (built on first use: PEFT is imported then)."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _lora_class()
+    return _CLASS
+
+
+def register_lora(config: Any) -> Any:
+    """Register our LoRA layer for our 4-bit layers on a ``peft.LoraConfig``; returns the config."""
+    config._register_custom_module({QuantLinear4bit: lora_layer_class()})
+    return config
