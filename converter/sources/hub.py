@@ -748,9 +748,12 @@ class HubSource(Source):
 
     # --- prefetching ---------------------------------------------------------------------------
     def set_needed(self, files: list[str]) -> None:
-        """Only these weight files will be acquired (resume skips finished shards): prefetch just them."""
+        """Only these weight files will be acquired (resume skips finished shards): prefetch just them,
+        starting now, so the first download overlaps the pipeline's planning."""
         with self._lock:
-            self._order = [f for f in self._files if f in set(files)]
+            needed = set(files)
+            self._order = [f for f in self._files if f in needed]
+            self._prefetch_next()
 
     def _is_private(self, file: str) -> bool:
         """A file we download ourselves (not converted from pickle, not streamed, not cached)."""

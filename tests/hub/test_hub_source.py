@@ -354,3 +354,18 @@ def test_file_larger_than_the_budget_is_streamed(
     whole = {p for s, m, p, r in fake_hub.requests if s == "cdn" and m == "GET" and r is None}
     sha = fake_hub.repos[REPO].commits[repo][biggest].sha256
     assert f"/blobs/{sha}" not in whole, "the streamed file must never be downloaded whole"
+
+
+def test_set_needed_prefetches_only_needed_files(tmp_path: Path, fake_hub: FakeHub, repo: str) -> None:
+    with _open(tmp_path) as src:
+        files = src.weight_files()
+        mark = len(fake_hub.requests)
+        src.set_needed(files[1:])  # as a resumed run whose first source file is done
+        path = src.acquire(files[1])  # already downloading since set_needed
+        src.release(files[1])
+        src.acquire(files[2])
+        src.release(files[2])
+        assert not path.exists()
+    commit = fake_hub.repos[REPO].commits[repo]
+    whole = [p for s, m, p, r in fake_hub.requests[mark:] if s == "cdn" and m == "GET" and r is None]
+    assert sorted(whole) == sorted(f"/blobs/{commit[f].sha256}" for f in files[1:])
