@@ -10,14 +10,18 @@ from typing import Any
 
 __all__ = [
     "Linear4bit",
+    "QuantLinear4bit",
     "dequantize_checkpoint",
     "load_quantized",
     "load_quantized_state",
+    "register_lora",
     "replace_linear_layers",
 ]
 
 _LAZY = {
     "Linear4bit": "converter.loader.module",
+    "QuantLinear4bit": "converter.loader.module",
+    "register_lora": "converter.loader.lora",
     "load_quantized_state": "converter.loader.state",
     "replace_linear_layers": "converter.loader.replace",
     "load_quantized": "converter.loader.model",
