@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hub_env, make_checkpoint
 from fake_hub import FakeHub
+from hub_helpers import hub_env, make_checkpoint
 
 pytestmark = pytest.mark.hub
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TOKEN, hub_env
 from fake_hub import FakeHub, Fault
+from hub_helpers import TOKEN, hub_env
 
 from converter.errors import InputError
 from converter.push import push_folder

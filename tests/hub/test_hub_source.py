@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, make_checkpoint
 from fake_hub import FakeHub, Fault
+from hub_helpers import TOKEN, make_checkpoint
 
 from converter.errors import ConversionFailedError, InputError, PickleOnlyError, SourceNotFoundError
 from converter.sources.hub import (
