@@ -434,6 +434,9 @@ QM_TARGET_AVX512 int64_t quantize_blocks_avx512(const void* x, int64_t n, int64_
   for (int k = 0; k < 16; ++k) tree16[k] = kFP4TreeCodes[k & 7];
   const __m512 table = _mm512_load_ps(tab);
   const __m512i tree = _mm512_load_si512(tree16);
+  // Large outputs bypass the cache (no read-for-ownership of lines we overwrite whole); stream
+  // stores need 16-byte alignment, which torch's allocations give.
+  const bool stream = n >= (int64_t{1} << 24) && (reinterpret_cast<uintptr_t>(packed) & 15) == 0;
   int64_t bad_blocks = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t lo = b * bs;
@@ -452,9 +455,15 @@ QM_TARGET_AVX512 int64_t quantize_blocks_avx512(const void* x, int64_t n, int64_
       const __m512i hi = encode16_avx512<QT>(_mm512_mul_ps(even, inv), table, tree);
       const __m512i lo_nib = encode16_avx512<QT>(_mm512_mul_ps(odd, inv), table, tree);
       const __m512i bytes = _mm512_or_si512(_mm512_slli_epi32(hi, 4), lo_nib);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + (i >> 1)), _mm512_cvtepi32_epi8(bytes));
+      auto* dst = reinterpret_cast<__m128i*>(packed + (i >> 1));
+      if (stream) {
+        _mm_stream_si128(dst, _mm512_cvtepi32_epi8(bytes));
+      } else {
+        _mm_storeu_si128(dst, _mm512_cvtepi32_epi8(bytes));
+      }
     }
   }
+  if (stream) _mm_sfence();  // order the streamed bytes before the pool reports completion
   return bad_blocks;
 }
 

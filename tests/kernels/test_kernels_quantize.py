@@ -42,13 +42,17 @@ def test_quantize_equals_reference_on_every_path(quant_type, dtype, blocksize):
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES, ids=lambda q: q.label)
 def test_large_tensor_paths_agree(quant_type):
-    # Many blocks per thread chunk, a partial last block, bf16 input.
-    n = 3 * 1024 * 1024 + 77
+    # Over 2**24 elements the AVX-512 path streams its stores past the cache: still the same bytes.
+    n = (1 << 24) + 77
     x = torch.randn(n, dtype=torch.bfloat16)
-    ref_packed, ref_absmax = reference.quantize_4bit(as_f32_numpy(x), 64, quant_type)
+    ref_packed, ref_absmax = kernels.quantize_4bit(x, blocksize=64, quant_type=quant_type, isa="scalar")
+    head = 3 * 1024 * 1024  # and the scalar path itself against the numpy reference, on a prefix
+    np_packed, np_absmax = reference.quantize_4bit(as_f32_numpy(x[:head]), 64, quant_type)
+    _assert_same(ref_packed[: head // 2], ref_absmax[: head // 64], np_packed, np_absmax, "scalar")
     for isa in kernels.cpu_isas():
         packed, absmax = kernels.quantize_4bit(x, blocksize=64, quant_type=quant_type, isa=isa)
-        _assert_same(packed, absmax, ref_packed, ref_absmax, f"isa={isa}")
+        assert torch.equal(packed, ref_packed), f"isa={isa}"
+        assert torch.equal(absmax.view(torch.int32), ref_absmax.view(torch.int32)), f"isa={isa}"
 
 
 def test_known_bytes():
