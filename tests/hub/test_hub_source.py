@@ -359,6 +359,10 @@ def test_file_larger_than_the_budget_is_streamed(
 def test_set_needed_prefetches_only_needed_files(tmp_path: Path, fake_hub: FakeHub, repo: str) -> None:
     with _open(tmp_path) as src:
         files = src.weight_files()
+        plan = src.download_plan()
+        assert sorted(plan) == files
+        progress: dict[str, int] = {}
+        src.on_download = lambda f, done, total: progress.__setitem__(f, done)  # set after opening
         mark = len(fake_hub.requests)
         src.set_needed(files[1:])  # as a resumed run whose first source file is done
         path = src.acquire(files[1])  # already downloading since set_needed
@@ -369,3 +373,4 @@ def test_set_needed_prefetches_only_needed_files(tmp_path: Path, fake_hub: FakeH
     commit = fake_hub.repos[REPO].commits[repo]
     whole = [p for s, m, p, r in fake_hub.requests[mark:] if s == "cdn" and m == "GET" and r is None]
     assert sorted(whole) == sorted(f"/blobs/{commit[f].sha256}" for f in files[1:])
+    assert progress == {f: plan[f] for f in files[1:]}
