@@ -143,6 +143,9 @@ class _Conversion:
         src, options = self.src, self.options
         config = src.config()
         tensors = src.tensors()
+        if overwrite or not (self.output / MANIFEST_NAME).exists():
+            # A fresh run needs every file: let a Hub source start downloading during planning.
+            self._announce_needed(src.weight_files())
         selection = select_tensors(config, tensors, skip=options.skip, include=options.include)
         identity = src.describe()
         plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
@@ -161,6 +164,8 @@ class _Conversion:
         manifest.save(self.output)
 
         todo = [s for s in plan.shards if s.name not in decision.done]
+        needed = {t.info.file for s in todo for t in s.tensors}
+        self._announce_needed([f for f in src.weight_files() if f in needed])
         hook = _progress_hook(progress, sum(t.info.nbytes for s in todo for t in s.tensors))
         try:
             self._write_shards(todo, manifest, hook)
@@ -175,6 +180,12 @@ class _Conversion:
         manifest.state = "complete"
         manifest.save(self.output)
         return result
+
+    def _announce_needed(self, files: list[str]) -> None:
+        """Tell a source that prefetches (HubSource.set_needed) which files will be acquired, in order."""
+        set_needed = getattr(self.src, "set_needed", None)
+        if callable(set_needed):
+            set_needed(files)
 
     def _clean_leftovers(self, done: set[str]) -> None:
         """Remove what a killed run left (partial shards, unfinished outputs); keep verified shards."""
