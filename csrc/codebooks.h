@@ -1,7 +1,7 @@
 // The code tables of bitsandbytes' 4-bit and nested 8-bit quantization, as float32 hex literals.
 //
 // A C++ copy of formats/codebooks.py (the single source of truth; values written with float.hex so
-// they are exact). tests/kernels/test_tables.py asserts C++ == Python == bitsandbytes bit for bit
+// they are exact). tests/kernels/test_kernels_tables.py asserts C++ == Python == bitsandbytes bit for bit
 // through _kernels.tables(). Do not edit one without the other.
 #pragma once
 

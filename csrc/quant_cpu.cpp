@@ -1,9 +1,11 @@
 // Blockwise 4-bit quantize / dequantize and nested absmax quantization on the CPU.
 //
-// Each kernel has a scalar *_ref path (plain loops, the definition) and AVX2 / AVX-512 paths compiled
-// with target attributes. The SIMD paths do the same IEEE operations in the same order per element
-// (max is order-free, the reciprocal is one scalar division per block, s = x * inv is one rounding),
-// so they are byte-identical to the ref; tests assert it for every path on this CPU.
+// Each kernel has a scalar path (plain loops, the definition: *_scalar) and AVX2 / AVX-512 paths
+// compiled with target attributes and picked at run time (Isa). The SIMD paths compute the same values
+// per element (the block max is order-free, taken on the integer bits of |x|; the reciprocal is one
+// scalar IEEE division per block; s = x * inv is one rounding; codes come from an exact search over
+// strictly increasing thresholds), so they are byte-identical to the scalar path for finite input;
+// tests assert it for every path this CPU runs.
 #include "quant_cpu.h"
 
 #include <immintrin.h>
@@ -306,20 +308,6 @@ QM_TARGET_AVX2 void dequantize_blocks_avx2(const uint8_t* packed, const float* a
 // AVX-512 (F, BW, VL, DQ). Same structure; the 16-entry tables fit one register, so NF4 codes come
 // from a 4-step branchless binary search over the thresholds (exactly the count of thresholds
 // strictly below s: the thresholds increase strictly) and decoding is one vpermps.
-
-template <DType DT>
-QM_TARGET_AVX512 inline __m512 load16_avx512(const void* p, int64_t i) {
-  if constexpr (DT == DType::F32) {
-    return _mm512_loadu_ps(static_cast<const float*>(p) + i);
-  } else {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
-    if constexpr (DT == DType::F16) {
-      return _mm512_cvtph_ps(h);
-    } else {
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-  }
-}
 
 template <DType DT>
 QM_TARGET_AVX512 inline void store16_avx512(void* p, int64_t i, __m512 v) {
