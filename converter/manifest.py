@@ -174,6 +174,35 @@ def _verified_shards(output: Path, manifest: Manifest, *, deep: bool) -> dict[st
     return done
 
 
+class FolderLock:
+    """An exclusive flock on the output folder itself (no lock file to clean up), held for a run.
+
+    A second conversion into the same folder fails at once instead of interleaving shards.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        import fcntl
+
+        self.fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            msg = f"{folder}: another quantize-model process is writing this folder; wait for it to finish"
+            raise OutputExistsError(msg) from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def clear_folder(folder: Path) -> None:
     """Empty ``folder`` (for --overwrite) without removing the folder itself."""
     for p in folder.iterdir():

@@ -22,7 +22,7 @@ import torch
 
 from converter import kernels
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
-from converter.manifest import MANIFEST_NAME, Action, Manifest, atomic_write_bytes, decide
+from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
 from converter.plan import (
     DTYPE_CODES,
     Options,
@@ -154,18 +154,32 @@ class _Conversion:
         plan_json = plan.to_json(tv, fv)
         fingerprint = plan.fingerprint(tv, fv)
         protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
-        decision = decide(self.output, fingerprint, plan_json, overwrite=overwrite, protected=protected)
-        if decision.action is Action.NOOP:
-            return self._result(decision.action, reused=len(decision.done))
+        if not self.output.exists():
+            self.output.mkdir(parents=True)
+        # Locked before deciding, so two runs into one folder cannot both resume or clear it.
+        lock = FolderLock(self.output) if self.output.is_dir() else None
+        try:
+            decision = decide(self.output, fingerprint, plan_json, overwrite=overwrite, protected=protected)
+            if decision.action is Action.NOOP:
+                return self._result(decision.action, reused=len(decision.done))
+            self.output.mkdir(parents=True, exist_ok=True)
+            lock = lock or FolderLock(self.output)
+            result = self._convert(decision, config, identity, selection, progress)
+        finally:
+            if lock is not None:
+                lock.release()
+        return result
 
-        self.output.mkdir(parents=True, exist_ok=True)
-        manifest = decision.manifest
+    def _convert(
+        self, decision: Any, config: dict | None, identity: dict, selection: Any, progress: Any
+    ) -> ConversionResult:
+        plan, manifest = self.plan, decision.manifest
         self._clean_leftovers(set(decision.done))
         manifest.save(self.output)
 
         todo = [s for s in plan.shards if s.name not in decision.done]
         needed = {t.info.file for s in todo for t in s.tensors}
-        self._announce_needed([f for f in src.weight_files() if f in needed])
+        self._announce_needed([f for f in self.src.weight_files() if f in needed])
         hook = _progress_hook(progress, sum(t.info.nbytes for s in todo for t in s.tensors))
         try:
             self._write_shards(todo, manifest, hook)

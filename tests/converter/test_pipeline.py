@@ -275,3 +275,17 @@ def test_local_pickle_with_allow_pickle_matches_safetensors(tiny_llama: Path, tm
             assert set(fa.keys()) == set(fb.keys())
             for key in fa.keys():
                 assert torch.equal(fa.get_tensor(key), fb.get_tensor(key)), key
+
+
+def test_second_writer_into_the_same_folder_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    from converter.manifest import FolderLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out), pytest.raises(OutputExistsError) as exc:
+        convert(tiny_llama, out, progress=False)
+    assert str(exc.value) == (
+        f"{out}: another quantize-model process is writing this folder; wait for it to finish"
+    )
+    assert list(out.iterdir()) == []
+    convert(tiny_llama, out, progress=False)  # the lock is gone with its holder
