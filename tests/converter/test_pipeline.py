@@ -85,12 +85,16 @@ def test_every_shard_validates_and_index_covers_every_key(tiny_llama_sharded: Pa
     assert index["weight_map"] == keys
 
 
-def test_loads_with_transformers_and_bitsandbytes(tiny_llama: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_shard_size", ["5GB", "40KB"])
+def test_loads_with_transformers_and_bitsandbytes(
+    tiny_llama: Path, tmp_path: Path, max_shard_size: str
+) -> None:
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    r = convert(tiny_llama, out, progress=False)
+    r = convert(tiny_llama, out, max_shard_size=max_shard_size, progress=False)
+    assert (len(r.shards) == 1) == (max_shard_size == "5GB")
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     quantized_modules = {
         n.removesuffix(".weight") for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
