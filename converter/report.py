@@ -30,6 +30,7 @@ class ConversionResult:
     noop: bool = False
     bytes_read: int = 0  # source bytes read by this run (less than bytes_in when resumed)
     shards_reused: int = 0  # shards a resumed run found complete and kept
+    bytes_quantized: int = 0  # stored bytes of the quantized weights (codes, absmax, maps, quant state)
     pushed_to: str | None = None
 
     @property
@@ -47,6 +48,11 @@ class ConversionResult:
         return 8 * self.bytes_out / self.params_total if self.params_total else 0.0
 
     @property
+    def quantized_bits_per_param(self) -> float:
+        """Stored bits per parameter of the quantized weights alone."""
+        return 8 * self.bytes_quantized / self.params_quantized if self.params_quantized else 0.0
+
+    @property
     def throughput(self) -> float:
         """Source bytes read per second by this run."""
         return self.bytes_read / self.seconds if self.seconds > 0 else 0.0
@@ -58,6 +64,7 @@ class ConversionResult:
             params_total=self.params_total,
             kept_share=self.kept_share,
             bits_per_param=self.bits_per_param,
+            quantized_bits_per_param=self.quantized_bits_per_param,
             throughput_bytes_per_s=self.throughput,
         )
         return d
@@ -75,10 +82,11 @@ def make_result(
 ) -> ConversionResult:
     q = plan.quantized
     k = plan.kept
-    bytes_out = 0
+    bytes_out = bytes_quantized = 0
     for s in plan.shards:
         path = output / s.name
         bytes_out += path.stat().st_size if path.exists() else s.nbytes
+        bytes_quantized += _quantized_bytes(path, {t.name for t in s.tensors if t.quantize})
     return ConversionResult(
         output=output,
         shards=[s.name for s in plan.shards],
@@ -94,7 +102,31 @@ def make_result(
         noop=noop,
         bytes_read=bytes_read,
         shards_reused=shards_reused,
+        bytes_quantized=bytes_quantized,
     )
+
+
+def _quantized_bytes(path: Path, weights: set[str]) -> int:
+    """Stored bytes of the quantized weights' bnb keys in one shard (from its header; 0 if absent)."""
+    if not weights or not path.exists():
+        return 0
+    import json
+    import struct
+
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    total = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        owner = key if key in weights else key.split(".quant_state.", 1)[0]
+        while owner not in weights and "." in owner:
+            owner = owner.rsplit(".", 1)[0]
+        if owner in weights:
+            begin, end = entry["data_offsets"]
+            total += end - begin
+    return total
 
 
 def build_report(result: ConversionResult, plan: Any, identity: dict, selection: Any, stats: Any) -> dict:

@@ -127,7 +127,10 @@ def summary_table(result: Any) -> Any:
         f"{100 * result.kept_share:.1f}% of parameters left in 16/32 bit)",
     )
     t.add_row("Bytes in / out", f"{human_bytes(result.bytes_in)} / {human_bytes(result.bytes_out)}")
-    t.add_row("Bits per parameter", f"{result.bits_per_param:.2f}")
+    t.add_row(
+        "Bits per parameter",
+        f"{result.bits_per_param:.2f} overall, {result.quantized_bits_per_param:.2f} in quantized weights",
+    )
     t.add_row("Time", f"{result.seconds:.2f} s")
     if not result.noop:
         t.add_row("Throughput", f"{human_bytes(result.throughput)}/s")
