@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <pthread.h>
 #include <sched.h>
 #include <xmmintrin.h>
 
@@ -26,8 +27,15 @@ constexpr int kMaxThreads = 256;
 class Pool {
  public:
   static Pool& instance() {
-    static Pool* pool = new Pool();  // never destroyed: workers may outlive static destructors
-    return *pool;
+    static const bool registered = [] {
+      // A forked child has none of the parent's worker threads, and a mutex the parent held at the
+      // fork stays locked: the child starts over with a fresh pool (the old one is left as is).
+      pthread_atfork(nullptr, nullptr, [] { current() = new Pool(); });
+      return true;
+    }();
+    (void)registered;
+    if (current() == nullptr) current() = new Pool();  // never destroyed: workers outlive static dtors
+    return *current();
   }
 
   void run(int64_t n, int threads, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
@@ -62,6 +70,11 @@ class Pool {
 
  private:
   Pool() = default;
+
+  static Pool*& current() {
+    static Pool* pool = nullptr;
+    return pool;
+  }
 
   void grow(int helpers) {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -51,3 +52,25 @@ def test_concurrent_callers_get_their_own_results():
     for (packed, absmax), (ref_packed, ref_absmax) in zip(results, expected, strict=True):
         assert torch.equal(packed, ref_packed)
         assert torch.equal(absmax, ref_absmax)
+
+
+def test_forked_child_runs_kernels():
+    # The pool's worker threads do not exist in a forked child; it must build its own, not hang.
+    x = torch.randn(64, 4096)
+    expected, _ = kernels.quantize_4bit(x, blocksize=64, quant_type=QuantType.NF4, threads=2)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only our kernel and raw bytes, then leave without running pytest's teardown
+        try:
+            packed, _ = kernels.quantize_4bit(x, blocksize=64, quant_type=QuantType.NF4, threads=2)
+            os.write(write_fd, packed.numpy().tobytes())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    received = b""
+    with os.fdopen(read_fd, "rb") as pipe:
+        while chunk := pipe.read(1 << 16):
+            received += chunk
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert received == expected.numpy().tobytes()
