@@ -6,10 +6,12 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 
 import converter
 from converter import _kernels, kernels
 from formats import codebooks
+from formats.quant_types import QuantType
 
 
 def _hex(values) -> list[str]:
@@ -66,3 +68,16 @@ def test_backends_report_cpu():
     assert set(kernels.cpu_isas()) <= {"scalar", "avx2", "avx512"}
     if not _kernels.has_cuda_build():
         assert "cuda" not in backends
+
+
+def test_other_devices_are_refused_with_the_device_named():
+    x = torch.empty(128, device="meta")
+    with pytest.raises(ValueError, match="x is on meta: only CPU and CUDA tensors are supported"):
+        kernels.quantize_4bit(x, blocksize=64, quant_type=QuantType.NF4)
+
+
+@pytest.mark.skipif(_kernels.has_cuda_build(), reason="this build has the CUDA backend")
+def test_cuda_dispatch_without_a_cuda_build_says_how_to_get_one():
+    kernels._cuda_module.cache_clear()
+    with pytest.raises(RuntimeError, match=r"no CUDA backend: reinstall it on a machine with nvcc"):
+        kernels._cuda_module()
