@@ -668,6 +668,11 @@ class HubSource(Source):
                 path.unlink(missing_ok=True)
             self._converted[self._converted_name(pickle_name)] = out
 
+    def download_progress(self) -> dict[str, int]:
+        """Bytes downloaded so far per file (a display attaching late seeds itself from this)."""
+        with self._lock:
+            return dict(self._file_done)
+
     # --- disk plan -----------------------------------------------------------------------------
     def download_plan(self) -> dict[str, int]:
         """Weight files that must be downloaded, with their sizes (cached ones are read in place)."""

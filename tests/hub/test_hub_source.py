@@ -374,3 +374,4 @@ def test_set_needed_prefetches_only_needed_files(tmp_path: Path, fake_hub: FakeH
     whole = [p for s, m, p, r in fake_hub.requests[mark:] if s == "cdn" and m == "GET" and r is None]
     assert sorted(whole) == sorted(f"/blobs/{commit[f].sha256}" for f in files[1:])
     assert progress == {f: plan[f] for f in files[1:]}
+    assert src.download_progress() == progress
