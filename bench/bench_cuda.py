@@ -2,8 +2,9 @@
 
     python bench/bench_cuda.py [--quick] [--json out.json]
 
-Each op is timed with CUDA events around each call (median of many, after warm-up); inputs rotate
-through enough buffers to exceed twice the L2 cache, so every call reads from device memory.
+Each op is timed with CUDA events around each call (median of many, after warm-up), with the host
+queueing all calls ahead of the GPU (so the numbers are GPU time, not Python launch overhead); inputs
+rotate through enough buffers to exceed twice the L2 cache, so every call reads from device memory.
 "Gparam/s" is input elements per second; "floor" is the op's bytes (each input read once, each
 output written once) over the copy bandwidth measured in the same run.
 """
@@ -35,6 +36,9 @@ def time_op(fn: Callable[[int], object], rotation: int, iters: int, warmup: int 
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    # Keep the GPU busy while the host queues every call, so the events time the GPU work and not
+    # Python's launch overhead (the same for ours and bitsandbytes).
+    torch.cuda._sleep(40_000_000)
     for i in range(iters):
         starts[i].record()
         fn(i % rotation)
@@ -165,6 +169,23 @@ def bench_shape(shape, bw, iters, bnbf, bnb) -> list[dict]:
 
     t_o = time_op(ours_gemv, qrot, iters)
     g_bytes = n / 2 + n / 64 + 2 * in_f + 2 * out_f
+    for variant in (1, 2, 3, 4, 5):  # the forced kernel configurations (csrc/cuda/gemv.cu launch_fast)
+
+        def gemv_variant(i, variant=variant):
+            packed, nest = recs[i]
+            kernels_cuda.gemv_4bit(
+                xv,
+                packed,
+                None,
+                out_features=out_f,
+                in_features=in_f,
+                blocksize=64,
+                quant_map=qmap,
+                nested=nest,
+                variant=variant,
+            )
+
+        row(f"gemv b1 variant {variant}", time_op(gemv_variant, qrot, iters), None, "", g_bytes)
     if bnb is not None:
         t_b = time_op(lambda i: bnb.matmul_4bit(xv, brecs[i][0].t(), quant_state=brecs[i][1]), qrot, iters)
         row("gemv b1 vs bnb", t_o, t_b, "bnb matmul_4bit", g_bytes)

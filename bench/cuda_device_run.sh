@@ -2,7 +2,7 @@
 # One full GPU session in one command (device machines are bare and billed by the minute):
 # build the extension with the CUDA backend, run the CUDA tests, write the bnb golden files,
 # check them with the CPU golden test, run the benchmark. Logs and outputs go to $OUT.
-#   bash bench/cuda_device_run.sh [build|test|golden|bench|all ...]   (default: all)
+#   bash bench/cuda_device_run.sh [build|test|golden|bench|convert|all ...]   (default: all)
 set -uo pipefail
 OUT=${OUT:-/tmp/qm_out}
 mkdir -p "$OUT"
@@ -42,6 +42,7 @@ if has test; then
   tail -25 "$OUT/test_cuda.log"
   $PY -m pytest -q -p no:cacheprovider -s tests/cuda/test_cuda_vs_bnb.py 2>&1 | grep -E "bnb-vs-ours|^nested" >"$OUT/bnb_counts.log"
   cat "$OUT/bnb_counts.log"
+  $PY -m pytest -q -p no:cacheprovider tests/golden 2>&1 | tail -3
 fi
 if has golden; then
   $PY bench/gen_golden.py --out "$OUT" 2>&1 | tail -3
@@ -50,5 +51,8 @@ if has golden; then
 fi
 if has bench; then
   $PY bench/bench_cuda.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+fi
+if has convert; then
+  $PY bench/bench_cuda_convert.py --workdir /tmp/qm_e2e 2>&1 | tee "$OUT/convert.log"
 fi
 exit $rc

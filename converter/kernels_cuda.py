@@ -322,10 +322,12 @@ def gemv_4bit(
     blocksize: int,
     quant_map: torch.Tensor,
     nested=None,
+    variant: int = 0,
 ) -> torch.Tensor:
     """``y [B, out_features]`` (``[out_features]`` for 1-D x) of x's dtype; float32 accumulation.
 
     Each weight is decoded as ``dequantize_4bit`` does; B = 1..8 rows of x; absmax nested inline.
+    ``variant`` forces one kernel configuration of csrc/cuda/gemv.cu (benchmarks only; 0 = default).
     """
     dev = _require(x, "x")
     check_blocksize(blocksize)
@@ -371,5 +373,6 @@ def gemv_4bit(
         qm.data_ptr(),
         y.data_ptr(),
         _stream(x.device),
+        variant,
     )
     return y if x.dim() == 2 else y[0]

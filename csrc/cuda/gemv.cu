@@ -5,9 +5,12 @@
 // bit-exact path; tests use a tolerance). Packed weights, absmax and x are each read once from memory.
 //
 // Instantiated configurations:
-//   k_gemv_fast<T, B>    T in {float, __half, __nv_bfloat16}, B in 1..8; K % 32 == 0, 16-byte aligned
-//                        x and packed. One warp per 2 output rows, each lane 32 weights (16 bytes) a
-//                        step with the next step's bytes already in flight.
+//   k_gemv_fast<T, B, R, P, MINB>  T in {float, __half, __nv_bfloat16}, B in 1..8, R = 2 or 4 rows per
+//                        warp (4 when N >= 16384), P chunks in flight (launch_fast lists the B <= 2
+//                        variants); K % 32 == 0, 16-byte aligned x and packed. Each lane
+//                        takes 32 weights (16 bytes) of each row a step, with the next step's bytes
+//                        and absmax already in flight; sums quant_map[q] * x over the 32 weights, then
+//                        scales by their absmax.
 //   k_gemv_generic<T>    any K, any alignment: one warp per row, one weight per lane per step.
 #include "common.cuh"
 
@@ -18,7 +21,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRows = 2;  // output rows per warp in the fast kernel: x is loaded once for both
 
 // Widen the 8 elements of x at (row b, column k) to float32 (16-bit types: one 16-byte load).
 template <typename T>
@@ -40,8 +42,44 @@ __device__ __forceinline__ float weight_absmax(bool nested, const float* __restr
   return nested ? decode_nested(nc, na, off, map8, blk) : __ldg(absmax + blk);
 }
 
-template <typename T, int B>
-__global__ void __launch_bounds__(kThreads)
+// What one lane prefetches for one 32-weight chunk of each of its rows: the 16 packed bytes and the
+// raw absmax inputs (float absmax, or nested code + nested absmax), so that no load sits on the
+// critical path of the multiply-adds.
+template <int R>
+struct ChunkLoad {
+  uint4 w[R];
+  float a[R];      // absmax, or the nested absmax of the chunk's nested block
+  uint32_t c[R];   // nested code (nested only)
+};
+
+template <int R>
+__device__ __forceinline__ void load_chunk(ChunkLoad<R>& L, const uint8_t* __restrict__ packed,
+                                           const float* __restrict__ absmax, const uint8_t* __restrict__ nc,
+                                           const float* __restrict__ na, bool nested, int64_t row0, int nrows,
+                                           int64_t K, int64_t c, int log2bs) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < nrows) {
+      const int64_t e = (row0 + r) * K + c * 32;  // first weight of the chunk (flat index)
+      L.w[r] = __ldcs(reinterpret_cast<const uint4*>(packed + (e >> 1)));
+      const int64_t blk = e >> log2bs;
+      if (nested) {
+        L.c[r] = __ldg(nc + blk);
+        L.a[r] = __ldg(na + (blk >> 8));
+      } else {
+        L.c[r] = 0;
+        L.a[r] = __ldg(absmax + blk);
+      }
+    } else {
+      L.w[r] = make_uint4(0, 0, 0, 0);
+      L.a[r] = 0.0f;
+      L.c[r] = 0;
+    }
+  }
+}
+
+template <typename T, int B, int R, int P, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB)
 k_gemv_fast(const T* __restrict__ x,               // [B, K] activations (row-major)
             const uint8_t* __restrict__ packed,    // [N*K/2] 4-bit codes, first element high nibble
             const float* __restrict__ absmax,      // [nb] float32 (non-nested)
@@ -54,71 +92,76 @@ k_gemv_fast(const T* __restrict__ x,               // [B, K] activations (row-ma
             T* __restrict__ y,                     // [B, N] out
             int64_t N, int64_t K, int log2bs) {
   __shared__ float s_qm[16];
+  __shared__ float s_map8[256];
   if (threadIdx.x < 16) s_qm[threadIdx.x] = quant_map[threadIdx.x];
+  if (nested) s_map8[threadIdx.x] = map8[threadIdx.x];  // kThreads == 256
   __syncthreads();
   const int lane = threadIdx.x & 31;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * kRows;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * R;
   if (row0 >= N) return;
-  const bool has1 = row0 + 1 < N;
+  const int nrows = static_cast<int>(N - row0 < R ? N - row0 : R);  // rows of this warp that exist
   const int64_t chunks = K >> 5;  // 32 weights = 16 bytes per chunk
 
-  float acc[kRows][B];
+  float acc[R][B];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[r][b] = 0.0f;
 
-  const uint4* wrow0 = reinterpret_cast<const uint4*>(packed + ((row0 * K) >> 1));
-  const uint4* wrow1 = reinterpret_cast<const uint4*>(packed + (((row0 + 1) * K) >> 1));
-  uint4 next[kRows];
+  // P chunks in flight per row ahead of the one being multiplied (P = 1 or 2).
+  ChunkLoad<R> next, next2;
   int64_t c = lane;
-  if (c < chunks) {
-    next[0] = __ldcs(wrow0 + c);
-    next[1] = has1 ? __ldcs(wrow1 + c) : make_uint4(0, 0, 0, 0);
-  }
+  if (c < chunks) load_chunk(next, packed, absmax, ncodes, nabs, nested, row0, nrows, K, c, log2bs);
+  if (P > 1 && c + 32 < chunks) load_chunk(next2, packed, absmax, ncodes, nabs, nested, row0, nrows, K, c + 32, log2bs);
   for (; c < chunks; c += 32) {
-    const uint4 cur[kRows] = {next[0], next[1]};
-    if (c + 32 < chunks) {
-      next[0] = __ldcs(wrow0 + c + 32);
-      if (has1) next[1] = __ldcs(wrow1 + c + 32);
+    const ChunkLoad<R> cur = next;
+    if constexpr (P > 1) {
+      next = next2;
+      if (c + 64 < chunks) load_chunk(next2, packed, absmax, ncodes, nabs, nested, row0, nrows, K, c + 64, log2bs);
+    } else {
+      if (c + 32 < chunks) load_chunk(next, packed, absmax, ncodes, nabs, nested, row0, nrows, K, c + 32, log2bs);
     }
-    float am[kRows];
-    am[0] = weight_absmax(nested, absmax, ncodes, nabs, offset, map8, (row0 * K + c * 32) >> log2bs);
-    am[1] = has1 ? weight_absmax(nested, absmax, ncodes, nabs, offset, map8, ((row0 + 1) * K + c * 32) >> log2bs)
-                 : 0.0f;
+    // Sum quant_map[q] * x over the chunk's 32 weights, then scale by the chunk's absmax (a chunk
+    // never straddles a block: blocksize >= 32 and chunks start at multiples of 32).
+    float part[R][B];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int b = 0; b < B; ++b) part[r][b] = 0.0f;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {  // 4 words of 8 codes each
-      float wv[kRows][8];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const uint32_t word = q == 0 ? cur[r].x : q == 1 ? cur[r].y : q == 2 ? cur[r].z : cur[r].w;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {  // byte j of the word holds elements 2j (high) and 2j+1 (low)
-          const uint32_t byte = (word >> (8 * j)) & 0xffu;
-          wv[r][2 * j] = __fmul_rn(s_qm[byte >> 4], am[r]);
-          wv[r][2 * j + 1] = __fmul_rn(s_qm[byte & 15u], am[r]);
-        }
-      }
 #pragma unroll
       for (int b = 0; b < B; ++b) {
         float xv[8];
-        load_x8(x, b * K + c * 32 + q * 8, xv);
+        load_x8(x, b * K + c * 32 + q * 8, xv);  // converted once, used by all R rows
 #pragma unroll
-        for (int r = 0; r < kRows; ++r)
+        for (int r = 0; r < R; ++r) {
+          const uint32_t word = q == 0 ? cur.w[r].x : q == 1 ? cur.w[r].y : q == 2 ? cur.w[r].z : cur.w[r].w;
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[r][b] = __fmaf_rn(wv[r][i], xv[i], acc[r][b]);
+          for (int j = 0; j < 4; ++j) {  // byte j holds elements 2j (high nibble) and 2j+1 (low)
+            part[r][b] = __fmaf_rn(s_qm[(word >> (8 * j + 4)) & 15u], xv[2 * j], part[r][b]);
+            part[r][b] = __fmaf_rn(s_qm[(word >> (8 * j)) & 15u], xv[2 * j + 1], part[r][b]);
+          }
+        }
       }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float am = nested ? __fadd_rn(__fmul_rn(s_map8[cur.c[r]], cur.a[r]), offset) : cur.a[r];
+#pragma unroll
+      for (int b = 0; b < B; ++b) acc[r][b] = __fmaf_rn(am, part[r][b], acc[r][b]);
     }
   }
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
   if (lane == 0) {
 #pragma unroll
     for (int b = 0; b < B; ++b) {
-      y[b * N + row0] = Elem<T>::from(acc[0][b]);
-      if (has1) y[b * N + row0 + 1] = Elem<T>::from(acc[1][b]);
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (r < nrows) y[b * N + row0 + r] = Elem<T>::from(acc[r][b]);
     }
   }
 }
@@ -166,18 +209,37 @@ struct GemvArgs {
   cudaStream_t st;
 };
 
-template <typename T, int B>
-cudaError_t launch_fast(const GemvArgs& a) {
-  const int64_t rows_per_cta = kWarps * kRows;
+// Rows per warp R: each x load and conversion is shared by R rows, which cuts on-chip traffic and
+// instructions per weight. P: chunks in flight per row. MINB: CTAs per SM the register budget must allow.
+template <typename T, int B, int R, int P, int MINB>
+cudaError_t launch_fast_cfg(const GemvArgs& a) {
+  const int64_t rows_per_cta = kWarps * R;
   const int64_t ctas = (a.N + rows_per_cta - 1) / rows_per_cta;
-  k_gemv_fast<T, B><<<static_cast<unsigned>(ctas), kThreads, 0, a.st>>>(
+  k_gemv_fast<T, B, R, P, MINB><<<static_cast<unsigned>(ctas), kThreads, 0, a.st>>>(
       static_cast<const T*>(a.x), a.packed, a.absmax, a.nc, a.na, a.offset, a.map8, a.qm, a.nc != nullptr,
       static_cast<T*>(a.y), a.N, a.K, a.log2bs);
   return cudaGetLastError();
 }
 
+// Configurations of the batch-1/2 kernel (variant argument; 0 = the default choice, measured best
+// by bench/bench_cuda.py): 1 R2P1, 2 R4P1, 3 R4P1 with 4 CTAs/SM, 4 R4P2, 5 R2P2.
+template <typename T, int B>
+cudaError_t launch_fast(const GemvArgs& a, int variant) {
+  if constexpr (B <= 2) {
+    switch (variant) {
+      case 1: return launch_fast_cfg<T, B, 2, 1, 0>(a);
+      case 2: return launch_fast_cfg<T, B, 4, 1, 0>(a);
+      case 3: return launch_fast_cfg<T, B, 4, 1, 4>(a);
+      case 4: return launch_fast_cfg<T, B, 4, 2, 0>(a);
+      case 5: return launch_fast_cfg<T, B, 2, 2, 0>(a);
+      default: break;
+    }
+  }
+  return a.N >= 16384 ? launch_fast_cfg<T, B, 4, 1, 0>(a) : launch_fast_cfg<T, B, 2, 1, 0>(a);
+}
+
 template <typename T>
-cudaError_t launch(const GemvArgs& a, int batch, bool fast) {
+cudaError_t launch(const GemvArgs& a, int batch, bool fast, int variant) {
   if (!fast) {
     const int64_t ctas = (a.N + kWarps - 1) / kWarps;
     k_gemv_generic<T><<<static_cast<unsigned>(ctas), kThreads, 0, a.st>>>(
@@ -186,14 +248,14 @@ cudaError_t launch(const GemvArgs& a, int batch, bool fast) {
     return cudaGetLastError();
   }
   switch (batch) {
-    case 1: return launch_fast<T, 1>(a);
-    case 2: return launch_fast<T, 2>(a);
-    case 3: return launch_fast<T, 3>(a);
-    case 4: return launch_fast<T, 4>(a);
-    case 5: return launch_fast<T, 5>(a);
-    case 6: return launch_fast<T, 6>(a);
-    case 7: return launch_fast<T, 7>(a);
-    default: return launch_fast<T, 8>(a);
+    case 1: return launch_fast<T, 1>(a, variant);
+    case 2: return launch_fast<T, 2>(a, variant);
+    case 3: return launch_fast<T, 3>(a, variant);
+    case 4: return launch_fast<T, 4>(a, variant);
+    case 5: return launch_fast<T, 5>(a, variant);
+    case 6: return launch_fast<T, 6>(a, variant);
+    case 7: return launch_fast<T, 7>(a, variant);
+    default: return launch_fast<T, 8>(a, variant);
   }
 }
 
@@ -201,7 +263,7 @@ cudaError_t launch(const GemvArgs& a, int batch, bool fast) {
 
 int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t K, int blocksize, uintptr_t packed,
               uintptr_t absmax, uintptr_t ncodes, uintptr_t nested_absmax, float offset, uintptr_t map8,
-              uintptr_t quant_map, uintptr_t y, uintptr_t stream) {
+              uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant) {
   if (!valid_blocksize(blocksize)) return kBadBlocksize;
   if (batch < 1 || batch > 8) return kBadBatch;
   if (N < 0 || K < 0 || (N > 0 && K > (int64_t{1} << 40) / N) || N / kWarps >= (int64_t{1} << 31)) return kBadSize;
@@ -222,9 +284,9 @@ int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t 
              reinterpret_cast<cudaStream_t>(stream)};
   const bool fast = K % 32 == 0 && aligned16(x) && aligned16(packed);
   switch (dtype) {
-    case kF32: return static_cast<int>(launch<float>(a, batch, fast));
-    case kF16: return static_cast<int>(launch<__half>(a, batch, fast));
-    case kBF16: return static_cast<int>(launch<__nv_bfloat16>(a, batch, fast));
+    case kF32: return static_cast<int>(launch<float>(a, batch, fast, variant));
+    case kF16: return static_cast<int>(launch<__half>(a, batch, fast, variant));
+    case kBF16: return static_cast<int>(launch<__nv_bfloat16>(a, batch, fast, variant));
     default: return kBadDtype;
   }
 }

@@ -65,10 +65,11 @@ int dequantize_4bit(int device, uintptr_t packed, int64_t n, int blocksize, uint
                     uintptr_t quant_map, int out_dtype, uintptr_t out, uintptr_t stream);
 
 // y[b, o] = sum_k x[b, k] * W[o, k] for b < batch (1..8), W the [N, K] 4-bit weight (flattened blocks),
-// float32 accumulation, y in x's dtype. Absmax nested or not as in dequantize_4bit.
+// float32 accumulation, y in x's dtype. Absmax nested or not as in dequantize_4bit. variant 0 picks
+// the kernel configuration; 1..5 force one (batch 1-2 only; used by bench/bench_cuda.py).
 int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t K, int blocksize,
               uintptr_t packed, uintptr_t absmax, uintptr_t ncodes, uintptr_t nested_absmax, float offset,
-              uintptr_t map8, uintptr_t quant_map, uintptr_t y, uintptr_t stream);
+              uintptr_t map8, uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant = 0);
 
 }  // namespace cuda
 }  // namespace qm

@@ -49,6 +49,9 @@ k_quantize_4bit(const T* __restrict__ x,         // [n] input, flattened
                 float* __restrict__ absmax,      // [ceil(n/bs)] out: max|x| per block
                 int* __restrict__ flag) {        // [1] out: set non-zero on NaN/Inf (may be null)
   __shared__ uint32_t s_warp_max[kThreads / 32];
+  __shared__ EncodeTables s_tables;
+  build_tables<QT>(&s_tables, threadIdx.x);
+  __syncthreads();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t e0 = t * kEPT;
 
@@ -84,8 +87,8 @@ k_quantize_4bit(const T* __restrict__ x,         // [n] input, flattened
   uint32_t word[2] = {0u, 0u};
 #pragma unroll
   for (int j = 0; j < kEPT / 2; ++j) {
-    const uint32_t hi = encode<QT>(__fmul_rn(v[2 * j], inv));
-    const uint32_t lo = encode<QT>(__fmul_rn(v[2 * j + 1], inv));
+    const uint32_t hi = encode<QT>(__fmul_rn(v[2 * j], inv), &s_tables);
+    const uint32_t lo = encode<QT>(__fmul_rn(v[2 * j + 1], inv), &s_tables);
     word[j >> 2] |= ((hi << 4) | lo) << (8 * (j & 3));
   }
   const int64_t b0 = e0 >> 1;
@@ -97,36 +100,55 @@ k_quantize_4bit(const T* __restrict__ x,         // [n] input, flattened
   }
 }
 
-// Sequential float64 sum of each chunk of 1024 absmax values (one thread per chunk).
-__global__ void k_chunk_sums(const float* __restrict__ absmax,  // [nb]
-                             int64_t nb,
-                             double* __restrict__ sums) {       // [ceil(nb/1024)] out
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+// Sequential float64 sum of each chunk of 1024 absmax values. One warp per chunk: the lanes stage the
+// chunk in shared memory with coalesced loads, then lane 0 adds it up left to right (the order is
+// fixed by the exactness rules; only the loads are parallel).
+constexpr int kChunkWarps = 4;
+__global__ void __launch_bounds__(kChunkWarps * 32)
+k_chunk_sums(const float* __restrict__ absmax,  // [nb]
+             int64_t nb,
+             double* __restrict__ sums) {       // [ceil(nb/1024)] out
+  __shared__ float s_chunk[kChunkWarps][kOffsetChunk];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChunkWarps + warp;
   const int64_t begin = c * kOffsetChunk;
   if (begin >= nb) return;
-  const int64_t end = min(nb, begin + kOffsetChunk);
+  const int len = static_cast<int>(nb - begin < kOffsetChunk ? nb - begin : kOffsetChunk);
+  float* chunk = s_chunk[warp];
+  for (int i = lane; i < len; i += 32) chunk[i] = __ldg(absmax + begin + i);
+  __syncwarp();
+  if (lane != 0) return;
   double acc = 0.0;  // 0 + a0 == a0 exactly, so this is the plain left-to-right sum
-  int64_t i = begin;
-  if ((reinterpret_cast<uintptr_t>(absmax) & 15u) == 0) {
-    for (; i + 4 <= end; i += 4) {
-      const float4 q = __ldg(reinterpret_cast<const float4*>(absmax + i));
-      acc = __dadd_rn(acc, static_cast<double>(q.x));
-      acc = __dadd_rn(acc, static_cast<double>(q.y));
-      acc = __dadd_rn(acc, static_cast<double>(q.z));
-      acc = __dadd_rn(acc, static_cast<double>(q.w));
-    }
+  if (len == kOffsetChunk) {
+#pragma unroll 32
+    for (int i = 0; i < kOffsetChunk; ++i) acc = __dadd_rn(acc, static_cast<double>(chunk[i]));
+  } else {
+    for (int i = 0; i < len; ++i) acc = __dadd_rn(acc, static_cast<double>(chunk[i]));
   }
-  for (; i < end; ++i) acc = __dadd_rn(acc, static_cast<double>(__ldg(absmax + i)));
   sums[c] = acc;
 }
 
-// offset = float32(S / nb), S the sequential float64 sum of the chunk sums (one thread).
-__global__ void k_offset(const double* __restrict__ sums,  // [nchunks]
-                         int64_t nchunks, int64_t nb,
-                         float* __restrict__ offset) {      // [1] out
+// offset = float32(S / nb), S the sequential float64 sum of the chunk sums. One CTA: tiles of the
+// sums are staged in shared memory with coalesced loads, thread 0 adds them in order.
+constexpr int kOffsetThreads = 256;
+constexpr int kOffsetTile = 2048;
+__global__ void __launch_bounds__(kOffsetThreads)
+k_offset(const double* __restrict__ sums,  // [nchunks]
+         int64_t nchunks, int64_t nb,
+         float* __restrict__ offset) {      // [1] out
+  __shared__ double s_tile[kOffsetTile];
   double acc = 0.0;
-  for (int64_t c = 0; c < nchunks; ++c) acc = __dadd_rn(acc, __ldg(sums + c));
-  *offset = nb > 0 ? __double2float_rn(__ddiv_rn(acc, static_cast<double>(nb))) : 0.0f;
+  for (int64_t base = 0; base < nchunks; base += kOffsetTile) {
+    const int len = static_cast<int>(nchunks - base < kOffsetTile ? nchunks - base : kOffsetTile);
+    for (int i = threadIdx.x; i < len; i += kOffsetThreads) s_tile[i] = __ldg(sums + base + i);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+#pragma unroll 16
+      for (int i = 0; i < len; ++i) acc = __dadd_rn(acc, s_tile[i]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *offset = nb > 0 ? __double2float_rn(__ddiv_rn(acc, static_cast<double>(nb))) : 0.0f;
 }
 
 // One CTA of 256 threads per nested block: centre on the offset, max|.|, scale, count midpoints below.
@@ -220,9 +242,10 @@ int quantize_nested(int device, uintptr_t absmax, int64_t nb, uintptr_t mids, ui
   auto* off = reinterpret_cast<float*>(offset_out);
   const int64_t nchunks = (nb + kOffsetChunk - 1) / kOffsetChunk;
   if (nchunks > 0) {
-    k_chunk_sums<<<static_cast<unsigned>((nchunks + 127) / 128), 128, 0, st>>>(am, nb, sums);
+    k_chunk_sums<<<static_cast<unsigned>((nchunks + kChunkWarps - 1) / kChunkWarps), kChunkWarps * 32, 0, st>>>(
+        am, nb, sums);
   }
-  k_offset<<<1, 1, 0, st>>>(sums, nchunks, nb, off);
+  k_offset<<<1, kOffsetThreads, 0, st>>>(sums, nchunks, nb, off);
   if (nb > 0) {
     k_nested_quantize<<<static_cast<unsigned>((nb + kNestedBlock - 1) / kNestedBlock), kNestedBlock, 0, st>>>(
         am, nb, off, reinterpret_cast<const float*>(mids), reinterpret_cast<uint8_t*>(codes),

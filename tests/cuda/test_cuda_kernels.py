@@ -140,7 +140,9 @@ def test_dequantize_matches_cpu(out_dtype, quant_type):
             assert same, f"nested bs={blocksize} n={n}"
 
 
-def _gemv_case(out_f, in_f, batch, dtype, blocksize, nested, quant_type=QuantType.NF4, misalign=False):
+def _gemv_case(
+    out_f, in_f, batch, dtype, blocksize, nested, quant_type=QuantType.NF4, misalign=False, variant=0
+):
     w = torch.randn(out_f, in_f) * 0.05
     packed, absmax = kernels.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
     qmap = torch.tensor(quant_type.codebook, dtype=torch.float32)
@@ -166,6 +168,7 @@ def _gemv_case(out_f, in_f, batch, dtype, blocksize, nested, quant_type=QuantTyp
         blocksize=blocksize,
         quant_map=qmap.cuda(),
         nested=nest,
+        variant=variant,
     )
     ref = x.double() @ w_deq.cuda().double().T
     same_dtype = torch.nn.functional.linear(x, w_deq.cuda().to(dtype))
@@ -189,6 +192,14 @@ def test_gemv_blocksizes_and_generic_path(blocksize):
     _gemv_case(257, 4096, 1, torch.bfloat16, blocksize, nested=True, quant_type=QuantType.FP4)
     _gemv_case(33, 4096, 3, torch.float16, blocksize, nested=False, misalign=True)  # generic kernel
     _gemv_case(11, 4096 + blocksize, 2, torch.float32, blocksize, nested=True)
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gemv_forced_configurations(variant, batch):
+    for out_f, in_f in ((4096, 4096), (17, 8192), (3, 32)):
+        _gemv_case(out_f, in_f, batch, torch.bfloat16, 64, nested=True, variant=variant)
+        _gemv_case(out_f, in_f, batch, torch.float32, 32, nested=False, variant=variant)
 
 
 def test_backend_info_names_the_device():

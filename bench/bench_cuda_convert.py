@@ -1,0 +1,179 @@
+"""End-to-end conversion of a generated multi-GB checkpoint: --device cuda vs the CPU path, same host.
+
+    python bench/bench_cuda_convert.py --workdir /tmp/qm_e2e [--layers 6]
+
+1. Writes a Llama-shaped bf16 checkpoint (hidden 4096, intermediate 11008; about 0.4 GB a layer).
+2. Times ``converter.pipeline.convert`` with device="cpu" and device="cuda" (page cache warm for both:
+   the source is read once before timing) and checks that both outputs hold identical shards.
+3. Streams the same tensors through ``converter.cuda_pipeline.CudaQuantizer`` alone and prints where
+   the time goes: reading (mmap -> tensor), staging into pinned memory, upload (PCIe), kernels,
+   download, and host time spent waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from converter import cuda_pipeline
+from formats.quant_types import QuantType
+
+HIDDEN, INTER, VOCAB = 4096, 11008, 32000
+
+
+def write_checkpoint(folder: Path, layers: int) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    g = torch.Generator().manual_seed(0)
+    params = 0
+    weight_map = {}
+    for i in range(layers):
+        t = {}
+        p = f"model.layers.{i}."
+        for name, shape in (
+            ("self_attn.q_proj", (HIDDEN, HIDDEN)),
+            ("self_attn.k_proj", (HIDDEN, HIDDEN)),
+            ("self_attn.v_proj", (HIDDEN, HIDDEN)),
+            ("self_attn.o_proj", (HIDDEN, HIDDEN)),
+            ("mlp.gate_proj", (INTER, HIDDEN)),
+            ("mlp.up_proj", (INTER, HIDDEN)),
+            ("mlp.down_proj", (HIDDEN, INTER)),
+        ):
+            t[p + name + ".weight"] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        t[p + "input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+        fname = f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors"
+        save_file(t, folder / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(t, fname))
+        params += sum(v.numel() for v in t.values())
+    t = {
+        "model.embed_tokens.weight": (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+        "lm_head.weight": (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).to(torch.bfloat16),
+    }
+    fname = f"model-{layers + 1:05d}-of-{layers + 1:05d}.safetensors"
+    save_file(t, folder / fname, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(t, fname))
+    params += sum(v.numel() for v in t.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": params * 2}, "weight_map": weight_map}, indent=1)
+    )
+    return params
+
+
+def read_all(folder: Path) -> None:
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+
+
+def shard_hashes(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
+
+
+def linear_tensors(folder: Path):
+    """(name, bf16 tensor) of every linear weight, read from the shards (mmap), with read time."""
+    stats = {"seconds_read": 0.0}
+
+    def gen():
+        for f in sorted(folder.glob("model-*.safetensors")):
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    if k.endswith("proj.weight"):
+                        t0 = time.perf_counter()
+                        x = st.get_tensor(k)
+                        stats["seconds_read"] += time.perf_counter() - t0
+                        yield k, x
+
+    return gen(), stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qm_e2e"))
+    parser.add_argument("--layers", type=int, default=6)
+    args = parser.parse_args()
+    from converter import selection
+    from converter.pipeline import convert
+
+    try:  # the device image may carry an older transformers than the selection code needs
+        from transformers.core_model_loading import apply_converters  # noqa: F401
+    except ImportError:
+        selection.transformers_usable = lambda: False
+        print("note: this transformers is too old for skeleton selection; using the allowlist")
+
+    src = args.workdir / "src"
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    params = write_checkpoint(src, args.layers)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    print(f"checkpoint: {params / 1e9:.2f} G params, {size / 1e9:.2f} GB bf16, {args.layers} layers")
+    read_all(src)
+    from converter import kernels_cuda
+
+    usable, why = kernels_cuda.cuda_status()
+    gpu = torch.cuda.get_device_name(0) if usable else f"none ({why})"
+    print(f"torch threads {torch.get_num_threads()}, GPU {gpu}")
+    devices = ("cpu", "cuda") if usable else ("cpu",)
+    results = {}
+    for device in devices:
+        out = args.workdir / f"out-{device}"
+        t0 = time.perf_counter()
+        convert(src, out, device=device, progress=False)
+        results[device] = time.perf_counter() - t0
+        print(
+            f"convert --device {device}: {results[device]:.2f} s ({size / results[device] / 1e9:.2f} GB/s in)"
+        )
+    if usable:
+        same = shard_hashes(args.workdir / "out-cpu") == shard_hashes(args.workdir / "out-cuda")
+        print(f"identical shards cpu vs cuda: {same}; speedup x{results['cpu'] / results['cuda']:.2f}")
+
+    # The GPU quantizer alone over the same tensors: where the time goes.
+    quantizers = [("cpu", cuda_pipeline.CpuQuantizer(QuantType.NF4, 64, nested=True))]
+    if usable:
+        quantizers.insert(0, ("cuda", cuda_pipeline.CudaQuantizer(QuantType.NF4, 64, nested=True)))
+    for label, q in quantizers:
+        items, rstats = linear_tensors(src)
+        t0 = time.perf_counter()
+        n = 0
+        for _, r in q.quantize_many(items):
+            n += r.packed.numel() * 2
+        wall = time.perf_counter() - t0
+        s = q.stats
+        split = (
+            f"read {rstats['seconds_read']:.2f} s, stage {s.seconds_stage:.2f} s, "
+            f"upload {s.seconds_upload:.2f} s, kernels {s.seconds_kernels:.3f} s, "
+            f"download {s.seconds_download:.2f} s, wait {s.seconds_wait:.2f} s"
+        )
+        print(
+            f"quantizer {label}: {n / 1e9:.2f} Gparam, {wall:.2f} s ({n / wall / 1e9:.2f} Gparam/s); {split}"
+        )
+
+
+if __name__ == "__main__":
+    main()
