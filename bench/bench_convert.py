@@ -8,7 +8,9 @@ model.safetensors.index.json) in a temp folder, then measures, each in a fresh s
 - ours: ``converter.convert(src, out)`` (nf4, blocksize 64, nested, default threads).
 
 Targets (issue 3): peak RssAnon < 2 x largest tensor + 300 MB, wall time within 2x of the baseline.
-The page cache is warmed by one read of every shard first, so both runs read from memory.
+The page cache is warmed by one read of every shard first, so both runs read from memory; with
+``--cold`` (root) it is dropped before each contender instead, so both read the source from disk
+(the libraries ours imports are loaded back by the start-up-only run first).
 
 Run: ``python bench/bench_convert.py [--layers 20] [--hidden 2048] [--workdir /tmp]``.
 """
@@ -143,6 +145,9 @@ from transformers import LlamaForCausalLM
 OURS = """
 import sys
 from converter import convert
+if sys.argv[3:] == ["no-prefetch"]:  # A/B of the pipeline's readahead of the next tensor
+    from converter.sources.local import MappedFile
+    MappedFile.prefetch = lambda self, name: None
 convert(sys.argv[1], sys.argv[2], progress=False)
 """
 
@@ -183,6 +188,16 @@ def measure(code: str, *args: str) -> tuple[float, int, int]:
     return wall, peak["anon"] * 1024, peak["rss"] * 1024
 
 
+def drop_caches() -> bool:
+    """Empty the page cache (root only) so the next run reads the source from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
 def warm(folder: Path) -> None:
     for p in sorted(folder.glob("*.safetensors")):
         with p.open("rb") as f:
@@ -197,6 +212,8 @@ def main() -> int:
     ap.add_argument("--shard-size", type=int, default=500_000_000)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
+    ap.add_argument("--no-prefetch", action="store_true", help="disable the next-tensor readahead")
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="qm-bench-convert-", dir=args.workdir))
@@ -209,12 +226,19 @@ def main() -> int:
             f"checkpoint: {total / 1e9:.2f} GB bf16 in {n_shards} shards, "
             f"largest tensor {largest / 1e6:.0f} MB (generated in {time.perf_counter() - t0:.1f} s)"
         )
-        warm(src)
+        if not args.cold:
+            warm(src)
         startup = measure(STARTUP)
         rows = []
         for k in range(args.repeat):
+            if args.cold and not drop_caches():
+                print("--cold: cannot drop the page cache (needs root); the runs read from the cache")
             base = measure(BASELINE, str(src), str(root / f"copy{k}"))
-            ours = measure(OURS, str(src), str(root / f"out{k}"))
+            if args.cold:
+                drop_caches()  # evicts the source, and the libraries too: load those back first
+                startup = measure(STARTUP)
+            extra = ["no-prefetch"] if args.no_prefetch else []
+            ours = measure(OURS, str(src), str(root / f"out{k}"), *extra)
             rows.append((base, ours))
             shutil.rmtree(root / f"copy{k}")
             report = json.loads((root / f"out{k}" / "quantization_report.json").read_text())

@@ -267,10 +267,13 @@ class _Conversion:
         path = self.output / shard.name
         writer = ShardWriter(path, slots, meta)
         try:
-            for p in shard.tensors:
+            for i, p in enumerate(shard.tensors):
                 file = p.info.file
                 if file not in mapped:
                     mapped[file] = MappedFile(self.src.acquire(file), f"{file}")
+                following = shard.tensors[i + 1] if i + 1 < len(shard.tensors) else None
+                if following is not None and following.info.file == file:
+                    mapped[file].prefetch(following.name)  # read ahead while this one is quantized
                 self._convert_tensor(p, mapped[file], writer)
                 remaining[file] -= 1
                 if remaining[file] == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import tempfile
@@ -292,10 +293,29 @@ class MappedFile:
         self._start = len(raw)
         self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
 
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading ``name``'s bytes now (async readahead into the page cache).
+
+        The pipeline calls it for the next tensor while the current one is quantized, so a cold
+        source is read while the CPU works instead of page fault by page fault afterwards.
+        """
+        entry = self._entries.get(name)
+        if entry is None or not hasattr(os, "posix_fadvise"):
+            return
+        begin, end = entry["data_offsets"]
+        if end <= begin:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, self._start + begin, end - begin, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
     def get(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         dtype, shape = entry["dtype"], tuple(entry["shape"])
         begin, end = entry["data_offsets"]
+        self.prefetch(name)
         np_dtype = _NP_DTYPES.get(dtype)
         if np_dtype is None:
             msg = (
