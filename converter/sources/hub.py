@@ -287,14 +287,24 @@ def estimate_output_bytes(tensors: list[TensorInfo]) -> int:
 
 
 class _RangeFile:
-    """A streamed Hub file: each ``get`` is one HTTP range request for one tensor."""
+    """A streamed Hub file: each ``get`` is one HTTP range request for one tensor.
+
+    ``prefetch(name)`` (called by the pipeline for the next tensor, as for MappedFile) starts that
+    request in the source's range-read thread, so one tensor downloads while another is quantized.
+    """
 
     def __init__(self, source: HubSource, file: str) -> None:
         self.source, self.file = source, file
         self._infos = {t.name: t for t in source.tensors() if t.file == file}
+        self._pending: dict[str, Future[Any]] = {}
+
+    def prefetch(self, name: str) -> None:
+        if name in self._infos and name not in self._pending:
+            self._pending[name] = self.source._range_pool().submit(self.source.read_tensor, self._infos[name])
 
     def get(self, name: str) -> Any:
-        return self.source.read_tensor(self._infos[name])
+        pending = self._pending.pop(name, None)
+        return pending.result() if pending is not None else self.source.read_tensor(self._infos[name])
 
 
 class HubSource(Source):
@@ -329,6 +339,7 @@ class HubSource(Source):
         self._lock = threading.Condition()
         self._executor: ThreadPoolExecutor | None = None
         self._hasher: ThreadPoolExecutor
+        self._range_executor: ThreadPoolExecutor | None = None
         self._futures: dict[str, Future[Path]] = {}
         self._live: set[str] = set()  # private downloads on disk (or in flight), not yet released
         self._released: set[str] = set()
@@ -809,6 +820,12 @@ class HubSource(Source):
                 self._schedule(f)
             return
 
+    def _range_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._range_executor is None:
+                self._range_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-range")
+            return self._range_executor
+
     def is_streamed(self, file: str) -> bool:
         """Whether ``file`` is too large for the disk budget and is read by HTTP range instead."""
         return file in self._streamed
@@ -968,5 +985,7 @@ class HubSource(Source):
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._hasher.shutdown(wait=True, cancel_futures=True)
+        if self._range_executor is not None:
+            self._range_executor.shutdown(wait=True, cancel_futures=True)
         if self._owns_dl_dir and self._dl_dir is not None:
             shutil.rmtree(self._dl_dir, ignore_errors=True)
