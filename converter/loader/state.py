@@ -53,9 +53,8 @@ def resolve_folder(path_or_repo: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model"]))
     except Exception as exc:  # huggingface_hub raises many types; name the repo and the cause
-        msg = (
-            f"{text}: not a local folder, and the Hub repo could not be fetched ({type(exc).__name__}: {exc})"
-        )
+        cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        msg = f"{text}: not a local folder, and the Hub repo could not be fetched ({cause})"
         raise SourceNotFoundError(msg) from exc
 
 

@@ -1,0 +1,54 @@
+"""Loading by Hub repo id (the local fake Hub of tests/hub), in a subprocess with its own HF_HOME."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
+
+from fake_hub import FakeHub
+from hub_helpers import hub_env
+
+SCRIPT = """
+import sys, torch
+from converter import load_quantized, load_quantized_state
+from converter.loader.model import linear4bit_modules
+from formats.record import QuantizedTensor
+state = load_quantized_state("org/tiny-nf4")
+print(sum(isinstance(v, QuantizedTensor) for v in state.values()))
+ids = torch.tensor([[1, 5, 9, 33]])
+models = [load_quantized("org/tiny-nf4"), load_quantized(sys.argv[1])]
+for m in models:
+    for layer in linear4bit_modules(m).values():
+        layer.use_gemv = False
+with torch.no_grad():
+    print(torch.equal(models[0](ids).logits, models[1](ids).logits))
+try:
+    load_quantized_state("org/missing")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.hub
+def test_load_by_repo_id(our_folder: Path, tmp_path: Path) -> None:
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/tiny-nf4", our_folder)
+        env = hub_env(hub, tmp_path / "home")
+        out = subprocess.run(
+            [sys.executable, "-c", SCRIPT, str(our_folder)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "14"
+    assert lines[1] == "True"
+    assert lines[2].startswith("SourceNotFoundError org/missing: not a local folder, and the Hub repo")
+    assert len(lines) == 3  # one line: the cause is named, not dumped
