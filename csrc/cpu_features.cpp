@@ -1,9 +1,12 @@
 #include "cpu_features.h"
 
+#include "float_convert.h"  // QM_X86
+
 #include <stdexcept>
 
 namespace qm {
 
+#if QM_X86
 bool cpu_has_avx2() {
   // __builtin_cpu_supports also checks that the OS saves the YMM/ZMM state (XCR0).
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -17,6 +20,10 @@ bool cpu_has_avx512() {
                           __builtin_cpu_supports("avx512dq");
   return has;
 }
+#else
+bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
+#endif
 
 std::vector<Isa> supported_isas() {
   std::vector<Isa> isas{Isa::Scalar};

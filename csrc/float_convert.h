@@ -7,6 +7,14 @@
 
 #include "cpu_features.h"
 
+// x86 SIMD paths exist only on x86 (elsewhere the scalar paths run; -DQM_NO_X86_SIMD builds that
+// configuration on x86 too, to test it).
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(QM_NO_X86_SIMD)
+#define QM_X86 1
+#else
+#define QM_X86 0
+#endif
+
 // Per-function targets: no -march=native, the binary stays portable and run-time dispatch picks a path.
 #define QM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define QM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))

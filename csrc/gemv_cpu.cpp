@@ -6,8 +6,6 @@
 // (even, odd) order, so decoding is a shift, a mask and two table permutes per 32 weights.
 #include "gemv_cpu.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -16,6 +14,10 @@
 #include "codebooks.h"
 #include "float_convert.h"
 #include "thread_pool.h"
+
+#if QM_X86
+#include <immintrin.h>
+#endif
 
 namespace qm {
 
@@ -87,6 +89,7 @@ void rows_scalar(const Gemv4bitArgs& a, const float* xf, int64_t o0, int64_t o1)
   }
 }
 
+#if QM_X86
 // 16-entry table lookup with 8-lane permutes: bit 3 of the index picks the half (via the sign bit).
 QM_TARGET_AVX2 inline __m256 lookup16_avx2(__m256i idx, __m256 lo, __m256 hi) {
   const __m256 from_lo = _mm256_permutevar8x32_ps(lo, idx);
@@ -207,15 +210,22 @@ QM_TARGET_AVX512 void rows_avx512(const Gemv4bitArgs& a, const float* xf, int64_
   }
 }
 
+#endif  // QM_X86
+
 using RowsFn = void (*)(const Gemv4bitArgs&, const float*, int64_t, int64_t);
 
 RowsFn pick_rows(Isa isa, int64_t batch) {
+#if QM_X86
   static constexpr RowsFn avx512[] = {rows_avx512<1>, rows_avx512<2>, rows_avx512<3>, rows_avx512<4>,
                                       rows_avx512<5>, rows_avx512<6>, rows_avx512<7>, rows_avx512<8>};
   static constexpr RowsFn avx2[] = {rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>,
                                     rows_avx2<5>, rows_avx2<6>, rows_avx2<7>, rows_avx2<8>};
   if (isa == Isa::AVX512) return avx512[batch - 1];
   if (isa == Isa::AVX2) return avx2[batch - 1];
+#else
+  (void)isa;
+  (void)batch;
+#endif
   return rows_scalar;
 }
 

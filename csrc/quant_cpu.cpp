@@ -8,8 +8,6 @@
 // tests assert it for every path this CPU runs.
 #include "quant_cpu.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -23,6 +21,10 @@
 #include "float_convert.h"
 #include "memory_hint.h"
 #include "thread_pool.h"
+
+#if QM_X86
+#include <immintrin.h>
+#endif
 
 namespace qm {
 
@@ -98,6 +100,7 @@ void dequantize_blocks_scalar(const uint8_t* packed, const float* absmax, int64_
   }
 }
 
+#if QM_X86
 // Prefetches the block of bs elements kPrefetchBytes after element `next`. The two short passes per
 // block leave the hardware prefetcher too little time when the input streams from memory (measured:
 // 2.3 -> 3.6 Gparam/s per core on bf16). Prefetching past the end of the buffer is harmless.
@@ -490,6 +493,8 @@ QM_TARGET_AVX512 void dequantize_blocks_avx512(const uint8_t* packed, const floa
   }
 }
 
+#endif  // QM_X86
+
 // ---------------------------------------------------------------------------------------------
 // Dispatch tables
 
@@ -500,10 +505,12 @@ using DequantizeFn = void (*)(const uint8_t*, const float*, int64_t, int64_t, in
 template <DType DT, QuantType QT>
 QuantizeFn pick_quantize(Isa isa) {
   switch (isa) {
+#if QM_X86
     case Isa::AVX512:
       return quantize_blocks_avx512<DT, QT>;
     case Isa::AVX2:
       return quantize_blocks_avx2<DT, QT>;
+#endif
     default:
       return quantize_blocks_scalar<DT, QT>;
   }
@@ -528,10 +535,12 @@ QuantizeFn pick_quantize(DType dt, QuantType qt, Isa isa) {
 template <DType DT>
 DequantizeFn pick_dequantize(Isa isa) {
   switch (isa) {
+#if QM_X86
     case Isa::AVX512:
       return dequantize_blocks_avx512<DT>;
     case Isa::AVX2:
       return dequantize_blocks_avx2<DT>;
+#endif
     default:
       return dequantize_blocks_scalar<DT>;
   }
@@ -601,6 +610,7 @@ void nested_block_scalar(const float* absmax, int64_t lo, int64_t hi, float offs
   }
 }
 
+#if QM_X86
 // The same with 16 lanes: an 8-step branchless binary search over the midpoints padded to 256 with
 // +inf (gathers), which equals the count for the strictly increasing midpoints.
 QM_TARGET_AVX512 void nested_block_avx512(const float* absmax, int64_t lo, int64_t hi, float offset,
@@ -634,6 +644,8 @@ QM_TARGET_AVX512 void nested_block_avx512(const float* absmax, int64_t lo, int64
   }
 }
 
+#endif  // QM_X86
+
 }  // namespace
 
 float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* nested_absmax, Isa isa,
@@ -658,7 +670,12 @@ float quantize_nested(const float* absmax, int64_t nb, uint8_t* codes, float* ne
   if (!std::isfinite(total)) return std::numeric_limits<float>::quiet_NaN();
   const float offset = static_cast<float>(total / static_cast<double>(nb));
 
+#if QM_X86
   const auto block = isa == Isa::AVX512 ? nested_block_avx512 : nested_block_scalar;
+#else
+  (void)isa;
+  const auto block = nested_block_scalar;
+#endif
   const int64_t n_nested = (nb + kNestedBlocksize - 1) / kNestedBlocksize;
   parallel_for(n_nested, threads, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {

@@ -1,8 +1,8 @@
 #include "thread_pool.h"
 
+
 #include <pthread.h>
 #include <sched.h>
-#include <xmmintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -12,12 +12,25 @@
 #include <thread>
 #include <vector>
 
+// The denormal flags are per architecture (not per SIMD path: the scalar path needs them too).
+#if defined(__x86_64__) || defined(__i386__)
+#define QM_MXCSR 1
+#include <xmmintrin.h>
+#else
+#define QM_MXCSR 0
+#endif
+
 namespace qm {
 
 namespace {
 
+#if QM_MXCSR
 constexpr unsigned int kMxcsrDaz = 1u << 6;
 constexpr unsigned int kMxcsrFtz = 1u << 15;
+#elif defined(__aarch64__)
+constexpr uint64_t kFpcrFz = uint64_t{1} << 24;    // flush-to-zero
+constexpr uint64_t kFpcrFz16 = uint64_t{1} << 19;  // flush-to-zero for half precision
+#endif
 constexpr int kMaxThreads = 256;
 
 // One job at a time. The caller publishes the job, takes chunks itself, then closes the job: workers
@@ -132,12 +145,14 @@ class Pool {
 }  // namespace
 
 int affinity_cpu_count() {
+#ifdef __linux__
   cpu_set_t set;
   CPU_ZERO(&set);
   if (sched_getaffinity(0, sizeof(set), &set) == 0) {
     const int count = CPU_COUNT(&set);
     if (count > 0) return count;
   }
+#endif
   const unsigned hw = std::thread::hardware_concurrency();
   return hw > 0 ? static_cast<int>(hw) : 1;
 }
@@ -158,10 +173,29 @@ void parallel_for(int64_t n, int threads, int64_t grain, const std::function<voi
   Pool::instance().run(n, threads, chunk, fn);
 }
 
+#if QM_MXCSR
 ScopedDenormalsOn::ScopedDenormalsOn() : saved_(_mm_getcsr()) {
-  _mm_setcsr(saved_ & ~(kMxcsrDaz | kMxcsrFtz));
+  _mm_setcsr(static_cast<unsigned int>(saved_) & ~(kMxcsrDaz | kMxcsrFtz));
 }
 
-ScopedDenormalsOn::~ScopedDenormalsOn() { _mm_setcsr(saved_); }
+ScopedDenormalsOn::~ScopedDenormalsOn() { _mm_setcsr(static_cast<unsigned int>(saved_)); }
+#elif defined(__aarch64__)
+ScopedDenormalsOn::ScopedDenormalsOn() {
+  uint64_t fpcr;
+  asm volatile("mrs %0, fpcr" : "=r"(fpcr));
+  saved_ = fpcr;
+  fpcr &= ~(kFpcrFz | kFpcrFz16);
+  asm volatile("msr fpcr, %0" : : "r"(fpcr));
+}
+
+ScopedDenormalsOn::~ScopedDenormalsOn() {
+  const uint64_t fpcr = saved_;
+  asm volatile("msr fpcr, %0" : : "r"(fpcr));
+}
+#else
+// Other architectures: IEEE denormal handling is the default and left as the caller set it.
+ScopedDenormalsOn::ScopedDenormalsOn() : saved_(0) {}
+ScopedDenormalsOn::~ScopedDenormalsOn() = default;
+#endif
 
 }  // namespace qm

@@ -24,7 +24,8 @@ int default_threads();
 // writes disjoint outputs per item. Calls from several Python threads are serialized.
 void parallel_for(int64_t n, int threads, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
-// RAII: clears MXCSR FTZ (bit 15) and DAZ (bit 6) for the current thread and restores them after.
+// RAII: clears the flush-to-zero / denormals-are-zero flags for the current thread and restores them
+// after (x86: MXCSR FTZ bit 15 and DAZ bit 6; AArch64: FPCR FZ and FZ16).
 class ScopedDenormalsOn {
  public:
   ScopedDenormalsOn();
@@ -33,7 +34,7 @@ class ScopedDenormalsOn {
   ScopedDenormalsOn& operator=(const ScopedDenormalsOn&) = delete;
 
  private:
-  unsigned int saved_;
+  uint64_t saved_;
 };
 
 }  // namespace qm
