@@ -30,13 +30,19 @@ def _weight(out_features, in_features, blocksize, quant_type, nested, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("nested", [False, True], ids=["f32-absmax", "nested"])
 @pytest.mark.parametrize(
-    ("out_features", "in_features", "blocksize"),
-    [(1, 64, 64), (37, 256, 32), (300, 1024, 64), (64, 4096, 4096)],
+    ("out_features", "in_features", "blocksize", "quant_type"),
+    [
+        (1, 64, 64, QuantType.NF4),
+        (37, 256, 32, QuantType.NF4),
+        (300, 1024, 64, QuantType.NF4),
+        (64, 4096, 4096, QuantType.NF4),
+        (23, 384, 128, QuantType.FP4),
+        (18, 4096, 2048, QuantType.FP4),
+    ],
+    ids=lambda v: v.label if isinstance(v, QuantType) else str(v),
 )
-def test_gemv_matches_dequantize_matmul(dtype, nested, out_features, in_features, blocksize):
-    packed, absmax, record, qm, dense = _weight(
-        out_features, in_features, blocksize, QuantType.NF4, nested, 0
-    )
+def test_gemv_matches_dequantize_matmul(dtype, nested, out_features, in_features, blocksize, quant_type):
+    packed, absmax, record, qm, dense = _weight(out_features, in_features, blocksize, quant_type, nested, 0)
     for batch in range(1, 9):
         x = torch.randn(batch, in_features, generator=torch.Generator().manual_seed(batch)).to(dtype)
         ref = x.double() @ dense.double().T  # the exact answer for this quantized weight
