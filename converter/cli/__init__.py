@@ -67,7 +67,7 @@ def cli(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    # One line per command, in the order `--help` lists them.
+    # One line per command (click lists them alphabetically in --help).
     from converter.cli.batch import batch
     from converter.cli.convert import convert
     from converter.cli.dequantize import dequantize

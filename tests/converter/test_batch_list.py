@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from converter.batch import BatchItem, default_name, read_list
+from converter.errors import InputError
+
+
+def test_default_names(tmp_path: Path) -> None:
+    (tmp_path / "my model").mkdir()
+    assert default_name("meta-llama/Llama-3.2-1B") == "meta-llama--Llama-3.2-1B"
+    assert default_name("gpt2") == "gpt2"
+    assert default_name(str(tmp_path / "my model")) == "my--model"
+    single = tmp_path / "weights.safetensors"
+    single.write_bytes(b"")
+    assert default_name(str(single)) == "weights"
+
+
+def test_text_list_with_comments_and_names(tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("# models\n\norg/a   # first\norg/b  b-nf4\n")
+    assert read_list(listing) == [BatchItem("org/a", "org--a"), BatchItem("org/b", "b-nf4")]
+
+
+def test_json_list_with_revision(tmp_path: Path) -> None:
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps(["org/a", {"source": "org/b", "output": "b", "revision": "v1"}]))
+    assert read_list(listing) == [BatchItem("org/a", "org--a"), BatchItem("org/b", "b", "v1")]
+
+
+def test_bad_lists(tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("org/a out extra\n")
+    with pytest.raises(InputError, match=r"list.txt:1: expected 'SOURCE \[OUTPUT_NAME\]', got 3 fields"):
+        read_list(listing)
+    listing.write_text("# nothing\n")
+    with pytest.raises(InputError, match="the list has no sources"):
+        read_list(listing)
+    listing.write_text("org/a ../escape\n")
+    with pytest.raises(InputError, match="must be a plain folder name"):
+        read_list(listing)
+    bad_json = tmp_path / "list.json"
+    bad_json.write_text(json.dumps([{"output": "x"}]))
+    with pytest.raises(InputError, match="item 0 must be a string or an object with a 'source' string"):
+        read_list(bad_json)
