@@ -136,15 +136,24 @@ def build_report(result: ConversionResult, plan: Any, identity: dict, selection:
     kept_reasons: dict[str, int] = {}
     for t in plan.kept:
         kept_reasons[t.reason] = kept_reasons.get(t.reason, 0) + t.info.numel
+    # The report travels with the folder (and to the Hub on --push-to): no local paths or mtimes.
+    source = {k: v for k, v in identity.items() if k != "path"}
+    if isinstance(source.get("files"), dict):
+        source["files"] = {
+            name: {k: v for k, v in info.items() if k != "mtime_ns"} if isinstance(info, dict) else info
+            for name, info in source["files"].items()
+        }
+    summary = result.to_json()
+    summary.pop("output", None)
     return {
         "tool": "quantize-model",
         "tool_version": tool_version(),
-        "source": identity,
+        "source": source,
         "options": plan.options.to_json(),
         "model_dtype": plan.model_dtype,
         "compute_dtype": plan.compute_dtype,
         "selection_mode": getattr(selection, "mode", None),
-        "summary": result.to_json(),
+        "summary": summary,
         "timings": {
             "seconds_total": result.seconds,
             "seconds_read": stats.seconds_read,

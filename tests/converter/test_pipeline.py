@@ -293,3 +293,13 @@ def test_second_writer_into_the_same_folder_refused(tiny_llama: Path, tmp_path: 
     )
     assert list(out.iterdir()) == []
     convert(tiny_llama, out, progress=False)  # the lock is gone with its holder
+
+
+def test_outputs_hold_no_local_paths(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(tiny_llama, out, progress=False)
+    for name in ("quantization_report.json", "model.safetensors.index.json", "config.json"):
+        text = (out / name).read_text()
+        assert str(tiny_llama) not in text, name
+        assert str(tmp_path) not in text, name
+    assert str(tiny_llama).encode() not in (out / "model.safetensors").read_bytes()
