@@ -142,7 +142,8 @@ def decide(
         return fresh
     manifest = Manifest.load(output)
     if manifest is not None and manifest.fingerprint == fingerprint:
-        if manifest.state == "complete":
+        finished = all((output / n).is_file() for n in ("config.json", "model.safetensors.index.json"))
+        if manifest.state == "complete" and finished:
             # A finished folder is checked by size only (``quantize-model verify`` hashes it).
             done = _verified_shards(output, manifest, deep=False)
             if len(done) == len(manifest.shards):

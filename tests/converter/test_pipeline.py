@@ -303,3 +303,14 @@ def test_outputs_hold_no_local_paths(tiny_llama: Path, tmp_path: Path) -> None:
         assert str(tiny_llama) not in text, name
         assert str(tmp_path) not in text, name
     assert str(tiny_llama).encode() not in (out / "model.safetensors").read_bytes()
+
+
+def test_rerun_rewrites_a_deleted_config(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(tiny_llama, out, progress=False)
+    before = output_hashes(out)
+    (out / "config.json").unlink()
+    r = convert(tiny_llama, out, progress=False)
+    assert r.resumed
+    assert r.shards_reused == 1
+    assert output_hashes(out) == before
