@@ -190,3 +190,34 @@ def test_missing_tensor_is_named(our_folder: Path, tmp_path: Path) -> None:
         pytest.raises(ModelBuildError, match=r"no tensor for .* model parameter\(s\): \['model\.layers\.2\."),
     ):
         load_quantized(folder)
+
+
+def test_gpt2_conv1d_fp4_fp16(tmp_path: Path) -> None:
+    # GPT-2's Conv1D layers: transformers transposes them to [out, in] before quantizing.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(config).to(torch.float16).save_pretrained(tmp_path / "gpt2")
+    folder = bnb_quantize_folder(tmp_path / "gpt2", tmp_path / "gpt2-fp4", quant_type="fp4", nested=False)
+    ours = load_quantized(folder, dtype=torch.float16)
+    theirs = bnb_load(folder)
+    for module in theirs.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # keep bnb on its dequantize + F.linear path
+    assert _quantized_names(ours, Linear4bit) == _quantized_names(theirs, bnb.nn.Linear4bit)
+    assert len(linear4bit_modules(ours)) == 8
+    for layer in linear4bit_modules(ours).values():
+        layer.use_gemv = False
+    ids = IDS[:, :5]
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs.eval()(ids).logits)
+
+
+def test_float32_model_from_bf16_shards(bnb_nf4: Path) -> None:
+    model = load_quantized(bnb_nf4, dtype=torch.float32)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16  # from the config
+    assert _logits(model).dtype == torch.float32
