@@ -131,6 +131,10 @@ def _short(exc: BaseException) -> str:
     return text[:160]
 
 
+class _DownloadCancelledError(Exception):
+    """Raised inside hf_hub_download's progress callback to abort a download after close()."""
+
+
 class HubClient:
     """The Hub calls we make, each with a bounded retry loop and errors mapped to converter.errors."""
 
@@ -567,6 +571,10 @@ class HubSource(Source):
         return True
 
     def _count_bytes(self, file: str, n: int) -> None:
+        if self._closed:
+            # Closed while downloading (Ctrl-C, an error): stop at the next chunk instead of
+            # finishing a multi-GB file nobody will read; hf_hub_download removes its temp file.
+            raise _DownloadCancelledError(file)
         with self._lock:
             self.bytes_downloaded += n
             self._file_done[file] = self._file_done.get(file, 0) + n

@@ -222,9 +222,18 @@ class FakeHub:
         )
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients hanging up mid-body (cancelled downloads, retries) are expected here."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 def _make_server(hub: FakeHub, name: str) -> ThreadingHTTPServer:
     handler = type(f"{name.title()}Handler", (_Handler,), {"hub": hub, "server_name_": name})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _QuietServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     return server
 
@@ -333,9 +342,12 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     raise _Dropped
-                if self.hub.throttle_bps:
-                    time.sleep(len(chunk) / self.hub.throttle_bps)
-                self.wfile.write(chunk)
+                if self.hub.throttle_bps:  # in 16 kB steps, so a slow body still trickles
+                    for i in range(0, len(chunk), 16384):
+                        time.sleep(min(16384, len(chunk) - i) / self.hub.throttle_bps)
+                        self.wfile.write(chunk[i : i + 16384])
+                else:
+                    self.wfile.write(chunk)
                 sent += len(chunk)
 
     # --- repo lookup -------------------------------------------------------------------------

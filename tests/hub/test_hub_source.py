@@ -378,3 +378,22 @@ def test_set_needed_prefetches_only_needed_files(tmp_path: Path, fake_hub: FakeH
     assert sorted(whole) == sorted(f"/blobs/{commit[f].sha256}" for f in files[1:])
     assert progress == {f: plan[f] for f in files[1:]}
     assert src.download_progress() == progress
+
+
+def test_close_interrupts_an_inflight_download(
+    tmp_path: Path, fake_hub: FakeHub, repo: str, monkeypatch
+) -> None:
+    import time
+
+    from huggingface_hub import constants
+
+    # huggingface_hub reports progress every 10 MB; shrink that so this small shard acts like a big one.
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16384)
+    src = _open(tmp_path)
+    fake_hub.throttle_bps = 10_000  # a shard would take ~11 s
+    src.set_needed(src.weight_files())  # prefetch starts
+    time.sleep(0.5)
+    t = time.monotonic()
+    src.close()  # as convert() does after Ctrl-C
+    assert time.monotonic() - t < 3, "close() waited for the whole download"
+    assert not list((tmp_path).glob(".out.quantize-model-download*")), "the private folder must be removed"
