@@ -221,3 +221,19 @@ def test_float32_model_from_bf16_shards(bnb_nf4: Path) -> None:
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16  # from the config
     assert _logits(model).dtype == torch.float32
+
+
+def test_save_pretrained_round_trip(bnb_nf4: Path, tmp_path: Path) -> None:
+    # Our layers save bnb's layout: the folder reloads with us and with transformers + bnb unchanged.
+    from safetensors.torch import load_file
+
+    model = load_quantized(bnb_nf4)
+    model.save_pretrained(tmp_path / "resaved")
+    original, resaved = (
+        load_file(bnb_nf4 / "model.safetensors"),
+        load_file(tmp_path / "resaved" / "model.safetensors"),
+    )
+    assert set(original) == set(resaved)
+    assert all(torch.equal(original[k], resaved[k]) for k in original)
+    theirs = _bnb_reference(tmp_path / "resaved")
+    assert _quantized_names(theirs, bnb.nn.Linear4bit) == _quantized_names(model, Linear4bit)
