@@ -6,12 +6,15 @@ packed codes, with ``weight.quant_state`` holding absmax, the 16-entry quant map
 the 8-bit absmax codes, their scales, offset and 256-entry map. The weight is registered as a
 *buffer*, not a parameter: ``model.parameters()`` never hands it to an optimizer.
 
-With bitsandbytes installed the class subclasses ``bnb.nn.Linear4bit``, so ``peft.get_peft_model``
-wraps it with PEFT's own 4-bit LoRA layer (and ``merge_and_unload`` dequantizes it with bnb). bnb's
-constructor is not run: it would allocate a full-precision weight first.
+``QuantLinear4bit`` holds all the behaviour. With bitsandbytes installed, ``Linear4bit`` subclasses
+it and ``bnb.nn.Linear4bit``, so ``peft.get_peft_model`` wraps it with PEFT's own 4-bit LoRA layer
+(and ``merge_and_unload`` dequantizes it with bnb); bnb's constructor is not run (it would allocate
+a full-precision weight first). Without bitsandbytes ``Linear4bit`` is ``QuantLinear4bit`` and
+``converter.loader.lora.register_lora`` plugs it into PEFT.
 
-Forward (CPU): the fused GEMV of ``converter.kernels`` for 1..8 tokens when ``in_features`` is a
-multiple of the blocksize, otherwise dequantize + ``F.linear`` in the compute dtype. Gradients flow
+Forward: the fused GEMV of ``converter.kernels`` (CPU, or CUDA when built) for 1..8 tokens when
+``in_features`` is a multiple of the blocksize, otherwise an exact dequantize + ``F.linear`` in the
+compute dtype (the same call bitsandbytes makes; plain torch ops where no kernel exists). Gradients flow
 to the input (``grad_x = grad_y @ W``); the weight is frozen.
 
 ``.to()``, ``.cuda()``, ``.cpu()``, ``.half()`` move the packed codes and every quant-state tensor
