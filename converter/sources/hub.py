@@ -221,7 +221,8 @@ class HubClient:
         target = f"{file} " if file else ""
         return HubDownloadError(
             f"{repo}: {what} {target}failed after {attempts} attempt(s) ({_short(exc)}); "
-            "check the connection and rerun the same command (finished shards are kept)"
+            "check the connection and rerun the same command "
+            + ("(files already uploaded are not sent again)" if self.write else "(finished shards are kept)")
         )
 
 

@@ -87,8 +87,14 @@ def test_push_is_resumable(converted: Path, fake_hub: FakeHub, monkeypatch) -> N
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     # The commit fails (after the LFS uploads went through): the push is interrupted.
     fake_hub.add_fault(Fault(path=r"/commit/", method="POST", status=500, times=100))
-    with pytest.raises(HubDownloadError, match="upload failed after 2 attempt"):
+    with pytest.raises(HubDownloadError) as err:
         push_folder(converted, DEST, attempts=2)
+    assert str(err.value) == (
+        f"{DEST}: upload failed after 2 attempt(s) (HTTP 500); check the connection and rerun the same "
+        "command "
+        "(files already uploaded are not sent again)"
+    )
+    assert err.value.exit_code == 1
     uploads = fake_hub.count("PUT", "^/upload/", server="cdn")
     assert uploads >= 1
     fake_hub.faults.clear()
