@@ -160,9 +160,9 @@ def build_model_card(folder: Path, repo_id: str) -> str:
 
 # {name}
 
-{quant_type.upper()} 4-bit quantization of {origin}, made with
-[quantize-model](https://github.com/) (offline pre-quantization; the shards are bitsandbytes'
-serialized `Linear4bit` layout, so transformers + bitsandbytes load them unchanged).
+{quant_type.upper()} 4-bit quantization of {origin}, made with quantize-model (offline
+pre-quantization; the shards are bitsandbytes' serialized `Linear4bit` layout, so transformers +
+bitsandbytes load them unchanged).
 
 ## Quantization
 
