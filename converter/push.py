@@ -84,6 +84,14 @@ def _fmt_count(n: float) -> str:
     return str(int(n))
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
 def build_model_card(folder: Path, repo_id: str) -> str:
     """The README.md for the pushed repo: metadata, quantization settings, how to load it."""
     from huggingface_hub import ModelCardData
@@ -148,8 +156,7 @@ def build_model_card(folder: Path, repo_id: str) -> str:
         rows.append(
             (
                 "Size",
-                f"{summary.get('bytes_out', 0) / 1e9:.2f} GB "
-                f"(from {summary.get('bytes_in', 0) / 1e9:.2f} GB)",
+                f"{_human(summary.get('bytes_out', 0))} (from {_human(summary.get('bytes_in', 0))})",
             )
         )
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
