@@ -6,7 +6,7 @@
 //
 // Instantiated configurations:
 //   k_gemv_fast<T, B, R, P, MINB>  T in {float, __half, __nv_bfloat16}, B in 1..8, R = 2 or 4 rows per
-//                        warp (4 when N >= 16384), P chunks in flight (launch_fast lists the B <= 2
+//                        warp (4 when N >= 8192), P chunks in flight (launch_fast lists the B <= 2
 //                        variants); K % 32 == 0, 16-byte aligned x and packed. Each lane
 //                        takes 32 weights (16 bytes) of each row a step, with the next step's bytes
 //                        and absmax already in flight; sums quant_map[q] * x over the 32 weights, then
@@ -235,7 +235,7 @@ cudaError_t launch_fast(const GemvArgs& a, int variant) {
       default: break;
     }
   }
-  return a.N >= 16384 ? launch_fast_cfg<T, B, 4, 1, 0>(a) : launch_fast_cfg<T, B, 2, 1, 0>(a);
+  return a.N >= 8192 ? launch_fast_cfg<T, B, 4, 1, 0>(a) : launch_fast_cfg<T, B, 2, 1, 0>(a);
 }
 
 template <typename T>
