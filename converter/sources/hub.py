@@ -943,10 +943,11 @@ class HubSource(Source):
 
     # --- Source --------------------------------------------------------------------------------
     def describe(self) -> dict:
+        # The content is pinned by the commit: the requested name (main, a tag, the sha itself) is
+        # left out so a rerun naming the same commit differently still resumes.
         return {
             "kind": "hub",
             "repo_id": self.repo_id,
-            "revision": self.requested_revision or "main",
             "commit": self.commit,
             "files": {
                 f: {"size": self._sizes.get(f), "sha256": self._file_sha256(f)}

@@ -201,3 +201,18 @@ def test_kill_then_resume_gives_identical_bytes(tmp_path: Path, fake_hub: FakeHu
     # SIGKILL gives no chance to clean up: the killed run's private folder holds at most two shards.
     leftovers = list((tmp_path / "tmp").rglob("*.safetensors"))
     assert len(leftovers) <= 2, leftovers
+
+
+def test_rerun_naming_the_commit_is_a_noop(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    commit = fake_hub.add_repo(REPO, checkpoint_dir)
+    _convert(REPO, tmp_path / "hub", revision="main")
+    again = _convert(REPO, tmp_path / "hub", revision=commit)
+    assert again.noop
+    # A new commit on main is a different source: the folder is refused, not mixed.
+    fake_hub.add_repo(REPO, {"generation_config.json": b'{"do_sample": true}'})
+    from converter.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError):
+        _convert(REPO, tmp_path / "hub")

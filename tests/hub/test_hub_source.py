@@ -219,7 +219,7 @@ def test_revision_pins_a_branch(tmp_path: Path, fake_hub: FakeHub, repo: str, ch
     sha = fake_hub.add_repo(REPO, {"model.safetensors": other / "model.safetensors"}, branch="v2")
     with _open(tmp_path, revision="v2") as src:
         assert src.commit == sha
-        assert src.describe()["revision"] == "v2"
+        assert src.describe()["commit"] == sha
         assert src.weight_files() == ["model.safetensors"]
 
 
