@@ -216,3 +216,26 @@ def test_rerun_naming_the_commit_is_a_noop(
 
     with pytest.raises(OutputExistsError):
         _convert(REPO, tmp_path / "hub")
+
+
+def test_offline_conversion_from_the_cache_is_identical(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch
+) -> None:
+    from huggingface_hub import constants, snapshot_download
+
+    fake_hub.add_repo(REPO, checkpoint_dir)
+    _convert(REPO, tmp_path / "online")
+    snapshot_download(REPO)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    n = len(fake_hub.requests)
+    _convert(REPO, tmp_path / "offline")
+    assert len(fake_hub.requests) == n
+
+    def same(folder: Path) -> dict[str, str]:
+        return {
+            k: v
+            for k, v in _files(folder).items()
+            if not k.startswith(".") and k != "quantization_report.json"
+        }
+
+    assert same(tmp_path / "offline") == same(tmp_path / "online")  # provenance included
