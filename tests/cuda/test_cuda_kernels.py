@@ -194,6 +194,13 @@ def test_gemv_blocksizes_and_generic_path(blocksize):
     _gemv_case(11, 4096 + blocksize, 2, torch.float32, blocksize, nested=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gemv_four_rows_per_warp(dtype):
+    # N >= 8192 takes the 4-rows-per-warp kernel; 8194 leaves a warp with 2 of its 4 rows.
+    for batch in range(1, 9):
+        _gemv_case(8194, 256, batch, dtype, 64, nested=batch % 2 == 1)
+
+
 @pytest.mark.parametrize("variant", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gemv_forced_configurations(variant, batch):
