@@ -452,6 +452,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._preupload(repo_id, tail[len("preupload/") :])
         if method == "POST" and tail.startswith("commit/"):
             return self._commit_endpoint(repo_id, tail[len("commit/") :])
+        if method == "POST" and tail.startswith("branch/"):
+            return self._create_branch(repo_id, unquote(tail[len("branch/") :]))
         return self._error(404, None, f"no route for {method} /api/models/{repo_id}/{tail}")
 
     @staticmethod
@@ -573,6 +575,22 @@ class _Handler(BaseHTTPRequestHandler):
             repo.refs["main"] = sha
             self.hub.repos[repo_id] = repo
         return self._json(200, {"url": f"{self.hub.endpoint}/{repo_id}", "name": repo_id})
+
+    def _create_branch(self, repo_id: str | None, branch: str) -> None:
+        body = json.loads(self._body() or b"{}")
+        if not self._write_access():
+            return None
+        repo = self.hub.repos.get(repo_id or "")
+        if repo is None:
+            return self._error(404, "RepoNotFound", "Repository not found")
+        with self.hub.lock:
+            if branch in repo.refs:
+                return self._error(409, None, "Reference already exists")
+            start = self._commit(repo, body.get("startingPoint") or "main")
+            if start is None:
+                return None
+            repo.refs[branch] = start
+        return self._json(200, {})
 
     def _preupload(self, repo_id: str | None, rev: str) -> None:
         body = json.loads(self._body() or b"{}")

@@ -162,3 +162,13 @@ def test_cli_push(converted: Path, fake_hub: FakeHub, hf_home: Path) -> None:
         f"Error: {converted / 'nope'}: no such folder; "
         "give the OUTPUT folder of a finished `quantize-model convert`"
     )
+
+
+def test_push_to_a_branch(converted: Path, fake_hub: FakeHub, monkeypatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_folder(converted, DEST, revision="nf4")
+    repo = fake_hub.repos[DEST]
+    branch = repo.commits[repo.refs["nf4"]]
+    assert "README.md" in branch
+    assert "model.safetensors.index.json" in branch
+    assert repo.commits[repo.refs["main"]] == {}, "main must be left alone"
