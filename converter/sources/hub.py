@@ -60,7 +60,7 @@ SINGLE_NAME = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-#: Headers up to this size come in the first range request (huggingface_hub reads 100 kB).
+#: Longest Retry-After (seconds) we honour; a longer one is capped so a run never stalls for hours.
 MAX_RETRY_AFTER = 60.0
 
 T = TypeVar("T")
