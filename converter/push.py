@@ -214,7 +214,7 @@ def push_folder(
     """
     from huggingface_hub import CommitOperationAdd
 
-    from converter.sources.hub import HubClient
+    from converter.sources.hub_client import HubClient
 
     folder = Path(folder).expanduser().resolve()
     check_folder(folder)
