@@ -155,7 +155,8 @@ def _launch_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     nb = absmax.numel()
     codes = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
     nested_absmax = torch.empty(n_nested_blocks(nb), dtype=torch.float32, device=absmax.device)
-    sums = torch.empty(max(1, -(-nb // OFFSET_CHUNK)), dtype=torch.float64, device=absmax.device)
+    # scratch: per-chunk float64 sums, then per-chunk exponent ranges (csrc/cuda/quantize.cu)
+    sums = torch.empty(max(2, 2 * -(-nb // OFFSET_CHUNK)), dtype=torch.float64, device=absmax.device)
     offset = torch.empty(1, dtype=torch.float32, device=absmax.device)
     _kernels.cuda_quantize_nested(
         dev,

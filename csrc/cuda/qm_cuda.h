@@ -48,7 +48,7 @@ int device_props(int device, std::string* name, int* major, int* minor, int* sms
 int quantize_4bit(int device, uintptr_t x, int dtype, int64_t n, int blocksize, int quant_type,
                   uintptr_t packed, uintptr_t absmax, uintptr_t flag, uintptr_t stream);
 
-// Nested (double) quantization of nb absmax values. Scratch: chunk_sums float64[ceil(nb/1024)].
+// Nested (double) quantization of nb absmax values. Scratch: chunk_sums float64[2 * ceil(nb/1024)].
 // offset_out float32[1] receives the offset; codes uint8[nb]; nested_absmax float32[ceil(nb/256)];
 // mids float32[255] are the midpoints of the dynamic-8 map (formats.codebooks.DYNAMIC8_MIDPOINTS).
 int quantize_nested(int device, uintptr_t absmax, int64_t nb, uintptr_t mids, uintptr_t chunk_sums,

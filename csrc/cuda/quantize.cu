@@ -100,14 +100,56 @@ k_quantize_4bit(const T* __restrict__ x,         // [n] input, flattened
   }
 }
 
-// Sequential float64 sum of each chunk of 1024 absmax values. One warp per chunk: the lanes stage the
-// chunk in shared memory with coalesced loads, then lane 0 adds it up left to right (the order is
-// fixed by the exactness rules; only the loads are parallel).
+// Exponent range of non-negative float32 values, for the exact-sum shortcut below: biased exponent of
+// the largest value and of the smallest non-zero one (subnormals count as exponent 1: same ulp).
+struct ExpRange {
+  int lo, hi;  // lo = 255, hi = 0 when every value is zero
+};
+
+__device__ __forceinline__ ExpRange exp_range(float v) {
+  const uint32_t b = __float_as_uint(v);
+  if (b == 0u) return ExpRange{255, 0};
+  const int e = max(static_cast<int>(b >> 23), 1);
+  return ExpRange{e, e};
+}
+
+__device__ __forceinline__ ExpRange merge(ExpRange a, ExpRange b) { return ExpRange{min(a.lo, b.lo), max(a.hi, b.hi)}; }
+
+// The float64 sum of `count` non-negative float32 values whose exponents span r is EXACT in every order
+// when ceil(log2(count)) + (r.hi - r.lo) <= 29: all values are multiples of the smallest one's ulp
+// 2^(lo-150), every partial sum is below count * 2^(hi-126), and 53 bits cover that range. Then a
+// parallel tree sum has the same bits as the sequential sum the exactness rules define; otherwise the
+// kernels below fall back to the sequential order itself.
+__device__ __forceinline__ bool sum_is_exact(ExpRange r, int64_t count) {
+  if (r.hi == 0) return true;  // all zero
+  const int log2count = count <= 1 ? 0 : 64 - __clzll(static_cast<unsigned long long>(count - 1));
+  return log2count + (r.hi - r.lo) <= 29;
+}
+
+__device__ __forceinline__ double warp_sum_f64(double v) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v = __dadd_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+__device__ __forceinline__ ExpRange warp_range(ExpRange r) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) {
+    r.lo = min(r.lo, __shfl_xor_sync(0xffffffffu, r.lo, off));
+    r.hi = max(r.hi, __shfl_xor_sync(0xffffffffu, r.hi, off));
+  }
+  return r;
+}
+
+// Float64 sum of each chunk of 1024 absmax values, one warp per chunk; also records each chunk's
+// exponent range (second half of the scratch) for k_offset. Sequential left-to-right (the defined
+// order) unless the sum is exact, in which case a tree sum gives the same bits.
 constexpr int kChunkWarps = 4;
 __global__ void __launch_bounds__(kChunkWarps * 32)
 k_chunk_sums(const float* __restrict__ absmax,  // [nb]
              int64_t nb,
-             double* __restrict__ sums) {       // [ceil(nb/1024)] out
+             double* __restrict__ sums,         // [2 * nchunks] out: sums, then exponent ranges
+             int64_t nchunks) {
   __shared__ float s_chunk[kChunkWarps][kOffsetChunk];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kChunkWarps + warp;
@@ -115,40 +157,64 @@ k_chunk_sums(const float* __restrict__ absmax,  // [nb]
   if (begin >= nb) return;
   const int len = static_cast<int>(nb - begin < kOffsetChunk ? nb - begin : kOffsetChunk);
   float* chunk = s_chunk[warp];
-  for (int i = lane; i < len; i += 32) chunk[i] = __ldg(absmax + begin + i);
+  double part = 0.0;
+  ExpRange r{255, 0};
+  for (int i = lane; i < len; i += 32) {
+    const float v = __ldg(absmax + begin + i);
+    chunk[i] = v;
+    part = __dadd_rn(part, static_cast<double>(v));
+    r = merge(r, exp_range(v));
+  }
+  part = warp_sum_f64(part);
+  r = warp_range(r);
   __syncwarp();
   if (lane != 0) return;
-  double acc = 0.0;  // 0 + a0 == a0 exactly, so this is the plain left-to-right sum
-  if (len == kOffsetChunk) {
-#pragma unroll 32
-    for (int i = 0; i < kOffsetChunk; ++i) acc = __dadd_rn(acc, static_cast<double>(chunk[i]));
-  } else {
+  double acc = part;
+  if (!sum_is_exact(r, len)) {
+    acc = 0.0;  // 0 + a0 == a0 exactly, so this is the plain left-to-right sum
     for (int i = 0; i < len; ++i) acc = __dadd_rn(acc, static_cast<double>(chunk[i]));
   }
   sums[c] = acc;
+  sums[nchunks + c] = __longlong_as_double(static_cast<long long>(r.lo) | (static_cast<long long>(r.hi) << 32));
 }
 
-// offset = float32(S / nb), S the sequential float64 sum of the chunk sums. One CTA: tiles of the
-// sums are staged in shared memory with coalesced loads, thread 0 adds them in order.
-constexpr int kOffsetThreads = 256;
-constexpr int kOffsetTile = 2048;
+// offset = float32(S / nb), S the float64 sum of the chunk sums: a tree sum when exact over all nb
+// values (same bits), else thread 0 adds them in order.
+constexpr int kOffsetThreads = 1024;
 __global__ void __launch_bounds__(kOffsetThreads)
-k_offset(const double* __restrict__ sums,  // [nchunks]
+k_offset(const double* __restrict__ sums,  // [2 * nchunks]: sums, then exponent ranges
          int64_t nchunks, int64_t nb,
          float* __restrict__ offset) {      // [1] out
-  __shared__ double s_tile[kOffsetTile];
-  double acc = 0.0;
-  for (int64_t base = 0; base < nchunks; base += kOffsetTile) {
-    const int len = static_cast<int>(nchunks - base < kOffsetTile ? nchunks - base : kOffsetTile);
-    for (int i = threadIdx.x; i < len; i += kOffsetThreads) s_tile[i] = __ldg(sums + base + i);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-#pragma unroll 16
-      for (int i = 0; i < len; ++i) acc = __dadd_rn(acc, s_tile[i]);
-    }
-    __syncthreads();
+  __shared__ double s_part[kOffsetThreads / 32];
+  __shared__ int s_lo[kOffsetThreads / 32], s_hi[kOffsetThreads / 32];
+  double part = 0.0;
+  ExpRange r{255, 0};
+  for (int64_t i = threadIdx.x; i < nchunks; i += kOffsetThreads) {
+    part = __dadd_rn(part, __ldg(sums + i));
+    const long long er = __double_as_longlong(__ldg(sums + nchunks + i));
+    r = merge(r, ExpRange{static_cast<int>(er & 0xffffffffLL), static_cast<int>(er >> 32)});
   }
-  if (threadIdx.x == 0) *offset = nb > 0 ? __double2float_rn(__ddiv_rn(acc, static_cast<double>(nb))) : 0.0f;
+  part = warp_sum_f64(part);
+  r = warp_range(r);
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) {
+    s_part[warp] = part;
+    s_lo[warp] = r.lo;
+    s_hi[warp] = r.hi;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  double acc = 0.0;
+  for (int w = 0; w < kOffsetThreads / 32; ++w) {
+    acc = __dadd_rn(acc, s_part[w]);
+    r = merge(r, ExpRange{s_lo[w], s_hi[w]});
+  }
+  if (!sum_is_exact(r, nb)) {
+    acc = 0.0;
+#pragma unroll 8
+    for (int64_t c = 0; c < nchunks; ++c) acc = __dadd_rn(acc, __ldg(sums + c));
+  }
+  *offset = nb > 0 ? __double2float_rn(__ddiv_rn(acc, static_cast<double>(nb))) : 0.0f;
 }
 
 // One CTA of 256 threads per nested block: centre on the offset, max|.|, scale, count midpoints below.
@@ -243,7 +309,7 @@ int quantize_nested(int device, uintptr_t absmax, int64_t nb, uintptr_t mids, ui
   const int64_t nchunks = (nb + kOffsetChunk - 1) / kOffsetChunk;
   if (nchunks > 0) {
     k_chunk_sums<<<static_cast<unsigned>((nchunks + kChunkWarps - 1) / kChunkWarps), kChunkWarps * 32, 0, st>>>(
-        am, nb, sums);
+        am, nb, sums, nchunks);
   }
   k_offset<<<1, kOffsetThreads, 0, st>>>(sums, nchunks, nb, off);
   if (nb > 0) {
