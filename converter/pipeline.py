@@ -106,7 +106,14 @@ def convert(
     src = (
         source
         if isinstance(source, Source)
-        else open_source(source, revision=revision, keep_downloads=keep_downloads, allow_pickle=allow_pickle)
+        else open_source(
+            source,
+            revision=revision,
+            keep_downloads=keep_downloads,
+            allow_pickle=allow_pickle,
+            output_dir=output,  # Hub only: the disk check covers the output; downloads go beside it
+            stream_large=True,  # Hub only: a file larger than the free disk is read by HTTP range
+        )
     )
     try:
         result = _Conversion(src, output, options, threads=threads, device=device, started=started).run(
@@ -181,6 +188,8 @@ class _Conversion:
         needed = {t.info.file for s in todo for t in s.tensors}
         self._announce_needed([f for f in self.src.weight_files() if f in needed])
         hook = _progress_hook(progress, sum(t.info.nbytes for s in todo for t in s.tensors))
+        if isinstance(hook, _RichHook):
+            hook.show_downloads(self.src)
         try:
             self._write_shards(todo, manifest, hook)
         finally:
@@ -270,7 +279,7 @@ class _Conversion:
             for i, p in enumerate(shard.tensors):
                 file = p.info.file
                 if file not in mapped:
-                    mapped[file] = MappedFile(self.src.acquire(file), f"{file}")
+                    mapped[file] = self.src.open_file(file)
                 following = shard.tensors[i + 1] if i + 1 < len(shard.tensors) else None
                 if following is not None and following.info.file == file:
                     mapped[file].prefetch(following.name)  # read ahead while this one is quantized
@@ -458,7 +467,7 @@ class _RichHook(_Hook):
 
         console = Console(stderr=True, markup=False, highlight=False, emoji=False)
         self.progress = Progress(
-            TextColumn("quantizing"),
+            TextColumn("{task.description}"),
             BarColumn(),
             DownloadColumn(),
             TimeRemainingColumn(),
@@ -466,8 +475,25 @@ class _RichHook(_Hook):
             console=console,
             transient=True,
         )
-        self.task = self.progress.add_task("convert", total=total, tensor="")
+        self.task = self.progress.add_task("quantizing", total=total, tensor="")
         self.progress.start()
+
+    def show_downloads(self, src: Source) -> None:
+        """A second bar for Hub downloads (bytes), fed by HubSource.on_download."""
+        plan = getattr(src, "download_plan", None)
+        total = sum(plan().values()) if plan is not None else 0
+        if not total:
+            return
+        task = self.progress.add_task("downloading", total=total, tensor="")
+        progress = getattr(src, "download_progress", None)
+        done: dict[str, int] = progress() if progress is not None else {}  # prefetch began during planning
+        self.progress.update(task, completed=sum(done.values()))
+
+        def on_download(file: str, nbytes: int, _size: int) -> None:
+            done[file] = nbytes
+            self.progress.update(task, completed=sum(done.values()), tensor=file)
+
+        src.on_download = on_download  # type: ignore[attr-defined]
 
     def __call__(self, name: str, nbytes: int) -> None:
         self.progress.update(self.task, advance=nbytes, tensor=name)

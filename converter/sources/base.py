@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: safetensors dtype codes the converter reads (as written in a safetensors header).
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -89,6 +90,16 @@ class Source(ABC):
     @abstractmethod
     def acquire(self, file: str) -> Path:
         """A local path to the whole file (Hub: waits for its download and prefetches the next)."""
+
+    def open_file(self, file: str) -> Any:
+        """The tensors of ``file`` as an object with ``.get(name)`` and ``.prefetch(name)``.
+
+        Default: acquire the whole file and memory-map it. A source that can read tensor by tensor
+        (the Hub, for a file larger than the disk budget) overrides this. Pair with ``release``.
+        """
+        from converter.sources.local import MappedFile
+
+        return MappedFile(self.acquire(file), file)
 
     @abstractmethod
     def release(self, file: str) -> None:
