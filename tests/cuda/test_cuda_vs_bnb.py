@@ -38,7 +38,7 @@ def _input(shape, dtype, seed):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_codes_match_bnb_except_counted_cases(dtype, quant_type, shape):
-    x = _input(shape, dtype, seed=hash((shape, quant_type)) % 1000)
+    x = _input(shape, dtype, seed=shape[0] + 7 * shape[1] + (1 if quant_type == "fp4" else 0))
     packed_b, state = bnbf.quantize_4bit(x, blocksize=64, quant_type=quant_type)
     packed_o, absmax_o = kernels.quantize_4bit(x, blocksize=64, quant_type=QuantType.parse(quant_type))
     assert torch.equal(absmax_o, state.absmax), "absmax (max|x|) must be bit-equal"
