@@ -95,25 +95,6 @@ def verify_folder(folder: Path, *, threads: int | None = None) -> None:
         raise ChecksumMismatchError(msg)
 
 
-def _read_ahead(files: list[Path]) -> None:
-    """Ask the kernel to read the shards in the background: the mapping alone faults pages in a
-    little at a time on first touch, slower than one sequential read from a cold cache (measured in
-    bench/bench_load.py). A hint only: failures are ignored and nothing is copied."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in files:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def load_quantized_state(
     path_or_repo: str | os.PathLike, *, verify: bool = True
 ) -> dict[str, QuantizedTensor | torch.Tensor]:
@@ -128,7 +109,6 @@ def load_quantized_state(
     files, hashed = shard_files(folder)
     if verify and hashed:
         verify_folder(folder)
-    _read_ahead(files)
     try:
         # Groups split across shards (transformers' save_pretrained may do that) are joined here.
         out = open_checkpoint(files).records()
