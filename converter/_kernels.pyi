@@ -80,3 +80,90 @@ def gemv_4bit(
     threads: int = 0,
 ) -> None:
     """y[b, o] = sum_k x[b, k] * W[o, k] for batch 1..8 (absmax == 0: nested absmax). y has x's dtype."""
+
+# CUDA backend (present only when has_cuda_build(); csrc/cuda/bindings_cuda.cpp). Device pointers are
+# raw addresses on `device`; `stream` is a cudaStream_t address (torch.cuda.current_stream().cuda_stream);
+# dtype codes and the nested inputs are documented in converter/kernels_cuda.py, the only caller.
+
+def cuda_available() -> tuple[int, str]:
+    """(device_count, reason): device_count 0 with a one-line reason when no CUDA device is usable."""
+
+def cuda_device_info(device: int) -> dict[str, object]:
+    """name, capability, multiprocessors, total_memory, l2_bytes of `device`."""
+
+def cuda_quantize_4bit(
+    device: int,
+    x: int,
+    dtype: int,
+    n: int,
+    blocksize: int,
+    quant_type: int,
+    packed: int,
+    absmax: int,
+    flag: int,
+    stream: int,
+) -> None:
+    """Blockwise 4-bit quantization on the GPU; `flag` (int32 on device) is set when a block holds NaN/Inf."""
+
+def cuda_quantize_nested(
+    device: int,
+    absmax: int,
+    nb: int,
+    mids: int,
+    chunk_sums: int,
+    offset_out: int,
+    codes: int,
+    nested_absmax: int,
+    stream: int,
+) -> None:
+    """Nested absmax quantization with the deterministic float64 chunked offset sum (same bits as CPU)."""
+
+def cuda_dequantize_nested(
+    device: int,
+    codes: int,
+    nb: int,
+    nested_absmax: int,
+    offset: float,
+    map8: int,
+    absmax_out: int,
+    stream: int,
+) -> None:
+    """absmax = map8[codes] * nested_absmax[i // 256] + offset (separate multiply and add)."""
+
+def cuda_dequantize_4bit(
+    device: int,
+    packed: int,
+    n: int,
+    blocksize: int,
+    absmax: int,
+    ncodes: int,
+    nested_absmax: int,
+    offset: float,
+    map8: int,
+    quant_map: int,
+    out_dtype: int,
+    out: int,
+    stream: int,
+) -> None:
+    """Dequantize to out_dtype; with ncodes != 0 the nested absmax is decoded inline."""
+
+def cuda_gemv_4bit(
+    device: int,
+    x: int,
+    dtype: int,
+    batch: int,
+    N: int,
+    K: int,
+    blocksize: int,
+    packed: int,
+    absmax: int,
+    ncodes: int,
+    nested_absmax: int,
+    offset: float,
+    map8: int,
+    quant_map: int,
+    y: int,
+    stream: int,
+    variant: int = 0,
+) -> None:
+    """Fused 4-bit GEMV, batch 1..8; `variant` selects a kernel configuration (benchmarks only)."""
