@@ -158,6 +158,54 @@ def prepare(model: Path, workdir: Path) -> Path:
     return folder
 
 
+def synthetic_llama(folder: Path, layers: int, hidden: int) -> Path:
+    """A random bf16 Llama checkpoint (intermediate = 2.75 x hidden, vocab 32000), written tensor by
+    tensor so it never sits in memory whole."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    inter, vocab, heads = int(hidden * 2.75) // 64 * 64, 32000, hidden // 128
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": heads, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    g = torch.Generator().manual_seed(0)
+    weight_map = {}
+
+    def randn(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    outer = {
+        "model.embed_tokens.weight": randn(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden).bfloat16(),
+        "lm_head.weight": randn(vocab, hidden),
+    }
+    save_file(outer, folder / "model-outer.safetensors", metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(outer, "model-outer.safetensors"))
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        tensors = {
+            f"{p}.input_layernorm.weight": torch.ones(hidden).bfloat16(),
+            f"{p}.post_attention_layernorm.weight": torch.ones(hidden).bfloat16(),
+            **{f"{p}.self_attn.{n}_proj.weight": randn(hidden, hidden) for n in "qkvo"},
+            f"{p}.mlp.gate_proj.weight": randn(inter, hidden),
+            f"{p}.mlp.up_proj.weight": randn(inter, hidden),
+            f"{p}.mlp.down_proj.weight": randn(hidden, inter),
+        }
+        name = f"model-layer{i:03d}.safetensors"
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def bench_load(folder: Path, repeat: int) -> tuple[dict, str]:
     results: dict = {}
     method = ""
@@ -235,6 +283,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / ".cache/samples/smollm2-135m")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache/bench")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--synthetic", metavar="LAYERS,HIDDEN", default=None,
+        help="bench a random bf16 Llama of this size instead of --model (e.g. 12,2048: 0.75 B params)",
+    )  # fmt: skip
+    parser.add_argument("--skip-gemv", action="store_true", help="only the load benchmark")
     parser.add_argument("--gemv-repeat", type=int, default=50)
     parser.add_argument("--child", nargs=2, metavar=("CASE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,10 +297,18 @@ def main() -> None:
 
     import torch
 
-    folder = prepare(args.model, args.workdir)
+    model = args.model
+    if not args.synthetic and not model.is_dir() and model == REPO / ".cache/samples/smollm2-135m":
+        from converter import samples
+
+        model = samples.smollm2(REPO / ".cache/samples")  # built once from the PyPI-shipped GGUF
+    if args.synthetic:
+        layers, hidden = (int(v) for v in args.synthetic.split(","))
+        model = synthetic_llama(args.workdir / f"llama-{layers}x{hidden}", layers, hidden)
+    folder = prepare(model, args.workdir)
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"checkpoint: {folder} ({size / 1e6:.1f} MB, our NF4 conversion of {args.model.name})\n")
+    print(f"checkpoint: {folder} ({size / 1e6:.1f} MB, our NF4 conversion of {model.name})\n")
 
     results, method = bench_load(folder, args.repeat)
     print(f"Load = call -> end of first forward (8 tokens); median of {args.repeat}; cold cache via {method}")
@@ -269,6 +330,8 @@ def main() -> None:
             f"verify cost = {results[('ours+verify', cache)]['seconds'] - ours:.3f} s"
         )
 
+    if args.skip_gemv:
+        return
     print(f"\nBatch-1 bf16 GEMV (median of {args.gemv_repeat}, {torch.get_num_threads()} threads)")
     print(f"{'shape':<12}{'ours us':>10}{'bf16 F.linear us':>18}{'bnb Linear4bit us':>19}{'bf16/ours':>11}")
     for shape, t_ours, t_dense, t_bnb in bench_gemv(args.gemv_repeat):
