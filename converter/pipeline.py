@@ -51,6 +51,23 @@ def tool_version() -> str:
     return __version__
 
 
+def resolve_device(device: str) -> tuple[str, str | None]:
+    """The device a conversion runs on, and a note when ``cuda`` was asked for but cannot be used.
+
+    Without a usable CUDA backend (no CUDA build, no GPU, a driver too old) the conversion falls back
+    to the CPU kernels, which write the same bytes; the note says why.
+    """
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        msg = f"--device {device!r} is not supported: use cpu or cuda"
+        raise InputError(msg)
+    if device == "cpu" or "cuda" in kernels.available_backends():
+        return device, None
+    from converter.kernels_cuda import cuda_status
+
+    _, why = cuda_status()
+    return "cpu", f"--device {device}: no usable CUDA backend, {why}; converting on the CPU (same bytes)"
+
+
 def convert(
     source: str | Path | Source,
     output: str | Path,
@@ -95,12 +112,7 @@ def convert(
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        msg = f"--device {device!r} is not supported: use cpu or cuda"
-        raise InputError(msg)
-    if device != "cpu" and "cuda" not in kernels.available_backends():
-        msg = "--device cuda: this build of quantize-model has no usable CUDA backend; use --device cpu"
-        raise InputError(msg)
+    device, fallback_note = resolve_device(device)
 
     output = Path(output).expanduser()
     src = (
@@ -121,6 +133,8 @@ def convert(
         )
     finally:
         src.close()
+    if fallback_note:
+        result.notes.append(fallback_note)
     if push_to:
         from converter.push import push_folder
 

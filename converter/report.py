@@ -32,6 +32,7 @@ class ConversionResult:
     shards_reused: int = 0  # shards a resumed run found complete and kept
     bytes_quantized: int = 0  # stored bytes of the quantized weights (codes, absmax, maps, quant state)
     pushed_to: str | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. why --device cuda fell back to the CPU
 
     @property
     def params_total(self) -> int:

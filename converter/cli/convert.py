@@ -91,8 +91,12 @@ def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 def convert(app: App, source: str, output: Path, **params: Any) -> None:
     """Quantize SOURCE (a local folder, a .safetensors file or a Hub repo id) into the folder OUTPUT."""
     from converter.pipeline import convert as run_convert
+    from converter.pipeline import resolve_device
 
     app.configure(json=params["as_json"], quiet=params["quiet"])
+    _, fallback_note = resolve_device(params["device"])
+    if fallback_note:
+        app.warn(fallback_note)  # before the long work starts; convert() falls back the same way
     result = run_convert(
         source,
         output,

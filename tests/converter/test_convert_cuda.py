@@ -28,14 +28,21 @@ def test_cuda_conversion_equals_cpu(
     assert output_hashes(tmp_path / "gpu") == output_hashes(tmp_path / "cpu")
 
 
-def test_cuda_device_refused_without_backend(tiny_llama: Path, tmp_path: Path) -> None:
+def test_cuda_device_falls_back_to_cpu_with_a_note(tiny_llama: Path, tmp_path: Path) -> None:
     if _cuda_ready():
         pytest.skip("this machine has the CUDA backend")
+    gpu = convert(tiny_llama, tmp_path / "gpu", device="cuda", progress=False)
+    convert(tiny_llama, tmp_path / "cpu", device="cpu", progress=False)
+    assert len(gpu.notes) == 1
+    assert gpu.notes[0].startswith("--device cuda: no usable CUDA backend, ")
+    assert gpu.notes[0].endswith("; converting on the CPU (same bytes)")
+    assert output_hashes(tmp_path / "gpu") == output_hashes(tmp_path / "cpu")
+
+
+def test_unknown_device_refused(tiny_llama: Path, tmp_path: Path) -> None:
     from converter.errors import InputError
 
     with pytest.raises(InputError) as exc:
-        convert(tiny_llama, tmp_path / "out", device="cuda", progress=False)
-    assert str(exc.value) == (
-        "--device cuda: this build of quantize-model has no usable CUDA backend; use --device cpu"
-    )
+        convert(tiny_llama, tmp_path / "out", device="tpu", progress=False)
+    assert str(exc.value) == "--device 'tpu' is not supported: use cpu or cuda"
     assert not (tmp_path / "out").exists()
