@@ -71,6 +71,7 @@ def _register() -> None:
     from converter.cli.batch import batch
     from converter.cli.convert import convert
     from converter.cli.dequantize import dequantize
+    from converter.cli.info import info
     from converter.cli.inspect import inspect
     from converter.cli.push import push
     from converter.cli.verify import verify
@@ -81,6 +82,7 @@ def _register() -> None:
     cli.add_command(verify)
     cli.add_command(push)
     cli.add_command(dequantize)
+    cli.add_command(info)
 
 
 _register()

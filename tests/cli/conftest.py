@@ -7,9 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "converter"))
-from qm_checkpoints import install_reference_kernels, make_tiny_llama
-
-install_reference_kernels()
+from qm_checkpoints import make_tiny_llama
 
 
 class Run:

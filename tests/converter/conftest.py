@@ -3,9 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from qm_checkpoints import install_reference_kernels, make_tiny_llama
-
-install_reference_kernels()
+from qm_checkpoints import make_tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
-import types
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -51,57 +48,3 @@ def write_safetensors_header(path: Path, header: dict, data_size: int) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         f.truncate(8 + len(raw) + data_size)
-
-
-def install_reference_kernels() -> None:
-    """Until converter.kernels (the C++ extension's face) is importable, tests run on formats.reference.
-
-    Test-only: product code never falls back. Installs a ``converter.kernels`` module in sys.modules
-    implementing the documented interface with the numpy reference.
-    """
-    try:
-        import converter.kernels
-    except ImportError:
-        pass
-    else:
-        return
-    from formats import reference
-    from formats.quant_types import QuantType
-
-    mod = types.ModuleType("converter.kernels")
-
-    class NonFiniteInputError(ValueError):
-        pass
-
-    def quantize_4bit(x, *, blocksize, quant_type: QuantType, isa="auto", threads=None):
-        a = x.detach().to("cpu", torch.float32).contiguous().numpy().ravel()
-        if not np.isfinite(a).all():
-            msg = "input holds NaN or Inf"
-            raise NonFiniteInputError(msg)
-        packed, absmax = reference.quantize_4bit(a, blocksize, quant_type)
-        return torch.from_numpy(packed.copy()), torch.from_numpy(absmax.copy())
-
-    def quantize_nested(absmax, *, threads=None):
-        codes, na, off = reference.quantize_nested(absmax.numpy())
-        return torch.from_numpy(codes.copy()), torch.from_numpy(na.copy()), float(off)
-
-    def dequantize_4bit(packed, absmax, *, n, blocksize, quant_map, out_dtype):
-        w = reference.dequantize_4bit(packed.numpy(), absmax.numpy(), n, blocksize, quant_map.numpy())
-        return torch.from_numpy(w).to(out_dtype)
-
-    def dequantize_nested(codes, nested_absmax, offset, nested_map):
-        return torch.from_numpy(
-            reference.dequantize_nested(codes.numpy(), nested_absmax.numpy(), offset, nested_map.numpy())
-        )
-
-    mod.NonFiniteInputError = NonFiniteInputError
-    mod.quantize_4bit = quantize_4bit
-    mod.quantize_nested = quantize_nested
-    mod.dequantize_4bit = dequantize_4bit
-    mod.dequantize_nested = dequantize_nested
-    mod.available_backends = lambda: {"cpu": {"isa": ["numpy-reference"], "threads": 1}}
-    mod.REFERENCE_FALLBACK = True
-    sys.modules["converter.kernels"] = mod
-    import converter
-
-    converter.kernels = mod  # type: ignore[attr-defined]

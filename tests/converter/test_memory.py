@@ -18,8 +18,6 @@ CHILD = textwrap.dedent(
     """
     import json, sys, threading, time
     sys.path.insert(0, {tests!r})
-    from qm_checkpoints import install_reference_kernels
-    install_reference_kernels()
     from converter.pipeline import convert
 
     def rss_anon():

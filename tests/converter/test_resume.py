@@ -22,8 +22,6 @@ CHILD = textwrap.dedent(
     import json, os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from qm_checkpoints import install_reference_kernels
-    install_reference_kernels()
     from converter import pipeline
     from converter.manifest import MANIFEST_NAME
 

@@ -1,0 +1,49 @@
+"""quantize-model info: versions and the kernel backends this installation can use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from converter.cli._app import App, human_bytes, table
+
+
+def backend_report() -> dict[str, Any]:
+    """Tool and format versions, CPU kernel paths, and the CUDA backend (or why it is not usable)."""
+    from converter import __version__, kernels
+    from converter.kernels_cuda import cuda_status
+    from formats.validate import FORMAT_VERSION
+
+    backends = kernels.available_backends()
+    usable, why = cuda_status()
+    return {
+        "version": __version__,
+        "format_version": FORMAT_VERSION,
+        "cpu": backends["cpu"],
+        "cuda": backends.get("cuda") if usable else None,
+        "cuda_unavailable_reason": None if usable else why,
+    }
+
+
+@click.command(short_help="Show versions and kernel backends")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.pass_obj
+def info(app: App, as_json: bool) -> None:
+    """Show the tool and format versions and which kernel backends (CPU paths, CUDA devices) work here."""
+    app.configure(json=as_json)
+    r = backend_report()
+    if app.json:
+        app.print_json(r)
+        return
+    t = table()
+    t.add_row("quantize-model", r["version"])
+    t.add_row("Format version", str(r["format_version"]))
+    t.add_row("CPU kernels", f"{', '.join(r['cpu']['isa'])} ({r['cpu']['threads']} threads)")
+    if r["cuda"] is None:
+        t.add_row("CUDA kernels", f"not usable: {r['cuda_unavailable_reason']}")
+    else:
+        for d in r["cuda"].get("devices", []):
+            details = f"sm {d['capability']}, {human_bytes(d['total_memory'])}, {d['multiprocessors']} SMs"
+            t.add_row("CUDA kernels", f"{d['name']} ({details})")
+    app.print_table(t)
