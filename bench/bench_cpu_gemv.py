@@ -9,16 +9,13 @@ runs after a warm-up.
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import torch
 import torch.nn.functional as F
+from cpu_timing import median_seconds, parse_args
 
 from converter import kernels
 from formats import codebooks
@@ -31,19 +28,6 @@ BLOCKSIZE = 64
 
 #: time.perf_counter (wall clock) or time.thread_time (CPU time of this thread; with --clock cpu every
 #: contender runs on one thread, so a machine shared with other work disturbs the numbers less).
-CLOCK = time.perf_counter
-
-
-def median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = CLOCK()
-        fn()
-        times.append(CLOCK() - start)
-    return statistics.median(times)
-
-
 def bench_shape(
     out_features: int, in_features: int, repeat: int, threads: int
 ) -> list[tuple[int, float, float, float]]:
@@ -81,25 +65,7 @@ def bench_shape(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="cpu: single-threaded everything, timed in thread CPU time (robust on a shared machine)",
-    )
-    args = parser.parse_args()
-    if args.clock == "cpu":
-        global CLOCK
-        CLOCK = time.thread_time
-        args.threads = 1
-    torch.set_num_threads(args.threads)
-    isa = kernels.cpu_isas()[-1]
-    print(
-        f"clock={args.clock} threads={args.threads} repeat={args.repeat} isa={isa} torch={torch.__version__}"
-    )
+    args = parse_args(__doc__.splitlines()[0], default_repeat=20)
     columns = ("ours ms", "bf16 ms", "f32 ms", "vs bf16", "vs f32", "ours GB/s")
     header = f"{'out x in':>11} {'B':>2} " + " ".join(f"{c:>9}" for c in columns)
     print(header)

@@ -10,15 +10,12 @@ preallocated one (``dst.copy_(x)``).
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import torch
+from cpu_timing import median_seconds, parse_args
 
 from converter import kernels
 from formats import codebooks
@@ -26,21 +23,6 @@ from formats.quant_types import QuantType
 
 SHAPES = ((4096, 4096), (4096, 11008))
 BLOCKSIZE = 64
-
-
-#: time.perf_counter (wall clock) or time.thread_time (CPU time of this thread; with --clock cpu every
-#: contender runs on one thread, so a machine shared with other work disturbs the numbers less).
-CLOCK = time.perf_counter
-
-
-def median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up: page faults, pool start, caches
-    times = []
-    for _ in range(repeat):
-        start = CLOCK()
-        fn()
-        times.append(CLOCK() - start)
-    return statistics.median(times)
 
 
 def ours_quantize(x: torch.Tensor, threads: int) -> None:
@@ -89,25 +71,7 @@ def bench_shape(rows: int, cols: int, repeat: int, threads: int) -> list[tuple[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="cpu: single-threaded everything, timed in thread CPU time (robust on a shared machine)",
-    )
-    args = parser.parse_args()
-    if args.clock == "cpu":
-        global CLOCK
-        CLOCK = time.thread_time
-        args.threads = 1
-    torch.set_num_threads(args.threads)
-    isa = kernels.cpu_isas()[-1]
-    print(
-        f"clock={args.clock} threads={args.threads} repeat={args.repeat} isa={isa} torch={torch.__version__}"
-    )
+    args = parse_args(__doc__.splitlines()[0], default_repeat=7)
     header = f"{'shape':>12} {'operation':<34} {'ms':>9} {'Gparam/s':>9} {'vs bnb':>8} {'vs copy':>8}"
     print(header)
     print("-" * len(header))
