@@ -213,6 +213,18 @@ def quant_state_tensors(state: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def _linear_forward(x, packed, state, bias, allow_gemv):
+    out_features, in_features = (int(d) for d in state.shape)
+    x2d = x.reshape(-1, in_features)
+    if allow_gemv and ops.gemv_ok(x2d, in_features, state):
+        y = ops.gemv(x2d, packed, state, out_features, in_features).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], out_features)
+    # The caller's shape and bias go to F.linear unchanged: the same GEMM call bitsandbytes makes.
+    return F.linear(x, ops.dequantize(packed, state, x.dtype), bias)
+
+
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x @ W.T + b with W decoded on the fly; grad_x = grad_y @ W; the weight is frozen."""
 
@@ -220,15 +232,7 @@ class _Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, packed, state, bias, allow_gemv):
         ctx.state = state
         ctx.save_for_backward(packed)
-        out_features, in_features = (int(d) for d in state.shape)
-        x2d = x.reshape(-1, in_features)
-        if allow_gemv and ops.gemv_ok(x2d, in_features, state):
-            y = ops.gemv(x2d, packed, state, out_features, in_features).to(x.dtype)
-            if bias is not None:
-                y = y + bias
-            return y.reshape(*x.shape[:-1], out_features)
-        # The caller's shape and bias go to F.linear unchanged: the same GEMM call bitsandbytes makes.
-        return F.linear(x, ops.dequantize(packed, state, x.dtype), bias)
+        return _linear_forward(x, packed, state, bias, allow_gemv)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -251,7 +255,10 @@ def linear_4bit(
     """
     if bias is not None:
         bias = bias.to(x.dtype)
-    return _Linear4bitFunction.apply(x, weight, weight.quant_state, bias, allow_gemv)
+    state = weight.quant_state
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _Linear4bitFunction.apply(x, weight, state, bias, allow_gemv)
+    return _linear_forward(x, weight, state, bias, allow_gemv)  # inference: no autograd node
 
 
 class QuantLinear4bit(nn.Module):

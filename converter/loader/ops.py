@@ -123,26 +123,45 @@ def gemv_ok(x2d: torch.Tensor, in_features: int, state: Any) -> bool:
     return k is not None and hasattr(k, "gemv_4bit")
 
 
-def gemv(x2d: torch.Tensor, packed: torch.Tensor, state: Any, out_features: int, in_features: int):
-    """y [B, out_features] = x2d @ W.T through the fused kernel (nested absmax decoded inline)."""
-    k = kernel_backend(x2d.device)
-    nested = None
-    absmax = state.absmax
+def _gemv_args(packed: torch.Tensor, state: Any) -> dict:
+    """The kernel arguments of one weight, prepared once and kept on its quant state.
+
+    Keyed by the data pointers, so a state whose tensors were moved or replaced in place (bnb's
+    ``QuantState.to``) is prepared again.
+    """
+    tensors = (packed, state.absmax, state.code) + ((state.state2.absmax, state.state2.code, state.offset)
+                                                      if state.nested else ())  # fmt: skip
+    key = tuple(t.data_ptr() for t in tensors)
+    cached = getattr(state, "_qm_gemv", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    args: dict[str, Any] = {"packed": packed_bytes(packed), "quant_map": state.code.float().contiguous()}
     if state.nested:
-        nested = (
+        args["absmax"] = None
+        args["nested"] = (
             state.absmax.reshape(-1).contiguous(),
             state.state2.absmax.contiguous(),
             _offset_value(state.offset),
             state.state2.code.float().contiguous(),
         )
-        absmax = None
+    else:
+        args["absmax"] = state.absmax.float().contiguous()
+        args["nested"] = None
+    state._qm_gemv = (key, args)
+    return args
+
+
+def gemv(x2d: torch.Tensor, packed: torch.Tensor, state: Any, out_features: int, in_features: int):
+    """y [B, out_features] = x2d @ W.T through the fused kernel (nested absmax decoded inline)."""
+    k = kernel_backend(x2d.device)
+    args = _gemv_args(packed, state)
     return k.gemv_4bit(
         x2d.contiguous(),
-        packed_bytes(packed),
-        absmax if absmax is None else absmax.float().contiguous(),
+        args["packed"],
+        args["absmax"],
         out_features=out_features,
         in_features=in_features,
         blocksize=state.blocksize,
-        quant_map=state.code.float().contiguous(),
-        nested=nested,
+        quant_map=args["quant_map"],
+        nested=args["nested"],
     )
