@@ -88,6 +88,45 @@ def test_hub_conversion_equals_local(
     assert not list((tmp_path / "hf-home" / "hub").rglob("*.safetensors"))
 
 
+def test_shard_larger_than_the_free_disk_streams_by_range(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch
+) -> None:
+    """Free disk holds the output and the smaller shards only: the largest shard is read tensor by
+    tensor over HTTP range requests, never downloaded whole, and the bytes still equal a local run."""
+    import shutil
+    from collections import namedtuple
+
+    from safetensors import safe_open
+
+    from converter.sources.base import TensorInfo
+    from converter.sources.hub import estimate_output_bytes
+
+    commit = fake_hub.add_repo(REPO, checkpoint_dir)
+    shards = sorted(checkpoint_dir.glob("*.safetensors"))
+    sizes = {p.name: p.stat().st_size for p in shards}
+    biggest = max(sizes, key=lambda f: (sizes[f], f))
+    tensors = []
+    for p in shards:
+        with safe_open(str(p), "pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                tensors.append(TensorInfo(k, p.name, sl.get_dtype(), tuple(sl.get_shape())))
+    smaller = sorted((v for f, v in sizes.items() if f != biggest), reverse=True)
+    free = estimate_output_bytes(tensors) + sum(smaller[:2]) + 1024  # no room for the biggest too
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**12, 10**12 - free, free))
+
+    local = _convert(checkpoint_dir, tmp_path / "local")
+    hub = _convert(REPO, tmp_path / "hub")
+    assert hub.shards == local.shards
+    _assert_same_conversion(tmp_path / "local", tmp_path / "hub")
+    sha = fake_hub.repos[REPO].commits[commit][biggest].sha256
+    whole = {p for s, m, p, r in fake_hub.requests if s == "cdn" and m == "GET" and r is None}
+    assert f"/blobs/{sha}" not in whole, "the streamed shard must never be downloaded whole"
+    ranged = [r for s, m, p, r in fake_hub.requests if s == "cdn" and m == "GET" and r and sha in p]
+    assert len(ranged) > 1  # header, then tensor by tensor
+
+
 def test_single_file_repo(tmp_path: Path, fake_hub: FakeHub, hf_home: Path) -> None:
     src = make_checkpoint(tmp_path / "single", shards=1, seed=3)
     fake_hub.add_repo("org/single", src)
