@@ -23,6 +23,7 @@ to the new device and never cast them (bitsandbytes#1527, #1664, #2078 are this 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -33,6 +34,10 @@ from converter.loader import ops
 from formats.bnb_compat import quant_state_json
 from formats.quant_types import NESTED_BLOCKSIZE, QuantType
 from formats.record import QuantizedTensor
+
+# bitsandbytes' CPU backend warns at import when the optional `kernels` package (its own AVX-512-BF16
+# GEMM) is missing; we never call its kernels, so that warning would only mislead our users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 try:  # bitsandbytes is optional: with it, PEFT recognizes our layer as its own 4-bit type.
     import bitsandbytes as _bnb
