@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_models import make_tiny
 
 from converter import samples
 
@@ -22,3 +23,18 @@ def minilm_model() -> Path:
 def smollm2_model() -> Path:
     """Real SmolLM2-135M-Instruct weights as a bf16 Llama safetensors checkpoint (built from GGUF)."""
     return samples.smollm2(SAMPLES_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """tiny_checkpoint(name) -> folder of a random tiny transformers checkpoint (tests/tiny_models.py),
+    made once per session."""
+
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = make_tiny(name, tmp_path_factory.mktemp(f"tiny-{name}"))
+        return made[name]
+
+    return get

@@ -182,12 +182,12 @@ def _check(src, tmp_path, name, quant_type, nested):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_nf4_matches_bnb_exactly(tiny_src, tmp_path, name):
+def test_nf4_matches_bnb_exactly(tiny_checkpoint, tmp_path, name):
     """Non-nested NF4: identical bytes and identical logits. Tensors here have n % 64 == 0 (no
     partial block, where bnb divides instead of multiplying by the reciprocal) and random data
     (no all-zero block, where bnb CPU writes 0x77 like us but CUDA 0x00), so there is no expected
     deviation."""
-    src = tiny_src(name)
+    src = tiny_checkpoint(name)
     ours, ref, diffs = _check(src, tmp_path, name, "nf4", False)
     assert {k: v for k, v in diffs.items() if not k.startswith("n")} == {
         "weight": 0,
@@ -197,11 +197,11 @@ def test_nf4_matches_bnb_exactly(tiny_src, tmp_path, name):
     assert torch.equal(_outputs(ours, name), _outputs(ref, name))
 
 
-def test_nf4_partial_blocks(tiny_src, tmp_path):
+def test_nf4_partial_blocks(tiny_checkpoint, tmp_path):
     """Tensors of n % 64 != 0 (hidden 72): bnb's CPU path divides x / absmax in the partial last
     block where it multiplies by the reciprocal elsewhere (bnb-4bit.md 2, difference 4); we multiply
     everywhere. So bytes may differ only inside partial last blocks; everything else is identical."""
-    src = tiny_src("llama_odd")
+    src = tiny_checkpoint("llama_odd")
     ours, ref, diffs = _check(src, tmp_path, "llama_odd", "nf4", False)
     assert diffs[".absmax"] == 0
     ours_t, ref_t = _tensors(tmp_path / "ours"), _tensors(tmp_path / "bnb")
@@ -221,14 +221,14 @@ def test_nf4_partial_blocks(tiny_src, tmp_path):
 
 @pytest.mark.parametrize("name", ARCHS)
 @pytest.mark.parametrize(("quant_type", "nested"), [v for v in VARIANTS if v != ("nf4", False)])
-def test_nested_and_fp4_within_tolerance(tiny_src, tmp_path, name, quant_type, nested):
+def test_nested_and_fp4_within_tolerance(tiny_checkpoint, tmp_path, name, quant_type, nested):
     """Nested NF4: 4-bit codes identical; bnb CPU picks nested 8-bit absmax codes through an
     approximate 65536-bin lookup table (and its offset is a float32 torch.mean), we use the exact
     nearest code, so a few absmax codes differ by one step. FP4: bnb CPU buckets on true
     midpoints with the +0/-0 codes swapped, we follow bnb's CUDA decision tree, so some codes
     differ. Tolerance: our outputs stay much closer to bnb's than bnb's are to the unquantized
     model (at most a quarter of bnb's own quantization error)."""
-    src = tiny_src(name)
+    src = tiny_checkpoint(name)
     ours, ref, diffs = _check(src, tmp_path, name, quant_type, nested)
     # expected deviations, counted. Measured on these models: nested absmax codes 0-4 of 384-1920
     # (<= 0.21 %), FP4 bytes 1.06-1.25 % (bnb-4bit.md: 0.04-0.2 % and about 1.1 % on large tensors)
@@ -247,8 +247,8 @@ def test_nested_and_fp4_within_tolerance(tiny_src, tmp_path, name, quant_type, n
     assert our_dev <= 0.25 * bnb_err, (our_dev, bnb_err, diffs)
 
 
-def test_minilm_real_weights(minilm_src, tmp_path):
-    ours, ref, diffs = _check(minilm_src, tmp_path, "bert", "nf4", False)
+def test_minilm_real_weights(minilm_model, tmp_path):
+    ours, ref, diffs = _check(minilm_model, tmp_path, "bert", "nf4", False)
     assert {k: v for k, v in diffs.items() if not k.startswith("n")} == {
         "weight": 0,
         ".absmax": 0,
@@ -257,11 +257,11 @@ def test_minilm_real_weights(minilm_src, tmp_path):
     assert torch.equal(_outputs(ours, "bert"), _outputs(ref, "bert"))
 
 
-def test_skip_glob_loads_in_causal_lm_and_base_model(tiny_src, tmp_path):
+def test_skip_glob_loads_in_causal_lm_and_base_model(tiny_checkpoint, tmp_path):
     """--skip moves layers out of quantization: our llm_int8_skip_modules (it replaces transformers'
     default list) must keep them plain nn.Linear both in LlamaForCausalLM and in the bare LlamaModel,
     and the logits equal bnb's own output made with the same skip list."""
-    src = tiny_src("llama")
+    src = tiny_checkpoint("llama")
     sel = select_tensors(
         read_config(src), read_infos(src), skip=["*.mlp.down_proj", "model.layers.1.self_attn.*"]
     )
@@ -298,12 +298,12 @@ def test_skip_glob_loads_in_causal_lm_and_base_model(tiny_src, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "t5", "mixtral"])
-def test_allowlist_output_loads_like_transformers_mode(tiny_src, tmp_path, monkeypatch, name):
+def test_allowlist_output_loads_like_transformers_mode(tiny_checkpoint, tmp_path, monkeypatch, name):
     """Converted on a machine without transformers (the allowlist picks the layers), the folder
     has the same tensors as with transformers and loads with Linear4bit at the same places."""
     import converter.selection as selection
 
-    src = tiny_src(name)
+    src = tiny_checkpoint(name)
     kwargs = dict(quant_type="nf4", double_quant=True, progress=False)
     pipeline.convert(str(src), str(tmp_path / "hf"), **kwargs)
     monkeypatch.setattr(selection, "transformers_usable", lambda: False)
@@ -324,10 +324,10 @@ def test_allowlist_output_loads_like_transformers_mode(tiny_src, tmp_path, monke
     assert linear4bit_modules(model) == quantized_modules(sel)
 
 
-def test_dtype_cast_keeps_fp32_modules(tiny_src, tmp_path):
+def test_dtype_cast_keeps_fp32_modules(tiny_checkpoint, tmp_path):
     """--dtype bfloat16 on fp32 T5: _keep_in_fp32_modules ("wo") stay float32, the rest is cast,
     and the folder loads cleanly with Linear4bit where we quantized."""
-    src = tiny_src("t5")
+    src = tiny_checkpoint("t5")
     sel = select_tensors(read_config(src), read_infos(src))
     assert sel.keep_fp32
     pipeline.convert(str(src), str(tmp_path / "ours"), dtype="bfloat16", progress=False)

@@ -67,8 +67,8 @@ def test_selection_error_is_an_input_error():
 
 
 @pytest.mark.parametrize("use_transformers", [True, False])
-def test_odd_tensors_are_kept_with_reasons(tiny, use_transformers):
-    folder = tiny("llama")
+def test_odd_tensors_are_kept_with_reasons(tiny_checkpoint, use_transformers):
+    folder = tiny_checkpoint("llama")
     infos = read_infos(folder)
     infos = _replace(infos, "model.layers.0.self_attn.q_proj.weight", dtype="I8")
     infos = _replace(infos, "model.layers.1.self_attn.q_proj.weight", dtype="F64")
@@ -80,8 +80,8 @@ def test_odd_tensors_are_kept_with_reasons(tiny, use_transformers):
     assert len(sel.quantize) == 12
 
 
-def test_shape_mismatch_and_unknown_keys_are_kept(tiny):
-    folder = tiny("llama")
+def test_shape_mismatch_and_unknown_keys_are_kept(tiny_checkpoint):
+    folder = tiny_checkpoint("llama")
     infos = read_infos(folder)
     infos = _replace(infos, "model.layers.0.mlp.up_proj.weight", shape=(64, 64))
     infos.append(TensorInfo("model.layers.0.mlp.extra_proj.weight", "model.safetensors", "BF16", (64, 64)))
@@ -95,26 +95,26 @@ def test_shape_mismatch_and_unknown_keys_are_kept(tiny):
     assert "layers.0.mlp.up_proj" in sel.skip_modules
 
 
-def test_keys_without_base_prefix_map_like_transformers(tiny):
+def test_keys_without_base_prefix_map_like_transformers(tiny_checkpoint):
     """A checkpoint saved from the bare base model (no "model." prefix) described by a ForCausalLM config:
     transformers adds the prefix on load, and so do we."""
-    folder = tiny("llama")
+    folder = tiny_checkpoint("llama")
     infos = [dataclasses.replace(t, name=t.name.removeprefix("model.")) for t in read_infos(folder)]
     sel = select_tensors(read_config(folder), infos)
     assert "layers.0.self_attn.q_proj.weight" in sel.quantize
     assert len(sel.quantize) == 14
 
 
-def test_skip_glob_on_checkpoint_key(tiny):
-    folder = tiny("llama")
+def test_skip_glob_on_checkpoint_key(tiny_checkpoint):
+    folder = tiny_checkpoint("llama")
     sel = select_tensors(read_config(folder), read_infos(folder), skip=["model.layers.1.*"])
     assert {k for k in sel.quantize if ".layers.1." in k} == set()
     assert sel.keep["model.layers.1.self_attn.q_proj.weight"] == "--skip glob 'model.layers.1.*'"
     assert len(sel.quantize) == 7
 
 
-def test_selection_is_frozen(tiny):
-    folder = tiny("bert")
+def test_selection_is_frozen(tiny_checkpoint):
+    folder = tiny_checkpoint("bert")
     sel = select_tensors(read_config(folder), read_infos(folder))
     with pytest.raises(dataclasses.FrozenInstanceError):
         sel.mode = "x"  # type: ignore[misc]
@@ -147,10 +147,10 @@ def test_llama4_fused_experts_are_refused():
         select_tensors(cfg, [])
 
 
-def test_architecture_not_in_transformers_uses_the_builtin_class_with_the_same_head(tiny):
+def test_architecture_not_in_transformers_uses_the_builtin_class_with_the_same_head(tiny_checkpoint):
     """A config naming a repository-code class of a built-in model_type: the matching Auto class
     builds the skeleton (never the repository's code), so lm_head is still recognised."""
-    folder = tiny("llama")
+    folder = tiny_checkpoint("llama")
     config = {**read_config(folder), "architectures": ["MyFancyLlamaForCausalLM"], "auto_map": {}}
     sel = select_tensors(config, read_infos(folder))
     assert sel.keep["lm_head.weight"] == "lm_head (output embedding)"

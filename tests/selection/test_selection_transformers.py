@@ -20,8 +20,8 @@ def _load_4bit(folder, skip_modules, cls_name=None):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_selected_equals_transformers_linear4bit(tiny, name):
-    folder = tiny(name)
+def test_selected_equals_transformers_linear4bit(tiny_checkpoint, name):
+    folder = tiny_checkpoint(name)
     sel = select_tensors(read_config(folder), read_infos(folder))
     assert sel.mode == "transformers"
     want = quantized_modules(sel)
@@ -36,8 +36,8 @@ def test_selected_equals_transformers_linear4bit(tiny, name):
     assert not set(sel.quantize) & set(sel.keep)
 
 
-def test_llama_rules(tiny):
-    folder = tiny("llama")
+def test_llama_rules(tiny_checkpoint):
+    folder = tiny_checkpoint("llama")
     sel = select_tensors(read_config(folder), read_infos(folder))
     assert len(sel.quantize) == 14  # 7 projections x 2 layers
     assert not any(s.transpose for s in sel.quantize.values())
@@ -47,8 +47,8 @@ def test_llama_rules(tiny):
     assert sel.keep_fp32 == set()
 
 
-def test_tied_llama_has_no_head_tensor_and_skips_it(tiny):
-    folder = tiny("llama_tied")
+def test_tied_llama_has_no_head_tensor_and_skips_it(tiny_checkpoint):
+    folder = tiny_checkpoint("llama_tied")
     infos = read_infos(folder)
     assert "lm_head.weight" not in {t.name for t in infos}
     sel = select_tensors(read_config(folder), infos)
@@ -56,8 +56,8 @@ def test_tied_llama_has_no_head_tensor_and_skips_it(tiny):
     assert "embed_tokens" in sel.skip_modules  # tied to lm_head: transformers' default list has it
 
 
-def test_gpt2_conv1d_is_transposed(tiny):
-    folder = tiny("gpt2")
+def test_gpt2_conv1d_is_transposed(tiny_checkpoint):
+    folder = tiny_checkpoint("gpt2")
     sel = select_tensors(read_config(folder), read_infos(folder))
     assert len(sel.quantize) == 8
     assert all(s.transpose for s in sel.quantize.values())
@@ -65,18 +65,18 @@ def test_gpt2_conv1d_is_transposed(tiny):
     assert sel.keep["transformer.h.0.attn.c_attn.bias"] == "bias"
 
 
-def test_bert_pooler_is_quantized_like_transformers(tiny):
+def test_bert_pooler_is_quantized_like_transformers(tiny_checkpoint):
     # transformers' "last module" rule takes the last *parameter* name, pooler.dense.bias, and strips
     # only ".weight": so the pooler is not protected and transformers quantizes it. We follow.
-    folder = tiny("bert")
+    folder = tiny_checkpoint("bert")
     sel = select_tensors(read_config(folder), read_infos(folder))
     assert "pooler.dense.weight" in sel.quantize
     assert len(sel.quantize) == 13
     assert sel.skip_modules == []
 
 
-def test_t5_keeps_wo_in_fp32(tiny):
-    folder = tiny("t5")
+def test_t5_keeps_wo_in_fp32(tiny_checkpoint):
+    folder = tiny_checkpoint("t5")
     sel = select_tensors(read_config(folder), read_infos(folder))
     wo = {t.name for t in read_infos(folder) if t.name.endswith("DenseReluDense.wo.weight")}
     assert len(wo) == 4
@@ -88,8 +88,8 @@ def test_t5_keeps_wo_in_fp32(tiny):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
-def test_moe_experts_and_router_stay_unquantized(tiny, name):
-    folder = tiny(name)
+def test_moe_experts_and_router_stay_unquantized(tiny_checkpoint, name):
+    folder = tiny_checkpoint(name)
     infos = read_infos(folder)
     sel = select_tensors(read_config(folder), infos)
     experts = [t.name for t in infos if ".experts." in t.name]
@@ -105,11 +105,11 @@ def test_moe_experts_and_router_stay_unquantized(tiny, name):
     }
 
 
-def test_skip_glob_and_base_model_load(tiny):
+def test_skip_glob_and_base_model_load(tiny_checkpoint):
     """A user --skip puts inner modules in the list; it is written without the base-model prefix,
     so both LlamaForCausalLM and the bare LlamaModel (AutoModel) build Linear4bit exactly where we
     quantized."""
-    folder = tiny("llama")
+    folder = tiny_checkpoint("llama")
     sel = select_tensors(read_config(folder), read_infos(folder), skip=["*.mlp.down_proj"])
     assert sel.keep["model.layers.0.mlp.down_proj.weight"] == "--skip glob '*.mlp.down_proj'"
     assert "layers.0.mlp.down_proj" in sel.skip_modules
@@ -120,8 +120,8 @@ def test_skip_glob_and_base_model_load(tiny):
     assert linear4bit_modules(base) == {n.removeprefix("model.") for n in want}
 
 
-def test_include_restricts(tiny):
-    folder = tiny("llama")
+def test_include_restricts(tiny_checkpoint):
+    folder = tiny_checkpoint("llama")
     sel = select_tensors(read_config(folder), read_infos(folder), include=["*self_attn*"])
     assert quantized_modules(sel) == {
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -130,13 +130,13 @@ def test_include_restricts(tiny):
     assert linear4bit_modules(_load_4bit(folder, sel.skip_modules)) == quantized_modules(sel)
 
 
-def test_minilm_real_weights(minilm):
-    infos = read_infos(minilm)
-    sel = select_tensors(read_config(minilm), infos)
+def test_minilm_real_weights(minilm_model):
+    infos = read_infos(minilm_model)
+    sel = select_tensors(read_config(minilm_model), infos)
     assert len(sel.quantize) == 37  # 6 layers x 6 + pooler (anchors.md)
     assert sel.keep["embeddings.position_ids"] == "buffer"
     assert sel.keep["embeddings.word_embeddings.weight"] == "not nn.Linear (Embedding)"
-    assert linear4bit_modules(_load_4bit(minilm, sel.skip_modules)) == quantized_modules(sel)
+    assert linear4bit_modules(_load_4bit(minilm_model, sel.skip_modules)) == quantized_modules(sel)
 
 
 def test_tiny_configs_are_tiny():

@@ -17,7 +17,6 @@ from typing import Any
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
