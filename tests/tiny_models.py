@@ -18,7 +18,6 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-
 @dataclass(frozen=True)
 class TensorInfo:
     """Duck-typed like converter.sources.base.TensorInfo (name, file, dtype, shape)."""
