@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import InputError
+from converter.units import human_bytes, human_count
 
 MANIFEST_NAME = ".quantize-model-manifest.json"
 REPORT_NAME = "quantization_report.json"
@@ -77,21 +78,6 @@ def license_fields(folder: Path, source_meta: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _fmt_count(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(int(n))
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
 def build_model_card(folder: Path, repo_id: str) -> str:
     """The README.md for the pushed repo: metadata, quantization settings, how to load it."""
     from huggingface_hub import ModelCardData
@@ -145,7 +131,10 @@ def build_model_card(folder: Path, repo_id: str) -> str:
     if summary:
         total = summary.get("params_total") or 0
         rows.append(
-            ("Parameters", f"{_fmt_count(total)} ({100 * (1 - summary.get('kept_share', 0)):.1f}% quantized)")
+            (
+                "Parameters",
+                f"{human_count(total)} ({100 * (1 - summary.get('kept_share', 0)):.1f}% quantized)",
+            )  # noqa: E501
         )
         rows.append(
             (
@@ -156,7 +145,7 @@ def build_model_card(folder: Path, repo_id: str) -> str:
         rows.append(
             (
                 "Size",
-                f"{_human(summary.get('bytes_out', 0))} (from {_human(summary.get('bytes_in', 0))})",
+                f"{human_bytes(summary.get('bytes_out', 0))} (from {human_bytes(summary.get('bytes_in', 0))})",  # noqa: E501
             )
         )
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])

@@ -126,18 +126,3 @@ def table(title: str | None = None) -> Table:
     # Values (paths, tensor names) are never cut or folded, whatever the terminal width.
     t.add_column(no_wrap=True, overflow="ignore")
     return t
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
-def human_count(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(int(n))

@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
-from converter.cli._app import App, human_bytes
+from converter.cli._app import App
 from converter.cli.convert import conversion_kwargs, conversion_options
+from converter.units import human_bytes
 
 EPILOG = """\b
 LIST_FILE: one source per line (local path or Hub repo id, optional output name as a second

@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
-from converter.cli._app import App, human_bytes, human_count, table
+from converter.cli._app import App, table
 from converter.plan import QUANT_STORAGES
+from converter.units import human_bytes, human_count
 from formats.quant_types import BLOCKSIZES
 
 EPILOG = """\b

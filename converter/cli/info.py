@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from converter.cli._app import App, human_bytes, table
+from converter.cli._app import App, table
+from converter.units import human_bytes
 
 
 def backend_report() -> dict[str, Any]:

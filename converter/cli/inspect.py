@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from converter.cli._app import App, human_bytes, human_count, table
+from converter.cli._app import App, table
+from converter.units import human_bytes, human_count
 
 
 @click.command(short_help="Summarise a quantized folder or shard")

@@ -52,6 +52,7 @@ from converter.sources.hub_client import (  # the error classes are part of this
     _DownloadCancelledError,
     _short,
 )
+from converter.units import human_bytes
 
 __all__ = [
     "DiskTooSmallError",
@@ -112,14 +113,6 @@ def _git_sha1_file(path: Path) -> str:
         while block := f.read(16 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 def estimate_output_bytes(tensors: list[TensorInfo]) -> int:
@@ -398,7 +391,7 @@ class HubSource(Source):
         for attempt in range(2):
             if self._verify(name, path):
                 if progress:
-                    logger.info("downloaded %s (%s)", name, _human(path.stat().st_size))
+                    logger.info("downloaded %s (%s)", name, human_bytes(path.stat().st_size, 1))
                 return path
             path.unlink(missing_ok=True)
             if attempt == 0:
@@ -594,10 +587,10 @@ class HubSource(Source):
         for key, (where, parts) in checks.items():
             need, free = sum(n for n, _ in parts), free_of[key]
             if need > free:
-                detail = " + ".join(f"{what} {_human(n)}" for n, what in parts)
+                detail = " + ".join(f"{what} {human_bytes(n, 1)}" for n, what in parts)
                 msg = (
-                    f"{self.repo_id}: needs {_human(need)} on {where} ({detail}) but it has {_human(free)} "
-                    "free; free some space or choose another output folder"
+                    f"{self.repo_id}: needs {human_bytes(need, 1)} on {where} ({detail}) "
+                    f"but it has {human_bytes(free, 1)} free; free some space or choose another output folder"
                 )
                 raise DiskTooSmallError(msg)
 
@@ -703,7 +696,8 @@ class HubSource(Source):
             raise SourceNotFoundError(msg)
         if file in self._streamed:
             msg = (
-                f"{self.repo_id}: {file} ({_human(self._sizes.get(file, 0))}) does not fit the disk budget "
+                f"{self.repo_id}: {file} ({human_bytes(self._sizes.get(file, 0), 1)}) "
+                "does not fit the disk budget "
                 "and is read by HTTP range only (open_file); free disk space to convert it from a whole file"
             )
             raise ConversionFailedError(msg)

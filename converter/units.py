@@ -1,0 +1,20 @@
+"""Human-readable sizes and counts for messages, tables and model cards (SI units, as the Hub uses)."""
+
+from __future__ import annotations
+
+
+def human_bytes(n: float, digits: int = 2) -> str:
+    """``269.03 MB``; whole bytes below 1 kB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable: TB returns
+
+
+def human_count(n: float) -> str:
+    """``106.17M`` parameters; plain integers below a thousand."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
