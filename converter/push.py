@@ -134,7 +134,7 @@ def build_model_card(folder: Path, repo_id: str) -> str:
             (
                 "Parameters",
                 f"{human_count(total)} ({100 * (1 - summary.get('kept_share', 0)):.1f}% quantized)",
-            )  # noqa: E501
+            )
         )
         rows.append(
             (
