@@ -18,9 +18,11 @@ cd "$(dirname "$0")/.."
   nvcc --version | tail -2
 } 2>&1 | tee "$OUT/env.log"
 
-if ls .carry/wheels/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .carry/wheels/*.whl 2>&1 | tail -2
-fi
+for wheels in .carry/wheels .carry/qm-pipeline; do
+  if ls "$wheels"/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps "$wheels"/*.whl 2>&1 | tail -2
+  fi
+done
 
 if has build; then
   t0=$(date +%s)
