@@ -1,50 +1,58 @@
 """The on-disk format of quantize-model: codebooks, quant types, the quantized-tensor record,
 shard reader/writer, index and transformers/bitsandbytes compatibility. No CLI, no network.
 
-The names below are the public face; see docs/format.md for the specification.
+The names below are the public face; see docs/format.md for the specification. They are imported
+lazily (PEP 562), so ``import formats.quant_types`` (the CLI's option parsing) does not load torch.
 """
 
-from formats.bnb_compat import quant_state_json, quantization_config, update_config
-from formats.index import INDEX_NAME, Index, read_index, shard_name, verify_shards, write_index
-from formats.metadata import (
-    build_metadata,
-    passthrough_record,
-    provenance,
-    quantized_record,
-    validate_metadata,
-)
-from formats.quant_types import QuantType
-from formats.reader import Checkpoint, Shard, open_checkpoint, open_folder, open_shard
-from formats.record import NestedAbsmax, QuantizedTensor
-from formats.validate import FORMAT_VERSION, FormatError
-from formats.writer import ShardInfo, ShardWriter, TensorSlot
+from __future__ import annotations
 
-__all__ = [
-    "FORMAT_VERSION",
-    "INDEX_NAME",
-    "Checkpoint",
-    "FormatError",
-    "Index",
-    "NestedAbsmax",
-    "QuantType",
-    "QuantizedTensor",
-    "Shard",
-    "ShardInfo",
-    "ShardWriter",
-    "TensorSlot",
-    "build_metadata",
-    "open_checkpoint",
-    "open_folder",
-    "open_shard",
-    "passthrough_record",
-    "provenance",
-    "quant_state_json",
-    "quantization_config",
-    "quantized_record",
-    "read_index",
-    "shard_name",
-    "update_config",
-    "validate_metadata",
-    "verify_shards",
-    "write_index",
-]
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "quant_state_json": "bnb_compat",
+    "quantization_config": "bnb_compat",
+    "update_config": "bnb_compat",
+    "INDEX_NAME": "index",
+    "Index": "index",
+    "read_index": "index",
+    "shard_name": "index",
+    "verify_shards": "index",
+    "write_index": "index",
+    "build_metadata": "metadata",
+    "passthrough_record": "metadata",
+    "provenance": "metadata",
+    "quantized_record": "metadata",
+    "validate_metadata": "metadata",
+    "QuantType": "quant_types",
+    "Checkpoint": "reader",
+    "Shard": "reader",
+    "open_checkpoint": "reader",
+    "open_folder": "reader",
+    "open_shard": "reader",
+    "NestedAbsmax": "record",
+    "QuantizedTensor": "record",
+    "FORMAT_VERSION": "validate",
+    "FormatError": "validate",
+    "ShardInfo": "writer",
+    "ShardWriter": "writer",
+    "TensorSlot": "writer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        msg = f"module 'formats' has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(f"formats.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
