@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from converter.sources.base import TensorInfo
+
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Duck-typed like converter.sources.base.TensorInfo (name, file, dtype, shape)."""
-
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 def _decoder(**extra: Any) -> dict[str, Any]:

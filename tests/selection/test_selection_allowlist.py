@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny_models import TensorInfo
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
@@ -14,6 +13,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from converter import arch_allowlist
 from converter.selection import build_skeleton, select_tensors
+from converter.sources.base import TensorInfo
 
 _DECODER = dict(
     hidden_size=64,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from tiny_models import TensorInfo, read_config, read_infos
+from tiny_models import read_config, read_infos
 
 import converter.selection as selection
 from converter.errors import InputError
 from converter.selection import SelectionError, select_tensors
+from converter.sources.base import TensorInfo
 
 
 def _replace(infos, name, **changes):

@@ -188,10 +188,10 @@ def test_full_size_configs_select_on_meta(cfg_cls, kwargs, n_quantized):
     """The skeleton lives on the meta device: selecting for a multi-GB model allocates no weights."""
     import time
 
-    from tiny_models import TensorInfo
     from transformers.core_model_loading import revert_weight_conversion
 
     from converter.selection import build_skeleton
+    from converter.sources.base import TensorInfo
 
     config = getattr(transformers, cfg_cls)(**kwargs).to_dict()
     model = build_skeleton(config)
