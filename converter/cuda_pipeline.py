@@ -61,7 +61,9 @@ class Stats:
 
 def _nonfinite(name: str) -> Exception:
     msg = f"tensor {name!r} holds NaN or Inf: it cannot be quantized"
-    return kernels.NonFiniteInputError(msg)
+    exc = kernels.NonFiniteInputError(msg)
+    exc.tensor = name  # type: ignore[attr-defined]  # the converter names the file and --skip from it
+    return exc
 
 
 class CpuQuantizer:
@@ -89,7 +91,9 @@ class CpuQuantizer:
 
     def quantize_many(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, QuantResult]]:
         for name, x in items:
-            yield name, self.quantize(name, x)
+            r = self.quantize(name, x)
+            del x  # one input alive at a time: the caller's reader makes the next one after this
+            yield name, r
 
 
 class _InFlight(NamedTuple):
@@ -213,14 +217,21 @@ class CudaQuantizer:
     ) -> Iterator[tuple[str, QuantResult]]:
         """Results in order; up to ``depth`` tensors in flight while the next one is read."""
         pending: collections.deque[_InFlight] = collections.deque()
-        for name, x in items:
-            pending.append(self._submit(name, x))
-            if len(pending) >= depth:
+        try:
+            for name, x in items:
+                pending.append(self._submit(name, x))
+                del x  # staged in pinned memory: the caller may read the next one
+                if len(pending) >= depth:
+                    f = pending.popleft()
+                    yield f.name, self._finish(f)
+            while pending:
                 f = pending.popleft()
                 yield f.name, self._finish(f)
-        while pending:
-            f = pending.popleft()
-            yield f.name, self._finish(f)
+        finally:
+            # Stopped early (an error, or the caller closed us): let the copies in flight finish
+            # before their pinned buffers and device tensors are dropped.
+            for f in pending:
+                f.events[3].synchronize()
 
 
 def make_quantizer(

@@ -1,11 +1,16 @@
-"""convert(): plan -> quantize tensor by tensor -> shards -> index -> config.
+"""convert(): plan -> stream tensors through a quantizer -> shards -> index -> config.
 
-One tensor is in memory at a time: each is memory-mapped from its source file (file-backed pages),
-cast if asked, quantized by converter.kernels and written into its planned slots by a streaming
-ShardWriter, then dropped. Shards land under temp names and are renamed when complete; the
-manifest records each finished shard's sha256 so a killed run resumes where it stopped; extra files,
-the report, the index and config.json are written last, and the manifest is marked complete after
-them (converter/manifest.py has the re-run rules).
+Tensors are memory-mapped from their source files (file-backed pages), cast if asked, and written
+into their planned slots by a streaming ShardWriter in plan order. Within a shard the tensors to
+quantize are streamed through a ``converter.cuda_pipeline`` quantizer (``quantize_many``): on the CPU
+it quantizes each one as it is read (one tensor in memory at a time); with ``--device cuda`` it reads
+and uploads the next tensor while the GPU quantizes the current one and the previous one comes back
+(at most ``depth`` = 2 in flight). Results come back in order, so kept (unquantized) tensors
+interleaved in the plan are written when their turn comes and the bytes do not depend on the device.
+Shards land under temp names and are renamed when complete; the manifest records each finished
+shard's sha256 so a killed run resumes where it stopped; extra files, the report, the index and
+config.json are written last, and the manifest is marked complete after them (converter/manifest.py
+has the re-run rules).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 
 from converter import kernels
+from converter.cuda_pipeline import CpuQuantizer, CudaQuantizer, QuantResult, make_quantizer
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
 from converter.plan import (
@@ -149,6 +155,18 @@ class _Stats:
     seconds_quantize: float = 0.0
     seconds_write: float = 0.0
     shards_written: list[str] = field(default_factory=list)
+    #: --device cuda: the GPU quantizer's split (staging, PCIe up/down, kernels, host waits), seconds.
+    device: dict[str, Any] = field(default_factory=dict)
+
+
+Quantizer = CpuQuantizer | CudaQuantizer
+
+
+def new_quantizer(options: Options, device: str, threads: int | None) -> Quantizer:
+    """The quantizer a conversion streams its tensors through (``device`` as resolve_device gives it)."""
+    if device == "cpu":
+        return CpuQuantizer(options.qtype, options.blocksize, options.double_quant, threads=threads)
+    return make_quantizer(options.qtype, options.blocksize, options.double_quant, device, threads)
 
 
 class _Conversion:
@@ -158,6 +176,7 @@ class _Conversion:
         self.src, self.output, self.options = src, output, options
         self.threads, self.device, self.started = threads, device, started
         self.stats = _Stats()
+        self.notes: list[str] = []
 
     # --- the whole run ---------------------------------------------------------------------
     def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
@@ -211,6 +230,8 @@ class _Conversion:
         self._write_extras()
         result = self._result(decision.action, reused=len(decision.done))
         report = build_report(result, plan, identity, selection, self.stats)
+        if self.stats.device:
+            report["timings"]["device"] = self.stats.device
         atomic_write_bytes(self.output / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
         self._write_index(manifest)
         self._write_config(config)
@@ -242,9 +263,12 @@ class _Conversion:
         # so a Hub source never downloads files whose shards are already done.
         remaining = Counter(t.info.file for s in shards for t in s.tensors)
         mapped: dict[str, MappedFile] = {}
+        quantizer = new_quantizer(self.options, self.device, self.threads)
+        if quantizer.fallback_reason:
+            self.notes.append(quantizer.fallback_reason)
         try:
             for shard in shards:
-                info = self._write_shard(shard, mapped, remaining, hook)
+                info = self._write_shard(shard, quantizer, mapped, remaining, hook)
                 manifest.shards[shard.name] = {"sha256": info.sha256, "size": info.size}
                 manifest.save(self.output)
                 self.stats.shards_written.append(shard.name)
@@ -252,6 +276,18 @@ class _Conversion:
             for file in list(mapped):
                 mapped.pop(file)
                 self.src.release(file)
+            if isinstance(quantizer, CudaQuantizer):
+                q = quantizer.stats
+                self.stats.device = {
+                    "device": str(quantizer.device),
+                    "tensors": q.tensors,
+                    "bytes_in": q.bytes_in,
+                    "seconds_stage": q.seconds_stage,
+                    "seconds_upload": q.seconds_upload,
+                    "seconds_kernels": q.seconds_kernels,
+                    "seconds_download": q.seconds_download,
+                    "seconds_wait": q.seconds_wait,
+                }
 
     def _provenance(self, shard: ShardPlan | None) -> dict:
         identity = self.plan.source_identity
@@ -264,7 +300,9 @@ class _Conversion:
             revision=identity.get("commit"),
         )
 
-    def _write_shard(self, shard: ShardPlan, mapped: dict, remaining: Counter, hook: _Hook) -> Any:
+    def _write_shard(
+        self, shard: ShardPlan, quantizer: Quantizer, mapped: dict, remaining: Counter, hook: _Hook
+    ) -> Any:
         opts = self.options
         slots: list[TensorSlot] = []
         for p in shard.tensors:
@@ -289,21 +327,29 @@ class _Conversion:
         )
         path = self.output / shard.name
         writer = ShardWriter(path, slots, meta)
+        # Each tensor's successor in the plan (read ahead while this one is quantized).
+        following = dict(zip((p.name for p in shard.tensors), [*shard.tensors[1:], None], strict=True))
+        # The quantizer pulls the tensors to quantize from this generator when it wants them: on the
+        # CPU at their turn, on a GPU up to two ahead of the one being written.
+        inputs = (p for p in shard.tensors if p.quantize)
+        results = quantizer.quantize_many(self._read_many(inputs, mapped, following))
         try:
-            for i, p in enumerate(shard.tensors):
+            for p in shard.tensors:
+                if p.quantize:
+                    self._write_quantized(p, results, writer)
+                else:
+                    self._write_kept(p, self._read(p, mapped, following[p.name]), writer)
                 file = p.info.file
-                if file not in mapped:
-                    mapped[file] = self.src.open_file(file)
-                following = shard.tensors[i + 1] if i + 1 < len(shard.tensors) else None
-                if following is not None and following.info.file == file:
-                    mapped[file].prefetch(following.name)  # read ahead while this one is quantized
-                self._convert_tensor(p, mapped[file], writer)
                 remaining[file] -= 1
-                if remaining[file] == 0:
-                    mapped.pop(file)
+                if remaining[file] == 0:  # every tensor of this file is written: none is still read
+                    mapped.pop(file, None)
                     self.src.release(file)
                 self.stats.bytes_in += p.info.nbytes
                 hook(p.name, p.info.nbytes)
+            extra = next(results, None)  # runs the reader to its end; the plan had every tensor
+            if extra is not None:
+                msg = f"internal error: the quantizer returned {extra[0]!r} after {shard.name}'s last tensor"
+                raise RuntimeError(msg)
             return writer.close()
         except OSError as exc:
             writer.abort()
@@ -315,61 +361,79 @@ class _Conversion:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            results.close()  # on an error: drops (and waits for) what is still in flight
 
-    def _convert_tensor(self, p: PlannedTensor, f: MappedFile, writer: ShardWriter) -> None:
+    def _read(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> torch.Tensor:
+        """Tensor ``p`` from its source file (memory-mapped), cast to its planned dtype."""
         t0 = time.perf_counter()
-        x = f.get(p.name)
+        file = p.info.file
+        if file not in mapped:
+            mapped[file] = self.src.open_file(file)
+        if following is not None and following.info.file == file:
+            mapped[file].prefetch(following.name)  # read ahead while this one is quantized
+        x = mapped[file].get(p.name)
         want = TORCH_DTYPES[p.out_dtype]
         if x.dtype != want and (x.is_floating_point() or p.quantize):
             x = x.to(want)  # --dtype cast (packed/absmax/maps are produced after it, never cast)
-        t1 = time.perf_counter()
-        self.stats.seconds_read += t1 - t0
-        if not p.quantize:
-            writer.write(p.name, x)
-            del x
-            self.stats.seconds_write += time.perf_counter() - t1
-            return
-        if p.transpose:
-            x = x.t()
-        x = x.contiguous()
-        record = self._quantize(p, x)
-        del x
-        t2 = time.perf_counter()
-        self.stats.seconds_quantize += t2 - t1
-        for key, value in record.state_dict().items():
-            writer.write(key, value)
-        del record
-        self.stats.seconds_write += time.perf_counter() - t2
+        self.stats.seconds_read += time.perf_counter() - t0
+        return x
 
-    def _quantize(self, p: PlannedTensor, x: torch.Tensor) -> QuantizedTensor:
-        opts = self.options
-        if self.device != "cpu":
-            x = x.to(self.device)
+    def _read_many(
+        self, planned: Iterator[PlannedTensor], mapped: dict, following: dict
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, contiguous tensor) of each tensor to quantize, read when the quantizer asks for it."""
+        for p in planned:
+            x = self._read(p, mapped, following[p.name])
+            if p.transpose:
+                x = x.t()
+            yield p.name, x.contiguous()
+            del x  # the quantizer has it (quantized or staged) once it asks for the next one
+
+    def _write_kept(self, p: PlannedTensor, x: torch.Tensor, writer: ShardWriter) -> None:
+        t0 = time.perf_counter()
+        writer.write(p.name, x)
+        del x
+        self.stats.seconds_write += time.perf_counter() - t0
+
+    def _write_quantized(
+        self, p: PlannedTensor, results: Iterator[tuple[str, QuantResult]], writer: ShardWriter
+    ) -> None:
+        t0, read0 = time.perf_counter(), self.stats.seconds_read
         try:
-            packed, absmax = kernels.quantize_4bit(
-                x, blocksize=opts.blocksize, quant_type=opts.qtype, threads=self.threads
-            )
-        except kernels.NonFiniteInputError:
+            got = next(results, None)
+        except kernels.NonFiniteInputError as exc:
+            bad = getattr(exc, "tensor", p.name)
+            where = next((t for t in self.plan.tensors if t.name == bad), p)
             msg = (
-                f"tensor {p.name!r} in {p.info.file} holds NaN or Inf: it cannot be quantized; "
-                f"fix the checkpoint or pass --skip '{p.name.rsplit('.', 1)[0]}'"
+                f"tensor {bad!r} in {where.info.file} holds NaN or Inf: it cannot be quantized; "
+                f"fix the checkpoint or pass --skip '{bad.rsplit('.', 1)[0]}'"
             )
             raise NonFiniteTensorError(msg) from None
-        nested = None
-        if opts.double_quant:
-            codes, nested_absmax, offset = kernels.quantize_nested(absmax, threads=self.threads)
-            nested = (codes.cpu(), nested_absmax.cpu(), offset)
-        return QuantizedTensor.from_kernel_outputs(
+        t1 = time.perf_counter()
+        # Reading the next input happens inside next(): that time is the reader's, not the kernels'.
+        self.stats.seconds_quantize += (t1 - t0) - (self.stats.seconds_read - read0)
+        if got is None or got[0] != p.name:
+            msg = f"internal error: the quantizer returned {got and got[0]!r} where {p.name!r} was due"
+            raise RuntimeError(msg)
+        r = got[1]
+        opts = self.options
+        record = QuantizedTensor.from_kernel_outputs(
             name=p.name,
             shape=p.out_shape,
             dtype=_torch_name(p.out_dtype),
             quant_type=opts.qtype,
             blocksize=opts.blocksize,
-            packed=packed.cpu(),
-            absmax=absmax.cpu(),
-            nested=nested,
+            packed=r.packed,
+            absmax=r.absmax,
+            nested=r.nested,
             quant_storage=opts.quant_storage,
         )
+        del got, r
+        for key, value in record.state_dict().items():
+            writer.write(key, value)
+        del record
+        self.stats.seconds_write += time.perf_counter() - t1
 
     # --- the rest of the folder ------------------------------------------------------------
     def _write_extras(self) -> None:
@@ -416,7 +480,7 @@ class _Conversion:
         atomic_write_bytes(self.output / "config.json", text.encode())
 
     def _result(self, action: Action, *, reused: int) -> ConversionResult:
-        return make_result(
+        result = make_result(
             self.output,
             self.plan,
             resumed=action is Action.RESUME,
@@ -425,6 +489,8 @@ class _Conversion:
             bytes_read=self.stats.bytes_in,
             shards_reused=reused if action is Action.RESUME else 0,
         )
+        result.notes.extend(self.notes)
+        return result
 
 
 def _torch_name(code: str) -> str:
