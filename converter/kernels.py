@@ -164,6 +164,103 @@ def _quant_type(quant_type: QuantType) -> QuantType:
     return quant_type
 
 
+# The argument checks of the decoding kernels, one copy for every device: the functions below and
+# their CUDA twins in converter.kernels_cuda (which callers may use directly) both run them.
+
+
+def _check_absmax(
+    reference: torch.Tensor, absmax: torch.Tensor | None, nested: NestedAbsmax | tuple | None, nb: int
+) -> NestedAbsmax | None:
+    """Exactly one of a float32 absmax [nb] and a nested record of nb codes, on reference's device."""
+    if (absmax is None) == (nested is None):
+        msg = "pass exactly one of absmax (float32) and nested (NestedAbsmax)"
+        raise ValueError(msg)
+    if nested is None:
+        _check_tensor("absmax", absmax, (torch.float32,), nb)
+        _check_same_device(reference, absmax=absmax)
+        return None
+    nested = NestedAbsmax(*nested)
+    _check_tensor("nested.codes", nested.codes, (torch.uint8,), nb)
+    _check_tensor("nested.nested_absmax", nested.nested_absmax, (torch.float32,), n_nested_blocks(nb))
+    _check_tensor("nested.nested_map", nested.nested_map, (torch.float32,), 256)
+    _check_same_device(
+        reference, codes=nested.codes, nested_absmax=nested.nested_absmax, nested_map=nested.nested_map
+    )
+    return nested
+
+
+def check_dequantize_nested_args(
+    codes: torch.Tensor, nested_absmax: torch.Tensor, nested_map: torch.Tensor
+) -> None:
+    """``dequantize_nested``'s checks (every device)."""
+    _check_tensor("codes", codes, (torch.uint8,))
+    _check_tensor("nested_absmax", nested_absmax, (torch.float32,), n_nested_blocks(codes.numel()))
+    _check_tensor("nested_map", nested_map, (torch.float32,), 256)
+    _check_same_device(codes, nested_absmax=nested_absmax, nested_map=nested_map)
+
+
+def check_dequantize_args(
+    packed: torch.Tensor,
+    absmax: torch.Tensor | None,
+    *,
+    n: int,
+    blocksize: int,
+    quant_map: torch.Tensor,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None,
+    nested: NestedAbsmax | tuple | None = None,
+) -> NestedAbsmax | None:
+    """``dequantize_4bit``'s checks (every device); returns ``nested`` as a NestedAbsmax (or None)."""
+    check_blocksize(blocksize)
+    if n < 0:
+        msg = f"n must be >= 0, got {n}"
+        raise ValueError(msg)
+    _check_tensor("packed", packed, (torch.uint8,), (n + 1) // 2)
+    nested = _check_absmax(packed, absmax, nested, n_blocks(n, blocksize))
+    _check_tensor("quant_map", quant_map, (torch.float32,), 16)
+    if out_dtype not in FLOAT_DTYPES:
+        msg = f"out_dtype {out_dtype} is not supported: expected float32, float16 or bfloat16"
+        raise ValueError(msg)
+    _check_same_device(packed, quant_map=quant_map)
+    if out is not None:
+        _check_tensor("out", out, (out_dtype,), n)
+        _check_same_device(packed, out=out)
+    return nested
+
+
+def check_gemv_args(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor | None,
+    *,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    quant_map: torch.Tensor,
+    nested: NestedAbsmax | tuple | None,
+) -> tuple[int, NestedAbsmax | None]:
+    """``gemv_4bit``'s checks (every device); returns (batch, nested as a NestedAbsmax or None)."""
+    check_blocksize(blocksize)
+    _check_tensor("x", x, FLOAT_DTYPES)
+    if x.dim() not in (1, 2) or x.shape[-1] != in_features:
+        msg = f"x has shape {tuple(x.shape)}: expected [B, {in_features}] or [{in_features}]"
+        raise ValueError(msg)
+    batch = 1 if x.dim() == 1 else x.shape[0]
+    if not 1 <= batch <= GEMV_MAX_BATCH:
+        msg = f"x has batch {batch}: the fused GEMV takes 1..{GEMV_MAX_BATCH}; use dequantize_4bit + F.linear"
+        raise ValueError(msg)
+    if out_features < 0 or in_features <= 0 or in_features % blocksize:
+        msg = (
+            f"in_features {in_features} is not a positive multiple of blocksize {blocksize}: the fused GEMV "
+            "needs whole blocks per row; use dequantize_4bit + F.linear"
+        )
+        raise ValueError(msg)
+    _check_tensor("packed", packed, (torch.uint8,), out_features * in_features // 2)
+    _check_tensor("quant_map", quant_map, (torch.float32,), 16)
+    _check_same_device(x, packed=packed, quant_map=quant_map)
+    return batch, _check_absmax(x, absmax, nested, out_features * in_features // blocksize)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 
@@ -273,14 +370,11 @@ def dequantize_nested(
     Returns:
         ``absmax float32 [nb]`` on codes' device.
     """
-    _check_tensor("codes", codes, (torch.uint8,))
-    nb = codes.numel()
-    _check_tensor("nested_absmax", nested_absmax, (torch.float32,), n_nested_blocks(nb))
-    _check_tensor("nested_map", nested_map, (torch.float32,), 256)
-    _check_same_device(codes, nested_absmax=nested_absmax, nested_map=nested_map)
+    check_dequantize_nested_args(codes, nested_absmax, nested_map)
     if codes.is_cuda:
-        return _cuda_module().dequantize_nested(codes, nested_absmax, offset, nested_map)
+        return _cuda_module()._launch_dequantize_nested(codes, nested_absmax, offset, nested_map)
     _check_cpu("codes", codes)
+    nb = codes.numel()
     out = torch.empty(nb, dtype=torch.float32)
     _kernels.dequantize_nested(
         codes.data_ptr(),
@@ -321,25 +415,12 @@ def dequantize_4bit(
     Returns:
         A flat ``[n]`` tensor of out_dtype (or ``out``); reshape it to the weight's shape.
     """
-    check_blocksize(blocksize)
-    if n < 0:
-        msg = f"n must be >= 0, got {n}"
-        raise ValueError(msg)
-    _check_tensor("packed", packed, (torch.uint8,), (n + 1) // 2)
-    _check_tensor("absmax", absmax, (torch.float32,), n_blocks(n, blocksize))
-    _check_tensor("quant_map", quant_map, (torch.float32,), 16)
-    if out_dtype not in FLOAT_DTYPES:
-        msg = f"out_dtype {out_dtype} is not supported: expected float32, float16 or bfloat16"
-        raise ValueError(msg)
-    _check_same_device(packed, absmax=absmax, quant_map=quant_map)
-    if out is not None:
-        _check_tensor("out", out, (out_dtype,), n)
-        _check_same_device(packed, out=out)
+    check_dequantize_args(
+        packed, absmax, n=n, blocksize=blocksize, quant_map=quant_map, out_dtype=out_dtype, out=out
+    )
     _isa(isa)
     if packed.is_cuda:
-        return _cuda_module().dequantize_4bit(
-            packed, absmax, n=n, blocksize=blocksize, quant_map=quant_map, out_dtype=out_dtype, out=out
-        )
+        return _cuda_module()._launch_dequantize_4bit(packed, absmax, n, blocksize, quant_map, out_dtype, out)
     _check_cpu("packed", packed)
     if out is None:
         out = torch.empty(n, dtype=out_dtype)
@@ -391,50 +472,20 @@ def gemv_4bit(
     Returns:
         ``y`` of x's dtype, ``[B, out_features]`` (``[out_features]`` for a 1-D x).
     """
-    check_blocksize(blocksize)
-    _check_tensor("x", x, FLOAT_DTYPES)
-    if x.dim() not in (1, 2) or x.shape[-1] != in_features:
-        msg = f"x has shape {tuple(x.shape)}: expected [B, {in_features}] or [{in_features}]"
-        raise ValueError(msg)
-    batch = 1 if x.dim() == 1 else x.shape[0]
-    if not 1 <= batch <= GEMV_MAX_BATCH:
-        msg = f"x has batch {batch}: the fused GEMV takes 1..{GEMV_MAX_BATCH}; use dequantize_4bit + F.linear"
-        raise ValueError(msg)
-    if out_features < 0 or in_features <= 0 or in_features % blocksize:
-        msg = (
-            f"in_features {in_features} is not a positive multiple of blocksize {blocksize}: the fused GEMV "
-            "needs whole blocks per row; use dequantize_4bit + F.linear"
-        )
-        raise ValueError(msg)
-    nb = out_features * in_features // blocksize
-    _check_tensor("packed", packed, (torch.uint8,), out_features * in_features // 2)
-    _check_tensor("quant_map", quant_map, (torch.float32,), 16)
-    _check_same_device(x, packed=packed, quant_map=quant_map)
-    if (absmax is None) == (nested is None):
-        msg = "pass exactly one of absmax (float32) and nested (NestedAbsmax)"
-        raise ValueError(msg)
-    if nested is not None:
-        nested = NestedAbsmax(*nested)
-        _check_tensor("nested.codes", nested.codes, (torch.uint8,), nb)
-        _check_tensor("nested.nested_absmax", nested.nested_absmax, (torch.float32,), n_nested_blocks(nb))
-        _check_tensor("nested.nested_map", nested.nested_map, (torch.float32,), 256)
-        _check_same_device(
-            x, codes=nested.codes, nested_absmax=nested.nested_absmax, nested_map=nested.nested_map
-        )
-    else:
-        _check_tensor("absmax", absmax, (torch.float32,), nb)
-        _check_same_device(x, absmax=absmax)
+    batch, nested = check_gemv_args(
+        x,
+        packed,
+        absmax,
+        out_features=out_features,
+        in_features=in_features,
+        blocksize=blocksize,
+        quant_map=quant_map,
+        nested=nested,
+    )
     _isa(isa)
     if x.is_cuda:
-        return _cuda_module().gemv_4bit(
-            x,
-            packed,
-            absmax,
-            out_features=out_features,
-            in_features=in_features,
-            blocksize=blocksize,
-            quant_map=quant_map,
-            nested=nested,
+        return _cuda_module()._launch_gemv_4bit(
+            x, packed, absmax, out_features, in_features, blocksize, quant_map, nested, variant=0
         )
     _check_cpu("x", x)
     y = torch.empty((batch, out_features), dtype=x.dtype)

@@ -17,20 +17,13 @@ Backend discovery: ``cuda_status()`` -> ``(usable, reason)``; ``backend_info()``
 from __future__ import annotations
 
 from functools import cache
-from typing import NamedTuple
 
 import torch
 
-from converter import _kernels
+from converter import _kernels, kernels
+from converter.kernels import NestedAbsmax
 from formats import codebooks
-from formats.quant_types import (
-    NESTED_BLOCKSIZE,
-    OFFSET_CHUNK,
-    QuantType,
-    check_blocksize,
-    n_blocks,
-    n_nested_blocks,
-)
+from formats.quant_types import OFFSET_CHUNK, QuantType, check_blocksize, n_blocks, n_nested_blocks
 
 __all__ = [
     "backend_info",
@@ -47,17 +40,8 @@ __all__ = [
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-class _Nested(NamedTuple):
-    codes: torch.Tensor
-    nested_absmax: torch.Tensor
-    offset: float
-    nested_map: torch.Tensor
-
-
 def _nonfinite_error() -> type[Exception]:
-    from converter import kernels  # the CPU path's exception, so callers catch one type
-
-    return kernels.NonFiniteInputError
+    return kernels.NonFiniteInputError  # the CPU path's exception, so callers catch one type
 
 
 @cache
@@ -114,13 +98,6 @@ def _device_table(values: tuple[float, ...], device: torch.device) -> torch.Tens
 
 def _mids(device: torch.device) -> torch.Tensor:
     return _device_table(codebooks.DYNAMIC8_MIDPOINTS, device)
-
-
-def _on(t: torch.Tensor, device: torch.device, dtype: torch.dtype, name: str) -> torch.Tensor:
-    if t.dtype != dtype:
-        msg = f"{name} has dtype {t.dtype}, expected {dtype}"
-        raise ValueError(msg)
-    return t.to(device, non_blocking=True).contiguous()
 
 
 def _launch_quantize(
@@ -223,10 +200,15 @@ def dequantize_nested(
     codes: torch.Tensor, nested_absmax: torch.Tensor, offset: float, nested_map: torch.Tensor
 ) -> torch.Tensor:
     """absmax float32 [nb] = nested_map[codes] * nested_absmax[i // 256] + offset (separate ops)."""
+    kernels.check_dequantize_nested_args(codes, nested_absmax, nested_map)
+    return _launch_dequantize_nested(codes, nested_absmax, offset, nested_map)
+
+
+def _launch_dequantize_nested(
+    codes: torch.Tensor, nested_absmax: torch.Tensor, offset: float, nested_map: torch.Tensor
+) -> torch.Tensor:
     dev = _require(codes, "codes")
     nb = codes.numel()
-    nested_absmax = _on(nested_absmax, codes.device, torch.float32, "nested_absmax")
-    nested_map = _on(nested_map, codes.device, torch.float32, "nested_map")
     out = torch.empty(nb, dtype=torch.float32, device=codes.device)
     _kernels.cuda_dequantize_nested(
         dev,
@@ -241,18 +223,14 @@ def dequantize_nested(
     return out
 
 
-def _nested_args(nested, device: torch.device) -> tuple[int, int, float, int, tuple]:
+def _absmax_args(
+    absmax: torch.Tensor | None, nested: NestedAbsmax | None
+) -> tuple[int, int, int, float, int]:
+    """Pointers (absmax, codes, nested_absmax, offset, nested_map) of a checked absmax or nested record."""
     if nested is None:
-        return 0, 0, 0.0, 0, ()
-    nz = _Nested(*nested)
-    codes = _on(nz.codes, device, torch.uint8, "nested.codes")
-    nabs = _on(nz.nested_absmax, device, torch.float32, "nested.nested_absmax")
-    nmap = _on(nz.nested_map, device, torch.float32, "nested.nested_map")
-    if nmap.numel() != NESTED_BLOCKSIZE:
-        msg = f"nested.nested_map has {nmap.numel()} elements, expected 256"
-        raise ValueError(msg)
-    keep = (codes, nabs, nmap)  # alive until the launch is queued
-    return codes.data_ptr(), nabs.data_ptr(), float(nz.offset), nmap.data_ptr(), keep
+        return absmax.data_ptr(), 0, 0, 0.0, 0
+    codes, nested_absmax, offset, nested_map = nested
+    return 0, codes.data_ptr(), nested_absmax.data_ptr(), float(offset), nested_map.data_ptr()
 
 
 def dequantize_4bit(
@@ -264,48 +242,53 @@ def dequantize_4bit(
     quant_map: torch.Tensor,
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
-    nested=None,
+    nested: NestedAbsmax | tuple | None = None,
 ) -> torch.Tensor:
     """``[n]`` of out_dtype: ``quant_map[q] * absmax`` in float32, then a round-to-nearest-even cast.
 
-    With ``nested=(codes, nested_absmax, offset, nested_map)`` the absmax is decoded inline
-    (same bits as ``dequantize_nested`` first) and ``absmax`` may be None.
+    Pass either ``absmax`` or ``nested=(codes, nested_absmax, offset, nested_map)``: the nested absmax
+    is decoded inline (same bits as ``dequantize_nested`` first). Arguments are checked as by
+    ``converter.kernels.dequantize_4bit`` (same messages), all on one CUDA device.
     """
+    nested = kernels.check_dequantize_args(
+        packed,
+        absmax,
+        n=n,
+        blocksize=blocksize,
+        quant_map=quant_map,
+        out_dtype=out_dtype,
+        out=out,
+        nested=nested,
+    )
+    return _launch_dequantize_4bit(packed, absmax, n, blocksize, quant_map, out_dtype, out, nested)
+
+
+def _launch_dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor | None,
+    n: int,
+    blocksize: int,
+    quant_map: torch.Tensor,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None,
+    nested: NestedAbsmax | None = None,
+) -> torch.Tensor:
+    """``dequantize_4bit`` on arguments ``converter.kernels.check_dequantize_args`` accepted."""
     dev = _require(packed, "packed")
-    check_blocksize(blocksize)
-    if out_dtype not in _DTYPE_CODES:
-        msg = f"out_dtype {out_dtype} is not supported: expected float32, float16 or bfloat16"
-        raise ValueError(msg)
-    if packed.numel() != (n + 1) // 2:
-        msg = f"packed has {packed.numel()} elements, expected (n+1)//2 = {(n + 1) // 2} for n = {n}"
-        raise ValueError(msg)
-    nb = n_blocks(n, blocksize)
-    qm = _on(quant_map, packed.device, torch.float32, "quant_map")
-    nc, na, off, m8, keep = _nested_args(nested, packed.device)
-    if nested is None:
-        if absmax is None or absmax.numel() != nb:
-            msg = f"absmax must be float32 [{nb}] (n = {n}, blocksize {blocksize}) when nested is not given"
-            raise ValueError(msg)
-        absmax = _on(absmax, packed.device, torch.float32, "absmax")
-    elif keep[0].numel() != nb:
-        msg = f"nested.codes has {keep[0].numel()} elements, expected {nb} (n = {n}, blocksize {blocksize})"
-        raise ValueError(msg)
+    am, nc, na, off, m8 = _absmax_args(absmax, nested)
     if out is None:
         out = torch.empty(n, dtype=out_dtype, device=packed.device)
-    elif out.device != packed.device or out.dtype != out_dtype or out.numel() != n or not out.is_contiguous():
-        msg = f"out must be a contiguous {out_dtype} tensor of {n} elements on {packed.device}"
-        raise ValueError(msg)
     _kernels.cuda_dequantize_4bit(
         dev,
         packed.data_ptr(),
         n,
         blocksize,
-        0 if absmax is None or nested is not None else absmax.data_ptr(),
+        am,
         nc,
         na,
         off,
         m8,
-        qm.data_ptr(),
+        quant_map.data_ptr(),
         _DTYPE_CODES[out_dtype],
         out.data_ptr(),
         _stream(packed.device),
@@ -322,40 +305,48 @@ def gemv_4bit(
     in_features: int,
     blocksize: int,
     quant_map: torch.Tensor,
-    nested=None,
+    nested: NestedAbsmax | tuple | None = None,
     variant: int = 0,
 ) -> torch.Tensor:
     """``y [B, out_features]`` (``[out_features]`` for 1-D x) of x's dtype; float32 accumulation.
 
     Each weight is decoded as ``dequantize_4bit`` does; B = 1..8 rows of x; absmax nested inline.
-    ``variant`` forces one kernel configuration of csrc/cuda/gemv.cu (benchmarks only; 0 = default).
+    Arguments are checked as by ``converter.kernels.gemv_4bit`` (same messages), all on one CUDA
+    device. ``variant`` forces one kernel configuration of csrc/cuda/gemv.cu (benchmarks only; 0 =
+    default).
     """
+    _, nested = kernels.check_gemv_args(
+        x,
+        packed,
+        absmax,
+        out_features=out_features,
+        in_features=in_features,
+        blocksize=blocksize,
+        quant_map=quant_map,
+        nested=nested,
+    )
+    return _launch_gemv_4bit(
+        x, packed, absmax, out_features, in_features, blocksize, quant_map, nested, variant=variant
+    )
+
+
+def _launch_gemv_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    quant_map: torch.Tensor,
+    nested: NestedAbsmax | None,
+    *,
+    variant: int = 0,
+) -> torch.Tensor:
+    """``gemv_4bit`` on arguments ``converter.kernels.check_gemv_args`` accepted."""
     dev = _require(x, "x")
-    check_blocksize(blocksize)
-    if x.dtype not in _DTYPE_CODES:
-        msg = f"x has dtype {x.dtype}: expected float32, float16 or bfloat16"
-        raise ValueError(msg)
     x2 = x.reshape(1, -1) if x.dim() == 1 else x
     batch = x2.shape[0]
-    if x2.dim() != 2 or x2.shape[1] != in_features or not 1 <= batch <= 8:
-        msg = f"x has shape {tuple(x.shape)}: expected [B, {in_features}] with B in 1..8, or [{in_features}]"
-        raise ValueError(msg)
-    n = out_features * in_features
-    if packed.numel() != (n + 1) // 2:
-        shape = f"[{out_features}, {in_features}]"
-        msg = f"packed has {packed.numel()} elements, expected {(n + 1) // 2} for a weight of shape {shape}"
-        raise ValueError(msg)
-    nb = n_blocks(n, blocksize)
-    qm = _on(quant_map, x.device, torch.float32, "quant_map")
-    nc, na, off, m8, keep = _nested_args(nested, x.device)
-    if nested is None:
-        if absmax is None or absmax.numel() != nb:
-            msg = f"absmax must be float32 [{nb}] when nested is not given"
-            raise ValueError(msg)
-        absmax = _on(absmax, x.device, torch.float32, "absmax")
-    elif keep[0].numel() != nb:
-        msg = f"nested.codes has {keep[0].numel()} elements, expected {nb}"
-        raise ValueError(msg)
+    am, nc, na, off, m8 = _absmax_args(absmax, nested)
     y = torch.empty((batch, out_features), dtype=x.dtype, device=x.device)
     _kernels.cuda_gemv_4bit(
         dev,
@@ -366,12 +357,12 @@ def gemv_4bit(
         in_features,
         blocksize,
         packed.data_ptr(),
-        0 if absmax is None or nested is not None else absmax.data_ptr(),
+        am,
         nc,
         na,
         off,
         m8,
-        qm.data_ptr(),
+        quant_map.data_ptr(),
         y.data_ptr(),
         _stream(x.device),
         variant,
