@@ -4,10 +4,14 @@
 
 1. Writes a Llama-shaped bf16 checkpoint (hidden 4096, intermediate 11008; about 0.4 GB a layer).
 2. Times ``converter.pipeline.convert`` with device="cpu" and device="cuda" (page cache warm for both:
-   the source is read once before timing) and checks that both outputs hold identical shards.
-3. Streams the same tensors through ``converter.cuda_pipeline.CudaQuantizer`` alone and prints where
-   the time goes: reading (mmap -> tensor), staging into pinned memory, upload (PCIe), kernels,
-   download, and host time spent waiting.
+   the source is read once before timing), checks that both outputs hold identical shards, and prints
+   each run's time split from its quantization_report.json: reading (disk / mmap -> tensor, casts),
+   quantizing (host time, reads excluded), writing shards; for cuda also the GPU quantizer's own
+   split: staging into pinned memory (host memcpy), upload (PCIe, CUDA events), kernels, download
+   (PCIe), host time blocked waiting for results. Reads, uploads, kernels and downloads overlap (two
+   tensors in flight), so the parts add up to more than the wall time when the overlap works.
+3. Streams the same tensors through ``converter.cuda_pipeline.CudaQuantizer`` alone (no shard
+   writing) and prints the same split, and the CPU quantizer over them for comparison.
 """
 
 from __future__ import annotations
@@ -97,6 +101,25 @@ def shard_hashes(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
 
 
+def report_split(out: Path) -> str:
+    """The time split of one conversion, from the quantization_report.json it wrote."""
+    t = json.loads((out / "quantization_report.json").read_text())["timings"]
+    text = (
+        f"read {t['seconds_read']:.2f} s, quantize {t['seconds_quantize']:.2f} s, "
+        f"write {t['seconds_write']:.2f} s"
+    )
+    d = t.get("device")
+    if d:
+        text += (
+            f"\n    GPU quantizer on {d['device']}, {d['tensors']} tensors, {d['bytes_in'] / 1e9:.2f} GB up: "
+            f"stage {d['seconds_stage']:.2f} s, upload {d['seconds_upload']:.2f} s "
+            f"({d['bytes_in'] / max(d['seconds_upload'], 1e-9) / 1e9:.1f} GB/s), "
+            f"kernels {d['seconds_kernels']:.3f} s, download {d['seconds_download']:.2f} s, "
+            f"wait {d['seconds_wait']:.2f} s"
+        )
+    return text
+
+
 def linear_tensors(folder: Path):
     """(name, bf16 tensor) of every linear weight, read from the shards (mmap), with read time."""
     stats = {"seconds_read": 0.0}
@@ -149,6 +172,7 @@ def main() -> None:
         print(
             f"convert --device {device}: {results[device]:.2f} s ({size / results[device] / 1e9:.2f} GB/s in)"
         )
+        print(f"  split: {report_split(out)}")
     if usable:
         same = shard_hashes(args.workdir / "out-cpu") == shard_hashes(args.workdir / "out-cuda")
         print(f"identical shards cpu vs cuda: {same}; speedup x{results['cpu'] / results['cuda']:.2f}")

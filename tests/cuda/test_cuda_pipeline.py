@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,3 +79,114 @@ def test_cuda_quantizer_names_a_tensor_with_nan():
     items = [("ok.weight", torch.randn(10, 10)), ("bad.weight", bad)]
     with pytest.raises(kernels.NonFiniteInputError, match=r"bad\.weight"):
         list(q.quantize_many(items))
+
+
+# --- converter.convert(device="cuda"): the pipeline streams each shard through CudaQuantizer ----------
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "converter"))
+from qm_checkpoints import INTERLEAVED, INTERLEAVED_INCLUDE, make_interleaved  # noqa: E402
+
+QUANTIZED = [name for entries in INTERLEAVED.values() for name, _, _, q in entries if q]
+
+
+def _shard_hashes(folder: Path) -> dict[str, str]:
+    """Every deterministic output file (the report holds timings and is left out)."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != "quantization_report.json"
+    }
+
+
+@pytest.fixture(scope="module")
+def interleaved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_interleaved(tmp_path_factory.mktemp("src") / "interleaved")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("quant_type", "nested", "blocksize", "dtype", "max_shard_size"),
+    [
+        ("nf4", True, 64, None, "5GB"),  # one shard: up to 2 tensors in flight across kept ones
+        ("nf4", True, 64, None, "20KB"),  # two shards (l0..l4, l5..l9)
+        ("fp4", False, 4096, None, "6KB"),  # one quantized tensor per shard or two
+        ("nf4", False, 32, "float16", "5GB"),  # --dtype cast on the host before the upload
+        ("fp4", True, 128, "float32", "6KB"),
+    ],
+)
+def test_cuda_conversion_is_byte_identical_to_cpu(
+    quant_type, nested, blocksize, dtype, max_shard_size, interleaved: Path, tmp_path: Path
+):
+    from converter.pipeline import convert
+
+    opts = {
+        "include": INTERLEAVED_INCLUDE,
+        "quant_type": quant_type,
+        "double_quant": nested,
+        "blocksize": blocksize,
+        "dtype": dtype,
+        "max_shard_size": max_shard_size,
+        "progress": False,
+    }
+    cpu = convert(interleaved, tmp_path / "cpu", device="cpu", **opts)
+    gpu = convert(interleaved, tmp_path / "gpu", device="cuda", **opts)
+    assert gpu.notes == []  # no fallback: the GPU did it
+    assert gpu.shards == cpu.shards
+    assert _shard_hashes(tmp_path / "gpu") == _shard_hashes(tmp_path / "cpu")
+    # The GPU quantizer's time split is in the report (bench/bench_cuda_convert.py prints it).
+    timings = json.loads((tmp_path / "gpu" / "quantization_report.json").read_text())["timings"]
+    split = timings["device"]
+    assert split["device"].startswith("cuda")
+    assert split["tensors"] == len(QUANTIZED)
+    assert split["bytes_in"] > 0
+    assert split["seconds_kernels"] > 0
+    assert split["seconds_upload"] > 0
+    assert split["seconds_download"] > 0
+    assert "device" not in json.loads((tmp_path / "cpu" / "quantization_report.json").read_text())["timings"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("max_shard_size", ["5GB", "20KB"])
+def test_cuda_conversion_names_a_nan_tensor_mid_stream(max_shard_size: str, tmp_path: Path):
+    from converter.errors import NonFiniteTensorError
+    from converter.manifest import MANIFEST_NAME
+    from converter.pipeline import convert
+
+    src = make_interleaved(tmp_path / "src", nan_in="l6.weight")
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteTensorError) as exc:
+        convert(
+            src,
+            out,
+            device="cuda",
+            include=INTERLEAVED_INCLUDE,
+            max_shard_size=max_shard_size,
+            progress=False,
+        )
+    assert str(exc.value) == (
+        "tensor 'l6.weight' in b.safetensors holds NaN or Inf: it cannot be quantized; "
+        "fix the checkpoint or pass --skip 'l6'"
+    )
+    # Nothing looks complete: only the manifest (in progress) and the shards it lists as finished.
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["state"] == "in_progress"
+    assert len(manifest["shards"]) == (0 if max_shard_size == "5GB" else 1)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, *manifest["shards"]])
+    # The same folder then converts a clean source (the failed run left nothing that blocks it).
+    clean = make_interleaved(tmp_path / "clean")
+    convert(clean, out, device="cuda", include=INTERLEAVED_INCLUDE, overwrite=True, progress=False)
+    convert(clean, tmp_path / "cpu", device="cpu", include=INTERLEAVED_INCLUDE, progress=False)
+    assert _shard_hashes(out) == _shard_hashes(tmp_path / "cpu")
+
+
+@pytest.mark.cuda
+def test_cuda_quantizer_stops_cleanly_when_the_caller_stops_early():
+    """The pipeline closes quantize_many on an error: what is in flight is waited for, then dropped,
+    and the quantizer keeps working (its pinned slots are reused)."""
+    q = cuda_pipeline.CudaQuantizer(QuantType.NF4, 64, nested=True)
+    items = _tensors()
+    stream = q.quantize_many(iter(items), depth=2)
+    first = next(stream)
+    assert first[0] == items[0][0]
+    stream.close()
+    _check(list(q.quantize_many(_tensors())), QuantType.NF4, 64, True)
