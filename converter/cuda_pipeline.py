@@ -91,9 +91,11 @@ class CpuQuantizer:
 
     def quantize_many(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, QuantResult]]:
         for name, x in items:
-            r = self.quantize(name, x)
-            del x  # one input alive at a time: the caller's reader makes the next one after this
-            yield name, r
+            # Nothing held here while the caller has the result: its input and output are freed as
+            # soon as the caller drops them (a list popped into the yield, not a local).
+            done = [(name, self.quantize(name, x))]
+            del x
+            yield done.pop()
 
 
 class _InFlight(NamedTuple):
@@ -212,6 +214,10 @@ class CudaQuantizer:
     def quantize(self, name: str, x: torch.Tensor) -> QuantResult:
         return self._finish(self._submit(name, x))
 
+    def _take(self, pending: collections.deque[_InFlight]) -> tuple[str, QuantResult]:
+        f = pending.popleft()
+        return f.name, self._finish(f)
+
     def quantize_many(
         self, items: Iterable[tuple[str, torch.Tensor]], depth: int = 2
     ) -> Iterator[tuple[str, QuantResult]]:
@@ -222,11 +228,11 @@ class CudaQuantizer:
                 pending.append(self._submit(name, x))
                 del x  # staged in pinned memory: the caller may read the next one
                 if len(pending) >= depth:
-                    f = pending.popleft()
-                    yield f.name, self._finish(f)
+                    done = [self._take(pending)]  # popped into the yield: the caller owns the result
+                    yield done.pop()
             while pending:
-                f = pending.popleft()
-                yield f.name, self._finish(f)
+                done = [self._take(pending)]
+                yield done.pop()
         finally:
             # Stopped early (an error, or the caller closed us): let the copies in flight finish
             # before their pinned buffers and device tensors are dropped.

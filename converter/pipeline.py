@@ -382,13 +382,16 @@ class _Conversion:
     def _read_many(
         self, planned: Iterator[PlannedTensor], mapped: dict, following: dict
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, contiguous tensor) of each tensor to quantize, read when the quantizer asks for it."""
+        """(name, contiguous tensor) of each tensor to quantize, read when the quantizer asks for it.
+
+        Holds no reference while the quantizer has the tensor: it is freed once quantized or staged.
+        """
         for p in planned:
-            x = self._read(p, mapped, following[p.name])
-            if p.transpose:
-                x = x.t()
-            yield p.name, x.contiguous()
-            del x  # the quantizer has it (quantized or staged) once it asks for the next one
+            yield p.name, self._read_input(p, mapped, following[p.name])
+
+    def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> torch.Tensor:
+        x = self._read(p, mapped, following)
+        return (x.t() if p.transpose else x).contiguous()
 
     def _write_kept(self, p: PlannedTensor, x: torch.Tensor, writer: ShardWriter) -> None:
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -241,3 +242,31 @@ def test_cpu_conversion_uses_the_cpu_quantizer(interleaved: Path, tmp_path: Path
     assert type(q) is CpuQuantizer
     assert (q.quant_type, q.blocksize, q.nested, q.threads) == (QuantType.NF4, 64, True, 1)
     assert q.stats.tensors == len(QUANTIZED)
+
+
+def test_no_input_is_held_while_later_tensors_are_written(
+    interleaved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streaming adds no memory to the CPU path: once a tensor is quantized nothing keeps its
+    input alive (the reader generator and the quantizer hold no reference across their yields)."""
+    inputs: list[weakref.ref] = []
+    real_read_input = pipeline._Conversion._read_input
+
+    def read_input(self, *args):
+        x = real_read_input(self, *args)
+        inputs.append(weakref.ref(x))
+        return x
+
+    alive_at_kept_writes: list[int] = []
+    real_write = pipeline.ShardWriter.write
+
+    def write(self, name, data):
+        if name in ORDER and name not in QUANTIZED:
+            alive_at_kept_writes.append(sum(ref() is not None for ref in inputs))
+        return real_write(self, name, data)
+
+    monkeypatch.setattr(pipeline._Conversion, "_read_input", read_input)
+    monkeypatch.setattr(pipeline.ShardWriter, "write", write)
+    convert(interleaved, tmp_path / "out", dtype="float32", **OPTS)  # casts: every input is a copy
+    assert len(inputs) == len(QUANTIZED)
+    assert alive_at_kept_writes == [0] * (len(ORDER) - len(QUANTIZED))
