@@ -66,7 +66,8 @@ int dequantize_4bit(int device, uintptr_t packed, int64_t n, int blocksize, uint
 
 // y[b, o] = sum_k x[b, k] * W[o, k] for b < batch (1..8), W the [N, K] 4-bit weight (flattened blocks),
 // float32 accumulation, y in x's dtype. Absmax nested or not as in dequantize_4bit. variant 0 picks
-// the kernel configuration; 1..5 force one (batch 1-2 only; used by bench/bench_cuda.py).
+// the kernel (fp16/bf16 x: tensor cores, gemv_mma.cu); 1..5 force a CUDA-core configuration (batch
+// 1-2), 6..9 the tensor-core kernel with 1/2/4/8 warps per row tile (bench/bench_cuda.py).
 int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t K, int blocksize,
               uintptr_t packed, uintptr_t absmax, uintptr_t ncodes, uintptr_t nested_absmax, float offset,
               uintptr_t map8, uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant = 0);
