@@ -1,6 +1,6 @@
 """CUDA kernels vs bitsandbytes vs a device-to-device copy, side by side on one GPU, in one run.
 
-    python bench/bench_cuda.py [--quick] [--json out.json]
+    python bench/bench_cuda.py [--quick] [--ops quantize,dequantize,gemv] [--json out.json]
 
 Each op is timed with CUDA events around each call (median of many, after warm-up), with the host
 queueing all calls ahead of the GPU (so the numbers are GPU time, not Python launch overhead); inputs
@@ -60,7 +60,7 @@ def copy_bandwidth(iters: int) -> float:
     return 2 * src.numel() * 2 / t
 
 
-def bench_shape(shape, bw, iters, bnbf, bnb) -> list[dict]:
+def bench_shape(shape, bw, iters, bnbf, bnb, ops=("quantize", "dequantize", "gemv")) -> list[dict]:
     out_f, in_f = shape
     n = out_f * in_f
     rot = rotation_for(2 * n)
@@ -93,7 +93,7 @@ def bench_shape(shape, bw, iters, bnbf, bnb) -> list[dict]:
     copy_s = time_op(lambda i: dsts[i % 2].copy_(xs[i]), rot, iters)
     q_bytes = 2 * n + n / 2 + n / 64 + 4 * n / 64 / 256
 
-    for qt in (QuantType.NF4, QuantType.FP4):
+    for qt in (QuantType.NF4, QuantType.FP4) if "quantize" in ops else ():
 
         def ours_nested(i, qt=qt):
             _, absmax, _ = kernels_cuda._launch_quantize(xs[i], 64, qt)
@@ -111,11 +111,12 @@ def bench_shape(shape, bw, iters, bnbf, bnb) -> list[dict]:
             )
         row(f"quantize {qt.label} nested", t_o, t_b, "bnb", q_bytes, copy_s)
 
-    t_o = time_op(lambda i: kernels_cuda._launch_quantize(xs[i], 64, QuantType.NF4), rot, iters)
-    t_b = None
-    if bnbf is not None:
-        t_b = time_op(lambda i: bnbf.quantize_4bit(xs[i], blocksize=64, quant_type="nf4"), rot, iters)
-    row("quantize nf4 plain", t_o, t_b, "bnb", 2 * n + n / 2 + 4 * n / 64, copy_s)
+    if "quantize" in ops:
+        t_o = time_op(lambda i: kernels_cuda._launch_quantize(xs[i], 64, QuantType.NF4), rot, iters)
+        t_b = None
+        if bnbf is not None:
+            t_b = time_op(lambda i: bnbf.quantize_4bit(xs[i], blocksize=64, quant_type="nf4"), rot, iters)
+        row("quantize nf4 plain", t_o, t_b, "bnb", 2 * n + n / 2 + 4 * n / 64, copy_s)
 
     # Quantized records (ours and bnb's) of each rotated input, for dequantize and GEMV.
     dmap = torch.tensor(codebooks.DYNAMIC8, dtype=torch.float32, device="cuda")
@@ -145,19 +146,17 @@ def bench_shape(shape, bw, iters, bnbf, bnb) -> list[dict]:
             nested=nest,
         )
 
-    t_o = time_op(ours_deq, qrot, iters)
-    t_b = None
-    if bnbf is not None:
-        t_b = time_op(lambda i: bnbf.dequantize_4bit(brecs[i][0], brecs[i][1]), qrot, iters)
-    row("dequantize nf4 nested", t_o, t_b, "bnb", n / 2 + n / 64 + 2 * n, copy_s)
+    if "dequantize" in ops:
+        t_o = time_op(ours_deq, qrot, iters)
+        t_b = None
+        if bnbf is not None:
+            t_b = time_op(lambda i: bnbf.dequantize_4bit(brecs[i][0], brecs[i][1]), qrot, iters)
+        row("dequantize nf4 nested", t_o, t_b, "bnb", n / 2 + n / 64 + 2 * n, copy_s)
 
-    # Batch-1 GEMV: ours vs bnb matmul_4bit vs bf16 F.linear (weights rotated too).
-    xv = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
-
-    def ours_gemv(i):
+    def gemv(i, x, variant=0):
         packed, nest = recs[i]
         kernels_cuda.gemv_4bit(
-            xv,
+            x,
             packed,
             None,
             out_features=out_f,
@@ -165,32 +164,37 @@ def bench_shape(shape, bw, iters, bnbf, bnb) -> list[dict]:
             blocksize=64,
             quant_map=qmap,
             nested=nest,
+            variant=variant,
         )
 
-    t_o = time_op(ours_gemv, qrot, iters)
+    # Batch-1 GEMV: ours vs bnb matmul_4bit vs bf16 F.linear (weights rotated too).
+    xv = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
     g_bytes = n / 2 + n / 64 + 2 * in_f + 2 * out_f
-    for variant in (1, 2, 3, 4, 5):  # the forced kernel configurations (csrc/cuda/gemv.cu launch_fast)
-
-        def gemv_variant(i, variant=variant):
-            packed, nest = recs[i]
-            kernels_cuda.gemv_4bit(
-                xv,
-                packed,
-                None,
-                out_features=out_f,
-                in_features=in_f,
-                blocksize=64,
-                quant_map=qmap,
-                nested=nest,
-                variant=variant,
+    if "gemv" in ops:
+        t_o = time_op(lambda i: gemv(i, xv), qrot, iters)
+        # Forced configurations (csrc/cuda/gemv.cu): 1..5 the CUDA-core kernel, 6..9 the tensor-core
+        # kernel with 1, 2, 4 or 8 warps per 16-row tile, 10 the CUDA-core kernel's default.
+        for variant in range(1, 11):
+            t_v = time_op(lambda i, v=variant: gemv(i, xv, v), qrot, iters)
+            row(f"gemv b1 variant {variant}", t_v, None, "", g_bytes)
+        if bnb is not None:
+            t_b = time_op(
+                lambda i: bnb.matmul_4bit(xv, brecs[i][0].t(), quant_state=brecs[i][1]), qrot, iters
             )
-
-        row(f"gemv b1 variant {variant}", time_op(gemv_variant, qrot, iters), None, "", g_bytes)
-    if bnb is not None:
-        t_b = time_op(lambda i: bnb.matmul_4bit(xv, brecs[i][0].t(), quant_state=brecs[i][1]), qrot, iters)
-        row("gemv b1 vs bnb", t_o, t_b, "bnb matmul_4bit", g_bytes)
-    t_l = time_op(lambda i: torch.nn.functional.linear(xv, xs[i]), rot, iters)
-    row("gemv b1 vs bf16 linear", t_o, t_l, "F.linear bf16", g_bytes)
+            row("gemv b1 vs bnb", t_o, t_b, "bnb matmul_4bit", g_bytes)
+        t_l = time_op(lambda i: torch.nn.functional.linear(xv, xs[i]), rot, iters)
+        row("gemv b1 vs bf16 linear", t_o, t_l, "F.linear bf16", g_bytes)
+        x8 = torch.randn(8, in_f, device="cuda", dtype=torch.bfloat16)
+        t_o8 = time_op(lambda i: gemv(i, x8), qrot, iters)
+        t_l8 = time_op(lambda i: torch.nn.functional.linear(x8, xs[i]), rot, iters)
+        row(
+            "gemv b8 vs b8 CUDA cores",
+            t_o8,
+            time_op(lambda i: gemv(i, x8, 10), qrot, iters),
+            "variant 10",
+            g_bytes,
+        )
+        row("gemv b8 vs bf16 linear", t_o8, t_l8, "F.linear bf16", g_bytes + 14 * (in_f + out_f))
     # Correctness guard: the timed GEMV computes the product of the dequantized weight.
     w = kernels_cuda.dequantize_4bit(
         recs[0][0], None, n=n, blocksize=64, quant_map=qmap, out_dtype=torch.float32, nested=recs[0][1]
@@ -218,6 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small shapes, fewer iterations")
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--ops", default="quantize,dequantize,gemv", help="comma list of ops to time")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     usable, why = kernels_cuda.cuda_status()
@@ -239,7 +244,7 @@ def main() -> None:
     )
     rows = []
     for shape in shapes:
-        rows += bench_shape(shape, bw, args.iters, bnbf, bnb)
+        rows += bench_shape(shape, bw, args.iters, bnbf, bnb, tuple(args.ops.split(",")))
     if args.json:
         args.json.write_text(
             json.dumps({"device": props.name, "copy_GBps": bw / 1e9, "rows": rows}, indent=1) + "\n"

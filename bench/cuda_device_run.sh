@@ -39,9 +39,10 @@ fi
 
 rc=0
 if has test; then
-  timeout 420 $PY -m pytest -q -p no:cacheprovider tests/cuda -rs 2>&1 | tail -60 >"$OUT/test_cuda.log"
+  timeout 420 $PY -m pytest -q -p no:cacheprovider -rs -m cuda tests/cuda tests/loader/test_loader_cuda.py \
+    tests/converter/test_convert_cuda.py >"$OUT/test_cuda_full.log" 2>&1
   rc=$?
-  tail -25 "$OUT/test_cuda.log"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/test_cuda_full.log" | tail -40 | tee "$OUT/test_cuda.log"
   $PY -m pytest -q -p no:cacheprovider -s tests/cuda/test_cuda_vs_bnb.py 2>&1 | grep -E "bnb-vs-ours|^nested" >"$OUT/bnb_counts.log"
   cat "$OUT/bnb_counts.log"
   $PY -m pytest -q -p no:cacheprovider tests/golden 2>&1 | tail -3
@@ -52,7 +53,8 @@ if has golden; then
   $PY -m pytest -q -p no:cacheprovider tests/golden 2>&1 | tail -15 | tee "$OUT/test_golden.log"
 fi
 if has bench; then
-  $PY bench/bench_cuda.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  # BENCH_ARGS: e.g. "--ops gemv,dequantize" to time a subset
+  $PY bench/bench_cuda.py ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 fi
 if has convert; then
   $PY bench/bench_cuda_convert.py --workdir /tmp/qm_e2e 2>&1 | tee "$OUT/convert.log"
