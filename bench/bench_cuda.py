@@ -184,6 +184,13 @@ def bench_shape(shape, bw, iters, bnbf, bnb, ops=("quantize", "dequantize", "gem
             row("gemv b1 vs bnb", t_o, t_b, "bnb matmul_4bit", g_bytes)
         t_l = time_op(lambda i: torch.nn.functional.linear(xv, xs[i]), rot, iters)
         row("gemv b1 vs bf16 linear", t_o, t_l, "F.linear bf16", g_bytes)
+        row(
+            "gemv b1 vs b1 CUDA cores",
+            t_o,
+            time_op(lambda i: gemv(i, xv, 10), qrot, iters),
+            "variant 10",
+            g_bytes,
+        )
         x8 = torch.randn(8, in_f, device="cuda", dtype=torch.bfloat16)
         t_o8 = time_op(lambda i: gemv(i, x8), qrot, iters)
         t_l8 = time_op(lambda i: torch.nn.functional.linear(x8, xs[i]), rot, iters)

@@ -19,7 +19,7 @@
 // in the same order (x[8c .. 8c+7] of the chunk, one 16-byte load), so the permutation cancels.
 //
 // Data movement: every warp streams tiles of 16 rows x 256 weights (2 KB of codes plus the tile's
-// absmax inputs: a 16-float window of absmax, or a 32-byte window of nested codes and two nested absmax)
+// absmax inputs: a 12-float window of absmax, or a 32-byte window of nested codes and two nested absmax)
 // through a 3-stage cp.async ring of its own in shared memory: 6 copy instructions per lane per tile.
 // `split` warps share a row tile and take every split-th k tile; their partial sums meet in shared
 // memory in a fixed order. Rows hold whole blocks (K % blocksize == 0, as bitsandbytes' GEMV requires),
@@ -41,13 +41,15 @@ constexpr int kTileChunks = 8;                     // 32-weight chunks per k til
 constexpr int kTileWeights = kTileChunks * 32;     // 256
 constexpr int kRowStride = kTileChunks * 16 + 16;  // bytes; +16 puts consecutive rows 4 banks apart
 constexpr int kStageCodeBytes = 16 * kRowStride;
-// Per row: 16 float absmax from b0 & ~3, or 32 bytes of nested codes from b0 & ~15 + 2 nested absmax.
-constexpr int kMetaBytes = 64;
+// Per row: 12 float absmax from b0 & ~3, or 32 bytes of nested codes from b0 & ~15 + 2 nested absmax.
+// 48 bytes = 12 banks apart: the 8 rows a warp reads at once land in 8 different banks.
+constexpr int kMetaBytes = 48;
 constexpr int kStageBytes = kStageCodeBytes + 16 * kMetaBytes;
 constexpr int kLutBytes = 256 * 32 * 4;
 constexpr int kMap8Bytes = 256 * 4;
 constexpr int kSmemBytes = kLutBytes + kMap8Bytes + kWarps * kStages * kStageBytes;
 static_assert(kStageBytes >= 32 * 4 * 4, "a warp's partial sums fit in its first stage");
+static_assert(2 * (kSmemBytes + 1024) <= 233472, "two CTAs per multiprocessor (228 KB, 1 KB reserved each)");
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -134,17 +136,24 @@ __device__ __forceinline__ void issue_tile(const Params& p, const Copier& cp, ui
       cp_async16(stage + cp.dst + i * 4 * kRowStride, src + i * 2 * p.K);
   if (cp.meta_row < nrows) {
     const int64_t b0 = cp.rb + ((kt * kTileWeights) >> p.log2bs);  // the row's first block of the tile
+    const int nblk = p.log2bs >= 8 ? 1 : kTileWeights >> p.log2bs;    // blocks in a whole tile
     const uint32_t dst = stage + kStageCodeBytes + cp.meta_dst;
-    if (!p.nested) {  // floats b0 & ~3 .. + 15: covers the tile's at most 8 blocks
-      const int64_t w0 = (b0 & ~int64_t{3}) + 4 * cp.half, w1 = w0 + 8;
-      cp_async16(dst, p.absmax + (w0 < p.nb ? w0 : 0), clamp16(4 * (p.nb - w0)));
-      cp_async16(dst + 32, p.absmax + (w1 < p.nb ? w1 : 0), clamp16(4 * (p.nb - w1)));
-    } else {  // codes b0 & ~15 .. + 31, and nested absmax b0 / 256 and the next
+    if (!p.nested) {  // floats from b0 & ~3, in windows of 4 (at most 3): those holding the tile's blocks
+      const int need = static_cast<int>(b0 & 3) + nblk;
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int win = cp.half + 2 * k;
+        const int64_t w = (b0 & ~int64_t{3}) + 4 * win;
+        if (win < 3 && 4 * win < need)
+          cp_async16(dst + 32 * k, p.absmax + (w < p.nb ? w : 0), clamp16(4 * (p.nb - w)));
+      }
+    } else {  // codes from b0 & ~15 (one or two windows of 16), nested absmax b0 / 256 (and the next)
       const int64_t c0 = (b0 & ~int64_t{15}) + 16 * cp.half;
-      cp_async16(dst, p.nc + (c0 < p.nb ? c0 : 0), clamp16(p.nb - c0));
+      if (16 * cp.half < static_cast<int>(b0 & 15) + nblk) cp_async16(dst, p.nc + (c0 < p.nb ? c0 : 0), clamp16(p.nb - c0));
       const int64_t q = (b0 >> 8) + cp.half;
-      cp_async4(stage + kStageCodeBytes + cp.meta_dst - 16 * cp.half + 32 + 4 * cp.half, p.na + (q < p.nna ? q : 0),
-                q < p.nna ? 4u : 0u);
+      if (cp.half == 0 || static_cast<int>(b0 & 255) + nblk > 256)
+        cp_async4(stage + kStageCodeBytes + cp.meta_dst - 16 * cp.half + 32 + 4 * cp.half,
+                  p.na + (q < p.nna ? q : 0), q < p.nna ? 4u : 0u);
     }
   }
   cp_async_commit();
