@@ -186,7 +186,13 @@ class _Conversion:
         if overwrite or not (self.output / MANIFEST_NAME).exists():
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
-        selection = select_tensors(config, tensors, skip=options.skip, include=options.include)
+        selection = select_tensors(
+            config,
+            tensors,
+            skip=options.skip,
+            include=options.include,
+            cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
+        )
         identity = src.describe()
         plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
         self.plan = plan

@@ -269,13 +269,17 @@ def build_plan(
             planned.append(PlannedTensor(t, False, False, dt, reason, nbytes))
 
     if not any(p.quantize for p in planned):
-        example = next(
+        f64 = next((p for p in planned if p.reason.startswith("dtype F64")), None)
+        example = f64 or next(
             (p for p in planned if p.info.name.endswith(".weight")), planned[0] if planned else None
         )
         detail = f" (e.g. {example.name!r}: {example.reason})" if example else ""
+        hint = (
+            "pass --dtype float32 (or bfloat16) to cast float64 weights" if f64 else "check --include/--skip"
+        )
         msg = (
             f"nothing to quantize: no tensor is a float32/float16/bfloat16 linear weight selected for "
-            f"quantization{detail}; check --include/--skip, or the checkpoint's dtype"
+            f"quantization{detail}; {hint}, or the checkpoint's dtype"
         )
         raise InputError(msg)
     groups: list[ShardPlan] = []

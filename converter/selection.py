@@ -52,6 +52,15 @@ class _TensorLike(Protocol):
 
 
 @dataclass(frozen=True)
+class _CastView:
+    """A tensor as --dtype will leave it (selection only reads name, dtype and shape)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class QuantizeSpec:
     """How one selected weight is quantized."""
 
@@ -88,13 +97,18 @@ def select_tensors(
     skip: Sequence[str] = (),
     include: Sequence[str] = (),
     use_transformers: bool | None = None,
+    cast_to: str | None = None,
 ) -> Selection:
     """Decide, for every tensor of a checkpoint, whether it is quantized, and why not.
 
     ``config`` is the parsed config.json (None if the source has none); ``skip`` and ``include`` are
     fnmatch globs tried on checkpoint keys and module names (checkpoint and model spelling).
-    ``use_transformers`` None means "if transformers >= 5 is installed".
+    ``use_transformers`` None means "if transformers >= 5 is installed". ``cast_to`` is --dtype's
+    safetensors code ("F32", "F16", "BF16"): float64 tensors are judged as the cast will leave them,
+    as transformers loads such a checkpoint in the requested dtype before quantizing.
     """
+    if cast_to is not None:
+        tensors = [_CastView(t.name, cast_to, tuple(t.shape)) if t.dtype == "F64" else t for t in tensors]
     if config is None:
         if include:
             return _select_explicit(tensors, skip=skip, include=include)

@@ -176,6 +176,41 @@ def test_dtype_cast_and_compute_dtype(tiny_llama: Path, tmp_path: Path) -> None:
     assert json.loads(qs)["dtype"] == "float16"
 
 
+def _as_dtype(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """A copy of the checkpoint folder with every float tensor stored as ``dtype``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(f).items()}
+        save_file(tensors, f, metadata={"format": "pt"})
+    return dst
+
+
+def test_float64_weights_are_quantized_after_a_dtype_cast(tiny_llama: Path, tmp_path: Path) -> None:
+    f64 = _as_dtype(tiny_llama, tmp_path / "f64", torch.float64)
+    f32 = _as_dtype(tiny_llama, tmp_path / "f32", torch.float32)
+    # With --dtype float32 the float64 weights are selected as transformers would load them (float32),
+    # cast, and quantized: the same output as converting the float32 checkpoint.
+    r = convert(f64, tmp_path / "out64", dtype="float32", progress=False)
+    assert (r.tensors_quantized, r.tensors_kept) == (14, 7)
+    convert(f32, tmp_path / "out32", dtype="float32", progress=False)
+    # (the shards' metadata differ: it records the source dtype and files)
+    with (
+        safe_open(str(tmp_path / "out64" / "model.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "out32" / "model.safetensors"), "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    # Without a cast nothing is quantizable: refused before writing, saying how to cast.
+    with pytest.raises(
+        InputError, match=r"dtype F64 is not float32/float16/bfloat16\); pass --dtype float32"
+    ):
+        convert(f64, tmp_path / "keep", progress=False)
+    assert not (tmp_path / "keep" / "model.safetensors").exists()
+
+
 def test_fp4_without_nesting(tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     r = convert(tiny_llama, out, quant_type="fp4", double_quant=False, blocksize=128, progress=False)
