@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,15 @@ def _as_bytes(
         return memoryview(data).cast("B")
     msg = f"{where}: cannot write a {type(data).__name__}; pass a torch.Tensor, numpy array or bytes"
     raise SlotMismatch(msg)
+
+
+def _sha256_into(path: Path, out: dict) -> None:
+    """sha256 of the file at ``path`` into out["sha256"] (or the exception, for the caller to raise)."""
+    try:
+        with open(path, "rb") as f:
+            out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    except BaseException as exc:  # handed to the closing thread, which raises it
+        out["sha256"] = exc
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -248,11 +258,20 @@ class ShardWriter:
             header = self._header_json(blob_offsets)
             header += b" " * (self._header_size - len(header))
             _pwrite_all(self._fd, memoryview(self._header_size.to_bytes(8, "little") + header), 0)
-            os.fsync(self._fd)
+            # Hash the finished bytes (from the page cache) while fsync flushes them: both wait on
+            # different things and release the GIL, so the slower one sets close's time.
+            hashed: dict[str, str | BaseException] = {}
+            hasher = threading.Thread(target=_sha256_into, args=(self._tmp, hashed), daemon=True)
+            hasher.start()
+            try:
+                os.fsync(self._fd)
+            finally:
+                hasher.join()
             os.close(self._fd)
             self._fd = -1
-            with open(self._tmp, "rb") as f:
-                sha = hashlib.file_digest(f, "sha256").hexdigest()
+            sha = hashed["sha256"]
+            if isinstance(sha, BaseException):
+                raise sha
             size = self._data_start + position
             os.replace(self._tmp, self.path)
             _fsync_dir(self.path.parent)
