@@ -154,6 +154,32 @@ QM_TARGET_AVX512 inline void tile_span_avx512(const Gemv4bitArgs& a, const float
     const int64_t blk = k / bs, seg_end = std::min(k1, (blk + 1) * bs);
     __m512 scale[R];
     for (int r = 0; r < R; ++r) scale[r] = _mm512_set1_ps(block_absmax(a, (o + r) * bpr + blk));
+    if constexpr (B * R <= 8) {
+      // Few accumulators: sum code value x activation over the block, then scale the block's sum
+      // once (two multiplies fewer per 32 weights than scaling each decoded weight).
+      __m512 part[R][B];
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < B; ++b) part[r][b] = _mm512_setzero_ps();
+      for (; k < seg_end; k += 32) {
+        __m512 we[R], wo[R];
+        for (int r = 0; r < R; ++r) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + (k >> 1))));
+          we[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+          wo[r] = _mm512_permutexvar_ps(_mm512_and_si512(v, nib), table);
+        }
+        for (int b = 0; b < B; ++b) {
+          const float* xb = xf + b * K + k;
+          const __m512 xe = _mm512_loadu_ps(xb), xo = _mm512_loadu_ps(xb + 16);
+          for (int r = 0; r < R; ++r) {
+            part[r][b] = _mm512_fmadd_ps(we[r], xe, part[r][b]);
+            part[r][b] = _mm512_fmadd_ps(wo[r], xo, part[r][b]);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < B; ++b) acc[r][b] = _mm512_fmadd_ps(part[r][b], scale[r], acc[r][b]);
+      continue;
+    }
     for (; k < seg_end; k += 32) {
       __m512 we[R], wo[R];
       for (int r = 0; r < R; ++r) {
