@@ -291,7 +291,7 @@ int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t 
   // with 1, 2, 4 or 8 warps per row tile, 1..5 force a configuration of the CUDA-core kernel, 10 the
   // CUDA-core kernel's default configuration.
   const bool mma = variant == 0 || (variant >= 6 && variant <= 9);
-  if (mma && gemv_mma_supported(dtype, K, blocksize, x, packed, absmax, ncodes)) {
+  if (mma && gemv_mma_supported(device, dtype, K, blocksize, x, packed, absmax, ncodes)) {
     const GemvMmaArgs m{a.x, a.packed, a.absmax, a.nc, a.na, offset, a.map8, a.qm, a.y, batch, N, K, a.log2bs, a.st};
     return static_cast<int>(launch_gemv_mma(m, dtype, variant >= 6 ? 1 << (variant - 6) : 0));
   }

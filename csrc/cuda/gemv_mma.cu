@@ -400,12 +400,27 @@ cudaError_t launch(const GemvMmaArgs& a, int split) {
   return cudaGetLastError();
 }
 
+// Whether a block of `device` may use kSmemBytes of shared memory (H100/A100: yes; GPUs with about
+// 100 KB per SM such as the RTX 30/40 series and L4/L40: no, they keep the CUDA-core kernel).
+bool smem_fits(int device) {
+  static std::atomic<uint64_t> known{0}, fits{0};
+  if (device < 0 || device >= 64) return false;
+  const uint64_t bit = uint64_t{1} << device;
+  if ((known.load() & bit) == 0) {
+    int optin = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
+    if (optin >= kSmemBytes) fits.fetch_or(bit);
+    known.fetch_or(bit);
+  }
+  return (fits.load() & bit) != 0;
+}
+
 }  // namespace
 
-bool gemv_mma_supported(int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed, uintptr_t absmax,
-                        uintptr_t ncodes) {
+bool gemv_mma_supported(int device, int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed,
+                        uintptr_t absmax, uintptr_t ncodes) {
   return (dtype == kF16 || dtype == kBF16) && K % blocksize == 0 && K < (int64_t{1} << 30) && aligned16(x) &&
-         aligned16(packed) && aligned16(absmax) && aligned16(ncodes);
+         aligned16(packed) && aligned16(absmax) && aligned16(ncodes) && smem_fits(device);
 }
 
 cudaError_t launch_gemv_mma(const GemvMmaArgs& a, int dtype, int split) {

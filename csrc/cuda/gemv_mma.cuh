@@ -24,11 +24,11 @@ struct GemvMmaArgs {
   cudaStream_t st;
 };
 
-// Whether the tensor-core kernel can run these arguments: 16-bit x, whole blocks per row
+// Whether the tensor-core kernel can run these arguments on `device`: 16-bit x, whole blocks per row
 // (K % blocksize == 0, as bitsandbytes' own GEMV requires), 16-byte aligned x, packed, absmax and
-// nested codes (0 for the one not given).
-bool gemv_mma_supported(int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed, uintptr_t absmax,
-                        uintptr_t ncodes);
+// nested codes (0 for the one not given), and a device that grants its ~105 KB of shared memory.
+bool gemv_mma_supported(int device, int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed,
+                        uintptr_t absmax, uintptr_t ncodes);
 
 // split: warps sharing one 16-row tile (1, 2, 4 or 8); 0 picks by shape.
 cudaError_t launch_gemv_mma(const GemvMmaArgs& a, int dtype, int split);
