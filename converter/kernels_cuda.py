@@ -44,9 +44,14 @@ def _nonfinite_error() -> type[Exception]:
     return kernels.NonFiniteInputError  # the CPU path's exception, so callers catch one type
 
 
+#: Oldest compute capability the CUDA build runs on (CMakeLists.txt: sm_80 and sm_90 SASS, compute_90 PTX).
+MIN_CAPABILITY = (8, 0)
+
+
 @cache
 def cuda_status() -> tuple[bool, str]:
-    """``(usable, reason)``: usable is False with a one-line reason (no CUDA build, no device, old driver)."""
+    """``(usable, reason)``: usable is False with a one-line reason (no CUDA build, no device, old
+    driver, or a GPU older than compute capability 8.0)."""
     if not getattr(_kernels, "has_cuda_build", lambda: False)():
         return False, "this build of quantize-model has no CUDA backend (it was built without nvcc)"
     count, why = _kernels.cuda_available()
@@ -54,6 +59,14 @@ def cuda_status() -> tuple[bool, str]:
         return False, why
     if not torch.cuda.is_available():
         return False, "torch reports no usable CUDA device (a CPU-only torch build?)"
+    for i in range(count):  # the kernels are built for compute capability 8.0 and newer (sm_80, sm_90, PTX)
+        info = _kernels.cuda_device_info(i)
+        major, minor = info["capability"]
+        if major < MIN_CAPABILITY[0]:
+            return False, (
+                f"GPU {i} ({info['name']}) has compute capability {major}.{minor}; this build's CUDA kernels "
+                f"need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (A100, RTX 30 series, H100 and later)"
+            )
     return True, ""
 
 

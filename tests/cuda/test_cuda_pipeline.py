@@ -58,6 +58,33 @@ def test_cpu_fallback_says_why_and_gives_the_cpu_bytes(monkeypatch):
     _check(list(q.quantize_many(_tensors())), QuantType.NF4, 64, True)
 
 
+def test_a_gpu_older_than_the_build_is_not_usable(monkeypatch):
+    # A CUDA build on a machine whose GPU predates compute capability 8.0 (e.g. a T4): the kernels have
+    # no image for it, so the backend says so and --device cuda converts on the CPU with that reason.
+    from converter import _kernels, kernels_cuda
+    from converter.pipeline import resolve_device
+
+    monkeypatch.setattr(_kernels, "has_cuda_build", lambda: True, raising=False)
+    monkeypatch.setattr(_kernels, "cuda_available", lambda: (1, ""), raising=False)
+    monkeypatch.setattr(
+        _kernels, "cuda_device_info", lambda i: {"name": "Tesla T4", "capability": (7, 5)}, raising=False
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kernels_cuda.cuda_status.cache_clear()  # the answer is cached per process
+    try:
+        usable, why = kernels_cuda.cuda_status()
+        device, note = resolve_device("cuda")
+    finally:
+        kernels_cuda.cuda_status.cache_clear()
+    assert not usable
+    assert why == (
+        "GPU 0 (Tesla T4) has compute capability 7.5; this build's CUDA kernels need 8.0 or newer "
+        "(A100, RTX 30 series, H100 and later)"
+    )
+    assert device == "cpu"
+    assert note == f"--device cuda: no usable CUDA backend, {why}; converting on the CPU (same bytes)"
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("quant_type", [QuantType.NF4, QuantType.FP4], ids=lambda q: q.label)
 @pytest.mark.parametrize("nested", [True, False])
