@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings_int8.h"
 #include "codebooks.h"
 #include "cpu_features.h"
 #include "gemv_cpu.h"
@@ -203,6 +204,8 @@ PYBIND11_MODULE(_kernels, m) {
       "y[b, o] = sum_k x[b, k] * W[o, k] for batch 1..8, W packed 4-bit with f32 absmax (absmax != 0) or\n"
       "nested absmax (absmax == 0: absmax_codes, nested_absmax, offset, nested_map). in_features must be a\n"
       "multiple of blocksize. y has x's dtype.");
+
+  register_int8(m);
 
 #ifdef QM_HAVE_CUDA
   register_cuda(m);
