@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from converter import kernels
-from converter.cuda_pipeline import CpuQuantizer, CudaQuantizer, QuantResult, make_quantizer
+from converter.cuda_pipeline import CpuQuantizer, CudaQuantizer, QuantResult
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
 from converter.plan import (
@@ -42,19 +42,13 @@ from converter.report import REPORT_NAME, ConversionResult, build_report, make_r
 from converter.selection import select_tensors
 from converter.sources import Source, open_source
 from converter.sources.local import MappedFile
+from converter.version import tool_version
 from formats import bnb_compat, index, metadata
-from formats.record import QuantizedTensor
-from formats.validate import FORMAT_VERSION, quant_layout
+from formats.validate import FORMAT_VERSION
 from formats.writer import TORCH_DTYPES, ShardInfo, ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
 ProgressHook = Callable[[str, int], None]
-
-
-def tool_version() -> str:
-    from converter import __version__
-
-    return __version__
 
 
 def resolve_device(device: str) -> tuple[str, str | None]:
@@ -84,6 +78,8 @@ def convert(
     compute_dtype: str | None = None,
     dtype: str | None = None,
     quant_storage: str = "uint8",
+    int8_threshold: float = 6.0,
+    int8_scale: str = "cpu",
     skip: Sequence[str] = (),
     include: Sequence[str] = (),
     max_shard_size: str | int = "5GB",
@@ -115,6 +111,8 @@ def convert(
             skip=tuple(skip),
             include=tuple(include),
             max_shard_size=parse_size(max_shard_size),
+            int8_threshold=int8_threshold,
+            int8_scale=int8_scale,
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
@@ -164,9 +162,7 @@ Quantizer = CpuQuantizer | CudaQuantizer
 
 def new_quantizer(options: Options, device: str, threads: int | None) -> Quantizer:
     """The quantizer a conversion streams its tensors through (``device`` as resolve_device gives it)."""
-    if device == "cpu":
-        return CpuQuantizer(options.qtype, options.blocksize, options.double_quant, threads=threads)
-    return make_quantizer(options.qtype, options.blocksize, options.double_quant, device, threads)
+    return options.method.quantizer(options, device, threads)
 
 
 class _Conversion:
@@ -279,6 +275,7 @@ class _Conversion:
                 manifest.save(self.output)
                 self.stats.shards_written.append(shard.name)
         finally:
+            self.notes.extend(getattr(quantizer, "notes", ()))
             for file in list(mapped):
                 mapped.pop(file)
                 self.src.release(file)
@@ -313,17 +310,7 @@ class _Conversion:
         slots: list[TensorSlot] = []
         for p in shard.tensors:
             if p.quantize:
-                slots.extend(
-                    QuantizedTensor.plan_slots(
-                        p.name,
-                        p.out_shape,
-                        _torch_name(p.out_dtype),
-                        opts.qtype,
-                        opts.blocksize,
-                        opts.double_quant,
-                        opts.quant_storage,
-                    )
-                )
+                slots.extend(opts.method.plan_slots(p, opts))
             else:
                 slots.append(TensorSlot(p.name, p.out_dtype, p.info.shape))
         meta = metadata.build_metadata(
@@ -426,18 +413,7 @@ class _Conversion:
             msg = f"internal error: the quantizer returned {got and got[0]!r} where {p.name!r} was due"
             raise RuntimeError(msg)
         r = got[1]
-        opts = self.options
-        record = QuantizedTensor.from_kernel_outputs(
-            name=p.name,
-            shape=p.out_shape,
-            dtype=_torch_name(p.out_dtype),
-            quant_type=opts.qtype,
-            blocksize=opts.blocksize,
-            packed=r.packed,
-            absmax=r.absmax,
-            nested=r.nested,
-            quant_storage=opts.quant_storage,
-        )
+        record = self.options.method.record(p, self.options, r)
         del got, r
         for key, value in record.state_dict().items():
             writer.write(key, value)
@@ -467,23 +443,14 @@ class _Conversion:
         for s in self.plan.shards:
             for p in s.tensors:
                 if p.quantize:
-                    layout = quant_layout(
-                        p.name, p.out_shape, opts.qtype, opts.blocksize, opts.double_quant, opts.quant_storage
-                    )
-                    weight_map.update(dict.fromkeys(layout, s.name))
+                    weight_map.update(dict.fromkeys(opts.method.layout(p, opts), s.name))
                 else:
                     weight_map[p.name] = s.name
         index.write_index(self.output, shards, weight_map, self._provenance(None))
 
     def _write_config(self, config: dict | None) -> None:
         plan = self.plan
-        qconfig = bnb_compat.quantization_config(
-            quant_type=self.options.qtype,
-            double_quant=self.options.double_quant,
-            compute_dtype=plan.compute_dtype,
-            skip_modules=plan.skip_modules,
-            quant_storage=self.options.quant_storage,
-        )
+        qconfig = self.options.method.quantization_config(plan)
         out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
         text = json.dumps(out, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(self.output / "config.json", text.encode())
@@ -511,15 +478,7 @@ def _tensor_record(p: PlannedTensor, opts: Options) -> dict:
         return metadata.passthrough_record(
             dtype=p.out_dtype, shape=p.info.shape, reason=p.reason[:200] or "kept"
         )
-    return metadata.quantized_record(
-        shape=p.out_shape,
-        dtype=_torch_name(p.out_dtype),
-        quant_type=opts.qtype,
-        blocksize=opts.blocksize,
-        nested=opts.double_quant,
-        quant_storage=opts.quant_storage,
-        transposed=p.transpose,
-    )
+    return opts.method.metadata_record(p, opts)
 
 
 def source_label(identity: dict) -> str:

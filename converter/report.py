@@ -132,7 +132,7 @@ def _quantized_bytes(path: Path, weights: set[str]) -> int:
 
 def build_report(result: ConversionResult, plan: Any, identity: dict, selection: Any, stats: Any) -> dict:
     """The content of quantization_report.json (the only output file with timings)."""
-    from converter.pipeline import tool_version
+    from converter.version import tool_version
 
     kept_reasons: dict[str, int] = {}
     for t in plan.kept:

@@ -1,0 +1,129 @@
+"""NF4 / FP4 blockwise 4-bit (bitsandbytes ``Linear4bit``): the method the converter started with.
+
+Kernels ``converter.kernels`` (quantize_4bit + quantize_nested) through ``converter.cuda_pipeline``;
+record ``formats.record.QuantizedTensor``; config ``formats.bnb_compat.quantization_config``; runtime
+layer ``converter.loader.module.Linear4bit``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from converter.methods.base import QuantMethod
+
+if TYPE_CHECKING:
+    from converter.plan import Options, Plan, PlannedTensor
+
+#: Bytes a quantized tensor adds beyond its payload: quant_map (16 f32), nested map (256 f32) and
+#: the quant_state JSON blob (a few hundred bytes). Only used to cut shards, so an upper bound.
+_TABLE_BYTES = 16 * 4 + 256 * 4 + 1024
+
+
+def _dtype_name(code: str) -> str:
+    from converter.plan import CODE_NAMES
+
+    return CODE_NAMES[code]
+
+
+class Bnb4bitMethod(QuantMethod):
+    def __init__(self, name: str, description: str) -> None:
+        self.name, self.description = name, description
+
+    def _qtype(self) -> Any:
+        from formats.quant_types import QuantType
+
+        return QuantType.parse(self.name)
+
+    def check_options(self, options: Options) -> None:
+        from formats.quant_types import check_blocksize
+
+        check_blocksize(options.blocksize)
+
+    def check_tensor(
+        self, file: str, name: str, shape: tuple[int, ...], dtype: str, options: Options
+    ) -> None:
+        from formats.validate import check_quant_options
+
+        check_quant_options(file, name, shape, dtype, options.blocksize, options.quant_storage)
+
+    def out_nbytes(self, numel: int, shape: tuple[int, ...], options: Options) -> int:
+        from formats.quant_types import quantized_nbytes
+
+        return quantized_nbytes(numel, options.blocksize, options.double_quant) + _TABLE_BYTES
+
+    def layout(self, p: PlannedTensor, options: Options) -> dict:
+        from formats.validate import quant_layout
+
+        return quant_layout(
+            p.name, p.out_shape, self._qtype(), options.blocksize, options.double_quant, options.quant_storage
+        )
+
+    def plan_slots(self, p: PlannedTensor, options: Options) -> list:
+        from formats.record import QuantizedTensor
+
+        return QuantizedTensor.plan_slots(
+            p.name,
+            p.out_shape,
+            _dtype_name(p.out_dtype),
+            self._qtype(),
+            options.blocksize,
+            options.double_quant,
+            options.quant_storage,
+        )
+
+    def metadata_record(self, p: PlannedTensor, options: Options) -> dict[str, Any]:
+        from formats import metadata
+
+        return metadata.quantized_record(
+            shape=p.out_shape,
+            dtype=_dtype_name(p.out_dtype),
+            quant_type=self._qtype(),
+            blocksize=options.blocksize,
+            nested=options.double_quant,
+            quant_storage=options.quant_storage,
+            transposed=p.transpose,
+        )
+
+    def record(self, p: PlannedTensor, options: Options, result: Any) -> Any:
+        from formats.record import QuantizedTensor
+
+        return QuantizedTensor.from_kernel_outputs(
+            name=p.name,
+            shape=p.out_shape,
+            dtype=_dtype_name(p.out_dtype),
+            quant_type=self._qtype(),
+            blocksize=options.blocksize,
+            packed=result.packed,
+            absmax=result.absmax,
+            nested=result.nested,
+            quant_storage=options.quant_storage,
+        )
+
+    def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
+        from converter.cuda_pipeline import CpuQuantizer, make_quantizer
+
+        if device == "cpu":
+            return CpuQuantizer(self._qtype(), options.blocksize, options.double_quant, threads=threads)
+        return make_quantizer(self._qtype(), options.blocksize, options.double_quant, device, threads)
+
+    def quantization_config(self, plan: Plan) -> dict[str, Any]:
+        from formats import bnb_compat
+
+        options = plan.options
+        return bnb_compat.quantization_config(
+            quant_type=self._qtype(),
+            double_quant=options.double_quant,
+            compute_dtype=plan.compute_dtype,
+            skip_modules=plan.skip_modules,
+            quant_storage=options.quant_storage,
+        )
+
+    def reads(self, record: object) -> bool:
+        from formats.record import QuantizedTensor
+
+        return isinstance(record, QuantizedTensor) and record.quant_type.label == self.name
+
+    def runtime_layer(self) -> type:
+        from converter.loader.module import Linear4bit
+
+        return Linear4bit
