@@ -16,6 +16,7 @@ from pathlib import Path
 
 from converter.errors import SourceNotFoundError
 from converter.manifest import MANIFEST_NAME
+from converter.methods import for_record
 from formats import index as index_mod
 from formats.reader import open_shard
 from formats.validate import FormatError
@@ -86,9 +87,7 @@ def inspect_path(path: str | Path) -> InspectResult:
                 result.tensors_quantized += 1
                 result.params_quantized += rec.n
                 result.bytes_quantized += sum(t.numel() * t.element_size() for t in rec.state_dict().values())
-                qtypes[
-                    f"{rec.quant_type.label} blocksize {rec.blocksize}{' nested' if rec.nested else ''}"
-                ] += 1
+                qtypes[for_record(rec).describe(rec)] += 1
             for key in shard.passthrough:
                 t = shard.get_tensor(key)
                 result.tensors_kept += 1

@@ -25,7 +25,6 @@ from converter.kernels import (
     FLOAT_DTYPES,
     NonFiniteInputError,
     _check_cpu,
-    _check_same_device,
     _check_tensor,
     _cuda_module,
     _isa,
@@ -54,6 +53,13 @@ def scale_table(scale: str) -> torch.Tensor | None:
     table = torch.from_numpy(cuda_scale_table().copy())
     assert table.numel() == _kernels.int8_scale_table_size
     return table
+
+
+def _check_same_device(reference: torch.Tensor, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device != reference.device:
+            msg = f"{name} is on {t.device} but {reference.device} was expected: move them to one device"
+            raise ValueError(msg)
 
 
 def _check_2d(name: str, t: torch.Tensor) -> tuple[int, int]:

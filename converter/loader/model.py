@@ -25,9 +25,9 @@ from torch import nn
 
 from converter.errors import InputError
 from converter.loader.module import QuantLinear4bit, dtype_from_name
-from converter.loader.replace import is_swappable, quantized_modules, swap_layers
+from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
 from converter.loader.state import load_quantized_state, resolve_folder
-from formats.record import QuantizedTensor
+from converter.methods import for_record
 
 
 class ModelBuildError(InputError):
@@ -100,7 +100,7 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
     buffers = dict(model.named_buffers())
     unused = []
     for key, value in state.items():
-        if isinstance(value, QuantizedTensor):
+        if not isinstance(value, torch.Tensor):  # a quantized record (4-bit or int8): already swapped in
             continue
         module_name, _, attr = key.rpartition(".")
         target = params.get(key)
@@ -158,8 +158,7 @@ def load_quantized(
         raise ModelBuildError(msg)
     raw_config = json.loads((folder / "config.json").read_text())
     qc = raw_config.get("quantization_config")
-    compute = qc.get("bnb_4bit_compute_dtype") if isinstance(qc, dict) else None
-    compute_dtype = dtype_from_name(compute) if isinstance(compute, str) else dtype
+    compute_dtype = compute_dtype_from_config(folder, state) or dtype
 
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
@@ -178,7 +177,15 @@ def load_quantized(
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
     except (ImportError, AttributeError, TypeError):  # another transformers version: skip the check
         expected = None
-    swapped = set(swap_layers(model, state, compute_dtype, where=str(folder)))
+    swapped = set(
+        swap_layers(
+            model,
+            state,
+            compute_dtype,
+            where=str(folder),
+            quantization_config=qc if isinstance(qc, dict) else None,
+        )
+    )
     if expected is not None and swapped != expected:
         extra, missing = sorted(swapped - expected), sorted(expected - swapped)
         warnings.warn(
@@ -201,7 +208,7 @@ def load_quantized(
         )
     if isinstance(qc, dict):
         model.config.quantization_config = qc
-    model.is_loaded_in_4bit = True
+    setattr(model, for_record(next(iter(quantized_modules(state).values()))).loaded_flag, True)
     model.eval()
     if torch.device(device) != torch.device("cpu"):
         model.to(device)

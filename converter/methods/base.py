@@ -84,6 +84,25 @@ class QuantMethod(ABC):
         return {k: v for k, v in options.items() if k not in others or k in self.own_options}
 
     # -- loader ----------------------------------------------------------------------------------
+    #: the model attribute PEFT / transformers read to know the layers' kind
+    loaded_flag: str = "is_loaded_in_4bit"
+
+    def describe(self, record: Any) -> str:
+        """A short label of a record for ``inspect``, e.g. "nf4 blocksize 64 nested"."""
+        return self.name
+
+    @abstractmethod
+    def dequantize(self, record: Any, dtype: Any) -> Any:
+        """The full weight of ``record`` in torch dtype ``dtype`` (its stored shape)."""
+
+    def compute_dtype(self, quantization_config: Mapping[str, Any]) -> str | None:
+        """The matmul dtype config.json asks for (None: the input's dtype)."""
+        return None
+
+    def layer_kwargs(self, quantization_config: Mapping[str, Any]) -> dict[str, Any]:
+        """Extra keyword arguments of ``runtime_layer().from_record`` taken from config.json."""
+        return {}
+
     @abstractmethod
     def reads(self, record: object) -> bool:
         """Whether ``record`` (a ``formats`` record read from a shard) is of this method."""

@@ -118,6 +118,19 @@ class Bnb4bitMethod(QuantMethod):
             quant_storage=options.quant_storage,
         )
 
+    def describe(self, record: Any) -> str:
+        return f"{record.quant_type.label} blocksize {record.blocksize}{' nested' if record.nested else ''}"
+
+    def dequantize(self, record: Any, dtype: Any) -> Any:
+        from converter.loader import ops
+        from converter.loader.module import state_from_record
+
+        return ops.dequantize(record.packed, state_from_record(record), dtype)
+
+    def compute_dtype(self, quantization_config: Any) -> str | None:
+        name = quantization_config.get("bnb_4bit_compute_dtype")
+        return name if isinstance(name, str) else None
+
     def reads(self, record: object) -> bool:
         from formats.record import QuantizedTensor
 

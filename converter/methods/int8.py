@@ -77,6 +77,20 @@ class Int8Method(QuantMethod):
         # quantized, and vLLM (which reads only this list) keeps the same modules unquantized.
         return quantization_config(threshold=plan.options.int8_threshold, skip_modules=plan.skip_modules)
 
+    loaded_flag = "is_loaded_in_8bit"
+
+    def describe(self, record: Any) -> str:
+        return "int8 row-wise"
+
+    def dequantize(self, record: Any, dtype: Any) -> Any:
+        from converter.loader import int8_ops
+
+        return int8_ops.dequantize(record.codes, record.scb, dtype)
+
+    def layer_kwargs(self, quantization_config: Any) -> dict[str, Any]:
+        threshold = quantization_config.get("llm_int8_threshold", 6.0)
+        return {"threshold": float(threshold) if isinstance(threshold, (int, float)) else 6.0}
+
     def reads(self, record: object) -> bool:
         from formats.int8 import Int8Tensor
 
