@@ -457,17 +457,18 @@ WEIGHT_FORMAT_SUFFIX = "weight_format"
 WEIGHT_FORMAT_ROW = 0
 
 
-def module_of(weight_key: str) -> str:
-    """``a.b.weight`` -> ``a.b`` (int8 weights are always a module's ``weight``)."""
-    return weight_key.removesuffix(".weight")
+def _module_prefix(weight_key: str) -> str:
+    """``a.b.weight`` -> ``a.b.``; a bare ``weight`` (a module's own state dict) -> ``""``."""
+    return "" if weight_key == "weight" else weight_key.removesuffix("weight")
 
 
 def scb_key(weight_key: str) -> str:
-    return f"{module_of(weight_key)}.{SCB_SUFFIX}"
+    """``a.b.weight`` -> ``a.b.SCB`` (int8 weights are always a module's ``weight``)."""
+    return _module_prefix(weight_key) + SCB_SUFFIX
 
 
 def weight_format_key(weight_key: str) -> str:
-    return f"{module_of(weight_key)}.{WEIGHT_FORMAT_SUFFIX}"
+    return _module_prefix(weight_key) + WEIGHT_FORMAT_SUFFIX
 
 
 def int8_layout(name: str, shape: Sequence[int]) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -249,10 +249,11 @@ class QuantLinear8bit(nn.Module):
         record = Int8Tensor(
             prefix + "weight", (self.out_features, self.in_features), None, self.codes, self.scb
         )
-        for key, value in record.state_dict().items():
+        items = list(record.state_dict().items())
+        if self.bias is not None:  # bnb's order: parameters first (weight, bias), then SCB, weight_format
+            items.insert(1, (prefix + "bias", self.bias))
+        for key, value in items:
             destination[key] = value if keep_vars else value.detach()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
