@@ -83,6 +83,11 @@ class QuantMethod(ABC):
         """The options as recorded in plans and shards: fields owned by other methods dropped."""
         return {k: v for k, v in options.items() if k not in others or k in self.own_options}
 
+    # -- model card (push) -------------------------------------------------------------------------
+    @abstractmethod
+    def card(self, qconfig: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[list[str], str, list]:
+        """(Hub tags, headline such as "NF4 4-bit", rows of (setting, value)) for the model card."""
+
     # -- loader ----------------------------------------------------------------------------------
     #: the model attribute PEFT / transformers read to know the layers' kind
     loaded_flag: str = "is_loaded_in_4bit"

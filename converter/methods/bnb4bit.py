@@ -118,6 +118,23 @@ class Bnb4bitMethod(QuantMethod):
             quant_storage=options.quant_storage,
         )
 
+    def card(self, qconfig: Any, options: Any) -> tuple[list[str], str, list]:
+        label = self.name.upper()
+        rows = [
+            ("Quantization", f"{label} 4-bit, blockwise absmax (bitsandbytes `Linear4bit` layout)"),
+            ("Block size", str(options.get("blocksize", 64))),
+            (
+                "Double (nested) quantization",
+                "yes" if qconfig.get("bnb_4bit_use_double_quant", True) else "no",
+            ),
+            ("Compute dtype", str(qconfig.get("bnb_4bit_compute_dtype") or "-")),
+            (
+                "Quant storage",
+                str(qconfig.get("bnb_4bit_quant_storage") or options.get("quant_storage") or "uint8"),
+            ),
+        ]
+        return ["bitsandbytes", "4-bit", self.name], f"{label} 4-bit", rows
+
     def describe(self, record: Any) -> str:
         return f"{record.quant_type.label} blocksize {record.blocksize}{' nested' if record.nested else ''}"
 

@@ -79,6 +79,18 @@ class Int8Method(QuantMethod):
 
     loaded_flag = "is_loaded_in_8bit"
 
+    def card(self, qconfig: Any, options: Any) -> tuple[list[str], str, list]:
+        scale = options.get("int8_scale", "cpu")
+        rows = [
+            ("Quantization", "LLM.int8 8-bit, row-wise absmax (bitsandbytes `Linear8bitLt` layout)"),
+            ("llm_int8_threshold", str(qconfig.get("llm_int8_threshold", 6.0))),
+            (
+                "Row scale",
+                "bitsandbytes' CUDA bytes (__fdividef)" if scale == "cuda" else "bitsandbytes' CPU bytes",
+            ),
+        ]
+        return ["bitsandbytes", "8-bit", "int8"], "LLM.int8 8-bit", rows
+
     def describe(self, record: Any) -> str:
         return "int8 row-wise"
 
