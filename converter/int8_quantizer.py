@@ -84,6 +84,8 @@ def _cuda_usable() -> tuple[bool, str]:
         usable, why = kernels_cuda.cuda_status()
     except (ImportError, AttributeError, RuntimeError) as exc:
         return False, f"the CUDA backend cannot be loaded ({exc})"
-    if usable and not hasattr(kernels_cuda, "quantize_int8"):
+    from converter import kernels_int8_cuda
+
+    if usable and not kernels_int8_cuda.available():
         return False, "this build's CUDA backend has no int8 kernels"
     return usable, why

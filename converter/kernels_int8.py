@@ -17,6 +17,7 @@ here computes; ``scale="cuda"`` reproduces checkpoints that bitsandbytes made on
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -38,6 +39,14 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 GEMV_INT8_MAX_BATCH = int(_kernels.gemv_int8_max_batch)
 #: The row scales a checkpoint can be made with (see the module docstring).
 SCALES = ("cpu", "cuda")
+
+
+def _cuda_int8() -> Any:
+    """converter.kernels_int8_cuda (imported when a CUDA tensor arrives; needs a CUDA build)."""
+    _cuda_module()  # raises with the reinstall hint on a CPU-only build
+    from converter import kernels_int8_cuda
+
+    return kernels_int8_cuda
 
 
 @cache
@@ -95,7 +104,7 @@ def quantize_int8(
     _isa(isa)
     table = scale_table(scale)
     if x.is_cuda:
-        return _cuda_module().quantize_int8(x, scale=scale)
+        return _cuda_int8().quantize_int8(x, scale=scale)
     _check_cpu("x", x)
     codes = torch.empty((rows, cols), dtype=torch.int8)
     scb = torch.empty(rows, dtype=torch.float32)
@@ -152,7 +161,7 @@ def dequantize_int8(
     rows, cols = check_dequantize_int8_args(codes, scb, out_dtype)
     _isa(isa)
     if codes.is_cuda:
-        return _cuda_module().dequantize_int8(codes, scb, out_dtype=out_dtype)
+        return _cuda_int8().dequantize_int8(codes, scb, out_dtype=out_dtype)
     _check_cpu("codes", codes)
     out = torch.empty((rows, cols), dtype=out_dtype)
     _kernels.dequantize_int8(

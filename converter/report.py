@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from converter.version import tool_version
+
 REPORT_NAME = "quantization_report.json"
 
 
@@ -132,8 +134,6 @@ def _quantized_bytes(path: Path, weights: set[str]) -> int:
 
 def build_report(result: ConversionResult, plan: Any, identity: dict, selection: Any, stats: Any) -> dict:
     """The content of quantization_report.json (the only output file with timings)."""
-    from converter.version import tool_version
-
     kept_reasons: dict[str, int] = {}
     for t in plan.kept:
         kept_reasons[t.reason] = kept_reasons.get(t.reason, 0) + t.info.numel

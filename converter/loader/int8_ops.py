@@ -32,12 +32,13 @@ def _kernels() -> Any:
     return kernels_int8
 
 
+@functools.cache
 def _has_cuda_int8() -> bool:
     try:
-        from converter import kernels_cuda
+        from converter import kernels_cuda, kernels_int8_cuda
     except (ImportError, AttributeError, OSError, RuntimeError):
         return False
-    return hasattr(kernels_cuda, "dequantize_int8") and kernels_cuda.cuda_status()[0]
+    return kernels_int8_cuda.available() and kernels_cuda.cuda_status()[0]
 
 
 def _dequantize_torch(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
