@@ -192,7 +192,9 @@ class Checkpoint:
         label = str(self.shards[0].path.parent) if self.shards else "<checkpoint>"
         self._joined, _ = find_quant_groups(label, entries, self._read, complete=True)
         claimed = {k for g in self._joined.values() for k in g.keys}
-        self._passthrough = [k for s in self.shards for k in s.passthrough]
+        # A joined group's weight key may look like a plain tensor in its own shard (int8: <m>.weight
+        # without its <m>.SCB): it belongs to the group.
+        self._passthrough = [k for s in self.shards for k in s.passthrough if k not in claimed]
         self._passthrough += [k for k in entries if k not in claimed and k not in self._passthrough]
         self._quantized = [n for s in self.shards for n in s.quantized] + list(self._joined)
 
