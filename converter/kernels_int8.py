@@ -79,7 +79,12 @@ def _check_2d(name: str, t: torch.Tensor) -> tuple[int, int]:
 
 
 def quantize_int8(
-    x: torch.Tensor, *, scale: str = "cpu", isa: str = "auto", threads: int | None = None
+    x: torch.Tensor,
+    *,
+    scale: str = "cpu",
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    isa: str = "auto",
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise int8 quantization of a 2-D weight, byte-identical to bitsandbytes' ``int8_vectorwise_quant``.
 
@@ -90,6 +95,9 @@ def quantize_int8(
     Args:
         x: ``float32 | float16 | bfloat16 [rows, cols]``, contiguous, CPU or CUDA.
         scale: ``"cpu"`` (bnb's CPU scale, the default) or ``"cuda"`` (bnb's GPU ``__fdividef`` scale).
+        out: optional ``(codes int8 [rows, cols], scb float32 [rows])`` to write into, contiguous, on x's
+            device (they are returned). Reusing them saves faulting in fresh pages for every weight,
+            which costs more than the quantization itself on some machines.
         isa: CPU path (``"scalar"`` is the reference); every path gives the same bytes. Ignored on CUDA.
         threads: CPU threads (None: one per CPU of the affinity mask). Never changes the result.
 
@@ -103,11 +111,15 @@ def quantize_int8(
     rows, cols = _check_2d("x", x)
     _isa(isa)
     table = scale_table(scale)
+    if out is not None:
+        _check_tensor("out codes", out[0], (torch.int8,), rows * cols)
+        _check_tensor("out scb", out[1], (torch.float32,), rows)
+        _check_same_device(x, codes=out[0], scb=out[1])
     if x.is_cuda:
-        return _cuda_int8().quantize_int8(x, scale=scale)
+        return _cuda_int8().quantize_int8(x, scale=scale, out=out)
     _check_cpu("x", x)
-    codes = torch.empty((rows, cols), dtype=torch.int8)
-    scb = torch.empty(rows, dtype=torch.float32)
+    codes, scb = out if out is not None else (torch.empty((rows, cols), dtype=torch.int8), torch.empty(rows))
+    codes = codes.view(rows, cols)
     bad_rows = _kernels.quantize_int8(
         x.data_ptr(),
         _DTYPE_NAMES[x.dtype],

@@ -26,12 +26,17 @@ def _table(device: torch.device) -> torch.Tensor:
     return scale_table("cuda").to(device)
 
 
-def quantize_int8(x: torch.Tensor, *, scale: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    x: torch.Tensor, *, scale: str = "cpu", out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes int8 [rows, cols], scb float32 [rows])`` on x's device. Synchronises once (NaN/Inf check)."""
     dev = _require(x, "x")
     rows, cols = x.shape
-    codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
-    scb = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if out is None:
+        codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
+        scb = torch.empty(rows, dtype=torch.float32, device=x.device)
+    else:
+        codes, scb = out[0].view(rows, cols), out[1]
     flag = torch.zeros(1, dtype=torch.int32, device=x.device)
     table = _table(x.device).data_ptr() if scale == "cuda" else 0
     _kernels.cuda_quantize_int8(

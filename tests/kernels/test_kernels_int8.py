@@ -148,3 +148,16 @@ def test_gemv_matches_dequantize_matmul(dtype, batch, in_features):
         assert y.shape == (batch, 300)
         assert bool(((y.double() - ref).abs() <= bound).all()), isa
     assert torch.equal(k8.gemv_int8(x[0].contiguous(), q, scb), k8.gemv_int8(x[:1].contiguous(), q, scb)[0])
+
+
+def test_quantize_into_given_buffers() -> None:
+    x = _edge_rows((9, 33), torch.bfloat16, seed=5)
+    codes, scb = torch.full((9 * 33,), 99, dtype=torch.int8), torch.empty(9)
+    q, s = k8.quantize_int8(x, out=(codes, scb))
+    assert q.data_ptr() == codes.data_ptr()
+    assert s.data_ptr() == scb.data_ptr()
+    ref_q, ref_scb = k8.quantize_int8(x)
+    assert torch.equal(q, ref_q)
+    assert torch.equal(s, ref_scb)
+    with pytest.raises(ValueError, match="out codes has 10 elements"):
+        k8.quantize_int8(x, out=(torch.empty(10, dtype=torch.int8), scb))
