@@ -12,12 +12,12 @@ and recomputes the same default on load).
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from tiny_models import load_logged as _load
 from tiny_models import make_tiny, quantized_modules, read_config, read_infos
 
 from converter import pipeline
@@ -27,27 +27,6 @@ bnb = pytest.importorskip("bitsandbytes")
 
 ARCHS = ["llama", "llama_tied", "llama_odd", "gpt2", "bert", "t5"]
 IDS = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 1, 120, 33]])
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def _load(folder, **kwargs):
-    cls = getattr(transformers, read_config(folder)["architectures"][0])
-    handler = _Records()
-    hf_logger = logging.getLogger("transformers")
-    hf_logger.addHandler(handler)
-    try:
-        model, info = cls.from_pretrained(folder, device_map="cpu", output_loading_info=True, **kwargs)
-    finally:
-        hf_logger.removeHandler(handler)
-    return model.eval(), info, handler.messages
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
