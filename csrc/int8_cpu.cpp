@@ -447,34 +447,37 @@ QM_TARGET_AVX2 void gemv_rows_avx2_b(const GemvInt8& a, int64_t o0, int64_t o1) 
   }
 }
 
-// B tokens, 32 weights per step (two 16-lane halves); the row tail with masks.
+// R rows x B tokens at a time, 16 weights per step, the row tail with masks. Each x vector loaded
+// serves R rows (x of 8 tokens is 128 KiB for K = 4096: from L2, so its loads bound the loop), and
+// the R x B accumulators are independent FMA chains.
+template <int B, int R>
+QM_TARGET_AVX512 inline void gemv_tile_avx512(const GemvInt8& a, int64_t o) {
+  const int64_t K = a.K;
+  __m512 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 valid = tail_mask(K - k);
+    __m512 w[R];
+    for (int r = 0; r < R; ++r) {
+      const __m128i q = _mm_maskz_loadu_epi8(valid, a.codes + (o + r) * K + k);
+      w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+    }
+    for (int b = 0; b < B; ++b) {
+      const __m512 xv = _mm512_maskz_loadu_ps(valid, a.xf + b * K + k);
+      for (int r = 0; r < R; ++r) acc[r][b] = _mm512_fmadd_ps(w[r], xv, acc[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) a.acc[(o + r) * a.batch + b] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
 template <int B>
 QM_TARGET_AVX512 void gemv_rows_avx512_b(const GemvInt8& a, int64_t o0, int64_t o1) {
-  const int64_t K = a.K;
-  for (int64_t o = o0; o < o1; ++o) {
-    const int8_t* w = a.codes + o * K;
-    __m512 acc0[B], acc1[B];
-    for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-      for (int b = 0; b < B; ++b) {
-        const float* xb = a.xf + b * K + k;
-        acc0[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc0[b]);
-        acc1[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc1[b]);
-      }
-    }
-    for (; k < K; k += 16) {
-      const __mmask16 valid = tail_mask(K - k);
-      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(valid, w + k)));
-      for (int b = 0; b < B; ++b) {
-        acc0[b] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(valid, a.xf + b * K + k), acc0[b]);
-      }
-    }
-    for (int b = 0; b < B; ++b) a.acc[o * a.batch + b] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[b], acc1[b]));
-  }
+  constexpr int R = B <= 4 ? 4 : 2;  // R x B accumulators <= 16 of the 32 zmm registers
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) gemv_tile_avx512<B, R>(a, o);
+  for (; o < o1; ++o) gemv_tile_avx512<B, 1>(a, o);
 }
 
 using GemvRowsFn = void (*)(const GemvInt8&, int64_t, int64_t);
