@@ -32,7 +32,9 @@ test-fast: install
 
 # Every CPU kernel path in turn: the tests that run our kernels through isa="auto" (loader forward,
 # conversion, bnb compatibility) once per ISA this CPU runs, forced with pytest --isa (QM_CPU_ISA).
-ISA_TESTS ?= tests/kernels tests/loader tests/compat tests/converter
+# The slow real-model tests compare bytes, which the kernel tests prove equal on every path: they run
+# once, in `make test`.
+ISA_TESTS ?= tests/kernels tests/loader tests/compat tests/converter -m "not slow"
 test-isa: install
 	set -e; for isa in $$($(PY) -c "from converter import kernels; print(*kernels.cpu_isas())"); do \
 		echo "== CPU kernels forced to $$isa: $(ISA_TESTS)"; \
