@@ -34,11 +34,11 @@ test-fast: install
 # conversion, bnb compatibility) once per ISA this CPU runs, forced with pytest --isa (QM_CPU_ISA).
 # The slow real-model tests compare bytes, which the kernel tests prove equal on every path: they run
 # once, in `make test`.
-ISA_TESTS ?= tests/kernels tests/loader tests/compat tests/converter -m "not slow"
+ISA_TESTS ?= tests/kernels tests/loader tests/golden tests/compat tests/converter
 test-isa: install
 	set -e; for isa in $$($(PY) -c "from converter import kernels; print(*kernels.cpu_isas())"); do \
-		echo "== CPU kernels forced to $$isa: $(ISA_TESTS)"; \
-		TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q --isa $$isa $(ISA_TESTS); \
+		echo "== CPU kernels forced to $$isa"; \
+		TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q --isa $$isa -m "not slow" $(ISA_TESTS); \
 	done
 
 lint: install
