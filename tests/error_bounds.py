@@ -66,9 +66,11 @@ def dot_bound(
          more rounding), as the loader's GEMV path does (``y = gemv(x) + bias``).
 
     ``reference`` is the float64 ``x @ w.T (+ bias)``; ``bound`` is elementwise (float64) and covers
-    1-3 plus the reference's own rounding. x, w: [B, K] and [O, K]; bias [O].
+    1-3 plus the reference's own rounding. x, w: [B, K] and [O, K]; bias [O]; both results on x's
+    device.
     """
-    xd, wd = x.detach().double().cpu(), w.detach().double().cpu()
+    xd = x.detach().double()  # computed on x's device (a GPU's float64 is exact enough, and fast)
+    wd = w.detach().double().to(xd.device)
     k = xd.shape[-1]
     mag = xd.abs() @ wd.abs().T  # sum_k |x w|: what every rounding error of the dot is relative to
     dot = xd @ wd.T
@@ -78,14 +80,14 @@ def dot_bound(
     err = err + u * (dot.abs() + err) + eta  # the result's rounding to out_dtype
     ref = dot
     if bias is not None:
-        ref = dot + bias.detach().double().cpu()
+        ref = dot + bias.detach().double().to(xd.device)
         err = err + u * (ref.abs() + err) + eta  # y + bias, rounded to out_dtype
     return ref, err + gamma(k + 1, U64) * (mag + ref.abs())
 
 
 def worst_ratio(y: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -> float:
     """max |y - reference| / bound: <= 1 when y is within the bound everywhere."""
-    return float(((y.detach().double().cpu() - reference).abs() / bound).max())
+    return float(((y.detach().double().to(reference.device) - reference).abs() / bound).max())
 
 
 def gemv_arithmetic(device_type: str, x_dtype: torch.dtype) -> dict[str, float]:

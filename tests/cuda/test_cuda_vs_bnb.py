@@ -73,7 +73,7 @@ def test_nested_and_dequantize_of_bnb_record(dtype, quant_type):
     off_b = float(state.offset.item())
     # nested_absmax = max |absmax - offset| per nested block (one float32 subtraction): it moves by at
     # most the offsets' difference plus that rounding (u * nabs) on each side.
-    nabs_b = state.state2.absmax.double().cpu()
+    nabs_b = state.state2.absmax.double().to(nabs_o.device)
     nabs_bound = abs(off_o - off_b) + U32 * (nabs_o.double().abs() + nabs_b.abs())
     assert bool(((nabs_o.double() - nabs_b).abs() <= nabs_bound).all())
     ulps = abs(int(np.float32(off_o).view(np.int32)) - int(np.float32(off_b).view(np.int32)))
