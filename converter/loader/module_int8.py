@@ -14,7 +14,9 @@ Forward paths (``x`` in the compute dtype, default the input's):
 - 1..8 tokens on the CPU: the fused int8 GEMV (float32 sums, the same result within rounding);
 - ``exact=True``: bitsandbytes' ``MatMul8bitLt`` inference math (activations cast to fp16 and
   quantized per token, outlier columns ``|x| >= threshold`` kept in x's dtype, int32 matmul), the same
-  bits as bnb's CPU backend; reimplemented in torch, no bitsandbytes needed.
+  bits as bnb's CPU backend; reimplemented in torch, no bitsandbytes needed. Like bnb's, its outlier
+  split is data-dependent (a graph break under torch.compile); the default path compiles with
+  ``fullgraph=True`` (its kernels are the custom ops of ``converter.loader.int8_ops``).
 
 Gradients flow to the input in every path (the weight is frozen).
 """

@@ -216,3 +216,33 @@ def test_dequantize_checkpoint_writes_bnb_dequantized_weights(int8_folder: Path,
         want = torch.ops.bitsandbytes.int8_vectorwise_dequant.default(rec.codes, rec.scb)
         assert torch.equal(fh.get_tensor(name), want)
         assert "model.layers.1.mlp.gate_proj.SCB" not in fh.keys()
+
+
+_COMPILE = """
+import torch
+from converter import kernels_int8
+from converter.loader.module_int8 import Linear8bit
+codes, scb = kernels_int8.quantize_int8(torch.randn(64, 96).to(torch.bfloat16))
+layer = Linear8bit(codes, scb, torch.zeros(64, dtype=torch.bfloat16)).eval()
+compiled = torch.compile(layer, fullgraph=True, backend="eager")
+for tokens in (1, 12):  # the GEMV op, then the dequantize op + F.linear
+    x = torch.randn(tokens, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), compiled(x)), tokens
+print("ok")
+"""
+
+
+def test_default_forward_compiles_without_graph_breaks() -> None:
+    """The int8 custom ops are single graph nodes: fullgraph=True traces the default path (in a
+    subprocess: make test disables dynamo for the rest of the suite)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
