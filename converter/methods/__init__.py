@@ -12,7 +12,7 @@ from converter.methods.base import QuantMethod
 from converter.methods.bnb4bit import Bnb4bitMethod
 from converter.methods.int8 import Int8Method
 
-__all__ = ["QuantMethod", "for_record", "get_method", "method_names", "register"]
+__all__ = ["QuantMethod", "for_config", "for_record", "get_method", "method_names", "register"]
 
 _REGISTRY: dict[str, QuantMethod] = {}
 
@@ -48,6 +48,11 @@ def for_record(record: object) -> QuantMethod:
             return method
     msg = f"no quant method reads a {type(record).__name__}"
     raise TypeError(msg)
+
+
+def for_config(qconfig: dict) -> QuantMethod | None:
+    """The method a ``quantization_config`` describes (None for one no method claims)."""
+    return next((m for m in _REGISTRY.values() if m.matches_config(qconfig)), None)
 
 
 def own_options() -> tuple[str, ...]:

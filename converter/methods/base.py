@@ -83,6 +83,15 @@ class QuantMethod(ABC):
         """The options as recorded in plans and shards: fields owned by other methods dropped."""
         return {k: v for k, v in options.items() if k not in others or k in self.own_options}
 
+    # -- config.json, read back ---------------------------------------------------------------------
+    @abstractmethod
+    def matches_config(self, qconfig: Mapping[str, Any]) -> bool:
+        """Whether a ``quantization_config`` describes a folder of this method."""
+
+    @abstractmethod
+    def config_summary(self, qconfig: Mapping[str, Any]) -> str:
+        """One line for ``inspect``: the settings of ``qconfig`` that matter for this method."""
+
     # -- model card (push) -------------------------------------------------------------------------
     @abstractmethod
     def card(self, qconfig: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[list[str], str, list]:

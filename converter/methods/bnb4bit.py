@@ -118,6 +118,15 @@ class Bnb4bitMethod(QuantMethod):
             quant_storage=options.quant_storage,
         )
 
+    def matches_config(self, qconfig: Any) -> bool:
+        return bool(qconfig.get("load_in_4bit")) and qconfig.get("bnb_4bit_quant_type") == self.name
+
+    def config_summary(self, qconfig: Any) -> str:
+        return (
+            f"{self.name}, double quant {qconfig.get('bnb_4bit_use_double_quant')}, "
+            f"compute {qconfig.get('bnb_4bit_compute_dtype')}, skip {qconfig.get('llm_int8_skip_modules')}"
+        )
+
     def card(self, qconfig: Any, options: Any) -> tuple[list[str], str, list]:
         label = self.name.upper()
         rows = [

@@ -79,6 +79,15 @@ class Int8Method(QuantMethod):
 
     loaded_flag = "is_loaded_in_8bit"
 
+    def matches_config(self, qconfig: Any) -> bool:
+        return bool(qconfig.get("load_in_8bit"))
+
+    def config_summary(self, qconfig: Any) -> str:
+        return (
+            f"int8 (load_in_8bit), threshold {qconfig.get('llm_int8_threshold')}, "
+            f"skip {qconfig.get('llm_int8_skip_modules')}"
+        )
+
     def card(self, qconfig: Any, options: Any) -> tuple[list[str], str, list]:
         scale = options.get("int8_scale", "cpu")
         rows = [

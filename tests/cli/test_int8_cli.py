@@ -86,3 +86,10 @@ def test_batch_int8(qm, tiny_llama: Path, tmp_path: Path) -> None:
     assert qm("batch", listing, tmp_path / "outs", "-q", "--quant-type", "int8").exit_code == 0
     qc = json.loads((tmp_path / "outs" / "a" / "config.json").read_text())["quantization_config"]
     assert qc["load_in_8bit"] is True
+
+
+def test_inspect_table_names_the_8bit_config(qm, int8_out: Path) -> None:
+    r = qm("inspect", int8_out)
+    assert r.exit_code == 0
+    assert "int8 (load_in_8bit), threshold 4.5" in r.stdout
+    assert "double quant" not in r.stdout
