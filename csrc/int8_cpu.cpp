@@ -415,36 +415,47 @@ void gemv_rows_scalar(const GemvInt8& a, int64_t o0, int64_t o1) {
 }
 
 #if QM_X86
-// B tokens, 16 weights per step (two 8-lane halves), FMA into B x 2 accumulators.
-template <int B>
-QM_TARGET_AVX2 void gemv_rows_avx2_b(const GemvInt8& a, int64_t o0, int64_t o1) {
+// R rows x B tokens, 8 weights per step (each x load serves R rows); the row tail in scalar code.
+// R x B accumulators + R weights + 1 x stay within the 16 ymm registers.
+template <int B, int R>
+QM_TARGET_AVX2 inline void gemv_tile_avx2(const GemvInt8& a, int64_t o) {
   const int64_t K = a.K;
-  for (int64_t o = o0; o < o1; ++o) {
-    const int8_t* w = a.codes + o * K;
-    __m256 acc0[B], acc1[B];
-    for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-      for (int b = 0; b < B; ++b) {
-        const float* xb = a.xf + b * K + k;
-        acc0[b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc0[b]);
-        acc1[b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc1[b]);
-      }
+  __m256 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 w[R];
+    for (int r = 0; r < R; ++r) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.codes + (o + r) * K + k));
+      w[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
     }
     for (int b = 0; b < B; ++b) {
-      const __m256 s8 = _mm256_add_ps(acc0[b], acc1[b]);
+      const __m256 xv = _mm256_loadu_ps(a.xf + b * K + k);
+      for (int r = 0; r < R; ++r) acc[r][b] = _mm256_fmadd_ps(w[r], xv, acc[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int8_t* wr = a.codes + (o + r) * K;
+    for (int b = 0; b < B; ++b) {
+      const __m256 s8 = acc[r][b];
       __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
       s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
       s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
       float total = _mm_cvtss_f32(s4);
       const float* xb = a.xf + b * K;
-      for (int64_t t = k; t < K; ++t) total += xb[t] * static_cast<float>(w[t]);
-      a.acc[o * a.batch + b] = total;
+      for (int64_t t = k; t < K; ++t) total += xb[t] * static_cast<float>(wr[t]);
+      a.acc[(o + r) * a.batch + b] = total;
     }
   }
+}
+
+template <int B>
+QM_TARGET_AVX2 void gemv_rows_avx2_b(const GemvInt8& a, int64_t o0, int64_t o1) {
+  constexpr int R = B <= 2 ? 4 : (B <= 4 ? 2 : 1);
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) gemv_tile_avx2<B, R>(a, o);
+  for (; o < o1; ++o) gemv_tile_avx2<B, 1>(a, o);
 }
 
 // R rows x B tokens at a time, 16 weights per step, the row tail with masks. Each x vector loaded
