@@ -246,3 +246,26 @@ def test_default_forward_compiles_without_graph_breaks() -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_loads_a_bitsandbytes_made_8bit_folder(plain_llama: Path, tmp_path: Path) -> None:
+    """transformers + bnb's own save_pretrained (llm_int8_skip_modules null, no metadata of ours)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        made = transformers.LlamaForCausalLM.from_pretrained(
+            plain_llama, device_map="cpu", quantization_config=qc
+        )
+        made.save_pretrained(tmp_path / "bnb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "transformers would load this differently" warning
+        model = load_quantized(tmp_path / "bnb")
+    layers = _int8_layers(model)
+    assert len(layers) == 14
+    for layer in layers.values():
+        layer.exact = True
+    ids = torch.tensor([[5, 17, 3, 99, 42]])
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids=ids).logits, _transformers_model(tmp_path / "bnb")(input_ids=ids).logits
+        )
