@@ -8,12 +8,6 @@ int8 kernel it runs on the CPU and says why in ``fallback_reason``.
 bitsandbytes stores a row holding a value past fp16's range (|w| >= 65520, possible in bf16/fp32
 checkpoints) as SCB = inf with all-zero codes, which loads as NaN; the same bytes are written here
 and ``notes`` names the tensors, so the user can --skip them.
-
-On the CPU the codes of each result live in one buffer reused for the next tensor (a fresh 45 MB
-output per weight costs more page faults than the quantization itself: 0.47 vs 2.8 Gparam/s on the
-2-core VM, docs/benchmarks.md). A result is therefore valid until the next one is requested, which
-is how the pipeline uses it (each record is written before the next tensor is quantized); pass
-``reuse=False`` to get fresh tensors.
 """
 
 from __future__ import annotations
@@ -35,12 +29,9 @@ class Int8Result(NamedTuple):
 class Int8Quantizer:
     """LLM.int8 quantization of many tensors (CPU kernels, or the CUDA ones when ``device`` is a GPU)."""
 
-    def __init__(
-        self, scale: str = "cpu", device: str = "cpu", threads: int | None = None, *, reuse: bool = True
-    ) -> None:
+    def __init__(self, scale: str = "cpu", device: str = "cpu", threads: int | None = None) -> None:
         kernels_int8.scale_table(scale)  # validates the name
-        self.scale, self.threads, self.reuse = scale, threads, reuse
-        self._buffer = torch.empty(0, dtype=torch.int8)
+        self.scale, self.threads = scale, threads
         self.device = "cpu"
         self.fallback_reason = ""
         self.notes: list[str] = []
@@ -59,13 +50,8 @@ class Int8Quantizer:
                 codes, scb = kernels_int8.quantize_int8(x.to(self.device), scale=self.scale)
                 codes, scb = codes.cpu(), scb.cpu()
             else:
-                out = None
-                if self.reuse:
-                    if self._buffer.numel() < x.numel():
-                        self._buffer = torch.empty(x.numel(), dtype=torch.int8)
-                    out = (self._buffer[: x.numel()], torch.empty(x.shape[0], dtype=torch.float32))
                 codes, scb = kernels_int8.quantize_int8(
-                    x.contiguous(), scale=self.scale, out=out, threads=self.threads
+                    x.contiguous(), scale=self.scale, threads=self.threads
                 )
         except kernels.NonFiniteInputError:
             raise _nonfinite(name) from None

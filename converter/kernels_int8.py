@@ -96,8 +96,8 @@ def quantize_int8(
         x: ``float32 | float16 | bfloat16 [rows, cols]``, contiguous, CPU or CUDA.
         scale: ``"cpu"`` (bnb's CPU scale, the default) or ``"cuda"`` (bnb's GPU ``__fdividef`` scale).
         out: optional ``(codes int8 [rows, cols], scb float32 [rows])`` to write into, contiguous, on x's
-            device (they are returned). Reusing them saves faulting in fresh pages for every weight,
-            which costs more than the quantization itself on some machines.
+            device (they are returned). Fresh outputs are asked to be backed by huge pages
+            (``madvise``), so reusing buffers saves little; it avoids the allocation altogether.
         isa: CPU path (``"scalar"`` is the reference); every path gives the same bytes. Ignored on CUDA.
         threads: CPU threads (None: one per CPU of the affinity mask). Never changes the result.
 

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "float_convert.h"
+#include "memory_hint.h"
 #include "simd_store.h"
 #include "thread_pool.h"
 
@@ -531,6 +532,7 @@ int64_t quantize_int8(const void* x, DType dtype, int64_t rows, int64_t cols, in
     return 0;
   }
   isa = resolve_isa(isa);
+  advise_hugepages(codes, static_cast<size_t>(rows * cols));  // fresh outputs: fewer first-touch faults
   QuantizeRowsFn fn = dtype == DType::F32   ? pick_quantize_dt<DType::F32>(isa)
                       : dtype == DType::F16 ? pick_quantize_dt<DType::F16>(isa)
                                             : pick_quantize_dt<DType::BF16>(isa);
@@ -547,6 +549,7 @@ void dequantize_int8(const int8_t* codes, const float* scb, int64_t rows, int64_
   check_shape(rows, cols);
   if (rows == 0 || cols == 0) return;
   isa = resolve_isa(isa);
+  advise_hugepages(out, static_cast<size_t>(rows * cols * dtype_size(out_dtype)));
   DequantizeRowsFn fn = out_dtype == DType::F32   ? pick_dequantize_dt<DType::F32>(isa)
                         : out_dtype == DType::F16 ? pick_dequantize_dt<DType::F16>(isa)
                                                   : pick_dequantize_dt<DType::BF16>(isa);
