@@ -33,9 +33,7 @@ BATCHES = (1, 4, 8)
 
 def bench_quantize(repeat: int, threads: int) -> None:
     print("\nquantize bf16 -> int8 (codes + SCB), Gparam/s")
-    print(
-        "  ours = fresh outputs (what the converter does); reused = out= one preallocated buffer; copy = w.clone()"
-    )
+    print("  ours = fresh outputs (as the converter); reused = out= a preallocated buffer; copy = w.clone()")
     print(f"{'shape':>14} {'ours':>8} {'reused':>8} {'bnb cpu':>8} {'copy':>8} {'ours/bnb':>9}")
     for rows, cols in QUANT_SHAPES:
         w = (torch.randn(rows, cols) * 0.02).to(torch.bfloat16)
