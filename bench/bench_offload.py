@@ -7,7 +7,8 @@ and the mapped shard pages), the shard pages alone (from /proc/self/smaps), samp
 through load + generate, against the interpreter's RSS before loading; and the same for a plain
 single-device load (every touched shard page stays resident) for contrast.
 
---device cuda: an 8B NF4 folder (--model) with ``max_memory`` putting about half of it on the CPU:
+--device cuda: an 8B NF4 folder (--model, converted from --source) with ``max_memory`` putting about
+half of it on the CPU:
 time to first token and decode tok/s for ours vs transformers + bitsandbytes with the same device_map
 (transformers keeps the CPU half in float with llm_int8_enable_fp32_cpu_offload and streams it to the
 GPU; ours runs it on the CPU in 4-bit). Needs a GPU; written for the H200, not run yet.
@@ -215,8 +216,16 @@ def run_cuda(args: argparse.Namespace) -> None:
     torch.cuda.empty_cache()
     # transformers + bnb: the same map; its CPU modules are kept in float (bnb cannot hold 4-bit on CPU
     # under a device_map) and streamed to the GPU by accelerate's offload hooks.
-    config = BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True)
-    theirs = AutoModelForCausalLM.from_pretrained(folder, device_map=plan, quantization_config=config)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_enable_fp32_cpu_offload=True,
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(
+        args.source, device_map=plan, quantization_config=config, dtype=torch.bfloat16
+    )
     t_theirs = timed(theirs)
     print("| model | TTFT ms | decode tok/s |")
     print("|---|---|---|")
@@ -229,6 +238,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--model", help="a converted NF4 folder (default on cpu: SmolLM2-135M, converted)")
     ap.add_argument("--budget", default="60MB", help="max_memory['cpu'] for --device cpu")
+    ap.add_argument("--source", help="--device cuda: the original bf16 folder, quantized at load by bnb")
     ap.add_argument("--gpu-budget", help="max_memory[0] for --device cuda (default: half the model)")
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--work", default="/tmp/qm-bench-offload")
@@ -239,6 +249,8 @@ def main() -> None:
         print(json.dumps(run_row(args)))
         return
     if args.device == "cuda":
+        if not (args.model and args.source):
+            ap.error("--device cuda needs --model (our NF4 folder) and --source (its bf16 original)")
         run_cuda(args)
         return
     rows = run_cpu(args)

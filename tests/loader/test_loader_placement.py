@@ -231,3 +231,15 @@ def test_bad_requests_are_named(our_folder: Path, tmp_path: Path) -> None:
     split = {**CPU_DISK, "lm_head": "disk", "model.embed_tokens": "cpu"}
     with pytest.raises(PlacementError, match="tied weights on different devices"):
         load_quantized(tied, device_map=split)
+
+
+def test_inspect_memory_bad_options_are_named(our_folder: Path) -> None:
+    from converter.cli import cli
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--max-memory", "cpu"])
+    assert r.exit_code == 2
+    assert "expected DEVICE=SIZE" in r.output
+    r = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--device-map", "{not json"])
+    assert r.exit_code == 2
+    assert "--device-map: not valid JSON" in r.output
