@@ -354,6 +354,11 @@ def _file_mappings(paths: Iterable[Path]) -> list[tuple[int, int]]:
     return out
 
 
+def mapped_from(t: torch.Tensor, paths: Iterable[Path]) -> bool:
+    """Whether ``t``'s bytes lie in this process's mapping of one of ``paths`` (a view, not a copy)."""
+    return _inside(t, _file_mappings(paths))
+
+
 def _inside(t: torch.Tensor, mappings: list[tuple[int, int]]) -> bool:
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()

@@ -26,6 +26,7 @@ from converter.loader.placement import (
     accelerator_device,
     bytes_per_device,
     dispatch,
+    mapped_from,
     plan_device_map,
     size_proxy,
 )
@@ -87,6 +88,9 @@ def test_dict_map_cpu_and_disk_equal_logits_and_generate(our_folder: Path, refer
     down = model.model.layers[1].mlp.down_proj
     assert isinstance(down, QuantLinear4bit)
     assert down.weight.dtype == torch.uint8
+    shards = shard_files(our_folder)[0]
+    assert mapped_from(down.weight, shards)
+    assert mapped_from(down.weight.quant_state.absmax, shards)
     # Only the disk modules release their mapped pages after each forward.
     assert any(isinstance(h, ReleaseMappedPages) and h.ranges for h in _hooks(model.model.layers[1]))
     assert not any(isinstance(h, ReleaseMappedPages) for h in _hooks(model.model.layers[0]))
