@@ -105,9 +105,11 @@ def normalize_max_memory(max_memory: Mapping[Any, int | str] | None) -> dict[Dev
         k: Device = int(key) if isinstance(key, str) and key.isdigit() else key
         if isinstance(k, str) and k not in ("cpu", "disk", "mps"):
             try:
-                k = torch.device(k).index if torch.device(k).type == "cuda" else k
+                d = torch.device(k)
             except RuntimeError:
-                pass
+                pass  # accelerate's get_max_memory names the unknown key
+            else:
+                k = (d.index or 0) if d.type == "cuda" else k
         out[k] = value
     return out
 
@@ -123,7 +125,8 @@ def plan_device_map(
         if max_memory is not None:
             msg = "max_memory applies to device_map='auto'/'balanced'/'sequential', not to an explicit dict"
             raise PlacementError(msg)
-        return dict(device_map)
+        # JSON (the CLI) gives GPU indices as strings
+        return {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in device_map.items()}
     if device_map not in STRATEGIES:
         try:
             device = torch.device(device_map)
@@ -151,11 +154,12 @@ def plan_device_map(
 
 
 def bytes_per_device(model: nn.Module, device_map: Mapping[str, Device]) -> dict[str, int]:
-    """What each device of ``device_map`` will hold, from the same real sizes the plan used."""
+    """What each device of ``device_map`` will hold ("cuda:0", "cpu", "disk": the keys of
+    ``footprint.memory_by_device`` on the loaded model), from the same real sizes the plan used."""
     out: dict[str, int] = {}
     for name, _, size in module_tensors(model):
         device = _device_of(name, device_map)
-        key = device if isinstance(device, str) and device in ("cpu", "disk", "mps") else str(device)
+        key = "disk" if device == "disk" else str(accelerator_device(device))
         out[key] = out.get(key, 0) + size
     return out
 
