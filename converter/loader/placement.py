@@ -126,7 +126,9 @@ def plan_device_map(
             msg = "max_memory applies to device_map='auto'/'balanced'/'sequential', not to an explicit dict"
             raise PlacementError(msg)
         # JSON (the CLI) gives GPU indices as strings
-        return {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in device_map.items()}
+        plan = {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in device_map.items()}
+        check_map(model, plan)
+        return plan
     if device_map not in STRATEGIES:
         try:
             device = torch.device(device_map)
@@ -151,6 +153,20 @@ def plan_device_map(
     except ValueError as exc:  # accelerate's messages name the bad device / size
         msg = f"device_map={device_map!r}, max_memory={max_memory!r}: {exc}"
         raise PlacementError(msg) from exc
+
+
+def check_map(model: nn.Module, device_map: Mapping[str, Device]) -> None:
+    """Every tensor mapped (accelerate's check_device_map) and tied weights on one device."""
+    try:
+        check_device_map(model, dict(device_map))
+    except ValueError as exc:
+        msg = f"device_map: {exc}"
+        raise PlacementError(msg) from exc
+    for group in find_tied_parameters(model):
+        where = {name: _device_of(name, device_map) for name in group}
+        if len(set(where.values())) > 1:
+            msg = f"device_map puts tied weights on different devices {where}; map them to one device"
+            raise PlacementError(msg)
 
 
 def bytes_per_device(model: nn.Module, device_map: Mapping[str, Device]) -> dict[str, int]:
@@ -223,17 +239,7 @@ def dispatch(
     stand-in for GPU indices so the several-device path runs on a machine without GPUs.
     """
     device_map = dict(device_map)
-    try:
-        check_device_map(model, device_map)
-    except ValueError as exc:
-        msg = f"device_map: {exc}"
-        raise PlacementError(msg) from exc
-    for group in find_tied_parameters(model):
-        where = {name: _device_of(name, device_map) for name in group}
-        if len(set(where.values())) > 1:
-            msg = f"device_map puts tied weights on different devices {where}; map them to one device"
-            raise PlacementError(msg)
-
+    check_map(model, device_map)
     run_on = {name: execution_device(dev) for name, dev in device_map.items()}
     for name, device in run_on.items():
         if device.type == "cpu":
