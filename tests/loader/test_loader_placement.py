@@ -159,12 +159,13 @@ def test_inspect_memory_estimate_equals_the_loaded_footprint(our_folder: Path) -
     assert estimate["total"] == model.get_memory_footprint()
 
 
-def test_several_gpus_with_a_cpu_stand_in(our_folder: Path, reference) -> None:
+@pytest.mark.parametrize("strategy", ["sequential", "auto"])
+def test_several_gpus_with_a_cpu_stand_in(our_folder: Path, reference, strategy: str) -> None:
     """The several-GPU path (plan over GPU indices, blocks on different devices, accelerate's hooks moving
     activations) with each GPU index run by the CPU; the real several-GPU run is issue 17."""
     model = load_quantized(our_folder)
     budget = {0: 75_000, 1: 75_000, "cpu": "1GB"}  # each GPU: one ~33 kB block + accelerate's reserve
-    plan = plan_device_map(model, "sequential", budget)
+    plan = plan_device_map(model, strategy, budget)
     assert {0, 1} <= set(plan.values()), plan
     assert sum(bytes_per_device(model, plan).values()) == model.get_memory_footprint()
     asked: list = []
