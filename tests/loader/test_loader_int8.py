@@ -269,3 +269,18 @@ def test_loads_a_bitsandbytes_made_8bit_folder(plain_llama: Path, tmp_path: Path
         assert torch.equal(
             model(input_ids=ids).logits, _transformers_model(tmp_path / "bnb")(input_ids=ids).logits
         )
+
+
+def test_device_map_cpu_and_footprint_count_codes_and_scb(int8_folder: Path) -> None:
+    plain = load_quantized(int8_folder)
+    mapped = load_quantized(int8_folder, device_map="cpu")
+    ids = torch.tensor([[5, 17, 3, 99]])
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, mapped(input_ids=ids).logits)
+    layers = _int8_layers(plain)
+    int8_bytes = sum(m.codes.numel() + 4 * m.scb.numel() for m in layers.values())
+    others = {id(t): t for n, m in plain.named_modules() if n not in layers
+              for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}  # fmt: skip
+    others.update({id(m.bias): m.bias for m in layers.values() if m.bias is not None})
+    expected = int8_bytes + sum(t.numel() * t.element_size() for t in others.values())
+    assert plain.get_memory_footprint() == expected
