@@ -439,11 +439,19 @@ def _find_int8(
     """LLM.int8 weights (``<m>.weight`` I8 + ``<m>.SCB`` + ``<m>.weight_format``), added to ``groups``."""
     for base, keys in find_int8_groups(file, entries).items():
         present = {k: entries[k] for k in keys}
-        if not complete and base not in present:
+        # In a shard bnb wrote, a group without its weight or weight_format may have them in the next
+        # shard (save_pretrained cuts shards key by key): the reader joins the pieces.
+        if not complete and (base not in present or weight_format_key(base) not in present):
             partial[base] = keys
             continue
         info = check_int8_group(file, base, present, read)
         groups[base] = QuantGroup(base, info, "int8", keys)
+    if not complete:  # a weight_format whose SCB is in another shard: a piece of a split group
+        for key in entries:
+            prefix, dot, suffix = key.rpartition(".")
+            if dot and suffix == WEIGHT_FORMAT_SUFFIX and f"{prefix}.{SCB_SUFFIX}" not in entries:
+                base = f"{prefix}.weight"
+                partial[base] = tuple(k for k in (base, key) if k in entries)
 
 
 # --------------------------------------------------------------------------------------------------

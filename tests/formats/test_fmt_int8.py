@@ -78,3 +78,18 @@ def test_quantization_config_has_transformers_13_keys() -> None:
     import transformers
 
     assert qc == transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0).to_dict()
+
+
+def test_weight_format_in_the_next_shard_joins_its_group(tmp_path: Path) -> None:
+    """transformers cuts shards key by key (weight, bias, SCB, weight_format): the last key may land in
+    the next shard; the checkpoint reader joins it instead of listing it as a stray tensor."""
+    t = _bnb_keys("m")
+    first = {k: v for k, v in t.items() if not k.endswith("weight_format")}
+    save_file(first, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    save_file(
+        {"m.weight_format": t["m.weight_format"]}, tmp_path / "b.safetensors", metadata={"format": "pt"}
+    )
+    records = open_checkpoint([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]).records()
+    assert sorted(records) == ["m.bias", "m.weight"]
+    assert isinstance(records["m.weight"], Int8Tensor)
+    assert records["m.weight"].has_weight_format
