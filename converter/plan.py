@@ -82,9 +82,13 @@ class Options:
     skip: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     max_shard_size: int = 5 * 10**9
+    moe_experts: str = "keep"  # converter/moe.py: keep routed experts 16-bit, or quantize them
 
     def __post_init__(self) -> None:
         QuantType.parse(self.quant_type)  # raises ValueError with the accepted names
+        if self.moe_experts not in ("keep", "quantize"):
+            msg = f"--moe-experts {self.moe_experts!r} is not supported: use keep or quantize"
+            raise InputError(msg)
         check_blocksize(self.blocksize)
         if self.quant_storage not in QUANT_STORAGES:
             msg = (
@@ -100,6 +104,8 @@ class Options:
     def to_json(self) -> dict:
         d = asdict(self)
         d["skip"], d["include"] = list(self.skip), list(self.include)
+        if d["moe_experts"] == "keep":  # the default: fingerprints and provenance as before the option
+            del d["moe_experts"]
         return d
 
 
