@@ -53,13 +53,13 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                           num_experts_per_tok=2)),
     "olmoe": ("olmoe", "OlmoeForCausalLM", _decoder(intermediate_size=64, num_experts=4,
                                                     num_experts_per_tok=2, eos_token_id=1, pad_token_id=0)),
-    # shared experts, grouped top-k routing (8 experts in 2 groups, 1 group picked), a dense first layer
+    # shared experts, grouped top-k routing (16 experts in 2 groups, 1 group picked), a dense first layer
     "deepseek_v3": (
         "deepseek_v3",
         "DeepseekV3ForCausalLM",
-        _decoder(intermediate_size=96, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
-                 n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32,
-                 kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+        _decoder(intermediate_size=96, moe_intermediate_size=64, n_routed_experts=16, num_experts_per_tok=2,
+                 n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=64,
+                 kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
                  routed_scaling_factor=2.5, num_key_value_heads=4),
     ),
 }  # fmt: skip
