@@ -74,11 +74,12 @@ def _experts_forward(
     num_experts = packed.shape[0]
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
     out = torch.zeros_like(hidden)
-    flat = top_k_index.reshape(-1)
-    # Sort (token, slot) pairs by expert: one group of rows per hit expert, ascending.
+    # Sort (slot, token) pairs by expert: one group of rows per hit expert, ascending, and inside a group
+    # slot-major like transformers' torch.where(expert_mask[e]) (the same rows in the same order).
+    tokens = top_k_index.shape[0]
+    flat = top_k_index.t().reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts).tolist()
-    k = top_k_index.shape[1]
     start = 0
     gemv_gu = use_gemv and hidden_dim % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
     gemv_dn = use_gemv and intermediate % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
@@ -87,7 +88,7 @@ def _experts_forward(
             continue
         rows = order[start : start + n]
         start += n
-        token_idx, slot = rows // k, rows % k
+        slot, token_idx = rows // tokens, rows % tokens
         x = hidden[token_idx]
         p, a = packed[e], absmax[e]
         if gemv_gu and n <= ops.GEMV_MAX_TOKENS:
@@ -216,7 +217,7 @@ class QuantExperts4bit(nn.Module):
     ) -> torch.Tensor:
         dtype = hidden_states.dtype
         x = hidden_states.to(self.compute_dtype)
-        w = top_k_weights.to(self.compute_dtype)
+        w = top_k_weights  # as the router gives them: transformers multiplies in their dtype
         args = (
             x,
             top_k_index,
