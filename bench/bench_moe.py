@@ -274,9 +274,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cpus = len(os.sched_getaffinity(0))
     day = time.strftime("%Y-%m-%d")
-    print(
-        f"{platform.machine()}, {cpus} CPUs usable, threads={args.threads}, clock={args.clock}, torch {torch.__version__}, {day}"
-    )
+    print(f"{platform.machine()}, {cpus} CPUs usable, threads={args.threads}, clock={args.clock}, ", end="")
+    print(f"torch {torch.__version__}, {day}")
     if args.only in (None, "decode"):
         decode(work, args.tokens, args.repeat)
     if args.only in (None, "size"):

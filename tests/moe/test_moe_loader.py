@@ -199,3 +199,44 @@ def test_torch_compile_fullgraph(folders):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared_x", [True, False])
+def test_grouped_gemv_equals_per_expert_gemv(dtype, shared_x):
+    """The grouped kernel runs gemv_4bit's row kernels on each (row, expert) pair: bit-identical to one
+    gemv_4bit call per expert (gate_up region at offset 0, down region after it)."""
+    from converter import kernels
+    from converter.loader import moe as moe_loader
+    from formats.codebooks import NF4
+    from formats.quant_types import QuantType
+
+    g = torch.Generator().manual_seed(0)
+    experts, out_f, in_f, bs = 5, 96, 128, 64
+    weights = [torch.randn(out_f, in_f, generator=g) for _ in range(experts)]
+    pieces = [kernels.quantize_4bit(w, blocksize=bs, quant_type=QuantType.NF4) for w in weights]
+    pad_bytes, pad_blocks = 32, 4  # a region before the weight, as down_proj sits after gate_up
+    packed = torch.zeros(experts, pad_bytes + out_f * in_f // 2, dtype=torch.uint8)
+    absmax = torch.zeros(experts, pad_blocks + out_f * in_f // bs)
+    for e, (p, a) in enumerate(pieces):
+        packed[e, pad_bytes:] = p
+        absmax[e, pad_blocks:] = a
+    qmap = torch.tensor(NF4, dtype=torch.float32)
+    ids = torch.tensor([3, 0, 3, 4, 1, 2, 0])
+    x = torch.randn(1 if shared_x else ids.numel(), in_f, generator=g).to(dtype)
+    got = moe_loader._grouped_gemv(
+        x, ids, packed, absmax, qmap, byte_offset=pad_bytes, block_offset=pad_blocks,
+        out_features=out_f, in_features=in_f, blocksize=bs,
+    )  # fmt: skip
+    for row, e in enumerate(ids.tolist()):
+        xr = x[0 if shared_x else row].reshape(1, -1)
+        p, a = pieces[e]
+        ref = kernels.gemv_4bit(
+            xr, p, a, out_features=out_f, in_features=in_f, blocksize=bs, quant_map=qmap, nested=None
+        )
+        assert torch.equal(got[row : row + 1], ref), row
+    with pytest.raises(ValueError, match="expert id 9"):
+        moe_loader._grouped_gemv(
+            x, torch.tensor([9]), packed, absmax, qmap, byte_offset=0, block_offset=0,
+            out_features=out_f, in_features=in_f, blocksize=bs,
+        )  # fmt: skip
