@@ -242,3 +242,20 @@ def test_other_quantized_sources_are_still_refused(moe_src, tmp_path):
     with pytest.raises(AlreadyQuantizedError, match=dropped.removesuffix("_scale_inv")):
         convert(missing, tmp_path / "o2", progress=False)
     assert EXPERT_KEY.match("model.layers.0.mlp.experts.7.w3.weight")
+
+
+def test_model_card_names_the_loaders(moe_src, tmp_path):
+    from converter.push import build_model_card
+
+    src = moe_src("qwen3_moe")
+    convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
+    card = build_model_card(tmp_path / "q", "me/tiny-moe-nf4")
+    assert "Which loaders read this folder" in card
+    assert "vLLM" in card
+    assert "stock transformers 5.x" in card
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "keep", progress=False)
+    card = build_model_card(tmp_path / "keep", "me/tiny-moe-keep")
+    assert "experts kept in 16 bit" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card
