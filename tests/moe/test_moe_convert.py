@@ -259,3 +259,25 @@ def test_model_card_names_the_loaders(moe_src, tmp_path):
     card = build_model_card(tmp_path / "keep", "me/tiny-moe-keep")
     assert "experts kept in 16 bit" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_quantize_same_bytes_without_transformers(moe_src, tmp_path, monkeypatch, name):
+    """The per-family allowlist (no transformers installed) gives the same quantize-mode folder."""
+    import converter.selection as selection
+
+    src = moe_src(name)
+    convert(src, tmp_path / "hf", moe_experts="quantize", progress=False)
+    monkeypatch.setattr(selection, "transformers_usable", lambda: False)
+    convert(src, tmp_path / "allowlist", moe_experts="quantize", progress=False)
+    a, b = _records(tmp_path / "hf"), _records(tmp_path / "allowlist")
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert torch.equal(a[k].packed, b[k].packed), k
+    qa = read_config(tmp_path / "hf")["quantization_config"]["llm_int8_skip_modules"]
+    qb = read_config(tmp_path / "allowlist")["quantization_config"]["llm_int8_skip_modules"]
+    assert "gate" in qa
+    assert "gate" in qb
