@@ -26,7 +26,6 @@ are stacked into the fused parameters here (transformers' own loader does the sa
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,12 +36,9 @@ from torch import nn
 from converter.errors import InputError
 from converter.loader import ops
 from converter.loader.module import dtype_from_name, state_from_record
+from converter.moe import EXPERT_KEY
+from converter.moe import PROJ_ROLE as _ROLE
 from formats.record import QuantizedTensor
-
-EXPERT_KEY = re.compile(
-    r"^(?P<module>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$"
-)
-_ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 
 #: Activations the custom op knows by name (config.hidden_act); others run the module's own act_fn.
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
