@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from converter.errors import InputError, UnsupportedTensorError
+from converter.moe import check_mode
 from converter.sources.base import DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
 from formats.quant_types import MAX_BNB_ELEMENTS, QuantType, check_blocksize, quantized_nbytes
 from formats.validate import UnsupportedOption, check_quant_options
@@ -86,9 +87,7 @@ class Options:
 
     def __post_init__(self) -> None:
         QuantType.parse(self.quant_type)  # raises ValueError with the accepted names
-        if self.moe_experts not in ("keep", "quantize"):
-            msg = f"--moe-experts {self.moe_experts!r} is not supported: use keep or quantize"
-            raise InputError(msg)
+        check_mode(self.moe_experts)
         check_blocksize(self.blocksize)
         if self.quant_storage not in QUANT_STORAGES:
             msg = (

@@ -16,23 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tiny_models import _decoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _decoder(**extra: Any) -> dict[str, Any]:
-    base = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    base.update(extra)
-    return base
 
 
 # name -> (model_type, architecture, config kwargs)
