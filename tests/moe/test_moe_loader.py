@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from error_bounds import U32, gamma
 from moe_helpers import FAMILIES, load_bf16_eager, make_moe
 
 from converter.loader.dequantize import dequantize_checkpoint
@@ -19,7 +20,6 @@ from converter.loader.moe import QuantExperts4bit, moe_modules
 from converter.pipeline import convert
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 11, 90, 3, 45]])
-U32 = 2.0**-24  # float32 unit roundoff
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,6 @@ def _reference_and_bound(m: QuantExperts4bit, x, idx, w):
     - routing: w * y rounded once, then k terms summed in float32: gamma_{k+1} on the sum of |w y|.
     """
     h_dim, i_dim = m.hidden_dim, m.intermediate_dim
-    gamma = lambda k: k * U32 / (1 - k * U32)  # noqa: E731
     xd = x.double()
     out = torch.zeros_like(xd)
     bound = torch.zeros_like(xd)
