@@ -26,6 +26,7 @@ are stacked into the fused parameters here (transformers' own loader does the sa
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -159,7 +160,8 @@ def _grouped_gemv(
     """
     groups = ids.numel()
     y = torch.empty(groups, out_features, dtype=x.dtype)
-    _grouped_kernel()(
+    kernel = _grouped_kernel()
+    kernel(
         x.data_ptr(),
         0 if x.shape[0] == 1 else in_features,
         _DTYPE_NAMES[x.dtype],
@@ -175,8 +177,23 @@ def _grouped_gemv(
         absmax.stride(0),
         quant_map.data_ptr(),
         y.data_ptr(),
+        "auto",
+        _decode_threads(),
     )
     return y
+
+
+def _decode_threads() -> int:
+    """Kernel threads for a decode launch: 0 (the pool: every CPU) unless torch's OpenMP workers spin.
+
+    After each parallel torch op, OpenMP's default active wait keeps torch's workers spinning; our pool's
+    workers then share the cores with spinning threads and a millisecond-sized decode launch waits for
+    a descheduled worker (2-core VM, 2 torch threads: 17 tok/s with the pool, 43 on the calling thread
+    alone; docs/benchmarks.md). With one torch thread, or OMP_WAIT_POLICY=passive, nothing spins.
+    """
+    if torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive":
+        return 1
+    return 0
 
 
 def _decode_grouped(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act):
