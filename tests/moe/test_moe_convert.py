@@ -165,6 +165,8 @@ def test_cli_flag_and_warning(moe_src, tmp_path):
     assert moe["experts_kept"] == 0
     assert any("vLLM" in x for x in moe["loaders"])
     assert any("stock transformers 5" in x for x in moe["not_loaders"])
+    r = runner.invoke(cli, ["verify", str(tmp_path / "q")])  # the metadata schema knows the option
+    assert r.exit_code == 0, r.output
     keep = inspect_path(tmp_path / "keep").moe
     assert keep is not None
     assert keep.experts_quantized == 0
