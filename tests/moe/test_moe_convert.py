@@ -210,6 +210,12 @@ def test_fp8_block_source_is_dequantized_then_quantized(moe_src, tmp_path):
         checked += 1
     assert checked >= 3 * 16 + 3  # every routed expert projection, the shared expert, attention
     assert divisible >= 3 * 16
+    again = convert(src, out, moe_experts="quantize", progress=False)  # the same FP8 source: nothing to do
+    assert again.noop
+    from converter.loader.model import load_quantized
+
+    with torch.no_grad():
+        assert torch.isfinite(load_quantized(out)(torch.tensor([[1, 2, 3]])).logits).all()
 
 
 def test_fp8_partial_edge_blocks(tmp_path):
