@@ -37,8 +37,7 @@ EXPERT_KEY = re.compile(
 FUSED_EXPERT_KEY = re.compile(
     r"^(?P<module>.+\.experts)\.(?P<proj>gate_up_proj|down_proj|up_proj|gate_proj)$"
 )
-#: Router modules (16-bit everywhere: vLLM and unsloth expect them so).
-ROUTER_LEAVES = ("gate", "router", "shared_expert_gate")
+#: Router weights (16-bit everywhere: vLLM and unsloth expect them so); their leaf goes to the skip list.
 _ROUTER_KEY = re.compile(r"^(?P<module>.+\.(?P<leaf>gate|router|shared_expert_gate))\.weight$")
 
 #: Projection leaf -> role (gate, up, down); Mixtral names them w1 (gate), w3 (up), w2 (down).
@@ -92,10 +91,6 @@ class ExpertKey:
     module: str  # checkpoint name of the experts module, e.g. "model.layers.0.mlp.experts"
     index: int
     proj: str  # leaf as on disk: gate_proj / up_proj / down_proj / w1 / w3 / w2
-
-    @property
-    def role(self) -> str:
-        return PROJ_ROLE[self.proj]
 
 
 def parse_expert_key(name: str) -> ExpertKey | None:
