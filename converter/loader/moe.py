@@ -448,8 +448,8 @@ def _stack_quantized(experts: dict[int, dict[str, Any]], where: str, name: str, 
 
 def attach_experts(
     model: nn.Module, state: dict[str, Any], compute_dtype: torch.dtype | None, *, where: str
-) -> dict[str, Any]:
-    """Fill the model's fused experts modules from per-expert tensors; returns the rest of ``state``.
+) -> None:
+    """Fill the model's fused experts modules from per-expert tensors, which leave ``state`` (in place).
 
     Quantized experts become :class:`QuantExperts4bit`; 16-bit ones are stacked into the module's
     own ``gate_up_proj`` / ``down_proj``. Other keys whose names transformers renames on load
@@ -507,7 +507,8 @@ def attach_experts(
             renamed = rename_key(model, key)
             key = renamed if renamed in params else key
         rest[key] = value
-    return rest
+    state.clear()
+    state.update(rest)
 
 
 def moe_modules(model: nn.Module) -> dict[str, QuantExperts4bit]:
