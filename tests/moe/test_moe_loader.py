@@ -239,3 +239,13 @@ def test_grouped_gemv_equals_per_expert_gemv(dtype, shared_x):
             x, torch.tensor([9]), packed, absmax, qmap, byte_offset=0, block_offset=0,
             out_features=out_f, in_features=in_f, blocksize=bs,
         )  # fmt: skip
+
+
+def test_device_map_with_disk_offload_gives_the_same_logits(folders):
+    """4-bit experts under accelerate's placement (layers offloaded to disk run on the CPU in place)."""
+    q, _ = folders("olmoe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        placed = load_quantized(q, device_map="auto", max_memory={"cpu": "60KB"})
+    assert "disk" in set(placed.hf_device_map.values())
+    assert torch.equal(_logits(placed), _logits(load_quantized(q)))
