@@ -13,11 +13,17 @@ down) and ``absmax [E, 2*I*H/bs + H*I/bs]`` float32 (nested absmax decoded at lo
 kernels decode it), so every expert's weights are zero-copy views. The forward
 (``quantize_model::moe_experts_4bit``, a torch custom op with a fake implementation, so
 ``torch.compile`` traces the model with the experts as one node) runs only the experts the router
-picked, in ascending expert order as transformers' eager loop does: an expert with at most 8 tokens
-(decode) goes through the fused 4-bit GEMV, gate and up in one call; an expert with more tokens
-(prefill) is dequantized once and multiplied with all its tokens (F.linear). Everything else is
-transformers' own arithmetic (act(gate) * up, routing weight, index_add_ in the model dtype), so
-on the dequantize path the output is bit-identical to the dequantized bf16 model's.
+picked:
+
+- decode (at most 8 tokens on the CPU, whole blocks per row): every (token, slot) pair is a row of one
+  grouped 4-bit GEMV per projection (``csrc/gemv_grouped.cpp``, indexed by the routed expert ids),
+  then act(gate) * up, the routing weight and a float32-accumulated sum over the k slots;
+- otherwise (prefill, CUDA, shapes the GEMV cannot take) tokens are sorted by expert and the hit
+  experts run in ascending order as transformers' eager loop does: an expert with at most 8 tokens
+  through the fused GEMV, one with more dequantized once and multiplied with all its tokens (F.linear).
+  Everything else is transformers' own arithmetic (act(gate) * up, routing weight, index_add_ in the
+  model dtype), so with ``use_gemv = False`` the output is bit-identical to the dequantized bf16
+  model's.
 
 A folder whose experts were kept 16-bit (``--moe-experts keep``) has per-expert tensors too; they
 are stacked into the fused parameters here (transformers' own loader does the same merge).
