@@ -137,8 +137,9 @@ def test_gemv_path_within_derived_bound(folders, tokens):
     assert ((got - ref).abs() <= bound).all()
 
 
-def test_generate_matches_dequantized_model(folders):
-    q, plain = folders("mixtral")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_matches_dequantized_model(folders, name):
+    q, plain = folders(name)
     ours = _dequant_paths(load_quantized(q))
     ref = load_bf16_eager(plain)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
