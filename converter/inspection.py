@@ -13,13 +13,18 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from converter import moe
 from converter.errors import SourceNotFoundError
 from converter.manifest import MANIFEST_NAME
 from converter.methods import for_record
 from formats import index as index_mod
 from formats.reader import open_shard
 from formats.validate import FormatError
+
+if TYPE_CHECKING:
+    from converter.moe import MoeSummary
 
 
 @dataclass
@@ -37,6 +42,7 @@ class InspectResult:
     tool_version: str | None = None
     source: str | None = None
     quantization_config: dict | None = None
+    moe: MoeSummary | None = None  # MoE folders: experts quantized or kept, and which loaders read it
 
     @property
     def bits_per_param(self) -> float:
@@ -50,6 +56,7 @@ class InspectResult:
     def to_json(self) -> dict:
         return {
             **asdict(self),
+            "moe": self.moe.to_json() if self.moe else None,
             "bits_per_param": self.bits_per_param,
             "quantized_bits_per_param": self.quantized_bits_per_param,
         }
@@ -75,6 +82,8 @@ def inspect_path(path: str | Path) -> InspectResult:
     result = InspectResult(path=str(path), shards=names)
     qtypes: Counter[str] = Counter()
     kept: Counter[str] = Counter()
+    names_q: list[str] = []
+    names_k: list[str] = []
     for name in names:
         with open_shard(folder / name) as shard:
             meta = shard.metadata or {}
@@ -82,6 +91,8 @@ def inspect_path(path: str | Path) -> InspectResult:
             result.tool_version = result.tool_version or tool.get("version")
             prov = meta.get("quantize_model.provenance") or {}
             result.source = result.source or prov.get("source")
+            names_q += shard.quantized
+            names_k += shard.passthrough
             for key in shard.quantized:
                 rec = shard.record(key)
                 result.tensors_quantized += 1
@@ -96,6 +107,7 @@ def inspect_path(path: str | Path) -> InspectResult:
                 kept[str(t.dtype).removeprefix("torch.")] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
+    result.moe = moe.summarize(names_q, names_k)
     config = folder / "config.json"
     if config.is_file() and Path(path).is_dir():
         try:

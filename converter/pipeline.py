@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from converter import kernels
+from converter import kernels, moe
 from converter.cuda_pipeline import CpuQuantizer, CudaQuantizer, QuantResult
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
+from converter.fp8 import wrap_if_block_fp8
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
 from converter.plan import (
     DTYPE_CODES,
@@ -92,12 +93,17 @@ def convert(
     push_to: str | None = None,
     private: bool = False,
     progress: bool | ProgressHook = True,
+    moe_experts: str = "keep",
+    warn: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Convert ``source`` (local path, Hub repo id or an open Source) into a quantized folder ``output``.
 
     Raises converter.errors exceptions (InputError subclasses for bad input, exit code 2;
     ConversionFailedError when writing fails, exit code 1). ``progress`` True shows a rich progress
     bar on stderr; a callable receives (tensor name, input bytes done) instead.
+    ``moe_experts`` "keep" leaves routed MoE experts 16-bit (stock transformers loads the folder),
+    "quantize" writes them as per-expert 4-bit records (converter/moe.py). ``warn`` receives advice
+    printed before the work starts (default: Python warnings).
     """
     started = time.perf_counter()
     try:
@@ -113,6 +119,7 @@ def convert(
             max_shard_size=parse_size(max_shard_size),
             int8_threshold=int8_threshold,
             int8_scale=int8_scale,
+            moe_experts=str(moe_experts).lower(),
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
@@ -132,9 +139,10 @@ def convert(
         )
     )
     try:
-        result = _Conversion(src, output, options, threads=threads, device=device, started=started).run(
-            overwrite=overwrite, progress=progress
-        )
+        src = wrap_if_block_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
+        conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
+        conversion.warn = warn
+        result = conversion.run(overwrite=overwrite, progress=progress)
     finally:
         src.close()
     if fallback_note:
@@ -173,6 +181,7 @@ class _Conversion:
         self.threads, self.device, self.started = threads, device, started
         self.stats = _Stats()
         self.notes: list[str] = []
+        self.warn: Callable[[str], None] | None = None
 
     # --- the whole run ---------------------------------------------------------------------
     def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
@@ -189,6 +198,13 @@ class _Conversion:
             include=options.include,
             cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
         )
+        selection = moe.apply_moe_mode(
+            selection, tensors, options.moe_experts, skip=options.skip, include=options.include
+        )
+        advice = moe.keep_advice(tensors, options.moe_experts)
+        if advice:
+            moe.warn_once(self.warn, advice)
+            self.notes.append(advice)
         identity = src.describe()
         plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
         self.plan = plan

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from converter.errors import InputError, UnsupportedTensorError
 from converter.methods import QuantMethod, get_method, own_options
+from converter.moe import check_mode
 from converter.sources.base import DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
 from formats.quant_types import MAX_BNB_ELEMENTS, QuantType
 from formats.validate import UnsupportedOption
@@ -81,9 +82,11 @@ class Options:
     max_shard_size: int = 5 * 10**9
     int8_threshold: float = 6.0  # int8 only: llm_int8_threshold (forward pass; never changes the bytes)
     int8_scale: str = "cpu"  # int8 only: "cpu" / "cuda" row scale (bitsandbytes' CPU or GPU bytes)
+    moe_experts: str = "keep"  # converter/moe.py: keep routed experts 16-bit, or quantize them
 
     def __post_init__(self) -> None:
         self.method.check_options(self)  # get_method raises ValueError with the accepted names
+        check_mode(self.moe_experts)
         if self.quant_storage not in QUANT_STORAGES:
             msg = (
                 f"--quant-storage {self.quant_storage!r} is not supported: "
@@ -103,6 +106,8 @@ class Options:
     def to_json(self) -> dict:
         d = asdict(self)
         d["skip"], d["include"] = list(self.skip), list(self.include)
+        if d["moe_experts"] == "keep":  # the default: fingerprints and provenance as before the option
+            del d["moe_experts"]
         return self.method.options_json(d, own_options())
 
 

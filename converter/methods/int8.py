@@ -28,6 +28,9 @@ class Int8Method(QuantMethod):
         if options.int8_scale not in SCALES:
             msg = f"--int8-scale {options.int8_scale!r} is not supported: use one of {', '.join(SCALES)}"
             raise ValueError(msg)
+        if getattr(options, "moe_experts", "keep") != "keep":
+            msg = "--moe-experts quantize writes 4-bit expert records: use it with nf4 / fp4, not int8"
+            raise ValueError(msg)
         t = options.int8_threshold
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t < float("inf"):
             msg = f"--int8-threshold {t!r} must be a finite number >= 0 (0 disables the outlier split)"
