@@ -29,6 +29,7 @@ from converter import kernels
 from converter.cuda_pipeline import CpuQuantizer, CudaQuantizer, QuantResult, make_quantizer
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
+from converter.quality import QualityMeter
 from converter.plan import (
     DTYPE_CODES,
     Options,
@@ -96,12 +97,17 @@ def convert(
     push_to: str | None = None,
     private: bool = False,
     progress: bool | ProgressHook = True,
+    dry_run: bool = False,
+    preflight: bool = True,
 ) -> ConversionResult:
     """Convert ``source`` (local path, Hub repo id or an open Source) into a quantized folder ``output``.
 
     Raises converter.errors exceptions (InputError subclasses for bad input, exit code 2;
     ConversionFailedError when writing fails, exit code 1). ``progress`` True shows a rich progress
     bar on stderr; a callable receives (tensor name, input bytes done) instead.
+    ``dry_run`` plans only and writes nothing: the result's ``preflight`` (converter.preflight) says
+    what each tensor becomes and what the run needs; ``preflight`` refuses, before writing anything, a
+    run whose output cannot fit on the disk.
     """
     started = time.perf_counter()
     try:
@@ -134,14 +140,14 @@ def convert(
         )
     )
     try:
-        result = _Conversion(src, output, options, threads=threads, device=device, started=started).run(
-            overwrite=overwrite, progress=progress
-        )
+        conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
+        conversion.dry_run, conversion.check_fit = dry_run, preflight
+        result = conversion.run(overwrite=overwrite, progress=progress)
     finally:
         src.close()
     if fallback_note:
         result.notes.append(fallback_note)
-    if push_to:
+    if push_to and not dry_run:
         from converter.push import push_folder
 
         result.pushed_to = push_folder(output, push_to, private=private)
@@ -177,6 +183,8 @@ class _Conversion:
         self.threads, self.device, self.started = threads, device, started
         self.stats = _Stats()
         self.notes: list[str] = []
+        self.dry_run, self.check_fit = False, True
+        self.quality: QualityMeter | None = None
 
     # --- the whole run ---------------------------------------------------------------------
     def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
@@ -199,6 +207,13 @@ class _Conversion:
         tv, fv = tool_version(), str(FORMAT_VERSION)
         plan_json = plan.to_json(tv, fv)
         fingerprint = plan.fingerprint(tv, fv)
+        if self.dry_run or self.check_fit:  # before the output folder is created or touched
+            from converter.preflight import preflight_of
+
+            report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
+            if self.dry_run:
+                return self._dry_result(report)
+            report.refuse_if_cannot_fit()
         protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
         if not self.output.exists():
             self.output.mkdir(parents=True)
@@ -235,7 +250,7 @@ class _Conversion:
             hook.close()
         self._write_extras()
         result = self._result(decision.action, reused=len(decision.done))
-        report = build_report(result, plan, identity, selection, self.stats)
+        report = build_report(result, plan, identity, selection, self.stats, manifest.shards, self.quality)
         if self.stats.device:
             report["timings"]["device"] = self.stats.device
         atomic_write_bytes(self.output / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
@@ -270,12 +285,17 @@ class _Conversion:
         remaining = Counter(t.info.file for s in shards for t in s.tensors)
         mapped: dict[str, MappedFile] = {}
         quantizer = new_quantizer(self.options, self.device, self.threads)
+        self.quality = self.quality or QualityMeter(self.options.qtype, self.options.blocksize, self.threads)
         if quantizer.fallback_reason:
             self.notes.append(quantizer.fallback_reason)
         try:
             for shard in shards:
                 info = self._write_shard(shard, quantizer, mapped, remaining, hook)
-                manifest.shards[shard.name] = {"sha256": info.sha256, "size": info.size}
+                manifest.shards[shard.name] = {
+                    "sha256": info.sha256,
+                    "size": info.size,
+                    **self.quality.shard_entry([p.name for p in shard.tensors]),
+                }
                 manifest.save(self.output)
                 self.stats.shards_written.append(shard.name)
         finally:
@@ -344,7 +364,10 @@ class _Conversion:
                 if p.quantize:
                     self._write_quantized(p, results, writer)
                 else:
-                    self._write_kept(p, self._read(p, mapped, following[p.name]), writer)
+                    kept = self._read(p, mapped, following[p.name])
+                    self.quality.kept(p.name, kept, p.out_dtype)
+                    self._write_kept(p, kept, writer)
+                    del kept
                 file = p.info.file
                 remaining[file] -= 1
                 if remaining[file] == 0:  # every tensor of this file is written: none is still read
@@ -393,7 +416,7 @@ class _Conversion:
         Holds no reference while the quantizer has the tensor: it is freed once quantized or staged.
         """
         for p in planned:
-            yield p.name, self._read_input(p, mapped, following[p.name])
+            yield p.name, self.quality.remember(p.name, self._read_input(p, mapped, following[p.name]), p.out_dtype)
 
     def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> torch.Tensor:
         x = self._read(p, mapped, following)
@@ -426,6 +449,7 @@ class _Conversion:
             msg = f"internal error: the quantizer returned {got and got[0]!r} where {p.name!r} was due"
             raise RuntimeError(msg)
         r = got[1]
+        self.quality.measured(p.name, r.packed, r.absmax, r.nested)
         opts = self.options
         record = QuantizedTensor.from_kernel_outputs(
             name=p.name,
@@ -487,6 +511,12 @@ class _Conversion:
         out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
         text = json.dumps(out, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(self.output / "config.json", text.encode())
+
+    def _dry_result(self, report: Any) -> ConversionResult:
+        result = make_result(self.output, self.plan, resumed=False, noop=False, seconds=0.0, bytes_read=0,
+                             shards_reused=0)  # fmt: skip
+        result.preflight = report
+        return result
 
     def _result(self, action: Action, *, reused: int) -> ConversionResult:
         result = make_result(
