@@ -51,8 +51,10 @@ def main() -> None:
     print(f"source: {src} ({sum(f.stat().st_size for f in src.glob('*.safetensors')) / 1e6:.0f} MB)")
     print(f"convert with quality:    best {min(on):.3f} s  (all: {', '.join(f'{x:.3f}' for x in on)})")
     print(f"convert without quality: best {min(off):.3f} s  (all: {', '.join(f'{x:.3f}' for x in off)})")
-    print(f"ratio best/best: {min(on) / min(off):.3f}; statistics time in the report: best {min(inside):.3f} s "
-          f"= {100 * min(inside) / min(on):.1f}% of the conversion")
+    print(
+        f"ratio best/best: {min(on) / min(off):.3f}; statistics time in the report: best {min(inside):.3f} s "
+        f"= {100 * min(inside) / min(on):.1f}% of the conversion"
+    )
 
 
 if __name__ == "__main__":

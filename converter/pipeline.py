@@ -29,7 +29,6 @@ from converter import kernels
 from converter.cuda_pipeline import CpuQuantizer, CudaQuantizer, QuantResult, make_quantizer
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
-from converter.quality import QualityMeter
 from converter.plan import (
     DTYPE_CODES,
     Options,
@@ -39,6 +38,7 @@ from converter.plan import (
     normalize_dtype,
     parse_size,
 )
+from converter.quality import QualityMeter
 from converter.report import REPORT_NAME, ConversionResult, build_report, make_result
 from converter.selection import select_tensors
 from converter.sources import Source, open_source
@@ -191,7 +191,7 @@ class _Conversion:
         src, options = self.src, self.options
         config = src.config()
         tensors = src.tensors()
-        if overwrite or not (self.output / MANIFEST_NAME).exists():
+        if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
         selection = select_tensors(
@@ -416,7 +416,10 @@ class _Conversion:
         Holds no reference while the quantizer has the tensor: it is freed once quantized or staged.
         """
         for p in planned:
-            yield p.name, self.quality.remember(p.name, self._read_input(p, mapped, following[p.name]), p.out_dtype)
+            yield (
+                p.name,
+                self.quality.remember(p.name, self._read_input(p, mapped, following[p.name]), p.out_dtype),
+            )
 
     def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> torch.Tensor:
         x = self._read(p, mapped, following)

@@ -133,7 +133,9 @@ class _Lines:
                 continue
             k = self._KEY.match(line)
             if k:
-                self.keys.setdefault((section, job if section.startswith("job") else -1, k.group(1).strip("\"'")), no)
+                self.keys.setdefault(
+                    (section, job if section.startswith("job") else -1, k.group(1).strip("\"'")), no
+                )
 
     def of(self, section: str, job: int, key: str | None) -> int | None:
         if key is not None:
@@ -251,7 +253,7 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
         if name is None:
             name = default_name(merged["source"] if not Path(source).exists() else source)
             if len(variants) > 1:
-                name += "-" + "-".join(_slug(x) for key, x in sorted(v.items()) if key not in JOB_KEYS)
+                name += "-" + "-".join(_slug(key, x) for key, x in sorted(v.items()) if key not in JOB_KEYS)
         if "/" in name or name in ("", ".", ".."):
             raise fail("job", k, "output", f"output name {name!r} must be a plain folder name")
         line = fail("job", k, None, "").args[0].split(": ", 1)[0]
@@ -269,7 +271,10 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
     return out
 
 
-def _slug(value: Any) -> str:
+def _slug(key: str, value: Any) -> str:
+    """A variant's part of a default output name: the value, or the key for a flag (no- when off)."""
+    if isinstance(value, bool):
+        return ("" if value else "no-") + key.replace("_", "-")
     text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
     return re.sub(r"[^\w.-]+", "-", text).strip("-.").lower() or "x"
 

@@ -104,7 +104,7 @@ def decoded_absmax(codes: Codes) -> Any:
 
     q, nabs, offset = codes.nested
     nmap = codes.nested_map if codes.nested_map is not None else codebooks.as_f32(codebooks.DYNAMIC8)
-    as_t = (lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a)))  # noqa: E731
+    as_t = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return kernels.dequantize_nested(as_t(q), as_t(nabs), float(offset), as_t(nmap))
 
 
@@ -127,7 +127,15 @@ def measure(
     qmap = _contiguous(qmap)
     packed = _contiguous(codes.packed)
     sx, se, m, bad = _kernels.quant_error_stats(
-        _ptr(x), _DTYPE_NAMES[dtype], n, blocksize, _ptr(packed), _ptr(absmax), _ptr(qmap), "auto", threads or 0
+        _ptr(x),
+        _DTYPE_NAMES[dtype],
+        n,
+        blocksize,
+        _ptr(packed),
+        _ptr(absmax),
+        _ptr(qmap),
+        "auto",
+        threads or 0,
     )
     return TensorQuality(name, n, sx, se, m, int(bad))
 
@@ -161,8 +169,12 @@ def summarize(tensors: dict[str, TensorQuality], kept_nonfinite: dict[str, int])
         "nonfinite_kept": sum(kept_nonfinite.values()),
         "kept_with_nonfinite": sorted(k for k, v in kept_nonfinite.items() if v),
         "worst": [
-            {"name": t.name, "rel_rmse": _finite(t.rel_rmse), "snr_db": _finite(t.snr_db),
-             "max_abs_err": _finite(t.max_abs_err)}
+            {
+                "name": t.name,
+                "rel_rmse": _finite(t.rel_rmse),
+                "snr_db": _finite(t.snr_db),
+                "max_abs_err": _finite(t.max_abs_err),
+            }
             for t in worst
         ],  # fmt: skip
     }
@@ -192,7 +204,13 @@ class QualityMeter:
         x, dtype = self._pending.pop(name)
         t0 = time.perf_counter()
         self.tensors[name] = measure(
-            name, x, dtype, Codes(packed, absmax, nested), self.quant_type, self.blocksize, threads=self.threads
+            name,
+            x,
+            dtype,
+            Codes(packed, absmax, nested),
+            self.quant_type,
+            self.blocksize,
+            threads=self.threads,
         )
         self.seconds += time.perf_counter() - t0
 
