@@ -173,27 +173,32 @@ def _load_toml(path: Path, cli_options: dict[str, Any]) -> BatchPlan:
             raise fail(top, -1, None, f"unknown table {top!r}: a plan has [defaults] and [[job]] only")
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
-        raise fail("", -1, "defaults", "'defaults' must be a table: [defaults]")
+        msg_0 = ""
+        raise fail(msg_0, -1, "defaults", "'defaults' must be a table: [defaults]")
     output_root: Path | None = None
     defaults = dict(defaults)
     if "output_root" in defaults:
         value = defaults.pop("output_root")
         if not isinstance(value, str) or not value:
-            raise fail("defaults", -1, "output_root", "key 'output_root' must be a folder path (a string)")
+            msg_0 = "defaults"
+            raise fail(msg_0, -1, "output_root", "key 'output_root' must be a folder path (a string)")
         output_root = (path.parent / Path(value).expanduser()).resolve()
     base: dict[str, Any] = {}
     for key, value in defaults.items():
         if key not in params:
-            raise fail("defaults", -1, key, _unknown(key, params))
+            msg_0 = "defaults"
+            raise fail(msg_0, -1, key, _unknown(key, params))
         try:
             base[key] = check_value(key, value, params[key])
         except ValueError as exc:
-            raise fail("defaults", -1, key, f"key {key!r}: {exc}") from None
+            msg_0 = "defaults"
+            raise fail(msg_0, -1, key, f"key {key!r}: {exc}") from None
     base.update(cli_options)
 
     raw_jobs = data.get("job", [])
     if not isinstance(raw_jobs, list) or not raw_jobs:
-        raise fail("", -1, None, "the plan has no jobs; add a [[job]] table with a 'source'")
+        msg_0 = ""
+        raise fail(msg_0, -1, None, "the plan has no jobs; add a [[job]] table with a 'source'")
     jobs: list[Job] = []
     for k, raw in enumerate(raw_jobs):
         jobs.extend(_expand_job(k, raw, base, params, path, fail))
@@ -219,16 +224,20 @@ def _unknown(key: str, params: dict[str, Any]) -> str:
 
 def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: Any) -> list[Job]:
     if not isinstance(raw, dict):
-        raise fail("job", k, None, "each [[job]] must be a table")
+        msg = "job"
+        raise fail(msg, k, None, "each [[job]] must be a table")
     if not isinstance(raw.get("source"), str) or not raw["source"]:
-        raise fail("job", k, "source", "key 'source' (a local path or a Hub repo id) is required")
+        msg = "job"
+        raise fail(msg, k, "source", "key 'source' (a local path or a Hub repo id) is required")
     variants = raw.get("variants", [{}])
     if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
-        raise fail("job", k, "variants", "key 'variants' must be a non-empty list of tables")
+        msg = "job"
+        raise fail(msg, k, "variants", "key 'variants' must be a non-empty list of tables")
     out: list[Job] = []
     for v in variants:
         if "variants" in v or "source" in v:
-            raise fail("job", k, "variants", "a variant cannot set 'source' or 'variants'")
+            msg = "job"
+            raise fail(msg, k, "variants", "a variant cannot set 'source' or 'variants'")
         merged = {key: value for key, value in raw.items() if key != "variants"}
         merged.update(v)
         options = dict(base)
@@ -236,15 +245,18 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
             if key in JOB_KEYS:
                 continue
             if key not in params:
-                raise fail("job", k, key if key in raw else "variants", _unknown(key, params))
+                msg = "job"
+                raise fail(msg, k, key if key in raw else "variants", _unknown(key, params))
             try:
                 options[key] = check_value(key, value, params[key])
             except ValueError as exc:
-                raise fail("job", k, key if key in raw else "variants", f"key {key!r}: {exc}") from None
+                msg = "job"
+                raise fail(msg, k, key if key in raw else "variants", f"key {key!r}: {exc}") from None
         for key, kind in (("output", str), ("revision", str), ("push_to", str), ("private", bool)):
             if key in merged and not isinstance(merged[key], kind):
                 where_key = key if key in raw else "variants"
-                raise fail("job", k, where_key, f"key {key!r} must be a {kind.__name__}")
+                msg = "job"
+                raise fail(msg, k, where_key, f"key {key!r} must be a {kind.__name__}")
         source = merged["source"]
         local = Path(source).expanduser()
         if not local.is_absolute() and (path.parent / local).exists():
@@ -255,7 +267,8 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
             if len(variants) > 1:
                 name += "-" + "-".join(_slug(key, x) for key, x in sorted(v.items()) if key not in JOB_KEYS)
         if "/" in name or name in ("", ".", ".."):
-            raise fail("job", k, "output", f"output name {name!r} must be a plain folder name")
+            msg = "job"
+            raise fail(msg, k, "output", f"output name {name!r} must be a plain folder name")
         line = fail("job", k, None, "").args[0].split(": ", 1)[0]
         out.append(
             Job(
@@ -316,7 +329,8 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
     # Other options: checked against the type of convert()'s default.
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"{value!r} is not valid: use true or false")
+            msg_0 = f"{value!r} is not valid: use true or false"
+            raise ValueError(msg_0)
         return value
     if isinstance(default, int) and not isinstance(value, bool) and isinstance(value, int):
         return value
@@ -324,16 +338,19 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            raise ValueError(f"{value!r} is not valid: use a list of strings")
+            msg_0 = f"{value!r} is not valid: use a list of strings"
+            raise ValueError(msg_0)
         return tuple(value)
     if isinstance(default, str) and isinstance(value, str):
         return value
     if default is None and isinstance(value, str | int | float) and not isinstance(value, bool):
         if key == "threads" and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{value!r} is not valid: use a whole number >= 1")
+            msg_0 = f"{value!r} is not valid: use a whole number >= 1"
+            raise ValueError(msg_0)
         return value
     kind = type(default).__name__ if default is not None else "a string or number"
-    raise ValueError(f"{value!r} is not valid: expected {kind}")
+    msg_0 = f"{value!r} is not valid: expected {kind}"
+    raise ValueError(msg_0)
 
 
 def select_part(jobs: list[Job], only: str | None) -> list[Job]:

@@ -176,7 +176,7 @@ def summarize(tensors: dict[str, TensorQuality], kept_nonfinite: dict[str, int])
                 "max_abs_err": _finite(t.max_abs_err),
             }
             for t in worst
-        ],  # fmt: skip
+        ],
     }
 
 

@@ -172,9 +172,11 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
         t.add_column(col, no_wrap=True)
     for r in rows:
         p = r.get("preflight") or {}
-        t.add_row(r["job"]["source"], r["job"]["output"], r["action"],
-                  human_bytes(p["bytes_out"]) if p else "", f"{p['bits_per_param']:.2f}" if p else "",
-                  human_bytes(p["peak_ram"]) if p else "", human_bytes(p["disk_needed"]) if p else "")  # fmt: skip
+        sizes = (
+            [human_bytes(p["bytes_out"]), f"{p['bits_per_param']:.2f}", human_bytes(p["peak_ram"]),
+             human_bytes(p["disk_needed"])] if p else ["", "", "", ""]
+        )  # fmt: skip
+        t.add_row(r["job"]["source"], r["job"]["output"], r["action"], *sizes)
     app.print_table(t)
     for r in rows:
         if r.get("error"):
