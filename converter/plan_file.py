@@ -259,13 +259,14 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
                 raise fail(msg, k, where_key, f"key {key!r} must be a {kind.__name__}")
         source = merged["source"]
         local = Path(source).expanduser()
-        if not local.is_absolute() and (path.parent / local).exists():
+        looks_local = source.startswith(("./", "../", "~")) or (path.parent / local).exists()
+        if not local.is_absolute() and looks_local:
             source = str((path.parent / local).resolve())  # local paths are relative to the plan file
         name = merged.get("output")
         if name is None:
             name = default_name(merged["source"] if not Path(source).exists() else source)
             if len(variants) > 1:
-                name += "-" + "-".join(_slug(key, x) for key, x in sorted(v.items()) if key not in JOB_KEYS)
+                name += "-" + "-".join(_slug(key, x) for key, x in v.items() if key not in JOB_KEYS)
         if "/" in name or name in ("", ".", ".."):
             msg = "job"
             raise fail(msg, k, "output", f"output name {name!r} must be a plain folder name")

@@ -7,7 +7,8 @@ touching the output folder, a run that clearly cannot fit (more disk needed than
 set larger than the memory available).
 
 Estimates (upper bounds, so a refusal is never a false alarm from rounding):
-- disk: the planned shard sizes (payload + tables + a quant-state allowance per tensor), less the
+- disk: the planned shard sizes (payload + tables + a quant-state allowance per tensor + a header
+  allowance), less the
   shards a resumed run keeps; an --overwrite frees the folder's current content. Hub downloads are
   checked by the Hub source itself (converter/sources/hub.py) when it opens.
 - memory: this process now, plus the largest per-tensor working set: a cast or transposed copy of
@@ -111,6 +112,17 @@ def working_set(p: Any, blocksize: int, nested: bool) -> int:
     return copy + codes
 
 
+def header_bytes(shard: Any) -> int:
+    """An upper bound of a shard's safetensors header: per key its JSON entry (name, dtype, shape,
+    offsets: name + ~120 bytes; a quantized weight has up to 7 keys) and its per-tensor metadata
+    record (~300 bytes), plus the provenance and format records (4 kB)."""
+    total = 4096
+    for t in shard.tensors:
+        keys = 7 if t.quantize else 1
+        total += keys * (len(t.name) + 40 + 120) + 300
+    return total
+
+
 def _existing_bytes(output: Path) -> int:
     if not output.is_dir():
         return 0
@@ -133,7 +145,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
         up_to_date = manifest.state == "complete" and reusable == sum(
             int(i.get("size", -1)) for i in manifest.shards.values()
         )
-    bytes_out = sum(s.nbytes for s in plan.shards)
+    bytes_out = sum(s.nbytes + header_bytes(s) for s in plan.shards)
     needed = 0 if up_to_date else max(0, bytes_out - reusable)
     free, where = disk_free(output)
     if overwrite:
