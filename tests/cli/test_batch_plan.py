@@ -57,7 +57,8 @@ def test_plan_runs_then_second_run_does_no_work(qm, tiny_llama: Path, tmp_path: 
 
     @functools.wraps(converter.pipeline.convert)  # the plan's keys are checked against its signature
     def no_work(*a, **k):
-        raise AssertionError("an up-to-date job must not be planned or converted")
+        msg = "an up-to-date job must not be planned or converted"
+        raise AssertionError(msg)
 
     monkeypatch.setattr(converter.pipeline, "convert", no_work)
     r = qm("batch", plan, "--json")
@@ -96,7 +97,8 @@ def test_failing_job_is_isolated_and_reported_in_junit(qm, tiny_llama: Path, tmp
         r.stderr.splitlines()[-1] == "Error: 1 of 4 conversion(s) failed; fix them and rerun the same batch"
     )
     data = json.loads(report.read_text())
-    assert data["counts"]["converted"] == 3 and data["counts"]["failed"] == 1
+    assert data["counts"]["converted"] == 3
+    assert data["counts"]["failed"] == 1
     failed = data["items"][3]
     assert failed["exit_code"] == 2
     # A relative local path is relative to the plan file, and the error names it in full.
@@ -114,7 +116,8 @@ def test_failing_job_is_isolated_and_reported_in_junit(qm, tiny_llama: Path, tmp
     assert bad.result[0].message == failed["error"]
     assert bad.result[0].type == "exit 2"
     ok = cases["b128"]
-    assert ok.is_passed and ok.time >= 0
+    assert ok.is_passed
+    assert ok.time >= 0
     assert f"({data['items'][2]['bytes_out']} bytes)" in ok.system_out
 
 
@@ -180,14 +183,18 @@ def test_convert_dry_run_lists_every_tensor_and_writes_nothing(qm, tiny_llama: P
     assert {t["name"] for t in data["tensors"]} == names
     fates = {t["name"]: (t["action"], t["reason"]) for t in data["tensors"]}
     assert fates["model.layers.0.mlp.up_proj.weight"] == ("quantize", "nf4 blocksize 64")
-    assert fates["model.norm.weight"][0] == "keep" and "RMSNorm" in fates["model.norm.weight"][1]
-    assert data["fits"] and data["disk_needed"] == data["bytes_out"] > 0
-    assert data["peak_ram"] > 0 and data["bits_per_param"] > 4
+    assert fates["model.norm.weight"][0] == "keep"
+    assert "RMSNorm" in fates["model.norm.weight"][1]
+    assert data["fits"]
+    assert data["disk_needed"] == data["bytes_out"] > 0
+    assert data["peak_ram"] > 0
+    assert data["bits_per_param"] > 4
     # The plan's size is an upper bound of what a real run writes.
     assert qm("convert", tiny_llama, out, "-q").exit_code == 0
     assert sum(p.stat().st_size for p in out.glob("*.safetensors")) <= data["bytes_out"]
     human = qm("convert", tiny_llama, tmp_path / "other", "--dry-run")
-    assert "model.layers.1.self_attn.q_proj.weight" in human.stdout and "Fits" in human.stdout
+    assert "model.layers.1.self_attn.q_proj.weight" in human.stdout
+    assert "Fits" in human.stdout
 
 
 def test_too_small_disk_is_refused_up_front(qm, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
@@ -204,7 +211,8 @@ def test_too_small_disk_is_refused_up_front(qm, tiny_llama: Path, tmp_path: Path
     )
     assert not out.exists()  # refused before the folder was created
     r = qm("convert", tiny_llama, out, "--dry-run")
-    assert r.exit_code == 2 and "Fits           NO" in r.stdout
+    assert r.exit_code == 2
+    assert "Fits           NO" in r.stdout
     assert not out.exists()
 
 

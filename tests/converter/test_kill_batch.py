@@ -32,7 +32,8 @@ DRIVER = textwrap.dedent(
     from converter.inspection import verify_path
     from converter.plan_file import load_plan
 
-    plan_path, ref_root, root, kills, seed = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    plan_path, ref_root, root = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    kills, seed = int(sys.argv[4]), int(sys.argv[5])
     plan = load_plan(Path(plan_path))
 
     def run_into(dest):
@@ -60,8 +61,8 @@ DRIVER = textwrap.dedent(
                 data = p.read_bytes()
                 if p.name == "quantization_report.json":
                     rep = json.loads(data)
-                    rep.pop("timings"); rep["summary"].pop("seconds"); rep["summary"].pop("throughput_bytes_per_s")
-                    for k in ("resumed", "bytes_read", "shards_reused", "noop"):
+                    rep.pop("timings")
+                    for k in ("seconds", "throughput_bytes_per_s", "resumed", "bytes_read", "shards_reused"):
                         rep["summary"].pop(k, None)
                     data = json.dumps(rep, sort_keys=True).encode()
                 out[rel] = data
@@ -104,7 +105,8 @@ DRIVER = textwrap.dedent(
     final_ok = os.waitstatus_to_exitcode(status) == 0
     differ = [j.output for j in plan.jobs if snapshot(root / j.output) != ref[j.output]]
     print(json.dumps({"killed": killed, "finished": finished, "bad": bad, "final_ok": final_ok,
-                      "differ": differ, "t_ref": t_ref, "unfinished": unfinished, "seconds": time.perf_counter() - t0}))
+                      "differ": differ, "t_ref": t_ref, "unfinished": unfinished,
+                      "seconds": time.perf_counter() - t0}))
     """
 )
 

@@ -30,7 +30,9 @@ skip = "lm_head"
 
 [[job]]
 source = "org/small"
-variants = [{quant_type = "nf4"}, {quant_type = "fp4", double_quant = false}, {blocksize = 128, output = "s128"}]
+variants = [
+  {quant_type = "nf4"}, {quant_type = "fp4", double_quant = false}, {blocksize = 128, output = "s128"},
+]
 """
 
 

@@ -76,7 +76,7 @@ def test_stats_do_not_depend_on_threads() -> None:
             qmap.ctypes.data,
             "auto",
             threads,
-        )  # fmt: skip
+        )
         for threads in (1, 2, 7)
     }
     assert len(results) == 1  # fixed groups of blocks, added in order
@@ -88,7 +88,7 @@ def test_nested_absmax_is_decoded_as_a_loader_does() -> None:
     q, nabs, offset = kernels.quantize_nested(absmax)
     nmap = torch.from_numpy(codebooks.as_f32(codebooks.DYNAMIC8))
     decoded = kernels.dequantize_nested(q, nabs, offset, nmap)
-    sx_ref, se_ref, m_ref = reference(x, packed, decoded, QuantType.NF4, 64)
+    sx_ref, se_ref, _ = reference(x, packed, decoded, QuantType.NF4, 64)
     got = measure("w", x, "BF16", Codes(packed, q, (q, nabs, offset)), QuantType.NF4, 64)
     tol = gamma(64) + 4 * U  # as in test_stats_match_float64_reference
     assert got.sum_x2 == pytest.approx(sx_ref, rel=tol)
