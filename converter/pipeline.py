@@ -299,6 +299,7 @@ class _Conversion:
                 manifest.save(self.output)
                 self.stats.shards_written.append(shard.name)
         finally:
+            self.quality.close()
             for file in list(mapped):
                 mapped.pop(file)
                 self.src.release(file)

@@ -14,6 +14,8 @@ Inputs may be torch tensors or numpy arrays (bfloat16 as a uint16 view); ``dtype
 from __future__ import annotations
 
 import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,49 +186,74 @@ class QualityMeter:
     """The pipeline's hook: remembers each input until its codes come back, then measures it.
 
     ``remember`` is called by the reader (the quantizer may hold the tensor a while, e.g. on a GPU);
-    ``measured`` when the result arrives; the input is dropped right after, so no extra tensor stays.
+    ``measured`` hands the input and its codes to one background thread (the kernel on one core,
+    outside the kernels' thread pool, so it overlaps the pipeline's reads, writes and hashing) and
+    drops them once measured. At most ``MAX_PENDING`` tensors wait, which bounds the extra memory;
+    ``shard_entry`` waits for a shard's tensors. ``seconds`` is the measuring time (on that thread),
+    ``seconds_waited`` what the pipeline spent waiting for it.
     """
+
+    MAX_PENDING = 2
 
     def __init__(self, quant_type: QuantType, blocksize: int, threads: int | None) -> None:
         self.quant_type, self.blocksize, self.threads = quant_type, blocksize, threads
         self._pending: dict[str, tuple[Any, str]] = {}
+        self._running: list[Future[None]] = []
+        self._pool: ThreadPoolExecutor | None = None
         self.tensors: dict[str, TensorQuality] = {}
         self.kept_nonfinite: dict[str, int] = {}
         self.seconds = 0.0
+        self.seconds_waited = 0.0
 
     def remember(self, name: str, x: Any, dtype: str) -> Any:
         self._pending[name] = (x, dtype)
         return x
 
     def measured(self, name: str, packed: Any, absmax: Any, nested: Any) -> None:
-        import time
-
         x, dtype = self._pending.pop(name)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qm-quality")
+        codes = Codes(packed, absmax, nested)
+        self._running.append(self._pool.submit(self._measure, name, x, dtype, codes))
+        del x, codes
+        if len(self._running) > self.MAX_PENDING:
+            self._wait(len(self._running) - self.MAX_PENDING)
+
+    def _measure(self, name: str, x: Any, dtype: str, codes: Codes) -> None:
         t0 = time.perf_counter()
-        self.tensors[name] = measure(
-            name,
-            x,
-            dtype,
-            Codes(packed, absmax, nested),
-            self.quant_type,
-            self.blocksize,
-            threads=self.threads,
-        )
+        self.tensors[name] = measure(name, x, dtype, codes, self.quant_type, self.blocksize, threads=1)
         self.seconds += time.perf_counter() - t0
 
-    def kept(self, name: str, x: Any, dtype: str) -> None:
-        import time
+    def _wait(self, count: int | None = None) -> None:
+        t0 = time.perf_counter()
+        done, self._running = (
+            (self._running, []) if count is None else (self._running[:count], self._running[count:])
+        )
+        for fut in done:
+            fut.result()  # re-raises what measuring raised
+        self.seconds_waited += time.perf_counter() - t0
 
+    def kept(self, name: str, x: Any, dtype: str) -> None:
         t0 = time.perf_counter()
         self.kept_nonfinite[name] = count_nonfinite(x, dtype, self.threads)
         self.seconds += time.perf_counter() - t0
 
     def shard_entry(self, names: list[str]) -> dict[str, Any]:
         """What the manifest keeps per finished shard, so a resumed run still reports every tensor."""
+        self._wait()
         return {
             "quality": {n: self.tensors[n].to_json() for n in names if n in self.tensors},
             "nonfinite_kept": {n: self.kept_nonfinite[n] for n in names if n in self.kept_nonfinite},
         }
+
+    def close(self) -> None:
+        """Wait for what is in flight and stop the thread (also after an error)."""
+        if self._pool is not None:
+            for fut in self._running:
+                fut.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._running = []
 
 
 def from_manifest(shards: dict[str, dict]) -> tuple[dict[str, TensorQuality], dict[str, int]]:

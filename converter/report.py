@@ -182,7 +182,10 @@ def build_report(
             "seconds_quantize": stats.seconds_quantize,
             "seconds_write": stats.seconds_write,
             "shards_written_this_run": stats.shards_written,
+            # Measured on a background thread (overlapping the pipeline): its own time, and what the
+            # pipeline spent waiting for it.
             "seconds_quality": meter.seconds if meter is not None else 0.0,
+            "seconds_quality_waited": meter.seconds_waited if meter is not None else 0.0,
         },
         "quality": result.quality,
         "kept_params_by_reason": dict(sorted(kept_reasons.items())),

@@ -67,11 +67,10 @@ template <DType DT>
 QM_TARGET_AVX2 void block_avx2(const void* x, int64_t begin, int64_t len, const uint8_t* q, float am,
                                const float* qmap, QuantErrorStats& out) {
   const __m256 lo_tab = _mm256_loadu_ps(qmap), hi_tab = _mm256_loadu_ps(qmap + 8);
-  const __m256 amv = _mm256_set1_ps(am), sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(kMaxFinite);
+  const __m256 amv = _mm256_set1_ps(am), sign = _mm256_set1_ps(-0.0f);
   const __m128i low4 = _mm_set1_epi8(0x0F);
   const __m256i seven = _mm256_set1_epi32(7);
   __m256 x2 = _mm256_setzero_ps(), e2 = _mm256_setzero_ps(), m = _mm256_setzero_ps();
-  int64_t bad = 0;
   const int64_t full = len & ~int64_t{7};
   for (int64_t i = 0; i < full; i += 8) {
     const __m256 xv = load8<DT>(x, begin + i);
@@ -88,8 +87,6 @@ QM_TARGET_AVX2 void block_avx2(const void* x, int64_t begin, int64_t len, const 
     x2 = _mm256_add_ps(x2, _mm256_mul_ps(xv, xv));
     e2 = _mm256_add_ps(e2, _mm256_mul_ps(e, e));
     m = _mm256_max_ps(m, _mm256_andnot_ps(sign, e));
-    const __m256 ok = _mm256_cmp_ps(_mm256_andnot_ps(sign, xv), big, _CMP_LE_OQ);
-    bad += 8 - __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(ok)));
   }
   alignas(32) float lx2[8], le2[8], lm[8];
   _mm256_store_ps(lx2, x2);
@@ -103,11 +100,18 @@ QM_TARGET_AVX2 void block_avx2(const void* x, int64_t begin, int64_t len, const 
     se += le2[j];
     mm = std::max(mm, lm[j]);
   }
-  // NaN lanes: max_ps drops a NaN error; a non-finite absmax is caught by the caller per block.
+  if (!(std::fabs(sx) <= kMaxFinite)) {
+    // A NaN/Inf in x makes the x^2 sum non-finite (max_ps would drop a NaN error): redo this block
+    // on the scalar path, which counts the non-finite elements. Never taken for a finite input, so
+    // the loop above carries no per-element check.
+    block_scalar<DT>(x, begin, len, q, am, qmap, out);
+    return;
+  }
+  // A non-finite absmax is caught by the caller per block.
   out.sum_x2 += double(sx) + tail.sum_x2;
   out.sum_e2 += double(se) + tail.sum_e2;
   out.max_abs_e = std::max({out.max_abs_e, double(mm), tail.max_abs_e});
-  out.nonfinite += bad + tail.nonfinite;
+  out.nonfinite += tail.nonfinite;
 }
 #endif
 
@@ -147,7 +151,9 @@ QuantErrorStats quant_error_stats(const void* x, DType dtype, int64_t n, int64_t
   const int64_t per_group = std::max<int64_t>(1, kGroupElements / blocksize);
   const int64_t groups = (nb + per_group - 1) / per_group;
   std::vector<QuantErrorStats> partial(static_cast<size_t>(groups));
-  parallel_for(groups, threads, 1, [&](int64_t g0, int64_t g1) {
+  // threads == 1 runs on the calling thread without the pool, so a measurement in a background
+  // thread overlaps the pipeline's own kernels instead of queueing behind them.
+  const auto run = [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b0 = g * per_group, b1 = std::min(nb, b0 + per_group);
       switch (dtype) {
@@ -162,7 +168,13 @@ QuantErrorStats quant_error_stats(const void* x, DType dtype, int64_t n, int64_t
           break;
       }
     }
-  });
+  };
+  if (threads == 1) {
+    ScopedDenormalsOn denormals;  // as the pool's workers run
+    run(0, groups);
+  } else {
+    parallel_for(groups, threads, 1, run);
+  }
   for (const auto& p : partial) {  // in group order: the same sums for any thread count
     total.sum_x2 += p.sum_x2;
     total.sum_e2 += p.sum_e2;
@@ -178,7 +190,12 @@ namespace {
 template <typename U, U kExp>
 int64_t count_exp_all_ones(const U* p, int64_t n) {
   int64_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad += (p[i] & kExp) == kExp;
+  for (int64_t i0 = 0; i0 < n; i0 += int64_t{1} << 30) {  // 32-bit counts: narrower vector lanes
+    const int64_t i1 = std::min(n, i0 + (int64_t{1} << 30));
+    uint32_t part = 0;
+    for (int64_t i = i0; i < i1; ++i) part += static_cast<uint32_t>((p[i] & kExp) == kExp);
+    bad += part;
+  }
   return bad;
 }
 
