@@ -6,7 +6,8 @@ output folder complete for the same plan fingerprint (source commit or file iden
 tool and format version) and the folder's files are verified: by the stamp the batch wrote after it
 last finished or verified that folder (``OUTPUT_ROOT/.quantize-model-batch/<output>.json``: size and
 mtime of every file), or else by a full ``verify`` (hashes), after which the stamp is written.
-``force`` redoes every job from scratch.
+``force`` redoes every job from scratch. A folder the batch wrote for a job whose plan changed since
+(new source commit, options, tool version) is replaced; a folder it did not write is refused.
 
 ``parallel`` > 1 runs jobs in threads (conversions release the GIL in I/O and kernels) and starts a
 job only while the running jobs' preflight estimates (peak memory above this process, disk for the
@@ -220,7 +221,19 @@ def run_job(job: Job, root: Path, options: dict[str, Any], *, force: bool, pre: 
                                   bytes_out=_shard_bytes(out), quality=_quality(out))  # fmt: skip
             force_this = True  # complete by its manifest but its files do not verify: redo it
         else:
-            force_this = force
+            # A folder this batch wrote for this job (its stamp says so) that holds an older plan
+            # (a new source commit, changed options, a new tool version) is replaced; a folder
+            # nobody stamped is refused by convert() as usual.
+            stale = (
+                pre is not None
+                and read_stamp(root, job) is not None
+                and _fingerprint(out)
+                not in (
+                    "",
+                    pre.fingerprint,
+                )
+            )
+            force_this = force or stale
         result = convert(job.source, out, overwrite=force_this, push_to=push_to, private=private, **kw)
         fingerprint = _fingerprint(out)
         write_stamp(root, job, fingerprint, result.pushed_to, key)

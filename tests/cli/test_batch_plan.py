@@ -243,3 +243,30 @@ def test_batch_refuses_a_batch_wide_revision(qm, tiny_llama: Path, tmp_path: Pat
     r = qm("batch", _plan(tmp_path, tiny_llama), option, "main")
     assert r.exit_code == 2
     assert "--revision cannot apply to a whole batch" in r.stderr
+
+
+def test_jobs_wait_for_the_budget(tiny_llama: Path, tmp_path: Path) -> None:
+    """--jobs N starts a job only while the running ones' estimates fit; a tiny budget serialises."""
+    from converter.batch_run import Budget, run_batch
+    from converter.plan_file import load_plan
+
+    plan = load_plan(_plan(tmp_path, tiny_llama))
+    events: list[tuple[str, str]] = []
+    result = run_batch(
+        plan.jobs,
+        tmp_path / "out",
+        parallel=3,
+        budget=Budget(memory=None, disk=1),  # every job needs more disk than that: one at a time
+        on_start=lambda k, job: events.append(("start", job.output)),
+        on_done=lambda k, r: events.append(("done", r.item.output)),
+    )
+    assert result.ok
+    assert [e[0] for e in events] == ["start", "done"] * 3
+    events.clear()
+    result = run_batch(
+        plan.jobs, tmp_path / "out2", parallel=3, budget=Budget(memory=None, disk=None),
+        on_start=lambda k, job: events.append(("start", job.output)),
+        on_done=lambda k, r: events.append(("done", r.item.output)),
+    )  # fmt: skip
+    assert result.ok
+    assert [e[0] for e in events[:3]] == ["start"] * 3  # no budget: all three at once
