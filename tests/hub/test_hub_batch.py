@@ -7,16 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from fake_hub import FakeHub
+from hub_helpers import qm
 
 pytestmark = pytest.mark.hub
-
-
-def qm(*args: str | Path):
-    from converter.cli import cli
-
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_hub_job_up_to_date_costs_one_api_call(
