@@ -159,6 +159,25 @@ def stamp_matches(root: Path, job: Job, fingerprint: str) -> bool:
     )
 
 
+def cheap_key(job: Job, options: dict[str, Any]) -> str | None:
+    state = source_state(job)
+    return job_key(job, options, state) if state is not None else None
+
+
+def stamped_up_to_date(job: Job, root: Path, key: str | None, push_to: str | None) -> bool:
+    """The cheap check: the stamp of the last run names the same source state, options and
+    versions, and the folder's files are as that run left them (no plan, no tensor, no import of
+    torch or transformers)."""
+    stamp = read_stamp(root, job) if key else None
+    if (
+        not stamp
+        or stamp.get("job_key") != key
+        or stamp.get("files") != _folder_files_or_none(root / job.output)
+    ):
+        return False
+    return not push_to or stamp.get("pushed_to") == push_to
+
+
 # --- one job ----------------------------------------------------------------------------------
 def _describe(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, ConverterError):
@@ -193,16 +212,10 @@ def run_job(job: Job, root: Path, options: dict[str, Any], *, force: bool, pre: 
     kw = job_kwargs(job, options)
     push_to, private = kw.pop("push_to", None), kw.pop("private", False)
     try:
-        # The cheap check first: the stamp of the last run names the same source state, options and
-        # versions, and the folder's files are as that run left them -> no plan, no tensor, no import
-        # of torch or transformers.
-        state = source_state(job)
-        key = job_key(job, options, state) if state is not None else None
-        stamp = read_stamp(root, job) if key and not force else None
-        if stamp and stamp.get("job_key") == key and stamp.get("files") == _folder_files_or_none(out):
-            if not push_to or stamp.get("pushed_to") == push_to:
-                return ItemResult(job, True, time.perf_counter() - t0, status="up-to-date",
-                                  bytes_out=_shard_bytes(out), quality=_quality(out))  # fmt: skip
+        key = cheap_key(job, options)
+        if not force and stamped_up_to_date(job, root, key, push_to):
+            return ItemResult(job, True, time.perf_counter() - t0, status="up-to-date",
+                              bytes_out=_shard_bytes(out), quality=_quality(out))  # fmt: skip
         pre = pre if pre is not None else None if force else preflight_job(job, root, options)
         if not force and pre is not None and pre.up_to_date:
             fresh = stamp_matches(root, job, pre.fingerprint)
@@ -325,6 +338,10 @@ def run_batch(
 
     base = process_rss()
     for k, job in enumerate(jobs):
+        push_to = job_kwargs(job, options).get("push_to")
+        if not force and stamped_up_to_date(job, output_root, cheap_key(job, options), push_to):
+            needs[k] = (0, 0)  # will be skipped: no preflight needed
+            continue
         try:
             pre = preflight_job(job, output_root, options, force=force)
             pres[k] = None if force else pre

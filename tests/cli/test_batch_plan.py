@@ -152,6 +152,8 @@ def test_parallel_jobs_give_the_same_bytes(qm, tiny_llama: Path, tmp_path: Path)
     assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["converted"] * 3
     seq, par = tmp_path / "seq", tmp_path / "par"
     assert {k: v[1] for k, v in _shard_state(seq).items()} == {k: v[1] for k, v in _shard_state(par).items()}
+    r = qm("batch", plan, tmp_path / "par", "--jobs", "3", "--json")
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"] * 3
 
 
 def test_batch_dry_run_writes_nothing(qm, tiny_llama: Path, tmp_path: Path) -> None:
