@@ -117,25 +117,24 @@ class _Lines:
         # (section label, job index or -1) of each line; section "" before any header.
         self.keys: dict[tuple[str, int, str], int] = {}
         self.headers: dict[tuple[str, int], int] = {}
-        section, job = "", -1
+        section, jobs = "", 0  # jobs: [[job]] tables seen so far
         for no, line in enumerate(text.splitlines(), 1):
             m = self._HEADER.match(line)
             if m:
                 name = m.group(2).strip()
                 if name == "job" and m.group(1) == "[[":
-                    job += 1
-                    section = "job"
-                elif name.startswith("job."):
-                    section = name
-                else:
-                    section, job = name, job if name.startswith("job") else -1
-                self.headers.setdefault((section, job), no)
+                    jobs += 1
+                section = name
+                self.headers.setdefault((section, self._job(section, jobs)), no)
                 continue
             k = self._KEY.match(line)
             if k:
-                self.keys.setdefault(
-                    (section, job if section.startswith("job") else -1, k.group(1).strip("\"'")), no
-                )
+                self.keys.setdefault((section, self._job(section, jobs), k.group(1).strip("\"'")), no)
+
+    @staticmethod
+    def _job(section: str, jobs: int) -> int:
+        """The index of the job a line belongs to ([[job]] and its sub-tables), else -1."""
+        return jobs - 1 if section == "job" or section.startswith("job.") else -1
 
     def of(self, section: str, job: int, key: str | None) -> int | None:
         if key is not None:

@@ -83,6 +83,10 @@ def test_cli_options_override_defaults_not_job_keys(tmp_path: Path) -> None:
             r"plan.toml:7: job 2: key 'block_size' is unknown; did you mean 'blocksize'\?",
         ),
         (
+            '[[job]]\nsource = "a/b"\n\n[defaults]\nblocksize = 64\n\n[[job]]\nsource = "c/d"\nskip = 3\n',
+            r"plan.toml:9: job 2: key 'skip': 3 is not valid: use a list of strings",
+        ),
+        (
             '[[job]]\nsource = "a/b"\nblocksize = 100\n',
             r"plan.toml:3: job 1: key 'blocksize': 100 is not valid: use 32, 64, 128",
         ),
