@@ -15,6 +15,7 @@ has the re-run rules).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -417,10 +418,9 @@ class _Conversion:
         Holds no reference while the quantizer has the tensor: it is freed once quantized or staged.
         """
         for p in planned:
-            yield (
-                p.name,
-                self.quality.remember(p.name, self._read_input(p, mapped, following[p.name]), p.out_dtype),
-            )
+            read = functools.partial(self._read_input, p, mapped, following[p.name])
+            copy = p.transpose or p.out_dtype != p.info.dtype  # anonymous memory, not file pages
+            yield p.name, self.quality.remember(p.name, read, p.out_dtype, copy)
 
     def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> torch.Tensor:
         x = self._read(p, mapped, following)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -185,36 +186,46 @@ def summarize(tensors: dict[str, TensorQuality], kept_nonfinite: dict[str, int])
 class QualityMeter:
     """The pipeline's hook: remembers each input until its codes come back, then measures it.
 
-    ``remember`` is called by the reader (the quantizer may hold the tensor a while, e.g. on a GPU);
+    ``remember`` reads each input for the reader (the quantizer may hold it a while, e.g. on a GPU);
     ``measured`` hands the input and its codes to one background thread (the kernel on one core,
-    outside the kernels' thread pool, so it overlaps the pipeline's reads, writes and hashing) and
-    drops them once measured. At most ``MAX_PENDING`` tensors wait, which bounds the extra memory;
-    ``shard_entry`` waits for a shard's tensors. ``seconds`` is the measuring time (on that thread),
-    ``seconds_waited`` what the pipeline spent waiting for it.
+    outside the kernels' thread pool, so it overlaps the pipeline's writes and hashing) and drops
+    them once measured. Memory stays what the pipeline uses without it: an input that is a copy
+    (cast or transposed: anonymous memory) is waited for before the next input is read, and every
+    input before a kept tensor is written; only memory-mapped inputs (file pages) may stay in
+    flight, at most ``MAX_PENDING``. ``shard_entry`` waits for a shard's tensors. ``seconds`` is
+    the measuring time (on that thread), ``seconds_waited`` what the pipeline spent waiting for it.
     """
 
     MAX_PENDING = 2
 
     def __init__(self, quant_type: QuantType, blocksize: int, threads: int | None) -> None:
         self.quant_type, self.blocksize, self.threads = quant_type, blocksize, threads
-        self._pending: dict[str, tuple[Any, str]] = {}
+        self._pending: dict[str, tuple[Any, str, bool]] = {}
         self._running: list[Future[None]] = []
+        self._copies: list[Future[None]] = []
         self._pool: ThreadPoolExecutor | None = None
         self.tensors: dict[str, TensorQuality] = {}
         self.kept_nonfinite: dict[str, int] = {}
         self.seconds = 0.0
         self.seconds_waited = 0.0
 
-    def remember(self, name: str, x: Any, dtype: str) -> Any:
-        self._pending[name] = (x, dtype)
+    def remember(self, name: str, read: Callable[[], Any], dtype: str, copy: bool) -> Any:
+        """``read()`` (the input of tensor ``name``, in ``dtype``; ``copy``: anonymous memory)."""
+        if self._copies:
+            self._wait()
+        x = read()
+        self._pending[name] = (x, dtype, copy)
         return x
 
     def measured(self, name: str, packed: Any, absmax: Any, nested: Any) -> None:
-        x, dtype = self._pending.pop(name)
+        x, dtype, copy = self._pending.pop(name)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qm-quality")
         codes = Codes(packed, absmax, nested)
-        self._running.append(self._pool.submit(self._measure, name, x, dtype, codes))
+        fut = self._pool.submit(self._measure, name, x, dtype, codes)
+        self._running.append(fut)
+        if copy:
+            self._copies.append(fut)
         del x, codes
         if len(self._running) > self.MAX_PENDING:
             self._wait(len(self._running) - self.MAX_PENDING)
@@ -231,9 +242,11 @@ class QualityMeter:
         )
         for fut in done:
             fut.result()  # re-raises what measuring raised
+        self._copies = [f for f in self._copies if f in self._running]
         self.seconds_waited += time.perf_counter() - t0
 
     def kept(self, name: str, x: Any, dtype: str) -> None:
+        self._wait()  # no input stays alive while a kept tensor is written
         t0 = time.perf_counter()
         self.kept_nonfinite[name] = count_nonfinite(x, dtype, self.threads)
         self.seconds += time.perf_counter() - t0
@@ -253,7 +266,7 @@ class QualityMeter:
                 fut.cancel()
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._running = []
+        self._running, self._copies = [], []
 
 
 def from_manifest(shards: dict[str, dict]) -> tuple[dict[str, TensorQuality], dict[str, int]]:
