@@ -14,14 +14,51 @@ from converter.units import human_bytes, human_count
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--revision", default=None, help="Hub branch, tag or commit (a Hub repo id only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option(
+    "--memory",
+    is_flag=True,
+    help="Estimate what each device holds when loaded with --device-map/--max-memory (a folder).",
+)
+@click.option(
+    "--device-map",
+    default="auto",
+    show_default=True,
+    help="auto, balanced, sequential, a device, or JSON {module: device} (with --memory).",
+)
+@click.option(
+    "--max-memory",
+    multiple=True,
+    metavar="DEVICE=SIZE",
+    help="Budget per device for --memory, e.g. 0=30GiB, cpu=64GiB (repeatable).",
+)
+@click.option(
+    "--dtype",
+    default="bfloat16",
+    show_default=True,
+    help="dtype of the non-quantized tensors once loaded (with --memory).",
+)
 @click.pass_obj
-def inspect(app: App, path: Path, revision: str | None, as_json: bool) -> None:
+def inspect(
+    app: App,
+    path: Path,
+    revision: str | None,
+    as_json: bool,
+    memory: bool,
+    device_map: str,
+    max_memory: tuple[str, ...],
+    dtype: str,
+) -> None:
     """Summarise PATH (a converted folder, one .safetensors shard, or a Hub repo id read by HTTP range
     requests, nothing downloaded): tensors, quant types, sizes."""
     from converter.inspection import inspect_hub, inspect_path
     from converter.sources import looks_like_repo_id
 
     app.configure(json=as_json)
+    if memory:
+        from converter.cli.inspect_memory import show_memory
+
+        show_memory(app, path, device_map, max_memory, dtype)
+        return
     if not path.exists() and looks_like_repo_id(str(path)):
         r = inspect_hub(str(path), revision=revision)
     else:
