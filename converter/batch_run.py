@@ -253,9 +253,7 @@ def run_job(job: Job, root: Path, options: dict[str, Any], *, force: bool, pre: 
         status = "resumed" if result.resumed else "converted"
         return ItemResult(job, True, time.perf_counter() - t0, result=result, status=status,
                           bytes_out=result.bytes_out, quality=result.quality)  # fmt: skip
-    except (Exception, KeyboardInterrupt) as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except Exception as exc:  # any failure is this job's one-line error (Ctrl-C is not caught)
         message, code = _describe(exc)
         return ItemResult(job, False, time.perf_counter() - t0, message, code or 1, status="failed")
 
