@@ -38,7 +38,17 @@ else:  # pragma: no cover - Python 3.10
 #: Keys of a job that are not convert() options.
 JOB_KEYS = {"source", "output", "revision", "push_to", "private", "variants"}
 #: convert() keywords a plan may not set (they belong to the batch command itself).
-_NOT_PLAN_OPTIONS = {"source", "output", "overwrite", "progress", "revision", "push_to", "private"}
+_NOT_PLAN_OPTIONS = {
+    "source",
+    "output",
+    "overwrite",
+    "progress",
+    "revision",
+    "push_to",
+    "private",
+    "dry_run",
+    "preflight",
+}
 
 
 @dataclass(frozen=True)
