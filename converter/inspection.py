@@ -17,13 +17,17 @@ import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from converter import moe
 from converter.errors import SourceNotFoundError
 from converter.manifest import MANIFEST_NAME
 from formats import index as index_mod
 from formats.reader import open_shard
 from formats.validate import FormatError
+
+if TYPE_CHECKING:
+    from converter.moe import MoeSummary
 
 
 @dataclass
@@ -41,6 +45,7 @@ class InspectResult:
     tool_version: str | None = None
     source: str | None = None
     quantization_config: dict | None = None
+    moe: MoeSummary | None = None  # MoE folders: experts quantized or kept, and which loaders read it
     bytes_read: int | None = None  # a Hub repo: bytes fetched (headers, quant states, small JSON)
 
     @property
@@ -55,6 +60,7 @@ class InspectResult:
     def to_json(self) -> dict:
         return {
             **asdict(self),
+            "moe": self.moe.to_json() if self.moe else None,
             "bits_per_param": self.bits_per_param,
             "quantized_bits_per_param": self.quantized_bits_per_param,
         }
@@ -80,6 +86,8 @@ def inspect_path(path: str | Path) -> InspectResult:
     result = InspectResult(path=str(path), shards=names)
     qtypes: Counter[str] = Counter()
     kept: Counter[str] = Counter()
+    names_q: list[str] = []
+    names_k: list[str] = []
     for name in names:
         with open_shard(folder / name) as shard:
             meta = shard.metadata or {}
@@ -87,6 +95,8 @@ def inspect_path(path: str | Path) -> InspectResult:
             result.tool_version = result.tool_version or tool.get("version")
             prov = meta.get("quantize_model.provenance") or {}
             result.source = result.source or prov.get("source")
+            names_q += shard.quantized
+            names_k += shard.passthrough
             for key in shard.quantized:
                 rec = shard.record(key)
                 result.tensors_quantized += 1
@@ -103,6 +113,7 @@ def inspect_path(path: str | Path) -> InspectResult:
                 kept[str(t.dtype).removeprefix("torch.")] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
+    result.moe = moe.summarize(names_q, names_k)
     config = folder / "config.json"
     if config.is_file() and Path(path).is_dir():
         try:
@@ -269,6 +280,8 @@ def inspect_hub(
     result = InspectResult(path=f"{repo_id}@{hub.commit}", shards=names)
     qtypes: Counter[str] = Counter()
     kept: Counter[str] = Counter()
+    names_q: list[str] = []
+    names_k: list[str] = []
     for name in names:
         header, data_start = hub.header(name)
         meta = header.pop("__metadata__", None) or {}
@@ -291,10 +304,12 @@ def inspect_hub(
             if owner is not None:
                 result.bytes_quantized += end - begin
                 continue
+            names_k.append(key)
             result.tensors_kept += 1
             result.params_kept += math.prod(entry["shape"])
             result.bytes_kept += end - begin
             kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
+        names_q += list(weights)
         for qs in weights.values():
             result.tensors_quantized += 1
             result.params_quantized += math.prod(qs.shape)
@@ -302,6 +317,7 @@ def inspect_hub(
             qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
+    result.moe = moe.summarize(names_q, names_k)
     if "config.json" in hub.files:
         try:
             result.quantization_config = json.loads(hub.get("config.json")).get("quantization_config")

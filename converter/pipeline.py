@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from converter import kernels
+from converter import kernels, moe
 from converter.cuda_pipeline import CpuQuantizer, CudaQuantizer, QuantResult, make_quantizer
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
+from converter.fp8 import wrap_if_block_fp8
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
 from converter.plan import (
     DTYPE_CODES,
@@ -100,6 +101,8 @@ def convert(
     progress: bool | ProgressHook = True,
     dry_run: bool = False,
     preflight: bool = True,
+    moe_experts: str = "keep",
+    warn: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Convert ``source`` (local path, Hub repo id or an open Source) into a quantized folder ``output``.
 
@@ -109,6 +112,9 @@ def convert(
     ``dry_run`` plans only and writes nothing: the result's ``preflight`` (converter.preflight) says
     what each tensor becomes and what the run needs; ``preflight`` refuses, before writing anything, a
     run whose output cannot fit on the disk.
+    ``moe_experts`` "keep" leaves routed MoE experts 16-bit (stock transformers loads the folder),
+    "quantize" writes them as per-expert 4-bit records (converter/moe.py). ``warn`` receives advice
+    printed before the work starts (default: Python warnings).
     """
     started = time.perf_counter()
     try:
@@ -122,6 +128,7 @@ def convert(
             skip=tuple(skip),
             include=tuple(include),
             max_shard_size=parse_size(max_shard_size),
+            moe_experts=str(moe_experts).lower(),
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
@@ -141,8 +148,10 @@ def convert(
         )
     )
     try:
+        src = wrap_if_block_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
         conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
         conversion.dry_run, conversion.check_fit = dry_run, preflight
+        conversion.warn = warn
         result = conversion.run(overwrite=overwrite, progress=progress)
     finally:
         src.close()
@@ -186,6 +195,7 @@ class _Conversion:
         self.notes: list[str] = []
         self.dry_run, self.check_fit = False, True
         self.quality: QualityMeter | None = None
+        self.warn: Callable[[str], None] | None = None
 
     # --- the whole run ---------------------------------------------------------------------
     def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
@@ -202,6 +212,13 @@ class _Conversion:
             include=options.include,
             cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
         )
+        selection = moe.apply_moe_mode(
+            selection, tensors, options.moe_experts, skip=options.skip, include=options.include
+        )
+        advice = moe.keep_advice(tensors, options.moe_experts)
+        if advice:
+            moe.warn_once(self.warn, advice)
+            self.notes.append(advice)
         identity = src.describe()
         plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
         self.plan = plan

@@ -48,6 +48,7 @@ _NOT_PLAN_OPTIONS = {
     "private",
     "dry_run",
     "preflight",
+    "warn",
 }
 
 
@@ -325,6 +326,12 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
         if key == "max_shard_size":
             parse_size(value)
             return value
+        if key == "moe_experts":
+            from converter.moe import MOE_MODES
+
+            if str(value).lower() not in MOE_MODES:
+                raise ValueError
+            return str(value).lower()
     except (ValueError, InputError, TypeError):
         allowed = {
             "quant_type": "nf4 or fp4",
@@ -333,6 +340,7 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
             "compute_dtype": "float32, float16 or bfloat16",
             "quant_storage": ", ".join(QUANT_STORAGES),
             "max_shard_size": "a size such as 5GB or 500MB",
+            "moe_experts": "keep or quantize",
         }[key]
         msg = f"{value!r} is not valid: use {allowed}"
         raise ValueError(msg) from None

@@ -14,6 +14,7 @@
 #include "codebooks.h"
 #include "cpu_features.h"
 #include "gemv_cpu.h"
+#include "gemv_grouped.h"
 #include "quant_cpu.h"
 #include "quant_stats.h"
 #include "thread_pool.h"
@@ -239,6 +240,38 @@ PYBIND11_MODULE(_kernels, m) {
       "y[b, o] = sum_k x[b, k] * W[o, k] for batch 1..8, W packed 4-bit with f32 absmax (absmax != 0) or\n"
       "nested absmax (absmax == 0: absmax_codes, nested_absmax, offset, nested_map). in_features must be a\n"
       "multiple of blocksize. y has x's dtype.");
+
+  m.def(
+      "gemv_4bit_grouped",
+      [](uintptr_t x, int64_t x_stride, const std::string& dtype, int64_t groups, int64_t in_features,
+         int64_t out_features, int64_t blocksize, uintptr_t ids, int64_t experts, uintptr_t packed,
+         int64_t packed_stride, uintptr_t absmax, int64_t absmax_stride, uintptr_t quant_map, uintptr_t y,
+         const std::string& isa, int threads) {
+        qm::GemvGroupedArgs a{};
+        a.x = ptr<const void>(x, "x");
+        a.x_stride = x_stride;
+        a.x_dtype = qm::parse_dtype(dtype);
+        a.groups = groups;
+        a.in_features = in_features;
+        a.out_features = out_features;
+        a.blocksize = blocksize;
+        a.ids = ptr<const int64_t>(ids, "ids");
+        a.experts = experts;
+        a.packed = ptr<const uint8_t>(packed, "packed");
+        a.packed_stride = packed_stride;
+        a.absmax = ptr<const float>(absmax, "absmax");
+        a.absmax_stride = absmax_stride;
+        a.quant_map = ptr<const float>(quant_map, "quant_map");
+        a.y = ptr<void>(y, "y");
+        const qm::Isa path = qm::parse_isa(isa);
+        py::gil_scoped_release release;
+        qm::gemv_4bit_grouped(a, path, threads);
+      },
+      py::arg("x"), py::arg("x_stride"), py::arg("dtype"), py::arg("groups"), py::arg("in_features"),
+      py::arg("out_features"), py::arg("blocksize"), py::arg("ids"), py::arg("experts"), py::arg("packed"),
+      py::arg("packed_stride"), py::arg("absmax"), py::arg("absmax_stride"), py::arg("quant_map"), py::arg("y"),
+      py::arg("isa") = "auto", py::arg("threads") = 0,
+      "MoE grouped GEMV: y[g, o] = sum_k x[g, k] * W_ids[g][o, k] (x_stride 0: one x row for every group).");
 
 #ifdef QM_HAVE_CUDA
   register_cuda(m);

@@ -53,6 +53,10 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--keep-downloads", is_flag=True, help="Keep downloaded Hub files in the cache."),
         click.option("--allow-pickle", is_flag=True,
                      help="Accept pickle (.bin) weights from a source you trust."),
+        click.option("--moe-experts", type=click.Choice(["keep", "quantize"], case_sensitive=False),
+                     default="keep", show_default=True,
+                     help="MoE routed experts: keep 16-bit (stock transformers loads the folder) or "
+                          "quantize to 4 bit (quantize-model, vLLM, transformers 4.x, unsloth load it)."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
@@ -76,6 +80,7 @@ def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "revision": params["revision"],
         "keep_downloads": params["keep_downloads"],
         "allow_pickle": params["allow_pickle"],
+        "moe_experts": params["moe_experts"].lower(),
     }
 
 
@@ -119,6 +124,7 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
         push_to=params["push_to"],
         private=params["private"],
         progress=app.show_progress,
+        warn=app.warn,
         **conversion_kwargs(params),
     )
     if app.json:

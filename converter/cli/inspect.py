@@ -86,6 +86,12 @@ def inspect(
     t.add_row(
         "Bits per parameter", f"{r.bits_per_param:.2f} overall, {r.quantized_bits_per_param:.3f} quantized"
     )
+    if r.moe:
+        t.add_row(
+            "MoE experts", f"{r.moe.layout} ({r.moe.experts_quantized} quantized, {r.moe.experts_kept} kept)"
+        )
+        t.add_row("Loads with", "; ".join(r.moe.loaders))
+        t.add_row("Not with", "; ".join(r.moe.not_loaders))
     if r.quantization_config:
         q = r.quantization_config
         t.add_row(

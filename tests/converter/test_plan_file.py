@@ -99,6 +99,10 @@ def test_cli_options_override_defaults_not_job_keys(tmp_path: Path) -> None:
             r"plan.toml:3: job 1: key 'quant_typo' is unknown; did you mean 'quant_type'\?",
         ),
         (
+            '[[job]]\nsource = "a/b"\nmoe_experts = "drop"\n',
+            r"plan.toml:3: job 1: key 'moe_experts': 'drop' is not valid: use keep or quantize",
+        ),
+        (
             '[[job]]\nsource = "a/b"\ndry_run = true\n',
             r"plan.toml:3: job 1: key 'dry_run' is unknown",  # a batch option, not a job's
         ),
