@@ -168,6 +168,22 @@ def cuda_gemv_4bit(
 ) -> None:
     """Fused 4-bit GEMV, batch 1..8; `variant` selects a kernel configuration (benchmarks only)."""
 
+def quant_error_stats(
+    x: int,
+    dtype: str,
+    n: int,
+    blocksize: int,
+    packed: int,
+    absmax: int,
+    quant_map: int,
+    isa: str = "auto",
+    threads: int = 0,
+) -> tuple[float, float, float, int]:
+    """(sum x^2, sum (x - v)^2, max |x - v|, non-finite count), v = quant_map[q] * absmax[block] (f32)."""
+
+def count_nonfinite(x: int, dtype: str, n: int, threads: int = 0) -> int:
+    """Number of NaN / Inf elements of x (float32 / float16 / bfloat16)."""
+
 # LLM.int8 (csrc/bindings_int8.cpp, csrc/int8_cpu.h; used through converter.kernels_int8)
 int8_scale_table_size: int
 int8_inv127_bits: int

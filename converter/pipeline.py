@@ -15,6 +15,7 @@ has the re-run rules).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -39,6 +40,7 @@ from converter.plan import (
     normalize_dtype,
     parse_size,
 )
+from converter.quality import QualityMeter
 from converter.report import REPORT_NAME, ConversionResult, build_report, make_result
 from converter.selection import select_tensors
 from converter.sources import Source, open_source
@@ -93,6 +95,8 @@ def convert(
     push_to: str | None = None,
     private: bool = False,
     progress: bool | ProgressHook = True,
+    dry_run: bool = False,
+    preflight: bool = True,
     moe_experts: str = "keep",
     warn: Callable[[str], None] | None = None,
 ) -> ConversionResult:
@@ -101,6 +105,9 @@ def convert(
     Raises converter.errors exceptions (InputError subclasses for bad input, exit code 2;
     ConversionFailedError when writing fails, exit code 1). ``progress`` True shows a rich progress
     bar on stderr; a callable receives (tensor name, input bytes done) instead.
+    ``dry_run`` plans only and writes nothing: the result's ``preflight`` (converter.preflight) says
+    what each tensor becomes and what the run needs; ``preflight`` refuses, before writing anything, a
+    run whose output cannot fit on the disk.
     ``moe_experts`` "keep" leaves routed MoE experts 16-bit (stock transformers loads the folder),
     "quantize" writes them as per-expert 4-bit records (converter/moe.py). ``warn`` receives advice
     printed before the work starts (default: Python warnings).
@@ -141,13 +148,14 @@ def convert(
     try:
         src = wrap_if_block_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
         conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
+        conversion.dry_run, conversion.check_fit = dry_run, preflight
         conversion.warn = warn
         result = conversion.run(overwrite=overwrite, progress=progress)
     finally:
         src.close()
     if fallback_note:
         result.notes.append(fallback_note)
-    if push_to:
+    if push_to and not dry_run:
         from converter.push import push_folder
 
         result.pushed_to = push_folder(output, push_to, private=private)
@@ -181,6 +189,8 @@ class _Conversion:
         self.threads, self.device, self.started = threads, device, started
         self.stats = _Stats()
         self.notes: list[str] = []
+        self.dry_run, self.check_fit = False, True
+        self.quality: QualityMeter | None = None
         self.warn: Callable[[str], None] | None = None
 
     # --- the whole run ---------------------------------------------------------------------
@@ -188,7 +198,7 @@ class _Conversion:
         src, options = self.src, self.options
         config = src.config()
         tensors = src.tensors()
-        if overwrite or not (self.output / MANIFEST_NAME).exists():
+        if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
         selection = select_tensors(
@@ -211,6 +221,13 @@ class _Conversion:
         tv, fv = tool_version(), str(FORMAT_VERSION)
         plan_json = plan.to_json(tv, fv)
         fingerprint = plan.fingerprint(tv, fv)
+        if self.dry_run or self.check_fit:  # before the output folder is created or touched
+            from converter.preflight import preflight_of
+
+            report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
+            if self.dry_run:
+                return self._dry_result(report)
+            report.refuse_if_cannot_fit()
         protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
         if not self.output.exists():
             self.output.mkdir(parents=True)
@@ -247,7 +264,7 @@ class _Conversion:
             hook.close()
         self._write_extras()
         result = self._result(decision.action, reused=len(decision.done))
-        report = build_report(result, plan, identity, selection, self.stats)
+        report = build_report(result, plan, identity, selection, self.stats, manifest.shards, self.quality)
         if self.stats.device:
             report["timings"]["device"] = self.stats.device
         atomic_write_bytes(self.output / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
@@ -282,16 +299,22 @@ class _Conversion:
         remaining = Counter(t.info.file for s in shards for t in s.tensors)
         mapped: dict[str, MappedFile] = {}
         quantizer = new_quantizer(self.options, self.device, self.threads)
+        self.quality = self.quality or self.options.method.quality_meter(self.options, self.threads)
         if quantizer.fallback_reason:
             self.notes.append(quantizer.fallback_reason)
         try:
             for shard in shards:
                 info = self._write_shard(shard, quantizer, mapped, remaining, hook)
-                manifest.shards[shard.name] = {"sha256": info.sha256, "size": info.size}
+                manifest.shards[shard.name] = {
+                    "sha256": info.sha256,
+                    "size": info.size,
+                    **self.quality.shard_entry([p.name for p in shard.tensors]),
+                }
                 manifest.save(self.output)
                 self.stats.shards_written.append(shard.name)
         finally:
             self.notes.extend(getattr(quantizer, "notes", ()))
+            self.quality.close()
             for file in list(mapped):
                 mapped.pop(file)
                 self.src.release(file)
@@ -347,7 +370,10 @@ class _Conversion:
                 if p.quantize:
                     self._write_quantized(p, results, writer)
                 else:
-                    self._write_kept(p, self._read(p, mapped, following[p.name]), writer)
+                    kept = self._read(p, mapped, following[p.name])
+                    self.quality.kept(p.name, kept, p.out_dtype)
+                    self._write_kept(p, kept, writer)
+                    del kept
                 file = p.info.file
                 remaining[file] -= 1
                 if remaining[file] == 0:  # every tensor of this file is written: none is still read
@@ -396,7 +422,9 @@ class _Conversion:
         Holds no reference while the quantizer has the tensor: it is freed once quantized or staged.
         """
         for p in planned:
-            yield p.name, self._read_input(p, mapped, following[p.name])
+            read = functools.partial(self._read_input, p, mapped, following[p.name])
+            copy = p.transpose or p.out_dtype != p.info.dtype  # anonymous memory, not file pages
+            yield p.name, self.quality.remember(p.name, read, p.out_dtype, copy)
 
     def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> torch.Tensor:
         x = self._read(p, mapped, following)
@@ -429,6 +457,7 @@ class _Conversion:
             msg = f"internal error: the quantizer returned {got and got[0]!r} where {p.name!r} was due"
             raise RuntimeError(msg)
         r = got[1]
+        self.quality.measured_result(p.name, r)
         record = self.options.method.record(p, self.options, r)
         del got, r
         for key, value in record.state_dict().items():
@@ -470,6 +499,12 @@ class _Conversion:
         out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
         text = json.dumps(out, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(self.output / "config.json", text.encode())
+
+    def _dry_result(self, report: Any) -> ConversionResult:
+        result = make_result(self.output, self.plan, resumed=False, noop=False, seconds=0.0, bytes_read=0,
+                             shards_reused=0)  # fmt: skip
+        result.preflight = report
+        return result
 
     def _result(self, action: Action, *, reused: int) -> ConversionResult:
         result = make_result(

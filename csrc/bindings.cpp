@@ -17,6 +17,7 @@
 #include "gemv_cpu.h"
 #include "gemv_grouped.h"
 #include "quant_cpu.h"
+#include "quant_stats.h"
 #include "thread_pool.h"
 
 #ifdef QM_HAVE_CUDA
@@ -167,6 +168,41 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("packed"), py::arg("absmax"), py::arg("n"), py::arg("blocksize"), py::arg("quant_map"), py::arg("out"),
       py::arg("out_dtype"), py::arg("isa") = "auto", py::arg("threads") = 0,
       "out[k] = quant_map[q[k]] * absmax[k // blocksize] in f32, cast to out_dtype (round to nearest even).");
+
+  m.def(
+      "quant_error_stats",
+      [](uintptr_t x, const std::string& dtype, int64_t n, int64_t blocksize, uintptr_t packed, uintptr_t absmax,
+         uintptr_t quant_map, const std::string& isa, int threads) -> py::tuple {
+        check_n(n, "n");
+        const qm::DType dt = qm::parse_dtype(dtype);
+        const qm::Isa path = qm::parse_isa(isa);
+        if (n == 0) return py::make_tuple(0.0, 0.0, 0.0, int64_t{0});
+        const void* xp = ptr<const void>(x, "x");
+        const auto* pp = ptr<const uint8_t>(packed, "packed");
+        const auto* ap = ptr<const float>(absmax, "absmax");
+        const auto* qp = ptr<const float>(quant_map, "quant_map");
+        qm::QuantErrorStats s;
+        {
+          py::gil_scoped_release release;
+          s = qm::quant_error_stats(xp, dt, n, blocksize, pp, ap, qp, path, threads);
+        }
+        return py::make_tuple(s.sum_x2, s.sum_e2, s.max_abs_e, s.nonfinite);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("blocksize"), py::arg("packed"), py::arg("absmax"),
+      py::arg("quant_map"), py::arg("isa") = "auto", py::arg("threads") = 0,
+      "(sum x^2, sum (x - v)^2, max |x - v|, non-finite count) with v = quant_map[q] * absmax[block].");
+
+  m.def(
+      "count_nonfinite",
+      [](uintptr_t x, const std::string& dtype, int64_t n, int threads) -> int64_t {
+        check_n(n, "n");
+        const qm::DType dt = qm::parse_dtype(dtype);
+        if (n == 0) return 0;
+        const void* xp = ptr<const void>(x, "x");
+        py::gil_scoped_release release;
+        return qm::count_nonfinite(xp, dt, n, threads);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("threads") = 0, "Number of NaN / Inf elements of x.");
 
   m.def(
       "gemv_4bit",

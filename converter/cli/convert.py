@@ -103,6 +103,11 @@ def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 @click.option("--private", is_flag=True, help="Create the --push-to repo as private.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Plan only: each tensor's fate, output size, memory and disk needed; write nothing.",
+)
 @click.pass_obj
 def convert(app: App, source: str, output: Path, **params: Any) -> None:
     """Quantize SOURCE (a local folder, a .safetensors file or a Hub repo id) into the folder OUTPUT."""
@@ -110,6 +115,15 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
     from converter.pipeline import resolve_device
 
     app.configure(json=params["as_json"], quiet=params["quiet"])
+    if params["dry_run"]:
+        from converter.cli._preflight import show_preflight
+
+        kwargs = conversion_kwargs(params)
+        dry = run_convert(
+            source, output, overwrite=params["overwrite"], progress=False, dry_run=True, **kwargs
+        )
+        show_preflight(app, dry.preflight)
+        return
     _, fallback_note = resolve_device(params["device"])
     if fallback_note:
         app.warn(fallback_note)  # before the long work starts; convert() falls back the same way

@@ -74,6 +74,11 @@ class QuantMethod(ABC):
         (results in order; NaN/Inf -> kernels.NonFiniteInputError with ``.tensor``), ``fallback_reason``
         ("" or why the asked device is not used) and ``notes`` (things the user should know)."""
 
+    @abstractmethod
+    def quality_meter(self, options: Options, threads: int | None) -> Any:
+        """The ``converter.quality.QualityMeter`` measuring this method's error (its
+        ``measured_result(name, result)`` takes what ``quantizer`` yielded)."""
+
     # -- config.json -----------------------------------------------------------------------------
     @abstractmethod
     def quantization_config(self, plan: Plan) -> dict[str, Any]:

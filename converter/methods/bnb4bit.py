@@ -106,6 +106,11 @@ class Bnb4bitMethod(QuantMethod):
             return CpuQuantizer(self._qtype(), options.blocksize, options.double_quant, threads=threads)
         return make_quantizer(self._qtype(), options.blocksize, options.double_quant, device, threads)
 
+    def quality_meter(self, options: Options, threads: int | None) -> Any:
+        from converter.quality import QualityMeter
+
+        return QualityMeter(self._qtype(), options.blocksize, threads)
+
     def quantization_config(self, plan: Plan) -> dict[str, Any]:
         from formats import bnb_compat
 

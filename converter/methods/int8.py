@@ -73,6 +73,11 @@ class Int8Method(QuantMethod):
 
         return Int8Quantizer(options.int8_scale, device, threads)
 
+    def quality_meter(self, options: Options, threads: int | None) -> Any:
+        from converter.int8_quality import Int8QualityMeter
+
+        return Int8QualityMeter(threads)
+
     def quantization_config(self, plan: Plan) -> dict[str, Any]:
         from formats.int8 import quantization_config
 
