@@ -163,3 +163,19 @@ def test_int8_cuda_scale_records_itself(tiny_checkpoint, tmp_path):
     with safe_open(tmp_path / "cuda" / "model.safetensors", "pt") as fh:
         records = json.loads(fh.metadata()["quantize_model.tensors"])
     assert records["model.layers.0.mlp.up_proj.weight"]["scale"] == "cuda"
+
+
+def test_int8_quality_statistics_in_the_report(tiny_checkpoint, tmp_path) -> None:
+    """quantization_report.json measures int8 weights too: per element |x - W| <= SCB/254 (half a code
+    step, the scale's two roundings adding 2u relative) + |x| 2^-11 (the fp16 cast) + 3u |W| (decoding),
+    so max_abs_err <= max SCB * (1/254 + 2^-11 + 2^-20)."""
+    src = tiny_checkpoint("llama")
+    pipeline.convert(str(src), str(tmp_path / "ours"), quant_type="int8", progress=False)
+    report = json.loads((tmp_path / "ours" / "quantization_report.json").read_text())
+    tensors = _tensors(tmp_path / "ours")
+    measured = [t for t in report["tensors"] if t["action"] == "quantize"]
+    assert len(measured) == report["quality"]["tensors_measured"] == 14
+    for t in measured:
+        scb_max = float(tensors[t["name"].removesuffix("weight") + "SCB"].max())
+        assert 0 < t["max_abs_err"] <= scb_max * (1 / 254 + 2**-11 + 2**-20), t
+        assert t["nonfinite"] == 0
