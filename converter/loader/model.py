@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from converter.errors import InputError
+from converter.loader import ops
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.replace import is_swappable, quantized_modules, swap_layers
 from converter.loader.state import load_quantized_state, resolve_folder
@@ -205,6 +206,7 @@ def load_quantized(
     model.eval()
     if torch.device(device) != torch.device("cpu"):
         model.to(device)
+    ops.warn_if_slow(device)  # no silent slow path: a missing extension or CUDA backend is named
     return model
 
 

@@ -12,36 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from loader_helpers import make_layer
+from loader_helpers import assert_compiled_without_breaks, make_layer
 
 from converter import custom_ops
 from converter.loader import ops
 from converter.loader.model import load_quantized
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 200, 7, 64]])
-
-
-@pytest.fixture
-def dynamo(monkeypatch: pytest.MonkeyPatch):
-    """dynamo on (whatever TORCHDYNAMO_DISABLE says), fresh caches and counters; yields the counters.
-
-    torch reads the variable twice: into ``torch._dynamo.config.disable`` at import, and again in
-    every ``torch.compile`` call (which then returns the function uncompiled): undo both.
-    """
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
-    with torch._dynamo.config.patch(disable=False):
-        torch._dynamo.reset()
-        counters.clear()
-        yield counters
-        torch._dynamo.reset()
-
-
-def _assert_compiled_without_breaks(counters) -> None:
-    assert counters["stats"]["unique_graphs"] >= 1, "dynamo compiled nothing: is it disabled?"
-    assert dict(counters["graph_break"]) == {}
 
 
 def _layer_args(nested: bool) -> tuple[torch.nn.Module, ops.KernelArgs]:
@@ -106,7 +83,7 @@ def test_layer_compiles_fullgraph_with_inductor(dynamo, nested: bool, tokens: in
     with torch.no_grad():
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True)(x)
-    _assert_compiled_without_breaks(dynamo)
+    assert_compiled_without_breaks(dynamo)
     # The same kernel runs in both; inductor's bias add computes in float32 and rounds once to
     # bfloat16, as eager's add does: the same bits.
     assert torch.equal(compiled, eager)
@@ -126,7 +103,7 @@ def test_model_compiles_fullgraph_with_the_eager_logits(dynamo, our_folder: Path
     with torch.no_grad():
         eager = model(ids).logits
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
-    _assert_compiled_without_breaks(dynamo)
+    assert_compiled_without_breaks(dynamo)
     assert torch.equal(compiled, eager)
 
 
@@ -146,5 +123,25 @@ def test_generate_static_cache_compiled_gives_the_eager_tokens(dynamo, our_folde
         eager = model.generate(IDS, **kwargs)
         model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
         compiled = model.generate(IDS, **kwargs, disable_compile=True)
-    _assert_compiled_without_breaks(dynamo)
+    assert_compiled_without_breaks(dynamo)
     assert torch.equal(compiled, eager)  # the same ATen ops and kernels: the same logits, same tokens
+
+
+def test_missing_extension_warns_once_naming_the_fix(
+    our_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source checkout without the built extension runs plain torch code: said once, with the fix."""
+    monkeypatch.setattr(ops, "_kernels", lambda: None)
+    monkeypatch.setattr(ops, "_backends", lambda: {})
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(
+        RuntimeWarning, match=r"converter\._kernels is missing.*pip install --no-build-isolation"
+    ):
+        model = load_quantized(our_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second load says nothing more
+        load_quantized(our_folder)
+    layer = next(m for m in model.modules() if hasattr(m, "_kernel_args"))
+    assert layer._kernel_args.impls is None  # the torch path, whose logits are tested elsewhere
+    with torch.no_grad():
+        assert model(IDS).logits.isfinite().all()
