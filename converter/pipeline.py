@@ -15,6 +15,7 @@ has the re-run rules).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -25,9 +26,10 @@ from typing import Any
 
 import torch
 
-from converter import kernels
+from converter import kernels, moe
 from converter.cuda_pipeline import CpuQuantizer, CudaQuantizer, QuantResult, make_quantizer
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
+from converter.fp8 import wrap_if_block_fp8
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
 from converter.plan import (
     DTYPE_CODES,
@@ -38,6 +40,7 @@ from converter.plan import (
     normalize_dtype,
     parse_size,
 )
+from converter.quality import QualityMeter
 from converter.report import REPORT_NAME, ConversionResult, build_report, make_result
 from converter.selection import select_tensors
 from converter.sources import Source, open_source
@@ -96,12 +99,22 @@ def convert(
     push_to: str | None = None,
     private: bool = False,
     progress: bool | ProgressHook = True,
+    dry_run: bool = False,
+    preflight: bool = True,
+    moe_experts: str = "keep",
+    warn: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Convert ``source`` (local path, Hub repo id or an open Source) into a quantized folder ``output``.
 
     Raises converter.errors exceptions (InputError subclasses for bad input, exit code 2;
     ConversionFailedError when writing fails, exit code 1). ``progress`` True shows a rich progress
     bar on stderr; a callable receives (tensor name, input bytes done) instead.
+    ``dry_run`` plans only and writes nothing: the result's ``preflight`` (converter.preflight) says
+    what each tensor becomes and what the run needs; ``preflight`` refuses, before writing anything, a
+    run whose output cannot fit on the disk.
+    ``moe_experts`` "keep" leaves routed MoE experts 16-bit (stock transformers loads the folder),
+    "quantize" writes them as per-expert 4-bit records (converter/moe.py). ``warn`` receives advice
+    printed before the work starts (default: Python warnings).
     """
     started = time.perf_counter()
     try:
@@ -115,6 +128,7 @@ def convert(
             skip=tuple(skip),
             include=tuple(include),
             max_shard_size=parse_size(max_shard_size),
+            moe_experts=str(moe_experts).lower(),
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
@@ -134,14 +148,16 @@ def convert(
         )
     )
     try:
-        result = _Conversion(src, output, options, threads=threads, device=device, started=started).run(
-            overwrite=overwrite, progress=progress
-        )
+        src = wrap_if_block_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
+        conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
+        conversion.dry_run, conversion.check_fit = dry_run, preflight
+        conversion.warn = warn
+        result = conversion.run(overwrite=overwrite, progress=progress)
     finally:
         src.close()
     if fallback_note:
         result.notes.append(fallback_note)
-    if push_to:
+    if push_to and not dry_run:
         from converter.push import push_folder
 
         result.pushed_to = push_folder(output, push_to, private=private)
@@ -177,13 +193,16 @@ class _Conversion:
         self.threads, self.device, self.started = threads, device, started
         self.stats = _Stats()
         self.notes: list[str] = []
+        self.dry_run, self.check_fit = False, True
+        self.quality: QualityMeter | None = None
+        self.warn: Callable[[str], None] | None = None
 
     # --- the whole run ---------------------------------------------------------------------
     def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
         src, options = self.src, self.options
         config = src.config()
         tensors = src.tensors()
-        if overwrite or not (self.output / MANIFEST_NAME).exists():
+        if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
         selection = select_tensors(
@@ -193,12 +212,26 @@ class _Conversion:
             include=options.include,
             cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
         )
+        selection = moe.apply_moe_mode(
+            selection, tensors, options.moe_experts, skip=options.skip, include=options.include
+        )
+        advice = moe.keep_advice(tensors, options.moe_experts)
+        if advice:
+            moe.warn_once(self.warn, advice)
+            self.notes.append(advice)
         identity = src.describe()
         plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
         self.plan = plan
         tv, fv = tool_version(), str(FORMAT_VERSION)
         plan_json = plan.to_json(tv, fv)
         fingerprint = plan.fingerprint(tv, fv)
+        if self.dry_run or self.check_fit:  # before the output folder is created or touched
+            from converter.preflight import preflight_of
+
+            report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
+            if self.dry_run:
+                return self._dry_result(report)
+            report.refuse_if_cannot_fit()
         protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
         if not self.output.exists():
             self.output.mkdir(parents=True)
@@ -235,7 +268,7 @@ class _Conversion:
             hook.close()
         self._write_extras()
         result = self._result(decision.action, reused=len(decision.done))
-        report = build_report(result, plan, identity, selection, self.stats)
+        report = build_report(result, plan, identity, selection, self.stats, manifest.shards, self.quality)
         if self.stats.device:
             report["timings"]["device"] = self.stats.device
         atomic_write_bytes(self.output / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
@@ -270,15 +303,21 @@ class _Conversion:
         remaining = Counter(t.info.file for s in shards for t in s.tensors)
         mapped: dict[str, MappedFile] = {}
         quantizer = new_quantizer(self.options, self.device, self.threads)
+        self.quality = self.quality or QualityMeter(self.options.qtype, self.options.blocksize, self.threads)
         if quantizer.fallback_reason:
             self.notes.append(quantizer.fallback_reason)
         try:
             for shard in shards:
                 info = self._write_shard(shard, quantizer, mapped, remaining, hook)
-                manifest.shards[shard.name] = {"sha256": info.sha256, "size": info.size}
+                manifest.shards[shard.name] = {
+                    "sha256": info.sha256,
+                    "size": info.size,
+                    **self.quality.shard_entry([p.name for p in shard.tensors]),
+                }
                 manifest.save(self.output)
                 self.stats.shards_written.append(shard.name)
         finally:
+            self.quality.close()
             for file in list(mapped):
                 mapped.pop(file)
                 self.src.release(file)
@@ -344,7 +383,10 @@ class _Conversion:
                 if p.quantize:
                     self._write_quantized(p, results, writer)
                 else:
-                    self._write_kept(p, self._read(p, mapped, following[p.name]), writer)
+                    kept = self._read(p, mapped, following[p.name])
+                    self.quality.kept(p.name, kept, p.out_dtype)
+                    self._write_kept(p, kept, writer)
+                    del kept
                 file = p.info.file
                 remaining[file] -= 1
                 if remaining[file] == 0:  # every tensor of this file is written: none is still read
@@ -393,7 +435,9 @@ class _Conversion:
         Holds no reference while the quantizer has the tensor: it is freed once quantized or staged.
         """
         for p in planned:
-            yield p.name, self._read_input(p, mapped, following[p.name])
+            read = functools.partial(self._read_input, p, mapped, following[p.name])
+            copy = p.transpose or p.out_dtype != p.info.dtype  # anonymous memory, not file pages
+            yield p.name, self.quality.remember(p.name, read, p.out_dtype, copy)
 
     def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> torch.Tensor:
         x = self._read(p, mapped, following)
@@ -426,6 +470,7 @@ class _Conversion:
             msg = f"internal error: the quantizer returned {got and got[0]!r} where {p.name!r} was due"
             raise RuntimeError(msg)
         r = got[1]
+        self.quality.measured(p.name, r.packed, r.absmax, r.nested)
         opts = self.options
         record = QuantizedTensor.from_kernel_outputs(
             name=p.name,
@@ -487,6 +532,12 @@ class _Conversion:
         out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
         text = json.dumps(out, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(self.output / "config.json", text.encode())
+
+    def _dry_result(self, report: Any) -> ConversionResult:
+        result = make_result(self.output, self.plan, resumed=False, noop=False, seconds=0.0, bytes_read=0,
+                             shards_reused=0)  # fmt: skip
+        result.preflight = report
+        return result
 
     def _result(self, action: Action, *, reused: int) -> ConversionResult:
         result = make_result(

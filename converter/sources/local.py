@@ -267,6 +267,7 @@ _NP_DTYPES = {
     "F32": np.float32,
     "F16": np.float16,
     "BF16": np.uint16,  # numpy has no bfloat16: map the bits, then view them as torch.bfloat16
+    "F8_E4M3": np.uint8,  # block-scaled FP8 sources (converter/fp8.py): bits viewed as float8_e4m3fn
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,
@@ -330,4 +331,6 @@ class MappedFile:
             )
             arr = mapped.reshape(shape)
         t = torch.from_numpy(arr)
+        if dtype == "F8_E4M3":
+            return t.view(torch.float8_e4m3fn)
         return t.view(torch.bfloat16) if dtype == "BF16" else t
