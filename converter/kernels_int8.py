@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from converter import _kernels
+from converter.kernel_checks import check_same_device as _check_same_device
 from converter.kernels import (
     FLOAT_DTYPES,
     NonFiniteInputError,
@@ -62,13 +63,6 @@ def scale_table(scale: str) -> torch.Tensor | None:
     table = torch.from_numpy(cuda_scale_table().copy())
     assert table.numel() == _kernels.int8_scale_table_size
     return table
-
-
-def _check_same_device(reference: torch.Tensor, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if t.device != reference.device:
-            msg = f"{name} is on {t.device} but {reference.device} was expected: move them to one device"
-            raise ValueError(msg)
 
 
 def _check_2d(name: str, t: torch.Tensor) -> tuple[int, int]:
