@@ -28,9 +28,8 @@ from typing import NamedTuple
 import torch
 
 from converter import _kernels
+from converter.kernels_np import NonFiniteInputError  # one type for the torch and numpy paths
 from formats.quant_types import (
-    NESTED_BLOCKSIZE,
-    OFFSET_CHUNK,
     QuantType,
     check_blocksize,
     n_blocks,
@@ -57,10 +56,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 #: Largest batch of the fused GEMV; larger batches dequantize and use F.linear.
 GEMV_MAX_BATCH = 8
 _ISAS = ("auto", "scalar", "avx2", "avx512")
-
-
-class NonFiniteInputError(ValueError):
-    """The tensor to quantize holds NaN or Inf: its blocks cannot be scaled to [-1, 1]."""
 
 
 class NestedAbsmax(NamedTuple):
@@ -508,18 +503,3 @@ def gemv_4bit(
         _threads(threads),
     )
     return y if x.dim() == 2 else y[0]
-
-
-def _check_extension_layout() -> None:
-    """The extension must be built from the same layout constants as ``formats`` (a stale build is not)."""
-    tables = _kernels.tables()
-    compiled = (tables["nested_blocksize"], tables["offset_chunk"])
-    if compiled != (NESTED_BLOCKSIZE, OFFSET_CHUNK):
-        msg = (
-            f"converter._kernels was built with nested blocksize / offset chunk {compiled}, formats expects "
-            f"{(NESTED_BLOCKSIZE, OFFSET_CHUNK)}: rebuild it (pip install --no-build-isolation -e .)"
-        )
-        raise ImportError(msg)
-
-
-_check_extension_layout()

@@ -92,12 +92,13 @@ class Source(ABC):
         """A local path to the whole file (Hub: waits for its download and prefetches the next)."""
 
     def open_file(self, file: str) -> Any:
-        """The tensors of ``file`` as an object with ``.get(name)`` and ``.prefetch(name)``.
+        """The tensors of ``file`` as an object with ``.get_array(name)`` (numpy array, dtype code),
+        ``.get(name)`` (torch tensor) and ``.prefetch(name)``.
 
         Default: acquire the whole file and memory-map it. A source that can read tensor by tensor
         (the Hub, for a file larger than the disk budget) overrides this. Pair with ``release``.
         """
-        from converter.sources.local import MappedFile
+        from converter.sources.mapped import MappedFile
 
         return MappedFile(self.acquire(file), file)
 
