@@ -13,6 +13,7 @@ Both give the bytes of ``converter.kernels``; ``fallback_reason`` says why a cud
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,6 +23,12 @@ from formats.quant_types import QuantType, check_blocksize
 
 #: (tensor name, C-contiguous array, safetensors dtype code)
 Item = tuple[str, np.ndarray, str]
+
+
+@dataclass
+class HostStats:
+    tensors: int = 0
+    bytes_in: int = 0
 
 
 class HostResult(NamedTuple):
@@ -51,7 +58,7 @@ class HostQuantizer:
     ) -> None:
         self.quant_type, self.blocksize, self.nested = quant_type, check_blocksize(blocksize), nested
         self.threads, self.fallback_reason = threads, fallback_reason
-        self.stats: Any = None  # only the GPU quantizer has a time split
+        self.stats = HostStats()
 
     def quantize(self, name: str, x: np.ndarray, dtype: str) -> HostResult:
         try:
@@ -61,6 +68,8 @@ class HostQuantizer:
         except kernels_np.NonFiniteInputError:
             raise nonfinite(name) from None
         nested = kernels_np.quantize_nested(absmax, threads=self.threads) if self.nested else None
+        self.stats.tensors += 1
+        self.stats.bytes_in += x.nbytes
         return HostResult(packed, absmax, nested)
 
     def quantize_many(self, items: Iterable[Item]) -> Iterator[tuple[str, HostResult]]:

@@ -25,7 +25,14 @@ from formats.quant_types import (
     n_nested_blocks,
 )
 
-__all__ = ["KERNEL_DTYPES", "NonFiniteInputError", "cpu_backend_info", "quantize_4bit", "quantize_nested"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "NonFiniteInputError",
+    "available_backends",
+    "cpu_backend_info",
+    "quantize_4bit",
+    "quantize_nested",
+]
 
 #: safetensors dtype code -> (kernel dtype name, numpy dtype holding the bits).
 KERNEL_DTYPES: dict[str, tuple[str, np.dtype]] = {
@@ -134,6 +141,16 @@ def quantize_nested(
 def cpu_backend_info() -> dict:
     """``{"isa": [...], "threads": int}``: what ``converter.kernels.available_backends()["cpu"]`` says."""
     return {"isa": list(_kernels.cpu_isas()), "threads": int(_kernels.default_threads())}
+
+
+def available_backends() -> dict[str, dict]:
+    """``converter.kernels.available_backends()``, importing torch only when the CUDA build sees a GPU
+    (whether that GPU is usable takes torch to tell); a CPU-only machine answers without it."""
+    if _kernels.has_cuda_build() and _kernels.cuda_available()[0] > 0:
+        from converter import kernels
+
+        return kernels.available_backends()
+    return {"cpu": cpu_backend_info()}
 
 
 def _check_extension_layout() -> None:
