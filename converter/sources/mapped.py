@@ -8,6 +8,7 @@ torch tensor for callers that want one (torch is imported then).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -68,9 +69,10 @@ def as_torch(arr: np.ndarray, dtype: str) -> Any:
 class MappedFile:
     """Tensors of one safetensors file, memory-mapped one at a time (file-backed pages, no copy).
 
-    Each tensor is an ``np.memmap`` in copy-on-write mode (writable, so torch.from_numpy accepts it
-    without a warning; nothing is ever written back). Its pages count as file-backed memory, not
-    anonymous, and go away when the tensor is dropped.
+    Each tensor is its own copy-on-write map (writable, so torch.from_numpy accepts it without a
+    warning; nothing is ever written back). Its pages count as file-backed memory, not anonymous,
+    and are unmapped when the array is dropped: a whole-file map would keep every page read so far
+    in the process's RSS until the file is done.
     """
 
     def __init__(self, path: Path, display: str | None = None) -> None:
@@ -78,6 +80,15 @@ class MappedFile:
         raw, header = read_header(self.path, display or str(path))
         self._start = len(raw)
         self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._fd = os.open(self.path, os.O_RDONLY)  # one descriptor for every map and readahead
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading ``name``'s bytes now (async readahead into the page cache).
@@ -89,13 +100,8 @@ class MappedFile:
         if entry is None or not hasattr(os, "posix_fadvise"):
             return
         begin, end = entry["data_offsets"]
-        if end <= begin:
-            return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, self._start + begin, end - begin, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+        if end > begin:
+            os.posix_fadvise(self._fd, self._start + begin, end - begin, os.POSIX_FADV_WILLNEED)
 
     def get_array(self, name: str) -> tuple[np.ndarray, str]:
         """``name`` as a memory-mapped numpy array and its safetensors dtype code (bf16: uint16 bits)."""
@@ -111,10 +117,18 @@ class MappedFile:
             raise CorruptFileError(msg)
         if end == begin:
             return np.empty(shape, dtype=np_dtype), dtype
-        mapped = np.memmap(
-            self.path, dtype=np_dtype, mode="c", offset=self._start + begin, shape=shape or (1,)
+        offset = self._start + begin
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(
+            self._fd, offset + (end - begin) - aligned, offset=aligned, access=mmap.ACCESS_COPY
         )
-        return mapped.reshape(shape), dtype
+        arr = np.frombuffer(
+            region,
+            dtype=np_dtype,
+            count=(end - begin) // np.dtype(np_dtype).itemsize,
+            offset=offset - aligned,
+        )
+        return arr.reshape(shape), dtype
 
     def get(self, name: str) -> Any:
         """``name`` as a torch tensor over the same memory map."""

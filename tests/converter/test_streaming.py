@@ -1,8 +1,8 @@
 """The converter streams each shard's tensors through a quantizer's ``quantize_many`` (converter.pipeline).
 
 On the CPU the quantizer (converter.host_quantizer.HostQuantizer, numpy) takes each tensor at its turn;
-a GPU quantizer (converter.cuda_pipeline.CudaQuantizer behind host_quantizer.CudaHostQuantizer) takes up to ``depth`` tensors ahead of the one being written. ``ReadAheadQuantizer``
-below runs that GPU schedule on the CPU kernels, so the ordering, bookkeeping and error paths the
+a GPU quantizer (converter.cuda_pipeline.CudaQuantizer behind host_quantizer.CudaHostQuantizer)
+takes up to ``depth`` tensors ahead of the one being written. ``ReadAheadQuantizer`` that GPU schedule on the CPU kernels, so the ordering, bookkeeping and error paths the
 ``--device cuda`` conversion relies on are tested here without a GPU (tests/cuda runs the real one).
 """
 
@@ -21,8 +21,8 @@ from qm_checkpoints import INTERLEAVED, INTERLEAVED_INCLUDE, make_interleaved
 from test_pipeline import output_hashes
 
 from converter import kernels, pipeline
-from converter.host_quantizer import HostQuantizer, HostResult
 from converter.errors import NonFiniteTensorError
+from converter.host_quantizer import HostQuantizer, HostResult
 from converter.manifest import MANIFEST_NAME
 from converter.pipeline import convert
 from converter.sources import open_source
