@@ -1,9 +1,10 @@
 """The converter streams each shard's tensors through a quantizer's ``quantize_many`` (converter.pipeline).
 
-On the CPU the quantizer (converter.host_quantizer.HostQuantizer, numpy) takes each tensor at its turn;
-a GPU quantizer (converter.cuda_pipeline.CudaQuantizer behind host_quantizer.CudaHostQuantizer)
-takes up to ``depth`` tensors ahead of the one being written. ``ReadAheadQuantizer`` that GPU schedule on the CPU kernels, so the ordering, bookkeeping and error paths the
-``--device cuda`` conversion relies on are tested here without a GPU (tests/cuda runs the real one).
+On the CPU the quantizer (converter.host_quantizer.HostQuantizer, numpy) takes each tensor at its
+turn; a GPU quantizer (converter.cuda_pipeline.CudaQuantizer behind host_quantizer.CudaHostQuantizer)
+takes up to ``depth`` tensors ahead of the one being written. ``ReadAheadQuantizer`` below runs that
+GPU schedule on the CPU kernels, so the ordering, bookkeeping and error paths the ``--device cuda``
+conversion relies on are tested here without a GPU (tests/cuda runs the real one).
 """
 
 from __future__ import annotations
