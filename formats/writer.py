@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     import torch
 
 #: safetensors dtype code -> torch attribute name (the codes ``safetensors.torch`` knows).
-_TORCH_NAMES = {
+TORCH_NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
     "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64",
     "F64": "float64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
@@ -62,7 +62,7 @@ def __getattr__(name: str) -> Any:
     if name in ("TORCH_DTYPES", "DTYPE_CODES"):
         import torch
 
-        torch_dtypes = {code: getattr(torch, attr) for code, attr in _TORCH_NAMES.items()}
+        torch_dtypes = {code: getattr(torch, attr) for code, attr in TORCH_NAMES.items()}
         globals()["TORCH_DTYPES"] = torch_dtypes
         globals()["DTYPE_CODES"] = {v: k for k, v in torch_dtypes.items()}
         return globals()[name]
