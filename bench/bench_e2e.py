@@ -156,7 +156,8 @@ def ours_argv(python: str, *args: str) -> list[str]:
 
 
 def row_smollm2(args, python: str, work: Path, out: dict) -> None:
-    make = f"from pathlib import Path; from converter import samples; print(samples.smollm2(Path({args.samples!r})))"
+    make = "from pathlib import Path; from converter import samples; "
+    make += f"print(samples.smollm2(Path({args.samples!r})))"
     src = Path(in_child(make))
     dst = work / "out"
 
