@@ -20,6 +20,7 @@ the code before a change, as one more contender. Run from outside the source tre
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -77,6 +78,16 @@ def run_rss(argv: list[str], cwd: str | None = None, env: dict | None = None) ->
         msg = f"{' '.join(argv[:6])} ... failed ({p.returncode}): {err}"
         raise SystemExit(msg)
     return wall, ru.ru_maxrss * 1024, text
+
+
+def fresh_run(dst: Path, argv: list[str]):
+    """A contender: remove the output folder, then time ``argv`` as a whole process."""
+
+    def go() -> tuple[float, int, str]:
+        shutil.rmtree(dst, ignore_errors=True)
+        return run_rss(argv)
+
+    return go
 
 
 def in_child(code: str) -> str:
@@ -161,12 +172,7 @@ def row_smollm2(args, python: str, work: Path, out: dict) -> None:
     src = Path(in_child(make))
     dst = work / "out"
 
-    def fresh(argv):
-        def go():
-            shutil.rmtree(dst, ignore_errors=True)
-            return run_rss(argv)
-
-        return go
+    fresh = functools.partial(fresh_run, dst)
 
     contenders = {
         "quantize-model convert (nf4 nested)": fresh(ours_argv(python, "convert", str(src), str(dst), "-q")),
@@ -218,12 +224,7 @@ def row_big(args, python: str, work: Path, out: dict) -> None:
         in_child(f"import bench_e2e; bench_e2e.write_big(bench_e2e.Path({str(src)!r}))")
     dst = work / "big-out"
 
-    def fresh(argv):
-        def go():
-            shutil.rmtree(dst, ignore_errors=True)
-            return run_rss(argv)
-
-        return go
+    fresh = functools.partial(fresh_run, dst)
 
     contenders = {
         "quantize-model convert --include '*'": fresh(
@@ -332,12 +333,7 @@ def row_gpu(args, python: str, work: Path, out: dict) -> None:
     )
     dst = work / "gpu-out"
 
-    def fresh(argv):
-        def go():
-            shutil.rmtree(dst, ignore_errors=True)
-            return run_rss(argv)
-
-        return go
+    fresh = functools.partial(fresh_run, dst)
 
     contenders = {
         "quantize-model convert --device cuda": fresh(
