@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 BUILD_DEPS := scikit-build-core pybind11 ninja cmake
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-isa lint bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,18 @@ test: install
 
 test-fast: install
 	TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# Every CPU kernel path in turn: the tests that run our kernels through isa="auto" (loader forward,
+# conversion, bnb compatibility) once per ISA this CPU runs, forced with pytest --isa (QM_CPU_ISA).
+# The slow real-model tests compare bytes, which the kernel tests prove equal on every path: they run
+# once, in `make test`.
+ISA_TESTS ?= tests/kernels tests/loader tests/golden tests/compat tests/converter
+# make test already ran the best ISA (what isa="auto" picks); this runs the others this CPU has.
+test-isa: install
+	set -e; for isa in $$($(PY) -c "from converter import kernels; print(*kernels.cpu_isas()[:-1])"); do \
+		echo "== CPU kernels forced to $$isa"; \
+		TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q --isa $$isa -m "not slow" $(ISA_TESTS); \
+	done
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,7 @@
 
 #include "float_convert.h"  // QM_X86
 
+#include <cstdlib>
 #include <stdexcept>
 
 namespace qm {
@@ -33,7 +34,23 @@ std::vector<Isa> supported_isas() {
 }
 
 Isa resolve_isa(Isa requested) {
-  if (requested == Isa::Auto) return supported_isas().back();
+  if (requested == Isa::Auto) {
+    // QM_CPU_ISA forces the path every "auto" call takes (tests run the suite once per ISA); read per
+    // call so a test harness may set it after import. Unset or empty: the best path this CPU runs.
+    const char* forced = std::getenv("QM_CPU_ISA");
+    if (forced == nullptr || *forced == '\0') return supported_isas().back();
+    try {
+      requested = parse_isa(forced);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(std::string("QM_CPU_ISA: ") + e.what());
+    }
+    if (requested == Isa::Auto) return supported_isas().back();
+    if ((requested == Isa::AVX2 && !cpu_has_avx2()) || (requested == Isa::AVX512 && !cpu_has_avx512())) {
+      throw std::invalid_argument(std::string("QM_CPU_ISA=") + forced +
+                                  ": this CPU does not support that path; unset QM_CPU_ISA or pick one of cpu_isas()");
+    }
+    return requested;
+  }
   if ((requested == Isa::AVX2 && !cpu_has_avx2()) || (requested == Isa::AVX512 && !cpu_has_avx512())) {
     throw std::invalid_argument(std::string("this CPU does not support the ") + isa_name(requested) +
                                 " path; use isa='auto' or one of cpu_isas()");

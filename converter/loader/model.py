@@ -18,15 +18,17 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from converter.errors import InputError
+from converter.loader.footprint import install_footprint
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.replace import is_swappable, quantized_modules, swap_layers
-from converter.loader.state import load_quantized_state, resolve_folder
+from converter.loader.state import load_quantized_state, resolve_folder, shard_files
 from formats.record import QuantizedTensor
 
 
@@ -126,33 +128,16 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
     return unused
 
 
-def load_quantized(
-    path_or_repo: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.bfloat16,
-    *,
-    verify: bool = True,
-    trust_remote_code: bool = False,
-) -> nn.Module:
-    """A transformers model from a pre-quantized folder (or Hub repo id), ready for ``generate()``.
+def build_skeleton(
+    folder: Path, state: dict[str, Any], dtype: torch.dtype, *, trust_remote_code: bool = False
+) -> tuple[nn.Module, dict | None]:
+    """The model of ``folder/config.json`` with its parameters on the meta device and every quantized
+    module already a :class:`Linear4bit` sharing ``state``'s mapped tensors; and the quantization_config.
 
-    ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
-    config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard's
-    sha256 against the index first. The model is in eval mode with ``is_loaded_in_4bit = True`` (so
-    PEFT wraps its 4-bit layers with its bnb LoRA layer).
+    Nothing but shard headers is read: ``inspect --memory`` sizes a placement from this skeleton.
     """
-    try:
-        import transformers
-    except ImportError:
-        msg = (
-            "load_quantized needs transformers (pip install 'quantize-model[transformers]'); "
-            "without it use load_quantized_state / replace_linear_layers"
-        )
-        raise ModelBuildError(msg) from None
+    import transformers
 
-    folder = resolve_folder(path_or_repo)
-    dtype = dtype_from_name(dtype)
-    state = load_quantized_state(folder, verify=verify)
     if not (folder / "config.json").is_file():
         msg = f"{folder}: no config.json; use load_quantized_state and replace_linear_layers instead"
         raise ModelBuildError(msg)
@@ -185,8 +170,48 @@ def load_quantized(
             f"{folder}: transformers + bitsandbytes would load this folder differently: quantized in "
             f"the shards but not by transformers: {extra[:5]}; swapped by transformers but not "
             f"quantized: {missing[:5]}",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return model, qc if isinstance(qc, dict) else None
+
+
+def load_quantized(
+    path_or_repo: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.bfloat16,
+    *,
+    verify: bool = True,
+    trust_remote_code: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+) -> nn.Module:
+    """A transformers model from a pre-quantized folder (or Hub repo id), ready for ``generate()``.
+
+    ``device_map`` ("auto", "balanced", "balanced_low_0", "sequential" or a dict module -> GPU index /
+    "cpu" / "disk"), ``max_memory`` and ``offload_folder`` spread the model over GPUs, CPU and disk
+    as transformers does (planned and hooked by accelerate; ``converter.loader.placement`` says how
+    CPU and disk modules differ): use them instead of ``device``.
+
+    ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
+    config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard's
+    sha256 against the index first. The model is in eval mode with ``is_loaded_in_4bit = True`` (so
+    PEFT wraps its 4-bit layers with its bnb LoRA layer).
+    """
+    try:
+        import transformers  # noqa: F401  (only to fail early with the install hint)
+    except ImportError:
+        msg = (
+            "load_quantized needs transformers (pip install 'quantize-model[transformers]'); "
+            "without it use load_quantized_state / replace_linear_layers"
+        )
+        raise ModelBuildError(msg) from None
+
+    folder = resolve_folder(path_or_repo)
+    dtype = dtype_from_name(dtype)
+    state = load_quantized_state(folder, verify=verify)
+    model, qc = build_skeleton(folder, state, dtype, trust_remote_code=trust_remote_code)
+    cls = type(model)
     unused = _fill(model, state, str(folder))
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -203,9 +228,33 @@ def load_quantized(
         model.config.quantization_config = qc
     model.is_loaded_in_4bit = True
     model.eval()
-    if torch.device(device) != torch.device("cpu"):
+    install_footprint(model)
+    if device_map is not None:
+        place(model, folder, device, device_map, max_memory, offload_folder)
+    elif torch.device(device) != torch.device("cpu"):
         model.to(device)
     return model
+
+
+def place(
+    model: nn.Module,
+    folder: Path,
+    device: str | torch.device,
+    device_map: str | dict[str, int | str],
+    max_memory: dict[int | str, int | str] | None,
+    offload_folder: str | os.PathLike | None,
+) -> None:
+    """Plan and dispatch ``device_map`` with accelerate (``converter.loader.placement``)."""
+    if torch.device(device) != torch.device("cpu"):
+        msg = f"pass either device={str(device)!r} or device_map=, not both"
+        raise ModelBuildError(msg)
+    try:
+        from converter.loader.placement import dispatch, plan_device_map
+    except ImportError:
+        msg = "device_map needs accelerate (pip install 'quantize-model[transformers]' or accelerate)"
+        raise ModelBuildError(msg) from None
+    plan = plan_device_map(model, device_map, max_memory)
+    dispatch(model, plan, offload_folder=offload_folder, shard_paths=shard_files(folder)[0])
 
 
 def linear4bit_modules(model: nn.Module) -> dict[str, QuantLinear4bit]:

@@ -107,7 +107,9 @@ def test_loads_with_transformers_and_bitsandbytes(
     ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
     with torch.no_grad():
         got, want = model(ids).logits.float(), ref(ids).logits.float()
-    # NF4 of a random tiny model: logits stay close to the bf16 original.
+    # NF4 of a random tiny model: logits stay close to the bf16 original. A quality threshold covering
+    # the 4-bit quantization error (identical bytes on every CPU); CPU rounding differences are ~1e-3
+    # of a bf16 logit at most, far inside the margin.
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
 
 

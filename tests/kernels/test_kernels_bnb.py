@@ -61,7 +61,10 @@ def test_nf4_tiny_tail_block_division_deviation_is_rare():
         theirs, _ = bnb_f.quantize_4bit(x, blocksize=64, quant_type="nf4")
         differing += int((ours != theirs.view(-1)).sum())
         assert torch.equal(ours[:96], theirs.view(-1)[:96]), f"trial {trial}: a full block differs"
-    assert differing <= 10  # f32: x*(1/a) and x/a differ by <= 1 ulp, rarely across a threshold
+    # f32: x*(1/a) and x/a are both correctly rounded (the same on every IEEE CPU) and differ by <= 1
+    # ulp, so a code differs only where s sits within an ulp of one of 15 thresholds: ~15 * 2 * 2^-24
+    # per element, ~0.01 expected over these 6600 elements; 10 is a generous bound on a rare event.
+    assert differing <= 10
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from error_bounds import U32, gamma, underflow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_helpers import DTYPES, as_f32_numpy, codebook_tensor, edge_case_input
@@ -167,9 +168,22 @@ def test_dequantize_writes_into_out_and_checks_sizes():
         )
 
 
-_MAX_HALF_GAP = {
-    QuantType.NF4: float(np.max(np.diff(np.asarray(codebooks.NF4, dtype=np.float64)))) / 2,
-    QuantType.FP4: float(np.max(np.diff(np.sort(np.asarray(codebooks.FP4, dtype=np.float64))))) / 2,
+def _code_gap_terms(codebook, thresholds) -> tuple[float, float]:
+    """(largest half gap between neighbouring code values, largest distance of a decision threshold
+    from the true midpoint it stands for), in float64. FP4 decides on |s| (sign apart)."""
+    values = np.asarray(codebook, dtype=np.float64)
+    if len(thresholds) < len(values) - 1:  # FP4: thresholds on the magnitude
+        values = np.unique(np.abs(values))
+    values = np.sort(values)
+    mids = (values[1:] + values[:-1]) / 2
+    return float(np.max(np.diff(values))) / 2, float(
+        np.max(np.abs(np.asarray(thresholds, np.float64) - mids))
+    )
+
+
+_GAP_TERMS = {
+    QuantType.NF4: _code_gap_terms(codebooks.NF4, codebooks.NF4_THRESHOLDS),
+    QuantType.FP4: _code_gap_terms(codebooks.FP4, codebooks.FP4_THRESHOLDS),
 }
 
 
@@ -193,8 +207,13 @@ def test_round_trip_error_is_bounded_by_half_the_largest_code_gap(values, blocks
     per_element_absmax = absmax.double().repeat_interleave(blocksize)[: x.numel()]
     # Blocks with absmax below 1e-38 are scaled by 1/1e-38 (the clamp), so s stays below 1 and only
     # |x - w| <= absmax holds there.
+    # Elsewhere, with a = absmax: s = fl(x * fl(1/a)) is within gamma_2 of x/a (|x/a| <= 1); the code
+    # picked is the nearest to s up to the thresholds' own distance from the true midpoints (thr);
+    # decoding fl(code * a) adds u * a, or half a subnormal where it underflows. So
+    # |x - w| <= a * (half_gap + thr + gamma_2 + u) + eta.
     tiny = float(np.float32(1e-38))
-    half_gap = torch.where(per_element_absmax >= tiny, _MAX_HALF_GAP[quant_type], 1.0)
-    bound = per_element_absmax * half_gap * (1 + 1e-6) + 1e-45
+    half_gap, thr = _GAP_TERMS[quant_type]
+    rel = torch.where(per_element_absmax >= tiny, half_gap + thr + gamma(2) + U32, 1.0 + U32)
+    bound = per_element_absmax * rel + underflow(torch.float32)
     assert bool(((x.double() - w.double()).abs() <= bound).all())
     assert np.array_equal(absmax.numpy(), reference.quantize_4bit(as_f32_numpy(x), blocksize, quant_type)[1])

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from error_bounds import dot_bound, gemv_arithmetic, unit_roundoff
 
 from converter import kernels
 from converter.loader.module import Linear4bit
@@ -106,13 +107,47 @@ def bnb_load(folder: Path):
         return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
 
 
-def matmul_bound(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Elementwise bound for a matmul whose result is rounded to ``dtype``: eps(dtype) * (|x| @ |W|.T).
+def gemv_bound(
+    x: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor | None = None, *, device_type: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 reference, elementwise bound) of a Linear4bit forward through the fused GEMV.
 
-    Covers the final rounding (half an ulp of |y| <= |x|@|W|) plus float32 accumulation in any order.
+    ``w32``: the exact float32 decode. The GEMV's arithmetic on ``device_type``
+    (error_bounds.gemv_arithmetic), its rounding to x's dtype, then ``+ bias`` in x's dtype
+    (module._linear_forward).
     """
-    eps = torch.finfo(dtype).eps
-    return eps * (x.float().abs() @ w.float().abs().T) + 1e-6
+    x2d = x.reshape(-1, x.shape[-1])
+    return dot_bound(x2d, w32, out_dtype=x.dtype, bias=bias, **gemv_arithmetic(device_type, x.dtype))
+
+
+def linear_bound(
+    x: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 reference, elementwise bound) of the fallback: the weight rounded once to
+    ``weight_dtype`` (u of it), ``F.linear`` accumulating in float32 in any blocking (gamma_K), the
+    result and the bias addition each rounded to x's dtype (at most two roundings)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    return dot_bound(x2d, w32, out_dtype=x.dtype, bias=bias, weight_rel=unit_roundoff(weight_dtype))
+
+
+LayerCall = tuple[str, Linear4bit, torch.Tensor, torch.Tensor]
+
+
+def linear4bit_outputs(model: torch.nn.Module, ids: torch.Tensor) -> list[LayerCall]:
+    """Run ``model(ids)`` and return ``(name, layer, input, output)`` of every Linear4bit call."""
+    seen: list[LayerCall] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, mod, inp[0], out)))
+        for name, m in model.named_modules()
+        if isinstance(m, Linear4bit)
+    ]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 def reference_weight(record: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from loader_helpers import make_layer, matmul_bound, reference_weight
+from error_bounds import dot_bound, worst_ratio
+from loader_helpers import gemv_bound, linear4bit_outputs, make_layer, reference_weight
 
 from converter.loader import ops
 
@@ -55,9 +56,9 @@ def test_cuda_decode_bit_exact_and_forward(nested: bool, shape: tuple[int, int])
         expected = F.linear(x.cuda(), reference_weight(record, torch.bfloat16).cuda(), bias.cuda())
         assert torch.equal(y, expected)  # exact decode, then the same cuBLAS call
         layer.use_gemv = True
-        y = layer(x.cuda()).float().cpu()
-        exact = x.float() @ w32.T + bias.float()
-        assert ((y - exact).abs() <= 2 * matmul_bound(x, w32, torch.bfloat16) + 4e-3).all(), tokens
+        if tokens <= 8:  # the fused GEMV (40 tokens: the cuBLAS call checked bit for bit above)
+            ref, bound = gemv_bound(x, w32, bias, device_type="cuda")
+            assert worst_ratio(layer(x.cuda()), ref, bound) <= 1.0, tokens
 
 
 def test_cuda_torch_fallback_equals_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,20 +75,25 @@ def test_cuda_gradient_to_input() -> None:
     x = torch.randn(6, 128, device="cuda", requires_grad=True)
     g = torch.randn(6, 48, device="cuda")
     (layer(x) * g).sum().backward()
-    torch.testing.assert_close(x.grad.cpu(), g.cpu() @ record.dequantize(), rtol=1e-4, atol=1e-5)
+    # grad_x = g @ W: a float32 cuBLAS matmul (TF32 off, torch's default), K = 48 terms in any order.
+    ref, bound = dot_bound(g, record.dequantize().T, out_dtype=torch.float32)
+    assert worst_ratio(x.grad, ref, bound) <= 1.0
 
 
 def test_load_quantized_on_cuda(our_folder: Path) -> None:
     from converter.loader.model import linear4bit_modules, load_quantized
 
     ids = torch.tensor([[1, 5, 9, 33, 2, 200, 7, 64]])
-    cpu = load_quantized(our_folder)
     gpu = load_quantized(our_folder, device="cuda")
     assert all(m.weight.is_cuda for m in linear4bit_modules(gpu).values())
     with torch.no_grad():
-        a = cpu(ids).logits.float()
-        b = gpu(ids.cuda()).logits.float().cpu()
         out = gpu.generate(ids[:, :3].cuda(), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
-    # Same weights; CPU and GPU differ only in matmul rounding (bf16): a few ulps of the largest logit.
-    assert (a - b).abs().max() <= 8 * torch.finfo(torch.bfloat16).eps * a.abs().max()
+    # Every quantized layer of a real forward (8 tokens: the GPU's fused GEMV) within the bound derived
+    # from the kernel's arithmetic, against float64 with the exact decode of the same weight. End-to-end
+    # CPU-vs-GPU logits have no derivable tolerance (attention and softmax amplify rounding).
+    calls = linear4bit_outputs(gpu, ids.cuda())
+    assert len(calls) == len(linear4bit_modules(gpu))
+    for name, layer, x, y in calls:
+        ref, bound = gemv_bound(x, layer.dequantize(torch.float32), layer.bias, device_type="cuda")
+        assert worst_ratio(y.reshape(ref.shape), ref, bound) <= 1.0, name

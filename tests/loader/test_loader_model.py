@@ -12,7 +12,8 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from loader_helpers import bnb_load, bnb_quantize_folder, make_layer
+from error_bounds import worst_ratio
+from loader_helpers import bnb_load, bnb_quantize_folder, gemv_bound, linear4bit_outputs, make_layer
 from safetensors.torch import save_file
 from torch import nn
 
@@ -54,16 +55,18 @@ def test_same_modules_and_bit_identical_logits_on_dequant_path(bnb_folder: Path)
     assert torch.equal(_logits(ours), _logits(theirs))
 
 
-def test_logits_with_fused_gemv_within_matmul_rounding(bnb_nf4: Path) -> None:
+def test_fused_gemv_layers_within_derived_bound_in_a_model_forward(bnb_nf4: Path) -> None:
+    """The fused GEMV inside a real forward: every Linear4bit output is within the derived bound of the
+    float64 product of the input it received and its exact float32 decode. (End-to-end logits have no
+    derivable tolerance: attention, norms and softmax amplify rounding in data-dependent ways; the
+    dequantize path above is bit-identical to transformers + bitsandbytes instead.)"""
     ours = load_quantized(bnb_nf4)
-    theirs = bnb_load(bnb_nf4)  # eval mode: bnb's own CPU kernels
-    for ids in (IDS[:, :1], IDS[:, :4], IDS):  # 1 and 4 tokens take our GEMV, 8 as well
-        a, b = _logits(ours, ids).float(), _logits(theirs, ids).float()
-        # Both paths decode identical weights; they differ only in float32 summation order and bnb's
-        # bf16 products, each linear output within about one bf16 ulp. Through two layers this stays
-        # below 4 bf16 ulps of the largest logit.
-        tol = 4 * torch.finfo(torch.bfloat16).eps * b.abs().max()
-        assert (a - b).abs().max() <= tol
+    for ids in (IDS[:, :1], IDS[:, :4], IDS):  # 1, 4 and 8 tokens: all take our GEMV
+        calls = linear4bit_outputs(ours, ids)
+        assert len(calls) == len(linear4bit_modules(ours))
+        for name, layer, x, y in calls:
+            ref, bound = gemv_bound(x, layer.dequantize(torch.float32), layer.bias)
+            assert worst_ratio(y.reshape(ref.shape), ref, bound) <= 1.0, (ids.shape[1], name)
 
 
 def test_generate(bnb_nf4: Path) -> None:

@@ -50,7 +50,9 @@ def test_minilm_embeddings_close_to_fp32_and_equal_to_bnb_loader(minilm: Path, m
     ours = load_quantized(minilm_nf4, dtype=torch.float32)
     assert len(linear4bit_modules(ours)) == 37  # all 37 linear weights (anchors.md)
     cosine = (_embed(ours, batch) * reference).sum(-1)
-    assert cosine.min() > 0.95  # bnb-4bit.md anchors: 0.968 for NF4 with bitsandbytes
+    # bnb-4bit.md anchors: 0.968 for NF4 with bitsandbytes. A quality threshold covering the 4-bit
+    # quantization error (identical bytes on every CPU), not float rounding (~1e-6 here, float32).
+    assert cosine.min() > 0.95
 
     import bitsandbytes as bnb
 

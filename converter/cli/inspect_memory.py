@@ -1,0 +1,62 @@
+"""``quantize-model inspect PATH --memory``: what each device will hold for a device_map / max_memory.
+
+The same plan ``load_quantized(PATH, device_map=..., max_memory=...)`` makes (accelerate's, on the
+model skeleton sized by the 4-bit records' real bytes), computed from the shard headers only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from converter.cli._app import App, table
+from converter.units import human_bytes
+
+
+def parse_device_map(text: str) -> str | dict[str, Any]:
+    """``auto`` / ``balanced`` / ``sequential`` / a device, or a JSON object ``{"lm_head": "cpu", ...}``."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        msg = f"--device-map: not valid JSON ({exc})"
+        raise click.BadParameter(msg) from None
+    if not isinstance(value, dict):
+        msg = "--device-map: expected a JSON object module -> device"
+        raise click.BadParameter(msg)
+    return value
+
+
+def parse_max_memory(items: tuple[str, ...]) -> dict[str, str] | None:
+    """``("0=30GiB", "cpu=64GiB")`` -> ``{"0": "30GiB", "cpu": "64GiB"}``."""
+    out = {}
+    for item in items:
+        key, sep, size = item.partition("=")
+        if not sep or not key or not size:
+            msg = f"--max-memory {item!r}: expected DEVICE=SIZE, e.g. 0=30GiB or cpu=64GiB"
+            raise click.BadParameter(msg)
+        out[key.strip()] = size.strip()
+    return out or None
+
+
+def show_memory(app: App, path: Path, device_map: str, max_memory: tuple[str, ...], dtype: str) -> None:
+    """Print the plan and the bytes per device (a table, or JSON with --json)."""
+    from converter.loader.placement import estimate
+
+    plan, per_device = estimate(path, parse_device_map(device_map), parse_max_memory(max_memory), dtype)
+    if app.json:
+        app.print_json(
+            {"device_map": plan, "bytes_per_device": per_device, "total": sum(per_device.values())}
+        )
+        return
+    t = table()
+    for device, size in per_device.items():
+        t.add_row(f"Device {device}", human_bytes(size))
+    t.add_row("Total", human_bytes(sum(per_device.values())))
+    for name, device in plan.items():
+        t.add_row(f"  {name or '(whole model)'}", str(device))
+    app.print_table(t)

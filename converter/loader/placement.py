@@ -1,0 +1,420 @@
+"""``device_map`` / ``max_memory`` / disk offload for a loaded 4-bit model, planned and hooked by accelerate.
+
+Planning is accelerate's: ``get_balanced_memory`` / ``get_max_memory`` and ``infer_auto_device_map``
+run on a *size mirror* of the model (:func:`size_proxy`: the same module tree and class names, each
+tensor a ``uint8`` meta tensor of its real bytes), so a 4-bit layer weighs its codes + absmax + maps
+rather than ``numel`` of its packed buffer, and tied weights stay one tensor.
+
+Dispatch differs from ``accelerate.dispatch_model`` in one deliberate way: modules mapped to ``"cpu"``
+or ``"disk"`` *execute on the CPU* with our CPU kernels (their 4-bit codes never copied to a GPU, never
+decoded to a float copy), instead of being streamed to the main GPU at every forward. Everything else
+is accelerate's: ``attach_align_device_hook_on_blocks`` moves activations between the devices of
+consecutive blocks (any number of GPUs) and back to the input's device at the end.
+
+Disk offload needs no second copy: every weight is already a view of a memory-mapped shard. A module
+mapped to ``"disk"`` keeps its views; after each of its forwards an accelerate hook drops the mapped
+pages it touched (``madvise(MADV_DONTNEED)``, Linux), so they leave the process's RSS until the next
+use reads them again from the page cache or the file. Only pages wholly inside a mapping of a shard
+(or of ``offload_folder``) are ever dropped; a parameter of a disk module that is *not* a shard view
+(cast to another dtype at load) is written once to ``offload_folder`` with accelerate's
+``offload_weight`` and mapped from there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module, attach_align_device_hook_on_blocks
+from accelerate.utils import (
+    check_device_map,
+    find_tied_parameters,
+    get_balanced_memory,
+    get_max_memory,
+    infer_auto_device_map,
+    offload_weight,
+    set_module_tensor_to_device,
+)
+from torch import nn
+
+from converter.errors import InputError
+from converter.loader.footprint import module_tensors
+from converter.loader.module import QuantLinear4bit
+
+#: The device_map strings that ask accelerate for a plan (as transformers accepts them).
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+Device = int | str
+DeviceMap = dict[str, Device]
+
+
+class PlacementError(InputError):
+    """A device_map / max_memory / offload request that cannot be honoured."""
+
+
+# -- planning ---------------------------------------------------------------------------------------------
+def size_proxy(model: nn.Module) -> nn.Module:
+    """A meta-device mirror of ``model`` that accelerate can size: same module names and class names
+    (``no_split_module_classes`` match by name), each tensor a ``uint8`` meta tensor of its real bytes,
+    tied tensors one object (accelerate's ``find_tied_parameters`` keeps them on one device)."""
+    sizes = {id(t): size for _, t, size in module_tensors(model)}
+    classes: dict[str, type] = {}
+    proxies: dict[int, torch.Tensor] = {}
+
+    def proxy_of(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(t) not in proxies:
+            empty = torch.empty(sizes[id(t)], dtype=torch.uint8, device="meta")
+            proxies[id(t)] = nn.Parameter(empty, requires_grad=False) if parameter else empty
+        return proxies[id(t)]
+
+    def mirror(module: nn.Module) -> nn.Module:
+        name = type(module).__name__
+        cls = classes.setdefault(name, type(name, (nn.Module,), {}))
+        out = cls()
+        for attr, t in module._parameters.items():
+            if t is not None:
+                out._parameters[attr] = proxy_of(t, True)
+        for attr, t in module._buffers.items():
+            if t is not None:
+                out._buffers[attr] = proxy_of(t, False)
+        for attr, child in module._modules.items():
+            if child is not None:
+                out._modules[attr] = mirror(child)
+        return out
+
+    return mirror(model)
+
+
+def _no_split(model: nn.Module) -> list[str]:
+    return list(getattr(model, "_no_split_modules", None) or [])
+
+
+def normalize_max_memory(max_memory: Mapping[Any, int | str] | None) -> dict[Device, int | str] | None:
+    """``{"0": "30GiB"}`` -> ``{0: "30GiB"}`` (CLI and JSON give GPU indices as strings)."""
+    if max_memory is None:
+        return None
+    out: dict[Device, int | str] = {}
+    for key, value in max_memory.items():
+        k: Device = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(k, str) and k not in ("cpu", "disk", "mps"):
+            try:
+                d = torch.device(k)
+            except RuntimeError:
+                pass  # accelerate's get_max_memory names the unknown key
+            else:
+                k = (d.index or 0) if d.type == "cuda" else k
+        out[k] = value
+    return out
+
+
+def plan_device_map(
+    model: nn.Module,
+    device_map: str | Mapping[str, Device],
+    max_memory: Mapping[Any, int | str] | None = None,
+) -> DeviceMap:
+    """The module -> device map for ``device_map`` ("auto", "balanced", "balanced_low_0",
+    "sequential", a dict, or one device), sized by the real bytes of every tensor of ``model``."""
+    if isinstance(device_map, Mapping):
+        if max_memory is not None:
+            msg = "max_memory applies to device_map='auto'/'balanced'/'sequential', not to an explicit dict"
+            raise PlacementError(msg)
+        # JSON (the CLI) gives GPU indices as strings
+        plan = {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in device_map.items()}
+        check_map(model, plan)
+        return plan
+    if device_map not in STRATEGIES:
+        try:
+            device = torch.device(device_map)
+        except (RuntimeError, TypeError):
+            msg = f"device_map={device_map!r}: expected one of {', '.join(STRATEGIES)}, a dict or a device"
+            raise PlacementError(msg) from None
+        return {"": str(device)}
+    memory = normalize_max_memory(max_memory)
+    proxy = size_proxy(model)
+    no_split = _no_split(model)
+    try:
+        if device_map == "sequential":
+            budget = get_max_memory(dict(memory) if memory is not None else None)
+        else:
+            budget = get_balanced_memory(
+                proxy,
+                max_memory=dict(memory) if memory is not None else None,
+                no_split_module_classes=no_split,
+                low_zero=device_map == "balanced_low_0",
+            )
+        return infer_auto_device_map(proxy, max_memory=budget, no_split_module_classes=no_split)
+    except ValueError as exc:  # accelerate's messages name the bad device / size
+        msg = f"device_map={device_map!r}, max_memory={max_memory!r}: {exc}"
+        raise PlacementError(msg) from exc
+
+
+def check_map(model: nn.Module, device_map: Mapping[str, Device]) -> None:
+    """Every tensor mapped (accelerate's check_device_map) and tied weights on one device."""
+    try:
+        check_device_map(model, dict(device_map))
+    except ValueError as exc:
+        msg = f"device_map: {exc}"
+        raise PlacementError(msg) from exc
+    for group in find_tied_parameters(model):
+        where = {name: _device_of(name, device_map) for name in group}
+        if len(set(where.values())) > 1:
+            msg = f"device_map puts tied weights on different devices {where}; map them to one device"
+            raise PlacementError(msg)
+
+
+def bytes_per_device(model: nn.Module, device_map: Mapping[str, Device]) -> dict[str, int]:
+    """What each device of ``device_map`` will hold ("cuda:0", "cpu", "disk": the keys of
+    ``footprint.memory_by_device`` on the loaded model), from the same real sizes the plan used."""
+    out: dict[str, int] = {}
+    for name, _, size in module_tensors(model):
+        device = _device_of(name, device_map)
+        key = "disk" if device == "disk" else str(accelerator_device(device))
+        out[key] = out.get(key, 0) + size
+    return out
+
+
+def _device_of(name: str, device_map: Mapping[str, Device]) -> Device:
+    """The device of tensor ``name``: its longest module prefix in the map (accelerate's rule)."""
+    best, found = -1, None
+    for key, device in device_map.items():
+        if (key == "" or name == key or name.startswith(f"{key}.")) and len(key) > best:
+            best, found = len(key), device
+    if found is None:
+        msg = f"device_map places no module holding {name!r}; add it (or a parent) to the map"
+        raise PlacementError(msg)
+    return found
+
+
+def estimate(
+    folder: str | os.PathLike,
+    device_map: str | Mapping[str, Device] = "auto",
+    max_memory: Mapping[Any, int | str] | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    *,
+    trust_remote_code: bool = False,
+) -> tuple[DeviceMap, dict[str, int]]:
+    """The plan ``load_quantized(folder, device_map=..., max_memory=...)`` makes and the bytes each
+    device will hold, from the shard headers and the meta skeleton alone (no weight data is read)."""
+    from converter.loader.model import build_skeleton
+    from converter.loader.module import dtype_from_name
+    from converter.loader.state import load_quantized_state, resolve_folder
+
+    path = resolve_folder(folder)
+    state = load_quantized_state(path, verify=False)
+    model, _ = build_skeleton(path, state, dtype_from_name(dtype), trust_remote_code=trust_remote_code)
+    model.tie_weights()  # tied weights count once, as in the loaded model
+    plan = plan_device_map(model, device_map, max_memory)
+    return plan, bytes_per_device(model, plan)
+
+
+# -- dispatch ---------------------------------------------------------------------------------------------
+def accelerator_device(device: Device) -> torch.device:
+    """The torch device a device_map value executes on: GPU index ``i`` -> ``cuda:i``, "cpu"/"disk" -> cpu."""
+    if device in ("cpu", "disk"):
+        return torch.device("cpu")
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def dispatch(
+    model: nn.Module,
+    device_map: Mapping[str, Device],
+    *,
+    offload_folder: str | os.PathLike | None = None,
+    shard_paths: Iterable[Path] = (),
+    execution_device: Callable[[Device], torch.device] = accelerator_device,
+) -> None:
+    """Place ``model``'s modules per ``device_map`` and attach accelerate's hooks.
+
+    ``shard_paths`` are the files the weights are mapped from (disk modules release their pages).
+    ``execution_device`` turns a map value into the torch device it runs on; tests give a CPU
+    stand-in for GPU indices so the several-device path runs on a machine without GPUs.
+    """
+    device_map = dict(device_map)
+    check_map(model, device_map)
+    run_on = {name: execution_device(dev) for name, dev in device_map.items()}
+    for name, device in run_on.items():
+        if device.type == "cpu":
+            continue  # already there: the shards are mapped in host memory
+        if _is_module(model, name):
+            model.get_submodule(name).to(device)  # QuantLinear4bit moves codes + quant state, never casts
+        else:
+            set_module_tensor_to_device(model, name, device)
+
+    disk = [name for name, dev in device_map.items() if dev == "disk"]
+    paths = [Path(p) for p in shard_paths]
+    if disk and _offload_unmapped(model, device_map, paths, offload_folder):
+        paths.append(Path(offload_folder))  # type: ignore[arg-type]
+    mappings = _file_mappings(paths) if disk else []
+
+    if len(set(device_map.values())) > 1 or disk:
+        main = next((d for d in run_on.values() if d.type != "cpu"), torch.device("cpu"))
+        attach_align_device_hook_on_blocks(
+            model,
+            execution_device={"": main, **run_on},
+            offload=dict.fromkeys(device_map, False),
+            skip_keys=getattr(model, "_skip_keys_device_placement", None),
+            tied_params_map={},
+        )
+    for name in disk:
+        targets = _called_modules(model.get_submodule(name), name) if _is_module(model, name) else []
+        for module_name, module in targets or [(name, None)]:
+            hook = ReleaseMappedPages(_page_ranges(_tensors_under(model, module_name), mappings))
+            hook.release()  # pages touched while loading; each forward re-reads what it needs
+            if module is not None:
+                add_hook_to_module(module, hook, append=True)
+    model.hf_device_map = device_map
+
+
+def _called_modules(module: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """The modules under a map entry whose forward runs: containers (ModuleList/ModuleDict, never
+    called themselves) are replaced by their children, so each decoder layer releases its own pages."""
+    if not isinstance(module, nn.ModuleList | nn.ModuleDict):
+        return [(name, module)]
+    out = []
+    for child_name, child in module.named_children():
+        out += _called_modules(child, f"{name}.{child_name}" if name else child_name)
+    return out
+
+
+def _is_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _tensors_under(model: nn.Module, name: str) -> list[torch.Tensor]:
+    """Every tensor a module (or the one tensor) named in the map holds, quant-state tensors included."""
+    if not _is_module(model, name):
+        module_name, _, attr = name.rpartition(".")
+        return [getattr(model.get_submodule(module_name), attr)]
+    out = []
+    for module in model.get_submodule(name).modules():
+        out += [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        if isinstance(module, QuantLinear4bit):
+            s = module.weight.quant_state
+            out += [s.absmax, s.code] + ([s.state2.absmax, s.state2.code] if s.nested else [])
+    return out
+
+
+def _offload_unmapped(
+    model: nn.Module,
+    device_map: Mapping[str, Device],
+    shard_paths: list[Path],
+    offload_folder: str | os.PathLike | None,
+) -> bool:
+    """Parameters of disk modules that are not shard views (cast at load) go to ``offload_folder``
+    through accelerate's ``offload_weight`` and are mapped back from there; True if any was written."""
+    mappings = _file_mappings(shard_paths)
+    written = False
+    for name, t, _ in list(module_tensors(model)):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr not in module._parameters or _device_of(name, device_map) != "disk" or _inside(t, mappings):
+            continue  # buffers stay in RAM (accelerate's offload_buffers=False); shard views stay views
+        if offload_folder is None:
+            msg = (
+                f"device_map sends {name!r} to disk but it is not a view of the shards (it was cast to "
+                f"{t.dtype} at load); pass offload_folder= to write it there, or load with the shards' dtype"
+            )
+            raise PlacementError(msg)
+        folder = Path(offload_folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        info = offload_weight(t.detach(), name, str(folder), index={})[name]
+        stored = np.memmap(
+            folder / f"{name}.dat", dtype=_NUMPY_DTYPES.get(info["dtype"], info["dtype"]), mode="c"
+        )
+        mapped = torch.from_numpy(stored).view(t.dtype).reshape(t.shape)
+        module._parameters[attr] = nn.Parameter(mapped, requires_grad=False)
+        written = True
+    return written
+
+
+#: accelerate's offload_weight stores dtypes numpy lacks as same-width integers.
+_NUMPY_DTYPES = {"bfloat16": "int16"}
+
+
+# -- releasing the mapped pages of disk modules ----------------------------------------------------------
+def _file_mappings(paths: Iterable[Path]) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of the files in ``paths`` (files, or every file in a
+    folder), from /proc/self/maps; empty where that does not exist (then nothing is ever released)."""
+    paths = list(paths)
+    files = {str(p.resolve()) for p in paths if p.is_file()}
+    folders = tuple(str(p.resolve()) + os.sep for p in paths if p.is_dir())
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and (parts[5] in files or (folders and parts[5].startswith(folders))):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+def mapped_from(t: torch.Tensor, paths: Iterable[Path]) -> bool:
+    """Whether ``t``'s bytes lie in this process's mapping of one of ``paths`` (a view, not a copy)."""
+    return _inside(t, _file_mappings(paths))
+
+
+def _inside(t: torch.Tensor, mappings: list[tuple[int, int]]) -> bool:
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    return any(a <= start and end <= b for a, b in mappings)
+
+
+def _page_ranges(tensors: Iterable[torch.Tensor], mappings: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The whole pages covered by the file-mapped tensors among ``tensors``, merged."""
+    page = mmap.PAGESIZE
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for t in tensors
+        if t.numel() and _inside(t, mappings)
+    )
+    merged: list[list[int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out = []
+    for a, b in merged:
+        start, end = -(-a // page) * page, b // page * page  # rounded inward: only pages of these tensors
+        if end > start:
+            out.append((start, end))
+    return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+if _libc is not None:
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+class ReleaseMappedPages(ModelHook):
+    """After each forward of a disk module, drop its mapped shard pages from the process (``MADV_DONTNEED``
+    on a private, never-written file mapping: the next access reads them from the page cache or file)."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges = ranges
+
+    def release(self) -> None:
+        if _libc is None:
+            return
+        for start, end in self.ranges:
+            _libc.madvise(start, end - start, mmap.MADV_DONTNEED)
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self.release()
+        return output

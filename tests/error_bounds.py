@@ -1,0 +1,109 @@
+"""Elementwise error bounds of dot products, derived from the arithmetic (never fitted to one CPU).
+
+Model (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., sections 2.2 and 3.1): every
+floating-point operation returns the exact result times (1 + d), |d| <= u, plus an absolute error of at
+most half the smallest subnormal (eta) where it underflows. A sum of n terms accumulated in ANY order
+(recursive, blocked, SIMD lanes plus a tree reduction, FMA chains, split-K partial sums) in which each
+term passes through at most n roundings satisfies
+
+    |computed - exact| <= gamma_n * sum |term_i|,   gamma_n = n*u / (1 - n*u),
+
+so with u = 2^-24 (float32) the bound holds for every kernel path and every BLAS blocking, on AMD and
+Intel alike. A product formed inside an FMA is exact; a product rounded on its own, or a block sum
+scaled by its absmax, is one more rounding per term, which gamma_K with K >= 2 terms still covers
+(each term of a K-term dot product meets far fewer than K roundings on every path we have).
+
+References are float64 matmuls of the exact (float32-decoded) weight; their own error,
+gamma_K(2^-53) * (|x| @ |W|), is added to the bound too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Unit roundoff of float32 and float64 (round to nearest).
+U32 = 2.0**-24
+U64 = 2.0**-53
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u of ``dtype``: half its machine epsilon (float32 2^-24, float16 2^-11, bfloat16 2^-8)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def underflow(dtype: torch.dtype) -> float:
+    """Absolute error of one rounding into ``dtype``'s subnormal range: half its smallest subnormal."""
+    finfo = torch.finfo(dtype)
+    return finfo.tiny * finfo.eps / 2
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """gamma_n = n*u / (1 - n*u): the relative error bound of n roundings of unit roundoff u."""
+    if n * u >= 1:
+        msg = f"gamma_{n} with u = {u} is not defined (n*u >= 1)"
+        raise ValueError(msg)
+    return n * u / (1 - n * u)
+
+
+def dot_bound(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    weight_rel: float = 0.0,
+    acc_u: float = U32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(reference, bound)`` for ``y = x @ w.T (+ bias)`` as a kernel computes it in floating point.
+
+    The kernel is assumed to
+      1. use each weight w[o, k] with a relative error of at most ``weight_rel`` (0: exactly w; e.g.
+         2^-24 when it scales a block's sum by its absmax instead of decoding quant_map[q] * absmax,
+         or u(bfloat16) when it rounds code values to the activation type);
+      2. accumulate the K products in float32 (unit roundoff ``acc_u``; 2^-23 for accumulators that
+         truncate instead of rounding to nearest) in any order: gamma_K;
+      3. round the sum to ``out_dtype``, and with a ``bias`` add it in ``out_dtype`` afterwards (one
+         more rounding), as the loader's GEMV path does (``y = gemv(x) + bias``).
+
+    ``reference`` is the float64 ``x @ w.T (+ bias)``; ``bound`` is elementwise (float64) and covers
+    1-3 plus the reference's own rounding. x, w: [B, K] and [O, K]; bias [O]; both results on x's
+    device.
+    """
+    xd = x.detach().double()  # computed on x's device (a GPU's float64 is exact enough, and fast)
+    wd = w.detach().double().to(xd.device)
+    k = xd.shape[-1]
+    mag = xd.abs() @ wd.abs().T  # sum_k |x w|: what every rounding error of the dot is relative to
+    dot = xd @ wd.T
+    # 2K: at most one rounding per product and one per addition may underflow.
+    err = (weight_rel + gamma(k, acc_u) * (1 + weight_rel)) * mag + 2 * k * underflow(torch.float32)
+    u, eta = unit_roundoff(out_dtype), underflow(out_dtype)
+    err = err + u * (dot.abs() + err) + eta  # the result's rounding to out_dtype
+    ref = dot
+    if bias is not None:
+        ref = dot + bias.detach().double().to(xd.device)
+        err = err + u * (ref.abs() + err) + eta  # y + bias, rounded to out_dtype
+    return ref, err + gamma(k + 1, U64) * (mag + ref.abs())
+
+
+def worst_ratio(y: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -> float:
+    """max |y - reference| / bound: <= 1 when y is within the bound everywhere."""
+    return float(((y.detach().double().to(reference.device) - reference).abs() / bound).max())
+
+
+def gemv_arithmetic(device_type: str, x_dtype: torch.dtype) -> dict[str, float]:
+    """``dot_bound``'s ``weight_rel`` / ``acc_u`` for our fused GEMV on a device, from what it computes.
+
+    - CPU (csrc/gemv_cpu.cpp), every ISA: x widened exactly; weights float32(quant_map[q] * absmax),
+      or a block's sum of quant_map[q] * x scaled by its absmax (AVX-512, few accumulators), i.e. the
+      unrounded product: relative error <= 2^-24 against the decoded weight. float32 FMA accumulation
+      (the scalar path: float64, then one float32 rounding, which gamma_K also covers).
+    - CUDA, float32 x (csrc/cuda/gemv.cu, CUDA cores): the same, block sums scaled by their absmax.
+    - CUDA, float16 / bfloat16 x (csrc/cuda/gemv_mma.cu, tensor cores): code values rounded to x's
+      dtype (u of that dtype) and block sums scaled by absmax (2^-24); mma accumulators in float32 but
+      not rounded to nearest (truncation, Fasi et al. 2021, "Numerical behavior of NVIDIA tensor
+      cores"), so unit roundoff 2^-23. A 16-bit x may also take the CUDA-core kernel; this bound is
+      the larger of the two.
+    """
+    if device_type == "cuda" and x_dtype != torch.float32:
+        return {"weight_rel": (1 + unit_roundoff(x_dtype)) * (1 + U32) - 1, "acc_u": 2 * U32}
+    return {"weight_rel": U32, "acc_u": U32}

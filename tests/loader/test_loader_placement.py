@@ -1,0 +1,250 @@
+"""device_map / max_memory / disk offload of load_quantized (converter.loader.placement), on the CPU.
+
+Every comparison with the single-device load is exact (torch.equal): with any device_map on this
+machine every module runs the same kernels on the same CPU with the same inputs; accelerate's hooks
+only move tensors between devices (a no-op from CPU to CPU), and a disk module's dropped pages are
+read back from the same shard bytes. Any difference is a placement bug, not rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from loader_helpers import save_tiny_llama
+
+from converter.loader.footprint import memory_by_device
+from converter.loader.model import ModelBuildError, load_quantized
+from converter.loader.module import QuantLinear4bit
+from converter.loader.placement import (
+    PlacementError,
+    ReleaseMappedPages,
+    accelerator_device,
+    bytes_per_device,
+    dispatch,
+    mapped_from,
+    plan_device_map,
+    size_proxy,
+)
+from converter.loader.state import load_quantized_state, shard_files
+from formats.reader import open_shard
+from formats.record import QuantizedTensor
+
+IDS = torch.tensor([[1, 5, 9, 30, 7, 100, 3]])
+#: accelerate's module names of the tiny Llama (loader_helpers.TINY_LLAMA: 2 layers, untied head).
+CPU_DISK = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "disk",
+}
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _greedy(model: torch.nn.Module) -> torch.Tensor:
+    return model.generate(IDS, max_new_tokens=6, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def reference(our_folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    model = load_quantized(our_folder)
+    return _logits(model), _greedy(model)
+
+
+def _hooks(module: torch.nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else list(getattr(hook, "hooks", [hook]))
+
+
+def _shard_rss(folder: Path) -> int:
+    """Resident bytes of this process's mappings of ``folder``'s shards (/proc/self/smaps)."""
+    paths = {str(p.resolve()) for p in shard_files(folder)[0]}
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if not head[0].endswith(":"):
+            inside = len(head) == 6 and head[5] in paths
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+def test_dict_map_cpu_and_disk_equal_logits_and_generate(our_folder: Path, reference) -> None:
+    model = load_quantized(our_folder, device_map=CPU_DISK)
+    assert model.hf_device_map == CPU_DISK
+    assert torch.equal(_logits(model), reference[0])
+    assert torch.equal(_greedy(model), reference[1])
+    # Disk and CPU layers keep their 4-bit codes (uint8, not a float copy), still views of the shards.
+    down = model.model.layers[1].mlp.down_proj
+    assert isinstance(down, QuantLinear4bit)
+    assert down.weight.dtype == torch.uint8
+    shards = shard_files(our_folder)[0]
+    assert mapped_from(down.weight, shards)
+    assert mapped_from(down.weight.quant_state.absmax, shards)
+    # Only the disk modules release their mapped pages after each forward.
+    assert any(isinstance(h, ReleaseMappedPages) and h.ranges for h in _hooks(model.model.layers[1]))
+    assert not any(isinstance(h, ReleaseMappedPages) for h in _hooks(model.model.layers[0]))
+
+
+def test_max_memory_forces_a_cpu_disk_split(our_folder: Path, reference) -> None:
+    model = load_quantized(our_folder, device_map="sequential", max_memory={"cpu": "70kB"})
+    devices = set(model.hf_device_map.values())
+    assert devices == {"cpu", "disk"}, model.hf_device_map
+    # accelerate keeps room for the largest layer besides what it places: the CPU share stays within budget.
+    held = memory_by_device(model)
+    assert 0 < held["cpu"] <= 70_000
+    assert torch.equal(_logits(model), reference[0])
+    assert torch.equal(_greedy(model), reference[1])
+
+
+def _record_bytes(record: QuantizedTensor) -> int:
+    """Bytes a 4-bit weight holds once loaded: codes, absmax, maps, nested scales and the offset scalar."""
+    tensors = [record.packed, record.absmax, record.quant_map]
+    if record.nested is not None:
+        tensors += [record.nested.nested_absmax, record.nested.nested_quant_map]
+    offset = 4 if record.nested is not None else 0  # a float32 scalar tensor in the quant state
+    return sum(t.numel() * t.element_size() for t in tensors) + offset
+
+
+def test_plan_sizes_4bit_layers_by_their_record_bytes(our_folder: Path) -> None:
+    from accelerate.utils import compute_module_sizes
+
+    model = load_quantized(our_folder)
+    state = load_quantized_state(our_folder, verify=False)
+    sizes = compute_module_sizes(size_proxy(model))
+    record = state["model.layers.0.mlp.down_proj.weight"]
+    assert isinstance(record, QuantizedTensor)
+    assert sizes["model.layers.0.mlp.down_proj"] == _record_bytes(record)
+    # accelerate on the model itself would see only the packed codes (and miss absmax + maps).
+    assert compute_module_sizes(model)["model.layers.0.mlp.down_proj"] < _record_bytes(record)
+
+
+def test_footprint_is_the_record_bytes(our_folder: Path) -> None:
+    """get_memory_footprint == bytes of the shards' tensors as loaded, counted independently."""
+    expected = 0
+    for path in shard_files(our_folder)[0]:
+        shard = open_shard(path)
+        for key in shard.keys():
+            if ".quant_state.bitsandbytes__" in key:
+                continue  # JSON blob: parsed at load, not held as a tensor
+            entry = shard.entry(key)
+            expected += entry.end - entry.begin
+    state = load_quantized_state(our_folder, verify=False)
+    expected += 4 * sum(isinstance(v, QuantizedTensor) and v.nested is not None for v in state.values())
+    model = load_quantized(our_folder)
+    expected += sum(b.numel() * b.element_size() for b in model.buffers() if b.dtype != torch.uint8)
+    assert model.get_memory_footprint() == expected
+
+
+def test_inspect_memory_estimate_equals_the_loaded_footprint(our_folder: Path) -> None:
+    from converter.cli import cli
+
+    args = ["inspect", str(our_folder), "--memory", "--json", "--device-map", "sequential"]
+    r = CliRunner().invoke(cli, [*args, "--max-memory", "cpu=70kB"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    estimate = json.loads(r.stdout)
+    model = load_quantized(our_folder, device_map="sequential", max_memory={"cpu": "70kB"})
+    assert estimate["device_map"] == {k: str(v) for k, v in model.hf_device_map.items()}
+    assert estimate["bytes_per_device"] == memory_by_device(model)
+    assert estimate["total"] == model.get_memory_footprint()
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "auto"])
+def test_several_gpus_with_a_cpu_stand_in(our_folder: Path, reference, strategy: str) -> None:
+    """The several-GPU path (plan over GPU indices, blocks on different devices, accelerate's hooks moving
+    activations) with each GPU index run by the CPU; the real several-GPU run is issue 17."""
+    model = load_quantized(our_folder)
+    budget = {0: 75_000, 1: 75_000, "cpu": "1GB"}  # each GPU: one ~33 kB block + accelerate's reserve
+    plan = plan_device_map(model, strategy, budget)
+    assert {0, 1} <= set(plan.values()), plan
+    assert sum(bytes_per_device(model, plan).values()) == model.get_memory_footprint()
+    asked: list = []
+
+    def stand_in(device: int | str) -> torch.device:
+        asked.append(device)
+        return torch.device("cpu")
+
+    dispatch(model, plan, execution_device=stand_in)
+    assert {0, 1} <= set(asked)
+    for name, device in plan.items():  # each block has accelerate's device hook, every device a CPU
+        align = [h for h in _hooks(model.get_submodule(name)) if hasattr(h, "execution_device")]
+        assert align, (name, device)
+        assert align[0].execution_device == torch.device("cpu"), (name, device)
+    assert torch.equal(_logits(model), reference[0])
+    assert torch.equal(_greedy(model), reference[1])
+    assert accelerator_device(1) == torch.device("cuda", 1)
+    assert accelerator_device("disk") == torch.device("cpu")
+
+
+def test_disk_pages_leave_the_process_after_each_forward(our_folder: Path, tmp_path: Path) -> None:
+    mapped, offloaded = tmp_path / "mapped", tmp_path / "offloaded"  # own files: own mappings
+    shutil.copytree(our_folder, mapped)
+    shutil.copytree(our_folder, offloaded)
+    plain = load_quantized(mapped)
+    _logits(plain)
+    quantized = sum(m.weight.numel() for m in plain.modules() if isinstance(m, QuantLinear4bit))
+    assert _shard_rss(mapped) >= quantized  # a plain load keeps every touched page: the test can fail
+
+    model = load_quantized(offloaded, device_map={"": "disk"})
+    _logits(model)
+    # What stays is at most the partial first and last page of each run of tensors (rounded inward).
+    spans = sum(len(h.ranges) for h in _hooks(model) if isinstance(h, ReleaseMappedPages))
+    assert spans >= 1
+    assert _shard_rss(offloaded) <= 2 * 4096 * len(shard_files(offloaded)[0]) * spans
+
+
+def test_disk_tensor_cast_at_load_goes_to_offload_folder(our_folder: Path, tmp_path: Path) -> None:
+    f32 = load_quantized(our_folder, dtype=torch.float32)  # shards hold bf16: norms/embeddings are cast
+    with pytest.raises(PlacementError, match=r"'model\.layers\.1\.input_layernorm\.weight'.*offload_folder"):
+        load_quantized(our_folder, dtype=torch.float32, device_map=CPU_DISK)
+    off = tmp_path / "offload"
+    model = load_quantized(our_folder, dtype=torch.float32, device_map=CPU_DISK, offload_folder=off)
+    written = sorted(p.name for p in off.iterdir())
+    # Only the cast (non-4-bit) parameters of disk modules: never a 4-bit layer, never a CPU module.
+    assert written == [
+        "lm_head.weight.dat",
+        "model.layers.1.input_layernorm.weight.dat",
+        "model.layers.1.post_attention_layernorm.weight.dat",
+    ]
+    assert torch.equal(_logits(model), _logits(f32))
+
+
+def test_bad_requests_are_named(our_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelBuildError, match="either device="):
+        load_quantized(our_folder, device="meta", device_map="auto")
+    with pytest.raises(PlacementError, match="max_memory applies"):
+        load_quantized(our_folder, device_map=CPU_DISK, max_memory={"cpu": "1GB"})
+    with pytest.raises(PlacementError, match="device_map='everywhere'"):
+        load_quantized(our_folder, device_map="everywhere")
+    with pytest.raises(PlacementError, match="lm_head"):
+        load_quantized(our_folder, device_map={k: v for k, v in CPU_DISK.items() if k != "lm_head"})
+
+    from converter.pipeline import convert
+
+    tied = tmp_path / "tied"
+    convert(save_tiny_llama(tmp_path / "plain", tie_word_embeddings=True), tied, progress=False)
+    split = {**CPU_DISK, "lm_head": "disk", "model.embed_tokens": "cpu"}
+    with pytest.raises(PlacementError, match="tied weights on different devices"):
+        load_quantized(tied, device_map=split)
+
+
+def test_inspect_memory_bad_options_are_named(our_folder: Path) -> None:
+    from converter.cli import cli
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--max-memory", "cpu"])
+    assert r.exit_code == 2
+    assert "expected DEVICE=SIZE" in r.output
+    r = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--device-map", "{not json"])
+    assert r.exit_code == 2
+    assert "--device-map: not valid JSON" in r.output
