@@ -146,11 +146,17 @@ def _select_precomputed(
 
 
 def _from_facts(
-    facts: Any, tensors: Sequence[_TensorLike], *, skip: Sequence[str], include: Sequence[str], via: str
+    facts: Any,
+    tensors: Sequence[_TensorLike],
+    *,
+    skip: Sequence[str],
+    include: Sequence[str],
+    via: str,
+    matcher: Any = None,
 ) -> Selection:
     from converter.selection_facts import decide
 
-    d = decide(facts, tensors, skip=skip, include=include)
+    d = decide(facts, tensors, skip=skip, include=include, matcher=matcher)
     quantize = {k: QuantizeSpec(transpose=v) for k, v in d.quantize.items()}
     return Selection(quantize, d.keep, d.skip_modules, d.keep_fp32, "transformers", via)
 
@@ -353,6 +359,12 @@ def _select_transformers(
     keys = [t.name for t in tensors]
     with _quiet_transformers():
         facts = facts_from_model(model, keys)
+    if facts.matcher is None:  # a should_convert_module we do not mirror: use it, cache nothing
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return _from_facts(
+            facts, tensors, skip=skip, include=include, via="live", matcher=should_convert_module
+        )
     selection = _from_facts(facts, tensors, skip=skip, include=include, via="live")
     selection_table.store_facts(config, keys, selection_table.transformers_version(), facts)
     return selection

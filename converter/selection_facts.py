@@ -89,6 +89,9 @@ class ModelFacts:
     #: transformers' default skip names that are modules of the model (head, tied, last module)
     defaults: list[str] = field(default_factory=list)
     keep_in_fp32: list[str] = field(default_factory=list)  # the class's _keep_in_fp32_modules
+    #: transformers' should_convert_module behaviour (MATCHERS); None: neither, only the live rule
+    #: can build the skip list (such facts are never cached)
+    matcher: str | None = "boundary"
 
     def to_json(self) -> dict:
         return {
@@ -99,6 +102,7 @@ class ModelFacts:
             "extra_linear": list(self.extra_linear),
             "defaults": list(self.defaults),
             "keep_in_fp32": list(self.keep_in_fp32),
+            "matcher": self.matcher,
         }
 
     @classmethod
@@ -111,6 +115,7 @@ class ModelFacts:
             extra_linear=list(d.get("extra_linear", ())),
             defaults=list(d.get("defaults", ())),
             keep_in_fp32=list(d.get("keep_in_fp32", ())),
+            matcher=d.get("matcher", "boundary"),
         )
 
 
@@ -119,14 +124,45 @@ class ModelFacts:
 
 
 def should_convert_module(full_name: str, patterns: Sequence[str] | None) -> bool:
-    """transformers.quantizers.quantizers_utils.should_convert_module, verbatim in behaviour
-    (tests/selection/test_selection_table.py compares both on every module of several models)."""
+    """transformers.quantizers.quantizers_utils.should_convert_module of transformers >= 5.2x, verbatim
+    in behaviour: a pattern matches at a module boundary ("layers.1" is not "layers.11")."""
     if patterns is None:
         return True
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     return not any(
         re.match(rf"(?:{key}){boundary}", full_name) or full_name.endswith(key) for key in patterns
     )
+
+
+def should_convert_module_prefix(full_name: str, patterns: Sequence[str] | None) -> bool:
+    """The same function in earlier transformers 5 releases (5.17): a plain prefix match, so
+    "layers.1" also catches "layers.11"."""
+    if patterns is None:
+        return True
+    return not any(
+        re.match(f"{key}\\.", full_name) or re.match(f"{key}", full_name) or full_name.endswith(key)
+        for key in patterns
+    )
+
+
+#: transformers' matcher per behaviour; ModelFacts.matcher names the one of the version that made them.
+MATCHERS = {"boundary": should_convert_module, "prefix": should_convert_module_prefix}
+_PROBES = (
+    ("model.layers.11.mlp", ["model.layers.1"]),
+    ("model.layers.1.mlp", ["model.layers.1"]),
+    ("layers.1.mlp.gate_proj", ["layers.1.mlp.gate"]),
+    ("lm_head", ["lm_head"]),
+    ("encoder.block.0.wo", ["wo"]),
+    ("a.b", ["c"]),
+)
+
+
+def matcher_of(hf_should_convert: Any) -> str | None:
+    """Which of MATCHERS behaves as transformers' own function on the probes (None: neither)."""
+    for name, fn in MATCHERS.items():
+        if all(fn(n, list(p)) == hf_should_convert(n, list(p)) for n, p in _PROBES):
+            return name
+    return None
 
 
 def module_of(key: str) -> str:
@@ -182,7 +218,12 @@ class Decision:
 
 
 def decide(
-    facts: ModelFacts, tensors: Sequence[TensorLike], *, skip: Sequence[str], include: Sequence[str]
+    facts: ModelFacts,
+    tensors: Sequence[TensorLike],
+    *,
+    skip: Sequence[str],
+    include: Sequence[str],
+    matcher: Any = None,
 ) -> Decision:
     """Every tensor quantized or kept with its reason, and llm_int8_skip_modules: the live rule's steps.
 
@@ -213,11 +254,13 @@ def decide(
             keep[t.name] = reason
     not_quantized = {n for n in linear if n not in quantized_modules}
     names = sorted(not_quantized | set(facts.defaults))
-    skip_modules = skip_list(facts, linear, quantized_modules, names)
+    skip_modules = skip_list(facts, linear, quantized_modules, names, matcher)
     return Decision(quantize, keep, skip_modules, keep_fp32 - set(quantize))
 
 
-def skip_list(facts: ModelFacts, linear: set[str], quantized: set[str], names: list[str]) -> list[str]:
+def skip_list(
+    facts: ModelFacts, linear: set[str], quantized: set[str], names: list[str], matcher: Any = None
+) -> list[str]:
     """llm_int8_skip_modules for ``names``, checked with transformers' matcher.
 
     Preferred spelling: without the base-model prefix ("layers.0.mlp.down_proj"), which transformers
@@ -226,9 +269,10 @@ def skip_list(facts: ModelFacts, linear: set[str], quantized: set[str], names: l
     names if that spelling would catch a module we quantized.
     """
     prefix, keep_in_fp32 = facts.prefix, list(facts.keep_in_fp32)
+    convert = matcher or MATCHERS[facts.matcher or "boundary"]
 
     def converts(candidates: set[str], patterns: list[str]) -> set[str]:
-        return {n for n in candidates if should_convert_module(n, patterns + keep_in_fp32)}
+        return {n for n in candidates if convert(n, patterns + keep_in_fp32)}
 
     stripped = sorted({strip_prefix(n, (prefix,)) for n in names}) if facts.has_base else names
     ok = converts(linear, stripped) == quantized
@@ -267,6 +311,28 @@ def is_router(name: str, module: Any) -> bool:
     return "Router" in type(module).__name__ or leaf in {"gate", "router", "shared_expert_gate"}
 
 
+def _key_steps() -> tuple[Any, Any]:
+    """transformers' apply_renamings / apply_converters (5.2x), or the same loops for releases that
+    inline them in rename_source_key (5.17): every renaming in turn, then at most one converter."""
+    try:
+        from transformers.core_model_loading import apply_converters, apply_renamings
+    except ImportError:
+
+        def apply_renamings(key: str, renamings: Sequence[Any]) -> str:
+            for r in renamings:
+                key, _ = r.rename_source_key(key)
+            return key
+
+        def apply_converters(key: str, converters: Sequence[Any]) -> tuple[str, str | None]:
+            for c in converters:
+                key, pattern = c.rename_source_key(key)
+                if pattern is not None:
+                    return key, pattern
+            return key, None
+
+    return apply_renamings, apply_converters
+
+
 def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
     """The facts of ``keys`` (checkpoint spellings) for a transformers model skeleton (meta device):
     exactly what Bnb4BitHfQuantizer + replace_with_bnb_linear and transformers' key conversion
@@ -276,8 +342,6 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
     from transformers.core_model_loading import (
         WeightConverter,
         WeightRenaming,
-        apply_converters,
-        apply_renamings,
         build_glob_alternation,
         rename_source_key,
     )
@@ -285,6 +349,7 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module as hf_should_convert
 
+    apply_renamings, apply_converters = _key_steps()
     cls_name = type(model).__name__
     modules = dict(model.named_modules())
     keep_in_fp32 = sorted(model._keep_in_fp32_modules or ())
@@ -368,6 +433,7 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
         )
     base = getattr(model, prefix, None) if prefix else None
     return ModelFacts(
+        matcher=matcher_of(hf_should_convert),
         cls_name=cls_name,
         prefix=prefix or "",
         has_base=base is not None and base is not model,

@@ -180,6 +180,7 @@ def table_facts(config: dict, keys: Sequence[str], version: str | None) -> Model
         extra_linear=list(variant["linear_fixed"]),
         defaults=list(variant["defaults"]),
         keep_in_fp32=list(entry["keep_in_fp32"]),
+        matcher=entry.get("matcher", "boundary"),
     )
 
 

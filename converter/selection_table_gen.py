@@ -362,6 +362,7 @@ def table_entry(cls_name: str, model_type: str, kwargs: dict[str, Any]) -> dict:
         "prefix": first.prefix,
         "has_base": first.has_base,
         "keep_in_fp32": list(first.keep_in_fp32),
+        "matcher": first.matcher,
         "variant_fields": variant_fields,
         "field_defaults": {f: defaults_obj.get(f) for f in sorted(read_fields)},
         "aliases": {

@@ -15,7 +15,13 @@ from tiny_models import read_config, read_infos
 
 from converter import selection_table
 from converter.selection import build_skeleton, select_tensors
-from converter.selection_facts import decide, facts_from_model, should_convert_module
+from converter.selection_facts import (
+    decide,
+    facts_from_model,
+    matcher_of,
+    should_convert_module,
+    should_convert_module_prefix,
+)
 from converter.selection_table_gen import ARCHITECTURES
 from converter.sources.base import TensorInfo
 
@@ -222,3 +228,7 @@ def test_should_convert_module_is_transformers_own():
     for p in patterns:
         for n in names:
             assert should_convert_module(n, p) == hf(n, p), (n, p)
+    assert matcher_of(hf) == "boundary"  # facts made by this transformers say so (cache, table)
+    # transformers 5.17's prefix matcher: "layers.1" also caught "layers.11"
+    assert not should_convert_module_prefix("model.layers.11.mlp", ["model.layers.1"])
+    assert should_convert_module("model.layers.11.mlp", ["model.layers.1"])
