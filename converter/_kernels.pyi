@@ -167,3 +167,19 @@ def cuda_gemv_4bit(
     variant: int = 0,
 ) -> None:
     """Fused 4-bit GEMV, batch 1..8; `variant` selects a kernel configuration (benchmarks only)."""
+
+def quant_error_stats(
+    x: int,
+    dtype: str,
+    n: int,
+    blocksize: int,
+    packed: int,
+    absmax: int,
+    quant_map: int,
+    isa: str = "auto",
+    threads: int = 0,
+) -> tuple[float, float, float, int]:
+    """(sum x^2, sum (x - v)^2, max |x - v|, non-finite count), v = quant_map[q] * absmax[block] (f32)."""
+
+def count_nonfinite(x: int, dtype: str, n: int, threads: int = 0) -> int:
+    """Number of NaN / Inf elements of x (float32 / float16 / bfloat16)."""

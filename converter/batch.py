@@ -1,22 +1,20 @@
-"""Batch conversion: many sources, the same options, one output folder each; failures don't stop it.
+"""Batch lists: the text/JSON list format of ``quantize-model batch`` (TOML plans: plan_file.py).
 
 The list file is text (one source per line; blank lines and '#' comments ignored; an optional second
 column names the output folder) or JSON (a list of strings, or of objects with "source" and optional
 "output" and "revision"). Each item's output folder is ``OUTPUT_ROOT/<name>``, where ``<name>`` is the
-given name, else the local folder's name or the repo id with '/' turned into '--'.
+given name, else the local folder's name or the repo id with '/' turned into '--'. Running a batch:
+converter/batch_run.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from converter.errors import ConverterError, InputError
+from converter.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -24,41 +22,6 @@ class BatchItem:
     source: str
     output: str  # folder name under the output root
     revision: str | None = None
-
-
-@dataclass
-class ItemResult:
-    item: BatchItem
-    ok: bool
-    seconds: float
-    error: str | None = None
-    exit_code: int = 0
-    result: Any = None  # ConversionResult when ok
-
-    def to_json(self) -> dict:
-        return {
-            "source": self.item.source,
-            "output": self.item.output,
-            "revision": self.item.revision,
-            "ok": self.ok,
-            "exit_code": self.exit_code,
-            "error": self.error,
-            "seconds": self.seconds,
-            "result": self.result.to_json() if self.result is not None else None,
-        }
-
-
-@dataclass
-class BatchResult:
-    items: list[ItemResult] = field(default_factory=list)
-
-    @property
-    def failed(self) -> list[ItemResult]:
-        return [i for i in self.items if not i.ok]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
 
 def default_name(source: str) -> str:
@@ -124,35 +87,3 @@ def read_list(path: Path) -> list[BatchItem]:
             raise InputError(msg)
         seen[it.output] = it.source
     return items
-
-
-def run_batch(
-    items: list[BatchItem],
-    output_root: Path,
-    *,
-    on_start: Callable[[int, BatchItem], None] | None = None,
-    on_done: Callable[[int, ItemResult], None] | None = None,
-    **options: Any,
-) -> BatchResult:
-    """Convert every item with ``options`` (converter.convert keywords); never stops on a failure."""
-    from converter.pipeline import convert
-
-    out = BatchResult()
-    for k, item in enumerate(items):
-        if on_start:
-            on_start(k, item)
-        t0 = time.perf_counter()
-        opts = dict(options)
-        if item.revision is not None:
-            opts["revision"] = item.revision
-        try:
-            result = convert(item.source, output_root / item.output, **opts)
-            done = ItemResult(item, True, time.perf_counter() - t0, result=result)
-        except ConverterError as exc:
-            done = ItemResult(item, False, time.perf_counter() - t0, str(exc), exc.exit_code)
-        except (OSError, ValueError, RuntimeError) as exc:
-            done = ItemResult(item, False, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}", 1)
-        out.items.append(done)
-        if on_done:
-            on_done(k, done)
-    return out

@@ -1,25 +1,34 @@
 """What ``quantize-model inspect`` and ``verify`` compute: library functions returning result objects.
 
 ``inspect_path`` summarises a quantized folder or one shard (tensors, quant types, sizes, bits per
-parameter) from the headers and quant states alone. ``verify_path`` re-hashes every shard against the
-index, validates every shard and every quantized record, checks the weight_map against the shards'
-contents and, for our own shards, the metadata; it returns the problems it found, one line each.
+parameter) from the headers and quant states alone; ``inspect_hub`` does the same for a Hub repo by
+HTTP range requests (the headers and the small quant-state blobs), downloading no shard.
+``verify_path`` re-hashes every shard against the index, validates every shard and every quantized
+record, checks the weight_map against the shards' contents and, for our own shards, the metadata;
+it returns the problems it found, one line each.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from converter import moe
 from converter.errors import SourceNotFoundError
 from converter.manifest import MANIFEST_NAME
 from formats import index as index_mod
 from formats.reader import open_shard
 from formats.validate import FormatError
 from formats.writer import TORCH_NAMES
+
+if TYPE_CHECKING:
+    from converter.moe import MoeSummary
 
 
 @dataclass
@@ -37,6 +46,8 @@ class InspectResult:
     tool_version: str | None = None
     source: str | None = None
     quantization_config: dict | None = None
+    moe: MoeSummary | None = None  # MoE folders: experts quantized or kept, and which loaders read it
+    bytes_read: int | None = None  # a Hub repo: bytes fetched (headers, quant states, small JSON)
 
     @property
     def bits_per_param(self) -> float:
@@ -50,6 +61,7 @@ class InspectResult:
     def to_json(self) -> dict:
         return {
             **asdict(self),
+            "moe": self.moe.to_json() if self.moe else None,
             "bits_per_param": self.bits_per_param,
             "quantized_bits_per_param": self.quantized_bits_per_param,
         }
@@ -75,6 +87,8 @@ def inspect_path(path: str | Path) -> InspectResult:
     result = InspectResult(path=str(path), shards=names)
     qtypes: Counter[str] = Counter()
     kept: Counter[str] = Counter()
+    names_q: list[str] = []
+    names_k: list[str] = []
     for name in names:
         with open_shard(folder / name) as shard:
             meta = shard.metadata or {}
@@ -82,6 +96,8 @@ def inspect_path(path: str | Path) -> InspectResult:
             result.tool_version = result.tool_version or tool.get("version")
             prov = meta.get("quantize_model.provenance") or {}
             result.source = result.source or prov.get("source")
+            names_q += shard.quantized
+            names_k += shard.passthrough
             # From the validated header alone (no tensor data, no torch).
             for key in shard.quantized:
                 group = shard.group(key)
@@ -99,6 +115,7 @@ def inspect_path(path: str | Path) -> InspectResult:
                 kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
+    result.moe = moe.summarize(names_q, names_k)
     config = folder / "config.json"
     if config.is_file() and Path(path).is_dir():
         try:
@@ -186,3 +203,135 @@ def _check_metadata(raw: dict, file: str, result: VerifyResult) -> None:
         return  # the schema check needs jsonschema (a test dependency); the rest still ran
     except FormatError as exc:
         result.problems.append(str(exc))
+
+
+# --- a Hub repo, from headers and quant states only ------------------------------------------------
+_QS_SUFFIX = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?:nf4|fp4)$")
+_CODE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+
+class _RangeReader:
+    """HTTP range reads of one repo at one commit (retries and one-line errors: HubClient)."""
+
+    def __init__(self, repo_id: str, revision: str | None, token: str | bool | None) -> None:
+        from converter.sources.hub_client import HubClient
+
+        self.client = HubClient(repo_id, token=token, endpoint=None)
+        self.client.revision = revision or "main"
+        self.repo_id = repo_id
+        info = self.client.call("model info", lambda: self.client.api.model_info(repo_id, revision=revision))
+        self.commit = info.sha
+        self.files = sorted(s.rfilename for s in info.siblings or [])
+        self.bytes_read = 0
+
+    def get(self, file: str, start: int | None = None, length: int | None = None) -> bytes:
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        url = hf_hub_url(self.repo_id, file, revision=self.commit, endpoint=self.client.endpoint)
+        headers = build_hf_headers(token=self.client.token)
+        if start is not None and length is not None:
+            if length == 0:
+                return b""
+            headers["Range"] = f"bytes={start}-{start + length - 1}"
+
+        def fetch() -> bytes:
+            r = get_session().get(url, headers=headers, follow_redirects=True)
+            hf_raise_for_status(r)
+            if length is not None and len(r.content) != length:
+                msg = f"short range read of {file} ({len(r.content)} of {length} bytes)"
+                raise OSError(msg)
+            return r.content
+
+        data = self.client.call("range read", fetch, file=file)
+        self.bytes_read += len(data)
+        return data
+
+    def header(self, file: str) -> tuple[dict, int]:
+        """(safetensors header, offset of its data) from two range reads."""
+        (n,) = struct.unpack("<Q", self.get(file, 0, 8))
+        try:
+            header = json.loads(self.get(file, 8, n))
+        except ValueError as exc:
+            from converter.errors import CorruptFileError
+
+            msg = (
+                f"{self.repo_id}: {file}: not a valid safetensors header ({exc}); report it to the repo owner"
+            )
+            raise CorruptFileError(msg) from None
+        return header, 8 + n
+
+
+def inspect_hub(
+    repo_id: str, *, revision: str | None = None, token: str | bool | None = None
+) -> InspectResult:
+    """``inspect_path`` of a Hub repo, from the shard headers and quant-state blobs read by HTTP range
+    requests (and config.json / the index, which are small JSON files); no shard is downloaded."""
+    from formats.validate import parse_quant_state
+
+    hub = _RangeReader(repo_id, revision, token)
+    if index_mod.INDEX_NAME in hub.files:
+        weight_map = json.loads(hub.get(index_mod.INDEX_NAME)).get("weight_map") or {}
+        names = sorted(set(weight_map.values()))
+    else:
+        names = [f for f in hub.files if f.endswith(".safetensors") and "/" not in f]
+    if not names:
+        msg = f"{repo_id}: no .safetensors shards at {hub.commit}; give a repo with safetensors weights"
+        raise SourceNotFoundError(msg)
+    result = InspectResult(path=f"{repo_id}@{hub.commit}", shards=names)
+    qtypes: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    names_q: list[str] = []
+    names_k: list[str] = []
+    for name in names:
+        header, data_start = hub.header(name)
+        meta = header.pop("__metadata__", None) or {}
+        tool = _json_field(meta, "quantize_model.tool")
+        result.tool_version = result.tool_version or tool.get("version")
+        result.source = result.source or _json_field(meta, "quantize_model.provenance").get("source")
+        weights: dict[str, Any] = {}
+        for key, entry in header.items():
+            m = _QS_SUFFIX.match(key)
+            if m:
+                begin, end = entry["data_offsets"]
+                weights[m.group("weight")] = parse_quant_state(
+                    name, key, hub.get(name, data_start + begin, end - begin)
+                )
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            owner = next(
+                (w for w in (key, key.rsplit(".", 1)[0], key.split(".quant_state.")[0]) if w in weights), None
+            )
+            if owner is not None:
+                result.bytes_quantized += end - begin
+                continue
+            names_k.append(key)
+            result.tensors_kept += 1
+            result.params_kept += math.prod(entry["shape"])
+            result.bytes_kept += end - begin
+            kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
+        names_q += list(weights)
+        for qs in weights.values():
+            result.tensors_quantized += 1
+            result.params_quantized += math.prod(qs.shape)
+            nested = " nested" if qs.nested_offset is not None else ""
+            qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
+    result.quant_types = dict(sorted(qtypes.items()))
+    result.kept_dtypes = dict(sorted(kept.items()))
+    result.moe = moe.summarize(names_q, names_k)
+    if "config.json" in hub.files:
+        try:
+            result.quantization_config = json.loads(hub.get("config.json")).get("quantization_config")
+        except ValueError:
+            result.quantization_config = None
+    result.bytes_read = hub.bytes_read
+    return result
+
+
+def _json_field(meta: dict, key: str) -> dict:
+    try:
+        value = json.loads(meta.get(key) or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

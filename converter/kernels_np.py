@@ -30,6 +30,7 @@ __all__ = [
     "NonFiniteInputError",
     "available_backends",
     "cpu_backend_info",
+    "dequantize_nested",
     "quantize_4bit",
     "quantize_nested",
 ]
@@ -136,6 +137,33 @@ def quantize_nested(
         msg = "absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor"
         raise NonFiniteInputError(msg)
     return codes, nested_absmax, float(offset)
+
+
+def dequantize_nested(
+    codes: np.ndarray, nested_absmax: np.ndarray, offset: float, nested_map: np.ndarray, *, threads=None
+) -> np.ndarray:
+    """absmax[i] = nested_map[codes[i]] * nested_absmax[i // 256] + offset (float32); see
+    converter.kernels.dequantize_nested."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    nested_absmax = np.ascontiguousarray(nested_absmax, dtype=np.float32)
+    nested_map = np.ascontiguousarray(nested_map, dtype=np.float32)
+    nb = codes.size
+    if nested_absmax.size != n_nested_blocks(nb) or nested_map.size != 256:
+        msg = f"nested_absmax has {nested_absmax.size} values, nested_map {nested_map.size}: expected "
+        msg += f"{n_nested_blocks(nb)} and 256 for {nb} codes"
+        raise ValueError(msg)
+    out = np.empty(nb, dtype=np.float32)
+    if nb:
+        _kernels.dequantize_nested(
+            _address(codes),
+            nb,
+            _address(nested_absmax),
+            float(offset),
+            _address(nested_map),
+            _address(out),
+            _threads(threads),
+        )
+    return out
 
 
 def cpu_backend_info() -> dict:

@@ -15,6 +15,7 @@ has the re-run rules).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from converter import moe
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
 from converter.host_quantizer import CudaHostQuantizer, HostQuantizer, HostResult, make_host_quantizer
 from converter.kernels_np import NonFiniteInputError
@@ -38,6 +40,7 @@ from converter.plan import (
     normalize_dtype,
     parse_size,
 )
+from converter.quality import QualityMeter
 from converter.records import record_entries
 from converter.report import REPORT_NAME, ConversionResult, build_report, make_result
 from converter.selection import select_tensors
@@ -100,12 +103,22 @@ def convert(
     push_to: str | None = None,
     private: bool = False,
     progress: bool | ProgressHook = True,
+    dry_run: bool = False,
+    preflight: bool = True,
+    moe_experts: str = "keep",
+    warn: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Convert ``source`` (local path, Hub repo id or an open Source) into a quantized folder ``output``.
 
     Raises converter.errors exceptions (InputError subclasses for bad input, exit code 2;
     ConversionFailedError when writing fails, exit code 1). ``progress`` True shows a rich progress
     bar on stderr; a callable receives (tensor name, input bytes done) instead.
+    ``dry_run`` plans only and writes nothing: the result's ``preflight`` (converter.preflight) says
+    what each tensor becomes and what the run needs; ``preflight`` refuses, before writing anything, a
+    run whose output cannot fit on the disk.
+    ``moe_experts`` "keep" leaves routed MoE experts 16-bit (stock transformers loads the folder),
+    "quantize" writes them as per-expert 4-bit records (converter/moe.py). ``warn`` receives advice
+    printed before the work starts (default: Python warnings).
     """
     started = time.perf_counter()
     try:
@@ -119,6 +132,7 @@ def convert(
             skip=tuple(skip),
             include=tuple(include),
             max_shard_size=parse_size(max_shard_size),
+            moe_experts=str(moe_experts).lower(),
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
@@ -138,14 +152,16 @@ def convert(
         )
     )
     try:
-        result = _Conversion(src, output, options, threads=threads, device=device, started=started).run(
-            overwrite=overwrite, progress=progress
-        )
+        src = _wrap_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
+        conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
+        conversion.dry_run, conversion.check_fit = dry_run, preflight
+        conversion.warn = warn
+        result = conversion.run(overwrite=overwrite, progress=progress)
     finally:
         src.close()
     if fallback_note:
         result.notes.append(fallback_note)
-    if push_to:
+    if push_to and not dry_run:
         from converter.push import push_folder
 
         result.pushed_to = push_folder(output, push_to, private=private)
@@ -179,13 +195,16 @@ class _Conversion:
         self.threads, self.device, self.started = threads, device, started
         self.stats = _Stats()
         self.notes: list[str] = []
+        self.dry_run, self.check_fit = False, True
+        self.quality: QualityMeter | None = None
+        self.warn: Callable[[str], None] | None = None
 
     # --- the whole run ---------------------------------------------------------------------
     def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
         src, options = self.src, self.options
         config = src.config()
         tensors = src.tensors()
-        if overwrite or not (self.output / MANIFEST_NAME).exists():
+        if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
         selection = select_tensors(
@@ -195,12 +214,26 @@ class _Conversion:
             include=options.include,
             cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
         )
+        selection = moe.apply_moe_mode(
+            selection, tensors, options.moe_experts, skip=options.skip, include=options.include
+        )
+        advice = moe.keep_advice(tensors, options.moe_experts)
+        if advice:
+            moe.warn_once(self.warn, advice)
+            self.notes.append(advice)
         identity = src.describe()
         plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
         self.plan = plan
         tv, fv = tool_version(), str(FORMAT_VERSION)
         plan_json = plan.to_json(tv, fv)
         fingerprint = plan.fingerprint(tv, fv)
+        if self.dry_run or self.check_fit:  # before the output folder is created or touched
+            from converter.preflight import preflight_of
+
+            report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
+            if self.dry_run:
+                return self._dry_result(report)
+            report.refuse_if_cannot_fit()
         protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
         if not self.output.exists():
             self.output.mkdir(parents=True)
@@ -237,7 +270,7 @@ class _Conversion:
             hook.close()
         self._write_extras()
         result = self._result(decision.action, reused=len(decision.done))
-        report = build_report(result, plan, identity, selection, self.stats)
+        report = build_report(result, plan, identity, selection, self.stats, manifest.shards, self.quality)
         if self.stats.device:
             report["timings"]["device"] = self.stats.device
         atomic_write_bytes(self.output / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
@@ -272,15 +305,21 @@ class _Conversion:
         remaining = Counter(t.info.file for s in shards for t in s.tensors)
         mapped: dict[str, MappedFile] = {}
         quantizer = new_quantizer(self.options, self.device, self.threads)
+        self.quality = self.quality or QualityMeter(self.options.qtype, self.options.blocksize, self.threads)
         if quantizer.fallback_reason:
             self.notes.append(quantizer.fallback_reason)
         try:
             for shard in shards:
                 info = self._write_shard(shard, quantizer, mapped, remaining, hook)
-                manifest.shards[shard.name] = {"sha256": info.sha256, "size": info.size}
+                manifest.shards[shard.name] = {
+                    "sha256": info.sha256,
+                    "size": info.size,
+                    **self.quality.shard_entry([p.name for p in shard.tensors]),
+                }
                 manifest.save(self.output)
                 self.stats.shards_written.append(shard.name)
         finally:
+            self.quality.close()
             for file in list(mapped):
                 mapped.pop(file)
                 self.src.release(file)
@@ -339,7 +378,10 @@ class _Conversion:
                 if p.quantize:
                     self._write_quantized(p, results, writer)
                 else:
-                    self._write_kept(p, self._read(p, mapped, following[p.name]), writer)
+                    kept = self._read(p, mapped, following[p.name])
+                    self.quality.kept(p.name, kept, p.out_dtype)
+                    self._write_kept(p, kept, writer)
+                    del kept
                 file = p.info.file
                 remaining[file] -= 1
                 if remaining[file] == 0:  # every tensor of this file is written: none is still read
@@ -374,7 +416,7 @@ class _Conversion:
             mapped[file] = self.src.open_file(file)
         if following is not None and following.info.file == file:
             mapped[file].prefetch(following.name)  # read ahead while this one is quantized
-        x, code = mapped[file].get_array(p.name)
+        x, code = _get_array(mapped[file], p.name)
         if code != p.out_dtype and (code in _FLOAT_CODES or p.quantize):
             x = _cast(x, code, p.out_dtype)  # --dtype (packed/absmax/maps are produced after it, never cast)
         self.stats.seconds_read += time.perf_counter() - t0
@@ -387,7 +429,9 @@ class _Conversion:
         asks for it. Holds no reference while the quantizer has the tensor: it is freed once quantized
         or staged."""
         for p in planned:
-            yield p.name, self._read_input(p, mapped, following[p.name]), p.out_dtype
+            read = functools.partial(self._read_input, p, mapped, following[p.name])
+            copy = p.transpose or p.out_dtype != p.info.dtype  # anonymous memory, not file pages
+            yield p.name, self.quality.remember(p.name, read, p.out_dtype, copy), p.out_dtype
 
     def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> np.ndarray:
         x = self._read(p, mapped, following)
@@ -421,6 +465,7 @@ class _Conversion:
             msg = f"internal error: the quantizer returned {got and got[0]!r} where {p.name!r} was due"
             raise RuntimeError(msg)
         r = got[1]
+        self.quality.measured(p.name, r.packed, r.absmax, r.nested)
         opts = self.options
         entries = record_entries(
             p.name,
@@ -482,6 +527,12 @@ class _Conversion:
         text = json.dumps(out, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(self.output / "config.json", text.encode())
 
+    def _dry_result(self, report: Any) -> ConversionResult:
+        result = make_result(self.output, self.plan, resumed=False, noop=False, seconds=0.0, bytes_read=0,
+                             shards_reused=0)  # fmt: skip
+        result.preflight = report
+        return result
+
     def _result(self, action: Action, *, reused: int) -> ConversionResult:
         result = make_result(
             self.output,
@@ -501,6 +552,36 @@ def _torch_name(code: str) -> str:
 
 
 _FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def _wrap_fp8(src: Source) -> Source:
+    """converter.fp8's block-scaled FP8 view of ``src`` when its config declares one (torch is
+    imported only then: dequantizing FP8 takes it)."""
+    qc = (src.config() or {}).get("quantization_config")
+    if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != "fp8":
+        return src
+    from converter.fp8 import wrap_if_block_fp8
+
+    return wrap_if_block_fp8(src)
+
+
+def _get_array(reader: Any, name: str) -> tuple[np.ndarray, str]:
+    """(numpy array, dtype code) of tensor ``name`` from an open file; a reader with only ``get``
+    (converter.fp8's dequantizing view) hands a torch tensor, viewed as numpy here."""
+    get_array = getattr(reader, "get_array", None)
+    if get_array is not None:
+        return get_array(name)
+    import torch
+
+    from formats.writer import DTYPE_CODES as TORCH_CODES
+
+    t = reader.get(name).contiguous()
+    code = TORCH_CODES[t.dtype]
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy(), code
+    if t.element_size() == 1 and t.dtype not in (torch.uint8, torch.int8, torch.bool):
+        return t.view(torch.uint8).numpy(), code  # float8 bits
+    return t.numpy(), code
 
 
 def _cast(x: np.ndarray, code: str, to: str) -> np.ndarray:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from converter.errors import InputError, UnsupportedTensorError
+from converter.moe import check_mode
 from converter.sources.base import DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
 from formats.quant_types import MAX_BNB_ELEMENTS, QuantType, check_blocksize, quantized_nbytes
 from formats.validate import UnsupportedOption, check_quant_options
@@ -82,9 +83,11 @@ class Options:
     skip: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     max_shard_size: int = 5 * 10**9
+    moe_experts: str = "keep"  # converter/moe.py: keep routed experts 16-bit, or quantize them
 
     def __post_init__(self) -> None:
         QuantType.parse(self.quant_type)  # raises ValueError with the accepted names
+        check_mode(self.moe_experts)
         check_blocksize(self.blocksize)
         if self.quant_storage not in QUANT_STORAGES:
             msg = (
@@ -100,6 +103,8 @@ class Options:
     def to_json(self) -> dict:
         d = asdict(self)
         d["skip"], d["include"] = list(self.skip), list(self.include)
+        if d["moe_experts"] == "keep":  # the default: fingerprints and provenance as before the option
+            del d["moe_experts"]
         return d
 
 

@@ -148,8 +148,13 @@ def build_model_card(folder: Path, repo_id: str) -> str:
                 f"{human_bytes(summary.get('bytes_out', 0))} (from {human_bytes(summary.get('bytes_in', 0))})",  # noqa: E501
             )
         )
+    moe_summary = _moe_summary(folder)
+    if moe_summary is not None:
+        rows.append(("MoE experts", moe_summary.layout))
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     name = repo_id.rsplit("/", 1)[-1]
+    if moe_summary is not None and moe_summary.experts_quantized:
+        return _moe_card(front, name, quant_type, origin, table, repo_id, moe_summary)
     return f"""---
 {front}
 ---
@@ -235,3 +240,59 @@ def push_folder(
         ),
     )
     return str(url)
+
+
+def _moe_summary(folder: Path) -> Any:
+    """MoE experts quantized or kept, from the index's key names (None for a dense model)."""
+    from converter import moe
+
+    keys = list(_load_json(folder / "model.safetensors.index.json").get("weight_map") or {})
+    if not keys:
+        from formats.reader import open_folder
+
+        try:
+            records = open_folder(folder).records()
+        except Exception:  # an unreadable folder: check_folder reports it
+            return None
+        quantized = [k for k, v in records.items() if not hasattr(v, "dtype")]
+        return moe.summarize(quantized, [k for k in records if k not in quantized])
+    weights = {k.removesuffix(".absmax") for k in keys if k.endswith(".absmax")}
+    return moe.summarize(sorted(weights), [k for k in keys if k not in weights])
+
+
+def _moe_card(
+    front: str, name: str, quant_type: str, origin: str, table: str, repo_id: str, summary: Any
+) -> str:
+    """The card of a folder whose MoE experts are 4-bit: stock transformers 5.x cannot load it."""
+    loaders = "\n".join(f"- {x}" for x in summary.loaders)
+    not_loaders = "\n".join(f"- {x}" for x in summary.not_loaders)
+    return f"""---
+{front}
+---
+
+# {name}
+
+{quant_type.upper()} 4-bit quantization of {origin}, made with quantize-model, **with every routed MoE
+expert in 4 bit**: one bitsandbytes `Linear4bit` record per expert per projection, under the
+checkpoint's own names; routers stay 16-bit (`llm_int8_skip_modules`).
+
+## Quantization
+
+{table}
+
+## Which loaders read this folder
+
+{loaders}
+
+Not:
+
+{not_loaders}
+
+## Load with quantize-model
+
+```python
+from converter import load_quantized
+
+model = load_quantized("{repo_id}")
+```
+"""

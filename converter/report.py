@@ -33,6 +33,8 @@ class ConversionResult:
     bytes_quantized: int = 0  # stored bytes of the quantized weights (codes, absmax, maps, quant state)
     pushed_to: str | None = None
     notes: list[str] = field(default_factory=list)  # e.g. why --device cuda fell back to the CPU
+    quality: dict | None = None  # converter.quality.summarize: totals and the worst tensors
+    preflight: Any = None  # converter.preflight.Preflight of a dry run (nothing written)
 
     @property
     def params_total(self) -> int:
@@ -61,6 +63,7 @@ class ConversionResult:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["output"] = str(self.output)
+        d["preflight"] = self.preflight.to_json() if self.preflight is not None else None
         d.update(
             params_total=self.params_total,
             kept_share=self.kept_share,
@@ -130,9 +133,26 @@ def _quantized_bytes(path: Path, weights: set[str]) -> int:
     return total
 
 
-def build_report(result: ConversionResult, plan: Any, identity: dict, selection: Any, stats: Any) -> dict:
-    """The content of quantization_report.json (the only output file with timings)."""
+def build_report(
+    result: ConversionResult,
+    plan: Any,
+    identity: dict,
+    selection: Any,
+    stats: Any,
+    shards: dict[str, dict] | None = None,
+    meter: Any = None,
+) -> dict:
+    """The content of quantization_report.json (the only output file with timings).
+
+    ``shards`` are the manifest's finished shards: their recorded quality statistics cover the
+    tensors a resumed run did not quantize again; ``meter`` (converter.quality.QualityMeter) adds
+    how long measuring took this run.
+    """
     from converter.pipeline import tool_version
+    from converter.quality import from_manifest, summarize
+
+    quality, kept_nonfinite = from_manifest(shards or {})
+    result.quality = summarize(quality, kept_nonfinite) if quality or kept_nonfinite else None
 
     kept_reasons: dict[str, int] = {}
     for t in plan.kept:
@@ -145,7 +165,8 @@ def build_report(result: ConversionResult, plan: Any, identity: dict, selection:
             for name, info in source["files"].items()
         }
     summary = result.to_json()
-    summary.pop("output", None)
+    for key in ("output", "quality", "preflight"):  # quality has its own section; preflight is dry-run only
+        summary.pop(key, None)
     return {
         "tool": "quantize-model",
         "tool_version": tool_version(),
@@ -162,7 +183,12 @@ def build_report(result: ConversionResult, plan: Any, identity: dict, selection:
             "seconds_quantize": stats.seconds_quantize,
             "seconds_write": stats.seconds_write,
             "shards_written_this_run": stats.shards_written,
+            # Measured on a background thread (overlapping the pipeline): its own time, and what the
+            # pipeline spent waiting for it.
+            "seconds_quality": meter.seconds if meter is not None else 0.0,
+            "seconds_quality_waited": meter.seconds_waited if meter is not None else 0.0,
         },
+        "quality": result.quality,
         "kept_params_by_reason": dict(sorted(kept_reasons.items())),
         "tensors": [
             {
@@ -174,8 +200,18 @@ def build_report(result: ConversionResult, plan: Any, identity: dict, selection:
                 "transposed": t.transpose,
                 "out_dtype": t.out_dtype,
                 **({} if t.quantize else {"reason": t.reason}),
+                **_tensor_quality(t.name, quality, kept_nonfinite),
             }
             for s in plan.shards
             for t in s.tensors
         ],
     }
+
+
+def _tensor_quality(name: str, quality: dict, kept_nonfinite: dict[str, int]) -> dict:
+    if name in quality:
+        q = quality[name].to_json()
+        return {k: q[k] for k in ("rel_rmse", "max_abs_err", "snr_db", "nonfinite")}
+    if name in kept_nonfinite:
+        return {"nonfinite": kept_nonfinite[name]}
+    return {}

@@ -14,7 +14,9 @@
 #include "codebooks.h"
 #include "cpu_features.h"
 #include "gemv_cpu.h"
+#include "gemv_grouped.h"
 #include "quant_cpu.h"
+#include "quant_stats.h"
 #include "thread_pool.h"
 
 #ifdef QM_HAVE_CUDA
@@ -167,6 +169,41 @@ PYBIND11_MODULE(_kernels, m) {
       "out[k] = quant_map[q[k]] * absmax[k // blocksize] in f32, cast to out_dtype (round to nearest even).");
 
   m.def(
+      "quant_error_stats",
+      [](uintptr_t x, const std::string& dtype, int64_t n, int64_t blocksize, uintptr_t packed, uintptr_t absmax,
+         uintptr_t quant_map, const std::string& isa, int threads) -> py::tuple {
+        check_n(n, "n");
+        const qm::DType dt = qm::parse_dtype(dtype);
+        const qm::Isa path = qm::parse_isa(isa);
+        if (n == 0) return py::make_tuple(0.0, 0.0, 0.0, int64_t{0});
+        const void* xp = ptr<const void>(x, "x");
+        const auto* pp = ptr<const uint8_t>(packed, "packed");
+        const auto* ap = ptr<const float>(absmax, "absmax");
+        const auto* qp = ptr<const float>(quant_map, "quant_map");
+        qm::QuantErrorStats s;
+        {
+          py::gil_scoped_release release;
+          s = qm::quant_error_stats(xp, dt, n, blocksize, pp, ap, qp, path, threads);
+        }
+        return py::make_tuple(s.sum_x2, s.sum_e2, s.max_abs_e, s.nonfinite);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("blocksize"), py::arg("packed"), py::arg("absmax"),
+      py::arg("quant_map"), py::arg("isa") = "auto", py::arg("threads") = 0,
+      "(sum x^2, sum (x - v)^2, max |x - v|, non-finite count) with v = quant_map[q] * absmax[block].");
+
+  m.def(
+      "count_nonfinite",
+      [](uintptr_t x, const std::string& dtype, int64_t n, int threads) -> int64_t {
+        check_n(n, "n");
+        const qm::DType dt = qm::parse_dtype(dtype);
+        if (n == 0) return 0;
+        const void* xp = ptr<const void>(x, "x");
+        py::gil_scoped_release release;
+        return qm::count_nonfinite(xp, dt, n, threads);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("threads") = 0, "Number of NaN / Inf elements of x.");
+
+  m.def(
       "gemv_4bit",
       [](uintptr_t x, const std::string& dtype, int64_t batch, int64_t in_features, int64_t out_features,
          int64_t blocksize, uintptr_t packed, uintptr_t quant_map, uintptr_t absmax, uintptr_t absmax_codes,
@@ -203,6 +240,38 @@ PYBIND11_MODULE(_kernels, m) {
       "y[b, o] = sum_k x[b, k] * W[o, k] for batch 1..8, W packed 4-bit with f32 absmax (absmax != 0) or\n"
       "nested absmax (absmax == 0: absmax_codes, nested_absmax, offset, nested_map). in_features must be a\n"
       "multiple of blocksize. y has x's dtype.");
+
+  m.def(
+      "gemv_4bit_grouped",
+      [](uintptr_t x, int64_t x_stride, const std::string& dtype, int64_t groups, int64_t in_features,
+         int64_t out_features, int64_t blocksize, uintptr_t ids, int64_t experts, uintptr_t packed,
+         int64_t packed_stride, uintptr_t absmax, int64_t absmax_stride, uintptr_t quant_map, uintptr_t y,
+         const std::string& isa, int threads) {
+        qm::GemvGroupedArgs a{};
+        a.x = ptr<const void>(x, "x");
+        a.x_stride = x_stride;
+        a.x_dtype = qm::parse_dtype(dtype);
+        a.groups = groups;
+        a.in_features = in_features;
+        a.out_features = out_features;
+        a.blocksize = blocksize;
+        a.ids = ptr<const int64_t>(ids, "ids");
+        a.experts = experts;
+        a.packed = ptr<const uint8_t>(packed, "packed");
+        a.packed_stride = packed_stride;
+        a.absmax = ptr<const float>(absmax, "absmax");
+        a.absmax_stride = absmax_stride;
+        a.quant_map = ptr<const float>(quant_map, "quant_map");
+        a.y = ptr<void>(y, "y");
+        const qm::Isa path = qm::parse_isa(isa);
+        py::gil_scoped_release release;
+        qm::gemv_4bit_grouped(a, path, threads);
+      },
+      py::arg("x"), py::arg("x_stride"), py::arg("dtype"), py::arg("groups"), py::arg("in_features"),
+      py::arg("out_features"), py::arg("blocksize"), py::arg("ids"), py::arg("experts"), py::arg("packed"),
+      py::arg("packed_stride"), py::arg("absmax"), py::arg("absmax_stride"), py::arg("quant_map"), py::arg("y"),
+      py::arg("isa") = "auto", py::arg("threads") = 0,
+      "MoE grouped GEMV: y[g, o] = sum_k x[g, k] * W_ids[g][o, k] (x_stride 0: one x row for every group).");
 
 #ifdef QM_HAVE_CUDA
   register_cuda(m);

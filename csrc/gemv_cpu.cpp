@@ -278,4 +278,14 @@ void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads) {
   parallel_for(args.out_features, threads, 16, [&](int64_t o0, int64_t o1) { fn(args, xp, o0, o1); });
 }
 
+int64_t gemv_x_group(Isa isa) { return isa == Isa::AVX512 ? 32 : isa == Isa::AVX2 ? 16 : 2; }
+
+void gemv_widen_x(const Gemv4bitArgs& args, int64_t group, std::vector<float>& xf) {
+  widen_dispatch(args, group, xf);
+}
+
+void gemv_rows(const Gemv4bitArgs& args, const float* xf, int64_t o0, int64_t o1, Isa isa) {
+  pick_rows(isa, args.batch)(args, xf, o0, o1);
+}
+
 }  // namespace qm

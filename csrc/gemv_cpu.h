@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "cpu_features.h"
 
@@ -31,5 +32,11 @@ struct Gemv4bitArgs {
 };
 
 void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads);
+
+// Pieces of gemv_4bit for callers that run many weights in one pool launch (gemv_grouped.cpp).
+// isa must be resolved (resolve_isa); args must pass gemv_4bit's checks.
+int64_t gemv_x_group(Isa isa);  // x is permuted in groups of this many elements for this isa
+void gemv_widen_x(const Gemv4bitArgs& args, int64_t group, std::vector<float>& xf);
+void gemv_rows(const Gemv4bitArgs& args, const float* xf, int64_t o0, int64_t o1, Isa isa);
 
 }  // namespace qm

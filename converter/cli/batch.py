@@ -1,4 +1,4 @@
-"""quantize-model batch LIST_FILE OUTPUT_ROOT: convert many checkpoints with the same options."""
+"""quantize-model batch PLAN [OUTPUT_ROOT]: convert the jobs of a TOML plan or a text/JSON list."""
 
 from __future__ import annotations
 
@@ -12,60 +12,172 @@ from converter.cli.convert import conversion_kwargs, conversion_options
 from converter.units import human_bytes
 
 EPILOG = """\b
-LIST_FILE: one source per line (local path or Hub repo id, optional output name as a second
-column, '#' comments), or a JSON list of sources / {"source", "output", "revision"} objects.
-Each source goes to OUTPUT_ROOT/<name>. Failures are reported and the batch goes on; the exit
-code is 1 if any item failed. Rerunning resumes unfinished items and skips finished ones.
+PLAN: a TOML plan (.toml: [defaults] and [[job]] tables, see docs/ci.md), or a list: one source per
+line (local path or Hub repo id, optional output name as a second column, '#' comments), or a JSON
+list of sources / {"source", "output", "revision"} objects. Each job goes to OUTPUT_ROOT/<name>
+(OUTPUT_ROOT may come from the plan's output_root). Up-to-date jobs are skipped; failures are
+reported and the batch goes on. Exit codes: 0 all ok, 1 some job failed, 2 bad plan or options.
+\b
+Examples:
+  quantize-model batch plan.toml --junit junit.xml --json report.json
+  quantize-model batch plan.toml --only 3/8          # part 3 of an 8-way CI matrix
+  quantize-model batch plan.toml --dry-run           # what would run, and why
 """
 
 
 @click.command(short_help="Convert many checkpoints", epilog=EPILOG)
-@click.argument("list_file", type=click.Path(path_type=Path))
-@click.argument("output_root", type=click.Path(path_type=Path))
+@click.argument("plan_file", type=click.Path(path_type=Path))
+@click.argument("output_root", type=click.Path(path_type=Path), required=False)
 @conversion_options
-@click.option("--overwrite", is_flag=True, help="Replace whatever each output folder holds.")
-@click.option("--json", "as_json", is_flag=True, help="Print per-item results as JSON on stdout.")
+@click.option("--only", metavar="I/N", default=None, help="Run part I of N (a stable split of the jobs).")
+@click.option(
+    "--jobs",
+    "parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Jobs run at once, within the memory and disk their preflights need.",
+)
+@click.option("--fail-fast", is_flag=True, help="Start no further job once one failed.")
+@click.option("--force", is_flag=True, help="Redo every job from scratch, even up-to-date ones.")
+@click.option("--overwrite", is_flag=True, hidden=True, help="Same as --force.")
+@click.option("--dry-run", is_flag=True, help="Print what each job would do and write nothing.")
+@click.option(
+    "--junit",
+    "junit_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write a JUnit XML report (one test case per job) to this file.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    is_flag=False,
+    flag_value="-",
+    default=None,
+    metavar="[FILE]",
+    help="Write the results as JSON to FILE, or to stdout without FILE.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.pass_obj
-def batch(app: App, list_file: Path, output_root: Path, **params: Any) -> None:
-    """Convert every source listed in LIST_FILE into its own folder under OUTPUT_ROOT."""
-    from converter.batch import read_list, run_batch
+@click.pass_context
+def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **params: Any) -> None:
+    """Convert every job of PLAN_FILE into its own folder under OUTPUT_ROOT."""
+    from converter.batch_run import run_batch
+    from converter.plan_file import load_plan, select_part
 
-    app.configure(json=params["as_json"], quiet=params["quiet"])
-    items = read_list(list_file)
+    app: App = ctx.obj
+    to_stdout = params["json_path"] == "-"
+    app.configure(json=to_stdout, quiet=params["quiet"])
     kwargs = conversion_kwargs(params)
     if kwargs["revision"] is not None:
-        app.abort("--revision cannot apply to a whole batch; give it per item in a JSON list", 2)
+        app.abort("--revision cannot apply to a whole batch; give it per job in the plan or JSON list", 2)
     del kwargs["revision"]
-    n = len(items)
+    is_plan = plan_file.suffix.lower() == ".toml"
+    if is_plan:  # only options given on the command line override the plan's [defaults]
+        kwargs = {k: v for k, v in kwargs.items() if _given(ctx, k)}
+    plan = load_plan(plan_file, kwargs)
+    root = output_root or plan.output_root
+    if root is None:
+        app.abort(
+            f"{plan_file}: no OUTPUT_ROOT: give one after the plan, or set output_root in [defaults]", 2
+        )
+    jobs = select_part(plan.jobs, params["only"])
+    force = params["force"] or params["overwrite"]
+    n = len(jobs)
+    if params["dry_run"]:
+        _dry_run(app, jobs, root, force)
+        return
 
     def on_done(k: int, r: Any) -> None:
         if r.ok:
-            how = "no-op" if r.result.noop else "resumed" if r.result.resumed else "converted"
-            app.info(f"[{k + 1}/{n}] {r.item.source} -> {r.item.output}: {how} in {r.seconds:.1f} s")
+            app.info(f"[{k + 1}/{n}] {r.item.source} -> {r.item.output}: {_how(r)} in {r.seconds:.1f} s")
         else:
             app.error(f"[{k + 1}/{n}] {r.item.source}: {r.error}")
 
-    result = run_batch(
-        items,
-        output_root,
-        on_done=on_done,
-        overwrite=params["overwrite"],
-        progress=app.show_progress,
-        **kwargs,
-    )
-    if app.json:
-        app.print_json({"ok": result.ok, "items": [r.to_json() for r in result.items]})
-    else:
-        from rich.table import Table
+    result = run_batch(jobs, root, parallel=params["parallel"], fail_fast=params["fail_fast"], force=force,
+                       on_done=on_done)  # fmt: skip
+    if params["junit_path"]:
+        from converter.junit import write_junit
 
-        t = Table(show_edge=False)
-        for col in ("source", "output", "status", "size out", "time"):
-            t.add_column(col, no_wrap=col != "status")
-        for r in result.items:
-            size = human_bytes(r.result.bytes_out) if r.ok else ""
-            t.add_row(r.item.source, r.item.output, "ok" if r.ok else "FAILED", size, f"{r.seconds:.1f} s")
-        app.print_table(t)
+        write_junit(result, params["junit_path"])
+    data = {"plan": str(plan_file), "only": params["only"], **result.to_json()}
+    if params["json_path"] and not to_stdout:
+        import json
+
+        from converter.manifest import atomic_write_bytes
+
+        Path(params["json_path"]).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            Path(params["json_path"]), (json.dumps(data, indent=2, default=str) + "\n").encode()
+        )
+    if to_stdout:
+        app.print_json(data)
+    else:
+        app.print_table(_table(result))
     if not result.ok:
         app.error(f"{len(result.failed)} of {n} conversion(s) failed; fix them and rerun the same batch")
         raise click.exceptions.Exit(1)
+
+
+def _given(ctx: click.Context, key: str) -> bool:
+    source = ctx.get_parameter_source(key)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _how(r: Any) -> str:
+    return "no-op" if r.status == "up-to-date" else r.status
+
+
+def _table(result: Any) -> Any:
+    from rich.table import Table
+
+    t = Table(show_edge=False)
+    for col in ("source", "output", "status", "size out", "rel. RMSE", "time"):
+        t.add_column(col, no_wrap=col != "status")
+    for r in result.items:
+        q = (r.quality or {}).get("rel_rmse")
+        t.add_row(r.item.source, r.item.output, "FAILED" if r.status == "failed" else r.status,
+                  human_bytes(r.bytes_out) if r.ok else "", f"{q:.4f}" if q is not None else "",
+                  f"{r.seconds:.1f} s")  # fmt: skip
+    return t
+
+
+def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
+    """Each job's preflight: up to date (skipped), or what it would write and need; nothing written."""
+    from rich.table import Table
+
+    from converter.batch_run import preflight_job, stamp_matches
+    from converter.cli._app import describe_error
+
+    rows = []
+    for job in jobs:
+        try:
+            pre = preflight_job(job, root, {}, force=force)
+        except Exception as exc:
+            rows.append({"job": job.to_json(), "action": "fail", "error": describe_error(exc)[0]})
+            continue
+        if pre.up_to_date and not force:
+            action = "skip (up to date)" if stamp_matches(root, job, pre.fingerprint) else "verify, then skip"
+        elif not pre.fits:
+            action = "refuse (does not fit)"
+        else:
+            action = "convert" if pre.disk_needed >= pre.bytes_out else "resume"
+        rows.append({"job": job.to_json(), "action": action, "preflight": pre.to_json() | {"tensors": None},
+                     "error": pre.problems[0] if pre.problems else None})  # fmt: skip
+    if app.json:
+        app.print_json({"dry_run": True, "jobs": rows})
+        return
+    t = Table(show_edge=False)
+    for col in ("source", "output", "would", "size out", "bits/param", "peak RAM", "disk needed"):
+        t.add_column(col, no_wrap=True)
+    for r in rows:
+        p = r.get("preflight") or {}
+        sizes = (
+            [human_bytes(p["bytes_out"]), f"{p['bits_per_param']:.2f}", human_bytes(p["peak_ram"]),
+             human_bytes(p["disk_needed"])] if p else ["", "", "", ""]
+        )  # fmt: skip
+        t.add_row(r["job"]["source"], r["job"]["output"], r["action"], *sizes)
+    app.print_table(t)
+    for r in rows:
+        if r.get("error"):
+            app.error(f"{r['job']['source']}: {r['error']}")

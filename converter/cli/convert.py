@@ -53,6 +53,10 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--keep-downloads", is_flag=True, help="Keep downloaded Hub files in the cache."),
         click.option("--allow-pickle", is_flag=True,
                      help="Accept pickle (.bin) weights from a source you trust."),
+        click.option("--moe-experts", type=click.Choice(["keep", "quantize"], case_sensitive=False),
+                     default="keep", show_default=True,
+                     help="MoE routed experts: keep 16-bit (stock transformers loads the folder) or "
+                          "quantize to 4 bit (quantize-model, vLLM, transformers 4.x, unsloth load it)."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
@@ -76,6 +80,7 @@ def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "revision": params["revision"],
         "keep_downloads": params["keep_downloads"],
         "allow_pickle": params["allow_pickle"],
+        "moe_experts": params["moe_experts"].lower(),
     }
 
 
@@ -88,6 +93,11 @@ def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 @click.option("--private", is_flag=True, help="Create the --push-to repo as private.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Plan only: each tensor's fate, output size, memory and disk needed; write nothing.",
+)
 @click.pass_obj
 def convert(app: App, source: str, output: Path, **params: Any) -> None:
     """Quantize SOURCE (a local folder, a .safetensors file or a Hub repo id) into the folder OUTPUT."""
@@ -95,6 +105,15 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
     from converter.pipeline import resolve_device
 
     app.configure(json=params["as_json"], quiet=params["quiet"])
+    if params["dry_run"]:
+        from converter.cli._preflight import show_preflight
+
+        kwargs = conversion_kwargs(params)
+        dry = run_convert(
+            source, output, overwrite=params["overwrite"], progress=False, dry_run=True, **kwargs
+        )
+        show_preflight(app, dry.preflight)
+        return
     _, fallback_note = resolve_device(params["device"])
     if fallback_note:
         app.warn(fallback_note)  # before the long work starts; convert() falls back the same way
@@ -105,6 +124,7 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
         push_to=params["push_to"],
         private=params["private"],
         progress=app.show_progress,
+        warn=app.warn,
         **conversion_kwargs(params),
     )
     if app.json:

@@ -10,8 +10,9 @@ from converter.cli._app import App, table
 from converter.units import human_bytes, human_count
 
 
-@click.command(short_help="Summarise a quantized folder or shard")
+@click.command(short_help="Summarise a quantized folder, shard or Hub repo")
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("--revision", default=None, help="Hub branch, tag or commit (a Hub repo id only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option(
     "--memory",
@@ -40,14 +41,17 @@ from converter.units import human_bytes, human_count
 def inspect(
     app: App,
     path: Path,
+    revision: str | None,
     as_json: bool,
     memory: bool,
     device_map: str,
     max_memory: tuple[str, ...],
     dtype: str,
 ) -> None:
-    """Summarise PATH (a converted folder or one .safetensors shard): tensors, quant types, sizes."""
-    from converter.inspection import inspect_path
+    """Summarise PATH (a converted folder, one .safetensors shard, or a Hub repo id read by HTTP range
+    requests, nothing downloaded): tensors, quant types, sizes."""
+    from converter.inspection import inspect_hub, inspect_path
+    from converter.sources import looks_like_repo_id
 
     app.configure(json=as_json)
     if memory:
@@ -55,7 +59,12 @@ def inspect(
 
         show_memory(app, path, device_map, max_memory, dtype)
         return
-    r = inspect_path(path)
+    if not path.exists() and looks_like_repo_id(str(path)):
+        r = inspect_hub(str(path), revision=revision)
+    else:
+        if revision is not None:
+            app.abort(f"--revision applies to Hub repos only, but {path} is a local path", 2)
+        r = inspect_path(path)
     if app.json:
         app.print_json(r.to_json())
         return
@@ -66,6 +75,8 @@ def inspect(
     if r.tool_version:
         t.add_row("Written by", f"quantize-model {r.tool_version}")
     t.add_row("Shards", str(len(r.shards)))
+    if r.bytes_read is not None:
+        t.add_row("Read from the Hub", f"{human_bytes(r.bytes_read)} (headers and quant states only)")
     t.add_row("Quantized", f"{r.tensors_quantized} tensors, {human_count(r.params_quantized)} params")
     for label, count in r.quant_types.items():
         t.add_row("", f"{count} x {label}")
@@ -75,6 +86,12 @@ def inspect(
     t.add_row(
         "Bits per parameter", f"{r.bits_per_param:.2f} overall, {r.quantized_bits_per_param:.3f} quantized"
     )
+    if r.moe:
+        t.add_row(
+            "MoE experts", f"{r.moe.layout} ({r.moe.experts_quantized} quantized, {r.moe.experts_kept} kept)"
+        )
+        t.add_row("Loads with", "; ".join(r.moe.loaders))
+        t.add_row("Not with", "; ".join(r.moe.not_loaders))
     if r.quantization_config:
         q = r.quantization_config
         t.add_row(

@@ -11,19 +11,35 @@ from converter.cli._app import App
 
 @click.command(short_help="Check shard hashes and structure")
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--against",
+    "against",
+    metavar="SRC",
+    default=None,
+    help="Also recompute each quantized tensor's error statistics against the source SRC.",
+)
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --against (Hub sources only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.pass_obj
-def verify(app: App, path: Path, as_json: bool) -> None:
+def verify(app: App, path: Path, against: str | None, revision: str | None, as_json: bool) -> None:
     """Re-hash every shard of PATH against its index and validate every shard and quantized record.
 
+    With --against SRC, also recompute relative RMSE, max absolute error, SNR and non-finite counts
+    of every quantized tensor against SRC and compare them with quantization_report.json.
     Exits 1 if anything does not match (each problem on its own line on stderr).
     """
     from converter.inspection import verify_path
 
     app.configure(json=as_json)
     r = verify_path(path)
+    quality = None
+    if against is not None and r.ok:
+        from converter.verify_quality import verify_against
+
+        quality, problems = verify_against(path, against, revision=revision)
+        r.problems.extend(problems)
     if app.json:
-        app.print_json(r.to_json())
+        app.print_json({**r.to_json(), "quality": quality})
     for problem in r.problems:
         app.error(problem)
     if not r.ok:
@@ -31,3 +47,11 @@ def verify(app: App, path: Path, as_json: bool) -> None:
         raise click.exceptions.Exit(1)
     if not app.json:
         app.out.print(f"OK: {len(r.shards)} shard(s), {r.tensors} tensors verified in {path}")
+        if quality is not None:
+            worst = quality["worst"][0] if quality["worst"] else None
+            app.out.print(
+                f"Against {against}: {quality['tensors_measured']} quantized tensors, relative RMSE "
+                f"{quality['rel_rmse']:.4f}, SNR {quality['snr_db']:.2f} dB, max abs error "
+                f"{quality['max_abs_err']:.4g}"
+                + (f"; worst {worst['name']} ({worst['rel_rmse']:.4f})" if worst else "")
+            )

@@ -27,6 +27,7 @@ from torch import nn
 from converter.errors import InputError
 from converter.loader.footprint import install_footprint
 from converter.loader.module import QuantLinear4bit, dtype_from_name
+from converter.loader.moe import attach_experts
 from converter.loader.replace import is_swappable, quantized_modules, swap_layers
 from converter.loader.state import load_quantized_state, resolve_folder, shard_files
 from formats.record import QuantizedTensor
@@ -159,6 +160,8 @@ def build_skeleton(
         msg = f"{folder}: transformers could not build {cls.__name__} from config.json ({why})"
         raise ModelBuildError(msg) from exc
 
+    # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
+    attach_experts(model, state, compute_dtype, where=str(folder))
     try:
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
     except (ImportError, AttributeError, TypeError):  # another transformers version: skip the check

@@ -167,7 +167,14 @@ def is_extra_file(relname: str) -> bool:
 
 
 def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | None:
-    """Why a source looks already quantized, or None. Shared by every Source implementation."""
+    """Why a source looks already quantized, or None. Shared by every Source implementation.
+
+    Block-scaled FP8 (DeepSeek-V3 style) is not refused: converter/fp8.py dequantizes it on read.
+    """
+    from converter.fp8 import block_fp8_problem, block_size
+
+    if block_size(config) is not None:
+        return block_fp8_problem(config, tensors)
     if config and config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "unknown")
         return f"its config.json has a quantization_config (quant_method {method!r})"

@@ -46,6 +46,7 @@ NP_DTYPES: dict[str, Any] = {
     "F32": np.float32,
     "F16": np.float16,
     "BF16": np.uint16,
+    "F8_E4M3": np.uint8,  # block-scaled FP8 sources (converter/fp8.py): bits viewed as float8_e4m3fn
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,
@@ -63,6 +64,8 @@ def as_torch(arr: np.ndarray, dtype: str) -> Any:
     import torch
 
     t = torch.from_numpy(arr)
+    if dtype == "F8_E4M3":
+        return t.view(torch.float8_e4m3fn)
     return t.view(torch.bfloat16) if dtype == "BF16" else t
 
 

@@ -94,3 +94,12 @@ def make_checkpoint(path: Path, *, shards: int = 3, seed: int = 0, hidden: int =
     (path / "consolidated.safetensors.bak").write_bytes(b"\0" * 16)
     (path / "pytorch_model.bin").write_bytes(b"\0" * 4096)
     return path
+
+
+def qm(*args: str | Path):
+    """The CLI in this process (talking to the fake Hub the fixtures set up); crashes fail the test."""
+    from click.testing import CliRunner
+
+    from converter.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)

@@ -1,0 +1,186 @@
+"""FP8 sources with 128x128 block scales (DeepSeek-V3, Qwen3-FP8 style), dequantized to bf16 on read.
+
+Such a checkpoint stores each linear weight as ``float8_e4m3fn`` ``W [O, I]`` plus
+``W_scale_inv`` (float32 ``[ceil(O/bo), ceil(I/bi)]``, the name ``<module>.weight_scale_inv``) and
+says so in ``config.json``: ``quantization_config = {"quant_method": "fp8", "weight_block_size":
+[bo, bi], ...}``. The weight is
+
+    W[i, j] = bf16( float32(Wq[i, j]) * scale_inv[i // bo, j // bi] )
+
+exactly as DeepSeek's reference ``weight_dequant`` (inference/kernel.py: ``x.to(float32) * s``,
+stored in the default dtype bf16) and transformers' ``Fp8Dequantize._dequantize_one`` (float32
+product, one cast to bf16) compute it; the two agree wherever the shape divides into whole blocks,
+and partial edge blocks (DeepSeek's ``ceil``) take their block's scale as DeepSeek's kernel does.
+
+:class:`Fp8BlockSource` wraps any Source: its tensor list shows each FP8 weight as BF16 and hides
+the ``weight_scale_inv`` tensors, its config drops the FP8 ``quantization_config`` (the output
+gets the bnb one), and reading a weight dequantizes it from its file. Any other quantized source
+(bnb, GPTQ, FP8 without block scales, MXFP4) keeps the "already quantized" refusal.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from converter.errors import AlreadyQuantizedError
+from converter.sources.base import Source, TensorInfo
+
+SCALE_SUFFIX = "_scale_inv"
+_FP8_WEIGHT_DTYPES = {"F8_E4M3": torch.float8_e4m3fn}
+_SCALE_DTYPES = {"F32", "BF16", "F16"}
+
+
+def block_size(config: dict | None) -> tuple[int, int] | None:
+    """(rows, cols) of the scale blocks when config.json declares block-scaled FP8, else None."""
+    qc = (config or {}).get("quantization_config")
+    if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != "fp8":
+        return None
+    bs = qc.get("weight_block_size")
+    if not (isinstance(bs, list | tuple) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)):
+        return None
+    return int(bs[0]), int(bs[1])
+
+
+def block_fp8_problem(config: dict | None, tensors: list[TensorInfo]) -> str | None:
+    """Why a source that declares block FP8 cannot be dequantized (None when it can, or is not FP8)."""
+    bs = block_size(config)
+    if bs is None:
+        return "not a block-scaled FP8 checkpoint"
+    by_name = {t.name: t for t in tensors}
+    for t in tensors:
+        if t.name.endswith(SCALE_SUFFIX):
+            continue
+        if t.dtype.startswith("F8") or t.dtype == "F4":
+            if t.dtype not in _FP8_WEIGHT_DTYPES:
+                return f"tensor {t.name!r} is {t.dtype} (only F8_E4M3 with block scales is dequantized)"
+            scale = by_name.get(t.name + SCALE_SUFFIX)
+            if scale is None:
+                return f"FP8 tensor {t.name!r} has no {t.name + SCALE_SUFFIX!r}"
+            if len(t.shape) != 2:
+                return f"FP8 tensor {t.name!r} has shape {list(t.shape)}, not 2-D"
+            want = (math.ceil(t.shape[0] / bs[0]), math.ceil(t.shape[1] / bs[1]))
+            if tuple(scale.shape) != want or scale.dtype not in _SCALE_DTYPES:
+                return (
+                    f"{scale.name!r} is {scale.dtype} {list(scale.shape)}; {t.name!r} {list(t.shape)} "
+                    f"with {bs[0]}x{bs[1]} blocks needs float {list(want)}"
+                )
+    return None
+
+
+def is_block_fp8(config: dict | None, tensors: list[TensorInfo]) -> bool:
+    """True for a checkpoint this module dequantizes (so the source must not refuse it)."""
+    return block_size(config) is not None and block_fp8_problem(config, tensors) is None
+
+
+def dequantize_block_fp8(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int],
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """bf16 weight from FP8 codes and per-block scales: float32 product, one round-to-nearest-even cast."""
+    rows, cols = weight.shape
+    bo, bi = block
+    scale = scale_inv.to(torch.float32)
+    scale = scale.repeat_interleave(bo, dim=0)[:rows].repeat_interleave(bi, dim=1)[:, :cols]
+    return (weight.to(torch.float32) * scale).to(out_dtype)
+
+
+class _Fp8File:
+    """An open weight file whose FP8 weights come out dequantized."""
+
+    def __init__(self, owner: Fp8BlockSource, file: str, inner: Any) -> None:
+        self.owner, self.file, self.inner = owner, file, inner
+
+    def prefetch(self, name: str) -> None:
+        self.inner.prefetch(name)
+        if name in self.owner.fp8_weights:
+            self.inner.prefetch(name + SCALE_SUFFIX)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.owner.fp8_weights:
+            return self.inner.get(name)
+        scale_name = name + SCALE_SUFFIX
+        scale_file = self.owner.scale_file[scale_name]
+        if scale_file == self.file:
+            scale = self.inner.get(scale_name)
+        else:  # the scale sits in another shard: map it for this one tensor
+            other = self.owner.inner.open_file(scale_file)
+            scale = other.get(scale_name)
+        raw = self.inner.get(name)
+        return dequantize_block_fp8(raw, scale, self.owner.block)
+
+
+class Fp8BlockSource(Source):
+    """A block-scaled FP8 source seen as a bf16 one (see the module docstring)."""
+
+    def __init__(self, inner: Source) -> None:
+        config = inner.config()
+        tensors = inner.tensors()
+        problem = block_fp8_problem(config, tensors)
+        if problem is not None:
+            where = inner.describe().get("path") or inner.describe().get("repo_id")
+            msg = f"{where}: already quantized ({problem})"
+            raise AlreadyQuantizedError(msg)
+        self.inner = inner
+        self.block = block_size(config) or (128, 128)
+        self.fp8_weights = {t.name for t in tensors if t.dtype in _FP8_WEIGHT_DTYPES}
+        self.scale_file = {t.name: t.file for t in tensors if t.name.endswith(SCALE_SUFFIX)}
+        self._tensors = [
+            TensorInfo(t.name, t.file, "BF16", t.shape) if t.name in self.fp8_weights else t
+            for t in tensors
+            if not (t.name.endswith(SCALE_SUFFIX) and t.name.removesuffix(SCALE_SUFFIX) in self.fp8_weights)
+        ]
+        self._config = {k: v for k, v in (config or {}).items() if k != "quantization_config"}
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "dequantized": f"fp8 {self.block[0]}x{self.block[1]} blocks -> bf16"}
+
+    def config(self) -> dict | None:
+        return self._config
+
+    def tensors(self) -> list[TensorInfo]:
+        return self._tensors
+
+    def weight_files(self) -> list[str]:
+        return self.inner.weight_files()
+
+    def acquire(self, file: str) -> Path:
+        return self.inner.acquire(file)
+
+    def open_file(self, file: str) -> Any:
+        return _Fp8File(self, file, self.inner.open_file(file))
+
+    def release(self, file: str) -> None:
+        self.inner.release(file)
+
+    def extra_files(self) -> list[str]:
+        return self.inner.extra_files()
+
+    def copy_extra_file(self, name: str, dest: Path) -> None:
+        self.inner.copy_extra_file(name, dest)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # Hub extras: set_needed, download_plan, download_progress
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "on_download":  # the progress bar's hook belongs to the Hub source
+            setattr(self.inner, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+
+def wrap_if_block_fp8(src: Source) -> Source:
+    """``src`` itself, or an :class:`Fp8BlockSource` over it when it is block-scaled FP8."""
+    if block_size(src.config()) is None:
+        return src
+    return Fp8BlockSource(src)

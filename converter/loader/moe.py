@@ -1,0 +1,522 @@
+"""MoE experts in the loader: per-expert 4-bit records -> one :class:`QuantExperts4bit` per layer.
+
+transformers 5.x keeps a layer's routed experts in one module (``Qwen3MoeExperts``,
+``MixtralExperts``, ``OlmoeExperts``, ``DeepseekV3Experts``...) with fused 3-D parameters
+``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` and calls it as
+``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``. A folder written with
+``--moe-experts quantize`` has one bnb record per expert per projection
+(``<layer>.mlp.experts.<e>.gate_proj.weight``; Mixtral ``block_sparse_moe.experts.<e>.w1``).
+
+:func:`attach_experts` replaces each such module by a :class:`QuantExperts4bit` whose codes and
+scales are one buffer per layer: ``packed [E, I*H + H*I/2]`` (per expert: gate rows, up rows, then
+down) and ``absmax [E, 2*I*H/bs + H*I/bs]`` float32 (nested absmax decoded at load, exactly as the
+kernels decode it), so every expert's weights are zero-copy views. The forward
+(``quantize_model::moe_experts_4bit``, a torch custom op with a fake implementation, so
+``torch.compile`` traces the model with the experts as one node) runs only the experts the router
+picked:
+
+- decode (at most 8 tokens on the CPU, whole blocks per row): every (token, slot) pair is a row of one
+  grouped 4-bit GEMV per projection (``csrc/gemv_grouped.cpp``, indexed by the routed expert ids),
+  then act(gate) * up, the routing weight and a float32-accumulated sum over the k slots;
+- otherwise (prefill, CUDA, shapes the GEMV cannot take) tokens are sorted by expert and the hit
+  experts run in ascending order as transformers' eager loop does: an expert with at most 8 tokens
+  through the fused GEMV, one with more dequantized once and multiplied with all its tokens (F.linear).
+  Everything else is transformers' own arithmetic (act(gate) * up, routing weight, index_add_ in the
+  model dtype), so with ``use_gemv = False`` the output is bit-identical to the dequantized bf16
+  model's.
+
+A folder whose experts were kept 16-bit (``--moe-experts keep``) has per-expert tensors too; they
+are stacked into the fused parameters here (transformers' own loader does the same merge).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from converter.errors import InputError
+from converter.loader import ops
+from converter.loader.module import dtype_from_name, state_from_record
+from converter.moe import EXPERT_KEY
+from converter.moe import PROJ_ROLE as _ROLE
+from formats.record import QuantizedTensor
+
+#: Activations the custom op knows by name (config.hidden_act); others run the module's own act_fn.
+_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class MoeLoadError(InputError):
+    """A folder's expert tensors do not fit the model's experts modules."""
+
+
+def _experts_forward(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    intermediate: int,
+    blocksize: int,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    use_gemv: bool,
+) -> torch.Tensor:
+    """transformers' eager experts loop with 4-bit weights (module docstring)."""
+    hidden_dim = hidden.shape[1]
+    num_experts = packed.shape[0]
+    gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
+    if use_gemv and _grouped_ok(hidden, intermediate, blocksize):
+        return _decode_grouped(
+            hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act
+        )
+    out = torch.zeros_like(hidden)
+    # Sort (slot, token) pairs by expert: one group of rows per hit expert, ascending, and inside a group
+    # slot-major like transformers' torch.where(expert_mask[e]) (the same rows in the same order).
+    tokens = top_k_index.shape[0]
+    flat = top_k_index.t().reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    start = 0
+    gemv_gu = use_gemv and hidden_dim % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
+    gemv_dn = use_gemv and intermediate % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = order[start : start + n]
+        start += n
+        slot, token_idx = rows // tokens, rows % tokens
+        x = hidden[token_idx]
+        p, a = packed[e], absmax[e]
+        if gemv_gu and n <= ops.GEMV_MAX_TOKENS:
+            gate_up = _gemv(
+                x, p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate, hidden_dim, blocksize
+            )
+        else:
+            w = _dequant(
+                p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate * hidden_dim, blocksize, x.dtype
+            )
+            gate_up = F.linear(x, w.view(2 * intermediate, hidden_dim))
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = act(gate) * up
+        if gemv_dn and n <= ops.GEMV_MAX_TOKENS:
+            y = _gemv(h, p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim, intermediate, blocksize)
+        else:
+            w = _dequant(
+                p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim * intermediate, blocksize, h.dtype
+            )
+            y = F.linear(h, w.view(hidden_dim, intermediate))
+        y = y * top_k_weights[token_idx, slot, None]
+        # out.index_add_(0, token_idx, y) as transformers does, bit for bit (a token appears once per
+        # expert, each sum rounds once to out's dtype); bf16 index_add_ is ~10^4 times slower on CPU.
+        out[token_idx] = out[token_idx] + y.to(out.dtype)
+    return out
+
+
+def _grouped_ok(hidden: torch.Tensor, intermediate: int, blocksize: int) -> bool:
+    """Decode on the CPU: few tokens, whole blocks per row in both projections, the C++ kernel built."""
+    return (
+        hidden.device.type == "cpu"
+        and hidden.shape[0] <= ops.GEMV_MAX_TOKENS
+        and hidden.shape[1] % blocksize == 0
+        and intermediate % blocksize == 0
+        and hidden.dtype in _DTYPE_NAMES
+        and _grouped_kernel() is not None
+    )
+
+
+@functools.cache
+def _grouped_kernel() -> Any | None:
+    k = ops.kernel_backend(torch.device("cpu"))
+    ext = getattr(k, "_kernels", None) if k is not None else None
+    return getattr(ext, "gemv_4bit_grouped", None)
+
+
+def _grouped_gemv(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    *,
+    byte_offset: int,
+    block_offset: int,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+) -> torch.Tensor:
+    """y [G, out] with row g = x[g] (or x[0] for every g when x has one row) @ W_ids[g].T.
+
+    W_e is the region of expert e's codes starting ``byte_offset`` bytes into ``packed[e]`` and of its
+    absmax starting ``block_offset`` entries into ``absmax[e]`` (gate_up at 0, down after it).
+    """
+    groups = ids.numel()
+    y = torch.empty(groups, out_features, dtype=x.dtype)
+    kernel = _grouped_kernel()
+    kernel(
+        x.data_ptr(),
+        0 if x.shape[0] == 1 else in_features,
+        _DTYPE_NAMES[x.dtype],
+        groups,
+        in_features,
+        out_features,
+        blocksize,
+        ids.data_ptr(),
+        packed.shape[0],
+        packed.data_ptr() + byte_offset,
+        packed.stride(0),
+        absmax.data_ptr() + 4 * block_offset,
+        absmax.stride(0),
+        quant_map.data_ptr(),
+        y.data_ptr(),
+        "auto",
+        _decode_threads(),
+    )
+    return y
+
+
+def _decode_threads() -> int:
+    """Kernel threads for a decode launch: 0 (the pool: every CPU) unless torch's OpenMP workers spin.
+
+    After each parallel torch op, OpenMP's default active wait keeps torch's workers spinning; our pool's
+    workers then share the cores with spinning threads and a millisecond-sized decode launch waits for
+    a descheduled worker (2-core VM, 2 torch threads: 17 tok/s with the pool, 43 on the calling thread
+    alone; docs/benchmarks.md). With one torch thread, or OMP_WAIT_POLICY=passive, nothing spins.
+    """
+    if torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive":
+        return 1
+    return 0
+
+
+def _decode_grouped(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act):
+    """Decode: every (token, slot) pair is one row of a grouped GEMV indexed by the routed expert ids,
+    one launch per projection; the k expert outputs of a token are weighted and summed."""
+    tokens, hidden_dim = hidden.shape
+    k = top_k_index.shape[1]
+    ids = top_k_index.reshape(-1).to(torch.int64).contiguous()
+    x = hidden.contiguous() if tokens == 1 else hidden.repeat_interleave(k, dim=0).contiguous()
+    common = dict(blocksize=bs)
+    gate_up = _grouped_gemv(
+        x, ids, packed, absmax, quant_map, byte_offset=0, block_offset=0,
+        out_features=2 * intermediate, in_features=hidden_dim, **common,
+    )  # fmt: skip
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = (act(gate) * up).contiguous()
+    y = _grouped_gemv(
+        h, ids, packed, absmax, quant_map, byte_offset=intermediate * hidden_dim,
+        block_offset=2 * intermediate * hidden_dim // bs, out_features=hidden_dim, in_features=intermediate,
+        **common,
+    )  # fmt: skip
+    y = y * top_k_weights.reshape(-1, 1)
+    return y.view(tokens, k, hidden_dim).sum(dim=1).to(hidden.dtype)
+
+
+def _gemv(x, packed, absmax, quant_map, out_features, in_features, blocksize) -> torch.Tensor:
+    k = ops.kernel_backend(x.device)
+    return k.gemv_4bit(
+        x.contiguous(),
+        packed,
+        absmax,
+        out_features=out_features,
+        in_features=in_features,
+        blocksize=blocksize,
+        quant_map=quant_map,
+        nested=None,
+    )
+
+
+def _dequant(packed, absmax, quant_map, n, blocksize, dtype) -> torch.Tensor:
+    k = ops.kernel_backend(packed.device)
+    if k is not None:
+        return k.dequantize_4bit(
+            packed, absmax, n=n, blocksize=blocksize, quant_map=quant_map, out_dtype=dtype
+        )
+    return ops._dequantize_torch(packed, absmax, n, blocksize, quant_map, dtype)
+
+
+@torch.library.custom_op("quantize_model::moe_experts_4bit", mutates_args=())
+def moe_experts_4bit(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    intermediate: int,
+    blocksize: int,
+    act: str,
+    use_gemv: bool,
+) -> torch.Tensor:
+    """Routed experts of one layer: [T, H] -> [T, H] (see the module docstring)."""
+    return _experts_forward(
+        hidden,
+        top_k_index,
+        top_k_weights,
+        packed,
+        absmax,
+        quant_map,
+        intermediate,
+        blocksize,
+        _ACTS[act],
+        use_gemv,
+    )
+
+
+@moe_experts_4bit.register_fake
+def _(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act, use_gemv):
+    return torch.empty_like(hidden)
+
+
+class QuantExperts4bit(nn.Module):
+    """A layer's routed experts in 4 bit, called like transformers' experts modules."""
+
+    #: Use the fused GEMV for experts with 1..8 tokens (tests switch it off to compare paths).
+    use_gemv: bool = True
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        quant_map: torch.Tensor,
+        *,
+        hidden_dim: int,
+        intermediate: int,
+        blocksize: int,
+        quant_type: str,
+        dtype: torch.dtype,
+        compute_dtype: torch.dtype | None,
+        act_name: str | None,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.num_experts = int(packed.shape[0])
+        self.hidden_dim, self.intermediate_dim = hidden_dim, intermediate
+        self.blocksize, self.quant_type = blocksize, quant_type
+        self.dtype, self.compute_dtype = dtype, compute_dtype or dtype
+        self.act_name = act_name if act_name in _ACTS else None
+        self.act_fn = act_fn
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("absmax", absmax, persistent=False)
+        self.register_buffer("quant_map", quant_map, persistent=False)
+
+    def expert_weights(self, e: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of expert ``e``, dequantized."""
+        dtype = dtype or self.dtype
+        i, h, bs = self.intermediate_dim, self.hidden_dim, self.blocksize
+        gu_bytes, gu_blocks = i * h, 2 * i * h // bs
+        p, a = self.packed[e], self.absmax[e]
+        gu = _dequant(p[:gu_bytes], a[:gu_blocks], self.quant_map, 2 * i * h, bs, dtype).view(2 * i, h)
+        dn = _dequant(p[gu_bytes:], a[gu_blocks:], self.quant_map, h * i, bs, dtype).view(h, i)
+        return gu, dn
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.to(self.compute_dtype)
+        w = top_k_weights  # as the router gives them: transformers multiplies in their dtype
+        args = (
+            x,
+            top_k_index,
+            w,
+            self.packed,
+            self.absmax,
+            self.quant_map,
+            self.intermediate_dim,
+            self.blocksize,
+        )
+        if self.act_name is not None:
+            y = moe_experts_4bit(*args, self.act_name, self.use_gemv)
+        else:
+            y = _experts_forward(*args, self.act_fn, self.use_gemv)
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
+            f"intermediate_dim={self.intermediate_dim}, quant_type={self.quant_type}, "
+            f"blocksize={self.blocksize}, compute_dtype={self.compute_dtype}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (
+        isinstance(gu, torch.Tensor)
+        and isinstance(dn, torch.Tensor)
+        and gu.dim() == 3
+        and dn.dim() == 3
+        and not getattr(module, "is_transposed", False)
+        and not getattr(module, "has_bias", False)
+        and getattr(module, "has_gate", True)
+        and getattr(module, "is_concatenated", True)
+    )
+
+
+def _model_module_name(model: nn.Module, ckpt_module: str, modules: Mapping[str, nn.Module]) -> str | None:
+    """The model's name for a checkpoint experts module (transformers' renamings, e.g. Mixtral's
+    ``block_sparse_moe`` -> ``mlp``)."""
+    if ckpt_module in modules:
+        return ckpt_module
+    renamed = rename_key(model, ckpt_module + ".gate_up_proj").removesuffix(".gate_up_proj")
+    return renamed if renamed in modules else None
+
+
+def rename_key(model: nn.Module, key: str) -> str:
+    """``key`` after transformers' checkpoint renamings for this model (itself without transformers)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:
+        return key
+    renamings = getattr(model, "_qm_renamings", None)
+    if renamings is None:
+        try:
+            mapping = get_model_conversion_mapping(model, None, None)
+        except Exception:  # another transformers version: no renaming
+            mapping = []
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        model._qm_renamings = renamings
+    return apply_renamings(key, renamings) if renamings else key
+
+
+def _group(state: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+    """checkpoint experts module -> expert index -> role -> record or tensor."""
+    groups: dict[str, dict[int, dict[str, Any]]] = {}
+    for key, value in state.items():
+        m = EXPERT_KEY.match(key)
+        if m is not None:
+            groups.setdefault(m["module"], {}).setdefault(int(m["index"]), {})[_ROLE[m["proj"]]] = (
+                key,
+                value,
+            )
+    return groups
+
+
+def _stack_quantized(experts: dict[int, dict[str, Any]], where: str, name: str, hidden: int, inter: int):
+    """(packed [E, gu+dn] u8, absmax [E, gu_nb+dn_nb] f32, quant_map, blocksize, quant_type, dtype)."""
+    first = experts[0]["gate"][1]
+    bs, qt, dtype = first.blocksize, first.quant_type, first.dtype
+    if (inter * hidden) % bs:
+        msg = f"{where}: {name}: {inter}x{hidden} expert weights do not fill whole {bs}-element blocks"
+        raise MoeLoadError(msg)
+    gu_bytes, dn_bytes = inter * hidden, hidden * inter // 2
+    gu_nb, dn_nb = 2 * inter * hidden // bs, hidden * inter // bs
+    num = len(experts)
+    packed = torch.empty(num, gu_bytes + dn_bytes, dtype=torch.uint8)
+    absmax = torch.empty(num, gu_nb + dn_nb, dtype=torch.float32)
+    quant_map = first.quant_map.float().contiguous()
+    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    offsets = {"gate": (0, 0), "up": (gu_bytes // 2, gu_nb // 2), "down": (gu_bytes, gu_nb)}
+    for e in range(num):
+        for role in ("gate", "up", "down"):
+            key, rec = experts[e][role]
+            if not isinstance(rec, QuantizedTensor):
+                msg = f"{where}: {key!r} is not quantized but other experts of {name!r} are; convert again"
+                raise MoeLoadError(msg)
+            if tuple(rec.shape) != shapes[role]:
+                msg = f"{where}: {key!r} has shape {list(rec.shape)}, the model wants {list(shapes[role])}"
+                raise MoeLoadError(msg)
+            if (
+                rec.blocksize != bs
+                or rec.quant_type != qt
+                or not torch.equal(rec.quant_map.float(), quant_map)
+            ):
+                msg = (
+                    f"{where}: {key!r} is quantized differently from {first.name!r} (type, blocksize or map)"
+                )
+                raise MoeLoadError(msg)
+            po, ao = offsets[role]
+            data = ops.packed_bytes(rec.packed)
+            packed[e, po : po + data.numel()] = data
+            amax = ops.decoded_absmax(state_from_record(rec)).reshape(-1)
+            absmax[e, ao : ao + amax.numel()] = amax
+    return packed, absmax, quant_map, bs, qt.label, dtype
+
+
+def attach_experts(
+    model: nn.Module, state: dict[str, Any], compute_dtype: torch.dtype | None, *, where: str
+) -> None:
+    """Fill the model's fused experts modules from per-expert tensors, which leave ``state`` (in place).
+
+    Quantized experts become :class:`QuantExperts4bit`; 16-bit ones are stacked into the module's
+    own ``gate_up_proj`` / ``down_proj``. Other keys whose names transformers renames on load
+    (Mixtral's router ``block_sparse_moe.gate`` -> ``mlp.gate``) are renamed.
+    """
+    groups = _group(state)
+    modules = dict(model.named_modules())
+    used: set[str] = set()
+    for ckpt_name, experts in groups.items():
+        name = _model_module_name(model, ckpt_name, modules)
+        module = modules.get(name) if name else None
+        if module is None or not _is_fused_experts(module):
+            kind = type(module).__name__ if module is not None else "no module"
+            msg = f"{where}: per-expert tensors under {ckpt_name!r} have no fused experts module ({kind})"
+            raise MoeLoadError(msg)
+        num, inter, hidden = (int(d) for d in module.gate_up_proj.shape)
+        inter //= 2
+        missing = [(e, r) for e in range(num) for r in ("gate", "up", "down") if r not in experts.get(e, {})]
+        if missing or len(experts) != num:
+            e, r = missing[0] if missing else (num, "gate")
+            msg = f"{where}: {ckpt_name!r} needs {num} experts x gate/up/down; expert {e} {r} is missing"
+            raise MoeLoadError(msg)
+        used.update(key for parts in experts.values() for key, _ in parts.values())
+        if any(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()):
+            packed, absmax, quant_map, bs, qt, dtype = _stack_quantized(
+                experts, where, ckpt_name, hidden, inter
+            )
+            config = getattr(module, "config", None)
+            layer = QuantExperts4bit(
+                packed,
+                absmax,
+                quant_map,
+                hidden_dim=hidden,
+                intermediate=inter,
+                blocksize=bs,
+                quant_type=qt,
+                dtype=dtype_from_name(dtype),
+                compute_dtype=compute_dtype,
+                act_name=getattr(config, "hidden_act", None),
+                act_fn=module.act_fn,
+            )
+            model.set_submodule(name, layer)
+        else:
+            target = module.gate_up_proj.dtype
+            gu = torch.stack([torch.cat([experts[e]["gate"][1], experts[e]["up"][1]]) for e in range(num)])
+            dn = torch.stack([experts[e]["down"][1] for e in range(num)])
+            module.gate_up_proj = nn.Parameter(gu.to(target), requires_grad=False)
+            module.down_proj = nn.Parameter(dn.to(target), requires_grad=False)
+    params = dict(model.named_parameters())
+    rest: dict[str, Any] = {}
+    for key, value in state.items():
+        if key in used:
+            continue
+        if not isinstance(value, QuantizedTensor) and key not in params:
+            renamed = rename_key(model, key)
+            key = renamed if renamed in params else key
+        rest[key] = value
+    state.clear()
+    state.update(rest)
+
+
+def moe_modules(model: nn.Module) -> dict[str, QuantExperts4bit]:
+    """The 4-bit experts modules of a model, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantExperts4bit)}

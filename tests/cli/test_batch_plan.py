@@ -1,0 +1,274 @@
+"""`batch PLAN.toml`: up-to-date skips, failures isolated, exit codes, JUnit/JSON reports, dry runs,
+preflight refusals, --only / --jobs / --fail-fast, and `verify` catching a corrupted shard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _plan(tmp_path: Path, src: Path, *, extra: str = "") -> Path:
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f"""
+[defaults]
+quant_type = "nf4"
+output_root = "out"
+
+[[job]]
+source = "{src}"
+variants = [{{quant_type = "nf4"}}, {{quant_type = "fp4"}}]
+
+[[job]]
+source = "{src}"
+output = "b128"
+blocksize = 128
+{extra}"""
+    )
+    return plan
+
+
+def _shard_state(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(root.glob("*/*.safetensors"))
+    }
+
+
+def test_plan_runs_then_second_run_does_no_work(qm, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    plan = _plan(tmp_path, tiny_llama)
+    r = qm("batch", plan, "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [(i["output"], i["status"]) for i in data["items"]] == [
+        ("tiny-llama-nf4", "converted"),
+        ("tiny-llama-fp4", "converted"),
+        ("b128", "converted"),
+    ]
+    root = tmp_path / "out"
+    before = _shard_state(root)
+    assert len(before) == 3
+
+    import functools
+
+    import converter.pipeline
+
+    @functools.wraps(converter.pipeline.convert)  # the plan's keys are checked against its signature
+    def no_work(*a, **k):
+        msg = "an up-to-date job must not be planned or converted"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(converter.pipeline, "convert", no_work)
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"] * 3
+    assert _shard_state(root) == before  # not rewritten, not even touched
+    monkeypatch.undo()
+
+    r = qm("batch", plan, "--json", "--force", "--only", "1/3")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["converted"]
+
+
+def test_changed_files_are_verified_before_skipping(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    plan = _plan(tmp_path, tiny_llama)
+    assert qm("batch", plan, "-q").exit_code == 0
+    shard = tmp_path / "out" / "b128" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # same size, new mtime: the stamp no longer matches, the hash check fails
+    shard.write_bytes(bytes(data))
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    statuses = {i["output"]: i["status"] for i in json.loads(r.stdout)["items"]}
+    assert statuses == {"tiny-llama-nf4": "up-to-date", "tiny-llama-fp4": "up-to-date", "b128": "converted"}
+    assert qm("verify", tmp_path / "out" / "b128").exit_code == 0
+
+
+def test_failing_job_is_isolated_and_reported_in_junit(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    from junitparser import Failure, JUnitXml
+
+    plan = _plan(tmp_path, tiny_llama, extra='\n[[job]]\nsource = "./does-not-exist"\noutput = "missing"\n')
+    junit, report = tmp_path / "ci" / "junit.xml", tmp_path / "ci" / "report.json"
+    r = qm("batch", plan, "--junit", junit, "--json", report, "-q")
+    assert r.exit_code == 1
+    assert (
+        r.stderr.splitlines()[-1] == "Error: 1 of 4 conversion(s) failed; fix them and rerun the same batch"
+    )
+    data = json.loads(report.read_text())
+    assert data["counts"]["converted"] == 3
+    assert data["counts"]["failed"] == 1
+    failed = data["items"][3]
+    assert failed["exit_code"] == 2
+    # A relative local path is relative to the plan file, and the error names it in full.
+    assert failed["error"].startswith(f"{tmp_path}/does-not-exist: no such file or folder")
+
+    xml = JUnitXml.fromfile(str(junit))
+    suites = list(xml)
+    assert len(suites) == 1
+    suite = suites[0]
+    assert (suite.tests, suite.failures, suite.errors, suite.skipped) == (4, 1, 0, 0)
+    cases = {c.name: c for c in suite}
+    assert set(cases) == {"tiny-llama-nf4", "tiny-llama-fp4", "b128", "missing"}
+    bad = cases["missing"]
+    assert [type(x) for x in bad.result] == [Failure]
+    assert bad.result[0].message == failed["error"]
+    assert bad.result[0].type == "exit 2"
+    ok = cases["b128"]
+    assert ok.is_passed
+    assert ok.time >= 0
+    assert f"({data['items'][2]['bytes_out']} bytes)" in ok.system_out
+
+
+def test_fail_fast_cancels_the_rest(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    from junitparser import JUnitXml, Skipped
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[job]]\nsource = "./nope"\n\n[[job]]\nsource = "{tiny_llama}"\n')
+    junit = tmp_path / "junit.xml"
+    r = qm("batch", plan, tmp_path / "out", "--fail-fast", "--junit", junit, "--json")
+    assert r.exit_code == 1
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["failed", "cancelled"]
+    assert not (tmp_path / "out" / "tiny-llama").exists()
+    suite = next(iter(JUnitXml.fromfile(str(junit))))
+    assert (suite.tests, suite.failures, suite.skipped) == (2, 1, 1)
+    assert isinstance(next(c for c in suite if c.name == "tiny-llama").result[0], Skipped)
+
+
+def test_bad_plan_exits_2_before_any_work(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    plan = _plan(tmp_path, tiny_llama, extra="quant_storage = 'uint4'\n")
+    r = qm("batch", plan)
+    assert r.exit_code == 2
+    assert r.stderr.startswith(f"Error: {plan}:14: job 2: key 'quant_storage': 'uint4' is not valid")
+    assert not (tmp_path / "out").exists()
+
+
+def test_parallel_jobs_give_the_same_bytes(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    plan = _plan(tmp_path, tiny_llama)
+    assert qm("batch", plan, tmp_path / "seq", "-q").exit_code == 0
+    r = qm("batch", plan, tmp_path / "par", "--jobs", "3", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["converted"] * 3
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert {k: v[1] for k, v in _shard_state(seq).items()} == {k: v[1] for k, v in _shard_state(par).items()}
+    r = qm("batch", plan, tmp_path / "par", "--jobs", "3", "--json")
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"] * 3
+
+
+def test_batch_dry_run_writes_nothing(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    plan = _plan(tmp_path, tiny_llama)
+    r = qm("batch", plan, "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)["jobs"]
+    assert [(x["job"]["output"], x["action"]) for x in rows] == [
+        ("tiny-llama-nf4", "convert"),
+        ("tiny-llama-fp4", "convert"),
+        ("b128", "convert"),
+    ]
+    assert not (tmp_path / "out").exists()
+    assert qm("batch", plan, "-q", "--only", "2/3").exit_code == 0
+    rows = json.loads(qm("batch", plan, "--dry-run", "--json").stdout)["jobs"]
+    assert sorted(x["action"] for x in rows) == ["convert", "convert", "skip (up to date)"]
+
+
+def test_convert_dry_run_lists_every_tensor_and_writes_nothing(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = qm("convert", tiny_llama, out, "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert not out.exists()
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_llama / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert {t["name"] for t in data["tensors"]} == names
+    fates = {t["name"]: (t["action"], t["reason"]) for t in data["tensors"]}
+    assert fates["model.layers.0.mlp.up_proj.weight"] == ("quantize", "nf4 blocksize 64")
+    assert fates["model.norm.weight"][0] == "keep"
+    assert "RMSNorm" in fates["model.norm.weight"][1]
+    assert data["fits"]
+    assert data["disk_needed"] == data["bytes_out"] > 0
+    assert data["peak_ram"] > 0
+    assert data["bits_per_param"] > 4
+    # The plan's size is an upper bound of what a real run writes.
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    assert sum(p.stat().st_size for p in out.glob("*.safetensors")) <= data["bytes_out"]
+    human = qm("convert", tiny_llama, tmp_path / "other", "--dry-run")
+    assert "model.layers.1.self_attn.q_proj.weight" in human.stdout
+    assert "Fits" in human.stdout
+
+
+def test_too_small_disk_is_refused_up_front(qm, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    import converter.preflight
+
+    monkeypatch.setattr(converter.preflight, "disk_free", lambda path: (1000, tmp_path))
+    out = tmp_path / "out"
+    r = qm("convert", tiny_llama, out)
+    assert r.exit_code == 2
+    assert r.stderr.startswith(f"Error: {out}: the conversion needs ")
+    assert (
+        "but " + str(tmp_path) + " has 1.00 kB free; free some space or choose another output folder"
+        in r.stderr
+    )
+    assert not out.exists()  # refused before the folder was created
+    r = qm("convert", tiny_llama, out, "--dry-run")
+    assert r.exit_code == 2
+    assert "Fits           NO" in r.stdout
+    assert not out.exists()
+
+
+def test_verify_catches_a_corrupted_shard_and_recomputes_quality(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    r = qm("verify", out, "--against", tiny_llama, "--json")
+    assert r.exit_code == 0, r.stderr
+    recomputed = json.loads(r.stdout)["quality"]
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert recomputed["tensors_measured"] == report["quality"]["tensors_measured"] == 14
+    for t in report["tensors"]:
+        if t["action"] == "quantize":  # same codes, same kernel, same machine: the same numbers
+            assert recomputed["tensors"][t["name"]]["rel_rmse"] == t["rel_rmse"]
+    shard = out / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    shard.write_bytes(bytes(data))
+    r = qm("verify", out)
+    assert r.exit_code == 1
+    assert "sha256" in r.stderr
+
+
+@pytest.mark.parametrize("option", ["--revision"])
+def test_batch_refuses_a_batch_wide_revision(qm, tiny_llama: Path, tmp_path: Path, option: str) -> None:
+    r = qm("batch", _plan(tmp_path, tiny_llama), option, "main")
+    assert r.exit_code == 2
+    assert "--revision cannot apply to a whole batch" in r.stderr
+
+
+def test_jobs_wait_for_the_budget(tiny_llama: Path, tmp_path: Path) -> None:
+    """--jobs N starts a job only while the running ones' estimates fit; a tiny budget serialises."""
+    from converter.batch_run import Budget, run_batch
+    from converter.plan_file import load_plan
+
+    plan = load_plan(_plan(tmp_path, tiny_llama))
+    events: list[tuple[str, str]] = []
+    result = run_batch(
+        plan.jobs,
+        tmp_path / "out",
+        parallel=3,
+        budget=Budget(memory=None, disk=1),  # every job needs more disk than that: one at a time
+        on_start=lambda k, job: events.append(("start", job.output)),
+        on_done=lambda k, r: events.append(("done", r.item.output)),
+    )
+    assert result.ok
+    assert [e[0] for e in events] == ["start", "done"] * 3
+    events.clear()
+    result = run_batch(
+        plan.jobs, tmp_path / "out2", parallel=3, budget=Budget(memory=None, disk=None),
+        on_start=lambda k, job: events.append(("start", job.output)),
+        on_done=lambda k, r: events.append(("done", r.item.output)),
+    )  # fmt: skip
+    assert result.ok
+    assert [e[0] for e in events[:3]] == ["start"] * 3  # no budget: all three at once

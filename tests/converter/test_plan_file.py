@@ -1,0 +1,163 @@
+"""TOML batch plans: defaults, overrides, variants, refusals naming file/line/key; --only partitions."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from converter.errors import InputError
+from converter.plan_file import Job, load_plan, parse_only, select_part
+
+PLAN = """\
+[defaults]
+quant_type = "nf4"
+double_quant = true
+output_root = "converted"
+
+[[job]]
+source = "meta-llama/Llama-3.1-8B"
+revision = "main"
+push_to = "my-org/Llama-3.1-8B-nf4"
+
+[[job]]
+source = "./local-model"
+output = "local-model-fp4"
+quant_type = "fp4"
+skip = "lm_head"
+
+[[job]]
+source = "org/small"
+variants = [
+  {quant_type = "nf4"}, {quant_type = "fp4", double_quant = false}, {blocksize = 128, output = "s128"},
+]
+"""
+
+
+def test_defaults_jobs_and_variants(tmp_path: Path) -> None:
+    (tmp_path / "local-model").mkdir()
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(PLAN)
+    plan = load_plan(plan_path)
+    assert plan.output_root == (tmp_path / "converted").resolve()
+    by_name = {j.output: j for j in plan.jobs}
+    assert list(by_name) == [
+        "meta-llama--Llama-3.1-8B",
+        "local-model-fp4",
+        "org--small-nf4",
+        "org--small-fp4-no-double-quant",
+        "s128",
+    ]
+    llama = by_name["meta-llama--Llama-3.1-8B"]
+    assert llama.revision == "main"
+    assert llama.push_to == "my-org/Llama-3.1-8B-nf4"
+    assert llama.options == {"quant_type": "nf4", "double_quant": True}
+    local = by_name["local-model-fp4"]
+    assert local.source == str((tmp_path / "local-model").resolve())  # relative to the plan file
+    assert local.options == {"quant_type": "fp4", "double_quant": True, "skip": ("lm_head",)}
+    assert by_name["org--small-fp4-no-double-quant"].options == {"quant_type": "fp4", "double_quant": False}
+    assert by_name["s128"].options == {"quant_type": "nf4", "double_quant": True, "blocksize": 128}
+    assert llama.where == f"{plan_path}:6"
+
+
+def test_cli_options_override_defaults_not_job_keys(tmp_path: Path) -> None:
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(PLAN)
+    plan = load_plan(plan_path, {"quant_type": "fp4", "blocksize": 256})
+    by_name = {j.output: j for j in plan.jobs}
+    assert by_name["meta-llama--Llama-3.1-8B"].options["quant_type"] == "fp4"
+    assert by_name["s128"].options["blocksize"] == 128  # the variant's own key wins
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[defaults]\nquant_type = "nf5"\n\n[[job]]\nsource = "a/b"\n',
+            r"plan.toml:2: \[defaults\]: key 'quant_type': 'nf5' is not valid: use nf4 or fp4",
+        ),
+        (
+            '[[job]]\nsource = "a/b"\n\n[[job]]\nsource = "c/d"\n# comment\nblock_size = 64\n',
+            r"plan.toml:7: job 2: key 'block_size' is unknown; did you mean 'blocksize'\?",
+        ),
+        (
+            '[[job]]\nsource = "a/b"\n\n[defaults]\nblocksize = 64\n\n[[job]]\nsource = "c/d"\nskip = 3\n',
+            r"plan.toml:9: job 2: key 'skip': 3 is not valid: use a list of strings",
+        ),
+        (
+            '[[job]]\nsource = "a/b"\nblocksize = 100\n',
+            r"plan.toml:3: job 1: key 'blocksize': 100 is not valid: use 32, 64, 128",
+        ),
+        (
+            '[[job]]\nsource = "a/b"\ndouble_quant = "yes"\n',
+            r"plan.toml:3: job 1: key 'double_quant': 'yes' is not valid: use true or false",
+        ),
+        (
+            '[[job]]\nsource = "a/b"\nvariants = [{quant_type = "nf4"}, {quant_typo = "fp4"}]\n',
+            r"plan.toml:3: job 1: key 'quant_typo' is unknown; did you mean 'quant_type'\?",
+        ),
+        (
+            '[[job]]\nsource = "a/b"\nmoe_experts = "drop"\n',
+            r"plan.toml:3: job 1: key 'moe_experts': 'drop' is not valid: use keep or quantize",
+        ),
+        (
+            '[[job]]\nsource = "a/b"\ndry_run = true\n',
+            r"plan.toml:3: job 1: key 'dry_run' is unknown",  # a batch option, not a job's
+        ),
+        (
+            '[[job]]\noutput = "x"\n',
+            r"plan.toml:1: job 1: key 'source' \(a local path or a Hub repo id\) is required",
+        ),
+        (
+            '[[job]]\nsource = "a/b"\nsource2 = \n',
+            r"plan.toml:3: not valid TOML \(Invalid value\); fix the plan",
+        ),
+        ("[defaults]\n", r"plan.toml: the plan has no jobs; add a \[\[job\]\] table with a 'source'"),
+        ('[job_defaults]\nx = 1\n[[job]]\nsource = "a/b"\n', r"plan.toml:1: \[job_defaults\]: unknown table"),
+        (
+            '[[job]]\nsource = "a/b"\noutput = "same"\n\n[[job]]\nsource = "c/d"\noutput = "same"\n',
+            r"plan.toml:5: jobs a/b \(.*plan.toml:1\) and c/d would both write 'same'",
+        ),
+    ],
+)
+def test_bad_plans_name_file_line_and_key(tmp_path: Path, text: str, message: str) -> None:
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        load_plan(plan_path)
+
+
+def test_text_and_json_lists_still_work(tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("org/a\norg/b  b-nf4\n")
+    plan = load_plan(listing, {"quant_type": "fp4"})
+    assert [(j.source, j.output, j.options) for j in plan.jobs] == [
+        ("org/a", "org--a", {"quant_type": "fp4"}),
+        ("org/b", "b-nf4", {"quant_type": "fp4"}),
+    ]
+    assert plan.output_root is None
+    as_json = tmp_path / "list.json"
+    as_json.write_text(json.dumps([{"source": "org/c", "revision": "v1"}]))
+    assert load_plan(as_json).jobs[0].revision == "v1"
+
+
+def test_only_partitions_cover_each_job_once_and_ignore_order() -> None:
+    jobs = [Job(f"org/m{k}", f"m{k}") for k in range(23)]
+    for n in (1, 2, 3, 8, 30):
+        parts = [select_part(jobs, f"{i}/{n}") for i in range(1, n + 1)]
+        names = [j.output for part in parts for j in part]
+        assert sorted(names) == sorted(j.output for j in jobs)  # each job in exactly one part
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1  # dealt round-robin over a stable ranking
+        shuffled = jobs[:]
+        random.Random(n).shuffle(shuffled)
+        for i in range(1, n + 1):
+            assert {j.output for j in select_part(shuffled, f"{i}/{n}")} == {j.output for j in parts[i - 1]}
+
+
+@pytest.mark.parametrize("bad", ["0/3", "4/3", "3", "a/b", "1/0"])
+def test_only_refuses_bad_values(bad: str) -> None:
+    with pytest.raises(InputError, match="use I/N with 1 <= I <= N"):
+        parse_only(bad)

@@ -1,0 +1,124 @@
+"""The quality statistics kernel against a float64 numpy reference, on every CPU path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from converter import _kernels, kernels
+from converter.quality import Codes, count_nonfinite, measure
+from formats import codebooks
+from formats.quant_types import QuantType
+
+U = 2.0**-24  # float32 unit roundoff
+
+CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def gamma(k: int) -> float:
+    return k * U / (1 - k * U)
+
+
+def reference(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, qt: QuantType, blocksize: int):
+    """sum x^2, sum e^2, max |e| in float64, v = the float32 values dequantize_4bit gives."""
+    qmap = torch.from_numpy(codebooks.as_f32(qt.codebook))
+    v = kernels.dequantize_4bit(
+        packed, absmax, n=x.numel(), blocksize=blocksize, quant_map=qmap, out_dtype=torch.float32
+    )
+    xd = x.float().double().numpy()
+    e = xd - v.double().numpy()
+    return float(np.sum(xd * xd)), float(np.sum(e * e)), float(np.max(np.abs(e)))
+
+
+def paths() -> list[str]:
+    return ["scalar", *(["avx2"] if "avx2" in kernels.cpu_isas() else [])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "blocksize"), [(4096 * 3 + 17, 64), (1000, 32), (70_001, 4096), (129, 128)])
+@pytest.mark.parametrize("qt", [QuantType.NF4, QuantType.FP4])
+def test_stats_match_float64_reference(dtype: torch.dtype, n: int, blocksize: int, qt: QuantType) -> None:
+    g = torch.Generator().manual_seed(n + blocksize)
+    x = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    packed, absmax = kernels.quantize_4bit(x, blocksize=blocksize, quant_type=qt)
+    sx_ref, se_ref, m_ref = reference(x, packed, absmax, qt, blocksize)
+    qmap = codebooks.as_f32(qt.codebook)
+    for isa in paths():
+        sx, se, m, bad = _kernels.quant_error_stats(
+            x.data_ptr(), str(dtype).removeprefix("torch."), n, blocksize, packed.data_ptr(),
+            absmax.data_ptr(), qmap.ctypes.data, isa, 3,
+        )  # fmt: skip
+        # Per block the kernel sums in float32 (at most `blocksize` terms, in lanes: <= gamma(blocksize)
+        # relative for a sum of nonnegative terms), e = x - v is rounded once (e^2: 2u + u for the
+        # square) and block sums are added in float64 (negligible).
+        tol = gamma(blocksize) + 4 * U
+        assert sx == pytest.approx(sx_ref, rel=tol)
+        assert se == pytest.approx(se_ref, rel=tol)
+        assert m == pytest.approx(m_ref, rel=2 * U)  # |x - v| rounded once to float32
+        assert bad == 0
+
+
+def test_stats_do_not_depend_on_threads() -> None:
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(1)).bfloat16()
+    packed, absmax = kernels.quantize_4bit(x, blocksize=64, quant_type=QuantType.NF4)
+    qmap = codebooks.as_f32(QuantType.NF4.codebook)
+    results = {
+        _kernels.quant_error_stats(
+            x.data_ptr(),
+            "bfloat16",
+            x.numel(),
+            64,
+            packed.data_ptr(),
+            absmax.data_ptr(),
+            qmap.ctypes.data,
+            "auto",
+            threads,
+        )
+        for threads in (1, 2, 7)
+    }
+    assert len(results) == 1  # fixed groups of blocks, added in order
+
+
+def test_nested_absmax_is_decoded_as_a_loader_does() -> None:
+    x = torch.randn(64 * 1000, generator=torch.Generator().manual_seed(2)).bfloat16()
+    packed, absmax = kernels.quantize_4bit(x, blocksize=64, quant_type=QuantType.NF4)
+    q, nabs, offset = kernels.quantize_nested(absmax)
+    nmap = torch.from_numpy(codebooks.as_f32(codebooks.DYNAMIC8))
+    decoded = kernels.dequantize_nested(q, nabs, offset, nmap)
+    sx_ref, se_ref, _ = reference(x, packed, decoded, QuantType.NF4, 64)
+    got = measure("w", x, "BF16", Codes(packed, q, (q, nabs, offset)), QuantType.NF4, 64)
+    tol = gamma(64) + 4 * U  # as in test_stats_match_float64_reference
+    assert got.sum_x2 == pytest.approx(sx_ref, rel=tol)
+    assert got.sum_e2 == pytest.approx(se_ref, rel=tol)
+    assert got.rel_rmse == pytest.approx(math.sqrt(se_ref / sx_ref), rel=tol)
+    assert got.snr_db == pytest.approx(10 * math.log10(sx_ref / se_ref), rel=1e-4)
+    # The nested absmax differs from the exact one, so the error differs from the unnested error.
+    plain = measure("w", x, "BF16", Codes(packed, absmax), QuantType.NF4, 64)
+    assert plain.sum_e2 != got.sum_e2
+
+
+def test_nonfinite_counts() -> None:
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
+    packed, absmax = kernels.quantize_4bit(x, blocksize=64, quant_type=QuantType.NF4)
+    broken = absmax.clone()
+    broken[5] = math.inf  # a corrupt absmax: all 64 values of block 5 are non-finite
+    broken[7] = math.nan
+    got = measure("w", x, "F32", Codes(packed, broken), QuantType.NF4, 64)
+    assert got.nonfinite == 128
+    assert got.max_abs_err == math.inf
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        y = torch.zeros(100_003, dtype=dtype)
+        y[[0, 17, 50_000, 100_002]] = torch.tensor([math.nan, math.inf, -math.inf, math.nan], dtype=dtype)
+        y[1] = torch.finfo(dtype).max  # the largest finite value is not counted
+        assert count_nonfinite(y, CODES[dtype]) == 4
+        assert count_nonfinite(y.to(torch.int32), "I32") == 0
+
+
+def test_zero_tensor_has_zero_error() -> None:
+    x = torch.zeros(256)
+    packed, absmax = kernels.quantize_4bit(x, blocksize=64, quant_type=QuantType.NF4)
+    got = measure("w", x, "F32", Codes(packed, absmax), QuantType.NF4, 64)
+    assert (got.sum_x2, got.sum_e2, got.rel_rmse, got.snr_db) == (0.0, 0.0, 0.0, None)

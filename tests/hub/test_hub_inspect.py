@@ -1,0 +1,55 @@
+"""`quantize-model inspect org/name`: a quantized Hub repo summarised from HTTP range reads only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fake_hub import FakeHub
+from hub_helpers import qm
+
+pytestmark = pytest.mark.hub
+
+
+def test_inspect_hub_repo_reads_headers_by_range(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    out = tmp_path / "nf4"
+    assert (
+        qm("convert", checkpoint_dir, out, "--max-shard-size", "40KB", "--skip", "lm_head", "-q").exit_code
+        == 0
+    )
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) >= 2
+    commit = fake_hub.add_repo("org/tiny-nf4", out)
+    local = json.loads(qm("inspect", out, "--json").stdout)
+
+    fake_hub.requests.clear()
+    r = qm("inspect", "org/tiny-nf4", "--json")
+    assert r.exit_code == 0, r.stderr
+    remote = json.loads(r.stdout)
+    assert remote["path"] == f"org/tiny-nf4@{commit}"
+    for key in ("path", "bytes_read"):
+        remote.pop(key), local.pop(key)
+    assert remote == local  # the same summary as from the files themselves
+
+    # Every read of a shard was a range request; nothing close to a shard's size came down.
+    shard_reads = [
+        (s, p, rng)
+        for s, m, p, rng in fake_hub.requests
+        if m == "GET" and (s == "cdn" or p.endswith(".safetensors"))
+    ]
+    assert shard_reads
+    assert all(rng is not None and rng.startswith("bytes=") for _, _, rng in shard_reads)
+    total = sum(p.stat().st_size for p in shards)
+    assert r.exit_code == 0
+    read = json.loads(qm("inspect", "org/tiny-nf4", "--json").stdout)["bytes_read"]
+    assert read < total / 4
+    assert not list((hf_home / "hub").rglob("*.safetensors"))  # nothing went into the cache
+
+
+def test_inspect_missing_repo_is_one_line(fake_hub: FakeHub, hf_home: Path) -> None:
+    r = qm("inspect", "org/missing")
+    assert r.exit_code == 2
+    assert r.stderr.startswith("Error: org/missing: repository not found")

@@ -1,0 +1,143 @@
+"""Tiny random MoE checkpoints (Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V3 incl. an FP8 source) built from
+transformers configs, and the helpers the MoE tests share.
+
+Hidden size 64 and expert intermediate size 64: every expert projection has whole 64-element blocks
+per row, so the loader's fused GEMV runs for gate/up and down ("qwen3_moe_i32" has intermediate 32,
+where down_proj falls back to dequantize + matmul).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tiny_models import _decoder
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# name -> (model_type, architecture, config kwargs)
+MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen3_moe": (
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        _decoder(intermediate_size=96, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                 decoder_sparse_step=1, norm_topk_prob=True),
+    ),
+    "qwen3_moe_i32": (
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        _decoder(intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                 decoder_sparse_step=1),
+    ),
+    "mixtral": ("mixtral", "MixtralForCausalLM", _decoder(intermediate_size=64, num_local_experts=4,
+                                                          num_experts_per_tok=2)),
+    "olmoe": ("olmoe", "OlmoeForCausalLM", _decoder(intermediate_size=64, num_experts=4,
+                                                    num_experts_per_tok=2, eos_token_id=1, pad_token_id=0)),
+    # shared experts, grouped top-k routing (16 experts in 2 groups, 1 group picked), a dense first layer
+    "deepseek_v3": (
+        "deepseek_v3",
+        "DeepseekV3ForCausalLM",
+        _decoder(intermediate_size=96, moe_intermediate_size=64, n_routed_experts=16, num_experts_per_tok=2,
+                 n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=64,
+                 kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+                 routed_scaling_factor=2.5, num_key_value_heads=4),
+    ),
+}  # fmt: skip
+FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
+
+
+def make_moe(name: str, folder: Path, seed: int = 0) -> Path:
+    """Random tiny bf16 checkpoint ``name`` saved with save_pretrained (per-expert keys on disk)."""
+    import transformers
+
+    model_type, arch, kwargs = MOE[name]
+    cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
+    cfg.architectures = [arch]
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, arch)(cfg).to(torch.bfloat16).eval()
+        # random init gives tiny router logits and near-uniform routing: widen them so top-k differs per token
+        for n, p in model.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                torch.nn.init.normal_(p, std=0.5)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+    return folder
+
+
+def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-style FP8: per-block scale = amax / 448, codes float8_e4m3fn, scale_inv float32."""
+    rows, cols = w.shape
+    br, bc = block
+    sr, sc = math.ceil(rows / br), math.ceil(cols / bc)
+    wf = w.float()
+    scale = torch.empty(sr, sc)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(sr):
+        for j in range(sc):
+            blk = wf[i * br : (i + 1) * br, j * bc : (j + 1) * bc]
+            s = blk.abs().max().clamp(min=1e-12) / 448.0
+            scale[i, j] = s
+            q[i * br : (i + 1) * br, j * bc : (j + 1) * bc] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def make_fp8_source(bf16_folder: Path, dst: Path, block: tuple[int, int] = (32, 32)) -> Path:
+    """The checkpoint as DeepSeek ships it: every 2-D linear weight but embeddings, head, norms and
+    routers in float8_e4m3fn with ``weight_scale_inv``, and an fp8 quantization_config."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(bf16_folder / "model.safetensors")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        if v.dim() == 2 and k.endswith(
+            ("_proj.weight", "_proj_with_mqa.weight", ".w1.weight", ".w2.weight", ".w3.weight")
+        ):
+            q, s = fp8_block_quantize(v, block)
+            out[k], out[k.removesuffix(".weight") + ".weight_scale_inv"] = q, s
+        else:
+            out[k] = v
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((bf16_folder / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": list(block),
+    }
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "config.json").read_text())
+
+
+def expert_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    from converter.moe import EXPERT_KEY
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return [k for k in f.keys() if EXPERT_KEY.match(k)]
+
+
+def load_bf16_eager(folder: Path):
+    """A plain folder loaded by transformers with its eager experts loop (the reference forward)."""
+    import transformers
+
+    arch = read_config(folder)["architectures"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, arch).from_pretrained(
+            folder, dtype=torch.bfloat16, experts_implementation="eager"
+        )
+    return model.eval()

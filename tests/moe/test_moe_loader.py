@@ -1,0 +1,252 @@
+"""load_quantized on --moe-experts quantize folders: 4-bit experts, logits, GEMV bound, generate, compile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from error_bounds import U32, gamma
+from moe_helpers import FAMILIES, load_bf16_eager, make_moe
+
+from converter.loader.dequantize import dequantize_checkpoint
+from converter.loader.model import linear4bit_modules, load_quantized
+from converter.loader.moe import QuantExperts4bit, moe_modules
+from converter.pipeline import convert
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 11, 90, 3, 45]])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory):
+    """folders(name) -> (quantized folder, its dequantized bf16 folder), made once per module."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in made:
+            root = tmp_path_factory.mktemp(f"moe-load-{name}")
+            src = make_moe(name, root / "src")
+            convert(src, root / "q", moe_experts="quantize", progress=False)
+            dequantize_checkpoint(root / "q", root / "plain")
+            made[name] = (root / "q", root / "plain")
+        return made[name]
+
+    return get
+
+
+def _dequant_paths(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in linear4bit_modules(model).values():
+        layer.use_gemv = False
+    for experts in moe_modules(model).values():
+        experts.use_gemv = False
+    return model
+
+
+def _logits(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "qwen3_moe_i32"])
+def test_logits_bit_identical_to_dequantized_model(folders, name):
+    """On the dequantize path our loader computes transformers' eager experts loop with the decoded
+    weights, so its logits equal those of the dequantized bf16 folder loaded by transformers, bit for bit
+    (prefill: 12 tokens; decode: 1 token)."""
+    q, plain = folders(name)
+    ours = _dequant_paths(load_quantized(q))
+    mods = moe_modules(ours)
+    assert mods
+    assert all(isinstance(m, QuantExperts4bit) for m in mods.values())
+    ref = load_bf16_eager(plain)
+    assert torch.equal(_logits(ours), _logits(ref))
+    assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+
+
+def test_experts_are_views_of_one_buffer_per_layer(folders):
+    q, _ = folders("deepseek_v3")
+    model = load_quantized(q)
+    for m in moe_modules(model).values():
+        gate_up, down = m.expert_weights(3)
+        assert gate_up.shape == (2 * m.intermediate_dim, m.hidden_dim)
+        assert down.shape == (m.hidden_dim, m.intermediate_dim)
+        assert m.packed.is_contiguous()
+        assert m.packed[3].data_ptr() == m.packed.data_ptr() + 3 * m.packed.stride(0)
+    shared = model.model.layers[1].mlp.shared_experts
+    assert all(
+        type(getattr(shared, p)).__name__ == "Linear4bit" for p in ("gate_proj", "up_proj", "down_proj")
+    )
+
+
+def _reference_and_bound(m: QuantExperts4bit, x, idx, w):
+    """float64 reference of the experts with the decoded weights, and an elementwise bound on the float32
+    GEMV path's error, derived step by step (u = 2^-24, gamma_K = K u / (1 - K u)):
+
+    - gate/up: float32 dot products of H terms in any order: |e| <= gamma_H (|W_gu| @ |x|);
+    - silu: Lipschitz constant max|silu'| < 1.1, plus 4 roundings of its float32 evaluation
+      (exp, add, divide, multiply); h = silu(g) * up: first-order product error plus one rounding;
+    - down: |W_dn| @ |e_h| + gamma_I (|W_dn| @ |h|);
+    - routing: w * y rounded once, then k terms summed in float32: gamma_{k+1} on the sum of |w y|.
+    """
+    h_dim, i_dim = m.hidden_dim, m.intermediate_dim
+    xd = x.double()
+    out = torch.zeros_like(xd)
+    bound = torch.zeros_like(xd)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            gu, dn = (a.double() for a in m.expert_weights(int(idx[t, j]), torch.float32))
+            pre = gu @ xd[t]
+            e_pre = gamma(h_dim) * (gu.abs() @ xd[t].abs())
+            g, u = pre[:i_dim], pre[i_dim:]
+            eg, eu = e_pre[:i_dim], e_pre[i_dim:]
+            s = torch.nn.functional.silu(g)
+            es = 1.1 * eg + 4 * U32 * (s.abs() + 1.1 * eg)
+            h = s * u
+            eh = (
+                es * u.abs()
+                + s.abs() * eu
+                + es * eu
+                + U32 * (h.abs() + es * u.abs() + s.abs() * eu + es * eu)
+            )
+            y = dn @ h
+            ey = dn.abs() @ eh + gamma(i_dim) * (dn.abs() @ (h.abs() + eh))
+            wt = float(w[t, j])
+            out[t] += wt * y
+            bound[t] += abs(wt) * ey + gamma(idx.shape[1] + 1) * abs(wt) * (y.abs() + ey)
+    return out, bound
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 12])
+def test_gemv_path_within_derived_bound(folders, tokens):
+    """float32 compute: decode (<= 8 tokens per expert: fused GEMV) and mixed batches (an expert with
+    more tokens is dequantized once) stay within the derived float32 error bound of the exact result."""
+    q, _ = folders("qwen3_moe")
+    m = next(iter(moe_modules(load_quantized(q)).values()))
+    m.compute_dtype = torch.float32
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, m.hidden_dim, generator=g)
+    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    with torch.no_grad():
+        got = m(x, idx, w).double()
+    ref, bound = _reference_and_bound(m, x, idx, w)
+    assert ((got - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_matches_dequantized_model(folders, name):
+    q, plain = folders(name)
+    ours = _dequant_paths(load_quantized(q))
+    ref = load_bf16_eager(plain)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = ours.generate(IDS[:, :4], **kw)
+        b = ref.generate(IDS[:, :4], **kw)
+    assert torch.equal(a, b)
+    fast = load_quantized(q)  # fused GEMV at decode: runs, same length, valid token ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = fast.generate(IDS[:, :4], **kw)
+    assert c.shape == a.shape
+    assert int(c.max()) < fast.config.vocab_size
+
+
+def test_keep_folder_loads_with_16bit_experts(tmp_path):
+    """A default (keep) conversion loads too: per-expert 16-bit tensors are stacked into the fused
+    parameters, Mixtral's router key is renamed as transformers renames it."""
+    src = make_moe("mixtral", tmp_path / "src")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "keep", progress=False)
+    model = load_quantized(tmp_path / "keep")
+    assert not moe_modules(model)
+    experts = model.model.layers[0].mlp.experts
+    ref = load_bf16_eager(src)
+    assert torch.equal(experts.gate_up_proj, ref.model.layers[0].mlp.experts.gate_up_proj)
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, ref.model.layers[0].mlp.gate.weight)
+    assert torch.isfinite(_logits(model)).all()
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from converter.loader.model import load_quantized
+    from converter.loader.moe import moe_modules
+    m = next(iter(moe_modules(load_quantized(sys.argv[1])).values()))
+    x = torch.randn(3, m.hidden_dim, dtype=torch.bfloat16)
+    idx = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    w = torch.rand(3, 2, dtype=torch.bfloat16)
+    eager = m(x, idx, w)
+    compiled = torch.compile(m, fullgraph=True, backend="inductor")
+    assert torch.equal(compiled(x, idx, w), eager)
+    print("ok")
+    """
+)
+
+
+def test_torch_compile_fullgraph(folders):
+    """The experts forward is one custom op (quantize_model::moe_experts_4bit): it compiles with
+    fullgraph=True and gives the eager bits. Runs in a subprocess because `make test` disables dynamo."""
+    q, _ = folders("olmoe")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, str(q)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared_x", [True, False])
+def test_grouped_gemv_equals_per_expert_gemv(dtype, shared_x):
+    """The grouped kernel runs gemv_4bit's row kernels on each (row, expert) pair: bit-identical to one
+    gemv_4bit call per expert (gate_up region at offset 0, down region after it)."""
+    from converter import kernels
+    from converter.loader import moe as moe_loader
+    from formats.codebooks import NF4
+    from formats.quant_types import QuantType
+
+    g = torch.Generator().manual_seed(0)
+    experts, out_f, in_f, bs = 5, 96, 128, 64
+    weights = [torch.randn(out_f, in_f, generator=g) for _ in range(experts)]
+    pieces = [kernels.quantize_4bit(w, blocksize=bs, quant_type=QuantType.NF4) for w in weights]
+    pad_bytes, pad_blocks = 32, 4  # a region before the weight, as down_proj sits after gate_up
+    packed = torch.zeros(experts, pad_bytes + out_f * in_f // 2, dtype=torch.uint8)
+    absmax = torch.zeros(experts, pad_blocks + out_f * in_f // bs)
+    for e, (p, a) in enumerate(pieces):
+        packed[e, pad_bytes:] = p
+        absmax[e, pad_blocks:] = a
+    qmap = torch.tensor(NF4, dtype=torch.float32)
+    ids = torch.tensor([3, 0, 3, 4, 1, 2, 0])
+    x = torch.randn(1 if shared_x else ids.numel(), in_f, generator=g).to(dtype)
+    got = moe_loader._grouped_gemv(
+        x, ids, packed, absmax, qmap, byte_offset=pad_bytes, block_offset=pad_blocks,
+        out_features=out_f, in_features=in_f, blocksize=bs,
+    )  # fmt: skip
+    for row, e in enumerate(ids.tolist()):
+        xr = x[0 if shared_x else row].reshape(1, -1)
+        p, a = pieces[e]
+        ref = kernels.gemv_4bit(
+            xr, p, a, out_features=out_f, in_features=in_f, blocksize=bs, quant_map=qmap, nested=None
+        )
+        assert torch.equal(got[row : row + 1], ref), row
+    with pytest.raises(ValueError, match="expert id 9"):
+        moe_loader._grouped_gemv(
+            x, torch.tensor([9]), packed, absmax, qmap, byte_offset=0, block_offset=0,
+            out_features=out_f, in_features=in_f, blocksize=bs,
+        )  # fmt: skip
+
+
+def test_device_map_with_disk_offload_gives_the_same_logits(folders):
+    """4-bit experts under accelerate's placement (layers offloaded to disk run on the CPU in place)."""
+    q, _ = folders("olmoe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        placed = load_quantized(q, device_map="auto", max_memory={"cpu": "60KB"})
+    assert "disk" in set(placed.hf_device_map.values())
+    assert torch.equal(_logits(placed), _logits(load_quantized(q)))
