@@ -171,10 +171,12 @@ def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | No
 
     Block-scaled FP8 (DeepSeek-V3 style) is not refused: converter/fp8.py dequantizes it on read.
     """
-    from converter.fp8 import block_fp8_problem, block_size
+    qc = (config or {}).get("quantization_config")
+    if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "fp8":
+        from converter.fp8 import block_fp8_problem, block_size  # torch: FP8 configs only
 
-    if block_size(config) is not None:
-        return block_fp8_problem(config, tensors)
+        if block_size(config) is not None:
+            return block_fp8_problem(config, tensors)
     if config and config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "unknown")
         return f"its config.json has a quantization_config (quant_method {method!r})"
