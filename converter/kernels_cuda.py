@@ -20,8 +20,14 @@ from functools import cache
 
 import torch
 
-from converter import _kernels, kernels
-from converter.kernels import NestedAbsmax
+from converter import _kernels
+from converter.kernel_checks import (
+    NestedAbsmax,
+    NonFiniteInputError,
+    check_dequantize_args,
+    check_dequantize_nested_args,
+    check_gemv_args,
+)
 from formats import codebooks
 from formats.quant_types import OFFSET_CHUNK, QuantType, check_blocksize, n_blocks, n_nested_blocks
 
@@ -38,10 +44,6 @@ __all__ = [
 
 #: dtype codes of csrc/cuda/qm_cuda.h (DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _nonfinite_error() -> type[Exception]:
-    return kernels.NonFiniteInputError  # the CPU path's exception, so callers catch one type
 
 
 #: Oldest compute capability the CUDA build runs on (CMakeLists.txt: sm_80 and sm_90 SASS, compute_90 PTX).
@@ -101,7 +103,13 @@ def _require(x: torch.Tensor, name: str) -> int:
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    """The raw cudaStream_t of torch's current stream on ``device``.
+
+    Called only at launch time, outside dynamo's tracing: the launches run inside the real
+    implementations of ``converter.custom_ops``, which torch.compile treats as opaque ops.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._C._cuda_getCurrentRawStream(index)  # what inductor's generated code calls
 
 
 @cache
@@ -165,7 +173,7 @@ def _launch_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 def _raise_nonfinite(flag: torch.Tensor, n: int, blocksize: int) -> None:
     if int(flag.item()):
         msg = f"input contains NaN or Inf (a tensor of {n} elements, blocks of {blocksize})"
-        raise _nonfinite_error()(msg)
+        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
 
 
 def quantize_4bit(
@@ -187,7 +195,7 @@ def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
         raise ValueError(msg)
     if absmax.numel() and not bool(torch.isfinite(absmax).all()):
         msg = "absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor"
-        raise _nonfinite_error()(msg)
+        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
     codes, nested_absmax, offset = _launch_nested(absmax)
     return codes, nested_absmax, float(offset.item())
 
@@ -205,7 +213,7 @@ def quantize_4bit_nested(
     bad, off = both.tolist()
     if bad:
         msg = f"input contains NaN or Inf (a tensor of {x.numel()} elements, blocks of {blocksize})"
-        raise _nonfinite_error()(msg)
+        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
     return packed, codes, nested_absmax, float(off)
 
 
@@ -213,7 +221,7 @@ def dequantize_nested(
     codes: torch.Tensor, nested_absmax: torch.Tensor, offset: float, nested_map: torch.Tensor
 ) -> torch.Tensor:
     """absmax float32 [nb] = nested_map[codes] * nested_absmax[i // 256] + offset (separate ops)."""
-    kernels.check_dequantize_nested_args(codes, nested_absmax, nested_map)
+    check_dequantize_nested_args(codes, nested_absmax, nested_map)
     return _launch_dequantize_nested(codes, nested_absmax, offset, nested_map)
 
 
@@ -263,7 +271,7 @@ def dequantize_4bit(
     is decoded inline (same bits as ``dequantize_nested`` first). Arguments are checked as by
     ``converter.kernels.dequantize_4bit`` (same messages), all on one CUDA device.
     """
-    nested = kernels.check_dequantize_args(
+    nested = check_dequantize_args(
         packed,
         absmax,
         n=n,
@@ -286,7 +294,7 @@ def _launch_dequantize_4bit(
     out: torch.Tensor | None,
     nested: NestedAbsmax | None = None,
 ) -> torch.Tensor:
-    """``dequantize_4bit`` on arguments ``converter.kernels.check_dequantize_args`` accepted."""
+    """``dequantize_4bit`` on arguments ``converter.check_dequantize_args`` accepted."""
     dev = _require(packed, "packed")
     am, nc, na, off, m8 = _absmax_args(absmax, nested)
     if out is None:
@@ -328,7 +336,7 @@ def gemv_4bit(
     device. ``variant`` forces one kernel configuration of csrc/cuda/gemv.cu (benchmarks only; 0 =
     default).
     """
-    _, nested = kernels.check_gemv_args(
+    _, nested = check_gemv_args(
         x,
         packed,
         absmax,
@@ -355,7 +363,7 @@ def _launch_gemv_4bit(
     *,
     variant: int = 0,
 ) -> torch.Tensor:
-    """``gemv_4bit`` on arguments ``converter.kernels.check_gemv_args`` accepted."""
+    """``gemv_4bit`` on arguments ``converter.check_gemv_args`` accepted."""
     dev = _require(x, "x")
     x2 = x.reshape(1, -1) if x.dim() == 1 else x
     batch = x2.shape[0]

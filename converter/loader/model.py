@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from converter.errors import InputError
+from converter.loader import ops
 from converter.loader.footprint import install_footprint
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts
@@ -236,6 +237,8 @@ def load_quantized(
         place(model, folder, device, device_map, max_memory, offload_folder)
     elif torch.device(device) != torch.device("cpu"):
         model.to(device)
+    for device_type in {m.weight.device.type for m in linear4bit_modules(model).values()}:
+        ops.warn_if_slow(device_type)  # no silent slow path: a missing extension or CUDA backend is named
     return model
 
 

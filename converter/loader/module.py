@@ -281,6 +281,9 @@ class QuantLinear4bit(nn.Module):
 
     #: Use the fused GEMV for 1..8 tokens when it applies (tests switch it off to compare paths).
     use_gemv: bool = True
+    #: Kernel arguments prepared from ``weight`` (``ops.prepare``) and the weight they were made for.
+    _kernel_args: ops.KernelArgs | None = None
+    _prepared_for: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -358,6 +361,24 @@ class QuantLinear4bit(nn.Module):
         self.__dict__.pop("weight", None)
         self._buffers["weight"] = weight
         self.quant_state = weight.quant_state
+        self._prepare()
+
+    def _prepare(self) -> ops.KernelArgs | None:
+        """Compute the kernel arguments of the weight once (forward then only launches)."""
+        weight = self.weight
+        if weight.device.type == "meta":
+            self._kernel_args = None
+            self.__dict__["_prepared_for"] = None
+            return None
+        self._kernel_args = ops.prepare(weight, weight.quant_state)
+        # Not through nn.Module.__setattr__ (it would register a Params4bit as a parameter); a weight
+        # swapped in by assignment later (PEFT's merge) is seen as new and takes the general path.
+        self.__dict__["_prepared_for"] = weight
+        if weight.is_cuda:  # CUDA graphs may keep these addresses: no per-replay copy of the weight
+            for t in self._kernel_args:
+                if isinstance(t, torch.Tensor):
+                    torch._dynamo.mark_static_address(t)
+        return self._kernel_args
 
     @property
     def quant_type(self) -> str:
@@ -384,8 +405,22 @@ class QuantLinear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
         compute = self.compute_dtype or inp_dtype
-        bias = self.bias.to(compute) if self.bias is not None else None
-        return linear_4bit(x.to(compute), self.weight, bias, allow_gemv=self.use_gemv).to(inp_dtype)
+        bias = self.bias
+        args = self._kernel_args
+        if (
+            args is None
+            or self._prepared_for is not self.weight
+            or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+        ):  # training, or a weight replaced behind our back: the general path
+            bias = bias.to(compute) if bias is not None else None
+            return linear_4bit(x.to(compute), self.weight, bias, allow_gemv=self.use_gemv).to(inp_dtype)
+        # Inference on the prepared weight: only casts that are needed, then one launch.
+        if inp_dtype != compute:
+            x = x.to(compute)
+        if bias is not None and bias.dtype != compute:
+            bias = bias.to(compute)
+        y = ops.linear(x, args, bias, self.use_gemv)
+        return y if y.dtype == inp_dtype else y.to(inp_dtype)
 
     # -- device moves --------------------------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):

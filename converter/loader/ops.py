@@ -1,5 +1,11 @@
 """Dequantize and GEMV for the loader: the C++/CUDA kernels when present, plain torch otherwise.
 
+A layer prepares its weight's kernel arguments once (:func:`prepare`: flat codes, float32 maps, the
+nested record's offset as a Python float, whether the fused GEMV applies) and each call then only
+launches (:func:`linear`). Launches go through the ``torch.ops.quantize_model`` custom ops
+(``converter.custom_ops``) while torch.compile traces, and straight to the same implementations in
+eager mode (the dispatcher's per-call cost is most of a small layer's time at batch 1).
+
 Every path computes the same bits (design.md, exactness rules): nested absmax decoded as
 ``map8[c] * nested_absmax`` then ``+ offset`` (two float32 operations, no FMA), weights as
 ``quant_map[q] * absmax`` in float32 and one round-to-nearest-even cast. The torch path exists for
@@ -16,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+import warnings
+from typing import Any, NamedTuple
 
 import torch
 
@@ -30,9 +37,10 @@ GEMV_MAX_TOKENS = 8
 def _kernels() -> Any | None:
     """converter.kernels when its extension imports, else None (the torch path is used)."""
     try:
-        from converter import kernels
+        from converter import custom_ops, kernels  # custom_ops registers torch.ops.quantize_model.*
 
         kernels.available_backends()
+        del custom_ops
     except (ImportError, AttributeError, OSError):
         return None
     return kernels
@@ -85,19 +93,7 @@ def decoded_absmax(state: Any) -> torch.Tensor:
 
 def dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight of ``state.shape`` in ``dtype`` (default: the state's own dtype)."""
-    dtype = dtype or state.dtype
-    shape = tuple(state.shape)
-    n = math.prod(shape)
-    data = packed_bytes(packed)
-    absmax = decoded_absmax(state)
-    quant_map = state.code.float().contiguous()
-    k = kernel_backend(data.device)
-    if k is not None:
-        out = k.dequantize_4bit(
-            data, absmax.contiguous(), n=n, blocksize=state.blocksize, quant_map=quant_map, out_dtype=dtype
-        )
-        return out.reshape(shape)
-    return _dequantize_torch(data, absmax, n, state.blocksize, quant_map, dtype).reshape(shape)
+    return dequantize_prepared(prepare(packed, state), tuple(state.shape), dtype or state.dtype)
 
 
 def _dequantize_torch(
@@ -123,45 +119,154 @@ def gemv_ok(x2d: torch.Tensor, in_features: int, state: Any) -> bool:
     return k is not None and hasattr(k, "gemv_4bit")
 
 
-def _gemv_args(packed: torch.Tensor, state: Any) -> dict:
-    """The kernel arguments of one weight, prepared once and kept on its quant state.
-
-    Keyed by the data pointers, so a state whose tensors were moved or replaced in place (bnb's
-    ``QuantState.to``) is prepared again.
-    """
-    tensors = (packed, state.absmax, state.code) + ((state.state2.absmax, state.state2.code, state.offset)
-                                                      if state.nested else ())  # fmt: skip
-    key = tuple(t.data_ptr() for t in tensors)
-    cached = getattr(state, "_qm_gemv", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    args: dict[str, Any] = {"packed": packed_bytes(packed), "quant_map": state.code.float().contiguous()}
-    if state.nested:
-        args["absmax"] = None
-        args["nested"] = (
-            state.absmax.reshape(-1).contiguous(),
-            state.state2.absmax.contiguous(),
-            _offset_value(state.offset),
-            state.state2.code.float().contiguous(),
-        )
-    else:
-        args["absmax"] = state.absmax.float().contiguous()
-        args["nested"] = None
-    state._qm_gemv = (key, args)
-    return args
-
-
 def gemv(x2d: torch.Tensor, packed: torch.Tensor, state: Any, out_features: int, in_features: int):
     """y [B, out_features] = x2d @ W.T through the fused kernel (nested absmax decoded inline)."""
-    k = kernel_backend(x2d.device)
-    args = _gemv_args(packed, state)
-    return k.gemv_4bit(
-        x2d.contiguous(),
-        args["packed"],
-        args["absmax"],
+    return gemv_prepared(x2d, prepare(packed, state))
+
+
+# -- prepared weights ------------------------------------------------------------------------------
+
+
+class KernelArgs(NamedTuple):
+    """Everything a launch needs from one weight, computed once (tensors on the weight's device)."""
+
+    packed: torch.Tensor  # uint8 [n // 2], flat
+    absmax: torch.Tensor | None  # float32 [nb]; None when nested
+    codes: torch.Tensor | None  # uint8 [nb] nested absmax codes
+    nested_absmax: torch.Tensor | None  # float32 [ceil(nb / 256)]
+    nested_map: torch.Tensor | None  # float32 [256]
+    offset: float  # nested offset (0.0 when not nested)
+    quant_map: torch.Tensor  # float32 [16]
+    out_features: int
+    in_features: int
+    blocksize: int
+    dtype: torch.dtype  # the original weight's dtype (dequantize's default)
+    impls: dict | None  # converter.custom_ops.IMPLS[device type], None: no kernel for this device
+    gemv: bool  # the fused GEMV applies (a kernel, whole blocks per row)
+
+
+def prepare(packed: torch.Tensor, state: Any) -> KernelArgs:
+    """The kernel arguments of a weight ([out, in] or any shape when only dequantized)."""
+    shape = tuple(int(d) for d in state.shape)
+    out_features = shape[0] if len(shape) == 2 else 1
+    in_features = math.prod(shape) // out_features
+    data = packed_bytes(packed)
+    impls = None
+    if kernel_backend(data.device) is not None:
+        from converter.custom_ops import IMPLS
+
+        impls = IMPLS.get(data.device.type)
+    absmax = codes = nested_absmax = nested_map = None
+    offset = 0.0
+    if state.nested:
+        codes = state.absmax.reshape(-1).contiguous()
+        nested_absmax = state.state2.absmax.float().contiguous()
+        nested_map = state.state2.code.float().contiguous()
+        offset = _offset_value(state.offset)
+        if impls is None:  # the torch path decodes the absmax once here
+            absmax = decoded_absmax(state)
+            codes = nested_absmax = nested_map = None
+    else:
+        absmax = state.absmax.float().contiguous()
+    return KernelArgs(
+        packed=data,
+        absmax=absmax,
+        codes=codes,
+        nested_absmax=nested_absmax,
+        nested_map=nested_map,
+        offset=offset,
+        quant_map=state.code.float().contiguous(),
         out_features=out_features,
         in_features=in_features,
-        blocksize=state.blocksize,
-        quant_map=args["quant_map"],
-        nested=args["nested"],
+        blocksize=int(state.blocksize),
+        dtype=state.dtype,
+        impls=impls,
+        gemv=impls is not None and len(shape) == 2 and in_features % int(state.blocksize) == 0,
     )
+
+
+def _op(args: KernelArgs, name: str) -> Any:
+    """The custom op while torch.compile traces (one opaque graph node), else its implementation."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.quantize_model, name)
+    return args.impls[name]
+
+
+def gemv_prepared(x2d: torch.Tensor, args: KernelArgs) -> torch.Tensor:
+    """y [B, out_features] = x2d @ W.T through the fused kernel (B = 1..8, nested absmax decoded inline)."""
+    return _op(args, "gemv_4bit")(
+        x2d,
+        args.packed,
+        args.absmax,
+        args.codes,
+        args.nested_absmax,
+        args.nested_map,
+        args.offset,
+        args.quant_map,
+        args.out_features,
+        args.blocksize,
+    )
+
+
+def dequantize_prepared(args: KernelArgs, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The weight of ``shape`` in ``dtype`` (every path the same bits)."""
+    n = math.prod(shape)
+    if args.impls is None:
+        flat = _dequantize_torch(args.packed, args.absmax, n, args.blocksize, args.quant_map, dtype)
+        return flat.reshape(shape)
+    flat = _op(args, "dequantize_4bit")(
+        args.packed,
+        args.absmax,
+        args.codes,
+        args.nested_absmax,
+        args.nested_map,
+        args.offset,
+        args.quant_map,
+        n,
+        args.blocksize,
+        dtype,
+    )
+    return flat.reshape(shape)
+
+
+def linear(
+    x: torch.Tensor, args: KernelArgs, bias: torch.Tensor | None, use_gemv: bool = True
+) -> torch.Tensor:
+    """``x @ W.T + bias`` in x's dtype (bias already in it): fused GEMV for 1..8 tokens, else an
+    exact dequantize + ``F.linear`` (the call bitsandbytes makes)."""
+    tokens = x.numel() // args.in_features
+    if use_gemv and args.gemv and 1 <= tokens <= GEMV_MAX_TOKENS:
+        y = gemv_prepared(x.reshape(tokens, args.in_features), args)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], args.out_features)
+    w = dequantize_prepared(args, (args.out_features, args.in_features), x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+_warned: set[str] = set()
+
+
+def warn_if_slow(device: torch.device | str) -> None:
+    """Warn once per device type when the 4-bit layers on ``device`` run the slow torch path."""
+    device = torch.device(device)
+    if device.type in _warned or device.type not in ("cpu", "cuda"):
+        return
+    k = _kernels()
+    if k is None:
+        why = (
+            "the compiled extension converter._kernels is missing (a source checkout?): the 4-bit layers "
+            "fall back to plain torch code, ~10x slower; build it with `pip install --no-build-isolation "
+            "-e .` (or `make install`)"
+        )
+    elif device.type not in _backends():
+        why = (
+            "this build of quantize-model has no usable CUDA backend"
+            + (f" ({k._cuda_module().cuda_status()[1]})" if k._kernels.has_cuda_build() else "")
+            + ": the 4-bit layers on the GPU fall back to plain torch code (dequantize + matmul); "
+            "reinstall on a machine with nvcc (QM_CUDA=ON pip install .)"
+        )
+    else:
+        return
+    _warned.add(device.type)
+    warnings.warn(why, RuntimeWarning, stacklevel=3)

@@ -36,3 +36,21 @@ def our_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     dst = tmp_path_factory.mktemp("loader") / "ours"
     convert(plain_llama, dst, progress=False, max_shard_size="60KB", compute_dtype="bfloat16")
     return dst
+
+
+@pytest.fixture
+def dynamo(monkeypatch: pytest.MonkeyPatch):
+    """dynamo on (whatever TORCHDYNAMO_DISABLE says), fresh caches and counters; yields the counters.
+
+    torch reads the variable twice: into ``torch._dynamo.config.disable`` at import, and again in
+    every ``torch.compile`` call (which then returns the function uncompiled): undo both.
+    """
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    with torch._dynamo.config.patch(disable=False):
+        torch._dynamo.reset()
+        counters.clear()
+        yield counters
+        torch._dynamo.reset()

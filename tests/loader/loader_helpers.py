@@ -162,3 +162,9 @@ def reference_weight(record: QuantizedTensor, dtype: torch.dtype) -> torch.Tenso
         record.quant_map.numpy(),
     )
     return torch.from_numpy(w).reshape(record.shape).to(dtype)
+
+
+def assert_compiled_without_breaks(counters) -> None:
+    """dynamo really compiled (TORCHDYNAMO_DISABLE would make torch.compile a no-op) and broke no graph."""
+    assert counters["stats"]["unique_graphs"] >= 1, "dynamo compiled nothing: is it disabled?"
+    assert dict(counters["graph_break"]) == {}

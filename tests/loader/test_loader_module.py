@@ -72,8 +72,8 @@ def test_gemv_bound_catches_a_corrupted_absmax() -> None:
 
 def test_gemv_taken_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = ops.gemv
-    monkeypatch.setattr(ops, "gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real = ops.gemv_prepared
+    monkeypatch.setattr(ops, "gemv_prepared", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     whole, _, _ = make_layer(32, 128, blocksize=64)
     crossing, _, _ = make_layer(32, 100, blocksize=64)
     x = torch.randn(3, 128, dtype=torch.bfloat16)

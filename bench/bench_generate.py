@@ -1,0 +1,312 @@
+"""Greedy ``generate()`` at batch 1: quantize-model's loader vs transformers + bitsandbytes vs bf16.
+
+All contenders side by side in one process, on one NF4 folder (ours and bnb read the same folder):
+
+- ``ours``: ``converter.load_quantized(folder)``;
+- ``bnb``: ``AutoModelForCausalLM.from_pretrained(folder)`` (transformers' bitsandbytes integration);
+- ``bf16``: the plain bf16 checkpoint.
+
+Modes: ``eager`` (dynamic cache, no compile) and ``compiled`` (static cache; the decode step's forward
+through ``torch.compile``, ``mode=reduce-overhead`` (CUDA graphs) on CUDA, inductor's default on CPU;
+the prefill runs eager, as transformers' own auto-compile does). Reported per contender and mode:
+``ttft_s`` (prefill + first token), ``decode_tok_s`` = (new - 1) / (t(new tokens) - t(1 token)), best
+of ``--repeats``.
+
+``--load`` times call -> first token in fresh subprocesses (imports included) and in-process from the
+loader call (imports excluded): ours with verify on and off, transformers + bnb on the same folder.
+``--quality`` (real weights only): next-token log-likelihood of a fixed text, teacher-forced one token
+at a time (so the fused GEMV runs) and in one forward (dequantize path), against transformers + bnb and bf16.
+
+    cd /tmp && python bench/bench_generate.py --device cpu --model smollm2
+    cd /tmp && python bench/bench_generate.py --device cuda --model random-8b --prompt 512 --new 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+#: Llama-3.1-8B's shape (random weights: the speed of a decode does not depend on their values).
+LLAMA_8B = {
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+}
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Language models predict the next word from the words "
+    "before it, and quantization stores their weights in fewer bits so that they load faster and fit in "
+    "less memory. A good quantized model keeps almost the same predictions as the original one, while "
+    "reading a quarter of the bytes for every token it generates."
+)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- folders ---------------------------------------------------------------------------------------------
+
+
+def random_llama(folder: Path, device: str, layers: int | None) -> Path:
+    """An 8B-shaped Llama with random weights, created on ``device`` directly and saved in bf16."""
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(LLAMA_8B)
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    t0 = time.perf_counter()
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    del model
+    gc.collect()
+    log(f"random model saved in {time.perf_counter() - t0:.1f} s")
+    return folder
+
+
+def nf4_folder(plain: Path, out: Path, device: str) -> Path:
+    if (out / "config.json").exists():
+        return out
+    from converter.pipeline import convert
+
+    t0 = time.perf_counter()
+    convert(plain, out, progress=False, compute_dtype="bfloat16", device=device)
+    log(f"converted in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+# -- contenders ------------------------------------------------------------------------------------------
+
+
+def load(kind: str, plain: Path, nf4: Path, device: str, verify: bool = False) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "ours":
+            from converter import load_quantized
+
+            return load_quantized(nf4, device=device, verify=verify)
+        if kind == "bnb":
+            return AutoModelForCausalLM.from_pretrained(nf4, device_map=device).eval()
+        return AutoModelForCausalLM.from_pretrained(plain, dtype=torch.bfloat16, device_map=device).eval()
+
+
+def compile_decode(model: torch.nn.Module, device: str, fullgraph: bool) -> None:
+    """The decode step (one token) through torch.compile; the prefill stays eager."""
+    mode = "reduce-overhead" if device == "cuda" else "default"
+    compiled = torch.compile(model.forward, mode=mode, fullgraph=fullgraph)
+    eager = model.forward
+
+    def forward(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[-1] == 1:
+            return compiled(*args, **kwargs)
+        return eager(*args, **kwargs)
+
+    model.forward = forward
+
+
+def time_generate(model, ids: torch.Tensor, new: int, static: bool, device: str) -> float:
+    kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "disable_compile": True}
+    if static:
+        kwargs["cache_implementation"] = "static"
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **kwargs)
+    sync(device)
+    assert out.shape[1] == ids.shape[1] + new
+    return time.perf_counter() - t0
+
+
+def bench_contender(kind, mode, plain, nf4, device, ids, new, repeats) -> dict:
+    model = load(kind, plain, nf4, device)
+    row: dict = {"contender": kind, "mode": mode}
+    try:
+        if mode == "compiled":
+            compile_decode(model, device, fullgraph=(kind == "ours"))
+        static = mode == "compiled"
+        t0 = time.perf_counter()
+        # Warm-up: compilation, CUDA-graph capture, allocator. A static cache is sized prompt + new,
+        # and its shape is part of the compiled graph: warm up with the very length timed below.
+        for _ in range(2 if static else 1):
+            time_generate(model, ids, new if static else min(new, 8), static, device)
+        row["warmup_s"] = round(time.perf_counter() - t0, 1)
+        t1 = min(time_generate(model, ids, 1, static, device) for _ in range(repeats))
+        tn = min(time_generate(model, ids, new, static, device) for _ in range(repeats))
+        row.update(ttft_s=round(t1, 4), total_s=round(tn, 3), decode_tok_s=round((new - 1) / (tn - t1), 2))
+    except Exception as exc:  # a contender that cannot run this mode is reported, not fatal
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    log(json.dumps(row))
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+# -- load time -------------------------------------------------------------------------------------------
+
+_LOAD_SNIPPET = """
+import sys, time, torch
+t0 = time.perf_counter()
+kind, plain, nf4, device, verify = sys.argv[1:6]
+sys.path.insert(0, {bench!r})
+from bench_generate import load, sync
+t1 = time.perf_counter()
+m = load(kind, plain, nf4, device, verify == "1")
+ids = torch.tensor([[1, 2, 3, 4]], device=device)
+with torch.no_grad():
+    m(ids)
+sync(device)
+t2 = time.perf_counter()
+print(t2 - t0, t2 - t1)
+"""
+
+
+def bench_load(plain: Path, nf4: Path, device: str, repeats: int) -> list[dict]:
+    rows = []
+    snippet = _LOAD_SNIPPET.format(bench=str(Path(__file__).resolve().parent))
+    for kind, verify in (("ours", True), ("ours", False), ("bnb", False), ("bf16", False)):
+        best_in = best_ex = float("inf")
+        for _ in range(repeats):
+            t_start = time.perf_counter()
+            cmd = [sys.executable, "-c", snippet, kind, str(plain), str(nf4), device, str(int(verify))]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
+            wall = time.perf_counter() - t_start
+            if out.returncode:
+                rows.append({"contender": kind, "verify": verify, "error": out.stderr.strip()[-300:]})
+                break
+            _, excl = (float(v) for v in out.stdout.split()[-2:])
+            best_in, best_ex = min(best_in, wall), min(best_ex, excl)
+        else:
+            rows.append({"contender": kind, "verify": verify, "with_imports_s": round(best_in, 2),
+                         "imports_excluded_s": round(best_ex, 2)})  # fmt: skip
+        log(json.dumps(rows[-1]))
+    return rows
+
+
+# -- quality ---------------------------------------------------------------------------------------------
+
+
+def nll(model, ids: torch.Tensor, stepwise: bool) -> float:
+    """Mean negative log-likelihood of ids[1:]: one forward (dequantize path), or token by token (GEMV)."""
+    with torch.no_grad():
+        if not stepwise:
+            logits = model(ids).logits[0, :-1].float()
+        else:
+            from transformers import DynamicCache
+
+            cache, rows = DynamicCache(), []
+            for t in range(ids.shape[1] - 1):
+                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                rows.append(out.logits[0, -1].float())
+            logits = torch.stack(rows)
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+
+
+def bench_quality(plain: Path, nf4: Path, device: str) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(plain)(TEXT, return_tensors="pt").input_ids.to(device)
+    rows = []
+    ref = None
+    for kind in ("bf16", "ours", "bnb"):
+        model = load(kind, plain, nf4, device)
+        row = {"contender": kind, "tokens": int(ids.shape[1])}
+        with torch.no_grad():
+            logits = model(ids).logits[0].float()
+        if ref is None:
+            ref = logits
+        row["ppl_forward"] = round(float(torch.exp(torch.tensor(nll(model, ids, False)))), 3)
+        row["ppl_stepwise"] = round(float(torch.exp(torch.tensor(nll(model, ids, True)))), 3)
+        row["max_abs_logit_diff_vs_bf16"] = round((logits - ref).abs().max().item(), 4)
+        row["top1_agree_vs_bf16"] = round((logits.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4)
+        rows.append(row)
+        log(json.dumps(row))
+        del model
+        gc.collect()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default="smollm2", help="smollm2, random-8b, or a bf16 checkpoint folder")
+    ap.add_argument("--layers", type=int, default=None, help="random-8b: fewer layers (smoke runs)")
+    ap.add_argument("--workdir", default="/tmp/qm_bench_generate")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--contenders", default="ours,bnb,bf16")
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--load", action="store_true", help="also time call -> first token")
+    ap.add_argument("--quality", action="store_true", help="also perplexity / logits on real weights")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.model == "smollm2":
+        from converter import samples
+
+        plain = samples.smollm2(Path(os.environ.get("QM_SAMPLES_DIR", samples.DEFAULT_SAMPLES_DIR)))
+    elif args.model == "random-8b":
+        plain = random_llama(work / f"llama8b-{args.layers or 32}", args.device, args.layers)
+    else:
+        plain = Path(args.model)
+    nf4 = nf4_folder(plain, work / f"{plain.name}-nf4", args.device)
+    torch.manual_seed(0)
+    ids = torch.randint(100, 10000, (1, args.prompt), device=args.device)
+    result = {
+        "device": (
+            torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
+        ),
+        "torch": torch.__version__,
+        "model": args.model,
+        "prompt": args.prompt,
+        "new": args.new,
+        "generate": [],
+    }
+    for mode in args.modes.split(","):
+        for kind in args.contenders.split(","):
+            result["generate"].append(
+                bench_contender(kind, mode, plain, nf4, args.device, ids, args.new, args.repeats)
+            )
+    if args.load:
+        result["load"] = bench_load(plain, nf4, args.device, repeats=2)
+    if args.quality:
+        result["quality"] = bench_quality(plain, nf4, args.device)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
