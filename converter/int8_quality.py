@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from converter import kernels_int8
+from converter.int8_quantizer import as_tensor
 from converter.quality import QualityMeter, TensorQuality
 
 _TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -29,7 +30,7 @@ class Int8QualityMeter(QualityMeter):
     def _measure(self, name: str, x: Any, dtype: str, codes: Any) -> None:
         t0 = time.perf_counter()
         q, scb = codes.packed, codes.absmax  # measured() wrapped (codes, scb) in a Codes
-        xf = x.reshape(q.shape).to(torch.float32)
+        xf = as_tensor(x, dtype).reshape(q.shape).to(torch.float32)
         w = kernels_int8.dequantize_int8(q.contiguous(), scb.contiguous(), out_dtype=torch.float32, threads=1)
         err = torch.where(torch.isfinite(w), xf - w, xf)
         bad = int((~torch.isfinite(xf)).sum())

@@ -69,11 +69,26 @@ class Int8Quantizer:
         self.stats.bytes_in += x.numel() * x.element_size()
         return Int8Result(codes, scb)
 
-    def quantize_many(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, Int8Result]]:
-        for name, x in items:
+    def quantize_many(self, items: Iterable[tuple]) -> Iterator[tuple[str, Int8Result]]:
+        """(name, tensor) pairs, or the pipeline's (name, numpy array, safetensors dtype code) triples
+        (bf16 arrives as its uint16 bits)."""
+        for item in items:
+            name, x = item[0], as_tensor(item[1], item[2] if len(item) > 2 else None)
+            del item
             done = [(name, self.quantize(name, x))]  # popped into the yield: nothing held here
             del x
             yield done.pop()
+
+
+_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def as_tensor(x: object, code: str | None) -> torch.Tensor:
+    """A torch view of the pipeline's numpy input (no copy; bf16's uint16 bits viewed as bfloat16)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    t = torch.from_numpy(x)
+    return t.view(_TORCH[code]) if code is not None and t.dtype != _TORCH[code] else t
 
 
 def _cuda_usable() -> tuple[bool, str]:

@@ -243,6 +243,11 @@ class QuantStateInfo:
     shape: tuple[int, ...]
     nested_offset: float | None  # None: not nested
 
+    def describe(self) -> str:
+        """A short label for ``inspect``: "nf4 blocksize 64 nested"."""
+        nested = " nested" if self.nested_offset is not None else ""
+        return f"{self.quant_type.label} blocksize {self.blocksize}{nested}"
+
     def record_fields(self, quant_storage: str) -> dict:
         """The metadata-record fields these keys decide (``check_tensor_records``)."""
         return {
@@ -500,6 +505,9 @@ class Int8Info:
     has_weight_format: bool
 
     quant_type = INT8_QUANT_TYPE
+
+    def describe(self) -> str:
+        return "int8 row-wise"
 
     def record_fields(self, quant_storage: str) -> dict[str, Any]:
         """The metadata-record fields the keys decide (formats.validate.check_tensor_records)."""

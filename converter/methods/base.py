@@ -64,13 +64,14 @@ class QuantMethod(ABC):
         """The ``quantize_model.tensors`` record of one quantized weight."""
 
     @abstractmethod
-    def record(self, p: PlannedTensor, options: Options, result: Any) -> Any:
-        """The record (with ``state_dict()``) from what ``quantizer`` yielded for ``p``."""
+    def record_entries(self, p: PlannedTensor, options: Options, result: Any) -> list[tuple[str, Any]]:
+        """(key, data) of every key of ``p`` from what ``quantizer`` yielded, in bnb's order (the
+        shard writer takes numpy arrays, torch tensors or bytes)."""
 
     # -- kernels ---------------------------------------------------------------------------------
     @abstractmethod
     def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
-        """An object with ``quantize_many(iterable of (name, tensor)) -> iterator of (name, result)``
+        """An object with ``quantize_many((name, array, dtype code), ...) -> iterator of (name, result)``
         (results in order; NaN/Inf -> kernels.NonFiniteInputError with ``.tensor``), ``fallback_reason``
         ("" or why the asked device is not used) and ``notes`` (things the user should know)."""
 

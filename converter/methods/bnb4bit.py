@@ -1,6 +1,6 @@
 """NF4 / FP4 blockwise 4-bit (bitsandbytes ``Linear4bit``): the method the converter started with.
 
-Kernels ``converter.kernels`` (quantize_4bit + quantize_nested) through ``converter.cuda_pipeline``;
+Kernels ``converter.kernels_np`` / ``converter.kernels`` through ``converter.host_quantizer``;
 record ``formats.record.QuantizedTensor``; config ``formats.bnb_compat.quantization_config``; runtime
 layer ``converter.loader.module.Linear4bit``.
 """
@@ -58,19 +58,6 @@ class Bnb4bitMethod(QuantMethod):
             p.name, p.out_shape, self._qtype(), options.blocksize, options.double_quant, options.quant_storage
         )
 
-    def plan_slots(self, p: PlannedTensor, options: Options) -> list:
-        from formats.record import QuantizedTensor
-
-        return QuantizedTensor.plan_slots(
-            p.name,
-            p.out_shape,
-            _dtype_name(p.out_dtype),
-            self._qtype(),
-            options.blocksize,
-            options.double_quant,
-            options.quant_storage,
-        )
-
     def metadata_record(self, p: PlannedTensor, options: Options) -> dict[str, Any]:
         from formats import metadata
 
@@ -84,27 +71,24 @@ class Bnb4bitMethod(QuantMethod):
             transposed=p.transpose,
         )
 
-    def record(self, p: PlannedTensor, options: Options, result: Any) -> Any:
-        from formats.record import QuantizedTensor
+    def record_entries(self, p: PlannedTensor, options: Options, result: Any) -> list:
+        from converter.records import record_entries
 
-        return QuantizedTensor.from_kernel_outputs(
-            name=p.name,
-            shape=p.out_shape,
-            dtype=_dtype_name(p.out_dtype),
-            quant_type=self._qtype(),
-            blocksize=options.blocksize,
-            packed=result.packed,
-            absmax=result.absmax,
-            nested=result.nested,
-            quant_storage=options.quant_storage,
+        return record_entries(
+            p.name,
+            p.out_shape,
+            _dtype_name(p.out_dtype),
+            self._qtype(),
+            options.blocksize,
+            result.packed,
+            result.absmax,
+            result.nested,
         )
 
     def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
-        from converter.cuda_pipeline import CpuQuantizer, make_quantizer
+        from converter.host_quantizer import make_host_quantizer
 
-        if device == "cpu":
-            return CpuQuantizer(self._qtype(), options.blocksize, options.double_quant, threads=threads)
-        return make_quantizer(self._qtype(), options.blocksize, options.double_quant, device, threads)
+        return make_host_quantizer(self._qtype(), options.blocksize, options.double_quant, device, threads)
 
     def quality_meter(self, options: Options, threads: int | None) -> Any:
         from converter.quality import QualityMeter

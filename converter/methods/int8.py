@@ -63,10 +63,11 @@ class Int8Method(QuantMethod):
             transposed=p.transpose,
         )
 
-    def record(self, p: PlannedTensor, options: Options, result: Any) -> Any:
+    def record_entries(self, p: PlannedTensor, options: Options, result: Any) -> list:
         from formats.int8 import Int8Tensor
 
-        return Int8Tensor(p.name, p.out_shape, _dtype_name(p.out_dtype), result.codes, result.scb)
+        record = Int8Tensor(p.name, p.out_shape, _dtype_name(p.out_dtype), result.codes, result.scb)
+        return list(record.state_dict().items())
 
     def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
         from converter.int8_quantizer import Int8Quantizer
