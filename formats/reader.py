@@ -17,11 +17,11 @@ import numpy as np
 
 from formats import writer as _writer
 from formats.index import INDEX_NAME, read_index
-from formats.int8 import Int8Info, Int8Tensor
 from formats.metadata import parse_metadata
 from formats.validate import (
     BadIndex,
     DuplicateTensor,
+    Int8Info,
     MissingQuantComponent,
     QuantGroup,
     TensorEntry,
@@ -33,6 +33,7 @@ from formats.validate import (
 if TYPE_CHECKING:  # torch is imported by the methods that return tensors: inspect/verify never do
     import torch
 
+    from formats.int8 import Int8Tensor
     from formats.record import QuantizedTensor
 
 
@@ -44,7 +45,11 @@ def record_from_group(
     ``dtype`` is the original dtype from our metadata record (int8 keys do not carry it), or None.
     """
     if isinstance(group.info, Int8Info):
+        from formats.int8 import Int8Tensor  # torch: imported only when a record is built
+
         return Int8Tensor.from_state_dict(group.name, tensors, file=file, dtype=dtype)
+    from formats.record import QuantizedTensor
+
     return QuantizedTensor.from_state_dict(group.name, tensors, file=file)
 
 
