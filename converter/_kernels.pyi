@@ -183,3 +183,59 @@ def quant_error_stats(
 
 def count_nonfinite(x: int, dtype: str, n: int, threads: int = 0) -> int:
     """Number of NaN / Inf elements of x (float32 / float16 / bfloat16)."""
+
+# LLM.int8 (csrc/bindings_int8.cpp, csrc/int8_cpu.h; used through converter.kernels_int8)
+int8_scale_table_size: int
+int8_inv127_bits: int
+gemv_int8_max_batch: int
+
+def quantize_int8(
+    x: int,
+    dtype: str,
+    rows: int,
+    cols: int,
+    codes: int,
+    scb: int,
+    scale_table: int = 0,
+    isa: str = "auto",
+    threads: int = 0,
+) -> int:
+    """Row-wise int8 codes + SCB; scale_table 0 = bnb's CPU scale. Returns rows holding NaN/Inf."""
+
+def dequantize_int8(
+    codes: int, scb: int, rows: int, cols: int, out: int, out_dtype: str, isa: str = "auto", threads: int = 0
+) -> None:
+    """out = f32(f32(codes * SCB[row]) * f32(1/127)) cast to out_dtype."""
+
+def gemv_int8(
+    x: int,
+    dtype: str,
+    batch: int,
+    in_features: int,
+    out_features: int,
+    codes: int,
+    scb: int,
+    y: int,
+    isa: str = "auto",
+    threads: int = 0,
+) -> None:
+    """y = x @ (codes * SCB / 127).T for batch 1..8 (float32 sums)."""
+
+def cuda_quantize_int8(
+    device: int,
+    x: int,
+    dtype: int,
+    rows: int,
+    cols: int,
+    table: int,
+    codes: int,
+    scb: int,
+    flag: int,
+    stream: int,
+) -> None:
+    """CUDA int8 quantize (csrc/cuda/int8.cu); table 0 = bnb's CPU scale, else the __fdividef table."""
+
+def cuda_dequantize_int8(
+    device: int, codes: int, scb: int, rows: int, cols: int, out_dtype: int, out: int, stream: int
+) -> None:
+    """CUDA int8 dequantize to out_dtype."""

@@ -105,8 +105,7 @@ def inspect_path(path: str | Path) -> InspectResult:
                 result.tensors_quantized += 1
                 result.params_quantized += math.prod(info.shape)
                 result.bytes_quantized += sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)
-                nested = " nested" if info.nested_offset is not None else ""
-                qtypes[f"{info.quant_type.label} blocksize {info.blocksize}{nested}"] += 1
+                qtypes[info.describe()] += 1
             for key in shard.passthrough:
                 e = shard.entry(key)
                 result.tensors_kept += 1

@@ -28,7 +28,7 @@ import numpy as np
 
 from converter import moe
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
-from converter.host_quantizer import CudaHostQuantizer, HostQuantizer, HostResult, make_host_quantizer
+from converter.host_quantizer import CudaHostQuantizer, HostQuantizer, HostResult
 from converter.kernels_np import NonFiniteInputError
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
 from converter.plan import (
@@ -41,23 +41,17 @@ from converter.plan import (
     parse_size,
 )
 from converter.quality import QualityMeter
-from converter.records import record_entries
 from converter.report import REPORT_NAME, ConversionResult, build_report, make_result
 from converter.selection import select_tensors
 from converter.sources import Source, open_source
 from converter.sources.mapped import MappedFile
+from converter.version import tool_version
 from formats import bnb_compat, index, metadata
-from formats.validate import FORMAT_VERSION, quant_layout
+from formats.validate import FORMAT_VERSION
 from formats.writer import ShardInfo, ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
 ProgressHook = Callable[[str, int], None]
-
-
-def tool_version() -> str:
-    from converter import __version__
-
-    return __version__
 
 
 def resolve_device(device: str) -> tuple[str, str | None]:
@@ -91,6 +85,8 @@ def convert(
     compute_dtype: str | None = None,
     dtype: str | None = None,
     quant_storage: str = "uint8",
+    int8_threshold: float = 6.0,
+    int8_scale: str = "cpu",
     skip: Sequence[str] = (),
     include: Sequence[str] = (),
     max_shard_size: str | int = "5GB",
@@ -132,6 +128,8 @@ def convert(
             skip=tuple(skip),
             include=tuple(include),
             max_shard_size=parse_size(max_shard_size),
+            int8_threshold=int8_threshold,
+            int8_scale=int8_scale,
             moe_experts=str(moe_experts).lower(),
         )
     except ValueError as exc:
@@ -184,7 +182,7 @@ Quantizer = HostQuantizer | CudaHostQuantizer
 
 def new_quantizer(options: Options, device: str, threads: int | None) -> Quantizer:
     """The quantizer a conversion streams its tensors through (``device`` as resolve_device gives it)."""
-    return make_host_quantizer(options.qtype, options.blocksize, options.double_quant, device, threads)
+    return options.method.quantizer(options, device, threads)
 
 
 class _Conversion:
@@ -305,7 +303,7 @@ class _Conversion:
         remaining = Counter(t.info.file for s in shards for t in s.tensors)
         mapped: dict[str, MappedFile] = {}
         quantizer = new_quantizer(self.options, self.device, self.threads)
-        self.quality = self.quality or QualityMeter(self.options.qtype, self.options.blocksize, self.threads)
+        self.quality = self.quality or self.options.method.quality_meter(self.options, self.threads)
         if quantizer.fallback_reason:
             self.notes.append(quantizer.fallback_reason)
         try:
@@ -319,6 +317,7 @@ class _Conversion:
                 manifest.save(self.output)
                 self.stats.shards_written.append(shard.name)
         finally:
+            self.notes.extend(getattr(quantizer, "notes", ()))
             self.quality.close()
             for file in list(mapped):
                 mapped.pop(file)
@@ -354,10 +353,7 @@ class _Conversion:
         slots: list[TensorSlot] = []
         for p in shard.tensors:
             if p.quantize:
-                layout = quant_layout(
-                    p.name, p.out_shape, opts.qtype, opts.blocksize, opts.double_quant, opts.quant_storage
-                )
-                slots.extend(TensorSlot(key, code, shape) for key, (code, shape) in layout.items())
+                slots.extend(opts.method.plan_slots(p, opts))
             else:
                 slots.append(TensorSlot(p.name, p.out_dtype, p.info.shape))
         meta = metadata.build_metadata(
@@ -465,18 +461,8 @@ class _Conversion:
             msg = f"internal error: the quantizer returned {got and got[0]!r} where {p.name!r} was due"
             raise RuntimeError(msg)
         r = got[1]
-        self.quality.measured(p.name, r.packed, r.absmax, r.nested)
-        opts = self.options
-        entries = record_entries(
-            p.name,
-            p.out_shape,
-            _torch_name(p.out_dtype),
-            opts.qtype,
-            opts.blocksize,
-            r.packed,
-            r.absmax,
-            r.nested,
-        )
+        self.quality.measured_result(p.name, r)
+        entries = self.options.method.record_entries(p, self.options, r)
         del got, r
         for key, value in entries:
             writer.write(key, value)
@@ -506,23 +492,14 @@ class _Conversion:
         for s in self.plan.shards:
             for p in s.tensors:
                 if p.quantize:
-                    layout = quant_layout(
-                        p.name, p.out_shape, opts.qtype, opts.blocksize, opts.double_quant, opts.quant_storage
-                    )
-                    weight_map.update(dict.fromkeys(layout, s.name))
+                    weight_map.update(dict.fromkeys(opts.method.layout(p, opts), s.name))
                 else:
                     weight_map[p.name] = s.name
         index.write_index(self.output, shards, weight_map, self._provenance(None))
 
     def _write_config(self, config: dict | None) -> None:
         plan = self.plan
-        qconfig = bnb_compat.quantization_config(
-            quant_type=self.options.qtype,
-            double_quant=self.options.double_quant,
-            compute_dtype=plan.compute_dtype,
-            skip_modules=plan.skip_modules,
-            quant_storage=self.options.quant_storage,
-        )
+        qconfig = self.options.method.quantization_config(plan)
         out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
         text = json.dumps(out, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(self.output / "config.json", text.encode())
@@ -600,15 +577,7 @@ def _tensor_record(p: PlannedTensor, opts: Options) -> dict:
         return metadata.passthrough_record(
             dtype=p.out_dtype, shape=p.info.shape, reason=p.reason[:200] or "kept"
         )
-    return metadata.quantized_record(
-        shape=p.out_shape,
-        dtype=_torch_name(p.out_dtype),
-        quant_type=opts.qtype,
-        blocksize=opts.blocksize,
-        nested=opts.double_quant,
-        quant_storage=opts.quant_storage,
-        transposed=p.transpose,
-    )
+    return opts.method.metadata_record(p, opts)
 
 
 def source_label(identity: dict) -> str:

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from converter.errors import InputError, UnsupportedTensorError
+from converter.methods import QuantMethod, get_method, own_options
 from converter.moe import check_mode
 from converter.sources.base import DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
-from formats.quant_types import MAX_BNB_ELEMENTS, QuantType, check_blocksize, quantized_nbytes
-from formats.validate import UnsupportedOption, check_quant_options
+from formats.quant_types import MAX_BNB_ELEMENTS, QuantType
+from formats.validate import UnsupportedOption
 
 #: torch dtype names accepted by --dtype / --compute-dtype, and their safetensors codes.
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -32,10 +33,6 @@ _DTYPE_ALIASES = {
 CODE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 #: Storage dtypes bitsandbytes accepts for packed weights (bnb_4bit_quant_storage).
 QUANT_STORAGES = {"uint8": "U8", "int8": "I8", "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-
-#: Bytes a quantized tensor adds beyond its payload: quant_map (16 f32), nested map (256 f32) and
-#: the quant_state JSON blob (a few hundred bytes). Only used to cut shards, so an upper bound.
-_TABLE_BYTES = 16 * 4 + 256 * 4 + 1024
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -83,18 +80,24 @@ class Options:
     skip: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     max_shard_size: int = 5 * 10**9
+    int8_threshold: float = 6.0  # int8 only: llm_int8_threshold (forward pass; never changes the bytes)
+    int8_scale: str = "cpu"  # int8 only: "cpu" / "cuda" row scale (bitsandbytes' CPU or GPU bytes)
     moe_experts: str = "keep"  # converter/moe.py: keep routed experts 16-bit, or quantize them
 
     def __post_init__(self) -> None:
-        QuantType.parse(self.quant_type)  # raises ValueError with the accepted names
+        self.method.check_options(self)  # get_method raises ValueError with the accepted names
         check_mode(self.moe_experts)
-        check_blocksize(self.blocksize)
         if self.quant_storage not in QUANT_STORAGES:
             msg = (
                 f"--quant-storage {self.quant_storage!r} is not supported: "
                 f"use one of {', '.join(QUANT_STORAGES)}"
             )
             raise InputError(msg)
+
+    @property
+    def method(self) -> QuantMethod:
+        """The quant method of ``quant_type`` (converter.methods registry)."""
+        return get_method(self.quant_type)
 
     @property
     def qtype(self) -> QuantType:
@@ -105,7 +108,7 @@ class Options:
         d["skip"], d["include"] = list(self.skip), list(self.include)
         if d["moe_experts"] == "keep":  # the default: fingerprints and provenance as before the option
             del d["moe_experts"]
-        return d
+        return self.method.options_json(d, own_options())
 
 
 @dataclass(frozen=True)
@@ -255,15 +258,13 @@ def build_plan(
             spec = quantize[t.name]
             transpose = bool(getattr(spec, "transpose", False))
             n = t.numel
-            out_bytes = quantized_nbytes(n, options.blocksize, options.double_quant) + _TABLE_BYTES
+            out_bytes = options.method.out_nbytes(n, t.shape, options)
             out_dtype = DTYPE_CODES[cast_to] if cast_to else t.dtype
             if out_dtype == "F64":
                 out_dtype = "F32"
             out_shape = (t.shape[1], t.shape[0]) if transpose else t.shape
             try:
-                check_quant_options(
-                    t.file, t.name, out_shape, CODE_NAMES[out_dtype], options.blocksize, options.quant_storage
-                )
+                options.method.check_tensor(t.file, t.name, out_shape, CODE_NAMES[out_dtype], options)
             except UnsupportedOption as exc:
                 raise UnsupportedTensorError(str(exc)) from None
             planned.append(PlannedTensor(t, True, transpose, out_dtype, "", out_bytes))

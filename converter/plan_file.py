@@ -305,13 +305,14 @@ def _slug(key: str, value: Any) -> str:
 
 def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
     """``value`` as convert() takes it, or ValueError saying what is expected."""
+    from converter.methods import get_method
     from converter.plan import QUANT_STORAGES, normalize_dtype, parse_size
-    from formats.quant_types import BLOCKSIZES, QuantType
+    from formats.quant_types import BLOCKSIZES
 
     default = param.default
     try:
         if key == "quant_type":
-            QuantType.parse(str(value))
+            get_method(str(value))  # nf4 / fp4 / int8 (converter.methods registry)
             return str(value).lower()
         if key == "blocksize":
             if isinstance(value, bool) or int(value) not in BLOCKSIZES:
@@ -334,7 +335,7 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
             return str(value).lower()
     except (ValueError, InputError, TypeError):
         allowed = {
-            "quant_type": "nf4 or fp4",
+            "quant_type": "nf4, fp4 or int8",
             "blocksize": ", ".join(map(str, BLOCKSIZES)),
             "dtype": "float32, float16 or bfloat16",
             "compute_dtype": "float32, float16 or bfloat16",

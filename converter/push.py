@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import InputError
+from converter.methods import get_method
 from converter.units import human_bytes, human_count
 
 MANIFEST_NAME = ".quantize-model-manifest.json"
@@ -88,14 +89,15 @@ def build_model_card(folder: Path, repo_id: str) -> str:
     source = report.get("source") or {}
     options = report.get("options") or {}
     summary = report.get("summary") or {}
-    quant_type = str(qconfig.get("bnb_4bit_quant_type") or options.get("quant_type") or "nf4").lower()
+    method = get_method(str(options.get("quant_type") or qconfig.get("bnb_4bit_quant_type") or "nf4"))
+    tags, headline, rows = method.card(qconfig, options)
     base_model = source.get("repo_id") if source.get("kind") == "hub" else None
     source_meta = _source_card_metadata(folder)
 
     card = ModelCardData(
         base_model=base_model,
         library_name="transformers",
-        tags=["bitsandbytes", "4-bit", quant_type, "quantize-model"],
+        tags=[*tags, "quantize-model"],
         **license_fields(folder, source_meta),
     )
     meta = card.to_dict()
@@ -115,16 +117,6 @@ def build_model_card(folder: Path, repo_id: str) -> str:
         )
     else:
         origin = f"the local checkpoint `{source.get('name') or source.get('path') or 'unknown'}`"
-    rows = [
-        ("Quantization", f"{quant_type.upper()} 4-bit, blockwise absmax (bitsandbytes `Linear4bit` layout)"),
-        ("Block size", str(options.get("blocksize", 64))),
-        ("Double (nested) quantization", "yes" if qconfig.get("bnb_4bit_use_double_quant", True) else "no"),
-        ("Compute dtype", str(qconfig.get("bnb_4bit_compute_dtype") or report.get("compute_dtype") or "-")),
-        (
-            "Quant storage",
-            str(qconfig.get("bnb_4bit_quant_storage") or options.get("quant_storage") or "uint8"),
-        ),
-    ]
     skipped = qconfig.get("llm_int8_skip_modules") or []
     if skipped:
         rows.append(("Modules kept in 16 bit", ", ".join(f"`{m}`" for m in skipped)))
@@ -154,16 +146,16 @@ def build_model_card(folder: Path, repo_id: str) -> str:
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     name = repo_id.rsplit("/", 1)[-1]
     if moe_summary is not None and moe_summary.experts_quantized:
-        return _moe_card(front, name, quant_type, origin, table, repo_id, moe_summary)
+        return _moe_card(front, name, method.name, origin, table, repo_id, moe_summary)
     return f"""---
 {front}
 ---
 
 # {name}
 
-{quant_type.upper()} 4-bit quantization of {origin}, made with quantize-model (offline
-pre-quantization; the shards are bitsandbytes' serialized `Linear4bit` layout, so transformers +
-bitsandbytes load them unchanged).
+{headline} quantization of {origin}, made with quantize-model (offline
+pre-quantization; the shards are bitsandbytes' serialized layout, so transformers + bitsandbytes
+load them unchanged).
 
 ## Quantization
 

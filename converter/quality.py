@@ -236,6 +236,10 @@ class QualityMeter:
         if len(self._running) > self.MAX_PENDING:
             self._wait(len(self._running) - self.MAX_PENDING)
 
+    def measured_result(self, name: str, result: Any) -> None:
+        """``measured`` from what the method's quantizer yielded (packed, absmax, nested)."""
+        self.measured(name, result.packed, result.absmax, result.nested)
+
     def _measure(self, name: str, x: Any, dtype: str, codes: Codes) -> None:
         t0 = time.perf_counter()
         self.tensors[name] = measure(name, x, dtype, codes, self.quant_type, self.blocksize, threads=1)

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from converter.version import tool_version
+
 REPORT_NAME = "quantization_report.json"
 
 
@@ -148,7 +150,6 @@ def build_report(
     tensors a resumed run did not quantize again; ``meter`` (converter.quality.QualityMeter) adds
     how long measuring took this run.
     """
-    from converter.pipeline import tool_version
     from converter.quality import from_manifest, summarize
 
     quality, kept_nonfinite = from_manifest(shards or {})

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings_int8.h"
 #include "codebooks.h"
 #include "cpu_features.h"
 #include "gemv_cpu.h"
@@ -272,6 +273,8 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("packed_stride"), py::arg("absmax"), py::arg("absmax_stride"), py::arg("quant_map"), py::arg("y"),
       py::arg("isa") = "auto", py::arg("threads") = 0,
       "MoE grouped GEMV: y[g, o] = sum_k x[g, k] * W_ids[g][o, k] (x_stride 0: one x row for every group).");
+
+  register_int8(m);
 
 #ifdef QM_HAVE_CUDA
   register_cuda(m);

@@ -20,6 +20,7 @@
 
 #include "float_convert.h"
 #include "memory_hint.h"
+#include "simd_store.h"
 #include "thread_pool.h"
 
 #if QM_X86
@@ -125,31 +126,6 @@ QM_TARGET_AVX2 inline __m256 load8_avx2(const void* p, int64_t i) {
       return _mm256_cvtph_ps(h);  // exact widening
     } else {
       return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-  }
-}
-
-// Round-to-nearest-even f32 -> bf16 of 8 lanes (NaN quieted), as 8 u16 in a __m128i.
-QM_TARGET_AVX2 inline __m128i f32_to_bf16_avx2(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b1000);
-  return _mm256_castsi256_si128(packed);
-}
-
-template <DType DT>
-QM_TARGET_AVX2 inline void store8_avx2(void* p, int64_t i, __m256 v) {
-  if constexpr (DT == DType::F32) {
-    _mm256_storeu_ps(static_cast<float*>(p) + i, v);
-  } else {
-    auto* dst = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i);
-    if constexpr (DT == DType::F16) {
-      _mm_storeu_si128(dst, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    } else {
-      _mm_storeu_si128(dst, f32_to_bf16_avx2(v));
     }
   }
 }

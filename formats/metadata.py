@@ -61,6 +61,20 @@ def quantized_record(
     return rec
 
 
+def int8_record(*, shape: Sequence[int], dtype: str, scale: str, transposed: bool = False) -> dict[str, Any]:
+    """The per-tensor record of an LLM.int8 weight (``scale``: "cpu" or "cuda", the row scale used)."""
+    rec: dict[str, Any] = {
+        "kind": "quantized",
+        "quant_type": "int8",
+        "shape": [int(d) for d in shape],
+        "dtype": dtype,
+        "scale": scale,
+    }
+    if transposed:
+        rec["transposed"] = True
+    return rec
+
+
 def passthrough_record(*, dtype: str, shape: Sequence[int], reason: str) -> dict[str, Any]:
     """The per-tensor record of a tensor kept as it was; ``dtype`` is its safetensors code ("BF16")."""
     return {"kind": "passthrough", "dtype": dtype, "shape": [int(d) for d in shape], "reason": reason}

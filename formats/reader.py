@@ -21,6 +21,7 @@ from formats.metadata import parse_metadata
 from formats.validate import (
     BadIndex,
     DuplicateTensor,
+    Int8Info,
     MissingQuantComponent,
     QuantGroup,
     TensorEntry,
@@ -32,7 +33,24 @@ from formats.validate import (
 if TYPE_CHECKING:  # torch is imported by the methods that return tensors: inspect/verify never do
     import torch
 
+    from formats.int8 import Int8Tensor
     from formats.record import QuantizedTensor
+
+
+def record_from_group(
+    group: QuantGroup, tensors: Mapping[str, torch.Tensor], file: str, dtype: str | None
+) -> QuantizedTensor | Int8Tensor:
+    """The record of one validated group of keys: 4-bit (quant-state JSON) or LLM.int8 (SCB).
+
+    ``dtype`` is the original dtype from our metadata record (int8 keys do not carry it), or None.
+    """
+    if isinstance(group.info, Int8Info):
+        from formats.int8 import Int8Tensor  # torch: imported only when a record is built
+
+        return Int8Tensor.from_state_dict(group.name, tensors, file=file, dtype=dtype)
+    from formats.record import QuantizedTensor
+
+    return QuantizedTensor.from_state_dict(group.name, tensors, file=file)
 
 
 class Shard:
@@ -93,16 +111,21 @@ class Shard:
         except RuntimeError:  # misaligned for this dtype: copy once
             return raw.clone().view(dtype).reshape(entry.shape)
 
-    def record(self, name: str) -> QuantizedTensor:
+    def record(self, name: str) -> QuantizedTensor | Int8Tensor:
         """The quantized weight ``name`` (its weight key) as a record."""
         group = self._shard.groups.get(name)
         if group is None:
             msg = f"{self.path}: {name!r} is not a quantized weight in this shard"
             raise KeyError(msg)
-        from formats.record import QuantizedTensor
 
         tensors = {k: self.get_tensor(k) for k in group.keys}
-        return QuantizedTensor.from_state_dict(name, tensors, file=str(self.path))
+        return record_from_group(group, tensors, str(self.path), self.metadata_dtype(name))
+
+    def metadata_dtype(self, name: str) -> str | None:
+        """The original dtype our metadata records for tensor ``name`` (None in a shard bnb wrote)."""
+        records = (self.metadata or {}).get("quantize_model.tensors") or {}
+        dtype = (records.get(name) or {}).get("dtype")
+        return dtype if isinstance(dtype, str) else None
 
     @property
     def partial(self) -> dict[str, tuple[str, ...]]:
@@ -123,7 +146,7 @@ class Shard:
             raise KeyError(msg)
         return group
 
-    def records(self) -> dict[str, QuantizedTensor | torch.Tensor]:
+    def records(self) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
         """Every quantized weight as a record, and every passthrough tensor as a tensor.
 
         Refuses a shard whose quantized weights are split across shards: read those with
@@ -137,7 +160,9 @@ class Shard:
                 "formats.reader.open_folder"
             )
             raise MissingQuantComponent(msg)
-        out: dict[str, QuantizedTensor | torch.Tensor] = {name: self.record(name) for name in self.quantized}
+        out: dict[str, QuantizedTensor | Int8Tensor | torch.Tensor] = {
+            name: self.record(name) for name in self.quantized
+        }
         out.update({name: self.get_tensor(name) for name in self.passthrough})
         return out
 
@@ -187,7 +212,9 @@ class Checkpoint:
         label = str(self.shards[0].path.parent) if self.shards else "<checkpoint>"
         self._joined, _ = find_quant_groups(label, entries, self._read, complete=True)
         claimed = {k for g in self._joined.values() for k in g.keys}
-        self._passthrough = [k for s in self.shards for k in s.passthrough]
+        # A joined group's weight key may look like a plain tensor in its own shard (int8: <m>.weight
+        # without its <m>.SCB): it belongs to the group.
+        self._passthrough = [k for s in self.shards for k in s.passthrough if k not in claimed]
         self._passthrough += [k for k in entries if k not in claimed and k not in self._passthrough]
         self._quantized = [n for s in self.shards for n in s.quantized] + list(self._joined)
 
@@ -217,20 +244,20 @@ class Checkpoint:
     def passthrough(self) -> list[str]:
         return list(self._passthrough)
 
-    def record(self, name: str) -> QuantizedTensor:
+    def record(self, name: str) -> QuantizedTensor | Int8Tensor:
         if name in self._joined:
             tensors = {k: self.get_tensor(k) for k in self._joined[name].keys}
-            from formats.record import QuantizedTensor
-
-            return QuantizedTensor.from_state_dict(name, tensors, file=str(self._where[name].path))
+            return record_from_group(self._joined[name], tensors, str(self._where[name].path), None)
         if name not in self._where:
             msg = f"no quantized weight {name!r} in this checkpoint"
             raise KeyError(msg)
         return self._where[name].record(name)
 
-    def records(self) -> dict[str, QuantizedTensor | torch.Tensor]:
+    def records(self) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
         """Every quantized weight as a record and every other tensor as a tensor, over all shards."""
-        out: dict[str, QuantizedTensor | torch.Tensor] = {n: self.record(n) for n in self._quantized}
+        out: dict[str, QuantizedTensor | Int8Tensor | torch.Tensor] = {
+            n: self.record(n) for n in self._quantized
+        }
         out.update({n: self.get_tensor(n) for n in self._passthrough})
         return out
 

@@ -23,10 +23,10 @@ import bisect
 import json
 import math
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -243,6 +243,19 @@ class QuantStateInfo:
     shape: tuple[int, ...]
     nested_offset: float | None  # None: not nested
 
+    def describe(self) -> str:
+        """A short label for ``inspect``: "nf4 blocksize 64 nested"."""
+        nested = " nested" if self.nested_offset is not None else ""
+        return f"{self.quant_type.label} blocksize {self.blocksize}{nested}"
+
+    def record_fields(self, quant_storage: str) -> dict:
+        """The metadata-record fields these keys decide (``check_tensor_records``)."""
+        return {
+            "kind": "quantized", "quant_type": self.quant_type.label, "blocksize": self.blocksize,
+            "shape": list(self.shape), "dtype": self.dtype, "nested": self.nested_offset is not None,
+            "quant_storage": quant_storage,
+        }  # fmt: skip
+
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -405,6 +418,7 @@ def find_quant_groups(
             raise MissingQuantComponent(msg)
         storage, expected = check_quant_group(file, base, info, dict(present))
         groups[base] = QuantGroup(base, info, storage, (base, *sorted(set(expected) - {base})))
+    _find_int8(file, entries, read, complete, groups, partial)
     # Components whose weight has no quant_state key: transformers would silently load the packed
     # bytes as the weight.
     for key in entries:
@@ -417,6 +431,140 @@ def find_quant_groups(
             msg = f"{file}: tensor {base!r}: has {key!r} but no '{base}.{QUANT_STATE_PREFIX}nf4|fp4' key"
             raise MissingQuantComponent(msg)
     return groups, partial
+
+
+def _find_int8(
+    file: str,
+    entries: Mapping[str, tuple[str, tuple[int, ...]]],
+    read: Callable[[str], bytes],
+    complete: bool,
+    groups: dict[str, QuantGroup],
+    partial: dict[str, tuple[str, ...]],
+) -> None:
+    """LLM.int8 weights (``<m>.weight`` I8 + ``<m>.SCB`` + ``<m>.weight_format``), added to ``groups``."""
+    for base, keys in find_int8_groups(file, entries).items():
+        present = {k: entries[k] for k in keys}
+        # In a shard bnb wrote, a group without its weight or weight_format may have them in the next
+        # shard (save_pretrained cuts shards key by key): the reader joins the pieces.
+        if not complete and (base not in present or weight_format_key(base) not in present):
+            partial[base] = keys
+            continue
+        info = check_int8_group(file, base, present, read)
+        groups[base] = QuantGroup(base, info, "int8", keys)
+    if not complete:  # a weight_format whose SCB is in another shard: a piece of a split group
+        for key in entries:
+            prefix, dot, suffix = key.rpartition(".")
+            if dot and suffix == WEIGHT_FORMAT_SUFFIX and f"{prefix}.{SCB_SUFFIX}" not in entries:
+                base = f"{prefix}.weight"
+                partial[base] = tuple(k for k in (base, key) if k in entries)
+
+
+# --------------------------------------------------------------------------------------------------
+# LLM.int8 (bitsandbytes 8-bit) layout: <m>.weight I8 [out, in], <m>.SCB F32 [out], <m>.weight_format U8 []
+# (formats/int8.py has the math and the record)
+
+INT8_QUANT_TYPE = "int8"
+SCB_SUFFIX = "SCB"
+WEIGHT_FORMAT_SUFFIX = "weight_format"
+#: bnb's weight_format codes (bitsandbytes/utils.py); only "row" is written since bnb 0.45.
+WEIGHT_FORMAT_ROW = 0
+
+
+def _module_prefix(weight_key: str) -> str:
+    """``a.b.weight`` -> ``a.b.``; a bare ``weight`` (a module's own state dict) -> ``""``."""
+    return "" if weight_key == "weight" else weight_key.removesuffix("weight")
+
+
+def scb_key(weight_key: str) -> str:
+    """``a.b.weight`` -> ``a.b.SCB`` (int8 weights are always a module's ``weight``)."""
+    return _module_prefix(weight_key) + SCB_SUFFIX
+
+
+def weight_format_key(weight_key: str) -> str:
+    return _module_prefix(weight_key) + WEIGHT_FORMAT_SUFFIX
+
+
+def int8_layout(name: str, shape: Sequence[int]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The keys of one int8 weight -> (safetensors dtype code, shape), in bnb's state-dict order."""
+    if not name.endswith(".weight") or len(shape) != 2:
+        msg = f"tensor {name!r}: an int8 weight is a module's 2-D '.weight', got shape {list(shape)}"
+        raise UnsupportedOption(msg)
+    rows, cols = (int(d) for d in shape)
+    return {
+        name: ("I8", (rows, cols)),
+        scb_key(name): ("F32", (rows,)),
+        weight_format_key(name): ("U8", ()),
+    }
+
+
+@dataclass(frozen=True)
+class Int8Info:
+    """What the keys of one int8 weight say about it (bnb stores no dtype: the config holds it)."""
+
+    shape: tuple[int, int]
+    has_weight_format: bool
+
+    quant_type = INT8_QUANT_TYPE
+
+    def describe(self) -> str:
+        return "int8 row-wise"
+
+    def record_fields(self, quant_storage: str) -> dict[str, Any]:
+        """The metadata-record fields the keys decide (formats.validate.check_tensor_records)."""
+        return {"kind": "quantized", "quant_type": INT8_QUANT_TYPE, "shape": list(self.shape)}
+
+
+def check_int8_group(
+    file: str, name: str, present: Mapping[str, tuple[str, tuple[int, ...]]], read_format: Any = None
+) -> Int8Info:
+    """Check the keys of int8 weight ``name`` (its ``.weight`` key): I8 [out, in], F32 SCB [out] and
+    an optional U8 scalar weight_format equal to 0 (``read_format(key) -> bytes`` reads its value)."""
+    where = f"{file}: tensor {name!r}"
+    if name not in present:
+        msg = f"{where}: int8 weight missing (its {scb_key(name)!r} is present)"
+        raise MissingQuantComponent(msg)
+    dtype, shape = present[name]
+    if dtype != "I8" or len(shape) != 2:
+        msg = f"{where}: an int8 weight with SCB must be I8 [out, in], got {dtype} {list(shape)}"
+        raise QuantLayoutMismatch(msg)
+    sk, fk = scb_key(name), weight_format_key(name)
+    if sk not in present:
+        msg = f"{where}: component {sk!r} missing (F32 [{shape[0]}] expected)"
+        raise MissingQuantComponent(msg)
+    if present[sk] != ("F32", (shape[0],)):
+        got = f"{present[sk][0]} {list(present[sk][1])}"
+        msg = f"{file}: tensor {sk!r}: expected F32 [{shape[0]}] for weight shape {list(shape)}, got {got}"
+        raise QuantLayoutMismatch(msg)
+    has_format = fk in present
+    if has_format:
+        if present[fk] != ("U8", ()):
+            msg = (
+                f"{file}: tensor {fk!r}: expected a U8 scalar [], got {present[fk][0]} {list(present[fk][1])}"
+            )
+            raise QuantLayoutMismatch(msg)
+        if read_format is not None and bytes(read_format(fk)) != bytes([WEIGHT_FORMAT_ROW]):
+            msg = (
+                f"{file}: tensor {fk!r}: weight_format {bytes(read_format(fk))!r} is a tiled layout "
+                "(bitsandbytes 0.43-0.44 on a GPU); only 0 (row) is supported: "
+                "re-save it with bitsandbytes >= 0.45"
+            )
+            raise UnexpectedQuantComponent(msg)
+    return Int8Info((int(shape[0]), int(shape[1])), has_format)
+
+
+def find_int8_groups(
+    file: str, entries: Mapping[str, tuple[str, tuple[int, ...]]]
+) -> dict[str, tuple[str, ...]]:
+    """Weight key -> the keys of each int8 weight announced by a ``<m>.SCB`` among ``entries``
+    (those present: a bnb shard may hold only some of them)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for key in entries:
+        module, dot, suffix = key.rpartition(".")
+        if not dot or suffix != SCB_SUFFIX:
+            continue
+        w = f"{module}.weight"
+        out[w] = tuple(k for k in (w, key, weight_format_key(w)) if k in entries)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,7 +584,7 @@ class QuantGroup:
     """The keys of one quantized weight, as found in a shard."""
 
     name: str  # the weight key
-    info: QuantStateInfo
+    info: QuantStateInfo | Int8Info
     quant_storage: str
     keys: tuple[str, ...]  # every key of the group, the weight key first
 
@@ -594,11 +742,7 @@ def check_tensor_records(
         msg = f"{file}: quantize_model.tensors lists {extra[:3]} not in the shard and omits {missing[:3]}"
         raise BadMetadata(msg)
     for name, g in groups.items():
-        want = {
-            "kind": "quantized", "quant_type": g.info.quant_type.label, "blocksize": g.info.blocksize,
-            "shape": list(g.info.shape), "dtype": g.info.dtype, "nested": g.info.nested_offset is not None,
-            "quant_storage": g.quant_storage,
-        }  # fmt: skip
+        want = g.info.record_fields(g.quant_storage)
         got = {k: records[name].get(k) for k in want}
         if got != want:
             msg = f"{file}: tensor {name!r}: metadata record {got} disagrees with its bnb keys {want}"

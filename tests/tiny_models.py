@@ -9,6 +9,7 @@ their last block is partial.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,30 @@ def linear4bit_modules(model: Any) -> set[str]:
 
 def quantized_modules(selection: Any) -> set[str]:
     return {k.removesuffix(".weight") for k in selection.quantize}
+
+
+class WarningRecords(logging.Handler):
+    """Collects the messages of WARNING and above (transformers' load reports)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def load_logged(folder: Path, **kwargs: Any) -> tuple[Any, dict, list[str]]:
+    """``from_pretrained(folder, device_map="cpu")`` of config.json's architecture, in eval mode, with the
+    loading info and the warnings transformers logged: (model, info, messages)."""
+    import transformers
+
+    cls = getattr(transformers, read_config(folder)["architectures"][0])
+    handler = WarningRecords()
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        model, info = cls.from_pretrained(folder, device_map="cpu", output_loading_info=True, **kwargs)
+    finally:
+        hf_logger.removeHandler(handler)
+    return model.eval(), info, handler.messages

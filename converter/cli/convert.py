@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from converter.cli._app import App, table
+from converter.methods import method_names
 from converter.plan import QUANT_STORAGES
 from converter.units import human_bytes, human_count
 from formats.quant_types import BLOCKSIZES
@@ -18,6 +19,7 @@ Examples:
   quantize-model convert ./my-model ./my-model-nf4
   quantize-model convert meta-llama/Llama-3.2-1B ./llama-nf4 --revision main --dtype bfloat16
   quantize-model convert ./gpt2 ./gpt2-fp4 --quant-type fp4 --no-double-quant --skip 'lm_head'
+  quantize-model convert ./llama-8b ./llama-8b-int8 --quant-type int8 --int8-threshold 6.0
 
 Rerunning the same command resumes an interrupted conversion, or does nothing if it finished.
 Exit codes: 0 ok, 1 conversion failed, 2 usage or input error.
@@ -29,8 +31,14 @@ _DTYPES = click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False)
 def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by ``convert`` and ``batch`` (everything that shapes one conversion)."""
     options = [
-        click.option("--quant-type", type=click.Choice(["nf4", "fp4"], case_sensitive=False), default="nf4",
-                     show_default=True, help="4-bit data type."),
+        click.option("--quant-type", type=click.Choice(list(method_names()), case_sensitive=False),
+                     default="nf4", show_default=True,
+                     help="nf4 / fp4: 4-bit (Linear4bit); int8: LLM.int8 8-bit (Linear8bitLt)."),
+        click.option("--int8-threshold", type=click.FloatRange(min=0), default=6.0, show_default=True,
+                     help="int8: llm_int8_threshold in config.json (outlier split at inference)."),
+        click.option("--int8-scale", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="int8: row scale of bitsandbytes on CPU, or on CUDA (__fdividef) to reproduce "
+                          "GPU-made bytes."),
         click.option("--double-quant/--no-double-quant", default=True, show_default=True,
                      help="Quantize the absmax constants too (nested quantization)."),
         click.option("--blocksize", type=click.Choice([str(b) for b in BLOCKSIZES]),
@@ -72,6 +80,8 @@ def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "compute_dtype": params["compute_dtype"],
         "dtype": params["dtype"],
         "quant_storage": params["quant_storage"],
+        "int8_threshold": params["int8_threshold"],
+        "int8_scale": params["int8_scale"],
         "skip": tuple(params["skip"]),
         "include": tuple(params["include"]),
         "max_shard_size": params["max_shard_size"],

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from converter.cli._app import App, table
+from converter.methods import for_config
 from converter.units import human_bytes, human_count
 
 
@@ -94,9 +95,6 @@ def inspect(
         t.add_row("Not with", "; ".join(r.moe.not_loaders))
     if r.quantization_config:
         q = r.quantization_config
-        t.add_row(
-            "quantization_config",
-            f"{q.get('bnb_4bit_quant_type')}, double quant {q.get('bnb_4bit_use_double_quant')}, "
-            f"compute {q.get('bnb_4bit_compute_dtype')}, skip {q.get('llm_int8_skip_modules')}",
-        )
+        method = for_config(q)
+        t.add_row("quantization_config", method.config_summary(q) if method else str(q)[:200])
     app.print_table(t)

@@ -1,4 +1,5 @@
-"""Load pre-quantized checkpoints into PyTorch: state dicts, 4-bit linear layers, whole models.
+"""Load pre-quantized checkpoints into PyTorch: state dicts, 4-bit and LLM.int8
+linear layers, whole models.
 
 ``load_quantized_state`` needs only torch and safetensors; ``replace_linear_layers`` works on any
 ``nn.Module``; ``load_quantized`` builds a transformers model (imported lazily, only there).
@@ -10,7 +11,9 @@ from typing import Any
 
 __all__ = [
     "Linear4bit",
+    "Linear8bit",
     "QuantLinear4bit",
+    "QuantLinear8bit",
     "dequantize_checkpoint",
     "load_quantized",
     "load_quantized_state",
@@ -21,6 +24,8 @@ __all__ = [
 _LAZY = {
     "Linear4bit": "converter.loader.module",
     "QuantLinear4bit": "converter.loader.module",
+    "Linear8bit": "converter.loader.module_int8",
+    "QuantLinear8bit": "converter.loader.module_int8",
     "register_lora": "converter.loader.lora",
     "load_quantized_state": "converter.loader.state",
     "replace_linear_layers": "converter.loader.replace",

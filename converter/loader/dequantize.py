@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from converter.errors import OutputExistsError
-from converter.loader import ops
-from converter.loader.module import dtype_from_name, state_from_record
+from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
+from converter.methods import for_record
 from converter.plan import normalize_dtype, parse_size, shard_names
 from formats.record import QuantizedTensor
 from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
@@ -56,7 +56,7 @@ class DequantizeResult:
 
 
 def _out_dtype(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    if isinstance(value, QuantizedTensor) or value.is_floating_point():
+    if not isinstance(value, torch.Tensor) or value.is_floating_point():
         return dtype
     return value.dtype
 
@@ -77,8 +77,8 @@ def _plan(state: dict, dtype: torch.dtype, max_shard_size: int) -> list[list[str
 
 
 def _tensor(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(value, QuantizedTensor):
-        return ops.dequantize(value.packed, state_from_record(value), dtype)
+    if not isinstance(value, torch.Tensor):  # a quantized record: its method decodes it
+        return for_record(value).dequantize(value, dtype)
     return value.to(_out_dtype(value, dtype))
 
 
@@ -129,7 +129,7 @@ def dequantize_checkpoint(
         with ShardWriter(out / shard_name, slots, {}) as writer:
             for k in group:
                 writer.write(k, _tensor(state[k], torch_dtype).contiguous())
-                if isinstance(state[k], QuantizedTensor):
+                if not isinstance(state[k], torch.Tensor):
                     result.tensors_dequantized += 1
                 else:
                     result.tensors_copied += 1

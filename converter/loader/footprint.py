@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from converter.loader.module import QuantLinear4bit, nbytes
+from converter.loader.module_int8 import QuantLinear8bit
 
 
 def module_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, int]]:
@@ -30,6 +31,8 @@ def module_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, int]]:
             seen.add(id(t))
             if isinstance(module, QuantLinear4bit) and attr == "weight":
                 size = nbytes(module)
+            elif isinstance(module, QuantLinear8bit) and attr == "weight":
+                size = t.numel() + module.scb.numel() * 4  # int8 codes + float32 SCB
             else:
                 size = t.numel() * t.element_size()
             yield prefix + attr, t, size
@@ -63,7 +66,9 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
 
 def _is_quantized_weight(model: nn.Module, name: str) -> bool:
     module_name, _, attr = name.rpartition(".")
-    return attr == "weight" and isinstance(model.get_submodule(module_name), QuantLinear4bit)
+    return attr == "weight" and isinstance(
+        model.get_submodule(module_name), (QuantLinear4bit, QuantLinear8bit)
+    )
 
 
 def install_footprint(model: nn.Module) -> None:

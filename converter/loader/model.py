@@ -29,9 +29,9 @@ from converter.loader import ops
 from converter.loader.footprint import install_footprint
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts
-from converter.loader.replace import is_swappable, quantized_modules, swap_layers
+from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
 from converter.loader.state import load_quantized_state, resolve_folder, shard_files
-from formats.record import QuantizedTensor
+from converter.methods import for_record
 
 
 class ModelBuildError(InputError):
@@ -104,7 +104,7 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
     buffers = dict(model.named_buffers())
     unused = []
     for key, value in state.items():
-        if isinstance(value, QuantizedTensor):
+        if not isinstance(value, torch.Tensor):  # a quantized record (4-bit or int8): already swapped in
             continue
         module_name, _, attr = key.rpartition(".")
         target = params.get(key)
@@ -145,8 +145,7 @@ def build_skeleton(
         raise ModelBuildError(msg)
     raw_config = json.loads((folder / "config.json").read_text())
     qc = raw_config.get("quantization_config")
-    compute = qc.get("bnb_4bit_compute_dtype") if isinstance(qc, dict) else None
-    compute_dtype = dtype_from_name(compute) if isinstance(compute, str) else dtype
+    compute_dtype = compute_dtype_from_config(folder, state) or dtype
 
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
@@ -167,7 +166,15 @@ def build_skeleton(
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
     except (ImportError, AttributeError, TypeError):  # another transformers version: skip the check
         expected = None
-    swapped = set(swap_layers(model, state, compute_dtype, where=str(folder)))
+    swapped = set(
+        swap_layers(
+            model,
+            state,
+            compute_dtype,
+            where=str(folder),
+            quantization_config=qc if isinstance(qc, dict) else None,
+        )
+    )
     if expected is not None and swapped != expected:
         extra, missing = sorted(swapped - expected), sorted(expected - swapped)
         warnings.warn(
@@ -230,7 +237,8 @@ def load_quantized(
         )
     if isinstance(qc, dict):
         model.config.quantization_config = qc
-    model.is_loaded_in_4bit = True
+    records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
+    setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     model.eval()
     install_footprint(model)
     if device_map is not None:

@@ -47,6 +47,7 @@ from torch import nn
 from converter.errors import InputError
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
+from converter.loader.module_int8 import QuantLinear8bit
 
 #: The device_map strings that ask accelerate for a plan (as transformers accepts them).
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -304,6 +305,8 @@ def _tensors_under(model: nn.Module, name: str) -> list[torch.Tensor]:
         if isinstance(module, QuantLinear4bit):
             s = module.weight.quant_state
             out += [s.absmax, s.code] + ([s.state2.absmax, s.state2.code] if s.nested else [])
+        elif isinstance(module, QuantLinear8bit):
+            out.append(module.scb)
     return out
 
 

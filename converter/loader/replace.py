@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from converter.errors import InputError
-from converter.loader.module import Linear4bit, QuantLinear4bit, dtype_from_name
+from converter.loader.module import QuantLinear4bit, dtype_from_name
+from converter.loader.module_int8 import QuantLinear8bit
+from converter.methods import for_record
 from formats.record import QuantizedTensor
 
 
@@ -34,14 +36,29 @@ def is_swappable(module: nn.Module) -> bool:
     return type(module) is nn.Linear or _is_conv1d(module)
 
 
-def compute_dtype_from_config(folder: Path) -> torch.dtype | None:
-    """``quantization_config.bnb_4bit_compute_dtype`` of ``folder/config.json``, if any."""
+def quantization_config_of(folder: Path) -> dict[str, Any]:
+    """``quantization_config`` of ``folder/config.json`` ({} without one)."""
     path = folder / "config.json"
-    if not path.is_file():
-        return None
-    qc = json.loads(path.read_text()).get("quantization_config") or {}
-    name = qc.get("bnb_4bit_compute_dtype")
+    qc = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    return qc if isinstance(qc, dict) else {}
+
+
+def compute_dtype_from_config(folder: Path, state: Mapping[str, Any] | None = None) -> torch.dtype | None:
+    """The matmul dtype ``folder/config.json`` asks for (``bnb_4bit_compute_dtype`` of a 4-bit folder;
+    None for LLM.int8, which computes in the input's dtype), decided by the records' quant method."""
+    qc = quantization_config_of(folder)
+    method = _method_of(state) if state is not None else None
+    if method is None:
+        name = qc.get("bnb_4bit_compute_dtype") if qc.get("load_in_4bit", True) else None
+    else:
+        name = method.compute_dtype(qc)
     return dtype_from_name(name) if isinstance(name, str) else None
+
+
+def _method_of(state: Mapping[str, Any]) -> Any:
+    """The quant method of a loaded state's records (None when it has none)."""
+    record = next((v for v in state.values() if not isinstance(v, torch.Tensor)), None)
+    return None if record is None else for_record(record)
 
 
 def quantized_modules(state: Mapping[str, Any]) -> dict[str, QuantizedTensor]:
@@ -49,7 +66,7 @@ def quantized_modules(state: Mapping[str, Any]) -> dict[str, QuantizedTensor]:
     return {
         k.removesuffix(".weight"): v
         for k, v in state.items()
-        if isinstance(v, QuantizedTensor) and k.endswith(".weight")
+        if not isinstance(v, torch.Tensor) and k.endswith(".weight")
     }
 
 
@@ -59,6 +76,7 @@ def swap_layers(
     compute_dtype: torch.dtype | None,
     *,
     where: str = "checkpoint",
+    quantization_config: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Replace each module named by a quantized weight of ``state``; returns the swapped names.
 
@@ -72,7 +90,7 @@ def swap_layers(
         module = modules.get(name)
         if module is None:
             problems.append(f"{record.name!r} has no module {name!r} in the model")
-        elif not (is_swappable(module) or isinstance(module, QuantLinear4bit)):
+        elif not (is_swappable(module) or isinstance(module, (QuantLinear4bit, QuantLinear8bit))):
             problems.append(
                 f"{record.name!r} is quantized but {name!r} is a {type(module).__name__}, not nn.Linear"
             )
@@ -93,7 +111,13 @@ def swap_layers(
         if has_bias and bias is None:
             msg = f"{where}: module {name!r} has a bias but the checkpoint has no {name + '.bias'!r}"
             raise CheckpointMismatchError(msg)
-        layer = Linear4bit.from_record(record, bias=bias if has_bias else None, compute_dtype=compute_dtype)
+        method = for_record(record)
+        layer = method.runtime_layer().from_record(
+            record,
+            bias=bias if has_bias else None,
+            compute_dtype=compute_dtype,
+            **method.layer_kwargs(quantization_config or {}),
+        )
         layer.train(module.training)
         model.set_submodule(name, layer)
     return list(targets)
@@ -127,16 +151,18 @@ def replace_linear_layers(
     from converter.loader.state import load_quantized_state, resolve_folder
 
     where = "state dict"
+    qc: dict[str, Any] = {}
     if isinstance(path_or_state, Mapping):
         state = path_or_state
     else:
         folder = resolve_folder(path_or_state)
         where = str(folder)
         state = load_quantized_state(folder, verify=verify)
+        qc = quantization_config_of(folder)
         if compute_dtype is None:
-            compute_dtype = compute_dtype_from_config(folder)
+            compute_dtype = compute_dtype_from_config(folder, state)
     dtype = dtype_from_name(compute_dtype) if compute_dtype is not None else None
-    names = swap_layers(module, state, dtype, where=where)
+    names = swap_layers(module, state, dtype, where=where, quantization_config=qc)
     if names:
-        module.is_loaded_in_4bit = True
+        setattr(module, _method_of(state).loaded_flag, True)
     return names

@@ -6,7 +6,8 @@ structurally first (``formats.validate``: header, offsets, every bnb key group),
 ``verify=True``, its sha256 is checked against the index before any tensor is handed out.
 
 Reads checkpoints written by quantize-model and by transformers + bitsandbytes (``save_pretrained``
-of a 4-bit model): nf4 and fp4, nested or not, any ``quant_storage``, with the stored
+of a 4-bit or 8-bit model): nf4 and fp4, nested or not, any ``quant_storage``, and LLM.int8
+(``formats.int8.Int8Tensor``: codes, SCB), with the stored
 ``quant_map`` / ``nested_quant_map`` used as they are. A folder without a quantized weight, a
 pickle-only folder, or an unknown layout is refused with an error naming the file.
 """
@@ -20,6 +21,7 @@ import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
 from formats.index import INDEX_NAME, read_index, verify_shards
+from formats.int8 import Int8Tensor
 from formats.reader import open_checkpoint
 from formats.record import QuantizedTensor
 from formats.validate import FormatError
@@ -32,7 +34,7 @@ class ChecksumMismatchError(CorruptFileError):
 
 
 class NotQuantizedError(InputError):
-    """The checkpoint holds no 4-bit quantized weight."""
+    """The checkpoint holds no quantized (4-bit or LLM.int8) weight."""
 
 
 def resolve_folder(path_or_repo: str | os.PathLike) -> Path:
@@ -97,7 +99,7 @@ def verify_folder(folder: Path, *, threads: int | None = None) -> None:
 
 def load_quantized_state(
     path_or_repo: str | os.PathLike, *, verify: bool = True
-) -> dict[str, QuantizedTensor | torch.Tensor]:
+) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
     """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
     ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
 
@@ -114,10 +116,10 @@ def load_quantized_state(
         out = open_checkpoint(files).records()
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
-    if not any(isinstance(v, QuantizedTensor) for v in out.values()):
+    if all(isinstance(v, torch.Tensor) for v in out.values()):
         msg = (
-            f"{folder}: no 4-bit quantized weight (no '*.quant_state.bitsandbytes__nf4|fp4' key); "
-            "not a bnb 4-bit checkpoint"
+            f"{folder}: no quantized weight (no '*.quant_state.bitsandbytes__nf4|fp4' key and no int8 "
+            "'*.SCB' key); not a bitsandbytes 4-bit or 8-bit checkpoint"
         )
         raise NotQuantizedError(msg)
     return out

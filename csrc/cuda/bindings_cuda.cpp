@@ -136,4 +136,33 @@ void register_cuda(py::module_& m) {
       py::arg("blocksize"), py::arg("packed"), py::arg("absmax"), py::arg("ncodes"), py::arg("nested_absmax"),
       py::arg("offset"), py::arg("map8"), py::arg("quant_map"), py::arg("y"), py::arg("stream"),
       py::arg("variant") = 0);
+
+  m.def(
+      "cuda_quantize_int8",
+      [](int device, uintptr_t x, int dtype, int64_t rows, int64_t cols, uintptr_t table, uintptr_t codes,
+         uintptr_t scb, uintptr_t flag, uintptr_t stream) {
+        int s;
+        {
+          py::gil_scoped_release nogil;
+          s = qm::cuda::quantize_int8(device, x, dtype, rows, cols, table, codes, scb, flag, stream);
+        }
+        check(s, "cuda_quantize_int8(x " + shape(rows, cols) + ", dtype code " + std::to_string(dtype) + ")");
+      },
+      py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("table"),
+      py::arg("codes"), py::arg("scb"), py::arg("flag"), py::arg("stream"));
+
+  m.def(
+      "cuda_dequantize_int8",
+      [](int device, uintptr_t codes, uintptr_t scb, int64_t rows, int64_t cols, int out_dtype, uintptr_t out,
+         uintptr_t stream) {
+        int s;
+        {
+          py::gil_scoped_release nogil;
+          s = qm::cuda::dequantize_int8(device, codes, scb, rows, cols, out_dtype, out, stream);
+        }
+        check(s, "cuda_dequantize_int8(codes " + shape(rows, cols) + ", out dtype code " + std::to_string(out_dtype) +
+                     ")");
+      },
+      py::arg("device"), py::arg("codes"), py::arg("scb"), py::arg("rows"), py::arg("cols"), py::arg("out_dtype"),
+      py::arg("out"), py::arg("stream"));
 }

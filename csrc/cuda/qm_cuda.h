@@ -72,5 +72,15 @@ int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t 
               uintptr_t packed, uintptr_t absmax, uintptr_t ncodes, uintptr_t nested_absmax, float offset,
               uintptr_t map8, uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant = 0);
 
+// LLM.int8 row-wise quantize of a [rows, cols] weight (csrc/cuda/int8.cu): codes int8[rows*cols],
+// scb float32[rows]; table (float32[0x7c01], may be 0) replaces bnb's CPU scale by the fp16 bits of
+// SCB (the CUDA __fdividef scale); flag as in quantize_4bit.
+int quantize_int8(int device, uintptr_t x, int dtype, int64_t rows, int64_t cols, uintptr_t table,
+                  uintptr_t codes, uintptr_t scb, uintptr_t flag, uintptr_t stream);
+
+// out = cast((codes * scb[row]) * f32(1/127)) for a [rows, cols] int8 weight.
+int dequantize_int8(int device, uintptr_t codes, uintptr_t scb, int64_t rows, int64_t cols, int out_dtype,
+                    uintptr_t out, uintptr_t stream);
+
 }  // namespace cuda
 }  // namespace qm

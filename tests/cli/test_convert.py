@@ -122,7 +122,7 @@ def test_json_error_object(qm, tmp_path: Path) -> None:
 def test_bad_option_is_usage_error(qm, tiny_llama: Path, tmp_path: Path) -> None:
     r = qm("convert", tiny_llama, tmp_path / "out", "--quant-type", "int4")
     assert r.exit_code == 2
-    assert "Invalid value for '--quant-type': 'int4' is not one of 'nf4', 'fp4'." in r.stderr
+    assert "Invalid value for '--quant-type': 'int4' is not one of 'nf4', 'fp4', 'int8'." in r.stderr
 
 
 def test_bad_shard_size_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:

@@ -12,13 +12,12 @@ load the result with ``from_pretrained(out, device_map="cpu")`` and check:
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tiny_models import linear4bit_modules, quantized_modules, read_config, read_infos
+from tiny_models import linear4bit_modules, load_logged, quantized_modules, read_config, read_infos
 
 from converter.selection import select_tensors
 
@@ -33,15 +32,6 @@ _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # helpers
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def _model_dtype(folder) -> str:
     """The dtype of the checkpoint's float weights (what transformers 5 loads them in)."""
     counts: dict[str, int] = {}
@@ -53,15 +43,7 @@ def _model_dtype(folder) -> str:
 
 def _load(folder, **kwargs):
     """from_pretrained on CPU with loading info; returns (model, info, warnings logged)."""
-    cls = getattr(transformers, read_config(folder)["architectures"][0])
-    handler = _Records()
-    hf_logger = logging.getLogger("transformers")
-    hf_logger.addHandler(handler)
-    try:
-        model, info = cls.from_pretrained(folder, device_map="cpu", output_loading_info=True, **kwargs)
-    finally:
-        hf_logger.removeHandler(handler)
-    return model.eval(), info, handler.messages
+    return load_logged(folder, **kwargs)
 
 
 def _bnb_reference(src, out, quant_type, nested, compute_dtype):

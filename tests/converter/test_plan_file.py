@@ -76,7 +76,7 @@ def test_cli_options_override_defaults_not_job_keys(tmp_path: Path) -> None:
     [
         (
             '[defaults]\nquant_type = "nf5"\n\n[[job]]\nsource = "a/b"\n',
-            r"plan.toml:2: \[defaults\]: key 'quant_type': 'nf5' is not valid: use nf4 or fp4",
+            r"plan.toml:2: \[defaults\]: key 'quant_type': 'nf5' is not valid: use nf4, fp4 or int8",
         ),
         (
             '[[job]]\nsource = "a/b"\n\n[[job]]\nsource = "c/d"\n# comment\nblock_size = 64\n',

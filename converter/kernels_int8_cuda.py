@@ -1,0 +1,61 @@
+"""The CUDA side of ``converter.kernels_int8`` (csrc/cuda/int8.cu): device pointers, current stream.
+
+Called by ``converter.kernels_int8`` for CUDA tensors, after its argument checks. Same bytes as the
+CPU kernels for the same ``scale`` ("cuda" uses the measured ``__fdividef`` table on every device).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from converter import _kernels
+from converter.kernels_cuda import _DTYPE_CODES, _nonfinite_error, _require, _stream
+
+
+def available() -> bool:
+    """Whether this build has the int8 CUDA kernels (the device itself is checked per call)."""
+    return hasattr(_kernels, "cuda_quantize_int8")
+
+
+@cache
+def _table(device: torch.device) -> torch.Tensor:
+    from converter.kernels_int8 import scale_table
+
+    return scale_table("cuda").to(device)
+
+
+def quantize_int8(
+    x: torch.Tensor, *, scale: str = "cpu", out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes int8 [rows, cols], scb float32 [rows])`` on x's device. Synchronises once (NaN/Inf check)."""
+    dev = _require(x, "x")
+    rows, cols = x.shape
+    if out is None:
+        codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
+        scb = torch.empty(rows, dtype=torch.float32, device=x.device)
+    else:
+        codes, scb = out[0].view(rows, cols), out[1]
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+    table = _table(x.device).data_ptr() if scale == "cuda" else 0
+    _kernels.cuda_quantize_int8(
+        dev, x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, table, codes.data_ptr(), scb.data_ptr(),
+        flag.data_ptr(), _stream(x.device),
+    )  # fmt: skip
+    if int(flag.item()):
+        msg = f"input contains NaN or Inf (a [{rows}, {cols}] weight)"
+        raise _nonfinite_error()(msg)
+    return codes, scb
+
+
+def dequantize_int8(codes: torch.Tensor, scb: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
+    """``cast((codes * scb[row]) * f32(1/127))`` on codes' device."""
+    dev = _require(codes, "codes")
+    rows, cols = codes.shape
+    out = torch.empty((rows, cols), dtype=out_dtype, device=codes.device)
+    _kernels.cuda_dequantize_int8(
+        dev, codes.data_ptr(), scb.data_ptr(), rows, cols, _DTYPE_CODES[out_dtype], out.data_ptr(),
+        _stream(codes.device),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,299 @@
+"""``Linear8bit``: a frozen LLM.int8 linear layer read from a pre-quantized 8-bit checkpoint.
+
+The layer keeps bitsandbytes' representation, so PEFT and bnb tooling see what they expect:
+``self.weight`` is an ``Int8Params`` (bnb's class when installed) holding the int8 codes with
+``weight.CB`` / ``weight.SCB``, and ``self.state`` a ``MatmulLtState`` with ``CB``, ``SCB``,
+``threshold`` and ``has_fp16_weights=False``. The weight is a buffer: never handed to an optimizer.
+With bitsandbytes installed, ``Linear8bit`` subclasses ``bnb.nn.Linear8bitLt`` (bnb's constructor is
+not run), so ``peft.get_peft_model`` wraps it with PEFT's own 8-bit LoRA layer.
+
+Forward paths (``x`` in the compute dtype, default the input's):
+
+- default: ``W = f32(f32(q * SCB) * f32(1/127))`` cast to x's dtype, then ``F.linear`` (exact with
+  respect to the stored weight; closer to the unquantized model than bnb's int8 x int8 matmul);
+- 1..8 tokens on the CPU: the fused int8 GEMV (float32 sums, the same result within rounding);
+- ``exact=True``: bitsandbytes' ``MatMul8bitLt`` inference math (activations cast to fp16 and
+  quantized per token, outlier columns ``|x| >= threshold`` kept in x's dtype, int32 matmul), the same
+  bits as bnb's CPU backend; reimplemented in torch, no bitsandbytes needed. Like bnb's, its outlier
+  split is data-dependent (a graph break under torch.compile); the default path compiles with
+  ``fullgraph=True`` (its kernels are the custom ops of ``converter.loader.int8_ops``).
+
+Gradients flow to the input in every path (the weight is frozen).
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from converter.loader import int8_ops
+from formats.int8 import Int8Tensor, scb_key, weight_format_key
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+try:  # optional: with it, PEFT recognizes the layer as its own 8-bit type
+    import bitsandbytes as _bnb
+
+    _BnbLinear8bitLt: type | None = _bnb.nn.Linear8bitLt
+    _BnbInt8Params: type | None = _bnb.nn.Int8Params
+except ImportError:  # pragma: no cover - exercised on installs without bitsandbytes
+    _bnb = None
+    _BnbLinear8bitLt = None
+    _BnbInt8Params = None
+
+#: bnb's CPU int8_mm_dequant constant (0x388206aa; 18 ppm above 1/127**2, bnb-int8.md §6).
+_MM_DEQUANT = 6.200124e-05
+
+
+class Int8Weight(nn.Parameter):
+    """Frozen int8 codes with ``CB`` / ``SCB`` (bnb's ``Int8Params`` names), for installs without bnb."""
+
+    def __new__(
+        cls, data: torch.Tensor, CB: torch.Tensor | None = None, SCB: torch.Tensor | None = None, **_: Any
+    ):
+        self = torch.Tensor._make_subclass(cls, data, False)
+        self.CB, self.SCB, self.has_fp16_weights = CB, SCB, False
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Int8Weight:
+        return Int8Weight(self.data.clone(), CB=self.CB.clone(), SCB=self.SCB.clone())
+
+
+def make_weight(codes: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    if _BnbInt8Params is None:
+        return Int8Weight(codes, CB=codes, SCB=scb)
+    return _BnbInt8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scb)
+
+
+def _make_state(codes: torch.Tensor, scb: torch.Tensor, threshold: float) -> Any:
+    state = _bnb.MatmulLtState() if _bnb is not None else SimpleNamespace()
+    state.CB, state.SCB, state.threshold = codes, scb, float(threshold)
+    state.has_fp16_weights, state.is_training = False, False
+    return state
+
+
+def exact_linear(
+    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, threshold: float
+) -> torch.Tensor:
+    """bitsandbytes' ``MatMul8bitLt`` inference on its default (CPU) backend, step for step.
+
+    fp16 activations, outliers (``|x| >= threshold``) zeroed before the per-token absmax and, for more
+    than one token, whole outlier columns zeroed in the codes; ``acc = CA @ CB.T`` exact in int32;
+    ``out = acc * (SCA * SCB) * 6.200124e-05 (+ bias)`` in float32, cast to x's dtype; then
+    ``x[:, cols] @ dequant(CB[:, cols]).T`` added in x's dtype.
+    """
+    dtype, shape = x.dtype, x.shape
+    a = x.reshape(-1, shape[-1])
+    h = a.to(torch.float16)  # a copy (or x itself for fp16 x: never written below unless copied)
+    cols = None
+    if threshold > 0.0:
+        outliers = h.abs() >= threshold
+        if outliers.any():
+            cols = torch.argwhere(outliers.any(dim=0)).view(-1)
+            h = h.masked_fill(outliers, 0)
+    sca = torch.max(h.abs(), dim=1).values.float()
+    ca = torch.round(h * (127.0 / sca.unsqueeze(-1))).to(torch.int8)
+    if cols is not None and h.shape[0] > 1:
+        ca[:, cols] = 0
+    # float64 products of int8 codes and their sums up to 127**2 * K < 2**53 are exact.
+    acc = (ca.double() @ codes.double().T).to(torch.int32)
+    out = acc * (sca.unsqueeze(-1) * scb.unsqueeze(0)) * _MM_DEQUANT
+    if bias is not None:
+        out += bias
+    out = out.to(dtype)
+    if cols is not None:
+        sub_b = int8_ops.dequantize(codes[:, cols].contiguous(), scb, torch.float32).to(dtype).t()
+        out = out.addmm(a[:, cols].contiguous(), sub_b)
+    return out.reshape(*shape[:-1], codes.shape[0])
+
+
+def _forward(x, codes, scb, bias, allow_gemv):
+    out_features, in_features = codes.shape
+    x2d = x.reshape(-1, in_features)
+    if allow_gemv and int8_ops.gemv_ok(x2d):
+        y = int8_ops.gemv(x2d, codes, scb)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], out_features)
+    return F.linear(x, int8_ops.dequantize(codes, scb, x.dtype), bias)
+
+
+class _Linear8bitFunction(torch.autograd.Function):
+    """y = x @ W.T + b with W decoded on the fly (never saved for backward); grad_x = grad_y @ W."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scb, bias, allow_gemv):
+        ctx.save_for_backward(codes, scb)
+        return _forward(x, codes, scb, bias, allow_gemv)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = grad_bias = None
+        codes, scb = ctx.saved_tensors
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ int8_ops.dequantize(codes, scb, grad_y.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias, None
+
+
+class QuantLinear8bit(nn.Module):
+    """A frozen linear layer whose weight is LLM.int8 row-wise codes with an fp16 row absmax (SCB).
+
+    Build it with :meth:`from_record` (or let :func:`converter.load_quantized` do it). ``threshold`` is
+    ``llm_int8_threshold`` (used by the ``exact`` path only); ``compute_dtype`` None means x's dtype.
+    """
+
+    #: Use the fused GEMV for 1..8 tokens on the CPU (tests switch it off to compare paths).
+    use_gemv: bool = True
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scb: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        threshold: float = 6.0,
+        compute_dtype: torch.dtype | None = None,
+        exact: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)  # not bnb's __init__: it would allocate a full-precision weight
+        if codes.dim() != 2 or codes.dtype != torch.int8 or scb.shape != (codes.shape[0],):
+            msg = f"int8 weight must be int8 [out, in] with SCB [out], got {codes.dtype} {list(codes.shape)}"
+            raise ValueError(msg)
+        self.out_features, self.in_features = (int(d) for d in codes.shape)
+        self.compute_dtype = compute_dtype
+        self.exact = exact
+        self.index = None
+        self._set_weight(codes, scb, threshold)
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_record(
+        cls,
+        record: Int8Tensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+        *,
+        threshold: float = 6.0,
+        exact: bool = False,
+    ) -> QuantLinear8bit:
+        """A layer sharing the tensors of a :class:`formats.int8.Int8Tensor` (no copy)."""
+        return cls(
+            record.codes, record.scb, bias, threshold=threshold, compute_dtype=compute_dtype, exact=exact
+        )
+
+    def _set_weight(self, codes: torch.Tensor, scb: torch.Tensor, threshold: float) -> None:
+        self._parameters.pop("weight", None)
+        self.__dict__.pop("weight", None)
+        self._buffers["weight"] = make_weight(codes, scb)
+        self.state = _make_state(codes, scb, threshold)
+
+    @property
+    def threshold(self) -> float:
+        return self.state.threshold
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self.weight.data
+
+    @property
+    def scb(self) -> torch.Tensor:
+        return self.weight.SCB
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full weight [out, in] in ``dtype`` (rows with SCB = inf are NaN, as in bitsandbytes)."""
+        return int8_ops.dequantize(self.codes, self.scb, dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
+            f"int8, threshold={self.threshold}, exact={self.exact}, compute_dtype={self.compute_dtype}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp_dtype = x.dtype
+        x = x.to(self.compute_dtype or inp_dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.exact:
+            return exact_linear(x, self.codes, self.scb, bias, self.threshold).to(inp_dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            y = _Linear8bitFunction.apply(x, self.codes, self.scb, bias, self.use_gemv)
+        else:
+            y = _forward(x, self.codes, self.scb, bias, self.use_gemv)
+        return y.to(inp_dtype)
+
+    # -- device moves: codes and SCB move, never cast (.half() must not touch them) ---------------
+    def _apply(self, fn, recurse: bool = True):
+        weight = self._buffers.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["weight"] = weight
+        if weight.device.type == "meta":
+            return self
+        target = fn(torch.empty(0, device=weight.device)).device
+        if target != weight.device:
+            self._set_weight(weight.data.to(target), weight.SCB.to(target), self.threshold)
+        return self
+
+    # -- bnb state-dict layout ---------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        record = Int8Tensor(
+            prefix + "weight", (self.out_features, self.in_features), None, self.codes, self.scb
+        )
+        items = list(record.state_dict().items())
+        if self.bias is not None:  # bnb's order: parameters first (weight, bias), then SCB, weight_format
+            items.insert(1, (prefix + "bias", self.bias))
+        for key, value in items:
+            destination[key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        name = prefix + "weight"
+        keys = (name, scb_key(name), weight_format_key(name))
+        if name not in state_dict or keys[1] not in state_dict:
+            missing_keys.extend(k for k in keys[:2] if k not in state_dict)
+        else:
+            record = Int8Tensor.from_state_dict(
+                name, {k: state_dict[k].cpu() for k in keys if k in state_dict}
+            )
+            if record.shape != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"{name}: checkpoint shape {list(record.shape)} does not match the layer's "
+                    f"{[self.out_features, self.in_features]}"
+                )
+            else:
+                device = self.weight.device
+                codes, scb = record.codes, record.scb
+                if device.type != "meta":
+                    codes, scb = codes.to(device), scb.to(device)
+                self._set_weight(codes, scb, self.threshold)
+        bias_key = prefix + "bias"
+        if self.bias is None:
+            if bias_key in state_dict:
+                unexpected_keys.append(bias_key)
+        elif bias_key not in state_dict:
+            missing_keys.append(bias_key)
+        else:
+            with torch.no_grad():
+                self.bias = nn.Parameter(state_dict[bias_key].to(self.bias.dtype), requires_grad=False)
+
+
+if _BnbLinear8bitLt is not None:
+
+    class Linear8bit(QuantLinear8bit, _BnbLinear8bitLt):
+        """:class:`QuantLinear8bit` that is also a ``bnb.nn.Linear8bitLt`` (PEFT's 8-bit LoRA wraps it)."""
+
+else:  # pragma: no cover - exercised without bitsandbytes
+    Linear8bit = QuantLinear8bit

@@ -1,0 +1,157 @@
+"""NF4 / FP4 blockwise 4-bit (bitsandbytes ``Linear4bit``): the method the converter started with.
+
+Kernels ``converter.kernels_np`` / ``converter.kernels`` through ``converter.host_quantizer``;
+record ``formats.record.QuantizedTensor``; config ``formats.bnb_compat.quantization_config``; runtime
+layer ``converter.loader.module.Linear4bit``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from converter.methods.base import QuantMethod
+
+if TYPE_CHECKING:
+    from converter.plan import Options, Plan, PlannedTensor
+
+#: Bytes a quantized tensor adds beyond its payload: quant_map (16 f32), nested map (256 f32) and
+#: the quant_state JSON blob (a few hundred bytes). Only used to cut shards, so an upper bound.
+_TABLE_BYTES = 16 * 4 + 256 * 4 + 1024
+
+
+def _dtype_name(code: str) -> str:
+    from converter.plan import CODE_NAMES
+
+    return CODE_NAMES[code]
+
+
+class Bnb4bitMethod(QuantMethod):
+    def __init__(self, name: str, description: str) -> None:
+        self.name, self.description = name, description
+
+    def _qtype(self) -> Any:
+        from formats.quant_types import QuantType
+
+        return QuantType.parse(self.name)
+
+    def check_options(self, options: Options) -> None:
+        from formats.quant_types import check_blocksize
+
+        check_blocksize(options.blocksize)
+
+    def check_tensor(
+        self, file: str, name: str, shape: tuple[int, ...], dtype: str, options: Options
+    ) -> None:
+        from formats.validate import check_quant_options
+
+        check_quant_options(file, name, shape, dtype, options.blocksize, options.quant_storage)
+
+    def out_nbytes(self, numel: int, shape: tuple[int, ...], options: Options) -> int:
+        from formats.quant_types import quantized_nbytes
+
+        return quantized_nbytes(numel, options.blocksize, options.double_quant) + _TABLE_BYTES
+
+    def layout(self, p: PlannedTensor, options: Options) -> dict:
+        from formats.validate import quant_layout
+
+        return quant_layout(
+            p.name, p.out_shape, self._qtype(), options.blocksize, options.double_quant, options.quant_storage
+        )
+
+    def metadata_record(self, p: PlannedTensor, options: Options) -> dict[str, Any]:
+        from formats import metadata
+
+        return metadata.quantized_record(
+            shape=p.out_shape,
+            dtype=_dtype_name(p.out_dtype),
+            quant_type=self._qtype(),
+            blocksize=options.blocksize,
+            nested=options.double_quant,
+            quant_storage=options.quant_storage,
+            transposed=p.transpose,
+        )
+
+    def record_entries(self, p: PlannedTensor, options: Options, result: Any) -> list:
+        from converter.records import record_entries
+
+        return record_entries(
+            p.name,
+            p.out_shape,
+            _dtype_name(p.out_dtype),
+            self._qtype(),
+            options.blocksize,
+            result.packed,
+            result.absmax,
+            result.nested,
+        )
+
+    def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
+        from converter.host_quantizer import make_host_quantizer
+
+        return make_host_quantizer(self._qtype(), options.blocksize, options.double_quant, device, threads)
+
+    def quality_meter(self, options: Options, threads: int | None) -> Any:
+        from converter.quality import QualityMeter
+
+        return QualityMeter(self._qtype(), options.blocksize, threads)
+
+    def quantization_config(self, plan: Plan) -> dict[str, Any]:
+        from formats import bnb_compat
+
+        options = plan.options
+        return bnb_compat.quantization_config(
+            quant_type=self._qtype(),
+            double_quant=options.double_quant,
+            compute_dtype=plan.compute_dtype,
+            skip_modules=plan.skip_modules,
+            quant_storage=options.quant_storage,
+        )
+
+    def matches_config(self, qconfig: Any) -> bool:
+        return bool(qconfig.get("load_in_4bit")) and qconfig.get("bnb_4bit_quant_type") == self.name
+
+    def config_summary(self, qconfig: Any) -> str:
+        return (
+            f"{self.name}, double quant {qconfig.get('bnb_4bit_use_double_quant')}, "
+            f"compute {qconfig.get('bnb_4bit_compute_dtype')}, skip {qconfig.get('llm_int8_skip_modules')}"
+        )
+
+    def card(self, qconfig: Any, options: Any) -> tuple[list[str], str, list]:
+        label = self.name.upper()
+        rows = [
+            ("Quantization", f"{label} 4-bit, blockwise absmax (bitsandbytes `Linear4bit` layout)"),
+            ("Block size", str(options.get("blocksize", 64))),
+            (
+                "Double (nested) quantization",
+                "yes" if qconfig.get("bnb_4bit_use_double_quant", True) else "no",
+            ),
+            ("Compute dtype", str(qconfig.get("bnb_4bit_compute_dtype") or "-")),
+            (
+                "Quant storage",
+                str(qconfig.get("bnb_4bit_quant_storage") or options.get("quant_storage") or "uint8"),
+            ),
+        ]
+        return ["bitsandbytes", "4-bit", self.name], f"{label} 4-bit", rows
+
+    def describe(self, record: Any) -> str:
+        return f"{record.quant_type.label} blocksize {record.blocksize}{' nested' if record.nested else ''}"
+
+    def dequantize(self, record: Any, dtype: Any) -> Any:
+        from converter.loader import ops
+        from converter.loader.module import state_from_record
+
+        return ops.dequantize(record.packed, state_from_record(record), dtype)
+
+    def compute_dtype(self, quantization_config: Any) -> str | None:
+        name = quantization_config.get("bnb_4bit_compute_dtype")
+        return name if isinstance(name, str) else None
+
+    def reads(self, record: object) -> bool:
+        from formats.record import QuantizedTensor
+
+        return isinstance(record, QuantizedTensor) and record.quant_type.label == self.name
+
+    def runtime_layer(self) -> type:
+        from converter.loader.module import Linear4bit
+
+        return Linear4bit

@@ -1,0 +1,138 @@
+"""LLM.int8 (bitsandbytes ``Linear8bitLt``, ``load_in_8bit``): row-wise int8 codes + fp16 row absmax.
+
+Kernels ``converter.kernels_int8`` through ``converter.int8_quantizer``; record and math
+``formats.int8``; config ``formats.int8.quantization_config`` (13 keys, ``load_in_8bit``); runtime
+layer ``converter.loader.module_int8.Linear8bit``. Options it owns: ``int8_threshold`` (only used by
+the forward pass: bnb's stored bytes do not depend on it) and ``int8_scale`` ("cpu": bnb's CPU bytes,
+"cuda": the bytes bitsandbytes writes on a GPU).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from converter.methods.base import QuantMethod
+
+if TYPE_CHECKING:
+    from converter.plan import Options, Plan, PlannedTensor
+
+SCALES = ("cpu", "cuda")
+
+
+class Int8Method(QuantMethod):
+    name = "int8"
+    description = "8-bit LLM.int8, row-wise absmax (bitsandbytes Linear8bitLt, load_in_8bit)"
+    own_options = ("int8_threshold", "int8_scale")
+
+    def check_options(self, options: Options) -> None:
+        if options.int8_scale not in SCALES:
+            msg = f"--int8-scale {options.int8_scale!r} is not supported: use one of {', '.join(SCALES)}"
+            raise ValueError(msg)
+        if getattr(options, "moe_experts", "keep") != "keep":
+            msg = "--moe-experts quantize writes 4-bit expert records: use it with nf4 / fp4, not int8"
+            raise ValueError(msg)
+        t = options.int8_threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t < float("inf"):
+            msg = f"--int8-threshold {t!r} must be a finite number >= 0 (0 disables the outlier split)"
+            raise ValueError(msg)
+
+    def check_tensor(
+        self, file: str, name: str, shape: tuple[int, ...], dtype: str, options: Options
+    ) -> None:
+        from formats.validate import UnsupportedOption
+
+        if not name.endswith(".weight") or len(shape) != 2:
+            msg = f"{file}: tensor {name!r}: int8 quantizes a module's 2-D '.weight', got shape {list(shape)}"
+            raise UnsupportedOption(msg)
+
+    def out_nbytes(self, numel: int, shape: tuple[int, ...], options: Options) -> int:
+        return numel + 4 * shape[0] + 1
+
+    def layout(self, p: PlannedTensor, options: Options) -> dict:
+        from formats.int8 import int8_layout
+
+        return int8_layout(p.name, p.out_shape)
+
+    def metadata_record(self, p: PlannedTensor, options: Options) -> dict[str, Any]:
+        from formats import metadata
+
+        return metadata.int8_record(
+            shape=p.out_shape,
+            dtype=_dtype_name(p.out_dtype),
+            scale=options.int8_scale,
+            transposed=p.transpose,
+        )
+
+    def record_entries(self, p: PlannedTensor, options: Options, result: Any) -> list:
+        from formats.int8 import Int8Tensor
+
+        record = Int8Tensor(p.name, p.out_shape, _dtype_name(p.out_dtype), result.codes, result.scb)
+        return list(record.state_dict().items())
+
+    def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
+        from converter.int8_quantizer import Int8Quantizer
+
+        return Int8Quantizer(options.int8_scale, device, threads)
+
+    def quality_meter(self, options: Options, threads: int | None) -> Any:
+        from converter.int8_quality import Int8QualityMeter
+
+        return Int8QualityMeter(threads)
+
+    def quantization_config(self, plan: Plan) -> dict[str, Any]:
+        from formats.int8 import quantization_config
+
+        # An explicit skip list, as for 4-bit: transformers then builds Linear8bitLt exactly where we
+        # quantized, and vLLM (which reads only this list) keeps the same modules unquantized.
+        return quantization_config(threshold=plan.options.int8_threshold, skip_modules=plan.skip_modules)
+
+    loaded_flag = "is_loaded_in_8bit"
+
+    def matches_config(self, qconfig: Any) -> bool:
+        return bool(qconfig.get("load_in_8bit"))
+
+    def config_summary(self, qconfig: Any) -> str:
+        return (
+            f"int8 (load_in_8bit), threshold {qconfig.get('llm_int8_threshold')}, "
+            f"skip {qconfig.get('llm_int8_skip_modules')}"
+        )
+
+    def card(self, qconfig: Any, options: Any) -> tuple[list[str], str, list]:
+        scale = options.get("int8_scale", "cpu")
+        rows = [
+            ("Quantization", "LLM.int8 8-bit, row-wise absmax (bitsandbytes `Linear8bitLt` layout)"),
+            ("llm_int8_threshold", str(qconfig.get("llm_int8_threshold", 6.0))),
+            (
+                "Row scale",
+                "bitsandbytes' CUDA bytes (__fdividef)" if scale == "cuda" else "bitsandbytes' CPU bytes",
+            ),
+        ]
+        return ["bitsandbytes", "8-bit", "int8"], "LLM.int8 8-bit", rows
+
+    def describe(self, record: Any) -> str:
+        return "int8 row-wise"
+
+    def dequantize(self, record: Any, dtype: Any) -> Any:
+        from converter.loader import int8_ops
+
+        return int8_ops.dequantize(record.codes, record.scb, dtype)
+
+    def layer_kwargs(self, quantization_config: Any) -> dict[str, Any]:
+        threshold = quantization_config.get("llm_int8_threshold", 6.0)
+        return {"threshold": float(threshold) if isinstance(threshold, (int, float)) else 6.0}
+
+    def reads(self, record: object) -> bool:
+        from formats.int8 import Int8Tensor
+
+        return isinstance(record, Int8Tensor)
+
+    def runtime_layer(self) -> type:
+        from converter.loader.module_int8 import Linear8bit
+
+        return Linear8bit
+
+
+def _dtype_name(code: str) -> str:
+    from converter.plan import CODE_NAMES
+
+    return CODE_NAMES[code]

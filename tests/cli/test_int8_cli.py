@@ -1,0 +1,95 @@
+"""The CLI on an LLM.int8 folder: convert --quant-type int8, inspect, verify, dequantize, batch, card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def int8_out(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from click.testing import CliRunner
+
+    from converter.cli import cli
+
+    out = tmp_path_factory.mktemp("cli-int8") / "int8"
+    args = ["convert", str(tiny_llama), str(out), "-q", "--quant-type", "int8", "--int8-threshold", "4.5"]
+    args += ["--max-shard-size", "60KB"]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_convert_writes_an_8bit_config(int8_out: Path) -> None:
+    qc = json.loads((int8_out / "config.json").read_text())["quantization_config"]
+    assert qc["load_in_8bit"] is True
+    assert qc["load_in_4bit"] is False
+    assert qc["llm_int8_threshold"] == 4.5
+    assert len(qc) == 13
+    assert len(list(int8_out.glob("model-*.safetensors"))) > 1
+
+
+def test_inspect_and_verify(qm, int8_out: Path) -> None:
+    r = qm("inspect", int8_out, "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert list(data["quant_types"]) == ["int8 row-wise"]
+    assert 8.0 < data["quantized_bits_per_param"] < 8.5  # codes + one f32 SCB per row + weight_format
+    r = qm("verify", int8_out)
+    assert r.exit_code == 0, r.output
+
+
+def test_verify_detects_a_wrong_scb_shape(qm, int8_out: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(int8_out, bad)
+    shard = next(
+        p for p in sorted(bad.glob("model-*.safetensors")) if "SCB" in "".join(safe_open(p, "pt").keys())
+    )
+    with safe_open(shard, "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        meta = fh.metadata()
+    key = next(k for k in tensors if k.endswith(".SCB"))
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, shard, metadata=meta)
+    r = qm("verify", bad)
+    assert r.exit_code != 0
+    assert key in r.output
+
+
+def test_dequantize_round_trip(qm, int8_out: Path, tmp_path: Path) -> None:
+    r = qm("dequantize", int8_out, tmp_path / "plain", "--dtype", "bf16", "-q")
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_model_card_names_the_8bit_layout(int8_out: Path) -> None:
+    from converter.push import build_model_card
+
+    card = build_model_card(int8_out, "me/tiny-int8")
+    assert "LLM.int8 8-bit quantization" in card
+    assert "Linear8bitLt" in card
+    assert "- 8-bit" in card
+    assert "4.5" in card
+
+
+def test_batch_int8(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps([{"source": str(tiny_llama), "output": "a"}]))
+    assert qm("batch", listing, tmp_path / "outs", "-q", "--quant-type", "int8").exit_code == 0
+    qc = json.loads((tmp_path / "outs" / "a" / "config.json").read_text())["quantization_config"]
+    assert qc["load_in_8bit"] is True
+
+
+def test_inspect_table_names_the_8bit_config(qm, int8_out: Path) -> None:
+    r = qm("inspect", int8_out)
+    assert r.exit_code == 0
+    assert "int8 (load_in_8bit), threshold 4.5" in r.stdout
+    assert "double quant" not in r.stdout

@@ -1,0 +1,286 @@
+"""LLM.int8 in the loader: Linear8bit against bitsandbytes' Linear8bitLt, paths, state dict, LoRA, tools.
+
+The exact path must equal bnb's CPU forward bit for bit (same stored bytes, same math); the default
+dequantize + F.linear path must equal F.linear on the dequantized weight; the fused GEMV must stay
+within float32 accumulation error of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import transformers
+
+from converter import kernels_int8
+from converter.loader import int8_ops
+from converter.loader.dequantize import dequantize_checkpoint
+from converter.loader.model import load_quantized
+from converter.loader.module_int8 import Linear8bit, QuantLinear8bit
+from converter.loader.replace import replace_linear_layers
+from converter.loader.state import load_quantized_state
+from formats.int8 import Int8Tensor, dequantize_int8
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def int8_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from converter.pipeline import convert
+
+    out = tmp_path_factory.mktemp("int8") / "ours"
+    convert(plain_llama, out, quant_type="int8", progress=False)
+    return out
+
+
+def _transformers_model(folder: Path) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.LlamaForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+
+
+def _int8_layers(model: torch.nn.Module) -> dict[str, QuantLinear8bit]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear8bit)}
+
+
+def _layer(out_f: int = 48, in_f: int = 80, *, bias: bool = True, seed: int = 0, threshold: float = 6.0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    codes, scb = kernels_int8.quantize_int8(w.to(torch.bfloat16))
+    b = (torch.randn(out_f, generator=g) * 0.1).to(torch.bfloat16) if bias else None
+    ours = Linear8bit(codes, scb, b, threshold=threshold)
+    ref = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias, has_fp16_weights=False, threshold=threshold)
+    ref.weight = bnb.nn.Int8Params(
+        codes.clone(), requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scb
+    )
+    ref.state.CB, ref.state.SCB = codes, scb
+    if bias:
+        ref.bias = torch.nn.Parameter(b.clone(), requires_grad=False)
+    return ours.eval(), ref.eval()
+
+
+def test_load_quantized_builds_linear8bit_where_transformers_does(int8_folder: Path) -> None:
+    model = load_quantized(int8_folder)
+    ref = _transformers_model(int8_folder)
+    want = {n for n, m in ref.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert set(_int8_layers(model)) == want
+    assert model.is_loaded_in_8bit
+    assert all(isinstance(m, bnb.nn.Linear8bitLt) for m in _int8_layers(model).values())
+
+
+@pytest.mark.parametrize("tokens", [1, 10])
+def test_exact_path_equals_bitsandbytes_logits(int8_folder: Path, tokens: int) -> None:
+    model = load_quantized(int8_folder)
+    for layer in _int8_layers(model).values():
+        layer.exact = True
+    ref = _transformers_model(int8_folder)
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 1, 120, 33][:tokens]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_exact_layer_with_outliers_equals_linear8bitlt(dtype, rows, threshold) -> None:
+    ours, ref = _layer(threshold=threshold)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 80, generator=g).to(dtype)
+    x[..., 3] = 20.0  # an outlier column (|x| >= 6)
+    x[0, 0, 7] = -9.0
+    ours.exact = True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_default_path_is_dequantize_then_linear_and_gemv_within_float32_error() -> None:
+    ours, _ = _layer(in_f=515)
+    x = torch.randn(3, 515, dtype=torch.bfloat16)
+    w = ours.dequantize(torch.bfloat16)
+    ours.use_gemv = False
+    with torch.no_grad():
+        assert torch.equal(ours(x), torch.nn.functional.linear(x, w, ours.bias))
+        ours.use_gemv = True
+        y = ours(x).double()
+    # GEMV: float32 sums of K products (gamma_K |x| |W|, u = 2^-24) plus two bf16 roundings (the
+    # product, then the bias add) of the result; F.linear in bf16 rounds once too.
+    w64 = torch.from_numpy(dequantize_int8(ours.codes.numpy(), ours.scb.numpy())).double()
+    exact = x.double() @ w64.T + ours.bias.double()
+    u, k = 2.0**-24, 515
+    bound = (k * u / (1 - k * u)) * (x.double().abs() @ w64.abs().T) + 2 * 2.0**-8 * exact.abs() + 1e-6
+    assert bool(((y - exact).abs() <= bound).all())
+
+
+def test_backward_reaches_the_input_only() -> None:
+    ours, _ = _layer(bias=False)
+    x = torch.randn(4, 80, requires_grad=True)
+    ours(x).sum().backward()
+    w = ours.dequantize(torch.float32)
+    torch.testing.assert_close(x.grad, torch.ones(4, 48) @ w, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_state_dict_is_bitsandbytes_layout_and_round_trips() -> None:
+    ours, ref = _layer()
+    sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert list(sd) == list(ref_sd) == ["weight", "bias", "SCB", "weight_format"]
+    for k in sd:
+        assert sd[k].dtype == ref_sd[k].dtype, k
+        assert torch.equal(sd[k], ref_sd[k]), k
+    fresh, _ = _layer(seed=1)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.codes, ours.codes)
+    assert torch.equal(fresh.scb, ours.scb)
+    clone = copy.deepcopy(ours)
+    assert torch.equal(clone.codes, ours.codes)
+
+
+def test_half_and_to_never_cast_codes_or_scb() -> None:
+    ours, _ = _layer()
+    ours.half()
+    assert ours.codes.dtype == torch.int8
+    assert ours.scb.dtype == torch.float32
+    assert ours.bias.dtype == torch.float16
+    assert ours.state.CB.data_ptr() == ours.codes.data_ptr()
+
+
+def test_custom_ops_have_fake_kernels() -> None:
+    codes, scb = kernels_int8.quantize_int8(torch.randn(16, 40))
+    x = torch.randn(2, 40)
+    torch.library.opcheck(torch.ops.quantize_model.dequantize_int8, (codes, scb, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    torch.library.opcheck(torch.ops.quantize_model.gemv_int8, (x, codes, scb),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    assert torch.equal(
+        int8_ops._dequantize_torch(codes, scb, torch.bfloat16),
+        int8_ops.dequantize(codes, scb, torch.bfloat16),
+    )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_peft_lora_wraps_and_trains(int8_folder: Path) -> None:
+    from peft.tuners.lora.bnb import Linear8bitLt as PeftLoraLinear8bitLt
+
+    model = load_quantized(int8_folder)
+    frozen = {n: m.codes.clone() for n, m in _int8_layers(model).items()}
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             lora_dropout=0.0, init_lora_weights=False)  # fmt: skip
+    model = peft.get_peft_model(model, config)
+    wrapped = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(wrapped, PeftLoraLinear8bitLt)
+    assert isinstance(wrapped.base_layer, Linear8bit)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    assert all(torch.equal(frozen[n.removeprefix("base_model.model.").replace(".base_layer", "")], m.codes)
+               for n, m in _int8_layers(model).items())  # fmt: skip
+
+
+def test_replace_linear_layers_and_state(int8_folder: Path, plain_llama: Path) -> None:
+    state = load_quantized_state(int8_folder)
+    records = {k: v for k, v in state.items() if isinstance(v, Int8Tensor)}
+    assert len(records) == 14
+    assert all(r.dtype == "bfloat16" for r in records.values())  # from our metadata
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(plain_llama))
+    names = replace_linear_layers(model, int8_folder)
+    assert set(names) == {k.removesuffix(".weight") for k in records}
+    assert model.is_loaded_in_8bit
+    assert all(m.threshold == 6.0 for m in _int8_layers(model).values())
+
+
+def test_dequantize_checkpoint_writes_bnb_dequantized_weights(int8_folder: Path, tmp_path: Path) -> None:
+    result = dequantize_checkpoint(int8_folder, tmp_path / "plain", dtype="float32")
+    assert result.tensors_dequantized == 14
+    from safetensors import safe_open
+
+    state = load_quantized_state(int8_folder)
+    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as fh:
+        name = "model.layers.1.mlp.gate_proj.weight"
+        rec = state[name]
+        want = torch.ops.bitsandbytes.int8_vectorwise_dequant.default(rec.codes, rec.scb)
+        assert torch.equal(fh.get_tensor(name), want)
+        assert "model.layers.1.mlp.gate_proj.SCB" not in fh.keys()
+
+
+_COMPILE = """
+import torch
+from converter import kernels_int8
+from converter.loader.module_int8 import Linear8bit
+codes, scb = kernels_int8.quantize_int8(torch.randn(64, 96).to(torch.bfloat16))
+layer = Linear8bit(codes, scb, torch.zeros(64, dtype=torch.bfloat16)).eval()
+compiled = torch.compile(layer, fullgraph=True, backend="eager")
+for tokens in (1, 12):  # the GEMV op, then the dequantize op + F.linear
+    x = torch.randn(tokens, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), compiled(x)), tokens
+print("ok")
+"""
+
+
+def test_default_forward_compiles_without_graph_breaks() -> None:
+    """The int8 custom ops are single graph nodes: fullgraph=True traces the default path (in a
+    subprocess: make test disables dynamo for the rest of the suite)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_loads_a_bitsandbytes_made_8bit_folder(plain_llama: Path, tmp_path: Path) -> None:
+    """transformers + bnb's own save_pretrained (llm_int8_skip_modules null, no metadata of ours)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        made = transformers.LlamaForCausalLM.from_pretrained(
+            plain_llama, device_map="cpu", quantization_config=qc
+        )
+        made.save_pretrained(tmp_path / "bnb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "transformers would load this differently" warning
+        model = load_quantized(tmp_path / "bnb")
+    layers = _int8_layers(model)
+    assert len(layers) == 14
+    for layer in layers.values():
+        layer.exact = True
+    ids = torch.tensor([[5, 17, 3, 99, 42]])
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids=ids).logits, _transformers_model(tmp_path / "bnb")(input_ids=ids).logits
+        )
+
+
+def test_device_map_cpu_and_footprint_count_codes_and_scb(int8_folder: Path) -> None:
+    plain = load_quantized(int8_folder)
+    mapped = load_quantized(int8_folder, device_map="cpu")
+    ids = torch.tensor([[5, 17, 3, 99]])
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, mapped(input_ids=ids).logits)
+    layers = _int8_layers(plain)
+    int8_bytes = sum(m.codes.numel() + 4 * m.scb.numel() for m in layers.values())
+    others = {id(t): t for n, m in plain.named_modules() if n not in layers
+              for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}  # fmt: skip
+    others.update({id(m.bias): m.bias for m in layers.values() if m.bias is not None})
+    expected = int8_bytes + sum(t.numel() * t.element_size() for t in others.values())
+    assert plain.get_memory_footprint() == expected
