@@ -29,7 +29,8 @@ def test_prompt_step_head_input_is_re_strided_and_logits_unchanged(our_folder: P
     with torch.no_grad():
         # logits_to_keep=1: transformers hands the head hidden[:, -1:, :], the prompt's strides.
         hooked = model(ids, logits_to_keep=1).logits
-        assert seen[-1].shape == (batch, 1, head.in_features) and _standard(seen[-1])
+        assert seen[-1].shape == (batch, 1, head.in_features)
+        assert _standard(seen[-1])
         head._forward_pre_hooks.popitem(last=False)  # the loader's hook, registered first
         plain = model(ids, logits_to_keep=1).logits
         assert not _standard(seen[-1]), "the test no longer sees the strided slice it guards against"

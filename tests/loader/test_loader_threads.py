@@ -1,4 +1,4 @@
-"""The decode GEMV thread policy (converter.cpu_threads): who gets the pool, and that it never changes bits."""
+"""The decode GEMV thread policy (converter.cpu_threads): who gets the pool; threads never change bits."""
 
 from __future__ import annotations
 
