@@ -49,6 +49,7 @@ lint: install
 bench: install
 	$(PY) bench/bench_cpu_quantize.py
 	$(PY) bench/bench_convert.py
+	cd /tmp && $(abspath $(PY)) $(abspath bench/bench_e2e.py) --rows smollm2,big --samples $(abspath .cache/samples)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

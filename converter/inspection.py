@@ -25,6 +25,7 @@ from converter.manifest import MANIFEST_NAME
 from formats import index as index_mod
 from formats.reader import open_shard
 from formats.validate import FormatError
+from formats.writer import TORCH_NAMES
 
 if TYPE_CHECKING:
     from converter.moe import MoeSummary
@@ -97,20 +98,21 @@ def inspect_path(path: str | Path) -> InspectResult:
             result.source = result.source or prov.get("source")
             names_q += shard.quantized
             names_k += shard.passthrough
+            # From the validated header alone (no tensor data, no torch).
             for key in shard.quantized:
-                rec = shard.record(key)
+                group = shard.group(key)
+                info = group.info
                 result.tensors_quantized += 1
-                result.params_quantized += rec.n
-                result.bytes_quantized += sum(t.numel() * t.element_size() for t in rec.state_dict().values())
-                qtypes[
-                    f"{rec.quant_type.label} blocksize {rec.blocksize}{' nested' if rec.nested else ''}"
-                ] += 1
+                result.params_quantized += math.prod(info.shape)
+                result.bytes_quantized += sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)
+                nested = " nested" if info.nested_offset is not None else ""
+                qtypes[f"{info.quant_type.label} blocksize {info.blocksize}{nested}"] += 1
             for key in shard.passthrough:
-                t = shard.get_tensor(key)
+                e = shard.entry(key)
                 result.tensors_kept += 1
-                result.params_kept += math.prod(t.shape)
-                result.bytes_kept += t.numel() * t.element_size()
-                kept[str(t.dtype).removeprefix("torch.")] += 1
+                result.params_kept += math.prod(e.shape)
+                result.bytes_kept += e.end - e.begin
+                kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
     result.moe = moe.summarize(names_q, names_k)
@@ -171,7 +173,7 @@ def verify_path(path: str | Path) -> VerifyResult:
                 for key in shard.keys():
                     found[key] = name
                 for key in shard.quantized:
-                    shard.record(key)
+                    shard.group(key)  # open_shard validated each group against bnb's layout
                     result.tensors += 1
                 result.tensors += len(shard.passthrough)
                 if shard.metadata is not None:

@@ -11,16 +11,13 @@ from typing import NamedTuple
 
 import torch
 
+from converter.kernels_np import NonFiniteInputError  # noqa: F401  (one type for torch and numpy paths)
 from formats.quant_types import check_blocksize, n_blocks, n_nested_blocks
 
 #: Input / output element types of every kernel.
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 #: Largest batch of the fused GEMV; larger batches dequantize and use F.linear.
 GEMV_MAX_BATCH = 8
-
-
-class NonFiniteInputError(ValueError):
-    """The tensor to quantize holds NaN or Inf: its blocks cannot be scaled to [-1, 1]."""
 
 
 class NestedAbsmax(NamedTuple):

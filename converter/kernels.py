@@ -38,8 +38,6 @@ from converter.kernel_checks import (
 )
 from converter.kernel_checks import check_tensor as _check_tensor
 from formats.quant_types import (
-    NESTED_BLOCKSIZE,
-    OFFSET_CHUNK,
     QuantType,
     check_blocksize,
     n_blocks,
@@ -381,18 +379,3 @@ def gemv_4bit(
         _threads(threads),
     )
     return y if x.dim() == 2 else y[0]
-
-
-def _check_extension_layout() -> None:
-    """The extension must be built from the same layout constants as ``formats`` (a stale build is not)."""
-    tables = _kernels.tables()
-    compiled = (tables["nested_blocksize"], tables["offset_chunk"])
-    if compiled != (NESTED_BLOCKSIZE, OFFSET_CHUNK):
-        msg = (
-            f"converter._kernels was built with nested blocksize / offset chunk {compiled}, formats expects "
-            f"{(NESTED_BLOCKSIZE, OFFSET_CHUNK)}: rebuild it (pip install --no-build-isolation -e .)"
-        )
-        raise ImportError(msg)
-
-
-_check_extension_layout()

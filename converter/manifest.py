@@ -65,7 +65,9 @@ class Manifest:
         )
 
     def save(self, folder: Path) -> None:
-        atomic_write_bytes(folder / MANIFEST_NAME, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        atomic_write_bytes(
+            folder / MANIFEST_NAME, (json.dumps(self.to_json(), separators=(",", ":")) + "\n").encode()
+        )
 
 
 def fsync_dir(folder: Path) -> None:

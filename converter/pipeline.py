@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from converter import kernels, moe
-from converter.cuda_pipeline import CpuQuantizer, CudaQuantizer, QuantResult, make_quantizer
+from converter import moe
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
-from converter.fp8 import wrap_if_block_fp8
+from converter.host_quantizer import CudaHostQuantizer, HostQuantizer, HostResult, make_host_quantizer
+from converter.kernels_np import NonFiniteInputError
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
 from converter.plan import (
     DTYPE_CODES,
@@ -41,14 +41,14 @@ from converter.plan import (
     parse_size,
 )
 from converter.quality import QualityMeter
+from converter.records import record_entries
 from converter.report import REPORT_NAME, ConversionResult, build_report, make_result
 from converter.selection import select_tensors
 from converter.sources import Source, open_source
-from converter.sources.local import MappedFile
+from converter.sources.mapped import MappedFile
 from formats import bnb_compat, index, metadata
-from formats.record import QuantizedTensor
 from formats.validate import FORMAT_VERSION, quant_layout
-from formats.writer import TORCH_DTYPES, ShardInfo, ShardWriter, TensorSlot, temp_path
+from formats.writer import ShardInfo, ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
 ProgressHook = Callable[[str, int], None]
@@ -69,7 +69,11 @@ def resolve_device(device: str) -> tuple[str, str | None]:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         msg = f"--device {device!r} is not supported: use cpu or cuda"
         raise InputError(msg)
-    if device == "cpu" or "cuda" in kernels.available_backends():
+    if device == "cpu":
+        return device, None
+    from converter import kernels  # torch: only a cuda request needs it
+
+    if "cuda" in kernels.available_backends():
         return device, None
     from converter.kernels_cuda import cuda_status
 
@@ -148,7 +152,7 @@ def convert(
         )
     )
     try:
-        src = wrap_if_block_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
+        src = _wrap_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
         conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
         conversion.dry_run, conversion.check_fit = dry_run, preflight
         conversion.warn = warn
@@ -175,14 +179,12 @@ class _Stats:
     device: dict[str, Any] = field(default_factory=dict)
 
 
-Quantizer = CpuQuantizer | CudaQuantizer
+Quantizer = HostQuantizer | CudaHostQuantizer
 
 
 def new_quantizer(options: Options, device: str, threads: int | None) -> Quantizer:
     """The quantizer a conversion streams its tensors through (``device`` as resolve_device gives it)."""
-    if device == "cpu":
-        return CpuQuantizer(options.qtype, options.blocksize, options.double_quant, threads=threads)
-    return make_quantizer(options.qtype, options.blocksize, options.double_quant, device, threads)
+    return make_host_quantizer(options.qtype, options.blocksize, options.double_quant, device, threads)
 
 
 class _Conversion:
@@ -321,7 +323,7 @@ class _Conversion:
             for file in list(mapped):
                 mapped.pop(file)
                 self.src.release(file)
-            if isinstance(quantizer, CudaQuantizer):
+            if isinstance(quantizer, CudaHostQuantizer):
                 q = quantizer.stats
                 self.stats.device = {
                     "device": str(quantizer.device),
@@ -352,17 +354,10 @@ class _Conversion:
         slots: list[TensorSlot] = []
         for p in shard.tensors:
             if p.quantize:
-                slots.extend(
-                    QuantizedTensor.plan_slots(
-                        p.name,
-                        p.out_shape,
-                        _torch_name(p.out_dtype),
-                        opts.qtype,
-                        opts.blocksize,
-                        opts.double_quant,
-                        opts.quant_storage,
-                    )
+                layout = quant_layout(
+                    p.name, p.out_shape, opts.qtype, opts.blocksize, opts.double_quant, opts.quant_storage
                 )
+                slots.extend(TensorSlot(key, code, shape) for key, (code, shape) in layout.items())
             else:
                 slots.append(TensorSlot(p.name, p.out_dtype, p.info.shape))
         meta = metadata.build_metadata(
@@ -412,50 +407,50 @@ class _Conversion:
         finally:
             results.close()  # on an error: drops (and waits for) what is still in flight
 
-    def _read(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> torch.Tensor:
-        """Tensor ``p`` from its source file (memory-mapped), cast to its planned dtype."""
+    def _read(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> np.ndarray:
+        """Tensor ``p`` from its source file (memory-mapped numpy, bf16 as uint16 bits), cast to its
+        planned dtype (``p.out_dtype``)."""
         t0 = time.perf_counter()
         file = p.info.file
         if file not in mapped:
             mapped[file] = self.src.open_file(file)
         if following is not None and following.info.file == file:
             mapped[file].prefetch(following.name)  # read ahead while this one is quantized
-        x = mapped[file].get(p.name)
-        want = TORCH_DTYPES[p.out_dtype]
-        if x.dtype != want and (x.is_floating_point() or p.quantize):
-            x = x.to(want)  # --dtype cast (packed/absmax/maps are produced after it, never cast)
+        x, code = _get_array(mapped[file], p.name)
+        if code != p.out_dtype and (code in _FLOAT_CODES or p.quantize):
+            x = _cast(x, code, p.out_dtype)  # --dtype (packed/absmax/maps are produced after it, never cast)
         self.stats.seconds_read += time.perf_counter() - t0
         return x
 
     def _read_many(
         self, planned: Iterator[PlannedTensor], mapped: dict, following: dict
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, contiguous tensor) of each tensor to quantize, read when the quantizer asks for it.
-
-        Holds no reference while the quantizer has the tensor: it is freed once quantized or staged.
-        """
+    ) -> Iterator[tuple[str, np.ndarray, str]]:
+        """(name, C-contiguous array, dtype code) of each tensor to quantize, read when the quantizer
+        asks for it. Holds no reference while the quantizer has the tensor: it is freed once quantized
+        or staged."""
         for p in planned:
             read = functools.partial(self._read_input, p, mapped, following[p.name])
             copy = p.transpose or p.out_dtype != p.info.dtype  # anonymous memory, not file pages
-            yield p.name, self.quality.remember(p.name, read, p.out_dtype, copy)
+            yield p.name, self.quality.remember(p.name, read, p.out_dtype, copy), p.out_dtype
 
-    def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> torch.Tensor:
+    def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> np.ndarray:
         x = self._read(p, mapped, following)
-        return (x.t() if p.transpose else x).contiguous()
+        return np.ascontiguousarray(x.T if p.transpose else x)
 
-    def _write_kept(self, p: PlannedTensor, x: torch.Tensor, writer: ShardWriter) -> None:
+    def _write_kept(self, p: PlannedTensor, x: np.ndarray, writer: ShardWriter) -> None:
         t0 = time.perf_counter()
-        writer.write(p.name, x)
+        # bf16 has no numpy dtype: its uint16 bits go in as bytes (the writer checks their count).
+        writer.write(p.name, memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
         del x
         self.stats.seconds_write += time.perf_counter() - t0
 
     def _write_quantized(
-        self, p: PlannedTensor, results: Iterator[tuple[str, QuantResult]], writer: ShardWriter
+        self, p: PlannedTensor, results: Iterator[tuple[str, HostResult]], writer: ShardWriter
     ) -> None:
         t0, read0 = time.perf_counter(), self.stats.seconds_read
         try:
             got = next(results, None)
-        except kernels.NonFiniteInputError as exc:
+        except NonFiniteInputError as exc:
             bad = getattr(exc, "tensor", p.name)
             where = next((t for t in self.plan.tensors if t.name == bad), p)
             msg = (
@@ -472,21 +467,20 @@ class _Conversion:
         r = got[1]
         self.quality.measured(p.name, r.packed, r.absmax, r.nested)
         opts = self.options
-        record = QuantizedTensor.from_kernel_outputs(
-            name=p.name,
-            shape=p.out_shape,
-            dtype=_torch_name(p.out_dtype),
-            quant_type=opts.qtype,
-            blocksize=opts.blocksize,
-            packed=r.packed,
-            absmax=r.absmax,
-            nested=r.nested,
-            quant_storage=opts.quant_storage,
+        entries = record_entries(
+            p.name,
+            p.out_shape,
+            _torch_name(p.out_dtype),
+            opts.qtype,
+            opts.blocksize,
+            r.packed,
+            r.absmax,
+            r.nested,
         )
         del got, r
-        for key, value in record.state_dict().items():
+        for key, value in entries:
             writer.write(key, value)
-        del record
+        del entries
         self.stats.seconds_write += time.perf_counter() - t1
 
     # --- the rest of the folder ------------------------------------------------------------
@@ -555,6 +549,50 @@ class _Conversion:
 
 def _torch_name(code: str) -> str:
     return {v: k for k, v in DTYPE_CODES.items()}[code]
+
+
+_FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def _wrap_fp8(src: Source) -> Source:
+    """converter.fp8's block-scaled FP8 view of ``src`` when its config declares one (torch is
+    imported only then: dequantizing FP8 takes it)."""
+    qc = (src.config() or {}).get("quantization_config")
+    if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != "fp8":
+        return src
+    from converter.fp8 import wrap_if_block_fp8
+
+    return wrap_if_block_fp8(src)
+
+
+def _get_array(reader: Any, name: str) -> tuple[np.ndarray, str]:
+    """(numpy array, dtype code) of tensor ``name`` from an open file; a reader with only ``get``
+    (converter.fp8's dequantizing view) hands a torch tensor, viewed as numpy here."""
+    get_array = getattr(reader, "get_array", None)
+    if get_array is not None:
+        return get_array(name)
+    import torch
+
+    from formats.writer import DTYPE_CODES as TORCH_CODES
+
+    t = reader.get(name).contiguous()
+    code = TORCH_CODES[t.dtype]
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy(), code
+    if t.element_size() == 1 and t.dtype not in (torch.uint8, torch.int8, torch.bool):
+        return t.view(torch.uint8).numpy(), code  # float8 bits
+    return t.numpy(), code
+
+
+def _cast(x: np.ndarray, code: str, to: str) -> np.ndarray:
+    """A --dtype cast, rounded by torch as transformers casts (torch is imported for casts only)."""
+    import torch
+
+    from converter.sources.mapped import as_torch
+    from formats.writer import TORCH_DTYPES
+
+    y = as_torch(x, code).to(TORCH_DTYPES[to])
+    return y.view(torch.uint16).numpy() if to == "BF16" else y.numpy()
 
 
 def _tensor_record(p: PlannedTensor, opts: Options) -> dict:

@@ -101,6 +101,12 @@ def decoded_absmax(codes: Codes) -> Any:
     """The float32 absmax a loader uses: the stored one, or the nested one decoded."""
     if codes.nested is None:
         return codes.absmax
+    if isinstance(codes.nested[0], np.ndarray):  # the converter's CPU path: no torch
+        from converter import kernels_np
+
+        q, nabs, offset = codes.nested
+        nmap = codes.nested_map if codes.nested_map is not None else codebooks.as_f32(codebooks.DYNAMIC8)
+        return kernels_np.dequantize_nested(q, nabs, float(offset), np.asarray(nmap))
     import torch
 
     from converter import kernels

@@ -175,6 +175,7 @@ def build_report(
         "model_dtype": plan.model_dtype,
         "compute_dtype": plan.compute_dtype,
         "selection_mode": getattr(selection, "mode", None),
+        "selection_via": getattr(selection, "via", None),  # live | cache | table (converter.selection_table)
         "summary": summary,
         "timings": {
             "seconds_total": result.seconds,

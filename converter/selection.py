@@ -25,7 +25,6 @@ Without transformers, ``arch_allowlist`` gives known projection names per ``mode
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import re
 import warnings
@@ -35,14 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from converter import arch_allowlist
-from converter.errors import InputError
+from converter.selection_facts import SelectionError, module_of
+from converter.selection_facts import data_reason as _data_reason
+from converter.selection_facts import strip_prefix as _strip
+from converter.selection_facts import user_reason as _user_reason
 
-#: dtypes a weight must have to be quantized (the kernels take f32, f16 and bf16).
-_QUANTIZABLE_DTYPES = frozenset({"F32", "F16", "BF16"})
-
-
-class SelectionError(InputError):
-    """The tensors to quantize cannot be decided for this checkpoint."""
+__all__ = ["QuantizeSpec", "Selection", "SelectionError", "as_dict", "module_of", "select_tensors"]
 
 
 class _TensorLike(Protocol):
@@ -76,6 +73,9 @@ class Selection:
     skip_modules: list[str]  # config llm_int8_skip_modules: module name patterns not to build Linear4bit
     keep_fp32: set[str] = field(default_factory=set)  # keys of _keep_in_fp32_modules: never cast by --dtype
     mode: str = "transformers"  # "transformers" or "allowlist"
+    #: where transformers' rule was read ("transformers" mode): "live" (a model skeleton), "cache"
+    #: (the per-user cache of an earlier live run) or "table" (the shipped table); converter.selection_table
+    via: str = "live"
 
 
 def transformers_usable() -> bool:
@@ -126,34 +126,43 @@ def select_tensors(
                 "run: pip install 'quantize-model[transformers]'"
             )
             raise SelectionError(msg)
-        return _select_transformers(config, tensors, skip=skip, include=include)
+        return _select_precomputed(config, tensors, skip=skip, include=include) or _select_transformers(
+            config, tensors, skip=skip, include=include
+        )
     return _select_allowlist(config, tensors, skip=skip, include=include)
+
+
+def _select_precomputed(
+    config: dict, tensors: Sequence[_TensorLike], *, skip: Sequence[str], include: Sequence[str]
+) -> Selection | None:
+    """transformers' rule from the per-user cache or the shipped table (no import); None on a miss."""
+    from converter import selection_table
+
+    found = selection_table.lookup(config, [t.name for t in tensors])
+    if found is None:
+        return None
+    facts, via = found
+    return _from_facts(facts, tensors, skip=skip, include=include, via=via)
+
+
+def _from_facts(
+    facts: Any,
+    tensors: Sequence[_TensorLike],
+    *,
+    skip: Sequence[str],
+    include: Sequence[str],
+    via: str,
+    matcher: Any = None,
+) -> Selection:
+    from converter.selection_facts import decide
+
+    d = decide(facts, tensors, skip=skip, include=include, matcher=matcher)
+    quantize = {k: QuantizeSpec(transpose=v) for k, v in d.quantize.items()}
+    return Selection(quantize, d.keep, d.skip_modules, d.keep_fp32, "transformers", via)
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers shared by every mode
-
-
-def module_of(key: str) -> str:
-    """Module name of a checkpoint key ("a.b.weight" -> "a.b")."""
-    return key.rpartition(".")[0]
-
-
-def _glob_hit(globs: Sequence[str], names: Sequence[str]) -> str | None:
-    for g in globs:
-        if any(n and fnmatch.fnmatchcase(n, g) for n in names):
-            return g
-    return None
-
-
-def _user_reason(skip: Sequence[str], include: Sequence[str], *names: str) -> str | None:
-    """Reason the user's --skip / --include leave a weight unquantized, or None."""
-    g = _glob_hit(skip, names)
-    if g is not None:
-        return f"--skip glob '{g}'"
-    if include and _glob_hit(include, names) is None:
-        return "not matched by --include"
-    return None
 
 
 def _shape_reason(t: _TensorLike) -> str | None:
@@ -163,24 +172,6 @@ def _shape_reason(t: _TensorLike) -> str | None:
     if not t.name.endswith(".weight"):
         return "not a .weight tensor"
     return _data_reason(t)
-
-
-def _data_reason(t: _TensorLike) -> str | None:
-    """Reason a linear weight cannot be quantized by its dtype or shape, or None."""
-    if t.dtype not in _QUANTIZABLE_DTYPES:
-        return f"dtype {t.dtype} is not float32/float16/bfloat16"
-    if len(t.shape) != 2:
-        return f"{len(t.shape)}-D tensor (only 2-D linear weights are quantized)"
-    if 0 in t.shape:
-        return "empty tensor"
-    return None
-
-
-def _strip(name: str, prefixes: Sequence[str]) -> str:
-    for p in prefixes:
-        if p and name.startswith(p + "."):
-            return name[len(p) + 1 :]
-    return name
 
 
 def _skip_list_from_keys(
@@ -346,43 +337,18 @@ def _auto_class(transformers: Any, cfg: Any, architectures: Sequence[str]) -> An
     return transformers.AutoModel._model_mapping.get(type(cfg), None)
 
 
-def _converter_reason(converter: Any, target: str) -> str:
-    ops = [type(op).__name__ for op in getattr(converter, "operations", ())]
-    if "MergeModulelist" in ops and "expert" in target:
-        return "fused MoE experts (merged on load)"
-    if "MergeModulelist" in ops or "Concatenate" in ops:
-        return f"merged with other tensors on load (into {target})"
-    if "Chunk" in ops or "Split" in ops or "SplitModulelist" in ops:
-        return "fused tensor split on load (quantized it could not be split)"
-    return f"converted on load ({', '.join(ops) or 'converter'})"
-
-
-def _is_router(name: str, module: Any) -> bool:
-    leaf = name.rpartition(".")[2]
-    return "Router" in type(module).__name__ or leaf in {"gate", "router", "shared_expert_gate"}
-
-
 def _select_transformers(
     config: dict, tensors: Sequence[_TensorLike], *, skip: Sequence[str], include: Sequence[str]
 ) -> Selection:
-    from torch import nn
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (
-        WeightConverter,
-        WeightRenaming,
-        apply_converters,
-        apply_renamings,
-        build_glob_alternation,
-        rename_source_key,
-    )
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION, HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
+    """The live rule: build the skeleton, gather its facts (remembered in the per-user cache), decide."""
+    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
+
+    from converter import selection_table
+    from converter.selection_facts import facts_from_model
 
     model = build_skeleton(config)
     cls_name = type(model).__name__
-    modules = dict(model.named_modules())
-    for name, mod in modules.items():
+    for name, mod in model.named_modules():
         if type(mod).__name__ in MODULES_TO_PATCH_FOR_QUANTIZATION:
             msg = (
                 f"{cls_name}: transformers rebuilds '{name}' ({type(mod).__name__}) as separate "
@@ -390,138 +356,25 @@ def _select_transformers(
                 "checkpoint cannot fill; quantize this model on load with transformers + bitsandbytes instead"
             )
             raise SelectionError(msg)
-
-    # exactly what Bnb4BitHfQuantizer._process_model_before_weight_loading + replace_with_bnb_linear do
-    keep_in_fp32 = sorted(model._keep_in_fp32_modules or ())
-    default_skip = HfQuantizer.get_modules_to_not_convert(model, None, keep_in_fp32)
-    linear = {n: m for n, m in modules.items() if isinstance(m, Conv1D) or type(m) is nn.Linear}
-    convertible = {n for n in linear if should_convert_module(n, default_skip)}
-
-    # transformers' own key mapping, as convert_and_load_state_dict_in_model applies it
-    meta_sd = model.state_dict()
-    buffers = {n for n, _ in model.named_buffers()}
-    prefix = model.base_model_prefix
-    mapping = get_model_conversion_mapping(model, None, None)
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    by_pattern = {p: c for c in converters for p in c.source_patterns}
-
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    out_emb = model.get_output_embeddings()
-    fp32_patterns = sorted(set(keep_in_fp32) | set(model._keep_in_fp32_modules_strict or ()))
-    fp32_re = build_glob_alternation(fp32_patterns)[0] if fp32_patterns else None
-
-    def default_reason(name: str, mod: Any) -> str:
-        if out_emb is not None and mod is out_emb:
-            return "lm_head (output embedding)"
-        for a, b in tied.items():
-            if module_of(a) == name:
-                return f"tied to {module_of(b)}"
-            if module_of(b) == name:
-                return f"tied to {module_of(a)}"
-        if keep_in_fp32 and not should_convert_module(name, keep_in_fp32):
-            return "_keep_in_fp32_modules"
-        return "last module"
-
-    quantize: dict[str, QuantizeSpec] = {}
-    keep: dict[str, str] = {}
-    keep_fp32: set[str] = set()
-    quantized_modules: set[str] = set()
+    keys = [t.name for t in tensors]
     with _quiet_transformers():
-        for t in tensors:
-            key = t.name
-            renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
-            if renamed not in meta_sd and key in meta_sd:
-                renamed, pattern = rename_source_key(key, [], [], prefix, meta_sd)
-            if fp32_re is not None and renamed in meta_sd and fp32_re.search(renamed):
-                keep_fp32.add(key)
-            reason = None
-            if renamed in buffers:
-                reason = "buffer"
-            elif renamed not in meta_sd:
-                reason = f"not a parameter of {cls_name} (transformers drops it on load)"
-            elif pattern is not None:
-                reason = _converter_reason(by_pattern[pattern], renamed)
-            if reason is None:
-                mod_name, _, pname = renamed.rpartition(".")
-                mod = modules.get(mod_name)
-                if pname == "bias":
-                    reason = "bias"
-                elif mod_name not in linear or pname != "weight":
-                    kind = type(mod).__name__ if mod is not None else "?"
-                    reason = "router" if _is_router(mod_name, mod) else f"not nn.Linear ({kind})"
-                elif mod_name not in convertible:
-                    reason = default_reason(mod_name, mod)
-                elif _is_router(mod_name, mod):
-                    reason = "router"
-                else:
-                    reason = _user_reason(skip, include, key, module_of(key), mod_name) or _data_reason(t)
-                if reason is None and tuple(t.shape) != tuple(meta_sd[renamed].shape):
-                    reason = f"shape {list(t.shape)} differs from {cls_name}'s {list(meta_sd[renamed].shape)}"
-                if reason is None:
-                    # the packed companions (W.absmax, ...) must reach the same module on load
-                    companion = apply_renamings(key + ".absmax", renamings)
-                    if companion != apply_renamings(key, renamings) + ".absmax" or (
-                        apply_converters(companion, converters)[1] is not None
-                    ):
-                        reason = "renamed on load in a way its quantization state would not follow"
-                if reason is None:
-                    quantize[key] = QuantizeSpec(transpose=isinstance(mod, Conv1D))
-                    quantized_modules.add(mod_name)
-            if reason is not None:
-                keep[key] = reason
+        facts = facts_from_model(model, keys)
+    if facts.matcher is None:  # a should_convert_module we do not mirror: use it, cache nothing
+        from transformers.quantizers.quantizers_utils import should_convert_module
 
-    not_quantized = {n for n in linear if n not in quantized_modules}
-    defaults = {d for d in default_skip if d in modules}
-    names = sorted(not_quantized | defaults)
-    skip_modules = _skip_list_for_model(model, linear, quantized_modules, names, keep_in_fp32)
-    return Selection(quantize, keep, skip_modules, keep_fp32 - set(quantize), "transformers")
-
-
-def _skip_list_for_model(
-    model: Any,
-    linear: dict[str, Any],
-    quantized: set[str],
-    names: list[str],
-    keep_in_fp32: list[str],
-) -> list[str]:
-    """llm_int8_skip_modules for ``names``, checked with transformers' own matcher.
-
-    Preferred spelling: without the base-model prefix ("layers.0.mlp.down_proj"), which transformers
-    matches both as a suffix of "model.layers.0.mlp.down_proj" (the ForCausalLM class) and as a prefix
-    of the bare base model's names, so AutoModel loads the folder right too. Falls back to the full
-    names if that spelling would catch a module we quantized.
-    """
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    prefix = model.base_model_prefix
-    base = getattr(model, prefix, None) if prefix else None
-    has_base = base is not None and base is not model
-
-    def converts(candidates: set[str], patterns: list[str]) -> set[str]:
-        return {n for n in candidates if should_convert_module(n, patterns + keep_in_fp32)}
-
-    stripped = sorted({_strip(n, (prefix,)) for n in names}) if has_base else names
-    ok = converts(set(linear), stripped) == quantized
-    if ok and has_base:
-        base_linear = {n[len(prefix) + 1 :] for n in linear if n.startswith(prefix + ".")}
-        base_quant = {n[len(prefix) + 1 :] for n in quantized if n.startswith(prefix + ".")}
-        ok = converts(base_linear, stripped) == base_quant
-    if ok:
-        return stripped
-    if converts(set(linear), names) == quantized:
-        return names
-    msg = (
-        f"{type(model).__name__}: no llm_int8_skip_modules list makes transformers quantize exactly the "
-        "selected layers; report this model with its config.json"
-    )
-    raise SelectionError(msg)
+        return _from_facts(
+            facts, tensors, skip=skip, include=include, via="live", matcher=should_convert_module
+        )
+    selection = _from_facts(facts, tensors, skip=skip, include=include, via="live")
+    selection_table.store_facts(config, keys, selection_table.transformers_version(), facts)
+    return selection
 
 
 def as_dict(sel: Selection) -> dict[str, Any]:
     """JSON-ready form (for the conversion report)."""
     return {
         "mode": sel.mode,
+        "via": sel.via,
         "quantize": {k: {"transpose": v.transpose} for k, v in sorted(sel.quantize.items())},
         "keep": dict(sorted(sel.keep.items())),
         "skip_modules": list(sel.skip_modules),

@@ -11,24 +11,28 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from formats import writer as _writer
 from formats.index import INDEX_NAME, read_index
 from formats.metadata import parse_metadata
-from formats.record import QuantizedTensor
 from formats.validate import (
     BadIndex,
     DuplicateTensor,
     MissingQuantComponent,
+    QuantGroup,
     TensorEntry,
     ValidatedShard,
     find_quant_groups,
     validate_file,
 )
-from formats.writer import TORCH_DTYPES
+
+if TYPE_CHECKING:  # torch is imported by the methods that return tensors: inspect/verify never do
+    import torch
+
+    from formats.record import QuantizedTensor
 
 
 class Shard:
@@ -77,7 +81,9 @@ class Shard:
         if entry is None:
             msg = f"{self.path}: no tensor {name!r} in this shard"
             raise KeyError(msg)
-        dtype = TORCH_DTYPES[entry.dtype]
+        import torch
+
+        dtype = _writer.TORCH_DTYPES[entry.dtype]
         if entry.end == entry.begin or self._map is None:
             return torch.empty(entry.shape, dtype=dtype)
         start = self._shard.data_start
@@ -93,6 +99,8 @@ class Shard:
         if group is None:
             msg = f"{self.path}: {name!r} is not a quantized weight in this shard"
             raise KeyError(msg)
+        from formats.record import QuantizedTensor
+
         tensors = {k: self.get_tensor(k) for k in group.keys}
         return QuantizedTensor.from_state_dict(name, tensors, file=str(self.path))
 
@@ -105,6 +113,15 @@ class Shard:
     def entry(self, name: str) -> TensorEntry:
         """dtype code, shape and data offsets of a tensor (no data read)."""
         return self._shard.entries[name]
+
+    def group(self, name: str) -> QuantGroup:
+        """The validated keys and quant state of quantized weight ``name`` (no data read, no torch):
+        ``open_shard`` already checked them against bitsandbytes' layout."""
+        group = self._shard.groups.get(name)
+        if group is None:
+            msg = f"{self.path}: {name!r} is not a quantized weight in this shard"
+            raise KeyError(msg)
+        return group
 
     def records(self) -> dict[str, QuantizedTensor | torch.Tensor]:
         """Every quantized weight as a record, and every passthrough tensor as a tensor.
@@ -175,6 +192,8 @@ class Checkpoint:
         self._quantized = [n for s in self.shards for n in s.quantized] + list(self._joined)
 
     def _read(self, key: str) -> bytes:
+        import torch
+
         return self.get_tensor(key).reshape(-1).view(torch.uint8).numpy().tobytes()
 
     def keys(self) -> list[str]:
@@ -201,6 +220,8 @@ class Checkpoint:
     def record(self, name: str) -> QuantizedTensor:
         if name in self._joined:
             tensors = {k: self.get_tensor(k) for k in self._joined[name].keys}
+            from formats.record import QuantizedTensor
+
             return QuantizedTensor.from_state_dict(name, tensors, file=str(self._where[name].path))
         if name not in self._where:
             msg = f"no quantized weight {name!r} in this checkpoint"

@@ -21,14 +21,15 @@ import hashlib
 import json
 import math
 import os
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from formats.validate import (
     DTYPES,
@@ -43,15 +44,31 @@ from formats.validate import (
     WriterStateError,
 )
 
-#: safetensors dtype code -> torch dtype (the codes ``safetensors.torch`` knows).
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
-    "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
-    "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+if TYPE_CHECKING:
+    import torch
+
+#: safetensors dtype code -> torch attribute name (the codes ``safetensors.torch`` knows).
+TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64",
+    "F64": "float64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }  # fmt: skip
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def __getattr__(name: str) -> Any:
+    """``TORCH_DTYPES`` (code -> torch dtype) and ``DTYPE_CODES`` (torch dtype -> code), built on first
+    use: writing numpy arrays or bytes never imports torch (the converter's CPU path)."""
+    if name in ("TORCH_DTYPES", "DTYPE_CODES"):
+        import torch
+
+        torch_dtypes = {code: getattr(torch, attr) for code, attr in TORCH_NAMES.items()}
+        globals()["TORCH_DTYPES"] = torch_dtypes
+        globals()["DTYPE_CODES"] = {v: k for k, v in torch_dtypes.items()}
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")  # noqa: EM102
+
+
 #: safetensors dtype code -> numpy dtype, where numpy has one (no bf16 / fp8 in numpy).
 NUMPY_DTYPES: dict[str, np.dtype] = {
     code: np.dtype(name)
@@ -100,8 +117,9 @@ def _as_bytes(
     """A flat byte view of ``data`` after checking its dtype and element count against ``slot``."""
     where = f"tensor {slot.name!r}"
     count = None if slot.shape is None else math.prod(slot.shape)
-    if isinstance(data, torch.Tensor):
-        want = TORCH_DTYPES.get(slot.dtype)
+    torch = sys.modules.get("torch")  # a torch tensor can only be passed once torch is imported
+    if torch is not None and isinstance(data, torch.Tensor):
+        want = __getattr__("TORCH_DTYPES").get(slot.dtype)
         if data.dtype != want:
             msg = f"{where}: dtype {data.dtype} written to a {slot.dtype} slot (expected {want})"
             raise SlotMismatch(msg)

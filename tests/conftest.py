@@ -73,3 +73,18 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_selection_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The per-user selection cache (converter.selection_table) of the test session lives in a temp
+    folder, never in the user's ~/.cache; subprocesses inherit it through XDG_CACHE_HOME."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old

@@ -92,12 +92,13 @@ class Source(ABC):
         """A local path to the whole file (Hub: waits for its download and prefetches the next)."""
 
     def open_file(self, file: str) -> Any:
-        """The tensors of ``file`` as an object with ``.get(name)`` and ``.prefetch(name)``.
+        """The tensors of ``file`` as an object with ``.get_array(name)`` (numpy array, dtype code),
+        ``.get(name)`` (torch tensor) and ``.prefetch(name)``.
 
         Default: acquire the whole file and memory-map it. A source that can read tensor by tensor
         (the Hub, for a file larger than the disk budget) overrides this. Pair with ``release``.
         """
-        from converter.sources.local import MappedFile
+        from converter.sources.mapped import MappedFile
 
         return MappedFile(self.acquire(file), file)
 
@@ -170,10 +171,12 @@ def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | No
 
     Block-scaled FP8 (DeepSeek-V3 style) is not refused: converter/fp8.py dequantizes it on read.
     """
-    from converter.fp8 import block_fp8_problem, block_size
+    qc = (config or {}).get("quantization_config")
+    if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "fp8":
+        from converter.fp8 import block_fp8_problem, block_size  # torch: FP8 configs only
 
-    if block_size(config) is not None:
-        return block_fp8_problem(config, tensors)
+        if block_size(config) is not None:
+            return block_fp8_problem(config, tensors)
     if config and config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "unknown")
         return f"its config.json has a quantization_config (quant_method {method!r})"

@@ -144,11 +144,17 @@ class _RangeFile:
 
     def prefetch(self, name: str) -> None:
         if name in self._infos and name not in self._pending:
-            self._pending[name] = self.source._range_pool().submit(self.source.read_tensor, self._infos[name])
+            self._pending[name] = self.source._range_pool().submit(self.source.read_array, self._infos[name])
+
+    def get_array(self, name: str) -> tuple[Any, str]:
+        """(numpy array, safetensors dtype code) of one tensor; bf16 as uint16 bits."""
+        pending = self._pending.pop(name, None)
+        return pending.result() if pending is not None else self.source.read_array(self._infos[name])
 
     def get(self, name: str) -> Any:
-        pending = self._pending.pop(name, None)
-        return pending.result() if pending is not None else self.source.read_tensor(self._infos[name])
+        from converter.sources.mapped import as_torch
+
+        return as_torch(*self.get_array(name))
 
 
 class HubSource(Source):
@@ -468,7 +474,7 @@ class HubSource(Source):
     def _header_entries(self, file: str) -> list[tuple[str, str, tuple[int, ...], tuple[int, int]]]:
         local = self._converted.get(file) or self._cached_path(file)
         if local is not None:
-            from converter.sources.local import read_header
+            from converter.sources.mapped import read_header
 
             raw, header = read_header(local, f"{self.repo_id}/{file}")
             self._data_start[file] = len(raw)
@@ -682,11 +688,11 @@ class HubSource(Source):
         """The tensors of ``file`` as an object with ``.get(name) -> torch.Tensor``.
 
         A streamed file is read tensor by tensor through HTTP range requests; any other file is
-        acquired and memory-mapped (converter.sources.local.MappedFile). Pair with ``release``.
+        acquired and memory-mapped (converter.sources.mapped.MappedFile). Pair with ``release``.
         """
         if file in self._streamed:
             return _RangeFile(self, file)
-        from converter.sources.local import MappedFile
+        from converter.sources.mapped import MappedFile
 
         return MappedFile(self.acquire(file), file)
 
@@ -770,16 +776,26 @@ class HubSource(Source):
             self.bytes_downloaded += len(data)
         return data
 
+    def read_array(self, info: TensorInfo) -> tuple[Any, str]:
+        """One tensor as (numpy array, dtype code), read by HTTP range (files larger than the disk budget)."""
+        import numpy as np
+
+        from converter.sources.mapped import NP_DTYPES
+
+        np_dtype = NP_DTYPES.get(info.dtype)
+        if np_dtype is None:
+            msg = f"tensor {info.name!r} in {self.repo_id}/{info.file}: dtype {info.dtype} is not supported"
+            raise CorruptFileError(msg)
+        data = bytearray(self.read_tensor_bytes(info.file, info.name))
+        if not data:
+            return np.empty(info.shape, dtype=np_dtype), info.dtype
+        return np.frombuffer(data, dtype=np_dtype).reshape(info.shape), info.dtype
+
     def read_tensor(self, info: TensorInfo) -> Any:
         """One tensor as a torch tensor, read by HTTP range (for files larger than the disk budget)."""
-        import torch
-        from safetensors.torch import _getdtype  # type: ignore[attr-defined]
+        from converter.sources.mapped import as_torch
 
-        data = bytearray(self.read_tensor_bytes(info.file, info.name))
-        dtype = _getdtype(info.dtype)
-        if not data:
-            return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
+        return as_torch(*self.read_array(info))
 
     # --- Source --------------------------------------------------------------------------------
     def describe(self) -> dict:

@@ -9,44 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
 from converter.errors import AlreadyQuantizedError, CorruptFileError, PickleOnlyError, SourceNotFoundError
 from converter.sources.base import Source, TensorInfo, is_extra_file, quantized_reason
+from converter.sources.mapped import MappedFile, read_header
+
+__all__ = ["LocalSource", "MappedFile", "read_header"]  # MappedFile/read_header: sources.mapped
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def read_header(path: Path, display: str) -> tuple[bytes, dict]:
-    """The raw header bytes (length prefix included) and parsed JSON of a safetensors file.
-
-    safetensors' own ``safe_open`` validates the file first (truncation, overlapping offsets...),
-    so every corrupt file gets its message; the raw bytes give data offsets and a content hash.
-    """
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except (SafetensorError, OSError) as exc:
-        reason = str(exc).replace("Error while deserializing header: ", "")
-        msg = f"{display}: not a valid safetensors file ({reason}); re-download or re-save it"
-        raise CorruptFileError(msg) from None
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        (n,) = struct.unpack("<Q", prefix)
-        raw = f.read(n)
-    return prefix + raw, json.loads(raw)
 
 
 def _load_json(path: Path, display: str) -> dict:
@@ -242,6 +218,9 @@ class LocalSource(Source):
 
 def _pickle_to_safetensors(src: Path, dst: Path) -> None:
     """torch.load(weights_only=True) a pickle state dict and save it as safetensors (tied tensors cloned)."""
+    import torch  # pickle sources only: the safetensors path never imports torch
+    from safetensors.torch import save_file
+
     try:
         state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
@@ -260,77 +239,3 @@ def _pickle_to_safetensors(src: Path, dst: Path) -> None:
             tensors[str(key)] = value.clone() if ptr in seen else value
             seen.add(ptr)
     save_file(tensors, str(dst), metadata={"format": "pt"})
-
-
-_NP_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": np.uint16,  # numpy has no bfloat16: map the bits, then view them as torch.bfloat16
-    "F8_E4M3": np.uint8,  # block-scaled FP8 sources (converter/fp8.py): bits viewed as float8_e4m3fn
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U64": np.uint64,
-    "U32": np.uint32,
-    "U16": np.uint16,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-class MappedFile:
-    """Tensors of one safetensors file, memory-mapped one at a time (file-backed pages, no copy).
-
-    Each tensor is an ``np.memmap`` in copy-on-write mode (writable, so torch.from_numpy accepts it
-    without a warning; nothing is ever written back). Its pages count as file-backed memory, not
-    anonymous, and go away when the tensor is dropped.
-    """
-
-    def __init__(self, path: Path, display: str | None = None) -> None:
-        self.path = Path(path)
-        raw, header = read_header(self.path, display or str(path))
-        self._start = len(raw)
-        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
-
-    def prefetch(self, name: str) -> None:
-        """Ask the kernel to start reading ``name``'s bytes now (async readahead into the page cache).
-
-        The pipeline calls it for the next tensor while the current one is quantized, so a cold
-        source is read while the CPU works instead of page fault by page fault afterwards.
-        """
-        entry = self._entries.get(name)
-        if entry is None or not hasattr(os, "posix_fadvise"):
-            return
-        begin, end = entry["data_offsets"]
-        if end <= begin:
-            return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, self._start + begin, end - begin, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-
-    def get(self, name: str) -> torch.Tensor:
-        entry = self._entries[name]
-        dtype, shape = entry["dtype"], tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-        self.prefetch(name)
-        np_dtype = _NP_DTYPES.get(dtype)
-        if np_dtype is None:
-            msg = (
-                f"tensor {name!r} in {self.path}: dtype {dtype} is not supported; re-save it as F32/F16/BF16"
-            )
-            raise CorruptFileError(msg)
-        if end == begin:
-            arr = np.empty(shape, dtype=np_dtype)
-        else:
-            mapped = np.memmap(
-                self.path, dtype=np_dtype, mode="c", offset=self._start + begin, shape=shape or (1,)
-            )
-            arr = mapped.reshape(shape)
-        t = torch.from_numpy(arr)
-        if dtype == "F8_E4M3":
-            return t.view(torch.float8_e4m3fn)
-        return t.view(torch.bfloat16) if dtype == "BF16" else t

@@ -1,9 +1,10 @@
 """The converter streams each shard's tensors through a quantizer's ``quantize_many`` (converter.pipeline).
 
-On the CPU the quantizer takes each tensor at its turn; a GPU quantizer (converter.cuda_pipeline
-.CudaQuantizer) takes up to ``depth`` tensors ahead of the one being written. ``ReadAheadQuantizer``
-below runs that GPU schedule on the CPU kernels, so the ordering, bookkeeping and error paths the
-``--device cuda`` conversion relies on are tested here without a GPU (tests/cuda runs the real one).
+On the CPU the quantizer (converter.host_quantizer.HostQuantizer, numpy) takes each tensor at its
+turn; a GPU quantizer (converter.cuda_pipeline.CudaQuantizer behind host_quantizer.CudaHostQuantizer)
+takes up to ``depth`` tensors ahead of the one being written. ``ReadAheadQuantizer`` below runs that
+GPU schedule on the CPU kernels, so the ordering, bookkeeping and error paths the ``--device cuda``
+conversion relies on are tested here without a GPU (tests/cuda runs the real one).
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from qm_checkpoints import INTERLEAVED, INTERLEAVED_INCLUDE, make_interleaved
 from test_pipeline import output_hashes
 
 from converter import kernels, pipeline
-from converter.cuda_pipeline import CpuQuantizer, QuantResult
 from converter.errors import NonFiniteTensorError
+from converter.host_quantizer import HostQuantizer, HostResult
 from converter.manifest import MANIFEST_NAME
 from converter.pipeline import convert
 from converter.sources import open_source
@@ -35,7 +37,7 @@ QUANTIZED = [name for entries in INTERLEAVED.values() for name, _, _, q in entri
 OPTS = {"include": INTERLEAVED_INCLUDE, "progress": False}
 
 
-class ReadAheadQuantizer(CpuQuantizer):
+class ReadAheadQuantizer(HostQuantizer):
     """CudaQuantizer's schedule on the CPU kernels: up to ``depth`` inputs are taken (and copied, as
     into pinned staging) before the oldest result is handed back. A NaN is reported when that
     tensor's result is due (``fail_at="finish"``, as on a GPU) or as soon as it is taken
@@ -47,19 +49,21 @@ class ReadAheadQuantizer(CpuQuantizer):
         self.most_ahead = 0
         self.taken: list[str] = []
 
-    def quantize_many(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, QuantResult]]:
+    def quantize_many(self, items: Iterable[tuple[str, np.ndarray, str]]) -> Iterator[tuple[str, HostResult]]:
         pending: collections.deque = collections.deque()
-        for name, x in items:
+        for name, x, dtype in items:
             self.taken.append(name)
-            pending.append((name, self.quantize(name, x) if self.fail_at == "submit" else x.clone()))
+            pending.append(
+                (name, self.quantize(name, x, dtype) if self.fail_at == "submit" else (x.copy(), dtype))
+            )
             self.most_ahead = max(self.most_ahead, len(pending))
             if len(pending) >= self.depth:
                 yield self._finish(*pending.popleft())
         while pending:
             yield self._finish(*pending.popleft())
 
-    def _finish(self, name: str, v: QuantResult | torch.Tensor) -> tuple[str, QuantResult]:
-        return name, v if isinstance(v, QuantResult) else self.quantize(name, v)
+    def _finish(self, name: str, v: HostResult | tuple[np.ndarray, str]) -> tuple[str, HostResult]:
+        return name, v if isinstance(v, HostResult) else self.quantize(name, *v)
 
 
 def use_quantizer(monkeypatch: pytest.MonkeyPatch, **kwargs) -> list[ReadAheadQuantizer]:
@@ -239,7 +243,7 @@ def test_cpu_conversion_uses_the_cpu_quantizer(interleaved: Path, tmp_path: Path
     convert(interleaved, tmp_path / "out", threads=1, **OPTS)
     ((device, q),) = made
     assert device == "cpu"
-    assert type(q) is CpuQuantizer
+    assert type(q) is HostQuantizer
     assert (q.quant_type, q.blocksize, q.nested, q.threads) == (QuantType.NF4, 64, True, 1)
     assert q.stats.tensors == len(QUANTIZED)
 

@@ -1,0 +1,122 @@
+"""The quantizer the converter streams tensors through, on numpy arrays (the CPU path imports no torch).
+
+Items are ``(name, array, dtype code)`` (bf16 as uint16 bits, as ``MappedFile.get_array`` gives
+them); results are ``(name, HostResult)`` in the same order, numpy arrays on the host.
+
+- ``HostQuantizer``: the CPU kernels through ``converter.kernels_np`` (one tensor at a time).
+- ``--device cuda``: ``converter.cuda_pipeline.CudaQuantizer`` (torch, imported only then) wrapped so
+  it takes and returns the same numpy items; its results are pinned host tensors viewed as numpy.
+
+Both give the bytes of ``converter.kernels``; ``fallback_reason`` says why a cuda request runs on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from converter import kernels_np
+from formats.quant_types import QuantType, check_blocksize
+
+#: (tensor name, C-contiguous array, safetensors dtype code)
+Item = tuple[str, np.ndarray, str]
+
+
+@dataclass
+class HostStats:
+    tensors: int = 0
+    bytes_in: int = 0
+
+
+class HostResult(NamedTuple):
+    packed: np.ndarray  # uint8 [(n+1)//2]
+    absmax: np.ndarray  # float32 [nb]
+    nested: tuple[np.ndarray, np.ndarray, float] | None  # (codes u8 [nb], nested_absmax f32, offset)
+
+
+def nonfinite(name: str) -> kernels_np.NonFiniteInputError:
+    """The error for a tensor holding NaN/Inf; ``.tensor`` names it (the converter adds file and --skip)."""
+    exc = kernels_np.NonFiniteInputError(f"tensor {name!r} holds NaN or Inf: it cannot be quantized")
+    exc.tensor = name  # type: ignore[attr-defined]
+    return exc
+
+
+class HostQuantizer:
+    """CPU quantization of numpy arrays, one at a time (nothing held between items)."""
+
+    def __init__(
+        self,
+        quant_type: QuantType,
+        blocksize: int,
+        nested: bool,
+        *,
+        threads: int | None = None,
+        fallback_reason: str = "",
+    ) -> None:
+        self.quant_type, self.blocksize, self.nested = quant_type, check_blocksize(blocksize), nested
+        self.threads, self.fallback_reason = threads, fallback_reason
+        self.stats = HostStats()
+
+    def quantize(self, name: str, x: np.ndarray, dtype: str) -> HostResult:
+        try:
+            packed, absmax = kernels_np.quantize_4bit(
+                x, dtype, blocksize=self.blocksize, quant_type=self.quant_type, threads=self.threads
+            )
+        except kernels_np.NonFiniteInputError:
+            raise nonfinite(name) from None
+        nested = kernels_np.quantize_nested(absmax, threads=self.threads) if self.nested else None
+        self.stats.tensors += 1
+        self.stats.bytes_in += x.nbytes
+        return HostResult(packed, absmax, nested)
+
+    def quantize_many(self, items: Iterable[Item]) -> Iterator[tuple[str, HostResult]]:
+        for name, x, dtype in items:
+            done = [(name, self.quantize(name, x, dtype))]
+            del x  # the caller's map is dropped once quantized
+            yield done.pop()
+
+
+class CudaHostQuantizer:
+    """``CudaQuantizer`` (overlapped upload, kernels, download) behind the numpy item interface."""
+
+    def __init__(self, quantizer: Any) -> None:
+        self._q = quantizer
+        self.fallback_reason = ""
+        self.stats = quantizer.stats
+        self.device = quantizer.device
+
+    def quantize_many(self, items: Iterable[Item]) -> Iterator[tuple[str, HostResult]]:
+        from converter.sources.mapped import as_torch
+
+        results = self._q.quantize_many((name, as_torch(x, dtype)) for name, x, dtype in items)
+        try:
+            for name, r in results:
+                nested = None
+                if r.nested is not None:
+                    codes, nabs, offset = r.nested
+                    nested = (codes.numpy(), nabs.numpy(), offset)
+                done = [(name, HostResult(r.packed.numpy(), r.absmax.numpy(), nested))]
+                del r
+                yield done.pop()
+        finally:
+            results.close()  # an early stop lets the copies in flight finish (CudaQuantizer's rule)
+
+
+def make_host_quantizer(
+    quant_type: QuantType, blocksize: int, nested: bool, device: str, threads: int | None
+) -> HostQuantizer | CudaHostQuantizer:
+    """The quantizer for ``device`` ("cpu", "cuda", "cuda:N"); a CPU one with ``fallback_reason`` set
+    when the CUDA backend is unusable (same bytes)."""
+    if device == "cpu":
+        return HostQuantizer(quant_type, blocksize, nested, threads=threads)
+    from converter.cuda_pipeline import CpuQuantizer, make_quantizer
+
+    q = make_quantizer(quant_type, blocksize, nested, device, threads)
+    if isinstance(q, CpuQuantizer):
+        return HostQuantizer(
+            quant_type, blocksize, nested, threads=threads, fallback_reason=q.fallback_reason
+        )
+    return CudaHostQuantizer(q)

@@ -1,0 +1,59 @@
+"""The default CPU conversion, --version, inspect and verify never import torch or transformers.
+
+Each command runs in a fresh interpreter that reports which heavy modules it imported: the import of
+torch + transformers is what a user waited on (seconds) before the conversion started.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import transformers
+
+from converter import selection_table
+
+PROBE = """
+import json, sys
+from converter.cli import main
+sys.argv = ["quantize-model", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+heavy = sorted(m for m in ("torch", "transformers", "bitsandbytes") if m in sys.modules)
+print("PROBE " + json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+def probe(*args: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300)
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("PROBE "))
+    got = json.loads(line.removeprefix("PROBE "))
+    assert got["code"] in (0, None), r.stderr[-2000:]
+    return got
+
+
+def test_cpu_conversion_and_readers_import_no_torch(tiny_checkpoint, tmp_path: Path) -> None:
+    src = tiny_checkpoint("llama_tied")
+    first = probe("convert", str(src), str(tmp_path / "a"), "-q")
+    if selection_table.load_table().get("transformers") == transformers.__version__:
+        assert first["heavy"] == []  # the shipped table decides
+    # any other transformers version: the first run filled the per-user cache, the next one uses it
+    assert probe("convert", str(src), str(tmp_path / "b"), "-q")["heavy"] == []
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+    report = json.loads((tmp_path / "b" / "quantization_report.json").read_text())
+    assert report["selection_via"] in ("table", "cache")
+    assert probe("inspect", str(tmp_path / "b"))["heavy"] == []
+    assert probe("verify", str(tmp_path / "b"))["heavy"] == []
+    assert probe("--version")["heavy"] == []  # no GPU here: the CUDA check needs no torch
+
+
+def test_dtype_cast_is_where_torch_comes_in(tiny_checkpoint, tmp_path: Path) -> None:
+    """--dtype casts with torch (transformers' rounding, tests/converter/test_pipeline checks the bytes)."""
+    src = tiny_checkpoint("llama")  # bf16
+    assert "torch" in probe("convert", str(src), str(tmp_path / "c"), "--dtype", "float32", "-q")["heavy"]
