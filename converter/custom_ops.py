@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from converter import _kernels
+from converter.cpu_threads import gemv_threads
 from converter.kernel_checks import GEMV_MAX_BATCH, NestedAbsmax
 
 #: The torch.library namespace of every op of this project.
@@ -224,7 +225,7 @@ def _gemv_4bit_cpu(
         0 if nested_map is None else nested_map.data_ptr(),
         y.data_ptr(),
         "auto",
-        0,
+        gemv_threads(packed.numel()),
     )
     return y
 

@@ -27,6 +27,7 @@ from torch import nn
 from converter.errors import InputError
 from converter.loader import ops
 from converter.loader.footprint import install_footprint
+from converter.loader.head import flatten_head_input
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts
 from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
@@ -240,6 +241,7 @@ def load_quantized(
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     model.eval()
+    flatten_head_input(model)  # prompt step: lm_head input with standard strides (loader/head.py)
     install_footprint(model)
     if device_map is not None:
         place(model, folder, device, device_map, max_memory, offload_folder)

@@ -32,7 +32,6 @@ are stacked into the fused parameters here (transformers' own loader does the sa
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converter.cpu_threads import gemv_threads
 from converter.errors import InputError
 from converter.loader import ops
 from converter.loader.module import dtype_from_name, state_from_record
@@ -184,22 +184,9 @@ def _grouped_gemv(
         quant_map.data_ptr(),
         y.data_ptr(),
         "auto",
-        _decode_threads(),
+        gemv_threads(groups * out_features * in_features // 2),
     )
     return y
-
-
-def _decode_threads() -> int:
-    """Kernel threads for a decode launch: 0 (the pool: every CPU) unless torch's OpenMP workers spin.
-
-    After each parallel torch op, OpenMP's default active wait keeps torch's workers spinning; our pool's
-    workers then share the cores with spinning threads and a millisecond-sized decode launch waits for
-    a descheduled worker (2-core VM, 2 torch threads: 17 tok/s with the pool, 43 on the calling thread
-    alone; docs/benchmarks.md). With one torch thread, or OMP_WAIT_POLICY=passive, nothing spins.
-    """
-    if torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive":
-        return 1
-    return 0
 
 
 def _decode_grouped(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act):
