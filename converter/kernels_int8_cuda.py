@@ -11,7 +11,8 @@ from functools import cache
 import torch
 
 from converter import _kernels
-from converter.kernels_cuda import _DTYPE_CODES, _nonfinite_error, _require, _stream
+from converter.kernel_checks import NonFiniteInputError
+from converter.kernels_cuda import _DTYPE_CODES, _require, _stream
 
 
 def available() -> bool:
@@ -21,9 +22,12 @@ def available() -> bool:
 
 @cache
 def _table(device: torch.device) -> torch.Tensor:
-    from converter.kernels_int8 import scale_table
+    # straight from formats (not converter.kernels_int8, which imports this module for CUDA tensors)
+    from formats.int8 import cuda_scale_table
 
-    return scale_table("cuda").to(device)
+    table = torch.from_numpy(cuda_scale_table().copy())
+    assert table.numel() == _kernels.int8_scale_table_size
+    return table.to(device)
 
 
 def quantize_int8(
@@ -45,7 +49,7 @@ def quantize_int8(
     )  # fmt: skip
     if int(flag.item()):
         msg = f"input contains NaN or Inf (a [{rows}, {cols}] weight)"
-        raise _nonfinite_error()(msg)
+        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
     return codes, scb
 
 
