@@ -37,6 +37,7 @@ import torch
 from converter import _kernels
 from converter.cpu_threads import gemv_threads
 from converter.kernel_checks import GEMV_MAX_BATCH, NestedAbsmax
+from converter.kernels import launch_gemv_4bit_cpu
 
 #: The torch.library namespace of every op of this project.
 NAMESPACE = "quantize_model"
@@ -207,27 +208,19 @@ def _gemv_4bit_cpu(
 ) -> torch.Tensor:
     in_features = packed.numel() * 2 // out_features
     x = _check_x(x, packed, in_features)
-    batch = x.shape[0]
-    y = torch.empty((batch, out_features), dtype=x.dtype)
-    _kernels.gemv_4bit(
-        x.data_ptr(),
-        _DTYPE_NAMES[x.dtype],
-        batch,
-        in_features,
-        out_features,
-        blocksize,
-        packed.data_ptr(),
-        quant_map.data_ptr(),
-        0 if absmax is None else absmax.data_ptr(),
-        0 if codes is None else codes.data_ptr(),
-        0 if nested_absmax is None else nested_absmax.data_ptr(),
-        float(offset),
-        0 if nested_map is None else nested_map.data_ptr(),
-        y.data_ptr(),
-        "auto",
-        gemv_threads(packed.numel()),
+    return launch_gemv_4bit_cpu(
+        x,
+        packed,
+        absmax,
+        _nested(codes, nested_absmax, nested_map, offset),
+        quant_map,
+        batch=x.shape[0],
+        out_features=out_features,
+        in_features=in_features,
+        blocksize=blocksize,
+        isa="auto",
+        threads=gemv_threads(packed.numel()),
     )
-    return y
 
 
 def _gemv_4bit_cuda(

@@ -359,6 +359,41 @@ def gemv_4bit(
             x, packed, absmax, out_features, in_features, blocksize, quant_map, nested, variant=0
         )
     _check_cpu("x", x)
+    y = launch_gemv_4bit_cpu(
+        x,
+        packed,
+        absmax,
+        nested,
+        quant_map,
+        batch=batch,
+        out_features=out_features,
+        in_features=in_features,
+        blocksize=blocksize,
+        isa=isa,
+        threads=_threads(threads),
+    )
+    return y if x.dim() == 2 else y[0]
+
+
+def launch_gemv_4bit_cpu(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested: NestedAbsmax | None,
+    quant_map: torch.Tensor,
+    *,
+    batch: int,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    isa: str,
+    threads: int,
+) -> torch.Tensor:
+    """The C++ GEMV on checked, contiguous CPU tensors, ``batch`` rows of x: ``y [batch, out_features]``.
+
+    Shared by ``gemv_4bit`` above and the ``quantize_model::gemv_4bit`` custom op, which check their
+    arguments their own way (once per call here, once per weight there).
+    """
     y = torch.empty((batch, out_features), dtype=x.dtype)
     _kernels.gemv_4bit(
         x.data_ptr(),
@@ -376,6 +411,6 @@ def gemv_4bit(
         0 if nested is None else nested.nested_map.data_ptr(),
         y.data_ptr(),
         isa,
-        _threads(threads),
+        threads,
     )
-    return y if x.dim() == 2 else y[0]
+    return y
