@@ -13,6 +13,7 @@
 
 #include "bindings_int8.h"
 #include "codebooks.h"
+#include "binding_pointers.h"
 #include "cpu_features.h"
 #include "gemv_cpu.h"
 #include "gemv_grouped.h"
@@ -28,11 +29,7 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(uintptr_t address, const char* name) {
-  if (address == 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
-  return reinterpret_cast<T*>(address);
-}
+using qm::ptr;
 
 void check_n(int64_t n, const char* name) {
   if (n < 0) throw std::invalid_argument(std::string(name) + " must be >= 0, got " + std::to_string(n));

@@ -6,20 +6,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "binding_pointers.h"
 #include "cpu_features.h"
 #include "int8_cpu.h"
 
 namespace py = pybind11;
 
-namespace {
-
-template <typename T>
-T* ptr(uintptr_t address, const char* name) {
-  if (address == 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
-  return reinterpret_cast<T*>(address);
-}
-
-}  // namespace
+using qm::ptr;
 
 void register_int8(py::module_& m) {
   m.attr("int8_scale_table_size") = qm::kInt8ScaleTableSize;
