@@ -207,8 +207,9 @@ def load_quantized(
 
     ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
     config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard's
-    sha256 against the index first. The model is in eval mode with ``is_loaded_in_4bit = True`` (so
-    PEFT wraps its 4-bit layers with its bnb LoRA layer).
+    sha256 against the index before returning (on a GPU, from the very reads that fill its tensors).
+    The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
+    its bnb LoRA layer).
     """
     try:
         import transformers  # noqa: F401  (only to fail early with the install hint)
@@ -221,7 +222,9 @@ def load_quantized(
 
     folder = resolve_folder(path_or_repo)
     dtype = dtype_from_name(dtype)
-    state = load_quantized_state(folder, verify=verify)
+    # With a single target device the shards stream straight into device tensors (loader/stream.py);
+    # a device_map keeps the CPU mapping (placement decides per module).
+    state = load_quantized_state(folder, verify=verify, device=device if device_map is None else "cpu")
     model, qc = build_skeleton(folder, state, dtype, trust_remote_code=trust_remote_code)
     cls = type(model)
     unused = _fill(model, state, str(folder))

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
-from formats.index import INDEX_NAME, read_index, verify_shards
+from formats.index import INDEX_NAME, digest_problems, file_problems, read_index, verify_shards
 from formats.int8 import Int8Tensor
 from formats.reader import open_checkpoint
 from formats.record import QuantizedTensor
@@ -88,6 +89,10 @@ def verify_folder(folder: Path, *, threads: int | None = None) -> None:
         problems = verify_shards(folder, threads=workers)
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
+    _raise_problems(problems)
+
+
+def _raise_problems(problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         msg = (
@@ -97,24 +102,38 @@ def verify_folder(folder: Path, *, threads: int | None = None) -> None:
         raise ChecksumMismatchError(msg)
 
 
+def streams_to(device: str | torch.device) -> bool:
+    """Whether a load onto ``device`` reads the shards into device tensors (every device but the CPU,
+    where the memory-mapped views are used as they are)."""
+    return torch.device(device).type not in ("cpu", "meta")
+
+
 def load_quantized_state(
-    path_or_repo: str | os.PathLike, *, verify: bool = True
+    path_or_repo: str | os.PathLike, *, verify: bool = True, device: str | torch.device = "cpu"
 ) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
     """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
     ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
 
-    Tensors are views of memory-mapped shards (nothing read before use). ``verify=True`` first
-    checks each shard's sha256 against the index (shards hashed in parallel); checkpoints whose
-    index records no hashes (e.g. written by transformers) are validated structurally only.
+    On the CPU, tensors are views of memory-mapped shards (nothing read before use), and
+    ``verify=True`` first checks each shard's sha256 against the index (shards hashed in parallel).
+    On another device (e.g. ``"cuda"``) every tensor is read once from its shard straight into its
+    device tensor, and the sha256 is computed from those same bytes (``converter.loader.stream``);
+    a mismatch raises before anything is returned. Checkpoints whose index records no hashes (e.g.
+    written by transformers) are validated structurally only.
     """
     folder = resolve_folder(path_or_repo)
     files, hashed = shard_files(folder)
-    if verify and hashed:
+    check = verify and hashed
+    streamed = streams_to(device)
+    if check and not streamed:
         verify_folder(folder)
     try:
         # Groups split across shards (transformers' save_pretrained may do that) are joined here.
-        out = open_checkpoint(files).records()
+        checkpoint = open_checkpoint(files)
+        out = checkpoint.records()
     except FormatError as exc:
+        if check:  # a corrupt header: the checksum names the cause better than the parse error
+            verify_folder(folder)
         raise CorruptFileError(str(exc)) from exc
     if all(isinstance(v, torch.Tensor) for v in out.values()):
         msg = (
@@ -122,4 +141,21 @@ def load_quantized_state(
             "'*.SCB' key); not a bitsandbytes 4-bit or 8-bit checkpoint"
         )
         raise NotQuantizedError(msg)
+    if streamed:
+        out = _stream(folder, checkpoint, out, torch.device(device), check)
+    return out
+
+
+def _stream(folder: Path, checkpoint: Any, state: dict, device: torch.device, check: bool) -> dict:
+    """``state`` on ``device`` (each shard read once); with ``check``, the shards' sha256 from those reads."""
+    from converter.loader.stream import StreamStats, mapped_files, stream_state
+
+    index = None
+    if check:
+        index = read_index(folder, require_files=False)
+        _raise_problems(file_problems(index)[0])  # sizes first: no reading of a truncated shard
+    stats = StreamStats()
+    out = stream_state(state, mapped_files(checkpoint.shards), device, hash_files=check, stats=stats)
+    if index is not None:
+        _raise_problems(digest_problems(index, {p.name: d for p, d in stats.sha256.items()}))
     return out
