@@ -188,6 +188,18 @@ def _chunks(files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], whole: 
                     inside.append(ordered[j])
                     j += 1
                 out.append((i, off, n, inside))
+    return _interleave(out, len(files))
+
+
+def _interleave(chunks: list, n_files: int) -> list:
+    """Chunks round-robin over the files (each file's own chunks still in order), so that every
+    file's sha256, sequential by nature, runs at the same time as the others'."""
+    per_file: list[list] = [[] for _ in range(n_files)]
+    for c in chunks:
+        per_file[c[0]].append(c)
+    out = []
+    for k in range(max((len(c) for c in per_file), default=0)):
+        out += [c[k] for c in per_file if k < len(c)]
     return out
 
 
@@ -206,10 +218,13 @@ def _copy_files(
         return
     cuda = device.type == "cuda"
     largest = max(n for _, _, n, _ in chunks)
-    slots = max(1, min(slots, len(chunks)))
+    slots = max(1, min(max(slots, min(2 * len(files), 16) if hash_files else 0), len(chunks)))
     staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=cuda) for _ in range(slots)]
     views = [memoryview(s.numpy()) for s in staging]
     hashers = [hashlib.sha256() for _ in files] if hash_files else []
+    # One hashing thread per file (hashlib releases the GIL): the shards' hashes run in parallel,
+    # each fed its own chunks in file order.
+    hash_pools = [ThreadPoolExecutor(1) for _ in hashers]
     fds = [os.open(f.path, os.O_RDONLY) for f in files]
     # Per slot: what must finish before the slot is refilled (its copies' event, its hash update).
     done_copy: list[Any] = [None] * slots
@@ -217,7 +232,7 @@ def _copy_files(
     lock = threading.Lock()
     workers = readers or max(2, min(8, len(os.sched_getaffinity(0))))
     try:
-        with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as hash_pool:
+        with ThreadPoolExecutor(workers) as pool:
 
             def read(j: int, slot: int) -> None:
                 with lock:
@@ -234,7 +249,7 @@ def _copy_files(
                 slot = j % slots
                 reads.pop(j).result()
                 stats.bytes_read[files[i].path] = stats.bytes_read.get(files[i].path, 0) + n
-                hashed = hash_pool.submit(hashers[i].update, views[slot][:n]) if hash_files else None
+                hashed = hash_pools[i].submit(hashers[i].update, views[slot][:n]) if hash_files else None
                 src = staging[slot]
                 for p in inside:
                     lo, hi = max(p.offset, off), min(p.offset + p.nbytes, off + n)
@@ -255,6 +270,8 @@ def _copy_files(
         if cuda:
             torch.cuda.current_stream(device).synchronize()
     finally:
+        for hash_pool in hash_pools:
+            hash_pool.shutdown()
         for fd in fds:
             os.close(fd)
     for i, f in enumerate(files):
