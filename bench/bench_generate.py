@@ -12,13 +12,17 @@ the prefill runs eager, as transformers' own auto-compile does). Reported per co
 ``ttft_s`` (prefill + first token), ``decode_tok_s`` = (new - 1) / (t(new tokens) - t(1 token)), best
 of ``--repeats``.
 
-``--load`` times call -> first token in fresh subprocesses (imports included) and in-process from the
-loader call (imports excluded): ours with verify on and off, transformers + bnb on the same folder.
+``--load`` times call -> first token in fresh subprocesses, interleaved, best of ``--load-repeats``: the
+whole subprocess (imports included) and from the load call (every module imported before: imports
+excluded); ours with verify on and off, transformers + bnb on the same folder, bf16; then the ratios and
+verify's cost. ``--load-profile`` adds one cProfile'd load of ours and of bnb (where the time goes).
+``--modes ''`` skips the generate runs.
 ``--quality`` (real weights only): next-token log-likelihood of a fixed text, teacher-forced one token
 at a time (so the fused GEMV runs) and in one forward (dequantize path), against transformers + bnb and bf16.
 
     cd /tmp && python bench/bench_generate.py --device cpu --model smollm2
     cd /tmp && python bench/bench_generate.py --device cuda --model random-8b --prompt 512 --new 128
+    cd /tmp && python bench/bench_generate.py --device cuda --model random-8b --modes '' --load
 """
 
 from __future__ import annotations
@@ -89,13 +93,15 @@ def random_llama(folder: Path, device: str, layers: int | None) -> Path:
     return folder
 
 
-def nf4_folder(plain: Path, out: Path, device: str) -> Path:
+def nf4_folder(plain: Path, out: Path, device: str, max_shard_size: str = "5GB") -> Path:
     if (out / "config.json").exists():
         return out
     from converter.pipeline import convert
 
     t0 = time.perf_counter()
-    convert(plain, out, progress=False, compute_dtype="bfloat16", device=device)
+    convert(
+        plain, out, progress=False, compute_dtype="bfloat16", device=device, max_shard_size=max_shard_size
+    )
     log(f"converted in {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -334,6 +340,9 @@ def main() -> None:
     ap.add_argument("--contenders", default="ours,bnb,bf16")
     ap.add_argument("--modes", default="eager,compiled", help="generate modes; '' for none (load only)")
     ap.add_argument("--load", action="store_true", help="also time call -> first token")
+    ap.add_argument(
+        "--max-shard-size", default="5GB", help="of our NF4 conversion (verify hashes shards in parallel)"
+    )
     ap.add_argument("--load-repeats", type=int, default=3, help="fresh subprocesses per load contender")
     ap.add_argument("--load-profile", action="store_true", help="also cProfile one load of ours and bnb")
     ap.add_argument("--quality", action="store_true", help="also perplexity / logits on real weights")
@@ -349,7 +358,8 @@ def main() -> None:
         plain = random_llama(work / f"llama8b-{args.layers or 32}", args.device, args.layers)
     else:
         plain = Path(args.model)
-    nf4 = nf4_folder(plain, work / f"{plain.name}-nf4", args.device)
+    suffix = "" if args.max_shard_size == "5GB" else f"-{args.max_shard_size}"
+    nf4 = nf4_folder(plain, work / f"{plain.name}-nf4{suffix}", args.device, args.max_shard_size)
     torch.manual_seed(0)
     ids = torch.randint(100, 10000, (1, args.prompt), device=args.device)
     result = {
