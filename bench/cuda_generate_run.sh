@@ -39,7 +39,8 @@ fi
 rc=0
 if has test; then
   TORCHDYNAMO_DISABLE=1 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
-    tests/loader/test_loader_cuda.py tests/loader/test_loader_cuda_compile.py >"$OUT/test_cuda.log" 2>&1
+    tests/loader/test_loader_cuda.py tests/loader/test_loader_cuda_compile.py \
+    tests/loader/test_loader_stream_cuda.py >"$OUT/test_cuda.log" 2>&1
   rc=$?
   tail -15 "$OUT/test_cuda.log"
 fi
@@ -49,6 +50,9 @@ if has overhead; then
 fi
 if has eager; then
   $GEN --modes eager ${LOAD:+--load} --json "$OUT/gen_eager.json" 2>&1 | grep -v -i warn | tee "$OUT/gen_eager.log"
+fi
+if has load; then  # call -> first token: ours verify on/off vs transformers + bnb vs bf16, + a profile
+  $GEN --modes '' --load --load-profile --json "$OUT/gen_load.json" 2>&1 | grep -v -i warn | tail -c 500000 >"$OUT/gen_load.log"
 fi
 if has compiled; then
   $GEN --modes compiled --json "$OUT/gen_compiled.json" 2>&1 | grep -v -i warn | tee "$OUT/gen_compiled.log"
