@@ -132,7 +132,7 @@ def load_quantized_state(
         checkpoint = open_checkpoint(files)
         out = checkpoint.records()
     except FormatError as exc:
-        if check:  # a corrupt header: the checksum names the cause better than the parse error
+        if check and streamed:  # a corrupt header: the checksum names the cause better than the parse error
             verify_folder(folder)
         raise CorruptFileError(str(exc)) from exc
     if all(isinstance(v, torch.Tensor) for v in out.values()):

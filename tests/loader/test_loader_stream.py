@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from converter import load_quantized
+from converter.errors import CorruptFileError
 from converter.loader import state as state_mod
 from converter.loader import stream
 from converter.loader.state import ChecksumMismatchError, load_quantized_state, shard_files
@@ -154,3 +155,18 @@ def test_streamed_verify_catches_a_truncated_shard(
         f.write(b"\0")
     with pytest.raises(ChecksumMismatchError, match=re.escape(shard.name)):
         load_quantized(folder)
+
+
+def test_streamed_verify_names_a_corrupt_header_as_a_checksum_mismatch(
+    our_folder: Path, tmp_path: Path, streamed_on_cpu: None
+) -> None:
+    folder = tmp_path / "header"
+    shutil.copytree(our_folder, folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8] = 0xFF  # the header's first byte: not JSON any more, the shard does not even parse
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=re.escape(shard.name)):
+        load_quantized(folder)
+    with pytest.raises(CorruptFileError, match=re.escape(shard.name)):
+        load_quantized(folder, verify=False)
