@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,12 +193,25 @@ def digest_problems(index: Index, digests: dict[str, str]) -> list[str]:
     ]
 
 
-def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:
-    """Hash every shard (in parallel) and compare with the index; returns one line per problem."""
+def start_verify(folder: Path, *, threads: int | None = None) -> Callable[[], list[str]]:
+    """Start hashing every shard on background threads (hashlib releases the GIL, so they run while
+    the caller reads or copies the same files); the returned function waits for them and returns one
+    line per problem, as :func:`verify_shards` does."""
     index = read_index(folder, require_files=False)
     problems, present = file_problems(index)
     hashed = [n for n in present if n in index.shards]
-    workers = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        digests = dict(zip(hashed, pool.map(lambda n: _sha256(index.folder / n), hashed), strict=True))
-    return problems + digest_problems(index, digests)
+    workers = max(1, min(len(hashed), threads or min(8, os.cpu_count() or 1)))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(_sha256, index.folder / n) for n in hashed]
+    pool.shutdown(wait=False)  # the threads finish their files; nothing else is queued
+
+    def finish() -> list[str]:
+        digests = {n: f.result() for n, f in zip(hashed, futures, strict=True)}
+        return problems + digest_problems(index, digests)
+
+    return finish
+
+
+def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:
+    """Hash every shard (in parallel) and compare with the index; returns one line per problem."""
+    return start_verify(folder, threads=threads)()

@@ -15,13 +15,13 @@ pickle-only folder, or an unknown layout is refused with an error naming the fil
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
-from formats.index import INDEX_NAME, digest_problems, file_problems, read_index, verify_shards
+from formats.index import INDEX_NAME, read_index, start_verify
 from formats.int8 import Int8Tensor
 from formats.reader import open_checkpoint
 from formats.record import QuantizedTensor
@@ -82,16 +82,6 @@ def shard_files(folder: Path) -> tuple[list[Path], bool]:
     raise SourceNotFoundError(msg)
 
 
-def verify_folder(folder: Path, *, threads: int | None = None) -> None:
-    """Hash every shard in parallel against the index; raise ChecksumMismatchError naming the shard."""
-    workers = threads or max(1, len(os.sched_getaffinity(0)))
-    try:
-        problems = verify_shards(folder, threads=workers)
-    except FormatError as exc:
-        raise CorruptFileError(str(exc)) from exc
-    _raise_problems(problems)
-
-
 def _raise_problems(problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -114,26 +104,47 @@ def load_quantized_state(
     """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
     ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
 
-    On the CPU, tensors are views of memory-mapped shards (nothing read before use), and
-    ``verify=True`` first checks each shard's sha256 against the index (shards hashed in parallel).
-    On another device (e.g. ``"cuda"``) every tensor is read once from its shard straight into its
-    device tensor, and the sha256 is computed from those same bytes (``converter.loader.stream``);
-    a mismatch raises before anything is returned. Checkpoints whose index records no hashes (e.g.
-    written by transformers) are validated structurally only.
+    On the CPU, tensors are views of memory-mapped shards (nothing read before use). On another
+    device (e.g. ``"cuda"``) every tensor is read once from its shard straight into its device tensor
+    (``converter.loader.stream``). ``verify=True`` checks each shard's sha256 against the index, the
+    shards hashed on background threads while they are parsed and copied; a mismatch raises
+    before anything is returned. Checkpoints whose index records no hashes (e.g. written by
+    transformers) are validated structurally only.
     """
     folder = resolve_folder(path_or_repo)
     files, hashed = shard_files(folder)
-    check = verify and hashed
-    streamed = streams_to(device)
-    if check and not streamed:
-        verify_folder(folder)
+    pending = _start_verify(folder) if verify and hashed else None
+    try:
+        out = _read_state(folder, files, device)
+    except Exception:
+        if pending is not None:  # a changed shard explains any failure to read it best
+            _raise_problems(_finish_verify(pending))
+        raise
+    if pending is not None:
+        _raise_problems(_finish_verify(pending))
+    return out
+
+
+def _start_verify(folder: Path) -> Callable[[], list[str]]:
+    try:
+        return start_verify(folder, threads=max(1, len(os.sched_getaffinity(0))))
+    except FormatError as exc:
+        raise CorruptFileError(str(exc)) from exc
+
+
+def _finish_verify(pending: Callable[[], list[str]]) -> list[str]:
+    try:
+        return pending()
+    except FormatError as exc:
+        raise CorruptFileError(str(exc)) from exc
+
+
+def _read_state(folder: Path, files: list[Path], device: str | torch.device) -> dict:
     try:
         # Groups split across shards (transformers' save_pretrained may do that) are joined here.
         checkpoint = open_checkpoint(files)
         out = checkpoint.records()
     except FormatError as exc:
-        if check and streamed:  # a corrupt header: the checksum names the cause better than the parse error
-            verify_folder(folder)
         raise CorruptFileError(str(exc)) from exc
     if all(isinstance(v, torch.Tensor) for v in out.values()):
         msg = (
@@ -141,21 +152,8 @@ def load_quantized_state(
             "'*.SCB' key); not a bitsandbytes 4-bit or 8-bit checkpoint"
         )
         raise NotQuantizedError(msg)
-    if streamed:
-        out = _stream(folder, checkpoint, out, torch.device(device), check)
-    return out
+    if streams_to(device):
+        from converter.loader.stream import mapped_files, stream_state
 
-
-def _stream(folder: Path, checkpoint: Any, state: dict, device: torch.device, check: bool) -> dict:
-    """``state`` on ``device`` (each shard read once); with ``check``, the shards' sha256 from those reads."""
-    from converter.loader.stream import StreamStats, mapped_files, stream_state
-
-    index = None
-    if check:
-        index = read_index(folder, require_files=False)
-        _raise_problems(file_problems(index)[0])  # sizes first: no reading of a truncated shard
-    stats = StreamStats()
-    out = stream_state(state, mapped_files(checkpoint.shards), device, hash_files=check, stats=stats)
-    if index is not None:
-        _raise_problems(digest_problems(index, {p.name: d for p, d in stats.sha256.items()}))
+        out = stream_state(out, mapped_files(checkpoint.shards), device)
     return out

@@ -1,13 +1,13 @@
-"""Stream a loaded state's memory-mapped tensors to a device: each shard read once, hashed on the way.
+"""Stream a loaded state's memory-mapped tensors to a device: each tensor byte read once, in large chunks.
 
 ``load_quantized_state`` hands out views of memory-mapped shards. Moving those one tensor at a time
 (``model.to("cuda")``) faults every page of the mapping in on one thread and copies from pageable
-memory through the driver's own bounce buffer; checking the sha256 first reads every byte a second
-time. Here instead each shard file is read in large chunks (``os.preadv``, several reader threads,
-the GIL released) into a few staging buffers (pinned when the target is CUDA), every chunk is fed to
-the shard's sha256 in file order on a hashing thread, and the byte ranges of the tensors inside the
+memory through the driver's own bounce buffer. Here instead the spans of each shard that hold
+tensors are read in large chunks (``os.preadv``, several reader threads, the GIL released) into a
+few staging buffers (pinned when the target is CUDA), and the byte ranges of the tensors inside each
 chunk are copied into their final device tensors (``non_blocking`` from pinned memory, so the copies
-overlap the next reads). A staging buffer is reused only after its copies and its hash are done.
+overlap the next reads). A staging buffer is refilled only after its copies are done. (``verify``
+hashes the shards on other threads meanwhile: ``formats.index.start_verify``.)
 
 Each destination is its own ``torch.empty`` on the device, as ``model.to(device)`` would make it (same
 alignment, independently freeable). Tensors that are not views of a shard (computed, cast, cloned)
@@ -18,11 +18,10 @@ their tensor fields replaced), so everything downstream builds the model from de
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,6 @@ class StreamStats:
     """What a stream did (the tests check that each file is read once)."""
 
     bytes_read: dict[Path, int] = field(default_factory=dict)
-    sha256: dict[Path, str] = field(default_factory=dict)
     copied_tensors: int = 0
     moved_tensors: int = 0  # not shard views: moved with .to(device)
 
@@ -121,7 +119,6 @@ def stream_state(
     files: Sequence[MappedFile],
     device: str | torch.device,
     *,
-    hash_files: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
     slots: int = SLOTS,
     readers: int | None = None,
@@ -129,9 +126,8 @@ def stream_state(
 ) -> dict[str, Any]:
     """``state`` with every tensor (plain or inside a record) on ``device``.
 
-    Shard views are read from their files chunk by chunk and copied once; with ``hash_files`` every
-    file is read whole and its sha256 lands in ``stats.sha256`` (the caller compares it with the
-    index: nothing is checked here).
+    Shard views are read from their files chunk by chunk and copied once; other tensors are moved
+    with ``.to(device)``.
     """
     device = torch.device(device)
     stats = stats if stats is not None else StreamStats()
@@ -155,27 +151,25 @@ def stream_state(
                 pieces[where[0]].append(_Piece(where[1], flat.numel(), flat))
                 stats.copied_tensors += 1
             moved[id(t)] = by_view[key]
-    _copy_files(files, pieces, device, hash_files, chunk_bytes, slots, readers, stats)
+    _copy_files(files, pieces, device, chunk_bytes, slots, readers, stats)
     return {k: _replace(v, moved) for k, v in state.items()}
 
 
-def _chunks(files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], whole: bool, size: int) -> list:
-    """(file index, offset, length, pieces overlapping it) for every chunk to read, in file order.
+def _chunks(files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], size: int) -> list:
+    """(file index, offset, length, pieces overlapping it) for every chunk to read, files in turn.
 
-    ``whole``: every byte of every file (for its hash); else only the spans that hold tensors.
+    Tensor ranges are merged into spans (a gap shorter than a chunk is read through rather than
+    split), and each span is cut into chunks of at most ``size`` bytes.
     """
     out = []
-    for i, f in enumerate(files):
+    for i in range(len(files)):
         ordered = sorted(pieces[i], key=lambda p: p.offset)
-        if whole:
-            spans = [(0, f.size)]
-        else:  # merge tensor ranges; gaps under a chunk are read through rather than split
-            spans = []
-            for p in ordered:
-                if spans and p.offset <= spans[-1][1] + size:
-                    spans[-1] = (spans[-1][0], max(spans[-1][1], p.offset + p.nbytes))
-                else:
-                    spans.append((p.offset, p.offset + p.nbytes))
+        spans: list[tuple[int, int]] = []
+        for p in ordered:
+            if spans and p.offset <= spans[-1][1] + size:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], p.offset + p.nbytes))
+            else:
+                spans.append((p.offset, p.offset + p.nbytes))
         k = 0
         for start, end in spans:
             for off in range(start, end, size):
@@ -188,18 +182,6 @@ def _chunks(files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], whole: 
                     inside.append(ordered[j])
                     j += 1
                 out.append((i, off, n, inside))
-    return _interleave(out, len(files))
-
-
-def _interleave(chunks: list, n_files: int) -> list:
-    """Chunks round-robin over the files (each file's own chunks still in order), so that every
-    file's sha256, sequential by nature, runs at the same time as the others'."""
-    per_file: list[list] = [[] for _ in range(n_files)]
-    for c in chunks:
-        per_file[c[0]].append(c)
-    out = []
-    for k in range(max((len(c) for c in per_file), default=0)):
-        out += [c[k] for c in per_file if k < len(c)]
     return out
 
 
@@ -207,28 +189,22 @@ def _copy_files(
     files: Sequence[MappedFile],
     pieces: Sequence[list[_Piece]],
     device: torch.device,
-    hash_files: bool,
     chunk_bytes: int,
     slots: int,
     readers: int | None,
     stats: StreamStats,
 ) -> None:
-    chunks = _chunks(files, pieces, hash_files, chunk_bytes)
+    chunks = _chunks(files, pieces, chunk_bytes)
     if not chunks:
         return
     cuda = device.type == "cuda"
     largest = max(n for _, _, n, _ in chunks)
-    slots = max(1, min(max(slots, min(2 * len(files), 16) if hash_files else 0), len(chunks)))
+    slots = max(1, min(slots, len(chunks)))
     staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=cuda) for _ in range(slots)]
     views = [memoryview(s.numpy()) for s in staging]
-    hashers = [hashlib.sha256() for _ in files] if hash_files else []
-    # One hashing thread per file (hashlib releases the GIL): the shards' hashes run in parallel,
-    # each fed its own chunks in file order.
-    hash_pools = [ThreadPoolExecutor(1) for _ in hashers]
     fds = [os.open(f.path, os.O_RDONLY) for f in files]
-    # Per slot: what must finish before the slot is refilled (its copies' event, its hash update).
+    # Per slot: the event of its last copies, which must be done before the slot is refilled.
     done_copy: list[Any] = [None] * slots
-    done_hash: list[Future | None] = [None] * slots
     lock = threading.Lock()
     workers = readers or max(2, min(8, len(os.sched_getaffinity(0))))
     try:
@@ -236,11 +212,9 @@ def _copy_files(
 
             def read(j: int, slot: int) -> None:
                 with lock:
-                    event, hashed = done_copy[slot], done_hash[slot]
+                    event = done_copy[slot]
                 if event is not None:
                     event.synchronize()  # releases the GIL
-                if hashed is not None:
-                    hashed.result()
                 i, off, n, _ = chunks[j]
                 _read_exact(fds[i], views[slot][:n], off)
 
@@ -249,7 +223,6 @@ def _copy_files(
                 slot = j % slots
                 reads.pop(j).result()
                 stats.bytes_read[files[i].path] = stats.bytes_read.get(files[i].path, 0) + n
-                hashed = hash_pools[i].submit(hashers[i].update, views[slot][:n]) if hash_files else None
                 src = staging[slot]
                 for p in inside:
                     lo, hi = max(p.offset, off), min(p.offset + p.nbytes, off + n)
@@ -261,19 +234,11 @@ def _copy_files(
                     event = torch.cuda.Event()
                     event.record(torch.cuda.current_stream(device))
                 with lock:
-                    done_copy[slot], done_hash[slot] = event, hashed
+                    done_copy[slot] = event
                 if j + slots < len(chunks):
                     reads[j + slots] = pool.submit(read, j + slots, slot)
-            for h in done_hash:
-                if h is not None:
-                    h.result()
         if cuda:
             torch.cuda.current_stream(device).synchronize()
     finally:
-        for hash_pool in hash_pools:
-            hash_pool.shutdown()
         for fd in fds:
             os.close(fd)
-    for i, f in enumerate(files):
-        if hash_files:
-            stats.sha256[f.path] = hashers[i].hexdigest()

@@ -8,7 +8,6 @@ checked on every machine; tests/loader/test_loader_stream_cuda.py repeats the mo
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import re
@@ -49,14 +48,25 @@ def counted_reads(monkeypatch: pytest.MonkeyPatch) -> dict[int, list[tuple[int, 
     return reads
 
 
+def _tensor_ranges(state: dict, files: list) -> dict[int, set[tuple[int, int]]]:
+    """File index -> the (offset, end) of every tensor of ``state`` that is a view of that file."""
+    out: dict[int, set[tuple[int, int]]] = {}
+    for value in state.values():
+        for t in stream._tensors_of(value):
+            where = stream._locate(t, files)
+            if where is not None:
+                out.setdefault(where[0], set()).add((where[1], where[1] + t.numel() * t.element_size()))
+    return out
+
+
 @pytest.mark.parametrize("chunk", [4096, 1 << 20], ids=["tensors-across-chunks", "one-chunk"])
-def test_stream_copies_every_tensor_and_reads_each_byte_once(
+def test_stream_copies_every_tensor_reading_each_byte_once(
     our_folder: Path, chunk: int, counted_reads: dict
 ) -> None:
     checkpoint, state = _open(our_folder)
     stats = StreamStats()
     files = mapped_files(checkpoint.shards)
-    out = stream_state(state, files, "cpu", hash_files=True, chunk_bytes=chunk, slots=3, stats=stats)
+    out = stream_state(state, files, "cpu", chunk_bytes=chunk, slots=3, stats=stats)
     assert out.keys() == state.keys()
     for key in state:
         before, after = stream._tensors_of(state[key]), stream._tensors_of(out[key])
@@ -67,27 +77,19 @@ def test_stream_copies_every_tensor_and_reads_each_byte_once(
             assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), key
             assert stream._locate(b, files) is None  # a copy, not a view of the mapping
     assert stats.moved_tensors == 0  # every tensor of our checkpoint came through the staging buffers
-    # Each file read exactly once, every byte: the reads tile [0, size) without overlap.
+    # One descriptor per file; its reads never overlap (no byte read twice) and, run together,
+    # they cover every byte of every tensor of that file.
     assert len(counted_reads) == len(files) > 1
-    for f in files:
-        assert stats.bytes_read[f.path] == f.size
-        assert stats.sha256[f.path] == hashlib.sha256(f.path.read_bytes()).hexdigest()
-    for spans in counted_reads.values():
-        spans = sorted(spans)
-        assert spans[0][0] == 0
-        assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(spans))
-    assert sorted(sum(n for _, n in s) for s in counted_reads.values()) == sorted(f.size for f in files)
-
-
-def test_stream_without_hash_reads_no_byte_twice(our_folder: Path, counted_reads: dict) -> None:
-    checkpoint, state = _open(our_folder)
-    files = mapped_files(checkpoint.shards)
-    out = stream_state(state, files, "cpu", chunk_bytes=4096, slots=2)
-    assert torch.equal(out["model.norm.weight"], state["model.norm.weight"])
-    for spans in counted_reads.values():
-        covered = [set(range(a, a + n)) for a, n in spans]
-        assert sum(len(c) for c in covered) == len(set().union(*covered))  # no byte read twice
-    assert sum(n for s in counted_reads.values() for _, n in s) <= sum(f.size for f in files)
+    reads = [sorted(spans) for spans in counted_reads.values()]
+    for spans in reads:
+        assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))
+    for i, tensors in _tensor_ranges(state, files).items():
+        spans = next(s for s in reads if sum(n for _, n in s) == stats.bytes_read[files[i].path])
+        covered = set()
+        for a, n in spans:
+            covered.update(range(a, a + n))
+        assert all(set(range(lo, hi)) <= covered for lo, hi in tensors), files[i].path
+        assert stats.bytes_read[files[i].path] <= files[i].size
 
 
 def test_tensors_outside_the_mapping_are_moved_as_they_are(our_folder: Path) -> None:
@@ -126,21 +128,32 @@ def _flip_a_data_byte(folder: Path) -> Path:
     return shard
 
 
-def test_streamed_verify_catches_a_flipped_byte_from_its_own_reads(
+def test_streamed_verify_catches_a_flipped_byte_hashed_during_the_read(
     our_folder: Path, tmp_path: Path, streamed_on_cpu: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = tmp_path / "corrupt"
     shutil.copytree(our_folder, folder)
     shard = _flip_a_data_byte(folder)
+    events: list[str] = []
+    real_start, real_stream = state_mod.start_verify, stream.stream_state
 
-    def no_second_pass(*args, **kwargs):
-        msg = "the streamed load must not hash the shards in a separate pass"
-        raise AssertionError(msg)
+    def start_verify(*args, **kwargs):
+        finish = real_start(*args, **kwargs)
+        events.append("hashing started")
+        return lambda: (events.append("hashes awaited"), finish())[1]
 
-    monkeypatch.setattr(state_mod, "verify_folder", no_second_pass)
+    def stream_state(*args, **kwargs):
+        events.append("stream")
+        return real_stream(*args, **kwargs)
+
+    monkeypatch.setattr(state_mod, "start_verify", start_verify)
+    monkeypatch.setattr(stream, "stream_state", stream_state)
     with pytest.raises(ChecksumMismatchError, match=re.escape(shard.name)) as info:
         load_quantized(folder)
     assert "verify=False" in str(info.value)
+    # The hashes run on their threads while the shards are parsed and copied, and are awaited before
+    # anything is returned.
+    assert events == ["hashing started", "stream", "hashes awaited"]
     assert isinstance(load_quantized_state(folder, verify=False, device="cpu"), dict)
     load_quantized(folder, verify=False)  # skipping the check loads the changed shard
 
