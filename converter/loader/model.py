@@ -207,7 +207,7 @@ def load_quantized(
 
     ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
     config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard's
-    sha256 against the index before returning (on a GPU, from the very reads that fill its tensors).
+    sha256 against the index before returning (hashed on background threads while the shards load).
     The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
     its bnb LoRA layer).
     """
