@@ -14,8 +14,9 @@ pickle-only folder, or an unknown layout is refused with an error naming the fil
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -112,31 +113,37 @@ def load_quantized_state(
     transformers) are validated structurally only.
     """
     folder = resolve_folder(path_or_repo)
-    files, hashed = shard_files(folder)
-    pending = _start_verify(folder) if verify and hashed else None
+    files, _ = shard_files(folder)
+    with shards_verified(folder, verify):
+        return _read_state(folder, files, device)
+
+
+@contextlib.contextmanager
+def shards_verified(folder: Path, verify: bool = True) -> Iterator[None]:
+    """Hash the shards of ``folder`` on background threads while the block runs (hashlib releases the
+    GIL); on leaving it, wait for them and raise ``ChecksumMismatchError`` naming a changed shard, also
+    in place of any error the block raised (a changed shard explains a failure to read it best).
+    A folder whose index records no hashes, or ``verify=False``: nothing is hashed."""
+    if not verify or not shard_files(folder)[1]:
+        yield
+        return
     try:
-        out = _read_state(folder, files, device)
+        pending = start_verify(folder, threads=max(1, len(os.sched_getaffinity(0))))
+    except FormatError as exc:
+        raise CorruptFileError(str(exc)) from exc
+
+    def check() -> None:
+        try:
+            _raise_problems(pending())
+        except FormatError as exc:
+            raise CorruptFileError(str(exc)) from exc
+
+    try:
+        yield
     except Exception:
-        if pending is not None:  # a changed shard explains any failure to read it best
-            _raise_problems(_finish_verify(pending))
+        check()
         raise
-    if pending is not None:
-        _raise_problems(_finish_verify(pending))
-    return out
-
-
-def _start_verify(folder: Path) -> Callable[[], list[str]]:
-    try:
-        return start_verify(folder, threads=max(1, len(os.sched_getaffinity(0))))
-    except FormatError as exc:
-        raise CorruptFileError(str(exc)) from exc
-
-
-def _finish_verify(pending: Callable[[], list[str]]) -> list[str]:
-    try:
-        return pending()
-    except FormatError as exc:
-        raise CorruptFileError(str(exc)) from exc
+    check()
 
 
 def _read_state(folder: Path, files: list[Path], device: str | torch.device) -> dict:

@@ -19,6 +19,7 @@ import torch
 
 from converter import load_quantized
 from converter.errors import CorruptFileError
+from converter.loader import model as model_mod
 from converter.loader import state as state_mod
 from converter.loader import stream
 from converter.loader.state import ChecksumMismatchError, load_quantized_state, shard_files
@@ -146,14 +147,21 @@ def test_streamed_verify_catches_a_flipped_byte_hashed_during_the_read(
         events.append("stream")
         return real_stream(*args, **kwargs)
 
+    real_build = model_mod.build_skeleton
+
+    def build_skeleton(*args, **kwargs):
+        events.append("build")
+        return real_build(*args, **kwargs)
+
     monkeypatch.setattr(state_mod, "start_verify", start_verify)
     monkeypatch.setattr(stream, "stream_state", stream_state)
+    monkeypatch.setattr(model_mod, "build_skeleton", build_skeleton)
     with pytest.raises(ChecksumMismatchError, match=re.escape(shard.name)) as info:
         load_quantized(folder)
     assert "verify=False" in str(info.value)
-    # The hashes run on their threads while the shards are parsed and copied, and are awaited before
-    # anything is returned.
-    assert events == ["hashing started", "stream", "hashes awaited"]
+    # The hashes run on their threads while the shards are parsed and copied and the model is built,
+    # and are awaited before anything is returned.
+    assert events == ["hashing started", "stream", "build", "hashes awaited"]
     assert isinstance(load_quantized_state(folder, verify=False, device="cpu"), dict)
     load_quantized(folder, verify=False)  # skipping the check loads the changed shard
 
