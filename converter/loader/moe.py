@@ -18,9 +18,14 @@ picked:
 - decode (at most 8 tokens on the CPU, whole blocks per row): every (token, slot) pair is a row of one
   grouped 4-bit GEMV per projection (``csrc/gemv_grouped.cpp``, indexed by the routed expert ids),
   then act(gate) * up, the routing weight and a float32-accumulated sum over the k slots;
-- otherwise (prefill, CUDA, shapes the GEMV cannot take) tokens are sorted by expert and the hit
-  experts run in ascending order as transformers' eager loop does: an expert with at most 8 tokens
-  through the fused GEMV, one with more dequantized once and multiplied with all its tokens (F.linear).
+- on CUDA (``converter.loader.moe_cuda``, the op's CUDA kernel): decode (at most 8 tokens, or any count
+  inside a CUDA-graph capture) is the same grouped GEMV on the GPU, expert ids read on the device, no
+  host sync; prefill sorts tokens by expert, dequantizes the hit experts in one launch per projection
+  and runs one grouped matmul (bf16) or one F.linear per hit expert;
+- otherwise (prefill on the CPU, ``use_gemv = False``, shapes the GEMV cannot take) tokens are
+  sorted by expert and the hit experts run in ascending order as transformers' eager loop does: an
+  expert with at most 8 tokens through the fused GEMV, one with more dequantized once and multiplied
+  with all its tokens (F.linear).
   Everything else is transformers' own arithmetic (act(gate) * up, routing weight, index_add_ in the
   model dtype), so with ``use_gemv = False`` the output is bit-identical to the dequantized bf16
   model's.
@@ -41,7 +46,7 @@ from torch import nn
 
 from converter.cpu_threads import gemv_threads
 from converter.errors import InputError
-from converter.loader import ops
+from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name, state_from_record
 from converter.moe import EXPERT_KEY
 from converter.moe import PROJ_ROLE as _ROLE
@@ -82,8 +87,9 @@ def _experts_forward(
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
     if use_gemv and _grouped_ok(hidden, intermediate, blocksize):
         return _decode_grouped(
-            hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act
-        )
+            hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act,
+            _grouped_gemv_rows,
+        )  # fmt: skip
     out = torch.zeros_like(hidden)
     # Sort (slot, token) pairs by expert: one group of rows per hit expert, ascending, and inside a group
     # slot-major like transformers' torch.where(expert_mask[e]) (the same rows in the same order).
@@ -189,27 +195,77 @@ def _grouped_gemv(
     return y
 
 
-def _decode_grouped(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act):
+def _decode_grouped(
+    hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act, gemv
+):
     """Decode: every (token, slot) pair is one row of a grouped GEMV indexed by the routed expert ids,
-    one launch per projection; the k expert outputs of a token are weighted and summed."""
+    one launch per projection (``gemv``: :func:`_grouped_gemv_rows` on the CPU,
+    ``moe_cuda.grouped_gemv`` on CUDA); the k expert outputs of a token are weighted and summed."""
     tokens, hidden_dim = hidden.shape
     k = top_k_index.shape[1]
     ids = top_k_index.reshape(-1).to(torch.int64).contiguous()
-    x = hidden.contiguous() if tokens == 1 else hidden.repeat_interleave(k, dim=0).contiguous()
-    common = dict(blocksize=bs)
-    gate_up = _grouped_gemv(
-        x, ids, packed, absmax, quant_map, byte_offset=0, block_offset=0,
-        out_features=2 * intermediate, in_features=hidden_dim, **common,
+    gate_up = gemv(
+        hidden, ids, packed, absmax, quant_map, x_share=k, byte_offset=0, block_offset=0,
+        out_features=2 * intermediate, in_features=hidden_dim, blocksize=bs,
     )  # fmt: skip
     gate, up = gate_up.chunk(2, dim=-1)
     h = (act(gate) * up).contiguous()
-    y = _grouped_gemv(
-        h, ids, packed, absmax, quant_map, byte_offset=intermediate * hidden_dim,
+    y = gemv(
+        h, ids, packed, absmax, quant_map, x_share=1, byte_offset=intermediate * hidden_dim,
         block_offset=2 * intermediate * hidden_dim // bs, out_features=hidden_dim, in_features=intermediate,
-        **common,
+        blocksize=bs,
     )  # fmt: skip
     y = y * top_k_weights.reshape(-1, 1)
     return y.view(tokens, k, hidden_dim).sum(dim=1).to(hidden.dtype)
+
+
+def _grouped_gemv_rows(
+    x: torch.Tensor, ids: torch.Tensor, *args: Any, x_share: int, **kw: Any
+) -> torch.Tensor:
+    """The CPU grouped GEMV with group g reading x row g // x_share (the CUDA kernel's convention)."""
+    if x.shape[0] > 1 and x_share > 1:
+        x = x.repeat_interleave(x_share, dim=0)
+    return _grouped_gemv(x, ids, *args, **kw)
+
+
+def _experts_forward_cuda(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    intermediate: int,
+    blocksize: int,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    use_gemv: bool,
+) -> torch.Tensor:
+    """CUDA: decode (<= 8 tokens, or any count while a CUDA graph is being captured: no host sync) as one
+    grouped GEMV per projection; prefill sorted by expert, grouped dequantize + grouped matmul."""
+    hidden_dim = hidden.shape[1]
+    ok = (
+        use_gemv
+        and moe_cuda.available()
+        and intermediate % blocksize == 0
+        and moe_cuda.layout_ok(hidden, packed, absmax, hidden_dim, blocksize)
+    )
+    if not ok:
+        return _experts_forward(
+            hidden,
+            top_k_index,
+            top_k_weights,
+            packed,
+            absmax,
+            quant_map,
+            intermediate,
+            blocksize,
+            act,
+            use_gemv,
+        )
+    args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act)
+    if hidden.shape[0] <= ops.GEMV_MAX_TOKENS or torch.cuda.is_current_stream_capturing():
+        return _decode_grouped(*args, moe_cuda.grouped_gemv)
+    return moe_cuda.prefill(*args)
 
 
 def _gemv(x, packed, absmax, quant_map, out_features, in_features, blocksize) -> torch.Tensor:
@@ -250,6 +306,22 @@ def moe_experts_4bit(
 ) -> torch.Tensor:
     """Routed experts of one layer: [T, H] -> [T, H] (see the module docstring)."""
     return _experts_forward(
+        hidden,
+        top_k_index,
+        top_k_weights,
+        packed,
+        absmax,
+        quant_map,
+        intermediate,
+        blocksize,
+        _ACTS[act],
+        use_gemv,
+    )
+
+
+@moe_experts_4bit.register_kernel("cuda")
+def _(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act, use_gemv):
+    return _experts_forward_cuda(
         hidden,
         top_k_index,
         top_k_weights,
@@ -329,7 +401,8 @@ class QuantExperts4bit(nn.Module):
         if self.act_name is not None:
             y = moe_experts_4bit(*args, self.act_name, self.use_gemv)
         else:
-            y = _experts_forward(*args, self.act_fn, self.use_gemv)
+            forward = _experts_forward_cuda if x.is_cuda else _experts_forward
+            y = forward(*args, self.act_fn, self.use_gemv)
         return y.to(dtype)
 
     def extra_repr(self) -> str:

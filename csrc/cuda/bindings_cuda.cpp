@@ -165,4 +165,6 @@ void register_cuda(py::module_& m) {
       },
       py::arg("device"), py::arg("codes"), py::arg("scb"), py::arg("rows"), py::arg("cols"), py::arg("out_dtype"),
       py::arg("out"), py::arg("stream"));
+
+  register_moe_cuda(m);
 }

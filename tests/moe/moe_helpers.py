@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from error_bounds import U32, gamma
 from tiny_models import _decoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,3 +142,42 @@ def load_bf16_eager(folder: Path):
             folder, dtype=torch.bfloat16, experts_implementation="eager"
         )
     return model.eval()
+
+
+def experts_reference_and_bound(m, x, idx, w):
+    """float64 reference (on the CPU) of a QuantExperts4bit with its decoded weights, and an elementwise bound
+    on the float32 compute path's error, derived step by step (u = 2^-24, gamma_K = K u / (1 - K u)):
+
+    - gate/up: float32 dot products of H terms in any order: |e| <= gamma_H (|W_gu| @ |x|);
+    - silu: Lipschitz constant max|silu'| < 1.1, plus 4 roundings of its float32 evaluation
+      (exp, add, divide, multiply); h = silu(g) * up: first-order product error plus one rounding;
+    - down: |W_dn| @ |e_h| + gamma_I (|W_dn| @ |h|);
+    - routing: w * y rounded once, then k terms summed in float32: gamma_{k+1} on the sum of |w y|.
+    """
+    h_dim, i_dim = m.hidden_dim, m.intermediate_dim
+    xd = x.double().cpu()
+    idx, w = idx.cpu(), w.cpu()
+    out = torch.zeros_like(xd)
+    bound = torch.zeros_like(xd)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            gu, dn = (a.double().cpu() for a in m.expert_weights(int(idx[t, j]), torch.float32))
+            pre = gu @ xd[t]
+            e_pre = gamma(h_dim) * (gu.abs() @ xd[t].abs())
+            g, u = pre[:i_dim], pre[i_dim:]
+            eg, eu = e_pre[:i_dim], e_pre[i_dim:]
+            s = torch.nn.functional.silu(g)
+            es = 1.1 * eg + 4 * U32 * (s.abs() + 1.1 * eg)
+            h = s * u
+            eh = (
+                es * u.abs()
+                + s.abs() * eu
+                + es * eu
+                + U32 * (h.abs() + es * u.abs() + s.abs() * eu + es * eu)
+            )
+            y = dn @ h
+            ey = dn.abs() @ eh + gamma(i_dim) * (dn.abs() @ (h.abs() + eh))
+            wt = float(w[t, j])
+            out[t] += wt * y
+            bound[t] += abs(wt) * ey + gamma(idx.shape[1] + 1) * abs(wt) * (y.abs() + ey)
+    return out, bound
