@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from converter.cpu_threads import gemv_threads
-from converter.errors import InputError
 from converter.loader import moe_cuda, ops
-from converter.loader.module import dtype_from_name, state_from_record
+from converter.loader.module import dtype_from_name
+from converter.loader.moe_records import MoeLoadError, expert_state_dict, stack_records
 from converter.moe import EXPERT_KEY
 from converter.moe import PROJ_ROLE as _ROLE
 from formats.record import QuantizedTensor
@@ -63,10 +63,6 @@ _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-class MoeLoadError(InputError):
-    """A folder's expert tensors do not fit the model's experts modules."""
 
 
 def _experts_forward(
@@ -360,6 +356,8 @@ class QuantExperts4bit(nn.Module):
         compute_dtype: torch.dtype | None,
         act_name: str | None,
         act_fn: Callable[[torch.Tensor], torch.Tensor],
+        nested: dict[str, torch.Tensor] | None = None,
+        proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
     ) -> None:
         super().__init__()
         self.num_experts = int(packed.shape[0])
@@ -371,6 +369,25 @@ class QuantExperts4bit(nn.Module):
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("absmax", absmax, persistent=False)
         self.register_buffer("quant_map", quant_map, persistent=False)
+        # What the converter wrote besides the decoded absmax (nested codes, nested absmax, offsets, map),
+        # kept so that saving writes the source records again (converter/loader/moe_records.py).
+        self.proj_names = proj_names
+        for key, t in (nested or {}).items():
+            self.register_buffer(f"nested_{key}", t, persistent=False)
+
+    def nested_buffers(self) -> dict[str, torch.Tensor] | None:
+        """The nested-absmax tensors of the source records (codes, absmax, offset, map), or None."""
+        if not hasattr(self, "nested_codes"):
+            return None
+        return {k: getattr(self, f"nested_{k}") for k in ("codes", "absmax", "offset", "map")}
+
+    @property
+    def dtype_name(self) -> str:
+        return _DTYPE_NAMES[self.dtype]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # One bnb record per expert per projection under the checkpoint's names (save_pretrained).
+        destination.update(expert_state_dict(self, prefix))
 
     def expert_weights(self, e: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of expert ``e``, dequantized."""
@@ -471,51 +488,17 @@ def _group(state: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
     return groups
 
 
-def _stack_quantized(experts: dict[int, dict[str, Any]], where: str, name: str, hidden: int, inter: int):
-    """(packed [E, gu+dn] u8, absmax [E, gu_nb+dn_nb] f32, quant_map, blocksize, quant_type, dtype)."""
-    first = experts[0]["gate"][1]
-    bs, qt, dtype = first.blocksize, first.quant_type, first.dtype
-    if (inter * hidden) % bs:
-        msg = f"{where}: {name}: {inter}x{hidden} expert weights do not fill whole {bs}-element blocks"
-        raise MoeLoadError(msg)
-    gu_bytes, dn_bytes = inter * hidden, hidden * inter // 2
-    gu_nb, dn_nb = 2 * inter * hidden // bs, hidden * inter // bs
-    num = len(experts)
-    packed = torch.empty(num, gu_bytes + dn_bytes, dtype=torch.uint8)
-    absmax = torch.empty(num, gu_nb + dn_nb, dtype=torch.float32)
-    quant_map = first.quant_map.float().contiguous()
-    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-    offsets = {"gate": (0, 0), "up": (gu_bytes // 2, gu_nb // 2), "down": (gu_bytes, gu_nb)}
-    for e in range(num):
-        for role in ("gate", "up", "down"):
-            key, rec = experts[e][role]
-            if not isinstance(rec, QuantizedTensor):
-                msg = f"{where}: {key!r} is not quantized but other experts of {name!r} are; convert again"
-                raise MoeLoadError(msg)
-            if tuple(rec.shape) != shapes[role]:
-                msg = f"{where}: {key!r} has shape {list(rec.shape)}, the model wants {list(shapes[role])}"
-                raise MoeLoadError(msg)
-            if (
-                rec.blocksize != bs
-                or rec.quant_type != qt
-                or not torch.equal(rec.quant_map.float(), quant_map)
-            ):
-                msg = (
-                    f"{where}: {key!r} is quantized differently from {first.name!r} (type, blocksize or map)"
-                )
-                raise MoeLoadError(msg)
-            po, ao = offsets[role]
-            data = ops.packed_bytes(rec.packed)
-            packed[e, po : po + data.numel()] = data
-            amax = ops.decoded_absmax(state_from_record(rec)).reshape(-1)
-            absmax[e, ao : ao + amax.numel()] = amax
-    return packed, absmax, quant_map, bs, qt.label, dtype
-
-
 def attach_experts(
-    model: nn.Module, state: dict[str, Any], compute_dtype: torch.dtype | None, *, where: str
+    model: nn.Module,
+    state: dict[str, Any],
+    compute_dtype: torch.dtype | None,
+    *,
+    where: str,
+    device: str | torch.device = "cpu",
 ) -> None:
     """Fill the model's fused experts modules from per-expert tensors, which leave ``state`` (in place).
+
+    4-bit experts are stacked on ``device`` (one copy from the shards' mapping to that device).
 
     Quantized experts become :class:`QuantExperts4bit`; 16-bit ones are stacked into the module's
     own ``gate_up_proj`` / ``down_proj``. Other keys whose names transformers renames on load
@@ -540,22 +523,22 @@ def attach_experts(
             raise MoeLoadError(msg)
         used.update(key for parts in experts.values() for key, _ in parts.values())
         if any(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()):
-            packed, absmax, quant_map, bs, qt, dtype = _stack_quantized(
-                experts, where, ckpt_name, hidden, inter
-            )
+            st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device))
             config = getattr(module, "config", None)
             layer = QuantExperts4bit(
-                packed,
-                absmax,
-                quant_map,
+                st.packed,
+                st.absmax,
+                st.quant_map,
                 hidden_dim=hidden,
                 intermediate=inter,
-                blocksize=bs,
-                quant_type=qt,
-                dtype=dtype_from_name(dtype),
+                blocksize=st.blocksize,
+                quant_type=st.quant_type.label,
+                dtype=dtype_from_name(st.dtype),
                 compute_dtype=compute_dtype,
                 act_name=getattr(config, "hidden_act", None),
                 act_fn=module.act_fn,
+                nested=st.nested,
+                proj_names=st.proj_names,
             )
             model.set_submodule(name, layer)
         else:

@@ -170,7 +170,7 @@ def _linear_sorted(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch
     """Rows of x sorted by expert, ``counts[i]`` rows for ``w[i]`` ([n, out, in]): x_i @ w[i].T stacked."""
     mm = _grouped_mm_fn(x)
     if mm is not None:
-        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(x.device, non_blocking=True)
+        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device)
         return mm(x, w.transpose(-2, -1), offs=offs)
     return torch.cat([F.linear(part, w[i]) for i, part in enumerate(x.split(counts))])
 

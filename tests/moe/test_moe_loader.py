@@ -192,3 +192,29 @@ def test_device_map_with_disk_offload_gives_the_same_logits(folders):
         placed = load_quantized(q, device_map="auto", max_memory={"cpu": "60KB"})
     assert "disk" in set(placed.hf_device_map.values())
     assert torch.equal(_logits(placed), _logits(load_quantized(q)))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_save_pretrained_writes_the_source_expert_records(folders, name, tmp_path):
+    """save_pretrained of a loaded model writes every expert's bnb record again under the checkpoint's
+    names (Mixtral's block_sparse_moe.experts.<e>.w1 too): the same keys as the source folder, the expert
+    tensors equal (nested codes, nested absmax, offset in the quant-state JSON), and the saved folder
+    loads to the same logits."""
+    from safetensors.torch import load_file
+
+    q, _ = folders(name)
+    model = load_quantized(q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "saved")
+    src, saved = {}, {}
+    for folder, tensors in ((q, src), (tmp_path / "saved", saved)):
+        for f in sorted(folder.glob("*.safetensors")):
+            tensors.update(load_file(f))
+    assert set(saved) == set(src)
+    experts = [k for k in src if ".experts." in k]
+    assert experts
+    for key in experts:
+        assert saved[key].dtype == src[key].dtype, key
+        assert torch.equal(saved[key], src[key]), key
+    assert torch.equal(_logits(load_quantized(tmp_path / "saved")), _logits(model))
