@@ -190,6 +190,50 @@ def cuda_gemv_4bit_grouped(
 ) -> None:
     """y[g, o] = sum_k x[g // x_share, k] * W_ids[g][o, k]; ids int64 on the device (no host sync)."""
 
+def cuda_gemv_4bit_grouped_glu(
+    device: int,
+    x: int,
+    dtype: int,
+    groups: int,
+    x_share: int,
+    I: int,
+    K: int,
+    blocksize: int,
+    ids: int,
+    experts: int,
+    packed: int,
+    packed_stride: int,
+    absmax: int,
+    absmax_stride: int,
+    quant_map: int,
+    h: int,
+    stream: int,
+) -> None:
+    """h[g] = silu(x[g // x_share] @ W_gate.T) * (x[g // x_share] @ W_up.T), W of expert ids[g]."""
+
+def cuda_gemv_4bit_grouped_sum(
+    device: int,
+    h: int,
+    dtype: int,
+    tokens: int,
+    k: int,
+    N: int,
+    K: int,
+    blocksize: int,
+    ids: int,
+    experts: int,
+    weights: int,
+    w_dtype: int,
+    packed: int,
+    packed_stride: int,
+    absmax: int,
+    absmax_stride: int,
+    quant_map: int,
+    y: int,
+    stream: int,
+) -> None:
+    """y[t] = sum_j weights[t k + j] * (h[t k + j] @ W_ids[t k + j].T), float32, one rounding; k <= 32."""
+
 def cuda_dequantize_4bit_grouped(
     device: int,
     ids: int,

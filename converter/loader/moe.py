@@ -259,7 +259,10 @@ def _experts_forward_cuda(
             use_gemv,
         )
     args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act)
-    if hidden.shape[0] <= ops.GEMV_MAX_TOKENS or torch.cuda.is_current_stream_capturing():
+    decode = hidden.shape[0] <= ops.GEMV_MAX_TOKENS or torch.cuda.is_current_stream_capturing()
+    if decode and act is F.silu and top_k_index.shape[1] <= moe_cuda.FUSED_MAX_K:
+        return moe_cuda.decode_silu(*args[:-1])
+    if decode:
         return _decode_grouped(*args, moe_cuda.grouped_gemv)
     return moe_cuda.prefill(*args)
 

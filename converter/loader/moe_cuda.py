@@ -6,8 +6,10 @@ fixed byte / block offset into row ``e``. Both kernels take the expert ids as an
 device and read it themselves: a decode step launches without waiting for the host, and a CUDA graph
 captured once replays for any routing.
 
-- :func:`grouped_gemv` (decode): ``y[g] = x[g // x_share] @ W_ids[g].T`` for every routed
-  (token, slot) pair, one launch per projection.
+- :func:`decode_silu` (decode, SiLU experts: Qwen, Mixtral, OLMoE, DeepSeek): two launches per
+  layer, the first projection with act(gate) * up fused in, the second with the routing-weighted sum
+  over the k slots fused in; :func:`grouped_gemv` (other activations): ``y[g] = x[g // x_share] @
+  W_ids[g].T`` for every routed (token, slot) pair, one launch per projection.
 - :func:`grouped_dequantize` + :func:`prefill` (more tokens): tokens sorted by expert, the hit
   experts dequantized in one launch per projection (in chunks that bound the scratch), then one
   grouped matmul (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``, bf16 on sm80+) or, where
@@ -25,6 +27,9 @@ import torch.nn.functional as F
 
 #: dtype codes of csrc/cuda/qm_cuda.h (DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+#: Largest top-k of the fused decode (the second kernel's CTA holds rows x k slots of 8 lanes, 256 threads).
+FUSED_MAX_K = 32
 
 #: Bound on the dequantized scratch of one prefill chunk (bytes); a chunk holds at least one expert.
 PREFILL_SCRATCH_BYTES = 512 << 20
@@ -118,6 +123,47 @@ def grouped_gemv(
         y.data_ptr(),
         stream,
     )
+    return y
+
+
+def decode_silu(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    intermediate: int,
+    bs: int,
+) -> torch.Tensor:
+    """Decode with SiLU experts in two launches: ``h = silu(x Wg.T) * (x Wu.T)`` for every routed (token,
+    slot) row, then ``y[t] = sum_j w[t, j] * h[t k + j] Wd.T``; float32 inside each kernel, one rounding
+    of h and of y to x's dtype. Ids and weights are read on the device (no host sync)."""
+    tokens, hidden_dim = hidden.shape
+    k = top_k_index.shape[1]
+    x = hidden.contiguous()
+    if x.data_ptr() % 16:  # a view at an odd offset: the kernel reads x in 16-byte words
+        x = x.clone()
+    ids = top_k_index.reshape(-1).to(torch.int64).contiguous()
+    weights = top_k_weights.reshape(-1).contiguous()
+    if weights.dtype not in _DTYPE_CODES:
+        weights = weights.float()
+    h = torch.empty(tokens * k, intermediate, dtype=x.dtype, device=x.device)
+    y = torch.empty(tokens, hidden_dim, dtype=x.dtype, device=x.device)
+    device, stream = _launch_args(x)
+    ext = _ext()
+    ext.cuda_gemv_4bit_grouped_glu(
+        device, x.data_ptr(), _DTYPE_CODES[x.dtype], tokens * k, k, intermediate, hidden_dim, bs,
+        ids.data_ptr(), packed.shape[0], packed.data_ptr(), packed.stride(0), absmax.data_ptr(),
+        absmax.stride(0), quant_map.data_ptr(), h.data_ptr(), stream,
+    )  # fmt: skip
+    gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // bs
+    ext.cuda_gemv_4bit_grouped_sum(
+        device, h.data_ptr(), _DTYPE_CODES[x.dtype], tokens, k, hidden_dim, intermediate, bs, ids.data_ptr(),
+        packed.shape[0], weights.data_ptr(), _DTYPE_CODES[weights.dtype], packed.data_ptr() + gu_bytes,
+        packed.stride(0), absmax.data_ptr() + 4 * gu_blocks, absmax.stride(0), quant_map.data_ptr(),
+        y.data_ptr(), stream,
+    )  # fmt: skip
     return y
 
 

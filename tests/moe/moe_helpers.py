@@ -144,7 +144,9 @@ def load_bf16_eager(folder: Path):
     return model.eval()
 
 
-def experts_reference_and_bound(m, x, idx, w):
+def experts_reference_and_bound(
+    m, x, idx, w, *, silu_u: float = 4 * U32, h_u: float = U32, out_u: float = 0.0
+):
     """float64 reference (on the CPU) of a QuantExperts4bit with its decoded weights, and an elementwise bound
     on the float32 compute path's error, derived step by step (u = 2^-24, gamma_K = K u / (1 - K u)):
 
@@ -153,6 +155,10 @@ def experts_reference_and_bound(m, x, idx, w):
       (exp, add, divide, multiply); h = silu(g) * up: first-order product error plus one rounding;
     - down: |W_dn| @ |e_h| + gamma_I (|W_dn| @ |h|);
     - routing: w * y rounded once, then k terms summed in float32: gamma_{k+1} on the sum of |w y|.
+
+    Defaults: torch's float32 ops. ``silu_u``: relative error of the silu evaluation (4 roundings: 4u);
+    ``h_u``: rounding of h = silu(g) * up (u, or more when h is stored in a 16-bit dtype); ``out_u``:
+    one final rounding of the result to the output dtype (0 for float32 accumulation into float32).
     """
     h_dim, i_dim = m.hidden_dim, m.intermediate_dim
     xd = x.double().cpu()
@@ -167,17 +173,17 @@ def experts_reference_and_bound(m, x, idx, w):
             g, u = pre[:i_dim], pre[i_dim:]
             eg, eu = e_pre[:i_dim], e_pre[i_dim:]
             s = torch.nn.functional.silu(g)
-            es = 1.1 * eg + 4 * U32 * (s.abs() + 1.1 * eg)
+            es = 1.1 * eg + silu_u * (s.abs() + 1.1 * eg)
             h = s * u
             eh = (
                 es * u.abs()
                 + s.abs() * eu
                 + es * eu
-                + U32 * (h.abs() + es * u.abs() + s.abs() * eu + es * eu)
+                + h_u * (h.abs() + es * u.abs() + s.abs() * eu + es * eu)
             )
             y = dn @ h
             ey = dn.abs() @ eh + gamma(i_dim) * (dn.abs() @ (h.abs() + eh))
             wt = float(w[t, j])
             out[t] += wt * y
             bound[t] += abs(wt) * ey + gamma(idx.shape[1] + 1) * abs(wt) * (y.abs() + ey)
-    return out, bound
+    return out, bound + out_u * (out.abs() + bound)

@@ -151,18 +151,44 @@ def _routing(m: QuantExperts4bit, tokens: int, k: int, seed: int, dtype=torch.fl
     return x.cuda(), idx.cuda(), w.cuda()
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 12, 40])
+#: The fused decode's silu (csrc/cuda/gemv_grouped.cu): expf within 2 ulp (4u, CUDA's documented bound
+#: without fast math), 1 + e rounded (u), the division rounded (u): 6u to first order, 7u with margin
+#: for the products of these terms.
+CUDA_SILU_U = 7 * U32
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8, 12, 40])
 def test_module_within_derived_bound(folders, tokens):
-    """float32 compute on CUDA: decode (<= 8 tokens: grouped GEMV) and prefill (sorted by expert,
-    grouped dequantize, one matmul per hit expert) within the derived float32 bound of the exact result."""
+    """float32 compute on CUDA: decode (<= 8 tokens: the fused grouped GEMVs) and prefill (sorted by
+    expert, grouped dequantize, one matmul per hit expert) within the derived float32 bound of the
+    exact result."""
     m = _cuda_experts(folders)
     m.compute_dtype = torch.float32
     assert m.packed.is_cuda
     x, idx, w = _routing(m, tokens, 2, tokens)
     with torch.no_grad():
         got = m(x, idx, w).double().cpu()
-    ref, bound = experts_reference_and_bound(m, x, idx, w)
+    ref, bound = experts_reference_and_bound(m, x, idx, w, silu_u=CUDA_SILU_U)
     assert ((got - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_decode_16bit_within_derived_bound(folders, tokens, dtype):
+    """16-bit decode (the fused path: float32 inside each kernel): h = silu(g) * up is rounded once to the
+    16-bit dtype after its float32 product (u + u16 + u u16), the weighted sum once at the end (u16);
+    x and the routing weights are 16-bit values used exactly."""
+    m = _cuda_experts(folders)
+    m.compute_dtype = dtype  # x used as given (a bf16 compute dtype would round an fp16 x)
+    x, idx, w = _routing(m, tokens, 2, 100 + tokens, dtype)
+    with torch.no_grad():
+        got = m(x, idx, w)
+    assert got.dtype == dtype
+    u16 = torch.finfo(dtype).eps / 2
+    ref, bound = experts_reference_and_bound(
+        m, x, idx, w, silu_u=CUDA_SILU_U, h_u=U32 + u16 + U32 * u16, out_u=u16
+    )
+    assert ((got.double().cpu() - ref).abs() <= bound).all()
 
 
 def test_decode_in_a_cuda_graph_follows_new_routing(folders):
