@@ -19,9 +19,11 @@ picked:
   grouped 4-bit GEMV per projection (``csrc/gemv_grouped.cpp``, indexed by the routed expert ids),
   then act(gate) * up, the routing weight and a float32-accumulated sum over the k slots;
 - on CUDA (``converter.loader.moe_cuda``, the op's CUDA kernel): decode (at most 8 tokens, or any count
-  inside a CUDA-graph capture) is the same grouped GEMV on the GPU, expert ids read on the device, no
-  host sync; prefill sorts tokens by expert, dequantizes the hit experts in one launch per projection
-  and runs one grouped matmul (bf16) or one F.linear per hit expert;
+  inside a CUDA-graph capture) runs grouped GEMVs on the GPU with the expert ids and routing weights read
+  on the device (no host sync): for SiLU experts two launches, act(gate) * up fused into the first and
+  the weighted k-slot sum into the second, otherwise the CPU's sequence; prefill sorts tokens by
+  expert, dequantizes the hit experts in one launch per projection and runs one grouped matmul (bf16)
+  or one F.linear per hit expert;
 - otherwise (prefill on the CPU, ``use_gemv = False``, shapes the GEMV cannot take) tokens are
   sorted by expert and the hit experts run in ascending order as transformers' eager loop does: an
   expert with at most 8 tokens through the fused GEMV, one with more dequantized once and multiplied
@@ -236,8 +238,9 @@ def _experts_forward_cuda(
     act: Callable[[torch.Tensor], torch.Tensor],
     use_gemv: bool,
 ) -> torch.Tensor:
-    """CUDA: decode (<= 8 tokens, or any count while a CUDA graph is being captured: no host sync) as one
-    grouped GEMV per projection; prefill sorted by expert, grouped dequantize + grouped matmul."""
+    """CUDA: decode (<= 8 tokens, or any count while a CUDA graph is being captured: no host sync) as
+    grouped GEMVs (SiLU: two fused launches); prefill sorted by expert, grouped dequantize + grouped
+    matmul. Layouts the kernels do not take, and ``use_gemv = False``, run :func:`_experts_forward`."""
     hidden_dim = hidden.shape[1]
     ok = (
         use_gemv
