@@ -191,6 +191,25 @@ def test_fused_decode_16bit_within_derived_bound(folders, tokens, dtype):
     assert ((got.double().cpu() - ref).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("tokens", [12, 40])
+def test_bf16_prefill_within_derived_bound(folders, tokens):
+    """bf16 prefill (sorted by expert, grouped dequantize, grouped matmul): weights dequantized to bf16
+    (u16 each), tensor-core float32 accumulation (2^-23: gamma_K), every intermediate rounded to bf16 as
+    torch's bf16 ops round it (gate/up, silu on top of its float32 evaluation, h, the down output, the
+    routing product), the k slots summed in float32, one final rounding to bf16."""
+    m = _cuda_experts(folders)
+    m.compute_dtype = torch.bfloat16
+    x, idx, w = _routing(m, tokens, 2, 200 + tokens, torch.bfloat16)
+    with torch.no_grad():
+        got = m(x, idx, w)
+    u16 = torch.finfo(torch.bfloat16).eps / 2
+    ref, bound = experts_reference_and_bound(
+        m, x, idx, w, weight_rel=u16, acc_u=2 * U32, pre_u=u16, silu_u=4 * U32 + u16 + 4 * U32 * u16,
+        h_u=u16, y_u=u16, wy_u=u16, out_u=u16,
+    )  # fmt: skip
+    assert ((got.double().cpu() - ref).abs() <= bound).all()
+
+
 def test_decode_in_a_cuda_graph_follows_new_routing(folders):
     """Captured once, replayed with other tokens and other experts: the kernel reads the ids on the
     device, so each replay equals an eager call with that routing, bit for bit."""
