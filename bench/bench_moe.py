@@ -344,7 +344,7 @@ def cuda_bench(work: Path, layers: int, vocab: int, tokens: int, repeat: int) ->
             torch.cuda.synchronize()
             mem[name] = torch.cuda.memory_allocated() - before
     experts = {
-        # ours: codes, float32 absmax, nested codes kept for saving; bf16: gate_up_proj, down_proj
+        # ours: codes, float32 absmax (nested codes kept for saving stay on the host); bf16: the two params
         "ours": sum(b.nbytes for m in _experts_of(models["ours"]) for b in m.buffers()),
         "bf16": sum(p.nbytes for m in _experts_of(models["bf16"]) for p in m.parameters()),
     }

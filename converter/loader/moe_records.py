@@ -4,7 +4,8 @@ Loading (:func:`stack_records`): the per-expert records of a layer go into ``pac
 down bytes]`` and ``absmax [E, gate + up + down blocks]`` float32 (nested absmax decoded as the
 kernels decode it), allocated on the target device, so each piece is copied once, from the shard
 mapping straight to the device. A nested record's nested codes, nested absmax and offset are kept
-too (about 1/32 of the codes' bytes): they are what the converter wrote, and saving needs them.
+too, on the host (about 1/32 of the codes' bytes): they are what the converter wrote, and saving
+needs them.
 
 Saving (:func:`expert_state_dict`): ``save_pretrained`` / ``state_dict`` of a model with 4-bit
 experts writes one bnb record per expert per projection under the checkpoint's names
@@ -106,9 +107,9 @@ def stack_records(
     quant_map = first.quant_map.float().contiguous()
     nested_map = first.nested.nested_quant_map.float().contiguous() if first.nested is not None else None
     keep_nested = nested_map is not None
-    if keep_nested:
-        codes = torch.empty(num, n_blocks, dtype=torch.uint8, device=device)
-        nabs = torch.empty(num, n_nested, dtype=torch.float32, device=device)
+    if keep_nested:  # on the host: only saving reads them
+        codes = torch.empty(num, n_blocks, dtype=torch.uint8)
+        nabs = torch.empty(num, n_nested, dtype=torch.float32)
         offsets = torch.empty(num, len(ROLES), dtype=torch.float32)
     names = []
     for role in ROLES:
@@ -146,7 +147,7 @@ def stack_records(
                 offsets[e, r] = rec.nested.offset
     nested = None
     if keep_nested:
-        nested = {"codes": codes, "absmax": nabs, "offset": offsets.to(device), "map": nested_map.to(device)}
+        nested = {"codes": codes, "absmax": nabs, "offset": offsets, "map": nested_map}
     return StackedExperts(
         packed, absmax, quant_map.to(device), bs, qt, dtype, (names[0], names[1], names[2]), nested
     )

@@ -279,3 +279,24 @@ def test_model_generates_on_cuda(folders):
     out = fast.generate(ids, **kw)
     assert out.shape == (1, ids.shape[1] + 6)
     assert int(out.max()) < fast.config.vocab_size
+
+
+def test_loaded_on_the_gpu_saves_the_source_records(folders, tmp_path):
+    """device="cuda": the experts' codes and absmax are on the GPU (stacked there directly), the nested
+    codes kept for saving on the host; save_pretrained writes the source folder's expert tensors."""
+    from safetensors.torch import load_file
+
+    q, _ = folders("qwen3_moe")
+    model = load_quantized(q, device="cuda")
+    for m in moe_modules(model).values():
+        assert m.packed.is_cuda
+        assert m.absmax.is_cuda
+        assert all(t.device.type == "cpu" for t in m.nested_buffers().values())
+    model.save_pretrained(tmp_path / "saved")
+    src, saved = {}, {}
+    for folder, tensors in ((q, src), (tmp_path / "saved", saved)):
+        for f in sorted(folder.glob("*.safetensors")):
+            tensors.update(load_file(f))
+    experts = [k for k in src if ".experts." in k]
+    assert experts
+    assert all(torch.equal(saved[k], src[k]) for k in experts)
