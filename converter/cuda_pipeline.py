@@ -1,4 +1,8 @@
-"""Quantize a stream of host tensors on the GPU with copies and kernels overlapped (``--device cuda``).
+"""Quantize a stream of host torch tensors on the GPU with copies and kernels overlapped.
+
+For Python callers holding torch tensors (and bench/bench_cuda_convert.py). The converter's
+``--device cuda`` no longer comes here: it quantizes numpy buffers through ``converter.cuda_host``
+(the extension's own pinned staging, no torch).
 
 Usage (the converter's pipeline; results come back in submission order, on the host, as the CPU
 path returns them)::
