@@ -46,6 +46,11 @@ def cuda_status() -> tuple[bool, str]:
     driver, or a GPU older than compute capability 8.0). Imports no torch."""
     if not getattr(_kernels, "has_cuda_build", lambda: False)():
         return False, "this build of quantize-model has no CUDA backend (it was built without nvcc)"
+    if not hasattr(_kernels, "CudaHostPipeline"):
+        return False, (
+            "converter._kernels was built before its CUDA host pipeline existed: rebuild it "
+            "(pip install --no-build-isolation -e .)"
+        )
     count, why = _kernels.cuda_available()
     if count == 0:
         return False, why

@@ -184,6 +184,17 @@ def test_unusable_cuda_falls_back_to_the_cpu_quantizer(monkeypatch: pytest.Monke
     )
 
 
+def test_a_build_without_the_host_pipeline_is_not_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extension built before csrc/cuda/host_pipeline.* (a stale build): fall back, say rebuild."""
+    monkeypatch.setattr(_kernels, "has_cuda_build", lambda: True, raising=False)
+    monkeypatch.delattr(_kernels, "CudaHostPipeline", raising=False)
+    assert cuda_host.cuda_status() == (
+        False,
+        "converter._kernels was built before its CUDA host pipeline existed: rebuild it "
+        "(pip install --no-build-isolation -e .)",
+    )
+
+
 needs_gpuless_cuda_build = pytest.mark.skipif(
     not getattr(_kernels, "has_cuda_build", lambda: False)() or _kernels.cuda_available()[0] > 0,
     reason="needs a CUDA build of the extension on a machine without a GPU",

@@ -69,6 +69,7 @@ def test_a_gpu_older_than_the_build_is_not_usable(monkeypatch):
     from converter.pipeline import resolve_device
 
     monkeypatch.setattr(_kernels, "has_cuda_build", lambda: True, raising=False)
+    monkeypatch.setattr(_kernels, "CudaHostPipeline", object, raising=False)  # a CPU-only build has none
     monkeypatch.setattr(_kernels, "cuda_available", lambda: (1, ""), raising=False)
     monkeypatch.setattr(
         _kernels, "cuda_device_info", lambda i: {"name": "Tesla T4", "capability": (7, 5)}, raising=False
