@@ -20,7 +20,7 @@ from functools import cache
 
 import torch
 
-from converter import _kernels
+from converter import _kernels, cuda_host
 from converter.kernel_checks import (
     NestedAbsmax,
     NonFiniteInputError,
@@ -46,30 +46,15 @@ __all__ = [
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-#: Oldest compute capability the CUDA build runs on (CMakeLists.txt: sm_80 and sm_90 SASS, compute_90 PTX).
-MIN_CAPABILITY = (8, 0)
-
-
 @cache
 def cuda_status() -> tuple[bool, str]:
     """``(usable, reason)``: usable is False with a one-line reason (no CUDA build, no device, old
-    driver, or a GPU older than compute capability 8.0)."""
-    if not getattr(_kernels, "has_cuda_build", lambda: False)():
-        return False, "this build of quantize-model has no CUDA backend (it was built without nvcc)"
-    count, why = _kernels.cuda_available()
-    if count == 0:
-        return False, why
-    if not torch.cuda.is_available():
+    driver, a GPU older than compute capability 8.0: ``converter.cuda_host.cuda_status``, or a torch
+    that sees no GPU)."""
+    usable, why = cuda_host.cuda_status()
+    if usable and not torch.cuda.is_available():
         return False, "torch reports no usable CUDA device (a CPU-only torch build?)"
-    for i in range(count):  # the kernels are built for compute capability 8.0 and newer (sm_80, sm_90, PTX)
-        info = _kernels.cuda_device_info(i)
-        major, minor = info["capability"]
-        if major < MIN_CAPABILITY[0]:
-            return False, (
-                f"GPU {i} ({info['name']}) has compute capability {major}.{minor}; this build's CUDA kernels "
-                f"need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (A100, RTX 30 series, H100 and later)"
-            )
-    return True, ""
+    return usable, why
 
 
 def backend_info() -> dict | None:
@@ -77,16 +62,7 @@ def backend_info() -> dict | None:
 
     None when the CUDA backend is not usable (``cuda_status()`` says why).
     """
-    usable, _ = cuda_status()
-    if not usable:
-        return None
-    count, _ = _kernels.cuda_available()
-    devices = []
-    for i in range(count):
-        d = dict(_kernels.cuda_device_info(i))
-        d["capability"] = "{}.{}".format(*d["capability"])
-        devices.append(d)
-    return {"devices": devices}
+    return cuda_host.backend_info() if cuda_status()[0] else None
 
 
 def _require(x: torch.Tensor, name: str) -> int:
