@@ -177,27 +177,6 @@ k_gemv_stream(const T* __restrict__ x,              // [B, K]
   float* s_am = reinterpret_cast<float*>(wbase + kStages * kMetaBytes);
   const uint32_t s_rows = s_base + (warp * kStages * 16) * kGridRowBytes + kGridRowBytes / 2;  // stage 0, row 0
 
-  {
-    // The pair table of gemv_mma.cu at byte * 256 + lane * 4; this thread writes bytes w + 8m
-    // (w = warp), m = 0..31, high nibble (first element, low half) m / 2, low nibble w + 8 (m % 2).
-    uint32_t code[16];
-#pragma unroll
-    for (int q = 0; q < 16; ++q) code[q] = Mma<T>::bits(__ldg(quant_map + q));
-    uint32_t low[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      uint32_t v = 0;
-#pragma unroll
-      for (int q = 0; q < 8; ++q) v = (warp == q) ? code[q + 8 * h] : v;
-      low[h] = v << 16;
-    }
-#pragma unroll
-    for (int m = 0; m < 32; ++m) s_grid[(warp + 8 * m) * (kGridRowBytes / 4) + lane] = code[m >> 1] | low[m & 1];
-  }
-  static_assert(kThreads == 256, "one map8 entry per thread");
-  if (p.nested) s_map8[threadIdx.x] = __ldg(map8 + threadIdx.x);
-  __syncthreads();
-
   const int split = p.split;
   const int tiles_per_cta = kWarps / split;
   const int rt = warp / split, sp = warp % split;
@@ -248,6 +227,30 @@ k_gemv_stream(const T* __restrict__ x,              // [B, K]
     if (s < mine) issue(s, kt0 + sp + s * split);
     else cp_async_commit();
   }
+
+  // The table and map8, built while the first tiles are in flight (the stage rows and the table
+  // entries share grid rows but never bytes).
+  {
+    // The pair table of gemv_mma.cu at byte * 256 + lane * 4; this thread writes bytes w + 8m
+    // (w = warp), m = 0..31, high nibble (first element, low half) m / 2, low nibble w + 8 (m % 2).
+    uint32_t code[16];
+#pragma unroll
+    for (int q = 0; q < 16; ++q) code[q] = Mma<T>::bits(__ldg(quant_map + q));
+    uint32_t low[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t v = 0;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) v = (warp == q) ? code[q + 8 * h] : v;
+      low[h] = v << 16;
+    }
+#pragma unroll
+    for (int m = 0; m < 32; ++m) s_grid[(warp + 8 * m) * (kGridRowBytes / 4) + lane] = code[m >> 1] | low[m & 1];
+  }
+  static_assert(kThreads == 256, "one map8 entry per thread");
+  if (p.nested) s_map8[threadIdx.x] = __ldg(map8 + threadIdx.x);
+  __syncthreads();
+
   for (int it = 0; it < mine; ++it) {
     const int kt = kt0 + sp + it * split;
     // Activation fragments of the tile's 4 segments, requested before waiting for the weights.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import cache
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ def _kc():
     return kernels_cuda
 
 
+@cache  # the parametrized tests share weights; the kernels never write them
 def _weight(out_f, in_f, blocksize, nested, quant_type=QuantType.NF4, seed=0):
     """(args for kernels_cuda.gemv_4bit, the float32 decoded weight [out_f, in_f])."""
     gen = torch.Generator().manual_seed(seed)
