@@ -27,7 +27,8 @@
 //   grid row; its four 32-byte segments are XOR-swizzled by the row (segment s at (s ^ (row & 3)) * 32)
 //   so the 8-byte loads of four rows of a half-warp hit four different bank quarters.
 // - work split: `split` warps of a CTA share a 16-row tile (every split-th k tile) and meet in shared
-//   memory in warp order; for thin shapes the K range is also cut into `ks` slices across CTAs
+//   memory in warp order; a CTA takes up to 8 / split row tiles, fewer where that evens out the row
+//   tiles per multiprocessor (28672 rows: 7 per CTA, one warp idle); for thin shapes the K range is also cut into `ks` slices across CTAs
 //   (grid.y) whose float32 partial sums go to a scratch buffer, summed in slice order by a second tiny
 //   kernel: deterministic, no atomics.
 //
@@ -92,6 +93,7 @@ struct Params {
   int log2bs;
   int batch;
   int split;
+  int tiles_per_cta;  // row tiles of one CTA (warps tiles_per_cta * split and up idle)
   bool nested;
 };
 
@@ -129,13 +131,13 @@ k_gemv_stream(const T* __restrict__ x,              // [B, K]
   const uint32_t s_rows = s_base + (warp * kStages * 16) * kGridRowBytes + kGridRowBytes / 2;  // stage 0, row 0
 
   const int split = p.split;
-  const int tiles_per_cta = kWarps / split;
+  const int tiles_per_cta = p.tiles_per_cta;
   const int rt = warp / split, sp = warp % split;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * tiles_per_cta + rt) * 16;
   const int kt0 = static_cast<int>(blockIdx.y) * p.tiles_per_slice;
   const int kt_end = min(p.k_tiles, kt0 + p.tiles_per_slice);
   const int span = kt_end - kt0;
-  const int mine = (row0 < p.N && sp < span) ? (span - 1 - sp) / split + 1 : 0;
+  const int mine = (rt < tiles_per_cta && row0 < p.N && sp < span) ? (span - 1 - sp) / split + 1 : 0;
   const int64_t blocks_per_row = p.K >> p.log2bs;
   const int64_t half_k = p.K >> 1;
 
@@ -297,21 +299,34 @@ int multiprocessors(int device) {
 struct Plan {
   int split;  // warps per row tile
   int ks;     // K slices across CTAs
+  int tiles;  // row tiles per CTA (<= 8 / split)
 };
 
 // About two CTAs (16 warps) per multiprocessor: the intra-CTA split first (while every warp keeps at
-// least two k tiles), then K slices across CTAs while there are fewer CTAs than two per multiprocessor.
-// Variants 12..15 force the split (one slice), 16..18 force 2, 4 or 8 slices.
+// least four k tiles), the row tiles per CTA, then K slices across CTAs while there are fewer CTAs than
+// two per multiprocessor and every warp keeps two k tiles per slice. Variants 12..15 force the split
+// (8 / split row tiles per CTA, one slice), 16..18 force 2, 4 or 8 slices.
 Plan plan(int device, int64_t N, int64_t K, int variant) {
   const int64_t row_tiles = (N + 15) / 16, k_tiles = K / kTileWeights;
   const int64_t slots = 2 * static_cast<int64_t>(multiprocessors(device));
-  Plan pl{1, 1};
+  const int64_t sms = slots / 2;
+  Plan pl{1, 1, kWarps};
   if (variant >= 12 && variant <= 15) {
     pl.split = 1 << (variant - 12);
+    pl.tiles = kWarps / pl.split;
     return pl;
   }
   while (pl.split < kWarps && row_tiles * pl.split * 2 <= slots * kWarps && k_tiles >= 4 * pl.split) pl.split *= 2;
-  const int64_t ctas = (row_tiles * pl.split + kWarps - 1) / kWarps;
+  // Row tiles per CTA: the fewest row tiles on the busiest multiprocessor (CTAs spread evenly, all
+  // resident at once), ties to more per CTA. 28672 rows at split 1 on 132 SMs: 7 (256 CTAs, 14 row
+  // tiles on the busiest SM) rather than 8 (224 CTAs, 16 on 92 SMs and 8 on 40).
+  pl.tiles = kWarps / pl.split;
+  int64_t best = -1;
+  for (int t = kWarps / pl.split; t >= 1 && 2 * t * pl.split >= kWarps; --t) {
+    const int64_t busiest = ((row_tiles + t - 1) / t + sms - 1) / sms * t;
+    if (best < 0 || busiest < best) best = busiest, pl.tiles = t;
+  }
+  const int64_t ctas = (row_tiles + pl.tiles - 1) / pl.tiles;
   if (variant >= 16 && variant <= 18) {
     pl.ks = 1 << (variant - 15);
   } else {
@@ -336,10 +351,9 @@ cudaError_t launch(const GemvMmaArgs& a, int device, int variant, float* scratch
   const int k_tiles = static_cast<int>(a.K / kTileWeights);
   const int tps = (k_tiles + pl.ks - 1) / pl.ks;
   const int ks = (k_tiles + tps - 1) / tps;  // slices that hold at least one tile
-  const int64_t per_cta = kWarps / pl.split;
-  const int64_t ctas = ((a.N + 15) / 16 + per_cta - 1) / per_cta;
+  const int64_t ctas = ((a.N + 15) / 16 + pl.tiles - 1) / pl.tiles;
   const Params p{a.packed, a.absmax, a.nc, a.na, a.offset, (a.N * a.K) >> a.log2bs, a.N, a.K, k_tiles, tps,
-                 a.log2bs, a.batch, pl.split, a.nc != nullptr};
+                 a.log2bs, a.batch, pl.split, pl.tiles, a.nc != nullptr};
   const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(ks));
   k_gemv_stream<T><<<grid, kThreads, kSmemBytes, a.st>>>(static_cast<const T*>(a.x), p, a.map8, a.qm,
                                                          static_cast<T*>(a.y), ks > 1 ? scratch : nullptr);

@@ -111,6 +111,16 @@ def test_stream_forced_splits_and_k_slices(variant):
 
 
 @pytest.mark.cuda
+def test_stream_row_tiles_per_cta_leave_warps_idle():
+    # 28672 rows at split 1: 7 row tiles per CTA (the eighth warp idle) on a 132-SM H200; 28677 rows:
+    # a partial last row tile too. The idle warps' zero partial sums must not reach y.
+    for out_f in (28672, 28677):
+        weight, w_deq = _weight(out_f, 256, 64, nested=True, seed=out_f)
+        for batch in (1, 5):
+            _check(weight, w_deq, batch, torch.bfloat16, (STREAM, 12), f"({out_f}x256)")
+
+
+@pytest.mark.cuda
 def test_stream_with_bias_like_the_loader():
     weight, w_deq = _weight(4096, 4096, 64, True, seed=3)
     for dtype in (torch.bfloat16, torch.float16):
