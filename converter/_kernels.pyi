@@ -323,3 +323,29 @@ def cuda_dequantize_int8(
     device: int, codes: int, scb: int, rows: int, cols: int, out_dtype: int, out: int, stream: int
 ) -> None:
     """CUDA int8 dequantize to out_dtype."""
+
+# Torch-free --device cuda (csrc/cuda/host_pipeline.*, bindings_host_pipeline.cpp; caller:
+# converter/cuda_host.py). Host buffers are numpy addresses, kept alive until wait() returns.
+
+def cuda_init(device: int) -> None:
+    """Create the CUDA context of `device` now (cudaSetDevice + cudaFree(0)), GIL released."""
+
+class CudaHostPipeline:
+    """One worker thread quantizing submitted host tensors in order through pinned chunks."""
+
+    def __init__(
+        self,
+        device: int,
+        quant_type: int,
+        blocksize: int,
+        nested: bool,
+        chunk_bytes: int,
+        threads: int,
+        mids: list[float],
+    ) -> None: ...
+    def submit(
+        self, x: int, dtype: int, n: int, packed: int, absmax: int, codes: int, nested_absmax: int
+    ) -> int:
+        """Queue n elements of dtype code (0 f32, 1 f16, 2 bf16); returns a ticket."""
+    def wait(self, ticket: int) -> tuple[bool, float, float, float, float, float]:
+        """(nonfinite, offset, seconds stage, upload, kernels, download) once the ticket is done."""
