@@ -172,4 +172,5 @@ void register_cuda(py::module_& m) {
       py::arg("out"), py::arg("stream"));
 
   register_cuda_host_pipeline(m);  // the torch-free --device cuda quantizer
+  register_moe_cuda(m);
 }
