@@ -132,7 +132,12 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
 
 
 def build_skeleton(
-    folder: Path, state: dict[str, Any], dtype: torch.dtype, *, trust_remote_code: bool = False
+    folder: Path,
+    state: dict[str, Any],
+    dtype: torch.dtype,
+    *,
+    trust_remote_code: bool = False,
+    experts_device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict | None]:
     """The model of ``folder/config.json`` with its parameters on the meta device and every quantized
     module already a :class:`Linear4bit` sharing ``state``'s mapped tensors; and the quantization_config.
@@ -162,7 +167,7 @@ def build_skeleton(
         raise ModelBuildError(msg) from exc
 
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
-    attach_experts(model, state, compute_dtype, where=str(folder))
+    attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
     try:
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
     except (ImportError, AttributeError, TypeError):  # another transformers version: skip the check
@@ -225,9 +230,12 @@ def load_quantized(
     # With a single target device the shards stream straight into device tensors (loader/stream.py);
     # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while
     # the model is built (on a first load that includes importing its transformers modules).
+    target = device if device_map is None else "cpu"
     with shards_verified(folder, verify):
-        state = load_quantized_state(folder, verify=False, device=device if device_map is None else "cpu")
-        model, qc = build_skeleton(folder, state, dtype, trust_remote_code=trust_remote_code)
+        state = load_quantized_state(folder, verify=False, device=target)
+        model, qc = build_skeleton(
+            folder, state, dtype, trust_remote_code=trust_remote_code, experts_device=target
+        )  # 4-bit experts: stacked on the target device
         cls = type(model)
         unused = _fill(model, state, str(folder))
     model.tie_weights()
