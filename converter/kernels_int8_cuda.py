@@ -63,3 +63,28 @@ def dequantize_int8(codes: torch.Tensor, scb: torch.Tensor, *, out_dtype: torch.
         _stream(codes.device),
     )  # fmt: skip
     return out
+
+
+def has_gemv() -> bool:
+    """Whether this build has the fused int8 GEMV (csrc/cuda/gemv_int8.cu)."""
+    return hasattr(_kernels, "cuda_gemv_int8")
+
+
+def gemv_int8(
+    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y [B, out] = T(x @ (codes * SCB / 127).T)``, then ``T(y + bias)``; float32 sums, B = 1..8.
+
+    Arguments as ``converter.kernels_int8.gemv_int8`` checked them (x 2-D and contiguous, one device;
+    bias ``[out]`` of x's dtype). Launched on the current stream, output allocated on x's device and
+    no host synchronisation: safe to capture in a CUDA graph.
+    """
+    dev = _require(x, "x")
+    batch, in_features = x.shape
+    out_features = codes.shape[0]
+    y = torch.empty((batch, out_features), dtype=x.dtype, device=x.device)
+    _kernels.cuda_gemv_int8(
+        dev, x.data_ptr(), _DTYPE_CODES[x.dtype], batch, out_features, in_features, codes.data_ptr(),
+        scb.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), _stream(x.device),
+    )  # fmt: skip
+    return y

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings_cuda_int8.h"
 #include "qm_cuda.h"
 
 namespace py = pybind11;
@@ -165,4 +166,6 @@ void register_cuda(py::module_& m) {
       },
       py::arg("device"), py::arg("codes"), py::arg("scb"), py::arg("rows"), py::arg("cols"), py::arg("out_dtype"),
       py::arg("out"), py::arg("stream"));
+
+  register_cuda_int8(m);  // cuda_gemv_int8 (bindings_cuda_int8.cpp)
 }

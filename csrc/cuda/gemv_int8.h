@@ -1,0 +1,18 @@
+// Fused LLM.int8 GEMV on CUDA (csrc/cuda/gemv_int8.cu): host entry point. Plain C++, no CUDA types;
+// pointers, stream and return codes follow qm_cuda.h's conventions.
+#pragma once
+
+#include <cstdint>
+
+namespace qm {
+namespace cuda {
+
+// y[b, o] = T( sum_k x[b, k] * codes[o, k] * f32(SCB[o] * f32(1/127)) ) for b < batch (1..8), the sum
+// in float32, x / y / bias of one dtype T (float32, float16, bfloat16). With bias (non-zero pointer,
+// [N] in T) the result is then T( y + bias ): the bits of the CPU GEMV (csrc/int8_cpu.h gemv_int8)
+// followed by torch's `y + bias`. codes int8 [N, K] row-major, scb float32 [N].
+int gemv_int8(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t K, uintptr_t codes,
+              uintptr_t scb, uintptr_t bias, uintptr_t y, uintptr_t stream);
+
+}  // namespace cuda
+}  // namespace qm
