@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from converter import _kernels
+from converter.errors import NonFiniteInputError
 from formats.quant_types import (
     NESTED_BLOCKSIZE,
     OFFSET_CHUNK,
@@ -41,10 +42,6 @@ KERNEL_DTYPES: dict[str, tuple[str, np.dtype]] = {
     "F16": ("float16", np.dtype("<f2")),
     "BF16": ("bfloat16", np.dtype("<u2")),
 }
-
-
-class NonFiniteInputError(ValueError):
-    """The tensor to quantize holds NaN or Inf: its blocks cannot be scaled to [-1, 1]."""
 
 
 def _threads(threads: int | None) -> int:
