@@ -239,3 +239,18 @@ def cuda_dequantize_int8(
     device: int, codes: int, scb: int, rows: int, cols: int, out_dtype: int, out: int, stream: int
 ) -> None:
     """CUDA int8 dequantize to out_dtype."""
+
+def cuda_gemv_int8(
+    device: int,
+    x: int,
+    dtype: int,
+    batch: int,
+    N: int,
+    K: int,
+    codes: int,
+    scb: int,
+    bias: int,
+    y: int,
+    stream: int,
+) -> None:
+    """CUDA int8 GEMV (csrc/cuda/gemv_int8.cu): y[b, n] = x @ (codes * SCB / 127).T (+ bias, 0 = none)."""

@@ -47,26 +47,34 @@ template <> struct Bits<__nv_bfloat16> {
 
 __device__ __forceinline__ float round_f16(float v) { return __half2float(__float2half_rn(v)); }
 
+// SCB of a row from each thread's max |x| bits: the block-wide max as an fp16 value (exact for fp16
+// input). Thread 0 stores it and raises flag for a NaN / Inf; every thread gets it back.
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads)
-k_quantize_int8(const T* __restrict__ x, int64_t cols, const float* __restrict__ table,
-                int8_t* __restrict__ codes, float* __restrict__ scb, int* __restrict__ flag) {
+__device__ __forceinline__ float row_scb(uint32_t m, int64_t row, float* __restrict__ scb, int* __restrict__ flag) {
   __shared__ uint32_t s_max[kRowThreads / 32];
-  const int64_t row = blockIdx.x;
-  const T* xr = x + row * cols;
-  uint32_t m = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += kRowThreads) m = max(m, Bits<T>::abs(xr + j));
   m = warp_max_xor(m, 32);
   if ((threadIdx.x & 31) == 0) s_max[threadIdx.x >> 5] = m;
   __syncthreads();
   m = 0;
 #pragma unroll
   for (int w = 0; w < kRowThreads / 32; ++w) m = max(m, s_max[w]);
-  const float am = round_f16(Bits<T>::value(m));  // exact for fp16 input
+  const float am = round_f16(Bits<T>::value(m));
   if (threadIdx.x == 0) {
     scb[row] = am;
     if (m >= Bits<T>::kInf && flag != nullptr) atomicOr(flag, 1);
   }
+  return am;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+k_quantize_int8(const T* __restrict__ x, int64_t cols, const float* __restrict__ table,
+                int8_t* __restrict__ codes, float* __restrict__ scb, int* __restrict__ flag) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * cols;
+  uint32_t m = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += kRowThreads) m = max(m, Bits<T>::abs(xr + j));
+  const float am = row_scb<T>(m, row, scb, flag);
   int8_t* out = codes + row * cols;
   if (!(am > 0.0f) || __float_as_uint(am) >= 0x7f800000u) {  // SCB 0, +inf (or NaN: flagged)
     for (int64_t j = threadIdx.x; j < cols; j += kRowThreads) out[j] = 0;
@@ -135,7 +143,6 @@ template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
 k_quantize_int8_vec(const T* __restrict__ x, int64_t cols, const float* __restrict__ table,
                     int8_t* __restrict__ codes, float* __restrict__ scb, int* __restrict__ flag) {
-  __shared__ uint32_t s_max[kRowThreads / 32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * cols;
   const int64_t groups = cols >> 3;
@@ -150,17 +157,7 @@ k_quantize_int8_vec(const T* __restrict__ x, int64_t cols, const float* __restri
     }
   }
   for (int64_t g = threadIdx.x + kHeld * kRowThreads; g < groups; g += kRowThreads) m = max(m, max_abs8(load8(xr + 8 * g)));
-  m = warp_max_xor(m, 32);
-  if ((threadIdx.x & 31) == 0) s_max[threadIdx.x >> 5] = m;
-  __syncthreads();
-  m = 0;
-#pragma unroll
-  for (int w = 0; w < kRowThreads / 32; ++w) m = max(m, s_max[w]);
-  const float am = round_f16(Bits<T>::value(m));  // exact for fp16 input
-  if (threadIdx.x == 0) {
-    scb[row] = am;
-    if (m >= Bits<T>::kInf && flag != nullptr) atomicOr(flag, 1);
-  }
+  const float am = row_scb<T>(m, row, scb, flag);
   uint2* out = reinterpret_cast<uint2*>(codes + row * cols);
   if (!(am > 0.0f) || __float_as_uint(am) >= 0x7f800000u) {  // SCB 0, +inf (or NaN: flagged)
     for (int64_t g = threadIdx.x; g < groups; g += kRowThreads) out[g] = make_uint2(0u, 0u);
