@@ -89,12 +89,19 @@ def dequantize(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> to
 
 
 @functools.cache
-def _has_cuda_gemv() -> bool:
+def _cuda_gemv_built() -> bool:
     if not _has_cuda_int8():
         return False
     from converter import kernels_int8_cuda
 
     return kernels_int8_cuda.has_gemv()
+
+
+@torch.compiler.assume_constant_result
+def _has_cuda_gemv() -> bool:
+    """Whether the CUDA int8 GEMV is usable; a constant to dynamo (it asks the extension through
+    pybind, which dynamo cannot trace: without this, fullgraph=True would fail on CUDA inputs)."""
+    return _cuda_gemv_built()
 
 
 def gemv_ok(x2d: torch.Tensor) -> bool:
