@@ -198,16 +198,19 @@ def run_cuda(args: argparse.Namespace) -> None:
     from converter.loader.model import load_quantized
 
     folder = Path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     _, sizes = estimate(folder, {"": 0})
     half = f"{sum(sizes.values()) // 2 // 2**20}MiB"
     max_memory = {0: args.gpu_budget or half, "cpu": "200GiB"}
     plan, per_device = estimate(folder, "auto", max_memory)
     print(f"max_memory {max_memory}: ours holds " + ", ".join(f"{k} {_mb(v)}" for k, v in per_device.items()))
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to("cuda:0")
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        ids = AutoTokenizer.from_pretrained(folder)(PROMPT, return_tensors="pt").input_ids.to("cuda:0")
+    else:  # a random-weight model (bench_generate's random-8b) has no tokenizer: fixed ids
+        ids = torch.arange(100, 100 + args.prompt, device="cuda:0")[None]
 
     def timed(model) -> tuple[float, float]:
-        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+        # Warm-up with the timed length (the attention backend builds a plan per key length on Hopper).
+        model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, do_sample=False)
@@ -250,6 +253,7 @@ def main() -> None:
     ap.add_argument("--source", help="--device cuda: the original bf16 folder, quantized at load by bnb")
     ap.add_argument("--gpu-budget", help="max_memory[0] for --device cuda (default: half the model)")
     ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--prompt", type=int, default=32, help="--device cuda, no tokenizer: prompt length")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (--device cpu)")
     ap.add_argument("--work", default="/tmp/qm-bench-offload")
     ap.add_argument("--samples", default=os.environ.get("QM_SAMPLES", "/tmp/qm-bench-offload/samples"))

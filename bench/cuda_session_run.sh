@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU numbers of one release, in as few device calls as possible (device machines are bare and
+# billed by the minute). Installs carried wheels (.whl/: bitsandbytes 0.50.2, transformers 5.24), builds
+# the extension with the CUDA backend once (kept between calls on a warm machine), then runs the named
+# steps in order, each writing $OUT/<step>.log (warnings and progress bars filtered: files over 16 MiB
+# do not come back from the device machine).
+#   OUT=/tmp/out bash bench/cuda_session_run.sh env gen offload ...
+# Steps:
+#   env      GPU, versions, same-run device-to-device copy bandwidth
+#   tests    every `-m cuda` test
+#   gen      bench_generate.py: 8B Llama-3.1-shaped random model, 512-token prompt, 128 new tokens,
+#            eager and compiled (static cache, reduce-overhead), ours / transformers + bnb / bf16
+#   load     bench_generate.py --load on the same 8B folder: call -> first token
+#   overhead bench_linear_overhead.py: host cost of one eager linear call, ours / F.linear / bnb
+#   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
+#   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
+#   gemv     bench_gemv_cuda.py: batch-1/4 GEMV kernels inside CUDA graphs vs the copy floor
+#   moe      bench_moe.py --device cuda
+#   int8     bench_int8.py --device cuda
+set -uo pipefail
+OUT=${OUT:-/tmp/qm_out}
+mkdir -p "$OUT"
+export OUT
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 XDG_CACHE_HOME=/tmp/qm_xdg_cache
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c "import converter._kernels as k; assert k.has_cuda_build()" 2>/dev/null; then
+  bash bench/cuda_device_run.sh build || exit 1
+fi
+GEN_DIR=/tmp/qm_gen
+quiet() { grep -v -i -E "warn|it/s]|^\s*$|Loading weights|Writing model shards" || true; }
+step() { # step NAME COMMAND...: run from /tmp (outside the source tree), log to $OUT/NAME.log
+  local name=$1 t0
+  shift
+  t0=$(date +%s)
+  echo "== $name" | tee -a "$OUT/steps.log"
+  (cd /tmp && "$@") 2>&1 | quiet | head -c 900000 >"$OUT/$name.log"
+  echo "== $name: rc ${PIPESTATUS[0]}, $(($(date +%s) - t0)) s" | tee -a "$OUT/steps.log"
+  tail -25 "$OUT/$name.log"
+}
+
+env_info() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import torch, transformers, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bnb', b.__version__)"
+  python3 - <<'PY'
+import torch
+x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+s.record()
+for _ in range(10): y.copy_(x)
+e.record(); torch.cuda.synchronize()
+print(f"device-to-device copy: {2 * x.numel() * 10 / (s.elapsed_time(e) / 1e3) / 1e9:.0f} GB/s (read + write)")
+PY
+}
+
+GEN="python3 $ROOT/bench/bench_generate.py --device cuda --model random-8b --workdir $GEN_DIR"
+for s in ${*:-env}; do
+  case $s in
+    env) step env env_info ;;
+    tests) step tests timeout 400 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests" ;;
+    gen) step gen $GEN --prompt 512 --new 128 --repeats "${REPEATS:-1}" --modes eager,compiled --json "$OUT/gen.json" ;;
+    load) step load $GEN --prompt 16 --new 2 --modes "" --load --json "$OUT/load.json" ;;
+    overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
+      --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;
+    offload) step offload python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
+      --source "$GEN_DIR/llama8b-32" --tokens 32 ;;
+    e2e) step e2e bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
+    gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --json "$OUT/gemv.json" ;;
+    moe) step moe python3 "$ROOT/bench/bench_moe.py" --device cuda ;;
+    int8) step int8 python3 "$ROOT/bench/bench_int8.py" --device cuda ;;
+    *) echo "unknown step $s" >&2 ;;
+  esac
+done
