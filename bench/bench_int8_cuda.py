@@ -14,6 +14,8 @@ through many layers), and the graph replay's time is divided by ``rot``: ours (t
 csrc/cuda/gemv_int8.cu, through the ``quantize_model::gemv_int8`` op), bf16 ``F.linear`` (cuBLAS) and
 bitsandbytes' ``Linear8bitLt`` forward (threshold 6), timed eagerly: GPU time between CUDA events
 (its outlier split is data-dependent, so it is not captured).
+At batch 1 the forced kernel configurations (rows per warp R, chunks in flight U) are timed too,
+for tuning the default (R2U4).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from converter.loader import int8_ops
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192))
 BATCHES = (1, 8)
+#: csrc/cuda/gemv_int8.cu's forced batch 1-2 configurations (variant -> rows per warp, chunks in flight).
+VARIANTS = {1: "R1U4", 2: "R2U2", 3: "R4U2", 4: "R4U4"}
 
 
 def _bnb() -> tuple[object | None, str]:
@@ -134,6 +138,14 @@ def _gemv_rows(out_f: int, in_f: int, bw: float, iters: int, bnb: object | None)
             # bnb eagerly (its outlier split is data-dependent): GPU time between CUDA events with the
             # host queueing ahead (time_op), which a graph replay approximates
             t_bnb = time_op(lambda i, x=x: layers[i](x), len(layers), iters) if layers else None
+            variants = {}
+            if b == 1:  # the forced batch 1-2 configurations (rows per warp R, chunks in flight U)
+                for v in VARIANTS:
+                    calls = [
+                        lambda c=c, s=s, x=x, v=v: kernels_int8_cuda.gemv_int8(x, c, s, variant=v)
+                        for c, s in recs
+                    ]
+                    variants[VARIANTS[v]] = _graph_time(calls, iters) * 1e6
         floor = (out_f * in_f + 4 * out_f) / bw
         rows.append(
             {
@@ -144,6 +156,7 @@ def _gemv_rows(out_f: int, in_f: int, bw: float, iters: int, bnb: object | None)
                 "bf16_us": t_bf16 * 1e6,
                 "bf16_over_ours": t_bf16 / t_ours,
                 "bnb_us": None if t_bnb is None else t_bnb * 1e6,
+                "variants_us": variants,
             }
         )
     return rows
@@ -168,6 +181,9 @@ def bench_gemv(bw: float, iters: int, bnb: object | None) -> list[dict]:
                 f"{r['bf16_over_ours']:9.2f}x {ratio}",
                 flush=True,
             )
+            if r["variants_us"]:
+                forced = ", ".join(f"{k} {t:.2f}" for k, t in r["variants_us"].items())
+                print(f"{'':>12} {'':>6} default R2U4; forced: {forced} us", flush=True)
         torch.cuda.empty_cache()
     return rows
 

@@ -252,5 +252,6 @@ def cuda_gemv_int8(
     bias: int,
     y: int,
     stream: int,
+    variant: int = 0,
 ) -> None:
     """CUDA int8 GEMV (csrc/cuda/gemv_int8.cu): y[b, n] = x @ (codes * SCB / 127).T (+ bias, 0 = none)."""

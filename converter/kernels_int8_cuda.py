@@ -80,13 +80,19 @@ def has_gemv() -> bool:
 
 
 def gemv_int8(
-    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scb: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    variant: int = 0,
 ) -> torch.Tensor:
     """``y [B, out] = T(x @ (codes * SCB / 127).T)``, then ``T(y + bias)``; float32 sums, B = 1..8.
 
     Arguments as ``converter.kernels_int8.gemv_int8`` checked them (x 2-D and contiguous, one device;
     bias ``[out]`` of x's dtype). Launched on the current stream, output allocated on x's device and
-    no host synchronisation: safe to capture in a CUDA graph.
+    no host synchronisation: safe to capture in a CUDA graph. ``variant`` 1..4 forces a batch 1-2
+    kernel configuration of csrc/cuda/gemv_int8.cu (benchmarks only; 0 = default).
     """
     dev = _require(x, "x")
     batch, in_features = x.shape
@@ -94,6 +100,6 @@ def gemv_int8(
     y = torch.empty((batch, out_features), dtype=x.dtype, device=x.device)
     _kernels.cuda_gemv_int8(
         dev, x.data_ptr(), _DTYPE_CODES[x.dtype], batch, out_features, in_features, codes.data_ptr(),
-        scb.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), _stream(x.device),
+        scb.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), _stream(x.device), variant,
     )  # fmt: skip
     return y

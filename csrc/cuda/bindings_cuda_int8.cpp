@@ -15,11 +15,11 @@ void register_cuda_int8(py::module_& m) {
   m.def(
       "cuda_gemv_int8",
       [](int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t K, uintptr_t codes, uintptr_t scb,
-         uintptr_t bias, uintptr_t y, uintptr_t stream) {
+         uintptr_t bias, uintptr_t y, uintptr_t stream, int variant) {
         int s;
         {
           py::gil_scoped_release nogil;
-          s = qm::cuda::gemv_int8(device, x, dtype, batch, N, K, codes, scb, bias, y, stream);
+          s = qm::cuda::gemv_int8(device, x, dtype, batch, N, K, codes, scb, bias, y, stream, variant);
         }
         if (s == 0) return;
         const std::string what = "cuda_gemv_int8(x [" + std::to_string(batch) + ", " + std::to_string(K) +
@@ -29,5 +29,5 @@ void register_cuda_int8(py::module_& m) {
         throw std::runtime_error(what + ": " + qm::cuda::cuda_error_text(s));
       },
       py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("batch"), py::arg("N"), py::arg("K"),
-      py::arg("codes"), py::arg("scb"), py::arg("bias"), py::arg("y"), py::arg("stream"));
+      py::arg("codes"), py::arg("scb"), py::arg("bias"), py::arg("y"), py::arg("stream"), py::arg("variant") = 0);
 }

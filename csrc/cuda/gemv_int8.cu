@@ -178,18 +178,25 @@ cudaError_t launch_cfg(const Args& a) {
 }
 
 // Batch 1-2: 2 rows per warp, 4 chunks in flight (8 loads of 16 bytes per lane); batch 3-8: 4 rows per
-// warp (x's on-chip traffic per weight byte shrinks with R), 2 chunks in flight.
+// warp (x's on-chip traffic per weight byte shrinks with R), 2 chunks in flight. variant 1..4 forces a
+// batch 1-2 configuration (R, U) = (1, 4), (2, 2), (4, 2), (4, 4) for bench/bench_int8_cuda.py.
 template <typename T, int B>
-cudaError_t launch_fast(const Args& a) {
+cudaError_t launch_fast(const Args& a, int variant) {
   if constexpr (B <= 2) {
-    return launch_cfg<T, B, 2, 4>(a);
+    switch (variant) {
+      case 1: return launch_cfg<T, B, 1, 4>(a);
+      case 2: return launch_cfg<T, B, 2, 2>(a);
+      case 3: return launch_cfg<T, B, 4, 2>(a);
+      case 4: return launch_cfg<T, B, 4, 4>(a);
+      default: return launch_cfg<T, B, 2, 4>(a);
+    }
   } else {
     return launch_cfg<T, B, 4, 2>(a);
   }
 }
 
 template <typename T>
-cudaError_t launch(const Args& a, int batch, bool fast) {
+cudaError_t launch(const Args& a, int batch, bool fast, int variant) {
   if (!fast) {
     const int64_t ctas = (a.N + kWarps - 1) / kWarps;
     k_gemv_int8_generic<T><<<static_cast<unsigned>(ctas), kThreads, 0, a.st>>>(
@@ -198,21 +205,21 @@ cudaError_t launch(const Args& a, int batch, bool fast) {
     return cudaGetLastError();
   }
   switch (batch) {
-    case 1: return launch_fast<T, 1>(a);
-    case 2: return launch_fast<T, 2>(a);
-    case 3: return launch_fast<T, 3>(a);
-    case 4: return launch_fast<T, 4>(a);
-    case 5: return launch_fast<T, 5>(a);
-    case 6: return launch_fast<T, 6>(a);
-    case 7: return launch_fast<T, 7>(a);
-    default: return launch_fast<T, 8>(a);
+    case 1: return launch_fast<T, 1>(a, variant);
+    case 2: return launch_fast<T, 2>(a, variant);
+    case 3: return launch_fast<T, 3>(a, variant);
+    case 4: return launch_fast<T, 4>(a, variant);
+    case 5: return launch_fast<T, 5>(a, variant);
+    case 6: return launch_fast<T, 6>(a, variant);
+    case 7: return launch_fast<T, 7>(a, variant);
+    default: return launch_fast<T, 8>(a, variant);
   }
 }
 
 }  // namespace
 
 int gemv_int8(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t K, uintptr_t codes,
-              uintptr_t scb, uintptr_t bias, uintptr_t y, uintptr_t stream) {
+              uintptr_t scb, uintptr_t bias, uintptr_t y, uintptr_t stream, int variant) {
   if (batch < 1 || batch > 8) return kBadBatch;
   if (N < 0 || K < 0 || (N > 0 && K > (int64_t{1} << 40) / N) || N / kWarps >= (int64_t{1} << 31)) return kBadSize;
   if (N == 0) return kOk;
@@ -227,9 +234,9 @@ int gemv_int8(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t 
                reinterpret_cast<cudaStream_t>(stream)};
   const bool fast = K % 16 == 0 && aligned16(x) && aligned16(codes);
   switch (dtype) {
-    case kF32: return static_cast<int>(launch<float>(a, batch, fast));
-    case kF16: return static_cast<int>(launch<__half>(a, batch, fast));
-    case kBF16: return static_cast<int>(launch<__nv_bfloat16>(a, batch, fast));
+    case kF32: return static_cast<int>(launch<float>(a, batch, fast, variant));
+    case kF16: return static_cast<int>(launch<__half>(a, batch, fast, variant));
+    case kBF16: return static_cast<int>(launch<__nv_bfloat16>(a, batch, fast, variant));
     default: return kBadDtype;
   }
 }

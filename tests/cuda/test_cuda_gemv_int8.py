@@ -109,3 +109,17 @@ def test_argument_errors_name_the_argument() -> None:
         kernels_int8.gemv_int8(x, codes.cuda(), scb.cuda(), bf16_bias)
     with pytest.raises(ValueError, match="batch 9"):
         kernels_int8.gemv_int8(torch.randn(9, 64, device="cuda"), codes.cuda(), scb.cuda())
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_forced_configurations_give_the_same_bound(variant, batch) -> None:
+    """The batch 1-2 configurations the benchmark compares (rows per warp, chunks in flight), on a
+    row count that leaves a partial warp / CTA."""
+    from converter import kernels_int8_cuda
+
+    codes, scb, w32 = _layer(1001, 4096, seed=variant)
+    x = _x(batch, 4096, torch.bfloat16, seed=variant)
+    ref, bound = dot_bound(x, w32, out_dtype=torch.bfloat16, weight_rel=WEIGHT_REL)
+    y = kernels_int8_cuda.gemv_int8(x.cuda(), codes.cuda(), scb.cuda(), variant=variant)
+    assert worst_ratio(y.cpu(), ref, bound) <= 1.0
