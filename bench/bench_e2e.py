@@ -35,6 +35,19 @@ from pathlib import Path
 
 OURS = "import sys; from converter.cli import main; sys.argv[0] = 'quantize-model'; main()"
 
+#: One --device cuda conversion that says whether it imported torch (bench checks the cuda row's path).
+OURS_TORCH_PROBE = """
+import json, sys
+from converter.cli import main
+sys.argv = ["quantize-model", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    if exc.code:
+        raise
+print(json.dumps({"torch_imported": "torch" in sys.modules}))
+"""
+
 HF_BNB = """
 import sys, torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -353,6 +366,7 @@ def row_gpu(args, python: str, work: Path, out: dict) -> None:
         f"  first conversion (fills the selection cache if needed): {time.perf_counter() - t0:.2f} s",
         flush=True,
     )
+    out["cuda_path"] = check_cuda_path(python, src, dst)
     warm(src)
     res = rounds(contenders, args.repeat)
     report(f"{total / 1e9:.2f} GB bf16 Llama, warm page cache", res, "plain copy (cp -r + sync)", out)
@@ -368,6 +382,32 @@ def row_gpu(args, python: str, work: Path, out: dict) -> None:
         )
     else:
         print("  cold page cache: cannot drop it here (skipped)")
+
+
+def check_cuda_path(python: str, src: Path, dst: Path) -> dict:
+    """One untimed ``--device cuda`` conversion: did it quantize on the GPU (the report's
+    ``timings.device``, written by converter.cuda_host) and without importing torch? Printed, so a
+    cuda row that silently fell back to the CPU cannot pass for a GPU number."""
+    shutil.rmtree(dst, ignore_errors=True)
+    argv = [python, "-c", OURS_TORCH_PROBE, "convert", str(src), str(dst), "--device", "cuda", "-q"]
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        msg = f"--device cuda conversion failed: {r.stderr[-2000:]}"
+        raise SystemExit(msg)
+    probe = json.loads(r.stdout.strip().splitlines()[-1])
+    report_path = dst / "quantization_report.json"
+    device = json.loads(report_path.read_text())["timings"].get("device") or {}
+    got = {"device": device.get("device"), "torch_imported": probe["torch_imported"], **device}
+    if not device:
+        print(f"  WARNING: --device cuda fell back to the CPU: {r.stderr.strip()[-500:]}", flush=True)
+    else:
+        times = {k.removeprefix("seconds_"): v for k, v in device.items() if k.startswith("seconds_")}
+        split = ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
+        print(
+            f"  --device cuda path: {device['device']}, torch imported: {probe['torch_imported']}; {split}",
+            flush=True,
+        )
+    return got
 
 
 def save(args, out: dict) -> None:

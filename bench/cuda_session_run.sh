@@ -28,7 +28,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH="/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import converter._kernels as k; assert k.has_cuda_build()" 2>/dev/null; then
+if ! python3 -c "import converter._kernels as k; assert k.has_cuda_build() and hasattr(k, 'CudaHostPipeline')" 2>/dev/null; then
   bash bench/cuda_device_run.sh build || exit 1
 fi
 GEN_DIR=/tmp/qm_gen

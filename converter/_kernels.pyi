@@ -255,3 +255,29 @@ def cuda_gemv_int8(
     variant: int = 0,
 ) -> None:
     """CUDA int8 GEMV (csrc/cuda/gemv_int8.cu): y[b, n] = x @ (codes * SCB / 127).T (+ bias, 0 = none)."""
+
+# Torch-free --device cuda (csrc/cuda/host_pipeline.*, bindings_host_pipeline.cpp; caller:
+# converter/cuda_host.py). Host buffers are numpy addresses, kept alive until wait() returns.
+
+def cuda_init(device: int) -> None:
+    """Create the CUDA context of `device` now (cudaSetDevice + cudaFree(0)), GIL released."""
+
+class CudaHostPipeline:
+    """One worker thread quantizing submitted host tensors in order through pinned chunks."""
+
+    def __init__(
+        self,
+        device: int,
+        quant_type: int,
+        blocksize: int,
+        nested: bool,
+        chunk_bytes: int,
+        threads: int,
+        mids: list[float],
+    ) -> None: ...
+    def submit(
+        self, x: int, dtype: int, n: int, packed: int, absmax: int, codes: int, nested_absmax: int
+    ) -> int:
+        """Queue n elements of dtype code (0 f32, 1 f16, 2 bf16); returns a ticket."""
+    def wait(self, ticket: int) -> tuple[bool, float, float, float, float, float]:
+        """(nonfinite, offset, seconds stage, upload, kernels, download) once the ticket is done."""

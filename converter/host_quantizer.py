@@ -4,8 +4,8 @@ Items are ``(name, array, dtype code)`` (bf16 as uint16 bits, as ``MappedFile.ge
 them); results are ``(name, HostResult)`` in the same order, numpy arrays on the host.
 
 - ``HostQuantizer``: the CPU kernels through ``converter.kernels_np`` (one tensor at a time).
-- ``--device cuda``: ``converter.cuda_pipeline.CudaQuantizer`` (torch, imported only then) wrapped so
-  it takes and returns the same numpy items; its results are pinned host tensors viewed as numpy.
+- ``--device cuda``: ``converter.cuda_host.CudaHostQuantizer``: the same items quantized on the GPU by
+  the extension (pinned staging, overlapped copies; no torch either).
 
 Both give the bytes of ``converter.kernels``; ``fallback_reason`` says why a cuda request runs on the CPU.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -77,46 +77,3 @@ class HostQuantizer:
             done = [(name, self.quantize(name, x, dtype))]
             del x  # the caller's map is dropped once quantized
             yield done.pop()
-
-
-class CudaHostQuantizer:
-    """``CudaQuantizer`` (overlapped upload, kernels, download) behind the numpy item interface."""
-
-    def __init__(self, quantizer: Any) -> None:
-        self._q = quantizer
-        self.fallback_reason = ""
-        self.stats = quantizer.stats
-        self.device = quantizer.device
-
-    def quantize_many(self, items: Iterable[Item]) -> Iterator[tuple[str, HostResult]]:
-        from converter.sources.mapped import as_torch
-
-        results = self._q.quantize_many((name, as_torch(x, dtype)) for name, x, dtype in items)
-        try:
-            for name, r in results:
-                nested = None
-                if r.nested is not None:
-                    codes, nabs, offset = r.nested
-                    nested = (codes.numpy(), nabs.numpy(), offset)
-                done = [(name, HostResult(r.packed.numpy(), r.absmax.numpy(), nested))]
-                del r
-                yield done.pop()
-        finally:
-            results.close()  # an early stop lets the copies in flight finish (CudaQuantizer's rule)
-
-
-def make_host_quantizer(
-    quant_type: QuantType, blocksize: int, nested: bool, device: str, threads: int | None
-) -> HostQuantizer | CudaHostQuantizer:
-    """The quantizer for ``device`` ("cpu", "cuda", "cuda:N"); a CPU one with ``fallback_reason`` set
-    when the CUDA backend is unusable (same bytes)."""
-    if device == "cpu":
-        return HostQuantizer(quant_type, blocksize, nested, threads=threads)
-    from converter.cuda_pipeline import CpuQuantizer, make_quantizer
-
-    q = make_quantizer(quant_type, blocksize, nested, device, threads)
-    if isinstance(q, CpuQuantizer):
-        return HostQuantizer(
-            quant_type, blocksize, nested, threads=threads, fallback_reason=q.fallback_reason
-        )
-    return CudaHostQuantizer(q)

@@ -16,11 +16,12 @@ Backend discovery: ``cuda_status()`` -> ``(usable, reason)``; ``backend_info()``
 
 from __future__ import annotations
 
+import os
 from functools import cache
 
 import torch
 
-from converter import _kernels
+from converter import _kernels, cuda_host
 from converter.kernel_checks import (
     NestedAbsmax,
     NonFiniteInputError,
@@ -45,31 +46,34 @@ __all__ = [
 #: dtype codes of csrc/cuda/qm_cuda.h (DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
+#: ``QM_CUDA_GEMV`` values -> gemv_4bit variant codes (csrc/cuda/qm_cuda.h): which CUDA GEMV kernel
+#: runs when the caller does not force one. ``auto`` (default): the per-shape choice of csrc/cuda;
+#: ``stream``: the lean tensor-core kernel (gemv_stream.cu) where its layout conditions hold;
+#: ``mma``: the tensor-core kernel of gemv_mma.cu; ``cuda-core``: the CUDA-core kernel (gemv.cu).
+GEMV_KERNELS = {"auto": 0, "stream": 11, "mma": 20, "cuda-core": 10}
 
-#: Oldest compute capability the CUDA build runs on (CMakeLists.txt: sm_80 and sm_90 SASS, compute_90 PTX).
-MIN_CAPABILITY = (8, 0)
+
+def _gemv_default_variant() -> int:
+    name = os.environ.get("QM_CUDA_GEMV", "auto").strip().lower() or "auto"
+    if name not in GEMV_KERNELS:
+        msg = f"QM_CUDA_GEMV={name!r}: expected one of {', '.join(GEMV_KERNELS)}"
+        raise ValueError(msg)
+    return GEMV_KERNELS[name]
+
+
+#: Read once at import: the GEMV kernel that variant 0 means for this process.
+GEMV_DEFAULT_VARIANT = _gemv_default_variant()
 
 
 @cache
 def cuda_status() -> tuple[bool, str]:
     """``(usable, reason)``: usable is False with a one-line reason (no CUDA build, no device, old
-    driver, or a GPU older than compute capability 8.0)."""
-    if not getattr(_kernels, "has_cuda_build", lambda: False)():
-        return False, "this build of quantize-model has no CUDA backend (it was built without nvcc)"
-    count, why = _kernels.cuda_available()
-    if count == 0:
-        return False, why
-    if not torch.cuda.is_available():
+    driver, a GPU older than compute capability 8.0: ``converter.cuda_host.cuda_status``, or a torch
+    that sees no GPU)."""
+    usable, why = cuda_host.cuda_status()
+    if usable and not torch.cuda.is_available():
         return False, "torch reports no usable CUDA device (a CPU-only torch build?)"
-    for i in range(count):  # the kernels are built for compute capability 8.0 and newer (sm_80, sm_90, PTX)
-        info = _kernels.cuda_device_info(i)
-        major, minor = info["capability"]
-        if major < MIN_CAPABILITY[0]:
-            return False, (
-                f"GPU {i} ({info['name']}) has compute capability {major}.{minor}; this build's CUDA kernels "
-                f"need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (A100, RTX 30 series, H100 and later)"
-            )
-    return True, ""
+    return usable, why
 
 
 def backend_info() -> dict | None:
@@ -77,16 +81,7 @@ def backend_info() -> dict | None:
 
     None when the CUDA backend is not usable (``cuda_status()`` says why).
     """
-    usable, _ = cuda_status()
-    if not usable:
-        return None
-    count, _ = _kernels.cuda_available()
-    devices = []
-    for i in range(count):
-        d = dict(_kernels.cuda_device_info(i))
-        d["capability"] = "{}.{}".format(*d["capability"])
-        devices.append(d)
-    return {"devices": devices}
+    return cuda_host.backend_info() if cuda_status()[0] else None
 
 
 def _require(x: torch.Tensor, name: str) -> int:
@@ -334,7 +329,7 @@ def gemv_4bit(
     Each weight is decoded as ``dequantize_4bit`` does; B = 1..8 rows of x; absmax nested inline.
     Arguments are checked as by ``converter.kernels.gemv_4bit`` (same messages), all on one CUDA
     device. ``variant`` forces one kernel configuration of csrc/cuda/gemv.cu (benchmarks only; 0 =
-    default).
+    the ``QM_CUDA_GEMV`` choice, see ``GEMV_KERNELS``).
     """
     _, nested = check_gemv_args(
         x,
@@ -369,10 +364,15 @@ def _launch_gemv_4bit(
     batch = x2.shape[0]
     am, nc, na, off, m8 = _absmax_args(absmax, nested)
     y = torch.empty((batch, out_features), dtype=x.dtype, device=x.device)
+    variant = variant or GEMV_DEFAULT_VARIANT
+    dtype = _DTYPE_CODES[x.dtype]
+    n_scratch = _gemv_scratch(dev, dtype, batch, out_features, in_features, blocksize, variant)
+    # K-slice partial sums of the stream kernel (thin shapes); inside a graph, from its memory pool
+    scratch = torch.empty(n_scratch, dtype=torch.float32, device=x.device) if n_scratch else None
     _kernels.cuda_gemv_4bit(
         dev,
         x2.data_ptr(),
-        _DTYPE_CODES[x.dtype],
+        dtype,
         batch,
         out_features,
         in_features,
@@ -387,5 +387,14 @@ def _launch_gemv_4bit(
         y.data_ptr(),
         _stream(x.device),
         variant,
+        0 if scratch is None else scratch.data_ptr(),
     )
     return y if x.dim() == 2 else y[0]
+
+
+@cache
+def _gemv_scratch(device: int, dtype: int, batch: int, n: int, k: int, blocksize: int, variant: int) -> int:
+    """float32 scratch elements a GEMV launch needs (csrc/cuda: gemv_4bit_scratch); 0 for most."""
+    if variant == 0 or 11 <= variant <= 18:  # only the stream kernel (chosen or forced) uses scratch
+        return _kernels.cuda_gemv_4bit_scratch(device, dtype, batch, n, k, blocksize, variant)
+    return 0

@@ -29,11 +29,13 @@ from formats.quant_types import (
 __all__ = [
     "KERNEL_DTYPES",
     "NonFiniteInputError",
-    "available_backends",
+    "address",
+    "check_input",
     "cpu_backend_info",
     "dequantize_nested",
     "quantize_4bit",
     "quantize_nested",
+    "threads_arg",
 ]
 
 #: safetensors dtype code -> (kernel dtype name, numpy dtype holding the bits).
@@ -44,7 +46,24 @@ KERNEL_DTYPES: dict[str, tuple[str, np.dtype]] = {
 }
 
 
-def _threads(threads: int | None) -> int:
+def check_input(x: np.ndarray, dtype: str) -> str:
+    """The kernel dtype name of ``x`` holding ``dtype`` values; ValueError unless it is a C-contiguous
+    little-endian array of that element size (bf16 as uint16 bits). Shared with converter.cuda_host."""
+    if dtype not in KERNEL_DTYPES:
+        msg = f"x has dtype {dtype}: expected F32, F16 or BF16"
+        raise ValueError(msg)
+    name, np_dtype = KERNEL_DTYPES[dtype]
+    if x.dtype.itemsize != np_dtype.itemsize or x.dtype.kind not in "fui" or x.dtype.byteorder == ">":
+        msg = f"x is a numpy {x.dtype} array: a {dtype} tensor needs {np_dtype} elements"
+        raise ValueError(msg)
+    if not x.flags.c_contiguous:
+        msg = f"x is not C-contiguous (shape {x.shape}): pass np.ascontiguousarray(x)"
+        raise ValueError(msg)
+    return name
+
+
+def threads_arg(threads: int | None) -> int:
+    """The extension's thread count argument: 0 (one per CPU) for None; ValueError below 1."""
     if threads is None:
         return 0
     if threads < 1:
@@ -53,7 +72,8 @@ def _threads(threads: int | None) -> int:
     return int(threads)
 
 
-def _address(a: np.ndarray) -> int:
+def address(a: np.ndarray) -> int:
+    """The address of a numpy array's first element (what the extension's pointer arguments take)."""
     return int(a.__array_interface__["data"][0])
 
 
@@ -78,16 +98,7 @@ def quantize_4bit(
     Raises:
         NonFiniteInputError: x holds NaN or Inf.
     """
-    if dtype not in KERNEL_DTYPES:
-        msg = f"x has dtype {dtype}: expected F32, F16 or BF16"
-        raise ValueError(msg)
-    name, np_dtype = KERNEL_DTYPES[dtype]
-    if x.dtype.itemsize != np_dtype.itemsize or x.dtype.kind not in "fui" or x.dtype.byteorder == ">":
-        msg = f"x is a numpy {x.dtype} array: a {dtype} tensor needs {np_dtype} elements"
-        raise ValueError(msg)
-    if not x.flags.c_contiguous:
-        msg = f"x is not C-contiguous (shape {x.shape}): pass np.ascontiguousarray(x)"
-        raise ValueError(msg)
+    name = check_input(x, dtype)
     check_blocksize(blocksize)
     if not isinstance(quant_type, QuantType):
         msg = f"quant_type must be a formats.quant_types.QuantType, got {quant_type!r}"
@@ -98,15 +109,15 @@ def quantize_4bit(
     if n == 0:
         return packed, absmax
     bad_blocks = _kernels.quantize_4bit(
-        _address(x),
+        address(x),
         name,
         n,
         blocksize,
         int(quant_type),
-        _address(packed),
-        _address(absmax),
+        address(packed),
+        address(absmax),
         "auto",
-        _threads(threads),
+        threads_arg(threads),
     )
     if bad_blocks:
         msg = f"input contains NaN or Inf (in {bad_blocks} of {absmax.size} blocks of {blocksize})"
@@ -128,7 +139,7 @@ def quantize_nested(
     codes = np.empty(nb, dtype=np.uint8)
     nested_absmax = np.empty(n_nested_blocks(nb), dtype=np.float32)
     offset = _kernels.quantize_nested(
-        _address(absmax), nb, _address(codes), _address(nested_absmax), "auto", _threads(threads)
+        address(absmax), nb, address(codes), address(nested_absmax), "auto", threads_arg(threads)
     )
     if math.isnan(offset):  # the kernel's signal for a NaN or Inf absmax
         msg = "absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor"
@@ -152,13 +163,13 @@ def dequantize_nested(
     out = np.empty(nb, dtype=np.float32)
     if nb:
         _kernels.dequantize_nested(
-            _address(codes),
+            address(codes),
             nb,
-            _address(nested_absmax),
+            address(nested_absmax),
             float(offset),
-            _address(nested_map),
-            _address(out),
-            _threads(threads),
+            address(nested_map),
+            address(out),
+            threads_arg(threads),
         )
     return out
 
@@ -166,16 +177,6 @@ def dequantize_nested(
 def cpu_backend_info() -> dict:
     """``{"isa": [...], "threads": int}``: what ``converter.kernels.available_backends()["cpu"]`` says."""
     return {"isa": list(_kernels.cpu_isas()), "threads": int(_kernels.default_threads())}
-
-
-def available_backends() -> dict[str, dict]:
-    """``converter.kernels.available_backends()``, importing torch only when the CUDA build sees a GPU
-    (whether that GPU is usable takes torch to tell); a CPU-only machine answers without it."""
-    if _kernels.has_cuda_build() and _kernels.cuda_available()[0] > 0:
-        from converter import kernels
-
-        return kernels.available_backends()
-    return {"cpu": cpu_backend_info()}
 
 
 def _check_extension_layout() -> None:

@@ -2,11 +2,11 @@
 
 Tensors are memory-mapped from their source files (file-backed pages), cast if asked, and written
 into their planned slots by a streaming ShardWriter in plan order. Within a shard the tensors to
-quantize are streamed through a ``converter.cuda_pipeline`` quantizer (``quantize_many``): on the CPU
-it quantizes each one as it is read (one tensor in memory at a time); with ``--device cuda`` it reads
-and uploads the next tensor while the GPU quantizes the current one and the previous one comes back
-(at most ``depth`` = 2 in flight). Results come back in order, so kept (unquantized) tensors
-interleaved in the plan are written when their turn comes and the bytes do not depend on the device.
+quantize are streamed through a ``converter.host_quantizer`` quantizer (``quantize_many``): on the CPU
+it quantizes each one as it is read (one tensor in memory at a time); with ``--device cuda``
+(``converter.cuda_host``) the GPU quantizes the next tensor while the current one is written (at most
+``depth`` = 2 in flight). Results come back in order, so kept (unquantized) tensors interleaved in
+the plan are written when their turn comes and the bytes do not depend on the device.
 Shards land under temp names and are renamed when complete; the manifest records each finished
 shard's sha256 so a killed run resumes where it stopped; extra files, the report, the index and
 config.json are written last, and the manifest is marked complete after them (converter/manifest.py
@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from converter import moe
+from converter.cuda_host import CudaHostQuantizer
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
-from converter.host_quantizer import CudaHostQuantizer, HostQuantizer, HostResult
+from converter.host_quantizer import HostQuantizer, HostResult
 from converter.kernels_np import NonFiniteInputError
 from converter.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
 from converter.plan import (
@@ -65,14 +66,16 @@ def resolve_device(device: str) -> tuple[str, str | None]:
         raise InputError(msg)
     if device == "cpu":
         return device, None
-    from converter import kernels  # torch: only a cuda request needs it
+    from converter import cuda_host  # torch-free: the extension answers
 
-    if "cuda" in kernels.available_backends():
-        return device, None
-    from converter.kernels_cuda import cuda_status
-
-    _, why = cuda_status()
-    return "cpu", f"--device {device}: no usable CUDA backend, {why}; converting on the CPU (same bytes)"
+    usable, why = cuda_host.cuda_status()
+    if not usable:
+        return "cpu", f"--device {device}: no usable CUDA backend, {why}; converting on the CPU (same bytes)"
+    try:
+        cuda_host.warm_up(cuda_host.device_index(device))  # the CUDA context, while planning runs
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return device, None
 
 
 def convert(

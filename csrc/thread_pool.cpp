@@ -52,14 +52,14 @@ class Pool {
   }
 
   void run(int64_t n, int threads, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
-    std::lock_guard<std::mutex> call_lock(call_mutex_);  // serialize callers (GIL is released)
     const int64_t n_chunks = (n + chunk - 1) / chunk;
     const int helpers = static_cast<int>(std::min<int64_t>(threads, n_chunks)) - 1;
-    if (helpers <= 0) {
+    if (helpers <= 0) {  // on the calling thread alone: no pool state, so no wait for other callers
       ScopedDenormalsOn denormals;
       fn(0, n);
       return;
     }
+    std::lock_guard<std::mutex> call_lock(call_mutex_);  // serialize callers (GIL is released)
     grow(helpers);
     {
       std::lock_guard<std::mutex> lock(mutex_);

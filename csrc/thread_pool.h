@@ -21,7 +21,9 @@ int default_threads();
 // Runs fn(begin, end) over [0, n) split into contiguous chunks of a multiple of `grain` items, on up to
 // `threads` threads (the calling thread included). threads <= 0 means default_threads(). Chunks are
 // handed out dynamically; which thread runs a chunk never changes the result, because every kernel
-// writes disjoint outputs per item. Calls from several Python threads are serialized.
+// writes disjoint outputs per item. Calls from several threads that use the pool are serialized; a call
+// that runs on one thread (threads == 1, or one chunk) runs at once on the caller (quality statistics
+// on their own thread do not hold up the converter's kernels or its GPU staging copies).
 void parallel_for(int64_t n, int threads, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 // RAII: clears the flush-to-zero / denormals-are-zero flags for the current thread and restores them

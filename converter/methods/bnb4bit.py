@@ -85,7 +85,7 @@ class Bnb4bitMethod(QuantMethod):
         )
 
     def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
-        from converter.host_quantizer import make_host_quantizer
+        from converter.host_backends import make_host_quantizer
 
         return make_host_quantizer(self._qtype(), options.blocksize, options.double_quant, device, threads)
 

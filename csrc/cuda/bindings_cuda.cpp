@@ -10,6 +10,7 @@
 #include <string>
 
 #include "bindings_cuda_int8.h"
+#include "bindings_host_pipeline.h"
 #include "qm_cuda.h"
 
 namespace py = pybind11;
@@ -123,12 +124,12 @@ void register_cuda(py::module_& m) {
       "cuda_gemv_4bit",
       [](int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t K, int blocksize, uintptr_t packed,
          uintptr_t absmax, uintptr_t ncodes, uintptr_t nested_absmax, float offset, uintptr_t map8,
-         uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant) {
+         uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant, uintptr_t scratch) {
         int s;
         {
           py::gil_scoped_release nogil;
           s = qm::cuda::gemv_4bit(device, x, dtype, batch, N, K, blocksize, packed, absmax, ncodes, nested_absmax,
-                                  offset, map8, quant_map, y, stream, variant);
+                                  offset, map8, quant_map, y, stream, variant, scratch);
         }
         check(s, "cuda_gemv_4bit(x " + shape(batch, K) + ", weight " + shape(N, K) + ", blocksize " +
                      std::to_string(blocksize) + ", dtype code " + std::to_string(dtype) + ")");
@@ -136,7 +137,11 @@ void register_cuda(py::module_& m) {
       py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("batch"), py::arg("N"), py::arg("K"),
       py::arg("blocksize"), py::arg("packed"), py::arg("absmax"), py::arg("ncodes"), py::arg("nested_absmax"),
       py::arg("offset"), py::arg("map8"), py::arg("quant_map"), py::arg("y"), py::arg("stream"),
-      py::arg("variant") = 0);
+      py::arg("variant") = 0, py::arg("scratch") = 0);
+
+  m.def("cuda_gemv_4bit_scratch", &qm::cuda::gemv_4bit_scratch,
+        "float32 elements of scratch cuda_gemv_4bit needs (0: none)", py::arg("device"), py::arg("dtype"),
+        py::arg("batch"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("variant"));
 
   m.def(
       "cuda_quantize_int8",
@@ -168,4 +173,5 @@ void register_cuda(py::module_& m) {
       py::arg("out"), py::arg("stream"));
 
   register_cuda_int8(m);  // cuda_gemv_int8 (bindings_cuda_int8.cpp)
+  register_cuda_host_pipeline(m);  // the torch-free --device cuda quantizer
 }

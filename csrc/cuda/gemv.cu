@@ -16,6 +16,7 @@
 // ones and layouts it does not take stay here.
 #include "common.cuh"
 #include "gemv_mma.cuh"
+#include "gemv_stream.cuh"
 
 namespace qm {
 namespace cuda {
@@ -266,7 +267,7 @@ cudaError_t launch(const GemvArgs& a, int batch, bool fast, int variant) {
 
 int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t K, int blocksize, uintptr_t packed,
               uintptr_t absmax, uintptr_t ncodes, uintptr_t nested_absmax, float offset, uintptr_t map8,
-              uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant) {
+              uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant, uintptr_t scratch) {
   if (!valid_blocksize(blocksize)) return kBadBlocksize;
   if (batch < 1 || batch > 8) return kBadBatch;
   if (N < 0 || K < 0 || (N > 0 && K > (int64_t{1} << 40) / N) || N / kWarps >= (int64_t{1} << 31)) return kBadSize;
@@ -289,12 +290,16 @@ int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t 
   // hold: on an H100 it is 4-10% faster than the CUDA-core kernel below at batch 1 (69 vs 74 us on
   // 32768 x 8192) and 2.4-3.2x faster at batch 8, where its cost hardly grows. Variants 6..9 force it
   // with 1, 2, 4 or 8 warps per row tile, 1..5 force a configuration of the CUDA-core kernel, 10 the
-  // CUDA-core kernel's default configuration.
+  // CUDA-core kernel's default configuration. 11..18 the lean tensor-core kernel of gemv_stream.cu
+  // (taken by default where gemv_stream_preferred says so), 20 the gemv_mma.cu kernel, auto split.
+  const GemvMmaArgs m{a.x, a.packed, a.absmax, a.nc, a.na, offset, a.map8, a.qm, a.y, batch, N, K, a.log2bs, a.st};
+  if (variant == 0 && gemv_stream_preferred(N, K, batch)) variant = kStreamAuto;
+  if (is_stream_variant(variant) && gemv_stream_supported(device, dtype, K, blocksize, x, packed, absmax, ncodes))
+    return static_cast<int>(launch_gemv_stream(m, dtype, device, variant, reinterpret_cast<float*>(scratch)));
+  if (is_stream_variant(variant) || variant == kMmaAuto) variant = 0;  // the default kernel choice below
   const bool mma = variant == 0 || (variant >= 6 && variant <= 9);
-  if (mma && gemv_mma_supported(device, dtype, K, blocksize, x, packed, absmax, ncodes)) {
-    const GemvMmaArgs m{a.x, a.packed, a.absmax, a.nc, a.na, offset, a.map8, a.qm, a.y, batch, N, K, a.log2bs, a.st};
+  if (mma && gemv_mma_supported(device, dtype, K, blocksize, x, packed, absmax, ncodes))
     return static_cast<int>(launch_gemv_mma(m, dtype, variant >= 6 ? 1 << (variant - 6) : 0));
-  }
   const bool fast = K % 32 == 0 && aligned16(x) && aligned16(packed);
   switch (dtype) {
     case kF32: return static_cast<int>(launch<float>(a, batch, fast, variant));
@@ -302,6 +307,14 @@ int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t 
     case kBF16: return static_cast<int>(launch<__nv_bfloat16>(a, batch, fast, variant));
     default: return kBadDtype;
   }
+}
+
+int64_t gemv_4bit_scratch(int device, int dtype, int batch, int64_t N, int64_t K, int blocksize, int variant) {
+  if (variant == 0 && gemv_stream_preferred(N, K, batch)) variant = kStreamAuto;
+  if ((dtype != kF16 && dtype != kBF16) || !is_stream_variant(variant) || !valid_blocksize(blocksize) ||
+      batch < 1 || batch > 8)
+    return 0;
+  return gemv_stream_scratch(device, batch, N, K, variant);
 }
 
 }  // namespace cuda

@@ -29,6 +29,8 @@
 
 #include <atomic>
 
+#include "mma_common.cuh"
+
 namespace qm {
 namespace cuda {
 
@@ -51,58 +53,9 @@ constexpr int kSmemBytes = kLutBytes + kMap8Bytes + kWarps * kStages * kStageByt
 static_assert(kStageBytes >= 32 * 4 * 4, "a warp's partial sums fit in its first stage");
 static_assert(2 * (kSmemBytes + 1024) <= 233472, "two CTAs per multiprocessor (228 KB, 1 KB reserved each)");
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// Copies src_bytes (0..16) and zero-fills the rest of the 16-byte destination.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes = 16) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
-}
 __device__ __forceinline__ uint32_t clamp16(int64_t avail) {
   return static_cast<uint32_t>(avail <= 0 ? 0 : (avail < 16 ? avail : 16));
 }
-
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t bits(float v) {
-    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v)));
-  }
-};
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t bits(float v) {
-    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v)));
-  }
-};
 
 struct Params {
   const uint8_t* packed;
@@ -255,19 +208,10 @@ k_gemv_mma(const T* __restrict__ x,              // [B, K]
   {
     // Entry i = 32 * byte + lane copy; this thread writes bytes w + 8m (w = warp), m = 0..31, whose high
     // nibble (first element, low half) is m / 2 and low nibble w + 8 (m % 2).
-    uint32_t code[16];
+    uint32_t v[32];
+    pair_table_values<T>(quant_map, warp, v);
 #pragma unroll
-    for (int q = 0; q < 16; ++q) code[q] = Mma<T>::bits(__ldg(quant_map + q));
-    uint32_t low[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      uint32_t v = 0;
-#pragma unroll
-      for (int q = 0; q < 8; ++q) v = (warp == q) ? code[q + 8 * h] : v;
-      low[h] = v << 16;
-    }
-#pragma unroll
-    for (int m = 0; m < 32; ++m) s_lut[m * kThreads + threadIdx.x] = code[m >> 1] | low[m & 1];
+    for (int m = 0; m < 32; ++m) s_lut[m * kThreads + threadIdx.x] = v[m];
   }
   static_assert(kThreads == 256, "one map8 entry per thread");
   if (p.nested) s_map8[threadIdx.x] = __ldg(map8 + threadIdx.x);
@@ -400,27 +344,12 @@ cudaError_t launch(const GemvMmaArgs& a, int split) {
   return cudaGetLastError();
 }
 
-// Whether a block of `device` may use kSmemBytes of shared memory (H100/A100: yes; GPUs with about
-// 100 KB per SM such as the RTX 30/40 series and L4/L40: no, they keep the CUDA-core kernel).
-bool smem_fits(int device) {
-  static std::atomic<uint64_t> known{0}, fits{0};
-  if (device < 0 || device >= 64) return false;
-  const uint64_t bit = uint64_t{1} << device;
-  if ((known.load() & bit) == 0) {
-    int optin = 0;
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
-    if (optin >= kSmemBytes) fits.fetch_or(bit);
-    known.fetch_or(bit);
-  }
-  return (fits.load() & bit) != 0;
-}
-
 }  // namespace
 
 bool gemv_mma_supported(int device, int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed,
                         uintptr_t absmax, uintptr_t ncodes) {
   return (dtype == kF16 || dtype == kBF16) && K % blocksize == 0 && K < (int64_t{1} << 30) && aligned16(x) &&
-         aligned16(packed) && aligned16(absmax) && aligned16(ncodes) && smem_fits(device);
+         aligned16(packed) && aligned16(absmax) && aligned16(ncodes) && smem_opt_in_fits(device, kSmemBytes);
 }
 
 cudaError_t launch_gemv_mma(const GemvMmaArgs& a, int dtype, int split) {

@@ -67,10 +67,17 @@ int dequantize_4bit(int device, uintptr_t packed, int64_t n, int blocksize, uint
 // y[b, o] = sum_k x[b, k] * W[o, k] for b < batch (1..8), W the [N, K] 4-bit weight (flattened blocks),
 // float32 accumulation, y in x's dtype. Absmax nested or not as in dequantize_4bit. variant 0 picks
 // the kernel (fp16/bf16 x: tensor cores, gemv_mma.cu); 1..5 force a CUDA-core configuration (batch
-// 1-2), 6..9 the tensor-core kernel with 1/2/4/8 warps per row tile (bench/bench_cuda.py).
+// 1-2), 6..9 the tensor-core kernel with 1/2/4/8 warps per row tile (bench/bench_cuda.py), 10 the
+// CUDA-core kernel, 11..18 the lean tensor-core "stream" kernel (gemv_stream.cuh: 11 auto, 12..15
+// split 1/2/4/8, 16..18 2/4/8 K slices), 20 the gemv_mma.cu kernel with its own split. scratch: float32
+// buffer of gemv_4bit_scratch elements (0 when that is 0) for the stream kernel's K slices.
 int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t K, int blocksize,
               uintptr_t packed, uintptr_t absmax, uintptr_t ncodes, uintptr_t nested_absmax, float offset,
-              uintptr_t map8, uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant = 0);
+              uintptr_t map8, uintptr_t quant_map, uintptr_t y, uintptr_t stream, int variant = 0,
+              uintptr_t scratch = 0);
+
+// float32 elements of scratch gemv_4bit needs for these arguments and variant (0: none).
+int64_t gemv_4bit_scratch(int device, int dtype, int batch, int64_t N, int64_t K, int blocksize, int variant);
 
 // LLM.int8 row-wise quantize of a [rows, cols] weight (csrc/cuda/int8.cu): codes int8[rows*cols],
 // scb float32[rows]; table (float32[0x7c01], may be 0) replaces bnb's CPU scale by the fp16 bits of

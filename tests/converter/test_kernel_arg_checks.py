@@ -183,6 +183,7 @@ def test_gemv_launch_passes_the_checked_pointers(nested: bool, binding: _Binding
         y.data_ptr(),
         77,
         3,
+        0,  # no scratch: only the stream kernel's K slices use one
     )
 
 

@@ -1,10 +1,10 @@
 """The converter streams each shard's tensors through a quantizer's ``quantize_many`` (converter.pipeline).
 
 On the CPU the quantizer (converter.host_quantizer.HostQuantizer, numpy) takes each tensor at its
-turn; a GPU quantizer (converter.cuda_pipeline.CudaQuantizer behind host_quantizer.CudaHostQuantizer)
-takes up to ``depth`` tensors ahead of the one being written. ``ReadAheadQuantizer`` below runs that
-GPU schedule on the CPU kernels, so the ordering, bookkeeping and error paths the ``--device cuda``
-conversion relies on are tested here without a GPU (tests/cuda runs the real one).
+turn; the GPU quantizer (converter.cuda_host.CudaHostQuantizer) takes up to ``depth`` tensors ahead
+of the one being written. ``ReadAheadQuantizer`` below runs that GPU schedule on the CPU kernels, so
+the ordering, bookkeeping and error paths the ``--device cuda`` conversion relies on are tested here
+without a GPU (tests/cuda runs the real one).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ OPTS = {"include": INTERLEAVED_INCLUDE, "progress": False}
 
 
 class ReadAheadQuantizer(HostQuantizer):
-    """CudaQuantizer's schedule on the CPU kernels: up to ``depth`` inputs are taken (and copied, as
+    """CudaHostQuantizer's schedule on the CPU kernels: up to ``depth`` inputs are taken (and copied, as
     into pinned staging) before the oldest result is handed back. A NaN is reported when that
     tensor's result is due (``fail_at="finish"``, as on a GPU) or as soon as it is taken
     (``"submit"``: while the converter is still writing an earlier tensor)."""
@@ -164,7 +164,7 @@ def test_reading_ahead_gives_the_same_bytes(
     if max_shard_size == "5GB":  # one shard: read ahead as far as asked (never past a shard's end)
         assert q.most_ahead == min(depth, len(QUANTIZED))
     report = json.loads((out / "quantization_report.json").read_text())
-    assert "device" not in report["timings"]  # the GPU split only comes from a CudaQuantizer
+    assert "device" not in report["timings"]  # the GPU split only comes from a CudaHostQuantizer
 
 
 @pytest.mark.parametrize("depth", [1, 3])

@@ -1,11 +1,15 @@
-"""converter.cuda_pipeline: overlapped GPU quantization returns the CPU path's bytes, in order."""
+"""converter.cuda_pipeline: overlapped GPU quantization returns the CPU path's bytes, in order.
+
+CudaQuantizer is the torch-tensor face of converter.cuda_host (the converter's --device cuda path);
+the schedule both share (depth, order, early stop, NaN) is tested without a GPU in
+tests/converter/test_cuda_host_cpu.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -65,6 +69,7 @@ def test_a_gpu_older_than_the_build_is_not_usable(monkeypatch):
     from converter.pipeline import resolve_device
 
     monkeypatch.setattr(_kernels, "has_cuda_build", lambda: True, raising=False)
+    monkeypatch.setattr(_kernels, "CudaHostPipeline", object, raising=False)  # a CPU-only build has none
     monkeypatch.setattr(_kernels, "cuda_available", lambda: (1, ""), raising=False)
     monkeypatch.setattr(
         _kernels, "cuda_device_info", lambda i: {"name": "Tesla T4", "capability": (7, 5)}, raising=False
@@ -109,7 +114,7 @@ def test_cuda_quantizer_names_a_tensor_with_nan():
         list(q.quantize_many(items))
 
 
-# --- converter.convert(device="cuda"): the pipeline streams each shard through CudaQuantizer ----------
+# --- converter.convert(device="cuda"): each shard streams through converter.cuda_host -----------------
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "converter"))
 from qm_checkpoints import INTERLEAVED, INTERLEAVED_INCLUDE, make_interleaved  # noqa: E402
@@ -218,69 +223,3 @@ def test_cuda_quantizer_stops_cleanly_when_the_caller_stops_early():
     assert first[0] == items[0][0]
     stream.close()
     _check(list(q.quantize_many(_tensors())), QuantType.NF4, 64, True)
-
-
-# --- CudaQuantizer.quantize_many's schedule, on the CPU (submit / finish stand-ins, no GPU needed) ---
-
-
-class _Event:
-    def __init__(self, log: list, name: str) -> None:
-        self.log, self.name = log, name
-
-    def synchronize(self) -> None:
-        self.log.append(("sync", self.name))
-
-
-def _scheduled_quantizer(log: list) -> cuda_pipeline.CudaQuantizer:
-    """A CudaQuantizer whose GPU steps only log: what quantize_many submits, finishes and waits for."""
-    q = object.__new__(cuda_pipeline.CudaQuantizer)
-
-    def submit(name, x):
-        log.append(("submit", name))
-        return types.SimpleNamespace(name=name, x=x, events=(None, None, None, _Event(log, name)))
-
-    def finish(f):
-        log.append(("finish", f.name))
-        if not bool(torch.isfinite(f.x).all()):
-            raise cuda_pipeline._nonfinite(f.name)
-        return cuda_pipeline.QuantResult(f.x, f.x, None)
-
-    q._submit, q._finish = submit, finish
-    return q
-
-
-def _items(names, bad=None):
-    for name in names:
-        yield name, torch.full((4,), float("nan") if name == bad else 1.0)
-
-
-@pytest.mark.parametrize("depth", [1, 2, 3])
-def test_quantize_many_keeps_depth_tensors_in_flight_in_order(depth):
-    log: list = []
-    names = ["a", "b", "c", "d"]
-    got = [name for name, _ in _scheduled_quantizer(log).quantize_many(_items(names), depth=depth)]
-    assert got == names
-    expected, submitted = [], 0
-    for k, name in enumerate(names):  # result k is due once depth tensors (or all) were submitted
-        while submitted < min(len(names), k + depth):
-            expected.append(("submit", names[submitted]))
-            submitted += 1
-        expected.append(("finish", name))
-    assert log == expected
-
-
-def test_quantize_many_closed_early_waits_for_what_is_in_flight():
-    log: list = []
-    stream = _scheduled_quantizer(log).quantize_many(_items(["a", "b", "c"]), depth=2)
-    assert next(stream)[0] == "a"
-    stream.close()
-    assert log == [("submit", "a"), ("submit", "b"), ("finish", "a"), ("sync", "b")]
-
-
-def test_quantize_many_names_the_non_finite_tensor_and_waits_for_the_rest():
-    log: list = []
-    stream = _scheduled_quantizer(log).quantize_many(_items(["a", "b", "c", "d"], bad="b"), depth=2)
-    with pytest.raises(kernels.NonFiniteInputError, match=r"^tensor 'b' holds NaN or Inf") as exc:
-        list(stream)
-    assert exc.value.tensor == "b"  # the converter names the file and the --skip from it
-    assert log[-2:] == [("finish", "b"), ("sync", "c")]

@@ -1,0 +1,388 @@
+// Lean tensor-core 4-bit GEMV / small-batch GEMM for fp16 and bf16 activations ("stream" variant):
+// y[b, o] = sum_k x[b, k] * W[o, k] for b < B (1..8), on mma.sync m16n8k16 with float32 accumulators.
+//
+// Why a second tensor-core kernel: gemv_mma.cu spends ~550 instructions per lane per 16 x 256 tile on
+// an H100/H200 (SASS count), of which only ~220 are the decode and the mma; the rest is the general
+// tile/absmax handling (partial tiles, any blocksize, absmax windows decoded by every lane of a row
+// group). At the H200's 4.2 TB/s that makes it issue-bound near 45% of the memory floor. This kernel
+// takes the common layout only (K % 256 == 0, blocksize >= 64) and cuts the per-tile work to ~300:
+//
+// - k order: within each 64-weight segment (32 bytes of codes, inside one absmax block because
+//   blocksize >= 64), lane (g, c) takes bytes 8c..8c+7 of rows g and g + 8 with one 8-byte shared
+//   load each; mma i (0..3) of the segment uses bytes 2i and 2i + 1 (its a0/a2 and a1/a3 registers),
+//   i.e. weights 16c + 4i .. 16c + 4i + 3. The activation fragment is read in the same order
+//   (x[16c .. 16c + 15] of the segment, two 16-byte loads), so the permutation cancels.
+// - decode: the 256-entry byte -> pair-of-16-bit-code-values table of gemv_mma.cu, one copy per lane
+//   (conflict-free), laid out with a 256-byte row per byte value (entry byte * 256 + lane * 4), so one
+//   byte permute builds the whole table offset (lane * 4 in byte 0, the code byte in byte 1) and the
+//   table base folds into the shared load: two instructions per byte instead of three. The other
+//   128 bytes of each row hold the code stages (below), so the layout costs no shared memory.
+// - absmax: each (row, segment) absmax of a tile is decoded once per warp (lane l: row l % 16,
+//   segments 2 (l / 16) and 2 (l / 16) + 1, nested decoded inline as map8[code] * nested_absmax +
+//   offset, a separate multiply and add as dequantize_4bit does), parked in shared memory and read back
+//   by the lanes that need it with two 16-byte loads, instead of four lanes decoding each value.
+// - data movement: 16 rows x 256 weights of codes (2 KB) plus each row's 16-byte absmax window per
+//   tile through a 3-stage cp.async ring per warp; rows past N read row N - 1 (results dropped), so
+//   there are no per-row predicates. A stage row (128 bytes) sits in the second half of a 256-byte
+//   grid row; its four 32-byte segments are XOR-swizzled by the row (segment s at (s ^ (row & 3)) * 32)
+//   so the 8-byte loads of four rows of a half-warp hit four different bank quarters.
+// - work split: `split` warps of a CTA share a 16-row tile (every split-th k tile) and meet in shared
+//   memory in warp order; a CTA takes up to 8 / split row tiles, fewer where that evens out the row
+//   tiles per multiprocessor (28672 rows: 7 per CTA, one warp idle); for thin shapes the K range is also cut into `ks` slices across CTAs
+//   (grid.y) whose float32 partial sums go to a scratch buffer, summed in slice order by a second tiny
+//   kernel: deterministic, no atomics.
+//
+// Arithmetic: the code value rounded to x's dtype (the table), mma products summed in float32 (tensor
+// cores: truncating accumulation), each 64-weight segment's sum scaled by its block's absmax with an
+// FMA into float32 accumulators, split partial sums added in float32, one rounding to x's dtype: the
+// same error class as gemv_mma.cu (tests/error_bounds.py gemv_arithmetic("cuda", 16-bit dtype)).
+#include "gemv_stream.cuh"
+
+#include <atomic>
+
+#include "common.cuh"
+#include "mma_common.cuh"
+
+namespace qm {
+namespace cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kStages = 3;
+constexpr int kTileWeights = 256;                 // per row per k tile
+constexpr int kTileBytes = kTileWeights / 2;      // 128
+// The grid: 256-byte rows; row h holds table entries of byte value h (h < 256) in bytes 0..127 and
+// stage row h (codes of one weight row of one tile; stage row = (warp * kStages + stage) * 16 + row)
+// in bytes 128..255.
+constexpr int kGridRowBytes = 256;
+constexpr int kStageRows = kWarps * kStages * 16;  // 384
+constexpr int kGridRows = kStageRows > 256 ? kStageRows : 256;
+constexpr int kGridBytes = kGridRows * kGridRowBytes;
+constexpr int kMetaStride = 16;                    // per row: 4 nested codes + nested absmax, or 4 floats
+constexpr int kMetaBytes = 16 * kMetaStride;       // per stage
+constexpr int kAmBytes = 16 * 4 * 4;               // decoded absmax: 16 rows x 4 segments
+constexpr int kWarpBytes = kStages * kMetaBytes + kAmBytes;
+constexpr int kMap8Off = kGridBytes;
+constexpr int kWarpOff = kMap8Off + 256 * 4;
+constexpr int kSmemBytes = kWarpOff + kWarps * kWarpBytes;
+static_assert(kWarpBytes % 16 == 0 && kWarpOff % 16 == 0, "16-byte aligned meta");
+static_assert(kStages * kMetaBytes >= 32 * 4 * 4, "a warp's partial sums fit in its meta stages");
+static_assert(2 * (kSmemBytes + 1024) <= 233472, "two CTAs per multiprocessor (228 KB, 1 KB reserved each)");
+
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t clamp_bytes(int64_t avail, int most) {
+  return static_cast<uint32_t>(avail <= 0 ? 0 : (avail < most ? avail : most));
+}
+
+struct Params {
+  const uint8_t* packed;
+  const float* absmax;  // non-nested
+  const uint8_t* nc;    // nested codes (nested)
+  const float* na;      // nested absmax (nested)
+  float offset;
+  int64_t nb;           // absmax blocks
+  int64_t N, K;
+  int k_tiles;          // K / 256
+  int tiles_per_slice;  // k tiles of one grid.y slice
+  int log2bs;
+  int batch;
+  int split;
+  int tiles_per_cta;  // row tiles of one CTA (warps tiles_per_cta * split and up idle)
+  bool nested;
+};
+
+// The absmax window of one row for one tile: 4 nested codes from b0 & ~3 (and the nested absmax of
+// b0 / 256, which every block of the tile shares), or 4 floats from b0 & ~3.
+__device__ __forceinline__ void issue_meta(const Params& p, uint32_t meta, int lane, int64_t rowblk, int kt) {
+  const int mr = lane & 15;
+  const int64_t b0 = rowblk + ((static_cast<int64_t>(kt) * kTileWeights) >> p.log2bs);
+  const int64_t w = b0 & ~int64_t{3};
+  const uint32_t dst = meta + mr * kMetaStride;
+  if (p.nested) {
+    if (lane < 16) cp_async4(dst, p.nc + w, clamp_bytes(p.nb - w, 4));
+    else cp_async4(dst + 4, p.na + (b0 >> 8), 4u);
+  } else if (lane < 16) {
+    cp_async16(dst, p.absmax + w, clamp_bytes(4 * (p.nb - w), 16));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+k_gemv_stream(const T* __restrict__ x,              // [B, K]
+              Params p,
+              const float* __restrict__ map8,       // [256] (nested)
+              const float* __restrict__ quant_map,  // [16]
+              T* __restrict__ y,                    // [B, N] (one K slice) or null
+              float* __restrict__ scratch) {        // [ks, B, N] (several K slices) or null
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* s_grid = reinterpret_cast<uint32_t*>(smem);
+  float* s_map8 = reinterpret_cast<float*>(smem + kMap8Off);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* wbase = smem + kWarpOff + warp * kWarpBytes;  // this warp's absmax windows
+  const uint32_t s_base = smem_addr(smem);
+  const uint32_t s_meta = smem_addr(wbase);
+  float* s_am = reinterpret_cast<float*>(wbase + kStages * kMetaBytes);
+  const uint32_t s_rows = s_base + (warp * kStages * 16) * kGridRowBytes + kGridRowBytes / 2;  // stage 0, row 0
+
+  const int split = p.split;
+  const int tiles_per_cta = p.tiles_per_cta;
+  const int rt = warp / split, sp = warp % split;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * tiles_per_cta + rt) * 16;
+  const int kt0 = static_cast<int>(blockIdx.y) * p.tiles_per_slice;
+  const int kt_end = min(p.k_tiles, kt0 + p.tiles_per_slice);
+  const int span = kt_end - kt0;
+  const int mine = (rt < tiles_per_cta && row0 < p.N && sp < span) ? (span - 1 - sp) / split + 1 : 0;
+  const int64_t blocks_per_row = p.K >> p.log2bs;
+  const int64_t half_k = p.K >> 1;
+
+  // Copy side. Codes: lane l copies 16-byte piece j = l % 8 (segment j / 2, half j % 2) of rows
+  // l / 8 + 4 i (i = 0..3) of each tile; rows past N read row N - 1.
+  const uint8_t* src[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = min(row0 + (lane >> 3) + 4 * i, p.N - 1);
+    src[i] = p.packed + r * half_k + (lane & 7) * 16;
+  }
+  const int crow = lane >> 3, piece = lane & 7;  // crow == row & 3 for all four rows
+  const uint32_t code_dst = crow * kGridRowBytes + (((piece >> 1) ^ crow) * 32) + (piece & 1) * 16;
+  const int64_t meta_rowblk = min(row0 + (lane & 15), p.N - 1) * blocks_per_row;
+
+  auto issue = [&](int s, int kt) {
+    const uint32_t st = s_rows + s * 16 * kGridRowBytes;
+    const int64_t off = static_cast<int64_t>(kt) * kTileBytes;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async16(st + code_dst + i * 4 * kGridRowBytes, src[i] + off);
+    issue_meta(p, s_meta + s * kMetaBytes, lane, meta_rowblk, kt);
+    cp_async_commit();
+  };
+
+  // Compute side: the lane's rows g and g + 8, k slot c, batch column g.
+  const int g = lane >> 2, c = lane & 3;
+  const uint32_t lane4 = static_cast<uint32_t>(lane) * 4;  // byte 0 of every table offset
+  uint32_t seg[4];  // swizzled segment offsets of rows g and g + 8 (same row & 3)
+#pragma unroll
+  for (int s = 0; s < 4; ++s) seg[s] = g * kGridRowBytes + ((s ^ (g & 3)) * 32) + 8 * c;
+  // Batch columns g >= B read row B - 1 (their sums are never stored): no predicates on the x loads.
+  const T* xg = x + static_cast<int64_t>(min(g, p.batch - 1)) * p.K + 16 * c;
+  // Absmax decode side: lane l decodes row l % 16, segments 2 (l / 16) and 2 (l / 16) + 1.
+  const int dr = lane & 15, dh = lane >> 4;
+  const int fs0 = (2 * dh * 64) >> p.log2bs, fs1 = ((2 * dh + 1) * 64) >> p.log2bs;  // blocks in the tile
+
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < mine) issue(s, kt0 + sp + s * split);
+    else cp_async_commit();
+  }
+
+  // The table and map8, built while the first tiles are in flight (the stage rows and the table
+  // entries share grid rows but never bytes).
+  {
+    // The pair table of gemv_mma.cu at byte * 256 + lane * 4; this thread writes bytes w + 8m
+    // (w = warp), m = 0..31, high nibble (first element, low half) m / 2, low nibble w + 8 (m % 2).
+    uint32_t v[32];
+    pair_table_values<T>(quant_map, warp, v);
+#pragma unroll
+    for (int m = 0; m < 32; ++m) s_grid[(warp + 8 * m) * (kGridRowBytes / 4) + lane] = v[m];
+  }
+  static_assert(kThreads == 256, "one map8 entry per thread");
+  if (p.nested) s_map8[threadIdx.x] = __ldg(map8 + threadIdx.x);
+  __syncthreads();
+
+  for (int it = 0; it < mine; ++it) {
+    const int kt = kt0 + sp + it * split;
+    // Activation fragments of the tile's 4 segments, requested before waiting for the weights.
+    uint4 xb[4][2];
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        xb[s][h] = __ldg(reinterpret_cast<const uint4*>(xg + kt * kTileWeights + s * 64 + 8 * h));
+    const int ahead = it + kStages - 1;
+    if (ahead < mine) issue(ahead % kStages, kt0 + sp + ahead * split);
+    else cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+
+    const uint32_t codes = s_rows + (it % kStages) * 16 * kGridRowBytes;
+    {
+      const unsigned char* m = wbase + (it % kStages) * kMetaBytes + dr * kMetaStride;
+      const int64_t b0 = meta_rowblk + ((static_cast<int64_t>(kt) * kTileWeights) >> p.log2bs);  // row dr
+      const int w0 = static_cast<int>(b0 & 3) + fs0, w1 = static_cast<int>(b0 & 3) + fs1;
+      float am0, am1;
+      if (p.nested) {
+        const float na = reinterpret_cast<const float*>(m)[1];
+        am0 = __fadd_rn(__fmul_rn(s_map8[m[w0]], na), p.offset);
+        am1 = __fadd_rn(__fmul_rn(s_map8[m[w1]], na), p.offset);
+      } else {
+        am0 = reinterpret_cast<const float*>(m)[w0];
+        am1 = reinterpret_cast<const float*>(m)[w1];
+      }
+      *reinterpret_cast<float2*>(s_am + dr * 4 + 2 * dh) = make_float2(am0, am1);
+    }
+    __syncwarp();
+    const float4 amg = *reinterpret_cast<const float4*>(s_am + g * 4);
+    const float4 amh = *reinterpret_cast<const float4*>(s_am + (g + 8) * 4);
+    const float am[2][4] = {{amg.x, amg.y, amg.z, amg.w}, {amh.x, amh.y, amh.z, amh.w}};
+
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const uint2 r0 = lds64(codes + seg[s]);
+      const uint2 r1 = lds64(codes + seg[s] + 8 * kGridRowBytes);
+      float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      // One permute and one shared load per byte: offset = lane * 4 (byte 0) | code byte b (byte 1).
+#define QM_LUT(w, b) lds32(s_base + __byte_perm((w), lane4, 0x5504u + 16u * (b)))
+      Mma<T>::run(part, QM_LUT(r0.x, 0), QM_LUT(r1.x, 0), QM_LUT(r0.x, 1), QM_LUT(r1.x, 1), xb[s][0].x, xb[s][0].y);
+      Mma<T>::run(part, QM_LUT(r0.x, 2), QM_LUT(r1.x, 2), QM_LUT(r0.x, 3), QM_LUT(r1.x, 3), xb[s][0].z, xb[s][0].w);
+      Mma<T>::run(part, QM_LUT(r0.y, 0), QM_LUT(r1.y, 0), QM_LUT(r0.y, 1), QM_LUT(r1.y, 1), xb[s][1].x, xb[s][1].y);
+      Mma<T>::run(part, QM_LUT(r0.y, 2), QM_LUT(r1.y, 2), QM_LUT(r0.y, 3), QM_LUT(r1.y, 3), xb[s][1].z, xb[s][1].w);
+#undef QM_LUT
+      acc[0] = __fmaf_rn(am[0][s], part[0], acc[0]);
+      acc[1] = __fmaf_rn(am[0][s], part[1], acc[1]);
+      acc[2] = __fmaf_rn(am[1][s], part[2], acc[2]);
+      acc[3] = __fmaf_rn(am[1][s], part[3], acc[3]);
+    }
+    __syncwarp();  // every lane is done with this stage and the decoded absmax before they are refilled
+  }
+  cp_async_wait<0>();
+  __syncwarp();
+
+  // Partial sums of the split warps of each row tile (parked in each warp's first stage), added in
+  // warp order; then to y, or to this K slice's plane of the scratch buffer.
+  float* red = reinterpret_cast<float*>(wbase);  // the warp's (now idle) absmax windows
+#pragma unroll
+  for (int i = 0; i < 4; ++i) red[lane * 4 + i] = acc[i];
+  __syncthreads();
+  for (int o = threadIdx.x; o < tiles_per_cta * 16 * 8; o += kThreads) {
+    const int t = o >> 7, r = (o >> 3) & 15, n = o & 7;
+    const int64_t row = (static_cast<int64_t>(blockIdx.x) * tiles_per_cta + t) * 16 + r;
+    if (n >= p.batch || row >= p.N) continue;
+    const int srcpos = ((r & 7) * 4 + (n >> 1)) * 4 + (r >> 3) * 2 + (n & 1);  // C fragment position
+    float s = 0.0f;
+    for (int w = 0; w < split; ++w) {
+      const float* part = reinterpret_cast<const float*>(smem + kWarpOff + (t * split + w) * kWarpBytes);
+      s = __fadd_rn(s, part[srcpos]);
+    }
+    if (scratch != nullptr) scratch[(static_cast<int64_t>(blockIdx.y) * p.batch + n) * p.N + row] = s;
+    else y[n * p.N + row] = Elem<T>::from(s);
+  }
+}
+
+// y = the slices' partial sums added in slice order (0, 1, ...), rounded once to T.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+k_sum_slices(const float* __restrict__ scratch, T* __restrict__ y, int ks, int64_t count) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= count) return;
+  float s = 0.0f;
+  for (int j = 0; j < ks; ++j) s = __fadd_rn(s, scratch[j * count + i]);
+  y[i] = Elem<T>::from(s);
+}
+
+int multiprocessors(int device) {
+  static std::atomic<int> cached[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  int v = cached[device].load();
+  if (v == 0) {
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v <= 0) v = 132;
+    cached[device].store(v);
+  }
+  return v;
+}
+
+struct Plan {
+  int split;  // warps per row tile
+  int ks;     // K slices across CTAs
+  int tiles;  // row tiles per CTA (<= 8 / split)
+};
+
+// About two CTAs (16 warps) per multiprocessor: the intra-CTA split first (while every warp keeps at
+// least four k tiles), the row tiles per CTA, then K slices across CTAs while there are fewer CTAs than
+// two per multiprocessor and every warp keeps two k tiles per slice. Variants 12..15 force the split
+// (8 / split row tiles per CTA, one slice), 16..18 force 2, 4 or 8 slices.
+Plan plan(int device, int64_t N, int64_t K, int variant) {
+  const int64_t row_tiles = (N + 15) / 16, k_tiles = K / kTileWeights;
+  const int64_t slots = 2 * static_cast<int64_t>(multiprocessors(device));
+  const int64_t sms = slots / 2;
+  Plan pl{1, 1, kWarps};
+  if (variant >= 12 && variant <= 15) {
+    pl.split = 1 << (variant - 12);
+    pl.tiles = kWarps / pl.split;
+    return pl;
+  }
+  while (pl.split < kWarps && row_tiles * pl.split * 2 <= slots * kWarps && k_tiles >= 4 * pl.split) pl.split *= 2;
+  // Row tiles per CTA: the fewest row tiles on the busiest multiprocessor (CTAs spread evenly, all
+  // resident at once), ties to more per CTA. 28672 rows at split 1 on 132 SMs: 7 (256 CTAs, 14 row
+  // tiles on the busiest SM) rather than 8 (224 CTAs, 16 on 92 SMs and 8 on 40).
+  pl.tiles = kWarps / pl.split;
+  int64_t best = -1;
+  for (int t = kWarps / pl.split; t >= 1 && 2 * t * pl.split >= kWarps; --t) {
+    const int64_t busiest = ((row_tiles + t - 1) / t + sms - 1) / sms * t;
+    if (best < 0 || busiest < best) best = busiest, pl.tiles = t;
+  }
+  const int64_t ctas = (row_tiles + pl.tiles - 1) / pl.tiles;
+  if (variant >= 16 && variant <= 18) {
+    pl.ks = 1 << (variant - 15);
+  } else {
+    while (pl.ks < 8 && ctas * pl.ks * 2 <= slots && k_tiles >= 2 * pl.split * pl.ks * 2) pl.ks *= 2;
+  }
+  if (pl.ks > k_tiles) pl.ks = static_cast<int>(k_tiles > 0 ? k_tiles : 1);
+  return pl;
+}
+
+template <typename T>
+cudaError_t launch(const GemvMmaArgs& a, int device, int variant, float* scratch) {
+  static std::atomic<uint64_t> configured{0};
+  const uint64_t bit = uint64_t{1} << (device & 63);
+  if ((configured.load() & bit) == 0) {
+    if (cudaError_t e = cudaFuncSetAttribute(k_gemv_stream<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+        e != cudaSuccess)
+      return e;
+    configured.fetch_or(bit);
+  }
+  Plan pl = plan(device, a.N, a.K, variant);
+  if (scratch == nullptr) pl.ks = 1;  // no buffer for partial sums: one slice
+  const int k_tiles = static_cast<int>(a.K / kTileWeights);
+  const int tps = (k_tiles + pl.ks - 1) / pl.ks;
+  const int ks = (k_tiles + tps - 1) / tps;  // slices that hold at least one tile
+  const int64_t ctas = ((a.N + 15) / 16 + pl.tiles - 1) / pl.tiles;
+  const Params p{a.packed, a.absmax, a.nc, a.na, a.offset, (a.N * a.K) >> a.log2bs, a.N, a.K, k_tiles, tps,
+                 a.log2bs, a.batch, pl.split, pl.tiles, a.nc != nullptr};
+  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(ks));
+  k_gemv_stream<T><<<grid, kThreads, kSmemBytes, a.st>>>(static_cast<const T*>(a.x), p, a.map8, a.qm,
+                                                         static_cast<T*>(a.y), ks > 1 ? scratch : nullptr);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess || ks == 1) return e;
+  const int64_t count = static_cast<int64_t>(a.batch) * a.N;
+  k_sum_slices<T><<<static_cast<unsigned>((count + kThreads - 1) / kThreads), kThreads, 0, a.st>>>(
+      scratch, static_cast<T*>(a.y), ks, count);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool gemv_stream_supported(int device, int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed,
+                           uintptr_t absmax, uintptr_t ncodes) {
+  return (dtype == kF16 || dtype == kBF16) && blocksize >= 64 && K % kTileWeights == 0 && K % blocksize == 0 &&
+         K > 0 && K < (int64_t{1} << 30) && aligned16(x) && aligned16(packed) && aligned16(absmax) &&
+         aligned16(ncodes) && smem_opt_in_fits(device, kSmemBytes);
+}
+
+int64_t gemv_stream_scratch(int device, int batch, int64_t N, int64_t K, int variant) {
+  if (N <= 0 || K < kTileWeights) return 0;
+  const Plan pl = plan(device, N, K, variant);
+  return pl.ks > 1 ? static_cast<int64_t>(pl.ks) * batch * N : 0;
+}
+
+cudaError_t launch_gemv_stream(const GemvMmaArgs& a, int dtype, int device, int variant, float* scratch) {
+  return dtype == kBF16 ? launch<__nv_bfloat16>(a, device, variant, scratch)
+                        : launch<__half>(a, device, variant, scratch);
+}
+
+}  // namespace cuda
+}  // namespace qm

@@ -1,0 +1,42 @@
+// Lean tensor-core 4-bit GEMV ("stream" variant, csrc/cuda/gemv_stream.cu), called by gemv.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "gemv_mma.cuh"
+
+namespace qm {
+namespace cuda {
+
+// Variant codes of gemv_4bit (qm_cuda.h) that pick this kernel: auto split, forced intra-CTA split
+// 1/2/4/8 (one K slice), forced K slices 2/4/8 across CTAs (auto intra-CTA split).
+constexpr int kStreamAuto = 11;
+constexpr int kStreamLast = 18;
+constexpr int kMmaAuto = 20;  // the tensor-core kernel of gemv_mma.cu with its own split choice
+inline bool is_stream_variant(int v) { return v >= kStreamAuto && v <= kStreamLast; }
+
+// THE default selector: whether variant 0 (the default) takes this kernel for a shape. Set from
+// bench/bench_gemv_cuda.py's H200 table (a one-line change); until measured, the default stays the
+// gemv_mma.cu kernel.
+inline bool gemv_stream_preferred(int64_t N, int64_t K, int batch) {
+  (void)N, (void)K, (void)batch;
+  return false;
+}
+
+// Layouts this kernel takes: 16-bit x, K % 256 == 0 and K % blocksize == 0, blocksize >= 64 (a
+// 64-weight segment never straddles a block), 16-byte aligned x, packed, absmax and nested codes,
+// and a device that grants its ~106 KB of shared memory per block.
+bool gemv_stream_supported(int device, int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed,
+                           uintptr_t absmax, uintptr_t ncodes);
+
+// float32 scratch elements the launch for these arguments needs (0: none), for the cross-CTA K split.
+int64_t gemv_stream_scratch(int device, int batch, int64_t N, int64_t K, int variant);
+
+// Launch; scratch (float32, gemv_stream_scratch elements, may be null when that is 0) holds the
+// per-slice partial sums of a cross-CTA K split, summed in slice order by a second kernel.
+cudaError_t launch_gemv_stream(const GemvMmaArgs& a, int dtype, int device, int variant, float* scratch);
+
+}  // namespace cuda
+}  // namespace qm
