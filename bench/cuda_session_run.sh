@@ -15,7 +15,8 @@
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
 #   gemv     bench_gemv_cuda.py: batch-1/4 GEMV kernels inside CUDA graphs vs the copy floor
-#   moe      bench_moe.py --device cuda
+#   moe      bench_moe.py --device cuda: one Qwen3-30B-A3B-shaped layer, ours vs bf16 experts
+#   host     bench_cuda_host.py: --device cuda conversion on the GPU without torch, bytes = --device cpu
 #   int8     bench_int8.py --device cuda
 set -uo pipefail
 OUT=${OUT:-/tmp/qm_out}
@@ -70,8 +71,9 @@ for s in ${*:-env}; do
     offload) step offload python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
       --source "$GEN_DIR/llama8b-32" --tokens 32 ;;
     e2e) step e2e bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
-    gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --json "$OUT/gemv.json" ;;
-    moe) step moe python3 "$ROOT/bench/bench_moe.py" --device cuda ;;
+    gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --replays 15 --json "$OUT/gemv.json" ;;
+    moe) step moe python3 "$ROOT/bench/bench_moe.py" --device cuda --layers 1 --repeat 2 --tokens 16 --workdir /tmp/qm_moe ;;
+    host) step host python3 "$ROOT/bench/bench_cuda_host.py" --layers 8 --hidden 3072 ;;
     int8) step int8 python3 "$ROOT/bench/bench_int8.py" --device cuda ;;
     *) echo "unknown step $s" >&2 ;;
   esac

@@ -168,6 +168,90 @@ def cuda_gemv_4bit(
 ) -> None:
     """Fused 4-bit GEMV, batch 1..8; `variant` selects a kernel configuration (benchmarks only)."""
 
+# MoE on CUDA (csrc/cuda/bindings_moe_cuda.cpp; used through converter.loader.moe_cuda)
+def cuda_gemv_4bit_grouped(
+    device: int,
+    x: int,
+    dtype: int,
+    groups: int,
+    x_share: int,
+    N: int,
+    K: int,
+    blocksize: int,
+    ids: int,
+    experts: int,
+    packed: int,
+    packed_stride: int,
+    absmax: int,
+    absmax_stride: int,
+    quant_map: int,
+    y: int,
+    stream: int,
+) -> None:
+    """y[g, o] = sum_k x[g // x_share, k] * W_ids[g][o, k]; ids int64 on the device (no host sync)."""
+
+def cuda_gemv_4bit_grouped_glu(
+    device: int,
+    x: int,
+    dtype: int,
+    groups: int,
+    x_share: int,
+    I: int,
+    K: int,
+    blocksize: int,
+    ids: int,
+    experts: int,
+    packed: int,
+    packed_stride: int,
+    absmax: int,
+    absmax_stride: int,
+    quant_map: int,
+    h: int,
+    stream: int,
+) -> None:
+    """h[g] = silu(x[g // x_share] @ W_gate.T) * (x[g // x_share] @ W_up.T), W of expert ids[g]."""
+
+def cuda_gemv_4bit_grouped_sum(
+    device: int,
+    h: int,
+    dtype: int,
+    tokens: int,
+    k: int,
+    N: int,
+    K: int,
+    blocksize: int,
+    ids: int,
+    experts: int,
+    weights: int,
+    w_dtype: int,
+    packed: int,
+    packed_stride: int,
+    absmax: int,
+    absmax_stride: int,
+    quant_map: int,
+    y: int,
+    stream: int,
+) -> None:
+    """y[t] = sum_j weights[t k + j] * (h[t k + j] @ W_ids[t k + j].T), float32, one rounding; k <= 32."""
+
+def cuda_dequantize_4bit_grouped(
+    device: int,
+    ids: int,
+    count: int,
+    experts: int,
+    packed: int,
+    packed_stride: int,
+    absmax: int,
+    absmax_stride: int,
+    n: int,
+    blocksize: int,
+    quant_map: int,
+    out_dtype: int,
+    out: int,
+    stream: int,
+) -> None:
+    """out[i, :n] = the dequantized weights of expert ids[i]."""
+
 def quant_error_stats(
     x: int,
     dtype: str,

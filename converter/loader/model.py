@@ -132,7 +132,12 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
 
 
 def build_skeleton(
-    folder: Path, state: dict[str, Any], dtype: torch.dtype, *, trust_remote_code: bool = False
+    folder: Path,
+    state: dict[str, Any],
+    dtype: torch.dtype,
+    *,
+    trust_remote_code: bool = False,
+    experts_device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict | None]:
     """The model of ``folder/config.json`` with its parameters on the meta device and every quantized
     module already a :class:`Linear4bit` sharing ``state``'s mapped tensors; and the quantization_config.
@@ -162,7 +167,7 @@ def build_skeleton(
         raise ModelBuildError(msg) from exc
 
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
-    attach_experts(model, state, compute_dtype, where=str(folder))
+    attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
     try:
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
     except (ImportError, AttributeError, TypeError):  # another transformers version: skip the check
@@ -222,7 +227,10 @@ def load_quantized(
     folder = resolve_folder(path_or_repo)
     dtype = dtype_from_name(dtype)
     state = load_quantized_state(folder, verify=verify)
-    model, qc = build_skeleton(folder, state, dtype, trust_remote_code=trust_remote_code)
+    experts_device = device if device_map is None else "cpu"  # 4-bit experts: one copy, straight there
+    model, qc = build_skeleton(
+        folder, state, dtype, trust_remote_code=trust_remote_code, experts_device=experts_device
+    )
     cls = type(model)
     unused = _fill(model, state, str(folder))
     model.tie_weights()

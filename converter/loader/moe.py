@@ -18,9 +18,16 @@ picked:
 - decode (at most 8 tokens on the CPU, whole blocks per row): every (token, slot) pair is a row of one
   grouped 4-bit GEMV per projection (``csrc/gemv_grouped.cpp``, indexed by the routed expert ids),
   then act(gate) * up, the routing weight and a float32-accumulated sum over the k slots;
-- otherwise (prefill, CUDA, shapes the GEMV cannot take) tokens are sorted by expert and the hit
-  experts run in ascending order as transformers' eager loop does: an expert with at most 8 tokens
-  through the fused GEMV, one with more dequantized once and multiplied with all its tokens (F.linear).
+- on CUDA (``converter.loader.moe_cuda``, the op's CUDA kernel): decode (at most 8 tokens, or any count
+  inside a CUDA-graph capture) runs grouped GEMVs on the GPU with the expert ids and routing weights read
+  on the device (no host sync): for SiLU experts two launches, act(gate) * up fused into the first and
+  the weighted k-slot sum into the second, otherwise the CPU's sequence; prefill sorts tokens by
+  expert, dequantizes the hit experts in one launch per projection and runs one grouped matmul (bf16)
+  or one F.linear per hit expert;
+- otherwise (prefill on the CPU, ``use_gemv = False``, shapes the GEMV cannot take) tokens are
+  sorted by expert and the hit experts run in ascending order as transformers' eager loop does: an
+  expert with at most 8 tokens through the fused GEMV, one with more dequantized once and multiplied
+  with all its tokens (F.linear).
   Everything else is transformers' own arithmetic (act(gate) * up, routing weight, index_add_ in the
   model dtype), so with ``use_gemv = False`` the output is bit-identical to the dequantized bf16
   model's.
@@ -40,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from converter.cpu_threads import gemv_threads
-from converter.errors import InputError
-from converter.loader import ops
-from converter.loader.module import dtype_from_name, state_from_record
+from converter.loader import moe_cuda, ops
+from converter.loader.module import dtype_from_name
+from converter.loader.moe_records import MoeLoadError, expert_state_dict, stack_records
 from converter.moe import EXPERT_KEY
 from converter.moe import PROJ_ROLE as _ROLE
 from formats.record import QuantizedTensor
@@ -58,10 +65,6 @@ _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-class MoeLoadError(InputError):
-    """A folder's expert tensors do not fit the model's experts modules."""
 
 
 def _experts_forward(
@@ -82,8 +85,9 @@ def _experts_forward(
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
     if use_gemv and _grouped_ok(hidden, intermediate, blocksize):
         return _decode_grouped(
-            hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act
-        )
+            hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act,
+            _grouped_gemv_rows,
+        )  # fmt: skip
     out = torch.zeros_like(hidden)
     # Sort (slot, token) pairs by expert: one group of rows per hit expert, ascending, and inside a group
     # slot-major like transformers' torch.where(expert_mask[e]) (the same rows in the same order).
@@ -189,27 +193,81 @@ def _grouped_gemv(
     return y
 
 
-def _decode_grouped(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act):
+def _decode_grouped(
+    hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act, gemv
+):
     """Decode: every (token, slot) pair is one row of a grouped GEMV indexed by the routed expert ids,
-    one launch per projection; the k expert outputs of a token are weighted and summed."""
+    one launch per projection (``gemv``: :func:`_grouped_gemv_rows` on the CPU,
+    ``moe_cuda.grouped_gemv`` on CUDA); the k expert outputs of a token are weighted and summed."""
     tokens, hidden_dim = hidden.shape
     k = top_k_index.shape[1]
     ids = top_k_index.reshape(-1).to(torch.int64).contiguous()
-    x = hidden.contiguous() if tokens == 1 else hidden.repeat_interleave(k, dim=0).contiguous()
-    common = dict(blocksize=bs)
-    gate_up = _grouped_gemv(
-        x, ids, packed, absmax, quant_map, byte_offset=0, block_offset=0,
-        out_features=2 * intermediate, in_features=hidden_dim, **common,
+    gate_up = gemv(
+        hidden, ids, packed, absmax, quant_map, x_share=k, byte_offset=0, block_offset=0,
+        out_features=2 * intermediate, in_features=hidden_dim, blocksize=bs,
     )  # fmt: skip
     gate, up = gate_up.chunk(2, dim=-1)
     h = (act(gate) * up).contiguous()
-    y = _grouped_gemv(
-        h, ids, packed, absmax, quant_map, byte_offset=intermediate * hidden_dim,
+    y = gemv(
+        h, ids, packed, absmax, quant_map, x_share=1, byte_offset=intermediate * hidden_dim,
         block_offset=2 * intermediate * hidden_dim // bs, out_features=hidden_dim, in_features=intermediate,
-        **common,
+        blocksize=bs,
     )  # fmt: skip
     y = y * top_k_weights.reshape(-1, 1)
     return y.view(tokens, k, hidden_dim).sum(dim=1).to(hidden.dtype)
+
+
+def _grouped_gemv_rows(
+    x: torch.Tensor, ids: torch.Tensor, *args: Any, x_share: int, **kw: Any
+) -> torch.Tensor:
+    """The CPU grouped GEMV with group g reading x row g // x_share (the CUDA kernel's convention)."""
+    if x.shape[0] > 1 and x_share > 1:
+        x = x.repeat_interleave(x_share, dim=0)
+    return _grouped_gemv(x, ids, *args, **kw)
+
+
+def _experts_forward_cuda(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    intermediate: int,
+    blocksize: int,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    use_gemv: bool,
+) -> torch.Tensor:
+    """CUDA: decode (<= 8 tokens, or any count while a CUDA graph is being captured: no host sync) as
+    grouped GEMVs (SiLU: two fused launches); prefill sorted by expert, grouped dequantize + grouped
+    matmul. Layouts the kernels do not take, and ``use_gemv = False``, run :func:`_experts_forward`."""
+    hidden_dim = hidden.shape[1]
+    ok = (
+        use_gemv
+        and moe_cuda.available()
+        and intermediate % blocksize == 0
+        and moe_cuda.layout_ok(hidden, packed, absmax, hidden_dim, blocksize)
+    )
+    if not ok:
+        return _experts_forward(
+            hidden,
+            top_k_index,
+            top_k_weights,
+            packed,
+            absmax,
+            quant_map,
+            intermediate,
+            blocksize,
+            act,
+            use_gemv,
+        )
+    args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act)
+    decode = hidden.shape[0] <= ops.GEMV_MAX_TOKENS or torch.cuda.is_current_stream_capturing()
+    if decode and act is F.silu and top_k_index.shape[1] <= moe_cuda.FUSED_MAX_K:
+        return moe_cuda.decode_silu(*args[:-1])
+    if decode:
+        return _decode_grouped(*args, moe_cuda.grouped_gemv)
+    return moe_cuda.prefill(*args)
 
 
 def _gemv(x, packed, absmax, quant_map, out_features, in_features, blocksize) -> torch.Tensor:
@@ -263,6 +321,22 @@ def moe_experts_4bit(
     )
 
 
+@moe_experts_4bit.register_kernel("cuda")
+def _(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act, use_gemv):
+    return _experts_forward_cuda(
+        hidden,
+        top_k_index,
+        top_k_weights,
+        packed,
+        absmax,
+        quant_map,
+        intermediate,
+        blocksize,
+        _ACTS[act],
+        use_gemv,
+    )
+
+
 @moe_experts_4bit.register_fake
 def _(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act, use_gemv):
     return torch.empty_like(hidden)
@@ -288,6 +362,8 @@ class QuantExperts4bit(nn.Module):
         compute_dtype: torch.dtype | None,
         act_name: str | None,
         act_fn: Callable[[torch.Tensor], torch.Tensor],
+        nested: dict[str, torch.Tensor] | None = None,
+        proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
     ) -> None:
         super().__init__()
         self.num_experts = int(packed.shape[0])
@@ -299,6 +375,24 @@ class QuantExperts4bit(nn.Module):
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("absmax", absmax, persistent=False)
         self.register_buffer("quant_map", quant_map, persistent=False)
+        # What the converter wrote besides the decoded absmax (nested codes, nested absmax, offsets, map),
+        # kept so that saving writes the source records again (converter/loader/moe_records.py). Host
+        # tensors, not buffers: the forward never reads them, so they stay off the GPU (1/64 byte per
+        # weight, 2.7% of the experts' bf16 bytes).
+        self.proj_names = proj_names
+        self._nested = {k: t.cpu() for k, t in nested.items()} if nested is not None else None
+
+    def nested_buffers(self) -> dict[str, torch.Tensor] | None:
+        """The nested-absmax tensors of the source records (codes, absmax, offset, map), or None."""
+        return self._nested
+
+    @property
+    def dtype_name(self) -> str:
+        return _DTYPE_NAMES[self.dtype]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # One bnb record per expert per projection under the checkpoint's names (save_pretrained).
+        destination.update(expert_state_dict(self, prefix))
 
     def expert_weights(self, e: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of expert ``e``, dequantized."""
@@ -329,7 +423,8 @@ class QuantExperts4bit(nn.Module):
         if self.act_name is not None:
             y = moe_experts_4bit(*args, self.act_name, self.use_gemv)
         else:
-            y = _experts_forward(*args, self.act_fn, self.use_gemv)
+            forward = _experts_forward_cuda if x.is_cuda else _experts_forward
+            y = forward(*args, self.act_fn, self.use_gemv)
         return y.to(dtype)
 
     def extra_repr(self) -> str:
@@ -398,51 +493,17 @@ def _group(state: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
     return groups
 
 
-def _stack_quantized(experts: dict[int, dict[str, Any]], where: str, name: str, hidden: int, inter: int):
-    """(packed [E, gu+dn] u8, absmax [E, gu_nb+dn_nb] f32, quant_map, blocksize, quant_type, dtype)."""
-    first = experts[0]["gate"][1]
-    bs, qt, dtype = first.blocksize, first.quant_type, first.dtype
-    if (inter * hidden) % bs:
-        msg = f"{where}: {name}: {inter}x{hidden} expert weights do not fill whole {bs}-element blocks"
-        raise MoeLoadError(msg)
-    gu_bytes, dn_bytes = inter * hidden, hidden * inter // 2
-    gu_nb, dn_nb = 2 * inter * hidden // bs, hidden * inter // bs
-    num = len(experts)
-    packed = torch.empty(num, gu_bytes + dn_bytes, dtype=torch.uint8)
-    absmax = torch.empty(num, gu_nb + dn_nb, dtype=torch.float32)
-    quant_map = first.quant_map.float().contiguous()
-    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-    offsets = {"gate": (0, 0), "up": (gu_bytes // 2, gu_nb // 2), "down": (gu_bytes, gu_nb)}
-    for e in range(num):
-        for role in ("gate", "up", "down"):
-            key, rec = experts[e][role]
-            if not isinstance(rec, QuantizedTensor):
-                msg = f"{where}: {key!r} is not quantized but other experts of {name!r} are; convert again"
-                raise MoeLoadError(msg)
-            if tuple(rec.shape) != shapes[role]:
-                msg = f"{where}: {key!r} has shape {list(rec.shape)}, the model wants {list(shapes[role])}"
-                raise MoeLoadError(msg)
-            if (
-                rec.blocksize != bs
-                or rec.quant_type != qt
-                or not torch.equal(rec.quant_map.float(), quant_map)
-            ):
-                msg = (
-                    f"{where}: {key!r} is quantized differently from {first.name!r} (type, blocksize or map)"
-                )
-                raise MoeLoadError(msg)
-            po, ao = offsets[role]
-            data = ops.packed_bytes(rec.packed)
-            packed[e, po : po + data.numel()] = data
-            amax = ops.decoded_absmax(state_from_record(rec)).reshape(-1)
-            absmax[e, ao : ao + amax.numel()] = amax
-    return packed, absmax, quant_map, bs, qt.label, dtype
-
-
 def attach_experts(
-    model: nn.Module, state: dict[str, Any], compute_dtype: torch.dtype | None, *, where: str
+    model: nn.Module,
+    state: dict[str, Any],
+    compute_dtype: torch.dtype | None,
+    *,
+    where: str,
+    device: str | torch.device = "cpu",
 ) -> None:
     """Fill the model's fused experts modules from per-expert tensors, which leave ``state`` (in place).
+
+    4-bit experts are stacked on ``device`` (one copy from the shards' mapping to that device).
 
     Quantized experts become :class:`QuantExperts4bit`; 16-bit ones are stacked into the module's
     own ``gate_up_proj`` / ``down_proj``. Other keys whose names transformers renames on load
@@ -467,22 +528,22 @@ def attach_experts(
             raise MoeLoadError(msg)
         used.update(key for parts in experts.values() for key, _ in parts.values())
         if any(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()):
-            packed, absmax, quant_map, bs, qt, dtype = _stack_quantized(
-                experts, where, ckpt_name, hidden, inter
-            )
+            st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device))
             config = getattr(module, "config", None)
             layer = QuantExperts4bit(
-                packed,
-                absmax,
-                quant_map,
+                st.packed,
+                st.absmax,
+                st.quant_map,
                 hidden_dim=hidden,
                 intermediate=inter,
-                blocksize=bs,
-                quant_type=qt,
-                dtype=dtype_from_name(dtype),
+                blocksize=st.blocksize,
+                quant_type=st.quant_type.label,
+                dtype=dtype_from_name(st.dtype),
                 compute_dtype=compute_dtype,
                 act_name=getattr(config, "hidden_act", None),
                 act_fn=module.act_fn,
+                nested=st.nested,
+                proj_names=st.proj_names,
             )
             model.set_submodule(name, layer)
         else:

@@ -174,4 +174,5 @@ void register_cuda(py::module_& m) {
 
   register_cuda_int8(m);  // cuda_gemv_int8 (bindings_cuda_int8.cpp)
   register_cuda_host_pipeline(m);  // the torch-free --device cuda quantizer
+  register_moe_cuda(m);
 }

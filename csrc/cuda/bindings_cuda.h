@@ -8,4 +8,6 @@
 #include <pybind11/pybind11.h>
 
 void register_cuda(pybind11::module_& m);
+// MoE kernels (bindings_moe_cuda.cpp): cuda_gemv_4bit_grouped(_glu, _sum), cuda_dequantize_4bit_grouped.
+void register_moe_cuda(pybind11::module_& m);
 #endif

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from error_bounds import U32, gamma
 from tiny_models import _decoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,3 +142,68 @@ def load_bf16_eager(folder: Path):
             folder, dtype=torch.bfloat16, experts_implementation="eager"
         )
     return model.eval()
+
+
+def experts_reference_and_bound(
+    m,
+    x,
+    idx,
+    w,
+    *,
+    weight_rel: float = 0.0,
+    acc_u: float = U32,
+    pre_u: float = 0.0,
+    silu_u: float = 4 * U32,
+    h_u: float = U32,
+    y_u: float = 0.0,
+    wy_u: float = U32,
+    out_u: float = 0.0,
+):
+    """float64 reference (on the CPU) of a QuantExperts4bit with its decoded weights, and an elementwise bound
+    on a compute path's error, derived step by step (gamma_K(u) = K u / (1 - K u)):
+
+    - gate/up: weights used with relative error ``weight_rel`` (0: float32 decode; u16 when the
+      weight is dequantized to a 16-bit dtype), dot products of H terms accumulated in any order with
+      unit roundoff ``acc_u`` (2^-24; 2^-23 for tensor cores, which may truncate): (wr + gamma_H (1 +
+      wr)) |W_gu| @ |x|; then the results rounded with ``pre_u`` (0 when they stay float32);
+    - silu: Lipschitz constant max|silu'| < 1.1, plus ``silu_u``, the relative error of its evaluation
+      (torch float32: exp, add, divide, multiply, 4u); h = silu(g) * up: first-order product error plus
+      one rounding ``h_u``;
+    - down: (1 + wr) |W_dn| @ |e_h| + (wr + gamma_I (1 + wr)) |W_dn| @ |h|, then rounded with ``y_u``;
+    - routing: w * y rounded with ``wy_u`` (an FMA: no more than u), the k terms summed in float32
+      (gamma_k); ``out_u``: one final rounding of the sum to the output dtype.
+
+    The defaults are torch's float32 ops (CPU and CUDA float32 compute).
+    """
+    h_dim, i_dim, k = m.hidden_dim, m.intermediate_dim, idx.shape[1]
+    dot_h = weight_rel + gamma(h_dim, acc_u) * (1 + weight_rel)
+    dot_i = weight_rel + gamma(i_dim, acc_u) * (1 + weight_rel)
+    route = wy_u + gamma(k) * (1 + wy_u)
+    xd = x.double().cpu()
+    idx, w = idx.cpu(), w.cpu()
+    out = torch.zeros_like(xd)
+    bound = torch.zeros_like(xd)
+    for t in range(x.shape[0]):
+        for j in range(k):
+            gu, dn = (a.double().cpu() for a in m.expert_weights(int(idx[t, j]), torch.float32))
+            pre = gu @ xd[t]
+            e_pre = dot_h * (gu.abs() @ xd[t].abs())
+            e_pre = e_pre + pre_u * (pre.abs() + e_pre)
+            g, u = pre[:i_dim], pre[i_dim:]
+            eg, eu = e_pre[:i_dim], e_pre[i_dim:]
+            s = torch.nn.functional.silu(g)
+            es = 1.1 * eg + silu_u * (s.abs() + 1.1 * eg)
+            h = s * u
+            eh = (
+                es * u.abs()
+                + s.abs() * eu
+                + es * eu
+                + h_u * (h.abs() + es * u.abs() + s.abs() * eu + es * eu)
+            )
+            y = dn @ h
+            ey = (1 + weight_rel) * (dn.abs() @ eh) + dot_i * (dn.abs() @ (h.abs() + eh))
+            ey = ey + y_u * (y.abs() + ey)
+            wt = float(w[t, j])
+            out[t] += wt * y
+            bound[t] += abs(wt) * ey + route * abs(wt) * (y.abs() + ey)
+    return out, bound + out_u * (out.abs() + bound)

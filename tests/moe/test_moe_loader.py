@@ -7,36 +7,16 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from error_bounds import U32, gamma
-from moe_helpers import FAMILIES, load_bf16_eager, make_moe
+from moe_helpers import FAMILIES, experts_reference_and_bound, load_bf16_eager, make_moe
 
-from converter.loader.dequantize import dequantize_checkpoint
 from converter.loader.model import linear4bit_modules, load_quantized
 from converter.loader.moe import QuantExperts4bit, moe_modules
 from converter.pipeline import convert
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 11, 90, 3, 45]])
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory):
-    """folders(name) -> (quantized folder, its dequantized bf16 folder), made once per module."""
-    made: dict[str, tuple[Path, Path]] = {}
-
-    def get(name: str) -> tuple[Path, Path]:
-        if name not in made:
-            root = tmp_path_factory.mktemp(f"moe-load-{name}")
-            src = make_moe(name, root / "src")
-            convert(src, root / "q", moe_experts="quantize", progress=False)
-            dequantize_checkpoint(root / "q", root / "plain")
-            made[name] = (root / "q", root / "plain")
-        return made[name]
-
-    return get
 
 
 def _dequant_paths(model: torch.nn.Module) -> torch.nn.Module:
@@ -82,44 +62,6 @@ def test_experts_are_views_of_one_buffer_per_layer(folders):
     )
 
 
-def _reference_and_bound(m: QuantExperts4bit, x, idx, w):
-    """float64 reference of the experts with the decoded weights, and an elementwise bound on the float32
-    GEMV path's error, derived step by step (u = 2^-24, gamma_K = K u / (1 - K u)):
-
-    - gate/up: float32 dot products of H terms in any order: |e| <= gamma_H (|W_gu| @ |x|);
-    - silu: Lipschitz constant max|silu'| < 1.1, plus 4 roundings of its float32 evaluation
-      (exp, add, divide, multiply); h = silu(g) * up: first-order product error plus one rounding;
-    - down: |W_dn| @ |e_h| + gamma_I (|W_dn| @ |h|);
-    - routing: w * y rounded once, then k terms summed in float32: gamma_{k+1} on the sum of |w y|.
-    """
-    h_dim, i_dim = m.hidden_dim, m.intermediate_dim
-    xd = x.double()
-    out = torch.zeros_like(xd)
-    bound = torch.zeros_like(xd)
-    for t in range(x.shape[0]):
-        for j in range(idx.shape[1]):
-            gu, dn = (a.double() for a in m.expert_weights(int(idx[t, j]), torch.float32))
-            pre = gu @ xd[t]
-            e_pre = gamma(h_dim) * (gu.abs() @ xd[t].abs())
-            g, u = pre[:i_dim], pre[i_dim:]
-            eg, eu = e_pre[:i_dim], e_pre[i_dim:]
-            s = torch.nn.functional.silu(g)
-            es = 1.1 * eg + 4 * U32 * (s.abs() + 1.1 * eg)
-            h = s * u
-            eh = (
-                es * u.abs()
-                + s.abs() * eu
-                + es * eu
-                + U32 * (h.abs() + es * u.abs() + s.abs() * eu + es * eu)
-            )
-            y = dn @ h
-            ey = dn.abs() @ eh + gamma(i_dim) * (dn.abs() @ (h.abs() + eh))
-            wt = float(w[t, j])
-            out[t] += wt * y
-            bound[t] += abs(wt) * ey + gamma(idx.shape[1] + 1) * abs(wt) * (y.abs() + ey)
-    return out, bound
-
-
 @pytest.mark.parametrize("tokens", [1, 3, 12])
 def test_gemv_path_within_derived_bound(folders, tokens):
     """float32 compute: decode (<= 8 tokens per expert: fused GEMV) and mixed batches (an expert with
@@ -133,7 +75,7 @@ def test_gemv_path_within_derived_bound(folders, tokens):
     w = torch.rand(tokens, 2, generator=g)
     with torch.no_grad():
         got = m(x, idx, w).double()
-    ref, bound = _reference_and_bound(m, x, idx, w)
+    ref, bound = experts_reference_and_bound(m, x, idx, w)
     assert ((got - ref).abs() <= bound).all()
 
 
@@ -250,3 +192,29 @@ def test_device_map_with_disk_offload_gives_the_same_logits(folders):
         placed = load_quantized(q, device_map="auto", max_memory={"cpu": "60KB"})
     assert "disk" in set(placed.hf_device_map.values())
     assert torch.equal(_logits(placed), _logits(load_quantized(q)))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_save_pretrained_writes_the_source_expert_records(folders, name, tmp_path):
+    """save_pretrained of a loaded model writes every expert's bnb record again under the checkpoint's
+    names (Mixtral's block_sparse_moe.experts.<e>.w1 too): the same keys as the source folder, the expert
+    tensors equal (nested codes, nested absmax, offset in the quant-state JSON), and the saved folder
+    loads to the same logits."""
+    from safetensors.torch import load_file
+
+    q, _ = folders(name)
+    model = load_quantized(q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "saved")
+    src, saved = {}, {}
+    for folder, tensors in ((q, src), (tmp_path / "saved", saved)):
+        for f in sorted(folder.glob("*.safetensors")):
+            tensors.update(load_file(f))
+    assert set(saved) == set(src)
+    experts = [k for k in src if ".experts." in k]
+    assert experts
+    for key in experts:
+        assert saved[key].dtype == src[key].dtype, key
+        assert torch.equal(saved[key], src[key]), key
+    assert torch.equal(_logits(load_quantized(tmp_path / "saved")), _logits(model))

@@ -1,0 +1,193 @@
+"""Per-expert bnb records <-> one layer buffer, for :class:`converter.loader.moe.QuantExperts4bit`.
+
+Loading (:func:`stack_records`): the per-expert records of a layer go into ``packed [E, gate + up +
+down bytes]`` and ``absmax [E, gate + up + down blocks]`` float32 (nested absmax decoded as the
+kernels decode it), allocated on the target device, so each piece is copied once, from the shard
+mapping straight to the device. A nested record's nested codes, nested absmax and offset are kept
+too, on the host (about 1/32 of the codes' bytes): they are what the converter wrote, and saving
+needs them.
+
+Saving (:func:`expert_state_dict`): ``save_pretrained`` / ``state_dict`` of a model with 4-bit
+experts writes one bnb record per expert per projection under the checkpoint's names
+(``experts.<e>.gate_proj.weight`` + ``.absmax`` / ``.quant_map`` / ``.nested_*`` /
+``.quant_state.bitsandbytes__nf4``), the same tensors as the folder it was loaded from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from converter.errors import InputError
+from converter.loader import ops
+from converter.loader.module import state_from_record
+from formats.quant_types import NESTED_BLOCKSIZE, QuantType
+from formats.record import NestedAbsmax, QuantizedTensor
+
+ROLES = ("gate", "up", "down")
+
+
+class MoeLoadError(InputError):
+    """A folder's expert tensors do not fit the model's experts modules."""
+
+
+@dataclass
+class ExpertsLayout:
+    """Where each projection of an expert sits in the layer's buffers (offsets within one expert's row)."""
+
+    hidden: int
+    inter: int
+    blocksize: int
+
+    def shape(self, role: str) -> tuple[int, int]:
+        return (self.hidden, self.inter) if role == "down" else (self.inter, self.hidden)
+
+    def numel(self, role: str) -> int:
+        return self.inter * self.hidden
+
+    def blocks(self, role: str) -> int:
+        return self.numel(role) // self.blocksize
+
+    def nested_blocks(self, role: str) -> int:
+        return -(-self.blocks(role) // NESTED_BLOCKSIZE)
+
+    def offsets(self, role: str) -> tuple[int, int, int]:
+        """(byte offset, block offset, nested-absmax offset) of ``role`` in an expert's rows."""
+        i = ROLES.index(role)
+        before = ROLES[:i]
+        return (
+            sum(self.numel(r) // 2 for r in before),
+            sum(self.blocks(r) for r in before),
+            sum(self.nested_blocks(r) for r in before),
+        )
+
+    def totals(self) -> tuple[int, int, int]:
+        return (
+            sum(self.numel(r) // 2 for r in ROLES),
+            sum(self.blocks(r) for r in ROLES),
+            sum(self.nested_blocks(r) for r in ROLES),
+        )
+
+
+@dataclass
+class StackedExperts:
+    packed: torch.Tensor  # uint8 [E, bytes]
+    absmax: torch.Tensor  # float32 [E, blocks]
+    quant_map: torch.Tensor  # float32 [16]
+    blocksize: int
+    quant_type: QuantType
+    dtype: str
+    proj_names: tuple[str, str, str]  # checkpoint leaf of gate, up, down ("gate_proj"... or "w1", "w3", "w2")
+    nested: (
+        dict[str, torch.Tensor] | None
+    )  # codes [E, blocks] u8, absmax [E, nested] f32, offset [E, 3], map [256]
+
+
+def stack_records(
+    experts: dict[int, dict[str, tuple[str, Any]]],
+    where: str,
+    name: str,
+    hidden: int,
+    inter: int,
+    device: torch.device,
+) -> StackedExperts:
+    """The layer's buffers on ``device`` from its per-expert records (checked against the model's shapes)."""
+    first_key, first = experts[0]["gate"]
+    bs, qt, dtype = first.blocksize, first.quant_type, first.dtype
+    if (inter * hidden) % bs:
+        msg = f"{where}: {name}: {inter}x{hidden} expert weights do not fill whole {bs}-element blocks"
+        raise MoeLoadError(msg)
+    lay = ExpertsLayout(hidden, inter, bs)
+    n_bytes, n_blocks, n_nested = lay.totals()
+    num = len(experts)
+    packed = torch.empty(num, n_bytes, dtype=torch.uint8, device=device)
+    absmax = torch.empty(num, n_blocks, dtype=torch.float32, device=device)
+    quant_map = first.quant_map.float().contiguous()
+    nested_map = first.nested.nested_quant_map.float().contiguous() if first.nested is not None else None
+    keep_nested = nested_map is not None
+    if keep_nested:  # on the host: only saving reads them
+        codes = torch.empty(num, n_blocks, dtype=torch.uint8)
+        nabs = torch.empty(num, n_nested, dtype=torch.float32)
+        offsets = torch.empty(num, len(ROLES), dtype=torch.float32)
+    names = []
+    for role in ROLES:
+        key = experts[0][role][0]
+        names.append(key.rsplit(".", 2)[-2])
+    for e in range(num):
+        for r, role in enumerate(ROLES):
+            key, rec = experts[e][role]
+            if not isinstance(rec, QuantizedTensor):
+                msg = f"{where}: {key!r} is not quantized but other experts of {name!r} are; convert again"
+                raise MoeLoadError(msg)
+            if tuple(rec.shape) != lay.shape(role):
+                msg = f"{where}: {key!r} has shape {list(rec.shape)}, the model wants {list(lay.shape(role))}"
+                raise MoeLoadError(msg)
+            if (
+                rec.blocksize != bs
+                or rec.quant_type != qt
+                or not torch.equal(rec.quant_map.float(), quant_map)
+            ):
+                msg = f"{where}: {key!r} is quantized differently from {first_key!r} (type, blocksize or map)"
+                raise MoeLoadError(msg)
+            po, ao, no = lay.offsets(role)
+            data = ops.packed_bytes(rec.packed)
+            packed[e, po : po + data.numel()] = data
+            amax = ops.decoded_absmax(state_from_record(rec)).reshape(-1)
+            absmax[e, ao : ao + amax.numel()] = amax
+            if keep_nested and (
+                rec.nested is None or not torch.equal(rec.nested.nested_quant_map.float(), nested_map)
+            ):
+                keep_nested = False  # mixed records: saving writes plain float32 absmax (the same values)
+            if keep_nested:
+                codes[e, ao : ao + rec.absmax.numel()] = rec.absmax.reshape(-1)
+                na = rec.nested.nested_absmax.reshape(-1)
+                nabs[e, no : no + na.numel()] = na
+                offsets[e, r] = rec.nested.offset
+    nested = None
+    if keep_nested:
+        nested = {"codes": codes, "absmax": nabs, "offset": offsets, "map": nested_map}
+    return StackedExperts(
+        packed, absmax, quant_map.to(device), bs, qt, dtype, (names[0], names[1], names[2]), nested
+    )
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor with storage of its own (slices of one buffer would be shared tensors to the saver)."""
+    return t.detach().to("cpu", copy=True)
+
+
+def expert_state_dict(module: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """The per-expert bnb records of a QuantExperts4bit under ``prefix`` (``...experts.``), on the CPU."""
+    lay = ExpertsLayout(module.hidden_dim, module.intermediate_dim, module.blocksize)
+    qt = QuantType.parse(module.quant_type)
+    nested = module.nested_buffers()
+    out: dict[str, torch.Tensor] = {}
+    for e in range(module.num_experts):
+        for r, role in enumerate(ROLES):
+            po, ao, no = lay.offsets(role)
+            n_bytes, nb, nn_ = lay.numel(role) // 2, lay.blocks(role), lay.nested_blocks(role)
+            packed = _own(module.packed[e, po : po + n_bytes]).reshape(-1, 1)
+            if nested is not None:
+                absmax = _own(nested["codes"][e, ao : ao + nb])
+                extra = NestedAbsmax(
+                    _own(nested["absmax"][e, no : no + nn_]),
+                    _own(nested["map"]),  # a copy per record: the saver rejects shared tensors
+                    float(nested["offset"][e, r]),
+                )
+            else:
+                absmax, extra = _own(module.absmax[e, ao : ao + nb]), None
+            rec = QuantizedTensor(
+                name=f"{prefix}{e}.{module.proj_names[r]}.weight",
+                shape=lay.shape(role),
+                dtype=module.dtype_name,
+                quant_type=qt,
+                blocksize=lay.blocksize,
+                packed=packed,
+                absmax=absmax,
+                quant_map=_own(module.quant_map),
+                nested=extra,
+            )
+            out.update(rec.state_dict())
+    return out

@@ -1,0 +1,302 @@
+"""MoE experts on CUDA: the grouped GEMV / grouped dequantize kernels (csrc/cuda/gemv_grouped.cu), the
+experts module's decode and prefill, CUDA-graph capture and torch.compile.
+
+Needs an NVIDIA GPU and the CUDA backend (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from error_bounds import U32, dot_bound, gemv_arithmetic, worst_ratio
+from moe_helpers import experts_reference_and_bound
+
+from converter import kernels
+from converter.loader import moe as moe_loader
+from converter.loader import moe_cuda
+from converter.loader.model import load_quantized
+from converter.loader.moe import QuantExperts4bit, moe_modules
+from formats.codebooks import NF4
+from formats.quant_types import QuantType
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not moe_cuda.available(), reason="no CUDA device / CUDA MoE kernels"
+    ),
+]
+
+
+def _experts(num: int, out_f: int, in_f: int, bs: int, pad_bytes: int, pad_blocks: int, seed: int = 0):
+    """A layer-like buffer: per expert a pad region (as gate_up sits before down), then one [out, in]
+    weight. Returns (packed, absmax, quant_map, decoded float32 weights [num, out, in]) on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.zeros(num, pad_bytes + out_f * in_f // 2, dtype=torch.uint8)
+    absmax = torch.zeros(num, pad_blocks + out_f * in_f // bs)
+    qmap = torch.tensor(NF4, dtype=torch.float32)
+    decoded = []
+    for e in range(num):
+        p, a = kernels.quantize_4bit(
+            torch.randn(out_f, in_f, generator=g) * 0.05, blocksize=bs, quant_type=QuantType.NF4
+        )
+        packed[e, pad_bytes:], absmax[e, pad_blocks:] = p, a
+        w = kernels.dequantize_4bit(
+            p, a, n=out_f * in_f, blocksize=bs, quant_map=qmap, out_dtype=torch.float32
+        )
+        decoded.append(w.view(out_f, in_f))
+    return packed, absmax, qmap, torch.stack(decoded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "bs", "tokens", "k"),
+    [
+        (1536, 2048, 64, 1, 8),
+        (2048, 768, 64, 1, 8),
+        (96, 128, 64, 3, 2),
+        (33, 4096, 256, 2, 3),
+        (40, 96, 32, 8, 1),
+    ],
+)
+def test_grouped_gemv_within_derived_bound(dtype, out_f, in_f, bs, tokens, k):
+    """Every (token, slot) row against the float64 product with its expert's decoded weight; the bound
+    is the CPU grouped kernel's arithmetic (block sums of quant_map[q] * x scaled by absmax: 2^-24 per
+    weight, float32 FMA accumulation in any order: gamma_K, one rounding to x's dtype). The CPU grouped
+    kernel meets the same bound on the same rows."""
+    experts, pad_bytes, pad_blocks = 6, 48, 3
+    packed, absmax, qmap, w = _experts(experts, out_f, in_f, bs, pad_bytes, pad_blocks, seed=out_f)
+    g = torch.Generator().manual_seed(in_f)
+    ids = torch.randint(0, experts, (tokens * k,), generator=g)
+    x = torch.randn(tokens, in_f, generator=g).to(dtype)
+    args = dict(
+        byte_offset=pad_bytes, block_offset=pad_blocks, out_features=out_f, in_features=in_f, blocksize=bs
+    )
+    y = moe_cuda.grouped_gemv(
+        x.cuda(), ids.cuda(), packed.cuda(), absmax.cuda(), qmap.cuda(), x_share=k, **args
+    ).cpu()
+    y_cpu = moe_loader._grouped_gemv_rows(x, ids, packed, absmax, qmap, x_share=k, **args)
+    assert y.dtype == dtype
+    assert y.shape == (tokens * k, out_f)
+    for row, e in enumerate(ids.tolist()):
+        ref, bound = dot_bound(
+            x[row // k : row // k + 1], w[e], out_dtype=dtype, **gemv_arithmetic("cpu", dtype)
+        )
+        for name, got in (("cuda", y), ("cpu", y_cpu)):
+            worst = worst_ratio(got[row : row + 1], ref, bound)
+            assert worst <= 1.0, f"{name} row {row} (expert {e}): {worst:.2f}x the derived bound"
+
+
+def test_grouped_gemv_unknown_expert_gives_nan_rows():
+    """The ids never reach the host: an id outside the layer's experts cannot raise, it poisons its row."""
+    packed, absmax, qmap, _ = _experts(3, 64, 128, 64, 0, 0)
+    ids = torch.tensor([0, 7, 2, -1], device="cuda")
+    x = torch.randn(4, 128, dtype=torch.bfloat16, device="cuda")
+    y = moe_cuda.grouped_gemv(
+        x, ids, packed.cuda(), absmax.cuda(), qmap.cuda(), x_share=1, byte_offset=0, block_offset=0,
+        out_features=64, in_features=128, blocksize=64,
+    ).cpu()  # fmt: skip
+    assert torch.isnan(y[[1, 3]]).all()
+    assert torch.isfinite(y[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_grouped_dequantize_equals_dequantize_4bit(dtype):
+    """Bit-identical to dequantize_4bit of each listed expert's region (same decode, one rounding)."""
+    pad_bytes, pad_blocks, out_f, in_f, bs = 64, 2, 48, 256, 64
+    packed, absmax, qmap, _ = _experts(5, out_f, in_f, bs, pad_bytes, pad_blocks)
+    ids = torch.tensor([4, 1, 1, 3])
+    got = moe_cuda.grouped_dequantize(
+        ids.cuda(), packed.cuda(), absmax.cuda(), qmap.cuda(), byte_offset=pad_bytes, block_offset=pad_blocks,
+        n=out_f * in_f, blocksize=bs, dtype=dtype,
+    ).cpu()  # fmt: skip
+    for i, e in enumerate(ids.tolist()):
+        ref = kernels.dequantize_4bit(
+            packed[e, pad_bytes:].contiguous(), absmax[e, pad_blocks:].contiguous(), n=out_f * in_f,
+            blocksize=bs, quant_map=qmap, out_dtype=dtype,
+        )  # fmt: skip
+        assert torch.equal(got[i], ref), i
+
+
+def test_grouped_matmul_within_derived_bound():
+    """Prefill's grouped matmul (torch's grouped_mm for bf16 on sm80+, else one F.linear per expert):
+    each expert's rows against float64, bf16 inputs exact, tensor-core float32 accumulators that may
+    truncate instead of rounding (unit roundoff 2^-23: gamma_K), one rounding to bf16."""
+    g = torch.Generator().manual_seed(1)
+    counts = [3, 1, 8, 5]
+    x = torch.randn(sum(counts), 256, generator=g).to(torch.bfloat16).cuda()
+    w = (torch.randn(len(counts), 96, 256, generator=g) * 0.05).to(torch.bfloat16).cuda()
+    y = moe_cuda._linear_sorted(x, w, counts)
+    start = 0
+    for i, n in enumerate(counts):
+        ref, bound = dot_bound(x[start : start + n], w[i], out_dtype=torch.bfloat16, acc_u=2 * U32)
+        assert worst_ratio(y[start : start + n], ref, bound) <= 1.0, i
+        start += n
+
+
+def _cuda_experts(folders) -> QuantExperts4bit:
+    q, _ = folders("qwen3_moe")
+    return next(iter(moe_modules(load_quantized(q, device="cuda")).values()))
+
+
+def _routing(m: QuantExperts4bit, tokens: int, k: int, seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, m.hidden_dim, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=g).to(dtype)
+    return x.cuda(), idx.cuda(), w.cuda()
+
+
+#: The fused decode's silu (csrc/cuda/gemv_grouped.cu): expf within 2 ulp (4u, CUDA's documented bound
+#: without fast math), 1 + e rounded (u), the division rounded (u): 6u to first order, 7u with margin
+#: for the products of these terms.
+CUDA_SILU_U = 7 * U32
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8, 12, 40])
+def test_module_within_derived_bound(folders, tokens):
+    """float32 compute on CUDA: decode (<= 8 tokens: the fused grouped GEMVs) and prefill (sorted by
+    expert, grouped dequantize, one matmul per hit expert) within the derived float32 bound of the
+    exact result."""
+    m = _cuda_experts(folders)
+    m.compute_dtype = torch.float32
+    assert m.packed.is_cuda
+    x, idx, w = _routing(m, tokens, 2, tokens)
+    with torch.no_grad():
+        got = m(x, idx, w).double().cpu()
+    ref, bound = experts_reference_and_bound(m, x, idx, w, silu_u=CUDA_SILU_U)
+    assert ((got - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_decode_16bit_within_derived_bound(folders, tokens, dtype):
+    """16-bit decode (the fused path: float32 inside each kernel): h = silu(g) * up is rounded once to the
+    16-bit dtype after its float32 product (u + u16 + u u16), the weighted sum once at the end (u16);
+    x and the routing weights are 16-bit values used exactly."""
+    m = _cuda_experts(folders)
+    m.compute_dtype = dtype  # x used as given (a bf16 compute dtype would round an fp16 x)
+    x, idx, w = _routing(m, tokens, 2, 100 + tokens, dtype)
+    with torch.no_grad():
+        got = m(x, idx, w)
+    assert got.dtype == dtype
+    u16 = torch.finfo(dtype).eps / 2
+    ref, bound = experts_reference_and_bound(
+        m, x, idx, w, silu_u=CUDA_SILU_U, h_u=U32 + u16 + U32 * u16, out_u=u16
+    )
+    assert ((got.double().cpu() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("tokens", [12, 40])
+def test_bf16_prefill_within_derived_bound(folders, tokens):
+    """bf16 prefill (sorted by expert, grouped dequantize, grouped matmul): weights dequantized to bf16
+    (u16 each), tensor-core float32 accumulation (2^-23: gamma_K), every intermediate rounded to bf16 as
+    torch's bf16 ops round it (gate/up, silu on top of its float32 evaluation, h, the down output, the
+    routing product), the k slots summed in float32, one final rounding to bf16."""
+    m = _cuda_experts(folders)
+    m.compute_dtype = torch.bfloat16
+    x, idx, w = _routing(m, tokens, 2, 200 + tokens, torch.bfloat16)
+    with torch.no_grad():
+        got = m(x, idx, w)
+    u16 = torch.finfo(torch.bfloat16).eps / 2
+    ref, bound = experts_reference_and_bound(
+        m, x, idx, w, weight_rel=u16, acc_u=2 * U32, pre_u=u16, silu_u=4 * U32 + u16 + 4 * U32 * u16,
+        h_u=u16, y_u=u16, wy_u=u16, out_u=u16,
+    )  # fmt: skip
+    assert ((got.double().cpu() - ref).abs() <= bound).all()
+
+
+def test_decode_in_a_cuda_graph_follows_new_routing(folders):
+    """Captured once, replayed with other tokens and other experts: the kernel reads the ids on the
+    device, so each replay equals an eager call with that routing, bit for bit."""
+    m = _cuda_experts(folders)
+    with torch.no_grad():
+        x, idx, w = _routing(m, 2, 2, 0, torch.bfloat16)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            m(x, idx, w)  # warm-up on a side stream, as torch.cuda.graph requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(x, idx, w)
+        for seed in (1, 2, 3):
+            x2, idx2, w2 = _routing(m, 2, 2, seed, torch.bfloat16)
+            x.copy_(x2)
+            idx.copy_(idx2)
+            w.copy_(w2)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, m(x2, idx2, w2)), seed
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from converter.loader.model import load_quantized
+    from converter.loader.moe import moe_modules
+    m = next(iter(moe_modules(load_quantized(sys.argv[1], device="cuda")).values()))
+    g = torch.Generator().manual_seed(0)
+    for mode in ("default", "reduce-overhead"):
+        compiled = torch.compile(m, fullgraph=True, mode=mode)
+        for tokens in (1, 3):
+            x = torch.randn(tokens, m.hidden_dim, generator=g).to(torch.bfloat16).cuda()
+            idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)]).cuda()
+            w = torch.rand(tokens, 2, generator=g).to(torch.bfloat16).cuda()
+            with torch.no_grad():
+                eager = m(x, idx, w)
+                for _ in range(3):  # warm-up, record, replay (reduce-overhead)
+                    got = compiled(x, idx, w).clone()
+            assert torch.equal(got, eager), (mode, tokens)
+    print("ok")
+    """
+)
+
+
+def test_torch_compile_fullgraph_and_reduce_overhead(folders):
+    """The experts forward is one custom op whose CUDA kernel never syncs: fullgraph compiles, inductor
+    and CUDA-graph replays give the eager bits. A subprocess, because `make test` disables dynamo."""
+    q, _ = folders("qwen3_moe")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, str(q)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("ok")
+
+
+def test_model_generates_on_cuda(folders):
+    """Whole model on the GPU (grouped prefill, then grouped-GEMV decode steps): runs end to end and
+    gives valid ids of the asked length."""
+    q, _ = folders("qwen3_moe")
+    ids = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 11, 90, 3, 45]], device="cuda")
+    fast = load_quantized(q, device="cuda")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, **kw)
+    assert out.shape == (1, ids.shape[1] + 6)
+    assert int(out.max()) < fast.config.vocab_size
+
+
+def test_loaded_on_the_gpu_saves_the_source_records(folders, tmp_path):
+    """device="cuda": the experts' codes and absmax are on the GPU (stacked there directly), the nested
+    codes kept for saving on the host; save_pretrained writes the source folder's expert tensors."""
+    from safetensors.torch import load_file
+
+    q, _ = folders("qwen3_moe")
+    model = load_quantized(q, device="cuda")
+    for m in moe_modules(model).values():
+        assert m.packed.is_cuda
+        assert m.absmax.is_cuda
+        assert all(t.device.type == "cpu" for t in m.nested_buffers().values())
+    model.save_pretrained(tmp_path / "saved")
+    src, saved = {}, {}
+    for folder, tensors in ((q, src), (tmp_path / "saved", saved)):
+        for f in sorted(folder.glob("*.safetensors")):
+            tensors.update(load_file(f))
+    experts = [k for k in src if ".experts." in k]
+    assert experts
+    assert all(torch.equal(saved[k], src[k]) for k in experts)
