@@ -1,6 +1,7 @@
 """LLM.int8 on the CPU, side by side: quantize (ours vs bitsandbytes' CPU op) and the batch-1..8 GEMV.
 
     cd /tmp && python /path/to/bench/bench_int8.py [--repeat 10] [--threads 2] [--clock wall|cpu]
+    cd /tmp && python /path/to/bench/bench_int8.py --device cuda [--iters 50]   (bench_int8_cuda.py)
 
 Quantize: a bf16 [11008, 4096] weight (and [4096, 11008]) to int8 codes + SCB, in Gparam/s. bnb's
 path is what ``Int8Params`` runs: ``.to(float16)`` then ``int8_vectorwise_quant``; a plain copy of the
@@ -15,7 +16,9 @@ import os
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+import argparse
 import logging
+import sys
 import warnings
 
 import bitsandbytes as bnb  # registers torch.ops.bitsandbytes (the side-by-side oracle)
@@ -87,6 +90,15 @@ def bench_gemv(repeat: int, threads: int) -> None:
 
 
 def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    known, rest = pre.parse_known_args()
+    if known.device == "cuda":  # its own options: bench_int8_cuda.py --help
+        import bench_int8_cuda
+
+        bench_int8_cuda.main(rest)
+        return
+    sys.argv = [sys.argv[0], *rest]
     args = parse_args(__doc__.splitlines()[0], default_repeat=10)
     bench_quantize(args.repeat, args.threads)
     bench_gemv(args.repeat, args.threads)

@@ -101,8 +101,8 @@ def run_row(args: argparse.Namespace) -> dict:
     from transformers.generation import utils as _generation  # noqa: F401  (imported before the baseline)
 
     from converter import samples
+    from converter.loader.estimate import estimate
     from converter.loader.model import load_quantized
-    from converter.loader.placement import estimate
     from converter.loader.state import shard_files
 
     folder = Path(args.model)
@@ -194,8 +194,8 @@ def run_cuda(args: argparse.Namespace) -> None:
     """Ours vs transformers + bnb, same device_map, about half of the model on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from converter.loader.estimate import estimate
     from converter.loader.model import load_quantized
-    from converter.loader.placement import estimate
 
     folder = Path(args.model)
     _, sizes = estimate(folder, {"": 0})

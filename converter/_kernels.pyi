@@ -324,6 +324,22 @@ def cuda_dequantize_int8(
 ) -> None:
     """CUDA int8 dequantize to out_dtype."""
 
+def cuda_gemv_int8(
+    device: int,
+    x: int,
+    dtype: int,
+    batch: int,
+    N: int,
+    K: int,
+    codes: int,
+    scb: int,
+    bias: int,
+    y: int,
+    stream: int,
+    variant: int = 0,
+) -> None:
+    """CUDA int8 GEMV (csrc/cuda/gemv_int8.cu): y[b, n] = x @ (codes * SCB / 127).T (+ bias, 0 = none)."""
+
 # Torch-free --device cuda (csrc/cuda/host_pipeline.*, bindings_host_pipeline.cpp; caller:
 # converter/cuda_host.py). Host buffers are numpy addresses, kept alive until wait() returns.
 

@@ -50,3 +50,11 @@ class OutputExistsError(InputError):
 
 class ConversionFailedError(ConverterError):
     """The conversion started but could not finish (disk full, I/O error...)."""
+
+
+class NonFiniteInputError(ValueError):
+    """The tensor handed to a quantize kernel holds NaN or Inf: its blocks cannot be scaled to [-1, 1].
+
+    A ValueError (a bad argument of the kernel API), raised by every kernel path (numpy, torch, CUDA);
+    the pipeline turns it into NonFiniteTensorError naming the file and tensor.
+    """

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -77,21 +77,3 @@ class HostQuantizer:
             done = [(name, self.quantize(name, x, dtype))]
             del x  # the caller's map is dropped once quantized
             yield done.pop()
-
-
-def make_host_quantizer(
-    quant_type: QuantType, blocksize: int, nested: bool, device: str, threads: int | None
-) -> Any:
-    """The quantizer for ``device`` ("cpu", "cuda", "cuda:N"): ``HostQuantizer``, or
-    ``converter.cuda_host.CudaHostQuantizer`` (no torch either); a CPU one with ``fallback_reason`` set
-    when the CUDA backend is unusable (same bytes)."""
-    if device == "cpu":
-        return HostQuantizer(quant_type, blocksize, nested, threads=threads)
-    from converter import cuda_host
-
-    usable, why = cuda_host.cuda_status()
-    if not usable:
-        reason = f"--device {device}: {why}; quantizing on the CPU instead (same bytes, slower)"
-        return HostQuantizer(quant_type, blocksize, nested, threads=threads, fallback_reason=reason)
-    index = cuda_host.device_index(device)
-    return cuda_host.CudaHostQuantizer(quant_type, blocksize, nested, index, threads=threads)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from converter.kernels_np import NonFiniteInputError  # noqa: F401  (one type for torch and numpy paths)
+from converter.errors import NonFiniteInputError  # noqa: F401  (one type for torch and numpy paths)
 from formats.quant_types import check_blocksize, n_blocks, n_nested_blocks
 
 #: Input / output element types of every kernel.

@@ -184,17 +184,27 @@ def dequantize_int8(
 
 
 def gemv_int8(
-    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, *, isa: str = "auto", threads: int | None = None
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scb: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    isa: str = "auto",
+    threads: int | None = None,
 ) -> torch.Tensor:
-    """Fused int8 GEMV / small-batch GEMM: ``y[b, o] = sum_k x[b, k] * codes[o, k] * SCB[o] / 127`` (no bias).
+    """Fused int8 GEMV / small-batch GEMM: ``y[b, o] = sum_k x[b, k] * codes[o, k] * SCB[o] / 127 (+ b[o])``.
 
-    Accumulates ``x * q`` in float32 and scales each row sum once by ``f32(SCB * f32(1/127))``: not
-    byte-exact against dequantize + ``F.linear`` (different rounding order), within float32
-    accumulation error of it.
+    Accumulates ``x * q`` in float32 and scales each row sum once by ``f32(SCB * f32(1/127))``, then
+    rounds to x's dtype: not byte-exact against dequantize + ``F.linear`` (different rounding order),
+    within float32 accumulation error of it. A bias is added afterwards as ``y + bias`` (x's dtype;
+    the CUDA kernel fuses that add with the same bits). CPU (csrc/int8_cpu.cpp) and CUDA
+    (csrc/cuda/gemv_int8.cu, current stream, no host synchronisation) compute the same formula.
 
     Args:
-        x: ``float32 | float16 | bfloat16 [B, in_features]`` (B = 1..8) or ``[in_features]``, contiguous, CPU.
+        x: ``float32 | float16 | bfloat16 [B, in_features]`` (B = 1..8) or ``[in_features]``, contiguous.
         codes: ``int8 [out_features, in_features]``; scb: ``float32 [out_features]``.
+        bias: optional ``[out_features]`` of x's dtype.
+        isa, threads: CPU path and threads (ignored on CUDA).
 
     Returns:
         ``y`` of x's dtype, ``[B, out_features]`` (``[out_features]`` for a 1-D x).
@@ -203,6 +213,8 @@ def gemv_int8(
     _check_tensor("codes", codes, (torch.int8,))
     out_features, in_features = _check_2d("codes", codes)
     _check_tensor("scb", scb, (torch.float32,), out_features)
+    if bias is not None:
+        _check_tensor("bias", bias, (x.dtype,), out_features)
     if x.dim() not in (1, 2) or x.shape[-1] != in_features:
         msg = f"x has shape {tuple(x.shape)}: expected [B, {in_features}] or [{in_features}]"
         raise ValueError(msg)
@@ -213,9 +225,12 @@ def gemv_int8(
             "use dequantize_int8 + F.linear"
         )
         raise ValueError(msg)
-    _check_same_device(x, codes=codes, scb=scb)
-    _check_cpu("x", x)
+    _check_same_device(x, codes=codes, scb=scb, **({} if bias is None else {"bias": bias}))
     _isa(isa)
+    if x.is_cuda:
+        y = _cuda_int8().gemv_int8(x.reshape(batch, in_features), codes, scb, bias)
+        return y if x.dim() == 2 else y[0]
+    _check_cpu("x", x)
     y = torch.empty((batch, out_features), dtype=x.dtype)
     _kernels.gemv_int8(
         x.data_ptr(),
@@ -229,4 +244,6 @@ def gemv_int8(
         isa,
         _threads(threads),
     )
+    if bias is not None:
+        y = y + bias
     return y if x.dim() == 2 else y[0]

@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from converter import _kernels
+from converter.errors import NonFiniteInputError
 from formats.quant_types import (
     NESTED_BLOCKSIZE,
     OFFSET_CHUNK,
@@ -29,7 +30,6 @@ __all__ = [
     "KERNEL_DTYPES",
     "NonFiniteInputError",
     "address",
-    "available_backends",
     "check_input",
     "cpu_backend_info",
     "dequantize_nested",
@@ -44,10 +44,6 @@ KERNEL_DTYPES: dict[str, tuple[str, np.dtype]] = {
     "F16": ("float16", np.dtype("<f2")),
     "BF16": ("bfloat16", np.dtype("<u2")),
 }
-
-
-class NonFiniteInputError(ValueError):
-    """The tensor to quantize holds NaN or Inf: its blocks cannot be scaled to [-1, 1]."""
 
 
 def check_input(x: np.ndarray, dtype: str) -> str:
@@ -181,19 +177,6 @@ def dequantize_nested(
 def cpu_backend_info() -> dict:
     """``{"isa": [...], "threads": int}``: what ``converter.kernels.available_backends()["cpu"]`` says."""
     return {"isa": list(_kernels.cpu_isas()), "threads": int(_kernels.default_threads())}
-
-
-def available_backends() -> dict[str, dict]:
-    """``converter.kernels.available_backends()`` without torch: the "cuda" entry is
-    ``converter.cuda_host.backend_info()`` (what the extension sees; torch is not asked)."""
-    backends = {"cpu": cpu_backend_info()}
-    if _kernels.has_cuda_build():
-        from converter import cuda_host
-
-        info = cuda_host.backend_info()
-        if info is not None:
-            backends["cuda"] = info
-    return backends
 
 
 def _check_extension_layout() -> None:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from converter.errors import InputError, UnsupportedTensorError
 from converter.methods import QuantMethod, get_method, own_options
 from converter.moe import check_mode
-from converter.sources.base import DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
+from converter.sources.base import CODE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
 from formats.quant_types import MAX_BNB_ELEMENTS, QuantType
 from formats.validate import UnsupportedOption
 
@@ -29,8 +29,6 @@ _DTYPE_ALIASES = {
     "half": "float16",
     "float": "float32",
 }
-#: safetensors code -> torch dtype name (the model dtype written to config.json).
-CODE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 #: Storage dtypes bitsandbytes accepts for packed weights (bnb_4bit_quant_storage).
 QUANT_STORAGES = {"uint8": "U8", "int8": "I8", "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 

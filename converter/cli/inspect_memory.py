@@ -45,7 +45,7 @@ def parse_max_memory(items: tuple[str, ...]) -> dict[str, str] | None:
 
 def show_memory(app: App, path: Path, device_map: str, max_memory: tuple[str, ...], dtype: str) -> None:
     """Print the plan and the bytes per device (a table, or JSON with --json)."""
-    from converter.loader.placement import estimate
+    from converter.loader.estimate import estimate
 
     plan, per_device = estimate(path, parse_device_map(device_map), parse_max_memory(max_memory), dtype)
     if app.json:

@@ -1,6 +1,6 @@
 """Dequantize and GEMV of LLM.int8 weights for the loader, as torch custom ops.
 
-``torch.ops.quantize_model.dequantize_int8(codes, scb, dtype)`` and ``gemv_int8(x, codes, scb)`` are
+``torch.ops.quantize_model.dequantize_int8(codes, scb, dtype)`` and ``gemv_int8(x, codes, scb, bias)`` are
 ``torch.library`` custom ops (one graph node each under torch.compile, with fake implementations),
 the namespace and convention of the 4-bit ops. CPU tensors run the C++ kernels
 (``converter.kernels_int8``); CUDA tensors the CUDA kernels when the extension has them; any other
@@ -62,12 +62,24 @@ def _(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 @torch.library.custom_op("quantize_model::gemv_int8", mutates_args=(), device_types="cpu")
-def _gemv_op(x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    return _kernels().gemv_int8(x.contiguous(), codes, scb)
+def _gemv_op(
+    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return _kernels().gemv_int8(x.contiguous(), codes, scb, bias)
+
+
+@_gemv_op.register_kernel("cuda")
+def _(
+    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    # csrc/cuda/gemv_int8.cu on torch's current stream, no host sync: capturable in a CUDA graph.
+    return _kernels().gemv_int8(x.contiguous(), codes, scb, bias)
 
 
 @_gemv_op.register_fake
-def _(x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+def _(
+    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     return x.new_empty((x.shape[0], codes.shape[0]))
 
 
@@ -76,11 +88,33 @@ def dequantize(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> to
     return torch.ops.quantize_model.dequantize_int8(codes, scb, dtype)
 
 
+@functools.cache
+def _cuda_gemv_built() -> bool:
+    if not _has_cuda_int8():
+        return False
+    from converter import kernels_int8_cuda
+
+    return kernels_int8_cuda.has_gemv()
+
+
+@torch.compiler.assume_constant_result
+def _has_cuda_gemv() -> bool:
+    """Whether the CUDA int8 GEMV is usable; a constant to dynamo (it asks the extension through
+    pybind, which dynamo cannot trace: without this, fullgraph=True would fail on CUDA inputs)."""
+    return _cuda_gemv_built()
+
+
 def gemv_ok(x2d: torch.Tensor) -> bool:
-    """Whether the fused GEMV takes this call: a CPU tensor of 1..8 tokens and the C++ kernels present."""
-    return x2d.device.type == "cpu" and 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS and _kernels() is not None
+    """Whether the fused GEMV takes this call: 1..8 tokens on the CPU (C++ kernels present) or on a
+    CUDA device (the extension's CUDA backend has the int8 GEMV)."""
+    if not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS or _kernels() is None:
+        return False
+    return x2d.device.type == "cpu" or (x2d.is_cuda and _has_cuda_gemv())
 
 
-def gemv(x2d: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    """y [B, out] = x2d @ W.T through the fused kernel (float32 sums, x's dtype out)."""
-    return torch.ops.quantize_model.gemv_int8(x2d, codes, scb)
+def gemv(
+    x2d: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y [B, out] = x2d @ W.T (+ bias) through the fused kernel (float32 sums, x's dtype out; the
+    bias added as ``y + bias`` in x's dtype)."""
+    return torch.ops.quantize_model.gemv_int8(x2d, codes, scb, bias)

@@ -11,7 +11,8 @@ Forward paths (``x`` in the compute dtype, default the input's):
 
 - default: ``W = f32(f32(q * SCB) * f32(1/127))`` cast to x's dtype, then ``F.linear`` (exact with
   respect to the stored weight; closer to the unquantized model than bnb's int8 x int8 matmul);
-- 1..8 tokens on the CPU: the fused int8 GEMV (float32 sums, the same result within rounding);
+- 1..8 tokens on the CPU or a CUDA device: the fused int8 GEMV (float32 sums, the same result
+  within rounding; on CUDA csrc/cuda/gemv_int8.cu, capturable in a CUDA graph);
 - ``exact=True``: bitsandbytes' ``MatMul8bitLt`` inference math (activations cast to fp16 and
   quantized per token, outlier columns ``|x| >= threshold`` kept in x's dtype, int32 matmul), the same
   bits as bnb's CPU backend; reimplemented in torch, no bitsandbytes needed. Like bnb's, its outlier
@@ -116,9 +117,7 @@ def _forward(x, codes, scb, bias, allow_gemv):
     out_features, in_features = codes.shape
     x2d = x.reshape(-1, in_features)
     if allow_gemv and int8_ops.gemv_ok(x2d):
-        y = int8_ops.gemv(x2d, codes, scb)
-        if bias is not None:
-            y = y + bias
+        y = int8_ops.gemv(x2d, codes, scb, bias)
         return y.reshape(*x.shape[:-1], out_features)
     return F.linear(x, int8_ops.dequantize(codes, scb, x.dtype), bias)
 
@@ -149,7 +148,7 @@ class QuantLinear8bit(nn.Module):
     ``llm_int8_threshold`` (used by the ``exact`` path only); ``compute_dtype`` None means x's dtype.
     """
 
-    #: Use the fused GEMV for 1..8 tokens on the CPU (tests switch it off to compare paths).
+    #: Use the fused GEMV for 1..8 tokens on CPU / CUDA (tests switch it off to compare paths).
     use_gemv: bool = True
 
     def __init__(

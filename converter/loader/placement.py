@@ -193,28 +193,6 @@ def _device_of(name: str, device_map: Mapping[str, Device]) -> Device:
     return found
 
 
-def estimate(
-    folder: str | os.PathLike,
-    device_map: str | Mapping[str, Device] = "auto",
-    max_memory: Mapping[Any, int | str] | None = None,
-    dtype: torch.dtype | str = torch.bfloat16,
-    *,
-    trust_remote_code: bool = False,
-) -> tuple[DeviceMap, dict[str, int]]:
-    """The plan ``load_quantized(folder, device_map=..., max_memory=...)`` makes and the bytes each
-    device will hold, from the shard headers and the meta skeleton alone (no weight data is read)."""
-    from converter.loader.model import build_skeleton
-    from converter.loader.module import dtype_from_name
-    from converter.loader.state import load_quantized_state, resolve_folder
-
-    path = resolve_folder(folder)
-    state = load_quantized_state(path, verify=False)
-    model, _ = build_skeleton(path, state, dtype_from_name(dtype), trust_remote_code=trust_remote_code)
-    model.tie_weights()  # tied weights count once, as in the loaded model
-    plan = plan_device_map(model, device_map, max_memory)
-    return plan, bytes_per_device(model, plan)
-
-
 # -- dispatch ---------------------------------------------------------------------------------------------
 def accelerator_device(device: Device) -> torch.device:
     """The torch device a device_map value executes on: GPU index ``i`` -> ``cuda:i``, "cpu"/"disk" -> cpu."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from converter.methods.base import QuantMethod
+from converter.sources.base import CODE_NAMES
 
 if TYPE_CHECKING:
     from converter.plan import Options, Plan, PlannedTensor
@@ -20,8 +21,6 @@ _TABLE_BYTES = 16 * 4 + 256 * 4 + 1024
 
 
 def _dtype_name(code: str) -> str:
-    from converter.plan import CODE_NAMES
-
     return CODE_NAMES[code]
 
 
@@ -86,7 +85,7 @@ class Bnb4bitMethod(QuantMethod):
         )
 
     def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
-        from converter.host_quantizer import make_host_quantizer
+        from converter.host_backends import make_host_quantizer
 
         return make_host_quantizer(self._qtype(), options.blocksize, options.double_quant, device, threads)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from converter.methods.base import QuantMethod
+from converter.sources.base import CODE_NAMES
 
 if TYPE_CHECKING:
     from converter.plan import Options, Plan, PlannedTensor
@@ -133,6 +134,4 @@ class Int8Method(QuantMethod):
 
 
 def _dtype_name(code: str) -> str:
-    from converter.plan import CODE_NAMES
-
     return CODE_NAMES[code]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from converter.sources.fp8_layout import block_fp8_problem, block_size
+
 #: safetensors dtype codes the converter reads (as written in a safetensors header).
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
 #: Float dtypes that can be quantized to 4 bit (the kernels take f32, f16, bf16).
@@ -19,6 +21,8 @@ QUANTIZABLE_DTYPES = frozenset({"F32", "F16", "BF16"})
 #: dtypes that only appear in already-quantized checkpoints.
 FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4"})
 
+#: safetensors code -> torch dtype name (the model dtype written to config.json).
+CODE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 #: Bytes per element of each safetensors dtype code.
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8,
@@ -173,8 +177,6 @@ def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | No
     """
     qc = (config or {}).get("quantization_config")
     if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "fp8":
-        from converter.fp8 import block_fp8_problem, block_size  # torch: FP8 configs only
-
         if block_size(config) is not None:
             return block_fp8_problem(config, tensors)
     if config and config.get("quantization_config"):

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings_cuda_int8.h"
 #include "bindings_host_pipeline.h"
 #include "qm_cuda.h"
 
@@ -171,6 +172,7 @@ void register_cuda(py::module_& m) {
       py::arg("device"), py::arg("codes"), py::arg("scb"), py::arg("rows"), py::arg("cols"), py::arg("out_dtype"),
       py::arg("out"), py::arg("stream"));
 
+  register_cuda_int8(m);  // cuda_gemv_int8 (bindings_cuda_int8.cpp)
   register_cuda_host_pipeline(m);  // the torch-free --device cuda quantizer
   register_moe_cuda(m);
 }

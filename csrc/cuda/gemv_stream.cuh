@@ -17,12 +17,14 @@ constexpr int kStreamLast = 18;
 constexpr int kMmaAuto = 20;  // the tensor-core kernel of gemv_mma.cu with its own split choice
 inline bool is_stream_variant(int v) { return v >= kStreamAuto && v <= kStreamLast; }
 
-// THE default selector: whether variant 0 (the default) takes this kernel for a shape. Set from
-// bench/bench_gemv_cuda.py's H200 table (a one-line change); until measured, the default stays the
-// gemv_mma.cu kernel.
+// THE default selector: whether variant 0 (the default) takes this kernel for a shape (where
+// gemv_stream_supported; else the gemv_mma.cu / CUDA-core kernels). Set from bench/bench_gemv_cuda.py's
+// table (a one-line change). Untimed on A100-class GPUs, where it fits one block per SM.
 inline bool gemv_stream_preferred(int64_t N, int64_t K, int batch) {
+  // Measured on an H200 (bench/bench_gemv_cuda.py, docs/benchmarks.md, 2026-12-04): faster than the
+  // tensor-core kernel on all 14 shape x batch rows (28672x8192 batch 1: 85% of the copy floor vs 66%).
   (void)N, (void)K, (void)batch;
-  return false;
+  return true;
 }
 
 // Layouts this kernel takes: 16-bit x, K % 256 == 0 and K % blocksize == 0, blocksize >= 64 (a

@@ -15,7 +15,8 @@ import pytest
 
 from converter import _kernels, cuda_host, kernels_np, pipeline
 from converter.errors import InputError
-from converter.host_quantizer import HostQuantizer, make_host_quantizer
+from converter.host_backends import make_host_quantizer
+from converter.host_quantizer import HostQuantizer
 from formats.quant_types import QuantType
 
 CODES = {v: k for k, v in cuda_host.DTYPE_CODES.items()}

@@ -95,7 +95,8 @@ def test_stream_blocksizes_and_fp4(blocksize):
             weight, w_deq = _weight(out_f, in_f, blocksize, nested, seed=blocksize + j)
             for batch in (1, 4, 8):
                 _check(weight, w_deq, batch, torch.bfloat16, (STREAM,), f"({out_f}x{in_f}, bs {blocksize})")
-    weight, w_deq = _weight(300, 2048, blocksize, True, quant_type=QuantType.FP4, seed=7)
+    # K = max(2048, blocksize): whole blocks per row (blocksize 4096 needs K >= 4096).
+    weight, w_deq = _weight(300, max(2048, blocksize), blocksize, True, quant_type=QuantType.FP4, seed=7)
     _check(weight, w_deq, 2, torch.float16, (STREAM,), f"FP4 bs {blocksize}")
 
 

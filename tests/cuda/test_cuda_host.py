@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converter import cuda_host, kernels_np
+from converter import cuda_host, host_backends, kernels_np
 from converter.host_quantizer import HostQuantizer
 from formats.quant_types import QuantType
 
@@ -109,4 +109,4 @@ def test_status_and_device_list_without_torch() -> None:
     info = cuda_host.backend_info()
     assert info is not None
     assert info["devices"][0]["total_memory"] > 0
-    assert kernels_np.available_backends()["cuda"] == info
+    assert host_backends.available_backends()["cuda"] == info

@@ -1,6 +1,6 @@
 """CUDA int8 kernels vs the CPU ones: the same bytes (codes, SCB, dequantized weights) for both scales.
 
-Skipped without a GPU (this branch was written without GPU time: these tests have not run yet).
+Skipped without a GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def _weight(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(4, 7), (37, 1000), (300, 4096)])
+# (4, 7): the element kernel; the others the vector kernel (cols % 8 == 0), 11008 and 8200 with
+# groups past the 8192 columns a thread holds in registers (read twice).
+@pytest.mark.parametrize("shape", [(4, 7), (37, 1000), (300, 4096), (6, 8200), (5, 11008)])
 @pytest.mark.parametrize("scale", ["cpu", "cuda"])
 def test_quantize_same_bytes_as_cpu(dtype, shape, scale) -> None:
     x = _weight(*shape, dtype, seed=shape[1])
@@ -57,3 +59,15 @@ def test_nan_is_refused_and_quantizer_runs_on_the_gpu() -> None:
     w = _weight(16, 64, torch.bfloat16, seed=3)
     ((_, r),) = q.quantize_many([("w", w)])
     assert torch.equal(r.codes, kernels_int8.quantize_int8(w)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_input_takes_the_element_kernel_with_the_same_bytes(dtype) -> None:
+    x = _weight(8, 1024, dtype, seed=9)
+    buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    xd = buf[1:].view(8, 1024)  # one element past a 16-byte boundary: not the vector kernel
+    xd.copy_(x)
+    q, s = kernels_int8.quantize_int8(x)
+    qd, sd = kernels_int8.quantize_int8(xd)
+    assert torch.equal(qd.cpu(), q)
+    assert torch.equal(sd.cpu().view(torch.int32), s.view(torch.int32))

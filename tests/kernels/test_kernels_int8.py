@@ -150,6 +150,17 @@ def test_gemv_matches_dequantize_matmul(dtype, batch, in_features):
     assert torch.equal(k8.gemv_int8(x[0].contiguous(), q, scb), k8.gemv_int8(x[:1].contiguous(), q, scb)[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_bias_is_added_in_the_input_dtype(dtype):
+    """bias: the bits of ``gemv(x) + bias`` (the CUDA kernel fuses that add with the same bits)."""
+    q, scb = k8.quantize_int8(torch.randn(40, 96) * 0.05)
+    x = torch.randn(2, 96).to(dtype)
+    bias = torch.randn(40).to(dtype)
+    assert torch.equal(k8.gemv_int8(x, q, scb, bias), k8.gemv_int8(x, q, scb) + bias)
+    with pytest.raises(ValueError, match="bias has 39 elements"):
+        k8.gemv_int8(x, q, scb, bias[:39])
+
+
 def test_quantize_into_given_buffers() -> None:
     x = _edge_rows((9, 33), torch.bfloat16, seed=5)
     codes, scb = torch.full((9 * 33,), 99, dtype=torch.int8), torch.empty(9)

@@ -168,3 +168,23 @@ def assert_compiled_without_breaks(counters) -> None:
     """dynamo really compiled (TORCHDYNAMO_DISABLE would make torch.compile a no-op) and broke no graph."""
     assert counters["stats"]["unique_graphs"] >= 1, "dynamo compiled nothing: is it disabled?"
     assert dict(counters["graph_break"]) == {}
+
+
+def assert_graph_replay_follows_the_stream(layer: torch.nn.Module, x: torch.Tensor) -> None:
+    """Capture ``layer(x)`` in a CUDA graph on a non-default stream, change x in place and replay: the
+    output is ``layer`` of the new x (the launches followed torch's current stream, no host sync)."""
+    with torch.no_grad():
+        eager = layer(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)  # warm-up on the side stream, as torch.cuda.graph requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x.copy_(x * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, layer(x))
+    assert not torch.equal(out, eager)

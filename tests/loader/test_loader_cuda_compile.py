@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from loader_helpers import assert_compiled_without_breaks, make_layer
+from loader_helpers import assert_compiled_without_breaks, assert_graph_replay_follows_the_stream, make_layer
 
 from converter.loader.model import load_quantized
 
@@ -53,21 +53,7 @@ def test_layer_in_a_cuda_graph_on_a_side_stream() -> None:
     layer, _, _ = make_layer(64, 256, nested=True, bias=True)
     layer.cuda()
     x = torch.randn(1, 256, dtype=torch.bfloat16, device="cuda")
-    with torch.no_grad():
-        eager = layer(x)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layer(x)  # warm-up on the side stream, as torch.cuda.graph requires
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(x)
-        x.copy_(x * 2)
-        graph.replay()
-        torch.cuda.synchronize()
-    assert torch.equal(out, layer(x))
-    assert not torch.equal(out, eager)
+    assert_graph_replay_follows_the_stream(layer, x)
 
 
 @pytest.mark.parametrize("tokens", [1, 12], ids=["gemv", "dequantize"])

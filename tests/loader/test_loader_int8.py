@@ -229,6 +229,11 @@ for tokens in (1, 12):  # the GEMV op, then the dequantize op + F.linear
     x = torch.randn(tokens, 96, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(layer(x), compiled(x)), tokens
+# gemv_ok's CUDA branch asks the extension (pybind, untraceable) whether the CUDA GEMV exists: it
+# must reach dynamo as a constant, or fullgraph=True fails on every CUDA input.
+from converter.loader import int8_ops
+probe = torch.compile(lambda x: x + int(int8_ops._has_cuda_gemv()), fullgraph=True, backend="eager")
+assert probe(torch.zeros(1)).item() == int(int8_ops._has_cuda_gemv())
 print("ok")
 """
 

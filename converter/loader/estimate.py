@@ -1,0 +1,40 @@
+"""The device plan and bytes per device that ``load_quantized(folder, device_map=...)`` would make,
+without reading weight data (``quantize-model inspect --memory``).
+
+Its own module because it needs both the model skeleton (``converter.loader.model``) and the planner
+(``converter.loader.placement``); ``model`` imports ``placement`` (lazily: accelerate is optional), so
+``placement`` must not import ``model`` back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from converter.loader.model import build_skeleton
+from converter.loader.module import dtype_from_name
+from converter.loader.placement import Device, DeviceMap, bytes_per_device, plan_device_map
+from converter.loader.state import load_quantized_state, resolve_folder
+
+__all__ = ["estimate"]
+
+
+def estimate(
+    folder: str | os.PathLike,
+    device_map: str | Mapping[str, Device] = "auto",
+    max_memory: Mapping[Any, int | str] | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    *,
+    trust_remote_code: bool = False,
+) -> tuple[DeviceMap, dict[str, int]]:
+    """The plan ``load_quantized(folder, device_map=..., max_memory=...)`` makes and the bytes each
+    device will hold, from the shard headers and the meta skeleton alone (no weight data is read)."""
+    path = resolve_folder(folder)
+    state = load_quantized_state(path, verify=False)
+    model, _ = build_skeleton(path, state, dtype_from_name(dtype), trust_remote_code=trust_remote_code)
+    model.tie_weights()  # tied weights count once, as in the loaded model
+    plan = plan_device_map(model, device_map, max_memory)
+    return plan, bytes_per_device(model, plan)
