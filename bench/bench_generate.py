@@ -12,13 +12,17 @@ the prefill runs eager, as transformers' own auto-compile does). Reported per co
 ``ttft_s`` (prefill + first token), ``decode_tok_s`` = (new - 1) / (t(new tokens) - t(1 token)), best
 of ``--repeats``.
 
-``--load`` times call -> first token in fresh subprocesses (imports included) and in-process from the
-loader call (imports excluded): ours with verify on and off, transformers + bnb on the same folder.
+``--load`` times call -> first token in fresh subprocesses, interleaved, best of ``--load-repeats``: the
+whole subprocess (imports included) and from the load call (every module imported before: imports
+excluded); ours with verify on and off, transformers + bnb on the same folder, bf16; then the ratios and
+verify's cost. ``--load-profile`` adds one cProfile'd load of ours and of bnb (where the time goes).
+``--modes ''`` skips the generate runs.
 ``--quality`` (real weights only): next-token log-likelihood of a fixed text, teacher-forced one token
 at a time (so the fused GEMV runs) and in one forward (dequantize path), against transformers + bnb and bf16.
 
     cd /tmp && python bench/bench_generate.py --device cpu --model smollm2
     cd /tmp && python bench/bench_generate.py --device cuda --model random-8b --prompt 512 --new 128
+    cd /tmp && python bench/bench_generate.py --device cuda --model random-8b --modes '' --load
 """
 
 from __future__ import annotations
@@ -90,13 +94,15 @@ def random_llama(folder: Path, device: str, layers: int | None) -> Path:
     return folder
 
 
-def nf4_folder(plain: Path, out: Path, device: str) -> Path:
+def nf4_folder(plain: Path, out: Path, device: str, max_shard_size: str = "5GB") -> Path:
     if (out / "config.json").exists():
         return out
     from converter.pipeline import convert
 
     t0 = time.perf_counter()
-    convert(plain, out, progress=False, compute_dtype="bfloat16", device=device)
+    convert(
+        plain, out, progress=False, compute_dtype="bfloat16", device=device, max_shard_size=max_shard_size
+    )
     log(f"converted in {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -198,41 +204,107 @@ def bench_contender(kind, mode, plain, nf4, device, ids, new, repeats) -> dict:
 # -- load time -------------------------------------------------------------------------------------------
 
 _LOAD_SNIPPET = """
-import sys, time, torch
+import sys, time
 t0 = time.perf_counter()
-kind, plain, nf4, device, verify = sys.argv[1:6]
+import json, torch
+kind, plain, nf4, device, verify, profile = sys.argv[1:7]
 sys.path.insert(0, {bench!r})
 from bench_generate import load, sync
+# Imports excluded: every module either side needs is imported before the clock starts (bitsandbytes,
+# which transformers imports on a 4-bit load, the model class, our loader); CUDA init is timed for all.
+import bitsandbytes, transformers
+import converter.loader.model
+folder = nf4 if kind != "bf16" else plain
+getattr(transformers, json.load(open(folder + "/config.json"))["architectures"][0])
+if profile == "1":
+    import cProfile, io, pstats
+    prof = cProfile.Profile()
+    prof.enable()
 t1 = time.perf_counter()
 m = load(kind, plain, nf4, device, verify == "1")
+sync(device)
+t2 = time.perf_counter()
 ids = torch.tensor([[1, 2, 3, 4]], device=device)
 with torch.no_grad():
     m(ids)
 sync(device)
-t2 = time.perf_counter()
-print(t2 - t0, t2 - t1)
+t3 = time.perf_counter()
+if profile == "1":
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+    print(text.getvalue()[-6000:], file=sys.stderr)
+print(t3 - t0, t3 - t1, t2 - t1)
 """
 
+LOAD_CASES = (("ours", True), ("ours", False), ("bnb", False), ("bf16", False))
 
-def bench_load(plain: Path, nf4: Path, device: str, repeats: int) -> list[dict]:
-    rows = []
+
+def _read_folder(folder: Path) -> None:
+    """Every file read once, so all contenders start from the same (warm) page cache."""
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb", buffering=0) as f:
+                while f.read(64 << 20):
+                    pass
+
+
+def bench_load(plain: Path, nf4: Path, device: str, repeats: int, profile: bool = False) -> list[dict]:
+    """call -> first token per contender, best of ``repeats`` fresh subprocesses run interleaved.
+
+    ``with_imports_s``: the subprocess's wall time (interpreter start, imports, CUDA init, load, one
+    forward). ``imports_excluded_s``: from the load call to the end of the first forward, with every
+    module imported before (``load_s``: the load call alone).
+    """
     snippet = _LOAD_SNIPPET.format(bench=str(Path(__file__).resolve().parent))
-    for kind, verify in (("ours", True), ("ours", False), ("bnb", False), ("bf16", False)):
-        best_in = best_ex = float("inf")
-        for _ in range(repeats):
+    _read_folder(nf4)
+    _read_folder(plain)
+    best: dict = {case: None for case in LOAD_CASES}
+    errors: dict = {}
+    for _ in range(repeats):
+        for kind, verify in LOAD_CASES:
+            if (kind, verify) in errors:
+                continue
             t_start = time.perf_counter()
-            cmd = [sys.executable, "-c", snippet, kind, str(plain), str(nf4), device, str(int(verify))]
+            cmd = [sys.executable, "-c", snippet, kind, str(plain), str(nf4), device, str(int(verify)), "0"]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
             wall = time.perf_counter() - t_start
             if out.returncode:
-                rows.append({"contender": kind, "verify": verify, "error": out.stderr.strip()[-300:]})
-                break
-            _, excl = (float(v) for v in out.stdout.split()[-2:])
-            best_in, best_ex = min(best_in, wall), min(best_ex, excl)
+                errors[(kind, verify)] = out.stderr.strip()[-300:]
+                continue
+            _, excl, load_only = (float(v) for v in out.stdout.split()[-3:])
+            prev = best[(kind, verify)] or (float("inf"),) * 3
+            best[(kind, verify)] = (min(prev[0], wall), min(prev[1], excl), min(prev[2], load_only))
+    rows = []
+    for (kind, verify), times in best.items():
+        row: dict = {"contender": kind, "verify": verify}
+        if (kind, verify) in errors:
+            row["error"] = errors[(kind, verify)]
         else:
-            rows.append({"contender": kind, "verify": verify, "with_imports_s": round(best_in, 2),
-                         "imports_excluded_s": round(best_ex, 2)})  # fmt: skip
+            row.update(with_imports_s=round(times[0], 2), imports_excluded_s=round(times[1], 2),
+                       load_s=round(times[2], 2))  # fmt: skip
+        rows.append(row)
+        log(json.dumps(row))
+    by = {(r["contender"], r["verify"]): r for r in rows if "error" not in r}
+    if ("ours", False) in by and ("ours", True) in by:
+        off, on = by[("ours", False)], by[("ours", True)]
+        summary = {
+            "verify_cost_pct": round(100 * (on["imports_excluded_s"] / off["imports_excluded_s"] - 1), 1),
+        }
+        for other in ("bnb", "bf16"):
+            if (other, False) in by:
+                theirs = by[(other, False)]
+                for key in ("imports_excluded_s", "with_imports_s"):
+                    summary[f"{other}/ours_verify_off_{key[:-2]}"] = round(theirs[key] / off[key], 2)
+                    summary[f"{other}/ours_verify_on_{key[:-2]}"] = round(theirs[key] / on[key], 2)
+        rows.append({"summary": summary})
         log(json.dumps(rows[-1]))
+    if profile:  # where ours (verify on) and transformers + bnb spend the load, one profiled run each
+        for kind, verify in (("ours", True), ("bnb", False)):
+            cmd = [sys.executable, "-c", snippet, kind, str(plain), str(nf4), device, str(int(verify)), "1"]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
+            log(f"--- cProfile of {kind} (verify={verify}), load call -> first forward ---")
+            log("\n".join(line for line in out.stderr.splitlines() if "Warning" not in line)[-6000:])
     return rows
 
 
@@ -289,8 +361,13 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--contenders", default="ours,bnb,bf16")
-    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--modes", default="eager,compiled", help="generate modes; '' for none (load only)")
     ap.add_argument("--load", action="store_true", help="also time call -> first token")
+    ap.add_argument(
+        "--max-shard-size", default="5GB", help="of our NF4 conversion (verify hashes shards in parallel)"
+    )
+    ap.add_argument("--load-repeats", type=int, default=3, help="fresh subprocesses per load contender")
+    ap.add_argument("--load-profile", action="store_true", help="also cProfile one load of ours and bnb")
     ap.add_argument("--quality", action="store_true", help="also perplexity / logits on real weights")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -304,7 +381,8 @@ def main() -> None:
         plain = random_llama(work / f"llama8b-{args.layers or 32}", args.device, args.layers)
     else:
         plain = Path(args.model)
-    nf4 = nf4_folder(plain, work / f"{plain.name}-nf4", args.device)
+    suffix = "" if args.max_shard_size == "5GB" else f"-{args.max_shard_size}"
+    nf4 = nf4_folder(plain, work / f"{plain.name}-nf4{suffix}", args.device, args.max_shard_size)
     torch.manual_seed(0)
     ids = torch.randint(100, 10000, (1, args.prompt), device=args.device)
     result = {
@@ -323,7 +401,7 @@ def main() -> None:
                 bench_contender(kind, mode, plain, nf4, args.device, ids, args.new, args.repeats)
             )
     if args.load:
-        result["load"] = bench_load(plain, nf4, args.device, repeats=2)
+        result["load"] = bench_load(plain, nf4, args.device, args.load_repeats, args.load_profile)
     if args.quality:
         result["quality"] = bench_quality(plain, nf4, args.device)
     print(json.dumps(result, indent=2))

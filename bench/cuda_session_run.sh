@@ -10,7 +10,7 @@
 #   tests    every `-m cuda` test
 #   gen      bench_generate.py: 8B Llama-3.1-shaped random model, 512-token prompt, 128 new tokens,
 #            eager and compiled (static cache, reduce-overhead), ours / transformers + bnb / bf16
-#   load     bench_generate.py --load on the same 8B folder: call -> first token
+#   load     bench_generate.py --load on the same 8B folder: call -> first token (+ a cProfile of each)
 #   overhead bench_linear_overhead.py: host cost of one eager linear call, ours / F.linear / bnb
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
@@ -65,7 +65,7 @@ for s in ${*:-env}; do
     env) step env env_info ;;
     tests) step tests timeout 400 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests" --ignore="$ROOT/tests/hub" ;;  # hub: no httpx2 there
     gen) step gen $GEN --prompt 512 --new 128 --repeats "${REPEATS:-1}" --modes eager,compiled --json "$OUT/gen.json" ;;
-    load) step load $GEN --prompt 16 --new 2 --modes "" --load --json "$OUT/load.json" ;;
+    load) step load $GEN --prompt 16 --new 2 --modes "" --load --load-profile --json "$OUT/load.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;
     offload) step offload python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \

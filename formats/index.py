@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,9 +169,8 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:
-    """Hash every shard (in parallel) and compare with the index; returns one line per problem."""
-    index = read_index(folder, require_files=False)
+def file_problems(index: Index) -> tuple[list[str], list[str]]:
+    """(one line per missing shard or shard whose size differs from the index, the names of the others)."""
     problems: list[str] = []
     present: list[str] = []
     for name in index.files:
@@ -182,13 +181,37 @@ def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:
             problems.append(f"{p}: size {p.stat().st_size}, index says {index.shards[name].size}")
         else:
             present.append(name)
+    return problems, present
+
+
+def digest_problems(index: Index, digests: dict[str, str]) -> list[str]:
+    """One line per shard (by name, in index order) whose computed sha256 differs from the index."""
+    return [
+        f"{index.folder / name}: sha256 {digests[name]}, index says {index.shards[name].sha256}"
+        for name in index.files
+        if name in digests and name in index.shards and digests[name] != index.shards[name].sha256
+    ]
+
+
+def start_verify(folder: Path, *, threads: int | None = None) -> Callable[[], list[str]]:
+    """Start hashing every shard on background threads (hashlib releases the GIL, so they run while
+    the caller reads or copies the same files); the returned function waits for them and returns one
+    line per problem, as :func:`verify_shards` does."""
+    index = read_index(folder, require_files=False)
+    problems, present = file_problems(index)
     hashed = [n for n in present if n in index.shards]
-    workers = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        digests = dict(zip(hashed, pool.map(lambda n: _sha256(index.folder / n), hashed), strict=True))
-    for name in hashed:
-        if digests[name] != index.shards[name].sha256:
-            problems.append(
-                f"{index.folder / name}: sha256 {digests[name]}, index says {index.shards[name].sha256}"
-            )
-    return problems
+    workers = max(1, min(len(hashed), threads or min(8, os.cpu_count() or 1)))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(_sha256, index.folder / n) for n in hashed]
+    pool.shutdown(wait=False)  # the threads finish their files; nothing else is queued
+
+    def finish() -> list[str]:
+        digests = {n: f.result() for n, f in zip(hashed, futures, strict=True)}
+        return problems + digest_problems(index, digests)
+
+    return finish
+
+
+def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:
+    """Hash every shard (in parallel) and compare with the index; returns one line per problem."""
+    return start_verify(folder, threads=threads)()

@@ -31,7 +31,7 @@ from converter.loader.head import flatten_head_input
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts
 from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
-from converter.loader.state import load_quantized_state, resolve_folder, shard_files
+from converter.loader.state import load_quantized_state, resolve_folder, shard_files, shards_verified
 from converter.methods import for_record
 
 
@@ -212,8 +212,9 @@ def load_quantized(
 
     ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
     config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard's
-    sha256 against the index first. The model is in eval mode with ``is_loaded_in_4bit = True`` (so
-    PEFT wraps its 4-bit layers with its bnb LoRA layer).
+    sha256 against the index before returning (hashed on background threads while the model builds).
+    The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
+    its bnb LoRA layer).
     """
     try:
         import transformers  # noqa: F401  (only to fail early with the install hint)
@@ -226,13 +227,17 @@ def load_quantized(
 
     folder = resolve_folder(path_or_repo)
     dtype = dtype_from_name(dtype)
-    state = load_quantized_state(folder, verify=verify)
-    experts_device = device if device_map is None else "cpu"  # 4-bit experts: one copy, straight there
-    model, qc = build_skeleton(
-        folder, state, dtype, trust_remote_code=trust_remote_code, experts_device=experts_device
-    )
-    cls = type(model)
-    unused = _fill(model, state, str(folder))
+    # With a single target device the shards stream straight into device tensors (loader/stream.py);
+    # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while
+    # the model is built (on a first load that includes importing its transformers modules).
+    target = device if device_map is None else "cpu"
+    with shards_verified(folder, verify):
+        state = load_quantized_state(folder, verify=False, device=target)
+        model, qc = build_skeleton(
+            folder, state, dtype, trust_remote_code=trust_remote_code, experts_device=target
+        )  # 4-bit experts: stacked on the target device
+        cls = type(model)
+        unused = _fill(model, state, str(folder))
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     left += [n for n, b in model.named_buffers() if b.device.type == "meta"]

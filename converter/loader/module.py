@@ -125,7 +125,9 @@ def make_quant_state(
         state2 = QuantStateClass(
             absmax=nested_absmax, code=nested_map, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
         )
-        offset = off if isinstance(off, torch.Tensor) else torch.tensor(float(off), dtype=torch.float32)
+        if not isinstance(off, torch.Tensor):  # with the state's other tensors (a device-loaded record)
+            off = torch.tensor(float(off), dtype=torch.float32, device=nested_absmax.device)
+        offset = off
     return QuantStateClass(
         absmax=absmax,
         shape=torch.Size(shape),

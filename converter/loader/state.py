@@ -14,13 +14,15 @@ pickle-only folder, or an unknown layout is refused with an error naming the fil
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
-from formats.index import INDEX_NAME, read_index, verify_shards
+from formats.index import INDEX_NAME, read_index, start_verify
 from formats.int8 import Int8Tensor
 from formats.reader import open_checkpoint
 from formats.record import QuantizedTensor
@@ -81,13 +83,7 @@ def shard_files(folder: Path) -> tuple[list[Path], bool]:
     raise SourceNotFoundError(msg)
 
 
-def verify_folder(folder: Path, *, threads: int | None = None) -> None:
-    """Hash every shard in parallel against the index; raise ChecksumMismatchError naming the shard."""
-    workers = threads or max(1, len(os.sched_getaffinity(0)))
-    try:
-        problems = verify_shards(folder, threads=workers)
-    except FormatError as exc:
-        raise CorruptFileError(str(exc)) from exc
+def _raise_problems(problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         msg = (
@@ -97,23 +93,64 @@ def verify_folder(folder: Path, *, threads: int | None = None) -> None:
         raise ChecksumMismatchError(msg)
 
 
+def streams_to(device: str | torch.device) -> bool:
+    """Whether a load onto ``device`` reads the shards into device tensors (every device but the CPU,
+    where the memory-mapped views are used as they are)."""
+    return torch.device(device).type not in ("cpu", "meta")
+
+
 def load_quantized_state(
-    path_or_repo: str | os.PathLike, *, verify: bool = True
+    path_or_repo: str | os.PathLike, *, verify: bool = True, device: str | torch.device = "cpu"
 ) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
     """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
     ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
 
-    Tensors are views of memory-mapped shards (nothing read before use). ``verify=True`` first
-    checks each shard's sha256 against the index (shards hashed in parallel); checkpoints whose
-    index records no hashes (e.g. written by transformers) are validated structurally only.
+    On the CPU, tensors are views of memory-mapped shards (nothing read before use). On another
+    device (e.g. ``"cuda"``) every tensor is read once from its shard straight into its device tensor
+    (``converter.loader.stream``). ``verify=True`` checks each shard's sha256 against the index, the
+    shards hashed on background threads while they are parsed and copied; a mismatch raises
+    before anything is returned. Checkpoints whose index records no hashes (e.g. written by
+    transformers) are validated structurally only.
     """
     folder = resolve_folder(path_or_repo)
-    files, hashed = shard_files(folder)
-    if verify and hashed:
-        verify_folder(folder)
+    files, _ = shard_files(folder)
+    with shards_verified(folder, verify):
+        return _read_state(folder, files, device)
+
+
+@contextlib.contextmanager
+def shards_verified(folder: Path, verify: bool = True) -> Iterator[None]:
+    """Hash the shards of ``folder`` on background threads while the block runs (hashlib releases the
+    GIL); on leaving it, wait for them and raise ``ChecksumMismatchError`` naming a changed shard, also
+    in place of any error the block raised (a changed shard explains a failure to read it best).
+    A folder whose index records no hashes, or ``verify=False``: nothing is hashed."""
+    if not verify or not shard_files(folder)[1]:
+        yield
+        return
+    try:
+        pending = start_verify(folder, threads=max(1, len(os.sched_getaffinity(0))))
+    except FormatError as exc:
+        raise CorruptFileError(str(exc)) from exc
+
+    def check() -> None:
+        try:
+            _raise_problems(pending())
+        except FormatError as exc:
+            raise CorruptFileError(str(exc)) from exc
+
+    try:
+        yield
+    except Exception:
+        check()
+        raise
+    check()
+
+
+def _read_state(folder: Path, files: list[Path], device: str | torch.device) -> dict:
     try:
         # Groups split across shards (transformers' save_pretrained may do that) are joined here.
-        out = open_checkpoint(files).records()
+        checkpoint = open_checkpoint(files)
+        out = checkpoint.records()
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
     if all(isinstance(v, torch.Tensor) for v in out.values()):
@@ -122,4 +159,8 @@ def load_quantized_state(
             "'*.SCB' key); not a bitsandbytes 4-bit or 8-bit checkpoint"
         )
         raise NotQuantizedError(msg)
+    if streams_to(device):
+        from converter.loader.stream import mapped_files, stream_state
+
+        out = stream_state(out, mapped_files(checkpoint.shards), device)
     return out

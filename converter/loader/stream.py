@@ -1,0 +1,244 @@
+"""Stream a loaded state's memory-mapped tensors to a device: each tensor byte read once, in large chunks.
+
+``load_quantized_state`` hands out views of memory-mapped shards. Moving those one tensor at a time
+(``model.to("cuda")``) faults every page of the mapping in on one thread and copies from pageable
+memory through the driver's own bounce buffer. Here instead the spans of each shard that hold
+tensors are read in large chunks (``os.preadv``, several reader threads, the GIL released) into a
+few staging buffers (pinned when the target is CUDA), and the byte ranges of the tensors inside each
+chunk are copied into their final device tensors (``non_blocking`` from pinned memory, so the copies
+overlap the next reads). A staging buffer is refilled only after its copies are done. (``verify``
+hashes the shards on other threads meanwhile: ``formats.index.start_verify``.)
+
+Each destination is its own ``torch.empty`` on the device, as ``model.to(device)`` would make it (same
+alignment, independently freeable). Tensors that are not views of a shard (computed, cast, cloned)
+are moved with ``.to(device)``. The returned state has the same keys and records (dataclasses with
+their tensor fields replaced), so everything downstream builds the model from device tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Bytes per read / staging buffer: large enough for efficient DMA and preadv, small enough that a
+#: few of them (pinned) cost little to allocate.
+CHUNK_BYTES = 32 << 20
+#: Staging buffers in flight (reads ahead of the copies).
+SLOTS = 6
+
+
+@dataclass
+class MappedFile:
+    """A shard file and the address range of its memory map in this process."""
+
+    path: Path
+    base: int  # address of file byte 0 in the mapping
+    size: int  # file size in bytes
+
+
+@dataclass
+class _Piece:
+    """``nbytes`` bytes of a file at ``offset`` that go to the flat byte view ``dst``."""
+
+    offset: int
+    nbytes: int
+    dst: torch.Tensor  # uint8, flat, on the device
+
+
+@dataclass
+class StreamStats:
+    """What a stream did (the tests check that each file is read once)."""
+
+    bytes_read: dict[Path, int] = field(default_factory=dict)
+    copied_tensors: int = 0
+    moved_tensors: int = 0  # not shard views: moved with .to(device)
+
+
+def mapped_files(shards: Sequence[Any]) -> list[MappedFile]:
+    """``MappedFile`` of each ``formats.reader.Shard`` (its np.memmap); empty files are skipped."""
+    out = []
+    for shard in shards:
+        mm = getattr(shard, "_map", None)
+        if mm is not None and mm.size:
+            out.append(MappedFile(Path(shard.path), int(mm.ctypes.data), int(mm.size)))
+    return out
+
+
+def _tensors_of(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors_of(getattr(value, f.name))]
+    return []
+
+
+def _replace(value: Any, moved: Mapping[int, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return moved[id(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {
+            f.name: _replace(getattr(value, f.name), moved)
+            for f in dataclasses.fields(value)
+            if f.init and _tensors_of(getattr(value, f.name))
+        }
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
+
+
+def _locate(t: torch.Tensor, files: Sequence[MappedFile]) -> tuple[int, int] | None:
+    """(file index, file offset) when ``t`` is a contiguous view lying wholly inside one mapping."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return None
+    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    for i, f in enumerate(files):
+        if f.base <= ptr and ptr + nbytes <= f.base + f.size:
+            return i, ptr - f.base
+    return None
+
+
+def _read_exact(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            msg = f"unexpected end of file at byte {offset + done}"
+            raise OSError(msg)
+        done += got
+
+
+def stream_state(
+    state: Mapping[str, Any],
+    files: Sequence[MappedFile],
+    device: str | torch.device,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    slots: int = SLOTS,
+    readers: int | None = None,
+    stats: StreamStats | None = None,
+) -> dict[str, Any]:
+    """``state`` with every tensor (plain or inside a record) on ``device``.
+
+    Shard views are read from their files chunk by chunk and copied once; other tensors are moved
+    with ``.to(device)``.
+    """
+    device = torch.device(device)
+    stats = stats if stats is not None else StreamStats()
+    moved: dict[int, torch.Tensor] = {}
+    by_view: dict[tuple, torch.Tensor] = {}  # one destination per (address, dtype, shape)
+    pieces: list[list[_Piece]] = [[] for _ in files]
+    for value in state.values():
+        for t in _tensors_of(value):
+            if id(t) in moved:
+                continue
+            where = _locate(t, files)
+            if where is None:
+                moved[id(t)] = t.to(device)
+                stats.moved_tensors += 1
+                continue
+            key = (t.data_ptr(), t.dtype, tuple(t.shape))
+            if key not in by_view:
+                dst = torch.empty(t.shape, dtype=t.dtype, device=device)
+                by_view[key] = dst
+                flat = dst.reshape(-1).view(torch.uint8)
+                pieces[where[0]].append(_Piece(where[1], flat.numel(), flat))
+                stats.copied_tensors += 1
+            moved[id(t)] = by_view[key]
+    _copy_files(files, pieces, device, chunk_bytes, slots, readers, stats)
+    return {k: _replace(v, moved) for k, v in state.items()}
+
+
+def _chunks(files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], size: int) -> list:
+    """(file index, offset, length, pieces overlapping it) for every chunk to read, files in turn.
+
+    Tensor ranges are merged into spans (a gap shorter than a chunk is read through rather than
+    split), and each span is cut into chunks of at most ``size`` bytes.
+    """
+    out = []
+    for i in range(len(files)):
+        ordered = sorted(pieces[i], key=lambda p: p.offset)
+        spans: list[tuple[int, int]] = []
+        for p in ordered:
+            if spans and p.offset <= spans[-1][1] + size:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], p.offset + p.nbytes))
+            else:
+                spans.append((p.offset, p.offset + p.nbytes))
+        k = 0
+        for start, end in spans:
+            for off in range(start, end, size):
+                n = min(size, end - off)
+                while k < len(ordered) and ordered[k].offset + ordered[k].nbytes <= off:
+                    k += 1
+                inside = []
+                j = k
+                while j < len(ordered) and ordered[j].offset < off + n:
+                    inside.append(ordered[j])
+                    j += 1
+                out.append((i, off, n, inside))
+    return out
+
+
+def _copy_files(
+    files: Sequence[MappedFile],
+    pieces: Sequence[list[_Piece]],
+    device: torch.device,
+    chunk_bytes: int,
+    slots: int,
+    readers: int | None,
+    stats: StreamStats,
+) -> None:
+    chunks = _chunks(files, pieces, chunk_bytes)
+    if not chunks:
+        return
+    cuda = device.type == "cuda"
+    largest = max(n for _, _, n, _ in chunks)
+    slots = max(1, min(slots, len(chunks)))
+    staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=cuda) for _ in range(slots)]
+    views = [memoryview(s.numpy()) for s in staging]
+    fds = [os.open(f.path, os.O_RDONLY) for f in files]
+    # Per slot: the event of its last copies, which must be done before the slot is refilled.
+    done_copy: list[Any] = [None] * slots
+    lock = threading.Lock()
+    workers = readers or max(2, min(8, len(os.sched_getaffinity(0))))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+
+            def read(j: int, slot: int) -> None:
+                with lock:
+                    event = done_copy[slot]
+                if event is not None:
+                    event.synchronize()  # releases the GIL
+                i, off, n, _ = chunks[j]
+                _read_exact(fds[i], views[slot][:n], off)
+
+            reads = {j: pool.submit(read, j, j % slots) for j in range(slots)}
+            for j, (i, off, n, inside) in enumerate(chunks):
+                slot = j % slots
+                reads.pop(j).result()
+                stats.bytes_read[files[i].path] = stats.bytes_read.get(files[i].path, 0) + n
+                src = staging[slot]
+                for p in inside:
+                    lo, hi = max(p.offset, off), min(p.offset + p.nbytes, off + n)
+                    if lo >= hi:  # an overlapping view that ends before this chunk
+                        continue
+                    p.dst[lo - p.offset : hi - p.offset].copy_(src[lo - off : hi - off], non_blocking=cuda)
+                event = None
+                if cuda:  # the copies run on the destination device's current stream
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(device))
+                with lock:
+                    done_copy[slot] = event
+                if j + slots < len(chunks):
+                    reads[j + slots] = pool.submit(read, j + slots, slot)
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()
+    finally:
+        for fd in fds:
+            os.close(fd)
