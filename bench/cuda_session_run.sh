@@ -8,6 +8,7 @@
 # Steps:
 #   env      GPU, versions, same-run device-to-device copy bandwidth
 #   tests    every `-m cuda` test
+#   newtests the CUDA tests of this round's new kernels and load path only (when device time is short)
 #   gen      bench_generate.py: 8B Llama-3.1-shaped random model, 512-token prompt, 128 new tokens,
 #            eager and compiled (static cache, reduce-overhead), ours / transformers + bnb / bf16
 #   load     bench_generate.py --load on the same 8B folder: call -> first token (+ a cProfile of each)
@@ -33,7 +34,10 @@ if ! python3 -c "import converter._kernels as k; assert k.has_cuda_build() and h
   bash bench/cuda_device_run.sh build || exit 1
 fi
 GEN_DIR=/tmp/qm_gen
-quiet() { grep -v -i -E "warn|it/s]|^\s*$|Loading weights|Writing model shards" || true; }
+quiet() { # drop warnings, progress bars and blank lines; keep pytest's summary (it says "N warnings")
+  awk '{ l = tolower($0) } l ~ /passed|failed/ { print; next }
+       l ~ /warn|it\/s]|loading weights|writing model shards/ || l ~ /^[ \t]*$/ { next } { print }'
+}
 step() { # step NAME COMMAND...: run from /tmp (outside the source tree), log to $OUT/NAME.log
   local name=$1 t0
   shift
@@ -64,17 +68,20 @@ for s in ${*:-env}; do
   case $s in
     env) step env env_info ;;
     tests) step tests timeout 400 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests" --ignore="$ROOT/tests/hub" ;;  # hub: no httpx2 there
-    gen) step gen $GEN --prompt 512 --new 128 --repeats "${REPEATS:-1}" --modes eager,compiled --json "$OUT/gen.json" ;;
-    load) step load $GEN --prompt 16 --new 2 --modes "" --load --load-profile --json "$OUT/load.json" ;;
+    gen) step gen timeout 360 $GEN --prompt 512 --new 128 --repeats "${REPEATS:-1}" --modes eager,compiled --json "$OUT/gen.json" ;;
+    load) step load timeout 200 $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --json "$OUT/load.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;
-    offload) step offload python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
-      --source "$GEN_DIR/llama8b-32" --tokens 32 ;;
-    e2e) step e2e bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
+    offload) step offload timeout 240 python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
+      --source "$GEN_DIR/llama8b-32" --tokens 16 ;;
+    e2e) step e2e timeout 240 bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
     gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --replays 15 --json "$OUT/gemv.json" ;;
     moe) step moe python3 "$ROOT/bench/bench_moe.py" --device cuda --layers 1 --repeat 2 --tokens 16 --workdir /tmp/qm_moe ;;
     host) step host python3 "$ROOT/bench/bench_cuda_host.py" --layers 8 --hidden 3072 ;;
-    int8) step int8 python3 "$ROOT/bench/bench_int8.py" --device cuda ;;
+    int8) step int8 timeout 60 python3 "$ROOT/bench/bench_int8.py" --device cuda --iters 20 --json "$OUT/int8.json" ;;
+    newtests) step newtests timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/cuda/test_cuda_gemv_int8.py" \
+      "$ROOT/tests/cuda/test_cuda_int8.py" "$ROOT/tests/loader/test_loader_int8_cuda.py" "$ROOT/tests/loader/test_loader_stream_cuda.py" \
+      "$ROOT/tests/loader/test_loader_stream.py" "$ROOT/tests/cuda/test_cuda_gemv_stream.py" ;;
     *) echo "unknown step $s" >&2 ;;
   esac
 done
