@@ -7,7 +7,9 @@ STAMP  := $(VENV)/.installed
 # else pip resolves a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 BUILD_DEPS := scikit-build-core pybind11 ninja cmake
-SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+# converter/*/__init__.py: the editable install maps each module to its file, so a new or
+# moved package needs a fresh install
+SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*) $(wildcard converter/*/__init__.py)
 
 .PHONY: install demo test test-fast test-isa lint bench clean
 
@@ -22,7 +24,7 @@ $(STAMP): $(SOURCES)
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m converter.demo
+	$(PY) -m converter.tools.demo
 
 test: install
 	TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -37,7 +39,7 @@ test-fast: install
 ISA_TESTS ?= tests/kernels tests/loader tests/golden tests/compat tests/converter
 # make test already ran the best ISA (what isa="auto" picks); this runs the others this CPU has.
 test-isa: install
-	set -e; for isa in $$($(PY) -c "from converter import kernels; print(*kernels.cpu_isas()[:-1])"); do \
+	set -e; for isa in $$($(PY) -c "from converter.kernels import bnb4bit as kernels; print(*kernels.cpu_isas()[:-1])"); do \
 		echo "== CPU kernels forced to $$isa"; \
 		TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q --isa $$isa -m "not slow" $(ISA_TESTS); \
 	done

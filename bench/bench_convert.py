@@ -138,7 +138,7 @@ for name in sorted(os.listdir(src)):
 """
 
 STARTUP = """
-import converter.pipeline
+import converter.writer.pipeline
 from transformers import LlamaForCausalLM
 """
 

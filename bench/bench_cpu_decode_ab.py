@@ -2,7 +2,7 @@
 
 Contenders, each timed once per round, rounds interleaved, best of ``--rounds`` (for a shared VM):
 
-- ``ours_new``: ``load_quantized`` as shipped (GEMV threads from ``converter.cpu_threads``, the plain
+- ``ours_new``: ``load_quantized`` as shipped (GEMV threads from ``converter.kernels.cpu_threads``, the plain
   lm_head's prompt-step input re-strided by ``converter.loader.head``);
 - ``ours_before``: the same model object with the pool for every GEMV and no head hook (the old code);
 - ``ours_policy_nohook``: the thread policy alone (no head hook);
@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate as bg
 
-from converter import custom_ops, samples
+from converter.kernels import custom_ops
 from converter.loader import head as qhead
+from converter.tools import samples
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from cpu_timing import median_seconds, parse_args
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from formats import codebooks
 from formats.quant_types import QuantType
 

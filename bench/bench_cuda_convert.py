@@ -3,7 +3,7 @@
     python bench/bench_cuda_convert.py --workdir /tmp/qm_e2e [--layers 6]
 
 1. Writes a Llama-shaped bf16 checkpoint (hidden 4096, intermediate 11008; about 0.4 GB a layer).
-2. Times ``converter.pipeline.convert`` with device="cpu" and device="cuda", alternating over --rounds
+2. Times ``converter.writer.pipeline.convert`` with device="cpu" and device="cuda", alternating over --rounds
    and keeping each one's best (page cache warm for both: the source is read once before timing),
    checks that both outputs hold identical shards, and prints
    each run's time split from its quantization_report.json: reading (disk / mmap -> tensor, casts),
@@ -11,7 +11,7 @@
    split: staging into pinned memory (host memcpy), upload (PCIe, CUDA events), kernels, download
    (PCIe), host time blocked waiting for results. Reads, uploads, kernels and downloads overlap (two
    tensors in flight), so the parts add up to more than the wall time when the overlap works.
-3. Streams the same tensors through ``converter.cuda_pipeline.CudaQuantizer`` alone (no shard
+3. Streams the same tensors through ``converter.quantize.cuda_pipeline.CudaQuantizer`` alone (no shard
    writing) and prints the same split, and the CPU quantizer over them for comparison.
 """
 
@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter import cuda_pipeline
+from converter.quantize import cuda_pipeline
 from formats.quant_types import QuantType
 
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000
@@ -146,8 +146,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2, help="conversions per device, alternating")
     args = parser.parse_args()
-    from converter import selection
-    from converter.pipeline import convert
+    from converter.plan import selection
+    from converter.writer.pipeline import convert
 
     try:  # the device image may carry an older transformers than the selection code needs
         from transformers.core_model_loading import apply_converters  # noqa: F401
@@ -161,7 +161,7 @@ def main() -> None:
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     print(f"checkpoint: {params / 1e9:.2f} G params, {size / 1e9:.2f} GB bf16, {args.layers} layers")
     read_all(src)
-    from converter import kernels_cuda
+    from converter.kernels import bnb4bit_cuda as kernels_cuda
 
     usable, why = kernels_cuda.cuda_status()
     gpu = torch.cuda.get_device_name(0) if usable else f"none ({why})"

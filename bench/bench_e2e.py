@@ -3,7 +3,7 @@
 Each contender is a fresh process (wall time from spawn to exit, peak RSS from ``wait4``), rounds
 interleaved (A B C, A B C, ...), best and median reported with ratios:
 
-- ``smollm2``: SmolLM2-135M bf16 (converter.samples) -> nf4 nested. ``quantize-model convert`` vs
+- ``smollm2``: SmolLM2-135M bf16 (converter.tools.samples) -> nf4 nested. ``quantize-model convert`` vs
   transformers + bitsandbytes (``from_pretrained(load_in_4bit, device_map="cpu")`` + ``save_pretrained``)
   vs a plain copy of the files (``cp -r`` + ``sync``).
 - ``big``: 18 tensors of 11008x4096 bf16 (1.6 GB, one file, random). ``quantize-model convert
@@ -180,7 +180,7 @@ def ours_argv(python: str, *args: str) -> list[str]:
 
 
 def row_smollm2(args, python: str, work: Path, out: dict) -> None:
-    make = "from pathlib import Path; from converter import samples; "
+    make = "from pathlib import Path; from converter.tools import samples; "
     make += f"print(samples.smollm2(Path({args.samples!r})))"
     src = Path(in_child(make))
     dst = work / "out"
@@ -386,7 +386,7 @@ def row_gpu(args, python: str, work: Path, out: dict) -> None:
 
 def check_cuda_path(python: str, src: Path, dst: Path) -> dict:
     """One untimed ``--device cuda`` conversion: did it quantize on the GPU (the report's
-    ``timings.device``, written by converter.cuda_host) and without importing torch? Printed, so a
+    ``timings.device``, written by converter.quantize.cuda_host) and without importing torch? Printed, so a
     cuda row that silently fell back to the CPU cannot pass for a GPU number."""
     shutil.rmtree(dst, ignore_errors=True)
     argv = [python, "-c", OURS_TORCH_PROBE, "convert", str(src), str(dst), "--device", "cuda", "-q"]

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter import kernels_cuda
+from converter.kernels import bnb4bit_cuda as kernels_cuda
 from formats import codebooks
 from formats.quant_types import QuantType
 

@@ -97,7 +97,7 @@ def random_llama(folder: Path, device: str, layers: int | None) -> Path:
 def nf4_folder(plain: Path, out: Path, device: str, max_shard_size: str = "5GB") -> Path:
     if (out / "config.json").exists():
         return out
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     t0 = time.perf_counter()
     convert(
@@ -374,7 +374,7 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if args.model == "smollm2":
-        from converter import samples
+        from converter.tools import samples
 
         plain = samples.smollm2(Path(os.environ.get("QM_SAMPLES_DIR", samples.DEFAULT_SAMPLES_DIR)))
     elif args.model == "random-8b":

@@ -46,7 +46,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "rss_kib": rss}))
 
 CHILD_CONVERT = """
 import json, sys, time
-from converter.pipeline import convert
+from converter.writer.pipeline import convert
 import converter.sources.hub, transformers.models.llama.modeling_llama  # imports outside the timing
 t = time.perf_counter()
 r = convert(sys.argv[1], sys.argv[2], progress=False, threads=int(sys.argv[3]))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from cpu_timing import median_seconds, parse_args
 
-from converter import kernels_int8
+from converter.kernels import int8 as kernels_int8
 from converter.loader import int8_ops
 
 QUANT_SHAPES = ((11008, 4096), (4096, 11008))

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from bench_cuda import copy_bandwidth, rotation_for, time_op
 
-from converter import kernels_int8, kernels_int8_cuda
+from converter.kernels import int8 as kernels_int8
+from converter.kernels import int8_cuda as kernels_int8_cuda
 from converter.loader import int8_ops
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192))

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from converter.loader.module import Linear4bit, linear_4bit
 from formats.quant_types import QuantType
 from formats.record import QuantizedTensor

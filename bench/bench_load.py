@@ -232,7 +232,7 @@ def bench_gemv(repeat: int) -> list[tuple[str, float, float, float]]:
     import torch
     import torch.nn.functional as F
 
-    from converter import kernels
+    from converter.kernels import bnb4bit as kernels
     from converter.loader.module import Linear4bit
     from formats.quant_types import QuantType
     from formats.record import QuantizedTensor
@@ -299,7 +299,7 @@ def main() -> None:
 
     model = args.model
     if not args.synthetic and not model.is_dir() and model == REPO / ".cache/samples/smollm2-135m":
-        from converter import samples
+        from converter.tools import samples
 
         model = samples.smollm2(REPO / ".cache/samples")  # built once from the PyPI-shipped GGUF
     if args.synthetic:

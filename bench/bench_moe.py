@@ -157,7 +157,7 @@ def _dense_config(layers: int, vocab: int) -> dict:
 
 
 def _convert(src: Path, out: Path, **kw) -> tuple[float, int, object]:
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     shutil.rmtree(out, ignore_errors=True)
     with warnings.catch_warnings():
@@ -193,7 +193,7 @@ def size_and_speed(work: Path, layers: int, repeat: int) -> None:
         key = "moe" if name.startswith("MoE") else "dense"
         print(f"| {name} | {nb / 1e9:.2f} GB | {best[key]:.1f} | {nb / 1e6 / best[key]:.0f} |")
 
-    from converter.inspection import inspect_path
+    from converter.tools.inspection import inspect_path
 
     r = inspect_path(work / "moe-q")
     print(f"\n## size ({layers} layers measured)")

@@ -1,6 +1,6 @@
 """Offloaded loading: generate() with device_map/max_memory, memory held and speed.
 
---device cpu (default): SmolLM2-135M NF4 (real weights, converter/samples.py) disk-offloaded with
+--device cpu (default): SmolLM2-135M NF4 (real weights, converter/tools/samples.py) disk-offloaded with
 ``max_memory={"cpu": BUDGET}``; reports what the plan put where, peak RSS split into anonymous memory
 (RssAnon: interpreter, torch, activations, KV cache) and file-backed pages (RssFile: shared libraries
 and the mapped shard pages), the shard pages alone (from /proc/self/smaps), sampled every millisecond
@@ -100,10 +100,10 @@ def run_row(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
     from transformers.generation import utils as _generation  # noqa: F401  (imported before the baseline)
 
-    from converter import samples
     from converter.loader.estimate import estimate
     from converter.loader.model import load_quantized
     from converter.loader.state import shard_files
+    from converter.tools import samples
 
     folder = Path(args.model)
     paths = {str(p.resolve()) for p in shard_files(folder)[0]}
@@ -157,8 +157,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def _smollm2_nf4(work: Path, samples_dir: Path) -> Path:
-    from converter import samples
-    from converter.pipeline import convert
+    from converter.tools import samples
+    from converter.writer.pipeline import convert
 
     out = work / "smollm2-nf4"
     if not (out / "model.safetensors.index.json").is_file():

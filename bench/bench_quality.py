@@ -1,6 +1,6 @@
-"""Cost of the quality statistics (converter/quality.py) in a real conversion: A/B, interleaved.
+"""Cost of the quality statistics (converter/record/quality.py) in a real conversion: A/B, interleaved.
 
-Converts SmolLM2-135M (bf16, from converter.samples) with the statistics on (as shipped) and off (the
+Converts SmolLM2-135M (bf16, from converter.tools.samples) with the statistics on (as shipped) and off (the
 meter's hooks replaced by no-ops), alternating, best of N each; prints the ratio and the time the
 report attributes to the statistics. Run from outside the checkout:
     cd /tmp && /path/to/.venv/bin/python /path/to/bench/bench_quality.py [N]
@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from statistics import median
 
-from converter import quality
-from converter.pipeline import convert
-from converter.samples import smollm2
+from converter.record import quality
+from converter.tools.samples import smollm2
+from converter.writer.pipeline import convert
 
 
 def run(src: Path, out: Path, on: bool) -> tuple[float, float, float]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 
 _clock: Callable[[], float] = time.perf_counter
 

@@ -14,11 +14,11 @@ __all__ = [
 
 def __getattr__(name: str):  # lazy: `import converter` stays light (no torch) until convert is used
     if name == "convert":
-        from converter.pipeline import convert
+        from converter.writer.pipeline import convert
 
         return convert
     if name == "ConversionResult":
-        from converter.report import ConversionResult
+        from converter.writer.report import ConversionResult
 
         return ConversionResult
     if name in ("load_quantized", "load_quantized_state", "replace_linear_layers"):

@@ -1,6 +1,6 @@
 """Typing stub of the private C++ extension converter._kernels (csrc/bindings.cpp).
 
-Use converter.kernels: it documents shapes and dtypes, validates, and passes data_ptr() ints here.
+Use converter.kernels.bnb4bit: it documents shapes and dtypes, validates, and passes data_ptr() ints here.
 Pointers are raw addresses owned by the caller; dtype names are "float32" | "float16" | "bfloat16";
 isa is "auto" | "scalar" | "avx2" | "avx512"; threads <= 0 means one per CPU of the affinity mask.
 """
@@ -83,7 +83,7 @@ def gemv_4bit(
 
 # CUDA backend (present only when has_cuda_build(); csrc/cuda/bindings_cuda.cpp). Device pointers are
 # raw addresses on `device`; `stream` is a cudaStream_t address (torch.cuda.current_stream().cuda_stream);
-# dtype codes and the nested inputs are documented in converter/kernels_cuda.py, the only caller.
+# dtype codes and the nested inputs are documented in converter/kernels/bnb4bit_cuda.py, the only caller.
 
 def cuda_available() -> tuple[int, str]:
     """(device_count, reason): device_count 0 with a one-line reason when no CUDA device is usable."""
@@ -268,7 +268,7 @@ def quant_error_stats(
 def count_nonfinite(x: int, dtype: str, n: int, threads: int = 0) -> int:
     """Number of NaN / Inf elements of x (float32 / float16 / bfloat16)."""
 
-# LLM.int8 (csrc/bindings_int8.cpp, csrc/int8_cpu.h; used through converter.kernels_int8)
+# LLM.int8 (csrc/bindings_int8.cpp, csrc/int8_cpu.h; used through converter.kernels.int8)
 int8_scale_table_size: int
 int8_inv127_bits: int
 gemv_int8_max_batch: int
@@ -341,7 +341,7 @@ def cuda_gemv_int8(
     """CUDA int8 GEMV (csrc/cuda/gemv_int8.cu): y[b, n] = x @ (codes * SCB / 127).T (+ bias, 0 = none)."""
 
 # Torch-free --device cuda (csrc/cuda/host_pipeline.*, bindings_host_pipeline.cpp; caller:
-# converter/cuda_host.py). Host buffers are numpy addresses, kept alive until wait() returns.
+# converter/quantize/cuda_host.py). Host buffers are numpy addresses, kept alive until wait() returns.
 
 def cuda_init(device: int) -> None:
     """Create the CUDA context of `device` now (cudaSetDevice + cudaFree(0)), GIL released."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tiny_models import make_tiny
 
-from converter import samples
+from converter.tools import samples
 
 ISA_CHOICES = ("scalar", "avx2", "avx512")
 
@@ -25,7 +25,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """--isa (or an inherited QM_CPU_ISA) must name a path this CPU runs: never a silent other path."""
-    from converter import kernels
+    from converter.kernels import bnb4bit as kernels
 
     isa = config.getoption("--isa") or os.environ.get("QM_CPU_ISA") or "auto"
     if isa == "auto":
@@ -37,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    from converter import kernels
+    from converter.kernels import bnb4bit as kernels
 
     forced = os.environ.get("QM_CPU_ISA")
     chosen = f"forced to {forced}" if forced else f"auto = {kernels.cpu_isas()[-1]}"
@@ -77,7 +77,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_selection_cache(tmp_path_factory: pytest.TempPathFactory):
-    """The per-user selection cache (converter.selection_table) of the test session lives in a temp
+    """The per-user selection cache (converter.plan.selection_table) of the test session lives in a temp
     folder, never in the user's ~/.cache; subprocesses inherit it through XDG_CACHE_HOME."""
     import os
 

@@ -17,7 +17,7 @@ def _version_message() -> str:
     from converter import __version__
 
     try:
-        from converter.host_backends import available_backends  # torch only where a GPU is present
+        from converter.quantize.host_backends import available_backends  # torch only where a GPU is present
 
         backends = available_backends()
         parts = []

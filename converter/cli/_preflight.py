@@ -9,7 +9,7 @@ from converter.units import human_bytes, human_count
 
 
 def show_preflight(app: App, pre: Any) -> None:
-    """``pre`` is converter.preflight.Preflight; exits 2 when the run would be refused."""
+    """``pre`` is converter.plan.preflight.Preflight; exits 2 when the run would be refused."""
     import click
     from rich.table import Table
 

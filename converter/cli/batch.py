@@ -62,8 +62,8 @@ Examples:
 @click.pass_context
 def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **params: Any) -> None:
     """Convert every job of PLAN_FILE into its own folder under OUTPUT_ROOT."""
-    from converter.batch_run import run_batch
-    from converter.plan_file import load_plan, select_part
+    from converter.tools.batch_run import run_batch
+    from converter.tools.plan_file import load_plan, select_part
 
     app: App = ctx.obj
     to_stdout = params["json_path"] == "-"
@@ -97,14 +97,14 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
     result = run_batch(jobs, root, parallel=params["parallel"], fail_fast=params["fail_fast"], force=force,
                        on_done=on_done)  # fmt: skip
     if params["junit_path"]:
-        from converter.junit import write_junit
+        from converter.tools.junit import write_junit
 
         write_junit(result, params["junit_path"])
     data = {"plan": str(plan_file), "only": params["only"], **result.to_json()}
     if params["json_path"] and not to_stdout:
         import json
 
-        from converter.manifest import atomic_write_bytes
+        from converter.writer.manifest import atomic_write_bytes
 
         Path(params["json_path"]).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(
@@ -146,8 +146,8 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
     """Each job's preflight: up to date (skipped), or what it would write and need; nothing written."""
     from rich.table import Table
 
-    from converter.batch_run import preflight_job, stamp_matches
     from converter.cli._app import describe_error
+    from converter.tools.batch_run import preflight_job, stamp_matches
 
     rows = []
     for job in jobs:

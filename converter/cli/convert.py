@@ -10,7 +10,7 @@ import click
 
 from converter.cli._app import App, table
 from converter.methods import method_names
-from converter.plan import QUANT_STORAGES
+from converter.plan.tensor_plan import QUANT_STORAGES
 from converter.units import human_bytes, human_count
 from formats.quant_types import BLOCKSIZES
 
@@ -72,7 +72,7 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
-    """Click parameters -> keyword arguments of converter.pipeline.convert."""
+    """Click parameters -> keyword arguments of converter.writer.pipeline.convert."""
     return {
         "quant_type": params["quant_type"].lower(),
         "double_quant": params["double_quant"],
@@ -111,8 +111,8 @@ def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 @click.pass_obj
 def convert(app: App, source: str, output: Path, **params: Any) -> None:
     """Quantize SOURCE (a local folder, a .safetensors file or a Hub repo id) into the folder OUTPUT."""
-    from converter.pipeline import convert as run_convert
-    from converter.pipeline import resolve_device
+    from converter.writer.pipeline import convert as run_convert
+    from converter.writer.pipeline import resolve_device
 
     app.configure(json=params["as_json"], quiet=params["quiet"])
     if params["dry_run"]:

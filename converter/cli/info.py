@@ -12,8 +12,9 @@ from converter.units import human_bytes
 
 def backend_report() -> dict[str, Any]:
     """Tool and format versions, CPU kernel paths, and the CUDA backend (or why it is not usable)."""
-    from converter import __version__, kernels
-    from converter.kernels_cuda import cuda_status
+    from converter import __version__
+    from converter.kernels import bnb4bit as kernels
+    from converter.kernels.bnb4bit_cuda import cuda_status
     from formats.validate import FORMAT_VERSION
 
     backends = kernels.available_backends()

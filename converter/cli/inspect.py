@@ -51,8 +51,8 @@ def inspect(
 ) -> None:
     """Summarise PATH (a converted folder, one .safetensors shard, or a Hub repo id read by HTTP range
     requests, nothing downloaded): tensors, quant types, sizes."""
-    from converter.inspection import inspect_hub, inspect_path
     from converter.sources import looks_like_repo_id
+    from converter.tools.inspection import inspect_hub, inspect_path
 
     app.configure(json=as_json)
     if memory:

@@ -27,7 +27,7 @@ def push(
     Creates REPO if needed. Rerun the same command after an interruption: files already on the Hub
     are not uploaded again. Authentication as huggingface_hub does it (`hf auth login` or HF_TOKEN).
     """
-    from converter.push import push_folder
+    from converter.tools.push import push_folder
 
     app.configure(json=as_json, quiet=quiet)
     url = push_folder(folder, repo, private=private, revision=revision)

@@ -28,13 +28,13 @@ def verify(app: App, path: Path, against: str | None, revision: str | None, as_j
     of every quantized tensor against SRC and compare them with quantization_report.json.
     Exits 1 if anything does not match (each problem on its own line on stderr).
     """
-    from converter.inspection import verify_path
+    from converter.tools.inspection import verify_path
 
     app.configure(json=as_json)
     r = verify_path(path)
     quality = None
     if against is not None and r.ok:
-        from converter.verify_quality import verify_against
+        from converter.tools.verify_quality import verify_against
 
         quality, problems = verify_against(path, against, revision=revision)
         r.problems.extend(problems)

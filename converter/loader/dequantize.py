@@ -25,7 +25,7 @@ from converter.errors import OutputExistsError
 from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
 from converter.methods import for_record
-from converter.plan import normalize_dtype, parse_size, shard_names
+from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
 from formats.record import QuantizedTensor
 from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
 

@@ -3,7 +3,7 @@
 ``torch.ops.quantize_model.dequantize_int8(codes, scb, dtype)`` and ``gemv_int8(x, codes, scb, bias)`` are
 ``torch.library`` custom ops (one graph node each under torch.compile, with fake implementations),
 the namespace and convention of the 4-bit ops. CPU tensors run the C++ kernels
-(``converter.kernels_int8``); CUDA tensors the CUDA kernels when the extension has them; any other
+(``converter.kernels.int8``); CUDA tensors the CUDA kernels when the extension has them; any other
 device (or a build without the extension) the torch formula below, which computes the same bits:
 ``W = f32(f32(q * SCB) * f32(1/127))`` then one round-to-nearest-even cast.
 """
@@ -24,9 +24,9 @@ _INV127 = float(INV127)
 
 @functools.cache
 def _kernels() -> Any:
-    """converter.kernels_int8 when the C++ extension imports, else None (torch path)."""
+    """converter.kernels.int8 when the C++ extension imports, else None (torch path)."""
     try:
-        from converter import kernels_int8
+        from converter.kernels import int8 as kernels_int8
     except (ImportError, AttributeError, OSError):
         return None
     return kernels_int8
@@ -35,7 +35,8 @@ def _kernels() -> Any:
 @functools.cache
 def _has_cuda_int8() -> bool:
     try:
-        from converter import kernels_cuda, kernels_int8_cuda
+        from converter.kernels import bnb4bit_cuda as kernels_cuda
+        from converter.kernels import int8_cuda as kernels_int8_cuda
     except (ImportError, AttributeError, OSError, RuntimeError):
         return False
     return kernels_int8_cuda.available() and kernels_cuda.cuda_status()[0]
@@ -92,7 +93,7 @@ def dequantize(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> to
 def _cuda_gemv_built() -> bool:
     if not _has_cuda_int8():
         return False
-    from converter import kernels_int8_cuda
+    from converter.kernels import int8_cuda as kernels_int8_cuda
 
     return kernels_int8_cuda.has_gemv()
 

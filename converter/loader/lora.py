@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from converter.loader.module import QuantLinear4bit, make_weight, state_from_record
 from formats.quant_types import QuantType
 from formats.record import QuantizedTensor

@@ -12,7 +12,7 @@ it and ``bnb.nn.Linear4bit``, so ``peft.get_peft_model`` wraps it with PEFT's ow
 a full-precision weight first). Without bitsandbytes ``Linear4bit`` is ``QuantLinear4bit`` and
 ``converter.loader.lora.register_lora`` plugs it into PEFT.
 
-Forward: the fused GEMV of ``converter.kernels`` (CPU, or CUDA when built) for 1..8 tokens when
+Forward: the fused GEMV of ``converter.kernels.bnb4bit`` (CPU, or CUDA when built) for 1..8 tokens when
 ``in_features`` is a multiple of the blocksize, otherwise an exact dequantize + ``F.linear`` in the
 compute dtype (the same call bitsandbytes makes; plain torch ops where no kernel exists). Gradients flow
 to the input (``grad_x = grad_y @ W``); the weight is frozen.

@@ -46,12 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from converter.cpu_threads import gemv_threads
+from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
 from converter.loader.moe_records import MoeLoadError, expert_state_dict, stack_records
-from converter.moe import EXPERT_KEY
-from converter.moe import PROJ_ROLE as _ROLE
+from converter.plan.moe import EXPERT_KEY
+from converter.plan.moe import PROJ_ROLE as _ROLE
 from formats.record import QuantizedTensor
 
 #: Activations the custom op knows by name (config.hidden_act); others run the module's own act_fn.

@@ -39,7 +39,8 @@ PREFILL_SCRATCH_BYTES = 512 << 20
 def _ext():
     """The extension module when it has the CUDA MoE kernels and a usable device, else None."""
     try:
-        from converter import _kernels, kernels_cuda
+        from converter import _kernels
+        from converter.kernels import bnb4bit_cuda as kernels_cuda
     except ImportError:  # no extension built: the loader's torch paths run
         return None
     if not hasattr(_kernels, "cuda_gemv_4bit_grouped") or not kernels_cuda.cuda_status()[0]:

@@ -3,7 +3,7 @@
 A layer prepares its weight's kernel arguments once (:func:`prepare`: flat codes, float32 maps, the
 nested record's offset as a Python float, whether the fused GEMV applies) and each call then only
 launches (:func:`linear`). Launches go through the ``torch.ops.quantize_model`` custom ops
-(``converter.custom_ops``) while torch.compile traces, and straight to the same implementations in
+(``converter.kernels.custom_ops``) while torch.compile traces, and straight to the same implementations in
 eager mode (the dispatcher's per-call cost is most of a small layer's time at batch 1).
 
 Every path computes the same bits (design.md, exactness rules): nested absmax decoded as
@@ -35,9 +35,10 @@ GEMV_MAX_TOKENS = 8
 
 @functools.cache
 def _kernels() -> Any | None:
-    """converter.kernels when its extension imports, else None (the torch path is used)."""
+    """converter.kernels.bnb4bit when its extension imports, else None (the torch path is used)."""
     try:
-        from converter import custom_ops, kernels  # custom_ops registers torch.ops.quantize_model.*
+        from converter.kernels import bnb4bit as kernels  # custom_ops registers torch.ops.quantize_model.*
+        from converter.kernels import custom_ops
 
         kernels.available_backends()
         del custom_ops
@@ -141,7 +142,7 @@ class KernelArgs(NamedTuple):
     in_features: int
     blocksize: int
     dtype: torch.dtype  # the original weight's dtype (dequantize's default)
-    impls: dict | None  # converter.custom_ops.IMPLS[device type], None: no kernel for this device
+    impls: dict | None  # converter.kernels.custom_ops.IMPLS[device type], None: no kernel for this device
     gemv: bool  # the fused GEMV applies (a kernel, whole blocks per row)
 
 
@@ -153,7 +154,7 @@ def prepare(packed: torch.Tensor, state: Any) -> KernelArgs:
     data = packed_bytes(packed)
     impls = None
     if kernel_backend(data.device) is not None:
-        from converter.custom_ops import IMPLS
+        from converter.kernels.custom_ops import IMPLS
 
         impls = IMPLS.get(data.device.type)
     absmax = codes = nested_absmax = nested_map = None

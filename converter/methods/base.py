@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: plan.py imports this package
-    from converter.plan import Options, Plan, PlannedTensor
+    from converter.plan.tensor_plan import Options, Plan, PlannedTensor
     from formats.writer import TensorSlot
 
 
@@ -77,7 +77,7 @@ class QuantMethod(ABC):
 
     @abstractmethod
     def quality_meter(self, options: Options, threads: int | None) -> Any:
-        """The ``converter.quality.QualityMeter`` measuring this method's error (its
+        """The ``converter.record.quality.QualityMeter`` measuring this method's error (its
         ``measured_result(name, result)`` takes what ``quantizer`` yielded)."""
 
     # -- config.json -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """NF4 / FP4 blockwise 4-bit (bitsandbytes ``Linear4bit``): the method the converter started with.
 
-Kernels ``converter.kernels_np`` / ``converter.kernels`` through ``converter.host_quantizer``;
+Kernels ``converter.kernels.bnb4bit_np`` / ``converter.kernels.bnb4bit`` through
+``converter.quantize.host_quantizer``;
 record ``formats.record.QuantizedTensor``; config ``formats.bnb_compat.quantization_config``; runtime
 layer ``converter.loader.module.Linear4bit``.
 """
@@ -13,7 +14,7 @@ from converter.methods.base import QuantMethod
 from converter.sources.base import CODE_NAMES
 
 if TYPE_CHECKING:
-    from converter.plan import Options, Plan, PlannedTensor
+    from converter.plan.tensor_plan import Options, Plan, PlannedTensor
 
 #: Bytes a quantized tensor adds beyond its payload: quant_map (16 f32), nested map (256 f32) and
 #: the quant_state JSON blob (a few hundred bytes). Only used to cut shards, so an upper bound.
@@ -71,7 +72,7 @@ class Bnb4bitMethod(QuantMethod):
         )
 
     def record_entries(self, p: PlannedTensor, options: Options, result: Any) -> list:
-        from converter.records import record_entries
+        from converter.record.records import record_entries
 
         return record_entries(
             p.name,
@@ -85,12 +86,12 @@ class Bnb4bitMethod(QuantMethod):
         )
 
     def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
-        from converter.host_backends import make_host_quantizer
+        from converter.quantize.host_backends import make_host_quantizer
 
         return make_host_quantizer(self._qtype(), options.blocksize, options.double_quant, device, threads)
 
     def quality_meter(self, options: Options, threads: int | None) -> Any:
-        from converter.quality import QualityMeter
+        from converter.record.quality import QualityMeter
 
         return QualityMeter(self._qtype(), options.blocksize, threads)
 

@@ -1,6 +1,6 @@
 """LLM.int8 (bitsandbytes ``Linear8bitLt``, ``load_in_8bit``): row-wise int8 codes + fp16 row absmax.
 
-Kernels ``converter.kernels_int8`` through ``converter.int8_quantizer``; record and math
+Kernels ``converter.kernels.int8`` through ``converter.quantize.int8_quantizer``; record and math
 ``formats.int8``; config ``formats.int8.quantization_config`` (13 keys, ``load_in_8bit``); runtime
 layer ``converter.loader.module_int8.Linear8bit``. Options it owns: ``int8_threshold`` (only used by
 the forward pass: bnb's stored bytes do not depend on it) and ``int8_scale`` ("cpu": bnb's CPU bytes,
@@ -15,7 +15,7 @@ from converter.methods.base import QuantMethod
 from converter.sources.base import CODE_NAMES
 
 if TYPE_CHECKING:
-    from converter.plan import Options, Plan, PlannedTensor
+    from converter.plan.tensor_plan import Options, Plan, PlannedTensor
 
 SCALES = ("cpu", "cuda")
 
@@ -71,12 +71,12 @@ class Int8Method(QuantMethod):
         return list(record.state_dict().items())
 
     def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
-        from converter.int8_quantizer import Int8Quantizer
+        from converter.quantize.int8_quantizer import Int8Quantizer
 
         return Int8Quantizer(options.int8_scale, device, threads)
 
     def quality_meter(self, options: Options, threads: int | None) -> Any:
-        from converter.int8_quality import Int8QualityMeter
+        from converter.record.int8_quality import Int8QualityMeter
 
         return Int8QualityMeter(threads)
 

@@ -173,7 +173,7 @@ def is_extra_file(relname: str) -> bool:
 def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | None:
     """Why a source looks already quantized, or None. Shared by every Source implementation.
 
-    Block-scaled FP8 (DeepSeek-V3 style) is not refused: converter/fp8.py dequantizes it on read.
+    Block-scaled FP8 (DeepSeek-V3 style) is not refused: converter/sources/fp8.py dequantizes it on read.
     """
     qc = (config or {}).get("quantization_config")
     if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "fp8":

@@ -1,7 +1,7 @@
 """What a block-scaled FP8 checkpoint looks like, from config.json and the tensor list alone.
 
 No torch and no Source import: ``converter.sources.base`` asks these questions to decide whether a
-source is "already quantized", and ``converter.fp8`` (torch, the dequantizing wrapper) uses the same
+source is "already quantized", and ``converter.sources.fp8`` (torch, the dequantizing wrapper) uses the same
 answers, so neither has to import the other lazily.
 """
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from converter.sources.base import TensorInfo
 
 SCALE_SUFFIX = "_scale_inv"
-#: safetensors dtypes of the FP8 weights that are dequantized (converter/fp8.py maps them to torch).
+#: safetensors dtypes of the FP8 weights that are dequantized (converter/sources/fp8.py maps them to torch).
 FP8_WEIGHT_DTYPE_NAMES = ("F8_E4M3",)
 _SCALE_DTYPES = {"F32", "BF16", "F16"}
 

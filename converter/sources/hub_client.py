@@ -1,6 +1,6 @@
 """Hub calls with a bounded retry loop, and huggingface_hub's errors mapped to converter.errors.
 
-Shared by the Hub source (converter/sources/hub.py) and the push (converter/push.py).
+Shared by the Hub source (converter/sources/hub.py) and the push (converter/tools/push.py).
 huggingface_hub already retries some requests; HubClient.call adds a loop around every call we make
 for 5xx, 408, 429 (honouring Retry-After) and dropped connections, and turns every other failure into
 a one-line converter.errors exception that says what to do.

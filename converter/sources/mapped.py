@@ -46,7 +46,7 @@ NP_DTYPES: dict[str, Any] = {
     "F32": np.float32,
     "F16": np.float16,
     "BF16": np.uint16,
-    "F8_E4M3": np.uint8,  # block-scaled FP8 sources (converter/fp8.py): bits viewed as float8_e4m3fn
+    "F8_E4M3": np.uint8,  # block-scaled FP8 sources (converter/sources/fp8.py): bits viewed as float8_e4m3fn
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,

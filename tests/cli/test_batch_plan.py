@@ -53,14 +53,14 @@ def test_plan_runs_then_second_run_does_no_work(qm, tiny_llama: Path, tmp_path: 
 
     import functools
 
-    import converter.pipeline
+    import converter.writer.pipeline
 
-    @functools.wraps(converter.pipeline.convert)  # the plan's keys are checked against its signature
+    @functools.wraps(converter.writer.pipeline.convert)  # the plan's keys are checked against its signature
     def no_work(*a, **k):
         msg = "an up-to-date job must not be planned or converted"
         raise AssertionError(msg)
 
-    monkeypatch.setattr(converter.pipeline, "convert", no_work)
+    monkeypatch.setattr(converter.writer.pipeline, "convert", no_work)
     r = qm("batch", plan, "--json")
     assert r.exit_code == 0, r.stderr
     assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"] * 3
@@ -200,9 +200,9 @@ def test_convert_dry_run_lists_every_tensor_and_writes_nothing(qm, tiny_llama: P
 
 
 def test_too_small_disk_is_refused_up_front(qm, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
-    import converter.preflight
+    import converter.plan.preflight
 
-    monkeypatch.setattr(converter.preflight, "disk_free", lambda path: (1000, tmp_path))
+    monkeypatch.setattr(converter.plan.preflight, "disk_free", lambda path: (1000, tmp_path))
     out = tmp_path / "out"
     r = qm("convert", tiny_llama, out)
     assert r.exit_code == 2
@@ -249,8 +249,8 @@ def test_batch_refuses_a_batch_wide_revision(qm, tiny_llama: Path, tmp_path: Pat
 
 def test_jobs_wait_for_the_budget(tiny_llama: Path, tmp_path: Path) -> None:
     """--jobs N starts a job only while the running ones' estimates fit; a tiny budget serialises."""
-    from converter.batch_run import Budget, run_batch
-    from converter.plan_file import load_plan
+    from converter.tools.batch_run import Budget, run_batch
+    from converter.tools.plan_file import load_plan
 
     plan = load_plan(_plan(tmp_path, tiny_llama))
     events: list[tuple[str, str]] = []

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from converter import __version__, kernels
+from converter import __version__
+from converter.kernels import bnb4bit as kernels
 
 
 def test_info_json_lists_cpu_paths_and_cuda_state(qm) -> None:

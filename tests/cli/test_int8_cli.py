@@ -71,7 +71,7 @@ def test_dequantize_round_trip(qm, int8_out: Path, tmp_path: Path) -> None:
 
 
 def test_model_card_names_the_8bit_layout(int8_out: Path) -> None:
-    from converter.push import build_model_card
+    from converter.tools.push import build_model_card
 
     card = build_model_card(int8_out, "me/tiny-int8")
     assert "LLM.int8 8-bit quantization" in card

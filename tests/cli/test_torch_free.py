@@ -13,7 +13,7 @@ from pathlib import Path
 
 import transformers
 
-from converter import selection_table
+from converter.plan import selection_table
 
 PROBE = """
 import json, sys

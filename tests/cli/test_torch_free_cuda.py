@@ -13,7 +13,7 @@ from pathlib import Path
 
 from test_torch_free import probe
 
-from converter import cuda_host
+from converter.quantize import cuda_host
 
 
 def _hashes(folder: Path) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """``convert --quant-type int8`` output equals transformers + bitsandbytes' own 8-bit ``save_pretrained``.
 
-For each tiny architecture (and MiniLM / SmolLM2 real weights) we convert with converter.pipeline,
+For each tiny architecture (and MiniLM / SmolLM2 real weights) we convert with converter.writer.pipeline,
 build bnb's own pre-quantized folder (``BitsAndBytesConfig(load_in_8bit=True)`` on CPU, then
 ``save_pretrained``) and check: the same tensor names with the same dtypes, shapes and bytes
 (``weight`` I8, ``SCB`` F32, ``weight_format`` U8 and every kept tensor); transformers loads our folder
@@ -20,8 +20,8 @@ from safetensors import safe_open
 from tiny_models import load_logged as _load
 from tiny_models import make_tiny, quantized_modules, read_config, read_infos
 
-from converter import pipeline
-from converter.selection import select_tensors
+from converter.plan.selection import select_tensors
+from converter.writer import pipeline
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -1,6 +1,6 @@
 """Converted folders load in transformers + bitsandbytes (CPU) exactly like bnb's own output.
 
-For each tiny architecture (and MiniLM's real weights) we convert with converter.pipeline.convert,
+For each tiny architecture (and MiniLM's real weights) we convert with converter.writer.pipeline.convert,
 load the result with ``from_pretrained(out, device_map="cpu")`` and check:
 - no missing / unexpected / mismatched keys and no load-report warning;
 - transformers built a bnb Linear4bit for every weight we quantized, and nowhere else;
@@ -19,9 +19,11 @@ import transformers
 from safetensors import safe_open
 from tiny_models import linear4bit_modules, load_logged, quantized_modules, read_config, read_infos
 
-from converter.selection import select_tensors
+from converter.plan.selection import select_tensors
 
-pipeline = pytest.importorskip("converter.pipeline", reason="converter.pipeline not importable yet")
+pipeline = pytest.importorskip(
+    "converter.writer.pipeline", reason="converter.writer.pipeline not importable yet"
+)
 
 ARCHS = ["llama", "gpt2", "bert", "t5", "mixtral", "qwen3_moe"]
 VARIANTS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]
@@ -288,7 +290,7 @@ def test_skip_glob_loads_in_causal_lm_and_base_model(tiny_checkpoint, tmp_path):
 def test_allowlist_output_loads_like_transformers_mode(tiny_checkpoint, tmp_path, monkeypatch, name):
     """Converted on a machine without transformers (the allowlist picks the layers), the folder
     has the same tensors as with transformers and loads with Linear4bit at the same places."""
-    import converter.selection as selection
+    import converter.plan.selection as selection
 
     src = tiny_checkpoint(name)
     kwargs = dict(quant_type="nf4", double_quant=True, progress=False)

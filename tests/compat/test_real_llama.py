@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from converter.pipeline import convert
+from converter.writer.pipeline import convert
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

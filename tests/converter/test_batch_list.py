@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from converter.batch import BatchItem, default_name, read_list
 from converter.errors import InputError
+from converter.tools.batch import BatchItem, default_name, read_list
 
 
 def test_default_names(tmp_path: Path) -> None:

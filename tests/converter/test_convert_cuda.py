@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_pipeline import output_hashes
 
-from converter import kernels
-from converter.pipeline import convert
+from converter.kernels import bnb4bit as kernels
+from converter.writer.pipeline import convert
 
 
 def _cuda_ready() -> bool:

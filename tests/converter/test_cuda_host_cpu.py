@@ -1,4 +1,5 @@
-"""converter.cuda_host without a GPU: device parsing, the fallback, and CudaHostQuantizer's bookkeeping.
+"""converter.quantize.cuda_host without a GPU: device parsing, the fallback, and CudaHostQuantizer's
+bookkeeping.
 
 ``FakePipe`` stands in for ``_kernels.CudaHostPipeline`` (same submit / wait contract: raw addresses of
 numpy buffers, results written into them when the ticket is waited for), computing with the CPU
@@ -13,10 +14,13 @@ import ctypes
 import numpy as np
 import pytest
 
-from converter import _kernels, cuda_host, kernels_np, pipeline
+from converter import _kernels
 from converter.errors import InputError
-from converter.host_backends import make_host_quantizer
-from converter.host_quantizer import HostQuantizer
+from converter.kernels import bnb4bit_np as kernels_np
+from converter.quantize import cuda_host
+from converter.quantize.host_backends import make_host_quantizer
+from converter.quantize.host_quantizer import HostQuantizer
+from converter.writer import pipeline
 from formats.quant_types import QuantType
 
 CODES = {v: k for k, v in cuda_host.DTYPE_CODES.items()}

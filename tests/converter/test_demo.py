@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from converter import demo
+from converter.tools import demo
 
 REPO_CACHE = Path(__file__).parents[2] / ".cache"
 

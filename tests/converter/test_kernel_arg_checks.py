@@ -1,4 +1,5 @@
-"""converter.kernels and converter.kernels_cuda check dequantize / GEMV arguments with one shared helper.
+"""converter.kernels.bnb4bit and converter.kernels.bnb4bit_cuda check dequantize / GEMV arguments with one
+shared helper.
 
 Runs without a GPU: bad arguments are refused by the shared checks before any device is needed, so
 both modules must give the same exception and message; good arguments reach kernels_cuda's launch,
@@ -10,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converter import kernels, kernels_cuda
+from converter.kernels import bnb4bit as kernels
+from converter.kernels import bnb4bit_cuda as kernels_cuda
 from formats import codebooks
 from formats.quant_types import QuantType
 

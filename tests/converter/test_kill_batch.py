@@ -28,9 +28,9 @@ DRIVER = textwrap.dedent(
     """
     import json, os, random, shutil, signal, sys, time
     from pathlib import Path
-    from converter.batch_run import run_batch, STATE_DIR
-    from converter.inspection import verify_path
-    from converter.plan_file import load_plan
+    from converter.tools.batch_run import run_batch, STATE_DIR
+    from converter.tools.inspection import verify_path
+    from converter.tools.plan_file import load_plan
 
     plan_path, ref_root, root = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     kills, seed = int(sys.argv[4]), int(sys.argv[5])
@@ -70,7 +70,7 @@ DRIVER = textwrap.dedent(
 
     # Plan every job once here (nothing written): the children inherit transformers and the model
     # classes already imported instead of importing them after each fork.
-    from converter.batch_run import preflight_job
+    from converter.tools.batch_run import preflight_job
     for job in plan.jobs:
         preflight_job(job, ref_root, {})
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ CHILD = textwrap.dedent(
     """
     import json, sys, threading, time
     sys.path.insert(0, {tests!r})
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     def rss_anon():
         with open("/proc/self/status") as f:

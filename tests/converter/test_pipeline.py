@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from converter.errors import InputError, OutputExistsError, UnsupportedTensorError
-from converter.manifest import MANIFEST_NAME
-from converter.pipeline import convert
+from converter.writer.manifest import MANIFEST_NAME
+from converter.writer.pipeline import convert
 from formats import metadata
 
 
@@ -227,7 +227,7 @@ def test_fp4_without_nesting(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 def test_matches_kernels_byte_for_byte(tiny_llama: Path, tmp_path: Path) -> None:
-    from converter import kernels
+    from converter.kernels import bnb4bit as kernels
     from formats.quant_types import QuantType
 
     out = tmp_path / "out"
@@ -319,7 +319,7 @@ def test_local_pickle_with_allow_pickle_matches_safetensors(tiny_llama: Path, tm
 
 
 def test_second_writer_into_the_same_folder_refused(tiny_llama: Path, tmp_path: Path) -> None:
-    from converter.manifest import FolderLock
+    from converter.writer.manifest import FolderLock
 
     out = tmp_path / "out"
     out.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from converter.errors import InputError
-from converter.plan_file import Job, load_plan, parse_only, select_part
+from converter.tools.plan_file import Job, load_plan, parse_only, select_part
 
 PLAN = """\
 [defaults]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from converter import _kernels, kernels
-from converter.quality import Codes, count_nonfinite, measure
+from converter import _kernels
+from converter.kernels import bnb4bit as kernels
+from converter.record.quality import Codes, count_nonfinite, measure
 from formats import codebooks
 from formats.quant_types import QuantType
 

@@ -1,4 +1,5 @@
-"""The torch-free CPU path (converter.kernels_np + converter.records) gives the torch path's bytes."""
+"""The torch-free CPU path (converter.kernels.bnb4bit_np + converter.record.records) gives the torch path's
+bytes."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from converter import kernels, kernels_np
-from converter.records import record_entries
+from converter.kernels import bnb4bit as kernels
+from converter.kernels import bnb4bit_np as kernels_np
+from converter.record.records import record_entries
 from converter.sources.mapped import as_torch
 from formats.quant_types import QuantType
 from formats.record import QuantizedTensor

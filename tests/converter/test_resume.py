@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from test_pipeline import output_hashes
 
-from converter.manifest import MANIFEST_NAME
-from converter.pipeline import convert
+from converter.writer.manifest import MANIFEST_NAME
+from converter.writer.pipeline import convert
 
 # The child converts and SIGKILLs itself at the chosen point: a real kill, no cleanup handlers run.
 CHILD = textwrap.dedent(
@@ -22,8 +22,8 @@ CHILD = textwrap.dedent(
     import json, os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from converter import pipeline
-    from converter.manifest import MANIFEST_NAME
+    from converter.writer import pipeline
+    from converter.writer.manifest import MANIFEST_NAME
 
     src, out, stage = sys.argv[1:4]
     calls = 0

@@ -1,7 +1,8 @@
-"""The converter streams each shard's tensors through a quantizer's ``quantize_many`` (converter.pipeline).
+"""The converter streams each shard's tensors through a quantizer's ``quantize_many``
+(converter.writer.pipeline).
 
-On the CPU the quantizer (converter.host_quantizer.HostQuantizer, numpy) takes each tensor at its
-turn; the GPU quantizer (converter.cuda_host.CudaHostQuantizer) takes up to ``depth`` tensors ahead
+On the CPU the quantizer (converter.quantize.host_quantizer.HostQuantizer, numpy) takes each tensor at its
+turn; the GPU quantizer (converter.quantize.cuda_host.CudaHostQuantizer) takes up to ``depth`` tensors ahead
 of the one being written. ``ReadAheadQuantizer`` below runs that GPU schedule on the CPU kernels, so
 the ordering, bookkeeping and error paths the ``--device cuda`` conversion relies on are tested here
 without a GPU (tests/cuda runs the real one).
@@ -21,12 +22,13 @@ import torch
 from qm_checkpoints import INTERLEAVED, INTERLEAVED_INCLUDE, make_interleaved
 from test_pipeline import output_hashes
 
-from converter import kernels, pipeline
 from converter.errors import NonFiniteTensorError
-from converter.host_quantizer import HostQuantizer, HostResult
-from converter.manifest import MANIFEST_NAME
-from converter.pipeline import convert
+from converter.kernels import bnb4bit as kernels
+from converter.quantize.host_quantizer import HostQuantizer, HostResult
 from converter.sources import open_source
+from converter.writer import pipeline
+from converter.writer.manifest import MANIFEST_NAME
+from converter.writer.pipeline import convert
 from formats.quant_types import QuantType
 from formats.reader import open_folder, open_shard
 from formats.record import QuantizedTensor

@@ -10,7 +10,7 @@ def cuda_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     try:
-        from converter import kernels_cuda
+        from converter.kernels import bnb4bit_cuda as kernels_cuda
     except ImportError as exc:  # extension not built yet
         return f"converter._kernels is not importable: {exc}"
     usable, why = kernels_cuda.cuda_status()

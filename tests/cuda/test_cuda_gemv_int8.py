@@ -9,7 +9,7 @@ import pytest
 import torch
 from error_bounds import U32, dot_bound, worst_ratio
 
-from converter import kernels_int8
+from converter.kernels import int8 as kernels_int8
 from formats.int8 import dequantize_int8
 
 pytestmark = pytest.mark.cuda
@@ -116,7 +116,7 @@ def test_argument_errors_name_the_argument() -> None:
 def test_forced_configurations_give_the_same_bound(variant, batch) -> None:
     """The batch 1-2 configurations the benchmark compares (rows per warp, chunks in flight), on a
     row count that leaves a partial warp / CTA."""
-    from converter import kernels_int8_cuda
+    from converter.kernels import int8_cuda as kernels_int8_cuda
 
     codes, scb, w32 = _layer(1001, 4096, seed=variant)
     x = _x(batch, 4096, torch.bfloat16, seed=variant)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from error_bounds import dot_bound, gemv_arithmetic, worst_ratio
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from formats import codebooks
 from formats.quant_types import QuantType
 
@@ -29,7 +29,7 @@ FORCED = (12, 13, 14, 15, 16, 17, 18)
 
 
 def _kc():
-    from converter import kernels_cuda
+    from converter.kernels import bnb4bit_cuda as kernels_cuda
 
     return kernels_cuda
 
@@ -202,7 +202,7 @@ def test_qm_cuda_gemv_env_selects_the_kernel(monkeypatch):
 
 def test_qm_cuda_gemv_is_read_at_import():
     env = {**os.environ, "QM_CUDA_GEMV": "stream"}
-    code = "from converter import kernels_cuda as k; print(k.GEMV_DEFAULT_VARIANT)"
+    code = "from converter.kernels import bnb4bit_cuda as k; print(k.GEMV_DEFAULT_VARIANT)"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "11"

@@ -1,7 +1,7 @@
-"""converter.cuda_host on a GPU: the torch-free --device cuda quantizer gives the CPU kernels' bytes.
+"""converter.quantize.cuda_host on a GPU: the torch-free --device cuda quantizer gives the CPU kernels' bytes.
 
 Every input is quantized by ``_kernels.CudaHostPipeline`` (pinned chunks, one worker thread) and by
-``converter.kernels_np`` on the CPU; packed codes, absmax, nested codes, nested absmax and offset must
+``converter.kernels.bnb4bit_np`` on the CPU; packed codes, absmax, nested codes, nested absmax and offset must
 be equal bit for bit (design.md: identical on every device). Small ``chunk_bytes`` force many chunks
 per tensor, so chunk boundaries, partial last blocks and odd element counts are all crossed.
 """
@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converter import cuda_host, host_backends, kernels_np
-from converter.host_quantizer import HostQuantizer
+from converter.kernels import bnb4bit_np as kernels_np
+from converter.quantize import cuda_host, host_backends
+from converter.quantize.host_quantizer import HostQuantizer
 from formats.quant_types import QuantType
 
 pytestmark = pytest.mark.cuda

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converter import kernels, kernels_int8
-from converter.int8_quantizer import Int8Quantizer
+from converter.kernels import bnb4bit as kernels
+from converter.kernels import int8 as kernels_int8
+from converter.quantize.int8_quantizer import Int8Quantizer
 
 pytestmark = pytest.mark.cuda
 

@@ -14,7 +14,7 @@ import torch
 from cuda_helpers import DTYPES, SIZES, awkward_input
 from error_bounds import dot_bound, gemv_arithmetic, worst_ratio
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from formats import codebooks, reference
 from formats.quant_types import BLOCKSIZES, QuantType
 
@@ -24,7 +24,7 @@ QTYPES = (QuantType.NF4, QuantType.FP4)
 
 
 def _kc():
-    from converter import kernels_cuda
+    from converter.kernels import bnb4bit_cuda as kernels_cuda
 
     return kernels_cuda
 

@@ -1,6 +1,6 @@
-"""converter.cuda_pipeline: overlapped GPU quantization returns the CPU path's bytes, in order.
+"""converter.quantize.cuda_pipeline: overlapped GPU quantization returns the CPU path's bytes, in order.
 
-CudaQuantizer is the torch-tensor face of converter.cuda_host (the converter's --device cuda path);
+CudaQuantizer is the torch-tensor face of converter.quantize.cuda_host (the converter's --device cuda path);
 the schedule both share (depth, order, early stop, NaN) is tested without a GPU in
 tests/converter/test_cuda_host_cpu.py.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter import cuda_pipeline, kernels
+from converter.kernels import bnb4bit as kernels
+from converter.quantize import cuda_pipeline
 from formats.quant_types import QuantType
 
 
@@ -52,7 +53,7 @@ def _check(results, quant_type, blocksize, nested):
 
 
 def test_cpu_fallback_says_why_and_gives_the_cpu_bytes(monkeypatch):
-    from converter import kernels_cuda
+    from converter.kernels import bnb4bit_cuda as kernels_cuda
 
     monkeypatch.setattr(kernels_cuda, "cuda_status", lambda: (False, "no CUDA device found"))
     q = cuda_pipeline.make_quantizer(QuantType.NF4, 64, nested=True)
@@ -65,8 +66,9 @@ def test_cpu_fallback_says_why_and_gives_the_cpu_bytes(monkeypatch):
 def test_a_gpu_older_than_the_build_is_not_usable(monkeypatch):
     # A CUDA build on a machine whose GPU predates compute capability 8.0 (e.g. a T4): the kernels have
     # no image for it, so the backend says so and --device cuda converts on the CPU with that reason.
-    from converter import _kernels, kernels_cuda
-    from converter.pipeline import resolve_device
+    from converter import _kernels
+    from converter.kernels import bnb4bit_cuda as kernels_cuda
+    from converter.writer.pipeline import resolve_device
 
     monkeypatch.setattr(_kernels, "has_cuda_build", lambda: True, raising=False)
     monkeypatch.setattr(_kernels, "CudaHostPipeline", object, raising=False)  # a CPU-only build has none
@@ -114,7 +116,8 @@ def test_cuda_quantizer_names_a_tensor_with_nan():
         list(q.quantize_many(items))
 
 
-# --- converter.convert(device="cuda"): each shard streams through converter.cuda_host -----------------
+# --- converter.convert(device="cuda"): each shard streams through converter.quantize.cuda_host
+# -----------------
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "converter"))
 from qm_checkpoints import INTERLEAVED, INTERLEAVED_INCLUDE, make_interleaved  # noqa: E402
@@ -150,7 +153,7 @@ def interleaved(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cuda_conversion_is_byte_identical_to_cpu(
     quant_type, nested, blocksize, dtype, max_shard_size, interleaved: Path, tmp_path: Path
 ):
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     opts = {
         "include": INTERLEAVED_INCLUDE,
@@ -182,8 +185,8 @@ def test_cuda_conversion_is_byte_identical_to_cpu(
 @pytest.mark.parametrize("max_shard_size", ["5GB", "20KB"])
 def test_cuda_conversion_names_a_nan_tensor_mid_stream(max_shard_size: str, tmp_path: Path):
     from converter.errors import NonFiniteTensorError
-    from converter.manifest import MANIFEST_NAME
-    from converter.pipeline import convert
+    from converter.writer.manifest import MANIFEST_NAME
+    from converter.writer.pipeline import convert
 
     src = make_interleaved(tmp_path / "src", nan_in="l6.weight")
     out = tmp_path / "out"

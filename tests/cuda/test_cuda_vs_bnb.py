@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from formats.quant_types import QuantType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "golden"))
@@ -85,7 +85,7 @@ def test_nested_and_dequantize_of_bnb_record(dtype, quant_type):
     assert ulps <= 4
     assert int(code_diff.max()) <= 1
     # Our dequantization of bnb's record is bnb's CUDA dequantization, bit for bit (FP4 -0.0 aside).
-    from converter import kernels_cuda
+    from converter.kernels import bnb4bit_cuda as kernels_cuda
 
     ours = kernels_cuda.dequantize_4bit(
         packed_b.view(-1),

@@ -50,7 +50,7 @@ MANIFEST_DATA, ARRAY_DATA = _load() if MANIFEST.exists() else ({"cases": []}, {}
 
 def _kernels():
     try:
-        from converter import kernels
+        from converter.kernels import bnb4bit as kernels
 
         return kernels
     except ImportError:  # the extension is not built: the numpy reference states the same rules

@@ -63,7 +63,7 @@ def _assert_same_conversion(a: Path, b: Path) -> None:
 
 
 def _convert(source: str | Path, out: Path, **kw):
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     kw.setdefault("max_shard_size", "40KB")
     return convert(source, out, progress=False, **kw)
@@ -168,7 +168,7 @@ def test_keep_downloads_fills_the_cache(
 
 _RUN = """
 import sys
-from converter.pipeline import convert
+from converter.writer.pipeline import convert
 convert(sys.argv[1], sys.argv[2], progress=False, max_shard_size="40KB")
 """
 

@@ -14,8 +14,8 @@ from fake_hub import FakeHub, Fault
 from hub_helpers import TOKEN, hub_env
 
 from converter.errors import InputError
-from converter.push import push_folder
 from converter.sources.hub import HubAccessError, HubDownloadError
+from converter.tools.push import push_folder
 
 pytestmark = pytest.mark.hub
 
@@ -34,7 +34,7 @@ def _files(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def converted(tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path) -> Path:
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     fake_hub.add_repo(SRC, checkpoint_dir)
     out = tmp_path / "tiny-nf4"
@@ -134,7 +134,7 @@ def test_push_refuses_unfinished_folder(converted: Path, fake_hub: FakeHub) -> N
 def test_convert_push_to(
     tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch
 ) -> None:
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     fake_hub.add_repo(SRC, checkpoint_dir)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from kernel_helpers import DTYPES, as_f32_numpy, bnb_quant_state, dynamic8_tensor
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from formats import reference
 from formats.quant_types import BLOCKSIZES, QuantType
 

@@ -15,7 +15,7 @@ import torch
 from error_bounds import dot_bound, gemv_arithmetic, worst_ratio
 from kernel_helpers import DTYPES, codebook_tensor, dynamic8_tensor
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from formats.quant_types import QuantType
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from converter import kernels
-from converter import kernels_int8 as k8
+from converter.kernels import bnb4bit as kernels
+from converter.kernels import int8 as k8
 from formats import int8
 
 pytest.importorskip("bitsandbytes")

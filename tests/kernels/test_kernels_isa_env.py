@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_helpers import codebook_tensor
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from formats.quant_types import QuantType
 
 

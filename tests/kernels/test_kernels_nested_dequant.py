@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_helpers import DTYPES, as_f32_numpy, codebook_tensor, edge_case_input
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from formats import codebooks, reference
 from formats.quant_types import BLOCKSIZES, QuantType
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import converter
-from converter import _kernels, kernels
+from converter import _kernels
+from converter.kernels import bnb4bit as kernels
 from formats import codebooks
 from formats.quant_types import QuantType
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from formats import reference
 from formats.quant_types import QuantType
 

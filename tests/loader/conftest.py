@@ -31,7 +31,7 @@ def bnb_nf4(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def our_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama converted by our pipeline, in several shards with an index (read-only)."""
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     dst = tmp_path_factory.mktemp("loader") / "ours"
     convert(plain_llama, dst, progress=False, max_shard_size="60KB", compute_dtype="bfloat16")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from error_bounds import dot_bound, gemv_arithmetic, unit_roundoff
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from converter.loader.module import Linear4bit
 from formats.quant_types import QuantType
 from formats.record import QuantizedTensor

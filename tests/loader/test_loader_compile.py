@@ -14,7 +14,7 @@ import pytest
 import torch
 from loader_helpers import assert_compiled_without_breaks, make_layer
 
-from converter import custom_ops
+from converter.kernels import custom_ops
 from converter.loader import ops
 from converter.loader.model import load_quantized
 

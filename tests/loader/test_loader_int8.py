@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from converter import kernels_int8
+from converter.kernels import int8 as kernels_int8
 from converter.loader import int8_ops
 from converter.loader.dequantize import dequantize_checkpoint
 from converter.loader.model import load_quantized
@@ -30,7 +30,7 @@ peft = pytest.importorskip("peft")
 
 @pytest.fixture(scope="module")
 def int8_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     out = tmp_path_factory.mktemp("int8") / "ours"
     convert(plain_llama, out, quant_type="int8", progress=False)
@@ -220,7 +220,7 @@ def test_dequantize_checkpoint_writes_bnb_dequantized_weights(int8_folder: Path,
 
 _COMPILE = """
 import torch
-from converter import kernels_int8
+from converter.kernels import int8 as kernels_int8
 from converter.loader.module_int8 import Linear8bit
 codes, scb = kernels_int8.quantize_int8(torch.randn(64, 96).to(torch.bfloat16))
 layer = Linear8bit(codes, scb, torch.zeros(64, dtype=torch.bfloat16)).eval()

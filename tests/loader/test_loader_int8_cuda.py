@@ -9,7 +9,7 @@ import pytest
 import torch
 from loader_helpers import assert_compiled_without_breaks, assert_graph_replay_follows_the_stream
 
-from converter import kernels_int8
+from converter.kernels import int8 as kernels_int8
 from converter.loader import int8_ops
 from converter.loader.module_int8 import Linear8bit
 

@@ -37,7 +37,7 @@ def _perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
 def test_smollm2_int8_perplexity_within_one_percent_of_bitsandbytes(
     smollm2_model: Path, tmp_path: Path
 ) -> None:
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     out = tmp_path / "int8"
     convert(smollm2_model, out, quant_type="int8", progress=False)

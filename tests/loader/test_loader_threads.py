@@ -1,4 +1,5 @@
-"""The decode GEMV thread policy (converter.cpu_threads): who gets the pool; threads never change bits."""
+"""The decode GEMV thread policy (converter.kernels.cpu_threads): who gets the pool; threads never change
+bits."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from loader_helpers import make_layer
 
-from converter import cpu_threads, custom_ops
+from converter.kernels import cpu_threads, custom_ops
 
 
 @pytest.fixture

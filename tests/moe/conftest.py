@@ -8,7 +8,7 @@ import pytest
 from moe_helpers import make_moe
 
 from converter.loader.dequantize import dequantize_checkpoint
-from converter.pipeline import convert
+from converter.writer.pipeline import convert
 
 
 @pytest.fixture(scope="session")

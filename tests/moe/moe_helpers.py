@@ -125,7 +125,7 @@ def read_config(folder: Path) -> dict[str, Any]:
 def expert_keys(folder: Path) -> list[str]:
     from safetensors import safe_open
 
-    from converter.moe import EXPERT_KEY
+    from converter.plan.moe import EXPERT_KEY
 
     with safe_open(folder / "model.safetensors", "pt") as f:
         return [k for k in f.keys() if EXPERT_KEY.match(k)]

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from moe_helpers import FAMILIES, expert_keys, make_fp8_source, make_moe, read_config
 from safetensors import safe_open
 
-from converter import kernels
 from converter.cli import cli
 from converter.errors import AlreadyQuantizedError, InputError
-from converter.inspection import inspect_path
-from converter.moe import EXPERT_KEY
-from converter.pipeline import convert
+from converter.kernels import bnb4bit as kernels
+from converter.plan.moe import EXPERT_KEY
+from converter.tools.inspection import inspect_path
+from converter.writer.pipeline import convert
 from formats.reader import open_folder
 
 
@@ -183,7 +183,7 @@ def test_fp8_block_source_is_dequantized_then_quantized(moe_src, tmp_path):
     transformers' Fp8Dequantize does (float32 product, one bf16 cast), then quantized as usual."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
-    from converter.fp8 import dequantize_block_fp8
+    from converter.sources.fp8 import dequantize_block_fp8
 
     src = make_fp8_source(moe_src("deepseek_v3"), tmp_path / "fp8", block=(32, 32))
     out = tmp_path / "q"
@@ -220,7 +220,7 @@ def test_fp8_block_source_is_dequantized_then_quantized(moe_src, tmp_path):
 
 def test_fp8_partial_edge_blocks(tmp_path):
     """Shapes not a multiple of the block: edge blocks take their own scale (DeepSeek's ceil grid)."""
-    from converter.fp8 import dequantize_block_fp8
+    from converter.sources.fp8 import dequantize_block_fp8
 
     w = torch.randn(40, 70).to(torch.float8_e4m3fn)
     s = torch.rand(2, 3) + 0.5
@@ -253,7 +253,7 @@ def test_other_quantized_sources_are_still_refused(moe_src, tmp_path):
 
 
 def test_model_card_names_the_loaders(moe_src, tmp_path):
-    from converter.push import build_model_card
+    from converter.tools.push import build_model_card
 
     src = moe_src("qwen3_moe")
     convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
@@ -272,7 +272,7 @@ def test_model_card_names_the_loaders(moe_src, tmp_path):
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
 def test_quantize_same_bytes_without_transformers(moe_src, tmp_path, monkeypatch, name):
     """The per-family allowlist (no transformers installed) gives the same quantize-mode folder."""
-    import converter.selection as selection
+    import converter.plan.selection as selection
 
     src = moe_src(name)
     convert(src, tmp_path / "hf", moe_experts="quantize", progress=False)

@@ -16,7 +16,7 @@ import torch
 from error_bounds import U32, dot_bound, gemv_arithmetic, worst_ratio
 from moe_helpers import experts_reference_and_bound
 
-from converter import kernels
+from converter.kernels import bnb4bit as kernels
 from converter.loader import moe as moe_loader
 from converter.loader import moe_cuda
 from converter.loader.model import load_quantized

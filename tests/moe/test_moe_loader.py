@@ -14,7 +14,7 @@ from moe_helpers import FAMILIES, experts_reference_and_bound, load_bf16_eager, 
 
 from converter.loader.model import linear4bit_modules, load_quantized
 from converter.loader.moe import QuantExperts4bit, moe_modules
-from converter.pipeline import convert
+from converter.writer.pipeline import convert
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 11, 90, 3, 45]])
 
@@ -148,7 +148,7 @@ def test_torch_compile_fullgraph(folders):
 def test_grouped_gemv_equals_per_expert_gemv(dtype, shared_x):
     """The grouped kernel runs gemv_4bit's row kernels on each (row, expert) pair: bit-identical to one
     gemv_4bit call per expert (gate_up region at offset 0, down region after it)."""
-    from converter import kernels
+    from converter.kernels import bnb4bit as kernels
     from converter.loader import moe as moe_loader
     from formats.codebooks import NF4
     from formats.quant_types import QuantType

@@ -11,8 +11,8 @@ from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from converter import arch_allowlist
-from converter.selection import build_skeleton, select_tensors
+from converter.plan import arch_allowlist
+from converter.plan.selection import build_skeleton, select_tensors
 from converter.sources.base import TensorInfo
 
 _DECODER = dict(

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 from tiny_models import read_config, read_infos
 
-import converter.selection as selection
+import converter.plan.selection as selection
 from converter.errors import InputError
-from converter.selection import SelectionError, select_tensors
+from converter.plan.selection import SelectionError, select_tensors
 from converter.sources.base import TensorInfo
 
 

@@ -1,6 +1,6 @@
 """The shipped selection table and the per-user cache decide exactly as live transformers does.
 
-The table (converter/selection_table.json) is generated from tiny configs; here every tabled
+The table (converter/plan/selection_table.json) is generated from tiny configs; here every tabled
 architecture is decided again from configs the generator never built (other layer and expert counts,
 both tie_word_embeddings values, a --skip glob) and compared with the live rule on the skeleton.
 """
@@ -13,9 +13,9 @@ import pytest
 import transformers
 from tiny_models import read_config, read_infos
 
-from converter import selection_table
-from converter.selection import build_skeleton, select_tensors
-from converter.selection_facts import (
+from converter.plan import selection_table
+from converter.plan.selection import build_skeleton, select_tensors
+from converter.plan.selection_facts import (
     MATCHERS,
     decide,
     facts_from_model,
@@ -23,7 +23,7 @@ from converter.selection_facts import (
     should_convert_module,
     should_convert_module_prefix,
 )
-from converter.selection_table_gen import ARCHITECTURES
+from converter.plan.selection_table_gen import ARCHITECTURES
 from converter.sources.base import TensorInfo
 
 TABLE = selection_table.load_table()
@@ -31,7 +31,7 @@ CURRENT = TABLE.get("transformers") == transformers.__version__
 needs_current = pytest.mark.skipif(
     not CURRENT,
     reason=f"selection_table.json is for transformers {TABLE.get('transformers')}, "
-    f"{transformers.__version__} is installed: run python -m converter.selection_table_gen",
+    f"{transformers.__version__} is installed: run python -m converter.plan.selection_table_gen",
 )
 
 #: count fields raised so the configs differ from the generator's (layers, experts, dense layers)
@@ -73,7 +73,7 @@ def _checkpoint(config: dict) -> list[TensorInfo]:
 
 def test_table_is_current():
     """A stale table is never used (every lookup misses, the live rule decides)."""
-    assert TABLE, "converter/selection_table.json is missing"
+    assert TABLE, "converter/plan/selection_table.json is missing"
     config = _config("LlamaForCausalLM")
     keys = [t.name for t in _checkpoint(config)]
     assert (selection_table.table_facts(config, keys, TABLE["transformers"]) is not None) is True

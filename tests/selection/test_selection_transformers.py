@@ -7,7 +7,7 @@ import pytest
 import transformers
 from tiny_models import TINY, linear4bit_modules, quantized_modules, read_config, read_infos
 
-from converter.selection import select_tensors
+from converter.plan.selection import select_tensors
 
 ARCHS = ["llama", "llama_odd", "llama_tied", "gpt2", "bert", "t5", "mixtral", "qwen3_moe"]
 
@@ -190,7 +190,7 @@ def test_full_size_configs_select_on_meta(cfg_cls, kwargs, n_quantized):
 
     from transformers.core_model_loading import revert_weight_conversion
 
-    from converter.selection import build_skeleton
+    from converter.plan.selection import build_skeleton
     from converter.sources.base import TensorInfo
 
     config = getattr(transformers, cfg_cls)(**kwargs).to_dict()

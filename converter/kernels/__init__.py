@@ -1,0 +1,1 @@
+"""The Python faces of the compiled kernels (converter._kernels): numpy, torch, CUDA, custom ops."""

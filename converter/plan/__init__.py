@@ -1,0 +1,1 @@
+"""The conversion plan: which tensors get quantized, options, output shards, preflight."""

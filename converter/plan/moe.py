@@ -1,0 +1,238 @@
+"""Mixture-of-Experts checkpoints: which tensors are experts, and ``--moe-experts keep|quantize``.
+
+Hub MoE checkpoints (Qwen2/3-MoE, OLMoE, GLM-4.x MoE, DeepSeek-V2/V3, Mixtral) store one 2-D tensor
+per expert per projection: ``<layer>.mlp.experts.<e>.{gate,up,down}_proj.weight`` (Mixtral:
+``block_sparse_moe.experts.<e>.w1/w3/w2.weight``). transformers 5.x fuses them at load into 3-D
+parameters, which bitsandbytes can neither quantize nor load pre-quantized, so the default selection
+keeps them in 16 bit (``keep``: the folder loads with stock transformers + bitsandbytes).
+
+``quantize`` writes one ordinary bnb 4-bit record per expert per projection under the checkpoint's
+own names (the transformers-4.x / vLLM / unsloth layout, ``../shared/reference/moe-4bit.md``), with
+the same quant type, blocksize and nesting as every other weight. Routers stay 16 bit and their leaf
+names are added to ``llm_int8_skip_modules`` (vLLM's bnb loader matches single dotted components).
+Shared experts are ordinary ``nn.Linear`` layers in transformers and already quantized by the
+normal selection. Fused 3-D expert tensors on disk (gpt-oss, Qwen3-VL-MoE) have no per-expert name
+and stay 16 bit with a reason saying so.
+
+This module only looks at tensor names, shapes and dtypes; it never imports transformers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from converter.errors import InputError
+
+MOE_MODES = ("keep", "quantize")
+
+#: A per-expert projection weight: (experts module, expert index, projection leaf name).
+EXPERT_KEY = re.compile(
+    r"^(?P<module>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$"
+)
+#: A fused 3-D experts tensor (one tensor for all experts of a layer).
+FUSED_EXPERT_KEY = re.compile(
+    r"^(?P<module>.+\.experts)\.(?P<proj>gate_up_proj|down_proj|up_proj|gate_proj)$"
+)
+#: Router weights (16-bit everywhere: vLLM and unsloth expect them so); their leaf goes to the skip list.
+_ROUTER_KEY = re.compile(r"^(?P<module>.+\.(?P<leaf>gate|router|shared_expert_gate))\.weight$")
+
+#: Projection leaf -> role (gate, up, down); Mixtral names them w1 (gate), w3 (up), w2 (down).
+PROJ_ROLE = {
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+}
+
+_QUANTIZABLE = frozenset({"F32", "F16", "BF16", "F64"})
+
+#: Who reads which layout (reference/moe-4bit.md, late 2026).
+LOADERS_QUANTIZED = (
+    "quantize-model load_quantized (4-bit experts run by its own kernels)",
+    "vLLM pre-quantized bitsandbytes (NF4, uint8 storage, tensor parallel 1)",
+    "transformers 4.x + bitsandbytes",
+    "transformers 5.x + unsloth-zoo (Jul 2026 or later)",
+)
+NOT_LOADERS_QUANTIZED = ("stock transformers 5.x + bitsandbytes (cannot load 4-bit experts)",)
+LOADERS_KEPT = (
+    "stock transformers + bitsandbytes (experts stay 16-bit)",
+    "quantize-model load_quantized",
+    "transformers 5.x + unsloth-zoo",
+)
+NOT_LOADERS_KEPT = ("vLLM pre-quantized bitsandbytes (needs every expert quantized)",)
+
+
+class _TensorLike(Protocol):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class MoeOptionError(InputError):
+    """A bad --moe-experts value."""
+
+
+def check_mode(mode: str) -> str:
+    m = str(mode).lower()
+    if m not in MOE_MODES:
+        msg = f"--moe-experts {mode!r} is not supported: use keep or quantize"
+        raise MoeOptionError(msg)
+    return m
+
+
+@dataclass(frozen=True)
+class ExpertKey:
+    module: str  # checkpoint name of the experts module, e.g. "model.layers.0.mlp.experts"
+    index: int
+    proj: str  # leaf as on disk: gate_proj / up_proj / down_proj / w1 / w3 / w2
+
+
+def parse_expert_key(name: str) -> ExpertKey | None:
+    m = EXPERT_KEY.match(name)
+    if m is None:
+        return None
+    return ExpertKey(m["module"], int(m["index"]), m["proj"])
+
+
+def _numel(t: _TensorLike) -> int:
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n
+
+
+def expert_share(tensors: Sequence[_TensorLike]) -> tuple[int, int]:
+    """(parameters in routed experts, all parameters) of a checkpoint, from its headers."""
+    experts = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name) or FUSED_EXPERT_KEY.match(t.name))
+    return experts, sum(_numel(t) for t in tensors)
+
+
+def is_moe(tensors: Sequence[_TensorLike]) -> bool:
+    return any(EXPERT_KEY.match(t.name) or FUSED_EXPERT_KEY.match(t.name) for t in tensors)
+
+
+def _glob_hit(globs: Sequence[str], *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, g) for g in globs for n in names if n)
+
+
+def apply_moe_mode(
+    selection: Any,
+    tensors: Sequence[_TensorLike],
+    mode: str,
+    *,
+    skip: Sequence[str] = (),
+    include: Sequence[str] = (),
+) -> Any:
+    """The selection with ``--moe-experts`` applied (``keep`` returns it unchanged).
+
+    ``quantize`` moves every 2-D per-expert weight the user's globs allow into ``quantize`` and adds
+    the router leaf names to ``skip_modules``. ``selection`` is converter.plan.selection.Selection (any
+    frozen dataclass with ``quantize``, ``keep``, ``skip_modules``).
+    """
+    mode = check_mode(mode)
+    if mode == "keep" or not is_moe(tensors):
+        return selection
+    quantize = dict(selection.quantize)
+    keep = dict(selection.keep)
+    spec = _no_transpose_spec()
+    for t in tensors:
+        if t.name in quantize:
+            continue
+        key = parse_expert_key(t.name)
+        if key is None:
+            if FUSED_EXPERT_KEY.match(t.name):
+                keep[t.name] = "fused 3-D MoE experts on disk: no per-expert name to quantize under"
+            continue
+        module = t.name.removesuffix(".weight")
+        if _glob_hit(skip, t.name, module) or (include and not _glob_hit(include, t.name, module)):
+            continue  # the selection's own reason (a --skip/--include glob) stays
+        if len(t.shape) != 2 or t.dtype not in _QUANTIZABLE:
+            keep[t.name] = f"expert weight of shape {list(t.shape)} and dtype {t.dtype} cannot be quantized"
+            continue
+        keep.pop(t.name, None)
+        quantize[t.name] = spec
+    routers = {m["leaf"] for t in tensors if (m := _ROUTER_KEY.match(t.name)) and t.name not in quantize}
+    skip_modules = sorted(set(selection.skip_modules) | routers)
+    return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
+
+
+def _no_transpose_spec() -> Any:
+    """Expert weights are stored [out, in] like nn.Linear: quantized as they are."""
+    from converter.plan.selection import QuantizeSpec
+
+    return QuantizeSpec(transpose=False)
+
+
+@dataclass(frozen=True)
+class MoeSummary:
+    """What a folder holds in routed experts, and which loaders read it."""
+
+    experts_quantized: int  # per-expert records quantized
+    experts_kept: int  # expert tensors left in 16 bit
+    loaders: tuple[str, ...]
+    not_loaders: tuple[str, ...]
+
+    @property
+    def layout(self) -> str:
+        if self.experts_quantized and not self.experts_kept:
+            return "experts quantized (per-expert bnb 4-bit records)"
+        if self.experts_quantized:
+            return "experts partly quantized"
+        return "experts kept in 16 bit"
+
+    def to_json(self) -> dict:
+        return {
+            "layout": self.layout,
+            "experts_quantized": self.experts_quantized,
+            "experts_kept": self.experts_kept,
+            "loaders": list(self.loaders),
+            "not_loaders": list(self.not_loaders),
+        }
+
+
+def summarize(quantized_names: Sequence[str], kept_names: Sequence[str]) -> MoeSummary | None:
+    """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense)."""
+    q = sum(1 for n in quantized_names if EXPERT_KEY.match(n))
+    k = sum(1 for n in kept_names if EXPERT_KEY.match(n) or FUSED_EXPERT_KEY.match(n))
+    if not q and not k:
+        return None
+    if q:
+        not_loaders = NOT_LOADERS_QUANTIZED + (
+            ("vLLM (some experts are not quantized: it needs all of them)",) if k else ()
+        )
+        return MoeSummary(q, k, LOADERS_QUANTIZED if not k else LOADERS_QUANTIZED[:1], not_loaders)
+    return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
+
+
+def keep_advice(tensors: Sequence[_TensorLike], mode: str, threshold: float = 0.5) -> str | None:
+    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters."""
+    if check_mode(mode) != "keep":
+        return None
+    experts, total = expert_share(tensors)
+    if not total or experts / total <= threshold:
+        return None
+    return (
+        f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
+        "--moe-experts keep (the default): the folder loads with stock transformers + bitsandbytes but "
+        "barely shrinks. --moe-experts quantize stores every expert in 4 bit; that folder loads with "
+        "quantize-model's load_quantized, vLLM (pre-quantized bnb, TP=1), transformers 4.x and "
+        "unsloth, but not with stock transformers 5.x"
+    )
+
+
+def warn_once(emit: Callable[[str], None] | None, text: str | None) -> None:
+    """Send ``text`` to ``emit`` (the CLI's warning printer) or Python's warnings."""
+    if not text:
+        return
+    if emit is not None:
+        emit(text)
+        return
+    import warnings
+
+    warnings.warn(text, UserWarning, stacklevel=3)

@@ -1,0 +1,201 @@
+"""Preflight of a conversion: what every tensor becomes and what the run needs, before any write.
+
+Built from the plan alone (headers, no tensor data): each tensor's fate and reason, the output size
+and bits per parameter, the peak memory and the disk the run needs, against what this machine has.
+``convert --dry-run`` prints it; every real run checks it first and refuses, before creating or
+touching the output folder, a run that clearly cannot fit (more disk needed than free, or a working
+set larger than the memory available).
+
+Estimates (upper bounds, so a refusal is never a false alarm from rounding):
+- disk: the planned shard sizes (payload + tables + a quant-state allowance per tensor + a header
+  allowance), less the
+  shards a resumed run keeps; an --overwrite frees the folder's current content. Hub downloads are
+  checked by the Hub source itself (converter/sources/hub.py) when it opens.
+- memory: this process now, plus the largest per-tensor working set: a cast or transposed copy of
+  the input (inputs are memory-mapped: file-backed pages, not counted otherwise), the packed codes,
+  absmax and nested absmax, and the absmax the quality check decodes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converter.errors import InputError
+from converter.sources.base import DTYPE_SIZES
+from converter.units import human_bytes
+from formats.quant_types import n_blocks, n_nested_blocks
+
+
+class WontFitError(InputError):
+    """The run needs more disk or memory than this machine has (refused before writing anything)."""
+
+
+@dataclass
+class Preflight:
+    source: str
+    output: str
+    fingerprint: str
+    tensors: list[dict[str, Any]]
+    params_quantized: int
+    params_kept: int
+    bytes_in: int
+    bytes_out: int
+    disk_needed: int
+    disk_free: int
+    disk_path: str
+    peak_ram: int
+    ram_available: int | None
+    download_bytes: int = 0
+    up_to_date: bool = False  # the output folder already holds this exact conversion
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_param(self) -> float:
+        total = self.params_quantized + self.params_kept
+        return 8 * self.bytes_out / total if total else 0.0
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def refuse_if_cannot_fit(self) -> None:
+        if self.problems:
+            raise WontFitError(self.problems[0])
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "bits_per_param": self.bits_per_param, "fits": self.fits}
+
+
+def disk_free(path: Path) -> tuple[int, Path]:
+    """Free bytes on the filesystem that will hold ``path`` (its first existing ancestor)."""
+    p = path.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free, p
+
+
+def ram_available() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def process_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def working_set(p: Any, blocksize: int, nested: bool) -> int:
+    """Anonymous bytes alive while tensor ``p`` (converter.plan.tensor_plan.PlannedTensor) is processed."""
+    info = p.info
+    cast = p.out_dtype != info.dtype
+    copy = info.numel * DTYPE_SIZES.get(p.out_dtype, 4) if (cast or p.transpose) else 0
+    if not p.quantize:
+        return copy
+    nb = n_blocks(info.numel, blocksize)
+    codes = (info.numel + 1) // 2 + 4 * nb
+    if nested:
+        codes += nb + 4 * n_nested_blocks(nb) + 4 * nb  # codes, nested absmax, decoded absmax
+    return copy + codes
+
+
+def header_bytes(shard: Any) -> int:
+    """An upper bound of a shard's safetensors header: per key its JSON entry (name, dtype, shape,
+    offsets: name + ~120 bytes; a quantized weight has up to 7 keys) and its per-tensor metadata
+    record (~300 bytes), plus the provenance and format records (4 kB)."""
+    total = 4096
+    for t in shard.tensors:
+        keys = 7 if t.quantize else 1
+        total += keys * (len(t.name) + 40 + 120) + 300
+    return total
+
+
+def _existing_bytes(output: Path) -> int:
+    if not output.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in output.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwrite: bool) -> Preflight:
+    """The preflight of ``plan`` (converter.plan.tensor_plan.Plan) converting ``src`` into ``output``."""
+    from converter.writer.manifest import Manifest
+
+    opts = plan.options
+    reusable = 0
+    up_to_date = False
+    manifest = None if overwrite else Manifest.load(output)
+    if manifest is not None and manifest.fingerprint == fingerprint:
+        for name, info in manifest.shards.items():
+            f = output / name
+            if f.is_file() and f.stat().st_size == info.get("size"):
+                reusable += int(info["size"])
+        up_to_date = manifest.state == "complete" and reusable == sum(
+            int(i.get("size", -1)) for i in manifest.shards.values()
+        )
+    bytes_out = sum(s.nbytes + header_bytes(s) for s in plan.shards)
+    needed = 0 if up_to_date else max(0, bytes_out - reusable)
+    free, where = disk_free(output)
+    if overwrite:
+        free += _existing_bytes(output)
+    peak = process_rss() + max(
+        (working_set(p, opts.blocksize, opts.double_quant) for p in plan.tensors), default=0
+    )
+    available = ram_available()
+    download = sum(getattr(src, "download_plan", dict)().values()) if hasattr(src, "download_plan") else 0
+    tensors = [
+        {
+            "name": t.name,
+            "shard": s.name,
+            "shape": list(t.info.shape),
+            "dtype": t.info.dtype,
+            "action": "quantize" if t.quantize else "keep",
+            "reason": t.reason if not t.quantize else f"{opts.quant_type} blocksize {opts.blocksize}",
+            "out_dtype": t.out_dtype,
+            "bytes_out": t.out_nbytes,
+        }
+        for s in plan.shards
+        for t in s.tensors
+    ]
+    label = str(plan.source_identity.get("repo_id") or plan.source_identity.get("path") or "source")
+    report = Preflight(
+        source=label,
+        output=str(output),
+        fingerprint=fingerprint,
+        tensors=tensors,
+        params_quantized=sum(t.info.numel for t in plan.quantized),
+        params_kept=sum(t.info.numel for t in plan.kept),
+        bytes_in=sum(t.info.nbytes for t in plan.tensors),
+        bytes_out=bytes_out,
+        disk_needed=needed,
+        disk_free=free,
+        disk_path=str(where),
+        peak_ram=peak,
+        ram_available=available,
+        download_bytes=download,
+        up_to_date=up_to_date,
+    )
+    if needed > free:
+        report.problems.append(
+            f"{output}: the conversion needs {human_bytes(needed)} of disk for its shards but {where} has "
+            f"{human_bytes(free)} free; free some space or choose another output folder"
+        )
+    if available is not None and peak > available:
+        report.problems.append(
+            f"{label}: the conversion needs about {human_bytes(peak)} of memory (the largest tensor's "
+            f"working set) but {human_bytes(available)} is available; close other programs or use a "
+            "machine with more memory"
+        )
+    return report

@@ -1,0 +1,383 @@
+"""Which checkpoint tensors get quantized: the rule transformers' bitsandbytes loader follows.
+
+A pre-quantized checkpoint only loads correctly if transformers builds a ``bnb.nn.Linear4bit``
+exactly where a quantized weight sits: a plain (unquantized) weight fed into a Linear4bit is taken
+as packed data without any error, and a packed weight fed into a plain layer fails on its shape.
+So the selection is made by transformers' own code whenever it is installed:
+
+1. the model class named by ``config.architectures`` is built on the meta device (no weights, no
+   remote code);
+2. every checkpoint key is mapped to a parameter of that skeleton through transformers' own key
+   conversion (``get_model_conversion_mapping`` + ``rename_source_key``: v5 renames, base-model
+   prefix added or stripped, legacy ``gamma``/``beta``; fused MoE experts and other merged/split
+   tensors are recognised by the converter that claims them);
+3. a weight is quantized when its module is one that ``replace_with_bnb_linear`` would swap
+   (``type(m) is nn.Linear`` or a GPT-2 ``Conv1D``, which is transposed to ``[out, in]``) and
+   that the default skip list (``get_modules_to_not_convert``: output embedding, tied weights,
+   the module of the last parameter, ``_keep_in_fp32_modules``) leaves alone, minus ``--skip``
+   globs and routers, restricted to ``--include`` globs;
+4. ``skip_modules`` (written as ``llm_int8_skip_modules``, which *replaces* transformers' default
+   list on load) names every other Linear/Conv1D module, and is checked with transformers' own
+   ``should_convert_module`` to select exactly the quantized modules.
+
+Without transformers, ``arch_allowlist`` gives known projection names per ``model_type`` family.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from converter.plan import arch_allowlist
+from converter.plan.selection_facts import SelectionError, module_of
+from converter.plan.selection_facts import data_reason as _data_reason
+from converter.plan.selection_facts import strip_prefix as _strip
+from converter.plan.selection_facts import user_reason as _user_reason
+
+__all__ = ["QuantizeSpec", "Selection", "SelectionError", "as_dict", "module_of", "select_tensors"]
+
+
+class _TensorLike(Protocol):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _CastView:
+    """A tensor as --dtype will leave it (selection only reads name, dtype and shape)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """How one selected weight is quantized."""
+
+    transpose: bool  # GPT-2 Conv1D stores [in, out]: quantize W.T ([out, in]) as transformers does
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The decision for every tensor of a checkpoint."""
+
+    quantize: dict[str, QuantizeSpec]  # checkpoint key of each weight to quantize
+    keep: dict[str, str]  # every other tensor -> human-readable reason
+    skip_modules: list[str]  # config llm_int8_skip_modules: module name patterns not to build Linear4bit
+    keep_fp32: set[str] = field(default_factory=set)  # keys of _keep_in_fp32_modules: never cast by --dtype
+    mode: str = "transformers"  # "transformers" or "allowlist"
+    #: where transformers' rule was read ("transformers" mode): "live" (a model skeleton), "cache"
+    #: (the per-user cache of an earlier live run) or "table" (the shipped table);
+    #: converter.plan.selection_table
+    via: str = "live"
+
+
+def transformers_usable() -> bool:
+    """True when transformers >= 5 (the v5 loading machinery this module mirrors) is importable."""
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    from importlib.metadata import version
+
+    try:
+        return int(version("transformers").split(".")[0]) >= 5
+    except Exception:
+        return False
+
+
+def select_tensors(
+    config: dict | None,
+    tensors: Sequence[_TensorLike],
+    *,
+    skip: Sequence[str] = (),
+    include: Sequence[str] = (),
+    use_transformers: bool | None = None,
+    cast_to: str | None = None,
+) -> Selection:
+    """Decide, for every tensor of a checkpoint, whether it is quantized, and why not.
+
+    ``config`` is the parsed config.json (None if the source has none); ``skip`` and ``include`` are
+    fnmatch globs tried on checkpoint keys and module names (checkpoint and model spelling).
+    ``use_transformers`` None means "if transformers >= 5 is installed". ``cast_to`` is --dtype's
+    safetensors code ("F32", "F16", "BF16"): float64 tensors are judged as the cast will leave them,
+    as transformers loads such a checkpoint in the requested dtype before quantizing.
+    """
+    if cast_to is not None:
+        tensors = [_CastView(t.name, cast_to, tuple(t.shape)) if t.dtype == "F64" else t for t in tensors]
+    if config is None:
+        if include:
+            return _select_explicit(tensors, skip=skip, include=include)
+        msg = (
+            "the source has no config.json, so the layers transformers would quantize cannot be known; "
+            "add the model's config.json, or name the weights to quantize with --include globs"
+        )
+        raise SelectionError(msg)
+    if use_transformers is None:
+        use_transformers = transformers_usable()
+    if use_transformers:
+        if not transformers_usable():
+            msg = (
+                "tensor selection from the model itself needs transformers >= 5; "
+                "run: pip install 'quantize-model[transformers]'"
+            )
+            raise SelectionError(msg)
+        return _select_precomputed(config, tensors, skip=skip, include=include) or _select_transformers(
+            config, tensors, skip=skip, include=include
+        )
+    return _select_allowlist(config, tensors, skip=skip, include=include)
+
+
+def _select_precomputed(
+    config: dict, tensors: Sequence[_TensorLike], *, skip: Sequence[str], include: Sequence[str]
+) -> Selection | None:
+    """transformers' rule from the per-user cache or the shipped table (no import); None on a miss."""
+    from converter.plan import selection_table
+
+    found = selection_table.lookup(config, [t.name for t in tensors])
+    if found is None:
+        return None
+    facts, via = found
+    return _from_facts(facts, tensors, skip=skip, include=include, via=via)
+
+
+def _from_facts(
+    facts: Any,
+    tensors: Sequence[_TensorLike],
+    *,
+    skip: Sequence[str],
+    include: Sequence[str],
+    via: str,
+    matcher: Any = None,
+) -> Selection:
+    from converter.plan.selection_facts import decide
+
+    d = decide(facts, tensors, skip=skip, include=include, matcher=matcher)
+    quantize = {k: QuantizeSpec(transpose=v) for k, v in d.quantize.items()}
+    return Selection(quantize, d.keep, d.skip_modules, d.keep_fp32, "transformers", via)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by every mode
+
+
+def _shape_reason(t: _TensorLike) -> str | None:
+    """Reason a tensor cannot be a quantizable weight by its name, dtype or shape, or None."""
+    if t.name.endswith(".bias"):
+        return "bias"
+    if not t.name.endswith(".weight"):
+        return "not a .weight tensor"
+    return _data_reason(t)
+
+
+def _skip_list_from_keys(
+    keep: dict[str, str], tensors: Sequence[_TensorLike], prefixes: Sequence[str]
+) -> list[str]:
+    """Without a model: every kept 2-D float weight's module, so transformers never builds a Linear4bit
+    for an unquantized weight (llm_int8_skip_modules replaces transformers' default list).
+
+    Names are written without the base-model prefix: transformers matches an entry as a prefix of a
+    module name or as its suffix, so "layers.0.mlp.gate" covers "model.layers.0.mlp.gate" (ForCausalLM)
+    and "layers.0.mlp.gate" (the bare base model) alike.
+    """
+    out = set()
+    for t in tensors:
+        if t.name in keep and t.name.endswith(".weight") and len(t.shape) == 2:
+            out.add(_strip(module_of(t.name), prefixes))
+    return sorted(out)
+
+
+def _select_explicit(
+    tensors: Sequence[_TensorLike], *, skip: Sequence[str], include: Sequence[str]
+) -> Selection:
+    """No config: quantize exactly the 2-D float ``.weight`` tensors the user's globs name."""
+    quantize: dict[str, QuantizeSpec] = {}
+    keep: dict[str, str] = {}
+    for t in tensors:
+        reason = _shape_reason(t) or _user_reason(skip, include, t.name, module_of(t.name))
+        if reason is None:
+            quantize[t.name] = QuantizeSpec(transpose=False)
+        else:
+            keep[t.name] = reason
+    skip_modules = set(_skip_list_from_keys(keep, tensors, ()))
+    if not any(module_of(k).endswith("lm_head") for k in quantize):
+        skip_modules.add("lm_head")  # a tied head has no tensor but is an nn.Linear in the model
+    return Selection(quantize, keep, sorted(skip_modules), set(), "allowlist")
+
+
+# ---------------------------------------------------------------------------------------------
+# without transformers: the per-family allowlist
+
+
+def _select_allowlist(
+    config: dict, tensors: Sequence[_TensorLike], *, skip: Sequence[str], include: Sequence[str]
+) -> Selection:
+    model_type = config.get("model_type")
+    fam = arch_allowlist.family_for(model_type)
+    if fam is None:
+        msg = (
+            f"model_type '{model_type}' is not in quantize-model's built-in list of architectures "
+            f"({', '.join(arch_allowlist.known_model_types())}); to select its layers from the model "
+            "itself, run: pip install 'quantize-model[transformers]'"
+        )
+        raise SelectionError(msg)
+    quantize: dict[str, QuantizeSpec] = {}
+    keep: dict[str, str] = {}
+    keep_fp32: set[str] = set()
+    for t in tensors:
+        mod = module_of(t.name)
+        if any(re.search(p, t.name) for p in fam.keep_fp32):
+            keep_fp32.add(t.name)
+        reason = (
+            _shape_reason(t)
+            or arch_allowlist.excluded(fam, mod)
+            or (None if mod.rpartition(".")[2] in fam.linear else f"not a known projection of {fam.name}")
+            or _user_reason(skip, include, t.name, mod)
+        )
+        if reason is None:
+            quantize[t.name] = QuantizeSpec(transpose=fam.transpose)
+        else:
+            keep[t.name] = reason
+    skip_modules = sorted(set(_skip_list_from_keys(keep, tensors, fam.base_prefixes)) | set(fam.always_skip))
+    return Selection(quantize, keep, skip_modules, keep_fp32 - set(quantize), "allowlist")
+
+
+# ---------------------------------------------------------------------------------------------
+# with transformers: the model skeleton and transformers' own rules
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Building a config/model from a random config logs validation warnings; they are not ours."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def build_skeleton(config: dict) -> Any:
+    """The model class of ``config.architectures[0]`` (else the base AutoModel class), built on the
+    meta device: no memory, no weights, never remote code."""
+    import torch
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not model_type:
+        msg = "config.json has no 'model_type'; add it (the model's architecture family, e.g. 'llama')"
+        raise SelectionError(msg)
+    if model_type not in CONFIG_MAPPING:
+        msg = (
+            f"model_type '{model_type}' is not built into transformers {transformers.__version__} "
+            "(quantize-model never runs a repository's own code); upgrade transformers, or name the "
+            "weights to quantize with --include"
+        )
+        raise SelectionError(msg)
+    cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
+    with _quiet_transformers():
+        cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
+        cls = None
+        for name in config.get("architectures") or ():
+            cand = getattr(transformers, name, None)
+            if isinstance(cand, type) and issubclass(cand, transformers.PreTrainedModel):
+                cls = cand
+                break
+        if cls is None:
+            cls = _auto_class(transformers, cfg, config.get("architectures") or ())
+        if cls is None:
+            msg = (
+                f"transformers has no model class for model_type '{model_type}'; "
+                "name the weights to quantize with --include"
+            )
+            raise SelectionError(msg)
+        try:
+            with torch.device("meta"):
+                model = cls(cfg)
+        except Exception as exc:  # a config transformers cannot build a model from
+            msg = (
+                f"transformers could not build {cls.__name__} from config.json "
+                f"({type(exc).__name__}: {exc}); fix the config"
+            )
+            raise SelectionError(msg) from exc
+    return model
+
+
+#: Architecture name suffix -> the Auto class that builds the same head from a built-in model_type,
+#: for configs naming a class transformers does not have (repository code, which we never run).
+_AUTO_BY_SUFFIX = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    ("ForConditionalGeneration", "AutoModelForImageTextToText"),
+)
+
+
+def _auto_class(transformers: Any, cfg: Any, architectures: Sequence[str]) -> Any:
+    """The built-in class for an architecture transformers does not name: same head, else the base model."""
+    for arch in architectures:
+        for suffix, auto in _AUTO_BY_SUFFIX:
+            if arch.endswith(suffix):
+                cls = getattr(transformers, auto)._model_mapping.get(type(cfg), None)
+                if cls is not None:
+                    return cls
+    return transformers.AutoModel._model_mapping.get(type(cfg), None)
+
+
+def _select_transformers(
+    config: dict, tensors: Sequence[_TensorLike], *, skip: Sequence[str], include: Sequence[str]
+) -> Selection:
+    """The live rule: build the skeleton, gather its facts (remembered in the per-user cache), decide."""
+    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
+
+    from converter.plan import selection_table
+    from converter.plan.selection_facts import facts_from_model
+
+    model = build_skeleton(config)
+    cls_name = type(model).__name__
+    for name, mod in model.named_modules():
+        if type(mod).__name__ in MODULES_TO_PATCH_FOR_QUANTIZATION:
+            msg = (
+                f"{cls_name}: transformers rebuilds '{name}' ({type(mod).__name__}) as separate "
+                "per-expert layers when it loads a pre-quantized bitsandbytes checkpoint, which the fused "
+                "checkpoint cannot fill; quantize this model on load with transformers + bitsandbytes instead"
+            )
+            raise SelectionError(msg)
+    keys = [t.name for t in tensors]
+    with _quiet_transformers():
+        facts = facts_from_model(model, keys)
+    if facts.matcher is None:  # a should_convert_module we do not mirror: use it, cache nothing
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return _from_facts(
+            facts, tensors, skip=skip, include=include, via="live", matcher=should_convert_module
+        )
+    selection = _from_facts(facts, tensors, skip=skip, include=include, via="live")
+    selection_table.store_facts(config, keys, selection_table.transformers_version(), facts)
+    return selection
+
+
+def as_dict(sel: Selection) -> dict[str, Any]:
+    """JSON-ready form (for the conversion report)."""
+    return {
+        "mode": sel.mode,
+        "via": sel.via,
+        "quantize": {k: {"transpose": v.transpose} for k, v in sorted(sel.quantize.items())},
+        "keep": dict(sorted(sel.keep.items())),
+        "skip_modules": list(sel.skip_modules),
+        "keep_fp32": sorted(sel.keep_fp32),
+    }

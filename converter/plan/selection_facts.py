@@ -1,0 +1,444 @@
+"""What transformers' selection rule knows about a model, as plain data, and the decision made from it.
+
+``converter.plan.selection`` decides which weights to quantize from the model transformers would build
+(a meta skeleton). Everything that decision reads from the skeleton is gathered here once per model
+into ``ModelFacts`` (JSON-serialisable, no torch); ``decide`` then applies the per-run inputs (the
+checkpoint's dtypes and shapes, --skip, --include) exactly as the live rule does. The live rule, the
+per-user cache and the shipped table (``converter.plan.selection_table``) all go through ``decide``, so the
+three cannot drift apart: they differ only in where the facts come from.
+
+Facts per checkpoint key (``KeyFacts``):
+
+- ``reason``: a fixed reason the key is never quantized whatever the run (bias, buffer, not an
+  nn.Linear, router, output embedding, tied weight, _keep_in_fp32_modules, last module, fused MoE
+  experts, not a parameter...). None: a quantizable linear weight (a *candidate*).
+- for a candidate: its module in the model (``module``, matched by --skip/--include globs besides
+  the checkpoint spelling), ``transpose`` (GPT-2 Conv1D), the model's ``shape`` (None: unchecked, see
+  selection_table), and ``late``, a reason that applies only once every other check passed (its
+  quantization state would be renamed apart from it on load).
+- ``linear``: the key is the weight of an nn.Linear/Conv1D module (for llm_int8_skip_modules).
+- ``fp32``: the key is kept in float32 by ``_keep_in_fp32_modules`` (--dtype does not cast it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from converter.errors import InputError
+
+
+class SelectionError(InputError):
+    """The tensors to quantize cannot be decided for this checkpoint."""
+
+
+class TensorLike(Protocol):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+#: dtypes a weight must have to be quantized (the kernels take f32, f16 and bf16).
+QUANTIZABLE_DTYPES = frozenset({"F32", "F16", "BF16"})
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    reason: str | None = None
+    module: str = ""
+    transpose: bool = False
+    late: str | None = None
+    shape: tuple[int, ...] | None = None
+    linear: bool = False
+    fp32: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(self).items()
+            if v not in (None, "", False)
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> KeyFacts:
+        shape = d.get("shape")
+        return cls(
+            reason=d.get("reason"),
+            module=d.get("module", ""),
+            transpose=bool(d.get("transpose", False)),
+            late=d.get("late"),
+            shape=tuple(shape) if shape is not None else None,
+            linear=bool(d.get("linear", False)),
+            fp32=bool(d.get("fp32", False)),
+        )
+
+
+@dataclass
+class ModelFacts:
+    """The model-side inputs of the selection rule for one model class and config."""
+
+    cls_name: str
+    prefix: str  # base_model_prefix ("" when none)
+    has_base: bool  # the class wraps a base model under ``prefix``
+    keys: dict[str, KeyFacts]
+    #: nn.Linear/Conv1D modules no checkpoint key reaches (a tied lm_head): still in the skip list
+    extra_linear: list[str] = field(default_factory=list)
+    #: transformers' default skip names that are modules of the model (head, tied, last module)
+    defaults: list[str] = field(default_factory=list)
+    keep_in_fp32: list[str] = field(default_factory=list)  # the class's _keep_in_fp32_modules
+    #: transformers' should_convert_module behaviour (MATCHERS); None: neither, only the live rule
+    #: can build the skip list (such facts are never cached)
+    matcher: str | None = "boundary"
+
+    def to_json(self) -> dict:
+        return {
+            "cls_name": self.cls_name,
+            "prefix": self.prefix,
+            "has_base": self.has_base,
+            "keys": {k: v.to_json() for k, v in self.keys.items()},
+            "extra_linear": list(self.extra_linear),
+            "defaults": list(self.defaults),
+            "keep_in_fp32": list(self.keep_in_fp32),
+            "matcher": self.matcher,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelFacts:
+        return cls(
+            cls_name=d["cls_name"],
+            prefix=d["prefix"],
+            has_base=bool(d["has_base"]),
+            keys={k: KeyFacts.from_json(v) for k, v in d["keys"].items()},
+            extra_linear=list(d.get("extra_linear", ())),
+            defaults=list(d.get("defaults", ())),
+            keep_in_fp32=list(d.get("keep_in_fp32", ())),
+            matcher=d.get("matcher", "boundary"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' own matchers, without importing transformers
+
+
+def should_convert_module(full_name: str, patterns: Sequence[str] | None) -> bool:
+    """transformers.quantizers.quantizers_utils.should_convert_module of transformers >= 5.2x, verbatim
+    in behaviour: a pattern matches at a module boundary ("layers.1" is not "layers.11")."""
+    if patterns is None:
+        return True
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return not any(
+        re.match(rf"(?:{key}){boundary}", full_name) or full_name.endswith(key) for key in patterns
+    )
+
+
+def should_convert_module_prefix(full_name: str, patterns: Sequence[str] | None) -> bool:
+    """The same function in earlier transformers 5 releases (5.17): a plain prefix match, so
+    "layers.1" also catches "layers.11"."""
+    if patterns is None:
+        return True
+    return not any(
+        re.match(f"{key}\\.", full_name) or re.match(f"{key}", full_name) or full_name.endswith(key)
+        for key in patterns
+    )
+
+
+#: transformers' matcher per behaviour; ModelFacts.matcher names the one of the version that made them.
+MATCHERS = {"boundary": should_convert_module, "prefix": should_convert_module_prefix}
+_PROBES = (
+    ("model.layers.11.mlp", ["model.layers.1"]),
+    ("model.layers.1.mlp", ["model.layers.1"]),
+    ("layers.1.mlp.gate_proj", ["layers.1.mlp.gate"]),
+    ("lm_head", ["lm_head"]),
+    ("encoder.block.0.wo", ["wo"]),
+    ("a.b", ["c"]),
+)
+
+
+def matcher_of(hf_should_convert: Any) -> str | None:
+    """Which of MATCHERS behaves as transformers' own function on the probes (None: neither)."""
+    for name, fn in MATCHERS.items():
+        if all(fn(n, list(p)) == hf_should_convert(n, list(p)) for n, p in _PROBES):
+            return name
+    return None
+
+
+def module_of(key: str) -> str:
+    """Module name of a checkpoint key ("a.b.weight" -> "a.b")."""
+    return key.rpartition(".")[0]
+
+
+def _glob_hit(globs: Sequence[str], names: Sequence[str]) -> str | None:
+    for g in globs:
+        if any(n and fnmatch.fnmatchcase(n, g) for n in names):
+            return g
+    return None
+
+
+def user_reason(skip: Sequence[str], include: Sequence[str], *names: str) -> str | None:
+    """Reason the user's --skip / --include leave a weight unquantized, or None."""
+    g = _glob_hit(skip, names)
+    if g is not None:
+        return f"--skip glob '{g}'"
+    if include and _glob_hit(include, names) is None:
+        return "not matched by --include"
+    return None
+
+
+def data_reason(t: TensorLike) -> str | None:
+    """Reason a linear weight cannot be quantized by its dtype or shape, or None."""
+    if t.dtype not in QUANTIZABLE_DTYPES:
+        return f"dtype {t.dtype} is not float32/float16/bfloat16"
+    if len(t.shape) != 2:
+        return f"{len(t.shape)}-D tensor (only 2-D linear weights are quantized)"
+    if 0 in t.shape:
+        return "empty tensor"
+    return None
+
+
+def strip_prefix(name: str, prefixes: Sequence[str]) -> str:
+    for p in prefixes:
+        if p and name.startswith(p + "."):
+            return name[len(p) + 1 :]
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# the decision
+
+
+@dataclass
+class Decision:
+    quantize: dict[str, bool]  # key -> transpose
+    keep: dict[str, str]
+    skip_modules: list[str]
+    keep_fp32: set[str]
+
+
+def decide(
+    facts: ModelFacts,
+    tensors: Sequence[TensorLike],
+    *,
+    skip: Sequence[str],
+    include: Sequence[str],
+    matcher: Any = None,
+) -> Decision:
+    """Every tensor quantized or kept with its reason, and llm_int8_skip_modules: the live rule's steps.
+
+    Every key of ``tensors`` must be in ``facts.keys`` (the caller checks).
+    """
+    quantize: dict[str, bool] = {}
+    keep: dict[str, str] = {}
+    keep_fp32: set[str] = set()
+    quantized_modules: set[str] = set()
+    linear: set[str] = set(facts.extra_linear)
+    for t in tensors:
+        kf = facts.keys[t.name]
+        if kf.linear:
+            linear.add(kf.module)
+        if kf.fp32:
+            keep_fp32.add(t.name)
+        reason = kf.reason
+        if reason is None:
+            reason = user_reason(skip, include, t.name, module_of(t.name), kf.module) or data_reason(t)
+            if reason is None and kf.shape is not None and tuple(t.shape) != kf.shape:
+                reason = f"shape {list(t.shape)} differs from {facts.cls_name}'s {list(kf.shape)}"
+            if reason is None:
+                reason = kf.late
+            if reason is None:
+                quantize[t.name] = kf.transpose
+                quantized_modules.add(kf.module)
+        if reason is not None:
+            keep[t.name] = reason
+    not_quantized = {n for n in linear if n not in quantized_modules}
+    names = sorted(not_quantized | set(facts.defaults))
+    skip_modules = skip_list(facts, linear, quantized_modules, names, matcher)
+    return Decision(quantize, keep, skip_modules, keep_fp32 - set(quantize))
+
+
+def skip_list(
+    facts: ModelFacts, linear: set[str], quantized: set[str], names: list[str], matcher: Any = None
+) -> list[str]:
+    """llm_int8_skip_modules for ``names``, checked with transformers' matcher.
+
+    Preferred spelling: without the base-model prefix ("layers.0.mlp.down_proj"), which transformers
+    matches both as a suffix of "model.layers.0.mlp.down_proj" (the ForCausalLM class) and as a prefix
+    of the bare base model's names, so AutoModel loads the folder right too. Falls back to the full
+    names if that spelling would catch a module we quantized.
+    """
+    prefix, keep_in_fp32 = facts.prefix, list(facts.keep_in_fp32)
+    convert = matcher or MATCHERS[facts.matcher or "boundary"]
+
+    def converts(candidates: set[str], patterns: list[str]) -> set[str]:
+        return {n for n in candidates if convert(n, patterns + keep_in_fp32)}
+
+    stripped = sorted({strip_prefix(n, (prefix,)) for n in names}) if facts.has_base else names
+    ok = converts(linear, stripped) == quantized
+    if ok and facts.has_base:
+        base_linear = {n[len(prefix) + 1 :] for n in linear if n.startswith(prefix + ".")}
+        base_quant = {n[len(prefix) + 1 :] for n in quantized if n.startswith(prefix + ".")}
+        ok = converts(base_linear, stripped) == base_quant
+    if ok:
+        return stripped
+    if converts(linear, names) == quantized:
+        return names
+    msg = (
+        f"{facts.cls_name}: no llm_int8_skip_modules list makes transformers quantize exactly the "
+        "selected layers; report this model with its config.json"
+    )
+    raise SelectionError(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# facts from a live skeleton (needs transformers)
+
+
+def _converter_reason(converter: Any, target: str) -> str:
+    ops = [type(op).__name__ for op in getattr(converter, "operations", ())]
+    if "MergeModulelist" in ops and "expert" in target:
+        return "fused MoE experts (merged on load)"
+    if "MergeModulelist" in ops or "Concatenate" in ops:
+        return f"merged with other tensors on load (into {target})"
+    if "Chunk" in ops or "Split" in ops or "SplitModulelist" in ops:
+        return "fused tensor split on load (quantized it could not be split)"
+    return f"converted on load ({', '.join(ops) or 'converter'})"
+
+
+def is_router(name: str, module: Any) -> bool:
+    leaf = name.rpartition(".")[2]
+    return "Router" in type(module).__name__ or leaf in {"gate", "router", "shared_expert_gate"}
+
+
+def _key_steps() -> tuple[Any, Any]:
+    """transformers' apply_renamings / apply_converters (5.2x), or the same loops for releases that
+    inline them in rename_source_key (5.17): every renaming in turn, then at most one converter."""
+    try:
+        from transformers.core_model_loading import apply_converters, apply_renamings
+    except ImportError:
+
+        def apply_renamings(key: str, renamings: Sequence[Any]) -> str:
+            for r in renamings:
+                key, _ = r.rename_source_key(key)
+            return key
+
+        def apply_converters(key: str, converters: Sequence[Any]) -> tuple[str, str | None]:
+            for c in converters:
+                key, pattern = c.rename_source_key(key)
+                if pattern is not None:
+                    return key, pattern
+            return key, None
+
+    return apply_renamings, apply_converters
+
+
+def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
+    """The facts of ``keys`` (checkpoint spellings) for a transformers model skeleton (meta device):
+    exactly what Bnb4BitHfQuantizer + replace_with_bnb_linear and transformers' key conversion
+    (``get_model_conversion_mapping`` + ``rename_source_key``) do with them."""
+    from torch import nn
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        build_glob_alternation,
+        rename_source_key,
+    )
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module as hf_should_convert
+
+    apply_renamings, apply_converters = _key_steps()
+    cls_name = type(model).__name__
+    modules = dict(model.named_modules())
+    keep_in_fp32 = sorted(model._keep_in_fp32_modules or ())
+    default_skip = HfQuantizer.get_modules_to_not_convert(model, None, keep_in_fp32)
+    linear = {n: m for n, m in modules.items() if isinstance(m, Conv1D) or type(m) is nn.Linear}
+    convertible = {n for n in linear if hf_should_convert(n, default_skip)}
+
+    meta_sd = model.state_dict()
+    buffers = {n for n, _ in model.named_buffers()}
+    prefix = model.base_model_prefix
+    mapping = get_model_conversion_mapping(model, None, None)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    out_emb = model.get_output_embeddings()
+    fp32_patterns = sorted(set(keep_in_fp32) | set(model._keep_in_fp32_modules_strict or ()))
+    fp32_re = build_glob_alternation(fp32_patterns)[0] if fp32_patterns else None
+
+    def default_reason(name: str, mod: Any) -> str:
+        if out_emb is not None and mod is out_emb:
+            return "lm_head (output embedding)"
+        for a, b in tied.items():
+            if module_of(a) == name:
+                return f"tied to {module_of(b)}"
+            if module_of(b) == name:
+                return f"tied to {module_of(a)}"
+        if keep_in_fp32 and not hf_should_convert(name, keep_in_fp32):
+            return "_keep_in_fp32_modules"
+        return "last module"
+
+    out: dict[str, KeyFacts] = {}
+    reached: set[str] = set()
+    for key in keys:
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
+        if renamed not in meta_sd and key in meta_sd:
+            renamed, pattern = rename_source_key(key, [], [], prefix, meta_sd)
+        fp32 = bool(fp32_re is not None and renamed in meta_sd and fp32_re.search(renamed))
+        mod_name, _, pname = renamed.rpartition(".")
+        mod = modules.get(mod_name)
+        is_linear_weight = renamed in meta_sd and pattern is None and mod_name in linear and pname == "weight"
+        if is_linear_weight:
+            reached.add(mod_name)
+        reason: str | None = None
+        if renamed in buffers:
+            reason = "buffer"
+        elif renamed not in meta_sd:
+            reason = f"not a parameter of {cls_name} (transformers drops it on load)"
+        elif pattern is not None:
+            reason = _converter_reason(by_pattern[pattern], renamed)
+        elif pname == "bias":
+            reason = "bias"
+        elif mod_name not in linear or pname != "weight":
+            kind = type(mod).__name__ if mod is not None else "?"
+            reason = "router" if is_router(mod_name, mod) else f"not nn.Linear ({kind})"
+        elif mod_name not in convertible:
+            reason = default_reason(mod_name, mod)
+        elif is_router(mod_name, mod):
+            reason = "router"
+        if reason is not None:
+            out[key] = KeyFacts(
+                reason=reason, module=mod_name if is_linear_weight else "", linear=is_linear_weight, fp32=fp32
+            )
+            continue
+        late = None
+        # the packed companions (W.absmax, ...) must reach the same module on load
+        companion = apply_renamings(key + ".absmax", renamings)
+        if companion != apply_renamings(key, renamings) + ".absmax" or (
+            apply_converters(companion, converters)[1] is not None
+        ):
+            late = "renamed on load in a way its quantization state would not follow"
+        out[key] = KeyFacts(
+            reason=None,
+            module=mod_name,
+            transpose=isinstance(mod, Conv1D),
+            late=late,
+            shape=tuple(meta_sd[renamed].shape),
+            linear=True,
+            fp32=fp32,
+        )
+    base = getattr(model, prefix, None) if prefix else None
+    return ModelFacts(
+        matcher=matcher_of(hf_should_convert),
+        cls_name=cls_name,
+        prefix=prefix or "",
+        has_base=base is not None and base is not model,
+        keys=out,
+        extra_linear=sorted(set(linear) - reached),
+        defaults=sorted(d for d in default_skip if d in modules),
+        keep_in_fp32=keep_in_fp32,
+    )

@@ -1,0 +1,327 @@
+"""The conversion plan: what happens to every tensor and which output shard it lands in.
+
+Built from the source headers and the selection alone, before any tensor data is read, so bad
+tensors (unsupported dtype, unquantizable shape, >= 2**31 elements) are refused up front. The plan
+is also the identity a resumed run must match (converter/writer/manifest.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from converter.errors import InputError, UnsupportedTensorError
+from converter.methods import QuantMethod, get_method, own_options
+from converter.plan.moe import check_mode
+from converter.sources.base import CODE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
+from formats.quant_types import MAX_BNB_ELEMENTS, QuantType
+from formats.validate import UnsupportedOption
+
+#: torch dtype names accepted by --dtype / --compute-dtype, and their safetensors codes.
+DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "half": "float16",
+    "float": "float32",
+}
+#: Storage dtypes bitsandbytes accepts for packed weights (bnb_4bit_quant_storage).
+QUANT_STORAGES = {"uint8": "U8", "int8": "I8", "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal, as transformers), '512MiB' -> 536_870_912, 1000 -> 1000."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE.match(text)
+        if not m:
+            msg = f"invalid size {text!r}: use a number with a unit, e.g. 5GB, 500MB, 2GiB"
+            raise InputError(msg)
+        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if value <= 0:
+        msg = f"invalid size {text!r}: must be positive"
+        raise InputError(msg)
+    return value
+
+
+def normalize_dtype(name: str | None, option: str) -> str | None:
+    """'bf16' / 'torch.bfloat16' / 'bfloat16' -> 'bfloat16'; None stays None."""
+    if name is None:
+        return None
+    key = str(name).removeprefix("torch.").lower()
+    key = _DTYPE_ALIASES.get(key, key)
+    if key not in DTYPE_CODES:
+        msg = f"{option} {name!r} is not supported: use float32, float16 or bfloat16"
+        raise InputError(msg)
+    return key
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that decides the output bytes (threads and device do not: results are identical)."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: str | None = None
+    dtype: str | None = None
+    quant_storage: str = "uint8"
+    skip: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    max_shard_size: int = 5 * 10**9
+    int8_threshold: float = 6.0  # int8 only: llm_int8_threshold (forward pass; never changes the bytes)
+    int8_scale: str = "cpu"  # int8 only: "cpu" / "cuda" row scale (bitsandbytes' CPU or GPU bytes)
+    moe_experts: str = "keep"  # converter/plan/moe.py: keep routed experts 16-bit, or quantize them
+
+    def __post_init__(self) -> None:
+        self.method.check_options(self)  # get_method raises ValueError with the accepted names
+        check_mode(self.moe_experts)
+        if self.quant_storage not in QUANT_STORAGES:
+            msg = (
+                f"--quant-storage {self.quant_storage!r} is not supported: "
+                f"use one of {', '.join(QUANT_STORAGES)}"
+            )
+            raise InputError(msg)
+
+    @property
+    def method(self) -> QuantMethod:
+        """The quant method of ``quant_type`` (converter.methods registry)."""
+        return get_method(self.quant_type)
+
+    @property
+    def qtype(self) -> QuantType:
+        return QuantType.parse(self.quant_type)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["skip"], d["include"] = list(self.skip), list(self.include)
+        if d["moe_experts"] == "keep":  # the default: fingerprints and provenance as before the option
+            del d["moe_experts"]
+        return self.method.options_json(d, own_options())
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    info: TensorInfo
+    quantize: bool
+    transpose: bool = False  # GPT-2 Conv1D: stored [in, out], quantized as [out, in]
+    out_dtype: str = ""  # safetensors code written (kept tensors) or of the dequantized weight
+    reason: str = ""  # why a tensor is kept
+    out_nbytes: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        s = self.info.shape
+        return (s[1], s[0]) if self.transpose else s
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.info.name,
+            "file": self.info.file,
+            "dtype": self.info.dtype,
+            "shape": list(self.info.shape),
+            "quantize": self.quantize,
+            "transpose": self.transpose,
+            "out_dtype": self.out_dtype,
+        }
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass
+class Plan:
+    options: Options
+    tensors: list[PlannedTensor]
+    shards: list[ShardPlan]
+    skip_modules: list[str]
+    model_dtype: str  # torch name of the dtype the model is saved in (config.json "dtype")
+    compute_dtype: str
+    source_identity: dict
+
+    @property
+    def quantized(self) -> list[PlannedTensor]:
+        return [t for t in self.tensors if t.quantize]
+
+    @property
+    def kept(self) -> list[PlannedTensor]:
+        return [t for t in self.tensors if not t.quantize]
+
+    def weight_map(self) -> dict[str, str]:
+        """Planned tensor name -> shard file (the quantized record's own keys are added by the writer)."""
+        return {t.name: s.name for s in self.shards for t in s.tensors}
+
+    def to_json(self, tool_version: str, format_version: str) -> dict:
+        return {
+            "tool_version": tool_version,
+            "format_version": format_version,
+            "source": self.source_identity,
+            "options": self.options.to_json(),
+            "model_dtype": self.model_dtype,
+            "compute_dtype": self.compute_dtype,
+            "skip_modules": self.skip_modules,
+            "shards": [{"name": s.name, "tensors": [t.to_json() for t in s.tensors]} for s in self.shards],
+        }
+
+    def fingerprint(self, tool_version: str, format_version: str) -> str:
+        blob = json.dumps(self.to_json(tool_version, format_version), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def check_quantizable(t: TensorInfo, cast_to: str | None) -> None:
+    """Refuse, before reading any data, a tensor selected for quantization that we cannot quantize."""
+    skip_hint = f"pass --skip '{_module_of(t.name)}' to keep it unquantized"
+    where = f"tensor {t.name!r} in {t.file}"
+    if t.dtype not in QUANTIZABLE_DTYPES and not (cast_to and t.dtype in FLOAT_DTYPES):
+        msg = f"{where} is {t.dtype}: only F32, F16 and BF16 weights can be quantized; {skip_hint}"
+        if t.dtype == "F64":
+            msg += " or --dtype float32 to cast"
+        raise UnsupportedTensorError(msg)
+    if len(t.shape) != 2 or t.numel == 0:
+        msg = (
+            f"{where} has shape {_shape_text(t.shape)}: only non-empty 2-D (Linear) weights "
+            f"can be quantized; {skip_hint}"
+        )
+        raise UnsupportedTensorError(msg)
+    if t.numel > MAX_BNB_ELEMENTS:
+        msg = (
+            f"{where} has {t.numel} elements (shape {_shape_text(t.shape)}): bitsandbytes indexes with "
+            f"32-bit ints, so tensors of 2^31 elements or more cannot be stored; {skip_hint}"
+        )
+        raise UnsupportedTensorError(msg)
+
+
+def _kept_dtype(t: TensorInfo, cast_to: str | None, keep_fp32: bool) -> str:
+    """Passthrough tensors are cast by --dtype like transformers does: floats only, fp32-kept excepted."""
+    if t.dtype not in FLOAT_DTYPES or cast_to is None:
+        return t.dtype
+    if keep_fp32:
+        return "F32" if t.dtype in ("F64", "F32") else t.dtype
+    return DTYPE_CODES[cast_to]
+
+
+def shard_names(n: int) -> list[str]:
+    """model.safetensors for one shard (as transformers writes it), else model-0000k-of-0000n."""
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+
+
+def build_plan(
+    tensors: Sequence[TensorInfo],
+    selection: object,
+    options: Options,
+    *,
+    config: dict | None,
+    source_identity: dict,
+) -> Plan:
+    """Decide every tensor's fate and cut the output into shards of at most ``max_shard_size`` bytes.
+
+    ``selection`` is converter.plan.selection.Selection: ``quantize`` (name -> spec with ``transpose``),
+    ``keep`` (name -> reason), ``skip_modules``, ``keep_fp32``.
+    """
+    quantize: dict = dict(selection.quantize)  # type: ignore[attr-defined]
+    keep: dict = dict(selection.keep)  # type: ignore[attr-defined]
+    keep_fp32: set = set(getattr(selection, "keep_fp32", ()) or ())
+    cast_to = options.dtype
+    planned: list[PlannedTensor] = []
+    for t in tensors:
+        if t.name in quantize:
+            check_quantizable(t, cast_to)
+            spec = quantize[t.name]
+            transpose = bool(getattr(spec, "transpose", False))
+            n = t.numel
+            out_bytes = options.method.out_nbytes(n, t.shape, options)
+            out_dtype = DTYPE_CODES[cast_to] if cast_to else t.dtype
+            if out_dtype == "F64":
+                out_dtype = "F32"
+            out_shape = (t.shape[1], t.shape[0]) if transpose else t.shape
+            try:
+                options.method.check_tensor(t.file, t.name, out_shape, CODE_NAMES[out_dtype], options)
+            except UnsupportedOption as exc:
+                raise UnsupportedTensorError(str(exc)) from None
+            planned.append(PlannedTensor(t, True, transpose, out_dtype, "", out_bytes))
+        else:
+            reason = keep.get(t.name, "not a linear weight")
+            dt = _kept_dtype(t, cast_to, t.name in keep_fp32 or _module_of(t.name) in keep_fp32)
+            nbytes = t.numel * DTYPE_SIZES.get(dt, 1)
+            planned.append(PlannedTensor(t, False, False, dt, reason, nbytes))
+
+    if not any(p.quantize for p in planned):
+        f64 = next((p for p in planned if p.reason.startswith("dtype F64")), None)
+        example = f64 or next(
+            (p for p in planned if p.info.name.endswith(".weight")), planned[0] if planned else None
+        )
+        detail = f" (e.g. {example.name!r}: {example.reason})" if example else ""
+        hint = (
+            "pass --dtype float32 (or bfloat16) to cast float64 weights" if f64 else "check --include/--skip"
+        )
+        msg = (
+            f"nothing to quantize: no tensor is a float32/float16/bfloat16 linear weight selected for "
+            f"quantization{detail}; {hint}, or the checkpoint's dtype"
+        )
+        raise InputError(msg)
+    groups: list[ShardPlan] = []
+    for p in planned:
+        if not groups or (groups[-1].tensors and groups[-1].nbytes + p.out_nbytes > options.max_shard_size):
+            groups.append(ShardPlan(""))
+        groups[-1].tensors.append(p)
+        groups[-1].nbytes += p.out_nbytes
+    if not groups:
+        msg = "the source has no tensors; check that it is a model checkpoint"
+        raise InputError(msg)
+    for shard, name in zip(groups, shard_names(len(groups)), strict=True):
+        shard.name = name
+
+    model_dtype = _model_dtype(config, planned, cast_to)
+    compute = options.compute_dtype or model_dtype
+    if compute not in DTYPE_CODES:
+        compute = "float32"
+    return Plan(
+        options=options,
+        tensors=planned,
+        shards=groups,
+        skip_modules=list(selection.skip_modules),  # type: ignore[attr-defined]
+        model_dtype=model_dtype,
+        compute_dtype=compute,
+        source_identity=source_identity,
+    )
+
+
+def _model_dtype(config: dict | None, planned: Sequence[PlannedTensor], cast_to: str | None) -> str:
+    if cast_to:
+        return cast_to
+    if config:
+        for key in ("dtype", "torch_dtype"):
+            value = config.get(key)
+            if isinstance(value, str) and value.removeprefix("torch.") in DTYPE_CODES:
+                return value.removeprefix("torch.")
+    for p in planned:
+        if p.quantize:
+            return CODE_NAMES.get(p.info.dtype, "float32")
+    return "float32"

@@ -1,0 +1,1 @@
+"""A quantized weight's bitsandbytes state-dict entries and its error statistics."""

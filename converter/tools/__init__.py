@@ -1,0 +1,1 @@
+"""Built on convert + loader + formats: inspect/verify, push, batch plans and runs, demo, samples."""

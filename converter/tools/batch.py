@@ -1,0 +1,89 @@
+"""Batch lists: the text/JSON list format of ``quantize-model batch`` (TOML plans: plan_file.py).
+
+The list file is text (one source per line; blank lines and '#' comments ignored; an optional second
+column names the output folder) or JSON (a list of strings, or of objects with "source" and optional
+"output" and "revision"). Each item's output folder is ``OUTPUT_ROOT/<name>``, where ``<name>`` is the
+given name, else the local folder's name or the repo id with '/' turned into '--'. Running a batch:
+converter/tools/batch_run.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from converter.errors import InputError
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    source: str
+    output: str  # folder name under the output root
+    revision: str | None = None
+
+
+def default_name(source: str) -> str:
+    path = Path(source)
+    name = path.name if (path.exists() or "/" not in source or source.startswith((".", "/", "~"))) else source
+    name = name.removesuffix(".safetensors") if path.is_file() else name
+    return re.sub(r"[^\w.-]+", "--", name.replace("/", "--")).strip("-.") or "model"
+
+
+def read_list(path: Path) -> list[BatchItem]:
+    """Parse a batch list file; raises InputError naming the file and line on bad content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"{path}: cannot read the list ({exc.strerror}); check the path"
+        raise InputError(msg) from None
+    items: list[BatchItem] = []
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            msg = f"{path}: not valid JSON ({exc}); fix the list"
+            raise InputError(msg) from None
+        if not isinstance(data, list):
+            msg = f"{path}: expected a JSON list of sources; fix the list"
+            raise InputError(msg)
+        for k, entry in enumerate(data):
+            if isinstance(entry, str):
+                items.append(BatchItem(entry, default_name(entry)))
+            elif isinstance(entry, dict) and isinstance(entry.get("source"), str):
+                src = entry["source"]
+                items.append(
+                    BatchItem(src, str(entry.get("output") or default_name(src)), entry.get("revision"))
+                )
+            else:
+                msg = f"{path}: item {k} must be a string or an object with a 'source' string; fix the list"
+                raise InputError(msg)
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) > 2:
+                msg = (
+                    f"{path}:{lineno}: expected 'SOURCE [OUTPUT_NAME]', got {len(parts)} fields; fix the line"
+                )
+                raise InputError(msg)
+            items.append(BatchItem(parts[0], parts[1] if len(parts) == 2 else default_name(parts[0])))
+    if not items:
+        msg = f"{path}: the list has no sources; add one per line"
+        raise InputError(msg)
+    seen: dict[str, str] = {}
+    for it in items:
+        if "/" in it.output or it.output in (".", ".."):
+            msg = f"{path}: output name {it.output!r} for {it.source} must be a plain folder name"
+            raise InputError(msg)
+        if it.output in seen:
+            msg = (
+                f"{path}: {seen[it.output]} and {it.source} would both write {it.output!r}; "
+                'name the outputs (second column, or "output" in JSON)'
+            )
+            raise InputError(msg)
+        seen[it.output] = it.source
+    return items

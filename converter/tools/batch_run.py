@@ -1,0 +1,387 @@
+"""Running a batch plan: up-to-date jobs skipped, several jobs at once within a budget, fail-fast.
+
+Each job converts ``job.source`` into ``output_root / job.output`` with converter.convert. A job is
+up to date, and skipped without reading any tensor, when its preflight (headers only) finds the
+output folder complete for the same plan fingerprint (source commit or file identities, options,
+tool and format version) and the folder's files are verified: by the stamp the batch wrote after it
+last finished or verified that folder (``OUTPUT_ROOT/.quantize-model-batch/<output>.json``: size and
+mtime of every file), or else by a full ``verify`` (hashes), after which the stamp is written.
+``force`` redoes every job from scratch. A folder the batch wrote for a job whose plan changed since
+(new source commit, options, tool version) is replaced; a folder it did not write is refused.
+
+``parallel`` > 1 runs jobs in threads (conversions release the GIL in I/O and kernels) and starts a
+job only while the running jobs' preflight estimates (peak memory above this process, disk for the
+shards) fit the budgets; a job that fits nowhere runs alone, where its own preflight may refuse it.
+One failure never stops the others unless ``fail_fast``: then jobs not yet started are reported as
+cancelled and running ones finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converter.errors import ConverterError
+from converter.tools.plan_file import Job
+
+STATE_DIR = ".quantize-model-batch"
+#: Statuses of a job (JUnit: failed -> failure, cancelled -> skipped, the rest pass).
+STATUSES = ("converted", "resumed", "up-to-date", "failed", "cancelled")
+
+
+@dataclass
+class ItemResult:
+    item: Job
+    ok: bool
+    seconds: float
+    error: str | None = None
+    exit_code: int = 0
+    result: Any = None  # ConversionResult when converted or resumed
+    status: str = "converted"
+    bytes_out: int = 0
+    quality: dict | None = None  # the report's quality summary
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.item.source,
+            "output": self.item.output,
+            "revision": self.item.revision,
+            "status": self.status,
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "seconds": self.seconds,
+            "bytes_out": self.bytes_out,
+            "quality": self.quality,
+            "result": self.result.to_json() if self.result is not None else None,
+        }
+
+
+@dataclass
+class BatchResult:
+    items: list[ItemResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[ItemResult]:
+        return [i for i in self.items if not i.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_json(self) -> dict:
+        counts = {s: sum(1 for i in self.items if i.status == s) for s in STATUSES}
+        return {"ok": self.ok, "counts": counts, "items": [i.to_json() for i in self.items]}
+
+
+# --- up-to-date state ---------------------------------------------------------------------------
+def _stamp_path(root: Path, job: Job) -> Path:
+    return root / STATE_DIR / f"{job.output}.json"
+
+
+def _folder_files(folder: Path) -> dict[str, list[int]]:
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            out[f.name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def source_state(job: Job) -> Any:
+    """What identifies the source's content without reading it: the Hub commit the revision names
+    (one API call), or the size and mtime of every file of a local source. None when unknown."""
+    local = Path(job.source).expanduser()
+    if local.is_file():
+        files = [local, local.with_name("config.json")]
+    elif local.is_dir():
+        files = sorted(p for p in local.rglob("*") if not any(part.startswith(".") for part in p.parts))
+    else:
+        try:
+            from huggingface_hub import HfApi
+
+            return {"commit": HfApi().model_info(job.source, revision=job.revision).sha}
+        except Exception:
+            return None
+    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
+
+
+def job_key(job: Job, options: dict[str, Any], state: Any) -> str:
+    """Source state, the job's options, tool and format version: equal keys, equal output."""
+    import hashlib
+
+    from converter import __version__
+    from formats.validate import FORMAT_VERSION
+
+    kw = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(job_kwargs(job, options).items())}
+    for key in ("progress", "threads", "push_to", "private"):  # never change the bytes
+        kw.pop(key, None)
+    blob = json.dumps([job.source, kw, __version__, str(FORMAT_VERSION), state], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_stamp(
+    root: Path, job: Job, fingerprint: str, pushed_to: str | None, key: str | None = None
+) -> None:
+    from converter.writer.manifest import atomic_write_bytes
+
+    path = _stamp_path(root, job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "fingerprint": fingerprint,
+        "job_key": key,
+        "files": _folder_files(root / job.output),
+        "pushed_to": pushed_to,
+    }
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def read_stamp(root: Path, job: Job) -> dict | None:
+    try:
+        data = json.loads(_stamp_path(root, job).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def stamp_matches(root: Path, job: Job, fingerprint: str) -> bool:
+    stamp = read_stamp(root, job)
+    return (
+        bool(stamp)
+        and stamp.get("fingerprint") == fingerprint
+        and stamp.get("files") == _folder_files(root / job.output)
+    )
+
+
+def cheap_key(job: Job, options: dict[str, Any]) -> str | None:
+    state = source_state(job)
+    return job_key(job, options, state) if state is not None else None
+
+
+def stamped_up_to_date(job: Job, root: Path, key: str | None, push_to: str | None) -> bool:
+    """The cheap check: the stamp of the last run names the same source state, options and
+    versions, and the folder's files are as that run left them (no plan, no tensor, no import of
+    torch or transformers)."""
+    stamp = read_stamp(root, job) if key else None
+    if (
+        not stamp
+        or stamp.get("job_key") != key
+        or stamp.get("files") != _folder_files_or_none(root / job.output)
+    ):
+        return False
+    return not push_to or stamp.get("pushed_to") == push_to
+
+
+# --- one job ----------------------------------------------------------------------------------
+def _describe(exc: BaseException) -> tuple[str, int]:
+    if isinstance(exc, ConverterError):
+        return str(exc), exc.exit_code
+    from converter.cli._app import describe_error
+
+    return describe_error(exc)
+
+
+def job_kwargs(job: Job, options: dict[str, Any]) -> dict[str, Any]:
+    return {**options, **job.convert_kwargs()}
+
+
+def preflight_job(job: Job, root: Path, options: dict[str, Any], *, force: bool = False) -> Any:
+    """The job's preflight (converter.plan.preflight.Preflight), from headers only; nothing written."""
+    from converter.writer.pipeline import convert
+
+    kw = job_kwargs(job, options)
+    for key in ("push_to", "private", "progress"):
+        kw.pop(key, None)
+    return convert(
+        job.source, root / job.output, dry_run=True, overwrite=force, progress=False, **kw
+    ).preflight
+
+
+def run_job(job: Job, root: Path, options: dict[str, Any], *, force: bool, pre: Any = None) -> ItemResult:
+    """Convert one job (or skip it when up to date); never raises for a failed conversion."""
+    from converter.writer.pipeline import convert
+
+    t0 = time.perf_counter()
+    out = root / job.output
+    kw = job_kwargs(job, options)
+    push_to, private = kw.pop("push_to", None), kw.pop("private", False)
+    try:
+        key = cheap_key(job, options)
+        if not force and stamped_up_to_date(job, root, key, push_to):
+            return ItemResult(job, True, time.perf_counter() - t0, status="up-to-date",
+                              bytes_out=_shard_bytes(out), quality=_quality(out))  # fmt: skip
+        pre = pre if pre is not None else None if force else preflight_job(job, root, options)
+        if not force and pre is not None and pre.up_to_date:
+            fresh = stamp_matches(root, job, pre.fingerprint)
+            if not fresh:
+                from converter.tools.inspection import verify_path
+
+                fresh = verify_path(out).ok
+            if fresh:
+                stamp = read_stamp(root, job) or {}
+                if push_to and stamp.get("pushed_to") != push_to:
+                    from converter.tools.push import push_folder
+
+                    push_folder(out, push_to, private=private)
+                write_stamp(root, job, pre.fingerprint, push_to or stamp.get("pushed_to"), key)
+                return ItemResult(job, True, time.perf_counter() - t0, status="up-to-date",
+                                  bytes_out=_shard_bytes(out), quality=_quality(out))  # fmt: skip
+            force_this = True  # complete by its manifest but its files do not verify: redo it
+        else:
+            # A folder this batch wrote for this job (its stamp says so) that holds an older plan
+            # (a new source commit, changed options, a new tool version) is replaced; a folder
+            # nobody stamped is refused by convert() as usual.
+            stale = (
+                pre is not None
+                and read_stamp(root, job) is not None
+                and _fingerprint(out)
+                not in (
+                    "",
+                    pre.fingerprint,
+                )
+            )
+            force_this = force or stale
+        result = convert(job.source, out, overwrite=force_this, push_to=push_to, private=private, **kw)
+        fingerprint = _fingerprint(out)
+        write_stamp(root, job, fingerprint, result.pushed_to, key)
+        status = "resumed" if result.resumed else "converted"
+        return ItemResult(job, True, time.perf_counter() - t0, result=result, status=status,
+                          bytes_out=result.bytes_out, quality=result.quality)  # fmt: skip
+    except Exception as exc:  # any failure is this job's one-line error (Ctrl-C is not caught)
+        message, code = _describe(exc)
+        return ItemResult(job, False, time.perf_counter() - t0, message, code or 1, status="failed")
+
+
+def _folder_files_or_none(folder: Path) -> dict | None:
+    return _folder_files(folder) if folder.is_dir() else None
+
+
+def _fingerprint(out: Path) -> str:
+    from converter.writer.manifest import Manifest
+
+    m = Manifest.load(out)
+    return m.fingerprint if m is not None else ""
+
+
+def _shard_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def _quality(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "quantization_report.json").read_text()).get("quality")
+    except (OSError, ValueError):
+        return None
+
+
+# --- the batch --------------------------------------------------------------------------------
+@dataclass
+class Budget:
+    memory: int | None  # bytes the running jobs' working sets may take together (None: no limit)
+    disk: int | None
+
+    def fits(self, need: tuple[int, int], used: tuple[int, int]) -> bool:
+        mem_ok = self.memory is None or used[0] + need[0] <= self.memory
+        disk_ok = self.disk is None or used[1] + need[1] <= self.disk
+        return mem_ok and disk_ok
+
+
+def default_budget(root: Path) -> Budget:
+    from converter.plan.preflight import disk_free, ram_available
+
+    return Budget(ram_available(), disk_free(root)[0])
+
+
+def run_batch(
+    jobs: list[Job],
+    output_root: Path,
+    *,
+    parallel: int = 1,
+    fail_fast: bool = False,
+    force: bool = False,
+    budget: Budget | None = None,
+    on_start: Callable[[int, Job], None] | None = None,
+    on_done: Callable[[int, ItemResult], None] | None = None,
+    **options: Any,
+) -> BatchResult:
+    """Run every job (see the module docstring); results come back in plan order."""
+    options.setdefault("progress", False)
+    if parallel > 1 and options.get("threads") is None:
+        options["threads"] = max(1, (os.cpu_count() or 1) // parallel)
+    results: dict[int, ItemResult] = {}
+    if parallel <= 1:
+        for k, job in enumerate(jobs):
+            if fail_fast and any(not r.ok for r in results.values()):
+                results[k] = _cancelled(job)
+            else:
+                if on_start:
+                    on_start(k, job)
+                results[k] = run_job(job, output_root, options, force=force)
+            if on_done:
+                on_done(k, results[k])
+        return BatchResult([results[k] for k in range(len(jobs))])
+
+    budget = budget or default_budget(output_root)
+    # Each job's needs, from its preflight (headers only). A job whose preflight fails is run anyway,
+    # alone: it then fails with the same one-line error as any other failure.
+    needs: dict[int, tuple[int, int]] = {}
+    pres: dict[int, Any] = {}
+    from converter.plan.preflight import process_rss
+
+    base = process_rss()
+    for k, job in enumerate(jobs):
+        push_to = job_kwargs(job, options).get("push_to")
+        if not force and stamped_up_to_date(job, output_root, cheap_key(job, options), push_to):
+            needs[k] = (0, 0)  # will be skipped: no preflight needed
+            continue
+        try:
+            pre = preflight_job(job, output_root, options, force=force)
+            pres[k] = None if force else pre
+            needs[k] = (max(0, pre.peak_ram - base), pre.disk_needed)
+        except Exception:
+            needs[k] = (0, 0)
+    pending = list(range(len(jobs)))
+    running: dict[Future[ItemResult], int] = {}
+    failed = False
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="qm-batch") as pool:
+        while pending or running:
+            while pending and len(running) < parallel and not (fail_fast and failed):
+                used = (
+                    sum(needs[i][0] for i in running.values()),
+                    sum(needs[i][1] for i in running.values()),
+                )
+                k = pending[0]
+                if running and not budget.fits(needs[k], used):
+                    break  # wait for a running job to free its share
+                pending.pop(0)
+                if on_start:
+                    on_start(k, jobs[k])
+                fut = pool.submit(run_job, jobs[k], output_root, options, force=force, pre=pres.get(k))
+                running[fut] = k
+            if fail_fast and failed:
+                for k in pending:
+                    results[k] = _cancelled(jobs[k])
+                    if on_done:
+                        on_done(k, results[k])
+                pending = []
+            if not running:
+                continue
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                k = running.pop(fut)
+                results[k] = fut.result()
+                failed = failed or not results[k].ok
+                if on_done:
+                    on_done(k, results[k])
+    return BatchResult([results[k] for k in range(len(jobs))])
+
+
+def _cancelled(job: Job) -> ItemResult:
+    return ItemResult(job, False, 0.0, "not started: an earlier job failed and --fail-fast was given", 1,
+                      status="cancelled")  # fmt: skip

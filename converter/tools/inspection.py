@@ -1,0 +1,336 @@
+"""What ``quantize-model inspect`` and ``verify`` compute: library functions returning result objects.
+
+``inspect_path`` summarises a quantized folder or one shard (tensors, quant types, sizes, bits per
+parameter) from the headers and quant states alone; ``inspect_hub`` does the same for a Hub repo by
+HTTP range requests (the headers and the small quant-state blobs), downloading no shard.
+``verify_path`` re-hashes every shard against the index, validates every shard and every quantized
+record, checks the weight_map against the shards' contents and, for our own shards, the metadata;
+it returns the problems it found, one line each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from converter.errors import SourceNotFoundError
+from converter.plan import moe
+from converter.writer.manifest import MANIFEST_NAME
+from formats import index as index_mod
+from formats.reader import open_shard
+from formats.validate import FormatError
+from formats.writer import TORCH_NAMES
+
+if TYPE_CHECKING:
+    from converter.plan.moe import MoeSummary
+
+
+@dataclass
+class InspectResult:
+    path: str
+    shards: list[str]
+    tensors_quantized: int = 0
+    tensors_kept: int = 0
+    params_quantized: int = 0
+    params_kept: int = 0
+    bytes_quantized: int = 0  # stored bytes of quantized weights (codes, absmax, maps, quant state)
+    bytes_kept: int = 0
+    quant_types: dict[str, int] = field(default_factory=dict)  # "nf4 blocksize 64 nested" -> count
+    kept_dtypes: dict[str, int] = field(default_factory=dict)
+    tool_version: str | None = None
+    source: str | None = None
+    quantization_config: dict | None = None
+    moe: MoeSummary | None = None  # MoE folders: experts quantized or kept, and which loaders read it
+    bytes_read: int | None = None  # a Hub repo: bytes fetched (headers, quant states, small JSON)
+
+    @property
+    def bits_per_param(self) -> float:
+        params = self.params_quantized + self.params_kept
+        return 8 * (self.bytes_quantized + self.bytes_kept) / params if params else 0.0
+
+    @property
+    def quantized_bits_per_param(self) -> float:
+        return 8 * self.bytes_quantized / self.params_quantized if self.params_quantized else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            **asdict(self),
+            "moe": self.moe.to_json() if self.moe else None,
+            "bits_per_param": self.bits_per_param,
+            "quantized_bits_per_param": self.quantized_bits_per_param,
+        }
+
+
+def _shard_files(path: Path) -> tuple[Path, list[str]]:
+    if not path.exists():
+        msg = f"{path}: no such file or folder; check the path"
+        raise SourceNotFoundError(msg)
+    if path.is_file():
+        return path.parent, [path.name]
+    if (path / index_mod.INDEX_NAME).is_file():
+        return path, index_mod.read_index(path, require_files=False).files
+    names = sorted(p.name for p in path.glob("*.safetensors"))
+    if not names:
+        msg = f"{path}: no .safetensors shards and no {index_mod.INDEX_NAME}; give a converted folder"
+        raise SourceNotFoundError(msg)
+    return path, names
+
+
+def inspect_path(path: str | Path) -> InspectResult:
+    folder, names = _shard_files(Path(path))
+    result = InspectResult(path=str(path), shards=names)
+    qtypes: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    names_q: list[str] = []
+    names_k: list[str] = []
+    for name in names:
+        with open_shard(folder / name) as shard:
+            meta = shard.metadata or {}
+            tool = meta.get("quantize_model.tool") or {}
+            result.tool_version = result.tool_version or tool.get("version")
+            prov = meta.get("quantize_model.provenance") or {}
+            result.source = result.source or prov.get("source")
+            names_q += shard.quantized
+            names_k += shard.passthrough
+            # From the validated header alone (no tensor data, no torch).
+            for key in shard.quantized:
+                group = shard.group(key)
+                info = group.info
+                result.tensors_quantized += 1
+                result.params_quantized += math.prod(info.shape)
+                result.bytes_quantized += sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)
+                qtypes[info.describe()] += 1
+            for key in shard.passthrough:
+                e = shard.entry(key)
+                result.tensors_kept += 1
+                result.params_kept += math.prod(e.shape)
+                result.bytes_kept += e.end - e.begin
+                kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
+    result.quant_types = dict(sorted(qtypes.items()))
+    result.kept_dtypes = dict(sorted(kept.items()))
+    result.moe = moe.summarize(names_q, names_k)
+    config = folder / "config.json"
+    if config.is_file() and Path(path).is_dir():
+        try:
+            result.quantization_config = json.loads(config.read_text()).get("quantization_config")
+        except ValueError:
+            result.quantization_config = None
+    return result
+
+
+@dataclass
+class VerifyResult:
+    path: str
+    shards: list[str]
+    tensors: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def verify_path(path: str | Path) -> VerifyResult:
+    """Check a converted folder (hashes, shards, records, weight_map, metadata) or a single shard."""
+    path = Path(path)
+    folder, names = _shard_files(path)
+    result = VerifyResult(path=str(path), shards=names)
+    weight_map: dict[str, str] | None = None
+    if path.is_dir():
+        manifest = folder / MANIFEST_NAME
+        if manifest.is_file():
+            try:
+                state = json.loads(manifest.read_text()).get("state")
+            except ValueError:
+                state = None
+            if state != "complete":
+                result.problems.append(
+                    f"{folder}: the conversion did not finish; rerun the same convert command to resume"
+                )
+        if (folder / index_mod.INDEX_NAME).is_file():
+            weight_map = index_mod.read_index(folder, require_files=False).weight_map
+            result.problems.extend(index_mod.verify_shards(folder))
+        else:
+            result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")
+    found: dict[str, str] = {}
+    unreadable: set[str] = set()
+    for name in names:
+        file = folder / name
+        if not file.is_file():
+            continue  # reported by verify_shards
+        try:
+            with open_shard(file) as shard:
+                for key in shard.keys():
+                    found[key] = name
+                for key in shard.quantized:
+                    shard.group(key)  # open_shard validated each group against bnb's layout
+                    result.tensors += 1
+                result.tensors += len(shard.passthrough)
+                if shard.metadata is not None:
+                    _check_metadata(shard.raw_metadata, str(file), result)
+        except FormatError as exc:
+            result.problems.append(str(exc))
+            unreadable.add(name)
+    if weight_map is not None:
+        for key, shard_name in sorted(weight_map.items()):
+            if shard_name in unreadable:
+                continue  # already reported once for the whole shard
+            if key in found and found[key] != shard_name:
+                result.problems.append(f"tensor {key!r}: index says {shard_name}, found in {found[key]}")
+            elif key not in found and (folder / shard_name).is_file():
+                result.problems.append(f"tensor {key!r}: index says {shard_name}, but it is not there")
+        for key in sorted(set(found) - set(weight_map)):
+            result.problems.append(f"tensor {key!r} in {found[key]} is missing from the index weight_map")
+    return result
+
+
+def _check_metadata(raw: dict, file: str, result: VerifyResult) -> None:
+    try:
+        from formats.metadata import validate_metadata
+
+        validate_metadata(raw, file=file)
+    except ImportError:
+        return  # the schema check needs jsonschema (a test dependency); the rest still ran
+    except FormatError as exc:
+        result.problems.append(str(exc))
+
+
+# --- a Hub repo, from headers and quant states only ------------------------------------------------
+_QS_SUFFIX = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?:nf4|fp4)$")
+_CODE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+
+class _RangeReader:
+    """HTTP range reads of one repo at one commit (retries and one-line errors: HubClient)."""
+
+    def __init__(self, repo_id: str, revision: str | None, token: str | bool | None) -> None:
+        from converter.sources.hub_client import HubClient
+
+        self.client = HubClient(repo_id, token=token, endpoint=None)
+        self.client.revision = revision or "main"
+        self.repo_id = repo_id
+        info = self.client.call("model info", lambda: self.client.api.model_info(repo_id, revision=revision))
+        self.commit = info.sha
+        self.files = sorted(s.rfilename for s in info.siblings or [])
+        self.bytes_read = 0
+
+    def get(self, file: str, start: int | None = None, length: int | None = None) -> bytes:
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        url = hf_hub_url(self.repo_id, file, revision=self.commit, endpoint=self.client.endpoint)
+        headers = build_hf_headers(token=self.client.token)
+        if start is not None and length is not None:
+            if length == 0:
+                return b""
+            headers["Range"] = f"bytes={start}-{start + length - 1}"
+
+        def fetch() -> bytes:
+            r = get_session().get(url, headers=headers, follow_redirects=True)
+            hf_raise_for_status(r)
+            if length is not None and len(r.content) != length:
+                msg = f"short range read of {file} ({len(r.content)} of {length} bytes)"
+                raise OSError(msg)
+            return r.content
+
+        data = self.client.call("range read", fetch, file=file)
+        self.bytes_read += len(data)
+        return data
+
+    def header(self, file: str) -> tuple[dict, int]:
+        """(safetensors header, offset of its data) from two range reads."""
+        (n,) = struct.unpack("<Q", self.get(file, 0, 8))
+        try:
+            header = json.loads(self.get(file, 8, n))
+        except ValueError as exc:
+            from converter.errors import CorruptFileError
+
+            msg = (
+                f"{self.repo_id}: {file}: not a valid safetensors header ({exc}); report it to the repo owner"
+            )
+            raise CorruptFileError(msg) from None
+        return header, 8 + n
+
+
+def inspect_hub(
+    repo_id: str, *, revision: str | None = None, token: str | bool | None = None
+) -> InspectResult:
+    """``inspect_path`` of a Hub repo, from the shard headers and quant-state blobs read by HTTP range
+    requests (and config.json / the index, which are small JSON files); no shard is downloaded."""
+    from formats.validate import parse_quant_state
+
+    hub = _RangeReader(repo_id, revision, token)
+    if index_mod.INDEX_NAME in hub.files:
+        weight_map = json.loads(hub.get(index_mod.INDEX_NAME)).get("weight_map") or {}
+        names = sorted(set(weight_map.values()))
+    else:
+        names = [f for f in hub.files if f.endswith(".safetensors") and "/" not in f]
+    if not names:
+        msg = f"{repo_id}: no .safetensors shards at {hub.commit}; give a repo with safetensors weights"
+        raise SourceNotFoundError(msg)
+    result = InspectResult(path=f"{repo_id}@{hub.commit}", shards=names)
+    qtypes: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    names_q: list[str] = []
+    names_k: list[str] = []
+    for name in names:
+        header, data_start = hub.header(name)
+        meta = header.pop("__metadata__", None) or {}
+        tool = _json_field(meta, "quantize_model.tool")
+        result.tool_version = result.tool_version or tool.get("version")
+        result.source = result.source or _json_field(meta, "quantize_model.provenance").get("source")
+        weights: dict[str, Any] = {}
+        for key, entry in header.items():
+            m = _QS_SUFFIX.match(key)
+            if m:
+                begin, end = entry["data_offsets"]
+                weights[m.group("weight")] = parse_quant_state(
+                    name, key, hub.get(name, data_start + begin, end - begin)
+                )
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            owner = next(
+                (w for w in (key, key.rsplit(".", 1)[0], key.split(".quant_state.")[0]) if w in weights), None
+            )
+            if owner is not None:
+                result.bytes_quantized += end - begin
+                continue
+            names_k.append(key)
+            result.tensors_kept += 1
+            result.params_kept += math.prod(entry["shape"])
+            result.bytes_kept += end - begin
+            kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
+        names_q += list(weights)
+        for qs in weights.values():
+            result.tensors_quantized += 1
+            result.params_quantized += math.prod(qs.shape)
+            nested = " nested" if qs.nested_offset is not None else ""
+            qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
+    result.quant_types = dict(sorted(qtypes.items()))
+    result.kept_dtypes = dict(sorted(kept.items()))
+    result.moe = moe.summarize(names_q, names_k)
+    if "config.json" in hub.files:
+        try:
+            result.quantization_config = json.loads(hub.get("config.json")).get("quantization_config")
+        except ValueError:
+            result.quantization_config = None
+    result.bytes_read = hub.bytes_read
+    return result
+
+
+def _json_field(meta: dict, key: str) -> dict:
+    try:
+        value = json.loads(meta.get(key) or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,68 @@
+"""JUnit XML of a batch run, the format CI systems render (GitHub, GitLab, Jenkins, Azure).
+
+One <testsuite> with one <testcase> per job: name = the output folder, classname = the source,
+time = seconds. A failed job gets <failure message="the one-line error" type="exit N">; a job
+cancelled by --fail-fast gets <skipped>; every case's <system-out> says what happened and the output
+size (and the quality totals when measured). Attributes follow the Ant/Jenkins JUnit schema
+(tests, failures, errors, skipped, time on the suite).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from converter.units import human_bytes
+
+
+def junit_xml(result: Any, *, suite: str = "quantize-model batch") -> bytes:
+    """``result`` is converter.tools.batch_run.BatchResult."""
+    items = result.items
+    root = ET.Element("testsuites")
+    ts = ET.SubElement(
+        root,
+        "testsuite",
+        name=suite,
+        tests=str(len(items)),
+        failures=str(sum(1 for i in items if i.status == "failed")),
+        errors="0",
+        skipped=str(sum(1 for i in items if i.status == "cancelled")),
+        time=f"{sum(i.seconds for i in items):.3f}",
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        hostname=socket.gethostname(),
+    )
+    for k in ("tests", "failures", "errors", "skipped", "time"):
+        root.set(k, ts.get(k, "0"))
+    for i in items:
+        case = ET.SubElement(
+            ts, "testcase", name=i.item.output, classname=i.item.source, time=f"{i.seconds:.3f}"
+        )
+        if i.status == "failed":
+            failure = ET.SubElement(case, "failure", message=i.error or "failed", type=f"exit {i.exit_code}")
+            failure.text = i.error or "failed"
+        elif i.status == "cancelled":
+            ET.SubElement(case, "skipped", message=i.error or "cancelled")
+        out = ET.SubElement(case, "system-out")
+        out.text = _summary(i)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def _summary(i: Any) -> str:
+    parts = [f"{i.item.source} -> {i.item.output}: {i.status} in {i.seconds:.1f} s"]
+    if i.ok:
+        parts.append(f"output size {human_bytes(i.bytes_out)} ({i.bytes_out} bytes)")
+    q = i.quality or {}
+    if q.get("rel_rmse") is not None:
+        parts.append(f"relative RMSE {q['rel_rmse']:.4f}, SNR {q.get('snr_db') or 0:.2f} dB")
+    return "; ".join(parts)
+
+
+def write_junit(result: Any, path: Path) -> None:
+    from converter.writer.manifest import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, junit_xml(result))

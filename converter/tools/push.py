@@ -1,0 +1,290 @@
+"""Upload a finished quantized folder to the Hugging Face Hub, with a model card.
+
+``push_folder`` creates the repo if needed (``create_repo(exist_ok=True)``), uploads the folder with
+``upload_folder`` (huggingface_hub 1.x/2.x dropped ``upload_large_folder``; ``upload_folder`` is the
+resumable path: with hf_xet it commits in batches and skips files already committed, over plain LFS
+the batch endpoint skips objects already uploaded), then commits the model card ``README.md`` last,
+so a repo with our card is a complete upload. Rerunning after an interruption uploads only what is
+missing. The local folder is not modified.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from converter.errors import InputError
+from converter.methods import get_method
+from converter.units import human_bytes, human_count
+
+MANIFEST_NAME = ".quantize-model-manifest.json"
+REPORT_NAME = "quantization_report.json"
+#: Never uploaded: our resume manifest, hidden/temporary files, the source's own card (replaced).
+IGNORE_PATTERNS = [MANIFEST_NAME, ".*", "**/.*", "*.tmp", "README.md"]
+LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "USE_POLICY")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse anything but a finished conversion (index + config present, manifest complete)."""
+    if not folder.is_dir():
+        msg = f"{folder}: no such folder; give the OUTPUT folder of a finished `quantize-model convert`"
+        raise InputError(msg)
+    manifest = _load_json(folder / MANIFEST_NAME)
+    if manifest and manifest.get("state") != "complete":
+        msg = (
+            f"{folder}: the conversion is not finished; "
+            "rerun the same `quantize-model convert` to complete it"
+        )
+        raise InputError(msg)
+    if not (folder / "model.safetensors.index.json").is_file() or not (folder / "config.json").is_file():
+        msg = (
+            f"{folder}: not a quantize-model output (no model.safetensors.index.json or config.json); "
+            "push the folder `quantize-model convert` wrote"
+        )
+        raise InputError(msg)
+
+
+def _source_card_metadata(folder: Path) -> dict[str, Any]:
+    """YAML front matter of the source's README.md, which convert copies into the output."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        from huggingface_hub.repocard import metadata_load
+
+        return metadata_load(readme) or {}
+    except Exception:  # a malformed source card must not block the push
+        return {}
+
+
+def license_fields(folder: Path, source_meta: dict[str, Any]) -> dict[str, Any]:
+    """license / license_name / license_link taken from the source card, else from a LICENSE file."""
+    out = {k: source_meta[k] for k in ("license", "license_name", "license_link") if source_meta.get(k)}
+    if out.get("license"):
+        return out
+    files = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and p.name.upper().startswith(LICENSE_PREFIXES)
+    )
+    if files:
+        return {"license": "other", "license_name": "see-license-file", "license_link": files[0]}
+    return {}
+
+
+def build_model_card(folder: Path, repo_id: str) -> str:
+    """The README.md for the pushed repo: metadata, quantization settings, how to load it."""
+    from huggingface_hub import ModelCardData
+
+    report = _load_json(folder / REPORT_NAME)
+    config = _load_json(folder / "config.json")
+    qconfig = config.get("quantization_config") or {}
+    source = report.get("source") or {}
+    options = report.get("options") or {}
+    summary = report.get("summary") or {}
+    method = get_method(str(options.get("quant_type") or qconfig.get("bnb_4bit_quant_type") or "nf4"))
+    tags, headline, rows = method.card(qconfig, options)
+    base_model = source.get("repo_id") if source.get("kind") == "hub" else None
+    source_meta = _source_card_metadata(folder)
+
+    card = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        tags=[*tags, "quantize-model"],
+        **license_fields(folder, source_meta),
+    )
+    meta = card.to_dict()
+    if base_model:
+        meta["base_model_relation"] = "quantized"
+    for key in ("pipeline_tag", "language"):
+        if source_meta.get(key):
+            meta[key] = source_meta[key]
+    import yaml  # huggingface_hub's ModelCardData needs PyYAML, so it is installed with it
+
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
+
+    if base_model:
+        commit = source.get("commit")
+        origin = f"[{base_model}](https://huggingface.co/{base_model})" + (
+            f" (commit `{commit}`)" if commit else ""
+        )
+    else:
+        origin = f"the local checkpoint `{source.get('name') or source.get('path') or 'unknown'}`"
+    skipped = qconfig.get("llm_int8_skip_modules") or []
+    if skipped:
+        rows.append(("Modules kept in 16 bit", ", ".join(f"`{m}`" for m in skipped)))
+    if summary:
+        total = summary.get("params_total") or 0
+        rows.append(
+            (
+                "Parameters",
+                f"{human_count(total)} ({100 * (1 - summary.get('kept_share', 0)):.1f}% quantized)",
+            )
+        )
+        rows.append(
+            (
+                "Bits per parameter",
+                f"{summary.get('bits_per_param', 0):.2f} (whole checkpoint, kept tensors included)",
+            )
+        )
+        rows.append(
+            (
+                "Size",
+                f"{human_bytes(summary.get('bytes_out', 0))} (from {human_bytes(summary.get('bytes_in', 0))})",  # noqa: E501
+            )
+        )
+    moe_summary = _moe_summary(folder)
+    if moe_summary is not None:
+        rows.append(("MoE experts", moe_summary.layout))
+    table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    name = repo_id.rsplit("/", 1)[-1]
+    if moe_summary is not None and moe_summary.experts_quantized:
+        return _moe_card(front, name, method.name, origin, table, repo_id, moe_summary)
+    return f"""---
+{front}
+---
+
+# {name}
+
+{headline} quantization of {origin}, made with quantize-model (offline
+pre-quantization; the shards are bitsandbytes' serialized layout, so transformers + bitsandbytes
+load them unchanged).
+
+## Quantization
+
+{table}
+
+## Load with transformers (needs `bitsandbytes`)
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}", device_map="auto")
+```
+
+The `quantization_config` in `config.json` tells transformers the weights are already quantized.
+
+## Load with quantize-model
+
+```python
+from converter import load_quantized
+
+model = load_quantized("{repo_id}")
+```
+"""
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+    attempts: int = 5,
+) -> str:
+    """Upload ``folder`` (a finished conversion) to ``repo_id``; returns the repo URL.
+
+    Raises converter.errors exceptions: InputError for a folder that is not a finished conversion,
+    HubAccessError (exit 2) for missing or read-only credentials, HubDownloadError (exit 1) when
+    the Hub keeps failing; rerun to resume.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    from converter.sources.hub_client import HubClient
+
+    folder = Path(folder).expanduser().resolve()
+    check_folder(folder)
+    card = build_model_card(folder, repo_id)
+    client = HubClient(repo_id, token=token, endpoint=endpoint, write=True, attempts=attempts)
+    client.revision = revision or "main"
+    api = client.api
+    url = client.call("create repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    if revision and revision != "main":
+        client.call("create branch", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
+    message = commit_message or f"Upload {folder.name} (quantize-model)"
+    client.call(
+        "upload",
+        lambda: api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            ignore_patterns=list(IGNORE_PATTERNS),
+            commit_message=message,
+        ),
+    )
+    client.call(
+        "model card upload",
+        lambda: api.create_commit(
+            repo_id,
+            operations=[CommitOperationAdd("README.md", card.encode())],
+            revision=revision,
+            commit_message="Add model card (quantize-model)",
+        ),
+    )
+    return str(url)
+
+
+def _moe_summary(folder: Path) -> Any:
+    """MoE experts quantized or kept, from the index's key names (None for a dense model)."""
+    from converter.plan import moe
+
+    keys = list(_load_json(folder / "model.safetensors.index.json").get("weight_map") or {})
+    if not keys:
+        from formats.reader import open_folder
+
+        try:
+            records = open_folder(folder).records()
+        except Exception:  # an unreadable folder: check_folder reports it
+            return None
+        quantized = [k for k, v in records.items() if not hasattr(v, "dtype")]
+        return moe.summarize(quantized, [k for k in records if k not in quantized])
+    weights = {k.removesuffix(".absmax") for k in keys if k.endswith(".absmax")}
+    return moe.summarize(sorted(weights), [k for k in keys if k not in weights])
+
+
+def _moe_card(
+    front: str, name: str, quant_type: str, origin: str, table: str, repo_id: str, summary: Any
+) -> str:
+    """The card of a folder whose MoE experts are 4-bit: stock transformers 5.x cannot load it."""
+    loaders = "\n".join(f"- {x}" for x in summary.loaders)
+    not_loaders = "\n".join(f"- {x}" for x in summary.not_loaders)
+    return f"""---
+{front}
+---
+
+# {name}
+
+{quant_type.upper()} 4-bit quantization of {origin}, made with quantize-model, **with every routed MoE
+expert in 4 bit**: one bitsandbytes `Linear4bit` record per expert per projection, under the
+checkpoint's own names; routers stay 16-bit (`llm_int8_skip_modules`).
+
+## Quantization
+
+{table}
+
+## Which loaders read this folder
+
+{loaders}
+
+Not:
+
+{not_loaders}
+
+## Load with quantize-model
+
+```python
+from converter import load_quantized
+
+model = load_quantized("{repo_id}")
+```
+"""

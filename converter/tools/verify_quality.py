@@ -1,0 +1,103 @@
+"""``verify OUT --against SRC``: recompute every quantized tensor's error statistics from the stored
+shards and the source, and compare them with ``quantization_report.json``.
+
+The stored codes and absmax (nested absmax decoded as a loader does) are measured against the source
+tensor, cast to the dtype it was quantized in and transposed as recorded (GPT-2 Conv1D), with the same
+kernel as during conversion (converter/record/quality.py). A recomputed relative RMSE that differs from the
+report's by more than ``REL_TOL`` is a problem: the shard or the report does not describe the source.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from converter.record.quality import Codes, TensorQuality, measure, summarize
+
+#: Allowed relative difference between the report's rel_rmse and the recomputed one. Both come from
+#: the same codes; only the summation order may differ (another machine's kernel path: scalar vs 8
+#: lanes). Per block the sums run in f32 over at most 4096 terms, so each nonnegative sum carries a
+#: relative error below gamma_4096 = 4096 u / (1 - 4096 u) ~ 2.4e-4 (u = 2^-24); rel_rmse is a square
+#: root of a ratio of two such sums: below (2 * 2.4e-4) / 2 = 2.4e-4. 1e-3 covers it with margin.
+REL_TOL = 1e-3
+
+_TORCH_TO_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def verify_against(
+    folder: Path, source: str, *, revision: str | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """(quality summary with per-tensor statistics, problems) of ``folder`` against ``source``."""
+    import torch
+
+    from converter.errors import InputError
+    from converter.sources import open_source
+    from formats import index as index_mod
+    from formats.reader import open_shard
+
+    problems: list[str] = []
+    src = open_source(source, revision=revision)
+    infos = {t.name: t for t in src.tensors()}
+    report = _report_tensors(folder)
+    measured: dict[str, TensorQuality] = {}
+    mapped: dict[str, Any] = {}
+    try:
+        names = index_mod.read_index(folder, require_files=False).files
+        for shard_name in names:
+            with open_shard(folder / shard_name) as shard:
+                tensor_meta = json.loads((shard.raw_metadata or {}).get("quantize_model.tensors", "{}"))
+                for key in shard.quantized:
+                    rec = shard.record(key)
+                    info = infos.get(key)
+                    if info is None:
+                        problems.append(f"tensor {key!r} in {shard_name}: not in the source {source}")
+                        continue
+                    if info.file not in mapped:
+                        mapped[info.file] = src.open_file(info.file)
+                    x = mapped[info.file].get(key)
+                    want = getattr(torch, rec.dtype)
+                    if x.dtype != want:
+                        x = x.to(want)
+                    if (tensor_meta.get(key) or {}).get("transposed"):
+                        x = x.t()
+                    x = x.contiguous()
+                    if tuple(x.shape) != tuple(rec.shape):
+                        problems.append(
+                            f"tensor {key!r} in {shard_name}: shape {list(rec.shape)} but the source has "
+                            f"{list(x.shape)}; the folder was not converted from {source}"
+                        )
+                        continue
+                    codes = Codes(
+                        rec.packed.reshape(-1).view(torch.uint8),
+                        rec.absmax,
+                        (rec.absmax, rec.nested.nested_absmax, rec.nested.offset) if rec.nested else None,
+                        rec.nested.nested_quant_map if rec.nested else None,
+                    )
+                    q = measure(key, x, _TORCH_TO_CODE[rec.dtype], codes, rec.quant_type, rec.blocksize,
+                                quant_map=rec.quant_map)  # fmt: skip
+                    measured[key] = q
+                    stored = (report.get(key) or {}).get("rel_rmse")
+                    if stored is not None and abs(stored - q.rel_rmse) > REL_TOL * max(q.rel_rmse, 1e-12):
+                        problems.append(
+                            f"tensor {key!r} in {shard_name}: relative RMSE {q.rel_rmse:.6g} against the "
+                            f"source, but quantization_report.json says {stored:.6g}; reconvert the folder"
+                        )
+                    if q.nonfinite:
+                        problems.append(f"tensor {key!r} in {shard_name}: {q.nonfinite} NaN/Inf values")
+    except InputError:
+        raise
+    finally:
+        mapped.clear()
+        src.close()
+    summary = summarize(measured, {})
+    summary["tensors"] = {k: v.to_json() for k, v in sorted(measured.items())}
+    return summary, problems
+
+
+def _report_tensors(folder: Path) -> dict[str, dict]:
+    try:
+        report = json.loads((folder / "quantization_report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {t["name"]: t for t in report.get("tensors", []) if isinstance(t, dict) and "name" in t}

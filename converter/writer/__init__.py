@@ -1,0 +1,1 @@
+"""convert(): the plan's shards written, then index, config, report; the resume manifest."""

@@ -1,0 +1,661 @@
+"""convert(): plan -> stream tensors through a quantizer -> shards -> index -> config.
+
+Tensors are memory-mapped from their source files (file-backed pages), cast if asked, and written
+into their planned slots by a streaming ShardWriter in plan order. Within a shard the tensors to
+quantize are streamed through a ``converter.quantize.host_quantizer`` quantizer (``quantize_many``): on the
+CPU
+it quantizes each one as it is read (one tensor in memory at a time); with ``--device cuda``
+(``converter.quantize.cuda_host``) the GPU quantizes the next tensor while the current one is written (at most
+``depth`` = 2 in flight). Results come back in order, so kept (unquantized) tensors interleaved in
+the plan are written when their turn comes and the bytes do not depend on the device.
+Shards land under temp names and are renamed when complete; the manifest records each finished
+shard's sha256 so a killed run resumes where it stopped; extra files, the report, the index and
+config.json are written last, and the manifest is marked complete after them (converter/writer/manifest.py
+has the re-run rules).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
+from converter.kernels.bnb4bit_np import NonFiniteInputError
+from converter.plan import moe
+from converter.plan.selection import select_tensors
+from converter.plan.tensor_plan import (
+    DTYPE_CODES,
+    Options,
+    PlannedTensor,
+    ShardPlan,
+    build_plan,
+    normalize_dtype,
+    parse_size,
+)
+from converter.quantize.cuda_host import CudaHostQuantizer
+from converter.quantize.host_quantizer import HostQuantizer, HostResult
+from converter.record.quality import QualityMeter
+from converter.sources import Source, open_source
+from converter.sources.mapped import MappedFile
+from converter.version import tool_version
+from converter.writer.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
+from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
+from formats import bnb_compat, index, metadata
+from formats.validate import FORMAT_VERSION
+from formats.writer import ShardInfo, ShardWriter, TensorSlot, temp_path
+
+#: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
+ProgressHook = Callable[[str, int], None]
+
+
+def resolve_device(device: str) -> tuple[str, str | None]:
+    """The device a conversion runs on, and a note when ``cuda`` was asked for but cannot be used.
+
+    Without a usable CUDA backend (no CUDA build, no GPU, a driver too old) the conversion falls back
+    to the CPU kernels, which write the same bytes; the note says why.
+    """
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        msg = f"--device {device!r} is not supported: use cpu or cuda"
+        raise InputError(msg)
+    if device == "cpu":
+        return device, None
+    from converter.quantize import cuda_host  # torch-free: the extension answers
+
+    usable, why = cuda_host.cuda_status()
+    if not usable:
+        return "cpu", f"--device {device}: no usable CUDA backend, {why}; converting on the CPU (same bytes)"
+    try:
+        cuda_host.warm_up(cuda_host.device_index(device))  # the CUDA context, while planning runs
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return device, None
+
+
+def convert(
+    source: str | Path | Source,
+    output: str | Path,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: str | None = None,
+    dtype: str | None = None,
+    quant_storage: str = "uint8",
+    int8_threshold: float = 6.0,
+    int8_scale: str = "cpu",
+    skip: Sequence[str] = (),
+    include: Sequence[str] = (),
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
+    revision: str | None = None,
+    keep_downloads: bool = False,
+    allow_pickle: bool = False,
+    push_to: str | None = None,
+    private: bool = False,
+    progress: bool | ProgressHook = True,
+    dry_run: bool = False,
+    preflight: bool = True,
+    moe_experts: str = "keep",
+    warn: Callable[[str], None] | None = None,
+) -> ConversionResult:
+    """Convert ``source`` (local path, Hub repo id or an open Source) into a quantized folder ``output``.
+
+    Raises converter.errors exceptions (InputError subclasses for bad input, exit code 2;
+    ConversionFailedError when writing fails, exit code 1). ``progress`` True shows a rich progress
+    bar on stderr; a callable receives (tensor name, input bytes done) instead.
+    ``dry_run`` plans only and writes nothing: the result's ``preflight`` (converter.plan.preflight) says
+    what each tensor becomes and what the run needs; ``preflight`` refuses, before writing anything, a
+    run whose output cannot fit on the disk.
+    ``moe_experts`` "keep" leaves routed MoE experts 16-bit (stock transformers loads the folder),
+    "quantize" writes them as per-expert 4-bit records (converter/plan/moe.py). ``warn`` receives advice
+    printed before the work starts (default: Python warnings).
+    """
+    started = time.perf_counter()
+    try:
+        options = Options(
+            quant_type=quant_type.lower(),
+            blocksize=int(blocksize),
+            double_quant=bool(double_quant),
+            compute_dtype=normalize_dtype(compute_dtype, "--compute-dtype"),
+            dtype=normalize_dtype(dtype, "--dtype"),
+            quant_storage=quant_storage,
+            skip=tuple(skip),
+            include=tuple(include),
+            max_shard_size=parse_size(max_shard_size),
+            int8_threshold=int8_threshold,
+            int8_scale=int8_scale,
+            moe_experts=str(moe_experts).lower(),
+        )
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    device, fallback_note = resolve_device(device)
+
+    output = Path(output).expanduser()
+    src = (
+        source
+        if isinstance(source, Source)
+        else open_source(
+            source,
+            revision=revision,
+            keep_downloads=keep_downloads,
+            allow_pickle=allow_pickle,
+            output_dir=output,  # Hub only: the disk check covers the output; downloads go beside it
+            stream_large=True,  # Hub only: a file larger than the free disk is read by HTTP range
+        )
+    )
+    try:
+        src = _wrap_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
+        conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
+        conversion.dry_run, conversion.check_fit = dry_run, preflight
+        conversion.warn = warn
+        result = conversion.run(overwrite=overwrite, progress=progress)
+    finally:
+        src.close()
+    if fallback_note:
+        result.notes.append(fallback_note)
+    if push_to and not dry_run:
+        from converter.tools.push import push_folder
+
+        result.pushed_to = push_folder(output, push_to, private=private)
+    return result
+
+
+@dataclass
+class _Stats:
+    bytes_in: int = 0
+    seconds_read: float = 0.0
+    seconds_quantize: float = 0.0
+    seconds_write: float = 0.0
+    shards_written: list[str] = field(default_factory=list)
+    #: --device cuda: the GPU quantizer's split (staging, PCIe up/down, kernels, host waits), seconds.
+    device: dict[str, Any] = field(default_factory=dict)
+
+
+Quantizer = HostQuantizer | CudaHostQuantizer
+
+
+def new_quantizer(options: Options, device: str, threads: int | None) -> Quantizer:
+    """The quantizer a conversion streams its tensors through (``device`` as resolve_device gives it)."""
+    return options.method.quantizer(options, device, threads)
+
+
+class _Conversion:
+    def __init__(
+        self, src: Source, output: Path, options: Options, *, threads: int | None, device: str, started: float
+    ) -> None:
+        self.src, self.output, self.options = src, output, options
+        self.threads, self.device, self.started = threads, device, started
+        self.stats = _Stats()
+        self.notes: list[str] = []
+        self.dry_run, self.check_fit = False, True
+        self.quality: QualityMeter | None = None
+        self.warn: Callable[[str], None] | None = None
+
+    # --- the whole run ---------------------------------------------------------------------
+    def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
+        src, options = self.src, self.options
+        config = src.config()
+        tensors = src.tensors()
+        if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
+            # A fresh run needs every file: let a Hub source start downloading during planning.
+            self._announce_needed(src.weight_files())
+        selection = select_tensors(
+            config,
+            tensors,
+            skip=options.skip,
+            include=options.include,
+            cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
+        )
+        selection = moe.apply_moe_mode(
+            selection, tensors, options.moe_experts, skip=options.skip, include=options.include
+        )
+        advice = moe.keep_advice(tensors, options.moe_experts)
+        if advice:
+            moe.warn_once(self.warn, advice)
+            self.notes.append(advice)
+        identity = src.describe()
+        plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
+        self.plan = plan
+        tv, fv = tool_version(), str(FORMAT_VERSION)
+        plan_json = plan.to_json(tv, fv)
+        fingerprint = plan.fingerprint(tv, fv)
+        if self.dry_run or self.check_fit:  # before the output folder is created or touched
+            from converter.plan.preflight import preflight_of
+
+            report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
+            if self.dry_run:
+                return self._dry_result(report)
+            report.refuse_if_cannot_fit()
+        protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
+        if not self.output.exists():
+            self.output.mkdir(parents=True)
+        # Locked before deciding, so two runs into one folder cannot both resume or clear it.
+        lock = FolderLock(self.output) if self.output.is_dir() else None
+        try:
+            decision = decide(self.output, fingerprint, plan_json, overwrite=overwrite, protected=protected)
+            if decision.action is Action.NOOP:
+                return self._result(decision.action, reused=len(decision.done))
+            self.output.mkdir(parents=True, exist_ok=True)
+            lock = lock or FolderLock(self.output)
+            result = self._convert(decision, config, identity, selection, progress)
+        finally:
+            if lock is not None:
+                lock.release()
+        return result
+
+    def _convert(
+        self, decision: Any, config: dict | None, identity: dict, selection: Any, progress: Any
+    ) -> ConversionResult:
+        plan, manifest = self.plan, decision.manifest
+        self._clean_leftovers(set(decision.done))
+        manifest.save(self.output)
+
+        todo = [s for s in plan.shards if s.name not in decision.done]
+        needed = {t.info.file for s in todo for t in s.tensors}
+        self._announce_needed([f for f in self.src.weight_files() if f in needed])
+        hook = _progress_hook(progress, sum(t.info.nbytes for s in todo for t in s.tensors))
+        if isinstance(hook, _RichHook):
+            hook.show_downloads(self.src)
+        try:
+            self._write_shards(todo, manifest, hook)
+        finally:
+            hook.close()
+        self._write_extras()
+        result = self._result(decision.action, reused=len(decision.done))
+        report = build_report(result, plan, identity, selection, self.stats, manifest.shards, self.quality)
+        if self.stats.device:
+            report["timings"]["device"] = self.stats.device
+        atomic_write_bytes(self.output / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
+        self._write_index(manifest)
+        self._write_config(config)
+        manifest.state = "complete"
+        manifest.save(self.output)
+        return result
+
+    def _announce_needed(self, files: list[str]) -> None:
+        """Tell a source that prefetches (HubSource.set_needed) which files will be acquired, in order."""
+        set_needed = getattr(self.src, "set_needed", None)
+        if callable(set_needed):
+            set_needed(files)
+
+    def _clean_leftovers(self, done: set[str]) -> None:
+        """Remove what a killed run left (partial shards, unfinished outputs); keep verified shards."""
+        for p in self.output.iterdir():
+            if p.name == MANIFEST_NAME or p.name in done:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    # --- shards ----------------------------------------------------------------------------
+    def _write_shards(self, shards: list[ShardPlan], manifest: Manifest, hook: _Hook) -> None:
+        # Reference counts per source file: acquire on first use, release after its last tensor,
+        # so a Hub source never downloads files whose shards are already done.
+        remaining = Counter(t.info.file for s in shards for t in s.tensors)
+        mapped: dict[str, MappedFile] = {}
+        quantizer = new_quantizer(self.options, self.device, self.threads)
+        self.quality = self.quality or self.options.method.quality_meter(self.options, self.threads)
+        if quantizer.fallback_reason:
+            self.notes.append(quantizer.fallback_reason)
+        try:
+            for shard in shards:
+                info = self._write_shard(shard, quantizer, mapped, remaining, hook)
+                manifest.shards[shard.name] = {
+                    "sha256": info.sha256,
+                    "size": info.size,
+                    **self.quality.shard_entry([p.name for p in shard.tensors]),
+                }
+                manifest.save(self.output)
+                self.stats.shards_written.append(shard.name)
+        finally:
+            self.notes.extend(getattr(quantizer, "notes", ()))
+            self.quality.close()
+            for file in list(mapped):
+                mapped.pop(file)
+                self.src.release(file)
+            if isinstance(quantizer, CudaHostQuantizer):
+                q = quantizer.stats
+                self.stats.device = {
+                    "device": str(quantizer.device),
+                    "tensors": q.tensors,
+                    "bytes_in": q.bytes_in,
+                    "seconds_stage": q.seconds_stage,
+                    "seconds_upload": q.seconds_upload,
+                    "seconds_kernels": q.seconds_kernels,
+                    "seconds_download": q.seconds_download,
+                    "seconds_wait": q.seconds_wait,
+                }
+
+    def _provenance(self, shard: ShardPlan | None) -> dict:
+        identity = self.plan.source_identity
+        files = identity.get("files") or {}
+        names = sorted({p.info.file for p in shard.tensors}) if shard else self.src.weight_files()
+        return metadata.provenance(
+            source=source_label(identity),
+            files=[(f, (files.get(f) or {}).get("sha256")) for f in names],
+            options=self.options.to_json(),
+            revision=identity.get("commit"),
+        )
+
+    def _write_shard(
+        self, shard: ShardPlan, quantizer: Quantizer, mapped: dict, remaining: Counter, hook: _Hook
+    ) -> Any:
+        opts = self.options
+        slots: list[TensorSlot] = []
+        for p in shard.tensors:
+            if p.quantize:
+                slots.extend(opts.method.plan_slots(p, opts))
+            else:
+                slots.append(TensorSlot(p.name, p.out_dtype, p.info.shape))
+        meta = metadata.build_metadata(
+            {p.name: _tensor_record(p, opts) for p in shard.tensors},
+            self._provenance(shard),
+            version=tool_version(),
+        )
+        path = self.output / shard.name
+        writer = ShardWriter(path, slots, meta)
+        # Each tensor's successor in the plan (read ahead while this one is quantized).
+        following = dict(zip((p.name for p in shard.tensors), [*shard.tensors[1:], None], strict=True))
+        # The quantizer pulls the tensors to quantize from this generator when it wants them: on the
+        # CPU at their turn, on a GPU up to two ahead of the one being written.
+        inputs = (p for p in shard.tensors if p.quantize)
+        results = quantizer.quantize_many(self._read_many(inputs, mapped, following))
+        try:
+            for p in shard.tensors:
+                if p.quantize:
+                    self._write_quantized(p, results, writer)
+                else:
+                    kept = self._read(p, mapped, following[p.name])
+                    self.quality.kept(p.name, kept, p.out_dtype)
+                    self._write_kept(p, kept, writer)
+                    del kept
+                file = p.info.file
+                remaining[file] -= 1
+                if remaining[file] == 0:  # every tensor of this file is written: none is still read
+                    mapped.pop(file, None)
+                    self.src.release(file)
+                self.stats.bytes_in += p.info.nbytes
+                hook(p.name, p.info.nbytes)
+            extra = next(results, None)  # runs the reader to its end; the plan had every tensor
+            if extra is not None:
+                msg = f"internal error: the quantizer returned {extra[0]!r} after {shard.name}'s last tensor"
+                raise RuntimeError(msg)
+            return writer.close()
+        except OSError as exc:
+            writer.abort()
+            msg = (
+                f"{path}: writing failed ({exc.strerror or exc}); "
+                "free disk space or fix the folder, then rerun the same command to resume"
+            )
+            raise ConversionFailedError(msg) from exc
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            results.close()  # on an error: drops (and waits for) what is still in flight
+
+    def _read(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> np.ndarray:
+        """Tensor ``p`` from its source file (memory-mapped numpy, bf16 as uint16 bits), cast to its
+        planned dtype (``p.out_dtype``)."""
+        t0 = time.perf_counter()
+        file = p.info.file
+        if file not in mapped:
+            mapped[file] = self.src.open_file(file)
+        if following is not None and following.info.file == file:
+            mapped[file].prefetch(following.name)  # read ahead while this one is quantized
+        x, code = _get_array(mapped[file], p.name)
+        if code != p.out_dtype and (code in _FLOAT_CODES or p.quantize):
+            x = _cast(x, code, p.out_dtype)  # --dtype (packed/absmax/maps are produced after it, never cast)
+        self.stats.seconds_read += time.perf_counter() - t0
+        return x
+
+    def _read_many(
+        self, planned: Iterator[PlannedTensor], mapped: dict, following: dict
+    ) -> Iterator[tuple[str, np.ndarray, str]]:
+        """(name, C-contiguous array, dtype code) of each tensor to quantize, read when the quantizer
+        asks for it. Holds no reference while the quantizer has the tensor: it is freed once quantized
+        or staged."""
+        for p in planned:
+            read = functools.partial(self._read_input, p, mapped, following[p.name])
+            copy = p.transpose or p.out_dtype != p.info.dtype  # anonymous memory, not file pages
+            yield p.name, self.quality.remember(p.name, read, p.out_dtype, copy), p.out_dtype
+
+    def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> np.ndarray:
+        x = self._read(p, mapped, following)
+        return np.ascontiguousarray(x.T if p.transpose else x)
+
+    def _write_kept(self, p: PlannedTensor, x: np.ndarray, writer: ShardWriter) -> None:
+        t0 = time.perf_counter()
+        # bf16 has no numpy dtype: its uint16 bits go in as bytes (the writer checks their count).
+        writer.write(p.name, memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+        del x
+        self.stats.seconds_write += time.perf_counter() - t0
+
+    def _write_quantized(
+        self, p: PlannedTensor, results: Iterator[tuple[str, HostResult]], writer: ShardWriter
+    ) -> None:
+        t0, read0 = time.perf_counter(), self.stats.seconds_read
+        try:
+            got = next(results, None)
+        except NonFiniteInputError as exc:
+            bad = getattr(exc, "tensor", p.name)
+            where = next((t for t in self.plan.tensors if t.name == bad), p)
+            msg = (
+                f"tensor {bad!r} in {where.info.file} holds NaN or Inf: it cannot be quantized; "
+                f"fix the checkpoint or pass --skip '{bad.rsplit('.', 1)[0]}'"
+            )
+            raise NonFiniteTensorError(msg) from None
+        t1 = time.perf_counter()
+        # Reading the next input happens inside next(): that time is the reader's, not the kernels'.
+        self.stats.seconds_quantize += (t1 - t0) - (self.stats.seconds_read - read0)
+        if got is None or got[0] != p.name:
+            msg = f"internal error: the quantizer returned {got and got[0]!r} where {p.name!r} was due"
+            raise RuntimeError(msg)
+        r = got[1]
+        self.quality.measured_result(p.name, r)
+        entries = self.options.method.record_entries(p, self.options, r)
+        del got, r
+        for key, value in entries:
+            writer.write(key, value)
+        del entries
+        self.stats.seconds_write += time.perf_counter() - t1
+
+    # --- the rest of the folder ------------------------------------------------------------
+    def _write_extras(self) -> None:
+        for name in self.src.extra_files():
+            if name in ("config.json", REPORT_NAME) or name.endswith(".safetensors"):
+                continue
+            dest = self.output / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(dest)
+            self.src.copy_extra_file(name, tmp)
+            tmp.replace(dest)
+
+    def _write_index(self, manifest: Manifest) -> None:
+        shards = [
+            ShardInfo(
+                self.output / s.name, manifest.shards[s.name]["sha256"], manifest.shards[s.name]["size"]
+            )
+            for s in self.plan.shards
+        ]
+        weight_map: dict[str, str] = {}
+        opts = self.options
+        for s in self.plan.shards:
+            for p in s.tensors:
+                if p.quantize:
+                    weight_map.update(dict.fromkeys(opts.method.layout(p, opts), s.name))
+                else:
+                    weight_map[p.name] = s.name
+        index.write_index(self.output, shards, weight_map, self._provenance(None))
+
+    def _write_config(self, config: dict | None) -> None:
+        plan = self.plan
+        qconfig = self.options.method.quantization_config(plan)
+        out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
+        text = json.dumps(out, indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(self.output / "config.json", text.encode())
+
+    def _dry_result(self, report: Any) -> ConversionResult:
+        result = make_result(self.output, self.plan, resumed=False, noop=False, seconds=0.0, bytes_read=0,
+                             shards_reused=0)  # fmt: skip
+        result.preflight = report
+        return result
+
+    def _result(self, action: Action, *, reused: int) -> ConversionResult:
+        result = make_result(
+            self.output,
+            self.plan,
+            resumed=action is Action.RESUME,
+            noop=action is Action.NOOP,
+            seconds=time.perf_counter() - self.started,
+            bytes_read=self.stats.bytes_in,
+            shards_reused=reused if action is Action.RESUME else 0,
+        )
+        result.notes.extend(self.notes)
+        return result
+
+
+def _torch_name(code: str) -> str:
+    return {v: k for k, v in DTYPE_CODES.items()}[code]
+
+
+_FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def _wrap_fp8(src: Source) -> Source:
+    """converter.sources.fp8's block-scaled FP8 view of ``src`` when its config declares one (torch is
+    imported only then: dequantizing FP8 takes it)."""
+    qc = (src.config() or {}).get("quantization_config")
+    if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != "fp8":
+        return src
+    from converter.sources.fp8 import wrap_if_block_fp8
+
+    return wrap_if_block_fp8(src)
+
+
+def _get_array(reader: Any, name: str) -> tuple[np.ndarray, str]:
+    """(numpy array, dtype code) of tensor ``name`` from an open file; a reader with only ``get``
+    (converter.sources.fp8's dequantizing view) hands a torch tensor, viewed as numpy here."""
+    get_array = getattr(reader, "get_array", None)
+    if get_array is not None:
+        return get_array(name)
+    import torch
+
+    from formats.writer import DTYPE_CODES as TORCH_CODES
+
+    t = reader.get(name).contiguous()
+    code = TORCH_CODES[t.dtype]
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy(), code
+    if t.element_size() == 1 and t.dtype not in (torch.uint8, torch.int8, torch.bool):
+        return t.view(torch.uint8).numpy(), code  # float8 bits
+    return t.numpy(), code
+
+
+def _cast(x: np.ndarray, code: str, to: str) -> np.ndarray:
+    """A --dtype cast, rounded by torch as transformers casts (torch is imported for casts only)."""
+    import torch
+
+    from converter.sources.mapped import as_torch
+    from formats.writer import TORCH_DTYPES
+
+    y = as_torch(x, code).to(TORCH_DTYPES[to])
+    return y.view(torch.uint16).numpy() if to == "BF16" else y.numpy()
+
+
+def _tensor_record(p: PlannedTensor, opts: Options) -> dict:
+    if not p.quantize:
+        return metadata.passthrough_record(
+            dtype=p.out_dtype, shape=p.info.shape, reason=p.reason[:200] or "kept"
+        )
+    return opts.method.metadata_record(p, opts)
+
+
+def source_label(identity: dict) -> str:
+    """How outputs name the source: ``repo_id@commit`` for the Hub, the folder name for a local path.
+
+    Absolute local paths stay out of shards and index (they would leak into pushed repos and make
+    the same checkpoint converted from two places differ).
+    """
+    if identity.get("kind") == "hub":
+        commit = identity.get("commit")
+        return f"{identity.get('repo_id')}@{commit}" if commit else str(identity.get("repo_id"))
+    return str(identity.get("name") or Path(str(identity.get("path", "source"))).name)
+
+
+class _Hook:
+    def __call__(self, name: str, nbytes: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _CallbackHook(_Hook):
+    def __init__(self, fn: ProgressHook) -> None:
+        self.fn, self.done = fn, 0
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        self.done += nbytes
+        self.fn(name, self.done)
+
+
+class _RichHook(_Hook):
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True, markup=False, highlight=False, emoji=False)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[tensor]}"),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("quantizing", total=total, tensor="")
+        self.progress.start()
+
+    def show_downloads(self, src: Source) -> None:
+        """A second bar for Hub downloads (bytes), fed by HubSource.on_download."""
+        plan = getattr(src, "download_plan", None)
+        total = sum(plan().values()) if plan is not None else 0
+        if not total:
+            return
+        task = self.progress.add_task("downloading", total=total, tensor="")
+        progress = getattr(src, "download_progress", None)
+        done: dict[str, int] = progress() if progress is not None else {}  # prefetch began during planning
+        self.progress.update(task, completed=sum(done.values()))
+
+        def on_download(file: str, nbytes: int, _size: int) -> None:
+            done[file] = nbytes
+            self.progress.update(task, completed=sum(done.values()), tensor=file)
+
+        src.on_download = on_download  # type: ignore[attr-defined]
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        self.progress.update(self.task, advance=nbytes, tensor=name)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _progress_hook(progress: bool | ProgressHook, total: int) -> _Hook:
+    if callable(progress):
+        return _CallbackHook(progress)
+    if progress:
+        return _RichHook(total)
+    return _Hook()
