@@ -31,6 +31,7 @@ from converter import _kernels
 from converter.kernels.checks import (
     FLOAT_DTYPES,
     GEMV_MAX_BATCH,
+    KERNEL_DTYPE_NAMES,
     NestedAbsmax,
     NonFiniteInputError,
     check_dequantize_args,
@@ -62,7 +63,6 @@ __all__ = [
     "quantize_nested",
 ]
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _ISAS = ("auto", "scalar", "avx2", "avx512")
 
 
@@ -173,7 +173,7 @@ def quantize_4bit(
     absmax = torch.empty(n_blocks(n, blocksize), dtype=torch.float32)
     bad_blocks = _kernels.quantize_4bit(
         x.data_ptr(),
-        _DTYPE_NAMES[x.dtype],
+        KERNEL_DTYPE_NAMES[x.dtype],
         n,
         blocksize,
         int(quant_type),
@@ -303,7 +303,7 @@ def dequantize_4bit(
         blocksize,
         quant_map.data_ptr(),
         out.data_ptr(),
-        _DTYPE_NAMES[out_dtype],
+        KERNEL_DTYPE_NAMES[out_dtype],
         isa,
         _threads(threads),
     )
@@ -398,7 +398,7 @@ def launch_gemv_4bit_cpu(
     y = torch.empty((batch, out_features), dtype=x.dtype)
     _kernels.gemv_4bit(
         x.data_ptr(),
-        _DTYPE_NAMES[x.dtype],
+        KERNEL_DTYPE_NAMES[x.dtype],
         batch,
         in_features,
         out_features,

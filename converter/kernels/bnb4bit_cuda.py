@@ -23,6 +23,7 @@ import torch
 
 from converter import _kernels
 from converter.kernels.checks import (
+    KERNEL_DTYPE_CODES,
     NestedAbsmax,
     NonFiniteInputError,
     check_dequantize_args,
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 #: dtype codes of csrc/cuda/qm_cuda.h (DType).
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 #: ``QM_CUDA_GEMV`` values -> gemv_4bit variant codes (csrc/cuda/qm_cuda.h): which CUDA GEMV kernel
 #: runs when the caller does not force one. ``auto`` (default): the per-shape choice of csrc/cuda;
@@ -121,7 +121,7 @@ def _launch_quantize(
     x: torch.Tensor, blocksize: int, quant_type: QuantType
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dev = _require(x, "x")
-    if x.dtype not in _DTYPE_CODES:
+    if x.dtype not in KERNEL_DTYPE_CODES:
         msg = f"x has dtype {x.dtype}: expected float32, float16 or bfloat16"
         raise ValueError(msg)
     check_blocksize(blocksize)
@@ -132,7 +132,7 @@ def _launch_quantize(
     _kernels.cuda_quantize_4bit(
         dev,
         x.data_ptr(),
-        _DTYPE_CODES[x.dtype],
+        KERNEL_DTYPE_CODES[x.dtype],
         n,
         blocksize,
         int(quant_type),
@@ -307,7 +307,7 @@ def _launch_dequantize_4bit(
         off,
         m8,
         quant_map.data_ptr(),
-        _DTYPE_CODES[out_dtype],
+        KERNEL_DTYPE_CODES[out_dtype],
         out.data_ptr(),
         _stream(packed.device),
     )
@@ -367,7 +367,7 @@ def _launch_gemv_4bit(
     am, nc, na, off, m8 = _absmax_args(absmax, nested)
     y = torch.empty((batch, out_features), dtype=x.dtype, device=x.device)
     variant = variant or GEMV_DEFAULT_VARIANT
-    dtype = _DTYPE_CODES[x.dtype]
+    dtype = KERNEL_DTYPE_CODES[x.dtype]
     n_scratch = _gemv_scratch(dev, dtype, batch, out_features, in_features, blocksize, variant)
     # K-slice partial sums of the stream kernel (thin shapes); inside a graph, from its memory pool
     scratch = torch.empty(n_scratch, dtype=torch.float32, device=x.device) if n_scratch else None

@@ -18,6 +18,10 @@ from formats.quant_types import check_blocksize, n_blocks, n_nested_blocks
 #: Input / output element types of every kernel.
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 #: Largest batch of the fused GEMV; larger batches dequantize and use F.linear.
+#: torch dtype -> the extension's name for it (CPU kernels take a name) and code (CUDA kernels an int).
+KERNEL_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+KERNEL_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
 GEMV_MAX_BATCH = 8
 
 

@@ -36,13 +36,11 @@ import torch
 
 from converter import _kernels
 from converter.kernels.bnb4bit import launch_gemv_4bit_cpu
-from converter.kernels.checks import GEMV_MAX_BATCH, NestedAbsmax
+from converter.kernels.checks import GEMV_MAX_BATCH, KERNEL_DTYPE_NAMES, NestedAbsmax
 from converter.kernels.cpu_threads import gemv_threads
 
 #: The torch.library namespace of every op of this project.
 NAMESPACE = "quantize_model"
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def define(name: str, cpu: Callable, fake: Callable, cuda: Callable | None = None) -> Any:
@@ -81,7 +79,7 @@ def _check_x(x: torch.Tensor, packed: torch.Tensor, in_features: int) -> torch.T
     if x.dim() != 2 or not 1 <= x.shape[0] <= GEMV_MAX_BATCH or x.shape[1] != in_features:
         msg = f"x has shape {tuple(x.shape)}: the fused GEMV takes [1..{GEMV_MAX_BATCH}, {in_features}]"
         raise ValueError(msg)
-    if x.dtype not in _DTYPE_NAMES:
+    if x.dtype not in KERNEL_DTYPE_NAMES:
         msg = f"x has dtype {x.dtype}: expected float32, float16 or bfloat16"
         raise ValueError(msg)
     return x.contiguous()
@@ -148,7 +146,7 @@ def _dequantize_4bit_cpu(
         blocksize,
         quant_map.data_ptr(),
         out.data_ptr(),
-        _DTYPE_NAMES[dtype],
+        KERNEL_DTYPE_NAMES[dtype],
         "auto",
         0,
     )

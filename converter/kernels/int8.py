@@ -31,11 +31,11 @@ from converter.kernels.bnb4bit import (
     _isa,
     _threads,
 )
+from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.kernels.checks import check_same_device as _check_same_device
 
 __all__ = ["GEMV_INT8_MAX_BATCH", "SCALES", "dequantize_int8", "gemv_int8", "quantize_int8", "scale_table"]
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 #: Largest batch of the fused int8 GEMV; larger batches dequantize and use F.linear.
 GEMV_INT8_MAX_BATCH = int(_kernels.gemv_int8_max_batch)
 #: The row scales a checkpoint can be made with (see the module docstring).
@@ -116,7 +116,7 @@ def quantize_int8(
     codes = codes.view(rows, cols)
     bad_rows = _kernels.quantize_int8(
         x.data_ptr(),
-        _DTYPE_NAMES[x.dtype],
+        KERNEL_DTYPE_NAMES[x.dtype],
         rows,
         cols,
         codes.data_ptr(),
@@ -176,7 +176,7 @@ def dequantize_int8(
         rows,
         cols,
         out.data_ptr(),
-        _DTYPE_NAMES[out_dtype],
+        KERNEL_DTYPE_NAMES[out_dtype],
         isa,
         _threads(threads),
     )
@@ -234,7 +234,7 @@ def gemv_int8(
     y = torch.empty((batch, out_features), dtype=x.dtype)
     _kernels.gemv_int8(
         x.data_ptr(),
-        _DTYPE_NAMES[x.dtype],
+        KERNEL_DTYPE_NAMES[x.dtype],
         batch,
         in_features,
         out_features,

@@ -11,8 +11,8 @@ from functools import cache
 import torch
 
 from converter import _kernels
-from converter.kernels.bnb4bit_cuda import _DTYPE_CODES, _require, _stream
-from converter.kernels.checks import NonFiniteInputError
+from converter.kernels.bnb4bit_cuda import _require, _stream
+from converter.kernels.checks import KERNEL_DTYPE_CODES, NonFiniteInputError
 
 
 def available() -> bool:
@@ -57,7 +57,7 @@ def _launch_quantize_int8(
     rows, cols = x.shape
     table = _table(x.device).data_ptr() if scale == "cuda" else 0
     _kernels.cuda_quantize_int8(
-        dev, x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, table, codes.data_ptr(), scb.data_ptr(),
+        dev, x.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], rows, cols, table, codes.data_ptr(), scb.data_ptr(),
         0 if flag is None else flag.data_ptr(), _stream(x.device),
     )  # fmt: skip
 
@@ -68,7 +68,7 @@ def dequantize_int8(codes: torch.Tensor, scb: torch.Tensor, *, out_dtype: torch.
     rows, cols = codes.shape
     out = torch.empty((rows, cols), dtype=out_dtype, device=codes.device)
     _kernels.cuda_dequantize_int8(
-        dev, codes.data_ptr(), scb.data_ptr(), rows, cols, _DTYPE_CODES[out_dtype], out.data_ptr(),
+        dev, codes.data_ptr(), scb.data_ptr(), rows, cols, KERNEL_DTYPE_CODES[out_dtype], out.data_ptr(),
         _stream(codes.device),
     )  # fmt: skip
     return out
@@ -99,7 +99,7 @@ def gemv_int8(
     out_features = codes.shape[0]
     y = torch.empty((batch, out_features), dtype=x.dtype, device=x.device)
     _kernels.cuda_gemv_int8(
-        dev, x.data_ptr(), _DTYPE_CODES[x.dtype], batch, out_features, in_features, codes.data_ptr(),
+        dev, x.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], batch, out_features, in_features, codes.data_ptr(),
         scb.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), _stream(x.device), variant,
     )  # fmt: skip
     return y

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.loader import ops
 from formats.bnb_compat import quant_state_json
 from formats.quant_types import NESTED_BLOCKSIZE, QuantType
@@ -53,8 +54,7 @@ except ImportError:  # pragma: no cover - exercised on installs without bitsandb
 
 HAS_BITSANDBYTES = _bnb is not None
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_DTYPES = {v: k for k, v in KERNEL_DTYPE_NAMES.items()}
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
@@ -214,7 +214,7 @@ def quant_state_tensors(state: Any) -> dict[str, torch.Tensor]:
     offset = float(state.offset.item()) if state.nested else None
     shape = [int(d) for d in state.shape]
     qt = QuantType.parse(state.quant_type)
-    js = quant_state_json(qt, state.blocksize, _DTYPE_NAMES[state.dtype], shape, offset)
+    js = quant_state_json(qt, state.blocksize, KERNEL_DTYPE_NAMES[state.dtype], shape, offset)
     blob = torch.frombuffer(bytearray(js), dtype=torch.uint8)
     out[f"quant_state.bitsandbytes__{state.quant_type}"] = blob.to(state.absmax.device)
     return out

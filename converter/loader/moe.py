@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
@@ -62,9 +63,6 @@ _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
-
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _experts_forward(
@@ -138,7 +136,7 @@ def _grouped_ok(hidden: torch.Tensor, intermediate: int, blocksize: int) -> bool
         and hidden.shape[0] <= ops.GEMV_MAX_TOKENS
         and hidden.shape[1] % blocksize == 0
         and intermediate % blocksize == 0
-        and hidden.dtype in _DTYPE_NAMES
+        and hidden.dtype in KERNEL_DTYPE_NAMES
         and _grouped_kernel() is not None
     )
 
@@ -174,7 +172,7 @@ def _grouped_gemv(
     kernel(
         x.data_ptr(),
         0 if x.shape[0] == 1 else in_features,
-        _DTYPE_NAMES[x.dtype],
+        KERNEL_DTYPE_NAMES[x.dtype],
         groups,
         in_features,
         out_features,
@@ -388,7 +386,7 @@ class QuantExperts4bit(nn.Module):
 
     @property
     def dtype_name(self) -> str:
-        return _DTYPE_NAMES[self.dtype]
+        return KERNEL_DTYPE_NAMES[self.dtype]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # One bnb record per expert per projection under the checkpoint's names (save_pretrained).

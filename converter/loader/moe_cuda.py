@@ -25,8 +25,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from converter.kernels.checks import KERNEL_DTYPE_CODES
+
 #: dtype codes of csrc/cuda/qm_cuda.h (DType).
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 #: Largest top-k of the fused decode (the second kernel's CTA holds rows x k slots of 8 lanes, 256 threads).
 FUSED_MAX_K = 32
@@ -57,7 +58,7 @@ def layout_ok(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, in_fe
     """The kernels' layout conditions: whole blocks per row, 16-byte aligned rows of x and of every
     expert's codes (the loader's buffers always are; a view at an odd offset is not)."""
     return (
-        x.dtype in _DTYPE_CODES
+        x.dtype in KERNEL_DTYPE_CODES
         and in_features % bs == 0
         and bs >= 32
         and packed.is_contiguous()
@@ -108,7 +109,7 @@ def grouped_gemv(
     _ext().cuda_gemv_4bit_grouped(
         device,
         x.data_ptr(),
-        _DTYPE_CODES[x.dtype],
+        KERNEL_DTYPE_CODES[x.dtype],
         groups,
         x_share,
         out_features,
@@ -147,23 +148,23 @@ def decode_silu(
         x = x.clone()
     ids = top_k_index.reshape(-1).to(torch.int64).contiguous()
     weights = top_k_weights.reshape(-1).contiguous()
-    if weights.dtype not in _DTYPE_CODES:
+    if weights.dtype not in KERNEL_DTYPE_CODES:
         weights = weights.float()
     h = torch.empty(tokens * k, intermediate, dtype=x.dtype, device=x.device)
     y = torch.empty(tokens, hidden_dim, dtype=x.dtype, device=x.device)
     device, stream = _launch_args(x)
     ext = _ext()
     ext.cuda_gemv_4bit_grouped_glu(
-        device, x.data_ptr(), _DTYPE_CODES[x.dtype], tokens * k, k, intermediate, hidden_dim, bs,
+        device, x.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], tokens * k, k, intermediate, hidden_dim, bs,
         ids.data_ptr(), packed.shape[0], packed.data_ptr(), packed.stride(0), absmax.data_ptr(),
         absmax.stride(0), quant_map.data_ptr(), h.data_ptr(), stream,
     )  # fmt: skip
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // bs
     ext.cuda_gemv_4bit_grouped_sum(
-        device, h.data_ptr(), _DTYPE_CODES[x.dtype], tokens, k, hidden_dim, intermediate, bs, ids.data_ptr(),
-        packed.shape[0], weights.data_ptr(), _DTYPE_CODES[weights.dtype], packed.data_ptr() + gu_bytes,
-        packed.stride(0), absmax.data_ptr() + 4 * gu_blocks, absmax.stride(0), quant_map.data_ptr(),
-        y.data_ptr(), stream,
+        device, h.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], tokens, k, hidden_dim, intermediate, bs,
+        ids.data_ptr(), packed.shape[0], weights.data_ptr(), KERNEL_DTYPE_CODES[weights.dtype],
+        packed.data_ptr() + gu_bytes, packed.stride(0), absmax.data_ptr() + 4 * gu_blocks, absmax.stride(0),
+        quant_map.data_ptr(), y.data_ptr(), stream,
     )  # fmt: skip
     return y
 
@@ -199,7 +200,7 @@ def grouped_dequantize(
         n,
         blocksize,
         quant_map.data_ptr(),
-        _DTYPE_CODES[dtype],
+        KERNEL_DTYPE_CODES[dtype],
         out.data_ptr(),
         stream,
     )
