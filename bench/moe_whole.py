@@ -121,7 +121,7 @@ def _run_mode(models: dict, mode: str, ids: torch.Tensor, new: int, repeat: int,
 
 def _warm_compiled(
     model: torch.nn.Module, ids: torch.Tensor, new: int, cache, device: str, row: dict
-) -> None:  # noqa: E501
+) -> None:
     """Compile the decode step (fullgraph=True; where that fails, fullgraph=False, reported with its
     graph breaks) and warm it up twice with the timed length (compilation, then CUDA-graph capture)."""
     import torch._dynamo
