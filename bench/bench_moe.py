@@ -213,27 +213,35 @@ def size_and_speed(work: Path, layers: int, repeat: int) -> None:
     )
 
 
+def random_small_moe(src: Path, **config: int) -> Path:
+    """A random bf16 Qwen3-MoE saved at ``src`` (once), its routers widened so top-k varies per token."""
+    import transformers
+
+    if (src / "config.json").exists():
+        return src
+    cfg = transformers.Qwen3MoeConfig(
+        decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False, **config
+    )
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        if n.endswith("mlp.gate.weight"):
+            torch.nn.init.normal_(p, std=0.5)  # varied routing from token to token
+    model.save_pretrained(src)
+    return src
+
+
 def decode(work: Path, tokens: int, repeat: int) -> None:
     import transformers
 
     from converter.loader.model import load_quantized
 
-    src = work / "small-moe-6l"
-    if not (src / "config.json").exists():
-        cfg = transformers.Qwen3MoeConfig(
-            hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_experts=64,
-            num_experts_per_tok=8, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=4,
-            head_dim=64, vocab_size=8192, max_position_embeddings=512, decoder_sparse_step=1,
-            norm_topk_prob=True, tie_word_embeddings=False,
-        )  # fmt: skip
-        cfg.architectures = ["Qwen3MoeForCausalLM"]
-        torch.manual_seed(0)
-        model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
-        for n, p in model.named_parameters():
-            if n.endswith("mlp.gate.weight"):
-                torch.nn.init.normal_(p, std=0.5)  # varied routing from token to token
-        model.save_pretrained(src)
-        del model
+    src = random_small_moe(
+        work / "small-moe-6l", hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384,
+        num_experts=64, num_experts_per_tok=8, num_hidden_layers=6, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=64, vocab_size=8192, max_position_embeddings=512,
+    )  # fmt: skip
     q = work / "small-moe-6l-q"
     if not (q / "config.json").exists():
         _convert(src, q, moe_experts="quantize")

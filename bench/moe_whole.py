@@ -23,6 +23,7 @@ when a contender cannot compile with fullgraph its fallback ``fullgraph=False`` 
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import sys
@@ -211,7 +212,10 @@ def whole_model_bench(
     experts = {name: _experts_bytes(m) for name, m in models.items()}
     result["load_s"] = load_s
     result["memory_bytes"] = {"model": mem, "experts": experts}
+    result["bf16_experts_implementation"] = getattr(models["bf16"].config, "_experts_implementation", None)
     log(json.dumps({"load_s": load_s, "memory_bytes": result["memory_bytes"]}))
+    save = functools.partial(_save, result, json_path)  # after every stage: a run cut short keeps its part
+    save()
 
     blocks = {}
     x = torch.randn(1, 1, config["hidden_size"], dtype=torch.bfloat16, device=device)
@@ -227,6 +231,7 @@ def whole_model_bench(
                 best[name] = min(best.get(name, float("inf")), t)
         blocks["cuda_graph" if graph else "eager"] = {n: round(t * 1e6, 1) for n, t in best.items()}
     result["moe_blocks_us_per_token"] = blocks
+    save()
 
     torch.manual_seed(0)
     ids = torch.randint(100, min(vocab, 10000), (1, prompt), device=device)
@@ -234,11 +239,16 @@ def whole_model_bench(
     for mode in modes:
         rows = _run_mode(models, mode, ids, new, repeat, device)
         result["generate"].extend(rows.values())
+        save()
     result["total_s"] = round(time.perf_counter() - t_all, 1)
+    save()
     print(markdown(result))
+    return result
+
+
+def _save(result: dict, json_path: str | None) -> None:
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
-    return result
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -273,5 +283,7 @@ def markdown(r: dict) -> str:
         for side, row in (("ours", o), ("bf16", b)):
             if "compile" in row:
                 lines.append(f"| {mode}: {side} compile | {row['compile']} | | |")
+    impl = r.get("bf16_experts_implementation")
     lines.append(f"\nconvert {r['convert_s']} s, load {r['load_s']}, whole run {r['total_s']} s")
+    lines.append(f"bf16 experts implementation: {impl}")
     return "\n".join(lines)

@@ -31,23 +31,15 @@ import torch
 
 def small_moe(work: Path) -> Path:
     """The random bf16 Qwen3-MoE and its --moe-experts quantize folder (made once, shared by checkouts)."""
-    import transformers
 
-    src, q = work / "src", work / "q"
-    if not (src / "config.json").exists():
-        cfg = transformers.Qwen3MoeConfig(
-            hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=16,
-            num_experts_per_tok=4, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=64, vocab_size=512, decoder_sparse_step=1, norm_topk_prob=True,
-            tie_word_embeddings=False,
-        )  # fmt: skip
-        cfg.architectures = ["Qwen3MoeForCausalLM"]
-        torch.manual_seed(0)
-        model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
-        for n, p in model.named_parameters():
-            if n.endswith("mlp.gate.weight"):
-                torch.nn.init.normal_(p, std=0.5)
-        model.save_pretrained(src)
+    from bench_moe import random_small_moe
+
+    q = work / "q"
+    src = random_small_moe(
+        work / "src", hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=16,
+        num_experts_per_tok=4, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, vocab_size=512,
+    )  # fmt: skip
     if not (q / "config.json").exists():
         from converter.writer.pipeline import convert
 
