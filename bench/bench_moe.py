@@ -291,7 +291,9 @@ def main() -> None:
     ap.add_argument("--whole", action="store_true", help="the whole-model benchmark on --device (cpu: smoke)")
     ap.add_argument("--prompt", type=int, default=512, help="--device cuda / --whole: prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="--device cuda / --whole: new tokens")
-    ap.add_argument("--modes", default="eager,compiled", help="--device cuda / --whole: generate modes")
+    ap.add_argument(
+        "--modes", default="eager,compiled", help="--device cuda / --whole: eager,compiled,graphed[-compiled]"
+    )
     ap.add_argument("--json", default=None, help="--device cuda / --whole: write the results here")
     args = ap.parse_args()
     global CPU_CLOCK

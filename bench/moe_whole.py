@@ -18,7 +18,10 @@ one token (eager and, on CUDA, replayed from a CUDA graph), and greedy ``generat
 ``--repeat``: ``eager`` (dynamic cache) and ``compiled`` (one StaticCache per contender passed to every
 call, the decode step through ``torch.compile`` mode ``reduce-overhead`` on CUDA; fullgraph first, and
 when a contender cannot compile with fullgraph its fallback ``fullgraph=False`` is used and reported).
-``decode_tok_s`` = (new - 1) / (t(new tokens) - t(1 token)), as ``bench_generate.py`` reports it.
+Optional modes (``--modes``): ``graphed`` and ``graphed-compiled`` (``generate(custom_generate=
+converter.loader.decode.graphed_greedy)``, several decode steps per CUDA-graph replay, as
+``bench_generate.py`` runs them). ``decode_tok_s`` = (new - 1) / (t(new tokens) - t(1 token)), as
+``bench_generate.py`` reports it.
 """
 
 from __future__ import annotations
@@ -93,12 +96,14 @@ def _run_mode(models: dict, mode: str, ids: torch.Tensor, new: int, repeat: int,
         rows[name] = row
         t0 = time.perf_counter()
         try:
-            if mode == "compiled":
+            if mode != "eager":
                 caches[name] = static_cache(model, ids.shape[1] + new)
+            if mode == "compiled":
                 _warm_compiled(model, ids, new, caches[name], device, row)
-            else:  # warm-up with the timed length (allocator, cuDNN SDPA's per-length plans)
-                time_generate(model, ids, new, None, device)
-            time_generate(model, ids, 1, caches.get(name), device)
+            else:  # warm-up with the timed length (allocator, cuDNN SDPA's per-length plans, graphs)
+                for _ in range(1 if mode == "eager" else 2):
+                    time_generate(model, ids, new, caches.get(name), device, mode)
+            time_generate(model, ids, 1, caches.get(name), device, mode)
         except Exception as exc:  # reported; the other contender still runs
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             log(json.dumps(row))
@@ -108,8 +113,8 @@ def _run_mode(models: dict, mode: str, ids: torch.Tensor, new: int, repeat: int,
     for _ in range(repeat):  # interleaved: every contender once per round
         for name in live:
             b = best[name]
-            b[0] = min(b[0], time_generate(models[name], ids, 1, caches.get(name), device))
-            b[1] = min(b[1], time_generate(models[name], ids, new, caches.get(name), device))
+            b[0] = min(b[0], time_generate(models[name], ids, 1, caches.get(name), device, mode))
+            b[1] = min(b[1], time_generate(models[name], ids, new, caches.get(name), device, mode))
     for name in live:
         t1, tn = best[name]
         rows[name].update(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from converter.loader import moe_cuda
 from converter.loader.model import load_quantized
 from converter.loader.moe import moe_modules
 
@@ -98,17 +99,27 @@ def test_generate_static_cache_inductor_fullgraph(folders):
     assert got["max_diff"] <= 2**-4 * got["max_logit"]
 
 
+_CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available() or not moe_cuda.available(), reason="no CUDA"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("strided", [False, True], ids=["router", "strided-ids"])
-def test_eager_route_equals_the_custom_op(folders, strided):
+def test_eager_route_equals_the_custom_op(folders, strided, device):
     """Eager calls skip the custom op's Python dispatch (host time per layer and token) but run the same
     implementation: bit-identical to ``torch.ops.quantize_model.moe_experts_4bit``, also for expert ids
-    and weights that are strided views (the kernels read ids by pointer)."""
+    and weights that are strided views (the kernels read ids by pointer). CUDA: the fused SiLU decode."""
     q, _ = folders("qwen3_moe")
-    m = next(iter(moe_modules(load_quantized(q)).values()))
+    m = next(iter(moe_modules(load_quantized(q, device=device)).values()))
     torch.manual_seed(0)
-    x = torch.randn(3, m.hidden_dim, dtype=torch.bfloat16)
-    idx = torch.tensor([[0, 9, 1, 9], [2, 9, 3, 9], [1, 9, 2, 9]])
-    w = torch.rand(3, 4, dtype=torch.bfloat16)
+    x = torch.randn(3, m.hidden_dim, dtype=torch.bfloat16).to(device)
+    idx = torch.tensor([[0, 9, 1, 9], [2, 9, 3, 9], [1, 9, 2, 9]], device=device)
+    w = torch.rand(3, 4, dtype=torch.bfloat16).to(device)
     idx, w = (idx[:, ::2], w[:, ::2]) if strided else (idx[:, ::2].contiguous(), w[:, ::2].contiguous())
     with torch.no_grad():
         eager = m(x, idx, w)
