@@ -22,6 +22,11 @@ from converter.loader.model import load_quantized
 from converter.loader.moe import moe_modules
 
 ROOT = Path(__file__).resolve().parents[2]
+_ON_CUDA = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available() or not moe_cuda.available(), reason="no CUDA"),
+]
+_CUDA = pytest.param("cuda", marks=_ON_CUDA)
 
 _SCRIPT = r"""
 import json, sys, warnings
@@ -30,11 +35,11 @@ from torch._dynamo.utils import counters
 from transformers import StaticCache
 from converter.loader.model import load_quantized
 
-folder, backend = sys.argv[1], sys.argv[2]
+folder, backend, device = sys.argv[1], sys.argv[2], sys.argv[3]
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    model = load_quantized(folder)
-ids = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64]])
+    model = load_quantized(folder, device=device)
+ids = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64]], device=device)
 new = 6
 cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new)
 
@@ -47,10 +52,11 @@ def generate():
 
 with torch.no_grad():
     eager_tokens, eager_logits = generate()
-    step = torch.compile(model.forward, backend=backend, fullgraph=True)
+    how = {"mode": backend} if backend == "reduce-overhead" else {"backend": backend}
+    step = torch.compile(model.forward, fullgraph=True, **how)
     prefill = model.forward
     model.forward = lambda *a, **k: (step if k["input_ids"].shape[-1] == 1 else prefill)(*a, **k)
-    runs = [generate() for _ in range(2)]  # compile, then the compiled code again on the reset cache
+    runs = [generate() for _ in range(3)]  # compile (+ CUDA-graph record), then again on the reset cache
 first = ids.shape[1] + 1
 print(json.dumps({
     "graphs": counters["stats"]["unique_graphs"],
@@ -64,10 +70,10 @@ print(json.dumps({
 """
 
 
-def _run(folder: Path, backend: str) -> dict:
+def _run(folder: Path, backend: str, device: str = "cpu") -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-c", _SCRIPT, str(folder), backend]
+    cmd = [sys.executable, "-c", _SCRIPT, str(folder), backend, device]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert done.returncode == 0, f"child exited with {done.returncode}:\n{done.stderr[-3000:]}"
     got = json.loads(done.stdout.strip().splitlines()[-1])
@@ -82,30 +88,33 @@ def test_generate_static_cache_fullgraph_gives_the_eager_tokens(folders):
     on the first compiled call and again on the reset cache."""
     q, _ = folders("qwen3_moe")
     got = _run(q, "aot_eager")
-    assert got["tokens_equal"] == [True, True]
+    assert got["tokens_equal"] == [True, True, True]
     assert got["max_diff"] == 0.0
 
 
-def test_generate_static_cache_inductor_fullgraph(folders):
-    """Inductor (what the benchmark's compiled mode runs on the CPU): one graph, no break, the eager first
-    token (the prefill is eager in both), and the first decode step's logits close to eager's."""
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [
+        ("inductor", "cpu"),
+        pytest.param(
+            "reduce-overhead",
+            "cuda",
+            marks=_ON_CUDA,
+        ),
+    ],
+)
+def test_generate_static_cache_inductor_fullgraph(folders, backend, device):
+    """Inductor (the benchmark's compiled mode: default on the CPU, reduce-overhead with CUDA graphs on
+    the GPU): one graph, no break, the eager first token (the prefill is eager in both), and the first
+    decode step's logits close to eager's."""
     q, _ = folders("qwen3_moe")
-    got = _run(q, "inductor")
+    got = _run(q, backend, device)
     assert got["first_token_equal"]
     # Inductor fuses the bf16 elementwise ops around the 4-bit layers (RMSNorm, rotary, SiLU, the
     # router's softmax input) and rounds their intermediates to bf16 at other points than eager: each
     # such rounding is at most 2^-8 relative; a few per layer over 2 layers stay within 2^-4 of the
     # largest logit.
     assert got["max_diff"] <= 2**-4 * got["max_logit"]
-
-
-_CUDA = pytest.param(
-    "cuda",
-    marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available() or not moe_cuda.available(), reason="no CUDA"),
-    ],
-)
 
 
 @pytest.mark.parametrize("device", ["cpu", _CUDA])
