@@ -111,11 +111,14 @@ def _run_mode(models: dict, mode: str, ids: torch.Tensor, new: int, repeat: int,
     live = [n for n in models if "error" not in rows[n]]
     best: dict = {n: [float("inf"), float("inf")] for n in live}
     for _ in range(repeat):  # interleaved: every contender once per round
-        for name in live:
+        for name in [n for n in live if "error" not in rows[n]]:
             b = best[name]
-            b[0] = min(b[0], time_generate(models[name], ids, 1, caches.get(name), device, mode))
-            b[1] = min(b[1], time_generate(models[name], ids, new, caches.get(name), device, mode))
-    for name in live:
+            try:
+                b[0] = min(b[0], time_generate(models[name], ids, 1, caches.get(name), device, mode))
+                b[1] = min(b[1], time_generate(models[name], ids, new, caches.get(name), device, mode))
+            except Exception as exc:  # e.g. out of memory: reported, the other contender goes on
+                rows[name]["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    for name in [n for n in live if "error" not in rows[n]]:
         t1, tn = best[name]
         rows[name].update(
             ttft_s=round(t1, 4), total_s=round(tn, 3), decode_tok_s=round((new - 1) / (tn - t1), 2),
