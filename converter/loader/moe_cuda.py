@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from converter.kernels.checks import KERNEL_DTYPE_CODES
-
-#: dtype codes of csrc/cuda/qm_cuda.h (DType).
+from converter.kernels.cuda_launch import current_stream, device_index
 
 #: Largest top-k of the fused decode (the second kernel's CTA holds rows x k slots of 8 lanes, 256 threads).
 FUSED_MAX_K = 32
@@ -69,8 +68,9 @@ def layout_ok(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, in_fe
 
 
 def _launch_args(t: torch.Tensor) -> tuple[int, int]:
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return index, torch._C._cuda_getCurrentRawStream(index)
+    """(device index, raw current stream) of t's device: the first and last argument of every launch."""
+    device = t.device
+    return device_index(device), current_stream(device)
 
 
 def grouped_gemv(
