@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from converter.kernels.checks import KERNEL_DTYPE_CODES
 from converter.kernels.cuda_launch import current_stream, device_index
+from converter.loader.moe_records import region_pointers
 
 #: Largest top-k of the fused decode (the second kernel's CTA holds rows x k slots of 8 lanes, 256 threads).
 FUSED_MAX_K = 32
@@ -117,10 +118,7 @@ def grouped_gemv(
         blocksize,
         ids.data_ptr(),
         packed.shape[0],
-        packed.data_ptr() + byte_offset,
-        packed.stride(0),
-        absmax.data_ptr() + 4 * block_offset,
-        absmax.stride(0),
+        *region_pointers(packed, absmax, byte_offset, block_offset),
         quant_map.data_ptr(),
         y.data_ptr(),
         stream,
@@ -156,15 +154,14 @@ def decode_silu(
     ext = _ext()
     ext.cuda_gemv_4bit_grouped_glu(
         device, x.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], tokens * k, k, intermediate, hidden_dim, bs,
-        ids.data_ptr(), packed.shape[0], packed.data_ptr(), packed.stride(0), absmax.data_ptr(),
-        absmax.stride(0), quant_map.data_ptr(), h.data_ptr(), stream,
+        ids.data_ptr(), packed.shape[0], *region_pointers(packed, absmax, 0, 0), quant_map.data_ptr(),
+        h.data_ptr(), stream,
     )  # fmt: skip
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // bs
     ext.cuda_gemv_4bit_grouped_sum(
         device, h.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], tokens, k, hidden_dim, intermediate, bs,
         ids.data_ptr(), packed.shape[0], weights.data_ptr(), KERNEL_DTYPE_CODES[weights.dtype],
-        packed.data_ptr() + gu_bytes, packed.stride(0), absmax.data_ptr() + 4 * gu_blocks, absmax.stride(0),
-        quant_map.data_ptr(), y.data_ptr(), stream,
+        *region_pointers(packed, absmax, gu_bytes, gu_blocks), quant_map.data_ptr(), y.data_ptr(), stream,
     )  # fmt: skip
     return y
 
@@ -193,10 +190,7 @@ def grouped_dequantize(
         ids.data_ptr(),
         ids.numel(),
         packed.shape[0],
-        packed.data_ptr() + byte_offset,
-        packed.stride(0),
-        absmax.data_ptr() + 4 * block_offset,
-        absmax.stride(0),
+        *region_pointers(packed, absmax, byte_offset, block_offset),
         n,
         blocksize,
         quant_map.data_ptr(),
