@@ -183,8 +183,7 @@ def quantize_4bit(
         _threads(threads),
     )
     if bad_blocks:
-        msg = f"input contains NaN or Inf (in {bad_blocks} of {absmax.numel()} blocks of {blocksize})"
-        raise NonFiniteInputError(msg)
+        raise NonFiniteInputError.in_blocks(bad_blocks, absmax.numel(), blocksize)
     return packed, absmax
 
 
@@ -217,8 +216,7 @@ def quantize_nested(
         absmax.data_ptr(), nb, codes.data_ptr(), nested_absmax.data_ptr(), isa, _threads(threads)
     )
     if math.isnan(offset):  # the kernel's signal for a NaN or Inf absmax (a torch check costs more)
-        msg = "absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor"
-        raise NonFiniteInputError(msg)
+        raise NonFiniteInputError.in_absmax()
     return codes, nested_absmax, float(offset)
 
 

@@ -157,8 +157,7 @@ def _launch_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 def _raise_nonfinite(flag: torch.Tensor, n: int, blocksize: int) -> None:
     if int(flag.item()):
-        msg = f"input contains NaN or Inf (a tensor of {n} elements, blocks of {blocksize})"
-        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
+        raise NonFiniteInputError.in_tensor(n, blocksize)  # the CPU path's exception: one type to catch
 
 
 def quantize_4bit(
@@ -180,8 +179,7 @@ def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
         msg = f"absmax has dtype {absmax.dtype}, expected float32"
         raise ValueError(msg)
     if absmax.numel() and not bool(torch.isfinite(absmax).all()):
-        msg = "absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor"
-        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
+        raise NonFiniteInputError.in_absmax()  # the CPU path's exception: one type to catch
     codes, nested_absmax, offset = _launch_nested(absmax)
     return codes, nested_absmax, float(offset.item())
 
@@ -198,8 +196,7 @@ def quantize_4bit_nested(
     both = torch.cat([flag.to(torch.float32), offset])  # one copy to the host for both scalars
     bad, off = both.tolist()
     if bad:
-        msg = f"input contains NaN or Inf (a tensor of {x.numel()} elements, blocks of {blocksize})"
-        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
+        raise NonFiniteInputError.in_tensor(x.numel(), blocksize)  # the CPU path's exception
     return packed, codes, nested_absmax, float(off)
 
 
