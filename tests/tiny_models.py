@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from converter.plan.selection_table_gen import TINY_DECODER
 from converter.sources.base import TensorInfo
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -21,17 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _decoder(**extra: Any) -> dict[str, Any]:
-    base = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    base: dict[str, Any] = dict(TINY_DECODER, max_position_embeddings=64, tie_word_embeddings=False)
     base.update(extra)
     return base
 
