@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from page_cache import drop, warm
+
 OURS = "import sys; from converter.cli import main; sys.argv[0] = 'quantize-model'; main()"
 
 #: One --device cuda conversion that says whether it imported torch (bench checks the cuda row's path).
@@ -119,35 +121,6 @@ def in_child(code: str) -> str:
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
     return (r.stdout.strip().splitlines() or [""])[-1]
-
-
-def drop_caches(folder: Path | None = None) -> str:
-    """Empty the page cache so the next run reads the source from disk: all of it (root), else the
-    pages of ``folder``'s files (posix_fadvise DONTNEED after a sync). Returns what was dropped."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return "page cache"
-    except OSError:
-        pass
-    if folder is None or not hasattr(os, "posix_fadvise"):
-        return ""
-    for p in folder.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return "source files' pages (fadvise)"
-
-
-def warm(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with p.open("rb") as f:
-                while f.read(1 << 20):  # small reads: this process stays small (see in_child)
-                    pass
 
 
 def rounds(contenders: dict, repeat: int, before_each=None) -> dict[str, list[tuple]]:
@@ -371,9 +344,9 @@ def row_gpu(args, python: str, work: Path, out: dict) -> None:
     res = rounds(contenders, args.repeat)
     report(f"{total / 1e9:.2f} GB bf16 Llama, warm page cache", res, "plain copy (cp -r + sync)", out)
     save(args, out)
-    dropped = drop_caches(src)
+    dropped = drop(src)
     if dropped:
-        res = rounds(contenders, args.repeat, before_each=lambda: drop_caches(src))
+        res = rounds(contenders, args.repeat, before_each=lambda: drop(src))
         report(
             f"{total / 1e9:.2f} GB bf16 Llama, cold ({dropped} dropped before each run)",
             res,
