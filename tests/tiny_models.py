@@ -120,6 +120,17 @@ def read_infos(folder: Path) -> list[TensorInfo]:
     return out
 
 
+def read_tensors(folder: Path) -> dict[str, Any]:
+    """Every tensor of the folder's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out: dict[str, Any] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "config.json").read_text())
 
