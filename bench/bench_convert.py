@@ -57,6 +57,22 @@ def llama_shapes(
     return shapes
 
 
+def shard_groups(
+    shapes: list[tuple[str, tuple[int, ...]]], shard_bytes: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """bf16 tensors in order, split into shards of at most shard_bytes (a larger tensor alone in one)."""
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes:
+        b = 2 * numel(shape)
+        if groups[-1] and size + b > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += b
+    return groups
+
+
 def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -101,15 +117,7 @@ def make_checkpoint(folder: Path, layers: int, hidden: int, shard_bytes: int) ->
     folder.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(folder)
     shapes = llama_shapes(layers, hidden, inter, vocab, kv)
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in shapes:
-        b = 2 * numel(shape)
-        if groups[-1] and size + b > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += b
+    groups = shard_groups(shapes, shard_bytes)
     gen = torch.Generator().manual_seed(0)
     weight_map = {}
     n = len(groups)

@@ -245,7 +245,7 @@ def write_llama(folder: Path, layers: int, hidden: int, shard_bytes: int = 2 * 1
     """A bf16 Llama-shaped checkpoint (config, shards, index) written fast: every tensor cycles through
     one pool of random bf16 values (the kernels' time does not depend on the values)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_convert import llama_shapes, numel
+    from bench_convert import llama_shapes, numel, shard_groups
 
     inter, vocab, kv = int(hidden * 2.75) // 64 * 64, 32000, hidden // 4
     config = {
@@ -268,15 +268,7 @@ def write_llama(folder: Path, layers: int, hidden: int, shard_bytes: int = 2 * 1
     rng = np.random.default_rng(0)
     pool = ((rng.standard_normal(1 << 26, dtype=np.float32) * 0.02).view(np.uint32) + 0x8000) >> 16
     pool = pool.astype(np.uint16).view(np.uint8)  # 128 MB of bf16 bits
-    groups: list[list] = [[]]
-    size = 0
-    for name, shape in llama_shapes(layers, hidden, inter, vocab, kv):
-        b = 2 * numel(shape)
-        if groups[-1] and size + b > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += b
+    groups = shard_groups(llama_shapes(layers, hidden, inter, vocab, kv), shard_bytes)
     weight_map, total, cursor = {}, 0, 0
     for k, group in enumerate(groups, 1):
         fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
