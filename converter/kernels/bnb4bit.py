@@ -28,6 +28,7 @@ from types import ModuleType
 import torch
 
 from converter import _kernels
+from converter.kernels.bnb4bit_np import threads_arg as _threads  # the numpy twin's check, shared
 from converter.kernels.checks import (
     FLOAT_DTYPES,
     GEMV_MAX_BATCH,
@@ -108,15 +109,6 @@ def _check_cpu(name: str, t: torch.Tensor) -> None:
     if t.device.type != "cpu":
         msg = f"{name} is on {t.device}: only CPU and CUDA tensors are supported"
         raise ValueError(msg)
-
-
-def _threads(threads: int | None) -> int:
-    if threads is None:
-        return 0
-    if threads < 1:
-        msg = f"threads must be >= 1 or None (one per CPU), got {threads}"
-        raise ValueError(msg)
-    return int(threads)
 
 
 def _isa(isa: str) -> str:
