@@ -14,6 +14,7 @@
 #   graphed  bench_generate.py modes graphed, graphed-compiled (graphed_greedy: 16 decode steps per
 #            CUDA-graph replay) on the same 8B model, every contender ($CONTENDERS, default all three)
 #   dectests the CUDA tests of graphed_greedy only
+#   profile  profile_graphed.py: kernels per graphed decode token by family (8 layers), eager and compiled step
 #   load     bench_generate.py --load on the same 8B folder: call -> first token (+ a cProfile of each)
 #   overhead bench_linear_overhead.py: host cost of one eager linear call, ours / F.linear / bnb
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
@@ -76,6 +77,8 @@ for s in ${*:-env}; do
       --contenders "${CONTENDERS:-ours,bnb,bf16}" --modes graphed,graphed-compiled --json "$OUT/graphed.json" ;;
     dectests) step dectests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
       "$ROOT/tests/loader/test_loader_decode_cuda.py" ;;
+    profile) step profile timeout 300 bash -c "python3 $ROOT/bench/profile_graphed.py --layers 8 && \
+      python3 $ROOT/bench/profile_graphed.py --layers 8 --compile-step" ;;
     load) step load timeout 200 $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --json "$OUT/load.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;

@@ -235,7 +235,7 @@ def _run(state: _GraphState, step, remaining: int, k: int, device: torch.device)
             step(i)
         return n
     if not state.warm:  # eager steps first: lazy initialisations must not happen inside a capture
-        n = min(WARMUP_STEPS, remaining)
+        n = min(WARMUP_STEPS, remaining, k)  # the tokens land in chunk[:, :n]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
