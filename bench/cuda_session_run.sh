@@ -20,7 +20,8 @@
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
 #   gemv     bench_gemv_cuda.py: batch-1/4 GEMV kernels inside CUDA graphs vs the copy floor
-#   moe      bench_moe.py --device cuda: one Qwen3-30B-A3B-shaped layer, ours vs bf16 experts
+#   moe      bench_moe.py --device cuda: whole Qwen3-30B-A3B-shaped model (MOE_LAYERS, default 48 layers),
+#            ours vs bf16: memory, MoE blocks, generate() eager and compiled
 #   host     bench_cuda_host.py: --device cuda conversion on the GPU without torch, bytes = --device cpu
 #   int8     bench_int8.py --device cuda
 set -uo pipefail
@@ -86,7 +87,8 @@ for s in ${*:-env}; do
       --source "$GEN_DIR/llama8b-32" --tokens 16 ;;
     e2e) step e2e timeout 240 bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
     gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --replays 15 --json "$OUT/gemv.json" ;;
-    moe) step moe python3 "$ROOT/bench/bench_moe.py" --device cuda --layers 1 --repeat 2 --tokens 16 --workdir /tmp/qm_moe ;;
+    moe) step moe timeout 240 python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-48}" --repeat 2 \
+      --workdir /tmp/qm_moe --json "$OUT/moe.json" ;;
     host) step host python3 "$ROOT/bench/bench_cuda_host.py" --layers 8 --hidden 3072 ;;
     int8) step int8 timeout 60 python3 "$ROOT/bench/bench_int8.py" --device cuda --iters 20 --json "$OUT/int8.json" ;;
     newtests) step newtests timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/cuda/test_cuda_gemv_int8.py" \
