@@ -8,10 +8,15 @@ Contenders, each timed once per round, rounds interleaved, best of ``--rounds`` 
 - ``ours_head_pool``: our head GEMV on the kernel pool's threads instead of the calling thread alone;
 - ``ours_loop``: ours, but a hand-written greedy loop (forward, argmax, cache) instead of
   ``generate()``: the difference per token is ``generate()``'s own per-step host work;
+- ``ours_graphed``: ours through ``generate(custom_generate=converter.loader.decode.graphed_greedy)``
+  (on CPU: its device-side loop without graphs, on its own static cache);
 - ``bf16_eager`` / ``bf16_compiled``: the plain checkpoint, dynamic cache / static cache with the decode
   step through ``torch.compile`` (inductor), as in ``bench_generate.py``.
 
 ``decode_tok_s`` = (new - 1) / (t(new tokens) - t(1 token)), ``ttft_s`` = t(1 token), as bench_generate.
+``--clock cpu``: one torch thread, every contender timed in the main thread's CPU time (all of the
+work runs there: our kernels on the calling thread, torch with one thread), which other jobs on a
+shared machine disturb far less than the wall clock; ``--clock wall`` (default): 2 torch threads.
 The load average at the start and the end is printed: label the numbers with it.
 
     cd /tmp && python /path/to/bench/bench_cpu_decode_ab.py --rounds 8 --json out.json
@@ -41,14 +46,17 @@ def time_loop(model, ids: torch.Tensor, new: int) -> float:
     logits processors, stopping criteria and input preparation)."""
     from transformers import DynamicCache
 
-    t0 = time.perf_counter()
+    t0 = _clock()
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(new - 1):
             tok = model(tok, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-    return time.perf_counter() - t0
+    return _clock() - t0
+
+
+_clock = time.perf_counter
 
 
 def main() -> None:
@@ -58,7 +66,12 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--workdir", default="/tmp/qm_bench_generate")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = ap.parse_args()
+    global _clock
+    _clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
     load_start = os.getloadavg()
     plain = samples.smollm2(Path(os.environ.get("QM_SAMPLES_DIR", samples.DEFAULT_SAMPLES_DIR)))
     work = Path(args.workdir)
@@ -75,22 +88,25 @@ def main() -> None:
     bg.compile_decode(bf16c, "cpu", fullgraph=False)
     static = bg.static_cache(bf16c, args.prompt + args.new + 1)  # one cache: the compiled step is reused
     policy = gemv_bf16_module.gemv_threads
-    contenders = {  # model, static cache (None: dynamic), head on our GEMV, head GEMV threads, generate()
-        "ours": (ours, None, True, policy, True),
-        "ours_torch_head": (ours, None, False, policy, True),
-        "ours_head_pool": (ours, None, True, lambda n: 0, True),
-        "ours_loop": (ours, None, True, policy, False),
-        "bf16_eager": (bf16, None, False, policy, True),
-        "bf16_compiled": (bf16c, static, False, policy, True),
+    contenders = {  # model, static cache (None: dynamic), head on our GEMV, head GEMV threads, loop
+        "ours": (ours, None, True, policy, "eager"),
+        "ours_torch_head": (ours, None, False, policy, "eager"),
+        "ours_head_pool": (ours, None, True, lambda n: 0, "eager"),
+        "ours_loop": (ours, None, True, policy, "loop"),
+        "ours_graphed": (ours, None, True, policy, "graphed"),
+        "bf16_eager": (bf16, None, False, policy, "eager"),
+        "bf16_compiled": (bf16c, static, False, policy, "eager"),
     }
 
     def run(name: str, new: int) -> float:
-        model, cache, gemv_head, threads, generate = contenders[name]
+        model, cache, gemv_head, threads, loop = contenders[name]
         head.use_gemv = gemv_head
         gemv_bf16_module.gemv_threads = threads
-        if not generate:
+        if loop == "loop":
             return time_loop(model, ids, new)
-        return bg.time_generate(model, ids, new, cache, "cpu")
+        t0 = _clock()
+        bg.time_generate(model, ids, new, cache, "cpu", mode=loop)
+        return _clock() - t0
 
     for name in contenders:  # warm-up at the timed lengths (a static cache's length is compiled in)
         run(name, args.new)
@@ -106,6 +122,7 @@ def main() -> None:
     step_ms = {k: (b - a) / (args.new - 1) * 1e3 for k, (a, b) in best.items()}
     result = {
         "machine": f"cpu x{torch.get_num_threads()} torch threads",
+        "clock": args.clock,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
