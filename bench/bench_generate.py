@@ -94,15 +94,26 @@ def random_llama(folder: Path, device: str, layers: int | None) -> Path:
     return folder
 
 
+def _has_chunk_digests(folder: Path) -> bool:
+    """Whether a folder's index records chunk digests (formats/chunks.py): verify=True is timed on them."""
+    from formats.index import read_index
+
+    try:
+        return all(e.chunks is not None for e in read_index(folder).shards.values())
+    except Exception:  # no index, an older format: convert again
+        return False
+
+
 def nf4_folder(plain: Path, out: Path, device: str, max_shard_size: str = "5GB") -> Path:
-    if (out / "config.json").exists():
+    if (out / "config.json").exists() and _has_chunk_digests(out):
         return out
     from converter.writer.pipeline import convert
 
     t0 = time.perf_counter()
     convert(
-        plain, out, progress=False, compute_dtype="bfloat16", device=device, max_shard_size=max_shard_size
-    )
+        plain, out, progress=False, compute_dtype="bfloat16", device=device, max_shard_size=max_shard_size,
+        overwrite=(out / "config.json").exists(),  # a folder from before chunk digests
+    )  # fmt: skip
     log(f"converted in {time.perf_counter() - t0:.1f} s")
     return out
 
