@@ -241,7 +241,7 @@ class Verification:
         self._got: dict[str, dict[int, str]] = {n: {} for n in self._chunked}
         self._lock = threading.Lock()
         tasks = sum(len(c.sha256) for c in self._chunked.values()) + len(hashed) - len(self._chunked)
-        self._threads = max(1, threads or min(8, os.cpu_count() or 1))
+        self._threads = max(1, threads or len(os.sched_getaffinity(0)))
         pool = ThreadPoolExecutor(max_workers=max(1, min(tasks, self._threads)))
         self._whole = {n: pool.submit(_sha256, index.folder / n) for n in hashed if n not in self._chunked}
         self._tasks: list[Future[None]] = [
@@ -260,7 +260,11 @@ class Verification:
 
     def _hash_now(self, name: str, k: int) -> None:
         offset, nbytes = self._chunked[name].span(k, self.index.shards[name].size)
-        self.record(name, k, hash_range(self.index.folder / name, offset, nbytes))
+        try:
+            digest = hash_range(self.index.folder / name, offset, nbytes)
+        except OSError as exc:  # e.g. truncated since it was sized: reported as that chunk's problem
+            digest = f"unreadable ({exc})"
+        self.record(name, k, digest)
 
     def claim(self, name: str) -> tuple[ChunkDigests, int, frozenset[int]] | None:
         """The chunk digests of shard ``name``, its size, and the chunks no thread has started, now the

@@ -129,7 +129,9 @@ def shards_verified(folder: Path, verify: bool = True) -> Iterator[Verification 
         yield None
         return
     try:
-        pending = start_verify(folder, threads=max(1, len(os.sched_getaffinity(0))))
+        # One core is left to the caller (parsing, building the model, issuing copies): on 2 cores a
+        # second hashing thread only slows the load down.
+        pending = start_verify(folder, threads=max(1, len(os.sched_getaffinity(0)) - 1))
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 
