@@ -149,8 +149,10 @@ def read_index(folder: Path, *, require_files: bool = True) -> Index:
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         msg = f"{path}: 'weight_map' must map tensor names to shard file names"
         raise BadIndex(msg)
-    for key, file in wm.items():
+    # Checked once per distinct file name (a few shards), not per tensor key (thousands).
+    for file in set(wm.values()):
         if Path(file).name != file or file in ("", ".", ".."):
+            key = next(k for k, f in wm.items() if f == file)
             msg = f"{path}: tensor {key!r} maps to {file!r}, which is not a file name inside the folder"
             raise BadIndex(msg)
     meta = obj.get("metadata") or {}
