@@ -260,7 +260,9 @@ def _read_folder(folder: Path) -> None:
                     pass
 
 
-def bench_load(plain: Path, nf4: Path, device: str, repeats: int, profile: bool = False) -> list[dict]:
+def bench_load(
+    plain: Path, nf4: Path, device: str, repeats: int, profile: bool = False, contenders: str = ""
+) -> list[dict]:
     """call -> first token per contender, best of ``repeats`` fresh subprocesses run interleaved.
 
     ``with_imports_s``: the subprocess's wall time (interpreter start, imports, CUDA init, load, one
@@ -270,10 +272,11 @@ def bench_load(plain: Path, nf4: Path, device: str, repeats: int, profile: bool 
     snippet = _LOAD_SNIPPET.format(bench=str(Path(__file__).resolve().parent))
     _read_folder(nf4)
     _read_folder(plain)
-    best: dict = {case: None for case in LOAD_CASES}
+    wanted = set(contenders.split(",")) if contenders else {kind for kind, _ in LOAD_CASES}
+    best: dict = {case: None for case in LOAD_CASES if case[0] in wanted}
     errors: dict = {}
     for _ in range(repeats):
-        for kind, verify in LOAD_CASES:
+        for kind, verify in best:
             if (kind, verify) in errors:
                 continue
             t_start = time.perf_counter()
@@ -379,6 +382,7 @@ def main() -> None:
     )
     ap.add_argument("--load-repeats", type=int, default=3, help="fresh subprocesses per load contender")
     ap.add_argument("--load-profile", action="store_true", help="also cProfile one load of ours and bnb")
+    ap.add_argument("--load-contenders", default="", help="of ours,bnb,bf16 (default: all) for --load")
     ap.add_argument("--quality", action="store_true", help="also perplexity / logits on real weights")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -412,7 +416,9 @@ def main() -> None:
                 bench_contender(kind, mode, plain, nf4, args.device, ids, args.new, args.repeats)
             )
     if args.load:
-        result["load"] = bench_load(plain, nf4, args.device, args.load_repeats, args.load_profile)
+        result["load"] = bench_load(
+            plain, nf4, args.device, args.load_repeats, args.load_profile, args.load_contenders
+        )
     if args.quality:
         result["quality"] = bench_quality(plain, nf4, args.device)
     print(json.dumps(result, indent=2))
