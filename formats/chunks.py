@@ -74,7 +74,8 @@ def chunk_count(file_size: int, size: int) -> int:
     return -(-file_size // size)
 
 
-def _read_exact(fd: int, buf: memoryview, offset: int) -> None:
+def read_exact(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` (os.preadv until full; the GIL released meanwhile)."""
     done = 0
     while done < len(buf):
         got = os.preadv(fd, [buf[done:]], offset + done)
@@ -95,7 +96,7 @@ def hash_range(path: Path, offset: int, nbytes: int) -> str:
     view = memoryview(buf)[:nbytes]
     fd = os.open(path, os.O_RDONLY)
     try:
-        _read_exact(fd, view, offset)
+        read_exact(fd, view, offset)
     finally:
         os.close(fd)
     return hashlib.sha256(view).hexdigest()  # releases the GIL (more than 2 KiB)

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from formats.chunks import read_exact
+
 if TYPE_CHECKING:
     from formats.index import Verification
 
@@ -114,16 +116,6 @@ def _locate(t: torch.Tensor, files: Sequence[MappedFile]) -> tuple[int, int] | N
         if f.base <= ptr and ptr + nbytes <= f.base + f.size:
             return i, ptr - f.base
     return None
-
-
-def _read_exact(fd: int, buf: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buf):
-        got = os.preadv(fd, [buf[done:]], offset + done)
-        if got <= 0:
-            msg = f"unexpected end of file at byte {offset + done}"
-            raise OSError(msg)
-        done += got
 
 
 def stream_state(
@@ -255,7 +247,7 @@ def _copy_files(
                 if event is not None:
                     event.synchronize()  # releases the GIL
                 i, off, n, _, c = chunks[j]
-                _read_exact(fds[i], views[slot][:n], off)
+                read_exact(fds[i], views[slot][:n], off)
                 if c >= 0 and hashes is not None:  # hashlib releases the GIL
                     hashes.record(files[i].path.name, c, hashlib.sha256(views[slot][:n]).hexdigest())
 
