@@ -8,7 +8,11 @@ All contenders side by side in one process, on one NF4 folder (ours and bnb read
 
 Modes: ``eager`` (dynamic cache, no compile) and ``compiled`` (static cache; the decode step's forward
 through ``torch.compile``, ``mode=reduce-overhead`` (CUDA graphs) on CUDA, inductor's default on CPU;
-the prefill runs eager, as transformers' own auto-compile does). Reported per contender and mode:
+the prefill runs eager, as transformers' own auto-compile does); ``graphed`` (static cache,
+``generate(custom_generate=converter.loader.decode.graphed_greedy)``: 16 decode steps per CUDA-graph
+replay, generate()'s per-step host work skipped; it works on any transformers model, so every
+contender runs it) and ``graphed-compiled`` (the same with the step's forward through inductor first,
+``compile_step=True``). Reported per contender and mode:
 ``ttft_s`` (prefill + first token), ``decode_tok_s`` = (new - 1) / (t(new tokens) - t(1 token)), best
 of ``--repeats``.
 
@@ -169,8 +173,12 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def time_generate(model, ids: torch.Tensor, new: int, cache, device: str) -> float:
+def time_generate(model, ids: torch.Tensor, new: int, cache, device: str, mode: str = "eager") -> float:
     kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "disable_compile": True}
+    if mode.startswith("graphed"):
+        from converter.loader.decode import graphed_greedy
+
+        kwargs.update(custom_generate=graphed_greedy, compile_step=mode == "graphed-compiled")
     if cache is not None:
         cache.reset()
         kwargs[_cache_kwarg(model)] = cache
@@ -189,17 +197,17 @@ def bench_contender(kind, mode, plain, nf4, device, ids, new, repeats) -> dict:
     try:
         if mode == "compiled":
             compile_decode(model, device, fullgraph=(kind == "ours"))
-        cache = static_cache(model, ids.shape[1] + new) if mode == "compiled" else None
+        cache = static_cache(model, ids.shape[1] + new) if mode != "eager" else None
         t0 = time.perf_counter()
         # Warm-up with the very length timed below, for every contender: compilation and CUDA-graph
         # capture (a static cache's length is part of the compiled graph), the allocator, and the
         # attention backend's per-shape plans (cuDNN SDPA on Hopper builds one per key length, ~5-8 ms
         # each: a contender run first in the process would otherwise pay them inside its timed call).
         for _ in range(2 if cache is not None else 1):
-            time_generate(model, ids, new, cache, device)
+            time_generate(model, ids, new, cache, device, mode)
         row["warmup_s"] = round(time.perf_counter() - t0, 1)
-        t1 = min(time_generate(model, ids, 1, cache, device) for _ in range(repeats))
-        tn = min(time_generate(model, ids, new, cache, device) for _ in range(repeats))
+        t1 = min(time_generate(model, ids, 1, cache, device, mode) for _ in range(repeats))
+        tn = min(time_generate(model, ids, new, cache, device, mode) for _ in range(repeats))
         row.update(ttft_s=round(t1, 4), total_s=round(tn, 3), decode_tok_s=round((new - 1) / (tn - t1), 2))
     except Exception as exc:  # a contender that cannot run this mode is reported, not fatal
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

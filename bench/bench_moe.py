@@ -13,13 +13,16 @@
    is of its 3.0B read per token) generating --tokens tokens greedily at batch 1 on CPU: our
    load_quantized (4-bit experts, grouped GEMV) vs the bf16 model in transformers with its default
    experts implementation and with "eager".
-4. ``--device cuda`` (replaces 1-3): Qwen3-30B-A3B-shaped decoder layers (hidden 2048, 128 experts of
-   intermediate 768, top-8, real attention shapes; ``--layers`` of them, vocab ``--vocab``) converted
-   on the GPU, then on the GPU: memory of ``load_quantized`` vs the bf16 model in transformers, decode
-   time of the layers' MoE blocks (router + experts) for one token, eager and replayed from a CUDA graph,
-   ours vs bf16 (transformers' default experts implementation), and greedy generate tok/s of the models.
+4. ``--device cuda`` (replaces 1-3; ``--whole`` runs it on the CPU, a smoke run): the whole model
+   (``moe_whole.py``): Qwen3-30B-A3B's real shapes with ``--layers`` decoder layers (default 48, the real
+   model) and ``--vocab`` (default 151936), converted from random tensors made on the fly
+   (``random_source.py``: no 61 GB bf16 checkpoint on disk), loaded with ``load_quantized`` vs the bf16
+   model built by transformers from the config on the device; memory, MoE blocks' time per token, and
+   generate() tok/s at batch 1 (``--prompt`` tokens, ``--new`` new ones), eager and compiled
+   (``--modes``), interleaved, best of ``--repeat``; markdown table on stdout, ``--json`` file.
 
-    cd /tmp && python /path/to/bench/bench_moe.py --device cuda --layers 2 --vocab 8192
+    cd /tmp && python /path/to/bench/bench_moe.py --device cuda --json /tmp/moe_whole.json
+    cd /tmp && python /path/to/bench/bench_moe.py --device cuda --layers 16 --repeat 2  # shorter run
 """
 
 from __future__ import annotations
@@ -45,9 +48,7 @@ CPU_CLOCK = False
 QWEN3_30B = dict(hidden=2048, inter=768, experts=128, heads=32, kv=4, head_dim=128, vocab=151936, layers=48)
 
 
-def _qwen3_moe_tensors(
-    layers: int, g: torch.Generator, vocab: int | None = None
-) -> dict[str, tuple[int, ...]]:
+def _qwen3_moe_tensors(layers: int, vocab: int | None = None) -> dict[str, tuple[int, ...]]:
     c = {**QWEN3_30B, "vocab": vocab or QWEN3_30B["vocab"]}
     h, i, e = c["hidden"], c["inter"], c["experts"]
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c["vocab"], h)}
@@ -170,7 +171,7 @@ def _convert(src: Path, out: Path, **kw) -> tuple[float, int, object]:
 def size_and_speed(work: Path, layers: int, repeat: int) -> None:
     moe_src = work / "qwen3-30b-shape"
     if not (moe_src / "config.json").exists():
-        _write_random(moe_src, _qwen3_moe_tensors(layers, torch.Generator()), _qwen3_config(layers))
+        _write_random(moe_src, _qwen3_moe_tensors(layers), _qwen3_config(layers))
     moe_bytes = sum(f.stat().st_size for f in moe_src.glob("*.safetensors"))
     # a dense model of about the same bytes: 2048 hidden, 8192 intermediate (~62.9M params per layer)
     dense_layers = max(1, round((moe_bytes / 2 - 2 * 151936 * 2048) / (4 * 2048 * 2048 + 3 * 2048 * 8192)))
@@ -212,27 +213,35 @@ def size_and_speed(work: Path, layers: int, repeat: int) -> None:
     )
 
 
+def random_small_moe(src: Path, **config: int) -> Path:
+    """A random bf16 Qwen3-MoE saved at ``src`` (once), its routers widened so top-k varies per token."""
+    import transformers
+
+    if (src / "config.json").exists():
+        return src
+    cfg = transformers.Qwen3MoeConfig(
+        decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False, **config
+    )
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        if n.endswith("mlp.gate.weight"):
+            torch.nn.init.normal_(p, std=0.5)  # varied routing from token to token
+    model.save_pretrained(src)
+    return src
+
+
 def decode(work: Path, tokens: int, repeat: int) -> None:
     import transformers
 
     from converter.loader.model import load_quantized
 
-    src = work / "small-moe-6l"
-    if not (src / "config.json").exists():
-        cfg = transformers.Qwen3MoeConfig(
-            hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_experts=64,
-            num_experts_per_tok=8, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=4,
-            head_dim=64, vocab_size=8192, max_position_embeddings=512, decoder_sparse_step=1,
-            norm_topk_prob=True, tie_word_embeddings=False,
-        )  # fmt: skip
-        cfg.architectures = ["Qwen3MoeForCausalLM"]
-        torch.manual_seed(0)
-        model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
-        for n, p in model.named_parameters():
-            if n.endswith("mlp.gate.weight"):
-                torch.nn.init.normal_(p, std=0.5)  # varied routing from token to token
-        model.save_pretrained(src)
-        del model
+    src = random_small_moe(
+        work / "small-moe-6l", hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384,
+        num_experts=64, num_experts_per_tok=8, num_hidden_layers=6, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=64, vocab_size=8192, max_position_embeddings=512,
+    )  # fmt: skip
     q = work / "small-moe-6l-q"
     if not (q / "config.json").exists():
         _convert(src, q, moe_experts="quantize")
@@ -268,149 +277,24 @@ def decode(work: Path, tokens: int, repeat: int) -> None:
         print(f"| {name} | {tokens / t:.1f} | {tokens / t / base:.2f}x |")
 
 
-def _moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [layer.mlp for layer in model.model.layers]
-
-
-def _time_blocks(blocks: list[torch.nn.Module], x: torch.Tensor, iters: int, graph: bool) -> float:
-    """Seconds per pass of one token through the MoE blocks (x = x + block(x) per layer)."""
-
-    def step(h: torch.Tensor) -> torch.Tensor:
-        for b in blocks:
-            y = b(h)
-            h = h + (y[0] if isinstance(y, tuple) else y)
-        return h
-
-    with torch.no_grad():
-        static = x.clone()
-        if graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step(static)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step(static)
-            run = g.replay
-        else:
-            for _ in range(3):
-                step(static)
-
-            def run() -> None:
-                step(static)
-
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            run()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / iters
-
-
-def cuda_bench(work: Path, layers: int, vocab: int, tokens: int, repeat: int) -> None:
-    import transformers
-
-    from converter.loader.model import load_quantized
-
-    src = work / f"qwen3-30b-shape-{layers}l-v{vocab}"
-    if not (src / "config.json").exists():
-        _write_random(src, _qwen3_moe_tensors(layers, torch.Generator(), vocab), _qwen3_config(layers, vocab))
-    q = work / f"qwen3-30b-shape-{layers}l-v{vocab}-q"
-    if not (q / "config.json").exists():
-        try:
-            t, nbytes, _ = _convert(src, q, moe_experts="quantize", device="cuda")
-            where = "on the GPU"
-        except Exception as exc:  # the numbers below need the folder, not a GPU conversion
-            print(f"GPU conversion failed ({type(exc).__name__}: {str(exc)[:200]}); converting on the CPU")
-            t, nbytes, _ = _convert(src, q, moe_experts="quantize")
-            where = "on the CPU"
-        print(f"converted {nbytes / 1e9:.2f} GB {where} in {t:.1f} s")
-    torch.cuda.synchronize()
-    mem = {}
-    models = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, make in (
-            ("ours", lambda: load_quantized(q, device="cuda")),
-            (
-                "bf16",
-                lambda: transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).cuda(),
-            ),
-        ):
-            before = torch.cuda.memory_allocated()
-            models[name] = make().eval()
-            torch.cuda.synchronize()
-            mem[name] = torch.cuda.memory_allocated() - before
-    experts = {
-        # ours: codes, float32 absmax (nested codes kept for saving stay on the host); bf16: the two params
-        "ours": sum(b.nbytes for m in _experts_of(models["ours"]) for b in m.buffers()),
-        "bf16": sum(p.nbytes for m in _experts_of(models["bf16"]) for p in m.parameters()),
-    }
-    print(f"\n## CUDA: {layers} Qwen3-30B-A3B-shaped layers, vocab {vocab}, {torch.cuda.get_device_name()}")
-    print("| | ours | bf16 | ours / bf16 |")
-    print("|---|---|---|---|")
-    print(
-        f"| GPU memory after load (MB) | {mem['ours'] / 1e6:.0f} | {mem['bf16'] / 1e6:.0f} | "
-        f"{mem['ours'] / mem['bf16']:.3f} |"
-    )
-    print(
-        f"| experts' bytes (MB) | {experts['ours'] / 1e6:.0f} | {experts['bf16'] / 1e6:.0f} | "
-        f"{experts['ours'] / experts['bf16']:.3f} |"
-    )
-    x = torch.randn(1, 1, QWEN3_30B["hidden"], dtype=torch.bfloat16, device="cuda")
-    iters = 200
-    for graph in (False, True):
-        best = {}
-        for _ in range(repeat):  # interleaved, best of N
-            for name, m in models.items():
-                try:
-                    t = _time_blocks(_moe_blocks(m), x, iters, graph)
-                except RuntimeError as exc:  # e.g. an implementation that cannot be captured
-                    print(f"{name}, graph={graph}: {type(exc).__name__}: {str(exc)[:200]}")
-                    t = float("nan")
-                best[name] = min(best.get(name, float("inf")), t)
-        mode = "CUDA graph" if graph else "eager"
-        print(
-            f"| MoE blocks, 1 token, {mode} (us per token) | {best['ours'] * 1e6:.0f} | "
-            f"{best['bf16'] * 1e6:.0f} | speed {best['bf16'] / best['ours']:.2f}x |"
-        )
-    ids = torch.tensor([[1, 9, 1031, 314, 2718, 42, 7, 100]], device="cuda")
-    kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    best = {}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for m in models.values():
-            m.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-        for _ in range(repeat):
-            for name, m in models.items():
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                m.generate(ids, **kw)
-                torch.cuda.synchronize()
-                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-    print(
-        f"| generate, {tokens} tokens after 8, eager (tok/s) | {tokens / best['ours']:.1f} | "
-        f"{tokens / best['bf16']:.1f} | speed {best['bf16'] / best['ours']:.2f}x |"
-    )
-
-
-def _experts_of(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [layer.mlp.experts for layer in model.model.layers]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/moe-bench")
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=None, help="size: 2; --device cuda / --whole: 48")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=("size", "decode"), default=None)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--vocab", type=int, default=8192, help="--device cuda: vocabulary of the layers' model")
+    ap.add_argument("--vocab", type=int, default=QWEN3_30B["vocab"], help="--device cuda / --whole")
+    ap.add_argument("--whole", action="store_true", help="the whole-model benchmark on --device (cpu: smoke)")
+    ap.add_argument("--prompt", type=int, default=512, help="--device cuda / --whole: prompt tokens")
+    ap.add_argument("--new", type=int, default=128, help="--device cuda / --whole: new tokens")
+    ap.add_argument(
+        "--modes", default="eager,compiled", help="--device cuda / --whole: eager,compiled,graphed[-compiled]"
+    )
+    ap.add_argument("--json", default=None, help="--device cuda / --whole: write the results here")
     args = ap.parse_args()
     global CPU_CLOCK
     CPU_CLOCK = args.clock == "cpu"
@@ -421,9 +305,20 @@ def main() -> None:
     day = time.strftime("%Y-%m-%d")
     print(f"{platform.machine()}, {cpus} CPUs usable, threads={args.threads}, clock={args.clock}, ", end="")
     print(f"torch {torch.__version__}, {day}")
-    if args.device == "cuda":
-        cuda_bench(work, args.layers, args.vocab, args.tokens, args.repeat)
+    if args.device == "cuda" or args.whole:
+        from moe_whole import whole_model_bench
+
+        os.environ.pop("TORCHDYNAMO_DISABLE", None)  # the compiled mode compiles (set above for 1-3 only)
+
+        layers = args.layers or QWEN3_30B["layers"]
+        config = {**_qwen3_config(layers, args.vocab), "max_position_embeddings": 4096}
+        whole_model_bench(
+            work, config, _qwen3_moe_tensors(layers, args.vocab), device=args.device, prompt=args.prompt,
+            new=args.new, repeat=args.repeat, modes=[m for m in args.modes.split(",") if m],
+            json_path=args.json,
+        )  # fmt: skip
         return
+    args.layers = args.layers or 2
     if args.only in (None, "decode"):
         decode(work, args.tokens, args.repeat)
     if args.only in (None, "size"):

@@ -11,12 +11,17 @@
 #   newtests the CUDA tests of this round's new kernels and load path only (when device time is short)
 #   gen      bench_generate.py: 8B Llama-3.1-shaped random model, 512-token prompt, 128 new tokens,
 #            eager and compiled (static cache, reduce-overhead), ours / transformers + bnb / bf16
+#   graphed  bench_generate.py modes graphed, graphed-compiled (graphed_greedy: 16 decode steps per
+#            CUDA-graph replay) on the same 8B model, every contender ($CONTENDERS, default all three)
+#   dectests the CUDA tests of graphed_greedy only
+#   profile  profile_graphed.py: kernels per graphed decode token by family (8 layers), eager and compiled step
 #   load     bench_generate.py --load on the same 8B folder: call -> first token (+ a cProfile of each)
 #   overhead bench_linear_overhead.py: host cost of one eager linear call, ours / F.linear / bnb
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
 #   gemv     bench_gemv_cuda.py: batch-1/4 GEMV kernels inside CUDA graphs vs the copy floor
-#   moe      bench_moe.py --device cuda: one Qwen3-30B-A3B-shaped layer, ours vs bf16 experts
+#   moe      bench_moe.py --device cuda: whole Qwen3-30B-A3B-shaped model (MOE_LAYERS, default 48 layers),
+#            ours vs bf16: memory, MoE blocks, generate() eager and compiled
 #   host     bench_cuda_host.py: --device cuda conversion on the GPU without torch, bytes = --device cpu
 #   int8     bench_int8.py --device cuda
 set -uo pipefail
@@ -69,6 +74,12 @@ for s in ${*:-env}; do
     env) step env env_info ;;
     tests) step tests timeout 400 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests" --ignore="$ROOT/tests/hub" ;;  # hub: no httpx2 there
     gen) step gen timeout 360 $GEN --prompt 512 --new 128 --repeats "${REPEATS:-1}" --modes eager,compiled --json "$OUT/gen.json" ;;
+    graphed) step graphed timeout 420 $GEN --prompt 512 --new 128 --repeats "${REPEATS:-1}" \
+      --contenders "${CONTENDERS:-ours,bnb,bf16}" --modes graphed,graphed-compiled --json "$OUT/graphed.json" ;;
+    dectests) step dectests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
+      "$ROOT/tests/loader/test_loader_decode_cuda.py" ;;
+    profile) step profile timeout 300 bash -c "python3 $ROOT/bench/profile_graphed.py --layers 8 && \
+      python3 $ROOT/bench/profile_graphed.py --layers 8 --compile-step" ;;
     load) step load timeout 200 $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --json "$OUT/load.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;
@@ -76,7 +87,8 @@ for s in ${*:-env}; do
       --source "$GEN_DIR/llama8b-32" --tokens 16 ;;
     e2e) step e2e timeout 240 bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
     gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --replays 15 --json "$OUT/gemv.json" ;;
-    moe) step moe python3 "$ROOT/bench/bench_moe.py" --device cuda --layers 1 --repeat 2 --tokens 16 --workdir /tmp/qm_moe ;;
+    moe) step moe timeout 240 python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-48}" --repeat 2 \
+      --workdir /tmp/qm_moe --json "$OUT/moe.json" ;;
     host) step host python3 "$ROOT/bench/bench_cuda_host.py" --layers 8 --hidden 3072 ;;
     int8) step int8 timeout 60 python3 "$ROOT/bench/bench_int8.py" --device cuda --iters 20 --json "$OUT/int8.json" ;;
     newtests) step newtests timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/cuda/test_cuda_gemv_int8.py" \

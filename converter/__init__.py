@@ -6,6 +6,7 @@ __all__ = [
     "ConversionResult",
     "__version__",
     "convert",
+    "graphed_greedy",
     "load_quantized",
     "load_quantized_state",
     "replace_linear_layers",
@@ -21,6 +22,10 @@ def __getattr__(name: str):  # lazy: `import converter` stays light (no torch) u
         from converter.writer.report import ConversionResult
 
         return ConversionResult
+    if name == "graphed_greedy":
+        from converter.loader.decode import graphed_greedy
+
+        return graphed_greedy
     if name in ("load_quantized", "load_quantized_state", "replace_linear_layers"):
         from converter import loader
 

@@ -15,6 +15,7 @@ __all__ = [
     "QuantLinear4bit",
     "QuantLinear8bit",
     "dequantize_checkpoint",
+    "graphed_greedy",
     "load_quantized",
     "load_quantized_state",
     "register_lora",
@@ -31,6 +32,7 @@ _LAZY = {
     "replace_linear_layers": "converter.loader.replace",
     "load_quantized": "converter.loader.model",
     "dequantize_checkpoint": "converter.loader.dequantize",
+    "graphed_greedy": "converter.loader.decode",
 }
 
 

@@ -199,20 +199,24 @@ def _decode_grouped(
     ``moe_cuda.grouped_gemv`` on CUDA); the k expert outputs of a token are weighted and summed."""
     tokens, hidden_dim = hidden.shape
     k = top_k_index.shape[1]
-    ids = top_k_index.reshape(-1).to(torch.int64).contiguous()
+    ids = moe_cuda.flat_ids(top_k_index)
     gate_up = gemv(
         hidden, ids, packed, absmax, quant_map, x_share=k, byte_offset=0, block_offset=0,
         out_features=2 * intermediate, in_features=hidden_dim, blocksize=bs,
     )  # fmt: skip
-    gate, up = gate_up.chunk(2, dim=-1)
-    h = (act(gate) * up).contiguous()
+    # act(gate) * up: a new contiguous tensor (one dispatch per op here: decode is host-bound)
+    h = act(gate_up[:, :intermediate]).mul_(gate_up[:, intermediate:])
+    if not h.is_contiguous():  # a module's own act_fn may keep the slice's strides; the GEMV reads rows
+        h = h.contiguous()
     y = gemv(
         h, ids, packed, absmax, quant_map, x_share=1, byte_offset=intermediate * hidden_dim,
         block_offset=2 * intermediate * hidden_dim // bs, out_features=hidden_dim, in_features=intermediate,
         blocksize=bs,
     )  # fmt: skip
-    y = y * top_k_weights.reshape(-1, 1)
-    return y.view(tokens, k, hidden_dim).sum(dim=1).to(hidden.dtype)
+    # y * w in the promoted dtype as before (in place when that is y's), then a sum over the k slots
+    y, w = y.view(tokens, k, hidden_dim), top_k_weights.reshape(tokens, k, 1)
+    y = (y.mul_(w) if w.dtype == y.dtype else y * w).sum(dim=1)
+    return y if y.dtype == hidden.dtype else y.to(hidden.dtype)
 
 
 def _grouped_gemv_rows(
@@ -340,6 +344,10 @@ def _(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediat
     return torch.empty_like(hidden)
 
 
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class QuantExperts4bit(nn.Module):
     """A layer's routed experts in 4 bit, called like transformers' experts modules."""
 
@@ -406,7 +414,7 @@ class QuantExperts4bit(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         dtype = hidden_states.dtype
-        x = hidden_states.to(self.compute_dtype)
+        x = hidden_states if dtype == self.compute_dtype else hidden_states.to(self.compute_dtype)
         w = top_k_weights  # as the router gives them: transformers multiplies in their dtype
         args = (
             x,
@@ -418,12 +426,16 @@ class QuantExperts4bit(nn.Module):
             self.intermediate_dim,
             self.blocksize,
         )
-        if self.act_name is not None:
+        if self.act_name is not None and (torch.compiler.is_compiling() or _needs_autograd(x, w)):
+            # the custom op: one node for torch.compile (and its "no autograd" error for training)
             y = moe_experts_4bit(*args, self.act_name, self.use_gemv)
         else:
+            # eager: the op's own implementation, without the custom op's Python dispatch (tens of µs
+            # per call, per layer and token: an eager decode step is host-bound)
+            act = self.act_fn if self.act_name is None else _ACTS[self.act_name]
             forward = _experts_forward_cuda if x.is_cuda else _experts_forward
-            y = forward(*args, self.act_fn, self.use_gemv)
-        return y.to(dtype)
+            y = forward(*args, act, self.use_gemv)
+        return y if y.dtype == dtype else y.to(dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -73,6 +73,18 @@ def _launch_args(t: torch.Tensor) -> tuple[int, int]:
     return index, torch._C._cuda_getCurrentRawStream(index)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when contiguous (a Python check costs less than a ``.contiguous()`` dispatch)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def flat_ids(top_k_index: torch.Tensor) -> torch.Tensor:
+    """The routed expert ids as one contiguous int64 vector: the router's own tensor viewed when it is one
+    (the kernels read the ids by pointer)."""
+    ids = _dense(top_k_index.reshape(-1))  # reshape may give a strided view of a strided tensor
+    return ids if ids.dtype == torch.int64 else ids.to(torch.int64)
+
+
 def grouped_gemv(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -143,11 +155,12 @@ def decode_silu(
     of h and of y to x's dtype. Ids and weights are read on the device (no host sync)."""
     tokens, hidden_dim = hidden.shape
     k = top_k_index.shape[1]
-    x = hidden.contiguous()
+    # Python checks before each copy: an eager decode step is host-bound, every dispatch counts
+    x = hidden if hidden.is_contiguous() else hidden.contiguous()
     if x.data_ptr() % 16:  # a view at an odd offset: the kernel reads x in 16-byte words
         x = x.clone()
-    ids = top_k_index.reshape(-1).to(torch.int64).contiguous()
-    weights = top_k_weights.reshape(-1).contiguous()
+    ids = flat_ids(top_k_index)
+    weights = _dense(top_k_weights.reshape(-1))
     if weights.dtype not in KERNEL_DTYPE_CODES:
         weights = weights.float()
     h = torch.empty(tokens * k, intermediate, dtype=x.dtype, device=x.device)

@@ -1,0 +1,414 @@
+"""Greedy decoding with several decode steps per CUDA-graph replay, as a ``generate()`` plug-in.
+
+    out = model.generate(ids, custom_generate=graphed_greedy, max_new_tokens=128)
+
+transformers' ``generate()`` does host work on every decode step (input preparation, the logits
+processors, the stopping criteria, the cache bookkeeping): about 4-5 ms per token for an 8B Llama on
+an H200, in series with the forward. Once the forward itself is a replayed CUDA graph (1-2 ms for
+4-bit weights), that bookkeeping is most of the time per token. ``graphed_greedy`` keeps generate()'s
+own preparation (validation, cache creation, logits processors, stopping criteria, prefill) and
+replaces only its loop: the decode step (forward, EOS masking for ``min_new_tokens``, argmax, feeding
+the token back, position + 1) runs on device tensors only, ``steps_per_graph`` of them are recorded
+into one CUDA graph, and the host looks at the tokens once per replay (EOS, streamer). The tokens are
+those of ``generate(do_sample=False)``: the same forward on the same static cache, the same argmax.
+
+On the CPU the same loop runs without graphs (it still skips the per-step bookkeeping). Anything the
+device loop does not reproduce exactly (sampling, beams, padding, other logits processors or stopping
+criteria, scores or attentions in the output) falls back to transformers' own loop with a warning that
+names the reason, so the result is never silently different.
+
+The static cache: the one passed to ``generate`` (``cache=StaticCache(...)``: the recorded graphs are
+kept with it and replayed by later calls that pass it again), or, when generate made a dynamic one,
+a static cache this module keeps per model (grown in steps of 256 positions) so repeated calls replay
+the same graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Decode steps recorded into one CUDA graph: the host looks at the tokens once per replay.
+DEFAULT_STEPS_PER_GRAPH = 16
+#: The module's own static caches grow in steps of this many positions (so nearby lengths share one).
+CACHE_LENGTH_STEP = 256
+#: Steps run eagerly before the first capture (lazy initialisation of cuBLAS, cuDNN plans, our kernels).
+WARMUP_STEPS = 2
+
+_warned: set[str] = set()
+_own_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> StaticCache
+_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _GraphState
+
+
+@dataclass
+class _EosMask:
+    """``min_length`` / ``min_new_tokens`` as device ops: EOS logits are -inf while the text is short."""
+
+    eos_ids: torch.Tensor  # the EOS token ids, on the model's device
+    min_total_length: int  # EOS allowed once the sequence (prompt + new) has this many tokens
+
+
+@dataclass
+class _GraphState:
+    """Static buffers of the decode step and the graphs recorded over them (per cache and batch)."""
+
+    token: torch.Tensor  # (B, 1) the token fed to the next step
+    position: torch.Tensor  # (B, 1) its position
+    min_total: torch.Tensor  # () the EOS mask's length, a device scalar so graphs outlive one call
+    chunk: torch.Tensor  # (B, steps_per_graph) the tokens a replay produced
+    graphs: dict[int, Any] = field(default_factory=dict)  # steps -> torch.cuda.CUDAGraph
+    pool: Any = None  # one memory pool for all graphs of this state
+    eos_ids: torch.Tensor | None = None
+    warm: bool = False
+
+
+def graphed_greedy(
+    model: Any,
+    input_ids: torch.LongTensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    steps_per_graph: int = DEFAULT_STEPS_PER_GRAPH,
+    compile_step: bool = False,
+    **model_kwargs: Any,
+) -> Any:
+    """A ``custom_generate`` decoding loop for ``model.generate``: greedy, several steps per graph.
+
+    ``steps_per_graph``: decode steps per CUDA-graph replay (the host checks EOS once per replay).
+    ``compile_step``: run the decode step's forward through ``torch.compile`` (inductor, no CUDA graphs
+    of its own) before recording it, which fuses the small element-wise kernels between the weights.
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    if not isinstance(steps_per_graph, int) or steps_per_graph < 1:
+        msg = f"steps_per_graph must be a positive int, got {steps_per_graph!r}"
+        raise ValueError(msg)
+    reason = _unsupported(
+        model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
+    )
+    if reason is None and synced_gpus:
+        reason = "synced_gpus (several processes) is not supported"
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            log.warning("graphed_greedy: %s; using transformers' decoding loop", reason)
+        return GenerationMixin._sample(
+            model,
+            input_ids,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            **model_kwargs,
+        )
+    with torch.no_grad():
+        return _greedy(
+            model,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            streamer,
+            steps_per_graph,
+            compile_step,
+            model_kwargs,
+        )
+
+
+# -- what the device loop reproduces exactly -----------------------------------------------------------
+
+
+def _unsupported(
+    model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
+) -> str | None:
+    from transformers.generation.logits_process import (
+        MinLengthLogitsProcessor,
+        MinNewTokensLengthLogitsProcessor,
+    )
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    cfg = generation_config
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    if cfg.do_sample or (cfg.num_beams or 1) != 1:
+        return "only greedy decoding (do_sample=False, num_beams=1) runs on the device loop"
+    if cfg.return_dict_in_generate and (
+        cfg.output_scores or cfg.output_logits or cfg.output_attentions or cfg.output_hidden_states
+    ):
+        return "scores, logits, attentions or hidden states in the output need the per-step loop"
+    if model_kwargs.get("inputs_embeds") is not None:
+        return "inputs_embeds prompts are not supported"
+    if input_ids.device.type not in ("cuda", "cpu") or input_ids.shape[1] == 0:
+        return f"input_ids on {input_ids.device.type} (empty or not CPU/CUDA) are not supported"
+    for p in logits_processor:
+        if not isinstance(p, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)):
+            return f"the logits processor {type(p).__name__} is not supported"
+    for c in stopping_criteria:
+        if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)):
+            return f"the stopping criterion {type(c).__name__} is not supported"
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and (mask.shape != input_ids.shape or not bool(mask.all())):
+        return "padded prompts (an attention_mask with zeros) are not supported"
+    cache = model_kwargs.get("cache")
+    if cache is not None and not _is_empty_reusable_cache(cache):
+        return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"
+    return None
+
+
+def _is_empty_reusable_cache(cache) -> bool:
+    from transformers import DynamicCache, StaticCache
+
+    if isinstance(cache, StaticCache):
+        return int(cache.get_seq_length()) == 0
+    return type(cache) is DynamicCache and cache.get_seq_length() == 0
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+
+
+def _greedy(
+    model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    streamer,
+    k,
+    compile_step,
+    model_kwargs,
+):
+    batch, prompt = input_ids.shape
+    max_length = _max_length(stopping_criteria, generation_config)
+    device = model.device
+    cache = _static_cache(model, model_kwargs, batch, max_length)
+    eos = _eos_ids(stopping_criteria)
+    eos_mask = _eos_mask(logits_processor, device)
+
+    # Prefill: generate()'s own (attention mask, position ids, logits_to_keep), then the first token
+    # through the same logits processors _sample applies.
+    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+    first = torch.argmax(logits_processor(input_ids, logits), dim=-1).view(batch, 1)
+    del outputs, logits
+    tokens = [first.to("cpu", copy=True)]
+    _stream(streamer, tokens[0])
+    finished = _finished(tokens[0], eos)
+    remaining = max_length - prompt - 1
+    state = _state(cache, batch, k, eos_mask, compile_step, device)
+    state.token.copy_(first)
+    state.position.fill_(prompt)
+    state.min_total.fill_(eos_mask.min_total_length if eos_mask else 0)
+    step = _step_fn(model, cache, state, compile_step)
+    with _decode_mode(model):
+        while remaining > 0 and not bool(finished.all()):
+            n = _run(state, step, remaining, k, device)
+            got = state.chunk[:, :n].to("cpu", copy=True)  # a copy also on the CPU: the buffer is reused
+            tokens.append(got)
+            _stream(streamer, got)
+            remaining -= n
+            finished |= _finished(got, eos)
+    if streamer is not None:
+        streamer.end()
+    new = _pad_after_eos(torch.cat(tokens, dim=1), eos, generation_config._pad_token_tensor)
+    sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+    if generation_config.return_dict_in_generate:
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        return GenerateDecoderOnlyOutput(sequences=sequences, cache=cache)
+    return sequences
+
+
+def _run(state: _GraphState, step, remaining: int, k: int, device: torch.device) -> int:
+    """Runs the next ``n <= remaining`` decode steps; their tokens land in ``state.chunk[:, :n]``."""
+    if device.type != "cuda":
+        n = min(k, remaining)
+        for i in range(n):
+            step(i)
+        return n
+    if not state.warm:  # eager steps first: lazy initialisations must not happen inside a capture
+        n = min(WARMUP_STEPS, remaining, k)  # the tokens land in chunk[:, :n]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for i in range(n):
+                step(i)
+        torch.cuda.current_stream(device).wait_stream(side)
+        state.warm = True
+        return n
+    n = k if remaining >= k else 1 << (remaining.bit_length() - 1)  # k, then powers of two
+    graph = state.graphs.get(n)
+    if graph is None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=state.pool):
+            for i in range(n):
+                step(i)
+        state.pool = state.pool or graph.pool()
+        state.graphs[n] = graph
+    graph.replay()
+    return n
+
+
+def _step_fn(model, cache, state: _GraphState, compile_step: bool):
+    """One decode step on device tensors only: forward, EOS mask, argmax, feed back, position + 1."""
+    kw = {"cache": cache} if _takes_cache(model) else {"past_key_values": cache}
+    forward = _compiled_call(model) if compile_step else model
+
+    def step(i: int) -> None:
+        out = forward(
+            input_ids=state.token, position_ids=state.position, use_cache=True, return_dict=True, **kw
+        )
+        logits = out.logits[:, -1].float()
+        if state.eos_ids is not None:
+            # the token chosen now makes the sequence position + 2 long; EOS stays barred while the
+            # sequence before it (position + 1 tokens) is shorter than the minimum, as MinLength's `<`
+            blocked = state.position + 1 < state.min_total  # (B, 1)
+            ids = state.eos_ids
+            logits[:, ids] = torch.where(blocked, float("-inf"), logits[:, ids])
+        nxt = torch.argmax(logits, dim=-1, keepdim=True)
+        state.chunk[:, i : i + 1].copy_(nxt)
+        state.token.copy_(nxt)
+        state.position.add_(1)
+
+    return step
+
+
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled __call__
+
+
+def _compiled_call(model):
+    """The model's forward through inductor without CUDA graphs of its own (ours record the steps)."""
+    fn = _compiled.get(model)
+    if fn is None:
+        fn = torch.compile(model.__call__, mode="default", dynamic=False)
+        _compiled[model] = fn
+    return fn
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _decode_mode(model):
+    import contextlib
+
+    ctx = getattr(model, "_optimize_model_for_decode", None)  # e.g. MoE experts: batched_mm for decode
+    return ctx() if ctx is not None else contextlib.nullcontext()
+
+
+def _takes_cache(model) -> bool:
+    import inspect
+
+    return "cache" in inspect.signature(type(model).forward).parameters
+
+
+def _max_length(stopping_criteria, generation_config) -> int:
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    lengths = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
+    return min(lengths) if lengths else generation_config.max_length
+
+
+def _eos_ids(stopping_criteria) -> torch.Tensor | None:
+    from transformers.generation.stopping_criteria import EosTokenCriteria
+
+    for c in stopping_criteria:
+        if isinstance(c, EosTokenCriteria):
+            return torch.as_tensor(c.eos_token_id, device="cpu").flatten()
+    return None
+
+
+def _eos_mask(logits_processor, device) -> _EosMask | None:
+    from transformers.generation.logits_process import MinLengthLogitsProcessor
+
+    lengths, ids = [], []
+    for p in logits_processor:
+        if isinstance(p, MinLengthLogitsProcessor):
+            lengths.append(p.min_length)
+        else:  # MinNewTokensLengthLogitsProcessor
+            lengths.append(p.prompt_length_to_skip + p.min_new_tokens)
+        ids.append(torch.as_tensor(p.eos_token_id).flatten())
+    if not lengths:
+        return None
+    return _EosMask(torch.unique(torch.cat(ids)).to(device), max(lengths))
+
+
+def _finished(tokens: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:
+    if eos is None:
+        return torch.zeros(tokens.shape[0], dtype=torch.bool)
+    return torch.isin(tokens, eos).any(dim=1)
+
+
+def _pad_after_eos(new: torch.Tensor, eos: torch.Tensor | None, pad: torch.Tensor | None) -> torch.Tensor:
+    """As _sample: a row that produced EOS gets the pad token afterwards; the output ends when all did."""
+    if eos is None:
+        return new
+    hit = torch.isin(new, eos)
+    after = (hit.long().cumsum(dim=1) - hit.long()) > 0  # strictly after a row's first EOS
+    if bool(after.any()):
+        new = new.masked_fill(after, int(pad) if pad is not None else int(eos[0]))
+    if bool(hit.any(dim=1).all()):  # the loop stopped in the replay where the last row finished
+        first = hit.long().argmax(dim=1)  # each row's first EOS
+        new = new[:, : int(first.max()) + 1]
+    return new
+
+
+def _stream(streamer, tokens: torch.Tensor) -> None:
+    if streamer is not None:
+        streamer.put(tokens.flatten() if tokens.shape[0] == 1 else tokens)
+
+
+def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
+    """The StaticCache the decode runs on; replaces generate()'s fresh DynamicCache with our own."""
+    from transformers import StaticCache
+
+    cache = model_kwargs.get("cache")
+    if isinstance(cache, StaticCache):
+        if _capacity(cache) < max_length - 1:
+            msg = f"the StaticCache holds {_capacity(cache)} positions; generate() needs {max_length - 1}"
+            raise ValueError(msg)
+        return cache
+    length = -(-(max_length - 1) // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+    own = _own_caches.get(model)
+    if own is None or _capacity(own) < length or _cache_batch(own) not in (None, batch):
+        own = StaticCache(config=model.config, max_cache_len=length)
+        _own_caches[model] = own
+    else:
+        own.reset()
+    model_kwargs["cache"] = own
+    return own
+
+
+def _capacity(cache) -> int:
+    """Positions a static cache holds (its full-attention layers'; sliding layers hold a window)."""
+    return max(layer.max_cache_len for layer in cache.layers)
+
+
+def _cache_batch(cache) -> int | None:
+    layer = cache.layers[0] if getattr(cache, "layers", None) else None
+    return getattr(layer, "batch_size", None) if layer is not None and layer.is_initialized else None
+
+
+def _state(cache, batch: int, k: int, eos_mask: _EosMask | None, compile_step: bool, device) -> _GraphState:
+    """The buffers and graphs for this cache, batch, EOS-mask ids and step kind (recorded once each)."""
+    eos_key = tuple(eos_mask.eos_ids.tolist()) if eos_mask else None
+    key = (batch, k, eos_key, compile_step)
+    states = _graphs.setdefault(cache, {})
+    state = states.get(key)
+    if state is None:
+        state = _GraphState(
+            token=torch.zeros(batch, 1, dtype=torch.long, device=device),
+            position=torch.zeros(batch, 1, dtype=torch.long, device=device),
+            min_total=torch.zeros((), dtype=torch.long, device=device),
+            chunk=torch.zeros(batch, k, dtype=torch.long, device=device),
+            eos_ids=eos_mask.eos_ids if eos_mask else None,
+        )
+        states[key] = state
+    return state

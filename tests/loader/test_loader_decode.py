@@ -1,0 +1,130 @@
+"""``graphed_greedy``: generate()'s tokens from the device decode loop, and a said fallback otherwise.
+
+On the CPU the loop runs without CUDA graphs (the graphs themselves are tested in
+test_loader_decode_cuda.py on the GPU); everything else (prefill through generate()'s own preparation,
+the static cache it swaps in, EOS masking for min_new_tokens on device tensors, EOS padding of finished
+rows, the early stop, the fallback) is the same code and is checked here against
+transformers' own greedy loop on the same model: the same forward on the same static cache, so the
+same tokens, exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import StaticCache
+
+from converter.loader import decode
+from converter.loader.decode import graphed_greedy
+from converter.loader.model import load_quantized
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 200, 7, 64]])
+
+
+@pytest.fixture(scope="module")
+def model(our_folder: Path):
+    return load_quantized(our_folder).eval()
+
+
+def _reference(model, ids: torch.Tensor, **kw) -> torch.Tensor:
+    """transformers' own greedy loop on a static cache (the graphed loop always decodes on one)."""
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + kw["max_new_tokens"])
+    return model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
+
+
+@pytest.mark.parametrize("steps_per_graph", [1, 3, 16])
+def test_tokens_equal_transformers_greedy(model, steps_per_graph: int) -> None:
+    kw = {"max_new_tokens": 21, "min_new_tokens": 21, "pad_token_id": 0}
+    want = _reference(model, IDS, **kw)
+    got = model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=steps_per_graph, **kw)
+    assert got.shape == (1, IDS.shape[1] + 21)
+    assert torch.equal(got, want)
+
+
+def test_a_second_call_reuses_its_static_cache_and_matches(model) -> None:
+    kw = {"max_new_tokens": 9, "min_new_tokens": 9, "pad_token_id": 0}
+    first = model.generate(IDS, custom_generate=graphed_greedy, **kw)
+    cache = decode._own_caches[model]
+    second = model.generate(IDS, custom_generate=graphed_greedy, **kw)
+    assert decode._own_caches[model] is cache  # the same buffers: on CUDA the recorded graphs replay
+    assert torch.equal(first, second)
+    assert torch.equal(second, _reference(model, IDS, **kw))
+
+
+def test_users_static_cache_is_used(model) -> None:
+    kw = {"max_new_tokens": 7, "min_new_tokens": 7, "pad_token_id": 0}
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    got = model.generate(IDS, custom_generate=graphed_greedy, cache=cache, **kw)
+    assert int(cache.get_seq_length()) == IDS.shape[1] + 6  # the last token is produced, not fed
+    assert torch.equal(got, _reference(model, IDS, **kw))
+
+
+def test_small_static_cache_is_refused_naming_both_lengths(model) -> None:
+    cache = StaticCache(config=model.config, max_cache_len=10)
+    with pytest.raises(ValueError, match=r"holds 10 positions; generate\(\) needs 19"):
+        model.generate(IDS, custom_generate=graphed_greedy, cache=cache, max_new_tokens=12, pad_token_id=0)
+
+
+def _eos_of(model, ids: torch.Tensor, at: int) -> int:
+    """The token greedy decoding produces as its ``at``-th new token: made the EOS, it stops there."""
+    return int(_reference(model, ids, max_new_tokens=at + 1, pad_token_id=0)[0, ids.shape[1] + at])
+
+
+def test_stops_at_eos_like_transformers(model) -> None:
+    eos = _eos_of(model, IDS, 5)
+    kw = {"max_new_tokens": 20, "eos_token_id": eos, "pad_token_id": 0}
+    want = _reference(model, IDS, **kw)
+    got = model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
+    assert want.shape[1] < IDS.shape[1] + 20  # the reference really stopped early
+    assert torch.equal(got, want)
+
+
+def test_min_new_tokens_bars_eos_on_device(model) -> None:
+    eos = _eos_of(model, IDS, 2)
+    kw = {"max_new_tokens": 14, "min_new_tokens": 9, "eos_token_id": eos, "pad_token_id": 0}
+    want = _reference(model, IDS, **kw)
+    got = model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
+    assert torch.equal(got, want)
+
+
+def test_batch_rows_finished_early_are_padded_like_transformers(model) -> None:
+    ids = torch.cat([IDS, IDS.flip(1)])
+    eos = _eos_of(model, ids[:1], 3)
+    kw = {"max_new_tokens": 16, "eos_token_id": eos, "pad_token_id": 3}
+    want = _reference(model, ids, **kw)
+    got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=5, **kw)
+    assert (want == 3).any()  # one row finished and was padded while the other went on
+    assert torch.equal(got, want)
+
+
+def test_sampling_falls_back_to_transformers_with_a_warning(model, caplog) -> None:
+    kw = {"max_new_tokens": 6, "do_sample": True, "top_k": 5, "pad_token_id": 0}
+    torch.manual_seed(3)
+    want = model.generate(IDS, **kw)
+    decode._warned.clear()
+    torch.manual_seed(3)
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(IDS, custom_generate=graphed_greedy, **kw)
+    assert "only greedy decoding" in caplog.text
+    assert torch.equal(got, want)
+
+
+def test_padded_prompt_falls_back(model, caplog) -> None:
+    ids = torch.cat([IDS, IDS])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(
+            ids, attention_mask=mask, custom_generate=graphed_greedy, max_new_tokens=4, pad_token_id=0
+        )
+    assert "padded prompts" in caplog.text
+    assert got.shape == (2, IDS.shape[1] + 4)
+
+
+def test_bad_steps_per_graph_is_refused(model) -> None:
+    with pytest.raises(ValueError, match="steps_per_graph must be a positive int, got 0"):
+        model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=0, max_new_tokens=3)

@@ -1,0 +1,97 @@
+"""``graphed_greedy`` on the GPU: decode steps recorded into CUDA graphs give generate()'s tokens.
+
+The reference is transformers' own greedy loop on a static cache of the same model: the replayed graphs
+run the same kernels on the same cache, so the tokens are equal. Needs an NVIDIA GPU (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from converter.loader import decode
+from converter.loader.decode import graphed_greedy
+from converter.loader.model import load_quantized
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+IDS = torch.tensor([[1, 5, 9, 33, 2, 200, 7, 64]])
+
+
+@pytest.fixture(scope="module")
+def model(our_folder: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_quantized(our_folder, device="cuda").eval()
+
+
+def _reference(model, ids: torch.Tensor, **kw) -> torch.Tensor:
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + kw["max_new_tokens"])
+    return model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
+
+
+@pytest.mark.parametrize("steps_per_graph", [1, 4, 16])
+def test_graphed_tokens_equal_transformers_greedy(model, steps_per_graph: int) -> None:
+    ids = IDS.cuda()
+    kw = {"max_new_tokens": 37, "min_new_tokens": 37, "pad_token_id": 0}
+    want = _reference(model, ids, **kw)
+    got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=steps_per_graph, **kw)
+    assert torch.equal(got, want)
+    states = decode._graphs[decode._own_caches[model]]
+    assert any(s.graphs for s in states.values()), "no CUDA graph was recorded"
+
+
+def test_second_call_replays_without_recording(model) -> None:
+    ids = IDS.cuda()
+    kw = {"max_new_tokens": 40, "min_new_tokens": 40, "pad_token_id": 0}
+    model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=8, **kw)
+    state = next(iter(decode._graphs[decode._own_caches[model]].values()))
+    recorded = dict(state.graphs)
+    got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=8, **kw)
+    assert {n: id(g) for n, g in state.graphs.items()} == {n: id(g) for n, g in recorded.items()}
+    assert torch.equal(got, _reference(model, ids, **kw))
+
+
+def test_graphed_eos_stop_and_batch_padding(model) -> None:
+    ids = torch.cat([IDS, IDS.flip(1)]).cuda()
+    eos = int(_reference(model, ids[:1], max_new_tokens=4, pad_token_id=0)[0, ids.shape[1] + 3])
+    kw = {"max_new_tokens": 30, "eos_token_id": eos, "pad_token_id": 3, "min_new_tokens": 2}
+    want = _reference(model, ids, **kw)
+    got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
+    assert torch.equal(got, want)
+
+
+def test_compiled_step_in_graphs_gives_the_eager_tokens(our_folder: Path) -> None:
+    """compile_step=True (inductor, then recorded): same tokens, in a child process (dynamo on)."""
+    code = f"""
+import torch, warnings
+warnings.simplefilter("ignore")
+from converter.loader.decode import graphed_greedy
+from converter.loader.model import load_quantized
+from transformers import StaticCache
+m = load_quantized({str(our_folder)!r}, device="cuda").eval()
+ids = torch.tensor({IDS.tolist()}).cuda()
+kw = dict(max_new_tokens=24, min_new_tokens=24, pad_token_id=0)
+c = StaticCache(config=m.config, max_cache_len=ids.shape[1] + 24)
+want = m.generate(ids, do_sample=False, cache=c, disable_compile=True, **kw)
+got = m.generate(ids, custom_generate=graphed_greedy, compile_step=True, steps_per_graph=8, **kw)
+assert torch.equal(got, want), (got, want)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok"), out.stdout[-3000:]
