@@ -228,8 +228,11 @@ class Verification:
 
     A shard with chunk digests is hashed chunk by chunk on all the threads; one without (an index
     written before them) as one whole-file sha256 on one thread. A caller that reads a shard's bytes
-    anyway (the streamed GPU load) can :meth:`claim` the chunks no thread has started yet, hash them
-    from its own buffers and :meth:`record` their digests: no byte is read twice for the hash.
+    anyway (the streamed GPU load, front to back) can :meth:`take` each chunk it has just read, if no
+    thread has started it, hash it from its own buffer and :meth:`record` the digest. The threads
+    work from the last chunk backwards, so the two meet somewhere in the middle, and whatever the
+    caller has not reached when it stops reading is hashed by the threads while it does other work
+    (building the model).
     """
 
     _POOL, _CALLER = 1, 2
@@ -246,17 +249,14 @@ class Verification:
         self._threads = max(1, threads or len(os.sched_getaffinity(0)))
         pool = ThreadPoolExecutor(max_workers=max(1, min(tasks, self._threads)))
         self._whole = {n: pool.submit(_sha256, index.folder / n) for n in hashed if n not in self._chunked}
-        self._tasks: list[Future[None]] = [
-            pool.submit(self._hash_chunk, n, k)
-            for n, c in self._chunked.items()
-            for k in range(len(c.sha256))
-        ]
+        order = [(n, k) for n, c in self._chunked.items() for k in range(len(c.sha256))]
+        self._tasks: list[Future[None]] = [pool.submit(self._hash_chunk, n, k) for n, k in reversed(order)]
         pool.shutdown(wait=False)  # the threads finish what is queued; nothing else is submitted
 
     def _hash_chunk(self, name: str, k: int) -> None:
         with self._lock:
             if self._owner[name][k]:
-                return  # claimed by the caller
+                return  # taken by the caller
             self._owner[name][k] = self._POOL
         self._hash_now(name, k)
 
@@ -268,18 +268,20 @@ class Verification:
             digest = f"unreadable ({exc})"
         self.record(name, k, digest)
 
-    def claim(self, name: str) -> tuple[ChunkDigests, int, frozenset[int]] | None:
-        """The chunk digests of shard ``name``, its size, and the chunks no thread has started, now the
-        caller's to hash; None when the shard is not hashed by chunks (no digests, or a wrong size)."""
+    def chunk_digests(self, name: str) -> tuple[ChunkDigests, int] | None:
+        """The chunk digests of shard ``name`` and its size, when it is hashed by chunks (else None:
+        no digests, or a size that differs from the index)."""
         chunks = self._chunked.get(name)
-        if chunks is None:
-            return None
+        return None if chunks is None else (chunks, self.index.shards[name].size)
+
+    def take(self, name: str, k: int) -> bool:
+        """Chunk ``k`` of shard ``name`` is the caller's to hash (True), unless a thread started it."""
         with self._lock:
             owner = self._owner[name]
-            mine = frozenset(k for k, who in enumerate(owner) if not who)
-            for k in mine:
-                owner[k] = self._CALLER
-        return chunks, self.index.shards[name].size, mine
+            if owner[k]:
+                return False
+            owner[k] = self._CALLER
+            return True
 
     def record(self, name: str, k: int, digest: str) -> None:
         """The sha256 (hex) of chunk ``k`` of shard ``name`` (thread-safe)."""
@@ -289,7 +291,7 @@ class Verification:
     def __call__(self) -> list[str]:
         for task in self._tasks:
             task.result()
-        # Chunks a caller claimed but never recorded (it failed first) are hashed here.
+        # Chunks a caller took but never recorded (it failed first) are hashed here.
         left = [
             (n, k) for n, c in self._chunked.items() for k in range(len(c.sha256)) if k not in self._got[n]
         ]

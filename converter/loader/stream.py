@@ -10,9 +10,10 @@ overlap the next reads). A staging buffer is refilled only after its copies are 
 
 With ``verify`` (``hashes``, a running ``formats.index.Verification``), a shard whose index records
 chunk digests is read on its chunk grid instead, the whole file (header and gaps are a few bytes
-more), and each reader thread hashes the chunk it just read into staging before handing it on: the
-check costs no second read and runs on as many threads as there are readers (``formats/chunks.py``).
-Chunks the verification's own threads started first are only copied here.
+more), and each reader thread hashes the chunk it just read into staging before handing it on (no
+second read; ``formats/chunks.py``), unless the verification's own threads, which work from the end
+of the files backwards, started that chunk first: those finish what the readers do not reach while
+the model is built.
 
 Each destination is its own ``torch.empty`` on the device, as ``model.to(device)`` would make it (same
 alignment, independently freeable). Tensors that are not views of a shard (computed, cast, cloned)
@@ -132,7 +133,7 @@ def stream_state(
     """``state`` with every tensor (plain or inside a record) on ``device``.
 
     Shard views are read from their files chunk by chunk and copied once; other tensors are moved
-    with ``.to(device)``. ``hashes``: the chunks of the shards it can claim are hashed as they are read.
+    with ``.to(device)``. ``hashes``: shards with chunk digests are hashed as they are read.
     """
     device = torch.device(device)
     stats = stats if stats is not None else StreamStats()
@@ -156,8 +157,8 @@ def stream_state(
                 pieces[where[0]].append(_Piece(where[1], flat.numel(), flat))
                 stats.copied_tensors += 1
             moved[id(t)] = by_view[key]
-    claims = [hashes.claim(f.path.name) if hashes is not None else None for f in files]
-    chunks = _chunks(files, pieces, chunk_bytes, claims)
+    grids = [hashes.chunk_digests(f.path.name) if hashes is not None else None for f in files]
+    chunks = _chunks(files, pieces, chunk_bytes, grids)
     _copy_files(files, chunks, device, slots, readers, stats, hashes)
     return {k: _replace(v, moved) for k, v in state.items()}
 
@@ -175,28 +176,27 @@ def _inside(ordered: list[_Piece], k: int, off: int, n: int) -> tuple[int, list[
 
 
 def _chunks(
-    files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], size: int, claims: Sequence[Any] = ()
+    files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], size: int, grids: Sequence[Any] = ()
 ) -> list:
     """(file index, offset, length, pieces overlapping it, chunk to hash or -1) for every chunk to read,
     files in turn.
 
     Tensor ranges are merged into spans (a gap shorter than a chunk is read through rather than
-    split), and each span is cut into chunks of at most ``size`` bytes. A file with a claim
-    (``Verification.claim``: digests, file size, chunks to hash) is read on its digest grid instead:
-    every chunk to hash, and every other chunk holding a tensor byte.
+    split), and each span is cut into chunks of at most ``size`` bytes. A file with chunk digests
+    (``Verification.chunk_digests``: digests, file size) is read whole on their grid instead, each
+    chunk's index given to hash it.
     """
     out = []
     for i in range(len(files)):
         ordered = sorted(pieces[i], key=lambda p: p.offset)
-        claim = claims[i] if i < len(claims) else None
-        if claim is not None:
-            digests, file_size, mine = claim
+        grid = grids[i] if i < len(grids) else None
+        if grid is not None:
+            digests, file_size = grid
             k = 0
             for c in range(len(digests.sha256)):
                 off, n = digests.span(c, file_size)
                 k, inside = _inside(ordered, k, off, n)
-                if c in mine or inside:
-                    out.append((i, off, n, inside, c if c in mine else -1))
+                out.append((i, off, n, inside, c))
             continue
         spans: list[tuple[int, int]] = []
         for p in ordered:
@@ -248,8 +248,9 @@ def _copy_files(
                     event.synchronize()  # releases the GIL
                 i, off, n, _, c = chunks[j]
                 read_exact(fds[i], views[slot][:n], off)
-                if c >= 0 and hashes is not None:  # hashlib releases the GIL
-                    hashes.record(files[i].path.name, c, hashlib.sha256(views[slot][:n]).hexdigest())
+                name = files[i].path.name
+                if c >= 0 and hashes is not None and hashes.take(name, c):  # hashlib releases the GIL
+                    hashes.record(name, c, hashlib.sha256(views[slot][:n]).hexdigest())
 
             reads = {j: pool.submit(read, j, j % slots) for j in range(slots)}
             for j, (i, off, n, inside, _) in enumerate(chunks):

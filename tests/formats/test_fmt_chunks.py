@@ -176,7 +176,7 @@ def test_an_index_without_chunk_digests_is_verified_by_whole_file(tmp_path: Path
     )
 
 
-def test_claimed_chunks_are_left_to_the_caller_and_hashed_at_the_end_if_never_recorded(
+def test_taken_chunks_are_left_to_the_caller_and_hashed_at_the_end_if_never_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     infos, wm = _write_two_shards(tmp_path)
@@ -185,30 +185,34 @@ def test_claimed_chunks_are_left_to_the_caller_and_hashed_at_the_end_if_never_re
     gate = threading.Event()
     real = Verification._hash_chunk
     pool_hashed: list[tuple[str, int]] = []
+    started: list[tuple[str, int]] = []
 
     def held(self: Verification, shard: str, k: int) -> None:
-        gate.wait()  # the caller claims before any pool thread starts
+        started.append((shard, k))
+        gate.wait()  # the caller takes its chunks before any pool thread starts one
         before = len(self._got[shard])
         real(self, shard, k)
         if len(self._got[shard]) > before:
             pool_hashed.append((shard, k))
 
     monkeypatch.setattr(Verification, "_hash_chunk", held)
-    pending = start_verify(tmp_path, threads=2)
-    claim = pending.claim(name)
-    assert claim is not None
-    chunks, size, mine = claim
-    assert (chunks, size) == (infos[0].chunks, infos[0].size)
-    assert mine == frozenset(range(len(chunks.sha256)))
-    assert pending.claim(name)[2] == frozenset()  # nothing is claimed twice
+    pending = start_verify(tmp_path, threads=1)
+    grid = pending.chunk_digests(name)
+    assert grid == (infos[0].chunks, infos[0].size)
+    chunks, size = grid
+    n = len(chunks.sha256)
+    assert all(pending.take(name, k) for k in range(n))
+    assert not any(pending.take(name, k) for k in range(n))  # nothing is taken twice
     data = infos[0].path.read_bytes()
     _flip(infos[0].path, 0)  # changed after the caller read it: the caller's digests are what count
-    for k in sorted(mine)[1:]:
-        start, n = chunks.span(k, size)
-        pending.record(name, k, hashlib.sha256(data[start : start + n]).hexdigest())
+    for k in range(1, n):
+        start, length = chunks.span(k, size)
+        pending.record(name, k, hashlib.sha256(data[start : start + length]).hexdigest())
     gate.set()
     problems = pending()
-    # The pool hashed only the other shard; chunk 0, claimed but never recorded, was hashed at the end.
+    # The pool starts from the last chunk of the last shard, works backwards, hashes only what the
+    # caller did not take; chunk 0, taken but never recorded, was hashed at the end.
+    assert started[0] == (infos[1].path.name, len(infos[1].chunks.sha256) - 1)
     assert {s for s, _ in pool_hashed} == {infos[1].path.name}
     assert len(problems) == 1
     assert problems[0].startswith(f"{infos[0].path}: sha256 of chunk 0 ")

@@ -99,7 +99,7 @@ def test_an_intact_chunked_folder_loads_the_same_model_on_both_paths(
 def test_the_stream_hashes_what_it_reads_reading_each_file_once(
     chunked_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Hold the verification's own threads until the stream has claimed its chunks: every chunk is then
+    # Hold the verification's own threads until the stream has read everything: every chunk is then
     # the stream's to hash, from its staging buffers.
     gate = threading.Event()
     real = Verification._hash_chunk
