@@ -10,8 +10,8 @@ readers that know no chunks.
 
 16 MiB chunks: a 5 GB shard has ~300 of them (enough to keep 16 threads busy to the end, ~20 KB of
 JSON in the index), each hashes in ~10 ms (a pool's per-task overhead is noise), and the streamed
-GPU load reads the same 16 MiB pieces into pinned staging buffers, of which it needs one per
-hashing thread: 18 x 16 MiB pinned instead of 6 x 32 MiB.
+GPU load reads the same 16 MiB pieces into pinned staging buffers, one held per hashing reader:
+10 x 16 MiB pinned with 8 readers (6 x 32 MiB without verify).
 """
 
 from __future__ import annotations

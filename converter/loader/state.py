@@ -113,25 +113,37 @@ def load_quantized_state(
     transformers) are validated structurally only.
     """
     folder = resolve_folder(path_or_repo)
-    with shards_verified(folder, verify) as hashes:
+    with shards_verified(folder, verify, streaming=streams_to(device)) as hashes:
         return read_state(folder, device, hashes)
 
 
+def _hash_threads(streaming: bool) -> int:
+    """Threads for the verification: every core but the caller's, less the stream's readers (they
+    hash too) on a streamed load. More would only take time slices from the caller's thread, which
+    parses, copies and builds the model: the load's critical path."""
+    cores = len(os.sched_getaffinity(0))
+    if streaming:
+        from converter.loader.stream import reader_threads
+
+        return max(1, cores - 1 - reader_threads())
+    return max(1, cores - 1)
+
+
 @contextlib.contextmanager
-def shards_verified(folder: Path, verify: bool = True) -> Iterator[Verification | None]:
+def shards_verified(
+    folder: Path, verify: bool = True, *, streaming: bool = False
+) -> Iterator[Verification | None]:
     """Hash the shards of ``folder`` on background threads while the block runs (hashlib releases the
     GIL); on leaving it, wait for them and raise ``ChecksumMismatchError`` naming a changed shard, also
     in place of any error the block raised (a changed shard explains a failure to read it best).
     Yields the running ``Verification``: pass it to :func:`read_state` so that a streamed load hashes
     the chunks it reads itself. A folder whose index records no hashes, or ``verify=False``: nothing
-    is hashed (yields None)."""
+    is hashed (yields None). ``streaming``: the block streams the shards (``read_state`` to a GPU)."""
     if not verify or not shard_files(folder)[1]:
         yield None
         return
     try:
-        # One core is left to the caller (parsing, building the model, issuing copies): on 2 cores a
-        # second hashing thread only slows the load down.
-        pending = start_verify(folder, threads=max(1, len(os.sched_getaffinity(0)) - 1))
+        pending = start_verify(folder, threads=_hash_threads(streaming))
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 

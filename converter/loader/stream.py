@@ -45,9 +45,15 @@ if TYPE_CHECKING:
 CHUNK_BYTES = 32 << 20
 #: Staging buffers in flight (reads ahead of the copies).
 SLOTS = 6
-#: Reader threads at most: without hashing a few saturate the page cache and the copy engine; with
-#: hashing (~1.5-2 GB/s a core) the more the better, up to what a GPU host's cores give.
-READERS, HASHING_READERS = 8, 16
+#: Reader threads at most: a few saturate the page cache and the copy engine. With verify they also
+#: hash what they read, and the verification's own threads take the other cores but one
+#: (``converter.loader.state.shards_verified``): the caller's thread keeps a core of its own.
+READERS = 8
+
+
+def reader_threads() -> int:
+    """How many threads read (and, with verify, hash) the shards."""
+    return max(2, min(READERS, len(os.sched_getaffinity(0))))
 
 
 @dataclass
@@ -226,9 +232,8 @@ def _copy_files(
         return
     cuda = device.type == "cuda"
     largest = max(n for _, _, n, _, _ in chunks)
-    cores = len(os.sched_getaffinity(0))
     hashing = any(c >= 0 for *_, c in chunks)
-    workers = readers or max(2, min(HASHING_READERS if hashing else READERS, cores))
+    workers = readers or reader_threads()
     if hashing:  # a slot is held while its chunk is hashed: one per reader, two more for the copies
         slots = max(slots, workers + 2)
     slots = max(1, min(slots, len(chunks)))
