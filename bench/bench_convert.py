@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+import page_cache
 import torch
 
 CHUNK = 64 << 20
@@ -54,6 +55,22 @@ def llama_shapes(
         ]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     return shapes
+
+
+def shard_groups(
+    shapes: list[tuple[str, tuple[int, ...]]], shard_bytes: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """bf16 tensors in order, split into shards of at most shard_bytes (a larger tensor alone in one)."""
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes:
+        b = 2 * numel(shape)
+        if groups[-1] and size + b > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += b
+    return groups
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -100,15 +117,7 @@ def make_checkpoint(folder: Path, layers: int, hidden: int, shard_bytes: int) ->
     folder.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(folder)
     shapes = llama_shapes(layers, hidden, inter, vocab, kv)
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in shapes:
-        b = 2 * numel(shape)
-        if groups[-1] and size + b > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += b
+    groups = shard_groups(shapes, shard_bytes)
     gen = torch.Generator().manual_seed(0)
     weight_map = {}
     n = len(groups)
@@ -188,23 +197,6 @@ def measure(code: str, *args: str) -> tuple[float, int, int]:
     return wall, peak["anon"] * 1024, peak["rss"] * 1024
 
 
-def drop_caches() -> bool:
-    """Empty the page cache (root only) so the next run reads the source from disk."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
-def warm(folder: Path) -> None:
-    for p in sorted(folder.glob("*.safetensors")):
-        with p.open("rb") as f:
-            while f.read(CHUNK):
-                pass
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=20)
@@ -227,15 +219,15 @@ def main() -> int:
             f"largest tensor {largest / 1e6:.0f} MB (generated in {time.perf_counter() - t0:.1f} s)"
         )
         if not args.cold:
-            warm(src)
+            page_cache.warm(src, "*.safetensors")
         startup = measure(STARTUP)
         rows = []
         for k in range(args.repeat):
-            if args.cold and not drop_caches():
+            if args.cold and not page_cache.drop():
                 print("--cold: cannot drop the page cache (needs root); the runs read from the cache")
             base = measure(BASELINE, str(src), str(root / f"copy{k}"))
             if args.cold:
-                drop_caches()  # evicts the source, and the libraries too: load those back first
+                page_cache.drop()  # evicts the source, and the libraries too: load those back first
                 startup = measure(STARTUP)
             extra = ["no-prefetch"] if args.no_prefetch else []
             ours = measure(OURS, str(src), str(root / f"out{k}"), *extra)

@@ -13,51 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cuda_nf4
+from cuda_timing import copy_bandwidth, rotation_for, time_op
+
 from converter.kernels import bnb4bit_cuda as kernels_cuda
-from formats import codebooks
 from formats.quant_types import QuantType
 
 SHAPES = ((4096, 4096), (14336, 4096), (8192, 8192), (32768, 8192))
-
-
-def time_op(fn: Callable[[int], object], rotation: int, iters: int, warmup: int = 5) -> float:
-    """Median seconds of fn(i % rotation) over iters calls, each bracketed by CUDA events."""
-    for i in range(warmup):
-        fn(i % rotation)
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    # Keep the GPU busy while the host queues every call, so the events time the GPU work and not
-    # Python's launch overhead (the same for ours and bitsandbytes).
-    torch.cuda._sleep(40_000_000)
-    for i in range(iters):
-        starts[i].record()
-        fn(i % rotation)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) / 1e3
-
-
-def rotation_for(nbytes: int) -> int:
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(2, -(-2 * l2 // max(1, nbytes)) + 1)
-
-
-def copy_bandwidth(iters: int) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    src = torch.empty(1 << 29, dtype=torch.int16, device="cuda").random_()
-    dst = torch.empty_like(src)
-    t = time_op(lambda i: dst.copy_(src), 1, iters)
-    return 2 * src.numel() * 2 / t
 
 
 def bench_shape(shape, bw, iters, bnbf, bnb, ops=("quantize", "dequantize", "gemv")) -> list[dict]:
@@ -119,16 +88,12 @@ def bench_shape(shape, bw, iters, bnbf, bnb, ops=("quantize", "dequantize", "gem
         row("quantize nf4 plain", t_o, t_b, "bnb", 2 * n + n / 2 + 4 * n / 64, copy_s)
 
     # Quantized records (ours and bnb's) of each rotated input, for dequantize and GEMV.
-    dmap = torch.tensor(codebooks.DYNAMIC8, dtype=torch.float32, device="cuda")
-    qmap = torch.tensor(codebooks.NF4, dtype=torch.float32, device="cuda")
+    qmap = cuda_nf4.tables(xs[0].device)[0]
     qrot = rotation_for(n // 2 + n // 64)
     recs, brecs = [], []
     for i in range(qrot):
         x = xs[i % rot]
-        packed, codes, nabs, off = kernels_cuda.quantize_4bit_nested(
-            x, blocksize=64, quant_type=QuantType.NF4
-        )
-        recs.append((packed, (codes, nabs, off, dmap)))
+        recs.append(cuda_nf4.quantize(x))
         if bnbf is not None:
             brecs.append(bnbf.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4"))
     outs = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
@@ -154,18 +119,7 @@ def bench_shape(shape, bw, iters, bnbf, bnb, ops=("quantize", "dequantize", "gem
         row("dequantize nf4 nested", t_o, t_b, "bnb", n / 2 + n / 64 + 2 * n, copy_s)
 
     def gemv(i, x, variant=0):
-        packed, nest = recs[i]
-        kernels_cuda.gemv_4bit(
-            x,
-            packed,
-            None,
-            out_features=out_f,
-            in_features=in_f,
-            blocksize=64,
-            quant_map=qmap,
-            nested=nest,
-            variant=variant,
-        )
+        cuda_nf4.gemv(x, recs[i], out_f, in_f, variant)
 
     # Batch-1 GEMV: ours vs bnb matmul_4bit vs bf16 F.linear (weights rotated too).
     xv = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
@@ -206,16 +160,7 @@ def bench_shape(shape, bw, iters, bnbf, bnb, ops=("quantize", "dequantize", "gem
     w = kernels_cuda.dequantize_4bit(
         recs[0][0], None, n=n, blocksize=64, quant_map=qmap, out_dtype=torch.float32, nested=recs[0][1]
     )
-    y = kernels_cuda.gemv_4bit(
-        xv,
-        recs[0][0],
-        None,
-        out_features=out_f,
-        in_features=in_f,
-        blocksize=64,
-        quant_map=qmap,
-        nested=recs[0][1],
-    )
+    y = cuda_nf4.gemv(xv, recs[0], out_f, in_f)
     ref = xv.double() @ w.view(out_f, in_f).double().T
     rel = ((y.double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, f"GEMV relative error {rel}"

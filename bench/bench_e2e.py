@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from page_cache import drop, warm
+
 OURS = "import sys; from converter.cli import main; sys.argv[0] = 'quantize-model'; main()"
 
 #: One --device cuda conversion that says whether it imported torch (bench checks the cuda row's path).
@@ -119,35 +121,6 @@ def in_child(code: str) -> str:
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
     return (r.stdout.strip().splitlines() or [""])[-1]
-
-
-def drop_caches(folder: Path | None = None) -> str:
-    """Empty the page cache so the next run reads the source from disk: all of it (root), else the
-    pages of ``folder``'s files (posix_fadvise DONTNEED after a sync). Returns what was dropped."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return "page cache"
-    except OSError:
-        pass
-    if folder is None or not hasattr(os, "posix_fadvise"):
-        return ""
-    for p in folder.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return "source files' pages (fadvise)"
-
-
-def warm(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with p.open("rb") as f:
-                while f.read(1 << 20):  # small reads: this process stays small (see in_child)
-                    pass
 
 
 def rounds(contenders: dict, repeat: int, before_each=None) -> dict[str, list[tuple]]:
@@ -272,7 +245,7 @@ def write_llama(folder: Path, layers: int, hidden: int, shard_bytes: int = 2 * 1
     """A bf16 Llama-shaped checkpoint (config, shards, index) written fast: every tensor cycles through
     one pool of random bf16 values (the kernels' time does not depend on the values)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_convert import llama_shapes, numel
+    from bench_convert import llama_shapes, numel, shard_groups
 
     inter, vocab, kv = int(hidden * 2.75) // 64 * 64, 32000, hidden // 4
     config = {
@@ -295,15 +268,7 @@ def write_llama(folder: Path, layers: int, hidden: int, shard_bytes: int = 2 * 1
     rng = np.random.default_rng(0)
     pool = ((rng.standard_normal(1 << 26, dtype=np.float32) * 0.02).view(np.uint32) + 0x8000) >> 16
     pool = pool.astype(np.uint16).view(np.uint8)  # 128 MB of bf16 bits
-    groups: list[list] = [[]]
-    size = 0
-    for name, shape in llama_shapes(layers, hidden, inter, vocab, kv):
-        b = 2 * numel(shape)
-        if groups[-1] and size + b > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += b
+    groups = shard_groups(llama_shapes(layers, hidden, inter, vocab, kv), shard_bytes)
     weight_map, total, cursor = {}, 0, 0
     for k, group in enumerate(groups, 1):
         fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
@@ -371,9 +336,9 @@ def row_gpu(args, python: str, work: Path, out: dict) -> None:
     res = rounds(contenders, args.repeat)
     report(f"{total / 1e9:.2f} GB bf16 Llama, warm page cache", res, "plain copy (cp -r + sync)", out)
     save(args, out)
-    dropped = drop_caches(src)
+    dropped = drop(src)
     if dropped:
-        res = rounds(contenders, args.repeat, before_each=lambda: drop_caches(src))
+        res = rounds(contenders, args.repeat, before_each=lambda: drop(src))
         report(
             f"{total / 1e9:.2f} GB bf16 Llama, cold ({dropped} dropped before each run)",
             res,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -27,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cuda_nf4
+from cuda_timing import copy_bandwidth, time_graph
+
 from converter.kernels import bnb4bit_cuda as kernels_cuda
-from formats import codebooks
-from formats.quant_types import QuantType
 
 #: (out_features, in_features): Llama-70B-like MLP (28672x8192, 8192x28672) and attention (8192x8192),
 #: Llama-8B's q/o (4096x4096), MLP (14336x4096, 4096x14336) and k/v (1024x4096).
@@ -47,52 +47,14 @@ BATCHES = (1, 4)
 STREAM_FORCED = (12, 13, 14, 15, 16, 17)
 
 
-def time_graph(launch: Callable[[], object], replays: int) -> float:
-    """Median seconds of one replay of a graph that captured launch()."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        launch()  # warm-up outside capture (allocations, first-call set-up)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return statistics.median(times)
-
-
-def copy_bandwidth(replays: int) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (graph-timed)."""
-    src = torch.empty(1 << 29, dtype=torch.int16, device="cuda").random_()
-    dst = torch.empty_like(src)
-    t = time_graph(lambda: dst.copy_(src), replays)
-    return 2 * (1 << 30) / t
-
-
 def bench_shape(out_f: int, in_f: int, bw: float, replays: int, bnb, l2: int) -> list[dict]:
     n = out_f * in_f
     q_bytes = n // 2 + n // 64 + 4 * (n // 64 // 256)  # codes + nested codes + nested absmax
     layers = max(8, -(-3 * l2 // q_bytes))
-    qmap = torch.tensor(codebooks.NF4, dtype=torch.float32, device="cuda")
-    dmap = torch.tensor(codebooks.DYNAMIC8, dtype=torch.float32, device="cuda")
     ours, theirs, dense = [], [], []
     for _ in range(layers):
         w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
-        packed, codes, nabs, off = kernels_cuda.quantize_4bit_nested(
-            w, blocksize=64, quant_type=QuantType.NF4
-        )
-        ours.append((packed, (codes, nabs, off, dmap)))
+        ours.append(cuda_nf4.quantize(w))
         if bnb is not None:
             theirs.append(
                 bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -104,18 +66,8 @@ def bench_shape(out_f: int, in_f: int, bw: float, replays: int, bnb, l2: int) ->
         floor_s = (q_bytes + 2 * batch * in_f) / bw
 
         def ours_all(variant: int, x=x) -> None:
-            for packed, nest in ours:
-                kernels_cuda.gemv_4bit(
-                    x,
-                    packed,
-                    None,
-                    out_features=out_f,
-                    in_features=in_f,
-                    blocksize=64,
-                    quant_map=qmap,
-                    nested=nest,
-                    variant=variant,
-                )
+            for record in ours:
+                cuda_nf4.gemv(x, record, out_f, in_f, variant)
 
         contenders: dict[str, Callable[[], object]] = {
             "mma (v20)": lambda: ours_all(20),
@@ -156,11 +108,9 @@ def bench_shape(out_f: int, in_f: int, bw: float, replays: int, bnb, l2: int) ->
                 flush=True,
             )
     # Guard: the timed kernels compute the same product (both within bf16-class error of each other).
-    packed, nest = ours[0]
     x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
-    args = dict(out_features=out_f, in_features=in_f, blocksize=64, quant_map=qmap, nested=nest)
-    y_old = kernels_cuda.gemv_4bit(x, packed, None, variant=20, **args).double()
-    y_new = kernels_cuda.gemv_4bit(x, packed, None, variant=11, **args).double()
+    y_old = cuda_nf4.gemv(x, ours[0], out_f, in_f, 20).double()
+    y_new = cuda_nf4.gemv(x, ours[0], out_f, in_f, 11).double()
     rel = ((y_new - y_old).norm() / y_old.norm()).item()
     assert rel < 1e-2, f"stream vs mma relative difference {rel} on {out_f}x{in_f}"
     for held in (ours, theirs, dense):
@@ -189,7 +139,7 @@ def main() -> None:
         shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
     props = torch.cuda.get_device_properties(0)
     t0 = time.perf_counter()
-    bw = copy_bandwidth(args.replays)
+    bw = copy_bandwidth(args.replays, graph=True)
     print(
         f"device {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
         f"torch {torch.__version__}; bitsandbytes {getattr(bnb, '__version__', None)}; "

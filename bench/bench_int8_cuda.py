@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from bench_cuda import copy_bandwidth, rotation_for, time_op
+from cuda_timing import capture_graph, copy_bandwidth, rotation_for, time_op
 
 from converter.kernels import int8 as kernels_int8
 from converter.kernels import int8_cuda as kernels_int8_cuda
@@ -101,16 +101,12 @@ def bench_quantize(bw: float, iters: int, bnb: object | None) -> list[dict]:
 
 def _graph_time(calls: list[Callable[[], object]], iters: int) -> float:
     """Seconds per call: all calls captured in one CUDA graph, replay timed, divided by len(calls)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:  # warm-up on a side stream, as torch.cuda.graph requires
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def launch() -> None:
         for c in calls:
             c()
+
+    graph = capture_graph(launch)
     return time_op(lambda _i: graph.replay(), 1, iters) / len(calls)
 
 

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import page_cache
+
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -101,29 +103,6 @@ def child(case: str, folder: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # parent
-
-
-def drop_cache(folder: Path) -> str:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return "drop_caches"
-    except OSError:
-        pass
-    for p in folder.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return "fadvise"
-
-
-def warm_cache(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            p.read_bytes()
 
 
 def run_child(case: str, folder: Path) -> dict:
@@ -214,9 +193,9 @@ def bench_load(folder: Path, repeat: int) -> tuple[dict, str]:
             runs = []
             for _ in range(repeat):
                 if cache == "cold":
-                    method = drop_cache(folder)
+                    method = page_cache.drop(folder)
                 else:
-                    warm_cache(folder)
+                    page_cache.warm(folder)
                 runs.append(run_child(case, folder))
             results[(case, cache)] = {
                 "load": statistics.median(r["load"] for r in runs),

@@ -14,6 +14,7 @@
 #   graphed  bench_generate.py modes graphed, graphed-compiled (graphed_greedy: 16 decode steps per
 #            CUDA-graph replay) on the same 8B model, every contender ($CONTENDERS, default all three)
 #   dectests the CUDA tests of graphed_greedy only
+#   benchsmoke the shared bench CUDA helpers (cuda_timing, cuda_nf4) through three short scripts
 #   profile  profile_graphed.py: kernels per graphed decode token by family (8 layers), eager and compiled step
 #   load     bench_generate.py --load on the same 8B folder: call -> first token (+ a cProfile of each)
 #   overhead bench_linear_overhead.py: host cost of one eager linear call, ours / F.linear / bnb
@@ -80,6 +81,8 @@ for s in ${*:-env}; do
       "$ROOT/tests/loader/test_loader_decode_cuda.py" ;;
     profile) step profile timeout 300 bash -c "python3 $ROOT/bench/profile_graphed.py --layers 8 && \
       python3 $ROOT/bench/profile_graphed.py --layers 8 --compile-step" ;;
+    benchsmoke) step benchsmoke timeout 60 bash -c "python3 $ROOT/bench/profile_gemv.py 0 11 && echo prof ok && \
+      python3 $ROOT/bench/bench_gemv_cuda.py --shapes 4096x4096 --replays 5 | tail -8" ;;
     load) step load timeout 200 $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --json "$OUT/load.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;

@@ -17,33 +17,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter.kernels import bnb4bit_cuda as kernels_cuda
-from formats import codebooks
-from formats.quant_types import QuantType
+import cuda_nf4
 
 
 def main() -> None:
     variants = [int(v) for v in sys.argv[1:]] or [0]
     out_f, in_f = 32768, 8192
     w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
-    packed, codes, nabs, off = kernels_cuda.quantize_4bit_nested(w, blocksize=64, quant_type=QuantType.NF4)
+    record = cuda_nf4.quantize(w)
     del w
-    nested = (codes, nabs, off, torch.tensor(codebooks.DYNAMIC8, dtype=torch.float32, device="cuda"))
-    qmap = torch.tensor(codebooks.NF4, dtype=torch.float32, device="cuda")
     x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
     for _ in range(2):
         for v in variants:
-            kernels_cuda.gemv_4bit(
-                x,
-                packed,
-                None,
-                out_features=out_f,
-                in_features=in_f,
-                blocksize=64,
-                quant_map=qmap,
-                nested=nested,
-                variant=v,
-            )
+            cuda_nf4.gemv(x, record, out_f, in_f, v)
     torch.cuda.synchronize()
 
 

@@ -58,3 +58,18 @@ class NonFiniteInputError(ValueError):
     A ValueError (a bad argument of the kernel API), raised by every kernel path (numpy, torch, CUDA);
     the pipeline turns it into NonFiniteTensorError naming the file and tensor.
     """
+
+    @classmethod
+    def in_blocks(cls, bad_blocks: int, blocks: int, blocksize: int) -> NonFiniteInputError:
+        """The CPU quantize kernels' error: they count the blocks that held NaN or Inf."""
+        return cls(f"input contains NaN or Inf (in {bad_blocks} of {blocks} blocks of {blocksize})")
+
+    @classmethod
+    def in_tensor(cls, n: int, blocksize: int) -> NonFiniteInputError:
+        """The CUDA quantize kernels' error: one flag for the whole tensor."""
+        return cls(f"input contains NaN or Inf (a tensor of {n} elements, blocks of {blocksize})")
+
+    @classmethod
+    def in_absmax(cls) -> NonFiniteInputError:
+        """Nested quantization of an absmax that holds NaN or Inf."""
+        return cls("absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor")

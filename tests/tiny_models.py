@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from converter.plan.selection_table_gen import TINY_DECODER
 from converter.sources.base import TensorInfo
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -21,17 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _decoder(**extra: Any) -> dict[str, Any]:
-    base = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    base: dict[str, Any] = dict(TINY_DECODER, max_position_embeddings=64, tie_word_embeddings=False)
     base.update(extra)
     return base
 
@@ -126,6 +117,17 @@ def read_infos(folder: Path) -> list[TensorInfo]:
         for key, v in header.items():
             if key != "__metadata__":
                 out.append(TensorInfo(key, f.name, v["dtype"], tuple(v["shape"])))
+    return out
+
+
+def read_tensors(folder: Path) -> dict[str, Any]:
+    """Every tensor of the folder's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out: dict[str, Any] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
 
 

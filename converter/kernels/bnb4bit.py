@@ -28,6 +28,7 @@ from types import ModuleType
 import torch
 
 from converter import _kernels
+from converter.kernels.bnb4bit_np import threads_arg as _threads  # the numpy twin's check, shared
 from converter.kernels.checks import (
     FLOAT_DTYPES,
     GEMV_MAX_BATCH,
@@ -110,15 +111,6 @@ def _check_cpu(name: str, t: torch.Tensor) -> None:
         raise ValueError(msg)
 
 
-def _threads(threads: int | None) -> int:
-    if threads is None:
-        return 0
-    if threads < 1:
-        msg = f"threads must be >= 1 or None (one per CPU), got {threads}"
-        raise ValueError(msg)
-    return int(threads)
-
-
 def _isa(isa: str) -> str:
     if isa not in _ISAS:
         msg = f"unknown isa {isa!r}: expected one of {', '.join(map(repr, _ISAS))}"
@@ -183,8 +175,7 @@ def quantize_4bit(
         _threads(threads),
     )
     if bad_blocks:
-        msg = f"input contains NaN or Inf (in {bad_blocks} of {absmax.numel()} blocks of {blocksize})"
-        raise NonFiniteInputError(msg)
+        raise NonFiniteInputError.in_blocks(bad_blocks, absmax.numel(), blocksize)
     return packed, absmax
 
 
@@ -217,8 +208,7 @@ def quantize_nested(
         absmax.data_ptr(), nb, codes.data_ptr(), nested_absmax.data_ptr(), isa, _threads(threads)
     )
     if math.isnan(offset):  # the kernel's signal for a NaN or Inf absmax (a torch check costs more)
-        msg = "absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor"
-        raise NonFiniteInputError(msg)
+        raise NonFiniteInputError.in_absmax()
     return codes, nested_absmax, float(offset)
 
 

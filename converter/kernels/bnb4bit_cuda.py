@@ -30,6 +30,7 @@ from converter.kernels.checks import (
     check_dequantize_nested_args,
     check_gemv_args,
 )
+from converter.kernels.cuda_launch import current_stream, device_index
 from converter.quantize import cuda_host
 from formats import codebooks
 from formats.quant_types import OFFSET_CHUNK, QuantType, check_blocksize, n_blocks, n_nested_blocks
@@ -44,8 +45,6 @@ __all__ = [
     "quantize_4bit_nested",
     "quantize_nested",
 ]
-
-#: dtype codes of csrc/cuda/qm_cuda.h (DType).
 
 #: ``QM_CUDA_GEMV`` values -> gemv_4bit variant codes (csrc/cuda/qm_cuda.h): which CUDA GEMV kernel
 #: runs when the caller does not force one. ``auto`` (default): the per-shape choice of csrc/cuda;
@@ -95,17 +94,7 @@ def _require(x: torch.Tensor, name: str) -> int:
     usable, why = cuda_status()
     if not usable:
         raise RuntimeError(why)
-    return x.device.index if x.device.index is not None else torch.cuda.current_device()
-
-
-def _stream(device: torch.device) -> int:
-    """The raw cudaStream_t of torch's current stream on ``device``.
-
-    Called only at launch time, outside dynamo's tracing: the launches run inside the real
-    implementations of ``converter.kernels.custom_ops``, which torch.compile treats as opaque ops.
-    """
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch._C._cuda_getCurrentRawStream(index)  # what inductor's generated code calls
+    return device_index(x.device)
 
 
 @cache
@@ -139,7 +128,7 @@ def _launch_quantize(
         packed.data_ptr(),
         absmax.data_ptr(),
         flag.data_ptr(),
-        _stream(x.device),
+        current_stream(x.device),
     )
     return packed, absmax, flag
 
@@ -161,15 +150,14 @@ def _launch_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
         offset.data_ptr(),
         codes.data_ptr(),
         nested_absmax.data_ptr(),
-        _stream(absmax.device),
+        current_stream(absmax.device),
     )
     return codes, nested_absmax, offset
 
 
 def _raise_nonfinite(flag: torch.Tensor, n: int, blocksize: int) -> None:
     if int(flag.item()):
-        msg = f"input contains NaN or Inf (a tensor of {n} elements, blocks of {blocksize})"
-        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
+        raise NonFiniteInputError.in_tensor(n, blocksize)  # the CPU path's exception: one type to catch
 
 
 def quantize_4bit(
@@ -191,8 +179,7 @@ def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
         msg = f"absmax has dtype {absmax.dtype}, expected float32"
         raise ValueError(msg)
     if absmax.numel() and not bool(torch.isfinite(absmax).all()):
-        msg = "absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor"
-        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
+        raise NonFiniteInputError.in_absmax()  # the CPU path's exception: one type to catch
     codes, nested_absmax, offset = _launch_nested(absmax)
     return codes, nested_absmax, float(offset.item())
 
@@ -209,8 +196,7 @@ def quantize_4bit_nested(
     both = torch.cat([flag.to(torch.float32), offset])  # one copy to the host for both scalars
     bad, off = both.tolist()
     if bad:
-        msg = f"input contains NaN or Inf (a tensor of {x.numel()} elements, blocks of {blocksize})"
-        raise NonFiniteInputError(msg)  # the CPU path's exception: one type to catch
+        raise NonFiniteInputError.in_tensor(x.numel(), blocksize)  # the CPU path's exception
     return packed, codes, nested_absmax, float(off)
 
 
@@ -236,7 +222,7 @@ def _launch_dequantize_nested(
         float(offset),
         nested_map.data_ptr(),
         out.data_ptr(),
-        _stream(codes.device),
+        current_stream(codes.device),
     )
     return out
 
@@ -309,7 +295,7 @@ def _launch_dequantize_4bit(
         quant_map.data_ptr(),
         KERNEL_DTYPE_CODES[out_dtype],
         out.data_ptr(),
-        _stream(packed.device),
+        current_stream(packed.device),
     )
     return out
 
@@ -387,7 +373,7 @@ def _launch_gemv_4bit(
         m8,
         quant_map.data_ptr(),
         y.data_ptr(),
-        _stream(x.device),
+        current_stream(x.device),
         variant,
         0 if scratch is None else scratch.data_ptr(),
     )

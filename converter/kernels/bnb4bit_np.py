@@ -122,8 +122,7 @@ def quantize_4bit(
         threads_arg(threads),
     )
     if bad_blocks:
-        msg = f"input contains NaN or Inf (in {bad_blocks} of {absmax.size} blocks of {blocksize})"
-        raise NonFiniteInputError(msg)
+        raise NonFiniteInputError.in_blocks(bad_blocks, absmax.size, blocksize)
     return packed, absmax
 
 
@@ -144,8 +143,7 @@ def quantize_nested(
         address(absmax), nb, address(codes), address(nested_absmax), "auto", threads_arg(threads)
     )
     if math.isnan(offset):  # the kernel's signal for a NaN or Inf absmax
-        msg = "absmax contains NaN or Inf: it must come from quantize_4bit of a finite tensor"
-        raise NonFiniteInputError(msg)
+        raise NonFiniteInputError.in_absmax()
     return codes, nested_absmax, float(offset)
 
 

@@ -11,8 +11,9 @@ from functools import cache
 import torch
 
 from converter import _kernels
-from converter.kernels.bnb4bit_cuda import _require, _stream
+from converter.kernels.bnb4bit_cuda import _require
 from converter.kernels.checks import KERNEL_DTYPE_CODES, NonFiniteInputError
+from converter.kernels.cuda_launch import current_stream
 
 
 def available() -> bool:
@@ -58,7 +59,7 @@ def _launch_quantize_int8(
     table = _table(x.device).data_ptr() if scale == "cuda" else 0
     _kernels.cuda_quantize_int8(
         dev, x.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], rows, cols, table, codes.data_ptr(), scb.data_ptr(),
-        0 if flag is None else flag.data_ptr(), _stream(x.device),
+        0 if flag is None else flag.data_ptr(), current_stream(x.device),
     )  # fmt: skip
 
 
@@ -69,7 +70,7 @@ def dequantize_int8(codes: torch.Tensor, scb: torch.Tensor, *, out_dtype: torch.
     out = torch.empty((rows, cols), dtype=out_dtype, device=codes.device)
     _kernels.cuda_dequantize_int8(
         dev, codes.data_ptr(), scb.data_ptr(), rows, cols, KERNEL_DTYPE_CODES[out_dtype], out.data_ptr(),
-        _stream(codes.device),
+        current_stream(codes.device),
     )  # fmt: skip
     return out
 
@@ -100,6 +101,7 @@ def gemv_int8(
     y = torch.empty((batch, out_features), dtype=x.dtype, device=x.device)
     _kernels.cuda_gemv_int8(
         dev, x.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], batch, out_features, in_features, codes.data_ptr(),
-        scb.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), _stream(x.device), variant,
+        scb.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), current_stream(x.device),
+        variant,
     )  # fmt: skip
     return y

@@ -50,7 +50,7 @@ from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
-from converter.loader.moe_records import MoeLoadError, expert_state_dict, stack_records
+from converter.loader.moe_records import MoeLoadError, expert_state_dict, region_pointers, stack_records
 from converter.plan.moe import EXPERT_KEY
 from converter.plan.moe import PROJ_ROLE as _ROLE
 from formats.record import QuantizedTensor
@@ -179,10 +179,7 @@ def _grouped_gemv(
         blocksize,
         ids.data_ptr(),
         packed.shape[0],
-        packed.data_ptr() + byte_offset,
-        packed.stride(0),
-        absmax.data_ptr() + 4 * block_offset,
-        absmax.stride(0),
+        *region_pointers(packed, absmax, byte_offset, block_offset),
         quant_map.data_ptr(),
         y.data_ptr(),
         "auto",
@@ -244,6 +241,7 @@ def _experts_forward_cuda(
     grouped GEMVs (SiLU: two fused launches); prefill sorted by expert, grouped dequantize + grouped
     matmul. Layouts the kernels do not take, and ``use_gemv = False``, run :func:`_experts_forward`."""
     hidden_dim = hidden.shape[1]
+    args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act)
     ok = (
         use_gemv
         and moe_cuda.available()
@@ -251,19 +249,7 @@ def _experts_forward_cuda(
         and moe_cuda.layout_ok(hidden, packed, absmax, hidden_dim, blocksize)
     )
     if not ok:
-        return _experts_forward(
-            hidden,
-            top_k_index,
-            top_k_weights,
-            packed,
-            absmax,
-            quant_map,
-            intermediate,
-            blocksize,
-            act,
-            use_gemv,
-        )
-    args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act)
+        return _experts_forward(*args, use_gemv)
     decode = hidden.shape[0] <= ops.GEMV_MAX_TOKENS or torch.cuda.is_current_stream_capturing()
     if decode and act is F.silu and top_k_index.shape[1] <= moe_cuda.FUSED_MAX_K:
         return moe_cuda.decode_silu(*args[:-1])
@@ -309,38 +295,20 @@ def moe_experts_4bit(
     use_gemv: bool,
 ) -> torch.Tensor:
     """Routed experts of one layer: [T, H] -> [T, H] (see the module docstring)."""
-    return _experts_forward(
-        hidden,
-        top_k_index,
-        top_k_weights,
-        packed,
-        absmax,
-        quant_map,
-        intermediate,
-        blocksize,
-        _ACTS[act],
-        use_gemv,
-    )
+    args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize)
+    return _experts_forward(*args, _ACTS[act], use_gemv)
 
 
+# The op's schema is moe_experts_4bit's signature; the CUDA kernel and the fake take the same positional
+# arguments (the dispatcher passes them positionally: none is keyword-only).
 @moe_experts_4bit.register_kernel("cuda")
-def _(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act, use_gemv):
-    return _experts_forward_cuda(
-        hidden,
-        top_k_index,
-        top_k_weights,
-        packed,
-        absmax,
-        quant_map,
-        intermediate,
-        blocksize,
-        _ACTS[act],
-        use_gemv,
-    )
+def _(*args: Any) -> torch.Tensor:
+    *tensors_and_sizes, act, use_gemv = args
+    return _experts_forward_cuda(*tensors_and_sizes, _ACTS[act], use_gemv)
 
 
 @moe_experts_4bit.register_fake
-def _(hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act, use_gemv):
+def _(hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
     return torch.empty_like(hidden)
 
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from converter.kernels.checks import KERNEL_DTYPE_CODES
-
-#: dtype codes of csrc/cuda/qm_cuda.h (DType).
+from converter.kernels.cuda_launch import current_stream, device_index
+from converter.loader.moe_records import region_pointers
 
 #: Largest top-k of the fused decode (the second kernel's CTA holds rows x k slots of 8 lanes, 256 threads).
 FUSED_MAX_K = 32
@@ -69,8 +69,9 @@ def layout_ok(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, in_fe
 
 
 def _launch_args(t: torch.Tensor) -> tuple[int, int]:
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return index, torch._C._cuda_getCurrentRawStream(index)
+    """(device index, raw current stream) of t's device: the first and last argument of every launch."""
+    device = t.device
+    return device_index(device), current_stream(device)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -129,10 +130,7 @@ def grouped_gemv(
         blocksize,
         ids.data_ptr(),
         packed.shape[0],
-        packed.data_ptr() + byte_offset,
-        packed.stride(0),
-        absmax.data_ptr() + 4 * block_offset,
-        absmax.stride(0),
+        *region_pointers(packed, absmax, byte_offset, block_offset),
         quant_map.data_ptr(),
         y.data_ptr(),
         stream,
@@ -169,15 +167,14 @@ def decode_silu(
     ext = _ext()
     ext.cuda_gemv_4bit_grouped_glu(
         device, x.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], tokens * k, k, intermediate, hidden_dim, bs,
-        ids.data_ptr(), packed.shape[0], packed.data_ptr(), packed.stride(0), absmax.data_ptr(),
-        absmax.stride(0), quant_map.data_ptr(), h.data_ptr(), stream,
+        ids.data_ptr(), packed.shape[0], *region_pointers(packed, absmax, 0, 0), quant_map.data_ptr(),
+        h.data_ptr(), stream,
     )  # fmt: skip
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // bs
     ext.cuda_gemv_4bit_grouped_sum(
         device, h.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], tokens, k, hidden_dim, intermediate, bs,
         ids.data_ptr(), packed.shape[0], weights.data_ptr(), KERNEL_DTYPE_CODES[weights.dtype],
-        packed.data_ptr() + gu_bytes, packed.stride(0), absmax.data_ptr() + 4 * gu_blocks, absmax.stride(0),
-        quant_map.data_ptr(), y.data_ptr(), stream,
+        *region_pointers(packed, absmax, gu_bytes, gu_blocks), quant_map.data_ptr(), y.data_ptr(), stream,
     )  # fmt: skip
     return y
 
@@ -206,10 +203,7 @@ def grouped_dequantize(
         ids.data_ptr(),
         ids.numel(),
         packed.shape[0],
-        packed.data_ptr() + byte_offset,
-        packed.stride(0),
-        absmax.data_ptr() + 4 * block_offset,
-        absmax.stride(0),
+        *region_pointers(packed, absmax, byte_offset, block_offset),
         n,
         blocksize,
         quant_map.data_ptr(),

@@ -71,6 +71,20 @@ class ExpertsLayout:
         )
 
 
+def region_pointers(
+    packed: torch.Tensor, absmax: torch.Tensor, byte_offset: int, block_offset: int
+) -> tuple[int, int, int, int]:
+    """The grouped kernels' view of one projection in every expert's row (``offsets``): codes pointer
+    ``byte_offset`` bytes into row 0, codes row stride, absmax (float32) pointer ``block_offset`` blocks
+    into row 0, absmax row stride."""
+    return (
+        packed.data_ptr() + byte_offset,
+        packed.stride(0),
+        absmax.data_ptr() + 4 * block_offset,
+        absmax.stride(0),
+    )
+
+
 @dataclass
 class StackedExperts:
     packed: torch.Tensor  # uint8 [E, bytes]

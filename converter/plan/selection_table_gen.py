@@ -33,7 +33,9 @@ from typing import Any
 from converter.plan.selection_facts import ModelFacts, facts_from_model
 from converter.plan.selection_table import TABLE_FORMAT, TABLE_NAME, generalize
 
-_DECODER = dict(
+#: The shape of a tiny decoder: hidden 64 (rows a multiple of the 64-element block), intermediate 96
+#: (4-bit blocks of the down projection cross rows). The tests' tiny checkpoints use it too.
+TINY_DECODER: dict[str, int] = dict(
     hidden_size=64,
     intermediate_size=96,
     num_hidden_layers=2,
@@ -41,9 +43,9 @@ _DECODER = dict(
     num_key_value_heads=2,
     head_dim=16,
     vocab_size=128,
-    max_position_embeddings=64,
-    pad_token_id=0,
 )
+
+_DECODER = dict(TINY_DECODER, max_position_embeddings=64, pad_token_id=0)
 
 #: architecture class -> (model_type, tiny config kwargs). Counts (layers, experts) stay <= 8 and
 #: distinct from each other where they bound an index, so a moved index names one field.

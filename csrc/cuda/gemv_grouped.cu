@@ -91,6 +91,13 @@ __device__ __forceinline__ float row_sum(float v) {
 
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
 
+// The 16 code values into shared memory, read by every thread of the CTA after the barrier (all threads
+// must call it).
+__device__ __forceinline__ void load_quant_map(const float* __restrict__ quant_map, float* s_qm) {
+  if (threadIdx.x < 16) s_qm[threadIdx.x] = __ldg(quant_map + threadIdx.x);
+  __syncthreads();
+}
+
 __device__ __forceinline__ float load_weight(const void* w, int dtype, int64_t i) {
   if (dtype == kF32) return __ldg(static_cast<const float*>(w) + i);
   if (dtype == kF16) return __half2float(static_cast<const __half*>(w)[i]);
@@ -110,8 +117,7 @@ k_gemv_grouped(const T* __restrict__ x, int64_t x_share, const int64_t* __restri
                int64_t absmax_stride, const float* __restrict__ quant_map, T* __restrict__ y, int64_t N,
                int64_t K, int log2bs) {
   __shared__ float s_qm[16];
-  if (threadIdx.x < 16) s_qm[threadIdx.x] = __ldg(quant_map + threadIdx.x);
-  __syncthreads();
+  load_quant_map(quant_map, s_qm);
   const int64_t g = blockIdx.y;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerCta + threadIdx.x / kLanesPerRow;
   const int sub = threadIdx.x % kLanesPerRow;
@@ -136,8 +142,7 @@ k_gemv_grouped_glu(const T* __restrict__ x, int64_t x_share, const int64_t* __re
                    int64_t absmax_stride, const float* __restrict__ quant_map, T* __restrict__ h, int64_t I,
                    int64_t K, int log2bs) {
   __shared__ float s_qm[16];
-  if (threadIdx.x < 16) s_qm[threadIdx.x] = __ldg(quant_map + threadIdx.x);
-  __syncthreads();
+  load_quant_map(quant_map, s_qm);
   const int64_t g = blockIdx.y;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerCta + threadIdx.x / kLanesPerRow;
   const int sub = threadIdx.x % kLanesPerRow;
@@ -169,8 +174,7 @@ k_gemv_grouped_sum(const T* __restrict__ h, int k, const int64_t* __restrict__ i
   __shared__ float s_qm[16];
   __shared__ float s_dot[kRowsPerCta];
   __shared__ int s_known[kRowsPerCta];
-  if (threadIdx.x < 16) s_qm[threadIdx.x] = __ldg(quant_map + threadIdx.x);
-  __syncthreads();
+  load_quant_map(quant_map, s_qm);
   const int rows_per_cta = kRowsPerCta / k;
   const int64_t t = blockIdx.y;
   const int slot = threadIdx.x / kLanesPerRow, sub = threadIdx.x % kLanesPerRow;
@@ -213,8 +217,7 @@ k_dequantize_grouped(const int64_t* __restrict__ ids, int64_t experts, const uin
                      int64_t packed_stride, const float* __restrict__ absmax, int64_t absmax_stride,
                      const float* __restrict__ quant_map, T* __restrict__ out, int64_t n, int log2bs) {
   __shared__ float s_qm[16];
-  if (threadIdx.x < 16) s_qm[threadIdx.x] = __ldg(quant_map + threadIdx.x);
-  __syncthreads();
+  load_quant_map(quant_map, s_qm);
   const int64_t i = blockIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;  // chunk of 32 weights
   if (c >= (n >> 5)) return;  // no shuffles below
@@ -262,12 +265,15 @@ ExpertsArg experts_arg(uintptr_t ids, int64_t experts, uintptr_t packed, int64_t
 
 constexpr int64_t kMaxGridY = 65535;
 
+// The element types the kernels are instantiated for (dispatch's cases).
+bool valid_dtype(int dtype) { return dtype == kF32 || dtype == kF16 || dtype == kBF16; }
+
 // Checks shared by the GEMV entry points: rows [rows, K] of whole blocks, every expert's rows inside its
 // stride, 16-byte aligned x and codes.
 int check_gemv(int dtype, int blocksize, int64_t grid_y, int64_t rows, int64_t K, const ExpertsArg& a,
                uintptr_t x) {
   if (!valid_blocksize(blocksize)) return kBadBlocksize;
-  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) return kBadDtype;
+  if (!valid_dtype(dtype)) return kBadDtype;
   if (grid_y < 0 || grid_y > kMaxGridY || rows < 0 || K <= 0 || K % blocksize != 0 || a.experts < 1 ||
       (rows > 0 && K > (int64_t{1} << 40) / rows) || rows / kRowsPerCta >= (int64_t{1} << 30))
     return kBadSize;
@@ -359,7 +365,7 @@ int gemv_4bit_grouped_sum(int device, uintptr_t h, int dtype, int64_t tokens, in
   const ExpertsArg a = experts_arg(ids, experts, packed, packed_stride, absmax, absmax_stride, quant_map);
   if (int s = check_gemv(dtype, blocksize, tokens, N, K, a, h); s != kOk) return s;
   if (k < 1 || k > kRowsPerCta || tokens * k > (int64_t{1} << 40)) return kBadSize;
-  if (w_dtype != kF32 && w_dtype != kF16 && w_dtype != kBF16) return kBadDtype;
+  if (!valid_dtype(w_dtype)) return kBadDtype;
   if (tokens == 0 || N == 0) return kOk;
   if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return static_cast<int>(e);
   return dispatch<Sum>(dtype, reinterpret_cast<const void*>(h), tokens, k, reinterpret_cast<const void*>(weights),
@@ -371,7 +377,7 @@ int dequantize_4bit_grouped(int device, uintptr_t ids, int64_t count, int64_t ex
                             int64_t packed_stride, uintptr_t absmax, int64_t absmax_stride, int64_t n,
                             int blocksize, uintptr_t quant_map, int out_dtype, uintptr_t out, uintptr_t stream) {
   if (!valid_blocksize(blocksize)) return kBadBlocksize;
-  if (out_dtype != kF32 && out_dtype != kF16 && out_dtype != kBF16) return kBadDtype;
+  if (!valid_dtype(out_dtype)) return kBadDtype;
   if (count < 0 || count > kMaxGridY || n < 0 || n % 32 != 0 || experts < 1 || n > (int64_t{1} << 40) ||
       packed_stride < n / 2 || absmax_stride < (n + blocksize - 1) / blocksize || packed_stride % 16 != 0 ||
       !aligned16(packed) || !aligned16(out))

@@ -18,7 +18,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from tiny_models import load_logged as _load
-from tiny_models import make_tiny, quantized_modules, read_config, read_infos
+from tiny_models import make_tiny, quantized_modules, read_config, read_infos, read_tensors
 
 from converter.plan.selection import select_tensors
 from converter.writer import pipeline
@@ -27,15 +27,6 @@ bnb = pytest.importorskip("bitsandbytes")
 
 ARCHS = ["llama", "llama_tied", "llama_odd", "gpt2", "bert", "t5"]
 IDS = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 1, 120, 33]])
-
-
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            for k in fh.keys():
-                out[k] = fh.get_tensor(k)
-    return out
 
 
 def _int8_modules(model) -> set[str]:
@@ -74,7 +65,7 @@ def _check(src, tmp_path, name: str):
     ref_model = _bnb_folder(src, tmp_path / "bnb")
     sel = select_tensors(read_config(src), read_infos(src))
     dropped = {k for k, why in sel.keep.items() if why == "buffer" or why.startswith("not a parameter")}
-    _same_bytes(_tensors(tmp_path / "ours"), _tensors(tmp_path / "bnb"), dropped)
+    _same_bytes(read_tensors(tmp_path / "ours"), read_tensors(tmp_path / "bnb"), dropped)
 
     ours, info, messages = _load(tmp_path / "ours")
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
@@ -130,7 +121,7 @@ def test_int8_extreme_values_store_what_bitsandbytes_stores(tmp_path):
     result = pipeline.convert(str(src), str(tmp_path / "ours"), quant_type="int8", progress=False)
     assert any("model.layers.0.mlp.up_proj.weight (1 rows)" in n and "NaN" in n for n in result.notes)
     _bnb_folder(src, tmp_path / "bnb")
-    ours_t, ref_t = _tensors(tmp_path / "ours"), _tensors(tmp_path / "bnb")
+    ours_t, ref_t = read_tensors(tmp_path / "ours"), read_tensors(tmp_path / "bnb")
     _same_bytes(ours_t, ref_t, set())
     scb = ours_t["model.layers.0.mlp.up_proj.SCB"]
     assert scb[0] == 0
@@ -144,7 +135,7 @@ def test_int8_threshold_is_config_only(tiny_checkpoint, tmp_path):
     pipeline.convert(str(src), str(tmp_path / "t0"), quant_type="int8", int8_threshold=0.0, progress=False)
     pipeline.convert(str(src), str(tmp_path / "t6"), quant_type="int8", progress=False)
     assert read_config(tmp_path / "t0")["quantization_config"]["llm_int8_threshold"] == 0.0
-    a, b = _tensors(tmp_path / "t0"), _tensors(tmp_path / "t6")
+    a, b = read_tensors(tmp_path / "t0"), read_tensors(tmp_path / "t6")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -154,7 +145,7 @@ def test_int8_cuda_scale_records_itself(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("llama")
     pipeline.convert(str(src), str(tmp_path / "cpu"), quant_type="int8", progress=False)
     pipeline.convert(str(src), str(tmp_path / "cuda"), quant_type="int8", int8_scale="cuda", progress=False)
-    a, b = _tensors(tmp_path / "cpu"), _tensors(tmp_path / "cuda")
+    a, b = read_tensors(tmp_path / "cpu"), read_tensors(tmp_path / "cuda")
     for k in a:
         if k.endswith(".SCB"):
             assert torch.equal(a[k], b[k]), k
@@ -172,7 +163,7 @@ def test_int8_quality_statistics_in_the_report(tiny_checkpoint, tmp_path) -> Non
     src = tiny_checkpoint("llama")
     pipeline.convert(str(src), str(tmp_path / "ours"), quant_type="int8", progress=False)
     report = json.loads((tmp_path / "ours" / "quantization_report.json").read_text())
-    tensors = _tensors(tmp_path / "ours")
+    tensors = read_tensors(tmp_path / "ours")
     measured = [t for t in report["tensors"] if t["action"] == "quantize"]
     assert len(measured) == report["quality"]["tensors_measured"] == 14
     for t in measured:

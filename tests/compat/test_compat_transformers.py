@@ -16,8 +16,14 @@ import json
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
-from tiny_models import linear4bit_modules, load_logged, quantized_modules, read_config, read_infos
+from tiny_models import (
+    linear4bit_modules,
+    load_logged,
+    quantized_modules,
+    read_config,
+    read_infos,
+    read_tensors,
+)
 
 from converter.plan.selection import select_tensors
 
@@ -70,15 +76,6 @@ def _ours(src, out, quant_type, nested, compute_dtype):
         compute_dtype=compute_dtype,
         progress=False,
     )
-    return out
-
-
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            for k in fh.keys():
-                out[k] = fh.get_tensor(k)
     return out
 
 
@@ -146,7 +143,7 @@ def _check(src, tmp_path, name, quant_type, nested):
     ref_model, _, _ = _load(ref_dir)
     assert linear4bit_modules(ref_model) == quantized_modules(sel)
 
-    ours_t, ref_t = _tensors(ours_dir), _tensors(ref_dir)
+    ours_t, ref_t = read_tensors(ours_dir), read_tensors(ref_dir)
     # we copy every source tensor; transformers drops non-persistent buffers (MiniLM's position_ids)
     dropped = {k for k, why in sel.keep.items() if why == "buffer" or why.startswith("not a parameter")}
     assert set(ref_t) <= set(ours_t)
@@ -188,7 +185,7 @@ def test_nf4_partial_blocks(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("llama_odd")
     ours, ref, diffs = _check(src, tmp_path, "llama_odd", "nf4", False)
     assert diffs[".absmax"] == 0
-    ours_t, ref_t = _tensors(tmp_path / "ours"), _tensors(tmp_path / "bnb")
+    ours_t, ref_t = read_tensors(tmp_path / "ours"), read_tensors(tmp_path / "bnb")
     partial = 0
     for t in read_infos(src):
         if t.name + ".absmax" not in ours_t:
@@ -305,7 +302,7 @@ def test_allowlist_output_loads_like_transformers_mode(tiny_checkpoint, tmp_path
         read_config(tmp_path / "allowlist")["quantization_config"]["llm_int8_skip_modules"]
         == sel.skip_modules
     )
-    a, b = _tensors(tmp_path / "hf"), _tensors(tmp_path / "allowlist")
+    a, b = read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "allowlist")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     model, info, messages = _load(tmp_path / "allowlist")

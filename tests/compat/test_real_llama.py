@@ -11,17 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from tiny_models import read_tensors
 
 from converter.writer.pipeline import convert
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.mark.slow
@@ -40,7 +32,7 @@ def test_smollm2_nf4_equals_bitsandbytes_save_pretrained(smollm2_model: Path, tm
         smollm2_model, quantization_config=config, device_map="cpu"
     ).save_pretrained(bnb_dir)
 
-    ours, theirs = _tensors(ours_dir), _tensors(bnb_dir)
+    ours, theirs = read_tensors(ours_dir), read_tensors(bnb_dir)
     assert sorted(ours) == sorted(theirs)
     differing = {
         k: int((ours[k].view(torch.uint8) != theirs[k].view(torch.uint8)).sum())
@@ -73,7 +65,7 @@ def test_smollm2_nested_codes_equal_bitsandbytes(smollm2_model: Path, tmp_path: 
     AutoModelForCausalLM.from_pretrained(
         smollm2_model, quantization_config=config, device_map="cpu"
     ).save_pretrained(bnb_dir)
-    ours, theirs = _tensors(ours_dir), _tensors(bnb_dir)
+    ours, theirs = read_tensors(ours_dir), read_tensors(bnb_dir)
     assert sorted(ours) == sorted(theirs)
     weights = [k for k in ours if k + ".absmax" in ours]
     assert len(weights) == 210

@@ -144,7 +144,7 @@ def binding(monkeypatch: pytest.MonkeyPatch) -> _Binding:
     fake = _Binding()
     monkeypatch.setattr(kernels_cuda, "_kernels", fake)
     monkeypatch.setattr(kernels_cuda, "_require", lambda t, name: 0)
-    monkeypatch.setattr(kernels_cuda, "_stream", lambda device: 77)
+    monkeypatch.setattr(kernels_cuda, "current_stream", lambda device: 77)
     return fake
 
 

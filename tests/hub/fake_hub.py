@@ -558,6 +558,16 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _writable_repo(self, repo_id: str | None) -> FakeRepo | None:
+        """The repo a write request names, or None once the 401 (bad token) or 404 has been sent. Callers
+        read the request body first, so that an error reply leaves the connection usable."""
+        if not self._write_access():
+            return None
+        repo = self.hub.repos.get(repo_id or "")
+        if repo is None:
+            self._error(404, "RepoNotFound", "Repository not found")
+        return repo
+
     def _create_repo(self) -> None:
         body = json.loads(self._body() or b"{}")
         if not self._write_access():
@@ -578,11 +588,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create_branch(self, repo_id: str | None, branch: str) -> None:
         body = json.loads(self._body() or b"{}")
-        if not self._write_access():
-            return None
-        repo = self.hub.repos.get(repo_id or "")
+        repo = self._writable_repo(repo_id)
         if repo is None:
-            return self._error(404, "RepoNotFound", "Repository not found")
+            return None
         with self.hub.lock:
             if branch in repo.refs:
                 return self._error(409, None, "Reference already exists")
@@ -594,11 +602,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _preupload(self, repo_id: str | None, rev: str) -> None:
         body = json.loads(self._body() or b"{}")
-        if not self._write_access():
-            return None
-        repo = self.hub.repos.get(repo_id or "")
+        repo = self._writable_repo(repo_id)
         if repo is None:
-            return self._error(404, "RepoNotFound", "Repository not found")
+            return None
         sha = self._commit(repo, rev)
         if sha is None:
             return None
@@ -621,10 +627,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _lfs_batch(self, repo_id: str, path: str) -> None:
         body = json.loads(self._body() or b"{}")
-        if not self._write_access():
+        if self._writable_repo(repo_id) is None:
             return None
-        if repo_id not in self.hub.repos:
-            return self._error(404, "RepoNotFound", "Repository not found")
         objects = []
         for obj in body.get("objects", []):
             entry: dict[str, Any] = {"oid": obj["oid"], "size": obj["size"]}
@@ -638,11 +642,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _commit_endpoint(self, repo_id: str | None, rev: str) -> None:
         data = self._body()
-        if not self._write_access():
-            return None
-        repo = self.hub.repos.get(repo_id or "")
+        repo = self._writable_repo(repo_id)
         if repo is None:
-            return self._error(404, "RepoNotFound", "Repository not found")
+            return None
         with self.hub.lock:
             rev = unquote(rev)
             base = self._commit(repo, rev)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,15 @@ from pathlib import Path
 from fake_hub import FakeHub
 
 TOKEN = "hf_test_token"
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder``, by its relative path."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def hub_env(hub: FakeHub, home: Path, *, offline: bool = False) -> dict[str, str]:

@@ -3,7 +3,6 @@ shared cache untouched, bounded private downloads, errors through the CLI."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,20 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from fake_hub import FakeHub
-from hub_helpers import hub_env, make_checkpoint
+from hub_helpers import file_hashes, hub_env, make_checkpoint
 
 pytestmark = pytest.mark.hub
 
 REPO = "org/tiny"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _files(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _without_provenance(meta: dict) -> dict:
@@ -42,7 +33,7 @@ def _assert_same_conversion(a: Path, b: Path) -> None:
     """
     from safetensors import safe_open
 
-    fa, fb = _files(a), _files(b)
+    fa, fb = file_hashes(a), file_hashes(b)
     assert sorted(fa) == sorted(fb)
     for name in fa:
         if name.endswith(".safetensors"):
@@ -143,10 +134,10 @@ def test_shared_cache_is_never_deleted(
     commit = fake_hub.add_repo(REPO, checkpoint_dir)
     # Half the repo is in the shared cache (as if transformers had downloaded it).
     cached = [hf_hub_download(REPO, f) for f in ("model-00001-of-00003.safetensors", "config.json")]
-    before = _files(tmp_path / "hf-home")
+    before = file_hashes(tmp_path / "hf-home")
     mark = len(fake_hub.requests)
     _convert(REPO, tmp_path / "hub")
-    assert _files(tmp_path / "hf-home") == before, "the shared cache must be left exactly as it was"
+    assert file_hashes(tmp_path / "hf-home") == before, "the shared cache must be left exactly as it was"
     assert all(Path(p).is_file() for p in cached)
     # The cached shard was read in place: only the two others were downloaded (plus header reads).
     sha1 = fake_hub.repos[REPO].commits[commit]["model-00001-of-00003.safetensors"].sha256
@@ -220,7 +211,7 @@ def test_kill_then_resume_gives_identical_bytes(tmp_path: Path, fake_hub: FakeHu
     def same(folder: Path) -> dict[str, str]:
         return {
             k: v
-            for k, v in _files(folder).items()
+            for k, v in file_hashes(folder).items()
             if not k.startswith(".") and k != "quantization_report.json"
         }
 
@@ -273,7 +264,7 @@ def test_offline_conversion_from_the_cache_is_identical(
     def same(folder: Path) -> dict[str, str]:
         return {
             k: v
-            for k, v in _files(folder).items()
+            for k, v in file_hashes(folder).items()
             if not k.startswith(".") and k != "quantization_report.json"
         }
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_hub import FakeHub, Fault
-from hub_helpers import TOKEN, hub_env
+from hub_helpers import TOKEN, file_hashes, hub_env
 
 from converter.errors import InputError
 from converter.sources.hub import HubAccessError, HubDownloadError
@@ -22,14 +22,6 @@ pytestmark = pytest.mark.hub
 SRC = "org/tiny"
 DEST = "me/tiny-nf4"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _files(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture
@@ -55,16 +47,16 @@ def _card_meta(text: str) -> dict:
 
 def test_push_lands_files_and_model_card(converted: Path, fake_hub: FakeHub, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    before = _files(converted)
+    before = file_hashes(converted)
     url = push_folder(converted, DEST, private=True)
     assert url == f"{fake_hub.endpoint}/{DEST}"
     assert fake_hub.repos[DEST].private
     remote = _remote(fake_hub, DEST)
-    local = {k: v for k, v in _files(converted).items() if not k.startswith(".") and k != "README.md"}
+    local = {k: v for k, v in file_hashes(converted).items() if not k.startswith(".") and k != "README.md"}
     assert {k: hashlib.sha256(remote[k]).hexdigest() for k in local} == local
     assert ".quantize-model-manifest.json" not in remote
     assert "LICENSE" in remote  # licence files propagated
-    assert _files(converted) == before, "push must not modify the local folder"
+    assert file_hashes(converted) == before, "push must not modify the local folder"
 
     card = remote["README.md"].decode()
     meta = _card_meta(card)

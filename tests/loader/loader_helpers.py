@@ -46,6 +46,20 @@ def quantize_record(
     )  # fmt: skip
 
 
+def train_steps(model: torch.nn.Module, params: list[torch.nn.Parameter], ids: torch.Tensor) -> list[float]:
+    """Five AdamW steps of causal-LM loss on ``ids``; the losses, in order."""
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def make_layer(
     out_features: int,
     in_features: int,

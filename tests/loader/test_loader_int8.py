@@ -15,6 +15,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
+from loader_helpers import train_steps
 
 from converter.kernels import int8 as kernels_int8
 from converter.loader import int8_ops
@@ -177,16 +178,8 @@ def test_peft_lora_wraps_and_trains(int8_folder: Path) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     assert params
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(params, lr=1e-2)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, params, ids)
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(frozen[n.removeprefix("base_model.model.").replace(".base_layer", "")], m.codes)
                for n, m in _int8_layers(model).items())  # fmt: skip

@@ -10,6 +10,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from loader_helpers import train_steps
 
 from converter.loader.model import linear4bit_modules, load_quantized
 from converter.loader.module import Linear4bit
@@ -17,20 +18,6 @@ from converter.loader.module import Linear4bit
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def _train(model: torch.nn.Module, params: list[torch.nn.Parameter], ids: torch.Tensor) -> list[float]:
-    """Five AdamW steps of causal-LM loss on ``ids``; the losses, in order."""
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -52,7 +39,7 @@ def test_lora_trains_and_merges(bnb_nf4: Path) -> None:
     assert trainable
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    losses = _train(model, trainable, ids)
+    losses = train_steps(model, trainable, ids)
     assert losses[-1] < losses[0] - 0.05
     # The 4-bit weights never changed: gradients went to the input and the adapters only.
     assert all(torch.equal(frozen[n], layer.weight.data) for n, layer in linear4bit_modules(model).items())
@@ -95,7 +82,7 @@ def test_custom_module_registration_trains_and_merges(our_folder: Path) -> None:
     wrapped = model.base_model.model.model.layers[1].mlp.down_proj
     assert type(wrapped) is lora_layer_class()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-    losses = _train(model, [p for p in model.parameters() if p.requires_grad], ids)
+    losses = train_steps(model, [p for p in model.parameters() if p.requires_grad], ids)
     assert losses[-1] < losses[0] - 0.05
     delta = wrapped.get_delta_weight("default").detach().float()
     merged = model.merge_and_unload()

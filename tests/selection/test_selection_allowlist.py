@@ -13,16 +13,11 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from converter.plan import arch_allowlist
 from converter.plan.selection import build_skeleton, select_tensors
+from converter.plan.selection_table_gen import TINY_DECODER
 from converter.sources.base import TensorInfo
 
 _DECODER = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=128,
+    TINY_DECODER,
     tie_word_embeddings=False,
     num_experts=4,
     num_local_experts=4,
