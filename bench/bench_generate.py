@@ -98,15 +98,26 @@ def random_llama(folder: Path, device: str, layers: int | None) -> Path:
     return folder
 
 
+def _has_chunk_digests(folder: Path) -> bool:
+    """Whether a folder's index records chunk digests (formats/chunks.py): verify=True is timed on them."""
+    from formats.index import read_index
+
+    try:
+        return all(e.chunks is not None for e in read_index(folder).shards.values())
+    except Exception:  # no index, an older format: convert again
+        return False
+
+
 def nf4_folder(plain: Path, out: Path, device: str, max_shard_size: str = "5GB") -> Path:
-    if (out / "config.json").exists():
+    if (out / "config.json").exists() and _has_chunk_digests(out):
         return out
     from converter.writer.pipeline import convert
 
     t0 = time.perf_counter()
     convert(
-        plain, out, progress=False, compute_dtype="bfloat16", device=device, max_shard_size=max_shard_size
-    )
+        plain, out, progress=False, compute_dtype="bfloat16", device=device, max_shard_size=max_shard_size,
+        overwrite=(out / "config.json").exists(),  # a folder from before chunk digests
+    )  # fmt: skip
     log(f"converted in {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -257,7 +268,9 @@ def _read_folder(folder: Path) -> None:
                     pass
 
 
-def bench_load(plain: Path, nf4: Path, device: str, repeats: int, profile: bool = False) -> list[dict]:
+def bench_load(
+    plain: Path, nf4: Path, device: str, repeats: int, profile: bool = False, contenders: str = ""
+) -> list[dict]:
     """call -> first token per contender, best of ``repeats`` fresh subprocesses run interleaved.
 
     ``with_imports_s``: the subprocess's wall time (interpreter start, imports, CUDA init, load, one
@@ -267,10 +280,11 @@ def bench_load(plain: Path, nf4: Path, device: str, repeats: int, profile: bool 
     snippet = _LOAD_SNIPPET.format(bench=str(Path(__file__).resolve().parent))
     _read_folder(nf4)
     _read_folder(plain)
-    best: dict = {case: None for case in LOAD_CASES}
+    wanted = set(contenders.split(",")) if contenders else {kind for kind, _ in LOAD_CASES}
+    best: dict = {case: None for case in LOAD_CASES if case[0] in wanted}
     errors: dict = {}
     for _ in range(repeats):
-        for kind, verify in LOAD_CASES:
+        for kind, verify in best:
             if (kind, verify) in errors:
                 continue
             t_start = time.perf_counter()
@@ -376,6 +390,7 @@ def main() -> None:
     )
     ap.add_argument("--load-repeats", type=int, default=3, help="fresh subprocesses per load contender")
     ap.add_argument("--load-profile", action="store_true", help="also cProfile one load of ours and bnb")
+    ap.add_argument("--load-contenders", default="", help="of ours,bnb,bf16 (default: all) for --load")
     ap.add_argument("--quality", action="store_true", help="also perplexity / logits on real weights")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -409,7 +424,9 @@ def main() -> None:
                 bench_contender(kind, mode, plain, nf4, args.device, ids, args.new, args.repeats)
             )
     if args.load:
-        result["load"] = bench_load(plain, nf4, args.device, args.load_repeats, args.load_profile)
+        result["load"] = bench_load(
+            plain, nf4, args.device, args.load_repeats, args.load_profile, args.load_contenders
+        )
     if args.quality:
         result["quality"] = bench_quality(plain, nf4, args.device)
     print(json.dumps(result, indent=2))

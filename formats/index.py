@@ -7,7 +7,10 @@ Layout (sorted keys, indent 2, trailing newline; written through a temp file and
         "quantize_model": {
           "format": {"name": "quantize-model", "version": 1},
           "provenance": {...},                       # as in the shards' metadata
-          "shards": {"model-00001-of-00002.safetensors": {"sha256": "...", "size": 123}},
+          "shards": {"model-00001-of-00002.safetensors": {
+              "sha256": "...", "size": 123,
+              "chunks": {"size": 16777216, "sha256": ["...", ...]}   # optional: formats/chunks.py
+          }},
           "tool": {"name": "quantize-model", "version": "0.1.0"}
         },
         "total_size": 123                            # bytes of tensor data in all shards (headers excluded)
@@ -22,12 +25,14 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from formats.chunks import ChunkDigests, hash_range, mismatch_line
 from formats.metadata import tool_version
 from formats.validate import FORMAT_NAME, FORMAT_VERSION, BadIndex, MissingShard, UnknownFormatVersion
 from formats.writer import ShardInfo
@@ -44,6 +49,7 @@ def shard_name(k: int, n: int) -> str:
 class ShardEntry:
     sha256: str
     size: int
+    chunks: ChunkDigests | None = None  # absent in indexes written before chunk digests
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ def write_index(
             "quantize_model": {
                 "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
                 "tool": {"name": FORMAT_NAME, "version": version or tool_version()},
-                "shards": {name: {"sha256": s.sha256, "size": s.size} for name, s in names.items()},
+                "shards": {name: _shard_json(s) for name, s in names.items()},
                 "provenance": dict(provenance),
             },
         },
@@ -112,6 +118,24 @@ def write_index(
     return path
 
 
+def _shard_json(s: ShardInfo) -> dict[str, Any]:
+    entry: dict[str, Any] = {"sha256": s.sha256, "size": s.size}
+    if s.chunks is not None:
+        entry["chunks"] = s.chunks.to_json()
+    return entry
+
+
+def _shard_entry(name: str, e: dict, where: Path) -> ShardEntry:
+    size = int(e["size"])
+    chunks = e.get("chunks")
+    if chunks is not None:
+        try:
+            chunks = ChunkDigests.from_json(chunks, size, f"{where}: shard {name}")
+        except ValueError as exc:
+            raise BadIndex(str(exc)) from None
+    return ShardEntry(str(e["sha256"]), size, chunks)
+
+
 def read_index(folder: Path, *, require_files: bool = True) -> Index:
     """Parse and check an index (ours or transformers'). Raises BadIndex / MissingShard."""
     folder = Path(folder)
@@ -125,8 +149,10 @@ def read_index(folder: Path, *, require_files: bool = True) -> Index:
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         msg = f"{path}: 'weight_map' must map tensor names to shard file names"
         raise BadIndex(msg)
-    for key, file in wm.items():
+    # Checked once per distinct file name (a few shards), not per tensor key (thousands).
+    for file in set(wm.values()):
         if Path(file).name != file or file in ("", ".", ".."):
+            key = next(k for k, f in wm.items() if f == file)
             msg = f"{path}: tensor {key!r} maps to {file!r}, which is not a file name inside the folder"
             raise BadIndex(msg)
     meta = obj.get("metadata") or {}
@@ -140,9 +166,11 @@ def read_index(folder: Path, *, require_files: bool = True) -> Index:
     if ours is not None:
         try:
             name, version = ours["format"]["name"], ours["format"]["version"]
-            shards = {n: ShardEntry(str(e["sha256"]), int(e["size"])) for n, e in ours["shards"].items()}
+            shards = {n: _shard_entry(n, e, path) for n, e in ours["shards"].items()}
             prov = ours.get("provenance")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except BadIndex:  # a chunks entry that does not fit its shard (the message names both)
+            raise
+        except (KeyError, TypeError, AttributeError) as exc:
             msg = f"{path}: metadata.quantize_model is malformed ({exc!r})"
             raise BadIndex(msg) from None
         if name != FORMAT_NAME:
@@ -193,23 +221,101 @@ def digest_problems(index: Index, digests: dict[str, str]) -> list[str]:
     ]
 
 
-def start_verify(folder: Path, *, threads: int | None = None) -> Callable[[], list[str]]:
-    """Start hashing every shard on background threads (hashlib releases the GIL, so they run while
-    the caller reads or copies the same files); the returned function waits for them and returns one
-    line per problem, as :func:`verify_shards` does."""
-    index = read_index(folder, require_files=False)
-    problems, present = file_problems(index)
-    hashed = [n for n in present if n in index.shards]
-    workers = max(1, min(len(hashed), threads or min(8, os.cpu_count() or 1)))
-    pool = ThreadPoolExecutor(max_workers=workers)
-    futures = [pool.submit(_sha256, index.folder / n) for n in hashed]
-    pool.shutdown(wait=False)  # the threads finish their files; nothing else is queued
+class Verification:
+    """The hashing of a folder's shards, started on a thread pool at once (hashlib and the reads
+    release the GIL, so it runs while the caller parses, copies or builds); call it to wait for the
+    result: one line per problem, as :func:`verify_shards` returns.
 
-    def finish() -> list[str]:
-        digests = {n: f.result() for n, f in zip(hashed, futures, strict=True)}
-        return problems + digest_problems(index, digests)
+    A shard with chunk digests is hashed chunk by chunk on all the threads; one without (an index
+    written before them) as one whole-file sha256 on one thread. A caller that reads a shard's bytes
+    anyway (the streamed GPU load, front to back) can :meth:`take` each chunk it has just read, if no
+    thread has started it, hash it from its own buffer and :meth:`record` the digest. The threads
+    work from the last chunk backwards, so the two meet somewhere in the middle, and whatever the
+    caller has not reached when it stops reading is hashed by the threads while it does other work
+    (building the model).
+    """
 
-    return finish
+    _POOL, _CALLER = 1, 2
+
+    def __init__(self, index: Index, threads: int | None = None) -> None:
+        self.index = index
+        self._problems, present = file_problems(index)
+        hashed = [n for n in present if n in index.shards]
+        self._chunked = {n: c for n in hashed if (c := index.shards[n].chunks) is not None}
+        self._owner = {n: [0] * len(c.sha256) for n, c in self._chunked.items()}
+        self._got: dict[str, dict[int, str]] = {n: {} for n in self._chunked}
+        self._lock = threading.Lock()
+        tasks = sum(len(c.sha256) for c in self._chunked.values()) + len(hashed) - len(self._chunked)
+        self._threads = max(1, threads or len(os.sched_getaffinity(0)))
+        pool = ThreadPoolExecutor(max_workers=max(1, min(tasks, self._threads)))
+        self._whole = {n: pool.submit(_sha256, index.folder / n) for n in hashed if n not in self._chunked}
+        order = [(n, k) for n, c in self._chunked.items() for k in range(len(c.sha256))]
+        self._tasks: list[Future[None]] = [pool.submit(self._hash_chunk, n, k) for n, k in reversed(order)]
+        pool.shutdown(wait=False)  # the threads finish what is queued; nothing else is submitted
+
+    def _hash_chunk(self, name: str, k: int) -> None:
+        with self._lock:
+            if self._owner[name][k]:
+                return  # taken by the caller
+            self._owner[name][k] = self._POOL
+        self._hash_now(name, k)
+
+    def _hash_now(self, name: str, k: int) -> None:
+        offset, nbytes = self._chunked[name].span(k, self.index.shards[name].size)
+        try:
+            digest = hash_range(self.index.folder / name, offset, nbytes)
+        except OSError as exc:  # e.g. truncated since it was sized: reported as that chunk's problem
+            digest = f"unreadable ({exc})"
+        self.record(name, k, digest)
+
+    def chunk_digests(self, name: str) -> tuple[ChunkDigests, int] | None:
+        """The chunk digests of shard ``name`` and its size, when it is hashed by chunks (else None:
+        no digests, or a size that differs from the index)."""
+        chunks = self._chunked.get(name)
+        return None if chunks is None else (chunks, self.index.shards[name].size)
+
+    def take(self, name: str, k: int) -> bool:
+        """Chunk ``k`` of shard ``name`` is the caller's to hash (True), unless a thread started it."""
+        with self._lock:
+            owner = self._owner[name]
+            if owner[k]:
+                return False
+            owner[k] = self._CALLER
+            return True
+
+    def record(self, name: str, k: int, digest: str) -> None:
+        """The sha256 (hex) of chunk ``k`` of shard ``name`` (thread-safe)."""
+        with self._lock:
+            self._got[name][k] = digest
+
+    def __call__(self) -> list[str]:
+        for task in self._tasks:
+            task.result()
+        # Chunks a caller took but never recorded (it failed first) are hashed here.
+        left = [
+            (n, k) for n, c in self._chunked.items() for k in range(len(c.sha256)) if k not in self._got[n]
+        ]
+        if left:
+            with ThreadPoolExecutor(max(1, min(len(left), self._threads))) as pool:
+                list(pool.map(lambda nk: self._hash_now(*nk), left))
+        problems = list(self._problems)
+        digests = {n: f.result() for n, f in self._whole.items()}
+        for name in self.index.files:
+            if name in digests:
+                problems += digest_problems(self.index, {name: digests[name]})
+            elif name in self._chunked:
+                entry = self.index.shards[name]
+                line = mismatch_line(
+                    self.index.folder / name, self._chunked[name], entry.size, self._got[name]
+                )
+                if line is not None:
+                    problems.append(line)
+        return problems
+
+
+def start_verify(folder: Path, *, threads: int | None = None) -> Verification:
+    """Start hashing every shard on background threads; call the result to wait for the problems."""
+    return Verification(read_index(folder, require_files=False), threads)
 
 
 def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:

@@ -50,7 +50,8 @@ def record_from_group(
         return Int8Tensor.from_state_dict(group.name, tensors, file=file, dtype=dtype)
     from formats.record import QuantizedTensor
 
-    return QuantizedTensor.from_state_dict(group.name, tensors, file=file)
+    # The group's quant state was parsed and its keys checked when the shard was validated.
+    return QuantizedTensor.from_checked_group(group.name, group.info, group.quant_storage, tensors)
 
 
 class Shard:

@@ -230,6 +230,15 @@ class QuantizedTensor:
             if k == name or k.startswith(name + ".")
         }
         storage, _ = check_quant_group(file, name, info, present)
+        return cls.from_checked_group(name, info, storage, tensors)
+
+    @classmethod
+    def from_checked_group(
+        cls, name: str, info: QuantStateInfo, storage: str, tensors: Mapping[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        """The record of a group whose quant state and keys were already parsed and checked against
+        ``info`` (``formats.validate.find_quant_groups``, as every shard opened by ``formats.reader``):
+        the quant-state JSON is not parsed a second time."""
         nested = None
         if info.nested_offset is not None:
             nested = NestedAbsmax(

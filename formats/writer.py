@@ -17,7 +17,6 @@ States::
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from formats.chunks import ChunkDigests, hash_file
 from formats.validate import (
     DTYPES,
     MAX_HEADER_SIZE,
@@ -97,6 +97,7 @@ class ShardInfo:
     path: Path
     sha256: str
     size: int
+    chunks: ChunkDigests | None = None  # per-chunk sha256 (formats/chunks.py)
 
 
 class WriterState(enum.Enum):
@@ -146,13 +147,13 @@ def _as_bytes(
     raise SlotMismatch(msg)
 
 
-def _sha256_into(path: Path, out: dict) -> None:
-    """sha256 of the file at ``path`` into out["sha256"] (or the exception, for the caller to raise)."""
+def _digests_into(path: Path, chunk_bytes: int | None, out: dict) -> None:
+    """(sha256, chunk digests) of the file at ``path`` into out["digests"] (or the exception, for the
+    caller to raise). One read: the chunk digests are hashed on other threads meanwhile."""
     try:
-        with open(path, "rb") as f:
-            out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+        out["digests"] = hash_file(path, chunk_bytes)
     except BaseException as exc:  # handed to the closing thread, which raises it
-        out["sha256"] = exc
+        out["digests"] = exc
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -165,8 +166,16 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
 class ShardWriter:
     """Write one safetensors shard from a plan; see the module docstring for layout and states."""
 
-    def __init__(self, path: Path, slots: Sequence[TensorSlot], metadata: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        slots: Sequence[TensorSlot],
+        metadata: Mapping[str, str],
+        *,
+        chunk_bytes: int | None = None,
+    ) -> None:
         self.path = Path(path)
+        self._chunk_bytes = chunk_bytes  # per-chunk sha256; None: formats.chunks.CHUNK_BYTES
         self.info: ShardInfo | None = None
         self._state = WriterState.ABORTED  # until the temp file exists
         where = str(self.path)
@@ -277,9 +286,12 @@ class ShardWriter:
             header += b" " * (self._header_size - len(header))
             _pwrite_all(self._fd, memoryview(self._header_size.to_bytes(8, "little") + header), 0)
             # Hash the finished bytes (from the page cache) while fsync flushes them: both wait on
-            # different things and release the GIL, so the slower one sets close's time.
-            hashed: dict[str, str | BaseException] = {}
-            hasher = threading.Thread(target=_sha256_into, args=(self._tmp, hashed), daemon=True)
+            # different things and release the GIL, so the slower one sets close's time. The chunk
+            # digests come from the same read, hashed on other threads beside the whole-file sha256.
+            hashed: dict[str, tuple[str, ChunkDigests] | BaseException] = {}
+            hasher = threading.Thread(
+                target=_digests_into, args=(self._tmp, self._chunk_bytes, hashed), daemon=True
+            )
             hasher.start()
             try:
                 os.fsync(self._fd)
@@ -287,9 +299,10 @@ class ShardWriter:
                 hasher.join()
             os.close(self._fd)
             self._fd = -1
-            sha = hashed["sha256"]
-            if isinstance(sha, BaseException):
-                raise sha
+            digests = hashed["digests"]
+            if isinstance(digests, BaseException):
+                raise digests
+            sha, chunks = digests
             size = self._data_start + position
             os.replace(self._tmp, self.path)
             _fsync_dir(self.path.parent)
@@ -297,7 +310,7 @@ class ShardWriter:
             self.abort()
             raise
         self._state = WriterState.CLOSED
-        self.info = ShardInfo(self.path, sha, size)
+        self.info = ShardInfo(self.path, sha, size, chunks)
         return self.info
 
     def abort(self) -> None:

@@ -31,7 +31,7 @@ from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts
 from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
-from converter.loader.state import load_quantized_state, resolve_folder, shard_files, shards_verified
+from converter.loader.state import read_state, resolve_folder, shard_files, shards_verified, streams_to
 from converter.methods import for_record
 
 
@@ -231,8 +231,8 @@ def load_quantized(
     # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while
     # the model is built (on a first load that includes importing its transformers modules).
     target = device if device_map is None else "cpu"
-    with shards_verified(folder, verify):
-        state = load_quantized_state(folder, verify=False, device=target)
+    with shards_verified(folder, verify, streaming=streams_to(target)) as hashes:
+        state = read_state(folder, target, hashes)
         model, qc = build_skeleton(
             folder, state, dtype, trust_remote_code=trust_remote_code, experts_device=target
         )  # 4-bit experts: stacked on the target device

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
-from formats.index import INDEX_NAME, read_index, start_verify
+from formats.index import INDEX_NAME, Verification, read_index, start_verify
 from formats.int8 import Int8Tensor
 from formats.reader import open_checkpoint
 from formats.record import QuantizedTensor
@@ -113,22 +113,37 @@ def load_quantized_state(
     transformers) are validated structurally only.
     """
     folder = resolve_folder(path_or_repo)
-    files, _ = shard_files(folder)
-    with shards_verified(folder, verify):
-        return _read_state(folder, files, device)
+    with shards_verified(folder, verify, streaming=streams_to(device)) as hashes:
+        return read_state(folder, device, hashes)
+
+
+def _hash_threads(streaming: bool) -> int:
+    """Threads for the verification: every core but the caller's, less the stream's readers (they
+    hash too) on a streamed load. More would only take time slices from the caller's thread, which
+    parses, copies and builds the model: the load's critical path."""
+    cores = len(os.sched_getaffinity(0))
+    if streaming:
+        from converter.loader.stream import reader_threads
+
+        return max(1, cores - 1 - reader_threads())
+    return max(1, cores - 1)
 
 
 @contextlib.contextmanager
-def shards_verified(folder: Path, verify: bool = True) -> Iterator[None]:
+def shards_verified(
+    folder: Path, verify: bool = True, *, streaming: bool = False
+) -> Iterator[Verification | None]:
     """Hash the shards of ``folder`` on background threads while the block runs (hashlib releases the
     GIL); on leaving it, wait for them and raise ``ChecksumMismatchError`` naming a changed shard, also
     in place of any error the block raised (a changed shard explains a failure to read it best).
-    A folder whose index records no hashes, or ``verify=False``: nothing is hashed."""
+    Yields the running ``Verification``: pass it to :func:`read_state` so that a streamed load hashes
+    the chunks it reads itself. A folder whose index records no hashes, or ``verify=False``: nothing
+    is hashed (yields None). ``streaming``: the block streams the shards (``read_state`` to a GPU)."""
     if not verify or not shard_files(folder)[1]:
-        yield
+        yield None
         return
     try:
-        pending = start_verify(folder, threads=max(1, len(os.sched_getaffinity(0))))
+        pending = start_verify(folder, threads=_hash_threads(streaming))
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 
@@ -139,14 +154,17 @@ def shards_verified(folder: Path, verify: bool = True) -> Iterator[None]:
             raise CorruptFileError(str(exc)) from exc
 
     try:
-        yield
+        yield pending
     except Exception:
         check()
         raise
     check()
 
 
-def _read_state(folder: Path, files: list[Path], device: str | torch.device) -> dict:
+def read_state(folder: Path, device: str | torch.device = "cpu", hashes: Verification | None = None) -> dict:
+    """``load_quantized_state``'s result without its own verification: ``hashes`` (from
+    :func:`shards_verified`) is given the chunks a streamed load reads."""
+    files, _ = shard_files(folder)
     try:
         # Groups split across shards (transformers' save_pretrained may do that) are joined here.
         checkpoint = open_checkpoint(files)
@@ -162,5 +180,5 @@ def _read_state(folder: Path, files: list[Path], device: str | torch.device) -> 
     if streams_to(device):
         from converter.loader.stream import mapped_files, stream_state
 
-        out = stream_state(out, mapped_files(checkpoint.shards), device)
+        out = stream_state(out, mapped_files(checkpoint.shards), device, hashes=hashes)
     return out

@@ -6,8 +6,14 @@ memory through the driver's own bounce buffer. Here instead the spans of each sh
 tensors are read in large chunks (``os.preadv``, several reader threads, the GIL released) into a
 few staging buffers (pinned when the target is CUDA), and the byte ranges of the tensors inside each
 chunk are copied into their final device tensors (``non_blocking`` from pinned memory, so the copies
-overlap the next reads). A staging buffer is refilled only after its copies are done. (``verify``
-hashes the shards on other threads meanwhile: ``formats.index.start_verify``.)
+overlap the next reads). A staging buffer is refilled only after its copies are done.
+
+With ``verify`` (``hashes``, a running ``formats.index.Verification``), a shard whose index records
+chunk digests is read on its chunk grid instead, the whole file (header and gaps are a few bytes
+more), and each reader thread hashes the chunk it just read into staging before handing it on (no
+second read; ``formats/chunks.py``), unless the verification's own threads, which work from the end
+of the files backwards, started that chunk first: those finish what the readers do not reach while
+the model is built.
 
 Each destination is its own ``torch.empty`` on the device, as ``model.to(device)`` would make it (same
 alignment, independently freeable). Tensors that are not views of a shard (computed, cast, cloned)
@@ -18,21 +24,36 @@ their tensor fields replaced), so everything downstream builds the model from de
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from formats.chunks import read_exact
+
+if TYPE_CHECKING:
+    from formats.index import Verification
 
 #: Bytes per read / staging buffer: large enough for efficient DMA and preadv, small enough that a
 #: few of them (pinned) cost little to allocate.
 CHUNK_BYTES = 32 << 20
 #: Staging buffers in flight (reads ahead of the copies).
 SLOTS = 6
+#: Reader threads at most: a few saturate the page cache and the copy engine. With verify they also
+#: hash what they read, and the verification's own threads take the other cores but one
+#: (``converter.loader.state.shards_verified``): the caller's thread keeps a core of its own.
+READERS = 8
+
+
+def reader_threads() -> int:
+    """How many threads read (and, with verify, hash) the shards."""
+    return max(2, min(READERS, len(os.sched_getaffinity(0))))
 
 
 @dataclass
@@ -104,16 +125,6 @@ def _locate(t: torch.Tensor, files: Sequence[MappedFile]) -> tuple[int, int] | N
     return None
 
 
-def _read_exact(fd: int, buf: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buf):
-        got = os.preadv(fd, [buf[done:]], offset + done)
-        if got <= 0:
-            msg = f"unexpected end of file at byte {offset + done}"
-            raise OSError(msg)
-        done += got
-
-
 def stream_state(
     state: Mapping[str, Any],
     files: Sequence[MappedFile],
@@ -123,11 +134,12 @@ def stream_state(
     slots: int = SLOTS,
     readers: int | None = None,
     stats: StreamStats | None = None,
+    hashes: Verification | None = None,
 ) -> dict[str, Any]:
     """``state`` with every tensor (plain or inside a record) on ``device``.
 
     Shard views are read from their files chunk by chunk and copied once; other tensors are moved
-    with ``.to(device)``.
+    with ``.to(device)``. ``hashes``: shards with chunk digests are hashed as they are read.
     """
     device = torch.device(device)
     stats = stats if stats is not None else StreamStats()
@@ -151,19 +163,47 @@ def stream_state(
                 pieces[where[0]].append(_Piece(where[1], flat.numel(), flat))
                 stats.copied_tensors += 1
             moved[id(t)] = by_view[key]
-    _copy_files(files, pieces, device, chunk_bytes, slots, readers, stats)
+    grids = [hashes.chunk_digests(f.path.name) if hashes is not None else None for f in files]
+    chunks = _chunks(files, pieces, chunk_bytes, grids)
+    _copy_files(files, chunks, device, slots, readers, stats, hashes)
     return {k: _replace(v, moved) for k, v in state.items()}
 
 
-def _chunks(files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], size: int) -> list:
-    """(file index, offset, length, pieces overlapping it) for every chunk to read, files in turn.
+def _inside(ordered: list[_Piece], k: int, off: int, n: int) -> tuple[int, list[_Piece]]:
+    """(first piece that may overlap later chunks, the pieces overlapping ``[off, off + n)``)."""
+    while k < len(ordered) and ordered[k].offset + ordered[k].nbytes <= off:
+        k += 1
+    inside = []
+    j = k
+    while j < len(ordered) and ordered[j].offset < off + n:
+        inside.append(ordered[j])
+        j += 1
+    return k, inside
+
+
+def _chunks(
+    files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], size: int, grids: Sequence[Any] = ()
+) -> list:
+    """(file index, offset, length, pieces overlapping it, chunk to hash or -1) for every chunk to read,
+    files in turn.
 
     Tensor ranges are merged into spans (a gap shorter than a chunk is read through rather than
-    split), and each span is cut into chunks of at most ``size`` bytes.
+    split), and each span is cut into chunks of at most ``size`` bytes. A file with chunk digests
+    (``Verification.chunk_digests``: digests, file size) is read whole on their grid instead, each
+    chunk's index given to hash it.
     """
     out = []
     for i in range(len(files)):
         ordered = sorted(pieces[i], key=lambda p: p.offset)
+        grid = grids[i] if i < len(grids) else None
+        if grid is not None:
+            digests, file_size = grid
+            k = 0
+            for c in range(len(digests.sha256)):
+                off, n = digests.span(c, file_size)
+                k, inside = _inside(ordered, k, off, n)
+                out.append((i, off, n, inside, c))
+            continue
         spans: list[tuple[int, int]] = []
         for p in ordered:
             if spans and p.offset <= spans[-1][1] + size:
@@ -174,31 +214,28 @@ def _chunks(files: Sequence[MappedFile], pieces: Sequence[list[_Piece]], size: i
         for start, end in spans:
             for off in range(start, end, size):
                 n = min(size, end - off)
-                while k < len(ordered) and ordered[k].offset + ordered[k].nbytes <= off:
-                    k += 1
-                inside = []
-                j = k
-                while j < len(ordered) and ordered[j].offset < off + n:
-                    inside.append(ordered[j])
-                    j += 1
-                out.append((i, off, n, inside))
+                k, inside = _inside(ordered, k, off, n)
+                out.append((i, off, n, inside, -1))
     return out
 
 
 def _copy_files(
     files: Sequence[MappedFile],
-    pieces: Sequence[list[_Piece]],
+    chunks: list,
     device: torch.device,
-    chunk_bytes: int,
     slots: int,
     readers: int | None,
     stats: StreamStats,
+    hashes: Verification | None,
 ) -> None:
-    chunks = _chunks(files, pieces, chunk_bytes)
     if not chunks:
         return
     cuda = device.type == "cuda"
-    largest = max(n for _, _, n, _ in chunks)
+    largest = max(n for _, _, n, _, _ in chunks)
+    hashing = any(c >= 0 for *_, c in chunks)
+    workers = readers or reader_threads()
+    if hashing:  # a slot is held while its chunk is hashed: one per reader, two more for the copies
+        slots = max(slots, workers + 2)
     slots = max(1, min(slots, len(chunks)))
     staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=cuda) for _ in range(slots)]
     views = [memoryview(s.numpy()) for s in staging]
@@ -206,7 +243,6 @@ def _copy_files(
     # Per slot: the event of its last copies, which must be done before the slot is refilled.
     done_copy: list[Any] = [None] * slots
     lock = threading.Lock()
-    workers = readers or max(2, min(8, len(os.sched_getaffinity(0))))
     try:
         with ThreadPoolExecutor(workers) as pool:
 
@@ -215,11 +251,14 @@ def _copy_files(
                     event = done_copy[slot]
                 if event is not None:
                     event.synchronize()  # releases the GIL
-                i, off, n, _ = chunks[j]
-                _read_exact(fds[i], views[slot][:n], off)
+                i, off, n, _, c = chunks[j]
+                read_exact(fds[i], views[slot][:n], off)
+                name = files[i].path.name
+                if c >= 0 and hashes is not None and hashes.take(name, c):  # hashlib releases the GIL
+                    hashes.record(name, c, hashlib.sha256(views[slot][:n]).hexdigest())
 
             reads = {j: pool.submit(read, j, j % slots) for j in range(slots)}
-            for j, (i, off, n, inside) in enumerate(chunks):
+            for j, (i, off, n, inside, _) in enumerate(chunks):
                 slot = j % slots
                 reads.pop(j).result()
                 stats.bytes_read[files[i].path] = stats.bytes_read.get(files[i].path, 0) + n

@@ -2,8 +2,9 @@
 
 ``.quantize-model-manifest.json`` sits in the output folder from the first byte written. It holds the
 plan fingerprint (source identity, options, tool and format version), the state ("in_progress" or
-"complete") and the sha256 of every shard already finished. It is rewritten atomically (temp name,
-fsync, rename) after each shard, and marked complete only after index and config are in place.
+"complete") and the sha256, size and chunk digests (formats/chunks.py) of every shard already
+finished. It is rewritten atomically (temp name, fsync, rename) after each shard, and marked complete
+only after index and config are in place.
 
 Rules (design.md): no folder (or an empty one) -> create; our manifest with the same fingerprint ->
 resume (skip shards whose recorded sha256 still matches) or, when complete, do nothing; anything else
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from converter.errors import OutputExistsError
+from converter.errors import CorruptFileError, OutputExistsError
+from formats.chunks import ChunkDigests, hash_file
+from formats.writer import ShardInfo
 
 MANIFEST_NAME = ".quantize-model-manifest.json"
 TOOL = "quantize-model"
@@ -36,7 +39,7 @@ class Action(Enum):
 class Manifest:
     fingerprint: str
     state: str = "in_progress"
-    shards: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size"}
+    shards: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size", "chunks", ...}
     plan: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -90,6 +93,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     tmp.replace(path)
     fsync_dir(path.parent)
+
+
+def shard_chunks_json(info: ShardInfo) -> dict:
+    """The manifest entry's ``chunks`` field of a shard just written (empty without chunk digests)."""
+    return {"chunks": info.chunks.to_json()} if info.chunks is not None else {}
+
+
+def shard_info(path: Path, entry: dict) -> ShardInfo:
+    """The ``ShardInfo`` of a finished shard from its manifest entry, for the index. An entry without
+    usable chunk digests (a manifest written before them) has them computed from the file, which a
+    resumed run has just checked against the entry's sha256."""
+    sha, size = entry["sha256"], entry["size"]
+    try:
+        chunks = ChunkDigests.from_json(entry.get("chunks"), size, str(path))
+    except ValueError:
+        whole, chunks = hash_file(path)
+        if whole != sha:
+            msg = f"{path}: changed since it was written (sha256 {whole}, manifest says {sha}); convert again"
+            raise CorruptFileError(msg) from None
+    return ShardInfo(path, sha, size, chunks)
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:

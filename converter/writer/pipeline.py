@@ -46,11 +46,20 @@ from converter.record.quality import QualityMeter
 from converter.sources import Source, open_source
 from converter.sources.mapped import MappedFile
 from converter.version import tool_version
-from converter.writer.manifest import MANIFEST_NAME, Action, FolderLock, Manifest, atomic_write_bytes, decide
+from converter.writer.manifest import (
+    MANIFEST_NAME,
+    Action,
+    FolderLock,
+    Manifest,
+    atomic_write_bytes,
+    decide,
+    shard_chunks_json,
+    shard_info,
+)
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
 from formats import bnb_compat, index, metadata
 from formats.validate import FORMAT_VERSION
-from formats.writer import ShardInfo, ShardWriter, TensorSlot, temp_path
+from formats.writer import ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
 ProgressHook = Callable[[str, int], None]
@@ -316,6 +325,7 @@ class _Conversion:
                 manifest.shards[shard.name] = {
                     "sha256": info.sha256,
                     "size": info.size,
+                    **shard_chunks_json(info),
                     **self.quality.shard_entry([p.name for p in shard.tensors]),
                 }
                 manifest.save(self.output)
@@ -485,12 +495,7 @@ class _Conversion:
             tmp.replace(dest)
 
     def _write_index(self, manifest: Manifest) -> None:
-        shards = [
-            ShardInfo(
-                self.output / s.name, manifest.shards[s.name]["sha256"], manifest.shards[s.name]["size"]
-            )
-            for s in self.plan.shards
-        ]
+        shards = [shard_info(self.output / s.name, manifest.shards[s.name]) for s in self.plan.shards]
         weight_map: dict[str, str] = {}
         opts = self.options
         for s in self.plan.shards:

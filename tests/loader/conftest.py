@@ -54,3 +54,16 @@ def dynamo(monkeypatch: pytest.MonkeyPatch):
         counters.clear()
         yield counters
         torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def chunked_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``our_folder`` converted with 4 KiB chunk digests (formats/chunks.py), so that every shard has
+    many chunks (read-only)."""
+    from converter.writer.pipeline import convert
+
+    dst = tmp_path_factory.mktemp("loader") / "chunked"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("formats.chunks.CHUNK_BYTES", 4096)
+        convert(plain_llama, dst, progress=False, max_shard_size="60KB", compute_dtype="bfloat16")
+    return dst

@@ -24,6 +24,7 @@ from converter.loader import state as state_mod
 from converter.loader import stream
 from converter.loader.state import ChecksumMismatchError, load_quantized_state, shard_files
 from converter.loader.stream import StreamStats, mapped_files, stream_state
+from formats.index import Verification
 from formats.reader import open_checkpoint
 
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
@@ -136,12 +137,16 @@ def test_streamed_verify_catches_a_flipped_byte_hashed_during_the_read(
     shutil.copytree(our_folder, folder)
     shard = _flip_a_data_byte(folder)
     events: list[str] = []
-    real_start, real_stream = state_mod.start_verify, stream.stream_state
+    real_start, real_stream, real_finish = state_mod.start_verify, stream.stream_state, Verification.__call__
 
     def start_verify(*args, **kwargs):
-        finish = real_start(*args, **kwargs)
+        pending = real_start(*args, **kwargs)
         events.append("hashing started")
-        return lambda: (events.append("hashes awaited"), finish())[1]
+        return pending
+
+    def finish(self: Verification) -> list[str]:
+        events.append("hashes awaited")
+        return real_finish(self)
 
     def stream_state(*args, **kwargs):
         events.append("stream")
@@ -154,13 +159,14 @@ def test_streamed_verify_catches_a_flipped_byte_hashed_during_the_read(
         return real_build(*args, **kwargs)
 
     monkeypatch.setattr(state_mod, "start_verify", start_verify)
+    monkeypatch.setattr(Verification, "__call__", finish)
     monkeypatch.setattr(stream, "stream_state", stream_state)
     monkeypatch.setattr(model_mod, "build_skeleton", build_skeleton)
     with pytest.raises(ChecksumMismatchError, match=re.escape(shard.name)) as info:
         load_quantized(folder)
     assert "verify=False" in str(info.value)
-    # The hashes run on their threads while the shards are parsed and copied and the model is built,
-    # and are awaited before anything is returned.
+    # The hashes run on their threads (and the stream's readers) while the shards are parsed and
+    # copied and the model is built, and are awaited before anything is returned.
     assert events == ["hashing started", "stream", "build", "hashes awaited"]
     assert isinstance(load_quantized_state(folder, verify=False, device="cpu"), dict)
     load_quantized(folder, verify=False)  # skipping the check loads the changed shard

@@ -75,3 +75,20 @@ def test_cuda_verify_catches_a_flipped_byte(our_folder: Path, tmp_path: Path) ->
     with pytest.raises(ChecksumMismatchError, match=re.escape(shard.name)):
         load_quantized(folder, device="cuda")
     assert next(load_quantized(folder, device="cuda", verify=False).parameters()).is_cuda
+
+
+def test_cuda_verify_by_chunk_digests_names_the_chunk(chunked_folder: Path, tmp_path: Path) -> None:
+    # chunked_folder: 4 KiB chunk digests, hashed by the stream's readers from the pinned staging.
+    _assert_same_model(
+        load_quantized(chunked_folder, device="cuda"), load_quantized(chunked_folder).to("cuda")
+    )
+    folder = tmp_path / "corrupt"
+    shutil.copytree(chunked_folder, folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    offset = 8 + int.from_bytes(data[:8], "little") + 10  # a byte of the first tensor
+    data[offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+    k = offset // 4096
+    with pytest.raises(ChecksumMismatchError, match=rf"{re.escape(shard.name)}: sha256 of chunk {k} "):
+        load_quantized(folder, device="cuda")
