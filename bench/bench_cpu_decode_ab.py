@@ -1,15 +1,23 @@
-"""Interleaved A/B of the CPU decode changes in ``generate()`` (SmolLM2-135M, batch 1, greedy).
+"""Interleaved A/B of the CPU decode path in ``generate()`` (SmolLM2-135M, batch 1, greedy).
 
 Contenders, each timed once per round, rounds interleaved, best of ``--rounds`` (for a shared VM):
 
-- ``ours_new``: ``load_quantized`` as shipped (GEMV threads from ``converter.kernels.cpu_threads``, the plain
-  lm_head's prompt-step input re-strided by ``converter.loader.head``);
-- ``ours_before``: the same model object with the pool for every GEMV and no head hook (the old code);
-- ``ours_policy_nohook``: the thread policy alone (no head hook);
+- ``ours``: ``load_quantized`` as shipped (4-bit GEMV thread policy of ``converter.kernels.cpu_threads``,
+  the plain bf16 lm_head through our bf16 GEMV, ``converter.loader.head.GemvHead``);
+- ``ours_torch_head``: the same model object with the head on torch's ``F.linear`` (the i12b code);
+- ``ours_head_pool``: our head GEMV on the kernel pool's threads instead of the calling thread alone;
+- ``ours_loop``: ours, but a hand-written greedy loop (forward, argmax, cache) instead of
+  ``generate()``: the difference per token is ``generate()``'s own per-step host work;
+- ``ours_graphed``: ours through ``generate(custom_generate=converter.loader.decode.graphed_greedy)``
+  (on CPU: its device-side loop without graphs, on its own static cache);
 - ``bf16_eager`` / ``bf16_compiled``: the plain checkpoint, dynamic cache / static cache with the decode
   step through ``torch.compile`` (inductor), as in ``bench_generate.py``.
 
 ``decode_tok_s`` = (new - 1) / (t(new tokens) - t(1 token)), ``ttft_s`` = t(1 token), as bench_generate.
+``--clock cpu``: one torch thread, every contender timed in the main thread's CPU time (all of the
+work runs there: our kernels on the calling thread, torch with one thread), which other jobs on a
+shared machine disturb far less than the wall clock; ``--clock wall`` (default): 2 torch threads.
+The load average at the start and the end is printed: label the numbers with it.
 
     cd /tmp && python /path/to/bench/bench_cpu_decode_ab.py --rounds 8 --json out.json
 """
@@ -28,9 +36,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate as bg
 
-from converter.kernels import custom_ops
-from converter.loader import head as qhead
+from converter.kernels import gemv_bf16 as gemv_bf16_module
+from converter.loader.head import GemvHead
 from converter.tools import samples
+
+
+def time_loop(model, ids: torch.Tensor, new: int) -> float:
+    """Seconds for ``new`` greedy tokens from a plain forward loop (what generate() does, minus its
+    logits processors, stopping criteria and input preparation)."""
+    from transformers import DynamicCache
+
+    t0 = _clock()
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(new - 1):
+            tok = model(tok, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    return _clock() - t0
+
+
+_clock = time.perf_counter
 
 
 def main() -> None:
@@ -40,7 +66,13 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--workdir", default="/tmp/qm_bench_generate")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = ap.parse_args()
+    global _clock
+    _clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
+    load_start = os.getloadavg()
     plain = samples.smollm2(Path(os.environ.get("QM_SAMPLES_DIR", samples.DEFAULT_SAMPLES_DIR)))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -50,26 +82,31 @@ def main() -> None:
 
     ours = bg.load("ours", plain, nf4, "cpu")
     head = ours.get_output_embeddings()
-    head._forward_pre_hooks.clear()  # the loader's hook, switched per contender below
-    hook_on = {"on": True}
-    head.register_forward_pre_hook(lambda m, a: qhead._standard_strides(m, a) if hook_on["on"] else None)
+    assert isinstance(head, GemvHead), type(head)
     bf16 = bg.load("bf16", plain, nf4, "cpu")
     bf16c = bg.load("bf16", plain, nf4, "cpu")
     bg.compile_decode(bf16c, "cpu", fullgraph=False)
-    policy = custom_ops.gemv_threads
-    contenders = {  # model, static cache, GEMV thread policy, head hook
-        "ours_new": (ours, False, policy, True),
-        "ours_before": (ours, False, lambda n: 0, False),
-        "ours_policy_nohook": (ours, False, policy, False),
-        "bf16_eager": (bf16, False, policy, False),
-        "bf16_compiled": (bf16c, True, policy, False),
+    static = bg.static_cache(bf16c, args.prompt + args.new + 1)  # one cache: the compiled step is reused
+    policy = gemv_bf16_module.gemv_threads
+    contenders = {  # model, static cache (None: dynamic), head on our GEMV, head GEMV threads, loop
+        "ours": (ours, None, True, policy, "eager"),
+        "ours_torch_head": (ours, None, False, policy, "eager"),
+        "ours_head_pool": (ours, None, True, lambda n: 0, "eager"),
+        "ours_loop": (ours, None, True, policy, "loop"),
+        "ours_graphed": (ours, None, True, policy, "graphed"),
+        "bf16_eager": (bf16, None, False, policy, "eager"),
+        "bf16_compiled": (bf16c, static, False, policy, "eager"),
     }
 
     def run(name: str, new: int) -> float:
-        model, static, threads, hook = contenders[name]
-        custom_ops.gemv_threads = threads
-        hook_on["on"] = hook
-        return bg.time_generate(model, ids, new, static, "cpu")
+        model, cache, gemv_head, threads, loop = contenders[name]
+        head.use_gemv = gemv_head
+        gemv_bf16_module.gemv_threads = threads
+        if loop == "loop":
+            return time_loop(model, ids, new)
+        t0 = _clock()
+        bg.time_generate(model, ids, new, cache, "cpu", mode=loop)
+        return _clock() - t0
 
     for name in contenders:  # warm-up at the timed lengths (a static cache's length is compiled in)
         run(name, args.new)
@@ -82,11 +119,15 @@ def main() -> None:
         bg.log(
             f"round {r}: " + ", ".join(f"{k} {(args.new - 1) / (b - a):.1f}" for k, (a, b) in best.items())
         )
+    step_ms = {k: (b - a) / (args.new - 1) * 1e3 for k, (a, b) in best.items()}
     result = {
         "machine": f"cpu x{torch.get_num_threads()} torch threads",
+        "clock": args.clock,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg_start": [round(v, 2) for v in load_start],
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "rounds": args.rounds,
         "prompt": args.prompt,
         "new": args.new,
@@ -94,6 +135,8 @@ def main() -> None:
             k: {"decode_tok_s": round((args.new - 1) / (b - a), 2), "ttft_s": round(a, 4)}
             for k, (a, b) in best.items()
         },
+        "generate_host_ms_per_step": round(step_ms["ours"] - step_ms["ours_loop"], 3),
+        "ours_vs_bf16_best": round(min(step_ms["bf16_eager"], step_ms["bf16_compiled"]) / step_ms["ours"], 3),
     }
     print(json.dumps(result, indent=2))
     if args.json:

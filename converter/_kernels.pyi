@@ -81,6 +81,19 @@ def gemv_4bit(
 ) -> None:
     """y[b, o] = sum_k x[b, k] * W[o, k] for batch 1..8 (absmax == 0: nested absmax). y has x's dtype."""
 
+def gemv_bf16(
+    x: int,
+    dtype: str,
+    batch: int,
+    in_features: int,
+    out_features: int,
+    w: int,
+    y: int,
+    isa: str = "auto",
+    threads: int = 0,
+) -> None:
+    """y[b, o] = sum_k x[b, k] * W[o, k] for batch 1..8, W bfloat16 [out, in], float32 accumulation."""
+
 # CUDA backend (present only when has_cuda_build(); csrc/cuda/bindings_cuda.cpp). Device pointers are
 # raw addresses on `device`; `stream` is a cudaStream_t address (torch.cuda.current_stream().cuda_stream);
 # dtype codes and the nested inputs are documented in converter/kernels/bnb4bit_cuda.py, the only caller.

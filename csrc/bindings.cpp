@@ -15,6 +15,7 @@
 #include "codebooks.h"
 #include "binding_pointers.h"
 #include "cpu_features.h"
+#include "gemv_bf16.h"
 #include "gemv_cpu.h"
 #include "gemv_grouped.h"
 #include "quant_cpu.h"
@@ -200,6 +201,29 @@ PYBIND11_MODULE(_kernels, m) {
         return qm::count_nonfinite(xp, dt, n, threads);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("threads") = 0, "Number of NaN / Inf elements of x.");
+
+  m.def(
+      "gemv_bf16",
+      [](uintptr_t x, const std::string& dtype, int64_t batch, int64_t in_features, int64_t out_features,
+         uintptr_t w, uintptr_t y, const std::string& isa, int threads) {
+        qm::GemvBf16Args a{};
+        a.x_dtype = qm::parse_dtype(dtype);
+        a.batch = batch;
+        a.in_features = in_features;
+        a.out_features = out_features;
+        check_n(out_features, "out_features");
+        const qm::Isa path = qm::parse_isa(isa);
+        if (out_features == 0) return;
+        a.x = ptr<const void>(x, "x");
+        a.w = ptr<const uint16_t>(w, "w");
+        a.y = ptr<void>(y, "y");
+        py::gil_scoped_release release;
+        qm::gemv_bf16(a, path, threads);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("batch"), py::arg("in_features"), py::arg("out_features"),
+      py::arg("w"), py::arg("y"), py::arg("isa") = "auto", py::arg("threads") = 0,
+      "y[b, o] = sum_k x[b, k] * W[o, k] for batch 1..8, W [out_features, in_features] bfloat16, float32\n"
+      "accumulation; y has x's dtype.");
 
   m.def(
       "gemv_4bit",

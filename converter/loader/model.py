@@ -27,7 +27,7 @@ from torch import nn
 from converter.errors import InputError
 from converter.loader import ops
 from converter.loader.footprint import install_footprint
-from converter.loader.head import flatten_head_input
+from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts
 from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
@@ -255,6 +255,7 @@ def load_quantized(
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     model.eval()
     flatten_head_input(model)  # prompt step: lm_head input with standard strides (loader/head.py)
+    use_gemv_head(model)  # decode steps: the bf16 head through our CPU GEMV (loader/head.py)
     install_footprint(model)
     if device_map is not None:
         place(model, folder, device, device_map, max_memory, offload_folder)

@@ -32,6 +32,7 @@ from torch import nn
 
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.loader import ops
+from converter.loader.cpu_gemv import CpuGemv
 from formats.bnb_compat import quant_state_json
 from formats.quant_types import NESTED_BLOCKSIZE, QuantType
 from formats.record import QuantizedTensor
@@ -286,6 +287,8 @@ class QuantLinear4bit(nn.Module):
     #: Kernel arguments prepared from ``weight`` (``ops.prepare``) and the weight they were made for.
     _kernel_args: ops.KernelArgs | None = None
     _prepared_for: torch.Tensor | None = None
+    #: The eager CPU decode launch of the prepared weight (loader/cpu_gemv.py); None off the CPU.
+    _cpu_gemv: CpuGemv | None = None
 
     def __init__(
         self,
@@ -369,10 +372,11 @@ class QuantLinear4bit(nn.Module):
         """Compute the kernel arguments of the weight once (forward then only launches)."""
         weight = self.weight
         if weight.device.type == "meta":
-            self._kernel_args = None
+            self._kernel_args = self._cpu_gemv = None
             self.__dict__["_prepared_for"] = None
             return None
         self._kernel_args = ops.prepare(weight, weight.quant_state)
+        self._cpu_gemv = CpuGemv(self._kernel_args) if CpuGemv.applies(self._kernel_args) else None
         # Not through nn.Module.__setattr__ (it would register a Params4bit as a parameter); a weight
         # swapped in by assignment later (PEFT's merge) is seen as new and takes the general path.
         self.__dict__["_prepared_for"] = weight
@@ -405,6 +409,19 @@ class QuantLinear4bit(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._cpu_gemv
+        if (  # eager CPU decode, no cast, no bias: one launch without per-call Python checks
+            fast is not None
+            and x.dtype == self.compute_dtype
+            and self.use_gemv
+            and self._prepared_for is self.weight
+            and self.bias is None
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling()
+        ):
+            y = fast(x)
+            if y is not None:
+                return y
         inp_dtype = x.dtype
         compute = self.compute_dtype or inp_dtype
         bias = self.bias

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from error_bounds import dot_bound, gamma, worst_ratio
 from loader_helpers import gemv_bound, linear_bound, make_layer, reference_weight
 
-from converter.loader import ops
+from converter import _kernels
 from converter.loader.module import Linear4bit
 from formats.quant_types import BLOCKSIZES
 
@@ -72,8 +72,8 @@ def test_gemv_bound_catches_a_corrupted_absmax() -> None:
 
 def test_gemv_taken_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = ops.gemv_prepared
-    monkeypatch.setattr(ops, "gemv_prepared", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real = _kernels.gemv_4bit  # what every GEMV route (loader/cpu_gemv.py, ops.linear) launches
+    monkeypatch.setattr(_kernels, "gemv_4bit", lambda *a: calls.append((a[2], a[3])) or real(*a))
     whole, _, _ = make_layer(32, 128, blocksize=64)
     crossing, _, _ = make_layer(32, 100, blocksize=64)
     x = torch.randn(3, 128, dtype=torch.bfloat16)

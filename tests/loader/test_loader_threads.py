@@ -8,6 +8,7 @@ import torch
 from loader_helpers import make_layer
 
 from converter.kernels import cpu_threads, custom_ops
+from converter.loader import cpu_gemv
 
 
 @pytest.fixture
@@ -45,9 +46,11 @@ def test_dense_gemv_asks_the_policy_and_threads_never_change_bits(monkeypatch: p
     asked: list[int] = []
     outputs: dict[int, list[torch.Tensor]] = {}
     for threads in (1, 2, 0):
-        monkeypatch.setattr(custom_ops, "gemv_threads", lambda n, t=threads: asked.append(n) or t)
+        for caller in (custom_ops, cpu_gemv):  # the custom op and the layer's eager launch ask the policy
+            monkeypatch.setattr(caller, "gemv_threads", lambda n, t=threads: asked.append(n) or t)
         g = torch.Generator().manual_seed(1)
         outputs[threads] = [layer(torch.randn(b, 1024, generator=g).to(torch.bfloat16)) for b in (1, 3, 8)]
+    assert len(asked) == 9, "every launch asks the policy"
     assert set(asked) == {2048 * 1024 // 2}, "the policy gets the packed byte count of the weight"
     for threads in (2, 0):
         for a, b in zip(outputs[1], outputs[threads], strict=True):
