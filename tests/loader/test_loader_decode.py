@@ -128,3 +128,41 @@ def test_padded_prompt_falls_back(model, caplog) -> None:
 def test_bad_steps_per_graph_is_refused(model) -> None:
     with pytest.raises(ValueError, match="steps_per_graph must be a positive int, got 0"):
         model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=0, max_new_tokens=3)
+
+
+_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=1,
+)
+_ARCHS = {  # the cache kinds the loop meets: full attention, sliding windows shorter than the text, MoE
+    "qwen3": {"head_dim": 16},
+    "mistral": {"sliding_window": 8},
+    "gemma3_text": {
+        "head_dim": 16,
+        "sliding_window": 6,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+    },
+    "qwen3_moe": {"head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+}
+
+
+@pytest.mark.parametrize("model_type", list(_ARCHS))
+def test_any_transformers_model_gets_its_greedy_tokens(model_type: str) -> None:
+    """The loop is generic: plain (bf16-style) transformers models, sliding-window caches included."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **_TINY, **_ARCHS[model_type])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])  # longer than the windows
+    kw = {"max_new_tokens": 20, "min_new_tokens": 20, "pad_token_id": 0}
+    want = _reference(model, ids, **kw)
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw), want)
