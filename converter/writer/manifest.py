@@ -84,9 +84,13 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp name beside ``path``, fsync, rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temp_name(path)
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()
@@ -159,6 +163,9 @@ def decide(
             raise OutputExistsError(msg)
         output.unlink()
         return fresh
+    # A kill between writing the first manifest's temp file and renaming it leaves only that file:
+    # ours, never complete, so it is dropped instead of making the folder look like someone else's.
+    _temp_name(output / MANIFEST_NAME).unlink(missing_ok=True)
     if not output.exists() or not any(output.iterdir()):
         return fresh
     if overwrite:

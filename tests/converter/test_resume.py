@@ -79,6 +79,30 @@ def test_resume_after_sigkill(stage: str, tiny_llama_sharded: Path, tmp_path: Pa
     assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
 
 
+def test_kill_before_the_first_manifest_rename_does_not_block_the_rerun(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """SIGKILL between writing the first manifest's temp file and renaming it leaves only that file:
+    the rerun converts (found by the random kills of test_kill_batch under load), instead of
+    refusing the folder as holding files quantize-model did not write."""
+    reference = tmp_path / "reference"
+    convert(tiny_llama_sharded, reference, max_shard_size="40KB", progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".{MANIFEST_NAME}.tmp").write_bytes(b'{"fingerprint": "tru')  # cut mid-write
+    convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert output_hashes(out) == output_hashes(reference)
+    assert not (out / f".{MANIFEST_NAME}.tmp").exists()
+
+
+def test_a_stranger_file_is_still_refused(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match=r"holds files quantize-model did not write \(notes.txt\)"):
+        convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+
+
 def test_disk_full_fails_cleanly_then_resumes(
     tiny_llama_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
