@@ -25,6 +25,7 @@ the same graphs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ WARMUP_STEPS = 2
 
 _warned: set[str] = set()
 _own_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> StaticCache
-_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> _GraphState
+_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {state key: _GraphState}
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled __call__
 
 
 @dataclass
@@ -281,9 +283,6 @@ def _step_fn(model, cache, state: _GraphState, compile_step: bool):
     return step
 
 
-_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled __call__
-
-
 def _compiled_call(model):
     """The model's forward through inductor without CUDA graphs of its own (ours record the steps)."""
     fn = _compiled.get(model)
@@ -297,8 +296,6 @@ def _compiled_call(model):
 
 
 def _decode_mode(model):
-    import contextlib
-
     ctx = getattr(model, "_optimize_model_for_decode", None)  # e.g. MoE experts: batched_mm for decode
     return ctx() if ctx is not None else contextlib.nullcontext()
 
