@@ -202,3 +202,11 @@ def assert_graph_replay_follows_the_stream(layer: torch.nn.Module, x: torch.Tens
         torch.cuda.synchronize()
         assert torch.equal(out, layer(x))
     assert not torch.equal(out, eager)
+
+
+def greedy_reference(model, ids: torch.Tensor, **kw) -> torch.Tensor:
+    """transformers' own greedy loop on a static cache (what graphed_greedy must reproduce)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + kw["max_new_tokens"])
+    return model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loader_helpers import greedy_reference
 from transformers import StaticCache
 
 from converter.loader import decode
@@ -29,16 +30,10 @@ def model(our_folder: Path):
     return load_quantized(our_folder).eval()
 
 
-def _reference(model, ids: torch.Tensor, **kw) -> torch.Tensor:
-    """transformers' own greedy loop on a static cache (the graphed loop always decodes on one)."""
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + kw["max_new_tokens"])
-    return model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
-
-
 @pytest.mark.parametrize("steps_per_graph", [1, 3, 16])
 def test_tokens_equal_transformers_greedy(model, steps_per_graph: int) -> None:
     kw = {"max_new_tokens": 21, "min_new_tokens": 21, "pad_token_id": 0}
-    want = _reference(model, IDS, **kw)
+    want = greedy_reference(model, IDS, **kw)
     got = model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=steps_per_graph, **kw)
     assert got.shape == (1, IDS.shape[1] + 21)
     assert torch.equal(got, want)
@@ -51,7 +46,7 @@ def test_a_second_call_reuses_its_static_cache_and_matches(model) -> None:
     second = model.generate(IDS, custom_generate=graphed_greedy, **kw)
     assert decode._own_caches[model] is cache  # the same buffers: on CUDA the recorded graphs replay
     assert torch.equal(first, second)
-    assert torch.equal(second, _reference(model, IDS, **kw))
+    assert torch.equal(second, greedy_reference(model, IDS, **kw))
 
 
 def test_users_static_cache_is_used(model) -> None:
@@ -59,7 +54,7 @@ def test_users_static_cache_is_used(model) -> None:
     cache = StaticCache(config=model.config, max_cache_len=64)
     got = model.generate(IDS, custom_generate=graphed_greedy, cache=cache, **kw)
     assert int(cache.get_seq_length()) == IDS.shape[1] + 6  # the last token is produced, not fed
-    assert torch.equal(got, _reference(model, IDS, **kw))
+    assert torch.equal(got, greedy_reference(model, IDS, **kw))
 
 
 def test_small_static_cache_is_refused_naming_both_lengths(model) -> None:
@@ -70,13 +65,13 @@ def test_small_static_cache_is_refused_naming_both_lengths(model) -> None:
 
 def _eos_of(model, ids: torch.Tensor, at: int) -> int:
     """The token greedy decoding produces as its ``at``-th new token: made the EOS, it stops there."""
-    return int(_reference(model, ids, max_new_tokens=at + 1, pad_token_id=0)[0, ids.shape[1] + at])
+    return int(greedy_reference(model, ids, max_new_tokens=at + 1, pad_token_id=0)[0, ids.shape[1] + at])
 
 
 def test_stops_at_eos_like_transformers(model) -> None:
     eos = _eos_of(model, IDS, 5)
     kw = {"max_new_tokens": 20, "eos_token_id": eos, "pad_token_id": 0}
-    want = _reference(model, IDS, **kw)
+    want = greedy_reference(model, IDS, **kw)
     got = model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
     assert want.shape[1] < IDS.shape[1] + 20  # the reference really stopped early
     assert torch.equal(got, want)
@@ -85,7 +80,7 @@ def test_stops_at_eos_like_transformers(model) -> None:
 def test_min_new_tokens_bars_eos_on_device(model) -> None:
     eos = _eos_of(model, IDS, 2)
     kw = {"max_new_tokens": 14, "min_new_tokens": 9, "eos_token_id": eos, "pad_token_id": 0}
-    want = _reference(model, IDS, **kw)
+    want = greedy_reference(model, IDS, **kw)
     got = model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
     assert torch.equal(got, want)
 
@@ -94,7 +89,7 @@ def test_batch_rows_finished_early_are_padded_like_transformers(model) -> None:
     ids = torch.cat([IDS, IDS.flip(1)])
     eos = _eos_of(model, ids[:1], 3)
     kw = {"max_new_tokens": 16, "eos_token_id": eos, "pad_token_id": 3}
-    want = _reference(model, ids, **kw)
+    want = greedy_reference(model, ids, **kw)
     got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=5, **kw)
     assert (want == 3).any()  # one row finished and was padded while the other went on
     assert torch.equal(got, want)
@@ -164,5 +159,5 @@ def test_any_transformers_model_gets_its_greedy_tokens(model_type: str) -> None:
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])  # longer than the windows
     kw = {"max_new_tokens": 20, "min_new_tokens": 20, "pad_token_id": 0}
-    want = _reference(model, ids, **kw)
+    want = greedy_reference(model, ids, **kw)
     assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw), want)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loader_helpers import greedy_reference
 
 from converter.loader import decode
 from converter.loader.decode import graphed_greedy
@@ -35,18 +36,11 @@ def model(our_folder: Path):
         return load_quantized(our_folder, device="cuda").eval()
 
 
-def _reference(model, ids: torch.Tensor, **kw) -> torch.Tensor:
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + kw["max_new_tokens"])
-    return model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
-
-
 @pytest.mark.parametrize("steps_per_graph", [1, 4, 16])
 def test_graphed_tokens_equal_transformers_greedy(model, steps_per_graph: int) -> None:
     ids = IDS.cuda()
     kw = {"max_new_tokens": 37, "min_new_tokens": 37, "pad_token_id": 0}
-    want = _reference(model, ids, **kw)
+    want = greedy_reference(model, ids, **kw)
     got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=steps_per_graph, **kw)
     assert torch.equal(got, want)
     states = decode._graphs[decode._own_caches[model]]
@@ -61,14 +55,14 @@ def test_second_call_replays_without_recording(model) -> None:
     recorded = dict(state.graphs)
     got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=8, **kw)
     assert {n: id(g) for n, g in state.graphs.items()} == {n: id(g) for n, g in recorded.items()}
-    assert torch.equal(got, _reference(model, ids, **kw))
+    assert torch.equal(got, greedy_reference(model, ids, **kw))
 
 
 def test_graphed_eos_stop_and_batch_padding(model) -> None:
     ids = torch.cat([IDS, IDS.flip(1)]).cuda()
-    eos = int(_reference(model, ids[:1], max_new_tokens=4, pad_token_id=0)[0, ids.shape[1] + 3])
+    eos = int(greedy_reference(model, ids[:1], max_new_tokens=4, pad_token_id=0)[0, ids.shape[1] + 3])
     kw = {"max_new_tokens": 30, "eos_token_id": eos, "pad_token_id": 3, "min_new_tokens": 2}
-    want = _reference(model, ids, **kw)
+    want = greedy_reference(model, ids, **kw)
     got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
     assert torch.equal(got, want)
 
