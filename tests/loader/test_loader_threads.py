@@ -3,6 +3,8 @@ threads never change bits."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from loader_helpers import make_layer
@@ -20,7 +22,7 @@ def torch_threads():
 
 
 def test_small_work_runs_on_the_calling_thread(torch_threads, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    monkeypatch.setattr(cpu_threads, "OMP_PASSIVE", True)
     torch_threads(1)
     assert cpu_threads.gemv_threads(cpu_threads.POOL_MIN_BYTES - 1) == 1
     assert cpu_threads.gemv_threads(cpu_threads.POOL_MIN_BYTES) == 0
@@ -32,6 +34,10 @@ def test_large_work_uses_the_pool_unless_torch_workers_spin(
 ) -> None:
     big = 8 * cpu_threads.POOL_MIN_BYTES
     monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    # read at import, as the OpenMP runtime does: a fresh import sees the variable (the setattr first
+    # makes the test's end restore the value the suite started with)
+    monkeypatch.setattr(cpu_threads, "OMP_PASSIVE", cpu_threads.OMP_PASSIVE)
+    importlib.reload(cpu_threads)
     torch_threads(1)  # one torch thread: no OpenMP worker to spin, whatever the policy
     assert not cpu_threads.omp_workers_spin()
     assert cpu_threads.gemv_threads(big) == 0
@@ -48,7 +54,7 @@ def test_spinning_torch_workers_take_launches_from_the_team_size_on(
 ) -> None:
     if not _kernels.omp_team_available():
         pytest.skip("torch runs on no OpenMP runtime here")
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(cpu_threads, "OMP_PASSIVE", False)
     torch_threads(count)
     assert cpu_threads.gemv_threads(cpu_threads.TEAM_MIN_BYTES - 1) == 1
     assert cpu_threads.gemv_threads(cpu_threads.TEAM_MIN_BYTES) == -count  # torch's team, all of it
@@ -85,7 +91,7 @@ def test_generate_with_team_launches_gives_the_calling_thread_tokens_and_logits(
     model = load_quantized(our_folder)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
     torch_threads(count)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(cpu_threads, "OMP_PASSIVE", False)
     monkeypatch.setattr(cpu_threads, "TEAM_MIN_BYTES", 0)
 
     def decode() -> tuple[torch.Tensor, torch.Tensor]:
