@@ -58,12 +58,14 @@ def launches(rounds: int) -> dict[str, dict[str, float]]:
                     a = a * 1.0001
                 us = (time.perf_counter() - t0) / 200 * 1e6
                 key = f"{s[0]}x{s[1]}"
-                best.setdefault(key, {})[mode] = min(best[key].get(mode, 1e18), us)
+                row = best.setdefault(key, {})
+                row[mode] = min(row.get(mode, 1e18), us)
             t0 = time.perf_counter()
             for _ in range(20):
                 gemv_bf16_module.gemv_bf16(xh, head, threads=threads)
             us = (time.perf_counter() - t0) / 20 * 1e6
-            best.setdefault("head 49152x576", {})[mode] = min(best["head 49152x576"].get(mode, 1e18), us)
+            row = best.setdefault("head 49152x576", {})
+            row[mode] = min(row.get(mode, 1e18), us)
     cpu_gemv.gemv_threads = cpu_threads.gemv_threads
     return best
 
