@@ -306,8 +306,17 @@ def _gemv_4bit_multi_cpu(
     out_features: list[int],
     blocksize: int,
 ) -> list[torch.Tensor]:
-    k = _check_multi(x, packed, out_features, absmax=absmax, codes=codes, nested_absmax=nested_absmax,
-                     nested_map=nested_map, offset=offset, quant_map=quant_map)
+    k = _check_multi(
+        x,
+        packed,
+        out_features,
+        absmax=absmax,
+        codes=codes,
+        nested_absmax=nested_absmax,
+        nested_map=nested_map,
+        offset=offset,
+        quant_map=quant_map,
+    )
     x = _check_x(x, packed[0], k)
     ys = [torch.empty((x.shape[0], o), dtype=x.dtype) for o in out_features]
     _kernels.gemv_4bit_multi(
@@ -343,13 +352,27 @@ def _gemv_4bit_multi_cuda(
     out_features: list[int],
     blocksize: int,
 ) -> list[torch.Tensor]:
-    k = _check_multi(x, packed, out_features, absmax=absmax, codes=codes, nested_absmax=nested_absmax,
-                     nested_map=nested_map, offset=offset, quant_map=quant_map)
+    k = _check_multi(
+        x,
+        packed,
+        out_features,
+        absmax=absmax,
+        codes=codes,
+        nested_absmax=nested_absmax,
+        nested_map=nested_map,
+        offset=offset,
+        quant_map=quant_map,
+    )
     x = _check_x(x, packed[0], k)
     kc = _cuda()
     weights = [
-        kc.GemvWeight(packed[i], absmax[i], _nested(codes[i], nested_absmax[i], nested_map[i], offset[i]),
-                      quant_map[i], out_features[i])
+        kc.GemvWeight(
+            packed[i],
+            absmax[i],
+            _nested(codes[i], nested_absmax[i], nested_map[i], offset[i]),
+            quant_map[i],
+            out_features[i],
+        )
         for i in range(len(packed))
     ]
     return kc._launch_gemv_4bit_multi(x, weights, k, blocksize)

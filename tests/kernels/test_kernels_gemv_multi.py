@@ -25,7 +25,7 @@ OUTS = ((96, 32, 32), (37, 130), (1, 17, 250, 64))
 
 
 def _weight(out_f: int, nested: bool, seed: int, quant_type: QuantType = QuantType.NF4) -> tuple:
-    """The op's per-weight arguments: (packed, absmax, codes, nested_absmax, nested_map, offset, quant_map)."""
+    """The op's per-weight arguments (packed, absmax, codes, nested_absmax, nested_map, offset, qmap)."""
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(out_f, K, generator=g) * 0.05).to(torch.bfloat16)
     packed, absmax = kernels.quantize_4bit(w, blocksize=BS, quant_type=quant_type)
@@ -55,7 +55,9 @@ def test_op_equals_separate_gemv_bit_for_bit(dtype, nested, outs):
         want = _separate(x, weights, outs)
         assert len(ys) == len(outs)
         for i, (y, w) in enumerate(zip(ys, want, strict=True)):
-            assert y.dtype == dtype and y.shape == (batch, outs[i]) and y.is_contiguous()
+            assert y.dtype == dtype
+            assert y.shape == (batch, outs[i])
+            assert y.is_contiguous()
             assert torch.equal(y, w), f"weight {i} ({outs[i]} rows), batch {batch}"
 
 
@@ -63,31 +65,62 @@ def test_op_equals_separate_gemv_bit_for_bit(dtype, nested, outs):
 def test_every_isa_and_thread_count_equals_separate_calls(isa):
     """Mixed NF4/FP4 and nested/flat weights in one call; 7 threads on 2 cores cut chunks across weights."""
     outs = (40, 24, 200)
-    weights = [_weight(40, True, 1), _weight(24, False, 2, QuantType.FP4), _weight(200, True, 3, QuantType.FP4)]
+    weights = [
+        _weight(40, True, 1),
+        _weight(24, False, 2, QuantType.FP4),
+        _weight(200, True, 3, QuantType.FP4),
+    ]
     for batch in (1, 2, 5, 8):
         x = torch.randn(batch, K, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(batch))
         ys = [torch.empty(batch, o, dtype=x.dtype) for o in outs]
         packed, absmax, codes, nabs, nmap, offs, qms = _lists(weights)
         ptr = lambda ts: [0 if t is None else t.data_ptr() for t in ts]  # noqa: E731
         _kernels.gemv_4bit_multi(
-            x.data_ptr(), KERNEL_DTYPE_NAMES[x.dtype], batch, K, BS, list(outs), ptr(packed), ptr(qms),
-            ptr(absmax), ptr(codes), ptr(nabs), offs, ptr(nmap), ptr(ys), isa, 7,
-        )  # fmt: skip
+            x.data_ptr(),
+            KERNEL_DTYPE_NAMES[x.dtype],
+            batch,
+            K,
+            BS,
+            list(outs),
+            ptr(packed),
+            ptr(qms),
+            ptr(absmax),
+            ptr(codes),
+            ptr(nabs),
+            offs,
+            ptr(nmap),
+            ptr(ys),
+            isa,
+            7,
+        )
         for (p, a, c, na, nm, off, qm), o, y in zip(weights, outs, ys, strict=True):
             nested = None if c is None else kernels.NestedAbsmax(c, na, off, nm)
-            want = kernels.gemv_4bit(x, p, a, out_features=o, in_features=K, blocksize=BS, quant_map=qm,
-                                     nested=nested, isa=isa, threads=1)  # fmt: skip
+            want = kernels.gemv_4bit(
+                x,
+                p,
+                a,
+                out_features=o,
+                in_features=K,
+                blocksize=BS,
+                quant_map=qm,
+                nested=nested,
+                isa=isa,
+                threads=1,
+            )
             assert torch.equal(y, want), f"{isa}: {o} rows, batch {batch}"
 
 
 def test_mismatched_in_features_is_one_clear_error():
     q = _weight(64, False, 0)
     g = torch.Generator().manual_seed(1)
-    packed, absmax = kernels.quantize_4bit(torch.randn(32, 2 * K, generator=g), blocksize=BS,
-                                           quant_type=QuantType.NF4)  # fmt: skip
+    packed, absmax = kernels.quantize_4bit(
+        torch.randn(32, 2 * K, generator=g), blocksize=BS, quant_type=QuantType.NF4
+    )
     k = (packed, absmax, None, None, None, 0.0, q[-1])
     x = torch.randn(1, K, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"weight 1 has 32768 4-bit codes for 32 rows, not 32 x 512 .* share in_features"):
+    with pytest.raises(
+        ValueError, match=r"weight 1 has 32768 4-bit codes for 32 rows, not 32 x 512 .* share"
+    ):
         torch.ops.quantize_model.gemv_4bit_multi(x, *_lists([q, k]), [64, 32], BS)
     with pytest.raises(ValueError, match=r"x has shape \(1, 1024\): the fused GEMV takes \[1\.\.8, 512\]"):
         torch.ops.quantize_model.gemv_4bit_multi(torch.randn(1, 2 * K), *_lists([q, q]), [64, 64], BS)
@@ -100,4 +133,6 @@ def test_mismatched_in_features_is_one_clear_error():
 def test_op_passes_opcheck():
     weights = [_weight(48, True, 0), _weight(16, False, 1)]
     x = torch.randn(2, K, dtype=torch.bfloat16)
-    torch.library.opcheck(torch.ops.quantize_model.gemv_4bit_multi.default, (x, *_lists(weights), [48, 16], BS))
+    torch.library.opcheck(
+        torch.ops.quantize_model.gemv_4bit_multi.default, (x, *_lists(weights), [48, 16], BS)
+    )
