@@ -130,7 +130,7 @@ struct Segment {
   float* scratch;          // this weight's [ks, B, N] K-slice partial sums (several K slices), else null
 };
 
-constexpr int kMaxSegments = 4;
+constexpr int kMaxSegments = kGemvMaxWeights;  // weights of one launch (qm_cuda.h)
 
 struct Segments {
   Segment seg[kMaxSegments];
