@@ -110,9 +110,11 @@ def test_mixed_weights_in_one_launch():
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", [STREAM, 16, 17, 18])
 def test_k_slices_per_weight(variant):
-    """Thin weights (few row tiles, 16 k tiles): the plan cuts K into slices; every weight's partial sums
-    go to its own plane of the scratch buffer and are summed into its own y."""
-    in_f, outs = 4096, (64, 16, 16)
+    """Thin weights (6 row tiles, 64 k tiles): the plan cuts K into slices; every weight's partial sums
+    go to its own plane of the scratch buffer and are summed into its own y. (gemv_stream.cu's plan():
+    6 row tiles take the 8-warp split, and K slices need k_tiles >= 2 * split * slices * 2, so K = 4096
+    (16 tiles) would take none; 16384 takes 4.)"""
+    in_f, outs = 16384, (64, 16, 16)
     rows = sum(outs)
     if variant == STREAM:  # the automatic plan takes K slices here (a few CTAs on 100+ multiprocessors)
         assert _kc()._kernels.cuda_gemv_4bit_multi_scratch(0, BF16, 1, rows, in_f, 64, STREAM) > 0
