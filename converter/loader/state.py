@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
+from converter.loader import timing
 from formats.index import INDEX_NAME, Verification, read_index, start_verify
 from formats.int8 import Int8Tensor
 from formats.reader import open_checkpoint
@@ -143,13 +144,16 @@ def shards_verified(
         yield None
         return
     try:
-        pending = start_verify(folder, threads=_hash_threads(streaming))
+        with timing.phase("verify_start"):
+            pending = start_verify(folder, threads=_hash_threads(streaming))
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 
     def check() -> None:
         try:
-            _raise_problems(pending())
+            with timing.phase("verify_wait"):
+                problems = pending()
+            _raise_problems(problems)
         except FormatError as exc:
             raise CorruptFileError(str(exc)) from exc
 
@@ -161,14 +165,21 @@ def shards_verified(
     check()
 
 
-def read_state(folder: Path, device: str | torch.device = "cpu", hashes: Verification | None = None) -> dict:
+def read_state(
+    folder: Path,
+    device: str | torch.device = "cpu",
+    hashes: Verification | None = None,
+    on_parsed: Callable[[dict], None] | None = None,
+) -> dict:
     """``load_quantized_state``'s result without its own verification: ``hashes`` (from
-    :func:`shards_verified`) is given the chunks a streamed load reads."""
+    :func:`shards_verified`) is given the chunks a streamed load reads. ``on_parsed`` is called with
+    the parsed (memory-mapped) state before it is streamed (``converter.loader.warmup`` starts there)."""
     files, _ = shard_files(folder)
     try:
         # Groups split across shards (transformers' save_pretrained may do that) are joined here.
-        checkpoint = open_checkpoint(files)
-        out = checkpoint.records()
+        with timing.phase("open"):
+            checkpoint = open_checkpoint(files)
+            out = checkpoint.records()
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
     if all(isinstance(v, torch.Tensor) for v in out.values()):
@@ -177,8 +188,11 @@ def read_state(folder: Path, device: str | torch.device = "cpu", hashes: Verific
             "'*.SCB' key); not a bitsandbytes 4-bit or 8-bit checkpoint"
         )
         raise NotQuantizedError(msg)
+    if on_parsed is not None:
+        on_parsed(out)
     if streams_to(device):
         from converter.loader.stream import mapped_files, stream_state
 
-        out = stream_state(out, mapped_files(checkpoint.shards), device, hashes=hashes)
+        with timing.phase("stream"):
+            out = stream_state(out, mapped_files(checkpoint.shards), device, hashes=hashes)
     return out

@@ -1,0 +1,177 @@
+"""CUDA's one-time work of a first forward, done on a side thread while the shards stream.
+
+The first forward after a load pays for things that do not depend on the weights: the CUDA context,
+cuBLAS's handle and its first kernels, the lazy loading of every kernel a forward launches (each
+module is loaded by the driver on its first launch), ``cudaFuncSetAttribute`` of our GEMV kernels,
+and transformers' first call into its mask and rotary code. ``load_quantized(device="cuda")`` starts
+this thread once the shard headers are parsed and joins it before it returns, so that work overlaps
+the disk reads, the copies and the model build instead of following them.
+
+The thread launches, with throwaway inputs, what the model's first forward launches:
+
+- each distinct quantized layer kind (shape, blocksize, nesting, method) of the checkpoint, built from
+  its first record copied to the device, at 1..8 tokens (the fused GEMV, one kernel per token
+  count) and at 16 (dequantize + ``F.linear``: cuBLAS);
+- one decoder layer of the same architecture (the config with one layer and a short vocabulary; the
+  attention shapes kept), in the compute dtype, at 4 tokens and at 1: embedding, norms, rotary,
+  attention (SDPA), activation, ``lm_head`` (cuBLAS again).
+
+Nothing it computes is kept: its tensors are freed into the caching allocator before the load
+returns. It never fails a load: any error only ends the warm-up (the real forward meets it if it is
+real), and ``QM_LOAD_WARMUP=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from converter.loader import timing
+
+ENV = "QM_LOAD_WARMUP"
+#: Token counts of the layer calls: the GEMV's 1..8 (one kernel each) and one past it (dequantize + cuBLAS).
+TOKENS = (*range(1, 9), 16)
+#: Distinct quantized layer kinds warmed at most (a dense decoder has 4-5: q/o, k/v, gate/up, down).
+MAX_KINDS = 8
+
+
+def _kind(record: Any) -> tuple:
+    """What selects the kernels a record's layer launches (not its values)."""
+    nested = getattr(record, "nested", None)
+    return (
+        type(record).__name__,
+        tuple(getattr(record, "shape", ())),
+        getattr(record, "blocksize", None),
+        nested is not None,
+        getattr(record, "quant_storage", None),
+        str(getattr(record, "dtype", "")),
+    )
+
+
+class Warmup:
+    """The warm-up of one load onto ``device``: :meth:`start` it with the (CPU) state, :meth:`join` it."""
+
+    def __init__(self, device: torch.device, folder: Path, dtype: torch.dtype) -> None:
+        self.device = device
+        self.folder = folder
+        self.dtype = dtype
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, state: Mapping[str, Any]) -> None:
+        """Begin on a side thread (once); ``state``: the records and tensors as parsed, on the CPU."""
+        if self._thread is not None:
+            return
+        records = {}
+        for value in state.values():
+            if not isinstance(value, torch.Tensor) and len(records) < MAX_KINDS:
+                records.setdefault(_kind(value), value)
+        self._thread = threading.Thread(
+            target=self._run, args=(list(records.values()), state), name="qm-cuda-warmup", daemon=True
+        )
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            with timing.phase("warm_join_wait"):
+                self._thread.join()
+
+    # -- the thread ----------------------------------------------------------------------------------
+    def _run(self, records: list[Any], state: Mapping[str, Any]) -> None:
+        try:
+            on_device = (
+                torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+            )
+            with torch.no_grad(), on_device:
+                with timing.phase("warm_context"):
+                    torch.empty(0, device=self.device)
+                with timing.phase("warm_layers"):
+                    compute = self._compute_dtype(state)
+                    for record in records:
+                        self._layer(record, compute)
+                with timing.phase("warm_model"):
+                    self._tiny_model(compute)
+        except Exception as exc:  # best effort: the real forward reports any real problem
+            self.error = f"{type(exc).__name__}: {exc}"
+            timing.add("warm_failed", 1)
+        finally:
+            timing.mark("warm_done_at")
+
+    def _compute_dtype(self, state: Mapping[str, Any]) -> torch.dtype:
+        from converter.loader.replace import compute_dtype_from_config
+
+        return compute_dtype_from_config(self.folder, state) or self.dtype
+
+    def _layer(self, record: Any, compute: torch.dtype) -> None:
+        """The record's layer on the device (its tensors copied there), called at every token count."""
+        from converter.loader.stream import _replace, _tensors_of
+        from converter.methods import for_record
+
+        moved = {id(t): t.to(self.device) for t in _tensors_of(record)}
+        on_device = _replace(record, moved)
+        layer = for_record(record).runtime_layer().from_record(on_device, compute_dtype=compute)
+        layer.eval()
+        in_features = int(record.shape[-1])
+        for tokens in TOKENS:
+            layer(torch.zeros(1, tokens, in_features, dtype=compute, device=self.device))
+
+    def _tiny_model(self, compute: torch.dtype) -> bool:
+        """One decoder layer of the folder's architecture, short vocabulary, at 4 tokens and at 1;
+        whether it ran (not for MoE and multimodal configs)."""
+        if not (self.folder / "config.json").is_file():
+            return False
+        import transformers
+
+        from converter.loader.model import _model_class, _no_init_weights
+
+        config = transformers.AutoConfig.from_pretrained(self.folder)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if text is not config or any(
+            getattr(text, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+        ):
+            return False  # multimodal wrappers and MoE: their layer kinds above are what is warmed
+        text.num_hidden_layers = 1
+        if isinstance(getattr(text, "layer_types", None), list):
+            text.layer_types = text.layer_types[:1]
+        vocab = min(int(getattr(text, "vocab_size", 256) or 256), 256)
+        text.vocab_size = vocab
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(text, key, None)
+            if isinstance(value, int) and value >= vocab:
+                setattr(text, key, 0)
+        with _no_init_weights(), torch.device(self.device):
+            model = _model_class(config)._from_config(config, dtype=compute)
+        model.eval()
+        for tokens in (4, 1):
+            model(torch.zeros(1, tokens, dtype=torch.long, device=self.device))
+        return True
+
+
+def enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get(ENV, "1") != "0" and torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def warmed(device: str | torch.device, folder: Path, dtype: torch.dtype) -> Iterator[Warmup | None]:
+    """A :class:`Warmup` for a load onto a CUDA ``device`` (None elsewhere, or when turned off); joined
+    on leaving the block, so nothing of it outlives the load."""
+    device = torch.device(device)
+    if not enabled(device):
+        yield None
+        return
+    warm = Warmup(device, folder, dtype)
+    start = time.perf_counter()
+    try:
+        yield warm
+    finally:
+        warm.join()
+        timing.add("warm_scope", time.perf_counter() - start)
