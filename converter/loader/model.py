@@ -32,7 +32,7 @@ from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts
 from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
 from converter.loader.state import read_state, resolve_folder, shard_files, shards_verified, streams_to
-from converter.loader.warmup import warmed
+from converter.loader.warmup import BUILD_LOCK, warmed
 from converter.methods import for_record
 
 
@@ -159,7 +159,7 @@ def build_skeleton(
         del config.quantization_config  # we build the 4-bit layers ourselves
     cls = _model_class(config)
     try:
-        with _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
+        with BUILD_LOCK, _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = cls._from_config(config, dtype=dtype)
     except Exception as exc:

@@ -12,9 +12,9 @@ The thread launches, with throwaway inputs, what the model's first forward launc
 - each distinct quantized layer kind (shape, blocksize, nesting, method) of the checkpoint, built from
   its first record copied to the device, at 1..8 tokens (the fused GEMV, one kernel per token
   count) and at 16 (dequantize + ``F.linear``: cuBLAS);
-- one decoder layer of the same architecture (the config with one layer and a short vocabulary; the
-  attention shapes kept), in the compute dtype, at 4 tokens and at 1: embedding, norms, rotary,
-  attention (SDPA), activation, ``lm_head`` (cuBLAS again).
+- one decoder layer of the same architecture (the config with one layer, a short vocabulary and a
+  narrow MLP; the attention shapes kept), in the compute dtype, at 4 tokens and at 1: embedding,
+  norms, rotary, attention (SDPA), activation, ``lm_head`` (cuBLAS again).
 
 Nothing it computes is kept: its tensors are freed into the caching allocator before the load
 returns. It never fails a load: any error only ends the warm-up (the real forward meets it if it is
@@ -40,6 +40,11 @@ ENV = "QM_LOAD_WARMUP"
 TOKENS = (*range(1, 9), 16)
 #: Distinct quantized layer kinds warmed at most (a dense decoder has 4-5: q/o, k/v, gate/up, down).
 MAX_KINDS = 8
+#: MLP width of the one-layer model (its MLP is plain ``nn.Linear``; in the real model those layers are
+#: quantized and warmed above, so only the activation kernels matter here, whatever the width).
+TINY_INTERMEDIATE = 256
+#: Held while a transformers model is built, here and by ``loader.model.build_skeleton``.
+BUILD_LOCK = threading.Lock()
 
 
 def _kind(record: Any) -> tuple:
@@ -92,12 +97,12 @@ class Warmup:
             with torch.no_grad(), on_device:
                 with timing.phase("warm_context"):
                     torch.empty(0, device=self.device)
+                compute = self._compute_dtype(state)
+                with timing.phase("warm_model"):  # first: the caller is streaming, not building
+                    self._tiny_model(compute)
                 with timing.phase("warm_layers"):
-                    compute = self._compute_dtype(state)
                     for record in records:
                         self._layer(record, compute)
-                with timing.phase("warm_model"):
-                    self._tiny_model(compute)
         except Exception as exc:  # best effort: the real forward reports any real problem
             self.error = f"{type(exc).__name__}: {exc}"
             timing.add("warm_failed", 1)
@@ -129,7 +134,7 @@ class Warmup:
             return False
         import transformers
 
-        from converter.loader.model import _model_class, _no_init_weights
+        from converter.loader.model import _model_class
 
         config = transformers.AutoConfig.from_pretrained(self.folder)
         if hasattr(config, "quantization_config"):
@@ -144,13 +149,18 @@ class Warmup:
             text.layer_types = text.layer_types[:1]
         vocab = min(int(getattr(text, "vocab_size", 256) or 256), 256)
         text.vocab_size = vocab
+        if isinstance(getattr(text, "intermediate_size", None), int):
+            text.intermediate_size = min(text.intermediate_size, TINY_INTERMEDIATE)
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(text, key, None)
             if isinstance(value, int) and value >= vocab:
                 setattr(text, key, 0)
-        with _no_init_weights(), torch.device(self.device):
-            model = _model_class(config)._from_config(config, dtype=compute)
-        model.eval()
+        # Under the lock the caller's build_skeleton takes too: building a model patches process-wide
+        # state (transformers' no_init_weights, our meta-parameter hook). cls(config) itself sets no
+        # global default dtype (``_from_config(dtype=)`` would); the dtype is applied after.
+        with BUILD_LOCK, torch.device(self.device):
+            model = _model_class(config)(config)
+        model.to(compute).eval()
         for tokens in (4, 1):
             model(torch.zeros(1, tokens, dtype=torch.long, device=self.device))
         return True
