@@ -76,7 +76,12 @@ class Warmup:
             return
         records = {}
         for value in state.values():
-            if not isinstance(value, torch.Tensor) and len(records) < MAX_KINDS:
+            # 2-D weights only: stacked MoE experts (3-D) are built by loader/moe.py, not by from_record
+            if (
+                not isinstance(value, torch.Tensor)
+                and len(getattr(value, "shape", ())) == 2
+                and len(records) < MAX_KINDS
+            ):
                 records.setdefault(_kind(value), value)
         self._thread = threading.Thread(
             target=self._run, args=(list(records.values()), state), name="qm-cuda-warmup", daemon=True
