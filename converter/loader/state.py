@@ -153,6 +153,10 @@ def shards_verified(
         try:
             with timing.phase("verify_wait"):
                 problems = pending()
+            if timing.active():
+                by_pool, by_caller = pending.hashed_by()
+                timing.add("hashed_by_pool", by_pool)
+                timing.add("hashed_by_caller", by_caller)
             _raise_problems(problems)
         except FormatError as exc:
             raise CorruptFileError(str(exc)) from exc

@@ -112,6 +112,7 @@ class Warmup:
             self.error = f"{type(exc).__name__}: {exc}"
             timing.add("warm_failed", 1)
         finally:
+            _release_blas_workspaces(self.device)
             timing.mark("warm_done_at")
 
     def _compute_dtype(self, state: Mapping[str, Any]) -> torch.dtype:
@@ -169,6 +170,17 @@ class Warmup:
         for tokens in (4, 1):
             model(torch.zeros(1, tokens, dtype=torch.long, device=self.device))
         return True
+
+
+def _release_blas_workspaces(device: torch.device) -> None:
+    """Free the cuBLAS workspaces (caching-allocator blocks kept per handle and stream): this thread's
+    handle goes back to torch's pool when the thread ends, and its workspace would otherwise stay
+    allocated beside the one of a caller that already had a handle. A workspace is taken again from
+    the allocator's cache on the next matmul (what ``torch.cuda.empty_cache`` does first as well)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if device.type == "cuda" and clear is not None:
+        with contextlib.suppress(RuntimeError):
+            clear()
 
 
 def enabled(device: torch.device) -> bool:

@@ -59,8 +59,9 @@ def test_the_breakdown_names_every_phase_of_a_streamed_load(
     # 4 KiB chunk digests: every chunk of every shard is read (and, with verify, hashed by a reader
     # unless the verification's own threads took it first).
     assert phases["chunks"] >= len(shard_files(chunked_folder)[0])
-    if verify:
-        assert phases.get("hashed_by_readers", 0) <= phases["chunks"]
+    if verify:  # each chunk hashed once: by the reader that read it or by a verification thread
+        assert phases.get("hashed_by_pool", 0) + phases.get("hashed_by_caller", 0) == phases["chunks"]
+        assert phases.get("hashed_by_readers", 0) == phases.get("hashed_by_caller", 0)
 
     monkeypatch.delenv(timing.ENV)
     plain = load_quantized(chunked_folder, verify=verify)
