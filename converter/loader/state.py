@@ -118,16 +118,16 @@ def load_quantized_state(
         return read_state(folder, device, hashes)
 
 
-def _hash_threads(streaming: bool) -> int:
-    """Threads for the verification: every core but the caller's, less the stream's readers (they
-    hash too) on a streamed load. More would only take time slices from the caller's thread, which
-    parses, copies and builds the model: the load's critical path."""
-    cores = len(os.sched_getaffinity(0))
-    if streaming:
-        from converter.loader.stream import reader_threads
+def _hash_threads() -> int:
+    """Threads for the verification: every core but the caller's, on a streamed load too.
 
-        return max(1, cores - 1 - reader_threads())
-    return max(1, cores - 1)
+    A streamed load's readers hash what they read as well, so while they run there are more hashing
+    threads than cores; but they run for a fraction of the load only. Before them (CUDA context,
+    allocation, pinned staging) and after them (the model build) the verification's threads alone
+    hash, and with fewer of them (cores - 1 - readers, as before) the cores the readers leave idle
+    then did nothing while the hashing, not the load, was the critical path of ``verify=True``.
+    """
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 @contextlib.contextmanager
@@ -139,13 +139,14 @@ def shards_verified(
     in place of any error the block raised (a changed shard explains a failure to read it best).
     Yields the running ``Verification``: pass it to :func:`read_state` so that a streamed load hashes
     the chunks it reads itself. A folder whose index records no hashes, or ``verify=False``: nothing
-    is hashed (yields None). ``streaming``: the block streams the shards (``read_state`` to a GPU)."""
+    is hashed (yields None). ``streaming``: the block streams the shards (``read_state`` to a GPU); the
+    verification takes every core but the caller's either way (``_hash_threads``)."""
     if not verify or not shard_files(folder)[1]:
         yield None
         return
     try:
         with timing.phase("verify_start"):
-            pending = start_verify(folder, threads=_hash_threads(streaming))
+            pending = start_verify(folder, threads=_hash_threads())
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 

@@ -48,8 +48,8 @@ CHUNK_BYTES = 32 << 20
 #: Staging buffers in flight (reads ahead of the copies).
 SLOTS = 6
 #: Reader threads at most: a few saturate the page cache and the copy engine. With verify they also
-#: hash what they read, and the verification's own threads take the other cores but one
-#: (``converter.loader.state.shards_verified``): the caller's thread keeps a core of its own.
+#: hash what they read, beside the verification's own threads (every core but the caller's, for the
+#: whole load: ``converter.loader.state._hash_threads``).
 READERS = 8
 #: Tensors of more than this many bytes come from the CUDA caching allocator's large pool
 #: (``kSmallSize`` in c10/cuda/CUDACachingAllocator.cpp), which one reserved segment can serve.
