@@ -17,7 +17,12 @@ The thread launches, with throwaway inputs, what the model's first forward launc
   norms, rotary, attention (SDPA), activation, ``lm_head`` (cuBLAS again).
 
 Nothing it computes is kept: its tensors are freed into the caching allocator before the load
-returns. It never fails a load: any error only ends the warm-up (the real forward meets it if it is
+returns. Its cuBLAS handle goes back to torch's handle pool when the thread ends, with the workspace
+torch keeps per handle (a caching-allocator block; 32 MiB on Hopper by torch's default): the caller's
+first matmul takes that handle when its thread has none yet (the usual first load), so nothing is
+added; a process whose loading thread already did a matmul keeps one more workspace, as after any
+other thread's first matmul. (Freeing it, ``torch._C._cuda_clearCublasWorkspaces``, is not safe while
+another thread may be in a matmul.) It never fails a load: any error only ends the warm-up (the real forward meets it if it is
 real), and ``QM_LOAD_WARMUP=0`` turns it off.
 """
 
@@ -112,7 +117,6 @@ class Warmup:
             self.error = f"{type(exc).__name__}: {exc}"
             timing.add("warm_failed", 1)
         finally:
-            _release_blas_workspaces(self.device)
             timing.mark("warm_done_at")
 
     def _compute_dtype(self, state: Mapping[str, Any]) -> torch.dtype:
@@ -170,17 +174,6 @@ class Warmup:
         for tokens in (4, 1):
             model(torch.zeros(1, tokens, dtype=torch.long, device=self.device))
         return True
-
-
-def _release_blas_workspaces(device: torch.device) -> None:
-    """Free the cuBLAS workspaces (caching-allocator blocks kept per handle and stream): this thread's
-    handle goes back to torch's pool when the thread ends, and its workspace would otherwise stay
-    allocated beside the one of a caller that already had a handle. A workspace is taken again from
-    the allocator's cache on the next matmul (what ``torch.cuda.empty_cache`` does first as well)."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if device.type == "cuda" and clear is not None:
-        with contextlib.suppress(RuntimeError):
-            clear()
 
 
 def enabled(device: torch.device) -> bool:
