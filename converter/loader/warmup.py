@@ -22,8 +22,10 @@ torch keeps per handle (a caching-allocator block; 32 MiB on Hopper by torch's d
 first matmul takes that handle when its thread has none yet (the usual first load), so nothing is
 added; a process whose loading thread already did a matmul keeps one more workspace, as after any
 other thread's first matmul. (Freeing it, ``torch._C._cuda_clearCublasWorkspaces``, is not safe while
-another thread may be in a matmul.) It never fails a load: any error only ends the warm-up (the real forward meets it if it is
-real), and ``QM_LOAD_WARMUP=0`` turns it off.
+another thread may be in a matmul.)
+
+It never fails a load: any error only ends the warm-up (the real forward meets it if it is real), and
+``QM_LOAD_WARMUP=0`` turns it off.
 """
 
 from __future__ import annotations
