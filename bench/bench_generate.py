@@ -3,6 +3,8 @@
 All contenders side by side in one process, on one NF4 folder (ours and bnb read the same folder):
 
 - ``ours``: ``converter.load_quantized(folder)``;
+- ``ours-alone``: the same with every 4-bit layer launching alone (``ungroup_siblings``: no q/k/v, gate/up
+  groups), to measure what the grouped launches give;
 - ``bnb``: ``AutoModelForCausalLM.from_pretrained(folder)`` (transformers' bitsandbytes integration);
 - ``bf16``: the plain bf16 checkpoint.
 
@@ -132,10 +134,14 @@ def load(kind: str, plain: Path, nf4: Path, device: str, verify: bool = False) -
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if kind == "ours":
+        if kind in ("ours", "ours-alone"):
             from converter import load_quantized
+            from converter.loader.siblings import ungroup_siblings
 
-            return load_quantized(nf4, device=device, verify=verify)
+            model = load_quantized(nf4, device=device, verify=verify)
+            if kind == "ours-alone":  # every 4-bit layer launches alone (no q/k/v, gate/up groups)
+                ungroup_siblings(model)
+            return model
         if kind == "bnb":
             return AutoModelForCausalLM.from_pretrained(nf4, device_map=device).eval()
         return AutoModelForCausalLM.from_pretrained(plain, dtype=torch.bfloat16, device_map=device).eval()
@@ -198,7 +204,7 @@ def bench_contender(kind, mode, plain, nf4, device, ids, new, repeats) -> dict:
     row: dict = {"contender": kind, "mode": mode}
     try:
         if mode == "compiled":
-            compile_decode(model, device, fullgraph=(kind == "ours"))
+            compile_decode(model, device, fullgraph=kind.startswith("ours"))
         cache = static_cache(model, ids.shape[1] + new) if mode != "eager" else None
         t0 = time.perf_counter()
         # Warm-up with the very length timed below, for every contender: compilation and CUDA-graph

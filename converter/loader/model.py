@@ -31,6 +31,7 @@ from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts
 from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
+from converter.loader.siblings import group_siblings
 from converter.loader.state import read_state, resolve_folder, shard_files, shards_verified, streams_to
 from converter.loader.warmup import BUILD_LOCK, warmed
 from converter.methods import for_record
@@ -270,6 +271,8 @@ def load_quantized(
         place(model, folder, device, device_map, max_memory, offload_folder)
     elif torch.device(device) != torch.device("cpu"):
         model.to(device)
+    if device_map is None:  # placement hooks may hand each layer its own copy of the input
+        group_siblings(model)  # q/k/v and gate/up decode in one launch each (loader/siblings.py)
     for device_type in {m.weight.device.type for m in linear4bit_modules(model).values()}:
         ops.warn_if_slow(device_type)  # no silent slow path: a missing extension or CUDA backend is named
     return model

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -271,3 +272,21 @@ def warn_if_slow(device: torch.device | str) -> None:
         return
     _warned.add(device.type)
     warnings.warn(why, RuntimeWarning, stacklevel=3)
+
+
+# -- several weights, one input (placeholder: one launch per weight until the fused op lands) ------------
+
+
+def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
+    """Whether one launch may compute every weight of ``args_seq`` for ``x2d``."""
+    first = args_seq[0]
+    return (
+        2 <= len(args_seq) <= 4
+        and 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS
+        and all(a.gemv and a.in_features == first.in_features for a in args_seq)
+    )
+
+
+def gemv_prepared_multi(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> list[torch.Tensor]:
+    """y_i [B, out_features_i] = x2d @ W_i.T for each weight."""
+    return [gemv_prepared(x2d, a) for a in args_seq]

@@ -91,7 +91,10 @@ class Warmup:
             ):
                 records.setdefault(_kind(value), value)
         self._thread = threading.Thread(
-            target=self._run, args=(list(records.values()), state), name="qm-cuda-warmup", daemon=True
+            target=self._run,
+            args=(list(records.values()), _sibling_records(state), state),
+            name="qm-cuda-warmup",
+            daemon=True,
         )
         self._thread.start()
 
@@ -101,7 +104,7 @@ class Warmup:
                 self._thread.join()
 
     # -- the thread ----------------------------------------------------------------------------------
-    def _run(self, records: list[Any], state: Mapping[str, Any]) -> None:
+    def _run(self, records: list[Any], groups: list[dict[str, Any]], state: Mapping[str, Any]) -> None:
         try:
             on_device = (
                 torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -115,6 +118,8 @@ class Warmup:
                 with timing.phase("warm_layers"):
                     for record in records:
                         self._layer(record, compute)
+                    for group in groups:
+                        self._group(group, compute)
         except Exception as exc:  # best effort: the real forward reports any real problem
             self.error = f"{type(exc).__name__}: {exc}"
             timing.add("warm_failed", 1)
@@ -126,18 +131,39 @@ class Warmup:
 
         return compute_dtype_from_config(self.folder, state) or self.dtype
 
-    def _layer(self, record: Any, compute: torch.dtype) -> None:
-        """The record's layer on the device (its tensors copied there), called at every token count."""
+    def _build(self, record: Any, compute: torch.dtype) -> torch.nn.Module:
+        """The record's layer on the device (its tensors copied there)."""
         from converter.loader.stream import _replace, _tensors_of
         from converter.methods import for_record
 
         moved = {id(t): t.to(self.device) for t in _tensors_of(record)}
         on_device = _replace(record, moved)
-        layer = for_record(record).runtime_layer().from_record(on_device, compute_dtype=compute)
-        layer.eval()
+        return for_record(record).runtime_layer().from_record(on_device, compute_dtype=compute).eval()
+
+    def _layer(self, record: Any, compute: torch.dtype) -> None:
+        """The record's layer called at every token count."""
+        layer = self._build(record, compute)
         in_features = int(record.shape[-1])
         for tokens in TOKENS:
             layer(torch.zeros(1, tokens, in_features, dtype=compute, device=self.device))
+
+    def _group(self, records: dict[str, Any], compute: torch.dtype) -> bool:
+        """Sibling layers (q/k/v, gate/up) grouped as ``load_quantized`` groups them
+        (``loader/siblings.py``), each called on one input at 1..8 tokens: the grouped GEMV's kernels.
+        Whether they formed a group."""
+        from converter.loader.siblings import group_siblings
+
+        parent = torch.nn.Module()
+        for name, record in records.items():
+            setattr(parent, name, self._build(record, compute))
+        if not group_siblings(parent, [tuple(records)]):
+            return False
+        in_features = int(next(iter(records.values())).shape[-1])
+        for tokens in TOKENS[:-1]:  # the grouped launch takes the GEMV's token counts only
+            x = torch.zeros(1, tokens, in_features, dtype=compute, device=self.device)
+            for name in records:
+                getattr(parent, name)(x)
+        return True
 
     def _tiny_model(self, compute: torch.dtype) -> bool:
         """One decoder layer of the folder's architecture, short vocabulary, at 4 tokens and at 1;
@@ -176,6 +202,27 @@ class Warmup:
         for tokens in (4, 1):
             model(torch.zeros(1, tokens, dtype=torch.long, device=self.device))
         return True
+
+
+def _sibling_records(state: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """For each sibling name tuple (``loader.siblings.SIBLING_NAMES``), the records of the first module
+    that has them all as 2-D quantized weights: ``{name: record}`` in call order."""
+    from converter.loader.siblings import SIBLING_NAMES
+
+    groups = []
+    for names in SIBLING_NAMES:
+        for key, value in state.items():
+            prefix, _, leaf = key.removesuffix(".weight").rpartition(".")
+            if leaf != names[0] or isinstance(value, torch.Tensor):
+                continue
+            found = {n: state.get(f"{prefix}.{n}.weight") for n in names}
+            if all(
+                r is not None and not isinstance(r, torch.Tensor) and len(r.shape) == 2
+                for r in found.values()
+            ):
+                groups.append(found)
+                break
+    return groups
 
 
 def enabled(device: torch.device) -> bool:

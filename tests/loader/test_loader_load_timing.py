@@ -99,7 +99,8 @@ def test_the_warmup_runs_every_layer_kind_and_the_one_layer_model(our_folder: Pa
     assert 1 < len(kinds) <= warmup.MAX_KINDS  # q/o, k/v, gate/up, down of the tiny Llama
     calls: list[tuple] = []
     ran: list[bool] = []
-    real_layer, real_model = warmup.Warmup._layer, warmup.Warmup._tiny_model
+    grouped: list[tuple[tuple[str, ...], bool]] = []
+    real_layer, real_model, real_group = warmup.Warmup._layer, warmup.Warmup._tiny_model, warmup.Warmup._group
 
     def layer(self, record, compute):
         calls.append(warmup._kind(record))
@@ -109,11 +110,16 @@ def test_the_warmup_runs_every_layer_kind_and_the_one_layer_model(our_folder: Pa
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(warmup.Warmup, "_layer", layer)
         mp.setattr(warmup.Warmup, "_tiny_model", lambda self, c: ran.append(real_model(self, c)))
+        mp.setattr(
+            warmup.Warmup, "_group", lambda self, r, c: grouped.append((tuple(r), real_group(self, r, c)))
+        )
         warm.start(state)
         warm.join()
     assert warm.error is None
     assert sorted(calls) == sorted(kinds), "each layer kind once"
     assert ran == [True], "the one-layer Llama was built and called"
+    # The sibling groups load_quantized forms (loader/siblings.py), formed here too and called.
+    assert grouped == [(("q_proj", "k_proj", "v_proj"), True), (("gate_proj", "up_proj"), True)]
     assert not any(t.name == "qm-cuda-warmup" for t in threading.enumerate())
 
 
