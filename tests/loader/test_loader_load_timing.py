@@ -143,3 +143,31 @@ def test_a_failing_warmup_never_fails_the_load(our_folder: Path, monkeypatch: py
     warm.start(state)
     warm.join()
     assert warm.error == "RuntimeError: boom"
+
+
+def test_a_load_with_the_warmup_beside_it_leaves_no_global_state_changed(
+    our_folder: Path, streamed_on_cpu: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The warm-up thread (here on CPU tensors) builds a model while the caller builds the skeleton:
+    # both patch process-wide state (transformers' no_init_weights, the meta-parameter hook), which
+    # BUILD_LOCK serializes, and neither may leave the default dtype changed.
+    from transformers import PreTrainedModel
+
+    register, normal = torch.nn.Module.register_parameter, torch.nn.init.normal_
+    init_weights = PreTrainedModel.init_weights
+    plain = load_quantized(our_folder)
+    monkeypatch.setattr(warmup, "enabled", lambda device: True)
+    started: list[warmup.Warmup] = []
+    real_start = warmup.Warmup.start
+    monkeypatch.setattr(
+        warmup.Warmup, "start", lambda self, state: started.append(self) or real_start(self, state)
+    )
+    warmed = load_quantized(our_folder)
+    assert len(started) == 1
+    assert started[0].error is None
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.nn.Module.register_parameter is register
+    assert torch.nn.init.normal_ is normal
+    assert PreTrainedModel.init_weights is init_weights
+    with torch.no_grad():
+        assert torch.equal(plain(IDS).logits, warmed(IDS).logits)
