@@ -9,9 +9,10 @@ the disk reads, the copies and the model build instead of following them.
 
 The thread launches, with throwaway inputs, what the model's first forward launches:
 
-- each distinct quantized layer kind (shape, blocksize, nesting, method) of the checkpoint, built from
-  its first record copied to the device, at 1..8 tokens (the fused GEMV, one kernel per token
-  count) and at 16 (dequantize + ``F.linear``: cuBLAS);
+- each distinct quantized layer kind (shape, blocksize, nesting, method) of the checkpoint, built with
+  its first record's shapes on the device (zero-filled), at 1..8 tokens (the fused GEMV, one kernel
+  per token count) and at 16 (dequantize + ``F.linear``: cuBLAS); the q/k/v and gate/up sibling
+  groups (``loader/siblings.py``) at 1..8 tokens (the grouped GEMV);
 - one decoder layer of the same architecture (the config with one layer, a short vocabulary and a
   narrow MLP; the attention shapes kept), in the compute dtype, at 4 tokens and at 1: embedding,
   norms, rotary, attention (SDPA), activation, ``lm_head`` (cuBLAS again).
@@ -132,11 +133,12 @@ class Warmup:
         return compute_dtype_from_config(self.folder, state) or self.dtype
 
     def _build(self, record: Any, compute: torch.dtype) -> torch.nn.Module:
-        """The record's layer on the device (its tensors copied there)."""
+        """A layer of the record's kind on the device: its tensors' shapes and dtypes, zero-filled (the
+        kernels a launch picks depend on those, not on the values; no copy competes with the stream's)."""
         from converter.loader.stream import _replace, _tensors_of
         from converter.methods import for_record
 
-        moved = {id(t): t.to(self.device) for t in _tensors_of(record)}
+        moved = {id(t): torch.zeros_like(t, device=self.device) for t in _tensors_of(record)}
         on_device = _replace(record, moved)
         return for_record(record).runtime_layer().from_record(on_device, compute_dtype=compute).eval()
 
