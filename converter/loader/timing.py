@@ -3,7 +3,7 @@
 ``load_quantized`` then prints one line to stderr when it returns, ``qm-load-timing {json}``: the wall
 seconds of each phase on the caller's thread (``open``, ``alloc``, ``stream``, ``skeleton``,
 ``verify_wait`` ...), the seconds summed over the stream's reader threads (``read_cpu``,
-``hash_cpu``, ``slot_wait_cpu``: CPU-seconds, more than the wall time when several threads work),
+``hash_cpu``, ``slot_wait_cpu``: thread-seconds, more than the wall time when several threads work),
 the CUDA warm-up thread's steps (``warm_*``, and ``warm_done_at``: when it ended, from the call) and a
 few counts. ``bench/bench_generate.py --load --load-breakdown`` sets the variable and prints the line
 of each contender's best run beside the first and second forward's times.
