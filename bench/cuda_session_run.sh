@@ -21,6 +21,7 @@
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
 #   gemv     bench_gemv_cuda.py: batch-1/4 GEMV kernels inside CUDA graphs vs the copy floor
+#   multi    bench_gemv_multi_cuda.py: one launch for q/k/v or gate/up vs separate launches vs bf16
 #   moe      bench_moe.py --device cuda: whole Qwen3-30B-A3B-shaped model (MOE_LAYERS, default 48 layers),
 #            ours vs bf16: memory, MoE blocks, generate() eager and compiled
 #   host     bench_cuda_host.py: --device cuda conversion on the GPU without torch, bytes = --device cpu
@@ -89,6 +90,7 @@ for s in ${*:-env}; do
     offload) step offload timeout 240 python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
       --source "$GEN_DIR/llama8b-32" --tokens 16 ;;
     e2e) step e2e timeout 240 bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
+    multi) step multi timeout 60 python3 "$ROOT/bench/bench_gemv_multi_cuda.py" --json "$OUT/multi.json" ;;
     gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --replays 15 --json "$OUT/gemv.json" ;;
     moe) step moe timeout "${MOE_TIMEOUT:-240}" python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-48}" --repeat 2 --modes "${MOE_MODES:-eager,compiled,graphed-compiled}" \
       --workdir /tmp/qm_moe --json "$OUT/moe.json" ;;

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from converter.kernels.checks import GEMV_MAX_WEIGHTS
 from formats.quant_types import NESTED_BLOCKSIZE
 
 #: Largest token count the fused GEMV takes (the kernel is written for batch 1..8).
@@ -210,6 +211,48 @@ def gemv_prepared(x2d: torch.Tensor, args: KernelArgs) -> torch.Tensor:
     )
 
 
+def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
+    """Whether one several-weights launch (:func:`gemv_prepared_multi`) takes ``x2d`` times these weights:
+    2..GEMV_MAX_WEIGHTS weights that each take the fused GEMV, of one in_features and blocksize, on
+    x2d's device, with a kernel for it, and 1..GEMV_MAX_TOKENS rows of x2d."""
+    if not 2 <= len(args_seq) <= GEMV_MAX_WEIGHTS or not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS:
+        return False
+    a0 = args_seq[0]
+    if x2d.dim() != 2 or x2d.shape[1] != a0.in_features:
+        return False
+    return all(
+        a.gemv
+        and a.impls is not None
+        and "gemv_4bit_multi" in a.impls
+        and a.in_features == a0.in_features
+        and a.blocksize == a0.blocksize
+        and a.packed.device == x2d.device
+        for a in args_seq
+    )
+
+
+def gemv_prepared_multi(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> list[torch.Tensor]:
+    """``[x2d @ W_i.T]`` ([B, out_features_i] each, x2d's dtype) in one launch (:func:`multi_ok` holds):
+    each equal to :func:`gemv_prepared` of weight i on CPU; on CUDA within the same derived bound."""
+    fn = (
+        torch.ops.quantize_model.gemv_4bit_multi
+        if torch.compiler.is_compiling()
+        else args_seq[0].impls["gemv_4bit_multi"]
+    )
+    return fn(
+        x2d,
+        [a.packed for a in args_seq],
+        [a.absmax for a in args_seq],
+        [a.codes for a in args_seq],
+        [a.nested_absmax for a in args_seq],
+        [a.nested_map for a in args_seq],
+        [a.offset for a in args_seq],
+        [a.quant_map for a in args_seq],
+        [a.out_features for a in args_seq],
+        args_seq[0].blocksize,
+    )
+
+
 def dequantize_prepared(args: KernelArgs, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """The weight of ``shape`` in ``dtype`` (every path the same bits)."""
     n = math.prod(shape)
@@ -272,21 +315,3 @@ def warn_if_slow(device: torch.device | str) -> None:
         return
     _warned.add(device.type)
     warnings.warn(why, RuntimeWarning, stacklevel=3)
-
-
-# -- several weights, one input (placeholder: one launch per weight until the fused op lands) ------------
-
-
-def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
-    """Whether one launch may compute every weight of ``args_seq`` for ``x2d``."""
-    first = args_seq[0]
-    return (
-        2 <= len(args_seq) <= 4
-        and 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS
-        and all(a.gemv and a.in_features == first.in_features for a in args_seq)
-    )
-
-
-def gemv_prepared_multi(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> list[torch.Tensor]:
-    """y_i [B, out_features_i] = x2d @ W_i.T for each weight."""
-    return [gemv_prepared(x2d, a) for a in args_seq]

@@ -27,6 +27,12 @@ def _load(folder: Path) -> torch.nn.Module:
         return load_quantized(folder)
 
 
+@pytest.fixture(autouse=True)
+def fuse_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The groups launch together on CUDA only by default; the logic is the same on the CPU, tested here."""
+    monkeypatch.setattr(siblings, "FUSED_DEVICE_TYPES", {"cpu", "cuda"})
+
+
 @pytest.fixture
 def launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts fused launches (weights per launch) while the test runs."""
@@ -160,3 +166,12 @@ def test_compiled_model_has_no_graph_break_and_the_eager_logits(
     assert sorted(launches) == sorted([2, 3] * len(model.model.layers))  # traced: one per group
     assert torch.equal(compiled, eager)
     assert all(m._siblings._parked is None for m in model.modules() if getattr(m, "_siblings", None))
+
+
+def test_cpu_layers_launch_alone_by_default(our_folder: Path, launches: list[int], monkeypatch) -> None:
+    """On the CPU each layer's own lean launch is cheaper than the grouped op (siblings.py says why)."""
+    monkeypatch.setattr(siblings, "FUSED_DEVICE_TYPES", {"cuda"})
+    model = _load(our_folder)
+    with torch.no_grad():
+        _ = model(IDS[:, :1]).logits
+    assert launches == []
