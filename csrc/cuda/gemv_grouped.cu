@@ -53,6 +53,15 @@ __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
 }
 
+// quant_map[q] from the 16-entry shared table at shared address qm, given off4 = 4 q. The table is
+// 64-byte aligned, so the offset is ORed in: the nibble's shift, mask and address take two instructions
+// (SHF, LOP3) instead of three (an add of the table's address).
+__device__ __forceinline__ float code_value(uint32_t qm, uint32_t off4) {
+  float v;
+  asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(qm | off4));
+  return v;
+}
+
 // A CTA's staging area: per thread C x R chunks of codes and their absmax, [slot][thread] so that the
 // threads of a warp touch consecutive words (no bank conflicts).
 template <int C, int R>
@@ -72,6 +81,7 @@ __device__ __forceinline__ void lane_dots(const T* __restrict__ xr, const uint8_
                                           int64_t K, int log2bs, int sub, float (&acc)[R]) {
   const int64_t chunks = K >> 5;
   const int tid = threadIdx.x;
+  const uint32_t qm = static_cast<uint32_t>(__cvta_generic_to_shared(s_qm));
   for (int64_t base = sub; base < chunks; base += int64_t{L} * C) {
 #pragma unroll
     for (int i = 0; i < C; ++i) {  // every copy of the round first: C x R x 16 bytes in flight per lane
@@ -105,8 +115,10 @@ __device__ __forceinline__ void lane_dots(const T* __restrict__ xr, const uint8_
           const uint32_t word = q == 0 ? w[r].x : q == 1 ? w[r].y : q == 2 ? w[r].z : w[r].w;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {  // byte j: element 2j in the high nibble, 2j+1 in the low one
-            part[r] = __fmaf_rn(s_qm[(word >> (8 * j + 4)) & 15u], xv[2 * j], part[r]);
-            part[r] = __fmaf_rn(s_qm[(word >> (8 * j)) & 15u], xv[2 * j + 1], part[r]);
+            const uint32_t hi4 = (word >> (8 * j + 2)) & 0x3Cu;
+            const uint32_t lo4 = (j == 0 ? word << 2 : word >> (8 * j - 2)) & 0x3Cu;
+            part[r] = __fmaf_rn(code_value(qm, hi4), xv[2 * j], part[r]);
+            part[r] = __fmaf_rn(code_value(qm, lo4), xv[2 * j + 1], part[r]);
           }
         }
       }
@@ -152,7 +164,7 @@ k_gemv_grouped(const T* __restrict__ x, int64_t x_share, const int64_t* __restri
                const uint8_t* __restrict__ packed, int64_t packed_stride, const float* __restrict__ absmax,
                int64_t absmax_stride, const float* __restrict__ quant_map, T* __restrict__ y, int64_t N,
                int64_t K, int log2bs) {
-  __shared__ float s_qm[16];
+  __shared__ __align__(64) float s_qm[16];
   __shared__ Staging<C, 1> st;
   load_quant_map(quant_map, s_qm);
   const int64_t g = blockIdx.y;
@@ -178,7 +190,7 @@ k_gemv_grouped_glu(const T* __restrict__ x, int64_t x_share, const int64_t* __re
                    const uint8_t* __restrict__ packed, int64_t packed_stride, const float* __restrict__ absmax,
                    int64_t absmax_stride, const float* __restrict__ quant_map, T* __restrict__ h, int64_t I,
                    int64_t K, int log2bs) {
-  __shared__ float s_qm[16];
+  __shared__ __align__(64) float s_qm[16];
   __shared__ Staging<C, 2> st;
   load_quant_map(quant_map, s_qm);
   const int64_t g = blockIdx.y;
@@ -209,7 +221,7 @@ k_gemv_grouped_sum(const T* __restrict__ h, int k, const int64_t* __restrict__ i
                    int64_t packed_stride, const float* __restrict__ absmax, int64_t absmax_stride,
                    const float* __restrict__ quant_map, T* __restrict__ y, int64_t N, int64_t K, int log2bs) {
   constexpr int kSlots = kThreads / L;
-  __shared__ float s_qm[16];
+  __shared__ __align__(64) float s_qm[16];
   __shared__ float s_dot[kSlots];
   __shared__ float s_wt[kSlots];
   __shared__ int s_known[kSlots];
@@ -259,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
 k_dequantize_grouped(const int64_t* __restrict__ ids, int64_t experts, const uint8_t* __restrict__ packed,
                      int64_t packed_stride, const float* __restrict__ absmax, int64_t absmax_stride,
                      const float* __restrict__ quant_map, T* __restrict__ out, int64_t n, int log2bs) {
-  __shared__ float s_qm[16];
+  __shared__ __align__(64) float s_qm[16];
   load_quant_map(quant_map, s_qm);
   const int64_t i = blockIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;  // chunk of 32 weights
