@@ -48,9 +48,18 @@ __device__ __forceinline__ void copy4_async(float* dst, const float* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
 }
 
-// Wait for this thread's copies (each thread reads back only what it copied: no barrier needed).
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+// Close the group of copies started since the last commit (one group per chunk slot, maybe empty).
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Wait until at most n (a constant once unrolled, 0..3) of this thread's groups are in flight: each
+// thread reads back only what it copied, so no barrier is needed.
+__device__ __forceinline__ void wait_copies(int n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+  }
 }
 
 // quant_map[q] from the 16-entry shared table at shared address qm, given off4 = 4 q. The table is
@@ -72,9 +81,9 @@ struct Staging {
 
 // This lane's share of R dot products x . W_r (rows of 4-bit codes at wp[r], their absmax at ap[r]),
 // sharing each widened x word between the R rows: the lane takes chunks sub, sub + L, sub + 2L, ... of
-// 32 weights. Per round it starts the copies of the codes and absmax of its next C chunks, waits for
-// them once, then sums quant_map[q] * x over each chunk with float32 FMAs and adds that sum times the
-// chunk's absmax, in chunk order (a fixed order: the result does not depend on timing).
+// 32 weights. Per round it starts the copies of the codes and absmax of its next C chunks (a group per
+// chunk), then, as each chunk lands, sums quant_map[q] * x over it with float32 FMAs and adds that sum
+// times the chunk's absmax, in chunk order (a fixed order: the result does not depend on timing).
 template <typename T, int L, int C, int R>
 __device__ __forceinline__ void lane_dots(const T* __restrict__ xr, const uint8_t* const (&wp)[R],
                                           const float* const (&ap)[R], const float* s_qm, Staging<C, R>& st,
@@ -93,12 +102,13 @@ __device__ __forceinline__ void lane_dots(const T* __restrict__ xr, const uint8_
           copy4_async(&st.absmax[i * R + r][tid], ap[r] + ((c << 5) >> log2bs));
         }
       }
+      commit_copies();
     }
-    wait_copies();
 #pragma unroll
     for (int i = 0; i < C; ++i) {
       const int64_t c = base + int64_t{i} * L;
-      if (c >= chunks) break;  // x beyond the row is not read
+      if (c >= chunks) break;  // x beyond the row is not read; the later groups are empty
+      wait_copies(C - 1 - i);  // chunk i's group has landed (groups complete in commit order)
       uint4 w[R];
       float part[R];
 #pragma unroll
