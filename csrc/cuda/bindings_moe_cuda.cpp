@@ -64,7 +64,8 @@ void register_moe_cuda(py::module_& m) {
       py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("groups"), py::arg("x_share"), py::arg("I"),
       py::arg("K"), py::arg("blocksize"), py::arg("ids"), py::arg("experts"), py::arg("packed"),
       py::arg("packed_stride"), py::arg("absmax"), py::arg("absmax_stride"), py::arg("quant_map"), py::arg("h"),
-      py::arg("stream"), py::arg("lanes") = 0, "Decode's first projection with SiLU: h[g] = silu(x W_gate.T) * (x W_up.T) of expert ids[g].");
+      py::arg("stream"), py::arg("lanes") = 0,
+      "Decode's first projection with SiLU: h[g] = silu(x W_gate.T) * (x W_up.T) of expert ids[g].");
 
   m.def(
       "cuda_gemv_4bit_grouped_sum",

@@ -10,8 +10,8 @@
 //
 // Decode is bound by memory latency unless many bytes are in flight from the first cycle: a row gets
 // L = 8, 16 or 32 lanes and a lane starts the copies of its next C <= 4 chunks (codes and absmax, into
-// shared memory with cp.async) before any math, L and C compile-time (pick_config: the fewest lanes that cover a row in one round of at
-// most 4 chunks, C = the chunks a lane then has). Qwen3-30B-A3B: gate/up K = 2048 is 64 chunks -> 16
+// shared memory with cp.async) before any math, L and C compile-time (pick_config: the fewest lanes
+// that cover a row in one round of at most 4 chunks, C = the chunks a lane then has). Qwen3-30B-A3B: gate/up K = 2048 is 64 chunks -> 16
 // lanes x 4 chunks (x 2 rows, gate and up), down K = 768 is 24 chunks -> 8 lanes x 3. Longer rows repeat
 // the round (32 lanes x 4 chunks).
 #include "common.cuh"
@@ -499,9 +499,9 @@ int gemv_4bit_grouped_sum(int device, uintptr_t h, int dtype, int64_t tokens, in
   if (!valid_dtype(w_dtype)) return kBadDtype;
   if (tokens == 0 || N == 0) return kOk;
   if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return static_cast<int>(e);
-  return dispatch<Sum>(dtype, cfg, reinterpret_cast<const void*>(h), tokens, k, reinterpret_cast<const void*>(weights),
-                       w_dtype, N, K, ilog2(blocksize), a, reinterpret_cast<void*>(y),
-                       reinterpret_cast<cudaStream_t>(stream));
+  return dispatch<Sum>(dtype, cfg, reinterpret_cast<const void*>(h), tokens, k,
+                       reinterpret_cast<const void*>(weights), w_dtype, N, K, ilog2(blocksize), a,
+                       reinterpret_cast<void*>(y), reinterpret_cast<cudaStream_t>(stream));
 }
 
 int dequantize_4bit_grouped(int device, uintptr_t ids, int64_t count, int64_t experts, uintptr_t packed,
