@@ -11,9 +11,9 @@
 // Decode is bound by memory latency unless many bytes are in flight from the first cycle: a row gets
 // L = 8, 16 or 32 lanes and a lane starts the copies of its next C <= 4 chunks (codes and absmax, into
 // shared memory with cp.async) before any math, L and C compile-time (pick_config: the fewest lanes
-// that cover a row in one round of at most 4 chunks, C = the chunks a lane then has). Qwen3-30B-A3B: gate/up K = 2048 is 64 chunks -> 16
-// lanes x 4 chunks (x 2 rows, gate and up), down K = 768 is 24 chunks -> 8 lanes x 3. Longer rows repeat
-// the round (32 lanes x 4 chunks).
+// that cover a row in one round of at most 4 chunks, C = the chunks a lane then has). Qwen3-30B-A3B:
+// gate/up K = 2048 is 64 chunks -> 16 lanes x 4 chunks (x 2 rows, gate and up), down K = 768 is 24
+// chunks -> 8 lanes x 3. Longer rows repeat the round (32 lanes x 4 chunks).
 #include "common.cuh"
 #include "moe_cuda.h"
 
