@@ -3,6 +3,8 @@
 All contenders side by side in one process, on one NF4 folder (ours and bnb read the same folder):
 
 - ``ours``: ``converter.load_quantized(folder)``;
+- ``ours-alone``: the same with every 4-bit layer launching alone (``ungroup_siblings``: no q/k/v, gate/up
+  groups), to measure what the grouped launches give;
 - ``bnb``: ``AutoModelForCausalLM.from_pretrained(folder)`` (transformers' bitsandbytes integration);
 - ``bf16``: the plain bf16 checkpoint.
 
@@ -19,7 +21,9 @@ of ``--repeats``.
 ``--load`` times call -> first token in fresh subprocesses, interleaved, best of ``--load-repeats``: the
 whole subprocess (imports included) and from the load call (every module imported before: imports
 excluded); ours with verify on and off, transformers + bnb on the same folder, bf16; then the ratios and
-verify's cost. ``--load-profile`` adds one cProfile'd load of ours and of bnb (where the time goes).
+verify's cost. ``--load-profile`` adds one cProfile'd load of ours and of bnb (where the time goes);
+``--load-breakdown`` adds to each row its best run's first-forward parts and second forward, and to
+ours the phases of its load (``QM_LOAD_TIMING=1``, converter/loader/timing.py).
 ``--modes ''`` skips the generate runs.
 ``--quality`` (real weights only): next-token log-likelihood of a fixed text, teacher-forced one token
 at a time (so the fused GEMV runs) and in one forward (dequantize path), against transformers + bnb and bf16.
@@ -130,10 +134,14 @@ def load(kind: str, plain: Path, nf4: Path, device: str, verify: bool = False) -
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if kind == "ours":
+        if kind in ("ours", "ours-alone"):
             from converter import load_quantized
+            from converter.loader.siblings import ungroup_siblings
 
-            return load_quantized(nf4, device=device, verify=verify)
+            model = load_quantized(nf4, device=device, verify=verify)
+            if kind == "ours-alone":  # every 4-bit layer launches alone (no q/k/v, gate/up groups)
+                ungroup_siblings(model)
+            return model
         if kind == "bnb":
             return AutoModelForCausalLM.from_pretrained(nf4, device_map=device).eval()
         return AutoModelForCausalLM.from_pretrained(plain, dtype=torch.bfloat16, device_map=device).eval()
@@ -196,7 +204,7 @@ def bench_contender(kind, mode, plain, nf4, device, ids, new, repeats) -> dict:
     row: dict = {"contender": kind, "mode": mode}
     try:
         if mode == "compiled":
-            compile_decode(model, device, fullgraph=(kind == "ours"))
+            compile_decode(model, device, fullgraph=kind.startswith("ours"))
         cache = static_cache(model, ids.shape[1] + new) if mode != "eager" else None
         t0 = time.perf_counter()
         # Warm-up with the very length timed below, for every contender: compilation and CUDA-graph
@@ -244,16 +252,24 @@ m = load(kind, plain, nf4, device, verify == "1")
 sync(device)
 t2 = time.perf_counter()
 ids = torch.tensor([[1, 2, 3, 4]], device=device)
+t_ids = time.perf_counter()
 with torch.no_grad():
     m(ids)
-sync(device)
-t3 = time.perf_counter()
+    t_host = time.perf_counter()
+    sync(device)
+    t3 = time.perf_counter()
+    m(ids)  # not timed in the totals: the second forward shows what of the first was one-time work
+    sync(device)
+    t4 = time.perf_counter()
 if profile == "1":
     prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
     print(text.getvalue()[-6000:], file=sys.stderr)
-print(t3 - t0, t3 - t1, t2 - t1)
+# First forward's parts: the input's copy, the host time to return, the wait for the device after it.
+parts = dict(first_ids_s=t_ids - t2, first_fwd_host_s=t_host - t_ids, first_fwd_sync_s=t3 - t_host,
+             second_fwd_s=t4 - t3)  # fmt: skip
+print(json.dumps(dict(with_imports=t3 - t0, excl=t3 - t1, load=t2 - t1, **parts)))
 """
 
 LOAD_CASES = (("ours", True), ("ours", False), ("bnb", False), ("bf16", False))
@@ -269,33 +285,50 @@ def _read_folder(folder: Path) -> None:
 
 
 def bench_load(
-    plain: Path, nf4: Path, device: str, repeats: int, profile: bool = False, contenders: str = ""
+    plain: Path,
+    nf4: Path,
+    device: str,
+    repeats: int,
+    profile: bool = False,
+    contenders: str = "",
+    breakdown: bool = False,
 ) -> list[dict]:
     """call -> first token per contender, best of ``repeats`` fresh subprocesses run interleaved.
 
     ``with_imports_s``: the subprocess's wall time (interpreter start, imports, CUDA init, load, one
     forward). ``imports_excluded_s``: from the load call to the end of the first forward, with every
-    module imported before (``load_s``: the load call alone).
+    module imported before (``load_s``: the load call alone). ``breakdown``: each row also gets the
+    first forward's parts and the second forward's time, and ours the phases of its load
+    (``QM_LOAD_TIMING``, converter/loader/timing.py), all of the contender's best run.
     """
+    from converter.loader import timing
+
     snippet = _LOAD_SNIPPET.format(bench=str(Path(__file__).resolve().parent))
     _read_folder(nf4)
     _read_folder(plain)
     wanted = set(contenders.split(",")) if contenders else {kind for kind, _ in LOAD_CASES}
     best: dict = {case: None for case in LOAD_CASES if case[0] in wanted}
+    details: dict = {}  # the best run's first-forward parts and load phases, per case
     errors: dict = {}
+    env = {**os.environ, timing.ENV: "1"} if breakdown else {**os.environ}
     for _ in range(repeats):
         for kind, verify in best:
             if (kind, verify) in errors:
                 continue
             t_start = time.perf_counter()
             cmd = [sys.executable, "-c", snippet, kind, str(plain), str(nf4), device, str(int(verify)), "0"]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             wall = time.perf_counter() - t_start
             if out.returncode:
                 errors[(kind, verify)] = out.stderr.strip()[-300:]
                 continue
-            _, excl, load_only = (float(v) for v in out.stdout.split()[-3:])
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            excl, load_only = got["excl"], got["load"]
             prev = best[(kind, verify)] or (float("inf"),) * 3
+            if excl < prev[1]:
+                parts = {k: round(v, 4) for k, v in got.items() if k.endswith("_s")}
+                phases = timing.parse(out.stderr)
+                details[(kind, verify)] = {**parts, **({"phases": phases} if phases else {})}
             best[(kind, verify)] = (min(prev[0], wall), min(prev[1], excl), min(prev[2], load_only))
     rows = []
     for (kind, verify), times in best.items():
@@ -305,6 +338,8 @@ def bench_load(
         else:
             row.update(with_imports_s=round(times[0], 2), imports_excluded_s=round(times[1], 2),
                        load_s=round(times[2], 2))  # fmt: skip
+            if breakdown:
+                row.update(details.get((kind, verify), {}))
         rows.append(row)
         log(json.dumps(row))
     by = {(r["contender"], r["verify"]): r for r in rows if "error" not in r}
@@ -324,7 +359,7 @@ def bench_load(
     if profile:  # where ours (verify on) and transformers + bnb spend the load, one profiled run each
         for kind, verify in (("ours", True), ("bnb", False)):
             cmd = [sys.executable, "-c", snippet, kind, str(plain), str(nf4), device, str(int(verify)), "1"]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             log(f"--- cProfile of {kind} (verify={verify}), load call -> first forward ---")
             log("\n".join(line for line in out.stderr.splitlines() if "Warning" not in line)[-6000:])
     return rows
@@ -390,6 +425,11 @@ def main() -> None:
     )
     ap.add_argument("--load-repeats", type=int, default=3, help="fresh subprocesses per load contender")
     ap.add_argument("--load-profile", action="store_true", help="also cProfile one load of ours and bnb")
+    ap.add_argument(
+        "--load-breakdown",
+        action="store_true",
+        help="--load: also the phases of each best run (QM_LOAD_TIMING)",
+    )
     ap.add_argument("--load-contenders", default="", help="of ours,bnb,bf16 (default: all) for --load")
     ap.add_argument("--quality", action="store_true", help="also perplexity / logits on real weights")
     ap.add_argument("--json", default=None)
@@ -425,7 +465,13 @@ def main() -> None:
             )
     if args.load:
         result["load"] = bench_load(
-            plain, nf4, args.device, args.load_repeats, args.load_profile, args.load_contenders
+            plain,
+            nf4,
+            args.device,
+            args.load_repeats,
+            args.load_profile,
+            args.load_contenders,
+            args.load_breakdown,
         )
     if args.quality:
         result["quality"] = bench_quality(plain, nf4, args.device)

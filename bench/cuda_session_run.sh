@@ -16,11 +16,12 @@
 #   dectests the CUDA tests of graphed_greedy only
 #   benchsmoke the shared bench CUDA helpers (cuda_timing, cuda_nf4) through three short scripts
 #   profile  profile_graphed.py: kernels per graphed decode token by family (8 layers), eager and compiled step
-#   load     bench_generate.py --load on the same 8B folder: call -> first token (+ a cProfile of each)
+#   load     bench_generate.py --load on the same 8B folder: call -> first token (+ where the time goes: --load-breakdown)
 #   overhead bench_linear_overhead.py: host cost of one eager linear call, ours / F.linear / bnb
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
 #   gemv     bench_gemv_cuda.py: batch-1/4 GEMV kernels inside CUDA graphs vs the copy floor
+#   multi    bench_gemv_multi_cuda.py: one launch for q/k/v or gate/up vs separate launches vs bf16
 #   moe      bench_moe.py --device cuda: whole Qwen3-30B-A3B-shaped model (MOE_LAYERS, default 48 layers),
 #            ours vs bf16: memory, MoE blocks, generate() eager and compiled
 #   host     bench_cuda_host.py: --device cuda conversion on the GPU without torch, bytes = --device cpu
@@ -83,20 +84,22 @@ for s in ${*:-env}; do
       python3 $ROOT/bench/profile_graphed.py --layers 8 --compile-step" ;;
     benchsmoke) step benchsmoke timeout 60 bash -c "python3 $ROOT/bench/profile_gemv.py 0 11 && echo prof ok && \
       python3 $ROOT/bench/bench_gemv_cuda.py --shapes 4096x4096 --replays 5 | tail -8" ;;
-    load) step load timeout 200 $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --json "$OUT/load.json" ;;
+    load) step load timeout 200 $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --load-breakdown --json "$OUT/load.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;
     offload) step offload timeout 240 python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
       --source "$GEN_DIR/llama8b-32" --tokens 16 ;;
     e2e) step e2e timeout 240 bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
+    multi) step multi timeout 60 python3 "$ROOT/bench/bench_gemv_multi_cuda.py" --json "$OUT/multi.json" ;;
     gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --replays 15 --json "$OUT/gemv.json" ;;
-    moe) step moe timeout 240 python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-48}" --repeat 2 \
+    moe) step moe timeout "${MOE_TIMEOUT:-240}" python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-48}" --repeat 2 --modes "${MOE_MODES:-eager,compiled,graphed-compiled}" \
       --workdir /tmp/qm_moe --json "$OUT/moe.json" ;;
     host) step host python3 "$ROOT/bench/bench_cuda_host.py" --layers 8 --hidden 3072 ;;
     int8) step int8 timeout 60 python3 "$ROOT/bench/bench_int8.py" --device cuda --iters 20 --json "$OUT/int8.json" ;;
     newtests) step newtests timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/cuda/test_cuda_gemv_int8.py" \
       "$ROOT/tests/cuda/test_cuda_int8.py" "$ROOT/tests/loader/test_loader_int8_cuda.py" "$ROOT/tests/loader/test_loader_stream_cuda.py" \
-      "$ROOT/tests/loader/test_loader_stream.py" "$ROOT/tests/cuda/test_cuda_gemv_stream.py" ;;
+      "$ROOT/tests/loader/test_loader_stream.py" "$ROOT/tests/cuda/test_cuda_gemv_stream.py" \
+      "$ROOT/tests/loader/test_loader_load_cuda.py" ;;
     *) echo "unknown step $s" >&2 ;;
   esac
 done

@@ -244,6 +244,12 @@ def whole_model_bench(
     torch.manual_seed(0)
     ids = torch.randint(100, min(vocab, 10000), (1, prompt), device=device)
     result["generate"] = []
+    if "profile" in modes:  # kernel time per token of the graphed, compiled decode (profile_graphed.py)
+        from profile_graphed import profile_model
+
+        for name, m in models.items():
+            profile_model(m, f"{name}, {layers} MoE layers", ids[:, :16], 32, compile_step=True)
+        modes = [m for m in modes if m != "profile"]
     for mode in modes:
         rows = _run_mode(models, mode, ids, new, repeat, device)
         result["generate"].extend(rows.values())

@@ -40,9 +40,19 @@ def family(name: str) -> str:
 
 
 def profile(kind: str, plain: Path, nf4: Path, ids: torch.Tensor, new: int, compile_step: bool) -> None:
+    model = load(kind, plain, nf4, "cuda")
+    profile_model(model, kind, ids, new, compile_step)
+    del model
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def profile_model(
+    model: torch.nn.Module, label: str, ids: torch.Tensor, new: int, compile_step: bool
+) -> None:
+    """Print the kernel time per new token of ``model``'s graphed greedy decode, by family and top kernels."""
     from converter.loader.decode import graphed_greedy
 
-    model = load(kind, plain, nf4, "cuda")
     cache = static_cache(model, ids.shape[1] + new)
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, cache=cache)
     kw.update(custom_generate=graphed_greedy, compile_step=compile_step)
@@ -67,7 +77,7 @@ def profile(kind: str, plain: Path, nf4: Path, ids: torch.Tensor, new: int, comp
     for name, (us, _n) in per_kernel.items():
         fams[family(name)] += us
     total = sum(fams.values())
-    print(f"\n## {kind}, compile_step={compile_step}: {total / new:.0f} us of kernels per new token")
+    print(f"\n## {label}, compile_step={compile_step}: {total / new:.0f} us of kernels per new token")
     print("| family | us per token | share |")
     print("|---|---|---|")
     for fam, us in sorted(fams.items(), key=lambda x: -x[1]):
@@ -76,9 +86,7 @@ def profile(kind: str, plain: Path, nf4: Path, ids: torch.Tensor, new: int, comp
     print("|---|---|---|")
     for name, (us, n) in sorted(per_kernel.items(), key=lambda x: -x[1][0])[:25]:
         print(f"| {name[:110]} | {n / new:.1f} | {us / new:.1f} |")
-    del model
-    torch.cuda.empty_cache()
-    torch._dynamo.reset()
+    sys.stdout.flush()
 
 
 def main() -> None:

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings_gemv_multi.h"
 #include "bindings_int8.h"
 #include "codebooks.h"
 #include "binding_pointers.h"
@@ -299,6 +300,7 @@ PYBIND11_MODULE(_kernels, m) {
       "MoE grouped GEMV: y[g, o] = sum_k x[g, k] * W_ids[g][o, k] (x_stride 0: one x row for every group).");
 
   register_int8(m);
+  register_gemv_multi(m);  // bindings_gemv_multi.cpp
 
 #ifdef QM_HAVE_CUDA
   register_cuda(m);

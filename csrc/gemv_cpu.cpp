@@ -257,7 +257,9 @@ RowsFn pick_rows(Isa isa, int64_t batch) {
 
 }  // namespace
 
-void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads) {
+namespace {
+
+void check_args(const Gemv4bitArgs& args) {
   const int64_t K = args.in_features, bs = args.blocksize;
   if (bs < 32 || bs > 4096 || (bs & (bs - 1)) != 0) {
     throw std::invalid_argument("blocksize " + std::to_string(bs) + " is not supported");
@@ -269,6 +271,12 @@ void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads) {
   if (args.batch < 1 || args.batch > kGemvMaxBatch) {
     throw std::invalid_argument("batch " + std::to_string(args.batch) + " is outside 1..8");
   }
+}
+
+}  // namespace
+
+void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads) {
+  check_args(args);
   isa = resolve_isa(isa);
   std::vector<float> xf;
   widen_dispatch(args, isa == Isa::AVX512 ? 32 : isa == Isa::AVX2 ? 16 : 2, xf);
@@ -276,6 +284,38 @@ void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads) {
   const float* xp = xf.data();
   // Grain 16 rows: a multiple of every tile height.
   parallel_for(args.out_features, threads, 16, [&](int64_t o0, int64_t o1) { fn(args, xp, o0, o1); });
+}
+
+void gemv_4bit_multi(const std::vector<Gemv4bitArgs>& segments, Isa isa, int threads) {
+  if (segments.empty()) return;
+  const Gemv4bitArgs& a0 = segments[0];
+  check_args(a0);
+  for (size_t i = 1; i < segments.size(); ++i) {
+    const Gemv4bitArgs& a = segments[i];
+    if (a.x != a0.x || a.x_dtype != a0.x_dtype || a.batch != a0.batch || a.in_features != a0.in_features ||
+        a.blocksize != a0.blocksize) {
+      throw std::invalid_argument("weight " + std::to_string(i) + " has in_features " +
+                                  std::to_string(a.in_features) + ", blocksize " + std::to_string(a.blocksize) +
+                                  " but weight 0 has " + std::to_string(a0.in_features) + ", " +
+                                  std::to_string(a0.blocksize) + ": the weights of one call share x and K");
+    }
+  }
+  isa = resolve_isa(isa);
+  std::vector<float> xf;
+  widen_dispatch(a0, gemv_x_group(isa), xf);
+  const RowsFn fn = pick_rows(isa, a0.batch);
+  const float* xp = xf.data();
+  // Each weight's rows padded to a multiple of 16: chunks (multiples of 16 from 0) then start every
+  // weight's row ranges at multiples of 16, as gemv_4bit's own chunks do, so rows tile the same way.
+  std::vector<int64_t> start(segments.size() + 1, 0);
+  for (size_t i = 0; i < segments.size(); ++i) start[i + 1] = start[i] + (segments[i].out_features + 15) / 16 * 16;
+  parallel_for(start.back(), threads, 16, [&](int64_t r0, int64_t r1) {
+    for (size_t i = 0; i < segments.size(); ++i) {
+      const int64_t o0 = std::max(r0, start[i]) - start[i];
+      const int64_t o1 = std::min({r1 - start[i], segments[i].out_features});
+      if (o0 < o1) fn(segments[i], xp, o0, o1);
+    }
+  });
 }
 
 int64_t gemv_x_group(Isa isa) { return isa == Isa::AVX512 ? 32 : isa == Isa::AVX2 ? 16 : 2; }

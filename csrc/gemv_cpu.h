@@ -33,6 +33,12 @@ struct Gemv4bitArgs {
 
 void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads);
 
+// Several weights that read the same x (q/k/v, gate/up) in one pool launch: each segment's y equals
+// gemv_4bit of that segment bit for bit (x widened once; rows split at multiples of 16 of each weight,
+// so every row takes the same tile path as in gemv_4bit). Segments must share x, x_dtype, batch,
+// in_features and blocksize.
+void gemv_4bit_multi(const std::vector<Gemv4bitArgs>& segments, Isa isa, int threads);
+
 // Pieces of gemv_4bit for callers that run many weights in one pool launch (gemv_grouped.cpp).
 // isa must be resolved (resolve_isa); args must pass gemv_4bit's checks.
 int64_t gemv_x_group(Isa isa);  // x is permuted in groups of this many elements for this isa

@@ -288,6 +288,12 @@ class Verification:
         with self._lock:
             self._got[name][k] = digest
 
+    def hashed_by(self) -> tuple[int, int]:
+        """(chunks hashed by the threads, chunks the caller took) so far: where verify's work went."""
+        with self._lock:
+            owners = [o for owned in self._owner.values() for o in owned]
+        return owners.count(self._POOL), owners.count(self._CALLER)
+
     def __call__(self) -> list[str]:
         for task in self._tasks:
             task.result()

@@ -17,7 +17,9 @@ Backend discovery: ``cuda_status()`` -> ``(usable, reason)``; ``backend_info()``
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -378,6 +380,70 @@ def _launch_gemv_4bit(
         0 if scratch is None else scratch.data_ptr(),
     )
     return y if x.dim() == 2 else y[0]
+
+
+class GemvWeight(NamedTuple):
+    """One weight of a several-weights GEMV launch (arguments ``converter.check_gemv_args`` accepted)."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor | None
+    nested: NestedAbsmax | None
+    quant_map: torch.Tensor
+    out_features: int
+
+
+def _launch_gemv_4bit_multi(
+    x: torch.Tensor,
+    weights: Sequence[GemvWeight],
+    in_features: int,
+    blocksize: int,
+    *,
+    variant: int = 0,
+) -> list[torch.Tensor]:
+    """``[y_i [B, out_features_i]]`` = x @ W_i.T for 1..4 weights of the same x, in_features and blocksize:
+    one launch of the stream kernel where it takes them all (csrc/cuda/gemv_stream.cu), else one
+    launch per weight. x is [B, K] (B = 1..8)."""
+    dev = _require(x, "x")
+    batch = x.shape[0]
+    ys = [torch.empty((batch, w.out_features), dtype=x.dtype, device=x.device) for w in weights]
+    variant = variant or GEMV_DEFAULT_VARIANT
+    dtype = KERNEL_DTYPE_CODES[x.dtype]
+    rows = sum(w.out_features for w in weights)
+    n_scratch = _gemv_multi_scratch(dev, dtype, batch, rows, in_features, blocksize, variant)
+    # every weight's K-slice partial sums (thin shapes); inside a graph, from its memory pool
+    scratch = torch.empty(n_scratch, dtype=torch.float32, device=x.device) if n_scratch else None
+    ptrs = [_absmax_args(w.absmax, w.nested) for w in weights]
+    _kernels.cuda_gemv_4bit_multi(
+        dev,
+        x.data_ptr(),
+        dtype,
+        batch,
+        in_features,
+        blocksize,
+        [w.out_features for w in weights],
+        [w.packed.data_ptr() for w in weights],
+        [p[0] for p in ptrs],
+        [p[1] for p in ptrs],
+        [p[2] for p in ptrs],
+        [p[3] for p in ptrs],
+        [p[4] for p in ptrs],
+        [w.quant_map.data_ptr() for w in weights],
+        [y.data_ptr() for y in ys],
+        current_stream(x.device),
+        variant,
+        0 if scratch is None else scratch.data_ptr(),
+    )
+    return ys
+
+
+@cache
+def _gemv_multi_scratch(
+    device: int, dtype: int, batch: int, rows: int, k: int, blocksize: int, variant: int
+) -> int:
+    """float32 scratch elements a several-weights launch of ``rows`` rows in all needs; 0 for most."""
+    if variant == 0 or 11 <= variant <= 18:  # only the stream kernel (chosen or forced) uses scratch
+        return _kernels.cuda_gemv_4bit_multi_scratch(device, dtype, batch, rows, k, blocksize, variant)
+    return 0
 
 
 @cache

@@ -23,6 +23,8 @@ KERNEL_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.
 KERNEL_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 GEMV_MAX_BATCH = 8
+#: Most weights of one several-weights GEMV launch (gemv_4bit_multi: q/k/v, gate/up).
+GEMV_MAX_WEIGHTS = 4
 
 
 class NestedAbsmax(NamedTuple):

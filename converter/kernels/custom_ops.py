@@ -19,6 +19,9 @@ Ops (schemas inferred from the type hints below):
 - ``dequantize_4bit(packed, absmax?, codes?, nested_absmax?, nested_map?, offset, quant_map, n,
   blocksize, dtype) -> w [n]``
 - ``dequantize_nested(codes, nested_absmax, nested_map, offset) -> absmax float32 [nb]``
+- ``gemv_4bit_multi(x [B, K], packed[], absmax?[], codes?[], nested_absmax?[], nested_map?[], offset[],
+  quant_map[], out_features[], blocksize) -> [y_i [B, out_features_i]]``: 1..4 weights of the same K
+  (q/k/v, gate/up) in one launch; each y_i equals ``gemv_4bit`` of weight i (CPU: bit for bit)
 
 The absmax is either ``absmax`` (float32) or the nested record ``codes`` / ``nested_absmax`` /
 ``nested_map`` / ``offset`` (then ``absmax`` is None).
@@ -36,7 +39,12 @@ import torch
 
 from converter import _kernels
 from converter.kernels.bnb4bit import launch_gemv_4bit_cpu
-from converter.kernels.checks import GEMV_MAX_BATCH, KERNEL_DTYPE_NAMES, NestedAbsmax
+from converter.kernels.checks import (
+    GEMV_MAX_BATCH,
+    GEMV_MAX_WEIGHTS,
+    KERNEL_DTYPE_NAMES,
+    NestedAbsmax,
+)
 from converter.kernels.cpu_threads import gemv_threads
 
 #: The torch.library namespace of every op of this project.
@@ -258,16 +266,149 @@ def _gemv_4bit_fake(
 
 gemv_4bit = define("gemv_4bit", _gemv_4bit_cpu, _gemv_4bit_fake, _gemv_4bit_cuda)
 
+# -- gemv_4bit_multi -------------------------------------------------------------------------------------
+
+
+def _check_multi(x: torch.Tensor, packed: list[torch.Tensor], out_features: list[int], **lists: list) -> int:
+    """The weights' in_features (weight 0's), after checking that every list has one entry per weight
+    and every weight has that in_features and lives on one device."""
+    n = len(packed)
+    if not 1 <= n <= GEMV_MAX_WEIGHTS:
+        msg = f"gemv_4bit_multi takes 1..{GEMV_MAX_WEIGHTS} weights, got {n}"
+        raise ValueError(msg)
+    for name, values in {"out_features": out_features, **lists}.items():
+        if len(values) != n:
+            msg = f"gemv_4bit_multi: {name} has {len(values)} entries for {n} weights"
+            raise ValueError(msg)
+    in_features = packed[0].numel() * 2 // max(1, out_features[0])
+    for i, (p, o) in enumerate(zip(packed, out_features, strict=True)):
+        if o < 1 or p.numel() * 2 != o * in_features:
+            msg = (
+                f"gemv_4bit_multi: weight {i} has {p.numel() * 2} 4-bit codes for {o} rows, not "
+                f"{o} x {in_features} (weight 0's in_features): the weights of one call share in_features"
+            )
+            raise ValueError(msg)
+        if p.device != packed[0].device:
+            msg = f"gemv_4bit_multi: weight {i} is on {p.device}, weight 0 on {packed[0].device}"
+            raise ValueError(msg)
+    return in_features
+
+
+def _gemv_4bit_multi_cpu(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    absmax: list[torch.Tensor | None],
+    codes: list[torch.Tensor | None],
+    nested_absmax: list[torch.Tensor | None],
+    nested_map: list[torch.Tensor | None],
+    offset: list[float],
+    quant_map: list[torch.Tensor],
+    out_features: list[int],
+    blocksize: int,
+) -> list[torch.Tensor]:
+    k = _check_multi(
+        x,
+        packed,
+        out_features,
+        absmax=absmax,
+        codes=codes,
+        nested_absmax=nested_absmax,
+        nested_map=nested_map,
+        offset=offset,
+        quant_map=quant_map,
+    )
+    x = _check_x(x, packed[0], k)
+    ys = [torch.empty((x.shape[0], o), dtype=x.dtype) for o in out_features]
+    _kernels.gemv_4bit_multi(
+        x.data_ptr(),
+        KERNEL_DTYPE_NAMES[x.dtype],
+        x.shape[0],
+        k,
+        blocksize,
+        list(out_features),
+        [p.data_ptr() for p in packed],
+        [q.data_ptr() for q in quant_map],
+        [0 if a is None else a.data_ptr() for a in absmax],
+        [0 if c is None else c.data_ptr() for c in codes],
+        [0 if a is None else a.data_ptr() for a in nested_absmax],
+        [float(o) for o in offset],
+        [0 if m is None else m.data_ptr() for m in nested_map],
+        [y.data_ptr() for y in ys],
+        "auto",
+        gemv_threads(sum(p.numel() for p in packed)),
+    )
+    return ys
+
+
+def _gemv_4bit_multi_cuda(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    absmax: list[torch.Tensor | None],
+    codes: list[torch.Tensor | None],
+    nested_absmax: list[torch.Tensor | None],
+    nested_map: list[torch.Tensor | None],
+    offset: list[float],
+    quant_map: list[torch.Tensor],
+    out_features: list[int],
+    blocksize: int,
+) -> list[torch.Tensor]:
+    k = _check_multi(
+        x,
+        packed,
+        out_features,
+        absmax=absmax,
+        codes=codes,
+        nested_absmax=nested_absmax,
+        nested_map=nested_map,
+        offset=offset,
+        quant_map=quant_map,
+    )
+    x = _check_x(x, packed[0], k)
+    kc = _cuda()
+    weights = [
+        kc.GemvWeight(
+            packed[i],
+            absmax[i],
+            _nested(codes[i], nested_absmax[i], nested_map[i], offset[i]),
+            quant_map[i],
+            out_features[i],
+        )
+        for i in range(len(packed))
+    ]
+    return kc._launch_gemv_4bit_multi(x, weights, k, blocksize)
+
+
+def _gemv_4bit_multi_fake(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    absmax: list[torch.Tensor | None],
+    codes: list[torch.Tensor | None],
+    nested_absmax: list[torch.Tensor | None],
+    nested_map: list[torch.Tensor | None],
+    offset: list[float],
+    quant_map: list[torch.Tensor],
+    out_features: list[int],
+    blocksize: int,
+) -> list[torch.Tensor]:
+    return [x.new_empty((x.shape[0], o)) for o in out_features]
+
+
+gemv_4bit_multi = define(
+    "gemv_4bit_multi", _gemv_4bit_multi_cpu, _gemv_4bit_multi_fake, _gemv_4bit_multi_cuda
+)
+
 #: The real implementations by device type, for eager callers that skip the dispatcher (see
 #: converter.loader.ops: the same functions the ops run, without the per-call dispatch cost).
 IMPLS: dict[str, dict[str, Callable]] = {
     "cpu": {
         "gemv_4bit": _gemv_4bit_cpu,
+        "gemv_4bit_multi": _gemv_4bit_multi_cpu,
         "dequantize_4bit": _dequantize_4bit_cpu,
         "dequantize_nested": _dequantize_nested_cpu,
     },
     "cuda": {
         "gemv_4bit": _gemv_4bit_cuda,
+        "gemv_4bit_multi": _gemv_4bit_multi_cuda,
         "dequantize_4bit": _dequantize_4bit_cuda,
         "dequantize_nested": _dequantize_nested_cuda,
     },

@@ -25,13 +25,15 @@ import torch
 from torch import nn
 
 from converter.errors import InputError
-from converter.loader import ops
+from converter.loader import ops, timing
 from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts
 from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
+from converter.loader.siblings import group_siblings
 from converter.loader.state import read_state, resolve_folder, shard_files, shards_verified, streams_to
+from converter.loader.warmup import BUILD_LOCK, warmed
 from converter.methods import for_record
 
 
@@ -158,7 +160,7 @@ def build_skeleton(
         del config.quantization_config  # we build the 4-bit layers ourselves
     cls = _model_class(config)
     try:
-        with _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
+        with BUILD_LOCK, _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = cls._from_config(config, dtype=dtype)
     except Exception as exc:
@@ -192,6 +194,7 @@ def build_skeleton(
     return model, qc if isinstance(qc, dict) else None
 
 
+@timing.timed  # QM_LOAD_TIMING=1: the phases on stderr (loader/timing.py)
 def load_quantized(
     path_or_repo: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -231,13 +234,20 @@ def load_quantized(
     # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while
     # the model is built (on a first load that includes importing its transformers modules).
     target = device if device_map is None else "cpu"
-    with shards_verified(folder, verify, streaming=streams_to(target)) as hashes:
-        state = read_state(folder, target, hashes)
-        model, qc = build_skeleton(
-            folder, state, dtype, trust_remote_code=trust_remote_code, experts_device=target
-        )  # 4-bit experts: stacked on the target device
+    # On CUDA a side thread does the first forward's one-time work meanwhile (loader/warmup.py).
+    with (
+        warmed(target, folder, dtype) as warm,
+        shards_verified(folder, verify, streaming=streams_to(target)) as hashes,
+    ):
+        state = read_state(folder, target, hashes, on_parsed=warm.start if warm is not None else None)
+        with timing.phase("skeleton"):
+            model, qc = build_skeleton(
+                folder, state, dtype, trust_remote_code=trust_remote_code, experts_device=target
+            )  # 4-bit experts: stacked on the target device
         cls = type(model)
-        unused = _fill(model, state, str(folder))
+        with timing.phase("fill"):
+            unused = _fill(model, state, str(folder))
+    timing.mark("built_at")
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
@@ -261,6 +271,8 @@ def load_quantized(
         place(model, folder, device, device_map, max_memory, offload_folder)
     elif torch.device(device) != torch.device("cpu"):
         model.to(device)
+    if device_map is None:  # placement hooks may hand each layer its own copy of the input
+        group_siblings(model)  # q/k/v and gate/up decode in one launch each (loader/siblings.py)
     for device_type in {m.weight.device.type for m in linear4bit_modules(model).values()}:
         ops.warn_if_slow(device_type)  # no silent slow path: a missing extension or CUDA backend is named
     return model

@@ -33,6 +33,7 @@ from torch import nn
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.loader import ops
 from converter.loader.cpu_gemv import CpuGemv
+from converter.loader.siblings import SiblingGroup
 from formats.bnb_compat import quant_state_json
 from formats.quant_types import NESTED_BLOCKSIZE, QuantType
 from formats.record import QuantizedTensor
@@ -289,6 +290,9 @@ class QuantLinear4bit(nn.Module):
     _prepared_for: torch.Tensor | None = None
     #: The eager CPU decode launch of the prepared weight (loader/cpu_gemv.py); None off the CPU.
     _cpu_gemv: CpuGemv | None = None
+    #: The group of layers reading the same input that share one GEMV launch (loader/siblings.py).
+    _siblings: SiblingGroup | None = None
+    _sibling_index: int = 0
 
     def __init__(
         self,
@@ -409,6 +413,10 @@ class QuantLinear4bit(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._siblings is not None:  # q/k/v, gate/up: one launch for the group (loader/siblings.py)
+            y = self._siblings.forward(self, x)
+            if y is not None:
+                return y
         fast = self._cpu_gemv
         if (  # eager CPU decode, no cast, no bias: one launch without per-call Python checks
             fast is not None

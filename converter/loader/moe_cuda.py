@@ -29,7 +29,7 @@ from converter.kernels.checks import KERNEL_DTYPE_CODES
 from converter.kernels.cuda_launch import current_stream, device_index
 from converter.loader.moe_records import region_pointers
 
-#: Largest top-k of the fused decode (the second kernel's CTA holds rows x k slots of 8 lanes, 256 threads).
+#: Largest top-k of the fused decode (the second kernel's CTA holds rows x k slots of 8+ lanes, 256 threads).
 FUSED_MAX_K = 32
 
 #: Bound on the dequantized scratch of one prefill chunk (bytes); a chunk holds at least one expert.
@@ -99,12 +99,14 @@ def grouped_gemv(
     out_features: int,
     in_features: int,
     blocksize: int,
+    lanes: int = 0,
 ) -> torch.Tensor:
     """y [G, out] with row g = x[g // x_share] @ W_ids[g].T, x's dtype, float32 accumulation.
 
     ``ids`` int64 [G] on x's device (an id outside the layer's experts gives a NaN row: the host never
     sees the ids). W_e: the codes ``byte_offset`` bytes into ``packed[e]``, the absmax ``block_offset``
-    entries into ``absmax[e]``.
+    entries into ``absmax[e]``. ``lanes``: threads per output row, 0 (chosen by in_features) or a
+    forced 8 / 16 / 32 (tests and benchmarks).
     """
     groups = ids.numel()
     if x.shape[0] * x_share != groups or x.shape[1] != in_features or byte_offset % 16:
@@ -134,6 +136,7 @@ def grouped_gemv(
         quant_map.data_ptr(),
         y.data_ptr(),
         stream,
+        lanes,
     )
     return y
 
@@ -147,10 +150,13 @@ def decode_silu(
     quant_map: torch.Tensor,
     intermediate: int,
     bs: int,
+    lanes: int = 0,
 ) -> torch.Tensor:
     """Decode with SiLU experts in two launches: ``h = silu(x Wg.T) * (x Wu.T)`` for every routed (token,
     slot) row, then ``y[t] = sum_j w[t, j] * h[t k + j] Wd.T``; float32 inside each kernel, one rounding
-    of h and of y to x's dtype. Ids and weights are read on the device (no host sync)."""
+    of h and of y to x's dtype. Ids and weights are read on the device (no host sync). ``lanes``: threads
+    per output row of both launches, 0 (chosen by each projection's K) or a forced 8 / 16 / 32 (tests
+    and benchmarks; the second launch needs k <= 256 / lanes)."""
     tokens, hidden_dim = hidden.shape
     k = top_k_index.shape[1]
     # Python checks before each copy: an eager decode step is host-bound, every dispatch counts
@@ -168,13 +174,14 @@ def decode_silu(
     ext.cuda_gemv_4bit_grouped_glu(
         device, x.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], tokens * k, k, intermediate, hidden_dim, bs,
         ids.data_ptr(), packed.shape[0], *region_pointers(packed, absmax, 0, 0), quant_map.data_ptr(),
-        h.data_ptr(), stream,
+        h.data_ptr(), stream, lanes,
     )  # fmt: skip
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // bs
     ext.cuda_gemv_4bit_grouped_sum(
         device, h.data_ptr(), KERNEL_DTYPE_CODES[x.dtype], tokens, k, hidden_dim, intermediate, bs,
         ids.data_ptr(), packed.shape[0], weights.data_ptr(), KERNEL_DTYPE_CODES[weights.dtype],
         *region_pointers(packed, absmax, gu_bytes, gu_blocks), quant_map.data_ptr(), y.data_ptr(), stream,
+        lanes,
     )  # fmt: skip
     return y
 

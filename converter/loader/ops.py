@@ -23,10 +23,12 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
+from converter.kernels.checks import GEMV_MAX_WEIGHTS
 from formats.quant_types import NESTED_BLOCKSIZE
 
 #: Largest token count the fused GEMV takes (the kernel is written for batch 1..8).
@@ -206,6 +208,48 @@ def gemv_prepared(x2d: torch.Tensor, args: KernelArgs) -> torch.Tensor:
         args.quant_map,
         args.out_features,
         args.blocksize,
+    )
+
+
+def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
+    """Whether one several-weights launch (:func:`gemv_prepared_multi`) takes ``x2d`` times these weights:
+    2..GEMV_MAX_WEIGHTS weights that each take the fused GEMV, of one in_features and blocksize, on
+    x2d's device, with a kernel for it, and 1..GEMV_MAX_TOKENS rows of x2d."""
+    if not 2 <= len(args_seq) <= GEMV_MAX_WEIGHTS or not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS:
+        return False
+    a0 = args_seq[0]
+    if x2d.dim() != 2 or x2d.shape[1] != a0.in_features:
+        return False
+    return all(
+        a.gemv
+        and a.impls is not None
+        and "gemv_4bit_multi" in a.impls
+        and a.in_features == a0.in_features
+        and a.blocksize == a0.blocksize
+        and a.packed.device == x2d.device
+        for a in args_seq
+    )
+
+
+def gemv_prepared_multi(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> list[torch.Tensor]:
+    """``[x2d @ W_i.T]`` ([B, out_features_i] each, x2d's dtype) in one launch (:func:`multi_ok` holds):
+    each equal to :func:`gemv_prepared` of weight i on CPU; on CUDA within the same derived bound."""
+    fn = (
+        torch.ops.quantize_model.gemv_4bit_multi
+        if torch.compiler.is_compiling()
+        else args_seq[0].impls["gemv_4bit_multi"]
+    )
+    return fn(
+        x2d,
+        [a.packed for a in args_seq],
+        [a.absmax for a in args_seq],
+        [a.codes for a in args_seq],
+        [a.nested_absmax for a in args_seq],
+        [a.nested_map for a in args_seq],
+        [a.offset for a in args_seq],
+        [a.quant_map for a in args_seq],
+        [a.out_features for a in args_seq],
+        args_seq[0].blocksize,
     )
 
 

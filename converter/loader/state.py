@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
+from converter.loader import timing
 from formats.index import INDEX_NAME, Verification, read_index, start_verify
 from formats.int8 import Int8Tensor
 from formats.reader import open_checkpoint
@@ -117,16 +118,16 @@ def load_quantized_state(
         return read_state(folder, device, hashes)
 
 
-def _hash_threads(streaming: bool) -> int:
-    """Threads for the verification: every core but the caller's, less the stream's readers (they
-    hash too) on a streamed load. More would only take time slices from the caller's thread, which
-    parses, copies and builds the model: the load's critical path."""
-    cores = len(os.sched_getaffinity(0))
-    if streaming:
-        from converter.loader.stream import reader_threads
+def _hash_threads() -> int:
+    """Threads for the verification: every core but the caller's, on a streamed load too.
 
-        return max(1, cores - 1 - reader_threads())
-    return max(1, cores - 1)
+    A streamed load's readers hash what they read as well, so while they run there are more hashing
+    threads than cores; but they run for a fraction of the load only. Before them (CUDA context,
+    allocation, pinned staging) and after them (the model build) the verification's threads alone
+    hash, and with fewer of them (cores - 1 - readers, as before) the cores the readers leave idle
+    then did nothing while the hashing, not the load, was the critical path of ``verify=True``.
+    """
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 @contextlib.contextmanager
@@ -138,18 +139,26 @@ def shards_verified(
     in place of any error the block raised (a changed shard explains a failure to read it best).
     Yields the running ``Verification``: pass it to :func:`read_state` so that a streamed load hashes
     the chunks it reads itself. A folder whose index records no hashes, or ``verify=False``: nothing
-    is hashed (yields None). ``streaming``: the block streams the shards (``read_state`` to a GPU)."""
+    is hashed (yields None). ``streaming``: the block streams the shards (``read_state`` to a GPU); the
+    verification takes every core but the caller's either way (``_hash_threads``)."""
     if not verify or not shard_files(folder)[1]:
         yield None
         return
     try:
-        pending = start_verify(folder, threads=_hash_threads(streaming))
+        with timing.phase("verify_start"):
+            pending = start_verify(folder, threads=_hash_threads())
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 
     def check() -> None:
         try:
-            _raise_problems(pending())
+            with timing.phase("verify_wait"):
+                problems = pending()
+            if timing.active():
+                by_pool, by_caller = pending.hashed_by()
+                timing.add("hashed_by_pool", by_pool)
+                timing.add("hashed_by_caller", by_caller)
+            _raise_problems(problems)
         except FormatError as exc:
             raise CorruptFileError(str(exc)) from exc
 
@@ -161,14 +170,21 @@ def shards_verified(
     check()
 
 
-def read_state(folder: Path, device: str | torch.device = "cpu", hashes: Verification | None = None) -> dict:
+def read_state(
+    folder: Path,
+    device: str | torch.device = "cpu",
+    hashes: Verification | None = None,
+    on_parsed: Callable[[dict], None] | None = None,
+) -> dict:
     """``load_quantized_state``'s result without its own verification: ``hashes`` (from
-    :func:`shards_verified`) is given the chunks a streamed load reads."""
+    :func:`shards_verified`) is given the chunks a streamed load reads. ``on_parsed`` is called with
+    the parsed (memory-mapped) state before it is streamed (``converter.loader.warmup`` starts there)."""
     files, _ = shard_files(folder)
     try:
         # Groups split across shards (transformers' save_pretrained may do that) are joined here.
-        checkpoint = open_checkpoint(files)
-        out = checkpoint.records()
+        with timing.phase("open"):
+            checkpoint = open_checkpoint(files)
+            out = checkpoint.records()
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
     if all(isinstance(v, torch.Tensor) for v in out.values()):
@@ -177,8 +193,11 @@ def read_state(folder: Path, device: str | torch.device = "cpu", hashes: Verific
             "'*.SCB' key); not a bitsandbytes 4-bit or 8-bit checkpoint"
         )
         raise NotQuantizedError(msg)
+    if on_parsed is not None:
+        on_parsed(out)
     if streams_to(device):
         from converter.loader.stream import mapped_files, stream_state
 
-        out = stream_state(out, mapped_files(checkpoint.shards), device, hashes=hashes)
+        with timing.phase("stream"):
+            out = stream_state(out, mapped_files(checkpoint.shards), device, hashes=hashes)
     return out

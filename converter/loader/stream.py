@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from converter.loader import timing
 from formats.chunks import read_exact
 
 if TYPE_CHECKING:
@@ -46,9 +48,30 @@ CHUNK_BYTES = 32 << 20
 #: Staging buffers in flight (reads ahead of the copies).
 SLOTS = 6
 #: Reader threads at most: a few saturate the page cache and the copy engine. With verify they also
-#: hash what they read, and the verification's own threads take the other cores but one
-#: (``converter.loader.state.shards_verified``): the caller's thread keeps a core of its own.
+#: hash what they read, beside the verification's own threads (every core but the caller's, for the
+#: whole load: ``converter.loader.state._hash_threads``).
 READERS = 8
+#: Tensors of more than this many bytes come from the CUDA caching allocator's large pool
+#: (``kSmallSize`` in c10/cuda/CUDACachingAllocator.cpp), which one reserved segment can serve.
+LARGE_POOL_MIN = 1 << 20
+ALLOC_GRANULE = 512
+
+
+def reserve_device_memory(device: torch.device, sizes: Sequence[int]) -> bool:
+    """Make the CUDA caching allocator hold one segment big enough for the ``sizes`` (bytes) of the
+    large tensors about to be allocated, so that they are carved from it instead of each costing a
+    ``cudaMalloc`` (hundreds of them for an 8B model). The tensors stay separate allocations; the
+    segment returns to the driver as before (``torch.cuda.empty_cache`` once all of them are freed).
+    transformers does the same before loading (``caching_allocator_warmup``). Returns whether the
+    segment was made (False: not CUDA, nothing large, or not enough free memory in one piece)."""
+    total = sum(-(-n // ALLOC_GRANULE) * ALLOC_GRANULE for n in sizes if n > LARGE_POOL_MIN)
+    if device.type != "cuda" or not total:
+        return False
+    try:
+        torch.empty(total, dtype=torch.uint8, device=device)  # freed at once: back to the cache
+    except torch.OutOfMemoryError:  # the tensors themselves may still fit in separate pieces
+        return False
+    return True
 
 
 def reader_threads() -> int:
@@ -146,23 +169,32 @@ def stream_state(
     moved: dict[int, torch.Tensor] = {}
     by_view: dict[tuple, torch.Tensor] = {}  # one destination per (address, dtype, shape)
     pieces: list[list[_Piece]] = [[] for _ in files]
-    for value in state.values():
-        for t in _tensors_of(value):
-            if id(t) in moved:
-                continue
-            where = _locate(t, files)
-            if where is None:
-                moved[id(t)] = t.to(device)
-                stats.moved_tensors += 1
-                continue
-            key = (t.data_ptr(), t.dtype, tuple(t.shape))
-            if key not in by_view:
-                dst = torch.empty(t.shape, dtype=t.dtype, device=device)
-                by_view[key] = dst
-                flat = dst.reshape(-1).view(torch.uint8)
-                pieces[where[0]].append(_Piece(where[1], flat.numel(), flat))
-                stats.copied_tensors += 1
-            moved[id(t)] = by_view[key]
+    tensors = [t for value in state.values() for t in _tensors_of(value)]
+    located = [_locate(t, files) for t in tensors]
+    with timing.phase("reserve"):
+        views = {
+            (t.data_ptr(), t.dtype, tuple(t.shape)): t
+            for t, w in zip(tensors, located, strict=True)
+            if w is not None
+        }
+        reserve_device_memory(device, [t.numel() * t.element_size() for t in views.values()])
+    alloc_start = time.perf_counter()
+    for t, where in zip(tensors, located, strict=True):
+        if id(t) in moved:
+            continue
+        if where is None:
+            moved[id(t)] = t.to(device)
+            stats.moved_tensors += 1
+            continue
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key not in by_view:
+            dst = torch.empty(t.shape, dtype=t.dtype, device=device)
+            by_view[key] = dst
+            flat = dst.reshape(-1).view(torch.uint8)
+            pieces[where[0]].append(_Piece(where[1], flat.numel(), flat))
+            stats.copied_tensors += 1
+        moved[id(t)] = by_view[key]
+    timing.add("alloc", time.perf_counter() - alloc_start)
     grids = [hashes.chunk_digests(f.path.name) if hashes is not None else None for f in files]
     chunks = _chunks(files, pieces, chunk_bytes, grids)
     _copy_files(files, chunks, device, slots, readers, stats, hashes)
@@ -237,8 +269,11 @@ def _copy_files(
     if hashing:  # a slot is held while its chunk is hashed: one per reader, two more for the copies
         slots = max(slots, workers + 2)
     slots = max(1, min(slots, len(chunks)))
-    staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=cuda) for _ in range(slots)]
-    views = [memoryview(s.numpy()) for s in staging]
+    # Filled slot by slot as the first reads are submitted: pinning a buffer (cudaHostAlloc, several ms
+    # for 32 MiB) then overlaps the reads into the slots pinned before it.
+    staging: list[torch.Tensor] = []
+    views: list[memoryview] = []
+    timed = timing.active()  # per-thread sums below only when someone reads them
     fds = [os.open(f.path, os.O_RDONLY) for f in files]
     # Per slot: the event of its last copies, which must be done before the slot is refilled.
     done_copy: list[Any] = [None] * slots
@@ -247,27 +282,48 @@ def _copy_files(
         with ThreadPoolExecutor(workers) as pool:
 
             def read(j: int, slot: int) -> None:
+                t0 = time.perf_counter()
                 with lock:
                     event = done_copy[slot]
                 if event is not None:
                     event.synchronize()  # releases the GIL
+                t1 = time.perf_counter()
                 i, off, n, _, c = chunks[j]
                 read_exact(fds[i], views[slot][:n], off)
+                t2 = time.perf_counter()
                 name = files[i].path.name
                 if c >= 0 and hashes is not None and hashes.take(name, c):  # hashlib releases the GIL
                     hashes.record(name, c, hashlib.sha256(views[slot][:n]).hexdigest())
+                    if timed:
+                        timing.add("hash_cpu", time.perf_counter() - t2)
+                        timing.add("hashed_by_readers", 1)
+                if timed:
+                    timing.add("slot_wait_cpu", t1 - t0)
+                    timing.add("read_cpu", t2 - t1)
 
-            reads = {j: pool.submit(read, j, j % slots) for j in range(slots)}
+            timing.mark("reads_start_at")
+            reads = {}
+            for j in range(slots):
+                with timing.phase("staging"):
+                    staging.append(torch.empty(largest, dtype=torch.uint8, pin_memory=cuda))
+                    views.append(memoryview(staging[-1].numpy()))
+                reads[j] = pool.submit(read, j, j)
             for j, (i, off, n, inside, _) in enumerate(chunks):
                 slot = j % slots
+                t0 = time.perf_counter()
                 reads.pop(j).result()
+                if timed:
+                    timing.add("read_wait", time.perf_counter() - t0)
                 stats.bytes_read[files[i].path] = stats.bytes_read.get(files[i].path, 0) + n
                 src = staging[slot]
+                t1 = time.perf_counter()
                 for p in inside:
                     lo, hi = max(p.offset, off), min(p.offset + p.nbytes, off + n)
                     if lo >= hi:  # an overlapping view that ends before this chunk
                         continue
                     p.dst[lo - p.offset : hi - p.offset].copy_(src[lo - off : hi - off], non_blocking=cuda)
+                if timed:
+                    timing.add("copy_issue", time.perf_counter() - t1)
                 event = None
                 if cuda:  # the copies run on the destination device's current stream
                     event = torch.cuda.Event()
@@ -277,7 +333,10 @@ def _copy_files(
                 if j + slots < len(chunks):
                     reads[j + slots] = pool.submit(read, j + slots, slot)
         if cuda:
-            torch.cuda.current_stream(device).synchronize()
+            with timing.phase("copy_sync"):
+                torch.cuda.current_stream(device).synchronize()
+        timing.add("chunks", len(chunks))
+        timing.mark("copies_done_at")
     finally:
         for fd in fds:
             os.close(fd)

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "bindings_cuda_int8.h"
 #include "bindings_host_pipeline.h"
@@ -138,6 +139,42 @@ void register_cuda(py::module_& m) {
       py::arg("blocksize"), py::arg("packed"), py::arg("absmax"), py::arg("ncodes"), py::arg("nested_absmax"),
       py::arg("offset"), py::arg("map8"), py::arg("quant_map"), py::arg("y"), py::arg("stream"),
       py::arg("variant") = 0, py::arg("scratch") = 0);
+
+  m.def(
+      "cuda_gemv_4bit_multi",
+      [](int device, uintptr_t x, int dtype, int batch, int64_t K, int blocksize, const std::vector<int64_t>& N,
+         const std::vector<uintptr_t>& packed, const std::vector<uintptr_t>& absmax,
+         const std::vector<uintptr_t>& ncodes, const std::vector<uintptr_t>& nested_absmax,
+         const std::vector<float>& offset, const std::vector<uintptr_t>& map8, const std::vector<uintptr_t>& quant_map,
+         const std::vector<uintptr_t>& y, uintptr_t stream, int variant, uintptr_t scratch) {
+        const size_t n = N.size();
+        if (n < 1 || n > static_cast<size_t>(qm::cuda::kGemvMaxWeights) || packed.size() != n ||
+            absmax.size() != n || ncodes.size() != n || nested_absmax.size() != n || offset.size() != n ||
+            map8.size() != n || quant_map.size() != n || y.size() != n)
+          throw std::invalid_argument("cuda_gemv_4bit_multi: expected 1.." + std::to_string(qm::cuda::kGemvMaxWeights) +
+                                      " weights with one entry each in every per-weight list");
+        int s;
+        {
+          py::gil_scoped_release nogil;
+          s = qm::cuda::gemv_4bit_multi(device, x, dtype, batch, K, blocksize, static_cast<int>(n), N.data(),
+                                        packed.data(), absmax.data(), ncodes.data(), nested_absmax.data(),
+                                        offset.data(), map8.data(), quant_map.data(), y.data(), stream, variant,
+                                        scratch);
+        }
+        std::string weights;
+        for (size_t i = 0; i < n; ++i) weights += (i ? ", " : "") + shape(N[i], K);
+        check(s, "cuda_gemv_4bit_multi(x " + shape(batch, K) + ", weights " + weights + ", blocksize " +
+                     std::to_string(blocksize) + ", dtype code " + std::to_string(dtype) + ")");
+      },
+      py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("batch"), py::arg("K"), py::arg("blocksize"),
+      py::arg("N"), py::arg("packed"), py::arg("absmax"), py::arg("ncodes"), py::arg("nested_absmax"),
+      py::arg("offset"), py::arg("map8"), py::arg("quant_map"), py::arg("y"), py::arg("stream"),
+      py::arg("variant") = 0, py::arg("scratch") = 0);
+
+  m.def("cuda_gemv_4bit_multi_scratch", &qm::cuda::gemv_4bit_multi_scratch,
+        "float32 elements of scratch cuda_gemv_4bit_multi needs (rows: the sum of the weights' N; 0: none)",
+        py::arg("device"), py::arg("dtype"), py::arg("batch"), py::arg("rows"), py::arg("K"), py::arg("blocksize"),
+        py::arg("variant"));
 
   m.def("cuda_gemv_4bit_scratch", &qm::cuda::gemv_4bit_scratch,
         "float32 elements of scratch cuda_gemv_4bit needs (0: none)", py::arg("device"), py::arg("dtype"),

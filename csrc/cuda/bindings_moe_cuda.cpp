@@ -28,12 +28,12 @@ void register_moe_cuda(py::module_& m) {
       "cuda_gemv_4bit_grouped",
       [](int device, uintptr_t x, int dtype, int64_t groups, int64_t x_share, int64_t N, int64_t K, int blocksize,
          uintptr_t ids, int64_t experts, uintptr_t packed, int64_t packed_stride, uintptr_t absmax,
-         int64_t absmax_stride, uintptr_t quant_map, uintptr_t y, uintptr_t stream) {
+         int64_t absmax_stride, uintptr_t quant_map, uintptr_t y, uintptr_t stream, int lanes) {
         int s;
         {
           py::gil_scoped_release nogil;
           s = qm::cuda::gemv_4bit_grouped(device, x, dtype, groups, x_share, N, K, blocksize, ids, experts, packed,
-                                          packed_stride, absmax, absmax_stride, quant_map, y, stream);
+                                          packed_stride, absmax, absmax_stride, quant_map, y, stream, lanes);
         }
         check(s, "cuda_gemv_4bit_grouped(groups " + std::to_string(groups) + ", weight [" + std::to_string(N) +
                      ", " + std::to_string(K) + "], blocksize " + std::to_string(blocksize) + ", dtype code " +
@@ -42,19 +42,20 @@ void register_moe_cuda(py::module_& m) {
       py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("groups"), py::arg("x_share"), py::arg("N"),
       py::arg("K"), py::arg("blocksize"), py::arg("ids"), py::arg("experts"), py::arg("packed"),
       py::arg("packed_stride"), py::arg("absmax"), py::arg("absmax_stride"), py::arg("quant_map"), py::arg("y"),
-      py::arg("stream"),
+      py::arg("stream"), py::arg("lanes") = 0,
       "MoE grouped GEMV on CUDA: y[g, o] = sum_k x[g / x_share, k] * W_ids[g][o, k]; ids int64 on the device.");
 
   m.def(
       "cuda_gemv_4bit_grouped_glu",
       [](int device, uintptr_t x, int dtype, int64_t groups, int64_t x_share, int64_t I, int64_t K, int blocksize,
          uintptr_t ids, int64_t experts, uintptr_t packed, int64_t packed_stride, uintptr_t absmax,
-         int64_t absmax_stride, uintptr_t quant_map, uintptr_t h, uintptr_t stream) {
+         int64_t absmax_stride, uintptr_t quant_map, uintptr_t h, uintptr_t stream, int lanes) {
         int s;
         {
           py::gil_scoped_release nogil;
           s = qm::cuda::gemv_4bit_grouped_glu(device, x, dtype, groups, x_share, I, K, blocksize, ids, experts,
-                                              packed, packed_stride, absmax, absmax_stride, quant_map, h, stream);
+                                              packed, packed_stride, absmax, absmax_stride, quant_map, h, stream,
+                                              lanes);
         }
         check(s, "cuda_gemv_4bit_grouped_glu(groups " + std::to_string(groups) + ", gate/up [" + std::to_string(I) +
                      ", " + std::to_string(K) + "], blocksize " + std::to_string(blocksize) + ", dtype code " +
@@ -63,19 +64,21 @@ void register_moe_cuda(py::module_& m) {
       py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("groups"), py::arg("x_share"), py::arg("I"),
       py::arg("K"), py::arg("blocksize"), py::arg("ids"), py::arg("experts"), py::arg("packed"),
       py::arg("packed_stride"), py::arg("absmax"), py::arg("absmax_stride"), py::arg("quant_map"), py::arg("h"),
-      py::arg("stream"), "Decode's first projection with SiLU: h[g] = silu(x W_gate.T) * (x W_up.T) of expert ids[g].");
+      py::arg("stream"), py::arg("lanes") = 0,
+      "Decode's first projection with SiLU: h[g] = silu(x W_gate.T) * (x W_up.T) of expert ids[g].");
 
   m.def(
       "cuda_gemv_4bit_grouped_sum",
       [](int device, uintptr_t h, int dtype, int64_t tokens, int k, int64_t N, int64_t K, int blocksize,
          uintptr_t ids, int64_t experts, uintptr_t weights, int w_dtype, uintptr_t packed, int64_t packed_stride,
-         uintptr_t absmax, int64_t absmax_stride, uintptr_t quant_map, uintptr_t y, uintptr_t stream) {
+         uintptr_t absmax, int64_t absmax_stride, uintptr_t quant_map, uintptr_t y, uintptr_t stream,
+         int lanes) {
         int s;
         {
           py::gil_scoped_release nogil;
           s = qm::cuda::gemv_4bit_grouped_sum(device, h, dtype, tokens, k, N, K, blocksize, ids, experts, weights,
                                               w_dtype, packed, packed_stride, absmax, absmax_stride, quant_map, y,
-                                              stream);
+                                              stream, lanes);
         }
         check(s, "cuda_gemv_4bit_grouped_sum(tokens " + std::to_string(tokens) + ", k " + std::to_string(k) +
                      ", down [" + std::to_string(N) + ", " + std::to_string(K) + "], blocksize " +
@@ -84,7 +87,7 @@ void register_moe_cuda(py::module_& m) {
       py::arg("device"), py::arg("h"), py::arg("dtype"), py::arg("tokens"), py::arg("k"), py::arg("N"),
       py::arg("K"), py::arg("blocksize"), py::arg("ids"), py::arg("experts"), py::arg("weights"),
       py::arg("w_dtype"), py::arg("packed"), py::arg("packed_stride"), py::arg("absmax"), py::arg("absmax_stride"),
-      py::arg("quant_map"), py::arg("y"), py::arg("stream"),
+      py::arg("quant_map"), py::arg("y"), py::arg("stream"), py::arg("lanes") = 0,
       "Decode's second projection and routing sum: y[t] = sum_j w[t k + j] * (h[t k + j] W_down(ids[t k + j]).T).");
 
   m.def(

@@ -317,5 +317,63 @@ int64_t gemv_4bit_scratch(int device, int dtype, int batch, int64_t N, int64_t K
   return gemv_stream_scratch(device, batch, N, K, variant);
 }
 
+int gemv_4bit_multi(int device, uintptr_t x, int dtype, int batch, int64_t K, int blocksize, int count,
+                    const int64_t* N, const uintptr_t* packed, const uintptr_t* absmax, const uintptr_t* ncodes,
+                    const uintptr_t* nested_absmax, const float* offset, const uintptr_t* map8,
+                    const uintptr_t* quant_map, const uintptr_t* y, uintptr_t stream, int variant,
+                    uintptr_t scratch) {
+  if (count < 1 || count > kGemvMaxWeights) return kBadSize;
+  if (!valid_blocksize(blocksize)) return kBadBlocksize;
+  if (batch < 1 || batch > 8) return kBadBatch;
+  int64_t rows = 0;
+  bool stream_ok = dtype == kF16 || dtype == kBF16;
+  for (int i = 0; i < count; ++i) {
+    if (N[i] < 0 || K < 0 || (N[i] > 0 && K > (int64_t{1} << 40) / N[i]) || N[i] / kWarps >= (int64_t{1} << 31))
+      return kBadSize;
+    rows += N[i];
+    stream_ok = stream_ok && gemv_stream_supported(device, dtype, K, blocksize, x, packed[i], absmax[i], ncodes[i]);
+  }
+  if (rows / kWarps >= (int64_t{1} << 31)) return kBadSize;
+  if (rows == 0) return kOk;
+  if (variant == 0 && gemv_stream_preferred(rows, K, batch)) variant = kStreamAuto;
+  if (!(stream_ok && is_stream_variant(variant))) {
+    // Layouts the stream kernel does not take (float32 x, K % 256 != 0, unaligned), or another kernel
+    // forced: one launch per weight, each choosing its kernel as gemv_4bit does.
+    for (int i = 0; i < count; ++i) {
+      if (const int s = gemv_4bit(device, x, dtype, batch, N[i], K, blocksize, packed[i], absmax[i], ncodes[i],
+                                  nested_absmax[i], offset[i], map8[i], quant_map[i], y[i], stream, variant, 0);
+          s != kOk)
+        return s;
+    }
+    return kOk;
+  }
+  if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return static_cast<int>(e);
+  GemvMmaArgs a[kGemvMaxWeights];
+  int n = 0;
+  for (int i = 0; i < count; ++i) {
+    if (N[i] == 0) continue;  // nothing to compute or write
+    a[n++] = GemvMmaArgs{reinterpret_cast<const void*>(x),
+                         reinterpret_cast<const uint8_t*>(packed[i]),
+                         reinterpret_cast<const float*>(absmax[i]),
+                         reinterpret_cast<const uint8_t*>(ncodes[i]),
+                         reinterpret_cast<const float*>(nested_absmax[i]),
+                         offset[i],
+                         reinterpret_cast<const float*>(map8[i]),
+                         reinterpret_cast<const float*>(quant_map[i]),
+                         reinterpret_cast<void*>(y[i]),
+                         batch,
+                         N[i],
+                         K,
+                         ilog2(blocksize),
+                         reinterpret_cast<cudaStream_t>(stream)};
+  }
+  return static_cast<int>(launch_gemv_stream_multi(a, n, dtype, device, variant, reinterpret_cast<float*>(scratch)));
+}
+
+int64_t gemv_4bit_multi_scratch(int device, int dtype, int batch, int64_t rows, int64_t K, int blocksize,
+                                int variant) {
+  return gemv_4bit_scratch(device, dtype, batch, rows, K, blocksize, variant);
+}
+
 }  // namespace cuda
 }  // namespace qm

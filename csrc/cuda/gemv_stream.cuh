@@ -40,5 +40,12 @@ int64_t gemv_stream_scratch(int device, int batch, int64_t N, int64_t K, int var
 // per-slice partial sums of a cross-CTA K split, summed in slice order by a second kernel.
 cudaError_t launch_gemv_stream(const GemvMmaArgs& a, int dtype, int device, int variant, float* scratch);
 
+// Several weights in one launch (q/k/v, gate/up): a[0..n) (n = 1..4) share x, batch, K, log2bs and the
+// stream; each has its own codes, absmax, tables, N and y. One plan for their rows together; scratch:
+// gemv_stream_scratch(device, batch, sum of N, K, variant) elements (per weight its own plane).
+// The same per-CTA code as launch_gemv_stream (which is the n = 1 case).
+cudaError_t launch_gemv_stream_multi(const GemvMmaArgs* a, int n, int dtype, int device, int variant,
+                                     float* scratch);
+
 }  // namespace cuda
 }  // namespace qm

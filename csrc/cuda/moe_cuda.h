@@ -18,9 +18,12 @@ namespace cuda {
 // group; top-k: the k experts of a token; groups: one row for all, the CPU kernel's x_stride 0).
 // K must be a multiple of blocksize (whole blocks per row); x, packed (+ every expert's offset) 16-byte
 // aligned. An id outside 0..experts-1 gives NaN rows (no host check is possible without a sync).
+// lanes: threads per output row, 8, 16 or 32; 0 picks by K (the GEMV entry points below take it too;
+// benchmarks and tests force each configuration).
 int gemv_4bit_grouped(int device, uintptr_t x, int dtype, int64_t groups, int64_t x_share, int64_t N, int64_t K,
                       int blocksize, uintptr_t ids, int64_t experts, uintptr_t packed, int64_t packed_stride,
-                      uintptr_t absmax, int64_t absmax_stride, uintptr_t quant_map, uintptr_t y, uintptr_t stream);
+                      uintptr_t absmax, int64_t absmax_stride, uintptr_t quant_map, uintptr_t y, uintptr_t stream,
+                      int lanes = 0);
 
 // Decode's fused first projection (act SiLU): h[g, r] = silu(x[g / x_share] . Wg_r) * (x[g / x_share] . Wu_r)
 // for r < I, where expert e's region (at packed, absmax) holds its gate rows 0..I-1 then its up rows
@@ -28,15 +31,15 @@ int gemv_4bit_grouped(int device, uintptr_t x, int dtype, int64_t groups, int64_
 int gemv_4bit_grouped_glu(int device, uintptr_t x, int dtype, int64_t groups, int64_t x_share, int64_t I, int64_t K,
                           int blocksize, uintptr_t ids, int64_t experts, uintptr_t packed, int64_t packed_stride,
                           uintptr_t absmax, int64_t absmax_stride, uintptr_t quant_map, uintptr_t h,
-                          uintptr_t stream);
+                          uintptr_t stream, int lanes = 0);
 
 // Decode's fused second projection and routing sum: y[t, o] = sum_{j<k} w[t k + j] * (h[t k + j] . W_{ids[t k + j]}[o])
-// for t < tokens, k in 1..32; the dots and the weighted sum (slot order) in float32, one rounding; y
-// [tokens, N] in h's dtype; weights [tokens * k] of w_dtype (a DType code).
+// for t < tokens, k in 1..32 (forced lanes: 1..256 / lanes); the dots and the weighted sum (slot order)
+// in float32, one rounding; y [tokens, N] in h's dtype; weights [tokens * k] of w_dtype (a DType code).
 int gemv_4bit_grouped_sum(int device, uintptr_t h, int dtype, int64_t tokens, int k, int64_t N, int64_t K,
                           int blocksize, uintptr_t ids, int64_t experts, uintptr_t weights, int w_dtype,
                           uintptr_t packed, int64_t packed_stride, uintptr_t absmax, int64_t absmax_stride,
-                          uintptr_t quant_map, uintptr_t y, uintptr_t stream);
+                          uintptr_t quant_map, uintptr_t y, uintptr_t stream, int lanes = 0);
 
 // Grouped dequantize: out[i, :n] = cast(quant_map[q] * absmax) of expert ids[i]'s n weights, i < count
 // (prefill: the hit experts of a layer, then one grouped matmul). n a multiple of 32 and of nothing

@@ -79,6 +79,23 @@ int gemv_4bit(int device, uintptr_t x, int dtype, int batch, int64_t N, int64_t 
 // float32 elements of scratch gemv_4bit needs for these arguments and variant (0: none).
 int64_t gemv_4bit_scratch(int device, int dtype, int batch, int64_t N, int64_t K, int blocksize, int variant);
 
+// y_i = x @ W_i.T for count (1..4) weights that share x, K and blocksize, in one launch where the
+// stream kernel takes them all (16-bit x, its layout conditions for every weight, variant 0 or
+// 11..18); else one gemv_4bit launch per weight (without scratch). Arrays of count entries, each as
+// the argument of the same name of gemv_4bit; y[i] is [batch, N[i]]. scratch: gemv_4bit_multi_scratch
+// float32 elements.
+int gemv_4bit_multi(int device, uintptr_t x, int dtype, int batch, int64_t K, int blocksize, int count,
+                    const int64_t* N, const uintptr_t* packed, const uintptr_t* absmax, const uintptr_t* ncodes,
+                    const uintptr_t* nested_absmax, const float* offset, const uintptr_t* map8,
+                    const uintptr_t* quant_map, const uintptr_t* y, uintptr_t stream, int variant,
+                    uintptr_t scratch);
+
+// float32 elements of scratch gemv_4bit_multi needs (0: none); rows = the sum of the weights' N.
+int64_t gemv_4bit_multi_scratch(int device, int dtype, int batch, int64_t rows, int64_t K, int blocksize,
+                                int variant);
+
+constexpr int kGemvMaxWeights = 4;  // weights of one gemv_4bit_multi launch
+
 // LLM.int8 row-wise quantize of a [rows, cols] weight (csrc/cuda/int8.cu): codes int8[rows*cols],
 // scb float32[rows]; table (float32[0x7c01], may be 0) replaces bnb's CPU scale by the fp16 bits of
 // SCB (the CUDA __fdividef scale); flag as in quantize_4bit.

@@ -104,6 +104,142 @@ def test_grouped_gemv_unknown_expert_gives_nan_rows():
     assert torch.isfinite(y[[0, 2]]).all()
 
 
+#: (in_features, blocksize) that take each lane configuration of csrc/cuda/gemv_grouped.cu by default:
+#: chunks of 32 weights K / 32 = 3 (8 lanes x 1), 24 (8 x 3), 44 (16 x 3, lanes 12..15 one chunk short),
+#: 64 (16 x 4), 130 (32 x 4, a second round of 2 chunks), 256 (32 x 4, two full rounds).
+LANE_SHAPES = [(96, 32), (768, 64), (1408, 64), (2048, 64), (4160, 64), (8192, 256)]
+
+
+@pytest.mark.parametrize("lanes", [0, 8, 16, 32])
+@pytest.mark.parametrize(("in_f", "bs"), LANE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_gemv_lane_configs_within_derived_bound(dtype, in_f, bs, lanes):
+    """Every lane configuration (chosen by K, or forced: a K not a multiple of lanes x chunks leaves lanes
+    idle or a round short) against the float64 product, within the same derived bound as the default
+    (any summation order: gamma_K); two calls give the same bits (fixed order, no atomics)."""
+    experts, out_f, tokens, k = 5, 40, 3, 2
+    packed, absmax, qmap, w = _experts(experts, out_f, in_f, bs, 32, 1, seed=in_f + lanes)
+    g = torch.Generator().manual_seed(bs)
+    ids = torch.randint(0, experts, (tokens * k,), generator=g)
+    x = torch.randn(tokens, in_f, generator=g).to(dtype)
+    args = dict(
+        byte_offset=32, block_offset=1, out_features=out_f, in_features=in_f, blocksize=bs, lanes=lanes
+    )
+    dev = [t.cuda() for t in (x, ids, packed, absmax, qmap)]
+    y = moe_cuda.grouped_gemv(*dev, x_share=k, **args)
+    assert torch.equal(y, moe_cuda.grouped_gemv(*dev, x_share=k, **args))
+    for row, e in enumerate(ids.tolist()):
+        ref, bound = dot_bound(
+            x[row // k : row // k + 1], w[e], out_dtype=dtype, **gemv_arithmetic("cpu", dtype)
+        )
+        worst = worst_ratio(y[row : row + 1].cpu(), ref, bound)
+        assert worst <= 1.0, f"row {row} (expert {e}): {worst:.2f}x the derived bound"
+
+
+def test_grouped_gemv_rejects_other_lane_counts():
+    """lanes is 0 (by K), 8, 16 or 32; the routing sum also needs k <= 256 / lanes slots per CTA."""
+    packed, absmax, qmap, _ = _experts(2, 16, 64, 64, 0, 0)
+    x = torch.randn(1, 64, device="cuda")
+    with pytest.raises(ValueError, match="cuda_gemv_4bit_grouped"):
+        moe_cuda.grouped_gemv(
+            x, torch.zeros(1, dtype=torch.int64, device="cuda"), packed.cuda(), absmax.cuda(), qmap.cuda(),
+            x_share=1, byte_offset=0, block_offset=0, out_features=16, in_features=64, blocksize=64, lanes=12,
+        )  # fmt: skip
+    layer = _layer(10, 64, 32, 32, seed=0)
+    x, idx, w = _decode_routing(layer, 1, 9, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="cuda_gemv_4bit_grouped_sum"):
+        moe_cuda.decode_silu(x, idx, w, *layer.buffers, lanes=32)
+
+
+class _Layer:
+    """A synthetic MoE layer in the loader's layout (expert e: gate rows, up rows, then down, in one row
+    of packed / absmax) with its decoded float32 weights; the attributes experts_reference_and_bound
+    reads of a QuantExperts4bit."""
+
+    def __init__(self, num: int, hidden: int, inter: int, bs: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        gu_n, dn_n = 2 * inter * hidden, hidden * inter
+        self.hidden_dim, self.intermediate_dim, self.num_experts, self.bs = hidden, inter, num, bs
+        self.qmap = torch.tensor(NF4, dtype=torch.float32)
+        packed = torch.zeros(num, (gu_n + dn_n) // 2, dtype=torch.uint8)
+        absmax = torch.zeros(num, (gu_n + dn_n) // bs)
+        self.gate_up, self.down = [], []
+        for e in range(num):
+            for byte0, block0, shape, out in (
+                (0, 0, (2 * inter, hidden), self.gate_up),
+                (gu_n // 2, gu_n // bs, (hidden, inter), self.down),
+            ):
+                p, a = kernels.quantize_4bit(
+                    torch.randn(*shape, generator=g) * 0.05, blocksize=bs, quant_type=QuantType.NF4
+                )
+                packed[e, byte0 : byte0 + p.numel()] = p.reshape(-1)
+                absmax[e, block0 : block0 + a.numel()] = a.reshape(-1)
+                n = shape[0] * shape[1]
+                w = kernels.dequantize_4bit(
+                    p, a, n=n, blocksize=bs, quant_map=self.qmap, out_dtype=torch.float32
+                )
+                out.append(w.view(shape))
+        self.buffers = (packed.cuda(), absmax.cuda(), self.qmap.cuda(), inter, bs)
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up[e].to(dtype), self.down[e].to(dtype)
+
+
+_LAYERS: dict[tuple[int, int, int, int], _Layer] = {}
+
+
+def _layer(num: int, hidden: int, inter: int, bs: int, seed: int = 0) -> _Layer:
+    key = (num, hidden, inter, bs)
+    if key not in _LAYERS:  # quantized once per session: the large shape takes a few seconds on the CPU
+        _LAYERS[key] = _Layer(num, hidden, inter, bs, seed)
+    return _LAYERS[key]
+
+
+def _decode_routing(layer: _Layer, tokens: int, k: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, layer.hidden_dim, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(layer.num_experts, generator=g)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=g).to(dtype)
+    return x.cuda(), idx.cuda(), w.cuda()
+
+
+@pytest.mark.parametrize("lanes", [0, 8, 16, 32])
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+@pytest.mark.parametrize(
+    ("hidden", "inter", "bs", "dtype"),
+    [(2048, 768, 64, torch.bfloat16), (160, 96, 32, torch.float32), (1408, 64, 64, torch.float32)],
+    ids=["qwen3-30b-a3b-bf16", "small-f32", "k44-f32"],
+)
+def test_fused_decode_lane_configs_within_derived_bound(hidden, inter, bs, dtype, tokens, lanes):
+    """The two fused decode launches (gate/up + SiLU, then down + routing sum) at Qwen3-30B-A3B's shape
+    (hidden 2048, expert intermediate 768, top-8 of 10 experts here) and at shapes whose K leaves lanes or
+    chunks idle, 1..8 tokens, each lane configuration: within the derived bound of the exact result (the
+    module test's steps: float32 dots in any order, silu, one rounding of h and of y to the dtype);
+    deterministic run to run."""
+    layer = _layer(10, hidden, inter, bs)
+    x, idx, w = _decode_routing(layer, tokens, 8, dtype, seed=tokens + lanes)
+    got = moe_cuda.decode_silu(x, idx, w, *layer.buffers, lanes=lanes)
+    assert torch.equal(got, moe_cuda.decode_silu(x, idx, w, *layer.buffers, lanes=lanes))
+    u16 = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
+    ref, bound = experts_reference_and_bound(
+        layer, x, idx, w, silu_u=CUDA_SILU_U, h_u=U32 + u16 + U32 * u16, out_u=u16
+    )
+    assert ((got.double().cpu() - ref).abs() <= bound).all()
+
+
+def test_fused_decode_unknown_expert_poisons_its_token():
+    """An id outside the layer's experts (the ids never reach the host) gives NaN for its token's whole
+    output row, in both launches; the other tokens are unaffected (equal to a call without that token)."""
+    layer = _layer(10, 160, 96, 32)
+    x, idx, w = _decode_routing(layer, 3, 8, torch.float32, seed=5)
+    bad = idx.clone()
+    bad[1, 3] = 10
+    bad[2, 0] = -1
+    got = moe_cuda.decode_silu(x, bad, w, *layer.buffers)
+    assert torch.isnan(got[1:]).all()
+    assert torch.equal(got[0], moe_cuda.decode_silu(x[:1], idx[:1], w[:1], *layer.buffers)[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_grouped_dequantize_equals_dequantize_4bit(dtype):
     """Bit-identical to dequantize_4bit of each listed expert's region (same decode, one rounding)."""
