@@ -108,10 +108,11 @@ def test_generate_with_team_launches_gives_the_calling_thread_tokens_and_logits(
         asked.append(cpu_threads.gemv_threads(n))
         return asked[-1]
 
-    for caller in (cpu_gemv, gemv_bf16):
+    callers = (cpu_gemv, gemv_bf16, custom_ops)  # eager launch, head, fused q/k/v and gate/up (siblings)
+    for caller in callers:
         monkeypatch.setattr(caller, "gemv_threads", spy)
     tokens, logits = decode()
-    for caller in (cpu_gemv, gemv_bf16):
+    for caller in callers:
         monkeypatch.setattr(caller, "gemv_threads", lambda n: 1)
     tokens_one, logits_one = decode()
     assert torch.equal(tokens, tokens_one)
