@@ -25,8 +25,12 @@ added; a process whose loading thread already did a matmul keeps one more worksp
 other thread's first matmul. (Freeing it, ``torch._C._cuda_clearCublasWorkspaces``, is not safe while
 another thread may be in a matmul.)
 
-It never fails a load: any error only ends the warm-up (the real forward meets it if it is real), and
-``QM_LOAD_WARMUP=0`` turns it off.
+It never fails a load: any error only ends the warm-up (the real forward meets it if it is real).
+
+**Opt-in (``QM_LOAD_WARMUP=1``).** Measured on an H200 (8B NF4 folder, docs/benchmarks.md, 2026-12-04):
+it cut the first forward from ~0.34 s to 0.13 s, but building the one-layer model on the side thread
+(0.59 s) holds the GIL against the load's own Python, which grew from 0.55 s to 0.82 s: call -> first
+token 0.95 s with it against 0.89 s without (the previous run). So it is off unless asked for.
 """
 
 from __future__ import annotations
@@ -228,7 +232,7 @@ def _sibling_records(state: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get(ENV, "1") != "0" and torch.cuda.is_available()
+    return device.type == "cuda" and os.environ.get(ENV, "0") == "1" and torch.cuda.is_available()
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ def test_a_timed_cuda_load_warms_joins_and_gives_the_same_logits(
     our_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setenv(timing.ENV, "1")
+    monkeypatch.setenv(warmup.ENV, "1")
     warm = load_quantized(our_folder, device="cuda")
     phases = timing.parse(capsys.readouterr().err)
     assert phases is not None

@@ -123,11 +123,14 @@ def test_the_warmup_runs_every_layer_kind_and_the_one_layer_model(our_folder: Pa
     assert not any(t.name == "qm-cuda-warmup" for t in threading.enumerate())
 
 
-def test_the_warmup_is_off_for_the_cpu_and_on_request(
+def test_the_warmup_is_off_for_the_cpu_and_unless_asked_for(
     our_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(warmup.ENV, "1")
     with warmup.warmed("cpu", our_folder, torch.bfloat16) as warm:
         assert warm is None
+    monkeypatch.delenv(warmup.ENV)
+    assert not warmup.enabled(torch.device("cuda"))  # opt-in: no net gain measured (warmup.py)
     monkeypatch.setenv(warmup.ENV, "0")
     assert not warmup.enabled(torch.device("cuda"))
 
