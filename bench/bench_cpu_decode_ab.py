@@ -4,6 +4,8 @@ Contenders, each timed once per round, rounds interleaved, best of ``--rounds`` 
 
 - ``ours``: ``load_quantized`` as shipped (4-bit GEMV thread policy of ``converter.kernels.cpu_threads``,
   the plain bf16 lm_head through our bf16 GEMV, ``converter.loader.head.GemvHead``);
+- ``ours_caller``: the same, every GEMV (4-bit and head) on the calling thread alone (the policy before
+  launches could run on torch's OpenMP team);
 - ``ours_torch_head``: the same model object with the head on torch's ``F.linear`` (the i12b code);
 - ``ours_head_pool``: our head GEMV on the kernel pool's threads instead of the calling thread alone;
 - ``ours_loop``: ours, but a hand-written greedy loop (forward, argmax, cache) instead of
@@ -14,6 +16,7 @@ Contenders, each timed once per round, rounds interleaved, best of ``--rounds`` 
   step through ``torch.compile`` (inductor), as in ``bench_generate.py``.
 
 ``decode_tok_s`` = (new - 1) / (t(new tokens) - t(1 token)), ``ttft_s`` = t(1 token), as bench_generate.
+``--only a,b``: time those contenders alone (the compiled bf16 model's warm-up is minutes on 2 cores).
 ``--clock cpu``: one torch thread, every contender timed in the main thread's CPU time (all of the
 work runs there: our kernels on the calling thread, torch with one thread), which other jobs on a
 shared machine disturb far less than the wall clock; ``--clock wall`` (default): 2 torch threads.
@@ -36,7 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate as bg
 
+from converter.kernels import cpu_threads
 from converter.kernels import gemv_bf16 as gemv_bf16_module
+from converter.loader import cpu_gemv
 from converter.loader.head import GemvHead
 from converter.tools import samples
 
@@ -67,6 +72,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qm_bench_generate")
     ap.add_argument("--json", default=None)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--only", default=None, help="comma-separated contender names (default: all)")
     args = ap.parse_args()
     global _clock
     _clock = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -83,25 +89,32 @@ def main() -> None:
     ours = bg.load("ours", plain, nf4, "cpu")
     head = ours.get_output_embeddings()
     assert isinstance(head, GemvHead), type(head)
-    bf16 = bg.load("bf16", plain, nf4, "cpu")
-    bf16c = bg.load("bf16", plain, nf4, "cpu")
-    bg.compile_decode(bf16c, "cpu", fullgraph=False)
-    static = bg.static_cache(bf16c, args.prompt + args.new + 1)  # one cache: the compiled step is reused
-    policy = gemv_bf16_module.gemv_threads
-    contenders = {  # model, static cache (None: dynamic), head on our GEMV, head GEMV threads, loop
-        "ours": (ours, None, True, policy, "eager"),
-        "ours_torch_head": (ours, None, False, policy, "eager"),
-        "ours_head_pool": (ours, None, True, lambda n: 0, "eager"),
-        "ours_loop": (ours, None, True, policy, "loop"),
-        "ours_graphed": (ours, None, True, policy, "graphed"),
-        "bf16_eager": (bf16, None, False, policy, "eager"),
-        "bf16_compiled": (bf16c, static, False, policy, "eager"),
+    only = set(args.only.split(",")) if args.only else None
+    wanted = lambda *names: only is None or bool(only & set(names))  # noqa: E731
+    bf16 = bg.load("bf16", plain, nf4, "cpu") if wanted("bf16_eager") else None
+    bf16c, static = None, None
+    if wanted("bf16_compiled"):
+        bf16c = bg.load("bf16", plain, nf4, "cpu")
+        bg.compile_decode(bf16c, "cpu", fullgraph=False)
+        static = bg.static_cache(bf16c, args.prompt + args.new + 1)  # one cache: the compiled step is reused
+    policy, caller = cpu_threads.gemv_threads, lambda n: 1
+    contenders = {  # model, static cache (None: dynamic), head on our GEMV, threads of (head, 4-bit), loop
+        "ours": (ours, None, True, (policy, policy), "eager"),
+        "ours_caller": (ours, None, True, (caller, caller), "eager"),
+        "ours_torch_head": (ours, None, False, (policy, policy), "eager"),
+        "ours_head_pool": (ours, None, True, (lambda n: 0, policy), "eager"),
+        "ours_loop": (ours, None, True, (policy, policy), "loop"),
+        "ours_graphed": (ours, None, True, (policy, policy), "graphed"),
+        "bf16_eager": (bf16, None, False, (policy, policy), "eager"),
+        "bf16_compiled": (bf16c, static, False, (policy, policy), "eager"),
     }
+    contenders = {k: v for k, v in contenders.items() if wanted(k)}
 
     def run(name: str, new: int) -> float:
-        model, cache, gemv_head, threads, loop = contenders[name]
+        model, cache, gemv_head, (head_threads, threads_4bit), loop = contenders[name]
         head.use_gemv = gemv_head
-        gemv_bf16_module.gemv_threads = threads
+        gemv_bf16_module.gemv_threads = head_threads
+        cpu_gemv.gemv_threads = threads_4bit
         if loop == "loop":
             return time_loop(model, ids, new)
         t0 = _clock()
@@ -135,9 +148,13 @@ def main() -> None:
             k: {"decode_tok_s": round((args.new - 1) / (b - a), 2), "ttft_s": round(a, 4)}
             for k, (a, b) in best.items()
         },
-        "generate_host_ms_per_step": round(step_ms["ours"] - step_ms["ours_loop"], 3),
-        "ours_vs_bf16_best": round(min(step_ms["bf16_eager"], step_ms["bf16_compiled"]) / step_ms["ours"], 3),
     }
+    if "ours" in step_ms and "ours_loop" in step_ms:
+        result["generate_host_ms_per_step"] = round(step_ms["ours"] - step_ms["ours_loop"], 3)
+    bf16_best = min((step_ms[k] for k in ("bf16_eager", "bf16_compiled") if k in step_ms), default=None)
+    for name in ("ours", "ours_graphed"):
+        if bf16_best is not None and name in step_ms:
+            result[f"{name}_vs_bf16_best"] = round(bf16_best / step_ms[name], 3)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

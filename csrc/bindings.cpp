@@ -19,6 +19,7 @@
 #include "gemv_bf16.h"
 #include "gemv_cpu.h"
 #include "gemv_grouped.h"
+#include "omp_team.h"
 #include "quant_cpu.h"
 #include "quant_stats.h"
 #include "thread_pool.h"
@@ -83,7 +84,9 @@ PYBIND11_MODULE(_kernels, m) {
         return names;
       },
       "Kernel paths this CPU can run, best last: a subset of ['scalar', 'avx2', 'avx512'].");
-  m.def("default_threads", &qm::default_threads, "Threads used when threads <= 0: CPUs in the affinity mask.");
+  m.def("default_threads", &qm::default_threads, "Threads used when threads == 0: CPUs in the affinity mask.");
+  m.def("omp_team_available", &qm::omp_team_available,
+        "Whether threads < 0 runs on the process's OpenMP team (an OpenMP runtime is loaded, e.g. by torch).");
   m.def(
       "has_cuda_build",
       [] {

@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include "omp_team.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -164,12 +165,15 @@ int default_threads() {
 
 void parallel_for(int64_t n, int threads, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
-  if (threads <= 0) threads = default_threads();
+  const bool team = threads < 0;
+  if (team) threads = -threads;
+  if (threads == 0) threads = default_threads();
   threads = std::min(threads, kMaxThreads);
   grain = std::max<int64_t>(grain, 1);
   // About 4 chunks per thread: dynamic hand-out evens out cores shared with other work.
   const int64_t per = (n + int64_t{threads} * 4 - 1) / (int64_t{threads} * 4);
   const int64_t chunk = (std::max(grain, per) + grain - 1) / grain * grain;  // a multiple of grain
+  if (team && omp_team_run(n, threads, chunk, fn)) return;
   Pool::instance().run(n, threads, chunk, fn);
 }
 

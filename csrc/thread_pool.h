@@ -19,7 +19,9 @@ int affinity_cpu_count();
 int default_threads();
 
 // Runs fn(begin, end) over [0, n) split into contiguous chunks of a multiple of `grain` items, on up to
-// `threads` threads (the calling thread included). threads <= 0 means default_threads(). Chunks are
+// `threads` threads (the calling thread included). threads == 0 means default_threads(); threads < 0
+// means -threads threads of the process's OpenMP team (omp_team.h; our pool when no OpenMP runtime is
+// loaded). Chunks are
 // handed out dynamically; which thread runs a chunk never changes the result, because every kernel
 // writes disjoint outputs per item. Calls from several threads that use the pool are serialized; a call
 // that runs on one thread (threads == 1, or one chunk) runs at once on the caller (quality statistics

@@ -74,3 +74,78 @@ def test_forked_child_runs_kernels():
     _, status = os.waitpid(pid, 0)
     assert status == 0
     assert received == expected.numpy().tobytes()
+
+
+# torch's OpenMP team (threads < 0: csrc/omp_team.cpp), which the decode GEMVs use while torch's
+# workers spin (converter/kernels/cpu_threads.py).
+
+
+@pytest.fixture
+def torch_threads():
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+def test_omp_team_is_found_when_torch_runs_on_openmp():
+    from converter import _kernels
+
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    assert _kernels.omp_team_available() is openmp
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("torch_count", [1, 2])
+def test_team_launches_give_the_calling_thread_bits(torch_threads, torch_count, monkeypatch):
+    from converter.kernels.gemv_bf16 import gemv_bf16
+
+    torch_threads(torch_count)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1000, 96, generator=g).to(torch.bfloat16)  # 1000 rows: chunks end mid-tile
+    for isa in kernels.cpu_isas():
+        monkeypatch.setenv("QM_CPU_ISA", isa)
+        for batch in (1, 3, 8):
+            x = torch.randn(batch, 96, generator=g).to(torch.bfloat16)
+            one = gemv_bf16(x, w, threads=1)
+            for threads in (-1, -2, -7, 0, 2):  # team of 1, torch's size, larger than torch's; our pool
+                assert torch.equal(one, gemv_bf16(x, w, threads=threads)), f"isa={isa} threads={threads}"
+
+
+@pytest.mark.timeout(120)
+def test_team_launches_from_several_python_threads():
+    # Each Python thread that launches becomes the master of a team of its own; none waits for another.
+    from converter.kernels.gemv_bf16 import gemv_bf16
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(4096, 256, generator=g).to(torch.bfloat16)
+    xs = [torch.randn(2, 256, generator=g).to(torch.bfloat16) for _ in range(12)]
+    expected = [gemv_bf16(x, w, threads=1) for x in xs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda x: [gemv_bf16(x, w, threads=-2) for _ in range(20)], xs))
+    for got, ref in zip(results, expected, strict=True):
+        assert all(torch.equal(y, ref) for y in got)
+
+
+@pytest.mark.timeout(120)
+def test_forked_child_after_team_launches():
+    # The parent's OpenMP team has no threads in a forked child: the child's team launches must not
+    # wait for them (they take our pool), and give the same bytes.
+    from converter.kernels.gemv_bf16 import gemv_bf16
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4096, 256, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, 256, generator=g).to(torch.bfloat16)
+    expected = gemv_bf16(x, w, threads=-2)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_fd, gemv_bf16(x, w, threads=-2).view(torch.int16).numpy().tobytes())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        received = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert received == expected.view(torch.int16).numpy().tobytes()
