@@ -12,6 +12,10 @@ Contenders, each timed once per round, rounds interleaved, best of ``--rounds`` 
   ``generate()``: the difference per token is ``generate()``'s own per-step host work;
 - ``ours_graphed``: ours through ``generate(custom_generate=converter.loader.decode.graphed_greedy)``
   (on CPU: its device-side loop without graphs, on its own static cache);
+- ``ours_graphed_compiled``: the same with ``compile_step=True`` (the decode step through inductor, our
+  GEMVs as custom-op nodes between its fused kernels), on one static cache;
+- ``ours_compiled``: a second ours model, static cache and the decode step through ``torch.compile``
+  (fullgraph), as ``bf16_compiled``;
 - ``bf16_eager`` / ``bf16_compiled``: the plain checkpoint, dynamic cache / static cache with the decode
   step through ``torch.compile`` (inductor), as in ``bench_generate.py``.
 
@@ -97,6 +101,13 @@ def main() -> None:
         bf16c = bg.load("bf16", plain, nf4, "cpu")
         bg.compile_decode(bf16c, "cpu", fullgraph=False)
         static = bg.static_cache(bf16c, args.prompt + args.new + 1)  # one cache: the compiled step is reused
+    length = args.prompt + args.new + 1
+    ours_static = bg.static_cache(ours, length) if wanted("ours_graphed_compiled") else None
+    oursc, oursc_static = None, None
+    if wanted("ours_compiled"):
+        oursc = bg.load("ours", plain, nf4, "cpu")
+        bg.compile_decode(oursc, "cpu", fullgraph=True)
+        oursc_static = bg.static_cache(oursc, args.prompt + args.new + 1)
     policy, caller = cpu_threads.gemv_threads, lambda n: 1
     contenders = {  # model, static cache (None: dynamic), head on our GEMV, threads of (head, 4-bit), loop
         "ours": (ours, None, True, (policy, policy), "eager"),
@@ -105,6 +116,8 @@ def main() -> None:
         "ours_head_pool": (ours, None, True, (lambda n: 0, policy), "eager"),
         "ours_loop": (ours, None, True, (policy, policy), "loop"),
         "ours_graphed": (ours, None, True, (policy, policy), "graphed"),
+        "ours_graphed_compiled": (ours, ours_static, True, (policy, policy), "graphed-compiled"),
+        "ours_compiled": (oursc, oursc_static, True, (policy, policy), "eager"),
         "bf16_eager": (bf16, None, False, (policy, policy), "eager"),
         "bf16_compiled": (bf16c, static, False, (policy, policy), "eager"),
     }
@@ -152,7 +165,7 @@ def main() -> None:
     if "ours" in step_ms and "ours_loop" in step_ms:
         result["generate_host_ms_per_step"] = round(step_ms["ours"] - step_ms["ours_loop"], 3)
     bf16_best = min((step_ms[k] for k in ("bf16_eager", "bf16_compiled") if k in step_ms), default=None)
-    for name in ("ours", "ours_graphed"):
+    for name in ("ours", "ours_graphed", "ours_graphed_compiled", "ours_compiled"):
         if bf16_best is not None and name in step_ms:
             result[f"{name}_vs_bf16_best"] = round(bf16_best / step_ms[name], 3)
     print(json.dumps(result, indent=2))
