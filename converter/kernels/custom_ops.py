@@ -294,6 +294,32 @@ def _check_multi(x: torch.Tensor, packed: list[torch.Tensor], out_features: list
     return in_features
 
 
+def _multi_inputs(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    absmax: list,
+    codes: list,
+    nested_absmax: list,
+    nested_map: list,
+    offset: list[float],
+    quant_map: list[torch.Tensor],
+    out_features: list[int],
+) -> tuple[torch.Tensor, int]:
+    """(x checked for the weights, their in_features): the checks every device's implementation makes."""
+    k = _check_multi(
+        x,
+        packed,
+        out_features,
+        absmax=absmax,
+        codes=codes,
+        nested_absmax=nested_absmax,
+        nested_map=nested_map,
+        offset=offset,
+        quant_map=quant_map,
+    )
+    return _check_x(x, packed[0], k), k
+
+
 def _gemv_4bit_multi_cpu(
     x: torch.Tensor,
     packed: list[torch.Tensor],
@@ -306,18 +332,7 @@ def _gemv_4bit_multi_cpu(
     out_features: list[int],
     blocksize: int,
 ) -> list[torch.Tensor]:
-    k = _check_multi(
-        x,
-        packed,
-        out_features,
-        absmax=absmax,
-        codes=codes,
-        nested_absmax=nested_absmax,
-        nested_map=nested_map,
-        offset=offset,
-        quant_map=quant_map,
-    )
-    x = _check_x(x, packed[0], k)
+    x, k = _multi_inputs(x, packed, absmax, codes, nested_absmax, nested_map, offset, quant_map, out_features)
     ys = [torch.empty((x.shape[0], o), dtype=x.dtype) for o in out_features]
     _kernels.gemv_4bit_multi(
         x.data_ptr(),
@@ -352,18 +367,7 @@ def _gemv_4bit_multi_cuda(
     out_features: list[int],
     blocksize: int,
 ) -> list[torch.Tensor]:
-    k = _check_multi(
-        x,
-        packed,
-        out_features,
-        absmax=absmax,
-        codes=codes,
-        nested_absmax=nested_absmax,
-        nested_map=nested_map,
-        offset=offset,
-        quant_map=quant_map,
-    )
-    x = _check_x(x, packed[0], k)
+    x, k = _multi_inputs(x, packed, absmax, codes, nested_absmax, nested_map, offset, quant_map, out_features)
     kc = _cuda()
     weights = [
         kc.GemvWeight(
