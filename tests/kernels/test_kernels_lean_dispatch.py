@@ -59,7 +59,8 @@ def test_fake_tensors_get_the_fake_implementation() -> None:
     with FakeTensorMode() as mode:
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         y = torch.ops.quantize_model.gemv_4bit(torch.empty(3, K, dtype=torch.float16), *fake_args, OUT, BS)
-    assert y.shape == (3, OUT) and y.dtype == torch.float16
+    assert y.shape == (3, OUT)
+    assert y.dtype == torch.float16
 
 
 def test_route_taken_per_call(monkeypatch) -> None:
@@ -88,13 +89,17 @@ def test_route_taken_per_call(monkeypatch) -> None:
         torch.ops.qm_lean_test.double(x.requires_grad_())
     assert (len(cpu_calls), general_calls) == (2, [])
     torch.ops.qm_lean_test.double(x)  # requires grad, grad mode on
-    assert len(general_calls) == 1 and len(cpu_calls) == 3
+    assert len(general_calls) == 1
+    assert len(cpu_calls) == 3
     with FakeTensorMode():
         torch.ops.qm_lean_test.double(torch.ones(3))
-    assert len(general_calls) == 2 and "Python" in general_calls[-1] and len(cpu_calls) == 3
+    assert len(general_calls) == 2
+    assert "Python" in general_calls[-1]
+    assert len(cpu_calls) == 3
     with torch.inference_mode():
         torch.ops.qm_lean_test.double(torch.ones(3))  # no autograd key: custom_op's CPU kernel
-    assert len(general_calls) == 2 and len(cpu_calls) == 4
+    assert len(general_calls) == 2
+    assert len(cpu_calls) == 4
 
 
 def test_gemv_bf16_op_through_the_lean_route_equals_the_function() -> None:
