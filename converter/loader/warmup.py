@@ -13,9 +13,14 @@ The thread launches, with throwaway inputs, what the model's first forward launc
   its first record's shapes on the device (zero-filled), at 1..8 tokens (the fused GEMV, one kernel
   per token count) and at 16 (dequantize + ``F.linear``: cuBLAS); the q/k/v and gate/up sibling
   groups (``loader/siblings.py``) at 1..8 tokens (the grouped GEMV);
-- one decoder layer of the same architecture (the config with one layer, a short vocabulary and a
-  narrow MLP; the attention shapes kept), in the compute dtype, at 4 tokens and at 1: embedding,
-  norms, rotary, attention (SDPA), activation, ``lm_head`` (cuBLAS again).
+- the rest of a decoder forward as kernel families (:func:`_forward_ops`, the default): embedding,
+  rotary tables, RMSNorm, SDPA with the model's head counts, gating, the bf16 head (cuBLAS), argmax,
+  on tensors of the model's widths, at 4 tokens and at 1. No model is built: each op releases the
+  GIL while it dispatches, so the load's own Python (parsing, the readers' copies, the skeleton)
+  barely waits for this thread;
+- or, with ``QM_LOAD_WARMUP=model``, one decoder layer of the same architecture instead (the config
+  with one layer, a short vocabulary and a narrow MLP; the attention shapes kept), in the compute
+  dtype, at 4 tokens and at 1: transformers' own modules, but built under the GIL.
 
 Nothing it computes is kept: its tensors are freed into the caching allocator before the load
 returns. Its cuBLAS handle goes back to torch's handle pool when the thread ends, with the workspace
@@ -27,15 +32,16 @@ another thread may be in a matmul.)
 
 It never fails a load: any error only ends the warm-up (the real forward meets it if it is real).
 
-**Opt-in (``QM_LOAD_WARMUP=1``).** Measured on an H200 (8B NF4 folder, docs/benchmarks.md, 2026-12-04):
-it cut the first forward from ~0.34 s to 0.13 s, but building the one-layer model on the side thread
-(0.59 s) holds the GIL against the load's own Python, which grew from 0.55 s to 0.82 s: call -> first
-token 0.95 s with it against 0.89 s without (the previous run). So it is off unless asked for.
+``QM_LOAD_WARMUP``: unset or ``1``: the kernel families above (on for every CUDA load); ``model``: the
+one-layer model instead; ``0``: off. Measured on an H200 (8B NF4 folder, docs/benchmarks.md,
+2026-12-04): the one-layer model cut the first forward from ~0.34 s to 0.13 s, but building it on the
+side thread (0.59 s) held the GIL against the load's own Python, which grew from 0.55 s to 0.82 s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -44,10 +50,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from converter.loader import timing
+from converter.loader import cuda_context, timing
 
 ENV = "QM_LOAD_WARMUP"
+#: Rows of the throwaway bf16 head (``_forward_ops``): 128 MiB at a 4096 width, at most.
+HEAD_ROWS = 16384
 #: Token counts of the layer calls: the GEMV's 1..8 (one kernel each) and one past it (dequantize + cuBLAS).
 TOKENS = (*range(1, 9), 16)
 #: Distinct quantized layer kinds warmed at most (a dense decoder has 4-5: q/o, k/v, gate/up, down).
@@ -75,10 +84,11 @@ def _kind(record: Any) -> tuple:
 class Warmup:
     """The warm-up of one load onto ``device``: :meth:`start` it with the (CPU) state, :meth:`join` it."""
 
-    def __init__(self, device: torch.device, folder: Path, dtype: torch.dtype) -> None:
+    def __init__(self, device: torch.device, folder: Path, dtype: torch.dtype, mode: str = "kernels") -> None:
         self.device = device
         self.folder = folder
         self.dtype = dtype
+        self.mode = mode  # "kernels" (_forward_ops) or "model" (_tiny_model)
         self.error: str | None = None
         self._thread: threading.Thread | None = None
 
@@ -118,8 +128,12 @@ class Warmup:
                 with timing.phase("warm_context"):
                     torch.empty(0, device=self.device)
                 compute = self._compute_dtype(state)
-                with timing.phase("warm_model"):  # first: the caller is streaming, not building
-                    self._tiny_model(compute)
+                if self.mode == "model":
+                    with timing.phase("warm_model"):  # first: the caller is streaming, not building
+                        self._tiny_model(compute)
+                elif (self.folder / "config.json").is_file():
+                    with timing.phase("warm_ops"):  # first: cuBLAS's start is the largest one-time cost
+                        _forward_ops(_text_config(self.folder), compute, self.device)
                 with timing.phase("warm_layers"):
                     for record in records:
                         self._layer(record, compute)
@@ -210,6 +224,77 @@ class Warmup:
         return True
 
 
+def _text_config(folder: Path) -> dict[str, Any]:
+    """The text model's part of ``config.json`` (``text_config`` of a multimodal wrapper), raw: parsing
+    it with transformers' AutoConfig costs the GIL more than the kernels below."""
+    raw = json.loads((folder / "config.json").read_text())
+    text = raw.get("text_config")
+    return text if isinstance(text, dict) else raw
+
+
+def _forward_ops(config: Mapping[str, Any], compute: torch.dtype, device: torch.device) -> int:
+    """The kernel families of a decoder forward outside the quantized layers, as transformers' Llama-style
+    modeling code calls them, at a prompt of 4 tokens and a decode step of 1, on throwaway tensors of the
+    model's widths (uninitialized: the values do not matter): embedding, rotary tables (a float32
+    batched matmul) and their use, RMSNorm, SDPA with the model's head counts, SiLU gating, residual
+    adds, the bf16 head through cuBLAS (at most ``HEAD_ROWS`` rows: cuBLAS's handle, workspace and
+    library load are what cost, whatever the width), logits in float32 and argmax. Each torch op
+    releases the GIL while it dispatches (and the driver loads its kernel), so the load's own Python
+    barely waits for this. Returns how many ops ran."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    eps = float(config.get("rms_norm_eps") or 1e-6)
+    rows = min(int(config.get("vocab_size") or HEAD_ROWS), HEAD_ROWS)
+    on = {"device": device}
+    ops = 0
+    embed = torch.empty(rows, hidden, dtype=compute, **on)
+    norm_w = torch.ones(hidden, dtype=compute, **on)
+    inv_freq = torch.ones(head_dim // 2, dtype=torch.float32, **on)
+    for tokens in (4, 1):
+        ids = torch.zeros(1, tokens, dtype=torch.long, **on)
+        x = F.embedding(ids, embed)
+        # rotary tables (LlamaRotaryEmbedding.forward) and the causal mask's comparisons
+        pos = torch.arange(tokens, **on)[None]
+        freqs = (inv_freq[None, :, None].expand(1, -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = (emb.cos() * 1.0).to(compute), (emb.sin() * 1.0).to(compute)
+        _ = pos[..., :, None] >= torch.arange(tokens, **on)[None, None, :]
+        # RMSNorm (LlamaRMSNorm.forward)
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        h = norm_w * h.to(compute)
+        # attention: rotary applied (rotate_half), SDPA with grouped heads as transformers calls it,
+        # and with the key/value heads repeated (repeat_kv) for the paths that do that
+        q = torch.empty(1, heads, tokens, head_dim, dtype=compute, **on)
+        k = torch.empty(1, kv_heads, tokens, head_dim, dtype=compute, **on)
+        half = head_dim // 2
+        q = q * cos[:, None] + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin[:, None]
+        k = k * cos[:, None] + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin[:, None]
+        gqa = {"enable_gqa": True} if kv_heads != heads else {}
+        a = F.scaled_dot_product_attention(q, k, k, is_causal=tokens > 1, scale=head_dim**-0.5, **gqa)
+        if kv_heads != heads:
+            rep = k[:, :, None].expand(1, kv_heads, heads // kv_heads, tokens, head_dim)
+            rep = rep.reshape(1, heads, tokens, head_dim)
+            F.scaled_dot_product_attention(q, rep, rep, is_causal=tokens > 1, scale=head_dim**-0.5)
+        a = a.transpose(1, 2).contiguous().reshape(1, tokens, heads * head_dim)
+        x = x + h
+        # MLP gating (act(gate) * up) and the head
+        x = x + _activation(str(config.get("hidden_act") or "silu"))(h) * h
+        logits = F.linear(x, embed).float()
+        logits[:, -1, :].argmax(dim=-1)
+        ops += 1
+    return ops
+
+
+def _activation(name: str) -> Any:
+    """The elementwise activation of a config's ``hidden_act`` (SiLU unless a GELU is named)."""
+    if "gelu" in name:
+        return lambda t: F.gelu(t, approximate="tanh" if "tanh" in name or "fast" in name else "none")
+    return F.silu
+
+
 def _sibling_records(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     """For each sibling name tuple (``loader.siblings.SIBLING_NAMES``), the records of the first module
     that has them all as 2-D quantized weights: ``{name: record}`` in call order."""
@@ -231,22 +316,33 @@ def _sibling_records(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     return groups
 
 
+def mode() -> str:
+    """``QM_LOAD_WARMUP``: "kernels" (unset or 1), "model", or "off" (0)."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    modes = {"0": "off", "": "kernels", "1": "kernels", "kernels": "kernels", "model": "model"}
+    return modes.get(value, "off")
+
+
 def enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get(ENV, "0") == "1" and torch.cuda.is_available()
+    return device.type == "cuda" and mode() != "off" and torch.cuda.is_available()
 
 
 @contextlib.contextmanager
 def warmed(device: str | torch.device, folder: Path, dtype: torch.dtype) -> Iterator[Warmup | None]:
     """A :class:`Warmup` for a load onto a CUDA ``device`` (None elsewhere, or when turned off); joined
-    on leaving the block, so nothing of it outlives the load."""
+    on leaving the block, so nothing of it outlives the load. The device's CUDA context is made on a
+    side thread from the start of the block (``cuda_context.py``)."""
     device = torch.device(device)
     if not enabled(device):
         yield None
         return
-    warm = Warmup(device, folder, dtype)
     start = time.perf_counter()
+    context = cuda_context.prime(device)  # the driver's context, made while the shards are opened
+    warm = Warmup(device, folder, dtype, mode())
     try:
         yield warm
     finally:
         warm.join()
+        if context is not None:
+            context.release()  # torch holds its own reference by now (or the load failed before)
         timing.add("warm_scope", time.perf_counter() - start)

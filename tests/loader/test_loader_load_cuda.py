@@ -3,11 +3,16 @@ allocator segment (converter.loader.stream.reserve_device_memory). Needs an NVID
 
 tests/loader/test_loader_stream_cuda.py checks the streamed model itself (same bytes, same logits,
 no extra GPU memory held after the load, verify naming a changed chunk) with the warm-up on, as every
-CUDA load now runs it.
+CUDA load runs it unless ``QM_LOAD_WARMUP=0``. The primed CUDA context (converter.loader.cuda_context)
+needs a process whose torch has not initialized CUDA yet: a subprocess.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -53,7 +58,7 @@ def test_a_timed_cuda_load_warms_joins_and_gives_the_same_logits(
     assert phases is not None
     assert {
         "warm_context",
-        "warm_model",
+        "warm_ops",
         "warm_layers",
         "warm_done_at",
         "copy_sync",
@@ -82,3 +87,34 @@ def test_reserved_segment_serves_the_large_tensors() -> None:
     assert torch.cuda.memory_stats()["segment.large_pool.allocated"] - mallocs <= 1
     del tensors
     assert not stream.reserve_device_memory(torch.device("cuda"), [1 << 10])  # nothing large
+
+
+_FRESH_LOAD = """
+import json, sys, torch
+from converter import load_quantized
+from converter.loader import timing
+assert not torch.cuda.is_initialized()
+model = load_quantized(sys.argv[1], device="cuda")
+with torch.no_grad():
+    logits = model(torch.tensor([[1, 5, 9, 2, 7, 3]], device="cuda")).logits
+print(json.dumps({"finite": bool(torch.isfinite(logits).all()), "sum": float(logits.double().sum())}))
+"""
+
+
+def test_a_fresh_process_primes_the_context_and_loads_the_same_model(our_folder: Path) -> None:
+    # A fresh process: torch has not initialized CUDA, so the load retains the primary context on a side
+    # thread (ctypes, the GIL released) and torch takes it over; the model must be the same.
+    env = {**os.environ, timing.ENV: "1"}
+    cmd = [sys.executable, "-c", _FRESH_LOAD, str(our_folder)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    phases = timing.parse(out.stderr)
+    assert phases is not None
+    assert "context_prime" in phases
+    assert "warm_failed" not in phases
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["finite"]
+    with torch.no_grad():
+        here = load_quantized(our_folder, device="cuda")(IDS.cuda()).logits
+    # Same bytes, same kernels, same device: the same logits to the bit, summed in float64 here and there.
+    assert got["sum"] == float(here.double().sum())
