@@ -30,7 +30,7 @@ added; a process whose loading thread already did a matmul keeps one more worksp
 other thread's first matmul. (Freeing it, ``torch._C._cuda_clearCublasWorkspaces``, is not safe while
 another thread may be in a matmul.)
 
-It never fails a load: any error only ends the warm-up (the real forward meets it if it is real).
+It never fails a load: an error only ends its step of the warm-up (the real forward meets it if it is real).
 
 ``QM_LOAD_WARMUP``: unset or ``1``: the kernel families above (on for every CUDA load); ``model``: the
 one-layer model instead; ``0``: off. Measured on an H200 (8B NF4 folder, docs/benchmarks.md,
@@ -128,22 +128,37 @@ class Warmup:
                 with timing.phase("warm_context"):
                     torch.empty(0, device=self.device)
                 compute = self._compute_dtype(state)
-                if self.mode == "model":
-                    with timing.phase("warm_model"):  # first: the caller is streaming, not building
-                        self._tiny_model(compute)
-                elif (self.folder / "config.json").is_file():
-                    with timing.phase("warm_ops"):  # first: cuBLAS's start is the largest one-time cost
-                        _forward_ops(_text_config(self.folder), compute, self.device)
-                with timing.phase("warm_layers"):
-                    for record in records:
-                        self._layer(record, compute)
-                    for group in groups:
-                        self._group(group, compute)
+                # Each step on its own: one that fails (a config key missing, say) leaves the others' work.
+                if self.mode == "model":  # first: the caller is streaming, not building
+                    self._step("warm_model", self._tiny_model, compute)
+                elif (self.folder / "config.json").is_file():  # first: cuBLAS's start costs the most
+                    self._step(
+                        "warm_ops", lambda: _forward_ops(_text_config(self.folder), compute, self.device)
+                    )
+                for record in records:
+                    self._step("warm_layers", self._layer, record, compute)
+                for group in groups:
+                    self._step("warm_layers", self._group, group, compute)
         except Exception as exc:  # best effort: the real forward reports any real problem
-            self.error = f"{type(exc).__name__}: {exc}"
-            timing.add("warm_failed", 1)
+            self._failed(exc)
         finally:
             timing.mark("warm_done_at")
+
+    def _step(self, name: str, fn: Any, *args: Any) -> None:
+        """``fn(*args)``, its time added to ``name``; an error is kept (the first) and ends this step only."""
+        try:
+            with timing.phase(name):
+                fn(*args)
+        except Exception as exc:
+            self._failed(exc)
+
+    def _ops(self, compute: torch.dtype) -> None:
+        _forward_ops(_text_config(self.folder), compute, self.device)
+
+    def _failed(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = f"{type(exc).__name__}: {exc}"
+        timing.add("warm_failed", 1)
 
     def _compute_dtype(self, state: Mapping[str, Any]) -> torch.dtype:
         from converter.loader.replace import compute_dtype_from_config

@@ -61,7 +61,7 @@ def test_a_timed_cuda_load_warms_joins_and_gives_the_same_logits(
         "warm_ops",
         "warm_layers",
         "warm_done_at",
-        "copy_sync",
+        "copies_done_at",
         "reserve",
     } <= phases.keys()
     assert "warm_failed" not in phases
