@@ -237,7 +237,7 @@ class Verification:
 
     _POOL, _CALLER = 1, 2
 
-    def __init__(self, index: Index, threads: int | None = None, *, nice: int = 0) -> None:
+    def __init__(self, index: Index, threads: int | None = None) -> None:
         self.index = index
         self._problems, present = file_problems(index)
         hashed = [n for n in present if n in index.shards]
@@ -246,7 +246,6 @@ class Verification:
         self._got: dict[str, dict[int, str]] = {n: {} for n in self._chunked}
         self._lock = threading.Lock()
         self._threads = max(1, threads or len(os.sched_getaffinity(0)))
-        self._nice = nice
         # Popped from the end, so the last chunk first: a caller reading the files front to back takes
         # chunks from the other end.
         self._order = [(n, k) for n, c in self._chunked.items() for k in range(len(c.sha256))]
@@ -261,7 +260,7 @@ class Verification:
     def _start(self, hashed: list[str]) -> None:
         tasks = len(self._order) + len(hashed) - len(self._chunked)
         workers = max(1, min(tasks, self._threads))
-        pool = ThreadPoolExecutor(max_workers=workers, initializer=_lower_priority, initargs=(self._nice,))
+        pool = ThreadPoolExecutor(max_workers=workers)
         folder = self.index.folder
         self._whole = {n: pool.submit(_sha256, folder / n) for n in hashed if n not in self._chunked}
         self._tasks = [pool.submit(self._hash_chunks) for _ in range(workers)] if self._order else []
@@ -343,21 +342,9 @@ class Verification:
         return problems
 
 
-def start_verify(folder: Path, *, threads: int | None = None, nice: int = 0) -> Verification:
-    """Start hashing every shard on background threads; call the result to wait for the problems.
-    ``nice``: the threads' niceness added (Linux), so that work the caller does meanwhile keeps its cores."""
-    return Verification(read_index(folder, require_files=False), threads, nice=nice)
-
-
-def _lower_priority(nice: int) -> None:
-    """This thread's niceness raised by ``nice`` (Linux: per thread; raising it needs no privilege)."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:  # not allowed here: the thread hashes at the caller's priority
-        pass
+def start_verify(folder: Path, *, threads: int | None = None) -> Verification:
+    """Start hashing every shard on background threads; call the result to wait for the problems."""
+    return Verification(read_index(folder, require_files=False), threads)
 
 
 def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:

@@ -8,8 +8,8 @@ initialization then finds the primary context made and retains it too (the runti
 device's primary context). The extra reference is released when the load ends, after torch holds
 its own.
 
-Best effort: no driver library (another OS, no GPU), torch already initialized, or any error: nothing
-is done and torch creates the context itself as before.
+Best effort: no driver library (another OS, no GPU) or any error: nothing is done and torch creates
+the context itself as before.
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ class PrimedContext:
         finally:
             timing.add("context_prime", time.perf_counter() - start)
 
+    def wait(self) -> None:
+        """Until the context is made (or the attempt ended). A thread about to make torch's first CUDA
+        call waits here: torch's device switch makes the context with the GIL held, which would stop
+        every other thread's Python for as long."""
+        self._thread.join()
+
     def release(self) -> None:
         """Drop this reference (after torch took its own, the context stays; otherwise it is freed)."""
         self._thread.join()
@@ -69,8 +75,12 @@ class PrimedContext:
 
 
 def prime(device: torch.device) -> PrimedContext | None:
-    """Start making ``device``'s primary context (None: not CUDA, or torch's CUDA already initialized)."""
-    if device.type != "cuda" or torch.cuda.is_initialized():
+    """Start making ``device``'s primary context (None: not CUDA). Also when torch's CUDA is initialized
+    already: that (importing bitsandbytes does it, for one) reads device properties and makes no
+    context; a context already made only gains a reference, for the load's duration."""
+    if device.type != "cuda":
         return None
-    # Before torch initializes, its current device is 0 (the first visible one, as for the driver).
-    return PrimedContext(device.index or 0)
+    index = device.index
+    if index is None:  # torch's current device; 0 (the first visible one) until torch initializes
+        index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    return PrimedContext(index)

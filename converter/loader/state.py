@@ -118,11 +118,6 @@ def load_quantized_state(
         return read_state(folder, device, hashes)
 
 
-#: Niceness added to the verification's threads: they use the cores the load leaves idle, and the
-#: load's own threads (parsing, reading, building) keep theirs when all are busy.
-HASH_NICE = 10
-
-
 def _hash_threads() -> int:
     """Threads for the verification: every core but the caller's, on a streamed load too.
 
@@ -151,7 +146,7 @@ def shards_verified(
         return
     try:
         with timing.phase("verify_start"):
-            pending = start_verify(folder, threads=_hash_threads(), nice=HASH_NICE)
+            pending = start_verify(folder, threads=_hash_threads())
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 

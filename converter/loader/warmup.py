@@ -91,10 +91,21 @@ class Warmup:
         self.mode = mode  # "kernels" (_forward_ops) or "model" (_tiny_model)
         self.error: str | None = None
         self._thread: threading.Thread | None = None
+        self._parsed = threading.Event()  # set by start() (or join(): nothing more comes)
+        self._work: tuple[list[Any], list[dict[str, Any]], Mapping[str, Any]] | None = None
+        self.context: cuda_context.PrimedContext | None = None  # waited for before the first CUDA call
+
+    def begin(self) -> None:
+        """Start the thread before the shards are parsed: the context and, in the default mode, the
+        forward's kernel families need only ``config.json``; the layer kinds wait for :meth:`start`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="qm-cuda-warmup", daemon=True)
+            self._thread.start()
 
     def start(self, state: Mapping[str, Any]) -> None:
-        """Begin on a side thread (once); ``state``: the records and tensors as parsed, on the CPU."""
-        if self._thread is not None:
+        """Hand the thread the parsed state (the records and tensors, on the CPU), starting it if
+        :meth:`begin` did not (once)."""
+        if self._work is not None:
             return
         records = {}
         for value in state.values():
@@ -105,36 +116,40 @@ class Warmup:
                 and len(records) < MAX_KINDS
             ):
                 records.setdefault(_kind(value), value)
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(list(records.values()), _sibling_records(state), state),
-            name="qm-cuda-warmup",
-            daemon=True,
-        )
-        self._thread.start()
+        self._work = (list(records.values()), _sibling_records(state), state)
+        self._parsed.set()
+        self.begin()
 
     def join(self) -> None:
+        self._parsed.set()  # no state handed over (the load failed before): the thread ends after its ops
         if self._thread is not None:
             with timing.phase("warm_join_wait"):
                 self._thread.join()
 
     # -- the thread ----------------------------------------------------------------------------------
-    def _run(self, records: list[Any], groups: list[dict[str, Any]], state: Mapping[str, Any]) -> None:
+    def _run(self) -> None:
         try:
+            if self.context is not None:
+                with timing.phase("warm_context_wait"):
+                    self.context.wait()
             on_device = (
                 torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
             )
             with torch.no_grad(), on_device:
                 with timing.phase("warm_context"):
                     torch.empty(0, device=self.device)
-                compute = self._compute_dtype(state)
+                config_dtype = _config_compute_dtype(self.folder)
                 # Each step on its own: one that fails (a config key missing, say) leaves the others' work.
+                if self.mode != "model" and (self.folder / "config.json").is_file():
+                    # first: cuBLAS's start costs the most, and it needs no shard parsed
+                    self._step("warm_ops", self._ops, config_dtype or self.dtype)
+                self._parsed.wait()
+                if self._work is None:
+                    return
+                records, groups, state = self._work
+                compute = self._compute_dtype(state)
                 if self.mode == "model":  # first: the caller is streaming, not building
                     self._step("warm_model", self._tiny_model, compute)
-                elif (self.folder / "config.json").is_file():  # first: cuBLAS's start costs the most
-                    self._step(
-                        "warm_ops", lambda: _forward_ops(_text_config(self.folder), compute, self.device)
-                    )
                 for record in records:
                     self._step("warm_layers", self._layer, record, compute)
                 for group in groups:
@@ -186,7 +201,7 @@ class Warmup:
         """Sibling layers (q/k/v, gate/up) grouped as ``load_quantized`` groups them
         (``loader/siblings.py``), each called on one input at 1..8 tokens: the grouped GEMV's kernels.
         Whether they formed a group."""
-        from converter.loader.siblings import group_siblings
+        from converter.loader.siblings import group_siblings, ungroup_siblings
 
         parent = torch.nn.Module()
         for name, record in records.items():
@@ -194,10 +209,15 @@ class Warmup:
         if not group_siblings(parent, [tuple(records)]):
             return False
         in_features = int(next(iter(records.values())).shape[-1])
-        for tokens in TOKENS[:-1]:  # the grouped launch takes the GEMV's token counts only
-            x = torch.zeros(1, tokens, in_features, dtype=compute, device=self.device)
-            for name in records:
-                getattr(parent, name)(x)
+        try:
+            for tokens in TOKENS[:-1]:  # the grouped launch takes the GEMV's token counts only
+                x = torch.zeros(1, tokens, in_features, dtype=compute, device=self.device)
+                for name in records:
+                    getattr(parent, name)(x)
+        finally:
+            # The group and its members refer to each other: a cycle that only the garbage collector
+            # would free, with the members' device tensors. Broken here, they go with the last reference.
+            ungroup_siblings(parent)
         return True
 
     def _tiny_model(self, compute: torch.dtype) -> bool:
@@ -237,6 +257,16 @@ class Warmup:
         for tokens in (4, 1):
             model(torch.zeros(1, tokens, dtype=torch.long, device=self.device))
         return True
+
+
+def _config_compute_dtype(folder: Path) -> torch.dtype | None:
+    """The compute dtype ``config.json`` names, before any shard is parsed."""
+    from converter.loader.replace import compute_dtype_from_config
+
+    try:
+        return compute_dtype_from_config(folder)
+    except Exception:  # an unreadable config: the load reports it; the warm-up uses the load's dtype
+        return None
 
 
 def _text_config(folder: Path) -> dict[str, Any]:
@@ -354,6 +384,8 @@ def warmed(device: str | torch.device, folder: Path, dtype: torch.dtype) -> Iter
     start = time.perf_counter()
     context = cuda_context.prime(device)  # the driver's context, made while the shards are opened
     warm = Warmup(device, folder, dtype, mode())
+    warm.context = context
+    warm.begin()
     try:
         yield warm
     finally:

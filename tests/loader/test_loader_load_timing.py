@@ -10,6 +10,7 @@ every layer kind of a checkpoint and the one-layer model it builds are checked t
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -195,3 +196,26 @@ def test_the_context_is_primed_for_cuda_only_and_a_missing_driver_changes_nothin
     assert not primed.retained
     assert primed.error is not None
     assert "OSError" in primed.error
+
+
+def test_the_warmup_leaves_no_layer_for_the_garbage_collector(our_folder: Path) -> None:
+    # On a GPU its layers hold device tensors: a reference cycle among them (a sibling group and its
+    # members) would keep those allocated after the load, until a collection; the CUDA stream test's
+    # memory bound caught that. With the collector off, every layer must go with its last reference.
+    from converter.loader.module import QuantLinear4bit
+
+    def layers() -> int:
+        return sum(issubclass(type(o), QuantLinear4bit) for o in gc.get_objects())
+
+    state = open_checkpoint(shard_files(our_folder)[0]).records()
+    gc.collect()
+    gc.disable()
+    try:
+        before = layers()
+        warm = warmup.Warmup(torch.device("cpu"), our_folder, torch.bfloat16)
+        warm.start(state)
+        warm.join()
+        assert warm.error is None
+        assert layers() == before
+    finally:
+        gc.enable()
