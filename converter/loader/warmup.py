@@ -302,7 +302,8 @@ def _forward_ops(config: Mapping[str, Any], compute: torch.dtype, device: torch.
         x = F.embedding(ids, embed)
         # rotary tables (LlamaRotaryEmbedding.forward) and the causal mask's comparisons
         pos = torch.arange(tokens, **on)[None]
-        freqs = (inv_freq[None, :, None].expand(1, -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+        with timing.phase("warm_blas" if tokens == 4 else "warm_rest"):  # the first matmul: cuBLAS's start
+            freqs = (inv_freq[None, :, None].expand(1, -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = (emb.cos() * 1.0).to(compute), (emb.sin() * 1.0).to(compute)
         _ = pos[..., :, None] >= torch.arange(tokens, **on)[None, None, :]
@@ -318,7 +319,8 @@ def _forward_ops(config: Mapping[str, Any], compute: torch.dtype, device: torch.
         q = q * cos[:, None] + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin[:, None]
         k = k * cos[:, None] + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin[:, None]
         gqa = {"enable_gqa": True} if kv_heads != heads else {}
-        a = F.scaled_dot_product_attention(q, k, k, is_causal=tokens > 1, scale=head_dim**-0.5, **gqa)
+        with timing.phase("warm_sdpa" if tokens == 4 else "warm_rest"):
+            a = F.scaled_dot_product_attention(q, k, k, is_causal=tokens > 1, scale=head_dim**-0.5, **gqa)
         if kv_heads != heads:
             rep = k[:, :, None].expand(1, kv_heads, heads // kv_heads, tokens, head_dim)
             rep = rep.reshape(1, heads, tokens, head_dim)
@@ -327,7 +329,8 @@ def _forward_ops(config: Mapping[str, Any], compute: torch.dtype, device: torch.
         x = x + h
         # MLP gating (act(gate) * up) and the head
         x = x + _activation(str(config.get("hidden_act") or "silu"))(h) * h
-        logits = F.linear(x, embed).float()
+        with timing.phase("warm_head" if tokens == 4 else "warm_rest"):  # bf16 GEMM: cuBLASLt's kernels
+            logits = F.linear(x, embed).float()
         logits[:, -1, :].argmax(dim=-1)
         ops += 1
     return ops
