@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from converter.loader import cuda_context, timing
+from converter.loader import cuda_context, gil, timing
 
 ENV = "QM_LOAD_WARMUP"
 #: Rows of the throwaway bf16 head (``_forward_ops``): 128 MiB at a 4096 width, at most.
@@ -379,20 +379,22 @@ def enabled(device: torch.device) -> bool:
 def warmed(device: str | torch.device, folder: Path, dtype: torch.dtype) -> Iterator[Warmup | None]:
     """A :class:`Warmup` for a load onto a CUDA ``device`` (None elsewhere, or when turned off); joined
     on leaving the block, so nothing of it outlives the load. The device's CUDA context is made on a
-    side thread from the start of the block (``cuda_context.py``)."""
+    side thread from the start of the block (``cuda_context.py``), and the GIL's switch interval is
+    shorter inside it (``gil.py``)."""
     device = torch.device(device)
     if not enabled(device):
         yield None
         return
     start = time.perf_counter()
-    context = cuda_context.prime(device)  # the driver's context, made while the shards are opened
-    warm = Warmup(device, folder, dtype, mode())
-    warm.context = context
-    warm.begin()
-    try:
-        yield warm
-    finally:
-        warm.join()
-        if context is not None:
-            context.release()  # torch holds its own reference by now (or the load failed before)
-        timing.add("warm_scope", time.perf_counter() - start)
+    with gil.short_switch_interval():  # the side threads' Python waits less for the caller's (gil.py)
+        context = cuda_context.prime(device)  # the driver's context, made while the shards are opened
+        warm = Warmup(device, folder, dtype, mode())
+        warm.context = context
+        warm.begin()
+        try:
+            yield warm
+        finally:
+            warm.join()
+            if context is not None:
+                context.release()  # torch holds its own reference by now (or the load failed before)
+            timing.add("warm_scope", time.perf_counter() - start)

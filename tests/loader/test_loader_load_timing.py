@@ -11,6 +11,7 @@ every layer kind of a checkpoint and the one-layer model it builds are checked t
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from converter import load_quantized
-from converter.loader import cuda_context, stream, timing, warmup
+from converter.loader import cuda_context, gil, stream, timing, warmup
 from converter.loader import model as model_mod
 from converter.loader import state as state_mod
 from converter.loader.state import shard_files
@@ -219,3 +220,27 @@ def test_the_warmup_leaves_no_layer_for_the_garbage_collector(our_folder: Path) 
         assert layers() == before
     finally:
         gc.enable()
+
+
+def test_the_switch_interval_is_shorter_inside_and_restored_after() -> None:
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+
+    def failing_load() -> None:
+        with gil.short_switch_interval(0.0001):
+            seen.append(sys.getswitchinterval())
+            msg = "inside"
+            raise RuntimeError(msg)
+
+    with pytest.raises(RuntimeError, match="inside"):
+        failing_load()
+    assert seen[0] < before
+    assert sys.getswitchinterval() == before  # restored on the way out of a failed load too
+    with gil.short_switch_interval(before * 2):  # never raised
+        assert sys.getswitchinterval() == before
+    try:  # a value set by someone else while the block ran is theirs: left as it is
+        with gil.short_switch_interval(0.0001):
+            sys.setswitchinterval(0.002)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
