@@ -6,8 +6,9 @@ seconds of each phase on the caller's thread (``open``, ``reserve``, ``alloc``, 
 reader threads (``staging_cpu`` pinning, ``read_cpu``, ``hash_cpu``, ``copy_issue_cpu``,
 ``slot_wait_cpu``: thread-seconds, more than the wall time when several threads work), the CUDA
 warm-up thread's steps (``warm_*``, and ``warm_done_at``: when it ended, from the call), the primed
-context's ``context_prime`` and a few counts. ``bench/bench_generate.py --load --load-breakdown`` sets the variable and prints the line
-of each contender's best run beside the first and second forward's times.
+context's ``context_prime`` and a few counts. ``bench/bench_generate.py --load --load-breakdown``
+sets the variable and prints the line of each contender's best run beside the first and second
+forward's times.
 
 Off (the default) every hook is a no-op. One load at a time is timed: the record is per process (the
 reader threads add to it), so two loads running at once in one process would mix their numbers.
