@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from converter.errors import CorruptFileError
 from converter.loader import timing
 from formats.chunks import read_exact
 
@@ -316,7 +317,11 @@ def _copy_files(
                         timing.add("slot_wait_cpu", time.perf_counter() - t0)
                 t1 = time.perf_counter()
                 i, off, n, inside, c = chunks[j]
-                read_exact(fds[i], views[slot][:n], off)
+                try:
+                    read_exact(fds[i], views[slot][:n], off)
+                except OSError as exc:  # e.g. the file shrank since it was parsed: name it
+                    msg = f"{files[i].path}: reading {n} bytes at offset {off} failed ({exc})"
+                    raise CorruptFileError(msg) from exc
                 t2 = time.perf_counter()
                 name = files[i].path.name
                 if c >= 0 and hashes is not None and hashes.take(name, c):  # hashlib releases the GIL
