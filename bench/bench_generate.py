@@ -5,6 +5,8 @@ All contenders side by side in one process, on one NF4 folder (ours and bnb read
 - ``ours``: ``converter.load_quantized(folder)``;
 - ``ours-alone``: the same with every 4-bit layer launching alone (``ungroup_siblings``: no q/k/v, gate/up
   groups), to measure what the grouped launches give;
+- ``ours-nowarm`` (``--load`` only, when named in ``--load-contenders``): ``ours`` with
+  ``QM_LOAD_WARMUP=0``, to measure what the load's CUDA warm-up thread gives;
 - ``bnb``: ``AutoModelForCausalLM.from_pretrained(folder)`` (transformers' bitsandbytes integration);
 - ``bf16``: the plain bf16 checkpoint.
 
@@ -134,9 +136,12 @@ def load(kind: str, plain: Path, nf4: Path, device: str, verify: bool = False) -
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if kind in ("ours", "ours-alone"):
+        if kind in ("ours", "ours-alone", "ours-nowarm"):
             from converter import load_quantized
             from converter.loader.siblings import ungroup_siblings
+
+            if kind == "ours-nowarm":  # the load without its CUDA warm-up thread (loader/warmup.py)
+                os.environ["QM_LOAD_WARMUP"] = "0"
 
             model = load_quantized(nf4, device=device, verify=verify)
             if kind == "ours-alone":  # every 4-bit layer launches alone (no q/k/v, gate/up groups)
@@ -272,7 +277,9 @@ parts = dict(first_ids_s=t_ids - t2, first_fwd_host_s=t_host - t_ids, first_fwd_
 print(json.dumps(dict(with_imports=t3 - t0, excl=t3 - t1, load=t2 - t1, **parts)))
 """
 
-LOAD_CASES = (("ours", True), ("ours", False), ("bnb", False), ("bf16", False))
+LOAD_CASES = (("ours", True), ("ours", False), ("ours-nowarm", False), ("bnb", False), ("bf16", False))
+#: What ``--load`` times unless ``--load-contenders`` names others (``ours-nowarm`` only when named).
+DEFAULT_LOAD_KINDS = ("ours", "bnb", "bf16")
 
 
 def _read_folder(folder: Path) -> None:
@@ -306,7 +313,7 @@ def bench_load(
     snippet = _LOAD_SNIPPET.format(bench=str(Path(__file__).resolve().parent))
     _read_folder(nf4)
     _read_folder(plain)
-    wanted = set(contenders.split(",")) if contenders else {kind for kind, _ in LOAD_CASES}
+    wanted = set(contenders.split(",")) if contenders else set(DEFAULT_LOAD_KINDS)
     best: dict = {case: None for case in LOAD_CASES if case[0] in wanted}
     details: dict = {}  # the best run's first-forward parts and load phases, per case
     errors: dict = {}
@@ -348,6 +355,9 @@ def bench_load(
         summary = {
             "verify_cost_pct": round(100 * (on["imports_excluded_s"] / off["imports_excluded_s"] - 1), 1),
         }
+        if ("ours-nowarm", False) in by:  # > 1: the warm-up thread saves more than it costs
+            nowarm = by[("ours-nowarm", False)]["imports_excluded_s"]
+            summary["nowarm/ours_verify_off_imports_excluded"] = round(nowarm / off["imports_excluded_s"], 2)
         for other in ("bnb", "bf16"):
             if (other, False) in by:
                 theirs = by[(other, False)]

@@ -245,13 +245,35 @@ class Verification:
         self._owner = {n: [0] * len(c.sha256) for n, c in self._chunked.items()}
         self._got: dict[str, dict[int, str]] = {n: {} for n in self._chunked}
         self._lock = threading.Lock()
-        tasks = sum(len(c.sha256) for c in self._chunked.values()) + len(hashed) - len(self._chunked)
         self._threads = max(1, threads or len(os.sched_getaffinity(0)))
-        pool = ThreadPoolExecutor(max_workers=max(1, min(tasks, self._threads)))
-        self._whole = {n: pool.submit(_sha256, index.folder / n) for n in hashed if n not in self._chunked}
-        order = [(n, k) for n, c in self._chunked.items() for k in range(len(c.sha256))]
-        self._tasks: list[Future[None]] = [pool.submit(self._hash_chunk, n, k) for n, k in reversed(order)]
+        # Popped from the end, so the last chunk first: a caller reading the files front to back takes
+        # chunks from the other end.
+        self._order = [(n, k) for n, c in self._chunked.items() for k in range(len(c.sha256))]
+        self._whole: dict[str, Future[str]] = {}
+        self._tasks: list[Future[None]] = []
+        # The pool's threads are started from one thread of its own: each start waits for the new
+        # thread to run, which the caller would otherwise do once per thread, in turn with the threads
+        # already hashing for the GIL.
+        self._starter = threading.Thread(target=self._start, args=(hashed,), name="qm-verify-start")
+        self._starter.start()
+
+    def _start(self, hashed: list[str]) -> None:
+        tasks = len(self._order) + len(hashed) - len(self._chunked)
+        workers = max(1, min(tasks, self._threads))
+        pool = ThreadPoolExecutor(max_workers=workers)
+        folder = self.index.folder
+        self._whole = {n: pool.submit(_sha256, folder / n) for n in hashed if n not in self._chunked}
+        self._tasks = [pool.submit(self._hash_chunks) for _ in range(workers)] if self._order else []
         pool.shutdown(wait=False)  # the threads finish what is queued; nothing else is submitted
+
+    def _hash_chunks(self) -> None:
+        """Hash chunks until none is left (one task per thread, not per chunk: fewer GIL hand-offs)."""
+        while True:
+            with self._lock:
+                if not self._order:
+                    return
+                name, k = self._order.pop()
+            self._hash_chunk(name, k)
 
     def _hash_chunk(self, name: str, k: int) -> None:
         with self._lock:
@@ -295,6 +317,7 @@ class Verification:
         return owners.count(self._POOL), owners.count(self._CALLER)
 
     def __call__(self) -> list[str]:
+        self._starter.join()
         for task in self._tasks:
             task.result()
         # Chunks a caller took but never recorded (it failed first) are hashed here.

@@ -234,7 +234,7 @@ def load_quantized(
     # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while
     # the model is built (on a first load that includes importing its transformers modules).
     target = device if device_map is None else "cpu"
-    # QM_LOAD_WARMUP=1: on CUDA a side thread does the first forward's one-time work meanwhile (warmup.py).
+    # On CUDA a side thread does the first forward's one-time work (warmup.py; off: QM_LOAD_WARMUP=0).
     with (
         warmed(target, folder, dtype) as warm,
         shards_verified(folder, verify, streaming=streams_to(target)) as hashes,

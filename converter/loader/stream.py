@@ -3,17 +3,19 @@
 ``load_quantized_state`` hands out views of memory-mapped shards. Moving those one tensor at a time
 (``model.to("cuda")``) faults every page of the mapping in on one thread and copies from pageable
 memory through the driver's own bounce buffer. Here instead the spans of each shard that hold
-tensors are read in large chunks (``os.preadv``, several reader threads, the GIL released) into a
-few staging buffers (pinned when the target is CUDA), and the byte ranges of the tensors inside each
-chunk are copied into their final device tensors (``non_blocking`` from pinned memory, so the copies
-overlap the next reads). A staging buffer is refilled only after its copies are done.
+tensors are cut into chunks, and several reader threads each take the next chunk, read it
+(``os.preadv``, the GIL released) into one of their own staging buffers (pinned when the target is
+CUDA) and issue the copies of the tensor bytes inside it into their final device tensors
+(``non_blocking`` from pinned memory, on the reader's own CUDA stream, so they overlap the next
+reads). A staging buffer is refilled only after its copies are done. No chunk waits for an earlier
+one, and the calling thread only waits for the readers.
 
 With ``verify`` (``hashes``, a running ``formats.index.Verification``), a shard whose index records
 chunk digests is read on its chunk grid instead, the whole file (header and gaps are a few bytes
-more), and each reader thread hashes the chunk it just read into staging before handing it on (no
-second read; ``formats/chunks.py``), unless the verification's own threads, which work from the end
-of the files backwards, started that chunk first: those finish what the readers do not reach while
-the model is built.
+more), and a reader hashes the chunk it just read into staging (no second read;
+``formats/chunks.py``), unless the verification's own threads, which work from the end of the files
+backwards, started that chunk first: those finish what the readers do not reach while the model is
+built.
 
 Each destination is its own ``torch.empty`` on the device, as ``model.to(device)`` would make it (same
 alignment, independently freeable). Tensors that are not views of a shard (computed, cast, cloned)
@@ -23,6 +25,7 @@ their tensor fields replaced), so everything downstream builds the model from de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -36,17 +39,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from converter.errors import CorruptFileError
 from converter.loader import timing
 from formats.chunks import read_exact
 
 if TYPE_CHECKING:
     from formats.index import Verification
 
-#: Bytes per read / staging buffer: large enough for efficient DMA and preadv, small enough that a
-#: few of them (pinned) cost little to allocate.
-CHUNK_BYTES = 32 << 20
-#: Staging buffers in flight (reads ahead of the copies).
-SLOTS = 6
+#: Bytes per read / staging buffer: large enough for efficient DMA and preadv, small enough that the
+#: first read starts soon (pinning costs a few ms per 16 MiB) and that a slow chunk holds little back.
+#: The chunk digests' default grid (formats/chunks.py), which a verified load reads on.
+CHUNK_BYTES = 16 << 20
+#: Staging buffers in all (``SLOTS * CHUNK_BYTES`` = 256 MiB pinned at most), shared out among the
+#: readers: two each, one being read into while the copies from the other run.
+SLOTS = 16
 #: Reader threads at most: a few saturate the page cache and the copy engine. With verify they also
 #: hash what they read, beside the verification's own threads (every core but the caller's, for the
 #: whole load: ``converter.loader.state._hash_threads``).
@@ -260,82 +266,94 @@ def _copy_files(
     stats: StreamStats,
     hashes: Verification | None,
 ) -> None:
+    """Each reader thread takes the next chunk, reads it into one of its own staging buffers, issues
+    the copies of its tensor pieces on its own CUDA stream and goes on to the next chunk; a buffer is
+    refilled once the copies from it are done (its event). The calling thread only waits for them:
+    no chunk waits for an earlier one (the copies land in disjoint device ranges, in any order), and
+    the Python of the copies runs on the readers, between their reads (which release the GIL)."""
     if not chunks:
         return
     cuda = device.type == "cuda"
     largest = max(n for _, _, n, _, _ in chunks)
-    hashing = any(c >= 0 for *_, c in chunks)
-    workers = readers or reader_threads()
-    if hashing:  # a slot is held while its chunk is hashed: one per reader, two more for the copies
-        slots = max(slots, workers + 2)
-    slots = max(1, min(slots, len(chunks)))
-    # Filled slot by slot as the first reads are submitted: pinning a buffer (cudaHostAlloc, several ms
-    # for 32 MiB) then overlaps the reads into the slots pinned before it.
-    staging: list[torch.Tensor] = []
-    views: list[memoryview] = []
+    workers = max(1, min(readers or reader_threads(), slots, len(chunks)))
+    per_reader = max(1, slots // workers)  # staging buffers of each reader: slots in all at most
     timed = timing.active()  # per-thread sums below only when someone reads them
     fds = [os.open(f.path, os.O_RDONLY) for f in files]
-    # Per slot: the event of its last copies, which must be done before the slot is refilled.
-    done_copy: list[Any] = [None] * slots
+    order = iter(range(len(chunks)))
     lock = threading.Lock()
-    try:
-        with ThreadPoolExecutor(workers) as pool:
+    failed = threading.Event()  # one reader failed: the others stop at their next chunk
 
-            def read(j: int, slot: int) -> None:
+    def next_chunk() -> int | None:
+        with lock:
+            return None if failed.is_set() else next(order, None)
+
+    def work() -> None:
+        try:
+            _work()
+        except BaseException:
+            failed.set()
+            raise
+
+    def _work() -> None:
+        # Its own stream: a buffer's event then waits for this reader's copies only.
+        copy_stream = torch.cuda.Stream(device) if cuda else None
+        staging: list[torch.Tensor] = []
+        views: list[memoryview] = []
+        done: list[Any] = [None] * per_reader  # per buffer: the event of its last copies
+        turn = 0
+        with torch.cuda.stream(copy_stream) if cuda else contextlib.nullcontext():
+            while (j := next_chunk()) is not None:
+                slot = turn % per_reader
+                turn += 1
                 t0 = time.perf_counter()
-                with lock:
-                    event = done_copy[slot]
-                if event is not None:
-                    event.synchronize()  # releases the GIL
+                if slot == len(staging):  # pinned on first use (cudaHostAlloc: ms), beside the other readers
+                    staging.append(torch.empty(largest, dtype=torch.uint8, pin_memory=cuda))
+                    views.append(memoryview(staging[-1].numpy()))
+                    if timed:
+                        timing.add("staging_cpu", time.perf_counter() - t0)
+                elif done[slot] is not None:
+                    done[slot].synchronize()  # releases the GIL
+                    if timed:
+                        timing.add("slot_wait_cpu", time.perf_counter() - t0)
                 t1 = time.perf_counter()
-                i, off, n, _, c = chunks[j]
-                read_exact(fds[i], views[slot][:n], off)
+                i, off, n, inside, c = chunks[j]
+                try:
+                    read_exact(fds[i], views[slot][:n], off)
+                except OSError as exc:  # e.g. the file shrank since it was parsed: name it
+                    msg = f"{files[i].path}: reading {n} bytes at offset {off} failed ({exc})"
+                    raise CorruptFileError(msg) from exc
                 t2 = time.perf_counter()
                 name = files[i].path.name
                 if c >= 0 and hashes is not None and hashes.take(name, c):  # hashlib releases the GIL
                     hashes.record(name, c, hashlib.sha256(views[slot][:n]).hexdigest())
                     if timed:
-                        timing.add("hash_cpu", time.perf_counter() - t2)
                         timing.add("hashed_by_readers", 1)
-                if timed:
-                    timing.add("slot_wait_cpu", t1 - t0)
-                    timing.add("read_cpu", t2 - t1)
-
-            timing.mark("reads_start_at")
-            reads = {}
-            for j in range(slots):
-                with timing.phase("staging"):
-                    staging.append(torch.empty(largest, dtype=torch.uint8, pin_memory=cuda))
-                    views.append(memoryview(staging[-1].numpy()))
-                reads[j] = pool.submit(read, j, j)
-            for j, (i, off, n, inside, _) in enumerate(chunks):
-                slot = j % slots
-                t0 = time.perf_counter()
-                reads.pop(j).result()
-                if timed:
-                    timing.add("read_wait", time.perf_counter() - t0)
-                stats.bytes_read[files[i].path] = stats.bytes_read.get(files[i].path, 0) + n
+                t3 = time.perf_counter()
                 src = staging[slot]
-                t1 = time.perf_counter()
                 for p in inside:
                     lo, hi = max(p.offset, off), min(p.offset + p.nbytes, off + n)
                     if lo >= hi:  # an overlapping view that ends before this chunk
                         continue
                     p.dst[lo - p.offset : hi - p.offset].copy_(src[lo - off : hi - off], non_blocking=cuda)
-                if timed:
-                    timing.add("copy_issue", time.perf_counter() - t1)
-                event = None
-                if cuda:  # the copies run on the destination device's current stream
-                    event = torch.cuda.Event()
-                    event.record(torch.cuda.current_stream(device))
+                if cuda:
+                    done[slot] = torch.cuda.Event()
+                    done[slot].record(copy_stream)
                 with lock:
-                    done_copy[slot] = event
-                if j + slots < len(chunks):
-                    reads[j + slots] = pool.submit(read, j + slots, slot)
-        if cuda:
-            with timing.phase("copy_sync"):
-                torch.cuda.current_stream(device).synchronize()
+                    stats.bytes_read[files[i].path] = stats.bytes_read.get(files[i].path, 0) + n
+                if timed:
+                    timing.add("read_cpu", t2 - t1)
+                    timing.add("hash_cpu", t3 - t2)
+                    timing.add("copy_issue_cpu", time.perf_counter() - t3)
+            if copy_stream is not None:
+                copy_stream.synchronize()  # before its buffers are freed; releases the GIL
+
+    try:
+        timing.mark("reads_start_at")
+        with timing.phase("read_wait"), ThreadPoolExecutor(workers) as pool:
+            for job in [pool.submit(work) for _ in range(workers)]:
+                job.result()
         timing.add("chunks", len(chunks))
+        timing.add("readers", workers)
         timing.mark("copies_done_at")
     finally:
         for fd in fds:

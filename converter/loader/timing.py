@@ -1,12 +1,14 @@
 """Opt-in breakdown of a load's time by phase: ``QM_LOAD_TIMING=1``.
 
 ``load_quantized`` then prints one line to stderr when it returns, ``qm-load-timing {json}``: the wall
-seconds of each phase on the caller's thread (``open``, ``alloc``, ``stream``, ``skeleton``,
-``verify_wait`` ...), the seconds summed over the stream's reader threads (``read_cpu``,
-``hash_cpu``, ``slot_wait_cpu``: thread-seconds, more than the wall time when several threads work),
-the CUDA warm-up thread's steps (``warm_*``, and ``warm_done_at``: when it ended, from the call) and a
-few counts. ``bench/bench_generate.py --load --load-breakdown`` sets the variable and prints the line
-of each contender's best run beside the first and second forward's times.
+seconds of each phase on the caller's thread (``open``, ``reserve``, ``alloc``, ``stream``, ``read_wait``
+(waiting for the readers), ``skeleton``, ``verify_wait`` ...), the seconds summed over the stream's
+reader threads (``staging_cpu`` pinning, ``read_cpu``, ``hash_cpu``, ``copy_issue_cpu``,
+``slot_wait_cpu``: thread-seconds, more than the wall time when several threads work), the CUDA
+warm-up thread's steps (``warm_*``, and ``warm_done_at``: when it ended, from the call), the primed
+context's ``context_prime`` and a few counts. ``bench/bench_generate.py --load --load-breakdown``
+sets the variable and prints the line of each contender's best run beside the first and second
+forward's times.
 
 Off (the default) every hook is a no-op. One load at a time is timed: the record is per process (the
 reader threads add to it), so two loads running at once in one process would mix their numbers.

@@ -13,9 +13,14 @@ The thread launches, with throwaway inputs, what the model's first forward launc
   its first record's shapes on the device (zero-filled), at 1..8 tokens (the fused GEMV, one kernel
   per token count) and at 16 (dequantize + ``F.linear``: cuBLAS); the q/k/v and gate/up sibling
   groups (``loader/siblings.py``) at 1..8 tokens (the grouped GEMV);
-- one decoder layer of the same architecture (the config with one layer, a short vocabulary and a
-  narrow MLP; the attention shapes kept), in the compute dtype, at 4 tokens and at 1: embedding,
-  norms, rotary, attention (SDPA), activation, ``lm_head`` (cuBLAS again).
+- the rest of a decoder forward as kernel families (:func:`_forward_ops`, the default): embedding,
+  rotary tables, RMSNorm, SDPA with the model's head counts, gating, the bf16 head (cuBLAS), argmax,
+  on tensors of the model's widths, at 4 tokens and at 1. No model is built: each op releases the
+  GIL while it dispatches, so the load's own Python (parsing, the readers' copies, the skeleton)
+  barely waits for this thread;
+- or, with ``QM_LOAD_WARMUP=model``, one decoder layer of the same architecture instead (the config
+  with one layer, a short vocabulary and a narrow MLP; the attention shapes kept), in the compute
+  dtype, at 4 tokens and at 1: transformers' own modules, but built under the GIL.
 
 Nothing it computes is kept: its tensors are freed into the caching allocator before the load
 returns. Its cuBLAS handle goes back to torch's handle pool when the thread ends, with the workspace
@@ -25,17 +30,18 @@ added; a process whose loading thread already did a matmul keeps one more worksp
 other thread's first matmul. (Freeing it, ``torch._C._cuda_clearCublasWorkspaces``, is not safe while
 another thread may be in a matmul.)
 
-It never fails a load: any error only ends the warm-up (the real forward meets it if it is real).
+It never fails a load: an error only ends its step of the warm-up (the real forward meets it if it is real).
 
-**Opt-in (``QM_LOAD_WARMUP=1``).** Measured on an H200 (8B NF4 folder, docs/benchmarks.md, 2026-12-04):
-it cut the first forward from ~0.34 s to 0.13 s, but building the one-layer model on the side thread
-(0.59 s) holds the GIL against the load's own Python, which grew from 0.55 s to 0.82 s: call -> first
-token 0.95 s with it against 0.89 s without (the previous run). So it is off unless asked for.
+``QM_LOAD_WARMUP``: unset or ``1``: the kernel families above (on for every CUDA load); ``model``: the
+one-layer model instead; ``0``: off. Measured on an H200 (8B NF4 folder, docs/benchmarks.md,
+2026-12-04): the one-layer model cut the first forward from ~0.34 s to 0.13 s, but building it on the
+side thread (0.59 s) held the GIL against the load's own Python, which grew from 0.55 s to 0.82 s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -44,10 +50,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from converter.loader import timing
+from converter.loader import cuda_context, gil, timing
 
 ENV = "QM_LOAD_WARMUP"
+#: Rows of the throwaway bf16 head (``_forward_ops``): 128 MiB at a 4096 width, at most.
+HEAD_ROWS = 16384
 #: Token counts of the layer calls: the GEMV's 1..8 (one kernel each) and one past it (dequantize + cuBLAS).
 TOKENS = (*range(1, 9), 16)
 #: Distinct quantized layer kinds warmed at most (a dense decoder has 4-5: q/o, k/v, gate/up, down).
@@ -75,16 +84,28 @@ def _kind(record: Any) -> tuple:
 class Warmup:
     """The warm-up of one load onto ``device``: :meth:`start` it with the (CPU) state, :meth:`join` it."""
 
-    def __init__(self, device: torch.device, folder: Path, dtype: torch.dtype) -> None:
+    def __init__(self, device: torch.device, folder: Path, dtype: torch.dtype, mode: str = "kernels") -> None:
         self.device = device
         self.folder = folder
         self.dtype = dtype
+        self.mode = mode  # "kernels" (_forward_ops) or "model" (_tiny_model)
         self.error: str | None = None
         self._thread: threading.Thread | None = None
+        self._parsed = threading.Event()  # set by start() (or join(): nothing more comes)
+        self._work: tuple[list[Any], list[dict[str, Any]], Mapping[str, Any]] | None = None
+        self.context: cuda_context.PrimedContext | None = None  # waited for before the first CUDA call
+
+    def begin(self) -> None:
+        """Start the thread before the shards are parsed: the context and, in the default mode, the
+        forward's kernel families need only ``config.json``; the layer kinds wait for :meth:`start`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="qm-cuda-warmup", daemon=True)
+            self._thread.start()
 
     def start(self, state: Mapping[str, Any]) -> None:
-        """Begin on a side thread (once); ``state``: the records and tensors as parsed, on the CPU."""
-        if self._thread is not None:
+        """Hand the thread the parsed state (the records and tensors, on the CPU), starting it if
+        :meth:`begin` did not (once)."""
+        if self._work is not None:
             return
         records = {}
         for value in state.values():
@@ -95,41 +116,64 @@ class Warmup:
                 and len(records) < MAX_KINDS
             ):
                 records.setdefault(_kind(value), value)
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(list(records.values()), _sibling_records(state), state),
-            name="qm-cuda-warmup",
-            daemon=True,
-        )
-        self._thread.start()
+        self._work = (list(records.values()), _sibling_records(state), state)
+        self._parsed.set()
+        self.begin()
 
     def join(self) -> None:
+        self._parsed.set()  # no state handed over (the load failed before): the thread ends after its ops
         if self._thread is not None:
             with timing.phase("warm_join_wait"):
                 self._thread.join()
 
     # -- the thread ----------------------------------------------------------------------------------
-    def _run(self, records: list[Any], groups: list[dict[str, Any]], state: Mapping[str, Any]) -> None:
+    def _run(self) -> None:
         try:
+            if self.context is not None:
+                with timing.phase("warm_context_wait"):
+                    self.context.wait()
             on_device = (
                 torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
             )
             with torch.no_grad(), on_device:
                 with timing.phase("warm_context"):
                     torch.empty(0, device=self.device)
+                config_dtype = _config_compute_dtype(self.folder)
+                # Each step on its own: one that fails (a config key missing, say) leaves the others' work.
+                if self.mode != "model" and (self.folder / "config.json").is_file():
+                    # first: cuBLAS's start costs the most, and it needs no shard parsed
+                    self._step("warm_ops", self._ops, config_dtype or self.dtype)
+                self._parsed.wait()
+                if self._work is None:
+                    return
+                records, groups, state = self._work
                 compute = self._compute_dtype(state)
-                with timing.phase("warm_model"):  # first: the caller is streaming, not building
-                    self._tiny_model(compute)
-                with timing.phase("warm_layers"):
-                    for record in records:
-                        self._layer(record, compute)
-                    for group in groups:
-                        self._group(group, compute)
+                if self.mode == "model":  # first: the caller is streaming, not building
+                    self._step("warm_model", self._tiny_model, compute)
+                for record in records:
+                    self._step("warm_layers", self._layer, record, compute)
+                for group in groups:
+                    self._step("warm_layers", self._group, group, compute)
         except Exception as exc:  # best effort: the real forward reports any real problem
-            self.error = f"{type(exc).__name__}: {exc}"
-            timing.add("warm_failed", 1)
+            self._failed(exc)
         finally:
             timing.mark("warm_done_at")
+
+    def _step(self, name: str, fn: Any, *args: Any) -> None:
+        """``fn(*args)``, its time added to ``name``; an error is kept (the first) and ends this step only."""
+        try:
+            with timing.phase(name):
+                fn(*args)
+        except Exception as exc:
+            self._failed(exc)
+
+    def _ops(self, compute: torch.dtype) -> None:
+        _forward_ops(_text_config(self.folder), compute, self.device)
+
+    def _failed(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = f"{type(exc).__name__}: {exc}"
+        timing.add("warm_failed", 1)
 
     def _compute_dtype(self, state: Mapping[str, Any]) -> torch.dtype:
         from converter.loader.replace import compute_dtype_from_config
@@ -157,7 +201,7 @@ class Warmup:
         """Sibling layers (q/k/v, gate/up) grouped as ``load_quantized`` groups them
         (``loader/siblings.py``), each called on one input at 1..8 tokens: the grouped GEMV's kernels.
         Whether they formed a group."""
-        from converter.loader.siblings import group_siblings
+        from converter.loader.siblings import group_siblings, ungroup_siblings
 
         parent = torch.nn.Module()
         for name, record in records.items():
@@ -165,10 +209,15 @@ class Warmup:
         if not group_siblings(parent, [tuple(records)]):
             return False
         in_features = int(next(iter(records.values())).shape[-1])
-        for tokens in TOKENS[:-1]:  # the grouped launch takes the GEMV's token counts only
-            x = torch.zeros(1, tokens, in_features, dtype=compute, device=self.device)
-            for name in records:
-                getattr(parent, name)(x)
+        try:
+            for tokens in TOKENS[:-1]:  # the grouped launch takes the GEMV's token counts only
+                x = torch.zeros(1, tokens, in_features, dtype=compute, device=self.device)
+                for name in records:
+                    getattr(parent, name)(x)
+        finally:
+            # The group and its members refer to each other: a cycle that only the garbage collector
+            # would free, with the members' device tensors. Broken here, they go with the last reference.
+            ungroup_siblings(parent)
         return True
 
     def _tiny_model(self, compute: torch.dtype) -> bool:
@@ -210,6 +259,90 @@ class Warmup:
         return True
 
 
+def _config_compute_dtype(folder: Path) -> torch.dtype | None:
+    """The compute dtype ``config.json`` names, before any shard is parsed."""
+    from converter.loader.replace import compute_dtype_from_config
+
+    try:
+        return compute_dtype_from_config(folder)
+    except Exception:  # an unreadable config: the load reports it; the warm-up uses the load's dtype
+        return None
+
+
+def _text_config(folder: Path) -> dict[str, Any]:
+    """The text model's part of ``config.json`` (``text_config`` of a multimodal wrapper), raw: parsing
+    it with transformers' AutoConfig costs the GIL more than the kernels below."""
+    raw = json.loads((folder / "config.json").read_text())
+    text = raw.get("text_config")
+    return text if isinstance(text, dict) else raw
+
+
+def _forward_ops(config: Mapping[str, Any], compute: torch.dtype, device: torch.device) -> int:
+    """The kernel families of a decoder forward outside the quantized layers, as transformers' Llama-style
+    modeling code calls them, at a prompt of 4 tokens and a decode step of 1, on throwaway tensors of the
+    model's widths (uninitialized: the values do not matter): embedding, rotary tables (a float32
+    batched matmul) and their use, RMSNorm, SDPA with the model's head counts, SiLU gating, residual
+    adds, the bf16 head through cuBLAS (at most ``HEAD_ROWS`` rows: cuBLAS's handle, workspace and
+    library load are what cost, whatever the width), logits in float32 and argmax. Each torch op
+    releases the GIL while it dispatches (and the driver loads its kernel), so the load's own Python
+    barely waits for this. Returns how many ops ran."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    eps = float(config.get("rms_norm_eps") or 1e-6)
+    rows = min(int(config.get("vocab_size") or HEAD_ROWS), HEAD_ROWS)
+    on = {"device": device}
+    ops = 0
+    embed = torch.empty(rows, hidden, dtype=compute, **on)
+    norm_w = torch.ones(hidden, dtype=compute, **on)
+    inv_freq = torch.ones(head_dim // 2, dtype=torch.float32, **on)
+    for tokens in (4, 1):
+        ids = torch.zeros(1, tokens, dtype=torch.long, **on)
+        x = F.embedding(ids, embed)
+        # rotary tables (LlamaRotaryEmbedding.forward) and the causal mask's comparisons
+        pos = torch.arange(tokens, **on)[None]
+        with timing.phase("warm_blas" if tokens == 4 else "warm_rest"):  # the first matmul: cuBLAS's start
+            freqs = (inv_freq[None, :, None].expand(1, -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = (emb.cos() * 1.0).to(compute), (emb.sin() * 1.0).to(compute)
+        _ = pos[..., :, None] >= torch.arange(tokens, **on)[None, None, :]
+        # RMSNorm (LlamaRMSNorm.forward)
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        h = norm_w * h.to(compute)
+        # attention: rotary applied (rotate_half), SDPA with grouped heads as transformers calls it,
+        # and with the key/value heads repeated (repeat_kv) for the paths that do that
+        q = torch.empty(1, heads, tokens, head_dim, dtype=compute, **on)
+        k = torch.empty(1, kv_heads, tokens, head_dim, dtype=compute, **on)
+        half = head_dim // 2
+        q = q * cos[:, None] + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin[:, None]
+        k = k * cos[:, None] + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin[:, None]
+        gqa = {"enable_gqa": True} if kv_heads != heads else {}
+        with timing.phase("warm_sdpa" if tokens == 4 else "warm_rest"):
+            a = F.scaled_dot_product_attention(q, k, k, is_causal=tokens > 1, scale=head_dim**-0.5, **gqa)
+        if kv_heads != heads:
+            rep = k[:, :, None].expand(1, kv_heads, heads // kv_heads, tokens, head_dim)
+            rep = rep.reshape(1, heads, tokens, head_dim)
+            F.scaled_dot_product_attention(q, rep, rep, is_causal=tokens > 1, scale=head_dim**-0.5)
+        a = a.transpose(1, 2).contiguous().reshape(1, tokens, heads * head_dim)
+        x = x + h
+        # MLP gating (act(gate) * up) and the head
+        x = x + _activation(str(config.get("hidden_act") or "silu"))(h) * h
+        with timing.phase("warm_head" if tokens == 4 else "warm_rest"):  # bf16 GEMM: cuBLASLt's kernels
+            logits = F.linear(x, embed).float()
+        logits[:, -1, :].argmax(dim=-1)
+        ops += 1
+    return ops
+
+
+def _activation(name: str) -> Any:
+    """The elementwise activation of a config's ``hidden_act`` (SiLU unless a GELU is named)."""
+    if "gelu" in name:
+        return lambda t: F.gelu(t, approximate="tanh" if "tanh" in name or "fast" in name else "none")
+    return F.silu
+
+
 def _sibling_records(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     """For each sibling name tuple (``loader.siblings.SIBLING_NAMES``), the records of the first module
     that has them all as 2-D quantized weights: ``{name: record}`` in call order."""
@@ -231,22 +364,37 @@ def _sibling_records(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     return groups
 
 
+def mode() -> str:
+    """``QM_LOAD_WARMUP``: "kernels" (unset or 1), "model", or "off" (0)."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    modes = {"0": "off", "": "kernels", "1": "kernels", "kernels": "kernels", "model": "model"}
+    return modes.get(value, "off")
+
+
 def enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get(ENV, "0") == "1" and torch.cuda.is_available()
+    return device.type == "cuda" and mode() != "off" and torch.cuda.is_available()
 
 
 @contextlib.contextmanager
 def warmed(device: str | torch.device, folder: Path, dtype: torch.dtype) -> Iterator[Warmup | None]:
     """A :class:`Warmup` for a load onto a CUDA ``device`` (None elsewhere, or when turned off); joined
-    on leaving the block, so nothing of it outlives the load."""
+    on leaving the block, so nothing of it outlives the load. The device's CUDA context is made on a
+    side thread from the start of the block (``cuda_context.py``), and the GIL's switch interval is
+    shorter inside it (``gil.py``)."""
     device = torch.device(device)
     if not enabled(device):
         yield None
         return
-    warm = Warmup(device, folder, dtype)
     start = time.perf_counter()
-    try:
-        yield warm
-    finally:
-        warm.join()
-        timing.add("warm_scope", time.perf_counter() - start)
+    with gil.short_switch_interval():  # the side threads' Python waits less for the caller's (gil.py)
+        context = cuda_context.prime(device)  # the driver's context, made while the shards are opened
+        warm = Warmup(device, folder, dtype, mode())
+        warm.context = context
+        warm.begin()
+        try:
+            yield warm
+        finally:
+            warm.join()
+            if context is not None:
+                context.release()  # torch holds its own reference by now (or the load failed before)
+            timing.add("warm_scope", time.perf_counter() - start)

@@ -3,11 +3,17 @@ allocator segment (converter.loader.stream.reserve_device_memory). Needs an NVID
 
 tests/loader/test_loader_stream_cuda.py checks the streamed model itself (same bytes, same logits,
 no extra GPU memory held after the load, verify naming a changed chunk) with the warm-up on, as every
-CUDA load now runs it.
+CUDA load runs it unless ``QM_LOAD_WARMUP=0``. The primed CUDA context (converter.loader.cuda_context)
+needs a process without a CUDA context yet: a subprocess.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -53,10 +59,10 @@ def test_a_timed_cuda_load_warms_joins_and_gives_the_same_logits(
     assert phases is not None
     assert {
         "warm_context",
-        "warm_model",
+        "warm_ops",
         "warm_layers",
         "warm_done_at",
-        "copy_sync",
+        "copies_done_at",
         "reserve",
     } <= phases.keys()
     assert "warm_failed" not in phases
@@ -82,3 +88,42 @@ def test_reserved_segment_serves_the_large_tensors() -> None:
     assert torch.cuda.memory_stats()["segment.large_pool.allocated"] - mallocs <= 1
     del tensors
     assert not stream.reserve_device_memory(torch.device("cuda"), [1 << 10])  # nothing large
+
+
+_FRESH_LOAD = """
+import hashlib, json, sys, torch
+from converter import load_quantized
+model = load_quantized(sys.argv[1], device="cuda")
+with torch.no_grad():
+    logits = model(torch.tensor([[1, 5, 9, 2, 7, 3]], device="cuda")).logits
+digest = hashlib.sha256()
+for name, t in sorted(model.state_dict().items()):
+    digest.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+print(json.dumps({"finite": bool(torch.isfinite(logits).all()), "bytes": digest.hexdigest()}))
+"""
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    """sha256 over every state_dict tensor's name and bytes, in name order (as _FRESH_LOAD computes it)."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        digest.update(name.encode() + raw)
+    return digest.hexdigest()
+
+
+def test_a_fresh_process_primes_the_context_and_loads_the_same_model(our_folder: Path) -> None:
+    # A fresh process: no CUDA context yet (importing converter may initialize torch's CUDA, which makes
+    # none), so the load retains the primary context on a side thread (ctypes, the GIL released) and
+    # torch's first allocation takes it over; the model must hold the same bytes and run.
+    env = {**os.environ, timing.ENV: "1"}
+    cmd = [sys.executable, "-c", _FRESH_LOAD, str(our_folder)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    phases = timing.parse(out.stderr)
+    assert phases is not None
+    assert "context_prime" in phases
+    assert "warm_failed" not in phases
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["finite"]
+    assert got["bytes"] == _state_digest(load_quantized(our_folder, device="cuda"))

@@ -10,6 +10,8 @@ every layer kind of a checkpoint and the one-layer model it builds are checked t
 
 from __future__ import annotations
 
+import gc
+import sys
 import threading
 from pathlib import Path
 
@@ -17,9 +19,9 @@ import pytest
 import torch
 
 from converter import load_quantized
+from converter.loader import cuda_context, gil, stream, timing, warmup
 from converter.loader import model as model_mod
 from converter.loader import state as state_mod
-from converter.loader import stream, timing, warmup
 from converter.loader.state import shard_files
 from formats.reader import open_checkpoint
 
@@ -47,7 +49,7 @@ def test_the_breakdown_names_every_phase_of_a_streamed_load(
     assert err.count(timing.PREFIX) == 1, "one line per load"
     phases = timing.parse(err)
     assert phases is not None
-    wanted = {"open", "reserve", "alloc", "staging", "stream", "read_cpu", "read_wait", "copy_issue"}
+    wanted = {"open", "reserve", "alloc", "staging_cpu", "stream", "read_cpu", "read_wait", "copy_issue_cpu"}
     wanted |= {"skeleton", "fill", "chunks", "reads_start_at", "copies_done_at", "built_at", "total"}
     if verify:
         wanted |= {"verify_start", "verify_wait"}
@@ -93,23 +95,27 @@ def test_reserve_device_memory_is_cuda_only() -> None:
     assert not stream.reserve_device_memory(torch.device("cpu"), [64 << 20])
 
 
-def test_the_warmup_runs_every_layer_kind_and_the_one_layer_model(our_folder: Path) -> None:
+@pytest.mark.parametrize("mode", ["kernels", "model"])
+def test_the_warmup_runs_every_layer_kind_and_the_rest_of_a_forward(our_folder: Path, mode: str) -> None:
     state = open_checkpoint(shard_files(our_folder)[0]).records()
     kinds = {warmup._kind(v) for v in state.values() if not isinstance(v, torch.Tensor)}
     assert 1 < len(kinds) <= warmup.MAX_KINDS  # q/o, k/v, gate/up, down of the tiny Llama
     calls: list[tuple] = []
     ran: list[bool] = []
     grouped: list[tuple[tuple[str, ...], bool]] = []
+    ops: list[int] = []
     real_layer, real_model, real_group = warmup.Warmup._layer, warmup.Warmup._tiny_model, warmup.Warmup._group
+    real_ops = warmup._forward_ops
 
     def layer(self, record, compute):
         calls.append(warmup._kind(record))
         real_layer(self, record, compute)
 
-    warm = warmup.Warmup(torch.device("cpu"), our_folder, torch.bfloat16)
+    warm = warmup.Warmup(torch.device("cpu"), our_folder, torch.bfloat16, mode)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(warmup.Warmup, "_layer", layer)
         mp.setattr(warmup.Warmup, "_tiny_model", lambda self, c: ran.append(real_model(self, c)))
+        mp.setattr(warmup, "_forward_ops", lambda *a: ops.append(real_ops(*a)))
         mp.setattr(
             warmup.Warmup, "_group", lambda self, r, c: grouped.append((tuple(r), real_group(self, r, c)))
         )
@@ -117,21 +123,26 @@ def test_the_warmup_runs_every_layer_kind_and_the_one_layer_model(our_folder: Pa
         warm.join()
     assert warm.error is None
     assert sorted(calls) == sorted(kinds), "each layer kind once"
-    assert ran == [True], "the one-layer Llama was built and called"
+    if mode == "model":
+        assert (ran, ops) == ([True], []), "the one-layer Llama was built and called"
+    else:  # the kernel families at 4 tokens and at 1, with the folder's widths; no model built
+        assert (ran, ops) == ([], [2])
     # The sibling groups load_quantized forms (loader/siblings.py), formed here too and called.
     assert grouped == [(("q_proj", "k_proj", "v_proj"), True), (("gate_proj", "up_proj"), True)]
     assert not any(t.name == "qm-cuda-warmup" for t in threading.enumerate())
 
 
-def test_the_warmup_is_off_for_the_cpu_and_unless_asked_for(
+def test_the_warmup_is_off_for_the_cpu_and_when_turned_off(
     our_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(warmup.ENV, "1")
     with warmup.warmed("cpu", our_folder, torch.bfloat16) as warm:
         assert warm is None
     monkeypatch.delenv(warmup.ENV)
-    assert not warmup.enabled(torch.device("cuda"))  # opt-in: no net gain measured (warmup.py)
-    monkeypatch.setenv(warmup.ENV, "0")
+    assert warmup.mode() == "kernels"  # on by default: the kernel families, no model built
+    for value, want in (("1", "kernels"), ("model", "model"), ("0", "off"), ("no", "off")):
+        monkeypatch.setenv(warmup.ENV, value)
+        assert warmup.mode() == want
     assert not warmup.enabled(torch.device("cuda"))
 
 
@@ -174,3 +185,62 @@ def test_a_load_with_the_warmup_beside_it_leaves_no_global_state_changed(
     assert PreTrainedModel.init_weights is init_weights
     with torch.no_grad():
         assert torch.equal(plain(IDS).logits, warmed(IDS).logits)
+
+
+def test_the_context_is_primed_for_cuda_only_and_a_missing_driver_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert cuda_context.prime(torch.device("cpu")) is None
+    monkeypatch.setattr(cuda_context, "DRIVER", "libno-such-cuda-driver.so")
+    primed = cuda_context.PrimedContext(0)
+    primed.release()  # joins the thread: it found no driver and retained nothing
+    assert not primed.retained
+    assert primed.error is not None
+    assert "OSError" in primed.error
+
+
+def test_the_warmup_leaves_no_layer_for_the_garbage_collector(our_folder: Path) -> None:
+    # On a GPU its layers hold device tensors: a reference cycle among them (a sibling group and its
+    # members) would keep those allocated after the load, until a collection; the CUDA stream test's
+    # memory bound caught that. With the collector off, every layer must go with its last reference.
+    from converter.loader.module import QuantLinear4bit
+
+    def layers() -> int:
+        return sum(issubclass(type(o), QuantLinear4bit) for o in gc.get_objects())
+
+    state = open_checkpoint(shard_files(our_folder)[0]).records()
+    gc.collect()
+    gc.disable()
+    try:
+        before = layers()
+        warm = warmup.Warmup(torch.device("cpu"), our_folder, torch.bfloat16)
+        warm.start(state)
+        warm.join()
+        assert warm.error is None
+        assert layers() == before
+    finally:
+        gc.enable()
+
+
+def test_the_switch_interval_is_shorter_inside_and_restored_after() -> None:
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+
+    def failing_load() -> None:
+        with gil.short_switch_interval(0.0001):
+            seen.append(sys.getswitchinterval())
+            msg = "inside"
+            raise RuntimeError(msg)
+
+    with pytest.raises(RuntimeError, match="inside"):
+        failing_load()
+    assert seen[0] < before
+    assert sys.getswitchinterval() == before  # restored on the way out of a failed load too
+    with gil.short_switch_interval(before * 2):  # never raised
+        assert sys.getswitchinterval() == before
+    try:  # a value set by someone else while the block ran is theirs: left as it is
+        with gil.short_switch_interval(0.0001):
+            sys.setswitchinterval(0.002)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)

@@ -195,3 +195,31 @@ def test_streamed_verify_names_a_shard_that_does_not_parse_as_a_checksum_mismatc
     if damage is _break_the_header:
         with pytest.raises(CorruptFileError, match=re.escape(shard.name)):
             load_quantized(folder, verify=False)
+
+
+def test_a_read_that_comes_up_short_names_the_file_and_stops_every_reader(
+    our_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file shrank after its header was parsed: the reader that meets the end names the file, the
+    # other readers stop at their next chunk, and the error reaches the caller (no hang, no partial state).
+    checkpoint, state = _open(our_folder)
+    files = mapped_files(checkpoint.shards)
+    real_open, real_preadv = os.open, os.preadv
+    short: set[int] = set()  # descriptors of the shrunk file
+    calls: list[int] = []
+
+    def open_(path, flags: int, *args) -> int:
+        fd = real_open(path, flags, *args)
+        if Path(path) == files[-1].path:
+            short.add(fd)
+        return fd
+
+    def preadv(fd: int, buffers, offset: int) -> int:
+        calls.append(fd)
+        return 0 if fd in short else real_preadv(fd, buffers, offset)  # 0: end of file
+
+    monkeypatch.setattr(stream.os, "open", open_)
+    monkeypatch.setattr(stream.os, "preadv", preadv)
+    with pytest.raises(CorruptFileError, match=re.escape(str(files[-1].path))):
+        stream_state(state, files, "cpu", chunk_bytes=4096, slots=4, readers=2)
+    assert len(calls) < sum(f.size for f in files) // 4096, "the readers stopped early"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from converter import load_quantized
+from converter.loader import warmup
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.state import ChecksumMismatchError
@@ -44,20 +45,45 @@ def _assert_same_model(streamed: torch.nn.Module, moved: torch.nn.Module) -> Non
         assert torch.equal(streamed(ids).logits, moved(ids).logits)
 
 
-def test_cuda_load_streams_the_same_model(our_folder: Path) -> None:
+def _allocation_sites(snapshot: dict) -> str:
+    """Bytes of the live allocations of a memory-history snapshot, by the first frame of ours or of
+    transformers that made them (what the bound below is failed by, when it is)."""
+    sites: dict[str, int] = {}
+    for segment in snapshot["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            frames = [f for f in block.get("frames", []) if "/converter/" in f["filename"]]
+            frames = frames or [f for f in block.get("frames", []) if "transformers" in f["filename"]]
+            site = f"{Path(frames[0]['filename']).name}:{frames[0]['line']}" if frames else "?"
+            sites[site] = sites.get(site, 0) + block["size"]
+    return ", ".join(f"{k} {v}" for k, v in sorted(sites.items(), key=lambda kv: -kv[1]))
+
+
+@pytest.mark.parametrize("warm", ["0", "1"], ids=["warmup-off", "warmup-on"])
+def test_cuda_load_streams_the_same_model(
+    our_folder: Path, warm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # cuBLAS workspaces (torch keeps one per handle and stream) are not the load's tensors: the load's
     # warm-up thread does matmuls (loader/warmup.py), so they are freed on both sides of the count.
+    monkeypatch.setenv(warmup.ENV, warm)
     torch.cuda.synchronize()
     torch._C._cuda_clearCublasWorkspaces()
     base = torch.cuda.memory_allocated()
-    streamed = load_quantized(our_folder, device="cuda")
-    torch._C._cuda_clearCublasWorkspaces()
-    held = torch.cuda.memory_allocated() - base
+    torch.cuda.memory._record_memory_history(max_entries=100_000)
+    try:
+        streamed = load_quantized(our_folder, device="cuda")
+        torch._C._cuda_clearCublasWorkspaces()
+        held = torch.cuda.memory_allocated() - base
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
     # No second GPU copy: what is allocated is what the model holds (codes, absmax, maps, offsets,
     # norms, embeddings), each tensor rounded up to the caching allocator's 512-byte granule.
     sizes = [size for _, _, size in module_tensors(streamed)]
     count = len(streamed.state_dict()) + sum(isinstance(m, QuantLinear4bit) for m in streamed.modules())
-    assert held <= sum(sizes) + 512 * count
+    bound = sum(sizes) + 512 * count
+    assert held <= bound, f"held {held} > {bound}; live allocations by site: {_allocation_sites(snapshot)}"
     moved = load_quantized(our_folder).to("cuda")
     _assert_same_model(streamed, moved)
 
