@@ -232,7 +232,7 @@ def random_small_moe(src: Path, **config: int) -> Path:
     return src
 
 
-def decode(work: Path, tokens: int, repeat: int) -> None:
+def decode(work: Path, tokens: int, repeat: int, compiled: bool = False) -> None:
     import transformers
 
     from converter.loader.model import load_quantized
@@ -249,28 +249,61 @@ def decode(work: Path, tokens: int, repeat: int) -> None:
     kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        models = {
-            "ours (4-bit experts, load_quantized)": load_quantized(q),
-            "bf16, transformers default experts": transformers.AutoModelForCausalLM.from_pretrained(
-                src, dtype=torch.bfloat16
+        ours = load_quantized(q)
+        models = {  # name -> (model, extra generate() kwargs, static cache to reset or None)
+            "ours (4-bit experts, load_quantized)": (ours, {}, None),
+            "bf16, transformers default experts": (
+                transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16),
+                {},
+                None,
             ),
-            "bf16, experts_implementation=eager": transformers.AutoModelForCausalLM.from_pretrained(
-                src, dtype=torch.bfloat16, experts_implementation="eager"
+            "bf16, experts_implementation=eager": (
+                transformers.AutoModelForCausalLM.from_pretrained(
+                    src, dtype=torch.bfloat16, experts_implementation="eager"
+                ),
+                {},
+                None,
             ),
         }
+        if compiled:  # each side's best compiled mode (as bench_cpu_decode_ab.py does for SmolLM2)
+            import bench_generate as bg
+
+            from converter.loader.decode import graphed_greedy
+
+            models["ours, graphed_greedy + compiled step"] = (
+                ours, {"custom_generate": graphed_greedy, "compile_step": True}, None
+            )  # fmt: skip
+            bf16c = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+            bg.compile_decode(bf16c, "cpu", fullgraph=False)
+            cache = bg.static_cache(bf16c, ids.shape[1] + tokens + 1)
+            models["bf16 default experts, compiled step + static cache"] = (
+                bf16c, {"disable_compile": True, "cache": cache}, cache
+            )  # fmt: skip
     best = dict.fromkeys(models, float("inf"))
     clock = time.process_time if CPU_CLOCK else time.perf_counter
+
+    def run(m, extra: dict, cache, new: int) -> float:
+        if cache is not None:
+            cache.reset()
+        t0 = clock()
+        m.generate(ids, **{**kw, "max_new_tokens": new, "min_new_tokens": new}, **extra)
+        return clock() - t0
+
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for m in models.values():
-            m.eval().generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        for m, extra, cache in models.values():
+            m.eval()
+            run(m, extra, cache, 2 if not compiled else tokens)  # warm-up (compiled: at the timed length)
+        if compiled:
+            from torch._dynamo.utils import counters
+
+            assert counters["stats"]["unique_graphs"] > 0, "dynamo compiled nothing: TORCHDYNAMO_DISABLE?"
         for _ in range(repeat):  # interleaved, best of N
-            for name, m in models.items():
-                t0 = clock()
-                m.generate(ids, **kw)
-                best[name] = min(best[name], clock() - t0)
+            for name, (m, extra, cache) in models.items():
+                best[name] = min(best[name], run(m, extra, cache, tokens))
     base = tokens / best["bf16, transformers default experts"]
     print(f"\n## decode, batch 1, {tokens} new tokens after 8 (best of {repeat}, interleaved)")
+    print(f"load average at the end: {os.getloadavg()}")
     print("| model | tok/s | vs bf16 default |")
     print("|---|---|---|")
     for name, t in best.items():
@@ -295,6 +328,7 @@ def main() -> None:
         "--modes", default="eager,compiled", help="--device cuda / --whole: eager,compiled,graphed[-compiled]"
     )
     ap.add_argument("--json", default=None, help="--device cuda / --whole: write the results here")
+    ap.add_argument("--compiled", action="store_true", help="decode: also each side's compiled mode")
     args = ap.parse_args()
     global CPU_CLOCK
     CPU_CLOCK = args.clock == "cpu"
@@ -320,7 +354,9 @@ def main() -> None:
         return
     args.layers = args.layers or 2
     if args.only in (None, "decode"):
-        decode(work, args.tokens, args.repeat)
+        if args.compiled:
+            os.environ.pop("TORCHDYNAMO_DISABLE", None)  # set above for 1-3; read at the first compile
+        decode(work, args.tokens, args.repeat, args.compiled)
     if args.only in (None, "size"):
         size_and_speed(work, args.layers, args.repeat)
 

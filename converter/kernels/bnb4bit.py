@@ -382,8 +382,8 @@ def launch_gemv_4bit_cpu(
 ) -> torch.Tensor:
     """The C++ GEMV on checked, contiguous CPU tensors, ``batch`` rows of x: ``y [batch, out_features]``.
 
-    Shared by ``gemv_4bit`` above and the ``quantize_model::gemv_4bit`` custom op, which check their
-    arguments their own way (once per call here, once per weight there).
+    Used by ``gemv_4bit`` above, which checks its arguments on every call (the
+    ``quantize_model::gemv_4bit`` custom op calls the extension itself: custom_ops._gemv_4bit_cpu).
     """
     y = torch.empty((batch, out_features), dtype=x.dtype)
     _kernels.gemv_4bit(

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from converter import _kernels
-from converter.kernels.bnb4bit import launch_gemv_4bit_cpu
 from converter.kernels.checks import (
     GEMV_MAX_BATCH,
     GEMV_MAX_WEIGHTS,
@@ -46,6 +45,7 @@ from converter.kernels.checks import (
     NestedAbsmax,
 )
 from converter.kernels.cpu_threads import gemv_threads
+from converter.kernels.lean_dispatch import register_lean_cpu
 
 #: The torch.library namespace of every op of this project.
 NAMESPACE = "quantize_model"
@@ -60,6 +60,7 @@ def define(name: str, cpu: Callable, fake: Callable, cuda: Callable | None = Non
     if cuda is not None:
         op.register_kernel("cuda")(cuda)
     op.register_fake(fake)
+    register_lean_cpu(op, cpu)  # plain CPU calls skip custom_op's Python autograd layer
     return op
 
 
@@ -212,21 +213,29 @@ def _gemv_4bit_cpu(
     out_features: int,
     blocksize: int,
 ) -> torch.Tensor:
+    # Compiled CPU decode calls this ~200 times per token: the checks of _check_x in one expression,
+    # _check_x itself only to raise its message, and the kernel called without launch_gemv_4bit_cpu's
+    # argument packing (same arguments, so the same bits).
     in_features = packed.numel() * 2 // out_features
-    x = _check_x(x, packed, in_features)
-    return launch_gemv_4bit_cpu(
-        x,
-        packed,
-        absmax,
-        _nested(codes, nested_absmax, nested_map, offset),
-        quant_map,
-        batch=x.shape[0],
-        out_features=out_features,
-        in_features=in_features,
-        blocksize=blocksize,
-        isa="auto",
-        threads=gemv_threads(packed.numel()),
-    )
+    dtype = KERNEL_DTYPE_NAMES.get(x.dtype)
+    if (
+        dtype is None
+        or not x.is_cpu
+        or x.dim() != 2
+        or not 1 <= x.shape[0] <= GEMV_MAX_BATCH
+        or x.shape[1] != in_features
+    ):
+        _check_x(x, packed, in_features)
+    x = x.contiguous()
+    y = torch.empty((x.shape[0], out_features), dtype=x.dtype)
+    nested = codes is not None
+    _kernels.gemv_4bit(
+        x.data_ptr(), dtype, x.shape[0], in_features, out_features, blocksize, packed.data_ptr(),
+        quant_map.data_ptr(), 0 if absmax is None else absmax.data_ptr(), codes.data_ptr() if nested else 0,
+        nested_absmax.data_ptr() if nested else 0, float(offset) if nested else 0.0,
+        nested_map.data_ptr() if nested else 0, y.data_ptr(), "auto", gemv_threads(packed.numel()),
+    )  # fmt: skip
+    return y
 
 
 def _gemv_4bit_cuda(

@@ -14,6 +14,7 @@ __all__ = [
     "Linear8bit",
     "QuantLinear4bit",
     "QuantLinear8bit",
+    "compile_options",
     "dequantize_checkpoint",
     "graphed_greedy",
     "load_quantized",
@@ -33,6 +34,7 @@ _LAZY = {
     "load_quantized": "converter.loader.model",
     "dequantize_checkpoint": "converter.loader.dequantize",
     "graphed_greedy": "converter.loader.decode",
+    "compile_options": "converter.loader.compile_guards",
 }
 
 

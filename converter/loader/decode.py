@@ -287,7 +287,9 @@ def _compiled_call(model):
     """The model's forward through inductor without CUDA graphs of its own (ours record the steps)."""
     fn = _compiled.get(model)
     if fn is None:
-        fn = torch.compile(model.__call__, mode="default", dynamic=False)
+        from converter.loader.compile_guards import compile_options  # fewer guards per step
+
+        fn = torch.compile(model.__call__, dynamic=False, options=compile_options())
         _compiled[model] = fn
     return fn
 
