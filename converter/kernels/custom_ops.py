@@ -278,7 +278,7 @@ gemv_4bit = define("gemv_4bit", _gemv_4bit_cpu, _gemv_4bit_fake, _gemv_4bit_cuda
 # -- gemv_4bit_multi -------------------------------------------------------------------------------------
 
 
-def _check_multi(x: torch.Tensor, packed: list[torch.Tensor], out_features: list[int], **lists: list) -> int:
+def _check_multi(packed: list[torch.Tensor], out_features: list[int], **lists: list) -> int:
     """The weights' in_features (weight 0's), after checking that every list has one entry per weight
     and every weight has that in_features and lives on one device."""
     n = len(packed)
@@ -316,7 +316,6 @@ def _multi_inputs(
 ) -> tuple[torch.Tensor, int]:
     """(x checked for the weights, their in_features): the checks every device's implementation makes."""
     k = _check_multi(
-        x,
         packed,
         out_features,
         absmax=absmax,

@@ -4,8 +4,9 @@ The first forward after a load pays for things that do not depend on the weights
 cuBLAS's handle and its first kernels, the lazy loading of every kernel a forward launches (each
 module is loaded by the driver on its first launch), ``cudaFuncSetAttribute`` of our GEMV kernels,
 and transformers' first call into its mask and rotary code. ``load_quantized(device="cuda")`` starts
-this thread once the shard headers are parsed and joins it before it returns, so that work overlaps
-the disk reads, the copies and the model build instead of following them.
+this thread as the call begins (the layer kinds below wait until the shard headers are parsed) and
+joins it before it returns, so that work overlaps the disk reads, the copies and the model build
+instead of following them.
 
 The thread launches, with throwaway inputs, what the model's first forward launches:
 
