@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -238,7 +237,7 @@ class Verification:
 
     _POOL, _CALLER = 1, 2
 
-    def __init__(self, index: Index, threads: int | None = None, *, background: bool = False) -> None:
+    def __init__(self, index: Index, threads: int | None = None) -> None:
         self.index = index
         self._problems, present = file_problems(index)
         hashed = [n for n in present if n in index.shards]
@@ -247,7 +246,6 @@ class Verification:
         self._got: dict[str, dict[int, str]] = {n: {} for n in self._chunked}
         self._lock = threading.Lock()
         self._threads = max(1, threads or len(os.sched_getaffinity(0)))
-        self._background = background
         # Popped from the end, so the last chunk first: a caller reading the files front to back takes
         # chunks from the other end.
         self._order = [(n, k) for n, c in self._chunked.items() for k in range(len(c.sha256))]
@@ -262,7 +260,7 @@ class Verification:
     def _start(self, hashed: list[str]) -> None:
         tasks = len(self._order) + len(hashed) - len(self._chunked)
         workers = max(1, min(tasks, self._threads))
-        pool = ThreadPoolExecutor(max_workers=workers, initializer=_yield_cpu if self._background else None)
+        pool = ThreadPoolExecutor(max_workers=workers)
         folder = self.index.folder
         self._whole = {n: pool.submit(_sha256, folder / n) for n in hashed if n not in self._chunked}
         self._tasks = [pool.submit(self._hash_chunks) for _ in range(workers)] if self._order else []
@@ -344,35 +342,9 @@ class Verification:
         return problems
 
 
-#: Nice increment of background hashing threads (Linux): CFS weight 335 against the caller's 1024.
-BACKGROUND_NICE = 5
-
-
-def _yield_cpu() -> None:
-    """Lower this thread's CPU priority (Linux: a thread is a task with its own nice value).
-
-    A load's hashing threads fill every core while the caller parses headers on one of them; each
-    time the caller hands the GIL to a hashing thread it must then wait for a core to wake up on, and
-    beside threads of equal priority the scheduler lets it wait (measured on an H200 host: the
-    parse of an 8B folder took 0.26 s with 15 hashing threads against 0.06 s without). At a lower
-    priority the woken caller preempts a hashing thread at once; the hashing still takes every idle
-    core, and at +5 it keeps a quarter of a busy core's share against other processes, so it is
-    never starved. Elsewhere a no-op: ``setpriority`` there takes a process, not a thread.
-    """
-    if sys.platform != "linux":
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE)
-    except OSError:  # e.g. a sandbox that forbids it: the hashing runs as before
-        pass
-
-
-def start_verify(folder: Path, *, threads: int | None = None, background: bool = False) -> Verification:
-    """Start hashing every shard on background threads; call the result to wait for the problems.
-    ``background``: the threads run at a lower CPU priority (a load's verification, beside the
-    load's own threads; ``_yield_cpu``)."""
-    return Verification(read_index(folder, require_files=False), threads, background=background)
+def start_verify(folder: Path, *, threads: int | None = None) -> Verification:
+    """Start hashing every shard on background threads; call the result to wait for the problems."""
+    return Verification(read_index(folder, require_files=False), threads)
 
 
 def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:

@@ -146,7 +146,7 @@ def shards_verified(
         return
     try:
         with timing.phase("verify_start"):
-            pending = start_verify(folder, threads=_hash_threads(), background=True)
+            pending = start_verify(folder, threads=_hash_threads())
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 

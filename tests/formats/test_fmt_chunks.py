@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import sys
 import threading
 from pathlib import Path
 
@@ -225,32 +223,3 @@ def test_chunk_digests_json_round_trip() -> None:
     assert ChunkDigests.from_json(c.to_json(), CHUNK + 1, "x") == c
     with pytest.raises(ValueError, match=r"x: chunks\.sha256 must list 1 digests, got 2"):
         ChunkDigests.from_json(c.to_json(), CHUNK, "x")
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="a per-thread nice value is Linux's")
-@pytest.mark.parametrize("background", [False, True])
-def test_a_background_verification_hashes_at_a_lower_cpu_priority(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
-) -> None:
-    # A load's hashing threads yield the CPU to the load's own threads (index._yield_cpu); the
-    # caller's priority is left as it was, and the hashing still finds a changed chunk.
-    import formats.index as index_mod
-
-    infos, wm = _write_two_shards(tmp_path)
-    write_index(tmp_path, infos, wm, PROV)
-    real = index_mod.hash_range
-    nice: set[int] = set()
-
-    def observed(*args, **kwargs) -> str:
-        nice.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(index_mod, "hash_range", observed)
-    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    _flip(infos[1].path, 0)
-    problems = start_verify(tmp_path, threads=2, background=background)()
-    (line,) = problems
-    assert infos[1].path.name in line
-    step = min(index_mod.BACKGROUND_NICE, 19 - caller)  # nice saturates at 19
-    assert nice == {caller + step if background else caller}
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller
