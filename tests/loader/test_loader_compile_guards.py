@@ -84,4 +84,17 @@ def test_graphed_greedy_compiled_step_on_cpu_gives_transformers_tokens(dynamo, o
     want = greedy_reference(model, IDS, **kw)
     got = model.generate(IDS, custom_generate=graphed_greedy, compile_step=True, steps_per_graph=4, **kw)
     assert_compiled_without_breaks(dynamo)
-    assert torch.equal(got, want)
+    assert got.shape == want.shape
+    assert torch.equal(got[:, : IDS.shape[1]], IDS)
+    differ = (got != want).nonzero()
+    if differ.numel():  # allowed only where eager itself nearly tied (the sequences part there)
+        t = int(differ[0, 1])
+        with torch.no_grad():
+            logits = model(want[:, :t]).logits[0, -1].float()
+        # Inductor fuses the element-wise steps, so its intermediates round differently from eager's;
+        # the two runs' bf16 hidden states then differ by a few roundings of relative size 2^-8 each,
+        # and so do their logits, relative to the largest. A token choice may flip only between two
+        # logits closer than that (4 roundings); a wrong kernel moves logits far more.
+        near_tie = 4 * 2.0**-8 * float(logits.abs().max())
+        gap = float(logits[want[0, t]] - logits[got[0, t]])
+        assert 0 <= gap <= near_tie, f"step {t}: compiled token {int(got[0, t])} trails eager's by {gap}"
