@@ -34,7 +34,6 @@ TENSOR_GUARD_TYPES = frozenset({"TENSOR_MATCH", "DIMENSION_DYNAMIC_MARKING_GUARD
 #: Source text of a 4-bit layer's prepared kernel arguments (converter.loader.module.QuantLinear4bit).
 PREPARED_SOURCE = "._kernel_args."
 
-
 #: Source text of a layer's weight (the 4-bit one is a buffer: QuantLinear4bit._set_weight).
 WEIGHT_SOURCE = "._buffers['weight']"
 

@@ -177,22 +177,22 @@ def stream_state(
     pieces: list[list[_Piece]] = [[] for _ in files]
     tensors = [t for value in state.values() for t in _tensors_of(value)]
     located = [_locate(t, files) for t in tensors]
+    # One destination per shard view: views of the same bytes, dtype and shape share it.
+    keys = [
+        None if w is None else (t.data_ptr(), t.dtype, tuple(t.shape))
+        for t, w in zip(tensors, located, strict=True)
+    ]
     with timing.phase("reserve"):
-        views = {
-            (t.data_ptr(), t.dtype, tuple(t.shape)): t
-            for t, w in zip(tensors, located, strict=True)
-            if w is not None
-        }
+        views = {key: t for t, key in zip(tensors, keys, strict=True) if key is not None}
         reserve_device_memory(device, [t.numel() * t.element_size() for t in views.values()])
     alloc_start = time.perf_counter()
-    for t, where in zip(tensors, located, strict=True):
+    for t, where, key in zip(tensors, located, keys, strict=True):
         if id(t) in moved:
             continue
         if where is None:
             moved[id(t)] = t.to(device)
             stats.moved_tensors += 1
             continue
-        key = (t.data_ptr(), t.dtype, tuple(t.shape))
         if key not in by_view:
             dst = torch.empty(t.shape, dtype=t.dtype, device=device)
             by_view[key] = dst
