@@ -1,15 +1,15 @@
-"""Launch the batch-1 GEMV kernels once each on one large weight, for a profiler to look at.
+"""Launch the batch-1 GEMV kernels once each on given shapes, for a profiler to look at.
 
-    ncu --clock-control none -k regex:gemv --launch-skip 2 --launch-count 2 \\
-        --section SpeedOfLight --section WarpStateStats python bench/profile_gemv.py 2 6
+    ncu --clock-control none -k regex:gemv_stream --launch-skip 1 --launch-count 1 \\
+        --section SpeedOfLight --section WarpStateStats python bench/profile_gemv.py 28672x8192 --variant 11
 
-Arguments: the variants to launch (csrc/cuda/gemv.cu: 1..5 and 10 the CUDA-core kernel, 6..9 the
-tensor-core kernel). Every variant runs once as a warm-up, then once more: skip the first len(variants)
-launches in the profiler.
+Every shape runs once as a warm-up and once more, each on its own weight: profile the second launch
+of each (the first of a shape pays lazy set-up).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,16 +21,20 @@ import cuda_nf4
 
 
 def main() -> None:
-    variants = [int(v) for v in sys.argv[1:]] or [0]
-    out_f, in_f = 32768, 8192
-    w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
-    record = cuda_nf4.quantize(w)
-    del w
-    x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
-    for _ in range(2):
-        for v in variants:
-            cuda_nf4.gemv(x, record, out_f, in_f, v)
-    torch.cuda.synchronize()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("shapes", nargs="*", default=["28672x8192"], help="OUTxIN")
+    parser.add_argument("--variant", type=int, default=0, help="csrc/cuda/gemv.cu variant (0: default)")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    for shape in args.shapes:
+        out_f, in_f = (int(v) for v in shape.split("x"))
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
+        record = cuda_nf4.quantize(w)
+        del w
+        x = torch.randn(args.batch, in_f, device="cuda", dtype=torch.bfloat16)
+        for _ in range(2):
+            cuda_nf4.gemv(x, record, out_f, in_f, args.variant)
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

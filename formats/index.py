@@ -26,13 +26,13 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from formats.chunks import ChunkDigests, hash_range, mismatch_line
+from formats.chunks import ChunkDigests, digest_function, hash_range, mismatch_line
 from formats.metadata import tool_version
 from formats.validate import FORMAT_NAME, FORMAT_VERSION, BadIndex, MissingShard, UnknownFormatVersion
 from formats.writer import ShardInfo
@@ -237,11 +237,13 @@ class Verification:
 
     _POOL, _CALLER = 1, 2
 
-    def __init__(self, index: Index, threads: int | None = None) -> None:
+    def __init__(self, index: Index, threads: int | None = None, algo: str | None = None) -> None:
         self.index = index
         self._problems, present = file_problems(index)
         hashed = [n for n in present if n in index.shards]
         self._chunked = {n: c for n in hashed if (c := index.shards[n].chunks) is not None}
+        # Per shard, the chunk digests checked: xxh3_128 where recorded, else (or algo="sha256") sha256.
+        self._algo = {n: c.for_verify(algo)[0] for n, c in self._chunked.items()}
         self._owner = {n: [0] * len(c.sha256) for n, c in self._chunked.items()}
         self._got: dict[str, dict[int, str]] = {n: {} for n in self._chunked}
         self._lock = threading.Lock()
@@ -285,7 +287,7 @@ class Verification:
     def _hash_now(self, name: str, k: int) -> None:
         offset, nbytes = self._chunked[name].span(k, self.index.shards[name].size)
         try:
-            digest = hash_range(self.index.folder / name, offset, nbytes)
+            digest = hash_range(self.index.folder / name, offset, nbytes, self._algo[name])
         except OSError as exc:  # e.g. truncated since it was sized: reported as that chunk's problem
             digest = f"unreadable ({exc})"
         self.record(name, k, digest)
@@ -295,6 +297,14 @@ class Verification:
         no digests, or a size that differs from the index)."""
         chunks = self._chunked.get(name)
         return None if chunks is None else (chunks, self.index.shards[name].size)
+
+    def chunk_hasher(self, name: str) -> Callable[[Any], str]:
+        """The function that computes the digest :meth:`record` expects for chunks of shard ``name``."""
+        return digest_function(self._algo[name])
+
+    def algorithms(self) -> set[str]:
+        """The digest algorithms this verification checks (``sha256``, ``xxh3_128``)."""
+        return set(self._algo.values())
 
     def take(self, name: str, k: int) -> bool:
         """Chunk ``k`` of shard ``name`` is the caller's to hash (True), unless a thread started it."""
@@ -306,7 +316,7 @@ class Verification:
             return True
 
     def record(self, name: str, k: int, digest: str) -> None:
-        """The sha256 (hex) of chunk ``k`` of shard ``name`` (thread-safe)."""
+        """The digest (hex, :meth:`chunk_hasher`'s) of chunk ``k`` of shard ``name`` (thread-safe)."""
         with self._lock:
             self._got[name][k] = digest
 
@@ -335,18 +345,23 @@ class Verification:
             elif name in self._chunked:
                 entry = self.index.shards[name]
                 line = mismatch_line(
-                    self.index.folder / name, self._chunked[name], entry.size, self._got[name]
+                    self.index.folder / name,
+                    self._chunked[name],
+                    entry.size,
+                    self._got[name],
+                    self._algo[name],
                 )
                 if line is not None:
                     problems.append(line)
         return problems
 
 
-def start_verify(folder: Path, *, threads: int | None = None) -> Verification:
-    """Start hashing every shard on background threads; call the result to wait for the problems."""
-    return Verification(read_index(folder, require_files=False), threads)
+def start_verify(folder: Path, *, threads: int | None = None, algo: str | None = None) -> Verification:
+    """Start hashing every shard on background threads; call the result to wait for the problems.
+    ``algo="sha256"``: check the sha256 chunk digests even where xxh3_128 ones are recorded."""
+    return Verification(read_index(folder, require_files=False), threads, algo)
 
 
-def verify_shards(folder: Path, *, threads: int | None = None) -> list[str]:
+def verify_shards(folder: Path, *, threads: int | None = None, algo: str | None = None) -> list[str]:
     """Hash every shard (in parallel) and compare with the index; returns one line per problem."""
-    return start_verify(folder, threads=threads)()
+    return start_verify(folder, threads=threads, algo=algo)()

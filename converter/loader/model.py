@@ -200,7 +200,7 @@ def load_quantized(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.bfloat16,
     *,
-    verify: bool = True,
+    verify: bool | str = True,
     trust_remote_code: bool = False,
     device_map: str | dict[str, int | str] | None = None,
     max_memory: dict[int | str, int | str] | None = None,
@@ -214,8 +214,10 @@ def load_quantized(
     CPU and disk modules differ): use them instead of ``device``.
 
     ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
-    config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard's
-    sha256 against the index before returning (hashed on background threads while the model builds).
+    config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard
+    against the digests of its index before returning (hashed on background threads while the model
+    builds): per 16 MiB chunk its xxh3_128 where the index records one, else its sha256;
+    ``verify="sha256"`` checks the sha256 digests (cryptographic, ~30x the hashing cost).
     The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
     its bnb LoRA layer).
     """

@@ -3,7 +3,8 @@
 Shards are memory-mapped: every tensor is a view of the mapping (private, copy-on-write), so
 nothing is read from disk before it is used and nothing is copied. Each shard is validated
 structurally first (``formats.validate``: header, offsets, every bnb key group), and, with
-``verify=True``, its sha256 is checked against the index before any tensor is handed out.
+``verify=True``, its chunk digests (xxh3_128, or sha256 where the index has no other; formats/chunks.py)
+are checked against the index before any tensor is handed out.
 
 Reads checkpoints written by quantize-model and by transformers + bitsandbytes (``save_pretrained``
 of a 4-bit or 8-bit model): nf4 and fp4, nested or not, any ``quant_storage``, and LLM.int8
@@ -101,15 +102,17 @@ def streams_to(device: str | torch.device) -> bool:
 
 
 def load_quantized_state(
-    path_or_repo: str | os.PathLike, *, verify: bool = True, device: str | torch.device = "cpu"
+    path_or_repo: str | os.PathLike, *, verify: bool | str = True, device: str | torch.device = "cpu"
 ) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
     """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
     ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
 
     On the CPU, tensors are views of memory-mapped shards (nothing read before use). On another
     device (e.g. ``"cuda"``) every tensor is read once from its shard straight into its device tensor
-    (``converter.loader.stream``). ``verify=True`` checks each shard's sha256 against the index, the
-    shards hashed on background threads while they are parsed and copied; a mismatch raises
+    (``converter.loader.stream``). ``verify=True`` checks each shard against the digests of the
+    index (per 16 MiB chunk: xxh3_128 where recorded, else sha256; ``verify="sha256"`` checks the
+    sha256 ones), the shards hashed on background threads while they are parsed and copied; a
+    mismatch raises
     before anything is returned. Checkpoints whose index records no hashes (e.g. written by
     transformers) are validated structurally only.
     """
@@ -130,9 +133,23 @@ def _hash_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+#: What ``verify`` takes: True (the chunk digests the index records, xxh3_128 before sha256: see
+#: formats/chunks.py), "sha256" (the sha256 digests only, a cryptographic check), False (no check).
+VERIFY_CHOICES = (True, False, "sha256")
+
+
+def _verify_algo(verify: bool | str) -> str | None:
+    if verify is True or verify is False:
+        return None
+    if verify == "sha256":
+        return "sha256"
+    msg = f"verify must be True, False or 'sha256', got {verify!r}"
+    raise ValueError(msg)
+
+
 @contextlib.contextmanager
 def shards_verified(
-    folder: Path, verify: bool = True, *, streaming: bool = False
+    folder: Path, verify: bool | str = True, *, streaming: bool = False
 ) -> Iterator[Verification | None]:
     """Hash the shards of ``folder`` on background threads while the block runs (hashlib releases the
     GIL); on leaving it, wait for them and raise ``ChecksumMismatchError`` naming a changed shard, also
@@ -141,12 +158,13 @@ def shards_verified(
     the chunks it reads itself. A folder whose index records no hashes, or ``verify=False``: nothing
     is hashed (yields None). ``streaming``: the block streams the shards (``read_state`` to a GPU); the
     verification takes every core but the caller's either way (``_hash_threads``)."""
+    algo = _verify_algo(verify)
     if not verify or not shard_files(folder)[1]:
         yield None
         return
     try:
         with timing.phase("verify_start"):
-            pending = start_verify(folder, threads=_hash_threads())
+            pending = start_verify(folder, threads=_hash_threads(), algo=algo)
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 

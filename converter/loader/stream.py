@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import threading
 import time
@@ -324,8 +323,8 @@ def _copy_files(
                     raise CorruptFileError(msg) from exc
                 t2 = time.perf_counter()
                 name = files[i].path.name
-                if c >= 0 and hashes is not None and hashes.take(name, c):  # hashlib releases the GIL
-                    hashes.record(name, c, hashlib.sha256(views[slot][:n]).hexdigest())
+                if c >= 0 and hashes is not None and hashes.take(name, c):  # the hash releases the GIL
+                    hashes.record(name, c, hashes.chunk_hasher(name)(views[slot][:n]))
                     if timed:
                         timing.add("hashed_by_readers", 1)
                 t3 = time.perf_counter()

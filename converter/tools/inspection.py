@@ -158,7 +158,8 @@ def verify_path(path: str | Path) -> VerifyResult:
                 )
         if (folder / index_mod.INDEX_NAME).is_file():
             weight_map = index_mod.read_index(folder, require_files=False).weight_map
-            result.problems.extend(index_mod.verify_shards(folder))
+            # an explicit check: the sha256 chunk digests (cryptographic), not the load's xxh3_128
+            result.problems.extend(index_mod.verify_shards(folder, algo="sha256"))
         else:
             result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")
     found: dict[str, str] = {}

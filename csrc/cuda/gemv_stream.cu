@@ -197,7 +197,12 @@ __device__ __forceinline__ void stream_cta(const T* __restrict__ x,             
   uint32_t seg[4];  // swizzled segment offsets of rows g and g + 8 (same row & 3)
 #pragma unroll
   for (int s = 0; s < 4; ++s) seg[s] = g * kGridRowBytes + ((s ^ (g & 3)) * 32) + 8 * c;
-  // Batch columns g >= B read row B - 1 (their sums are never stored): no predicates on the x loads.
+  // Only the lanes of batch columns g < B load x; the others take zeros (their sums are never stored).
+  // The predicate is what makes batch 1 cheap: every loaded byte comes back through the same L1 data
+  // pipe as the table lookups (the kernel's bottleneck, ncu on the H200: 82% busy), and 8 lanes loading
+  // x cost 4 wavefronts per 16-byte load where the 4 lanes of column 0 alone cost 1 (164 -> ~140
+  // wavefronts per 16 x 256 tile).
+  const bool x_lane = g < p.batch;
   const T* xg = x + static_cast<int64_t>(min(g, p.batch - 1)) * p.K + 16 * c;
   // Absmax decode side: lane l decodes row l % 16, segments 2 (l / 16) and 2 (l / 16) + 1.
   const int dr = lane & 15, dh = lane >> 4;
@@ -232,7 +237,8 @@ __device__ __forceinline__ void stream_cta(const T* __restrict__ x,             
     for (int s = 0; s < 4; ++s)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        xb[s][h] = __ldg(reinterpret_cast<const uint4*>(xg + kt * kTileWeights + s * 64 + 8 * h));
+        xb[s][h] = x_lane ? __ldg(reinterpret_cast<const uint4*>(xg + kt * kTileWeights + s * 64 + 8 * h))
+                          : make_uint4(0u, 0u, 0u, 0u);
     const int ahead = it + kStages - 1;
     if (ahead < mine) issue(ahead % kStages, kt0 + sp + ahead * split);
     else cp_async_commit();

@@ -1,5 +1,6 @@
-"""Per-chunk sha256 (formats/chunks.py): the writer records them, the index carries them, and
-``Verification`` checks them on many threads, naming the shard and the chunk that changed."""
+"""Per-chunk digests (formats/chunks.py): the writer records a sha256 and an xxh3_128 per chunk, the
+index carries them, and ``Verification`` checks them on many threads (xxh3_128 where recorded, sha256
+on request or in older indexes), naming the shard and the chunk that changed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from fmt_helpers import reference_record, shard_plan
 
 from formats.chunks import ChunkDigests, chunk_count, hash_file
@@ -36,6 +38,10 @@ def _expected(data: bytes, size: int) -> list[str]:
     return [hashlib.sha256(data[o : o + size]).hexdigest() for o in range(0, len(data), size)]
 
 
+def _expected_fast(data: bytes, size: int) -> list[str]:
+    return [xxhash.xxh3_128_hexdigest(data[o : o + size]) for o in range(0, len(data), size)]
+
+
 @pytest.mark.parametrize("nbytes", [0, 1, 100, CHUNK - 1, CHUNK, 3 * CHUNK, 3 * CHUNK + 1, 5 * CHUNK - 7],
                          ids=lambda n: f"{n}B")  # fmt: skip
 @pytest.mark.parametrize("threads", [1, 3])
@@ -51,6 +57,7 @@ def test_hash_file_gives_the_file_sha256_and_one_digest_per_aligned_chunk(
     # Exact multiple: no empty tail chunk; smaller than a chunk: one short chunk; empty file: none.
     assert len(chunks.sha256) == chunk_count(nbytes, CHUNK) == -(-nbytes // CHUNK)
     assert list(chunks.sha256) == _expected(data, CHUNK)
+    assert list(chunks.xxh3_128) == _expected_fast(data, CHUNK)
     for k in range(len(chunks.sha256)):
         start, n = chunks.span(k, nbytes)
         assert start == k * CHUNK
@@ -91,6 +98,7 @@ def test_writer_records_chunk_digests_and_writes_the_same_bytes(tmp_path: Path) 
         assert b.chunks is not None
         assert list(a.chunks.sha256) == _expected(data, CHUNK)
         assert list(b.chunks.sha256) == _expected(data, 1 << 20)
+        assert list(a.chunks.xxh3_128) == _expected_fast(data, CHUNK)
         assert open_shard(a.path).data_size == len(data) - 8 - int.from_bytes(data[:8], "little")
 
 
@@ -99,7 +107,11 @@ def test_index_round_trips_chunk_digests(tmp_path: Path) -> None:
     write_index(tmp_path, infos, wm, PROV, version="0.1.0")
     raw = json.loads((tmp_path / INDEX_NAME).read_text())
     entry = raw["metadata"]["quantize_model"]["shards"][shard_name(1, 2)]
-    assert entry["chunks"] == {"size": CHUNK, "sha256": list(infos[0].chunks.sha256)}
+    assert entry["chunks"] == {
+        "size": CHUNK,
+        "sha256": list(infos[0].chunks.sha256),
+        "xxh3_128": list(infos[0].chunks.xxh3_128),
+    }
     assert entry["sha256"] == infos[0].sha256  # the whole-file sha256 stays for older readers
     index = read_index(tmp_path)
     assert index.format_version == 1  # an optional field: same format version (docs/format.md 8)
@@ -123,8 +135,10 @@ def _edit_index(folder: Path, edit) -> None:
         (lambda e: e["chunks"].update(size=1 << 31), "not a power of two"),
         (lambda e: e["chunks"]["sha256"].__setitem__(0, "XYZ"), "not 64 lowercase hex"),
         (lambda e: e.update(chunks=[1, 2]), "not a power of two"),
+        (lambda e: e["chunks"]["xxh3_128"].pop(), r"chunks\.xxh3_128 must list \d+ digests, got \d+"),
+        (lambda e: e["chunks"]["xxh3_128"].__setitem__(0, "0" * 64), "not 32 lowercase hex"),
     ],
-    ids=["count", "size", "too-large", "hex", "not-an-object"],
+    ids=["count", "size", "too-large", "hex", "not-an-object", "fast-count", "fast-hex"],
 )
 def test_malformed_chunk_digests_are_a_bad_index_naming_the_shard(tmp_path: Path, edit, message: str) -> None:
     infos, wm = _write_two_shards(tmp_path)
@@ -142,8 +156,9 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("algo", ["xxh3_128", "sha256"])
 @pytest.mark.parametrize("k", [0, 2, -1], ids=["first", "middle", "last"])
-def test_a_changed_byte_is_named_by_shard_and_chunk(tmp_path: Path, k: int) -> None:
+def test_a_changed_byte_is_named_by_shard_and_chunk(tmp_path: Path, k: int, algo: str) -> None:
     infos, wm = _write_two_shards(tmp_path)
     write_index(tmp_path, infos, wm, PROV)
     shard = infos[1]
@@ -151,12 +166,13 @@ def test_a_changed_byte_is_named_by_shard_and_chunk(tmp_path: Path, k: int) -> N
     k = k % n
     start, length = shard.chunks.span(k, shard.size)
     _flip(shard.path, start + length - 1)  # the chunk's last byte
-    problems = verify_shards(tmp_path, threads=3)
+    # the default checks the fast digests; algo="sha256" the cryptographic ones
+    problems = verify_shards(tmp_path, threads=3, algo=None if algo == "xxh3_128" else algo)
     assert len(problems) == 1
     assert problems[0].startswith(
-        f"{shard.path}: sha256 of chunk {k} (bytes {start}-{start + length - 1}) is "
+        f"{shard.path}: {algo} of chunk {k} (bytes {start}-{start + length - 1}) is "
     )
-    assert problems[0].endswith(f"index says {shard.chunks.sha256[k]}")
+    assert problems[0].endswith(f"index says {getattr(shard.chunks, algo)[k]}")
     _flip(shard.path, (k + 1) % n * CHUNK)  # a second chunk: counted, the first one named
     (line,) = verify_shards(tmp_path)
     assert f"of chunk {min(k, (k + 1) % n)} " in line
@@ -207,7 +223,7 @@ def test_taken_chunks_are_left_to_the_caller_and_hashed_at_the_end_if_never_reco
     _flip(infos[0].path, 0)  # changed after the caller read it: the caller's digests are what count
     for k in range(1, n):
         start, length = chunks.span(k, size)
-        pending.record(name, k, hashlib.sha256(data[start : start + length]).hexdigest())
+        pending.record(name, k, pending.chunk_hasher(name)(data[start : start + length]))
     gate.set()
     problems = pending()
     # The pool starts from the last chunk of the last shard, works backwards, hashes only what the
@@ -215,11 +231,16 @@ def test_taken_chunks_are_left_to_the_caller_and_hashed_at_the_end_if_never_reco
     assert started[0] == (infos[1].path.name, len(infos[1].chunks.sha256) - 1)
     assert {s for s, _ in pool_hashed} == {infos[1].path.name}
     assert len(problems) == 1
-    assert problems[0].startswith(f"{infos[0].path}: sha256 of chunk 0 ")
+    assert problems[0].startswith(f"{infos[0].path}: xxh3_128 of chunk 0 ")
 
 
 def test_chunk_digests_json_round_trip() -> None:
     c = ChunkDigests(CHUNK, ("0" * 64, "f" * 64))
     assert ChunkDigests.from_json(c.to_json(), CHUNK + 1, "x") == c
+    assert c.for_verify() == ("sha256", c.sha256)  # an index written before xxh3_128 digests
+    fast = ChunkDigests(CHUNK, ("0" * 64, "f" * 64), ("1" * 32, "2" * 32))
+    assert ChunkDigests.from_json(fast.to_json(), CHUNK + 1, "x") == fast
+    assert fast.for_verify() == ("xxh3_128", fast.xxh3_128)
+    assert fast.for_verify("sha256") == ("sha256", fast.sha256)
     with pytest.raises(ValueError, match=r"x: chunks\.sha256 must list 1 digests, got 2"):
         ChunkDigests.from_json(c.to_json(), CHUNK, "x")

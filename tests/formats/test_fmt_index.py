@@ -65,8 +65,10 @@ def test_verify_detects_corruption_and_missing(tmp_path: Path) -> None:
     p.write_bytes(raw)
     problems = verify_shards(tmp_path, threads=2)
     assert len(problems) == 1
-    assert f"{p}: sha256 " in problems[0]
-    assert infos[1].sha256 in problems[0]
+    assert f"{p}: xxh3_128 of chunk 0 " in problems[0]  # one chunk: the shard is smaller than 16 MiB
+    (line,) = verify_shards(tmp_path, algo="sha256")
+    assert f"{p}: sha256 of chunk 0 " in line
+    assert infos[1].sha256 in line  # one chunk: its sha256 is the file's
     p.unlink()
     assert verify_shards(tmp_path) == [f"{p}: missing"]
     with pytest.raises(MissingShard, match=shard_name(2, 2)):

@@ -120,5 +120,7 @@ def test_cuda_verify_by_chunk_digests_names_the_chunk(chunked_folder: Path, tmp_
     data[offset] ^= 0x01
     shard.write_bytes(bytes(data))
     k = offset // 4096
-    with pytest.raises(ChecksumMismatchError, match=rf"{re.escape(shard.name)}: sha256 of chunk {k} "):
+    with pytest.raises(ChecksumMismatchError, match=rf"{re.escape(shard.name)}: xxh3_128 of chunk {k} "):
         load_quantized(folder, device="cuda")
+    with pytest.raises(ChecksumMismatchError, match=rf"{re.escape(shard.name)}: sha256 of chunk {k} "):
+        load_quantized(folder, device="cuda", verify="sha256")

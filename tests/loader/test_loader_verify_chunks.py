@@ -72,15 +72,28 @@ def test_a_changed_byte_in_chunk_k_is_caught_and_named(
     folder = _copy(chunked_folder, tmp_path / "changed")
     name, k, start, parses = _flip(folder, shard_index, where)
     assert k > 0 or where == "header"  # the header of these shards is longer than a 4 KiB chunk
+    # verify=True checks the xxh3_128 chunk digests the writer recorded; verify="sha256" the sha256 ones
     with pytest.raises(
-        ChecksumMismatchError, match=rf"{re.escape(name)}: sha256 of chunk {k} \(bytes {start}-"
+        ChecksumMismatchError, match=rf"{re.escape(name)}: xxh3_128 of chunk {k} \(bytes {start}-"
     ) as info:
         load_quantized(folder)
     assert "verify=False" in str(info.value)
-    with pytest.raises(ChecksumMismatchError, match=rf"{re.escape(name)}: sha256 of chunk {k} "):
+    with pytest.raises(ChecksumMismatchError, match=rf"{re.escape(name)}: xxh3_128 of chunk {k} "):
         load_quantized_state(folder)
+    sha = rf"{re.escape(name)}: sha256 of chunk {k} \(bytes {start}-"
+    with pytest.raises(ChecksumMismatchError, match=sha):
+        load_quantized(folder, verify="sha256")
+    with pytest.raises(ChecksumMismatchError, match=rf"{re.escape(name)}: sha256 of chunk {k} "):
+        load_quantized_state(folder, verify="sha256")
     if parses:  # a changed code byte: only the hashes catch it
         assert isinstance(load_quantized(folder, verify=False), torch.nn.Module)
+
+
+def test_verify_takes_true_false_or_sha256(chunked_folder: Path) -> None:
+    with pytest.raises(ValueError, match="verify must be True, False or 'sha256', got 'md5'"):
+        load_quantized_state(chunked_folder, verify="md5")
+    want = load_quantized_state(chunked_folder).keys()
+    assert load_quantized_state(chunked_folder, verify="sha256").keys() == want
 
 
 def test_an_intact_chunked_folder_loads_the_same_model_on_both_paths(
