@@ -5,8 +5,9 @@
 1. Load time = from the call to the end of the first forward (8 tokens), each run in a fresh
    subprocess that has already imported torch/transformers (imports are not timed):
    - read: every file of the folder read once into a buffer (the floor: the bytes must be read);
-   - ours: ``converter.load_quantized(folder, verify=False)`` and ``verify=True`` (sha256 of every
-     shard, hashed in parallel, before anything else);
+   - ours: ``converter.load_quantized(folder, verify=False)``, ``verify=True`` (the index's chunk
+     digests: xxh3_128 where it records them, hashed in parallel while the model builds) and
+     ``verify="sha256"`` (the sha256 chunk digests);
    - transformers + bitsandbytes: ``AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")``.
    Cold = the page cache dropped before the run (``/proc/sys/vm/drop_caches`` when writable, else
    ``posix_fadvise(DONTNEED)`` on every file of the folder); warm = the folder read once before.
@@ -36,7 +37,8 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("read", "ours", "ours+verify", "transformers+bnb")
+CASES = ("read", "ours", "ours+verify", "ours+verify-sha256", "transformers+bnb")
+VERIFY = {"ours": False, "ours+verify": True, "ours+verify-sha256": "sha256"}
 IDS = [[1, 9, 1031, 314, 2718, 42, 7, 100]]
 
 
@@ -85,7 +87,7 @@ def child(case: str, folder: Path) -> dict:
         if case.startswith("ours"):
             from converter import load_quantized
 
-            model = load_quantized(folder, verify=case == "ours+verify")
+            model = load_quantized(folder, verify=VERIFY[case])
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
         loaded = time.perf_counter()
@@ -292,12 +294,12 @@ def main() -> None:
     results, method = bench_load(folder, args.repeat)
     print(f"Load = call -> end of first forward (8 tokens); median of {args.repeat}; cold cache via {method}")
     print("(load only = call -> model returned, before the forward)")
-    header = f"{'case':<18}{'cold s':>9}{'warm s':>9}{'cold load-only':>16}{'warm load-only':>16}"
+    header = f"{'case':<20}{'cold s':>9}{'warm s':>9}{'cold load-only':>16}{'warm load-only':>16}"
     print(header + f"{'RssAnon MB':>12}{'RssFile MB':>12}")
     for case in CASES:
         cold, warm = results[(case, "cold")], results[(case, "warm")]
         print(
-            f"{case:<18}{cold['seconds']:>9.3f}{warm['seconds']:>9.3f}{cold['load']:>16.3f}{warm['load']:>16.3f}"
+            f"{case:<20}{cold['seconds']:>9.3f}{warm['seconds']:>9.3f}{cold['load']:>16.3f}{warm['load']:>16.3f}"
             f"{warm['rss_anon'] / 1e6:>12.1f}{warm['rss_file'] / 1e6:>12.1f}"
         )
     for cache in ("cold", "warm"):
@@ -306,7 +308,8 @@ def main() -> None:
             f"{cache}: transformers+bnb / ours = "
             f"{results[('transformers+bnb', cache)]['seconds'] / ours:.1f}x, "
             f"ours / read = {ours / results[('read', cache)]['seconds']:.2f}x, "
-            f"verify cost = {results[('ours+verify', cache)]['seconds'] - ours:.3f} s"
+            f"verify cost = {results[('ours+verify', cache)]['seconds'] - ours:.3f} s "
+            f"(sha256: {results[('ours+verify-sha256', cache)]['seconds'] - ours:.3f} s)"
         )
 
     if args.skip_gemv:
