@@ -87,6 +87,7 @@ def copy_bandwidth(iters: int, *, graph: bool = False) -> float:
     if graph:
         times.append(time_graph(lambda: dst.copy_(src), iters))
         times.append(time_graph(lambda: torch.neg(src, out=dst), iters))
-    names = ("eager copy_", "graph copy_ (memcpy node)", "graph neg (kernel)")
-    print("copy floor, GB/s read + written: " + ", ".join(f"{n} {2 * (1 << 30) / t / 1e9:.0f}" for n, t in zip(names, times)))
+    names = ("eager copy_", "graph copy_ (memcpy node)", "graph neg (kernel)")[: len(times)]
+    rates = ", ".join(f"{n} {2 * (1 << 30) / t / 1e9:.0f}" for n, t in zip(names, times, strict=True))
+    print(f"copy floor, GB/s read + written: {rates}")
     return 2 * (1 << 30) / min(times)

@@ -52,11 +52,6 @@ SHA256, XXH3_128 = "sha256", "xxh3_128"
 _HEX_LEN = {SHA256: 64, XXH3_128: 32}
 
 
-def fast_digests_available() -> bool:
-    """Whether this process can compute xxh3_128 digests (the ``xxhash`` package imports)."""
-    return xxhash is not None
-
-
 def digest_function(algo: str) -> Callable[[Any], str]:
     """bytes-like -> hex digest for ``algo`` (both release the GIL on large buffers)."""
     if algo == SHA256:

@@ -25,7 +25,7 @@ Exit codes: 0 ok, 1 failed, 2 usage or input error.
               case_sensitive=False), default="bf16", show_default=True,
               help="dtype of every floating-point tensor written.")  # fmt: skip
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards against the index.")
+@click.option("--no-verify", is_flag=True, help="Skip the check of the shards against the index's digests.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever the output folder holds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")

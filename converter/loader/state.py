@@ -112,8 +112,7 @@ def load_quantized_state(
     (``converter.loader.stream``). ``verify=True`` checks each shard against the digests of the
     index (per 16 MiB chunk: xxh3_128 where recorded, else sha256; ``verify="sha256"`` checks the
     sha256 ones), the shards hashed on background threads while they are parsed and copied; a
-    mismatch raises
-    before anything is returned. Checkpoints whose index records no hashes (e.g. written by
+    mismatch raises before anything is returned. Checkpoints whose index records no hashes (e.g. written by
     transformers) are validated structurally only.
     """
     folder = resolve_folder(path_or_repo)
@@ -133,12 +132,10 @@ def _hash_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-#: What ``verify`` takes: True (the chunk digests the index records, xxh3_128 before sha256: see
-#: formats/chunks.py), "sha256" (the sha256 digests only, a cryptographic check), False (no check).
-VERIFY_CHOICES = (True, False, "sha256")
-
-
 def _verify_algo(verify: bool | str) -> str | None:
+    """The digest ``verify`` asks for: True, the ones the index records (xxh3_128 before sha256:
+    formats/chunks.py; None here); "sha256", the sha256 ones only (a cryptographic check); False, no
+    check (None too)."""
     if verify is True or verify is False:
         return None
     if verify == "sha256":
