@@ -44,8 +44,8 @@
 // 74% busy (82% before x was loaded by live batch lanes only), at ~140 wavefronts per 16 x 256 tile:
 // 64 table lookups (one per code byte: the floor of a byte-indexed table), 16 code reads, ~27 for the
 // cp.async copies, ~14 absmax, ~9 x, ~7 stores; DRAM at 52% of its peak, 0.4 issues per scheduler.
-// The next step these counts point to (not built): stage the codes with the bulk-copy engine instead of per-lane
-// cp.async (cp.async.bulk.tensor.2d, box 128 bytes x 16 rows, SWIZZLE_128B, completing on an
+// The next step these counts point to (not built): stage the codes with the bulk-copy engine instead
+// of per-lane cp.async (cp.async.bulk.tensor.2d, box 128 bytes x 16 rows, SWIZZLE_128B, completing on an
 // mbarrier per warp stage), which takes those ~27 wavefronts off the pipe. Under the 128-byte swizzle
 // (16-byte chunk j of row r at j ^ (r & 7)) the 8-byte reads of rows g = 0..3 of a half-warp collide
 // in pairs; mapping mma row g to tile row 2g and row g + 8 to 2g + 1 makes them conflict-free (the
