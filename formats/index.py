@@ -302,10 +302,6 @@ class Verification:
         """The function that computes the digest :meth:`record` expects for chunks of shard ``name``."""
         return digest_function(self._algo[name])
 
-    def algorithms(self) -> set[str]:
-        """The digest algorithms this verification checks (``sha256``, ``xxh3_128``)."""
-        return set(self._algo.values())
-
     def take(self, name: str, k: int) -> bool:
         """Chunk ``k`` of shard ``name`` is the caller's to hash (True), unless a thread started it."""
         with self._lock:

@@ -234,6 +234,27 @@ def test_taken_chunks_are_left_to_the_caller_and_hashed_at_the_end_if_never_reco
     assert problems[0].startswith(f"{infos[0].path}: xxh3_128 of chunk 0 ")
 
 
+def test_a_folder_mixing_old_and_new_chunk_entries_checks_each_by_what_it_records(tmp_path: Path) -> None:
+    # A conversion resumed from a manifest written before xxh3_128 digests keeps those shards' sha256-only
+    # entries: each shard is checked by the digests its own entry has.
+    infos, wm = _write_two_shards(tmp_path)
+    write_index(tmp_path, infos, wm, PROV)
+    path = tmp_path / INDEX_NAME
+    raw = json.loads(path.read_text())
+    del raw["metadata"]["quantize_model"]["shards"][infos[0].path.name]["chunks"]["xxh3_128"]
+    path.write_text(json.dumps(raw))
+    index = read_index(tmp_path)
+    assert index.shards[infos[0].path.name].chunks.xxh3_128 is None
+    assert index.shards[infos[1].path.name].chunks.xxh3_128 is not None
+    assert verify_shards(tmp_path) == []
+    for info in infos:
+        _flip(info.path, info.size - 1)
+    lines = sorted(verify_shards(tmp_path))
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{infos[0].path}: sha256 of chunk ")
+    assert lines[1].startswith(f"{infos[1].path}: xxh3_128 of chunk ")
+
+
 def test_chunk_digests_json_round_trip() -> None:
     c = ChunkDigests(CHUNK, ("0" * 64, "f" * 64))
     assert ChunkDigests.from_json(c.to_json(), CHUNK + 1, "x") == c
