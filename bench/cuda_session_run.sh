@@ -84,7 +84,7 @@ for s in ${*:-env}; do
       python3 $ROOT/bench/profile_graphed.py --layers 8 --compile-step" ;;
     benchsmoke) step benchsmoke timeout 60 bash -c "python3 $ROOT/bench/profile_gemv.py 0 11 && echo prof ok && \
       python3 $ROOT/bench/bench_gemv_cuda.py --shapes 4096x4096 --replays 5 | tail -8" ;;
-    load) step load timeout 200 $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --load-breakdown --json "$OUT/load.json" ;;
+    load) step load timeout 320 $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --load-breakdown --json "$OUT/load.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;
     offload) step offload timeout 240 python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
