@@ -188,7 +188,7 @@ def mismatch_line(
 ) -> str | None:
     """One line naming the first chunk of ``path`` whose ``algo`` digest in ``got`` differs (and how
     many do), or None when every chunk in ``got`` matches."""
-    want = chunks.xxh3_128 if algo == XXH3_128 and chunks.xxh3_128 is not None else chunks.sha256
+    want = chunks.for_verify(algo)[1]
     bad = sorted(k for k, d in got.items() if d != want[k])
     if not bad:
         return None
