@@ -40,17 +40,17 @@
 //   decoder's small projections (1024..4096 rows) fill the GPU together where each alone does not.
 //   The one-weight launch keeps its own entry (k_gemv_stream, the same SASS as before the split).
 //
-// Where the time goes (ncu on an H200, 28672x8192 batch 1, round 24): the L1/shared-memory data pipe,
-// 74% busy (82% before x was loaded by live batch lanes only), at ~140 wavefronts per 16 x 256 tile:
-// 64 table lookups (one per code byte: the floor of a byte-indexed table), 16 code reads, ~27 for the
-// cp.async copies, ~14 absmax, ~9 x, ~7 stores; DRAM at 52% of its peak, 0.4 issues per scheduler.
-// The next step these counts point to (not built): stage the codes with the bulk-copy engine instead
-// of per-lane cp.async (cp.async.bulk.tensor.2d, box 128 bytes x 16 rows, SWIZZLE_128B, completing on an
-// mbarrier per warp stage), which takes those ~27 wavefronts off the pipe. Under the 128-byte swizzle
-// (16-byte chunk j of row r at j ^ (r & 7)) the 8-byte reads of rows g = 0..3 of a half-warp collide
-// in pairs; mapping mma row g to tile row 2g and row g + 8 to 2g + 1 makes them conflict-free (the
-// chunk pairs become s ^ 0..3). The table's 256-byte rows leave no room for dense 2 KB stages at two
-// CTAs per SM: one CTA of 16 warps (64 KB table, 16 x 3-4 stages of 2 KB) fits in 227 KB.
+// Where the time goes (ncu on an H200, 28672x8192 batch 1, round 24): ~140 wavefronts per 16 x 256 tile
+// through the L1/shared-memory data pipe (74% busy): 64 table lookups, 16 code reads, ~27 for the
+// cp.async copies, ~14 absmax, ~9 x, ~7 stores; DRAM at 52% of its peak, 0.4 issues per scheduler, 3.6
+// active warps per scheduler (124 registers: 25% occupancy), 0.67 eligible. Two ways of unloading the
+// pipe were built and measured in round 25 (docs/benchmarks.md) and are not here, because neither is
+// faster: staging the codes by TMA (cp.async.bulk.tensor.2d, 128-byte swizzle; branch gemvtma) runs
+// as fast on 28672x8192 and 14336x4096 and 8-10% slower on the others; decoding code bytes by byte permutes
+// of register-held byte planes instead of the table (exact; branch regdecode) costs time in proportion
+// to the instructions it adds (all words: 1.73x). The kernel is latency-bound at 4 warps per scheduler,
+// each tile one dependent chain (permute -> shared load -> mma): the lever left is more warps per
+// multiprocessor (fewer registers, less shared memory) or more independent work per warp.
 //
 // Arithmetic: the code value rounded to x's dtype (the table), mma products summed in float32 (tensor
 // cores: truncating accumulation), each 64-weight segment's sum scaled by its block's absmax with an
