@@ -16,7 +16,8 @@
 #   dectests the CUDA tests of graphed_greedy only
 #   benchsmoke the shared bench CUDA helpers (cuda_timing, cuda_nf4) through three short scripts
 #   profile  profile_graphed.py: kernels per graphed decode token by family (8 layers), eager and compiled step
-#   load     bench_generate.py --load on the same 8B folder: call -> first token (+ where the time goes: --load-breakdown)
+#   load     bench_generate.py --load on the same 8B folder: call -> first token (+ where the time goes: --load-breakdown),
+#            contenders $LOAD_CONTENDERS (default ours,bnb,bf16), timeout $LOAD_TIMEOUT (default 320 s)
 #   overhead bench_linear_overhead.py: host cost of one eager linear call, ours / F.linear / bnb
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
@@ -84,7 +85,8 @@ for s in ${*:-env}; do
       python3 $ROOT/bench/profile_graphed.py --layers 8 --compile-step" ;;
     benchsmoke) step benchsmoke timeout 60 bash -c "python3 $ROOT/bench/profile_gemv.py 0 11 && echo prof ok && \
       python3 $ROOT/bench/bench_gemv_cuda.py --shapes 4096x4096 --replays 5 | tail -8" ;;
-    load) step load timeout 320 $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --load-breakdown --json "$OUT/load.json" ;;
+    load) step load timeout "${LOAD_TIMEOUT:-320}" $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --load-breakdown \
+      --load-contenders "${LOAD_CONTENDERS:-ours,bnb,bf16}" --json "$OUT/load.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;
     offload) step offload timeout 240 python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
