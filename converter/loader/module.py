@@ -23,7 +23,6 @@ to the new device and never cast them (bitsandbytes#1527, #1664, #2078 are this 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -32,28 +31,21 @@ from torch import nn
 
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.loader import ops
+from converter.loader.bnb_optional import bitsandbytes_for_layers
 from converter.loader.cpu_gemv import CpuGemv
 from converter.loader.siblings import SiblingGroup
 from formats.bnb_compat import quant_state_json
 from formats.quant_types import NESTED_BLOCKSIZE, QuantType
 from formats.record import QuantizedTensor
 
-# bitsandbytes' CPU backend warns at import when the optional `kernels` package (its own AVX-512-BF16
-# GEMM) is missing; we never call its kernels, so that warning would only mislead our users.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# bitsandbytes is optional and imported only where PEFT can use it (bnb_optional): with it, PEFT
+# recognizes our layer as its own 4-bit type.
+_bnb = bitsandbytes_for_layers()
+_BnbLinear4bit: type | None = _bnb.nn.Linear4bit if _bnb is not None else None
+_BnbParams4bit: type | None = _bnb.nn.Params4bit if _bnb is not None else None
+_BnbQuantState: type | None = _bnb.functional.QuantState if _bnb is not None else None
 
-try:  # bitsandbytes is optional: with it, PEFT recognizes our layer as its own 4-bit type.
-    import bitsandbytes as _bnb
-
-    _BnbLinear4bit: type | None = _bnb.nn.Linear4bit
-    _BnbParams4bit: type | None = _bnb.nn.Params4bit
-    _BnbQuantState: type | None = _bnb.functional.QuantState
-except ImportError:  # pragma: no cover - exercised on installs without bitsandbytes
-    _bnb = None
-    _BnbLinear4bit = None
-    _BnbParams4bit = None
-    _BnbQuantState = None
-
+#: Whether our layers subclass bitsandbytes' (bitsandbytes and PEFT installed, or bitsandbytes imported).
 HAS_BITSANDBYTES = _bnb is not None
 
 _DTYPES = {v: k for k, v in KERNEL_DTYPE_NAMES.items()}

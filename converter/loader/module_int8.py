@@ -24,7 +24,6 @@ Gradients flow to the input in every path (the weight is frozen).
 
 from __future__ import annotations
 
-import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,19 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from converter.loader import int8_ops
+from converter.loader.bnb_optional import bitsandbytes_for_layers
 from formats.int8 import Int8Tensor, scb_key, weight_format_key
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-try:  # optional: with it, PEFT recognizes the layer as its own 8-bit type
-    import bitsandbytes as _bnb
-
-    _BnbLinear8bitLt: type | None = _bnb.nn.Linear8bitLt
-    _BnbInt8Params: type | None = _bnb.nn.Int8Params
-except ImportError:  # pragma: no cover - exercised on installs without bitsandbytes
-    _bnb = None
-    _BnbLinear8bitLt = None
-    _BnbInt8Params = None
+# optional, imported only where PEFT can use it (bnb_optional): with it, PEFT recognizes the layer as
+# its own 8-bit type
+_bnb = bitsandbytes_for_layers()
+_BnbLinear8bitLt: type | None = _bnb.nn.Linear8bitLt if _bnb is not None else None
+_BnbInt8Params: type | None = _bnb.nn.Int8Params if _bnb is not None else None
 
 #: bnb's CPU int8_mm_dequant constant (0x388206aa; 18 ppm above 1/127**2, bnb-int8.md §6).
 _MM_DEQUANT = 6.200124e-05

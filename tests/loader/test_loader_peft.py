@@ -135,3 +135,41 @@ print(type(merged.model.layers[0].self_attn.q_proj).__name__, sorted(merged.stat
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
     assert out.stdout.startswith("QuantLinear4bit")
+
+
+HIDE_PEFT = HIDE_BNB.replace('"bitsandbytes"', '"peft"')
+
+
+def test_bitsandbytes_is_not_imported_where_peft_cannot_use_it(our_folder: Path, tmp_path: Path) -> None:
+    """bitsandbytes installed, PEFT not: loading and generating never import bitsandbytes (about 2 s of
+    imports: it imports torch._dynamo); the layers are our own classes and give the same logits as the
+    bnb-based ones of this process."""
+    logits_file = tmp_path / "logits.pt"
+    script = (
+        HIDE_PEFT
+        + f"""
+import sys
+import warnings
+warnings.simplefilter("ignore")
+import torch
+from converter.loader.module import HAS_BITSANDBYTES, Linear4bit, QuantLinear4bit
+from converter.loader.model import load_quantized
+assert "bitsandbytes" not in sys.modules, "imported by the loader"
+assert not HAS_BITSANDBYTES and Linear4bit is QuantLinear4bit
+model = load_quantized({str(our_folder)!r})
+ids = torch.tensor([[1, 2, 3, 4]])
+with torch.no_grad():
+    torch.save(model(ids).logits, {str(logits_file)!r})
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+assert "bitsandbytes" not in sys.modules, "imported while loading or generating"
+print("ok")
+"""
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+    model = load_quantized(our_folder)  # this process has PEFT: bnb-based layers
+    assert isinstance(linear4bit_modules(model)["model.layers.0.self_attn.q_proj"], bnb.nn.Linear4bit)
+    with torch.no_grad():
+        want = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.equal(torch.load(logits_file), want)
