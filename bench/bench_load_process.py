@@ -1,0 +1,114 @@
+"""A whole loading process on CPU, as a user's script runs it: interpreter start, imports, load, first
+forward, side by side.
+
+    python bench/bench_load_process.py [--model .cache/samples/smollm2-135m] [--workdir .cache/bench]
+        [--repeat 5] [--json out.json]
+
+Each run is a fresh ``python -c`` (wall time from before the interpreter starts to the end of the first
+forward of 4 tokens; the folder is read once before, so every contender starts from a warm page cache):
+- ours: ``import torch; from converter import load_quantized`` then ``load_quantized(folder)``, with
+  PEFT installed (our layers subclass bitsandbytes', so bitsandbytes is imported);
+- ours, no PEFT: the same where PEFT cannot be found (an install without it: bitsandbytes, installed, is
+  not imported; converter/loader/bnb_optional.py);
+- transformers + bnb: ``AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")`` on the same folder.
+Runs are interleaved; the median and the fastest of --repeat are printed. The folder is our NF4
+conversion of --model (bench_load.prepare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_load import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+
+HIDE_PEFT = """
+import importlib.abc, importlib.util, sys
+class _Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "peft":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _Hide())
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda n, p=None: None if n.split(".")[0] == "peft" else _find_spec(n, p)
+"""
+
+OURS = """
+import sys, torch
+from converter import load_quantized
+model = load_quantized(sys.argv[1], device="cpu")
+with torch.no_grad():
+    model(torch.tensor([[1, 2, 3, 4]]))
+print("bnb imported" if "bitsandbytes" in sys.modules else "bnb not imported")
+"""
+
+BNB = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu")
+with torch.no_grad():
+    model(torch.tensor([[1, 2, 3, 4]]))
+print("bnb imported" if "bitsandbytes" in sys.modules else "bnb not imported")
+"""
+
+CASES = {"ours": OURS, "ours, no PEFT": HIDE_PEFT + OURS, "transformers + bnb": BNB}
+
+
+def run(code: str, folder: Path) -> tuple[float, str]:
+    # A user's default environment: no TORCHDYNAMO_DISABLE (set by our test targets), which also makes
+    # the imports that touch torch._dynamo (bitsandbytes' among them) cheaper than users see them.
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return wall, out.stdout.strip().splitlines()[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=REPO / ".cache/samples/smollm2-135m")
+    ap.add_argument("--workdir", type=Path, default=REPO / ".cache/bench")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    model = args.model
+    if not model.is_dir() and model == REPO / ".cache/samples/smollm2-135m":
+        from converter.tools import samples
+
+        model = samples.smollm2(REPO / ".cache/samples")  # built once from the PyPI-shipped GGUF
+    folder = prepare(model, args.workdir)
+    for p in folder.iterdir():  # warm page cache for every contender
+        if p.is_file():
+            p.read_bytes()
+    times: dict[str, list[float]] = {case: [] for case in CASES}
+    notes: dict[str, str] = {}
+    for _ in range(args.repeat):
+        for case, code in CASES.items():
+            wall, notes[case] = run(code, folder)
+            times[case].append(wall)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; folder {folder}; {args.repeat} runs each")
+    rows = []
+    for case, ts in times.items():
+        row = dict(case=case, median_s=statistics.median(ts), best_s=min(ts), runs=ts, note=notes[case])
+        rows.append(row)
+        print(f"  {case:<20} median {row['median_s']:.2f} s  best {row['best_s']:.2f} s  ({notes[case]})")
+    if args.json:
+        info = dict(machine=platform.machine(), cpus=os.cpu_count(), folder=str(folder), rows=rows)
+        args.json.write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()
