@@ -210,3 +210,19 @@ def greedy_reference(model, ids: torch.Tensor, **kw) -> torch.Tensor:
 
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + kw["max_new_tokens"])
     return model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
+
+
+def hiding(package: str) -> str:
+    """Python source that makes ``package`` unimportable and unfindable for the rest of a child process
+    (an install without it), to prefix to a ``python -c`` script."""
+    return f"""
+import importlib.abc, importlib.util, sys
+class _Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == {package!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, _Hide())
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda n, p=None: None if n.split(".")[0] == {package!r} else _find_spec(n, p)
+"""

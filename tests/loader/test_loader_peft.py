@@ -10,7 +10,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from loader_helpers import train_steps
+from loader_helpers import hiding, train_steps
 
 from converter.loader.model import linear4bit_modules, load_quantized
 from converter.loader.module import Linear4bit
@@ -96,17 +96,7 @@ def test_custom_module_registration_trains_and_merges(our_folder: Path) -> None:
     assert layer.weight.quant_state.nested
 
 
-HIDE_BNB = """
-import importlib.abc, importlib.util, sys
-class Hide(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "bitsandbytes":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-sys.meta_path.insert(0, Hide())
-_find_spec = importlib.util.find_spec
-importlib.util.find_spec = lambda n, p=None: None if n.split(".")[0] == "bitsandbytes" else _find_spec(n, p)
-"""
+HIDE_BNB = hiding("bitsandbytes")
 
 
 def test_everything_works_without_bitsandbytes(our_folder: Path) -> None:
@@ -137,7 +127,7 @@ print(type(merged.model.layers[0].self_attn.q_proj).__name__, sorted(merged.stat
     assert out.stdout.startswith("QuantLinear4bit")
 
 
-HIDE_PEFT = HIDE_BNB.replace('"bitsandbytes"', '"peft"')
+HIDE_PEFT = hiding("peft")
 
 
 def test_bitsandbytes_is_not_imported_where_peft_cannot_use_it(our_folder: Path, tmp_path: Path) -> None:
