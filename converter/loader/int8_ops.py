@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from converter.loader import dynamo_marks
 from formats.int8 import INV127
 
 #: Largest token count of the fused GEMV.
@@ -98,7 +99,7 @@ def _cuda_gemv_built() -> bool:
     return kernels_int8_cuda.has_gemv()
 
 
-@torch.compiler.assume_constant_result
+@dynamo_marks.assume_constant_result
 def _has_cuda_gemv() -> bool:
     """Whether the CUDA int8 GEMV is usable; a constant to dynamo (it asks the extension through
     pybind, which dynamo cannot trace: without this, fullgraph=True would fail on CUDA inputs)."""

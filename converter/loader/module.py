@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
-from converter.loader import ops
+from converter.loader import dynamo_marks, ops
 from converter.loader.bnb_optional import bitsandbytes_for_layers
 from converter.loader.cpu_gemv import CpuGemv
 from converter.loader.siblings import SiblingGroup
@@ -379,7 +379,7 @@ class QuantLinear4bit(nn.Module):
         if weight.is_cuda:  # CUDA graphs may keep these addresses: no per-replay copy of the weight
             for t in self._kernel_args:
                 if isinstance(t, torch.Tensor):
-                    torch._dynamo.mark_static_address(t)
+                    dynamo_marks.mark_static_address(t)
         return self._kernel_args
 
     @property
