@@ -2,12 +2,12 @@
 
 Our 4-bit and 8-bit layers subclass ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` so that a plain
 ``peft.get_peft_model`` wraps them with PEFT's own LoRA layers (PEFT dispatches on those types). That
-needs bitsandbytes imported, which costs about 2 s per process (it imports ``torch._dynamo``: 1.95 of
-the 3.5 s of ``import torch, transformers, converter.loader.model`` on a 2-core VM), and nothing else
-in loading or running a model needs it. So bitsandbytes is imported only when PEFT is installed too, or
-when the process has already imported bitsandbytes (bnb tooling at work); otherwise the layers are our
-own classes, as on an install without bitsandbytes, and PEFT works through
-``converter.loader.lora.register_lora``.
+needs bitsandbytes imported, which costs a loading process more than a second (it imports
+``torch._dynamo``; a whole process loading SmolLM2 on a 2-core VM, bench/bench_load_process.py: 6.0 s
+with it, 4.8 s without), and nothing else in loading or running a model needs it. So bitsandbytes is
+imported only when PEFT is installed too, or when the process has already imported bitsandbytes (bnb
+tooling at work); otherwise the layers are our own classes, as on an install without bitsandbytes,
+and PEFT works through ``converter.loader.lora.register_lora``.
 """
 
 from __future__ import annotations
