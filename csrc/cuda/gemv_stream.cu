@@ -50,7 +50,8 @@
 // of register-held byte planes instead of the table (exact; branch regdecode) costs time in proportion
 // to the instructions it adds (all words: 1.73x). The kernel is latency-bound at 4 warps per scheduler,
 // each tile one dependent chain (permute -> shared load -> mma): the lever left is more warps per
-// multiprocessor (fewer registers, less shared memory) or more independent work per warp.
+// multiprocessor (fewer registers, less shared memory) or more independent work per warp (branch
+// occupancy: three CTAs per multiprocessor at 80 registers, written, not yet measured).
 //
 // Arithmetic: the code value rounded to x's dtype (the table), mma products summed in float32 (tensor
 // cores: truncating accumulation), each 64-weight segment's sum scaled by its block's absmax with an
