@@ -131,9 +131,9 @@ HIDE_PEFT = hiding("peft")
 
 
 def test_bitsandbytes_is_not_imported_where_peft_cannot_use_it(our_folder: Path, tmp_path: Path) -> None:
-    """bitsandbytes installed, PEFT not: loading and generating never import bitsandbytes (about 2 s of
-    imports: it imports torch._dynamo); the layers are our own classes and give the same logits as the
-    bnb-based ones of this process."""
+    """bitsandbytes installed, PEFT not: loading and generating never import bitsandbytes (more than a
+    second of a loading process: it imports torch._dynamo); the layers are our own classes and give the
+    same logits as the bnb-based ones of this process."""
     logits_file = tmp_path / "logits.pt"
     script = (
         HIDE_PEFT
