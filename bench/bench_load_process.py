@@ -1,18 +1,24 @@
-"""A whole loading process on CPU, as a user's script runs it: interpreter start, imports, load, first
-forward, side by side.
+"""A whole loading process, as a user's script runs it: interpreter start, imports, load, first forward,
+side by side. Each contender imports only what its script needs (bench_generate.py --load, by contrast,
+imports every contender's modules before its clock starts, to time the load call alone).
 
     python bench/bench_load_process.py [--model .cache/samples/smollm2-135m] [--workdir .cache/bench]
-        [--repeat 5] [--json out.json]
+        [--folder NF4_FOLDER] [--device cpu|cuda] [--cases ...] [--repeat 5] [--json out.json]
 
 Each run is a fresh ``python -c`` (wall time from before the interpreter starts to the end of the first
-forward of 4 tokens; the folder is read once before, so every contender starts from a warm page cache):
-- ours: ``import torch; from converter import load_quantized`` then ``load_quantized(folder)``, with
-  PEFT installed (our layers subclass bitsandbytes', so bitsandbytes is imported);
-- ours, no PEFT: the same where PEFT cannot be found (an install without it: bitsandbytes, installed, is
-  not imported; converter/loader/bnb_optional.py);
-- transformers + bnb: ``AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")`` on the same folder.
-Runs are interleaved; the median and the fastest of --repeat are printed. The folder is our NF4
-conversion of --model (bench_load.prepare).
+forward of 4 tokens, synchronized on CUDA; the folder is read once before, so every contender starts
+from a warm page cache):
+- ours: ``import torch; from converter import load_quantized`` then ``load_quantized(folder, device)``,
+  with PEFT and bitsandbytes installed (neither is imported: converter/loader/bnb_optional.py);
+- ours verify: the same with ``verify=True``;
+- ours no PEFT: ``ours`` where PEFT cannot be found (an install without it);
+- ours after import peft: ``import peft`` first, as a fine-tuning script does (PEFT imports
+  bitsandbytes, so our layers are bnb's classes from the start: what every loading process with PEFT
+  installed paid before bitsandbytes was left to the process);
+- transformers + bnb: ``AutoModelForCausalLM.from_pretrained(folder, device_map=device)`` on the same
+  folder.
+Runs are interleaved; the median and the fastest of --repeat are printed. The folder is --folder, or
+our NF4 conversion of --model (bench_load.prepare).
 """
 
 from __future__ import annotations
@@ -43,34 +49,53 @@ _find_spec = importlib.util.find_spec
 importlib.util.find_spec = lambda n, p=None: None if n.split(".")[0] == "peft" else _find_spec(n, p)
 """
 
-OURS = """
+# argv: folder, device. The last line says whether the process imported bitsandbytes.
+FORWARD = """
+with torch.no_grad():
+    model(torch.tensor([[1, 2, 3, 4]], device=sys.argv[2]))
+if sys.argv[2] == "cuda":
+    torch.cuda.synchronize()
+print("bnb imported" if "bitsandbytes" in sys.modules else "bnb not imported")
+"""
+
+OURS = (
+    """
 import sys, torch
 from converter import load_quantized
-model = load_quantized(sys.argv[1], device="cpu")
-with torch.no_grad():
-    model(torch.tensor([[1, 2, 3, 4]]))
-print("bnb imported" if "bitsandbytes" in sys.modules else "bnb not imported")
+model = load_quantized(sys.argv[1], device=sys.argv[2])
 """
+    + FORWARD
+)
 
-BNB = """
+OURS_VERIFY = OURS.replace("device=sys.argv[2])", "device=sys.argv[2], verify=True)")
+
+BNB = (
+    """
 import sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu")
-with torch.no_grad():
-    model(torch.tensor([[1, 2, 3, 4]]))
-print("bnb imported" if "bitsandbytes" in sys.modules else "bnb not imported")
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map=sys.argv[2])
 """
+    + FORWARD
+)
 
-CASES = {"ours": OURS, "ours, no PEFT": HIDE_PEFT + OURS, "transformers + bnb": BNB}
+CASES = {
+    "ours": OURS,
+    "ours verify": OURS_VERIFY,
+    "ours no PEFT": HIDE_PEFT + OURS,
+    "ours after import peft": "import peft" + OURS,
+    "transformers + bnb": BNB,
+}
+DEFAULT_CASES = ("ours", "ours no PEFT", "transformers + bnb")
 
 
-def run(code: str, folder: Path) -> tuple[float, str]:
+def run(code: str, folder: Path, device: str) -> tuple[float, str]:
     # A user's default environment: no TORCHDYNAMO_DISABLE (set by our test targets), which also makes
     # the imports that touch torch._dynamo (bitsandbytes' among them) cheaper than users see them.
     env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
     env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-c", code, str(folder), device]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
@@ -81,32 +106,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=REPO / ".cache/samples/smollm2-135m")
     ap.add_argument("--workdir", type=Path, default=REPO / ".cache/bench")
+    ap.add_argument("--folder", type=Path, help="an NF4 folder to load (default: --model converted)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, of {list(CASES)}")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    model = args.model
-    if not model.is_dir() and model == REPO / ".cache/samples/smollm2-135m":
-        from converter.tools import samples
+    cases = {c: CASES[c] for c in args.cases.split(",")}
+    folder = args.folder
+    if folder is None:
+        model = args.model
+        if not model.is_dir() and model == REPO / ".cache/samples/smollm2-135m":
+            from converter.tools import samples
 
-        model = samples.smollm2(REPO / ".cache/samples")  # built once from the PyPI-shipped GGUF
-    folder = prepare(model, args.workdir)
+            model = samples.smollm2(REPO / ".cache/samples")  # built once from the PyPI-shipped GGUF
+        folder = prepare(model, args.workdir)
     for p in folder.iterdir():  # warm page cache for every contender
         if p.is_file():
-            p.read_bytes()
-    times: dict[str, list[float]] = {case: [] for case in CASES}
+            with open(p, "rb", buffering=0) as f:
+                while f.read(64 << 20):
+                    pass
+    times: dict[str, list[float]] = {case: [] for case in cases}
     notes: dict[str, str] = {}
     for _ in range(args.repeat):
-        for case, code in CASES.items():
-            wall, notes[case] = run(code, folder)
+        for case, code in cases.items():
+            wall, notes[case] = run(code, folder, args.device)
             times[case].append(wall)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; folder {folder}; {args.repeat} runs each")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, device {args.device}; folder {folder}; "
+          f"{args.repeat} runs each")  # fmt: skip
     rows = []
     for case, ts in times.items():
         row = dict(case=case, median_s=statistics.median(ts), best_s=min(ts), runs=ts, note=notes[case])
         rows.append(row)
         print(f"  {case:<20} median {row['median_s']:.2f} s  best {row['best_s']:.2f} s  ({notes[case]})")
     if args.json:
-        info = dict(machine=platform.machine(), cpus=os.cpu_count(), folder=str(folder), rows=rows)
+        info = dict(machine=platform.machine(), cpus=os.cpu_count(), device=args.device, folder=str(folder),
+                    rows=rows)  # fmt: skip
         args.json.write_text(json.dumps(info, indent=1))
 
 

@@ -18,6 +18,8 @@
 #   profile  profile_graphed.py: kernels per graphed decode token by family (8 layers), eager and compiled step
 #   load     bench_generate.py --load on the same 8B folder: call -> first token (+ where the time goes: --load-breakdown),
 #            contenders $LOAD_CONTENDERS (default ours,bnb,bf16), timeout $LOAD_TIMEOUT (default 320 s)
+#   loadproc bench_load_process.py --device cuda on the same 8B folder: whole processes as a user's script
+#            runs them (each contender imports only what it needs), $LOAD_CASES, $LOAD_REPEATS (default 3)
 #   overhead bench_linear_overhead.py: host cost of one eager linear call, ours / F.linear / bnb
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
@@ -87,6 +89,9 @@ for s in ${*:-env}; do
       python3 $ROOT/bench/bench_gemv_cuda.py --shapes 4096x4096 --replays 5 | tail -8" ;;
     load) step load timeout "${LOAD_TIMEOUT:-320}" $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --load-breakdown \
       --load-contenders "${LOAD_CONTENDERS:-ours,bnb,bf16}" --json "$OUT/load.json" ;;
+    loadproc) step loadproc timeout "${LOAD_TIMEOUT:-420}" bash -c "{ [ -d $GEN_DIR/llama8b-32-nf4 ] || $GEN --prompt 4 --new 2 --modes ''; } && \
+      python3 $ROOT/bench/bench_load_process.py --device cuda --folder $GEN_DIR/llama8b-32-nf4 --repeat ${LOAD_REPEATS:-3} \
+      --cases '${LOAD_CASES:-ours,ours verify,transformers + bnb}' --json $OUT/loadproc.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;
     offload) step offload timeout 240 python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \

@@ -1,41 +1,111 @@
-"""bitsandbytes for our layers' base classes, imported only where a process can use it.
+"""bitsandbytes as our layers' base classes, taken when the process imports it; never imported by us.
 
-Our 4-bit and 8-bit layers subclass ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` so that a plain
-``peft.get_peft_model`` wraps them with PEFT's own LoRA layers (PEFT dispatches on those types). That
-needs bitsandbytes imported, which costs a loading process more than a second (it imports
-``torch._dynamo``; a whole process loading SmolLM2 on a 2-core VM, bench/bench_load_process.py: 6.0 s
-with it, 4.8 s without), and nothing else in loading or running a model needs it. So bitsandbytes is
-imported only when PEFT is installed too, or when the process has already imported bitsandbytes (bnb
-tooling at work); otherwise the layers are our own classes, as on an install without bitsandbytes,
-and PEFT works through ``converter.loader.lora.register_lora``.
+Our 4-bit and 8-bit layers are also ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` instances where
+bitsandbytes is imported, so that a plain ``peft.get_peft_model`` wraps them with PEFT's own LoRA layers
+(PEFT dispatches on those types, and ``import peft`` imports bitsandbytes). Importing it ourselves would
+cost every loading process more than a second (it imports ``torch._dynamo`` and inductor; a whole process
+loading SmolLM2 on a 2-core VM, bench/bench_load_process.py: 6.0 s with it, 4.8 s without), and nothing
+in loading or running a model needs it. So:
+
+- where bitsandbytes is already imported (PEFT, the user's script, transformers' bnb loader), the layers
+  take its classes as bases from the start;
+- otherwise they are our own classes (as on an install without bitsandbytes), and :func:`when_imported`
+  runs the layer modules' upgrade right after bitsandbytes' import completes, whoever imports it: the
+  layers built so far become the bnb-based classes in place (same objects, same tensors), so
+  ``import peft`` after ``load_quantized`` still gives PEFT layers it recognizes.
+
+The hook is a ``sys.meta_path`` finder that answers nothing itself: for ``bitsandbytes`` alone it asks
+the finders after it and wraps the found loader's ``exec_module``; it removes itself once bitsandbytes
+is imported.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import importlib.abc
 import logging
 import sys
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 # bitsandbytes' CPU backend warns at import when the optional `kernels` package (its own AVX-512-BF16
 # GEMM) is missing; we never call its kernels, so that warning would only mislead our users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a broken or half-installed package counts as absent
-        return False
+_NAME = "bitsandbytes"
+_lock = threading.Lock()
+_callbacks: list[Callable[[ModuleType], None]] = []
 
 
-def bitsandbytes_for_layers() -> ModuleType | None:
-    """bitsandbytes (imported) when our layers should take its classes as bases, else ``None``: it is
-    installed, and PEFT is installed or bitsandbytes is already imported."""
-    if "bitsandbytes" not in sys.modules and not (_installed("bitsandbytes") and _installed("peft")):
+def imported() -> ModuleType | None:
+    """bitsandbytes if this process has imported it (its import finished), else ``None``; never imports."""
+    module = sys.modules.get(_NAME)
+    if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
         return None
+    return module
+
+
+def when_imported(callback: Callable[[ModuleType], None]) -> None:
+    """Run ``callback(bitsandbytes)`` once bitsandbytes is imported: now if it is, else right after its
+    import completes (in the importing thread). A callback that raises is reported as a warning; the
+    import itself still succeeds."""
+    with _lock:
+        module = imported()
+        if module is None:
+            _callbacks.append(callback)
+            if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+                sys.meta_path.insert(0, _AfterImport())
+            return
+    _run(callback, module)
+
+
+def _run(callback: Callable[[ModuleType], None], module: ModuleType) -> None:
     try:
-        return importlib.import_module("bitsandbytes")
-    except ImportError:  # pragma: no cover - an install whose bitsandbytes fails to import
-        return None
+        callback(module)
+    except Exception as exc:  # never break the user's `import peft` / `import bitsandbytes`
+        warnings.warn(
+            f"quantize-model: our layers could not take bitsandbytes' classes after it was imported "
+            f"({type(exc).__name__}: {exc}); PEFT will not recognize them as bnb layers "
+            f"(use converter.loader.lora.register_lora)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _imported_now(module: ModuleType) -> None:
+    with _lock:
+        callbacks = list(_callbacks)
+        _callbacks.clear()
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterImport)]
+    for callback in callbacks:
+        _run(callback, module)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loader the other finders give for bitsandbytes."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname != _NAME:
+            return None
+        spec = None
+        for finder in list(sys.meta_path):
+            if finder is self or isinstance(finder, _AfterImport) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_notify(module: ModuleType) -> None:
+            exec_module(module)
+            _imported_now(module)
+
+        loader.exec_module = exec_then_notify  # this spec's loader only (a finder makes one per spec)
+        return spec

@@ -1,7 +1,8 @@
 """LoRA on our 4-bit layers through PEFT's custom-module API (for installs without bitsandbytes).
 
-With bitsandbytes installed nothing is needed: :class:`~converter.loader.module.Linear4bit` is a
-``bnb.nn.Linear4bit`` and plain ``peft.get_peft_model`` wraps it with PEFT's own 4-bit LoRA layer.
+With bitsandbytes installed nothing is needed: ``import peft`` imports it, which makes our layers
+``bnb.nn.Linear4bit`` instances (converter/loader/bnb_optional.py), and plain ``peft.get_peft_model``
+wraps them with PEFT's own 4-bit LoRA layer.
 Without bitsandbytes, register this module's layer on the config first::
 
     from peft import LoraConfig, get_peft_model

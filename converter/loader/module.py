@@ -1,15 +1,17 @@
 """``Linear4bit``: a frozen 4-bit linear layer read from a pre-quantized checkpoint.
 
 The layer keeps bitsandbytes' representation, so PEFT and bnb tooling see what they expect:
-``self.weight`` is a ``Params4bit`` (bnb's own class when bitsandbytes is installed) holding the
+``self.weight`` is a ``Params4bit`` (bnb's own class once bitsandbytes is imported) holding the
 packed codes, with ``weight.quant_state`` holding absmax, the 16-entry quant map and, when nested,
 the 8-bit absmax codes, their scales, offset and 256-entry map. The weight is registered as a
 *buffer*, not a parameter: ``model.parameters()`` never hands it to an optimizer.
 
-``QuantLinear4bit`` holds all the behaviour. With bitsandbytes installed, ``Linear4bit`` subclasses
-it and ``bnb.nn.Linear4bit``, so ``peft.get_peft_model`` wraps it with PEFT's own 4-bit LoRA layer
-(and ``merge_and_unload`` dequantizes it with bnb); bnb's constructor is not run (it would allocate
-a full-precision weight first). Without bitsandbytes ``Linear4bit`` is ``QuantLinear4bit`` and
+``QuantLinear4bit`` holds all the behaviour. Once the process has imported bitsandbytes (``import
+peft`` does; we never import it: bnb_optional), ``Linear4bit`` subclasses it and ``bnb.nn.Linear4bit``,
+so ``peft.get_peft_model`` wraps it with PEFT's own 4-bit LoRA layer (and ``merge_and_unload``
+dequantizes it with bnb); bnb's constructor is not run (it would allocate a full-precision weight
+first), and layers built before that import are upgraded in place (:func:`upgrade_to_bitsandbytes`).
+Until then, and without bitsandbytes, ``Linear4bit`` is ``QuantLinear4bit`` and
 ``converter.loader.lora.register_lora`` plugs it into PEFT.
 
 Forward: the fused GEMV of ``converter.kernels.bnb4bit`` (CPU, or CUDA when built) for 1..8 tokens when
@@ -23,6 +25,7 @@ to the new device and never cast them (bitsandbytes#1527, #1664, #2078 are this 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -30,23 +33,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
-from converter.loader import dynamo_marks, ops
-from converter.loader.bnb_optional import bitsandbytes_for_layers
+from converter.loader import bnb_optional, dynamo_marks, ops
 from converter.loader.cpu_gemv import CpuGemv
 from converter.loader.siblings import SiblingGroup
 from formats.bnb_compat import quant_state_json
 from formats.quant_types import NESTED_BLOCKSIZE, QuantType
 from formats.record import QuantizedTensor
 
-# bitsandbytes is optional and imported only where PEFT can use it (bnb_optional): with it, PEFT
-# recognizes our layer as its own 4-bit type.
-_bnb = bitsandbytes_for_layers()
-_BnbLinear4bit: type | None = _bnb.nn.Linear4bit if _bnb is not None else None
-_BnbParams4bit: type | None = _bnb.nn.Params4bit if _bnb is not None else None
-_BnbQuantState: type | None = _bnb.functional.QuantState if _bnb is not None else None
-
-#: Whether our layers subclass bitsandbytes' (bitsandbytes and PEFT installed, or bitsandbytes imported).
-HAS_BITSANDBYTES = _bnb is not None
+# bitsandbytes' classes, once the process has imported it (bnb_optional: we never import it ourselves):
+# then our layers are also ``bnb.nn.Linear4bit`` and PEFT recognizes them as its own 4-bit type.
+_BnbLinear4bit: type | None = None
+_BnbParams4bit: type | None = None
+_BnbQuantState: type | None = None
 
 _DTYPES = {v: k for k, v in KERNEL_DTYPE_NAMES.items()}
 
@@ -99,7 +97,9 @@ class Packed4bit(nn.Parameter):
         return Packed4bit(self.data.clone(), _state_to(self.quant_state, None, clone=True))
 
 
-QuantStateClass: type = _BnbQuantState or QuantState4bit
+def quant_state_class() -> type:
+    """The class of new quant states: bnb's ``QuantState`` once bitsandbytes is imported, else ours."""
+    return _BnbQuantState or QuantState4bit
 
 
 def make_quant_state(
@@ -112,17 +112,19 @@ def make_quant_state(
     dtype: torch.dtype,
     nested: tuple[torch.Tensor, torch.Tensor, float | torch.Tensor] | None = None,
 ) -> Any:
-    """A quant state (bnb's class when installed). ``nested`` = (nested_absmax, nested_quant_map, offset)."""
+    """A quant state (bnb's class once bitsandbytes is imported).
+
+    ``nested`` = (nested_absmax, nested_quant_map, offset)."""
     state2 = offset = None
     if nested is not None:
         nested_absmax, nested_map, off = nested
-        state2 = QuantStateClass(
+        state2 = quant_state_class()(
             absmax=nested_absmax, code=nested_map, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
         )
         if not isinstance(off, torch.Tensor):  # with the state's other tensors (a device-loaded record)
             off = torch.tensor(float(off), dtype=torch.float32, device=nested_absmax.device)
         offset = off
-    return QuantStateClass(
+    return quant_state_class()(
         absmax=absmax,
         shape=torch.Size(shape),
         code=quant_map,
@@ -306,6 +308,11 @@ class QuantLinear4bit(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias, requires_grad=False)
+        _track(self)
+
+    def __setstate__(self, state: dict) -> None:  # copies and unpickled layers are tracked too
+        super().__setstate__(state)
+        _track(self)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -507,13 +514,64 @@ class QuantLinear4bit(nn.Module):
                     self.bias.copy_(value)
 
 
-if _bnb is not None:
+# -- bitsandbytes' classes, taken when the process imports it (bnb_optional) ----------------------------
+#: Layers built as our own class while bitsandbytes was not imported; upgraded in place when it is.
+_plain_layers: weakref.WeakSet[QuantLinear4bit] = weakref.WeakSet()
 
-    class Linear4bit(QuantLinear4bit, _BnbLinear4bit):
+
+def _track(layer: QuantLinear4bit) -> None:
+    if _BnbLinear4bit is None and type(layer) is QuantLinear4bit:
+        _plain_layers.add(layer)
+
+
+def _adopt_bitsandbytes(bnb: Any) -> None:
+    """Make ``Linear4bit`` the bnb-based class and upgrade the layers built before (same objects)."""
+    global _BnbLinear4bit, _BnbParams4bit, _BnbQuantState, _Linear4bitBnb
+
+    class Linear4bit(QuantLinear4bit, bnb.nn.Linear4bit):
         """:class:`QuantLinear4bit` that is also a ``bnb.nn.Linear4bit`` (PEFT's 4-bit LoRA wraps it)."""
 
-else:  # pragma: no cover - exercised in a subprocess without bitsandbytes
-    Linear4bit = QuantLinear4bit
+    Linear4bit.__module__, Linear4bit.__qualname__ = __name__, "Linear4bit"  # pickled by name
+    _BnbLinear4bit, _BnbParams4bit = bnb.nn.Linear4bit, bnb.nn.Params4bit
+    _BnbQuantState, _Linear4bitBnb = bnb.functional.QuantState, Linear4bit
+    for layer in list(_plain_layers):
+        upgrade_to_bitsandbytes(layer)
+    _plain_layers.clear()
+
+
+def upgrade_to_bitsandbytes(layer: QuantLinear4bit) -> None:
+    """``layer``, its weight and quant state become bitsandbytes' classes in place (bitsandbytes imported):
+    the same objects and tensors, so references to them (sibling groups, prepared kernel arguments,
+    captured graphs) stay valid."""
+    if _Linear4bitBnb is None or isinstance(layer, _Linear4bitBnb):
+        return
+    weight = layer.weight
+    if isinstance(weight, Packed4bit):
+        state = weight.quant_state
+        for s in (state, state.state2):
+            if type(s) is QuantState4bit:
+                s.__class__ = _BnbQuantState
+        weight.__class__ = _BnbParams4bit
+        # Params4bit's own attributes, as make_weight gives them.
+        weight.blocksize, weight.compress_statistics = state.blocksize, state.nested
+        weight.quant_type, weight.quant_storage = state.quant_type, weight.dtype
+        weight.module, weight.bnb_quantized = None, True
+    layer.__class__ = _Linear4bitBnb
+
+
+#: The bnb-based layer class (None until bitsandbytes is imported).
+_Linear4bitBnb: type | None = None
+bnb_optional.when_imported(_adopt_bitsandbytes)
+
+
+def __getattr__(name: str) -> Any:
+    # ``Linear4bit`` (the class our loader builds) and ``HAS_BITSANDBYTES`` follow bitsandbytes' import.
+    if name == "Linear4bit":
+        return _Linear4bitBnb or QuantLinear4bit
+    if name == "HAS_BITSANDBYTES":  # whether our layers are bitsandbytes' classes too
+        return _Linear4bitBnb is not None
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
 
 
 def nbytes(layer: QuantLinear4bit) -> int:

@@ -1,11 +1,12 @@
 """``Linear8bit``: a frozen LLM.int8 linear layer read from a pre-quantized 8-bit checkpoint.
 
 The layer keeps bitsandbytes' representation, so PEFT and bnb tooling see what they expect:
-``self.weight`` is an ``Int8Params`` (bnb's class when installed) holding the int8 codes with
+``self.weight`` is an ``Int8Params`` (bnb's class once bitsandbytes is imported) holding the int8 codes with
 ``weight.CB`` / ``weight.SCB``, and ``self.state`` a ``MatmulLtState`` with ``CB``, ``SCB``,
 ``threshold`` and ``has_fp16_weights=False``. The weight is a buffer: never handed to an optimizer.
-With bitsandbytes installed, ``Linear8bit`` subclasses ``bnb.nn.Linear8bitLt`` (bnb's constructor is
-not run), so ``peft.get_peft_model`` wraps it with PEFT's own 8-bit LoRA layer.
+Once the process has imported bitsandbytes (``import peft`` does; we never import it: bnb_optional),
+``Linear8bit`` subclasses ``bnb.nn.Linear8bitLt`` (bnb's constructor is not run; layers built before
+are upgraded in place), so ``peft.get_peft_model`` wraps it with PEFT's own 8-bit LoRA layer.
 
 Forward paths (``x`` in the compute dtype, default the input's):
 
@@ -24,6 +25,7 @@ Gradients flow to the input in every path (the weight is frozen).
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,15 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from converter.loader import int8_ops
-from converter.loader.bnb_optional import bitsandbytes_for_layers
+from converter.loader import bnb_optional, int8_ops
 from formats.int8 import Int8Tensor, scb_key, weight_format_key
 
-# optional, imported only where PEFT can use it (bnb_optional): with it, PEFT recognizes the layer as
-# its own 8-bit type
-_bnb = bitsandbytes_for_layers()
-_BnbLinear8bitLt: type | None = _bnb.nn.Linear8bitLt if _bnb is not None else None
-_BnbInt8Params: type | None = _bnb.nn.Int8Params if _bnb is not None else None
+# bitsandbytes' classes, once the process has imported it (bnb_optional: we never import it ourselves):
+# then PEFT recognizes our layer as its own 8-bit type.
+_bnb: Any = None
+_BnbLinear8bitLt: type | None = None
+_BnbInt8Params: type | None = None
 
 #: bnb's CPU int8_mm_dequant constant (0x388206aa; 18 ppm above 1/127**2, bnb-int8.md §6).
 _MM_DEQUANT = 6.200124e-05
@@ -168,6 +169,11 @@ class QuantLinear8bit(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias, requires_grad=False)
+        _track(self)
+
+    def __setstate__(self, state: dict) -> None:  # copies and unpickled layers are tracked too
+        super().__setstate__(state)
+        _track(self)
 
     @classmethod
     def from_record(
@@ -283,10 +289,52 @@ class QuantLinear8bit(nn.Module):
                 self.bias = nn.Parameter(state_dict[bias_key].to(self.bias.dtype), requires_grad=False)
 
 
-if _BnbLinear8bitLt is not None:
+# -- bitsandbytes' classes, taken when the process imports it (bnb_optional) ----------------------------
+#: Layers built as our own class while bitsandbytes was not imported; upgraded in place when it is.
+_plain_layers: weakref.WeakSet[QuantLinear8bit] = weakref.WeakSet()
+#: The bnb-based layer class (None until bitsandbytes is imported).
+_Linear8bitBnb: type | None = None
 
-    class Linear8bit(QuantLinear8bit, _BnbLinear8bitLt):
+
+def _track(layer: QuantLinear8bit) -> None:
+    if _BnbLinear8bitLt is None and type(layer) is QuantLinear8bit:
+        _plain_layers.add(layer)
+
+
+def _adopt_bitsandbytes(bnb: Any) -> None:
+    """Make ``Linear8bit`` the bnb-based class and upgrade the layers built before (same objects)."""
+    global _bnb, _BnbLinear8bitLt, _BnbInt8Params, _Linear8bitBnb
+
+    class Linear8bit(QuantLinear8bit, bnb.nn.Linear8bitLt):
         """:class:`QuantLinear8bit` that is also a ``bnb.nn.Linear8bitLt`` (PEFT's 8-bit LoRA wraps it)."""
 
-else:  # pragma: no cover - exercised without bitsandbytes
-    Linear8bit = QuantLinear8bit
+    Linear8bit.__module__, Linear8bit.__qualname__ = __name__, "Linear8bit"  # pickled by name
+    _bnb, _Linear8bitBnb = bnb, Linear8bit
+    _BnbLinear8bitLt, _BnbInt8Params = bnb.nn.Linear8bitLt, bnb.nn.Int8Params
+    for layer in list(_plain_layers):
+        upgrade_to_bitsandbytes(layer)
+    _plain_layers.clear()
+
+
+def upgrade_to_bitsandbytes(layer: QuantLinear8bit) -> None:
+    """``layer`` and its weight become bitsandbytes' classes in place and its state a ``MatmulLtState``
+    (bitsandbytes imported); the weight stays the same tensor object."""
+    if _Linear8bitBnb is None or isinstance(layer, _Linear8bitBnb):
+        return
+    weight = layer.weight
+    if isinstance(weight, Int8Weight):
+        weight.__class__ = _BnbInt8Params  # CB, SCB and has_fp16_weights are set already
+    old = layer.state
+    layer.state = _make_state(old.CB, old.SCB, old.threshold)
+    layer.__class__ = _Linear8bitBnb
+
+
+bnb_optional.when_imported(_adopt_bitsandbytes)
+
+
+def __getattr__(name: str) -> Any:
+    # ``Linear8bit`` (the class our loader builds) follows bitsandbytes' import.
+    if name == "Linear8bit":
+        return _Linear8bitBnb or QuantLinear8bit
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -14,7 +14,7 @@ for an install where the C++ extension is missing; it is slower, never different
 
 A quant state here is anything with bitsandbytes' ``QuantState`` attribute names (``absmax``,
 ``shape``, ``code``, ``dtype``, ``blocksize``, ``quant_type``, ``offset``, ``state2``, ``nested``):
-bnb's own class when bitsandbytes is installed, :class:`converter.loader.module.QuantState4bit`
+bnb's own class once bitsandbytes is imported, :class:`converter.loader.module.QuantState4bit`
 otherwise. Both are read the same way, so a weight that PEFT re-quantized with bnb still works.
 """
 

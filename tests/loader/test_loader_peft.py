@@ -163,3 +163,60 @@ print("ok")
     with torch.no_grad():
         want = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.equal(torch.load(logits_file), want)
+
+
+def test_peft_imported_after_loading_turns_our_layers_into_bnb_ones(
+    our_folder: Path, plain_llama: Path, tmp_path: Path
+) -> None:
+    """bitsandbytes and PEFT installed, neither imported: loading imports neither (bitsandbytes costs a
+    loading process more than a second). Importing PEFT afterwards (which imports bitsandbytes) makes the
+    loaded 4-bit and int8 layers bitsandbytes' classes in place (same objects, same tensors, same
+    logits), and plain ``get_peft_model`` wraps them with PEFT's own bnb LoRA layers."""
+    from converter.writer.pipeline import convert
+
+    int8_folder = tmp_path / "int8"
+    convert(plain_llama, int8_folder, quant_type="int8", progress=False)
+    script = f"""
+import copy, pickle, sys, warnings
+warnings.simplefilter("ignore")
+import torch
+from converter.loader import module, module_int8
+from converter.loader.model import load_quantized
+m4 = load_quantized({str(our_folder)!r})
+m8 = load_quantized({str(int8_folder)!r})
+assert "bitsandbytes" not in sys.modules and "peft" not in sys.modules, "imported by the loader"
+assert not module.HAS_BITSANDBYTES and module.Linear4bit is module.QuantLinear4bit
+assert module_int8.Linear8bit is module_int8.QuantLinear8bit
+ids = torch.tensor([[1, 2, 3, 4]])
+with torch.no_grad():
+    before4, before8 = m4(ids).logits, m8(ids).logits
+q4, q8 = m4.model.layers[0].self_attn.q_proj, m8.model.layers[0].self_attn.q_proj
+w4, w8, state4 = q4.weight, q8.weight, q4.weight.quant_state
+twin = copy.deepcopy(q4)  # a copy made before the import is upgraded too
+
+import peft
+import bitsandbytes as bnb
+from peft.tuners.lora.bnb import Linear4bit as PeftLora4bit, Linear8bitLt as PeftLora8bit
+
+assert module.HAS_BITSANDBYTES and type(q4) is module.Linear4bit and type(q8) is module_int8.Linear8bit
+assert isinstance(q4, bnb.nn.Linear4bit) and isinstance(twin, bnb.nn.Linear4bit)
+assert q4.weight is w4 and isinstance(w4, bnb.nn.Params4bit) and w4.bnb_quantized
+assert w4.quant_state is state4 and isinstance(state4, bnb.functional.QuantState)
+assert state4.nested and isinstance(state4.state2, bnb.functional.QuantState)
+assert (w4.blocksize, w4.quant_type, w4.compress_statistics) == (64, "nf4", True)
+assert isinstance(q8, bnb.nn.Linear8bitLt) and q8.weight is w8 and isinstance(w8, bnb.nn.Int8Params)
+assert isinstance(q8.state, bnb.MatmulLtState) and q8.state.CB is w8.CB and q8.state.threshold == 6.0
+assert type(pickle.loads(pickle.dumps(q4))) is module.Linear4bit
+with torch.no_grad():
+    assert torch.equal(m4(ids).logits, before4) and torch.equal(m8(ids).logits, before8)
+for model, lora_type, want in ((m4, PeftLora4bit, before4), (m8, PeftLora8bit, before8)):
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    wrapped = peft.get_peft_model(model, config)
+    assert isinstance(wrapped.base_model.model.model.layers[0].self_attn.q_proj, lora_type)
+    with torch.no_grad():  # LoRA's B starts at zero: the same logits
+        assert torch.equal(wrapped(ids).logits, want)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")

@@ -1,0 +1,86 @@
+"""converter.loader.bnb_optional: callbacks run right after bitsandbytes' import, whoever imports it.
+
+Each case runs in a child process whose ``bitsandbytes`` is a stand-in package on PYTHONPATH (its
+import must not have happened yet, and the real one's import is what the hook exists to avoid).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from loader_helpers import hiding
+
+
+def _run(tmp_path: Path, script: str) -> str:
+    package = tmp_path / "site" / "bitsandbytes"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("IMPORTED_BY_STAND_IN = True\n")
+    path = os.pathsep.join([str(package.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_callbacks_run_after_the_import_completes_and_the_hook_leaves(tmp_path: Path) -> None:
+    out = _run(
+        tmp_path,
+        """
+import sys, warnings
+from converter.loader import bnb_optional
+seen = []
+bnb_optional.when_imported(lambda m: seen.append(("first", m.IMPORTED_BY_STAND_IN)))
+def broken(m):
+    raise ValueError("boom")
+bnb_optional.when_imported(broken)
+bnb_optional.when_imported(lambda m: seen.append(("after the broken one", m.__name__)))
+assert bnb_optional.imported() is None and not seen
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import bitsandbytes  # the import succeeds although a callback raised
+assert seen == [("first", True), ("after the broken one", "bitsandbytes")], seen
+assert any("ValueError: boom" in str(w.message) and "register_lora" in str(w.message) for w in caught)
+assert not any(type(f).__name__ == "_AfterImport" for f in sys.meta_path), "the hook stays installed"
+assert bnb_optional.imported() is bitsandbytes
+bnb_optional.when_imported(lambda m: seen.append("now"))  # already imported: runs at once
+assert seen[-1] == "now"
+print("ok")
+""",
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_an_uninstalled_bitsandbytes_stays_missing() -> None:
+    script = (
+        hiding("bitsandbytes")  # an install without it
+        + """
+import importlib.util
+from converter.loader import bnb_optional
+bnb_optional.when_imported(lambda m: print("never"))
+assert importlib.util.find_spec("bitsandbytes") is None
+try:
+    import bitsandbytes  # noqa: F401
+except ModuleNotFoundError as exc:
+    assert exc.name == "bitsandbytes", exc.name
+    print("ok")
+"""
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_layers_of_this_process_are_bitsandbytes_classes() -> None:
+    # The test process imports bitsandbytes (conftest, PEFT): layers built now take bnb's classes.
+    bnb = pytest.importorskip("bitsandbytes")
+    from converter.loader import module, module_int8
+
+    assert module.HAS_BITSANDBYTES
+    assert issubclass(module.Linear4bit, bnb.nn.Linear4bit)
+    assert issubclass(module_int8.Linear8bit, bnb.nn.Linear8bitLt)
+    assert module.quant_state_class() is bnb.functional.QuantState
