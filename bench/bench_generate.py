@@ -378,8 +378,9 @@ def bench_load(
 # -- quality ---------------------------------------------------------------------------------------------
 
 
-def nll(model, ids: torch.Tensor, stepwise: bool) -> float:
-    """Mean negative log-likelihood of ids[1:]: one forward (dequantize path), or token by token (GEMV)."""
+def nll(model, ids: torch.Tensor, stepwise: bool) -> tuple[float, torch.Tensor]:
+    """Mean negative log-likelihood of ids[1:] and the logits that predict them (float32): one forward
+    (the dequantize path), or token by token with a cache (the fused GEMV path)."""
     with torch.no_grad():
         if not stepwise:
             logits = model(ids).logits[0, :-1].float()
@@ -391,26 +392,50 @@ def nll(model, ids: torch.Tensor, stepwise: bool) -> float:
                 out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
                 rows.append(out.logits[0, -1].float())
             logits = torch.stack(rows)
-    return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item(), logits
+
+
+def quality_ids(plain: Path, nf4: Path, device: str) -> torch.Tensor:
+    """TEXT's token ids: from ``quality_ids.json`` where the folder has one (bench/quality_sample.py:
+    a cut-down vocabulary, no tokenizer), else from the model's tokenizer."""
+    for folder in (nf4, plain):
+        if (folder / "quality_ids.json").is_file():
+            ids = json.loads((folder / "quality_ids.json").read_text())["ids"]
+            return torch.tensor([ids], device=device)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(plain)(TEXT, return_tensors="pt").input_ids.to(device)
+
+
+def _compare(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Largest |logit difference| and the share of positions with the same top-1 token."""
+    return (
+        round((logits - ref).abs().max().item(), 4),
+        round((logits.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4),
+    )
 
 
 def bench_quality(plain: Path, nf4: Path, device: str) -> list[dict]:
-    from transformers import AutoTokenizer
-
-    ids = AutoTokenizer.from_pretrained(plain)(TEXT, return_tensors="pt").input_ids.to(device)
+    """Per contender: perplexity of TEXT from one forward and token by token, and logits against bf16's
+    in the same way (one forward: our dequantize path; token by token: our fused GEMV), and the two
+    paths of one contender against each other."""
+    ids = quality_ids(plain, nf4, device)
     rows = []
-    ref = None
+    ref: dict[bool, torch.Tensor] = {}
     for kind in ("bf16", "ours", "bnb"):
         model = load(kind, plain, nf4, device)
-        row = {"contender": kind, "tokens": int(ids.shape[1])}
-        with torch.no_grad():
-            logits = model(ids).logits[0].float()
-        if ref is None:
-            ref = logits
-        row["ppl_forward"] = round(float(torch.exp(torch.tensor(nll(model, ids, False)))), 3)
-        row["ppl_stepwise"] = round(float(torch.exp(torch.tensor(nll(model, ids, True)))), 3)
-        row["max_abs_logit_diff_vs_bf16"] = round((logits - ref).abs().max().item(), 4)
-        row["top1_agree_vs_bf16"] = round((logits.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4)
+        row: dict = {"contender": kind, "tokens": int(ids.shape[1])}
+        got = {}
+        for stepwise, name in ((False, "forward"), (True, "stepwise")):
+            loss, got[stepwise] = nll(model, ids, stepwise)
+            ref.setdefault(stepwise, got[stepwise])
+            row[f"ppl_{name}"] = round(float(torch.exp(torch.tensor(loss))), 3)
+            row[f"{name}_max_abs_logit_diff_vs_bf16"], row[f"{name}_top1_agree_vs_bf16"] = _compare(
+                got[stepwise], ref[stepwise]
+            )
+        row["stepwise_vs_forward_max_abs_logit_diff"], row["stepwise_vs_forward_top1_agree"] = _compare(
+            got[True], got[False]
+        )
         rows.append(row)
         log(json.dumps(row))
         del model
@@ -442,6 +467,7 @@ def main() -> None:
     )
     ap.add_argument("--load-contenders", default="", help="of ours,bnb,bf16 (default: all) for --load")
     ap.add_argument("--quality", action="store_true", help="also perplexity / logits on real weights")
+    ap.add_argument("--nf4", default=None, help="an existing NF4 folder of --model (default: converted)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -455,7 +481,10 @@ def main() -> None:
     else:
         plain = Path(args.model)
     suffix = "" if args.max_shard_size == "5GB" else f"-{args.max_shard_size}"
-    nf4 = nf4_folder(plain, work / f"{plain.name}-nf4{suffix}", args.device, args.max_shard_size)
+    if args.nf4:
+        nf4 = Path(args.nf4)
+    else:
+        nf4 = nf4_folder(plain, work / f"{plain.name}-nf4{suffix}", args.device, args.max_shard_size)
     torch.manual_seed(0)
     ids = torch.randint(100, 10000, (1, args.prompt), device=args.device)
     result = {

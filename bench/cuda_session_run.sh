@@ -20,6 +20,8 @@
 #            contenders $LOAD_CONTENDERS (default ours,bnb,bf16), timeout $LOAD_TIMEOUT (default 320 s)
 #   loadproc bench_load_process.py --device cuda on the same 8B folder: whole processes as a user's script
 #            runs them (each contender imports only what it needs), $LOAD_CASES, $LOAD_REPEATS (default 3)
+#   quality  real SmolLM2 weights cut to travel (bench/quality_sample.py, carried: .cache/quality): perplexity
+#            and logits, one forward (dequantize path) and token by token (fused GEMV), ours / bnb / bf16
 #   overhead bench_linear_overhead.py: host cost of one eager linear call, ours / F.linear / bnb
 #   offload  bench_offload.py --device cuda on the same 8B folder: half of it on the CPU
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
@@ -92,6 +94,10 @@ for s in ${*:-env}; do
     loadproc) step loadproc timeout "${LOAD_TIMEOUT:-420}" bash -c "{ [ -d $GEN_DIR/llama8b-32-nf4 ] || $GEN --prompt 4 --new 2 --modes ''; } && \
       python3 $ROOT/bench/bench_load_process.py --device cuda --folder $GEN_DIR/llama8b-32-nf4 --repeat ${LOAD_REPEATS:-3} \
       --cases '${LOAD_CASES:-ours,ours verify,transformers + bnb}' --json $OUT/loadproc.json" ;;
+    quality) step quality timeout 300 bash -c "rm -rf /tmp/qm_quality && \
+      python3 -c 'from converter.cli import main; main()' dequantize $ROOT/.cache/quality/smollm2-12l-nf4 /tmp/qm_quality/plain -q && \
+      python3 $ROOT/bench/bench_generate.py --device cuda --model /tmp/qm_quality/plain --nf4 $ROOT/.cache/quality/smollm2-12l-nf4 \
+        --modes '' --quality --json $OUT/quality.json" ;;
     overhead) step overhead python3 "$ROOT/bench/bench_linear_overhead.py" --device cuda \
       --shapes 64x64,4096x4096,14336x4096 --json "$OUT/overhead.json" ;;
     offload) step offload timeout 240 python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
