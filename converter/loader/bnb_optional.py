@@ -12,7 +12,8 @@ in loading or running a model needs it. So:
 - otherwise they are our own classes (as on an install without bitsandbytes), and :func:`when_imported`
   runs the layer modules' upgrade right after bitsandbytes' import completes, whoever imports it: the
   layers built so far become the bnb-based classes in place (same objects, same tensors), so
-  ``import peft`` after ``load_quantized`` still gives PEFT layers it recognizes.
+  ``import peft`` after ``load_quantized`` still gives PEFT layers it recognizes; any plain layer built
+  after that is upgraded at once.
 
 The hook is a ``sys.meta_path`` finder that answers nothing itself: for ``bitsandbytes`` alone it asks
 the finders after it and wraps the found loader's ``exec_module``; it removes itself once bitsandbytes

@@ -25,6 +25,7 @@ to the new device and never cast them (bitsandbytes#1527, #1664, #2078 are this 
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -517,11 +518,21 @@ class QuantLinear4bit(nn.Module):
 # -- bitsandbytes' classes, taken when the process imports it (bnb_optional) ----------------------------
 #: Layers built as our own class while bitsandbytes was not imported; upgraded in place when it is.
 _plain_layers: weakref.WeakSet[QuantLinear4bit] = weakref.WeakSet()
+#: The bnb-based layer class (None until bitsandbytes is imported).
+_Linear4bitBnb: type | None = None
+_adopt_lock = threading.Lock()  # a layer built while another thread imports bitsandbytes is not missed
 
 
 def _track(layer: QuantLinear4bit) -> None:
-    if _BnbLinear4bit is None and type(layer) is QuantLinear4bit:
-        _plain_layers.add(layer)
+    """Where bitsandbytes is imported every layer of ours is bnb's class too (PEFT dispatches on it): a
+    plain layer built before that is kept for the upgrade, one built after is upgraded at once."""
+    if type(layer) is not QuantLinear4bit:
+        return
+    with _adopt_lock:
+        if _Linear4bitBnb is None:
+            _plain_layers.add(layer)
+            return
+    upgrade_to_bitsandbytes(layer)
 
 
 def _adopt_bitsandbytes(bnb: Any) -> None:
@@ -532,11 +543,13 @@ def _adopt_bitsandbytes(bnb: Any) -> None:
         """:class:`QuantLinear4bit` that is also a ``bnb.nn.Linear4bit`` (PEFT's 4-bit LoRA wraps it)."""
 
     Linear4bit.__module__, Linear4bit.__qualname__ = __name__, "Linear4bit"  # pickled by name
-    _BnbLinear4bit, _BnbParams4bit = bnb.nn.Linear4bit, bnb.nn.Params4bit
-    _BnbQuantState, _Linear4bitBnb = bnb.functional.QuantState, Linear4bit
-    for layer in list(_plain_layers):
+    with _adopt_lock:
+        _BnbLinear4bit, _BnbParams4bit = bnb.nn.Linear4bit, bnb.nn.Params4bit
+        _BnbQuantState, _Linear4bitBnb = bnb.functional.QuantState, Linear4bit
+        layers = list(_plain_layers)
+        _plain_layers.clear()
+    for layer in layers:
         upgrade_to_bitsandbytes(layer)
-    _plain_layers.clear()
 
 
 def upgrade_to_bitsandbytes(layer: QuantLinear4bit) -> None:
@@ -559,8 +572,6 @@ def upgrade_to_bitsandbytes(layer: QuantLinear4bit) -> None:
     layer.__class__ = _Linear4bitBnb
 
 
-#: The bnb-based layer class (None until bitsandbytes is imported).
-_Linear4bitBnb: type | None = None
 bnb_optional.when_imported(_adopt_bitsandbytes)
 
 

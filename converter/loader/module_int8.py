@@ -25,6 +25,7 @@ Gradients flow to the input in every path (the weight is frozen).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from types import SimpleNamespace
 from typing import Any
@@ -294,11 +295,18 @@ class QuantLinear8bit(nn.Module):
 _plain_layers: weakref.WeakSet[QuantLinear8bit] = weakref.WeakSet()
 #: The bnb-based layer class (None until bitsandbytes is imported).
 _Linear8bitBnb: type | None = None
+_adopt_lock = threading.Lock()  # a layer built while another thread imports bitsandbytes is not missed
 
 
 def _track(layer: QuantLinear8bit) -> None:
-    if _BnbLinear8bitLt is None and type(layer) is QuantLinear8bit:
-        _plain_layers.add(layer)
+    """As module._track: a plain layer waits for bitsandbytes' import, or is upgraded at once after it."""
+    if type(layer) is not QuantLinear8bit:
+        return
+    with _adopt_lock:
+        if _Linear8bitBnb is None:
+            _plain_layers.add(layer)
+            return
+    upgrade_to_bitsandbytes(layer)
 
 
 def _adopt_bitsandbytes(bnb: Any) -> None:
@@ -309,11 +317,13 @@ def _adopt_bitsandbytes(bnb: Any) -> None:
         """:class:`QuantLinear8bit` that is also a ``bnb.nn.Linear8bitLt`` (PEFT's 8-bit LoRA wraps it)."""
 
     Linear8bit.__module__, Linear8bit.__qualname__ = __name__, "Linear8bit"  # pickled by name
-    _bnb, _Linear8bitBnb = bnb, Linear8bit
-    _BnbLinear8bitLt, _BnbInt8Params = bnb.nn.Linear8bitLt, bnb.nn.Int8Params
-    for layer in list(_plain_layers):
+    with _adopt_lock:
+        _bnb, _Linear8bitBnb = bnb, Linear8bit
+        _BnbLinear8bitLt, _BnbInt8Params = bnb.nn.Linear8bitLt, bnb.nn.Int8Params
+        layers = list(_plain_layers)
+        _plain_layers.clear()
+    for layer in layers:
         upgrade_to_bitsandbytes(layer)
-    _plain_layers.clear()
 
 
 def upgrade_to_bitsandbytes(layer: QuantLinear8bit) -> None:

@@ -84,3 +84,22 @@ def test_layers_of_this_process_are_bitsandbytes_classes() -> None:
     assert issubclass(module.Linear4bit, bnb.nn.Linear4bit)
     assert issubclass(module_int8.Linear8bit, bnb.nn.Linear8bitLt)
     assert module.quant_state_class() is bnb.functional.QuantState
+    # A layer built as our plain class after the import is bnb's class too, weight and state included.
+    import torch
+
+    from converter.kernels import bnb4bit as kernels
+    from formats.quant_types import QuantType
+    from formats.record import QuantizedTensor
+
+    packed, absmax = kernels.quantize_4bit(torch.randn(32, 128), blocksize=64, quant_type=QuantType.NF4)
+    record = QuantizedTensor.from_kernel_outputs(
+        "w", (32, 128), "float32", QuantType.NF4, 64, packed, absmax, kernels.quantize_nested(absmax)
+    )
+    layer = module.QuantLinear4bit.from_record(record)
+    assert type(layer) is module.Linear4bit
+    assert isinstance(layer.weight, bnb.nn.Params4bit)
+    assert isinstance(layer.weight.quant_state, bnb.functional.QuantState)
+    codes = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    layer8 = module_int8.QuantLinear8bit(codes, torch.rand(8, dtype=torch.float16) + 1)
+    assert type(layer8) is module_int8.Linear8bit
+    assert isinstance(layer8.state, bnb.MatmulLtState)
