@@ -27,9 +27,11 @@ import logging
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
+from typing import Any
 
 # bitsandbytes' CPU backend warns at import when the optional `kernels` package (its own AVX-512-BF16
 # GEMM) is missing; we never call its kernels, so that warning would only mislead our users.
@@ -60,6 +62,42 @@ def when_imported(callback: Callable[[ModuleType], None]) -> None:
                 sys.meta_path.insert(0, _AfterImport())
             return
     _run(callback, module)
+
+
+class Adoption:
+    """The layers of one plain class of ours, and the bitsandbytes-based class they take once bitsandbytes
+    is imported (``make_class(bnb)`` builds it then; ``upgrade(layer)`` turns one plain layer into it in
+    place). Where bitsandbytes is imported every plain layer becomes that class: one built before the
+    import is kept (weakly) until it, one built after is upgraded at once; a lock with the adoption, so a
+    layer built while another thread imports bitsandbytes is not missed."""
+
+    def __init__(self, plain: type, make_class: Callable[[ModuleType], type], upgrade: Callable[[Any], None]):
+        self.plain = plain
+        self.bnb_class: type | None = None  # None until bitsandbytes is imported
+        self._make_class, self._upgrade = make_class, upgrade
+        self._waiting: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        when_imported(self._adopt)
+
+    def track(self, layer: Any) -> None:
+        """Called by every new (or unpickled, or copied) plain layer; its subclasses are left alone."""
+        if type(layer) is not self.plain:
+            return
+        with self._lock:
+            if self.bnb_class is None:
+                self._waiting.add(layer)
+                return
+        self._upgrade(layer)
+
+    def _adopt(self, bnb: ModuleType) -> None:
+        bnb_class = self._make_class(bnb)
+        bnb_class.__module__, bnb_class.__qualname__ = self.plain.__module__, bnb_class.__name__  # pickling
+        with self._lock:
+            self.bnb_class = bnb_class
+            layers = list(self._waiting)
+            self._waiting.clear()
+        for layer in layers:
+            self._upgrade(layer)
 
 
 def _run(callback: Callable[[ModuleType], None], module: ModuleType) -> None:

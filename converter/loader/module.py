@@ -25,8 +25,6 @@ to the new device and never cast them (bitsandbytes#1527, #1664, #2078 are this 
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import torch
@@ -309,11 +307,11 @@ class QuantLinear4bit(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias, requires_grad=False)
-        _track(self)
+        _adoption.track(self)
 
     def __setstate__(self, state: dict) -> None:  # copies and unpickled layers are tracked too
         super().__setstate__(state)
-        _track(self)
+        _adoption.track(self)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -516,47 +514,24 @@ class QuantLinear4bit(nn.Module):
 
 
 # -- bitsandbytes' classes, taken when the process imports it (bnb_optional) ----------------------------
-#: Layers built as our own class while bitsandbytes was not imported; upgraded in place when it is.
-_plain_layers: weakref.WeakSet[QuantLinear4bit] = weakref.WeakSet()
-#: The bnb-based layer class (None until bitsandbytes is imported).
-_Linear4bitBnb: type | None = None
-_adopt_lock = threading.Lock()  # a layer built while another thread imports bitsandbytes is not missed
-
-
-def _track(layer: QuantLinear4bit) -> None:
-    """Where bitsandbytes is imported every layer of ours is bnb's class too (PEFT dispatches on it): a
-    plain layer built before that is kept for the upgrade, one built after is upgraded at once."""
-    if type(layer) is not QuantLinear4bit:
-        return
-    with _adopt_lock:
-        if _Linear4bitBnb is None:
-            _plain_layers.add(layer)
-            return
-    upgrade_to_bitsandbytes(layer)
-
-
-def _adopt_bitsandbytes(bnb: Any) -> None:
-    """Make ``Linear4bit`` the bnb-based class and upgrade the layers built before (same objects)."""
-    global _BnbLinear4bit, _BnbParams4bit, _BnbQuantState, _Linear4bitBnb
+def _bitsandbytes_class(bnb: Any) -> type:
+    """``Linear4bit`` once bitsandbytes is imported; bnb's weight and quant-state classes from then on."""
+    global _BnbLinear4bit, _BnbParams4bit, _BnbQuantState
 
     class Linear4bit(QuantLinear4bit, bnb.nn.Linear4bit):
         """:class:`QuantLinear4bit` that is also a ``bnb.nn.Linear4bit`` (PEFT's 4-bit LoRA wraps it)."""
 
-    Linear4bit.__module__, Linear4bit.__qualname__ = __name__, "Linear4bit"  # pickled by name
-    with _adopt_lock:
-        _BnbLinear4bit, _BnbParams4bit = bnb.nn.Linear4bit, bnb.nn.Params4bit
-        _BnbQuantState, _Linear4bitBnb = bnb.functional.QuantState, Linear4bit
-        layers = list(_plain_layers)
-        _plain_layers.clear()
-    for layer in layers:
-        upgrade_to_bitsandbytes(layer)
+    _BnbLinear4bit, _BnbParams4bit = bnb.nn.Linear4bit, bnb.nn.Params4bit
+    _BnbQuantState = bnb.functional.QuantState
+    return Linear4bit
 
 
 def upgrade_to_bitsandbytes(layer: QuantLinear4bit) -> None:
     """``layer``, its weight and quant state become bitsandbytes' classes in place (bitsandbytes imported):
     the same objects and tensors, so references to them (sibling groups, prepared kernel arguments,
     captured graphs) stay valid."""
-    if _Linear4bitBnb is None or isinstance(layer, _Linear4bitBnb):
+    bnb_class = _adoption.bnb_class
+    if bnb_class is None or isinstance(layer, bnb_class):
         return
     weight = layer.weight
     if isinstance(weight, Packed4bit):
@@ -569,18 +544,18 @@ def upgrade_to_bitsandbytes(layer: QuantLinear4bit) -> None:
         weight.blocksize, weight.compress_statistics = state.blocksize, state.nested
         weight.quant_type, weight.quant_storage = state.quant_type, weight.dtype
         weight.module, weight.bnb_quantized = None, True
-    layer.__class__ = _Linear4bitBnb
+    layer.__class__ = bnb_class
 
 
-bnb_optional.when_imported(_adopt_bitsandbytes)
+_adoption = bnb_optional.Adoption(QuantLinear4bit, _bitsandbytes_class, upgrade_to_bitsandbytes)
 
 
 def __getattr__(name: str) -> Any:
     # ``Linear4bit`` (the class our loader builds) and ``HAS_BITSANDBYTES`` follow bitsandbytes' import.
     if name == "Linear4bit":
-        return _Linear4bitBnb or QuantLinear4bit
+        return _adoption.bnb_class or QuantLinear4bit
     if name == "HAS_BITSANDBYTES":  # whether our layers are bitsandbytes' classes too
-        return _Linear4bitBnb is not None
+        return _adoption.bnb_class is not None
     msg = f"module {__name__!r} has no attribute {name!r}"
     raise AttributeError(msg)
 

@@ -25,8 +25,6 @@ Gradients flow to the input in every path (the weight is frozen).
 
 from __future__ import annotations
 
-import threading
-import weakref
 from types import SimpleNamespace
 from typing import Any
 
@@ -170,11 +168,11 @@ class QuantLinear8bit(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias, requires_grad=False)
-        _track(self)
+        _adoption.track(self)
 
     def __setstate__(self, state: dict) -> None:  # copies and unpickled layers are tracked too
         super().__setstate__(state)
-        _track(self)
+        _adoption.track(self)
 
     @classmethod
     def from_record(
@@ -291,60 +289,37 @@ class QuantLinear8bit(nn.Module):
 
 
 # -- bitsandbytes' classes, taken when the process imports it (bnb_optional) ----------------------------
-#: Layers built as our own class while bitsandbytes was not imported; upgraded in place when it is.
-_plain_layers: weakref.WeakSet[QuantLinear8bit] = weakref.WeakSet()
-#: The bnb-based layer class (None until bitsandbytes is imported).
-_Linear8bitBnb: type | None = None
-_adopt_lock = threading.Lock()  # a layer built while another thread imports bitsandbytes is not missed
-
-
-def _track(layer: QuantLinear8bit) -> None:
-    """As module._track: a plain layer waits for bitsandbytes' import, or is upgraded at once after it."""
-    if type(layer) is not QuantLinear8bit:
-        return
-    with _adopt_lock:
-        if _Linear8bitBnb is None:
-            _plain_layers.add(layer)
-            return
-    upgrade_to_bitsandbytes(layer)
-
-
-def _adopt_bitsandbytes(bnb: Any) -> None:
-    """Make ``Linear8bit`` the bnb-based class and upgrade the layers built before (same objects)."""
-    global _bnb, _BnbLinear8bitLt, _BnbInt8Params, _Linear8bitBnb
+def _bitsandbytes_class(bnb: Any) -> type:
+    """``Linear8bit`` once bitsandbytes is imported; bnb's weight and state classes from then on."""
+    global _bnb, _BnbLinear8bitLt, _BnbInt8Params
 
     class Linear8bit(QuantLinear8bit, bnb.nn.Linear8bitLt):
         """:class:`QuantLinear8bit` that is also a ``bnb.nn.Linear8bitLt`` (PEFT's 8-bit LoRA wraps it)."""
 
-    Linear8bit.__module__, Linear8bit.__qualname__ = __name__, "Linear8bit"  # pickled by name
-    with _adopt_lock:
-        _bnb, _Linear8bitBnb = bnb, Linear8bit
-        _BnbLinear8bitLt, _BnbInt8Params = bnb.nn.Linear8bitLt, bnb.nn.Int8Params
-        layers = list(_plain_layers)
-        _plain_layers.clear()
-    for layer in layers:
-        upgrade_to_bitsandbytes(layer)
+    _bnb, _BnbLinear8bitLt, _BnbInt8Params = bnb, bnb.nn.Linear8bitLt, bnb.nn.Int8Params
+    return Linear8bit
 
 
 def upgrade_to_bitsandbytes(layer: QuantLinear8bit) -> None:
     """``layer`` and its weight become bitsandbytes' classes in place and its state a ``MatmulLtState``
     (bitsandbytes imported); the weight stays the same tensor object."""
-    if _Linear8bitBnb is None or isinstance(layer, _Linear8bitBnb):
+    bnb_class = _adoption.bnb_class
+    if bnb_class is None or isinstance(layer, bnb_class):
         return
     weight = layer.weight
     if isinstance(weight, Int8Weight):
         weight.__class__ = _BnbInt8Params  # CB, SCB and has_fp16_weights are set already
     old = layer.state
     layer.state = _make_state(old.CB, old.SCB, old.threshold)
-    layer.__class__ = _Linear8bitBnb
+    layer.__class__ = bnb_class
 
 
-bnb_optional.when_imported(_adopt_bitsandbytes)
+_adoption = bnb_optional.Adoption(QuantLinear8bit, _bitsandbytes_class, upgrade_to_bitsandbytes)
 
 
 def __getattr__(name: str) -> Any:
     # ``Linear8bit`` (the class our loader builds) follows bitsandbytes' import.
     if name == "Linear8bit":
-        return _Linear8bitBnb or QuantLinear8bit
+        return _adoption.bnb_class or QuantLinear8bit
     msg = f"module {__name__!r} has no attribute {name!r}"
     raise AttributeError(msg)
