@@ -4,7 +4,7 @@ Our 4-bit and 8-bit layers are also ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitL
 bitsandbytes is imported, so that a plain ``peft.get_peft_model`` wraps them with PEFT's own LoRA layers
 (PEFT dispatches on those types, and ``import peft`` imports bitsandbytes). Importing it ourselves would
 cost every loading process more than a second (it imports ``torch._dynamo`` and inductor; a whole process
-loading SmolLM2 on a 2-core VM, bench/bench_load_process.py: 6.0 s with it, 4.8 s without), and nothing
+loading SmolLM2 on a 2-core VM, bench/bench_load_process.py: 5.2 s with it, 4.0 s without), and nothing
 in loading or running a model needs it. So:
 
 - where bitsandbytes is already imported (PEFT, the user's script, transformers' bnb loader), the layers

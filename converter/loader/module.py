@@ -41,7 +41,6 @@ from formats.record import QuantizedTensor
 
 # bitsandbytes' classes, once the process has imported it (bnb_optional: we never import it ourselves):
 # then our layers are also ``bnb.nn.Linear4bit`` and PEFT recognizes them as its own 4-bit type.
-_BnbLinear4bit: type | None = None
 _BnbParams4bit: type | None = None
 _BnbQuantState: type | None = None
 
@@ -516,13 +515,12 @@ class QuantLinear4bit(nn.Module):
 # -- bitsandbytes' classes, taken when the process imports it (bnb_optional) ----------------------------
 def _bitsandbytes_class(bnb: Any) -> type:
     """``Linear4bit`` once bitsandbytes is imported; bnb's weight and quant-state classes from then on."""
-    global _BnbLinear4bit, _BnbParams4bit, _BnbQuantState
+    global _BnbParams4bit, _BnbQuantState
 
     class Linear4bit(QuantLinear4bit, bnb.nn.Linear4bit):
         """:class:`QuantLinear4bit` that is also a ``bnb.nn.Linear4bit`` (PEFT's 4-bit LoRA wraps it)."""
 
-    _BnbLinear4bit, _BnbParams4bit = bnb.nn.Linear4bit, bnb.nn.Params4bit
-    _BnbQuantState = bnb.functional.QuantState
+    _BnbParams4bit, _BnbQuantState = bnb.nn.Params4bit, bnb.functional.QuantState
     return Linear4bit
 
 

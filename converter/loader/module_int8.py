@@ -38,7 +38,6 @@ from formats.int8 import Int8Tensor, scb_key, weight_format_key
 # bitsandbytes' classes, once the process has imported it (bnb_optional: we never import it ourselves):
 # then PEFT recognizes our layer as its own 8-bit type.
 _bnb: Any = None
-_BnbLinear8bitLt: type | None = None
 _BnbInt8Params: type | None = None
 
 #: bnb's CPU int8_mm_dequant constant (0x388206aa; 18 ppm above 1/127**2, bnb-int8.md §6).
@@ -291,12 +290,12 @@ class QuantLinear8bit(nn.Module):
 # -- bitsandbytes' classes, taken when the process imports it (bnb_optional) ----------------------------
 def _bitsandbytes_class(bnb: Any) -> type:
     """``Linear8bit`` once bitsandbytes is imported; bnb's weight and state classes from then on."""
-    global _bnb, _BnbLinear8bitLt, _BnbInt8Params
+    global _bnb, _BnbInt8Params
 
     class Linear8bit(QuantLinear8bit, bnb.nn.Linear8bitLt):
         """:class:`QuantLinear8bit` that is also a ``bnb.nn.Linear8bitLt`` (PEFT's 8-bit LoRA wraps it)."""
 
-    _bnb, _BnbLinear8bitLt, _BnbInt8Params = bnb, bnb.nn.Linear8bitLt, bnb.nn.Int8Params
+    _bnb, _BnbInt8Params = bnb, bnb.nn.Int8Params
     return Linear8bit
 
 
