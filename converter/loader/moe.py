@@ -312,6 +312,92 @@ def _(hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
     return torch.empty_like(hidden)
 
 
+#: The derivative of each activation the op knows by name: (grad of act(z), z) -> grad of z (aten's own
+#: backward kernels, as autograd runs them for the eager activations above).
+_ACT_BACKWARDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "silu": torch.ops.aten.silu_backward,
+    "swish": torch.ops.aten.silu_backward,
+    "relu": lambda g, z: torch.ops.aten.threshold_backward(g, z, 0),
+    "gelu": lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="none"),
+    "gelu_pytorch_tanh": lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="tanh"),
+}
+
+
+@torch.library.custom_op("quantize_model::moe_experts_4bit_backward", mutates_args=())
+def moe_experts_4bit_backward(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    intermediate: int,
+    blocksize: int,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``moe_experts_4bit`` for its input and routing weights (the 4-bit weights are frozen):
+    each hit expert's forward recomputed with its weights dequantized (nothing was saved but the inputs),
+    then y = w_k * down(act(gate) * up) differentiated by hand, in the forward's dtypes, the per-token
+    sums over slots accumulated in float32."""
+    tokens, hidden_dim = hidden.shape
+    grad_hidden = torch.zeros(tokens, hidden_dim, dtype=torch.float32, device=hidden.device)
+    grad_weights = torch.zeros(top_k_weights.shape, dtype=torch.float32, device=hidden.device)
+    gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
+    act_fn, act_backward = _ACTS[act], _ACT_BACKWARDS[act]
+    flat = top_k_index.t().reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=packed.shape[0]).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = order[start : start + n]
+        start += n
+        slot, token_idx = rows // tokens, rows % tokens
+        x, g = hidden[token_idx], grad_out[token_idx].to(hidden.dtype)
+        p, a = packed[e], absmax[e]
+        w_gu = _dequant(
+            p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate * hidden_dim, blocksize, x.dtype
+        )
+        w_dn = _dequant(p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim * intermediate, blocksize, x.dtype)
+        w_gu, w_dn = w_gu.view(2 * intermediate, hidden_dim), w_dn.view(hidden_dim, intermediate)
+        gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
+        act_gate = act_fn(gate)
+        y = F.linear(act_gate * up, w_dn)
+        weight = top_k_weights[token_idx, slot]
+        grad_weights[token_idx, slot] = (g.float() * y.float()).sum(-1)
+        grad_h = F.linear(g * weight[:, None].to(g.dtype), w_dn.t())
+        grad_gate = act_backward(grad_h * up, gate)
+        grad_x = F.linear(torch.cat((grad_gate, grad_h * act_gate), dim=-1), w_gu.t())
+        grad_hidden.index_add_(0, token_idx, grad_x.float())
+    return grad_hidden.to(hidden.dtype), grad_weights.to(top_k_weights.dtype)
+
+
+@moe_experts_4bit_backward.register_fake
+def _(grad_out: torch.Tensor, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+      *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return torch.empty_like(hidden), torch.empty_like(top_k_weights)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act, _ = inputs
+    ctx.save_for_backward(hidden, top_k_index, top_k_weights, packed, absmax, quant_map)
+    ctx.sizes = (intermediate, blocksize, act)
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+    hidden, top_k_index, top_k_weights, packed, absmax, quant_map = ctx.saved_tensors
+    intermediate, blocksize, act = ctx.sizes
+    grad_hidden, grad_weights = moe_experts_4bit_backward(
+        grad_out, hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act
+    )
+    return grad_hidden, None, grad_weights, None, None, None, None, None, None, None
+
+
+moe_experts_4bit.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _needs_autograd(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -356,6 +442,21 @@ class QuantExperts4bit(nn.Module):
         self.proj_names = proj_names
         self._nested = {k: t.cpu() for k, t in nested.items()} if nested is not None else None
 
+    def _apply(self, fn, recurse: bool = True):
+        # The codes' scales and table are float32 whatever the model's dtype: ``.half()`` / ``.to(dtype)``
+        # must not cast them (the kernels require float32; a float16 absmax also loses range). Device
+        # moves apply to them as to any buffer.
+        kept = {name: self._buffers.pop(name) for name in ("absmax", "quant_map")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(kept)
+        for name, t in kept.items():
+            target = fn(torch.empty(0, device=t.device)).device
+            if target != t.device:
+                self._buffers[name] = t.to(target)
+        return self
+
     def nested_buffers(self) -> dict[str, torch.Tensor] | None:
         """The nested-absmax tensors of the source records (codes, absmax, offset, map), or None."""
         return self._nested
@@ -395,8 +496,11 @@ class QuantExperts4bit(nn.Module):
             self.blocksize,
         )
         if self.act_name is not None and (torch.compiler.is_compiling() or _needs_autograd(x, w)):
-            # the custom op: one node for torch.compile (and its "no autograd" error for training)
+            # the custom op: one node for torch.compile, and gradients to the input and the routing
+            # weights (its registered backward) when training adapters elsewhere in the model
             y = moe_experts_4bit(*args, self.act_name, self.use_gemv)
+        elif _needs_autograd(x, w):  # an activation the op does not know: torch's autograd through
+            y = _experts_forward(*args, self.act_fn, use_gemv=False)  # dequantize + F.linear
         else:
             # eager: the op's own implementation, without the custom op's Python dispatch (tens of µs
             # per call, per layer and token: an eager decode step is host-bound)

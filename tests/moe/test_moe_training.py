@@ -1,0 +1,108 @@
+"""Training around 4-bit MoE experts (``--moe-experts quantize``): gradients flow through them to the
+input and the routing weights (the op's registered backward), so LoRA adapters elsewhere in the model
+train; and module casts (``.half()``, ``.to(dtype)``) leave their float32 scales alone."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from converter.loader import moe
+from converter.loader.model import load_quantized
+from converter.loader.moe import moe_experts_4bit, moe_modules
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 11, 90, 3, 45]])
+
+
+def _float64_dequant(packed, absmax, quant_map, n, blocksize, dtype):
+    # The kernels decode to 16/32-bit floats only; gradcheck needs float64 (the same codes x absmax).
+    return moe.ops._dequantize_torch(packed, absmax, n, blocksize, quant_map, dtype)
+
+
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "relu"])
+def test_backward_matches_finite_differences(folders, monkeypatch, act, device):
+    """The op's hand-written backward (gradients for the input and the routing weights; the 4-bit
+    weights are frozen) against torch.autograd.gradcheck's float64 finite differences, on one layer's
+    real experts with tokens routed to several experts (some to the same one twice)."""
+    monkeypatch.setattr(moe, "_dequant", _float64_dequant)
+    q, _ = folders("qwen3_moe")
+    m = next(iter(moe_modules(load_quantized(q, device=device)).values()))
+    gen = torch.Generator().manual_seed(0)
+    tokens, k = 3, 2
+    x = torch.randn(tokens, m.hidden_dim, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    idx = torch.tensor([[0, 3], [3, 1], [2, 0]], device=device)
+    w = torch.rand(tokens, k, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    if act == "relu":  # keep every pre-activation away from relu's kink at 0 (finite differences)
+        gate_up = torch.stack([m.expert_weights(e, torch.float64)[0] for e in range(m.num_experts)])
+        while (torch.einsum("eoh,th->teo", gate_up, x.detach()).abs() < 1e-3).any():
+            x = (x.detach() + 0.01).requires_grad_()
+
+    def f(x, w):
+        return moe_experts_4bit(
+            x, idx, w, m.packed, m.absmax, m.quant_map, m.intermediate_dim, m.blocksize, act, False
+        )
+
+    assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_lora_trains_through_4bit_experts(folders):
+    """PEFT LoRA on the attention of a model whose experts are 4-bit: the loss goes down, the adapters of
+    the first layer (before a MoE block) get gradients, and the experts' codes and scales never change."""
+    q, _ = folders("qwen3_moe")
+    model = load_quantized(q)
+    frozen = {n: (m.packed.clone(), m.absmax.clone()) for n, m in moe_modules(model).items()}
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        # lora_B starts at zero, so lora_A's first gradient is zero: lora_B's is what came back
+        first = [p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]
+        assert first
+        assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in first)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, m in moe_modules(model).items():
+        packed, absmax = frozen[n.removeprefix("base_model.model.")]
+        assert torch.equal(m.packed, packed)
+        assert torch.equal(m.absmax, absmax)
+
+
+@pytest.mark.parametrize("cast", ["half", "to_bfloat16", "to_float16"])
+def test_module_casts_keep_the_expert_scales_float32(folders, cast):
+    """``.half()`` / ``.to(dtype)`` cast the model's 16-bit tensors, never the experts' float32 absmax
+    and code table (the kernels need float32): the experts give the same bits before and after, and the
+    model's logits stay finite (before this, NaN for 1..8 tokens, an error for more)."""
+    q, _ = folders("qwen3_moe")
+    model = load_quantized(q)
+    experts = next(iter(moe_modules(model).values()))
+    x = torch.randn(5, experts.hidden_dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [0, 2]])
+    w = torch.rand(5, 2, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        before = experts(x, idx, w)
+        model = model.half() if cast == "half" else model.to(getattr(torch, cast.removeprefix("to_")))
+        after = experts(x, idx, w)
+        logits = [model(IDS[:, :t]).logits for t in (1, 12)]  # the GEMV path and the dequantize path
+    assert experts.absmax.dtype == torch.float32
+    assert experts.quant_map.dtype == torch.float32
+    assert torch.equal(before, after)
+    assert all(torch.isfinite(t).all() for t in logits)
