@@ -6,6 +6,12 @@ one dequantized weight in memory at a time. Floating-point tensors are written i
 (integer tensors such as ``position_ids`` keep theirs). ``config.json`` loses its
 ``quantization_config`` and gets ``dtype`` / ``torch_dtype``; tokenizer and other files are copied.
 The index is written last, so a folder with an index is complete.
+
+GPT-2 style ``Conv1D`` weights are stored ``[in, out]`` by transformers but quantized as ``[out, in]``
+(bitsandbytes' layout): they are written back transposed, so that plain transformers loads the folder.
+Which weights those are: the ``transposed`` flag of our per-tensor metadata, or, for a folder another
+tool wrote (transformers + bitsandbytes' ``save_pretrained``), the ``Conv1D`` modules of the model that
+``config.json`` describes (built on the meta device).
 """
 
 from __future__ import annotations
@@ -61,6 +67,44 @@ def _out_dtype(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> tor
     return value.dtype
 
 
+def _transposed_weights(folder: Path, state: dict) -> set[str]:
+    """The quantized weights that are GPT-2 ``Conv1D`` weights (``[in, out]`` in a plain checkpoint)."""
+    from safetensors import safe_open
+
+    quantized = {k for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    found, described = set(), False
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            meta = (f.metadata() or {}).get("quantize_model.tensors")
+        if meta is not None:
+            described = True
+            found |= {k for k, rec in json.loads(meta).items() if (rec or {}).get("transposed")}
+    if described:
+        return found & quantized
+    return _conv1d_weights(folder) & quantized
+
+
+def _conv1d_weights(folder: Path) -> set[str]:
+    """``<module>.weight`` of every ``Conv1D`` of the model ``folder/config.json`` describes (none when
+    the config is missing or names no model transformers can build)."""
+    if not (folder / "config.json").is_file():
+        return set()
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+
+        from converter.loader.model import _model_class
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            model = _model_class(config)(config)
+    except Exception:  # not a transformers model: nothing is known to be transposed
+        return set()
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
+
+
 def _plan(state: dict, dtype: torch.dtype, max_shard_size: int) -> list[list[str]]:
     """Names per shard, in checkpoint order, each shard at most ``max_shard_size`` bytes (unless one
     tensor alone is larger, as transformers does)."""
@@ -76,10 +120,16 @@ def _plan(state: dict, dtype: torch.dtype, max_shard_size: int) -> list[list[str
     return shards
 
 
-def _tensor(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _tensor(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):  # a quantized record: its method decodes it
-        return for_record(value).dequantize(value, dtype)
+        w = for_record(value).dequantize(value, dtype)
+        return w.t() if transposed else w
     return value.to(_out_dtype(value, dtype))
+
+
+def _shape(value: QuantizedTensor | torch.Tensor, transposed: bool) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in value.shape)
+    return shape[::-1] if transposed else shape
 
 
 def dequantize_checkpoint(
@@ -115,20 +165,19 @@ def dequantize_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
 
     state = load_quantized_state(folder, verify=verify)
+    transposed = _transposed_weights(folder, state)
     groups = _plan(state, torch_dtype, limit)
     names = shard_names(len(groups))
     result = DequantizeResult(out, name)
     weight_map: dict[str, str] = {}
     for shard_name, group in zip(names, groups, strict=True):
         slots = [
-            TensorSlot(
-                k, DTYPE_CODES[_out_dtype(state[k], torch_dtype)], tuple(int(d) for d in state[k].shape)
-            )
+            TensorSlot(k, DTYPE_CODES[_out_dtype(state[k], torch_dtype)], _shape(state[k], k in transposed))
             for k in group
         ]
         with ShardWriter(out / shard_name, slots, {}) as writer:
             for k in group:
-                writer.write(k, _tensor(state[k], torch_dtype).contiguous())
+                writer.write(k, _tensor(state[k], torch_dtype, k in transposed).contiguous())
                 if not isinstance(state[k], torch.Tensor):
                     result.tensors_dequantized += 1
                 else:

@@ -88,3 +88,48 @@ def test_refuses_a_non_empty_output(our_folder: Path, tmp_path: Path) -> None:
     assert (out / "mine.txt").read_text() == "keep me"
     dequantize_checkpoint(our_folder, out, overwrite=True)
     assert not (out / "mine.txt").exists()
+
+
+@pytest.mark.parametrize("made_by", ["ours", "ours-int8", "bitsandbytes"])
+def test_gpt2_conv1d_weights_written_back_as_transformers_stores_them(tmp_path: Path, made_by: str) -> None:
+    """GPT-2's Conv1D weights are stored [in, out] but quantized [out, in] (bitsandbytes' layout): the
+    dequantized folder has them [in, out] again, so plain transformers loads it and its logits are those
+    of our loader on the quantized folder (the same decoded weights). For a folder transformers +
+    bitsandbytes saved (no per-tensor metadata) the Conv1D modules come from the model of config.json."""
+    import warnings
+
+    import transformers
+    from loader_helpers import bnb_quantize_folder
+
+    from converter.loader.model import load_quantized
+    from converter.writer.pipeline import convert
+
+    config = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(src)
+    q = tmp_path / "q"
+    if made_by == "bitsandbytes":
+        bnb_quantize_folder(src, q)
+    else:
+        convert(src, q, progress=False, quant_type="int8" if made_by == "ours-int8" else "nf4")
+    plain = tmp_path / "plain"
+    dequantize_checkpoint(q, plain, dtype="float32")
+    written = _read_folder(plain)
+    original = _read_folder(src)
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert written[key].shape == original[key].shape  # [in, out]
+    ids = torch.tensor([[1, 5, 9, 33, 2, 100]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = transformers.GPT2LMHeadModel.from_pretrained(plain, dtype=torch.float32).eval()
+        ours = load_quantized(q, dtype=torch.float32)
+    for layer in ours.modules():
+        if hasattr(layer, "use_gemv"):  # dequantize + F.linear in float32: the weights as written
+            layer.use_gemv, layer.compute_dtype = False, torch.float32
+    with torch.no_grad():
+        want = ours(ids).logits
+        got = reloaded(ids).logits
+    # float32 on both sides; only the order of the float32 sums may differ (F.linear vs Conv1D's addmm):
+    # gamma_K(2^-24) per dot product of K <= 4 * 128 terms, times the layers' growth, well under 1e-4.
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
