@@ -94,6 +94,11 @@ class Packed4bit(nn.Parameter):
     def __deepcopy__(self, memo: dict) -> Packed4bit:
         return Packed4bit(self.data.clone(), _state_to(self.quant_state, None, clone=True))
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # Pickled (torch.save of a whole model) as itself: nn.Parameter's own reduce rebuilds a plain
+        # Parameter, which loses the type that the upgrade to bitsandbytes' classes looks for.
+        return (Packed4bit, (self.data, self.quant_state))
+
 
 def quant_state_class() -> type:
     """The class of new quant states: bnb's ``QuantState`` once bitsandbytes is imported, else ours."""

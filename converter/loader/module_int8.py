@@ -57,6 +57,9 @@ class Int8Weight(nn.Parameter):
     def __deepcopy__(self, memo: dict) -> Int8Weight:
         return Int8Weight(self.data.clone(), CB=self.CB.clone(), SCB=self.SCB.clone())
 
+    def __reduce_ex__(self, protocol: int) -> tuple:  # pickled as itself (see module.Packed4bit)
+        return (Int8Weight, (self.data, self.CB, self.SCB))
+
 
 def make_weight(codes: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     if _BnbInt8Params is None:

@@ -177,7 +177,7 @@ def test_peft_imported_after_loading_turns_our_layers_into_bnb_ones(
     int8_folder = tmp_path / "int8"
     convert(plain_llama, int8_folder, quant_type="int8", progress=False)
     script = f"""
-import copy, pickle, sys, warnings
+import copy, io, pickle, sys, warnings
 warnings.simplefilter("ignore")
 import torch
 from converter.loader import module, module_int8
@@ -193,6 +193,11 @@ with torch.no_grad():
 q4, q8 = m4.model.layers[0].self_attn.q_proj, m8.model.layers[0].self_attn.q_proj
 w4, w8, state4 = q4.weight, q8.weight, q4.weight.quant_state
 twin = copy.deepcopy(q4)  # a copy made before the import is upgraded too
+buffer = io.BytesIO()
+torch.save(m4, buffer)  # a whole model pickled before the import, loaded back: its layers too
+buffer.seek(0)
+m4_loaded = torch.load(buffer, weights_only=False)
+assert type(m4_loaded.model.layers[0].self_attn.q_proj.weight) is module.Packed4bit
 
 import peft
 import bitsandbytes as bnb
@@ -207,8 +212,10 @@ assert (w4.blocksize, w4.quant_type, w4.compress_statistics) == (64, "nf4", True
 assert isinstance(q8, bnb.nn.Linear8bitLt) and q8.weight is w8 and isinstance(w8, bnb.nn.Int8Params)
 assert isinstance(q8.state, bnb.MatmulLtState) and q8.state.CB is w8.CB and q8.state.threshold == 6.0
 assert type(pickle.loads(pickle.dumps(q4))) is module.Linear4bit
+assert isinstance(m4_loaded.model.layers[0].self_attn.q_proj.weight, bnb.nn.Params4bit)
 with torch.no_grad():
     assert torch.equal(m4(ids).logits, before4) and torch.equal(m8(ids).logits, before8)
+    assert torch.equal(m4_loaded(ids).logits, before4)
 for model, lora_type, want in ((m4, PeftLora4bit, before4), (m8, PeftLora8bit, before8)):
     config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     wrapped = peft.get_peft_model(model, config)
