@@ -43,7 +43,8 @@ def verify(app: App, path: Path, against: str | None, revision: str | None, as_j
     for problem in r.problems:
         app.error(problem)
     if not r.ok:
-        app.error(f"{path}: {len(r.problems)} problem(s) found; reconvert with --overwrite")
+        remedy = "" if r.foreign else "; reconvert with --overwrite"
+        app.error(f"{path}: {len(r.problems)} problem(s) found{remedy}")
         raise click.exceptions.Exit(1)
     if not app.json:
         app.out.print(f"OK: {len(r.shards)} shard(s), {r.tensors} tensors verified in {path}")

@@ -130,6 +130,9 @@ class VerifyResult:
     shards: list[str]
     tensors: int = 0
     problems: list[str] = field(default_factory=list)
+    #: The folder was not written by quantize-model (no index, no per-tensor metadata): reconverting it
+    #: is not the remedy.
+    foreign: bool = False
 
     @property
     def ok(self) -> bool:
@@ -160,8 +163,8 @@ def verify_path(path: str | Path) -> VerifyResult:
             weight_map = index_mod.read_index(folder, require_files=False).weight_map
             # an explicit check: the sha256 chunk digests (cryptographic), not the load's xxh3_128
             result.problems.extend(index_mod.verify_shards(folder, algo="sha256"))
-        else:
-            result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")
+    no_index = path.is_dir() and not (folder / index_mod.INDEX_NAME).is_file()
+    ours = False  # whether any shard carries our per-tensor metadata (a folder quantize-model wrote)
     found: dict[str, str] = {}
     unreadable: set[str] = set()
     for name in names:
@@ -177,10 +180,20 @@ def verify_path(path: str | Path) -> VerifyResult:
                     result.tensors += 1
                 result.tensors += len(shard.passthrough)
                 if shard.metadata is not None:
+                    ours = True
                     _check_metadata(shard.raw_metadata, str(file), result)
         except FormatError as exc:
             result.problems.append(str(exc))
             unreadable.add(name)
+    if no_index and ours:
+        result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")
+    elif no_index:
+        result.foreign = True
+        result.problems.append(
+            f"{folder}: no {index_mod.INDEX_NAME} with digests: not a folder quantize-model wrote (a "
+            f"save_pretrained writes none), so its contents cannot be verified; the shards' structure "
+            f"was checked"
+        )
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):
             if shard_name in unreadable:

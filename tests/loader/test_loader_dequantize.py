@@ -133,3 +133,21 @@ def test_gpt2_conv1d_weights_written_back_as_transformers_stores_them(tmp_path: 
     # float32 on both sides; only the order of the float32 sums may differ (F.linear vs Conv1D's addmm):
     # gamma_K(2^-24) per dot product of K <= 4 * 128 terms, times the layers' growth, well under 1e-4.
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_verify_names_a_folder_it_did_not_write(bnb_nf4: Path, our_folder: Path, tmp_path: Path) -> None:
+    """`verify` on a folder transformers + bitsandbytes saved (no index, no digests) says it is not ours
+    and cannot be verified, instead of advising to reconvert it; one of ours that lost its index is told
+    to reconvert."""
+    import shutil
+
+    result = CliRunner().invoke(cli, ["verify", str(bnb_nf4)])
+    assert result.exit_code == 1
+    assert "not a folder quantize-model wrote" in result.output
+    assert "reconvert" not in result.output
+    ours = tmp_path / "ours"
+    shutil.copytree(our_folder, ours)
+    (ours / "model.safetensors.index.json").unlink()
+    result = CliRunner().invoke(cli, ["verify", str(ours)])
+    assert result.exit_code == 1
+    assert "missing; reconvert the folder" in result.output
