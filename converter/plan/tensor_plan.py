@@ -274,9 +274,10 @@ def build_plan(
 
     if not any(p.quantize for p in planned):
         f64 = next((p for p in planned if p.reason.startswith("dtype F64")), None)
-        example = f64 or next(
-            (p for p in planned if p.info.name.endswith(".weight")), planned[0] if planned else None
-        )
+        weights = [p for p in planned if p.info.name.endswith(".weight")]
+        # the reason a 2-D weight was kept says more than a norm's (e.g. Falcon's FalconLinear)
+        example = f64 or next((p for p in weights if len(p.info.shape) == 2), None)
+        example = example or (weights[0] if weights else planned[0] if planned else None)
         detail = f" (e.g. {example.name!r}: {example.reason})" if example else ""
         hint = (
             "pass --dtype float32 (or bfloat16) to cast float64 weights" if f64 else "check --include/--skip"
