@@ -154,17 +154,22 @@ def dequantize_checkpoint(
     limit = parse_size(max_shard_size)
     folder = resolve_folder(source)
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
-            raise OutputExistsError(msg)
-        if out.resolve() == folder.resolve():
-            msg = f"{out}: is the source folder; write the plain checkpoint somewhere else"
-            raise OutputExistsError(msg)
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
+        raise OutputExistsError(msg)
+    if folder.resolve() == out.resolve() or folder.resolve().is_relative_to(out.resolve()):
+        msg = f"{out}: is or contains the source folder {folder}; write the plain checkpoint somewhere else"
+        raise OutputExistsError(msg)
+    # The source is read (and its digests checked) before anything of the output is removed: a bad
+    # source leaves an existing output as it was.
+    state = load_quantized_state(folder, verify=verify)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # --overwrite (refused above if not)
+        if out.is_symlink() or not out.is_dir():
+            out.unlink()  # a file, or a link: the link goes, never what it points to
+        else:
+            shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    state = load_quantized_state(folder, verify=verify)
     transposed = _transposed_weights(folder, state)
     groups = _plan(state, torch_dtype, limit)
     names = shard_names(len(groups))

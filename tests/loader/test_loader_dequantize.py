@@ -151,3 +151,43 @@ def test_verify_names_a_folder_it_did_not_write(bnb_nf4: Path, our_folder: Path,
     result = CliRunner().invoke(cli, ["verify", str(ours)])
     assert result.exit_code == 1
     assert "missing; reconvert the folder" in result.output
+
+
+def test_overwrite_never_removes_the_source_or_a_good_output_for_a_bad_source(
+    our_folder: Path, plain_llama: Path, tmp_path: Path
+) -> None:
+    """--overwrite into a folder that contains the source is refused with nothing removed; a source that
+    fails (not quantized, or corrupt) leaves an existing output as it was; a link is replaced, not what
+    it points to."""
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(our_folder, parent / "model-nf4")
+    with pytest.raises(OutputExistsError, match="contains the source"):
+        dequantize_checkpoint(parent / "model-nf4", parent, overwrite=True)
+    assert (parent / "model-nf4" / "model.safetensors.index.json").is_file()
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "important.txt").write_text("precious")
+    with pytest.raises(Exception, match="no quantized weight"):
+        dequantize_checkpoint(plain_llama, kept, overwrite=True)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(our_folder, corrupt)
+    shard = sorted(corrupt.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=shard.name):
+        dequantize_checkpoint(corrupt, kept, overwrite=True)
+    assert (kept / "important.txt").read_text() == "precious"
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "other.txt").write_text("kept")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    dequantize_checkpoint(our_folder, link, overwrite=True)
+    assert (target / "other.txt").read_text() == "kept"
+    assert (link / "config.json").is_file()
+    assert not link.is_symlink()
