@@ -331,7 +331,9 @@ class _Conversion:
                 manifest.save(self.output)
                 self.stats.shards_written.append(shard.name)
         finally:
-            self.notes.extend(getattr(quantizer, "notes", ()))
+            for note in getattr(quantizer, "notes", ()):  # e.g. int8 rows past float16's range: said now
+                moe.warn_once(self.warn, note)
+                self.notes.append(note)
             self.quality.close()
             for file in list(mapped):
                 mapped.pop(file)
