@@ -88,6 +88,11 @@ def resolve_device(device: str) -> tuple[str, str | None]:
     return device, None
 
 
+def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``skip`` / ``include``: one glob as a string, or several (a bare string is not split into letters)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def convert(
     source: str | Path | Source,
     output: str | Path,
@@ -100,8 +105,8 @@ def convert(
     quant_storage: str = "uint8",
     int8_threshold: float = 6.0,
     int8_scale: str = "cpu",
-    skip: Sequence[str] = (),
-    include: Sequence[str] = (),
+    skip: str | Sequence[str] = (),
+    include: str | Sequence[str] = (),
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     threads: int | None = None,
@@ -138,8 +143,8 @@ def convert(
             compute_dtype=normalize_dtype(compute_dtype, "--compute-dtype"),
             dtype=normalize_dtype(dtype, "--dtype"),
             quant_storage=quant_storage,
-            skip=tuple(skip),
-            include=tuple(include),
+            skip=_patterns(skip),
+            include=_patterns(include),
             max_shard_size=parse_size(max_shard_size),
             int8_threshold=int8_threshold,
             int8_scale=int8_scale,

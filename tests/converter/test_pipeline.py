@@ -351,3 +351,12 @@ def test_rerun_rewrites_a_deleted_config(tiny_llama: Path, tmp_path: Path) -> No
     assert r.resumed
     assert r.shards_reused == 1
     assert output_hashes(out) == before
+
+
+def test_a_string_skip_or_include_is_one_pattern(tiny_llama: Path, tmp_path: Path) -> None:
+    """The Python API takes ``include="*q_proj*"`` as one glob (it used to be split into its letters:
+    every weight quantized, or "nothing to quantize" for ``skip="*mlp*"``)."""
+    r = convert(tiny_llama, tmp_path / "inc", include="*q_proj*", progress=False)
+    assert r.tensors_quantized == 2  # one q_proj per layer
+    r = convert(tiny_llama, tmp_path / "skip", skip="*mlp*", progress=False)
+    assert r.tensors_quantized == 14 - 6  # the 3 MLP projections of each of the 2 layers kept
