@@ -166,6 +166,7 @@ def verify_path(path: str | Path) -> VerifyResult:
     no_index = path.is_dir() and not (folder / index_mod.INDEX_NAME).is_file()
     ours = False  # whether any shard carries our per-tensor metadata (a folder quantize-model wrote)
     found: dict[str, str] = {}
+    quant_types: dict[str, str] = {}  # quantized weight key -> "nf4" / "fp4" / "int8"
     unreadable: set[str] = set()
     for name in names:
         file = folder / name
@@ -176,7 +177,9 @@ def verify_path(path: str | Path) -> VerifyResult:
                 for key in shard.keys():
                     found[key] = name
                 for key in shard.quantized:
-                    shard.group(key)  # open_shard validated each group against bnb's layout
+                    group = shard.group(key)  # open_shard validated each group against bnb's layout
+                    qt = group.info.quant_type  # a QuantType (4-bit), or int8's constant
+                    quant_types[key] = getattr(qt, "label", "int8")
                     result.tensors += 1
                 result.tensors += len(shard.passthrough)
                 if shard.metadata is not None:
@@ -194,6 +197,8 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"save_pretrained writes none), so its contents cannot be verified; the shards' structure "
             f"was checked"
         )
+    if path.is_dir():
+        result.problems.extend(_config_problems(folder, quant_types))
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):
             if shard_name in unreadable:
@@ -205,6 +210,55 @@ def verify_path(path: str | Path) -> VerifyResult:
         for key in sorted(set(found) - set(weight_map)):
             result.problems.append(f"tensor {key!r} in {found[key]} is missing from the index weight_map")
     return result
+
+
+def _config_problems(folder: Path, quant_types: dict[str, str]) -> list[str]:
+    """What in ``config.json`` would make transformers + bitsandbytes load the quantized weights wrongly:
+    no config, no ``quantization_config``, a method or quant type other than the records', or a
+    quantized module that ``llm_int8_skip_modules`` keeps unquantized (transformers would then read
+    its packed codes as a plain weight)."""
+    from converter.plan.selection_facts import should_convert_module
+
+    path = folder / "config.json"
+    if not path.is_file():
+        return [f"{path}: missing; transformers cannot build the model"]
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return [f"{path}: not valid JSON ({exc})"]
+    if not quant_types:
+        return []
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict):
+        return [
+            f"{path}: no quantization_config, but {len(quant_types)} weights are quantized: transformers "
+            f"would read their packed codes as plain weights"
+        ]
+    problems = []
+    if qc.get("quant_method") != "bitsandbytes":
+        problems.append(
+            f"{path}: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'bitsandbytes'"
+        )
+    kinds = set(quant_types.values())
+    if "int8" in kinds and not qc.get("load_in_8bit"):
+        problems.append(f"{path}: int8 weights, but quantization_config.load_in_8bit is not true")
+    four = kinds - {"int8"}
+    if four and not qc.get("load_in_4bit"):
+        problems.append(f"{path}: 4-bit weights, but quantization_config.load_in_4bit is not true")
+    elif four and qc.get("bnb_4bit_quant_type") not in four:
+        problems.append(
+            f"{path}: quantization_config.bnb_4bit_quant_type is {qc.get('bnb_4bit_quant_type')!r}, "
+            f"the weights are {'/'.join(sorted(four))}"
+        )
+    skip = qc.get("llm_int8_skip_modules")
+    kept = sorted(k for k in quant_types if not should_convert_module(k.removesuffix(".weight"), skip))
+    if kept:
+        more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+        problems.append(
+            f"{path}: llm_int8_skip_modules keeps {', '.join(repr(k) for k in kept[:3])}{more} unquantized, "
+            f"but those weights are quantized"
+        )
+    return problems
 
 
 def _check_metadata(raw: dict, file: str, result: VerifyResult) -> None:

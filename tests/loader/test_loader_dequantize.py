@@ -191,3 +191,40 @@ def test_overwrite_never_removes_the_source_or_a_good_output_for_a_bad_source(
     assert (target / "other.txt").read_text() == "kept"
     assert (link / "config.json").is_file()
     assert not link.is_symlink()
+
+
+def _qc(**changes):
+    return lambda config: config["quantization_config"].update(changes)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda config: config.pop("quantization_config"), "no quantization_config"),
+        (
+            _qc(llm_int8_skip_modules=["lm_head", "layers.0.mlp.up_proj"]),
+            "llm_int8_skip_modules keeps 'model.layers.0.mlp.up_proj.weight'",
+        ),
+        (_qc(bnb_4bit_quant_type="fp4"), "bnb_4bit_quant_type is 'fp4'"),
+        (None, "config.json: missing"),
+    ],
+)
+def test_verify_checks_that_transformers_would_load_the_folder(
+    our_folder: Path, tmp_path: Path, edit, expected: str
+) -> None:
+    """A config.json that transformers + bitsandbytes would load wrongly (or not at all) fails `verify`:
+    the shards alone passing is not enough for a CI gate."""
+    import shutil
+
+    folder = tmp_path / "f"
+    shutil.copytree(our_folder, folder)
+    assert CliRunner().invoke(cli, ["verify", str(folder)]).exit_code == 0
+    if edit is None:
+        (folder / "config.json").unlink()
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["verify", str(folder)])
+    assert result.exit_code == 1
+    assert expected in result.output
