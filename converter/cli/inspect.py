@@ -52,7 +52,7 @@ def inspect(
     """Summarise PATH (a converted folder, one .safetensors shard, or a Hub repo id read by HTTP range
     requests, nothing downloaded): tensors, quant types, sizes."""
     from converter.sources import looks_like_repo_id
-    from converter.tools.inspection import inspect_hub, inspect_path
+    from converter.tools.inspection import inspect_hub, inspect_path, unfinished_conversion
 
     app.configure(json=as_json)
     if memory:
@@ -66,6 +66,9 @@ def inspect(
         if revision is not None:
             app.abort(f"--revision applies to Hub repos only, but {path} is a local path", 2)
         r = inspect_path(path)
+        if path.is_dir() and unfinished_conversion(path):
+            app.warn(f"{path}: the conversion did not finish (shown: the shards written so far); rerun "
+                     f"the same convert command to resume")  # fmt: skip
     if app.json:
         app.print_json(r.to_json())
         return

@@ -43,7 +43,7 @@ def verify(app: App, path: Path, against: str | None, revision: str | None, as_j
     for problem in r.problems:
         app.error(problem)
     if not r.ok:
-        remedy = "" if r.foreign else "; reconvert with --overwrite"
+        remedy = f"; {r.remedy}" if r.remedy else ""
         app.error(f"{path}: {len(r.problems)} problem(s) found{remedy}")
         raise click.exceptions.Exit(1)
     if not app.json:

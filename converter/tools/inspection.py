@@ -67,6 +67,17 @@ class InspectResult:
         }
 
 
+def unfinished_conversion(folder: Path) -> bool:
+    """Whether ``folder`` holds a conversion that did not finish (its manifest says so)."""
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("state") != "complete"
+    except ValueError:
+        return True
+
+
 def _shard_files(path: Path) -> tuple[Path, list[str]]:
     if not path.exists():
         msg = f"{path}: no such file or folder; check the path"
@@ -76,7 +87,7 @@ def _shard_files(path: Path) -> tuple[Path, list[str]]:
     if (path / index_mod.INDEX_NAME).is_file():
         return path, index_mod.read_index(path, require_files=False).files
     names = sorted(p.name for p in path.glob("*.safetensors"))
-    if not names:
+    if not names and not (path / MANIFEST_NAME).is_file():  # an interrupted conversion is reported instead
         msg = f"{path}: no .safetensors shards and no {index_mod.INDEX_NAME}; give a converted folder"
         raise SourceNotFoundError(msg)
     return path, names
@@ -130,9 +141,9 @@ class VerifyResult:
     shards: list[str]
     tensors: int = 0
     problems: list[str] = field(default_factory=list)
-    #: The folder was not written by quantize-model (no index, no per-tensor metadata): reconverting it
-    #: is not the remedy.
-    foreign: bool = False
+    #: What to do about the problems: reconvert; resume an unfinished conversion; nothing we can say for a
+    #: folder quantize-model did not write (no index, no per-tensor metadata).
+    remedy: str = "reconvert with --overwrite"
 
     @property
     def ok(self) -> bool:
@@ -148,23 +159,20 @@ def verify_path(path: str | Path) -> VerifyResult:
     folder, names = _shard_files(path)
     result = VerifyResult(path=str(path), shards=names)
     weight_map: dict[str, str] | None = None
+    unfinished = path.is_dir() and unfinished_conversion(folder)
+    if unfinished:  # what is missing follows from that (index, config): reported once, as this
+        result.remedy = "rerun the same convert command to resume"
+        result.problems.append(
+            f"{folder}: the conversion did not finish; rerun the same convert command to resume"
+        )
     if path.is_dir():
-        manifest = folder / MANIFEST_NAME
-        if manifest.is_file():
-            try:
-                state = json.loads(manifest.read_text()).get("state")
-            except ValueError:
-                state = None
-            if state != "complete":
-                result.problems.append(
-                    f"{folder}: the conversion did not finish; rerun the same convert command to resume"
-                )
         if (folder / index_mod.INDEX_NAME).is_file():
             weight_map = index_mod.read_index(folder, require_files=False).weight_map
             # an explicit check: the sha256 chunk digests (cryptographic), not the load's xxh3_128
             result.problems.extend(index_mod.verify_shards(folder, algo="sha256"))
-    no_index = path.is_dir() and not (folder / index_mod.INDEX_NAME).is_file()
-    ours = False  # whether any shard carries our per-tensor metadata (a folder quantize-model wrote)
+    no_index = path.is_dir() and not (folder / index_mod.INDEX_NAME).is_file() and not unfinished
+    # whether quantize-model wrote the folder: a manifest, or a shard with our per-tensor metadata
+    ours = (folder / MANIFEST_NAME).is_file()
     found: dict[str, str] = {}
     quant_types: dict[str, str] = {}  # quantized weight key -> "nf4" / "fp4" / "int8"
     unreadable: set[str] = set()
@@ -191,13 +199,13 @@ def verify_path(path: str | Path) -> VerifyResult:
     if no_index and ours:
         result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")
     elif no_index:
-        result.foreign = True
+        result.remedy = ""
         result.problems.append(
             f"{folder}: no {index_mod.INDEX_NAME} with digests: not a folder quantize-model wrote (a "
             f"save_pretrained writes none), so its contents cannot be verified; the shards' structure "
             f"was checked"
         )
-    if path.is_dir():
+    if path.is_dir() and not unfinished:
         result.problems.extend(_config_problems(folder, quant_types))
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):

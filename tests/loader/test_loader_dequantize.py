@@ -228,3 +228,22 @@ def test_verify_checks_that_transformers_would_load_the_folder(
     result = CliRunner().invoke(cli, ["verify", str(folder)])
     assert result.exit_code == 1
     assert expected in result.output
+
+
+def test_verify_and_inspect_say_a_conversion_killed_in_its_first_shard_did_not_finish(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """A folder holding only the manifest of an unfinished conversion: `verify` exits 1 saying so (it was
+    a usage error about missing shards) and advises resuming, not reconverting; `inspect` warns."""
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    manifest = json.loads((our_folder / ".quantize-model-manifest.json").read_text())
+    manifest["state"] = "in_progress"
+    (folder / ".quantize-model-manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, ["verify", str(folder)])
+    assert result.exit_code == 1
+    assert "the conversion did not finish; rerun the same convert command to resume" in result.output
+    assert "reconvert" not in result.output
+    result = CliRunner().invoke(cli, ["inspect", str(folder)])
+    assert result.exit_code == 0
+    assert "the conversion did not finish" in result.output
