@@ -152,9 +152,16 @@ def convert(
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        msg = f"threads={threads!r}: give a positive number of threads, or None for every core"
+        raise InputError(msg)
     device, fallback_note = resolve_device(device)
 
     output = Path(output).expanduser()
+    blocker = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None and blocker != output:  # an output file itself is refused by the manifest
+        msg = f"{output}: {blocker} is a file, not a folder; choose an output folder"
+        raise InputError(msg)
     src = (
         source
         if isinstance(source, Source)

@@ -360,3 +360,14 @@ def test_a_string_skip_or_include_is_one_pattern(tiny_llama: Path, tmp_path: Pat
     assert r.tensors_quantized == 2  # one q_proj per layer
     r = convert(tiny_llama, tmp_path / "skip", skip="*mlp*", progress=False)
     assert r.tensors_quantized == 14 - 6  # the 3 MLP projections of each of the 2 layers kept
+
+
+def test_bad_threads_and_an_output_under_a_file_are_input_errors(tiny_llama: Path, tmp_path: Path) -> None:
+    """Both refused before anything is written (threads=0 was a ValueError after the manifest; an output
+    under a file was an OS error, exit 1)."""
+    with pytest.raises(InputError, match="threads=0"):
+        convert(tiny_llama, tmp_path / "t", threads=0, progress=False)
+    assert not (tmp_path / "t").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        convert(tiny_llama, tmp_path / "afile" / "sub", progress=False)
