@@ -168,6 +168,14 @@ class LocalSource(Source):
                         "re-download the checkpoint"
                     )
                     raise CorruptFileError(msg)
+            unlisted = [name for name in seen if name not in self._weight_map]
+            if unlisted:  # transformers loads by the weight_map: such a tensor would be missing
+                more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
+                msg = (
+                    f"{self.root / INDEX_NAME}: tensor {unlisted[0]!r}{more} is in {seen[unlisted[0]]} but "
+                    "not in the weight_map (transformers would not load it); re-download the checkpoint"
+                )
+                raise CorruptFileError(msg)
         return tensors
 
     # --- Source ----------------------------------------------------------------------------

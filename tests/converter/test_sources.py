@@ -108,6 +108,20 @@ def test_index_entry_not_in_its_shard(tiny_llama_sharded: Path, tmp_path: Path) 
         open_source(folder)
 
 
+def test_shard_tensor_missing_from_the_index(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    """The reverse: a tensor in a shard that the weight_map leaves out (transformers would not load it;
+    the output looked complete and could not be loaded) is refused, naming it."""
+    folder = _copy(tiny_llama_sharded, tmp_path / "m")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.0.mlp.gate_proj.weight"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CorruptFileError,
+        match=r"tensor 'model.layers.0.mlp.gate_proj.weight' is in .* but not in the weight_map",
+    ):
+        open_source(folder)
+
+
 def test_truncated_file(tiny_llama: Path, tmp_path: Path) -> None:
     folder = _copy(tiny_llama, tmp_path / "m")
     path = folder / "model.safetensors"
