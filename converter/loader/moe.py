@@ -39,7 +39,7 @@ are stacked into the fused parameters here (transformers' own loader does the sa
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -87,21 +87,10 @@ def _experts_forward(
             _grouped_gemv_rows,
         )  # fmt: skip
     out = torch.zeros_like(hidden)
-    # Sort (slot, token) pairs by expert: one group of rows per hit expert, ascending, and inside a group
-    # slot-major like transformers' torch.where(expert_mask[e]) (the same rows in the same order).
-    tokens = top_k_index.shape[0]
-    flat = top_k_index.t().reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    start = 0
     gemv_gu = use_gemv and hidden_dim % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
     gemv_dn = use_gemv and intermediate % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = order[start : start + n]
-        start += n
-        slot, token_idx = rows // tokens, rows % tokens
+    for e, slot, token_idx in _expert_rows(top_k_index, num_experts):
+        n = token_idx.shape[0]
         x = hidden[token_idx]
         p, a = packed[e], absmax[e]
         if gemv_gu and n <= ops.GEMV_MAX_TOKENS:
@@ -127,6 +116,25 @@ def _experts_forward(
         # expert, each sum rounds once to out's dtype); bf16 index_add_ is ~10^4 times slower on CPU.
         out[token_idx] = out[token_idx] + y.to(out.dtype)
     return out
+
+
+def _expert_rows(
+    top_k_index: torch.Tensor, num_experts: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, slots, tokens) of every hit expert, ascending: the (slot, token) pairs sorted by expert,
+    inside an expert slot-major like transformers' torch.where(expert_mask[e]) (the same rows in the
+    same order)."""
+    tokens = top_k_index.shape[0]
+    flat = top_k_index.t().reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = order[start : start + n]
+        start += n
+        yield e, rows // tokens, rows % tokens
 
 
 def _grouped_ok(hidden: torch.Tensor, intermediate: int, blocksize: int) -> bool:
@@ -345,16 +353,7 @@ def moe_experts_4bit_backward(
     grad_weights = torch.zeros(top_k_weights.shape, dtype=torch.float32, device=hidden.device)
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
     act_fn, act_backward = _ACTS[act], _ACT_BACKWARDS[act]
-    flat = top_k_index.t().reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=packed.shape[0]).tolist()
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = order[start : start + n]
-        start += n
-        slot, token_idx = rows // tokens, rows % tokens
+    for e, slot, token_idx in _expert_rows(top_k_index, packed.shape[0]):
         x, g = hidden[token_idx], grad_out[token_idx].to(hidden.dtype)
         p, a = packed[e], absmax[e]
         w_gu = _dequant(
