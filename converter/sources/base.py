@@ -191,3 +191,25 @@ def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | No
         if t.name.endswith((".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".SCB")):
             return f"tensor {t.name!r} is a bitsandbytes quant state"
     return None
+
+
+def check_weight_map(index: str, weight_map: dict[str, str], seen: dict[str, str], advice: str) -> None:
+    """The index (``index``: how to name it in a message) against the shards' contents (``seen``: tensor ->
+    file): every entry in its file, and every tensor of the shards in the index, which is what
+    transformers loads by (a tensor left out would be missing from the model). Raises CorruptFileError
+    naming the tensor, ending with ``advice``."""
+    from converter.errors import CorruptFileError
+
+    for name, file in weight_map.items():
+        if seen.get(name) != file:
+            where = f"found in {seen[name]}" if name in seen else "in no shard"
+            msg = f"{index}: tensor {name!r} is mapped to {file} but {where}; {advice}"
+            raise CorruptFileError(msg)
+    unlisted = [name for name in seen if name not in weight_map]
+    if unlisted:
+        more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
+        msg = (
+            f"{index}: tensor {unlisted[0]!r}{more} is in {seen[unlisted[0]]} but not in the weight_map "
+            f"(transformers would not load it); {advice}"
+        )
+        raise CorruptFileError(msg)

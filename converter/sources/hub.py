@@ -41,7 +41,7 @@ from converter.errors import (
     PickleOnlyError,
     SourceNotFoundError,
 )
-from converter.sources.base import Source, TensorInfo, is_extra_file, quantized_reason
+from converter.sources.base import Source, TensorInfo, check_weight_map, is_extra_file, quantized_reason
 from converter.sources.hub_client import (  # the error classes are part of this module's API
     DiskTooSmallError,
     HubAccessError,
@@ -464,11 +464,8 @@ class HubSource(Source):
                 self._offsets[(file, name)] = (begin, end)
                 tensors.append(TensorInfo(name, file, dtype, shape))
         if self._weight_map is not None:
-            for name, file in self._weight_map.items():
-                if seen.get(name) != file:
-                    where = f"found in {seen[name]}" if name in seen else "in no shard"
-                    msg = f"{self.repo_id}: {INDEX_NAME} maps tensor {name!r} to {file} but it is {where}"
-                    raise CorruptFileError(msg)
+            index = f"{self.repo_id}: {INDEX_NAME}"
+            check_weight_map(index, self._weight_map, seen, "report it to the repo owner")
         return tensors
 
     def _header_entries(self, file: str) -> list[tuple[str, str, tuple[int, ...], tuple[int, int]]]:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from converter.errors import AlreadyQuantizedError, CorruptFileError, PickleOnlyError, SourceNotFoundError
-from converter.sources.base import Source, TensorInfo, is_extra_file, quantized_reason
+from converter.sources.base import Source, TensorInfo, check_weight_map, is_extra_file, quantized_reason
 from converter.sources.mapped import MappedFile, read_header
 
 __all__ = ["LocalSource", "MappedFile", "read_header"]  # MappedFile/read_header: sources.mapped
@@ -160,22 +160,8 @@ class LocalSource(Source):
                 seen[name] = file
                 tensors.append(TensorInfo(name, file, entry["dtype"], tuple(int(d) for d in entry["shape"])))
         if self._weight_map is not None:
-            for name, file in self._weight_map.items():
-                if seen.get(name) != file:
-                    where = f"found in {seen[name]}" if name in seen else "in no shard"
-                    msg = (
-                        f"{self.root / INDEX_NAME}: tensor {name!r} is mapped to {file} but {where}; "
-                        "re-download the checkpoint"
-                    )
-                    raise CorruptFileError(msg)
-            unlisted = [name for name in seen if name not in self._weight_map]
-            if unlisted:  # transformers loads by the weight_map: such a tensor would be missing
-                more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
-                msg = (
-                    f"{self.root / INDEX_NAME}: tensor {unlisted[0]!r}{more} is in {seen[unlisted[0]]} but "
-                    "not in the weight_map (transformers would not load it); re-download the checkpoint"
-                )
-                raise CorruptFileError(msg)
+            index = str(self.root / INDEX_NAME)
+            check_weight_map(index, self._weight_map, seen, "re-download the checkpoint")
         return tensors
 
     # --- Source ----------------------------------------------------------------------------

@@ -168,6 +168,11 @@ def verify_path(path: str | Path) -> VerifyResult:
     if path.is_dir():
         if (folder / index_mod.INDEX_NAME).is_file():
             weight_map = index_mod.read_index(folder, require_files=False).weight_map
+            for extra in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in names):
+                result.problems.append(
+                    f"{folder / extra}: a shard the index does not list (loaders that glob *.safetensors "
+                    f"would read it); remove it"
+                )
             # an explicit check: the sha256 chunk digests (cryptographic), not the load's xxh3_128
             result.problems.extend(index_mod.verify_shards(folder, algo="sha256"))
     no_index = path.is_dir() and not (folder / index_mod.INDEX_NAME).is_file() and not unfinished

@@ -247,3 +247,14 @@ def test_verify_and_inspect_say_a_conversion_killed_in_its_first_shard_did_not_f
     result = CliRunner().invoke(cli, ["inspect", str(folder)])
     assert result.exit_code == 0
     assert "the conversion did not finish" in result.output
+
+
+def test_verify_reports_a_shard_the_index_does_not_list(our_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "f"
+    shutil.copytree(our_folder, folder)
+    shutil.copy(sorted(folder.glob("*.safetensors"))[0], folder / "extra.safetensors")
+    result = CliRunner().invoke(cli, ["verify", str(folder)])
+    assert result.exit_code == 1
+    assert "extra.safetensors: a shard the index does not list" in result.output
