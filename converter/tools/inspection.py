@@ -191,8 +191,8 @@ def verify_path(path: str | Path) -> VerifyResult:
                     found[key] = name
                 for key in shard.quantized:
                     group = shard.group(key)  # open_shard validated each group against bnb's layout
-                    qt = group.info.quant_type  # a QuantType (4-bit), or int8's constant
-                    quant_types[key] = getattr(qt, "label", "int8")
+                    qt = group.info.quant_type  # a QuantType (4-bit), or int8's name
+                    quant_types[key] = getattr(qt, "label", qt)  # a method name: nf4 / fp4 / int8
                     result.tensors += 1
                 result.tensors += len(shard.passthrough)
                 if shard.metadata is not None:
@@ -230,6 +230,7 @@ def _config_problems(folder: Path, quant_types: dict[str, str]) -> list[str]:
     no config, no ``quantization_config``, a method or quant type other than the records', or a
     quantized module that ``llm_int8_skip_modules`` keeps unquantized (transformers would then read
     its packed codes as a plain weight)."""
+    from converter.methods import get_method
     from converter.plan.selection_facts import should_convert_module
 
     path = folder / "config.json"
@@ -252,17 +253,13 @@ def _config_problems(folder: Path, quant_types: dict[str, str]) -> list[str]:
         problems.append(
             f"{path}: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'bitsandbytes'"
         )
-    kinds = set(quant_types.values())
-    if "int8" in kinds and not qc.get("load_in_8bit"):
-        problems.append(f"{path}: int8 weights, but quantization_config.load_in_8bit is not true")
-    four = kinds - {"int8"}
-    if four and not qc.get("load_in_4bit"):
-        problems.append(f"{path}: 4-bit weights, but quantization_config.load_in_4bit is not true")
-    elif four and qc.get("bnb_4bit_quant_type") not in four:
-        problems.append(
-            f"{path}: quantization_config.bnb_4bit_quant_type is {qc.get('bnb_4bit_quant_type')!r}, "
-            f"the weights are {'/'.join(sorted(four))}"
-        )
+    for kind in sorted(set(quant_types.values())):
+        if not get_method(kind).matches_config(qc):  # the test the loaders use to pick the method
+            problems.append(
+                f"{path}: quantization_config does not describe the {kind} weights (load_in_4bit="
+                f"{qc.get('load_in_4bit')!r}, load_in_8bit={qc.get('load_in_8bit')!r}, "
+                f"bnb_4bit_quant_type is {qc.get('bnb_4bit_quant_type')!r})"
+            )
     skip = qc.get("llm_int8_skip_modules")
     kept = sorted(k for k in quant_types if not should_convert_module(k.removesuffix(".weight"), skip))
     if kept:
