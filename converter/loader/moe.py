@@ -289,6 +289,22 @@ def _dequant(packed, absmax, quant_map, n, blocksize, dtype) -> torch.Tensor:
     return ops._dequantize_torch(packed, absmax, n, blocksize, quant_map, dtype)
 
 
+def _expert_weights(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    intermediate: int,
+    hidden_dim: int,
+    blocksize: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up [2I, H], down [H, I]) of one expert (its row of ``packed`` / ``absmax``), dequantized."""
+    gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
+    gu = _dequant(packed[:gu_bytes], absmax[:gu_blocks], quant_map, 2 * gu_bytes, blocksize, dtype)
+    dn = _dequant(packed[gu_bytes:], absmax[gu_blocks:], quant_map, gu_bytes, blocksize, dtype)
+    return gu.view(2 * intermediate, hidden_dim), dn.view(hidden_dim, intermediate)
+
+
 @torch.library.custom_op("quantize_model::moe_experts_4bit", mutates_args=())
 def moe_experts_4bit(
     hidden: torch.Tensor,
@@ -351,16 +367,12 @@ def moe_experts_4bit_backward(
     tokens, hidden_dim = hidden.shape
     grad_hidden = torch.zeros(tokens, hidden_dim, dtype=torch.float32, device=hidden.device)
     grad_weights = torch.zeros(top_k_weights.shape, dtype=torch.float32, device=hidden.device)
-    gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
     act_fn, act_backward = _ACTS[act], _ACT_BACKWARDS[act]
     for e, slot, token_idx in _expert_rows(top_k_index, packed.shape[0]):
         x, g = hidden[token_idx], grad_out[token_idx].to(hidden.dtype)
-        p, a = packed[e], absmax[e]
-        w_gu = _dequant(
-            p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate * hidden_dim, blocksize, x.dtype
+        w_gu, w_dn = _expert_weights(
+            packed[e], absmax[e], quant_map, intermediate, hidden_dim, blocksize, x.dtype
         )
-        w_dn = _dequant(p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim * intermediate, blocksize, x.dtype)
-        w_gu, w_dn = w_gu.view(2 * intermediate, hidden_dim), w_dn.view(hidden_dim, intermediate)
         gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
         act_gate = act_fn(gate)
         y = F.linear(act_gate * up, w_dn)
@@ -470,13 +482,10 @@ class QuantExperts4bit(nn.Module):
 
     def expert_weights(self, e: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of expert ``e``, dequantized."""
-        dtype = dtype or self.dtype
-        i, h, bs = self.intermediate_dim, self.hidden_dim, self.blocksize
-        gu_bytes, gu_blocks = i * h, 2 * i * h // bs
-        p, a = self.packed[e], self.absmax[e]
-        gu = _dequant(p[:gu_bytes], a[:gu_blocks], self.quant_map, 2 * i * h, bs, dtype).view(2 * i, h)
-        dn = _dequant(p[gu_bytes:], a[gu_blocks:], self.quant_map, h * i, bs, dtype).view(h, i)
-        return gu, dn
+        return _expert_weights(
+            self.packed[e], self.absmax[e], self.quant_map, self.intermediate_dim, self.hidden_dim,
+            self.blocksize, dtype or self.dtype,
+        )  # fmt: skip
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
