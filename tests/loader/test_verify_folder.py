@@ -1,0 +1,98 @@
+"""quantize-model verify / inspect on folders that are not what they should be: written by another tool,
+a config.json transformers would load wrongly, an unfinished conversion, a shard the index does not
+list."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from converter.cli import cli
+
+
+def test_verify_names_a_folder_it_did_not_write(bnb_nf4: Path, our_folder: Path, tmp_path: Path) -> None:
+    """`verify` on a folder transformers + bitsandbytes saved (no index, no digests) says it is not ours
+    and cannot be verified, instead of advising to reconvert it; one of ours that lost its index is told
+    to reconvert."""
+    import shutil
+
+    result = CliRunner().invoke(cli, ["verify", str(bnb_nf4)])
+    assert result.exit_code == 1
+    assert "not a folder quantize-model wrote" in result.output
+    assert "reconvert" not in result.output
+    ours = tmp_path / "ours"
+    shutil.copytree(our_folder, ours)
+    (ours / "model.safetensors.index.json").unlink()
+    result = CliRunner().invoke(cli, ["verify", str(ours)])
+    assert result.exit_code == 1
+    assert "missing; reconvert the folder" in result.output
+
+
+def _qc(**changes):
+    return lambda config: config["quantization_config"].update(changes)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda config: config.pop("quantization_config"), "no quantization_config"),
+        (
+            _qc(llm_int8_skip_modules=["lm_head", "layers.0.mlp.up_proj"]),
+            "llm_int8_skip_modules keeps 'model.layers.0.mlp.up_proj.weight'",
+        ),
+        (_qc(bnb_4bit_quant_type="fp4"), "bnb_4bit_quant_type is 'fp4'"),
+        (None, "config.json: missing"),
+    ],
+)
+def test_verify_checks_that_transformers_would_load_the_folder(
+    our_folder: Path, tmp_path: Path, edit, expected: str
+) -> None:
+    """A config.json that transformers + bitsandbytes would load wrongly (or not at all) fails `verify`:
+    the shards alone passing is not enough for a CI gate."""
+    import shutil
+
+    folder = tmp_path / "f"
+    shutil.copytree(our_folder, folder)
+    assert CliRunner().invoke(cli, ["verify", str(folder)]).exit_code == 0
+    if edit is None:
+        (folder / "config.json").unlink()
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["verify", str(folder)])
+    assert result.exit_code == 1
+    assert expected in result.output
+
+
+def test_verify_and_inspect_say_a_conversion_killed_in_its_first_shard_did_not_finish(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """A folder holding only the manifest of an unfinished conversion: `verify` exits 1 saying so (it was
+    a usage error about missing shards) and advises resuming, not reconverting; `inspect` warns."""
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    manifest = json.loads((our_folder / ".quantize-model-manifest.json").read_text())
+    manifest["state"] = "in_progress"
+    (folder / ".quantize-model-manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, ["verify", str(folder)])
+    assert result.exit_code == 1
+    assert "the conversion did not finish; rerun the same convert command to resume" in result.output
+    assert "reconvert" not in result.output
+    result = CliRunner().invoke(cli, ["inspect", str(folder)])
+    assert result.exit_code == 0
+    assert "the conversion did not finish" in result.output
+
+
+def test_verify_reports_a_shard_the_index_does_not_list(our_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "f"
+    shutil.copytree(our_folder, folder)
+    shutil.copy(sorted(folder.glob("*.safetensors"))[0], folder / "extra.safetensors")
+    result = CliRunner().invoke(cli, ["verify", str(folder)])
+    assert result.exit_code == 1
+    assert "extra.safetensors: a shard the index does not list" in result.output
