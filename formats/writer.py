@@ -22,7 +22,8 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -163,6 +164,21 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
         offset += written
 
 
+@contextmanager
+def naming_os_errors(path: Path) -> Iterator[None]:
+    """Give an ``OSError`` raised without a file name the name ``path``.
+
+    Calls on a file descriptor (``pwrite``, ``ftruncate``, ``fsync``, a file object's ``write``) raise
+    errors such as ENOSPC or EFBIG without naming the file; users need to know which one failed.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
 class ShardWriter:
     """Write one safetensors shard from a plan; see the module docstring for layout and states."""
 
@@ -222,7 +238,8 @@ class ShardWriter:
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._state = WriterState.OPEN
         try:
-            os.ftruncate(self._fd, self._data_start + self._fixed_end)
+            with naming_os_errors(self.path):
+                os.ftruncate(self._fd, self._data_start + self._fixed_end)
         except BaseException:
             self.abort()
             raise
@@ -262,7 +279,8 @@ class ShardWriter:
             if buf.nbytes != slot.nbytes:
                 msg = f"{self.path}: tensor {name!r}: {buf.nbytes} bytes written, the plan says {slot.nbytes}"
                 raise SlotMismatch(msg)
-            _pwrite_all(self._fd, buf, self._data_start + self._offsets[name][0])
+            with naming_os_errors(self.path):
+                _pwrite_all(self._fd, buf, self._data_start + self._offsets[name][0])
         self._written.add(name)
 
     def close(self) -> ShardInfo:
@@ -275,43 +293,49 @@ class ShardWriter:
             raise MissingSlots(msg)
         self._state = WriterState.FINALIZING
         try:
-            position = self._fixed_end
-            blob_offsets: dict[str, tuple[int, int]] = {}
-            for name in self._blob_names:
-                blob = self._blobs.pop(name)
-                _pwrite_all(self._fd, memoryview(blob), self._data_start + position)
-                blob_offsets[name] = (position, position + len(blob))
-                position += len(blob)
-            header = self._header_json(blob_offsets)
-            header += b" " * (self._header_size - len(header))
-            _pwrite_all(self._fd, memoryview(self._header_size.to_bytes(8, "little") + header), 0)
-            # Hash the finished bytes (from the page cache) while fsync flushes them: both wait on
-            # different things and release the GIL, so the slower one sets close's time. The chunk
-            # digests come from the same read, hashed on other threads beside the whole-file sha256.
-            hashed: dict[str, tuple[str, ChunkDigests] | BaseException] = {}
-            hasher = threading.Thread(
-                target=_digests_into, args=(self._tmp, self._chunk_bytes, hashed), daemon=True
-            )
-            hasher.start()
-            try:
-                os.fsync(self._fd)
-            finally:
-                hasher.join()
-            os.close(self._fd)
-            self._fd = -1
-            digests = hashed["digests"]
-            if isinstance(digests, BaseException):
-                raise digests
-            sha, chunks = digests
-            size = self._data_start + position
-            os.replace(self._tmp, self.path)
-            _fsync_dir(self.path.parent)
+            with naming_os_errors(self.path):
+                sha, chunks, size = self._finish()
         except BaseException:
             self.abort()
             raise
         self._state = WriterState.CLOSED
         self.info = ShardInfo(self.path, sha, size, chunks)
         return self.info
+
+    def _finish(self) -> tuple[str, ChunkDigests, int]:
+        """Blobs, header, hashes and fsync, then the rename; ``close`` aborts on any failure."""
+        position = self._fixed_end
+        blob_offsets: dict[str, tuple[int, int]] = {}
+        for name in self._blob_names:
+            blob = self._blobs.pop(name)
+            _pwrite_all(self._fd, memoryview(blob), self._data_start + position)
+            blob_offsets[name] = (position, position + len(blob))
+            position += len(blob)
+        header = self._header_json(blob_offsets)
+        header += b" " * (self._header_size - len(header))
+        _pwrite_all(self._fd, memoryview(self._header_size.to_bytes(8, "little") + header), 0)
+        # Hash the finished bytes (from the page cache) while fsync flushes them: both wait on
+        # different things and release the GIL, so the slower one sets close's time. The chunk
+        # digests come from the same read, hashed on other threads beside the whole-file sha256.
+        hashed: dict[str, tuple[str, ChunkDigests] | BaseException] = {}
+        hasher = threading.Thread(
+            target=_digests_into, args=(self._tmp, self._chunk_bytes, hashed), daemon=True
+        )
+        hasher.start()
+        try:
+            os.fsync(self._fd)
+        finally:
+            hasher.join()
+        os.close(self._fd)
+        self._fd = -1
+        digests = hashed["digests"]
+        if isinstance(digests, BaseException):
+            raise digests
+        sha, chunks = digests
+        size = self._data_start + position
+        os.replace(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return sha, chunks, size
 
     def abort(self) -> None:
         """Remove the temp file; the final name is never touched. A no-op once closed or aborted."""

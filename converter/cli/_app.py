@@ -25,8 +25,13 @@ DEBUG_HINT = f"set {DEBUG_ENV}=1 for the traceback"
 
 def _format_os_error(exc: OSError) -> str:
     where = f"{exc.filename}: " if exc.filename else ""
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{where}no space left on device; free disk space, then rerun the same command to resume"
+    if exc.errno == errno.EFBIG:
+        return (
+            f"{where}file too large for the file system or the process's file size limit (ulimit -f); "
+            "raise the limit or write elsewhere, then rerun the same command to resume"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return f"{where}permission denied; choose a folder you can write to"
     return f"{where}{exc.strerror or exc}; check the path and rerun"

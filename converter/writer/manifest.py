@@ -23,7 +23,7 @@ from pathlib import Path
 
 from converter.errors import CorruptFileError, OutputExistsError
 from formats.chunks import ChunkDigests, hash_file
-from formats.writer import ShardInfo
+from formats.writer import ShardInfo, naming_os_errors
 
 MANIFEST_NAME = ".quantize-model-manifest.json"
 TOOL = "quantize-model"
@@ -91,11 +91,15 @@ def _temp_name(path: Path) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp name beside ``path``, fsync, rename: readers see old or new, never half."""
     tmp = _temp_name(path)
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with naming_os_errors(path), tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temp file behind
+        raise
     fsync_dir(path.parent)
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import errno
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 from converter.cli._app import describe_error
 from converter.errors import ConversionFailedError, OutputExistsError
@@ -46,3 +50,37 @@ def test_unknown_error_points_to_debug() -> None:
         "unexpected ZeroDivisionError: division by zero; set QUANTIZE_MODEL_DEBUG=1 for the traceback",
         1,
     )
+
+
+def test_file_size_limit_names_the_shard_and_leaves_no_temp(tiny_llama: Path, tmp_path: Path) -> None:
+    """A write refused by the OS (here EFBIG from a 64 KiB ``ulimit -f``, as ENOSPC from a full disk)
+    names the shard being written, removes its temp file, and the same command resumes to completion."""
+    out = tmp_path / "out"
+    cli = "from converter.cli import main; main()"
+    command = [sys.executable, "-c", cli, "convert", str(tiny_llama), str(out)]
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert r.returncode == 1, r.stderr
+    assert f"Error: {out / 'model.safetensors'}: file too large" in r.stderr
+    assert "ulimit -f" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".quantize-model-manifest.json"]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+def test_full_disk_from_a_file_descriptor_names_the_file(tmp_path: Path) -> None:
+    """pwrite/fsync raise ENOSPC without a file name; the writer adds it, so the message has it."""
+    from formats.writer import naming_os_errors
+
+    target = tmp_path / "model-00001-of-00002.safetensors"
+    try:
+        with naming_os_errors(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as exc:
+        message, code = describe_error(exc)
+    assert code == 1
+    assert message.startswith(f"{target}: no space left on device; free disk space")
