@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from converter.errors import AlreadyQuantizedError
+from converter.errors import AlreadyQuantizedError, CorruptFileError
 from converter.sources.base import Source, TensorInfo
 from converter.sources.fp8_layout import (
     FP8_WEIGHT_DTYPE_NAMES,
@@ -62,6 +62,20 @@ def dequantize_block_fp8(
     return (weight.to(torch.float32) * scale).to(out_dtype)
 
 
+def _check_scale(scale: torch.Tensor, name: str, file: str) -> None:
+    """A NaN/Inf block scale makes its whole block NaN/Inf: no option can use that weight (``--skip``
+    would keep the NaNs), so it is reported as the damaged file it is, naming the block."""
+    bad = ~torch.isfinite(scale.float())
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        msg = (
+            f"tensor {name!r} in {file}: {int(bad.sum())} of {scale.numel()} FP8 block scales are NaN or "
+            f"Inf (the first at block {first}), which makes those weight blocks NaN; the checkpoint is "
+            f"damaged: download it again"
+        )
+        raise CorruptFileError(msg)
+
+
 class _Fp8File:
     """An open weight file whose FP8 weights come out dequantized."""
 
@@ -83,6 +97,7 @@ class _Fp8File:
         else:  # the scale sits in another shard: map it for this one tensor
             other = self.owner.inner.open_file(scale_file)
             scale = other.get(scale_name)
+        _check_scale(scale, scale_name, scale_file)
         raw = self.inner.get(name)
         return dequantize_block_fp8(raw, scale, self.owner.block)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -250,6 +251,30 @@ def test_other_quantized_sources_are_still_refused(moe_src, tmp_path):
     with pytest.raises(AlreadyQuantizedError, match=dropped.removesuffix("_scale_inv")):
         convert(missing, tmp_path / "o2", progress=False)
     assert EXPERT_KEY.match("model.layers.0.mlp.experts.7.w3.weight")
+
+
+def test_fp8_nonfinite_block_scale_is_a_damaged_file_even_when_skipped(moe_src, tmp_path):
+    """A NaN block scale makes its block NaN: the error names the scale tensor, its file and the block,
+    and does not advise --skip, which would write the NaNs (it used to, and did)."""
+    from safetensors.torch import save_file
+
+    from converter.errors import CorruptFileError
+
+    src = make_fp8_source(moe_src("deepseek_v3"), tmp_path / "fp8")
+    tensors = _source_tensors(src)
+    scale = next(k for k in tensors if k.endswith("down_proj.weight_scale_inv"))
+    tensors[scale][0, 1] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    blocks = tensors[scale].numel()
+    expected = re.escape(
+        f"'{scale}' in model.safetensors: 1 of {blocks} FP8 block scales are NaN or Inf "
+        "(the first at block (0, 1))"
+    )
+    for skip in ((), [scale.removesuffix(".weight_scale_inv")]):
+        with pytest.raises(CorruptFileError, match=expected) as info:
+            convert(src, tmp_path / f"o{len(skip)}", skip=skip, progress=False)
+        assert "--skip" not in str(info.value)
+        assert not (tmp_path / f"o{len(skip)}" / "model.safetensors").exists()
 
 
 def test_model_card_names_the_loaders(moe_src, tmp_path):
