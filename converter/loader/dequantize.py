@@ -32,6 +32,7 @@ from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
 from converter.methods import for_record
 from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
+from converter.writer.manifest import atomic_write_bytes
 from formats.record import QuantizedTensor
 from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
 
@@ -203,15 +204,15 @@ def dequantize_checkpoint(
         config.pop("quantization_config", None)
         config["dtype"] = name
         config["torch_dtype"] = name
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write_bytes(
+            out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        )
     if len(names) > 1:
         total = sum(
             math.prod(v.shape) * torch.empty(0, dtype=_out_dtype(v, torch_dtype)).element_size()
             for v in state.values()
         )
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        tmp = out / f".{INDEX_NAME}.partial"
-        tmp.write_text(json.dumps(index, indent=2) + "\n")
-        os.replace(tmp, out / INDEX_NAME)
+        atomic_write_bytes(out / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
     result.seconds = time.perf_counter() - started
     return result
