@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -32,12 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from formats.chunks import ChunkDigests, digest_function, hash_range, mismatch_line
+from formats.chunks import SHA256, ChunkDigests, digest_function, hash_file, hash_range, mismatch_line
 from formats.metadata import tool_version
 from formats.validate import FORMAT_NAME, FORMAT_VERSION, BadIndex, MissingShard, UnknownFormatVersion
 from formats.writer import ShardInfo
 
 INDEX_NAME = "model.safetensors.index.json"
+
+
+_HEX64 = re.compile("[0-9a-f]{64}")
 
 
 def shard_name(k: int, n: int) -> str:
@@ -126,14 +130,19 @@ def _shard_json(s: ShardInfo) -> dict[str, Any]:
 
 
 def _shard_entry(name: str, e: dict, where: Path) -> ShardEntry:
-    size = int(e["size"])
+    size, sha = e["size"], e["sha256"]
+    # exact types: a string size or an uppercase digest is not what the writer writes, and a digest
+    # compared as text must be spelt one way
+    if type(size) is not int or size < 0 or not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+        msg = f"{where}: shard {name}: 'sha256' must be 64 lowercase hex digits and 'size' a byte count"
+        raise BadIndex(msg)
     chunks = e.get("chunks")
     if chunks is not None:
         try:
             chunks = ChunkDigests.from_json(chunks, size, f"{where}: shard {name}")
         except ValueError as exc:
             raise BadIndex(str(exc)) from None
-    return ShardEntry(str(e["sha256"]), size, chunks)
+    return ShardEntry(sha, size, chunks)
 
 
 def read_index(folder: Path, *, require_files: bool = True) -> Index:
@@ -237,11 +246,15 @@ class Verification:
 
     _POOL, _CALLER = 1, 2
 
-    def __init__(self, index: Index, threads: int | None = None, algo: str | None = None) -> None:
+    def __init__(
+        self, index: Index, threads: int | None = None, algo: str | None = None, *, whole: bool = False
+    ) -> None:
         self.index = index
         self._problems, present = file_problems(index)
         hashed = [n for n in present if n in index.shards]
-        self._chunked = {n: c for n in hashed if (c := index.shards[n].chunks) is not None}
+        # whole=True (the explicit `verify` command): each shard is read once for its whole-file sha256
+        # and its sha256 chunk digests, so an index whose two disagree does not pass.
+        self._chunked = {} if whole else {n: c for n in hashed if (c := index.shards[n].chunks) is not None}
         # Per shard, the chunk digests checked: xxh3_128 where recorded, else (or algo="sha256") sha256.
         self._algo = {n: c.for_verify(algo)[0] for n, c in self._chunked.items()}
         self._owner = {n: [0] * len(c.sha256) for n, c in self._chunked.items()}
@@ -251,7 +264,7 @@ class Verification:
         # Popped from the end, so the last chunk first: a caller reading the files front to back takes
         # chunks from the other end.
         self._order = [(n, k) for n, c in self._chunked.items() for k in range(len(c.sha256))]
-        self._whole: dict[str, Future[str]] = {}
+        self._whole: dict[str, Future[tuple[str, ChunkDigests | None]]] = {}
         self._tasks: list[Future[None]] = []
         # The pool's threads are started from one thread of its own: each start waits for the new
         # thread to run, which the caller would otherwise do once per thread, in turn with the threads
@@ -263,10 +276,16 @@ class Verification:
         tasks = len(self._order) + len(hashed) - len(self._chunked)
         workers = max(1, min(tasks, self._threads))
         pool = ThreadPoolExecutor(max_workers=workers)
-        folder = self.index.folder
-        self._whole = {n: pool.submit(_sha256, folder / n) for n in hashed if n not in self._chunked}
+        self._whole = {n: pool.submit(self._hash_whole, n) for n in hashed if n not in self._chunked}
         self._tasks = [pool.submit(self._hash_chunks) for _ in range(workers)] if self._order else []
         pool.shutdown(wait=False)  # the threads finish what is queued; nothing else is submitted
+
+    def _hash_whole(self, name: str) -> tuple[str, ChunkDigests | None]:
+        """(whole-file sha256, sha256 chunk digests where the index records chunks) of one shard."""
+        path, chunks = self.index.folder / name, self.index.shards[name].chunks
+        if chunks is None:
+            return _sha256(path), None
+        return hash_file(path, chunks.size, threads=1)
 
     def _hash_chunks(self) -> None:
         """Hash chunks until none is left (one task per thread, not per chunk: fewer GIL hand-offs)."""
@@ -337,7 +356,13 @@ class Verification:
         digests = {n: f.result() for n, f in self._whole.items()}
         for name in self.index.files:
             if name in digests:
-                problems += digest_problems(self.index, {name: digests[name]})
+                sha, chunks = digests[name]
+                entry = self.index.shards[name]
+                line = None
+                if chunks is not None and entry.chunks is not None:  # the chunk that differs, if one does
+                    got = dict(enumerate(chunks.sha256))
+                    line = mismatch_line(self.index.folder / name, entry.chunks, entry.size, got, SHA256)
+                problems += [line] if line is not None else digest_problems(self.index, {name: sha})
             elif name in self._chunked:
                 entry = self.index.shards[name]
                 line = mismatch_line(
@@ -352,12 +377,17 @@ class Verification:
         return problems
 
 
-def start_verify(folder: Path, *, threads: int | None = None, algo: str | None = None) -> Verification:
+def start_verify(
+    folder: Path, *, threads: int | None = None, algo: str | None = None, whole: bool = False
+) -> Verification:
     """Start hashing every shard on background threads; call the result to wait for the problems.
-    ``algo="sha256"``: check the sha256 chunk digests even where xxh3_128 ones are recorded."""
-    return Verification(read_index(folder, require_files=False), threads, algo)
+    ``algo="sha256"``: check the sha256 chunk digests even where xxh3_128 ones are recorded;
+    ``whole=True``: also the whole-file sha256 of every shard (one thread per shard)."""
+    return Verification(read_index(folder, require_files=False), threads, algo, whole=whole)
 
 
-def verify_shards(folder: Path, *, threads: int | None = None, algo: str | None = None) -> list[str]:
+def verify_shards(
+    folder: Path, *, threads: int | None = None, algo: str | None = None, whole: bool = False
+) -> list[str]:
     """Hash every shard (in parallel) and compare with the index; returns one line per problem."""
-    return start_verify(folder, threads=threads, algo=algo)()
+    return start_verify(folder, threads=threads, algo=algo, whole=whole)()

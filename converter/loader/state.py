@@ -16,6 +16,7 @@ pickle-only folder, or an unknown layout is refused with an error naming the fil
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,6 +96,33 @@ def _raise_problems(problems: list[str]) -> None:
         raise ChecksumMismatchError(msg)
 
 
+def _written_by_us(shard: Path) -> bool:
+    """Whether the shard's safetensors header carries our ``quantize_model.*`` metadata (a header read)."""
+    try:
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 100 << 20)))
+    except (OSError, ValueError):
+        return False  # unreadable: the load's own parsing names the problem
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and any(str(k).startswith("quantize_model.") for k in meta)
+
+
+def _refuse_lost_digests(folder: Path, files: list[Path]) -> None:
+    """Shards we wrote always come with an index of digests; without it ``verify`` cannot hold, so the
+    load is refused rather than silently unverified (the index was deleted, or its digests removed)."""
+    ours = next((f for f in files if f.is_file() and _written_by_us(f)), None)
+    if ours is not None:
+        index = folder / INDEX_NAME
+        what = "records no digests" if index.is_file() else "is missing"
+        msg = (
+            f"{index}: {what}, but {ours.name} was written by quantize-model, whose index always has "
+            "them; the folder was changed: download or convert it again (verify=False / --no-verify "
+            "skips this check)"
+        )
+        raise ChecksumMismatchError(msg)
+
+
 def streams_to(device: str | torch.device) -> bool:
     """Whether a load onto ``device`` reads the shards into device tensors (every device but the CPU,
     where the memory-mapped views are used as they are)."""
@@ -156,7 +184,12 @@ def shards_verified(
     is hashed (yields None). ``streaming``: the block streams the shards (``read_state`` to a GPU); the
     verification takes every core but the caller's either way (``_hash_threads``)."""
     algo = _verify_algo(verify)
-    if not verify or not shard_files(folder)[1]:
+    if not verify:
+        yield None
+        return
+    files, hashed = shard_files(folder)
+    if not hashed:
+        _refuse_lost_digests(folder, files)  # a folder with no digests: another tool's, not one of ours
         yield None
         return
     try:

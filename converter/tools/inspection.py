@@ -159,6 +159,7 @@ def verify_path(path: str | Path) -> VerifyResult:
     folder, names = _shard_files(path)
     result = VerifyResult(path=str(path), shards=names)
     weight_map: dict[str, str] | None = None
+    index_has_digests = False
     unfinished = path.is_dir() and unfinished_conversion(folder)
     if unfinished:  # what is missing follows from that (index, config): reported once, as this
         result.remedy = "rerun the same convert command to resume"
@@ -167,14 +168,15 @@ def verify_path(path: str | Path) -> VerifyResult:
         )
     if path.is_dir():
         if (folder / index_mod.INDEX_NAME).is_file():
-            weight_map = index_mod.read_index(folder, require_files=False).weight_map
+            index = index_mod.read_index(folder, require_files=False)
+            weight_map, index_has_digests = index.weight_map, bool(index.shards)
             for extra in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in names):
                 result.problems.append(
                     f"{folder / extra}: a shard the index does not list (loaders that glob *.safetensors "
                     f"would read it); remove it"
                 )
             # an explicit check: the sha256 chunk digests (cryptographic), not the load's xxh3_128
-            result.problems.extend(index_mod.verify_shards(folder, algo="sha256"))
+            result.problems.extend(index_mod.verify_shards(folder, algo="sha256", whole=True))
     no_index = path.is_dir() and not (folder / index_mod.INDEX_NAME).is_file() and not unfinished
     # whether quantize-model wrote the folder: a manifest, or a shard with our per-tensor metadata
     ours = (folder / MANIFEST_NAME).is_file()
@@ -201,6 +203,12 @@ def verify_path(path: str | Path) -> VerifyResult:
         except FormatError as exc:
             result.problems.append(str(exc))
             unreadable.add(name)
+    if weight_map is not None and not index_has_digests and ours:
+        result.problems.append(
+            f"{folder / index_mod.INDEX_NAME}: records no digests, but the shards were written by "
+            f"quantize-model, whose index always has them; the index was changed, so the shards cannot "
+            f"be verified: reconvert the folder"
+        )
     if no_index and ours:
         result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")
     elif no_index:

@@ -5,6 +5,7 @@ list."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,82 @@ def test_verify_reports_a_shard_the_index_does_not_list(our_folder: Path, tmp_pa
     result = CliRunner().invoke(cli, ["verify", str(folder)])
     assert result.exit_code == 1
     assert "extra.safetensors: a shard the index does not list" in result.output
+
+
+def _copy_with_index(our_folder: Path, dst: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(our_folder, dst)
+    path = dst / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    edit(index)
+    path.write_text(json.dumps(index))
+    return dst
+
+
+def _flip_a_byte(shard: Path) -> None:
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def test_an_index_stripped_of_its_digests_fails_verify_and_a_verified_load(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """Deleting ``metadata.quantize_model`` (the digests) from our index made the folder look like one
+    transformers wrote: a flipped byte then passed `verify` and `load_quantized_state(verify=True)`."""
+    from converter import load_quantized_state
+    from converter.loader.state import ChecksumMismatchError
+
+    for edit in (lambda i: i["metadata"].pop("quantize_model"), lambda i: i.update(metadata=None)):
+        folder = _copy_with_index(our_folder, tmp_path / f"f{len(list(tmp_path.iterdir()))}", edit)
+        _flip_a_byte(sorted(folder.glob("*.safetensors"))[0])
+        result = CliRunner().invoke(cli, ["verify", str(folder)])
+        assert result.exit_code == 1
+        assert "records no digests, but the shards were written by quantize-model" in result.output
+        with pytest.raises(ChecksumMismatchError, match="records no digests, but model-00001-of-"):
+            load_quantized_state(folder)
+        load_quantized_state(folder, verify=False)  # the user's explicit opt-out still loads
+    single = tmp_path / "no-index"
+    import shutil
+
+    shutil.copytree(our_folder, single)
+    for shard in sorted(single.glob("*.safetensors"))[1:]:
+        shard.unlink()
+    (single / "model.safetensors.index.json").unlink()
+    with pytest.raises(ChecksumMismatchError, match=re.escape("model.safetensors.index.json: is missing")):
+        load_quantized_state(single)
+
+
+def test_verify_checks_the_whole_file_sha256_beside_the_chunk_digests(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """An index whose whole-file sha256 disagrees with the file passed `verify` while its chunk digests
+    matched (sha256sum-style checkers read the whole-file one); badly typed entries are refused."""
+    first = "model-00001-of-"
+
+    def wrong_sha(index: dict) -> None:
+        shards = index["metadata"]["quantize_model"]["shards"]
+        name = next(n for n in shards if n.startswith(first))
+        shards[name]["sha256"] = "0" * 64
+
+    folder = _copy_with_index(our_folder, tmp_path / "sha", wrong_sha)
+    result = CliRunner().invoke(cli, ["verify", str(folder)])
+    assert result.exit_code == 1
+    assert f"{first}" in result.output
+    assert f"sha256 {'0' * 64}" not in result.output  # the computed digest is shown, then the index's
+    assert f"index says {'0' * 64}" in result.output
+
+    def typed(field: str, value):
+        def edit(index: dict) -> None:
+            shards = index["metadata"]["quantize_model"]["shards"]
+            entry = shards[next(n for n in shards if n.startswith(first))]
+            entry[field] = value(entry[field])
+
+        return edit
+
+    for field, value in (("size", str), ("sha256", str.upper)):
+        folder = _copy_with_index(our_folder, tmp_path / f"{field}", typed(field, value))
+        result = CliRunner().invoke(cli, ["verify", str(folder)])
+        assert result.exit_code != 0
+        assert "'sha256' must be 64 lowercase hex digits and 'size' a byte count" in result.output
