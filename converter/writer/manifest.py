@@ -169,7 +169,9 @@ def decide(
         return fresh
     # A kill between writing the first manifest's temp file and renaming it leaves only that file:
     # ours, never complete, so it is dropped instead of making the folder look like someone else's.
-    _temp_name(output / MANIFEST_NAME).unlink(missing_ok=True)
+    stray = _temp_name(output / MANIFEST_NAME)
+    if stray.exists():  # checked first: unlink fails on a read-only folder even for a missing file
+        stray.unlink()
     if not output.exists() or not any(output.iterdir()):
         return fresh
     if overwrite:

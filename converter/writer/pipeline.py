@@ -16,6 +16,7 @@ has the re-run rules).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import time
@@ -258,8 +259,8 @@ class _Conversion:
                 return self._dry_result(report)
             report.refuse_if_cannot_fit()
         protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
-        if not self.output.exists():
-            self.output.mkdir(parents=True)
+        if not self.output.exists():  # exist_ok: a second run may create it first; the lock decides
+            self.output.mkdir(parents=True, exist_ok=True)
         # Locked before deciding, so two runs into one folder cannot both resume or clear it.
         lock = FolderLock(self.output) if self.output.is_dir() else None
         try:
@@ -505,8 +506,17 @@ class _Conversion:
             dest = self.output / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = temp_path(dest)
-            self.src.copy_extra_file(name, tmp)
-            tmp.replace(dest)
+            try:
+                self.src.copy_extra_file(name, tmp)
+                tmp.replace(dest)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                if exc.errno in _WRITE_ERRNOS:  # shutil names the source; the file that failed is ours
+                    raise OSError(exc.errno, exc.strerror, str(dest)) from exc
+                raise
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
     def _write_index(self, manifest: Manifest) -> None:
         shards = [shard_info(self.output / s.name, manifest.shards[s.name]) for s in self.plan.shards]
@@ -550,6 +560,9 @@ class _Conversion:
 def _torch_name(code: str) -> str:
     return {v: k for k, v in DTYPE_CODES.items()}[code]
 
+
+#: errors of writing a file (a full disk, a file size limit, a read-only folder), not of reading one
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 
 _FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 

@@ -72,6 +72,28 @@ def test_file_size_limit_names_the_shard_and_leaves_no_temp(tiny_llama: Path, tm
     assert (out / "model.safetensors").is_file()
 
 
+def test_a_failed_extra_file_copy_names_the_output_file_and_leaves_no_temp(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """shutil's error named the source's tokenizer.json and the partial copy stayed in the output."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    (src / "tokenizer.json").write_text("x" * (2 << 20))
+    out = tmp_path / "out"
+    cli = "from converter.cli import main; main()"
+    command = [sys.executable, "-c", cli, "convert", str(src), str(out)]
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert r.returncode == 1, r.stderr
+    assert f"Error: {out / 'tokenizer.json'}: file too large" in r.stderr
+    assert not [p.name for p in out.iterdir() if "tokenizer" in p.name]
+
+
 def test_full_disk_from_a_file_descriptor_names_the_file(tmp_path: Path) -> None:
     """pwrite/fsync raise ENOSPC without a file name; the writer adds it, so the message has it."""
     from formats.writer import naming_os_errors

@@ -95,6 +95,28 @@ def test_kill_before_the_first_manifest_rename_does_not_block_the_rerun(
     assert not (out / f".{MANIFEST_NAME}.tmp").exists()
 
 
+def test_a_finished_folder_on_a_read_only_mount_is_a_no_op(
+    tiny_llama_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rerunning a finished conversion whose folder is read-only did nothing and exits 0, as documented:
+    it failed with EROFS, unlinking a stray manifest temp file that did not exist (unlink fails with
+    EROFS on a read-only mount even for a missing file)."""
+    import errno
+
+    out = tmp_path / "out"
+    convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    real_unlink = Path.unlink
+
+    def read_only_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.parent == out:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only_unlink)
+    r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert r.noop
+
+
 def test_a_stranger_file_is_still_refused(tiny_llama_sharded: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
