@@ -612,9 +612,14 @@ def attach_experts(
         num, inter, hidden = (int(d) for d in module.gate_up_proj.shape)
         inter //= 2
         missing = [(e, r) for e in range(num) for r in ("gate", "up", "down") if r not in experts.get(e, {})]
-        if missing or len(experts) != num:
-            e, r = missing[0] if missing else (num, "gate")
-            msg = f"{where}: {ckpt_name!r} needs {num} experts x gate/up/down; expert {e} {r} is missing"
+        extra = sorted(e for e in experts if not 0 <= e < num)
+        if missing or extra:
+            what = (
+                f"expert {missing[0][0]} {missing[0][1]} is missing"
+                if missing
+                else f"the checkpoint also holds expert(s) {extra[:5]}; config.json and the shards disagree"
+            )
+            msg = f"{where}: {ckpt_name!r} needs {num} experts x gate/up/down; {what}"
             raise MoeLoadError(msg)
         used.update(key for parts in experts.values() for key, _ in parts.values())
         if any(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()):

@@ -79,6 +79,7 @@ class MappedFile:
     """
 
     def __init__(self, path: Path, display: str | None = None) -> None:
+        self._fd = -1  # first: __del__ runs even when the header read below raises (or is interrupted)
         self.path = Path(path)
         raw, header = read_header(self.path, display or str(path))
         self._start = len(raw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -218,3 +219,22 @@ def test_save_pretrained_writes_the_source_expert_records(folders, name, tmp_pat
         assert saved[key].dtype == src[key].dtype, key
         assert torch.equal(saved[key], src[key]), key
     assert torch.equal(_logits(load_quantized(tmp_path / "saved")), _logits(model))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"), [(-1, "holds expert(s) [3]"), (1, "expert 4 gate is missing")]
+)
+def test_expert_count_disagreeing_with_the_config_is_named(folders, tmp_path, change, expected):
+    """A config with fewer experts than the shards hold said "expert 3 gate is missing" (it is extra)."""
+    import json
+    import shutil
+
+    from converter.loader.moe import MoeLoadError
+
+    folder = tmp_path / "q"
+    shutil.copytree(folders("qwen3_moe")[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_local_experts"] += change  # transformers 5 writes Qwen3-MoE's num_experts under this name
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoeLoadError, match=re.escape(expected)):
+        load_quantized(folder, device="cpu", dtype=torch.bfloat16)
