@@ -28,13 +28,17 @@ from pathlib import Path
 import torch
 
 from converter.errors import OutputExistsError
+from converter.loader.config_file import read_config
 from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
 from converter.methods import for_record
 from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
-from converter.writer.manifest import atomic_write_bytes
+from converter.writer.manifest import FolderLock, atomic_write_bytes, clear_folder, writing_to
 from formats.record import QuantizedTensor
 from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
+
+#: Present in the output until the plain checkpoint is complete (the last step removes it).
+UNFINISHED_NAME = ".quantize-model-dequantize.unfinished"
 
 #: Files of a quantized folder that are not copied to the plain one.
 _NOT_COPIED = {"config.json", INDEX_NAME, "quantization_report.json"}
@@ -146,7 +150,8 @@ def dequantize_checkpoint(
     """Write ``output``: a plain safetensors checkpoint of the quantized folder (or Hub repo) ``source``.
 
     ``dtype`` ("bfloat16" / "bf16", "float16" / "fp16", "float32" / "fp32") is the dtype of every
-    floating-point tensor written. ``output`` must be absent or empty unless ``overwrite``.
+    floating-point tensor written. ``output`` must be absent or empty unless ``overwrite`` (or hold an
+    unfinished dequantize: a rerun after a kill or a full disk starts again there).
     ``progress`` is called with each tensor name as it is written.
     """
     started = time.perf_counter()
@@ -155,22 +160,50 @@ def dequantize_checkpoint(
     limit = parse_size(max_shard_size)
     folder = resolve_folder(source)
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir() and not overwrite:
+        msg = f"{out}: exists and is not a folder; choose another folder or pass --overwrite"
+        raise OutputExistsError(msg)
+    if out.is_dir() and not overwrite and not _restartable(out):
         msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)
     if folder.resolve() == out.resolve() or folder.resolve().is_relative_to(out.resolve()):
         msg = f"{out}: is or contains the source folder {folder}; write the plain checkpoint somewhere else"
         raise OutputExistsError(msg)
-    # The source is read (and its digests checked) before anything of the output is removed: a bad
-    # source leaves an existing output as it was.
+    # The source (config and digests) is read before anything of the output is touched: a bad source
+    # leaves an existing output as it was.
+    config = read_config(folder)
     state = load_quantized_state(folder, verify=verify)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # --overwrite (refused above if not)
-        if out.is_symlink() or not out.is_dir():
-            out.unlink()  # a file, or a link: the link goes, never what it points to
-        else:
-            shutil.rmtree(out)
+    linked_or_file = out.is_symlink() or (out.exists() and not out.is_dir())
+    if linked_or_file and overwrite and (not out.is_dir() or any(out.iterdir())):
+        out.unlink()  # a file, or a link to a full folder: the link goes, never what it points to
     out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):  # a second run into the same folder is refused, not interleaved
+        if any(out.iterdir()):
+            if not overwrite and not _restartable(out):  # filled by another process meanwhile
+                msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
+                raise OutputExistsError(msg)
+            clear_folder(out)
+        # Marks the folder as an unfinished dequantize until the very end: a rerun after a kill or a
+        # full disk starts again in it instead of refusing a folder that is not empty.
+        marker = json.dumps({"source": str(folder), "dtype": name}).encode()
+        atomic_write_bytes(out / UNFINISHED_NAME, marker)
+        result = _write_plain(folder, out, state, config, name, torch_dtype, limit, progress)
+        (out / UNFINISHED_NAME).unlink()
+    result.seconds = time.perf_counter() - started
+    return result
 
+
+def _write_plain(
+    folder: Path,
+    out: Path,
+    state: dict,
+    config: dict | None,
+    name: str,
+    torch_dtype: torch.dtype,
+    limit: int,
+    progress: Callable[[str], None] | None,
+) -> DequantizeResult:
+    """The shards, the other files, config.json and (several shards) the index, in that order."""
     transposed = _transposed_weights(folder, state)
     groups = _plan(state, torch_dtype, limit)
     names = shard_names(len(groups))
@@ -197,16 +230,14 @@ def dequantize_checkpoint(
     for item in sorted(folder.iterdir()):
         if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(".safetensors"):
             if not item.name.startswith("."):
-                shutil.copy2(item, out / item.name)
-    config_path = folder / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        config.pop("quantization_config", None)
+                with writing_to(out / item.name) as tmp:  # never a half-copied file under its name
+                    shutil.copy2(item, tmp)
+    if config is not None:
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
         config["dtype"] = name
         config["torch_dtype"] = name
-        atomic_write_bytes(
-            out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-        )
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(out / "config.json", text.encode())
     if len(names) > 1:
         total = sum(
             math.prod(v.shape) * torch.empty(0, dtype=_out_dtype(v, torch_dtype)).element_size()
@@ -214,5 +245,9 @@ def dequantize_checkpoint(
         )
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_bytes(out / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
-    result.seconds = time.perf_counter() - started
     return result
+
+
+def _restartable(out: Path) -> bool:
+    """Whether ``out`` is empty or an unfinished dequantize (our marker is in it): a rerun starts again."""
+    return not any(out.iterdir()) or (out / UNFINISHED_NAME).is_file()

@@ -14,7 +14,6 @@ transformers is imported here only; the state API and ``replace_linear_layers`` 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from torch import nn
 
 from converter.errors import InputError
 from converter.loader import ops, timing
+from converter.loader.config_file import read_config
 from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.module import QuantLinear4bit, dtype_from_name
@@ -151,7 +151,7 @@ def build_skeleton(
     if not (folder / "config.json").is_file():
         msg = f"{folder}: no config.json; use load_quantized_state and replace_linear_layers instead"
         raise ModelBuildError(msg)
-    raw_config = json.loads((folder / "config.json").read_text())
+    raw_config = read_config(folder) or {}
     qc = raw_config.get("quantization_config")
     compute_dtype = compute_dtype_from_config(folder, state) or dtype
 

@@ -7,7 +7,6 @@ GPT-2 style ``Conv1D`` (whose quantized weight is already [out, in]). No transfo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from converter.errors import InputError
+from converter.loader.config_file import config_error, read_config
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.module_int8 import QuantLinear8bit
 from converter.methods import for_record
@@ -38,9 +38,7 @@ def is_swappable(module: nn.Module) -> bool:
 
 def quantization_config_of(folder: Path) -> dict[str, Any]:
     """``quantization_config`` of ``folder/config.json`` ({} without one)."""
-    path = folder / "config.json"
-    qc = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
-    return qc if isinstance(qc, dict) else {}
+    return (read_config(folder) or {}).get("quantization_config") or {}
 
 
 def compute_dtype_from_config(folder: Path, state: Mapping[str, Any] | None = None) -> torch.dtype | None:
@@ -52,7 +50,12 @@ def compute_dtype_from_config(folder: Path, state: Mapping[str, Any] | None = No
         name = qc.get("bnb_4bit_compute_dtype") if qc.get("load_in_4bit", True) else None
     else:
         name = method.compute_dtype(qc)
-    return dtype_from_name(name) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        return None
+    try:
+        return dtype_from_name(name)
+    except ValueError as exc:
+        raise config_error(folder, "bnb_4bit_compute_dtype", f"is {name!r}: {exc}") from None
 
 
 def _method_of(state: Mapping[str, Any]) -> Any:

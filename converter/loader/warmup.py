@@ -42,7 +42,6 @@ side thread (0.59 s) held the GIL against the load's own Python, which grew from
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -54,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from converter.loader import cuda_context, gil, timing
+from converter.loader.config_file import read_config
 
 ENV = "QM_LOAD_WARMUP"
 #: Rows of the throwaway bf16 head (``_forward_ops``): 128 MiB at a 4096 width, at most.
@@ -273,7 +273,7 @@ def _config_compute_dtype(folder: Path) -> torch.dtype | None:
 def _text_config(folder: Path) -> dict[str, Any]:
     """The text model's part of ``config.json`` (``text_config`` of a multimodal wrapper), raw: parsing
     it with transformers' AutoConfig costs the GIL more than the kernels below."""
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_config(folder) or {}
     text = raw.get("text_config")
     return text if isinstance(text, dict) else raw
 

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from converter.errors import SourceNotFoundError
+from converter.errors import CorruptFileError, SourceNotFoundError
+from converter.loader.config_file import read_config
 from converter.plan import moe
 from converter.writer.manifest import MANIFEST_NAME
 from formats import index as index_mod
@@ -129,8 +130,8 @@ def inspect_path(path: str | Path) -> InspectResult:
     config = folder / "config.json"
     if config.is_file() and Path(path).is_dir():
         try:
-            result.quantization_config = json.loads(config.read_text()).get("quantization_config")
-        except ValueError:
+            result.quantization_config = (read_config(folder) or {}).get("quantization_config")
+        except CorruptFileError:  # verify names it; inspect reports what the shards hold
             result.quantization_config = None
     return result
 
@@ -245,12 +246,12 @@ def _config_problems(folder: Path, quant_types: dict[str, str]) -> list[str]:
     if not path.is_file():
         return [f"{path}: missing; transformers cannot build the model"]
     try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        return [f"{path}: not valid JSON ({exc})"]
+        config = read_config(folder) or {}
+    except CorruptFileError as exc:
+        return [str(exc)]
     if not quant_types:
         return []
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         return [
             f"{path}: no quantization_config, but {len(quant_types)} weights are quantized: transformers "

@@ -13,17 +13,20 @@ resume (skip shards whose recorded sha256 still matches) or, when complete, do n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from converter.errors import CorruptFileError, OutputExistsError
 from formats.chunks import ChunkDigests, hash_file
-from formats.writer import ShardInfo, naming_os_errors
+from formats.writer import ShardInfo, naming_os_errors, temp_path
 
 MANIFEST_NAME = ".quantize-model-manifest.json"
 TOOL = "quantize-model"
@@ -101,6 +104,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temp file behind
         raise
     fsync_dir(path.parent)
+
+
+#: errors of writing a file (a full disk, a file size limit, a read-only folder), not of reading one
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+
+
+@contextmanager
+def writing_to(dest: Path) -> Iterator[Path]:
+    """A temp path beside ``dest`` for the block to write (a copy), renamed onto ``dest`` when it
+    succeeds. On failure the temp file is removed, and an error of writing (ENOSPC, EFBIG, ...) is
+    reported under ``dest``'s name: shutil's copies name the source file, which is not the one that
+    failed."""
+    tmp = temp_path(dest)
+    try:
+        yield tmp
+        tmp.replace(dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in _WRITE_ERRNOS:
+            raise OSError(exc.errno, exc.strerror, str(dest)) from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def shard_chunks_json(info: ShardInfo) -> dict:

@@ -16,7 +16,6 @@ has the re-run rules).
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import time
@@ -56,11 +55,12 @@ from converter.writer.manifest import (
     decide,
     shard_chunks_json,
     shard_info,
+    writing_to,
 )
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
 from formats import bnb_compat, index, metadata
 from formats.validate import FORMAT_VERSION
-from formats.writer import ShardWriter, TensorSlot, temp_path
+from formats.writer import ShardWriter, TensorSlot
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
 ProgressHook = Callable[[str, int], None]
@@ -505,18 +505,8 @@ class _Conversion:
                 continue
             dest = self.output / name
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_path(dest)
-            try:
+            with writing_to(dest) as tmp:
                 self.src.copy_extra_file(name, tmp)
-                tmp.replace(dest)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                if exc.errno in _WRITE_ERRNOS:  # shutil names the source; the file that failed is ours
-                    raise OSError(exc.errno, exc.strerror, str(dest)) from exc
-                raise
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
 
     def _write_index(self, manifest: Manifest) -> None:
         shards = [shard_info(self.output / s.name, manifest.shards[s.name]) for s in self.plan.shards]
@@ -560,9 +550,6 @@ class _Conversion:
 def _torch_name(code: str) -> str:
     return {v: k for k, v in DTYPE_CODES.items()}[code]
 
-
-#: errors of writing a file (a full disk, a file size limit, a read-only folder), not of reading one
-_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 
 _FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 

@@ -168,3 +168,88 @@ def test_overwrite_never_removes_the_source_or_a_good_output_for_a_bad_source(
     assert (target / "other.txt").read_text() == "kept"
     assert (link / "config.json").is_file()
     assert not link.is_symlink()
+
+
+def test_an_interrupted_dequantize_restarts_and_a_concurrent_one_is_refused(
+    our_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failure mid-way (here a full disk on the second shard) the rerun the message advises
+    used to be refused ("exists and is not empty"); it now starts again and writes the same files. A
+    second run while one holds the folder is refused at once (two runs interleaved their shards)."""
+    import errno
+
+    from converter.loader import dequantize as deq
+    from converter.writer.manifest import FolderLock
+
+    reference = tmp_path / "reference"
+    dequantize_checkpoint(our_folder, reference, max_shard_size="60KB")
+    real_write = deq.ShardWriter.write
+
+    def full_on_second_shard(self, name, data):
+        if "-00002-of-" in self.path.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real_write(self, name, data)
+
+    monkeypatch.setattr(deq.ShardWriter, "write", full_on_second_shard)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        dequantize_checkpoint(our_folder, out, max_shard_size="60KB")
+    assert (out / deq.UNFINISHED_NAME).is_file()
+    assert not (out / "config.json").exists()  # nothing that makes it look complete
+    monkeypatch.setattr(deq.ShardWriter, "write", real_write)
+    dequantize_checkpoint(our_folder, out, max_shard_size="60KB")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for p in reference.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with FolderLock(busy), pytest.raises(OutputExistsError, match="another quantize-model process"):
+        dequantize_checkpoint(our_folder, busy)
+    assert not any(busy.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{ not json", "config.json: not valid JSON"),
+        ("[]", "config.json: a JSON object is expected, found list"),
+        ('{"quantization_config": "bitsandbytes"}', "'quantization_config' must be an object, found str"),
+    ],
+)
+def test_a_damaged_config_is_named_before_anything_is_written(
+    our_folder: Path, tmp_path: Path, text: str, expected: str
+) -> None:
+    """A damaged config.json gave JSONDecodeError / AttributeError from the loader, and `dequantize`
+    wrote the shards before failing on it (leaving a complete-looking folder)."""
+    import shutil
+
+    from converter import load_quantized
+    from converter.errors import CorruptFileError
+
+    folder = tmp_path / "q"
+    shutil.copytree(our_folder, folder)
+    (folder / "config.json").write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(CorruptFileError, match=expected):
+        dequantize_checkpoint(folder, out)
+    assert not out.exists()
+    with pytest.raises(CorruptFileError, match=expected):
+        load_quantized(folder, device="cpu")
+
+
+def test_an_unknown_compute_dtype_names_the_config(our_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from converter import load_quantized
+    from converter.errors import CorruptFileError
+
+    folder = tmp_path / "q"
+    shutil.copytree(our_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["bnb_4bit_compute_dtype"] = "float8"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CorruptFileError, match=r"config.json: quantization_config.bnb_4bit_compute_dtype is 'float8'"
+    ):
+        load_quantized(folder, device="cpu")
