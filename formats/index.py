@@ -186,7 +186,10 @@ def read_index(folder: Path, *, require_files: bool = True) -> Index:
             msg = f"{path}: metadata.quantize_model.format.name is {name!r}, expected {FORMAT_NAME!r}"
             raise BadIndex(msg)
         if version != FORMAT_VERSION:
-            msg = f"{path}: format version {version} is not supported (this reader knows {FORMAT_VERSION})"
+            msg = (
+                f"{path}: format version {version} is not supported (this reader knows {FORMAT_VERSION}); "
+                "upgrade quantize-model"
+            )
             raise UnknownFormatVersion(msg)
         stray = sorted(set(wm.values()) - set(shards))
         if stray:

@@ -38,6 +38,10 @@ def _format_os_error(exc: OSError) -> str:
 
 
 def _format_format_error(exc: Exception) -> str:
+    from formats.validate import UnknownFormatVersion
+
+    if isinstance(exc, UnknownFormatVersion):  # a newer writer's file: valid, and already says what to do
+        return str(exc)
     return f"{exc}; the file is not a valid quantize-model shard, reconvert it"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import resource
 import subprocess
 import sys
@@ -39,6 +40,27 @@ def test_format_error() -> None:
         "x.safetensors: file ends at byte 3; the file is not a valid quantize-model shard, reconvert it",
         1,
     )
+
+
+def test_a_newer_format_version_is_not_called_invalid(tmp_path: Path) -> None:
+    """An index of a newer format version said "upgrade quantize-model" and then "not a valid shard,
+    reconvert it"; the file is valid and the index is not a shard."""
+    from formats.index import read_index
+    from formats.validate import UnknownFormatVersion
+
+    index = {
+        "metadata": {"quantize_model": {"format": {"name": "quantize-model", "version": 99}, "shards": {}}},
+        "weight_map": {},
+    }
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    try:
+        read_index(tmp_path)
+    except UnknownFormatVersion as exc:
+        message, code = describe_error(exc)
+    assert message.endswith(
+        "format version 99 is not supported (this reader knows 1); upgrade quantize-model"
+    )
+    assert code == 1
 
 
 def test_interrupt() -> None:
