@@ -29,17 +29,22 @@ class Int8QualityMeter(QualityMeter):
 
     def _measure(self, name: str, x: Any, dtype: str, codes: Any) -> None:
         t0 = time.perf_counter()
-        q, scb = codes.packed, codes.absmax  # measured() wrapped (codes, scb) in a Codes
-        xf = as_tensor(x, dtype).reshape(q.shape).to(torch.float32)
-        w = kernels_int8.dequantize_int8(q.contiguous(), scb.contiguous(), out_dtype=torch.float32, threads=1)
-        err = torch.where(torch.isfinite(w), xf - w, xf)
-        bad = int((~torch.isfinite(xf)).sum())
-        self.tensors[name] = TensorQuality(
-            name,
-            xf.numel(),
-            float(xf.double().square().sum()),
-            float(err.double().square().sum()),
-            float(err.abs().max()) if err.numel() else 0.0,
-            bad,
-        )
+        # measured() wrapped (codes, scb) in a Codes
+        self.tensors[name] = measure_int8(name, as_tensor(x, dtype), codes.packed, codes.absmax)
         self.seconds += time.perf_counter() - t0
+
+
+def measure_int8(name: str, x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor) -> TensorQuality:
+    """Error statistics of int8 codes ``q`` with row scales ``scb`` against ``x`` (any float dtype)."""
+    xf = x.reshape(q.shape).to(torch.float32)
+    w = kernels_int8.dequantize_int8(q.contiguous(), scb.contiguous(), out_dtype=torch.float32, threads=1)
+    err = torch.where(torch.isfinite(w), xf - w, xf)
+    bad = int((~torch.isfinite(xf)).sum())
+    return TensorQuality(
+        name,
+        xf.numel(),
+        float(xf.double().square().sum()),
+        float(err.double().square().sum()),
+        float(err.abs().max()) if err.numel() else 0.0,
+        bad,
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from converter.record.quality import Codes, TensorQuality, measure, summarize
 
@@ -21,6 +21,12 @@ from converter.record.quality import Codes, TensorQuality, measure, summarize
 #: relative error below gamma_4096 = 4096 u / (1 - 4096 u) ~ 2.4e-4 (u = 2^-24); rel_rmse is a square
 #: root of a ratio of two such sums: below (2 * 2.4e-4) / 2 = 2.4e-4. 1e-3 covers it with margin.
 REL_TOL = 1e-3
+
+if TYPE_CHECKING:
+    import torch
+
+    from formats.int8 import Int8Tensor
+    from formats.record import QuantizedTensor
 
 _TORCH_TO_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -56,7 +62,7 @@ def verify_against(
                     if info.file not in mapped:
                         mapped[info.file] = src.open_file(info.file)
                     x = mapped[info.file].get(key)
-                    want = getattr(torch, rec.dtype)
+                    want = getattr(torch, rec.dtype) if rec.dtype is not None else x.dtype
                     if x.dtype != want:
                         x = x.to(want)
                     if (tensor_meta.get(key) or {}).get("transposed"):
@@ -68,14 +74,7 @@ def verify_against(
                             f"{list(x.shape)}; the folder was not converted from {source}"
                         )
                         continue
-                    codes = Codes(
-                        rec.packed.reshape(-1).view(torch.uint8),
-                        rec.absmax,
-                        (rec.absmax, rec.nested.nested_absmax, rec.nested.offset) if rec.nested else None,
-                        rec.nested.nested_quant_map if rec.nested else None,
-                    )
-                    q = measure(key, x, _TORCH_TO_CODE[rec.dtype], codes, rec.quant_type, rec.blocksize,
-                                quant_map=rec.quant_map)  # fmt: skip
+                    q = _measure(key, x, rec)
                     measured[key] = q
                     stored = (report.get(key) or {}).get("rel_rmse")
                     if stored is not None and abs(stored - q.rel_rmse) > REL_TOL * max(q.rel_rmse, 1e-12):
@@ -93,6 +92,27 @@ def verify_against(
     summary = summarize(measured, {})
     summary["tensors"] = {k: v.to_json() for k, v in sorted(measured.items())}
     return summary, problems
+
+
+def _measure(key: str, x: torch.Tensor, rec: QuantizedTensor | Int8Tensor) -> TensorQuality:
+    """The record's error statistics against its source tensor ``x`` (same shape and dtype)."""
+    import torch
+
+    from formats.int8 import Int8Tensor
+
+    if isinstance(rec, Int8Tensor):
+        from converter.record.int8_quality import measure_int8
+
+        return measure_int8(key, x, rec.codes, rec.scb)
+    codes = Codes(
+        rec.packed.reshape(-1).view(torch.uint8),
+        rec.absmax,
+        (rec.absmax, rec.nested.nested_absmax, rec.nested.offset) if rec.nested else None,
+        rec.nested.nested_quant_map if rec.nested else None,
+    )
+    return measure(
+        key, x, _TORCH_TO_CODE[rec.dtype], codes, rec.quant_type, rec.blocksize, quant_map=rec.quant_map
+    )
 
 
 def _report_tensors(folder: Path) -> dict[str, dict]:

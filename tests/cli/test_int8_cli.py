@@ -41,6 +41,28 @@ def test_inspect_and_verify(qm, int8_out: Path) -> None:
     assert r.exit_code == 0, r.output
 
 
+def test_verify_against_the_source_measures_the_int8_weights(
+    qm, int8_out: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`verify --against` raised AttributeError ('Int8Tensor' has no 'packed') on every int8 folder; it
+    recomputes the report's statistics, and a report that disagrees is a problem."""
+    import shutil
+
+    r = qm("verify", int8_out, "--against", tiny_llama, "--json")
+    assert r.exit_code == 0, r.output
+    quality = json.loads(r.stdout)["quality"]
+    report = json.loads((int8_out / "quantization_report.json").read_text())
+    stored = {t["name"]: t["rel_rmse"] for t in report["tensors"] if t.get("rel_rmse") is not None}
+    assert set(quality["tensors"]) == set(stored)
+    changed = tmp_path / "changed"
+    shutil.copytree(int8_out, changed)
+    next(t for t in report["tensors"] if t.get("rel_rmse"))["rel_rmse"] *= 2
+    (changed / "quantization_report.json").write_text(json.dumps(report))
+    r = qm("verify", changed, "--against", tiny_llama)
+    assert r.exit_code == 1
+    assert "but quantization_report.json says" in r.output
+
+
 def test_verify_detects_a_wrong_scb_shape(qm, int8_out: Path, tmp_path: Path) -> None:
     import shutil
 
