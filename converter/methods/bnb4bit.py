@@ -26,6 +26,10 @@ def _dtype_name(code: str) -> str:
 
 
 class Bnb4bitMethod(QuantMethod):
+    # options of 4-bit only: plans, fingerprints and provenance of other methods leave them out, so an
+    # int8 conversion's bytes and resumption do not depend on flags that do not apply to it
+    own_options = ("blocksize", "double_quant", "compute_dtype", "quant_storage")
+
     def __init__(self, name: str, description: str) -> None:
         self.name, self.description = name, description
 

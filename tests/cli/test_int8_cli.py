@@ -115,3 +115,21 @@ def test_inspect_table_names_the_8bit_config(qm, int8_out: Path) -> None:
     assert r.exit_code == 0
     assert "int8 (load_in_8bit), threshold 4.5" in r.stdout
     assert "double quant" not in r.stdout
+
+
+def test_4bit_only_options_do_not_change_an_int8_folder(qm, int8_out: Path, tiny_llama: Path) -> None:
+    """--blocksize / --no-double-quant / --compute-dtype / --quant-storage do not apply to int8 (docs/cli.md)
+    but were part of its fingerprint and provenance: the same conversion with one of them was refused
+    as "different options", and the default provenance claimed double_quant: true."""
+    base = ["convert", "SRC", int8_out, "--quant-type", "int8", "--int8-threshold", "4.5"]
+    base += ["--max-shard-size", "60KB"]
+    from safetensors import safe_open
+
+    src = str(tiny_llama)
+    for extra in (["--no-double-quant"], ["--blocksize", "128"], ["--quant-storage", "bfloat16"]):
+        r = qm(*[src if a == "SRC" else a for a in base], *extra)
+        assert r.exit_code == 0, r.output
+        assert "nothing to do" in r.output
+    with safe_open(next(int8_out.glob("model-*.safetensors")), "pt") as f:
+        options = json.loads(f.metadata()["quantize_model.provenance"])["options"]
+    assert not {"blocksize", "double_quant", "compute_dtype", "quant_storage"} & set(options)
