@@ -8,6 +8,8 @@ through the App. Errors raised by the library become one line and an exit code i
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from converter.cli._app import App
@@ -42,8 +44,16 @@ class _Group(click.Group):
     """Turns library exceptions into the error table's one-line messages and exit codes."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
+        # The command's own arguments, before it parses them: a usage error happens before --json is
+        # known to the command, and docs/cli.md promises the JSON error object for every error.
+        wants_json = "--json" in ctx.args
         try:
             return super().invoke(ctx)
+        except click.exceptions.UsageError as exc:
+            if wants_json:
+                error = {"ok": False, "error": exc.format_message(), "exit_code": exc.exit_code}
+                click.echo(json.dumps(error, indent=2))
+            raise
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except (Exception, KeyboardInterrupt) as exc:

@@ -128,3 +128,17 @@ def test_full_disk_from_a_file_descriptor_names_the_file(tmp_path: Path) -> None
         message, code = describe_error(exc)
     assert code == 1
     assert message.startswith(f"{target}: no space left on device; free disk space")
+
+
+def test_a_usage_error_with_json_prints_the_error_object(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """docs/cli.md: with --json, stdout gets {"ok": false, ...} for every error; a bad option value
+    (click's usage error, raised before the command knows --json) printed nothing on stdout."""
+    r = qm("convert", tiny_llama, tmp_path / "o", "--blocksize", "48", "--json")
+    assert r.exit_code == 2
+    error = json.loads(r.stdout)
+    assert error["ok"] is False
+    assert error["exit_code"] == 2
+    assert error["error"].startswith("Invalid value for '--blocksize': '48'")
+    r = qm("convert", tiny_llama, tmp_path / "o", "--blocksize", "48")
+    assert r.exit_code == 2
+    assert r.stdout == ""
