@@ -15,6 +15,7 @@ def backend_report() -> dict[str, Any]:
     from converter import __version__
     from converter.kernels import bnb4bit as kernels
     from converter.kernels.bnb4bit_cuda import cuda_status
+    from converter.kernels.isa_env import forced_isa
     from formats.validate import FORMAT_VERSION
 
     backends = kernels.available_backends()
@@ -22,7 +23,7 @@ def backend_report() -> dict[str, Any]:
     return {
         "version": __version__,
         "format_version": FORMAT_VERSION,
-        "cpu": backends["cpu"],
+        "cpu": {**backends["cpu"], "forced": forced_isa()},
         "cuda": backends.get("cuda") if usable else None,
         "cuda_unavailable_reason": None if usable else why,
     }
@@ -41,7 +42,8 @@ def info(app: App, as_json: bool) -> None:
     t = table()
     t.add_row("quantize-model", r["version"])
     t.add_row("Format version", str(r["format_version"]))
-    t.add_row("CPU kernels", f"{', '.join(r['cpu']['isa'])} ({r['cpu']['threads']} threads)")
+    forced = f"; QM_CPU_ISA forces {r['cpu']['forced']}" if r["cpu"]["forced"] else ""
+    t.add_row("CPU kernels", f"{', '.join(r['cpu']['isa'])} ({r['cpu']['threads']} threads{forced})")
     if r["cuda"] is None:
         t.add_row("CUDA kernels", f"not usable: {r['cuda_unavailable_reason']}")
     else:

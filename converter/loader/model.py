@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from converter.errors import InputError
+from converter.kernels.isa_env import forced_isa
 from converter.loader import ops, timing
 from converter.loader.config_file import read_config
 from converter.loader.footprint import install_footprint
@@ -230,6 +231,7 @@ def load_quantized(
         )
         raise ModelBuildError(msg) from None
 
+    forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
     folder = resolve_folder(path_or_repo)
     dtype = dtype_from_name(dtype)
     # With a single target device the shards stream straight into device tensors (loader/stream.py);

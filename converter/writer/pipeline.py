@@ -29,6 +29,7 @@ import numpy as np
 
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
 from converter.kernels.bnb4bit_np import NonFiniteInputError
+from converter.kernels.isa_env import forced_isa
 from converter.plan import moe
 from converter.plan.selection import select_tensors
 from converter.plan.tensor_plan import (
@@ -135,6 +136,7 @@ def convert(
     "quantize" writes them as per-expert 4-bit records (converter/plan/moe.py). ``warn`` receives advice
     printed before the work starts (default: Python warnings).
     """
+    forced_isa()  # a bad QM_CPU_ISA is refused before the source is opened or the output created
     started = time.perf_counter()
     try:
         options = Options(

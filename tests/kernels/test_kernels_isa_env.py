@@ -44,3 +44,29 @@ def test_a_bad_or_unsupported_forced_isa_is_an_error(monkeypatch: pytest.MonkeyP
         monkeypatch.setenv("QM_CPU_ISA", isa)
         with pytest.raises(ValueError, match=f"QM_CPU_ISA={isa}: this CPU does not support that path"):
             kernels.quantize_4bit(w, blocksize=64, quant_type=QuantType.NF4)
+
+
+def test_a_bad_forced_isa_is_an_input_error_before_any_output(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """QM_CPU_ISA=neon was an "unexpected ValueError" (exit 1) after convert had created its output
+    folder, `info` said nothing, and load_quantized failed only at the first forward."""
+    from click.testing import CliRunner
+
+    from converter.cli import cli
+    from converter.errors import InputError
+    from converter.loader.model import load_quantized
+
+    monkeypatch.setenv("QM_CPU_ISA", "neon")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["convert", str(tmp_path / "any-source"), str(out)])
+    assert r.exit_code == 2
+    assert "QM_CPU_ISA='neon': unknown kernel path" in r.output
+    assert not out.exists()
+    assert CliRunner().invoke(cli, ["info"]).exit_code == 2
+    with pytest.raises(InputError, match="QM_CPU_ISA='neon'"):
+        load_quantized(tmp_path / "any-folder")
+    monkeypatch.setenv("QM_CPU_ISA", "scalar")
+    r = CliRunner().invoke(cli, ["info"])
+    assert r.exit_code == 0
+    assert "QM_CPU_ISA forces scalar" in r.output
