@@ -295,10 +295,11 @@ def place(
         msg = f"pass either device={str(device)!r} or device_map=, not both"
         raise ModelBuildError(msg)
     try:
-        from converter.loader.placement import dispatch, plan_device_map
+        from converter.loader.placement import check_devices_exist, dispatch, plan_device_map
     except ImportError:
         msg = "device_map needs accelerate (pip install 'quantize-model[transformers]' or accelerate)"
         raise ModelBuildError(msg) from None
+    check_devices_exist(device_map, max_memory)
     plan = plan_device_map(model, device_map, max_memory)
     dispatch(model, plan, offload_folder=offload_folder, shard_paths=shard_files(folder)[0])
 

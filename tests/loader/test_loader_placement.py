@@ -248,3 +248,13 @@ def test_inspect_memory_bad_options_are_named(our_folder: Path) -> None:
     r = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--device-map", "{not json"])
     assert r.exit_code == 2
     assert "--device-map: not valid JSON" in r.output
+
+
+def test_a_gpu_index_that_does_not_exist_is_a_placement_error(our_folder: Path) -> None:
+    """The README's `max_memory={0: "20GiB", "cpu": "2GiB"}` on a machine without that GPU printed
+    accelerate's warnings twice, then raised "AssertionError: Torch not compiled with CUDA enabled"."""
+    missing = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(PlacementError, match=f"max_memory names GPU {missing}, but "):
+        load_quantized(our_folder, device_map="auto", max_memory={missing: "20GiB", "cpu": "2GiB"})
+    with pytest.raises(PlacementError, match=f"device_map puts 'model' on GPU {missing}, but "):
+        load_quantized(our_folder, device_map={"model": str(missing), "lm_head": "cpu"})
