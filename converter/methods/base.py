@@ -80,6 +80,10 @@ class QuantMethod(ABC):
         """The ``converter.record.quality.QualityMeter`` measuring this method's error (its
         ``measured_result(name, result)`` takes what ``quantizer`` yielded)."""
 
+    def loader_advice(self, plan: Plan) -> str | None:
+        """A warning about loaders that cannot run some of the planned weights (None: all can)."""
+        return None
+
     # -- config.json -----------------------------------------------------------------------------
     @abstractmethod
     def quantization_config(self, plan: Plan) -> dict[str, Any]:

@@ -38,6 +38,23 @@ class Bnb4bitMethod(QuantMethod):
 
         return QuantType.parse(self.name)
 
+    def loader_advice(self, plan: Plan) -> str | None:
+        # bitsandbytes 0.50's CPU inference path (weights repacked on the first no_grad forward) reshapes
+        # the absmax per row, so a row that does not hold whole blocks fails there ("shape '[96, 1]' is
+        # invalid for input of size 144"), whoever quantized it; our loader and bnb's CUDA path do not.
+        bs = plan.options.blocksize
+        split = [p for p in plan.tensors if p.quantize and p.out_shape[-1] % bs]
+        if not split:
+            return None
+        first = split[0]
+        return (
+            f"{len(split)} quantized weight(s) have rows that are not whole {bs}-element blocks (e.g. "
+            f"{first.name}, {first.out_shape[-1]} inputs per row): transformers + bitsandbytes on the CPU "
+            f"fails at their first inference forward (bitsandbytes' CPU kernels need whole blocks per "
+            f"row); quantize-model's load_quantized runs them. A --blocksize that divides every input "
+            f"width avoids it"
+        )
+
     def check_options(self, options: Options) -> None:
         from formats.quant_types import check_blocksize
 

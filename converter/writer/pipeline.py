@@ -250,6 +250,10 @@ class _Conversion:
         identity = src.describe()
         plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
         self.plan = plan
+        advice = options.method.loader_advice(plan)
+        if advice:
+            moe.warn_once(self.warn, advice)
+            self.notes.append(advice)
         tv, fv = tool_version(), str(FORMAT_VERSION)
         plan_json = plan.to_json(tv, fv)
         fingerprint = plan.fingerprint(tv, fv)

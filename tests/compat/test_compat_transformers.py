@@ -326,3 +326,29 @@ def test_dtype_cast_keeps_fp32_modules(tiny_checkpoint, tmp_path):
     model, info, messages = _load(tmp_path / "ours")
     _assert_clean_load(info, messages)
     assert linear4bit_modules(model) == quantized_modules(sel)
+
+
+def test_rows_of_partial_blocks_get_the_bitsandbytes_cpu_advice(tiny_checkpoint, tmp_path) -> None:
+    """The tiny Llama's down_proj rows hold 96 inputs: 1.5 blocks of 64. bitsandbytes 0.50's CPU
+    inference path fails on such rows (the advice is true: checked here), so convert warns; a
+    --blocksize dividing every width (32) gets no warning."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    src = tiny_checkpoint("llama")
+    messages: list[str] = []
+    convert(src, tmp_path / "b64", progress=False, warn=messages.append)
+    (advice,) = messages
+    assert "rows that are not whole 64-element blocks" in advice
+    assert "96 inputs per row" in advice
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b64", device_map="cpu")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="is invalid for input of size"):
+        model(torch.tensor([[1, 2, 3]]))
+    messages.clear()
+    convert(src, tmp_path / "b32", progress=False, blocksize=32, warn=messages.append)
+    assert messages == []
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b32", device_map="cpu")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -160,7 +160,7 @@ def test_reading_ahead_gives_the_same_bytes(
     out = tmp_path / "out"
     r = convert(interleaved, out, max_shard_size=max_shard_size, **OPTS)
     assert output_hashes(out) == output_hashes(reference)
-    assert r.notes == []
+    assert [n for n in r.notes if "element blocks" not in n] == []  # its odd widths get the bnb CPU advice
     (q,) = made
     assert q.taken == QUANTIZED  # each tensor to quantize read once, in order
     if max_shard_size == "5GB":  # one shard: read ahead as far as asked (never past a shard's end)

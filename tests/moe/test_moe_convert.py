@@ -95,10 +95,11 @@ def test_keep_default_warns_and_loads_with_stock_transformers(moe_src, tmp_path,
     out = tmp_path / "keep"
     messages: list[str] = []
     result = convert(src, out, progress=False, warn=messages.append)
+    assert result.notes == messages
+    messages = _moe_warnings(messages)  # deepseek_v3's 96-wide rows also get the bnb CPU advice
     assert len(messages) == 1
     assert "--moe-experts quantize" in messages[0]
     assert "% of the parameters" in messages[0]
-    assert result.notes == messages
     records = _records(out)
     assert all(isinstance(records[k], torch.Tensor) for k in expert_keys(src))
     cls = getattr(transformers, read_config(out)["architectures"][0])
@@ -137,10 +138,14 @@ def test_quantize_honours_skip_globs(moe_src, tmp_path):
         assert isinstance(records[key], torch.Tensor) == (".experts.3." in key), key
 
 
+def _moe_warnings(messages: list[str]) -> list[str]:
+    return [m for m in messages if "element blocks" not in m]
+
+
 def test_dense_model_gets_no_warning(tmp_path, tiny_checkpoint):
     messages: list[str] = []
     convert(tiny_checkpoint("llama"), tmp_path / "o", progress=False, warn=messages.append)
-    assert messages == []
+    assert _moe_warnings(messages) == []
 
 
 def test_bad_mode_is_refused(moe_src, tmp_path):
