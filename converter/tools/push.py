@@ -22,6 +22,11 @@ MANIFEST_NAME = ".quantize-model-manifest.json"
 REPORT_NAME = "quantization_report.json"
 #: Never uploaded: our resume manifest, hidden/temporary files, the source's own card (replaced).
 IGNORE_PATTERNS = [MANIFEST_NAME, ".*", "**/.*", "*.tmp", "README.md"]
+#: Remote files a push replaces wholesale: any of them the folder lacks is deleted in the same commit.
+STALE_PATTERNS = [
+    "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
+    "quantization_report.json",
+]  # fmt: skip
 LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "USE_POLICY")
 
 
@@ -219,6 +224,10 @@ def push_folder(
             folder_path=folder,
             revision=revision,
             ignore_patterns=list(IGNORE_PATTERNS),
+            # weights of an earlier push that this folder does not have (a single model.safetensors
+            # replaced by shards, or fewer shards) would stay beside the new index: loaders that glob
+            # *.safetensors, and a folder without an index, would read the old model
+            delete_patterns=list(STALE_PATTERNS),
             commit_message=message,
         ),
     )

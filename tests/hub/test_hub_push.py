@@ -164,3 +164,26 @@ def test_push_to_a_branch(converted: Path, fake_hub: FakeHub, monkeypatch) -> No
     assert "README.md" in branch
     assert "model.safetensors.index.json" in branch
     assert repo.commits[repo.refs["main"]] == {}, "main must be left alone"
+
+
+def test_pushing_another_folder_removes_the_old_weights(
+    converted: Path, fake_hub: FakeHub, monkeypatch, tmp_path: Path
+) -> None:
+    """A second push into a repo kept the first push's model.safetensors beside the new shards and
+    index: `verify` of a download failed, and transformers loaded the old weights."""
+    from converter.writer.pipeline import convert
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_folder(converted, DEST)
+    assert "model.safetensors" in _remote(fake_hub, DEST)
+    sharded = tmp_path / "sharded"
+    convert(SRC, sharded, progress=False, max_shard_size="40KB", quant_type="fp4")
+    push_folder(sharded, DEST)
+    remote = _remote(fake_hub, DEST)
+    local = {k for k in file_hashes(sharded) if not k.startswith(".")}
+    assert "model.safetensors" not in remote
+    assert {k for k in remote if k.endswith((".safetensors", ".json"))} == {
+        k for k in local if k.endswith((".safetensors", ".json"))
+    }
+    assert "LICENSE" in remote  # other files stay
+    assert "README.md" in remote
