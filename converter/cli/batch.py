@@ -164,8 +164,12 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
             action = "convert" if pre.disk_needed >= pre.bytes_out else "resume"
         rows.append({"job": job.to_json(), "action": action, "preflight": pre.to_json() | {"tensors": None},
                      "error": pre.problems[0] if pre.problems else None})  # fmt: skip
+    # a preflight step in CI must fail when a job would: exit 2, as `convert --dry-run` that cannot fit
+    failing = any(r["action"] in ("fail", "refuse (does not fit)") for r in rows)
     if app.json:
         app.print_json({"dry_run": True, "jobs": rows})
+        if failing:
+            raise click.exceptions.Exit(2)
         return
     t = Table(show_edge=False)
     for col in ("source", "output", "would", "size out", "bits/param", "peak RAM", "disk needed"):
@@ -180,4 +184,7 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
     app.print_table(t)
     for r in rows:
         if r.get("error"):
-            app.error(f"{r['job']['source']}: {r['error']}")
+            source, error = r["job"]["source"], r["error"]
+            app.error(error if error.startswith(source) else f"{source}: {error}")
+    if failing:
+        raise click.exceptions.Exit(2)

@@ -172,6 +172,18 @@ def test_batch_dry_run_writes_nothing(qm, tiny_llama: Path, tmp_path: Path) -> N
     assert sorted(x["action"] for x in rows) == ["convert", "convert", "skip (up to date)"]
 
 
+def test_batch_dry_run_fails_when_a_job_would(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """docs/ci.md runs `batch --dry-run` as a CI preflight step: it exited 0 with a job shown "fail"."""
+    plan = _plan(tmp_path, tiny_llama, extra=f'\n[[job]]\nsource = "{tmp_path / "missing"}"\noutput = "m"\n')
+    for args in ((), ("--json",)):
+        r = qm("batch", plan, "--dry-run", *args)
+        assert r.exit_code == 2, r.output
+        assert "missing: no such file or folder" in r.output
+    rows = json.loads(qm("batch", plan, "--dry-run", "--json").stdout)["jobs"]
+    assert [x["action"] for x in rows] == ["convert", "convert", "convert", "fail"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_dry_run_lists_every_tensor_and_writes_nothing(qm, tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     r = qm("convert", tiny_llama, out, "--dry-run", "--json")
