@@ -275,8 +275,9 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
         name = merged.get("output")
         if name is None:
             name = default_name(merged["source"] if not Path(source).exists() else source)
-            if len(variants) > 1:
-                name += "-" + "-".join(_slug(key, x) for key, x in v.items() if key not in JOB_KEYS)
+            if len(variants) > 1:  # a revision tells variants apart too (main / dev)
+                parts = [_slug(key, x) for key, x in v.items() if key not in JOB_KEYS or key == "revision"]
+                name += "-" + "-".join(parts) if parts else ""
         if "/" in name or name in ("", ".", ".."):
             msg = "job"
             raise fail(msg, k, "output", f"output name {name!r} must be a plain folder name")

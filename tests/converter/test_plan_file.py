@@ -161,3 +161,17 @@ def test_only_partitions_cover_each_job_once_and_ignore_order() -> None:
 def test_only_refuses_bad_values(bad: str) -> None:
     with pytest.raises(InputError, match="use I/N with 1 <= I <= N"):
         parse_only(bad)
+
+
+def test_variants_that_differ_only_in_revision_get_their_own_names(tmp_path: Path) -> None:
+    """`variants = [{revision = "main"}, {revision = "dev"}]` named both 'org--branchy-' and refused
+    the plan as two jobs writing one folder (docs/ci.md lists revision as a variant key)."""
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(
+        '[[job]]\nsource = "org/branchy"\nvariants = [{revision = "main"}, {revision = "refs/pr/1"}]\n'
+    )
+    jobs = load_plan(plan_path).jobs
+    assert [(j.output, j.revision) for j in jobs] == [
+        ("org--branchy-main", "main"),
+        ("org--branchy-refs-pr-1", "refs/pr/1"),
+    ]
