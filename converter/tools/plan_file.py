@@ -267,6 +267,14 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
                 where_key = key if key in raw else "variants"
                 msg = "job"
                 raise fail(msg, k, where_key, f"key {key!r} must be a {kind.__name__}")
+        if "push_to" in merged:  # "everything is checked before any work starts" (docs/ci.md)
+            from converter.tools.push import check_repo_id
+
+            try:
+                check_repo_id(merged["push_to"])
+            except InputError as exc:
+                msg = "job"
+                raise fail(msg, k, "push_to" if "push_to" in raw else "variants", str(exc)) from None
         source = merged["source"]
         local = Path(source).expanduser()
         looks_local = source.startswith(("./", "../", "~")) or (path.parent / local).exists()

@@ -38,6 +38,20 @@ def _load_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A repo id the Hub accepts ('owner/name', or 'name' in the token's namespace), or an InputError:
+    checked before any work, so a typo in --push-to is not found after a long conversion, as a network
+    error."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        msg = f"{repo_id!r}: not a Hub repo id to push to ({str(exc).splitlines()[0]})"
+        raise InputError(msg) from None
+
+
 def check_folder(folder: Path) -> None:
     """Refuse anything but a finished conversion (index + config present, manifest complete)."""
     if not folder.is_dir():
@@ -207,6 +221,7 @@ def push_folder(
 
     from converter.sources.hub_client import HubClient
 
+    check_repo_id(repo_id)
     folder = Path(folder).expanduser().resolve()
     check_folder(folder)
     card = build_model_card(folder, repo_id)

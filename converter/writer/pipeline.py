@@ -137,6 +137,10 @@ def convert(
     printed before the work starts (default: Python warnings).
     """
     forced_isa()  # a bad QM_CPU_ISA is refused before the source is opened or the output created
+    if push_to and not dry_run:
+        from converter.tools.push import check_repo_id
+
+        check_repo_id(push_to)  # before the conversion, not after it
     started = time.perf_counter()
     try:
         options = Options(

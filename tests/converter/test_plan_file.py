@@ -175,3 +175,11 @@ def test_variants_that_differ_only_in_revision_get_their_own_names(tmp_path: Pat
         ("org--branchy-main", "main"),
         ("org--branchy-refs-pr-1", "refs/pr/1"),
     ]
+
+
+def test_a_bad_push_to_is_refused_with_the_plan(tmp_path: Path) -> None:
+    """A push_to the Hub refuses was found only after the job's conversion, as a network error."""
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text('[[job]]\nsource = "org/small"\npush_to = "me/bad name"\n')
+    with pytest.raises(InputError, match=r"plan.toml:\d+: .*'me/bad name': not a Hub repo id to push to"):
+        load_plan(plan_path)

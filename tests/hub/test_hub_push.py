@@ -187,3 +187,20 @@ def test_pushing_another_folder_removes_the_old_weights(
     }
     assert "LICENSE" in remote  # other files stay
     assert "README.md" in remote
+
+
+def test_a_bad_push_to_is_an_input_error_before_converting(
+    fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`convert --push-to "me/bad name"` converted first, then failed as "create repo failed ... check
+    the connection" (exit 1)."""
+    from converter.writer.pipeline import convert
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    fake_hub.add_repo(SRC, checkpoint_dir)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="'me/bad name': not a Hub repo id to push to") as err:
+        convert(SRC, out, progress=False, push_to="me/bad name")
+    assert err.value.exit_code == 2
+    assert not out.exists()
+    assert fake_hub.count("GET", "") == 0  # nothing asked of the Hub either
