@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -640,22 +640,35 @@ class HubSource(Source):
         result: Future[Path] = Future()
         hasher = self._hasher
 
+        def settle(value: Path | None = None, exc: BaseException | None = None) -> None:
+            # close() cancels ``result`` while a download may still be running: whatever it ends with
+            # then has no one to go to (setting it would raise InvalidStateError in this callback)
+            try:
+                if exc is not None:
+                    result.set_exception(exc)
+                else:
+                    result.set_result(value)  # type: ignore[arg-type]
+            except InvalidStateError:
+                pass
+
         def check(path: Path) -> None:
             try:
-                result.set_result(self._checked(file, path, progress=True))
+                value = self._checked(file, path, progress=True)
             except BaseException as exc:
-                result.set_exception(exc)
+                settle(exc=exc)
+            else:
+                settle(value)
 
         def downloaded(done: Future[Path]) -> None:
             if done.cancelled():
                 result.cancel()
             elif done.exception() is not None:
-                result.set_exception(done.exception())  # type: ignore[arg-type]
+                settle(exc=done.exception())
             else:
                 try:
                     hasher.submit(check, done.result())
                 except RuntimeError as exc:  # the source was closed meanwhile
-                    result.set_exception(exc)
+                    settle(exc=exc)
 
         self._executor.submit(self._download, file, progress=True).add_done_callback(downloaded)
         self._futures[file] = result
