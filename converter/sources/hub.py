@@ -283,10 +283,16 @@ class HubSource(Source):
             files = sorted(set(self._weight_map.values()))
             missing = [f for f in files if f not in names]
             if missing:
-                msg = (
-                    f"{self.repo_id}@{self.commit[:12]}: {missing[0]} is named by {INDEX_NAME} "
-                    "but not in the repo; report it to the repo owner"
-                )
+                if self.offline:  # the listing is the local snapshot's, not the repo's
+                    msg = (
+                        f"{self.repo_id}@{self.commit[:12]}: {missing[0]} is not in the local cache and "
+                        "HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE (or download the whole repo first)"
+                    )
+                else:
+                    msg = (
+                        f"{self.repo_id}@{self.commit[:12]}: {missing[0]} is named by {INDEX_NAME} "
+                        "but not in the repo; report it to the repo owner"
+                    )
                 raise SourceNotFoundError(msg)
             self._files = files
             return
@@ -388,9 +394,33 @@ class HubSource(Source):
         }
         if not self.keep_downloads:
             kwargs["local_dir"] = self._download_dir()
-        return Path(
+        path = Path(
             self.client.call("download", lambda: hf_hub_download(self.repo_id, name, **kwargs), file=name)
         )
+        if self.keep_downloads:
+            self._record_ref()
+        return path
+
+    def _record_ref(self) -> None:
+        """Point the shared cache's ref of the requested revision (``main`` by default) at the pinned
+        commit, as ``hf_hub_download(revision="main")`` does: files downloaded by commit sha alone are
+        invisible to an offline run (ours, or transformers') that asks for the branch."""
+        requested = self.requested_revision or "main"
+        if requested == self.commit:
+            return
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        folder = Path(self.cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(
+            repo_id=self.repo_id, repo_type="model"
+        )
+        ref = folder / "refs" / requested
+        if ref.is_file() and ref.read_text() == self.commit:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(f".{ref.name}.tmp")
+        tmp.write_text(self.commit)
+        tmp.replace(ref)
 
     def _checked(self, name: str, path: Path, *, progress: bool = False) -> Path:
         """``path`` once its bytes match the Hub's hash; one fresh download if they do not."""

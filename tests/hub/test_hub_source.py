@@ -141,6 +141,36 @@ def test_keep_downloads_go_to_the_shared_cache(tmp_path: Path, fake_hub: FakeHub
     assert len(list((tmp_path / "hf-home" / "hub").rglob("model-*.safetensors"))) == 3
 
 
+def test_keep_downloads_then_offline_reads_the_cache(
+    tmp_path: Path, fake_hub: FakeHub, repo: str, monkeypatch
+) -> None:
+    """--keep-downloads downloads by commit sha, which records no refs/main: an offline run (ours, or
+    transformers') then said the repo was not in the cache. A partial cache names the missing file as
+    missing from the cache, not from the repo."""
+    from huggingface_hub import constants
+
+    with _open(tmp_path, keep_downloads=True) as src:
+        first = src.weight_files()[0]
+        src.acquire(first)
+        src.release(first)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SourceNotFoundError, match="is not in the local cache and HF_HUB_OFFLINE=1"):
+        _open(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with _open(tmp_path, keep_downloads=True) as src:
+        for f in src.weight_files():
+            src.acquire(f)
+            src.release(f)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    n = len(fake_hub.requests)
+    with _open(tmp_path) as src:
+        assert src.commit == repo
+        for f in src.weight_files():
+            assert src.acquire(f).is_file()
+            src.release(f)
+    assert len(fake_hub.requests) == n, "offline mode must not touch the network"
+
+
 def test_transient_faults_are_retried(
     tmp_path: Path, fake_hub: FakeHub, repo: str, checkpoint_dir: Path
 ) -> None:
