@@ -74,22 +74,29 @@ def test_unknown_error_points_to_debug() -> None:
     )
 
 
+def _convert_cli(src: Path, out: Path, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`quantize-model convert SRC OUT` in a child process, with RLIMIT_FSIZE (``ulimit -f``) lowered to
+    ``file_size_limit`` bytes when given (Python ignores SIGXFSZ, so writes past it fail with EFBIG)."""
+    command = [sys.executable, "-c", "from converter.cli import main; main()", "convert", str(src), str(out)]
+
+    def limit_file_size() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, hard))
+
+    limit = limit_file_size if file_size_limit is not None else None
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+
+
 def test_file_size_limit_names_the_shard_and_leaves_no_temp(tiny_llama: Path, tmp_path: Path) -> None:
     """A write refused by the OS (here EFBIG from a 64 KiB ``ulimit -f``, as ENOSPC from a full disk)
     names the shard being written, removes its temp file, and the same command resumes to completion."""
     out = tmp_path / "out"
-    cli = "from converter.cli import main; main()"
-    command = [sys.executable, "-c", cli, "convert", str(tiny_llama), str(out)]
-
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    r = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    r = _convert_cli(tiny_llama, out, file_size_limit=64 << 10)
     assert r.returncode == 1, r.stderr
     assert f"Error: {out / 'model.safetensors'}: file too large" in r.stderr
     assert "ulimit -f" in r.stderr
     assert sorted(p.name for p in out.iterdir()) == [".quantize-model-manifest.json"]
-    r = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    r = _convert_cli(tiny_llama, out)
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").is_file()
 
@@ -104,13 +111,7 @@ def test_a_failed_extra_file_copy_names_the_output_file_and_leaves_no_temp(
     shutil.copytree(tiny_llama, src)
     (src / "tokenizer.json").write_text("x" * (2 << 20))
     out = tmp_path / "out"
-    cli = "from converter.cli import main; main()"
-    command = [sys.executable, "-c", cli, "convert", str(src), str(out)]
-
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    r = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    r = _convert_cli(src, out, file_size_limit=1 << 20)
     assert r.returncode == 1, r.stderr
     assert f"Error: {out / 'tokenizer.json'}: file too large" in r.stderr
     assert not [p.name for p in out.iterdir() if "tokenizer" in p.name]
