@@ -25,12 +25,12 @@ from torch import nn
 
 from converter.errors import InputError
 from converter.kernels.isa_env import forced_isa
-from converter.loader import ops, timing
+from converter.loader import ops, router, timing
 from converter.loader.config_file import read_config
 from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.module import QuantLinear4bit, dtype_from_name
-from converter.loader.moe import attach_experts
+from converter.loader.moe import attach_experts, moe_modules
 from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
 from converter.loader.siblings import group_siblings
 from converter.loader.state import read_state, resolve_folder, shard_files, shards_verified, streams_to
@@ -206,6 +206,7 @@ def load_quantized(
     device_map: str | dict[str, int | str] | None = None,
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    fused_router: bool = True,
 ) -> nn.Module:
     """A transformers model from a pre-quantized folder (or Hub repo id), ready for ``generate()``.
 
@@ -221,6 +222,10 @@ def load_quantized(
     ``verify="sha256"`` checks the sha256 digests (cryptographic, ~30x the hashing cost).
     The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
     its bnb LoRA layer).
+
+    ``fused_router``: with 4-bit MoE experts, transformers' top-k routers (Qwen2/Qwen3-MoE, OLMoE,
+    Mixtral) run softmax, top-k, renormalisation and cast as one op, bit-identical to their own forward
+    (``converter.loader.router``); False keeps transformers' forward.
     """
     try:
         import transformers  # noqa: F401  (only to fail early with the install hint)
@@ -271,10 +276,14 @@ def load_quantized(
     flatten_head_input(model)  # prompt step: lm_head input with standard strides (loader/head.py)
     use_gemv_head(model)  # decode steps: the bf16 head through our CPU GEMV (loader/head.py)
     install_footprint(model)
+    # before placement: accelerate's hooks wrap the forward the module has then
+    fused = fused_router and bool(moe_modules(model)) and bool(router.install(model))
     if device_map is not None:
         place(model, folder, device, device_map, max_memory, offload_folder)
     elif torch.device(device) != torch.device("cpu"):
         model.to(device)
+    if fused:
+        router.prewarm(model)  # the CUDA self-check now, not inside a compile trace or graph capture
     if device_map is None:  # placement hooks may hand each layer its own copy of the input
         group_siblings(model)  # q/k/v and gate/up decode in one launch each (loader/siblings.py)
     for device_type in {m.weight.device.type for m in linear4bit_modules(model).values()}:

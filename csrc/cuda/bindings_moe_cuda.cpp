@@ -109,4 +109,23 @@ void register_moe_cuda(py::module_& m) {
       py::arg("packed_stride"), py::arg("absmax"), py::arg("absmax_stride"), py::arg("n"), py::arg("blocksize"),
       py::arg("quant_map"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
       "out[i, :n] = dequantized weights of expert ids[i] (MoE prefill); ids int64 on the device.");
+
+  m.def(
+      "cuda_route_topk",
+      [](int device, uintptr_t logits, int dtype, int64_t rows, int64_t experts, int k, bool renorm, int out_dtype,
+         int sum_order, int tie_mode, uintptr_t weights, uintptr_t indices, uintptr_t stream) {
+        int s;
+        {
+          py::gil_scoped_release nogil;
+          s = qm::cuda::route_topk(device, logits, dtype, rows, experts, k, renorm, out_dtype, sum_order, tie_mode,
+                                   weights, indices, stream);
+        }
+        check(s, "cuda_route_topk(rows " + std::to_string(rows) + ", experts " + std::to_string(experts) +
+                     ", k " + std::to_string(k) + ", dtype code " + std::to_string(dtype) + ", out dtype code " +
+                     std::to_string(out_dtype) + ")");
+      },
+      py::arg("device"), py::arg("logits"), py::arg("dtype"), py::arg("rows"), py::arg("experts"), py::arg("k"),
+      py::arg("renorm"), py::arg("out_dtype"), py::arg("sum_order"), py::arg("tie_mode"), py::arg("weights"),
+      py::arg("indices"), py::arg("stream"),
+      "MoE router after its linear: softmax, top-k, optional renormalisation and cast in one launch.");
 }

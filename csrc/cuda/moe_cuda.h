@@ -48,5 +48,16 @@ int dequantize_4bit_grouped(int device, uintptr_t ids, int64_t count, int64_t ex
                             int64_t packed_stride, uintptr_t absmax, int64_t absmax_stride, int64_t n,
                             int blocksize, uintptr_t quant_map, int out_dtype, uintptr_t out, uintptr_t stream);
 
+// The router after its linear layer (route_topk.cu), one launch, one warp per row: for each of `rows` rows
+// of `experts` logits (dtype code, contiguous) p = softmax(float32(logits)), the k largest p descending
+// with their indices (int64), optionally divided by their sum, cast to out_dtype: bit for bit torch's
+// CUDA softmax / topk / sum / div / to, given sum_order (0: torch.sum's warp offsets increasing, older
+// torch; 1: decreasing, newer torch) and tie_mode (0: torch's gather + bitonic sort order of equal
+// probabilities; 1: value, then lower index). experts <= kRouteMaxExperts, 1 <= k <= min(kRouteMaxK, experts).
+constexpr int64_t kRouteMaxExperts = 1024;
+constexpr int kRouteMaxK = 32;
+int route_topk(int device, uintptr_t logits, int dtype, int64_t rows, int64_t experts, int k, bool renorm,
+               int out_dtype, int sum_order, int tie_mode, uintptr_t weights, uintptr_t indices, uintptr_t stream);
+
 }  // namespace cuda
 }  // namespace qm
