@@ -67,7 +67,10 @@ model = load_quantized(sys.argv[1], device=sys.argv[2])
     + FORWARD
 )
 
-OURS_VERIFY = OURS.replace("device=sys.argv[2])", "device=sys.argv[2], verify=True)")
+OURS_VERIFY = OURS.replace(
+    "load_quantized(sys.argv[1], device=sys.argv[2])",
+    "load_quantized(sys.argv[1], device=sys.argv[2], verify=True)",
+)
 
 BNB = (
     """
