@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +22,8 @@ PLAN: a TOML plan (.toml: [defaults] and [[job]] tables, see docs/ci.md), or a l
 line (local path or Hub repo id, optional output name as a second column, '#' comments), or a JSON
 list of sources / {"source", "output", "revision"} objects. Each job goes to OUTPUT_ROOT/<name>
 (OUTPUT_ROOT may come from the plan's output_root). Up-to-date jobs are skipped; failures are
-reported and the batch goes on. Exit codes: 0 all ok, 1 some job failed, 2 bad plan or options.
+reported and the batch goes on. Exit codes: 0 all ok, 1 some job failed, 2 bad plan or options,
+130/143 interrupted by Ctrl-C/SIGTERM (the reports are still written; rerun to resume).
 \b
 Examples:
   quantize-model batch plan.toml --junit junit.xml --json report.json
@@ -62,7 +69,7 @@ Examples:
 @click.pass_context
 def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **params: Any) -> None:
     """Convert every job of PLAN_FILE into its own folder under OUTPUT_ROOT."""
-    from converter.tools.batch_run import run_batch
+    from converter.tools.batch_run import BatchInterrupted, run_batch
     from converter.tools.plan_file import load_plan, select_part
 
     app: App = ctx.obj
@@ -94,13 +101,58 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         else:
             app.error(f"[{k + 1}/{n}] {r.item.source}: {r.error}")
 
-    result = run_batch(jobs, root, parallel=params["parallel"], fail_fast=params["fail_fast"], force=force,
-                       on_done=on_done)  # fmt: skip
+    try:
+        with _sigterm_as_interrupt():
+            result = run_batch(jobs, root, parallel=params["parallel"], fail_fast=params["fail_fast"],
+                               force=force, on_done=on_done)  # fmt: skip
+    except BatchInterrupted as stop:
+        _report(app, stop.result, plan_file, params, interrupted=signal.Signals(stop.signum).name)
+        r = stop.result
+        counts = {s: sum(1 for i in r.items if i.status == s) for s in ("interrupted", "cancelled")}
+        app.error(
+            f"interrupted by {signal.Signals(stop.signum).name}: {n - sum(counts.values())} of {n} job(s) "
+            f"ended, {counts['interrupted']} interrupted, {counts['cancelled']} not started; rerun the "
+            "same batch to resume"
+        )
+        if stop.threads_running:  # conversions in worker threads cannot be stopped; each resumes
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + stop.signum)
+        raise click.exceptions.Exit(128 + stop.signum) from None
+    _report(app, result, plan_file, params)
+    if not result.ok:
+        app.error(f"{len(result.failed)} of {n} conversion(s) failed; fix them and rerun the same batch")
+        raise click.exceptions.Exit(1)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI job cancelled or timed out) stops the batch as Ctrl-C does, so its reports are
+    written; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        exc = KeyboardInterrupt("SIGTERM")
+        exc.signum = signum  # type: ignore[attr-defined]
+        raise exc
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report(app: App, result: Any, plan_file: Path, params: dict, interrupted: str | None = None) -> None:
+    """The JUnit and JSON reports and the terminal table, for a whole or an interrupted batch."""
+    to_stdout = params["json_path"] == "-"
     if params["junit_path"]:
         from converter.tools.junit import write_junit
 
         write_junit(result, params["junit_path"])
-    data = {"plan": str(plan_file), "only": params["only"], **result.to_json()}
+    data = {"plan": str(plan_file), "only": params["only"], "interrupted": interrupted, **result.to_json()}
     if params["json_path"] and not to_stdout:
         import json
 
@@ -114,9 +166,6 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         app.print_json(data)
     else:
         app.print_table(_table(result))
-    if not result.ok:
-        app.error(f"{len(result.failed)} of {n} conversion(s) failed; fix them and rerun the same batch")
-        raise click.exceptions.Exit(1)
 
 
 def _given(ctx: click.Context, key: str) -> bool:

@@ -14,12 +14,19 @@ job only while the running jobs' preflight estimates (peak memory above this pro
 shards) fit the budgets; a job that fits nowhere runs alone, where its own preflight may refuse it.
 One failure never stops the others unless ``fail_fast``: then jobs not yet started are reported as
 cancelled and running ones finish.
+
+Ctrl-C (or SIGTERM, which the CLI turns into the same) raises ``BatchInterrupted`` carrying the
+report so far: finished jobs as they ended, the running ones ``interrupted`` (resumable: a rerun
+continues them from their last finished shard), the rest ``cancelled``. A CI job cancelled or timed
+out then still gets its JUnit/JSON report. With ``parallel`` > 1 the running conversions' threads
+cannot be stopped from outside; the CLI ends the process once the reports are written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -31,8 +38,8 @@ from converter.errors import ConverterError
 from converter.tools.plan_file import Job
 
 STATE_DIR = ".quantize-model-batch"
-#: Statuses of a job (JUnit: failed -> failure, cancelled -> skipped, the rest pass).
-STATUSES = ("converted", "resumed", "up-to-date", "failed", "cancelled")
+#: Statuses of a job (JUnit: failed -> failure, interrupted -> error, cancelled -> skipped, the rest pass).
+STATUSES = ("converted", "resumed", "up-to-date", "failed", "interrupted", "cancelled")
 
 
 @dataclass
@@ -78,6 +85,33 @@ class BatchResult:
     def to_json(self) -> dict:
         counts = {s: sum(1 for i in self.items if i.status == s) for s in STATUSES}
         return {"ok": self.ok, "counts": counts, "items": [i.to_json() for i in self.items]}
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the batch. ``result``: every job, finished, interrupted or cancelled.
+    ``threads_running``: conversions still running in worker threads (parallel runs)."""
+
+    def __init__(self, result: BatchResult, *, signum: int = signal.SIGINT, threads_running: bool = False):
+        super().__init__(f"batch interrupted by {signal.Signals(signum).name}")
+        self.result = result
+        self.signum = signum
+        self.threads_running = threads_running
+
+
+def _signum(exc: BaseException) -> int:
+    return getattr(exc, "signum", signal.SIGINT)
+
+
+def _interrupted(job: Job, seconds: float, signum: int) -> ItemResult:
+    name = signal.Signals(signum).name
+    return ItemResult(job, False, seconds, f"interrupted by {name}; rerun the same batch to resume it",
+                      128 + signum, status="interrupted")  # fmt: skip
+
+
+def _not_started(job: Job, signum: int) -> ItemResult:
+    name = signal.Signals(signum).name
+    return ItemResult(job, False, 0.0, f"not started: the batch was interrupted by {name}", 128 + signum,
+                      status="cancelled")  # fmt: skip
 
 
 # --- up-to-date state ---------------------------------------------------------------------------
@@ -317,12 +351,18 @@ def run_batch(
     results: dict[int, ItemResult] = {}
     if parallel <= 1:
         for k, job in enumerate(jobs):
-            if fail_fast and any(not r.ok for r in results.values()):
-                results[k] = _cancelled(job)
-            else:
-                if on_start:
-                    on_start(k, job)
-                results[k] = run_job(job, output_root, options, force=force)
+            t0 = time.perf_counter()
+            try:
+                if fail_fast and any(not r.ok for r in results.values()):
+                    results[k] = _cancelled(job)
+                else:
+                    if on_start:
+                        on_start(k, job)
+                    results[k] = run_job(job, output_root, options, force=force)
+            except KeyboardInterrupt as exc:
+                signum = _signum(exc)
+                results[k] = _interrupted(job, time.perf_counter() - t0, signum)
+                raise BatchInterrupted(_rest_not_started(jobs, results, signum), signum=signum) from None
             if on_done:
                 on_done(k, results[k])
         return BatchResult([results[k] for k in range(len(jobs))])
@@ -335,21 +375,26 @@ def run_batch(
     from converter.plan.preflight import process_rss
 
     base = process_rss()
-    for k, job in enumerate(jobs):
-        push_to = job_kwargs(job, options).get("push_to")
-        if not force and stamped_up_to_date(job, output_root, cheap_key(job, options), push_to):
-            needs[k] = (0, 0)  # will be skipped: no preflight needed
-            continue
-        try:
-            pre = preflight_job(job, output_root, options, force=force)
-            pres[k] = None if force else pre
-            needs[k] = (max(0, pre.peak_ram - base), pre.disk_needed)
-        except Exception:
-            needs[k] = (0, 0)
+    try:
+        for k, job in enumerate(jobs):
+            push_to = job_kwargs(job, options).get("push_to")
+            if not force and stamped_up_to_date(job, output_root, cheap_key(job, options), push_to):
+                needs[k] = (0, 0)  # will be skipped: no preflight needed
+                continue
+            try:
+                pre = preflight_job(job, output_root, options, force=force)
+                pres[k] = None if force else pre
+                needs[k] = (max(0, pre.peak_ram - base), pre.disk_needed)
+            except Exception:
+                needs[k] = (0, 0)
+    except KeyboardInterrupt as exc:  # nothing started yet
+        raise BatchInterrupted(_rest_not_started(jobs, {}, _signum(exc)), signum=_signum(exc)) from None
     pending = list(range(len(jobs)))
     running: dict[Future[ItemResult], int] = {}
+    started: dict[int, float] = {}
     failed = False
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="qm-batch") as pool:
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="qm-batch")
+    try:
         while pending or running:
             while pending and len(running) < parallel and not (fail_fast and failed):
                 used = (
@@ -364,6 +409,7 @@ def run_batch(
                     on_start(k, jobs[k])
                 fut = pool.submit(run_job, jobs[k], output_root, options, force=force, pre=pres.get(k))
                 running[fut] = k
+                started[k] = time.perf_counter()
             if fail_fast and failed:
                 for k in pending:
                     results[k] = _cancelled(jobs[k])
@@ -379,7 +425,21 @@ def run_batch(
                 failed = failed or not results[k].ok
                 if on_done:
                     on_done(k, results[k])
+    except KeyboardInterrupt as exc:
+        signum, now = _signum(exc), time.perf_counter()
+        for fut, k in running.items():
+            finished = fut.done() and not fut.cancelled() and fut.exception() is None
+            results[k] = fut.result() if finished else _interrupted(jobs[k], now - started[k], signum)
+        threads_running = any(not fut.done() for fut in running)
+        pool.shutdown(wait=False, cancel_futures=True)
+        result = _rest_not_started(jobs, results, signum)
+        raise BatchInterrupted(result, signum=signum, threads_running=threads_running) from None
+    pool.shutdown(wait=True)
     return BatchResult([results[k] for k in range(len(jobs))])
+
+
+def _rest_not_started(jobs: list[Job], results: dict[int, ItemResult], signum: int) -> BatchResult:
+    return BatchResult([results.get(k) or _not_started(job, signum) for k, job in enumerate(jobs)])
 
 
 def _cancelled(job: Job) -> ItemResult:

@@ -2,7 +2,8 @@
 
 One <testsuite> with one <testcase> per job: name = the output folder, classname = the source,
 time = seconds. A failed job gets <failure message="the one-line error" type="exit N">; a job
-cancelled by --fail-fast gets <skipped>; every case's <system-out> says what happened and the output
+interrupted by Ctrl-C/SIGTERM gets <error type="interrupted">; a job not started (--fail-fast, or
+the batch interrupted) gets <skipped>; every case's <system-out> says what happened and the output
 size (and the quality totals when measured). Attributes follow the Ant/Jenkins JUnit schema
 (tests, failures, errors, skipped, time on the suite).
 """
@@ -28,7 +29,7 @@ def junit_xml(result: Any, *, suite: str = "quantize-model batch") -> bytes:
         name=suite,
         tests=str(len(items)),
         failures=str(sum(1 for i in items if i.status == "failed")),
-        errors="0",
+        errors=str(sum(1 for i in items if i.status == "interrupted")),
         skipped=str(sum(1 for i in items if i.status == "cancelled")),
         time=f"{sum(i.seconds for i in items):.3f}",
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -43,6 +44,9 @@ def junit_xml(result: Any, *, suite: str = "quantize-model batch") -> bytes:
         if i.status == "failed":
             failure = ET.SubElement(case, "failure", message=i.error or "failed", type=f"exit {i.exit_code}")
             failure.text = i.error or "failed"
+        elif i.status == "interrupted":
+            error = ET.SubElement(case, "error", message=i.error or "interrupted", type="interrupted")
+            error.text = i.error or "interrupted"
         elif i.status == "cancelled":
             ET.SubElement(case, "skipped", message=i.error or "cancelled")
         out = ET.SubElement(case, "system-out")
