@@ -196,6 +196,27 @@ class MoeSummary:
         }
 
 
+def mixed_modules(quantized_names: Sequence[str], kept_names: Sequence[str]) -> list[str]:
+    """Experts modules (checkpoint names) holding both 4-bit and 16-bit per-expert weights: load_quantized
+    stacks a layer's experts into one 4-bit or one 16-bit module, so it cannot load such a layer."""
+    quantized = {m["module"] for n in quantized_names if (m := EXPERT_KEY.match(n))}
+    kept = {m["module"] for n in kept_names if (m := EXPERT_KEY.match(n))}
+    return sorted(quantized & kept)
+
+
+def mixed_advice(quantized_names: Sequence[str], kept_names: Sequence[str]) -> str | None:
+    """The warning for a conversion that leaves some experts of a layer 16-bit and others 4-bit."""
+    mixed = mixed_modules(quantized_names, kept_names)
+    if not mixed:
+        return None
+    return (
+        f"{len(mixed)} MoE layer(s) keep some experts 16-bit and quantize the others (e.g. {mixed[0]!r}): "
+        "quantize-model's load_quantized cannot load such a layer (it stacks a layer's experts into one "
+        "4-bit or one 16-bit module) and vLLM needs every expert quantized; --skip or --include whole "
+        "layers' experts (e.g. '*.layers.0.mlp.experts.*') to keep the folder loadable"
+    )
+
+
 def summarize(quantized_names: Sequence[str], kept_names: Sequence[str]) -> MoeSummary | None:
     """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense)."""
     q = sum(1 for n in quantized_names if EXPERT_KEY.match(n))
@@ -206,7 +227,13 @@ def summarize(quantized_names: Sequence[str], kept_names: Sequence[str]) -> MoeS
         not_loaders = NOT_LOADERS_QUANTIZED + (
             ("vLLM (some experts are not quantized: it needs all of them)",) if k else ()
         )
-        return MoeSummary(q, k, LOADERS_QUANTIZED if not k else LOADERS_QUANTIZED[:1], not_loaders)
+        if not k:
+            return MoeSummary(q, k, LOADERS_QUANTIZED, not_loaders)
+        mixed = mixed_modules(quantized_names, kept_names)
+        if mixed:
+            reason = f"quantize-model load_quantized ({mixed[0]} mixes 4-bit and 16-bit experts)"
+            return MoeSummary(q, k, (), (*not_loaders, reason))
+        return MoeSummary(q, k, LOADERS_QUANTIZED[:1], not_loaders)
     return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
 
 

@@ -247,7 +247,9 @@ class _Conversion:
         selection = moe.apply_moe_mode(
             selection, tensors, options.moe_experts, skip=options.skip, include=options.include
         )
-        advice = moe.keep_advice(tensors, options.moe_experts)
+        advice = moe.keep_advice(tensors, options.moe_experts) or moe.mixed_advice(
+            list(selection.quantize), list(selection.keep)
+        )
         if advice:
             moe.warn_once(self.warn, advice)
             self.notes.append(advice)

@@ -138,6 +138,41 @@ def test_quantize_honours_skip_globs(moe_src, tmp_path):
         assert isinstance(records[key], torch.Tensor) == (".experts.3." in key), key
 
 
+@pytest.mark.parametrize(
+    ("skip", "loads"),
+    [("*.experts.3.*", False), ("*.layers.0.*.experts.*", True)],
+    ids=["one-expert", "one-layer"],
+)
+def test_skip_that_splits_a_layers_experts_is_said_not_to_load(moe_src, tmp_path, skip, loads):
+    """A --skip that keeps one expert of a layer 16-bit made a folder that load_quantized refuses (it stacks a
+    layer's experts into one 4-bit or one 16-bit module), while inspect listed load_quantized as its loader
+    and convert said nothing; skipping whole layers' experts loads."""
+    from converter.loader.model import load_quantized
+    from converter.loader.moe_records import MoeLoadError
+
+    messages: list[str] = []
+    out = tmp_path / "q"
+    src = moe_src("mixtral")
+    convert(src, out, moe_experts="quantize", skip=[skip], progress=False, warn=messages.append)
+    summary = inspect_path(out).moe
+    assert summary.experts_kept
+    assert summary.experts_quantized
+    says_loads = any("load_quantized" in x for x in summary.loaders)
+    assert says_loads == loads
+    assert any("load_quantized" in x for x in summary.not_loaders) != loads
+    assert any("whole layers' experts" in m for m in messages) != loads
+    from converter.tools.push import build_model_card
+
+    card = build_model_card(out, "me/tiny-moe-nf4")
+    assert "every routed MoE expert in 4 bit" not in card
+    assert "expert weights in 4 bit and" in card
+    if loads:
+        load_quantized(out, device="cpu", dtype=torch.bfloat16)
+    else:
+        with pytest.raises(MoeLoadError, match="split the layer's experts"):
+            load_quantized(out, device="cpu", dtype=torch.bfloat16)
+
+
 def _moe_warnings(messages: list[str]) -> list[str]:
     return [m for m in messages if "element blocks" not in m]
 
