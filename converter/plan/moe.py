@@ -117,6 +117,70 @@ def is_moe(tensors: Sequence[_TensorLike]) -> bool:
     return any(EXPERT_KEY.match(t.name) or FUSED_EXPERT_KEY.match(t.name) for t in tensors)
 
 
+class MoeCheckpointError(InputError):
+    """A checkpoint's per-expert tensors are incomplete or of mismatched shapes."""
+
+
+_ROLE_LEAVES = {"gate_proj": ("gate_proj", "up_proj", "down_proj"), "w1": ("w1", "w3", "w2")}
+
+
+#: config.json fields that give the number of routed experts per MoE layer.
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _config_expert_count(config: Any) -> tuple[str, int] | None:
+    if not isinstance(config, dict):
+        return None
+    for field in _EXPERT_COUNT_FIELDS:
+        value = config.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return field, value
+    return None
+
+
+def check_experts(tensors: Sequence[_TensorLike], config: Any = None) -> None:
+    """Refuse a checkpoint whose routed experts no loader can stack: an experts module missing an
+    expert (a gap in its indices, or fewer or more experts than config.json's count) or one projection
+    of an expert, or experts of different shapes (every loader stacks a layer's experts into one
+    [E, ...] tensor; transformers, vLLM and ours alike)."""
+    groups: dict[str, dict[int, dict[str, _TensorLike]]] = {}
+    for t in tensors:
+        key = parse_expert_key(t.name)
+        if key is not None:
+            groups.setdefault(key.module, {}).setdefault(key.index, {})[key.proj] = t
+    count = _config_expert_count(config)
+    for module, experts in groups.items():
+        leaves = {p for parts in experts.values() for p in parts}
+        names = _ROLE_LEAVES["w1"] if leaves & {"w1", "w2", "w3"} else _ROLE_LEAVES["gate_proj"]
+        shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        if count is not None and max(experts) + 1 != count[1]:
+            field, n = count
+            what = f"only experts 0..{max(experts)}" if max(experts) < n else f"expert {max(experts)}"
+            msg = (
+                f"{module}: config.json has {field} = {n} but the checkpoint holds {what} of this layer "
+                "(an incomplete or damaged source, or a config.json of another model)"
+            )
+            raise MoeCheckpointError(msg)
+        for e in range(max(experts) + 1):
+            parts = experts.get(e, {})
+            for proj in names:
+                t = parts.get(proj)
+                if t is None:
+                    msg = (
+                        f"{module}.{e}.{proj}.weight is missing: the checkpoint holds experts "
+                        f"0..{max(experts)} of {module!r} but not this one (an incomplete or damaged source)"
+                    )
+                    raise MoeCheckpointError(msg)
+                shape = tuple(t.shape)
+                first = shapes.setdefault(proj, (shape, t.name))
+                if shape != first[0]:
+                    msg = (
+                        f"{t.name} has shape {list(shape)} but {first[1]} has {list(first[0])}: the "
+                        f"experts of {module!r} must all have the same shapes (a damaged source)"
+                    )
+                    raise MoeCheckpointError(msg)
+
+
 def _glob_hit(globs: Sequence[str], *names: str) -> bool:
     return any(fnmatch.fnmatchcase(n, g) for g in globs for n in names if n)
 

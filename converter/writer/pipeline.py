@@ -244,6 +244,7 @@ class _Conversion:
             include=options.include,
             cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
         )
+        moe.check_experts(tensors, config)
         selection = moe.apply_moe_mode(
             selection, tensors, options.moe_experts, skip=options.skip, include=options.include
         )

@@ -173,6 +173,48 @@ def test_skip_that_splits_a_layers_experts_is_said_not_to_load(moe_src, tmp_path
             load_quantized(out, device="cpu", dtype=torch.bfloat16)
 
 
+def _damaged(src: Path, dst: Path, change) -> Path:
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    tensors = _source_tensors(dst)
+    change(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+_DAMAGE = {
+    "one-projection-missing": (
+        lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight"),
+        "model.layers.1.mlp.experts.2.up_proj.weight is missing",
+    ),
+    "last-expert-missing": (
+        lambda t: [
+            t.pop(f"model.layers.1.mlp.experts.3.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")
+        ],
+        "num_local_experts = 4 but the checkpoint holds only experts 0..2",
+    ),
+    "expert-of-another-shape": (
+        lambda t: t.__setitem__("model.layers.1.mlp.experts.3.gate_proj.weight", torch.zeros(32, 64)),
+        "experts.3.gate_proj.weight has shape [32, 64] but model.layers.1.mlp.experts.0.gate_proj.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["keep", "quantize"])
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_incomplete_or_mismatched_experts_are_refused(moe_src, tmp_path, damage, mode):
+    """A source with an expert or a projection missing, or one expert of another shape, converted to a
+    folder that looked complete (verify OK, inspect listing its loaders) and that no loader can stack."""
+    change, expected = _DAMAGE[damage]
+    src = _damaged(moe_src("qwen3_moe"), tmp_path / "src", change)
+    with pytest.raises(InputError, match=re.escape(expected)):
+        convert(src, tmp_path / "o", moe_experts=mode, progress=False, warn=lambda _: None)
+    assert not (tmp_path / "o" / "config.json").exists()
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "o2"), "--moe-experts", mode, "-q"])
+    assert r.exit_code == 2, r.output
+
+
 def _moe_warnings(messages: list[str]) -> list[str]:
     return [m for m in messages if "element blocks" not in m]
 
