@@ -20,6 +20,7 @@ This module only looks at tensor names, shapes and dtypes; it never imports tran
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -281,8 +282,22 @@ def mixed_advice(quantized_names: Sequence[str], kept_names: Sequence[str]) -> s
     )
 
 
-def summarize(quantized_names: Sequence[str], kept_names: Sequence[str]) -> MoeSummary | None:
-    """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense)."""
+def partial_block_experts(records: Sequence[tuple[str, Sequence[int], int]]) -> list[str]:
+    """The per-expert weights among ``(name, shape, blocksize)`` that do not fill whole blocks: load_quantized
+    keeps a layer's gate, up and down codes of an expert back to back and needs each to end on a block
+    boundary (``I*H % blocksize == 0``; bitsandbytes' own records allow a partial last block)."""
+    out = []
+    for name, shape, blocksize in records:
+        if EXPERT_KEY.match(name) and blocksize and math.prod(shape) % blocksize:
+            out.append(name)
+    return out
+
+
+def summarize(
+    quantized_names: Sequence[str], kept_names: Sequence[str], partial_blocks: Sequence[str] = ()
+) -> MoeSummary | None:
+    """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense);
+    ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts)."""
     q = sum(1 for n in quantized_names if EXPERT_KEY.match(n))
     k = sum(1 for n in kept_names if EXPERT_KEY.match(n) or FUSED_EXPERT_KEY.match(n))
     if not q and not k:
@@ -291,6 +306,13 @@ def summarize(quantized_names: Sequence[str], kept_names: Sequence[str]) -> MoeS
         not_loaders = NOT_LOADERS_QUANTIZED + (
             ("vLLM (some experts are not quantized: it needs all of them)",) if k else ()
         )
+        if partial_blocks:
+            reason = (
+                f"quantize-model load_quantized ({partial_blocks[0]} does not fill whole blocks: "
+                "convert with a --blocksize that divides each expert weight's size)"
+            )
+            loaders = LOADERS_QUANTIZED[1:] if not k else ()
+            return MoeSummary(q, k, loaders, (*not_loaders, reason))
         if not k:
             return MoeSummary(q, k, LOADERS_QUANTIZED, not_loaders)
         mixed = mixed_modules(quantized_names, kept_names)

@@ -173,6 +173,29 @@ def test_skip_that_splits_a_layers_experts_is_said_not_to_load(moe_src, tmp_path
             load_quantized(out, device="cpu", dtype=torch.bfloat16)
 
 
+def test_experts_not_filling_whole_blocks_are_said_not_to_load(moe_src, tmp_path):
+    """32x64 experts with --blocksize 4096: load_quantized refuses them (a layer's codes are kept back to
+    back per expert), while convert's warning said "load_quantized runs them" and inspect listed it."""
+    from converter.loader.model import load_quantized
+    from converter.loader.moe_records import MoeLoadError
+
+    messages: list[str] = []
+    out = tmp_path / "q"
+    convert(moe_src("qwen3_moe_i32"), out, moe_experts="quantize", blocksize=4096, progress=False,
+            warn=messages.append)  # fmt: skip
+    assert any("not MoE experts whose weights do not fill whole blocks" in m for m in messages), messages
+    summary = inspect_path(out).moe
+    assert not any("load_quantized" in x for x in summary.loaders)
+    assert any("load_quantized" in x and "whole blocks" in x for x in summary.not_loaders)
+    with pytest.raises(MoeLoadError, match="whole 4096-element blocks"):
+        load_quantized(out, device="cpu", dtype=torch.bfloat16)
+    messages.clear()
+    convert(moe_src("qwen3_moe_i32"), tmp_path / "q64", moe_experts="quantize", progress=False,
+            warn=messages.append)  # fmt: skip  # rows of 32 < 64 but every expert fills whole blocks
+    assert not any("not MoE experts" in m for m in messages), messages
+    assert any("load_quantized" in x for x in inspect_path(tmp_path / "q64").moe.loaders)
+
+
 def _damaged(src: Path, dst: Path, change) -> Path:
     from safetensors.torch import save_file
 
