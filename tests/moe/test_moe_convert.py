@@ -324,6 +324,20 @@ def test_fp8_block_source_is_dequantized_then_quantized(moe_src, tmp_path):
         assert torch.isfinite(load_quantized(out)(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+@pytest.mark.parametrize("mode", ["keep", "quantize"])
+def test_verify_against_an_fp8_source_measures_the_dequantized_weights(moe_src, tmp_path, mode):
+    """`verify --against` an FP8 source compared the folder with the raw float8 codes (relative RMSE ~1.0
+    for every weight, "reconvert the folder", exit 1) instead of the bf16 weights convert quantized."""
+    src = make_fp8_source(moe_src("deepseek_v3"), tmp_path / "fp8", block=(128, 128))
+    out = tmp_path / "q"
+    convert(src, out, moe_experts=mode, progress=False, warn=lambda _: None)
+    r = CliRunner().invoke(cli, ["verify", str(out), "--against", str(src), "--json"])
+    assert r.exit_code == 0, r.output
+    quality = json.loads(r.stdout)["quality"]
+    assert 0 < quality["rel_rmse"] < 0.2
+    assert quality["tensors_measured"] >= 16
+
+
 def test_fp8_partial_edge_blocks(tmp_path):
     """Shapes not a multiple of the block: edge blocks take their own scale (DeepSeek's ceil grid)."""
     from converter.sources.fp8 import dequantize_block_fp8
