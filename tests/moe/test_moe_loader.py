@@ -249,7 +249,7 @@ def test_expert_count_disagreeing_with_the_config_is_named(folders, tmp_path, ch
     ],
     ids=["one-expert-rows", "one-expert-cols", "config-disagrees"],
 )
-def test_keep_folder_with_mismatched_expert_shapes_is_named(tmp_path, key, shape, expected):
+def test_keep_folder_with_mismatched_expert_shapes_is_named(tmp_path, monkeypatch, key, shape, expected):
     """16-bit (keep) experts are checked against the model's shapes like 4-bit ones: one odd expert was a raw
     "stack expects each tensor to be equal size"; experts that all disagree with config.json were stacked
     into parameters of the checkpoint's shape, and the model ran with another intermediate size."""
@@ -264,6 +264,9 @@ def test_keep_folder_with_mismatched_expert_shapes_is_named(tmp_path, key, shape
         tensors = load_file(src / "model.safetensors")
         tensors[key] = torch.zeros(shape, dtype=torch.bfloat16)
         save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    # convert refuses such a source (test_moe_convert.py); a folder written by an older version or another
+    # tool can still hold one
+    monkeypatch.setattr("converter.plan.moe.check_experts", lambda *a, **k: None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         convert(src, tmp_path / "keep", progress=False)
