@@ -642,6 +642,13 @@ def attach_experts(
             )
             model.set_submodule(name, layer)
         else:
+            want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+            for e in range(num):
+                for role, shape in want.items():
+                    key, value = experts[e][role]
+                    if tuple(value.shape) != shape:
+                        msg = f"{where}: {key!r} has shape {list(value.shape)}, the model wants {list(shape)}"
+                        raise MoeLoadError(msg)
             target = module.gate_up_proj.dtype
             gu = torch.stack([torch.cat([experts[e]["gate"][1], experts[e]["up"][1]]) for e in range(num)])
             dn = torch.stack([experts[e]["down"][1] for e in range(num)])

@@ -133,7 +133,11 @@ def stack_records(
         for r, role in enumerate(ROLES):
             key, rec = experts[e][role]
             if not isinstance(rec, QuantizedTensor):
-                msg = f"{where}: {key!r} is not quantized but other experts of {name!r} are; convert again"
+                msg = (
+                    f"{where}: {key!r} is not quantized but other experts of {name!r} are (a --skip or "
+                    "--include glob split the layer's experts); convert again keeping or quantizing whole "
+                    "layers' experts"
+                )
                 raise MoeLoadError(msg)
             if tuple(rec.shape) != lay.shape(role):
                 msg = f"{where}: {key!r} has shape {list(rec.shape)}, the model wants {list(lay.shape(role))}"

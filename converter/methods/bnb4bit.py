@@ -42,17 +42,25 @@ class Bnb4bitMethod(QuantMethod):
         # bitsandbytes 0.50's CPU inference path (weights repacked on the first no_grad forward) reshapes
         # the absmax per row, so a row that does not hold whole blocks fails there ("shape '[96, 1]' is
         # invalid for input of size 144"), whoever quantized it; our loader and bnb's CUDA path do not.
+        from converter.plan.moe import partial_block_experts
+
         bs = plan.options.blocksize
         split = [p for p in plan.tensors if p.quantize and p.out_shape[-1] % bs]
         if not split:
             return None
         first = split[0]
+        partial = partial_block_experts([(p.name, p.out_shape, bs) for p in split])
+        ours = (
+            "quantize-model's load_quantized runs them"
+            if not partial
+            else f"quantize-model's load_quantized runs them, but not MoE experts whose weights do not fill "
+            f"whole blocks ({len(partial)}, e.g. {partial[0]}): it cannot load this folder"
+        )
         return (
             f"{len(split)} quantized weight(s) have rows that are not whole {bs}-element blocks (e.g. "
             f"{first.name}, {first.out_shape[-1]} inputs per row): transformers + bitsandbytes on the CPU "
             f"fails at their first inference forward (bitsandbytes' CPU kernels need whole blocks per "
-            f"row); quantize-model's load_quantized runs them. A --blocksize that divides every input "
-            f"width avoids it"
+            f"row); {ours}. A --blocksize that divides every input width avoids it"
         )
 
     def check_options(self, options: Options) -> None:

@@ -20,6 +20,7 @@ This module only looks at tensor names, shapes and dtypes; it never imports tran
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -117,6 +118,70 @@ def is_moe(tensors: Sequence[_TensorLike]) -> bool:
     return any(EXPERT_KEY.match(t.name) or FUSED_EXPERT_KEY.match(t.name) for t in tensors)
 
 
+class MoeCheckpointError(InputError):
+    """A checkpoint's per-expert tensors are incomplete or of mismatched shapes."""
+
+
+_ROLE_LEAVES = {"gate_proj": ("gate_proj", "up_proj", "down_proj"), "w1": ("w1", "w3", "w2")}
+
+
+#: config.json fields that give the number of routed experts per MoE layer.
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _config_expert_count(config: Any) -> tuple[str, int] | None:
+    if not isinstance(config, dict):
+        return None
+    for field in _EXPERT_COUNT_FIELDS:
+        value = config.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return field, value
+    return None
+
+
+def check_experts(tensors: Sequence[_TensorLike], config: Any = None) -> None:
+    """Refuse a checkpoint whose routed experts no loader can stack: an experts module missing an
+    expert (a gap in its indices, or fewer or more experts than config.json's count) or one projection
+    of an expert, or experts of different shapes (every loader stacks a layer's experts into one
+    [E, ...] tensor; transformers, vLLM and ours alike)."""
+    groups: dict[str, dict[int, dict[str, _TensorLike]]] = {}
+    for t in tensors:
+        key = parse_expert_key(t.name)
+        if key is not None:
+            groups.setdefault(key.module, {}).setdefault(key.index, {})[key.proj] = t
+    count = _config_expert_count(config)
+    for module, experts in groups.items():
+        leaves = {p for parts in experts.values() for p in parts}
+        names = _ROLE_LEAVES["w1"] if leaves & {"w1", "w2", "w3"} else _ROLE_LEAVES["gate_proj"]
+        shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        if count is not None and max(experts) + 1 != count[1]:
+            field, n = count
+            what = f"only experts 0..{max(experts)}" if max(experts) < n else f"expert {max(experts)}"
+            msg = (
+                f"{module}: config.json has {field} = {n} but the checkpoint holds {what} of this layer "
+                "(an incomplete or damaged source, or a config.json of another model)"
+            )
+            raise MoeCheckpointError(msg)
+        for e in range(max(experts) + 1):
+            parts = experts.get(e, {})
+            for proj in names:
+                t = parts.get(proj)
+                if t is None:
+                    msg = (
+                        f"{module}.{e}.{proj}.weight is missing: the checkpoint holds experts "
+                        f"0..{max(experts)} of {module!r} but not this one (an incomplete or damaged source)"
+                    )
+                    raise MoeCheckpointError(msg)
+                shape = tuple(t.shape)
+                first = shapes.setdefault(proj, (shape, t.name))
+                if shape != first[0]:
+                    msg = (
+                        f"{t.name} has shape {list(shape)} but {first[1]} has {list(first[0])}: the "
+                        f"experts of {module!r} must all have the same shapes (a damaged source)"
+                    )
+                    raise MoeCheckpointError(msg)
+
+
 def _glob_hit(globs: Sequence[str], *names: str) -> bool:
     return any(fnmatch.fnmatchcase(n, g) for g in globs for n in names if n)
 
@@ -196,8 +261,43 @@ class MoeSummary:
         }
 
 
-def summarize(quantized_names: Sequence[str], kept_names: Sequence[str]) -> MoeSummary | None:
-    """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense)."""
+def mixed_modules(quantized_names: Sequence[str], kept_names: Sequence[str]) -> list[str]:
+    """Experts modules (checkpoint names) holding both 4-bit and 16-bit per-expert weights: load_quantized
+    stacks a layer's experts into one 4-bit or one 16-bit module, so it cannot load such a layer."""
+    quantized = {m["module"] for n in quantized_names if (m := EXPERT_KEY.match(n))}
+    kept = {m["module"] for n in kept_names if (m := EXPERT_KEY.match(n))}
+    return sorted(quantized & kept)
+
+
+def mixed_advice(quantized_names: Sequence[str], kept_names: Sequence[str]) -> str | None:
+    """The warning for a conversion that leaves some experts of a layer 16-bit and others 4-bit."""
+    mixed = mixed_modules(quantized_names, kept_names)
+    if not mixed:
+        return None
+    return (
+        f"{len(mixed)} MoE layer(s) keep some experts 16-bit and quantize the others (e.g. {mixed[0]!r}): "
+        "quantize-model's load_quantized cannot load such a layer (it stacks a layer's experts into one "
+        "4-bit or one 16-bit module) and vLLM needs every expert quantized; --skip or --include whole "
+        "layers' experts (e.g. '*.layers.0.mlp.experts.*') to keep the folder loadable"
+    )
+
+
+def partial_block_experts(records: Sequence[tuple[str, Sequence[int], int]]) -> list[str]:
+    """The per-expert weights among ``(name, shape, blocksize)`` that do not fill whole blocks: load_quantized
+    keeps a layer's gate, up and down codes of an expert back to back and needs each to end on a block
+    boundary (``I*H % blocksize == 0``; bitsandbytes' own records allow a partial last block)."""
+    out = []
+    for name, shape, blocksize in records:
+        if EXPERT_KEY.match(name) and blocksize and math.prod(shape) % blocksize:
+            out.append(name)
+    return out
+
+
+def summarize(
+    quantized_names: Sequence[str], kept_names: Sequence[str], partial_blocks: Sequence[str] = ()
+) -> MoeSummary | None:
+    """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense);
+    ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts)."""
     q = sum(1 for n in quantized_names if EXPERT_KEY.match(n))
     k = sum(1 for n in kept_names if EXPERT_KEY.match(n) or FUSED_EXPERT_KEY.match(n))
     if not q and not k:
@@ -206,7 +306,20 @@ def summarize(quantized_names: Sequence[str], kept_names: Sequence[str]) -> MoeS
         not_loaders = NOT_LOADERS_QUANTIZED + (
             ("vLLM (some experts are not quantized: it needs all of them)",) if k else ()
         )
-        return MoeSummary(q, k, LOADERS_QUANTIZED if not k else LOADERS_QUANTIZED[:1], not_loaders)
+        if partial_blocks:
+            reason = (
+                f"quantize-model load_quantized ({partial_blocks[0]} does not fill whole blocks: "
+                "convert with a --blocksize that divides each expert weight's size)"
+            )
+            loaders = LOADERS_QUANTIZED[1:] if not k else ()
+            return MoeSummary(q, k, loaders, (*not_loaders, reason))
+        if not k:
+            return MoeSummary(q, k, LOADERS_QUANTIZED, not_loaders)
+        mixed = mixed_modules(quantized_names, kept_names)
+        if mixed:
+            reason = f"quantize-model load_quantized ({mixed[0]} mixes 4-bit and 16-bit experts)"
+            return MoeSummary(q, k, (), (*not_loaders, reason))
+        return MoeSummary(q, k, LOADERS_QUANTIZED[:1], not_loaders)
     return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
 
 

@@ -101,6 +101,7 @@ def inspect_path(path: str | Path) -> InspectResult:
     kept: Counter[str] = Counter()
     names_q: list[str] = []
     names_k: list[str] = []
+    shapes: list[tuple[str, tuple[int, ...], int]] = []
     for name in names:
         with open_shard(folder / name) as shard:
             meta = shard.metadata or {}
@@ -118,6 +119,7 @@ def inspect_path(path: str | Path) -> InspectResult:
                 result.params_quantized += math.prod(info.shape)
                 result.bytes_quantized += sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)
                 qtypes[info.describe()] += 1
+                shapes.append((key, tuple(info.shape), getattr(info, "blocksize", 0)))
             for key in shard.passthrough:
                 e = shard.entry(key)
                 result.tensors_kept += 1
@@ -126,7 +128,7 @@ def inspect_path(path: str | Path) -> InspectResult:
                 kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
-    result.moe = moe.summarize(names_q, names_k)
+    result.moe = moe.summarize(names_q, names_k, moe.partial_block_experts(shapes))
     config = folder / "config.json"
     if config.is_file() and Path(path).is_dir():
         try:
@@ -405,7 +407,8 @@ def inspect_hub(
             qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
-    result.moe = moe.summarize(names_q, names_k)
+    partial = moe.partial_block_experts([(k, tuple(qs.shape), qs.blocksize) for k, qs in weights.items()])
+    result.moe = moe.summarize(names_q, names_k, partial)
     if "config.json" in hub.files:
         try:
             result.quantization_config = json.loads(hub.get("config.json")).get("quantization_config")

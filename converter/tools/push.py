@@ -280,17 +280,23 @@ def _moe_card(
     front: str, name: str, quant_type: str, origin: str, table: str, repo_id: str, summary: Any
 ) -> str:
     """The card of a folder whose MoE experts are 4-bit: stock transformers 5.x cannot load it."""
-    loaders = "\n".join(f"- {x}" for x in summary.loaders)
+    loaders = "\n".join(f"- {x}" for x in summary.loaders) or "- none known"
     not_loaders = "\n".join(f"- {x}" for x in summary.not_loaders)
+    experts = (
+        "**with every routed MoE expert in 4 bit**"
+        if not summary.experts_kept
+        else f"**with {summary.experts_quantized} routed MoE expert weights in 4 bit and "
+        f"{summary.experts_kept} kept 16-bit**"
+    )
     return f"""---
 {front}
 ---
 
 # {name}
 
-{quant_type.upper()} 4-bit quantization of {origin}, made with quantize-model, **with every routed MoE
-expert in 4 bit**: one bitsandbytes `Linear4bit` record per expert per projection, under the
-checkpoint's own names; routers stay 16-bit (`llm_int8_skip_modules`).
+{quant_type.upper()} 4-bit quantization of {origin}, made with quantize-model, {experts}: one
+bitsandbytes `Linear4bit` record per quantized expert per projection, under the checkpoint's own
+names; routers stay 16-bit (`llm_int8_skip_modules`).
 
 ## Quantization
 

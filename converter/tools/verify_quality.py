@@ -44,6 +44,13 @@ def verify_against(
 
     problems: list[str] = []
     src = open_source(source, revision=revision)
+    try:  # a block-scaled FP8 source is measured as convert read it: dequantized to bf16
+        from converter.sources.fp8 import wrap_if_block_fp8
+
+        src = wrap_if_block_fp8(src)
+    except BaseException:
+        src.close()
+        raise
     infos = {t.name: t for t in src.tensors()}
     report = _report_tensors(folder)
     measured: dict[str, TensorQuality] = {}

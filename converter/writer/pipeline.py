@@ -244,10 +244,13 @@ class _Conversion:
             include=options.include,
             cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
         )
+        moe.check_experts(tensors, config)
         selection = moe.apply_moe_mode(
             selection, tensors, options.moe_experts, skip=options.skip, include=options.include
         )
-        advice = moe.keep_advice(tensors, options.moe_experts)
+        advice = moe.keep_advice(tensors, options.moe_experts) or moe.mixed_advice(
+            list(selection.quantize), list(selection.keep)
+        )
         if advice:
             moe.warn_once(self.warn, advice)
             self.notes.append(advice)

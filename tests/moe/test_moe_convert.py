@@ -138,6 +138,106 @@ def test_quantize_honours_skip_globs(moe_src, tmp_path):
         assert isinstance(records[key], torch.Tensor) == (".experts.3." in key), key
 
 
+@pytest.mark.parametrize(
+    ("skip", "loads"),
+    [("*.experts.3.*", False), ("*.layers.0.*.experts.*", True)],
+    ids=["one-expert", "one-layer"],
+)
+def test_skip_that_splits_a_layers_experts_is_said_not_to_load(moe_src, tmp_path, skip, loads):
+    """A --skip that keeps one expert of a layer 16-bit made a folder that load_quantized refuses (it stacks a
+    layer's experts into one 4-bit or one 16-bit module), while inspect listed load_quantized as its loader
+    and convert said nothing; skipping whole layers' experts loads."""
+    from converter.loader.model import load_quantized
+    from converter.loader.moe_records import MoeLoadError
+
+    messages: list[str] = []
+    out = tmp_path / "q"
+    src = moe_src("mixtral")
+    convert(src, out, moe_experts="quantize", skip=[skip], progress=False, warn=messages.append)
+    summary = inspect_path(out).moe
+    assert summary.experts_kept
+    assert summary.experts_quantized
+    says_loads = any("load_quantized" in x for x in summary.loaders)
+    assert says_loads == loads
+    assert any("load_quantized" in x for x in summary.not_loaders) != loads
+    assert any("whole layers' experts" in m for m in messages) != loads
+    from converter.tools.push import build_model_card
+
+    card = build_model_card(out, "me/tiny-moe-nf4")
+    assert "every routed MoE expert in 4 bit" not in card
+    assert "expert weights in 4 bit and" in card
+    if loads:
+        load_quantized(out, device="cpu", dtype=torch.bfloat16)
+    else:
+        with pytest.raises(MoeLoadError, match="split the layer's experts"):
+            load_quantized(out, device="cpu", dtype=torch.bfloat16)
+
+
+def test_experts_not_filling_whole_blocks_are_said_not_to_load(moe_src, tmp_path):
+    """32x64 experts with --blocksize 4096: load_quantized refuses them (a layer's codes are kept back to
+    back per expert), while convert's warning said "load_quantized runs them" and inspect listed it."""
+    from converter.loader.model import load_quantized
+    from converter.loader.moe_records import MoeLoadError
+
+    messages: list[str] = []
+    out = tmp_path / "q"
+    convert(moe_src("qwen3_moe_i32"), out, moe_experts="quantize", blocksize=4096, progress=False,
+            warn=messages.append)  # fmt: skip
+    assert any("not MoE experts whose weights do not fill whole blocks" in m for m in messages), messages
+    summary = inspect_path(out).moe
+    assert not any("load_quantized" in x for x in summary.loaders)
+    assert any("load_quantized" in x and "whole blocks" in x for x in summary.not_loaders)
+    with pytest.raises(MoeLoadError, match="whole 4096-element blocks"):
+        load_quantized(out, device="cpu", dtype=torch.bfloat16)
+    messages.clear()
+    convert(moe_src("qwen3_moe_i32"), tmp_path / "q64", moe_experts="quantize", progress=False,
+            warn=messages.append)  # fmt: skip  # rows of 32 < 64 but every expert fills whole blocks
+    assert not any("not MoE experts" in m for m in messages), messages
+    assert any("load_quantized" in x for x in inspect_path(tmp_path / "q64").moe.loaders)
+
+
+def _damaged(src: Path, dst: Path, change) -> Path:
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    tensors = _source_tensors(dst)
+    change(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+_DAMAGE = {
+    "one-projection-missing": (
+        lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight"),
+        "model.layers.1.mlp.experts.2.up_proj.weight is missing",
+    ),
+    "last-expert-missing": (
+        lambda t: [
+            t.pop(f"model.layers.1.mlp.experts.3.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")
+        ],
+        "num_local_experts = 4 but the checkpoint holds only experts 0..2",
+    ),
+    "expert-of-another-shape": (
+        lambda t: t.__setitem__("model.layers.1.mlp.experts.3.gate_proj.weight", torch.zeros(32, 64)),
+        "experts.3.gate_proj.weight has shape [32, 64] but model.layers.1.mlp.experts.0.gate_proj.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["keep", "quantize"])
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_incomplete_or_mismatched_experts_are_refused(moe_src, tmp_path, damage, mode):
+    """A source with an expert or a projection missing, or one expert of another shape, converted to a
+    folder that looked complete (verify OK, inspect listing its loaders) and that no loader can stack."""
+    change, expected = _DAMAGE[damage]
+    src = _damaged(moe_src("qwen3_moe"), tmp_path / "src", change)
+    with pytest.raises(InputError, match=re.escape(expected)):
+        convert(src, tmp_path / "o", moe_experts=mode, progress=False, warn=lambda _: None)
+    assert not (tmp_path / "o" / "config.json").exists()
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "o2"), "--moe-experts", mode, "-q"])
+    assert r.exit_code == 2, r.output
+
+
 def _moe_warnings(messages: list[str]) -> list[str]:
     return [m for m in messages if "element blocks" not in m]
 
@@ -222,6 +322,20 @@ def test_fp8_block_source_is_dequantized_then_quantized(moe_src, tmp_path):
 
     with torch.no_grad():
         assert torch.isfinite(load_quantized(out)(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("mode", ["keep", "quantize"])
+def test_verify_against_an_fp8_source_measures_the_dequantized_weights(moe_src, tmp_path, mode):
+    """`verify --against` an FP8 source compared the folder with the raw float8 codes (relative RMSE ~1.0
+    for every weight, "reconvert the folder", exit 1) instead of the bf16 weights convert quantized."""
+    src = make_fp8_source(moe_src("deepseek_v3"), tmp_path / "fp8", block=(128, 128))
+    out = tmp_path / "q"
+    convert(src, out, moe_experts=mode, progress=False, warn=lambda _: None)
+    r = CliRunner().invoke(cli, ["verify", str(out), "--against", str(src), "--json"])
+    assert r.exit_code == 0, r.output
+    quality = json.loads(r.stdout)["quality"]
+    assert 0 < quality["rel_rmse"] < 0.2
+    assert quality["tensors_measured"] >= 16
 
 
 def test_fp8_partial_edge_blocks(tmp_path):
