@@ -50,7 +50,13 @@ from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
-from converter.loader.moe_records import MoeLoadError, expert_state_dict, region_pointers, stack_records
+from converter.loader.moe_records import (
+    HostStaging,
+    MoeLoadError,
+    expert_state_dict,
+    region_pointers,
+    stack_records,
+)
 from converter.plan.moe import EXPERT_KEY
 from converter.plan.moe import PROJ_ROLE as _ROLE
 from formats.record import QuantizedTensor
@@ -602,6 +608,7 @@ def attach_experts(
     groups = _group(state)
     modules = dict(model.named_modules())
     used: set[str] = set()
+    staging = HostStaging(torch.device(device))
     for ckpt_name, experts in groups.items():
         name = _model_module_name(model, ckpt_name, modules)
         module = modules.get(name) if name else None
@@ -623,7 +630,7 @@ def attach_experts(
             raise MoeLoadError(msg)
         used.update(key for parts in experts.values() for key, _ in parts.values())
         if any(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()):
-            st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device))
+            st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device), staging)
             config = getattr(module, "config", None)
             layer = QuantExperts4bit(
                 st.packed,

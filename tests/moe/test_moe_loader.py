@@ -278,3 +278,30 @@ def test_keep_folder_with_mismatched_expert_shapes_is_named(tmp_path, monkeypatc
         (tmp_path / "keep" / "config.json").write_text(json.dumps(config))
     with pytest.raises(MoeLoadError, match=re.escape(expected)):
         load_quantized(tmp_path / "keep", device="cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_stacked_absmax_equals_each_records_decoded_absmax(tmp_path, nested):
+    """stack_records decodes a layer's nested absmax in one vectorised pass per projection: bit for bit
+    what ops.decoded_absmax gives each record alone (the kernels' product-then-sum)."""
+    from converter.loader import ops
+    from converter.loader.module import state_from_record
+    from converter.loader.moe_records import ROLES, ExpertsLayout
+    from converter.loader.state import load_quantized_state
+
+    src = make_moe("qwen3_moe", tmp_path / "src")
+    convert(src, tmp_path / "q", moe_experts="quantize", double_quant=nested, progress=False)
+    state = load_quantized_state(tmp_path / "q")
+    model = load_quantized(tmp_path / "q")
+    checked = 0
+    for name, m in moe_modules(model).items():
+        lay = ExpertsLayout(m.hidden_dim, m.intermediate_dim, m.blocksize)
+        for e in range(m.num_experts):
+            for role, proj in zip(ROLES, m.proj_names, strict=True):
+                rec = state[f"{name}.{e}.{proj}.weight"]
+                assert (rec.nested is not None) == nested
+                _, ao, _ = lay.offsets(role)
+                want = ops.decoded_absmax(state_from_record(rec)).reshape(-1)
+                assert torch.equal(m.absmax[e, ao : ao + want.numel()], want)
+                checked += 1
+    assert checked >= 3 * 2 * 4
