@@ -51,7 +51,6 @@ from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
 from converter.loader.moe_records import (
-    HostStaging,
     MoeLoadError,
     expert_state_dict,
     region_pointers,
@@ -608,7 +607,6 @@ def attach_experts(
     groups = _group(state)
     modules = dict(model.named_modules())
     used: set[str] = set()
-    staging = HostStaging(torch.device(device))
     for ckpt_name, experts in groups.items():
         name = _model_module_name(model, ckpt_name, modules)
         module = modules.get(name) if name else None
@@ -630,7 +628,7 @@ def attach_experts(
             raise MoeLoadError(msg)
         used.update(key for parts in experts.values() for key, _ in parts.values())
         if any(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()):
-            st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device), staging)
+            st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device))
             config = getattr(module, "config", None)
             layer = QuantExperts4bit(
                 st.packed,
@@ -648,6 +646,12 @@ def attach_experts(
                 proj_names=st.proj_names,
             )
             model.set_submodule(name, layer)
+            # Release this layer's per-expert tensors now: on a streamed GPU load they are device
+            # tensors, and holding every layer's until the end doubled the experts' peak memory.
+            for parts in experts.values():
+                for key, _ in parts.values():
+                    state[key] = None
+            experts.clear()
         else:
             want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
             for e in range(num):

@@ -132,38 +132,6 @@ def _all_nested_alike(experts: dict[int, dict[str, tuple[str, Any]]], nested_map
     return True
 
 
-class HostStaging:
-    """Two pinned host buffers used in turn for the layers' copies to a GPU: layer i is assembled in
-    one while layer i-1's copy runs from the other (pageable copies of each expert's slice, 18 k of
-    them in a Qwen3-30B-A3B, were most of its load time). Unused for a CPU target."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._bufs: list[torch.Tensor | None] = [None, None]
-        self._events: list[Any] = [None, None]
-        self._turn = 0
-
-    def take(self, nbytes: int) -> tuple[torch.Tensor, int]:
-        i, self._turn = self._turn, self._turn ^ 1
-        if self._events[i] is not None:
-            self._events[i].synchronize()  # its previous copy has read it
-            self._events[i] = None
-        buf = self._bufs[i]
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            self._bufs[i] = buf
-        return buf[:nbytes], i
-
-    def copied(self, i: int) -> None:
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        self._events[i] = event
-
-
-def _aligned(n: int) -> int:
-    return -(-n // 64) * 64
-
-
 def stack_records(
     experts: dict[int, dict[str, tuple[str, Any]]],
     where: str,
@@ -171,13 +139,14 @@ def stack_records(
     hidden: int,
     inter: int,
     device: torch.device,
-    staging: HostStaging | None = None,
 ) -> StackedExperts:
     """The layer's buffers on ``device`` from its per-expert records (checked against the model's shapes).
 
-    The layer is assembled on the host (in ``staging``'s pinned memory for a GPU) and copied once; the
-    nested absmax of every expert is decoded in one vectorised pass per projection, with the same
-    float32 product-then-sum as :func:`ops.decoded_absmax`.
+    The layer is assembled where the records are (the CPU mapping, or the GPU a streamed load put them
+    on) and moved once if ``device`` differs; the nested absmax of every expert is decoded in one
+    vectorised pass per projection, with the same float32 product-then-sum as
+    :func:`ops.decoded_absmax` (a pass per record was 18 k small device round trips in a
+    Qwen3-30B-A3B).
     """
     first_key, first = experts[0]["gate"]
     bs, qt, dtype = first.blocksize, first.quant_type, first.dtype
@@ -194,19 +163,9 @@ def stack_records(
     quant_map = first.quant_map.float().contiguous()
     nested_map = first.nested.nested_quant_map if first.nested is not None else None
     keep_nested = nested_map is not None and _all_nested_alike(experts, nested_map)
-    # Assembled where the records are (the CPU mapping, or the GPU a streamed load put them on); a GPU
-    # target with host records goes through pinned staging and one copy per buffer.
     work = first.packed.device
-    use_staging = staging is not None and device.type == "cuda" and work.type == "cpu"
-    if use_staging:
-        assert staging is not None
-        p_size = _aligned(num * n_bytes)
-        buf, turn = staging.take(p_size + num * n_blocks * 4)
-        host_packed = buf[: num * n_bytes].view(num, n_bytes)
-        host_absmax = buf[p_size:].view(torch.float32).view(num, n_blocks)
-    else:
-        host_packed = torch.empty(num, n_bytes, dtype=torch.uint8, device=work)
-        host_absmax = torch.empty(num, n_blocks, dtype=torch.float32, device=work)
+    packed = torch.empty(num, n_bytes, dtype=torch.uint8, device=work)
+    absmax = torch.empty(num, n_blocks, dtype=torch.float32, device=work)
     if keep_nested:  # the absmax is decoded from them below; saving reads them (kept on the CPU)
         codes = torch.empty(num, n_blocks, dtype=torch.uint8, device=work)
         nabs = torch.empty(num, n_nested, dtype=torch.float32, device=work)
@@ -216,7 +175,7 @@ def stack_records(
             _, rec = experts[e][role]
             po, ao, no = lay.offsets(role)
             data = ops.packed_bytes(rec.packed)
-            host_packed[e, po : po + data.numel()] = data
+            packed[e, po : po + data.numel()] = data
             if keep_nested:
                 codes[e, ao : ao + lay.blocks(role)] = rec.absmax.reshape(-1)
                 na = rec.nested.nested_absmax.reshape(-1)
@@ -224,7 +183,7 @@ def stack_records(
                 offsets[e, r] = float(rec.nested.offset)
             else:
                 amax = ops.decoded_absmax(state_from_record(rec)).reshape(-1)
-                host_absmax[e, ao : ao + amax.numel()] = amax
+                absmax[e, ao : ao + amax.numel()] = amax
     if keep_nested:
         table = nested_map.float().to(work)
         shift = offsets.to(work)
@@ -234,16 +193,8 @@ def stack_records(
             scale = nabs[:, no : no + nn_].repeat_interleave(NESTED_BLOCKSIZE, dim=1)[:, :nb]
             # Two separate float32 ops, a product then a sum, as ops.decoded_absmax and the kernels.
             decoded = table[codes[:, ao : ao + nb].long()] * scale
-            host_absmax[:, ao : ao + nb] = decoded + shift[:, r : r + 1]
-    if use_staging:
-        assert staging is not None
-        packed = torch.empty(num, n_bytes, dtype=torch.uint8, device=device)
-        absmax = torch.empty(num, n_blocks, dtype=torch.float32, device=device)
-        packed.copy_(host_packed, non_blocking=True)
-        absmax.copy_(host_absmax, non_blocking=True)
-        staging.copied(turn)
-    else:
-        packed, absmax = host_packed.to(device), host_absmax.to(device)
+            absmax[:, ao : ao + nb] = decoded + shift[:, r : r + 1]
+    packed, absmax = packed.to(device), absmax.to(device)
     names = tuple(experts[0][role][0].rsplit(".", 2)[-2] for role in ROLES)
     nested = None
     if keep_nested:
