@@ -71,12 +71,15 @@ class Selection:
     quantize: dict[str, QuantizeSpec]  # checkpoint key of each weight to quantize
     keep: dict[str, str]  # every other tensor -> human-readable reason
     skip_modules: list[str]  # config llm_int8_skip_modules: module name patterns not to build Linear4bit
-    keep_fp32: set[str] = field(default_factory=set)  # keys of _keep_in_fp32_modules: never cast by --dtype
+    #: keys of _keep_in_fp32_modules: float32 when the model dtype is float16 (transformers' dtype plan)
+    keep_fp32: set[str] = field(default_factory=set)
     mode: str = "transformers"  # "transformers" or "allowlist"
     #: where transformers' rule was read ("transformers" mode): "live" (a model skeleton), "cache"
     #: (the per-user cache of an earlier live run) or "table" (the shipped table);
     #: converter.plan.selection_table
     via: str = "live"
+    #: keys of _keep_in_fp32_modules_strict: float32 when the model dtype is float16 or bfloat16
+    keep_fp32_strict: set[str] = field(default_factory=set)
 
 
 def transformers_usable() -> bool:
@@ -159,7 +162,15 @@ def _from_facts(
 
     d = decide(facts, tensors, skip=skip, include=include, matcher=matcher)
     quantize = {k: QuantizeSpec(transpose=v) for k, v in d.quantize.items()}
-    return Selection(quantize, d.keep, d.skip_modules, d.keep_fp32, "transformers", via)
+    return Selection(
+        quantize,
+        d.keep,
+        d.skip_modules,
+        d.keep_fp32,
+        "transformers",
+        via,
+        keep_fp32_strict=d.keep_fp32_strict,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,4 +391,5 @@ def as_dict(sel: Selection) -> dict[str, Any]:
         "keep": dict(sorted(sel.keep.items())),
         "skip_modules": list(sel.skip_modules),
         "keep_fp32": sorted(sel.keep_fp32),
+        "keep_fp32_strict": sorted(sel.keep_fp32_strict),
     }
