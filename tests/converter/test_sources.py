@@ -209,6 +209,50 @@ def test_allow_pickle_reads_weights_only_and_cleans_up(tiny_llama: Path, tmp_pat
     assert not path.exists()
 
 
+def test_pickle_temp_folder_of_a_killed_run_is_removed_by_the_next(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temp safetensors made from pickle weights are a full-size copy of the checkpoint. A run
+    SIGKILLed (or OOM-killed) before close() cannot delete them; the next --allow-pickle run does,
+    and leaves the folder of a run still alive alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny_llama / "config.json", folder / "config.json")
+    torch.save(load_file(tiny_llama / "model.safetensors"), folder / "pytorch_model.bin")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    child = (
+        "import os, signal, sys\n"
+        "from converter.sources import open_source\n"
+        "src = open_source(sys.argv[1], allow_pickle=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.run([sys.executable, "-c", child, str(folder)], env=env, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    (stale,) = tmp.glob("quantize-model-pickle-*")
+    assert (stale / "pytorch_model.safetensors").is_file()
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    live = open_source(folder, allow_pickle=True)
+    assert not stale.exists()
+    (live_dir,) = tmp.glob("quantize-model-pickle-*")
+    other = open_source(folder, allow_pickle=True)  # the live run's folder stays
+    assert live_dir.exists()
+    assert len(list(tmp.glob("quantize-model-pickle-*"))) == 2
+    other.close()
+    live.close()
+    assert list(tmp.glob("quantize-model-pickle-*")) == []
+
+
 def test_pickle_that_is_not_weights_only(tmp_path: Path) -> None:
     import pickle
 
