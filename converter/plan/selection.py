@@ -42,6 +42,11 @@ from converter.plan.selection_facts import user_reason as _user_reason
 __all__ = ["QuantizeSpec", "Selection", "SelectionError", "as_dict", "module_of", "select_tensors"]
 
 
+class UnknownModelError(SelectionError):
+    """transformers has no model for this config (repository code, a newer model_type): only the
+    user's --include globs can name the weights to quantize."""
+
+
 class _TensorLike(Protocol):
     name: str
     dtype: str
@@ -130,9 +135,14 @@ def select_tensors(
                 "run: pip install 'quantize-model[transformers]'"
             )
             raise SelectionError(msg)
-        return _select_precomputed(config, tensors, skip=skip, include=include) or _select_transformers(
-            config, tensors, skip=skip, include=include
-        )
+        try:
+            return _select_precomputed(config, tensors, skip=skip, include=include) or _select_transformers(
+                config, tensors, skip=skip, include=include
+            )
+        except UnknownModelError:
+            if not include:
+                raise
+            return _select_explicit(tensors, skip=skip, include=include)
     return _select_allowlist(config, tensors, skip=skip, include=include)
 
 
@@ -294,7 +304,7 @@ def build_skeleton(config: dict) -> Any:
             "(quantize-model never runs a repository's own code); upgrade transformers, or name the "
             "weights to quantize with --include"
         )
-        raise SelectionError(msg)
+        raise UnknownModelError(msg)
     cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
     with _quiet_transformers():
         cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
@@ -311,7 +321,7 @@ def build_skeleton(config: dict) -> Any:
                 f"transformers has no model class for model_type '{model_type}'; "
                 "name the weights to quantize with --include"
             )
-            raise SelectionError(msg)
+            raise UnknownModelError(msg)
         try:
             with torch.device("meta"):
                 model = cls(cfg)

@@ -167,7 +167,9 @@ def is_extra_file(relname: str) -> bool:
         # sentence-transformers pooling folders (1_Pooling/config.json) are tiny and needed.
         top = relname.split("/", 1)[0]
         return top[:1].isdigit() and "_" in top and relname.endswith(".json")
-    return base in EXTRA_FILE_NAMES or base.startswith("LICENSE")
+    # *.py: a repository's own model code (config.json "auto_map"), which transformers needs with
+    # trust_remote_code=True to load the output; copied, never run
+    return base in EXTRA_FILE_NAMES or base.startswith("LICENSE") or base.endswith(".py")
 
 
 def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | None:

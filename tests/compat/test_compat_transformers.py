@@ -388,3 +388,49 @@ def test_rows_of_partial_blocks_get_the_bitsandbytes_cpu_advice(tiny_checkpoint,
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b32", device_map="cpu")
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_repository_code_model_converts_with_include(tiny_checkpoint, tmp_path):
+    """A model transformers does not have (its config names repository code in auto_map) cannot be
+    decided by transformers' rule: the error says to name the weights with --include, and with
+    --include it converts; the repository's .py files are copied (never run), so transformers loads
+    the output with trust_remote_code=True, Linear4bit exactly where we quantized."""
+    import shutil
+
+    from converter.plan.selection import SelectionError
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("llama"), src)
+    (src / "configuration_my.py").write_text(
+        "from transformers import LlamaConfig\n\n\n"
+        "class MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
+    )
+    (src / "modeling_my.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_my import MyConfig\n\n\n"
+        "class MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
+    )
+    config = read_config(src)
+    config.update(
+        model_type="my_llama",
+        architectures=["MyForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.MyForCausalLM",
+        },
+    )
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SelectionError, match="name the weights to quantize with --include"):
+        pipeline.convert(str(src), str(tmp_path / "refused"), progress=False)
+    pipeline.convert(str(src), str(tmp_path / "ours"), include=["*_proj"], blocksize=32, progress=False)
+    assert (tmp_path / "ours" / "modeling_my.py").read_bytes() == (src / "modeling_my.py").read_bytes()
+    assert (tmp_path / "ours" / "configuration_my.py").is_file()
+    infos = read_infos(tmp_path / "ours")
+    quantized = {t.name.removesuffix(".weight.absmax") for t in infos if t.name.endswith(".absmax")}
+    assert len(quantized) == 14
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ours", trust_remote_code=True, device_map="cpu"
+    )
+    assert type(model).__name__ == "MyForCausalLM"
+    assert linear4bit_modules(model) == quantized
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
