@@ -273,3 +273,49 @@ def test_sparse_header_only_file_is_readable(tmp_path: Path) -> None:
     )
     (t,) = open_source(tmp_path).tensors()
     assert t.numel == n
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "spm.model",  # DeBERTa-v2/v3 (no tokenizer.json on the Hub)
+        "normalizer.json",  # Whisper
+        "source.spm",  # Marian
+        "target.spm",
+        "tekken.json",  # Mistral
+        "video_preprocessor_config.json",  # Qwen2-VL and other video processors
+        "sentencepiece.bpe.model",
+        "modeling_custom.py",  # repository code named by auto_map
+    ],
+)
+def test_tokenizer_and_processor_files_are_copied(name: str) -> None:
+    """Every file transformers' tokenizers and processors read is copied beside the shards."""
+    from converter.sources.base import is_extra_file
+
+    assert is_extra_file(name)
+
+
+def test_every_transformers_tokenizer_vocabulary_file_is_copied() -> None:
+    """The file names of every tokenizer class transformers has (VOCAB_FILES_NAMES)."""
+    import importlib
+    import pkgutil
+
+    import transformers.models
+
+    from converter.sources.base import is_extra_file
+
+    names: set[str] = set()
+    for info in pkgutil.iter_modules(transformers.models.__path__):
+        pkg = f"transformers.models.{info.name}"
+        spec = importlib.util.find_spec(pkg)
+        for mod in pkgutil.iter_modules(spec.submodule_search_locations or []):
+            if mod.name.startswith("tokenization_") and not mod.name.endswith("_fast"):
+                try:
+                    module = importlib.import_module(f"{pkg}.{mod.name}")
+                except Exception:  # an optional dependency it needs is not installed
+                    continue
+                vocab = getattr(module, "VOCAB_FILES_NAMES", None)
+                if isinstance(vocab, dict):
+                    names |= {v for v in vocab.values() if isinstance(v, str)}
+    assert len(names) > 10
+    assert sorted(n for n in names if not is_extra_file(n)) == []
