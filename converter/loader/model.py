@@ -72,7 +72,7 @@ def _no_init_weights() -> contextlib.AbstractContextManager:
     return no_init_weights()
 
 
-def _model_class(config: Any) -> type:
+def _model_class(config: Any, folder: Path | None = None, *, trust_remote_code: bool = False) -> type:
     import transformers
 
     for name in getattr(config, "architectures", None) or ():
@@ -86,8 +86,19 @@ def _model_class(config: Any) -> type:
     try:
         return transformers.AutoModel._model_mapping[type(config)]
     except KeyError:
-        msg = f"transformers has no model class for model_type {config.model_type!r}"
-        raise ModelBuildError(msg) from None
+        pass
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and folder is not None:
+        # repository code (config.json "auto_map"), run only because the caller trusts it
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        for auto in ("AutoModelForCausalLM", "AutoModel"):
+            if isinstance(auto_map.get(auto), str):
+                return get_class_from_dynamic_module(auto_map[auto], str(folder))
+    msg = f"transformers has no model class for model_type {config.model_type!r}"
+    if auto_map and not trust_remote_code:
+        msg += " (config.json names repository code in auto_map: pass trust_remote_code=True to run it)"
+    raise ModelBuildError(msg)
 
 
 def transformers_would_quantize(model: nn.Module, quantization_config: dict | None) -> set[str]:
@@ -159,7 +170,7 @@ def build_skeleton(
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the 4-bit layers ourselves
-    cls = _model_class(config)
+    cls = _model_class(config, folder, trust_remote_code=trust_remote_code)
     try:
         with BUILD_LOCK, _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -42,6 +42,11 @@ from converter.plan.selection_facts import user_reason as _user_reason
 __all__ = ["QuantizeSpec", "Selection", "SelectionError", "as_dict", "module_of", "select_tensors"]
 
 
+class UnknownModelError(SelectionError):
+    """transformers has no model for this config (repository code, a newer model_type): only the
+    user's --include globs can name the weights to quantize."""
+
+
 class _TensorLike(Protocol):
     name: str
     dtype: str
@@ -71,12 +76,15 @@ class Selection:
     quantize: dict[str, QuantizeSpec]  # checkpoint key of each weight to quantize
     keep: dict[str, str]  # every other tensor -> human-readable reason
     skip_modules: list[str]  # config llm_int8_skip_modules: module name patterns not to build Linear4bit
-    keep_fp32: set[str] = field(default_factory=set)  # keys of _keep_in_fp32_modules: never cast by --dtype
+    #: keys of _keep_in_fp32_modules: float32 when the model dtype is float16 (transformers' dtype plan)
+    keep_fp32: set[str] = field(default_factory=set)
     mode: str = "transformers"  # "transformers" or "allowlist"
     #: where transformers' rule was read ("transformers" mode): "live" (a model skeleton), "cache"
     #: (the per-user cache of an earlier live run) or "table" (the shipped table);
     #: converter.plan.selection_table
     via: str = "live"
+    #: keys of _keep_in_fp32_modules_strict: float32 when the model dtype is float16 or bfloat16
+    keep_fp32_strict: set[str] = field(default_factory=set)
 
 
 def transformers_usable() -> bool:
@@ -127,9 +135,14 @@ def select_tensors(
                 "run: pip install 'quantize-model[transformers]'"
             )
             raise SelectionError(msg)
-        return _select_precomputed(config, tensors, skip=skip, include=include) or _select_transformers(
-            config, tensors, skip=skip, include=include
-        )
+        try:
+            return _select_precomputed(config, tensors, skip=skip, include=include) or _select_transformers(
+                config, tensors, skip=skip, include=include
+            )
+        except UnknownModelError:
+            if not include:
+                raise
+            return _select_explicit(tensors, skip=skip, include=include)
     return _select_allowlist(config, tensors, skip=skip, include=include)
 
 
@@ -159,7 +172,15 @@ def _from_facts(
 
     d = decide(facts, tensors, skip=skip, include=include, matcher=matcher)
     quantize = {k: QuantizeSpec(transpose=v) for k, v in d.quantize.items()}
-    return Selection(quantize, d.keep, d.skip_modules, d.keep_fp32, "transformers", via)
+    return Selection(
+        quantize,
+        d.keep,
+        d.skip_modules,
+        d.keep_fp32,
+        "transformers",
+        via,
+        keep_fp32_strict=d.keep_fp32_strict,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +304,7 @@ def build_skeleton(config: dict) -> Any:
             "(quantize-model never runs a repository's own code); upgrade transformers, or name the "
             "weights to quantize with --include"
         )
-        raise SelectionError(msg)
+        raise UnknownModelError(msg)
     cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
     with _quiet_transformers():
         cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
@@ -300,7 +321,7 @@ def build_skeleton(config: dict) -> Any:
                 f"transformers has no model class for model_type '{model_type}'; "
                 "name the weights to quantize with --include"
             )
-            raise SelectionError(msg)
+            raise UnknownModelError(msg)
         try:
             with torch.device("meta"):
                 model = cls(cfg)
@@ -380,4 +401,5 @@ def as_dict(sel: Selection) -> dict[str, Any]:
         "keep": dict(sorted(sel.keep.items())),
         "skip_modules": list(sel.skip_modules),
         "keep_fp32": sorted(sel.keep_fp32),
+        "keep_fp32_strict": sorted(sel.keep_fp32_strict),
     }

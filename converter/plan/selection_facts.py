@@ -17,7 +17,10 @@ Facts per checkpoint key (``KeyFacts``):
   selection_table), and ``late``, a reason that applies only once every other check passed (its
   quantization state would be renamed apart from it on load).
 - ``linear``: the key is the weight of an nn.Linear/Conv1D module (for llm_int8_skip_modules).
-- ``fp32``: the key is kept in float32 by ``_keep_in_fp32_modules`` (--dtype does not cast it).
+- ``fp32``: the key is in ``_keep_in_fp32_modules``: transformers keeps it float32 when the model
+  dtype is float16 (and only then).
+- ``fp32_strict``: the key is in ``_keep_in_fp32_modules_strict``: float32 when the model dtype is
+  float16 or bfloat16.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class KeyFacts:
     shape: tuple[int, ...] | None = None
     linear: bool = False
     fp32: bool = False
+    fp32_strict: bool = False
 
     def to_json(self) -> dict:
         return {
@@ -73,6 +77,7 @@ class KeyFacts:
             shape=tuple(shape) if shape is not None else None,
             linear=bool(d.get("linear", False)),
             fp32=bool(d.get("fp32", False)),
+            fp32_strict=bool(d.get("fp32_strict", False)),
         )
 
 
@@ -215,6 +220,7 @@ class Decision:
     keep: dict[str, str]
     skip_modules: list[str]
     keep_fp32: set[str]
+    keep_fp32_strict: set[str] = field(default_factory=set)
 
 
 def decide(
@@ -232,6 +238,7 @@ def decide(
     quantize: dict[str, bool] = {}
     keep: dict[str, str] = {}
     keep_fp32: set[str] = set()
+    keep_fp32_strict: set[str] = set()
     quantized_modules: set[str] = set()
     linear: set[str] = set(facts.extra_linear)
     for t in tensors:
@@ -240,6 +247,8 @@ def decide(
             linear.add(kf.module)
         if kf.fp32:
             keep_fp32.add(t.name)
+        if kf.fp32_strict:
+            keep_fp32_strict.add(t.name)
         reason = kf.reason
         if reason is None:
             reason = user_reason(skip, include, t.name, module_of(t.name), kf.module) or data_reason(t)
@@ -255,7 +264,7 @@ def decide(
     not_quantized = {n for n in linear if n not in quantized_modules}
     names = sorted(not_quantized | set(facts.defaults))
     skip_modules = skip_list(facts, linear, quantized_modules, names, matcher)
-    return Decision(quantize, keep, skip_modules, keep_fp32 - set(quantize))
+    return Decision(quantize, keep, skip_modules, keep_fp32 - set(quantize), keep_fp32_strict - set(quantize))
 
 
 def skip_list(
@@ -367,8 +376,11 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
 
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     out_emb = model.get_output_embeddings()
-    fp32_patterns = sorted(set(keep_in_fp32) | set(model._keep_in_fp32_modules_strict or ()))
-    fp32_re = build_glob_alternation(fp32_patterns)[0] if fp32_patterns else None
+    # transformers' dtype plan: _keep_in_fp32_modules applies when the model dtype is float16,
+    # _keep_in_fp32_modules_strict when it is float16 or bfloat16 (PreTrainedModel._get_dtype_plan)
+    fp32_re = build_glob_alternation(keep_in_fp32)[0] if keep_in_fp32 else None
+    strict_patterns = sorted(model._keep_in_fp32_modules_strict or ())
+    strict_re = build_glob_alternation(strict_patterns)[0] if strict_patterns else None
 
     def default_reason(name: str, mod: Any) -> str:
         if out_emb is not None and mod is out_emb:
@@ -389,6 +401,7 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
         if renamed not in meta_sd and key in meta_sd:
             renamed, pattern = rename_source_key(key, [], [], prefix, meta_sd)
         fp32 = bool(fp32_re is not None and renamed in meta_sd and fp32_re.search(renamed))
+        fp32_strict = bool(strict_re is not None and renamed in meta_sd and strict_re.search(renamed))
         mod_name, _, pname = renamed.rpartition(".")
         mod = modules.get(mod_name)
         is_linear_weight = renamed in meta_sd and pattern is None and mod_name in linear and pname == "weight"
@@ -412,7 +425,11 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
             reason = "router"
         if reason is not None:
             out[key] = KeyFacts(
-                reason=reason, module=mod_name if is_linear_weight else "", linear=is_linear_weight, fp32=fp32
+                reason=reason,
+                module=mod_name if is_linear_weight else "",
+                linear=is_linear_weight,
+                fp32=fp32,
+                fp32_strict=fp32_strict,
             )
             continue
         late = None
@@ -430,6 +447,7 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
             shape=tuple(meta_sd[renamed].shape),
             linear=True,
             fp32=fp32,
+            fp32_strict=fp32_strict,
         )
     base = getattr(model, prefix, None) if prefix else None
     return ModelFacts(

@@ -30,6 +30,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -39,7 +40,7 @@ from converter.plan.selection_facts import KeyFacts, ModelFacts
 
 TABLE_NAME = "selection_table.json"
 TABLE_FORMAT = 1
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: KeyFacts.fp32 is _keep_in_fp32_modules only, fp32_strict the strict list
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one
@@ -160,7 +161,7 @@ def table_facts(config: dict, keys: Sequence[str], version: str | None) -> Model
         if kf.linear and idx:
             seen.setdefault(kf.module, set()).add(idx)
         if kf.module and idx:
-            kf = KeyFacts(kf.reason, fill(kf.module, idx), kf.transpose, kf.late, None, kf.linear, kf.fp32)
+            kf = replace(kf, module=fill(kf.module, idx), shape=None)
         out[key] = kf
     # every linear weight the bounds call for is there, so llm_int8_skip_modules sees every Linear
     for module, module_bounds in variant["linear_modules"].items():

@@ -216,13 +216,17 @@ def check_quantizable(t: TensorInfo, cast_to: str | None) -> None:
         raise UnsupportedTensorError(msg)
 
 
-def _kept_dtype(t: TensorInfo, cast_to: str | None, keep_fp32: bool) -> str:
-    """Passthrough tensors are cast by --dtype like transformers does: floats only, fp32-kept excepted."""
-    if t.dtype not in FLOAT_DTYPES or cast_to is None:
+def _kept_dtype(t: TensorInfo, cast_to: str | None, fp32: str | None) -> str:
+    """Passthrough tensors are cast by --dtype like transformers does: floats only. ``fp32`` applies
+    transformers' dtype plan (PreTrainedModel._get_dtype_plan) to the dtype the tensor would get:
+    "fp16" (``_keep_in_fp32_modules``) keeps it float32 when that is float16, "strict"
+    (``_keep_in_fp32_modules_strict``) when it is float16 or bfloat16."""
+    if t.dtype not in FLOAT_DTYPES:
         return t.dtype
-    if keep_fp32:
-        return "F32" if t.dtype in ("F64", "F32") else t.dtype
-    return DTYPE_CODES[cast_to]
+    target = DTYPE_CODES[cast_to] if cast_to is not None else t.dtype
+    if (fp32 == "strict" and target in ("F16", "BF16")) or (fp32 == "fp16" and target == "F16"):
+        return "F32"
+    return target
 
 
 def shard_names(n: int) -> list[str]:
@@ -243,11 +247,20 @@ def build_plan(
     """Decide every tensor's fate and cut the output into shards of at most ``max_shard_size`` bytes.
 
     ``selection`` is converter.plan.selection.Selection: ``quantize`` (name -> spec with ``transpose``),
-    ``keep`` (name -> reason), ``skip_modules``, ``keep_fp32``.
+    ``keep`` (name -> reason), ``skip_modules``, ``keep_fp32``, ``keep_fp32_strict``.
     """
     quantize: dict = dict(selection.quantize)  # type: ignore[attr-defined]
     keep: dict = dict(selection.keep)  # type: ignore[attr-defined]
     keep_fp32: set = set(getattr(selection, "keep_fp32", ()) or ())
+    keep_fp32_strict: set = set(getattr(selection, "keep_fp32_strict", ()) or ())
+
+    def fp32_rule(name: str) -> str | None:
+        if name in keep_fp32_strict or _module_of(name) in keep_fp32_strict:
+            return "strict"
+        if name in keep_fp32 or _module_of(name) in keep_fp32:
+            return "fp16"
+        return None
+
     cast_to = options.dtype
     planned: list[PlannedTensor] = []
     for t in tensors:
@@ -268,7 +281,7 @@ def build_plan(
             planned.append(PlannedTensor(t, True, transpose, out_dtype, "", out_bytes))
         else:
             reason = keep.get(t.name, "not a linear weight")
-            dt = _kept_dtype(t, cast_to, t.name in keep_fp32 or _module_of(t.name) in keep_fp32)
+            dt = _kept_dtype(t, cast_to, fp32_rule(t.name))
             nbytes = t.numel * DTYPE_SIZES.get(dt, 1)
             planned.append(PlannedTensor(t, False, False, dt, reason, nbytes))
 

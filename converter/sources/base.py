@@ -143,7 +143,28 @@ EXTRA_FILE_NAMES = frozenset(
         "tokenizer.model",
         "spiece.model",
         "sentencepiece.bpe.model",
+        # other tokenizers' vocabulary files (VOCAB_FILES_NAMES of transformers' tokenizer classes)
+        "spm.model",  # DeBERTa-v2/v3: often the only tokenizer file
+        "sentencepiece.model",
+        "spm_char.model",
+        "source.spm",  # Marian
+        "target.spm",
+        "target_vocab.json",
+        "vocab-src.json",
+        "vocab-tgt.json",
+        "normalizer.json",  # Whisper
+        "bpe.codes",
+        "dict.txt",
+        "entity_vocab.json",
+        "emoji.json",
+        "byte_maps.json",
+        "word_shape.json",
+        "word_pronunciation.json",
+        "prophetnet.tokenizer",
+        "tekken.json",  # Mistral (mistral-common tokenizer)
         "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "audio_tokenizer_config.json",
         "processor_config.json",
         "chat_template.json",
         "chat_template.jinja",
@@ -167,7 +188,9 @@ def is_extra_file(relname: str) -> bool:
         # sentence-transformers pooling folders (1_Pooling/config.json) are tiny and needed.
         top = relname.split("/", 1)[0]
         return top[:1].isdigit() and "_" in top and relname.endswith(".json")
-    return base in EXTRA_FILE_NAMES or base.startswith("LICENSE")
+    # *.py: a repository's own model code (config.json "auto_map"), which transformers needs with
+    # trust_remote_code=True to load the output; copied, never run
+    return base in EXTRA_FILE_NAMES or base.startswith("LICENSE") or base.endswith(".py")
 
 
 def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | None:

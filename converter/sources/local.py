@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from converter.errors import AlreadyQuantizedError, CorruptFileError, PickleOnlyError, SourceNotFoundError
@@ -23,6 +25,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_TMP_PREFIX = "quantize-model-pickle-"
+_OWNER_NAME = ".owner"  # in each pickle temp folder: flocked by the run that made it, while it lives
+_UNOWNED_GRACE_S = 600.0  # a folder without the owner file (older versions) is left alone this long
 
 
 def _load_json(path: Path, display: str) -> dict:
@@ -47,6 +52,7 @@ class LocalSource(Source):
         self.allow_pickle = allow_pickle
         self._pickles: list[str] = []  # pickle weight files converted to safetensors in _tmp
         self._tmp: Path | None = None
+        self._tmp_lock = -1  # descriptor holding the flock on _tmp's owner file
         try:
             if path.is_file():
                 self.root = path.parent
@@ -131,7 +137,7 @@ class LocalSource(Source):
             )
             raise PickleOnlyError(msg)
         self._pickles = names
-        self._tmp = Path(tempfile.mkdtemp(prefix="quantize-model-pickle-"))
+        self._tmp, self._tmp_lock = _make_pickle_dir()
         out = []
         for name in names:
             converted = name.rsplit(".", 1)[0].replace("/", "_") + ".safetensors"
@@ -208,6 +214,62 @@ class LocalSource(Source):
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        if self._tmp_lock >= 0:
+            os.close(self._tmp_lock)
+            self._tmp_lock = -1
+
+
+def _make_pickle_dir() -> tuple[Path, int]:
+    """A temp folder for the safetensors made from pickle weights, and the descriptor of the flock
+    that marks it as in use (held until close(), dropped by the kernel when the process dies).
+
+    A run killed before close() (SIGKILL, the OOM killer, power loss) cannot delete its folder, which
+    holds a full-size copy of the weights; so every new one first deletes the folders whose owner is
+    gone. The owner file is locked before it gets its name, so a folder is never seen unlocked while
+    its run is alive.
+    """
+    import fcntl
+
+    remove_stale_pickle_dirs()
+    tmp = Path(tempfile.mkdtemp(prefix=PICKLE_TMP_PREFIX))
+    fd = os.open(tmp / (_OWNER_NAME + ".new"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(tmp / (_OWNER_NAME + ".new"), tmp / _OWNER_NAME)
+    return tmp, fd
+
+
+def remove_stale_pickle_dirs() -> list[Path]:
+    """Delete this user's pickle temp folders (``PICKLE_TMP_PREFIX`` in the temp dir) whose run has
+    died; returns them. A folder whose owner file is locked belongs to a live run and stays."""
+    import fcntl
+
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(PICKLE_TMP_PREFIX + "*"):
+        try:
+            if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
+                continue
+            fd = os.open(d / _OWNER_NAME, os.O_RDONLY)
+        except FileNotFoundError:
+            # no owner file: a run of an older version, or one between mkdtemp and its lock
+            try:
+                if time.time() - d.stat().st_mtime > _UNOWNED_GRACE_S:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+            except OSError:
+                pass
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # locked: its run is alive
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _pickle_to_safetensors(src: Path, dst: Path) -> None:

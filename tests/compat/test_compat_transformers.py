@@ -311,21 +311,57 @@ def test_allowlist_output_loads_like_transformers_mode(tiny_checkpoint, tmp_path
 
 
 def test_dtype_cast_keeps_fp32_modules(tiny_checkpoint, tmp_path):
-    """--dtype bfloat16 on fp32 T5: _keep_in_fp32_modules ("wo") stay float32, the rest is cast,
+    """--dtype float16 on fp32 T5: _keep_in_fp32_modules ("wo") stay float32, the rest is cast,
     and the folder loads cleanly with Linear4bit where we quantized."""
     src = tiny_checkpoint("t5")
     sel = select_tensors(read_config(src), read_infos(src))
     assert sel.keep_fp32
-    pipeline.convert(str(src), str(tmp_path / "ours"), dtype="bfloat16", progress=False)
+    pipeline.convert(str(src), str(tmp_path / "ours"), dtype="float16", progress=False)
     dtypes = {t.name: t.dtype for t in read_infos(tmp_path / "ours")}
     for k in sel.keep_fp32:
         assert dtypes[k] == "F32", k
-    kept_float = [k for k in sel.keep if k not in sel.keep_fp32 and dtypes[k] in ("F32", "BF16")]
+    kept_float = [k for k in sel.keep if k not in sel.keep_fp32 and dtypes[k] in ("F32", "F16")]
     assert kept_float
-    assert all(dtypes[k] == "BF16" for k in kept_float), {k: dtypes[k] for k in kept_float}
+    assert all(dtypes[k] == "F16" for k in kept_float), {k: dtypes[k] for k in kept_float}
     model, info, messages = _load(tmp_path / "ours")
     _assert_clean_load(info, messages)
     assert linear4bit_modules(model) == quantized_modules(sel)
+
+
+@pytest.mark.parametrize(
+    ("source_dtype", "cast"),
+    [("float16", None), ("bfloat16", "float32"), ("bfloat16", "float16"), ("float16", "bfloat16")],
+)
+def test_keep_in_fp32_modules_follow_transformers_dtype_plan(tmp_path, source_dtype, cast):
+    """transformers keeps _keep_in_fp32_modules (T5's "wo") in float32 only when the model dtype is
+    float16 (_get_dtype_plan; the strict list also for bfloat16): T5 saved in fp16 stores wo in fp32,
+    a --dtype bfloat16 or float32 cast casts wo like every other tensor. Same dtypes and bytes as
+    bitsandbytes' own save_pretrained, and the same logits."""
+    from tiny_models import TINY, tiny_config
+
+    _, arch, _, _ = TINY["t5"]
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    getattr(transformers, arch)(tiny_config("t5")).to(getattr(torch, source_dtype)).save_pretrained(src)
+    pipeline.convert(str(src), str(tmp_path / "ours"), double_quant=False, dtype=cast, progress=False)
+    qc = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=getattr(torch, cast or source_dtype),
+        llm_int8_skip_modules=read_config(tmp_path / "ours")["quantization_config"]["llm_int8_skip_modules"],
+    )
+    kwargs = {"dtype": getattr(torch, cast)} if cast else {}
+    ref, _, _ = _load(src, quantization_config=qc, **kwargs)
+    ref.save_pretrained(tmp_path / "bnb")
+    ours_t, ref_t = read_tensors(tmp_path / "ours"), read_tensors(tmp_path / "bnb")
+    wo = [k for k in ref_t if k.endswith("DenseReluDense.wo.weight")]
+    assert len(wo) == 4
+    assert {k: ours_t[k].dtype for k in ref_t} == {k: ref_t[k].dtype for k in ref_t}
+    assert all(torch.equal(ours_t[k], ref_t[k]) for k in ref_t)
+    ours, info, messages = _load(tmp_path / "ours")
+    _assert_clean_load(info, messages)
+    ref, _, _ = _load(tmp_path / "bnb")
+    assert torch.equal(_outputs(ours, "t5"), _outputs(ref, "t5"))
 
 
 def test_rows_of_partial_blocks_get_the_bitsandbytes_cpu_advice(tiny_checkpoint, tmp_path) -> None:
@@ -350,5 +386,51 @@ def test_rows_of_partial_blocks_get_the_bitsandbytes_cpu_advice(tiny_checkpoint,
     convert(src, tmp_path / "b32", progress=False, blocksize=32, warn=messages.append)
     assert messages == []
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b32", device_map="cpu")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_repository_code_model_converts_with_include(tiny_checkpoint, tmp_path):
+    """A model transformers does not have (its config names repository code in auto_map) cannot be
+    decided by transformers' rule: the error says to name the weights with --include, and with
+    --include it converts; the repository's .py files are copied (never run), so transformers loads
+    the output with trust_remote_code=True, Linear4bit exactly where we quantized."""
+    import shutil
+
+    from converter.plan.selection import SelectionError
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("llama"), src)
+    (src / "configuration_my.py").write_text(
+        "from transformers import LlamaConfig\n\n\n"
+        "class MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
+    )
+    (src / "modeling_my.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_my import MyConfig\n\n\n"
+        "class MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
+    )
+    config = read_config(src)
+    config.update(
+        model_type="my_llama",
+        architectures=["MyForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.MyForCausalLM",
+        },
+    )
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SelectionError, match="name the weights to quantize with --include"):
+        pipeline.convert(str(src), str(tmp_path / "refused"), progress=False)
+    pipeline.convert(str(src), str(tmp_path / "ours"), include=["*_proj"], blocksize=32, progress=False)
+    assert (tmp_path / "ours" / "modeling_my.py").read_bytes() == (src / "modeling_my.py").read_bytes()
+    assert (tmp_path / "ours" / "configuration_my.py").is_file()
+    infos = read_infos(tmp_path / "ours")
+    quantized = {t.name.removesuffix(".weight.absmax") for t in infos if t.name.endswith(".absmax")}
+    assert len(quantized) == 14
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ours", trust_remote_code=True, device_map="cpu"
+    )
+    assert type(model).__name__ == "MyForCausalLM"
+    assert linear4bit_modules(model) == quantized
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -209,6 +209,50 @@ def test_allow_pickle_reads_weights_only_and_cleans_up(tiny_llama: Path, tmp_pat
     assert not path.exists()
 
 
+def test_pickle_temp_folder_of_a_killed_run_is_removed_by_the_next(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temp safetensors made from pickle weights are a full-size copy of the checkpoint. A run
+    SIGKILLed (or OOM-killed) before close() cannot delete them; the next --allow-pickle run does,
+    and leaves the folder of a run still alive alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny_llama / "config.json", folder / "config.json")
+    torch.save(load_file(tiny_llama / "model.safetensors"), folder / "pytorch_model.bin")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    child = (
+        "import os, signal, sys\n"
+        "from converter.sources import open_source\n"
+        "src = open_source(sys.argv[1], allow_pickle=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.run([sys.executable, "-c", child, str(folder)], env=env, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    (stale,) = tmp.glob("quantize-model-pickle-*")
+    assert (stale / "pytorch_model.safetensors").is_file()
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    live = open_source(folder, allow_pickle=True)
+    assert not stale.exists()
+    (live_dir,) = tmp.glob("quantize-model-pickle-*")
+    other = open_source(folder, allow_pickle=True)  # the live run's folder stays
+    assert live_dir.exists()
+    assert len(list(tmp.glob("quantize-model-pickle-*"))) == 2
+    other.close()
+    live.close()
+    assert list(tmp.glob("quantize-model-pickle-*")) == []
+
+
 def test_pickle_that_is_not_weights_only(tmp_path: Path) -> None:
     import pickle
 
@@ -229,3 +273,49 @@ def test_sparse_header_only_file_is_readable(tmp_path: Path) -> None:
     )
     (t,) = open_source(tmp_path).tensors()
     assert t.numel == n
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "spm.model",  # DeBERTa-v2/v3 (no tokenizer.json on the Hub)
+        "normalizer.json",  # Whisper
+        "source.spm",  # Marian
+        "target.spm",
+        "tekken.json",  # Mistral
+        "video_preprocessor_config.json",  # Qwen2-VL and other video processors
+        "sentencepiece.bpe.model",
+        "modeling_custom.py",  # repository code named by auto_map
+    ],
+)
+def test_tokenizer_and_processor_files_are_copied(name: str) -> None:
+    """Every file transformers' tokenizers and processors read is copied beside the shards."""
+    from converter.sources.base import is_extra_file
+
+    assert is_extra_file(name)
+
+
+def test_every_transformers_tokenizer_vocabulary_file_is_copied() -> None:
+    """The file names of every tokenizer class transformers has (VOCAB_FILES_NAMES)."""
+    import importlib
+    import pkgutil
+
+    import transformers.models
+
+    from converter.sources.base import is_extra_file
+
+    names: set[str] = set()
+    for info in pkgutil.iter_modules(transformers.models.__path__):
+        pkg = f"transformers.models.{info.name}"
+        spec = importlib.util.find_spec(pkg)
+        for mod in pkgutil.iter_modules(spec.submodule_search_locations or []):
+            if mod.name.startswith("tokenization_") and not mod.name.endswith("_fast"):
+                try:
+                    module = importlib.import_module(f"{pkg}.{mod.name}")
+                except Exception:  # an optional dependency it needs is not installed
+                    continue
+                vocab = getattr(module, "VOCAB_FILES_NAMES", None)
+                if isinstance(vocab, dict):
+                    names |= {v for v in vocab.values() if isinstance(v, str)}
+    assert len(names) > 10
+    assert sorted(n for n in names if not is_extra_file(n)) == []

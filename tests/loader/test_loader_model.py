@@ -240,3 +240,34 @@ def test_save_pretrained_round_trip(bnb_nf4: Path, tmp_path: Path) -> None:
     assert all(torch.equal(original[k], resaved[k]) for k in original)
     theirs = _bnb_reference(tmp_path / "resaved")
     assert _quantized_names(theirs, bnb.nn.Linear4bit) == _quantized_names(model, Linear4bit)
+
+
+def test_trust_remote_code_builds_the_repository_model_class(our_folder: Path, tmp_path: Path) -> None:
+    """A folder whose config names repository code (auto_map, the .py files copied by convert):
+    trust_remote_code=True builds that class, as transformers does; same logits as the built-in class
+    on the same shards. Without it, the code is never run."""
+    folder = tmp_path / "remote"
+    shutil.copytree(our_folder, folder)
+    (folder / "configuration_my.py").write_text(
+        "from transformers import LlamaConfig\n\n\n"
+        "class MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
+    )
+    (folder / "modeling_my.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_my import MyConfig\n\n\n"
+        "class MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="my_llama",
+        architectures=["MyForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.MyForCausalLM",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    model = load_quantized(folder, device="cpu", trust_remote_code=True)
+    assert type(model).__name__ == "MyForCausalLM"
+    assert torch.equal(_logits(model), _logits(load_quantized(our_folder, device="cpu")))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_quantized(folder, device="cpu")

@@ -236,3 +236,26 @@ def test_should_convert_module_is_transformers_own():
     # transformers 5.17's prefix matcher: "layers.1" also caught "layers.11"
     assert not should_convert_module_prefix("model.layers.11.mlp", ["model.layers.1"])
     assert should_convert_module("model.layers.11.mlp", ["model.layers.1"])
+
+
+@needs_current
+@pytest.mark.parametrize("cast", [None, "float16", "bfloat16"])
+def test_keep_in_fp32_strict_is_apart_from_keep_in_fp32(cast):
+    """DeepSeek-V3 keeps its router in float32 by _keep_in_fp32_modules_strict (for float16 and
+    bfloat16 models), T5 its "wo" by _keep_in_fp32_modules (float16 only): the table, the live rule
+    and the plan tell them apart."""
+    from converter.plan.tensor_plan import Options, build_plan
+
+    config = _config("DeepseekV3ForCausalLM")
+    tensors = _checkpoint(config)
+    live = select_tensors(config, tensors, use_transformers=True)
+    table = selection_table.table_facts(config, [t.name for t in tensors], transformers.__version__)
+    assert table is not None
+    gates = {t.name for t in tensors if t.name.endswith("mlp.gate.weight")}
+    assert gates
+    assert gates <= live.keep_fp32_strict
+    assert not live.keep_fp32
+    assert decide(table, tensors, skip=(), include=()).keep_fp32_strict == live.keep_fp32_strict
+    plan = build_plan(tensors, live, Options(dtype=cast), config=config, source_identity={})
+    dtypes = {p.info.name: p.out_dtype for p in plan.tensors}
+    assert {dtypes[g] for g in gates} == {"F32"}  # the checkpoint is bf16: fp32 whatever the cast
