@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -63,11 +63,16 @@ class QuantizedTensor:
     quant_map: torch.Tensor  # float32 [16]: the stored 4-bit table
     nested: NestedAbsmax | None = None
     quant_storage: str = "uint8"  # dtype the packed bytes are viewed as (same bytes)
+    # Set by from_checked_group: the keys, dtypes, shapes and quant state were checked against the shard
+    # header already (and dataclasses.replace with moved tensors keeps it); checking 18 k expert
+    # records a second time was a second of a MoE load.
+    prechecked: bool = field(default=False, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         shape = tuple(int(d) for d in self.shape)
         object.__setattr__(self, "shape", shape)
-        check_quant_options(_RECORD, self.name, shape, self.dtype, self.blocksize, self.quant_storage)
+        if not self.prechecked:
+            check_quant_options(_RECORD, self.name, shape, self.dtype, self.blocksize, self.quant_storage)
         packed = self.packed
         storage = TORCH_DTYPES[STORAGE_CODES[self.quant_storage]]
         if packed.dtype == torch.uint8 and storage != torch.uint8:
@@ -75,6 +80,8 @@ class QuantizedTensor:
         if packed.dtype == storage:
             packed = packed.reshape(-1, 1)
         object.__setattr__(self, "packed", packed)
+        if self.prechecked:
+            return
         if self.nested is not None:
             offset = float(np.float32(self.nested.offset))
             if offset != self.nested.offset and not math.isnan(offset):
@@ -255,4 +262,5 @@ class QuantizedTensor:
             tensors[f"{name}.quant_map"],
             nested,
             storage,
+            prechecked=True,
         )
