@@ -170,3 +170,27 @@ def load_logged(folder: Path, **kwargs: Any) -> tuple[Any, dict, list[str]]:
     finally:
         hf_logger.removeHandler(handler)
     return model.eval(), info, handler.messages
+
+
+def add_repository_code(folder: Path) -> None:
+    """Make the Llama checkpoint in ``folder`` one whose config names repository code (``auto_map``):
+    a config and model subclass in ``configuration_my.py`` / ``modeling_my.py``, as custom-code models
+    ship them."""
+    (folder / "configuration_my.py").write_text(
+        "from transformers import LlamaConfig\n\n\n"
+        "class MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
+    )
+    (folder / "modeling_my.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_my import MyConfig\n\n\n"
+        "class MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="my_llama",
+        architectures=["MyForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.MyForCausalLM",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))

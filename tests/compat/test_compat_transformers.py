@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 from tiny_models import (
+    add_repository_code,
     linear4bit_modules,
     load_logged,
     quantized_modules,
@@ -401,24 +402,7 @@ def test_repository_code_model_converts_with_include(tiny_checkpoint, tmp_path):
 
     src = tmp_path / "src"
     shutil.copytree(tiny_checkpoint("llama"), src)
-    (src / "configuration_my.py").write_text(
-        "from transformers import LlamaConfig\n\n\n"
-        "class MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
-    )
-    (src / "modeling_my.py").write_text(
-        "from transformers import LlamaForCausalLM\n\nfrom .configuration_my import MyConfig\n\n\n"
-        "class MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
-    )
-    config = read_config(src)
-    config.update(
-        model_type="my_llama",
-        architectures=["MyForCausalLM"],
-        auto_map={
-            "AutoConfig": "configuration_my.MyConfig",
-            "AutoModelForCausalLM": "modeling_my.MyForCausalLM",
-        },
-    )
-    (src / "config.json").write_text(json.dumps(config))
+    add_repository_code(src)
     with pytest.raises(SelectionError, match="name the weights to quantize with --include"):
         pipeline.convert(str(src), str(tmp_path / "refused"), progress=False)
     pipeline.convert(str(src), str(tmp_path / "ours"), include=["*_proj"], blocksize=32, progress=False)

@@ -15,6 +15,7 @@ import torch
 from error_bounds import worst_ratio
 from loader_helpers import bnb_load, bnb_quantize_folder, gemv_bound, linear4bit_outputs, make_layer
 from safetensors.torch import save_file
+from tiny_models import add_repository_code
 from torch import nn
 
 from converter.loader.model import ModelBuildError, linear4bit_modules, load_quantized
@@ -248,24 +249,7 @@ def test_trust_remote_code_builds_the_repository_model_class(our_folder: Path, t
     on the same shards. Without it, the code is never run."""
     folder = tmp_path / "remote"
     shutil.copytree(our_folder, folder)
-    (folder / "configuration_my.py").write_text(
-        "from transformers import LlamaConfig\n\n\n"
-        "class MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
-    )
-    (folder / "modeling_my.py").write_text(
-        "from transformers import LlamaForCausalLM\n\nfrom .configuration_my import MyConfig\n\n\n"
-        "class MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
-    )
-    config = json.loads((folder / "config.json").read_text())
-    config.update(
-        model_type="my_llama",
-        architectures=["MyForCausalLM"],
-        auto_map={
-            "AutoConfig": "configuration_my.MyConfig",
-            "AutoModelForCausalLM": "modeling_my.MyForCausalLM",
-        },
-    )
-    (folder / "config.json").write_text(json.dumps(config))
+    add_repository_code(folder)
     model = load_quantized(folder, device="cpu", trust_remote_code=True)
     assert type(model).__name__ == "MyForCausalLM"
     assert torch.equal(_logits(model), _logits(load_quantized(our_folder, device="cpu")))
