@@ -648,9 +648,8 @@ def attach_experts(
             model.set_submodule(name, layer)
             # Release this layer's per-expert tensors now: on a streamed GPU load they are device
             # tensors, and holding every layer's until the end doubled the experts' peak memory.
-            for parts in experts.values():
-                for key, _ in parts.values():
-                    state[key] = None
+            # (a comprehension: loop variables left behind would keep the last expert alive)
+            state.update(dict.fromkeys([k for parts in experts.values() for k, _ in parts.values()]))
             experts.clear()
         else:
             want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}

@@ -305,3 +305,30 @@ def test_stacked_absmax_equals_each_records_decoded_absmax(tmp_path, nested):
                 assert torch.equal(m.absmax[e, ao : ao + want.numel()], want)
                 checked += 1
     assert checked >= 3 * 2 * 4
+
+
+def test_each_layers_expert_records_are_released_once_stacked(tmp_path, monkeypatch):
+    """attach_experts drops a layer's per-expert records before it stacks the next layer: on a streamed
+    GPU load they are device tensors, and keeping all of them to the end doubled the experts' memory."""
+    import weakref
+
+    from converter.loader import moe as moe_module
+    from converter.loader.model import build_skeleton
+    from converter.loader.state import load_quantized_state
+
+    src = make_moe("qwen3_moe", tmp_path / "src")
+    convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
+    state = load_quantized_state(tmp_path / "q")
+    real = moe_module.stack_records
+    earlier: list[weakref.ref] = []
+    alive_at_each_call: list[int] = []
+
+    def stack(experts, *args, **kwargs):
+        alive_at_each_call.append(sum(ref() is not None for ref in earlier))
+        earlier.extend(weakref.ref(rec) for parts in experts.values() for _, rec in parts.values())
+        return real(experts, *args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "stack_records", stack)
+    build_skeleton(tmp_path / "q", state, torch.bfloat16)
+    assert len(alive_at_each_call) >= 2
+    assert alive_at_each_call == [0] * len(alive_at_each_call)
