@@ -154,7 +154,10 @@ def build_skeleton(
         raise ModelBuildError(msg)
     raw_config = read_config(folder) or {}
     qc = raw_config.get("quantization_config")
-    compute_dtype = compute_dtype_from_config(folder, state) or dtype
+    compute_dtype = compute_dtype_from_config(folder, state)
+    records = [v for v in state.values() if not isinstance(v, torch.Tensor)]
+    if compute_dtype is None and not (records and for_record(records[0]).name == "int8"):
+        compute_dtype = dtype  # LLM.int8 layers keep None: they compute in the input's dtype
 
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):

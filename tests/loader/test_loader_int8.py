@@ -150,6 +150,20 @@ def test_half_and_to_never_cast_codes_or_scb() -> None:
     assert ours.state.CB.data_ptr() == ours.codes.data_ptr()
 
 
+def test_loaded_int8_layers_compute_in_the_input_dtype(int8_folder: Path) -> None:
+    """LLM.int8 has no compute dtype: after ``.float()`` a model loaded in bf16 runs its int8 matmuls
+    in float32 (W in x's dtype), not with the activations rounded to bf16."""
+    model = load_quantized(int8_folder, dtype=torch.bfloat16).float()
+    layer = next(iter(_int8_layers(model).values()))
+    assert layer.compute_dtype is None
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = layer(x)
+    ref = torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_custom_ops_have_fake_kernels() -> None:
     codes, scb = kernels_int8.quantize_int8(torch.randn(16, 40))
     x = torch.randn(2, 40)
