@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,12 +45,17 @@ class ModelBuildError(InputError):
 
 @contextlib.contextmanager
 def _params_on_meta() -> Iterator[None]:
-    """Parameters are created on the meta device, buffers for real (accelerate's init_empty_weights)."""
+    """Parameters are created on the meta device, buffers for real (accelerate's init_empty_weights).
+
+    The hook is process-wide but acts only in the calling thread: another thread registering a
+    parameter meanwhile (``tie_weights`` of a model loaded beside this one, a module built by the
+    application) keeps its real tensor."""
     original = nn.Module.register_parameter
+    owner = threading.get_ident()
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
-        if param is not None and param.device.type != "meta":
+        if param is not None and param.device.type != "meta" and threading.get_ident() == owner:
             p = module._parameters[name]
             module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 

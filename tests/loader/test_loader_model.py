@@ -240,3 +240,22 @@ def test_save_pretrained_round_trip(bnb_nf4: Path, tmp_path: Path) -> None:
     assert all(torch.equal(original[k], resaved[k]) for k in original)
     theirs = _bnb_reference(tmp_path / "resaved")
     assert _quantized_names(theirs, bnb.nn.Linear4bit) == _quantized_names(model, Linear4bit)
+
+
+def test_meta_parameter_hook_leaves_other_threads_alone() -> None:
+    """While one thread builds a model skeleton (parameters on meta), a parameter another thread
+    registers (a model loaded beside it tying its weights, a module the application builds) stays real:
+    two loads of tied-embedding models in threads failed with "no tensor for lm_head.weight"."""
+    import threading
+
+    from converter.loader.model import _params_on_meta
+
+    built: dict[str, nn.Module] = {}
+    with _params_on_meta():
+        built["here"] = nn.Linear(4, 3)
+        worker = threading.Thread(target=lambda: built.__setitem__("there", nn.Linear(4, 3)))
+        worker.start()
+        worker.join()
+    assert built["here"].weight.device.type == "meta"
+    assert built["there"].weight.device.type == "cpu"
+    assert built["there"].bias.device.type == "cpu"
