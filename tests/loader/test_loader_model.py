@@ -151,6 +151,15 @@ def test_replace_linear_layers_on_any_module(tmp_path: Path) -> None:
         CheckpointMismatchError, match=r"'encoder\.proj\.weight' has shape \[32, 64\].*\[32, 65\]"
     ):
         replace_linear_layers(wrong, tmp_path)
+    # The checkpoint's bias on a module built without one: refused before anything is swapped (it was
+    # dropped without a word, so the layer silently computed x @ W.T alone).
+    no_bias = nn.Sequential()
+    no_bias.add_module("encoder", nn.Module())
+    no_bias.encoder.add_module("proj", nn.Linear(64, 32, bias=False))
+    no_bias.add_module("head", nn.Linear(32, 8, bias=False))
+    with pytest.raises(CheckpointMismatchError, match=r"'encoder\.proj\.bias' is in the checkpoint"):
+        replace_linear_layers(no_bias, tmp_path)
+    assert type(no_bias.head) is nn.Linear
 
 
 def test_state_api_and_replace_work_without_transformers(our_folder: Path, tmp_path: Path) -> None:
