@@ -451,12 +451,15 @@ def _find_int8(
             continue
         info = check_int8_group(file, base, present, read)
         groups[base] = QuantGroup(base, info, "int8", keys)
-    if not complete:  # a weight_format whose SCB is in another shard: a piece of a split group
-        for key in entries:
-            prefix, dot, suffix = key.rpartition(".")
-            if dot and suffix == WEIGHT_FORMAT_SUFFIX and f"{prefix}.{SCB_SUFFIX}" not in entries:
-                base = f"{prefix}.weight"
+    for key in entries:  # a weight_format without its SCB
+        prefix, dot, suffix = key.rpartition(".")
+        if dot and suffix == WEIGHT_FORMAT_SUFFIX and f"{prefix}.{SCB_SUFFIX}" not in entries:
+            base = f"{prefix}.weight"
+            if not complete:  # the SCB may be in another shard: a piece of a split group
                 partial[base] = tuple(k for k in (base, key) if k in entries)
+            elif base in entries:  # else the int8 codes would load as a float weight
+                msg = f"{file}: tensor {base!r}: has {key!r} but no '{prefix}.{SCB_SUFFIX}' key"
+                raise MissingQuantComponent(msg)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,12 +45,17 @@ class ModelBuildError(InputError):
 
 @contextlib.contextmanager
 def _params_on_meta() -> Iterator[None]:
-    """Parameters are created on the meta device, buffers for real (accelerate's init_empty_weights)."""
+    """Parameters are created on the meta device, buffers for real (accelerate's init_empty_weights).
+
+    The hook is process-wide but acts only in the calling thread: another thread registering a
+    parameter meanwhile (``tie_weights`` of a model loaded beside this one, a module built by the
+    application) keeps its real tensor."""
     original = nn.Module.register_parameter
+    owner = threading.get_ident()
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
-        if param is not None and param.device.type != "meta":
+        if param is not None and param.device.type != "meta" and threading.get_ident() == owner:
             p = module._parameters[name]
             module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 
@@ -165,7 +171,10 @@ def build_skeleton(
         raise ModelBuildError(msg)
     raw_config = read_config(folder) or {}
     qc = raw_config.get("quantization_config")
-    compute_dtype = compute_dtype_from_config(folder, state) or dtype
+    compute_dtype = compute_dtype_from_config(folder, state)
+    records = [v for v in state.values() if not isinstance(v, torch.Tensor)]
+    if compute_dtype is None and not (records and for_record(records[0]).name == "int8"):
+        compute_dtype = dtype  # LLM.int8 layers keep None: they compute in the input's dtype
 
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):

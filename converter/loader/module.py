@@ -51,7 +51,7 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     """torch dtype from "bfloat16" / "torch.float16" / a torch dtype."""
     if isinstance(name, torch.dtype):
         return name
-    key = name.removeprefix("torch.")
+    key = name.removeprefix("torch.") if isinstance(name, str) else None
     if key not in _DTYPES:
         msg = f"unsupported dtype {name!r}: expected one of {', '.join(_DTYPES)}"
         raise ValueError(msg)

@@ -119,11 +119,17 @@ def _forward(x, codes, scb, bias, allow_gemv):
 
 
 class _Linear8bitFunction(torch.autograd.Function):
-    """y = x @ W.T + b with W decoded on the fly (never saved for backward); grad_x = grad_y @ W."""
+    """y = x @ W.T + b with W decoded on the fly (never saved for backward); grad_x = grad_y @ W.
+
+    With ``exact_threshold`` set, y is :func:`exact_linear`'s (bitsandbytes' int8 x int8 math, whose
+    rounding steps have no useful derivative) and the gradients are still those of x @ W.T + b, as
+    bitsandbytes' ``MatMul8bitLt.backward`` gives them."""
 
     @staticmethod
-    def forward(ctx, x, codes, scb, bias, allow_gemv):
+    def forward(ctx, x, codes, scb, bias, allow_gemv, exact_threshold=None):
         ctx.save_for_backward(codes, scb)
+        if exact_threshold is not None:
+            return exact_linear(x, codes, scb, bias, exact_threshold)
         return _forward(x, codes, scb, bias, allow_gemv)
 
     @staticmethod
@@ -134,7 +140,7 @@ class _Linear8bitFunction(torch.autograd.Function):
             grad_x = grad_y @ int8_ops.dequantize(codes, scb, grad_y.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-        return grad_x, None, None, grad_bias, None
+        return grad_x, None, None, grad_bias, None, None
 
 
 class QuantLinear8bit(nn.Module):
@@ -224,10 +230,14 @@ class QuantLinear8bit(nn.Module):
         inp_dtype = x.dtype
         x = x.to(self.compute_dtype or inp_dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if self.exact:
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        if self.exact and not needs_grad:
             return exact_linear(x, self.codes, self.scb, bias, self.threshold).to(inp_dtype)
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            y = _Linear8bitFunction.apply(x, self.codes, self.scb, bias, self.use_gemv)
+        if needs_grad:
+            exact = self.threshold if self.exact else None
+            y = _Linear8bitFunction.apply(x, self.codes, self.scb, bias, self.use_gemv, exact)
         else:
             y = _forward(x, self.codes, self.scb, bias, self.use_gemv)
         return y.to(inp_dtype)

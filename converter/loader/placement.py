@@ -168,12 +168,18 @@ def plan_device_map(
         if device_map == "sequential":
             budget = get_max_memory(dict(memory) if memory is not None else None)
         else:
+            # accelerate's get_balanced_memory calls torch.device() on every key and fails on "disk"
+            # (a RuntimeError): balance the other devices, then give the disk entry back
+            # (infer_auto_device_map never limits the disk).
+            rest = {k: v for k, v in memory.items() if k != "disk"} if memory is not None else None
             budget = get_balanced_memory(
                 proxy,
-                max_memory=dict(memory) if memory is not None else None,
+                max_memory=rest,
                 no_split_module_classes=no_split,
                 low_zero=device_map == "balanced_low_0",
             )
+            if memory is not None and "disk" in memory:
+                budget = {**budget, "disk": get_max_memory({"disk": memory["disk"]})["disk"]}
         return infer_auto_device_map(proxy, max_memory=budget, no_split_module_classes=no_split)
     except ValueError as exc:  # accelerate's messages name the bad device / size
         msg = f"device_map={device_map!r}, max_memory={max_memory!r}: {exc}"

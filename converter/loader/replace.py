@@ -101,6 +101,8 @@ def swap_layers(
             problems.append(
                 f"{record.name!r} has shape {list(record.shape)}, the module expects {list(_out_in(module))}"
             )
+        elif getattr(module, "bias", None) is None and f"{name}.bias" in state:  # else silently dropped
+            problems.append(f"{name + '.bias'!r} is in the checkpoint but module {name!r} has no bias")
     if problems:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         msg = f"{where}: {len(problems)} quantized weight(s) do not fit the model: {shown}"

@@ -43,6 +43,7 @@ def test_bnb_made_shard_reads_as_int8_records(tmp_path: Path) -> None:
         (lambda t: t.update({"m.SCB": torch.zeros(5)}), QuantLayoutMismatch, "'m.SCB': expected F32 \\[6\\]"),
         (lambda t: t.update({"m.weight": t["m.weight"].float()}), QuantLayoutMismatch, "must be I8"),
         (lambda t: t.pop("m.weight"), MissingQuantComponent, "int8 weight missing"),
+        (lambda t: t.pop("m.SCB"), MissingQuantComponent, r"has 'm\.weight_format' but no 'm\.SCB'"),
         (lambda t: t.update({"m.weight_format": torch.tensor(2, dtype=torch.uint8)}),
          UnexpectedQuantComponent, "tiled layout"),
         (lambda t: t.update({"m.weight_format": torch.zeros(1, dtype=torch.uint8)}), QuantLayoutMismatch,
@@ -93,3 +94,14 @@ def test_weight_format_in_the_next_shard_joins_its_group(tmp_path: Path) -> None
     assert sorted(records) == ["m.bias", "m.weight"]
     assert isinstance(records["m.weight"], Int8Tensor)
     assert records["m.weight"].has_weight_format
+
+
+def test_missing_scb_in_a_split_checkpoint_is_refused(tmp_path: Path) -> None:
+    """An int8 weight whose SCB is in no shard must not load as a plain (float) weight."""
+    t = _bnb_keys("m")
+    save_file({"m.weight": t["m.weight"]}, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    save_file(
+        {"m.weight_format": t["m.weight_format"]}, tmp_path / "b.safetensors", metadata={"format": "pt"}
+    )
+    with pytest.raises(MissingQuantComponent, match=r"no 'm\.SCB'"):
+        open_checkpoint([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]).records()

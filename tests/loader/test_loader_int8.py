@@ -126,6 +126,25 @@ def test_backward_reaches_the_input_only() -> None:
     assert not any(p.requires_grad for p in ours.parameters())
 
 
+@pytest.mark.parametrize("scale", [1.0, 10.0])  # without / with outlier columns (threshold 6)
+def test_exact_path_gives_the_linear_gradients(scale: float) -> None:
+    """exact=True keeps bnb's forward bits and gives grad_x = grad_y @ W, grad_b = sum(grad_y) (bnb's
+    MatMul8bitLt.backward); it used to differentiate through the activations' absmax scale instead."""
+    ours, _ = _layer()
+    ours.exact = True
+    ours.bias.requires_grad_(True)
+    x = torch.randn(4, 80, generator=torch.Generator().manual_seed(1)) * scale
+    with torch.no_grad():
+        want = ours(x)
+    x.requires_grad_(True)
+    y = ours(x)
+    assert torch.equal(y, want)
+    grad_y = torch.randn(4, 48, generator=torch.Generator().manual_seed(2))
+    y.backward(grad_y)
+    torch.testing.assert_close(x.grad, grad_y @ ours.dequantize(torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(ours.bias.grad, grad_y.sum(0).to(ours.bias.dtype), rtol=0, atol=0)
+
+
 def test_state_dict_is_bitsandbytes_layout_and_round_trips() -> None:
     ours, ref = _layer()
     sd, ref_sd = ours.state_dict(), ref.state_dict()
@@ -148,6 +167,20 @@ def test_half_and_to_never_cast_codes_or_scb() -> None:
     assert ours.scb.dtype == torch.float32
     assert ours.bias.dtype == torch.float16
     assert ours.state.CB.data_ptr() == ours.codes.data_ptr()
+
+
+def test_loaded_int8_layers_compute_in_the_input_dtype(int8_folder: Path) -> None:
+    """LLM.int8 has no compute dtype: after ``.float()`` a model loaded in bf16 runs its int8 matmuls
+    in float32 (W in x's dtype), not with the activations rounded to bf16."""
+    model = load_quantized(int8_folder, dtype=torch.bfloat16).float()
+    layer = next(iter(_int8_layers(model).values()))
+    assert layer.compute_dtype is None
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = layer(x)
+    ref = torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_custom_ops_have_fake_kernels() -> None:

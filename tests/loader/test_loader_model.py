@@ -152,6 +152,15 @@ def test_replace_linear_layers_on_any_module(tmp_path: Path) -> None:
         CheckpointMismatchError, match=r"'encoder\.proj\.weight' has shape \[32, 64\].*\[32, 65\]"
     ):
         replace_linear_layers(wrong, tmp_path)
+    # The checkpoint's bias on a module built without one: refused before anything is swapped (it was
+    # dropped without a word, so the layer silently computed x @ W.T alone).
+    no_bias = nn.Sequential()
+    no_bias.add_module("encoder", nn.Module())
+    no_bias.encoder.add_module("proj", nn.Linear(64, 32, bias=False))
+    no_bias.add_module("head", nn.Linear(32, 8, bias=False))
+    with pytest.raises(CheckpointMismatchError, match=r"'encoder\.proj\.bias' is in the checkpoint"):
+        replace_linear_layers(no_bias, tmp_path)
+    assert type(no_bias.head) is nn.Linear
 
 
 def test_state_api_and_replace_work_without_transformers(our_folder: Path, tmp_path: Path) -> None:
@@ -255,3 +264,22 @@ def test_trust_remote_code_builds_the_repository_model_class(our_folder: Path, t
     assert torch.equal(_logits(model), _logits(load_quantized(our_folder, device="cpu")))
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_quantized(folder, device="cpu")
+
+
+def test_meta_parameter_hook_leaves_other_threads_alone() -> None:
+    """While one thread builds a model skeleton (parameters on meta), a parameter another thread
+    registers (a model loaded beside it tying its weights, a module the application builds) stays real:
+    two loads of tied-embedding models in threads failed with "no tensor for lm_head.weight"."""
+    import threading
+
+    from converter.loader.model import _params_on_meta
+
+    built: dict[str, nn.Module] = {}
+    with _params_on_meta():
+        built["here"] = nn.Linear(4, 3)
+        worker = threading.Thread(target=lambda: built.__setitem__("there", nn.Linear(4, 3)))
+        worker.start()
+        worker.join()
+    assert built["here"].weight.device.type == "meta"
+    assert built["there"].weight.device.type == "cpu"
+    assert built["there"].bias.device.type == "cpu"

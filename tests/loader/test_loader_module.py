@@ -10,7 +10,7 @@ from error_bounds import dot_bound, gamma, worst_ratio
 from loader_helpers import gemv_bound, linear_bound, make_layer, reference_weight
 
 from converter import _kernels
-from converter.loader.module import Linear4bit
+from converter.loader.module import Linear4bit, dtype_from_name
 from formats.quant_types import BLOCKSIZES
 
 # (out, in): in a multiple of every blocksize up to 4096, in not a multiple (blocks cross rows), odd sizes.
@@ -200,3 +200,12 @@ def test_subclass_of_bnb_linear4bit_and_bnb_dequantize_agrees() -> None:
     w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert torch.equal(w.view(torch.int16), layer.dequantize().view(torch.int16))
     assert torch.equal(w.view(torch.int16), record.dequantize().view(torch.int16))
+
+
+@pytest.mark.parametrize("bad", [None, "bf16", "auto", 16])
+def test_dtype_from_name_refuses_what_it_cannot_name(bad) -> None:
+    """``load_quantized(..., dtype=None)`` (transformers' habit) is a ValueError naming the choices, not
+    an AttributeError from inside the parser."""
+    with pytest.raises(ValueError, match="expected one of float32, float16, bfloat16"):
+        dtype_from_name(bad)
+    assert dtype_from_name("torch.float16") is torch.float16

@@ -107,6 +107,15 @@ def test_max_memory_forces_a_cpu_disk_split(our_folder: Path, reference) -> None
     assert torch.equal(_greedy(model), reference[1])
 
 
+@pytest.mark.parametrize("strategy", ["auto", "balanced", "balanced_low_0", "sequential"])
+def test_max_memory_may_name_the_disk(our_folder: Path, strategy: str) -> None:
+    """A "disk" entry (accelerate's max_memory key, and one our errors suggest) plans as without it;
+    the balanced strategies failed with torch's RuntimeError "Expected one of cpu, cuda, ... disk"."""
+    model = load_quantized(our_folder, device_map=strategy, max_memory={"cpu": "70kB", "disk": "1GB"})
+    assert model.hf_device_map == plan_device_map(model, strategy, {"cpu": "70kB"})
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}
+
+
 def _record_bytes(record: QuantizedTensor) -> int:
     """Bytes a 4-bit weight holds once loaded: codes, absmax, maps, nested scales and the offset scalar."""
     tensors = [record.packed, record.absmax, record.quant_map]
