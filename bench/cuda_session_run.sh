@@ -32,9 +32,13 @@
 #   host     bench_cuda_host.py: --device cuda conversion on the GPU without torch, bytes = --device cpu
 #   int8     bench_int8.py --device cuda
 set -uo pipefail
-OUT=${OUT:-/tmp/qm_out}
-mkdir -p "$OUT"
+# A device call returns at most 8 files from $OUT: the steps write to a work folder, packed into
+# $OUT/session-<pid>.tgz when the script ends (unpack: tar xzf session-*.tgz).
+FINAL_OUT=${OUT:-/tmp/qm_out}
+mkdir -p "$FINAL_OUT"
+OUT=$(mktemp -d /tmp/qm_session_out.XXXX)
 export OUT
+trap 'tar czf "$FINAL_OUT/session-$$.tgz" -C "$OUT" .' EXIT
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 XDG_CACHE_HOME=/tmp/qm_xdg_cache
