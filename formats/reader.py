@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from formats import writer as _writer
+from formats.gc_pause import gc_paused
 from formats.index import INDEX_NAME, read_index
 from formats.metadata import parse_metadata
 from formats.validate import (
@@ -59,7 +60,7 @@ class Shard:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        with open(self.path, "rb") as f:
+        with open(self.path, "rb") as f, gc_paused():
             size = os.fstat(f.fileno()).st_size
             self._shard: ValidatedShard = validate_file(self.path, f, size)
         self.raw_metadata: dict[str, str] = self._shard.metadata
@@ -256,10 +257,11 @@ class Checkpoint:
 
     def records(self) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
         """Every quantized weight as a record and every other tensor as a tensor, over all shards."""
-        out: dict[str, QuantizedTensor | Int8Tensor | torch.Tensor] = {
-            n: self.record(n) for n in self._quantized
-        }
-        out.update({n: self.get_tensor(n) for n in self._passthrough})
+        with gc_paused():
+            out: dict[str, QuantizedTensor | Int8Tensor | torch.Tensor] = {
+                n: self.record(n) for n in self._quantized
+            }
+            out.update({n: self.get_tensor(n) for n in self._passthrough})
         return out
 
     def close(self) -> None:
