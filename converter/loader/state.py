@@ -25,6 +25,7 @@ import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
 from converter.loader import timing
+from formats.gc_pause import gc_paused
 from formats.index import INDEX_NAME, Verification, read_index, start_verify
 from formats.int8 import Int8Tensor
 from formats.reader import open_checkpoint
@@ -246,6 +247,7 @@ def read_state(
     if streams_to(device):
         from converter.loader.stream import mapped_files, stream_state
 
-        with timing.phase("stream"):
+        # one device tensor and one record copy per tensor: >100 k objects for a large MoE
+        with timing.phase("stream"), gc_paused():
             out = stream_state(out, mapped_files(checkpoint.shards), device, hashes=hashes)
     return out
