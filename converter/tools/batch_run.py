@@ -429,7 +429,8 @@ def run_batch(
         signum, now = _signum(exc), time.perf_counter()
         for fut, k in running.items():
             finished = fut.done() and not fut.cancelled() and fut.exception() is None
-            results[k] = fut.result() if finished else _interrupted(jobs[k], now - started[k], signum)
+            seconds = now - started.get(k, now)
+            results[k] = fut.result() if finished else _interrupted(jobs[k], seconds, signum)
         threads_running = any(not fut.done() for fut in running)
         pool.shutdown(wait=False, cancel_futures=True)
         result = _rest_not_started(jobs, results, signum)
