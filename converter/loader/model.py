@@ -17,7 +17,7 @@ import contextlib
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,13 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
     return unused
 
 
+def _computes_in_input_dtype(state: Mapping[str, Any]) -> bool:
+    """Whether the folder's method computes in the input's dtype (LLM.int8), from its first record.
+    (A function, so no local keeps that record, possibly a MoE expert, alive through the build.)"""
+    first = next((v for v in state.values() if not isinstance(v, torch.Tensor)), None)
+    return first is not None and for_record(first).computes_in_input_dtype
+
+
 def build_skeleton(
     folder: Path,
     state: dict[str, Any],
@@ -172,8 +179,7 @@ def build_skeleton(
     raw_config = read_config(folder) or {}
     qc = raw_config.get("quantization_config")
     compute_dtype = compute_dtype_from_config(folder, state)
-    records = [v for v in state.values() if not isinstance(v, torch.Tensor)]
-    if compute_dtype is None and not (records and for_record(records[0]).name == "int8"):
+    if compute_dtype is None and not _computes_in_input_dtype(state):
         compute_dtype = dtype  # LLM.int8 layers keep None: they compute in the input's dtype
 
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -34,6 +34,9 @@ class QuantMethod(ABC):
     description: str
     #: Options fields only this method reads (other methods drop them from the options JSON)
     own_options: tuple[str, ...] = ()
+    #: The loaded layers compute in their input's dtype unless the folder names a compute dtype
+    #: (LLM.int8); otherwise they take the load's ``dtype``.
+    computes_in_input_dtype: bool = False
 
     # -- plan ------------------------------------------------------------------------------------
     def check_options(self, options: Options) -> None:  # noqa: B027 - optional hook
