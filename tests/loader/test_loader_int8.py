@@ -332,6 +332,33 @@ def test_loads_a_bitsandbytes_made_8bit_folder(plain_llama: Path, tmp_path: Path
         )
 
 
+@pytest.mark.parametrize("extra", ["weight.absmax", "weight.quant_map", "SCB.absmax"])
+def test_a_key_under_an_int8_weight_is_refused(plain_llama: Path, tmp_path: Path, extra: str) -> None:
+    """A stray key under an int8 weight's keys (bitsandbytes' and transformers' int8 layers have no such
+    component) only gave an "unused tensor" warning; 4-bit weights refuse theirs (docs/format.md)."""
+    from safetensors.torch import load_file, save_file
+
+    from converter.errors import CorruptFileError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        made = transformers.LlamaForCausalLM.from_pretrained(
+            plain_llama, device_map="cpu", quantization_config=qc
+        )
+        made.save_pretrained(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    tensors = load_file(shard)
+    key = f"model.layers.0.mlp.up_proj.{extra}"
+    tensors[key] = torch.ones(4)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    for load in (load_quantized, load_quantized_state):
+        with pytest.raises(CorruptFileError, match="unexpected keys") as info:
+            load(tmp_path)
+        assert str(shard) in str(info.value)
+        assert repr(key) in str(info.value)
+
+
 def test_device_map_cpu_and_footprint_count_codes_and_scb(int8_folder: Path) -> None:
     plain = load_quantized(int8_folder)
     mapped = load_quantized(int8_folder, device_map="cpu")
