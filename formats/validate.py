@@ -389,11 +389,15 @@ def find_quant_groups(
     partial: dict[str, tuple[str, ...]] = {}
     ordered = sorted(entries)
 
-    def under(base: str) -> list[str]:
-        """``base`` (if present) and every key starting with ``base + "."`` (bisect: no N^2 scan)."""
+    def below(base: str) -> list[str]:
+        """Every key starting with ``base + "."`` (bisect: no N^2 scan)."""
         lo = bisect.bisect_left(ordered, base + ".")
         hi = bisect.bisect_left(ordered, base + "/")  # "/" is the character after "."
-        return ([base] if base in entries else []) + ordered[lo:hi]
+        return ordered[lo:hi]
+
+    def under(base: str) -> list[str]:
+        """``base`` (if present) and every key starting with ``base + "."``."""
+        return ([base] if base in entries else []) + below(base)
 
     for key in entries:
         base, sep, _ = key.rpartition("." + QUANT_STATE_PREFIX)
@@ -426,7 +430,7 @@ def find_quant_groups(
             raise MissingQuantComponent(msg)
         storage, expected = check_quant_group(file, base, info, dict(present))
         groups[base] = QuantGroup(base, info, storage, (base, *sorted(set(expected) - {base})))
-    _find_int8(file, entries, read, complete, groups, partial)
+    _find_int8(file, entries, read, complete, groups, partial, below)
     # Components whose weight has no quant_state key: transformers would silently load the packed
     # bytes as the weight.
     for key in entries:
@@ -448,9 +452,22 @@ def _find_int8(
     complete: bool,
     groups: dict[str, QuantGroup],
     partial: dict[str, tuple[str, ...]],
+    below: Callable[[str], list[str]],
 ) -> None:
-    """LLM.int8 weights (``<m>.weight`` I8 + ``<m>.SCB`` + ``<m>.weight_format``), added to ``groups``."""
+    """LLM.int8 weights (``<m>.weight`` I8 + ``<m>.SCB`` + ``<m>.weight_format``), added to ``groups``.
+
+    ``below(key)``: the keys under ``key + "."``. As under a 4-bit weight, any key under one of the
+    group's keys (``<m>.weight.absmax``, ``<m>.SCB.x``...) is refused: bitsandbytes' ``Int8Params``
+    has no such component, and a loader would otherwise drop it with an "unused tensor" warning."""
     for base, keys in find_int8_groups(file, entries).items():
+        extra = [k for key in (base, scb_key(base), weight_format_key(base)) for k in below(key)]
+        if extra:
+            msg = (
+                f"{file}: tensor {base!r}: unexpected keys {sorted(extra)} under the int8 weight (its keys "
+                f"are {base!r}, {scb_key(base)!r} and {weight_format_key(base)!r}; "
+                "a bias belongs at '<module>.bias')"
+            )
+            raise UnexpectedQuantComponent(msg)
         present = {k: entries[k] for k in keys}
         # In a shard bnb wrote, a group without its weight or weight_format may have them in the next
         # shard (save_pretrained cuts shards key by key): the reader joins the pieces.

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.loader import dynamo_marks
+from converter.loader.ops import check_compute_dtype
 from formats.int8 import INV127
 
 #: Largest token count of the fused GEMV.
@@ -86,7 +88,10 @@ def _(
 
 
 def dequantize(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [out, in] in ``dtype``."""
+    """The weight [out, in] in ``dtype``; float64 (no kernel dtype): the float32 weight, cast (exact)."""
+    if dtype not in KERNEL_DTYPE_NAMES:
+        check_compute_dtype(dtype)
+        return torch.ops.quantize_model.dequantize_int8(codes, scb, torch.float32).to(dtype)
     return torch.ops.quantize_model.dequantize_int8(codes, scb, dtype)
 
 
@@ -107,9 +112,10 @@ def _has_cuda_gemv() -> bool:
 
 
 def gemv_ok(x2d: torch.Tensor) -> bool:
-    """Whether the fused GEMV takes this call: 1..8 tokens on the CPU (C++ kernels present) or on a
-    CUDA device (the extension's CUDA backend has the int8 GEMV)."""
-    if not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS or _kernels() is None:
+    """Whether the fused GEMV takes this call: 1..8 tokens of a kernel dtype (float64 takes the
+    dequantize path) on the CPU (C++ kernels present) or on a CUDA device (the extension's CUDA
+    backend has the int8 GEMV)."""
+    if not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS or x2d.dtype not in KERNEL_DTYPE_NAMES or _kernels() is None:
         return False
     return x2d.device.type == "cpu" or (x2d.is_cuda and _has_cuda_gemv())
 

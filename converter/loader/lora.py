@@ -13,6 +13,9 @@ Without bitsandbytes, register this module's layer on the config first::
 
 ``merge``/``merge_and_unload`` decode the weight exactly, add the adapter's delta and quantize the
 sum again with our kernels (same quant type, blocksize and nesting), as PEFT does with bitsandbytes.
+
+4-bit layers only: LLM.int8 layers (``QuantLinear8bit``) get PEFT's 8-bit LoRA layer when bitsandbytes
+is installed (they are then ``bnb.nn.Linear8bitLt``); without it PEFT refuses them.
 """
 
 from __future__ import annotations

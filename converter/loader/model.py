@@ -28,6 +28,7 @@ from converter.errors import InputError
 from converter.kernels.isa_env import forced_isa
 from converter.loader import ops, router, timing
 from converter.loader.config_file import read_config
+from converter.loader.devices import check_device, check_devices_exist
 from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.module import QuantLinear4bit, dtype_from_name
@@ -262,6 +263,10 @@ def load_quantized(
         )
         raise ModelBuildError(msg) from None
 
+    # a GPU this process cannot use (a CPU-only torch, no GPU) or "meta": named now, before any work
+    if device_map is None:
+        check_device(device, f"device={str(device)!r}")
+    check_devices_exist(device_map, max_memory)
     forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
     folder = resolve_folder(path_or_repo)
     dtype = dtype_from_name(dtype)
@@ -330,11 +335,10 @@ def place(
         msg = f"pass either device={str(device)!r} or device_map=, not both"
         raise ModelBuildError(msg)
     try:
-        from converter.loader.placement import check_devices_exist, dispatch, plan_device_map
+        from converter.loader.placement import dispatch, plan_device_map
     except ImportError:
         msg = "device_map needs accelerate (pip install 'quantize-model[transformers]' or accelerate)"
         raise ModelBuildError(msg) from None
-    check_devices_exist(device_map, max_memory)
     plan = plan_device_map(model, device_map, max_memory)
     dispatch(model, plan, offload_folder=offload_folder, shard_paths=shard_files(folder)[0])
 

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from converter.kernels.checks import GEMV_MAX_WEIGHTS
+from converter.kernels.checks import GEMV_MAX_WEIGHTS, KERNEL_DTYPE_NAMES
 from formats.quant_types import NESTED_BLOCKSIZE
 
 #: Largest token count the fused GEMV takes (the kernel is written for batch 1..8).
@@ -115,8 +115,11 @@ def _dequantize_torch(
 
 
 def gemv_ok(x2d: torch.Tensor, in_features: int, state: Any) -> bool:
-    """Whether the fused GEMV takes this call: CPU/CUDA kernel present, 1..8 tokens, whole blocks per row."""
+    """Whether the fused GEMV takes this call: CPU/CUDA kernel present, a kernel dtype (float32, float16,
+    bfloat16: float64 takes the dequantize path), 1..8 tokens, whole blocks per row."""
     if x2d.shape[0] < 1 or x2d.shape[0] > GEMV_MAX_TOKENS or in_features % state.blocksize:
+        return False
+    if x2d.dtype not in KERNEL_DTYPE_NAMES:
         return False
     k = kernel_backend(x2d.device)
     return k is not None and hasattr(k, "gemv_4bit")
@@ -217,6 +220,8 @@ def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
     x2d's device, with a kernel for it, and 1..GEMV_MAX_TOKENS rows of x2d."""
     if not 2 <= len(args_seq) <= GEMV_MAX_WEIGHTS or not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS:
         return False
+    if x2d.dtype not in KERNEL_DTYPE_NAMES:
+        return False
     a0 = args_seq[0]
     if x2d.dim() != 2 or x2d.shape[1] != a0.in_features:
         return False
@@ -253,8 +258,21 @@ def gemv_prepared_multi(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> li
     )
 
 
+def check_compute_dtype(dtype: torch.dtype) -> None:
+    """A dtype the 4-bit and int8 layers compute in (a TypeError naming them, not a KeyError)."""
+    if dtype not in KERNEL_DTYPE_NAMES and dtype != torch.float64:
+        msg = f"quantized layers compute in float32, float16, bfloat16 or float64, not {dtype}"
+        raise TypeError(msg)
+
+
 def dequantize_prepared(args: KernelArgs, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The weight of ``shape`` in ``dtype`` (every path the same bits)."""
+    """The weight of ``shape`` in ``dtype`` (every path the same bits).
+
+    float64 (no kernel dtype): the float32 weight, cast. Each element is the float32 product
+    ``quant_map[q] * absmax``, which float64 holds exactly, so this is the float32 weight, unrounded."""
+    if dtype not in KERNEL_DTYPE_NAMES:
+        check_compute_dtype(dtype)
+        return dequantize_prepared(args, shape, torch.float32).to(dtype)
     n = math.prod(shape)
     if args.impls is None:
         flat = _dequantize_torch(args.packed, args.absmax, n, args.blocksize, args.quant_map, dtype)
@@ -280,7 +298,7 @@ def linear(
     """``x @ W.T + bias`` in x's dtype (bias already in it): fused GEMV for 1..8 tokens, else an
     exact dequantize + ``F.linear`` (the call bitsandbytes makes)."""
     tokens = x.numel() // args.in_features
-    if use_gemv and args.gemv and 1 <= tokens <= GEMV_MAX_TOKENS:
+    if use_gemv and args.gemv and 1 <= tokens <= GEMV_MAX_TOKENS and x.dtype in KERNEL_DTYPE_NAMES:
         y = gemv_prepared(x.reshape(tokens, args.in_features), args)
         if bias is not None:
             y = y + bias

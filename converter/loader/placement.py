@@ -44,20 +44,13 @@ from accelerate.utils import (
 )
 from torch import nn
 
-from converter.errors import InputError
+from converter.loader.devices import STRATEGIES, PlacementError
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
 
-#: The device_map strings that ask accelerate for a plan (as transformers accepts them).
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
 Device = int | str
 DeviceMap = dict[str, Device]
-
-
-class PlacementError(InputError):
-    """A device_map / max_memory / offload request that cannot be honoured."""
 
 
 # -- planning ---------------------------------------------------------------------------------------------
@@ -113,30 +106,6 @@ def normalize_max_memory(max_memory: Mapping[Any, int | str] | None) -> dict[Dev
                 k = (d.index or 0) if d.type == "cuda" else k
         out[k] = value
     return out
-
-
-def check_devices_exist(device_map: Any, max_memory: Mapping[Any, int | str] | None) -> None:
-    """Every GPU index of ``max_memory`` and of a dict ``device_map`` is one this process can use
-    (planning itself accepts any index: tests plan several GPUs with CPU stand-ins)."""
-    for k in normalize_max_memory(max_memory) or {}:
-        if isinstance(k, int):
-            _check_gpu(k, f"max_memory names GPU {k}")
-    if isinstance(device_map, Mapping):
-        for module, device in device_map.items():
-            index = int(device) if isinstance(device, str) and device.isdigit() else device
-            if isinstance(index, int):
-                _check_gpu(index, f"device_map puts {module!r} on GPU {index}")
-
-
-def _check_gpu(index: int, what: str) -> None:
-    """A GPU index this process can use; else a PlacementError (accelerate and torch would fail later
-    with "Torch not compiled with CUDA enabled" or an index error, after printing warnings)."""
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if not 0 <= index < count:
-        have = f"this process sees {count} GPU(s)" if count else "no CUDA device is available here"
-        devices = f"'cpu', 'disk' or a GPU index below {count}" if count else "'cpu' or 'disk'"
-        msg = f"{what}, but {have}; name only devices that exist ({devices})"
-        raise PlacementError(msg)
 
 
 def plan_device_map(

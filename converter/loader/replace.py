@@ -143,15 +143,18 @@ def replace_linear_layers(
     compute_dtype: torch.dtype | str | None = None,
     verify: bool = True,
 ) -> list[str]:
-    """Swap ``module``'s linear layers for 4-bit layers from a checkpoint folder, repo id or loaded state.
+    """Swap ``module``'s linear layers for 4-bit (or LLM.int8) layers from a checkpoint folder, repo id
+    or loaded state.
 
     Every quantized weight of the checkpoint must name an ``nn.Linear`` of ``module`` with the same
     [out, in] shape (else :class:`CheckpointMismatchError` names them). Biases come from the
     checkpoint. Other tensors (embeddings, norms) are not touched: load them with
-    ``module.load_state_dict({k: v for k, v in state.items() if not isinstance(v, QuantizedTensor)},
-    strict=False)``. ``compute_dtype`` defaults to the checkpoint config's ``bnb_4bit_compute_dtype``,
-    else the weights' original dtype. Sets ``module.is_loaded_in_4bit = True`` so PEFT picks its 4-bit
-    LoRA layer. Returns the names of the swapped modules.
+    ``module.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
+    strict=False)`` (the quantized weights are records, ``QuantizedTensor`` / ``Int8Tensor``).
+    ``compute_dtype`` defaults to the checkpoint config's ``bnb_4bit_compute_dtype``, else the weights'
+    original dtype (int8: the input's). Sets ``module.is_loaded_in_4bit = True`` (int8:
+    ``is_loaded_in_8bit``) so PEFT picks its 4-bit (8-bit) LoRA layer. Returns the names of the
+    swapped modules.
     """
     from converter.loader.state import load_quantized_state, resolve_folder
 

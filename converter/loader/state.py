@@ -25,6 +25,7 @@ import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
 from converter.loader import timing
+from converter.loader.devices import check_device
 from formats.gc_pause import gc_paused
 from formats.index import INDEX_NAME, Verification, read_index, start_verify
 from formats.int8 import Int8Tensor
@@ -144,6 +145,7 @@ def load_quantized_state(
     mismatch raises before anything is returned. Checkpoints whose index records no hashes (e.g. written by
     transformers) are validated structurally only.
     """
+    check_device(device, f"device={str(device)!r}")  # a CPU-only torch, no GPU, "meta": named before any work
     folder = resolve_folder(path_or_repo)
     with shards_verified(folder, verify, streaming=streams_to(device)) as hashes:
         return read_state(folder, device, hashes)

@@ -48,6 +48,15 @@ def test_bnb_made_shard_reads_as_int8_records(tmp_path: Path) -> None:
          UnexpectedQuantComponent, "tiled layout"),
         (lambda t: t.update({"m.weight_format": torch.zeros(1, dtype=torch.uint8)}), QuantLayoutMismatch,
          "U8 scalar"),
+        # keys under the group's keys were dropped with an "unused tensor" warning; 4-bit refuses them
+        (lambda t: t.update({"m.weight.absmax": torch.ones(6)}), UnexpectedQuantComponent,
+         r"'m\.weight': unexpected keys \['m\.weight\.absmax'\] under the int8 weight"),
+        (lambda t: t.update({"m.weight.SCB": torch.ones(6)}), UnexpectedQuantComponent,
+         r"unexpected keys \['m\.weight\.SCB'\]"),
+        (lambda t: t.update({"m.SCB.weight_format": torch.zeros((), dtype=torch.uint8)}),
+         UnexpectedQuantComponent, r"unexpected keys \['m\.SCB\.weight_format'\]"),
+        (lambda t: t.update({"m.weight_format.x": torch.zeros(1)}), UnexpectedQuantComponent,
+         r"unexpected keys \['m\.weight_format\.x'\]"),
     ],
 )  # fmt: skip
 def test_bad_int8_groups_name_the_tensor(tmp_path: Path, edit, error, fragment: str) -> None:
@@ -68,6 +77,20 @@ def test_weight_format_is_optional_and_groups_split_across_shards_join(tmp_path:
     assert isinstance(rec, Int8Tensor)
     assert not rec.has_weight_format
     assert torch.equal(rec.scb, t["m.SCB"])
+
+
+def test_unexpected_key_under_a_split_int8_group_is_refused(tmp_path: Path) -> None:
+    """A bnb checkpoint cut key by key: the SCB in one shard, the weight and a stray key under it in
+    the next; the group joined across shards is refused like a whole one."""
+    t = _bnb_keys("m")
+    save_file({"m.SCB": t["m.SCB"]}, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    save_file(
+        {"m.weight": t["m.weight"], "m.weight.absmax": torch.ones(6)},
+        tmp_path / "b.safetensors",
+        metadata={"format": "pt"},
+    )
+    with pytest.raises(UnexpectedQuantComponent, match=r"unexpected keys \['m\.weight\.absmax'\]"):
+        open_checkpoint([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]).records()
 
 
 def test_quantization_config_has_transformers_13_keys() -> None:

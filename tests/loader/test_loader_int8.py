@@ -183,6 +183,36 @@ def test_loaded_int8_layers_compute_in_the_input_dtype(int8_folder: Path) -> Non
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 9])
+@pytest.mark.parametrize("use_gemv", [True, False])
+def test_float64_input_computes_in_float64(tokens: int, use_gemv: bool) -> None:
+    """float64 activations (e.g. ``model.double()``: int8 layers compute in the input's dtype) raised
+    "x has dtype float64" from the GEMV kernel up to 8 tokens and "out_dtype torch.float64 is not
+    supported" past 8. They now take the dequantize path: the float32 weight cast (exact), F.linear
+    in float64."""
+    ours, _ = _layer()
+    ours.use_gemv = use_gemv
+    w64 = ours.dequantize(torch.float32).double()
+    assert torch.equal(ours.dequantize(torch.float64), w64)
+    x = torch.randn(tokens, 80, dtype=torch.float64)
+    with torch.no_grad():
+        y = ours(x)
+    assert y.dtype == torch.float64
+    assert torch.equal(y, torch.nn.functional.linear(x, w64, ours.bias.double()))
+    assert torch.autograd.gradcheck(ours, (x.requires_grad_(),))
+    with pytest.raises(TypeError, match=r"float32, float16, bfloat16 or float64, not torch\.int32"):
+        ours.dequantize(torch.int32)
+
+
+def test_a_loaded_int8_model_runs_in_float64(int8_folder: Path) -> None:
+    model = load_quantized(int8_folder).double()
+    with torch.no_grad():
+        for ids in (torch.tensor([[1, 5, 9, 30, 7, 100, 3, 8, 2, 4]]), torch.tensor([[1]])):
+            logits = model(ids).logits
+            assert logits.dtype == torch.float64
+            assert bool(logits.isfinite().all())
+
+
 def test_custom_ops_have_fake_kernels() -> None:
     codes, scb = kernels_int8.quantize_int8(torch.randn(16, 40))
     x = torch.randn(2, 40)
@@ -300,6 +330,33 @@ def test_loads_a_bitsandbytes_made_8bit_folder(plain_llama: Path, tmp_path: Path
         assert torch.equal(
             model(input_ids=ids).logits, _transformers_model(tmp_path / "bnb")(input_ids=ids).logits
         )
+
+
+@pytest.mark.parametrize("extra", ["weight.absmax", "weight.quant_map", "SCB.absmax"])
+def test_a_key_under_an_int8_weight_is_refused(plain_llama: Path, tmp_path: Path, extra: str) -> None:
+    """A stray key under an int8 weight's keys (bitsandbytes' and transformers' int8 layers have no such
+    component) only gave an "unused tensor" warning; 4-bit weights refuse theirs (docs/format.md)."""
+    from safetensors.torch import load_file, save_file
+
+    from converter.errors import CorruptFileError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        made = transformers.LlamaForCausalLM.from_pretrained(
+            plain_llama, device_map="cpu", quantization_config=qc
+        )
+        made.save_pretrained(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    tensors = load_file(shard)
+    key = f"model.layers.0.mlp.up_proj.{extra}"
+    tensors[key] = torch.ones(4)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    for load in (load_quantized, load_quantized_state):
+        with pytest.raises(CorruptFileError, match="unexpected keys") as info:
+            load(tmp_path)
+        assert str(shard) in str(info.value)
+        assert repr(key) in str(info.value)
 
 
 def test_device_map_cpu_and_footprint_count_codes_and_scb(int8_folder: Path) -> None:

@@ -138,6 +138,35 @@ def test_gradcheck_float64_free_path() -> None:
     assert bool(((gx.double() - w.sum(0)).abs() <= gamma(8) * w.abs().sum(0)).all())
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 9, 33])
+@pytest.mark.parametrize("use_gemv", [True, False])
+def test_float64_computes_in_float64_on_the_dequantize_path(tokens: int, use_gemv: bool) -> None:
+    """compute_dtype float64 (e.g. ``load_quantized(dtype=torch.float64)``) raised a bare
+    ``KeyError: torch.float64`` past 8 tokens (the dequantize kernel's dtype table) and a ValueError
+    from the GEMV kernel up to 8. float64 now takes the dequantize path: the float32 weight (each
+    element a float32 product, held exactly in float64) cast, then F.linear in float64."""
+    layer, _, bias = make_layer(24, 128, bias=True, compute_dtype=torch.float64)
+    layer.use_gemv = use_gemv
+    w64 = layer.dequantize(torch.float32).double()
+    assert torch.equal(layer.dequantize(torch.float64), w64)
+    for act in (torch.float64, torch.float32):  # float32 input: computed in float64, returned in float32
+        x = torch.randn(tokens, 128, dtype=act)
+        y = layer(x)
+        assert y.dtype == act
+        assert torch.equal(y, F.linear(x.double(), w64, bias.double()).to(act))
+    x = torch.randn(tokens, 128, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))  # float64: the backward is the exact transpose
+
+
+def test_unsupported_compute_dtype_is_a_type_error() -> None:
+    layer, _, _ = make_layer(8, 64)
+    with pytest.raises(TypeError, match=r"float32, float16, bfloat16 or float64, not torch\.int32"):
+        layer.dequantize(torch.int32)
+    layer.compute_dtype = torch.int64
+    with pytest.raises(TypeError, match=r"float32, float16, bfloat16 or float64, not torch\.int64"):
+        layer(torch.randn(12, 64))
+
+
 def _bytes(layer: Linear4bit) -> list[torch.Tensor]:
     s = layer.weight.quant_state
     out = [layer.weight.data.reshape(-1).view(torch.uint8), s.absmax, s.code]

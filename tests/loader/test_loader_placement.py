@@ -9,6 +9,7 @@ read back from the same shard bytes. Any difference is a placement bug, not roun
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -267,3 +268,48 @@ def test_a_gpu_index_that_does_not_exist_is_a_placement_error(our_folder: Path) 
         load_quantized(our_folder, device_map="auto", max_memory={missing: "20GiB", "cpu": "2GiB"})
     with pytest.raises(PlacementError, match=f"device_map puts 'model' on GPU {missing}, but "):
         load_quantized(our_folder, device_map={"model": str(missing), "lm_head": "cpu"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no GPU")
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"device": "cuda"}, "device='cuda'"),
+        ({"device": "cuda:0"}, "device='cuda:0'"),
+        ({"device": torch.device("cuda", 1)}, "device='cuda:1'"),
+        ({"device_map": "cuda:0"}, "device_map='cuda:0'"),
+        ({"device_map": {"": "cuda"}}, "device_map puts '' on 'cuda'"),
+        ({"device_map": {"": 0}}, "device_map puts '' on GPU 0"),
+        ({"device_map": "auto", "max_memory": {"cuda:0": "1GiB"}}, "max_memory names 'cuda:0'"),
+    ],
+)
+def test_a_gpu_without_cuda_is_a_placement_error_before_any_work(
+    tmp_path: Path, kwargs: dict, named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`load_quantized(folder, device="cuda")` with a CPU-only torch raised torch's "AssertionError:
+    Torch not compiled with CUDA enabled" from inside the load. Now a PlacementError naming the device
+    and the torch build, raised before the folder is even looked at (this one does not exist)."""
+    missing = tmp_path / "not-read"
+    if torch.version.cuda is None:
+        why = f"CUDA is not available in this torch build (torch {torch.__version__}"
+    else:
+        why = "no CUDA device is available here"
+    with pytest.raises(PlacementError, match=re.escape(f"{named}, but {why}")):
+        load_quantized(missing, **kwargs)
+    if "device" in kwargs:
+        with pytest.raises(PlacementError, match=re.escape(f"{named}, but {why}")):
+            load_quantized_state(missing, device=kwargs["device"])
+    # a CUDA build of torch on a machine without a GPU says so instead
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    no_gpu = f"{named}, but no CUDA device is available here (torch {torch.__version__}, CUDA 12.8)"
+    with pytest.raises(PlacementError, match=re.escape(no_gpu)):
+        load_quantized(missing, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"device": "meta"}, {"device_map": "meta"}, {"device_map": {"": "meta"}}])
+def test_meta_is_refused(our_folder: Path, kwargs: dict) -> None:
+    """`device="meta"` read and verified the shards, then returned a model with every tensor on meta
+    (no weights), whose forward failed inside a kernel ("Tensor.item() cannot be called on meta
+    tensors"); it is refused with a PlacementError (an InputError)."""
+    with pytest.raises(PlacementError, match="'meta' is not a device a quantized model can be loaded onto"):
+        load_quantized(our_folder, **kwargs)
