@@ -647,6 +647,8 @@ def attach_experts(
                 nested=st.nested,
                 proj_names=st.proj_names,
             )
+            # transformers' module (its parameters on the meta device), for model.dequantize()
+            layer.__dict__["_qm_source_module"] = module  # dequantize_model.SOURCE_MODULE
             model.set_submodule(name, layer)
             # Release this layer's per-expert tensors now: on a streamed GPU load they are device
             # tensors, and holding every layer's until the end doubled the experts' peak memory.
