@@ -16,6 +16,7 @@ __all__ = [
     "QuantLinear8bit",
     "compile_options",
     "dequantize_checkpoint",
+    "dequantize_model",
     "graphed_greedy",
     "load_quantized",
     "load_quantized_state",
@@ -33,6 +34,7 @@ _LAZY = {
     "replace_linear_layers": "converter.loader.replace",
     "load_quantized": "converter.loader.model",
     "dequantize_checkpoint": "converter.loader.dequantize",
+    "dequantize_model": "converter.loader.dequantize_model",
     "graphed_greedy": "converter.loader.decode",
     "compile_options": "converter.loader.compile_guards",
 }

@@ -602,7 +602,9 @@ def attach_experts(
 
     Quantized experts become :class:`QuantExperts4bit`; 16-bit ones are stacked into the module's
     own ``gate_up_proj`` / ``down_proj``. Other keys whose names transformers renames on load
-    (Mixtral's router ``block_sparse_moe.gate`` -> ``mlp.gate``) are renamed.
+    (Mixtral's router ``block_sparse_moe.gate`` -> ``mlp.gate``; the vision-language models' legacy
+    ``model.layers.*`` / ``language_model.model.*`` -> ``model.language_model.*``), quantized
+    records included, are renamed.
     """
     groups = _group(state)
     modules = dict(model.named_modules())
@@ -645,6 +647,8 @@ def attach_experts(
                 nested=st.nested,
                 proj_names=st.proj_names,
             )
+            # transformers' module (its parameters on the meta device), for model.dequantize()
+            layer.__dict__["_qm_source_module"] = module  # dequantize_model.SOURCE_MODULE
             model.set_submodule(name, layer)
             # Release this layer's per-expert tensors now: on a streamed GPU load they are device
             # tensors, and holding every layer's until the end doubled the experts' peak memory.
@@ -669,7 +673,7 @@ def attach_experts(
     for key, value in state.items():
         if key in used:
             continue
-        if not isinstance(value, QuantizedTensor) and key not in params:
+        if key not in params:  # plain tensors and quantized records alike (Qwen2-VL, LLaVA, Gemma 3)
             renamed = rename_key(model, key)
             key = renamed if renamed in params else key
         rest[key] = value

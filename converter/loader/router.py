@@ -294,7 +294,10 @@ def router_kind(module: nn.Module) -> str | None:
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
     weight = self.weight
     if self.training or (torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad)):
-        return super(type(self), self).forward(hidden_states)  # the op has no backward: transformers'
+        # the op has no backward: transformers' forward. Through the class the router had before
+        # install, not super(type(self)): a subclass made later (a weight parametrization, which
+        # PEFT's LoRA on the router adds) is type(self), and super() of it would land here again.
+        return type(self)._qm_base.forward(self, hidden_states)
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, weight)
     if type(self)._qm_fused_router == "mixtral":
@@ -310,7 +313,12 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
 
 @functools.cache
 def _fused_class(cls: type, kind: str) -> type:
-    attrs = {"forward": _fused_forward, "_qm_fused_router": kind, "__module__": cls.__module__}
+    attrs = {
+        "forward": _fused_forward,
+        "_qm_fused_router": kind,
+        "_qm_base": cls,
+        "__module__": cls.__module__,
+    }
     return type(cls.__name__, (cls,), {**attrs, "__qualname__": cls.__qualname__})
 
 
@@ -329,8 +337,14 @@ def install(model: nn.Module) -> list[str]:
 def uninstall(model: nn.Module) -> None:
     """Back to transformers' forwards (tests compare both)."""
     for module in model.modules():
-        if getattr(type(module), "_qm_fused_router", None) is not None:
-            module.__class__ = type(module).__mro__[1]
+        cls = type(module)
+        if getattr(cls, "_qm_fused_router", None) is None:
+            continue
+        if "_qm_fused_router" in cls.__dict__:  # the fused class itself
+            module.__class__ = cls._qm_base
+        else:  # a subclass made after install (torch's parametrizations): the same, on the original base
+            own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, (cls._qm_base,), own)
 
 
 def prewarm(model: nn.Module) -> None:

@@ -23,6 +23,9 @@ DRIVER = textwrap.dedent(
 
     real, calls, lock = pipeline.convert, [], threading.Lock()
     signum = getattr(signal, sys.argv[1])
+    # Ctrl-C's usual handling: a shell starts background jobs (`make test &`, nohup) with SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler, so the test would hang
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     @functools.wraps(real)  # the plan's keys come from convert()'s signature
     def convert(*args, **kwargs):

@@ -49,6 +49,36 @@ def test_logits_bit_identical_to_dequantized_model(folders, name):
     assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_model_dequantize_restores_transformers_experts(folders, name, tmp_path):
+    """model.dequantize(): the 4-bit experts become transformers' own experts module again (and the
+    4-bit linears nn.Linear), with the logits of the dequantized bf16 folder, bit for bit; the model
+    saves as a plain checkpoint that transformers loads."""
+    q, plain = folders(name)
+    model = load_quantized(q)
+    kinds = {n: type(m) for n, m in load_bf16_eager(plain).named_modules() if n in moe_modules(model)}
+    model.dequantize()
+    assert not moe_modules(model)
+    assert not linear4bit_modules(model)
+    for n, cls in kinds.items():
+        experts = model.get_submodule(n)
+        assert type(experts) is cls
+        assert experts.gate_up_proj.dtype == torch.bfloat16
+        assert experts.gate_up_proj.device.type == "cpu"
+    ref = _plain_default(plain)  # transformers' default experts implementation, as the loaded model's
+    assert torch.equal(_logits(model), _logits(ref))
+    model.save_pretrained(tmp_path / "saved")
+    assert torch.equal(_logits(_plain_default(tmp_path / "saved")), _logits(ref))
+
+
+def _plain_default(folder):
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+
+
 def test_experts_are_views_of_one_buffer_per_layer(folders):
     q, _ = folders("deepseek_v3")
     model = load_quantized(q)

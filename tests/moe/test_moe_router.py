@@ -96,6 +96,38 @@ def test_swapped_router_keeps_its_class_and_falls_back_when_training():
     assert type(m) is cls
 
 
+def test_parametrized_router_trains_and_uninstalls():
+    """A weight parametrization added after install (what PEFT's LoRA on the router does) makes a
+    subclass of the fused class: training falls back to transformers' forward once (it recursed
+    forever), eval still fuses and equals the parametrized transformers forward, and uninstall keeps
+    the parametrization on the original class."""
+    from torch.nn.utils import parametrize
+
+    class Scale(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * 2
+
+    m = _router("qwen3_moe", 8, 2, True)
+    cls = type(m)
+    x = torch.randn(3, HIDDEN)
+    router.install(m)
+    parametrize.register_parametrization(m, "weight", Scale())
+    m.train()
+    _, scores, _ = m(x)
+    (scores * torch.randn(scores.shape)).sum().backward()
+    assert m.parametrizations.weight.original.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        fused = m(x)
+        router.uninstall(m)
+        assert isinstance(m, cls)
+        assert getattr(type(m), "_qm_fused_router", None) is None
+        _outputs_equal(fused, m(x))
+        plain = _router("qwen3_moe", 8, 2, True)
+        plain.weight.copy_(m.weight)  # the parametrized weight (2x the original)
+        _outputs_equal(fused, plain(x))
+
+
 def test_only_known_router_forwards_are_swapped():
     """A router class whose name matches but whose forward differs (here: a subclass outside
     transformers, and one with an extra scaling) keeps its own forward; so do other modules."""

@@ -88,6 +88,29 @@ def test_lora_trains_through_4bit_experts(folders):
         assert torch.equal(m.absmax, absmax)
 
 
+def test_lora_all_linear_trains_with_the_fused_router(folders):
+    """target_modules="all-linear" also wraps each router (mlp.gate), which parametrizes its weight:
+    training runs (the fused router's fallback recursed forever) and the loss goes down."""
+    q, _ = folders("qwen3_moe")
+    model = load_quantized(q)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(model, config)
+    assert any("mlp.gate.lora" in n or "mlp.gate.parametrizations" in n for n, _ in model.named_parameters())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
 @pytest.mark.parametrize("cast", ["half", "to_bfloat16", "to_float16"])
 def test_module_casts_keep_the_expert_scales_float32(folders, cast):
     """``.half()`` / ``.to(dtype)`` cast the model's 16-bit tensors, never the experts' float32 absmax

@@ -1,0 +1,154 @@
+"""``model.dequantize()``: a loaded model's quantized modules back to torch's own, in memory.
+
+transformers + bitsandbytes models have ``model.dequantize(dtype)`` (its quantizer swaps each
+``Linear4bit`` / ``Linear8bitLt`` for an ``nn.Linear`` holding the dequantized weight, then drops the
+quantization config). A model from :func:`converter.load_quantized` has no transformers quantizer, so
+that method would only say "You need to first quantize your model": the loader binds
+:func:`dequantize_model` in its place. It swaps
+
+- each 4-bit / int8 linear (:class:`QuantLinear4bit`, :class:`QuantLinear8bit`) for an ``nn.Linear``
+  with the weight its kernels compute with (bitsandbytes' decode, bit for bit), the same bias;
+- each 4-bit MoE experts module (:class:`QuantExperts4bit`) for transformers' own experts module, kept
+  on the meta device when the model was built, with its ``gate_up_proj`` / ``down_proj`` filled;
+
+on the device each weight is on, in ``dtype`` (default: the model's ``config.dtype``, as transformers).
+The model's logits are then those of the folder's ``quantize-model dequantize`` output loaded by plain
+transformers. New parameters are frozen like the rest of a loaded model (``requires_grad_()`` to train).
+
+For a plain checkpoint on disk without loading the model, use ``quantize-model dequantize`` (streams
+tensor by tensor). Not handled: modules whose weights accelerate offloads to CPU or disk (refused:
+load without a ``device_map``) and 4-bit layers wrapped by PEFT adapters (refused: ``merge_and_unload()``
+first, or dequantize before adding adapters).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from converter.loader.module import QuantLinear4bit, dtype_from_name
+from converter.loader.module_int8 import QuantLinear8bit
+from converter.loader.moe import QuantExperts4bit
+
+
+class DequantizeError(ValueError):
+    """A model this in-memory dequantize cannot convert (the message says what to do instead)."""
+
+
+#: The attribute of a :class:`QuantExperts4bit` holding transformers' experts module it replaced (meta).
+SOURCE_MODULE = "_qm_source_module"
+
+
+def _dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is not None:
+        return dtype_from_name(dtype)
+    configured = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(configured, torch.dtype):
+        return configured
+    return dtype_from_name(configured) if isinstance(configured, str) else None
+
+
+def _check_swappable(name: str, module: nn.Module, weight: torch.Tensor) -> None:
+    if name.endswith(".base_layer") or name == "base_layer":
+        msg = (
+            f"dequantize(): {name!r} is wrapped by a PEFT adapter; call merge_and_unload() (or unload()) "
+            "first, or dequantize before adding adapters"
+        )
+        raise DequantizeError(msg)
+    if weight.device.type == "meta":
+        msg = (
+            f"dequantize(): the weights of {name!r} are offloaded by accelerate (device_map); load the "
+            "folder without a device_map to dequantize in memory, or run `quantize-model dequantize` on it"
+        )
+        raise DequantizeError(msg)
+
+
+def _move_hook(old: nn.Module, new: nn.Module) -> None:
+    """accelerate's hook (a device_map's device alignment) goes with the module it wrapped."""
+    hook = getattr(old, "_hf_hook", None)
+    if hook is None:
+        return
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    remove_hook_from_module(old)
+    add_hook_to_module(new, hook)
+
+
+def _dense_linear(module: QuantLinear4bit | QuantLinear8bit, dtype: torch.dtype | None) -> nn.Linear:
+    if isinstance(module, QuantLinear8bit):
+        weight = module.dequantize(dtype or module.compute_dtype or torch.float32)
+    else:
+        weight = module.dequantize(dtype)
+    with torch.device("meta"):
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        bias = module.bias if dtype is None else module.bias.to(dtype)
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
+
+
+def _dense_experts(name: str, module: QuantExperts4bit, dtype: torch.dtype | None) -> nn.Module:
+    source: Any = module.__dict__.get(SOURCE_MODULE)
+    if source is None:
+        msg = f"dequantize(): {name!r} was not built by load_quantized (no experts module to restore)"
+        raise DequantizeError(msg)
+    dtype = dtype or module.dtype
+    pairs = [module.expert_weights(e, dtype) for e in range(module.num_experts)]
+    source.gate_up_proj = nn.Parameter(torch.stack([gu for gu, _ in pairs]), requires_grad=False)
+    source.down_proj = nn.Parameter(torch.stack([dn for _, dn in pairs]), requires_grad=False)
+    return source
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Swap every quantized module of ``model`` for torch's own (in place) and return ``model``.
+
+    ``dtype``: of the dequantized weights (default ``model.config.dtype``). The model afterwards has no
+    ``quantization_config`` and is not ``is_loaded_in_4bit`` / ``is_loaded_in_8bit``, so
+    ``save_pretrained`` writes a plain checkpoint.
+    """
+    dtype = _dtype(model, dtype)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (QuantLinear4bit, QuantLinear8bit, QuantExperts4bit))
+    ]
+    for name, module in targets:  # every refusal before the first swap: never half dequantized
+        weight = module.packed if isinstance(module, QuantExperts4bit) else module.weight
+        _check_swappable(name, module, weight)
+    if not targets:
+        warnings.warn("dequantize(): the model has no quantized modules; nothing changed", stacklevel=2)
+    for name, module in targets:
+        if isinstance(module, QuantExperts4bit):
+            new = _dense_experts(name, module, dtype)
+        else:
+            new = _dense_linear(module, dtype)
+        _move_hook(module, new)
+        model.set_submodule(name, new)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if flag in model.__dict__:
+            delattr(model, flag)
+    return model
+
+
+class _BoundDequantize:
+    """``model.dequantize``: an object, not a closure or bound method, so that ``copy.deepcopy`` and
+    pickling a model keep it pointing at that model (the copy's, the unpickled one's)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, dtype: torch.dtype | str | None = None) -> nn.Module:
+        return dequantize_model(self.model, dtype)
+
+
+def bind_dequantize(model: nn.Module) -> None:
+    """``model.dequantize(dtype=None)`` calls :func:`dequantize_model` (transformers' method needs its
+    own quantizer, which a model from load_quantized does not have)."""
+    model.dequantize = _BoundDequantize(model)  # type: ignore[method-assign]

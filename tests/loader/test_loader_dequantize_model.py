@@ -1,0 +1,104 @@
+"""``model.dequantize()`` on a model from load_quantized (converter/loader/dequantize_model.py): torch's
+own modules with the weights the kernels decode, so the logits are those of the folder's dequantized
+checkpoint loaded by plain transformers; a plain ``save_pretrained``; clear refusals."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from converter.loader.dequantize import dequantize_checkpoint
+from converter.loader.dequantize_model import DequantizeError, dequantize_model
+from converter.loader.model import load_quantized
+from converter.loader.module import QuantLinear4bit
+from converter.loader.module_int8 import QuantLinear8bit
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 11, 90, 3, 45]])
+QUANTIZED = (QuantLinear4bit, QuantLinear8bit)
+
+
+def _plain(folder: Path) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def int8_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from converter.writer.pipeline import convert
+
+    out = tmp_path_factory.mktemp("deq-int8") / "ours"
+    convert(plain_llama, out, quant_type="int8", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_dequantize_gives_the_dequantized_checkpoints_model(kind, our_folder, int8_folder, tmp_path):
+    """Every quantized linear becomes an nn.Linear; the logits equal, bit for bit, plain transformers'
+    on the ``quantize-model dequantize`` output of the same folder (the same bf16 weights and ops)."""
+    folder = our_folder if kind == "nf4" else int8_folder
+    model = load_quantized(folder)
+    names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZED)]
+    assert names
+    assert model.dequantize() is model
+    assert not any(isinstance(m, QUANTIZED) for m in model.modules())
+    for name in names:
+        layer = model.get_submodule(name)
+        assert type(layer) is torch.nn.Linear
+        assert layer.weight.dtype == torch.bfloat16
+        assert not layer.weight.requires_grad
+    assert not hasattr(model.config, "quantization_config")
+    assert not getattr(model, "is_loaded_in_4bit", False)
+    assert not getattr(model, "is_loaded_in_8bit", False)
+    dequantize_checkpoint(folder, tmp_path / "plain", dtype="bf16")
+    assert torch.equal(_logits(model), _logits(_plain(tmp_path / "plain")))
+    # save_pretrained writes a plain checkpoint that transformers loads without bitsandbytes
+    model.save_pretrained(tmp_path / "saved")
+    saved = _plain(tmp_path / "saved")
+    assert not hasattr(saved.config, "quantization_config")
+    assert torch.equal(_logits(saved), _logits(model))
+
+
+def test_dtype_argument_and_copies(our_folder):
+    """``dtype`` sets the weights' dtype; a deep copy's dequantize acts on the copy only."""
+    model = load_quantized(our_folder)
+    twin = copy.deepcopy(model)
+    twin.dequantize(torch.float32)
+    assert any(isinstance(m, QuantLinear4bit) for m in model.modules())  # the original untouched
+    linears = [m for m in twin.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
+    assert linears
+    assert not any(isinstance(m, QuantLinear4bit) for m in twin.modules())
+    # the float32 weights rounded to bf16 are the bf16 ones (the decode is exact in float32)
+    model.dequantize()
+    bf16 = {n: m.weight for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    for n, m in twin.named_modules():
+        if n in bf16 and m.weight.dtype == torch.float32:
+            assert torch.equal(m.weight.to(torch.bfloat16), bf16[n])
+
+
+def test_peft_wrapped_layers_are_refused_before_any_swap(our_folder):
+    peft = pytest.importorskip("peft")
+    model = load_quantized(our_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = sum(isinstance(m, QuantLinear4bit) for m in model.modules())
+    with pytest.raises(DequantizeError, match="merge_and_unload"):
+        wrapped.base_model.model.dequantize()
+    assert sum(isinstance(m, QuantLinear4bit) for m in model.modules()) == before  # nothing swapped
+
+
+def test_a_model_without_quantized_modules_warns(plain_llama):
+    model = _plain(plain_llama)
+    with pytest.warns(UserWarning, match="no quantized modules"):
+        assert dequantize_model(model) is model

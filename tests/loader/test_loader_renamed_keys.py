@@ -1,0 +1,84 @@
+"""Checkpoints whose keys transformers renames on load (the vision-language models: save_pretrained of
+transformers 5 writes Qwen2-VL's ``model.layers.*`` and LLaVA's / Gemma 3's ``language_model.model.*``,
+the model has ``model.language_model.*``): load_quantized renames the 4-bit records as it renames the
+plain tensors, so it loads what transformers + bitsandbytes load, with the same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tiny_models import linear4bit_modules, load_logged
+
+from converter import load_quantized
+from converter.loader.model import linear4bit_modules as our_linear4bit_modules
+from converter.writer.pipeline import convert
+
+_TEXT = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+_CLIP = dict(
+    model_type="clip_vision_model",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=14,
+)
+_MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+CONFIGS = {
+    "qwen2_vl": lambda: transformers.Qwen2VLConfig(
+        text_config=dict(_TEXT, rope_parameters=_MROPE),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14),
+        image_token_id=100,
+        video_token_id=101,
+        vision_start_token_id=102,
+        vision_end_token_id=103,
+        architectures=["Qwen2VLForConditionalGeneration"],
+    ),
+    "llava": lambda: transformers.LlavaConfig(
+        text_config=dict(_TEXT, model_type="llama"),
+        vision_config=_CLIP,
+        image_token_index=100,
+        vision_feature_layer=-1,
+        architectures=["LlavaForConditionalGeneration"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_vision_language_checkpoint_loads_like_transformers(
+    tmp_path: Path, name: str, quant_type: str
+) -> None:
+    config = CONFIGS[name]()
+    torch.manual_seed(0)
+    model = getattr(transformers, config.architectures[0])(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", quant_type=quant_type, progress=False)
+
+    ref, info, _ = load_logged(tmp_path / "out")
+    assert not any(info.values()), info
+    for m in ref.modules():  # bnb's AVX512-BF16 repacked path rounds differently: its generic one
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    ours = load_quantized(tmp_path / "out", dtype=torch.bfloat16)
+    assert type(ours) is type(ref)
+    if quant_type == "nf4":
+        assert set(our_linear4bit_modules(ours)) == linear4bit_modules(ref)
+    else:
+        for m in ours.modules():
+            if hasattr(m, "exact"):
+                m.exact = True  # bitsandbytes' int8 matmul, bit for bit
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 1, 120, 33]])  # 10 tokens: the dequantize path
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
