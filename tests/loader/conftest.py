@@ -38,6 +38,16 @@ def our_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return dst
 
 
+@pytest.fixture(scope="session")
+def int8_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama converted to LLM.int8 by our pipeline (read-only)."""
+    from converter.writer.pipeline import convert
+
+    out = tmp_path_factory.mktemp("loader") / "int8"
+    convert(plain_llama, out, quant_type="int8", progress=False)
+    return out
+
+
 @pytest.fixture
 def dynamo(monkeypatch: pytest.MonkeyPatch):
     """dynamo on (whatever TORCHDYNAMO_DISABLE says), fresh caches and counters; yields the counters.

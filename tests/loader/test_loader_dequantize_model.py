@@ -33,15 +33,6 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(IDS).logits
 
 
-@pytest.fixture(scope="module")
-def int8_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converter.writer.pipeline import convert
-
-    out = tmp_path_factory.mktemp("deq-int8") / "ours"
-    convert(plain_llama, out, quant_type="int8", progress=False)
-    return out
-
-
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_dequantize_gives_the_dequantized_checkpoints_model(kind, our_folder, int8_folder, tmp_path):
     """Every quantized linear becomes an nn.Linear; the logits equal, bit for bit, plain transformers'

@@ -24,15 +24,6 @@ def _example(heading: str) -> str:
     return match.group(1)
 
 
-@pytest.fixture(scope="module")
-def int8_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converter.writer.pipeline import convert
-
-    out = tmp_path_factory.mktemp("docs") / "int8"
-    convert(plain_llama, out, quant_type="int8", progress=False)
-    return out
-
-
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_replace_linear_layers_example_runs_for_4bit_and_int8(
     kind: str, our_folder: Path, int8_folder: Path

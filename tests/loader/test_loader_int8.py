@@ -29,15 +29,6 @@ from formats.int8 import Int8Tensor, dequantize_int8
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module")
-def int8_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converter.writer.pipeline import convert
-
-    out = tmp_path_factory.mktemp("int8") / "ours"
-    convert(plain_llama, out, quant_type="int8", progress=False)
-    return out
-
-
 def _transformers_model(folder: Path) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -5,6 +5,7 @@ train; and module casts (``.half()``, ``.to(dtype)``) leave their float32 scales
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -58,6 +59,23 @@ def test_backward_matches_finite_differences(folders, monkeypatch, act, device):
     assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+def _train(
+    model: torch.nn.Module, steps: int, check: Callable[[torch.nn.Module], None] | None = None
+) -> list:
+    """AdamW steps of causal-LM loss on IDS over the trainable parameters (``check`` after each backward)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        if check is not None:
+            check(model)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_lora_trains_through_4bit_experts(folders):
     """PEFT LoRA on the attention of a model whose experts are 4-bit: the loss goes down, the adapters of
     the first layer (before a MoE block) get gradients, and the experts' codes and scales never change."""
@@ -68,19 +86,14 @@ def test_lora_trains_through_4bit_experts(folders):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(6):
-        optimizer.zero_grad()
-        loss = model(IDS, labels=IDS).loss
-        loss.backward()
+
+    def check(model: torch.nn.Module) -> None:
         # lora_B starts at zero, so lora_A's first gradient is zero: lora_B's is what came back
         first = [p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]
         assert first
         assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in first)
-        optimizer.step()
-        losses.append(loss.item())
+
+    losses = _train(model, 6, check)
     assert losses[-1] < losses[0]
     for n, m in moe_modules(model).items():
         packed, absmax = frozen[n.removeprefix("base_model.model.")]
@@ -99,15 +112,8 @@ def test_lora_all_linear_trains_with_the_fused_router(folders):
         model = peft.get_peft_model(model, config)
     assert any("mlp.gate.lora" in n or "mlp.gate.parametrizations" in n for n, _ in model.named_parameters())
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(4):
-        optimizer.zero_grad()
-        loss = model(IDS, labels=IDS).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    model.train()
+    losses = _train(model, 4)
     assert losses[-1] < losses[0]
 
 
