@@ -58,9 +58,10 @@ class Bnb4bitMethod(QuantMethod):
         )
         return (
             f"{len(split)} quantized weight(s) have rows that are not whole {bs}-element blocks (e.g. "
-            f"{first.name}, {first.out_shape[-1]} inputs per row): transformers + bitsandbytes on the CPU "
-            f"fails at their first inference forward (bitsandbytes' CPU kernels need whole blocks per "
-            f"row); {ours}. A --blocksize that divides every input width avoids it"
+            f"{first.name}, {first.out_shape[-1]} inputs per row): transformers + bitsandbytes 0.50 on the "
+            f"CPU decodes such rows wrongly (its CPU kernels need whole blocks per row), so its inference "
+            f"forward fails (CPUs with AVX512-BF16) or, like training, silently computes with wrong "
+            f"weights; {ours}. A --blocksize that divides every input width avoids it"
         )
 
     def check_options(self, options: Options) -> None:

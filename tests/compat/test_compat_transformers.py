@@ -366,12 +366,17 @@ def test_keep_in_fp32_modules_follow_transformers_dtype_plan(tmp_path, source_dt
 
 
 def test_rows_of_partial_blocks_get_the_bitsandbytes_cpu_advice(tiny_checkpoint, tmp_path) -> None:
-    """The tiny Llama's down_proj rows hold 96 inputs: 1.5 blocks of 64. bitsandbytes 0.50's CPU
-    inference path fails on such rows (the advice is true: checked here), so convert warns; a
-    --blocksize dividing every width (32) gets no warning."""
+    """The tiny Llama's down_proj rows hold 96 inputs: 1.5 blocks of 64. bitsandbytes 0.50 on the CPU
+    decodes such rows wrongly, and its no_grad forward fails on some CPUs (AVX512-BF16) while training
+    and other CPUs compute with the wrong weights (the advice is true: one or the other is checked
+    here, whichever this CPU shows), so convert warns; a --blocksize dividing every width (32) gets no
+    warning."""
+    import bitsandbytes.functional as bnb_f
     import torch
     from transformers import AutoModelForCausalLM
 
+    from converter.loader.state import load_quantized_state
+    from converter.methods import for_record
     from converter.writer.pipeline import convert
 
     src = tiny_checkpoint("llama")
@@ -380,9 +385,20 @@ def test_rows_of_partial_blocks_get_the_bitsandbytes_cpu_advice(tiny_checkpoint,
     (advice,) = messages
     assert "rows that are not whole 64-element blocks" in advice
     assert "96 inputs per row" in advice
+    assert "silently computes with wrong weights" in advice
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b64", device_map="cpu")
-    with torch.no_grad(), pytest.raises(RuntimeError, match="is invalid for input of size"):
-        model(torch.tensor([[1, 2, 3]]))
+    name = "model.layers.0.mlp.down_proj.weight"
+    record = load_quantized_state(tmp_path / "b64")[name]
+    w = model.get_parameter(name)
+    theirs = bnb_f.dequantize_4bit(w.data, w.quant_state).float()  # before any forward repacks it
+    wrong_decode = not torch.equal(theirs, for_record(record).dequantize(record, torch.float32))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
+        failed = False
+    except RuntimeError as exc:
+        failed = "is invalid for input of size" in str(exc)
+    assert wrong_decode or failed
     messages.clear()
     convert(src, tmp_path / "b32", progress=False, blocksize=32, warn=messages.append)
     assert messages == []
