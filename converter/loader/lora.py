@@ -122,6 +122,17 @@ def lora_layer_class() -> type:
 
 
 def register_lora(config: Any) -> Any:
-    """Register our LoRA layer for our 4-bit layers on a ``peft.LoraConfig``; returns the config."""
+    """Register our LoRA layer for our 4-bit layers on a ``peft.LoraConfig``; returns the config.
+
+    Plain LoRA only: a LoRA bias (``lora_bias=True``; merging would drop it) and DoRA (``use_dora``)
+    are refused here rather than trained and then merged wrongly or failing inside PEFT."""
+    unsupported = [k for k in ("lora_bias", "use_dora") if getattr(config, k, False)]
+    if unsupported:
+        msg = (
+            f"register_lora: {', '.join(f'{k}=True' for k in unsupported)} is not supported by our 4-bit "
+            "LoRA layer (plain LoRA only); with bitsandbytes installed, PEFT's own 4-bit LoRA (without "
+            "register_lora) supports DoRA"
+        )
+        raise ValueError(msg)
     config._register_custom_module({QuantLinear4bit: lora_layer_class()})
     return config

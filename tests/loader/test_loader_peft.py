@@ -227,3 +227,13 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("option", ["lora_bias", "use_dora"])
+def test_register_lora_refuses_what_its_layer_cannot_merge(option: str) -> None:
+    """lora_bias was trained and then silently dropped at merge; DoRA failed inside PEFT with a vague
+    message: both are refused up front, naming the option."""
+    from converter.loader.lora import register_lora
+
+    with pytest.raises(ValueError, match=f"{option}=True is not supported"):
+        register_lora(peft.LoraConfig(r=2, target_modules=["q_proj"], **{option: True}))
