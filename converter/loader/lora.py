@@ -67,26 +67,45 @@ def _lora_class() -> type:
         def get_delta_weight(self, adapter: str) -> torch.Tensor:
             return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
 
+        def _delta_bias(self, adapter: str) -> torch.Tensor | None:
+            """What the adapter adds to the layer's bias (lora_B's bias, scaled as in the forward)."""
+            if not self.lora_bias.get(adapter, False):
+                return None
+            if self.get_base_layer().bias is None:
+                msg = (
+                    f"cannot merge adapter {adapter!r} (lora_bias=True) into {self.get_base_layer()!r}: "
+                    "the layer has no bias to merge its bias into; keep the adapter unmerged"
+                )
+                raise RuntimeError(msg)
+            return self.lora_B[adapter].bias.float() * self.scaling[adapter]
+
+        def _apply(self, adapter: str, sign: int, safe_merge: bool = False) -> None:
+            """Add (sign 1) or subtract (-1) the adapter's delta: weight re-quantized, bias in place."""
+            base = self.get_base_layer()
+            bias = self._delta_bias(adapter)
+            w = base.dequantize(torch.float32) + sign * self.get_delta_weight(adapter).float()
+            b = None if bias is None else base.bias.float() + sign * bias
+            if safe_merge and not (torch.isfinite(w).all() and (b is None or torch.isfinite(b).all())):
+                msg = f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken"
+                raise ValueError(msg)
+            requantize(base, w)
+            if b is not None:
+                base.bias.data = b.detach().to(base.bias.dtype)
+
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
             adapter_names = check_adapters_to_merge(self, adapter_names)
-            base = self.get_base_layer()
             for adapter in adapter_names:
                 if adapter not in self.lora_A:
                     continue
                 warnings.warn("Merging LoRA into a 4-bit layer re-quantizes it (rounding)", stacklevel=2)
-                w = base.dequantize(torch.float32) + self.get_delta_weight(adapter).float()
-                if safe_merge and not torch.isfinite(w).all():
-                    msg = f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken"
-                    raise ValueError(msg)
-                requantize(base, w)
+                self._apply(adapter, 1, safe_merge)
                 self.merged_adapters.append(adapter)
 
         def unmerge(self) -> None:
-            base = self.get_base_layer()
             while self.merged_adapters:
                 adapter = self.merged_adapters.pop()
                 if adapter in self.lora_A:
-                    requantize(base, base.dequantize(torch.float32) - self.get_delta_weight(adapter).float())
+                    self._apply(adapter, -1)
 
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if self.disable_adapters:

@@ -227,3 +227,55 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+class _TwoLayers(torch.nn.Module):
+    """Two 4-bit layers with biases (float32 compute), for register_lora's LoRA layer."""
+
+    def __init__(self) -> None:
+        from loader_helpers import make_layer
+
+        super().__init__()
+        self.proj = make_layer(64, 64, bias=True, dtype=torch.float32)[0]
+        self.head = make_layer(64, 64, bias=True, seed=1, dtype=torch.float32)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.proj(x)))
+
+
+def _registered(model: torch.nn.Module, **kw) -> torch.nn.Module:
+    from converter.loader.lora import register_lora
+
+    config = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["proj"], init_lora_weights=False, **kw)
+    return peft.get_peft_model(model, register_lora(config))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_custom_lora_bias_is_merged_into_the_layer_bias() -> None:
+    # merge() requantized the weight and dropped lora_B's bias: the merged model's outputs moved by it
+    torch.manual_seed(0)
+    model = _registered(_TwoLayers(), lora_bias=True)
+    wrapped = model.base_model.model.proj
+    with torch.no_grad():
+        wrapped.lora_B["default"].bias.fill_(0.25)
+    x = torch.randn(3, 64)
+    bias, scaling = wrapped.base_layer.bias.detach().clone(), wrapped.scaling["default"]
+    with torch.no_grad():
+        want = model(x)
+        model.merge_adapter()
+        assert torch.equal(wrapped.base_layer.bias, bias + 0.25 * scaling)
+        merged = model(x)
+        model.unmerge_adapter()
+        torch.testing.assert_close(wrapped.base_layer.bias, bias)
+    # only the weight's re-quantization differs (the bias alone moves outputs by 0.25 * 4 = 1 and more)
+    assert (merged - want).abs().max() < 0.3
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_custom_lora_bias_on_a_layer_without_bias_refuses_to_merge(our_folder: Path) -> None:
+    from converter.loader.lora import register_lora
+
+    config = register_lora(peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    model = peft.get_peft_model(load_quantized(our_folder), config)
+    with pytest.raises(RuntimeError, match=r"lora_bias=True.*has no bias"):
+        model.merge_adapter()
