@@ -49,6 +49,29 @@ def requantize(layer: QuantLinear4bit, weight: torch.Tensor) -> None:
     layer._set_weight(make_weight(record.packed, state_from_record(record)))
 
 
+#: What our LoRA layer runs: plain LoRA (PEFT's variants need their own forward and merge).
+SUPPORTED = (
+    "plain LoRA (r, lora_alpha, lora_dropout, use_rslora, lora_bias merged into the layer's bias, "
+    "several adapters, mixed batches with adapter_names=)"
+)
+
+#: LoraConfig fields that ask for a LoRA variant, with the value that leaves it off.
+_VARIANT_FIELDS = (
+    ("use_dora", False),
+    ("alora_invocation_tokens", None),
+    ("arrow_config", None),
+    ("velora_config", None),
+)
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(
+        f"{what} is not supported by register_lora's LoRA layer for quantize-model's 4-bit layers, "
+        f"which runs {SUPPORTED}. With bitsandbytes installed, leave register_lora out: plain "
+        "get_peft_model wraps the layers with PEFT's own 4-bit LoRA layer, which has the variants."
+    )
+
+
 def _lora_class() -> type:
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.tuners_utils import check_adapters_to_merge
@@ -63,6 +86,21 @@ def _lora_class() -> type:
             self.fan_in_fan_out = False
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+        def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> None:
+            """No variant: DoRA, aLoRA, Arrow, VeLoRA (and any other) are refused by name."""
+            for name, off in _VARIANT_FIELDS:
+                if getattr(config, name, off) != off:
+                    what = f"LoraConfig({name}={getattr(config, name)!r})"
+                    raise _unsupported(what)
+            try:
+                variant = super().resolve_lora_variant(config=config, **kwargs)
+            except ValueError as exc:
+                what = f"this LoraConfig ({exc})"
+                raise _unsupported(what) from exc
+            if variant is not None:
+                what = f"this LoraConfig (it asks for {type(variant).__name__})"
+                raise _unsupported(what)
 
         def get_delta_weight(self, adapter: str) -> torch.Tensor:
             return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
@@ -107,20 +145,31 @@ def _lora_class() -> type:
                 if adapter in self.lora_A:
                     self._apply(adapter, -1)
 
+        def _lora_out(self, adapter: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+            h = self.lora_dropout[adapter](x.to(lora_a.weight.dtype))
+            return (lora_b(lora_a(h)) * self.scaling[adapter]).to(dtype)
+
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            self._check_forward_args(x, *args, **kwargs)  # adapter_names: one per row, nothing merged
+            adapter_names = kwargs.pop("adapter_names", None)
             if self.disable_adapters:
                 if self.merged:
                     self.unmerge()
                 return self.base_layer(x, *args, **kwargs)
             result = self.base_layer(x, *args, **kwargs)
+            if adapter_names is not None:  # a mixed batch: row i takes adapter_names[i] ("__base__": none)
+                result = result.clone()
+                for adapter in dict.fromkeys(adapter_names):
+                    if adapter in self.lora_A:
+                        rows = [i for i, a in enumerate(adapter_names) if a == adapter]
+                        result[rows] += self._lora_out(adapter, x[rows], result.dtype)
+                return result
             if self.merged:
                 return result
             for adapter in self.active_adapters:
-                if adapter not in self.lora_A:
-                    continue
-                lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
-                h = self.lora_dropout[adapter](x.to(lora_a.weight.dtype))
-                result = result + (lora_b(lora_a(h)) * self.scaling[adapter]).to(result.dtype)
+                if adapter in self.lora_A:
+                    result = result + self._lora_out(adapter, x, result.dtype)
             return result
 
         def __repr__(self) -> str:

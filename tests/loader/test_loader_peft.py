@@ -279,3 +279,34 @@ def test_custom_lora_bias_on_a_layer_without_bias_refuses_to_merge(our_folder: P
     model = peft.get_peft_model(load_quantized(our_folder), config)
     with pytest.raises(RuntimeError, match=r"lora_bias=True.*has no bias"):
         model.merge_adapter()
+
+
+def test_custom_lora_mixed_adapter_batch() -> None:
+    # adapter_names= reached QuantLinear4bit.forward: TypeError
+    torch.manual_seed(0)
+    model = _registered(_TwoLayers())
+    from converter.loader.lora import register_lora
+
+    other = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["proj"], init_lora_weights=False)
+    model.add_adapter("other", register_lora(other))
+    model.eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["default", "other", "__base__"])
+        model.set_adapter("default")
+        a = model(x)
+        model.set_adapter("other")
+        b = model(x)
+        with model.disable_adapter():
+            base = model(x)
+    torch.testing.assert_close(mixed, torch.stack([a[0], b[1], base[2]]), rtol=0, atol=1e-6)
+    assert not torch.equal(a[0], base[0])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    ("option", "value"), [("use_dora", True), ("alora_invocation_tokens", [1, 2])], ids=["dora", "alora"]
+)
+def test_custom_lora_refuses_variants_by_name(option: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"LoraConfig\({option}=.*not supported.*plain LoRA"):
+        _registered(_TwoLayers(), **{option: value})
