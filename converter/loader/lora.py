@@ -12,7 +12,11 @@ Without bitsandbytes, register this module's layer on the config first::
     model = get_peft_model(model, config)
 
 ``merge``/``merge_and_unload`` decode the weight exactly, add the adapter's delta and quantize the
-sum again with our kernels (same quant type, blocksize and nesting), as PEFT does with bitsandbytes.
+sum again with our kernels (same quant type, blocksize and nesting), as PEFT does with bitsandbytes;
+``lora_bias`` goes into the layer's bias. Plain LoRA only (:data:`SUPPORTED`): DoRA and PEFT's other
+variants are refused by name. ``target_modules="all-linear"`` needs the model:
+``register_lora(config, model)``. A saved adapter reloads with
+``PeftModel.from_pretrained(model, path, config=register_lora(LoraConfig.from_pretrained(path)))``.
 
 4-bit layers only: LLM.int8 layers (``QuantLinear8bit``) get PEFT's 8-bit LoRA layer when bitsandbytes
 is installed (they are then ``bnb.nn.Linear8bitLt``); without it PEFT refuses them.
@@ -20,6 +24,7 @@ is installed (they are then ``bnb.nn.Linear8bitLt``); without it PEFT refuses th
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -189,7 +194,55 @@ def lora_layer_class() -> type:
     return _CLASS
 
 
-def register_lora(config: Any) -> Any:
-    """Register our LoRA layer for our 4-bit layers on a ``peft.LoraConfig``; returns the config."""
+def register_lora(config: Any, model: nn.Module | None = None) -> Any:
+    """Register our LoRA layer for our 4-bit layers on a ``peft.LoraConfig``; returns the config.
+
+    ``target_modules="all-linear"``: PEFT expands it to ``nn.Linear`` / ``Conv1D`` modules only, which
+    our 4-bit layers are not without bitsandbytes (with it they are ``bnb.nn.Linear4bit``). Pass the
+    ``model`` and it is expanded here, as PEFT would with bitsandbytes: every 4-bit layer and every
+    other linear layer PEFT picks, the output head (and a classification head) excluded. Without the
+    model and without bitsandbytes it is refused (a ValueError), as PEFT would find none of them.
+    """
+    from converter.loader import module
+
+    if _is_all_linear(config):
+        if model is not None:
+            config.target_modules = _all_linear(config, model)
+        elif not module.HAS_BITSANDBYTES:
+            msg = (
+                "target_modules='all-linear' makes PEFT pick nn.Linear/Conv1D layers only, and without "
+                "bitsandbytes quantize-model's 4-bit layers are neither: pass the model, "
+                "register_lora(config, model), to expand it to the 4-bit layers (output head excluded, "
+                "as PEFT does), or name the modules (target_modules=['q_proj', ...])"
+            )
+            raise ValueError(msg)
     config._register_custom_module({QuantLinear4bit: lora_layer_class()})
     return config
+
+
+def _is_all_linear(config: Any) -> bool:
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    target = getattr(config, "target_modules", None)
+    return isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
+def _all_linear(config: Any, model: nn.Module) -> set[str]:
+    """PEFT's "all-linear" expansion for ``model``, our 4-bit layers counted as linear layers."""
+    from peft import TaskType
+    from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
+    # PEFT's own pick (nn.Linear / Conv1D, the output head excluded), on a copy of the config
+    names = set(_maybe_include_all_linear_layers(copy.copy(config), model).target_modules)
+    wrapped = [f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    names |= {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear4bit) and not any(n.startswith(w) for w in wrapped)
+    }
+    # the heads PEFT leaves out: the output embedding, else a sequence-classification head
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None and getattr(config, "task_type", None) == TaskType.SEQ_CLS:
+        head = next((h for name in SEQ_CLS_HEAD_NAMES if (h := getattr(model, name, None)) is not None), None)
+    return names - {n for n, m in model.named_modules() if head is not None and m is head}

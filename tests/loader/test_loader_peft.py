@@ -310,3 +310,44 @@ def test_custom_lora_mixed_adapter_batch() -> None:
 def test_custom_lora_refuses_variants_by_name(option: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"LoraConfig\({option}=.*not supported.*plain LoRA"):
         _registered(_TwoLayers(), **{option: value})
+
+
+HIDE_BNB_SCRIPT_ALL_LINEAR = """
+import warnings
+warnings.simplefilter("ignore")
+import peft
+from converter.loader.lora import register_lora
+from converter.loader.model import load_quantized
+model = load_quantized({folder!r})
+try:
+    register_lora(peft.LoraConfig(r=2, target_modules="all-linear"))
+except ValueError as exc:
+    print("refused" if "register_lora(config, model)" in str(exc) else exc)
+config = register_lora(peft.LoraConfig(r=2, target_modules="all-linear"), model)
+model = peft.get_peft_model(model, config)
+print(sorted({{n.rpartition(".")[2] for n, m in model.named_modules() if hasattr(m, "lora_A")}}))
+"""
+
+
+def test_all_linear_without_bitsandbytes(our_folder: Path) -> None:
+    # PEFT's "all-linear" only picks nn.Linear / Conv1D: NoMatchingPeftModuleError without bitsandbytes
+    script = HIDE_BNB + HIDE_BNB_SCRIPT_ALL_LINEAR.format(folder=str(our_folder))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "refused"
+    # every 4-bit projection, and not lm_head (the output head, a plain nn.Linear PEFT leaves out)
+    assert lines[1] == str(
+        sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    )
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_all_linear_with_the_model_matches_peft_with_bitsandbytes(our_folder: Path) -> None:
+    from converter.loader.lora import register_lora
+
+    ours = register_lora(peft.LoraConfig(r=2, target_modules="all-linear"), load_quantized(our_folder))
+    theirs = peft.get_peft_model(
+        load_quantized(our_folder), peft.LoraConfig(r=2, target_modules="all-linear")
+    )
+    assert set(ours.target_modules) == set(theirs.peft_config["default"].target_modules)
