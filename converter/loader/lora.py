@@ -12,7 +12,11 @@ Without bitsandbytes, register this module's layer on the config first::
     model = get_peft_model(model, config)
 
 ``merge``/``merge_and_unload`` decode the weight exactly, add the adapter's delta and quantize the
-sum again with our kernels (same quant type, blocksize and nesting), as PEFT does with bitsandbytes.
+sum again with our kernels (same quant type, blocksize and nesting), as PEFT does with bitsandbytes;
+``lora_bias`` goes into the layer's bias. Plain LoRA only (:data:`SUPPORTED`): DoRA and PEFT's other
+variants are refused by name. ``target_modules="all-linear"`` needs the model:
+``register_lora(config, model)``. A saved adapter reloads with
+``PeftModel.from_pretrained(model, path, config=register_lora(LoraConfig.from_pretrained(path)))``.
 
 4-bit layers only: LLM.int8 layers (``QuantLinear8bit``) get PEFT's 8-bit LoRA layer when bitsandbytes
 is installed (they are then ``bnb.nn.Linear8bitLt``); without it PEFT refuses them.
@@ -20,6 +24,7 @@ is installed (they are then ``bnb.nn.Linear8bitLt``); without it PEFT refuses th
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -49,6 +54,29 @@ def requantize(layer: QuantLinear4bit, weight: torch.Tensor) -> None:
     layer._set_weight(make_weight(record.packed, state_from_record(record)))
 
 
+#: What our LoRA layer runs: plain LoRA (PEFT's variants need their own forward and merge).
+SUPPORTED = (
+    "plain LoRA (r, lora_alpha, lora_dropout, use_rslora, lora_bias merged into the layer's bias, "
+    "several adapters, mixed batches with adapter_names=)"
+)
+
+#: LoraConfig fields that ask for a LoRA variant, with the value that leaves it off.
+_VARIANT_FIELDS = (
+    ("use_dora", False),
+    ("alora_invocation_tokens", None),
+    ("arrow_config", None),
+    ("velora_config", None),
+)
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(
+        f"{what} is not supported by register_lora's LoRA layer for quantize-model's 4-bit layers, "
+        f"which runs {SUPPORTED}. With bitsandbytes installed, leave register_lora out: plain "
+        "get_peft_model wraps the layers with PEFT's own 4-bit LoRA layer, which has the variants."
+    )
+
+
 def _lora_class() -> type:
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.tuners_utils import check_adapters_to_merge
@@ -64,44 +92,89 @@ def _lora_class() -> type:
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
+        def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> None:
+            """No variant: DoRA, aLoRA, Arrow, VeLoRA (and any other) are refused by name."""
+            for name, off in _VARIANT_FIELDS:
+                if getattr(config, name, off) != off:
+                    what = f"LoraConfig({name}={getattr(config, name)!r})"
+                    raise _unsupported(what)
+            try:
+                variant = super().resolve_lora_variant(config=config, **kwargs)
+            except ValueError as exc:
+                what = f"this LoraConfig ({exc})"
+                raise _unsupported(what) from exc
+            if variant is not None:
+                what = f"this LoraConfig (it asks for {type(variant).__name__})"
+                raise _unsupported(what)
+
         def get_delta_weight(self, adapter: str) -> torch.Tensor:
             return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
 
+        def _delta_bias(self, adapter: str) -> torch.Tensor | None:
+            """What the adapter adds to the layer's bias (lora_B's bias, scaled as in the forward)."""
+            if not self.lora_bias.get(adapter, False):
+                return None
+            if self.get_base_layer().bias is None:
+                msg = (
+                    f"cannot merge adapter {adapter!r} (lora_bias=True) into {self.get_base_layer()!r}: "
+                    "the layer has no bias to merge its bias into; keep the adapter unmerged"
+                )
+                raise RuntimeError(msg)
+            return self.lora_B[adapter].bias.float() * self.scaling[adapter]
+
+        def _apply(self, adapter: str, sign: int, safe_merge: bool = False) -> None:
+            """Add (sign 1) or subtract (-1) the adapter's delta: weight re-quantized, bias in place."""
+            base = self.get_base_layer()
+            bias = self._delta_bias(adapter)
+            w = base.dequantize(torch.float32) + sign * self.get_delta_weight(adapter).float()
+            b = None if bias is None else base.bias.float() + sign * bias
+            if safe_merge and not (torch.isfinite(w).all() and (b is None or torch.isfinite(b).all())):
+                msg = f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken"
+                raise ValueError(msg)
+            requantize(base, w)
+            if b is not None:
+                base.bias.data = b.detach().to(base.bias.dtype)
+
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
             adapter_names = check_adapters_to_merge(self, adapter_names)
-            base = self.get_base_layer()
             for adapter in adapter_names:
                 if adapter not in self.lora_A:
                     continue
                 warnings.warn("Merging LoRA into a 4-bit layer re-quantizes it (rounding)", stacklevel=2)
-                w = base.dequantize(torch.float32) + self.get_delta_weight(adapter).float()
-                if safe_merge and not torch.isfinite(w).all():
-                    msg = f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken"
-                    raise ValueError(msg)
-                requantize(base, w)
+                self._apply(adapter, 1, safe_merge)
                 self.merged_adapters.append(adapter)
 
         def unmerge(self) -> None:
-            base = self.get_base_layer()
             while self.merged_adapters:
                 adapter = self.merged_adapters.pop()
                 if adapter in self.lora_A:
-                    requantize(base, base.dequantize(torch.float32) - self.get_delta_weight(adapter).float())
+                    self._apply(adapter, -1)
+
+        def _lora_out(self, adapter: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+            h = self.lora_dropout[adapter](x.to(lora_a.weight.dtype))
+            return (lora_b(lora_a(h)) * self.scaling[adapter]).to(dtype)
 
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            self._check_forward_args(x, *args, **kwargs)  # adapter_names: one per row, nothing merged
+            adapter_names = kwargs.pop("adapter_names", None)
             if self.disable_adapters:
                 if self.merged:
                     self.unmerge()
                 return self.base_layer(x, *args, **kwargs)
             result = self.base_layer(x, *args, **kwargs)
+            if adapter_names is not None:  # a mixed batch: row i takes adapter_names[i] ("__base__": none)
+                result = result.clone()
+                for adapter in dict.fromkeys(adapter_names):
+                    if adapter in self.lora_A:
+                        rows = [i for i, a in enumerate(adapter_names) if a == adapter]
+                        result[rows] += self._lora_out(adapter, x[rows], result.dtype)
+                return result
             if self.merged:
                 return result
             for adapter in self.active_adapters:
-                if adapter not in self.lora_A:
-                    continue
-                lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
-                h = self.lora_dropout[adapter](x.to(lora_a.weight.dtype))
-                result = result + (lora_b(lora_a(h)) * self.scaling[adapter]).to(result.dtype)
+                if adapter in self.lora_A:
+                    result = result + self._lora_out(adapter, x, result.dtype)
             return result
 
         def __repr__(self) -> str:
@@ -121,18 +194,55 @@ def lora_layer_class() -> type:
     return _CLASS
 
 
-def register_lora(config: Any) -> Any:
+def register_lora(config: Any, model: nn.Module | None = None) -> Any:
     """Register our LoRA layer for our 4-bit layers on a ``peft.LoraConfig``; returns the config.
 
-    Plain LoRA only: a LoRA bias (``lora_bias=True``; merging would drop it) and DoRA (``use_dora``)
-    are refused here rather than trained and then merged wrongly or failing inside PEFT."""
-    unsupported = [k for k in ("lora_bias", "use_dora") if getattr(config, k, False)]
-    if unsupported:
-        msg = (
-            f"register_lora: {', '.join(f'{k}=True' for k in unsupported)} is not supported by our 4-bit "
-            "LoRA layer (plain LoRA only); with bitsandbytes installed, PEFT's own 4-bit LoRA (without "
-            "register_lora) supports DoRA"
-        )
-        raise ValueError(msg)
+    ``target_modules="all-linear"``: PEFT expands it to ``nn.Linear`` / ``Conv1D`` modules only, which
+    our 4-bit layers are not without bitsandbytes (with it they are ``bnb.nn.Linear4bit``). Pass the
+    ``model`` and it is expanded here, as PEFT would with bitsandbytes: every 4-bit layer and every
+    other linear layer PEFT picks, the output head (and a classification head) excluded. Without the
+    model and without bitsandbytes it is refused (a ValueError), as PEFT would find none of them.
+    """
+    from converter.loader import module
+
+    if _is_all_linear(config):
+        if model is not None:
+            config.target_modules = _all_linear(config, model)
+        elif not module.HAS_BITSANDBYTES:
+            msg = (
+                "target_modules='all-linear' makes PEFT pick nn.Linear/Conv1D layers only, and without "
+                "bitsandbytes quantize-model's 4-bit layers are neither: pass the model, "
+                "register_lora(config, model), to expand it to the 4-bit layers (output head excluded, "
+                "as PEFT does), or name the modules (target_modules=['q_proj', ...])"
+            )
+            raise ValueError(msg)
     config._register_custom_module({QuantLinear4bit: lora_layer_class()})
     return config
+
+
+def _is_all_linear(config: Any) -> bool:
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    target = getattr(config, "target_modules", None)
+    return isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
+def _all_linear(config: Any, model: nn.Module) -> set[str]:
+    """PEFT's "all-linear" expansion for ``model``, our 4-bit layers counted as linear layers."""
+    from peft import TaskType
+    from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
+    # PEFT's own pick (nn.Linear / Conv1D, the output head excluded), on a copy of the config
+    names = set(_maybe_include_all_linear_layers(copy.copy(config), model).target_modules)
+    wrapped = [f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    names |= {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear4bit) and not any(n.startswith(w) for w in wrapped)
+    }
+    # the heads PEFT leaves out: the output embedding, else a sequence-classification head
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None and getattr(config, "task_type", None) == TaskType.SEQ_CLS:
+        head = next((h for name in SEQ_CLS_HEAD_NAMES if (h := getattr(model, name, None)) is not None), None)
+    return names - {n for n, m in model.named_modules() if head is not None and m is head}

@@ -1,7 +1,8 @@
 """``load_quantized``: a transformers model built from a pre-quantized folder, without bitsandbytes' loader.
 
-1. ``config.json`` -> the class named by ``architectures`` (else ``AutoModelForCausalLM``), built with
-   its parameters on the meta device (buffers such as rotary tables are computed for real);
+1. ``config.json`` -> the class named by ``architectures`` (else the head the shards fill: the
+   converter's lookup, ``converter.plan.model_class``), built with its parameters on the meta device
+   (buffers such as rotary tables are computed for real);
 2. every module whose ``<name>.weight`` is quantized in the shards becomes a :class:`Linear4bit`
    sharing the memory-mapped tensors; this is checked against the set transformers' bnb integration
    would swap (``llm_int8_skip_modules`` or its default skips) and a difference is reported;
@@ -17,7 +18,7 @@ import contextlib
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,21 +81,21 @@ def _no_init_weights() -> contextlib.AbstractContextManager:
     return no_init_weights()
 
 
-def _model_class(config: Any, folder: Path | None = None, *, trust_remote_code: bool = False) -> type:
-    import transformers
+def _model_class(
+    config: Any,
+    folder: Path | None = None,
+    *,
+    trust_remote_code: bool = False,
+    keys: Collection[str] | None = None,
+) -> type:
+    """The class to build: the converter's lookup (``converter.plan.model_class``: the class named by
+    ``architectures``, the same head for a name transformers lacks, else the head the checkpoint
+    ``keys`` fill), then repository code when trusted."""
+    from converter.plan.model_class import model_class
 
-    for name in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-    try:
-        return transformers.AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        pass
-    try:
-        return transformers.AutoModel._model_mapping[type(config)]
-    except KeyError:
-        pass
+    cls = model_class(config, getattr(config, "architectures", None) or (), keys)
+    if cls is not None:
+        return cls
     auto_map = getattr(config, "auto_map", None) or {}
     if trust_remote_code and folder is not None:
         # repository code (config.json "auto_map"), run only because the caller trusts it
@@ -107,6 +108,22 @@ def _model_class(config: Any, folder: Path | None = None, *, trust_remote_code: 
     if auto_map and not trust_remote_code:
         msg += " (config.json names repository code in auto_map: pass trust_remote_code=True to run it)"
     raise ModelBuildError(msg)
+
+
+def _match_prefix(model: nn.Module, state: dict[str, Any]) -> None:
+    """Rename ``state``'s keys (in place, order kept) as transformers' loader does with the base-model
+    prefix: stripped for a model without it (``roberta.*`` keys into ``RobertaModel``), added for one
+    with it (a base-model checkpoint into ``RobertaForMaskedLM``)."""
+    from converter.plan.model_class import parameter_names, prefixed_key
+
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = parameter_names(model)
+    if not prefix or all(k in names for k in state):
+        return
+    renamed = {prefixed_key(k, prefix, names): v for k, v in state.items()}
+    if len(renamed) == len(state):  # never two keys onto one name
+        state.clear()
+        state.update(renamed)
 
 
 def transformers_would_quantize(model: nn.Module, quantization_config: dict | None) -> set[str]:
@@ -187,7 +204,7 @@ def build_skeleton(
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the 4-bit layers ourselves
-    cls = _model_class(config, folder, trust_remote_code=trust_remote_code)
+    cls = _model_class(config, folder, trust_remote_code=trust_remote_code, keys=list(state))
     try:
         with BUILD_LOCK, _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -199,6 +216,7 @@ def build_skeleton(
 
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
     attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
+    _match_prefix(model, state)
     try:
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
     except (ImportError, AttributeError, TypeError):  # another transformers version: skip the check

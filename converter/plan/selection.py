@@ -5,8 +5,9 @@ exactly where a quantized weight sits: a plain (unquantized) weight fed into a L
 as packed data without any error, and a packed weight fed into a plain layer fails on its shape.
 So the selection is made by transformers' own code whenever it is installed:
 
-1. the model class named by ``config.architectures`` is built on the meta device (no weights, no
-   remote code);
+1. the model class named by ``config.architectures`` (without one, or with a name transformers lacks:
+   the head the checkpoint keys fill, ``converter.plan.model_class``, the loader's lookup too) is
+   built on the meta device (no weights, no remote code);
 2. every checkpoint key is mapped to a parameter of that skeleton through transformers' own key
    conversion (``get_model_conversion_mapping`` + ``rename_source_key``: v5 renames, base-model
    prefix added or stripped, legacy ``gamma``/``beta``; fused MoE experts and other merged/split
@@ -287,12 +288,14 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(old)
 
 
-def build_skeleton(config: dict) -> Any:
-    """The model class of ``config.architectures[0]`` (else the base AutoModel class), built on the
-    meta device: no memory, no weights, never remote code."""
+def build_skeleton(config: dict, keys: Sequence[str] | None = None) -> Any:
+    """The model class ``config.json`` and the checkpoint ``keys`` describe (``converter.plan.model_class``,
+    the loader's lookup too), built on the meta device: no memory, no weights, never remote code."""
     import torch
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from converter.plan.model_class import model_class
 
     model_type = config.get("model_type")
     if not model_type:
@@ -308,14 +311,7 @@ def build_skeleton(config: dict) -> Any:
     cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
     with _quiet_transformers():
         cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
-        cls = None
-        for name in config.get("architectures") or ():
-            cand = getattr(transformers, name, None)
-            if isinstance(cand, type) and issubclass(cand, transformers.PreTrainedModel):
-                cls = cand
-                break
-        if cls is None:
-            cls = _auto_class(transformers, cfg, config.get("architectures") or ())
+        cls = model_class(cfg, config.get("architectures") or (), keys)
         if cls is None:
             msg = (
                 f"transformers has no model class for model_type '{model_type}'; "
@@ -334,31 +330,6 @@ def build_skeleton(config: dict) -> Any:
     return model
 
 
-#: Architecture name suffix -> the Auto class that builds the same head from a built-in model_type,
-#: for configs naming a class transformers does not have (repository code, which we never run).
-_AUTO_BY_SUFFIX = (
-    ("ForCausalLM", "AutoModelForCausalLM"),
-    ("LMHeadModel", "AutoModelForCausalLM"),
-    ("ForMaskedLM", "AutoModelForMaskedLM"),
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-    ("ForTokenClassification", "AutoModelForTokenClassification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
-    ("ForConditionalGeneration", "AutoModelForImageTextToText"),
-)
-
-
-def _auto_class(transformers: Any, cfg: Any, architectures: Sequence[str]) -> Any:
-    """The built-in class for an architecture transformers does not name: same head, else the base model."""
-    for arch in architectures:
-        for suffix, auto in _AUTO_BY_SUFFIX:
-            if arch.endswith(suffix):
-                cls = getattr(transformers, auto)._model_mapping.get(type(cfg), None)
-                if cls is not None:
-                    return cls
-    return transformers.AutoModel._model_mapping.get(type(cfg), None)
-
-
 def _select_transformers(
     config: dict, tensors: Sequence[_TensorLike], *, skip: Sequence[str], include: Sequence[str]
 ) -> Selection:
@@ -368,7 +339,8 @@ def _select_transformers(
     from converter.plan import selection_table
     from converter.plan.selection_facts import facts_from_model
 
-    model = build_skeleton(config)
+    keys = [t.name for t in tensors]
+    model = build_skeleton(config, keys)
     cls_name = type(model).__name__
     for name, mod in model.named_modules():
         if type(mod).__name__ in MODULES_TO_PATCH_FOR_QUANTIZATION:
@@ -378,7 +350,6 @@ def _select_transformers(
                 "checkpoint cannot fill; quantize this model on load with transformers + bitsandbytes instead"
             )
             raise SelectionError(msg)
-    keys = [t.name for t in tensors]
     with _quiet_transformers():
         facts = facts_from_model(model, keys)
     if facts.matcher is None:  # a should_convert_module we do not mirror: use it, cache nothing

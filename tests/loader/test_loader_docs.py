@@ -79,3 +79,39 @@ def test_int8_lora_without_bitsandbytes_is_refused_as_documented(int8_folder: Pa
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert out.stdout.split() == ["refused", "refused"], out.stderr[-2000:]
+
+
+def test_adapter_reload_without_bitsandbytes_runs_as_documented(our_folder: Path, tmp_path: Path) -> None:
+    """docs/python-api.md, "LoRA with PEFT": plain PeftModel.from_pretrained fails without bitsandbytes
+    ("Target module QuantLinear4bit ... is not supported"); the documented call reloads the adapter."""
+    import subprocess
+    import sys
+
+    from loader_helpers import hiding
+
+    pytest.importorskip("peft")
+    code = _example("Reloading a saved adapter without bitsandbytes")
+    assert '"./llama-8b-nf4"' in code
+    assert '"./my-adapter"' in code
+    code = code.replace('"./llama-8b-nf4"', repr(str(our_folder))).replace(
+        '"./my-adapter"', repr(str(tmp_path / "adapter"))
+    )
+    script = hiding("bitsandbytes") + (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import torch, peft\n"
+        "from converter.loader.lora import register_lora\n"
+        "from converter.loader.model import load_quantized\n"
+        "ids = torch.tensor([[1, 2, 3, 4]])\n"
+        f"trained = load_quantized({str(our_folder)!r})\n"
+        "config = peft.LoraConfig(r=2, target_modules=['q_proj', 'v_proj'], init_lora_weights=False)\n"
+        "trained = peft.get_peft_model(trained, register_lora(config))\n"
+        f"trained.save_pretrained({str(tmp_path / 'adapter')!r})\n"
+        f"try:\n    peft.PeftModel.from_pretrained(load_quantized({str(our_folder)!r}), "
+        f"{str(tmp_path / 'adapter')!r})\n"
+        "except ValueError as exc:\n    print('plain:', 'not supported' in str(exc))\n"
+        + code
+        + "with torch.no_grad():\n"
+        "    print('same:', torch.equal(model(ids).logits, trained(ids).logits))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert out.stdout.split() == ["plain:", "True", "same:", "True"], out.stderr[-2000:]

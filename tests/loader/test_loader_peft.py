@@ -229,11 +229,125 @@ print("ok")
     assert out.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("option", ["lora_bias", "use_dora"])
-def test_register_lora_refuses_what_its_layer_cannot_merge(option: str) -> None:
-    """lora_bias was trained and then silently dropped at merge; DoRA failed inside PEFT with a vague
-    message: both are refused up front, naming the option."""
+class _TwoLayers(torch.nn.Module):
+    """Two 4-bit layers with biases (float32 compute), for register_lora's LoRA layer."""
+
+    def __init__(self) -> None:
+        from loader_helpers import make_layer
+
+        super().__init__()
+        self.proj = make_layer(64, 64, bias=True, dtype=torch.float32)[0]
+        self.head = make_layer(64, 64, bias=True, seed=1, dtype=torch.float32)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.proj(x)))
+
+
+def _registered(model: torch.nn.Module, **kw) -> torch.nn.Module:
     from converter.loader.lora import register_lora
 
-    with pytest.raises(ValueError, match=f"{option}=True is not supported"):
-        register_lora(peft.LoraConfig(r=2, target_modules=["q_proj"], **{option: True}))
+    config = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["proj"], init_lora_weights=False, **kw)
+    return peft.get_peft_model(model, register_lora(config))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_custom_lora_bias_is_merged_into_the_layer_bias() -> None:
+    # merge() requantized the weight and dropped lora_B's bias: the merged model's outputs moved by it
+    torch.manual_seed(0)
+    model = _registered(_TwoLayers(), lora_bias=True)
+    wrapped = model.base_model.model.proj
+    with torch.no_grad():
+        wrapped.lora_B["default"].bias.fill_(0.25)
+    x = torch.randn(3, 64)
+    bias, scaling = wrapped.base_layer.bias.detach().clone(), wrapped.scaling["default"]
+    with torch.no_grad():
+        want = model(x)
+        model.merge_adapter()
+        assert torch.equal(wrapped.base_layer.bias, bias + 0.25 * scaling)
+        merged = model(x)
+        model.unmerge_adapter()
+        torch.testing.assert_close(wrapped.base_layer.bias, bias)
+    # only the weight's re-quantization differs (the bias alone moves outputs by 0.25 * 4 = 1 and more)
+    assert (merged - want).abs().max() < 0.3
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_custom_lora_bias_on_a_layer_without_bias_refuses_to_merge(our_folder: Path) -> None:
+    from converter.loader.lora import register_lora
+
+    config = register_lora(peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    model = peft.get_peft_model(load_quantized(our_folder), config)
+    with pytest.raises(RuntimeError, match=r"lora_bias=True.*has no bias"):
+        model.merge_adapter()
+
+
+def test_custom_lora_mixed_adapter_batch() -> None:
+    # adapter_names= reached QuantLinear4bit.forward: TypeError
+    torch.manual_seed(0)
+    model = _registered(_TwoLayers())
+    from converter.loader.lora import register_lora
+
+    other = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["proj"], init_lora_weights=False)
+    model.add_adapter("other", register_lora(other))
+    model.eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["default", "other", "__base__"])
+        model.set_adapter("default")
+        a = model(x)
+        model.set_adapter("other")
+        b = model(x)
+        with model.disable_adapter():
+            base = model(x)
+    torch.testing.assert_close(mixed, torch.stack([a[0], b[1], base[2]]), rtol=0, atol=1e-6)
+    assert not torch.equal(a[0], base[0])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    ("option", "value"), [("use_dora", True), ("alora_invocation_tokens", [1, 2])], ids=["dora", "alora"]
+)
+def test_custom_lora_refuses_variants_by_name(option: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"LoraConfig\({option}=.*not supported.*plain LoRA"):
+        _registered(_TwoLayers(), **{option: value})
+
+
+HIDE_BNB_SCRIPT_ALL_LINEAR = """
+import warnings
+warnings.simplefilter("ignore")
+import peft
+from converter.loader.lora import register_lora
+from converter.loader.model import load_quantized
+model = load_quantized({folder!r})
+try:
+    register_lora(peft.LoraConfig(r=2, target_modules="all-linear"))
+except ValueError as exc:
+    print("refused" if "register_lora(config, model)" in str(exc) else exc)
+config = register_lora(peft.LoraConfig(r=2, target_modules="all-linear"), model)
+model = peft.get_peft_model(model, config)
+print(sorted({{n.rpartition(".")[2] for n, m in model.named_modules() if hasattr(m, "lora_A")}}))
+"""
+
+
+def test_all_linear_without_bitsandbytes(our_folder: Path) -> None:
+    # PEFT's "all-linear" only picks nn.Linear / Conv1D: NoMatchingPeftModuleError without bitsandbytes
+    script = HIDE_BNB + HIDE_BNB_SCRIPT_ALL_LINEAR.format(folder=str(our_folder))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "refused"
+    # every 4-bit projection, and not lm_head (the output head, a plain nn.Linear PEFT leaves out)
+    assert lines[1] == str(
+        sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    )
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_all_linear_with_the_model_matches_peft_with_bitsandbytes(our_folder: Path) -> None:
+    from converter.loader.lora import register_lora
+
+    ours = register_lora(peft.LoraConfig(r=2, target_modules="all-linear"), load_quantized(our_folder))
+    theirs = peft.get_peft_model(
+        load_quantized(our_folder), peft.LoraConfig(r=2, target_modules="all-linear")
+    )
+    assert set(ours.target_modules) == set(theirs.peft_config["default"].target_modules)
