@@ -31,27 +31,20 @@ from torch import nn
 
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.module_int8 import QuantLinear8bit
-from converter.loader.moe import QuantExperts4bit
+from converter.loader.moe import SOURCE_MODULE, QuantExperts4bit
 
 
 class DequantizeError(ValueError):
     """A model this in-memory dequantize cannot convert (the message says what to do instead)."""
 
 
-#: The attribute of a :class:`QuantExperts4bit` holding transformers' experts module it replaced (meta).
-SOURCE_MODULE = "_qm_source_module"
-
-
 def _dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is not None:
-        return dtype_from_name(dtype)
-    configured = getattr(getattr(model, "config", None), "dtype", None)
-    if isinstance(configured, torch.dtype):
-        return configured
-    return dtype_from_name(configured) if isinstance(configured, str) else None
+    if dtype is None:
+        dtype = getattr(getattr(model, "config", None), "dtype", None)
+    return None if dtype is None else dtype_from_name(dtype)
 
 
-def _check_swappable(name: str, module: nn.Module, weight: torch.Tensor) -> None:
+def _check_swappable(name: str, weight: torch.Tensor) -> None:
     if name.endswith(".base_layer") or name == "base_layer":
         msg = (
             f"dequantize(): {name!r} is wrapped by a PEFT adapter; call merge_and_unload() (or unload()) "
@@ -118,7 +111,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     ]
     for name, module in targets:  # every refusal before the first swap: never half dequantized
         weight = module.packed if isinstance(module, QuantExperts4bit) else module.weight
-        _check_swappable(name, module, weight)
+        _check_swappable(name, weight)
     if not targets:
         warnings.warn("dequantize(): the model has no quantized modules; nothing changed", stacklevel=2)
     for name, module in targets:

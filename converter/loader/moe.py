@@ -418,6 +418,11 @@ def _needs_autograd(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+#: The attribute of a :class:`QuantExperts4bit` holding transformers' experts module it replaced (its
+#: parameters on the meta device): ``model.dequantize()`` puts it back (loader/dequantize_model.py).
+SOURCE_MODULE = "_qm_source_module"
+
+
 class QuantExperts4bit(nn.Module):
     """A layer's routed experts in 4 bit, called like transformers' experts modules."""
 
@@ -648,7 +653,7 @@ def attach_experts(
                 proj_names=st.proj_names,
             )
             # transformers' module (its parameters on the meta device), for model.dequantize()
-            layer.__dict__["_qm_source_module"] = module  # dequantize_model.SOURCE_MODULE
+            layer.__dict__[SOURCE_MODULE] = module
             model.set_submodule(name, layer)
             # Release this layer's per-expert tensors now: on a streamed GPU load they are device
             # tensors, and holding every layer's until the end doubled the experts' peak memory.

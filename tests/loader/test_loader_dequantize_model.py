@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from tiny_models import load_logged
 
 from converter.loader.dequantize import dequantize_checkpoint
 from converter.loader.dequantize_model import DequantizeError, dequantize_model
@@ -23,9 +23,7 @@ QUANTIZED = (QuantLinear4bit, QuantLinear8bit)
 
 
 def _plain(folder: Path) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    return load_logged(folder, dtype=torch.bfloat16)[0]
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:

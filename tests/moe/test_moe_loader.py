@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from moe_helpers import FAMILIES, experts_reference_and_bound, load_bf16_eager, make_moe
+from tiny_models import load_logged
 
 from converter.loader.model import linear4bit_modules, load_quantized
 from converter.loader.module import QuantLinear4bit
@@ -65,18 +66,12 @@ def test_model_dequantize_restores_transformers_experts(folders, name, tmp_path)
         assert type(experts) is cls
         assert experts.gate_up_proj.dtype == torch.bfloat16
         assert experts.gate_up_proj.device.type == "cpu"
-    ref = _plain_default(plain)  # transformers' default experts implementation, as the loaded model's
+    ref = load_logged(plain, dtype=torch.bfloat16)[
+        0
+    ]  # transformers' default experts implementation, as the loaded model's
     assert torch.equal(_logits(model), _logits(ref))
     model.save_pretrained(tmp_path / "saved")
-    assert torch.equal(_logits(_plain_default(tmp_path / "saved")), _logits(ref))
-
-
-def _plain_default(folder):
-    import transformers
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    assert torch.equal(_logits(load_logged(tmp_path / "saved", dtype=torch.bfloat16)[0]), _logits(ref))
 
 
 def test_experts_are_views_of_one_buffer_per_layer(folders):
