@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -362,6 +363,11 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
         return value
     if isinstance(default, int) and not isinstance(value, bool) and isinstance(value, int):
         return value
+    if isinstance(default, float):  # int8_threshold: TOML writes 6 and 6.0 alike
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            msg_0 = f"{value!r} is not valid: use a finite number >= 0"
+            raise ValueError(msg_0)
+        return float(value)
     if isinstance(default, tuple | list):
         if isinstance(value, str):
             value = [value]
