@@ -201,3 +201,21 @@ def test_a_bad_int8_threshold_is_refused_with_the_plan(tmp_path: Path, value: st
         InputError, match=r"plan.toml:3: job 1: key 'int8_threshold': .* use a finite number >= 0"
     ):
         load_plan(plan_path)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('int8_scale = "gpu"', r"plan.toml:3: job 1: key 'int8_scale': 'gpu' is not valid: use cpu or cuda"),
+        ('device = "tpu"', r"plan.toml:3: job 1: key 'device': 'tpu' is not valid: use cpu, cuda or cuda:N"),
+        ('device = "cuda:x"', r"plan.toml:3: job 1: key 'device': 'cuda:x' is not valid"),
+    ],
+)
+def test_bad_int8_and_device_values_are_refused_before_any_work(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    """These were accepted by the plan and failed each job at run time (exit 1, not the plan's exit 2)."""
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(f'[[job]]\nsource = "org/m"\n{line}\n')
+    with pytest.raises(InputError, match=message):
+        load_plan(plan_path)
