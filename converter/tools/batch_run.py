@@ -135,7 +135,12 @@ def source_state(job: Job) -> Any:
     if local.is_file():
         files = [local, local.with_name("config.json")]
     elif local.is_dir():
-        files = sorted(p for p in local.rglob("*") if not any(part.startswith(".") for part in p.parts))
+        # hidden files inside the source are left out; the folders above it may be hidden (~/.cache/...)
+        files = sorted(
+            p
+            for p in local.rglob("*")
+            if not any(part.startswith(".") for part in p.relative_to(local).parts)
+        )
     else:
         try:
             from huggingface_hub import HfApi
