@@ -14,7 +14,7 @@ def show_preflight(app: App, pre: Any) -> None:
     from rich.table import Table
 
     if app.json:
-        app.print_json({"ok": pre.fits, "dry_run": True, **pre.to_json()})
+        app.print_json({"ok": pre.fits and not pre.refused, "dry_run": True, **pre.to_json()})
     else:
         t = Table(show_edge=False)
         for col in ("tensor", "shape", "dtype", "fate", "reason", "bytes out"):
@@ -26,9 +26,8 @@ def show_preflight(app: App, pre: Any) -> None:
         app.print_table(t)
         s = table("Plan (nothing written)")
         s.add_row("Source", pre.source)
-        s.add_row(
-            "Output", pre.output + ("  (already converted: a run does nothing)" if pre.up_to_date else "")
-        )
+        note = "  (already converted: a run does nothing)" if pre.up_to_date else ""
+        s.add_row("Output", pre.output + ("  (a run refuses it: see the error)" if pre.refused else note))
         s.add_row("Tensors", f"{sum(1 for x in pre.tensors if x['action'] == 'quantize')} quantized, "
                              f"{sum(1 for x in pre.tensors if x['action'] == 'keep')} kept")  # fmt: skip
         s.add_row(
@@ -45,7 +44,7 @@ def show_preflight(app: App, pre: Any) -> None:
             s.add_row("Downloads", human_bytes(pre.download_bytes))
         s.add_row("Fits", "yes" if pre.fits else "NO")
         app.print_table(s)
-    for problem in pre.problems:
+    for problem in [*pre.problems, *([pre.refused] if pre.refused else [])]:
         app.error(problem)
-    if not pre.fits:
+    if not pre.fits or pre.refused:
         raise click.exceptions.Exit(2)

@@ -196,7 +196,7 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
     from rich.table import Table
 
     from converter.cli._app import describe_error
-    from converter.tools.batch_run import preflight_job, stamp_matches
+    from converter.tools.batch_run import preflight_job, replaces_stale_output, stamp_matches
 
     rows = []
     for job in jobs:
@@ -207,6 +207,9 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
             continue
         if pre.up_to_date and not force:
             action = "skip (up to date)" if stamp_matches(root, job, pre.fingerprint) else "verify, then skip"
+        elif pre.refused and not replaces_stale_output(job, root, pre):
+            rows.append({"job": job.to_json(), "action": "fail", "error": pre.refused})
+            continue
         elif not pre.fits:
             action = "refuse (does not fit)"
         else:

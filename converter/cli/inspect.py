@@ -34,6 +34,7 @@ from converter.units import human_bytes, human_count
 )
 @click.option(
     "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False),
     default="bfloat16",
     show_default=True,
     help="dtype of the non-quantized tensors once loaded (with --memory).",

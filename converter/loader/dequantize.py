@@ -159,7 +159,7 @@ def dequantize_checkpoint(
     torch_dtype = dtype_from_name(name)
     limit = parse_size(max_shard_size)
     folder = resolve_folder(source)
-    out = Path(output)
+    out = Path(output).expanduser()
     if out.exists() and not out.is_dir() and not overwrite:
         msg = f"{out}: exists and is not a folder; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)

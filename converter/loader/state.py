@@ -47,7 +47,7 @@ class NotQuantizedError(InputError):
 def resolve_folder(path_or_repo: str | os.PathLike) -> Path:
     """A local folder as is; anything else is taken as a Hub repo id and fetched (cache, token, offline
     mode as huggingface_hub does them): the safetensors shards, index and JSON files only."""
-    path = Path(path_or_repo)
+    path = Path(path_or_repo).expanduser()  # '~/m' quoted in a script, as convert takes it
     if path.is_dir():
         return path
     if path.exists():

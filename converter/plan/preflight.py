@@ -52,6 +52,8 @@ class Preflight:
     download_bytes: int = 0
     up_to_date: bool = False  # the output folder already holds this exact conversion
     problems: list[str] = field(default_factory=list)
+    #: dry runs: why a run would refuse the output folder (foreign files, another conversion), or None
+    refused: str | None = None
 
     @property
     def bits_per_param(self) -> float:

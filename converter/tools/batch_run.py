@@ -135,7 +135,12 @@ def source_state(job: Job) -> Any:
     if local.is_file():
         files = [local, local.with_name("config.json")]
     elif local.is_dir():
-        files = sorted(p for p in local.rglob("*") if not any(part.startswith(".") for part in p.parts))
+        # hidden files inside the source are left out; the folders above it may be hidden (~/.cache/...)
+        files = sorted(
+            p
+            for p in local.rglob("*")
+            if not any(part.startswith(".") for part in p.relative_to(local).parts)
+        )
     else:
         try:
             from huggingface_hub import HfApi
@@ -268,19 +273,7 @@ def run_job(job: Job, root: Path, options: dict[str, Any], *, force: bool, pre: 
                                   bytes_out=_shard_bytes(out), quality=_quality(out))  # fmt: skip
             force_this = True  # complete by its manifest but its files do not verify: redo it
         else:
-            # A folder this batch wrote for this job (its stamp says so) that holds an older plan
-            # (a new source commit, changed options, a new tool version) is replaced; a folder
-            # nobody stamped is refused by convert() as usual.
-            stale = (
-                pre is not None
-                and read_stamp(root, job) is not None
-                and _fingerprint(out)
-                not in (
-                    "",
-                    pre.fingerprint,
-                )
-            )
-            force_this = force or stale
+            force_this = force or (pre is not None and replaces_stale_output(job, root, pre))
         result = convert(job.source, out, overwrite=force_this, push_to=push_to, private=private, **kw)
         fingerprint = _fingerprint(out)
         write_stamp(root, job, fingerprint, result.pushed_to, key)
@@ -290,6 +283,13 @@ def run_job(job: Job, root: Path, options: dict[str, Any], *, force: bool, pre: 
     except Exception as exc:  # any failure is this job's one-line error (Ctrl-C is not caught)
         message, code = _describe(exc)
         return ItemResult(job, False, time.perf_counter() - t0, message, code or 1, status="failed")
+
+
+def replaces_stale_output(job: Job, root: Path, pre: Any) -> bool:
+    """Whether the job's folder is one this batch wrote for it (its stamp says so) holding an older
+    plan (a new source commit, changed options, a new tool version): it is replaced. A folder nobody
+    stamped is refused by convert() as usual."""
+    return read_stamp(root, job) is not None and _fingerprint(root / job.output) not in ("", pre.fingerprint)
 
 
 def _folder_files_or_none(folder: Path) -> dict | None:

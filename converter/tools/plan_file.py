@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -342,6 +343,14 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
             if str(value).lower() not in MOE_MODES:
                 raise ValueError
             return str(value).lower()
+        if key == "int8_scale":
+            if value not in ("cpu", "cuda"):
+                raise ValueError
+            return value
+        if key == "device":  # the spelling only: whether this machine has that GPU is the job's concern
+            if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+                raise ValueError
+            return value
     except (ValueError, InputError, TypeError):
         allowed = {
             "quant_type": "nf4, fp4 or int8",
@@ -351,6 +360,8 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
             "quant_storage": ", ".join(QUANT_STORAGES),
             "max_shard_size": "a size such as 5GB or 500MB",
             "moe_experts": "keep or quantize",
+            "int8_scale": "cpu or cuda",
+            "device": "cpu, cuda or cuda:N",
         }[key]
         msg = f"{value!r} is not valid: use {allowed}"
         raise ValueError(msg) from None
@@ -362,6 +373,11 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
         return value
     if isinstance(default, int) and not isinstance(value, bool) and isinstance(value, int):
         return value
+    if isinstance(default, float):  # int8_threshold: TOML writes 6 and 6.0 alike
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            msg_0 = f"{value!r} is not valid: use a finite number >= 0"
+            raise ValueError(msg_0)
+        return float(value)
     if isinstance(default, tuple | list):
         if isinstance(value, str):
             value = [value]

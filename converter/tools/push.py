@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from converter.errors import InputError
+from converter.errors import CorruptFileError, InputError
 from converter.methods import get_method
 from converter.units import human_bytes, human_count
 
@@ -53,7 +53,9 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def check_folder(folder: Path) -> None:
-    """Refuse anything but a finished conversion (index + config present, manifest complete)."""
+    """Refuse anything but a finished, intact conversion (index + config present and readable, manifest
+    complete, every shard present and matching the index's digests): a pushed repo gets its model card
+    last, as the mark of a complete upload, so it must not be a damaged folder."""
     if not folder.is_dir():
         msg = f"{folder}: no such folder; give the OUTPUT folder of a finished `quantize-model convert`"
         raise InputError(msg)
@@ -70,6 +72,21 @@ def check_folder(folder: Path) -> None:
             "push the folder `quantize-model convert` wrote"
         )
         raise InputError(msg)
+    from converter.loader.config_file import read_config
+    from formats.index import verify_shards
+
+    problems = verify_shards(folder)  # the recorded chunk digests: xxh3_128, on all cores
+    try:
+        read_config(folder)
+    except CorruptFileError as exc:
+        problems.append(str(exc).split("; ", 1)[0])
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        msg = (
+            f"{problems[0]}{more}; the folder is not pushed: run `quantize-model verify {folder}`, "
+            "then reconvert it"
+        )
+        raise CorruptFileError(msg)
 
 
 def _source_card_metadata(folder: Path) -> dict[str, Any]:

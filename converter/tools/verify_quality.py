@@ -43,6 +43,10 @@ def verify_against(
     from formats.reader import open_shard
 
     problems: list[str] = []
+    if folder.is_file():  # one shard: `verify SHARD --against SRC` (the report is the folder's)
+        folder, names = folder.parent, [folder.name]
+    else:
+        names = index_mod.read_index(folder, require_files=False).files
     src = open_source(source, revision=revision)
     try:  # a block-scaled FP8 source is measured as convert read it: dequantized to bf16
         from converter.sources.fp8 import wrap_if_block_fp8
@@ -56,7 +60,6 @@ def verify_against(
     measured: dict[str, TensorQuality] = {}
     mapped: dict[str, Any] = {}
     try:
-        names = index_mod.read_index(folder, require_files=False).files
         for shard_name in names:
             with open_shard(folder / shard_name) as shard:
                 tensor_meta = json.loads((shard.raw_metadata or {}).get("quantize_model.tensors", "{}"))

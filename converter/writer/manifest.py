@@ -182,16 +182,13 @@ def decide(
     ``protected`` are paths the output must not contain or equal (the source), even with overwrite.
     """
     output = output.resolve()
-    for p in protected:
-        p = p.resolve()
-        if output == p or p.is_relative_to(output):
-            msg = f"{output}: the output folder contains the source {p}; choose another output folder"
-            raise OutputExistsError(msg)
+    contains = _contains_source(output, protected)
+    if contains:
+        raise OutputExistsError(contains)
     fresh = Decision(Action.CREATE, Manifest(fingerprint, plan=plan_json), {})
     if output.exists() and not output.is_dir():
         if not overwrite:
-            msg = f"{output}: exists and is not a folder; remove it or pass --overwrite"
-            raise OutputExistsError(msg)
+            raise OutputExistsError(_NOT_A_FOLDER.format(output=output))
         output.unlink()
         return fresh
     # A kill between writing the first manifest's temp file and renaming it leaves only that file:
@@ -217,12 +214,46 @@ def decide(
         manifest.state = "in_progress"
         manifest.shards = dict(done)
         return Decision(Action.RESUME, manifest, done)
+    raise OutputExistsError(_foreign(output, manifest))
+
+
+_NOT_A_FOLDER = "{output}: exists and is not a folder; remove it or pass --overwrite"
+
+
+def _contains_source(output: Path, protected: tuple[Path, ...]) -> str | None:
+    for p in protected:
+        p = p.resolve()
+        if output == p or p.is_relative_to(output):
+            return f"{output}: the output folder contains the source {p}; choose another output folder"
+    return None
+
+
+def _foreign(output: Path, manifest: Manifest | None) -> str:
     if manifest is None:
         what = f"holds files quantize-model did not write ({', '.join(_visible_entries(output)[:3])})"
     else:
         what = "holds a conversion with different options or a different source"
-    msg = f"{output}: {what}; choose an empty folder or pass --overwrite"
-    raise OutputExistsError(msg)
+    return f"{output}: {what}; choose an empty folder or pass --overwrite"
+
+
+def would_refuse(
+    output: Path, fingerprint: str, *, overwrite: bool, protected: tuple[Path, ...] = ()
+) -> str | None:
+    """The message decide() would refuse ``output`` with, or None; reads the folder, changes nothing
+    (dry runs: a run that will be refused must not be reported as one that will convert)."""
+    output = output.resolve()
+    contains = _contains_source(output, protected)
+    if contains or overwrite or not output.exists():
+        return contains
+    if not output.is_dir():
+        return _NOT_A_FOLDER.format(output=output)
+    stray = _temp_name(output / MANIFEST_NAME).name  # decide() drops it
+    if not any(p.name != stray for p in output.iterdir()):
+        return None
+    manifest = Manifest.load(output)
+    if manifest is not None and manifest.fingerprint == fingerprint:
+        return None
+    return _foreign(output, manifest)
 
 
 def _verified_shards(output: Path, manifest: Manifest, *, deep: bool) -> dict[str, dict]:

@@ -56,6 +56,7 @@ from converter.writer.manifest import (
     decide,
     shard_chunks_json,
     shard_info,
+    would_refuse,
     writing_to,
 )
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
@@ -264,14 +265,17 @@ class _Conversion:
         tv, fv = tool_version(), str(FORMAT_VERSION)
         plan_json = plan.to_json(tv, fv)
         fingerprint = plan.fingerprint(tv, fv)
+        protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
         if self.dry_run or self.check_fit:  # before the output folder is created or touched
             from converter.plan.preflight import preflight_of
 
             report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
             if self.dry_run:
+                report.refused = would_refuse(
+                    self.output, fingerprint, overwrite=overwrite, protected=protected
+                )
                 return self._dry_result(report)
             report.refuse_if_cannot_fit()
-        protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
         if not self.output.exists():  # exist_ok: a second run may create it first; the lock decides
             self.output.mkdir(parents=True, exist_ok=True)
         # Locked before deciding, so two runs into one folder cannot both resume or clear it.

@@ -41,3 +41,21 @@ def test_batch_duplicate_outputs_exit_2(qm, tiny_llama: Path, tmp_path: Path) ->
         f"Error: {listing}: {tiny_llama} and {tiny_llama} would both write 'tiny-llama'; "
         'name the outputs (second column, or "output" in JSON)\n'
     )
+
+
+def test_a_changed_source_under_a_hidden_folder_is_converted_again(qm, tmp_path: Path) -> None:
+    """A local source under a folder whose name starts with '.' (~/.cache/..., or given as ../model)
+    had no files in its stamp key, so new weights there were reported up-to-date: a stale folder."""
+    from qm_checkpoints import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / ".models" / "m", seed=0)
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps([{"source": str(src), "output": "m"}]))
+    root = tmp_path / "outs"
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    (src / "model.safetensors").unlink()
+    make_tiny_llama(src, seed=1)  # same names and sizes, other weights
+    r = qm("batch", listing, root, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["converted"]
+    assert qm("verify", root / "m", "--against", src).exit_code == 0

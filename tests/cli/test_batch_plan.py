@@ -184,6 +184,35 @@ def test_batch_dry_run_fails_when_a_job_would(qm, tiny_llama: Path, tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_runs_fail_for_an_output_folder_the_run_refuses(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """A folder with someone else's files (or another conversion) was shown as "convert", exit 0, by
+    both dry runs; the real run then refused it."""
+    plan = _plan(tmp_path, tiny_llama)
+    (tmp_path / "out" / "b128").mkdir(parents=True)
+    (tmp_path / "out" / "b128" / "notes.txt").write_text("mine\n")
+    r = qm("batch", plan, "--dry-run", "--json")
+    assert r.exit_code == 2, r.output
+    rows = {x["job"]["output"]: x for x in json.loads(r.stdout)["jobs"]}
+    assert [x["action"] for x in rows.values()] == ["convert", "convert", "fail"]
+    assert "holds files quantize-model did not write (notes.txt)" in rows["b128"]["error"]
+    assert qm("batch", plan, "--dry-run", "--force").exit_code == 0  # --force empties it
+
+    # A folder the batch wrote for the job, with older options, is replaced, not refused.
+    (tmp_path / "out" / "b128" / "notes.txt").unlink()
+    assert qm("batch", plan, "-q").exit_code == 0
+    plan.write_text(plan.read_text().replace("blocksize = 128", "blocksize = 256"))
+    r = qm("batch", plan, "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    assert [x["action"] for x in json.loads(r.stdout)["jobs"]] == ["skip (up to date)"] * 2 + ["convert"]
+
+    out = tmp_path / "out" / "b128"
+    r = qm("convert", tiny_llama, out, "--dry-run", "--quant-type", "fp4")
+    assert r.exit_code == 2, r.output
+    assert "holds a conversion with different options or a different source" in r.stderr
+    assert qm("convert", tiny_llama, out, "--dry-run", "--blocksize", "128").exit_code == 0
+    assert qm("convert", tiny_llama, out, "--dry-run", "--quant-type", "fp4", "--overwrite").exit_code == 0
+
+
 def test_convert_dry_run_lists_every_tensor_and_writes_nothing(qm, tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     r = qm("convert", tiny_llama, out, "--dry-run", "--json")

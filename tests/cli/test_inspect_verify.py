@@ -79,3 +79,17 @@ def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
     r = qm("inspect", tmp_path / "nothing")
     assert r.exit_code == 2
     assert r.stderr == f"Error: {tmp_path / 'nothing'}: no such file or folder; check the path\n"
+
+
+def test_verify_one_shard_against_the_source(qm, converted: Path, tiny_llama: Path) -> None:
+    """`verify SHARD --against SRC` failed with "SHARD/model.safetensors.index.json: Not a directory"."""
+    weight_map = json.loads((converted / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = converted / weight_map["model.layers.0.self_attn.q_proj.weight"]
+    r = qm("verify", shard, "--against", tiny_llama, "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["shards"] == [shard.name]
+    with_records = set(data["quality"]["tensors"])
+    assert "model.layers.0.self_attn.q_proj.weight" in with_records  # measured against the source
+    whole = json.loads(qm("verify", converted, "--against", tiny_llama, "--json").stdout)
+    assert with_records < set(whole["quality"]["tensors"])

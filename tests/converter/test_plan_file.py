@@ -183,3 +183,39 @@ def test_a_bad_push_to_is_refused_with_the_plan(tmp_path: Path) -> None:
     plan_path.write_text('[[job]]\nsource = "org/small"\npush_to = "me/bad name"\n')
     with pytest.raises(InputError, match=r"plan.toml:\d+: .*'me/bad name': not a Hub repo id to push to"):
         load_plan(plan_path)
+
+
+@pytest.mark.parametrize("value", ["5.0", "5", "0"])
+def test_int8_threshold_is_accepted_in_a_plan(tmp_path: Path, value: str) -> None:
+    """`int8_threshold = 5.0` was refused as "5.0 is not valid: expected float": no plan could set it."""
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(f'[[job]]\nsource = "org/m"\nquant_type = "int8"\nint8_threshold = {value}\n')
+    assert load_plan(plan_path).jobs[0].options["int8_threshold"] == float(value)
+
+
+@pytest.mark.parametrize("value", ["-1.0", "true", "inf"])
+def test_a_bad_int8_threshold_is_refused_with_the_plan(tmp_path: Path, value: str) -> None:
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(f'[[job]]\nsource = "org/m"\nint8_threshold = {value}\n')
+    with pytest.raises(
+        InputError, match=r"plan.toml:3: job 1: key 'int8_threshold': .* use a finite number >= 0"
+    ):
+        load_plan(plan_path)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('int8_scale = "gpu"', r"plan.toml:3: job 1: key 'int8_scale': 'gpu' is not valid: use cpu or cuda"),
+        ('device = "tpu"', r"plan.toml:3: job 1: key 'device': 'tpu' is not valid: use cpu, cuda or cuda:N"),
+        ('device = "cuda:x"', r"plan.toml:3: job 1: key 'device': 'cuda:x' is not valid"),
+    ],
+)
+def test_bad_int8_and_device_values_are_refused_before_any_work(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    """These were accepted by the plan and failed each job at run time (exit 1, not the plan's exit 2)."""
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(f'[[job]]\nsource = "org/m"\n{line}\n')
+    with pytest.raises(InputError, match=message):
+        load_plan(plan_path)

@@ -123,6 +123,29 @@ def test_push_refuses_unfinished_folder(converted: Path, fake_hub: FakeHub) -> N
     assert DEST not in fake_hub.repos
 
 
+@pytest.mark.parametrize("damage", ["flip", "delete", "config"])
+def test_push_refuses_a_damaged_folder(converted: Path, fake_hub: FakeHub, monkeypatch, damage: str) -> None:
+    """A folder with a missing or changed shard, or an unreadable config.json, was pushed, model card
+    last: a repo that looks complete but does not load or loads other weights."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    shard = converted / "model.safetensors"
+    if damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[-100] ^= 0x01
+        shard.write_bytes(bytes(data))
+    elif damage == "delete":
+        shard.unlink()
+    else:
+        (converted / "config.json").write_text("{not json")
+    with pytest.raises(
+        InputError, match=r"not pushed: run `quantize-model verify .*`, then reconvert"
+    ) as err:
+        push_folder(converted, DEST)
+    assert str(err.value).startswith(str(converted / ("config.json" if damage == "config" else shard.name)))
+    assert err.value.exit_code == 2
+    assert DEST not in fake_hub.repos
+
+
 def test_convert_push_to(
     tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch
 ) -> None:

@@ -253,3 +253,21 @@ def test_an_unknown_compute_dtype_names_the_config(our_folder: Path, tmp_path: P
         CorruptFileError, match=r"config.json: quantization_config.bnb_4bit_compute_dtype is 'float8'"
     ):
         load_quantized(folder, device="cpu")
+
+
+def test_a_quoted_home_path_is_expanded_as_convert_does(
+    our_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dequantize '~/m-nf4' '~/m-bf16'` (quoted, as scripts and CI YAML pass paths) read the source as a
+    repo id ("no such folder") and wrote into a folder literally named '~' in the current directory;
+    `convert` and `push` expand '~'."""
+    import shutil
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(our_folder, home / "m-nf4")
+    r = CliRunner().invoke(cli, ["dequantize", "~/m-nf4", "~/m-bf16", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (home / "m-bf16" / "config.json").is_file()
+    assert not (tmp_path / "~").exists()

@@ -258,6 +258,11 @@ def test_inspect_memory_bad_options_are_named(our_folder: Path) -> None:
     r = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--device-map", "{not json"])
     assert r.exit_code == 2
     assert "--device-map: not valid JSON" in r.output
+    # was "unexpected ValueError: unsupported dtype 'fp64' ...; set QUANTIZE_MODEL_DEBUG=1", exit 1
+    r = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--dtype", "fp64"])
+    assert r.exit_code == 2
+    assert "Invalid value for '--dtype'" in r.output
+    assert runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--dtype", "Float16"]).exit_code == 0
 
 
 def test_a_gpu_index_that_does_not_exist_is_a_placement_error(our_folder: Path) -> None:
