@@ -16,6 +16,7 @@ has the re-run rules).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -254,6 +255,11 @@ class _Conversion:
         if advice:
             moe.warn_once(self.warn, advice)
             self.notes.append(advice)
+        note = moe.no_effect_note(tensors, options.moe_experts, list(selection.quantize))
+        if note:  # recorded as keep: options, fingerprint and bytes of the conversion it equals
+            moe.warn_once(self.warn, note)
+            self.notes.append(note)
+            options = self.options = dataclasses.replace(options, moe_experts="keep")
         identity = src.describe()
         plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
         self.plan = plan
