@@ -235,6 +235,9 @@ class _Conversion:
         src, options = self.src, self.options
         config = src.config()
         tensors = src.tensors()
+        for note in src.notes():  # e.g. an index transformers ignores (sources/base.py)
+            moe.warn_once(self.warn, note)
+            self.notes.append(note)
         if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
