@@ -56,3 +56,34 @@ def test_equal_values_load_tied(tiny_checkpoint, tmp_path: Path) -> None:
     ours = load_quantized(tmp_path / "ours", dtype=torch.float32)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     assert torch.equal(ours.lm_head.weight, tensors[EMBED])
+
+
+def test_equal_tied_copy_is_written_once_like_save_pretrained(tiny_checkpoint, tmp_path: Path) -> None:
+    """Both tensors stored with equal values: bitsandbytes' save_pretrained writes the input embedding
+    only; we wrote the head too (a vocab x hidden copy: here 16 of 70 kB, bits per parameter counted
+    over both). Same tensors as bnb's folder now, and both loaders tie the head to the embedding."""
+    import json
+
+    import transformers
+
+    tensors = _tied_source_with_head(tiny_checkpoint, tmp_path / "src", equal=True)
+    messages: list[str] = []
+    convert(tmp_path / "src", tmp_path / "ours", double_quant=False, progress=False, warn=messages.append)
+    qc = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    ref, _, _ = load_logged(tmp_path / "src", quantization_config=qc)
+    ref.save_pretrained(tmp_path / "bnb")
+    ours_t, ref_t = read_tensors(tmp_path / "ours"), read_tensors(tmp_path / "bnb")
+    assert HEAD not in ref_t
+    assert set(ours_t) == set(ref_t)
+    assert torch.equal(ours_t[EMBED], tensors[EMBED])
+    assert any(HEAD in m and "written once" in m for m in messages), messages
+    report = json.loads((tmp_path / "ours" / "quantization_report.json").read_text())
+    assert HEAD not in json.dumps(report.get("tensors", report))
+    hf, info, _ = load_logged(tmp_path / "ours")
+    assert not info["missing_keys"]
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    ours = load_quantized(tmp_path / "ours", dtype=torch.float32)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert torch.equal(ours.lm_head.weight, tensors[EMBED])
