@@ -35,10 +35,18 @@ from typing import Any
 
 from formats.chunks import SHA256, ChunkDigests, digest_function, hash_file, hash_range, mismatch_line
 from formats.metadata import tool_version
-from formats.validate import FORMAT_NAME, FORMAT_VERSION, BadIndex, MissingShard, UnknownFormatVersion
+from formats.validate import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    BadIndex,
+    MissingShard,
+    TwoLayouts,
+    UnknownFormatVersion,
+)
 from formats.writer import ShardInfo
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 
 
 _HEX64 = re.compile("[0-9a-f]{64}")
@@ -195,6 +203,14 @@ def read_index(folder: Path, *, require_files: bool = True) -> Index:
         if stray:
             msg = f"{path}: weight_map names shards without a sha256 entry: {stray}"
             raise BadIndex(msg)
+    others = sorted(set(wm.values()) - {SINGLE_NAME})
+    if others and (folder / SINGLE_NAME).is_file():
+        msg = (
+            f"{folder}: has both {SINGLE_NAME} and {INDEX_NAME} (which names {len(others)} other shard "
+            f"file(s), e.g. {others[0]}): transformers' from_pretrained loads {SINGLE_NAME} and ignores the "
+            "index, quantize-model reads the index; remove the one that is not the model"
+        )
+        raise TwoLayouts(msg)
     index = Index(folder, total if isinstance(total, int) else None, dict(wm), shards, version, prov)
     if require_files:
         missing = [f for f in index.files if not (folder / f).is_file()]

@@ -162,6 +162,11 @@ class BadIndex(FormatError):
     """``model.safetensors.index.json`` is malformed."""
 
 
+class TwoLayouts(BadIndex):
+    """``model.safetensors`` beside an index naming other shards: transformers loads the former, we
+    would read the latter (the message says what to remove)."""
+
+
 class MissingShard(FormatError):
     """The index names a shard file that does not exist."""
 

@@ -38,9 +38,9 @@ def _format_os_error(exc: OSError) -> str:
 
 
 def _format_format_error(exc: Exception) -> str:
-    from formats.validate import UnknownFormatVersion
+    from formats.validate import TwoLayouts, UnknownFormatVersion
 
-    if isinstance(exc, UnknownFormatVersion):  # a newer writer's file: valid, and already says what to do
+    if isinstance(exc, (UnknownFormatVersion, TwoLayouts)):  # valid files; the message says what to do
         return str(exc)
     return f"{exc}; the file is not a valid quantize-model shard, reconvert it"
 

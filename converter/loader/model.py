@@ -140,7 +140,7 @@ def transformers_would_quantize(model: nn.Module, quantization_config: dict | No
 
 def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
     """Assign the non-quantized tensors; returns checkpoint keys the model has no slot for."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # both names of a tied pair
     buffers = dict(model.named_buffers())
     unused = []
     for key, value in state.items():
@@ -168,6 +168,16 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
         else:
             module._buffers[attr] = data
     return unused
+
+
+def _tie_weights(model: nn.Module) -> None:
+    """Tie weights as ``from_pretrained`` does: a pair whose both tensors the shards hold stays untied
+    when their values differ (transformers warns and keeps both; tying would overwrite one)."""
+    missing = {n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"}
+    try:
+        model.tie_weights(missing_keys=missing, recompute_mapping=False)
+    except TypeError:  # transformers < 5: no checkpoint-aware tying
+        model.tie_weights()
 
 
 def _computes_in_input_dtype(state: Mapping[str, Any]) -> bool:
@@ -307,7 +317,7 @@ def load_quantized(
         with timing.phase("fill"):
             unused = _fill(model, state, str(folder))
     timing.mark("built_at")
-    model.tie_weights()
+    _tie_weights(model)
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
     if left:

@@ -21,6 +21,20 @@ if TYPE_CHECKING:
 _TABLE_BYTES = 16 * 4 + 256 * 4 + 1024
 
 
+def _grouped(tensors: list[PlannedTensor], most: int = 8) -> str:
+    """Tensor names with layer indices as ``*`` and how many each stands for, with the row width:
+    "model.layers.*.mlp.down_proj.weight (2, 96 inputs per row)"."""
+    import re
+
+    groups: dict[tuple[str, int], int] = {}
+    for p in tensors:
+        key = (re.sub(r"\.\d+(?=\.)", ".*", p.name), p.out_shape[-1])
+        groups[key] = groups.get(key, 0) + 1
+    shown = [f"{name} ({n}, {width} inputs per row)" for (name, width), n in list(groups.items())[:most]]
+    more = f"; and {len(groups) - most} more name(s)" if len(groups) > most else ""
+    return "; ".join(shown) + more
+
+
 def _dtype_name(code: str) -> str:
     return CODE_NAMES[code]
 
@@ -39,29 +53,43 @@ class Bnb4bitMethod(QuantMethod):
         return QuantType.parse(self.name)
 
     def loader_advice(self, plan: Plan) -> str | None:
-        # bitsandbytes 0.50's CPU inference path (weights repacked on the first no_grad forward) reshapes
-        # the absmax per row, so a row that does not hold whole blocks fails there ("shape '[96, 1]' is
-        # invalid for input of size 144"), whoever quantized it; our loader and bnb's CUDA path do not.
+        # bitsandbytes 0.50 on the CPU, for rows that do not hold whole blocks, whoever quantized them:
+        # the AVX512-BF16 repack on the first no_grad forward reshapes the absmax to
+        # [rows, in // blocksize] and fails ("shape '[64, 1]' is invalid for input of size 96"); its
+        # AVX-512 dequantize (csrc/cpu_ops.cpp, taken when the width is a multiple of 16) indexes the
+        # absmax as [rows, in // blocksize] too and decodes such weights wrongly once they have more
+        # than one block (measured: widths 16..320 at blocksizes 32..256), its scalar one (other widths,
+        # CPUs without AVX-512) runs over the flattened weight. Its CUDA dequantize runs over the flattened
+        # weight and its CUDA matmul falls back to it for such rows (backends/cuda/ops.py), as our loader.
         from converter.plan.moe import partial_block_experts
 
         bs = plan.options.blocksize
         split = [p for p in plan.tensors if p.quantize and p.out_shape[-1] % bs]
         if not split:
             return None
-        first = split[0]
         partial = partial_block_experts([(p.name, p.out_shape, bs) for p in split])
         ours = (
-            "quantize-model's load_quantized runs them"
+            "quantize-model's load_quantized decodes them right"
             if not partial
-            else f"quantize-model's load_quantized runs them, but not MoE experts whose weights do not fill "
-            f"whole blocks ({len(partial)}, e.g. {partial[0]}): it cannot load this folder"
+            else f"quantize-model's load_quantized decodes them right, but not MoE experts whose weights do "
+            f"not fill whole blocks ({len(partial)}, e.g. {partial[0]}): it cannot load this folder"
         )
+        wrong = [p for p in split if p.out_shape[-1] % 16 == 0 and p.info.numel > bs]
+        if not wrong:
+            elsewhere = " (its CPU dequantize decodes these widths right: none is a multiple of 16)"
+        else:
+            which = "them" if len(wrong) == len(split) else f"{len(wrong)} of them ({_grouped(wrong)})"
+            elsewhere = (
+                f", and on other CPUs with AVX-512 (and in training on any of them) its CPU dequantize "
+                f"decodes {which} wrongly (widths that are multiples of 16: it takes the blocks per row), "
+                f"so it silently computes with wrong weights"
+            )
         return (
-            f"{len(split)} quantized weight(s) have rows that are not whole {bs}-element blocks (e.g. "
-            f"{first.name}, {first.out_shape[-1]} inputs per row): transformers + bitsandbytes 0.50 on the "
-            f"CPU decodes such rows wrongly (its CPU kernels need whole blocks per row), so its inference "
-            f"forward fails (CPUs with AVX512-BF16) or, like training, silently computes with wrong "
-            f"weights; {ours}. A --blocksize that divides every input width avoids it"
+            f"{len(split)} quantized weight(s) have rows that are not whole {bs}-element blocks: "
+            f"{_grouped(split)}. transformers + bitsandbytes 0.50 on the CPU does not run them as they are: "
+            f"its inference forward fails on CPUs with AVX512-BF16{elsewhere}; {ours}, and so does "
+            f"bitsandbytes on CUDA (its kernels take blocks over the flattened weight). A --blocksize that "
+            f"divides every input width avoids it"
         )
 
     def check_options(self, options: Options) -> None:

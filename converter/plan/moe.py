@@ -323,6 +323,21 @@ def summarize(
     return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
 
 
+def no_effect_note(tensors: Sequence[_TensorLike], mode: str, quantized: Sequence[str]) -> str | None:
+    """The note for ``--moe-experts quantize`` when it quantizes no expert weight (a dense model, fused
+    3-D experts only, or globs leaving every expert out): the conversion is the one with ``keep``, so
+    the caller records ``keep``, and no folder claims quantized experts it does not hold."""
+    if check_mode(mode) != "quantize" or any(EXPERT_KEY.match(n) for n in quantized):
+        return None
+    why = (
+        "the checkpoint has no routed MoE experts"
+        if not is_moe(tensors)
+        else "no per-expert weight was quantized (fused 3-D experts on disk, or --skip/--include left "
+        "every expert out)"
+    )
+    return f"--moe-experts quantize has no effect: {why}; the folder is the one --moe-experts keep writes"
+
+
 def keep_advice(tensors: Sequence[_TensorLike], mode: str, threshold: float = 0.5) -> str | None:
     """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters."""
     if check_mode(mode) != "keep":

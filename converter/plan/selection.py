@@ -86,6 +86,8 @@ class Selection:
     via: str = "live"
     #: keys of _keep_in_fp32_modules_strict: float32 when the model dtype is float16 or bfloat16
     keep_fp32_strict: set[str] = field(default_factory=set)
+    #: tied pairs the checkpoint holds both of: target key -> source key (transformers' all_tied_weights_keys)
+    tied: dict[str, str] = field(default_factory=dict)
 
 
 def transformers_usable() -> bool:
@@ -181,6 +183,7 @@ def _from_facts(
         "transformers",
         via,
         keep_fp32_strict=d.keep_fp32_strict,
+        tied=d.tied,
     )
 
 

@@ -21,6 +21,9 @@ Facts per checkpoint key (``KeyFacts``):
   dtype is float16 (and only then).
 - ``fp32_strict``: the key is in ``_keep_in_fp32_modules_strict``: float32 when the model dtype is
   float16 or bfloat16.
+- ``tied``: the checkpoint key of the tensor transformers ties this one to (``all_tied_weights_keys``,
+  this key its target: a tied lm_head's source is the input embedding). When the checkpoint holds both
+  with equal values, ``save_pretrained`` writes the source only.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from converter.errors import InputError
@@ -58,6 +61,7 @@ class KeyFacts:
     linear: bool = False
     fp32: bool = False
     fp32_strict: bool = False
+    tied: str = ""
 
     def to_json(self) -> dict:
         return {
@@ -78,6 +82,7 @@ class KeyFacts:
             linear=bool(d.get("linear", False)),
             fp32=bool(d.get("fp32", False)),
             fp32_strict=bool(d.get("fp32_strict", False)),
+            tied=str(d.get("tied", "")),
         )
 
 
@@ -221,6 +226,18 @@ class Decision:
     skip_modules: list[str]
     keep_fp32: set[str]
     keep_fp32_strict: set[str] = field(default_factory=set)
+    tied: dict[str, str] = field(default_factory=dict)  # target key -> source key, both in the checkpoint
+
+
+def _spelled(key: str, names: set[str], prefix: str) -> str | None:
+    """``key`` as the checkpoint spells it, with or without the base-model prefix (transformers reads
+    both; facts gathered over both spellings name one of them); None when it is not there."""
+    if not key:
+        return None
+    candidates = [key]
+    if prefix:
+        candidates += [f"{prefix}.{key}", key.removeprefix(f"{prefix}.")]
+    return next((c for c in candidates if c in names), None)
 
 
 def decide(
@@ -241,6 +258,8 @@ def decide(
     keep_fp32_strict: set[str] = set()
     quantized_modules: set[str] = set()
     linear: set[str] = set(facts.extra_linear)
+    names = {t.name for t in tensors}
+    tied = {t.name: src for t in tensors if (src := _spelled(facts.keys[t.name].tied, names, facts.prefix))}
     for t in tensors:
         kf = facts.keys[t.name]
         if kf.linear:
@@ -264,7 +283,9 @@ def decide(
     not_quantized = {n for n in linear if n not in quantized_modules}
     names = sorted(not_quantized | set(facts.defaults))
     skip_modules = skip_list(facts, linear, quantized_modules, names, matcher)
-    return Decision(quantize, keep, skip_modules, keep_fp32 - set(quantize), keep_fp32_strict - set(quantize))
+    return Decision(
+        quantize, keep, skip_modules, keep_fp32 - set(quantize), keep_fp32_strict - set(quantize), tied
+    )
 
 
 def skip_list(
@@ -396,10 +417,13 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
 
     out: dict[str, KeyFacts] = {}
     reached: set[str] = set()
+    key_of: dict[str, str] = {}  # model parameter name -> checkpoint key
     for key in keys:
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
         if renamed not in meta_sd and key in meta_sd:
             renamed, pattern = rename_source_key(key, [], [], prefix, meta_sd)
+        if pattern is None:
+            key_of.setdefault(renamed, key)
         fp32 = bool(fp32_re is not None and renamed in meta_sd and fp32_re.search(renamed))
         fp32_strict = bool(strict_re is not None and renamed in meta_sd and strict_re.search(renamed))
         mod_name, _, pname = renamed.rpartition(".")
@@ -449,6 +473,9 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
             fp32=fp32,
             fp32_strict=fp32_strict,
         )
+    for target, source in tied.items():
+        if target in key_of and source in key_of:
+            out[key_of[target]] = replace(out[key_of[target]], tied=key_of[source])
     base = getattr(model, prefix, None) if prefix else None
     return ModelFacts(
         matcher=matcher_of(hf_should_convert),

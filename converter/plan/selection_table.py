@@ -41,8 +41,9 @@ from converter.plan.selection_facts import KeyFacts, ModelFacts
 TABLE_NAME = "selection_table.json"
 TABLE_FORMAT = 1
 #: 2: KeyFacts.fp32 is _keep_in_fp32_modules only, fp32_strict the strict list;
-#: 3: without (known) architectures the class follows the checkpoint keys (plan/model_class.py)
-CACHE_FORMAT = 3
+#: 3: without (known) architectures the class follows the checkpoint keys (plan/model_class.py);
+#: 4: KeyFacts.tied (a tied pair stored twice)
+CACHE_FORMAT = 4
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one

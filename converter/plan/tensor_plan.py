@@ -262,6 +262,13 @@ def build_plan(
         return None
 
     cast_to = options.dtype
+    # Without --dtype, float tensors still get the one dtype transformers loads the model in (a checkpoint
+    # that mixes float32 norms with bf16 linears is cast on load, then quantized and saved in it).
+    load_as = load_dtype(config, tensors)
+
+    def target(t: TensorInfo) -> str | None:
+        return cast_to or (load_as if t.dtype in QUANTIZABLE_DTYPES else None)
+
     planned: list[PlannedTensor] = []
     for t in tensors:
         if t.name in quantize:
@@ -270,7 +277,7 @@ def build_plan(
             transpose = bool(getattr(spec, "transpose", False))
             n = t.numel
             out_bytes = options.method.out_nbytes(n, t.shape, options)
-            out_dtype = DTYPE_CODES[cast_to] if cast_to else t.dtype
+            out_dtype = DTYPE_CODES[to] if (to := target(t)) else t.dtype
             if out_dtype == "F64":
                 out_dtype = "F32"
             out_shape = (t.shape[1], t.shape[0]) if transpose else t.shape
@@ -281,7 +288,7 @@ def build_plan(
             planned.append(PlannedTensor(t, True, transpose, out_dtype, "", out_bytes))
         else:
             reason = keep.get(t.name, "not a linear weight")
-            dt = _kept_dtype(t, cast_to, fp32_rule(t.name))
+            dt = _kept_dtype(t, target(t), fp32_rule(t.name))
             nbytes = t.numel * DTYPE_SIZES.get(dt, 1)
             planned.append(PlannedTensor(t, False, False, dt, reason, nbytes))
 
@@ -312,7 +319,7 @@ def build_plan(
     for shard, name in zip(groups, shard_names(len(groups)), strict=True):
         shard.name = name
 
-    model_dtype = _model_dtype(config, planned, cast_to)
+    model_dtype = _model_dtype(config, planned, cast_to or load_as)
     compute = options.compute_dtype or model_dtype
     if compute not in DTYPE_CODES:
         compute = "float32"
@@ -325,6 +332,27 @@ def build_plan(
         compute_dtype=compute,
         source_identity=source_identity,
     )
+
+
+def load_dtype(config: dict | None, tensors: Sequence[TensorInfo]) -> str | None:
+    """The dtype ``from_pretrained(dtype="auto")`` builds the model in (``modeling_utils._get_dtype``):
+    config.json's ``dtype``, else the first float tensor of the first weight file (keys in name order,
+    float8 left out). None when that is not float32/float16/bfloat16, or without a config.json (no
+    transformers model to load: no cast then)."""
+    if config is None:
+        return None
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if isinstance(value, str):
+            value = value.removeprefix("torch.")
+            return value if value in DTYPE_CODES else None
+    if not tensors:
+        return None
+    first = min(t.file for t in tensors)
+    for t in sorted((t for t in tensors if t.file == first), key=lambda t: t.name):
+        if t.dtype in FLOAT_DTYPES:
+            return CODE_NAMES.get(t.dtype) if t.dtype in QUANTIZABLE_DTYPES else None
+    return None
 
 
 def _model_dtype(config: dict | None, planned: Sequence[PlannedTensor], cast_to: str | None) -> str:

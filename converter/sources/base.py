@@ -122,6 +122,10 @@ class Source(ABC):
     def close(self) -> None:
         """Release everything (threads, temp downloads). Safe to call twice."""
 
+    def notes(self) -> list[str]:
+        """What the user should know about how the weights were chosen (the pipeline warns each)."""
+        return []
+
     def __enter__(self) -> Source:
         return self
 
@@ -236,3 +240,19 @@ def check_weight_map(index: str, weight_map: dict[str, str], seen: dict[str, str
             f"(transformers would not load it); {advice}"
         )
         raise CorruptFileError(msg)
+
+
+def ignored_index_note(where: str, weight_map: dict[str, str]) -> str | None:
+    """The note for a checkpoint holding both ``model.safetensors`` and an index naming other shards:
+    transformers' ``from_pretrained`` loads ``model.safetensors`` and never opens the index (local
+    folders and Hub repos alike), so the conversion reads the same file. None when the index names
+    ``model.safetensors`` alone (the two agree)."""
+    others = sorted(set(weight_map.values()) - {"model.safetensors"})
+    if not others:
+        return None
+    return (
+        f"{where}: has both model.safetensors and model.safetensors.index.json (which names "
+        f"{len(others)} other shard file(s), e.g. {others[0]}): converting model.safetensors and "
+        "ignoring the index and its shards, as transformers' from_pretrained does; remove the one that "
+        "is not the model"
+    )

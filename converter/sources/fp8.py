@@ -124,6 +124,9 @@ class Fp8BlockSource(Source):
         ]
         self._config = {k: v for k, v in (config or {}).items() if k != "quantization_config"}
 
+    def notes(self) -> list[str]:
+        return self.inner.notes()
+
     def describe(self) -> dict:
         return {**self.inner.describe(), "dequantized": f"fp8 {self.block[0]}x{self.block[1]} blocks -> bf16"}
 

@@ -41,7 +41,14 @@ from converter.errors import (
     PickleOnlyError,
     SourceNotFoundError,
 )
-from converter.sources.base import Source, TensorInfo, check_weight_map, is_extra_file, quantized_reason
+from converter.sources.base import (
+    Source,
+    TensorInfo,
+    check_weight_map,
+    ignored_index_note,
+    is_extra_file,
+    quantized_reason,
+)
 from converter.sources.hub_client import (  # the error classes are part of this module's API
     DiskTooSmallError,
     HubAccessError,
@@ -273,13 +280,20 @@ class HubSource(Source):
         names = set(self._names)
         self._weight_map: dict[str, str] | None = None
         self._pickle_files: list[str] = []
+        self._notes: list[str] = []
         if INDEX_NAME in names:
             index = self._load_json(INDEX_NAME)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 msg = f"{self.repo_id}: {INDEX_NAME} has no weight_map; report it to the repo owner"
                 raise CorruptFileError(msg)
-            self._weight_map = {str(k): str(v) for k, v in weight_map.items()}
+            weight_map = {str(k): str(v) for k, v in weight_map.items()}
+            note = ignored_index_note(self.repo_id, weight_map)
+            if note and SINGLE_NAME in names:  # transformers downloads model.safetensors first
+                self._notes.append(note)
+                self._files = [SINGLE_NAME]
+                return
+            self._weight_map = weight_map
             files = sorted(set(self._weight_map.values()))
             missing = [f for f in files if f not in names]
             if missing:
@@ -864,6 +878,9 @@ class HubSource(Source):
 
     def config(self) -> dict | None:
         return self._config
+
+    def notes(self) -> list[str]:
+        return list(self._notes)
 
     def tensors(self) -> list[TensorInfo]:
         return list(self._tensors)

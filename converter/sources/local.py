@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 
 from converter.errors import AlreadyQuantizedError, CorruptFileError, PickleOnlyError, SourceNotFoundError
-from converter.sources.base import Source, TensorInfo, check_weight_map, is_extra_file, quantized_reason
+from converter.sources.base import (
+    Source,
+    TensorInfo,
+    check_weight_map,
+    ignored_index_note,
+    is_extra_file,
+    quantized_reason,
+)
 from converter.sources.mapped import MappedFile, read_header
 
 __all__ = ["LocalSource", "MappedFile", "read_header"]  # MappedFile/read_header: sources.mapped
@@ -46,6 +53,7 @@ class LocalSource(Source):
     def __init__(self, path: Path, *, allow_pickle: bool = False) -> None:
         path = Path(path).expanduser().resolve()
         self._weight_map: dict[str, str] | None = None
+        self._notes: list[str] = []
         if not path.exists():
             msg = f"{path}: no such file or folder; check the path"
             raise SourceNotFoundError(msg)
@@ -84,7 +92,12 @@ class LocalSource(Source):
             if not isinstance(weight_map, dict) or not weight_map:
                 msg = f"{index}: has no weight_map; fix or re-download it"
                 raise CorruptFileError(msg)
-            self._weight_map = {str(k): str(v) for k, v in weight_map.items()}
+            weight_map = {str(k): str(v) for k, v in weight_map.items()}
+            note = ignored_index_note(str(self.root), weight_map)
+            if note and (self.root / SINGLE_NAME).is_file():  # transformers reads model.safetensors first
+                self._notes.append(note)
+                return [SINGLE_NAME]
+            self._weight_map = weight_map
             files = sorted(set(self._weight_map.values()))
             for name in files:
                 if not (self.root / name).is_file():
@@ -187,6 +200,9 @@ class LocalSource(Source):
 
     def config(self) -> dict | None:
         return self._config
+
+    def notes(self) -> list[str]:
+        return list(self._notes)
 
     def tensors(self) -> list[TensorInfo]:
         return list(self._tensors)

@@ -16,6 +16,7 @@ has the re-run rules).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -44,7 +45,7 @@ from converter.plan.tensor_plan import (
 from converter.quantize.cuda_host import CudaHostQuantizer
 from converter.quantize.host_quantizer import HostQuantizer, HostResult
 from converter.record.quality import QualityMeter
-from converter.sources import Source, open_source
+from converter.sources import Source, TensorInfo, open_source
 from converter.sources.mapped import MappedFile
 from converter.version import tool_version
 from converter.writer.manifest import (
@@ -235,6 +236,9 @@ class _Conversion:
         src, options = self.src, self.options
         config = src.config()
         tensors = src.tensors()
+        for note in src.notes():  # e.g. an index transformers ignores (sources/base.py)
+            moe.warn_once(self.warn, note)
+            self.notes.append(note)
         if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
@@ -255,7 +259,13 @@ class _Conversion:
         if advice:
             moe.warn_once(self.warn, advice)
             self.notes.append(advice)
+        note = moe.no_effect_note(tensors, options.moe_experts, list(selection.quantize))
+        if note:  # recorded as keep: options, fingerprint and bytes of the conversion it equals
+            moe.warn_once(self.warn, note)
+            self.notes.append(note)
+            options = self.options = dataclasses.replace(options, moe_experts="keep")
         identity = src.describe()
+        tensors, selection = self._drop_tied_copies(tensors, selection, identity)
         plan = build_plan(tensors, selection, options, config=config, source_identity=identity)
         self.plan = plan
         advice = options.method.loader_advice(plan)
@@ -291,6 +301,50 @@ class _Conversion:
             if lock is not None:
                 lock.release()
         return result
+
+    def _drop_tied_copies(
+        self, tensors: list[TensorInfo], selection: Any, identity: dict
+    ) -> tuple[list[TensorInfo], Any]:
+        """Leave out the second copy of a tied pair the checkpoint stores twice with equal values (a tied
+        lm_head beside the input embedding), as transformers' save_pretrained does: it ties them on load
+        and writes the source only. Unequal values stay (transformers warns and does not tie them).
+        Compared only where the data is on disk (a local source): a Hub source keeps both."""
+        tied = getattr(selection, "tied", None) or {}
+        if not tied or identity.get("kind") != "local":
+            return tensors, selection
+        info = {t.name: t for t in tensors}
+        drop: set[str] = set()
+        for target, source in sorted(tied.items()):
+            a, b = info[target], info[source]
+            if target in selection.quantize or source in selection.quantize or source in drop:
+                continue
+            if (a.dtype, a.shape) != (b.dtype, b.shape) or not self._same_bytes(a, b):
+                continue
+            drop.add(target)
+            note = (
+                f"{target} holds the same values as {source}, which config.json ties it to: written once "
+                f"(as {source}), as transformers' save_pretrained does; both loaders tie them again"
+            )
+            moe.warn_once(self.warn, note)
+            self.notes.append(note)
+        if not drop:
+            return tensors, selection
+        keep = {k: v for k, v in selection.keep.items() if k not in drop}
+        return [t for t in tensors if t.name not in drop], dataclasses.replace(selection, keep=keep)
+
+    def _same_bytes(self, a: TensorInfo, b: TensorInfo) -> bool:
+        files: dict[str, Any] = {}
+        try:
+            for t in (a, b):
+                if t.file not in files:
+                    files[t.file] = self.src.open_file(t.file)
+            x, _ = _get_array(files[a.file], a.name)
+            y, _ = _get_array(files[b.file], b.name)
+            return bool(np.array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8)))
+        finally:
+            for name, f in files.items():
+                getattr(f, "close", lambda: None)()
+                self.src.release(name)
 
     def _convert(
         self, decision: Any, config: dict | None, identity: dict, selection: Any, progress: Any

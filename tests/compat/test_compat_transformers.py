@@ -98,6 +98,20 @@ def _outputs(model, name: str) -> torch.Tensor:
     return (logits if logits is not None else out.last_hidden_state).float()
 
 
+def _decoded_outputs(folder, name: str, dtype: str) -> torch.Tensor:
+    """The outputs of a 4-bit folder decoded right. bitsandbytes 0.50 on AVX-512 CPUs decodes rows that
+    are not whole blocks wrongly (our 96-input layers: the tiny models' down/out projections; see
+    test_rows_of_partial_blocks_get_the_bitsandbytes_cpu_advice), so comparisons of quantization error
+    decode both folders with load_quantized's dequantize path (bitsandbytes' decode over the flattened
+    weight, bit for bit: tests/loader) and the same F.linear."""
+    from converter.loader.model import linear4bit_modules, load_quantized
+
+    model = load_quantized(folder, dtype=getattr(torch, dtype))
+    for layer in linear4bit_modules(model).values():
+        layer.use_gemv = False
+    return _outputs(model, name)
+
+
 def _qs_json(t: torch.Tensor) -> dict:
     return json.loads(bytes(t.tolist()).decode())
 
@@ -211,7 +225,7 @@ def test_nested_and_fp4_within_tolerance(tiny_checkpoint, tmp_path, name, quant_
     differ. Tolerance: our outputs stay much closer to bnb's than bnb's are to the unquantized
     model (at most a quarter of bnb's own quantization error)."""
     src = tiny_checkpoint(name)
-    ours, ref, diffs = _check(src, tmp_path, name, quant_type, nested)
+    _, _, diffs = _check(src, tmp_path, name, quant_type, nested)
     # expected deviations, counted. Counts of differing codes, not rounding tolerances: both sides'
     # bytes are the same on every CPU and ISA (ours byte-identical across paths, bnb's from IEEE
     # divisions and its fixed lookup table), so these do not depend on the machine. Seen here: nested
@@ -228,7 +242,10 @@ def test_nested_and_fp4_within_tolerance(tiny_checkpoint, tmp_path, name, quant_
         assert diffs[".nested_quant_map"] == 0
     assert diffs[".quant_map"] == 0
     full, _, _ = _load(src)
-    y_full, y_ref, y_ours = _outputs(full, name), _outputs(ref, name), _outputs(ours, name)
+    dtype = _model_dtype(src)
+    y_full = _outputs(full, name)
+    y_ref = _decoded_outputs(tmp_path / "bnb", name, dtype)
+    y_ours = _decoded_outputs(tmp_path / "ours", name, dtype)
     bnb_err = (y_ref - y_full).abs().max().item()
     our_dev = (y_ours - y_ref).abs().max().item()
     assert our_dev <= 0.25 * bnb_err, (our_dev, bnb_err, diffs)
@@ -365,12 +382,23 @@ def test_keep_in_fp32_modules_follow_transformers_dtype_plan(tmp_path, source_dt
     assert torch.equal(_outputs(ours, "t5"), _outputs(ref, "t5"))
 
 
+def _cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (else torch's CPU capability, for avx512f)."""
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        return flag in info.read_text().split()
+    return flag == "avx512f" and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def test_rows_of_partial_blocks_get_the_bitsandbytes_cpu_advice(tiny_checkpoint, tmp_path) -> None:
     """The tiny Llama's down_proj rows hold 96 inputs: 1.5 blocks of 64. bitsandbytes 0.50 on the CPU
-    decodes such rows wrongly, and its no_grad forward fails on some CPUs (AVX512-BF16) while training
-    and other CPUs compute with the wrong weights (the advice is true: one or the other is checked
-    here, whichever this CPU shows), so convert warns; a --blocksize dividing every width (32) gets no
-    warning."""
+    fails in its no_grad forward on CPUs with AVX512-BF16, and its AVX-512 dequantize (inference on
+    other AVX-512 CPUs, training) decodes such rows of widths that are multiples of 16 wrongly (both
+    checked against this CPU's flags), so convert warns, naming every such weight (both down_proj) and
+    what decodes them right (our loader; bitsandbytes' CUDA kernels work over the flattened weight);
+    a --blocksize dividing every width (32) gets no warning."""
     import bitsandbytes.functional as bnb_f
     import torch
     from transformers import AutoModelForCausalLM
@@ -384,27 +412,58 @@ def test_rows_of_partial_blocks_get_the_bitsandbytes_cpu_advice(tiny_checkpoint,
     convert(src, tmp_path / "b64", progress=False, warn=messages.append)
     (advice,) = messages
     assert "rows that are not whole 64-element blocks" in advice
-    assert "96 inputs per row" in advice
+    assert "model.layers.*.mlp.down_proj.weight (2, 96 inputs per row)" in advice
+    assert "inference forward fails on CPUs with AVX512-BF16" in advice
+    assert "on other CPUs with AVX-512 (and in training on any of them)" in advice
+    assert "decodes them wrongly" in advice
     assert "silently computes with wrong weights" in advice
+    assert "load_quantized decodes them right" in advice
+    assert "bitsandbytes on CUDA" in advice
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b64", device_map="cpu")
     name = "model.layers.0.mlp.down_proj.weight"
     record = load_quantized_state(tmp_path / "b64")[name]
     w = model.get_parameter(name)
     theirs = bnb_f.dequantize_4bit(w.data, w.quant_state).float()  # before any forward repacks it
-    wrong_decode = not torch.equal(theirs, for_record(record).dequantize(record, torch.float32))
+    wrong_decode = not torch.equal(theirs, for_record(record).dequantize(record, torch.bfloat16).float())
     try:
         with torch.no_grad():
             model(torch.tensor([[1, 2, 3]]))
         failed = False
     except RuntimeError as exc:
         failed = "is invalid for input of size" in str(exc)
-    assert wrong_decode or failed
+    # bnb's AVX-512 dequantize (width 96: a multiple of 16) takes the blocks per row; its scalar one is right
+    assert wrong_decode == _cpu_has("avx512f")
+    assert failed == bnb_f.has_avx512bf16()
     messages.clear()
     convert(src, tmp_path / "b32", progress=False, blocksize=32, warn=messages.append)
     assert messages == []
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b32", device_map="cpu")
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_partial_block_rows_of_other_widths_decode_right_in_bitsandbytes(tiny_checkpoint, tmp_path) -> None:
+    """llama_odd's rows of 72 and 100 inputs (not multiples of 16) take bitsandbytes' scalar CPU
+    dequantize, which is right: the advice says only the AVX512-BF16 forward fails."""
+    import bitsandbytes.functional as bnb_f
+    from transformers import AutoModelForCausalLM
+
+    from converter.loader.state import load_quantized_state
+    from converter.methods import for_record
+    from converter.writer.pipeline import convert
+
+    messages: list[str] = []
+    convert(tiny_checkpoint("llama_odd"), tmp_path / "o", progress=False, warn=messages.append)
+    (advice,) = messages
+    assert "(2, 72 inputs per row)" in advice
+    assert "decodes these widths right: none is a multiple of 16" in advice
+    assert "wrong weights" not in advice
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o", device_map="cpu")
+    state = load_quantized_state(tmp_path / "o")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        w, record = model.get_parameter(name), state[name]
+        theirs = bnb_f.dequantize_4bit(w.data, w.quant_state).float()
+        assert torch.equal(theirs, for_record(record).dequantize(record, torch.bfloat16).float()), name
 
 
 def test_repository_code_model_converts_with_include(tiny_checkpoint, tmp_path):

@@ -93,6 +93,31 @@ def test_downloads_verify_prefetch_and_delete(
     assert not list((tmp_path / "hf-home" / "hub").rglob("*.safetensors"))
 
 
+def test_model_safetensors_beside_an_index_is_what_transformers_reads(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """A repo with model.safetensors and an index naming other shards: transformers downloads
+    model.safetensors (it tries that name first) and never the index's shards; so does the source,
+    and it says why."""
+    repo_dir = tmp_path / "both"
+    shutil.copytree(checkpoint_dir, repo_dir)
+    single = make_checkpoint(tmp_path / "single", shards=1, seed=7)
+    shutil.copy(single / "model.safetensors", repo_dir / "model.safetensors")
+    fake_hub.add_repo(REPO, repo_dir)
+    with _open(tmp_path) as src:
+        assert src.weight_files() == ["model.safetensors"]
+        (note,) = src.notes()
+        assert "as transformers' from_pretrained does" in note
+        assert {t.name for t in src.tensors()} == {t.name for t in _single_tensors(single)}
+
+
+def _single_tensors(folder: Path) -> list:
+    from converter.sources.local import LocalSource
+
+    with LocalSource(folder) as src:
+        return src.tensors()
+
+
 def test_cached_repo_is_read_in_place_and_never_deleted(tmp_path: Path, fake_hub: FakeHub, repo: str) -> None:
     from huggingface_hub import snapshot_download
 

@@ -250,6 +250,23 @@ def test_dense_model_gets_no_warning(tmp_path, tiny_checkpoint):
     assert _moe_warnings(messages) == []
 
 
+def test_quantize_on_a_dense_model_is_not_recorded(tmp_path, tiny_checkpoint):
+    """--moe-experts quantize on a model without experts changes nothing: it said so nowhere, and the
+    folder recorded "moe_experts": "quantize" (shard metadata, index, report) as if experts had been
+    quantized, with other bytes than the same conversion without the flag."""
+    src = tiny_checkpoint("llama")
+    convert(src, tmp_path / "plain", progress=False, warn=lambda _: None)
+    messages: list[str] = []
+    convert(src, tmp_path / "q", progress=False, moe_experts="quantize", warn=messages.append)
+    (note,) = _moe_warnings(messages)
+    assert "no routed MoE experts" in note
+    assert "has no effect" in note
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        assert (tmp_path / "q" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
+    assert "moe_experts" not in report["options"]
+
+
 def test_bad_mode_is_refused(moe_src, tmp_path):
     with pytest.raises(InputError, match=r"--moe-experts 'all'.*keep or quantize"):
         convert(moe_src("olmoe"), tmp_path / "o", moe_experts="all", progress=False)
