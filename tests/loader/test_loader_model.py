@@ -283,3 +283,22 @@ def test_meta_parameter_hook_leaves_other_threads_alone() -> None:
     assert built["here"].weight.device.type == "meta"
     assert built["there"].weight.device.type == "cpu"
     assert built["there"].bias.device.type == "cpu"
+
+
+@pytest.mark.parametrize("folder_fixture", ["our_folder", "int8_folder"])
+@pytest.mark.parametrize("exclude_embeddings", [False, True])
+def test_num_parameters_counts_the_quantized_weights(
+    folder_fixture: str, exclude_embeddings: bool, plain_llama: Path, request: pytest.FixtureRequest
+) -> None:
+    """``num_parameters()`` is the checkpoint's parameter count, as transformers + bitsandbytes report it
+    for the same folder: the 4-bit / int8 weights are buffers of our layers, not parameters, and must
+    still be counted (by their ``[out, in]`` shape)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = request.getfixturevalue(folder_fixture)
+    plain = AutoModelForCausalLM.from_pretrained(plain_llama)
+    expected = plain.num_parameters(exclude_embeddings=exclude_embeddings)
+    assert bnb_load(folder).num_parameters(exclude_embeddings=exclude_embeddings) == expected
+    model = load_quantized(folder)
+    assert model.num_parameters(exclude_embeddings=exclude_embeddings) == expected
+    assert model.num_parameters(only_trainable=True) == 0  # a loaded model is frozen
