@@ -102,6 +102,18 @@ def graphed_greedy(
         if reason not in _warned:
             _warned.add(reason)
             log.warning("graphed_greedy: %s; using transformers' decoding loop", reason)
+        if (generation_config.num_beams or 1) > 1:
+            # generate() already expanded the prompt to num_beams rows for this mode: beam search, as
+            # its own dispatch would run (it takes no streamer; generate() refuses one with beams)
+            return GenerationMixin._beam_search(
+                model,
+                input_ids,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                generation_config=generation_config,
+                synced_gpus=synced_gpus,
+                **model_kwargs,
+            )
         return GenerationMixin._sample(
             model,
             input_ids,

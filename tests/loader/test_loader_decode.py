@@ -107,6 +107,24 @@ def test_sampling_falls_back_to_transformers_with_a_warning(model, caplog) -> No
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [{"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2}, {"num_beams": 2, "do_sample": True}],
+    ids=["beams", "beams-return-2", "beam-sample"],
+)
+def test_beam_search_falls_back_to_transformers_beam_search(model, kw: dict) -> None:
+    """Beams are one of the documented fallbacks: the same sequences as plain generate (which runs
+    transformers' beam search), not a sampling loop over the num_beams-expanded prompt."""
+    kw = {**kw, "max_new_tokens": 6, "pad_token_id": 0}
+    ids = torch.cat([IDS, IDS.flip(1)])
+    torch.manual_seed(3)
+    want = model.generate(ids, **kw)
+    torch.manual_seed(3)
+    got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert got.shape == want.shape
+    assert torch.equal(got, want)
+
+
 def test_padded_prompt_falls_back(model, caplog) -> None:
     ids = torch.cat([IDS, IDS])
     mask = torch.ones_like(ids)
