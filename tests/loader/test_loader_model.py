@@ -302,3 +302,23 @@ def test_num_parameters_counts_the_quantized_weights(
     model = load_quantized(folder)
     assert model.num_parameters(exclude_embeddings=exclude_embeddings) == expected
     assert model.num_parameters(only_trainable=True) == 0  # a loaded model is frozen
+
+
+@pytest.mark.parametrize("generation_file", ["custom", "absent"])
+def test_generation_config_is_the_folders(our_folder: Path, tmp_path: Path, generation_file: str) -> None:
+    """The folder's generation_config.json (a chat model's extra EOS ids, sampling defaults) is the
+    loaded model's generation_config, as transformers + bitsandbytes loads it; without the file both
+    derive it from config.json. generate() without arguments then follows it (here: stops at 7 tokens)."""
+    folder = tmp_path / "folder"
+    shutil.copytree(our_folder, folder)
+    if generation_file == "custom":
+        (folder / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [2, 5], "do_sample": True, "top_k": 3, "max_new_tokens": 7})
+        )
+    else:
+        (folder / "generation_config.json").unlink(missing_ok=True)
+    ours = load_quantized(folder, verify=False)
+    theirs = bnb_load(folder)
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+    if generation_file == "custom":
+        assert ours.generate(IDS, pad_token_id=0).shape[1] <= IDS.shape[1] + 7
