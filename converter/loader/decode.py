@@ -388,13 +388,29 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
         return cache
     length = -(-(max_length - 1) // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
     own = _own_caches.get(model)
-    if own is None or _capacity(own) < length or _cache_batch(own) not in (None, batch):
+    if (
+        own is None
+        or _capacity(own) < length
+        or _cache_batch(own) not in (None, batch)
+        or _stuck_in_inference_mode(_cache_tensors(own))
+    ):
         own = StaticCache(config=model.config, max_cache_len=length)
         _own_caches[model] = own
     else:
         own.reset()
     model_kwargs["cache"] = own
     return own
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    """The key and value tensors of a static cache's initialised layers."""
+    return [t for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values)]
+
+
+def _stuck_in_inference_mode(tensors: list[torch.Tensor]) -> bool:
+    """Whether kept tensors were made under ``torch.inference_mode`` and this call runs outside it,
+    where torch refuses to update them in place: the call then makes its own."""
+    return not torch.is_inference_mode_enabled() and any(t.is_inference() for t in tensors)
 
 
 def _capacity(cache) -> int:
@@ -413,7 +429,7 @@ def _state(cache, batch: int, k: int, eos_mask: _EosMask | None, compile_step: b
     key = (batch, k, eos_key, compile_step)
     states = _graphs.setdefault(cache, {})
     state = states.get(key)
-    if state is None:
+    if state is None or _stuck_in_inference_mode([state.token, state.position, state.min_total, state.chunk]):
         state = _GraphState(
             token=torch.zeros(batch, 1, dtype=torch.long, device=device),
             position=torch.zeros(batch, 1, dtype=torch.long, device=device),

@@ -49,6 +49,25 @@ def test_a_second_call_reuses_its_static_cache_and_matches(model) -> None:
     assert torch.equal(second, greedy_reference(model, IDS, **kw))
 
 
+@pytest.mark.parametrize("first_in_inference_mode", [True, False])
+def test_kept_cache_serves_calls_in_and_out_of_inference_mode(
+    our_folder: Path, first_in_inference_mode
+) -> None:
+    """The static cache (and step buffers) kept per model serve a later call whatever its autograd mode:
+    made under torch.inference_mode they are inference tensors, which a call outside it cannot update
+    in place ("Inplace update to inference tensor outside InferenceMode")."""
+    model = load_quantized(our_folder).eval()  # its own kept cache
+    kw = {"max_new_tokens": 7, "min_new_tokens": 7, "pad_token_id": 0}
+    want = greedy_reference(model, IDS, **kw)
+    modes = [torch.inference_mode, torch.no_grad]
+    for mode in modes if first_in_inference_mode else modes[::-1]:
+        with mode():
+            got = model.generate(IDS, custom_generate=graphed_greedy, **kw)
+        assert torch.equal(got, want)
+    got = model.generate(IDS, custom_generate=graphed_greedy, **kw)  # plain: no context at all
+    assert torch.equal(got, want)
+
+
 def test_users_static_cache_is_used(model) -> None:
     kw = {"max_new_tokens": 7, "min_new_tokens": 7, "pad_token_id": 0}
     cache = StaticCache(config=model.config, max_cache_len=64)
