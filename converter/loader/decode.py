@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,8 @@ _warned: set[str] = set()
 _own_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> StaticCache
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {state key: _GraphState}
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled __call__
+_in_use: set[int] = set()  # id() of the kept caches a running call decodes on (threads share a model)
+_in_use_lock = threading.Lock()
 
 
 @dataclass
@@ -124,18 +127,22 @@ def graphed_greedy(
             streamer=streamer,
             **model_kwargs,
         )
-    with torch.no_grad():
-        return _greedy(
-            model,
-            input_ids,
-            logits_processor,
-            stopping_criteria,
-            generation_config,
-            streamer,
-            steps_per_graph,
-            compile_step,
-            model_kwargs,
-        )
+    try:
+        with torch.no_grad():
+            return _greedy(
+                model,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                streamer,
+                steps_per_graph,
+                compile_step,
+                model_kwargs,
+            )
+    finally:
+        with _in_use_lock:
+            _in_use.discard(id(model_kwargs.get("cache")))
 
 
 # -- what the device loop reproduces exactly -----------------------------------------------------------
@@ -387,17 +394,23 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
             raise ValueError(msg)
         return cache
     length = -(-(max_length - 1) // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
-    own = _own_caches.get(model)
-    if (
-        own is None
-        or _capacity(own) < length
-        or _cache_batch(own) not in (None, batch)
-        or _stuck_in_inference_mode(_cache_tensors(own))
-    ):
-        own = StaticCache(config=model.config, max_cache_len=length)
-        _own_caches[model] = own
-    else:
-        own.reset()
+    with _in_use_lock:
+        own = _own_caches.get(model)
+        if own is not None and id(own) in _in_use:
+            # another thread decodes on the kept cache right now: this call gets one of its own
+            model_kwargs["cache"] = StaticCache(config=model.config, max_cache_len=length)
+            return model_kwargs["cache"]
+        if (
+            own is None
+            or _capacity(own) < length
+            or _cache_batch(own) not in (None, batch)
+            or _stuck_in_inference_mode(_cache_tensors(own))
+        ):
+            own = StaticCache(config=model.config, max_cache_len=length)
+            _own_caches[model] = own
+        else:
+            own.reset()
+        _in_use.add(id(own))  # until graphed_greedy returns
     model_kwargs["cache"] = own
     return own
 

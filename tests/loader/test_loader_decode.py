@@ -11,6 +11,7 @@ same tokens, exactly.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,43 @@ def test_kept_cache_serves_calls_in_and_out_of_inference_mode(
         assert torch.equal(got, want)
     got = model.generate(IDS, custom_generate=graphed_greedy, **kw)  # plain: no context at all
     assert torch.equal(got, want)
+
+
+def test_concurrent_calls_on_one_model_each_get_their_tokens(our_folder: Path) -> None:
+    """Two threads decoding on one model at once (a server's worker threads): each gets the tokens of
+    its own prompt. A barrier at the first decode step makes both prefills happen before either
+    decodes, so a static cache shared between the calls would feed one call the other's keys."""
+    model = load_quantized(our_folder).eval()
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    prompts = [IDS, IDS[:, 2:].flip(1)]
+    want = [greedy_reference(model, ids, **kw) for ids in prompts]
+    barrier = threading.Barrier(len(prompts), timeout=60)
+    waited: set[int] = set()
+
+    def first_decode_step(module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1 and threading.get_ident() not in waited:
+            waited.add(threading.get_ident())
+            barrier.wait()
+
+    got: list[torch.Tensor | None] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        got[i] = model.generate(prompts[i], custom_generate=graphed_greedy, **kw)
+
+    hook = model.register_forward_pre_hook(first_decode_step, with_kwargs=True)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        hook.remove()
+    assert len(waited) == len(prompts)  # both calls really decoded at the same time
+    for g, w in zip(got, want, strict=True):
+        assert g is not None
+        assert torch.equal(g, w)
 
 
 def test_users_static_cache_is_used(model) -> None:
