@@ -61,7 +61,10 @@ def resolve_folder(path_or_repo: str | os.PathLike, *, code: bool = False) -> Pa
     from huggingface_hub import snapshot_download
 
     try:
-        patterns = ["*.safetensors", "*.json", "*.txt", "*.model", *(["*.py"] if code else [])]
+        # weights, JSON (config, index, generation and tokenizer configs) and the other tokenizer files:
+        # vocabularies, sentencepiece models, chat templates (chat_template.jinja since transformers 5)
+        tokenizer = ["*.txt", "*.model", "*.jinja", "*.tiktoken"]
+        patterns = ["*.safetensors", "*.json", *tokenizer, *(["*.py"] if code else [])]
         return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as exc:  # huggingface_hub raises many types; name the repo and the cause
         cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"

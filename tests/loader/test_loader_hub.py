@@ -86,3 +86,40 @@ def test_repository_code_of_a_hub_repo_is_fetched_with_trust_remote_code(
         )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["MyForCausalLM", "(1,", "4,", "256)"]
+
+
+TOKENIZER_SCRIPT = """
+from transformers import AutoTokenizer
+from converter import load_quantized
+model = load_quantized("org/chat-nf4")
+tok = AutoTokenizer.from_pretrained(model.name_or_path)  # the snapshot the model was loaded from
+print(tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False))
+"""
+
+
+@pytest.mark.hub
+def test_snapshot_of_a_hub_repo_holds_its_chat_template(our_folder: Path, tmp_path: Path) -> None:
+    """The snapshot load_quantized fetches holds the tokenizer files, chat_template.jinja included
+    (transformers 5 saves a tokenizer's chat template there): the tokenizer loaded from the model's
+    name_or_path formats chats as the repo's own tokenizer does."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "chat"
+    shutil.copytree(our_folder, folder)
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "user": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(folder)
+    assert (folder / "chat_template.jinja").is_file()
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/chat-nf4", folder)
+        env = hub_env(hub, tmp_path / "home")
+        out = subprocess.run(
+            [sys.executable, "-c", TOKENIZER_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "<user>hello"
