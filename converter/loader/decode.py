@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,8 @@ _warned: set[str] = set()
 _own_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> StaticCache
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {state key: _GraphState}
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled __call__
+_in_use: set[int] = set()  # id() of the kept caches a running call decodes on (threads share a model)
+_in_use_lock = threading.Lock()
 
 
 @dataclass
@@ -102,6 +105,18 @@ def graphed_greedy(
         if reason not in _warned:
             _warned.add(reason)
             log.warning("graphed_greedy: %s; using transformers' decoding loop", reason)
+        if (generation_config.num_beams or 1) > 1:
+            # generate() already expanded the prompt to num_beams rows for this mode: beam search, as
+            # its own dispatch would run (it takes no streamer; generate() refuses one with beams)
+            return GenerationMixin._beam_search(
+                model,
+                input_ids,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                generation_config=generation_config,
+                synced_gpus=synced_gpus,
+                **model_kwargs,
+            )
         return GenerationMixin._sample(
             model,
             input_ids,
@@ -112,18 +127,22 @@ def graphed_greedy(
             streamer=streamer,
             **model_kwargs,
         )
-    with torch.no_grad():
-        return _greedy(
-            model,
-            input_ids,
-            logits_processor,
-            stopping_criteria,
-            generation_config,
-            streamer,
-            steps_per_graph,
-            compile_step,
-            model_kwargs,
-        )
+    try:
+        with torch.no_grad():
+            return _greedy(
+                model,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                streamer,
+                steps_per_graph,
+                compile_step,
+                model_kwargs,
+            )
+    finally:
+        with _in_use_lock:
+            _in_use.discard(id(model_kwargs.get("cache")))
 
 
 # -- what the device loop reproduces exactly -----------------------------------------------------------
@@ -375,14 +394,36 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
             raise ValueError(msg)
         return cache
     length = -(-(max_length - 1) // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
-    own = _own_caches.get(model)
-    if own is None or _capacity(own) < length or _cache_batch(own) not in (None, batch):
-        own = StaticCache(config=model.config, max_cache_len=length)
-        _own_caches[model] = own
-    else:
-        own.reset()
+    with _in_use_lock:
+        own = _own_caches.get(model)
+        if own is not None and id(own) in _in_use:
+            # another thread decodes on the kept cache right now: this call gets one of its own
+            model_kwargs["cache"] = StaticCache(config=model.config, max_cache_len=length)
+            return model_kwargs["cache"]
+        if (
+            own is None
+            or _capacity(own) < length
+            or _cache_batch(own) not in (None, batch)
+            or _stuck_in_inference_mode(_cache_tensors(own))
+        ):
+            own = StaticCache(config=model.config, max_cache_len=length)
+            _own_caches[model] = own
+        else:
+            own.reset()
+        _in_use.add(id(own))  # until graphed_greedy returns
     model_kwargs["cache"] = own
     return own
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    """The key and value tensors of a static cache's initialised layers."""
+    return [t for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values)]
+
+
+def _stuck_in_inference_mode(tensors: list[torch.Tensor]) -> bool:
+    """Whether kept tensors were made under ``torch.inference_mode`` and this call runs outside it,
+    where torch refuses to update them in place: the call then makes its own."""
+    return not torch.is_inference_mode_enabled() and any(t.is_inference() for t in tensors)
 
 
 def _capacity(cache) -> int:
@@ -401,7 +442,7 @@ def _state(cache, batch: int, k: int, eos_mask: _EosMask | None, compile_step: b
     key = (batch, k, eos_key, compile_step)
     states = _graphs.setdefault(cache, {})
     state = states.get(key)
-    if state is None:
+    if state is None or _stuck_in_inference_mode([state.token, state.position, state.min_total, state.chunk]):
         state = _GraphState(
             token=torch.zeros(batch, 1, dtype=torch.long, device=device),
             position=torch.zeros(batch, 1, dtype=torch.long, device=device),

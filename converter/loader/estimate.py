@@ -32,7 +32,7 @@ def estimate(
 ) -> tuple[DeviceMap, dict[str, int]]:
     """The plan ``load_quantized(folder, device_map=..., max_memory=...)`` makes and the bytes each
     device will hold, from the shard headers and the meta skeleton alone (no weight data is read)."""
-    path = resolve_folder(folder)
+    path = resolve_folder(folder, code=trust_remote_code)
     state = load_quantized_state(path, verify=False)
     model, _ = build_skeleton(path, state, dtype_from_name(dtype), trust_remote_code=trust_remote_code)
     model.tie_weights()  # tied weights count once, as in the loaded model

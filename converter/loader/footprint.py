@@ -18,6 +18,7 @@ from torch import nn
 
 from converter.loader.module import QuantLinear4bit, nbytes
 from converter.loader.module_int8 import QuantLinear8bit
+from converter.loader.moe import QuantExperts4bit
 
 
 def module_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, int]]:
@@ -71,10 +72,38 @@ def _is_quantized_weight(model: nn.Module, name: str) -> bool:
     )
 
 
+def parameter_count(model: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """transformers' ``num_parameters`` with the quantized weights counted by their ``[out, in]`` shape
+    (a MoE experts module: ``E · 3 · I · H``). They are buffers of our layers, which transformers' count
+    (``named_parameters``) never sees; they are frozen, so ``only_trainable`` leaves them out as
+    transformers + bitsandbytes does."""
+    embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    total = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if not (exclude_embeddings and name in embeddings) and (p.requires_grad or not only_trainable)
+    )
+    if only_trainable:
+        return total
+    for module in model.modules():
+        if isinstance(module, (QuantLinear4bit, QuantLinear8bit)):
+            total += module.out_features * module.in_features
+        elif isinstance(module, QuantExperts4bit):
+            total += module.num_experts * 3 * module.intermediate_dim * module.hidden_dim
+    return total
+
+
 def install_footprint(model: nn.Module) -> None:
-    """Make ``model.get_memory_footprint()`` count the 4-bit layers at their real size."""
+    """Make ``model.get_memory_footprint()`` count the 4-bit layers at their real size, and
+    ``model.num_parameters()`` count the quantized weights."""
 
     def get_memory_footprint(self: nn.Module, return_buffers: bool = True) -> int:
         return memory_footprint(self, return_buffers)
 
+    def num_parameters(
+        self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False
+    ) -> int:
+        return parameter_count(self, only_trainable, exclude_embeddings)
+
     model.get_memory_footprint = types.MethodType(get_memory_footprint, model)
+    model.num_parameters = types.MethodType(num_parameters, model)

@@ -297,7 +297,7 @@ def load_quantized(
         check_device(device, f"device={str(device)!r}")
     check_devices_exist(device_map, max_memory)
     forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
-    folder = resolve_folder(path_or_repo)
+    folder = resolve_folder(path_or_repo, code=trust_remote_code)
     dtype = dtype_from_name(dtype)
     # With a single target device the shards stream straight into device tensors (loader/stream.py);
     # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while
@@ -333,6 +333,7 @@ def load_quantized(
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     model.eval()
+    load_generation_config(model, folder)
     bind_dequantize(model)  # model.dequantize(): transformers' needs its own quantizer (dequantize_model.py)
     flatten_head_input(model)  # prompt step: lm_head input with standard strides (loader/head.py)
     use_gemv_head(model)  # decode steps: the bf16 head through our CPU GEMV (loader/head.py)
@@ -350,6 +351,22 @@ def load_quantized(
     for device_type in {m.weight.device.type for m in linear4bit_modules(model).values()}:
         ops.warn_if_slow(device_type)  # no silent slow path: a missing extension or CUDA backend is named
     return model
+
+
+def load_generation_config(model: nn.Module, folder: Path) -> None:
+    """``model.generation_config`` from ``folder`` as transformers' ``from_pretrained`` sets it: the
+    folder's generation_config.json (a chat model's extra EOS ids, its sampling defaults), else the
+    generation parameters of config.json."""
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        return
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    else:
+        model.generation_config = GenerationConfig.from_pretrained(
+            folder, config_file_name="config.json", _from_model_config=True
+        )
 
 
 def place(

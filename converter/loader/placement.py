@@ -16,8 +16,9 @@ mapped to ``"disk"`` keeps its views; after each of its forwards an accelerate h
 pages it touched (``madvise(MADV_DONTNEED)``, Linux), so they leave the process's RSS until the next
 use reads them again from the page cache or the file. Only pages wholly inside a mapping of a shard
 (or of ``offload_folder``) are ever dropped; a parameter of a disk module that is *not* a shard view
-(cast to another dtype at load) is written once to ``offload_folder`` with accelerate's
-``offload_weight`` and mapped from there.
+(cast to another dtype at load) is written once to a new folder of this load inside ``offload_folder``
+with accelerate's ``offload_weight`` and mapped from there (another load's files, mapped by its model,
+are never overwritten; the folder is removed when the model is freed).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import shutil
 import sys
+import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -229,8 +233,9 @@ def dispatch(
 
     disk = [name for name, dev in device_map.items() if dev == "disk"]
     paths = [Path(p) for p in shard_paths]
-    if disk and _offload_unmapped(model, device_map, paths, offload_folder):
-        paths.append(Path(offload_folder))  # type: ignore[arg-type]
+    written = _offload_unmapped(model, device_map, paths, offload_folder) if disk else None
+    if written is not None:
+        paths.append(written)
     mappings = _file_mappings(paths) if disk else []
 
     if len(set(device_map.values())) > 1 or disk:
@@ -292,11 +297,14 @@ def _offload_unmapped(
     device_map: Mapping[str, Device],
     shard_paths: list[Path],
     offload_folder: str | os.PathLike | None,
-) -> bool:
-    """Parameters of disk modules that are not shard views (cast at load) go to ``offload_folder``
-    through accelerate's ``offload_weight`` and are mapped back from there; True if any was written."""
+) -> Path | None:
+    """Parameters of disk modules that are not shard views (cast at load) go to a new folder inside
+    ``offload_folder`` through accelerate's ``offload_weight`` and are mapped back from there; that
+    folder, or None when nothing was written. One folder per load: a second model loaded with the same
+    ``offload_folder`` has parameters of the same names, and rewriting a file the first model maps would
+    change its weights under it."""
     mappings = _file_mappings(shard_paths)
-    written = False
+    folder: Path | None = None
     for name, t, _ in list(module_tensors(model)):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -308,16 +316,17 @@ def _offload_unmapped(
                 f"{t.dtype} at load); pass offload_folder= to write it there, or load with the shards' dtype"
             )
             raise PlacementError(msg)
-        folder = Path(offload_folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder is None:
+            Path(offload_folder).mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="qm-offload-", dir=offload_folder))
+            weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
         info = offload_weight(t.detach(), name, str(folder), index={})[name]
         stored = np.memmap(
             folder / f"{name}.dat", dtype=_NUMPY_DTYPES.get(info["dtype"], info["dtype"]), mode="c"
         )
         mapped = torch.from_numpy(stored).view(t.dtype).reshape(t.shape)
         module._parameters[attr] = nn.Parameter(mapped, requires_grad=False)
-        written = True
-    return written
+    return folder
 
 
 #: accelerate's offload_weight stores dtypes numpy lacks as same-width integers.

@@ -11,6 +11,7 @@ same tokens, exactly.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,62 @@ def test_a_second_call_reuses_its_static_cache_and_matches(model) -> None:
     assert decode._own_caches[model] is cache  # the same buffers: on CUDA the recorded graphs replay
     assert torch.equal(first, second)
     assert torch.equal(second, greedy_reference(model, IDS, **kw))
+
+
+@pytest.mark.parametrize("first_in_inference_mode", [True, False])
+def test_kept_cache_serves_calls_in_and_out_of_inference_mode(
+    our_folder: Path, first_in_inference_mode
+) -> None:
+    """The static cache (and step buffers) kept per model serve a later call whatever its autograd mode:
+    made under torch.inference_mode they are inference tensors, which a call outside it cannot update
+    in place ("Inplace update to inference tensor outside InferenceMode")."""
+    model = load_quantized(our_folder).eval()  # its own kept cache
+    kw = {"max_new_tokens": 7, "min_new_tokens": 7, "pad_token_id": 0}
+    want = greedy_reference(model, IDS, **kw)
+    modes = [torch.inference_mode, torch.no_grad]
+    for mode in modes if first_in_inference_mode else modes[::-1]:
+        with mode():
+            got = model.generate(IDS, custom_generate=graphed_greedy, **kw)
+        assert torch.equal(got, want)
+    got = model.generate(IDS, custom_generate=graphed_greedy, **kw)  # plain: no context at all
+    assert torch.equal(got, want)
+
+
+def test_concurrent_calls_on_one_model_each_get_their_tokens(our_folder: Path) -> None:
+    """Two threads decoding on one model at once (a server's worker threads): each gets the tokens of
+    its own prompt. A barrier at the first decode step makes both prefills happen before either
+    decodes, so a static cache shared between the calls would feed one call the other's keys."""
+    model = load_quantized(our_folder).eval()
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    prompts = [IDS, IDS[:, 2:].flip(1)]
+    want = [greedy_reference(model, ids, **kw) for ids in prompts]
+    barrier = threading.Barrier(len(prompts), timeout=60)
+    waited: set[int] = set()
+
+    def first_decode_step(module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1 and threading.get_ident() not in waited:
+            waited.add(threading.get_ident())
+            barrier.wait()
+
+    got: list[torch.Tensor | None] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        got[i] = model.generate(prompts[i], custom_generate=graphed_greedy, **kw)
+
+    hook = model.register_forward_pre_hook(first_decode_step, with_kwargs=True)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        hook.remove()
+    assert len(waited) == len(prompts)  # both calls really decoded at the same time
+    for g, w in zip(got, want, strict=True):
+        assert g is not None
+        assert torch.equal(g, w)
 
 
 def test_users_static_cache_is_used(model) -> None:
@@ -104,6 +161,24 @@ def test_sampling_falls_back_to_transformers_with_a_warning(model, caplog) -> No
     with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
         got = model.generate(IDS, custom_generate=graphed_greedy, **kw)
     assert "only greedy decoding" in caplog.text
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2}, {"num_beams": 2, "do_sample": True}],
+    ids=["beams", "beams-return-2", "beam-sample"],
+)
+def test_beam_search_falls_back_to_transformers_beam_search(model, kw: dict) -> None:
+    """Beams are one of the documented fallbacks: the same sequences as plain generate (which runs
+    transformers' beam search), not a sampling loop over the num_beams-expanded prompt."""
+    kw = {**kw, "max_new_tokens": 6, "pad_token_id": 0}
+    ids = torch.cat([IDS, IDS.flip(1)])
+    torch.manual_seed(3)
+    want = model.generate(ids, **kw)
+    torch.manual_seed(3)
+    got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert got.shape == want.shape
     assert torch.equal(got, want)
 
 

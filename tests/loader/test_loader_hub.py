@@ -52,3 +52,74 @@ def test_load_by_repo_id(our_folder: Path, tmp_path: Path) -> None:
     assert lines[1] == "True"
     assert lines[2].startswith("SourceNotFoundError org/missing: not a local folder, and the Hub repo")
     assert len(lines) == 3  # one line: the cause is named, not dumped
+
+
+REMOTE_CODE_SCRIPT = """
+import torch
+from converter import load_quantized
+model = load_quantized("org/remote-nf4", trust_remote_code=True)
+print(type(model).__name__)
+with torch.no_grad():
+    print(tuple(model(torch.tensor([[1, 5, 9, 33]])).logits.shape))
+"""
+
+
+@pytest.mark.hub
+def test_repository_code_of_a_hub_repo_is_fetched_with_trust_remote_code(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """A Hub repo whose config names repository code (auto_map, configuration_*.py / modeling_*.py, as
+    convert copies them): with trust_remote_code=True the .py files are fetched with the shards and
+    that class is built, as for a local folder; the snapshot used to hold JSON and weights only."""
+    import shutil
+
+    from tiny_models import add_repository_code
+
+    folder = tmp_path / "remote"
+    shutil.copytree(our_folder, folder)
+    add_repository_code(folder)
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/remote-nf4", folder)
+        env = hub_env(hub, tmp_path / "home")
+        out = subprocess.run(
+            [sys.executable, "-c", REMOTE_CODE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["MyForCausalLM", "(1,", "4,", "256)"]
+
+
+TOKENIZER_SCRIPT = """
+from transformers import AutoTokenizer
+from converter import load_quantized
+model = load_quantized("org/chat-nf4")
+tok = AutoTokenizer.from_pretrained(model.name_or_path)  # the snapshot the model was loaded from
+print(tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False))
+"""
+
+
+@pytest.mark.hub
+def test_snapshot_of_a_hub_repo_holds_its_chat_template(our_folder: Path, tmp_path: Path) -> None:
+    """The snapshot load_quantized fetches holds the tokenizer files, chat_template.jinja included
+    (transformers 5 saves a tokenizer's chat template there): the tokenizer loaded from the model's
+    name_or_path formats chats as the repo's own tokenizer does."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "chat"
+    shutil.copytree(our_folder, folder)
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "user": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(folder)
+    assert (folder / "chat_template.jinja").is_file()
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/chat-nf4", folder)
+        env = hub_env(hub, tmp_path / "home")
+        out = subprocess.run(
+            [sys.executable, "-c", TOKENIZER_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "<user>hello"

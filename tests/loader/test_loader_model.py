@@ -283,3 +283,42 @@ def test_meta_parameter_hook_leaves_other_threads_alone() -> None:
     assert built["here"].weight.device.type == "meta"
     assert built["there"].weight.device.type == "cpu"
     assert built["there"].bias.device.type == "cpu"
+
+
+@pytest.mark.parametrize("folder_fixture", ["our_folder", "int8_folder"])
+@pytest.mark.parametrize("exclude_embeddings", [False, True])
+def test_num_parameters_counts_the_quantized_weights(
+    folder_fixture: str, exclude_embeddings: bool, plain_llama: Path, request: pytest.FixtureRequest
+) -> None:
+    """``num_parameters()`` is the checkpoint's parameter count, as transformers + bitsandbytes report it
+    for the same folder: the 4-bit / int8 weights are buffers of our layers, not parameters, and must
+    still be counted (by their ``[out, in]`` shape)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = request.getfixturevalue(folder_fixture)
+    plain = AutoModelForCausalLM.from_pretrained(plain_llama)
+    expected = plain.num_parameters(exclude_embeddings=exclude_embeddings)
+    assert bnb_load(folder).num_parameters(exclude_embeddings=exclude_embeddings) == expected
+    model = load_quantized(folder)
+    assert model.num_parameters(exclude_embeddings=exclude_embeddings) == expected
+    assert model.num_parameters(only_trainable=True) == 0  # a loaded model is frozen
+
+
+@pytest.mark.parametrize("generation_file", ["custom", "absent"])
+def test_generation_config_is_the_folders(our_folder: Path, tmp_path: Path, generation_file: str) -> None:
+    """The folder's generation_config.json (a chat model's extra EOS ids, sampling defaults) is the
+    loaded model's generation_config, as transformers + bitsandbytes loads it; without the file both
+    derive it from config.json. generate() without arguments then follows it (here: stops at 7 tokens)."""
+    folder = tmp_path / "folder"
+    shutil.copytree(our_folder, folder)
+    if generation_file == "custom":
+        (folder / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [2, 5], "do_sample": True, "top_k": 3, "max_new_tokens": 7})
+        )
+    else:
+        (folder / "generation_config.json").unlink(missing_ok=True)
+    ours = load_quantized(folder, verify=False)
+    theirs = bnb_load(folder)
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+    if generation_file == "custom":
+        assert ours.generate(IDS, pad_token_id=0).shape[1] <= IDS.shape[1] + 7

@@ -219,7 +219,8 @@ def test_disk_tensor_cast_at_load_goes_to_offload_folder(our_folder: Path, tmp_p
         load_quantized(our_folder, dtype=torch.float32, device_map=CPU_DISK)
     off = tmp_path / "offload"
     model = load_quantized(our_folder, dtype=torch.float32, device_map=CPU_DISK, offload_folder=off)
-    written = sorted(p.name for p in off.iterdir())
+    [load_folder] = off.iterdir()  # one folder per load (another load's files are never rewritten)
+    written = sorted(p.name for p in load_folder.iterdir())
     # Only the cast (non-4-bit) parameters of disk modules: never a 4-bit layer, never a CPU module.
     assert written == [
         "lm_head.weight.dat",
@@ -227,6 +228,24 @@ def test_disk_tensor_cast_at_load_goes_to_offload_folder(our_folder: Path, tmp_p
         "model.layers.1.post_attention_layernorm.weight.dat",
     ]
     assert torch.equal(_logits(model), _logits(f32))
+
+
+def test_two_models_sharing_an_offload_folder_keep_their_own_weights(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """Two different checkpoints of one architecture loaded into one process with the same
+    offload_folder (a fixed name, as tutorials write it): their cast disk parameters have the same
+    names, and the second load must not overwrite the files the first model is mapped from."""
+    from converter.writer.pipeline import convert
+
+    other = convert(save_tiny_llama(tmp_path / "plain1", seed=1), tmp_path / "other", progress=False).output
+    off = tmp_path / "offload"
+    first = load_quantized(our_folder, dtype=torch.float32, device_map=CPU_DISK, offload_folder=off)
+    want = _logits(load_quantized(our_folder, dtype=torch.float32))
+    assert torch.equal(_logits(first), want)
+    second = load_quantized(other, dtype=torch.float32, device_map=CPU_DISK, offload_folder=off)
+    assert torch.equal(_logits(second), _logits(load_quantized(other, dtype=torch.float32)))
+    assert torch.equal(_logits(first), want)
 
 
 def test_bad_requests_are_named(our_folder: Path, tmp_path: Path) -> None:

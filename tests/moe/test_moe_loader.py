@@ -355,3 +355,14 @@ def test_each_layers_expert_records_are_released_once_stacked(tmp_path, monkeypa
     build_skeleton(tmp_path / "q", state, torch.bfloat16)
     assert len(alive_at_each_call) >= 2
     assert alive_at_each_call == [0] * len(alive_at_each_call)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_num_parameters_counts_the_4bit_experts(folders, name):
+    """num_parameters() of a 4-bit MoE folder equals the plain model's: each expert's gate, up and down
+    weights (E · 3 · I · H, held as packed buffers) are counted, with or without the embeddings."""
+    q, plain = folders(name)
+    model, ref = load_quantized(q), load_bf16_eager(plain)
+    for exclude in (False, True):
+        expected = ref.num_parameters(exclude_embeddings=exclude)
+        assert model.num_parameters(exclude_embeddings=exclude) == expected
