@@ -523,12 +523,13 @@ def load_quantized(
     if left:
         _initialize_missing(model, left, target)
         warnings.warn(
-            _new_parameters_warning(folder, cls, left, skeleton.new_quantizable, dtype), stacklevel=2
+            _new_parameters_warning(folder, cls, left, skeleton.new_quantizable, dtype),
+            stacklevel=3,  # the caller of load_quantized, past timing.timed's wrapper
         )
     if unused:
         warnings.warn(
             f"{folder}: {len(unused)} checkpoint tensor(s) unused by {cls.__name__}: {unused[:5]}",
-            stacklevel=2,
+            stacklevel=3,
         )
     if isinstance(qc, dict):
         model.config.quantization_config = qc
