@@ -304,3 +304,15 @@ def test_bad_model_class(folders: dict) -> None:
         load_quantized(folders["llama", "nf4"], model_class=transformers.AutoModelForImageClassification)
     with pytest.raises(ModelBuildError, match="unexpected keyword argument 'no_such_option'"):
         load_quantized(folders["llama", "nf4"], no_such_option=1)
+
+
+def test_model_warmup_leaves_the_seeded_generator_alone(our_folder: Path) -> None:
+    """QM_LOAD_WARMUP=model builds a randomly initialised one-layer model on a side thread while a CUDA
+    load runs (loader/warmup.py): its draws must not move the generator a new head is drawn from
+    after it. Run here on the CPU generator, which torch.random.fork_rng restores the same way."""
+    from converter.loader.warmup import Warmup
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert Warmup(torch.device("cpu"), our_folder, torch.bfloat16, "model")._tiny_model(torch.bfloat16)
+    assert torch.equal(torch.get_rng_state(), before)
