@@ -19,6 +19,7 @@ adapters, head copy and optimizer are PEFT's and torch's on both sides.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -316,3 +317,22 @@ def test_model_warmup_leaves_the_seeded_generator_alone(our_folder: Path) -> Non
     before = torch.get_rng_state()
     assert Warmup(torch.device("cpu"), our_folder, torch.bfloat16, "model")._tiny_model(torch.bfloat16)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_docs_example_runs(our_folder: Path) -> None:
+    """docs/python-api.md, "Another head": the example as written, on the tiny Llama."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "python-api.md").read_text()
+    start = doc.index("#### Another head: `model_class=`")
+    match = re.compile(r"```python\n(.*?)```", re.DOTALL).search(doc, start)
+    assert match is not None
+    code = match.group(1)
+    assert '"./llama-8b-nf4"' in code
+    namespace = {"load_quantized": load_quantized}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(code.replace('"./llama-8b-nf4"', repr(str(our_folder))), namespace)
+    model = namespace["model"]
+    assert model.config.id2label[2] == "positive"
+    loss = model(input_ids=IDS, labels=LABELS).loss
+    loss.backward()
+    assert model.base_model.model.score.modules_to_save.default.weight.grad is not None
