@@ -34,7 +34,7 @@ def estimate(
     device will hold, from the shard headers and the meta skeleton alone (no weight data is read)."""
     path = resolve_folder(folder, code=trust_remote_code)
     state = load_quantized_state(path, verify=False)
-    model, _ = build_skeleton(path, state, dtype_from_name(dtype), trust_remote_code=trust_remote_code)
+    model = build_skeleton(path, state, dtype_from_name(dtype), trust_remote_code=trust_remote_code).model
     model.tie_weights()  # tied weights count once, as in the loaded model
     plan = plan_device_map(model, device_map, max_memory)
     return plan, bytes_per_device(model, plan)

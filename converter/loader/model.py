@@ -1,13 +1,15 @@
 """``load_quantized``: a transformers model built from a pre-quantized folder, without bitsandbytes' loader.
 
 1. ``config.json`` -> the class named by ``architectures`` (else the head the shards fill: the
-   converter's lookup, ``converter.plan.model_class``), built with its parameters on the meta device
-   (buffers such as rotary tables are computed for real);
+   converter's lookup, ``converter.plan.model_class``) or the one ``model_class=`` asks for, built with
+   its parameters on the meta device (buffers such as rotary tables are computed for real);
 2. every module whose ``<name>.weight`` is quantized in the shards becomes a :class:`Linear4bit`
    sharing the memory-mapped tensors; this is checked against the set transformers' bnb integration
    would swap (``llm_int8_skip_modules`` or its default skips) and a difference is reported;
 3. the other tensors are assigned from the shards (still mapped when the dtype already matches,
-   cast otherwise), weights are tied, and anything left on the meta device is an error naming it.
+   cast otherwise) and weights are tied; a quantized layer the shards lack is an error naming it,
+   any other parameter they lack (a new classification head) is initialised as ``from_pretrained``
+   initialises it, with a warning naming it.
 
 transformers is imported here only; the state API and ``replace_linear_layers`` work without it.
 """
@@ -15,12 +17,13 @@ transformers is imported here only; the state API and ``replace_linear_layers`` 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import warnings
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -110,6 +113,91 @@ def _model_class(
     raise ModelBuildError(msg)
 
 
+def _requested_class(requested: type, config: Any, folder: Path, *, trust_remote_code: bool) -> type:
+    """The class ``model_class=`` names for this config, as ``from_pretrained`` of that class picks it:
+    a ``PreTrainedModel`` subclass as it is; for an Auto class, the repository code its name maps to in
+    ``auto_map`` when trusted, else its mapping's class for the config type (transformers'
+    ``_get_model_class``: the one ``architectures`` names when the mapping holds several)."""
+    import transformers
+
+    if isinstance(requested, type) and issubclass(requested, transformers.PreTrainedModel):
+        return requested
+    mapping = getattr(requested, "_model_mapping", None)
+    if not isinstance(requested, type) or mapping is None:
+        msg = f"model_class must be a transformers model class or Auto class, not {requested!r}"
+        raise ModelBuildError(msg)
+    ref = (getattr(config, "auto_map", None) or {}).get(requested.__name__)
+    if trust_remote_code and isinstance(ref, str):
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(ref, str(folder))
+    try:
+        from transformers.models.auto.auto_factory import _get_model_class
+    except ImportError:  # another transformers version: the mapping's entry as it is
+
+        def _get_model_class(config: Any, mapping: Any) -> type:
+            found = mapping[type(config)]
+            return found[0] if isinstance(found, (list, tuple)) else found
+
+    try:
+        return _get_model_class(config, mapping)
+    except (KeyError, ValueError):
+        msg = f"{requested.__name__} has no model class for model_type {config.model_type!r}"
+        if isinstance(ref, str):
+            msg += " (config.json names repository code in auto_map: pass trust_remote_code=True to run it)"
+        raise ModelBuildError(msg) from None
+
+
+def _read_config(
+    folder: Path, requested: type | None, config_kwargs: Mapping[str, Any], *, trust_remote_code: bool
+) -> tuple[Any, dict[str, Any]]:
+    """config.json as ``from_pretrained`` reads it: with the requested model class's ``config_class``
+    (AutoConfig for an Auto class or none), ``config_kwargs`` set where the config has the attribute
+    (``num_labels=3``, ``id2label``, ``problem_type``); the others, for the model's ``__init__``."""
+    import transformers
+
+    config_class = getattr(requested, "config_class", None)
+    if isinstance(requested, type) and issubclass(requested, transformers.PreTrainedModel) and config_class:
+        return config_class.from_pretrained(folder, return_unused_kwargs=True, **config_kwargs)
+    return transformers.AutoConfig.from_pretrained(
+        folder, trust_remote_code=trust_remote_code, return_unused_kwargs=True, **config_kwargs
+    )
+
+
+def _new_modules(absent: set[str], own: type | None, cls: type, config: Any) -> frozenset[str]:
+    """Those of ``absent`` (modules of ``cls`` with no weight in the shards) that the folder's own class
+    ``own`` has no parameter for either (a head ``cls`` adds), matched through the base-model prefix as
+    transformers' loader matches keys; all of them when ``own`` is unknown or cannot be built."""
+    from converter.plan.model_class import _quiet, meta_model, parameter_names, prefixed_key
+
+    if not absent or own is cls:
+        return frozenset()
+    if own is None:
+        return frozenset(absent)
+    try:
+        with _quiet():
+            reference = meta_model(own, config)
+    except Exception:  # a class this config cannot build: nothing to compare with
+        return frozenset(absent)
+    names = parameter_names(reference)
+    prefix = getattr(reference, "base_model_prefix", "") or ""
+    return frozenset(m for m in absent if prefixed_key(f"{m}.weight", prefix, names) not in names)
+
+
+def _drop_orphan_records(model: nn.Module, state: dict[str, Any]) -> list[str]:
+    """Take the quantized weights (and their biases) whose module the model lacks out of ``state``
+    (a checkpoint's pooler or LM head under another head class: transformers' unexpected keys)."""
+    modules = dict(model.named_modules())
+    dropped = []
+    for name in quantized_modules(state):
+        if name not in modules:
+            dropped.append(f"{name}.weight")
+            state.pop(f"{name}.weight")
+            if state.pop(f"{name}.bias", None) is not None:
+                dropped.append(f"{name}.bias")
+    return dropped
+
+
 def _match_prefix(model: nn.Module, state: dict[str, Any]) -> None:
     """Rename ``state``'s keys (in place, order kept) as transformers' loader does with the base-model
     prefix: stripped for a model without it (``roberta.*`` keys into ``RobertaModel``), added for one
@@ -187,6 +275,21 @@ def _computes_in_input_dtype(state: Mapping[str, Any]) -> bool:
     return first is not None and for_record(first).computes_in_input_dtype
 
 
+class Skeleton(NamedTuple):
+    """What :func:`build_skeleton` builds, and how its modules stand against the shards."""
+
+    model: nn.Module
+    quantization_config: dict | None
+    #: Modules transformers + bitsandbytes would quantize that the shards lack and the folder's own class
+    #: lacks too (a head ``model_class`` adds): left unquantized, to be initialised.
+    new_quantizable: frozenset[str] = frozenset()
+    #: Modules transformers + bitsandbytes would quantize that the shards lack although the folder's own
+    #: class has them (a truncated conversion, a config that does not describe the shards): refused.
+    truncated: frozenset[str] = frozenset()
+    #: Quantized checkpoint weights (and biases) whose module ``model_class`` lacks: left out, unused.
+    dropped: tuple[str, ...] = ()
+
+
 def build_skeleton(
     folder: Path,
     state: dict[str, Any],
@@ -194,14 +297,15 @@ def build_skeleton(
     *,
     trust_remote_code: bool = False,
     experts_device: str | torch.device = "cpu",
-) -> tuple[nn.Module, dict | None]:
-    """The model of ``folder/config.json`` with its parameters on the meta device and every quantized
-    module already a :class:`Linear4bit` sharing ``state``'s mapped tensors; and the quantization_config.
+    model_class: type | None = None,
+    config_kwargs: Mapping[str, Any] | None = None,
+) -> Skeleton:
+    """The model of ``folder/config.json`` (or of ``model_class``, the config updated with
+    ``config_kwargs``) with its parameters on the meta device and every quantized module already a
+    :class:`Linear4bit` sharing ``state``'s mapped tensors; and the quantization_config.
 
     Nothing but shard headers is read: ``inspect --memory`` sizes a placement from this skeleton.
     """
-    import transformers
-
     if not (folder / "config.json").is_file():
         msg = f"{folder}: no config.json; use load_quantized_state and replace_linear_layers instead"
         raise ModelBuildError(msg)
@@ -211,14 +315,25 @@ def build_skeleton(
     if compute_dtype is None and not _computes_in_input_dtype(state):
         compute_dtype = dtype  # LLM.int8 layers keep None: they compute in the input's dtype
 
-    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config, model_kwargs = _read_config(
+        folder, model_class, config_kwargs or {}, trust_remote_code=trust_remote_code
+    )
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the 4-bit layers ourselves
-    cls = _model_class(config, folder, trust_remote_code=trust_remote_code, keys=list(state))
+    try:  # the folder's own class: the one to build, or the reference for a head model_class adds
+        own: type | None = _model_class(config, folder, trust_remote_code=trust_remote_code, keys=list(state))
+    except ModelBuildError:
+        if model_class is None:
+            raise
+        own = None
+    cls = own
+    if model_class is not None:
+        cls = _requested_class(model_class, config, folder, trust_remote_code=trust_remote_code)
+    assert cls is not None
     try:
         with BUILD_LOCK, _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = cls._from_config(config, dtype=dtype)
+            model = cls._from_config(config, dtype=dtype, **model_kwargs)
     except Exception as exc:
         why = f"{type(exc).__name__}: {exc}"
         msg = f"{folder}: transformers could not build {cls.__name__} from config.json ({why})"
@@ -227,10 +342,15 @@ def build_skeleton(
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
     attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
     _match_prefix(model, state)
+    dropped = _drop_orphan_records(model, state) if model_class is not None else []
     try:
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
     except (ImportError, AttributeError, TypeError):  # another transformers version: skip the check
         expected = None
+    absent = {m for m in expected or () if f"{m}.weight" not in state}
+    new = _new_modules(absent, own, cls, config)
+    if expected is not None:
+        expected -= new  # reported with the other new parameters, once they are initialised
     swapped = set(
         swap_layers(
             model,
@@ -248,7 +368,60 @@ def build_skeleton(
             f"quantized: {missing[:5]}",
             stacklevel=3,
         )
-    return model, qc if isinstance(qc, dict) else None
+    return Skeleton(model, qc if isinstance(qc, dict) else None, new, frozenset(absent - new), tuple(dropped))
+
+
+def _initialize_missing(model: nn.Module, names: Collection[str], device: str | torch.device) -> None:
+    """Give each of ``names`` (parameters and buffers still on the meta device) an empty tensor on
+    ``device`` in its dtype and initialise it as ``from_pretrained`` initialises the keys a checkpoint
+    lacks: every other tensor is flagged ``_is_hf_initialized`` and the model's ``initialize_weights``
+    runs (``_init_weights`` module by module, children first; transformers' init functions skip
+    flagged tensors), so the same tensors draw from the generator in the same order, and after the
+    same ``torch.manual_seed`` hold transformers' values. New parameters are frozen like the rest."""
+    made: dict[int, torch.Tensor] = {}  # a tied pair left missing gets one tensor
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._parameters:
+            old = module._parameters[attr]
+            assert old is not None
+            new = made.setdefault(
+                id(old), nn.Parameter(torch.empty_like(old, device=device), requires_grad=False)
+            )
+            module._parameters[attr] = new  # type: ignore[assignment]
+        else:
+            old = module._buffers[attr]
+            assert old is not None
+            module._buffers[attr] = made.setdefault(id(old), torch.empty_like(old, device=device))
+    missing = set(names)
+    for name, tensor in itertools.chain(
+        model.named_parameters(remove_duplicate=False), model.named_buffers()
+    ):
+        if name not in missing:
+            tensor._is_hf_initialized = True  # type: ignore[attr-defined]
+    initialize = getattr(model, "initialize_weights", None)
+    if callable(initialize):
+        initialize()
+    else:  # transformers < 5
+        model.apply(model._init_weights)  # type: ignore[operator]
+
+
+def _new_parameters_warning(
+    folder: Path, cls: type, names: list[str], new_quantizable: frozenset[str], dtype: torch.dtype
+) -> str:
+    shown = names if len(names) <= 10 else [*names[:10], f"... {len(names) - 10} more"]
+    msg = (
+        f"{folder}: {len(names)} parameter(s) of {cls.__name__} are not in the shards and were newly "
+        f"initialized (the model's _init_weights): {shown}. Train them on your downstream task "
+        f"(they are frozen, as the loaded weights are: requires_grad_(), or PEFT modules_to_save)"
+    )
+    if new_quantizable:
+        msg += (
+            f". transformers + bitsandbytes would make {sorted(new_quantizable)} quantized layers "
+            "(config.json's llm_int8_skip_modules does not name them) and fail to initialise them; "
+            f"here they stay {str(dtype).removeprefix('torch.')}"
+        )
+    return msg
 
 
 @timing.timed  # QM_LOAD_TIMING=1: the phases on stderr (loader/timing.py)
@@ -263,6 +436,8 @@ def load_quantized(
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
     fused_router: bool = True,
+    model_class: type | None = None,
+    **config_kwargs: Any,
 ) -> nn.Module:
     """A transformers model from a pre-quantized folder (or Hub repo id), ready for ``generate()``.
 
@@ -282,6 +457,16 @@ def load_quantized(
     ``fused_router``: with 4-bit MoE experts, transformers' top-k routers (Qwen2/Qwen3-MoE, OLMoE,
     Mixtral) run softmax, top-k, renormalisation and cast as one op, bit-identical to their own forward
     (``converter.loader.router``); False keeps transformers' forward.
+
+    ``model_class`` (a transformers model class such as ``LlamaForSequenceClassification``, or an Auto
+    class such as ``AutoModelForSequenceClassification``) builds that class instead of the folder's
+    own, as ``model_class.from_pretrained(folder, **config_kwargs)`` does: ``config_kwargs``
+    (``num_labels=3``, ``id2label=...``, ``problem_type=...``) update the config, the ones it has no
+    attribute for go to the model's ``__init__``; checkpoint keys gain or lose the base-model prefix;
+    parameters the shards lack (the new head) are initialised by the model's ``_init_weights`` on the
+    target device, in ``dtype``, with a warning naming them; checkpoint tensors the class has no
+    place for are reported as unused. A layer the folder's own class has, that transformers +
+    bitsandbytes load quantized and the shards lack, is still an error.
     """
     try:
         import transformers  # noqa: F401  (only to fail early with the install hint)
@@ -310,23 +495,41 @@ def load_quantized(
     ):
         state = read_state(folder, target, hashes, on_parsed=warm.start if warm is not None else None)
         with timing.phase("skeleton"):
-            model, qc = build_skeleton(
-                folder, state, dtype, trust_remote_code=trust_remote_code, experts_device=target
-            )  # 4-bit experts: stacked on the target device
+            skeleton = build_skeleton(
+                folder,
+                state,
+                dtype,
+                trust_remote_code=trust_remote_code,
+                experts_device=target,  # 4-bit experts: stacked on the target device
+                model_class=model_class,
+                config_kwargs=config_kwargs,
+            )
+        model, qc = skeleton.model, skeleton.quantization_config
         cls = type(model)
         with timing.phase("fill"):
-            unused = _fill(model, state, str(folder))
+            unused = _fill(model, state, str(folder)) + list(skeleton.dropped)
     timing.mark("built_at")
     _tie_weights(model)
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
     left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
-    if left:
-        msg = f"{folder}: the shards have no tensor for {len(left)} model parameter(s): {left[:5]}"
+    refused = [n for n in left if n.rpartition(".")[0] in skeleton.truncated]
+    if refused:
+        msg = (
+            f"{folder}: the shards have no tensor for {len(refused)} quantized model parameter(s): "
+            f"{refused[:5]} (layers transformers + bitsandbytes load quantized: a truncated conversion, "
+            "or a config.json that does not describe these shards)"
+        )
         raise ModelBuildError(msg)
+    if left:
+        _initialize_missing(model, left, target)
+        warnings.warn(
+            _new_parameters_warning(folder, cls, left, skeleton.new_quantizable, dtype),
+            stacklevel=3,  # the caller of load_quantized, past timing.timed's wrapper
+        )
     if unused:
         warnings.warn(
             f"{folder}: {len(unused)} checkpoint tensor(s) unused by {cls.__name__}: {unused[:5]}",
-            stacklevel=2,
+            stacklevel=3,
         )
     if isinstance(qc, dict):
         model.config.quantization_config = qc

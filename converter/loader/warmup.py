@@ -251,8 +251,11 @@ class Warmup:
                 setattr(text, key, 0)
         # Under the lock the caller's build_skeleton takes too: building a model patches process-wide
         # state (transformers' no_init_weights, our meta-parameter hook). cls(config) itself sets no
-        # global default dtype (``_from_config(dtype=)`` would); the dtype is applied after.
-        with BUILD_LOCK, torch.device(self.device):
+        # global default dtype (``_from_config(dtype=)`` would); the dtype is applied after. Its random
+        # init leaves the caller's seeded generators as they were: the load draws a new head's values
+        # after this (model_class=), and they must be the ones transformers draws after the same seed.
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with BUILD_LOCK, torch.device(self.device), torch.random.fork_rng(devices=cuda):
             model = _model_class(config)(config)
         model.to(compute).eval()
         for tokens in (4, 1):

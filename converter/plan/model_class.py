@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Collection, Sequence
 from typing import Any
 
-__all__ = ["HEAD_ORDER", "model_class", "parameter_names", "prefixed_key"]
+__all__ = ["HEAD_ORDER", "meta_model", "model_class", "parameter_names", "prefixed_key"]
 
 #: Architecture name suffix -> the Auto class that builds that head from a built-in model_type.
 AUTO_BY_SUFFIX: tuple[tuple[str, str], ...] = (
@@ -99,13 +99,18 @@ def parameter_names(model: Any) -> set[str]:
     return names | {n for n, _ in model.named_buffers(remove_duplicate=False)}
 
 
-def _fit(cls: type, config: Any, keys: Collection[str]) -> tuple[int, int]:
-    """(checkpoint keys ``cls`` has no parameter for, ``cls`` parameters the keys leave missing)."""
+def meta_model(cls: type, config: Any) -> Any:
+    """``cls`` built for (a copy of) ``config`` on the meta device: names and shapes, nothing allocated."""
     import torch
 
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        model = cls(copy.deepcopy(config))  # some models set attributes of their config
+        return cls(copy.deepcopy(config))  # some models set attributes of their config
+
+
+def _fit(cls: type, config: Any, keys: Collection[str]) -> tuple[int, int]:
+    """(checkpoint keys ``cls`` has no parameter for, ``cls`` parameters the keys leave missing)."""
+    model = meta_model(cls, config)
     names = parameter_names(model)
     prefix = getattr(model, "base_model_prefix", "") or ""
     matched = {prefixed_key(k, prefix, names) for k in keys}
