@@ -54,6 +54,7 @@ def inspect(
     requests, nothing downloaded): tensors, quant types, sizes."""
     from converter.sources import looks_like_repo_id
     from converter.tools.inspection import inspect_hub, inspect_path, unfinished_conversion
+    from converter.writer.manifest import damaged_manifest
 
     app.configure(json=as_json)
     if memory:
@@ -67,7 +68,10 @@ def inspect(
         if revision is not None:
             app.abort(f"--revision applies to Hub repos only, but {path} is a local path", 2)
         r = inspect_path(path)
-        if path.is_dir() and unfinished_conversion(path):
+        damaged = damaged_manifest(path) if path.is_dir() else None
+        if damaged is not None:
+            app.warn(damaged)
+        elif path.is_dir() and unfinished_conversion(path):
             app.warn(f"{path}: the conversion did not finish (shown: the shards written so far); rerun "
                      f"the same convert command to resume")  # fmt: skip
     if app.json:

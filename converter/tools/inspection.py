@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from converter.errors import CorruptFileError, SourceNotFoundError
 from converter.loader.config_file import read_config
 from converter.plan import moe
-from converter.writer.manifest import MANIFEST_NAME
+from converter.writer.manifest import MANIFEST_NAME, Manifest, damaged_manifest
 from formats import index as index_mod
 from formats.reader import open_shard
 from formats.validate import FormatError
@@ -69,14 +69,10 @@ class InspectResult:
 
 
 def unfinished_conversion(folder: Path) -> bool:
-    """Whether ``folder`` holds a conversion that did not finish (its manifest says so)."""
-    manifest = folder / MANIFEST_NAME
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("state") != "complete"
-    except ValueError:
-        return True
+    """Whether ``folder`` holds a conversion that did not finish (its manifest says so). A manifest
+    that cannot be read is not this: ``damaged_manifest`` names it."""
+    manifest = Manifest.load(folder)
+    return manifest is not None and manifest.state != "complete"
 
 
 def _shard_files(path: Path) -> tuple[Path, list[str]]:
@@ -163,8 +159,12 @@ def verify_path(path: str | Path) -> VerifyResult:
     result = VerifyResult(path=str(path), shards=names)
     weight_map: dict[str, str] | None = None
     index_has_digests = False
-    unfinished = path.is_dir() and unfinished_conversion(folder)
-    if unfinished:  # what is missing follows from that (index, config): reported once, as this
+    damaged = damaged_manifest(folder) if path.is_dir() else None
+    unfinished = path.is_dir() and (damaged is not None or unfinished_conversion(folder))
+    if damaged is not None:  # nothing to resume from: the one remedy is a conversion from scratch
+        result.remedy = "rerun the convert command with --overwrite"
+        result.problems.append(damaged)
+    elif unfinished:  # what is missing follows from that (index, config): reported once, as this
         result.remedy = "rerun the same convert command to resume"
         result.problems.append(
             f"{folder}: the conversion did not finish; rerun the same convert command to resume"

@@ -75,6 +75,36 @@ def test_verify_unfinished_conversion(qm, converted: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("text", ['{"tool": "quantize-model", "finge', "[]\n"])
+def test_damaged_manifest_gets_one_remedy_everywhere(
+    qm, tiny_llama: Path, converted: Path, text: str
+) -> None:
+    """A cut-short manifest: verify and inspect said "rerun the same convert command to resume", which
+    convert then refused ("holds files quantize-model did not write ... pass --overwrite"); a JSON list
+    crashed both with an AttributeError. Every command now names the manifest and the one remedy."""
+    manifest = converted / ".quantize-model-manifest.json"
+    manifest.write_text(text)
+    said = (
+        f"{manifest}: damaged (not a readable quantize-model manifest), so the conversion cannot be "
+        f"resumed; rerun the convert command with --overwrite to convert again"
+    )
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines() == [
+        f"Error: {said}",
+        f"Error: {converted}: 1 problem(s) found; rerun the convert command with --overwrite",
+    ]
+    r = qm("inspect", converted)
+    assert r.exit_code == 0
+    assert r.stderr == f"Warning: {said}\n"
+    again = ("convert", tiny_llama, converted, "-q", "--max-shard-size", "60KB")
+    r = qm(*again)
+    assert r.exit_code == 2
+    assert r.stderr == f"Error: {said}\n"
+    assert qm(*again, "--overwrite").exit_code == 0
+    assert qm("verify", converted).exit_code == 0
+
+
 def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
     r = qm("inspect", tmp_path / "nothing")
     assert r.exit_code == 2
