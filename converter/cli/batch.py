@@ -121,7 +121,10 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         raise click.exceptions.Exit(128 + stop.signum) from None
     _report(app, result, plan_file, params)
     if not result.ok:
-        app.error(f"{len(result.failed)} of {n} conversion(s) failed; fix them and rerun the same batch")
+        failed = sum(1 for i in result.items if i.status == "failed")
+        cancelled = len(result.failed) - failed  # --fail-fast: not started, not failed
+        not_started = f" ({cancelled} not started: --fail-fast)" if cancelled else ""
+        app.error(f"{failed} of {n} conversion(s) failed{not_started}; fix them and rerun the same batch")
         raise click.exceptions.Exit(1)
 
 
