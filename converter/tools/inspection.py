@@ -159,6 +159,8 @@ def verify_path(path: str | Path) -> VerifyResult:
     result = VerifyResult(path=str(path), shards=names)
     weight_map: dict[str, str] | None = None
     index_has_digests = False
+    total_size: int | None = None
+    data_bytes = 0  # of the shards read: what the index's metadata.total_size must say
     damaged = damaged_manifest(folder) if path.is_dir() else None
     unfinished = path.is_dir() and (damaged is not None or unfinished_conversion(folder))
     if damaged is not None:  # nothing to resume from: the one remedy is a conversion from scratch
@@ -173,6 +175,7 @@ def verify_path(path: str | Path) -> VerifyResult:
         if (folder / index_mod.INDEX_NAME).is_file():
             index = index_mod.read_index(folder, require_files=False)
             weight_map, index_has_digests = index.weight_map, bool(index.shards)
+            total_size = index.total_size
             for extra in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in names):
                 result.problems.append(
                     f"{folder / extra}: a shard the index does not list (loaders that glob *.safetensors "
@@ -192,6 +195,7 @@ def verify_path(path: str | Path) -> VerifyResult:
             continue  # reported by verify_shards
         try:
             with open_shard(file) as shard:
+                data_bytes += shard.data_size
                 for key in shard.keys():
                     found[key] = name
                 for key in shard.quantized:
@@ -211,6 +215,12 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"{folder / index_mod.INDEX_NAME}: records no digests, but the shards were written by "
             f"quantize-model, whose index always has them; the index was changed, so the shards cannot "
             f"be verified: reconvert the folder"
+        )
+    complete = all((folder / name).is_file() for name in names) and not unreadable
+    if index_has_digests and complete and total_size != data_bytes:  # our index, every shard read
+        result.problems.append(
+            f"{folder / index_mod.INDEX_NAME}: metadata.total_size is {total_size}, but the shards hold "
+            f"{data_bytes} bytes of tensor data; the index was changed: reconvert the folder"
         )
     if no_index and ours:
         result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")

@@ -105,6 +105,21 @@ def test_damaged_manifest_gets_one_remedy_everywhere(
     assert qm("verify", converted).exit_code == 0
 
 
+def test_verify_detects_a_changed_total_size(qm, converted: Path) -> None:
+    """An index whose metadata.total_size no longer matches the shards passed verify."""
+    path = converted / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    right = index["metadata"]["total_size"]
+    index["metadata"]["total_size"] = right + 1
+    path.write_text(json.dumps(index, indent=2))
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines()[0] == (
+        f"Error: {path}: metadata.total_size is {right + 1}, but the shards hold {right} bytes of "
+        f"tensor data; the index was changed: reconvert the folder"
+    )
+
+
 def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
     r = qm("inspect", tmp_path / "nothing")
     assert r.exit_code == 2
