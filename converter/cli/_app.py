@@ -38,10 +38,13 @@ def _format_os_error(exc: OSError) -> str:
 
 
 def _format_format_error(exc: Exception) -> str:
-    from formats.validate import TwoLayouts, UnknownFormatVersion
+    from formats.index import INDEX_REMEDY
+    from formats.validate import BadIndex, TwoLayouts, UnknownFormatVersion
 
     if isinstance(exc, (UnknownFormatVersion, TwoLayouts)):  # valid files; the message says what to do
         return str(exc)
+    if isinstance(exc, BadIndex):  # the index, not a shard
+        return f"{exc}; {INDEX_REMEDY}"
     return f"{exc}; the file is not a valid quantize-model shard, reconvert it"
 
 

@@ -120,6 +120,23 @@ def test_verify_detects_a_changed_total_size(qm, converted: Path) -> None:
     )
 
 
+def test_cut_short_index_is_named_as_the_index(qm, converted: Path, tmp_path: Path) -> None:
+    """A cut-short index: verify, inspect and push called it "not a valid quantize-model shard";
+    dequantize and inspect --memory said nothing about what to do."""
+    path = converted / "model.safetensors.index.json"
+    path.write_text('{"weight_map": {"a": ')
+    said = (
+        f"Error: {path}: not a JSON file (Expecting value: line 1 column 22 (char 21)); the index is "
+        f"damaged: reconvert the folder or download it again\n"
+    )
+    for args in (["verify"], ["inspect"], ["inspect", "--memory"]):
+        r = qm(*args, converted)
+        assert r.stderr == said, args
+        assert r.exit_code in (1, 2), args
+    r = qm("dequantize", converted, tmp_path / "plain")
+    assert (r.exit_code, r.stderr) == (2, said)
+
+
 def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
     r = qm("inspect", tmp_path / "nothing")
     assert r.exit_code == 2
