@@ -72,6 +72,16 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     return f"unexpected {type(exc).__name__}: {exc}; {DEBUG_HINT}", 1
 
 
+def _hub_progress_bars_off() -> None:
+    """huggingface_hub's own tqdm bars (push's upload, a Hub snapshot's download) follow the App's
+    rule too; a user's explicit HF_HUB_DISABLE_PROGRESS_BARS keeps priority, as huggingface_hub gives it."""
+    if "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
+        return
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+
+
 class App:
     """What every command receives through ``@click.pass_obj``."""
 
@@ -83,6 +93,8 @@ class App:
 
     def configure(self, *, json: bool = False, quiet: bool = False) -> None:
         self.json, self.quiet = json, quiet
+        if not self.show_progress:
+            _hub_progress_bars_off()
 
     @property
     def debug(self) -> bool:

@@ -41,6 +41,17 @@ def test_verify_ok(qm, converted: Path) -> None:
     assert r.stderr == ""
 
 
+def test_verify_quiet_prints_only_problems(qm, converted: Path) -> None:
+    """verify had no -q, unlike convert, batch, push and dequantize: a CI step got the OK line."""
+    r = qm("verify", converted, "-q")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "", "")
+    sorted(converted.glob("model-*.safetensors"))[0].unlink()
+    r = qm("verify", converted, "-q")
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    assert r.stderr.splitlines()[-1] == f"Error: {converted}: 1 problem(s) found; reconvert with --overwrite"
+
+
 def test_verify_detects_a_flipped_byte(qm, converted: Path) -> None:
     shard = sorted(converted.glob("model-*.safetensors"))[-1]
     data = bytearray(shard.read_bytes())

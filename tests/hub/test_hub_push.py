@@ -179,6 +179,19 @@ def test_cli_push(converted: Path, fake_hub: FakeHub, hf_home: Path) -> None:
     )
 
 
+def test_quiet_push_and_dequantize_print_no_progress_bars(
+    converted: Path, fake_hub: FakeHub, hf_home: Path, tmp_path: Path
+) -> None:
+    """push -q and dequantize -q of a Hub repo printed huggingface_hub's tqdm bars on stderr (into a
+    pipe too: 'model.safetensors: 100%|...', 'Fetching 6 files: 100%|...')."""
+    env = hub_env(fake_hub, hf_home) | {"HF_TOKEN": TOKEN}
+    del env["HF_HUB_DISABLE_PROGRESS_BARS"]  # what a user has: huggingface_hub's bars on
+    cmd = [sys.executable, "-c", "from converter.cli import main; main()"]
+    for args in (["push", converted, DEST, "-q"], ["dequantize", DEST, tmp_path / "plain", "-q"]):
+        r = subprocess.run([*cmd, *map(str, args)], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), args
+
+
 def test_push_to_a_branch(converted: Path, fake_hub: FakeHub, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     push_folder(converted, DEST, revision="nf4")
