@@ -65,7 +65,7 @@ Examples:
     metavar="[FILE]",
     help="Write the results as JSON to FILE, or to stdout without FILE.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 @click.pass_context
 def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **params: Any) -> None:
     """Convert every job of PLAN_FILE into its own folder under OUTPUT_ROOT."""
