@@ -88,6 +88,13 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         app.abort(
             f"{plan_file}: no OUTPUT_ROOT: give one after the plan, or set output_root in [defaults]", 2
         )
+    device = kwargs.get("device")
+    if device not in (None, "cpu"):  # a GPU index past this machine's is refused here, not per job
+        from converter.writer.pipeline import resolve_device
+
+        _, fallback_note = resolve_device(device)
+        if fallback_note:
+            app.warn(fallback_note)  # once, as convert does; each job falls back the same way
     jobs = select_part(plan.jobs, params["only"])
     force = params["force"] or params["overwrite"]
     n = len(jobs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ Exit codes: 0 ok, 1 conversion failed, 2 usage or input error, 130 interrupted (
 """
 
 _DTYPES = click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False)
+
+
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The spelling, before any work (batch ran every job to fail each with it); whether this machine
+    has that GPU is resolve_device's concern."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        msg = f"{value!r} is not valid: use cpu, cuda or cuda:N"
+        raise click.BadParameter(msg)
+    return value
 
 
 def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,7 +66,7 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Kernel threads [default: the CPUs this process may use]."),
-        click.option("--device", default="cpu", show_default=True,
+        click.option("--device", default="cpu", show_default=True, callback=_check_device,
                      help="Where to quantize: cpu, cuda or cuda:N."),
         click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources only)."),
         click.option("--keep-downloads", is_flag=True, help="Keep downloaded Hub files in the cache."),
