@@ -102,6 +102,9 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         _dry_run(app, jobs, root, force)
         return
 
+    def on_warning(k: int, text: str) -> None:
+        app.warn(f"[{k + 1}/{n}] {jobs[k].source}: {text}")
+
     def on_done(k: int, r: Any) -> None:
         if r.ok:
             app.info(f"[{k + 1}/{n}] {r.item.source} -> {r.item.output}: {_how(r)} in {r.seconds:.1f} s")
@@ -111,7 +114,7 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
     try:
         with _sigterm_as_interrupt():
             result = run_batch(jobs, root, parallel=params["parallel"], fail_fast=params["fail_fast"],
-                               force=force, on_done=on_done)  # fmt: skip
+                               force=force, on_done=on_done, on_warning=on_warning)  # fmt: skip
     except BatchInterrupted as stop:
         _report(app, stop.result, plan_file, params, interrupted=signal.Signals(stop.signum).name)
         r = stop.result
@@ -209,9 +212,10 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
     from converter.tools.batch_run import preflight_job, replaces_stale_output, stamp_matches
 
     rows = []
-    for job in jobs:
+    for k, job in enumerate(jobs):
+        prefix = f"[{k + 1}/{len(jobs)}] {job.source}: "
         try:
-            pre = preflight_job(job, root, {}, force=force)
+            pre = preflight_job(job, root, {}, force=force, warn=lambda t, p=prefix: app.warn(p + t))
         except Exception as exc:
             rows.append({"job": job.to_json(), "action": "fail", "error": describe_error(exc)[0]})
             continue

@@ -131,7 +131,13 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
 
         kwargs = conversion_kwargs(params)
         dry = run_convert(
-            source, output, overwrite=params["overwrite"], progress=False, dry_run=True, **kwargs
+            source,
+            output,
+            overwrite=params["overwrite"],
+            progress=False,
+            dry_run=True,
+            warn=app.warn,
+            **kwargs,
         )
         show_preflight(app, dry.preflight)
         return

@@ -89,3 +89,25 @@ def test_batch_says_once_that_cuda_falls_back(qm, tiny_llama: Path, tmp_path: Pa
     r = qm("batch", listing, tmp_path / "outs", "--device", "cuda", "-q")
     assert r.exit_code == 0
     assert r.stderr == f"Warning: {note}\n"
+
+
+def test_batch_warnings_name_the_job(qm, tmp_path: Path) -> None:
+    """batch (and both dry runs) gave a job's warnings to Python's warnings module: printed as
+    "/.../pipeline.py:191: UserWarning: routed MoE experts ..." with a line of our code, naming no
+    job. Now "Warning: [k/n] SOURCE: ...", once per job, as convert prints it."""
+    from tiny_models import make_tiny
+
+    src = make_tiny("qwen3_moe", tmp_path / "moe")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src}\n")
+    warning = "Warning: routed MoE experts hold 54.0% of the parameters and stay 16-bit"
+    for args, prefix in (
+        (["batch", listing, tmp_path / "outs", "--dry-run"], f"[1/1] {src}: "),
+        (["batch", listing, tmp_path / "outs", "-q"], f"[1/1] {src}: "),
+        (["convert", src, tmp_path / "out", "--dry-run"], ""),
+    ):
+        r = qm(*args)
+        assert r.exit_code == 0, (args, r.stderr)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1, (args, r.stderr)
+        assert lines[0].startswith(warning.replace("Warning: ", f"Warning: {prefix}")), args
