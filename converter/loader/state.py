@@ -85,6 +85,11 @@ def shard_files(folder: Path) -> tuple[list[Path], bool]:
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         msg = f"{folder}: only pickle weights (.bin/.pt); a quantized checkpoint must be safetensors"
         raise PickleOnlyError(msg)
+    from converter.writer.manifest import unfinished_conversion
+
+    unfinished = unfinished_conversion(folder)  # killed before its index: say so, not "not a checkpoint"
+    if unfinished is not None:
+        raise InputError(unfinished)
     msg = f"{folder}: no {INDEX_NAME} and no single *.safetensors file; not a checkpoint folder"
     raise SourceNotFoundError(msg)
 

@@ -228,6 +228,14 @@ def _contains_source(output: Path, protected: tuple[Path, ...]) -> str | None:
     return None
 
 
+def unfinished_conversion(folder: Path) -> str | None:
+    """What to say of a folder whose manifest records a conversion that did not finish, else None."""
+    manifest = Manifest.load(folder)
+    if manifest is None or manifest.state == "complete":
+        return None
+    return f"{folder}: the conversion did not finish; rerun the same convert command to resume"
+
+
 def damaged_manifest(folder: Path) -> str | None:
     """The message for a folder whose manifest exists but is not one quantize-model can read (cut short,
     edited, another tool's file), else None. Without a readable manifest nothing can be resumed, so

@@ -148,6 +148,36 @@ def test_cut_short_index_is_named_as_the_index(qm, converted: Path, tmp_path: Pa
     assert (r.exit_code, r.stderr) == (2, said)
 
 
+@pytest.mark.parametrize("stage", ["before the index", "before config.json"])
+def test_loading_an_unfinished_conversion_says_to_resume(
+    qm, converted: Path, tmp_path: Path, stage: str
+) -> None:
+    """verify and inspect said "the conversion did not finish; rerun the same convert command to
+    resume", while load_quantized, inspect --memory and dequantize said "no model.safetensors.index.json
+    and no single *.safetensors file; not a checkpoint folder", or "no config.json; use
+    load_quantized_state and replace_linear_layers instead"."""
+    from converter import load_quantized
+    from converter.errors import InputError
+
+    manifest = converted / ".quantize-model-manifest.json"
+    m = json.loads(manifest.read_text())
+    m["state"] = "in_progress"
+    manifest.write_text(json.dumps(m))
+    (converted / "config.json").unlink()
+    if stage == "before the index":
+        (converted / "model.safetensors.index.json").unlink()
+    said = f"{converted}: the conversion did not finish; rerun the same convert command to resume"
+    with pytest.raises(InputError) as info:
+        load_quantized(converted)
+    assert str(info.value) == said
+    commands = [["inspect", converted, "--memory"]]
+    if stage == "before the index":  # with an index and every shard, dequantize has what it needs
+        commands.append(["dequantize", converted, tmp_path / "plain"])
+    for args in commands:
+        r = qm(*args)
+        assert (r.exit_code, r.stderr) == (2, f"Error: {said}\n"), args
+
+
 def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
     r = qm("inspect", tmp_path / "nothing")
     assert r.exit_code == 2
