@@ -175,3 +175,16 @@ from {module} import {function}
         "",
         "Error: interrupted; rerun the same command to resume\n",
     )
+
+
+def test_a_usage_error_with_batch_json_file_keeps_stdout_plain(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """`batch PLAN --json report.json` asks for the report in a file; a usage error still printed the
+    JSON error object on stdout (where the table goes). Without FILE it is printed, as for convert."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama}\n")
+    r = qm("batch", listing, tmp_path / "outs", "--json", tmp_path / "report.json", "--jobs", "0")
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    r = qm("batch", listing, tmp_path / "outs", "--json", "--jobs", "0")
+    assert r.exit_code == 2
+    assert json.loads(r.stdout)["error"].startswith("Invalid value for '--jobs'")
