@@ -178,6 +178,22 @@ def test_loading_an_unfinished_conversion_says_to_resume(
         assert (r.exit_code, r.stderr) == (2, f"Error: {said}\n"), args
 
 
+def test_verify_against_another_model_is_one_line(qm, converted: Path, tmp_path: Path) -> None:
+    """--against a checkpoint the folder was not made from gave one line per quantized tensor (14
+    here, thousands for a real model), then "N problem(s) found; reconvert with --overwrite", though
+    the folder is fine and the source is the wrong one."""
+    from qm_checkpoints import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "other", hidden=32)
+    r = qm("verify", converted, "--against", other)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines() == [
+        f"Error: tensor 'model.layers.0.mlp.down_proj.weight' in model-00002-of-00003.safetensors: shape "
+        f"[64, 128] but the source has [32, 64] (and 13 more); the folder was not converted from {other}",
+        f"Error: {converted}: 1 problem(s) found; give --against the source this folder was converted from",
+    ]
+
+
 def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
     r = qm("inspect", tmp_path / "nothing")
     assert r.exit_code == 2
