@@ -240,3 +240,26 @@ def test_a_bad_push_to_is_an_input_error_before_converting(
     assert err.value.exit_code == 2
     assert not out.exists()
     assert fake_hub.count("GET", "") == 0  # nothing asked of the Hub either
+
+
+def test_push_under_hf_hub_offline_says_so_before_converting(
+    converted: Path, checkpoint_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """push with HF_HUB_OFFLINE=1 said "me/tiny-nf4: the repo is not in the local Hugging Face cache
+    and HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE to download it" (an upload downloads nothing), and
+    `convert --push-to` said it only after the whole conversion."""
+    from huggingface_hub import constants
+
+    from converter.writer.pipeline import convert
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    said = f"{DEST}: HF_HUB_OFFLINE=1 forbids uploads; unset HF_HUB_OFFLINE to push"
+    with pytest.raises(InputError) as info:
+        push_folder(converted, DEST)
+    assert str(info.value) == said
+    out = tmp_path / "again"
+    with pytest.raises(InputError) as info:
+        convert(checkpoint_dir, out, progress=False, push_to=DEST)
+    assert str(info.value) == said
+    assert not out.exists()
