@@ -57,6 +57,13 @@ def inspect(
     from converter.writer.manifest import damaged_manifest
 
     app.configure(json=as_json)
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("device_map", "max_memory", "dtype")
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]  # fmt: skip
+    if given and not memory:  # they shape only the memory estimate; ignored, they would look applied
+        verb = "applies" if len(given) == 1 else "apply"
+        msg = f"{', '.join(given)} {verb} to the memory estimate only: add --memory"
+        raise click.UsageError(msg)
     if memory:
         from converter.cli.inspect_memory import show_memory
 

@@ -194,6 +194,22 @@ def test_verify_against_another_model_is_one_line(qm, converted: Path, tmp_path:
     ]
 
 
+def test_inspect_memory_options_without_memory_are_refused(qm, converted: Path) -> None:
+    """`inspect PATH --max-memory cpu=1GB` (--memory forgotten) printed the plain summary, the
+    memory options silently ignored."""
+    r = qm("inspect", converted, "--max-memory", "cpu=1GB")
+    assert r.exit_code == 2
+    assert (
+        r.stderr.splitlines()[-1] == "Error: --max-memory applies to the memory estimate only: add --memory"
+    )
+    r = qm("inspect", converted, "--device-map", "cpu", "--dtype", "float16")
+    assert r.exit_code == 2
+    assert r.stderr.splitlines()[-1].endswith(
+        "--device-map, --dtype apply to the memory estimate only: add --memory"
+    )
+    assert qm("inspect", converted, "--memory", "--max-memory", "cpu=1GB").exit_code == 0
+
+
 def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
     r = qm("inspect", tmp_path / "nothing")
     assert r.exit_code == 2
