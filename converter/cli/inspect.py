@@ -64,6 +64,12 @@ def inspect(
         verb = "applies" if len(given) == 1 else "apply"
         msg = f"{', '.join(given)} {verb} to the memory estimate only: add --memory"
         raise click.UsageError(msg)
+    if memory and revision is not None:  # the estimate loads the repo's default branch
+        msg = (
+            "--revision does not apply to --memory, which reads the Hub repo's default branch: download "
+            "that revision (hf download REPO --revision REV) and give its folder"
+        )
+        raise click.UsageError(msg)
     if memory:
         from converter.cli.inspect_memory import show_memory
 

@@ -210,6 +210,14 @@ def test_inspect_memory_options_without_memory_are_refused(qm, converted: Path) 
     assert qm("inspect", converted, "--memory", "--max-memory", "cpu=1GB").exit_code == 0
 
 
+def test_inspect_memory_refuses_a_revision(qm, converted: Path) -> None:
+    """`inspect REPO --memory --revision v1` estimated the repo's default branch, the revision
+    silently dropped (the loader fetches no revision)."""
+    r = qm("inspect", converted, "--memory", "--revision", "v1")
+    assert r.exit_code == 2
+    assert "--revision does not apply to --memory" in r.stderr
+
+
 def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
     r = qm("inspect", tmp_path / "nothing")
     assert r.exit_code == 2
