@@ -46,6 +46,9 @@ from formats.validate import (
 from formats.writer import ShardInfo
 
 INDEX_NAME = "model.safetensors.index.json"
+#: What to do about a malformed index (BadIndex) of a quantized folder: the shards may be fine, but
+#: which tensor lives where (and their digests) is only known from the index.
+INDEX_REMEDY = "the index is damaged: reconvert the folder or download it again"
 SINGLE_NAME = "model.safetensors"
 
 

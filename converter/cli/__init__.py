@@ -40,13 +40,30 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         ctx.exit(0)
 
 
+def _json_on_stdout(group: click.Group, ctx: click.Context) -> bool:
+    """Whether the command's arguments ask for JSON on stdout: its ``--json`` flag, or batch's
+    ``--json`` without a FILE (``--json FILE`` puts the report in FILE; stdout is not JSON then)."""
+    args = ctx.args
+    if "--json=-" in args:
+        return True
+    if "--json" not in args:
+        return False
+    names = getattr(ctx, "_protected_args", None) or ctx.protected_args
+    command = group.get_command(ctx, names[0]) if names else None
+    option = next((p for p in command.params if "--json" in p.opts), None) if command else None
+    if option is None or getattr(option, "is_flag", True):
+        return True
+    value = args[args.index("--json") + 1 :][:1]  # an optional value: the next word, unless an option
+    return not value or value[0].startswith("-")
+
+
 class _Group(click.Group):
     """Turns library exceptions into the error table's one-line messages and exit codes."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         # The command's own arguments, before it parses them: a usage error happens before --json is
         # known to the command, and docs/cli.md promises the JSON error object for every error.
-        wants_json = "--json" in ctx.args
+        wants_json = _json_on_stdout(self, ctx)
         try:
             return super().invoke(ctx)
         except click.exceptions.UsageError as exc:

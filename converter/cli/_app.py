@@ -38,10 +38,13 @@ def _format_os_error(exc: OSError) -> str:
 
 
 def _format_format_error(exc: Exception) -> str:
-    from formats.validate import TwoLayouts, UnknownFormatVersion
+    from formats.index import INDEX_REMEDY
+    from formats.validate import BadIndex, TwoLayouts, UnknownFormatVersion
 
     if isinstance(exc, (UnknownFormatVersion, TwoLayouts)):  # valid files; the message says what to do
         return str(exc)
+    if isinstance(exc, BadIndex):  # the index, not a shard
+        return f"{exc}; {INDEX_REMEDY}"
     return f"{exc}; the file is not a valid quantize-model shard, reconvert it"
 
 
@@ -69,6 +72,16 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     return f"unexpected {type(exc).__name__}: {exc}; {DEBUG_HINT}", 1
 
 
+def _hub_progress_bars_off() -> None:
+    """huggingface_hub's own tqdm bars (push's upload, a Hub snapshot's download) follow the App's
+    rule too; a user's explicit HF_HUB_DISABLE_PROGRESS_BARS keeps priority, as huggingface_hub gives it."""
+    if "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
+        return
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+
+
 class App:
     """What every command receives through ``@click.pass_obj``."""
 
@@ -80,6 +93,8 @@ class App:
 
     def configure(self, *, json: bool = False, quiet: bool = False) -> None:
         self.json, self.quiet = json, quiet
+        if not self.show_progress:
+            _hub_progress_bars_off()
 
     @property
     def debug(self) -> bool:

@@ -65,7 +65,7 @@ Examples:
     metavar="[FILE]",
     help="Write the results as JSON to FILE, or to stdout without FILE.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 @click.pass_context
 def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **params: Any) -> None:
     """Convert every job of PLAN_FILE into its own folder under OUTPUT_ROOT."""
@@ -88,12 +88,22 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         app.abort(
             f"{plan_file}: no OUTPUT_ROOT: give one after the plan, or set output_root in [defaults]", 2
         )
+    device = kwargs.get("device")
+    if device not in (None, "cpu"):  # a GPU index past this machine's is refused here, not per job
+        from converter.writer.pipeline import resolve_device
+
+        _, fallback_note = resolve_device(device)
+        if fallback_note:
+            app.warn(fallback_note)  # once, as convert does; each job falls back the same way
     jobs = select_part(plan.jobs, params["only"])
     force = params["force"] or params["overwrite"]
     n = len(jobs)
     if params["dry_run"]:
         _dry_run(app, jobs, root, force)
         return
+
+    def on_warning(k: int, text: str) -> None:
+        app.warn(f"[{k + 1}/{n}] {jobs[k].source}: {text}")
 
     def on_done(k: int, r: Any) -> None:
         if r.ok:
@@ -104,7 +114,7 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
     try:
         with _sigterm_as_interrupt():
             result = run_batch(jobs, root, parallel=params["parallel"], fail_fast=params["fail_fast"],
-                               force=force, on_done=on_done)  # fmt: skip
+                               force=force, on_done=on_done, on_warning=on_warning)  # fmt: skip
     except BatchInterrupted as stop:
         _report(app, stop.result, plan_file, params, interrupted=signal.Signals(stop.signum).name)
         r = stop.result
@@ -121,7 +131,10 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         raise click.exceptions.Exit(128 + stop.signum) from None
     _report(app, result, plan_file, params)
     if not result.ok:
-        app.error(f"{len(result.failed)} of {n} conversion(s) failed; fix them and rerun the same batch")
+        failed = sum(1 for i in result.items if i.status == "failed")
+        cancelled = len(result.failed) - failed  # --fail-fast: not started, not failed
+        not_started = f" ({cancelled} not started: --fail-fast)" if cancelled else ""
+        app.error(f"{failed} of {n} conversion(s) failed{not_started}; fix them and rerun the same batch")
         raise click.exceptions.Exit(1)
 
 
@@ -199,9 +212,10 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
     from converter.tools.batch_run import preflight_job, replaces_stale_output, stamp_matches
 
     rows = []
-    for job in jobs:
+    for k, job in enumerate(jobs):
+        prefix = f"[{k + 1}/{len(jobs)}] {job.source}: "
         try:
-            pre = preflight_job(job, root, {}, force=force)
+            pre = preflight_job(job, root, {}, force=force, warn=lambda t, p=prefix: app.warn(p + t))
         except Exception as exc:
             rows.append({"job": job.to_json(), "action": "fail", "error": describe_error(exc)[0]})
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,19 @@ Examples:
   quantize-model convert ./llama-8b ./llama-8b-int8 --quant-type int8 --int8-threshold 6.0
 
 Rerunning the same command resumes an interrupted conversion, or does nothing if it finished.
-Exit codes: 0 ok, 1 conversion failed, 2 usage or input error.
+Exit codes: 0 ok, 1 conversion failed, 2 usage or input error, 130 interrupted (rerun to resume).
 """
 
 _DTYPES = click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False)
+
+
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The spelling, before any work (batch ran every job to fail each with it); whether this machine
+    has that GPU is resolve_device's concern."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        msg = f"{value!r} is not valid: use cpu, cuda or cuda:N"
+        raise click.BadParameter(msg)
+    return value
 
 
 def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,7 +66,8 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Kernel threads [default: the CPUs this process may use]."),
-        click.option("--device", default="cpu", show_default=True, help="Where to quantize: cpu or cuda."),
+        click.option("--device", default="cpu", show_default=True, callback=_check_device,
+                     help="Where to quantize: cpu, cuda or cuda:N."),
         click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources only)."),
         click.option("--keep-downloads", is_flag=True, help="Keep downloaded Hub files in the cache."),
         click.option("--allow-pickle", is_flag=True,
@@ -102,7 +113,7 @@ def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 @click.option("--push-to", metavar="REPO_ID", default=None, help="Upload the result to this Hub repo.")
 @click.option("--private", is_flag=True, help="Create the --push-to repo as private.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -120,7 +131,13 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
 
         kwargs = conversion_kwargs(params)
         dry = run_convert(
-            source, output, overwrite=params["overwrite"], progress=False, dry_run=True, **kwargs
+            source,
+            output,
+            overwrite=params["overwrite"],
+            progress=False,
+            dry_run=True,
+            warn=app.warn,
+            **kwargs,
         )
         show_preflight(app, dry.preflight)
         return

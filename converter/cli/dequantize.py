@@ -28,7 +28,7 @@ Exit codes: 0 ok, 1 failed, 2 usage or input error.
 @click.option("--no-verify", is_flag=True, help="Skip the check of the shards against the index's digests.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever the output folder holds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 @click.pass_obj
 def dequantize(
     app: App,

@@ -54,8 +54,22 @@ def inspect(
     requests, nothing downloaded): tensors, quant types, sizes."""
     from converter.sources import looks_like_repo_id
     from converter.tools.inspection import inspect_hub, inspect_path, unfinished_conversion
+    from converter.writer.manifest import damaged_manifest
 
     app.configure(json=as_json)
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("device_map", "max_memory", "dtype")
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]  # fmt: skip
+    if given and not memory:  # they shape only the memory estimate; ignored, they would look applied
+        verb = "applies" if len(given) == 1 else "apply"
+        msg = f"{', '.join(given)} {verb} to the memory estimate only: add --memory"
+        raise click.UsageError(msg)
+    if memory and revision is not None:  # the estimate loads the repo's default branch
+        msg = (
+            "--revision does not apply to --memory, which reads the Hub repo's default branch: download "
+            "that revision (hf download REPO --revision REV) and give its folder"
+        )
+        raise click.UsageError(msg)
     if memory:
         from converter.cli.inspect_memory import show_memory
 
@@ -67,7 +81,10 @@ def inspect(
         if revision is not None:
             app.abort(f"--revision applies to Hub repos only, but {path} is a local path", 2)
         r = inspect_path(path)
-        if path.is_dir() and unfinished_conversion(path):
+        damaged = damaged_manifest(path) if path.is_dir() else None
+        if damaged is not None:
+            app.warn(damaged)
+        elif path.is_dir() and unfinished_conversion(path):
             app.warn(f"{path}: the conversion did not finish (shown: the shards written so far); rerun "
                      f"the same convert command to resume")  # fmt: skip
     if app.json:

@@ -17,7 +17,7 @@ from converter.cli._app import App
 )
 @click.option("--revision", default=None, help="Branch to push to (created if missing); default main.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 @click.pass_obj
 def push(
     app: App, folder: Path, repo: str, private: bool, revision: str | None, as_json: bool, quiet: bool

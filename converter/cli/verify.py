@@ -20,8 +20,11 @@ from converter.cli._app import App
 )
 @click.option("--revision", default=None, help="Hub branch, tag or commit of --against (Hub sources only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but the problems: the exit code says.")
 @click.pass_obj
-def verify(app: App, path: Path, against: str | None, revision: str | None, as_json: bool) -> None:
+def verify(
+    app: App, path: Path, against: str | None, revision: str | None, as_json: bool, quiet: bool
+) -> None:
     """Re-hash every shard of PATH against its index and validate every shard and quantized record.
 
     With --against SRC, also recompute relative RMSE, max absolute error, SNR and non-finite counts
@@ -30,7 +33,7 @@ def verify(app: App, path: Path, against: str | None, revision: str | None, as_j
     """
     from converter.tools.inspection import verify_path
 
-    app.configure(json=as_json)
+    app.configure(json=as_json, quiet=quiet)
     r = verify_path(path)
     quality = None
     if against is not None and r.ok:
@@ -38,6 +41,8 @@ def verify(app: App, path: Path, against: str | None, revision: str | None, as_j
 
         quality, problems = verify_against(path, against, revision=revision)
         r.problems.extend(problems)
+        if quality["tensors_not_in_source"]:  # the folder may be fine: the source is another
+            r.remedy = "give --against the source this folder was converted from"
     if app.json:
         app.print_json({**r.to_json(), "quality": quality})
     for problem in r.problems:
@@ -46,7 +51,7 @@ def verify(app: App, path: Path, against: str | None, revision: str | None, as_j
         remedy = f"; {r.remedy}" if r.remedy else ""
         app.error(f"{path}: {len(r.problems)} problem(s) found{remedy}")
         raise click.exceptions.Exit(1)
-    if not app.json:
+    if not (app.json or app.quiet):
         app.out.print(f"OK: {len(r.shards)} shard(s), {r.tensors} tensors verified in {path}")
         if quality is not None:
             worst = quality["worst"][0] if quality["worst"] else None

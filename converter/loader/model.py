@@ -307,7 +307,11 @@ def build_skeleton(
     Nothing but shard headers is read: ``inspect --memory`` sizes a placement from this skeleton.
     """
     if not (folder / "config.json").is_file():
-        msg = f"{folder}: no config.json; use load_quantized_state and replace_linear_layers instead"
+        from converter.writer.manifest import unfinished_conversion
+
+        msg = unfinished_conversion(folder) or (
+            f"{folder}: no config.json; use load_quantized_state and replace_linear_layers instead"
+        )
         raise ModelBuildError(msg)
     raw_config = read_config(folder) or {}
     qc = raw_config.get("quantization_config")

@@ -159,8 +159,38 @@ def plan_device_map(
         raise PlacementError(msg) from exc
 
 
+def _unmapped(model: nn.Module, device_map: Mapping[str, Device]) -> tuple[list[str], int]:
+    """(the largest modules, or single tensors, none of whose tensors ``device_map`` gives a device, in
+    model order; how many tensors that is). A key covers a tensor it names or a dotted prefix of."""
+    if "" in device_map:
+        return [], 0
+    names = list(model.state_dict())
+
+    def prefixes(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+    missing = [n for n in names if not any(p in device_map for p in prefixes(n))]
+    lost = set(missing)
+    # modules holding a mapped tensor must be named by their children, not as a whole
+    mixed = {p for n in names if n not in lost for p in prefixes(n)[:-1]}
+    top = [next((p for p in prefixes(n) if p not in mixed), n) for n in missing]
+    return list(dict.fromkeys(top)), len(missing)
+
+
 def check_map(model: nn.Module, device_map: Mapping[str, Device]) -> None:
     """Every tensor mapped (accelerate's check_device_map) and tied weights on one device."""
+    unmapped, count = _unmapped(model, device_map)
+    if unmapped:  # accelerate lists every tensor (and a 4-bit weight's five buffers) in one line
+        more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
+        modules = {name for name, _ in model.named_modules()}
+        unknown = [k for k in device_map if k not in modules and k not in model.state_dict()]
+        hint = f"; no module is named {', '.join(map(repr, unknown))}" if unknown else ""
+        msg = (
+            f"device_map gives no device to {', '.join(map(repr, unmapped[:5]))}{more} ({count} tensors)"
+            f"{hint}; map them, a parent module, or '' (everything not listed) to a device"
+        )
+        raise PlacementError(msg)
     try:
         check_device_map(model, dict(device_map))
     except ValueError as exc:

@@ -27,11 +27,11 @@ from converter.errors import CorruptFileError, InputError, PickleOnlyError, Sour
 from converter.loader import timing
 from converter.loader.devices import check_device
 from formats.gc_pause import gc_paused
-from formats.index import INDEX_NAME, Verification, read_index, start_verify
+from formats.index import INDEX_NAME, INDEX_REMEDY, Verification, read_index, start_verify
 from formats.int8 import Int8Tensor
 from formats.reader import open_checkpoint
 from formats.record import QuantizedTensor
-from formats.validate import FormatError
+from formats.validate import BadIndex, FormatError, TwoLayouts
 
 SINGLE_NAME = "model.safetensors"
 
@@ -78,7 +78,8 @@ def shard_files(folder: Path) -> tuple[list[Path], bool]:
         try:
             index = read_index(folder)
         except FormatError as exc:
-            raise CorruptFileError(str(exc)) from exc
+            damaged = isinstance(exc, BadIndex) and not isinstance(exc, TwoLayouts)  # (it says what to do)
+            raise CorruptFileError(f"{exc}; {INDEX_REMEDY}" if damaged else str(exc)) from exc
         names = list(dict.fromkeys(index.weight_map.values()))
         return [folder / n for n in names], bool(index.shards)
     if (folder / SINGLE_NAME).is_file():
@@ -89,6 +90,11 @@ def shard_files(folder: Path) -> tuple[list[Path], bool]:
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         msg = f"{folder}: only pickle weights (.bin/.pt); a quantized checkpoint must be safetensors"
         raise PickleOnlyError(msg)
+    from converter.writer.manifest import unfinished_conversion
+
+    unfinished = unfinished_conversion(folder)  # killed before its index: say so, not "not a checkpoint"
+    if unfinished is not None:
+        raise InputError(unfinished)
     msg = f"{folder}: no {INDEX_NAME} and no single *.safetensors file; not a checkpoint folder"
     raise SourceNotFoundError(msg)
 

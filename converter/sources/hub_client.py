@@ -44,6 +44,10 @@ class HubRevisionNotFoundError(SourceNotFoundError):
     """The branch, tag or commit does not exist in the repo."""
 
 
+#: What an upload (push) says under HF_HUB_OFFLINE=1: there is no cache to fall back on.
+OFFLINE_PUSH = "HF_HUB_OFFLINE=1 forbids uploads; unset HF_HUB_OFFLINE to push"
+
+
 class HubAccessError(InputError):
     """Gated repo without access, or a token the Hub rejects."""
 
@@ -177,6 +181,8 @@ class HubClient:
                 f"{repo}: access denied (HTTP 403) to {file or 'the repo'}; "
                 f"{login} with a token that can read it"
             )
+        if self.write and constants.is_offline_mode():  # an upload has no cache to fall back on
+            return HubAccessError(f"{repo}: {OFFLINE_PUSH}")
         if isinstance(exc, (OfflineModeIsEnabled,)) or (
             isinstance(exc, LocalEntryNotFoundError) and constants.is_offline_mode()
         ):

@@ -24,6 +24,7 @@ cannot be stopped from outside; the CLI ends the process once the reports are wr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -230,20 +231,37 @@ def job_kwargs(job: Job, options: dict[str, Any]) -> dict[str, Any]:
     return {**options, **job.convert_kwargs()}
 
 
-def preflight_job(job: Job, root: Path, options: dict[str, Any], *, force: bool = False) -> Any:
-    """The job's preflight (converter.plan.preflight.Preflight), from headers only; nothing written."""
+def preflight_job(
+    job: Job,
+    root: Path,
+    options: dict[str, Any],
+    *,
+    force: bool = False,
+    warn: Callable[[str], None] = lambda _: None,
+) -> Any:
+    """The job's preflight (converter.plan.preflight.Preflight), from headers only; nothing written.
+    Its warnings go to ``warn`` (by default nowhere: the conversion that follows says them)."""
     from converter.writer.pipeline import convert
 
     kw = job_kwargs(job, options)
     for key in ("push_to", "private", "progress"):
         kw.pop(key, None)
     return convert(
-        job.source, root / job.output, dry_run=True, overwrite=force, progress=False, **kw
+        job.source, root / job.output, dry_run=True, overwrite=force, progress=False, warn=warn, **kw
     ).preflight
 
 
-def run_job(job: Job, root: Path, options: dict[str, Any], *, force: bool, pre: Any = None) -> ItemResult:
-    """Convert one job (or skip it when up to date); never raises for a failed conversion."""
+def run_job(
+    job: Job,
+    root: Path,
+    options: dict[str, Any],
+    *,
+    force: bool,
+    pre: Any = None,
+    warn: Callable[[str], None] | None = None,
+) -> ItemResult:
+    """Convert one job (or skip it when up to date); never raises for a failed conversion. The
+    conversion's warnings go to ``warn`` (None: Python's warnings)."""
     from converter.writer.pipeline import convert
 
     t0 = time.perf_counter()
@@ -274,7 +292,9 @@ def run_job(job: Job, root: Path, options: dict[str, Any], *, force: bool, pre: 
             force_this = True  # complete by its manifest but its files do not verify: redo it
         else:
             force_this = force or (pre is not None and replaces_stale_output(job, root, pre))
-        result = convert(job.source, out, overwrite=force_this, push_to=push_to, private=private, **kw)
+        result = convert(
+            job.source, out, overwrite=force_this, push_to=push_to, private=private, warn=warn, **kw
+        )
         fingerprint = _fingerprint(out)
         write_stamp(root, job, fingerprint, result.pushed_to, key)
         status = "resumed" if result.resumed else "converted"
@@ -342,9 +362,15 @@ def run_batch(
     budget: Budget | None = None,
     on_start: Callable[[int, Job], None] | None = None,
     on_done: Callable[[int, ItemResult], None] | None = None,
+    on_warning: Callable[[int, str], None] | None = None,
     **options: Any,
 ) -> BatchResult:
-    """Run every job (see the module docstring); results come back in plan order."""
+    """Run every job (see the module docstring); results come back in plan order. A job's warnings
+    (MoE experts kept 16-bit, partial blocks) go to ``on_warning(k, text)`` (None: Python's warnings)."""
+
+    def warner(k: int) -> Callable[[str], None] | None:
+        return None if on_warning is None else functools.partial(on_warning, k)
+
     options.setdefault("progress", False)
     if parallel > 1 and options.get("threads") is None:
         options["threads"] = max(1, (os.cpu_count() or 1) // parallel)
@@ -358,7 +384,7 @@ def run_batch(
                 else:
                     if on_start:
                         on_start(k, job)
-                    results[k] = run_job(job, output_root, options, force=force)
+                    results[k] = run_job(job, output_root, options, force=force, warn=warner(k))
             except KeyboardInterrupt as exc:
                 signum = _signum(exc)
                 results[k] = _interrupted(job, time.perf_counter() - t0, signum)
@@ -407,7 +433,8 @@ def run_batch(
                 pending.pop(0)
                 if on_start:
                     on_start(k, jobs[k])
-                fut = pool.submit(run_job, jobs[k], output_root, options, force=force, pre=pres.get(k))
+                fut = pool.submit(run_job, jobs[k], output_root, options, force=force, pre=pres.get(k),
+                                  warn=warner(k))  # fmt: skip
                 running[fut] = k
                 started[k] = time.perf_counter()
             if fail_fast and failed:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from converter.errors import CorruptFileError, SourceNotFoundError
 from converter.loader.config_file import read_config
 from converter.plan import moe
-from converter.writer.manifest import MANIFEST_NAME
+from converter.writer.manifest import MANIFEST_NAME, Manifest, damaged_manifest
 from formats import index as index_mod
 from formats.reader import open_shard
 from formats.validate import FormatError
@@ -69,14 +69,10 @@ class InspectResult:
 
 
 def unfinished_conversion(folder: Path) -> bool:
-    """Whether ``folder`` holds a conversion that did not finish (its manifest says so)."""
-    manifest = folder / MANIFEST_NAME
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("state") != "complete"
-    except ValueError:
-        return True
+    """Whether ``folder`` holds a conversion that did not finish (its manifest says so). A manifest
+    that cannot be read is not this: ``damaged_manifest`` names it."""
+    manifest = Manifest.load(folder)
+    return manifest is not None and manifest.state != "complete"
 
 
 def _shard_files(path: Path) -> tuple[Path, list[str]]:
@@ -163,8 +159,14 @@ def verify_path(path: str | Path) -> VerifyResult:
     result = VerifyResult(path=str(path), shards=names)
     weight_map: dict[str, str] | None = None
     index_has_digests = False
-    unfinished = path.is_dir() and unfinished_conversion(folder)
-    if unfinished:  # what is missing follows from that (index, config): reported once, as this
+    total_size: int | None = None
+    data_bytes = 0  # of the shards read: what the index's metadata.total_size must say
+    damaged = damaged_manifest(folder) if path.is_dir() else None
+    unfinished = path.is_dir() and (damaged is not None or unfinished_conversion(folder))
+    if damaged is not None:  # nothing to resume from: the one remedy is a conversion from scratch
+        result.remedy = "rerun the convert command with --overwrite"
+        result.problems.append(damaged)
+    elif unfinished:  # what is missing follows from that (index, config): reported once, as this
         result.remedy = "rerun the same convert command to resume"
         result.problems.append(
             f"{folder}: the conversion did not finish; rerun the same convert command to resume"
@@ -173,6 +175,7 @@ def verify_path(path: str | Path) -> VerifyResult:
         if (folder / index_mod.INDEX_NAME).is_file():
             index = index_mod.read_index(folder, require_files=False)
             weight_map, index_has_digests = index.weight_map, bool(index.shards)
+            total_size = index.total_size
             for extra in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in names):
                 result.problems.append(
                     f"{folder / extra}: a shard the index does not list (loaders that glob *.safetensors "
@@ -192,6 +195,7 @@ def verify_path(path: str | Path) -> VerifyResult:
             continue  # reported by verify_shards
         try:
             with open_shard(file) as shard:
+                data_bytes += shard.data_size
                 for key in shard.keys():
                     found[key] = name
                 for key in shard.quantized:
@@ -211,6 +215,12 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"{folder / index_mod.INDEX_NAME}: records no digests, but the shards were written by "
             f"quantize-model, whose index always has them; the index was changed, so the shards cannot "
             f"be verified: reconvert the folder"
+        )
+    complete = all((folder / name).is_file() for name in names) and not unreadable
+    if index_has_digests and complete and total_size != data_bytes:  # our index, every shard read
+        result.problems.append(
+            f"{folder / index_mod.INDEX_NAME}: metadata.total_size is {total_size}, but the shards hold "
+            f"{data_bytes} bytes of tensor data; the index was changed: reconvert the folder"
         )
     if no_index and ours:
         result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")

@@ -52,6 +52,18 @@ def check_repo_id(repo_id: str) -> None:
         raise InputError(msg) from None
 
 
+def check_online(repo_id: str) -> None:
+    """An InputError when HF_HUB_OFFLINE=1 forbids the upload: found before a conversion whose result
+    would be pushed, not after it."""
+    from huggingface_hub import constants
+
+    from converter.sources.hub_client import OFFLINE_PUSH
+
+    if constants.is_offline_mode():
+        msg = f"{repo_id}: {OFFLINE_PUSH}"
+        raise InputError(msg)
+
+
 def check_folder(folder: Path) -> None:
     """Refuse anything but a finished, intact conversion (index + config present and readable, manifest
     complete, every shard present and matching the index's digests): a pushed repo gets its model card

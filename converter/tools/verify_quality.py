@@ -43,6 +43,7 @@ def verify_against(
     from formats.reader import open_shard
 
     problems: list[str] = []
+    foreign: list[str] = []  # tensors the source does not hold as stored: another source was given
     if folder.is_file():  # one shard: `verify SHARD --against SRC` (the report is the folder's)
         folder, names = folder.parent, [folder.name]
     else:
@@ -67,7 +68,7 @@ def verify_against(
                     rec = shard.record(key)
                     info = infos.get(key)
                     if info is None:
-                        problems.append(f"tensor {key!r} in {shard_name}: not in the source {source}")
+                        foreign.append(f"tensor {key!r} in {shard_name}: not in the source {source}")
                         continue
                     if info.file not in mapped:
                         mapped[info.file] = src.open_file(info.file)
@@ -79,9 +80,9 @@ def verify_against(
                         x = x.t()
                     x = x.contiguous()
                     if tuple(x.shape) != tuple(rec.shape):
-                        problems.append(
+                        foreign.append(
                             f"tensor {key!r} in {shard_name}: shape {list(rec.shape)} but the source has "
-                            f"{list(x.shape)}; the folder was not converted from {source}"
+                            f"{list(x.shape)}"
                         )
                         continue
                     q = _measure(key, x, rec)
@@ -99,8 +100,12 @@ def verify_against(
     finally:
         mapped.clear()
         src.close()
+    if foreign:  # one line, not one per tensor: the folder was made from something else
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        problems.insert(0, f"{foreign[0]}{more}; the folder was not converted from {source}")
     summary = summarize(measured, {})
     summary["tensors"] = {k: v.to_json() for k, v in sorted(measured.items())}
+    summary["tensors_not_in_source"] = len(foreign)
     return summary, problems
 
 

@@ -228,7 +228,31 @@ def _contains_source(output: Path, protected: tuple[Path, ...]) -> str | None:
     return None
 
 
+def unfinished_conversion(folder: Path) -> str | None:
+    """What to say of a folder whose manifest records a conversion that did not finish, else None."""
+    manifest = Manifest.load(folder)
+    if manifest is None or manifest.state == "complete":
+        return None
+    return f"{folder}: the conversion did not finish; rerun the same convert command to resume"
+
+
+def damaged_manifest(folder: Path) -> str | None:
+    """The message for a folder whose manifest exists but is not one quantize-model can read (cut short,
+    edited, another tool's file), else None. Without a readable manifest nothing can be resumed, so
+    every command gives the one remedy that works: convert again with --overwrite."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file() or Manifest.load(folder) is not None:
+        return None
+    return (
+        f"{path}: damaged (not a readable quantize-model manifest), so the conversion cannot be resumed; "
+        f"rerun the convert command with --overwrite to convert again"
+    )
+
+
 def _foreign(output: Path, manifest: Manifest | None) -> str:
+    damaged = damaged_manifest(output) if manifest is None else None
+    if damaged is not None:
+        return damaged
     if manifest is None:
         what = f"holds files quantize-model did not write ({', '.join(_visible_entries(output)[:3])})"
     else:

@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 
 def test_batch_continues_past_failures(qm, tiny_llama: Path, tmp_path: Path) -> None:
     listing = tmp_path / "list.txt"
@@ -59,3 +61,53 @@ def test_a_changed_source_under_a_hidden_folder_is_converted_again(qm, tmp_path:
     assert r.exit_code == 0, r.stderr
     assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["converted"]
     assert qm("verify", root / "m", "--against", src).exit_code == 0
+
+
+def test_batch_bad_device_is_a_usage_error_before_any_job(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """--device gpu ran every job and failed each ("[1/2] ...: --device 'gpu' is not supported"), exit 1."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama}\n{tiny_llama} second\n")
+    for command in (["batch", listing, tmp_path / "outs"], ["convert", tiny_llama, tmp_path / "out"]):
+        r = qm(*command, "--device", "gpu")
+        assert r.exit_code == 2, command
+        assert r.stderr.splitlines()[-1] == (
+            "Error: Invalid value for '--device': 'gpu' is not valid: use cpu, cuda or cuda:N"
+        )
+    assert not (tmp_path / "outs").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_says_once_that_cuda_falls_back(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """convert --device cuda warns when it converts on the CPU; batch said nothing."""
+    from converter.writer.pipeline import resolve_device
+
+    _, note = resolve_device("cuda")
+    if note is None:
+        pytest.skip("a usable CUDA backend: nothing falls back")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama}\n{tiny_llama} second\n")
+    r = qm("batch", listing, tmp_path / "outs", "--device", "cuda", "-q")
+    assert r.exit_code == 0
+    assert r.stderr == f"Warning: {note}\n"
+
+
+def test_batch_warnings_name_the_job(qm, tmp_path: Path) -> None:
+    """batch (and both dry runs) gave a job's warnings to Python's warnings module: printed as
+    "/.../pipeline.py:191: UserWarning: routed MoE experts ..." with a line of our code, naming no
+    job. Now "Warning: [k/n] SOURCE: ...", once per job, as convert prints it."""
+    from tiny_models import make_tiny
+
+    src = make_tiny("qwen3_moe", tmp_path / "moe")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src}\n")
+    warning = "Warning: routed MoE experts hold 54.0% of the parameters and stay 16-bit"
+    for args, prefix in (
+        (["batch", listing, tmp_path / "outs", "--dry-run"], f"[1/1] {src}: "),
+        (["batch", listing, tmp_path / "outs", "-q"], f"[1/1] {src}: "),
+        (["convert", src, tmp_path / "out", "--dry-run"], ""),
+    ):
+        r = qm(*args)
+        assert r.exit_code == 0, (args, r.stderr)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1, (args, r.stderr)
+        assert lines[0].startswith(warning.replace("Warning: ", f"Warning: {prefix}")), args

@@ -130,6 +130,10 @@ def test_fail_fast_cancels_the_rest(qm, tiny_llama: Path, tmp_path: Path) -> Non
     r = qm("batch", plan, tmp_path / "out", "--fail-fast", "--junit", junit, "--json")
     assert r.exit_code == 1
     assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["failed", "cancelled"]
+    # the summary counted the cancelled job as failed: "2 of 2 conversion(s) failed"
+    assert r.stderr.splitlines()[-1] == (
+        "Error: 1 of 2 conversion(s) failed (1 not started: --fail-fast); fix them and rerun the same batch"
+    )
     assert not (tmp_path / "out" / "tiny-llama").exists()
     suite = next(iter(JUnitXml.fromfile(str(junit))))
     assert (suite.tests, suite.failures, suite.skipped) == (2, 1, 1)

@@ -143,3 +143,48 @@ def test_a_usage_error_with_json_prints_the_error_object(qm, tiny_llama: Path, t
     r = qm("convert", tiny_llama, tmp_path / "o", "--blocksize", "48")
     assert r.exit_code == 2
     assert r.stdout == ""
+
+
+def test_ctrl_c_while_the_cli_imports_is_one_line_and_130(tmp_path: Path) -> None:
+    """SIGINT during the CLI's imports (the first second or two on a loaded machine) printed a long
+    traceback from inside an import and died by the signal. The console script (pyproject.toml's
+    entry point) now ends it as any other Ctrl-C. The signal is sent when converter.cli imports its
+    convert command, from an import hook: deterministic, unlike a kill timed from outside."""
+    from converter.tools.plan_file import tomllib  # tomli before Python 3.11
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    module, _, function = pyproject["project"]["scripts"]["quantize-model"].partition(":")
+    driver = f"""
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # background jobs start with SIGINT ignored
+
+class InterruptOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "converter.cli.convert":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, InterruptOnImport())
+from {module} import {function}
+{function}()
+"""
+    command = [sys.executable, "-c", driver, "convert", str(tmp_path / "src"), str(tmp_path / "out")]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        130,
+        "",
+        "Error: interrupted; rerun the same command to resume\n",
+    )
+
+
+def test_a_usage_error_with_batch_json_file_keeps_stdout_plain(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """`batch PLAN --json report.json` asks for the report in a file; a usage error still printed the
+    JSON error object on stdout (where the table goes). Without FILE it is printed, as for convert."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama}\n")
+    r = qm("batch", listing, tmp_path / "outs", "--json", tmp_path / "report.json", "--jobs", "0")
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    r = qm("batch", listing, tmp_path / "outs", "--json", "--jobs", "0")
+    assert r.exit_code == 2
+    assert json.loads(r.stdout)["error"].startswith("Invalid value for '--jobs'")

@@ -41,6 +41,17 @@ def test_verify_ok(qm, converted: Path) -> None:
     assert r.stderr == ""
 
 
+def test_verify_quiet_prints_only_problems(qm, converted: Path) -> None:
+    """verify had no -q, unlike convert, batch, push and dequantize: a CI step got the OK line."""
+    r = qm("verify", converted, "-q")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "", "")
+    sorted(converted.glob("model-*.safetensors"))[0].unlink()
+    r = qm("verify", converted, "-q")
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    assert r.stderr.splitlines()[-1] == f"Error: {converted}: 1 problem(s) found; reconvert with --overwrite"
+
+
 def test_verify_detects_a_flipped_byte(qm, converted: Path) -> None:
     shard = sorted(converted.glob("model-*.safetensors"))[-1]
     data = bytearray(shard.read_bytes())
@@ -73,6 +84,138 @@ def test_verify_unfinished_conversion(qm, converted: Path) -> None:
     assert r.stderr.splitlines()[0] == (
         f"Error: {converted}: the conversion did not finish; rerun the same convert command to resume"
     )
+
+
+@pytest.mark.parametrize("text", ['{"tool": "quantize-model", "finge', "[]\n"])
+def test_damaged_manifest_gets_one_remedy_everywhere(
+    qm, tiny_llama: Path, converted: Path, text: str
+) -> None:
+    """A cut-short manifest: verify and inspect said "rerun the same convert command to resume", which
+    convert then refused ("holds files quantize-model did not write ... pass --overwrite"); a JSON list
+    crashed both with an AttributeError. Every command now names the manifest and the one remedy."""
+    manifest = converted / ".quantize-model-manifest.json"
+    manifest.write_text(text)
+    said = (
+        f"{manifest}: damaged (not a readable quantize-model manifest), so the conversion cannot be "
+        f"resumed; rerun the convert command with --overwrite to convert again"
+    )
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines() == [
+        f"Error: {said}",
+        f"Error: {converted}: 1 problem(s) found; rerun the convert command with --overwrite",
+    ]
+    r = qm("inspect", converted)
+    assert r.exit_code == 0
+    assert r.stderr == f"Warning: {said}\n"
+    again = ("convert", tiny_llama, converted, "-q", "--max-shard-size", "60KB")
+    r = qm(*again)
+    assert r.exit_code == 2
+    assert r.stderr == f"Error: {said}\n"
+    assert qm(*again, "--overwrite").exit_code == 0
+    assert qm("verify", converted).exit_code == 0
+
+
+def test_verify_detects_a_changed_total_size(qm, converted: Path) -> None:
+    """An index whose metadata.total_size no longer matches the shards passed verify."""
+    path = converted / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    right = index["metadata"]["total_size"]
+    index["metadata"]["total_size"] = right + 1
+    path.write_text(json.dumps(index, indent=2))
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines()[0] == (
+        f"Error: {path}: metadata.total_size is {right + 1}, but the shards hold {right} bytes of "
+        f"tensor data; the index was changed: reconvert the folder"
+    )
+
+
+def test_cut_short_index_is_named_as_the_index(qm, converted: Path, tmp_path: Path) -> None:
+    """A cut-short index: verify, inspect and push called it "not a valid quantize-model shard";
+    dequantize and inspect --memory said nothing about what to do."""
+    path = converted / "model.safetensors.index.json"
+    path.write_text('{"weight_map": {"a": ')
+    said = (
+        f"Error: {path}: not a JSON file (Expecting value: line 1 column 22 (char 21)); the index is "
+        f"damaged: reconvert the folder or download it again\n"
+    )
+    for args in (["verify"], ["inspect"], ["inspect", "--memory"]):
+        r = qm(*args, converted)
+        assert r.stderr == said, args
+        assert r.exit_code in (1, 2), args
+    r = qm("dequantize", converted, tmp_path / "plain")
+    assert (r.exit_code, r.stderr) == (2, said)
+
+
+@pytest.mark.parametrize("stage", ["before the index", "before config.json"])
+def test_loading_an_unfinished_conversion_says_to_resume(
+    qm, converted: Path, tmp_path: Path, stage: str
+) -> None:
+    """verify and inspect said "the conversion did not finish; rerun the same convert command to
+    resume", while load_quantized, inspect --memory and dequantize said "no model.safetensors.index.json
+    and no single *.safetensors file; not a checkpoint folder", or "no config.json; use
+    load_quantized_state and replace_linear_layers instead"."""
+    from converter import load_quantized
+    from converter.errors import InputError
+
+    manifest = converted / ".quantize-model-manifest.json"
+    m = json.loads(manifest.read_text())
+    m["state"] = "in_progress"
+    manifest.write_text(json.dumps(m))
+    (converted / "config.json").unlink()
+    if stage == "before the index":
+        (converted / "model.safetensors.index.json").unlink()
+    said = f"{converted}: the conversion did not finish; rerun the same convert command to resume"
+    with pytest.raises(InputError) as info:
+        load_quantized(converted)
+    assert str(info.value) == said
+    commands = [["inspect", converted, "--memory"]]
+    if stage == "before the index":  # with an index and every shard, dequantize has what it needs
+        commands.append(["dequantize", converted, tmp_path / "plain"])
+    for args in commands:
+        r = qm(*args)
+        assert (r.exit_code, r.stderr) == (2, f"Error: {said}\n"), args
+
+
+def test_verify_against_another_model_is_one_line(qm, converted: Path, tmp_path: Path) -> None:
+    """--against a checkpoint the folder was not made from gave one line per quantized tensor (14
+    here, thousands for a real model), then "N problem(s) found; reconvert with --overwrite", though
+    the folder is fine and the source is the wrong one."""
+    from qm_checkpoints import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "other", hidden=32)
+    r = qm("verify", converted, "--against", other)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines() == [
+        f"Error: tensor 'model.layers.0.mlp.down_proj.weight' in model-00002-of-00003.safetensors: shape "
+        f"[64, 128] but the source has [32, 64] (and 13 more); the folder was not converted from {other}",
+        f"Error: {converted}: 1 problem(s) found; give --against the source this folder was converted from",
+    ]
+
+
+def test_inspect_memory_options_without_memory_are_refused(qm, converted: Path) -> None:
+    """`inspect PATH --max-memory cpu=1GB` (--memory forgotten) printed the plain summary, the
+    memory options silently ignored."""
+    r = qm("inspect", converted, "--max-memory", "cpu=1GB")
+    assert r.exit_code == 2
+    assert (
+        r.stderr.splitlines()[-1] == "Error: --max-memory applies to the memory estimate only: add --memory"
+    )
+    r = qm("inspect", converted, "--device-map", "cpu", "--dtype", "float16")
+    assert r.exit_code == 2
+    assert r.stderr.splitlines()[-1].endswith(
+        "--device-map, --dtype apply to the memory estimate only: add --memory"
+    )
+    assert qm("inspect", converted, "--memory", "--max-memory", "cpu=1GB").exit_code == 0
+
+
+def test_inspect_memory_refuses_a_revision(qm, converted: Path) -> None:
+    """`inspect REPO --memory --revision v1` estimated the repo's default branch, the revision
+    silently dropped (the loader fetches no revision)."""
+    r = qm("inspect", converted, "--memory", "--revision", "v1")
+    assert r.exit_code == 2
+    assert "--revision does not apply to --memory" in r.stderr
 
 
 def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:

@@ -179,6 +179,19 @@ def test_cli_push(converted: Path, fake_hub: FakeHub, hf_home: Path) -> None:
     )
 
 
+def test_quiet_push_and_dequantize_print_no_progress_bars(
+    converted: Path, fake_hub: FakeHub, hf_home: Path, tmp_path: Path
+) -> None:
+    """push -q and dequantize -q of a Hub repo printed huggingface_hub's tqdm bars on stderr (into a
+    pipe too: 'model.safetensors: 100%|...', 'Fetching 6 files: 100%|...')."""
+    env = hub_env(fake_hub, hf_home) | {"HF_TOKEN": TOKEN}
+    del env["HF_HUB_DISABLE_PROGRESS_BARS"]  # what a user has: huggingface_hub's bars on
+    cmd = [sys.executable, "-c", "from converter.cli import main; main()"]
+    for args in (["push", converted, DEST, "-q"], ["dequantize", DEST, tmp_path / "plain", "-q"]):
+        r = subprocess.run([*cmd, *map(str, args)], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), args
+
+
 def test_push_to_a_branch(converted: Path, fake_hub: FakeHub, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     push_folder(converted, DEST, revision="nf4")
@@ -227,3 +240,26 @@ def test_a_bad_push_to_is_an_input_error_before_converting(
     assert err.value.exit_code == 2
     assert not out.exists()
     assert fake_hub.count("GET", "") == 0  # nothing asked of the Hub either
+
+
+def test_push_under_hf_hub_offline_says_so_before_converting(
+    converted: Path, checkpoint_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """push with HF_HUB_OFFLINE=1 said "me/tiny-nf4: the repo is not in the local Hugging Face cache
+    and HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE to download it" (an upload downloads nothing), and
+    `convert --push-to` said it only after the whole conversion."""
+    from huggingface_hub import constants
+
+    from converter.writer.pipeline import convert
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    said = f"{DEST}: HF_HUB_OFFLINE=1 forbids uploads; unset HF_HUB_OFFLINE to push"
+    with pytest.raises(InputError) as info:
+        push_folder(converted, DEST)
+    assert str(info.value) == said
+    out = tmp_path / "again"
+    with pytest.raises(InputError) as info:
+        convert(checkpoint_dir, out, progress=False, push_to=DEST)
+    assert str(info.value) == said
+    assert not out.exists()

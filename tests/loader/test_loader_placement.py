@@ -267,6 +267,25 @@ def test_bad_requests_are_named(our_folder: Path, tmp_path: Path) -> None:
         load_quantized(tied, device_map=split)
 
 
+def test_a_partial_map_names_the_modules_it_misses(our_folder: Path) -> None:
+    """A map that misses modules gave accelerate's one line naming every tensor, each 4-bit weight's
+    buffers included (about 90 names for two layers); now the largest modules left out, once."""
+    from converter.cli import cli
+
+    partial = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1.mlp": "cpu",
+               "lm_head": "cpu", "model.layer": "cpu"}  # fmt: skip
+    said = (
+        "device_map gives no device to 'model.layers.1.self_attn', 'model.layers.1.input_layernorm', "
+        "'model.layers.1.post_attention_layernorm', 'model.norm' (27 tensors); no module is named "
+        "'model.layer'; map them, a parent module, or '' (everything not listed) to a device"
+    )
+    with pytest.raises(PlacementError) as info:
+        load_quantized(our_folder, device_map=partial)
+    assert str(info.value) == said
+    r = CliRunner().invoke(cli, ["inspect", str(our_folder), "--memory", "--device-map", json.dumps(partial)])
+    assert (r.exit_code, r.stderr) == (2, f"Error: {said}\n")
+
+
 def test_inspect_memory_bad_options_are_named(our_folder: Path) -> None:
     from converter.cli import cli
 

@@ -1,0 +1,45 @@
+"""`--help` against docs/cli.md: every option a command takes is documented in its section, and the
+help says what the option does (the words docs/cli.md uses)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from converter.cli import cli
+
+DOC = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+
+
+def _section(command: str) -> str:
+    """docs/cli.md's '## `COMMAND ...`' section(s); batch also takes convert's options."""
+    parts = re.split(r"\n## ", DOC)
+    names = (command, "convert") if command == "batch" else (command,)
+    return "\n".join(p for p in parts if any(p.startswith(f"`{n}") for n in names))
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_option_is_documented(command: str) -> None:
+    """push and dequantize took --json, -q, --private, --revision, --no-verify, --overwrite that
+    docs/cli.md did not name."""
+    section = _section(command)
+    assert section, command
+    options = {o for p in cli.commands[command].params for o in p.opts if o.startswith("--")}
+    hidden = {o for p in cli.commands[command].params if getattr(p, "hidden", False) for o in p.opts}
+    missing = sorted(
+        o for o in options - hidden - {"--help"} if not re.search(rf"(?<![\w-]){o}(?![\w-])", section)
+    )
+    assert not missing, f"{command}: {missing} not in docs/cli.md"
+
+
+def test_help_says_what_quiet_and_device_do(qm) -> None:
+    """-q said "Print nothing but errors" (warnings print: docs/cli.md); --device said "cpu or cuda"
+    (cuda:N picks a GPU); convert's exit codes left out 130."""
+    for command in ("convert", "batch", "push", "dequantize"):
+        r = qm(command, "--help")
+        assert "Print nothing but warnings and errors." in " ".join(r.stdout.split()), command
+    text = " ".join(qm("convert", "--help").stdout.split())
+    assert "Where to quantize: cpu, cuda or cuda:N." in text
+    assert "130 interrupted" in text
