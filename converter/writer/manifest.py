@@ -176,10 +176,13 @@ def decide(
     *,
     overwrite: bool,
     protected: tuple[Path, ...] = (),
+    refresh: bool = False,
 ) -> Decision:
     """Decide what to do with ``output`` for a plan with ``fingerprint`` (see the module docstring).
 
     ``protected`` are paths the output must not contain or equal (the source), even with overwrite.
+    ``refresh``: files outside the fingerprint (config.json, tokenizer, ...) changed in the source, so
+    a finished conversion is resumed (its shards kept, the rest rewritten) instead of left as it is.
     """
     output = output.resolve()
     contains = _contains_source(output, protected)
@@ -205,7 +208,7 @@ def decide(
     manifest = Manifest.load(output)
     if manifest is not None and manifest.fingerprint == fingerprint:
         finished = all((output / n).is_file() for n in ("config.json", "model.safetensors.index.json"))
-        if manifest.state == "complete" and finished:
+        if manifest.state == "complete" and finished and not refresh:
             # A finished folder is checked by size only (``quantize-model verify`` hashes it).
             done = _verified_shards(output, manifest, deep=False)
             if len(done) == len(manifest.shards):

@@ -129,6 +129,45 @@ def test_rerun_is_a_noop(tiny_llama: Path, tmp_path: Path) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+def test_rerun_after_the_source_config_or_tokenizer_changed_rewrites_them(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """config.json and the copied files are not in the plan's fingerprint: after an edit of the source's
+    config.json or tokenizer file a rerun said "already converted with the same source and options;
+    nothing to do" (and a batch "up-to-date") and kept the old files. It now rewrites them, reusing the
+    shards untouched, and ends with the files a fresh conversion writes."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_sharded, src)
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    out = tmp_path / "out"
+    convert(src, out, max_shard_size="40KB", progress=False)
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    config = json.loads((src / "config.json").read_text())
+    config["eos_token_id"] = 7
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    (out / ".git").mkdir()  # put there since the conversion (a checkout to push from): kept
+
+    pre = convert(src, out, max_shard_size="40KB", progress=False, dry_run=True).preflight
+    assert not pre.up_to_date  # what batch decides "up-to-date" by
+    with pytest.warns(
+        UserWarning, match=r"config\.json, tokenizer_config\.json: not what this conversion writes"
+    ):
+        r = convert(src, out, max_shard_size="40KB", progress=False)
+    assert not r.noop
+    assert r.shards_reused == len(shards)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == shards
+    assert (out / ".git").is_dir()
+    (out / ".git").rmdir()
+    fresh = tmp_path / "fresh"
+    convert(src, fresh, max_shard_size="40KB", progress=False)
+    assert output_hashes(out) == output_hashes(fresh)
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 7
+    assert convert(src, out, max_shard_size="40KB", progress=False).noop
+
+
 def test_different_options_refused_then_overwritten(tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     convert(tiny_llama, out, progress=False)
