@@ -386,6 +386,7 @@ class _Conversion:
             self._write_shards(todo, manifest, hook)
         finally:
             hook.close()
+        self._check_source_unchanged(identity)
         self._write_extras()
         result = self._result(decision.action, reused=len(decision.done))
         report = build_report(result, plan, identity, selection, self.stats, manifest.shards, self.quality)
@@ -397,6 +398,25 @@ class _Conversion:
         manifest.state = "complete"
         manifest.save(self.output)
         return result
+
+    def _check_source_unchanged(self, identity: dict) -> None:
+        """Refuse to finish when a local source's weight file changed (size or mtime) since the plan:
+        shards read before and after the change would mix two checkpoints in a folder that verifies.
+        The folder is left unfinished (no index, no config.json). A Hub source is pinned by its commit.
+        """
+        if identity.get("kind") != "local":
+            return
+        before = identity.get("files") or {}
+        now = self.src.describe().get("files") or {}
+        for name, was in before.items():
+            is_ = now.get(name) or {}
+            if (is_.get("size"), is_.get("mtime_ns")) != (was.get("size"), was.get("mtime_ns")):
+                msg = (
+                    f"{Path(str(identity.get('path'))) / name}: changed while it was being converted, so the "
+                    "output could mix old and new weights; it is left unfinished: once the source no longer "
+                    "changes, rerun with --overwrite"
+                )
+                raise ConversionFailedError(msg)
 
     def _announce_needed(self, files: list[str]) -> None:
         """Tell a source that prefetches (HubSource.set_needed) which files will be acquired, in order."""
