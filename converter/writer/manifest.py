@@ -327,6 +327,18 @@ class FolderLock:
         self.release()
 
 
+def dangling_link(path: Path) -> str | None:
+    """The error for an output ``path`` that is, or lies under, a symbolic link to nothing (a folder
+    not created yet), else None: no folder can be made there, and mkdir only says "File exists"."""
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            return (
+                f"{p}: a symbolic link to {os.readlink(p)}, which does not exist; "
+                "create that folder or remove the link"
+            )
+    return None
+
+
 def clear_folder(folder: Path) -> None:
     """Empty ``folder`` (for --overwrite) without removing the folder itself."""
     for p in folder.iterdir():

@@ -55,6 +55,7 @@ from converter.writer.manifest import (
     FolderLock,
     Manifest,
     atomic_write_bytes,
+    dangling_link,
     decide,
     shard_chunks_json,
     shard_info,
@@ -169,6 +170,9 @@ def convert(
     device, fallback_note = resolve_device(device)
 
     output = Path(output).expanduser()
+    dangling = dangling_link(output)
+    if dangling is not None:
+        raise InputError(dangling)
     blocker = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None and blocker != output:  # an output file itself is refused by the manifest
         msg = f"{output}: {blocker} is a file, not a folder; choose an output folder"
