@@ -43,7 +43,7 @@ from formats.validate import (
     TwoLayouts,
     UnknownFormatVersion,
 )
-from formats.writer import ShardInfo
+from formats.writer import ShardInfo, naming_os_errors
 
 INDEX_NAME = "model.safetensors.index.json"
 #: What to do about a malformed index (BadIndex) of a quantized folder: the shards may be fine, but
@@ -120,11 +120,15 @@ def write_index(
     text = json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
     path = folder / INDEX_NAME
     tmp = folder / f".{INDEX_NAME}.partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with naming_os_errors(path), open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no temp file behind
+        raise
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from converter.errors import OutputExistsError
+from converter.errors import InputError, OutputExistsError
 from converter.loader.config_file import read_config
 from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
 from converter.methods import for_record
 from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
-from converter.writer.manifest import FolderLock, atomic_write_bytes, clear_folder, writing_to
+from converter.writer.manifest import FolderLock, atomic_write_bytes, clear_folder, dangling_link, writing_to
 from formats.record import QuantizedTensor
 from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
 
@@ -160,6 +160,10 @@ def dequantize_checkpoint(
     limit = parse_size(max_shard_size)
     folder = resolve_folder(source)
     out = Path(output).expanduser()
+    # (with overwrite a link as OUTPUT is replaced by a folder below: only the folders above count)
+    dangling = dangling_link(out.parent if overwrite and out.is_symlink() else out)
+    if dangling is not None:
+        raise InputError(dangling)
     if out.exists() and not out.is_dir() and not overwrite:
         msg = f"{out}: exists and is not a folder; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)

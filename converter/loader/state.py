@@ -82,6 +82,13 @@ def shard_files(folder: Path) -> tuple[list[Path], bool]:
             raise CorruptFileError(f"{exc}; {INDEX_REMEDY}" if damaged else str(exc)) from exc
         names = list(dict.fromkeys(index.weight_map.values()))
         return [folder / n for n in names], bool(index.shards)
+    from converter.writer.manifest import unfinished_conversion
+
+    # Killed before its index: say so, not "not a checkpoint"; and never take the shards finished so
+    # far (one of them would pass for a single-file checkpoint) for the whole model.
+    unfinished = unfinished_conversion(folder)
+    if unfinished is not None:
+        raise InputError(unfinished)
     if (folder / SINGLE_NAME).is_file():
         return [folder / SINGLE_NAME], False
     found = sorted(folder.glob("*.safetensors"))
@@ -90,11 +97,6 @@ def shard_files(folder: Path) -> tuple[list[Path], bool]:
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         msg = f"{folder}: only pickle weights (.bin/.pt); a quantized checkpoint must be safetensors"
         raise PickleOnlyError(msg)
-    from converter.writer.manifest import unfinished_conversion
-
-    unfinished = unfinished_conversion(folder)  # killed before its index: say so, not "not a checkpoint"
-    if unfinished is not None:
-        raise InputError(unfinished)
     msg = f"{folder}: no {INDEX_NAME} and no single *.safetensors file; not a checkpoint folder"
     raise SourceNotFoundError(msg)
 

@@ -147,6 +147,10 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
         up_to_date = manifest.state == "complete" and reusable == sum(
             int(i.get("size", -1)) for i in manifest.shards.values()
         )
+        if up_to_date:  # a run rewrites config.json and the copied files that changed in the source
+            from converter.writer.pipeline import changed_files
+
+            up_to_date = not changed_files(src, plan, output)
     bytes_out = sum(s.nbytes + header_bytes(s) for s in plan.shards)
     needed = 0 if up_to_date else max(0, bytes_out - reusable)
     free, where = disk_free(output)

@@ -105,6 +105,28 @@ class _ProgressBar:
         pass
 
 
+def _locked_folder(folder: Path) -> int | None:
+    """Create ``folder`` if needed and take an exclusive flock on it: the descriptor that holds it, or
+    None when another process holds it (the lock goes when that process ends, even killed)."""
+    import fcntl
+
+    for _ in range(3):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(folder)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its last user removed it between the mkdir and the lock: make it again
+    return None
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -212,6 +234,7 @@ class HubSource(Source):
         self._closed = False
         self._dl_dir: Path | None = None
         self._owns_dl_dir = False
+        self._dl_lock: int | None = None  # descriptor holding the flock on the folder beside the output
         self._download_dir_arg = Path(download_dir) if download_dir is not None else None
         self._output_dir = Path(output_dir).expanduser().resolve() if output_dir is not None else None
         try:
@@ -370,11 +393,15 @@ class HubSource(Source):
             elif self._output_dir is not None:
                 # Beside the output (same disk, usually larger than /tmp), under a fixed name so a
                 # rerun after a crash reuses a finished download instead of leaking a temp folder.
-                base = self._output_dir.parent / f".{self._output_dir.name}.quantize-model-download"
-                base.mkdir(parents=True, exist_ok=True)
-                self._dl_dir = base
-                self._owns_dl_dir = True
-                return base
+                fixed = self._output_dir.parent / f".{self._output_dir.name}.quantize-model-download"
+                self._dl_lock = _locked_folder(fixed)
+                if self._dl_lock is not None:
+                    self._dl_dir = fixed
+                    self._owns_dl_dir = True
+                    return fixed
+                # Another run into the same output downloads there (this one will be refused by the
+                # output's lock): a folder of its own, so that cleaning up never touches the other's.
+                base = fixed.parent
             else:
                 base = None
             self._dl_dir = Path(tempfile.mkdtemp(prefix=".quantize-model-download-", dir=base))
@@ -912,3 +939,6 @@ class HubSource(Source):
             self._range_executor.shutdown(wait=True, cancel_futures=True)
         if self._owns_dl_dir and self._dl_dir is not None:
             shutil.rmtree(self._dl_dir, ignore_errors=True)
+        if self._dl_lock is not None:
+            os.close(self._dl_lock)  # drops the flock, once the folder is gone
+            self._dl_lock = None

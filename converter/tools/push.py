@@ -4,7 +4,8 @@
 ``upload_folder`` (huggingface_hub 1.x/2.x dropped ``upload_large_folder``; ``upload_folder`` is the
 resumable path: with hf_xet it commits in batches and skips files already committed, over plain LFS
 the batch endpoint skips objects already uploaded), then commits the model card ``README.md`` last,
-so a repo with our card is a complete upload. Rerunning after an interruption uploads only what is
+so a repo with our card is a complete upload (a different card already there is deleted in the
+weights' commit). Rerunning after an interruption uploads only what is
 missing. The local folder is not modified.
 """
 
@@ -261,6 +262,9 @@ def push_folder(
     if revision and revision != "main":
         client.call("create branch", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
     message = commit_message or f"Upload {folder.name} (quantize-model)"
+    # The card is the mark of a complete upload: a card of other weights (an earlier push) goes in the
+    # weights' commit, so a push cut off before its own card leaves no card rather than a wrong one.
+    stale = [] if _remote_card_is(client, revision, card) else ["README.md"]
     client.call(
         "upload",
         lambda: api.upload_folder(
@@ -271,7 +275,7 @@ def push_folder(
             # weights of an earlier push that this folder does not have (a single model.safetensors
             # replaced by shards, or fewer shards) would stay beside the new index: loaders that glob
             # *.safetensors, and a folder without an index, would read the old model
-            delete_patterns=list(STALE_PATTERNS),
+            delete_patterns=[*STALE_PATTERNS, *stale],
             commit_message=message,
         ),
     )
@@ -285,6 +289,19 @@ def push_folder(
         ),
     )
     return str(url)
+
+
+def _remote_card_is(client: Any, revision: str | None, card: str) -> bool:
+    """Whether the repo's README.md (at ``revision``) already holds ``card``, by its git blob id."""
+    import hashlib
+
+    data = card.encode()
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+    infos = client.call(
+        "model card check",
+        lambda: client.api.get_paths_info(client.repo_id, ["README.md"], revision=revision),
+    )
+    return any(getattr(i, "path", None) == "README.md" and getattr(i, "blob_id", None) == blob for i in infos)
 
 
 def _moe_summary(folder: Path) -> Any:

@@ -176,10 +176,13 @@ def decide(
     *,
     overwrite: bool,
     protected: tuple[Path, ...] = (),
+    refresh: bool = False,
 ) -> Decision:
     """Decide what to do with ``output`` for a plan with ``fingerprint`` (see the module docstring).
 
     ``protected`` are paths the output must not contain or equal (the source), even with overwrite.
+    ``refresh``: files outside the fingerprint (config.json, tokenizer, ...) changed in the source, so
+    a finished conversion is resumed (its shards kept, the rest rewritten) instead of left as it is.
     """
     output = output.resolve()
     contains = _contains_source(output, protected)
@@ -205,7 +208,7 @@ def decide(
     manifest = Manifest.load(output)
     if manifest is not None and manifest.fingerprint == fingerprint:
         finished = all((output / n).is_file() for n in ("config.json", "model.safetensors.index.json"))
-        if manifest.state == "complete" and finished:
+        if manifest.state == "complete" and finished and not refresh:
             # A finished folder is checked by size only (``quantize-model verify`` hashes it).
             done = _verified_shards(output, manifest, deep=False)
             if len(done) == len(manifest.shards):
@@ -322,6 +325,18 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def dangling_link(path: Path) -> str | None:
+    """The error for an output ``path`` that is, or lies under, a symbolic link to nothing (a folder
+    not created yet), else None: no folder can be made there, and mkdir only says "File exists"."""
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            return (
+                f"{p}: a symbolic link to {os.readlink(p)}, which does not exist; "
+                "create that folder or remove the link"
+            )
+    return None
 
 
 def clear_folder(folder: Path) -> None:

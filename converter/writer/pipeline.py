@@ -36,6 +36,7 @@ from converter.plan.selection import select_tensors
 from converter.plan.tensor_plan import (
     DTYPE_CODES,
     Options,
+    Plan,
     PlannedTensor,
     ShardPlan,
     build_plan,
@@ -54,6 +55,7 @@ from converter.writer.manifest import (
     FolderLock,
     Manifest,
     atomic_write_bytes,
+    dangling_link,
     decide,
     shard_chunks_json,
     shard_info,
@@ -168,6 +170,9 @@ def convert(
     device, fallback_note = resolve_device(device)
 
     output = Path(output).expanduser()
+    dangling = dangling_link(output)
+    if dangling is not None:
+        raise InputError(dangling)
     blocker = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None and blocker != output:  # an output file itself is refused by the manifest
         msg = f"{output}: {blocker} is a file, not a folder; choose an output folder"
@@ -231,6 +236,7 @@ class _Conversion:
         self.dry_run, self.check_fit = False, True
         self.quality: QualityMeter | None = None
         self.warn: Callable[[str], None] | None = None
+        self.keep_others = False  # resuming a finished folder: leave files a run does not write
 
     # --- the whole run ---------------------------------------------------------------------
     def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
@@ -292,7 +298,26 @@ class _Conversion:
         # Locked before deciding, so two runs into one folder cannot both resume or clear it.
         lock = FolderLock(self.output) if self.output.is_dir() else None
         try:
-            decision = decide(self.output, fingerprint, plan_json, overwrite=overwrite, protected=protected)
+            # The fingerprint covers the weights; config.json and the copied files are compared here.
+            changed = [] if overwrite else changed_files(self.src, plan, self.output)
+            decision = decide(
+                self.output,
+                fingerprint,
+                plan_json,
+                overwrite=overwrite,
+                protected=protected,
+                refresh=bool(changed),
+            )
+            if changed and decision.action is Action.RESUME:
+                note = (
+                    f"{', '.join(changed)}: not what this conversion writes (changed in the source since, "
+                    "or edited in the output); rewritten, the shards kept"
+                )
+                moe.warn_once(self.warn, note)
+                self.notes.append(note)
+                # A finished folder has no partial files: what else it holds was put there since
+                # (a git checkout to push from, evaluation results) and stays.
+                self.keep_others = True
             if decision.action is Action.NOOP:
                 return self._result(decision.action, reused=len(decision.done))
             self.output.mkdir(parents=True, exist_ok=True)
@@ -351,7 +376,8 @@ class _Conversion:
         self, decision: Any, config: dict | None, identity: dict, selection: Any, progress: Any
     ) -> ConversionResult:
         plan, manifest = self.plan, decision.manifest
-        self._clean_leftovers(set(decision.done))
+        if not self.keep_others:
+            self._clean_leftovers(set(decision.done))
         manifest.save(self.output)
 
         todo = [s for s in plan.shards if s.name not in decision.done]
@@ -364,6 +390,7 @@ class _Conversion:
             self._write_shards(todo, manifest, hook)
         finally:
             hook.close()
+        self._check_source_unchanged(identity)
         self._write_extras()
         result = self._result(decision.action, reused=len(decision.done))
         report = build_report(result, plan, identity, selection, self.stats, manifest.shards, self.quality)
@@ -375,6 +402,25 @@ class _Conversion:
         manifest.state = "complete"
         manifest.save(self.output)
         return result
+
+    def _check_source_unchanged(self, identity: dict) -> None:
+        """Refuse to finish when a local source's weight file changed (size or mtime) since the plan:
+        shards read before and after the change would mix two checkpoints in a folder that verifies.
+        The folder is left unfinished (no index, no config.json). A Hub source is pinned by its commit.
+        """
+        if identity.get("kind") != "local":
+            return
+        before = identity.get("files") or {}
+        now = self.src.describe().get("files") or {}
+        for name, was in before.items():
+            is_ = now.get(name) or {}
+            if (is_.get("size"), is_.get("mtime_ns")) != (was.get("size"), was.get("mtime_ns")):
+                msg = (
+                    f"{Path(str(identity.get('path'))) / name}: changed while it was being converted, so the "
+                    "output could mix old and new weights; it is left unfinished: once the source no longer "
+                    "changes, rerun with --overwrite"
+                )
+                raise ConversionFailedError(msg)
 
     def _announce_needed(self, files: list[str]) -> None:
         """Tell a source that prefetches (HubSource.set_needed) which files will be acquired, in order."""
@@ -573,7 +619,7 @@ class _Conversion:
     # --- the rest of the folder ------------------------------------------------------------
     def _write_extras(self) -> None:
         for name in self.src.extra_files():
-            if name in ("config.json", REPORT_NAME) or name.endswith(".safetensors"):
+            if not copied_file(name):
                 continue
             dest = self.output / name
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -593,11 +639,7 @@ class _Conversion:
         index.write_index(self.output, shards, weight_map, self._provenance(None))
 
     def _write_config(self, config: dict | None) -> None:
-        plan = self.plan
-        qconfig = self.options.method.quantization_config(plan)
-        out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
-        text = json.dumps(out, indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(self.output / "config.json", text.encode())
+        atomic_write_bytes(self.output / "config.json", config_bytes(self.plan, config))
 
     def _dry_result(self, report: Any) -> ConversionResult:
         result = make_result(self.output, self.plan, resumed=False, noop=False, seconds=0.0, bytes_read=0,
@@ -617,6 +659,49 @@ class _Conversion:
         )
         result.notes.extend(self.notes)
         return result
+
+
+def copied_file(name: str) -> bool:
+    """Whether the source's extra file ``name`` is copied into the output as it is."""
+    return name not in ("config.json", REPORT_NAME) and not name.endswith(".safetensors")
+
+
+def config_bytes(plan: Plan, config: dict | None) -> bytes:
+    """The output's config.json: the source's, with the quantization_config and dtype of ``plan``."""
+    qconfig = plan.options.method.quantization_config(plan)
+    out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
+    return (json.dumps(out, indent=2, sort_keys=True) + "\n").encode()
+
+
+def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
+    """The files of a finished conversion in ``output`` that a fresh run would write differently:
+    config.json when the source's changed, and, for a local source, the copied files (tokenizer,
+    README, ...) that differ from the source's. The plan's fingerprint covers the weights only, so
+    without this a rerun after such an edit did nothing and left the old files. A Hub source's files
+    are pinned by its commit, which the fingerprint holds. Empty unless ``output`` is finished."""
+    manifest = Manifest.load(output)
+    if manifest is None or manifest.state != "complete" or not (output / "config.json").is_file():
+        return []  # not finished: a run writes every file anyway
+    changed = []
+    try:
+        if (output / "config.json").read_bytes() != config_bytes(plan, src.config()):
+            changed.append("config.json")
+    except (OSError, ValueError):
+        changed.append("config.json")
+    identity = plan.source_identity
+    if identity.get("kind") != "local":
+        return changed
+    root = Path(str(identity.get("path")))
+    for name in src.extra_files():
+        if not copied_file(name):
+            continue
+        try:
+            same = (output / name).read_bytes() == (root / name).read_bytes()
+        except OSError:
+            same = False
+        if not same:
+            changed.append(name)
+    return changed
 
 
 def _torch_name(code: str) -> str:

@@ -57,6 +57,24 @@ def test_missing_source_exit_2(qm, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_output_a_link_to_a_missing_folder_says_so(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """An OUTPUT that is a symbolic link to a folder not yet created (``out -> /mnt/big/out``) failed with
+    "out: File exists; check the path and rerun" (convert and dequantize), which names neither the link
+    nor what is missing. Both now say it, exit 2, and touch nothing."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "big" / "out")
+    said = f"Error: {link}: a symbolic link to {tmp_path / 'big' / 'out'}, which does not exist; "
+    r = qm("convert", tiny_llama, link)
+    assert r.exit_code == 2
+    assert r.stderr.startswith(said), r.stderr
+    converted = tmp_path / "converted"
+    assert qm("convert", tiny_llama, converted).exit_code == 0
+    r = qm("dequantize", converted, tmp_path / "out" / "plain")
+    assert r.exit_code == 2
+    assert r.stderr.startswith(said), r.stderr
+    assert not (tmp_path / "big").exists()
+
+
 def test_truncated_shard_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:
     src = shutil.copytree(tiny_llama, tmp_path / "src")
     path = src / "model.safetensors"

@@ -129,6 +129,45 @@ def test_rerun_is_a_noop(tiny_llama: Path, tmp_path: Path) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+def test_rerun_after_the_source_config_or_tokenizer_changed_rewrites_them(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """config.json and the copied files are not in the plan's fingerprint: after an edit of the source's
+    config.json or tokenizer file a rerun said "already converted with the same source and options;
+    nothing to do" (and a batch "up-to-date") and kept the old files. It now rewrites them, reusing the
+    shards untouched, and ends with the files a fresh conversion writes."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_sharded, src)
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    out = tmp_path / "out"
+    convert(src, out, max_shard_size="40KB", progress=False)
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    config = json.loads((src / "config.json").read_text())
+    config["eos_token_id"] = 7
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    (out / ".git").mkdir()  # put there since the conversion (a checkout to push from): kept
+
+    pre = convert(src, out, max_shard_size="40KB", progress=False, dry_run=True).preflight
+    assert not pre.up_to_date  # what batch decides "up-to-date" by
+    with pytest.warns(
+        UserWarning, match=r"config\.json, tokenizer_config\.json: not what this conversion writes"
+    ):
+        r = convert(src, out, max_shard_size="40KB", progress=False)
+    assert not r.noop
+    assert r.shards_reused == len(shards)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == shards
+    assert (out / ".git").is_dir()
+    (out / ".git").rmdir()
+    fresh = tmp_path / "fresh"
+    convert(src, fresh, max_shard_size="40KB", progress=False)
+    assert output_hashes(out) == output_hashes(fresh)
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 7
+    assert convert(src, out, max_shard_size="40KB", progress=False).noop
+
+
 def test_different_options_refused_then_overwritten(tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     convert(tiny_llama, out, progress=False)
@@ -371,3 +410,41 @@ def test_bad_threads_and_an_output_under_a_file_are_input_errors(tiny_llama: Pat
     (tmp_path / "afile").write_text("x")
     with pytest.raises(InputError, match="is a file, not a folder"):
         convert(tiny_llama, tmp_path / "afile" / "sub", progress=False)
+
+
+def test_source_shard_replaced_during_the_conversion_leaves_it_unfinished(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """A source shard replaced while the conversion runs (a re-download or sync into the same folder)
+    was read new where the earlier shards had been read old: the folder ended complete, `verify` passed,
+    and its weights mixed two checkpoints. The run now fails before the index and config.json, so the
+    folder stays unfinished, and a rerun is refused as another source until --overwrite."""
+    from safetensors.torch import load_file, save_file
+
+    from converter.errors import ConversionFailedError
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_sharded, src)
+    last = sorted(src.glob("model-*.safetensors"))[-1]
+    replaced = []
+
+    def replace_last_shard(name: str, done: int) -> None:
+        if not replaced:  # after the first tensor: the last file is not read yet
+            tensors = {k: v + 1 for k, v in load_file(last).items()}
+            save_file(tensors, tmp_path / "new.safetensors", metadata={"format": "pt"})
+            (tmp_path / "new.safetensors").replace(last)
+            replaced.append(name)
+
+    out = tmp_path / "out"
+    with pytest.raises(ConversionFailedError, match=rf"{last.name}: changed while it was being converted"):
+        convert(src, out, max_shard_size="40KB", progress=replace_last_shard)
+    assert replaced
+    assert not (out / "config.json").exists()
+    assert not (out / "model.safetensors.index.json").exists()
+    assert json.loads((out / MANIFEST_NAME).read_text())["state"] == "in_progress"
+    with pytest.raises(OutputExistsError, match="a different source"):
+        convert(src, out, max_shard_size="40KB", progress=False)
+    convert(src, out, max_shard_size="40KB", progress=False, overwrite=True)
+    fresh = tmp_path / "fresh"
+    convert(src, fresh, max_shard_size="40KB", progress=False)
+    assert output_hashes(out) == output_hashes(fresh)

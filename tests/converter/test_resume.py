@@ -160,3 +160,37 @@ def test_disk_full_fails_cleanly_then_resumes(
     assert r.resumed
     assert r.shards_reused == 1
     assert output_hashes(out) == output_hashes(reference)
+
+
+def test_disk_full_at_the_index_names_it_and_leaves_no_temp_file(
+    tiny_llama_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every shard written, then the disk fills up while the index is written: the error said only "no
+    space left on device" (unlike a shard's, which names the file) and a `.model.safetensors.index.json.
+    partial` stayed behind. It now names the index, the temp file is gone, and the rerun finishes."""
+    import errno
+
+    from formats import index
+
+    reference = tmp_path / "reference"
+    convert(tiny_llama_sharded, reference, max_shard_size="40KB", progress=False)
+    real_fsync = os.fsync
+
+    def fsync_full(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".model.safetensors.index.json.partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(index.os, "fsync", fsync_full)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as exc:
+        convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert exc.value.errno == errno.ENOSPC
+    assert exc.value.filename == str(out / "model.safetensors.index.json")
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
+    assert not (out / "config.json").exists()
+
+    monkeypatch.setattr(index.os, "fsync", real_fsync)
+    r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert r.resumed
+    assert output_hashes(out) == output_hashes(reference)

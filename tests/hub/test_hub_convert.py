@@ -233,6 +233,45 @@ def test_kill_then_resume_gives_identical_bytes(tmp_path: Path, fake_hub: FakeHu
     assert len(leftovers) <= 2, leftovers
 
 
+def test_a_refused_second_convert_leaves_the_first_ones_downloads(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path
+) -> None:
+    """A second convert of a Hub repo into an output another one is writing is refused (the folder
+    lock), but it had opened the source first, downloading into the same folder beside the output
+    (``.out.quantize-model-download``), and on its way out deleted that folder: the first run then
+    failed with "No such file or directory". The second run now keeps out of a download folder in use."""
+    import threading
+
+    from converter.errors import OutputExistsError
+    from converter.writer.pipeline import convert
+
+    src = make_checkpoint(tmp_path / "five", shards=5, seed=11)
+    fake_hub.add_repo("org/five", src)
+    out = tmp_path / "out"
+    fake_hub.throttle_bps = 150_000  # the first run is still downloading when the second comes
+    ended: dict[str, object] = {}
+
+    def first() -> None:
+        try:
+            ended["result"] = convert("org/five", out, progress=False, max_shard_size="40KB")
+        except BaseException as exc:  # reported by the assertion below
+            ended["error"] = exc
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (out / ".quantize-model-manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the manifest is written once the first run holds the output's lock
+    assert thread.is_alive(), ended
+    with pytest.raises(OutputExistsError, match="another quantize-model process is writing this folder"):
+        convert("org/five", out, progress=False, max_shard_size="40KB")
+    fake_hub.throttle_bps = None
+    thread.join(120)
+    assert "error" not in ended, ended["error"]
+    assert not (tmp_path / ".out.quantize-model-download").exists()
+    assert not [p for p in tmp_path.iterdir() if "quantize-model-download" in p.name]
+
+
 def test_rerun_naming_the_commit_is_a_noop(
     tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
 ) -> None:

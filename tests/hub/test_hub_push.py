@@ -263,3 +263,41 @@ def test_push_under_hf_hub_offline_says_so_before_converting(
         convert(checkpoint_dir, out, progress=False, push_to=DEST)
     assert str(info.value) == said
     assert not out.exists()
+
+
+def test_a_repush_cut_before_its_card_leaves_no_card_of_the_old_weights(
+    converted: Path, fake_hub: FakeHub, monkeypatch, tmp_path: Path
+) -> None:
+    """The card is committed last as the mark of a complete upload. Pushing another conversion (fp4
+    over nf4) into a repo and being cut off between the weights' commit and the card's left the repo
+    with the fp4 weights under the first push's nf4 card: it looked complete and described other
+    weights. The weights' commit now drops an old card that differs from the new one; a push of the
+    same folder again leaves the card alone."""
+    from converter.sources.hub_client import HubClient
+    from converter.writer.pipeline import convert
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_folder(converted, DEST)
+    fp4 = tmp_path / "fp4"
+    convert(SRC, fp4, progress=False, quant_type="fp4")
+    call = HubClient.call
+
+    def cut_before_the_card(self, what, fn, **kw):
+        if what == "model card upload":
+            msg = f"{DEST}: cut off"
+            raise HubDownloadError(msg)
+        return call(self, what, fn, **kw)
+
+    monkeypatch.setattr(HubClient, "call", cut_before_the_card)
+    with pytest.raises(HubDownloadError):
+        push_folder(fp4, DEST)
+    remote = _remote(fake_hub, DEST)
+    assert remote["config.json"] == (fp4 / "config.json").read_bytes()  # the weights' commit landed
+    assert "README.md" not in remote
+    monkeypatch.setattr(HubClient, "call", call)
+    push_folder(fp4, DEST)
+    assert "fp4" in _card_meta(_remote(fake_hub, DEST)["README.md"].decode())["tags"]
+    commits = len(fake_hub.repos[DEST].commits)
+    push_folder(fp4, DEST)  # the same folder again: nothing to change, the card stays
+    assert len(fake_hub.repos[DEST].commits) == commits
+    assert "README.md" in _remote(fake_hub, DEST)

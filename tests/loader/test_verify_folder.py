@@ -176,3 +176,34 @@ def test_verify_checks_the_whole_file_sha256_beside_the_chunk_digests(
         result = CliRunner().invoke(cli, ["verify", str(folder)])
         assert result.exit_code != 0
         assert "'sha256' must be 64 lowercase hex digits and 'size' a byte count" in result.output
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_conversion_killed_after_its_first_shard_is_not_loaded(
+    our_folder: Path, tmp_path: Path, verify: bool
+) -> None:
+    """A conversion killed once its first shard was renamed into place leaves that one shard and the
+    manifest, no index: it was taken as a single-file checkpoint, so `load_quantized_state(verify=False)`
+    returned that shard's tensors as the whole model and `dequantize --no-verify` wrote them out as a
+    model.safetensors; with verify it was refused as a folder "changed" after the fact. Every load now
+    says the conversion did not finish."""
+    from converter.errors import InputError
+    from converter.loader.state import load_quantized_state
+
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    manifest = json.loads((our_folder / ".quantize-model-manifest.json").read_text())
+    manifest["state"] = "in_progress"
+    first = sorted(manifest["shards"])[0]
+    manifest["shards"] = {first: manifest["shards"][first]}
+    (folder / ".quantize-model-manifest.json").write_text(json.dumps(manifest))
+    (folder / first).write_bytes((our_folder / first).read_bytes())
+    said = f"{folder}: the conversion did not finish; rerun the same convert command to resume"
+    with pytest.raises(InputError, match=re.escape(said)):
+        load_quantized_state(folder, verify=verify)
+    out = tmp_path / "dequantized"
+    args = ["dequantize", str(folder), str(out), *([] if verify else ["--no-verify"])]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert said in result.output
+    assert not out.exists() or not any(out.iterdir())
