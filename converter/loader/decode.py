@@ -105,26 +105,19 @@ def graphed_greedy(
         if reason not in _warned:
             _warned.add(reason)
             log.warning("graphed_greedy: %s; using transformers' decoding loop", reason)
-        if (generation_config.num_beams or 1) > 1:
-            # generate() already expanded the prompt to num_beams rows for this mode: beam search, as
-            # its own dispatch would run (it takes no streamer; generate() refuses one with beams)
-            return GenerationMixin._beam_search(
-                model,
-                input_ids,
-                logits_processor=logits_processor,
-                stopping_criteria=stopping_criteria,
-                generation_config=generation_config,
-                synced_gpus=synced_gpus,
-                **model_kwargs,
-            )
-        return GenerationMixin._sample(
+        # generate() already expanded the prompt to num_beams rows for beam search: run it, as its own
+        # dispatch would (beam search takes no streamer; generate() refuses one with beams)
+        beams = (generation_config.num_beams or 1) > 1
+        loop = GenerationMixin._beam_search if beams else GenerationMixin._sample
+        extra = {} if beams else {"streamer": streamer}
+        return loop(
             model,
             input_ids,
             logits_processor=logits_processor,
             stopping_criteria=stopping_criteria,
             generation_config=generation_config,
             synced_gpus=synced_gpus,
-            streamer=streamer,
+            **extra,
             **model_kwargs,
         )
     try:
