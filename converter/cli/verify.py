@@ -45,7 +45,7 @@ def verify(
 
         quality, problems = verify_against(path, against, revision=revision)
         r.problems.extend(problems)
-        if quality["tensors_not_in_source"]:  # the folder may be fine: the source is another
+        if quality["not_from_source"]:  # the folder may be fine: the source is another
             r.remedy = "give --against the source this folder was converted from"
     if app.json:
         app.print_json({**r.to_json(), "quality": quality})

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,28 @@ def test_verify_against_another_model_is_one_line(qm, converted: Path, tmp_path:
         f"[64, 128] but the source has [32, 64] (and 13 more); the folder was not converted from {other}",
         f"Error: {converted}: 1 problem(s) found; give --against the source this folder was converted from",
     ]
+
+
+def test_verify_against_a_same_shaped_other_source_is_one_line(qm, converted: Path, tmp_path: Path) -> None:
+    """--against a checkpoint of the same shapes (another seed) gave one "relative RMSE ... reconvert the
+    folder" line per quantized tensor, though the folder is intact: the source is the wrong one."""
+    from qm_checkpoints import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "other", seed=1)
+    r = qm("verify", converted, "--against", other, "--json")
+    assert r.exit_code == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert re.fullmatch(
+        r"Error: tensor '[^']+' in model-\d+-of-\d+\.safetensors: relative RMSE [\d.]+ against the source, "
+        r"but quantization_report\.json says [\d.]+ \(and 13 more\); the folder does not look converted "
+        + re.escape(f"from {other}"),
+        lines[0],
+    ), lines[0]
+    assert lines[1] == (
+        f"Error: {converted}: 1 problem(s) found; give --against the source this folder was converted from"
+    )
+    assert json.loads(r.stdout)["quality"]["not_from_source"] is True
 
 
 def test_inspect_memory_options_without_memory_are_refused(qm, converted: Path) -> None:
