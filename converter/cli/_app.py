@@ -57,7 +57,7 @@ def _error_table() -> list[tuple[type[BaseException], Callable[[Any], str], int 
 
     return [
         (ConverterError, str, None),  # our own messages are already one line ending in what to do
-        (FormatError, _format_format_error, 1),
+        (FormatError, _format_format_error, 2),  # a damaged input file (verify: a problem, exit 1)
         (KeyboardInterrupt, lambda _: "interrupted; rerun the same command to resume", 130),
         (OSError, _format_os_error, 1),
     ]

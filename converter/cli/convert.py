@@ -10,8 +10,9 @@ from typing import Any
 import click
 
 from converter.cli._app import App, table
+from converter.errors import InputError
 from converter.methods import method_names
-from converter.plan.tensor_plan import QUANT_STORAGES
+from converter.plan.tensor_plan import QUANT_STORAGES, parse_size
 from converter.units import human_bytes, human_count
 from formats.quant_types import BLOCKSIZES
 
@@ -35,6 +36,15 @@ def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> s
     if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         msg = f"{value!r} is not valid: use cpu, cuda or cuda:N"
         raise click.BadParameter(msg)
+    return value
+
+
+def _check_size(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A size the writer takes ('5GB', '2GiB'), checked as a usage error that names the option."""
+    try:
+        parse_size(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
     return value
 
 
@@ -63,7 +73,8 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Keep modules/tensors matching GLOB unquantized (repeatable)."),
         click.option("--include", multiple=True, metavar="GLOB",
                      help="Quantize only modules/tensors matching GLOB (repeatable)."),
-        click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard."),
+        click.option("--max-shard-size", default="5GB", show_default=True, callback=_check_size,
+                     help="Largest output shard."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Kernel threads [default: the CPUs this process may use]."),
         click.option("--device", default="cpu", show_default=True, callback=_check_device,

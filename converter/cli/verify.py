@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from converter.cli._app import App
+from converter.cli._app import App, describe_error
 
 
 @click.command(short_help="Check shard hashes and structure")
@@ -32,16 +32,20 @@ def verify(
     Exits 1 if anything does not match (each problem on its own line on stderr).
     """
     from converter.tools.inspection import verify_path
+    from formats.validate import FormatError
 
     app.configure(json=as_json, quiet=quiet)
-    r = verify_path(path)
+    try:
+        r = verify_path(path)
+    except FormatError as exc:  # an index it cannot read: a problem verify found (exit 1, not 2)
+        app.abort(describe_error(exc)[0], 1)
     quality = None
     if against is not None and r.ok:
         from converter.tools.verify_quality import verify_against
 
         quality, problems = verify_against(path, against, revision=revision)
         r.problems.extend(problems)
-        if quality["tensors_not_in_source"]:  # the folder may be fine: the source is another
+        if quality["not_from_source"]:  # the folder may be fine: the source is another
             r.remedy = "give --against the source this folder was converted from"
     if app.json:
         app.print_json({**r.to_json(), "quality": quality})

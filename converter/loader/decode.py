@@ -20,7 +20,8 @@ names the reason, so the result is never silently different.
 The static cache: the one passed to ``generate`` (``cache=StaticCache(...)``: the recorded graphs are
 kept with it and replayed by later calls that pass it again), or, when generate made a dynamic one,
 a static cache this module keeps per model (grown in steps of 256 positions) so repeated calls replay
-the same graphs.
+the same graphs. With ``return_dict_in_generate=True`` the kept cache is handed back in the output
+(``out.cache``, to continue from) and no longer kept: the next call makes a new one.
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def _greedy(
     if generation_config.return_dict_in_generate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+        _give_away(model, cache)  # the caller may continue from it: a later call must not reset it
         return GenerateDecoderOnlyOutput(sequences=sequences, cache=cache)
     return sequences
 
@@ -406,6 +408,14 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
         _in_use.add(id(own))  # until graphed_greedy returns
     model_kwargs["cache"] = own
     return own
+
+
+def _give_away(model, cache) -> None:
+    """The kept cache is handed to the caller (``return_dict_in_generate``): the next call makes a new
+    one rather than resetting the keys the caller continues from."""
+    with _in_use_lock:
+        if _own_caches.get(model) is cache:
+            del _own_caches[model]
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:

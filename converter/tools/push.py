@@ -66,12 +66,18 @@ def check_online(repo_id: str) -> None:
 
 
 def check_folder(folder: Path) -> None:
-    """Refuse anything but a finished, intact conversion (index + config present and readable, manifest
-    complete, every shard present and matching the index's digests): a pushed repo gets its model card
-    last, as the mark of a complete upload, so it must not be a damaged folder."""
+    """Refuse anything but a finished, intact conversion (index + config present and readable, the
+    manifest, where there is one, readable and complete, every shard present and matching the index's
+    digests): a pushed repo gets its model card last, as the mark of a complete upload, so it must not
+    be a damaged folder."""
     if not folder.is_dir():
         msg = f"{folder}: no such folder; give the OUTPUT folder of a finished `quantize-model convert`"
         raise InputError(msg)
+    from converter.writer.manifest import damaged_manifest
+
+    damaged = damaged_manifest(folder)  # verify's problem and remedy: never pushed, but it says "broken"
+    if damaged is not None:
+        raise CorruptFileError(damaged)
     manifest = _load_json(folder / MANIFEST_NAME)
     if manifest and manifest.get("state") != "complete":
         msg = (

@@ -5,6 +5,8 @@ The stored codes and absmax (nested absmax decoded as a loader does) are measure
 tensor, cast to the dtype it was quantized in and transposed as recorded (GPT-2 Conv1D), with the same
 kernel as during conversion (converter/record/quality.py). A recomputed relative RMSE that differs from the
 report's by more than ``REL_TOL`` is a problem: the shard or the report does not describe the source.
+A source the folder was not made from (other names or shapes, or most tensors off the report) is one
+problem, not one per tensor.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def verify_against(
 
     problems: list[str] = []
     foreign: list[str] = []  # tensors the source does not hold as stored: another source was given
+    off: list[str] = []  # tensors whose recomputed relative RMSE is not the report's
     if folder.is_file():  # one shard: `verify SHARD --against SRC` (the report is the folder's)
         folder, names = folder.parent, [folder.name]
     else:
@@ -89,9 +92,9 @@ def verify_against(
                     measured[key] = q
                     stored = (report.get(key) or {}).get("rel_rmse")
                     if stored is not None and abs(stored - q.rel_rmse) > REL_TOL * max(q.rel_rmse, 1e-12):
-                        problems.append(
+                        off.append(
                             f"tensor {key!r} in {shard_name}: relative RMSE {q.rel_rmse:.6g} against the "
-                            f"source, but quantization_report.json says {stored:.6g}; reconvert the folder"
+                            f"source, but quantization_report.json says {stored:.6g}"
                         )
                     if q.nonfinite:
                         problems.append(f"tensor {key!r} in {shard_name}: {q.nonfinite} NaN/Inf values")
@@ -100,12 +103,21 @@ def verify_against(
     finally:
         mapped.clear()
         src.close()
+    # The shards verified before this ran: most tensors off the report means another source (same
+    # shapes: another seed, a fine-tune) rather than that many damaged tensors.
+    elsewhere = 2 * len(off) > len(measured)
     if foreign:  # one line, not one per tensor: the folder was made from something else
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         problems.insert(0, f"{foreign[0]}{more}; the folder was not converted from {source}")
+    elif elsewhere:
+        more = f" (and {len(off) - 1} more)" if len(off) > 1 else ""
+        problems.insert(0, f"{off[0]}{more}; the folder does not look converted from {source}")
+    if not (foreign or elsewhere):
+        problems[:0] = [f"{line}; reconvert the folder" for line in off]
     summary = summarize(measured, {})
     summary["tensors"] = {k: v.to_json() for k, v in sorted(measured.items())}
     summary["tensors_not_in_source"] = len(foreign)
+    summary["not_from_source"] = bool(foreign) or elsewhere
     return summary, problems
 
 

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -143,10 +144,17 @@ def test_bad_option_is_usage_error(qm, tiny_llama: Path, tmp_path: Path) -> None
     assert "Invalid value for '--quant-type': 'int4' is not one of 'nf4', 'fp4', 'int8'." in r.stderr
 
 
-def test_bad_shard_size_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:
-    r = qm("convert", tiny_llama, tmp_path / "out", "--max-shard-size", "lots")
+@pytest.mark.parametrize(
+    ("value", "why"), [("lots", "use a number with a unit, e.g. 5GB, 500MB, 2GiB"), ("0", "must be positive")]
+)
+def test_bad_shard_size_exit_2(qm, tiny_llama: Path, tmp_path: Path, value: str, why: str) -> None:
+    """A bad size is click's usage error naming the option ("invalid size '0': must be positive" named
+    none), found before anything is read."""
+    r = qm("convert", tiny_llama, tmp_path / "out", "--max-shard-size", value)
     assert r.exit_code == 2
-    assert r.stderr == "Error: invalid size 'lots': use a number with a unit, e.g. 5GB, 500MB, 2GiB\n"
+    said = f"Error: Invalid value for '--max-shard-size': invalid size {value!r}: {why}"
+    assert r.stderr.splitlines()[-1] == said
+    assert not (tmp_path / "out").exists()
 
 
 def test_version_lists_backends(qm) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -140,12 +141,13 @@ def test_cut_short_index_is_named_as_the_index(qm, converted: Path, tmp_path: Pa
         f"Error: {path}: not a JSON file (Expecting value: line 1 column 22 (char 21)); the index is "
         f"damaged: reconvert the folder or download it again\n"
     )
-    for args in (["verify"], ["inspect"], ["inspect", "--memory"]):
-        r = qm(*args, converted)
-        assert r.stderr == said, args
-        assert r.exit_code in (1, 2), args
-    r = qm("dequantize", converted, tmp_path / "plain")
-    assert (r.exit_code, r.stderr) == (2, said)
+    r = qm("verify", converted)
+    assert (r.exit_code, r.stderr) == (1, said)  # "verify found a problem"
+    # a corrupt input: exit 2 from every other command (inspect gave 1, inspect --memory 2)
+    for args in (["inspect", converted], ["inspect", "--memory", converted], ["inspect", "--json", converted],
+                 ["dequantize", converted, tmp_path / "plain"]):  # fmt: skip
+        r = qm(*args)
+        assert (r.exit_code, r.stderr) == (2, said), args
 
 
 @pytest.mark.parametrize("stage", ["before the index", "before config.json"])
@@ -192,6 +194,28 @@ def test_verify_against_another_model_is_one_line(qm, converted: Path, tmp_path:
         f"[64, 128] but the source has [32, 64] (and 13 more); the folder was not converted from {other}",
         f"Error: {converted}: 1 problem(s) found; give --against the source this folder was converted from",
     ]
+
+
+def test_verify_against_a_same_shaped_other_source_is_one_line(qm, converted: Path, tmp_path: Path) -> None:
+    """--against a checkpoint of the same shapes (another seed) gave one "relative RMSE ... reconvert the
+    folder" line per quantized tensor, though the folder is intact: the source is the wrong one."""
+    from qm_checkpoints import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "other", seed=1)
+    r = qm("verify", converted, "--against", other, "--json")
+    assert r.exit_code == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert re.fullmatch(
+        r"Error: tensor '[^']+' in model-\d+-of-\d+\.safetensors: relative RMSE [\d.]+ against the source, "
+        r"but quantization_report\.json says [\d.]+ \(and 13 more\); the folder does not look converted "
+        + re.escape(f"from {other}"),
+        lines[0],
+    ), lines[0]
+    assert lines[1] == (
+        f"Error: {converted}: 1 problem(s) found; give --against the source this folder was converted from"
+    )
+    assert json.loads(r.stdout)["quality"]["not_from_source"] is True
 
 
 def test_inspect_memory_options_without_memory_are_refused(qm, converted: Path) -> None:

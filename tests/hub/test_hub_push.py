@@ -123,6 +123,26 @@ def test_push_refuses_unfinished_folder(converted: Path, fake_hub: FakeHub) -> N
     assert DEST not in fake_hub.repos
 
 
+@pytest.mark.parametrize("text", ['{"tool": "quantize-model", "finge', "[]\n"])
+def test_push_refuses_a_damaged_manifest_as_verify_does(
+    converted: Path, fake_hub: FakeHub, monkeypatch, text: str
+) -> None:
+    """A cut-short (or non-object) manifest: verify calls the folder broken, but push uploaded it (the
+    shards verify; the manifest itself is never uploaded). Refused with verify's words and remedy."""
+    from converter.tools.inspection import verify_path
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    manifest = converted / ".quantize-model-manifest.json"
+    manifest.write_text(text)
+    said = verify_path(converted).problems
+    with pytest.raises(InputError) as err:
+        push_folder(converted, DEST)
+    assert said == [str(err.value)]
+    assert str(err.value).startswith(f"{manifest}: damaged")
+    assert err.value.exit_code == 2
+    assert DEST not in fake_hub.repos
+
+
 @pytest.mark.parametrize("damage", ["flip", "delete", "config"])
 def test_push_refuses_a_damaged_folder(converted: Path, fake_hub: FakeHub, monkeypatch, damage: str) -> None:
     """A folder with a missing or changed shard, or an unreadable config.json, was pushed, model card

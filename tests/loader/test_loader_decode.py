@@ -106,6 +106,27 @@ def test_concurrent_calls_on_one_model_each_get_their_tokens(our_folder: Path) -
         assert torch.equal(g, w)
 
 
+def test_returned_cache_stays_valid_after_a_later_call(our_folder: Path) -> None:
+    """``return_dict_in_generate=True`` hands the cache back to continue from: a later call must not
+    reset it and fill it with another prompt's keys (the kept cache is given away, a new one made)."""
+    model = load_quantized(our_folder).eval()
+    kw = {"max_new_tokens": 3, "min_new_tokens": 3, "pad_token_id": 0}
+    out = model.generate(IDS, custom_generate=graphed_greedy, return_dict_in_generate=True, **kw)
+    cache = out.cache
+    length = int(cache.get_seq_length())
+    kv = decode._cache_tensors
+    before = [t.clone() for t in kv(cache)]
+    again = model.generate(IDS[:, 2:].flip(1), custom_generate=graphed_greedy, **kw)  # another prompt
+    assert torch.equal(again, greedy_reference(model, IDS[:, 2:].flip(1), **kw))
+    assert int(cache.get_seq_length()) == length
+    assert all(torch.equal(a, b) for a, b in zip(before, kv(cache), strict=True))
+    continued = model.generate(out.sequences, cache=cache, **kw)
+    assert torch.equal(continued, greedy_reference(model, out.sequences, **kw))
+    plain = model.generate(IDS, custom_generate=graphed_greedy, **kw)  # without the dict: kept again
+    assert decode._own_caches[model] is not cache
+    assert torch.equal(plain, out.sequences)
+
+
 def test_users_static_cache_is_used(model) -> None:
     kw = {"max_new_tokens": 7, "min_new_tokens": 7, "pad_token_id": 0}
     cache = StaticCache(config=model.config, max_cache_len=64)

@@ -10,7 +10,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from loader_helpers import hiding, train_steps
+from loader_helpers import bnb_load, hiding, train_steps
 
 from converter.loader.model import linear4bit_modules, load_quantized
 from converter.loader.module import Linear4bit
@@ -64,6 +64,22 @@ def test_lora_trains_and_merges(bnb_nf4: Path) -> None:
         assert torch.equal(layer.weight.data.view(torch.uint8), expected.view(torch.uint8)), name
     with torch.no_grad():
         assert torch.isfinite(merged(ids).logits).all()  # our forward runs on the re-quantized weight
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_parameter_counts_under_peft_as_documented(bnb_nf4: Path) -> None:
+    """docs/python-api.md "LoRA with PEFT": PEFT's trainable count equals transformers + bnb's; its
+    "all params" misses our quantized weights (buffers, not parameters), and the base model's
+    ``num_parameters()`` gives bnb's total."""
+    config = peft.LoraConfig(r=4, target_modules=TARGETS)
+    ours = peft.get_peft_model(load_quantized(bnb_nf4), config)
+    theirs = peft.get_peft_model(bnb_load(bnb_nf4), config)
+    trainable, total = theirs.get_nb_trainable_parameters()
+    our_trainable, our_total = ours.get_nb_trainable_parameters()
+    assert our_trainable == trainable
+    quantized = sum(m.in_features * m.out_features for m in linear4bit_modules(ours).values())
+    assert our_total == total - quantized  # the documented shortfall, exactly the 4-bit weights
+    assert ours.base_model.model.num_parameters() == total
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
