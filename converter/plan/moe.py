@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -352,15 +352,3 @@ def keep_advice(tensors: Sequence[_TensorLike], mode: str, threshold: float = 0.
         "quantize-model's load_quantized, vLLM (pre-quantized bnb, TP=1), transformers 4.x and "
         "unsloth, but not with stock transformers 5.x"
     )
-
-
-def warn_once(emit: Callable[[str], None] | None, text: str | None) -> None:
-    """Send ``text`` to ``emit`` (the CLI's warning printer) or Python's warnings."""
-    if not text:
-        return
-    if emit is not None:
-        emit(text)
-        return
-    import warnings
-
-    warnings.warn(text, UserWarning, stacklevel=3)

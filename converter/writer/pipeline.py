@@ -238,14 +238,23 @@ class _Conversion:
         self.warn: Callable[[str], None] | None = None
         self.keep_others = False  # resuming a finished folder: leave files a run does not write
 
+    def _tell(self, note: str) -> None:
+        """Say ``note`` now (the CLI's warning printer, else Python's warnings) and keep it for the result."""
+        if self.warn is not None:
+            self.warn(note)
+        else:
+            import warnings
+
+            warnings.warn(note, UserWarning, stacklevel=3)  # the frame that calls the caller, as before
+        self.notes.append(note)
+
     # --- the whole run ---------------------------------------------------------------------
     def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
         src, options = self.src, self.options
         config = src.config()
         tensors = src.tensors()
         for note in src.notes():  # e.g. an index transformers ignores (sources/base.py)
-            moe.warn_once(self.warn, note)
-            self.notes.append(note)
+            self._tell(note)
         if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
@@ -264,12 +273,10 @@ class _Conversion:
             list(selection.quantize), list(selection.keep)
         )
         if advice:
-            moe.warn_once(self.warn, advice)
-            self.notes.append(advice)
+            self._tell(advice)
         note = moe.no_effect_note(tensors, options.moe_experts, list(selection.quantize))
         if note:  # recorded as keep: options, fingerprint and bytes of the conversion it equals
-            moe.warn_once(self.warn, note)
-            self.notes.append(note)
+            self._tell(note)
             options = self.options = dataclasses.replace(options, moe_experts="keep")
         identity = src.describe()
         tensors, selection = self._drop_tied_copies(tensors, selection, identity)
@@ -277,8 +284,7 @@ class _Conversion:
         self.plan = plan
         advice = options.method.loader_advice(plan)
         if advice:
-            moe.warn_once(self.warn, advice)
-            self.notes.append(advice)
+            self._tell(advice)
         tv, fv = tool_version(), str(FORMAT_VERSION)
         plan_json = plan.to_json(tv, fv)
         fingerprint = plan.fingerprint(tv, fv)
@@ -313,8 +319,7 @@ class _Conversion:
                     f"{', '.join(changed)}: not what this conversion writes (changed in the source since, "
                     "or edited in the output); rewritten, the shards kept"
                 )
-                moe.warn_once(self.warn, note)
-                self.notes.append(note)
+                self._tell(note)
                 # A finished folder has no partial files: what else it holds was put there since
                 # (a git checkout to push from, evaluation results) and stays.
                 self.keep_others = True
@@ -351,8 +356,7 @@ class _Conversion:
                 f"{target} holds the same values as {source}, which config.json ties it to: written once "
                 f"(as {source}), as transformers' save_pretrained does; both loaders tie them again"
             )
-            moe.warn_once(self.warn, note)
-            self.notes.append(note)
+            self._tell(note)
         if not drop:
             return tensors, selection
         keep = {k: v for k, v in selection.keep.items() if k not in drop}
@@ -463,8 +467,7 @@ class _Conversion:
                 self.stats.shards_written.append(shard.name)
         finally:
             for note in getattr(quantizer, "notes", ()):  # e.g. int8 rows past float16's range: said now
-                moe.warn_once(self.warn, note)
-                self.notes.append(note)
+                self._tell(note)
             self.quality.close()
             for file in list(mapped):
                 mapped.pop(file)
