@@ -1,4 +1,5 @@
-"""Human-readable sizes and counts for messages, tables and model cards (SI units, as the Hub uses)."""
+"""Human-readable sizes and counts for messages, tables and model cards (SI units, as the Hub uses),
+and lists said in one line."""
 
 from __future__ import annotations
 
@@ -18,3 +19,8 @@ def human_count(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return str(int(n))
+
+
+def first_of(items: list[str]) -> str:
+    """A non-empty list said in one line: its first item, and how many more ("x (and 2 more)")."""
+    return items[0] + (f" (and {len(items) - 1} more)" if len(items) > 1 else "")

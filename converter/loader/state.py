@@ -26,6 +26,7 @@ import torch
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
 from converter.loader import timing
 from converter.loader.devices import check_device
+from converter.units import first_of
 from formats.gc_pause import gc_paused
 from formats.index import INDEX_NAME, INDEX_REMEDY, Verification, read_index, start_verify
 from formats.int8 import Int8Tensor
@@ -103,9 +104,8 @@ def shard_files(folder: Path) -> tuple[list[Path], bool]:
 
 def _raise_problems(problems: list[str]) -> None:
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         msg = (
-            f"{problems[0]}{more}: the shard is corrupt or was changed; download or convert it again "
+            f"{first_of(problems)}: the shard is corrupt or was changed; download or convert it again "
             "(verify=False / --no-verify skips this check)"
         )
         raise ChecksumMismatchError(msg)

@@ -17,7 +17,7 @@ from typing import Any
 
 from converter.errors import CorruptFileError, InputError
 from converter.methods import get_method
-from converter.units import human_bytes, human_count
+from converter.units import first_of, human_bytes, human_count
 
 MANIFEST_NAME = ".quantize-model-manifest.json"
 REPORT_NAME = "quantization_report.json"
@@ -100,9 +100,8 @@ def check_folder(folder: Path) -> None:
     except CorruptFileError as exc:
         problems.append(str(exc).split("; ", 1)[0])
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         msg = (
-            f"{problems[0]}{more}; the folder is not pushed: run `quantize-model verify {folder}`, "
+            f"{first_of(problems)}; the folder is not pushed: run `quantize-model verify {folder}`, "
             "then reconvert it"
         )
         raise CorruptFileError(msg)

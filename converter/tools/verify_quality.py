@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from converter.record.quality import Codes, TensorQuality, measure, summarize
+from converter.units import first_of
 
 #: Allowed relative difference between the report's rel_rmse and the recomputed one. Both come from
 #: the same codes; only the summation order may differ (another machine's kernel path: scalar vs 8
@@ -107,11 +108,9 @@ def verify_against(
     # shapes: another seed, a fine-tune) rather than that many damaged tensors.
     elsewhere = 2 * len(off) > len(measured)
     if foreign:  # one line, not one per tensor: the folder was made from something else
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        problems.insert(0, f"{foreign[0]}{more}; the folder was not converted from {source}")
+        problems.insert(0, f"{first_of(foreign)}; the folder was not converted from {source}")
     elif elsewhere:
-        more = f" (and {len(off) - 1} more)" if len(off) > 1 else ""
-        problems.insert(0, f"{off[0]}{more}; the folder does not look converted from {source}")
+        problems.insert(0, f"{first_of(off)}; the folder does not look converted from {source}")
     if not (foreign or elsewhere):
         problems[:0] = [f"{line}; reconvert the folder" for line in off]
     summary = summarize(measured, {})
