@@ -165,9 +165,13 @@ def load_logged(folder: Path, **kwargs: Any) -> tuple[Any, dict, list[str]]:
     handler = WarningRecords()
     hf_logger = logging.getLogger("transformers")
     hf_logger.addHandler(handler)
+    # at warning level whatever an earlier test in this process set (the demo sets "error")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
     try:
         model, info = cls.from_pretrained(folder, device_map="cpu", output_loading_info=True, **kwargs)
     finally:
+        transformers.logging.set_verbosity(verbosity)
         hf_logger.removeHandler(handler)
     return model.eval(), info, handler.messages
 
