@@ -29,6 +29,7 @@
 #   multi    bench_gemv_multi_cuda.py: one launch for q/k/v or gate/up vs separate launches vs bf16
 #   moe      bench_moe.py --device cuda: whole Qwen3-30B-A3B-shaped model (MOE_LAYERS, default 48 layers),
 #            ours vs bf16: memory, MoE blocks, generate() eager and compiled
+#   probe    probe_warmup.py: the load warm-up's first calls per op, on threads, beside busy threads; a first forward after it
 #   host     bench_cuda_host.py: --device cuda conversion on the GPU without torch, bytes = --device cpu
 #   int8     bench_int8.py --device cuda
 set -uo pipefail
@@ -111,6 +112,7 @@ for s in ${*:-env}; do
     gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --replays 15 --json "$OUT/gemv.json" ;;
     moe) step moe timeout "${MOE_TIMEOUT:-240}" python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-48}" --repeat 2 --modes "${MOE_MODES:-eager,compiled,graphed-compiled}" \
       --workdir /tmp/qm_moe --json "$OUT/moe.json" ;;
+    probe) step probe timeout 300 python3 "$ROOT/bench/probe_warmup.py" --json "$OUT/probe.json" ;;
     host) step host python3 "$ROOT/bench/bench_cuda_host.py" --layers 8 --hidden 3072 ;;
     int8) step int8 timeout 60 python3 "$ROOT/bench/bench_int8.py" --device cuda --iters 20 --json "$OUT/int8.json" ;;
     newtests) step newtests timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/cuda/test_cuda_gemv_int8.py" \
