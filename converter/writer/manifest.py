@@ -41,7 +41,7 @@ class Action(Enum):
 @dataclass
 class Manifest:
     fingerprint: str
-    state: str = "in_progress"
+    state: str = "in_progress"  # or "complete"; "clearing" while --overwrite empties the folder
     shards: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size", "chunks", ...}
     plan: dict = field(default_factory=dict)
 
@@ -202,10 +202,18 @@ def decide(
     if not output.exists() or not any(output.iterdir()):
         return fresh
     if overwrite:
-        # --overwrite means start from scratch, even over a finished identical conversion.
-        clear_folder(output)
+        # --overwrite means start from scratch, even over a finished identical conversion. This run's
+        # manifest, state "clearing", replaces the old one before anything is deleted, and the index and
+        # config.json go first: killed while clearing, the folder is an unfinished conversion (verify and
+        # the loaders say so), never the old one with some files gone that still verifies or loads; and
+        # the same command, even without --overwrite, empties it again.
+        Manifest(fingerprint, "clearing", plan=plan_json).save(output)
+        clear_folder(output, keep=MANIFEST_NAME)
         return fresh
     manifest = Manifest.load(output)
+    if manifest is not None and manifest.fingerprint == fingerprint and manifest.state == "clearing":
+        clear_folder(output, keep=MANIFEST_NAME)  # an --overwrite killed while emptying the folder
+        return fresh
     if manifest is not None and manifest.fingerprint == fingerprint:
         finished = all((output / n).is_file() for n in ("config.json", "model.safetensors.index.json"))
         if manifest.state == "complete" and finished and not refresh:
@@ -339,9 +347,15 @@ def dangling_link(path: Path) -> str | None:
     return None
 
 
-def clear_folder(folder: Path) -> None:
-    """Empty ``folder`` (for --overwrite) without removing the folder itself."""
-    for p in folder.iterdir():
+#: removed first when a folder is cleared: without them nothing left in it loads as a checkpoint
+_CLEARED_FIRST = ("model.safetensors.index.json", "config.json")
+
+
+def clear_folder(folder: Path, *, keep: str | None = None) -> None:
+    """Empty ``folder`` (for --overwrite) without removing the folder itself, or the entry ``keep``.
+    The index and config.json go first."""
+    rest = sorted(p for p in folder.iterdir() if p.name not in (keep, *_CLEARED_FIRST))
+    for p in [*(folder / n for n in _CLEARED_FIRST if (folder / n).is_file()), *rest]:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
