@@ -65,7 +65,7 @@ from converter.writer.manifest import (
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
 from formats import bnb_compat, index, metadata
 from formats.validate import FORMAT_VERSION
-from formats.writer import ShardWriter, TensorSlot
+from formats.writer import ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
 ProgressHook = Callable[[str, int], None]
@@ -433,16 +433,17 @@ class _Conversion:
             set_needed(files)
 
     def _clean_leftovers(self, done: set[str]) -> None:
-        """Remove what a killed run left (partial shards, unfinished outputs); keep verified shards."""
-        for p in self.output.iterdir():
-            if p.name == MANIFEST_NAME or p.name in done:
-                continue
-            if p.is_dir() and not p.is_symlink():
-                import shutil
-
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+        """Remove what a killed run left (partial shards, unfinished outputs); keep verified shards.
+        Only the files this conversion writes, and their temp names, are removed: anything else in the
+        folder was put there by someone else (notes, evaluation results) and stays."""
+        names = [s.name for s in self.plan.shards]
+        names += [index.INDEX_NAME, REPORT_NAME, "config.json"]
+        names += [n for n in self.src.extra_files() if copied_file(n)]
+        for name in names:
+            path = self.output / name
+            for p in (path, temp_path(path), path.with_name(f".{path.name}.tmp")):
+                if (p != path or name not in done) and (p.is_file() or p.is_symlink()):
+                    p.unlink()
 
     # --- shards ----------------------------------------------------------------------------
     def _write_shards(self, shards: list[ShardPlan], manifest: Manifest, hook: _Hook) -> None:

@@ -248,3 +248,28 @@ def test_kill_while_overwrite_clears_the_old_output_never_leaves_it_looking_comp
             load_quantized_state(out)
         convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)  # even without --overwrite
         assert output_hashes(out) == output_hashes(reference)  # no old shard (they had other names) left
+
+
+def test_rerun_into_a_finished_folder_with_a_damaged_shard_keeps_the_users_files(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """A finished folder whose shard was cut short is resumed (the shard rewritten): that deleted every
+    file the conversion had not written, e.g. notes or evaluation results the user had put there since.
+    Only the conversion's own files (and their temp names) may be removed."""
+    reference = tmp_path / "reference"
+    convert(tiny_llama_sharded, reference, max_shard_size="40KB", progress=False)
+    out = tmp_path / "out"
+    convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    (out / "notes.txt").write_text("mine")
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    shard = out / "model-00002-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    (out / ".model-00003-of-00004.safetensors.partial").write_bytes(b"left by a killed run")
+    r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert r.resumed
+    assert r.shards_reused == 3
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "eval" / "results.json").read_text() == "{}"
+    (out / "notes.txt").unlink()
+    assert output_hashes(out) == output_hashes(reference)  # the damaged shard rewritten, the temp file gone
