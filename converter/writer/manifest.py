@@ -225,7 +225,7 @@ def decide(
         manifest.state = "in_progress"
         manifest.shards = dict(done)
         return Decision(Action.RESUME, manifest, done)
-    raise OutputExistsError(_foreign(output, manifest))
+    raise OutputExistsError(_foreign(output, manifest, plan_json))
 
 
 _NOT_A_FOLDER = "{output}: exists and is not a folder; remove it or pass --overwrite"
@@ -260,7 +260,7 @@ def damaged_manifest(folder: Path) -> str | None:
     )
 
 
-def _foreign(output: Path, manifest: Manifest | None) -> str:
+def _foreign(output: Path, manifest: Manifest | None, plan_json: dict) -> str:
     damaged = damaged_manifest(output) if manifest is None else None
     if damaged is not None:
         return damaged
@@ -268,11 +268,51 @@ def _foreign(output: Path, manifest: Manifest | None) -> str:
         what = f"holds files quantize-model did not write ({', '.join(_visible_entries(output)[:3])})"
     else:
         what = "holds a conversion with different options or a different source"
+        change = plan_difference(manifest.plan, plan_json)
+        what += f" ({change})" if change else ""
     return f"{output}: {what}; choose an empty folder or pass --overwrite"
 
 
+#: how plan_difference names the fields of a source file's identity
+_FILE_FIELDS = {"mtime_ns": "modification time", "header_sha256": "header"}
+
+
+def plan_difference(old: dict, new: dict) -> str | None:
+    """The first difference between the plan a folder was converted with (its manifest's) and
+    ``new``, in words: the source (its path, Hub commit, a weight file), then an option, then the
+    rest. None when ``old`` is empty (a manifest written before plans were kept) or equal."""
+    if not old or old == new:
+        return None
+    src_old, src_new = old.get("source") or {}, new.get("source") or {}
+    for key in sorted((src_old.keys() | src_new.keys()) - {"files", "name"}):
+        if src_old.get(key) != src_new.get(key):
+            return f"source {key}: {src_old.get(key)!r} -> {src_new.get(key)!r}"
+    files_old, files_new = src_old.get("files") or {}, src_new.get("files") or {}
+    for name in sorted(files_old.keys() | files_new.keys()):
+        was, now = files_old.get(name), files_new.get(name)
+        if was == now:
+            continue
+        if was is None or now is None:
+            return f"source file {name} {'added' if was is None else 'gone'}"
+        fields = [_FILE_FIELDS.get(k, k) for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+        return f"source file {name} changed: {', '.join(fields)}"
+    opts_old, opts_new = old.get("options") or {}, new.get("options") or {}
+    for key in sorted(opts_old.keys() | opts_new.keys()):
+        if opts_old.get(key) != opts_new.get(key):
+            return f"option {key}: {opts_old.get(key)!r} -> {opts_new.get(key)!r}"
+    for key in sorted((old.keys() | new.keys()) - {"shards"}):
+        if old.get(key) != new.get(key):
+            return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+    return "the tensors or their shards differ"
+
+
 def would_refuse(
-    output: Path, fingerprint: str, *, overwrite: bool, protected: tuple[Path, ...] = ()
+    output: Path,
+    fingerprint: str,
+    plan_json: dict,
+    *,
+    overwrite: bool,
+    protected: tuple[Path, ...] = (),
 ) -> str | None:
     """The message decide() would refuse ``output`` with, or None; reads the folder, changes nothing
     (dry runs: a run that will be refused must not be reported as one that will convert)."""
@@ -288,7 +328,7 @@ def would_refuse(
     manifest = Manifest.load(output)
     if manifest is not None and manifest.fingerprint == fingerprint:
         return None
-    return _foreign(output, manifest)
+    return _foreign(output, manifest, plan_json)
 
 
 def _verified_shards(output: Path, manifest: Manifest, *, deep: bool) -> dict[str, dict]:

@@ -295,7 +295,7 @@ class _Conversion:
             report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
             if self.dry_run:
                 report.refused = would_refuse(
-                    self.output, fingerprint, overwrite=overwrite, protected=protected
+                    self.output, fingerprint, plan_json, overwrite=overwrite, protected=protected
                 )
                 return self._dry_result(report)
             report.refuse_if_cannot_fit()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -174,13 +175,33 @@ def test_different_options_refused_then_overwritten(tiny_llama: Path, tmp_path: 
     with pytest.raises(OutputExistsError) as exc:
         convert(tiny_llama, out, quant_type="fp4", progress=False)
     assert str(exc.value) == (
-        f"{out.resolve()}: holds a conversion with different options or a different source; "
-        "choose an empty folder or pass --overwrite"
+        f"{out.resolve()}: holds a conversion with different options or a different source (option "
+        "quant_type: 'nf4' -> 'fp4'); choose an empty folder or pass --overwrite"
     )
     r = convert(tiny_llama, out, quant_type="fp4", overwrite=True, progress=False)
     assert not r.noop
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+
+
+def test_refused_rerun_names_what_changed(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    """A rerun refused because the options or the source changed since the first run said only
+    "different options or a different source": it now names the first difference."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_sharded, src)
+    out = tmp_path / "out"
+    convert(src, out, max_shard_size="40KB", progress=False)
+    with pytest.raises(OutputExistsError, match=r"\(option max_shard_size: 40000 -> 30000\); choose"):
+        convert(src, out, max_shard_size="30KB", progress=False)
+    pre = convert(src, out, max_shard_size="30KB", progress=False, dry_run=True).preflight
+    assert pre.refused is not None
+    assert "(option max_shard_size: 40000 -> 30000)" in pre.refused
+    shard = src / "model-00002-of-00004.safetensors"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    msg = r"\(source file model-00002-of-00004.safetensors changed: modification time\); choose"
+    with pytest.raises(OutputExistsError, match=msg):
+        convert(src, out, max_shard_size="40KB", progress=False)
 
 
 def test_foreign_output_folder_refused(tiny_llama: Path, tmp_path: Path) -> None:
