@@ -214,7 +214,7 @@ def decide(
     if manifest is not None and manifest.fingerprint == fingerprint and manifest.state == "clearing":
         clear_folder(output, keep=MANIFEST_NAME)  # an --overwrite killed while emptying the folder
         return fresh
-    if manifest is not None and manifest.fingerprint == fingerprint:
+    if manifest is not None and same_plan(manifest, fingerprint, plan_json):
         finished = all((output / n).is_file() for n in ("config.json", "model.safetensors.index.json"))
         if manifest.state == "complete" and finished and not refresh:
             # A finished folder is checked by size only (``quantize-model verify`` hashes it).
@@ -273,8 +273,22 @@ def _foreign(output: Path, manifest: Manifest | None, plan_json: dict) -> str:
     return f"{output}: {what}; choose an empty folder or pass --overwrite"
 
 
+def same_plan(manifest: Manifest, fingerprint: str, plan_json: dict) -> bool:
+    """Whether ``manifest`` records the plan of ``fingerprint``, or the same plan as recorded before a
+    local source's files were identified by their sampled data too (``sample_sha256``, new in 0.1.0's
+    development: a folder converted before is still resumed or left as it is, not refused)."""
+    if manifest.fingerprint == fingerprint:
+        return True
+    source = plan_json.get("source") or {}
+    files = source.get("files") or {}
+    if source.get("kind") != "local" or not any("sample_sha256" in f for f in files.values()):
+        return False
+    older = {n: {k: v for k, v in f.items() if k != "sample_sha256"} for n, f in files.items()}
+    return manifest.plan == {**plan_json, "source": {**source, "files": older}}
+
+
 #: how plan_difference names the fields of a source file's identity
-_FILE_FIELDS = {"mtime_ns": "modification time", "header_sha256": "header"}
+_FILE_FIELDS = {"mtime_ns": "modification time", "header_sha256": "header", "sample_sha256": "sampled data"}
 
 
 def plan_difference(old: dict, new: dict) -> str | None:
@@ -326,7 +340,7 @@ def would_refuse(
     if not any(p.name != stray for p in output.iterdir()):
         return None
     manifest = Manifest.load(output)
-    if manifest is not None and manifest.fingerprint == fingerprint:
+    if manifest is not None and same_plan(manifest, fingerprint, plan_json):
         return None
     return _foreign(output, manifest, plan_json)
 

@@ -408,7 +408,7 @@ class _Conversion:
         return result
 
     def _check_source_unchanged(self, identity: dict) -> None:
-        """Refuse to finish when a local source's weight file changed (size or mtime) since the plan:
+        """Refuse to finish when a local source's weight file changed (its identity) since the plan:
         shards read before and after the change would mix two checkpoints in a folder that verifies.
         The folder is left unfinished (no index, no config.json). A Hub source is pinned by its commit.
         """
@@ -418,7 +418,7 @@ class _Conversion:
         now = self.src.describe().get("files") or {}
         for name, was in before.items():
             is_ = now.get(name) or {}
-            if (is_.get("size"), is_.get("mtime_ns")) != (was.get("size"), was.get("mtime_ns")):
+            if is_ != was:  # size, mtime, header, sampled data
                 msg = (
                     f"{Path(str(identity.get('path'))) / name}: changed while it was being converted, so the "
                     "output could mix old and new weights; it is left unfinished: once the source no longer "
