@@ -11,6 +11,10 @@ import sys
 
 
 def main() -> None:
+    from converter import batch_signals
+
+    if batch_signals.is_batch(sys.argv[1:]):  # a signal from now on still leaves the batch's reports
+        batch_signals.install()
     try:
         from converter.cli import main as run
     except KeyboardInterrupt:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +66,25 @@ Examples:
 @click.pass_context
 def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **params: Any) -> None:
     """Convert every job of PLAN_FILE into its own folder under OUTPUT_ROOT."""
-    from converter.tools.batch_run import BatchInterrupted, run_batch
+    from converter import batch_signals
+
+    batch_signals.install()  # Ctrl-C and SIGTERM recorded until the jobs are known (the console script
+    try:  # installs it before importing the CLI)
+        _batch(ctx, plan_file, output_root, **params)
+    finally:
+        _deliver(batch_signals.restore())
+
+
+def _deliver(signum: int | None) -> None:
+    """Act on a signal recorded while the batch started and not reported (a bad plan, --dry-run):
+    again, now that the previous handler is back (Ctrl-C: KeyboardInterrupt, SIGTERM: the end)."""
+    if signum is not None:
+        os.kill(os.getpid(), signum)
+
+
+def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **params: Any) -> None:
+    from converter import batch_signals
+    from converter.tools.batch_run import BatchInterrupted, interrupted_before_start, run_batch
     from converter.tools.plan_file import load_plan, select_part
 
     app: App = ctx.obj
@@ -99,6 +114,7 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
     force = params["force"] or params["overwrite"]
     n = len(jobs)
     if params["dry_run"]:
+        _deliver(batch_signals.restore())  # a dry run writes no report: Ctrl-C stops it at once
         _dry_run(app, jobs, root, force)
         return
 
@@ -112,9 +128,16 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
             app.error(f"[{k + 1}/{n}] {r.item.source}: {r.error}")
 
     try:
-        with _sigterm_as_interrupt():
-            result = run_batch(jobs, root, parallel=params["parallel"], fail_fast=params["fail_fast"],
-                               force=force, on_done=on_done, on_warning=on_warning)  # fmt: skip
+        try:  # a signal from the batch's start on: every job is reported as not started
+            signum = batch_signals.start_raising()  # from now on a signal raises KeyboardInterrupt
+            if signum is not None:
+                raise interrupted_before_start(jobs, signum)
+        except BatchInterrupted:
+            raise
+        except KeyboardInterrupt as exc:
+            raise interrupted_before_start(jobs, getattr(exc, "signum", signal.SIGINT)) from None
+        result = run_batch(jobs, root, parallel=params["parallel"], fail_fast=params["fail_fast"],
+                           force=force, on_done=on_done, on_warning=on_warning)  # fmt: skip
     except BatchInterrupted as stop:
         _report(app, stop.result, plan_file, params, interrupted=signal.Signals(stop.signum).name)
         r = stop.result
@@ -136,26 +159,6 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         not_started = f" ({cancelled} not started: --fail-fast)" if cancelled else ""
         app.error(f"{failed} of {n} conversion(s) failed{not_started}; fix them and rerun the same batch")
         raise click.exceptions.Exit(1)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a CI job cancelled or timed out) stops the batch as Ctrl-C does, so its reports are
-    written; the previous handler comes back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        exc = KeyboardInterrupt("SIGTERM")
-        exc.signum = signum  # type: ignore[attr-defined]
-        raise exc
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _report(app: App, result: Any, plan_file: Path, params: dict, interrupted: str | None = None) -> None:

@@ -55,6 +55,9 @@ def dequantize(
     if app.json:
         app.print_json({"ok": True, **result.to_json()})
         return
+    if result.up_to_date:
+        app.info(f"{result.output}: already dequantized from the same source and options; nothing to do")
+        return
     t = table()
     t.add_row("Output", str(result.output))
     t.add_row("dtype", result.dtype)

@@ -40,6 +40,10 @@ from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
 #: Present in the output until the plain checkpoint is complete (the last step removes it).
 UNFINISHED_NAME = ".quantize-model-dequantize.unfinished"
 
+#: Written when the plain checkpoint is complete: what it was made from and what it holds, so that a
+#: rerun with the same arguments has nothing to do.
+DONE_NAME = ".quantize-model-dequantize.json"
+
 #: Files of a quantized folder that are not copied to the plain one.
 _NOT_COPIED = {"config.json", INDEX_NAME, "quantization_report.json"}
 
@@ -53,6 +57,7 @@ class DequantizeResult:
     tensors_copied: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    up_to_date: bool = False  # the output already held this plain checkpoint: nothing was written
 
     def to_json(self) -> dict:
         return {
@@ -63,6 +68,7 @@ class DequantizeResult:
             "tensors_copied": self.tensors_copied,
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
+            "up_to_date": self.up_to_date,
         }
 
 
@@ -167,11 +173,15 @@ def dequantize_checkpoint(
     if out.exists() and not out.is_dir() and not overwrite:
         msg = f"{out}: exists and is not a folder; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)
-    if out.is_dir() and not overwrite and not _restartable(out):
-        msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
-        raise OutputExistsError(msg)
     if folder.resolve() == out.resolve() or folder.resolve().is_relative_to(out.resolve()):
         msg = f"{out}: is or contains the source folder {folder}; write the plain checkpoint somewhere else"
+        raise OutputExistsError(msg)
+    identity = {"source": _source_identity(folder), "dtype": name, "max_shard_size": limit}
+    done = _finished(out, identity) if out.is_dir() and not overwrite else None
+    if done is not None:
+        return done
+    if out.is_dir() and not overwrite and not _restartable(out):
+        msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)
     # The source (config and digests) is read before anything of the output is touched: a bad source
     # leaves an existing output as it was.
@@ -192,9 +202,45 @@ def dequantize_checkpoint(
         marker = json.dumps({"source": str(folder), "dtype": name}).encode()
         atomic_write_bytes(out / UNFINISHED_NAME, marker)
         result = _write_plain(folder, out, state, config, name, torch_dtype, limit, progress)
+        files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+        counts = {k: getattr(result, k) for k in _COUNTS}  # no timings: a rerun writes the same bytes
+        done = {**identity, "files": files, "result": counts}
+        atomic_write_bytes(out / DONE_NAME, (json.dumps(done, indent=2, sort_keys=True) + "\n").encode())
         (out / UNFINISHED_NAME).unlink()
     result.seconds = time.perf_counter() - started
     return result
+
+
+_COUNTS = ("shards", "tensors_dequantized", "tensors_copied", "bytes_written")
+
+
+def _source_identity(folder: Path) -> dict:
+    """The quantized folder as a rerun compares it: its path and each file's size and mtime."""
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            st = p.stat()
+            files[p.name] = [st.st_size, st.st_mtime_ns]
+    return {"path": str(folder.resolve()), "files": files}
+
+
+def _finished(out: Path, identity: dict) -> DequantizeResult | None:
+    """The result of the finished dequantize ``out`` holds, when it was made with ``identity`` (the
+    same source, unchanged, dtype and shard size) and all its files are still there with their sizes
+    (checked as convert checks a finished folder: by size); else None."""
+    if (out / UNFINISHED_NAME).exists():
+        return None
+    try:
+        done = json.loads((out / DONE_NAME).read_text(encoding="utf-8"))
+        if {k: done.get(k) for k in identity} != identity:
+            return None
+        for file, size in done["files"].items():
+            if (out / file).stat().st_size != size:
+                return None
+        counts = {k: done["result"][k] for k in _COUNTS}
+        return DequantizeResult(out, identity["dtype"], **counts, up_to_date=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _write_plain(

@@ -133,13 +133,16 @@ def _existing_bytes(output: Path) -> int:
 
 def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwrite: bool) -> Preflight:
     """The preflight of ``plan`` (converter.plan.tensor_plan.Plan) converting ``src`` into ``output``."""
-    from converter.writer.manifest import Manifest
+    from converter.version import tool_version
+    from converter.writer.manifest import Manifest, same_plan
+    from formats.validate import FORMAT_VERSION
 
     opts = plan.options
     reusable = 0
     up_to_date = False
     manifest = None if overwrite else Manifest.load(output)
-    if manifest is not None and manifest.fingerprint == fingerprint:
+    plan_json = plan.to_json(tool_version(), str(FORMAT_VERSION)) if manifest is not None else {}
+    if manifest is not None and same_plan(manifest, fingerprint, plan_json):
         for name, info in manifest.shards.items():
             f = output / name
             if f.is_file() and f.stat().st_size == info.get("size"):

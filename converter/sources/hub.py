@@ -105,6 +105,12 @@ class _ProgressBar:
         pass
 
 
+def _download_folder_of(output: Path) -> Path:
+    """Where a conversion into ``output`` downloads: beside it (the same disk, usually larger than
+    /tmp), under a fixed name, so that a rerun after a crash reuses or removes what it left."""
+    return output.parent / f".{output.name}.quantize-model-download"
+
+
 def _locked_folder(folder: Path) -> int | None:
     """Create ``folder`` if needed and take an exclusive flock on it: the descriptor that holds it, or
     None when another process holds it (the lock goes when that process ends, even killed)."""
@@ -391,9 +397,8 @@ class HubSource(Source):
                 self._download_dir_arg.mkdir(parents=True, exist_ok=True)
                 base = self._download_dir_arg
             elif self._output_dir is not None:
-                # Beside the output (same disk, usually larger than /tmp), under a fixed name so a
-                # rerun after a crash reuses a finished download instead of leaking a temp folder.
-                fixed = self._output_dir.parent / f".{self._output_dir.name}.quantize-model-download"
+                # beside the output: a rerun after a crash reuses a finished download there
+                fixed = _download_folder_of(self._output_dir)
                 self._dl_lock = _locked_folder(fixed)
                 if self._dl_lock is not None:
                     self._dl_dir = fixed
@@ -942,3 +947,21 @@ class HubSource(Source):
         if self._dl_lock is not None:
             os.close(self._dl_lock)  # drops the flock, once the folder is gone
             self._dl_lock = None
+        self._remove_abandoned_download_folder()
+
+    def _remove_abandoned_download_folder(self) -> None:
+        """Remove the folder beside the output that a killed run downloaded into, when this run did not
+        use it (everything came from the cache, --keep-downloads, nothing left to download) and no
+        other run holds its lock: otherwise nothing ever would."""
+        if self._output_dir is None or self._download_dir_arg is not None:
+            return
+        fixed = _download_folder_of(self._output_dir)
+        if self._dl_dir == fixed or not fixed.is_dir():
+            return
+        fd = _locked_folder(fixed)
+        if fd is None:
+            return  # another run downloads there
+        try:
+            shutil.rmtree(fixed, ignore_errors=True)
+        finally:
+            os.close(fd)

@@ -470,6 +470,11 @@ def _rest_not_started(jobs: list[Job], results: dict[int, ItemResult], signum: i
     return BatchResult([results.get(k) or _not_started(job, signum) for k, job in enumerate(jobs)])
 
 
+def interrupted_before_start(jobs: list[Job], signum: int) -> BatchInterrupted:
+    """The interruption of a batch stopped by ``signum`` before its first job started."""
+    return BatchInterrupted(_rest_not_started(jobs, {}, signum), signum=signum)
+
+
 def _cancelled(job: Job) -> ItemResult:
     return ItemResult(job, False, 0.0, "not started: an earlier job failed and --fail-fast was given", 1,
                       status="cancelled")  # fmt: skip

@@ -41,7 +41,7 @@ class Action(Enum):
 @dataclass
 class Manifest:
     fingerprint: str
-    state: str = "in_progress"
+    state: str = "in_progress"  # or "complete"; "clearing" while --overwrite empties the folder
     shards: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size", "chunks", ...}
     plan: dict = field(default_factory=dict)
 
@@ -202,11 +202,19 @@ def decide(
     if not output.exists() or not any(output.iterdir()):
         return fresh
     if overwrite:
-        # --overwrite means start from scratch, even over a finished identical conversion.
-        clear_folder(output)
+        # --overwrite means start from scratch, even over a finished identical conversion. This run's
+        # manifest, state "clearing", replaces the old one before anything is deleted, and the index and
+        # config.json go first: killed while clearing, the folder is an unfinished conversion (verify and
+        # the loaders say so), never the old one with some files gone that still verifies or loads; and
+        # the same command, even without --overwrite, empties it again.
+        Manifest(fingerprint, "clearing", plan=plan_json).save(output)
+        clear_folder(output, keep=MANIFEST_NAME)
         return fresh
     manifest = Manifest.load(output)
-    if manifest is not None and manifest.fingerprint == fingerprint:
+    if manifest is not None and manifest.fingerprint == fingerprint and manifest.state == "clearing":
+        clear_folder(output, keep=MANIFEST_NAME)  # an --overwrite killed while emptying the folder
+        return fresh
+    if manifest is not None and same_plan(manifest, fingerprint, plan_json):
         finished = all((output / n).is_file() for n in ("config.json", "model.safetensors.index.json"))
         if manifest.state == "complete" and finished and not refresh:
             # A finished folder is checked by size only (``quantize-model verify`` hashes it).
@@ -217,7 +225,7 @@ def decide(
         manifest.state = "in_progress"
         manifest.shards = dict(done)
         return Decision(Action.RESUME, manifest, done)
-    raise OutputExistsError(_foreign(output, manifest))
+    raise OutputExistsError(_foreign(output, manifest, plan_json))
 
 
 _NOT_A_FOLDER = "{output}: exists and is not a folder; remove it or pass --overwrite"
@@ -252,7 +260,7 @@ def damaged_manifest(folder: Path) -> str | None:
     )
 
 
-def _foreign(output: Path, manifest: Manifest | None) -> str:
+def _foreign(output: Path, manifest: Manifest | None, plan_json: dict) -> str:
     damaged = damaged_manifest(output) if manifest is None else None
     if damaged is not None:
         return damaged
@@ -260,11 +268,65 @@ def _foreign(output: Path, manifest: Manifest | None) -> str:
         what = f"holds files quantize-model did not write ({', '.join(_visible_entries(output)[:3])})"
     else:
         what = "holds a conversion with different options or a different source"
+        change = plan_difference(manifest.plan, plan_json)
+        what += f" ({change})" if change else ""
     return f"{output}: {what}; choose an empty folder or pass --overwrite"
 
 
+def same_plan(manifest: Manifest, fingerprint: str, plan_json: dict) -> bool:
+    """Whether ``manifest`` records the plan of ``fingerprint``, or the same plan as recorded before a
+    local source's files were identified by their sampled data too (``sample_sha256``, new in 0.1.0's
+    development: a folder converted before is still resumed or left as it is, not refused)."""
+    if manifest.fingerprint == fingerprint:
+        return True
+    source = plan_json.get("source") or {}
+    files = source.get("files") or {}
+    if source.get("kind") != "local" or not any("sample_sha256" in f for f in files.values()):
+        return False
+    older = {n: {k: v for k, v in f.items() if k != "sample_sha256"} for n, f in files.items()}
+    return manifest.plan == {**plan_json, "source": {**source, "files": older}}
+
+
+#: how plan_difference names the fields of a source file's identity
+_FILE_FIELDS = {"mtime_ns": "modification time", "header_sha256": "header", "sample_sha256": "sampled data"}
+
+
+def plan_difference(old: dict, new: dict) -> str | None:
+    """The first difference between the plan a folder was converted with (its manifest's) and
+    ``new``, in words: the source (its path, Hub commit, a weight file), then an option, then the
+    rest. None when ``old`` is empty (a manifest written before plans were kept) or equal."""
+    if not old or old == new:
+        return None
+    src_old, src_new = old.get("source") or {}, new.get("source") or {}
+    for key in sorted((src_old.keys() | src_new.keys()) - {"files", "name"}):
+        if src_old.get(key) != src_new.get(key):
+            return f"source {key}: {src_old.get(key)!r} -> {src_new.get(key)!r}"
+    files_old, files_new = src_old.get("files") or {}, src_new.get("files") or {}
+    for name in sorted(files_old.keys() | files_new.keys()):
+        was, now = files_old.get(name), files_new.get(name)
+        if was == now:
+            continue
+        if was is None or now is None:
+            return f"source file {name} {'added' if was is None else 'gone'}"
+        fields = [_FILE_FIELDS.get(k, k) for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+        return f"source file {name} changed: {', '.join(fields)}"
+    opts_old, opts_new = old.get("options") or {}, new.get("options") or {}
+    for key in sorted(opts_old.keys() | opts_new.keys()):
+        if opts_old.get(key) != opts_new.get(key):
+            return f"option {key}: {opts_old.get(key)!r} -> {opts_new.get(key)!r}"
+    for key in sorted((old.keys() | new.keys()) - {"shards"}):
+        if old.get(key) != new.get(key):
+            return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+    return "the tensors or their shards differ"
+
+
 def would_refuse(
-    output: Path, fingerprint: str, *, overwrite: bool, protected: tuple[Path, ...] = ()
+    output: Path,
+    fingerprint: str,
+    plan_json: dict,
+    *,
+    overwrite: bool,
+    protected: tuple[Path, ...] = (),
 ) -> str | None:
     """The message decide() would refuse ``output`` with, or None; reads the folder, changes nothing
     (dry runs: a run that will be refused must not be reported as one that will convert)."""
@@ -278,9 +340,9 @@ def would_refuse(
     if not any(p.name != stray for p in output.iterdir()):
         return None
     manifest = Manifest.load(output)
-    if manifest is not None and manifest.fingerprint == fingerprint:
+    if manifest is not None and same_plan(manifest, fingerprint, plan_json):
         return None
-    return _foreign(output, manifest)
+    return _foreign(output, manifest, plan_json)
 
 
 def _verified_shards(output: Path, manifest: Manifest, *, deep: bool) -> dict[str, dict]:
@@ -339,9 +401,15 @@ def dangling_link(path: Path) -> str | None:
     return None
 
 
-def clear_folder(folder: Path) -> None:
-    """Empty ``folder`` (for --overwrite) without removing the folder itself."""
-    for p in folder.iterdir():
+#: removed first when a folder is cleared: without them nothing left in it loads as a checkpoint
+_CLEARED_FIRST = ("model.safetensors.index.json", "config.json")
+
+
+def clear_folder(folder: Path, *, keep: str | None = None) -> None:
+    """Empty ``folder`` (for --overwrite) without removing the folder itself, or the entry ``keep``.
+    The index and config.json go first."""
+    rest = sorted(p for p in folder.iterdir() if p.name not in (keep, *_CLEARED_FIRST))
+    for p in [*(folder / n for n in _CLEARED_FIRST if (folder / n).is_file()), *rest]:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:

@@ -65,7 +65,7 @@ from converter.writer.manifest import (
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
 from formats import bnb_compat, index, metadata
 from formats.validate import FORMAT_VERSION
-from formats.writer import ShardWriter, TensorSlot
+from formats.writer import ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
 ProgressHook = Callable[[str, int], None]
@@ -295,7 +295,7 @@ class _Conversion:
             report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
             if self.dry_run:
                 report.refused = would_refuse(
-                    self.output, fingerprint, overwrite=overwrite, protected=protected
+                    self.output, fingerprint, plan_json, overwrite=overwrite, protected=protected
                 )
                 return self._dry_result(report)
             report.refuse_if_cannot_fit()
@@ -408,7 +408,7 @@ class _Conversion:
         return result
 
     def _check_source_unchanged(self, identity: dict) -> None:
-        """Refuse to finish when a local source's weight file changed (size or mtime) since the plan:
+        """Refuse to finish when a local source's weight file changed (its identity) since the plan:
         shards read before and after the change would mix two checkpoints in a folder that verifies.
         The folder is left unfinished (no index, no config.json). A Hub source is pinned by its commit.
         """
@@ -418,7 +418,7 @@ class _Conversion:
         now = self.src.describe().get("files") or {}
         for name, was in before.items():
             is_ = now.get(name) or {}
-            if (is_.get("size"), is_.get("mtime_ns")) != (was.get("size"), was.get("mtime_ns")):
+            if is_ != was:  # size, mtime, header, sampled data
                 msg = (
                     f"{Path(str(identity.get('path'))) / name}: changed while it was being converted, so the "
                     "output could mix old and new weights; it is left unfinished: once the source no longer "
@@ -433,16 +433,17 @@ class _Conversion:
             set_needed(files)
 
     def _clean_leftovers(self, done: set[str]) -> None:
-        """Remove what a killed run left (partial shards, unfinished outputs); keep verified shards."""
-        for p in self.output.iterdir():
-            if p.name == MANIFEST_NAME or p.name in done:
-                continue
-            if p.is_dir() and not p.is_symlink():
-                import shutil
-
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+        """Remove what a killed run left (partial shards, unfinished outputs); keep verified shards.
+        Only the files this conversion writes, and their temp names, are removed: anything else in the
+        folder was put there by someone else (notes, evaluation results) and stays."""
+        names = [s.name for s in self.plan.shards]
+        names += [index.INDEX_NAME, REPORT_NAME, "config.json"]
+        names += [n for n in self.src.extra_files() if copied_file(n)]
+        for name in names:
+            path = self.output / name
+            for p in (path, temp_path(path), path.with_name(f".{path.name}.tmp")):
+                if (p != path or name not in done) and (p.is_file() or p.is_symlink()):
+                    p.unlink()
 
     # --- shards ----------------------------------------------------------------------------
     def _write_shards(self, shards: list[ShardPlan], manifest: Manifest, hook: _Hook) -> None:

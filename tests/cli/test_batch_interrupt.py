@@ -105,3 +105,53 @@ def test_interrupted_parallel_batch_ends_without_waiting_for_running_jobs(
     assert "interrupted" in statuses
     assert "failed" not in statuses
     assert set(statuses) <= {"converted", "interrupted", "cancelled"}
+
+
+# The signal arrives while the CLI is still being imported (the first fraction of a second of every
+# run, about a second on a loaded machine), before the plan is read: sent when `click` is imported.
+EARLY_DRIVER = textwrap.dedent(
+    """
+    import builtins, os, signal, sys
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in DRIVER
+    signum = getattr(signal, sys.argv[1])
+    sys.argv = ["quantize-model", *sys.argv[2:]]
+    real_import = builtins.__import__
+
+    def import_(name, *args, **kwargs):
+        if name == "click" and "click" not in sys.modules:
+            os.kill(os.getpid(), signum)
+        return real_import(name, *args, **kwargs)
+
+    builtins.__import__ = import_
+    from converter.__main__ import main
+
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize(("signal_name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_batch_interrupted_while_it_starts_still_writes_its_reports(
+    tiny_llama: Path, tmp_path: Path, signal_name: str, code: int
+) -> None:
+    """A signal in the batch's first ~0.3 s (importing the CLI, reading the plan) left no report at all
+    (SIGTERM killed the process outright; Ctrl-C exited 130 with one line): the reports are now
+    written with every job not started, as for a signal later on."""
+    from junitparser import JUnitXml, Skipped
+
+    plan = _plan(tmp_path, tiny_llama)
+    junit, report = tmp_path / "junit.xml", tmp_path / "report.json"
+    cmd = [sys.executable, "-c", EARLY_DRIVER, signal_name, "batch", plan, "--junit", junit, "--json", report]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=50)
+    assert r.returncode == code, r.stderr
+    assert r.stderr.splitlines()[-1] == (
+        f"Error: interrupted by {signal_name}: 0 of 3 job(s) ended, 0 interrupted, 3 not started; "
+        "rerun the same batch to resume"
+    )
+    data = json.loads(report.read_text())
+    assert data["interrupted"] == signal_name
+    assert [i["status"] for i in data["items"]] == ["cancelled"] * 3
+    suite = next(iter(JUnitXml.fromfile(str(junit))))
+    assert all(isinstance(x, Skipped) for case in suite for x in case.result)
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -174,13 +175,79 @@ def test_different_options_refused_then_overwritten(tiny_llama: Path, tmp_path: 
     with pytest.raises(OutputExistsError) as exc:
         convert(tiny_llama, out, quant_type="fp4", progress=False)
     assert str(exc.value) == (
-        f"{out.resolve()}: holds a conversion with different options or a different source; "
-        "choose an empty folder or pass --overwrite"
+        f"{out.resolve()}: holds a conversion with different options or a different source (option "
+        "quant_type: 'nf4' -> 'fp4'); choose an empty folder or pass --overwrite"
     )
     r = convert(tiny_llama, out, quant_type="fp4", overwrite=True, progress=False)
     assert not r.noop
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+
+
+def test_refused_rerun_names_what_changed(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    """A rerun refused because the options or the source changed since the first run said only
+    "different options or a different source": it now names the first difference."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_sharded, src)
+    out = tmp_path / "out"
+    convert(src, out, max_shard_size="40KB", progress=False)
+    with pytest.raises(OutputExistsError, match=r"\(option max_shard_size: 40000 -> 30000\); choose"):
+        convert(src, out, max_shard_size="30KB", progress=False)
+    pre = convert(src, out, max_shard_size="30KB", progress=False, dry_run=True).preflight
+    assert pre.refused is not None
+    assert "(option max_shard_size: 40000 -> 30000)" in pre.refused
+    shard = src / "model-00002-of-00004.safetensors"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    msg = r"\(source file model-00002-of-00004.safetensors changed: modification time\); choose"
+    with pytest.raises(OutputExistsError, match=msg):
+        convert(src, out, max_shard_size="40KB", progress=False)
+
+
+def test_a_source_shard_swapped_for_same_size_and_header_with_its_mtime_restored_is_detected(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """A local source is identified by each weight file's size, mtime and header. A shard replaced by
+    another of the same size and header (the same model fine-tuned: other values, same shapes) whose
+    mtime was restored (`cp -p`, `rsync -t`, `touch -r`) passed for the same source: the rerun said
+    "nothing to do" over shards made from the old weights. Sampled data windows of each file are now
+    part of its identity, so the rerun is refused, naming the file."""
+    import struct
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_sharded, src)
+    out = tmp_path / "out"
+    convert(src, out, max_shard_size="40KB", progress=False)
+    shard = src / "model-00002-of-00004.safetensors"
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # after the header
+    data[start:] = bytes(b ^ 0x01 for b in data[start:])  # other values (low mantissa bits), same header
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    msg = r"\(source file model-00002-of-00004.safetensors changed: sampled data\); choose"
+    with pytest.raises(OutputExistsError, match=msg):
+        convert(src, out, max_shard_size="40KB", progress=False)
+
+
+def test_a_folder_converted_before_sampled_data_identified_the_source_is_still_up_to_date(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """Its manifest's plan has no sample_sha256 (and its fingerprint is of that plan): the rerun does
+    nothing, as before, instead of refusing the folder as converted from another source."""
+    out = tmp_path / "out"
+    convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    for f in data["plan"]["source"]["files"].values():
+        del f["sample_sha256"]
+    blob = json.dumps(data["plan"], sort_keys=True, separators=(",", ":"))
+    data["fingerprint"] = hashlib.sha256(blob.encode()).hexdigest()  # Plan.fingerprint of that plan
+    (out / MANIFEST_NAME).write_text(json.dumps(data))
+    assert convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False).noop
+    pre = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False, dry_run=True).preflight
+    assert pre.refused is None
+    assert pre.up_to_date  # batch's test; and no disk needed
 
 
 def test_foreign_output_folder_refused(tiny_llama: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,81 @@ def test_disk_full_at_the_index_names_it_and_leaves_no_temp_file(
     r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
     assert r.resumed
     assert output_hashes(out) == output_hashes(reference)
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs (no except/finally clean-up of the code under test)."""
+
+
+def _unlink_killed_after(folder: Path, deletions: int) -> Callable[..., None]:
+    """Path.unlink that deletes ``deletions`` files in ``folder``, then is "killed"."""
+    real_unlink = Path.unlink
+    deleted = 0
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        nonlocal deleted
+        if self.parent == folder and deleted == deletions:
+            raise _Killed
+        real_unlink(self, missing_ok=missing_ok)
+        deleted += self.parent == folder
+
+    return unlink
+
+
+def test_kill_while_overwrite_clears_the_old_output_never_leaves_it_looking_complete(
+    tiny_llama_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`convert --overwrite` empties the old output before converting. Killed after it had deleted some
+    of the old files (in directory order), it could leave one without its manifest but with its index,
+    config and shards (`verify` said OK and it loaded), or with only config.json and one shard, which the
+    loader took for a single-file checkpoint, though the run replacing it had not written a byte. Killed
+    after any number of deletions, the folder must now be refused by verify and by the loader as an
+    unfinished conversion, and a rerun, even without --overwrite, must finish the job (no old file left,
+    though the old run named its shards differently)."""
+    from converter import load_quantized_state
+    from converter.errors import InputError
+    from converter.tools.inspection import verify_path
+
+    reference = tmp_path / "reference"
+    convert(tiny_llama_sharded, reference, max_shard_size="40KB", progress=False)
+    real_unlink = Path.unlink
+    old_files = len(list(reference.iterdir())) - 1  # besides the manifest
+    for kill_after in range(1, old_files):  # killed with 1 .. all but one of them deleted
+        out = tmp_path / f"out{kill_after}"
+        convert(tiny_llama_sharded, out, quant_type="fp4", max_shard_size="20KB", progress=False)
+        monkeypatch.setattr(Path, "unlink", _unlink_killed_after(out, kill_after))
+        with pytest.raises(_Killed):
+            convert(tiny_llama_sharded, out, max_shard_size="40KB", overwrite=True, progress=False)
+        monkeypatch.setattr(Path, "unlink", real_unlink)
+        r = verify_path(out)
+        assert not r.ok
+        assert f"{out}: the conversion did not finish; rerun the same convert command to resume" in r.problems
+        with pytest.raises(InputError, match="the conversion did not finish"):
+            load_quantized_state(out)
+        convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)  # even without --overwrite
+        assert output_hashes(out) == output_hashes(reference)  # no old shard (they had other names) left
+
+
+def test_rerun_into_a_finished_folder_with_a_damaged_shard_keeps_the_users_files(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """A finished folder whose shard was cut short is resumed (the shard rewritten): that deleted every
+    file the conversion had not written, e.g. notes or evaluation results the user had put there since.
+    Only the conversion's own files (and their temp names) may be removed."""
+    reference = tmp_path / "reference"
+    convert(tiny_llama_sharded, reference, max_shard_size="40KB", progress=False)
+    out = tmp_path / "out"
+    convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    (out / "notes.txt").write_text("mine")
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    shard = out / "model-00002-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    (out / ".model-00003-of-00004.safetensors.partial").write_bytes(b"left by a killed run")
+    r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert r.resumed
+    assert r.shards_reused == 3
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "eval" / "results.json").read_text() == "{}"
+    (out / "notes.txt").unlink()
+    assert output_hashes(out) == output_hashes(reference)  # the damaged shard rewritten, the temp file gone

@@ -272,6 +272,39 @@ def test_a_refused_second_convert_leaves_the_first_ones_downloads(
     assert not [p for p in tmp_path.iterdir() if "quantize-model-download" in p.name]
 
 
+@pytest.mark.parametrize("how", ["cache", "keep_downloads"])
+def test_a_rerun_removes_the_download_folder_a_killed_run_left(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, how: str
+) -> None:
+    """A Hub convert killed mid-run leaves its hidden download folder beside the output (as large as
+    the files it was downloading). A rerun that downloads nothing there (everything in the cache, or
+    --keep-downloads, which fills the cache) never opened that folder and left it for good; it now
+    removes it, unless another run holds it."""
+    from converter.sources.hub import _locked_folder
+
+    fake_hub.add_repo(REPO, checkpoint_dir)
+    out = tmp_path / "out"
+    kw = {"keep_downloads": True}
+    if how == "cache":
+        _convert(REPO, tmp_path / "first", keep_downloads=True)  # every file now in the cache
+        kw = {}
+    leftover = tmp_path / ".out.quantize-model-download"
+    leftover.mkdir()
+    (leftover / "model-00001-of-00002.safetensors").write_bytes(b"part of a download")
+    _convert(REPO, out, **kw)
+    assert not leftover.exists()
+
+    leftover.mkdir()  # held by another run (its lock): left alone
+    fd = _locked_folder(leftover)
+    try:
+        assert _convert(REPO, out, **kw).noop
+        assert leftover.is_dir()
+    finally:
+        os.close(fd)
+    assert _convert(REPO, out, **kw).noop  # and once that run is gone, removed
+    assert not leftover.exists()
+
+
 def test_rerun_naming_the_commit_is_a_noop(
     tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
 ) -> None:

@@ -90,6 +90,33 @@ def test_refuses_a_non_empty_output(our_folder: Path, tmp_path: Path) -> None:
     assert not (out / "mine.txt").exists()
 
 
+def test_a_rerun_onto_a_finished_output_does_nothing(our_folder: Path, bnb_nf4: Path, tmp_path: Path) -> None:
+    """`dequantize IN OUT` run again with the same arguments exited 2 ("exists and is not empty"),
+    where `convert` says there is nothing to do: it now exits 0 and leaves the folder untouched. An
+    output from another input, or written with other options, is still refused."""
+    out = tmp_path / "plain"
+    args = ["dequantize", str(our_folder), str(out), "--max-shard-size", "60KB"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "nothing to do" in again.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    again = dequantize_checkpoint(our_folder, out, max_shard_size="60KB")
+    assert again.up_to_date
+    assert again.shards == dequantize_checkpoint(our_folder, tmp_path / "fresh", max_shard_size="60KB").shards
+    for other in (["--max-shard-size", "5GB"], ["--max-shard-size", "60KB", "--dtype", "fp32"]):
+        refused = CliRunner().invoke(cli, ["dequantize", str(our_folder), str(out), *other])
+        assert refused.exit_code == 2, refused.output
+    refused = CliRunner().invoke(cli, ["dequantize", str(bnb_nf4), str(out), "--max-shard-size", "60KB"])
+    assert refused.exit_code == 2, refused.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    next(out.glob("model-*.safetensors")).unlink()  # no longer complete: refused as before
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2, refused.output
+
+
 @pytest.mark.parametrize("made_by", ["ours", "ours-int8", "bitsandbytes"])
 def test_gpt2_conv1d_weights_written_back_as_transformers_stores_them(tmp_path: Path, made_by: str) -> None:
     """GPT-2's Conv1D weights are stored [in, out] but quantized [out, in] (bitsandbytes' layout): the
