@@ -148,6 +148,18 @@ def _requested_class(requested: type, config: Any, folder: Path, *, trust_remote
         raise ModelBuildError(msg) from None
 
 
+def _is_model_class(requested: type | None) -> bool:
+    """Whether ``requested`` is a concrete transformers model class with its own config class (not an
+    Auto class): its ``from_pretrained`` reads the config with that class."""
+    import transformers
+
+    return (
+        isinstance(requested, type)
+        and issubclass(requested, transformers.PreTrainedModel)
+        and getattr(requested, "config_class", None) is not None
+    )
+
+
 def _read_config(
     folder: Path, requested: type | None, config_kwargs: Mapping[str, Any], *, trust_remote_code: bool
 ) -> tuple[Any, dict[str, Any]]:
@@ -156,9 +168,8 @@ def _read_config(
     (``num_labels=3``, ``id2label``, ``problem_type``); the others, for the model's ``__init__``."""
     import transformers
 
-    config_class = getattr(requested, "config_class", None)
-    if isinstance(requested, type) and issubclass(requested, transformers.PreTrainedModel) and config_class:
-        return config_class.from_pretrained(folder, return_unused_kwargs=True, **config_kwargs)
+    if _is_model_class(requested):
+        return requested.config_class.from_pretrained(folder, return_unused_kwargs=True, **config_kwargs)
     return transformers.AutoConfig.from_pretrained(
         folder, trust_remote_code=trust_remote_code, return_unused_kwargs=True, **config_kwargs
     )
@@ -540,7 +551,7 @@ def load_quantized(
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     model.eval()
-    load_generation_config(model, folder)
+    load_generation_config(model, folder, config_kwargs if _is_model_class(model_class) else {})
     bind_dequantize(model)  # model.dequantize(): transformers' needs its own quantizer (dequantize_model.py)
     flatten_head_input(model)  # prompt step: lm_head input with standard strides (loader/head.py)
     use_gemv_head(model)  # decode steps: the bf16 head through our CPU GEMV (loader/head.py)
@@ -560,16 +571,20 @@ def load_quantized(
     return model
 
 
-def load_generation_config(model: nn.Module, folder: Path) -> None:
+def load_generation_config(
+    model: nn.Module, folder: Path, overrides: Mapping[str, Any] | None = None
+) -> None:
     """``model.generation_config`` from ``folder`` as transformers' ``from_pretrained`` sets it: the
-    folder's generation_config.json (a chat model's extra EOS ids, its sampling defaults), else the
-    generation parameters of config.json."""
+    folder's generation_config.json (a chat model's extra EOS ids, its sampling defaults) updated by
+    ``overrides``, else the generation parameters of config.json as stored. ``overrides``: the
+    keyword arguments a concrete model class's ``from_pretrained`` also hands the generation config
+    (an Auto class's go to the config only)."""
     if not (hasattr(model, "can_generate") and model.can_generate()):
         return
     from transformers import GenerationConfig
 
     if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.generation_config = GenerationConfig.from_pretrained(folder, **(overrides or {}))
     else:
         model.generation_config = GenerationConfig.from_pretrained(
             folder, config_file_name="config.json", _from_model_config=True

@@ -322,3 +322,29 @@ def test_generation_config_is_the_folders(our_folder: Path, tmp_path: Path, gene
     assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
     if generation_file == "custom":
         assert ours.generate(IDS, pad_token_id=0).shape[1] <= IDS.shape[1] + 7
+
+
+@pytest.mark.parametrize("generation_file", ["custom", "absent"])
+@pytest.mark.parametrize("class_name", ["LlamaForCausalLM", "AutoModelForCausalLM"])
+def test_generation_config_with_config_kwargs(
+    our_folder: Path, tmp_path: Path, generation_file: str, class_name: str
+) -> None:
+    """``load_quantized(folder, model_class=C, pad_token_id=5, ...)`` gives the generation_config of
+    ``C.from_pretrained(folder, pad_token_id=5, ...)``: a concrete class's from_pretrained also applies
+    the keyword arguments to the folder's generation_config.json (an Auto class consumes them with the
+    config first; without the file both take config.json as it is on disk)."""
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    folder = tmp_path / "folder"
+    shutil.copytree(our_folder, folder)
+    if generation_file == "custom":
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    else:
+        (folder / "generation_config.json").unlink(missing_ok=True)
+    kwargs = {"pad_token_id": 5, "eos_token_id": [4, 6]}
+    ours = load_quantized(folder, verify=False, model_class=cls, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = cls.from_pretrained(folder, device_map="cpu", **kwargs)
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
