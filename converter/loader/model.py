@@ -520,6 +520,8 @@ def load_quantized(
                 config_kwargs=config_kwargs,
             )
         model, qc = skeleton.model, skeleton.quantization_config
+        # the path or repo id as given, as from_pretrained sets it (an adapter's base_model_name_or_path)
+        model.config.name_or_path = model.name_or_path = os.fspath(path_or_repo)
         cls = type(model)
         with timing.phase("fill"):
             unused = _fill(model, state, str(folder)) + list(skeleton.dropped)

@@ -27,6 +27,7 @@ for m in models:
         layer.use_gemv = False
 with torch.no_grad():
     print(torch.equal(models[0](ids).logits, models[1](ids).logits))
+print(models[0].name_or_path, models[0].config.name_or_path)
 try:
     load_quantized_state("org/missing")
 except Exception as exc:
@@ -50,8 +51,9 @@ def test_load_by_repo_id(our_folder: Path, tmp_path: Path) -> None:
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "14"
     assert lines[1] == "True"
-    assert lines[2].startswith("SourceNotFoundError org/missing: not a local folder, and the Hub repo")
-    assert len(lines) == 3  # one line: the cause is named, not dumped
+    assert lines[2] == "org/tiny-nf4 org/tiny-nf4"  # the repo id, as from_pretrained records it
+    assert lines[3].startswith("SourceNotFoundError org/missing: not a local folder, and the Hub repo")
+    assert len(lines) == 4  # one line: the cause is named, not dumped
 
 
 REMOTE_CODE_SCRIPT = """
@@ -92,7 +94,8 @@ TOKENIZER_SCRIPT = """
 from transformers import AutoTokenizer
 from converter import load_quantized
 model = load_quantized("org/chat-nf4")
-tok = AutoTokenizer.from_pretrained(model.name_or_path)  # the snapshot the model was loaded from
+# the repo id, as from_pretrained records it; local_files_only: from the snapshot load_quantized fetched
+tok = AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)
 print(tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False))
 """
 

@@ -348,3 +348,23 @@ def test_generation_config_with_config_kwargs(
         warnings.simplefilter("ignore")
         theirs = cls.from_pretrained(folder, device_map="cpu", **kwargs)
     assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+
+
+@pytest.mark.parametrize("class_name", [None, "LlamaForCausalLM", "AutoModelForCausalLM"])
+def test_name_or_path_is_the_argument(our_folder: Path, class_name: str | None) -> None:
+    """``model.name_or_path`` (and config's ``_name_or_path``, what PEFT records as an adapter's
+    ``base_model_name_or_path``) is the path or repo id given, as ``from_pretrained`` sets it whatever
+    the class."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cls = getattr(transformers, class_name or "AutoModelForCausalLM")
+    model_class = getattr(transformers, class_name) if class_name else None
+    ours = load_quantized(our_folder, verify=False, model_class=model_class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = cls.from_pretrained(our_folder, device_map="cpu")
+    assert ours.name_or_path == theirs.name_or_path == str(our_folder)
+    assert ours.config.to_dict() == theirs.config.to_dict()
+    peft_model = get_peft_model(ours, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert peft_model.peft_config["default"].base_model_name_or_path == str(our_folder)
