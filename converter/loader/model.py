@@ -447,6 +447,7 @@ def load_quantized(
     *,
     verify: bool | str = True,
     trust_remote_code: bool = False,
+    revision: str | None = None,
     device_map: str | dict[str, int | str] | None = None,
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
@@ -468,6 +469,9 @@ def load_quantized(
     ``verify="sha256"`` checks the sha256 digests (cryptographic, ~30x the hashing cost).
     The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
     its bnb LoRA layer).
+
+    ``revision``: the branch, tag or commit of a Hub repo id (default: main); a local folder ignores
+    it, as ``from_pretrained`` does.
 
     ``fused_router``: with 4-bit MoE experts, transformers' top-k routers (Qwen2/Qwen3-MoE, OLMoE,
     Mixtral) run softmax, top-k, renormalisation and cast as one op, bit-identical to their own forward
@@ -497,7 +501,7 @@ def load_quantized(
         check_device(device, f"device={str(device)!r}")
     check_devices_exist(device_map, max_memory)
     forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
-    folder = resolve_folder(path_or_repo, code=trust_remote_code)
+    folder = resolve_folder(path_or_repo, code=trust_remote_code, revision=revision)
     dtype = dtype_from_name(dtype)
     # With a single target device the shards stream straight into device tensors (loader/stream.py);
     # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while

@@ -126,3 +126,34 @@ def test_snapshot_of_a_hub_repo_holds_its_chat_template(our_folder: Path, tmp_pa
         )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "<user>hello"
+
+
+REVISION_SCRIPT = """
+from converter import load_quantized
+for revision in (None, "int8"):
+    model = load_quantized("org/tiny", revision=revision)
+    print(revision, getattr(model, "is_loaded_in_8bit", False), getattr(model, "is_loaded_in_4bit", False))
+try:
+    load_quantized("org/tiny", revision="v9")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.hub
+def test_revision_picks_the_branch(our_folder: Path, int8_folder: Path, tmp_path: Path) -> None:
+    """``load_quantized(repo_id, revision=...)`` loads that branch, as ``from_pretrained`` does; it used
+    to land in the config keyword arguments, where a local snapshot ignores it: main was loaded."""
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/tiny", our_folder)
+        hub.add_repo("org/tiny", int8_folder, branch="int8")
+        env = hub_env(hub, tmp_path / "home")
+        out = subprocess.run(
+            [sys.executable, "-c", REVISION_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[:2] == ["None False True", "int8 True False"]
+    assert lines[2].startswith("SourceNotFoundError org/tiny: not a local folder, and the Hub repo")
+    assert "could not be fetched at revision 'v9' (RevisionNotFoundError" in lines[2]
+    assert len(lines) == 3
