@@ -463,7 +463,8 @@ def load_quantized(
     CPU and disk modules differ): use them instead of ``device``.
 
     ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
-    config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard
+    config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls (``torch_dtype=``, its former name
+    in transformers, is taken too). ``verify`` checks each shard
     against the digests of its index before returning (hashed on background threads while the model
     builds): per 16 MiB chunk its xxh3_128 where the index records one, else its sha256;
     ``verify="sha256"`` checks the sha256 digests (cryptographic, ~30x the hashing cost).
@@ -503,6 +504,12 @@ def load_quantized(
     forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
     folder = resolve_folder(path_or_repo, code=trust_remote_code, revision=revision)
     dtype = dtype_from_name(dtype)
+    if "torch_dtype" in config_kwargs:  # transformers' former name of dtype, still taken by from_pretrained
+        torch_dtype = dtype_from_name(config_kwargs.pop("torch_dtype"))
+        if dtype not in (torch.bfloat16, torch_dtype):  # bfloat16: dtype's default
+            msg = f"pass dtype= only, not also torch_dtype= (its former name): got {dtype} and {torch_dtype}"
+            raise TypeError(msg)
+        dtype = torch_dtype
     # With a single target device the shards stream straight into device tensors (loader/stream.py);
     # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while
     # the model is built (on a first load that includes importing its transformers modules).

@@ -368,3 +368,16 @@ def test_name_or_path_is_the_argument(our_folder: Path, class_name: str | None) 
     assert ours.config.to_dict() == theirs.config.to_dict()
     peft_model = get_peft_model(ours, LoraConfig(r=2, target_modules=["q_proj"]))
     assert peft_model.peft_config["default"].base_model_name_or_path == str(our_folder)
+
+
+def test_torch_dtype_is_dtype(our_folder: Path) -> None:
+    """``torch_dtype=`` (transformers' former name of ``dtype``, which its from_pretrained still takes)
+    sets the load dtype, instead of landing in the config and leaving bfloat16; given with a different
+    ``dtype`` it is refused rather than one of the two being ignored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_quantized(our_folder, verify=False, torch_dtype=torch.float16)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert model.config.dtype == torch.float16
+    with pytest.raises(TypeError, match="torch_dtype"):
+        load_quantized(our_folder, verify=False, dtype=torch.float32, torch_dtype=torch.float16)
