@@ -151,15 +151,21 @@ def dequantize_checkpoint(
     max_shard_size: str | int = "5GB",
     verify: bool = True,
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | bool | None = None,
 ) -> DequantizeResult:
     """Write ``output``: a plain safetensors checkpoint of the quantized folder (or Hub repo) ``source``.
 
     ``dtype`` ("bfloat16" / "bf16", "float16" / "fp16", "float32" / "fp32") is the dtype of every
     floating-point tensor written. ``output`` must be absent or empty unless ``overwrite`` (or hold an
     unfinished dequantize: a rerun after a kill or a full disk starts again there).
-    ``progress`` is called with each tensor name as it is written.
+    ``progress`` is called with each tensor name as it is written (False or None: no calls, as
+    ``convert(progress=False)``).
     """
+    if progress is False:
+        progress = None
+    if progress is not None and not callable(progress):
+        msg = f"progress: a callable taking each tensor name, False or None, not {progress!r}"
+        raise TypeError(msg)
     started = time.perf_counter()
     name = normalize_dtype(str(dtype).replace("torch.", ""), "--dtype")
     torch_dtype = dtype_from_name(name)

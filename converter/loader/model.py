@@ -148,6 +148,18 @@ def _requested_class(requested: type, config: Any, folder: Path, *, trust_remote
         raise ModelBuildError(msg) from None
 
 
+def _is_model_class(requested: type | None) -> bool:
+    """Whether ``requested`` is a concrete transformers model class with its own config class (not an
+    Auto class): its ``from_pretrained`` reads the config with that class."""
+    import transformers
+
+    return (
+        isinstance(requested, type)
+        and issubclass(requested, transformers.PreTrainedModel)
+        and getattr(requested, "config_class", None) is not None
+    )
+
+
 def _read_config(
     folder: Path, requested: type | None, config_kwargs: Mapping[str, Any], *, trust_remote_code: bool
 ) -> tuple[Any, dict[str, Any]]:
@@ -156,9 +168,8 @@ def _read_config(
     (``num_labels=3``, ``id2label``, ``problem_type``); the others, for the model's ``__init__``."""
     import transformers
 
-    config_class = getattr(requested, "config_class", None)
-    if isinstance(requested, type) and issubclass(requested, transformers.PreTrainedModel) and config_class:
-        return config_class.from_pretrained(folder, return_unused_kwargs=True, **config_kwargs)
+    if _is_model_class(requested):
+        return requested.config_class.from_pretrained(folder, return_unused_kwargs=True, **config_kwargs)
     return transformers.AutoConfig.from_pretrained(
         folder, trust_remote_code=trust_remote_code, return_unused_kwargs=True, **config_kwargs
     )
@@ -436,6 +447,7 @@ def load_quantized(
     *,
     verify: bool | str = True,
     trust_remote_code: bool = False,
+    revision: str | None = None,
     device_map: str | dict[str, int | str] | None = None,
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
@@ -451,12 +463,16 @@ def load_quantized(
     CPU and disk modules differ): use them instead of ``device``.
 
     ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
-    config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls. ``verify`` checks each shard
+    config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls (``torch_dtype=``, its former name
+    in transformers, is taken too). ``verify`` checks each shard
     against the digests of its index before returning (hashed on background threads while the model
     builds): per 16 MiB chunk its xxh3_128 where the index records one, else its sha256;
     ``verify="sha256"`` checks the sha256 digests (cryptographic, ~30x the hashing cost).
     The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
     its bnb LoRA layer).
+
+    ``revision``: the branch, tag or commit of a Hub repo id (default: main); a local folder ignores
+    it, as ``from_pretrained`` does.
 
     ``fused_router``: with 4-bit MoE experts, transformers' top-k routers (Qwen2/Qwen3-MoE, OLMoE,
     Mixtral) run softmax, top-k, renormalisation and cast as one op, bit-identical to their own forward
@@ -486,8 +502,14 @@ def load_quantized(
         check_device(device, f"device={str(device)!r}")
     check_devices_exist(device_map, max_memory)
     forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
-    folder = resolve_folder(path_or_repo, code=trust_remote_code)
+    folder = resolve_folder(path_or_repo, code=trust_remote_code, revision=revision)
     dtype = dtype_from_name(dtype)
+    if "torch_dtype" in config_kwargs:  # transformers' former name of dtype, still taken by from_pretrained
+        torch_dtype = dtype_from_name(config_kwargs.pop("torch_dtype"))
+        if dtype not in (torch.bfloat16, torch_dtype):  # bfloat16: dtype's default
+            msg = f"pass dtype= only, not also torch_dtype= (its former name): got {dtype} and {torch_dtype}"
+            raise TypeError(msg)
+        dtype = torch_dtype
     # With a single target device the shards stream straight into device tensors (loader/stream.py);
     # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while
     # the model is built (on a first load that includes importing its transformers modules).
@@ -509,6 +531,8 @@ def load_quantized(
                 config_kwargs=config_kwargs,
             )
         model, qc = skeleton.model, skeleton.quantization_config
+        # the path or repo id as given, as from_pretrained sets it (an adapter's base_model_name_or_path)
+        model.config.name_or_path = model.name_or_path = os.fspath(path_or_repo)
         cls = type(model)
         with timing.phase("fill"):
             unused = _fill(model, state, str(folder)) + list(skeleton.dropped)
@@ -540,7 +564,7 @@ def load_quantized(
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     model.eval()
-    load_generation_config(model, folder)
+    load_generation_config(model, folder, config_kwargs if _is_model_class(model_class) else {})
     bind_dequantize(model)  # model.dequantize(): transformers' needs its own quantizer (dequantize_model.py)
     flatten_head_input(model)  # prompt step: lm_head input with standard strides (loader/head.py)
     use_gemv_head(model)  # decode steps: the bf16 head through our CPU GEMV (loader/head.py)
@@ -560,16 +584,20 @@ def load_quantized(
     return model
 
 
-def load_generation_config(model: nn.Module, folder: Path) -> None:
+def load_generation_config(
+    model: nn.Module, folder: Path, overrides: Mapping[str, Any] | None = None
+) -> None:
     """``model.generation_config`` from ``folder`` as transformers' ``from_pretrained`` sets it: the
-    folder's generation_config.json (a chat model's extra EOS ids, its sampling defaults), else the
-    generation parameters of config.json."""
+    folder's generation_config.json (a chat model's extra EOS ids, its sampling defaults) updated by
+    ``overrides``, else the generation parameters of config.json as stored. ``overrides``: the
+    keyword arguments a concrete model class's ``from_pretrained`` also hands the generation config
+    (an Auto class's go to the config only)."""
     if not (hasattr(model, "can_generate") and model.can_generate()):
         return
     from transformers import GenerationConfig
 
     if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.generation_config = GenerationConfig.from_pretrained(folder, **(overrides or {}))
     else:
         model.generation_config = GenerationConfig.from_pretrained(
             folder, config_file_name="config.json", _from_model_config=True

@@ -45,10 +45,13 @@ class NotQuantizedError(InputError):
     """The checkpoint holds no quantized (4-bit or LLM.int8) weight."""
 
 
-def resolve_folder(path_or_repo: str | os.PathLike, *, code: bool = False) -> Path:
-    """A local folder as is; anything else is taken as a Hub repo id and fetched (cache, token, offline
-    mode as huggingface_hub does them): the safetensors shards, index and JSON files only, and with
-    ``code`` (``trust_remote_code=True``) the repository's Python files its config names."""
+def resolve_folder(
+    path_or_repo: str | os.PathLike, *, code: bool = False, revision: str | None = None
+) -> Path:
+    """A local folder as is; anything else is taken as a Hub repo id and fetched at ``revision`` (a
+    branch, tag or commit; None: main) with cache, token, offline mode as huggingface_hub does them:
+    the safetensors shards, index and JSON files only, and with ``code`` (``trust_remote_code=True``)
+    the repository's Python files its config names."""
     path = Path(path_or_repo).expanduser()  # '~/m' quoted in a script, as convert takes it
     if path.is_dir():
         return path
@@ -66,10 +69,11 @@ def resolve_folder(path_or_repo: str | os.PathLike, *, code: bool = False) -> Pa
         # vocabularies, sentencepiece models, chat templates (chat_template.jinja since transformers 5)
         tokenizer = ["*.txt", "*.model", "*.jinja", "*.tiktoken"]
         patterns = ["*.safetensors", "*.json", *tokenizer, *(["*.py"] if code else [])]
-        return Path(snapshot_download(text, allow_patterns=patterns))
+        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # huggingface_hub raises many types; name the repo and the cause
         cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-        msg = f"{text}: not a local folder, and the Hub repo could not be fetched ({cause})"
+        at = f" at revision {revision!r}" if revision is not None else ""
+        msg = f"{text}: not a local folder, and the Hub repo could not be fetched{at} ({cause})"
         raise SourceNotFoundError(msg) from exc
 
 

@@ -68,15 +68,27 @@ class Bnb4bitMethod(QuantMethod):
         if not split:
             return None
         partial = partial_block_experts([(p.name, p.out_shape, bs) for p in split])
-        ours = (
-            "quantize-model's load_quantized decodes them right"
-            if not partial
-            else f"quantize-model's load_quantized decodes them right, but not MoE experts whose weights do "
-            f"not fill whole blocks ({len(partial)}, e.g. {partial[0]}): it cannot load this folder"
-        )
+        flattened = "(its kernels take blocks over the flattened weight)"
+        if not partial:
+            right = (
+                "quantize-model's load_quantized decodes them right, and so does bitsandbytes on CUDA "
+                + flattened
+            )
+        else:
+            right = (
+                f"bitsandbytes on CUDA decodes them right {flattened}, and quantize-model's load_quantized "
+                f"decodes them right but not MoE experts whose weights do not fill whole blocks "
+                f"({len(partial)}, e.g. {partial[0]}): it cannot load this folder"
+            )
         wrong = [p for p in split if p.out_shape[-1] % 16 == 0 and p.info.numel > bs]
-        if not wrong:
-            elsewhere = " (its CPU dequantize decodes these widths right: none is a multiple of 16)"
+        if not wrong:  # its AVX-512 path errs only for widths that are multiples of 16, past one block
+            odd = sum(1 for p in split if p.out_shape[-1] % 16)
+            why = (
+                "widths right: none is a multiple of 16"
+                if odd == len(split)
+                else "right: each is a single block" + (" or of a width not a multiple of 16" if odd else "")
+            )
+            elsewhere = f" (its CPU dequantize decodes these {why})"
         else:
             which = "them" if len(wrong) == len(split) else f"{len(wrong)} of them ({_grouped(wrong)})"
             elsewhere = (
@@ -87,9 +99,8 @@ class Bnb4bitMethod(QuantMethod):
         return (
             f"{len(split)} quantized weight(s) have rows that are not whole {bs}-element blocks: "
             f"{_grouped(split)}. transformers + bitsandbytes 0.50 on the CPU does not run them as they are: "
-            f"its inference forward fails on CPUs with AVX512-BF16{elsewhere}; {ours}, and so does "
-            f"bitsandbytes on CUDA (its kernels take blocks over the flattened weight). A --blocksize that "
-            f"divides every input width avoids it"
+            f"its inference forward fails on CPUs with AVX512-BF16{elsewhere}; {right}. A --blocksize "
+            f"that divides every input width avoids it"
         )
 
     def check_options(self, options: Options) -> None:

@@ -41,6 +41,7 @@ from converter.errors import (
     PickleOnlyError,
     SourceNotFoundError,
 )
+from converter.locks import lock_folder
 from converter.sources.base import (
     Source,
     TensorInfo,
@@ -114,15 +115,10 @@ def _download_folder_of(output: Path) -> Path:
 def _locked_folder(folder: Path) -> int | None:
     """Create ``folder`` if needed and take an exclusive flock on it: the descriptor that holds it, or
     None when another process holds it (the lock goes when that process ends, even killed)."""
-    import fcntl
-
     for _ in range(3):
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = lock_folder(folder)
+        if fd is None:
             return None
         try:
             if os.path.samestat(os.fstat(fd), os.stat(folder)):

@@ -25,6 +25,7 @@ from enum import Enum
 from pathlib import Path
 
 from converter.errors import CorruptFileError, OutputExistsError
+from converter.locks import lock_folder
 from formats.chunks import ChunkDigests, hash_file
 from formats.writer import ShardInfo, naming_os_errors, temp_path
 
@@ -367,15 +368,11 @@ class FolderLock:
     """
 
     def __init__(self, folder: Path) -> None:
-        import fcntl
-
-        self.fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
+        fd = lock_folder(folder)
+        if fd is None:
             msg = f"{folder}: another quantize-model process is writing this folder; wait for it to finish"
-            raise OutputExistsError(msg) from None
+            raise OutputExistsError(msg)
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd >= 0:

@@ -117,6 +117,21 @@ def test_a_rerun_onto_a_finished_output_does_nothing(our_folder: Path, bnb_nf4: 
     assert refused.exit_code == 2, refused.output
 
 
+def test_progress_takes_false_as_convert_does(our_folder: Path, tmp_path: Path) -> None:
+    """``progress=False`` (convert's "no progress") writes the checkpoint without a callback; a value
+    that is neither a callable nor False/None is a TypeError before the output exists, not a crash
+    at the first tensor that leaves an unfinished folder."""
+    dequantize_checkpoint(our_folder, tmp_path / "quiet", progress=False)
+    assert (tmp_path / "quiet" / "config.json").is_file()
+    assert not (tmp_path / "quiet" / ".quantize-model-dequantize.unfinished").exists()
+    names: list[str] = []
+    dequantize_checkpoint(our_folder, tmp_path / "called", progress=names.append)
+    assert set(names) == set(_read_folder(tmp_path / "called"))
+    with pytest.raises(TypeError, match="progress"):
+        dequantize_checkpoint(our_folder, tmp_path / "bad", progress=True)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("made_by", ["ours", "ours-int8", "bitsandbytes"])
 def test_gpt2_conv1d_weights_written_back_as_transformers_stores_them(tmp_path: Path, made_by: str) -> None:
     """GPT-2's Conv1D weights are stored [in, out] but quantized [out, in] (bitsandbytes' layout): the

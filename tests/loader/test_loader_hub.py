@@ -27,6 +27,7 @@ for m in models:
         layer.use_gemv = False
 with torch.no_grad():
     print(torch.equal(models[0](ids).logits, models[1](ids).logits))
+print(models[0].name_or_path, models[0].config.name_or_path)
 try:
     load_quantized_state("org/missing")
 except Exception as exc:
@@ -50,8 +51,9 @@ def test_load_by_repo_id(our_folder: Path, tmp_path: Path) -> None:
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "14"
     assert lines[1] == "True"
-    assert lines[2].startswith("SourceNotFoundError org/missing: not a local folder, and the Hub repo")
-    assert len(lines) == 3  # one line: the cause is named, not dumped
+    assert lines[2] == "org/tiny-nf4 org/tiny-nf4"  # the repo id, as from_pretrained records it
+    assert lines[3].startswith("SourceNotFoundError org/missing: not a local folder, and the Hub repo")
+    assert len(lines) == 4  # one line: the cause is named, not dumped
 
 
 REMOTE_CODE_SCRIPT = """
@@ -92,7 +94,8 @@ TOKENIZER_SCRIPT = """
 from transformers import AutoTokenizer
 from converter import load_quantized
 model = load_quantized("org/chat-nf4")
-tok = AutoTokenizer.from_pretrained(model.name_or_path)  # the snapshot the model was loaded from
+# the repo id, as from_pretrained records it; local_files_only: from the snapshot load_quantized fetched
+tok = AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)
 print(tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False))
 """
 
@@ -123,3 +126,34 @@ def test_snapshot_of_a_hub_repo_holds_its_chat_template(our_folder: Path, tmp_pa
         )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "<user>hello"
+
+
+REVISION_SCRIPT = """
+from converter import load_quantized
+for revision in (None, "int8"):
+    model = load_quantized("org/tiny", revision=revision)
+    print(revision, getattr(model, "is_loaded_in_8bit", False), getattr(model, "is_loaded_in_4bit", False))
+try:
+    load_quantized("org/tiny", revision="v9")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.hub
+def test_revision_picks_the_branch(our_folder: Path, int8_folder: Path, tmp_path: Path) -> None:
+    """``load_quantized(repo_id, revision=...)`` loads that branch, as ``from_pretrained`` does; it used
+    to land in the config keyword arguments, where a local snapshot ignores it: main was loaded."""
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/tiny", our_folder)
+        hub.add_repo("org/tiny", int8_folder, branch="int8")
+        env = hub_env(hub, tmp_path / "home")
+        out = subprocess.run(
+            [sys.executable, "-c", REVISION_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[:2] == ["None False True", "int8 True False"]
+    assert lines[2].startswith("SourceNotFoundError org/tiny: not a local folder, and the Hub repo")
+    assert "could not be fetched at revision 'v9' (RevisionNotFoundError" in lines[2]
+    assert len(lines) == 3

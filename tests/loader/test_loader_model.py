@@ -322,3 +322,62 @@ def test_generation_config_is_the_folders(our_folder: Path, tmp_path: Path, gene
     assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
     if generation_file == "custom":
         assert ours.generate(IDS, pad_token_id=0).shape[1] <= IDS.shape[1] + 7
+
+
+@pytest.mark.parametrize("generation_file", ["custom", "absent"])
+@pytest.mark.parametrize("class_name", ["LlamaForCausalLM", "AutoModelForCausalLM"])
+def test_generation_config_with_config_kwargs(
+    our_folder: Path, tmp_path: Path, generation_file: str, class_name: str
+) -> None:
+    """``load_quantized(folder, model_class=C, pad_token_id=5, ...)`` gives the generation_config of
+    ``C.from_pretrained(folder, pad_token_id=5, ...)``: a concrete class's from_pretrained also applies
+    the keyword arguments to the folder's generation_config.json (an Auto class consumes them with the
+    config first; without the file both take config.json as it is on disk)."""
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    folder = tmp_path / "folder"
+    shutil.copytree(our_folder, folder)
+    if generation_file == "custom":
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    else:
+        (folder / "generation_config.json").unlink(missing_ok=True)
+    kwargs = {"pad_token_id": 5, "eos_token_id": [4, 6]}
+    ours = load_quantized(folder, verify=False, model_class=cls, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = cls.from_pretrained(folder, device_map="cpu", **kwargs)
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+
+
+@pytest.mark.parametrize("class_name", [None, "LlamaForCausalLM", "AutoModelForCausalLM"])
+def test_name_or_path_is_the_argument(our_folder: Path, class_name: str | None) -> None:
+    """``model.name_or_path`` (and config's ``_name_or_path``, what PEFT records as an adapter's
+    ``base_model_name_or_path``) is the path or repo id given, as ``from_pretrained`` sets it whatever
+    the class."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cls = getattr(transformers, class_name or "AutoModelForCausalLM")
+    model_class = getattr(transformers, class_name) if class_name else None
+    ours = load_quantized(our_folder, verify=False, model_class=model_class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = cls.from_pretrained(our_folder, device_map="cpu")
+    assert ours.name_or_path == theirs.name_or_path == str(our_folder)
+    assert ours.config.to_dict() == theirs.config.to_dict()
+    peft_model = get_peft_model(ours, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert peft_model.peft_config["default"].base_model_name_or_path == str(our_folder)
+
+
+def test_torch_dtype_is_dtype(our_folder: Path) -> None:
+    """``torch_dtype=`` (transformers' former name of ``dtype``, which its from_pretrained still takes)
+    sets the load dtype, instead of landing in the config and leaving bfloat16; given with a different
+    ``dtype`` it is refused rather than one of the two being ignored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_quantized(our_folder, verify=False, torch_dtype=torch.float16)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert model.config.dtype == torch.float16
+    with pytest.raises(TypeError, match="torch_dtype"):
+        load_quantized(our_folder, verify=False, dtype=torch.float32, torch_dtype=torch.float16)
