@@ -301,22 +301,29 @@ class Skeleton(NamedTuple):
     dropped: tuple[str, ...] = ()
 
 
-def build_skeleton(
+class Built(NamedTuple):
+    """The transformers model of a folder, on the meta device, before any layer is swapped: what
+    :func:`build_model` makes from the config and the shard headers alone."""
+
+    model: nn.Module
+    config: Any  # the config it was built from (model_class's overrides applied)
+    own: type | None  # the folder's own class (None when only model_class could be built)
+    quantization_config: Any
+    compute_dtype: torch.dtype | None
+
+
+def build_model(
     folder: Path,
-    state: dict[str, Any],
+    state: Mapping[str, Any],
     dtype: torch.dtype,
     *,
     trust_remote_code: bool = False,
-    experts_device: str | torch.device = "cpu",
     model_class: type | None = None,
     config_kwargs: Mapping[str, Any] | None = None,
-) -> Skeleton:
-    """The model of ``folder/config.json`` (or of ``model_class``, the config updated with
-    ``config_kwargs``) with its parameters on the meta device and every quantized module already a
-    :class:`Linear4bit` sharing ``state``'s mapped tensors; and the quantization_config.
-
-    Nothing but shard headers is read: ``inspect --memory`` sizes a placement from this skeleton.
-    """
+) -> Built:
+    """The first half of :func:`build_skeleton`: the model class built from ``config.json`` with its
+    parameters on the meta device. Needs only ``state``'s keys and records' metadata, so a streamed
+    load runs it while the shards are read (``load_quantized``)."""
     if not (folder / "config.json").is_file():
         from converter.writer.manifest import unfinished_conversion
 
@@ -353,6 +360,61 @@ def build_skeleton(
         why = f"{type(exc).__name__}: {exc}"
         msg = f"{folder}: transformers could not build {cls.__name__} from config.json ({why})"
         raise ModelBuildError(msg) from exc
+    return Built(model, config, own, qc, compute_dtype)
+
+
+class EarlyBuild:
+    """:func:`build_model` run as ``read_state``'s ``while_reading``: on the caller's thread while the
+    readers stream (the caller would only wait for them), its error kept for :meth:`result`, raised
+    where the build used to be, after the shards' own errors."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype, **kwargs: Any) -> None:
+        self.folder, self.dtype, self.kwargs = folder, dtype, kwargs
+        self._built: Built | None = None
+        self._error: Exception | None = None
+
+    def __call__(self, parsed: Mapping[str, Any]) -> None:
+        try:
+            self._built = build_model(self.folder, parsed, self.dtype, **self.kwargs)
+        except Exception as exc:
+            self._error = exc
+
+    def result(self) -> Built | None:
+        """The model built while reading (None if it was not run: the load builds it then)."""
+        if self._error is not None:
+            raise self._error
+        return self._built
+
+
+def build_skeleton(
+    folder: Path,
+    state: dict[str, Any],
+    dtype: torch.dtype,
+    *,
+    trust_remote_code: bool = False,
+    experts_device: str | torch.device = "cpu",
+    model_class: type | None = None,
+    config_kwargs: Mapping[str, Any] | None = None,
+    built: Built | None = None,
+) -> Skeleton:
+    """The model of ``folder/config.json`` (or of ``model_class``, the config updated with
+    ``config_kwargs``) with its parameters on the meta device and every quantized module already a
+    :class:`Linear4bit` sharing ``state``'s mapped tensors; and the quantization_config. ``built``:
+    :func:`build_model`'s result for the same arguments, made earlier (while the shards streamed).
+
+    Nothing but shard headers is read: ``inspect --memory`` sizes a placement from this skeleton.
+    """
+    if built is None:
+        built = build_model(
+            folder,
+            state,
+            dtype,
+            trust_remote_code=trust_remote_code,
+            model_class=model_class,
+            config_kwargs=config_kwargs,
+        )
+    model, config, own, qc, compute_dtype = built
+    cls = type(model)
 
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
     attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
@@ -519,7 +581,17 @@ def load_quantized(
         warmed(target, folder, dtype) as warm,
         shards_verified(folder, verify, streaming=streams_to(target)) as hashes,
     ):
-        state = read_state(folder, target, hashes, on_parsed=warm.start if warm is not None else None)
+        # the model class is built (meta device) on this thread while the readers stream the shards
+        early = EarlyBuild(
+            folder,
+            dtype,
+            trust_remote_code=trust_remote_code,
+            model_class=model_class,
+            config_kwargs=config_kwargs,
+        )
+        state = read_state(
+            folder, target, hashes, on_parsed=warm.start if warm is not None else None, while_reading=early
+        )
         with timing.phase("skeleton"):
             skeleton = build_skeleton(
                 folder,
@@ -529,6 +601,7 @@ def load_quantized(
                 experts_device=target,  # 4-bit experts: stacked on the target device
                 model_class=model_class,
                 config_kwargs=config_kwargs,
+                built=early.result(),
             )
         model, qc = skeleton.model, skeleton.quantization_config
         # the path or repo id as given, as from_pretrained sets it (an adapter's base_model_name_or_path)

@@ -243,10 +243,13 @@ def read_state(
     device: str | torch.device = "cpu",
     hashes: Verification | None = None,
     on_parsed: Callable[[dict], None] | None = None,
+    while_reading: Callable[[dict], None] | None = None,
 ) -> dict:
     """``load_quantized_state``'s result without its own verification: ``hashes`` (from
     :func:`shards_verified`) is given the chunks a streamed load reads. ``on_parsed`` is called with
-    the parsed (memory-mapped) state before it is streamed (``converter.loader.warmup`` starts there)."""
+    the parsed (memory-mapped) state before it is streamed (``converter.loader.warmup`` starts there);
+    ``while_reading`` with the same state on this thread while the shards stream (after parsing when
+    nothing streams): work that needs only the headers, done instead of waiting for the reads."""
     files, _ = shard_files(folder)
     try:
         # Groups split across shards (transformers' save_pretrained may do that) are joined here.
@@ -267,6 +270,15 @@ def read_state(
         from converter.loader.stream import mapped_files, stream_state
 
         # one device tensor and one record copy per tensor: >100 k objects for a large MoE
+        parsed = out
         with timing.phase("stream"), gc_paused():
-            out = stream_state(out, mapped_files(checkpoint.shards), device, hashes=hashes)
+            out = stream_state(
+                out,
+                mapped_files(checkpoint.shards),
+                device,
+                hashes=hashes,
+                while_reading=None if while_reading is None else lambda: while_reading(parsed),
+            )
+    elif while_reading is not None:
+        while_reading(out)
     return out

@@ -30,7 +30,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,11 +163,13 @@ def stream_state(
     readers: int | None = None,
     stats: StreamStats | None = None,
     hashes: Verification | None = None,
+    while_reading: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """``state`` with every tensor (plain or inside a record) on ``device``.
 
     Shard views are read from their files chunk by chunk and copied once; other tensors are moved
     with ``.to(device)``. ``hashes``: shards with chunk digests are hashed as they are read.
+    ``while_reading`` runs on the calling thread once the readers have started, instead of idle waiting.
     """
     device = torch.device(device)
     stats = stats if stats is not None else StreamStats()
@@ -202,7 +204,7 @@ def stream_state(
     timing.add("alloc", time.perf_counter() - alloc_start)
     grids = [hashes.chunk_digests(f.path.name) if hashes is not None else None for f in files]
     chunks = _chunks(files, pieces, chunk_bytes, grids)
-    _copy_files(files, chunks, device, slots, readers, stats, hashes)
+    _copy_files(files, chunks, device, slots, readers, stats, hashes, while_reading)
     return {k: _replace(v, moved) for k, v in state.items()}
 
 
@@ -264,6 +266,7 @@ def _copy_files(
     readers: int | None,
     stats: StreamStats,
     hashes: Verification | None,
+    while_reading: Callable[[], None] | None = None,
 ) -> None:
     """Each reader thread takes the next chunk, reads it into one of its own staging buffers, issues
     the copies of its tensor pieces on its own CUDA stream and goes on to the next chunk; a buffer is
@@ -348,9 +351,16 @@ def _copy_files(
 
     try:
         timing.mark("reads_start_at")
-        with timing.phase("read_wait"), ThreadPoolExecutor(workers) as pool:
-            for job in [pool.submit(work) for _ in range(workers)]:
-                job.result()
+        with ThreadPoolExecutor(workers) as pool:
+            jobs = [pool.submit(work) for _ in range(workers)]
+            try:
+                if while_reading is not None:
+                    with timing.phase("while_reading"):
+                        while_reading()
+            finally:  # the readers end (or fail) before anything is raised: their buffers are in use
+                with timing.phase("read_wait"):
+                    for job in jobs:
+                        job.result()
         timing.add("chunks", len(chunks))
         timing.add("readers", workers)
         timing.mark("copies_done_at")

@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,58 @@ def test_tensors_outside_the_mapping_are_moved_as_they_are(our_folder: Path) -> 
     out = stream_state(state, mapped_files(checkpoint.shards), "cpu", stats=stats)
     assert stats.moved_tensors == 1
     assert torch.equal(out["extra"], extra)
+
+
+def _reader_threads() -> int:
+    return sum(t.name.startswith("ThreadPoolExecutor") and t.is_alive() for t in threading.enumerate())
+
+
+def test_while_reading_runs_on_the_caller_beside_the_readers(our_folder: Path) -> None:
+    """A streamed load builds the model class while the readers stream (load_quantized's EarlyBuild):
+    the callback runs once, on the calling thread, with the readers started; the result is unchanged."""
+    checkpoint, state = _open(our_folder)
+    files = mapped_files(checkpoint.shards)
+    seen: list[tuple[bool, int]] = []
+    before = _reader_threads()
+
+    def during() -> None:
+        seen.append((threading.current_thread() is threading.main_thread(), _reader_threads() - before))
+
+    out = stream_state(state, files, "cpu", readers=2, while_reading=during)
+    assert seen == [(True, 2)]
+    plain = stream_state(state, files, "cpu", readers=2)
+    for key in state:
+        pairs = zip(stream._tensors_of(out[key]), stream._tensors_of(plain[key]), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs), key
+
+
+def test_an_error_while_reading_is_raised_once_the_readers_ended(our_folder: Path) -> None:
+    checkpoint, state = _open(our_folder)
+    before = _reader_threads()
+
+    def boom() -> None:
+        msg = "built wrong"
+        raise RuntimeError(msg)
+
+    with pytest.raises(RuntimeError, match="built wrong"):
+        stream_state(state, mapped_files(checkpoint.shards), "cpu", readers=2, while_reading=boom)
+    assert _reader_threads() == before, "no reader left running with its buffers"
+
+
+def test_a_streamed_load_builds_the_model_once_while_reading(
+    our_folder: Path, streamed_on_cpu: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = model_mod.build_model
+
+    def counted(*args, **kwargs):
+        calls.append(_reader_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "build_model", counted)
+    load_quantized(our_folder)
+    assert len(calls) == 1, "built once"
+    assert calls[0] > 0, "while the readers ran"
 
 
 @pytest.fixture
