@@ -187,6 +187,10 @@ class Warmup:
     def _side(self, name: str, fn: Any) -> None:
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with torch.no_grad(), on_device:
+            if self.device.type == "cuda":
+                # a kernel launch makes the primary context current on this thread: cuBLAS, on a
+                # thread without one, warns "no current CUDA context" to the user
+                torch.zeros(1, device=self.device)
             self._step(name, fn)
 
     def _step(self, name: str, fn: Any, *args: Any) -> None:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,12 @@ def test_the_warmup_runs_on_cuda_without_error(our_folder: Path) -> None:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     warm = warmup.Warmup(torch.device("cuda"), our_folder, torch.bfloat16)
-    warm.start(state)
-    warm.join()
+    with warnings.catch_warnings(record=True) as caught:  # its threads' warnings too (global filters)
+        warnings.simplefilter("always")
+        warm.start(state)
+        warm.join()
     assert warm.error is None
+    assert [str(w.message) for w in caught] == [], "nothing said to the user (cuBLAS: no current context)"
     torch.cuda.synchronize()
     # Nothing of the warm-up is kept but the cuBLAS workspace of its thread's handle (torch keeps one
     # per handle and stream, for the next thread that takes the handle): freed here to compare.
