@@ -314,6 +314,15 @@ def _text_config(folder: Path) -> dict[str, Any]:
     return text if isinstance(text, dict) else raw
 
 
+def _widths(config: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
+    """Hidden size, attention heads, key/value heads, head size and the throwaway head's rows."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    return hidden, heads, kv_heads, head_dim, min(int(config.get("vocab_size") or HEAD_ROWS), HEAD_ROWS)
+
+
 def _forward_ops(config: Mapping[str, Any], compute: torch.dtype, device: torch.device) -> int:
     """The kernel families of a decoder forward outside the quantized layers, as transformers' Llama-style
     modeling code calls them, at a prompt of 4 tokens and a decode step of 1, on throwaway tensors of the
@@ -323,12 +332,8 @@ def _forward_ops(config: Mapping[str, Any], compute: torch.dtype, device: torch.
     library load are what cost, whatever the width), logits in float32 and argmax. Each torch op
     releases the GIL while it dispatches (and the driver loads its kernel), so the load's own Python
     barely waits for this. Returns how many ops ran."""
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    hidden, heads, kv_heads, head_dim, rows = _widths(config)
     eps = float(config.get("rms_norm_eps") or 1e-6)
-    rows = min(int(config.get("vocab_size") or HEAD_ROWS), HEAD_ROWS)
     on = {"device": device}
     ops = 0
     embed = torch.empty(rows, hidden, dtype=compute, **on)
@@ -378,11 +383,7 @@ def _library_starts(config: Mapping[str, Any], compute: torch.dtype, device: tor
     float32 batched matmul (rotary tables), its bf16 GEMM (the head: cuBLASLt) and SDPA at the model's
     head counts (cuDNN's attention on Hopper). Run on their own threads beside :func:`_forward_ops`,
     whose own calls of them then find the libraries started."""
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    rows = min(int(config.get("vocab_size") or HEAD_ROWS), HEAD_ROWS)
+    hidden, heads, kv_heads, head_dim, rows = _widths(config)
     on = {"device": device}
 
     def blas() -> None:
