@@ -146,9 +146,11 @@ class Warmup:
                 # Each step on its own: one that fails (a config key missing, say) leaves the others' work.
                 if self.mode != "model" and (self.folder / "config.json").is_file():
                     compute = config_dtype or self.dtype
-                    side = self._start_libraries(compute)
-                    # first: cuBLAS's start costs the most, and it needs no shard parsed
-                    self._step("warm_ops", self._ops, compute)
+                    config = self._text_config()
+                    if config is not None:
+                        side = self._start_libraries(config, compute)
+                        # first: cuBLAS's start costs the most, and it needs no shard parsed
+                        self._step("warm_ops", _forward_ops, config, compute, self.device)
                 self._parsed.wait()
                 if self._work is None:
                     return
@@ -167,12 +169,20 @@ class Warmup:
                 thread.join()
             timing.mark("warm_done_at")
 
-    def _start_libraries(self, compute: torch.dtype) -> list[threading.Thread]:
+    def _text_config(self) -> dict[str, Any] | None:
+        """The folder's text config, read once for the forward's ops and the library threads (None,
+        the error kept, when it cannot be read: the load reports it)."""
+        try:
+            return _text_config(self.folder)
+        except Exception as exc:
+            self._failed(exc)
+            return None
+
+    def _start_libraries(self, config: Mapping[str, Any], compute: torch.dtype) -> list[threading.Thread]:
         """cuBLAS's and SDPA's (cuDNN's) first calls, each on its own thread, while this one runs the
         element-wise first calls: the driver loads their kernels side by side (bench/probe_warmup.py on
         an H100: the families on 4 threads took 0.34-0.39 s, on one 0.50-0.55 s)."""
         try:
-            config = _text_config(self.folder)
             starts = _library_starts(config, compute, self.device)
         except Exception as exc:  # a config key missing: _forward_ops meets it and says so
             self._failed(exc)
@@ -200,9 +210,6 @@ class Warmup:
                 fn(*args)
         except Exception as exc:
             self._failed(exc)
-
-    def _ops(self, compute: torch.dtype) -> None:
-        _forward_ops(_text_config(self.folder), compute, self.device)
 
     def _failed(self, exc: Exception) -> None:
         if self.error is None:
