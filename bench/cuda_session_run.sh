@@ -27,6 +27,9 @@
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
 #   gemv     bench_gemv_cuda.py: batch-1/4 GEMV kernels inside CUDA graphs vs the copy floor
 #   multi    bench_gemv_multi_cuda.py: one launch for q/k/v or gate/up vs separate launches vs bf16
+#   moegemv  bench_moe_gemv_cuda.py: the MoE decode kernels alone (gate/up + SiLU, down + routing sum) in CUDA graphs
+#   moencu   ncu --set full on those two kernels (bench/profile_moe_gemv.py)
+#   moeprof  bench_moe.py --modes profile,graphed-compiled at $MOE_LAYERS (default 12) layers: kernels per token by family
 #   moe      bench_moe.py --device cuda: whole Qwen3-30B-A3B-shaped model (MOE_LAYERS, default 48 layers),
 #            ours vs bf16: memory, MoE blocks, generate() eager and compiled
 #   probe    probe_warmup.py: the load warm-up's first calls per op, on threads, beside busy threads; a first forward after it
@@ -109,6 +112,11 @@ for s in ${*:-env}; do
       --source "$GEN_DIR/llama8b-32" --tokens 16 ;;
     e2e) step e2e timeout 240 bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
     multi) step multi timeout 60 python3 "$ROOT/bench/bench_gemv_multi_cuda.py" --json "$OUT/multi.json" ;;
+    moegemv) step moegemv timeout 120 python3 "$ROOT/bench/bench_moe_gemv_cuda.py" --replays 15 --json "$OUT/moegemv.json" ;;
+    moencu) step moencu timeout 240 bash -c "for k in grouped_glu grouped_sum; do ncu --clock-control none -k regex:\$k \
+      --launch-skip 2 --launch-count 1 --set full python3 $ROOT/bench/profile_moe_gemv.py; done" ;;
+    moeprof) step moeprof timeout "${MOE_TIMEOUT:-300}" python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-12}" \
+      --repeat 2 --modes "profile,graphed-compiled" --workdir /tmp/qm_moe --json "$OUT/moeprof.json" ;;
     gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --replays 15 --json "$OUT/gemv.json" ;;
     moe) step moe timeout "${MOE_TIMEOUT:-240}" python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-48}" --repeat 2 --modes "${MOE_MODES:-eager,compiled,graphed-compiled}" \
       --workdir /tmp/qm_moe --json "$OUT/moe.json" ;;
