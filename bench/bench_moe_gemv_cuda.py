@@ -8,8 +8,9 @@ routing. A graph holds --steps launches, each with its own random routing (every
 experts, so the bytes come from device memory, not from L2, as in a 48-layer model); its replay is
 timed with CUDA events (median of --replays) and divided by the steps. Kernels: the first projection
 with SiLU (``glu``: gate + up of the 8 routed experts), the second with the routing sum (``sum``: down),
-and both (``decode_silu``, what a decode step runs per layer), each with the lanes per row chosen by K
-(``auto``) and forced to 8 / 16 / 32. "% floor": the bytes a step must read (the distinct routed
+and both (``decode_silu``, what a decode step runs per layer), each with the kernel chosen (``auto``: the
+tensor-core kernels for these bf16 shapes), forced to the tensor-core kernels (``mma``), or the CUDA-core
+kernels with 8 / 16 / 32 lanes per row. "% floor": the bytes a step must read (the distinct routed
 experts' codes and absmax, plus activations) at the copy bandwidth measured in the same run, over the
 time. Contender: bf16 ``F.linear`` over the same routed experts (gate_up, then down; no routing sum),
 the dense model's cost of the same work. Reference: before this kernel, a 48-layer profile on the H200
@@ -38,7 +39,7 @@ from formats import codebooks
 
 EXPERTS, HIDDEN, INTER, TOP_K, BS = 128, 2048, 768, 8, 64
 BATCHES = (1, 4)
-LANES = (0, 8, 16, 32)
+LANES = (0, moe_cuda.MMA_LANES, 8, 16, 32)
 #: Per-layer times of the previous kernels (8 lanes per row, one chunk prefetched), 48-layer profile.
 PREVIOUS_US = {"glu": 15.0, "sum": 8.4}
 
@@ -121,7 +122,7 @@ def contenders(layer: Layer, steps: int, batch: int) -> dict[tuple[str, str], Ca
     """(kernel, configuration) -> the work one graph captures: ``steps`` launches."""
     out: dict[tuple[str, str], Callable[[], object]] = {}
     for lanes in LANES:
-        name = "auto" if lanes == 0 else f"{lanes} lanes"
+        name = "auto" if lanes == 0 else "mma" if lanes == moe_cuda.MMA_LANES else f"{lanes} lanes"
         out["glu", name] = lambda lanes=lanes: [layer.glu(s, lanes) for s in range(steps)]
         out["sum", name] = lambda lanes=lanes: [layer.sum(s, lanes) for s in range(steps)]
     out["decode_silu", "auto"] = lambda: [layer.decode(s) for s in range(steps)]

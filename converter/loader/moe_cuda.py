@@ -32,6 +32,9 @@ from converter.loader.moe_records import region_pointers
 #: Largest top-k of the fused decode (the second kernel's CTA holds rows x k slots of 8+ lanes, 256 threads).
 FUSED_MAX_K = 32
 
+#: ``lanes`` of :func:`decode_silu` that forces its tensor-core kernels (moe_cuda.h: kGroupedLanesMma).
+MMA_LANES = 1
+
 #: Bound on the dequantized scratch of one prefill chunk (bytes); a chunk holds at least one expert.
 PREFILL_SCRATCH_BYTES = 512 << 20
 
@@ -154,9 +157,13 @@ def decode_silu(
 ) -> torch.Tensor:
     """Decode with SiLU experts in two launches: ``h = silu(x Wg.T) * (x Wu.T)`` for every routed (token,
     slot) row, then ``y[t] = sum_j w[t, j] * h[t k + j] Wd.T``; float32 inside each kernel, one rounding
-    of h and of y to x's dtype. Ids and weights are read on the device (no host sync). ``lanes``: threads
-    per output row of both launches, 0 (chosen by each projection's K) or a forced 8 / 16 / 32 (tests
-    and benchmarks; the second launch needs k <= 256 / lanes)."""
+    of h and of y to x's dtype. Ids and weights are read on the device (no host sync).
+
+    ``lanes``: 0 picks the kernels: for 16-bit x the tensor-core ones where the layout allows (K a
+    multiple of 256, blocksize >= 64, k <= 8; code values rounded to x's dtype, as the dense fused GEMV
+    does), else the CUDA-core ones with threads per output row chosen by each projection's K. Tests and
+    benchmarks force :data:`MMA_LANES` (tensor cores; a ``RuntimeError`` where the layout does not
+    allow them) or 8 / 16 / 32 threads per row on CUDA cores (the second launch needs k <= 256 / lanes)."""
     tokens, hidden_dim = hidden.shape
     k = top_k_index.shape[1]
     # Python checks before each copy: an eager decode step is host-bound, every dispatch counts

@@ -216,6 +216,21 @@ __device__ __forceinline__ float decode_nested(const uint8_t* __restrict__ ncode
   return __fadd_rn(__fmul_rn(m, __ldg(nabs + (blk >> 8))), offset);
 }
 
+__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
+
+// Element i of a float32 / float16 / bfloat16 array given by its DType code (the MoE routing weights).
+__device__ __forceinline__ float load_weight(const void* w, int dtype, int64_t i) {
+  if (dtype == kF32) return __ldg(static_cast<const float*>(w) + i);
+  if (dtype == kF16) return __half2float(static_cast<const __half*>(w)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(w)[i]);
+}
+
+// silu(g) * u in float32: g / (1 + exp(-g)) then the product, each operation rounded once (the MoE
+// decode kernels' activation, CUDA-core and tensor-core alike).
+__device__ __forceinline__ float silu_mul(float g, float u) {
+  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
 inline int ilog2(int v) {
   int l = 0;
   while ((1 << l) < v) ++l;

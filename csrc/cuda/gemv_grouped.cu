@@ -14,7 +14,13 @@
 // that cover a row in one round of at most 4 chunks, C = the chunks a lane then has). Qwen3-30B-A3B:
 // gate/up K = 2048 is 64 chunks -> 16 lanes x 4 chunks (x 2 rows, gate and up), down K = 768 is 24
 // chunks -> 8 lanes x 3. Longer rows repeat the round (32 lanes x 4 chunks).
+//
+// With 16-bit activations the two decode launches (glu, sum) take the tensor-core kernel of
+// gemv_stream.cu instead where its layout allows (K % 256 == 0, blocksize >= 64, k <= 8): ~6 instructions
+// per weight here (ncu, H100, Qwen3-30B-A3B's gate/up: 4.7 M warp instructions, 0.4 issued per cycle)
+// against ~2.5 there. lanes = kGroupedLanesMma forces it, 8 / 16 / 32 force these kernels.
 #include "common.cuh"
+#include "gemv_stream.cuh"
 #include "moe_cuda.h"
 
 namespace qm {
@@ -147,24 +153,11 @@ __device__ __forceinline__ float row_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fc00000); }
-
 // The 16 code values into shared memory, read by every thread of the CTA after the barrier (all threads
 // must call it).
 __device__ __forceinline__ void load_quant_map(const float* __restrict__ quant_map, float* s_qm) {
   if (threadIdx.x < 16) s_qm[threadIdx.x] = __ldg(quant_map + threadIdx.x);
   __syncthreads();
-}
-
-__device__ __forceinline__ float load_weight(const void* w, int dtype, int64_t i) {
-  if (dtype == kF32) return __ldg(static_cast<const float*>(w) + i);
-  if (dtype == kF16) return __half2float(static_cast<const __half*>(w)[i]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(w)[i]);
-}
-
-// silu(g) * u in float32: g / (1 + exp(-g)) then the product, each operation rounded once.
-__device__ __forceinline__ float silu_mul(float g, float u) {
-  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
 // y[g, row] = x[g / x_share] . W_ids[g][row]; kThreads / L rows per CTA, C chunks per lane and round.
@@ -349,6 +342,25 @@ int check_gemv(int dtype, int blocksize, int64_t grid_y, int64_t rows, int64_t K
   return kOk;
 }
 
+// The tensor-core launches' arguments shared by glu and sum.
+void fill_mma_args(GroupedMmaArgs& m, const ExpertsArg& a, uintptr_t x, uintptr_t y, int64_t groups, int64_t rows,
+                   int64_t K, int blocksize, cudaStream_t st) {
+  m.x = reinterpret_cast<const void*>(x);
+  m.ids = a.ids;
+  m.experts = a.experts;
+  m.packed = a.packed;
+  m.packed_stride = a.ps;
+  m.absmax = a.absmax;
+  m.absmax_stride = a.as;
+  m.quant_map = a.qm;
+  m.y = reinterpret_cast<void*>(y);
+  m.groups = groups;
+  m.rows = rows;
+  m.K = K;
+  m.log2bs = ilog2(blocksize);
+  m.st = st;
+}
+
 unsigned tiles(int64_t rows, int64_t per) { return static_cast<unsigned>((rows + per - 1) / per); }
 
 // A launch's compile-time shape: L lanes per row, C chunks per lane and round.
@@ -475,10 +487,21 @@ int gemv_4bit_grouped_glu(int device, uintptr_t x, int dtype, int64_t groups, in
                           uintptr_t stream, int lanes) {
   const ExpertsArg a = experts_arg(ids, experts, packed, packed_stride, absmax, absmax_stride, quant_map);
   if (int s = check_gemv(dtype, blocksize, groups, 2 * I, K, a, x); s != kOk) return s;
-  const Config cfg = pick_config(lanes, K);
+  const bool mma = lanes == kGroupedLanesMma ||
+                   (lanes == 0 && grouped_mma_supported(device, dtype, K, blocksize, x, packed, packed_stride,
+                                                        absmax, absmax_stride, 1));
+  if (mma && !grouped_mma_supported(device, dtype, K, blocksize, x, packed, packed_stride, absmax, absmax_stride, 1))
+    return kBadSize;
+  const Config cfg = pick_config(mma ? 0 : lanes, K);
   if (x_share < 1 || cfg.lanes == 0) return kBadSize;
   if (groups == 0 || I == 0) return kOk;
   if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return static_cast<int>(e);
+  if (mma) {
+    GroupedMmaArgs m{};
+    fill_mma_args(m, a, x, h, groups, I, K, blocksize, reinterpret_cast<cudaStream_t>(stream));
+    m.x_share = x_share;
+    return static_cast<int>(launch_grouped_glu_mma(m, dtype, device));
+  }
   return dispatch<Glu>(dtype, cfg, reinterpret_cast<const void*>(x), groups, x_share, I, K, ilog2(blocksize), a,
                        reinterpret_cast<void*>(h), reinterpret_cast<cudaStream_t>(stream));
 }
@@ -490,6 +513,12 @@ int gemv_4bit_grouped_sum(int device, uintptr_t h, int dtype, int64_t tokens, in
   const ExpertsArg a = experts_arg(ids, experts, packed, packed_stride, absmax, absmax_stride, quant_map);
   if (int s = check_gemv(dtype, blocksize, tokens, N, K, a, h); s != kOk) return s;
   if (k < 1 || k > kMaxSlots || tokens * k > (int64_t{1} << 40)) return kBadSize;
+  const bool mma = lanes == kGroupedLanesMma ||
+                   (lanes == 0 && grouped_mma_supported(device, dtype, K, blocksize, h, packed, packed_stride,
+                                                        absmax, absmax_stride, k));
+  if (mma && !grouped_mma_supported(device, dtype, K, blocksize, h, packed, packed_stride, absmax, absmax_stride, k))
+    return kBadSize;
+  if (mma) lanes = 0;
   Config cfg = pick_config(lanes, K);
   if (lanes == 0) {  // auto: fewer lanes where a CTA's slots cannot hold the k experts of a row
     while (kThreads / cfg.lanes < k) cfg = pick_config(cfg.lanes / 2, K);
@@ -499,6 +528,14 @@ int gemv_4bit_grouped_sum(int device, uintptr_t h, int dtype, int64_t tokens, in
   if (!valid_dtype(w_dtype)) return kBadDtype;
   if (tokens == 0 || N == 0) return kOk;
   if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return static_cast<int>(e);
+  if (mma) {
+    GroupedMmaArgs m{};
+    fill_mma_args(m, a, h, y, tokens, N, K, blocksize, reinterpret_cast<cudaStream_t>(stream));
+    m.k = k;
+    m.weights = reinterpret_cast<const void*>(weights);
+    m.w_dtype = w_dtype;
+    return static_cast<int>(launch_grouped_sum_mma(m, dtype, device));
+  }
   return dispatch<Sum>(dtype, cfg, reinterpret_cast<const void*>(h), tokens, k,
                        reinterpret_cast<const void*>(weights), w_dtype, N, K, ilog2(blocksize), a,
                        reinterpret_cast<void*>(y), reinterpret_cast<cudaStream_t>(stream));

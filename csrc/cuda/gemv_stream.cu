@@ -120,7 +120,8 @@ struct Params {
 
 // The absmax window of one row for one tile: 4 nested codes from b0 & ~3 (and the nested absmax of
 // b0 / 256, which every block of the tile shares), or 4 floats from b0 & ~3.
-__device__ __forceinline__ void issue_meta(const Params& p, uint32_t meta, int lane, int64_t rowblk, int kt) {
+__device__ __forceinline__ void issue_meta(const Params& p, const float* absmax, uint32_t meta, int lane,
+                                           int64_t rowblk, int kt) {
   const int mr = lane & 15;
   const int64_t b0 = rowblk + ((static_cast<int64_t>(kt) * kTileWeights) >> p.log2bs);
   const int64_t w = b0 & ~int64_t{3};
@@ -129,9 +130,26 @@ __device__ __forceinline__ void issue_meta(const Params& p, uint32_t meta, int l
     if (lane < 16) cp_async4(dst, p.nc + w, clamp_bytes(p.nb - w, 4));
     else cp_async4(dst + 4, p.na + (b0 >> 8), 4u);
   } else if (lane < 16) {
-    cp_async16(dst, p.absmax + w, clamp_bytes(4 * (p.nb - w), 16));
+    cp_async16(dst, absmax + w, clamp_bytes(4 * (p.nb - w), 16));
   }
 }
+
+// What a CTA computes: one weight's rows (kDense), or MoE decode's grouped launches: the gate and up
+// rows of one routed expert with SiLU (kGlu), or the down rows of a token's k routed experts and their
+// routing-weighted sum (kSum).
+enum Mode : int { kDense = 0, kGlu = 1, kSum = 2 };
+
+// The grouped launches' per-CTA facts (unused by kDense).
+struct GroupCta {
+  int64_t gate_rows;   // kGlu: I, the expert's gate rows (its up rows follow)
+  int k;               // kSum: routed experts per token (k warps of a row tile, each its own expert)
+  bool known;          // kGlu: the group's expert id is one of the layer's (else NaN rows)
+  const int64_t* ids;   // kSum: the launch's expert ids, the token's k from `first`
+  int64_t first;        // kSum: t * k for token t
+  int64_t experts;      // kSum: the layer's experts
+  const void* weights;  // kSum: the launch's routing weights (DType w_dtype), the token's k from `first`
+  int w_dtype;
+};
 
 // One weight ("segment") of a launch: its Params, tables and output. Several weights that read the same
 // x (q/k/v, gate/up) run in one launch: their CTAs follow one another along grid.x.
@@ -151,17 +169,27 @@ struct Segments {
   int count;                    // segments in use, 1..kMaxSegments
 };
 
-// The work of one CTA: row tiles cta * tiles_per_cta .. of p's weight, K slice blockIdx.y. Inlined
+// Warp w's parked partial sums (its C fragments, 32 lanes x 4 floats) after the k loop.
+__device__ __forceinline__ const float* warp_part(const unsigned char* smem, int w) {
+  return reinterpret_cast<const float*>(smem + kWarpOff + w * kWarpBytes);
+}
+
+// The work of one CTA: row tiles cta * tiles_per_cta .. of p's weight, K slice `slice`. Inlined
 // into the kernel once per segment slot, so each copy reads its segment's fields at fixed parameter
 // offsets, exactly as a one-weight launch does.
-template <typename T>
+//
+// kGlu / kSum (MoE decode, batch 1 per group, one K slice): `packed` / `absmax` are this warp's expert's
+// region and x its activation row; kGlu's row tiles come in pairs (gate tile, then the up tile of the
+// same rows, split warps each), kSum's row tiles take k * split warps (expert j = warp / split % k).
+template <typename T, int M = kDense>
 __device__ __forceinline__ void stream_cta(const T* __restrict__ x,              // [B, K]
                                            const Params& p,
                                            const float* __restrict__ map8,       // [256] (nested)
                                            const float* __restrict__ quant_map,  // [16]
                                            T* __restrict__ y,                    // [B, N] (one K slice)
                                            float* __restrict__ scratch,          // [ks, B, N] or null
-                                           int64_t cta) {
+                                           int64_t cta, int slice, const uint8_t* __restrict__ packed,
+                                           const float* __restrict__ absmax, const GroupCta& job = GroupCta{}) {
   extern __shared__ __align__(16) unsigned char smem[];
   uint32_t* s_grid = reinterpret_cast<uint32_t*>(smem);
   float* s_map8 = reinterpret_cast<float*>(smem + kMap8Off);
@@ -174,12 +202,21 @@ __device__ __forceinline__ void stream_cta(const T* __restrict__ x,             
 
   const int split = p.split;
   const int tiles_per_cta = p.tiles_per_cta;
-  const int rt = warp / split, sp = warp % split;
-  const int64_t row0 = (cta * tiles_per_cta + rt) * 16;
-  const int kt0 = static_cast<int>(blockIdx.y) * p.tiles_per_slice;
+  const int per_tile = M == kSum ? split * job.k : split;  // warps of one row tile
+  const int rt = warp / per_tile, sp = warp % split;
+  int64_t row0 = (cta * tiles_per_cta + rt) * 16;
+  bool live = row0 < p.N;
+  if constexpr (M == kGlu) {  // row tile rt: pair rt / 2 of the CTA, its gate rows (rt even) or up rows
+    const int64_t gate0 = (cta * (tiles_per_cta >> 1) + (rt >> 1)) * 16;
+    row0 = gate0 + (rt & 1) * job.gate_rows;
+    live = gate0 < job.gate_rows && job.known;
+  } else if constexpr (M == kSum) {
+    live = live && job.known;
+  }
+  const int kt0 = slice * p.tiles_per_slice;
   const int kt_end = min(p.k_tiles, kt0 + p.tiles_per_slice);
   const int span = kt_end - kt0;
-  const int mine = (rt < tiles_per_cta && row0 < p.N && sp < span) ? (span - 1 - sp) / split + 1 : 0;
+  const int mine = (rt < tiles_per_cta && live && sp < span) ? (span - 1 - sp) / split + 1 : 0;
   const int64_t blocks_per_row = p.K >> p.log2bs;
   const int64_t half_k = p.K >> 1;
 
@@ -189,7 +226,7 @@ __device__ __forceinline__ void stream_cta(const T* __restrict__ x,             
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t r = min(row0 + (lane >> 3) + 4 * i, p.N - 1);
-    src[i] = p.packed + r * half_k + (lane & 7) * 16;
+    src[i] = packed + r * half_k + (lane & 7) * 16;
   }
   const int crow = lane >> 3, piece = lane & 7;  // crow == row & 3 for all four rows
   const uint32_t code_dst = crow * kGridRowBytes + (((piece >> 1) ^ crow) * 32) + (piece & 1) * 16;
@@ -200,7 +237,7 @@ __device__ __forceinline__ void stream_cta(const T* __restrict__ x,             
     const int64_t off = static_cast<int64_t>(kt) * kTileBytes;
 #pragma unroll
     for (int i = 0; i < 4; ++i) cp_async16(st + code_dst + i * 4 * kGridRowBytes, src[i] + off);
-    issue_meta(p, s_meta + s * kMetaBytes, lane, meta_rowblk, kt);
+    issue_meta(p, absmax, s_meta + s * kMetaBytes, lane, meta_rowblk, kt);
     cp_async_commit();
   };
 
@@ -307,18 +344,48 @@ __device__ __forceinline__ void stream_cta(const T* __restrict__ x,             
 #pragma unroll
   for (int i = 0; i < 4; ++i) red[lane * 4 + i] = acc[i];
   __syncthreads();
-  for (int o = threadIdx.x; o < tiles_per_cta * 16 * 8; o += kThreads) {
-    const int t = o >> 7, r = (o >> 3) & 15, n = o & 7;
-    const int64_t row = (cta * tiles_per_cta + t) * 16 + r;
-    if (n >= p.batch || row >= p.N) continue;
-    const int srcpos = ((r & 7) * 4 + (n >> 1)) * 4 + (r >> 3) * 2 + (n & 1);  // C fragment position
-    float s = 0.0f;
-    for (int w = 0; w < split; ++w) {
-      const float* part = reinterpret_cast<const float*>(smem + kWarpOff + (t * split + w) * kWarpBytes);
-      s = __fadd_rn(s, part[srcpos]);
+  if constexpr (M == kDense) {
+    for (int o = threadIdx.x; o < tiles_per_cta * 16 * 8; o += kThreads) {
+      const int t = o >> 7, r = (o >> 3) & 15, n = o & 7;
+      const int64_t row = (cta * tiles_per_cta + t) * 16 + r;
+      if (n >= p.batch || row >= p.N) continue;
+      const int srcpos = ((r & 7) * 4 + (n >> 1)) * 4 + (r >> 3) * 2 + (n & 1);  // C fragment position
+      float s = 0.0f;
+      for (int w = 0; w < split; ++w) s = __fadd_rn(s, warp_part(smem, t * split + w)[srcpos]);
+      if (scratch != nullptr) scratch[(static_cast<int64_t>(slice) * p.batch + n) * p.N + row] = s;
+      else y[n * p.N + row] = Elem<T>::from(s);
     }
-    if (scratch != nullptr) scratch[(static_cast<int64_t>(blockIdx.y) * p.batch + n) * p.N + row] = s;
-    else y[n * p.N + row] = Elem<T>::from(s);
+  } else {
+    // Batch column 0 of rows cta's row tiles: kGlu h = silu(gate) * up of pair t (tiles 2t, 2t + 1);
+    // kSum y = sum over j of w_j * (row tile t's dot with expert j), in slot order, as the CUDA-core
+    // kernels of gemv_grouped.cu do.
+    const int tiles = M == kGlu ? tiles_per_cta >> 1 : tiles_per_cta;
+    for (int o = threadIdx.x; o < tiles * 16; o += kThreads) {
+      const int t = o >> 4, r = o & 15;
+      const int64_t row = (cta * tiles + t) * 16 + r;
+      const int srcpos = (r & 7) * 16 + (r >> 3) * 2;  // C fragment position of (r, column 0)
+      if constexpr (M == kGlu) {
+        if (row >= job.gate_rows) continue;
+        float gate = 0.0f, up = 0.0f;
+        for (int w = 0; w < split; ++w) {
+          gate = __fadd_rn(gate, warp_part(smem, 2 * t * split + w)[srcpos]);
+          up = __fadd_rn(up, warp_part(smem, (2 * t + 1) * split + w)[srcpos]);
+        }
+        y[row] = Elem<T>::from(job.known ? silu_mul(gate, up) : nan_f());
+      } else {
+        if (row >= p.N) continue;
+        float acc = 0.0f;
+        bool all = true;
+        for (int j = 0; j < job.k; ++j) {
+          float dot = 0.0f;
+          for (int w = 0; w < split; ++w) dot = __fadd_rn(dot, warp_part(smem, (t * job.k + j) * split + w)[srcpos]);
+          const int64_t e = __ldg(job.ids + job.first + j);
+          all = all && e >= 0 && e < job.experts;
+          acc = __fmaf_rn(load_weight(job.weights, job.w_dtype, job.first + j), dot, acc);
+        }
+        y[row] = Elem<T>::from(all ? acc : nan_f());
+      }
+    }
   }
 }
 
@@ -329,7 +396,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
 k_gemv_stream(const T* __restrict__ x, Params p, const float* __restrict__ map8, const float* __restrict__ quant_map,
               T* __restrict__ y, float* __restrict__ scratch) {
-  stream_cta(x, p, map8, quant_map, y, scratch, blockIdx.x);
+  stream_cta(x, p, map8, quant_map, y, scratch, blockIdx.x, static_cast<int>(blockIdx.y), p.packed, p.absmax);
 }
 
 // Several weights per launch: the CTA's segment from the prefix CTA counts (uniform across the CTA, so
@@ -346,7 +413,51 @@ k_gemv_stream_multi(const T* __restrict__ x, const Segments segs) {
   for (int j = 0; j < kMaxSegments; ++j)
     if (j == si)
       stream_cta(x, segs.seg[j].p, segs.seg[j].map8, segs.seg[j].quant_map, static_cast<T*>(segs.seg[j].y),
-                 segs.seg[j].scratch, cta - segs.first_cta[j]);
+                 segs.seg[j].scratch, cta - segs.first_cta[j], static_cast<int>(blockIdx.y), segs.seg[j].p.packed,
+                 segs.seg[j].p.absmax);
+}
+
+// MoE decode, first projection with SiLU: CTA (blockIdx.x, group g = blockIdx.y) takes pairs of row
+// tiles of expert ids[g] (gate rows 0..I-1, up rows I..2I-1 of its region) against x row g / x_share and
+// writes h[g, rows] = silu(gate) * up. p: the region's Params (N = 2I, batch 1, one K slice).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+k_grouped_glu_mma(const T* __restrict__ x, int64_t x_share, const int64_t* __restrict__ ids, int64_t experts,
+                  int64_t packed_stride, int64_t absmax_stride, const Params p, const float* __restrict__ quant_map,
+                  T* __restrict__ h, int64_t I) {
+  const int64_t g = blockIdx.y;
+  const int64_t e = __ldg(ids + g);
+  GroupCta job{};
+  job.gate_rows = I;
+  job.known = e >= 0 && e < experts;
+  const int64_t at = job.known ? e : 0;  // an unknown id reads nothing (its warps have no tiles)
+  stream_cta<T, kGlu>(x + (g / x_share) * p.K, p, nullptr, quant_map, h + g * I, nullptr, blockIdx.x, 0,
+                      p.packed + at * packed_stride, p.absmax + at * absmax_stride, job);
+}
+
+// MoE decode, second projection and routing sum: CTA (blockIdx.x, token t = blockIdx.y) takes row tiles
+// of the k experts ids[t k ..]: warp (tile, j, s) streams expert j's rows against h row t k + j, and
+// y[t, rows] = sum_j w[t k + j] * dot_j in slot order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+k_grouped_sum_mma(const T* __restrict__ h, int k, const int64_t* __restrict__ ids, int64_t experts,
+                  const void* __restrict__ weights, int w_dtype, int64_t packed_stride, int64_t absmax_stride,
+                  const Params p, const float* __restrict__ quant_map, T* __restrict__ y) {
+  const int64_t t = blockIdx.y;
+  const int j = (static_cast<int>(threadIdx.x >> 5) / p.split) % k;
+  const int64_t g = t * k + j;
+  const int64_t e = __ldg(ids + g);
+  GroupCta job{};
+  job.k = k;
+  job.known = e >= 0 && e < experts;
+  job.ids = ids;
+  job.first = t * k;
+  job.experts = experts;
+  job.weights = weights;
+  job.w_dtype = w_dtype;
+  const int64_t at = job.known ? e : 0;
+  stream_cta<T, kSum>(h + g * p.K, p, nullptr, quant_map, y + t * p.N, nullptr, blockIdx.x, 0,
+                      p.packed + at * packed_stride, p.absmax + at * absmax_stride, job);
 }
 
 // y = the slices' partial sums added in slice order (0, 1, ...), rounded once to T.
@@ -510,7 +621,83 @@ cudaError_t launch(const GemvMmaArgs* a, int n, int device, int variant, float* 
   return cudaGetLastError();
 }
 
+
+// A grouped launch's shape: `split` warps per k range, row tiles per CTA (kGlu: two per pair), CTAs per group.
+struct GroupPlan {
+  int split, tiles;
+  int64_t ctas;
+};
+
+// The fewest modelled waves (two CTAs per multiprocessor) x k tiles per warp, ties to fewer CTAs. Every
+// warp of a CTA is used: kGlu takes 8 / (2 split) pairs of row tiles, kSum 8 / (k split) row tiles.
+// Qwen3-30B-A3B (I 768, K 2048, 8 groups): gate/up at split 2, 2 pairs per CTA, 192 CTAs of 4 k tiles a
+// warp; down (N 2048, K 768, k 8): split 1, one row tile of 8 experts per CTA, 128 CTAs of 3 k tiles.
+GroupPlan group_plan(int device, Mode mode, int64_t rows, int64_t K, int64_t groups, int k) {
+  const int64_t row_tiles = (rows + 15) / 16, k_tiles = K / kTileWeights;
+  const int64_t slots = 2 * static_cast<int64_t>(multiprocessors(device));
+  GroupPlan best{1, mode == kGlu ? 2 : 1, row_tiles};
+  int64_t best_cost = -1;
+  for (int split = 1; split <= kWarps; split *= 2) {
+    const int per_unit = mode == kGlu ? 2 * split : k * split;  // warps of a pair (kGlu) or of a row tile
+    if (per_unit > kWarps) break;
+    const int units = kWarps / per_unit;
+    const int64_t ctas = (row_tiles + units - 1) / units;
+    const int64_t cost = (ctas * groups + slots - 1) / slots * ((k_tiles + split - 1) / split);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best = GroupPlan{split, mode == kGlu ? 2 * units : units, ctas};
+    }
+  }
+  return best;
+}
+
+Params group_params(const GroupedMmaArgs& a, int64_t N, const GroupPlan& pl) {
+  const int k_tiles = static_cast<int>(a.K / kTileWeights);
+  return Params{a.packed, a.absmax, nullptr, nullptr, 0.0f, (N * a.K) >> a.log2bs, N, a.K, k_tiles, k_tiles,
+                a.log2bs, 1, pl.split, pl.tiles, false};
+}
+
+template <typename T>
+cudaError_t launch_glu(const GroupedMmaArgs& a, int device) {
+  static std::atomic<uint64_t> configured{0};
+  if (cudaError_t e = configure(k_grouped_glu_mma<T>, configured, device); e != cudaSuccess) return e;
+  const GroupPlan pl = group_plan(device, kGlu, a.rows, a.K, a.groups, 1);
+  const Params p = group_params(a, 2 * a.rows, pl);
+  k_grouped_glu_mma<T><<<dim3(static_cast<unsigned>(pl.ctas), static_cast<unsigned>(a.groups)), kThreads,
+                         kSmemBytes, a.st>>>(static_cast<const T*>(a.x), a.x_share, a.ids, a.experts,
+                                             a.packed_stride, a.absmax_stride, p, a.quant_map,
+                                             static_cast<T*>(a.y), a.rows);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_sum(const GroupedMmaArgs& a, int device) {
+  static std::atomic<uint64_t> configured{0};
+  if (cudaError_t e = configure(k_grouped_sum_mma<T>, configured, device); e != cudaSuccess) return e;
+  const GroupPlan pl = group_plan(device, kSum, a.rows, a.K, a.groups, a.k);
+  const Params p = group_params(a, a.rows, pl);
+  k_grouped_sum_mma<T><<<dim3(static_cast<unsigned>(pl.ctas), static_cast<unsigned>(a.groups)), kThreads,
+                         kSmemBytes, a.st>>>(static_cast<const T*>(a.x), a.k, a.ids, a.experts, a.weights,
+                                             a.w_dtype, a.packed_stride, a.absmax_stride, p, a.quant_map,
+                                             static_cast<T*>(a.y));
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+bool grouped_mma_supported(int device, int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed,
+                           int64_t packed_stride, uintptr_t absmax, int64_t absmax_stride, int k) {
+  return gemv_stream_supported(device, dtype, K, blocksize, x, packed, absmax, 0) && packed_stride % 16 == 0 &&
+         absmax_stride % 4 == 0 && k >= 1 && k <= kWarps;
+}
+
+cudaError_t launch_grouped_glu_mma(const GroupedMmaArgs& a, int dtype, int device) {
+  return dtype == kBF16 ? launch_glu<__nv_bfloat16>(a, device) : launch_glu<__half>(a, device);
+}
+
+cudaError_t launch_grouped_sum_mma(const GroupedMmaArgs& a, int dtype, int device) {
+  return dtype == kBF16 ? launch_sum<__nv_bfloat16>(a, device) : launch_sum<__half>(a, device);
+}
 
 bool gemv_stream_supported(int device, int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed,
                            uintptr_t absmax, uintptr_t ncodes) {

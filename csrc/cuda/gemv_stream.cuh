@@ -47,5 +47,42 @@ cudaError_t launch_gemv_stream(const GemvMmaArgs& a, int dtype, int device, int 
 cudaError_t launch_gemv_stream_multi(const GemvMmaArgs* a, int n, int dtype, int device, int variant,
                                      float* scratch);
 
+// MoE decode on the tensor-core kernel (the same per-CTA code, csrc/cuda/gemv_stream.cu), called by
+// gemv_grouped.cu's entry points (moe_cuda.h) for 16-bit activations. Expert e's region: its codes at
+// packed + e * packed_stride, its float32 absmax at absmax + e * absmax_stride; ids (int64) on the device,
+// an id outside 0..experts-1 gives NaN rows.
+struct GroupedMmaArgs {
+  const void* x;  // glu: x [groups / x_share, K]; sum: h [groups * k, K]
+  const int64_t* ids;
+  int64_t experts;
+  const uint8_t* packed;
+  int64_t packed_stride;
+  const float* absmax;
+  int64_t absmax_stride;
+  const float* quant_map;
+  void* y;          // glu: h [groups, rows]; sum: y [groups, rows]
+  int64_t groups;   // glu: (token, slot) pairs; sum: tokens
+  int64_t x_share;  // glu: groups per x row
+  int64_t rows;     // glu: I (gate rows; up rows follow); sum: N
+  int64_t K;
+  int log2bs;
+  int k;  // sum: experts per token (<= 8)
+  const void* weights;  // sum: routing weights [groups * k] of DType w_dtype
+  int w_dtype;
+  cudaStream_t st;
+};
+
+// What the grouped launches take: gemv_stream_supported's layouts, 16-byte aligned expert strides, and
+// for the routing sum k <= 8 (a warp per expert of a row tile).
+bool grouped_mma_supported(int device, int dtype, int64_t K, int blocksize, uintptr_t x, uintptr_t packed,
+                           int64_t packed_stride, uintptr_t absmax, int64_t absmax_stride, int k);
+
+// h = silu(x W_gate^T) * (x W_up^T) per group; float32 dots on tensor cores (code values rounded to x's
+// dtype), silu and product in float32, one rounding.
+cudaError_t launch_grouped_glu_mma(const GroupedMmaArgs& a, int dtype, int device);
+
+// y[t] = sum_j w[t k + j] * (h[t k + j] W_{ids[t k + j]}^T), slot order, float32, one rounding.
+cudaError_t launch_grouped_sum_mma(const GroupedMmaArgs& a, int dtype, int device);
+
 }  // namespace cuda
 }  // namespace qm

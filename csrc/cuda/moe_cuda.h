@@ -20,6 +20,10 @@ namespace cuda {
 // aligned. An id outside 0..experts-1 gives NaN rows (no host check is possible without a sync).
 // lanes: threads per output row, 8, 16 or 32; 0 picks by K (the GEMV entry points below take it too;
 // benchmarks and tests force each configuration).
+// `lanes` of the decode launches (glu, sum) that forces the tensor-core kernel (gemv_stream.cu; 16-bit x,
+// K % 256 == 0, blocksize >= 64, k <= 8, else kBadSize); 0 takes it wherever those hold.
+constexpr int kGroupedLanesMma = 1;
+
 int gemv_4bit_grouped(int device, uintptr_t x, int dtype, int64_t groups, int64_t x_share, int64_t N, int64_t K,
                       int blocksize, uintptr_t ids, int64_t experts, uintptr_t packed, int64_t packed_stride,
                       uintptr_t absmax, int64_t absmax_stride, uintptr_t quant_map, uintptr_t y, uintptr_t stream,

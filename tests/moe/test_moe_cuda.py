@@ -203,41 +203,91 @@ def _decode_routing(layer: _Layer, tokens: int, k: int, dtype: torch.dtype, seed
     return x.cuda(), idx.cuda(), w.cuda()
 
 
-@pytest.mark.parametrize("lanes", [0, 8, 16, 32])
+def _decode_arithmetic(dtype: torch.dtype, lanes: int) -> dict[str, float]:
+    """experts_reference_and_bound's weight_rel / acc_u for decode_silu: the CUDA-core kernels (forced
+    lanes, or float32 x) use the decoded weights exactly and float32 FMAs; for 16-bit x, lanes 0 may take
+    the tensor-core kernels (code values rounded to x's dtype, truncating float32 accumulators), whose
+    bound gemv_arithmetic gives and which covers both."""
+    if lanes in (0, moe_cuda.MMA_LANES) and dtype != torch.float32:
+        return gemv_arithmetic("cuda", dtype)
+    return {"weight_rel": 0.0, "acc_u": U32}
+
+
+@pytest.mark.parametrize("lanes", [0, moe_cuda.MMA_LANES, 8, 16, 32])
 @pytest.mark.parametrize("tokens", [1, 4, 8])
 @pytest.mark.parametrize(
-    ("hidden", "inter", "bs", "dtype"),
-    [(2048, 768, 64, torch.bfloat16), (160, 96, 32, torch.float32), (1408, 64, 64, torch.float32)],
-    ids=["qwen3-30b-a3b-bf16", "small-f32", "k44-f32"],
+    ("hidden", "inter", "bs", "dtype", "k"),
+    [
+        (2048, 768, 64, torch.bfloat16, 8),
+        (256, 512, 128, torch.float16, 3),
+        (160, 96, 32, torch.float32, 8),
+        (1408, 64, 64, torch.float32, 8),
+    ],
+    ids=["qwen3-30b-a3b-bf16", "k3-f16", "small-f32", "k44-f32"],
 )
-def test_fused_decode_lane_configs_within_derived_bound(hidden, inter, bs, dtype, tokens, lanes):
+def test_fused_decode_lane_configs_within_derived_bound(hidden, inter, bs, dtype, k, tokens, lanes):
     """The two fused decode launches (gate/up + SiLU, then down + routing sum) at Qwen3-30B-A3B's shape
-    (hidden 2048, expert intermediate 768, top-8 of 10 experts here) and at shapes whose K leaves lanes or
-    chunks idle, 1..8 tokens, each lane configuration: within the derived bound of the exact result (the
-    module test's steps: float32 dots in any order, silu, one rounding of h and of y to the dtype);
-    deterministic run to run."""
+    (hidden 2048, expert intermediate 768, top-8 of 10 experts here), at a top-3 shape (the tensor-core
+    routing sum with 3 and 6 warps a row tile), and at shapes whose K leaves lanes or chunks idle, 1..8
+    tokens, each kernel configuration: within the derived bound of the exact result (the module test's
+    steps: dots in any order, silu, one rounding of h and of y to the dtype); deterministic run to run.
+    The tensor-core kernels refuse float32 x and K not a multiple of 256."""
     layer = _layer(10, hidden, inter, bs)
-    x, idx, w = _decode_routing(layer, tokens, 8, dtype, seed=tokens + lanes)
+    x, idx, w = _decode_routing(layer, tokens, k, dtype, seed=tokens + lanes)
+    if lanes == moe_cuda.MMA_LANES and (dtype == torch.float32 or hidden % 256 or inter % 256):
+        with pytest.raises(ValueError, match="cuda_gemv_4bit_grouped_glu"):
+            moe_cuda.decode_silu(x, idx, w, *layer.buffers, lanes=lanes)
+        return
     got = moe_cuda.decode_silu(x, idx, w, *layer.buffers, lanes=lanes)
     assert torch.equal(got, moe_cuda.decode_silu(x, idx, w, *layer.buffers, lanes=lanes))
     u16 = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
+    ref, bound = experts_reference_and_bound(
+        layer, x, idx, w, silu_u=CUDA_SILU_U, h_u=U32 + u16 + U32 * u16, out_u=u16,
+        **_decode_arithmetic(dtype, lanes),
+    )  # fmt: skip
+    assert ((got.double().cpu() - ref).abs() <= bound).all()
+
+
+def test_fused_decode_tensor_cores_differ_from_cuda_cores_only_by_rounding():
+    """lanes 0 at Qwen3-30B-A3B's bf16 shape is the tensor-core path (not silently the CUDA-core one):
+    it equals the forced MMA_LANES output bit for bit and differs from the CUDA-core output."""
+    layer = _layer(10, 2048, 768, 64)
+    x, idx, w = _decode_routing(layer, 2, 8, torch.bfloat16, seed=7)
+    auto = moe_cuda.decode_silu(x, idx, w, *layer.buffers)
+    assert torch.equal(auto, moe_cuda.decode_silu(x, idx, w, *layer.buffers, lanes=moe_cuda.MMA_LANES))
+    assert not torch.equal(auto, moe_cuda.decode_silu(x, idx, w, *layer.buffers, lanes=16))
+
+
+def test_fused_decode_tensor_cores_refuse_more_than_eight_experts():
+    """The tensor-core routing sum gives each of a token's k experts a warp of the CTA: k <= 8."""
+    layer = _layer(10, 256, 256, 64)
+    x, idx, w = _decode_routing(layer, 1, 9, torch.bfloat16, seed=3)
+    with pytest.raises(ValueError, match="cuda_gemv_4bit_grouped_sum"):
+        moe_cuda.decode_silu(x, idx, w, *layer.buffers, lanes=moe_cuda.MMA_LANES)
+    got = moe_cuda.decode_silu(x, idx, w, *layer.buffers)  # lanes 0: the CUDA-core kernels take k = 9
+    u16 = torch.finfo(torch.bfloat16).eps / 2
     ref, bound = experts_reference_and_bound(
         layer, x, idx, w, silu_u=CUDA_SILU_U, h_u=U32 + u16 + U32 * u16, out_u=u16
     )
     assert ((got.double().cpu() - ref).abs() <= bound).all()
 
 
-def test_fused_decode_unknown_expert_poisons_its_token():
+@pytest.mark.parametrize(
+    ("hidden", "inter", "bs", "dtype", "lanes"),
+    [(160, 96, 32, torch.float32, 0), (256, 256, 64, torch.bfloat16, moe_cuda.MMA_LANES)],
+    ids=["cuda-cores", "tensor-cores"],
+)
+def test_fused_decode_unknown_expert_poisons_its_token(hidden, inter, bs, dtype, lanes):
     """An id outside the layer's experts (the ids never reach the host) gives NaN for its token's whole
     output row, in both launches; the other tokens are unaffected (equal to a call without that token)."""
-    layer = _layer(10, 160, 96, 32)
-    x, idx, w = _decode_routing(layer, 3, 8, torch.float32, seed=5)
+    layer = _layer(10, hidden, inter, bs)
+    x, idx, w = _decode_routing(layer, 3, 8, dtype, seed=5)
     bad = idx.clone()
     bad[1, 3] = 10
     bad[2, 0] = -1
-    got = moe_cuda.decode_silu(x, bad, w, *layer.buffers)
+    got = moe_cuda.decode_silu(x, bad, w, *layer.buffers, lanes=lanes)
     assert torch.isnan(got[1:]).all()
-    assert torch.equal(got[0], moe_cuda.decode_silu(x[:1], idx[:1], w[:1], *layer.buffers)[0])
+    assert torch.equal(got[0], moe_cuda.decode_silu(x[:1], idx[:1], w[:1], *layer.buffers, lanes=lanes)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
