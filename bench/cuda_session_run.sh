@@ -27,6 +27,8 @@
 #   e2e      bench/cuda_e2e_run.sh: whole-process convert --device cuda / cpu vs a plain copy
 #   gemv     bench_gemv_cuda.py: batch-1/4 GEMV kernels inside CUDA graphs vs the copy floor
 #   multi    bench_gemv_multi_cuda.py: one launch for q/k/v or gate/up vs separate launches vs bf16
+#   rebuild  rebuild the extension (incremental; a warm machine keeps the previous call's build)
+#   moetests the MoE CUDA tests and the stream / multi GEMV tests (the kernels they share)
 #   moegemv  bench_moe_gemv_cuda.py: the MoE decode kernels alone (gate/up + SiLU, down + routing sum) in CUDA graphs
 #   moencu   ncu --set full on those two kernels (bench/profile_moe_gemv.py)
 #   moeprof  bench_moe.py --modes profile,graphed-compiled at $MOE_LAYERS (default 12) layers: kernels per token by family
@@ -112,6 +114,9 @@ for s in ${*:-env}; do
       --source "$GEN_DIR/llama8b-32" --tokens 16 ;;
     e2e) step e2e timeout 240 bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
     multi) step multi timeout 60 python3 "$ROOT/bench/bench_gemv_multi_cuda.py" --json "$OUT/multi.json" ;;
+    rebuild) step rebuild bash "$ROOT/bench/cuda_device_run.sh" build ;;  # a warm machine keeps the last build: after a kernel change
+    moetests) step moetests timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/moe/test_moe_cuda.py" \
+      "$ROOT/tests/moe/test_moe_router_cuda.py" "$ROOT/tests/cuda/test_cuda_gemv_stream.py" "$ROOT/tests/cuda/test_cuda_gemv_multi.py" ;;
     moegemv) step moegemv timeout 120 python3 "$ROOT/bench/bench_moe_gemv_cuda.py" --replays 15 --json "$OUT/moegemv.json" ;;
     moencu) step moencu timeout 240 bash -c "for k in grouped_glu grouped_sum; do ncu --clock-control none -k regex:\$k \
       --launch-skip 2 --launch-count 1 --set full python3 $ROOT/bench/profile_moe_gemv.py; done" ;;
