@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -127,6 +128,54 @@ def _locked_folder(folder: Path) -> int | None:
             pass
         os.close(fd)  # its last user removed it between the mkdir and the lock: make it again
     return None
+
+
+def _own_folders_of(output: Path) -> list[Path]:
+    """The download folders of their own that runs into ``output`` made beside it (``_own_folder``)
+    while another run held ``_download_folder_of(output)``."""
+    fixed = _download_folder_of(output)
+    return sorted(fixed.parent.glob(glob.escape(fixed.name) + "-*"))
+
+
+def _own_folder(output: Path) -> tuple[Path, int]:
+    """A new download folder of this run's own beside ``output``, and the descriptor of its flock, taken
+    as soon as it exists: a run that finds it unlocked (``_remove_if_unlocked``) knows its run is gone."""
+    fixed = _download_folder_of(output)
+    for _ in range(3):
+        folder = Path(tempfile.mkdtemp(prefix=fixed.name + "-", dir=fixed.parent))
+        try:
+            fd = lock_folder(folder)
+        except FileNotFoundError:
+            continue  # removed as abandoned between the mkdtemp and the lock
+        if fd is None:
+            continue  # locked by a run removing it as abandoned
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(folder)):
+                return folder, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    msg = f"{fixed.parent}: could not make a download folder of its own (removed as soon as made)"
+    raise ConversionFailedError(msg)
+
+
+def _remove_if_unlocked(folder: Path) -> None:
+    """Remove the download folder ``folder`` unless a run holds its lock (a run killed leaves it)."""
+    try:
+        if folder.is_symlink() or not folder.is_dir():
+            return
+        fd = lock_folder(folder)
+    except OSError:
+        return
+    if fd is None:
+        return  # a live run downloads there
+    try:
+        if os.path.samestat(os.fstat(fd), os.stat(folder)):
+            shutil.rmtree(folder, ignore_errors=True)
+    except FileNotFoundError:
+        pass  # removed by another run meanwhile
+    finally:
+        os.close(fd)
 
 
 def _sha256_file(path: Path) -> str:
@@ -401,8 +450,11 @@ class HubSource(Source):
                     self._owns_dl_dir = True
                     return fixed
                 # Another run into the same output downloads there (this one will be refused by the
-                # output's lock): a folder of its own, so that cleaning up never touches the other's.
-                base = fixed.parent
+                # output's lock): a folder of its own, so that cleaning up never touches the other's,
+                # locked as the fixed one is, so that a run killed while using it is seen to be gone.
+                self._dl_dir, self._dl_lock = _own_folder(self._output_dir)
+                self._owns_dl_dir = True
+                return self._dl_dir
             else:
                 base = None
             self._dl_dir = Path(tempfile.mkdtemp(prefix=".quantize-model-download-", dir=base))
@@ -948,16 +1000,12 @@ class HubSource(Source):
     def _remove_abandoned_download_folder(self) -> None:
         """Remove the folder beside the output that a killed run downloaded into, when this run did not
         use it (everything came from the cache, --keep-downloads, nothing left to download) and no
-        other run holds its lock: otherwise nothing ever would."""
+        other run holds its lock: otherwise nothing ever would. So too the folders of their own that
+        killed runs made beside it while another run held it (never reused: a download left there is
+        from a run that found the fixed folder busy)."""
         if self._output_dir is None or self._download_dir_arg is not None:
             return
         fixed = _download_folder_of(self._output_dir)
-        if self._dl_dir == fixed or not fixed.is_dir():
-            return
-        fd = _locked_folder(fixed)
-        if fd is None:
-            return  # another run downloads there
-        try:
-            shutil.rmtree(fixed, ignore_errors=True)
-        finally:
-            os.close(fd)
+        for folder in [fixed, *_own_folders_of(self._output_dir)]:
+            if folder != self._dl_dir:
+                _remove_if_unlocked(folder)
