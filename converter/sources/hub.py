@@ -130,6 +130,10 @@ def _locked_folder(folder: Path) -> int | None:
     return None
 
 
+#: The name of a download folder of a run's own in $TMPDIR (or ``download_dir``): ``_own_folder``.
+_TEMP_PREFIX = "quantize-model-download-"
+
+
 def _own_folders_of(output: Path) -> list[Path]:
     """The download folders of their own that runs into ``output`` made beside it (``_own_folder``)
     while another run held ``_download_folder_of(output)``."""
@@ -137,12 +141,12 @@ def _own_folders_of(output: Path) -> list[Path]:
     return sorted(fixed.parent.glob(glob.escape(fixed.name) + "-*"))
 
 
-def _own_folder(output: Path) -> tuple[Path, int]:
-    """A new download folder of this run's own beside ``output``, and the descriptor of its flock, taken
-    as soon as it exists: a run that finds it unlocked (``_remove_if_unlocked``) knows its run is gone."""
-    fixed = _download_folder_of(output)
+def _own_folder(base: Path, prefix: str) -> tuple[Path, int]:
+    """A new download folder of this run's own in ``base``, named ``prefix`` + random, and the
+    descriptor of its flock, taken as soon as it exists: a run that finds it unlocked
+    (``_remove_if_unlocked``) knows its run is gone."""
     for _ in range(3):
-        folder = Path(tempfile.mkdtemp(prefix=fixed.name + "-", dir=fixed.parent))
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
         try:
             fd = lock_folder(folder)
         except FileNotFoundError:
@@ -155,14 +159,14 @@ def _own_folder(output: Path) -> tuple[Path, int]:
         except FileNotFoundError:
             pass
         os.close(fd)
-    msg = f"{fixed.parent}: could not make a download folder of its own (removed as soon as made)"
+    msg = f"{base}: could not make a download folder of its own (removed as soon as made)"
     raise ConversionFailedError(msg)
 
 
 def _remove_if_unlocked(folder: Path) -> None:
     """Remove the download folder ``folder`` unless a run holds its lock (a run killed leaves it)."""
     try:
-        if folder.is_symlink() or not folder.is_dir():
+        if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
             return
         fd = lock_folder(folder)
     except OSError:
@@ -438,10 +442,7 @@ class HubSource(Source):
 
     def _download_dir(self) -> Path:
         if self._dl_dir is None:
-            if self._download_dir_arg is not None:
-                self._download_dir_arg.mkdir(parents=True, exist_ok=True)
-                base = self._download_dir_arg
-            elif self._output_dir is not None:
+            if self._download_dir_arg is None and self._output_dir is not None:
                 # beside the output: a rerun after a crash reuses a finished download there
                 fixed = _download_folder_of(self._output_dir)
                 self._dl_lock = _locked_folder(fixed)
@@ -452,14 +453,18 @@ class HubSource(Source):
                 # Another run into the same output downloads there (this one will be refused by the
                 # output's lock): a folder of its own, so that cleaning up never touches the other's,
                 # locked as the fixed one is, so that a run killed while using it is seen to be gone.
-                self._dl_dir, self._dl_lock = _own_folder(self._output_dir)
-                self._owns_dl_dir = True
-                return self._dl_dir
+                self._dl_dir, self._dl_lock = _own_folder(fixed.parent, fixed.name + "-")
             else:
-                base = None
-            self._dl_dir = Path(tempfile.mkdtemp(prefix=".quantize-model-download-", dir=base))
+                self._dl_dir, self._dl_lock = _own_folder(self._temp_base(), _TEMP_PREFIX)
             self._owns_dl_dir = True
         return self._dl_dir
+
+    def _temp_base(self) -> Path:
+        """Where a source without an output folder downloads (into a folder of its own)."""
+        if self._download_dir_arg is None:
+            return Path(tempfile.gettempdir())
+        self._download_dir_arg.mkdir(parents=True, exist_ok=True)
+        return self._download_dir_arg
 
     def _fetch(self, name: str, *, progress: bool = False) -> Path:
         """A local path to ``name``: the cache in place, else a verified download."""
@@ -1001,11 +1006,13 @@ class HubSource(Source):
         """Remove the folder beside the output that a killed run downloaded into, when this run did not
         use it (everything came from the cache, --keep-downloads, nothing left to download) and no
         other run holds its lock: otherwise nothing ever would. So too the folders of their own that
-        killed runs made beside it while another run held it (never reused: a download left there is
-        from a run that found the fixed folder busy)."""
-        if self._output_dir is None or self._download_dir_arg is not None:
-            return
-        fixed = _download_folder_of(self._output_dir)
-        for folder in [fixed, *_own_folders_of(self._output_dir)]:
+        killed runs made beside it while another run held it, or in $TMPDIR / ``download_dir`` without
+        an output folder (never reused: nothing tells which source a download there was from)."""
+        if self._output_dir is not None and self._download_dir_arg is None:
+            folders = [_download_folder_of(self._output_dir), *_own_folders_of(self._output_dir)]
+        else:  # and those of killed runs without an output folder (in $TMPDIR or download_dir)
+            base = self._download_dir_arg or Path(tempfile.gettempdir())
+            folders = sorted(base.glob(_TEMP_PREFIX + "*"))
+        for folder in folders:
             if folder != self._dl_dir:
                 _remove_if_unlocked(folder)
