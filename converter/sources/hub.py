@@ -983,6 +983,18 @@ class HubSource(Source):
             path.unlink(missing_ok=True)
             self._small.pop(name, None)
 
+    def holds_extra_file(self, name: str, path: Path) -> bool:
+        """Checked against the Hub's listing (size, then LFS sha256 or git blob id), or the cached
+        snapshot offline: nothing is downloaded."""
+        try:
+            if self._snapshot is not None:
+                return path.read_bytes() == (self._snapshot / name).read_bytes()
+            return path.stat().st_size == self._sizes.get(name, path.stat().st_size) and self._verify(
+                name, path
+            )
+        except OSError:
+            return False
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

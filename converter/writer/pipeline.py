@@ -715,10 +715,11 @@ def config_bytes(plan: Plan, config: dict | None) -> bytes:
 
 def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
     """The files of a finished conversion in ``output`` that a fresh run would write differently:
-    config.json when the source's changed, and, for a local source, the copied files (tokenizer,
-    README, ...) that differ from the source's. The plan's fingerprint covers the weights only, so
-    without this a rerun after such an edit did nothing and left the old files. A Hub source's files
-    are pinned by its commit, which the fingerprint holds. Empty unless ``output`` is finished."""
+    config.json when the source's changed, the index when damaged, a missing report, and the copied
+    files (tokenizer, README, ...) that are not the source's (``Source.holds_extra_file``: a local
+    source's bytes; a Hub source's listing, pinned by its commit). The plan's fingerprint covers the
+    weights only, so without this a rerun after such an edit did nothing and left the old files.
+    Empty unless ``output`` is finished."""
     manifest = Manifest.load(output)
     if manifest is None or manifest.state != "complete" or not (output / "config.json").is_file():
         return []  # not finished: a run writes every file anyway
@@ -732,18 +733,8 @@ def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
         changed.append(index.INDEX_NAME)
     if not (output / REPORT_NAME).is_file():
         changed.append(REPORT_NAME)
-    identity = plan.source_identity
-    if identity.get("kind") != "local":
-        return changed
-    root = Path(str(identity.get("path")))
     for name in src.extra_files():
-        if not copied_file(name):
-            continue
-        try:
-            same = (output / name).read_bytes() == (root / name).read_bytes()
-        except OSError:
-            same = False
-        if not same:
+        if copied_file(name) and not src.holds_extra_file(name, output / name):
             changed.append(name)
     return changed
 

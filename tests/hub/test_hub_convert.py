@@ -356,6 +356,38 @@ def test_the_own_download_folder_of_a_second_run_is_locked_and_removed_once_aban
     assert not [p for p in tmp_path.iterdir() if "quantize-model-download" in p.name]
 
 
+def test_rerun_restores_copied_files_deleted_or_edited_in_the_output(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """For a Hub source a rerun compared none of the copied files (tokenizer, generation config,
+    licence): one deleted or edited in a finished output stayed so, the rerun saying "nothing to do".
+    They are now checked against the Hub's listing (hash and size; nothing downloaded when they
+    match) and rewritten, the shards kept."""
+    fake_hub.add_repo(REPO, checkpoint_dir)
+    out, fresh = tmp_path / "hub", tmp_path / "fresh"
+    _convert(REPO, fresh)
+    _convert(REPO, out)
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    (out / "tokenizer.json").unlink()
+    (out / "generation_config.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"generation_config\.json, tokenizer\.json: not what this"):
+        again = _convert(REPO, out)
+    assert not again.noop
+    assert again.shards_reused == len(shards)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == shards
+    timed = "quantization_report.json"  # timings
+    assert {k: v for k, v in file_hashes(out).items() if k != timed} == {
+        k: v for k, v in file_hashes(fresh).items() if k != timed
+    }
+
+    def blobs_fetched_by_a_noop(folder: Path) -> int:
+        n = fake_hub.count("GET", "^/blobs/", server="cdn")
+        assert _convert(REPO, folder).noop
+        return fake_hub.count("GET", "^/blobs/", server="cdn") - n
+
+    assert blobs_fetched_by_a_noop(out) == blobs_fetched_by_a_noop(fresh)  # no copied file fetched to check
+
+
 def test_rerun_naming_the_commit_is_a_noop(
     tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
 ) -> None:
