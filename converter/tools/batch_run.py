@@ -121,11 +121,14 @@ def _stamp_path(root: Path, job: Job) -> Path:
 
 
 def _folder_files(folder: Path) -> dict[str, list[int]]:
+    """Size and mtime of the output's files: its top-level ones and those of its subfolders (copied
+    sentence-transformers modules: 1_Pooling/config.json), hidden subfolders (a .git checkout) left out."""
     out = {}
-    for f in sorted(folder.iterdir()):
-        if f.is_file():
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        if f.is_file() and not any(part.startswith(".") for part in rel.parts[:-1]):
             st = f.stat()
-            out[f.name] = [st.st_size, st.st_mtime_ns]
+            out[rel.as_posix()] = [st.st_size, st.st_mtime_ns]
     return out
 
 

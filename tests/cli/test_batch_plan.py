@@ -120,6 +120,30 @@ def test_a_source_shard_swapped_with_its_mtime_restored_is_not_up_to_date(
     assert {i["status"] for i in json.loads(r.stdout)["items"]} == {"up-to-date"}
 
 
+def test_a_copied_file_deleted_from_a_subfolder_of_the_output_is_not_up_to_date(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """batch's stamp listed the output's top-level files only, so a copied file in a subfolder (a
+    sentence-transformers `1_Pooling/config.json`) deleted from the output left the job `up-to-date`
+    without it, where `convert` restores it. The stamp now lists the subfolders' files too."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    plan = _plan(tmp_path, src)
+    assert qm("batch", plan, "-q").exit_code == 0, "first run"
+    copied = tmp_path / "out" / "b128" / "1_Pooling" / "config.json"
+    assert copied.is_file()
+    copied.unlink()
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    statuses = {i["output"]: i["status"] for i in json.loads(r.stdout)["items"]}
+    assert statuses["b128"] != "up-to-date"
+    assert copied.read_text() == '{"pooling_mode_mean_tokens": true}'
+
+
 def test_failing_job_is_isolated_and_reported_in_junit(qm, tiny_llama: Path, tmp_path: Path) -> None:
     from junitparser import Failure, JUnitXml
 
