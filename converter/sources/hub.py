@@ -42,7 +42,7 @@ from converter.errors import (
     PickleOnlyError,
     SourceNotFoundError,
 )
-from converter.locks import lock_folder
+from converter.locks import lock_folder, locked_temp_folder, remove_if_unlocked
 from converter.sources.base import (
     Source,
     TensorInfo,
@@ -130,56 +130,15 @@ def _locked_folder(folder: Path) -> int | None:
     return None
 
 
-#: The name of a download folder of a run's own in $TMPDIR (or ``download_dir``): ``_own_folder``.
+#: The name of a download folder of a run's own in $TMPDIR (or ``download_dir``).
 _TEMP_PREFIX = "quantize-model-download-"
 
 
 def _own_folders_of(output: Path) -> list[Path]:
-    """The download folders of their own that runs into ``output`` made beside it (``_own_folder``)
-    while another run held ``_download_folder_of(output)``."""
+    """The download folders of their own that runs into ``output`` made beside it
+    (``locked_temp_folder``) while another run held ``_download_folder_of(output)``."""
     fixed = _download_folder_of(output)
     return sorted(fixed.parent.glob(glob.escape(fixed.name) + "-*"))
-
-
-def _own_folder(base: Path, prefix: str) -> tuple[Path, int]:
-    """A new download folder of this run's own in ``base``, named ``prefix`` + random, and the
-    descriptor of its flock, taken as soon as it exists: a run that finds it unlocked
-    (``_remove_if_unlocked``) knows its run is gone."""
-    for _ in range(3):
-        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-        try:
-            fd = lock_folder(folder)
-        except FileNotFoundError:
-            continue  # removed as abandoned between the mkdtemp and the lock
-        if fd is None:
-            continue  # locked by a run removing it as abandoned
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(folder)):
-                return folder, fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    msg = f"{base}: could not make a download folder of its own (removed as soon as made)"
-    raise ConversionFailedError(msg)
-
-
-def _remove_if_unlocked(folder: Path) -> None:
-    """Remove the download folder ``folder`` unless a run holds its lock (a run killed leaves it)."""
-    try:
-        if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
-            return
-        fd = lock_folder(folder)
-    except OSError:
-        return
-    if fd is None:
-        return  # a live run downloads there
-    try:
-        if os.path.samestat(os.fstat(fd), os.stat(folder)):
-            shutil.rmtree(folder, ignore_errors=True)
-    except FileNotFoundError:
-        pass  # removed by another run meanwhile
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> str:
@@ -453,9 +412,9 @@ class HubSource(Source):
                 # Another run into the same output downloads there (this one will be refused by the
                 # output's lock): a folder of its own, so that cleaning up never touches the other's,
                 # locked as the fixed one is, so that a run killed while using it is seen to be gone.
-                self._dl_dir, self._dl_lock = _own_folder(fixed.parent, fixed.name + "-")
+                self._dl_dir, self._dl_lock = locked_temp_folder(fixed.parent, fixed.name + "-")
             else:
-                self._dl_dir, self._dl_lock = _own_folder(self._temp_base(), _TEMP_PREFIX)
+                self._dl_dir, self._dl_lock = locked_temp_folder(self._temp_base(), _TEMP_PREFIX)
             self._owns_dl_dir = True
         return self._dl_dir
 
@@ -1027,4 +986,4 @@ class HubSource(Source):
             folders = sorted(base.glob(_TEMP_PREFIX + "*"))
         for folder in folders:
             if folder != self._dl_dir:
-                _remove_if_unlocked(folder)
+                remove_if_unlocked(folder)
