@@ -88,16 +88,16 @@ def _data_bytes(path: Path) -> int:
         return os.fstat(f.fileno()).st_size - 8 - header_len
 
 
-def write_index(
+def index_text(
     folder: Path,
     shards: Sequence[ShardInfo],
     weight_map: Mapping[str, str],
     provenance: Mapping[str, Any],
     *,
     version: str | None = None,
-) -> Path:
-    """Write the index for ``shards`` (already in ``folder``). Every shard must hold a weight_map key."""
-    folder = Path(folder)
+) -> str:
+    """The text ``write_index`` writes for ``shards`` (in ``folder``); a rerun compares it with the
+    index a finished conversion holds."""
     names = {Path(s.path).name: s for s in shards}
     unknown = sorted({f for f in weight_map.values() if f not in names})
     unused = sorted(set(names) - set(weight_map.values()))
@@ -117,7 +117,20 @@ def write_index(
         },
         "weight_map": dict(weight_map),
     }
-    text = json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_index(
+    folder: Path,
+    shards: Sequence[ShardInfo],
+    weight_map: Mapping[str, str],
+    provenance: Mapping[str, Any],
+    *,
+    version: str | None = None,
+) -> Path:
+    """Write the index for ``shards`` (already in ``folder``). Every shard must hold a weight_map key."""
+    folder = Path(folder)
+    text = index_text(folder, shards, weight_map, provenance, version=version)
     path = folder / INDEX_NAME
     tmp = folder / f".{INDEX_NAME}.partial"
     try:

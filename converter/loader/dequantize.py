@@ -186,7 +186,7 @@ def dequantize_checkpoint(
     done = _finished(out, identity) if out.is_dir() and not overwrite else None
     if done is not None:
         return done
-    if out.is_dir() and not overwrite and not _restartable(out):
+    if out.is_dir() and not overwrite and not _restartable(out) and _damaged(out, identity) is None:
         msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)
     # The source (config and digests) is read before anything of the output is touched: a bad source
@@ -198,17 +198,32 @@ def dequantize_checkpoint(
         out.unlink()  # a file, or a link to a full folder: the link goes, never what it points to
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out):  # a second run into the same folder is refused, not interleaved
-        if any(out.iterdir()):
-            if not overwrite and not _restartable(out):  # filled by another process meanwhile
-                msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
-                raise OutputExistsError(msg)
-            clear_folder(out)
+        # Our finished output of the same source and options with a file deleted or resized since:
+        # written again, keeping the files the user added (as convert does with its own output).
+        ours = None if overwrite or _finished(out, identity) is not None else _damaged(out, identity)
+        kept: set[str] = set()  # the user's files: neither removed nor recorded as the output's
         # Marks the folder as an unfinished dequantize until the very end: a rerun after a kill or a
         # full disk starts again in it instead of refusing a folder that is not empty.
         marker = json.dumps({"source": str(folder), "dtype": name}).encode()
-        atomic_write_bytes(out / UNFINISHED_NAME, marker)
+        if ours is not None:
+            atomic_write_bytes(out / UNFINISHED_NAME, marker)  # before any file of it is removed
+            for file in [DONE_NAME, *sorted(ours)]:
+                if (out / file).is_file() or (out / file).is_symlink():
+                    (out / file).unlink()
+            kept = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+        else:
+            if any(out.iterdir()):
+                if not overwrite and not _restartable(out):  # filled by another process meanwhile
+                    msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
+                    raise OutputExistsError(msg)
+                clear_folder(out)
+            atomic_write_bytes(out / UNFINISHED_NAME, marker)
         result = _write_plain(folder, out, state, config, name, torch_dtype, limit, progress)
-        files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+        files = {
+            p.name: p.stat().st_size
+            for p in sorted(out.iterdir())
+            if not p.name.startswith(".") and p.name not in kept
+        }
         counts = {k: getattr(result, k) for k in _COUNTS}  # no timings: a rerun writes the same bytes
         done = {**identity, "files": files, "result": counts}
         atomic_write_bytes(out / DONE_NAME, (json.dumps(done, indent=2, sort_keys=True) + "\n").encode())
@@ -245,6 +260,21 @@ def _finished(out: Path, identity: dict) -> DequantizeResult | None:
                 return None
         counts = {k: done["result"][k] for k in _COUNTS}
         return DequantizeResult(out, identity["dtype"], **counts, up_to_date=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _damaged(out: Path, identity: dict) -> set[str] | None:
+    """The files of the finished dequantize ``out`` holds when it was made with ``identity`` (the same
+    source, unchanged, dtype and shard size), whatever happened to them since; else None."""
+    if (out / UNFINISHED_NAME).exists():
+        return None
+    try:
+        done = json.loads((out / DONE_NAME).read_text(encoding="utf-8"))
+        if {k: done.get(k) for k in identity} != identity:
+            return None
+        # (only plain names in ``out``: a record edited to name a path elsewhere removes nothing there)
+        return {file for file in done["files"] if isinstance(file, str) and file == Path(file).name != ".."}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 

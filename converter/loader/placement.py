@@ -28,7 +28,6 @@ import mmap
 import os
 import shutil
 import sys
-import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -52,6 +51,7 @@ from converter.loader.devices import STRATEGIES, PlacementError
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
+from converter.locks import locked_temp_folder, remove_if_unlocked
 
 Device = int | str
 DeviceMap = dict[str, Device]
@@ -322,6 +322,24 @@ def _tensors_under(model: nn.Module, name: str) -> list[torch.Tensor]:
     return out
 
 
+_OFFLOAD_PREFIX = "qm-offload-"
+
+
+def _own_offload_folder(offload_folder: Path) -> tuple[Path, int]:
+    """A new folder of this load's own inside ``offload_folder`` and the descriptor of its flock, held
+    while the model lives; first the folders of loads whose process was killed before it could remove
+    them (their lock gone with it) are removed: nothing else ever would."""
+    offload_folder.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(offload_folder.glob(_OFFLOAD_PREFIX + "*")):
+        remove_if_unlocked(stale)
+    return locked_temp_folder(offload_folder, _OFFLOAD_PREFIX)
+
+
+def _remove_offload_folder(folder: Path, lock: int) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.close(lock)  # the lock goes once the folder is gone
+
+
 def _offload_unmapped(
     model: nn.Module,
     device_map: Mapping[str, Device],
@@ -347,9 +365,8 @@ def _offload_unmapped(
             )
             raise PlacementError(msg)
         if folder is None:
-            Path(offload_folder).mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix="qm-offload-", dir=offload_folder))
-            weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
+            folder, lock = _own_offload_folder(Path(offload_folder))
+            weakref.finalize(model, _remove_offload_folder, folder, lock)
         info = offload_weight(t.detach(), name, str(folder), index={})[name]
         stored = np.memmap(
             folder / f"{name}.dat", dtype=_NUMPY_DTYPES.get(info["dtype"], info["dtype"]), mode="c"

@@ -118,6 +118,11 @@ class Source(ABC):
     def copy_extra_file(self, name: str, dest: Path) -> None:
         """Copy the extra file ``name`` to the path ``dest``."""
 
+    def holds_extra_file(self, name: str, path: Path) -> bool:
+        """Whether ``path`` holds the extra file ``name`` as ``copy_extra_file`` writes it (a rerun
+        checks a finished output's copies so). By default: that it is there."""
+        return path.is_file()
+
     @abstractmethod
     def close(self) -> None:
         """Release everything (threads, temp downloads). Safe to call twice."""

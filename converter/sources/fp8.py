@@ -154,6 +154,9 @@ class Fp8BlockSource(Source):
     def copy_extra_file(self, name: str, dest: Path) -> None:
         self.inner.copy_extra_file(name, dest)
 
+    def holds_extra_file(self, name: str, path: Path) -> bool:
+        return self.inner.holds_extra_file(name, path)
+
     def close(self) -> None:
         self.inner.close()
 

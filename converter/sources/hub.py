@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ from converter.errors import (
     PickleOnlyError,
     SourceNotFoundError,
 )
-from converter.locks import lock_folder
+from converter.locks import lock_folder, locked_temp_folder, remove_if_unlocked
 from converter.sources.base import (
     Source,
     TensorInfo,
@@ -127,6 +128,17 @@ def _locked_folder(folder: Path) -> int | None:
             pass
         os.close(fd)  # its last user removed it between the mkdir and the lock: make it again
     return None
+
+
+#: The name of a download folder of a run's own in $TMPDIR (or ``download_dir``).
+_TEMP_PREFIX = "quantize-model-download-"
+
+
+def _own_folders_of(output: Path) -> list[Path]:
+    """The download folders of their own that runs into ``output`` made beside it
+    (``locked_temp_folder``) while another run held ``_download_folder_of(output)``."""
+    fixed = _download_folder_of(output)
+    return sorted(fixed.parent.glob(glob.escape(fixed.name) + "-*"))
 
 
 def _sha256_file(path: Path) -> str:
@@ -389,10 +401,7 @@ class HubSource(Source):
 
     def _download_dir(self) -> Path:
         if self._dl_dir is None:
-            if self._download_dir_arg is not None:
-                self._download_dir_arg.mkdir(parents=True, exist_ok=True)
-                base = self._download_dir_arg
-            elif self._output_dir is not None:
+            if self._download_dir_arg is None and self._output_dir is not None:
                 # beside the output: a rerun after a crash reuses a finished download there
                 fixed = _download_folder_of(self._output_dir)
                 self._dl_lock = _locked_folder(fixed)
@@ -401,13 +410,20 @@ class HubSource(Source):
                     self._owns_dl_dir = True
                     return fixed
                 # Another run into the same output downloads there (this one will be refused by the
-                # output's lock): a folder of its own, so that cleaning up never touches the other's.
-                base = fixed.parent
+                # output's lock): a folder of its own, so that cleaning up never touches the other's,
+                # locked as the fixed one is, so that a run killed while using it is seen to be gone.
+                self._dl_dir, self._dl_lock = locked_temp_folder(fixed.parent, fixed.name + "-")
             else:
-                base = None
-            self._dl_dir = Path(tempfile.mkdtemp(prefix=".quantize-model-download-", dir=base))
+                self._dl_dir, self._dl_lock = locked_temp_folder(self._temp_base(), _TEMP_PREFIX)
             self._owns_dl_dir = True
         return self._dl_dir
+
+    def _temp_base(self) -> Path:
+        """Where a source without an output folder downloads (into a folder of its own)."""
+        if self._download_dir_arg is None:
+            return Path(tempfile.gettempdir())
+        self._download_dir_arg.mkdir(parents=True, exist_ok=True)
+        return self._download_dir_arg
 
     def _fetch(self, name: str, *, progress: bool = False) -> Path:
         """A local path to ``name``: the cache in place, else a verified download."""
@@ -926,6 +942,18 @@ class HubSource(Source):
             path.unlink(missing_ok=True)
             self._small.pop(name, None)
 
+    def holds_extra_file(self, name: str, path: Path) -> bool:
+        """Checked against the Hub's listing (size, then LFS sha256 or git blob id), or the cached
+        snapshot offline: nothing is downloaded."""
+        try:
+            if self._snapshot is not None:
+                return path.read_bytes() == (self._snapshot / name).read_bytes()
+            return path.stat().st_size == self._sizes.get(name, path.stat().st_size) and self._verify(
+                name, path
+            )
+        except OSError:
+            return False
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -948,16 +976,14 @@ class HubSource(Source):
     def _remove_abandoned_download_folder(self) -> None:
         """Remove the folder beside the output that a killed run downloaded into, when this run did not
         use it (everything came from the cache, --keep-downloads, nothing left to download) and no
-        other run holds its lock: otherwise nothing ever would."""
-        if self._output_dir is None or self._download_dir_arg is not None:
-            return
-        fixed = _download_folder_of(self._output_dir)
-        if self._dl_dir == fixed or not fixed.is_dir():
-            return
-        fd = _locked_folder(fixed)
-        if fd is None:
-            return  # another run downloads there
-        try:
-            shutil.rmtree(fixed, ignore_errors=True)
-        finally:
-            os.close(fd)
+        other run holds its lock: otherwise nothing ever would. So too the folders of their own that
+        killed runs made beside it while another run held it, or in $TMPDIR / ``download_dir`` without
+        an output folder (never reused: nothing tells which source a download there was from)."""
+        if self._output_dir is not None and self._download_dir_arg is None:
+            folders = [_download_folder_of(self._output_dir), *_own_folders_of(self._output_dir)]
+        else:  # and those of killed runs without an output folder (in $TMPDIR or download_dir)
+            base = self._download_dir_arg or Path(tempfile.gettempdir())
+            folders = sorted(base.glob(_TEMP_PREFIX + "*"))
+        for folder in folders:
+            if folder != self._dl_dir:
+                remove_if_unlocked(folder)

@@ -257,6 +257,12 @@ class LocalSource(Source):
     def copy_extra_file(self, name: str, dest: Path) -> None:
         shutil.copyfile(self.root / name, dest)
 
+    def holds_extra_file(self, name: str, path: Path) -> bool:
+        try:
+            return path.read_bytes() == (self.root / name).read_bytes()
+        except OSError:
+            return False
+
     def close(self) -> None:
         """Delete the temp safetensors made from pickle weights (nothing else is held open)."""
         if self._tmp is not None:

@@ -121,17 +121,21 @@ def _stamp_path(root: Path, job: Job) -> Path:
 
 
 def _folder_files(folder: Path) -> dict[str, list[int]]:
+    """Size and mtime of the output's files: its top-level ones and those of its subfolders (copied
+    sentence-transformers modules: 1_Pooling/config.json), hidden subfolders (a .git checkout) left out."""
     out = {}
-    for f in sorted(folder.iterdir()):
-        if f.is_file():
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        if f.is_file() and not any(part.startswith(".") for part in rel.parts[:-1]):
             st = f.stat()
-            out[f.name] = [st.st_size, st.st_mtime_ns]
+            out[rel.as_posix()] = [st.st_size, st.st_mtime_ns]
     return out
 
 
 def source_state(job: Job) -> Any:
-    """What identifies the source's content without reading it: the Hub commit the revision names
-    (one API call), or the size and mtime of every file of a local source. None when unknown."""
+    """What identifies the source's content: the Hub commit the revision names (one API call), or the
+    size and mtime of every file of a local source, and for its weight files what else ``convert``'s
+    source identity holds (header and sampled data: ``_weight_identity``). None when unknown."""
     local = Path(job.source).expanduser()
     if local.is_file():
         files = [local, local.with_name("config.json")]
@@ -149,7 +153,29 @@ def source_state(job: Job) -> Any:
             return {"commit": HfApi().model_info(job.source, revision=job.revision).sha}
         except Exception:
             return None
-    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
+    return {
+        str(p): [p.stat().st_size, p.stat().st_mtime_ns, *_weight_identity(p)] for p in files if p.is_file()
+    }
+
+
+def _weight_identity(path: Path) -> list[str | None]:
+    """For a weight file, the rest of its identity in ``LocalSource.describe`` (what a rerun of
+    ``convert`` compares): the sha256 of its safetensors header and its ``sample_digest`` (512 KiB
+    read), which tell a file swapped for another of the same size with its mtime restored. None for
+    a header that cannot be read (the conversion names the file)."""
+    import hashlib
+
+    from converter.sources.local import PICKLE_SUFFIXES, read_header, sample_digest
+
+    if path.suffix in PICKLE_SUFFIXES:
+        return [sample_digest(path, path.stat().st_size)]
+    if path.suffix != ".safetensors":
+        return []
+    try:
+        header: str | None = hashlib.sha256(read_header(path, str(path))[0]).hexdigest()
+    except ConverterError:
+        header = None
+    return [header, sample_digest(path, path.stat().st_size)]
 
 
 def job_key(job: Job, options: dict[str, Any], state: Any) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -64,8 +65,9 @@ from converter.writer.manifest import (
 )
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
 from formats import bnb_compat, index, metadata
+from formats.chunks import ChunkDigests
 from formats.validate import FORMAT_VERSION
-from formats.writer import ShardWriter, TensorSlot, temp_path
+from formats.writer import ShardInfo, ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
 ProgressHook = Callable[[str, int], None]
@@ -487,15 +489,7 @@ class _Conversion:
                 }
 
     def _provenance(self, shard: ShardPlan | None) -> dict:
-        identity = self.plan.source_identity
-        files = identity.get("files") or {}
-        names = sorted({p.info.file for p in shard.tensors}) if shard else self.src.weight_files()
-        return metadata.provenance(
-            source=source_label(identity),
-            files=[(f, (files.get(f) or {}).get("sha256")) for f in names],
-            options=self.options.to_json(),
-            revision=identity.get("commit"),
-        )
+        return provenance_of(self.src, self.plan, shard)
 
     def _write_shard(
         self, shard: ShardPlan, quantizer: Quantizer, mapped: dict, remaining: Counter, hook: _Hook
@@ -632,15 +626,9 @@ class _Conversion:
 
     def _write_index(self, manifest: Manifest) -> None:
         shards = [shard_info(self.output / s.name, manifest.shards[s.name]) for s in self.plan.shards]
-        weight_map: dict[str, str] = {}
-        opts = self.options
-        for s in self.plan.shards:
-            for p in s.tensors:
-                if p.quantize:
-                    weight_map.update(dict.fromkeys(opts.method.layout(p, opts), s.name))
-                else:
-                    weight_map[p.name] = s.name
-        index.write_index(self.output, shards, weight_map, self._provenance(None))
+        index.write_index(
+            self.output, shards, weight_map_of(self.plan), provenance_of(self.src, self.plan, None)
+        )
 
     def _write_config(self, config: dict | None) -> None:
         atomic_write_bytes(self.output / "config.json", config_bytes(self.plan, config))
@@ -665,6 +653,54 @@ class _Conversion:
         return result
 
 
+def provenance_of(src: Source, plan: Plan, shard: ShardPlan | None) -> dict:
+    """The provenance of ``shard``'s metadata, or (None) of the index."""
+    identity = plan.source_identity
+    files = identity.get("files") or {}
+    names = sorted({p.info.file for p in shard.tensors}) if shard else src.weight_files()
+    return metadata.provenance(
+        source=source_label(identity),
+        files=[(f, (files.get(f) or {}).get("sha256")) for f in names],
+        options=plan.options.to_json(),
+        revision=identity.get("commit"),
+    )
+
+
+def weight_map_of(plan: Plan) -> dict[str, str]:
+    """The index's weight_map: each stored tensor's shard."""
+    weight_map: dict[str, str] = {}
+    opts = plan.options
+    for s in plan.shards:
+        for p in s.tensors:
+            if p.quantize:
+                weight_map.update(dict.fromkeys(opts.method.layout(p, opts), s.name))
+            else:
+                weight_map[p.name] = s.name
+    return weight_map
+
+
+def _index_differs(src: Source, plan: Plan, output: Path, manifest: Manifest) -> bool:
+    """Whether the index of the finished conversion in ``output`` is not the one a run writes (cut
+    short, edited). Compared only where every shard has its recorded size (else the run resumes
+    anyway, rewriting that shard and the index) and the manifest has its chunk digests (else making
+    the index hashes the shards: a resume does that)."""
+    shards = []
+    for s in plan.shards:
+        entry = manifest.shards.get(s.name) or {}
+        try:
+            if (output / s.name).stat().st_size != entry["size"]:
+                return False
+            chunks = ChunkDigests.from_json(entry.get("chunks"), entry["size"], s.name)
+            shards.append(ShardInfo(output / s.name, entry["sha256"], entry["size"], chunks))
+        except (OSError, KeyError, TypeError, ValueError):
+            return False
+    try:
+        text = index.index_text(output, shards, weight_map_of(plan), provenance_of(src, plan, None))
+        return (output / index.INDEX_NAME).read_bytes() != text.encode("utf-8")
+    except (OSError, ValueError, struct.error):
+        return True
+
+
 def copied_file(name: str) -> bool:
     """Whether the source's extra file ``name`` is copied into the output as it is."""
     return name not in ("config.json", REPORT_NAME) and not name.endswith(".safetensors")
@@ -679,10 +715,11 @@ def config_bytes(plan: Plan, config: dict | None) -> bytes:
 
 def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
     """The files of a finished conversion in ``output`` that a fresh run would write differently:
-    config.json when the source's changed, and, for a local source, the copied files (tokenizer,
-    README, ...) that differ from the source's. The plan's fingerprint covers the weights only, so
-    without this a rerun after such an edit did nothing and left the old files. A Hub source's files
-    are pinned by its commit, which the fingerprint holds. Empty unless ``output`` is finished."""
+    config.json when the source's changed, the index when damaged, a missing report, and the copied
+    files (tokenizer, README, ...) that are not the source's (``Source.holds_extra_file``: a local
+    source's bytes; a Hub source's listing, pinned by its commit). The plan's fingerprint covers the
+    weights only, so without this a rerun after such an edit did nothing and left the old files.
+    Empty unless ``output`` is finished."""
     manifest = Manifest.load(output)
     if manifest is None or manifest.state != "complete" or not (output / "config.json").is_file():
         return []  # not finished: a run writes every file anyway
@@ -692,18 +729,12 @@ def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
             changed.append("config.json")
     except (OSError, ValueError):
         changed.append("config.json")
-    identity = plan.source_identity
-    if identity.get("kind") != "local":
-        return changed
-    root = Path(str(identity.get("path")))
+    if _index_differs(src, plan, output, manifest):
+        changed.append(index.INDEX_NAME)
+    if not (output / REPORT_NAME).is_file():
+        changed.append(REPORT_NAME)
     for name in src.extra_files():
-        if not copied_file(name):
-            continue
-        try:
-            same = (output / name).read_bytes() == (root / name).read_bytes()
-        except OSError:
-            same = False
-        if not same:
+        if copied_file(name) and not src.holds_extra_file(name, output / name):
             changed.append(name)
     return changed
 

@@ -86,6 +86,64 @@ def test_changed_files_are_verified_before_skipping(qm, tiny_llama: Path, tmp_pa
     assert qm("verify", tmp_path / "out" / "b128").exit_code == 0
 
 
+def test_a_source_shard_swapped_with_its_mtime_restored_is_not_up_to_date(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """batch's up-to-date check compared only the sizes and mtimes of a local source's files, so a
+    weight file swapped for another of the same size and header with its mtime restored (`cp -p`,
+    `rsync -t`) was skipped as up to date, over shards made from the old weights, where `convert`
+    names the change (its source identity has sampled data windows). batch now compares the same
+    identity, and converts the job again."""
+    import os
+    import shutil
+    import struct
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    plan = _plan(tmp_path, src)
+    assert qm("batch", plan, "-q").exit_code == 0, "first run"
+    before = _shard_state(tmp_path / "out")
+    weights = src / "model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # after the header
+    data[start:] = bytes(b ^ 0x01 for b in data[start:])  # other values (low mantissa bits), same header
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert {i["status"] for i in json.loads(r.stdout)["items"]} == {"converted"}
+    after = _shard_state(tmp_path / "out")
+    assert all(after[k][1] != before[k][1] for k in before), "shards must be made from the new weights"
+    r = qm("batch", plan, "--json")
+    assert {i["status"] for i in json.loads(r.stdout)["items"]} == {"up-to-date"}
+
+
+def test_a_copied_file_deleted_from_a_subfolder_of_the_output_is_not_up_to_date(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """batch's stamp listed the output's top-level files only, so a copied file in a subfolder (a
+    sentence-transformers `1_Pooling/config.json`) deleted from the output left the job `up-to-date`
+    without it, where `convert` restores it. The stamp now lists the subfolders' files too."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    plan = _plan(tmp_path, src)
+    assert qm("batch", plan, "-q").exit_code == 0, "first run"
+    copied = tmp_path / "out" / "b128" / "1_Pooling" / "config.json"
+    assert copied.is_file()
+    copied.unlink()
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    statuses = {i["output"]: i["status"] for i in json.loads(r.stdout)["items"]}
+    assert statuses["b128"] != "up-to-date"
+    assert copied.read_text() == '{"pooling_mode_mean_tokens": true}'
+
+
 def test_failing_job_is_isolated_and_reported_in_junit(qm, tiny_llama: Path, tmp_path: Path) -> None:
     from junitparser import Failure, JUnitXml
 

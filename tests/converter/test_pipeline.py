@@ -169,6 +169,41 @@ def test_rerun_after_the_source_config_or_tokenizer_changed_rewrites_them(
     assert convert(src, out, max_shard_size="40KB", progress=False).noop
 
 
+@pytest.mark.parametrize("damage", ["truncated", "edited", "deleted report"])
+def test_rerun_into_a_finished_folder_with_a_damaged_index_or_no_report_rewrites_them(
+    tiny_llama_sharded: Path, tmp_path: Path, damage: str
+) -> None:
+    """A finished folder whose index was cut short or edited (`verify` fails on it and says to
+    reconvert) or whose quantization_report.json was deleted: the rerun said "already converted ...;
+    nothing to do" and left it so; --overwrite was the only way out. The index and the report are now
+    checked as config.json is: rewritten, the shards kept, ending with what a fresh run writes."""
+    from converter.tools.inspection import verify_path
+
+    out = tmp_path / "out"
+    convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    index = out / "model.safetensors.index.json"
+    text = index.read_text()
+    if damage == "truncated":
+        index.write_text(text[: len(text) // 2])
+    elif damage == "edited":
+        index.write_text(text.replace('"total_size": ', '"total_size": 1', 1))
+    else:
+        (out / "quantization_report.json").unlink()
+    name = "quantization_report.json" if damage == "deleted report" else "model.safetensors.index.json"
+    with pytest.warns(UserWarning, match=rf"{name}: not what this conversion writes"):
+        r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert not r.noop
+    assert r.shards_reused == len(shards)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == shards
+    assert (out / "quantization_report.json").is_file()
+    assert verify_path(out).ok
+    fresh = tmp_path / "fresh"
+    convert(tiny_llama_sharded, fresh, max_shard_size="40KB", progress=False)
+    assert output_hashes(out) == output_hashes(fresh)
+    assert convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False).noop
+
+
 def test_different_options_refused_then_overwritten(tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     convert(tiny_llama, out, progress=False)

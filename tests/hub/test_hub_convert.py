@@ -305,6 +305,89 @@ def test_a_rerun_removes_the_download_folder_a_killed_run_left(
     assert not leftover.exists()
 
 
+def test_the_own_download_folder_of_a_second_run_is_locked_and_removed_once_abandoned(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path
+) -> None:
+    """A run that finds the download folder beside the output locked by another run downloads into a
+    folder of its own; that folder was not locked, so a run killed while using it left it (as large as
+    the shards it was downloading) for good, and nothing could tell it from one in use. It is now
+    locked while its run lives, and a later run into the same output removes it once abandoned (never
+    one still locked)."""
+    from converter.locks import lock_folder
+    from converter.sources.hub import _locked_folder
+
+    src = make_checkpoint(tmp_path / "five", shards=5, seed=11)
+    fake_hub.add_repo("org/five", src)
+    out = tmp_path / "out"
+    env = hub_env(fake_hub, hf_home)
+    held = _locked_folder(tmp_path / ".out.quantize-model-download")  # a first run downloads there
+    assert held is not None
+    fake_hub.throttle_bps = 150_000  # slow downloads so the kill lands mid-download
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, "org/five", str(out)], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        own: list[Path] = []
+        while not own and time.monotonic() < deadline and proc.poll() is None:
+            own = list(tmp_path.glob(".*quantize-model-download-*"))
+            time.sleep(0.01)
+        assert len(own) == 1, (own, proc.poll())
+        fd = lock_folder(own[0])
+        if fd is not None:
+            os.close(fd)
+        assert fd is None, "the second run's download folder must be locked while that run lives"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        os.close(held)
+    fake_hub.throttle_bps = None
+    assert own[0].is_dir()  # SIGKILL: no clean-up
+
+    alive = tmp_path / ".out.quantize-model-download-alive"  # another live run's: left alone
+    alive.mkdir()
+    fd = lock_folder(alive)
+    assert fd is not None
+    try:
+        _convert("org/five", out)
+        assert not own[0].exists()
+        assert alive.is_dir()
+    finally:
+        os.close(fd)
+    assert _convert("org/five", out).noop  # and once that run is gone, removed
+    assert not [p for p in tmp_path.iterdir() if "quantize-model-download" in p.name]
+
+
+def test_rerun_restores_copied_files_deleted_or_edited_in_the_output(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """For a Hub source a rerun compared none of the copied files (tokenizer, generation config,
+    licence): one deleted or edited in a finished output stayed so, the rerun saying "nothing to do".
+    They are now checked against the Hub's listing (hash and size; nothing downloaded when they
+    match) and rewritten, the shards kept."""
+    fake_hub.add_repo(REPO, checkpoint_dir)
+    out, fresh = tmp_path / "hub", tmp_path / "fresh"
+    _convert(REPO, fresh)
+    _convert(REPO, out)
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    (out / "tokenizer.json").unlink()
+    (out / "generation_config.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"generation_config\.json, tokenizer\.json: not what this"):
+        again = _convert(REPO, out)
+    assert not again.noop
+    assert again.shards_reused == len(shards)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == shards
+    timed = "quantization_report.json"  # timings
+    assert {k: v for k, v in file_hashes(out).items() if k != timed} == {
+        k: v for k, v in file_hashes(fresh).items() if k != timed
+    }
+
+    def blobs_fetched_by_a_noop(folder: Path) -> int:
+        n = fake_hub.count("GET", "^/blobs/", server="cdn")
+        assert _convert(REPO, folder).noop
+        return fake_hub.count("GET", "^/blobs/", server="cdn") - n
+
+    assert blobs_fetched_by_a_noop(out) == blobs_fetched_by_a_noop(fresh)  # no copied file fetched to check
+
+
 def test_rerun_naming_the_commit_is_a_noop(
     tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
 ) -> None:

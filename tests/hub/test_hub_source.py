@@ -452,3 +452,60 @@ def test_close_interrupts_an_inflight_download(
     src.close()  # as convert() does after Ctrl-C
     assert time.monotonic() - t < 3, "close() waited for the whole download"
     assert not list((tmp_path).glob(".out.quantize-model-download*")), "the private folder must be removed"
+
+
+_KILLED_READER = """
+import os, signal, sys
+from converter.sources.hub import HubSource
+src = HubSource(sys.argv[1], attempts=3)
+print(src.acquire(src.weight_files()[0]), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_temp_download_folder_is_locked_and_removed_once_its_run_is_killed(
+    tmp_path: Path, fake_hub: FakeHub, repo: str, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an output folder (`verify --against org/repo`) a Hub source downloads into a folder
+    of its own in $TMPDIR. It was not locked, so a run killed there (SIGKILL, the OOM killer) left
+    its downloaded shards for good: nothing could tell the folder from one in use. It is now locked
+    while its run lives, and a later Hub source removes it once abandoned (never one still locked)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from hub_helpers import hub_env
+
+    from converter.locks import lock_folder
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**hub_env(fake_hub, hf_home), "TMPDIR": str(tmp)}
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_READER, REPO], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert child.returncode == -9, child.stderr
+    left = Path(child.stdout.strip())
+    assert left.is_file()  # SIGKILL: no clean-up
+    killed = next(p for p in tmp.iterdir() if left.is_relative_to(p))
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    held = lock_folder(killed)  # as if its run were alive: left alone
+    assert held is not None
+    try:
+        with HubSource(REPO, attempts=3) as src:
+            path = src.acquire(src.weight_files()[0])
+            own = next(p for p in tmp.iterdir() if path.is_relative_to(p))
+            fd = lock_folder(own)
+            if fd is not None:
+                os.close(fd)
+            assert fd is None, "a live run's download folder must be locked"
+        assert killed.is_dir()
+    finally:
+        os.close(held)
+    with HubSource(REPO, attempts=3):
+        pass
+    assert not killed.exists()
+    assert not any(tmp.iterdir())

@@ -112,8 +112,39 @@ def test_a_rerun_onto_a_finished_output_does_nothing(our_folder: Path, bnb_nf4: 
     refused = CliRunner().invoke(cli, ["dequantize", str(bnb_nf4), str(out), "--max-shard-size", "60KB"])
     assert refused.exit_code == 2, refused.output
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    next(out.glob("model-*.safetensors")).unlink()  # no longer complete: refused as before
-    refused = CliRunner().invoke(cli, args)
+
+
+def test_a_rerun_onto_a_damaged_finished_output_redoes_it(our_folder: Path, tmp_path: Path) -> None:
+    """A finished output in which a file was deleted or resized used to be refused on rerun ("exists
+    and is not empty", exit 2) where `convert` redoes its own damaged output: the same command now
+    writes it again, byte-identical to a fresh run, and keeps the files the user added. An output
+    whose record names other options stays refused even when damaged."""
+    reference = tmp_path / "reference"
+    dequantize_checkpoint(our_folder, reference, max_shard_size="60KB")
+    out = tmp_path / "plain"
+    args = ["dequantize", str(our_folder), str(out), "--max-shard-size", "60KB"]
+    for damage in ("delete", "resize"):
+        first = CliRunner().invoke(cli, args)
+        assert first.exit_code == 0, first.output
+        (out / "notes.txt").write_text("mine")
+        shard = sorted(out.glob("model-*.safetensors"))[1]
+        if damage == "delete":
+            shard.unlink()
+        else:
+            shard.write_bytes(shard.read_bytes()[:-1])
+        again = CliRunner().invoke(cli, args)
+        assert again.exit_code == 0, again.output
+        assert "nothing to do" not in again.output
+        assert (out / "notes.txt").read_text() == "mine"
+        (out / "notes.txt").unlink()
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+        for p in reference.iterdir():
+            assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+        intact = CliRunner().invoke(cli, args)
+        assert intact.exit_code == 0, intact.output
+        assert "nothing to do" in intact.output
+    next(out.glob("model-*.safetensors")).unlink()
+    refused = CliRunner().invoke(cli, [*args, "--dtype", "fp32"])
     assert refused.exit_code == 2, refused.output
 
 

@@ -356,3 +356,51 @@ def test_meta_is_refused(our_folder: Path, kwargs: dict) -> None:
     tensors"); it is refused with a PlacementError (an InputError)."""
     with pytest.raises(PlacementError, match="'meta' is not a device a quantized model can be loaded onto"):
         load_quantized(our_folder, **kwargs)
+
+
+_KILLED_LOAD = """
+import os, signal, sys, torch
+from converter.loader.model import load_quantized
+device_map = {k: v for k, v in (a.split("=") for a in sys.argv[3:])}
+model = load_quantized(sys.argv[1], dtype=torch.float32, device_map=device_map, offload_folder=sys.argv[2])
+print("loaded", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_offload_folder_of_a_killed_process_is_removed_by_the_next_load(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """Each load writes its cast disk parameters into a `qm-offload-*` folder of its own inside
+    offload_folder, removed when the model is freed; a process killed before (SIGKILL, the OOM
+    killer) left it there for good, as large as those parameters, one more per killed run of a
+    script that reuses one offload_folder. Each folder is now locked while its model lives, and a
+    load into the same offload_folder removes the ones whose process is gone."""
+    import gc
+    import os
+    import subprocess
+    import sys
+
+    from converter.locks import lock_folder
+
+    off = tmp_path / "offload"
+    root = Path(__file__).resolve().parents[2]
+    args = [f"{k}={v}" for k, v in CPU_DISK.items()]
+    env = {**os.environ, "PYTHONPATH": str(root), "TORCHDYNAMO_DISABLE": "1"}
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_LOAD, str(our_folder), str(off), *args],
+        env=env, cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert child.returncode == -9, child.stderr
+    assert "loaded" in child.stdout
+    [killed] = off.iterdir()
+    model = load_quantized(our_folder, dtype=torch.float32, device_map=CPU_DISK, offload_folder=off)
+    [own] = off.iterdir()
+    assert own != killed
+    fd = lock_folder(own)
+    if fd is not None:
+        os.close(fd)
+    assert fd is None, "a live model's offload folder must be locked"
+    del model
+    gc.collect()
+    assert not any(off.iterdir())
