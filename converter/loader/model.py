@@ -515,6 +515,11 @@ def load_quantized(
     offload_folder: str | os.PathLike | None = None,
     fused_router: bool = True,
     model_class: type | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    low_cpu_mem_usage: bool | None = None,
     **config_kwargs: Any,
 ) -> nn.Module:
     """A transformers model from a pre-quantized folder (or Hub repo id), ready for ``generate()``.
@@ -533,8 +538,11 @@ def load_quantized(
     The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
     its bnb LoRA layer).
 
-    ``revision``: the branch, tag or commit of a Hub repo id (default: main); a local folder ignores
-    it, as ``from_pretrained`` does.
+    ``revision``: the branch, tag or commit of a Hub repo id (default: main); ``token``, ``cache_dir``,
+    ``force_download`` and ``local_files_only`` go to huggingface_hub's download as ``from_pretrained``
+    passes them. A local folder ignores all five, as ``from_pretrained`` does. ``low_cpu_mem_usage`` is
+    accepted and ignored, as transformers 5 ignores it: the model is always built on the meta device and
+    filled from the memory-mapped shards.
 
     ``fused_router``: with 4-bit MoE experts, transformers' top-k routers (Qwen2/Qwen3-MoE, OLMoE,
     Mixtral) run softmax, top-k, renormalisation and cast as one op, bit-identical to their own forward
@@ -564,7 +572,16 @@ def load_quantized(
         check_device(device, f"device={str(device)!r}")
     check_devices_exist(device_map, max_memory)
     forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
-    folder = resolve_folder(path_or_repo, code=trust_remote_code, revision=revision)
+    folder = resolve_folder(
+        path_or_repo,
+        code=trust_remote_code,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
+    )
+    del low_cpu_mem_usage  # transformers' former switch: loading here is always low-memory
     dtype = dtype_from_name(dtype)
     if "torch_dtype" in config_kwargs:  # transformers' former name of dtype, still taken by from_pretrained
         torch_dtype = dtype_from_name(config_kwargs.pop("torch_dtype"))
