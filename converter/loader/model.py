@@ -505,7 +505,7 @@ def _new_parameters_warning(
 def load_quantized(
     path_or_repo: str | os.PathLike,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.bfloat16,
+    dtype: torch.dtype | str | None = torch.bfloat16,
     *,
     verify: bool | str = True,
     trust_remote_code: bool = False,
@@ -531,7 +531,8 @@ def load_quantized(
 
     ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
     config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls (``torch_dtype=``, its former name
-    in transformers, is taken too). ``verify`` checks each shard
+    in transformers, is taken too); ``"auto"`` or None: the checkpoint's, as ``from_pretrained`` picks
+    it (config.json's ``dtype``, else the first float tensor's). ``verify`` checks each shard
     against the digests of its index before returning (hashed on background threads while the model
     builds): per 16 MiB chunk its xxh3_128 where the index records one, else its sha256;
     ``verify="sha256"`` checks the sha256 digests (cryptographic, ~30x the hashing cost).
@@ -582,9 +583,9 @@ def load_quantized(
         local_files_only=local_files_only,
     )
     del low_cpu_mem_usage  # transformers' former switch: loading here is always low-memory
-    dtype = dtype_from_name(dtype)
+    dtype = _requested_dtype(dtype, folder)
     if "torch_dtype" in config_kwargs:  # transformers' former name of dtype, still taken by from_pretrained
-        torch_dtype = dtype_from_name(config_kwargs.pop("torch_dtype"))
+        torch_dtype = _requested_dtype(config_kwargs.pop("torch_dtype"), folder)
         if dtype not in (torch.bfloat16, torch_dtype):  # bfloat16: dtype's default
             msg = f"pass dtype= only, not also torch_dtype= (its former name): got {dtype} and {torch_dtype}"
             raise TypeError(msg)
@@ -672,6 +673,32 @@ def load_quantized(
     for device_type in {m.weight.device.type for m in linear4bit_modules(model).values()}:
         ops.warn_if_slow(device_type)  # no silent slow path: a missing extension or CUDA backend is named
     return model
+
+
+def _requested_dtype(dtype: torch.dtype | str | None, folder: Path) -> torch.dtype:
+    """``dtype=`` as ``from_pretrained`` takes it: a torch dtype or its name, or ``"auto"`` / None (what
+    ``from_pretrained`` makes of None) for the checkpoint's own, by transformers' rule
+    (``converter.plan.tensor_plan.load_dtype``: config.json's ``dtype``, else the first float tensor's
+    of the first shard)."""
+    if dtype is not None and dtype != "auto":
+        return dtype_from_name(dtype)
+    from converter.plan.tensor_plan import load_dtype
+    from converter.sources.base import TensorInfo
+    from formats.reader import open_shard
+
+    config = read_config(folder) or {}
+    tensors = []
+    if not any(isinstance(config.get(k), str) for k in ("dtype", "torch_dtype")):
+        first = min(shard_files(folder)[0])
+        with open_shard(first) as shard:
+            tensors = [
+                TensorInfo(n, first.name, shard.entry(n).dtype, shard.entry(n).shape) for n in shard.keys()
+            ]
+    name = load_dtype(config, tensors)
+    if name is None:
+        msg = f"{folder}: dtype={dtype!r}: the checkpoint's dtype is not float32/float16/bfloat16; pass one"
+        raise ValueError(msg)
+    return dtype_from_name(name)
 
 
 def load_generation_config(
