@@ -510,7 +510,7 @@ def load_quantized(
     verify: bool | str = True,
     trust_remote_code: bool = False,
     revision: str | None = None,
-    device_map: str | dict[str, int | str] | None = None,
+    device_map: str | int | torch.device | dict[str, int | str] | None = None,
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
     fused_router: bool = True,
@@ -524,10 +524,10 @@ def load_quantized(
 ) -> nn.Module:
     """A transformers model from a pre-quantized folder (or Hub repo id), ready for ``generate()``.
 
-    ``device_map`` ("auto", "balanced", "balanced_low_0", "sequential" or a dict module -> GPU index /
-    "cpu" / "disk"), ``max_memory`` and ``offload_folder`` spread the model over GPUs, CPU and disk
-    as transformers does (planned and hooked by accelerate; ``converter.loader.placement`` says how
-    CPU and disk modules differ): use them instead of ``device``.
+    ``device_map`` ("auto", "balanced", "balanced_low_0", "sequential", a dict module -> GPU index /
+    "cpu" / "disk", or one device: ``"cuda:1"``, a GPU index ``0``), ``max_memory`` and ``offload_folder``
+    spread the model over GPUs, CPU and disk as transformers does (planned and hooked by accelerate;
+    ``converter.loader.placement`` says how CPU and disk modules differ): use them instead of ``device``.
 
     ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
     config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls (``torch_dtype=``, its former name
@@ -725,7 +725,7 @@ def place(
     model: nn.Module,
     folder: Path,
     device: str | torch.device,
-    device_map: str | dict[str, int | str],
+    device_map: str | int | torch.device | dict[str, int | str],
     max_memory: dict[int | str, int | str] | None,
     offload_folder: str | os.PathLike | None,
 ) -> None:
