@@ -520,6 +520,7 @@ def load_quantized(
     force_download: bool = False,
     local_files_only: bool = False,
     low_cpu_mem_usage: bool | None = None,
+    subfolder: str = "",
     **config_kwargs: Any,
 ) -> nn.Module:
     """A transformers model from a pre-quantized folder (or Hub repo id), ready for ``generate()``.
@@ -541,9 +542,10 @@ def load_quantized(
 
     ``revision``: the branch, tag or commit of a Hub repo id (default: main); ``token``, ``cache_dir``,
     ``force_download`` and ``local_files_only`` go to huggingface_hub's download as ``from_pretrained``
-    passes them. A local folder ignores all five, as ``from_pretrained`` does. ``low_cpu_mem_usage`` is
-    accepted and ignored, as transformers 5 ignores it: the model is always built on the meta device and
-    filled from the memory-mapped shards.
+    passes them. A local folder ignores all five, as ``from_pretrained`` does. ``subfolder``: the
+    checkpoint is that folder of the local folder or repo (only its files are fetched).
+    ``low_cpu_mem_usage`` is accepted and ignored, as transformers 5 ignores it: the model is always
+    built on the meta device and filled from the memory-mapped shards.
 
     ``fused_router``: with 4-bit MoE experts, transformers' top-k routers (Qwen2/Qwen3-MoE, OLMoE,
     Mixtral) run softmax, top-k, renormalisation and cast as one op, bit-identical to their own forward
@@ -581,6 +583,7 @@ def load_quantized(
         cache_dir=cache_dir,
         force_download=force_download,
         local_files_only=local_files_only,
+        subfolder=subfolder,
     )
     del low_cpu_mem_usage  # transformers' former switch: loading here is always low-memory
     dtype = _requested_dtype(dtype, folder)

@@ -54,15 +54,21 @@ def resolve_folder(
     cache_dir: str | os.PathLike | None = None,
     force_download: bool = False,
     local_files_only: bool = False,
+    subfolder: str = "",
 ) -> Path:
     """A local folder as is; anything else is taken as a Hub repo id and fetched at ``revision`` (a
     branch, tag or commit; None: main) with cache, token, offline mode as huggingface_hub does them
     (``token``, ``cache_dir``, ``force_download``, ``local_files_only``: its arguments, None / False
     leaving its defaults): the safetensors shards, index and JSON files only, and with ``code``
-    (``trust_remote_code=True``) the repository's Python files its config names."""
+    (``trust_remote_code=True``) the repository's Python files its config names. ``subfolder``: the
+    checkpoint is that folder of the local folder or repo (only its files are fetched)."""
     path = Path(path_or_repo).expanduser()  # '~/m' quoted in a script, as convert takes it
+    sub = subfolder.strip("/")
     if path.is_dir():
-        return path
+        if sub and not (path / sub).is_dir():
+            msg = f"{path}: has no subfolder {sub!r}"
+            raise SourceNotFoundError(msg)
+        return path / sub
     if path.exists():
         msg = f"{path}: expected a checkpoint folder, got a file; pass the folder that holds it"
         raise InputError(msg)
@@ -77,6 +83,8 @@ def resolve_folder(
         # vocabularies, sentencepiece models, chat templates (chat_template.jinja since transformers 5)
         tokenizer = ["*.txt", "*.model", "*.jinja", "*.tiktoken"]
         patterns = ["*.safetensors", "*.json", *tokenizer, *(["*.py"] if code else [])]
+        if sub:
+            patterns = [f"{sub}/{p}" for p in patterns]
         fetched = snapshot_download(
             text,
             revision=revision,
@@ -86,7 +94,7 @@ def resolve_folder(
             force_download=force_download,
             local_files_only=local_files_only,
         )
-        return Path(fetched)
+        return Path(fetched) / sub
     except Exception as exc:  # huggingface_hub raises many types; name the repo and the cause
         cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         at = f" at revision {revision!r}" if revision is not None else ""

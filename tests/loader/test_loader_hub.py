@@ -211,3 +211,52 @@ def test_token_cache_dir_and_force_download_reach_the_hub(our_folder: Path, tmp_
     assert len(snapshots) == 1
     assert sorted(p.name for p in snapshots[0].glob("*.safetensors")) == shards
     assert not any((home / "hub").glob("models--*"))
+
+
+SUBFOLDER_SCRIPT = """
+import sys
+from pathlib import Path
+from converter import load_quantized
+for source in ("org/multi", sys.argv[1]):
+    for sub in ("nf4", "int8"):
+        model = load_quantized(source, subfolder=sub)
+        print(sub, getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False))
+        if source == "org/multi" and sub == "nf4":  # only the subfolder's files were fetched
+            snapshot = next(Path(sys.argv[2]).glob("models--org--multi/snapshots/*"))
+            print(sorted({p.relative_to(snapshot).parts[0] for p in snapshot.rglob("*") if p.is_file()}))
+try:
+    load_quantized(sys.argv[1], subfolder="fp4")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.hub
+def test_subfolder_loads_that_folder_of_a_repo_or_local_folder(
+    our_folder: Path, int8_folder: Path, tmp_path: Path
+) -> None:
+    """``load_quantized(repo_or_folder, subfolder="nf4")`` loads the checkpoint in that folder, as
+    ``from_pretrained`` does; it used to reach AutoConfig only (config.json from the subfolder, shards
+    looked for at the top: "no model.safetensors.index.json ... not a checkpoint folder")."""
+    import shutil
+
+    local = tmp_path / "local"
+    shutil.copytree(our_folder, local / "nf4")
+    shutil.copytree(int8_folder, local / "int8")
+    files = {f"{sub}/{p.relative_to(local / sub).as_posix()}": p for sub in ("nf4", "int8") for p in
+             sorted((local / sub).rglob("*")) if p.is_file()}  # fmt: skip
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/multi", files)
+        env = hub_env(hub, tmp_path / "home")
+        out = subprocess.run(
+            [sys.executable, "-c", SUBFOLDER_SCRIPT, str(local), str(tmp_path / "home" / "hub")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[:5] == ["nf4 True False", "['nf4']", "int8 False True", "nf4 True False", "int8 False True"]
+    assert lines[5] == f"SourceNotFoundError {local}: has no subfolder 'fp4'"
+    assert len(lines) == 6
