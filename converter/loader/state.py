@@ -60,8 +60,9 @@ def resolve_folder(
     branch, tag or commit; None: main) with cache, token, offline mode as huggingface_hub does them
     (``token``, ``cache_dir``, ``force_download``, ``local_files_only``: its arguments, None / False
     leaving its defaults): the safetensors shards, index and JSON files only, and with ``code``
-    (``trust_remote_code=True``) the repository's Python files its config names. ``subfolder``: the
-    checkpoint is that folder of the local folder or repo (only its files are fetched)."""
+    (``trust_remote_code=True``) the repository's Python files its config names; none of a deeper
+    folder (chat templates excepted). ``subfolder``: the checkpoint is that folder of the local folder
+    or repo (only its files are fetched)."""
     path = Path(path_or_repo).expanduser()  # '~/m' quoted in a script, as convert takes it
     sub = subfolder.strip("/")
     if path.is_dir():
@@ -83,12 +84,15 @@ def resolve_folder(
         # vocabularies, sentencepiece models, chat templates (chat_template.jinja since transformers 5)
         tokenizer = ["*.txt", "*.model", "*.jinja", "*.tiktoken"]
         patterns = ["*.safetensors", "*.json", *tokenizer, *(["*.py"] if code else [])]
-        if sub:
-            patterns = [f"{sub}/{p}" for p in patterns]
+        prefix = f"{sub}/" if sub else ""
+        # ("*" matches "/" too) none of the files of a deeper folder, such as another variant's shards,
+        # but chat templates: transformers 5 saves more of them in additional_chat_templates/
+        nested = [f"{prefix}*/{p}" for p in patterns if p != "*.jinja"]
         fetched = snapshot_download(
             text,
             revision=revision,
-            allow_patterns=patterns,
+            allow_patterns=[prefix + p for p in patterns],
+            ignore_patterns=nested,
             token=token,
             cache_dir=cache_dir,
             force_download=force_download,

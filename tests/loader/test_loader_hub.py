@@ -217,13 +217,18 @@ SUBFOLDER_SCRIPT = """
 import sys
 from pathlib import Path
 from converter import load_quantized
+def fetched(cache):
+    snapshot = next(Path(cache).glob("models--org--multi/snapshots/*"))
+    paths = [p.relative_to(snapshot) for p in snapshot.rglob("*") if p.is_file()]
+    return sorted({p.parts[0] if len(p.parts) > 1 else "." for p in paths})
 for source in ("org/multi", sys.argv[1]):
     for sub in ("nf4", "int8"):
         model = load_quantized(source, subfolder=sub)
         print(sub, getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False))
-        if source == "org/multi" and sub == "nf4":  # only the subfolder's files were fetched
-            snapshot = next(Path(sys.argv[2]).glob("models--org--multi/snapshots/*"))
-            print(sorted({p.relative_to(snapshot).parts[0] for p in snapshot.rglob("*") if p.is_file()}))
+        if source == "org/multi" and sub == "nf4":
+            print(fetched(sys.argv[2]))  # only the subfolder's files
+cache = Path(sys.argv[2]).parent / "fresh"
+print(load_quantized("org/multi", cache_dir=cache).is_loaded_in_4bit, fetched(cache))
 try:
     load_quantized(sys.argv[1], subfolder="fp4")
 except Exception as exc:
@@ -237,7 +242,9 @@ def test_subfolder_loads_that_folder_of_a_repo_or_local_folder(
 ) -> None:
     """``load_quantized(repo_or_folder, subfolder="nf4")`` loads the checkpoint in that folder, as
     ``from_pretrained`` does; it used to reach AutoConfig only (config.json from the subfolder, shards
-    looked for at the top: "no model.safetensors.index.json ... not a checkpoint folder")."""
+    looked for at the top: "no model.safetensors.index.json ... not a checkpoint folder"). Without
+    ``subfolder`` the top-level checkpoint is fetched without the subfolders' shards (it used to fetch
+    every variant's)."""
     import shutil
 
     local = tmp_path / "local"
@@ -245,6 +252,8 @@ def test_subfolder_loads_that_folder_of_a_repo_or_local_folder(
     shutil.copytree(int8_folder, local / "int8")
     files = {f"{sub}/{p.relative_to(local / sub).as_posix()}": p for sub in ("nf4", "int8") for p in
              sorted((local / sub).rglob("*")) if p.is_file()}  # fmt: skip
+    files.update({p.name: p for p in our_folder.iterdir() if p.is_file()})  # the top-level checkpoint
+    files["additional_chat_templates/tool_use.jinja"] = b"{{ messages }}"  # as transformers 5 saves them
     with FakeHub(tmp_path / "store") as hub:
         hub.add_repo("org/multi", files)
         env = hub_env(hub, tmp_path / "home")
@@ -258,5 +267,7 @@ def test_subfolder_loads_that_folder_of_a_repo_or_local_folder(
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert lines[:5] == ["nf4 True False", "['nf4']", "int8 False True", "nf4 True False", "int8 False True"]
-    assert lines[5] == f"SourceNotFoundError {local}: has no subfolder 'fp4'"
-    assert len(lines) == 6
+    # without subfolder: the top-level checkpoint (and its chat templates), none of the subfolders' files
+    assert lines[5] == "True ['.', 'additional_chat_templates']"
+    assert lines[6] == f"SourceNotFoundError {local}: has no subfolder 'fp4'"
+    assert len(lines) == 7
