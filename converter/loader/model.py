@@ -17,6 +17,7 @@ transformers is imported here only; the state API and ``replace_linear_layers`` 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import os
 import threading
@@ -47,6 +48,11 @@ from converter.methods import for_record
 
 class ModelBuildError(InputError):
     """transformers cannot build the model named by config.json, or the shards do not fill it."""
+
+
+class UnexpectedArgumentError(ModelBuildError, TypeError):
+    """A keyword argument of ``load_quantized`` that neither the config nor the model class takes (a
+    TypeError, as ``from_pretrained`` raises for it)."""
 
 
 @contextlib.contextmanager
@@ -352,6 +358,7 @@ def build_model(
     if model_class is not None:
         cls = _requested_class(model_class, config, folder, trust_remote_code=trust_remote_code)
     assert cls is not None
+    _check_init_kwargs(cls, model_kwargs)
     try:
         with BUILD_LOCK, _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -361,6 +368,28 @@ def build_model(
         msg = f"{folder}: transformers could not build {cls.__name__} from config.json ({why})"
         raise ModelBuildError(msg) from exc
     return Built(model, config, own, qc, compute_dtype)
+
+
+#: the keyword arguments transformers' ``_from_config`` takes itself, not handing them to ``__init__``
+_FROM_CONFIG_KWARGS = frozenset({"attn_implementation", "experts_implementation", "torch_dtype"})
+
+
+def _check_init_kwargs(cls: type, model_kwargs: Mapping[str, Any]) -> None:
+    """An UnexpectedArgumentError (a TypeError) naming the keyword arguments that are neither config
+    attributes nor arguments of ``cls.__init__`` (``output_loading_info=True``, ``variant=``: loading
+    options of ``from_pretrained`` that ``load_quantized`` does not take), as ``from_pretrained`` fails
+    on them, instead of "could not build ... from config.json" blaming the folder."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    if not model_kwargs or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    unknown = sorted(set(model_kwargs) - {p.name for p in params} - _FROM_CONFIG_KWARGS)
+    if unknown:
+        msg = (
+            f"load_quantized() got an unexpected keyword argument{'s' * (len(unknown) > 1)} "
+            f"{', '.join(map(repr, unknown))}: not attributes of {cls.__name__}'s config, nor arguments of "
+            f"its __init__, nor loading options load_quantized takes"
+        )
+        raise UnexpectedArgumentError(msg)
 
 
 class EarlyBuild:

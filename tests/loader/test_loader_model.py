@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -381,6 +382,18 @@ def test_torch_dtype_is_dtype(our_folder: Path) -> None:
     assert model.config.dtype == torch.float16
     with pytest.raises(TypeError, match="torch_dtype"):
         load_quantized(our_folder, verify=False, dtype=torch.float32, torch_dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"output_loading_info": True}, {"variant": "fp16", "use_safetensors": True}]
+)
+def test_unknown_keyword_arguments_are_a_type_error_naming_them(our_folder: Path, kwargs: dict) -> None:
+    """from_pretrained options load_quantized does not take are a TypeError naming them, as from_pretrained
+    fails on an unknown keyword (still a ModelBuildError too); they used to be "transformers could not
+    build LlamaForCausalLM from config.json", blaming the folder."""
+    names = ("argument " if len(kwargs) == 1 else "arguments ") + ", ".join(repr(k) for k in sorted(kwargs))
+    with pytest.raises(TypeError, match=re.escape(f"got an unexpected keyword {names}: not attributes")):
+        load_quantized(our_folder, verify=False, **kwargs)
 
 
 def test_dtype_auto_is_the_checkpoints_as_from_pretrained_picks_it(plain_llama: Path, tmp_path: Path) -> None:
