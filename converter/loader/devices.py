@@ -61,7 +61,7 @@ def check_gpu(index: int, what: str, *, mapped: bool = True) -> None:
     raise PlacementError(msg)
 
 
-def _gpu_index(device: Any) -> int | None:
+def gpu_index(device: Any) -> int | None:
     """A device_map value / max_memory key given as a GPU index (``1`` or ``"1"``), else None."""
     if isinstance(device, bool):
         return None
@@ -76,17 +76,19 @@ def check_devices_exist(device_map: Any, max_memory: Mapping[Any, int | str] | N
     """Every GPU of ``max_memory`` and of ``device_map`` (a dict, or one device: ``"cuda:0"``) is one
     this process can use (planning itself accepts any index: tests plan several GPUs with CPU stand-ins)."""
     for k in max_memory or {}:
-        index = _gpu_index(k)
+        index = gpu_index(k)
         if index is not None:
             check_gpu(index, f"max_memory names GPU {index}")
         elif isinstance(k, str | torch.device) and k not in ("cpu", "disk"):
             check_device(k, f"max_memory names {str(k)!r}", mapped=True)
     if isinstance(device_map, Mapping):
         for module, device in device_map.items():
-            index = _gpu_index(device)
+            index = gpu_index(device)
             if index is not None:
                 check_gpu(index, f"device_map puts {module!r} on GPU {index}")
             elif isinstance(device, str | torch.device) and device not in ("cpu", "disk"):
                 check_device(device, f"device_map puts {module!r} on {str(device)!r}", mapped=True)
+    elif (index := gpu_index(device_map)) is not None:  # device_map=0: all on GPU 0, as transformers takes it
+        check_gpu(index, f"device_map={device_map!r} (GPU {index})")
     elif isinstance(device_map, str | torch.device) and device_map not in STRATEGIES:
         check_device(device_map, f"device_map={str(device_map)!r}", mapped=True)

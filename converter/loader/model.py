@@ -17,6 +17,7 @@ transformers is imported here only; the state API and ``replace_linear_layers`` 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import os
 import threading
@@ -47,6 +48,11 @@ from converter.methods import for_record
 
 class ModelBuildError(InputError):
     """transformers cannot build the model named by config.json, or the shards do not fill it."""
+
+
+class UnexpectedArgumentError(ModelBuildError, TypeError):
+    """A keyword argument of ``load_quantized`` that neither the config nor the model class takes (a
+    TypeError, as ``from_pretrained`` raises for it)."""
 
 
 @contextlib.contextmanager
@@ -352,6 +358,7 @@ def build_model(
     if model_class is not None:
         cls = _requested_class(model_class, config, folder, trust_remote_code=trust_remote_code)
     assert cls is not None
+    _check_init_kwargs(cls, model_kwargs)
     try:
         with BUILD_LOCK, _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -361,6 +368,28 @@ def build_model(
         msg = f"{folder}: transformers could not build {cls.__name__} from config.json ({why})"
         raise ModelBuildError(msg) from exc
     return Built(model, config, own, qc, compute_dtype)
+
+
+#: the keyword arguments transformers' ``_from_config`` takes itself, not handing them to ``__init__``
+_FROM_CONFIG_KWARGS = frozenset({"attn_implementation", "experts_implementation", "torch_dtype"})
+
+
+def _check_init_kwargs(cls: type, model_kwargs: Mapping[str, Any]) -> None:
+    """An UnexpectedArgumentError (a TypeError) naming the keyword arguments that are neither config
+    attributes nor arguments of ``cls.__init__`` (``output_loading_info=True``, ``variant=``: loading
+    options of ``from_pretrained`` that ``load_quantized`` does not take), as ``from_pretrained`` fails
+    on them, instead of "could not build ... from config.json" blaming the folder."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    if not model_kwargs or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    unknown = sorted(set(model_kwargs) - {p.name for p in params} - _FROM_CONFIG_KWARGS)
+    if unknown:
+        msg = (
+            f"load_quantized() got an unexpected keyword argument{'s' * (len(unknown) > 1)} "
+            f"{', '.join(map(repr, unknown))}: not attributes of {cls.__name__}'s config, nor arguments of "
+            f"its __init__, nor loading options load_quantized takes"
+        )
+        raise UnexpectedArgumentError(msg)
 
 
 class EarlyBuild:
@@ -505,36 +534,47 @@ def _new_parameters_warning(
 def load_quantized(
     path_or_repo: str | os.PathLike,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.bfloat16,
+    dtype: torch.dtype | str | None = torch.bfloat16,
     *,
     verify: bool | str = True,
     trust_remote_code: bool = False,
     revision: str | None = None,
-    device_map: str | dict[str, int | str] | None = None,
+    device_map: str | int | torch.device | dict[str, int | str] | None = None,
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
     fused_router: bool = True,
     model_class: type | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    low_cpu_mem_usage: bool | None = None,
+    subfolder: str = "",
     **config_kwargs: Any,
 ) -> nn.Module:
     """A transformers model from a pre-quantized folder (or Hub repo id), ready for ``generate()``.
 
-    ``device_map`` ("auto", "balanced", "balanced_low_0", "sequential" or a dict module -> GPU index /
-    "cpu" / "disk"), ``max_memory`` and ``offload_folder`` spread the model over GPUs, CPU and disk
-    as transformers does (planned and hooked by accelerate; ``converter.loader.placement`` says how
-    CPU and disk modules differ): use them instead of ``device``.
+    ``device_map`` ("auto", "balanced", "balanced_low_0", "sequential", a dict module -> GPU index /
+    "cpu" / "disk", or one device: ``"cuda:1"``, a GPU index ``0``), ``max_memory`` and ``offload_folder``
+    spread the model over GPUs, CPU and disk as transformers does (planned and hooked by accelerate;
+    ``converter.loader.placement`` says how CPU and disk modules differ): use them instead of ``device``.
 
     ``dtype`` is the dtype of the non-quantized parameters (embeddings, norms, head) and, when the
     config has no ``bnb_4bit_compute_dtype``, of the 4-bit matmuls (``torch_dtype=``, its former name
-    in transformers, is taken too). ``verify`` checks each shard
+    in transformers, is taken too); ``"auto"`` or None: the checkpoint's, as ``from_pretrained`` picks
+    it (config.json's ``dtype``, else the first float tensor's). ``verify`` checks each shard
     against the digests of its index before returning (hashed on background threads while the model
     builds): per 16 MiB chunk its xxh3_128 where the index records one, else its sha256;
     ``verify="sha256"`` checks the sha256 digests (cryptographic, ~30x the hashing cost).
     The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
     its bnb LoRA layer).
 
-    ``revision``: the branch, tag or commit of a Hub repo id (default: main); a local folder ignores
-    it, as ``from_pretrained`` does.
+    ``revision``: the branch, tag or commit of a Hub repo id (default: main); ``token``, ``cache_dir``,
+    ``force_download`` and ``local_files_only`` go to huggingface_hub's download as ``from_pretrained``
+    passes them. A local folder ignores all five, as ``from_pretrained`` does. ``subfolder``: the
+    checkpoint is that folder of the local folder or repo (only its files are fetched).
+    ``low_cpu_mem_usage`` is accepted and ignored, as transformers 5 ignores it: the model is always
+    built on the meta device and filled from the memory-mapped shards.
 
     ``fused_router``: with 4-bit MoE experts, transformers' top-k routers (Qwen2/Qwen3-MoE, OLMoE,
     Mixtral) run softmax, top-k, renormalisation and cast as one op, bit-identical to their own forward
@@ -564,10 +604,20 @@ def load_quantized(
         check_device(device, f"device={str(device)!r}")
     check_devices_exist(device_map, max_memory)
     forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
-    folder = resolve_folder(path_or_repo, code=trust_remote_code, revision=revision)
-    dtype = dtype_from_name(dtype)
+    folder = resolve_folder(
+        path_or_repo,
+        code=trust_remote_code,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
+        subfolder=subfolder,
+    )
+    del low_cpu_mem_usage  # transformers' former switch: loading here is always low-memory
+    dtype = _requested_dtype(dtype, folder)
     if "torch_dtype" in config_kwargs:  # transformers' former name of dtype, still taken by from_pretrained
-        torch_dtype = dtype_from_name(config_kwargs.pop("torch_dtype"))
+        torch_dtype = _requested_dtype(config_kwargs.pop("torch_dtype"), folder)
         if dtype not in (torch.bfloat16, torch_dtype):  # bfloat16: dtype's default
             msg = f"pass dtype= only, not also torch_dtype= (its former name): got {dtype} and {torch_dtype}"
             raise TypeError(msg)
@@ -657,6 +707,32 @@ def load_quantized(
     return model
 
 
+def _requested_dtype(dtype: torch.dtype | str | None, folder: Path) -> torch.dtype:
+    """``dtype=`` as ``from_pretrained`` takes it: a torch dtype or its name, or ``"auto"`` / None (what
+    ``from_pretrained`` makes of None) for the checkpoint's own, by transformers' rule
+    (``converter.plan.tensor_plan.load_dtype``: config.json's ``dtype``, else the first float tensor's
+    of the first shard)."""
+    if dtype is not None and dtype != "auto":
+        return dtype_from_name(dtype)
+    from converter.plan.tensor_plan import load_dtype
+    from converter.sources.base import TensorInfo
+    from formats.reader import open_shard
+
+    config = read_config(folder) or {}
+    tensors = []
+    if not any(isinstance(config.get(k), str) for k in ("dtype", "torch_dtype")):
+        first = min(shard_files(folder)[0])
+        with open_shard(first) as shard:
+            tensors = [
+                TensorInfo(n, first.name, shard.entry(n).dtype, shard.entry(n).shape) for n in shard.keys()
+            ]
+    name = load_dtype(config, tensors)
+    if name is None:
+        msg = f"{folder}: dtype={dtype!r}: the checkpoint's dtype is not float32/float16/bfloat16; pass one"
+        raise ValueError(msg)
+    return dtype_from_name(name)
+
+
 def load_generation_config(
     model: nn.Module, folder: Path, overrides: Mapping[str, Any] | None = None
 ) -> None:
@@ -681,7 +757,7 @@ def place(
     model: nn.Module,
     folder: Path,
     device: str | torch.device,
-    device_map: str | dict[str, int | str],
+    device_map: str | int | torch.device | dict[str, int | str],
     max_memory: dict[int | str, int | str] | None,
     offload_folder: str | os.PathLike | None,
 ) -> None:

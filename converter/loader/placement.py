@@ -47,7 +47,7 @@ from accelerate.utils import (
 )
 from torch import nn
 
-from converter.loader.devices import STRATEGIES, PlacementError
+from converter.loader.devices import STRATEGIES, PlacementError, gpu_index
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
@@ -114,11 +114,12 @@ def normalize_max_memory(max_memory: Mapping[Any, int | str] | None) -> dict[Dev
 
 def plan_device_map(
     model: nn.Module,
-    device_map: str | Mapping[str, Device],
+    device_map: str | int | torch.device | Mapping[str, Device],
     max_memory: Mapping[Any, int | str] | None = None,
 ) -> DeviceMap:
     """The module -> device map for ``device_map`` ("auto", "balanced", "balanced_low_0",
-    "sequential", a dict, or one device), sized by the real bytes of every tensor of ``model``."""
+    "sequential", a dict, or one device: a GPU index too), sized by the real bytes of every tensor of
+    ``model``."""
     if isinstance(device_map, Mapping):
         if max_memory is not None:
             msg = "max_memory applies to device_map='auto'/'balanced'/'sequential', not to an explicit dict"
@@ -127,6 +128,9 @@ def plan_device_map(
         plan = {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in device_map.items()}
         check_map(model, plan)
         return plan
+    index = gpu_index(device_map)
+    if index is not None:  # a GPU index: the whole model on that GPU, as transformers takes it
+        return {"": index}
     if device_map not in STRATEGIES:
         try:
             device = torch.device(device_map)

@@ -46,15 +46,30 @@ class NotQuantizedError(InputError):
 
 
 def resolve_folder(
-    path_or_repo: str | os.PathLike, *, code: bool = False, revision: str | None = None
+    path_or_repo: str | os.PathLike,
+    *,
+    code: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    subfolder: str = "",
 ) -> Path:
     """A local folder as is; anything else is taken as a Hub repo id and fetched at ``revision`` (a
-    branch, tag or commit; None: main) with cache, token, offline mode as huggingface_hub does them:
-    the safetensors shards, index and JSON files only, and with ``code`` (``trust_remote_code=True``)
-    the repository's Python files its config names."""
+    branch, tag or commit; None: main) with cache, token, offline mode as huggingface_hub does them
+    (``token``, ``cache_dir``, ``force_download``, ``local_files_only``: its arguments, None / False
+    leaving its defaults): the safetensors shards, index and JSON files only, and with ``code``
+    (``trust_remote_code=True``) the repository's Python files its config names; none of a deeper
+    folder (chat templates excepted). ``subfolder``: the checkpoint is that folder of the local folder
+    or repo (only its files are fetched)."""
     path = Path(path_or_repo).expanduser()  # '~/m' quoted in a script, as convert takes it
+    sub = subfolder.strip("/")
     if path.is_dir():
-        return path
+        if sub and not (path / sub).is_dir():
+            msg = f"{path}: has no subfolder {sub!r}"
+            raise SourceNotFoundError(msg)
+        return path / sub
     if path.exists():
         msg = f"{path}: expected a checkpoint folder, got a file; pass the folder that holds it"
         raise InputError(msg)
@@ -69,7 +84,21 @@ def resolve_folder(
         # vocabularies, sentencepiece models, chat templates (chat_template.jinja since transformers 5)
         tokenizer = ["*.txt", "*.model", "*.jinja", "*.tiktoken"]
         patterns = ["*.safetensors", "*.json", *tokenizer, *(["*.py"] if code else [])]
-        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
+        prefix = f"{sub}/" if sub else ""
+        # ("*" matches "/" too) none of the files of a deeper folder, such as another variant's shards,
+        # but chat templates: transformers 5 saves more of them in additional_chat_templates/
+        nested = [f"{prefix}*/{p}" for p in patterns if p != "*.jinja"]
+        fetched = snapshot_download(
+            text,
+            revision=revision,
+            allow_patterns=[prefix + p for p in patterns],
+            ignore_patterns=nested,
+            token=token,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+        )
+        return Path(fetched) / sub
     except Exception as exc:  # huggingface_hub raises many types; name the repo and the cause
         cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         at = f" at revision {revision!r}" if revision is not None else ""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -222,9 +222,37 @@ def apply_moe_mode(
             continue
         keep.pop(t.name, None)
         quantize[t.name] = spec
-    routers = {m["leaf"] for t in tensors if (m := _ROUTER_KEY.match(t.name)) and t.name not in quantize}
+    routers = set(router_modules((t.name for t in tensors), quantize).values())
     skip_modules = sorted(set(selection.skip_modules) | routers)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
+
+
+def router_modules(names: Iterable[str], quantized: Collection[str]) -> dict[str, str]:
+    """The 16-bit routers among the tensor ``names`` (module -> leaf name): a folder with quantized
+    experts lists every leaf in ``llm_int8_skip_modules`` (``quantized``: the names written 4-bit)."""
+    return {
+        m["module"]: m["leaf"] for name in names if (m := _ROUTER_KEY.match(name)) and name not in quantized
+    }
+
+
+def is_skipped_by_vllm(module: str, skip_modules: Sequence[str]) -> bool:
+    """vLLM's ``is_layer_skipped_bnb``: a skip entry equal to one dotted component of ``module`` or to
+    one of its prefixes (``"gate"`` and ``"model.layers.0.mlp.gate"`` skip ``model.layers.0.mlp.gate``)."""
+    parts = module.split(".")
+    prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return any(s in parts or s in prefixes for s in skip_modules)
+
+
+def unskipped_routers(
+    names: Iterable[str], quantized: Collection[str], skip_modules: Sequence[str]
+) -> dict[str, str]:
+    """The 16-bit routers (module -> leaf, sorted) of a folder with 4-bit experts that
+    ``llm_int8_skip_modules`` does not skip, so that vLLM's bnb loader would take them for quantized
+    layers; empty when no expert is quantized."""
+    if not any(EXPERT_KEY.match(name) for name in quantized):
+        return {}
+    routers = router_modules(names, quantized)
+    return {m: routers[m] for m in sorted(routers) if not is_skipped_by_vllm(m, skip_modules)}
 
 
 def _no_transpose_spec() -> Any:

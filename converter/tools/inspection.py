@@ -15,6 +15,7 @@ import math
 import re
 import struct
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,7 +233,7 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"was checked"
         )
     if path.is_dir() and not unfinished:
-        result.problems.extend(_config_problems(folder, quant_types))
+        result.problems.extend(_config_problems(folder, quant_types, found))
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):
             if shard_name in unreadable:
@@ -246,11 +247,12 @@ def verify_path(path: str | Path) -> VerifyResult:
     return result
 
 
-def _config_problems(folder: Path, quant_types: dict[str, str]) -> list[str]:
+def _config_problems(folder: Path, quant_types: dict[str, str], names: Collection[str] = ()) -> list[str]:
     """What in ``config.json`` would make transformers + bitsandbytes load the quantized weights wrongly:
     no config, no ``quantization_config``, a method or quant type other than the records', or a
     quantized module that ``llm_int8_skip_modules`` keeps unquantized (transformers would then read
-    its packed codes as a plain weight)."""
+    its packed codes as a plain weight); with 4-bit MoE experts, a 16-bit router (among the tensor
+    ``names``) that the list does not skip (vLLM's bnb loader would take it for a quantized layer)."""
     from converter.methods import get_method
     from converter.plan.selection_facts import should_convert_module
 
@@ -288,6 +290,15 @@ def _config_problems(folder: Path, quant_types: dict[str, str]) -> list[str]:
         problems.append(
             f"{path}: llm_int8_skip_modules keeps {', '.join(repr(k) for k in kept[:3])}{more} unquantized, "
             f"but those weights are quantized"
+        )
+    routers = moe.unskipped_routers(names, quant_types, skip or [])
+    if routers:  # the leaves the writer lists (plan/moe.py), as vLLM matches them
+        leaves, named = sorted(set(routers.values())), ", ".join(list(routers)[:3])
+        more = f" and {len(routers) - 3} more" if len(routers) > 3 else ""
+        problems.append(
+            f"{path}: llm_int8_skip_modules does not list the 16-bit router(s) {named}{more} "
+            f"of this folder with 4-bit experts: vLLM's bitsandbytes loader would load them as quantized "
+            f"layers; add {', '.join(repr(leaf) for leaf in leaves)} to the list"
         )
     return problems
 

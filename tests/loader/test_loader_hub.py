@@ -157,3 +157,117 @@ def test_revision_picks_the_branch(our_folder: Path, int8_folder: Path, tmp_path
     assert lines[2].startswith("SourceNotFoundError org/tiny: not a local folder, and the Hub repo")
     assert "could not be fetched at revision 'v9' (RevisionNotFoundError" in lines[2]
     assert len(lines) == 3
+
+
+DOWNLOAD_OPTIONS_SCRIPT = """
+import sys
+from converter import load_quantized
+token, cache = sys.argv[1], sys.argv[2]
+try:
+    load_quantized("org/private-nf4")
+except Exception as exc:
+    print(type(exc).__name__)
+for force_download in (False, False, True):
+    model = load_quantized("org/private-nf4", token=token, cache_dir=cache, force_download=force_download)
+    print(model.name_or_path, model.is_loaded_in_4bit, flush=True)
+    input()  # the test counts the downloads so far
+model = load_quantized("org/private-nf4", cache_dir=cache, local_files_only=True, low_cpu_mem_usage=True)
+print(model.is_loaded_in_4bit)
+"""
+
+
+@pytest.mark.hub
+def test_token_cache_dir_and_force_download_reach_the_hub(our_folder: Path, tmp_path: Path) -> None:
+    """``load_quantized(repo_id, token=, cache_dir=, force_download=, local_files_only=)`` download as
+    ``from_pretrained`` does (they used to be taken for config attributes and dropped): a private repo
+    loads with the token only, the files land in ``cache_dir`` (HF_HOME's cache stays empty), a second
+    load downloads nothing and ``force_download=True`` downloads every shard again; the cache then serves
+    ``local_files_only=True``. ``low_cpu_mem_usage`` is accepted (transformers 5 ignores it)."""
+    from hub_helpers import TOKEN
+
+    shards = sorted(p.name for p in our_folder.glob("*.safetensors"))
+    assert len(shards) > 1
+    cache, home = tmp_path / "my-cache", tmp_path / "home"
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/private-nf4", our_folder, private=True)
+        script = [sys.executable, "-c", DOWNLOAD_OPTIONS_SCRIPT, TOKEN, str(cache)]
+        proc = subprocess.Popen(
+            script, env=hub_env(hub, home), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "SourceNotFoundError"  # private: no token, no repo
+        downloads = []
+        for _ in range(3):
+            assert proc.stdout.readline().split() == ["org/private-nf4", "True"]
+            downloads.append(hub.count("GET", "^/blobs/", server="cdn"))  # LFS files: the shards
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "True"
+        assert proc.wait(timeout=300) == 0
+    # each shard once, none on the cached load, all again when forced
+    assert downloads == [len(shards), len(shards), 2 * len(shards)]
+    snapshots = list((cache / "models--org--private-nf4" / "snapshots").iterdir())
+    assert len(snapshots) == 1
+    assert sorted(p.name for p in snapshots[0].glob("*.safetensors")) == shards
+    assert not any((home / "hub").glob("models--*"))
+
+
+SUBFOLDER_SCRIPT = """
+import sys
+from pathlib import Path
+from converter import load_quantized
+def fetched(cache):
+    snapshot = next(Path(cache).glob("models--org--multi/snapshots/*"))
+    paths = [p.relative_to(snapshot) for p in snapshot.rglob("*") if p.is_file()]
+    return sorted({p.parts[0] if len(p.parts) > 1 else "." for p in paths})
+for source in ("org/multi", sys.argv[1]):
+    for sub in ("nf4", "int8"):
+        model = load_quantized(source, subfolder=sub)
+        print(sub, getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False))
+        if source == "org/multi" and sub == "nf4":
+            print(fetched(sys.argv[2]))  # only the subfolder's files
+cache = Path(sys.argv[2]).parent / "fresh"
+print(load_quantized("org/multi", cache_dir=cache).is_loaded_in_4bit, fetched(cache))
+try:
+    load_quantized(sys.argv[1], subfolder="fp4")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.hub
+def test_subfolder_loads_that_folder_of_a_repo_or_local_folder(
+    our_folder: Path, int8_folder: Path, tmp_path: Path
+) -> None:
+    """``load_quantized(repo_or_folder, subfolder="nf4")`` loads the checkpoint in that folder, as
+    ``from_pretrained`` does; it used to reach AutoConfig only (config.json from the subfolder, shards
+    looked for at the top: "no model.safetensors.index.json ... not a checkpoint folder"). Without
+    ``subfolder`` the top-level checkpoint is fetched without the subfolders' shards (it used to fetch
+    every variant's)."""
+    import shutil
+
+    local = tmp_path / "local"
+    shutil.copytree(our_folder, local / "nf4")
+    shutil.copytree(int8_folder, local / "int8")
+    files = {f"{sub}/{p.relative_to(local / sub).as_posix()}": p for sub in ("nf4", "int8") for p in
+             sorted((local / sub).rglob("*")) if p.is_file()}  # fmt: skip
+    files.update({p.name: p for p in our_folder.iterdir() if p.is_file()})  # the top-level checkpoint
+    files["additional_chat_templates/tool_use.jinja"] = b"{{ messages }}"  # as transformers 5 saves them
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/multi", files)
+        env = hub_env(hub, tmp_path / "home")
+        out = subprocess.run(
+            [sys.executable, "-c", SUBFOLDER_SCRIPT, str(local), str(tmp_path / "home" / "hub")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[:5] == ["nf4 True False", "['nf4']", "int8 False True", "nf4 True False", "int8 False True"]
+    # without subfolder: the top-level checkpoint (and its chat templates), none of the subfolders' files
+    assert lines[5] == "True ['.', 'additional_chat_templates']"
+    assert lines[6] == f"SourceNotFoundError {local}: has no subfolder 'fp4'"
+    assert len(lines) == 7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -381,3 +382,41 @@ def test_torch_dtype_is_dtype(our_folder: Path) -> None:
     assert model.config.dtype == torch.float16
     with pytest.raises(TypeError, match="torch_dtype"):
         load_quantized(our_folder, verify=False, dtype=torch.float32, torch_dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"output_loading_info": True}, {"variant": "fp16", "use_safetensors": True}]
+)
+def test_unknown_keyword_arguments_are_a_type_error_naming_them(our_folder: Path, kwargs: dict) -> None:
+    """from_pretrained options load_quantized does not take are a TypeError naming them, as from_pretrained
+    fails on an unknown keyword (still a ModelBuildError too); they used to be "transformers could not
+    build LlamaForCausalLM from config.json", blaming the folder."""
+    names = ("argument " if len(kwargs) == 1 else "arguments ") + ", ".join(repr(k) for k in sorted(kwargs))
+    with pytest.raises(TypeError, match=re.escape(f"got an unexpected keyword {names}: not attributes")):
+        load_quantized(our_folder, verify=False, **kwargs)
+
+
+def test_dtype_auto_is_the_checkpoints_as_from_pretrained_picks_it(plain_llama: Path, tmp_path: Path) -> None:
+    """``dtype="auto"`` / ``torch_dtype="auto"`` (the usual from_pretrained call) and ``dtype=None`` (what
+    from_pretrained makes "auto" of) load a float16 folder in float16, as transformers + bitsandbytes
+    do: config.json's dtype, else (a config without one) the first float tensor's. They used to be
+    refused ("unsupported dtype")."""
+    import transformers
+
+    from converter.writer.pipeline import convert
+
+    folder = tmp_path / "fp16"
+    convert(plain_llama, folder, dtype="float16", progress=False, max_shard_size="60KB")
+    for stored in (True, False):
+        if not stored:
+            config = json.loads((folder / "config.json").read_text())
+            assert config.pop("dtype") == "float16"
+            config.pop("torch_dtype", None)
+            (folder / "config.json").write_text(json.dumps(config))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu")
+            assert theirs.model.embed_tokens.weight.dtype == torch.float16
+            for kwargs in ({"dtype": "auto"}, {"torch_dtype": "auto"}, {"dtype": None}):
+                model = load_quantized(folder, verify=False, **kwargs)
+                assert {p.dtype for p in model.parameters()} == {torch.float16}, (stored, kwargs)

@@ -311,6 +311,15 @@ def test_a_gpu_index_that_does_not_exist_is_a_placement_error(our_folder: Path) 
         load_quantized(our_folder, device_map="auto", max_memory={missing: "20GiB", "cpu": "2GiB"})
     with pytest.raises(PlacementError, match=f"device_map puts 'model' on GPU {missing}, but "):
         load_quantized(our_folder, device_map={"model": str(missing), "lm_head": "cpu"})
+    with pytest.raises(PlacementError, match=re.escape(f"device_map={missing} (GPU {missing}), but ")):
+        load_quantized(our_folder, device_map=missing)  # a GPU index, as transformers takes it
+
+
+def test_a_gpu_index_as_device_map_plans_the_whole_model_on_it(our_folder: Path) -> None:
+    """``device_map=1`` is ``{"": 1}`` for transformers; the plan used to refuse it (torch.device(1) is
+    no device without CUDA)."""
+    model = load_quantized(our_folder, verify=False)
+    assert plan_device_map(model, 1) == {"": 1}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no GPU")
@@ -323,6 +332,7 @@ def test_a_gpu_index_that_does_not_exist_is_a_placement_error(our_folder: Path) 
         ({"device_map": "cuda:0"}, "device_map='cuda:0'"),
         ({"device_map": {"": "cuda"}}, "device_map puts '' on 'cuda'"),
         ({"device_map": {"": 0}}, "device_map puts '' on GPU 0"),
+        ({"device_map": 0}, "device_map=0 (GPU 0)"),  # transformers' form: was "expected one of auto, ..."
         ({"device_map": "auto", "max_memory": {"cuda:0": "1GiB"}}, "max_memory names 'cuda:0'"),
     ],
 )

@@ -19,7 +19,7 @@ from converter.cli import cli
 from converter.errors import AlreadyQuantizedError, InputError
 from converter.kernels import bnb4bit as kernels
 from converter.plan.moe import EXPERT_KEY
-from converter.tools.inspection import inspect_path
+from converter.tools.inspection import inspect_path, verify_path
 from converter.writer.pipeline import convert
 from formats.reader import open_folder
 
@@ -304,6 +304,30 @@ def test_cli_flag_and_warning(moe_src, tmp_path):
     assert keep.experts_quantized == 0
     assert any("vLLM" in x for x in keep.not_loaders)
     assert inspect_path(tmp_path / "q").moe.layout.startswith("experts quantized")
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_verify_names_routers_missing_from_the_skip_list(moe_src, tmp_path, name):
+    """A --moe-experts quantize folder whose llm_int8_skip_modules lost the router leaf ("gate") would
+    have vLLM's bnb loader take the 16-bit routers for quantized layers: verify names them (it used to
+    pass). Full module names (vLLM's prefix match) skip them as well as the leaf does."""
+    out = tmp_path / "q"
+    convert(moe_src(name), out, moe_experts="quantize", progress=False)
+    assert verify_path(out).ok
+    config = read_config(out)
+    routers = sorted(k.removesuffix(".weight") for k in _records(out) if k.endswith(".gate.weight"))
+    assert len(routers) == 2  # one per layer of the tiny models
+    skip = config["quantization_config"]["llm_int8_skip_modules"]
+    config["quantization_config"]["llm_int8_skip_modules"] = [m for m in skip if m != "gate"]
+    (out / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(cli, ["verify", str(out), "-q"])
+    assert r.exit_code == 1, r.output
+    [problem] = verify_path(out).problems
+    assert f"does not list the 16-bit router(s) {routers[0]}, {routers[1]} " in problem
+    assert problem.endswith("add 'gate' to the list")
+    config["quantization_config"]["llm_int8_skip_modules"] += routers
+    (out / "config.json").write_text(json.dumps(config))
+    assert verify_path(out).ok
 
 
 # ---------------------------------------------------------------------------------------------
