@@ -487,11 +487,10 @@ int gemv_4bit_grouped_glu(int device, uintptr_t x, int dtype, int64_t groups, in
                           uintptr_t stream, int lanes) {
   const ExpertsArg a = experts_arg(ids, experts, packed, packed_stride, absmax, absmax_stride, quant_map);
   if (int s = check_gemv(dtype, blocksize, groups, 2 * I, K, a, x); s != kOk) return s;
-  const bool mma = lanes == kGroupedLanesMma ||
-                   (lanes == 0 && grouped_mma_supported(device, dtype, K, blocksize, x, packed, packed_stride,
-                                                        absmax, absmax_stride, 1));
-  if (mma && !grouped_mma_supported(device, dtype, K, blocksize, x, packed, packed_stride, absmax, absmax_stride, 1))
-    return kBadSize;
+  const bool fits = grouped_mma_supported(device, dtype, K, blocksize, x, packed, packed_stride, absmax,
+                                         absmax_stride, 1);
+  if (lanes == kGroupedLanesMma && !fits) return kBadSize;
+  const bool mma = fits && (lanes == 0 || lanes == kGroupedLanesMma);
   const Config cfg = pick_config(mma ? 0 : lanes, K);
   if (x_share < 1 || cfg.lanes == 0) return kBadSize;
   if (groups == 0 || I == 0) return kOk;
@@ -513,11 +512,10 @@ int gemv_4bit_grouped_sum(int device, uintptr_t h, int dtype, int64_t tokens, in
   const ExpertsArg a = experts_arg(ids, experts, packed, packed_stride, absmax, absmax_stride, quant_map);
   if (int s = check_gemv(dtype, blocksize, tokens, N, K, a, h); s != kOk) return s;
   if (k < 1 || k > kMaxSlots || tokens * k > (int64_t{1} << 40)) return kBadSize;
-  const bool mma = lanes == kGroupedLanesMma ||
-                   (lanes == 0 && grouped_mma_supported(device, dtype, K, blocksize, h, packed, packed_stride,
-                                                        absmax, absmax_stride, k));
-  if (mma && !grouped_mma_supported(device, dtype, K, blocksize, h, packed, packed_stride, absmax, absmax_stride, k))
-    return kBadSize;
+  const bool fits = grouped_mma_supported(device, dtype, K, blocksize, h, packed, packed_stride, absmax,
+                                         absmax_stride, k);
+  if (lanes == kGroupedLanesMma && !fits) return kBadSize;
+  const bool mma = fits && (lanes == 0 || lanes == kGroupedLanesMma);
   if (mma) lanes = 0;
   Config cfg = pick_config(lanes, K);
   if (lanes == 0) {  // auto: fewer lanes where a CTA's slots cannot hold the k experts of a row
