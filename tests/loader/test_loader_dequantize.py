@@ -344,3 +344,36 @@ def test_a_quoted_home_path_is_expanded_as_convert_does(
     assert r.exit_code == 0, r.output
     assert (home / "m-bf16" / "config.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+POOLING = "1_Pooling/config.json"
+
+
+def test_sentence_transformers_module_folders_are_copied_as_convert_copies_them(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """`convert` copies a sentence-transformers model's module folders (``1_Pooling/config.json``);
+    `dequantize` copied top-level files only, so the plain checkpoint lost its pooling settings. They are
+    now copied (the same files `convert` copies), recorded with the output: deleted, a rerun writes
+    them again."""
+    import shutil
+
+    folder = tmp_path / "st-nf4"
+    shutil.copytree(our_folder, folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / POOLING).write_text('{"pooling_mode_mean_tokens": true}\n')
+    (folder / "runs").mkdir()
+    (folder / "runs" / "log.json").write_text("{}")  # not a module folder: convert does not copy it
+    out = tmp_path / "plain"
+    args = ["dequantize", str(folder), str(out), "-q"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert (out / POOLING).read_bytes() == (folder / POOLING).read_bytes()
+    assert not (out / "runs").exists()
+    again = dequantize_checkpoint(folder, out)
+    assert again.up_to_date
+    (out / POOLING).unlink()
+    redone = dequantize_checkpoint(folder, out)
+    assert not redone.up_to_date
+    assert (out / POOLING).read_bytes() == (folder / POOLING).read_bytes()
+
