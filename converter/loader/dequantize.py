@@ -17,6 +17,7 @@ tool wrote (transformers + bitsandbytes' ``save_pretrained``), the ``Conv1D`` mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from converter.errors import InputError, OutputExistsError
+from converter.errors import ConverterError, InputError, OutputExistsError
 from converter.loader.config_file import read_config
 from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
 from converter.methods import for_record
 from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
-from converter.sources.local import extra_files_in
+from converter.sources.local import extra_files_in, read_header, sample_digest
 from converter.writer.manifest import FolderLock, atomic_write_bytes, clear_folder, dangling_link, writing_to
 from formats.record import QuantizedTensor
 from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
@@ -239,13 +240,32 @@ _COUNTS = ("shards", "tensors_dequantized", "tensors_copied", "bytes_written")
 
 
 def _source_identity(folder: Path) -> dict:
-    """The quantized folder as a rerun compares it: its path and each file's size and mtime."""
+    """The quantized folder as a rerun compares it: its path and each file's size, mtime, safetensors
+    header (sha256) and ``sample_digest`` (as convert identifies a local source: a shard re-made with
+    other values of the same size and header, its mtime restored, is not the same input; a file no
+    larger than the sampled windows is hashed whole)."""
     files = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and not p.name.startswith("."):
             st = p.stat()
-            files[p.name] = [st.st_size, st.st_mtime_ns]
+            header: list[str | None] = []
+            if p.suffix == ".safetensors":
+                try:
+                    header = [hashlib.sha256(read_header(p, str(p))[0]).hexdigest()]
+                except ConverterError:  # load_quantized_state names the damaged file
+                    header = [None]
+            files[p.name] = [st.st_size, st.st_mtime_ns, *header, sample_digest(p, st.st_size)]
     return {"path": str(folder.resolve()), "files": files}
+
+
+def _same_identity(done: dict, identity: dict) -> bool:
+    """Whether the record ``done`` of a finished output was made with ``identity``. A record written
+    before the input's files were identified by their header and sampled data too (size and mtime
+    only) still counts as the same, as convert does with its older manifests."""
+    recorded = {k: done.get(k) for k in identity}
+    source = identity["source"]
+    older = {**source, "files": {name: value[:2] for name, value in source["files"].items()}}
+    return recorded in (identity, {**identity, "source": older})
 
 
 def _finished(out: Path, identity: dict) -> DequantizeResult | None:
@@ -256,7 +276,7 @@ def _finished(out: Path, identity: dict) -> DequantizeResult | None:
         return None
     try:
         done = json.loads((out / DONE_NAME).read_text(encoding="utf-8"))
-        if {k: done.get(k) for k in identity} != identity:
+        if not _same_identity(done, identity):
             return None
         for file, size in done["files"].items():
             if (out / file).stat().st_size != size:
@@ -274,7 +294,7 @@ def _damaged(out: Path, identity: dict) -> set[str] | None:
         return None
     try:
         done = json.loads((out / DONE_NAME).read_text(encoding="utf-8"))
-        if {k: done.get(k) for k in identity} != identity:
+        if not _same_identity(done, identity):
             return None
         # (only names inside ``out``, at most one folder down: a record edited to name a path elsewhere
         # removes nothing there)

@@ -377,3 +377,38 @@ def test_sentence_transformers_module_folders_are_copied_as_convert_copies_them(
     assert not redone.up_to_date
     assert (out / POOLING).read_bytes() == (folder / POOLING).read_bytes()
 
+
+def test_a_quantized_input_remade_with_its_sizes_and_mtimes_restored_is_not_up_to_date(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """The rerun check identified the input by its files' sizes and mtimes only: a shard re-made with
+    other values of the same size whose mtime was restored (``cp -p``, ``rsync -t``) passed as the same
+    input, and the rerun said "nothing to do" over a plain checkpoint of the old weights. The input's
+    shards are now identified as convert identifies its source (header and sampled data too)."""
+    import os
+    import shutil
+
+    from converter.loader import dequantize as deq
+
+    folder = tmp_path / "nf4"
+    shutil.copytree(our_folder, folder)
+    out = tmp_path / "plain"
+    args = ["dequantize", str(folder), str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    # an output recorded before (sizes and mtimes only) still counts as the same input's
+    older = tmp_path / "older"
+    dequantize_checkpoint(folder, older)
+    record = json.loads((older / deq.DONE_NAME).read_text())
+    record["source"]["files"] = {k: v[:2] for k, v in record["source"]["files"].items()}
+    (older / deq.DONE_NAME).write_text(json.dumps(record))
+    assert dequantize_checkpoint(folder, older).up_to_date
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # other values, same size and header
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_mtime_ns == st.st_mtime_ns
+    again = CliRunner().invoke(cli, args)
+    assert "nothing to do" not in again.output
+    assert again.exit_code == 2, again.output
