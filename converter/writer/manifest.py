@@ -45,15 +45,21 @@ class Manifest:
     state: str = "in_progress"  # or "complete"; "clearing" while --overwrite empties the folder
     shards: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size", "chunks", ...}
     plan: dict = field(default_factory=dict)
+    #: the source's files copied as they are (tokenizer, README, 1_Pooling/config.json): a rerun
+    #: removes those gone from the source since (a manifest written before has none recorded)
+    copied: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "tool": TOOL,
             "fingerprint": self.fingerprint,
             "state": self.state,
             "shards": dict(sorted(self.shards.items())),
             "plan": self.plan,
         }
+        if self.copied:
+            out["copied"] = sorted(self.copied)
+        return out
 
     @classmethod
     def load(cls, folder: Path) -> Manifest | None:
@@ -64,11 +70,13 @@ class Manifest:
             return None
         if not isinstance(data, dict) or data.get("tool") != TOOL or "fingerprint" not in data:
             return None
+        copied = data.get("copied")
         return cls(
             data["fingerprint"],
             data.get("state", "in_progress"),
             data.get("shards", {}),
             data.get("plan", {}),
+            [n for n in copied if isinstance(n, str)] if isinstance(copied, list) else [],
         )
 
     def save(self, folder: Path) -> None:
