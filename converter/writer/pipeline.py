@@ -60,6 +60,7 @@ from converter.writer.manifest import (
     decide,
     shard_chunks_json,
     shard_info,
+    temp_files,
     would_refuse,
     writing_to,
 )
@@ -452,7 +453,7 @@ class _Conversion:
         names += [n for n in self.src.extra_files() if copied_file(n)]
         for name in names:
             path = self.output / name
-            for p in (path, temp_path(path), path.with_name(f".{path.name}.tmp")):
+            for p in (path, temp_path(path), *temp_files(path)):
                 if (p != path or name not in done) and (p.is_file() or p.is_symlink()):
                     p.unlink()
 
