@@ -240,12 +240,13 @@ _COUNTS = ("shards", "tensors_dequantized", "tensors_copied", "bytes_written")
 
 
 def _source_identity(folder: Path) -> dict:
-    """The quantized folder as a rerun compares it: its path and each file's size, mtime, safetensors
-    header (sha256) and ``sample_digest`` (as convert identifies a local source: a shard re-made with
-    other values of the same size and header, its mtime restored, is not the same input; a file no
-    larger than the sampled windows is hashed whole)."""
+    """The quantized folder as a rerun compares it: its path and each file's (those of the module
+    folders it copies too) size, mtime, safetensors header (sha256) and ``sample_digest`` (as convert
+    identifies a local source: a shard re-made with other values of the same size and header, its
+    mtime restored, is not the same input; a file no larger than the sampled windows is hashed whole)."""
     files = {}
-    for p in sorted(folder.iterdir()):
+    deeper = [folder / rel for rel in extra_files_in(folder) if "/" in rel]  # copied: 1_Pooling/config.json
+    for p in [*sorted(folder.iterdir()), *deeper]:
         if p.is_file() and not p.name.startswith("."):
             st = p.stat()
             header: list[str | None] = []
@@ -254,7 +255,8 @@ def _source_identity(folder: Path) -> dict:
                     header = [hashlib.sha256(read_header(p, str(p))[0]).hexdigest()]
                 except ConverterError:  # load_quantized_state names the damaged file
                     header = [None]
-            files[p.name] = [st.st_size, st.st_mtime_ns, *header, sample_digest(p, st.st_size)]
+            rel = p.relative_to(folder).as_posix()
+            files[rel] = [st.st_size, st.st_mtime_ns, *header, sample_digest(p, st.st_size)]
     return {"path": str(folder.resolve()), "files": files}
 
 

@@ -376,6 +376,10 @@ def test_sentence_transformers_module_folders_are_copied_as_convert_copies_them(
     redone = dequantize_checkpoint(folder, out)
     assert not redone.up_to_date
     assert (out / POOLING).read_bytes() == (folder / POOLING).read_bytes()
+    # the input's module file changed since: another input, as for its top-level files
+    (folder / POOLING).write_text('{"pooling_mode_cls_token": true}\n')
+    with pytest.raises(OutputExistsError, match="exists and is not empty"):
+        dequantize_checkpoint(folder, out)
 
 
 def test_a_quantized_input_remade_with_its_sizes_and_mtimes_restored_is_not_up_to_date(
