@@ -36,7 +36,14 @@ from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_fol
 from converter.methods import for_record
 from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
 from converter.sources.local import extra_files_in, read_header, sample_digest
-from converter.writer.manifest import FolderLock, atomic_write_bytes, clear_folder, dangling_link, writing_to
+from converter.writer.manifest import (
+    FolderLock,
+    atomic_write_bytes,
+    clear_folder,
+    dangling_link,
+    is_temp_file,
+    writing_to,
+)
 from formats.record import QuantizedTensor
 from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
 
@@ -379,5 +386,8 @@ def _copied_files(folder: Path) -> list[str]:
 
 
 def _restartable(out: Path) -> bool:
-    """Whether ``out`` is empty or an unfinished dequantize (our marker is in it): a rerun starts again."""
-    return not any(out.iterdir()) or (out / UNFINISHED_NAME).is_file()
+    """Whether ``out`` is empty or an unfinished dequantize (our marker is in it, or only the marker's
+    temp file: killed before its rename): a rerun starts again."""
+    return (
+        all(is_temp_file(p.name, UNFINISHED_NAME) for p in out.iterdir()) or (out / UNFINISHED_NAME).is_file()
+    )

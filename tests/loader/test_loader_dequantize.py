@@ -416,3 +416,21 @@ def test_a_quantized_input_remade_with_its_sizes_and_mtimes_restored_is_not_up_t
     again = CliRunner().invoke(cli, args)
     assert "nothing to do" not in again.output
     assert again.exit_code == 2, again.output
+
+
+@pytest.mark.parametrize("temp", [".0a1b2c3d.tmp", ".tmp"])
+def test_a_kill_before_the_first_marker_rename_does_not_block_the_rerun(
+    our_folder: Path, tmp_path: Path, temp: str
+) -> None:
+    """Killed between writing the "unfinished" marker's temp file and renaming it, dequantize left a
+    folder holding only that file, which the rerun refused ("exists and is not empty"), as convert did
+    with its first manifest's temp file. It is ours and never complete: the rerun drops it."""
+    from converter.loader import dequantize as deq
+
+    reference = tmp_path / "reference"
+    dequantize_checkpoint(our_folder, reference)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".{deq.UNFINISHED_NAME}{temp}").write_bytes(b'{"sour')
+    dequantize_checkpoint(our_folder, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
