@@ -4,7 +4,8 @@ Streams tensor by tensor: the plan (names, shapes, dtypes, shard split) is made 
 alone, then each shard is written by ``formats.writer.ShardWriter`` (temp name, fsync, rename) with
 one dequantized weight in memory at a time. Floating-point tensors are written in ``dtype``
 (integer tensors such as ``position_ids`` keep theirs). ``config.json`` loses its
-``quantization_config`` and gets ``dtype`` / ``torch_dtype``; tokenizer and other files are copied.
+``quantization_config`` and gets ``dtype`` / ``torch_dtype``; tokenizer and other files are copied
+(with the sentence-transformers module folders convert copies: ``1_Pooling/config.json``).
 The index is written last, so a folder with an index is complete.
 
 GPT-2 style ``Conv1D`` weights are stored ``[in, out]`` by transformers but quantized as ``[out, in]``
@@ -16,6 +17,7 @@ tool wrote (transformers + bitsandbytes' ``save_pretrained``), the ``Conv1D`` mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,13 +29,21 @@ from pathlib import Path
 
 import torch
 
-from converter.errors import InputError, OutputExistsError
+from converter.errors import ConverterError, InputError, OutputExistsError
 from converter.loader.config_file import read_config
 from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
 from converter.methods import for_record
 from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
-from converter.writer.manifest import FolderLock, atomic_write_bytes, clear_folder, dangling_link, writing_to
+from converter.sources.local import extra_files_in, read_header, sample_digest
+from converter.writer.manifest import (
+    FolderLock,
+    atomic_write_bytes,
+    clear_folder,
+    dangling_link,
+    is_temp_file,
+    writing_to,
+)
 from formats.record import QuantizedTensor
 from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
 
@@ -222,8 +232,9 @@ def dequantize_checkpoint(
         files = {
             p.name: p.stat().st_size
             for p in sorted(out.iterdir())
-            if not p.name.startswith(".") and p.name not in kept
+            if not p.name.startswith(".") and p.name not in kept and p.is_file()
         }
+        files |= {rel: (out / rel).stat().st_size for rel in _copied_files(folder) if "/" in rel}
         counts = {k: getattr(result, k) for k in _COUNTS}  # no timings: a rerun writes the same bytes
         done = {**identity, "files": files, "result": counts}
         atomic_write_bytes(out / DONE_NAME, (json.dumps(done, indent=2, sort_keys=True) + "\n").encode())
@@ -236,13 +247,34 @@ _COUNTS = ("shards", "tensors_dequantized", "tensors_copied", "bytes_written")
 
 
 def _source_identity(folder: Path) -> dict:
-    """The quantized folder as a rerun compares it: its path and each file's size and mtime."""
+    """The quantized folder as a rerun compares it: its path and each file's (those of the module
+    folders it copies too) size, mtime, safetensors header (sha256) and ``sample_digest`` (as convert
+    identifies a local source: a shard re-made with other values of the same size and header, its
+    mtime restored, is not the same input; a file no larger than the sampled windows is hashed whole)."""
     files = {}
-    for p in sorted(folder.iterdir()):
+    deeper = [folder / rel for rel in extra_files_in(folder) if "/" in rel]  # copied: 1_Pooling/config.json
+    for p in [*sorted(folder.iterdir()), *deeper]:
         if p.is_file() and not p.name.startswith("."):
             st = p.stat()
-            files[p.name] = [st.st_size, st.st_mtime_ns]
+            header: list[str | None] = []
+            if p.suffix == ".safetensors":
+                try:
+                    header = [hashlib.sha256(read_header(p, str(p))[0]).hexdigest()]
+                except ConverterError:  # load_quantized_state names the damaged file
+                    header = [None]
+            rel = p.relative_to(folder).as_posix()
+            files[rel] = [st.st_size, st.st_mtime_ns, *header, sample_digest(p, st.st_size)]
     return {"path": str(folder.resolve()), "files": files}
+
+
+def _same_identity(done: dict, identity: dict) -> bool:
+    """Whether the record ``done`` of a finished output was made with ``identity``. A record written
+    before the input's files were identified by their header and sampled data too (size and mtime
+    only) still counts as the same, as convert does with its older manifests."""
+    recorded = {k: done.get(k) for k in identity}
+    source = identity["source"]
+    older = {**source, "files": {name: value[:2] for name, value in source["files"].items()}}
+    return recorded in (identity, {**identity, "source": older})
 
 
 def _finished(out: Path, identity: dict) -> DequantizeResult | None:
@@ -253,7 +285,7 @@ def _finished(out: Path, identity: dict) -> DequantizeResult | None:
         return None
     try:
         done = json.loads((out / DONE_NAME).read_text(encoding="utf-8"))
-        if {k: done.get(k) for k in identity} != identity:
+        if not _same_identity(done, identity):
             return None
         for file, size in done["files"].items():
             if (out / file).stat().st_size != size:
@@ -271,12 +303,19 @@ def _damaged(out: Path, identity: dict) -> set[str] | None:
         return None
     try:
         done = json.loads((out / DONE_NAME).read_text(encoding="utf-8"))
-        if {k: done.get(k) for k in identity} != identity:
+        if not _same_identity(done, identity):
             return None
-        # (only plain names in ``out``: a record edited to name a path elsewhere removes nothing there)
-        return {file for file in done["files"] if isinstance(file, str) and file == Path(file).name != ".."}
+        # (only names inside ``out``, at most one folder down: a record edited to name a path elsewhere
+        # removes nothing there)
+        return {file for file in done["files"] if isinstance(file, str) and _inside(file)}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def _inside(name: str) -> bool:
+    """Whether the recorded ``name`` is a file of the output itself or of one of its folders."""
+    parts = name.split("/")
+    return len(parts) <= 2 and all(part not in ("", ".", "..") and part == Path(part).name for part in parts)
 
 
 def _write_plain(
@@ -313,11 +352,10 @@ def _write_plain(
         result.bytes_written += (out / shard_name).stat().st_size
         result.shards.append(shard_name)
 
-    for item in sorted(folder.iterdir()):
-        if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(".safetensors"):
-            if not item.name.startswith("."):
-                with writing_to(out / item.name) as tmp:  # never a half-copied file under its name
-                    shutil.copy2(item, tmp)
+    for rel in _copied_files(folder):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        with writing_to(out / rel) as tmp:  # never a half-copied file under its name
+            shutil.copy2(folder / rel, tmp)
     if config is not None:
         config = {k: v for k, v in config.items() if k != "quantization_config"}
         config["dtype"] = name
@@ -334,6 +372,22 @@ def _write_plain(
     return result
 
 
+def _copied_files(folder: Path) -> list[str]:
+    """The files of the quantized ``folder`` copied as they are (relative, '/'-separated): every visible
+    top-level file but the weights, config, index and report, and the files of the folders ``convert``
+    copies (sentence-transformers modules: ``1_Pooling/config.json``)."""
+    top = [
+        p.name
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in _NOT_COPIED and not p.name.endswith(".safetensors")
+    ]
+    deeper = [r for r in extra_files_in(folder) if "/" in r]
+    return [n for n in top if not n.startswith(".")] + deeper
+
+
 def _restartable(out: Path) -> bool:
-    """Whether ``out`` is empty or an unfinished dequantize (our marker is in it): a rerun starts again."""
-    return not any(out.iterdir()) or (out / UNFINISHED_NAME).is_file()
+    """Whether ``out`` is empty or an unfinished dequantize (our marker is in it, or only the marker's
+    temp file: killed before its rename): a rerun starts again."""
+    return (
+        all(is_temp_file(p.name, UNFINISHED_NAME) for p in out.iterdir()) or (out / UNFINISHED_NAME).is_file()
+    )

@@ -62,6 +62,7 @@ from converter.sources.hub_client import (  # the error classes are part of this
     _short,
 )
 from converter.units import human_bytes
+from converter.writer.manifest import atomic_write_bytes
 
 __all__ = [
     "DiskTooSmallError",
@@ -476,9 +477,8 @@ class HubSource(Source):
         if ref.is_file() and ref.read_text() == self.commit:
             return
         ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".{ref.name}.tmp")
-        tmp.write_text(self.commit)
-        tmp.replace(ref)
+        # a temp file of its own, renamed: two runs recording the ref at once never mix their writes
+        atomic_write_bytes(ref, self.commit.encode())
 
     def _checked(self, name: str, path: Path, *, progress: bool = False) -> Path:
         """``path`` once its bytes match the Hub's hash; one fresh download if they do not."""

@@ -69,6 +69,15 @@ def sample_digest(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def extra_files_in(root: Path) -> list[str]:
+    """The files of the folder ``root`` copied into a converted folder as they are (relative names,
+    '/'-separated): top level, plus one level down for sentence-transformers module folders
+    (``1_Pooling/config.json``)."""
+    candidates = [*root.glob("*"), *root.glob("*/*")]
+    rels = sorted(p.relative_to(root).as_posix() for p in candidates if p.is_file())
+    return [r for r in rels if not r.startswith(".") and is_extra_file(r)]
+
+
 class LocalSource(Source):
     def __init__(self, path: Path, *, allow_pickle: bool = False) -> None:
         path = Path(path).expanduser().resolve()
@@ -249,10 +258,7 @@ class LocalSource(Source):
         """Nothing to free: local files are only memory-mapped."""
 
     def extra_files(self) -> list[str]:
-        # Top level, plus one level down for sentence-transformers module folders (1_Pooling/).
-        candidates = [*self.root.glob("*"), *self.root.glob("*/*")]
-        rels = sorted(p.relative_to(self.root).as_posix() for p in candidates if p.is_file())
-        return [r for r in rels if not r.startswith(".") and is_extra_file(r)]
+        return extra_files_in(self.root)
 
     def copy_extra_file(self, name: str, dest: Path) -> None:
         shutil.copyfile(self.root / name, dest)

@@ -17,6 +17,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,15 +47,21 @@ class Manifest:
     state: str = "in_progress"  # or "complete"; "clearing" while --overwrite empties the folder
     shards: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size", "chunks", ...}
     plan: dict = field(default_factory=dict)
+    #: the source's files copied as they are (tokenizer, README, 1_Pooling/config.json): a rerun
+    #: removes those gone from the source since (a manifest written before has none recorded)
+    copied: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "tool": TOOL,
             "fingerprint": self.fingerprint,
             "state": self.state,
             "shards": dict(sorted(self.shards.items())),
             "plan": self.plan,
         }
+        if self.copied:
+            out["copied"] = sorted(self.copied)
+        return out
 
     @classmethod
     def load(cls, folder: Path) -> Manifest | None:
@@ -64,11 +72,13 @@ class Manifest:
             return None
         if not isinstance(data, dict) or data.get("tool") != TOOL or "fingerprint" not in data:
             return None
+        copied = data.get("copied")
         return cls(
             data["fingerprint"],
             data.get("state", "in_progress"),
             data.get("shards", {}),
             data.get("plan", {}),
+            [n for n in copied if isinstance(n, str)] if isinstance(copied, list) else [],
         )
 
     def save(self, folder: Path) -> None:
@@ -88,21 +98,47 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+def _open_temp(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path`` under a hidden name of its own, ``.<name>.<8 hex digits>.tmp``, open
+    for writing (created as open() creates files: the umask applies). Two processes writing ``path`` at
+    once each write their own, where one fixed name let them truncate and rename each other's."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def temp_files(path: Path) -> list[Path]:
+    """The temp files of ``path`` (atomic_write_bytes'; ``.<name>.tmp`` of earlier versions) in its
+    folder: what a killed writer leaves behind."""
+    try:
+        return sorted(p for p in path.parent.iterdir() if is_temp_file(p.name, path.name))
+    except OSError:  # no folder yet
+        return []
+
+
+def is_temp_file(name: str, target: str) -> bool:
+    """Whether ``name`` is a temp file of the file ``target`` of the same folder."""
+    return re.fullmatch(re.escape(f".{target}") + r"(\.[0-9a-f]{8})?\.tmp", name) is not None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp name beside ``path``, fsync, rename: readers see old or new, never half."""
-    tmp = _temp_name(path)
+    """Write ``data`` to a temp file of its own beside ``path``, fsync, rename: readers see old or new,
+    never half, and concurrent writers of ``path`` each rename a whole file of theirs."""
+    tmp: Path | None = None
     try:
-        with naming_os_errors(path), tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        with naming_os_errors(path):
+            fd, tmp = _open_temp(path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temp file behind
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temp file behind
         raise
     fsync_dir(path.parent)
 
@@ -197,8 +233,8 @@ def decide(
         return fresh
     # A kill between writing the first manifest's temp file and renaming it leaves only that file:
     # ours, never complete, so it is dropped instead of making the folder look like someone else's.
-    stray = _temp_name(output / MANIFEST_NAME)
-    if stray.exists():  # checked first: unlink fails on a read-only folder even for a missing file
+    # (only those there: unlink fails on a read-only folder even for a missing file)
+    for stray in temp_files(output / MANIFEST_NAME):
         stray.unlink()
     if not output.exists() or not any(output.iterdir()):
         return fresh
@@ -337,8 +373,7 @@ def would_refuse(
         return contains
     if not output.is_dir():
         return _NOT_A_FOLDER.format(output=output)
-    stray = _temp_name(output / MANIFEST_NAME).name  # decide() drops it
-    if not any(p.name != stray for p in output.iterdir()):
+    if all(is_temp_file(p.name, MANIFEST_NAME) for p in output.iterdir()):  # decide() drops them
         return None
     manifest = Manifest.load(output)
     if manifest is not None and same_plan(manifest, fingerprint, plan_json):

@@ -60,6 +60,7 @@ from converter.writer.manifest import (
     decide,
     shard_chunks_json,
     shard_info,
+    temp_files,
     would_refuse,
     writing_to,
 )
@@ -317,11 +318,20 @@ class _Conversion:
                 refresh=bool(changed),
             )
             if changed and decision.action is Action.RESUME:
-                note = (
-                    f"{', '.join(changed)}: not what this conversion writes (changed in the source since, "
-                    "or edited in the output); rewritten, the shards kept"
-                )
-                self._tell(note)
+                gone = set(gone_files(self.src, self.output, decision.manifest))
+                rewritten = [n for n in changed if n not in gone]
+                if rewritten:
+                    note = (
+                        f"{', '.join(rewritten)}: not what this conversion writes (changed in the source "
+                        "since, or edited in the output); rewritten, the shards kept"
+                    )
+                    self._tell(note)
+                if gone:
+                    note = (
+                        f"{', '.join(sorted(gone))}: gone from the source since it was "
+                        "converted; removed from the output, the shards kept"
+                    )
+                    self._tell(note)
                 # A finished folder has no partial files: what else it holds was put there since
                 # (a git checkout to push from, evaluation results) and stays.
                 self.keep_others = True
@@ -397,7 +407,7 @@ class _Conversion:
         finally:
             hook.close()
         self._check_source_unchanged(identity)
-        self._write_extras()
+        self._write_extras(manifest)
         result = self._result(decision.action, reused=len(decision.done))
         report = build_report(result, plan, identity, selection, self.stats, manifest.shards, self.quality)
         if self.stats.device:
@@ -443,7 +453,7 @@ class _Conversion:
         names += [n for n in self.src.extra_files() if copied_file(n)]
         for name in names:
             path = self.output / name
-            for p in (path, temp_path(path), path.with_name(f".{path.name}.tmp")):
+            for p in (path, temp_path(path), *temp_files(path)):
                 if (p != path or name not in done) and (p.is_file() or p.is_symlink()):
                     p.unlink()
 
@@ -615,10 +625,18 @@ class _Conversion:
         self.stats.seconds_write += time.perf_counter() - t1
 
     # --- the rest of the folder ------------------------------------------------------------
-    def _write_extras(self) -> None:
-        for name in self.src.extra_files():
-            if not copied_file(name):
-                continue
+    def _write_extras(self, manifest: Manifest) -> None:
+        """Copy the source's extra files, after removing those an earlier run copied (its manifest
+        records them) that are gone from the source since: a fresh run would not write them."""
+        names = [n for n in self.src.extra_files() if copied_file(n)]
+        for name in gone_files(self.src, self.output, manifest):
+            path = self.output / name
+            path.unlink()
+            if path.parent != self.output and not any(path.parent.iterdir()):
+                path.parent.rmdir()  # a module folder (1_Pooling/) left empty
+        manifest.copied = names
+        manifest.save(self.output)  # a run killed from here on removes them too (its rerun resumes)
+        for name in names:
             dest = self.output / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             with writing_to(dest) as tmp:
@@ -717,8 +735,9 @@ def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
     """The files of a finished conversion in ``output`` that a fresh run would write differently:
     config.json when the source's changed, the index when damaged, a missing report, and the copied
     files (tokenizer, README, ...) that are not the source's (``Source.holds_extra_file``: a local
-    source's bytes; a Hub source's listing, pinned by its commit). The plan's fingerprint covers the
-    weights only, so without this a rerun after such an edit did nothing and left the old files.
+    source's bytes; a Hub source's listing, pinned by its commit), and those copied by the conversion
+    but gone from the source since (``gone_files``). The plan's fingerprint covers the weights only, so
+    without this a rerun after such an edit did nothing and left the old files.
     Empty unless ``output`` is finished."""
     manifest = Manifest.load(output)
     if manifest is None or manifest.state != "complete" or not (output / "config.json").is_file():
@@ -736,7 +755,20 @@ def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
     for name in src.extra_files():
         if copied_file(name) and not src.holds_extra_file(name, output / name):
             changed.append(name)
-    return changed
+    return changed + gone_files(src, output, manifest)
+
+
+def gone_files(src: Source, output: Path, manifest: Manifest) -> list[str]:
+    """The files the conversion in ``output`` copied from the source (its manifest records them) that
+    are no longer the source's extra files but still in ``output``: a fresh run would not write them."""
+    now = {n for n in src.extra_files() if copied_file(n)}
+    gone = []
+    for name in manifest.copied:
+        path = output / name
+        inside = ".." not in Path(name).parts and not Path(name).is_absolute()
+        if name not in now and inside and (path.is_file() or path.is_symlink()):
+            gone.append(name)
+    return sorted(gone)
 
 
 def _torch_name(code: str) -> str:

@@ -169,6 +169,45 @@ def test_rerun_after_the_source_config_or_tokenizer_changed_rewrites_them(
     assert convert(src, out, max_shard_size="40KB", progress=False).noop
 
 
+def test_rerun_after_a_copied_file_was_deleted_from_the_source_removes_it(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """A copied file (tokenizer, README, a module folder's config) deleted from the source since a
+    finished conversion stayed in the output on rerun ("nothing to do"; batch: up to date), though a
+    fresh run no longer writes it. As for a copied file edited in the source, the rerun now removes it
+    (warning), the shards kept, ending with what a fresh conversion writes; the user's files stay."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_sharded, src)
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (src / "README.md").write_text("# tiny\n")
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    convert(src, out, max_shard_size="40KB", progress=False)
+    assert (out / "README.md").is_file()
+    assert (out / "1_Pooling" / "config.json").is_file()
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    (src / "README.md").unlink()
+    (src / "1_Pooling" / "config.json").unlink()
+    (out / "notes.txt").write_text("mine")  # the user's: kept
+
+    pre = convert(src, out, max_shard_size="40KB", progress=False, dry_run=True).preflight
+    assert not pre.up_to_date
+    with pytest.warns(UserWarning, match=r"1_Pooling/config\.json, README\.md: gone from the source"):
+        r = convert(src, out, max_shard_size="40KB", progress=False)
+    assert not r.noop
+    assert r.shards_reused == len(shards)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == shards
+    assert not (out / "README.md").exists()
+    assert not (out / "1_Pooling").exists()  # left empty: removed
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    fresh = tmp_path / "fresh"
+    convert(src, fresh, max_shard_size="40KB", progress=False)
+    assert output_hashes(out) == output_hashes(fresh)
+    assert convert(src, out, max_shard_size="40KB", progress=False).noop
+
+
 @pytest.mark.parametrize("damage", ["truncated", "edited", "deleted report"])
 def test_rerun_into_a_finished_folder_with_a_damaged_index_or_no_report_rewrites_them(
     tiny_llama_sharded: Path, tmp_path: Path, damage: str

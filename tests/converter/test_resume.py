@@ -90,10 +90,46 @@ def test_kill_before_the_first_manifest_rename_does_not_block_the_rerun(
     convert(tiny_llama_sharded, reference, max_shard_size="40KB", progress=False)
     out = tmp_path / "out"
     out.mkdir()
-    (out / f".{MANIFEST_NAME}.tmp").write_bytes(b'{"fingerprint": "tru')  # cut mid-write
+    (out / f".{MANIFEST_NAME}.tmp").write_bytes(b'{"fingerprint": "tru')  # cut mid-write (before)
+    (out / f".{MANIFEST_NAME}.0a1b2c3d.tmp").write_bytes(b'{"fingerprint": "tru')  # (now: a temp name each)
     convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
     assert output_hashes(out) == output_hashes(reference)
     assert not (out / f".{MANIFEST_NAME}.tmp").exists()
+    assert not (out / f".{MANIFEST_NAME}.0a1b2c3d.tmp").exists()
+
+
+def test_two_writers_of_the_same_file_never_interleave(tmp_path: Path) -> None:
+    """atomic_write_bytes wrote every file through one fixed temp name (``.<name>.tmp``): two processes
+    writing the same file at once (two batch runs' stamps, a JUnit report) truncated and renamed each
+    other's temp file, failing with FileNotFoundError or leaving a mix of both. Each call now writes a
+    temp file of its own (another writer's is never touched), renamed whole onto the target."""
+    import threading
+
+    from converter.writer.manifest import atomic_write_bytes
+
+    target = tmp_path / "stamp.json"
+    other = tmp_path / ".stamp.json.tmp"  # another writer's temp file, mid-write
+    other.write_bytes(b"theirs")
+    errors: list[BaseException] = []
+
+    def writer(byte: int) -> None:
+        try:
+            for _ in range(150):
+                atomic_write_bytes(target, bytes([byte]) * (256 << 10))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(b,)) for b in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    data = target.read_bytes()
+    assert len(data) == 256 << 10
+    assert data in (b"\x01" * len(data), b"\x02" * len(data))
+    assert other.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".stamp.json.tmp", "stamp.json"]
 
 
 def test_a_finished_folder_on_a_read_only_mount_is_a_no_op(

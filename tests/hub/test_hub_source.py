@@ -196,6 +196,28 @@ def test_keep_downloads_then_offline_reads_the_cache(
     assert len(fake_hub.requests) == n, "offline mode must not touch the network"
 
 
+def test_recording_the_cache_ref_leaves_another_writers_temp_file_alone(
+    tmp_path: Path, fake_hub: FakeHub, repo: str
+) -> None:
+    """The cache's refs/main was written through one fixed temp name (refs/.main.tmp): two runs recording
+    it at once (two --keep-downloads conversions of one repo) truncated and renamed each other's temp
+    file, which could leave refs/main holding a mix or fail with FileNotFoundError. Each write now has
+    a temp file of its own: another writer's is never touched."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    refs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=REPO, repo_type="model") / "refs"
+    refs.mkdir(parents=True)
+    (refs / ".main.tmp").write_text("another run's, mid-write")
+    with _open(tmp_path, keep_downloads=True) as src:
+        first = src.weight_files()[0]
+        src.acquire(first)
+        src.release(first)
+    assert (refs / "main").read_text() == repo
+    assert (refs / ".main.tmp").read_text() == "another run's, mid-write"
+    assert sorted(p.name for p in refs.iterdir()) == [".main.tmp", "main"]
+
+
 def test_transient_faults_are_retried(
     tmp_path: Path, fake_hub: FakeHub, repo: str, checkpoint_dir: Path
 ) -> None:

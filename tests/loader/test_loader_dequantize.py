@@ -344,3 +344,93 @@ def test_a_quoted_home_path_is_expanded_as_convert_does(
     assert r.exit_code == 0, r.output
     assert (home / "m-bf16" / "config.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+POOLING = "1_Pooling/config.json"
+
+
+def test_sentence_transformers_module_folders_are_copied_as_convert_copies_them(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """`convert` copies a sentence-transformers model's module folders (``1_Pooling/config.json``);
+    `dequantize` copied top-level files only, so the plain checkpoint lost its pooling settings. They are
+    now copied (the same files `convert` copies), recorded with the output: deleted, a rerun writes
+    them again."""
+    import shutil
+
+    folder = tmp_path / "st-nf4"
+    shutil.copytree(our_folder, folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / POOLING).write_text('{"pooling_mode_mean_tokens": true}\n')
+    (folder / "runs").mkdir()
+    (folder / "runs" / "log.json").write_text("{}")  # not a module folder: convert does not copy it
+    out = tmp_path / "plain"
+    args = ["dequantize", str(folder), str(out), "-q"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert (out / POOLING).read_bytes() == (folder / POOLING).read_bytes()
+    assert not (out / "runs").exists()
+    again = dequantize_checkpoint(folder, out)
+    assert again.up_to_date
+    (out / POOLING).unlink()
+    redone = dequantize_checkpoint(folder, out)
+    assert not redone.up_to_date
+    assert (out / POOLING).read_bytes() == (folder / POOLING).read_bytes()
+    # the input's module file changed since: another input, as for its top-level files
+    (folder / POOLING).write_text('{"pooling_mode_cls_token": true}\n')
+    with pytest.raises(OutputExistsError, match="exists and is not empty"):
+        dequantize_checkpoint(folder, out)
+
+
+def test_a_quantized_input_remade_with_its_sizes_and_mtimes_restored_is_not_up_to_date(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """The rerun check identified the input by its files' sizes and mtimes only: a shard re-made with
+    other values of the same size whose mtime was restored (``cp -p``, ``rsync -t``) passed as the same
+    input, and the rerun said "nothing to do" over a plain checkpoint of the old weights. The input's
+    shards are now identified as convert identifies its source (header and sampled data too)."""
+    import os
+    import shutil
+
+    from converter.loader import dequantize as deq
+
+    folder = tmp_path / "nf4"
+    shutil.copytree(our_folder, folder)
+    out = tmp_path / "plain"
+    args = ["dequantize", str(folder), str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    # an output recorded before (sizes and mtimes only) still counts as the same input's
+    older = tmp_path / "older"
+    dequantize_checkpoint(folder, older)
+    record = json.loads((older / deq.DONE_NAME).read_text())
+    record["source"]["files"] = {k: v[:2] for k, v in record["source"]["files"].items()}
+    (older / deq.DONE_NAME).write_text(json.dumps(record))
+    assert dequantize_checkpoint(folder, older).up_to_date
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # other values, same size and header
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_mtime_ns == st.st_mtime_ns
+    again = CliRunner().invoke(cli, args)
+    assert "nothing to do" not in again.output
+    assert again.exit_code == 2, again.output
+
+
+@pytest.mark.parametrize("temp", [".0a1b2c3d.tmp", ".tmp"])
+def test_a_kill_before_the_first_marker_rename_does_not_block_the_rerun(
+    our_folder: Path, tmp_path: Path, temp: str
+) -> None:
+    """Killed between writing the "unfinished" marker's temp file and renaming it, dequantize left a
+    folder holding only that file, which the rerun refused ("exists and is not empty"), as convert did
+    with its first manifest's temp file. It is ours and never complete: the rerun drops it."""
+    from converter.loader import dequantize as deq
+
+    reference = tmp_path / "reference"
+    dequantize_checkpoint(our_folder, reference)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".{deq.UNFINISHED_NAME}{temp}").write_bytes(b'{"sour')
+    dequantize_checkpoint(our_folder, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
