@@ -104,13 +104,13 @@ def _conv1d_weights(folder: Path) -> set[str]:
         import transformers
         from transformers.pytorch_utils import Conv1D
 
-        from converter.loader.model import _model_class
+        from converter.loader.model_build import class_to_build
 
         config = transformers.AutoConfig.from_pretrained(folder)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         with torch.device("meta"):
-            model = _model_class(config)(config)
+            model = class_to_build(config)(config)
     except Exception:  # not a transformers model: nothing is known to be transposed
         return set()
     return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
