@@ -50,14 +50,19 @@ _DTYPES = {v: k for k, v in KERNEL_DTYPE_NAMES.items()}
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
-    """torch dtype from "bfloat16" / "torch.float16" / a torch dtype."""
+    """torch dtype from "bfloat16" / "torch.float16" / any other name of a torch dtype the kernels
+    compute in ("half", "float": transformers' ``getattr(torch, name)``) / a torch dtype."""
     if isinstance(name, torch.dtype):
         return name
     key = name.removeprefix("torch.") if isinstance(name, str) else None
-    if key not in _DTYPES:
-        msg = f"unsupported dtype {name!r}: expected one of {', '.join(_DTYPES)}"
+    dtype = _DTYPES.get(key) if key is not None else None
+    if dtype is None and key is not None and not key.startswith("_"):
+        alias = getattr(torch, key, None)
+        dtype = alias if isinstance(alias, torch.dtype) and alias in KERNEL_DTYPE_NAMES else None
+    if dtype is None:
+        msg = f"unsupported dtype {name!r}: expected one of {', '.join(_DTYPES)} (or half, float)"
         raise ValueError(msg)
-    return _DTYPES[key]
+    return dtype
 
 
 class QuantState4bit:

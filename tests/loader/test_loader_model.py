@@ -396,6 +396,19 @@ def test_unknown_keyword_arguments_are_a_type_error_naming_them(our_folder: Path
         load_quantized(our_folder, verify=False, **kwargs)
 
 
+def test_dtype_takes_any_torch_dtype_name(our_folder: Path) -> None:
+    """``dtype="half"`` / ``"float"`` (names of torch dtypes, which from_pretrained takes as
+    ``getattr(torch, name)``) load in float16 / float32; they used to be refused ("unsupported dtype").
+    A torch dtype the 4-bit kernels do not compute in is still refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, dtype in (("half", torch.float16), ("float", torch.float32), ("torch.half", torch.float16)):
+            model = load_quantized(our_folder, verify=False, dtype=name)
+            assert {p.dtype for p in model.parameters()} == {dtype}, name
+    with pytest.raises(ValueError, match="unsupported dtype 'double'"):
+        load_quantized(our_folder, verify=False, dtype="double")
+
+
 def test_dtype_auto_is_the_checkpoints_as_from_pretrained_picks_it(plain_llama: Path, tmp_path: Path) -> None:
     """``dtype="auto"`` / ``torch_dtype="auto"`` (the usual from_pretrained call) and ``dtype=None`` (what
     from_pretrained makes "auto" of) load a float16 folder in float16, as transformers + bitsandbytes
