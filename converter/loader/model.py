@@ -518,6 +518,7 @@ def load_quantized(
     force_download: bool = False,
     local_files_only: bool = False,
     low_cpu_mem_usage: bool | None = None,
+    use_safetensors: bool | None = None,
     subfolder: str = "",
     **config_kwargs: Any,
 ) -> nn.Module:
@@ -543,7 +544,9 @@ def load_quantized(
     passes them. A local folder ignores all five, as ``from_pretrained`` does. ``subfolder``: the
     checkpoint is that folder of the local folder or repo (only its files are fetched).
     ``low_cpu_mem_usage`` is accepted and ignored, as transformers 5 ignores it: the model is always
-    built on the meta device and filled from the memory-mapped shards.
+    built on the meta device and filled from the memory-mapped shards. ``use_safetensors`` may be True
+    or None (these folders are always safetensors); False, which asks for a pickle checkpoint, is a
+    ValueError.
 
     ``fused_router``: with 4-bit MoE experts, transformers' top-k routers (Qwen2/Qwen3-MoE, OLMoE,
     Mixtral) run softmax, top-k, renormalisation and cast as one op, bit-identical to their own forward
@@ -568,6 +571,12 @@ def load_quantized(
         )
         raise ModelBuildError(msg) from None
 
+    if use_safetensors is False:
+        msg = (
+            "use_safetensors=False: a pre-quantized folder holds safetensors shards only; "
+            "pass use_safetensors=True or leave it out"
+        )
+        raise ValueError(msg)
     # a GPU this process cannot use (a CPU-only torch, no GPU) or "meta": named now, before any work
     if device_map is None:
         check_device(device, f"device={str(device)!r}")
