@@ -64,22 +64,17 @@ def inspect(
         verb = "applies" if len(given) == 1 else "apply"
         msg = f"{', '.join(given)} {verb} to the memory estimate only: add --memory"
         raise click.UsageError(msg)
-    if memory and revision is not None:  # the estimate loads the repo's default branch
-        msg = (
-            "--revision does not apply to --memory, which reads the Hub repo's default branch: download "
-            "that revision (hf download REPO --revision REV) and give its folder"
-        )
-        raise click.UsageError(msg)
+    hub = not path.exists() and looks_like_repo_id(str(path))
+    if revision is not None and not hub:
+        app.abort(f"--revision applies to Hub repos only, but {path} is a local path", 2)
     if memory:
         from converter.cli.inspect_memory import show_memory
 
-        show_memory(app, path, device_map, max_memory, dtype)
+        show_memory(app, path, device_map, max_memory, dtype, revision=revision)
         return
-    if not path.exists() and looks_like_repo_id(str(path)):
+    if hub:
         r = inspect_hub(str(path), revision=revision)
     else:
-        if revision is not None:
-            app.abort(f"--revision applies to Hub repos only, but {path} is a local path", 2)
         r = inspect_path(path)
         damaged = damaged_manifest(path) if path.is_dir() else None
         if damaged is not None:

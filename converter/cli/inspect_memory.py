@@ -43,11 +43,22 @@ def parse_max_memory(items: tuple[str, ...]) -> dict[str, str] | None:
     return out or None
 
 
-def show_memory(app: App, path: Path, device_map: str, max_memory: tuple[str, ...], dtype: str) -> None:
-    """Print the plan and the bytes per device (a table, or JSON with --json)."""
+def show_memory(
+    app: App,
+    path: Path,
+    device_map: str,
+    max_memory: tuple[str, ...],
+    dtype: str,
+    *,
+    revision: str | None = None,
+) -> None:
+    """Print the plan and the bytes per device (a table, or JSON with --json); a Hub repo id is
+    fetched at ``revision``."""
     from converter.loader.estimate import estimate
 
-    plan, per_device = estimate(path, parse_device_map(device_map), parse_max_memory(max_memory), dtype)
+    plan, per_device = estimate(
+        path, parse_device_map(device_map), parse_max_memory(max_memory), dtype, revision=revision
+    )
     if app.json:
         app.print_json(
             {"device_map": plan, "bytes_per_device": per_device, "total": sum(per_device.values())}

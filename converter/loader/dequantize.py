@@ -114,13 +114,13 @@ def _conv1d_weights(folder: Path) -> set[str]:
         import transformers
         from transformers.pytorch_utils import Conv1D
 
-        from converter.loader.model import _model_class
+        from converter.loader.model_build import class_to_build
 
         config = transformers.AutoConfig.from_pretrained(folder)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         with torch.device("meta"):
-            model = _model_class(config)(config)
+            model = class_to_build(config)(config)
     except Exception:  # not a transformers model: nothing is known to be transposed
         return set()
     return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
@@ -162,6 +162,9 @@ def dequantize_checkpoint(
     verify: bool = True,
     overwrite: bool = False,
     progress: Callable[[str], None] | bool | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> DequantizeResult:
     """Write ``output``: a plain safetensors checkpoint of the quantized folder (or Hub repo) ``source``.
 
@@ -169,7 +172,8 @@ def dequantize_checkpoint(
     floating-point tensor written. ``output`` must be absent or empty unless ``overwrite`` (or hold an
     unfinished dequantize: a rerun after a kill or a full disk starts again there).
     ``progress`` is called with each tensor name as it is written (False or None: no calls, as
-    ``convert(progress=False)``).
+    ``convert(progress=False)``). A Hub repo id is fetched at ``revision`` (branch, tag or commit;
+    default main) with ``token`` and ``cache_dir`` as ``load_quantized`` fetches it.
     """
     if progress is False:
         progress = None
@@ -180,7 +184,7 @@ def dequantize_checkpoint(
     name = normalize_dtype(str(dtype).replace("torch.", ""), "--dtype")
     torch_dtype = dtype_from_name(name)
     limit = parse_size(max_shard_size)
-    folder = resolve_folder(source)
+    folder = resolve_folder(source, revision=revision, token=token, cache_dir=cache_dir)
     out = Path(output).expanduser()
     # (with overwrite a link as OUTPUT is replaced by a folder below: only the folders above count)
     dangling = dangling_link(out.parent if overwrite and out.is_symlink() else out)

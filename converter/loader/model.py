@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from converter.errors import InputError
 from converter.kernels.isa_env import forced_isa
 from converter.loader import ops, router, timing
 from converter.loader.config_file import read_config
@@ -37,6 +36,7 @@ from converter.loader.dequantize_model import bind_dequantize
 from converter.loader.devices import check_device, check_devices_exist
 from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
+from converter.loader.model_build import ModelBuildError, class_to_build
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts, moe_modules
 from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
@@ -44,10 +44,6 @@ from converter.loader.siblings import group_siblings
 from converter.loader.state import read_state, resolve_folder, shard_files, shards_verified, streams_to
 from converter.loader.warmup import BUILD_LOCK, warmed
 from converter.methods import for_record
-
-
-class ModelBuildError(InputError):
-    """transformers cannot build the model named by config.json, or the shards do not fill it."""
 
 
 class UnexpectedArgumentError(ModelBuildError, TypeError):
@@ -88,35 +84,6 @@ def _no_init_weights() -> contextlib.AbstractContextManager:
         except ImportError:
             return contextlib.nullcontext()
     return no_init_weights()
-
-
-def _model_class(
-    config: Any,
-    folder: Path | None = None,
-    *,
-    trust_remote_code: bool = False,
-    keys: Collection[str] | None = None,
-) -> type:
-    """The class to build: the converter's lookup (``converter.plan.model_class``: the class named by
-    ``architectures``, the same head for a name transformers lacks, else the head the checkpoint
-    ``keys`` fill), then repository code when trusted."""
-    from converter.plan.model_class import model_class
-
-    cls = model_class(config, getattr(config, "architectures", None) or (), keys)
-    if cls is not None:
-        return cls
-    auto_map = getattr(config, "auto_map", None) or {}
-    if trust_remote_code and folder is not None:
-        # repository code (config.json "auto_map"), run only because the caller trusts it
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-        for auto in ("AutoModelForCausalLM", "AutoModel"):
-            if isinstance(auto_map.get(auto), str):
-                return get_class_from_dynamic_module(auto_map[auto], str(folder))
-    msg = f"transformers has no model class for model_type {config.model_type!r}"
-    if auto_map and not trust_remote_code:
-        msg += " (config.json names repository code in auto_map: pass trust_remote_code=True to run it)"
-    raise ModelBuildError(msg)
 
 
 def _requested_class(requested: type, config: Any, folder: Path, *, trust_remote_code: bool) -> type:
@@ -349,7 +316,9 @@ def build_model(
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the 4-bit layers ourselves
     try:  # the folder's own class: the one to build, or the reference for a head model_class adds
-        own: type | None = _model_class(config, folder, trust_remote_code=trust_remote_code, keys=list(state))
+        own: type | None = class_to_build(
+            config, folder, trust_remote_code=trust_remote_code, keys=list(state)
+        )
     except ModelBuildError:
         if model_class is None:
             raise
@@ -549,6 +518,7 @@ def load_quantized(
     force_download: bool = False,
     local_files_only: bool = False,
     low_cpu_mem_usage: bool | None = None,
+    use_safetensors: bool | None = None,
     subfolder: str = "",
     **config_kwargs: Any,
 ) -> nn.Module:
@@ -574,7 +544,9 @@ def load_quantized(
     passes them. A local folder ignores all five, as ``from_pretrained`` does. ``subfolder``: the
     checkpoint is that folder of the local folder or repo (only its files are fetched).
     ``low_cpu_mem_usage`` is accepted and ignored, as transformers 5 ignores it: the model is always
-    built on the meta device and filled from the memory-mapped shards.
+    built on the meta device and filled from the memory-mapped shards. ``use_safetensors`` may be True
+    or None (these folders are always safetensors); False, which asks for a pickle checkpoint, is a
+    ValueError.
 
     ``fused_router``: with 4-bit MoE experts, transformers' top-k routers (Qwen2/Qwen3-MoE, OLMoE,
     Mixtral) run softmax, top-k, renormalisation and cast as one op, bit-identical to their own forward
@@ -599,6 +571,12 @@ def load_quantized(
         )
         raise ModelBuildError(msg) from None
 
+    if use_safetensors is False:
+        msg = (
+            "use_safetensors=False: a pre-quantized folder holds safetensors shards only; "
+            "pass use_safetensors=True or leave it out"
+        )
+        raise ValueError(msg)
     # a GPU this process cannot use (a CPU-only torch, no GPU) or "meta": named now, before any work
     if device_map is None:
         check_device(device, f"device={str(device)!r}")

@@ -25,7 +25,7 @@ to the new device and never cast them (bitsandbytes#1527, #1664, #2078 are this 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,12 @@ from torch import nn
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.loader import bnb_optional, dynamo_marks, ops
 from converter.loader.cpu_gemv import CpuGemv
-from converter.loader.siblings import SiblingGroup
 from formats.bnb_compat import quant_state_json
 from formats.quant_types import NESTED_BLOCKSIZE, QuantType
 from formats.record import QuantizedTensor
+
+if TYPE_CHECKING:  # the annotation only: siblings.py imports this module for QuantLinear4bit
+    from converter.loader.siblings import SiblingGroup
 
 # bitsandbytes' classes, once the process has imported it (bnb_optional: we never import it ourselves):
 # then our layers are also ``bnb.nn.Linear4bit`` and PEFT recognizes them as its own 4-bit type.
@@ -48,14 +50,19 @@ _DTYPES = {v: k for k, v in KERNEL_DTYPE_NAMES.items()}
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
-    """torch dtype from "bfloat16" / "torch.float16" / a torch dtype."""
+    """torch dtype from "bfloat16" / "torch.float16" / any other name of a torch dtype the kernels
+    compute in ("half", "float": transformers' ``getattr(torch, name)``) / a torch dtype."""
     if isinstance(name, torch.dtype):
         return name
     key = name.removeprefix("torch.") if isinstance(name, str) else None
-    if key not in _DTYPES:
-        msg = f"unsupported dtype {name!r}: expected one of {', '.join(_DTYPES)}"
+    dtype = _DTYPES.get(key) if key is not None else None
+    if dtype is None and key is not None and not key.startswith("_"):
+        alias = getattr(torch, key, None)
+        dtype = alias if isinstance(alias, torch.dtype) and alias in KERNEL_DTYPE_NAMES else None
+    if dtype is None:
+        msg = f"unsupported dtype {name!r}: expected one of {', '.join(_DTYPES)} (or half, float)"
         raise ValueError(msg)
-    return _DTYPES[key]
+    return dtype
 
 
 class QuantState4bit:

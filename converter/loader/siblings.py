@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from converter.loader import ops
+from converter.loader.module import QuantLinear4bit
 
 #: Names of child modules that read the same input, in the order models call them. A group forms
 #: where a module has all the names of a tuple as 4-bit children with one in_features and device.
@@ -132,8 +133,6 @@ def group_siblings(model: nn.Module, names: Iterable[tuple[str, ...]] = SIBLING_
 
     Returns the number of groups formed. A layer already in a group is left where it is.
     """
-    from converter.loader.module import QuantLinear4bit
-
     count = 0
     for parent in model.modules():
         for tup in names:
@@ -152,8 +151,6 @@ def group_siblings(model: nn.Module, names: Iterable[tuple[str, ...]] = SIBLING_
 
 def ungroup_siblings(model: nn.Module) -> None:
     """Undo :func:`group_siblings`: every 4-bit layer launches alone again."""
-    from converter.loader.module import QuantLinear4bit
-
     for m in model.modules():
         if isinstance(m, QuantLinear4bit):
             m._siblings = None

@@ -178,7 +178,13 @@ def streams_to(device: str | torch.device) -> bool:
 
 
 def load_quantized_state(
-    path_or_repo: str | os.PathLike, *, verify: bool | str = True, device: str | torch.device = "cpu"
+    path_or_repo: str | os.PathLike,
+    *,
+    verify: bool | str = True,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
     """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
     ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
@@ -190,9 +196,12 @@ def load_quantized_state(
     sha256 ones), the shards hashed on background threads while they are parsed and copied; a
     mismatch raises before anything is returned. Checkpoints whose index records no hashes (e.g. written by
     transformers) are validated structurally only.
+
+    A Hub repo id is fetched at ``revision`` (branch, tag or commit; default main) with ``token`` and
+    ``cache_dir`` as ``load_quantized`` fetches it; a local folder ignores them.
     """
     check_device(device, f"device={str(device)!r}")  # a CPU-only torch, no GPU, "meta": named before any work
-    folder = resolve_folder(path_or_repo)
+    folder = resolve_folder(path_or_repo, revision=revision, token=token, cache_dir=cache_dir)
     with shards_verified(folder, verify, streaming=streams_to(device)) as hashes:
         return read_state(folder, device, hashes)
 

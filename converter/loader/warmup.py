@@ -268,7 +268,7 @@ class Warmup:
             return False
         import transformers
 
-        from converter.loader.model import _model_class
+        from converter.loader.model_build import class_to_build
 
         config = transformers.AutoConfig.from_pretrained(self.folder)
         if hasattr(config, "quantization_config"):
@@ -296,7 +296,7 @@ class Warmup:
         # after this (model_class=), and they must be the ones transformers draws after the same seed.
         cuda = [self.device] if self.device.type == "cuda" else []
         with BUILD_LOCK, torch.device(self.device), torch.random.fork_rng(devices=cuda):
-            model = _model_class(config)(config)
+            model = class_to_build(config)(config)
         model.to(compute).eval()
         for tokens in (4, 1):
             model(torch.zeros(1, tokens, dtype=torch.long, device=self.device))

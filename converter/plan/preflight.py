@@ -135,6 +135,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
     """The preflight of ``plan`` (converter.plan.tensor_plan.Plan) converting ``src`` into ``output``."""
     from converter.version import tool_version
     from converter.writer.manifest import Manifest, same_plan
+    from converter.writer.outputs import changed_files
     from formats.validate import FORMAT_VERSION
 
     opts = plan.options
@@ -151,8 +152,6 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
             int(i.get("size", -1)) for i in manifest.shards.values()
         )
         if up_to_date:  # a run rewrites config.json and the copied files that changed in the source
-            from converter.writer.pipeline import changed_files
-
             up_to_date = not changed_files(src, plan, output)
     bytes_out = sum(s.nbytes + header_bytes(s) for s in plan.shards)
     needed = 0 if up_to_date else max(0, bytes_out - reusable)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +36,6 @@ from converter.plan.selection import select_tensors
 from converter.plan.tensor_plan import (
     DTYPE_CODES,
     Options,
-    Plan,
     PlannedTensor,
     ShardPlan,
     build_plan,
@@ -64,11 +62,18 @@ from converter.writer.manifest import (
     would_refuse,
     writing_to,
 )
+from converter.writer.outputs import (
+    changed_files,
+    config_bytes,
+    copied_file,
+    gone_files,
+    provenance_of,
+    weight_map_of,
+)
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
-from formats import bnb_compat, index, metadata
-from formats.chunks import ChunkDigests
+from formats import index, metadata
 from formats.validate import FORMAT_VERSION
-from formats.writer import ShardInfo, ShardWriter, TensorSlot, temp_path
+from formats.writer import ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
 ProgressHook = Callable[[str, int], None]
@@ -671,106 +676,6 @@ class _Conversion:
         return result
 
 
-def provenance_of(src: Source, plan: Plan, shard: ShardPlan | None) -> dict:
-    """The provenance of ``shard``'s metadata, or (None) of the index."""
-    identity = plan.source_identity
-    files = identity.get("files") or {}
-    names = sorted({p.info.file for p in shard.tensors}) if shard else src.weight_files()
-    return metadata.provenance(
-        source=source_label(identity),
-        files=[(f, (files.get(f) or {}).get("sha256")) for f in names],
-        options=plan.options.to_json(),
-        revision=identity.get("commit"),
-    )
-
-
-def weight_map_of(plan: Plan) -> dict[str, str]:
-    """The index's weight_map: each stored tensor's shard."""
-    weight_map: dict[str, str] = {}
-    opts = plan.options
-    for s in plan.shards:
-        for p in s.tensors:
-            if p.quantize:
-                weight_map.update(dict.fromkeys(opts.method.layout(p, opts), s.name))
-            else:
-                weight_map[p.name] = s.name
-    return weight_map
-
-
-def _index_differs(src: Source, plan: Plan, output: Path, manifest: Manifest) -> bool:
-    """Whether the index of the finished conversion in ``output`` is not the one a run writes (cut
-    short, edited). Compared only where every shard has its recorded size (else the run resumes
-    anyway, rewriting that shard and the index) and the manifest has its chunk digests (else making
-    the index hashes the shards: a resume does that)."""
-    shards = []
-    for s in plan.shards:
-        entry = manifest.shards.get(s.name) or {}
-        try:
-            if (output / s.name).stat().st_size != entry["size"]:
-                return False
-            chunks = ChunkDigests.from_json(entry.get("chunks"), entry["size"], s.name)
-            shards.append(ShardInfo(output / s.name, entry["sha256"], entry["size"], chunks))
-        except (OSError, KeyError, TypeError, ValueError):
-            return False
-    try:
-        text = index.index_text(output, shards, weight_map_of(plan), provenance_of(src, plan, None))
-        return (output / index.INDEX_NAME).read_bytes() != text.encode("utf-8")
-    except (OSError, ValueError, struct.error):
-        return True
-
-
-def copied_file(name: str) -> bool:
-    """Whether the source's extra file ``name`` is copied into the output as it is."""
-    return name not in ("config.json", REPORT_NAME) and not name.endswith(".safetensors")
-
-
-def config_bytes(plan: Plan, config: dict | None) -> bytes:
-    """The output's config.json: the source's, with the quantization_config and dtype of ``plan``."""
-    qconfig = plan.options.method.quantization_config(plan)
-    out = bnb_compat.update_config(config or {}, qconfig, plan.model_dtype)
-    return (json.dumps(out, indent=2, sort_keys=True) + "\n").encode()
-
-
-def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
-    """The files of a finished conversion in ``output`` that a fresh run would write differently:
-    config.json when the source's changed, the index when damaged, a missing report, and the copied
-    files (tokenizer, README, ...) that are not the source's (``Source.holds_extra_file``: a local
-    source's bytes; a Hub source's listing, pinned by its commit), and those copied by the conversion
-    but gone from the source since (``gone_files``). The plan's fingerprint covers the weights only, so
-    without this a rerun after such an edit did nothing and left the old files.
-    Empty unless ``output`` is finished."""
-    manifest = Manifest.load(output)
-    if manifest is None or manifest.state != "complete" or not (output / "config.json").is_file():
-        return []  # not finished: a run writes every file anyway
-    changed = []
-    try:
-        if (output / "config.json").read_bytes() != config_bytes(plan, src.config()):
-            changed.append("config.json")
-    except (OSError, ValueError):
-        changed.append("config.json")
-    if _index_differs(src, plan, output, manifest):
-        changed.append(index.INDEX_NAME)
-    if not (output / REPORT_NAME).is_file():
-        changed.append(REPORT_NAME)
-    for name in src.extra_files():
-        if copied_file(name) and not src.holds_extra_file(name, output / name):
-            changed.append(name)
-    return changed + gone_files(src, output, manifest)
-
-
-def gone_files(src: Source, output: Path, manifest: Manifest) -> list[str]:
-    """The files the conversion in ``output`` copied from the source (its manifest records them) that
-    are no longer the source's extra files but still in ``output``: a fresh run would not write them."""
-    now = {n for n in src.extra_files() if copied_file(n)}
-    gone = []
-    for name in manifest.copied:
-        path = output / name
-        inside = ".." not in Path(name).parts and not Path(name).is_absolute()
-        if name not in now and inside and (path.is_file() or path.is_symlink()):
-            gone.append(name)
-    return sorted(gone)
-
-
 def _torch_name(code: str) -> str:
     return {v: k for k, v in DTYPE_CODES.items()}[code]
 
@@ -825,18 +730,6 @@ def _tensor_record(p: PlannedTensor, opts: Options) -> dict:
             dtype=p.out_dtype, shape=p.info.shape, reason=p.reason[:200] or "kept"
         )
     return opts.method.metadata_record(p, opts)
-
-
-def source_label(identity: dict) -> str:
-    """How outputs name the source: ``repo_id@commit`` for the Hub, the folder name for a local path.
-
-    Absolute local paths stay out of shards and index (they would leak into pushed repos and make
-    the same checkpoint converted from two places differ).
-    """
-    if identity.get("kind") == "hub":
-        commit = identity.get("commit")
-        return f"{identity.get('repo_id')}@{commit}" if commit else str(identity.get("repo_id"))
-    return str(identity.get("name") or Path(str(identity.get("path", "source"))).name)
 
 
 class _Hook:

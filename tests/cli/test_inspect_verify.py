@@ -234,12 +234,12 @@ def test_inspect_memory_options_without_memory_are_refused(qm, converted: Path) 
     assert qm("inspect", converted, "--memory", "--max-memory", "cpu=1GB").exit_code == 0
 
 
-def test_inspect_memory_refuses_a_revision(qm, converted: Path) -> None:
-    """`inspect REPO --memory --revision v1` estimated the repo's default branch, the revision
-    silently dropped (the loader fetches no revision)."""
+def test_inspect_memory_of_a_local_folder_refuses_a_revision(qm, converted: Path) -> None:
+    """`--revision` names a Hub branch: with --memory, as without, a local folder refuses it rather than
+    ignoring it (tests/hub/test_hub_inspect.py: a Hub repo's revision is estimated)."""
     r = qm("inspect", converted, "--memory", "--revision", "v1")
     assert r.exit_code == 2
-    assert "--revision does not apply to --memory" in r.stderr
+    assert f"--revision applies to Hub repos only, but {converted} is a local path" in r.stderr
 
 
 def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:

@@ -53,3 +53,23 @@ def test_inspect_missing_repo_is_one_line(fake_hub: FakeHub, hf_home: Path) -> N
     r = qm("inspect", "org/missing")
     assert r.exit_code == 2
     assert r.stderr.startswith("Error: org/missing: repository not found")
+
+
+def test_inspect_memory_of_a_hub_revision(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """`inspect REPO --memory --revision REV` estimates that branch, as the folder of that branch gives;
+    it used to be refused (the estimate fetched the default branch only)."""
+    nf4, int8 = tmp_path / "nf4", tmp_path / "int8"
+    assert qm("convert", checkpoint_dir, nf4, "-q").exit_code == 0
+    assert qm("convert", checkpoint_dir, int8, "--quant-type", "int8", "-q").exit_code == 0
+    fake_hub.add_repo("org/tiny", nf4)
+    fake_hub.add_repo("org/tiny", int8, branch="int8")
+    args = ("--memory", "--device-map", "cpu", "--json")
+    by_branch = {}
+    for branch, folder in (("main", nf4), ("int8", int8)):
+        r = qm("inspect", "org/tiny", "--revision", branch, *args)
+        assert r.exit_code == 0, r.stderr
+        by_branch[branch] = json.loads(r.stdout)
+        assert by_branch[branch] == json.loads(qm("inspect", folder, *args).stdout)
+    assert by_branch["main"]["total"] < by_branch["int8"]["total"]

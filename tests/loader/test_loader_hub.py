@@ -271,3 +271,49 @@ def test_subfolder_loads_that_folder_of_a_repo_or_local_folder(
     assert lines[5] == "True ['.', 'additional_chat_templates']"
     assert lines[6] == f"SourceNotFoundError {local}: has no subfolder 'fp4'"
     assert len(lines) == 7
+
+
+HUB_OPTIONS_SCRIPT = """
+import sys
+from pathlib import Path
+from converter.loader import dequantize_checkpoint, load_quantized_state
+from converter.loader.estimate import estimate
+from formats.int8 import Int8Tensor
+token, cache, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+try:
+    load_quantized_state("org/private", revision="int8", cache_dir=cache)
+except Exception as exc:
+    print(type(exc).__name__)
+hub = {"revision": "int8", "token": token, "cache_dir": cache}
+state = load_quantized_state("org/private", **hub)
+print(sum(isinstance(v, Int8Tensor) for v in state.values()))
+plan, per_device = estimate("org/private", "cpu", **hub)
+print(plan, sorted(per_device))
+print(dequantize_checkpoint("org/private", out, dtype="float32", **hub).tensors_dequantized)
+"""
+
+
+@pytest.mark.hub
+def test_state_estimate_and_dequantize_take_revision_token_and_cache_dir(
+    our_folder: Path, int8_folder: Path, tmp_path: Path
+) -> None:
+    """``load_quantized_state``, ``estimate`` and ``dequantize_checkpoint`` fetch a Hub repo id with
+    ``revision``, ``token`` and ``cache_dir`` as ``load_quantized`` does (they were TypeErrors): the
+    private repo's int8 branch, downloaded into ``cache_dir`` (HF_HOME's cache stays empty)."""
+    from hub_helpers import TOKEN
+
+    cache, home = tmp_path / "my-cache", tmp_path / "home"
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/private", our_folder, private=True)
+        hub.add_repo("org/private", int8_folder, branch="int8")
+        script = [sys.executable, "-c", HUB_OPTIONS_SCRIPT, TOKEN, str(cache), str(tmp_path / "plain")]
+        out = subprocess.run(script, env=hub_env(hub, home), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "SourceNotFoundError"  # a private repo: no token, no repo
+    assert lines[1] == "14"
+    assert lines[2] == "{'': 'cpu'} ['cpu']"
+    assert lines[3] == "14"
+    assert (tmp_path / "plain" / "config.json").is_file()
+    assert list((cache / "models--org--private" / "snapshots").iterdir())
+    assert not any((home / "hub").glob("models--*"))

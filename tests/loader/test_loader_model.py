@@ -385,7 +385,7 @@ def test_torch_dtype_is_dtype(our_folder: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"output_loading_info": True}, {"variant": "fp16", "use_safetensors": True}]
+    "kwargs", [{"output_loading_info": True}, {"variant": "fp16", "offload_state_dict": True}]
 )
 def test_unknown_keyword_arguments_are_a_type_error_naming_them(our_folder: Path, kwargs: dict) -> None:
     """from_pretrained options load_quantized does not take are a TypeError naming them, as from_pretrained
@@ -394,6 +394,31 @@ def test_unknown_keyword_arguments_are_a_type_error_naming_them(our_folder: Path
     names = ("argument " if len(kwargs) == 1 else "arguments ") + ", ".join(repr(k) for k in sorted(kwargs))
     with pytest.raises(TypeError, match=re.escape(f"got an unexpected keyword {names}: not attributes")):
         load_quantized(our_folder, verify=False, **kwargs)
+
+
+def test_use_safetensors(our_folder: Path) -> None:
+    """``use_safetensors=True`` (a common from_pretrained argument) is accepted: these folders are always
+    safetensors; it used to be a TypeError. ``use_safetensors=False`` asks for a pickle checkpoint,
+    which a quantized folder never is: a ValueError saying so, before any work."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_quantized(our_folder, verify=False, use_safetensors=True)
+    assert model.is_loaded_in_4bit
+    with pytest.raises(ValueError, match=r"use_safetensors=False: .* safetensors shards only"):
+        load_quantized(our_folder / "missing", use_safetensors=False)
+
+
+def test_dtype_takes_any_torch_dtype_name(our_folder: Path) -> None:
+    """``dtype="half"`` / ``"float"`` (names of torch dtypes, which from_pretrained takes as
+    ``getattr(torch, name)``) load in float16 / float32; they used to be refused ("unsupported dtype").
+    A torch dtype the 4-bit kernels do not compute in is still refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, dtype in (("half", torch.float16), ("float", torch.float32), ("torch.half", torch.float16)):
+            model = load_quantized(our_folder, verify=False, dtype=name)
+            assert {p.dtype for p in model.parameters()} == {dtype}, name
+    with pytest.raises(ValueError, match="unsupported dtype 'double'"):
+        load_quantized(our_folder, verify=False, dtype="double")
 
 
 def test_dtype_auto_is_the_checkpoints_as_from_pretrained_picks_it(plain_llama: Path, tmp_path: Path) -> None:

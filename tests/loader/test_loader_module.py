@@ -238,3 +238,5 @@ def test_dtype_from_name_refuses_what_it_cannot_name(bad) -> None:
     with pytest.raises(ValueError, match="expected one of float32, float16, bfloat16"):
         dtype_from_name(bad)
     assert dtype_from_name("torch.float16") is torch.float16
+    assert dtype_from_name("half") is torch.float16  # any torch name of a kernel dtype, as transformers
+    assert dtype_from_name("float") is torch.float32
