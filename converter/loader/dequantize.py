@@ -281,19 +281,25 @@ def _same_identity(done: dict, identity: dict) -> bool:
     return recorded in (identity, {**identity, "source": older})
 
 
-def _finished(out: Path, identity: dict) -> DequantizeResult | None:
-    """The result of the finished dequantize ``out`` holds, when it was made with ``identity`` (the
-    same source, unchanged, dtype and shard size) and all its files are still there with their sizes
-    (checked as convert checks a finished folder: by size); else None."""
+def _done_record(out: Path, identity: dict) -> dict | None:
+    """The record of the finished dequantize ``out`` holds, when it was made with ``identity`` (the
+    same source, unchanged, dtype and shard size); else None (unfinished, another run's, unreadable)."""
     if (out / UNFINISHED_NAME).exists():
         return None
     try:
         done = json.loads((out / DONE_NAME).read_text(encoding="utf-8"))
-        if not _same_identity(done, identity):
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and _same_identity(done, identity) else None
+
+
+def _finished(out: Path, identity: dict) -> DequantizeResult | None:
+    """The result of that finished dequantize (``_done_record``) when all its files are still there
+    with their sizes (checked as convert checks a finished folder: by size); else None."""
+    done = _done_record(out, identity)
+    try:
+        if done is None or any((out / file).stat().st_size != size for file, size in done["files"].items()):
             return None
-        for file, size in done["files"].items():
-            if (out / file).stat().st_size != size:
-                return None
         counts = {k: done["result"][k] for k in _COUNTS}
         return DequantizeResult(out, identity["dtype"], **counts, up_to_date=True)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
@@ -301,18 +307,13 @@ def _finished(out: Path, identity: dict) -> DequantizeResult | None:
 
 
 def _damaged(out: Path, identity: dict) -> set[str] | None:
-    """The files of the finished dequantize ``out`` holds when it was made with ``identity`` (the same
-    source, unchanged, dtype and shard size), whatever happened to them since; else None."""
-    if (out / UNFINISHED_NAME).exists():
-        return None
+    """The files that finished dequantize (``_done_record``) holds, whatever happened to them since;
+    else None. Only names inside ``out``, at most one folder down: a record edited to name a path
+    elsewhere removes nothing there."""
+    done = _done_record(out, identity)
     try:
-        done = json.loads((out / DONE_NAME).read_text(encoding="utf-8"))
-        if not _same_identity(done, identity):
-            return None
-        # (only names inside ``out``, at most one folder down: a record edited to name a path elsewhere
-        # removes nothing there)
-        return {file for file in done["files"] if isinstance(file, str) and _inside(file)}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None if done is None else {f for f in done["files"] if isinstance(f, str) and _inside(f)}
+    except (TypeError, KeyError, AttributeError):
         return None
 
 
