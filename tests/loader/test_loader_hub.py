@@ -13,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
 from fake_hub import FakeHub
 from hub_helpers import hub_env
 
+
+def _run_script(hub: FakeHub, home: Path, script: str, *args: str) -> list[str]:
+    """``script`` (with ``args``) in a fresh interpreter against ``hub``, HF_HOME ``home``: its stdout
+    lines, once it has exited with 0."""
+    argv = [sys.executable, "-c", script, *args]
+    out = subprocess.run(argv, env=hub_env(hub, home), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()
+
+
 SCRIPT = """
 import sys, torch
 from converter import load_quantized, load_quantized_state
@@ -39,16 +49,7 @@ except Exception as exc:
 def test_load_by_repo_id(our_folder: Path, tmp_path: Path) -> None:
     with FakeHub(tmp_path / "store") as hub:
         hub.add_repo("org/tiny-nf4", our_folder)
-        env = hub_env(hub, tmp_path / "home")
-        out = subprocess.run(
-            [sys.executable, "-c", SCRIPT, str(our_folder)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
+        lines = _run_script(hub, tmp_path / "home", SCRIPT, str(our_folder))
     assert lines[0] == "14"
     assert lines[1] == "True"
     assert lines[2] == "org/tiny-nf4 org/tiny-nf4"  # the repo id, as from_pretrained records it
@@ -82,12 +83,8 @@ def test_repository_code_of_a_hub_repo_is_fetched_with_trust_remote_code(
     add_repository_code(folder)
     with FakeHub(tmp_path / "store") as hub:
         hub.add_repo("org/remote-nf4", folder)
-        env = hub_env(hub, tmp_path / "home")
-        out = subprocess.run(
-            [sys.executable, "-c", REMOTE_CODE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-        )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["MyForCausalLM", "(1,", "4,", "256)"]
+        lines = _run_script(hub, tmp_path / "home", REMOTE_CODE_SCRIPT)
+    assert " ".join(lines).split() == ["MyForCausalLM", "(1,", "4,", "256)"]
 
 
 TOKENIZER_SCRIPT = """
@@ -120,12 +117,8 @@ def test_snapshot_of_a_hub_repo_holds_its_chat_template(our_folder: Path, tmp_pa
     assert (folder / "chat_template.jinja").is_file()
     with FakeHub(tmp_path / "store") as hub:
         hub.add_repo("org/chat-nf4", folder)
-        env = hub_env(hub, tmp_path / "home")
-        out = subprocess.run(
-            [sys.executable, "-c", TOKENIZER_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-        )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "<user>hello"
+        lines = _run_script(hub, tmp_path / "home", TOKENIZER_SCRIPT)
+    assert lines == ["<user>hello"]
 
 
 REVISION_SCRIPT = """
@@ -147,12 +140,7 @@ def test_revision_picks_the_branch(our_folder: Path, int8_folder: Path, tmp_path
     with FakeHub(tmp_path / "store") as hub:
         hub.add_repo("org/tiny", our_folder)
         hub.add_repo("org/tiny", int8_folder, branch="int8")
-        env = hub_env(hub, tmp_path / "home")
-        out = subprocess.run(
-            [sys.executable, "-c", REVISION_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-        )
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
+        lines = _run_script(hub, tmp_path / "home", REVISION_SCRIPT)
     assert lines[:2] == ["None False True", "int8 True False"]
     assert lines[2].startswith("SourceNotFoundError org/tiny: not a local folder, and the Hub repo")
     assert "could not be fetched at revision 'v9' (RevisionNotFoundError" in lines[2]
@@ -256,16 +244,8 @@ def test_subfolder_loads_that_folder_of_a_repo_or_local_folder(
     files["additional_chat_templates/tool_use.jinja"] = b"{{ messages }}"  # as transformers 5 saves them
     with FakeHub(tmp_path / "store") as hub:
         hub.add_repo("org/multi", files)
-        env = hub_env(hub, tmp_path / "home")
-        out = subprocess.run(
-            [sys.executable, "-c", SUBFOLDER_SCRIPT, str(local), str(tmp_path / "home" / "hub")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
+        home = tmp_path / "home"
+        lines = _run_script(hub, home, SUBFOLDER_SCRIPT, str(local), str(home / "hub"))
     assert lines[:5] == ["nf4 True False", "['nf4']", "int8 False True", "nf4 True False", "int8 False True"]
     # without subfolder: the top-level checkpoint (and its chat templates), none of the subfolders' files
     assert lines[5] == "True ['.', 'additional_chat_templates']"
@@ -306,10 +286,7 @@ def test_state_estimate_and_dequantize_take_revision_token_and_cache_dir(
     with FakeHub(tmp_path / "store") as hub:
         hub.add_repo("org/private", our_folder, private=True)
         hub.add_repo("org/private", int8_folder, branch="int8")
-        script = [sys.executable, "-c", HUB_OPTIONS_SCRIPT, TOKEN, str(cache), str(tmp_path / "plain")]
-        out = subprocess.run(script, env=hub_env(hub, home), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
+        lines = _run_script(hub, home, HUB_OPTIONS_SCRIPT, TOKEN, str(cache), str(tmp_path / "plain"))
     assert lines[0] == "SourceNotFoundError"  # a private repo: no token, no repo
     assert lines[1] == "14"
     assert lines[2] == "{'': 'cpu'} ['cpu']"
