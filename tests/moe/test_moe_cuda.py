@@ -248,7 +248,7 @@ def test_fused_decode_lane_configs_within_derived_bound(hidden, inter, bs, dtype
     assert ((got.double().cpu() - ref).abs() <= bound).all()
 
 
-def test_fused_decode_tensor_cores_differ_from_cuda_cores_only_by_rounding():
+def test_fused_decode_takes_tensor_cores_by_default_for_16bit_x():
     """lanes 0 at Qwen3-30B-A3B's bf16 shape is the tensor-core path (not silently the CUDA-core one):
     it equals the forced MMA_LANES output bit for bit and differs from the CUDA-core output."""
     layer = _layer(10, 2048, 768, 64)
