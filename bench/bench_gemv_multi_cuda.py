@@ -7,7 +7,9 @@ Qwen3-30B-A3B attention q/k/v (4096, 512, 512) x 2048. For each group, L layers 
 weights (their 4-bit bytes at least 3x the L2 cache, L >= 8) are launched back to back and captured in
 one CUDA graph; the replay is timed with CUDA events (median of --replays) and divided by L.
 Contenders: ``fused`` (cuda_gemv_4bit_multi: one launch per group), ``separate`` (one gemv_4bit launch
-per weight, the default kernel), bf16 ``F.linear`` per weight and on the concatenated weight (cuBLAS).
+per weight, the default kernel), bf16 ``F.linear`` per weight and on the concatenated weight (cuBLAS);
+with ``--variants 14,15``, ``fused vN`` too: the fused launch with the stream kernel's plan forced
+(csrc/cuda/gemv_stream.cu ``plan``: 12..15 split 1/2/4/8 with 8/split row tiles per CTA, 16..18 K slices).
 "% floor": the group's memory floor (4-bit codes + nested absmax codes and nested absmax + x, read once)
 over the time, with the bandwidth of a device-to-device copy measured in the same run (read + write).
 NF4, blocksize 64, nested absmax, bf16 activations.
@@ -45,7 +47,15 @@ def _gemv_weight(record: cuda_nf4.Record, out_f: int) -> kernels_cuda.GemvWeight
     return kernels_cuda.GemvWeight(packed, None, kernels_cuda.NestedAbsmax(*nested), qmap, out_f)
 
 
-def bench_group(name: str, outs: tuple[int, ...], in_f: int, bw: float, replays: int, l2: int) -> list[dict]:
+def bench_group(
+    name: str,
+    outs: tuple[int, ...],
+    in_f: int,
+    bw: float,
+    replays: int,
+    l2: int,
+    variants: tuple[int, ...] = (),
+) -> list[dict]:
     q_bytes = sum(o * in_f // 2 + o * in_f // 64 + 4 * (o * in_f // 64 // 256) for o in outs)
     layers = max(8, -(-3 * l2 // q_bytes))
     records, dense, cat = [], [], []
@@ -59,9 +69,9 @@ def bench_group(name: str, outs: tuple[int, ...], in_f: int, bw: float, replays:
         x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
         floor_s = (q_bytes + 2 * batch * in_f) / bw
 
-        def fused(x=x) -> None:
+        def fused(x=x, variant: int = 0) -> None:
             for gws in records:
-                kernels_cuda._launch_gemv_4bit_multi(x, gws, in_f, cuda_nf4.BLOCKSIZE)
+                kernels_cuda._launch_gemv_4bit_multi(x, gws, in_f, cuda_nf4.BLOCKSIZE, variant=variant)
 
         def separate(x=x) -> None:
             for gws in records:
@@ -75,6 +85,7 @@ def bench_group(name: str, outs: tuple[int, ...], in_f: int, bw: float, replays:
             "separate": separate,
             "bf16 F.linear each": lambda x=x: [torch.nn.functional.linear(x, w) for ws in dense for w in ws],
             "bf16 F.linear cat": lambda x=x: [torch.nn.functional.linear(x, w) for w in cat],
+            **{f"fused v{v}": lambda x=x, v=v: fused(x, v) for v in variants},
         }
         times = {n: time_graph(fn, replays) / layers for n, fn in contenders.items()}
         for kernel, t in times.items():
@@ -114,7 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--variants", default="", help="forced plans of the fused launch, e.g. 13,14,15")
     args = parser.parse_args()
+    variants = tuple(int(v) for v in args.variants.split(",") if v)
     usable, why = kernels_cuda.cuda_status()
     if not usable:
         sys.exit(f"bench_gemv_multi_cuda.py needs the CUDA backend: {why}")
@@ -128,7 +141,7 @@ def main() -> None:
     )
     rows = []
     for name, (outs, in_f) in GROUPS.items():
-        rows += bench_group(name, outs, in_f, bw, args.replays, props.L2_cache_size)
+        rows += bench_group(name, outs, in_f, bw, args.replays, props.L2_cache_size, variants)
     print(f"total {time.perf_counter() - t0:.1f} s")
     if args.json:
         args.json.write_text(
