@@ -12,7 +12,7 @@ from converter.units import human_bytes, human_count
 
 
 @click.command(short_help="Summarise a quantized folder, shard or Hub repo")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("spec", metavar="PATH", type=click.Path())
 @click.option("--revision", default=None, help="Hub branch, tag or commit (a Hub repo id only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option(
@@ -42,7 +42,7 @@ from converter.units import human_bytes, human_count
 @click.pass_obj
 def inspect(
     app: App,
-    path: Path,
+    spec: str,
     revision: str | None,
     as_json: bool,
     memory: bool,
@@ -57,6 +57,7 @@ def inspect(
     from converter.writer.manifest import damaged_manifest
 
     app.configure(json=as_json)
+    path = Path(spec)  # spec as typed: click's Path type turns "./name" into "name", a repo id
     ctx = click.get_current_context()
     given = [f"--{name.replace('_', '-')}" for name in ("device_map", "max_memory", "dtype")
              if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]  # fmt: skip
@@ -64,7 +65,7 @@ def inspect(
         verb = "applies" if len(given) == 1 else "apply"
         msg = f"{', '.join(given)} {verb} to the memory estimate only: add --memory"
         raise click.UsageError(msg)
-    hub = not path.exists() and looks_like_repo_id(str(path))
+    hub = not path.exists() and looks_like_repo_id(spec)  # as typed: "./name" is a path, never a repo
     if revision is not None and not hub:
         app.abort(f"--revision applies to Hub repos only, but {path} is a local path", 2)
     if memory:
@@ -73,7 +74,7 @@ def inspect(
         show_memory(app, path, device_map, max_memory, dtype, revision=revision)
         return
     if hub:
-        r = inspect_hub(str(path), revision=revision)
+        r = inspect_hub(spec, revision=revision)
     else:
         r = inspect_path(path)
         damaged = damaged_manifest(path) if path.is_dir() else None

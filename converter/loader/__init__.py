@@ -34,7 +34,7 @@ _LAZY = {
     "replace_linear_layers": "converter.loader.replace",
     "load_quantized": "converter.loader.model",
     "dequantize_checkpoint": "converter.loader.dequantize",
-    "dequantize_model": "converter.loader.dequantize_model",
+    "dequantize_model": "converter.loader.dequantize_inplace",
     "graphed_greedy": "converter.loader.decode",
     "compile_options": "converter.loader.compile_guards",
 }

@@ -32,7 +32,7 @@ from torch import nn
 from converter.kernels.isa_env import forced_isa
 from converter.loader import ops, router, timing
 from converter.loader.config_file import read_config
-from converter.loader.dequantize_model import bind_dequantize
+from converter.loader.dequantize_inplace import bind_dequantize
 from converter.loader.devices import check_device, check_devices_exist
 from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
@@ -666,7 +666,7 @@ def load_quantized(
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     model.eval()
     load_generation_config(model, folder, config_kwargs if _is_model_class(model_class) else {})
-    bind_dequantize(model)  # model.dequantize(): transformers' needs its own quantizer (dequantize_model.py)
+    bind_dequantize(model)  # model.dequantize(): transformers' needs its quantizer (dequantize_inplace.py)
     flatten_head_input(model)  # prompt step: lm_head input with standard strides (loader/head.py)
     use_gemv_head(model)  # decode steps: the bf16 head through our CPU GEMV (loader/head.py)
     install_footprint(model)

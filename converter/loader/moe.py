@@ -419,7 +419,7 @@ def _needs_autograd(*tensors: torch.Tensor) -> bool:
 
 
 #: The attribute of a :class:`QuantExperts4bit` holding transformers' experts module it replaced (its
-#: parameters on the meta device): ``model.dequantize()`` puts it back (loader/dequantize_model.py).
+#: parameters on the meta device): ``model.dequantize()`` puts it back (loader/dequantize_inplace.py).
 SOURCE_MODULE = "_qm_source_module"
 
 

@@ -43,3 +43,16 @@ def test_help_says_what_quiet_and_device_do(qm) -> None:
     text = " ".join(qm("convert", "--help").stdout.split())
     assert "Where to quantize: cpu, cuda or cuda:N." in text
     assert "130 interrupted" in text
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_documented_option_exists(command: str) -> None:
+    """The other direction: each `--option` docs/cli.md names in a command's section is one that
+    command takes (or, written "`other --option", one of that other command's)."""
+    section = "\n".join(p for p in re.split(r"\n## ", DOC) if p.startswith(f"`{command}"))
+    wrong = []
+    for other, option in re.findall(r"(?:`(\w+) )?(?<![\w-])(--[a-z][a-z0-9-]*)", section):
+        owner = other if other in cli.commands else command
+        if option not in {o for p in cli.commands[owner].params for o in (*p.opts, *p.secondary_opts)}:
+            wrong.append(f"{owner} {option}")
+    assert not wrong, f"docs/cli.md names options that do not exist: {wrong}"

@@ -248,6 +248,24 @@ def test_inspect_missing_path_exit_2(qm, tmp_path: Path) -> None:
     assert r.stderr == f"Error: {tmp_path / 'nothing'}: no such file or folder; check the path\n"
 
 
+def test_inspect_missing_relative_path_is_not_a_repo_id(
+    qm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`inspect ./nothing` lost its './' (click's Path type) and went to the Hub as the repo id
+    'nothing': five tries, then exit 1 "model info failed", instead of the missing path, exit 2."""
+    import converter.tools.inspection as inspection
+
+    def no_hub(*args, **kwargs):
+        msg = "a ./path went to the Hub"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(inspection, "inspect_hub", no_hub)
+    monkeypatch.chdir(tmp_path)
+    r = qm("inspect", "./nothing")
+    assert r.exit_code == 2
+    assert r.stderr == "Error: nothing: no such file or folder; check the path\n"
+
+
 def test_verify_one_shard_against_the_source(qm, converted: Path, tiny_llama: Path) -> None:
     """`verify SHARD --against SRC` failed with "SHARD/model.safetensors.index.json: Not a directory"."""
     weight_map = json.loads((converted / "model.safetensors.index.json").read_text())["weight_map"]

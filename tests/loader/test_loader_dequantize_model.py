@@ -1,4 +1,4 @@
-"""``model.dequantize()`` on a model from load_quantized (converter/loader/dequantize_model.py): torch's
+"""``model.dequantize()`` on a model from load_quantized (converter/loader/dequantize_inplace.py): torch's
 own modules with the weights the kernels decode, so the logits are those of the folder's dequantized
 checkpoint loaded by plain transformers; a plain ``save_pretrained``; clear refusals."""
 
@@ -13,7 +13,7 @@ import torch
 from tiny_models import load_logged
 
 from converter.loader.dequantize import dequantize_checkpoint
-from converter.loader.dequantize_model import DequantizeError, dequantize_model
+from converter.loader.dequantize_inplace import DequantizeError, dequantize_model
 from converter.loader.model import load_quantized
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
@@ -91,3 +91,13 @@ def test_a_model_without_quantized_modules_warns(plain_llama):
     model = _plain(plain_llama)
     with pytest.warns(UserWarning, match="no quantized modules"):
         assert dequantize_model(model) is model
+
+
+def test_the_documented_name_is_the_function() -> None:
+    """docs/python-api.md names ``converter.loader.dequantize_model(model, dtype=None)``: it was the
+    submodule of that name once anything had imported it (load_quantized does), not the function."""
+    import converter.loader
+
+    for name in converter.loader.__all__:
+        assert callable(getattr(converter.loader, name)), name
+    assert converter.loader.dequantize_model is dequantize_model

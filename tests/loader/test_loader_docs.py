@@ -115,3 +115,25 @@ def test_adapter_reload_without_bitsandbytes_runs_as_documented(our_folder: Path
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert out.stdout.split() == ["plain:", "True", "same:", "True"], out.stderr[-2000:]
+
+
+def test_convert_example_runs_and_names_every_keyword(
+    plain_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/python-api.md, "Conversion": the example runs, and it (or, for dry_run and preflight, the
+    paragraph after it) names every keyword of convert(): it lacked int8_threshold and int8_scale."""
+    import inspect
+    import shutil
+
+    from converter import convert
+
+    code = _example("## Conversion")
+    text = DOC.read_text()
+    section = text[text.index("## Conversion") : text.index("## Loading a quantized checkpoint")]
+    named = set(re.findall(r"\b(\w+)=", section))
+    missing = [k for k in list(inspect.signature(convert).parameters)[2:] if k not in named]
+    assert not missing, f"docs/python-api.md's convert example does not name {missing}"
+    shutil.copytree(plain_llama, tmp_path / "my-model")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("progress=True", "progress=False"), "python-api.md", "exec"), {})
+    assert (tmp_path / "my-model-nf4" / "config.json").exists()
