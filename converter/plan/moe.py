@@ -321,11 +321,39 @@ def partial_block_experts(records: Sequence[tuple[str, Sequence[int], int]]) -> 
     return out
 
 
+def vllm_unreadable(expert_formats: Collection[tuple[str, str]]) -> str | None:
+    """Why vLLM's pre-quantized bitsandbytes loader cannot read 4-bit experts of these ``(quant type,
+    quant_storage)`` pairs (it decodes every expert as NF4 and allows uint8 storage only,
+    reference/moe-4bit.md), or None."""
+    types = sorted({t for t, _ in expert_formats if t != "nf4"})
+    if types:
+        return f"vLLM ({'/'.join(types)} experts: its fused-expert loader decodes every expert as NF4)"
+    storages = sorted({s for _, s in expert_formats if s != "uint8"})
+    if storages:
+        return f"vLLM (quant_storage {'/'.join(storages)}: it allows uint8 only)"
+    return None
+
+
 def summarize(
-    quantized_names: Sequence[str], kept_names: Sequence[str], partial_blocks: Sequence[str] = ()
+    quantized_names: Sequence[str],
+    kept_names: Sequence[str],
+    partial_blocks: Sequence[str] = (),
+    expert_formats: Collection[tuple[str, str]] = (),
 ) -> MoeSummary | None:
     """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense);
-    ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts)."""
+    ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts);
+    ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known."""
+    summary = _summarize(quantized_names, kept_names, partial_blocks)
+    vllm = vllm_unreadable(expert_formats)
+    if summary is None or vllm is None or LOADERS_QUANTIZED[1] not in summary.loaders:
+        return summary
+    loaders = tuple(x for x in summary.loaders if x != LOADERS_QUANTIZED[1])
+    return replace(summary, loaders=loaders, not_loaders=(*summary.not_loaders, vllm))
+
+
+def _summarize(
+    quantized_names: Sequence[str], kept_names: Sequence[str], partial_blocks: Sequence[str]
+) -> MoeSummary | None:
     q = sum(1 for n in quantized_names if EXPERT_KEY.match(n))
     k = sum(1 for n in kept_names if EXPERT_KEY.match(n) or FUSED_EXPERT_KEY.match(n))
     if not q and not k:
