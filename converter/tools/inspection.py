@@ -381,7 +381,7 @@ def inspect_hub(
 ) -> InspectResult:
     """``inspect_path`` of a Hub repo, from the shard headers and quant-state blobs read by HTTP range
     requests (and config.json / the index, which are small JSON files); no shard is downloaded."""
-    from formats.validate import parse_quant_state
+    from formats.validate import SCB_SUFFIX, check_int8_group, parse_quant_state, scb_key, weight_format_key
 
     hub = _RangeReader(repo_id, revision, token)
     if index_mod.INDEX_NAME in hub.files:
@@ -412,12 +412,19 @@ def inspect_hub(
                 weights[m.group("weight")] = parse_quant_state(
                     name, key, hub.get(name, data_start + begin, end - begin)
                 )
+        # LLM.int8 weights: <m>.weight I8 with <m>.SCB (+ <m>.weight_format), known from the header alone
+        present = {k: (e["dtype"], tuple(e["shape"])) for k, e in header.items()}
+        int8 = {
+            w: check_int8_group(name, w, present)
+            for w in (k.removesuffix(SCB_SUFFIX) + "weight" for k in header if k.split(".")[-1] == SCB_SUFFIX)
+        }
+        int8_keys = {k for w in int8 for k in (w, scb_key(w), weight_format_key(w))}
         for key, entry in header.items():
             begin, end = entry["data_offsets"]
             owner = next(
                 (w for w in (key, key.rsplit(".", 1)[0], key.split(".quant_state.")[0]) if w in weights), None
             )
-            if owner is not None:
+            if owner is not None or key in int8_keys:
                 result.bytes_quantized += end - begin
                 continue
             names_k.append(key)
@@ -425,7 +432,11 @@ def inspect_hub(
             result.params_kept += math.prod(entry["shape"])
             result.bytes_kept += end - begin
             kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
-        names_q += list(weights)
+        names_q += list(weights) + list(int8)
+        for info in int8.values():
+            result.tensors_quantized += 1
+            result.params_quantized += math.prod(info.shape)
+            qtypes[info.describe()] += 1
         for key, qs in weights.items():
             result.tensors_quantized += 1
             result.params_quantized += math.prod(qs.shape)
