@@ -67,6 +67,13 @@ LOADERS_KEPT = (
     "transformers 5.x + unsloth-zoo",
 )
 NOT_LOADERS_KEPT = ("vLLM pre-quantized bitsandbytes (needs every expert quantized)",)
+#: Per-expert LLM.int8 records (transformers 4.x's load_in_8bit of per-expert nn.Linear experts).
+LOADERS_INT8 = ("transformers 4.x + bitsandbytes",)
+NOT_LOADERS_INT8 = (
+    "stock transformers 5.x + bitsandbytes (cannot load quantized experts)",
+    "quantize-model load_quantized (LLM.int8 experts: run `quantize-model dequantize` first)",
+    "vLLM pre-quantized bitsandbytes (no 8-bit MoE)",
+)
 
 
 class _TensorLike(Protocol):
@@ -344,6 +351,8 @@ def summarize(
     ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts);
     ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known."""
     summary = _summarize(quantized_names, kept_names, partial_blocks)
+    if summary is not None and summary.experts_quantized and any(t == "int8" for t, _ in expert_formats):
+        return replace(summary, loaders=LOADERS_INT8, not_loaders=NOT_LOADERS_INT8)
     vllm = vllm_unreadable(expert_formats)
     if summary is None or vllm is None or LOADERS_QUANTIZED[1] not in summary.loaders:
         return summary
