@@ -7,7 +7,8 @@ that method would only say "You need to first quantize your model": the loader b
 :func:`dequantize_model` in its place. It swaps
 
 - each 4-bit / int8 linear (:class:`QuantLinear4bit`, :class:`QuantLinear8bit`) for an ``nn.Linear``
-  with the weight its kernels compute with (bitsandbytes' decode, bit for bit), the same bias;
+  with the weight its kernels compute with (bitsandbytes' decode, bit for bit), the same bias (one that
+  replaced a GPT-2 ``Conv1D`` for that ``Conv1D`` again, its weight ``[in, out]`` as checkpoints store it);
 - each 4-bit MoE experts module (:class:`QuantExperts4bit`) for transformers' own experts module, kept
   on the meta device when the model was built, with its ``gate_up_proj`` / ``down_proj`` filled;
 
@@ -70,13 +71,18 @@ def _move_hook(old: nn.Module, new: nn.Module) -> None:
     add_hook_to_module(new, hook)
 
 
-def _dense_linear(module: QuantLinear4bit | QuantLinear8bit, dtype: torch.dtype | None) -> nn.Linear:
+def _dense_linear(module: QuantLinear4bit | QuantLinear8bit, dtype: torch.dtype | None) -> nn.Module:
     if isinstance(module, QuantLinear8bit):
         weight = module.dequantize(dtype or module.compute_dtype or torch.float32)
     else:
         weight = module.dequantize(dtype)
+    conv1d = getattr(module, "conv1d_class", None)  # a GPT-2 Conv1D it replaced: [in, out] weight again
     with torch.device("meta"):
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        if conv1d is not None:
+            linear = conv1d(module.out_features, module.in_features)
+            weight = weight.t().contiguous()
+        else:
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if module.bias is not None:
         bias = module.bias if dtype is None else module.bias.to(dtype)

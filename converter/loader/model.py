@@ -22,7 +22,7 @@ import itertools
 import os
 import threading
 import warnings
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -210,10 +210,31 @@ def transformers_would_quantize(model: nn.Module, quantization_config: dict | No
     return {n for n, m in model.named_modules() if is_swappable(m) and should_convert_module(n, patterns)}
 
 
-def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
-    """Assign the non-quantized tensors; returns checkpoint keys the model has no slot for."""
+def _dtype_plan(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dtype | None]:
+    """The dtype transformers' dtype plan gives a key (``_keep_in_fp32_modules`` when ``dtype`` is float16,
+    ``_keep_in_fp32_modules_strict`` when it is float16 or bfloat16), None where it gives none: the
+    patterns searched anywhere in the key, as ``from_pretrained`` matches them (core_model_loading)."""
+    get_plan = getattr(model, "_get_dtype_plan", None)
+    plan: dict[str, torch.dtype] = get_plan(dtype) if callable(get_plan) else {}
+    if not plan:
+        return lambda key: None
+    from transformers.core_model_loading import build_glob_alternation
+
+    alternation, by_group, _ = build_glob_alternation(list(plan))
+
+    def planned(key: str) -> torch.dtype | None:
+        m = alternation.search(key)
+        return plan[by_group[m.lastgroup]] if m is not None and m.lastgroup is not None else None
+
+    return planned
+
+
+def _fill(model: nn.Module, state: dict[str, Any], where: str, dtype: torch.dtype) -> list[str]:
+    """Assign the non-quantized tensors, floats in the dtype ``from_pretrained(dtype=dtype)`` gives them
+    (its dtype plan, else the empty model's); returns checkpoint keys the model has no slot for."""
     params = dict(model.named_parameters(remove_duplicate=False))  # both names of a tied pair
     buffers = dict(model.named_buffers())
+    planned = _dtype_plan(model, dtype)
     unused = []
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):  # a quantized record (4-bit or int8): already swapped in
@@ -233,7 +254,8 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
             )
             raise ModelBuildError(msg)
         # Keep the model's dtype plan (e.g. _keep_in_fp32_modules); a matching dtype stays memory-mapped.
-        data = value if value.dtype == target.dtype else value.to(target.dtype)
+        wanted = (planned(key) if value.is_floating_point() else None) or target.dtype
+        data = value if value.dtype == wanted else value.to(wanted)
         module = model.get_submodule(module_name)
         if key in params:
             module._parameters[attr] = nn.Parameter(data, requires_grad=False)
@@ -636,7 +658,7 @@ def load_quantized(
         model.config.name_or_path = model.name_or_path = os.fspath(path_or_repo)
         cls = type(model)
         with timing.phase("fill"):
-            unused = _fill(model, state, str(folder)) + list(skeleton.dropped)
+            unused = _fill(model, state, str(folder), dtype) + list(skeleton.dropped)
     timing.mark("built_at")
     _tie_weights(model)
     left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]

@@ -633,6 +633,22 @@ def attach_experts(
             )
             msg = f"{where}: {ckpt_name!r} needs {num} experts x gate/up/down; {what}"
             raise MoeLoadError(msg)
+        other = next(
+            (
+                k
+                for parts in experts.values()
+                for k, v in parts.values()
+                if not isinstance(v, (torch.Tensor, QuantizedTensor))
+            ),
+            None,
+        )
+        if other is not None:  # LLM.int8 experts (transformers 4.x's load_in_8bit of per-expert Linears)
+            msg = (
+                f"{where}: {ckpt_name!r}: the experts are LLM.int8 records (e.g. {other!r}); load_quantized "
+                "runs 4-bit or 16-bit experts only: `quantize-model dequantize` the folder and load that, "
+                "or convert the dequantized checkpoint with --moe-experts quantize"
+            )
+            raise MoeLoadError(msg)
         used.update(key for parts in experts.values() for key, _ in parts.values())
         if any(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()):
             st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device))

@@ -124,6 +124,8 @@ def swap_layers(
             **method.layer_kwargs(quantization_config or {}),
         )
         layer.train(module.training)
+        if _is_conv1d(module):  # model.dequantize() restores it, its weight [in, out] as checkpoints hold it
+            layer.conv1d_class = type(module)
         model.set_submodule(name, layer)
     return list(targets)
 

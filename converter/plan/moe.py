@@ -67,6 +67,13 @@ LOADERS_KEPT = (
     "transformers 5.x + unsloth-zoo",
 )
 NOT_LOADERS_KEPT = ("vLLM pre-quantized bitsandbytes (needs every expert quantized)",)
+#: Per-expert LLM.int8 records (transformers 4.x's load_in_8bit of per-expert nn.Linear experts).
+LOADERS_INT8 = ("transformers 4.x + bitsandbytes",)
+NOT_LOADERS_INT8 = (
+    "stock transformers 5.x + bitsandbytes (cannot load quantized experts)",
+    "quantize-model load_quantized (LLM.int8 experts: run `quantize-model dequantize` first)",
+    "vLLM pre-quantized bitsandbytes (no 8-bit MoE)",
+)
 
 
 class _TensorLike(Protocol):
@@ -321,11 +328,41 @@ def partial_block_experts(records: Sequence[tuple[str, Sequence[int], int]]) -> 
     return out
 
 
+def vllm_unreadable(expert_formats: Collection[tuple[str, str]]) -> str | None:
+    """Why vLLM's pre-quantized bitsandbytes loader cannot read 4-bit experts of these ``(quant type,
+    quant_storage)`` pairs (it decodes every expert as NF4 and allows uint8 storage only,
+    reference/moe-4bit.md), or None."""
+    types = sorted({t for t, _ in expert_formats if t != "nf4"})
+    if types:
+        return f"vLLM ({'/'.join(types)} experts: its fused-expert loader decodes every expert as NF4)"
+    storages = sorted({s for _, s in expert_formats if s != "uint8"})
+    if storages:
+        return f"vLLM (quant_storage {'/'.join(storages)}: it allows uint8 only)"
+    return None
+
+
 def summarize(
-    quantized_names: Sequence[str], kept_names: Sequence[str], partial_blocks: Sequence[str] = ()
+    quantized_names: Sequence[str],
+    kept_names: Sequence[str],
+    partial_blocks: Sequence[str] = (),
+    expert_formats: Collection[tuple[str, str]] = (),
 ) -> MoeSummary | None:
     """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense);
-    ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts)."""
+    ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts);
+    ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known."""
+    summary = _summarize(quantized_names, kept_names, partial_blocks)
+    if summary is not None and summary.experts_quantized and any(t == "int8" for t, _ in expert_formats):
+        return replace(summary, loaders=LOADERS_INT8, not_loaders=NOT_LOADERS_INT8)
+    vllm = vllm_unreadable(expert_formats)
+    if summary is None or vllm is None or LOADERS_QUANTIZED[1] not in summary.loaders:
+        return summary
+    loaders = tuple(x for x in summary.loaders if x != LOADERS_QUANTIZED[1])
+    return replace(summary, loaders=loaders, not_loaders=(*summary.not_loaders, vllm))
+
+
+def _summarize(
+    quantized_names: Sequence[str], kept_names: Sequence[str], partial_blocks: Sequence[str]
+) -> MoeSummary | None:
     q = sum(1 for n in quantized_names if EXPERT_KEY.match(n))
     k = sum(1 for n in kept_names if EXPERT_KEY.match(n) or FUSED_EXPERT_KEY.match(n))
     if not q and not k:

@@ -3,7 +3,8 @@
 Same bookkeeping as ``converter.record.quality.QualityMeter`` (inputs remembered until their codes come
 back, measured on one background thread); the error is ``x - W`` with ``W`` the dequantized weight
 ``f32(f32(q * SCB) * f32(1/127))`` the loaders compute. A row stored as SCB = inf (a value past
-fp16's range) decodes to NaN in bitsandbytes; its error is counted as ``x`` itself (the whole row lost).
+fp16's range) decodes to NaN in bitsandbytes; its error is counted as ``x`` itself (the whole row lost)
+and its elements as non-finite (``nonfinite``: NaN/Inf in x or dequantized(x)).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def measure_int8(name: str, x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor)
     """Error statistics of int8 codes ``q`` with row scales ``scb`` against ``x`` (any float dtype)."""
     xf = x.reshape(q.shape).to(torch.float32)
     w = kernels_int8.dequantize_int8(q.contiguous(), scb.contiguous(), out_dtype=torch.float32, threads=1)
-    err = torch.where(torch.isfinite(w), xf - w, xf)
-    bad = int((~torch.isfinite(xf)).sum())
+    decoded = torch.isfinite(w)
+    err = torch.where(decoded, xf - w, xf)
+    bad = int((~torch.isfinite(xf) | ~decoded).sum())  # NaN/Inf in x or dequantized(x), as for 4-bit
     return TensorQuality(
         name,
         xf.numel(),

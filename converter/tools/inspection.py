@@ -26,7 +26,7 @@ from converter.plan import moe
 from converter.writer.manifest import MANIFEST_NAME, Manifest, damaged_manifest
 from formats import index as index_mod
 from formats.reader import open_shard
-from formats.validate import FormatError
+from formats.validate import STORAGE_NAMES, FormatError
 from formats.writer import TORCH_NAMES
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ def inspect_path(path: str | Path) -> InspectResult:
     names_q: list[str] = []
     names_k: list[str] = []
     shapes: list[tuple[str, tuple[int, ...], int]] = []
+    expert_formats: set[tuple[str, str]] = set()
     for name in names:
         with open_shard(folder / name) as shard:
             meta = shard.metadata or {}
@@ -117,6 +118,9 @@ def inspect_path(path: str | Path) -> InspectResult:
                 result.bytes_quantized += sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)
                 qtypes[info.describe()] += 1
                 shapes.append((key, tuple(info.shape), getattr(info, "blocksize", 0)))
+                if moe.EXPERT_KEY.match(key):
+                    qtype = getattr(info.quant_type, "label", info.quant_type)
+                    expert_formats.add((str(qtype), group.quant_storage))
             for key in shard.passthrough:
                 e = shard.entry(key)
                 result.tensors_kept += 1
@@ -125,7 +129,7 @@ def inspect_path(path: str | Path) -> InspectResult:
                 kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
-    result.moe = moe.summarize(names_q, names_k, moe.partial_block_experts(shapes))
+    result.moe = moe.summarize(names_q, names_k, moe.partial_block_experts(shapes), expert_formats)
     config = folder / "config.json"
     if config.is_file() and Path(path).is_dir():
         try:
@@ -377,7 +381,7 @@ def inspect_hub(
 ) -> InspectResult:
     """``inspect_path`` of a Hub repo, from the shard headers and quant-state blobs read by HTTP range
     requests (and config.json / the index, which are small JSON files); no shard is downloaded."""
-    from formats.validate import parse_quant_state
+    from formats.validate import SCB_SUFFIX, check_int8_group, parse_quant_state, scb_key, weight_format_key
 
     hub = _RangeReader(repo_id, revision, token)
     if index_mod.INDEX_NAME in hub.files:
@@ -393,6 +397,7 @@ def inspect_hub(
     kept: Counter[str] = Counter()
     names_q: list[str] = []
     names_k: list[str] = []
+    expert_formats: set[tuple[str, str]] = set()
     for name in names:
         header, data_start = hub.header(name)
         meta = header.pop("__metadata__", None) or {}
@@ -407,12 +412,19 @@ def inspect_hub(
                 weights[m.group("weight")] = parse_quant_state(
                     name, key, hub.get(name, data_start + begin, end - begin)
                 )
+        # LLM.int8 weights: <m>.weight I8 with <m>.SCB (+ <m>.weight_format), known from the header alone
+        present = {k: (e["dtype"], tuple(e["shape"])) for k, e in header.items()}
+        int8 = {
+            w: check_int8_group(name, w, present)
+            for w in (k.removesuffix(SCB_SUFFIX) + "weight" for k in header if k.split(".")[-1] == SCB_SUFFIX)
+        }
+        int8_keys = {k for w in int8 for k in (w, scb_key(w), weight_format_key(w))}
         for key, entry in header.items():
             begin, end = entry["data_offsets"]
             owner = next(
                 (w for w in (key, key.rsplit(".", 1)[0], key.split(".quant_state.")[0]) if w in weights), None
             )
-            if owner is not None:
+            if owner is not None or key in int8_keys:
                 result.bytes_quantized += end - begin
                 continue
             names_k.append(key)
@@ -420,16 +432,23 @@ def inspect_hub(
             result.params_kept += math.prod(entry["shape"])
             result.bytes_kept += end - begin
             kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
-        names_q += list(weights)
-        for qs in weights.values():
+        names_q += list(weights) + list(int8)
+        for info in int8.values():
+            result.tensors_quantized += 1
+            result.params_quantized += math.prod(info.shape)
+            qtypes[info.describe()] += 1
+        for key, qs in weights.items():
             result.tensors_quantized += 1
             result.params_quantized += math.prod(qs.shape)
             nested = " nested" if qs.nested_offset is not None else ""
             qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
+            if moe.EXPERT_KEY.match(key) and key in header:  # the packed weight's dtype is the storage
+                storage = STORAGE_NAMES.get(header[key]["dtype"], header[key]["dtype"])
+                expert_formats.add((qs.quant_type.label, storage))
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
     partial = moe.partial_block_experts([(k, tuple(qs.shape), qs.blocksize) for k, qs in weights.items()])
-    result.moe = moe.summarize(names_q, names_k, partial)
+    result.moe = moe.summarize(names_q, names_k, partial, expert_formats)
     if "config.json" in hub.files:
         try:
             result.quantization_config = json.loads(hub.get("config.json")).get("quantization_config")

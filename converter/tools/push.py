@@ -194,7 +194,7 @@ def build_model_card(folder: Path, repo_id: str) -> str:
                 f"{human_bytes(summary.get('bytes_out', 0))} (from {human_bytes(summary.get('bytes_in', 0))})",  # noqa: E501
             )
         )
-    moe_summary = _moe_summary(folder)
+    moe_summary = _moe_summary(folder, qconfig)
     if moe_summary is not None:
         rows.append(("MoE experts", moe_summary.layout))
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
@@ -309,10 +309,16 @@ def _remote_card_is(client: Any, revision: str | None, card: str) -> bool:
     return any(getattr(i, "path", None) == "README.md" and getattr(i, "blob_id", None) == blob for i in infos)
 
 
-def _moe_summary(folder: Path) -> Any:
-    """MoE experts quantized or kept, from the index's key names (None for a dense model)."""
+def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
+    """MoE experts quantized or kept, from the index's key names (None for a dense model); their
+    quant type and storage, which decide whether vLLM reads them, from ``qconfig``."""
     from converter.plan import moe
 
+    formats = (
+        {(str(qconfig.get("bnb_4bit_quant_type")), str(qconfig.get("bnb_4bit_quant_storage") or "uint8"))}
+        if qconfig.get("load_in_4bit")
+        else set()
+    )
     keys = list(_load_json(folder / "model.safetensors.index.json").get("weight_map") or {})
     if not keys:
         from formats.reader import open_folder
@@ -322,9 +328,9 @@ def _moe_summary(folder: Path) -> Any:
         except Exception:  # an unreadable folder: check_folder reports it
             return None
         quantized = [k for k, v in records.items() if not hasattr(v, "dtype")]
-        return moe.summarize(quantized, [k for k in records if k not in quantized])
+        return moe.summarize(quantized, [k for k in records if k not in quantized], (), formats)
     weights = {k.removesuffix(".absmax") for k in keys if k.endswith(".absmax")}
-    return moe.summarize(sorted(weights), [k for k in keys if k not in weights])
+    return moe.summarize(sorted(weights), [k for k in keys if k not in weights], (), formats)
 
 
 def _moe_card(

@@ -171,3 +171,29 @@ def test_int8_quality_statistics_in_the_report(tiny_checkpoint, tmp_path) -> Non
         scb_max = float(tensors[t["name"].removesuffix("weight") + "SCB"].max())
         assert 0 < t["max_abs_err"] <= scb_max * (1 / 254 + 2**-11 + 2**-20), t
         assert t["nonfinite"] == 0
+
+
+def test_int8_rows_that_decode_to_nan_count_as_nonfinite(tmp_path):
+    """A row stored as SCB = inf (a bf16 value past fp16's range) decodes to NaN in every loader:
+    quantization_report.json counted no NaN/Inf for it ("nonfinite": NaN/Inf in x or dequantized(x))
+    and ``verify --against`` found no problem, although the loaded model's logits are NaN."""
+    from converter.tools.verify_quality import verify_against
+
+    src = make_tiny("llama", tmp_path / "src", seed=3)
+    f = src / "model.safetensors"
+    with safe_open(f, "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name][3, 5] = 99840.0
+    from safetensors.torch import save_file
+
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=name):
+        pipeline.convert(str(src), str(tmp_path / "ours"), quant_type="int8", progress=False)
+    report = json.loads((tmp_path / "ours" / "quantization_report.json").read_text())
+    row = tensors[name].shape[1]
+    assert {t["name"]: t["nonfinite"] for t in report["tensors"] if t["action"] == "quantize"}[name] == row
+    assert report["quality"]["nonfinite_quantized"] == row
+    quality, problems = verify_against(tmp_path / "ours", str(src))
+    assert quality["nonfinite_quantized"] == row
+    assert problems == [f"tensor {name!r} in model.safetensors: {row} NaN/Inf values"]

@@ -73,3 +73,39 @@ def test_inspect_memory_of_a_hub_revision(
         by_branch[branch] = json.loads(r.stdout)
         assert by_branch[branch] == json.loads(qm("inspect", folder, *args).stdout)
     assert by_branch["main"]["total"] < by_branch["int8"]["total"]
+
+
+def test_inspect_hub_moe_fp4_experts_not_for_vllm(tmp_path: Path, fake_hub: FakeHub, hf_home: Path) -> None:
+    """A repo with FP4 MoE experts: the remote summary says, as the local one does, that vLLM (whose
+    fused-expert loader decodes every expert as NF4) does not read it."""
+    from tiny_models import make_tiny
+
+    src = make_tiny("qwen3_moe", tmp_path / "src")
+    out = tmp_path / "fp4"
+    r = qm("convert", src, out, "--quant-type", "fp4", "--moe-experts", "quantize", "-q")
+    assert r.exit_code == 0, r.stderr
+    fake_hub.add_repo("org/tiny-moe-fp4", out)
+    local = json.loads(qm("inspect", out, "--json").stdout)["moe"]
+    r = qm("inspect", "org/tiny-moe-fp4", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["moe"] == local
+    assert not any("vLLM" in x for x in local["loaders"])
+    assert any("vLLM" in x and "fp4" in x for x in local["not_loaders"])
+
+
+def test_inspect_hub_int8_repo_is_the_local_summary(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """An LLM.int8 repo (``<m>.weight`` I8 + ``<m>.SCB``): the remote summary counted no quantized
+    tensor and listed the codes and scales as kept I8/F32 tensors; it is the local one."""
+    out = tmp_path / "int8"
+    assert qm("convert", checkpoint_dir, out, "--quant-type", "int8", "-q").exit_code == 0
+    fake_hub.add_repo("org/tiny-int8", out)
+    local = json.loads(qm("inspect", out, "--json").stdout)
+    r = qm("inspect", "org/tiny-int8", "--json")
+    assert r.exit_code == 0, r.stderr
+    remote = json.loads(r.stdout)
+    for key in ("path", "bytes_read"):
+        remote.pop(key), local.pop(key)
+    assert local["tensors_quantized"] > 0
+    assert remote == local

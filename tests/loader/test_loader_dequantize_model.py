@@ -101,3 +101,33 @@ def test_the_documented_name_is_the_function() -> None:
     for name in converter.loader.__all__:
         assert callable(getattr(converter.loader, name)), name
     assert converter.loader.dequantize_model is dequantize_model
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_gpt2_conv1d_layers_dequantize_to_conv1d(kind, tmp_path):
+    """GPT-2's Conv1D layers (quantized as [out, in]) become Conv1D again with the [in, out] weight, as
+    plain transformers loads the ``quantize-model dequantize`` output: same logits, and a
+    ``save_pretrained`` that transformers loads. They became nn.Linear [out, in], so the saved checkpoint
+    held [out, in] weights under Conv1D names and ``from_pretrained`` refused it (size mismatch)."""
+    from tiny_models import make_tiny
+    from transformers.pytorch_utils import Conv1D
+
+    from converter.writer.pipeline import convert
+
+    src = make_tiny("gpt2", tmp_path / "src")
+    convert(src, tmp_path / "q", quant_type=kind, progress=False)
+    model = load_quantized(tmp_path / "q", dtype=torch.float32)
+    names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZED)]
+    assert len(names) == 8
+    model.dequantize()
+    for name in names:
+        layer = model.get_submodule(name)
+        assert type(layer) is Conv1D
+        assert layer.weight.shape == (layer.nx, layer.nf)
+    dequantize_checkpoint(tmp_path / "q", tmp_path / "plain", dtype="fp32")
+    plain = load_logged(tmp_path / "plain", dtype=torch.float32)[0]
+    assert torch.equal(_logits(model), _logits(plain))
+    model.save_pretrained(tmp_path / "saved")
+    saved, info, _ = load_logged(tmp_path / "saved", dtype=torch.float32)
+    assert not info["mismatched_keys"]
+    assert torch.equal(_logits(saved), _logits(model))

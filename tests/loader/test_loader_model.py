@@ -445,3 +445,31 @@ def test_dtype_auto_is_the_checkpoints_as_from_pretrained_picks_it(plain_llama: 
             for kwargs in ({"dtype": "auto"}, {"torch_dtype": "auto"}, {"dtype": None}):
                 model = load_quantized(folder, verify=False, **kwargs)
                 assert {p.dtype for p in model.parameters()} == {torch.float16}, (stored, kwargs)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_keep_in_fp32_modules_load_in_float32_as_transformers_loads_them(
+    tmp_path: Path, quant_type: str
+) -> None:
+    """A float16 T5 keeps its ``_keep_in_fp32_modules`` ("wo") in float32, in the shards and in the
+    model: transformers' dtype plan casts them to float32 at load (``_get_dtype_plan``), whatever the
+    empty model holds. They used to be cast to float16, the model's dtype, so every kept tensor's dtype
+    and the logits differed from transformers + bitsandbytes on the same folder."""
+    import transformers
+    from tiny_models import TINY, tiny_config
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    getattr(transformers, TINY["t5"][1])(tiny_config("t5")).half().save_pretrained(tmp_path / "src")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "src", folder, quant_type=quant_type, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.T5ForConditionalGeneration.from_pretrained(folder, device_map="cpu")
+    ours = load_quantized(folder, dtype=torch.float16)
+    wanted = {k: v.dtype for k, v in theirs.state_dict().items() if v.is_floating_point()}
+    wo = [k for k in wanted if k.endswith(".wo.weight")]
+    assert wo
+    assert all(wanted[k] == torch.float32 for k in wo)
+    assert {k: v.dtype for k, v in ours.state_dict().items() if k in wanted} == wanted

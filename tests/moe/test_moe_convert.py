@@ -483,3 +483,28 @@ def test_quantize_same_bytes_without_transformers(moe_src, tmp_path, monkeypatch
     qb = read_config(tmp_path / "allowlist")["quantization_config"]["llm_int8_skip_modules"]
     assert "gate" in qa
     assert "gate" in qb
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [({"quant_type": "fp4"}, "fp4"), ({"quant_storage": "float16"}, "float16"), ({}, None)],
+    ids=["fp4", "float16-storage", "nf4-uint8"],
+)
+def test_inspect_and_card_list_vllm_only_for_nf4_uint8_experts(moe_src, tmp_path, options, why):
+    """vLLM's pre-quantized bitsandbytes MoE loader decodes every expert as NF4 and allows only uint8
+    quant_storage (reference/moe-4bit.md): inspect and the model card listed it as a loader of FP4 or
+    float16-storage expert folders too, which it would decode wrongly or refuse."""
+    from converter.tools.push import build_model_card
+
+    convert(moe_src("qwen3_moe"), tmp_path / "q", moe_experts="quantize", progress=False, **options)
+    summary = inspect_path(tmp_path / "q").moe
+    card = build_model_card(tmp_path / "q", "me/tiny-moe")
+    loaders = card.split("## Which loaders read this folder")[1].split("Not:")[0]
+    if why is None:
+        assert any("vLLM" in x for x in summary.loaders)
+        assert "vLLM" in loaders
+    else:
+        assert not any("vLLM" in x for x in summary.loaders)
+        assert any("vLLM" in x and why in x for x in summary.not_loaders)
+        assert "vLLM" not in loaders
+        assert any("quantize-model load_quantized" in x for x in summary.loaders)
