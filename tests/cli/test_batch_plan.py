@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_models import swap_data_keeping_stat
 
 
 def _plan(tmp_path: Path, src: Path, *, extra: str = "") -> Path:
@@ -94,9 +95,7 @@ def test_a_source_shard_swapped_with_its_mtime_restored_is_not_up_to_date(
     `rsync -t`) was skipped as up to date, over shards made from the old weights, where `convert`
     names the change (its source identity has sampled data windows). batch now compares the same
     identity, and converts the job again."""
-    import os
     import shutil
-    import struct
 
     src = tmp_path / "src"
     shutil.copytree(tiny_llama, src)
@@ -104,13 +103,7 @@ def test_a_source_shard_swapped_with_its_mtime_restored_is_not_up_to_date(
     assert qm("batch", plan, "-q").exit_code == 0, "first run"
     before = _shard_state(tmp_path / "out")
     weights = src / "model.safetensors"
-    st = weights.stat()
-    data = bytearray(weights.read_bytes())
-    start = 8 + struct.unpack("<Q", data[:8])[0]  # after the header
-    data[start:] = bytes(b ^ 0x01 for b in data[start:])  # other values (low mantissa bits), same header
-    weights.write_bytes(bytes(data))
-    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    swap_data_keeping_stat(weights)
     r = qm("batch", plan, "--json")
     assert r.exit_code == 0, r.stderr
     assert {i["status"] for i in json.loads(r.stdout)["items"]} == {"converted"}

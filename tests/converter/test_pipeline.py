@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import swap_data_keeping_stat
 
 from converter.errors import InputError, OutputExistsError, UnsupportedTensorError
 from converter.writer.manifest import MANIFEST_NAME
@@ -286,20 +287,13 @@ def test_a_source_shard_swapped_for_same_size_and_header_with_its_mtime_restored
     mtime was restored (`cp -p`, `rsync -t`, `touch -r`) passed for the same source: the rerun said
     "nothing to do" over shards made from the old weights. Sampled data windows of each file are now
     part of its identity, so the rerun is refused, naming the file."""
-    import struct
 
     src = tmp_path / "src"
     shutil.copytree(tiny_llama_sharded, src)
     out = tmp_path / "out"
     convert(src, out, max_shard_size="40KB", progress=False)
     shard = src / "model-00002-of-00004.safetensors"
-    st = shard.stat()
-    data = bytearray(shard.read_bytes())
-    start = 8 + struct.unpack("<Q", data[:8])[0]  # after the header
-    data[start:] = bytes(b ^ 0x01 for b in data[start:])  # other values (low mantissa bits), same header
-    shard.write_bytes(bytes(data))
-    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    swap_data_keeping_stat(shard)
     msg = r"\(source file model-00002-of-00004.safetensors changed: sampled data\); choose"
     with pytest.raises(OutputExistsError, match=msg):
         convert(src, out, max_shard_size="40KB", progress=False)
