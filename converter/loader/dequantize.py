@@ -184,7 +184,7 @@ def dequantize_checkpoint(
     name = normalize_dtype(str(dtype).replace("torch.", ""), "--dtype")
     torch_dtype = dtype_from_name(name)
     limit = parse_size(max_shard_size)
-    folder = resolve_folder(source, revision=revision, token=token, cache_dir=cache_dir)
+    folder = resolve_folder(source, revision=revision, token=token, cache_dir=cache_dir, modules=True)
     out = Path(output).expanduser()
     # (with overwrite a link as OUTPUT is replaced by a folder below: only the folders above count)
     dangling = dangling_link(out.parent if overwrite and out.is_symlink() else out)
