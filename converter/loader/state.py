@@ -214,6 +214,9 @@ def load_quantized_state(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    subfolder: str = "",
 ) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
     """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
     ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
@@ -226,11 +229,20 @@ def load_quantized_state(
     mismatch raises before anything is returned. Checkpoints whose index records no hashes (e.g. written by
     transformers) are validated structurally only.
 
-    A Hub repo id is fetched at ``revision`` (branch, tag or commit; default main) with ``token`` and
-    ``cache_dir`` as ``load_quantized`` fetches it; a local folder ignores them.
+    A Hub repo id is fetched at ``revision`` (branch, tag or commit; default main) with ``token``,
+    ``cache_dir``, ``force_download`` and ``local_files_only`` as ``load_quantized`` fetches it; a local
+    folder ignores them. ``subfolder``: the checkpoint is that folder of the local folder or repo.
     """
     check_device(device, f"device={str(device)!r}")  # a CPU-only torch, no GPU, "meta": named before any work
-    folder = resolve_folder(path_or_repo, revision=revision, token=token, cache_dir=cache_dir)
+    folder = resolve_folder(
+        path_or_repo,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
+        subfolder=subfolder,
+    )
     with shards_verified(folder, verify, streaming=streams_to(device)) as hashes:
         return read_state(folder, device, hashes)
 

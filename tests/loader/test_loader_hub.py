@@ -339,3 +339,45 @@ def test_dequantize_of_a_hub_repo_copies_its_sentence_transformers_module_folder
         assert (out / POOLING).read_bytes() == files[POOLING]
         assert (out / "modules.json").read_bytes() == files["modules.json"]
         assert not (out / "runs").exists()
+
+
+MORE_HUB_OPTIONS_SCRIPT = """
+import sys
+from pathlib import Path
+from converter.loader import dequantize_checkpoint, load_quantized_state
+from converter.loader.estimate import estimate
+from formats.int8 import Int8Tensor
+cache, out = sys.argv[1], Path(sys.argv[2])
+state = load_quantized_state("org/multi", subfolder="int8", cache_dir=cache)
+print(sum(isinstance(v, Int8Tensor) for v in state.values()))
+plan, per_device = estimate("org/multi", "cpu", subfolder="int8", cache_dir=cache, local_files_only=True)
+print(plan, sorted(per_device))
+hub = {"subfolder": "int8", "cache_dir": cache, "force_download": True}
+print(dequantize_checkpoint("org/multi", out, dtype="float32", **hub).tensors_dequantized)
+for call in (load_quantized_state, lambda *a, **k: estimate(*a, "cpu", **k)):
+    try:
+        call("org/multi", subfolder="nf4", cache_dir=cache, local_files_only=True)  # never fetched
+    except Exception as exc:
+        print(type(exc).__name__)
+"""
+
+
+@pytest.mark.hub
+def test_state_estimate_and_dequantize_take_force_download_local_files_only_and_subfolder(
+    our_folder: Path, int8_folder: Path, tmp_path: Path
+) -> None:
+    """``load_quantized_state``, ``estimate`` and ``dequantize_checkpoint`` take ``force_download``,
+    ``local_files_only`` and ``subfolder`` for a Hub repo id as ``load_quantized`` does (they were
+    TypeErrors): the int8 subfolder is fetched once, served from the cache with ``local_files_only``,
+    fetched again with ``force_download``; a subfolder never fetched is not found offline."""
+    files = {f"{sub}/{p.name}": p for sub, folder in (("nf4", our_folder), ("int8", int8_folder))
+             for p in folder.iterdir() if p.is_file()}  # fmt: skip
+    shards = len(list(int8_folder.glob("*.safetensors")))
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/multi", files)
+        args = (str(tmp_path / "cache"), str(tmp_path / "plain"))
+        lines = _run_script(hub, tmp_path / "home", MORE_HUB_OPTIONS_SCRIPT, *args)
+        downloads = hub.count("GET", "^/blobs/", server="cdn")
+    assert lines == ["14", "{'': 'cpu'} ['cpu']", "14", "SourceNotFoundError", "SourceNotFoundError"]
+    assert downloads == 2 * shards  # fetched, then forced; none for local_files_only
+    assert (tmp_path / "plain" / "config.json").is_file()
