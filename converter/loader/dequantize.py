@@ -165,6 +165,9 @@ def dequantize_checkpoint(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    subfolder: str = "",
 ) -> DequantizeResult:
     """Write ``output``: a plain safetensors checkpoint of the quantized folder (or Hub repo) ``source``.
 
@@ -173,7 +176,8 @@ def dequantize_checkpoint(
     unfinished dequantize: a rerun after a kill or a full disk starts again there).
     ``progress`` is called with each tensor name as it is written (False or None: no calls, as
     ``convert(progress=False)``). A Hub repo id is fetched at ``revision`` (branch, tag or commit;
-    default main) with ``token`` and ``cache_dir`` as ``load_quantized`` fetches it.
+    default main) with ``token``, ``cache_dir``, ``force_download`` and ``local_files_only`` as
+    ``load_quantized`` fetches it; ``subfolder``: the checkpoint is that folder of ``source``.
     """
     if progress is False:
         progress = None
@@ -184,7 +188,16 @@ def dequantize_checkpoint(
     name = normalize_dtype(str(dtype).replace("torch.", ""), "--dtype")
     torch_dtype = dtype_from_name(name)
     limit = parse_size(max_shard_size)
-    folder = resolve_folder(source, revision=revision, token=token, cache_dir=cache_dir)
+    folder = resolve_folder(
+        source,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
+        subfolder=subfolder,
+        modules=True,
+    )
     out = Path(output).expanduser()
     # (with overwrite a link as OUTPUT is replaced by a folder below: only the folders above count)
     dangling = dangling_link(out.parent if overwrite and out.is_symlink() else out)

@@ -32,12 +32,24 @@ def estimate(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    subfolder: str = "",
 ) -> tuple[DeviceMap, dict[str, int]]:
     """The plan ``load_quantized(folder, device_map=..., max_memory=...)`` makes and the bytes each
     device will hold, from the shard headers and the meta skeleton alone (no weight data is read).
-    A Hub repo id is fetched at ``revision`` with ``token`` and ``cache_dir`` as ``load_quantized``
-    fetches it."""
-    path = resolve_folder(folder, code=trust_remote_code, revision=revision, token=token, cache_dir=cache_dir)
+    A Hub repo id is fetched at ``revision`` with ``token``, ``cache_dir``, ``force_download`` and
+    ``local_files_only`` as ``load_quantized`` fetches it; ``subfolder``: the checkpoint is that folder."""
+    path = resolve_folder(
+        folder,
+        code=trust_remote_code,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
+        subfolder=subfolder,
+    )
     state = load_quantized_state(path, verify=False)
     model = build_skeleton(path, state, dtype_from_name(dtype), trust_remote_code=trust_remote_code).model
     model.tie_weights()  # tied weights count once, as in the loaded model

@@ -55,6 +55,7 @@ def resolve_folder(
     force_download: bool = False,
     local_files_only: bool = False,
     subfolder: str = "",
+    modules: bool = False,
 ) -> Path:
     """A local folder as is; anything else is taken as a Hub repo id and fetched at ``revision`` (a
     branch, tag or commit; None: main) with cache, token, offline mode as huggingface_hub does them
@@ -62,7 +63,9 @@ def resolve_folder(
     leaving its defaults): the safetensors shards, index and JSON files only, and with ``code``
     (``trust_remote_code=True``) the repository's Python files its config names; none of a deeper
     folder (chat templates excepted). ``subfolder``: the checkpoint is that folder of the local folder
-    or repo (only its files are fetched)."""
+    or repo (only its files are fetched). ``modules``: the JSON files of the sentence-transformers module
+    folders its ``modules.json`` names are fetched too (``1_Pooling/config.json``: what dequantize
+    copies; loading needs none of them)."""
     path = Path(path_or_repo).expanduser()  # '~/m' quoted in a script, as convert takes it
     sub = subfolder.strip("/")
     if path.is_dir():
@@ -98,12 +101,38 @@ def resolve_folder(
             force_download=force_download,
             local_files_only=local_files_only,
         )
+        folders = _module_folders(Path(fetched) / sub) if modules else []
+        if folders:  # the same commit as the snapshot (a branch may have moved meanwhile)
+            snapshot_download(
+                text,
+                revision=Path(fetched).name,
+                allow_patterns=[f"{prefix}{f}/*.json" for f in folders],
+                ignore_patterns=[f"{prefix}{f}/*/*" for f in folders],
+                token=token,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                local_files_only=local_files_only,
+            )
         return Path(fetched) / sub
     except Exception as exc:  # huggingface_hub raises many types; name the repo and the cause
         cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         at = f" at revision {revision!r}" if revision is not None else ""
         msg = f"{text}: not a local folder, and the Hub repo could not be fetched{at} ({cause})"
         raise SourceNotFoundError(msg) from exc
+
+
+def _module_folders(folder: Path) -> list[str]:
+    """The module folders ``folder/modules.json`` names whose files dequantize copies (``1_Pooling``;
+    none where the file is missing or not a sentence-transformers module list)."""
+    from converter.sources.base import is_extra_file
+
+    try:
+        listed = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    paths = [m.get("path") for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
+    names = {p for p in paths if isinstance(p, str) and "/" not in p}
+    return sorted(p for p in names if is_extra_file(f"{p}/config.json"))
 
 
 def shard_files(folder: Path) -> tuple[list[Path], bool]:
@@ -185,6 +214,9 @@ def load_quantized_state(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    subfolder: str = "",
 ) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
     """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
     ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
@@ -197,11 +229,20 @@ def load_quantized_state(
     mismatch raises before anything is returned. Checkpoints whose index records no hashes (e.g. written by
     transformers) are validated structurally only.
 
-    A Hub repo id is fetched at ``revision`` (branch, tag or commit; default main) with ``token`` and
-    ``cache_dir`` as ``load_quantized`` fetches it; a local folder ignores them.
+    A Hub repo id is fetched at ``revision`` (branch, tag or commit; default main) with ``token``,
+    ``cache_dir``, ``force_download`` and ``local_files_only`` as ``load_quantized`` fetches it; a local
+    folder ignores them. ``subfolder``: the checkpoint is that folder of the local folder or repo.
     """
     check_device(device, f"device={str(device)!r}")  # a CPU-only torch, no GPU, "meta": named before any work
-    folder = resolve_folder(path_or_repo, revision=revision, token=token, cache_dir=cache_dir)
+    folder = resolve_folder(
+        path_or_repo,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
+        subfolder=subfolder,
+    )
     with shards_verified(folder, verify, streaming=streams_to(device)) as hashes:
         return read_state(folder, device, hashes)
 

@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
 from fake_hub import FakeHub
 from hub_helpers import hub_env
 
+POOLING = "1_Pooling/config.json"
+
 
 def _run_script(hub: FakeHub, home: Path, script: str, *args: str) -> list[str]:
     """``script`` (with ``args``) in a fresh interpreter against ``hub``, HF_HOME ``home``: its stdout
@@ -294,3 +296,88 @@ def test_state_estimate_and_dequantize_take_revision_token_and_cache_dir(
     assert (tmp_path / "plain" / "config.json").is_file()
     assert list((cache / "models--org--private" / "snapshots").iterdir())
     assert not any((home / "hub").glob("models--*"))
+
+
+ST_MODULES = (
+    '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},\n'
+    ' {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},\n'
+    ' {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]\n'
+)
+ST_SCRIPT = """
+import subprocess, sys
+from pathlib import Path
+from converter.loader import dequantize_checkpoint, load_quantized_state
+out, cache = Path(sys.argv[1]), Path(sys.argv[2])
+load_quantized_state("org/st-nf4", cache_dir=cache)
+snapshot = next(cache.glob("models--org--st-nf4/snapshots/*"))
+print(sorted(p.name for p in snapshot.iterdir() if p.is_dir()))  # loading fetches no module folder
+print(dequantize_checkpoint("org/st-nf4", out / "api").tensors_dequantized)
+cli = [sys.executable, "-m", "converter", "dequantize", "org/st-nf4", str(out / "cli"), "-q"]
+print(subprocess.run(cli, capture_output=True, text=True).returncode)
+"""
+
+
+@pytest.mark.hub
+def test_dequantize_of_a_hub_repo_copies_its_sentence_transformers_module_folders(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """``dequantize`` of a local sentence-transformers folder copies its module folders
+    (``1_Pooling/config.json``, as convert does); of a Hub repo id it lost them: the snapshot holds no
+    file of a deeper folder. The folders modules.json names are now fetched for dequantize (load_quantized
+    still fetches none of them); a folder modules.json does not name (``runs/``) is neither fetched nor
+    copied."""
+    files: dict[str, bytes | Path] = {p.name: p for p in our_folder.iterdir() if p.is_file()}
+    files["modules.json"] = ST_MODULES.encode()
+    files[POOLING] = b'{"pooling_mode_mean_tokens": true}\n'
+    files["runs/log.json"] = b"{}"
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/st-nf4", files)
+        lines = _run_script(hub, tmp_path / "home", ST_SCRIPT, str(tmp_path / "out"), str(tmp_path / "c"))
+    assert lines == ["[]", "14", "0"]
+    for way in ("api", "cli"):
+        out = tmp_path / "out" / way
+        assert (out / POOLING).read_bytes() == files[POOLING]
+        assert (out / "modules.json").read_bytes() == files["modules.json"]
+        assert not (out / "runs").exists()
+
+
+MORE_HUB_OPTIONS_SCRIPT = """
+import sys
+from pathlib import Path
+from converter.loader import dequantize_checkpoint, load_quantized_state
+from converter.loader.estimate import estimate
+from formats.int8 import Int8Tensor
+cache, out = sys.argv[1], Path(sys.argv[2])
+state = load_quantized_state("org/multi", subfolder="int8", cache_dir=cache)
+print(sum(isinstance(v, Int8Tensor) for v in state.values()))
+plan, per_device = estimate("org/multi", "cpu", subfolder="int8", cache_dir=cache, local_files_only=True)
+print(plan, sorted(per_device))
+hub = {"subfolder": "int8", "cache_dir": cache, "force_download": True}
+print(dequantize_checkpoint("org/multi", out, dtype="float32", **hub).tensors_dequantized)
+for call in (load_quantized_state, lambda *a, **k: estimate(*a, "cpu", **k)):
+    try:
+        call("org/multi", subfolder="nf4", cache_dir=cache, local_files_only=True)  # never fetched
+    except Exception as exc:
+        print(type(exc).__name__)
+"""
+
+
+@pytest.mark.hub
+def test_state_estimate_and_dequantize_take_force_download_local_files_only_and_subfolder(
+    our_folder: Path, int8_folder: Path, tmp_path: Path
+) -> None:
+    """``load_quantized_state``, ``estimate`` and ``dequantize_checkpoint`` take ``force_download``,
+    ``local_files_only`` and ``subfolder`` for a Hub repo id as ``load_quantized`` does (they were
+    TypeErrors): the int8 subfolder is fetched once, served from the cache with ``local_files_only``,
+    fetched again with ``force_download``; a subfolder never fetched is not found offline."""
+    files = {f"{sub}/{p.name}": p for sub, folder in (("nf4", our_folder), ("int8", int8_folder))
+             for p in folder.iterdir() if p.is_file()}  # fmt: skip
+    shards = len(list(int8_folder.glob("*.safetensors")))
+    with FakeHub(tmp_path / "store") as hub:
+        hub.add_repo("org/multi", files)
+        args = (str(tmp_path / "cache"), str(tmp_path / "plain"))
+        lines = _run_script(hub, tmp_path / "home", MORE_HUB_OPTIONS_SCRIPT, *args)
+        downloads = hub.count("GET", "^/blobs/", server="cdn")
+    assert lines == ["14", "{'': 'cpu'} ['cpu']", "14", "SourceNotFoundError", "SourceNotFoundError"]
+    assert downloads == 2 * shards  # fetched, then forced; none for local_files_only
+    assert (tmp_path / "plain" / "config.json").is_file()
