@@ -40,6 +40,8 @@ class QuantMethod(ABC):
     #: The quantizer rounds its F32/BF16 input to float16 itself, as bitsandbytes does (LLM.int8):
     #: the pipeline leaves a --dtype float16 cast of the weights to it.
     rounds_to_float16: bool = False
+    #: Routed MoE experts can be quantized with this method (``--moe-experts quantize``)
+    quantizes_experts: bool = True
 
     # -- plan ------------------------------------------------------------------------------------
     def check_options(self, options: Options) -> None:  # noqa: B027 - optional hook

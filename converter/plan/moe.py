@@ -403,13 +403,31 @@ def no_effect_note(tensors: Sequence[_TensorLike], mode: str, quantized: Sequenc
     return f"--moe-experts quantize has no effect: {why}; the folder is the one --moe-experts keep writes"
 
 
-def keep_advice(tensors: Sequence[_TensorLike], mode: str, threshold: float = 0.5) -> str | None:
-    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters."""
+def keep_advice(
+    tensors: Sequence[_TensorLike],
+    mode: str,
+    threshold: float = 0.5,
+    *,
+    quant_type: str = "nf4",
+    quantizes_experts: bool = True,
+) -> str | None:
+    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters.
+    ``quantizes_experts``: whether ``quant_type`` can quantize experts (``--moe-experts quantize``);
+    if not (int8), the advice names the 4-bit types that can."""
     if check_mode(mode) != "keep":
         return None
     experts, total = expert_share(tensors)
     if not total or experts / total <= threshold:
         return None
+    if not quantizes_experts:
+        return (
+            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
+            f"--quant-type {quant_type}: the folder loads with stock transformers + bitsandbytes but barely "
+            "shrinks. Experts are quantized only with the 4-bit types: --quant-type nf4 --moe-experts "
+            "quantize (or fp4) stores every expert in 4 bit; that folder loads with quantize-model's "
+            "load_quantized, vLLM (pre-quantized bnb, TP=1), transformers 4.x and unsloth, but not with "
+            "stock transformers 5.x"
+        )
     return (
         f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
         "--moe-experts keep (the default): the folder loads with stock transformers + bitsandbytes but "

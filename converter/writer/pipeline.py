@@ -277,9 +277,10 @@ class _Conversion:
         selection = moe.apply_moe_mode(
             selection, tensors, options.moe_experts, skip=options.skip, include=options.include
         )
-        advice = moe.keep_advice(tensors, options.moe_experts) or moe.mixed_advice(
-            list(selection.quantize), list(selection.keep)
-        )
+        method = options.method
+        advice = moe.keep_advice(
+            tensors, options.moe_experts, quant_type=method.name, quantizes_experts=method.quantizes_experts
+        ) or moe.mixed_advice(list(selection.quantize), list(selection.keep))
         if advice:
             self._tell(advice)
         note = moe.no_effect_note(tensors, options.moe_experts, list(selection.quantize))
