@@ -277,11 +277,13 @@ class MoeSummary:
     experts_kept: int  # expert tensors left in 16 bit
     loaders: tuple[str, ...]
     not_loaders: tuple[str, ...]
+    expert_types: tuple[str, ...] = ()  # quant types of the quantized experts (e.g. "nf4", "int8"), if known
 
     @property
     def layout(self) -> str:
         if self.experts_quantized and not self.experts_kept:
-            return "experts quantized (per-expert bnb 4-bit records)"
+            kind = "/".join(self.expert_types) or "4-bit"
+            return f"experts quantized (per-expert bnb {kind} records)"
         if self.experts_quantized:
             return "experts partly quantized"
         return "experts kept in 16 bit"
@@ -351,6 +353,8 @@ def summarize(
     ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts);
     ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known."""
     summary = _summarize(quantized_names, kept_names, partial_blocks)
+    if summary is not None and summary.experts_quantized:
+        summary = replace(summary, expert_types=tuple(sorted({t for t, _ in expert_formats})))
     if summary is not None and summary.experts_quantized and any(t == "int8" for t, _ in expert_formats):
         return replace(summary, loaders=LOADERS_INT8, not_loaders=NOT_LOADERS_INT8)
     vllm = vllm_unreadable(expert_formats)

@@ -318,7 +318,7 @@ def test_cli_flag_and_warning(moe_src, tmp_path):
     assert keep is not None
     assert keep.experts_quantized == 0
     assert any("vLLM" in x for x in keep.not_loaders)
-    assert inspect_path(tmp_path / "q").moe.layout.startswith("experts quantized")
+    assert inspect_path(tmp_path / "q").moe.layout == "experts quantized (per-expert bnb nf4 records)"
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
