@@ -37,6 +37,11 @@ class QuantMethod(ABC):
     #: The loaded layers compute in their input's dtype unless the folder names a compute dtype
     #: (LLM.int8); otherwise they take the load's ``dtype``.
     computes_in_input_dtype: bool = False
+    #: The quantizer rounds its F32/BF16 input to float16 itself, as bitsandbytes does (LLM.int8):
+    #: the pipeline leaves a --dtype float16 cast of the weights to it.
+    rounds_to_float16: bool = False
+    #: Routed MoE experts can be quantized with this method (``--moe-experts quantize``)
+    quantizes_experts: bool = True
 
     # -- plan ------------------------------------------------------------------------------------
     def check_options(self, options: Options) -> None:  # noqa: B027 - optional hook

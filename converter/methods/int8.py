@@ -23,6 +23,8 @@ SCALES = ("cpu", "cuda")
 class Int8Method(QuantMethod):
     name = "int8"
     computes_in_input_dtype = True
+    rounds_to_float16 = True
+    quantizes_experts = False
     description = "8-bit LLM.int8, row-wise absmax (bitsandbytes Linear8bitLt, load_in_8bit)"
     own_options = ("int8_threshold", "int8_scale")
 

@@ -277,11 +277,13 @@ class MoeSummary:
     experts_kept: int  # expert tensors left in 16 bit
     loaders: tuple[str, ...]
     not_loaders: tuple[str, ...]
+    expert_types: tuple[str, ...] = ()  # quant types of the quantized experts (e.g. "nf4", "int8"), if known
 
     @property
     def layout(self) -> str:
         if self.experts_quantized and not self.experts_kept:
-            return "experts quantized (per-expert bnb 4-bit records)"
+            kind = "/".join(self.expert_types) or "4-bit"
+            return f"experts quantized (per-expert bnb {kind} records)"
         if self.experts_quantized:
             return "experts partly quantized"
         return "experts kept in 16 bit"
@@ -351,6 +353,8 @@ def summarize(
     ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts);
     ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known."""
     summary = _summarize(quantized_names, kept_names, partial_blocks)
+    if summary is not None and summary.experts_quantized:
+        summary = replace(summary, expert_types=tuple(sorted({t for t, _ in expert_formats})))
     if summary is not None and summary.experts_quantized and any(t == "int8" for t, _ in expert_formats):
         return replace(summary, loaders=LOADERS_INT8, not_loaders=NOT_LOADERS_INT8)
     vllm = vllm_unreadable(expert_formats)
@@ -403,13 +407,31 @@ def no_effect_note(tensors: Sequence[_TensorLike], mode: str, quantized: Sequenc
     return f"--moe-experts quantize has no effect: {why}; the folder is the one --moe-experts keep writes"
 
 
-def keep_advice(tensors: Sequence[_TensorLike], mode: str, threshold: float = 0.5) -> str | None:
-    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters."""
+def keep_advice(
+    tensors: Sequence[_TensorLike],
+    mode: str,
+    threshold: float = 0.5,
+    *,
+    quant_type: str = "nf4",
+    quantizes_experts: bool = True,
+) -> str | None:
+    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters.
+    ``quantizes_experts``: whether ``quant_type`` can quantize experts (``--moe-experts quantize``);
+    if not (int8), the advice names the 4-bit types that can."""
     if check_mode(mode) != "keep":
         return None
     experts, total = expert_share(tensors)
     if not total or experts / total <= threshold:
         return None
+    if not quantizes_experts:
+        return (
+            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
+            f"--quant-type {quant_type}: the folder loads with stock transformers + bitsandbytes but barely "
+            "shrinks. Experts are quantized only with the 4-bit types: --quant-type nf4 --moe-experts "
+            "quantize (or fp4) stores every expert in 4 bit; that folder loads with quantize-model's "
+            "load_quantized, vLLM (pre-quantized bnb, TP=1), transformers 4.x and unsloth, but not with "
+            "stock transformers 5.x"
+        )
     return (
         f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
         "--moe-experts keep (the default): the folder loads with stock transformers + bitsandbytes but "

@@ -277,9 +277,10 @@ class _Conversion:
         selection = moe.apply_moe_mode(
             selection, tensors, options.moe_experts, skip=options.skip, include=options.include
         )
-        advice = moe.keep_advice(tensors, options.moe_experts) or moe.mixed_advice(
-            list(selection.quantize), list(selection.keep)
-        )
+        method = options.method
+        advice = moe.keep_advice(
+            tensors, options.moe_experts, quant_type=method.name, quantizes_experts=method.quantizes_experts
+        ) or moe.mixed_advice(list(selection.quantize), list(selection.keep))
         if advice:
             self._tell(advice)
         note = moe.no_effect_note(tensors, options.moe_experts, list(selection.quantize))
@@ -563,9 +564,12 @@ class _Conversion:
         finally:
             results.close()  # on an error: drops (and waits for) what is still in flight
 
-    def _read(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> np.ndarray:
-        """Tensor ``p`` from its source file (memory-mapped numpy, bf16 as uint16 bits), cast to its
-        planned dtype (``p.out_dtype``)."""
+    def _read(
+        self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None, to: str | None = None
+    ) -> np.ndarray:
+        """Tensor ``p`` from its source file (memory-mapped numpy, bf16 as uint16 bits), cast to ``to``
+        (default: its planned dtype ``p.out_dtype``)."""
+        to = to or p.out_dtype
         t0 = time.perf_counter()
         file = p.info.file
         if file not in mapped:
@@ -573,8 +577,8 @@ class _Conversion:
         if following is not None and following.info.file == file:
             mapped[file].prefetch(following.name)  # read ahead while this one is quantized
         x, code = _get_array(mapped[file], p.name)
-        if code != p.out_dtype and (code in _FLOAT_CODES or p.quantize):
-            x = _cast(x, code, p.out_dtype)  # --dtype (packed/absmax/maps are produced after it, never cast)
+        if code != to and (code in _FLOAT_CODES or p.quantize):
+            x = _cast(x, code, to)  # --dtype (packed/absmax/maps are produced after it, never cast)
         self.stats.seconds_read += time.perf_counter() - t0
         return x
 
@@ -585,12 +589,24 @@ class _Conversion:
         asks for it. Holds no reference while the quantizer has the tensor: it is freed once quantized
         or staged."""
         for p in planned:
-            read = functools.partial(self._read_input, p, mapped, following[p.name])
-            copy = p.transpose or p.out_dtype != p.info.dtype  # anonymous memory, not file pages
-            yield p.name, self.quality.remember(p.name, read, p.out_dtype, copy), p.out_dtype
+            code = self._input_dtype(p)
+            read = functools.partial(self._read_input, p, mapped, following[p.name], code)
+            copy = p.transpose or code != p.info.dtype  # anonymous memory, not file pages
+            yield p.name, self.quality.remember(p.name, read, code, copy), code
 
-    def _read_input(self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None) -> np.ndarray:
-        x = self._read(p, mapped, following)
+    def _input_dtype(self, p: PlannedTensor) -> str:
+        """The dtype code tensor ``p`` reaches the quantizer in: ``p.out_dtype``, except a --dtype
+        float16 cast of F32/BF16 that the method's kernel does itself (LLM.int8, the same rounding).
+        Left to the kernel, a finite value past float16's range becomes the row's inf SCB, as
+        bitsandbytes stores it, rather than an Inf the checkpoint does not hold."""
+        if p.out_dtype == "F16" and p.info.dtype in ("F32", "BF16") and self.options.method.rounds_to_float16:
+            return p.info.dtype
+        return p.out_dtype
+
+    def _read_input(
+        self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None, to: str
+    ) -> np.ndarray:
+        x = self._read(p, mapped, following, to)
         return np.ascontiguousarray(x.T if p.transpose else x)
 
     def _write_kept(self, p: PlannedTensor, x: np.ndarray, writer: ShardWriter) -> None:

@@ -130,6 +130,33 @@ def test_int8_extreme_values_store_what_bitsandbytes_stores(tmp_path):
     assert not ours_t["model.layers.0.mlp.up_proj.weight"][3].any()
 
 
+def test_int8_float16_cast_overflow_stores_what_bitsandbytes_stores(tmp_path):
+    """--dtype float16 on an fp32 checkpoint holding 99840 (finite, past fp16's 65504): transformers
+    loads it as fp16 inf and bnb saves SCB = inf with zero codes; we write the same bytes and say so,
+    instead of refusing the cast's inf as a NaN/Inf in the checkpoint."""
+    src = make_tiny("llama_tied", tmp_path / "src", seed=3)  # float32
+    f = src / "model.safetensors"
+    with safe_open(f, "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = 99840.0
+    from safetensors.torch import save_file
+
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="model.layers.0.mlp.up_proj.weight"):
+        result = pipeline.convert(
+            str(src), str(tmp_path / "ours"), quant_type="int8", dtype="float16", progress=False
+        )
+    assert any("model.layers.0.mlp.up_proj.weight (1 rows)" in n and "NaN" in n for n in result.notes)
+    qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    model, _, _ = _load(src, quantization_config=qc, dtype=torch.float16)
+    model.save_pretrained(tmp_path / "bnb")
+    ours_t, ref_t = read_tensors(tmp_path / "ours"), read_tensors(tmp_path / "bnb")
+    _same_bytes(ours_t, ref_t, set())
+    assert ours_t["model.layers.0.mlp.up_proj.SCB"][3] == float("inf")
+    assert not ours_t["model.layers.0.mlp.up_proj.weight"][3].any()
+    assert read_config(tmp_path / "ours")["dtype"] == "float16"
+
+
 def test_int8_threshold_is_config_only(tiny_checkpoint, tmp_path):
     """llm_int8_threshold changes config.json only (bnb's bytes do not depend on it)."""
     src = tiny_checkpoint("llama")

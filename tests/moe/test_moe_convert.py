@@ -118,6 +118,21 @@ def test_keep_default_warns_and_loads_with_stock_transformers(moe_src, tmp_path,
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_keep_warning_with_int8_advises_a_4bit_type(moe_src, tmp_path):
+    """With --quant-type int8 the keep warning advised --moe-experts quantize, which int8 refuses: it
+    says experts are quantized only with the 4-bit types, and the advice it gives is accepted."""
+    src = moe_src("qwen3_moe")
+    messages: list[str] = []
+    convert(src, tmp_path / "int8", quant_type="int8", progress=False, warn=messages.append)
+    (message,) = [m for m in _moe_warnings(messages) if "% of the parameters" in m]
+    assert "stay 16-bit" in message
+    assert "only with the 4-bit types" in message
+    assert "--quant-type nf4 --moe-experts quantize" in message
+    with pytest.raises(InputError, match="nf4 / fp4, not int8"):
+        convert(src, tmp_path / "q", quant_type="int8", moe_experts="quantize", progress=False)
+    convert(src, tmp_path / "nf4", quant_type="nf4", moe_experts="quantize", progress=False, warn=print)
+
+
 def test_keep_output_is_unchanged_by_the_option(moe_src, tmp_path):
     """moe_experts='keep' writes the same bytes as a conversion that never heard of the option."""
     src = moe_src("qwen3_moe")
@@ -303,7 +318,7 @@ def test_cli_flag_and_warning(moe_src, tmp_path):
     assert keep is not None
     assert keep.experts_quantized == 0
     assert any("vLLM" in x for x in keep.not_loaders)
-    assert inspect_path(tmp_path / "q").moe.layout.startswith("experts quantized")
+    assert inspect_path(tmp_path / "q").moe.layout == "experts quantized (per-expert bnb nf4 records)"
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])

@@ -396,5 +396,6 @@ def test_int8_experts_are_refused_by_name_and_not_listed_as_ours(tmp_path):
     with pytest.raises(MoeLoadError, match=r"model\.layers\.0\.block_sparse_moe\.experts.*int8.*dequantize"):
         load_quantized(tmp_path / "q")
     summary = inspect_path(tmp_path / "q").moe
+    assert summary.layout == "experts quantized (per-expert bnb int8 records)"  # not "4-bit"
     assert summary.loaders == ("transformers 4.x + bitsandbytes",)
     assert any("load_quantized" in x for x in summary.not_loaders)
