@@ -3,7 +3,8 @@
     python bench/bench_gemv_multi_cuda.py [--replays 20] [--json out.json]
 
 Groups: Llama-3.1-8B attention q/k/v (4096, 1024, 1024) x 4096 and MLP gate/up 2 x 14336 x 4096,
-Qwen3-30B-A3B attention q/k/v (4096, 512, 512) x 2048. For each group, L layers of distinct random
+Qwen3-30B-A3B attention q/k/v (4096, 512, 512) x 2048, and single 8192x8192 and 28672x8192 weights
+(``--groups`` picks some by name). For each group, L layers of distinct random
 weights (their 4-bit bytes at least 3x the L2 cache, L >= 8) are launched back to back and captured in
 one CUDA graph; the replay is timed with CUDA events (median of --replays) and divided by L.
 Contenders: ``fused`` (cuda_gemv_4bit_multi: one launch per group), ``separate`` (one gemv_4bit launch
@@ -37,6 +38,9 @@ GROUPS = {
     "llama8b q/k/v": ((4096, 1024, 1024), 4096),
     "llama8b gate/up": ((14336, 14336), 4096),
     "qwen3-30b-a3b q/k/v": ((4096, 512, 512), 2048),
+    # one weight: the launch is the plain stream kernel, so ``--variants`` tries its plans there too
+    "8192x8192": ((8192,), 8192),
+    "28672x8192": ((28672,), 8192),
 }
 BATCHES = (1, 4)
 
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--variants", default="", help="forced plans of the fused launch, e.g. 13,14,15")
+    parser.add_argument("--groups", default="", help="comma-separated group names (default: all)")
     args = parser.parse_args()
     variants = tuple(int(v) for v in args.variants.split(",") if v)
     usable, why = kernels_cuda.cuda_status()
@@ -140,7 +145,9 @@ def main() -> None:
         f"median of {args.replays}"
     )
     rows = []
-    for name, (outs, in_f) in GROUPS.items():
+    wanted = [g for g in args.groups.split(",") if g] or list(GROUPS)
+    for name in wanted:
+        outs, in_f = GROUPS[name]
         rows += bench_group(name, outs, in_f, bw, args.replays, props.L2_cache_size, variants)
     print(f"total {time.perf_counter() - t0:.1f} s")
     if args.json:

@@ -113,7 +113,8 @@ for s in ${*:-env}; do
     offload) step offload timeout 240 python3 "$ROOT/bench/bench_offload.py" --device cuda --model "$GEN_DIR/llama8b-32-nf4" \
       --source "$GEN_DIR/llama8b-32" --tokens 16 ;;
     e2e) step e2e timeout 240 bash "$ROOT/bench/cuda_e2e_run.sh" 28 3072 1 ;;
-    multi) step multi timeout 90 python3 "$ROOT/bench/bench_gemv_multi_cuda.py" --variants "${MULTI_VARIANTS:-}" --json "$OUT/multi.json" ;;
+    multi) step multi timeout 150 python3 "$ROOT/bench/bench_gemv_multi_cuda.py" --variants "${MULTI_VARIANTS:-}" \
+      --groups "${MULTI_GROUPS:-}" --json "$OUT/multi.json" ;;
     rebuild) step rebuild bash "$ROOT/bench/cuda_device_run.sh" build ;;  # a warm machine keeps the last build: after a kernel change
     moetests) step moetests timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/moe/test_moe_cuda.py" \
       "$ROOT/tests/moe/test_moe_router_cuda.py" "$ROOT/tests/cuda/test_cuda_gemv_stream.py" "$ROOT/tests/cuda/test_cuda_gemv_multi.py" ;;
