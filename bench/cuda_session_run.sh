@@ -34,6 +34,8 @@
 #   moeprof  bench_moe.py --modes profile,graphed-compiled at $MOE_LAYERS (default 12) layers: kernels per token by family
 #   moe      bench_moe.py --device cuda: whole Qwen3-30B-A3B-shaped model (MOE_LAYERS, default 48 layers),
 #            ours vs bf16: memory, MoE blocks, generate() eager and compiled
+#   moehost  bench_moe.py at $MOE_LAYERS (default 12) layers, modes compiled and graphed-compiled, with
+#            MOE_HOST_PROFILE=1: per decode token, wall vs device-busy time and the host functions that take it
 #   probe    probe_warmup.py: the load warm-up's first calls per op, on threads, beside busy threads; a first forward after it
 #   host     bench_cuda_host.py: --device cuda conversion on the GPU without torch, bytes = --device cpu
 #   int8     bench_int8.py --device cuda
@@ -126,6 +128,9 @@ for s in ${*:-env}; do
     gemv) step gemv python3 "$ROOT/bench/bench_gemv_cuda.py" --replays 15 --json "$OUT/gemv.json" ;;
     moe) step moe timeout "${MOE_TIMEOUT:-240}" python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-48}" --repeat 2 --modes "${MOE_MODES:-eager,compiled,graphed-compiled}" \
       --workdir /tmp/qm_moe --json "$OUT/moe.json" ;;
+    moehost) step moehost timeout "${MOE_TIMEOUT:-300}" env MOE_HOST_PROFILE=1 python3 "$ROOT/bench/bench_moe.py" \
+      --device cuda --layers "${MOE_LAYERS:-12}" --repeat 2 --modes compiled,graphed-compiled --workdir /tmp/qm_moe \
+      --json "$OUT/moehost.json" ;;
     probe) step probe timeout 300 python3 "$ROOT/bench/probe_warmup.py" --json "$OUT/probe.json" ;;
     host) step host python3 "$ROOT/bench/bench_cuda_host.py" --layers 8 --hidden 3072 ;;
     int8) step int8 timeout 60 python3 "$ROOT/bench/bench_int8.py" --device cuda --iters 20 --json "$OUT/int8.json" ;;

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import os
 import sys
 import time
 import warnings
@@ -125,7 +126,41 @@ def _run_mode(models: dict, mode: str, ids: torch.Tensor, new: int, repeat: int,
             generate_tok_s=round(new / tn, 2),
         )  # fmt: skip
         log(json.dumps(rows[name]))
+    if os.environ.get("MOE_HOST_PROFILE"):
+        for name in [n for n in live if "error" not in rows[n]]:
+            rows[name]["host_profile"] = host_profile(models[name], ids, new, caches.get(name), device, mode)
+            log(f"{name}, {mode}: " + json.dumps(rows[name]["host_profile"]))
     return rows
+
+
+def host_profile(model: torch.nn.Module, ids: torch.Tensor, new: int, cache, device: str, mode: str) -> dict:
+    """Where one decode token's wall time goes in ``mode``: device busy time (every kernel torch.profiler
+    sees, CUDA graph replays included) against wall time, and the host functions that take the most
+    time (cProfile, own time), per token of a ``new``-token generate() minus a 1-token one."""
+    import cProfile
+    import pstats
+
+    walls, busy = [], []
+    for n in (1, new):
+        activity = torch.profiler.ProfilerActivity
+        with torch.profiler.profile(activities=[activity.CUDA if device == "cuda" else activity.CPU]) as prof:
+            walls.append(time_generate(model, ids, n, cache, device, mode))
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy.append(sum(e.device_time for e in kernels if e.device_time > 0) / 1e6)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    time_generate(model, ids, new, cache, device, mode)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]  # (file, line, fn) -> tt
+    per = new - 1
+    return {
+        "wall_ms_per_token": round(1e3 * (walls[1] - walls[0]) / per, 3),
+        "device_busy_ms_per_token": round(1e3 * (busy[1] - busy[0]) / per, 3),
+        "host_top_own_ms_per_token": {
+            f"{Path(f).name}:{line} {fn}": round(1e3 * v[2] / new, 3) for (f, line, fn), v in top
+        },
+    }
 
 
 def _warm_compiled(
