@@ -109,3 +109,22 @@ def test_inspect_hub_int8_repo_is_the_local_summary(
         remote.pop(key), local.pop(key)
     assert local["tensors_quantized"] > 0
     assert remote == local
+
+
+def test_inspect_hub_int8_moe_experts_are_the_local_summary(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path
+) -> None:
+    """A repo of per-expert LLM.int8 records (transformers 4.x + bitsandbytes' Mixtral): the remote
+    summary called them 4-bit experts that load_quantized and vLLM read; it is the local one."""
+    from tiny_models import int8_experts, make_tiny
+
+    out = tmp_path / "int8"
+    src = make_tiny("mixtral", tmp_path / "src")
+    assert qm("convert", src, out, "--quant-type", "int8", "-q").exit_code == 0
+    int8_experts(out)
+    fake_hub.add_repo("org/tiny-moe-int8", out)
+    local = json.loads(qm("inspect", out, "--json").stdout)["moe"]
+    r = qm("inspect", "org/tiny-moe-int8", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert local["layout"] == "experts quantized (per-expert bnb int8 records)"
+    assert json.loads(r.stdout)["moe"] == local
