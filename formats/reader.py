@@ -8,7 +8,7 @@ writing to a returned tensor never reaches the file.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -189,8 +189,15 @@ class Checkpoint:
     """Several shards read as one: keys are unique across shards, and quantized weights whose keys
     bnb/transformers' sharding split over several shards are joined and validated as a whole."""
 
-    def __init__(self, paths: Sequence[Path], *, weight_map: Mapping[str, str] | None = None) -> None:
-        self.shards: list[Shard] = [open_shard(p) for p in paths]
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        weight_map: Mapping[str, str] | None = None,
+        opener: Callable[[Path], Shard] | None = None,
+    ) -> None:
+        """``opener(path)``: the validated shard of ``path`` (default: ``open_shard``)."""
+        self.shards: list[Shard] = [(opener or open_shard)(p) for p in paths]
         self._where: dict[str, Shard] = {}
         for shard in self.shards:
             for key in shard.keys():

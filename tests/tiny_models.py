@@ -211,3 +211,25 @@ def swap_data_keeping_stat(weights: Path) -> None:
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def int8_experts(folder: Path) -> None:
+    """Turn the 16-bit per-expert weights of an int8 conversion (one ``model.safetensors``) into LLM.int8
+    records (``<m>.weight`` I8, ``<m>.SCB``, ``<m>.weight_format``), as transformers 4.x + bitsandbytes'
+    load_in_8bit saved Mixtral, whose experts were nn.Linear then; the index lists the new keys."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from converter.kernels.int8 import quantize_int8
+
+    shard = folder / "model.safetensors"
+    tensors = load_file(shard)
+    for key in [k for k in tensors if ".experts." in k]:
+        codes, scb = quantize_int8(tensors[key].contiguous())
+        module = key.removesuffix("weight")
+        tensors.update(
+            {key: codes, module + "SCB": scb, module + "weight_format": torch.tensor(0, dtype=torch.uint8)}
+        )
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": dict.fromkeys(sorted(tensors), shard.name)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -7,12 +7,14 @@ from pathlib import Path
 import click
 
 from converter.cli._app import App, table
+from converter.sources import looks_like_repo_id
 from converter.units import human_bytes
 
 EPILOG = """\b
 Examples:
   quantize-model dequantize ./llama-nf4 ./llama-bf16
   quantize-model dequantize ./llama-nf4 ./llama-fp32 --dtype fp32 --max-shard-size 2GB
+  quantize-model dequantize org/llama-nf4 ./llama-bf16 --revision main
 
 Exit codes: 0 ok, 1 failed, 2 usage or input error.
 """
@@ -27,6 +29,7 @@ Exit codes: 0 ok, 1 failed, 2 usage or input error.
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--no-verify", is_flag=True, help="Skip the check of the shards against the index's digests.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever the output folder holds.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub repo ids only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 @click.pass_obj
@@ -38,6 +41,7 @@ def dequantize(
     max_shard_size: str,
     no_verify: bool,
     overwrite: bool,
+    revision: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -49,8 +53,16 @@ def dequantize(
     from converter.loader.dequantize import dequantize_checkpoint
 
     app.configure(json=as_json, quiet=quiet)
+    if revision is not None and (Path(source).exists() or not looks_like_repo_id(source)):
+        app.abort(f"--revision {revision!r} applies to Hub repos only, but {source!r} is a local path", 2)
     result = dequantize_checkpoint(
-        source, output, dtype=dtype, max_shard_size=max_shard_size, verify=not no_verify, overwrite=overwrite
+        source,
+        output,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        verify=not no_verify,
+        overwrite=overwrite,
+        revision=revision,
     )
     if app.json:
         app.print_json({"ok": True, **result.to_json()})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +40,15 @@ def estimate(
     """The plan ``load_quantized(folder, device_map=..., max_memory=...)`` makes and the bytes each
     device will hold, from the shard headers and the meta skeleton alone (no weight data is read).
     A Hub repo id is fetched at ``revision`` with ``token``, ``cache_dir``, ``force_download`` and
-    ``local_files_only`` as ``load_quantized`` fetches it; ``subfolder``: the checkpoint is that folder."""
+    ``local_files_only`` as ``load_quantized`` fetches it, but only its JSON files (and code): the
+    shards' headers are read by HTTP range requests (offline or with ``local_files_only``, the cached
+    snapshot is read instead); ``subfolder``: the checkpoint is that folder."""
+    from huggingface_hub import constants
+
+    # A Hub repo (online): its JSON files, and the shards' headers by range requests; no shard is fetched.
+    headers_only = not Path(folder).expanduser().exists() and not (
+        local_files_only or constants.is_offline_mode()
+    )
     path = resolve_folder(
         folder,
         code=trust_remote_code,
@@ -49,9 +58,21 @@ def estimate(
         force_download=force_download,
         local_files_only=local_files_only,
         subfolder=subfolder,
+        weights=not headers_only,
     )
-    state = load_quantized_state(path, verify=False)
-    model = build_skeleton(path, state, dtype_from_name(dtype), trust_remote_code=trust_remote_code).model
+    if headers_only:
+        from converter.loader.hub_headers import header_state
+
+        state = header_state(str(folder), path, subfolder, token)
+    else:
+        state = load_quantized_state(path, verify=False)
+    model = build_skeleton(
+        path,
+        state,
+        dtype_from_name(dtype),
+        trust_remote_code=trust_remote_code,
+        experts_device="meta" if headers_only else "cpu",  # meta tensors have no data to move
+    ).model
     model.tie_weights()  # tied weights count once, as in the loaded model
     plan = plan_device_map(model, device_map, max_memory)
     return plan, bytes_per_device(model, plan)

@@ -53,6 +53,7 @@ from converter.loader.module import dtype_from_name
 from converter.loader.moe_records import (
     MoeLoadError,
     expert_state_dict,
+    host,
     region_pointers,
     stack_records,
 )
@@ -461,7 +462,7 @@ class QuantExperts4bit(nn.Module):
         # tensors, not buffers: the forward never reads them, so they stay off the GPU (1/64 byte per
         # weight, 2.7% of the experts' bf16 bytes).
         self.proj_names = proj_names
-        self._nested = {k: t.cpu() for k, t in nested.items()} if nested is not None else None
+        self._nested = {k: host(t) for k, t in nested.items()} if nested is not None else None
 
     def _apply(self, fn, recurse: bool = True):
         # The codes' scales and table are float32 whatever the model's dtype: ``.half()`` / ``.to(dtype)``

@@ -199,12 +199,18 @@ def stack_records(
     nested = None
     if keep_nested:
         nested = {
-            "codes": codes.cpu(),
-            "absmax": nabs.cpu(),
+            "codes": host(codes),
+            "absmax": host(nabs),
             "offset": offsets,
-            "map": nested_map.float().cpu(),
+            "map": host(nested_map.float()),
         }
     return StackedExperts(packed, absmax, quant_map.to(device), bs, qt, dtype, names, nested)  # type: ignore[arg-type]
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU; a meta tensor (a header-only ``estimate``: converter.loader.hub_headers) stays
+    meta, having no data to copy."""
+    return t if t.is_meta else t.cpu()
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:

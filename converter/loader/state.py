@@ -56,6 +56,7 @@ def resolve_folder(
     local_files_only: bool = False,
     subfolder: str = "",
     modules: bool = False,
+    weights: bool = True,
 ) -> Path:
     """A local folder as is; anything else is taken as a Hub repo id and fetched at ``revision`` (a
     branch, tag or commit; None: main) with cache, token, offline mode as huggingface_hub does them
@@ -65,7 +66,8 @@ def resolve_folder(
     folder (chat templates excepted). ``subfolder``: the checkpoint is that folder of the local folder
     or repo (only its files are fetched). ``modules``: the JSON files of the sentence-transformers module
     folders its ``modules.json`` names are fetched too (``1_Pooling/config.json``: what dequantize
-    copies; loading needs none of them)."""
+    copies; loading needs none of them). ``weights=False``: of a repo, the JSON files (config, index)
+    and code only, no shard (``estimate`` reads their headers by range requests)."""
     path = Path(path_or_repo).expanduser()  # '~/m' quoted in a script, as convert takes it
     sub = subfolder.strip("/")
     if path.is_dir():
@@ -86,7 +88,10 @@ def resolve_folder(
         # weights, JSON (config, index, generation and tokenizer configs) and the other tokenizer files:
         # vocabularies, sentencepiece models, chat templates (chat_template.jinja since transformers 5)
         tokenizer = ["*.txt", "*.model", "*.jinja", "*.tiktoken"]
-        patterns = ["*.safetensors", "*.json", *tokenizer, *(["*.py"] if code else [])]
+        patterns = [
+            *(["*.safetensors", "*.json", *tokenizer] if weights else ["*.json"]),
+            *(["*.py"] if code else []),
+        ]
         prefix = f"{sub}/" if sub else ""
         # ("*" matches "/" too) none of the files of a deeper folder, such as another variant's shards,
         # but chat templates: transformers 5 saves more of them in additional_chat_templates/

@@ -433,10 +433,12 @@ def inspect_hub(
             result.bytes_kept += end - begin
             kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
         names_q += list(weights) + list(int8)
-        for info in int8.values():
+        for key, info in int8.items():
             result.tensors_quantized += 1
             result.params_quantized += math.prod(info.shape)
             qtypes[info.describe()] += 1
+            if moe.EXPERT_KEY.match(key):  # per-expert LLM.int8 records: int8's loaders, not 4-bit's
+                expert_formats.add(("int8", "int8"))
         for key, qs in weights.items():
             result.tensors_quantized += 1
             result.params_quantized += math.prod(qs.shape)

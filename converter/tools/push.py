@@ -313,10 +313,13 @@ def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
     """MoE experts quantized or kept, from the index's key names (None for a dense model); their
     quant type and storage, which decide whether vLLM reads them, from ``qconfig``."""
     from converter.plan import moe
+    from formats.validate import SCB_SUFFIX
 
     formats = (
         {(str(qconfig.get("bnb_4bit_quant_type")), str(qconfig.get("bnb_4bit_quant_storage") or "uint8"))}
         if qconfig.get("load_in_4bit")
+        else {("int8", "int8")}
+        if qconfig.get("load_in_8bit")
         else set()
     )
     keys = list(_load_json(folder / "model.safetensors.index.json").get("weight_map") or {})
@@ -329,30 +332,49 @@ def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
             return None
         quantized = [k for k, v in records.items() if not hasattr(v, "dtype")]
         return moe.summarize(quantized, [k for k in records if k not in quantized], (), formats)
-    weights = {k.removesuffix(".absmax") for k in keys if k.endswith(".absmax")}
+    # a quantized weight's companion: 4-bit ``<m>.weight.absmax``, LLM.int8 ``<m>.SCB``
+    weights = {k.removesuffix(".absmax") for k in keys if k.endswith(".absmax")} | {
+        k.removesuffix(SCB_SUFFIX) + "weight" for k in keys if k.split(".")[-1] == SCB_SUFFIX
+    }
     return moe.summarize(sorted(weights), [k for k in keys if k not in weights], (), formats)
 
 
 def _moe_card(
     front: str, name: str, quant_type: str, origin: str, table: str, repo_id: str, summary: Any
 ) -> str:
-    """The card of a folder whose MoE experts are 4-bit: stock transformers 5.x cannot load it."""
+    """The card of a folder whose MoE experts are quantized (4-bit, or LLM.int8 as transformers 4.x +
+    bitsandbytes saved them): stock transformers 5.x cannot load it."""
     loaders = "\n".join(f"- {x}" for x in summary.loaders) or "- none known"
     not_loaders = "\n".join(f"- {x}" for x in summary.not_loaders)
+    int8 = "int8" in summary.expert_types
+    bits, layer = ("8", "Linear8bitLt") if int8 else ("4", "Linear4bit")
     experts = (
-        "**with every routed MoE expert in 4 bit**"
+        f"**with every routed MoE expert in {bits} bit**"
         if not summary.experts_kept
-        else f"**with {summary.experts_quantized} routed MoE expert weights in 4 bit and "
+        else f"**with {summary.experts_quantized} routed MoE expert weights in {bits} bit and "
         f"{summary.experts_kept} kept 16-bit**"
     )
+    if int8:  # load_quantized refuses LLM.int8 experts (converter.loader.moe_records)
+        ours = f"""## Use with quantize-model
+
+`load_quantized` does not run LLM.int8 experts: `quantize-model dequantize {repo_id} OUT` writes
+the 16-bit checkpoint, which transformers loads."""
+    else:
+        ours = f"""## Load with quantize-model
+
+```python
+from converter import load_quantized
+
+model = load_quantized("{repo_id}")
+```"""
     return f"""---
 {front}
 ---
 
 # {name}
 
-{quant_type.upper()} 4-bit quantization of {origin}, made with quantize-model, {experts}: one
-bitsandbytes `Linear4bit` record per quantized expert per projection, under the checkpoint's own
+{quant_type.upper()} {bits}-bit quantization of {origin}, made with quantize-model, {experts}: one
+bitsandbytes `{layer}` record per quantized expert per projection, under the checkpoint's own
 names; routers stay 16-bit (`llm_int8_skip_modules`).
 
 ## Quantization
@@ -367,11 +389,5 @@ Not:
 
 {not_loaders}
 
-## Load with quantize-model
-
-```python
-from converter import load_quantized
-
-model = load_quantized("{repo_id}")
-```
+{ours}
 """

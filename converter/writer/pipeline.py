@@ -46,6 +46,7 @@ from converter.quantize.cuda_host import CudaHostQuantizer
 from converter.quantize.host_quantizer import HostQuantizer, HostResult
 from converter.record.quality import QualityMeter
 from converter.sources import Source, TensorInfo, open_source
+from converter.sources.base import CODE_NAMES
 from converter.sources.mapped import MappedFile
 from converter.version import tool_version
 from converter.writer.manifest import (
@@ -245,6 +246,8 @@ class _Conversion:
         self.quality: QualityMeter | None = None
         self.warn: Callable[[str], None] | None = None
         self.keep_others = False  # resuming a finished folder: leave files a run does not write
+        #: tensors whose --dtype cast turned finite values into Inf: name -> (target code, largest |w|)
+        self.cast_overflow: dict[str, tuple[str, float]] = {}
 
     def _tell(self, note: str) -> None:
         """Say ``note`` now (the CLI's warning printer, else Python's warnings) and keep it for the result."""
@@ -577,10 +580,34 @@ class _Conversion:
         if following is not None and following.info.file == file:
             mapped[file].prefetch(following.name)  # read ahead while this one is quantized
         x, code = _get_array(mapped[file], p.name)
-        if code != to and (code in _FLOAT_CODES or p.quantize):
+        if code != to and p.quantize and code in _FLOAT_CODES:
+            x = self._cast_input(p, x, code, to)
+        elif code != to and (code in _FLOAT_CODES or p.quantize):
             x = _cast(x, code, to)  # --dtype (packed/absmax/maps are produced after it, never cast)
         self.stats.seconds_read += time.perf_counter() - t0
         return x
+
+    def _cast_input(self, p: PlannedTensor, x: np.ndarray, code: str, to: str) -> np.ndarray:
+        """The --dtype cast of a weight to quantize. A finite value past ``to``'s range becomes Inf, as
+        in transformers' cast. LLM.int8 rounds its input to float16 itself: there the Inf is saturated
+        to ``to``'s largest finite value, which that rounding takes to float16 Inf, the row's inf SCB
+        bitsandbytes stores; other methods refuse the Inf, and the error names the cast as its cause."""
+        import torch
+
+        from converter.sources.mapped import as_torch
+        from formats.writer import TORCH_DTYPES
+
+        source = as_torch(x, code)
+        y = source.to(TORCH_DTYPES[to])
+        inf = torch.isinf(y)
+        if bool(inf.any()):
+            over = inf & torch.isfinite(source)
+            if bool(over.any()):
+                if self.options.method.rounds_to_float16:
+                    y[over] = torch.finfo(y.dtype).max * torch.sign(source[over]).to(y.dtype)
+                else:
+                    self.cast_overflow[p.name] = (to, float(source[over].abs().max()))
+        return y.view(torch.uint16).numpy() if to == "BF16" else y.numpy()
 
     def _read_many(
         self, planned: Iterator[PlannedTensor], mapped: dict, following: dict
@@ -625,10 +652,20 @@ class _Conversion:
         except NonFiniteInputError as exc:
             bad = getattr(exc, "tensor", p.name)
             where = next((t for t in self.plan.tensors if t.name == bad), p)
+            skip = f"--skip '{bad.rsplit('.', 1)[0]}'"
             msg = (
                 f"tensor {bad!r} in {where.info.file} holds NaN or Inf: it cannot be quantized; "
-                f"fix the checkpoint or pass --skip '{bad.rsplit('.', 1)[0]}'"
+                f"fix the checkpoint or pass {skip}"
             )
+            if bad in self.cast_overflow:  # the checkpoint holds none: the --dtype cast made them
+                to, largest = self.cast_overflow[bad]
+                name = CODE_NAMES[to]
+                msg = (
+                    f"tensor {bad!r} in {where.info.file} holds a value past {name}'s range (|w| up to "
+                    f"{largest:.4g}), which --dtype {name} turns into Inf: 4-bit quantization "
+                    "cannot store it (bitsandbytes writes an inf absmax that loads as NaN); convert without "
+                    f"--dtype (or with --dtype float32), or pass {skip}"
+                )
             raise NonFiniteTensorError(msg) from None
         t1 = time.perf_counter()
         # Reading the next input happens inside next(): that time is the reader's, not the kernels'.

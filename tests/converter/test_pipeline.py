@@ -583,3 +583,28 @@ def test_source_shard_replaced_during_the_conversion_leaves_it_unfinished(
     fresh = tmp_path / "fresh"
     convert(src, fresh, max_shard_size="40KB", progress=False)
     assert output_hashes(out) == output_hashes(fresh)
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("bfloat16", 3.4e38), ("float16", 99840.0)])
+def test_cast_overflow_refused_by_name_and_cause(tmp_path: Path, dtype: str, value: float) -> None:
+    """A finite fp32 value past --dtype's range becomes Inf in the cast: 4-bit refuses it (bitsandbytes
+    stores an inf absmax that decodes to NaN: the block, or with nested absmax the whole tensor), but
+    the error said the checkpoint holds NaN or Inf, which it does not; it names the cast and the fixes."""
+    from safetensors.torch import save_file
+
+    from converter.errors import NonFiniteTensorError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    w = torch.randn(8, 64)
+    w[2, 3] = value
+    save_file({"layer.weight": w}, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteTensorError) as exc:
+        convert(src, tmp_path / "out", include=["layer"], dtype=dtype, progress=False)
+    largest = "3.4e+38" if dtype == "bfloat16" else "9.984e+04"
+    assert str(exc.value) == (
+        f"tensor 'layer.weight' in model.safetensors holds a value past {dtype}'s range (|w| up to "
+        f"{largest}), which --dtype {dtype} turns into Inf: 4-bit quantization cannot store it (bitsandbytes "
+        "writes an inf absmax that loads as NaN); convert without --dtype (or with --dtype float32), or "
+        "pass --skip 'layer'"
+    )

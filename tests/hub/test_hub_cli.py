@@ -106,3 +106,29 @@ def test_disk_too_small(
     assert line.endswith("but it has 50.0 kB free; free some space or choose another output folder")
     whole = [p for s, m, p, r in fake_hub.requests if s == "cdn" and m == "GET" and r is None]
     assert whole == []  # refused before any download
+
+
+def test_dequantize_revision(tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path) -> None:
+    """`dequantize REPO OUT --revision REV` dequantizes that branch (the CLI had no --revision, though
+    dequantize_checkpoint takes revision=): the shards are those of the branch's folder dequantized."""
+    nf4, int8 = tmp_path / "nf4", tmp_path / "int8"
+    assert qm("convert", checkpoint_dir, nf4, "-q").exit_code == 0
+    assert qm("convert", checkpoint_dir, int8, "--quant-type", "int8", "-q").exit_code == 0
+    fake_hub.add_repo("org/tiny", nf4)
+    fake_hub.add_repo("org/tiny", int8, branch="int8")
+    for rev, folder in (("int8", int8), ("main", nf4)):
+        assert qm("dequantize", folder, tmp_path / f"local-{rev}", "-q").exit_code == 0
+        r = qm("dequantize", "org/tiny", tmp_path / f"hub-{rev}", "--revision", rev, "-q")
+        assert r.exit_code == 0, r.stderr
+        shards = sorted((tmp_path / f"local-{rev}").glob("*.safetensors"))
+        assert shards
+        for shard in shards:
+            assert (tmp_path / f"hub-{rev}" / shard.name).read_bytes() == shard.read_bytes(), rev
+    a = sorted((tmp_path / "local-int8").glob("*.safetensors"))[0].read_bytes()
+    assert a != sorted((tmp_path / "local-main").glob("*.safetensors"))[0].read_bytes()
+    r = qm("dequantize", "org/tiny", tmp_path / "bad", "--revision", "nope")
+    assert r.exit_code == 2
+    assert "nope" in _error_line(r)
+    r = qm("dequantize", nf4, tmp_path / "local", "--revision", "int8")  # it would look applied
+    assert r.exit_code == 2
+    assert "applies to Hub repos only" in _error_line(r)

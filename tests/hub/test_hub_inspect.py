@@ -109,3 +109,89 @@ def test_inspect_hub_int8_repo_is_the_local_summary(
         remote.pop(key), local.pop(key)
     assert local["tensors_quantized"] > 0
     assert remote == local
+
+
+def test_inspect_hub_int8_moe_experts_are_the_local_summary(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path
+) -> None:
+    """A repo of per-expert LLM.int8 records (transformers 4.x + bitsandbytes' Mixtral): the remote
+    summary called them 4-bit experts that load_quantized and vLLM read; it is the local one."""
+    from tiny_models import int8_experts, make_tiny
+
+    out = tmp_path / "int8"
+    src = make_tiny("mixtral", tmp_path / "src")
+    assert qm("convert", src, out, "--quant-type", "int8", "-q").exit_code == 0
+    int8_experts(out)
+    fake_hub.add_repo("org/tiny-moe-int8", out)
+    local = json.loads(qm("inspect", out, "--json").stdout)["moe"]
+    r = qm("inspect", "org/tiny-moe-int8", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert local["layout"] == "experts quantized (per-expert bnb int8 records)"
+    assert json.loads(r.stdout)["moe"] == local
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_estimate_of_a_hub_repo_reads_headers_only(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, quant_type: str
+) -> None:
+    """`estimate` (`inspect REPO --memory`) downloaded every shard of the repo, while it needs only their
+    headers: it reads them by HTTP range requests as `inspect` does, and gives the folder's estimate."""
+    from converter.loader.estimate import estimate
+
+    out = tmp_path / quant_type
+    args = ("--max-shard-size", "40KB", "--quant-type", quant_type, "-q")
+    assert qm("convert", checkpoint_dir, out, *args).exit_code == 0
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) >= 2
+    fake_hub.add_repo("org/tiny-q", out)
+    fake_hub.add_repo("org/nested", {f"sub/{p.name}": p for p in out.iterdir() if p.is_file()})
+    local = estimate(out, "cpu")
+    for repo, sub in (("org/tiny-q", ""), ("org/nested", "sub")):
+        fake_hub.requests.clear()
+        assert estimate(repo, "cpu", subfolder=sub) == local
+        shard_reads = [
+            rng
+            for s, m, p, rng in fake_hub.requests
+            if m == "GET" and (s == "cdn" or p.endswith(".safetensors"))
+        ]
+        assert shard_reads
+        assert all(rng is not None and rng.startswith("bytes=") for rng in shard_reads)
+        # exactly the length prefixes, headers and the small tensors whose values are checked (4-bit
+        # quant-state JSON and code tables, int8 weight_format): no byte of codes, absmax, SCB or kept
+        # weights
+        asked = [r for s, m, p, r in fake_hub.requests if m == "GET" and p.endswith(".safetensors")]
+        sizes = [int(b) - int(a) + 1 for a, b in (r.removeprefix("bytes=").split("-") for r in asked)]
+        assert sum(sizes) == sum(_header_and_validated_bytes(p) for p in shards)
+        assert not list((hf_home / "hub").rglob("*.safetensors"))  # no shard went into the cache
+    r = qm("inspect", "org/tiny-q", "--memory", "--device-map", "cpu", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == qm("inspect", out, "--memory", "--device-map", "cpu", "--json").stdout
+
+
+def _header_and_validated_bytes(shard: Path) -> int:
+    """Bytes of the length prefix, the header, and the quant-state, quant_map, nested_quant_map and
+    weight_format tensors of ``shard``."""
+    with open(shard, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    small = [
+        e["data_offsets"][1] - e["data_offsets"][0]
+        for k, e in header.items()
+        if ".quant_state." in k or k.endswith((".quant_map", ".nested_quant_map", ".weight_format"))
+    ]
+    return 8 + n + sum(small)
+
+
+def test_estimate_of_a_hub_moe_repo_is_the_folders(tmp_path: Path, fake_hub: FakeHub, hf_home: Path) -> None:
+    """The header-only estimate of a repo with 4-bit MoE experts (stacked from meta tensors) is the
+    folder's."""
+    from tiny_models import make_tiny
+
+    from converter.loader.estimate import estimate
+
+    out = tmp_path / "q"
+    src = make_tiny("qwen3_moe", tmp_path / "src")
+    assert qm("convert", src, out, "--moe-experts", "quantize", "-q").exit_code == 0
+    fake_hub.add_repo("org/tiny-moe", out)
+    assert estimate("org/tiny-moe", "cpu") == estimate(out, "cpu")
+    assert not list((hf_home / "hub").rglob("*.safetensors"))

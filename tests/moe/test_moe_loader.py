@@ -399,3 +399,28 @@ def test_int8_experts_are_refused_by_name_and_not_listed_as_ours(tmp_path):
     assert summary.layout == "experts quantized (per-expert bnb int8 records)"  # not "4-bit"
     assert summary.loaders == ("transformers 4.x + bitsandbytes",)
     assert any("load_quantized" in x for x in summary.not_loaders)
+
+
+def test_model_card_lists_int8_experts_as_quantized(tmp_path):
+    """push's model card found quantized experts by their 4-bit '.absmax' keys only: an indexed folder
+    of per-expert int8 records ('.SCB', what transformers 4.x + bitsandbytes' load_in_8bit saves for
+    Mixtral) got the dense card, its MoE row saying "experts kept in 16 bit"."""
+    from tiny_models import int8_experts
+
+    from converter.tools.push import build_model_card
+
+    src = make_moe("mixtral", tmp_path / "src")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the advice to quantize the experts
+        convert(src, tmp_path / "q", quant_type="int8", progress=False)
+    int8_experts(tmp_path / "q")
+    card = build_model_card(tmp_path / "q", "me/tiny-moe-int8")
+    assert "experts kept in 16 bit" not in card
+    assert "every routed MoE expert in 8 bit" in card
+    assert "4 bit" not in card
+    assert "Linear4bit" not in card
+    loaders = card.split("## Which loaders read this folder")[1].split("Not:")[0]
+    assert "transformers 4.x + bitsandbytes" in loaders
+    assert "load_quantized" not in loaders
+    assert 'load_quantized("me/tiny-moe-int8")' not in card  # it refuses int8 experts
+    assert "quantize-model dequantize" in card
