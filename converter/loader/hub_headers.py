@@ -14,20 +14,18 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from converter.errors import CorruptFileError, SourceNotFoundError
 from converter.loader.state import NotQuantizedError
+from converter.sources.hub_ranges import RangeReader
 from formats import writer as _writer
 from formats.index import INDEX_NAME, SINGLE_NAME, read_index
 from formats.metadata import parse_metadata
 from formats.reader import Checkpoint, Shard
 from formats.validate import FormatError, validate_file
-
-if TYPE_CHECKING:
-    from converter.tools.inspection import _RangeReader
 
 __all__ = ["header_state"]
 
@@ -41,7 +39,7 @@ class _RangeFile:
     header, then the value tensors (``_VALUE_SUFFIXES``, quant states), come by range requests up front;
     a read of anything else is one more range request."""
 
-    def __init__(self, hub: _RangeReader, file: str) -> None:
+    def __init__(self, hub: RangeReader, file: str) -> None:
         self.hub, self.file, self.pos = hub, file, 0
         prefix = hub.get(file, 0, 8)
         (n,) = struct.unpack("<Q", prefix)
@@ -120,11 +118,9 @@ def header_state(repo_id: str, folder: Path, subfolder: str, token: str | bool |
     """``load_quantized_state``'s result for the Hub repo ``repo_id`` with meta tensors (see the module
     docstring). ``folder``: its snapshot of JSON files (``resolve_folder(..., weights=False)``), whose
     commit the shards are read at; ``subfolder``: the checkpoint's folder in the repo."""
-    from converter.tools.inspection import _RangeReader
-
     sub = subfolder.strip("/")
     snapshot = folder.parents[len(Path(sub).parts) - 1] if sub else folder
-    hub = _RangeReader(repo_id, snapshot.name, token)  # the snapshot's commit
+    hub = RangeReader(repo_id, snapshot.name, token)  # the snapshot's commit
     prefix = f"{sub}/" if sub else ""
     weight_map = None
     if (folder / INDEX_NAME).is_file():
