@@ -356,6 +356,11 @@ def _offload_unmapped(
     ``offload_folder`` has parameters of the same names, and rewriting a file the first model maps would
     change its weights under it."""
     mappings = _file_mappings(shard_paths)
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}  # a tied parameter: every module holding it
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((module, attr))
     folder: Path | None = None
     for name, t, _ in list(module_tensors(model)):
         module_name, _, attr = name.rpartition(".")
@@ -375,8 +380,9 @@ def _offload_unmapped(
         stored = np.memmap(
             folder / f"{name}.dat", dtype=_NUMPY_DTYPES.get(info["dtype"], info["dtype"]), mode="c"
         )
-        mapped = torch.from_numpy(stored).view(t.dtype).reshape(t.shape)
-        module._parameters[attr] = nn.Parameter(mapped, requires_grad=False)
+        mapped = nn.Parameter(torch.from_numpy(stored).view(t.dtype).reshape(t.shape), requires_grad=False)
+        for holder, holder_attr in holders[id(t)]:  # tied weights stay one tensor, none left in RAM
+            holder._parameters[holder_attr] = mapped
     return folder
 
 

@@ -414,3 +414,21 @@ def test_an_offload_folder_of_a_killed_process_is_removed_by_the_next_load(
     del model
     gc.collect()
     assert not any(off.iterdir())
+
+
+def test_tied_weights_cast_to_disk_stay_tied_and_leave_ram(tmp_path: Path) -> None:
+    """A tied embedding / head cast at load and sent to disk is written to offload_folder once and both
+    modules map that one file: the head kept the RAM copy (the tie broken, the largest tensor of a small
+    model held twice: once in RAM, once on disk), so the footprint was the estimate plus that copy."""
+    from converter.loader.estimate import estimate
+    from converter.writer.pipeline import convert
+
+    plain = save_tiny_llama(tmp_path / "plain", tie_word_embeddings=True)
+    folder = convert(plain, tmp_path / "tied", progress=False).output
+    off = tmp_path / "offload"
+    model = load_quantized(folder, dtype=torch.float32, device_map={"": "disk"}, offload_folder=off)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert mapped_from(model.lm_head.weight, list(off.iterdir()))
+    _, expected = estimate(folder, {"": "disk"}, dtype=torch.float32)
+    assert memory_by_device(model) == expected
+    assert torch.equal(_logits(model), _logits(load_quantized(folder, dtype=torch.float32)))
