@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
-from converter.loader.model import build_skeleton
+from converter.loader.model import _dtype_plan, build_skeleton
 from converter.loader.module import dtype_from_name
 from converter.loader.placement import Device, DeviceMap, bytes_per_device, plan_device_map
 from converter.loader.state import load_quantized_state, resolve_folder
@@ -51,7 +52,31 @@ def estimate(
         subfolder=subfolder,
     )
     state = load_quantized_state(path, verify=False)
-    model = build_skeleton(path, state, dtype_from_name(dtype), trust_remote_code=trust_remote_code).model
+    dtype = dtype_from_name(dtype)
+    model = build_skeleton(path, state, dtype, trust_remote_code=trust_remote_code).model
+    _apply_dtype_plan(model, state, dtype)
     model.tie_weights()  # tied weights count once, as in the loaded model
     plan = plan_device_map(model, device_map, max_memory)
     return plan, bytes_per_device(model, plan)
+
+
+def _apply_dtype_plan(model: nn.Module, state: Mapping[str, Any], dtype: torch.dtype) -> None:
+    """Give the skeleton's meta tensors the dtype the load gives them (``model._fill``): transformers'
+    dtype plan (``_keep_in_fp32_modules`` under float16, e.g. T5's ``wo``) for the checkpoint's floats."""
+    planned = _dtype_plan(model, dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        target = params.get(key, buffers.get(key))
+        wanted = planned(key)
+        if target is None or wanted is None or wanted == target.dtype:
+            continue
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        meta = torch.empty(target.shape, dtype=wanted, device="meta")
+        if key in params:
+            module._parameters[attr] = nn.Parameter(meta, requires_grad=False)
+        else:
+            module._buffers[attr] = meta

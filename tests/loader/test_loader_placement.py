@@ -432,3 +432,17 @@ def test_tied_weights_cast_to_disk_stay_tied_and_leave_ram(tmp_path: Path) -> No
     _, expected = estimate(folder, {"": "disk"}, dtype=torch.float32)
     assert memory_by_device(model) == expected
     assert torch.equal(_logits(model), _logits(load_quantized(folder, dtype=torch.float32)))
+
+
+def test_estimate_follows_the_keep_in_fp32_dtype_plan(tiny_checkpoint, tmp_path: Path) -> None:
+    """T5's `wo` (``_keep_in_fp32_modules``) stays unquantized and loads in float32 under dtype=float16,
+    as from_pretrained loads it; the estimate sized it in float16 (half its bytes)."""
+    from converter.loader.estimate import estimate
+    from converter.writer.pipeline import convert
+
+    folder = convert(tiny_checkpoint("t5"), tmp_path / "t5", progress=False).output
+    model = load_quantized(folder, dtype=torch.float16, device_map="cpu")
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert wo.weight.dtype == torch.float32  # the plan is in force: the test can fail
+    _, expected = estimate(folder, "cpu", dtype=torch.float16)
+    assert expected == memory_by_device(model)
