@@ -284,7 +284,8 @@ def dispatch(
     for name in disk:
         targets = _called_modules(model.get_submodule(name), name) if _is_module(model, name) else []
         for module_name, module in targets or [(name, None)]:
-            hook = ReleaseMappedPages(_page_ranges(_tensors_under(model, module_name), mappings))
+            tensors = _tensors_under(model, module_name)
+            hook = ReleaseMappedPages(_page_ranges(tensors, mappings), tensors)
             hook.release()  # pages touched while loading; each forward re-reads what it needs
             if module is not None:
                 add_hook_to_module(module, hook, append=True)
@@ -450,10 +451,15 @@ if _libc is not None:
 
 class ReleaseMappedPages(ModelHook):
     """After each forward of a disk module, drop its mapped shard pages from the process (``MADV_DONTNEED``
-    on a private, never-written file mapping: the next access reads them from the page cache or file)."""
+    on a private, never-written file mapping: the next access reads them from the page cache or file).
 
-    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+    It holds ``tensors``, the mapped tensors ``ranges`` cover, so their mappings live as long as it does:
+    once the module's tensors are replaced (``model.to(dtype)``) a shard may otherwise be unmapped and
+    its address range reused by another mapping, whose pages ``MADV_DONTNEED`` would zero."""
+
+    def __init__(self, ranges: list[tuple[int, int]], tensors: Iterable[torch.Tensor] = ()) -> None:
         self.ranges = ranges
+        self.tensors = [t.detach() for t in tensors]  # the storages: `.to()` swaps a parameter's data
 
     def release(self) -> None:
         if _libc is None:

@@ -24,6 +24,7 @@ from converter.loader.module import QuantLinear4bit
 from converter.loader.placement import (
     PlacementError,
     ReleaseMappedPages,
+    _file_mappings,
     accelerator_device,
     bytes_per_device,
     dispatch,
@@ -446,3 +447,22 @@ def test_estimate_follows_the_keep_in_fp32_dtype_plan(tiny_checkpoint, tmp_path:
     assert wo.weight.dtype == torch.float32  # the plan is in force: the test can fail
     _, expected = estimate(folder, "cpu", dtype=torch.float16)
     assert expected == memory_by_device(model)
+
+
+def test_disk_hooks_never_drop_pages_of_a_mapping_that_was_unmapped(our_folder: Path, tmp_path: Path) -> None:
+    """`model.to(torch.float32)` replaces the disk lm_head's shard view by a cast copy; its shard (which
+    holds nothing else) was then unmapped, but the hook kept dropping the old address range after each
+    forward: MADV_DONTNEED zeroed whatever the process mapped there next (a private anonymous mapping
+    of that size lands there, and was found zeroed). The hook keeps the mapping alive instead."""
+    import gc
+
+    folder = shutil.copytree(our_folder, tmp_path / "own")  # own files: own mappings
+    [shard] = {p for p in shard_files(folder)[0] if list(open_shard(p).keys()) == ["lm_head.weight"]}
+    model = load_quantized(folder, device_map={"model": "cpu", "lm_head": "disk"})
+    [hook] = [h for h in _hooks(model.lm_head) if isinstance(h, ReleaseMappedPages)]
+    assert hook.ranges
+    model.to(torch.float32)
+    gc.collect()
+    live = _file_mappings([shard])
+    assert all(any(a <= start and end <= b for a, b in live) for start, end in hook.ranges)
+    assert torch.equal(_logits(model), _logits(load_quantized(our_folder, dtype=torch.float32)))
