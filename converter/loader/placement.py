@@ -182,17 +182,31 @@ def _unmapped(model: nn.Module, device_map: Mapping[str, Device]) -> tuple[list[
     return list(dict.fromkeys(top)), len(missing)
 
 
+def _unknown_keys(model: nn.Module, device_map: Mapping[str, Device]) -> list[str]:
+    """Keys of ``device_map`` naming no module, parameter or buffer of ``model`` ('' names the model)."""
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    names |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    return [k for k in device_map if k not in names]
+
+
 def check_map(model: nn.Module, device_map: Mapping[str, Device]) -> None:
     """Every tensor mapped (accelerate's check_device_map) and tied weights on one device."""
     unmapped, count = _unmapped(model, device_map)
     if unmapped:  # accelerate lists every tensor (and a 4-bit weight's five buffers) in one line
         more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
-        modules = {name for name, _ in model.named_modules()}
-        unknown = [k for k in device_map if k not in modules and k not in model.state_dict()]
+        unknown = _unknown_keys(model, device_map)
         hint = f"; no module is named {', '.join(map(repr, unknown))}" if unknown else ""
         msg = (
             f"device_map gives no device to {', '.join(map(repr, unmapped[:5]))}{more} ({count} tensors)"
             f"{hint}; map them, a parent module, or '' (everything not listed) to a device"
+        )
+        raise PlacementError(msg)
+    unknown = _unknown_keys(model, device_map)
+    if unknown:  # a typo: dispatch would fail on it (a disk or GPU entry) or ignore it (a CPU one)
+        msg = (
+            f"device_map: no module or tensor is named {', '.join(map(repr, unknown))}; "
+            "use the names of model.named_modules()"
         )
         raise PlacementError(msg)
     try:

@@ -466,3 +466,15 @@ def test_disk_hooks_never_drop_pages_of_a_mapping_that_was_unmapped(our_folder: 
     live = _file_mappings([shard])
     assert all(any(a <= start and end <= b for a, b in live) for start, end in hook.ranges)
     assert torch.equal(_logits(model), _logits(load_quantized(our_folder, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("device", ["disk", "cpu"])
+def test_a_map_key_naming_no_module_is_named(our_folder: Path, device: str) -> None:
+    """A key naming no module or tensor of the model (a typo) failed deep in dispatch with
+    AttributeError "'LlamaModel' object has no attribute 'layer'" when it said "disk", and was ignored
+    (the module it meant left where '' put it) when it said "cpu"; now it is refused up front."""
+    typo = {"": "cpu", "model.layer.1": device}
+    with pytest.raises(PlacementError, match=r"no module or tensor is named 'model\.layer\.1'"):
+        load_quantized(our_folder, device_map=typo)
+    with pytest.raises(PlacementError, match=r"'model\.layer\.1'"):
+        plan_device_map(load_quantized(our_folder), typo)
