@@ -51,6 +51,7 @@ from converter.loader.devices import STRATEGIES, PlacementError, gpu_index
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
+from converter.loader.moe import QuantExperts4bit, _is_fused_experts
 from converter.locks import locked_temp_folder, remove_if_unlocked
 
 Device = int | str
@@ -365,11 +366,12 @@ def _offload_unmapped(
     shard_paths: list[Path],
     offload_folder: str | os.PathLike | None,
 ) -> Path | None:
-    """Parameters of disk modules that are not shard views (cast at load) go to a new folder inside
-    ``offload_folder`` through accelerate's ``offload_weight`` and are mapped back from there; that
-    folder, or None when nothing was written. One folder per load: a second model loaded with the same
-    ``offload_folder`` has parameters of the same names, and rewriting a file the first model maps would
-    change its weights under it."""
+    """Parameters of disk modules that are not shard views (cast at load, or MoE experts stacked at
+    load: a 4-bit experts module's ``packed`` / ``absmax`` buffers too, its weights) go to a new folder
+    inside ``offload_folder`` through accelerate's ``offload_weight`` and are mapped back from there;
+    that folder, or None when nothing was written. One folder per load: a second model loaded with the
+    same ``offload_folder`` has parameters of the same names, and rewriting a file the first model maps
+    would change its weights under it."""
     mappings = _file_mappings(shard_paths)
     holders: dict[int, list[tuple[nn.Module, str]]] = {}  # a tied parameter: every module holding it
     for module in model.modules():
@@ -380,12 +382,19 @@ def _offload_unmapped(
     for name, t, _ in list(module_tensors(model)):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if attr not in module._parameters or _device_of(name, device_map) != "disk" or _inside(t, mappings):
+        stacked = isinstance(module, QuantExperts4bit) and attr in ("packed", "absmax")
+        weight = attr in module._parameters or stacked
+        if not weight or _device_of(name, device_map) != "disk" or _inside(t, mappings):
             continue  # buffers stay in RAM (accelerate's offload_buffers=False); shard views stay views
         if offload_folder is None:
+            why = (
+                "the experts of a layer are stacked at load"
+                if stacked or _is_fused_experts(module)
+                else f"it was cast to {t.dtype} at load; or load with the shards' dtype"
+            )
             msg = (
-                f"device_map sends {name!r} to disk but it is not a view of the shards (it was cast to "
-                f"{t.dtype} at load); pass offload_folder= to write it there, or load with the shards' dtype"
+                f"device_map sends {name!r} to disk but it is not a view of the shards ({why}); "
+                "pass offload_folder= to write it there"
             )
             raise PlacementError(msg)
         if folder is None:
@@ -395,9 +404,13 @@ def _offload_unmapped(
         stored = np.memmap(
             folder / f"{name}.dat", dtype=_NUMPY_DTYPES.get(info["dtype"], info["dtype"]), mode="c"
         )
-        mapped = nn.Parameter(torch.from_numpy(stored).view(t.dtype).reshape(t.shape), requires_grad=False)
+        mapped = torch.from_numpy(stored).view(t.dtype).reshape(t.shape)
+        if stacked:
+            module._buffers[attr] = mapped
+            continue
+        param = nn.Parameter(mapped, requires_grad=False)
         for holder, holder_attr in holders[id(t)]:  # tied weights stay one tensor, none left in RAM
-            holder._parameters[holder_attr] = mapped
+            holder._parameters[holder_attr] = param
     return folder
 
 

@@ -210,13 +210,34 @@ def test_grouped_gemv_equals_per_expert_gemv(dtype, shared_x):
         )  # fmt: skip
 
 
-def test_device_map_with_disk_offload_gives_the_same_logits(folders):
-    """4-bit experts under accelerate's placement (layers offloaded to disk run on the CPU in place)."""
+def test_device_map_with_disk_offload_gives_the_same_logits(folders, tmp_path):
+    """4-bit experts under accelerate's placement (layers offloaded to disk run on the CPU in place).
+
+    A layer's experts are stacked into one buffer at load, not a view of the shards: a disk layer's
+    stack stayed in RAM, outside max_memory["cpu"], while the plan, the estimate and memory_by_device
+    counted it on disk. It is written to offload_folder and mapped from there (its pages dropped
+    after each forward), as a parameter cast at load is; without offload_folder the load says so."""
+    from converter.loader.placement import PlacementError, ReleaseMappedPages, mapped_from
+
     q, _ = folders("olmoe")
+    budget = {"cpu": "60KB"}
+    with pytest.raises(PlacementError, match=r"experts\.packed'.*offload_folder"):
+        load_quantized(q, device_map="auto", max_memory=budget)
+    off = tmp_path / "offload"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        placed = load_quantized(q, device_map="auto", max_memory={"cpu": "60KB"})
-    assert "disk" in set(placed.hf_device_map.values())
+        placed = load_quantized(q, device_map="auto", max_memory=budget, offload_folder=off)
+    disk = [n for n, d in placed.hf_device_map.items() if d == "disk"]
+    stacks = [(n, m) for n, m in moe_modules(placed).items() if any(n.startswith(f"{d}.") for d in disk)]
+    assert stacks
+    [written] = off.iterdir()
+    for _, experts in stacks:
+        assert mapped_from(experts.packed, [written])
+        assert mapped_from(experts.absmax, [written])
+    layer = placed.get_submodule(stacks[0][0].rsplit(".mlp", 1)[0])
+    [hook] = [h for h in layer._hf_hook.hooks if isinstance(h, ReleaseMappedPages)]
+    start = stacks[0][1].packed.data_ptr()
+    assert any(a <= start + 4095 and start + 4096 <= b for a, b in hook.ranges)  # its pages are dropped
     assert torch.equal(_logits(placed), _logits(load_quantized(q)))
 
 
