@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from converter.loader.model import _dtype_plan, build_skeleton
-from converter.loader.module import dtype_from_name
+from converter.loader.model import _dtype_plan, _requested_dtype, build_skeleton
 from converter.loader.placement import Device, DeviceMap, bytes_per_device, plan_device_map
 from converter.loader.state import load_quantized_state, resolve_folder
 
@@ -27,7 +26,7 @@ def estimate(
     folder: str | os.PathLike,
     device_map: str | Mapping[str, Device] = "auto",
     max_memory: Mapping[Any, int | str] | None = None,
-    dtype: torch.dtype | str = torch.bfloat16,
+    dtype: torch.dtype | str | None = torch.bfloat16,
     *,
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -39,6 +38,7 @@ def estimate(
 ) -> tuple[DeviceMap, dict[str, int]]:
     """The plan ``load_quantized(folder, device_map=..., max_memory=...)`` makes and the bytes each
     device will hold, from the shard headers and the meta skeleton alone (no weight data is read).
+    ``dtype`` as ``load_quantized`` takes it ("auto" / None: the checkpoint's).
     A Hub repo id is fetched at ``revision`` with ``token``, ``cache_dir``, ``force_download`` and
     ``local_files_only`` as ``load_quantized`` fetches it; ``subfolder``: the checkpoint is that folder."""
     path = resolve_folder(
@@ -52,7 +52,7 @@ def estimate(
         subfolder=subfolder,
     )
     state = load_quantized_state(path, verify=False)
-    dtype = dtype_from_name(dtype)
+    dtype = _requested_dtype(dtype, path)  # "auto" / None: the checkpoint's, as load_quantized takes them
     model = build_skeleton(path, state, dtype, trust_remote_code=trust_remote_code).model
     _apply_dtype_plan(model, state, dtype)
     model.tie_weights()  # tied weights count once, as in the loaded model

@@ -478,3 +478,19 @@ def test_a_map_key_naming_no_module_is_named(our_folder: Path, device: str) -> N
         load_quantized(our_folder, device_map=typo)
     with pytest.raises(PlacementError, match=r"'model\.layer\.1'"):
         plan_device_map(load_quantized(our_folder), typo)
+
+
+@pytest.mark.parametrize("dtype", ["auto", None])
+def test_estimate_takes_the_dtypes_load_quantized_takes(
+    tiny_checkpoint, tmp_path: Path, dtype: str | None
+) -> None:
+    """load_quantized(dtype="auto" / None) loads in the checkpoint's dtype (GPT-2's: float32, not the
+    default bfloat16); estimate refused both ("unsupported dtype 'auto'") although it returns what that
+    load would hold."""
+    from converter.loader.estimate import estimate
+    from converter.writer.pipeline import convert
+
+    folder = convert(tiny_checkpoint("gpt2"), tmp_path / "gpt2", progress=False).output
+    model = load_quantized(folder, dtype=dtype, device_map="cpu")
+    assert model.transformer.wte.weight.dtype == torch.float32
+    assert estimate(folder, "cpu", dtype=dtype) == (model.hf_device_map, memory_by_device(model))
