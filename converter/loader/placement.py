@@ -297,24 +297,26 @@ def dispatch(
             tied_params_map={},
         )
     for name in disk:
-        targets = _called_modules(model.get_submodule(name), name) if _is_module(model, name) else []
+        is_module = _is_module(model, name)
+        targets = _release_points(model.get_submodule(name), name, set(_no_split(model))) if is_module else []
         for module_name, module in targets or [(name, None)]:
             tensors = _tensors_under(model, module_name)
             hook = ReleaseMappedPages(_page_ranges(tensors, mappings), tensors)
             hook.release()  # pages touched while loading; each forward re-reads what it needs
-            if module is not None:
+            if module is not None and hook.ranges:
                 add_hook_to_module(module, hook, append=True)
     model.hf_device_map = device_map
 
 
-def _called_modules(module: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
-    """The modules under a map entry whose forward runs: containers (ModuleList/ModuleDict, never
-    called themselves) are replaced by their children, so each decoder layer releases its own pages."""
-    if not isinstance(module, nn.ModuleList | nn.ModuleDict):
-        return [(name, module)]
-    out = []
-    for child_name, child in module.named_children():
-        out += _called_modules(child, f"{name}.{child_name}" if name else child_name)
+def _release_points(module: nn.Module, name: str, no_split: set[str]) -> list[tuple[str, nn.Module]]:
+    """The modules under a disk entry after whose forward its pages are dropped: the entry itself and,
+    down to the blocks (``_no_split_modules``, e.g. decoder layers), every module below it, so while the
+    model runs one block's pages are resident, not the whole entry's (accelerate maps a model no layer
+    of which fits the budget as ``{"": "disk"}``). Containers (ModuleList/ModuleDict) are never called."""
+    out = [] if isinstance(module, nn.ModuleList | nn.ModuleDict) else [(name, module)]
+    if type(module).__name__ not in no_split:
+        for child_name, child in module.named_children():
+            out += _release_points(child, f"{name}.{child_name}" if name else child_name, no_split)
     return out
 
 

@@ -25,6 +25,8 @@ from converter.loader.placement import (
     PlacementError,
     ReleaseMappedPages,
     _file_mappings,
+    _page_ranges,
+    _tensors_under,
     accelerator_device,
     bytes_per_device,
     dispatch,
@@ -494,3 +496,40 @@ def test_estimate_takes_the_dtypes_load_quantized_takes(
     model = load_quantized(folder, dtype=dtype, device_map="cpu")
     assert model.transformer.wte.weight.dtype == torch.float32
     assert estimate(folder, "cpu", dtype=dtype) == (model.hf_device_map, memory_by_device(model))
+
+
+def _resident_pages(model: torch.nn.Module, name: str, folder: Path) -> int:
+    """Whole pages of the mapped tensors of module ``name`` present in this process (/proc/self/pagemap
+    bit 63)."""
+    import struct
+
+    ranges = _page_ranges(_tensors_under(model, name), _file_mappings(shard_files(folder)[0]))
+    count = 0
+    with open("/proc/self/pagemap", "rb") as f:
+        for a, b in ranges:
+            f.seek(a // 4096 * 8)
+            count += sum(e >> 63 for e in struct.unpack(f"{(b - a) // 4096}Q", f.read((b - a) // 4096 * 8)))
+    return count
+
+
+@pytest.mark.parametrize("entry", ["", "model"])
+def test_a_whole_model_on_disk_drops_each_layers_pages_after_it_runs(
+    our_folder: Path, tmp_path: Path, entry: str
+) -> None:
+    """A budget too small for any layer makes accelerate's plan {'': 'disk'}: the one hook on the
+    whole model dropped the pages after the whole forward, so while it ran every layer's weights were
+    resident at once (the whole model, against a max_memory of a layer). Each block
+    (``_no_split_modules``) and each other module holding weights now drops its pages after its own
+    forward, as the layers of a 'model.layers': 'disk' entry do."""
+    folder = shutil.copytree(our_folder, tmp_path / "own")  # own files: own mappings
+    device_map = {"": "disk"} if entry == "" else {"model": "disk", "lm_head": "cpu"}
+    model = load_quantized(folder, device_map=device_map)
+    seen: list[int] = []
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda *_: seen.append(_resident_pages(model, "model.layers.0", folder))
+    )
+    plain = load_quantized(our_folder)
+    assert torch.equal(_logits(model), _logits(plain))
+    assert _resident_pages(plain, "model.layers.0", our_folder) >= 4  # a plain load keeps them: can fail
+    hook.remove()
+    assert seen == [0]
