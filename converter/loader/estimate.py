@@ -53,7 +53,9 @@ def estimate(
     )
     state = load_quantized_state(path, verify=False)
     dtype = _requested_dtype(dtype, path)  # "auto" / None: the checkpoint's, as load_quantized takes them
-    model = build_skeleton(path, state, dtype, trust_remote_code=trust_remote_code).model
+    # 4-bit MoE experts stacked as meta tensors: their sizes without reading (or holding) their bytes
+    skeleton = build_skeleton(path, state, dtype, trust_remote_code=trust_remote_code, experts_device="meta")
+    model = skeleton.model
     _apply_dtype_plan(model, state, dtype)
     model.tie_weights()  # tied weights count once, as in the loaded model
     plan = plan_device_map(model, device_map, max_memory)

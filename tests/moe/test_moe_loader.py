@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import pytest
@@ -420,3 +421,24 @@ def test_int8_experts_are_refused_by_name_and_not_listed_as_ours(tmp_path):
     assert summary.layout == "experts quantized (per-expert bnb int8 records)"  # not "4-bit"
     assert summary.loaders == ("transformers 4.x + bitsandbytes",)
     assert any("load_quantized" in x for x in summary.not_loaders)
+
+
+def test_estimate_reads_no_expert_bytes(folders, monkeypatch):
+    """estimate / inspect --memory promise sizes "from the shard headers and the skeleton, no weight data
+    read"; on a --moe-experts quantize folder they stacked every layer's experts on the CPU (all the
+    expert bytes read and held at once: most of a large MoE's checkpoint, on the machine too small for
+    it). The skeleton's experts are now meta tensors of the stacked shapes: the same bytes counted."""
+    from converter.loader import moe_records
+    from converter.loader.estimate import estimate
+    from converter.loader.footprint import memory_by_device
+
+    q, _ = folders("qwen3_moe")
+    loaded = memory_by_device(load_quantized(q, device_map="cpu"))
+
+    def read(*_):
+        msg = "estimate read an expert's bytes"
+        raise AssertionError(msg)
+
+    # the stacking's reads of every expert's codes and absmax (moe_records' own use of ops only)
+    monkeypatch.setattr(moe_records, "ops", types.SimpleNamespace(packed_bytes=read, decoded_absmax=read))
+    assert estimate(q, "cpu")[1] == loaded
