@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from converter.loader.model import build_skeleton
-from converter.loader.module import dtype_from_name
+from converter.loader.model import _dtype_plan, _requested_dtype, build_skeleton
 from converter.loader.placement import Device, DeviceMap, bytes_per_device, plan_device_map
 from converter.loader.state import load_quantized_state, resolve_folder
 
@@ -27,7 +27,7 @@ def estimate(
     folder: str | os.PathLike,
     device_map: str | Mapping[str, Device] = "auto",
     max_memory: Mapping[Any, int | str] | None = None,
-    dtype: torch.dtype | str = torch.bfloat16,
+    dtype: torch.dtype | str | None = torch.bfloat16,
     *,
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -39,6 +39,7 @@ def estimate(
 ) -> tuple[DeviceMap, dict[str, int]]:
     """The plan ``load_quantized(folder, device_map=..., max_memory=...)`` makes and the bytes each
     device will hold, from the shard headers and the meta skeleton alone (no weight data is read).
+    ``dtype`` as ``load_quantized`` takes it ("auto" / None: the checkpoint's).
     A Hub repo id is fetched at ``revision`` with ``token``, ``cache_dir``, ``force_download`` and
     ``local_files_only`` as ``load_quantized`` fetches it, but only its JSON files (and code): the
     shards' headers are read by HTTP range requests (offline or with ``local_files_only``, the cached
@@ -66,13 +67,33 @@ def estimate(
         state = header_state(str(folder), path, subfolder, token)
     else:
         state = load_quantized_state(path, verify=False)
-    model = build_skeleton(
-        path,
-        state,
-        dtype_from_name(dtype),
-        trust_remote_code=trust_remote_code,
-        experts_device="meta" if headers_only else "cpu",  # meta tensors have no data to move
-    ).model
+    dtype = _requested_dtype(dtype, path)  # "auto" / None: the checkpoint's, as load_quantized takes them
+    # 4-bit MoE experts stacked as meta tensors: their sizes without reading (or holding) their bytes
+    skeleton = build_skeleton(path, state, dtype, trust_remote_code=trust_remote_code, experts_device="meta")
+    model = skeleton.model
+    _apply_dtype_plan(model, state, dtype)
     model.tie_weights()  # tied weights count once, as in the loaded model
     plan = plan_device_map(model, device_map, max_memory)
     return plan, bytes_per_device(model, plan)
+
+
+def _apply_dtype_plan(model: nn.Module, state: Mapping[str, Any], dtype: torch.dtype) -> None:
+    """Give the skeleton's meta tensors the dtype the load gives them (``model._fill``): transformers'
+    dtype plan (``_keep_in_fp32_modules`` under float16, e.g. T5's ``wo``) for the checkpoint's floats."""
+    planned = _dtype_plan(model, dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        target = params.get(key, buffers.get(key))
+        wanted = planned(key)
+        if target is None or wanted is None or wanted == target.dtype:
+            continue
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        meta = torch.empty(target.shape, dtype=wanted, device="meta")
+        if key in params:
+            module._parameters[attr] = nn.Parameter(meta, requires_grad=False)
+        else:
+            module._buffers[attr] = meta

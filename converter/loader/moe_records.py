@@ -143,7 +143,8 @@ def stack_records(
     """The layer's buffers on ``device`` from its per-expert records (checked against the model's shapes).
 
     The layer is assembled where the records are (the CPU mapping, or the GPU a streamed load put them
-    on) and moved once if ``device`` differs; the nested absmax of every expert is decoded in one
+    on) and moved once if ``device`` differs (``"meta"``: empty tensors of the stacked shapes, nothing
+    read, for sizing a placement); the nested absmax of every expert is decoded in one
     vectorised pass per projection, with the same float32 product-then-sum as
     :func:`ops.decoded_absmax` (a pass per record was 18 k small device round trips in a
     Qwen3-30B-A3B).
@@ -161,6 +162,11 @@ def stack_records(
             key, rec = experts[e][role]
             _check_record(rec, key, role, first, first_key, lay, where, name)
     quant_map = first.quant_map.float().contiguous()
+    names = tuple(experts[0][role][0].rsplit(".", 2)[-2] for role in ROLES)
+    if device.type == "meta":  # sizes only (estimate, inspect --memory): no expert byte read or held
+        packed = torch.empty(num, n_bytes, dtype=torch.uint8, device=device)
+        absmax = torch.empty(num, n_blocks, dtype=torch.float32, device=device)
+        return StackedExperts(packed, absmax, quant_map.to(device), bs, qt, dtype, names, None)  # type: ignore[arg-type]
     nested_map = first.nested.nested_quant_map if first.nested is not None else None
     keep_nested = nested_map is not None and _all_nested_alike(experts, nested_map)
     work = first.packed.device
@@ -195,7 +201,6 @@ def stack_records(
             decoded = table[codes[:, ao : ao + nb].long()] * scale
             absmax[:, ao : ao + nb] = decoded + shift[:, r : r + 1]
     packed, absmax = packed.to(device), absmax.to(device)
-    names = tuple(experts[0][role][0].rsplit(".", 2)[-2] for role in ROLES)
     nested = None
     if keep_nested:
         nested = {

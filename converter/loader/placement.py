@@ -51,6 +51,7 @@ from converter.loader.devices import STRATEGIES, PlacementError, gpu_index
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
+from converter.loader.moe import QuantExperts4bit, _is_fused_experts
 from converter.locks import locked_temp_folder, remove_if_unlocked
 
 Device = int | str
@@ -182,17 +183,31 @@ def _unmapped(model: nn.Module, device_map: Mapping[str, Device]) -> tuple[list[
     return list(dict.fromkeys(top)), len(missing)
 
 
+def _unknown_keys(model: nn.Module, device_map: Mapping[str, Device]) -> list[str]:
+    """Keys of ``device_map`` naming no module, parameter or buffer of ``model`` ('' names the model)."""
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    names |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    return [k for k in device_map if k not in names]
+
+
 def check_map(model: nn.Module, device_map: Mapping[str, Device]) -> None:
     """Every tensor mapped (accelerate's check_device_map) and tied weights on one device."""
     unmapped, count = _unmapped(model, device_map)
     if unmapped:  # accelerate lists every tensor (and a 4-bit weight's five buffers) in one line
         more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
-        modules = {name for name, _ in model.named_modules()}
-        unknown = [k for k in device_map if k not in modules and k not in model.state_dict()]
+        unknown = _unknown_keys(model, device_map)
         hint = f"; no module is named {', '.join(map(repr, unknown))}" if unknown else ""
         msg = (
             f"device_map gives no device to {', '.join(map(repr, unmapped[:5]))}{more} ({count} tensors)"
             f"{hint}; map them, a parent module, or '' (everything not listed) to a device"
+        )
+        raise PlacementError(msg)
+    unknown = _unknown_keys(model, device_map)
+    if unknown:  # a typo: dispatch would fail on it (a disk or GPU entry) or ignore it (a CPU one)
+        msg = (
+            f"device_map: no module or tensor is named {', '.join(map(repr, unknown))}; "
+            "use the names of model.named_modules()"
         )
         raise PlacementError(msg)
     try:
@@ -282,23 +297,26 @@ def dispatch(
             tied_params_map={},
         )
     for name in disk:
-        targets = _called_modules(model.get_submodule(name), name) if _is_module(model, name) else []
+        is_module = _is_module(model, name)
+        targets = _release_points(model.get_submodule(name), name, set(_no_split(model))) if is_module else []
         for module_name, module in targets or [(name, None)]:
-            hook = ReleaseMappedPages(_page_ranges(_tensors_under(model, module_name), mappings))
+            tensors = _tensors_under(model, module_name)
+            hook = ReleaseMappedPages(_page_ranges(tensors, mappings), tensors)
             hook.release()  # pages touched while loading; each forward re-reads what it needs
-            if module is not None:
+            if module is not None and hook.ranges:
                 add_hook_to_module(module, hook, append=True)
     model.hf_device_map = device_map
 
 
-def _called_modules(module: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
-    """The modules under a map entry whose forward runs: containers (ModuleList/ModuleDict, never
-    called themselves) are replaced by their children, so each decoder layer releases its own pages."""
-    if not isinstance(module, nn.ModuleList | nn.ModuleDict):
-        return [(name, module)]
-    out = []
-    for child_name, child in module.named_children():
-        out += _called_modules(child, f"{name}.{child_name}" if name else child_name)
+def _release_points(module: nn.Module, name: str, no_split: set[str]) -> list[tuple[str, nn.Module]]:
+    """The modules under a disk entry after whose forward its pages are dropped: the entry itself and,
+    down to the blocks (``_no_split_modules``, e.g. decoder layers), every module below it, so while the
+    model runs one block's pages are resident, not the whole entry's (accelerate maps a model no layer
+    of which fits the budget as ``{"": "disk"}``). Containers (ModuleList/ModuleDict) are never called."""
+    out = [] if isinstance(module, nn.ModuleList | nn.ModuleDict) else [(name, module)]
+    if type(module).__name__ not in no_split:
+        for child_name, child in module.named_children():
+            out += _release_points(child, f"{name}.{child_name}" if name else child_name, no_split)
     return out
 
 
@@ -350,22 +368,35 @@ def _offload_unmapped(
     shard_paths: list[Path],
     offload_folder: str | os.PathLike | None,
 ) -> Path | None:
-    """Parameters of disk modules that are not shard views (cast at load) go to a new folder inside
-    ``offload_folder`` through accelerate's ``offload_weight`` and are mapped back from there; that
-    folder, or None when nothing was written. One folder per load: a second model loaded with the same
-    ``offload_folder`` has parameters of the same names, and rewriting a file the first model maps would
-    change its weights under it."""
+    """Parameters of disk modules that are not shard views (cast at load, or MoE experts stacked at
+    load: a 4-bit experts module's ``packed`` / ``absmax`` buffers too, its weights) go to a new folder
+    inside ``offload_folder`` through accelerate's ``offload_weight`` and are mapped back from there;
+    that folder, or None when nothing was written. One folder per load: a second model loaded with the
+    same ``offload_folder`` has parameters of the same names, and rewriting a file the first model maps
+    would change its weights under it."""
     mappings = _file_mappings(shard_paths)
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}  # a tied parameter: every module holding it
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((module, attr))
     folder: Path | None = None
     for name, t, _ in list(module_tensors(model)):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if attr not in module._parameters or _device_of(name, device_map) != "disk" or _inside(t, mappings):
+        stacked = isinstance(module, QuantExperts4bit) and attr in ("packed", "absmax")
+        weight = attr in module._parameters or stacked
+        if not weight or _device_of(name, device_map) != "disk" or _inside(t, mappings):
             continue  # buffers stay in RAM (accelerate's offload_buffers=False); shard views stay views
         if offload_folder is None:
+            why = (
+                "the experts of a layer are stacked at load"
+                if stacked or _is_fused_experts(module)
+                else f"it was cast to {t.dtype} at load; or load with the shards' dtype"
+            )
             msg = (
-                f"device_map sends {name!r} to disk but it is not a view of the shards (it was cast to "
-                f"{t.dtype} at load); pass offload_folder= to write it there, or load with the shards' dtype"
+                f"device_map sends {name!r} to disk but it is not a view of the shards ({why}); "
+                "pass offload_folder= to write it there"
             )
             raise PlacementError(msg)
         if folder is None:
@@ -376,7 +407,12 @@ def _offload_unmapped(
             folder / f"{name}.dat", dtype=_NUMPY_DTYPES.get(info["dtype"], info["dtype"]), mode="c"
         )
         mapped = torch.from_numpy(stored).view(t.dtype).reshape(t.shape)
-        module._parameters[attr] = nn.Parameter(mapped, requires_grad=False)
+        if stacked:
+            module._buffers[attr] = mapped
+            continue
+        param = nn.Parameter(mapped, requires_grad=False)
+        for holder, holder_attr in holders[id(t)]:  # tied weights stay one tensor, none left in RAM
+            holder._parameters[holder_attr] = param
     return folder
 
 
@@ -444,10 +480,15 @@ if _libc is not None:
 
 class ReleaseMappedPages(ModelHook):
     """After each forward of a disk module, drop its mapped shard pages from the process (``MADV_DONTNEED``
-    on a private, never-written file mapping: the next access reads them from the page cache or file)."""
+    on a private, never-written file mapping: the next access reads them from the page cache or file).
 
-    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+    It holds ``tensors``, the mapped tensors ``ranges`` cover, so their mappings live as long as it does:
+    once the module's tensors are replaced (``model.to(dtype)``) a shard may otherwise be unmapped and
+    its address range reused by another mapping, whose pages ``MADV_DONTNEED`` would zero."""
+
+    def __init__(self, ranges: list[tuple[int, int]], tensors: Iterable[torch.Tensor] = ()) -> None:
         self.ranges = ranges
+        self.tensors = [t.detach() for t in tensors]  # the storages: `.to()` swaps a parameter's data
 
     def release(self) -> None:
         if _libc is None:

@@ -24,6 +24,9 @@ from converter.loader.module import QuantLinear4bit
 from converter.loader.placement import (
     PlacementError,
     ReleaseMappedPages,
+    _file_mappings,
+    _page_ranges,
+    _tensors_under,
     accelerator_device,
     bytes_per_device,
     dispatch,
@@ -414,3 +417,119 @@ def test_an_offload_folder_of_a_killed_process_is_removed_by_the_next_load(
     del model
     gc.collect()
     assert not any(off.iterdir())
+
+
+def test_tied_weights_cast_to_disk_stay_tied_and_leave_ram(tmp_path: Path) -> None:
+    """A tied embedding / head cast at load and sent to disk is written to offload_folder once and both
+    modules map that one file: the head kept the RAM copy (the tie broken, the largest tensor of a small
+    model held twice: once in RAM, once on disk), so the footprint was the estimate plus that copy."""
+    from converter.loader.estimate import estimate
+    from converter.writer.pipeline import convert
+
+    plain = save_tiny_llama(tmp_path / "plain", tie_word_embeddings=True)
+    folder = convert(plain, tmp_path / "tied", progress=False).output
+    off = tmp_path / "offload"
+    model = load_quantized(folder, dtype=torch.float32, device_map={"": "disk"}, offload_folder=off)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert mapped_from(model.lm_head.weight, list(off.iterdir()))
+    _, expected = estimate(folder, {"": "disk"}, dtype=torch.float32)
+    assert memory_by_device(model) == expected
+    assert torch.equal(_logits(model), _logits(load_quantized(folder, dtype=torch.float32)))
+
+
+def test_estimate_follows_the_keep_in_fp32_dtype_plan(tiny_checkpoint, tmp_path: Path) -> None:
+    """T5's `wo` (``_keep_in_fp32_modules``) stays unquantized and loads in float32 under dtype=float16,
+    as from_pretrained loads it; the estimate sized it in float16 (half its bytes)."""
+    from converter.loader.estimate import estimate
+    from converter.writer.pipeline import convert
+
+    folder = convert(tiny_checkpoint("t5"), tmp_path / "t5", progress=False).output
+    model = load_quantized(folder, dtype=torch.float16, device_map="cpu")
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert wo.weight.dtype == torch.float32  # the plan is in force: the test can fail
+    _, expected = estimate(folder, "cpu", dtype=torch.float16)
+    assert expected == memory_by_device(model)
+
+
+def test_disk_hooks_never_drop_pages_of_a_mapping_that_was_unmapped(our_folder: Path, tmp_path: Path) -> None:
+    """`model.to(torch.float32)` replaces the disk lm_head's shard view by a cast copy; its shard (which
+    holds nothing else) was then unmapped, but the hook kept dropping the old address range after each
+    forward: MADV_DONTNEED zeroed whatever the process mapped there next (a private anonymous mapping
+    of that size lands there, and was found zeroed). The hook keeps the mapping alive instead."""
+    import gc
+
+    folder = shutil.copytree(our_folder, tmp_path / "own")  # own files: own mappings
+    [shard] = {p for p in shard_files(folder)[0] if list(open_shard(p).keys()) == ["lm_head.weight"]}
+    model = load_quantized(folder, device_map={"model": "cpu", "lm_head": "disk"})
+    [hook] = [h for h in _hooks(model.lm_head) if isinstance(h, ReleaseMappedPages)]
+    assert hook.ranges
+    model.to(torch.float32)
+    gc.collect()
+    live = _file_mappings([shard])
+    assert all(any(a <= start and end <= b for a, b in live) for start, end in hook.ranges)
+    assert torch.equal(_logits(model), _logits(load_quantized(our_folder, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("device", ["disk", "cpu"])
+def test_a_map_key_naming_no_module_is_named(our_folder: Path, device: str) -> None:
+    """A key naming no module or tensor of the model (a typo) failed deep in dispatch with
+    AttributeError "'LlamaModel' object has no attribute 'layer'" when it said "disk", and was ignored
+    (the module it meant left where '' put it) when it said "cpu"; now it is refused up front."""
+    typo = {"": "cpu", "model.layer.1": device}
+    with pytest.raises(PlacementError, match=r"no module or tensor is named 'model\.layer\.1'"):
+        load_quantized(our_folder, device_map=typo)
+    with pytest.raises(PlacementError, match=r"'model\.layer\.1'"):
+        plan_device_map(load_quantized(our_folder), typo)
+
+
+@pytest.mark.parametrize("dtype", ["auto", None])
+def test_estimate_takes_the_dtypes_load_quantized_takes(
+    tiny_checkpoint, tmp_path: Path, dtype: str | None
+) -> None:
+    """load_quantized(dtype="auto" / None) loads in the checkpoint's dtype (GPT-2's: float32, not the
+    default bfloat16); estimate refused both ("unsupported dtype 'auto'") although it returns what that
+    load would hold."""
+    from converter.loader.estimate import estimate
+    from converter.writer.pipeline import convert
+
+    folder = convert(tiny_checkpoint("gpt2"), tmp_path / "gpt2", progress=False).output
+    model = load_quantized(folder, dtype=dtype, device_map="cpu")
+    assert model.transformer.wte.weight.dtype == torch.float32
+    assert estimate(folder, "cpu", dtype=dtype) == (model.hf_device_map, memory_by_device(model))
+
+
+def _resident_pages(model: torch.nn.Module, name: str, folder: Path) -> int:
+    """Whole pages of the mapped tensors of module ``name`` present in this process (/proc/self/pagemap
+    bit 63)."""
+    import struct
+
+    ranges = _page_ranges(_tensors_under(model, name), _file_mappings(shard_files(folder)[0]))
+    count = 0
+    with open("/proc/self/pagemap", "rb") as f:
+        for a, b in ranges:
+            f.seek(a // 4096 * 8)
+            count += sum(e >> 63 for e in struct.unpack(f"{(b - a) // 4096}Q", f.read((b - a) // 4096 * 8)))
+    return count
+
+
+@pytest.mark.parametrize("entry", ["", "model"])
+def test_a_whole_model_on_disk_drops_each_layers_pages_after_it_runs(
+    our_folder: Path, tmp_path: Path, entry: str
+) -> None:
+    """A budget too small for any layer makes accelerate's plan {'': 'disk'}: the one hook on the
+    whole model dropped the pages after the whole forward, so while it ran every layer's weights were
+    resident at once (the whole model, against a max_memory of a layer). Each block
+    (``_no_split_modules``) and each other module holding weights now drops its pages after its own
+    forward, as the layers of a 'model.layers': 'disk' entry do."""
+    folder = shutil.copytree(our_folder, tmp_path / "own")  # own files: own mappings
+    device_map = {"": "disk"} if entry == "" else {"model": "disk", "lm_head": "cpu"}
+    model = load_quantized(folder, device_map=device_map)
+    seen: list[int] = []
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda *_: seen.append(_resident_pages(model, "model.layers.0", folder))
+    )
+    plain = load_quantized(our_folder)
+    assert torch.equal(_logits(model), _logits(plain))
+    assert _resident_pages(plain, "model.layers.0", our_folder) >= 4  # a plain load keeps them: can fail
+    hook.remove()
+    assert seen == [0]

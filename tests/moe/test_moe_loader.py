@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import pytest
@@ -210,13 +211,34 @@ def test_grouped_gemv_equals_per_expert_gemv(dtype, shared_x):
         )  # fmt: skip
 
 
-def test_device_map_with_disk_offload_gives_the_same_logits(folders):
-    """4-bit experts under accelerate's placement (layers offloaded to disk run on the CPU in place)."""
+def test_device_map_with_disk_offload_gives_the_same_logits(folders, tmp_path):
+    """4-bit experts under accelerate's placement (layers offloaded to disk run on the CPU in place).
+
+    A layer's experts are stacked into one buffer at load, not a view of the shards: a disk layer's
+    stack stayed in RAM, outside max_memory["cpu"], while the plan, the estimate and memory_by_device
+    counted it on disk. It is written to offload_folder and mapped from there (its pages dropped
+    after each forward), as a parameter cast at load is; without offload_folder the load says so."""
+    from converter.loader.placement import PlacementError, ReleaseMappedPages, mapped_from
+
     q, _ = folders("olmoe")
+    budget = {"cpu": "60KB"}
+    with pytest.raises(PlacementError, match=r"experts\.packed'.*offload_folder"):
+        load_quantized(q, device_map="auto", max_memory=budget)
+    off = tmp_path / "offload"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        placed = load_quantized(q, device_map="auto", max_memory={"cpu": "60KB"})
-    assert "disk" in set(placed.hf_device_map.values())
+        placed = load_quantized(q, device_map="auto", max_memory=budget, offload_folder=off)
+    disk = [n for n, d in placed.hf_device_map.items() if d == "disk"]
+    stacks = [(n, m) for n, m in moe_modules(placed).items() if any(n.startswith(f"{d}.") for d in disk)]
+    assert stacks
+    [written] = off.iterdir()
+    for _, experts in stacks:
+        assert mapped_from(experts.packed, [written])
+        assert mapped_from(experts.absmax, [written])
+    layer = placed.get_submodule(stacks[0][0].rsplit(".mlp", 1)[0])
+    [hook] = [h for h in layer._hf_hook.hooks if isinstance(h, ReleaseMappedPages)]
+    start = stacks[0][1].packed.data_ptr()
+    assert any(a <= start + 4095 and start + 4096 <= b for a, b in hook.ranges)  # its pages are dropped
     assert torch.equal(_logits(placed), _logits(load_quantized(q)))
 
 
@@ -424,3 +446,24 @@ def test_model_card_lists_int8_experts_as_quantized(tmp_path):
     assert "load_quantized" not in loaders
     assert 'load_quantized("me/tiny-moe-int8")' not in card  # it refuses int8 experts
     assert "quantize-model dequantize" in card
+
+
+def test_estimate_reads_no_expert_bytes(folders, monkeypatch):
+    """estimate / inspect --memory promise sizes "from the shard headers and the skeleton, no weight data
+    read"; on a --moe-experts quantize folder they stacked every layer's experts on the CPU (all the
+    expert bytes read and held at once: most of a large MoE's checkpoint, on the machine too small for
+    it). The skeleton's experts are now meta tensors of the stacked shapes: the same bytes counted."""
+    from converter.loader import moe_records
+    from converter.loader.estimate import estimate
+    from converter.loader.footprint import memory_by_device
+
+    q, _ = folders("qwen3_moe")
+    loaded = memory_by_device(load_quantized(q, device_map="cpu"))
+
+    def read(*_):
+        msg = "estimate read an expert's bytes"
+        raise AssertionError(msg)
+
+    # the stacking's reads of every expert's codes and absmax (moe_records' own use of ops only)
+    monkeypatch.setattr(moe_records, "ops", types.SimpleNamespace(packed_bytes=read, decoded_absmax=read))
+    assert estimate(q, "cpu")[1] == loaded
