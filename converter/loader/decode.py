@@ -46,6 +46,7 @@ WARMUP_STEPS = 2
 
 _warned: set[str] = set()
 _own_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> StaticCache
+_own_made_for: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its (dtype, device) then
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {state key: _GraphState}
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled __call__
 _in_use: set[int] = set()  # id() of the kept caches a running call decodes on (threads share a model)
@@ -395,14 +396,17 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
             # another thread decodes on the kept cache right now: this call gets one of its own
             model_kwargs["cache"] = StaticCache(config=model.config, max_cache_len=length)
             return model_kwargs["cache"]
+        made_for = (model.dtype, model.device)  # .half() / .to() since: its keys have the old dtype
         if (
             own is None
             or _capacity(own) < length
             or _cache_batch(own) not in (None, batch)
             or _stuck_in_inference_mode(_cache_tensors(own))
+            or _own_made_for.get(model) != made_for
         ):
             own = StaticCache(config=model.config, max_cache_len=length)
             _own_caches[model] = own
+            _own_made_for[model] = made_for
         else:
             own.reset()
         _in_use.add(id(own))  # until graphed_greedy returns

@@ -69,6 +69,19 @@ def test_kept_cache_serves_calls_in_and_out_of_inference_mode(
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("cast", ["half", "float"])
+def test_kept_cache_follows_a_dtype_change_of_the_model(our_folder: Path, cast: str) -> None:
+    """``model.half()`` / ``.float()`` between two calls: the kept static cache holds keys of the old dtype,
+    which the next call cannot write into ("index_copy_(): self and source expected to have the same
+    dtype"); a new one is made for the model's new dtype."""
+    model = load_quantized(our_folder).eval()
+    kw = {"max_new_tokens": 5, "min_new_tokens": 5, "pad_token_id": 0}
+    model.generate(IDS, custom_generate=graphed_greedy, **kw)
+    getattr(model, cast)()
+    got = model.generate(IDS, custom_generate=graphed_greedy, **kw)
+    assert torch.equal(got, greedy_reference(model, IDS, **kw))
+
+
 def test_concurrent_calls_on_one_model_each_get_their_tokens(our_folder: Path) -> None:
     """Two threads decoding on one model at once (a server's worker threads): each gets the tokens of
     its own prompt. A barrier at the first decode step makes both prefills happen before either
