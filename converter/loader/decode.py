@@ -45,6 +45,10 @@ CACHE_LENGTH_STEP = 256
 WARMUP_STEPS = 2
 
 _warned: set[str] = set()
+#: generate()'s model inputs the decode loop reproduces (the prefill takes them all, the steps these).
+_STEP_KWARGS = frozenset(
+    {"attention_mask", "position_ids", "cache", "use_cache", "logits_to_keep", "inputs_embeds"}
+)
 _own_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> StaticCache
 _own_made_for: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its (dtype, device) then
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {state key: _GraphState}
@@ -174,6 +178,16 @@ def _unsupported(
     mask = model_kwargs.get("attention_mask")
     if mask is not None and (mask.shape != input_ids.shape or not bool(mask.all())):
         return "padded prompts (an attention_mask with zeros) are not supported"
+    # the decode steps feed only the token, its position and the cache: any other model input (e.g.
+    # token_type_ids, which transformers' loop extends and passes at every step) would be dropped
+    extra = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _STEP_KWARGS)
+    if extra:
+        return f"model inputs the decode steps do not pass on ({', '.join(extra)}) are not supported"
+    positions = model_kwargs.get("position_ids")
+    if positions is not None and (
+        positions.dim() != 2 or not bool((positions[:, -1] == input_ids.shape[1] - 1).all())
+    ):  # the steps continue at the prompt's length; transformers' loop at the last position + 1
+        return "position_ids other than 0 .. prompt length - 1 are not supported"
     cache = model_kwargs.get("cache")
     if cache is not None and not _is_empty_reusable_cache(cache):
         return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"

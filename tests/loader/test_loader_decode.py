@@ -229,6 +229,43 @@ def test_padded_prompt_falls_back(model, caplog) -> None:
     assert got.shape == (2, IDS.shape[1] + 4)
 
 
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny GPT-2 (token type embeddings, learned positions) converted to NF4 and loaded; its position
+    embeddings scaled up, so that positions change the greedy tokens of a random model."""
+    from tiny_models import make_tiny
+
+    from converter.writer.pipeline import convert
+
+    root = tmp_path_factory.mktemp("decode-gpt2")
+    convert(make_tiny("gpt2", root / "src"), root / "q", progress=False)
+    model = load_quantized(root / "q").eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("extra", ["token_type_ids", "position_ids"])
+def test_model_inputs_the_steps_do_not_pass_fall_back(gpt2, extra: str, caplog) -> None:
+    """transformers' loop passes token_type_ids (extended) and position_ids (last + 1) at every decode
+    step; the device loop feeds only the token and the prompt length + i, so with token_type_ids, or with
+    position_ids that do not end at the prompt's length - 1, it falls back instead of silently giving
+    other tokens."""
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    ids = IDS % gpt2.config.vocab_size
+    if extra == "token_type_ids":
+        inputs = {"token_type_ids": torch.full_like(ids, 3)}
+    else:
+        inputs = {"position_ids": torch.arange(ids.shape[1]).unsqueeze(0) + 20}
+    want = gpt2.generate(ids, **inputs, **kw)
+    assert not torch.equal(want, gpt2.generate(ids, **kw))  # the input changes the tokens
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = gpt2.generate(ids, custom_generate=graphed_greedy, **inputs, **kw)
+    assert torch.equal(got, want)
+    assert extra in caplog.text
+
+
 def test_bad_steps_per_graph_is_refused(model) -> None:
     with pytest.raises(ValueError, match="steps_per_graph must be a positive int, got 0"):
         model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=0, max_new_tokens=3)
