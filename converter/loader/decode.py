@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -447,9 +448,18 @@ def _stuck_in_inference_mode(tensors: list[torch.Tensor]) -> bool:
     return not torch.is_inference_mode_enabled() and any(t.is_inference() for t in tensors)
 
 
-def _capacity(cache) -> int:
-    """Positions a static cache holds (its full-attention layers'; sliding layers hold a window)."""
-    return max(layer.max_cache_len for layer in cache.layers)
+def _capacity(cache) -> float:
+    """Positions a static cache can serve: the least of its layers' lengths, leaving out the sliding layers
+    that hold their whole window (made with max_cache_len above it: they roll over the window and serve
+    any length; a cache of such layers only, e.g. Mistral's, serves any length: inf). A sliding layer
+    made shorter than its window holds max_cache_len positions, as a full-attention layer does."""
+    lengths = []
+    for layer in cache.layers:
+        length = getattr(layer, "max_cache_len", None)
+        whole_window = getattr(layer, "is_sliding", False) and getattr(layer, "_is_croppable", True) is False
+        if length is not None and not whole_window:
+            lengths.append(length)
+    return min(lengths) if lengths else math.inf
 
 
 def _cache_batch(cache) -> int | None:

@@ -307,3 +307,37 @@ def test_any_transformers_model_gets_its_greedy_tokens(model_type: str) -> None:
     kw = {"max_new_tokens": 20, "min_new_tokens": 20, "pad_token_id": 0}
     want = greedy_reference(model, ids, **kw)
     assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw), want)
+
+
+def test_sliding_window_only_cache_serves_any_length() -> None:
+    """A model whose every layer slides (Mistral's sliding_window): its StaticCache layers hold the window
+    and roll over it, so a cache made longer than the window serves any length. It used to count as
+    holding only the window: a user's cache was refused ("the StaticCache holds 8 positions") and the
+    kept cache was made again (its graphs recorded again) at every call."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", **_TINY, **_ARCHS["mistral"])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])  # longer than the window
+    kw = {"max_new_tokens": 20, "min_new_tokens": 20, "pad_token_id": 0}
+    want = greedy_reference(model, ids, **kw)
+    cache = StaticCache(config=model.config, max_cache_len=16)  # holds the window of 8: any length
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, cache=cache, **kw), want)
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, **kw), want)
+    kept = decode._own_caches[model]
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, **kw), want)
+    assert decode._own_caches[model] is kept
+
+
+def test_sliding_cache_shorter_than_its_window_is_refused() -> None:
+    """A sliding layer made shorter than its window holds max_cache_len positions, no more: a longer
+    generation on it would attend to fewer tokens than the model's window, so it is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", **{**_TINY, "sliding_window": 64})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cache = StaticCache(config=model.config, max_cache_len=10)
+    with pytest.raises(ValueError, match=r"holds 10 positions; generate\(\) needs 19"):
+        model.generate(IDS, custom_generate=graphed_greedy, cache=cache, max_new_tokens=12, pad_token_id=0)
