@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -45,7 +46,12 @@ CACHE_LENGTH_STEP = 256
 WARMUP_STEPS = 2
 
 _warned: set[str] = set()
+#: generate()'s model inputs the decode loop reproduces (the prefill takes them all, the steps these).
+_STEP_KWARGS = frozenset(
+    {"attention_mask", "position_ids", "cache", "use_cache", "logits_to_keep", "inputs_embeds"}
+)
 _own_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> StaticCache
+_own_made_for: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its (dtype, device) then
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {state key: _GraphState}
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled __call__
 _in_use: set[int] = set()  # id() of the kept caches a running call decodes on (threads share a model)
@@ -173,6 +179,16 @@ def _unsupported(
     mask = model_kwargs.get("attention_mask")
     if mask is not None and (mask.shape != input_ids.shape or not bool(mask.all())):
         return "padded prompts (an attention_mask with zeros) are not supported"
+    # the decode steps feed only the token, its position and the cache: any other model input (e.g.
+    # token_type_ids, which transformers' loop extends and passes at every step) would be dropped
+    extra = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _STEP_KWARGS)
+    if extra:
+        return f"model inputs the decode steps do not pass on ({', '.join(extra)}) are not supported"
+    positions = model_kwargs.get("position_ids")
+    if positions is not None and (
+        positions.dim() != 2 or not bool((positions[:, -1] == input_ids.shape[1] - 1).all())
+    ):  # the steps continue at the prompt's length; transformers' loop at the last position + 1
+        return "position_ids other than 0 .. prompt length - 1 are not supported"
     cache = model_kwargs.get("cache")
     if cache is not None and not _is_empty_reusable_cache(cache):
         return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"
@@ -395,14 +411,17 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
             # another thread decodes on the kept cache right now: this call gets one of its own
             model_kwargs["cache"] = StaticCache(config=model.config, max_cache_len=length)
             return model_kwargs["cache"]
+        made_for = (model.dtype, model.device)  # .half() / .to() since: its keys have the old dtype
         if (
             own is None
             or _capacity(own) < length
             or _cache_batch(own) not in (None, batch)
             or _stuck_in_inference_mode(_cache_tensors(own))
+            or _own_made_for.get(model) != made_for
         ):
             own = StaticCache(config=model.config, max_cache_len=length)
             _own_caches[model] = own
+            _own_made_for[model] = made_for
         else:
             own.reset()
         _in_use.add(id(own))  # until graphed_greedy returns
@@ -429,9 +448,18 @@ def _stuck_in_inference_mode(tensors: list[torch.Tensor]) -> bool:
     return not torch.is_inference_mode_enabled() and any(t.is_inference() for t in tensors)
 
 
-def _capacity(cache) -> int:
-    """Positions a static cache holds (its full-attention layers'; sliding layers hold a window)."""
-    return max(layer.max_cache_len for layer in cache.layers)
+def _capacity(cache) -> float:
+    """Positions a static cache can serve: the least of its layers' lengths, leaving out the sliding layers
+    that hold their whole window (made with max_cache_len above it: they roll over the window and serve
+    any length; a cache of such layers only, e.g. Mistral's, serves any length: inf). A sliding layer
+    made shorter than its window holds max_cache_len positions, as a full-attention layer does."""
+    lengths = []
+    for layer in cache.layers:
+        length = getattr(layer, "max_cache_len", None)
+        whole_window = getattr(layer, "is_sliding", False) and getattr(layer, "_is_croppable", True) is False
+        if length is not None and not whole_window:
+            lengths.append(length)
+    return min(lengths) if lengths else math.inf
 
 
 def _cache_batch(cache) -> int | None:

@@ -311,10 +311,26 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
     return router_logits, scores, indices
 
 
+def _fused_reduce_ex(self: nn.Module, protocol: int) -> tuple:
+    """Pickled as (base class, kind) + state: the fused class has the base's name, so pickle's lookup of
+    it by name would find transformers' class instead ("it's not the same object")."""
+    cls = type(self)
+    if "_qm_fused_router" not in cls.__dict__:  # a subclass made after install: torch's own rules
+        return super(cls, self).__reduce_ex__(protocol)
+    return _new_fused, (cls._qm_base, cls._qm_fused_router), self.__getstate__()
+
+
+def _new_fused(base: type, kind: str) -> nn.Module:
+    """An empty instance of the fused class of ``base`` (its state is set by pickle)."""
+    cls = _fused_class(base, kind)
+    return cls.__new__(cls)
+
+
 @functools.cache
 def _fused_class(cls: type, kind: str) -> type:
     attrs = {
         "forward": _fused_forward,
+        "__reduce_ex__": _fused_reduce_ex,
         "_qm_fused_router": kind,
         "_qm_base": cls,
         "__module__": cls.__module__,

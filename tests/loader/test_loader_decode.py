@@ -69,6 +69,19 @@ def test_kept_cache_serves_calls_in_and_out_of_inference_mode(
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("cast", ["half", "float"])
+def test_kept_cache_follows_a_dtype_change_of_the_model(our_folder: Path, cast: str) -> None:
+    """``model.half()`` / ``.float()`` between two calls: the kept static cache holds keys of the old dtype,
+    which the next call cannot write into ("index_copy_(): self and source expected to have the same
+    dtype"); a new one is made for the model's new dtype."""
+    model = load_quantized(our_folder).eval()
+    kw = {"max_new_tokens": 5, "min_new_tokens": 5, "pad_token_id": 0}
+    model.generate(IDS, custom_generate=graphed_greedy, **kw)
+    getattr(model, cast)()
+    got = model.generate(IDS, custom_generate=graphed_greedy, **kw)
+    assert torch.equal(got, greedy_reference(model, IDS, **kw))
+
+
 def test_concurrent_calls_on_one_model_each_get_their_tokens(our_folder: Path) -> None:
     """Two threads decoding on one model at once (a server's worker threads): each gets the tokens of
     its own prompt. A barrier at the first decode step makes both prefills happen before either
@@ -216,6 +229,43 @@ def test_padded_prompt_falls_back(model, caplog) -> None:
     assert got.shape == (2, IDS.shape[1] + 4)
 
 
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny GPT-2 (token type embeddings, learned positions) converted to NF4 and loaded; its position
+    embeddings scaled up, so that positions change the greedy tokens of a random model."""
+    from tiny_models import make_tiny
+
+    from converter.writer.pipeline import convert
+
+    root = tmp_path_factory.mktemp("decode-gpt2")
+    convert(make_tiny("gpt2", root / "src"), root / "q", progress=False)
+    model = load_quantized(root / "q").eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("extra", ["token_type_ids", "position_ids"])
+def test_model_inputs_the_steps_do_not_pass_fall_back(gpt2, extra: str, caplog) -> None:
+    """transformers' loop passes token_type_ids (extended) and position_ids (last + 1) at every decode
+    step; the device loop feeds only the token and the prompt length + i, so with token_type_ids, or with
+    position_ids that do not end at the prompt's length - 1, it falls back instead of silently giving
+    other tokens."""
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    ids = IDS % gpt2.config.vocab_size
+    if extra == "token_type_ids":
+        inputs = {"token_type_ids": torch.full_like(ids, 3)}
+    else:
+        inputs = {"position_ids": torch.arange(ids.shape[1]).unsqueeze(0) + 20}
+    want = gpt2.generate(ids, **inputs, **kw)
+    assert not torch.equal(want, gpt2.generate(ids, **kw))  # the input changes the tokens
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = gpt2.generate(ids, custom_generate=graphed_greedy, **inputs, **kw)
+    assert torch.equal(got, want)
+    assert extra in caplog.text
+
+
 def test_bad_steps_per_graph_is_refused(model) -> None:
     with pytest.raises(ValueError, match="steps_per_graph must be a positive int, got 0"):
         model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=0, max_new_tokens=3)
@@ -257,3 +307,37 @@ def test_any_transformers_model_gets_its_greedy_tokens(model_type: str) -> None:
     kw = {"max_new_tokens": 20, "min_new_tokens": 20, "pad_token_id": 0}
     want = greedy_reference(model, ids, **kw)
     assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw), want)
+
+
+def test_sliding_window_only_cache_serves_any_length() -> None:
+    """A model whose every layer slides (Mistral's sliding_window): its StaticCache layers hold the window
+    and roll over it, so a cache made longer than the window serves any length. It used to count as
+    holding only the window: a user's cache was refused ("the StaticCache holds 8 positions") and the
+    kept cache was made again (its graphs recorded again) at every call."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", **_TINY, **_ARCHS["mistral"])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])  # longer than the window
+    kw = {"max_new_tokens": 20, "min_new_tokens": 20, "pad_token_id": 0}
+    want = greedy_reference(model, ids, **kw)
+    cache = StaticCache(config=model.config, max_cache_len=16)  # holds the window of 8: any length
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, cache=cache, **kw), want)
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, **kw), want)
+    kept = decode._own_caches[model]
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, **kw), want)
+    assert decode._own_caches[model] is kept
+
+
+def test_sliding_cache_shorter_than_its_window_is_refused() -> None:
+    """A sliding layer made shorter than its window holds max_cache_len positions, no more: a longer
+    generation on it would attend to fewer tokens than the model's window, so it is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", **{**_TINY, "sliding_window": 64})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cache = StaticCache(config=model.config, max_cache_len=10)
+    with pytest.raises(ValueError, match=r"holds 10 positions; generate\(\) needs 19"):
+        model.generate(IDS, custom_generate=graphed_greedy, cache=cache, max_new_tokens=12, pad_token_id=0)

@@ -191,6 +191,35 @@ def test_loaded_model_same_logits_with_fused_router_on_and_off(folders, name):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_loaded_model_with_fused_routers_pickles(folders, how):
+    """A served model is pickled (torch.save of the whole model, multiprocessing): the swapped routers
+    pickle as their fused class (not looked up by name, where transformers' class is found instead) and
+    the copy routes as the original."""
+    import io
+    import pickle
+
+    q, _ = folders("mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_quantized(q)
+    if how == "pickle":
+        twin = pickle.loads(pickle.dumps(model))
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    kinds = [getattr(type(m), "_qm_fused_router", None) for m in twin.modules()]
+    assert kinds.count("mixtral") == model.config.num_hidden_layers
+    for ids in (IDS, IDS[:, :1]):
+        got_logits, got_routers = _logits_and_routers(twin, ids)
+        ref_logits, ref_routers = _logits_and_routers(model, ids)
+        assert torch.equal(got_logits, ref_logits)
+        for a, b in zip(got_routers, ref_routers, strict=True):
+            assert torch.equal(a, b)
+
+
 _COMPILE_SCRIPT = r"""
 import json, sys, warnings
 import torch
