@@ -748,12 +748,17 @@ def load_generation_config(
         return
     from transformers import GenerationConfig
 
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder, **(overrides or {}))
-    else:
-        model.generation_config = GenerationConfig.from_pretrained(
-            folder, config_file_name="config.json", _from_model_config=True
-        )
+    path = folder / "generation_config.json"
+    if path.is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder, **(overrides or {}))
+            return
+        except OSError as exc:  # not valid JSON: transformers falls back to config.json (silently)
+            msg = f"{path}: {exc}; using the generation parameters of config.json, as transformers does"
+            warnings.warn(msg, stacklevel=4)  # the caller of load_quantized
+    model.generation_config = GenerationConfig.from_pretrained(
+        folder, config_file_name="config.json", _from_model_config=True
+    )
 
 
 def place(

@@ -305,20 +305,29 @@ def test_num_parameters_counts_the_quantized_weights(
     assert model.num_parameters(only_trainable=True) == 0  # a loaded model is frozen
 
 
-@pytest.mark.parametrize("generation_file", ["custom", "absent"])
+@pytest.mark.parametrize("generation_file", ["custom", "absent", "invalid"])
 def test_generation_config_is_the_folders(our_folder: Path, tmp_path: Path, generation_file: str) -> None:
     """The folder's generation_config.json (a chat model's extra EOS ids, sampling defaults) is the
     loaded model's generation_config, as transformers + bitsandbytes loads it; without the file both
-    derive it from config.json. generate() without arguments then follows it (here: stops at 7 tokens)."""
+    derive it from config.json, and so they do when the file is not valid JSON (transformers falls back
+    silently; we warn, naming the file). generate() without arguments then follows it (here: stops at 7
+    tokens)."""
     folder = tmp_path / "folder"
     shutil.copytree(our_folder, folder)
     if generation_file == "custom":
         (folder / "generation_config.json").write_text(
             json.dumps({"eos_token_id": [2, 5], "do_sample": True, "top_k": 3, "max_new_tokens": 7})
         )
+    elif generation_file == "invalid":
+        (folder / "generation_config.json").write_text('{"eos_token_id": [2, 5],')
     else:
         (folder / "generation_config.json").unlink(missing_ok=True)
-    ours = load_quantized(folder, verify=False)
+    if generation_file == "invalid":
+        with pytest.warns(UserWarning, match=r"generation_config\.json.*config\.json") as record:
+            ours = load_quantized(folder, verify=False)
+        assert [w.filename for w in record if "generation_config" in str(w.message)] == [__file__]
+    else:
+        ours = load_quantized(folder, verify=False)
     theirs = bnb_load(folder)
     assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
     if generation_file == "custom":
