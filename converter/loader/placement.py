@@ -400,7 +400,8 @@ def _offload_unmapped(
             )
             raise PlacementError(msg)
         if folder is None:
-            folder, lock = _own_offload_folder(Path(offload_folder))
+            # absolute: the finalizer runs after any chdir of the process (mkdtemp keeps a relative base)
+            folder, lock = _own_offload_folder(Path(offload_folder).absolute())
             weakref.finalize(model, _remove_offload_folder, folder, lock)
         info = offload_weight(t.detach(), name, str(folder), index={})[name]
         stored = np.memmap(

@@ -233,6 +233,25 @@ def test_disk_tensor_cast_at_load_goes_to_offload_folder(our_folder: Path, tmp_p
     assert torch.equal(_logits(model), _logits(f32))
 
 
+def test_a_relative_offload_folder_is_cleaned_up_after_a_chdir(
+    our_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative offload_folder ("offload", as tutorials write it): the load's own folder inside it is
+    removed when the model is freed even if the process changed directory in between (the finalizer
+    held the relative path and missed it)."""
+    import gc
+
+    monkeypatch.chdir(tmp_path)
+    model = load_quantized(our_folder, dtype=torch.float32, device_map=CPU_DISK, offload_folder="offload")
+    assert len(list((tmp_path / "offload").iterdir())) == 1
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    del model
+    gc.collect()
+    assert list((tmp_path / "offload").iterdir()) == []
+
+
 def test_two_models_sharing_an_offload_folder_keep_their_own_weights(
     our_folder: Path, tmp_path: Path
 ) -> None:
