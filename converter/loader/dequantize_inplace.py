@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from converter.loader.devices import device_of
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.module_int8 import QuantLinear8bit
 from converter.loader.moe import SOURCE_MODULE, QuantExperts4bit
@@ -45,14 +46,14 @@ def _dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dtype | N
     return None if dtype is None else dtype_from_name(dtype)
 
 
-def _check_swappable(name: str, weight: torch.Tensor) -> None:
+def _check_swappable(name: str, weight: torch.Tensor, on_disk: bool) -> None:
     if name.endswith(".base_layer") or name == "base_layer":
         msg = (
             f"dequantize(): {name!r} is wrapped by a PEFT adapter; call merge_and_unload() (or unload()) "
             "first, or dequantize before adding adapters"
         )
         raise DequantizeError(msg)
-    if weight.device.type == "meta":
+    if weight.device.type == "meta" or on_disk:  # ours on disk: shard pages mapped, not meta
         msg = (
             f"dequantize(): the weights of {name!r} are offloaded by accelerate (device_map); load the "
             "folder without a device_map to dequantize in memory, or run `quantize-model dequantize` on it"
@@ -115,9 +116,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
         for name, module in model.named_modules()
         if isinstance(module, (QuantLinear4bit, QuantLinear8bit, QuantExperts4bit))
     ]
+    device_map = getattr(model, "hf_device_map", None) or {}
     for name, module in targets:  # every refusal before the first swap: never half dequantized
         weight = module.packed if isinstance(module, QuantExperts4bit) else module.weight
-        _check_swappable(name, weight)
+        _check_swappable(name, weight, bool(device_map) and device_of(name, device_map) == "disk")
     if not targets:
         warnings.warn("dequantize(): the model has no quantized modules; nothing changed", stacklevel=2)
     for name, module in targets:

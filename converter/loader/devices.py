@@ -92,3 +92,15 @@ def check_devices_exist(device_map: Any, max_memory: Mapping[Any, int | str] | N
         check_gpu(index, f"device_map={device_map!r} (GPU {index})")
     elif isinstance(device_map, str | torch.device) and device_map not in STRATEGIES:
         check_device(device_map, f"device_map={str(device_map)!r}", mapped=True)
+
+
+def device_of(name: str, device_map: Mapping[str, Any]) -> Any:
+    """The device of tensor ``name``: its longest module prefix in the map (accelerate's rule)."""
+    best, found = -1, None
+    for key, device in device_map.items():
+        if (key == "" or name == key or name.startswith(f"{key}.")) and len(key) > best:
+            best, found = len(key), device
+    if found is None:
+        msg = f"device_map places no module holding {name!r}; add it (or a parent) to the map"
+        raise PlacementError(msg)
+    return found

@@ -47,7 +47,7 @@ from accelerate.utils import (
 )
 from torch import nn
 
-from converter.loader.devices import STRATEGIES, PlacementError, gpu_index
+from converter.loader.devices import STRATEGIES, PlacementError, device_of, gpu_index
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
@@ -216,7 +216,7 @@ def check_map(model: nn.Module, device_map: Mapping[str, Device]) -> None:
         msg = f"device_map: {exc}"
         raise PlacementError(msg) from exc
     for group in find_tied_parameters(model):
-        where = {name: _device_of(name, device_map) for name in group}
+        where = {name: device_of(name, device_map) for name in group}
         if len(set(where.values())) > 1:
             msg = f"device_map puts tied weights on different devices {where}; map them to one device"
             raise PlacementError(msg)
@@ -227,22 +227,10 @@ def bytes_per_device(model: nn.Module, device_map: Mapping[str, Device]) -> dict
     ``footprint.memory_by_device`` on the loaded model), from the same real sizes the plan used."""
     out: dict[str, int] = {}
     for name, _, size in module_tensors(model):
-        device = _device_of(name, device_map)
+        device = device_of(name, device_map)
         key = "disk" if device == "disk" else str(accelerator_device(device))
         out[key] = out.get(key, 0) + size
     return out
-
-
-def _device_of(name: str, device_map: Mapping[str, Device]) -> Device:
-    """The device of tensor ``name``: its longest module prefix in the map (accelerate's rule)."""
-    best, found = -1, None
-    for key, device in device_map.items():
-        if (key == "" or name == key or name.startswith(f"{key}.")) and len(key) > best:
-            best, found = len(key), device
-    if found is None:
-        msg = f"device_map places no module holding {name!r}; add it (or a parent) to the map"
-        raise PlacementError(msg)
-    return found
 
 
 # -- dispatch ---------------------------------------------------------------------------------------------
@@ -386,7 +374,7 @@ def _offload_unmapped(
         module = model.get_submodule(module_name)
         stacked = isinstance(module, QuantExperts4bit) and attr in ("packed", "absmax")
         weight = attr in module._parameters or stacked
-        if not weight or _device_of(name, device_map) != "disk" or _inside(t, mappings):
+        if not weight or device_of(name, device_map) != "disk" or _inside(t, mappings):
             continue  # buffers stay in RAM (accelerate's offload_buffers=False); shard views stay views
         if offload_folder is None:
             why = (

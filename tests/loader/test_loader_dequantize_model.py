@@ -87,6 +87,25 @@ def test_peft_wrapped_layers_are_refused_before_any_swap(our_folder):
     assert sum(isinstance(m, QuantLinear4bit) for m in model.modules()) == before  # nothing swapped
 
 
+def test_disk_offloaded_layers_are_refused_before_any_swap(our_folder):
+    """Our disk modules hold views of the mapped shards (not meta tensors, as accelerate's offload
+    leaves them): dequantize() swapped them for RAM copies past max_memory, while the docs promise a
+    refusal for offloaded modules."""
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    model = load_quantized(our_folder, device_map=device_map)
+    before = sum(isinstance(m, QuantLinear4bit) for m in model.modules())
+    with pytest.raises(DequantizeError, match=r"'model\.layers\.1\..*offloaded"):
+        model.dequantize()
+    assert sum(isinstance(m, QuantLinear4bit) for m in model.modules()) == before  # nothing swapped
+
+
 def test_a_model_without_quantized_modules_warns(plain_llama):
     model = _plain(plain_llama)
     with pytest.warns(UserWarning, match="no quantized modules"):
