@@ -308,11 +308,17 @@ def _done_record(out: Path, identity: dict) -> dict | None:
 
 def _finished(out: Path, identity: dict) -> DequantizeResult | None:
     """The result of that finished dequantize (``_done_record``) when all its files are still there
-    with their sizes (checked as convert checks a finished folder: by size); else None."""
+    with their sizes and none was modified after the record was written (checked as convert checks a
+    finished folder: a file edited in place keeps its size, not its mtime); else None."""
     done = _done_record(out, identity)
     try:
-        if done is None or any((out / file).stat().st_size != size for file, size in done["files"].items()):
+        if done is None:
             return None
+        written = (out / DONE_NAME).stat().st_mtime_ns
+        for file, size in done["files"].items():
+            st = (out / file).stat()
+            if st.st_size != size or st.st_mtime_ns > written:
+                return None
         counts = {k: done["result"][k] for k in _COUNTS}
         return DequantizeResult(out, identity["dtype"], **counts, up_to_date=True)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

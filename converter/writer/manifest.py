@@ -254,7 +254,8 @@ def decide(
     if manifest is not None and same_plan(manifest, fingerprint, plan_json):
         finished = all((output / n).is_file() for n in ("config.json", "model.safetensors.index.json"))
         if manifest.state == "complete" and finished and not refresh:
-            # A finished folder is checked by size only (``quantize-model verify`` hashes it).
+            # A finished folder is checked by size and mtime (``quantize-model verify`` hashes it); a
+            # shard that fails that is hashed below (and the folder resumed: the manifest rewritten).
             done = _verified_shards(output, manifest, deep=False)
             if len(done) == len(manifest.shards):
                 return Decision(Action.NOOP, manifest, done)
@@ -382,16 +383,27 @@ def would_refuse(
 
 
 def _verified_shards(output: Path, manifest: Manifest, *, deep: bool) -> dict[str, dict]:
-    """Shards the manifest records as finished whose bytes still hash to the recorded sha256."""
+    """Shards the manifest records as finished whose bytes still hash to the recorded sha256 (``deep``),
+    else whose size is the recorded one and which were not modified after the manifest was written
+    (a shard edited in place keeps its size, not its mtime). No mtime is stored: the manifest is part
+    of the output, identical for identical conversions."""
     done = {}
+    try:
+        written = (output / MANIFEST_NAME).stat().st_mtime_ns
+    except OSError:
+        written = -1
     for name, info in manifest.shards.items():
         path = output / name
         try:
-            if path.stat().st_size != info.get("size"):
-                continue
+            st = path.stat()
         except OSError:
             continue
-        if not deep or sha256_file(path) == info.get("sha256"):
+        if st.st_size != info.get("size"):
+            continue
+        if deep:
+            if sha256_file(path) == info.get("sha256"):
+                done[name] = info
+        elif st.st_mtime_ns <= written:
             done[name] = info
     return done
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -284,6 +285,30 @@ def test_kill_while_overwrite_clears_the_old_output_never_leaves_it_looking_comp
             load_quantized_state(out)
         convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)  # even without --overwrite
         assert output_hashes(out) == output_hashes(reference)  # no old shard (they had other names) left
+
+
+def test_rerun_redoes_a_shard_edited_in_place_with_the_same_size(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """A finished folder's rerun checked its shards by size only: a shard whose bytes were changed in
+    place (same size) was taken as done and the rerun was a no-op. A shard modified after the manifest
+    was written is hashed now: the edited one is rewritten, a merely touched one kept; the manifest is
+    rewritten by that rerun, so the next rerun is a no-op again."""
+    out = tmp_path / "out"
+    convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    reference = output_hashes(out)
+    edited = out / "model-00002-of-00004.safetensors"
+    data = bytearray(edited.read_bytes())
+    data[-1] ^= 0xFF
+    time.sleep(0.01)  # a later mtime than the manifest's on filesystems with coarse timestamps
+    edited.write_bytes(bytes(data))
+    (out / "model-00003-of-00004.safetensors").touch()
+    r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert r.resumed
+    assert r.shards_reused == 3  # the touched shard hashed right and was kept
+    assert output_hashes(out) == reference
+    again = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert again.noop
 
 
 def test_rerun_into_a_finished_folder_with_a_damaged_shard_keeps_the_users_files(

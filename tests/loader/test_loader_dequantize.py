@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -117,21 +118,27 @@ def test_a_rerun_onto_a_finished_output_does_nothing(our_folder: Path, bnb_nf4: 
 def test_a_rerun_onto_a_damaged_finished_output_redoes_it(our_folder: Path, tmp_path: Path) -> None:
     """A finished output in which a file was deleted or resized used to be refused on rerun ("exists
     and is not empty", exit 2) where `convert` redoes its own damaged output: the same command now
-    writes it again, byte-identical to a fresh run, and keeps the files the user added. An output
-    whose record names other options stays refused even when damaged."""
+    writes it again, byte-identical to a fresh run, and keeps the files the user added; so it does for
+    a file edited in place with its size kept (taken as done before: sizes were all it checked). An
+    output whose record names other options stays refused even when damaged."""
     reference = tmp_path / "reference"
     dequantize_checkpoint(our_folder, reference, max_shard_size="60KB")
     out = tmp_path / "plain"
     args = ["dequantize", str(our_folder), str(out), "--max-shard-size", "60KB"]
-    for damage in ("delete", "resize"):
+    for damage in ("delete", "resize", "edit"):
         first = CliRunner().invoke(cli, args)
         assert first.exit_code == 0, first.output
         (out / "notes.txt").write_text("mine")
         shard = sorted(out.glob("model-*.safetensors"))[1]
         if damage == "delete":
             shard.unlink()
-        else:
+        elif damage == "resize":
             shard.write_bytes(shard.read_bytes()[:-1])
+        else:
+            data = bytearray(shard.read_bytes())
+            data[-1] ^= 0xFF
+            time.sleep(0.01)  # a later mtime than the record's on filesystems with coarse timestamps
+            shard.write_bytes(bytes(data))
         again = CliRunner().invoke(cli, args)
         assert again.exit_code == 0, again.output
         assert "nothing to do" not in again.output
