@@ -64,7 +64,7 @@ __all__ = [
     "quantize_nested",
 ]
 
-_ISAS = ("auto", "scalar", "avx2", "avx512")
+_ISAS = ("auto", "scalar", "avx2", "avx512", "avx512bf16")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,7 +72,8 @@ _ISAS = ("auto", "scalar", "avx2", "avx512")
 
 
 def cpu_isas() -> list[str]:
-    """Kernel paths this CPU can run, best last: a subset of ``["scalar", "avx2", "avx512"]``."""
+    """Kernel paths this CPU can run, best last: a subset of ``["scalar", "avx2", "avx512", "avx512bf16"]``
+    (avx512bf16: the AVX-512 path plus a vdpbf16ps GEMV for bfloat16 x)."""
     return list(_kernels.cpu_isas())
 
 
@@ -143,8 +144,8 @@ def quantize_4bit(
         x: ``float32 | float16 | bfloat16``, contiguous, CPU or CUDA; n = x.numel().
         blocksize: one of ``formats.quant_types.BLOCKSIZES`` (32..4096).
         quant_type: ``QuantType.NF4`` or ``QuantType.FP4``.
-        isa: CPU path, ``"auto"`` (best this CPU runs), ``"scalar"`` (the reference), ``"avx2"`` or
-            ``"avx512"``; every path gives the same bytes. Ignored on CUDA.
+        isa: CPU path, ``"auto"`` (best this CPU runs), ``"scalar"`` (the reference), ``"avx2"``,
+            ``"avx512"`` or ``"avx512bf16"``; every path gives the same bytes. Ignored on CUDA.
         threads: CPU threads (None: one per CPU of the affinity mask). Never changes the result.
 
     Returns:
