@@ -330,7 +330,9 @@ def gemv_4bit(
         quant_map: ``float32 [16]``, the table stored with the weight.
         nested: ``NestedAbsmax(codes, nested_absmax, offset, nested_map)`` when the absmax is nested;
             it is decoded inline exactly as ``dequantize_nested`` does.
-        isa, threads: CPU path and threads (``isa`` paths differ only in float32 summation order).
+        isa, threads: CPU path and threads. The paths differ only in float32 summation order, except
+            ``"avx512bf16"`` (``"auto"`` where the CPU has AVX512_BF16) with bfloat16 x and
+            blocksize >= 64: code values rounded to bfloat16, products summed by vdpbf16ps.
 
     Returns:
         ``y`` of x's dtype, ``[B, out_features]`` (``[out_features]`` for a 1-D x).
