@@ -344,9 +344,9 @@ struct SpanBf16Dot {
                                         int64_t k1, __m512* park, bool first) {
     const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs, stride = bf16_x_stride(K);
     const int64_t seg = std::max(bs, kBf16Group);
-    alignas(64) uint16_t words[32];
-    for (int i = 0; i < 32; ++i) words[i] = f32_to_bf16(a.quant_map[i & 15]);  // round to nearest even
-    const __m512i table = _mm512_load_si512(words);
+    // The 16 code values rounded to bfloat16 (vcvtneps2bf16: to nearest even), stored twice.
+    const __m256i codes = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a.quant_map));
+    const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(codes), codes, 1);
     const uint8_t* w[R];
     for (int r = 0; r < R; ++r) w[r] = a.packed + (o + r) * (K / 2);
     __m512 acc[R][B];
@@ -359,13 +359,17 @@ struct SpanBf16Dot {
         for (int b = 0; b < B; ++b)
           for (int c = 0; c < C; ++c) part[r][b][c] = _mm512_setzero_ps();
       const int64_t end = std::min(k1, k + seg);
-      for (int64_t g = k; g < end; g += kBf16Group) group_bf16dot<B, R, C>(w, K / 2, x, stride, g, g + kBf16Group > K, table, part);
+      for (int64_t g = k; g < end; g += kBf16Group) {
+        group_bf16dot<B, R, C>(w, K / 2, x, stride, g, g + kBf16Group > K, table, part);
+      }
       const int64_t blk = k / bs;
       for (int r = 0; r < R; ++r) {
         const int64_t i = (o + r) * bpr + blk;
         __m512 scale = _mm512_set1_ps(block_absmax(a, i));
         // blocksize 64: lanes 8-15 belong to the next block (none after a row's last 64 elements).
-        if (bs < kBf16Group && blk + 1 < bpr) scale = _mm512_mask_mov_ps(scale, 0xFF00, _mm512_set1_ps(block_absmax(a, i + 1)));
+        if (bs < kBf16Group && blk + 1 < bpr) {
+          scale = _mm512_mask_mov_ps(scale, 0xFF00, _mm512_set1_ps(block_absmax(a, i + 1)));
+        }
         for (int b = 0; b < B; ++b) {
           const __m512 sum = C == 1 ? part[r][b][0] : _mm512_add_ps(part[r][b][0], part[r][b][C - 1]);
           acc[r][b] = _mm512_fmadd_ps(sum, scale, acc[r][b]);
