@@ -83,7 +83,7 @@ PYBIND11_MODULE(_kernels, m) {
         for (const qm::Isa isa : qm::supported_isas()) names.emplace_back(qm::isa_name(isa));
         return names;
       },
-      "Kernel paths this CPU can run, best last: a subset of ['scalar', 'avx2', 'avx512'].");
+      "Kernel paths this CPU can run, best last: a subset of ['scalar', 'avx2', 'avx512', 'avx512bf16'].");
   m.def("default_threads", &qm::default_threads, "Threads used when threads == 0: CPUs in the affinity mask.");
   m.def("omp_team_available", &qm::omp_team_available,
         "Whether threads < 0 runs on the process's OpenMP team (an OpenMP runtime is loaded, e.g. by torch).");

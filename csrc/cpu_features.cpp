@@ -21,19 +21,43 @@ bool cpu_has_avx512() {
                           __builtin_cpu_supports("avx512dq");
   return has;
 }
+
+bool cpu_has_avx512bf16() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
 #else
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
+bool cpu_has_avx512bf16() { return false; }
 #endif
+
+namespace {
+
+bool cpu_runs(Isa isa) {
+  switch (isa) {
+    case Isa::AVX2:
+      return cpu_has_avx2();
+    case Isa::AVX512:
+      return cpu_has_avx512();
+    case Isa::AVX512BF16:
+      return cpu_has_avx512bf16();
+    default:
+      return true;
+  }
+}
+
+}  // namespace
 
 std::vector<Isa> supported_isas() {
   std::vector<Isa> isas{Isa::Scalar};
   if (cpu_has_avx2()) isas.push_back(Isa::AVX2);
   if (cpu_has_avx512()) isas.push_back(Isa::AVX512);
+  if (cpu_has_avx512bf16()) isas.push_back(Isa::AVX512BF16);
   return isas;
 }
 
-Isa resolve_isa(Isa requested) {
+Isa resolve_isa_full(Isa requested) {
   if (requested == Isa::Auto) {
     // QM_CPU_ISA forces the path every "auto" call takes (tests run the suite once per ISA); read per
     // call so a test harness may set it after import. Unset or empty: the best path this CPU runs.
@@ -45,17 +69,22 @@ Isa resolve_isa(Isa requested) {
       throw std::invalid_argument(std::string("QM_CPU_ISA: ") + e.what());
     }
     if (requested == Isa::Auto) return supported_isas().back();
-    if ((requested == Isa::AVX2 && !cpu_has_avx2()) || (requested == Isa::AVX512 && !cpu_has_avx512())) {
+    if (!cpu_runs(requested)) {
       throw std::invalid_argument(std::string("QM_CPU_ISA=") + forced +
                                   ": this CPU does not support that path; unset QM_CPU_ISA or pick one of cpu_isas()");
     }
     return requested;
   }
-  if ((requested == Isa::AVX2 && !cpu_has_avx2()) || (requested == Isa::AVX512 && !cpu_has_avx512())) {
+  if (!cpu_runs(requested)) {
     throw std::invalid_argument(std::string("this CPU does not support the ") + isa_name(requested) +
                                 " path; use isa='auto' or one of cpu_isas()");
   }
   return requested;
+}
+
+Isa resolve_isa(Isa requested) {
+  const Isa isa = resolve_isa_full(requested);
+  return isa == Isa::AVX512BF16 ? Isa::AVX512 : isa;
 }
 
 const char* isa_name(Isa isa) {
@@ -66,6 +95,8 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::AVX512:
       return "avx512";
+    case Isa::AVX512BF16:
+      return "avx512bf16";
     case Isa::Auto:
       return "auto";
   }
@@ -76,8 +107,10 @@ Isa parse_isa(const std::string& name) {
   if (name == "scalar") return Isa::Scalar;
   if (name == "avx2") return Isa::AVX2;
   if (name == "avx512") return Isa::AVX512;
+  if (name == "avx512bf16") return Isa::AVX512BF16;
   if (name == "auto") return Isa::Auto;
-  throw std::invalid_argument("unknown isa '" + name + "': expected 'scalar', 'avx2', 'avx512' or 'auto'");
+  throw std::invalid_argument("unknown isa '" + name +
+                              "': expected 'scalar', 'avx2', 'avx512', 'avx512bf16' or 'auto'");
 }
 
 DType parse_dtype(const std::string& name) {

@@ -18,6 +18,8 @@
 // Per-function targets: no -march=native, the binary stays portable and run-time dispatch picks a path.
 #define QM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define QM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define QM_TARGET_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 namespace qm {
 

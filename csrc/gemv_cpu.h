@@ -2,7 +2,8 @@
 //
 // Not a byte-exact path: each weight is decoded to the f32 product quant_map[q] * absmax that
 // dequantize_4bit computes, then x * w is accumulated in float32 (FMA on the SIMD paths, in an order
-// that differs from torch's). Tested against dequantize + matmul within the dtype's rounding.
+// that differs from torch's). Tested against dequantize + matmul within the dtype's rounding. The
+// AVX512BF16 path with bfloat16 x rounds code values to bfloat16 first (gemv_cpu.cpp).
 #pragma once
 
 #include <cstdint>
@@ -40,9 +41,14 @@ void gemv_4bit(const Gemv4bitArgs& args, Isa isa, int threads);
 void gemv_4bit_multi(const std::vector<Gemv4bitArgs>& segments, Isa isa, int threads);
 
 // Pieces of gemv_4bit for callers that run many weights in one pool launch (gemv_grouped.cpp).
-// isa must be resolved (resolve_isa); args must pass gemv_4bit's checks.
-int64_t gemv_x_group(Isa isa);  // x is permuted in groups of this many elements for this isa
-void gemv_widen_x(const Gemv4bitArgs& args, int64_t group, std::vector<float>& xf);
-void gemv_rows(const Gemv4bitArgs& args, const float* xf, int64_t o0, int64_t o1, Isa isa);
+// isa must be resolved with resolve_isa_full (the GEMV has an AVX512BF16 path); args must pass
+// gemv_4bit's checks. x is prepared once (per x row) and read by the row kernels of every weight with
+// the same x dtype, batch, in_features and blocksize.
+struct GemvX {
+  std::vector<float> f32;     // widened and permuted (the exact paths)
+  std::vector<uint16_t> bf16;  // bfloat16, permuted and zero padded (the AVX512BF16 path)
+};
+void gemv_prepare_x(const Gemv4bitArgs& args, Isa isa, GemvX& x);
+void gemv_rows(const Gemv4bitArgs& args, const GemvX& x, int64_t o0, int64_t o1, Isa isa);
 
 }  // namespace qm

@@ -1,5 +1,5 @@
 // Grouped 4-bit GEMV (gemv_grouped.h): one pool launch over G x O output rows; each group's x row is
-// widened once and its rows run through gemv_cpu's row kernels with the expert's codes and absmax.
+// prepared once and its rows run through gemv_cpu's row kernels with the expert's codes and absmax.
 #include "gemv_grouped.h"
 
 #include <algorithm>
@@ -32,11 +32,10 @@ void gemv_4bit_grouped(const GemvGroupedArgs& g, Isa isa, int threads) {
                                   " is outside 0.." + std::to_string(g.experts - 1));
     }
   }
-  isa = resolve_isa(isa);
-  const int64_t group = gemv_x_group(isa);
+  isa = resolve_isa_full(isa);
   const size_t esize = g.x_dtype == DType::F32 ? 4 : 2;
   std::vector<Gemv4bitArgs> args(static_cast<size_t>(g.groups));
-  std::vector<std::vector<float>> xf(static_cast<size_t>(g.groups));
+  std::vector<GemvX> xs(static_cast<size_t>(g.groups));
   for (int64_t i = 0; i < g.groups; ++i) {
     Gemv4bitArgs& a = args[static_cast<size_t>(i)];
     a.x = static_cast<const char*>(g.x) + static_cast<size_t>(i * g.x_stride) * esize;
@@ -49,14 +48,13 @@ void gemv_4bit_grouped(const GemvGroupedArgs& g, Isa isa, int threads) {
     a.quant_map = g.quant_map;
     a.absmax = g.absmax + g.ids[i] * g.absmax_stride;
     a.y = static_cast<char*>(g.y) + static_cast<size_t>(i * O) * esize;
-    if (g.x_stride != 0 || i == 0) gemv_widen_x(a, group, xf[static_cast<size_t>(i)]);
+    if (g.x_stride != 0 || i == 0) gemv_prepare_x(a, isa, xs[static_cast<size_t>(i)]);
   }
   // Rows of all groups in one launch; a chunk may span groups (grain 16 = a multiple of every tile height).
   parallel_for(g.groups * O, threads, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1;) {
       const int64_t i = r / O, o0 = r % O, o1 = std::min(O, o0 + (r1 - r));
-      const float* xp = xf[static_cast<size_t>(g.x_stride != 0 ? i : 0)].data();
-      gemv_rows(args[static_cast<size_t>(i)], xp, o0, o1, isa);
+      gemv_rows(args[static_cast<size_t>(i)], xs[static_cast<size_t>(g.x_stride != 0 ? i : 0)], o0, o1, isa);
       r += o1 - o0;
     }
   });

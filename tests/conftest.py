@@ -10,7 +10,7 @@ from tiny_models import make_tiny
 
 from converter.tools import samples
 
-ISA_CHOICES = ("scalar", "avx2", "avx512")
+ISA_CHOICES = ("scalar", "avx2", "avx512", "avx512bf16")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

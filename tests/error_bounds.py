@@ -19,6 +19,8 @@ gamma_K(2^-53) * (|x| @ |W|), is added to the bound too.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 #: Unit roundoff of float32 and float64 (round to nearest).
@@ -53,6 +55,7 @@ def dot_bound(
     bias: torch.Tensor | None = None,
     weight_rel: float = 0.0,
     acc_u: float = U32,
+    flush_abs: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(reference, bound)`` for ``y = x @ w.T (+ bias)`` as a kernel computes it in floating point.
 
@@ -63,7 +66,9 @@ def dot_bound(
       2. accumulate the K products in float32 (unit roundoff ``acc_u``; 2^-23 for accumulators that
          truncate instead of rounding to nearest) in any order: gamma_K;
       3. round the sum to ``out_dtype``, and with a ``bias`` add it in ``out_dtype`` afterwards (one
-         more rounding), as the loader's GEMV path does (``y = gemv(x) + bias``).
+         more rounding), as the loader's GEMV path does (``y = gemv(x) + bias``);
+      4. (``flush_abs``) lose at most ``flush_abs * max_k |w[o, k]|`` per term to inputs or partial
+         sums flushed to zero (vdpbf16ps treats subnormals as zero).
 
     ``reference`` is the float64 ``x @ w.T (+ bias)``; ``bound`` is elementwise (float64) and covers
     1-3 plus the reference's own rounding. x, w: [B, K] and [O, K]; bias [O]; both results on x's
@@ -76,6 +81,8 @@ def dot_bound(
     dot = xd @ wd.T
     # 2K: at most one rounding per product and one per addition may underflow.
     err = (weight_rel + gamma(k, acc_u) * (1 + weight_rel)) * mag + 2 * k * underflow(torch.float32)
+    if flush_abs:
+        err = err + flush_abs * k * wd.abs().amax(dim=1)
     u, eta = unit_roundoff(out_dtype), underflow(out_dtype)
     err = err + u * (dot.abs() + err) + eta  # the result's rounding to out_dtype
     ref = dot
@@ -90,13 +97,32 @@ def worst_ratio(y: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -
     return float(((y.detach().double().to(reference.device) - reference).abs() / bound).max())
 
 
-def gemv_arithmetic(device_type: str, x_dtype: torch.dtype) -> dict[str, float]:
-    """``dot_bound``'s ``weight_rel`` / ``acc_u`` for our fused GEMV on a device, from what it computes.
+def cpu_isa_running(isa: str = "auto") -> str:
+    """The CPU path an ``isa`` argument runs: "auto" is what QM_CPU_ISA forces, else the best path."""
+    from converter.kernels import bnb4bit as kernels
 
-    - CPU (csrc/gemv_cpu.cpp), every ISA: x widened exactly; weights float32(quant_map[q] * absmax),
-      or a block's sum of quant_map[q] * x scaled by its absmax (AVX-512, few accumulators), i.e. the
-      unrounded product: relative error <= 2^-24 against the decoded weight. float32 FMA accumulation
-      (the scalar path: float64, then one float32 rounding, which gamma_K also covers).
+    if isa != "auto":
+        return isa
+    return os.environ.get("QM_CPU_ISA") or kernels.cpu_isas()[-1]
+
+
+def gemv_arithmetic(device_type: str, x_dtype: torch.dtype, isa: str = "auto") -> dict[str, float]:
+    """``dot_bound``'s ``weight_rel`` / ``acc_u`` / ``flush_abs`` for our fused GEMV on a device, from
+    what it computes (``isa``: the CPU path; "auto" is the one isa="auto" runs now).
+
+    - CPU (csrc/gemv_cpu.cpp), every ISA but the one below: x widened exactly; weights
+      float32(quant_map[q] * absmax), or a block's sum of quant_map[q] * x scaled by its absmax
+      (AVX-512, few accumulators), i.e. the unrounded product: relative error <= 2^-24 against the
+      decoded weight. float32 FMA accumulation (the scalar path: float64, then one float32 rounding,
+      which gamma_K also covers).
+    - CPU "avx512bf16" with bfloat16 x and blocksize >= 64 (every blocksize here is bounded alike):
+      code values rounded to bfloat16 (u = 2^-8) and block sums scaled by absmax (2^-24), so weight_rel
+      = (1 + 2^-8)(1 + 2^-24) - 1; vdpbf16ps's products of two bfloat16 are exact in float32 and its
+      sums round to nearest even (Intel SDM); acc_u = 2^-23 all the same, since AMD does not document
+      whether its two additions per lane round once or twice (2^-23 covers both). The instruction
+      treats subnormal inputs and results as zero: at most K inputs (|x| < 2^-126, times |code| <= 1)
+      and K/2 lane results (< 2^-126) flushed per output, in code units, which the block's absmax
+      (<= max_k |w[o, k]|: the code +-1 decodes to +-absmax) scales: flush_abs = 1.5 * 2^-126.
     - CUDA, float32 x (csrc/cuda/gemv.cu, CUDA cores): the same, block sums scaled by their absmax.
     - CUDA, float16 / bfloat16 x (csrc/cuda/gemv_mma.cu, tensor cores): code values rounded to x's
       dtype (u of that dtype) and block sums scaled by absmax (2^-24); mma accumulators in float32 but
@@ -104,6 +130,9 @@ def gemv_arithmetic(device_type: str, x_dtype: torch.dtype) -> dict[str, float]:
       cores"), so unit roundoff 2^-23. A 16-bit x may also take the CUDA-core kernel; this bound is
       the larger of the two.
     """
+    rounded_codes = (1 + unit_roundoff(x_dtype)) * (1 + U32) - 1
     if device_type == "cuda" and x_dtype != torch.float32:
-        return {"weight_rel": (1 + unit_roundoff(x_dtype)) * (1 + U32) - 1, "acc_u": 2 * U32}
+        return {"weight_rel": rounded_codes, "acc_u": 2 * U32}
+    if device_type == "cpu" and x_dtype == torch.bfloat16 and cpu_isa_running(isa) == "avx512bf16":
+        return {"weight_rel": rounded_codes, "acc_u": 2 * U32, "flush_abs": 1.5 * 2.0**-126}
     return {"weight_rel": U32, "acc_u": U32}

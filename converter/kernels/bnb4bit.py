@@ -64,7 +64,7 @@ __all__ = [
     "quantize_nested",
 ]
 
-_ISAS = ("auto", "scalar", "avx2", "avx512")
+_ISAS = ("auto", "scalar", "avx2", "avx512", "avx512bf16")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,7 +72,8 @@ _ISAS = ("auto", "scalar", "avx2", "avx512")
 
 
 def cpu_isas() -> list[str]:
-    """Kernel paths this CPU can run, best last: a subset of ``["scalar", "avx2", "avx512"]``."""
+    """Kernel paths this CPU can run, best last: a subset of ``["scalar", "avx2", "avx512", "avx512bf16"]``
+    (avx512bf16: the AVX-512 path plus a vdpbf16ps GEMV for bfloat16 x)."""
     return list(_kernels.cpu_isas())
 
 
@@ -143,8 +144,8 @@ def quantize_4bit(
         x: ``float32 | float16 | bfloat16``, contiguous, CPU or CUDA; n = x.numel().
         blocksize: one of ``formats.quant_types.BLOCKSIZES`` (32..4096).
         quant_type: ``QuantType.NF4`` or ``QuantType.FP4``.
-        isa: CPU path, ``"auto"`` (best this CPU runs), ``"scalar"`` (the reference), ``"avx2"`` or
-            ``"avx512"``; every path gives the same bytes. Ignored on CUDA.
+        isa: CPU path, ``"auto"`` (best this CPU runs), ``"scalar"`` (the reference), ``"avx2"``,
+            ``"avx512"`` or ``"avx512bf16"``; every path gives the same bytes. Ignored on CUDA.
         threads: CPU threads (None: one per CPU of the affinity mask). Never changes the result.
 
     Returns:
@@ -329,7 +330,9 @@ def gemv_4bit(
         quant_map: ``float32 [16]``, the table stored with the weight.
         nested: ``NestedAbsmax(codes, nested_absmax, offset, nested_map)`` when the absmax is nested;
             it is decoded inline exactly as ``dequantize_nested`` does.
-        isa, threads: CPU path and threads (``isa`` paths differ only in float32 summation order).
+        isa, threads: CPU path and threads. The paths differ only in float32 summation order, except
+            ``"avx512bf16"`` (``"auto"`` where the CPU has AVX512_BF16) with bfloat16 x and
+            blocksize >= 64: code values rounded to bfloat16, products summed by vdpbf16ps.
 
     Returns:
         ``y`` of x's dtype, ``[B, out_features]`` (``[out_features]`` for a 1-D x).

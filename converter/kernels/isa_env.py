@@ -11,7 +11,7 @@ import os
 from converter.errors import InputError
 
 ENV = "QM_CPU_ISA"
-_PATHS = ("scalar", "avx2", "avx512")
+_PATHS = ("scalar", "avx2", "avx512", "avx512bf16")
 
 
 def forced_isa() -> str | None:

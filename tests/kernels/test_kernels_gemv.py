@@ -43,6 +43,7 @@ def _weight(out_features, in_features, blocksize, quant_type, nested, seed):
         (1, 64, 64, QuantType.NF4),
         (37, 256, 32, QuantType.NF4),
         (300, 1024, 64, QuantType.NF4),
+        (29, 576, 64, QuantType.NF4),  # K % 128 == 64: avx512bf16's half group; rows past whole tiles
         (64, 4096, 4096, QuantType.NF4),
         (23, 384, 128, QuantType.FP4),
         (18, 4096, 2048, QuantType.FP4),
@@ -53,9 +54,10 @@ def test_gemv_matches_dequantize_matmul(dtype, nested, out_features, in_features
     packed, absmax, record, qm, dense = _weight(out_features, in_features, blocksize, quant_type, nested, 0)
     for batch in range(1, 9):
         x = torch.randn(batch, in_features, generator=torch.Generator().manual_seed(batch)).to(dtype)
-        # Block-sum scaling (weight_rel 2^-24), float32 accumulation of K terms, rounding to dtype.
-        ref, bound = dot_bound(x, dense, out_dtype=dtype, **gemv_arithmetic("cpu", dtype))
         for isa in kernels.cpu_isas():
+            # Block-sum scaling (weight_rel 2^-24; avx512bf16 with bf16 x: code values rounded to
+            # bf16 too), float32 accumulation of K terms, rounding to dtype.
+            ref, bound = dot_bound(x, dense, out_dtype=dtype, **gemv_arithmetic("cpu", dtype, isa))
             y = _gemv(x, packed, absmax, record, qm, blocksize, isa=isa)
             assert y.dtype == dtype
             assert y.shape == (batch, out_features)
@@ -124,3 +126,40 @@ def test_gemv_refuses_what_it_cannot_fuse():
         kernels.gemv_4bit(torch.randn(1, 95), packed, absmax, **args)
     with pytest.raises(ValueError, match="pass exactly one of absmax"):
         kernels.gemv_4bit(torch.randn(1, 96), packed, None, **args)
+
+
+@pytest.mark.skipif("avx512bf16" not in kernels.cpu_isas(), reason="this CPU lacks AVX512_BF16")
+@pytest.mark.parametrize(("in_features", "blocksize"), [(576, 64), (1024, 128), (4096, 4096), (96, 32)])
+def test_avx512bf16_takes_its_own_path_only_for_bfloat16_x(in_features, blocksize):
+    """avx512bf16 runs vdpbf16ps (code values rounded to bf16) for bf16 x with blocksize >= 64, and is
+    the exact avx512 path bit for bit otherwise (fp16 / fp32 x, blocksize 32)."""
+    packed, absmax, _, qm, dense = _weight(40, in_features, blocksize, QuantType.NF4, False, 4)
+    for dtype in DTYPES:
+        x = torch.randn(8, in_features, generator=torch.Generator().manual_seed(5)).to(dtype)
+        y = _gemv(x, packed, absmax, None, qm, blocksize, isa="avx512bf16")
+        exact = _gemv(x, packed, absmax, None, qm, blocksize, isa="avx512")
+        own_path = dtype == torch.bfloat16 and blocksize >= 64
+        assert torch.equal(y, exact) != own_path, dtype
+        ref, bound = dot_bound(x, dense, out_dtype=dtype, **gemv_arithmetic("cpu", dtype, "avx512bf16"))
+        assert worst_ratio(y, ref, bound) <= 1.0, dtype
+
+
+@pytest.mark.skipif("avx512bf16" not in kernels.cpu_isas(), reason="this CPU lacks AVX512_BF16")
+def test_avx512bf16_flushes_subnormal_x_within_the_bound():
+    """vdpbf16ps treats subnormal inputs as zero: an x of subnormals gives 0 (the exact path does not),
+    which flush_abs in gemv_arithmetic covers; normal x next to them is unaffected."""
+    packed, absmax, _, qm, dense = _weight(16, 256, 64, QuantType.NF4, False, 6)
+    tiny = torch.full((1, 256), 2.0**-130).to(torch.bfloat16)  # subnormal in bf16 and float32
+    y = _gemv(tiny, packed, absmax, None, qm, 64, isa="avx512bf16")
+    assert torch.equal(y, torch.zeros_like(y))
+    assert _gemv(tiny.float(), packed, absmax, None, qm, 64, isa="avx512bf16").abs().max() > 0
+    ref, bound = dot_bound(
+        tiny, dense, out_dtype=torch.bfloat16, **gemv_arithmetic("cpu", torch.bfloat16, "avx512bf16")
+    )
+    assert worst_ratio(y, ref, bound) <= 1.0
+    x = torch.cat([tiny[:, :128], torch.randn(1, 128).to(torch.bfloat16)], dim=1)
+    y = _gemv(x, packed, absmax, None, qm, 64, isa="avx512bf16")
+    ref, bound = dot_bound(
+        x, dense, out_dtype=torch.bfloat16, **gemv_arithmetic("cpu", torch.bfloat16, "avx512bf16")
+    )
+    assert worst_ratio(y, ref, bound) <= 1.0

@@ -66,7 +66,7 @@ def test_backends_report_cpu():
     backends = kernels.available_backends()
     assert backends["cpu"]["isa"][0] == "scalar"
     assert backends["cpu"]["threads"] >= 1
-    assert set(kernels.cpu_isas()) <= {"scalar", "avx2", "avx512"}
+    assert set(kernels.cpu_isas()) <= {"scalar", "avx2", "avx512", "avx512bf16"}
     if not _kernels.has_cuda_build():
         assert "cuda" not in backends
 
