@@ -130,31 +130,44 @@ def test_int8_extreme_values_store_what_bitsandbytes_stores(tmp_path):
     assert not ours_t["model.layers.0.mlp.up_proj.weight"][3].any()
 
 
-def test_int8_float16_cast_overflow_stores_what_bitsandbytes_stores(tmp_path):
-    """--dtype float16 on an fp32 checkpoint holding 99840 (finite, past fp16's 65504): transformers
-    loads it as fp16 inf and bnb saves SCB = inf with zero codes; we write the same bytes and say so,
-    instead of refusing the cast's inf as a NaN/Inf in the checkpoint."""
+@pytest.mark.parametrize(
+    ("dtype", "values"),
+    [
+        # 99840: finite, past float16's 65504
+        (torch.float16, {(3, 5): 99840.0}),
+        # 3.4e38: finite, past bfloat16's largest 3.39e38 (bnb rounds the bf16 inf to fp16 inf)
+        (torch.bfloat16, {(3, 5): 3.4e38, (7, 1): -3.4e38}),
+    ],
+)
+def test_int8_dtype_cast_overflow_stores_what_bitsandbytes_stores(tmp_path, dtype, values):
+    """--dtype float16 / bfloat16 on an fp32 checkpoint holding values past the target dtype's range:
+    transformers loads them as inf and bnb saves SCB = inf with zero codes for those rows; we write the
+    same bytes and say so, instead of refusing the cast's inf as a NaN/Inf in the checkpoint."""
+    name = "model.layers.0.mlp.up_proj"
     src = make_tiny("llama_tied", tmp_path / "src", seed=3)  # float32
     f = src / "model.safetensors"
     with safe_open(f, "pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = 99840.0
+    for (row, col), v in values.items():
+        tensors[f"{name}.weight"][row, col] = v
     from safetensors.torch import save_file
 
     save_file(tensors, f, metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="model.layers.0.mlp.up_proj.weight"):
+    dtype_name = str(dtype).removeprefix("torch.")
+    with pytest.warns(UserWarning, match=f"{name}.weight"):
         result = pipeline.convert(
-            str(src), str(tmp_path / "ours"), quant_type="int8", dtype="float16", progress=False
+            str(src), str(tmp_path / "ours"), quant_type="int8", dtype=dtype_name, progress=False
         )
-    assert any("model.layers.0.mlp.up_proj.weight (1 rows)" in n and "NaN" in n for n in result.notes)
+    assert any(f"{name}.weight ({len(values)} rows)" in n and "NaN" in n for n in result.notes)
     qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    model, _, _ = _load(src, quantization_config=qc, dtype=torch.float16)
+    model, _, _ = _load(src, quantization_config=qc, dtype=dtype)
     model.save_pretrained(tmp_path / "bnb")
     ours_t, ref_t = read_tensors(tmp_path / "ours"), read_tensors(tmp_path / "bnb")
     _same_bytes(ours_t, ref_t, set())
-    assert ours_t["model.layers.0.mlp.up_proj.SCB"][3] == float("inf")
-    assert not ours_t["model.layers.0.mlp.up_proj.weight"][3].any()
-    assert read_config(tmp_path / "ours")["dtype"] == "float16"
+    rows = [row for row, _ in values]
+    assert ours_t[f"{name}.SCB"][rows].tolist() == [float("inf")] * len(rows)
+    assert not ours_t[f"{name}.weight"][rows].any()
+    assert read_config(tmp_path / "ours")["dtype"] == dtype_name
 
 
 def test_int8_threshold_is_config_only(tiny_checkpoint, tmp_path):
@@ -224,30 +237,3 @@ def test_int8_rows_that_decode_to_nan_count_as_nonfinite(tmp_path):
     quality, problems = verify_against(tmp_path / "ours", str(src))
     assert quality["nonfinite_quantized"] == row
     assert problems == [f"tensor {name!r} in model.safetensors: {row} NaN/Inf values"]
-
-
-def test_int8_bfloat16_cast_overflow_stores_what_bitsandbytes_stores(tmp_path):
-    """--dtype bfloat16 on an fp32 checkpoint holding 3.4e38 (finite, past bfloat16's largest 3.39e38):
-    transformers loads it as bf16 inf, which bnb rounds to fp16 inf and saves as SCB = inf with zero
-    codes; we refused the cast's inf as a NaN/Inf in the checkpoint. We write bnb's bytes and say so."""
-    src = make_tiny("llama_tied", tmp_path / "src", seed=3)  # float32
-    f = src / "model.safetensors"
-    with safe_open(f, "pt") as fh:
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = 3.4e38
-    tensors["model.layers.0.mlp.up_proj.weight"][7, 1] = -3.4e38
-    from safetensors.torch import save_file
-
-    save_file(tensors, f, metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="model.layers.0.mlp.up_proj.weight"):
-        result = pipeline.convert(
-            str(src), str(tmp_path / "ours"), quant_type="int8", dtype="bfloat16", progress=False
-        )
-    assert any("model.layers.0.mlp.up_proj.weight (2 rows)" in n and "NaN" in n for n in result.notes)
-    qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    model, _, _ = _load(src, quantization_config=qc, dtype=torch.bfloat16)
-    model.save_pretrained(tmp_path / "bnb")
-    ours_t, ref_t = read_tensors(tmp_path / "ours"), read_tensors(tmp_path / "bnb")
-    _same_bytes(ours_t, ref_t, set())
-    assert ours_t["model.layers.0.mlp.up_proj.SCB"][[3, 7]].tolist() == [float("inf")] * 2
-    assert read_config(tmp_path / "ours")["dtype"] == "bfloat16"
