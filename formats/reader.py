@@ -101,9 +101,12 @@ class Shard:
         if entry is None:
             msg = f"{self.path}: no tensor {name!r} in this shard"
             raise KeyError(msg)
+        return self._tensor(entry, _writer.TORCH_DTYPES[entry.dtype])
+
+    def _tensor(self, entry: Any, dtype: torch.dtype) -> torch.Tensor:
+        """The stored bytes of ``entry`` as a tensor of ``dtype`` (a view of the mapped file)."""
         import torch
 
-        dtype = _writer.TORCH_DTYPES[entry.dtype]
         if entry.end == entry.begin or self._map is None:
             return torch.empty(entry.shape, dtype=dtype)
         start = self._shard.data_start

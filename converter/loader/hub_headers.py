@@ -21,7 +21,6 @@ import torch
 from converter.errors import CorruptFileError, SourceNotFoundError
 from converter.loader.state import NotQuantizedError
 from converter.sources.hub_ranges import RangeReader
-from formats import writer as _writer
 from formats.index import INDEX_NAME, SINGLE_NAME, read_index
 from formats.metadata import parse_metadata
 from formats.reader import Checkpoint, Shard
@@ -102,12 +101,7 @@ class _HeaderShard(Shard):
         self._map = None
         self._file = f
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        entry = self._shard.entries.get(name)
-        if entry is None:
-            msg = f"{self.path}: no tensor {name!r} in this shard"
-            raise KeyError(msg)
-        dtype = _writer.TORCH_DTYPES[entry.dtype]
+    def _tensor(self, entry: Any, dtype: torch.dtype) -> torch.Tensor:
         data = self._file.cached(self._shard.data_start + entry.begin, entry.end - entry.begin)
         if data is None or entry.end == entry.begin:
             return torch.empty(entry.shape, dtype=dtype, device="meta")
