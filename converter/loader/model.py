@@ -471,13 +471,31 @@ def build_skeleton(
     return Skeleton(model, qc if isinstance(qc, dict) else None, new, frozenset(absent - new), tuple(dropped))
 
 
-def _initialize_missing(model: nn.Module, names: Collection[str], device: str | torch.device) -> None:
+def _non_persistent_buffers(model: nn.Module) -> list[str]:
+    """The model's own non-persistent buffers (rotary tables, position ids), not our 4-bit modules'."""
+    return [
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if not type(module).__module__.startswith("converter.")
+        for name in module._non_persistent_buffers_set
+        if module._buffers.get(name) is not None
+    ]
+
+
+def _initialize_missing(
+    model: nn.Module, names: Collection[str], device: str | torch.device, recompute: Collection[str] = ()
+) -> None:
     """Give each of ``names`` (parameters and buffers still on the meta device) an empty tensor on
     ``device`` in its dtype and initialise it as ``from_pretrained`` initialises the keys a checkpoint
     lacks: every other tensor is flagged ``_is_hf_initialized`` and the model's ``initialize_weights``
     runs (``_init_weights`` module by module, children first; transformers' init functions skip
     flagged tensors), so the same tensors draw from the generator in the same order, and after the
-    same ``torch.manual_seed`` hold transformers' values. New parameters are frozen like the rest."""
+    same ``torch.manual_seed`` hold transformers' values. New parameters are frozen like the rest.
+
+    ``recompute`` (the non-persistent buffers) are left unflagged too, as ``from_pretrained`` leaves
+    them: ``_init_weights`` computes them again, outside the build's default dtype (GPT-J's rotary
+    table, made with the default dtype, is otherwise rounded to bf16 in a bf16 build); a buffer it
+    does not touch keeps the value the build gave it."""
     made: dict[int, torch.Tensor] = {}  # a tied pair left missing gets one tensor
     for name in names:
         module_name, _, attr = name.rpartition(".")
@@ -493,7 +511,7 @@ def _initialize_missing(model: nn.Module, names: Collection[str], device: str | 
             old = module._buffers[attr]
             assert old is not None
             module._buffers[attr] = made.setdefault(id(old), torch.empty_like(old, device=device))
-    missing = set(names)
+    missing = set(names) | set(recompute)
     for name, tensor in itertools.chain(
         model.named_parameters(remove_duplicate=False), model.named_buffers()
     ):
@@ -674,8 +692,10 @@ def load_quantized(
             "or a config.json that does not describe these shards)"
         )
         raise ModelBuildError(msg)
+    recompute = _non_persistent_buffers(model)
+    if left or recompute:
+        _initialize_missing(model, left, target, recompute)
     if left:
-        _initialize_missing(model, left, target)
         warnings.warn(
             _new_parameters_warning(folder, cls, left, skeleton.new_quantizable, dtype),
             stacklevel=3,  # the caller of load_quantized, past timing.timed's wrapper

@@ -482,3 +482,25 @@ def test_keep_in_fp32_modules_load_in_float32_as_transformers_loads_them(
     assert wo
     assert all(wanted[k] == torch.float32 for k in wo)
     assert {k: v.dtype for k, v in ours.state_dict().items() if k in wanted} == wanted
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_buffers_computed_at_init_hold_transformers_float32_values(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """GPT-J's rotary table (``embed_positions``, a non-persistent float32 buffer) is computed by
+    ``1.0 / 10000 ** (arange(int64) / dim)``, which takes the default dtype. Built under a 16-bit default
+    dtype its inverse frequencies are rounded to 8 (bf16) or 11 (fp16) bits; from_pretrained recomputes
+    such buffers by ``_init_weights`` after the build, in float32. Ours must hold the same values, bit
+    for bit (the table depends on no weight: any difference is the build's dtype)."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTJConfig(vocab_size=128, n_positions=64, n_embd=64, n_layer=1, n_head=4, rotary_dim=8)
+    GPTJForCausalLM(config).to(dtype).save_pretrained(tmp_path / "gptj")
+    folder = bnb_quantize_folder(tmp_path / "gptj", tmp_path / "gptj-nf4")
+    ours = load_quantized(folder, dtype=dtype)
+    theirs = bnb_load(folder)
+    table = ours.transformer.rotary_emb.embed_positions
+    assert table.dtype == torch.float32
+    assert torch.equal(table, theirs.transformer.rotary_emb.embed_positions)
