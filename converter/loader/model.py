@@ -524,6 +524,17 @@ def _initialize_missing(
         model.apply(model._init_weights)  # type: ignore[operator]
 
 
+def _mark_quantized(model: nn.Module) -> None:
+    """``config._is_quantized = True`` on the model's and every sub-model's config, as transformers'
+    quantizers set it: FalconMamba and Jamba then call ``dt_proj`` instead of multiplying by its weight,
+    and flash attention casts float32 queries to ``config.dtype`` instead of a Linear weight's dtype."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = True
+
+
 def _new_parameters_warning(
     folder: Path, cls: type, names: list[str], new_quantizable: frozenset[str], dtype: torch.dtype
 ) -> str:
@@ -709,6 +720,7 @@ def load_quantized(
         model.config.quantization_config = qc
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
+    _mark_quantized(model)
     model.eval()
     load_generation_config(model, folder, config_kwargs if _is_model_class(model_class) else {})
     bind_dequantize(model)  # model.dequantize(): transformers' needs its quantizer (dequantize_inplace.py)

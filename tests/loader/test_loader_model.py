@@ -504,3 +504,34 @@ def test_buffers_computed_at_init_hold_transformers_float32_values(
     table = ours.transformer.rotary_emb.embed_positions
     assert table.dtype == torch.float32
     assert torch.equal(table, theirs.transformer.rotary_emb.embed_positions)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_mamba_mixers_that_branch_on_a_quantized_config_run(tmp_path: Path, quant_type: str) -> None:
+    """FalconMamba and Jamba multiply by ``dt_proj.weight`` directly unless ``config._is_quantized`` is
+    set, which transformers sets on every (sub)model config of a quantized load: then they call the
+    layer. Without the flag the 4-bit or int8 weight met a float matmul ("Expected size for first two
+    dimensions of batch2 tensor", "expected scalar type Float but found Char"). The logits must be those
+    of transformers + bitsandbytes loading the same folder (dequantize + F.linear on both sides; int8:
+    ``exact`` runs bitsandbytes' own matmul)."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = FalconMambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
+    FalconMambaForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    ours = load_quantized(folder, dtype=torch.float32)
+    theirs = bnb_load(folder).eval()
+    for module in theirs.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # keep bnb on its dequantize + F.linear path
+    for layer in ours.modules():
+        if hasattr(layer, "use_gemv"):
+            layer.use_gemv = False
+        if hasattr(layer, "exact"):
+            layer.exact = True
+    with torch.no_grad():
+        assert torch.equal(ours(IDS[:, :5]).logits, theirs(IDS[:, :5]).logits)
