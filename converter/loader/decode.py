@@ -189,10 +189,25 @@ def _unsupported(
         positions.dim() != 2 or not bool((positions[:, -1] == input_ids.shape[1] - 1).all())
     ):  # the steps continue at the prompt's length; transformers' loop at the last position + 1
         return "position_ids other than 0 .. prompt length - 1 are not supported"
+    if _has_linear_attention(model):
+        return "linear-attention cache layers (state-space or recurrent: Mamba, Jamba) are not supported"
     cache = model_kwargs.get("cache")
     if cache is not None and not _is_empty_reusable_cache(cache):
         return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"
     return None
+
+
+def _has_linear_attention(model) -> bool:
+    """Whether the StaticCache of this model has layers that keep a state instead of keys and values
+    (transformers' ``LinearAttentionCacheLayerMixin``): the loop reads and resets keys and values only."""
+    from transformers import StaticCache
+
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    except ImportError:  # a transformers without such layers
+        return False
+    layers = StaticCache(config=model.config, max_cache_len=1).layers  # lazily initialised: no tensors
+    return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
 
 
 def _is_empty_reusable_cache(cache) -> bool:
