@@ -383,3 +383,20 @@ def test_linear_attention_caches_fall_back_with_their_tokens(model_type: str, ca
     assert "linear-attention" in caplog.text
     assert torch.equal(got[0], want)
     assert torch.equal(got[1], want)
+
+
+@pytest.mark.parametrize("eos", [50256, [50256, 7]], ids=["outside", "outside-and-inside"])
+def test_eos_ids_outside_the_vocabulary_are_ignored_as_transformers_ignores_them(eos) -> None:
+    """GPT2Config's default eos_token_id is 50256; a small model (or a config naming an added token the
+    head lacks) has no such logit. transformers' min_new_tokens processor marks EOS ids by
+    ``isin(arange(vocab), eos)``, so an id outside the vocabulary bars nothing; the device loop indexed
+    the logits with it ("index 50256 is out of bounds for dimension 0 with size 128")."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4, eos_token_id=eos)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 100, 7]])
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0}
+    want = greedy_reference(model, ids, **kw)
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, **kw), want)
