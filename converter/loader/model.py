@@ -39,7 +39,13 @@ from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.model_build import ModelBuildError, class_to_build
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts, moe_modules
-from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
+from converter.loader.replace import (
+    compute_dtype_from_config,
+    is_swappable,
+    mark_quantized,
+    quantized_modules,
+    swap_layers,
+)
 from converter.loader.siblings import group_siblings
 from converter.loader.state import read_state, resolve_folder, shard_files, shards_verified, streams_to
 from converter.loader.warmup import BUILD_LOCK, warmed
@@ -524,17 +530,6 @@ def _initialize_missing(
         model.apply(model._init_weights)  # type: ignore[operator]
 
 
-def _mark_quantized(model: nn.Module) -> None:
-    """``config._is_quantized = True`` on the model's and every sub-model's config, as transformers'
-    quantizers set it: FalconMamba and Jamba then call ``dt_proj`` instead of multiplying by its weight,
-    and flash attention casts float32 queries to ``config.dtype`` instead of a Linear weight's dtype."""
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            module.config._is_quantized = True
-
-
 def _new_parameters_warning(
     folder: Path, cls: type, names: list[str], new_quantizable: frozenset[str], dtype: torch.dtype
 ) -> str:
@@ -720,7 +715,7 @@ def load_quantized(
         model.config.quantization_config = qc
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
-    _mark_quantized(model)
+    mark_quantized(model)
     model.eval()
     load_generation_config(model, folder, config_kwargs if _is_model_class(model_class) else {})
     bind_dequantize(model)  # model.dequantize(): transformers' needs its quantizer (dequantize_inplace.py)

@@ -131,6 +131,31 @@ def test_replace_linear_layers_on_a_transformers_model(our_folder: Path) -> None
     assert torch.equal(_logits(model.eval()), _logits(reference))
 
 
+def test_replace_linear_layers_on_a_falcon_mamba_runs_its_quantized_branch(tmp_path: Path) -> None:
+    """FalconMamba multiplies by ``dt_proj.weight`` unless ``config._is_quantized`` is set (transformers'
+    quantizers and load_quantized set it): after replace_linear_layers on a plain transformers model the
+    4-bit weight met a float matmul ("Expected size for first two dimensions of batch2 tensor"). The
+    swap marks the configs of the transformers models in the module, and the logits are
+    load_quantized's (dequantize + F.linear on both)."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = FalconMambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
+    FalconMambaForCausalLM(config).save_pretrained(tmp_path / "plain")
+    convert(tmp_path / "plain", tmp_path / "q", progress=False)
+    model = FalconMambaForCausalLM(config).eval()
+    state = load_quantized_state(tmp_path / "q")
+    replace_linear_layers(model, tmp_path / "q")
+    model.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, strict=False)
+    reference = load_quantized(tmp_path / "q", dtype=torch.float32)
+    for m in (model, reference):
+        for layer in linear4bit_modules(m).values():
+            layer.use_gemv = False
+    assert torch.equal(_logits(model, IDS[:, :5] % 128), _logits(reference, IDS[:, :5] % 128))
+
+
 def test_replace_linear_layers_on_any_module(tmp_path: Path) -> None:
     # A plain nn.Module with its own names; the checkpoint is our layers' state dicts.
     layers = {"encoder.proj": make_layer(32, 64, bias=True)[0], "head": make_layer(8, 32, seed=1)[0]}
