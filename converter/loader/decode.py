@@ -189,10 +189,25 @@ def _unsupported(
         positions.dim() != 2 or not bool((positions[:, -1] == input_ids.shape[1] - 1).all())
     ):  # the steps continue at the prompt's length; transformers' loop at the last position + 1
         return "position_ids other than 0 .. prompt length - 1 are not supported"
+    if _has_linear_attention(model):
+        return "linear-attention cache layers (state-space or recurrent: Mamba, Jamba) are not supported"
     cache = model_kwargs.get("cache")
     if cache is not None and not _is_empty_reusable_cache(cache):
         return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"
     return None
+
+
+def _has_linear_attention(model) -> bool:
+    """Whether the StaticCache of this model has layers that keep a state instead of keys and values
+    (transformers' ``LinearAttentionCacheLayerMixin``): the loop reads and resets keys and values only."""
+    from transformers import StaticCache
+
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    except ImportError:  # a transformers without such layers
+        return False
+    layers = StaticCache(config=model.config, max_cache_len=1).layers  # lazily initialised: no tensors
+    return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
 
 
 def _is_empty_reusable_cache(cache) -> bool:
@@ -222,13 +237,13 @@ def _greedy(
     device = model.device
     cache = _static_cache(model, model_kwargs, batch, max_length)
     eos = _eos_ids(stopping_criteria)
-    eos_mask = _eos_mask(logits_processor, device)
 
     # Prefill: generate()'s own (attention mask, position ids, logits_to_keep), then the first token
     # through the same logits processors _sample applies.
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     first = torch.argmax(logits_processor(input_ids, logits), dim=-1).view(batch, 1)
+    eos_mask = _eos_mask(logits_processor, device, vocab=logits.shape[-1])
     del outputs, logits
     tokens = [first.to("cpu", copy=True)]
     _stream(streamer, tokens[0])
@@ -354,7 +369,10 @@ def _eos_ids(stopping_criteria) -> torch.Tensor | None:
     return None
 
 
-def _eos_mask(logits_processor, device) -> _EosMask | None:
+def _eos_mask(logits_processor, device, vocab: int) -> _EosMask | None:
+    """The EOS ids the min-length processors bar, those of the ``vocab`` logits only: transformers marks
+    them by ``isin(arange(vocab), eos)``, so an id the head lacks (GPT2Config's default 50256 in a small
+    model) bars nothing."""
     from transformers.generation.logits_process import MinLengthLogitsProcessor
 
     lengths, ids = [], []
@@ -366,7 +384,9 @@ def _eos_mask(logits_processor, device) -> _EosMask | None:
         ids.append(torch.as_tensor(p.eos_token_id).flatten())
     if not lengths:
         return None
-    return _EosMask(torch.unique(torch.cat(ids)).to(device), max(lengths))
+    eos = torch.unique(torch.cat(ids))
+    eos = eos[(eos >= 0) & (eos < vocab)]
+    return _EosMask(eos.to(device), max(lengths)) if eos.numel() else None
 
 
 def _finished(tokens: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:

@@ -105,14 +105,13 @@ def _transposed_weights(folder: Path, state: dict) -> set[str]:
     return _conv1d_weights(folder) & quantized
 
 
-def _conv1d_weights(folder: Path) -> set[str]:
-    """``<module>.weight`` of every ``Conv1D`` of the model ``folder/config.json`` describes (none when
-    the config is missing or names no model transformers can build)."""
+def _meta_model(folder: Path) -> torch.nn.Module | None:
+    """The model ``folder/config.json`` describes, on the meta device (None when the config is missing
+    or names no model transformers can build)."""
     if not (folder / "config.json").is_file():
-        return set()
+        return None
     try:
         import transformers
-        from transformers.pytorch_utils import Conv1D
 
         from converter.loader.model_build import class_to_build
 
@@ -120,19 +119,47 @@ def _conv1d_weights(folder: Path) -> set[str]:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         with torch.device("meta"):
-            model = class_to_build(config)(config)
-    except Exception:  # not a transformers model: nothing is known to be transposed
+            return class_to_build(config)(config)
+    except Exception:  # not a transformers model
+        return None
+
+
+def _conv1d_weights(folder: Path) -> set[str]:
+    """``<module>.weight`` of every ``Conv1D`` of the model ``folder/config.json`` describes (none when
+    the config is missing or names no model transformers can build)."""
+    model = _meta_model(folder)
+    if model is None:  # not a transformers model: nothing is known to be transposed
         return set()
+    from transformers.pytorch_utils import Conv1D
+
     return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
 
 
-def _plan(state: dict, dtype: torch.dtype, max_shard_size: int) -> list[list[str]]:
+def _out_dtypes(folder: Path, state: dict, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype each tensor is written in: ``dtype`` for floats, except the kept tensors transformers'
+    dtype plan holds in float32 for ``dtype`` (``_keep_in_fp32_modules`` under float16,
+    ``_keep_in_fp32_modules_strict`` under float16 or bfloat16: T5's ``wo``), which its ``save_pretrained``
+    of the model loaded in ``dtype`` writes in float32 too; integer tensors as they are."""
+    out = {k: _out_dtype(v, dtype) for k, v in state.items()}
+    model = _meta_model(folder) if dtype in (torch.float16, torch.bfloat16) else None
+    if model is None:
+        return out
+    from converter.loader.model import _dtype_plan
+
+    planned = _dtype_plan(model, dtype)
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and planned(k) == torch.float32:
+            out[k] = torch.float32
+    return out
+
+
+def _plan(state: dict, dtypes: dict[str, torch.dtype], max_shard_size: int) -> list[list[str]]:
     """Names per shard, in checkpoint order, each shard at most ``max_shard_size`` bytes (unless one
     tensor alone is larger, as transformers does)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, value in state.items():
-        n = math.prod(value.shape) * torch.empty(0, dtype=_out_dtype(value, dtype)).element_size()
+        n = math.prod(value.shape) * torch.empty(0, dtype=dtypes[name]).element_size()
         if shards[-1] and size + n > max_shard_size:
             shards.append([])
             size = 0
@@ -145,7 +172,7 @@ def _tensor(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype, transpose
     if not isinstance(value, torch.Tensor):  # a quantized record: its method decodes it
         w = for_record(value).dequantize(value, dtype)
         return w.t() if transposed else w
-    return value.to(_out_dtype(value, dtype))
+    return value.to(dtype)
 
 
 def _shape(value: QuantizedTensor | torch.Tensor, transposed: bool) -> tuple[int, ...]:
@@ -172,8 +199,10 @@ def dequantize_checkpoint(
     """Write ``output``: a plain safetensors checkpoint of the quantized folder (or Hub repo) ``source``.
 
     ``dtype`` ("bfloat16" / "bf16", "float16" / "fp16", "float32" / "fp32") is the dtype of every
-    floating-point tensor written. ``output`` must be absent or empty unless ``overwrite`` (or hold an
-    unfinished dequantize: a rerun after a kill or a full disk starts again there).
+    floating-point tensor written, but those transformers' dtype plan keeps in float32 for it (T5's ``wo``
+    under float16), written in float32 as its ``save_pretrained`` writes them. ``output`` must be absent
+    or empty unless ``overwrite`` (or hold an unfinished dequantize: a rerun after a kill or a full disk
+    starts again there).
     ``progress`` is called with each tensor name as it is written (False or None: no calls, as
     ``convert(progress=False)``). A Hub repo id is fetched at ``revision`` (branch, tag or commit;
     default main) with ``token``, ``cache_dir``, ``force_download`` and ``local_files_only`` as
@@ -354,18 +383,16 @@ def _write_plain(
 ) -> DequantizeResult:
     """The shards, the other files, config.json and (several shards) the index, in that order."""
     transposed = _transposed_weights(folder, state)
-    groups = _plan(state, torch_dtype, limit)
+    dtypes = _out_dtypes(folder, state, torch_dtype)
+    groups = _plan(state, dtypes, limit)
     names = shard_names(len(groups))
     result = DequantizeResult(out, name)
     weight_map: dict[str, str] = {}
     for shard_name, group in zip(names, groups, strict=True):
-        slots = [
-            TensorSlot(k, DTYPE_CODES[_out_dtype(state[k], torch_dtype)], _shape(state[k], k in transposed))
-            for k in group
-        ]
+        slots = [TensorSlot(k, DTYPE_CODES[dtypes[k]], _shape(state[k], k in transposed)) for k in group]
         with ShardWriter(out / shard_name, slots, {}) as writer:
             for k in group:
-                writer.write(k, _tensor(state[k], torch_dtype, k in transposed).contiguous())
+                writer.write(k, _tensor(state[k], dtypes[k], k in transposed).contiguous())
                 if not isinstance(state[k], torch.Tensor):
                     result.tensors_dequantized += 1
                 else:
@@ -388,8 +415,7 @@ def _write_plain(
         atomic_write_bytes(out / "config.json", text.encode())
     if len(names) > 1:
         total = sum(
-            math.prod(v.shape) * torch.empty(0, dtype=_out_dtype(v, torch_dtype)).element_size()
-            for v in state.values()
+            math.prod(v.shape) * torch.empty(0, dtype=dtypes[k]).element_size() for k, v in state.items()
         )
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_bytes(out / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())

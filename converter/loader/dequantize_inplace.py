@@ -107,8 +107,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     """Swap every quantized module of ``model`` for torch's own (in place) and return ``model``.
 
     ``dtype``: of the dequantized weights (default ``model.config.dtype``). The model afterwards has no
-    ``quantization_config`` and is not ``is_loaded_in_4bit`` / ``is_loaded_in_8bit``, so
-    ``save_pretrained`` writes a plain checkpoint.
+    ``quantization_config`` nor ``config._is_quantized`` and is not ``is_loaded_in_4bit`` /
+    ``is_loaded_in_8bit``, so ``save_pretrained`` writes a plain checkpoint.
     """
     dtype = _dtype(model, dtype)
     targets = [
@@ -132,6 +132,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
+    for module in model.modules():  # the load's flag (FalconMamba, Jamba branch on it): plain forwards now
+        sub_config = getattr(module, "config", None)
+        if sub_config is not None and "_is_quantized" in vars(sub_config):
+            del sub_config._is_quantized
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if flag in model.__dict__:
             delattr(model, flag)

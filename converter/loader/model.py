@@ -39,7 +39,13 @@ from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.model_build import ModelBuildError, class_to_build
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import attach_experts, moe_modules
-from converter.loader.replace import compute_dtype_from_config, is_swappable, quantized_modules, swap_layers
+from converter.loader.replace import (
+    compute_dtype_from_config,
+    is_swappable,
+    mark_quantized,
+    quantized_modules,
+    swap_layers,
+)
 from converter.loader.siblings import group_siblings
 from converter.loader.state import read_state, resolve_folder, shard_files, shards_verified, streams_to
 from converter.loader.warmup import BUILD_LOCK, warmed
@@ -471,13 +477,31 @@ def build_skeleton(
     return Skeleton(model, qc if isinstance(qc, dict) else None, new, frozenset(absent - new), tuple(dropped))
 
 
-def _initialize_missing(model: nn.Module, names: Collection[str], device: str | torch.device) -> None:
+def _non_persistent_buffers(model: nn.Module) -> list[str]:
+    """The model's own non-persistent buffers (rotary tables, position ids), not our 4-bit modules'."""
+    return [
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if not type(module).__module__.startswith("converter.")
+        for name in module._non_persistent_buffers_set
+        if module._buffers.get(name) is not None
+    ]
+
+
+def _initialize_missing(
+    model: nn.Module, names: Collection[str], device: str | torch.device, recompute: Collection[str] = ()
+) -> None:
     """Give each of ``names`` (parameters and buffers still on the meta device) an empty tensor on
     ``device`` in its dtype and initialise it as ``from_pretrained`` initialises the keys a checkpoint
     lacks: every other tensor is flagged ``_is_hf_initialized`` and the model's ``initialize_weights``
     runs (``_init_weights`` module by module, children first; transformers' init functions skip
     flagged tensors), so the same tensors draw from the generator in the same order, and after the
-    same ``torch.manual_seed`` hold transformers' values. New parameters are frozen like the rest."""
+    same ``torch.manual_seed`` hold transformers' values. New parameters are frozen like the rest.
+
+    ``recompute`` (the non-persistent buffers) are left unflagged too, as ``from_pretrained`` leaves
+    them: ``_init_weights`` computes them again, outside the build's default dtype (GPT-J's rotary
+    table, made with the default dtype, is otherwise rounded to bf16 in a bf16 build); a buffer it
+    does not touch keeps the value the build gave it."""
     made: dict[int, torch.Tensor] = {}  # a tied pair left missing gets one tensor
     for name in names:
         module_name, _, attr = name.rpartition(".")
@@ -493,7 +517,7 @@ def _initialize_missing(model: nn.Module, names: Collection[str], device: str | 
             old = module._buffers[attr]
             assert old is not None
             module._buffers[attr] = made.setdefault(id(old), torch.empty_like(old, device=device))
-    missing = set(names)
+    missing = set(names) | set(recompute)
     for name, tensor in itertools.chain(
         model.named_parameters(remove_duplicate=False), model.named_buffers()
     ):
@@ -674,8 +698,10 @@ def load_quantized(
             "or a config.json that does not describe these shards)"
         )
         raise ModelBuildError(msg)
+    recompute = _non_persistent_buffers(model)
+    if left or recompute:
+        _initialize_missing(model, left, target, recompute)
     if left:
-        _initialize_missing(model, left, target)
         warnings.warn(
             _new_parameters_warning(folder, cls, left, skeleton.new_quantizable, dtype),
             stacklevel=3,  # the caller of load_quantized, past timing.timed's wrapper
@@ -689,6 +715,7 @@ def load_quantized(
         model.config.quantization_config = qc
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
+    mark_quantized(model)
     model.eval()
     load_generation_config(model, folder, config_kwargs if _is_model_class(model_class) else {})
     bind_dequantize(model)  # model.dequantize(): transformers' needs its quantizer (dequantize_inplace.py)

@@ -7,6 +7,7 @@ GPT-2 style ``Conv1D`` (whose quantized weight is already [out, in]). No transfo
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,9 @@ def replace_linear_layers(
     strict=False)`` (the quantized weights are records, ``QuantizedTensor`` / ``Int8Tensor``).
     ``compute_dtype`` defaults to the checkpoint config's ``bnb_4bit_compute_dtype``, else the weights'
     original dtype (int8: the input's). Sets ``module.is_loaded_in_4bit = True`` (int8:
-    ``is_loaded_in_8bit``) so PEFT picks its 4-bit (8-bit) LoRA layer. Returns the names of the
-    swapped modules.
+    ``is_loaded_in_8bit``) so PEFT picks its 4-bit (8-bit) LoRA layer, and ``config._is_quantized`` on
+    the transformers models in ``module`` (:func:`mark_quantized`). Returns the names of the swapped
+    modules.
     """
     from converter.loader.state import load_quantized_state, resolve_folder
 
@@ -175,4 +177,18 @@ def replace_linear_layers(
     names = swap_layers(module, state, dtype, where=where, quantization_config=qc)
     if names:
         setattr(module, _method_of(state).loaded_flag, True)
+        mark_quantized(module)
     return names
+
+
+def mark_quantized(module: nn.Module) -> None:
+    """``config._is_quantized = True`` on the config of every transformers model in ``module``, as
+    transformers' quantizers set it: FalconMamba and Jamba then call ``dt_proj`` instead of multiplying
+    by its weight, and flash attention casts float32 queries to ``config.dtype`` instead of a Linear
+    weight's dtype. Without transformers' modeling_utils imported no module is one of its models."""
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is None:
+        return
+    for sub in module.modules():
+        if isinstance(sub, modeling_utils.PreTrainedModel):
+            sub.config._is_quantized = True

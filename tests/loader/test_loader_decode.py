@@ -341,3 +341,62 @@ def test_sliding_cache_shorter_than_its_window_is_refused() -> None:
     cache = StaticCache(config=model.config, max_cache_len=10)
     with pytest.raises(ValueError, match=r"holds 10 positions; generate\(\) needs 19"):
         model.generate(IDS, custom_generate=graphed_greedy, cache=cache, max_new_tokens=12, pad_token_id=0)
+
+
+_LINEAR_ATTENTION = {  # caches with linear-attention (state) layers: all of them, or beside attention
+    "falcon_mamba": {"state_size": 8, "expand": 2},
+    "jamba": {
+        "num_experts": 1,
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "mamba_d_state": 8,
+        "use_mamba_kernels": False,
+    },
+    "recurrent_gemma": {
+        "head_dim": 16,
+        "lru_width": 64,
+        "attention_window_size": 16,
+        "block_types": ["recurrent", "attention"],
+    },
+}
+
+
+@pytest.mark.parametrize("model_type", list(_LINEAR_ATTENTION))
+def test_linear_attention_caches_fall_back_with_their_tokens(model_type: str, caplog) -> None:
+    """State-space / recurrent layers (FalconMamba, Jamba, RecurrentGemma) keep conv and recurrent
+    states, not keys and values: the loop does not decode on them. It fell over instead of falling back
+    (FalconMamba: "get_seq_length can only be called on Attention layers"; Jamba, RecurrentGemma, from
+    the second call on, reusing the kept cache: "'LinearAttentionLayer' object has no attribute
+    'is_initialized'"); now every call says why and gives plain generate's tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tiny = {k: v for k, v in _TINY.items() if k != "num_hidden_layers"}
+    config = AutoConfig.for_model(model_type, **tiny, num_hidden_layers=2, **_LINEAR_ATTENTION[model_type])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7]])
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    want = model.generate(ids, **kw)
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = [model.generate(ids, custom_generate=graphed_greedy, **kw) for _ in range(2)]
+    assert "linear-attention" in caplog.text
+    assert torch.equal(got[0], want)
+    assert torch.equal(got[1], want)
+
+
+@pytest.mark.parametrize("eos", [50256, [50256, 7]], ids=["outside", "outside-and-inside"])
+def test_eos_ids_outside_the_vocabulary_are_ignored_as_transformers_ignores_them(eos) -> None:
+    """GPT2Config's default eos_token_id is 50256; a small model (or a config naming an added token the
+    head lacks) has no such logit. transformers' min_new_tokens processor marks EOS ids by
+    ``isin(arange(vocab), eos)``, so an id outside the vocabulary bars nothing; the device loop indexed
+    the logits with it ("index 50256 is out of bounds for dimension 0 with size 128")."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4, eos_token_id=eos)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 100, 7]])
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0}
+    want = greedy_reference(model, ids, **kw)
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, **kw), want)

@@ -441,3 +441,36 @@ def test_a_kill_before_the_first_marker_rename_does_not_block_the_rerun(
     (out / f".{deq.UNFINISHED_NAME}{temp}").write_bytes(b'{"sour')
     dequantize_checkpoint(our_folder, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_keep_in_fp32_modules_stay_float32_as_transformers_saves_them(tmp_path: Path, kind: str) -> None:
+    """A float16 T5 keeps its ``wo`` layers float32 (``_keep_in_fp32_modules``): convert stores them so,
+    and transformers' own ``save_pretrained`` of the model loaded in float16 writes them so. ``dequantize
+    --dtype fp16`` rounded them to float16 (each value off by up to half an fp16 ulp), so the plain
+    checkpoint no longer gave the loaded model's logits; now its tensors have the dtypes (and the values)
+    of that model: ``wo`` float32, the rest float16, and transformers' logits on it equal
+    ``model.dequantize()``'s."""
+    from tiny_models import make_tiny
+
+    from converter.loader.model import load_quantized
+    from converter.writer.pipeline import convert
+
+    src = make_tiny("t5", tmp_path / "src")  # float32
+    convert(src, tmp_path / "q", quant_type=kind, dtype="float16", progress=False)
+    dequantize_checkpoint(tmp_path / "q", tmp_path / "plain", dtype="fp16")
+    plain, stored = _read_folder(tmp_path / "plain"), _read_folder(tmp_path / "q")
+    wo = [k for k in plain if k.endswith("DenseReluDense.wo.weight")]
+    assert wo
+    for k in wo:
+        assert plain[k].dtype == torch.float32
+        assert torch.equal(plain[k], stored[k])
+    assert plain["shared.weight"].dtype == torch.float16
+    import transformers
+
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7]])
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "plain")
+    ours = load_quantized(tmp_path / "q", dtype=torch.float16).dequantize()
+    with torch.no_grad():
+        want = theirs(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+        assert torch.equal(ours(input_ids=ids, decoder_input_ids=ids[:, :3]).logits, want)

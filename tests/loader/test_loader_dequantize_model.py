@@ -150,3 +150,25 @@ def test_gpt2_conv1d_layers_dequantize_to_conv1d(kind, tmp_path):
     saved, info, _ = load_logged(tmp_path / "saved", dtype=torch.float32)
     assert not info["mismatched_keys"]
     assert torch.equal(_logits(saved), _logits(model))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_dequantized_falcon_mamba_runs_the_plain_models_forward(kind: str, tmp_path: Path) -> None:
+    """FalconMamba branches on ``config._is_quantized`` (set by the load, as transformers sets it):
+    quantized, it calls ``dt_proj`` and subtracts the bias again, plain it multiplies by the weight. After
+    ``dequantize()`` the model is plain, so the flag goes with ``quantization_config`` and the logits are,
+    bit for bit, those of the dequantized checkpoint loaded by plain transformers (in bf16 the two
+    branches round differently)."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = FalconMambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
+    FalconMambaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "q", quant_type=kind, progress=False)
+    model = load_quantized(tmp_path / "q").dequantize()
+    dequantize_checkpoint(tmp_path / "q", tmp_path / "plain", dtype="bf16")
+    ids = IDS % 128
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _plain(tmp_path / "plain")(ids).logits)

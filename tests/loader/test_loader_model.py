@@ -131,6 +131,31 @@ def test_replace_linear_layers_on_a_transformers_model(our_folder: Path) -> None
     assert torch.equal(_logits(model.eval()), _logits(reference))
 
 
+def test_replace_linear_layers_on_a_falcon_mamba_runs_its_quantized_branch(tmp_path: Path) -> None:
+    """FalconMamba multiplies by ``dt_proj.weight`` unless ``config._is_quantized`` is set (transformers'
+    quantizers and load_quantized set it): after replace_linear_layers on a plain transformers model the
+    4-bit weight met a float matmul ("Expected size for first two dimensions of batch2 tensor"). The
+    swap marks the configs of the transformers models in the module, and the logits are
+    load_quantized's (dequantize + F.linear on both)."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = FalconMambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
+    FalconMambaForCausalLM(config).save_pretrained(tmp_path / "plain")
+    convert(tmp_path / "plain", tmp_path / "q", progress=False)
+    model = FalconMambaForCausalLM(config).eval()
+    state = load_quantized_state(tmp_path / "q")
+    replace_linear_layers(model, tmp_path / "q")
+    model.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, strict=False)
+    reference = load_quantized(tmp_path / "q", dtype=torch.float32)
+    for m in (model, reference):
+        for layer in linear4bit_modules(m).values():
+            layer.use_gemv = False
+    assert torch.equal(_logits(model, IDS[:, :5] % 128), _logits(reference, IDS[:, :5] % 128))
+
+
 def test_replace_linear_layers_on_any_module(tmp_path: Path) -> None:
     # A plain nn.Module with its own names; the checkpoint is our layers' state dicts.
     layers = {"encoder.proj": make_layer(32, 64, bias=True)[0], "head": make_layer(8, 32, seed=1)[0]}
@@ -482,3 +507,56 @@ def test_keep_in_fp32_modules_load_in_float32_as_transformers_loads_them(
     assert wo
     assert all(wanted[k] == torch.float32 for k in wo)
     assert {k: v.dtype for k, v in ours.state_dict().items() if k in wanted} == wanted
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_buffers_computed_at_init_hold_transformers_float32_values(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """GPT-J's rotary table (``embed_positions``, a non-persistent float32 buffer) is computed by
+    ``1.0 / 10000 ** (arange(int64) / dim)``, which takes the default dtype. Built under a 16-bit default
+    dtype its inverse frequencies are rounded to 8 (bf16) or 11 (fp16) bits; from_pretrained recomputes
+    such buffers by ``_init_weights`` after the build, in float32. Ours must hold the same values, bit
+    for bit (the table depends on no weight: any difference is the build's dtype)."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTJConfig(vocab_size=128, n_positions=64, n_embd=64, n_layer=1, n_head=4, rotary_dim=8)
+    GPTJForCausalLM(config).to(dtype).save_pretrained(tmp_path / "gptj")
+    folder = bnb_quantize_folder(tmp_path / "gptj", tmp_path / "gptj-nf4")
+    ours = load_quantized(folder, dtype=dtype)
+    theirs = bnb_load(folder)
+    table = ours.transformer.rotary_emb.embed_positions
+    assert table.dtype == torch.float32
+    assert torch.equal(table, theirs.transformer.rotary_emb.embed_positions)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_mamba_mixers_that_branch_on_a_quantized_config_run(tmp_path: Path, quant_type: str) -> None:
+    """FalconMamba and Jamba multiply by ``dt_proj.weight`` directly unless ``config._is_quantized`` is
+    set, which transformers sets on every (sub)model config of a quantized load: then they call the
+    layer. Without the flag the 4-bit or int8 weight met a float matmul ("Expected size for first two
+    dimensions of batch2 tensor", "expected scalar type Float but found Char"). The logits must be those
+    of transformers + bitsandbytes loading the same folder (dequantize + F.linear on both sides; int8:
+    ``exact`` runs bitsandbytes' own matmul)."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = FalconMambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
+    FalconMambaForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    ours = load_quantized(folder, dtype=torch.float32)
+    theirs = bnb_load(folder).eval()
+    for module in theirs.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # keep bnb on its dequantize + F.linear path
+    for layer in ours.modules():
+        if hasattr(layer, "use_gemv"):
+            layer.use_gemv = False
+        if hasattr(layer, "exact"):
+            layer.exact = True
+    with torch.no_grad():
+        assert torch.equal(ours(IDS[:, :5]).logits, theirs(IDS[:, :5]).logits)
