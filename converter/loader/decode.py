@@ -425,6 +425,9 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
             raise ValueError(msg)
         return cache
     length = -(-(max_length - 1) // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+    limit = _position_limit(model.config)
+    if limit is not None and max_length - 1 <= limit < length:  # e.g. GPT-Neo's fixed causal mask
+        length = limit
     with _in_use_lock:
         own = _own_caches.get(model)
         if own is not None and id(own) in _in_use:
@@ -447,6 +450,18 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
         _in_use.add(id(own))  # until graphed_greedy returns
     model_kwargs["cache"] = own
     return own
+
+
+def _position_limit(config) -> int | None:
+    """The most positions the model's config allows (``max_position_embeddings`` and its older names):
+    models with a causal mask buffer of that size (GPT-Neo, MPT) refuse a longer cache, so the kept
+    cache's rounding up stops there."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _give_away(model, cache) -> None:

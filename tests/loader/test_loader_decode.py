@@ -385,6 +385,27 @@ def test_linear_attention_caches_fall_back_with_their_tokens(model_type: str, ca
     assert torch.equal(got[1], want)
 
 
+def test_the_kept_cache_stops_at_the_models_position_limit() -> None:
+    """The kept cache is rounded up to 256 positions; GPT-Neo (and MPT) hold a causal mask buffer of
+    max_position_embeddings positions, and a longer cache failed ("The size of tensor a (64) must match
+    the size of tensor b (256)") where transformers' own static-cache generate works."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, StaticCache
+
+    torch.manual_seed(0)
+    config = GPTNeoConfig(
+        vocab_size=128, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
+        attention_types=[[["global", "local"], 1]], window_size=16, eos_token_id=None,
+    )  # fmt: skip
+    model = GPTNeoForCausalLM(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 100, 7]])
+    kw = {"max_new_tokens": 8, "pad_token_id": 0}
+    # transformers' own loop on a static cache of the length the kept one gets (the mask's 64): a cache
+    # of another length may flip this random model's near-tied logits
+    cache = StaticCache(config=config, max_cache_len=64)
+    want = model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
+    assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, **kw), want)
+
+
 @pytest.mark.parametrize("eos", [50256, [50256, 7]], ids=["outside", "outside-and-inside"])
 def test_eos_ids_outside_the_vocabulary_are_ignored_as_transformers_ignores_them(eos) -> None:
     """GPT2Config's default eos_token_id is 50256; a small model (or a config naming an added token the
@@ -398,5 +419,8 @@ def test_eos_ids_outside_the_vocabulary_are_ignored_as_transformers_ignores_them
     model = GPT2LMHeadModel(config).eval()
     ids = torch.tensor([[5, 9, 33, 2, 100, 7]])
     kw = {"max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0}
-    want = greedy_reference(model, ids, **kw)
+    # transformers' own loop on a static cache of the length the kept one gets (the mask's 64): a cache
+    # of another length may flip this random model's near-tied logits
+    cache = StaticCache(config=config, max_cache_len=64)
+    want = model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
     assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, **kw), want)
