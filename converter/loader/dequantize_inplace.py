@@ -127,6 +127,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
             new = _dense_experts(name, module, dtype)
         else:
             new = _dense_linear(module, dtype)
+        new.train(module.training)  # an eval model stays in eval mode throughout
         _move_hook(module, new)
         model.set_submodule(name, new)
     config = getattr(model, "config", None)

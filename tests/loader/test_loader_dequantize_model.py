@@ -106,6 +106,14 @@ def test_disk_offloaded_layers_are_refused_before_any_swap(our_folder):
     assert sum(isinstance(m, QuantLinear4bit) for m in model.modules()) == before  # nothing swapped
 
 
+def test_dequantized_modules_keep_the_models_eval_mode(our_folder):
+    """The swapped-in nn.Linear modules were in training mode inside an eval model (model.training
+    False, its new linears True): a later model.train()/eval() mismatch a user would not expect."""
+    model = load_quantized(our_folder).eval()
+    model.dequantize()
+    assert not any(m.training for m in model.modules())
+
+
 def test_a_model_without_quantized_modules_warns(plain_llama):
     model = _plain(plain_llama)
     with pytest.warns(UserWarning, match="no quantized modules"):
