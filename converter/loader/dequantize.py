@@ -17,6 +17,7 @@ tool wrote (transformers + bitsandbytes' ``save_pretrained``), the ``Conv1D`` mo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -88,8 +89,11 @@ def _out_dtype(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> tor
     return value.dtype
 
 
-def _transposed_weights(folder: Path, state: dict) -> set[str]:
-    """The quantized weights that are GPT-2 ``Conv1D`` weights (``[in, out]`` in a plain checkpoint)."""
+def _transposed_weights(
+    folder: Path, state: dict, meta_model: Callable[[], torch.nn.Module | None]
+) -> set[str]:
+    """The quantized weights that are GPT-2 ``Conv1D`` weights (``[in, out]`` in a plain checkpoint);
+    ``meta_model``: the folder's model on the meta device (``_meta_model``), built on first use only."""
     from safetensors import safe_open
 
     quantized = {k for k, v in state.items() if not isinstance(v, torch.Tensor)}
@@ -102,7 +106,7 @@ def _transposed_weights(folder: Path, state: dict) -> set[str]:
             found |= {k for k, rec in json.loads(meta).items() if (rec or {}).get("transposed")}
     if described:
         return found & quantized
-    return _conv1d_weights(folder) & quantized
+    return _conv1d_weights(meta_model()) & quantized
 
 
 def _meta_model(folder: Path) -> torch.nn.Module | None:
@@ -124,10 +128,9 @@ def _meta_model(folder: Path) -> torch.nn.Module | None:
         return None
 
 
-def _conv1d_weights(folder: Path) -> set[str]:
-    """``<module>.weight`` of every ``Conv1D`` of the model ``folder/config.json`` describes (none when
-    the config is missing or names no model transformers can build)."""
-    model = _meta_model(folder)
+def _conv1d_weights(model: torch.nn.Module | None) -> set[str]:
+    """``<module>.weight`` of every ``Conv1D`` of ``model`` (none without a model: a config missing or
+    naming no model transformers can build)."""
     if model is None:  # not a transformers model: nothing is known to be transposed
         return set()
     from transformers.pytorch_utils import Conv1D
@@ -135,18 +138,20 @@ def _conv1d_weights(folder: Path) -> set[str]:
     return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
 
 
-def _out_dtypes(folder: Path, state: dict, dtype: torch.dtype) -> dict[str, torch.dtype]:
+def _out_dtypes(
+    state: dict, dtype: torch.dtype, meta_model: Callable[[], torch.nn.Module | None]
+) -> dict[str, torch.dtype]:
     """The dtype each tensor is written in: ``dtype`` for floats, except the kept tensors transformers'
     dtype plan holds in float32 for ``dtype`` (``_keep_in_fp32_modules`` under float16,
     ``_keep_in_fp32_modules_strict`` under float16 or bfloat16: T5's ``wo``), which its ``save_pretrained``
     of the model loaded in ``dtype`` writes in float32 too; integer tensors as they are."""
     out = {k: _out_dtype(v, dtype) for k, v in state.items()}
-    model = _meta_model(folder) if dtype in (torch.float16, torch.bfloat16) else None
+    model = meta_model() if dtype in (torch.float16, torch.bfloat16) else None
     if model is None:
         return out
-    from converter.loader.model import _dtype_plan
+    from converter.loader.model import dtype_plan
 
-    planned = _dtype_plan(model, dtype)
+    planned = dtype_plan(model, dtype)
     for k, v in state.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and planned(k) == torch.float32:
             out[k] = torch.float32
@@ -382,8 +387,9 @@ def _write_plain(
     progress: Callable[[str], None] | None,
 ) -> DequantizeResult:
     """The shards, the other files, config.json and (several shards) the index, in that order."""
-    transposed = _transposed_weights(folder, state)
-    dtypes = _out_dtypes(folder, state, torch_dtype)
+    meta_model = functools.cache(lambda: _meta_model(folder))  # built once, and only when needed
+    transposed = _transposed_weights(folder, state, meta_model)
+    dtypes = _out_dtypes(state, torch_dtype, meta_model)
     groups = _plan(state, dtypes, limit)
     names = shard_names(len(groups))
     result = DequantizeResult(out, name)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from converter.loader.model import _dtype_plan, _requested_dtype, build_skeleton
+from converter.loader.model import build_skeleton, dtype_plan, requested_dtype
 from converter.loader.placement import Device, DeviceMap, bytes_per_device, plan_device_map
 from converter.loader.state import load_quantized_state, resolve_folder
 
@@ -67,7 +67,7 @@ def estimate(
         state = header_state(str(folder), path, subfolder, token)
     else:
         state = load_quantized_state(path, verify=False)
-    dtype = _requested_dtype(dtype, path)  # "auto" / None: the checkpoint's, as load_quantized takes them
+    dtype = requested_dtype(dtype, path)  # "auto" / None: the checkpoint's, as load_quantized takes them
     # 4-bit MoE experts stacked as meta tensors: their sizes without reading (or holding) their bytes
     skeleton = build_skeleton(path, state, dtype, trust_remote_code=trust_remote_code, experts_device="meta")
     model = skeleton.model
@@ -80,7 +80,7 @@ def estimate(
 def _apply_dtype_plan(model: nn.Module, state: Mapping[str, Any], dtype: torch.dtype) -> None:
     """Give the skeleton's meta tensors the dtype the load gives them (``model._fill``): transformers'
     dtype plan (``_keep_in_fp32_modules`` under float16, e.g. T5's ``wo``) for the checkpoint's floats."""
-    planned = _dtype_plan(model, dtype)
+    planned = dtype_plan(model, dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
     for key, value in state.items():

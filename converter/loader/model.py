@@ -216,7 +216,7 @@ def transformers_would_quantize(model: nn.Module, quantization_config: dict | No
     return {n for n, m in model.named_modules() if is_swappable(m) and should_convert_module(n, patterns)}
 
 
-def _dtype_plan(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dtype | None]:
+def dtype_plan(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dtype | None]:
     """The dtype transformers' dtype plan gives a key (``_keep_in_fp32_modules`` when ``dtype`` is float16,
     ``_keep_in_fp32_modules_strict`` when it is float16 or bfloat16), None where it gives none: the
     patterns searched anywhere in the key, as ``from_pretrained`` matches them (core_model_loading)."""
@@ -243,7 +243,7 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str, dtype: torch.dtyp
     (its dtype plan, else the empty model's); returns checkpoint keys the model has no slot for."""
     params = dict(model.named_parameters(remove_duplicate=False))  # both names of a tied pair
     buffers = dict(model.named_buffers())
-    planned = _dtype_plan(model, dtype)
+    planned = dtype_plan(model, dtype)
     unused = []
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):  # a quantized record (4-bit or int8): already swapped in
@@ -642,9 +642,9 @@ def load_quantized(
         subfolder=subfolder,
     )
     del low_cpu_mem_usage  # transformers' former switch: loading here is always low-memory
-    dtype = _requested_dtype(dtype, folder)
+    dtype = requested_dtype(dtype, folder)
     if "torch_dtype" in config_kwargs:  # transformers' former name of dtype, still taken by from_pretrained
-        torch_dtype = _requested_dtype(config_kwargs.pop("torch_dtype"), folder)
+        torch_dtype = requested_dtype(config_kwargs.pop("torch_dtype"), folder)
         if dtype not in (torch.bfloat16, torch_dtype):  # bfloat16: dtype's default
             msg = f"pass dtype= only, not also torch_dtype= (its former name): got {dtype} and {torch_dtype}"
             raise TypeError(msg)
@@ -737,7 +737,7 @@ def load_quantized(
     return model
 
 
-def _requested_dtype(dtype: torch.dtype | str | None, folder: Path) -> torch.dtype:
+def requested_dtype(dtype: torch.dtype | str | None, folder: Path) -> torch.dtype:
     """``dtype=`` as ``from_pretrained`` takes it: a torch dtype or its name, or ``"auto"`` / None (what
     ``from_pretrained`` makes of None) for the checkpoint's own, by transformers' rule
     (``converter.plan.tensor_plan.load_dtype``: config.json's ``dtype``, else the first float tensor's
