@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -552,3 +553,46 @@ def test_a_whole_model_on_disk_drops_each_layers_pages_after_it_runs(
     assert _resident_pages(plain, "model.layers.0", our_folder) >= 4  # a plain load keeps them: can fail
     hook.remove()
     assert seen == [0]
+
+
+def _unsplit_llama() -> type:
+    """A Llama class (repository code stand-in) whose whole decoder stack is one unsplittable block."""
+    import transformers
+
+    class WholeStackLlama(transformers.LlamaForCausalLM):
+        _no_split_modules: ClassVar[list[str]] = ["LlamaModel"]
+
+    return WholeStackLlama
+
+
+@pytest.mark.parametrize("kind", ["head", "no_split"])
+def test_estimate_takes_the_model_class_load_quantized_takes(
+    our_folder: Path, tmp_path: Path, kind: str
+) -> None:
+    """load_quantized(model_class=X, **config_kwargs) builds X (another head, repository code with its
+    own _no_split_modules); estimate took no model_class, so it planned and sized the folder's own
+    class: another module map, other bytes. It takes both now, with load_quantized's meaning."""
+    import warnings
+
+    import transformers
+
+    from converter.loader.estimate import estimate
+
+    if kind == "head":  # a score head of 3 labels instead of the lm_head
+        kwargs: dict = {"model_class": transformers.AutoModelForSequenceClassification, "num_labels": 3}
+    else:
+        kwargs = {"model_class": _unsplit_llama()}
+    placement = {"device_map": "sequential", "max_memory": {"cpu": "70kB"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the new head's initialisation
+        model = load_quantized(our_folder, **placement, **kwargs, offload_folder=tmp_path / "offload")
+    plan, per_device = estimate(our_folder, **placement, **kwargs)
+    assert (plan, per_device) == (model.hf_device_map, memory_by_device(model))
+    assert sum(per_device.values()) == model.get_memory_footprint()
+    own = estimate(our_folder, **placement)
+    assert own != (plan, per_device)  # the test can fail: the folder's own class plans otherwise
+    if kind == "head":
+        assert "score" in plan
+        assert "lm_head" not in plan
+    with pytest.raises(TypeError, match=r"^estimate\(\) got an unexpected keyword argument 'nonsense'"):
+        estimate(our_folder, "cpu", **kwargs, nonsense=1)
