@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from converter.loader.model import build_skeleton, dtype_plan, requested_dtype
+from converter.loader.model import UnexpectedArgumentError, build_skeleton, dtype_plan, requested_dtype
 from converter.loader.placement import Device, DeviceMap, bytes_per_device, plan_device_map
 from converter.loader.state import load_quantized_state, resolve_folder
 
@@ -36,6 +36,8 @@ def estimate(
     force_download: bool = False,
     local_files_only: bool = False,
     subfolder: str = "",
+    model_class: type | None = None,
+    **config_kwargs: Any,
 ) -> tuple[DeviceMap, dict[str, int]]:
     """The plan ``load_quantized(folder, device_map=..., max_memory=...)`` makes and the bytes each
     device will hold, from the shard headers and the meta skeleton alone (no weight data is read).
@@ -43,7 +45,10 @@ def estimate(
     A Hub repo id is fetched at ``revision`` with ``token``, ``cache_dir``, ``force_download`` and
     ``local_files_only`` as ``load_quantized`` fetches it, but only its JSON files (and code): the
     shards' headers are read by HTTP range requests (offline or with ``local_files_only``, the cached
-    snapshot is read instead); ``subfolder``: the checkpoint is that folder."""
+    snapshot is read instead); ``subfolder``: the checkpoint is that folder.
+    ``model_class`` and ``config_kwargs`` as ``load_quantized`` takes them: the skeleton planned is that
+    class (its modules, its ``_no_split_modules``), the config updated with ``config_kwargs``
+    (``num_labels=3``), new parameters (a head the shards lack) sized in ``dtype``."""
     from huggingface_hub import constants
 
     # A Hub repo (online): its JSON files, and the shards' headers by range requests; no shard is fetched.
@@ -68,8 +73,26 @@ def estimate(
     else:
         state = load_quantized_state(path, verify=False)
     dtype = requested_dtype(dtype, path)  # "auto" / None: the checkpoint's, as load_quantized takes them
+    if "torch_dtype" in config_kwargs:  # dtype's former name, as load_quantized takes it
+        torch_dtype = requested_dtype(config_kwargs.pop("torch_dtype"), path)
+        if dtype not in (torch.bfloat16, torch_dtype):
+            msg = f"pass dtype= only, not also torch_dtype= (its former name): got {dtype} and {torch_dtype}"
+            raise TypeError(msg)
+        dtype = torch_dtype
     # 4-bit MoE experts stacked as meta tensors: their sizes without reading (or holding) their bytes
-    skeleton = build_skeleton(path, state, dtype, trust_remote_code=trust_remote_code, experts_device="meta")
+    try:
+        skeleton = build_skeleton(
+            path,
+            state,
+            dtype,
+            trust_remote_code=trust_remote_code,
+            experts_device="meta",
+            model_class=model_class,
+            config_kwargs=config_kwargs,
+        )
+    except UnexpectedArgumentError as exc:  # named as estimate's, not load_quantized's
+        msg = str(exc).replace("load_quantized()", "estimate()", 1).replace(" load_quantized ", " estimate ")
+        raise UnexpectedArgumentError(msg) from None
     model = skeleton.model
     _apply_dtype_plan(model, state, dtype)
     model.tie_weights()  # tied weights count once, as in the loaded model

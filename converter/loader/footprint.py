@@ -11,7 +11,7 @@ sizes). The same function sizes accelerate's plan, so the estimate and the measu
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -50,11 +50,24 @@ def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
 
 def memory_by_device(model: nn.Module) -> dict[str, int]:
     """Bytes held per device: ``"cuda:0"``, ``"cpu"``, and ``"disk"`` for tensors of modules the
-    device map sent to disk (still mapped from the shards, released after each use)."""
+    device map sent to disk (still mapped from the shards, released after each use; a parameter cast
+    since, ``model.half()``, is a copy and counts under its device)."""
     disk = [n for n, d in (getattr(model, "hf_device_map", None) or {}).items() if d == "disk"]
+    files = getattr(model, "_qm_disk_files", None)  # set by placement.dispatch
+    mapped: Callable[[torch.Tensor], bool] | None = None
+    if disk and files is not None:  # a tensor cast after the load (model.half()) is a copy in RAM
+        from converter.loader.placement import _file_mappings, _inside
+
+        mappings = _file_mappings(files)
+
+        def mapped(t: torch.Tensor) -> bool:
+            return _inside(t, mappings)
+
     out: dict[str, int] = {}
     for name, t, size in module_tensors(model):
         on_disk = any(name == m or name.startswith(f"{m}.") or m == "" for m in disk)
+        if on_disk and mapped is not None and _is_parameter(model, name):  # buffers stay in RAM at load
+            on_disk = mapped(t)
         key = "disk" if on_disk else str(t.device)
         out[key] = out.get(key, 0) + size
     return out

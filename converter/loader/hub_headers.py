@@ -2,9 +2,10 @@
 
 Every shard is validated as a local one is (``formats.validate.validate_file``) through a file object
 whose reads are range requests: the header, then the small tensors whose values matter before any
-weight is used (4-bit quant-state JSON and code tables, int8 ``weight_format``), adjacent ones in one
-request. Those tensors are real; every other one is a meta tensor of its shape and dtype, enough to
-build and size the model skeleton. No shard is downloaded, nothing goes into the cache.
+weight is used (4-bit quant-state JSON and code tables, int8 ``weight_format``): those at most
+``MERGE_GAP`` (64 KiB) apart in one request, up to ``WORKERS`` (8) requests in flight at once. Those
+tensors are real; every other one is a meta tensor of its shape and dtype, enough to build and size
+the model skeleton. No shard is downloaded, nothing goes into the cache.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ _VALUE_INFIX = ".quant_state."
 
 class _RangeFile:
     """The read-only file object ``validate_file`` reads one Hub shard through: the length prefix and
-    header, then the value tensors (``_VALUE_SUFFIXES``, quant states), come by range requests up front;
+    header, then the value tensors (``_VALUE_SUFFIXES``, quant states), come by range requests up front
+    (``RangeReader.get_spans``: merged across small gaps, concurrent);
     a read of anything else is one more range request."""
 
     def __init__(self, hub: RangeReader, file: str) -> None:
@@ -56,14 +58,12 @@ class _RangeFile:
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             pass
-        merged: list[list[int]] = []
-        for a, b in spans:  # adjacent tensors (one weight's tables) in one request
-            if merged and merged[-1][1] == a:
-                merged[-1][1] = b
-            elif b > a:
-                merged.append([a, b])
-        self._starts = [a for a, _ in merged]
-        self._blocks = [hub.get(file, a, b - a) if 0 <= a < b <= self.size else b"" for a, b in merged]
+        # merged across small gaps, the requests concurrent (RangeReader.get_spans): a repo of
+        # per-expert records has one span (or two) per quantized weight, thousands per shard
+        self._values = {(a, b) for a, b in spans if 0 <= a < b <= self.size}
+        blocks = hub.get_spans(file, self._values)
+        self._starts = [a for a, _ in blocks]
+        self._blocks = [data for _, data in blocks]
 
     def cached(self, start: int, n: int) -> bytes | None:
         """The ``n`` bytes at ``start`` if a range read fetched them, else None."""
@@ -72,6 +72,11 @@ class _RangeFile:
             return None
         off = start - self._starts[i]
         return self._blocks[i][off : off + n]
+
+    def value(self, start: int, n: int) -> bytes | None:
+        """The ``n`` bytes at ``start`` if they are one of the value tensors read up front, else None
+        (a tensor whose bytes came along in a merged request stays a meta tensor)."""
+        return self.cached(start, n) if (start, start + n) in self._values else None
 
     def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         self.pos = pos if whence == os.SEEK_SET else self.pos + pos
@@ -102,7 +107,7 @@ class _HeaderShard(Shard):
         self._file = f
 
     def _tensor(self, entry: Any, dtype: torch.dtype) -> torch.Tensor:
-        data = self._file.cached(self._shard.data_start + entry.begin, entry.end - entry.begin)
+        data = self._file.value(self._shard.data_start + entry.begin, entry.end - entry.begin)
         if data is None or entry.end == entry.begin:
             return torch.empty(entry.shape, dtype=dtype, device="meta")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(entry.shape)

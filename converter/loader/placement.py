@@ -28,6 +28,7 @@ import mmap
 import os
 import shutil
 import sys
+import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -294,6 +295,56 @@ def dispatch(
             if module is not None and hook.ranges:
                 add_hook_to_module(module, hook, append=True)
     model.hf_device_map = device_map
+    if disk:
+        model._qm_disk_files = tuple(paths)  # what "disk" reads: memory_by_device, casts_leave_disk
+        model._apply = types.MethodType(_apply, model)
+
+
+def _apply(self: nn.Module, fn: Callable, recurse: bool = True) -> nn.Module:
+    """``model._apply`` of a model with disk modules (``to(dtype)``, ``half()``, ``float()``, ``to(device)``
+    all run it): the class's own, then :func:`casts_leave_disk`. Named as the method it shadows, so a
+    pickled bound method resolves on the unpickled model."""
+    out = type(self)._apply(self, fn, recurse)
+    casts_leave_disk(self)
+    return out
+
+
+def casts_leave_disk(model: nn.Module) -> None:
+    """``hf_device_map`` after ``model.to(dtype)`` / ``.half()``: a disk entry none of whose tensors is a
+    view of the shards (or of the offload folder) any more, its weights all cast into copies, says where
+    the copies are (``"cpu"``, or the GPU index), and its page-dropping hooks let go of the old views. An
+    entry whose 4-bit weights (never cast) are still read from the files stays ``"disk"``; its cast
+    tensors (norms, biases) count under their device in ``memory_by_device``."""
+    device_map = getattr(model, "hf_device_map", None)
+    files = getattr(model, "_qm_disk_files", None)
+    if not device_map or files is None or "disk" not in device_map.values():
+        return
+    mappings = _file_mappings(files)
+    new = dict(device_map)
+    for name, device in device_map.items():
+        if device != "disk":
+            continue
+        tensors = [t for t in _tensors_under(model, name) if t.numel()]
+        module = model.get_submodule(name) if _is_module(model, name) else None
+        weights = (
+            module is None
+            or any(True for _ in module.parameters())
+            or any(
+                isinstance(m, QuantLinear4bit | QuantLinear8bit | QuantExperts4bit) for m in module.modules()
+            )
+        )
+        devices = {t.device for t in tensors}
+        if not weights or len(devices) != 1 or any(_inside(t, mappings) for t in tensors):
+            continue
+        (where,) = devices
+        new[name] = "cpu" if where.type == "cpu" else where.index if where.index is not None else str(where)
+        for m in module.modules() if module is not None else ():
+            hook = getattr(m, "_hf_hook", None)
+            for h in getattr(hook, "hooks", [hook]):
+                if isinstance(h, ReleaseMappedPages):
+                    h.ranges, h.tensors = [], []  # nothing of it is mapped: the old views may go
+    if new != device_map:
+        model.hf_device_map = new
 
 
 def _release_points(module: nn.Module, name: str, no_split: set[str]) -> list[tuple[str, nn.Module]]:

@@ -10,6 +10,7 @@ it returns the problems it found, one line each.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -352,14 +353,15 @@ def inspect_hub(
         tool = _json_field(meta, "quantize_model.tool")
         result.tool_version = result.tool_version or tool.get("version")
         result.source = result.source or _json_field(meta, "quantize_model.provenance").get("source")
+        qs_keys = {m.group("weight"): key for key in header if (m := _QS_SUFFIX.match(key))}
+        spans = {k: tuple(data_start + x for x in header[k]["data_offsets"]) for k in qs_keys.values()}
+        blocks = hub.get_spans(name, spans.values())  # merged across small gaps, concurrent
+        starts = [a for a, _ in blocks]
         weights: dict[str, Any] = {}
-        for key, entry in header.items():
-            m = _QS_SUFFIX.match(key)
-            if m:
-                begin, end = entry["data_offsets"]
-                weights[m.group("weight")] = parse_quant_state(
-                    name, key, hub.get(name, data_start + begin, end - begin)
-                )
+        for weight, key in qs_keys.items():
+            a, b = spans[key]
+            start, data = blocks[bisect.bisect_right(starts, a) - 1] if b > a else (a, b"")
+            weights[weight] = parse_quant_state(name, key, data[a - start : b - start])
         # LLM.int8 weights: <m>.weight I8 with <m>.SCB (+ <m>.weight_format), known from the header alone
         present = {k: (e["dtype"], tuple(e["shape"])) for k, e in header.items()}
         int8 = {

@@ -156,30 +156,45 @@ def test_estimate_of_a_hub_repo_reads_headers_only(
         ]
         assert shard_reads
         assert all(rng is not None and rng.startswith("bytes=") for rng in shard_reads)
-        # exactly the length prefixes, headers and the small tensors whose values are checked (4-bit
-        # quant-state JSON and code tables, int8 weight_format): no byte of codes, absmax, SCB or kept
-        # weights
+        # the length prefixes, headers and the small tensors whose values are checked (4-bit quant-state
+        # JSON and code tables, int8 weight_format), those at most MERGE_GAP apart in one request with
+        # the bytes between: no other byte of codes, absmax, SCB or kept weights
         asked = [r for s, m, p, r in fake_hub.requests if m == "GET" and p.endswith(".safetensors")]
         sizes = [int(b) - int(a) + 1 for a, b in (r.removeprefix("bytes=").split("-") for r in asked)]
         assert sum(sizes) == sum(_header_and_validated_bytes(p) for p in shards)
+        assert len(asked) == sum(2 + len(_value_blocks(p)) for p in shards)
         assert not list((hf_home / "hub").rglob("*.safetensors"))  # no shard went into the cache
     r = qm("inspect", "org/tiny-q", "--memory", "--device-map", "cpu", "--json")
     assert r.exit_code == 0, r.stderr
     assert r.stdout == qm("inspect", out, "--memory", "--device-map", "cpu", "--json").stdout
 
 
-def _header_and_validated_bytes(shard: Path) -> int:
-    """Bytes of the length prefix, the header, and the quant-state, quant_map, nested_quant_map and
-    weight_format tensors of ``shard``."""
+def _value_spans(shard: Path) -> tuple[int, list[tuple[int, int]]]:
+    """(8 + header length, file spans of the quant-state, quant_map, nested_quant_map and weight_format
+    tensors) of ``shard``."""
     with open(shard, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-    small = [
-        e["data_offsets"][1] - e["data_offsets"][0]
+    spans = [
+        (8 + n + e["data_offsets"][0], 8 + n + e["data_offsets"][1])
         for k, e in header.items()
         if ".quant_state." in k or k.endswith((".quant_map", ".nested_quant_map", ".weight_format"))
     ]
-    return 8 + n + sum(small)
+    return 8 + n, spans
+
+
+def _value_blocks(shard: Path) -> list[tuple[int, int]]:
+    """The value spans of ``shard`` as the estimate requests them: merged across gaps of at most
+    MERGE_GAP bytes."""
+    from converter.sources import hub_ranges
+
+    return hub_ranges.merge_spans(_value_spans(shard)[1], hub_ranges.MERGE_GAP)
+
+
+def _header_and_validated_bytes(shard: Path) -> int:
+    """Bytes of the length prefix, the header, and the value tensors of ``shard`` with the gaps of at
+    most MERGE_GAP bytes between them."""
+    return _value_spans(shard)[0] + sum(b - a for a, b in _value_blocks(shard))
 
 
 def test_estimate_of_a_hub_moe_repo_is_the_folders(tmp_path: Path, fake_hub: FakeHub, hf_home: Path) -> None:
@@ -195,3 +210,116 @@ def test_estimate_of_a_hub_moe_repo_is_the_folders(tmp_path: Path, fake_hub: Fak
     fake_hub.add_repo("org/tiny-moe", out)
     assert estimate("org/tiny-moe", "cpu") == estimate(out, "cpu")
     assert not list((hf_home / "hub").rglob("*.safetensors"))
+
+
+def _range_reads(fake_hub: FakeHub) -> list[tuple[int, int]]:
+    """The (start, end) of every range request of a shard the fake Hub saw, in order."""
+    out = []
+    for _, m, p, rng in list(fake_hub.requests):
+        if m == "GET" and p.endswith(".safetensors") and rng:
+            a, b = rng.removeprefix("bytes=").split("-")
+            out.append((int(a), int(b) + 1))
+    return out
+
+
+def test_hub_estimate_of_per_expert_records_is_few_concurrent_requests(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo of per-expert 4-bit records (Qwen3-MoE) took one range request per quantized weight, one
+    after the other (each weight's code tables sit between the previous weight's tables): minutes at
+    Hub latency for a 30B MoE. Spans at most MERGE_GAP apart share a request, and the requests that
+    remain run concurrently, at most WORKERS at once; the estimate and the inspect summary are unchanged."""
+    import threading
+    import time
+
+    from tiny_models import make_tiny
+
+    from converter.loader.estimate import estimate
+    from converter.sources import hub_ranges
+
+    out = tmp_path / "q"
+    src = make_tiny("qwen3_moe", tmp_path / "src")
+    assert qm("convert", src, out, "--moe-experts", "quantize", "-q").exit_code == 0
+    (shard,) = out.glob("*.safetensors")
+    fake_hub.add_repo("org/tiny-moe", out)
+    local, local_summary = estimate(out, "cpu"), json.loads(qm("inspect", out, "--json").stdout)
+    head, spans = _value_spans(shard)
+    weights = sum(".quant_state." in k for k in json.loads(shard.read_bytes()[8:head]))
+    assert weights >= 30
+    assert len(hub_ranges.merge_spans(spans, 0)) > weights  # one request or more per weight, before
+
+    fake_hub.requests.clear()
+    assert estimate("org/tiny-moe", "cpu") == local
+    reads = _range_reads(fake_hub)
+    assert len(reads) <= 4  # length prefix, header, the value tensors in one or two blocks; was 35
+    assert sum(b - a for a, b in reads) == _header_and_validated_bytes(shard)  # gaps ≤ MERGE_GAP
+
+    # Spans too far apart to merge: one request each, every value byte exactly, WORKERS in flight.
+    monkeypatch.setattr(hub_ranges, "MERGE_GAP", 0)
+    monkeypatch.setattr(hub_ranges, "WORKERS", 4)
+    lock, flight, peak = threading.Lock(), [0], [0]
+    get = hub_ranges.RangeReader.get
+
+    def slow_get(self, file, start=None, length=None):
+        with lock:
+            flight[0] += 1
+            peak[0] = max(peak[0], flight[0])
+        try:
+            time.sleep(0.02)
+            return get(self, file, start, length)
+        finally:
+            with lock:
+                flight[0] -= 1
+
+    monkeypatch.setattr(hub_ranges.RangeReader, "get", slow_get)
+    fake_hub.requests.clear()
+    assert estimate("org/tiny-moe", "cpu") == local
+    reads = _range_reads(fake_hub)
+    assert sorted(reads[2:]) == hub_ranges.merge_spans(spans, 0)
+    assert 1 < peak[0] <= 4
+    r = qm("inspect", "org/tiny-moe", "--json")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    for key in ("path", "bytes_read"):
+        summary.pop(key), local_summary.pop(key)
+    assert summary == local_summary
+
+
+def test_hub_estimate_range_read_failure_names_the_range_and_stops(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range request that keeps failing while others are queued: the error names the file and the
+    byte range, comes back after the requests in flight, and the queued ones are never sent."""
+    import threading
+
+    from fake_hub import Fault
+    from tiny_models import make_tiny
+
+    from converter.errors import ConversionFailedError
+    from converter.loader.estimate import estimate
+    from converter.sources import hub_ranges
+
+    out = tmp_path / "q"
+    src = make_tiny("qwen3_moe", tmp_path / "src")
+    assert qm("convert", src, out, "--moe-experts", "quantize", "-q").exit_code == 0
+    fake_hub.add_repo("org/tiny-moe", out)
+    monkeypatch.setattr(hub_ranges, "MERGE_GAP", 0)
+    monkeypatch.setattr(hub_ranges, "WORKERS", 2)
+    get = hub_ranges.RangeReader.get
+    fault = Fault(path=r"\.safetensors$", status=503, headers={"Retry-After": "0"}, times=10**6)
+
+    def failing_get(self, file, start=None, length=None):
+        if threading.current_thread().name.startswith("hub-range") and fault not in fake_hub.faults:
+            fake_hub.add_fault(fault)  # the value reads fail, the header reads did not
+        return get(self, file, start, length)
+
+    monkeypatch.setattr(hub_ranges.RangeReader, "get", failing_get)
+    (shard,) = out.glob("*.safetensors")
+    blocks = hub_ranges.merge_spans(_value_spans(shard)[1], 0)
+    fake_hub.requests.clear()
+    match = r"org/tiny-moe: range read of bytes \d+-\d+ of model\.safetensors failed after 5 attempt\(s\)"
+    with pytest.raises(ConversionFailedError, match=match):
+        estimate("org/tiny-moe", "cpu")
+    sent = set(_range_reads(fake_hub)[2:])
+    assert len(blocks) > 30
+    assert len(sent) <= 8  # those in flight when the first one failed, not all of them

@@ -12,13 +12,14 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from click.testing import CliRunner
 from loader_helpers import save_tiny_llama
 
-from converter.loader.footprint import memory_by_device
+from converter.loader.footprint import memory_by_device, module_tensors
 from converter.loader.model import ModelBuildError, load_quantized
 from converter.loader.module import QuantLinear4bit
 from converter.loader.placement import (
@@ -552,3 +553,84 @@ def test_a_whole_model_on_disk_drops_each_layers_pages_after_it_runs(
     assert _resident_pages(plain, "model.layers.0", our_folder) >= 4  # a plain load keeps them: can fail
     hook.remove()
     assert seen == [0]
+
+
+def _unsplit_llama() -> type:
+    """A Llama class (repository code stand-in) whose whole decoder stack is one unsplittable block."""
+    import transformers
+
+    class WholeStackLlama(transformers.LlamaForCausalLM):
+        _no_split_modules: ClassVar[list[str]] = ["LlamaModel"]
+
+    return WholeStackLlama
+
+
+@pytest.mark.parametrize("kind", ["head", "no_split"])
+def test_estimate_takes_the_model_class_load_quantized_takes(
+    our_folder: Path, tmp_path: Path, kind: str
+) -> None:
+    """load_quantized(model_class=X, **config_kwargs) builds X (another head, repository code with its
+    own _no_split_modules); estimate took no model_class, so it planned and sized the folder's own
+    class: another module map, other bytes. It takes both now, with load_quantized's meaning."""
+    import warnings
+
+    import transformers
+
+    from converter.loader.estimate import estimate
+
+    if kind == "head":  # a score head of 3 labels instead of the lm_head
+        kwargs: dict = {"model_class": transformers.AutoModelForSequenceClassification, "num_labels": 3}
+    else:
+        kwargs = {"model_class": _unsplit_llama()}
+    placement = {"device_map": "sequential", "max_memory": {"cpu": "70kB"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the new head's initialisation
+        model = load_quantized(our_folder, **placement, **kwargs, offload_folder=tmp_path / "offload")
+    plan, per_device = estimate(our_folder, **placement, **kwargs)
+    assert (plan, per_device) == (model.hf_device_map, memory_by_device(model))
+    assert sum(per_device.values()) == model.get_memory_footprint()
+    own = estimate(our_folder, **placement)
+    assert own != (plan, per_device)  # the test can fail: the folder's own class plans otherwise
+    if kind == "head":
+        assert "score" in plan
+        assert "lm_head" not in plan
+    with pytest.raises(TypeError, match=r"^estimate\(\) got an unexpected keyword argument 'nonsense'"):
+        estimate(our_folder, "cpu", **kwargs, nonsense=1)
+
+
+@pytest.mark.parametrize(("load_dtype", "cast"), [("bf16", "to_float32"), ("float32", "half")])
+def test_a_cast_after_the_load_moves_disk_entries_to_the_cpu_in_the_map(
+    our_folder: Path, tmp_path: Path, load_dtype: str, cast: str
+) -> None:
+    """`model.to(dtype)` / `.half()` on a model with disk modules copies their cast weights into RAM,
+    but `hf_device_map` still said "disk" for them and `memory_by_device` counted those RAM copies on
+    disk. An entry none of whose weights is read from the files any more (the unquantized lm_head) now
+    says "cpu" and its page-dropping hooks let the old views go; one whose 4-bit weights (never cast) are
+    still read from the shards stays "disk", its cast norms counted under "cpu"."""
+    dtype = torch.float32 if load_dtype == "float32" else torch.bfloat16
+    model = load_quantized(our_folder, dtype=dtype, device_map=CPU_DISK, offload_folder=tmp_path / "off")
+    if load_dtype == "float32":
+        assert mapped_from(model.lm_head.weight, [tmp_path / "off"])  # cast at load: in offload_folder
+    before = memory_by_device(model)["disk"]
+    same = load_quantized(our_folder, dtype=dtype, device_map=CPU_DISK, offload_folder=tmp_path / "off")
+    same.to(dtype)  # no cast: every view stays, so does the map
+    assert same.hf_device_map == CPU_DISK
+    assert memory_by_device(same)["disk"] == before
+
+    model = model.to(torch.float32) if cast == "to_float32" else model.half()
+    assert model.hf_device_map == {**CPU_DISK, "lm_head": "cpu"}
+    assert model.lm_head.weight.dtype == (torch.float32 if cast == "to_float32" else torch.float16)
+    hooks = [h for h in _hooks(model.lm_head) if isinstance(h, ReleaseMappedPages)]
+    assert hooks
+    assert all(not h.ranges and not h.tensors for h in hooks)  # the old lm_head view is let go
+    by_device = memory_by_device(model)
+    layer = model.model.layers[1]
+    four_bit = sum(
+        size for name, _, size in module_tensors(layer) if name.endswith("_proj.weight")
+    )  # the 4-bit weights (codes, quant state), still read from the shards
+    assert by_device["disk"] == four_bit < before
+    assert sum(by_device.values()) == model.get_memory_footprint()
+
+    reference = load_quantized(our_folder, dtype=dtype)
+    reference = reference.to(torch.float32) if cast == "to_float32" else reference.half()
+    assert torch.equal(_logits(model), _logits(reference))
