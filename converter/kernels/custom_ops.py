@@ -19,6 +19,10 @@ Ops (schemas inferred from the type hints below):
 - ``dequantize_4bit(packed, absmax?, codes?, nested_absmax?, nested_map?, offset, quant_map, n,
   blocksize, dtype) -> w [n]``
 - ``dequantize_nested(codes, nested_absmax, nested_map, offset) -> absmax float32 [nb]``
+- ``gemv_4bit_keyed(x, weight, key, out_features)`` / ``gemv_4bit_multi_keyed(x, weight[], key[],
+  out_features[], blocksize)``: the same launches, ``weight`` the layer's 4-bit weight as stored and its
+  prepared tensors registered under ``key`` (``converter.kernels.prepared``: one graph input and one
+  tensor guard per layer in a compiled step, as a bf16 linear has)
 - ``gemv_4bit_multi(x [B, K], packed[], absmax?[], codes?[], nested_absmax?[], nested_map?[], offset[],
   quant_map[], out_features[], blocksize) -> [y_i [B, out_features_i]]``: 1..4 weights of the same K
   (q/k/v, gate/up) in one launch; each y_i equals ``gemv_4bit`` of weight i (CPU: bit for bit)
@@ -38,6 +42,7 @@ from typing import Any
 import torch
 
 from converter import _kernels
+from converter.kernels import prepared
 from converter.kernels.checks import (
     GEMV_MAX_BATCH,
     GEMV_MAX_WEIGHTS,
@@ -275,6 +280,38 @@ def _gemv_4bit_fake(
 
 gemv_4bit = define("gemv_4bit", _gemv_4bit_cpu, _gemv_4bit_fake, _gemv_4bit_cuda)
 
+
+# -- gemv_4bit_keyed: the same launch, the weight's prepared tensors by key (converter.kernels.prepared) ---
+# ``weight`` is the layer's 4-bit weight as stored (any shape or quant_storage): a graph input, so the
+# compiler sees what the launch reads; the launch reads the registered flat codes of the same bytes.
+
+
+def _unkey(weight: torch.Tensor, key: int, out_features: int) -> tuple:
+    """gemv_4bit's arguments after x, the weight's from the registry."""
+    a = prepared.lookup(key)
+    if a.packed.data_ptr() != weight.data_ptr():
+        msg = f"gemv_4bit_keyed: key {key} was registered for another weight"
+        raise ValueError(msg)
+    return (a.packed, a.absmax, a.codes, a.nested_absmax, a.nested_map, a.offset, a.quant_map, out_features,
+            a.blocksize)  # fmt: skip
+
+
+def _gemv_4bit_keyed_cpu(x: torch.Tensor, weight: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return _gemv_4bit_cpu(x, *_unkey(weight, key, out_features))
+
+
+def _gemv_4bit_keyed_cuda(x: torch.Tensor, weight: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return _gemv_4bit_cuda(x, *_unkey(weight, key, out_features))
+
+
+def _gemv_4bit_keyed_fake(x: torch.Tensor, weight: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+gemv_4bit_keyed = define(
+    "gemv_4bit_keyed", _gemv_4bit_keyed_cpu, _gemv_4bit_keyed_fake, _gemv_4bit_keyed_cuda
+)
+
 # -- gemv_4bit_multi -------------------------------------------------------------------------------------
 
 
@@ -407,6 +444,38 @@ def _gemv_4bit_multi_fake(
 
 gemv_4bit_multi = define(
     "gemv_4bit_multi", _gemv_4bit_multi_cpu, _gemv_4bit_multi_fake, _gemv_4bit_multi_cuda
+)
+
+
+def _unkey_multi(weights: list[torch.Tensor], keys: list[int]) -> tuple:
+    """gemv_4bit_multi's per-weight lists after x and before ``out_features``, by key."""
+    args = [_unkey(w, k, 0) for w, k in zip(weights, keys, strict=True)]
+    return tuple([a[i] for a in args] for i in range(7))
+
+
+def _gemv_4bit_multi_keyed_cpu(
+    x: torch.Tensor, weights: list[torch.Tensor], keys: list[int], out_features: list[int], blocksize: int
+) -> list[torch.Tensor]:
+    return _gemv_4bit_multi_cpu(x, *_unkey_multi(weights, keys), out_features, blocksize)
+
+
+def _gemv_4bit_multi_keyed_cuda(
+    x: torch.Tensor, weights: list[torch.Tensor], keys: list[int], out_features: list[int], blocksize: int
+) -> list[torch.Tensor]:
+    return _gemv_4bit_multi_cuda(x, *_unkey_multi(weights, keys), out_features, blocksize)
+
+
+def _gemv_4bit_multi_keyed_fake(
+    x: torch.Tensor, weights: list[torch.Tensor], keys: list[int], out_features: list[int], blocksize: int
+) -> list[torch.Tensor]:
+    return [x.new_empty((x.shape[0], o)) for o in out_features]
+
+
+gemv_4bit_multi_keyed = define(
+    "gemv_4bit_multi_keyed",
+    _gemv_4bit_multi_keyed_cpu,
+    _gemv_4bit_multi_keyed_fake,
+    _gemv_4bit_multi_keyed_cuda,
 )
 
 #: The real implementations by device type, for eager callers that skip the dispatcher (see

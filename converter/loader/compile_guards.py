@@ -1,5 +1,9 @@
 """Fewer dynamo guards for a compiled model with 4-bit layers: none on their prepared kernel tensors.
 
+Since round 34 the fused-GEMV path reads those tensors by key (``converter/kernels/prepared.py``), so a
+plain ``torch.compile`` no longer guards them there; this filter still drops the guards on the 4-bit
+weights themselves and on what the many-token (dequantize) path reads. The history:
+
 Before every call of a ``torch.compile``'d function dynamo checks its guards. A loaded SmolLM2-135M has
 210 4-bit layers and each hands 5 tensors of its prepared kernel arguments (``layer._kernel_args``:
 packed codes, absmax or the nested record, the maps) to the graph and reads its packed weight (to check

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converter.kernels import prepared
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.loader import bnb_optional, dynamo_marks, ops
 from converter.loader.cpu_gemv import CpuGemv
@@ -323,6 +324,11 @@ class QuantLinear4bit(nn.Module):
     def __setstate__(self, state: dict) -> None:  # copies and unpickled layers are tracked too
         super().__setstate__(state)
         _adoption.track(self)
+        if self.__dict__.get("_kernel_args") is not None:
+            # prepared again from the copy's weight: its own registered key, and codes that are a view
+            # of its weight (a deep copy duplicates them otherwise)
+            self.__dict__["_kernel_args"] = None
+            self._prepare()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -384,11 +390,16 @@ class QuantLinear4bit(nn.Module):
     def _prepare(self) -> ops.KernelArgs | None:
         """Compute the kernel arguments of the weight once (forward then only launches)."""
         weight = self.weight
+        old = self.__dict__.get("_kernel_args")
+        if old is not None and old.key >= 0:  # a graph traced with the old key is recompiled (new key)
+            prepared.release(old.key)
         if weight.device.type == "meta":
             self._kernel_args = self._cpu_gemv = None
             self.__dict__["_prepared_for"] = None
             return None
-        self._kernel_args = ops.prepare(weight, weight.quant_state)
+        args = ops.prepare(weight, weight.quant_state)
+        # registered: a compiled step reads the small tensors by key (converter/kernels/prepared.py)
+        self._kernel_args = prepared.register(self, args) if args.gemv else args
         self._cpu_gemv = CpuGemv(self._kernel_args) if CpuGemv.applies(self._kernel_args) else None
         # Not through nn.Module.__setattr__ (it would register a Params4bit as a parameter); a weight
         # swapped in by assignment later (PEFT's merge) is seen as new and takes the general path.
@@ -455,7 +466,7 @@ class QuantLinear4bit(nn.Module):
             x = x.to(compute)
         if bias is not None and bias.dtype != compute:
             bias = bias.to(compute)
-        y = ops.linear(x, args, bias, self.use_gemv)
+        y = ops.linear(x, args, bias, self.use_gemv, self.weight)
         return y if y.dtype == inp_dtype else y.to(inp_dtype)
 
     # -- device moves --------------------------------------------------------------------------

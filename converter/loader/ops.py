@@ -149,6 +149,7 @@ class KernelArgs(NamedTuple):
     dtype: torch.dtype  # the original weight's dtype (dequantize's default)
     impls: dict | None  # converter.kernels.custom_ops.IMPLS[device type], None: no kernel for this device
     gemv: bool  # the fused GEMV applies (a kernel, whole blocks per row)
+    key: int = -1  # converter.kernels.prepared's key once a layer registered these (>= 0), else -1
 
 
 def prepare(packed: torch.Tensor, state: Any) -> KernelArgs:
@@ -198,8 +199,13 @@ def _op(args: KernelArgs, name: str) -> Any:
     return args.impls[name]
 
 
-def gemv_prepared(x2d: torch.Tensor, args: KernelArgs) -> torch.Tensor:
-    """y [B, out_features] = x2d @ W.T through the fused kernel (B = 1..8, nested absmax decoded inline)."""
+def gemv_prepared(x2d: torch.Tensor, args: KernelArgs, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """y [B, out_features] = x2d @ W.T through the fused kernel (B = 1..8, nested absmax decoded inline).
+    ``weight``: the layer's weight the registered ``args`` were prepared from (compiled graphs read it
+    as their one input of the layer; default ``args.packed``)."""
+    if args.key >= 0 and torch.compiler.is_compiling():
+        w = args.packed if weight is None else weight
+        return torch.ops.quantize_model.gemv_4bit_keyed(x2d, w, args.key, args.out_features)
     return _op(args, "gemv_4bit")(
         x2d,
         args.packed,
@@ -236,14 +242,21 @@ def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
     )
 
 
-def gemv_prepared_multi(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> list[torch.Tensor]:
+def gemv_prepared_multi(
+    x2d: torch.Tensor, args_seq: Sequence[KernelArgs], weights: Sequence[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """``[x2d @ W_i.T]`` ([B, out_features_i] each, x2d's dtype) in one launch (:func:`multi_ok` holds):
     each equal to :func:`gemv_prepared` of weight i on CPU; on CUDA within the same derived bound."""
-    fn = (
-        torch.ops.quantize_model.gemv_4bit_multi
-        if torch.compiler.is_compiling()
-        else args_seq[0].impls["gemv_4bit_multi"]
-    )
+    compiling = torch.compiler.is_compiling()
+    if compiling and all(a.key >= 0 for a in args_seq):  # graph inputs besides x: the weights
+        return torch.ops.quantize_model.gemv_4bit_multi_keyed(
+            x2d,
+            [a.packed for a in args_seq] if weights is None else list(weights),
+            [a.key for a in args_seq],
+            [a.out_features for a in args_seq],
+            args_seq[0].blocksize,
+        )
+    fn = torch.ops.quantize_model.gemv_4bit_multi if compiling else args_seq[0].impls["gemv_4bit_multi"]
     return fn(
         x2d,
         [a.packed for a in args_seq],
@@ -293,13 +306,17 @@ def dequantize_prepared(args: KernelArgs, shape: tuple[int, ...], dtype: torch.d
 
 
 def linear(
-    x: torch.Tensor, args: KernelArgs, bias: torch.Tensor | None, use_gemv: bool = True
+    x: torch.Tensor,
+    args: KernelArgs,
+    bias: torch.Tensor | None,
+    use_gemv: bool = True,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` in x's dtype (bias already in it): fused GEMV for 1..8 tokens, else an
-    exact dequantize + ``F.linear`` (the call bitsandbytes makes)."""
+    exact dequantize + ``F.linear`` (the call bitsandbytes makes). ``weight``: as :func:`gemv_prepared`."""
     tokens = x.numel() // args.in_features
     if use_gemv and args.gemv and 1 <= tokens <= GEMV_MAX_TOKENS and x.dtype in KERNEL_DTYPE_NAMES:
-        y = gemv_prepared(x.reshape(tokens, args.in_features), args)
+        y = gemv_prepared(x.reshape(tokens, args.in_features), args, weight)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], args.out_features)

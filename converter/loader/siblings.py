@@ -90,7 +90,7 @@ class SiblingGroup:
                 self.enabled = False
                 self._parked = None
                 return None
-        outputs = ops.gemv_prepared_multi(x2d, args)
+        outputs = ops.gemv_prepared_multi(x2d, args, [m.weight for m in self.members])
         version = 0 if compiling else x._version
         parked = _Parked(x, version, outputs, [False] * len(self.members))
         self._parked = parked

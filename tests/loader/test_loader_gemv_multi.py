@@ -2,7 +2,7 @@
 
 On CPU each output equals ops.gemv_prepared of its weight bit for bit (csrc/gemv_cpu.cpp runs every row
 exactly as the one-weight kernel does); under torch.compile the call is one custom-op node
-(``quantize_model::gemv_4bit_multi``) with no graph break.
+(``quantize_model::gemv_4bit_multi_keyed``: the layers' small tensors by key) with no graph break.
 """
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ from converter.loader import ops
 K, BS = 512, 64
 
 
+_LAYERS: list = []  # the layers live as long as the tests: a compiled graph reads their registered tensors
+
+
 def _args(outs=(64, 16, 16), nested=True):
-    return [make_layer(o, K, nested=nested, blocksize=BS, seed=o)[0]._kernel_args for o in outs]
+    layers = [make_layer(o, K, nested=nested, blocksize=BS, seed=o)[0] for o in outs]
+    _LAYERS.extend(layers)
+    return [layer._kernel_args for layer in layers]
 
 
 def test_gemv_prepared_multi_equals_gemv_prepared_of_each_weight():

@@ -39,9 +39,9 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     real = ops.gemv_prepared_multi
 
-    def counting(x2d, args_seq):
+    def counting(x2d, args_seq, weights=None):
         seen.append(len(args_seq))
-        return real(x2d, args_seq)
+        return real(x2d, args_seq, weights)
 
     monkeypatch.setattr(ops, "gemv_prepared_multi", counting)
     return seen

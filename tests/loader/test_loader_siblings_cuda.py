@@ -43,7 +43,9 @@ def model(tmp_path_factory: pytest.TempPathFactory):
 def test_grouped_layers_within_the_gemv_bound(model, monkeypatch: pytest.MonkeyPatch, tokens: int) -> None:
     seen: list[int] = []
     real = ops.gemv_prepared_multi
-    monkeypatch.setattr(ops, "gemv_prepared_multi", lambda x2d, a: seen.append(len(a)) or real(x2d, a))
+    monkeypatch.setattr(
+        ops, "gemv_prepared_multi", lambda x2d, a, w=None: seen.append(len(a)) or real(x2d, a, w)
+    )
     calls = linear4bit_outputs(model, IDS[:, :tokens].cuda())
     layers = len(model.model.layers)
     assert sorted(seen) == [2] * layers + [3] * layers

@@ -1,0 +1,55 @@
+"""Prepared 4-bit weights by key: what the keyed custom ops (``gemv_4bit_keyed``,
+``gemv_4bit_multi_keyed``) read besides x and the packed codes.
+
+Why: before every call of a ``torch.compile``'d step dynamo checks a guard per tensor the graph reads
+from the model, and every 4-bit layer's kernel takes five small tensors besides its codes (absmax or
+the nested record, the code tables). At 48 small MoE layers those were 816 more graph inputs and ~770
+more tensor guards than the bf16 model's, about 0.5 ms of host time per compiled call
+(docs/benchmarks.md, round 34). A layer registers its prepared arguments here once
+(:func:`register`), and a compiled graph calls the keyed op with x, the layer's packed codes (a graph
+input, as a bf16 weight is) and the key: an integer constant of the graph, guarded like the layer's
+other plain attributes.
+
+Why that is safe: the registered tensors are made once from the weight (``ops.prepare``) and never
+written; a layer that prepares again (a new weight, a device move) registers anew under a new key, which
+changes the attribute the graph was traced from, so dynamo recompiles; a copied or unpickled layer
+registers its own copy (``QuantLinear4bit.__setstate__``); the entry goes when its layer is collected.
+Their addresses are fixed while registered, so a CUDA graph that recorded a launch stays valid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from typing import Any
+
+_ARGS: dict[int, Any] = {}
+_KEYS = itertools.count()
+_LOCK = threading.Lock()  # layers are prepared on the loader's threads
+
+
+def register(owner: object, args: Any) -> Any:
+    """``args`` (``ops.KernelArgs``) with a new ``key``, under which they are registered while ``owner``
+    lives or until :func:`release`."""
+    with _LOCK:
+        keyed = args._replace(key=next(_KEYS))
+        _ARGS[keyed.key] = keyed
+    weakref.finalize(owner, release, keyed.key)
+    return keyed
+
+
+def release(key: int) -> None:
+    _ARGS.pop(key, None)
+
+
+def lookup(key: int) -> Any:
+    """The arguments registered under ``key``; a clear error for a key whose layer is gone."""
+    try:
+        return _ARGS[key]
+    except KeyError:
+        msg = (
+            f"no prepared 4-bit weight under key {key}: its layer was freed or prepared again after this "
+            "graph was compiled (call torch._dynamo.reset() and compile again)"
+        )
+        raise RuntimeError(msg) from None

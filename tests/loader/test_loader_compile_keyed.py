@@ -1,0 +1,112 @@
+"""A compiled step reads a 4-bit layer's small kernel tensors by key (converter/kernels/prepared.py):
+the graph's only input from a layer is its weight, so plain ``torch.compile`` guards no more
+tensors per layer than a bf16 model's, and the keys stay right through copies, pickling, re-prepared
+weights and freed layers."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from loader_helpers import assert_compiled_without_breaks
+
+from converter.kernels import prepared
+from converter.loader.model import load_quantized
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 200, 7, 64]])  # 8 tokens: the fused GEMV path
+
+
+def _load(folder: Path) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_quantized(folder).eval()
+
+
+def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if getattr(m, "_kernel_args", None) is not None]
+
+
+def _guarded_tensors(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(source names of the tensor guards, op names in the graph) of one plain compiled forward."""
+    names: list[str] = []
+    ops: list[str] = []
+
+    def record(entries):
+        names.extend(e.name for e in entries if e.guard_type == "TENSOR_MATCH")
+        return [True] * len(entries)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend, options={"guard_filter_fn": record})
+    with torch.no_grad():
+        compiled(IDS)
+    return names, ops
+
+
+def test_graph_reads_only_the_codes_of_each_layer(dynamo, our_folder: Path) -> None:
+    model = _load(our_folder)
+    names, ops = _guarded_tensors(model)
+    assert_compiled_without_breaks(dynamo)
+    assert any("gemv_4bit_keyed" in op or "gemv_4bit_multi_keyed" in op for op in ops)
+    assert not any(op.endswith(("gemv_4bit.default", "gemv_4bit_multi.default")) for op in ops)
+    assert not [n for n in names if "._kernel_args." in n]  # the prepared tensors are no graph inputs
+    weights = [n for n in names if n.endswith("._buffers['weight']")]
+    assert len(weights) == len(_layers(model))  # one tensor per 4-bit layer: its weight, as bf16's
+
+
+def test_compiled_logits_equal_eager(dynamo, our_folder: Path) -> None:
+    model = _load(our_folder)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(IDS).logits, model(IDS).logits)
+
+
+def test_copies_and_unpickled_models_read_their_own_tensors(dynamo, our_folder: Path) -> None:
+    """A deep copy (and an unpickled model) registers its own copies under new keys: the compiled copy
+    still runs after the original is freed, and gives the original's logits."""
+    model = _load(our_folder)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    keys = {m._kernel_args.key for m in _layers(model)}
+    for other in (twin, loaded):
+        other_keys = {m._kernel_args.key for m in _layers(other)}
+        assert len(other_keys) == len(keys)
+        assert not other_keys & keys
+        for m in _layers(other):
+            assert prepared.lookup(m._kernel_args.key) is m._kernel_args
+    del model
+    gc.collect()
+    assert not any(k in prepared._ARGS for k in keys)  # the original's entries went with it
+    for other in (twin, loaded):
+        compiled = torch.compile(other, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            assert torch.equal(compiled(IDS).logits, expected)
+        torch._dynamo.reset()
+
+
+def test_a_reprepared_layer_recompiles(dynamo, our_folder: Path) -> None:
+    """A layer given another weight prepares again under a new key: the compiled model (no guard
+    filter) gives the new eager logits instead of reading a released key."""
+    model = _load(our_folder)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    layers = model.model.layers
+    with torch.no_grad():
+        compiled(IDS)
+        old = layers[0].self_attn.q_proj._kernel_args.key
+        layers[0].self_attn.q_proj.load_state_dict(layers[1].self_attn.q_proj.state_dict())
+        assert layers[0].self_attn.q_proj._kernel_args.key != old
+        with pytest.raises(RuntimeError, match=f"no prepared 4-bit weight under key {old}"):
+            prepared.lookup(old)
+        assert torch.equal(compiled(IDS).logits, model(IDS).logits)
