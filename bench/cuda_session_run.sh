@@ -14,6 +14,7 @@
 #   graphed  bench_generate.py modes graphed, graphed-compiled (graphed_greedy: 16 decode steps per
 #            CUDA-graph replay) on the same 8B model, every contender ($CONTENDERS, default all three)
 #   dectests the CUDA tests of graphed_greedy only
+#   compiletests the CUDA compile tests (keyed 4-bit ops in compiled steps, CUDA graphs, sibling launches)
 #   benchsmoke the shared bench CUDA helpers (cuda_timing, cuda_nf4) through three short scripts
 #   profile  profile_graphed.py: kernels per graphed decode token by family (8 layers), eager and compiled step
 #   load     bench_generate.py --load on the same 8B folder: call -> first token (+ where the time goes: --load-breakdown),
@@ -97,6 +98,8 @@ for s in ${*:-env}; do
       --contenders "${CONTENDERS:-ours,bnb,bf16}" --modes graphed,graphed-compiled --json "$OUT/graphed.json" ;;
     dectests) step dectests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
       "$ROOT/tests/loader/test_loader_decode_cuda.py" ;;
+    compiletests) step compiletests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs "$ROOT/tests/loader/test_loader_cuda_compile.py" \
+      "$ROOT/tests/loader/test_loader_siblings_cuda.py" "$ROOT/tests/loader/test_loader_compile_keyed.py" "$ROOT/tests/loader/test_loader_decode_cuda.py" ;;
     profile) step profile timeout 300 bash -c "python3 $ROOT/bench/profile_graphed.py --layers 8 && \
       python3 $ROOT/bench/profile_graphed.py --layers 8 --compile-step" ;;
     benchsmoke) step benchsmoke timeout 60 bash -c "python3 $ROOT/bench/profile_gemv.py 0 11 && echo prof ok && \
