@@ -37,7 +37,7 @@ inline float block_absmax(const Gemv4bitArgs& a, int64_t i) {
 
 // x widened to f32, and within each group of `group` elements reordered to (even..., odd...).
 template <DType DT>
-void widen_permuted(const Gemv4bitArgs& a, int64_t group, std::vector<float>& xf) {
+void widen_permuted(const Gemv4bitArgs& a, int64_t group, std::vector<float, CacheLineAllocator<float>>& xf) {
   const int64_t K = a.in_features, half = group / 2;
   xf.resize(static_cast<size_t>(a.batch * K));
   for (int64_t b = 0; b < a.batch; ++b) {
@@ -50,7 +50,7 @@ void widen_permuted(const Gemv4bitArgs& a, int64_t group, std::vector<float>& xf
   }
 }
 
-void widen_dispatch(const Gemv4bitArgs& a, int64_t group, std::vector<float>& xf) {
+void widen_dispatch(const Gemv4bitArgs& a, int64_t group, std::vector<float, CacheLineAllocator<float>>& xf) {
   switch (a.x_dtype) {
     case DType::F32:
       return widen_permuted<DType::F32>(a, group, xf);
@@ -217,6 +217,7 @@ QM_TARGET_AVX512 inline void tile_span_avx512(const Gemv4bitArgs& a, const float
 struct SpanF32 {
   using X = float;
   static constexpr int rows(int) { return 4; }
+  static constexpr int first_part(int b) { return b <= 4 ? b : 4; }
   static int64_t x_stride(const Gemv4bitArgs& a) { return a.in_features; }
   // B * chunk floats = 32 KB of x; any multiple of 32 (a span may cut a block: its part is scaled alone).
   static int64_t chunk(const Gemv4bitArgs&, int B) { return std::max<int64_t>(32, (8192 / B) / 32 * 32); }
@@ -227,13 +228,14 @@ struct SpanF32 {
   }
 };
 
-// Rows o0..o1 for a batch of B activations split into up to two halves of <= 4: R rows x up to four
-// activations keep their accumulators plus the decoded weights in registers, and the second half
-// re-reads the same weight bytes from L1 instead of memory. Rows go in groups of kGroup, each swept
+// Rows o0..o1 for a batch of B activations, run whole or split into two parts (Span::first_part: the
+// f32 path splits above 4, AVX512-BF16 above 6): R rows x the part's activations keep their
+// accumulators plus the decoded weights in registers, and a second part re-reads the same weight bytes
+// from L1 instead of memory. Rows go in groups of kGroup, each swept
 // over K in chunks of x that stay in L1; partial sums are parked between chunks.
 template <int B, class Span>
 QM_TARGET_AVX512 void rows_avx512(const Gemv4bitArgs& a, const void* xv, int64_t o0, int64_t o1) {
-  constexpr int B1 = B <= 4 ? B : 4, B2 = B - B1;
+  constexpr int B1 = Span::first_part(B), B2 = B - B1;
   constexpr int R = Span::rows(B1);
   constexpr int64_t kGroup = 16;  // rows whose partial sums are parked between K chunks
   static_assert(kGroup % R == 0, "row groups are whole tiles");
@@ -281,7 +283,7 @@ constexpr int kBf16Lanes[4] = {1, 0, 3, 2};  // x vector m of a group: element 4
 int64_t bf16_x_stride(int64_t K) { return (K + kBf16Group - 1) / kBf16Group * kBf16Group; }
 
 // x -> [batch][bf16_x_stride(K)] words, each 128-group as 4 vectors of 32 words, zero padded.
-void prepare_x_bf16dot(const Gemv4bitArgs& a, std::vector<uint16_t>& xb) {
+void prepare_x_bf16dot(const Gemv4bitArgs& a, std::vector<uint16_t, CacheLineAllocator<uint16_t>>& xb) {
   const int64_t K = a.in_features, Kp = bf16_x_stride(K);
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   xb.assign(static_cast<size_t>(a.batch * Kp), 0);
@@ -308,76 +310,141 @@ template <int B, int R, int C>
 QM_TARGET_AVX512BF16 inline void group_bf16dot(const uint8_t* const* w, int64_t row_bytes, const uint16_t* x,
                                                int64_t stride, int64_t k, bool half, __m512i table,
                                                __m512 (&part)[R][B][C]) {
+  __m512i v[R];
   for (int r = 0; r < R; ++r) {
     const uint8_t* p = w[r] + k / 2;
     _mm_prefetch(reinterpret_cast<const char*>(p + R * row_bytes), _MM_HINT_T1);
     // The last group of a row with K % 128 == 64: 32 bytes; the zero codes meet zero-padded x.
-    const __m512i v = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, p) : _mm512_loadu_si512(p);
-    const __m512bh d[4] = {(__m512bh)_mm512_permutexvar_epi16(v, table),
-                           (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
-                           (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table),
-                           (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
+    v[r] = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, p) : _mm512_loadu_si512(p);
+  }
+  // x vector m of every activation is loaded once and feeds the R rows' decoded vectors m.
+  for (int m = 0; m < 4; ++m) {
+    __m512bh d[R];
+    for (int r = 0; r < R; ++r) {
+      const __m512i idx = m == 0 ? v[r] : _mm512_srli_epi16(v[r], 4 * m);
+      d[r] = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+    }
     for (int b = 0; b < B; ++b) {
-      const uint16_t* xb = x + b * stride + k;
-      for (int m = 0; m < 4; ++m) {
-        part[r][b][m % C] = _mm512_dpbf16_ps(part[r][b][m % C], d[m], (__m512bh)_mm512_loadu_si512(xb + 32 * m));
-      }
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + b * stride + k + 32 * m);
+      for (int r = 0; r < R; ++r) part[r][b][m % C] = _mm512_dpbf16_ps(part[r][b][m % C], d[r], xv);
     }
   }
 }
 
 struct SpanBf16Dot {
   using X = uint16_t;
-  // Rows per tile: part (1 or 2 chains) and acc for R x B accumulators plus 4 decoded vectors in 32
-  // registers.
-  static constexpr int rows(int b) { return b == 1 ? 4 : 2; }
+  // Rows per tile: R x B partial sums (1 or 2 chains), their scaled sums (up to 4 activations) and R
+  // decoded vectors in 32 registers. Up to 6 activations run as one batch (more than 4: the scaled sums
+  // accumulate in park, see span); 7 and 8 as two halves of at most 4 (the second half re-decodes the
+  // tile's weights from L1: measured faster than one pass at 7 and 8 on Zen 4).
+  static constexpr int rows(int b) { return b == 1 || b == 2 ? 4 : 2; }
+  static constexpr int first_part(int b) { return b <= 6 ? b : 4; }
   static int64_t x_stride(const Gemv4bitArgs& a) { return bf16_x_stride(a.in_features); }
-  // Whole scale segments (a block, or a group of two 64-blocks) per chunk; B * chunk words ~ 32 KB of x.
+  // Whole scale segments (a block, or a group of two 64-blocks) per chunk; B * chunk words ~ 128 KB of
+  // x, read from L2: on Zen 4 faster than chunks of 32 KB (L1, which the weight stream shares), e.g.
+  // 4096x14336 at batch 4 3.75 -> 3.4 ms, and a row of K <= 16384 then streams whole up to batch 4.
   static int64_t chunk(const Gemv4bitArgs& a, int B) {
     const int64_t seg = std::max(a.blocksize, kBf16Group);
-    return std::max<int64_t>(1, (16384 / B) / seg) * seg;
+    return std::max<int64_t>(1, (65536 / B) / seg) * seg;
   }
   // Rows o..o+R over [k0, k1) (k0 a multiple of the segment): per segment the code value x activation
   // sums of a block are scaled once by its float32 absmax (lane-wise for two 64-blocks) into acc.
+  // Nested absmax are decoded up front, 16 blocks per vector (block_absmax's float ops, lane-wise),
+  // for at most kSpanBlocks blocks per row at a time: 256 delayed a tile's first weight loads enough
+  // to cost ~5% at batch 1 with weights from DRAM (14336x4096); 64 does not.
+  static constexpr int64_t kSpanBlocks = 64;
   template <int B, int R>
   QM_TARGET_AVX512BF16 static void span(const Gemv4bitArgs& a, const uint16_t* x, int64_t o, int64_t k0,
                                         int64_t k1, __m512* park, bool first) {
     const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs, stride = bf16_x_stride(K);
     const int64_t seg = std::max(bs, kBf16Group);
+    const int log2_bs = __builtin_ctzll(static_cast<unsigned long long>(bs));  // blocksize: a power of two
     // The 16 code values rounded to bfloat16 (vcvtneps2bf16: to nearest even), stored twice.
     const __m256i codes = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a.quant_map));
     const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(codes), codes, 1);
+    // blocksize 64: lanes 0-7 of a group's sums take the first block's absmax, lanes 8-15 the second's.
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const uint8_t* w[R];
     for (int r = 0; r < R; ++r) w[r] = a.packed + (o + r) * (K / 2);
-    __m512 acc[R][B];
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < B; ++b) acc[r][b] = first ? _mm512_setzero_ps() : park[r * B + b];
-    constexpr int C = R * B >= 8 ? 1 : 2;
-    for (int64_t k = k0; k < k1; k += seg) {
-      __m512 part[R][B][C];
+    // More than 4 activations: R x B partial sums fill the registers, so the scaled sums accumulate
+    // in park (L1) instead, and the whole batch shares each decoded weight vector.
+    constexpr bool kParked = B > 4;
+    __m512 acc[kParked ? 1 : R][kParked ? 1 : B];
+    if constexpr (kParked) {
+      if (first)
+        for (int i = 0; i < R * B; ++i) park[i] = _mm512_setzero_ps();
+    } else {
       for (int r = 0; r < R; ++r)
-        for (int b = 0; b < B; ++b)
-          for (int c = 0; c < C; ++c) part[r][b][c] = _mm512_setzero_ps();
-      const int64_t end = std::min(k1, k + seg);
-      for (int64_t g = k; g < end; g += kBf16Group) {
-        group_bf16dot<B, R, C>(w, K / 2, x, stride, g, g + kBf16Group > K, table, part);
-      }
-      const int64_t blk = k / bs;
+        for (int b = 0; b < B; ++b) acc[r][b] = first ? _mm512_setzero_ps() : park[r * B + b];
+    }
+    constexpr int C = R * B >= 8 ? 1 : 2;
+    alignas(64) float decoded[R][kSpanBlocks];
+    for (int64_t ks = k0; ks < k1; ks += kSpanBlocks * bs) {  // kSpanBlocks * bs: a multiple of seg
+      const int64_t ke = std::min(k1, ks + kSpanBlocks * bs), nb = (ke - ks) >> log2_bs;
+      const float* sc[R];
       for (int r = 0; r < R; ++r) {
-        const int64_t i = (o + r) * bpr + blk;
-        __m512 scale = _mm512_set1_ps(block_absmax(a, i));
-        // blocksize 64: lanes 8-15 belong to the next block (none after a row's last 64 elements).
-        if (bs < kBf16Group && blk + 1 < bpr) {
-          scale = _mm512_mask_mov_ps(scale, 0xFF00, _mm512_set1_ps(block_absmax(a, i + 1)));
+        const int64_t i0 = (o + r) * bpr + (ks >> log2_bs);
+        if (a.absmax != nullptr) {
+          sc[r] = a.absmax + i0;
+        } else {
+          decode_absmax(a, i0, nb, decoded[r]);
+          sc[r] = decoded[r];
         }
-        for (int b = 0; b < B; ++b) {
-          const __m512 sum = C == 1 ? part[r][b][0] : _mm512_add_ps(part[r][b][0], part[r][b][C - 1]);
-          acc[r][b] = _mm512_fmadd_ps(sum, scale, acc[r][b]);
+      }
+      for (int64_t k = ks; k < ke; k += seg) {
+        __m512 part[R][B][C];
+        for (int r = 0; r < R; ++r)
+          for (int b = 0; b < B; ++b)
+            for (int c = 0; c < C; ++c) part[r][b][c] = _mm512_setzero_ps();
+        const int64_t end = std::min(ke, k + seg);
+        for (int64_t g = k; g < end; g += kBf16Group) {
+          group_bf16dot<B, R, C>(w, K / 2, x, stride, g, g + kBf16Group > K, table, part);
+        }
+        const int64_t j = (k - ks) >> log2_bs;
+        for (int r = 0; r < R; ++r) {
+          __m512 scale;
+          // blocksize 64: lanes 8-15 belong to the next block (none after a row's last 64 elements).
+          if (bs < kBf16Group && j + 1 < nb) {
+            const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sc[r] + j)));
+            scale = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(two));
+          } else {
+            scale = _mm512_set1_ps(sc[r][j]);
+          }
+          for (int b = 0; b < B; ++b) {
+            const __m512 sum = C == 1 ? part[r][b][0] : _mm512_add_ps(part[r][b][0], part[r][b][C - 1]);
+            if constexpr (kParked) {
+              park[r * B + b] = _mm512_fmadd_ps(sum, scale, park[r * B + b]);
+            } else {
+              acc[r][b] = _mm512_fmadd_ps(sum, scale, acc[r][b]);
+            }
+          }
         }
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < B; ++b) park[r * B + b] = acc[r][b];
+    if constexpr (!kParked) {
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < B; ++b) park[r * B + b] = acc[r][b];
+    }
+  }
+
+  // out[t] = block_absmax(a, i0 + t) for t < n (nested record): the same float multiply and add.
+  QM_TARGET_AVX512BF16 static void decode_absmax(const Gemv4bitArgs& a, int64_t i0, int64_t n, float* out) {
+    const __m512 offset = _mm512_set1_ps(a.offset);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) {
+      const int64_t i = i0 + t, q = i / kNestedBlocksize, rem = i % kNestedBlocksize;
+      const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.absmax_codes + i)));
+      const __m512 m = _mm512_i32gather_ps(c, a.map8, 4);
+      __m512 nested = _mm512_set1_ps(a.nested_absmax[q]);
+      if (rem + 16 > kNestedBlocksize) {  // the 16 blocks straddle two nested blocks
+        const __m512i first_next = _mm512_set1_epi32(static_cast<int>(kNestedBlocksize - rem));
+        const __mmask16 next = _mm512_cmpge_epi32_mask(lane, first_next);
+        nested = _mm512_mask_mov_ps(nested, next, _mm512_set1_ps(a.nested_absmax[q + 1]));
+      }
+      _mm512_store_ps(out + t, _mm512_add_ps(_mm512_mul_ps(m, nested), offset));
+    }
+    for (; t < n; ++t) out[t] = block_absmax(a, i0 + t);
   }
 };
 

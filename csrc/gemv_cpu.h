@@ -6,7 +6,9 @@
 // AVX512BF16 path with bfloat16 x rounds code values to bfloat16 first (gemv_cpu.cpp).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 #include "cpu_features.h"
@@ -44,9 +46,25 @@ void gemv_4bit_multi(const std::vector<Gemv4bitArgs>& segments, Isa isa, int thr
 // isa must be resolved with resolve_isa_full (the GEMV has an AVX512BF16 path); args must pass
 // gemv_4bit's checks. x is prepared once (per x row) and read by the row kernels of every weight with
 // the same x dtype, batch, in_features and blocksize.
+// Cache-line aligned storage for x: every 64-byte vector load of it then reads one line, not two (an
+// unaligned buffer split every load of x across lines, and which buffers did varied run to run).
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{64}); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const CacheLineAllocator<U>&) const noexcept { return false; }
+};
+
 struct GemvX {
-  std::vector<float> f32;     // widened and permuted (the exact paths)
-  std::vector<uint16_t> bf16;  // bfloat16, permuted and zero padded (the AVX512BF16 path)
+  std::vector<float, CacheLineAllocator<float>> f32;        // widened and permuted (the exact paths)
+  std::vector<uint16_t, CacheLineAllocator<uint16_t>> bf16;  // bfloat16, permuted and zero padded (AVX512BF16)
 };
 void gemv_prepare_x(const Gemv4bitArgs& args, Isa isa, GemvX& x);
 void gemv_rows(const Gemv4bitArgs& args, const GemvX& x, int64_t o0, int64_t o1, Isa isa);

@@ -44,6 +44,8 @@ def _weight(out_features, in_features, blocksize, quant_type, nested, seed):
         (37, 256, 32, QuantType.NF4),
         (300, 1024, 64, QuantType.NF4),
         (29, 576, 64, QuantType.NF4),  # K % 128 == 64: avx512bf16's half group; rows past whole tiles
+        # 65 blocks a row: avx512bf16 decodes nested absmax 16 blocks at a time, across nested blocks
+        (40, 4160, 64, QuantType.NF4),
         (64, 4096, 4096, QuantType.NF4),
         (23, 384, 128, QuantType.FP4),
         (18, 4096, 2048, QuantType.FP4),
