@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from converter.loader.file_mappings import file_mappings, inside
 from converter.loader.module import QuantLinear4bit, nbytes
 from converter.loader.module_int8 import QuantLinear8bit
 from converter.loader.moe import QuantExperts4bit
@@ -56,12 +57,10 @@ def memory_by_device(model: nn.Module) -> dict[str, int]:
     files = getattr(model, "_qm_disk_files", None)  # set by placement.dispatch
     mapped: Callable[[torch.Tensor], bool] | None = None
     if disk and files is not None:  # a tensor cast after the load (model.half()) is a copy in RAM
-        from converter.loader.placement import _file_mappings, _inside
-
-        mappings = _file_mappings(files)
+        mappings = file_mappings(files)
 
         def mapped(t: torch.Tensor) -> bool:
-            return _inside(t, mappings)
+            return inside(t, mappings)
 
     out: dict[str, int] = {}
     for name, t, size in module_tensors(model):

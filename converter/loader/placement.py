@@ -49,6 +49,7 @@ from accelerate.utils import (
 from torch import nn
 
 from converter.loader.devices import STRATEGIES, PlacementError, device_of, gpu_index
+from converter.loader.file_mappings import file_mappings, inside
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
@@ -274,7 +275,7 @@ def dispatch(
     written = _offload_unmapped(model, device_map, paths, offload_folder) if disk else None
     if written is not None:
         paths.append(written)
-    mappings = _file_mappings(paths) if disk else []
+    mappings = file_mappings(paths) if disk else []
 
     if len(set(device_map.values())) > 1 or disk:
         main = next((d for d in run_on.values() if d.type != "cpu"), torch.device("cpu"))
@@ -319,7 +320,7 @@ def casts_leave_disk(model: nn.Module) -> None:
     files = getattr(model, "_qm_disk_files", None)
     if not device_map or files is None or "disk" not in device_map.values():
         return
-    mappings = _file_mappings(files)
+    mappings = file_mappings(files)
     new = dict(device_map)
     for name, device in device_map.items():
         if device != "disk":
@@ -334,7 +335,7 @@ def casts_leave_disk(model: nn.Module) -> None:
             )
         )
         devices = {t.device for t in tensors}
-        if not weights or len(devices) != 1 or any(_inside(t, mappings) for t in tensors):
+        if not weights or len(devices) != 1 or any(inside(t, mappings) for t in tensors):
             continue
         (where,) = devices
         new[name] = "cpu" if where.type == "cpu" else where.index if where.index is not None else str(where)
@@ -413,7 +414,7 @@ def _offload_unmapped(
     that folder, or None when nothing was written. One folder per load: a second model loaded with the
     same ``offload_folder`` has parameters of the same names, and rewriting a file the first model maps
     would change its weights under it."""
-    mappings = _file_mappings(shard_paths)
+    mappings = file_mappings(shard_paths)
     holders: dict[int, list[tuple[nn.Module, str]]] = {}  # a tied parameter: every module holding it
     for module in model.modules():
         for attr, p in module._parameters.items():
@@ -425,7 +426,7 @@ def _offload_unmapped(
         module = model.get_submodule(module_name)
         stacked = isinstance(module, QuantExperts4bit) and attr in ("packed", "absmax")
         weight = attr in module._parameters or stacked
-        if not weight or device_of(name, device_map) != "disk" or _inside(t, mappings):
+        if not weight or device_of(name, device_map) != "disk" or inside(t, mappings):
             continue  # buffers stay in RAM (accelerate's offload_buffers=False); shard views stay views
         if offload_folder is None:
             why = (
@@ -461,43 +462,13 @@ _NUMPY_DTYPES = {"bfloat16": "int16"}
 
 
 # -- releasing the mapped pages of disk modules ----------------------------------------------------------
-def _file_mappings(paths: Iterable[Path]) -> list[tuple[int, int]]:
-    """Address ranges of this process's mappings of the files in ``paths`` (files, or every file in a
-    folder), from /proc/self/maps; empty where that does not exist (then nothing is ever released)."""
-    paths = list(paths)
-    files = {str(p.resolve()) for p in paths if p.is_file()}
-    folders = tuple(str(p.resolve()) + os.sep for p in paths if p.is_dir())
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and (parts[5] in files or (folders and parts[5].startswith(folders))):
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append((start, end))
-    return out
-
-
-def mapped_from(t: torch.Tensor, paths: Iterable[Path]) -> bool:
-    """Whether ``t``'s bytes lie in this process's mapping of one of ``paths`` (a view, not a copy)."""
-    return _inside(t, _file_mappings(paths))
-
-
-def _inside(t: torch.Tensor, mappings: list[tuple[int, int]]) -> bool:
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    return any(a <= start and end <= b for a, b in mappings)
-
-
 def _page_ranges(tensors: Iterable[torch.Tensor], mappings: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The whole pages covered by the file-mapped tensors among ``tensors``, merged."""
     page = mmap.PAGESIZE
     spans = sorted(
         (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
         for t in tensors
-        if t.numel() and _inside(t, mappings)
+        if t.numel() and inside(t, mappings)
     )
     merged: list[list[int]] = []
     for a, b in spans:

@@ -19,19 +19,18 @@ import torch
 from click.testing import CliRunner
 from loader_helpers import save_tiny_llama
 
+from converter.loader.file_mappings import file_mappings, mapped_from
 from converter.loader.footprint import memory_by_device, module_tensors
 from converter.loader.model import ModelBuildError, load_quantized
 from converter.loader.module import QuantLinear4bit
 from converter.loader.placement import (
     PlacementError,
     ReleaseMappedPages,
-    _file_mappings,
     _page_ranges,
     _tensors_under,
     accelerator_device,
     bytes_per_device,
     dispatch,
-    mapped_from,
     plan_device_map,
     size_proxy,
 )
@@ -485,7 +484,7 @@ def test_disk_hooks_never_drop_pages_of_a_mapping_that_was_unmapped(our_folder: 
     assert hook.ranges
     model.to(torch.float32)
     gc.collect()
-    live = _file_mappings([shard])
+    live = file_mappings([shard])
     assert all(any(a <= start and end <= b for a, b in live) for start, end in hook.ranges)
     assert torch.equal(_logits(model), _logits(load_quantized(our_folder, dtype=torch.float32)))
 
@@ -523,7 +522,7 @@ def _resident_pages(model: torch.nn.Module, name: str, folder: Path) -> int:
     bit 63)."""
     import struct
 
-    ranges = _page_ranges(_tensors_under(model, name), _file_mappings(shard_files(folder)[0]))
+    ranges = _page_ranges(_tensors_under(model, name), file_mappings(shard_files(folder)[0]))
     count = 0
     with open("/proc/self/pagemap", "rb") as f:
         for a, b in ranges:

@@ -218,7 +218,8 @@ def test_device_map_with_disk_offload_gives_the_same_logits(folders, tmp_path):
     stack stayed in RAM, outside max_memory["cpu"], while the plan, the estimate and memory_by_device
     counted it on disk. It is written to offload_folder and mapped from there (its pages dropped
     after each forward), as a parameter cast at load is; without offload_folder the load says so."""
-    from converter.loader.placement import PlacementError, ReleaseMappedPages, mapped_from
+    from converter.loader.file_mappings import mapped_from
+    from converter.loader.placement import PlacementError, ReleaseMappedPages
 
     q, _ = folders("olmoe")
     budget = {"cpu": "60KB"}
