@@ -405,6 +405,9 @@ class QuantLinear4bit(nn.Module):
         # swapped in by assignment later (PEFT's merge) is seen as new and takes the general path.
         self.__dict__["_prepared_for"] = weight
         if weight.is_cuda:  # CUDA graphs may keep these addresses: no per-replay copy of the weight
+            # (the weight is the keyed op's graph input: dynamo marks module buffers static too; the
+            # keyed op refuses a copy of it, whose address is not the registered one)
+            dynamo_marks.mark_static_address(weight)
             for t in self._kernel_args:
                 if isinstance(t, torch.Tensor):
                     dynamo_marks.mark_static_address(t)
