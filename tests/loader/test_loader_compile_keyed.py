@@ -110,3 +110,37 @@ def test_a_reprepared_layer_recompiles(dynamo, our_folder: Path) -> None:
         with pytest.raises(RuntimeError, match=f"no prepared 4-bit weight under key {old}"):
             prepared.lookup(old)
         assert torch.equal(compiled(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["single", "siblings"])
+def test_exported_program_holds_the_tensors_not_keys(dynamo, our_folder: Path, monkeypatch, fused) -> None:
+    """torch.export (strict: dynamo) of a loaded model: the program takes the prepared tensors as it did
+    before the keyed ops (keys are this process's: a saved program would read no or other layers'
+    tensors), runs after its model is freed and gives the eager logits."""
+    from converter.loader import siblings
+
+    if fused:
+        monkeypatch.setattr(siblings, "FUSED_DEVICE_TYPES", {"cpu", "cuda"})
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(ids, use_cache=False).logits
+
+    model = _load(our_folder)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = model(IDS).logits
+        program = torch.export.export(Logits(model), (IDS,), strict=True)
+    ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert any(
+        op.startswith("quantize_model.gemv_4bit_multi" if fused else "quantize_model.gemv_4bit") for op in ops
+    )
+    assert not any("keyed" in op for op in ops)
+    del model
+    gc.collect()
+    with torch.no_grad():
+        assert torch.equal(program.module()(IDS), expected)
