@@ -25,6 +25,9 @@ import weakref
 from typing import Any
 
 _ARGS: dict[int, Any] = {}
+#: The finalizer that releases each key with its layer (detached when the key is released first, so a
+#: layer prepared again and again holds one, not one per preparation).
+_FINALIZERS: dict[int, weakref.finalize] = {}
 _KEYS = itertools.count()
 _LOCK = threading.Lock()  # layers are prepared on the loader's threads
 
@@ -35,12 +38,16 @@ def register(owner: object, args: Any) -> Any:
     with _LOCK:
         keyed = args._replace(key=next(_KEYS))
         _ARGS[keyed.key] = keyed
-    weakref.finalize(owner, release, keyed.key)
+        _FINALIZERS[keyed.key] = weakref.finalize(owner, release, keyed.key)
     return keyed
 
 
 def release(key: int) -> None:
+    # no lock: a collection inside register's may run a layer's finalizer on this thread
     _ARGS.pop(key, None)
+    finalizer = _FINALIZERS.pop(key, None)
+    if finalizer is not None:
+        finalizer.detach()  # a no-op when it is the finalizer calling
 
 
 def lookup(key: int) -> Any:

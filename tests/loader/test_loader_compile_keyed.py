@@ -144,3 +144,23 @@ def test_exported_program_holds_the_tensors_not_keys(dynamo, our_folder: Path, m
     gc.collect()
     with torch.no_grad():
         assert torch.equal(program.module()(IDS), expected)
+
+
+def test_preparing_again_keeps_one_finalizer_per_layer(our_folder: Path) -> None:
+    """A layer prepared again and again (weights reloaded, adapters merged and unmerged) holds one
+    finalizer for its current key, not one per preparation while it lives."""
+    import weakref
+
+    model = _load(our_folder)
+    layer = model.model.layers[0].self_attn.q_proj
+    state = layer.state_dict()
+    gc.collect()
+    before = len(weakref.finalize._registry)  # CPython's table of live finalizers
+    for _ in range(20):
+        layer.load_state_dict(state)
+    gc.collect()
+    assert len(weakref.finalize._registry) == before
+    keys = {m._kernel_args.key for m in _layers(model)}
+    del model, layer
+    gc.collect()
+    assert not any(k in prepared._ARGS or k in prepared._FINALIZERS for k in keys)
