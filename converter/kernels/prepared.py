@@ -12,7 +12,8 @@ other plain attributes.
 
 Why that is safe: the registered tensors are made once from the weight (``ops.prepare``) and never
 written; a layer that prepares again (a new weight, a device move) registers anew under a new key, which
-changes the attribute the graph was traced from, so dynamo recompiles; a copied or unpickled layer
+changes the attribute the graph was traced from, so dynamo recompiles (one recompile per call after
+such changes: dynamo's recompile_limit bounds them, docs/python-api.md); a copied or unpickled layer
 registers its own copy (``QuantLinear4bit.__setstate__``); the entry goes when its layer is collected.
 Their addresses are fixed while registered, so a CUDA graph that recorded a launch stays valid.
 """
