@@ -164,3 +164,17 @@ def test_preparing_again_keeps_one_finalizer_per_layer(our_folder: Path) -> None
     del model, layer
     gc.collect()
     assert not any(k in prepared._ARGS or k in prepared._FINALIZERS for k in keys)
+
+
+def test_codes_replaced_in_place_raise_a_clear_error(dynamo, our_folder: Path) -> None:
+    """``weight.data = ...`` swaps the codes under a prepared layer (the eager layer keeps computing with
+    the codes it prepared): the compiled model refuses with an error that says what happened and what
+    to do, rather than reading the registered codes of the old weight."""
+    model = _load(our_folder)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    layers = model.model.layers
+    with torch.no_grad():
+        compiled(IDS)
+        layers[0].mlp.down_proj.weight.data = layers[1].mlp.down_proj.weight.data.clone()
+        with pytest.raises(ValueError, match=r"replaced in place.*load_state_dict"):
+            compiled(IDS)
