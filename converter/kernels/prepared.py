@@ -12,7 +12,8 @@ other plain attributes.
 
 Why that is safe: the registered tensors are made once from the weight (``ops.prepare``) and never
 written; a layer that prepares again (a new weight, a device move) registers anew under a new key, which
-changes the attribute the graph was traced from, so dynamo recompiles; a copied or unpickled layer
+changes the attribute the graph was traced from, so dynamo recompiles (one recompile per call after
+such changes: dynamo's recompile_limit bounds them, docs/python-api.md); a copied or unpickled layer
 registers its own copy (``QuantLinear4bit.__setstate__``); the entry goes when its layer is collected.
 Their addresses are fixed while registered, so a CUDA graph that recorded a launch stays valid.
 """
@@ -25,6 +26,9 @@ import weakref
 from typing import Any
 
 _ARGS: dict[int, Any] = {}
+#: The finalizer that releases each key with its layer (detached when the key is released first, so a
+#: layer prepared again and again holds one, not one per preparation).
+_FINALIZERS: dict[int, weakref.finalize] = {}
 _KEYS = itertools.count()
 _LOCK = threading.Lock()  # layers are prepared on the loader's threads
 
@@ -35,12 +39,16 @@ def register(owner: object, args: Any) -> Any:
     with _LOCK:
         keyed = args._replace(key=next(_KEYS))
         _ARGS[keyed.key] = keyed
-    weakref.finalize(owner, release, keyed.key)
+        _FINALIZERS[keyed.key] = weakref.finalize(owner, release, keyed.key)
     return keyed
 
 
 def release(key: int) -> None:
+    # no lock: a collection inside register's may run a layer's finalizer on this thread
     _ARGS.pop(key, None)
+    finalizer = _FINALIZERS.pop(key, None)
+    if finalizer is not None:
+        finalizer.detach()  # a no-op when it is the finalizer calling
 
 
 def lookup(key: int) -> Any:

@@ -199,11 +199,23 @@ def _op(args: KernelArgs, name: str) -> Any:
     return args.impls[name]
 
 
+def _keyed(args_seq: Sequence[KernelArgs]) -> bool:
+    """Whether a traced launch reads these weights' prepared tensors by key (converter/kernels/prepared.py):
+    while torch.compile traces registered weights, but not under ``torch.export``, whose program would
+    keep this process's keys as constants (a saved or later-run program would read no or other
+    layers' tensors): there the tensors are the graph's inputs, as before the keyed ops."""
+    return (
+        torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and all(a.key >= 0 for a in args_seq)
+    )
+
+
 def gemv_prepared(x2d: torch.Tensor, args: KernelArgs, weight: torch.Tensor | None = None) -> torch.Tensor:
     """y [B, out_features] = x2d @ W.T through the fused kernel (B = 1..8, nested absmax decoded inline).
     ``weight``: the layer's weight the registered ``args`` were prepared from (compiled graphs read it
     as their one input of the layer; default ``args.packed``)."""
-    if args.key >= 0 and torch.compiler.is_compiling():
+    if _keyed((args,)):
         w = args.packed if weight is None else weight
         return torch.ops.quantize_model.gemv_4bit_keyed(x2d, w, args.key, args.out_features)
     return _op(args, "gemv_4bit")(
@@ -248,7 +260,7 @@ def gemv_prepared_multi(
     """``[x2d @ W_i.T]`` ([B, out_features_i] each, x2d's dtype) in one launch (:func:`multi_ok` holds):
     each equal to :func:`gemv_prepared` of weight i on CPU; on CUDA within the same derived bound."""
     compiling = torch.compiler.is_compiling()
-    if compiling and all(a.key >= 0 for a in args_seq):  # graph inputs besides x: the weights
+    if _keyed(args_seq):  # graph inputs besides x: the weights
         return torch.ops.quantize_model.gemv_4bit_multi_keyed(
             x2d,
             [a.packed for a in args_seq] if weights is None else list(weights),

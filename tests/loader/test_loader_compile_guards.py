@@ -1,9 +1,10 @@
 """The guard filter of compiled models with 4-bit layers (converter/loader/compile_guards.py), and the
 compiled decode step of ``graphed_greedy`` on the CPU (which uses it).
 
-The filter drops only the tensor guards on a layer's prepared kernel tensors and packed weight; the
-graph still reads those tensors from the layer at every call, so a layer whose weight is replaced
-(``load_state_dict``) gives the new weight's outputs without a recompile, exactly as eager does.
+The filter drops only the tensor guards on a layer's prepared kernel tensors and packed weight; a layer
+whose weight is replaced (``load_state_dict``) registers its prepared tensors under a new key (the
+guard on it is kept: converter/kernels/prepared.py), so the compiled model recompiles and gives the new
+weight's outputs, exactly as eager does.
 """
 
 from __future__ import annotations

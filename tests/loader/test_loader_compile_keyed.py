@@ -110,3 +110,71 @@ def test_a_reprepared_layer_recompiles(dynamo, our_folder: Path) -> None:
         with pytest.raises(RuntimeError, match=f"no prepared 4-bit weight under key {old}"):
             prepared.lookup(old)
         assert torch.equal(compiled(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["single", "siblings"])
+def test_exported_program_holds_the_tensors_not_keys(dynamo, our_folder: Path, monkeypatch, fused) -> None:
+    """torch.export (strict: dynamo) of a loaded model: the program takes the prepared tensors as it did
+    before the keyed ops (keys are this process's: a saved program would read no or other layers'
+    tensors), runs after its model is freed and gives the eager logits."""
+    from converter.loader import siblings
+
+    if fused:
+        monkeypatch.setattr(siblings, "FUSED_DEVICE_TYPES", {"cpu", "cuda"})
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(ids, use_cache=False).logits
+
+    model = _load(our_folder)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = model(IDS).logits
+        program = torch.export.export(Logits(model), (IDS,), strict=True)
+    ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert any(
+        op.startswith("quantize_model.gemv_4bit_multi" if fused else "quantize_model.gemv_4bit") for op in ops
+    )
+    assert not any("keyed" in op for op in ops)
+    del model
+    gc.collect()
+    with torch.no_grad():
+        assert torch.equal(program.module()(IDS), expected)
+
+
+def test_preparing_again_keeps_one_finalizer_per_layer(our_folder: Path) -> None:
+    """A layer prepared again and again (weights reloaded, adapters merged and unmerged) holds one
+    finalizer for its current key, not one per preparation while it lives."""
+    import weakref
+
+    model = _load(our_folder)
+    layer = model.model.layers[0].self_attn.q_proj
+    state = layer.state_dict()
+    gc.collect()
+    before = len(weakref.finalize._registry)  # CPython's table of live finalizers
+    for _ in range(20):
+        layer.load_state_dict(state)
+    gc.collect()
+    assert len(weakref.finalize._registry) == before
+    keys = {m._kernel_args.key for m in _layers(model)}
+    del model, layer
+    gc.collect()
+    assert not any(k in prepared._ARGS or k in prepared._FINALIZERS for k in keys)
+
+
+def test_codes_replaced_in_place_raise_a_clear_error(dynamo, our_folder: Path) -> None:
+    """``weight.data = ...`` swaps the codes under a prepared layer (the eager layer keeps computing with
+    the codes it prepared): the compiled model refuses with an error that says what happened and what
+    to do, rather than reading the registered codes of the old weight."""
+    model = _load(our_folder)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    layers = model.model.layers
+    with torch.no_grad():
+        compiled(IDS)
+        layers[0].mlp.down_proj.weight.data = layers[1].mlp.down_proj.weight.data.clone()
+        with pytest.raises(ValueError, match=r"replaced in place.*load_state_dict"):
+            compiled(IDS)
