@@ -1,13 +1,13 @@
 """Prepared 4-bit weights by key: what the keyed custom ops (``gemv_4bit_keyed``,
-``gemv_4bit_multi_keyed``) read besides x and the packed codes.
+``gemv_4bit_multi_keyed``) read besides x and the layer's weight.
 
 Why: before every call of a ``torch.compile``'d step dynamo checks a guard per tensor the graph reads
 from the model, and every 4-bit layer's kernel takes five small tensors besides its codes (absmax or
 the nested record, the code tables). At 48 small MoE layers those were 816 more graph inputs and ~770
 more tensor guards than the bf16 model's, about 0.5 ms of host time per compiled call
 (docs/benchmarks.md, round 34). A layer registers its prepared arguments here once
-(:func:`register`), and a compiled graph calls the keyed op with x, the layer's packed codes (a graph
-input, as a bf16 weight is) and the key: an integer constant of the graph, guarded like the layer's
+(:func:`register`), and a compiled graph calls the keyed op with x, the layer's weight (its one graph
+input, as a bf16 linear's) and the key: an integer constant of the graph, guarded like the layer's
 other plain attributes.
 
 Why that is safe: the registered tensors are made once from the weight (``ops.prepare``) and never
