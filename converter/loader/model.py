@@ -34,6 +34,7 @@ from converter.loader import ops, router, timing
 from converter.loader.config_file import read_config
 from converter.loader.dequantize_inplace import bind_dequantize
 from converter.loader.devices import check_device, check_devices_exist
+from converter.loader.file_mappings import drop_pages, file_mappings, page_ranges
 from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.model_build import ModelBuildError, class_to_build
@@ -244,6 +245,7 @@ def _fill(
     where: str,
     dtype: torch.dtype,
     casts: dict[torch.Tensor, torch.dtype] | None = None,
+    mappings: list[tuple[int, int]] | None = None,
 ) -> list[str]:
     """Assign the non-quantized tensors, floats in the dtype ``from_pretrained(dtype=dtype)`` gives them
     (its dtype plan, else the empty model's); returns checkpoint keys the model has no slot for.
@@ -251,7 +253,8 @@ def _fill(
     With ``casts`` (a load with a ``device_map``), a parameter to be cast stays a view of the shards and
     ``casts`` gets it and its dtype: placement casts it on its device, one at a time, and writes a disk
     one to ``offload_folder`` (``placement.dispatch``), so no cast copy of a disk parameter is ever held
-    in RAM beside the others."""
+    in RAM beside the others. ``mappings``: the shards' (``file_mappings``); the pages of a tensor cast
+    here leave the process after its cast (nothing reads them again)."""
     params = dict(model.named_parameters(remove_duplicate=False))  # both names of a tied pair
     buffers = dict(model.named_buffers())
     planned = dtype_plan(model, dtype)
@@ -277,6 +280,8 @@ def _fill(
         wanted = (planned(key) if value.is_floating_point() else None) or target.dtype
         deferred = casts is not None and key in params and value.dtype != wanted
         data = value if value.dtype == wanted or deferred else value.to(wanted)
+        if data is not value:
+            drop_pages(page_ranges([value], mappings or []))
         module = model.get_submodule(module_name)
         if key in params:
             module._parameters[attr] = param = nn.Parameter(data, requires_grad=False)
@@ -701,7 +706,9 @@ def load_quantized(
         with timing.phase("fill"):
             # with a device_map the casts wait for the plan: a disk parameter's never all in RAM at once
             casts: dict[torch.Tensor, torch.dtype] | None = {} if device_map is not None else None
-            unused = _fill(model, state, str(folder), dtype, casts) + list(skeleton.dropped)
+            # a CPU load's tensors are views of the mapped shards: a cast one's pages are dropped after
+            mappings = file_mappings(shard_files(folder)[0]) if torch.device(target).type == "cpu" else []
+            unused = _fill(model, state, str(folder), dtype, casts, mappings) + list(skeleton.dropped)
     timing.mark("built_at")
     _tie_weights(model)
     left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]

@@ -23,11 +23,8 @@ are never overwritten; the folder is removed when the model is freed).
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import shutil
-import sys
 import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -49,7 +46,7 @@ from accelerate.utils import (
 from torch import nn
 
 from converter.loader.devices import STRATEGIES, PlacementError, device_of, gpu_index
-from converter.loader.file_mappings import file_mappings, inside
+from converter.loader.file_mappings import drop_pages, file_mappings, inside, page_ranges
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
@@ -272,7 +269,7 @@ def dispatch(
     casts = casts or {}
     check_map(model, device_map)
     run_on = {name: execution_device(dev) for name, dev in device_map.items()}
-    _cast_resident(model, device_map, run_on, casts)
+    _cast_resident(model, device_map, run_on, casts, file_mappings(shard_paths) if casts else [])
     for name, device in run_on.items():
         if device.type == "cpu":
             continue  # already there: the shards are mapped in host memory
@@ -302,7 +299,7 @@ def dispatch(
         targets = _release_points(model.get_submodule(name), name, set(_no_split(model))) if is_module else []
         for module_name, module in targets or [(name, None)]:
             tensors = _tensors_under(model, module_name)
-            hook = ReleaseMappedPages(_page_ranges(tensors, mappings), tensors)
+            hook = ReleaseMappedPages(page_ranges(tensors, mappings), tensors)
             hook.release()  # pages touched while loading; each forward re-reads what it needs
             if module is not None and hook.ranges:
                 add_hook_to_module(module, hook, append=True)
@@ -428,10 +425,11 @@ def _cast_resident(
     device_map: Mapping[str, Device],
     run_on: Mapping[str, torch.device],
     casts: Mapping[torch.Tensor, torch.dtype],
+    mappings: list[tuple[int, int]],
 ) -> None:
     """The parameters of ``casts`` that ``device_map`` keeps off the disk, cast one by one straight on
-    the device they run on (a GPU one never has a cast copy in RAM); disk ones are left to
-    :func:`_offload_unmapped`."""
+    the device they run on (a GPU one never has a cast copy in RAM), each one's shard pages (in
+    ``mappings``) dropped after its cast; disk ones are left to :func:`_offload_unmapped`."""
     if not casts:
         return
     holders = _holders(model)
@@ -439,6 +437,7 @@ def _cast_resident(
         if t not in casts or device_of(name, device_map) == "disk":
             continue
         param = nn.Parameter(t.detach().to(device_of(name, run_on), casts[t]), requires_grad=False)
+        drop_pages(page_ranges([t], mappings))  # the shard's bytes: read once, for the cast
         for holder, holder_attr in holders[id(t)]:  # tied weights stay one tensor
             holder._parameters[holder_attr] = param
 
@@ -490,6 +489,8 @@ def _offload_unmapped(
         )
         mapped = torch.from_numpy(stored).view(data.dtype).reshape(t.shape)
         del data
+        if t in casts:
+            drop_pages(page_ranges([t], mappings))  # the shard's bytes: read once, for the cast
         if stacked:
             module._buffers[attr] = mapped
             continue
@@ -504,33 +505,6 @@ _NUMPY_DTYPES = {"bfloat16": "int16"}
 
 
 # -- releasing the mapped pages of disk modules ----------------------------------------------------------
-def _page_ranges(tensors: Iterable[torch.Tensor], mappings: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The whole pages covered by the file-mapped tensors among ``tensors``, merged."""
-    page = mmap.PAGESIZE
-    spans = sorted(
-        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
-        for t in tensors
-        if t.numel() and inside(t, mappings)
-    )
-    merged: list[list[int]] = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    out = []
-    for a, b in merged:
-        start, end = -(-a // page) * page, b // page * page  # rounded inward: only pages of these tensors
-        if end > start:
-            out.append((start, end))
-    return out
-
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-if _libc is not None:
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
 class ReleaseMappedPages(ModelHook):
     """After each forward of a disk module, drop its mapped shard pages from the process (``MADV_DONTNEED``
     on a private, never-written file mapping: the next access reads them from the page cache or file).
@@ -544,10 +518,7 @@ class ReleaseMappedPages(ModelHook):
         self.tensors = [t.detach() for t in tensors]  # the storages: `.to()` swaps a parameter's data
 
     def release(self) -> None:
-        if _libc is None:
-            return
-        for start, end in self.ranges:
-            _libc.madvise(start, end - start, mmap.MADV_DONTNEED)
+        drop_pages(self.ranges)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         self.release()
