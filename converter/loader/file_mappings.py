@@ -1,14 +1,18 @@
-"""Which tensors are views of a file this process maps (disk offload: what still reads the shards)."""
+"""Which tensors are views of a file this process maps (disk offload: what still reads the shards), and
+dropping their pages from the process."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-__all__ = ["file_mappings", "inside", "mapped_from"]
+__all__ = ["drop_pages", "file_mappings", "inside", "mapped_from", "page_ranges"]
 
 
 def file_mappings(paths: Iterable[Path]) -> list[tuple[int, int]]:
@@ -40,3 +44,42 @@ def inside(t: torch.Tensor, mappings: list[tuple[int, int]]) -> bool:
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
     return any(a <= start and end <= b for a, b in mappings)
+
+
+def page_ranges(tensors: Iterable[torch.Tensor], mappings: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The whole pages covered by the file-mapped tensors among ``tensors``, merged."""
+    page = mmap.PAGESIZE
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for t in tensors
+        if t.numel() and inside(t, mappings)
+    )
+    merged: list[list[int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out = []
+    for a, b in merged:
+        start, end = -(-a // page) * page, b // page * page  # rounded inward: only pages of these tensors
+        if end > start:
+            out.append((start, end))
+    return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+if _libc is not None:
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def drop_pages(ranges: Iterable[tuple[int, int]]) -> None:
+    """Drop ``ranges`` (from :func:`page_ranges`) from this process's RSS: ``MADV_DONTNEED`` on a private,
+    never-written file mapping, so the next access reads them again from the page cache or the file
+    (Linux; elsewhere nothing: the OS reclaims them when it needs to). The caller keeps the mapping
+    alive (holds a tensor of it): an unmapped range may be reused by another mapping, which this
+    would zero."""
+    if _libc is None:
+        return
+    for start, end in ranges:
+        _libc.madvise(start, end - start, mmap.MADV_DONTNEED)

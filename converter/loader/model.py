@@ -34,6 +34,7 @@ from converter.loader import ops, router, timing
 from converter.loader.config_file import read_config
 from converter.loader.dequantize_inplace import bind_dequantize
 from converter.loader.devices import check_device, check_devices_exist
+from converter.loader.file_mappings import drop_pages, file_mappings, page_ranges
 from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.model_build import ModelBuildError, class_to_build
@@ -238,9 +239,22 @@ def dtype_plan(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dt
     return planned
 
 
-def _fill(model: nn.Module, state: dict[str, Any], where: str, dtype: torch.dtype) -> list[str]:
+def _fill(
+    model: nn.Module,
+    state: dict[str, Any],
+    where: str,
+    dtype: torch.dtype,
+    casts: dict[torch.Tensor, torch.dtype] | None = None,
+    mappings: list[tuple[int, int]] | None = None,
+) -> list[str]:
     """Assign the non-quantized tensors, floats in the dtype ``from_pretrained(dtype=dtype)`` gives them
-    (its dtype plan, else the empty model's); returns checkpoint keys the model has no slot for."""
+    (its dtype plan, else the empty model's); returns checkpoint keys the model has no slot for.
+
+    With ``casts`` (a load with a ``device_map``), a parameter to be cast stays a view of the shards and
+    ``casts`` gets it and its dtype: placement casts it on its device, one at a time, and writes a disk
+    one to ``offload_folder`` (``placement.dispatch``), so no cast copy of a disk parameter is ever held
+    in RAM beside the others. ``mappings``: the shards' (``file_mappings``); the pages of a tensor cast
+    here leave the process after its cast (nothing reads them again)."""
     params = dict(model.named_parameters(remove_duplicate=False))  # both names of a tied pair
     buffers = dict(model.named_buffers())
     planned = dtype_plan(model, dtype)
@@ -264,10 +278,15 @@ def _fill(model: nn.Module, state: dict[str, Any], where: str, dtype: torch.dtyp
             raise ModelBuildError(msg)
         # Keep the model's dtype plan (e.g. _keep_in_fp32_modules); a matching dtype stays memory-mapped.
         wanted = (planned(key) if value.is_floating_point() else None) or target.dtype
-        data = value if value.dtype == wanted else value.to(wanted)
+        deferred = casts is not None and key in params and value.dtype != wanted
+        data = value if value.dtype == wanted or deferred else value.to(wanted)
+        if data is not value:
+            drop_pages(page_ranges([value], mappings or []))
         module = model.get_submodule(module_name)
         if key in params:
-            module._parameters[attr] = nn.Parameter(data, requires_grad=False)
+            module._parameters[attr] = param = nn.Parameter(data, requires_grad=False)
+            if deferred:
+                casts[param] = wanted  # type: ignore[index]
         else:
             module._buffers[attr] = data
     return unused
@@ -685,7 +704,11 @@ def load_quantized(
         model.config.name_or_path = model.name_or_path = os.fspath(path_or_repo)
         cls = type(model)
         with timing.phase("fill"):
-            unused = _fill(model, state, str(folder), dtype) + list(skeleton.dropped)
+            # with a device_map the casts wait for the plan: a disk parameter's never all in RAM at once
+            casts: dict[torch.Tensor, torch.dtype] | None = {} if device_map is not None else None
+            # a CPU load's tensors are views of the mapped shards: a cast one's pages are dropped after
+            mappings = file_mappings(shard_files(folder)[0]) if torch.device(target).type == "cpu" else []
+            unused = _fill(model, state, str(folder), dtype, casts, mappings) + list(skeleton.dropped)
     timing.mark("built_at")
     _tie_weights(model)
     left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
@@ -725,7 +748,7 @@ def load_quantized(
     # before placement: accelerate's hooks wrap the forward the module has then
     fused = fused_router and bool(moe_modules(model)) and bool(router.install(model))
     if device_map is not None:
-        place(model, folder, device, device_map, max_memory, offload_folder)
+        place(model, folder, device, device_map, max_memory, offload_folder, casts or {})
     elif torch.device(device) != torch.device("cpu"):
         model.to(device)
     if fused:
@@ -795,8 +818,10 @@ def place(
     device_map: str | int | torch.device | dict[str, int | str],
     max_memory: dict[int | str, int | str] | None,
     offload_folder: str | os.PathLike | None,
+    casts: Mapping[torch.Tensor, torch.dtype],
 ) -> None:
-    """Plan and dispatch ``device_map`` with accelerate (``converter.loader.placement``)."""
+    """Plan and dispatch ``device_map`` with accelerate (``converter.loader.placement``); ``casts``: the
+    parameters ``_fill`` left uncast, and their dtypes."""
     if torch.device(device) != torch.device("cpu"):
         msg = f"pass either device={str(device)!r} or device_map=, not both"
         raise ModelBuildError(msg)
@@ -805,8 +830,8 @@ def place(
     except ImportError:
         msg = "device_map needs accelerate (pip install 'quantize-model[transformers]' or accelerate)"
         raise ModelBuildError(msg) from None
-    plan = plan_device_map(model, device_map, max_memory)
-    dispatch(model, plan, offload_folder=offload_folder, shard_paths=shard_files(folder)[0])
+    plan = plan_device_map(model, device_map, max_memory, casts=casts)
+    dispatch(model, plan, offload_folder=offload_folder, shard_paths=shard_files(folder)[0], casts=casts)
 
 
 def linear4bit_modules(model: nn.Module) -> dict[str, QuantLinear4bit]:

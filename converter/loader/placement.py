@@ -23,11 +23,8 @@ are never overwritten; the folder is removed when the model is freed).
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import shutil
-import sys
 import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -49,7 +46,7 @@ from accelerate.utils import (
 from torch import nn
 
 from converter.loader.devices import STRATEGIES, PlacementError, device_of, gpu_index
-from converter.loader.file_mappings import file_mappings, inside
+from converter.loader.file_mappings import drop_pages, file_mappings, inside, page_ranges
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
@@ -61,11 +58,15 @@ DeviceMap = dict[str, Device]
 
 
 # -- planning ---------------------------------------------------------------------------------------------
-def size_proxy(model: nn.Module) -> nn.Module:
+def size_proxy(model: nn.Module, casts: Mapping[torch.Tensor, torch.dtype] | None = None) -> nn.Module:
     """A meta-device mirror of ``model`` that accelerate can size: same module names and class names
     (``no_split_module_classes`` match by name), each tensor a ``uint8`` meta tensor of its real bytes,
-    tied tensors one object (accelerate's ``find_tied_parameters`` keeps them on one device)."""
-    sizes = {id(t): size for _, t, size in module_tensors(model)}
+    tied tensors one object (accelerate's ``find_tied_parameters`` keeps them on one device).
+    ``casts``: parameters still to be cast at dispatch, sized in their dtype."""
+    casts = casts or {}
+    sizes = {
+        id(t): t.numel() * casts[t].itemsize if t in casts else size for _, t, size in module_tensors(model)
+    }
     classes: dict[str, type] = {}
     proxies: dict[int, torch.Tensor] = {}
 
@@ -119,10 +120,12 @@ def plan_device_map(
     model: nn.Module,
     device_map: str | int | torch.device | Mapping[str, Device],
     max_memory: Mapping[Any, int | str] | None = None,
+    *,
+    casts: Mapping[torch.Tensor, torch.dtype] | None = None,
 ) -> DeviceMap:
     """The module -> device map for ``device_map`` ("auto", "balanced", "balanced_low_0",
     "sequential", a dict, or one device: a GPU index too), sized by the real bytes of every tensor of
-    ``model``."""
+    ``model`` (those in ``casts`` in the dtype :func:`dispatch` will cast them to)."""
     if isinstance(device_map, Mapping):
         if max_memory is not None:
             msg = "max_memory applies to device_map='auto'/'balanced'/'sequential', not to an explicit dict"
@@ -142,7 +145,7 @@ def plan_device_map(
             raise PlacementError(msg) from None
         return {"": str(device)}
     memory = normalize_max_memory(max_memory)
-    proxy = size_proxy(model)
+    proxy = size_proxy(model, casts)
     no_split = _no_split(model)
     try:
         if device_map == "sequential":
@@ -252,16 +255,21 @@ def dispatch(
     offload_folder: str | os.PathLike | None = None,
     shard_paths: Iterable[Path] = (),
     execution_device: Callable[[Device], torch.device] = accelerator_device,
+    casts: Mapping[torch.Tensor, torch.dtype] | None = None,
 ) -> None:
     """Place ``model``'s modules per ``device_map`` and attach accelerate's hooks.
 
     ``shard_paths`` are the files the weights are mapped from (disk modules release their pages).
     ``execution_device`` turns a map value into the torch device it runs on; tests give a CPU
     stand-in for GPU indices so the several-device path runs on a machine without GPUs.
+    ``casts``: parameters (shard views) to cast to their dtype here, one at a time, each on its device;
+    a disk one is cast, written to ``offload_folder`` and mapped back before the next is cast.
     """
     device_map = dict(device_map)
+    casts = casts or {}
     check_map(model, device_map)
     run_on = {name: execution_device(dev) for name, dev in device_map.items()}
+    _cast_resident(model, device_map, run_on, casts, file_mappings(shard_paths) if casts else [])
     for name, device in run_on.items():
         if device.type == "cpu":
             continue  # already there: the shards are mapped in host memory
@@ -272,7 +280,7 @@ def dispatch(
 
     disk = [name for name, dev in device_map.items() if dev == "disk"]
     paths = [Path(p) for p in shard_paths]
-    written = _offload_unmapped(model, device_map, paths, offload_folder) if disk else None
+    written = _offload_unmapped(model, device_map, paths, offload_folder, casts) if disk else None
     if written is not None:
         paths.append(written)
     mappings = file_mappings(paths) if disk else []
@@ -291,7 +299,7 @@ def dispatch(
         targets = _release_points(model.get_submodule(name), name, set(_no_split(model))) if is_module else []
         for module_name, module in targets or [(name, None)]:
             tensors = _tensors_under(model, module_name)
-            hook = ReleaseMappedPages(_page_ranges(tensors, mappings), tensors)
+            hook = ReleaseMappedPages(page_ranges(tensors, mappings), tensors)
             hook.release()  # pages touched while loading; each forward re-reads what it needs
             if module is not None and hook.ranges:
                 add_hook_to_module(module, hook, append=True)
@@ -402,37 +410,68 @@ def _remove_offload_folder(folder: Path, lock: int) -> None:
     os.close(lock)  # the lock goes once the folder is gone
 
 
+def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id of each parameter -> every (module, attribute) holding it (a tied parameter: several)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((module, attr))
+    return holders
+
+
+def _cast_resident(
+    model: nn.Module,
+    device_map: Mapping[str, Device],
+    run_on: Mapping[str, torch.device],
+    casts: Mapping[torch.Tensor, torch.dtype],
+    mappings: list[tuple[int, int]],
+) -> None:
+    """The parameters of ``casts`` that ``device_map`` keeps off the disk, cast one by one straight on
+    the device they run on (a GPU one never has a cast copy in RAM), each one's shard pages (in
+    ``mappings``) dropped after its cast; disk ones are left to :func:`_offload_unmapped`."""
+    if not casts:
+        return
+    holders = _holders(model)
+    for name, t, _ in list(module_tensors(model)):
+        if t not in casts or device_of(name, device_map) == "disk":
+            continue
+        param = nn.Parameter(t.detach().to(device_of(name, run_on), casts[t]), requires_grad=False)
+        drop_pages(page_ranges([t], mappings))  # the shard's bytes: read once, for the cast
+        for holder, holder_attr in holders[id(t)]:  # tied weights stay one tensor
+            holder._parameters[holder_attr] = param
+
+
 def _offload_unmapped(
     model: nn.Module,
     device_map: Mapping[str, Device],
     shard_paths: list[Path],
     offload_folder: str | os.PathLike | None,
+    casts: Mapping[torch.Tensor, torch.dtype] | None = None,
 ) -> Path | None:
     """Parameters of disk modules that are not shard views (cast at load, or MoE experts stacked at
-    load: a 4-bit experts module's ``packed`` / ``absmax`` buffers too, its weights) go to a new folder
-    inside ``offload_folder`` through accelerate's ``offload_weight`` and are mapped back from there;
-    that folder, or None when nothing was written. One folder per load: a second model loaded with the
+    load: a 4-bit experts module's ``packed`` / ``absmax`` buffers too, its weights), and those of
+    ``casts`` (shard views still to be cast, cast here one at a time), go to a new folder inside
+    ``offload_folder`` through accelerate's ``offload_weight`` and are mapped back from there; that
+    folder, or None when nothing was written. One folder per load: a second model loaded with the
     same ``offload_folder`` has parameters of the same names, and rewriting a file the first model maps
     would change its weights under it."""
+    casts = casts or {}
     mappings = file_mappings(shard_paths)
-    holders: dict[int, list[tuple[nn.Module, str]]] = {}  # a tied parameter: every module holding it
-    for module in model.modules():
-        for attr, p in module._parameters.items():
-            if p is not None:
-                holders.setdefault(id(p), []).append((module, attr))
+    holders = _holders(model)  # a tied parameter: every module holding it
     folder: Path | None = None
     for name, t, _ in list(module_tensors(model)):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         stacked = isinstance(module, QuantExperts4bit) and attr in ("packed", "absmax")
         weight = attr in module._parameters or stacked
-        if not weight or device_of(name, device_map) != "disk" or inside(t, mappings):
+        if not weight or device_of(name, device_map) != "disk" or (inside(t, mappings) and t not in casts):
             continue  # buffers stay in RAM (accelerate's offload_buffers=False); shard views stay views
         if offload_folder is None:
             why = (
                 "the experts of a layer are stacked at load"
                 if stacked or _is_fused_experts(module)
-                else f"it was cast to {t.dtype} at load; or load with the shards' dtype"
+                else f"it was cast to {casts.get(t, t.dtype)} at load; or load with the shards' dtype"
             )
             msg = (
                 f"device_map sends {name!r} to disk but it is not a view of the shards ({why}); "
@@ -443,11 +482,15 @@ def _offload_unmapped(
             # absolute: the finalizer runs after any chdir of the process (mkdtemp keeps a relative base)
             folder, lock = _own_offload_folder(Path(offload_folder).absolute())
             weakref.finalize(model, _remove_offload_folder, folder, lock)
-        info = offload_weight(t.detach(), name, str(folder), index={})[name]
+        data = t.detach().to(casts[t]) if t in casts else t.detach()  # one cast copy alive at a time
+        info = offload_weight(data, name, str(folder), index={})[name]
         stored = np.memmap(
             folder / f"{name}.dat", dtype=_NUMPY_DTYPES.get(info["dtype"], info["dtype"]), mode="c"
         )
-        mapped = torch.from_numpy(stored).view(t.dtype).reshape(t.shape)
+        mapped = torch.from_numpy(stored).view(data.dtype).reshape(t.shape)
+        del data
+        if t in casts:
+            drop_pages(page_ranges([t], mappings))  # the shard's bytes: read once, for the cast
         if stacked:
             module._buffers[attr] = mapped
             continue
@@ -462,33 +505,6 @@ _NUMPY_DTYPES = {"bfloat16": "int16"}
 
 
 # -- releasing the mapped pages of disk modules ----------------------------------------------------------
-def _page_ranges(tensors: Iterable[torch.Tensor], mappings: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The whole pages covered by the file-mapped tensors among ``tensors``, merged."""
-    page = mmap.PAGESIZE
-    spans = sorted(
-        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
-        for t in tensors
-        if t.numel() and inside(t, mappings)
-    )
-    merged: list[list[int]] = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    out = []
-    for a, b in merged:
-        start, end = -(-a // page) * page, b // page * page  # rounded inward: only pages of these tensors
-        if end > start:
-            out.append((start, end))
-    return out
-
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-if _libc is not None:
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
 class ReleaseMappedPages(ModelHook):
     """After each forward of a disk module, drop its mapped shard pages from the process (``MADV_DONTNEED``
     on a private, never-written file mapping: the next access reads them from the page cache or file).
@@ -502,10 +518,7 @@ class ReleaseMappedPages(ModelHook):
         self.tensors = [t.detach() for t in tensors]  # the storages: `.to()` swaps a parameter's data
 
     def release(self) -> None:
-        if _libc is None:
-            return
-        for start, end in self.ranges:
-            _libc.madvise(start, end - start, mmap.MADV_DONTNEED)
+        drop_pages(self.ranges)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         self.release()

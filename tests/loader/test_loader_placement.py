@@ -19,14 +19,13 @@ import torch
 from click.testing import CliRunner
 from loader_helpers import save_tiny_llama
 
-from converter.loader.file_mappings import file_mappings, mapped_from
+from converter.loader.file_mappings import file_mappings, mapped_from, page_ranges
 from converter.loader.footprint import memory_by_device, module_tensors
 from converter.loader.model import ModelBuildError, load_quantized
 from converter.loader.module import QuantLinear4bit
 from converter.loader.placement import (
     PlacementError,
     ReleaseMappedPages,
-    _page_ranges,
     _tensors_under,
     accelerator_device,
     bytes_per_device,
@@ -522,7 +521,7 @@ def _resident_pages(model: torch.nn.Module, name: str, folder: Path) -> int:
     bit 63)."""
     import struct
 
-    ranges = _page_ranges(_tensors_under(model, name), file_mappings(shard_files(folder)[0]))
+    ranges = page_ranges(_tensors_under(model, name), file_mappings(shard_files(folder)[0]))
     count = 0
     with open("/proc/self/pagemap", "rb") as f:
         for a, b in ranges:
