@@ -489,9 +489,41 @@ if _libc is not None:
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
+def _unwritten_runs(start: int, end: int) -> list[tuple[int, int]]:
+    """The runs of pages in ``[start, end)`` (page-aligned, a private file mapping) that this process
+    never wrote, from /proc/self/pagemap: a page written in place (``weight.data += delta``, PEFT's merge
+    of a 16-bit layer) became the process's private copy, which ``MADV_DONTNEED`` would discard, the
+    file's bytes read back in its place. Written: present and not a file page (bit 61), or swapped out
+    (bit 62). Where pagemap cannot be read, the whole range."""
+    page = mmap.PAGESIZE
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            raw = os.pread(fd, (end - start) // page * 8, start // page * 8)
+        finally:
+            os.close(fd)
+    except OSError:
+        return [(start, end)]
+    entries = np.frombuffer(raw, dtype=np.uint64)
+    if len(entries) * page != end - start:  # a short read: nothing is dropped that may have been written
+        return []
+    present, swapped, file_page = (
+        ((entries >> np.uint64(bit)) & np.uint64(1)).astype(bool) for bit in (63, 62, 61)
+    )
+    written = (present & ~file_page) | swapped
+    if not written.any():
+        return [(start, end)]
+    edges = np.flatnonzero(np.diff(np.concatenate(([True], written, [True])).astype(np.int8)))
+    return [
+        (start + int(a) * page, start + int(b) * page) for a, b in zip(edges[::2], edges[1::2], strict=True)
+    ]
+
+
 class ReleaseMappedPages(ModelHook):
     """After each forward of a disk module, drop its mapped shard pages from the process (``MADV_DONTNEED``
-    on a private, never-written file mapping: the next access reads them from the page cache or file).
+    on a private file mapping: the next access reads them from the page cache or file). Pages written in
+    place since the load (a LoRA merged into a 16-bit disk layer) are the only copy of what was written:
+    they are kept, in RAM (:func:`_unwritten_runs`).
 
     It holds ``tensors``, the mapped tensors ``ranges`` cover, so their mappings live as long as it does:
     once the module's tensors are replaced (``model.to(dtype)``) a shard may otherwise be unmapped and
@@ -504,8 +536,9 @@ class ReleaseMappedPages(ModelHook):
     def release(self) -> None:
         if _libc is None:
             return
-        for start, end in self.ranges:
-            _libc.madvise(start, end - start, mmap.MADV_DONTNEED)
+        for range_start, range_end in self.ranges:
+            for start, end in _unwritten_runs(range_start, range_end):
+                _libc.madvise(start, end - start, mmap.MADV_DONTNEED)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         self.release()
