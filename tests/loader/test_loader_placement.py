@@ -697,3 +697,26 @@ def test_only_pages_never_written_are_dropped(tmp_path: Path) -> None:
     assert torch.equal(view, torch.frombuffer(want, dtype=torch.uint8))
     del view
     mapped.close()
+
+
+def test_a_cast_of_a_submodule_moves_its_disk_entries_to_the_cpu_in_the_map(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """`model.lm_head.half()` / `model.model.half()` (a submodule, not the model) copies the cast disk
+    weights into RAM as `model.half()` does, but only a cast of the model itself updated `hf_device_map`:
+    it kept saying "disk" for entries read from the files no more (and their page-dropping hooks kept the
+    old views). Now the same entries say "cpu" as after `model.half()`; entries whose 4-bit weights are
+    still read from the shards stay "disk"."""
+    device_map = {**CPU_DISK, "model.norm": "disk"}
+    model = load_quantized(our_folder, device_map=device_map, offload_folder=tmp_path / "off")
+    model.lm_head.half()
+    assert model.hf_device_map == {**device_map, "lm_head": "cpu"}
+    assert all(
+        not h.ranges and not h.tensors for h in _hooks(model.lm_head) if isinstance(h, ReleaseMappedPages)
+    )
+    model.model.half()  # model.norm (a disk entry below it) cast; model.layers.1 keeps its 4-bit weights
+    assert model.hf_device_map == {**device_map, "lm_head": "cpu", "model.norm": "cpu"}
+    whole = load_quantized(our_folder, device_map=device_map, offload_folder=tmp_path / "off").half()
+    assert whole.hf_device_map == model.hf_device_map
+    assert memory_by_device(whole) == memory_by_device(model)
+    assert torch.equal(_logits(model), _logits(whole))
