@@ -39,6 +39,11 @@ from converter.units import human_bytes, human_count
     show_default=True,
     help="dtype of the non-quantized tensors once loaded (with --memory).",
 )
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Run the repository code its config.json names (auto_map) to build the model (with --memory).",
+)
 @click.pass_obj
 def inspect(
     app: App,
@@ -49,6 +54,7 @@ def inspect(
     device_map: str,
     max_memory: tuple[str, ...],
     dtype: str,
+    trust_remote_code: bool,
 ) -> None:
     """Summarise PATH (a converted folder, one .safetensors shard, or a Hub repo id read by HTTP range
     requests, nothing downloaded): tensors, quant types, sizes."""
@@ -59,7 +65,8 @@ def inspect(
     app.configure(json=as_json)
     path = Path(spec)  # spec as typed: click's Path type turns "./name" into "name", a repo id
     ctx = click.get_current_context()
-    given = [f"--{name.replace('_', '-')}" for name in ("device_map", "max_memory", "dtype")
+    options = ("device_map", "max_memory", "dtype", "trust_remote_code")
+    given = [f"--{name.replace('_', '-')}" for name in options
              if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]  # fmt: skip
     if given and not memory:  # they shape only the memory estimate; ignored, they would look applied
         verb = "applies" if len(given) == 1 else "apply"
@@ -71,7 +78,9 @@ def inspect(
     if memory:
         from converter.cli.inspect_memory import show_memory
 
-        show_memory(app, path, device_map, max_memory, dtype, revision=revision)
+        show_memory(
+            app, path, device_map, max_memory, dtype, revision=revision, trust_remote_code=trust_remote_code
+        )
         return
     if hub:
         r = inspect_hub(spec, revision=revision)

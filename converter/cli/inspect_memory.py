@@ -51,14 +51,29 @@ def show_memory(
     dtype: str,
     *,
     revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> None:
     """Print the plan and the bytes per device (a table, or JSON with --json); a Hub repo id is
-    fetched at ``revision``."""
+    fetched at ``revision``; ``trust_remote_code``: the repository code its config names may run."""
     from converter.loader.estimate import estimate
 
-    plan, per_device = estimate(
-        path, parse_device_map(device_map), parse_max_memory(max_memory), dtype, revision=revision
-    )
+    try:
+        plan, per_device = estimate(
+            path,
+            parse_device_map(device_map),
+            parse_max_memory(max_memory),
+            dtype,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as exc:  # transformers' refusal, which names its Python argument only
+        if trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
+        app.abort(
+            f"{path}: its config.json names repository code (auto_map), which the estimate runs to build "
+            "the model; pass --trust-remote-code if you trust that code",
+            2,
+        )
     if app.json:
         app.print_json(
             {"device_map": plan, "bytes_per_device": per_device, "total": sum(per_device.values())}

@@ -293,8 +293,8 @@ def _unkey(weight: torch.Tensor, key: int, out_features: int) -> tuple:
         msg = (
             f"gemv_4bit_keyed: key {key} was registered for another weight: the layer's weight no longer "
             "holds the codes its kernel arguments were prepared from (its data replaced in place, e.g. "
-            "`weight.data = ...`, which the layer does not see); give it the new weight with "
-            "load_state_dict instead"
+            "`weight.data = ...`, which an eager call prepares again but a compiled graph does not see); "
+            "give it the new weight with load_state_dict instead"
         )
         raise ValueError(msg)
     return (a.packed, a.absmax, a.codes, a.nested_absmax, a.nested_map, a.offset, a.quant_map, out_features,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ def graphed_greedy(
     """
     from transformers.generation.utils import GenerationMixin
 
+    if streamer is None:
+        streamer = _generate_streamer(model, sys._getframe(1))
     if not isinstance(steps_per_graph, int) or steps_per_graph < 1:
         msg = f"steps_per_graph must be a positive int, got {steps_per_graph!r}"
         raise ValueError(msg)
@@ -143,6 +146,21 @@ def graphed_greedy(
     finally:
         with _in_use_lock:
             _in_use.discard(id(model_kwargs.get("cache")))
+
+
+def _generate_streamer(model: Any, caller: Any) -> Any:
+    """The ``streamer=`` of the ``model.generate()`` call running this loop (``caller`` is the calling
+    frame), or None. transformers (5.x) hands a ``custom_generate`` callable only the arguments that
+    ``_sample`` does not take, so the streamer, which generate() already gave the prompt, never reached
+    the loop: it got no tokens and no ``end()``, and a ``TextIteratorStreamer``'s reader waited forever."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    generate = inspect.unwrap(GenerationMixin.generate)  # under its decorators (no_grad, deprecate_kwarg)
+    if caller.f_code is not generate.__code__ or caller.f_locals.get("self") is not model:
+        return None
+    return caller.f_locals.get("streamer")
 
 
 # -- what the device loop reproduces exactly -----------------------------------------------------------

@@ -10,9 +10,10 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["drop_pages", "file_mappings", "inside", "mapped_from", "page_ranges"]
+__all__ = ["drop_pages", "file_mappings", "inside", "mapped_from", "page_ranges", "unwritten_runs"]
 
 
 def file_mappings(paths: Iterable[Path]) -> list[tuple[int, int]]:
@@ -83,3 +84,33 @@ def drop_pages(ranges: Iterable[tuple[int, int]]) -> None:
         return
     for start, end in ranges:
         _libc.madvise(start, end - start, mmap.MADV_DONTNEED)
+
+
+def unwritten_runs(start: int, end: int) -> list[tuple[int, int]]:
+    """The runs of pages in ``[start, end)`` (page-aligned, a private file mapping) that this process
+    never wrote, from /proc/self/pagemap: a page written in place (``weight.data += delta``, PEFT's merge
+    of a 16-bit layer) became the process's private copy, which ``MADV_DONTNEED`` would discard, the
+    file's bytes read back in its place. Written: present and not a file page (bit 61), or swapped out
+    (bit 62). Where pagemap cannot be read, the whole range."""
+    page = mmap.PAGESIZE
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            raw = os.pread(fd, (end - start) // page * 8, start // page * 8)
+        finally:
+            os.close(fd)
+    except OSError:
+        return [(start, end)]
+    entries = np.frombuffer(raw, dtype=np.uint64)
+    if len(entries) * page != end - start:  # a short read: nothing is dropped that may have been written
+        return []
+    present, swapped, file_page = (
+        ((entries >> np.uint64(bit)) & np.uint64(1)).astype(bool) for bit in (63, 62, 61)
+    )
+    written = (present & ~file_page) | swapped
+    if not written.any():
+        return [(start, end)]
+    edges = np.flatnonzero(np.diff(np.concatenate(([True], written, [True])).astype(np.int8)))
+    return [
+        (start + int(a) * page, start + int(b) * page) for a, b in zip(edges[::2], edges[1::2], strict=True)
+    ]

@@ -25,6 +25,7 @@ to the new device and never cast them (bitsandbytes#1527, #1664, #2078 are this 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +49,10 @@ _BnbParams4bit: type | None = None
 _BnbQuantState: type | None = None
 
 _DTYPES = {v: k for k, v in KERNEL_DTYPE_NAMES.items()}
+
+#: A tensor's ``data_ptr()`` without the ``__torch_function__`` of bitsandbytes' ``Params4bit`` (1.3 µs a
+#: call there against 0.1 µs, per eager forward); the public method on a torch without this binding.
+_data_address: Callable[[torch.Tensor], int] = getattr(torch._C, "_data_address", torch.Tensor.data_ptr)
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
@@ -293,6 +298,11 @@ class QuantLinear4bit(nn.Module):
     #: Kernel arguments prepared from ``weight`` (``ops.prepare``) and the weight they were made for.
     _kernel_args: ops.KernelArgs | None = None
     _prepared_for: torch.Tensor | None = None
+    #: The address of the codes they were prepared from: ``weight.data = codes`` keeps the weight object
+    #: but not this address, and the next eager call prepares again (a compiled graph's keyed op refuses).
+    _prepared_ptr: int = -1
+    #: Those codes, held so that their address is never reused by new codes while it is compared.
+    _prepared_data: torch.Tensor | None = None
     #: The eager CPU decode launch of the prepared weight (loader/cpu_gemv.py); None off the CPU.
     _cpu_gemv: CpuGemv | None = None
     #: The group of layers reading the same input that share one GEMV launch (loader/siblings.py).
@@ -395,7 +405,7 @@ class QuantLinear4bit(nn.Module):
             prepared.release(old.key)
         if weight.device.type == "meta":
             self._kernel_args = self._cpu_gemv = None
-            self.__dict__["_prepared_for"] = None
+            self.__dict__["_prepared_for"] = self.__dict__["_prepared_data"] = None
             return None
         args = ops.prepare(weight, weight.quant_state)
         # registered: a compiled step reads the small tensors by key (converter/kernels/prepared.py)
@@ -404,6 +414,8 @@ class QuantLinear4bit(nn.Module):
         # Not through nn.Module.__setattr__ (it would register a Params4bit as a parameter); a weight
         # swapped in by assignment later (PEFT's merge) is seen as new and takes the general path.
         self.__dict__["_prepared_for"] = weight
+        self.__dict__["_prepared_data"] = weight.detach()
+        self.__dict__["_prepared_ptr"] = _data_address(weight)
         if weight.is_cuda:  # CUDA graphs may keep these addresses: no per-replay copy of the weight
             # (the weight is the keyed op's graph input: dynamo marks module buffers static too; the
             # keyed op refuses a copy of it, whose address is not the registered one)
@@ -445,10 +457,13 @@ class QuantLinear4bit(nn.Module):
             fast is not None
             and x.dtype == self.compute_dtype
             and self.use_gemv
-            and self._prepared_for is self.weight
+            and not torch.compiler.is_compiling()
+            # self.weight unless a weight was assigned as a parameter (not the prepared one then), at a
+            # tenth of nn.Module.__getattr__'s cost, and still holding the codes it was prepared from
+            and (prepared_weight := self._buffers.get("weight")) is self._prepared_for
+            and _data_address(prepared_weight) == self._prepared_ptr
             and self.bias is None
             and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.compiler.is_compiling()
         ):
             y = fast(x)
             if y is not None:
@@ -456,21 +471,34 @@ class QuantLinear4bit(nn.Module):
         inp_dtype = x.dtype
         compute = self.compute_dtype or inp_dtype
         bias = self.bias
+        weight = self.weight
         args = self._kernel_args
+        if args is not None and self._stale(weight):  # weight.data = codes: prepared from the new ones
+            args = self._prepare()
         if (
             args is None
-            or self._prepared_for is not self.weight
+            or self._prepared_for is not weight
             or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
         ):  # training, or a weight replaced behind our back: the general path
             bias = bias.to(compute) if bias is not None else None
-            return linear_4bit(x.to(compute), self.weight, bias, allow_gemv=self.use_gemv).to(inp_dtype)
+            return linear_4bit(x.to(compute), weight, bias, allow_gemv=self.use_gemv).to(inp_dtype)
         # Inference on the prepared weight: only casts that are needed, then one launch.
         if inp_dtype != compute:
             x = x.to(compute)
         if bias is not None and bias.dtype != compute:
             bias = bias.to(compute)
-        y = ops.linear(x, args, bias, self.use_gemv, self.weight)
+        y = ops.linear(x, args, bias, self.use_gemv, weight)
         return y if y.dtype == inp_dtype else y.to(inp_dtype)
+
+    def _stale(self, weight: torch.Tensor) -> bool:
+        """Whether the prepared weight's codes were replaced under it (``weight.data = codes``) since it
+        was prepared. Eager calls only: a compiled graph reads the prepared codes by key, and its keyed op
+        refuses other codes (converter/kernels/custom_ops.py)."""
+        return (
+            self._prepared_for is weight
+            and not torch.compiler.is_compiling()
+            and _data_address(weight) != self._prepared_ptr
+        )
 
     # -- device moves --------------------------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):

@@ -46,7 +46,7 @@ from accelerate.utils import (
 from torch import nn
 
 from converter.loader.devices import STRATEGIES, PlacementError, device_of, gpu_index
-from converter.loader.file_mappings import drop_pages, file_mappings, inside, page_ranges
+from converter.loader.file_mappings import drop_pages, file_mappings, inside, page_ranges, unwritten_runs
 from converter.loader.footprint import module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
@@ -307,53 +307,71 @@ def dispatch(
     if disk:
         model._qm_disk_files = tuple(paths)  # what "disk" reads: memory_by_device, casts_leave_disk
         model._apply = types.MethodType(_apply, model)
+        for name in disk:  # a cast of the entry or of a module above it (model.lm_head.half()) runs these
+            if name and _is_module(model, name):
+                entry = model.get_submodule(name)
+                entry.__dict__["_qm_disk_entry"] = (name, device_map, model._qm_disk_files)
+                entry._apply = types.MethodType(_apply, entry)
 
 
 def _apply(self: nn.Module, fn: Callable, recurse: bool = True) -> nn.Module:
-    """``model._apply`` of a model with disk modules (``to(dtype)``, ``half()``, ``float()``, ``to(device)``
-    all run it): the class's own, then :func:`casts_leave_disk`. Named as the method it shadows, so a
-    pickled bound method resolves on the unpickled model."""
+    """``_apply`` of a model with disk modules and of each module its map sends to disk (``to(dtype)``,
+    ``half()``, ``float()``, ``to(device)`` all run it, also on a submodule): the class's own, then
+    :func:`casts_leave_disk`. Named as the method it shadows, so a pickled bound method resolves on the
+    unpickled model."""
     out = type(self)._apply(self, fn, recurse)
     casts_leave_disk(self)
     return out
 
 
 def casts_leave_disk(model: nn.Module) -> None:
-    """``hf_device_map`` after ``model.to(dtype)`` / ``.half()``: a disk entry none of whose tensors is a
-    view of the shards (or of the offload folder) any more, its weights all cast into copies, says where
-    the copies are (``"cpu"``, or the GPU index), and its page-dropping hooks let go of the old views. An
-    entry whose 4-bit weights (never cast) are still read from the files stays ``"disk"``; its cast
-    tensors (norms, biases) count under their device in ``memory_by_device``."""
+    """``hf_device_map`` after ``model.to(dtype)`` / ``.half()`` (``model`` the loaded model, or a module
+    its map sends to disk: ``model.lm_head.half()``): a disk entry none of whose tensors is a view of the
+    shards (or of the offload folder) any more, its weights all cast into copies, says where the copies are
+    (``"cpu"``, or the GPU index), and its page-dropping hooks let go of the old views. An entry whose
+    4-bit weights (never cast) are still read from the files stays ``"disk"``; its cast tensors (norms,
+    biases) count under their device in ``memory_by_device``. The map is updated in place: the entries'
+    modules hold it."""
+    entry = model.__dict__.get("_qm_disk_entry")
+    if entry is not None:  # one module of the map, cast by itself or with a module above it
+        name, device_map, files = entry
+        if device_map.get(name) == "disk":
+            _leave_disk(model, "", name, device_map, file_mappings(files))
+        return
     device_map = getattr(model, "hf_device_map", None)
     files = getattr(model, "_qm_disk_files", None)
     if not device_map or files is None or "disk" not in device_map.values():
         return
     mappings = file_mappings(files)
-    new = dict(device_map)
-    for name, device in device_map.items():
-        if device != "disk":
-            continue
-        tensors = [t for t in _tensors_under(model, name) if t.numel()]
-        module = model.get_submodule(name) if _is_module(model, name) else None
-        weights = (
-            module is None
-            or any(True for _ in module.parameters())
-            or any(
-                isinstance(m, QuantLinear4bit | QuantLinear8bit | QuantExperts4bit) for m in module.modules()
-            )
-        )
-        devices = {t.device for t in tensors}
-        if not weights or len(devices) != 1 or any(inside(t, mappings) for t in tensors):
-            continue
-        (where,) = devices
-        new[name] = "cpu" if where.type == "cpu" else where.index if where.index is not None else str(where)
-        for m in module.modules() if module is not None else ():
-            hook = getattr(m, "_hf_hook", None)
-            for h in getattr(hook, "hooks", [hook]):
-                if isinstance(h, ReleaseMappedPages):
-                    h.ranges, h.tensors = [], []  # nothing of it is mapped: the old views may go
-    if new != device_map:
-        model.hf_device_map = new
+    for name, device in list(device_map.items()):
+        if device == "disk":
+            _leave_disk(model, name, name, device_map, mappings)
+
+
+def _leave_disk(
+    root: nn.Module, path: str, name: str, device_map: dict[str, Device], mappings: list[tuple[int, int]]
+) -> None:
+    """:func:`casts_leave_disk` for the disk entry ``name``: the module or tensor at ``path`` under
+    ``root``."""
+    tensors = [t for t in _tensors_under(root, path) if t.numel()]
+    module = root.get_submodule(path) if _is_module(root, path) else None
+    weights = (
+        module is None
+        or any(True for _ in module.parameters())
+        or any(isinstance(m, QuantLinear4bit | QuantLinear8bit | QuantExperts4bit) for m in module.modules())
+    )
+    devices = {t.device for t in tensors}
+    if not weights or len(devices) != 1 or any(inside(t, mappings) for t in tensors):
+        return
+    (where,) = devices
+    device_map[name] = (
+        "cpu" if where.type == "cpu" else where.index if where.index is not None else str(where)
+    )
+    for m in module.modules() if module is not None else ():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):
+            if isinstance(h, ReleaseMappedPages):
+                h.ranges, h.tensors = [], []  # nothing of it is mapped: the old views may go
 
 
 def _release_points(module: nn.Module, name: str, no_split: set[str]) -> list[tuple[str, nn.Module]]:
@@ -507,7 +525,9 @@ _NUMPY_DTYPES = {"bfloat16": "int16"}
 # -- releasing the mapped pages of disk modules ----------------------------------------------------------
 class ReleaseMappedPages(ModelHook):
     """After each forward of a disk module, drop its mapped shard pages from the process (``MADV_DONTNEED``
-    on a private, never-written file mapping: the next access reads them from the page cache or file).
+    on a private file mapping: the next access reads them from the page cache or file). Pages written in
+    place since the load (a LoRA merged into a 16-bit disk layer) are the only copy of what was written:
+    they are kept, in RAM (:func:`~converter.loader.file_mappings.unwritten_runs`).
 
     It holds ``tensors``, the mapped tensors ``ranges`` cover, so their mappings live as long as it does:
     once the module's tensors are replaced (``model.to(dtype)``) a shard may otherwise be unmapped and
@@ -518,7 +538,7 @@ class ReleaseMappedPages(ModelHook):
         self.tensors = [t.detach() for t in tensors]  # the storages: `.to()` swaps a parameter's data
 
     def release(self) -> None:
-        drop_pages(self.ranges)
+        drop_pages(run for start, end in self.ranges for run in unwritten_runs(start, end))
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         self.release()

@@ -117,6 +117,7 @@ class SiblingGroup:
                 a is None
                 or not m.use_gemv
                 or m._prepared_for is not m.weight
+                or m._stale(m.weight)  # its codes replaced in place: its own call prepares them again
                 or x.dtype != m.compute_dtype
                 or (m.bias is not None and (m.bias.dtype != x.dtype or m.bias.requires_grad))
             ):

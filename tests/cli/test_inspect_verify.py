@@ -234,6 +234,38 @@ def test_inspect_memory_options_without_memory_are_refused(qm, converted: Path) 
     assert qm("inspect", converted, "--memory", "--max-memory", "cpu=1GB").exit_code == 0
 
 
+def test_inspect_memory_of_a_folder_with_repository_code_takes_trust_remote_code(
+    qm, converted: Path, tmp_path: Path
+) -> None:
+    """A folder whose config.json names repository code (auto_map): `inspect --memory` had no way to run
+    it (estimate() and load_quantized take trust_remote_code) and failed with exit 1, "unexpected
+    ValueError", naming a Python argument. `--trust-remote-code` estimates it as the folder without that
+    code (the same modules and bytes); without it the refusal names the flag, exit 2; without --memory the
+    flag is a usage error, as the other estimate options."""
+    import shutil
+
+    from tiny_models import add_repository_code
+
+    remote = tmp_path / "remote"
+    shutil.copytree(converted, remote)
+    add_repository_code(remote)
+    r = qm("inspect", remote, "--memory", "--json", "--trust-remote-code")
+    assert r.exit_code == 0, r.stderr
+    want = qm("inspect", converted, "--memory", "--json")
+    assert json.loads(r.stdout) == json.loads(want.stdout)
+    r = qm("inspect", remote, "--memory")
+    assert r.exit_code == 2
+    assert r.stderr.splitlines()[-1] == (
+        f"Error: {remote}: its config.json names repository code (auto_map), which the estimate runs to "
+        "build the model; pass --trust-remote-code if you trust that code"
+    )
+    r = qm("inspect", remote, "--trust-remote-code")
+    assert r.exit_code == 2
+    assert r.stderr.splitlines()[-1].endswith(
+        "--trust-remote-code applies to the memory estimate only: add --memory"
+    )
+
+
 def test_inspect_memory_of_a_local_folder_refuses_a_revision(qm, converted: Path) -> None:
     """`--revision` names a Hub branch: with --memory, as without, a local folder refuses it rather than
     ignoring it (tests/hub/test_hub_inspect.py: a Hub repo's revision is estimated)."""

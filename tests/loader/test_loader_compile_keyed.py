@@ -167,9 +167,9 @@ def test_preparing_again_keeps_one_finalizer_per_layer(our_folder: Path) -> None
 
 
 def test_codes_replaced_in_place_raise_a_clear_error(dynamo, our_folder: Path) -> None:
-    """``weight.data = ...`` swaps the codes under a prepared layer (the eager layer keeps computing with
-    the codes it prepared): the compiled model refuses with an error that says what happened and what
-    to do, rather than reading the registered codes of the old weight."""
+    """``weight.data = ...`` swaps the codes under a prepared layer (an eager call prepares the new codes:
+    test_loader_module.py; a compiled graph reads the registered ones by key): the compiled model refuses
+    with an error that says what happened and what to do, rather than reading the old weight's codes."""
     model = _load(our_folder)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     layers = model.model.layers

@@ -424,3 +424,59 @@ def test_eos_ids_outside_the_vocabulary_are_ignored_as_transformers_ignores_them
     cache = StaticCache(config=config, max_cache_len=64)
     want = model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
     assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, **kw), want)
+
+
+class _RecordingStreamer:
+    """What generate() hands a streamer: the prompt, then the new tokens in order, then one end()."""
+
+    def __init__(self) -> None:
+        self.puts: list[torch.Tensor] = []
+        self.ends = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        assert self.ends == 0, "put after end"
+        self.puts.append(value.reshape(-1).clone())
+
+    def end(self) -> None:
+        self.ends += 1
+
+
+@pytest.mark.parametrize("extra", [{}, {"repetition_penalty": 1.3}], ids=["device-loop", "fallback"])
+def test_streamer_gets_every_token_and_the_end(model, extra: dict) -> None:
+    """``generate(..., custom_generate=graphed_greedy, streamer=s)``: transformers hands the callable only the
+    arguments ``_sample`` does not take, so the streamer got the prompt (from generate()) and then nothing,
+    not even ``end()``. It now gets what plain ``generate(streamer=s)`` gives it, on the device loop and
+    on the documented fallback (a logits processor it does not run) alike."""
+    kw = {"max_new_tokens": 9, "min_new_tokens": 9, "pad_token_id": 0, **extra}
+    want = _RecordingStreamer()
+    ref = model.generate(IDS, streamer=want, **kw)
+    got = _RecordingStreamer()
+    out = model.generate(IDS, custom_generate=graphed_greedy, streamer=got, **kw)
+    assert torch.equal(out, ref)
+    assert got.ends == want.ends == 1
+    assert torch.equal(got.puts[0], IDS[0])  # the prompt, from generate() itself
+    assert torch.equal(torch.cat(got.puts[1:]), out[0, IDS.shape[1] :])
+
+
+def test_iterator_streamer_reader_ends(model) -> None:
+    """A ``TextIteratorStreamer`` read on another thread (the documented way to stream): the reader waited
+    forever for the end of the stream, which never came; it now ends with the generated text."""
+    from transformers import TextIteratorStreamer
+
+    class Digits:  # a tokenizer's decode(): one number per token
+        def decode(self, ids, **_) -> str:
+            return " ".join(str(int(i)) for i in ids)
+
+    streamer = TextIteratorStreamer(Digits(), skip_prompt=True, timeout=60)  # queue.Empty, never a hang
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    result: list[torch.Tensor] = []
+    worker = threading.Thread(
+        target=lambda: result.append(
+            model.generate(IDS, custom_generate=graphed_greedy, streamer=streamer, **kw)
+        )
+    )
+    worker.start()
+    text = "".join(streamer)
+    worker.join(timeout=60)
+    assert result, "generate did not return"
+    assert text.split() == [str(int(t)) for t in result[0][0, IDS.shape[1] :]]

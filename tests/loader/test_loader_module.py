@@ -240,3 +240,42 @@ def test_dtype_from_name_refuses_what_it_cannot_name(bad) -> None:
     assert dtype_from_name("torch.float16") is torch.float16
     assert dtype_from_name("half") is torch.float16  # any torch name of a kernel dtype, as transformers
     assert dtype_from_name("float") is torch.float32
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_codes_replaced_in_place_are_the_ones_the_forward_reads(bias: bool) -> None:
+    """``layer.weight.data = codes`` (same shape and dtype) swaps the codes under the layer's prepared
+    kernel arguments: every path (the lean CPU launch, the prepared launch with a bias or a cast, the
+    dequantize path) computes with the new codes, as a layer built from them does, bit for bit (the same
+    kernel on the same bytes); it computed with the old ones."""
+    layer, _, b = make_layer(48, 128, bias=bias, nested=True, seed=1)
+    other, _, _ = make_layer(48, 128, nested=True, seed=2)
+    codes = other.weight.data.clone()
+    x1 = torch.randn(1, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x3 = torch.randn(3, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    inputs = [x1, x3, x1.half(), torch.randn(12, 128, dtype=torch.bfloat16)]  # 12 tokens: dequantize
+    before = [layer(x) for x in inputs]
+    layer.weight.data = codes
+    fresh = Linear4bit(codes, layer.weight.quant_state, bias=b)
+    for x, old in zip(inputs, before, strict=True):
+        want = fresh(x)
+        assert not torch.equal(want, old)  # the swap changes the output: the comparison can fail
+        assert torch.equal(layer(x), want), (tuple(x.shape), x.dtype)
+
+
+def test_weight_assigned_or_loaded_is_the_one_the_forward_reads() -> None:
+    """The supported ways to give a layer new codes: ``load_state_dict`` and assigning a new 4-bit weight
+    (PEFT's merge does): the forward reads them."""
+    layer, _, _ = make_layer(48, 128, nested=True, seed=1)
+    other, _, _ = make_layer(48, 128, nested=False, seed=2)
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    want = other(x)
+    assert not torch.equal(layer(x), want)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), want)
+    layer, _, _ = make_layer(48, 128, nested=True, seed=1)
+    layer.weight = bnb.nn.Params4bit(
+        other.weight.data, requires_grad=False, quant_state=other.weight.quant_state,
+        blocksize=64, quant_type="nf4", bnb_quantized=True,
+    )  # fmt: skip
+    assert torch.equal(layer(x), want)

@@ -632,3 +632,88 @@ def test_a_cast_after_the_load_moves_disk_entries_to_the_cpu_in_the_map(
     reference = load_quantized(our_folder, dtype=dtype)
     reference = reference.to(torch.float32) if cast == "to_float32" else reference.half()
     assert torch.equal(_logits(model), _logits(reference))
+
+
+def test_a_lora_merged_into_disk_layers_stays_merged(our_folder: Path, tmp_path: Path) -> None:
+    """PEFT's merge of a 16-bit layer (``weight.data += delta``) writes a disk module's shard view in place:
+    its private copies of the pages were dropped after the next forward (``MADV_DONTNEED``), the file's
+    bytes read back, and the merge silently undone from the second forward on (then ``unmerge`` took the
+    delta off the original weight). Pages written in place are now kept; the 4-bit layers' merge replaces
+    their weights, as it did. Every forward equals the same model loaded without disk offload, exactly."""
+    import warnings
+
+    import peft
+
+    def lora(model: torch.nn.Module) -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = peft.LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False)
+        return peft.get_peft_model(model, config)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "merging into a 4-bit layer re-quantizes it"
+        ram = lora(load_quantized(our_folder))
+        disk = lora(load_quantized(our_folder, device_map=CPU_DISK, offload_folder=tmp_path / "off"))
+        before = _logits(disk)
+        for m in (ram, disk):
+            m.merge_adapter()
+        want = _logits(ram)
+        assert not torch.equal(want, before)  # the merge changes the logits: the comparison can fail
+        for _ in range(3):
+            assert torch.equal(_logits(disk), want)
+        for m in (ram, disk):
+            m.unmerge_adapter()
+    assert torch.equal(_logits(disk), _logits(ram))
+
+
+def test_only_pages_never_written_are_dropped(tmp_path: Path) -> None:
+    """The runs of a private file mapping that ReleaseMappedPages drops: pages read only (file pages) and
+    pages never touched, around the pages written in place, which are kept; dropping the runs leaves the
+    written bytes and reads the others back from the file."""
+    import mmap
+
+    from converter.loader.file_mappings import drop_pages, unwritten_runs
+
+    page = mmap.PAGESIZE
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(1, 9)) * page)  # 8 pages of nonzero bytes
+    with path.open("rb") as f:
+        flags, prot = mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE
+        mapped = mmap.mmap(f.fileno(), 8 * page, flags=flags, prot=prot)
+    view = torch.frombuffer(mapped, dtype=torch.uint8)
+    start = view.data_ptr()
+    assert int(view[: 4 * page].sum()) > 0  # pages 0..3 read: file pages
+    want = bytearray(path.read_bytes())
+    view[2 * page : 3 * page] = 0  # page 2 written whole
+    want[2 * page : 3 * page] = bytes(page)
+    view[5 * page + 10] = 0  # one byte of page 5, never read before
+    want[5 * page + 10] = 0
+    runs = unwritten_runs(start, start + 8 * page)
+    pages = [((a - start) // page, (b - start) // page) for a, b in runs]
+    assert pages == [(0, 2), (3, 5), (6, 8)]
+    drop_pages(runs)
+    assert torch.equal(view, torch.frombuffer(want, dtype=torch.uint8))
+    del view
+    mapped.close()
+
+
+def test_a_cast_of_a_submodule_moves_its_disk_entries_to_the_cpu_in_the_map(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """`model.lm_head.half()` / `model.model.half()` (a submodule, not the model) copies the cast disk
+    weights into RAM as `model.half()` does, but only a cast of the model itself updated `hf_device_map`:
+    it kept saying "disk" for entries read from the files no more (and their page-dropping hooks kept the
+    old views). Now the same entries say "cpu" as after `model.half()`; entries whose 4-bit weights are
+    still read from the shards stay "disk"."""
+    device_map = {**CPU_DISK, "model.norm": "disk"}
+    model = load_quantized(our_folder, device_map=device_map, offload_folder=tmp_path / "off")
+    model.lm_head.half()
+    assert model.hf_device_map == {**device_map, "lm_head": "cpu"}
+    assert all(
+        not h.ranges and not h.tensors for h in _hooks(model.lm_head) if isinstance(h, ReleaseMappedPages)
+    )
+    model.model.half()  # model.norm (a disk entry below it) cast; model.layers.1 keeps its 4-bit weights
+    assert model.hf_device_map == {**device_map, "lm_head": "cpu", "model.norm": "cpu"}
+    whole = load_quantized(our_folder, device_map=device_map, offload_folder=tmp_path / "off").half()
+    assert whole.hf_device_map == model.hf_device_map
+    assert memory_by_device(whole) == memory_by_device(model)
+    assert torch.equal(_logits(model), _logits(whole))

@@ -175,3 +175,28 @@ def test_cpu_layers_launch_alone_by_default(our_folder: Path, launches: list[int
     with torch.no_grad():
         _ = model(IDS[:, :1]).logits
     assert launches == []
+
+
+def test_codes_replaced_in_place_leave_the_group_launch(our_folder: Path, launches: list[int]) -> None:
+    """``q_proj.weight.data = codes``: the group's next launch would read the codes its members prepared;
+    the swapped member runs its own call instead (prepared again from the new codes), and later group
+    launches read the new codes. Every output equals a layer built from the new codes: the same
+    kernel on the same bytes."""
+    from converter.loader.module import Linear4bit
+
+    model = _load(our_folder)
+    attn = _attention(model)
+    x = torch.randn(1, 1, attn.q_proj.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        old = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        codes = model.model.layers[1].self_attn.q_proj.weight.data.clone()
+        attn.q_proj.weight.data = codes
+        want = Linear4bit(codes, attn.q_proj.weight.quant_state)(x)
+        assert not torch.equal(want, old[0])
+        for _ in range(2):  # the call after the swap, then the group launch from the new codes
+            got = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            assert torch.equal(got[0], want)
+            assert torch.equal(got[1], old[1])
+            assert torch.equal(got[2], old[2])
+    assert len(launches) >= 2  # the group launches again after the swap
+    assert set(launches) == {3}
