@@ -450,6 +450,7 @@ def _offload_unmapped(
         mapped = torch.from_numpy(stored).view(t.dtype).reshape(t.shape)
         if stacked:
             module._buffers[attr] = mapped
+            module._prepare()  # the keyed op reads the mapped buffers, not the RAM copies
             continue
         param = nn.Parameter(mapped, requires_grad=False)
         for holder, holder_attr in holders[id(t)]:  # tied weights stay one tensor, none left in RAM
