@@ -52,6 +52,7 @@ from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
 from converter.loader.moe_records import (
+    ROLES,
     MoeLoadError,
     expert_state_dict,
     host,
@@ -646,6 +647,44 @@ class QuantExperts4bit(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # One bnb record per expert per projection under the checkpoint's names (save_pretrained).
         destination.update(expert_state_dict(self, prefix))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # The records _save_to_state_dict writes (or a checkpoint's), stacked again as at load.
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state_dict.items():
+            if key.startswith(prefix):
+                name = prefix + ".".join(key[len(prefix) :].split(".", 3)[:3])  # <e>.<proj>.weight
+                groups.setdefault(name, {})[key] = value
+        experts: dict[int, dict[str, tuple[str, Any]]] = {}
+        for e in range(self.num_experts):
+            for role, proj in zip(ROLES, self.proj_names, strict=True):
+                name = f"{prefix}{e}.{proj}.weight"
+                group = groups.pop(name, None)
+                if group is None or name not in group:
+                    missing_keys.append(name)
+                    continue
+                try:
+                    experts.setdefault(e, {})[role] = (name, QuantizedTensor.from_state_dict(name, group))
+                except ValueError as err:
+                    error_msgs.append(str(err))
+        unexpected_keys.extend(key for group in groups.values() for key in group)
+        if len(experts) != self.num_experts or any(len(parts) != len(ROLES) for parts in experts.values()):
+            return
+        device = self.packed.device if not self.packed.is_meta else experts[0]["gate"][1].packed.device
+        try:
+            st = stack_records(
+                experts, "load_state_dict", prefix, self.hidden_dim, self.intermediate_dim, device
+            )
+        except MoeLoadError as err:
+            error_msgs.append(str(err))
+            return
+        self.blocksize, self.quant_type = st.blocksize, st.quant_type.label
+        self.dtype, self.proj_names = dtype_from_name(st.dtype), st.proj_names
+        self._nested = st.nested
+        self._buffers.update(packed=st.packed, absmax=st.absmax, quant_map=st.quant_map)
+        self._prepare()
 
     def expert_weights(self, e: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of expert ``e``, dequantized."""
