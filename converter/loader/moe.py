@@ -674,9 +674,8 @@ class QuantExperts4bit(nn.Module):
             return
         device = self.packed.device if not self.packed.is_meta else experts[0]["gate"][1].packed.device
         try:
-            st = stack_records(
-                experts, "load_state_dict", prefix, self.hidden_dim, self.intermediate_dim, device
-            )
+            where, name = "load_state_dict", prefix.removesuffix(".") or type(self).__name__
+            st = stack_records(experts, where, name, self.hidden_dim, self.intermediate_dim, device)
         except MoeLoadError as err:
             error_msgs.append(str(err))
             return

@@ -162,6 +162,10 @@ def test_load_state_dict_names_missing_and_unexpected_records(folders) -> None:
     assert layer._prepared.key == key  # nothing loaded: the layer is as it was
     with pytest.raises(RuntimeError, match="Missing key"):
         layer.load_state_dict(state)
+    narrower = _experts(_load(folders("qwen3_moe_i32")[0]))[0].state_dict()  # intermediate 32, not 64
+    with pytest.raises(RuntimeError, match=r"'0.gate_proj.weight' has shape \[32, 64\], the model wants"):
+        layer.load_state_dict(narrower)
+    assert layer._prepared.key == key
 
 
 def test_moves_and_assigned_buffers_register_anew(folders) -> None:
