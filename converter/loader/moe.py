@@ -12,8 +12,9 @@ scales are one buffer per layer: ``packed [E, I*H + H*I/2]`` (per expert: gate r
 down) and ``absmax [E, 2*I*H/bs + H*I/bs]`` float32 (nested absmax decoded at load, exactly as the
 kernels decode it), so every expert's weights are zero-copy views. The forward
 (``quantize_model::moe_experts_4bit``, a torch custom op with a fake implementation, so
-``torch.compile`` traces the model with the experts as one node) runs only the experts the router
-picked:
+``torch.compile`` traces the model with the experts as one node; there its keyed twin
+``moe_experts_4bit_keyed``, which reads the absmax and code table the layer registered under a key,
+converter/kernels/prepared.py) runs only the experts the router picked:
 
 - decode (at most 8 tokens on the CPU, whole blocks per row): every (token, slot) pair is a row of one
   grouped 4-bit GEMV per projection (``csrc/gemv_grouped.cpp``, indexed by the routed expert ids),
