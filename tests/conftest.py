@@ -75,6 +75,24 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@pytest.fixture
+def dynamo(monkeypatch: pytest.MonkeyPatch):
+    """dynamo on (whatever TORCHDYNAMO_DISABLE says), fresh caches and counters; yields the counters.
+
+    torch reads the variable twice: into ``torch._dynamo.config.disable`` at import, and again in
+    every ``torch.compile`` call (which then returns the function uncompiled): undo both.
+    """
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    with torch._dynamo.config.patch(disable=False):
+        torch._dynamo.reset()
+        counters.clear()
+        yield counters
+        torch._dynamo.reset()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_selection_cache(tmp_path_factory: pytest.TempPathFactory):
     """The per-user selection cache (converter.plan.selection_table) of the test session lives in a temp

@@ -1,5 +1,7 @@
 """Prepared 4-bit weights by key: what the keyed custom ops (``gemv_4bit_keyed``,
-``gemv_4bit_multi_keyed``) read besides x and the layer's weight.
+``gemv_4bit_multi_keyed``) read besides x and the layer's weight, and what ``moe_experts_4bit_keyed``
+reads besides the routed tokens and an experts layer's codes (its absmax and code table:
+``converter.loader.moe.PreparedExperts``).
 
 Why: before every call of a ``torch.compile``'d step dynamo checks a guard per tensor the graph reads
 from the model, and every 4-bit layer's kernel takes five small tensors besides its codes (absmax or
@@ -15,6 +17,8 @@ written; a layer that prepares again (a new weight, a device move) registers ane
 changes the attribute the graph was traced from, so dynamo recompiles (one recompile per call after
 such changes: dynamo's recompile_limit bounds them, docs/python-api.md); a copied or unpickled layer
 registers its own copy (``QuantLinear4bit.__setstate__``); the entry goes when its layer is collected.
+An experts layer registers its own buffers (no copies, never written) and registers anew whenever one
+is assigned, loaded or moved (``QuantExperts4bit._prepare``).
 Their addresses are fixed while registered, so a CUDA graph that recorded a launch stays valid.
 """
 
@@ -34,8 +38,8 @@ _LOCK = threading.Lock()  # layers are prepared on the loader's threads
 
 
 def register(owner: object, args: Any) -> Any:
-    """``args`` (``ops.KernelArgs``) with a new ``key``, under which they are registered while ``owner``
-    lives or until :func:`release`."""
+    """``args`` (a NamedTuple with a ``key`` field: ``ops.KernelArgs``, ``moe.PreparedExperts``) with a
+    new ``key``, under which they are registered while ``owner`` lives or until :func:`release`."""
     with _LOCK:
         keyed = args._replace(key=next(_KEYS))
         _ARGS[keyed.key] = keyed

@@ -12,8 +12,9 @@ scales are one buffer per layer: ``packed [E, I*H + H*I/2]`` (per expert: gate r
 down) and ``absmax [E, 2*I*H/bs + H*I/bs]`` float32 (nested absmax decoded at load, exactly as the
 kernels decode it), so every expert's weights are zero-copy views. The forward
 (``quantize_model::moe_experts_4bit``, a torch custom op with a fake implementation, so
-``torch.compile`` traces the model with the experts as one node) runs only the experts the router
-picked:
+``torch.compile`` traces the model with the experts as one node; there its keyed twin
+``moe_experts_4bit_keyed``, which reads the absmax and code table the layer registered under a key,
+converter/kernels/prepared.py) runs only the experts the router picked:
 
 - decode (at most 8 tokens on the CPU, whole blocks per row): every (token, slot) pair is a row of one
   grouped 4-bit GEMV per projection (``csrc/gemv_grouped.cpp``, indexed by the routed expert ids),
@@ -40,17 +41,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converter.kernels import prepared
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
 from converter.loader.moe_records import (
+    ROLES,
     MoeLoadError,
     expert_state_dict,
     host,
@@ -353,8 +356,7 @@ _ACT_BACKWARDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] 
 }
 
 
-@torch.library.custom_op("quantize_model::moe_experts_4bit_backward", mutates_args=())
-def moe_experts_4bit_backward(
+def _experts_backward(
     grad_out: torch.Tensor,
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -391,6 +393,24 @@ def moe_experts_4bit_backward(
     return grad_hidden.to(hidden.dtype), grad_weights.to(top_k_weights.dtype)
 
 
+@torch.library.custom_op("quantize_model::moe_experts_4bit_backward", mutates_args=())
+def moe_experts_4bit_backward(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    intermediate: int,
+    blocksize: int,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``moe_experts_4bit`` for its input and routing weights (:func:`_experts_backward`)."""
+    args = (packed, absmax, quant_map, intermediate, blocksize, act)
+    return _experts_backward(grad_out, hidden, top_k_index, top_k_weights, *args)
+
+
 @moe_experts_4bit_backward.register_fake
 def _(grad_out: torch.Tensor, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
       *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -415,6 +435,110 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
 moe_experts_4bit.register_autograd(_backward, setup_context=_setup_context)
 
 
+# -- the keyed ops: a compiled graph's only input from a layer is its codes ----------------------------
+
+
+class PreparedExperts(NamedTuple):
+    """What the keyed ops read besides the layer's codes, registered under ``key`` while the layer lives
+    (converter/kernels/prepared.py: one graph input and one tensor guard per layer in a compiled step,
+    not three). The tensors are the layer's own buffers (no copies)."""
+
+    packed: torch.Tensor  # uint8 [E, bytes]
+    absmax: torch.Tensor  # float32 [E, blocks]
+    quant_map: torch.Tensor  # float32 [16]: the layer's own table
+    key: int = -1
+
+
+def _unkey_experts(packed: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed, absmax, quant_map) of the layer that registered ``key``, whose codes ``packed`` must be."""
+    a = prepared.lookup(key)
+    if a.packed.data_ptr() != packed.data_ptr():
+        msg = (
+            f"moe_experts_4bit_keyed: key {key} was registered for other experts: the layer's `packed` no "
+            "longer holds the codes its absmax was registered with (its buffer replaced behind the layer, "
+            "e.g. `experts._buffers['packed'] = ...` or `packed.data = ...`); assign the new tensors as "
+            "attributes (`experts.packed = ...`, `experts.absmax = ...`) or load them with load_state_dict"
+        )
+        raise ValueError(msg)
+    return a.packed, a.absmax, a.quant_map
+
+
+@torch.library.custom_op("quantize_model::moe_experts_4bit_keyed", mutates_args=())
+def moe_experts_4bit_keyed(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    key: int,
+    intermediate: int,
+    blocksize: int,
+    act: str,
+    use_gemv: bool,
+) -> torch.Tensor:
+    """``moe_experts_4bit`` with the layer's absmax and code table read by ``key``
+    (:class:`PreparedExperts`)."""
+    absmax_args = _unkey_experts(packed, key)
+    return _experts_forward(
+        hidden, top_k_index, top_k_weights, *absmax_args, intermediate, blocksize, _ACTS[act], use_gemv
+    )
+
+
+@moe_experts_4bit_keyed.register_kernel("cuda")
+def _(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, packed: torch.Tensor,
+      key: int, intermediate: int, blocksize: int, act: str, use_gemv: bool) -> torch.Tensor:  # fmt: skip
+    absmax_args = _unkey_experts(packed, key)
+    return _experts_forward_cuda(
+        hidden, top_k_index, top_k_weights, *absmax_args, intermediate, blocksize, _ACTS[act], use_gemv
+    )
+
+
+@moe_experts_4bit_keyed.register_fake
+def _(hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
+    return torch.empty_like(hidden)
+
+
+@torch.library.custom_op("quantize_model::moe_experts_4bit_backward_keyed", mutates_args=())
+def moe_experts_4bit_backward_keyed(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    key: int,
+    intermediate: int,
+    blocksize: int,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_experts_4bit_backward`` with the layer's absmax and code table read by ``key``."""
+    absmax_args = _unkey_experts(packed, key)
+    return _experts_backward(
+        grad_out, hidden, top_k_index, top_k_weights, *absmax_args, intermediate, blocksize, act
+    )
+
+
+@moe_experts_4bit_backward_keyed.register_fake
+def _(grad_out: torch.Tensor, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+      *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return torch.empty_like(hidden), torch.empty_like(top_k_weights)
+
+
+def _setup_context_keyed(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    hidden, top_k_index, top_k_weights, packed, key, intermediate, blocksize, act, _ = inputs
+    ctx.save_for_backward(hidden, top_k_index, top_k_weights, packed)
+    ctx.sizes = (key, intermediate, blocksize, act)
+
+
+def _backward_keyed(ctx: Any, grad_out: torch.Tensor) -> tuple:
+    hidden, top_k_index, top_k_weights, packed = ctx.saved_tensors
+    grad_hidden, grad_weights = moe_experts_4bit_backward_keyed(
+        grad_out, hidden, top_k_index, top_k_weights, packed, *ctx.sizes
+    )
+    return grad_hidden, None, grad_weights, None, None, None, None, None, None
+
+
+moe_experts_4bit_keyed.register_autograd(_backward_keyed, setup_context=_setup_context_keyed)
+
+
 def _needs_autograd(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -423,12 +547,17 @@ def _needs_autograd(*tensors: torch.Tensor) -> bool:
 #: parameters on the meta device): ``model.dequantize()`` puts it back (loader/dequantize_inplace.py).
 SOURCE_MODULE = "_qm_source_module"
 
+#: The buffers of a :class:`QuantExperts4bit` the keyed ops read (registered as :class:`PreparedExperts`).
+_PREPARED_BUFFERS = ("packed", "absmax", "quant_map")
+
 
 class QuantExperts4bit(nn.Module):
     """A layer's routed experts in 4 bit, called like transformers' experts modules."""
 
     #: Use the fused GEMV for experts with 1..8 tokens (tests switch it off to compare paths).
     use_gemv: bool = True
+    #: The buffers registered under a key for the keyed ops (:meth:`_prepare`); None on the meta device.
+    _prepared: PreparedExperts | None = None
 
     def __init__(
         self,
@@ -463,6 +592,33 @@ class QuantExperts4bit(nn.Module):
         # weight, 2.7% of the experts' bf16 bytes).
         self.proj_names = proj_names
         self._nested = {k: host(t) for k, t in nested.items()} if nested is not None else None
+        self._prepare()
+
+    # -- the keyed ops' registration (converter/kernels/prepared.py) ----------------------------------
+    def _prepare(self) -> None:
+        """Register the buffers under a new key (the old one released): a graph compiled with the old
+        key recompiles (the key is a constant of the graph)."""
+        old = self.__dict__.get("_prepared")
+        if old is not None:
+            prepared.release(old.key)
+        buffers = PreparedExperts(*(self._buffers[name] for name in _PREPARED_BUFFERS))
+        absent = any(t is None or t.is_meta for t in buffers[:3])
+        self.__dict__["_prepared"] = None if absent else prepared.register(self, buffers)
+
+    def _prepared_is_current(self) -> bool:
+        p = self.__dict__.get("_prepared")
+        return p is not None and all(p[i] is self._buffers[n] for i, n in enumerate(_PREPARED_BUFFERS))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _PREPARED_BUFFERS and "_prepared" in self.__dict__:  # a new buffer: a new key
+            self._prepare()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_prepared") is not None:  # a copy or unpickled layer: its own key
+            self.__dict__["_prepared"] = None  # (the original's key stays the original's)
+            self._prepare()
 
     def _apply(self, fn, recurse: bool = True):
         # The codes' scales and table are float32 whatever the model's dtype: ``.half()`` / ``.to(dtype)``
@@ -477,6 +633,8 @@ class QuantExperts4bit(nn.Module):
             target = fn(torch.empty(0, device=t.device)).device
             if target != t.device:
                 self._buffers[name] = t.to(target)
+        if "_prepared" in self.__dict__ and not self._prepared_is_current():  # moved: a new key
+            self._prepare()
         return self
 
     def nested_buffers(self) -> dict[str, torch.Tensor] | None:
@@ -491,6 +649,43 @@ class QuantExperts4bit(nn.Module):
         # One bnb record per expert per projection under the checkpoint's names (save_pretrained).
         destination.update(expert_state_dict(self, prefix))
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # The records _save_to_state_dict writes (or a checkpoint's), stacked again as at load.
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state_dict.items():
+            if key.startswith(prefix):
+                name = prefix + ".".join(key[len(prefix) :].split(".", 3)[:3])  # <e>.<proj>.weight
+                groups.setdefault(name, {})[key] = value
+        experts: dict[int, dict[str, tuple[str, Any]]] = {}
+        for e in range(self.num_experts):
+            for role, proj in zip(ROLES, self.proj_names, strict=True):
+                name = f"{prefix}{e}.{proj}.weight"
+                group = groups.pop(name, None)
+                if group is None or name not in group:
+                    missing_keys.append(name)
+                    continue
+                try:
+                    experts.setdefault(e, {})[role] = (name, QuantizedTensor.from_state_dict(name, group))
+                except ValueError as err:
+                    error_msgs.append(str(err))
+        unexpected_keys.extend(key for group in groups.values() for key in group)
+        if len(experts) != self.num_experts or any(len(parts) != len(ROLES) for parts in experts.values()):
+            return
+        device = self.packed.device if not self.packed.is_meta else experts[0]["gate"][1].packed.device
+        try:
+            where, name = "load_state_dict", prefix.removesuffix(".") or type(self).__name__
+            st = stack_records(experts, where, name, self.hidden_dim, self.intermediate_dim, device)
+        except MoeLoadError as err:
+            error_msgs.append(str(err))
+            return
+        self.blocksize, self.quant_type = st.blocksize, st.quant_type.label
+        self.dtype, self.proj_names = dtype_from_name(st.dtype), st.proj_names
+        self._nested = st.nested
+        self._buffers.update(packed=st.packed, absmax=st.absmax, quant_map=st.quant_map)
+        self._prepare()
+
     def expert_weights(self, e: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of expert ``e``, dequantized."""
         return _expert_weights(
@@ -504,6 +699,16 @@ class QuantExperts4bit(nn.Module):
         dtype = hidden_states.dtype
         x = hidden_states if dtype == self.compute_dtype else hidden_states.to(self.compute_dtype)
         w = top_k_weights  # as the router gives them: transformers multiplies in their dtype
+        prep = self._prepared
+        if self.act_name is not None and prep is not None and ops.keyed_tracing():
+            # compiled: the op with the absmax and code table by key (PreparedExperts), so the graph's
+            # only input from the layer is its codes (absmax and quant_map are not read here: a tensor
+            # the traced code touches is guarded)
+            y = moe_experts_4bit_keyed(
+                x, top_k_index, w, self.packed, prep.key, self.intermediate_dim, self.blocksize,
+                self.act_name, self.use_gemv,
+            )  # fmt: skip
+            return y if y.dtype == dtype else y.to(dtype)
         args = (
             x,
             top_k_index,

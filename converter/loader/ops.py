@@ -199,16 +199,18 @@ def _op(args: KernelArgs, name: str) -> Any:
     return args.impls[name]
 
 
+def keyed_tracing() -> bool:
+    """Whether a launch traced now reads registered tensors by key (converter/kernels/prepared.py): while
+    torch.compile traces, but not under ``torch.export``, whose program would keep this process's keys
+    as constants (a saved or later-run program would read no or other layers' tensors): there the
+    tensors are the graph's inputs, as before the keyed ops."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 def _keyed(args_seq: Sequence[KernelArgs]) -> bool:
-    """Whether a traced launch reads these weights' prepared tensors by key (converter/kernels/prepared.py):
-    while torch.compile traces registered weights, but not under ``torch.export``, whose program would
-    keep this process's keys as constants (a saved or later-run program would read no or other
-    layers' tensors): there the tensors are the graph's inputs, as before the keyed ops."""
-    return (
-        torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and all(a.key >= 0 for a in args_seq)
-    )
+    """Whether a traced launch reads these weights' prepared tensors by key: :func:`keyed_tracing` and
+    every weight registered."""
+    return keyed_tracing() and all(a.key >= 0 for a in args_seq)
 
 
 def gemv_prepared(x2d: torch.Tensor, args: KernelArgs, weight: torch.Tensor | None = None) -> torch.Tensor:

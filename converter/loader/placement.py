@@ -511,6 +511,7 @@ def _offload_unmapped(
             drop_pages(page_ranges([t], mappings))  # the shard's bytes: read once, for the cast
         if stacked:
             module._buffers[attr] = mapped
+            module._prepare()  # the keyed op reads the mapped buffers, not the RAM copies
             continue
         param = nn.Parameter(mapped, requires_grad=False)
         for holder, holder_attr in holders[id(t)]:  # tied weights stay one tensor, none left in RAM

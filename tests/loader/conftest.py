@@ -48,24 +48,6 @@ def int8_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-@pytest.fixture
-def dynamo(monkeypatch: pytest.MonkeyPatch):
-    """dynamo on (whatever TORCHDYNAMO_DISABLE says), fresh caches and counters; yields the counters.
-
-    torch reads the variable twice: into ``torch._dynamo.config.disable`` at import, and again in
-    every ``torch.compile`` call (which then returns the function uncompiled): undo both.
-    """
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
-    with torch._dynamo.config.patch(disable=False):
-        torch._dynamo.reset()
-        counters.clear()
-        yield counters
-        torch._dynamo.reset()
-
-
 @pytest.fixture(scope="session")
 def chunked_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``our_folder`` converted with 4 KiB chunk digests (formats/chunks.py), so that every shard has
