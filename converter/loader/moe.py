@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converter.kernels import prepared
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
@@ -469,6 +470,7 @@ class QuantExperts4bit(nn.Module):
         # must not cast them (the kernels require float32; a float16 absmax also loses range). Device
         # moves apply to them as to any buffer.
         kept = {name: self._buffers.pop(name) for name in ("absmax", "quant_map")}
+        packed = self.packed
         try:
             super()._apply(fn, recurse)
         finally:
@@ -477,6 +479,8 @@ class QuantExperts4bit(nn.Module):
             target = fn(torch.empty(0, device=t.device)).device
             if target != t.device:
                 self._buffers[name] = t.to(target)
+        if self.packed is not packed:  # moved: CUDA graphs recorded with the old buffers are recorded again
+            prepared.retire()
         return self
 
     def nested_buffers(self) -> dict[str, torch.Tensor] | None:
