@@ -19,7 +19,12 @@ such changes: dynamo's recompile_limit bounds them, docs/python-api.md); a copie
 registers its own copy (``QuantLinear4bit.__setstate__``); the entry goes when its layer is collected.
 An experts layer registers its own buffers (no copies, never written) and registers anew whenever one
 is assigned, loaded or moved (``QuantExperts4bit._prepare``).
-Their addresses are fixed while registered, so a CUDA graph that recorded a launch stays valid.
+Their addresses are fixed while registered, so a CUDA graph that recorded a launch stays valid while
+they are. Once they are released (the layer prepared again or collected) such a graph would read freed
+memory. A layer that drops them (prepared again, a weight assigned in place of its own) calls
+:func:`retire`, which changes :func:`epoch`, and ``graphed_greedy`` records its graphs again when the
+epoch changed since they were recorded. A collected layer does not: it left its model, and graphs of a
+model whose modules were replaced are the caller's to drop, as for any module.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ _ARGS: dict[int, Any] = {}
 #: layer prepared again and again holds one, not one per preparation).
 _FINALIZERS: dict[int, weakref.finalize] = {}
 _KEYS = itertools.count()
+_epoch = 0  # see epoch()
 _LOCK = threading.Lock()  # layers are prepared on the loader's threads
 
 
@@ -53,6 +59,20 @@ def release(key: int) -> None:
     finalizer = _FINALIZERS.pop(key, None)
     if finalizer is not None:
         finalizer.detach()  # a no-op when it is the finalizer calling
+
+
+def retire() -> None:
+    """Count kernel tensors a live layer dropped (its prepared arguments, registered or not, or its
+    weight): a CUDA graph recorded before may hold their addresses."""
+    global _epoch
+    with _LOCK:
+        _epoch += 1
+
+
+def epoch() -> int:
+    """Changes whenever a live layer dropped kernel tensors (:func:`retire`): graphs recorded at another
+    epoch may read freed memory and must be recorded again."""
+    return _epoch
 
 
 def lookup(key: int) -> Any:

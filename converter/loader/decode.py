@@ -21,7 +21,9 @@ The static cache: the one passed to ``generate`` (``cache=StaticCache(...)``: th
 kept with it and replayed by later calls that pass it again), or, when generate made a dynamic one,
 a static cache this module keeps per model (grown in steps of 256 positions) so repeated calls replay
 the same graphs. With ``return_dict_in_generate=True`` the kept cache is handed back in the output
-(``out.cache``, to continue from) and no longer kept: the next call makes a new one.
+(``out.cache``, to continue from) and no longer kept: the next call makes a new one. A cache's graphs
+are recorded again when layers dropped the tensors they launch with (new weights: a layer prepared
+again; ``converter.kernels.prepared.epoch``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from converter.kernels import prepared
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,7 @@ class _GraphState:
     pool: Any = None  # one memory pool for all graphs of this state
     eos_ids: torch.Tensor | None = None
     warm: bool = False
+    epoch: int = 0  # converter.kernels.prepared.epoch() when made: its graphs hold the kernel tensors of then
 
 
 def graphed_greedy(
@@ -521,10 +526,14 @@ def _cache_batch(cache) -> int | None:
 
 
 def _state(cache, batch: int, k: int, eos_mask: _EosMask | None, compile_step: bool, device) -> _GraphState:
-    """The buffers and graphs for this cache, batch, EOS-mask ids and step kind (recorded once each)."""
+    """The buffers and graphs for this cache, batch, EOS-mask ids and step kind (recorded once each, and
+    again after layers were prepared again: their graphs launch with the freed kernel tensors)."""
     eos_key = tuple(eos_mask.eos_ids.tolist()) if eos_mask else None
     key = (batch, k, eos_key, compile_step)
+    epoch = prepared.epoch()  # read after the prefill, which prepares the layers whose codes were replaced
     states = _graphs.setdefault(cache, {})
+    if any(s.epoch != epoch for s in states.values()):
+        states.clear()  # every graph of this cache may read released tensors
     state = states.get(key)
     if state is None or _stuck_in_inference_mode([state.token, state.position, state.min_total, state.chunk]):
         state = _GraphState(
@@ -533,6 +542,7 @@ def _state(cache, batch: int, k: int, eos_mask: _EosMask | None, compile_step: b
             min_total=torch.zeros((), dtype=torch.long, device=device),
             chunk=torch.zeros(batch, k, dtype=torch.long, device=device),
             eos_ids=eos_mask.eos_ids if eos_mask else None,
+            epoch=epoch,
         )
         states[key] = state
     return state

@@ -400,12 +400,8 @@ class QuantLinear4bit(nn.Module):
     def _prepare(self) -> ops.KernelArgs | None:
         """Compute the kernel arguments of the weight once (forward then only launches)."""
         weight = self.weight
-        old = self.__dict__.get("_kernel_args")
-        if old is not None and old.key >= 0:  # a graph traced with the old key is recompiled (new key)
-            prepared.release(old.key)
+        self._unprepare()
         if weight.device.type == "meta":
-            self._kernel_args = self._cpu_gemv = None
-            self.__dict__["_prepared_for"] = self.__dict__["_prepared_data"] = None
             return None
         args = ops.prepare(weight, weight.quant_state)
         # registered: a compiled step reads the small tensors by key (converter/kernels/prepared.py)
@@ -424,6 +420,25 @@ class QuantLinear4bit(nn.Module):
                 if isinstance(t, torch.Tensor):
                     dynamo_marks.mark_static_address(t)
         return self._kernel_args
+
+    def _unprepare(self) -> None:
+        """Drop the prepared kernel arguments: a graph traced with their key is recompiled (a new key or
+        none), and CUDA graphs recorded with their tensors are recorded again (``prepared.epoch``)."""
+        old = self.__dict__.get("_kernel_args")
+        if old is not None:
+            prepared.retire()
+            if old.key >= 0:
+                prepared.release(old.key)
+        self._kernel_args = self._cpu_gemv = None
+        self.__dict__["_prepared_for"] = self.__dict__["_prepared_data"] = None
+
+    def _assigned(self, weight: torch.Tensor) -> None:
+        """``weight`` was assigned in place of the one the layer last ran with (PEFT's bnb LoRA merge and
+        unmerge assign a new ``Params4bit``): no prepared arguments for it (the general path serves it),
+        and CUDA graphs recorded with the one before are recorded again."""
+        self._unprepare()
+        prepared.retire()
+        self.__dict__["_prepared_for"] = weight  # the one now run with: retired once, not at every call
 
     @property
     def quant_type(self) -> str:
@@ -475,6 +490,9 @@ class QuantLinear4bit(nn.Module):
         args = self._kernel_args
         if args is not None and self._stale(weight):  # weight.data = codes: prepared from the new ones
             args = self._prepare()
+        elif self._prepared_for is not weight and not torch.compiler.is_compiling():
+            self._assigned(weight)  # PEFT's bnb merge or unmerge: the general path serves it
+            args = None
         if (
             args is None
             or self._prepared_for is not weight

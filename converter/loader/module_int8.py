@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converter.kernels import prepared
 from converter.loader import bnb_optional, int8_ops
 from formats.int8 import Int8Tensor, scb_key, weight_format_key
 
@@ -198,6 +199,8 @@ class QuantLinear8bit(nn.Module):
         )
 
     def _set_weight(self, codes: torch.Tensor, scb: torch.Tensor, threshold: float) -> None:
+        if "weight" in self._buffers:  # CUDA graphs recorded with the old codes are recorded again
+            prepared.retire()
         self._parameters.pop("weight", None)
         self.__dict__.pop("weight", None)
         self._buffers["weight"] = make_weight(codes, scb)

@@ -597,9 +597,11 @@ class QuantExperts4bit(nn.Module):
     # -- the keyed ops' registration (converter/kernels/prepared.py) ----------------------------------
     def _prepare(self) -> None:
         """Register the buffers under a new key (the old one released): a graph compiled with the old
-        key recompiles (the key is a constant of the graph)."""
+        key recompiles (the key is a constant of the graph), and CUDA graphs recorded with the old buffers
+        are recorded again (``prepared.epoch``)."""
         old = self.__dict__.get("_prepared")
         if old is not None:
+            prepared.retire()
             prepared.release(old.key)
         buffers = PreparedExperts(*(self._buffers[name] for name in _PREPARED_BUFFERS))
         absent = any(t is None or t.is_meta for t in buffers[:3])

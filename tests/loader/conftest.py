@@ -59,3 +59,14 @@ def chunked_folder(plain_llama: Path, tmp_path_factory: pytest.TempPathFactory) 
         mp.setattr("formats.chunks.CHUNK_BYTES", 4096)
         convert(plain_llama, dst, progress=False, max_shard_size="60KB", compute_dtype="bfloat16")
     return dst
+
+
+@pytest.fixture(scope="session")
+def other_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``our_folder``'s model with other random weights (seed 1), converted the same way (read-only)."""
+    from converter.writer.pipeline import convert
+
+    root = tmp_path_factory.mktemp("loader")
+    dst = root / "other"
+    convert(save_tiny_llama(root / "plain-other", seed=1), dst, progress=False, compute_dtype="bfloat16")
+    return dst

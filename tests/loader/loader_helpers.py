@@ -226,3 +226,41 @@ sys.meta_path.insert(0, _Hide())
 _find_spec = importlib.util.find_spec
 importlib.util.find_spec = lambda n, p=None: None if n.split(".")[0] == {package!r} else _find_spec(n, p)
 """
+
+
+#: Ways to give a loaded model other 4-bit weights after graphed_greedy recorded its decode steps: a new
+#: state dict, codes replaced in place, a LoRA merged by our LoRA layer (re-quantized and prepared again)
+#: or by PEFT's bitsandbytes one (a new weight assigned in place of the prepared one).
+WEIGHT_CHANGES = ("load_state_dict", "weight_data", "lora_merge", "peft_bnb_merge")
+
+
+def change_weights(model: torch.nn.Module, change: str, other: Path) -> None:
+    """Give ``model``'s 4-bit layers other weights the way ``change`` (one of WEIGHT_CHANGES) does;
+    ``other``: a checkpoint of the same shapes (``load_state_dict``'s source). Deterministic: a second
+    model changed the same way gets the same weights."""
+    from converter.loader.model import linear4bit_modules, load_quantized
+
+    if change == "load_state_dict":
+        model.load_state_dict(load_quantized(other).state_dict())  # our layers move what they load
+    elif change == "weight_data":  # rows of bytes reversed: another valid weight of the same layout
+        for layer in linear4bit_modules(model).values():
+            layer.weight.data = layer.weight.data.flip(0).contiguous()
+    elif change in ("lora_merge", "peft_bnb_merge"):
+        import pytest
+
+        from converter.loader.lora import register_lora
+
+        peft = pytest.importorskip("peft")
+        if change == "peft_bnb_merge":  # our layers are then bnb.nn.Linear4bit ones: PEFT wraps them its way
+            pytest.importorskip("bitsandbytes")
+
+        config = peft.LoraConfig(
+            r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        torch.manual_seed(0)  # the same adapters for every model changed so
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = peft.get_peft_model(model, register_lora(config) if change == "lora_merge" else config)
+            assert wrapped.merge_and_unload() is model  # the adapters merged into model's own layers
+    else:
+        raise ValueError(change)

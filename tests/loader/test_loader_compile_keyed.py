@@ -178,3 +178,51 @@ def test_codes_replaced_in_place_raise_a_clear_error(dynamo, our_folder: Path) -
         layers[0].mlp.down_proj.weight.data = layers[1].mlp.down_proj.weight.data.clone()
         with pytest.raises(ValueError, match=r"replaced in place.*load_state_dict"):
             compiled(IDS)
+
+
+def test_epoch_changes_when_a_live_layer_drops_its_kernel_tensors(
+    our_folder: Path, int8_folder: Path
+) -> None:
+    """``prepared.epoch()`` (graphed_greedy records its CUDA graphs again when it changed) changes when a
+    layer drops tensors a recorded graph may launch with: 4-bit layers prepared again or given a weight in
+    place of their own, int8 layers given new codes, MoE experts moved to new buffers; and not when
+    layers are only called, copied or collected (graphs of other models would be recorded for nothing)."""
+    import torch.nn.functional as F
+
+    from converter.loader.moe import QuantExperts4bit
+
+    model = _load(our_folder)
+    layer = model.model.layers[0].self_attn.q_proj
+
+    def changes(action) -> bool:
+        before = prepared.epoch()
+        action()
+        return prepared.epoch() != before
+
+    with torch.no_grad():
+        assert not changes(lambda: model(IDS))
+        assert not changes(lambda: copy.deepcopy(model))
+        assert not changes(gc.collect)
+        assert changes(lambda: layer.load_state_dict(layer.state_dict()))
+        x = torch.randn(1, 64, dtype=torch.bfloat16)
+        layer.weight.data = layer.weight.data.clone()  # codes replaced in place: the next call prepares
+        assert changes(lambda: layer(x))
+        assert not changes(lambda: layer(x))
+        # a weight assigned in its place (PEFT's bnb merge): the first call drops the prepared tensors
+        # (and unmerge: another one), whose tensors graphs recorded on the general path read
+        for _ in range(2):
+            layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            layer.weight.quant_state = layer.quant_state
+            assert changes(lambda: layer(x))
+            assert not changes(lambda: layer(x))
+    int8 = next(m for m in _load(int8_folder).modules() if type(m).__name__.endswith("Linear8bit"))
+    assert changes(lambda: int8.load_state_dict(int8.state_dict()))
+    hidden, inter, experts = 64, 64, 2
+    codes, blocks = torch.zeros(experts, 3 * hidden * inter // 2, dtype=torch.uint8), 3 * hidden * inter // 64
+    moe = QuantExperts4bit(
+        codes, torch.ones(experts, blocks), torch.linspace(-1, 1, 16), hidden_dim=hidden,
+        intermediate=inter, blocksize=64, quant_type="nf4",
+        dtype=torch.bfloat16, compute_dtype=None, act_name="silu", act_fn=F.silu,
+    )  # fmt: skip
+    assert not changes(lambda: moe.to("cpu").half())  # the same buffers (codes and scales are not cast)
+    assert changes(lambda: moe._apply(torch.clone))  # what a device move does: new buffers

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from loader_helpers import greedy_reference
+from loader_helpers import WEIGHT_CHANGES, change_weights, greedy_reference
 from transformers import StaticCache
 
 from converter.loader import decode
@@ -48,6 +48,53 @@ def test_a_second_call_reuses_its_static_cache_and_matches(model) -> None:
     assert decode._own_caches[model] is cache  # the same buffers: on CUDA the recorded graphs replay
     assert torch.equal(first, second)
     assert torch.equal(second, greedy_reference(model, IDS, **kw))
+
+
+def _decode_after_weight_change(
+    our_folder: Path, other_folder: Path, change: str, compile_step: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """graphed_greedy on a cache of its own, twice, then ``change`` and again on that cache: returns the
+    tokens before, after and those of a fresh model changed the same way (the same path: its first call).
+    Checks that the second call kept the cache's recorded state and the third made it again."""
+    kw = {"max_new_tokens": 9, "min_new_tokens": 9, "pad_token_id": 0, "steps_per_graph": 4}
+    kw["compile_step"] = compile_step
+    model = load_quantized(our_folder).eval()
+    cache = StaticCache(config=model.config, max_cache_len=IDS.shape[1] + 9)
+    before = model.generate(IDS, custom_generate=graphed_greedy, cache=cache, **kw)
+    (state,) = decode._graphs[cache].values()
+    cache.reset()
+    assert torch.equal(model.generate(IDS, custom_generate=graphed_greedy, cache=cache, **kw), before)
+    assert [s is state for s in decode._graphs[cache].values()] == [True]  # nothing changed: kept
+    change_weights(model, change, other_folder)
+    cache.reset()
+    after = model.generate(IDS, custom_generate=graphed_greedy, cache=cache, **kw)
+    # recorded again: on CUDA the old graphs launch with the kernel tensors the change released
+    assert all(s is not state for s in decode._graphs[cache].values())
+    fresh = load_quantized(our_folder).eval()
+    change_weights(fresh, change, other_folder)
+    return before, after, fresh.generate(IDS, custom_generate=graphed_greedy, **kw)
+
+
+@pytest.mark.parametrize("change", WEIGHT_CHANGES)
+def test_weights_changed_after_recording_give_the_new_tokens(
+    our_folder: Path, other_folder: Path, change: str
+) -> None:
+    """``load_state_dict``, ``weight.data = codes`` or a LoRA merge after a call recorded the decode steps
+    on a cache: the next call on it gives a fresh model's tokens for the new weights."""
+    before, after, want = _decode_after_weight_change(our_folder, other_folder, change, compile_step=False)
+    assert not torch.equal(want, before)  # the change changes the tokens
+    assert torch.equal(after, want)
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "weight_data"])
+def test_weights_changed_after_recording_a_compiled_step_give_the_new_tokens(
+    dynamo, our_folder: Path, other_folder: Path, change: str
+) -> None:
+    """The same with ``compile_step=True``: the compiled step sees the layers' new keys (a recompile)."""
+    before, after, want = _decode_after_weight_change(our_folder, other_folder, change, compile_step=True)
+    assert dynamo["stats"]["unique_graphs"] >= 1, "dynamo compiled nothing: is it disabled?"
+    assert not torch.equal(want, before)
+    assert torch.equal(after, want)
 
 
 @pytest.mark.parametrize("first_in_inference_mode", [True, False])
