@@ -99,7 +99,8 @@ for s in ${*:-env}; do
     dectests) step dectests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
       "$ROOT/tests/loader/test_loader_decode_cuda.py" ;;
     compiletests) step compiletests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs "$ROOT/tests/loader/test_loader_cuda_compile.py" \
-      "$ROOT/tests/loader/test_loader_siblings_cuda.py" "$ROOT/tests/loader/test_loader_compile_keyed.py" "$ROOT/tests/loader/test_loader_decode_cuda.py" ;;
+      "$ROOT/tests/loader/test_loader_siblings_cuda.py" "$ROOT/tests/loader/test_loader_compile_keyed.py" "$ROOT/tests/loader/test_loader_decode_cuda.py" \
+      "$ROOT/tests/moe/test_moe_compile_keyed.py" ;;
     profile) step profile timeout 300 bash -c "python3 $ROOT/bench/profile_graphed.py --layers 8 && \
       python3 $ROOT/bench/profile_graphed.py --layers 8 --compile-step" ;;
     benchsmoke) step benchsmoke timeout 60 bash -c "python3 $ROOT/bench/profile_gemv.py 0 11 && echo prof ok && \
