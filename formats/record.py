@@ -189,15 +189,17 @@ class QuantizedTensor:
     ) -> QuantizedTensor:
         """A record from ``quantize_4bit`` (+ ``quantize_nested``) outputs, with our code tables.
 
-        ``nested`` is (codes uint8 [nb], nested_absmax float32, offset) from ``quantize_nested``.
+        ``nested`` is (codes uint8 [nb], nested_absmax float32, offset) from ``quantize_nested``. The code
+        tables are made on the outputs' device (a CUDA record's kernels read them there).
         """
-        quant_map = torch.tensor(quant_type.codebook, dtype=torch.float32)
+        quant_map = torch.tensor(quant_type.codebook, dtype=torch.float32, device=absmax.device)
         if nested is None:
             return cls(
                 name, shape, dtype, quant_type, blocksize, packed, absmax, quant_map, None, quant_storage
             )
         codes, nested_absmax, offset = nested
-        state2 = NestedAbsmax(nested_absmax, torch.tensor(codebooks.DYNAMIC8, dtype=torch.float32), offset)
+        dynamic8 = torch.tensor(codebooks.DYNAMIC8, dtype=torch.float32, device=nested_absmax.device)
+        state2 = NestedAbsmax(nested_absmax, dynamic8, offset)
         return cls(name, shape, dtype, quant_type, blocksize, packed, codes, quant_map, state2, quant_storage)
 
     @classmethod

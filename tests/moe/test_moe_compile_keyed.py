@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dynamo_helpers import call_with_guard_filter
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
@@ -55,7 +56,7 @@ def _trace(model: torch.nn.Module) -> tuple[list[str], list[str], int]:
 
     compiled = torch.compile(model, fullgraph=True, backend=backend, options={"guard_filter_fn": record})
     with torch.no_grad():
-        compiled(IDS)
+        call_with_guard_filter(compiled, IDS)
     assert len(inputs) == 1
     return names, ops, inputs[0]
 
