@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dynamo_helpers import call_with_guard_filter
+from dynamo_helpers import trace_guards
 from loader_helpers import assert_compiled_without_breaks
 
 from converter.kernels import prepared
@@ -33,28 +33,9 @@ def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if getattr(m, "_kernel_args", None) is not None]
 
 
-def _guarded_tensors(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """(source names of the tensor guards, op names in the graph) of one plain compiled forward."""
-    names: list[str] = []
-    ops: list[str] = []
-
-    def record(entries):
-        names.extend(e.name for e in entries if e.guard_type == "TENSOR_MATCH")
-        return [True] * len(entries)
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    compiled = torch.compile(model, fullgraph=True, backend=backend, options={"guard_filter_fn": record})
-    with torch.no_grad():
-        call_with_guard_filter(compiled, IDS)
-    return names, ops
-
-
 def test_graph_reads_only_the_codes_of_each_layer(dynamo, our_folder: Path) -> None:
     model = _load(our_folder)
-    names, ops = _guarded_tensors(model)
+    names, ops, _ = trace_guards(model, IDS)
     assert_compiled_without_breaks(dynamo)
     assert any("gemv_4bit_keyed" in op or "gemv_4bit_multi_keyed" in op for op in ops)
     assert not any(op.endswith(("gemv_4bit.default", "gemv_4bit_multi.default")) for op in ops)

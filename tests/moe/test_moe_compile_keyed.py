@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dynamo_helpers import call_with_guard_filter
+from dynamo_helpers import trace_guards
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
@@ -39,35 +39,13 @@ def _keys(model: torch.nn.Module) -> set[int]:
     return {m._prepared.key for m in _experts(model)}
 
 
-def _trace(model: torch.nn.Module) -> tuple[list[str], list[str], int]:
-    """(source names of the tensor guards, op names in the graph, graph inputs) of one compiled forward."""
-    names: list[str] = []
-    ops: list[str] = []
-    inputs: list[int] = []
-
-    def record(entries):
-        names.extend(e.name for e in entries if e.guard_type == "TENSOR_MATCH")
-        return [True] * len(entries)
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        inputs.append(len(example_inputs))
-        return gm.forward
-
-    compiled = torch.compile(model, fullgraph=True, backend=backend, options={"guard_filter_fn": record})
-    with torch.no_grad():
-        call_with_guard_filter(compiled, IDS)
-    assert len(inputs) == 1
-    return names, ops, inputs[0]
-
-
 def test_graph_reads_only_the_codes_of_each_experts_layer(dynamo, folders) -> None:
     """One tensor guard and one graph input per experts layer (its codes), two fewer than the plain op
     (absmax, quant_map): the tensors the layer registered are not read by the traced code."""
     q, _ = folders("qwen3_moe")
     model = _load(q)
     layers = _experts(model)
-    names, ops, inputs = _trace(model)
+    names, ops, inputs = trace_guards(model, IDS)
     assert dict(dynamo["graph_break"]) == {}
     assert sum(op.startswith("quantize_model.moe_experts_4bit_keyed") for op in ops) == len(layers)
     assert not any(op.startswith("quantize_model.moe_experts_4bit.") for op in ops)
@@ -80,7 +58,7 @@ def test_graph_reads_only_the_codes_of_each_experts_layer(dynamo, folders) -> No
     for m in layers:  # unregistered: the plain op, which takes the tensors
         prepared.release(m._prepared.key)
         m.__dict__["_prepared"] = None
-    plain_names, plain_ops, plain_inputs = _trace(model)
+    plain_names, plain_ops, plain_inputs = trace_guards(model, IDS)
     assert any(op.startswith("quantize_model.moe_experts_4bit.") for op in plain_ops)
     assert plain_inputs - inputs == 2 * len(layers)
     assert len(plain_names) - len(names) == 2 * len(layers)
