@@ -298,6 +298,12 @@ class QuantLinear4bit(nn.Module):
     #: Kernel arguments prepared from ``weight`` (``ops.prepare``) and the weight they were made for.
     _kernel_args: ops.KernelArgs | None = None
     _prepared_for: torch.Tensor | None = None
+    #: What a compiled graph reads instead (:meth:`_traced`): the registered key of ``_kernel_args`` (-1:
+    #: none or unregistered) and ``id(_prepared_for)`` (0: none), each one int guard; reading
+    #: ``_kernel_args`` and ``_prepared_for`` costs five guards and a Python aliasing check
+    #: (``weight is _prepared_for``) per layer and compiled call.
+    _prepared_key: int = -1
+    _prepared_id: int = 0
     #: The address of the codes they were prepared from: ``weight.data = codes`` keeps the weight object
     #: but not this address, and the next eager call prepares again (a compiled graph's keyed op refuses).
     _prepared_ptr: int = -1
@@ -406,10 +412,12 @@ class QuantLinear4bit(nn.Module):
         args = ops.prepare(weight, weight.quant_state)
         # registered: a compiled step reads the small tensors by key (converter/kernels/prepared.py)
         self._kernel_args = prepared.register(self, args) if args.gemv else args
+        self.__dict__["_prepared_key"] = self._kernel_args.key
         self._cpu_gemv = CpuGemv(self._kernel_args) if CpuGemv.applies(self._kernel_args) else None
         # Not through nn.Module.__setattr__ (it would register a Params4bit as a parameter); a weight
         # swapped in by assignment later (PEFT's merge) is seen as new and takes the general path.
         self.__dict__["_prepared_for"] = weight
+        self.__dict__["_prepared_id"] = id(weight)
         self.__dict__["_prepared_data"] = weight.detach()
         self.__dict__["_prepared_ptr"] = _data_address(weight)
         if weight.is_cuda:  # CUDA graphs may keep these addresses: no per-replay copy of the weight
@@ -431,6 +439,7 @@ class QuantLinear4bit(nn.Module):
                 prepared.release(old.key)
         self._kernel_args = self._cpu_gemv = None
         self.__dict__["_prepared_for"] = self.__dict__["_prepared_data"] = None
+        self.__dict__["_prepared_key"], self.__dict__["_prepared_id"] = -1, 0
 
     def _assigned(self, weight: torch.Tensor) -> None:
         """``weight`` was assigned in place of the one the layer last ran with (PEFT's bnb LoRA merge and
@@ -439,6 +448,7 @@ class QuantLinear4bit(nn.Module):
         self._unprepare()
         prepared.retire()
         self.__dict__["_prepared_for"] = weight  # the one now run with: retired once, not at every call
+        self.__dict__["_prepared_id"] = id(weight)
 
     @property
     def quant_type(self) -> str:
@@ -483,16 +493,21 @@ class QuantLinear4bit(nn.Module):
             y = fast(x)
             if y is not None:
                 return y
+        compiling = torch.compiler.is_compiling()
+        if compiling and (y := self._traced(x)) is not None:
+            return y
         inp_dtype = x.dtype
         compute = self.compute_dtype or inp_dtype
         bias = self.bias
         weight = self.weight
         args = self._kernel_args
-        if args is not None and self._stale(weight):  # weight.data = codes: prepared from the new ones
-            args = self._prepare()
-        elif self._prepared_for is not weight and not torch.compiler.is_compiling():
+        if compiling:
+            pass  # a compiled graph's keyed op refuses codes replaced in place (see _stale)
+        elif self._prepared_for is not weight:
             self._assigned(weight)  # PEFT's bnb merge or unmerge: the general path serves it
             args = None
+        elif args is not None and _data_address(weight) != self._prepared_ptr:
+            args = self._prepare()  # weight.data = codes: prepared from the new ones
         if (
             args is None
             or self._prepared_for is not weight
@@ -506,6 +521,37 @@ class QuantLinear4bit(nn.Module):
         if bias is not None and bias.dtype != compute:
             bias = bias.to(compute)
         y = ops.linear(x, args, bias, self.use_gemv, weight)
+        return y if y.dtype == inp_dtype else y.to(inp_dtype)
+
+    def _traced(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused GEMV of the prepared weight while torch.compile traces (not under export), reading as
+        little of the layer as it can: dynamo checks a guard per attribute read before every compiled
+        call. None: the general code of :meth:`forward` (with its guards) traces the call.
+
+        Read: ``use_gemv``, the key (``_prepared_key``; the launch's sizes are constants of the key,
+        ``ops.keyed_launch``), the weight (the graph's input, and its identity: ``id()`` guards it with
+        one ``ID_MATCH``) against ``_prepared_id``, the bias and the compute dtype. What each guards:
+        a layer prepared again (new weight, device move, codes reloaded) has a new key; a weight assigned
+        in place of the prepared one (PEFT's merge) fails the identity guard, and the retraced call takes
+        the general path; a ``use_gemv`` or dtype switched fails its guard; codes replaced inside the
+        same weight (``weight.data = ...``) make the keyed op raise (converter/kernels/custom_ops.py)."""
+        key = self._prepared_key
+        if key < 0 or not self.use_gemv or not ops.keyed_tracing():
+            return None
+        weight = self.weight
+        if id(weight) != self._prepared_id:
+            return None
+        bias = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return None
+        inp_dtype = x.dtype
+        compute = self.compute_dtype or inp_dtype
+        xc = x if inp_dtype == compute else x.to(compute)
+        if bias is not None and bias.dtype != compute:
+            bias = bias.to(compute)
+        y = ops.keyed_linear(xc, weight, ops.keyed_launch(key), bias)
+        if y is None:
+            return None
         return y if y.dtype == inp_dtype else y.to(inp_dtype)
 
     def _stale(self, weight: torch.Tensor) -> bool:

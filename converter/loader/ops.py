@@ -28,7 +28,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from converter.kernels import prepared
 from converter.kernels.checks import GEMV_MAX_WEIGHTS, KERNEL_DTYPE_NAMES
+from converter.loader import dynamo_marks
 from formats.quant_types import NESTED_BLOCKSIZE
 
 #: Largest token count the fused GEMV takes (the kernel is written for batch 1..8).
@@ -232,6 +234,44 @@ def gemv_prepared(x2d: torch.Tensor, args: KernelArgs, weight: torch.Tensor | No
         args.out_features,
         args.blocksize,
     )
+
+
+class KeyedLaunch(NamedTuple):
+    """What a traced launch of a registered weight reads besides x and the weight (:func:`keyed_launch`)."""
+
+    key: int
+    in_features: int
+    out_features: int
+    gemv: bool
+
+
+@dynamo_marks.assume_constant_result
+def keyed_launch(key: int) -> KeyedLaunch:
+    """The launch constants of the weight registered under ``key``, taken by a traced graph as constants.
+
+    Dynamo guards every attribute a traced forward reads: read from the layer's ``_kernel_args`` these
+    were five guards per 4-bit layer (its type, length, key, gemv, in/out features) checked before every
+    compiled call. A registered entry is never changed and a key is never reused
+    (converter/kernels/prepared.py), so they are a function of the key alone: the graph guards the key
+    (its layer's ``_prepared_key``, one int guard) and a layer prepared again has a new key, so the graph
+    is traced again and this is evaluated anew."""
+    a = prepared.lookup(key)
+    return KeyedLaunch(a.key, a.in_features, a.out_features, a.gemv)
+
+
+def keyed_linear(
+    x: torch.Tensor, weight: torch.Tensor, launch: KeyedLaunch, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """:func:`linear`'s fused-GEMV branch for a traced call of a registered weight (``launch``: its
+    :func:`keyed_launch`), the same op and arguments; None where :func:`linear` would dequantize."""
+    tokens = x.numel() // launch.in_features
+    if not (launch.gemv and 1 <= tokens <= GEMV_MAX_TOKENS and x.dtype in KERNEL_DTYPE_NAMES):
+        return None
+    x2d = x.reshape(tokens, launch.in_features)
+    y = torch.ops.quantize_model.gemv_4bit_keyed(x2d, weight, launch.key, launch.out_features)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], launch.out_features)
 
 
 def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
