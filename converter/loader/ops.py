@@ -243,6 +243,8 @@ class KeyedLaunch(NamedTuple):
     in_features: int
     out_features: int
     gemv: bool
+    blocksize: int
+    multi: bool  # its device's kernels have the several-weights launch (gemv_4bit_multi)
 
 
 @dynamo_marks.assume_constant_result
@@ -256,7 +258,8 @@ def keyed_launch(key: int) -> KeyedLaunch:
     (its layer's ``_prepared_key``, one int guard) and a layer prepared again has a new key, so the graph
     is traced again and this is evaluated anew."""
     a = prepared.lookup(key)
-    return KeyedLaunch(a.key, a.in_features, a.out_features, a.gemv)
+    multi = a.impls is not None and "gemv_4bit_multi" in a.impls
+    return KeyedLaunch(a.key, a.in_features, a.out_features, a.gemv, a.blocksize, multi)
 
 
 def keyed_linear(
@@ -296,11 +299,32 @@ def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
     )
 
 
+def keyed_multi_ok(
+    x2d: torch.Tensor, launches: Sequence[KeyedLaunch], weights: Sequence[torch.Tensor]
+) -> bool:
+    """:func:`multi_ok` for a traced call of registered weights (their :func:`keyed_launch`), the weights
+    on x2d's device."""
+    if not 2 <= len(launches) <= GEMV_MAX_WEIGHTS or not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS:
+        return False
+    if x2d.dtype not in KERNEL_DTYPE_NAMES:
+        return False
+    a0 = launches[0]
+    if x2d.dim() != 2 or x2d.shape[1] != a0.in_features:
+        return False
+    return all(
+        a.gemv and a.multi and a.in_features == a0.in_features and a.blocksize == a0.blocksize
+        for a in launches
+    ) and all(w.device == x2d.device for w in weights)
+
+
 def gemv_prepared_multi(
-    x2d: torch.Tensor, args_seq: Sequence[KernelArgs], weights: Sequence[torch.Tensor] | None = None
+    x2d: torch.Tensor,
+    args_seq: Sequence[KernelArgs] | Sequence[KeyedLaunch],
+    weights: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """``[x2d @ W_i.T]`` ([B, out_features_i] each, x2d's dtype) in one launch (:func:`multi_ok` holds):
-    each equal to :func:`gemv_prepared` of weight i on CPU; on CUDA within the same derived bound."""
+    each equal to :func:`gemv_prepared` of weight i on CPU; on CUDA within the same derived bound.
+    While tracing, ``args_seq`` may be the weights' :func:`keyed_launch` (then ``weights`` are given)."""
     compiling = torch.compiler.is_compiling()
     if _keyed(args_seq):  # graph inputs besides x: the weights
         return torch.ops.quantize_model.gemv_4bit_multi_keyed(
