@@ -61,6 +61,12 @@ class _Parked:
     taken: list[bool] = field(default_factory=list)
 
 
+#: Parked outputs while dynamo traces, by ``id()`` of their group: a traced store on the group itself is
+#: replayed after every compiled call (a setattr per group, 48 on a 48-layer model); this dict is empty
+#: again once each block took its outputs, and dynamo replays it once.
+_TRACED_PARKED: dict[int, _Parked] = {}
+
+
 class SiblingGroup:
     """The shared state of 2..4 sibling 4-bit layers (see the module docstring)."""
 
@@ -76,30 +82,38 @@ class SiblingGroup:
             return None
         index = member._sibling_index
         compiling = torch.compiler.is_compiling()
-        parked = self._parked
+        parked = _TRACED_PARKED.get(id(self)) if compiling else self._parked
         if parked is not None and parked.x is x and not parked.taken[index]:
             if compiling or parked.version == x._version:
-                return self._take(parked, index, member, x)
+                return self._take(parked, index, member, x, compiling)
         launch = self._traced_launch(member, x) if compiling and ops.keyed_tracing() else self._launch_args(x)
         if launch is None:
             return None
         args, x2d, weights = launch
-        if parked is not None and not all(parked.taken):
+        if parked is not None and not all(parked.taken) and not compiling:
             self.misses += 1
-            if self.misses >= MAX_MISSES and not compiling:
+            if self.misses >= MAX_MISSES:
                 self.enabled = False
                 self._parked = None
                 return None
         outputs = ops.gemv_prepared_multi(x2d, args, weights)
         version = 0 if compiling else x._version
         parked = _Parked(x, version, outputs, [False] * len(self.members))
-        self._parked = parked
-        return self._take(parked, index, member, x)
+        if compiling:
+            _TRACED_PARKED[id(self)] = parked
+        else:
+            self._parked = parked
+        return self._take(parked, index, member, x, compiling)
 
-    def _take(self, parked: _Parked, index: int, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _take(
+        self, parked: _Parked, index: int, member: nn.Module, x: torch.Tensor, compiling: bool
+    ) -> torch.Tensor:
         parked.taken[index] = True
-        if all(parked.taken):
-            self._parked = None  # nothing stays referenced (or, under dynamo, outlives the graph)
+        if all(parked.taken):  # nothing stays referenced (or, under dynamo, outlives the graph)
+            if compiling:
+                del _TRACED_PARKED[id(self)]
+            else:
+                self._parked = None
         y = parked.outputs[index]
         if member.bias is not None:
             y = y + member.bias

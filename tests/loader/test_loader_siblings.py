@@ -166,6 +166,7 @@ def test_compiled_model_has_no_graph_break_and_the_eager_logits(
     assert sorted(launches) == sorted([2, 3] * len(model.model.layers))  # traced: one per group
     assert torch.equal(compiled, eager)
     assert all(m._siblings._parked is None for m in model.modules() if getattr(m, "_siblings", None))
+    assert not siblings._TRACED_PARKED  # the traced launches' parked outputs, all taken
 
 
 def test_cpu_layers_launch_alone_by_default(our_folder: Path, launches: list[int], monkeypatch) -> None:
