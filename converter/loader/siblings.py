@@ -148,7 +148,7 @@ class SiblingGroup:
         self, caller: nn.Module, x: torch.Tensor
     ) -> tuple[list[ops.KeyedLaunch], torch.Tensor, list[torch.Tensor]] | None:
         """:meth:`_launch_args` while torch.compile traces (keyed), reading what the members' own traced
-        calls read (``QuantLinear4bit._traced``: key, weight and its id, use_gemv, compute dtype, bias),
+        calls read (``module._traced_forward``: key, weight and its id, use_gemv, compute dtype, bias),
         the launch's sizes as constants of the keys: dynamo guards each read before every compiled call.
         The calling member is read as itself, not as a member of the group (a second source of the same
         module costs a Python aliasing guard per call)."""
