@@ -6,9 +6,12 @@ converted with ``--moe-experts quantize``, is loaded by ``load_quantized`` and b
 each forward (one token, no cache) is compiled fullgraph through aot_autograd with a compiler that
 returns the graph's outputs without running it, so what is timed is everything around the graph.
 Ours runs twice: plain ``torch.compile`` and with ``converter.loader.compile_options()`` (no tensor
-guards on the 4-bit layers' prepared tensors).
+guards on the 4-bit layers' prepared tensors). Each row also counts the compiled call's guards: dynamo's
+C++ leaf guards, and the Python ``a is b`` checks of its aliasing guard (one lambda checking every pair
+of sources that reached one object; each check walks both sources). ``--fused-groups`` launches q/k/v
+together on the CPU too (``converter.loader.siblings``: CUDA only by default), as a CUDA step traces.
 
-    cd /tmp && python /path/to/bench/probe_compile_host.py --layers 48
+    cd /tmp && python /path/to/bench/probe_compile_host.py --layers 48 [--fused-groups]
 """
 
 from __future__ import annotations
@@ -38,6 +41,21 @@ def build(folder: Path, layers: int) -> tuple[Path, Path]:
     if not (quantized / "config.json").exists():
         convert(str(bf16), str(quantized), moe_experts="quantize")
     return bf16, quantized
+
+
+def guard_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(leaf guards, aliasing checks) of the compiled ``model.forward``'s one cache entry."""
+    code = type(model).forward.__code__
+    root = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)[0].guard_manager.root
+    leaves, stack = 0, [root]
+    while stack:
+        manager = stack.pop()
+        leaves += len(manager.get_leaf_guards())
+        stack += manager.get_child_managers()
+        if hasattr(manager, "get_key_value_managers"):  # a dict's key and value managers
+            stack += [m for kv in manager.get_key_value_managers().values() for m in kv if m is not None]
+    aliasing = sum(len(g.verbose_code_parts()) for g in root.get_epilogue_lambda_guards())
+    return leaves, aliasing
 
 
 def host_time(model: torch.nn.Module, options: dict | None, repeat: int) -> tuple[float, int]:
@@ -78,7 +96,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qm_compile_host"))
+    ap.add_argument("--fused-groups", action="store_true", help="q/k/v in one launch on the CPU too")
     args = ap.parse_args()
+    if args.fused_groups:
+        from converter.loader import siblings
+
+        siblings.FUSED_DEVICE_TYPES.add("cpu")
     import transformers
 
     from converter import load_quantized
@@ -87,15 +110,19 @@ def main() -> None:
     bf16, quantized = build(args.workdir / f"qwen3moe-{args.layers}l", args.layers)
     ours = load_quantized(str(quantized), device="cpu")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
-    print(f"| {args.layers} tiny Qwen3-MoE layers, one compiled call, no-op graph | host µs | graph inputs |")
-    print("|---|---|---|")
+    print(
+        f"| {args.layers} tiny Qwen3-MoE layers, one compiled call, no-op graph | host µs | graph inputs "
+        "| leaf guards | aliasing checks |"
+    )
+    print("|---|---|---|---|---|")
     for name, model, options in (
         ("ours, torch.compile", ours, None),
         ("ours, options=compile_options()", ours, compile_options()),
         ("bf16 (transformers), torch.compile", theirs, None),
     ):
         t, n = host_time(model, options, args.repeat)
-        print(f"| {name} | {t * 1e6:.0f} | {n} |", flush=True)
+        leaves, aliasing = guard_counts(model)
+        print(f"| {name} | {t * 1e6:.0f} | {n} | {leaves} | {aliasing} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ options={"guard_filter_fn": ...})``) that drops exactly those tensor guards and 
 Why that is safe: the graph reads those tensors from the layer at every call (graph inputs, not
 constants), and everything their metadata follows is guarded elsewhere:
 
-- they are made by ``ops.prepare`` from the layer's weight, whose identity is guarded
-  (``self._prepared_for is self.weight`` in the layer's forward): a replaced weight is seen, and the
-  same weight object keeps its metadata;
+- they are made by ``ops.prepare`` from the layer's weight, whose identity is guarded (an ``ID_MATCH``
+  from ``id(weight)`` in the layer's traced forward, ``module._traced_forward``; before, ``weight is
+  _prepared_for``): a replaced weight is seen, and the same weight object keeps its metadata;
 - their shapes follow the layer's in/out features and blocksize, their dtypes are fixed by ``prepare``
   (uint8 codes, float32 absmax and maps); which of absmax or the nested record is present is guarded by
   the ``is None`` guard on the absent one;
@@ -47,7 +47,7 @@ def _prepared(entry: Any) -> bool:
         return False
     if PREPARED_SOURCE in entry.name:
         return True
-    # the 4-bit weight itself: its identity is guarded against the layer's _prepared_for
+    # the 4-bit weight itself: its identity is guarded (ID_MATCH: module._traced_forward)
     return entry.name.endswith(WEIGHT_SOURCE) and hasattr(entry.value, "quant_state")
 
 

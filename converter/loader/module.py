@@ -298,6 +298,12 @@ class QuantLinear4bit(nn.Module):
     #: Kernel arguments prepared from ``weight`` (``ops.prepare``) and the weight they were made for.
     _kernel_args: ops.KernelArgs | None = None
     _prepared_for: torch.Tensor | None = None
+    #: What a compiled graph reads instead (:func:`_traced_forward`): the registered key of
+    #: ``_kernel_args`` (-1: none or unregistered) and ``id(_prepared_for)`` (0: none), one int guard
+    #: each; reading ``_kernel_args`` and ``_prepared_for`` costs five guards and a Python aliasing
+    #: check (``weight is _prepared_for``) per layer and compiled call.
+    _prepared_key: int = -1
+    _prepared_id: int = 0
     #: The address of the codes they were prepared from: ``weight.data = codes`` keeps the weight object
     #: but not this address, and the next eager call prepares again (a compiled graph's keyed op refuses).
     _prepared_ptr: int = -1
@@ -406,10 +412,12 @@ class QuantLinear4bit(nn.Module):
         args = ops.prepare(weight, weight.quant_state)
         # registered: a compiled step reads the small tensors by key (converter/kernels/prepared.py)
         self._kernel_args = prepared.register(self, args) if args.gemv else args
+        self.__dict__["_prepared_key"] = self._kernel_args.key
         self._cpu_gemv = CpuGemv(self._kernel_args) if CpuGemv.applies(self._kernel_args) else None
         # Not through nn.Module.__setattr__ (it would register a Params4bit as a parameter); a weight
         # swapped in by assignment later (PEFT's merge) is seen as new and takes the general path.
         self.__dict__["_prepared_for"] = weight
+        self.__dict__["_prepared_id"] = id(weight)
         self.__dict__["_prepared_data"] = weight.detach()
         self.__dict__["_prepared_ptr"] = _data_address(weight)
         if weight.is_cuda:  # CUDA graphs may keep these addresses: no per-replay copy of the weight
@@ -431,6 +439,7 @@ class QuantLinear4bit(nn.Module):
                 prepared.release(old.key)
         self._kernel_args = self._cpu_gemv = None
         self.__dict__["_prepared_for"] = self.__dict__["_prepared_data"] = None
+        self.__dict__["_prepared_key"], self.__dict__["_prepared_id"] = -1, 0
 
     def _assigned(self, weight: torch.Tensor) -> None:
         """``weight`` was assigned in place of the one the layer last ran with (PEFT's bnb LoRA merge and
@@ -439,6 +448,7 @@ class QuantLinear4bit(nn.Module):
         self._unprepare()
         prepared.retire()
         self.__dict__["_prepared_for"] = weight  # the one now run with: retired once, not at every call
+        self.__dict__["_prepared_id"] = id(weight)
 
     @property
     def quant_type(self) -> str:
@@ -467,12 +477,14 @@ class QuantLinear4bit(nn.Module):
             y = self._siblings.forward(self, x)
             if y is not None:
                 return y
-        fast = self._cpu_gemv
-        if (  # eager CPU decode, no cast, no bias: one launch without per-call Python checks
-            fast is not None
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # before any read of the layer: dynamo guards each one (see _traced_forward)
+            if (y := _traced_forward(self, x)) is not None:
+                return y
+        elif (  # eager CPU decode, no cast, no bias: one launch without per-call Python checks
+            (fast := self._cpu_gemv) is not None
             and x.dtype == self.compute_dtype
             and self.use_gemv
-            and not torch.compiler.is_compiling()
             # self.weight unless a weight was assigned as a parameter (not the prepared one then), at a
             # tenth of nn.Module.__getattr__'s cost, and still holding the codes it was prepared from
             and (prepared_weight := self._buffers.get("weight")) is self._prepared_for
@@ -488,11 +500,13 @@ class QuantLinear4bit(nn.Module):
         bias = self.bias
         weight = self.weight
         args = self._kernel_args
-        if args is not None and self._stale(weight):  # weight.data = codes: prepared from the new ones
-            args = self._prepare()
-        elif self._prepared_for is not weight and not torch.compiler.is_compiling():
+        if compiling:
+            pass  # a compiled graph's keyed op refuses codes replaced in place (see _stale)
+        elif self._prepared_for is not weight:
             self._assigned(weight)  # PEFT's bnb merge or unmerge: the general path serves it
             args = None
+        elif args is not None and _data_address(weight) != self._prepared_ptr:
+            args = self._prepare()  # weight.data = codes: prepared from the new ones
         if (
             args is None
             or self._prepared_for is not weight
@@ -582,6 +596,39 @@ class QuantLinear4bit(nn.Module):
             else:
                 with torch.no_grad():
                     self.bias.copy_(value)
+
+
+def _traced_forward(layer: QuantLinear4bit, x: torch.Tensor) -> torch.Tensor | None:
+    """``QuantLinear4bit.forward`` while torch.compile traces (not under export): the fused GEMV of the
+    prepared weight, reading as little of the layer as it can, as dynamo checks a guard per attribute
+    read before every compiled call (a module function, not a method: a method is one more guard per
+    layer). None: the general code of ``forward`` (with its guards) traces the call.
+
+    Read: ``use_gemv``, the key (``_prepared_key``; the launch's sizes are constants of the key,
+    ``ops.keyed_launch``), the weight (the graph's input, and its identity: ``id()`` guards it with
+    one ``ID_MATCH``) against ``_prepared_id``, the bias and the compute dtype. What each guards:
+    a layer prepared again (new weight, device move, codes reloaded) has a new key; a weight assigned
+    in place of the prepared one (PEFT's merge) fails the identity guard, and the retraced call takes
+    the general path; a ``use_gemv`` or dtype switched fails its guard; codes replaced inside the
+    same weight (``weight.data = ...``) make the keyed op raise (converter/kernels/custom_ops.py)."""
+    key = layer._prepared_key
+    if key < 0 or not layer.use_gemv or not ops.keyed_tracing():
+        return None
+    weight = layer.weight
+    if id(weight) != layer._prepared_id:
+        return None
+    bias = layer.bias
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    inp_dtype = x.dtype
+    compute = layer.compute_dtype or inp_dtype
+    xc = x if inp_dtype == compute else x.to(compute)
+    if bias is not None and bias.dtype != compute:
+        bias = bias.to(compute)
+    y = ops.keyed_linear(xc, weight, ops.keyed_launch(key), bias)
+    if y is None:
+        return None
+    return y if y.dtype == inp_dtype else y.to(inp_dtype)
 
 
 # -- bitsandbytes' classes, taken when the process imports it (bnb_optional) ----------------------------

@@ -558,6 +558,9 @@ class QuantExperts4bit(nn.Module):
     use_gemv: bool = True
     #: The buffers registered under a key for the keyed ops (:meth:`_prepare`); None on the meta device.
     _prepared: PreparedExperts | None = None
+    #: ``_prepared.key`` (-1: none), what a compiled graph reads: one int guard, where reading the
+    #: NamedTuple guards its type, length and key.
+    _prepared_key: int = -1
 
     def __init__(
         self,
@@ -606,6 +609,7 @@ class QuantExperts4bit(nn.Module):
         buffers = PreparedExperts(*(self._buffers[name] for name in _PREPARED_BUFFERS))
         absent = any(t is None or t.is_meta for t in buffers[:3])
         self.__dict__["_prepared"] = None if absent else prepared.register(self, buffers)
+        self.__dict__["_prepared_key"] = -1 if absent else self.__dict__["_prepared"].key
 
     def _prepared_is_current(self) -> bool:
         p = self.__dict__.get("_prepared")
@@ -701,13 +705,13 @@ class QuantExperts4bit(nn.Module):
         dtype = hidden_states.dtype
         x = hidden_states if dtype == self.compute_dtype else hidden_states.to(self.compute_dtype)
         w = top_k_weights  # as the router gives them: transformers multiplies in their dtype
-        prep = self._prepared
-        if self.act_name is not None and prep is not None and ops.keyed_tracing():
+        key = self._prepared_key
+        if self.act_name is not None and key >= 0 and ops.keyed_tracing():
             # compiled: the op with the absmax and code table by key (PreparedExperts), so the graph's
             # only input from the layer is its codes (absmax and quant_map are not read here: a tensor
             # the traced code touches is guarded)
             y = moe_experts_4bit_keyed(
-                x, top_k_index, w, self.packed, prep.key, self.intermediate_dim, self.blocksize,
+                x, top_k_index, w, self.packed, key, self.intermediate_dim, self.blocksize,
                 self.act_name, self.use_gemv,
             )  # fmt: skip
             return y if y.dtype == dtype else y.to(dtype)

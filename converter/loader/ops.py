@@ -28,7 +28,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from converter.kernels import prepared
 from converter.kernels.checks import GEMV_MAX_WEIGHTS, KERNEL_DTYPE_NAMES
+from converter.loader import dynamo_marks
 from formats.quant_types import NESTED_BLOCKSIZE
 
 #: Largest token count the fused GEMV takes (the kernel is written for batch 1..8).
@@ -234,6 +236,47 @@ def gemv_prepared(x2d: torch.Tensor, args: KernelArgs, weight: torch.Tensor | No
     )
 
 
+class KeyedLaunch(NamedTuple):
+    """What a traced launch of a registered weight reads besides x and the weight (:func:`keyed_launch`)."""
+
+    key: int
+    in_features: int
+    out_features: int
+    gemv: bool
+    blocksize: int
+    multi: bool  # its device's kernels have the several-weights launch (gemv_4bit_multi)
+
+
+@dynamo_marks.assume_constant_result
+def keyed_launch(key: int) -> KeyedLaunch:
+    """The launch constants of the weight registered under ``key``, taken by a traced graph as constants.
+
+    Dynamo guards every attribute a traced forward reads: read from the layer's ``_kernel_args`` these
+    were five guards per 4-bit layer (its type, length, key, gemv, in/out features) checked before every
+    compiled call. A registered entry is never changed and a key is never reused
+    (converter/kernels/prepared.py), so they are a function of the key alone: the graph guards the key
+    (its layer's ``_prepared_key``, one int guard) and a layer prepared again has a new key, so the graph
+    is traced again and this is evaluated anew."""
+    a = prepared.lookup(key)
+    multi = a.impls is not None and "gemv_4bit_multi" in a.impls
+    return KeyedLaunch(a.key, a.in_features, a.out_features, a.gemv, a.blocksize, multi)
+
+
+def keyed_linear(
+    x: torch.Tensor, weight: torch.Tensor, launch: KeyedLaunch, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """:func:`linear`'s fused-GEMV branch for a traced call of a registered weight (``launch``: its
+    :func:`keyed_launch`), the same op and arguments; None where :func:`linear` would dequantize."""
+    tokens = x.numel() // launch.in_features
+    if not (launch.gemv and 1 <= tokens <= GEMV_MAX_TOKENS and x.dtype in KERNEL_DTYPE_NAMES):
+        return None
+    x2d = x.reshape(tokens, launch.in_features)
+    y = torch.ops.quantize_model.gemv_4bit_keyed(x2d, weight, launch.key, launch.out_features)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], launch.out_features)
+
+
 def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
     """Whether one several-weights launch (:func:`gemv_prepared_multi`) takes ``x2d`` times these weights:
     2..GEMV_MAX_WEIGHTS weights that each take the fused GEMV, of one in_features and blocksize, on
@@ -256,11 +299,32 @@ def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
     )
 
 
+def keyed_multi_ok(
+    x2d: torch.Tensor, launches: Sequence[KeyedLaunch], weights: Sequence[torch.Tensor]
+) -> bool:
+    """:func:`multi_ok` for a traced call of registered weights (their :func:`keyed_launch`), the weights
+    on x2d's device."""
+    if not 2 <= len(launches) <= GEMV_MAX_WEIGHTS or not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS:
+        return False
+    if x2d.dtype not in KERNEL_DTYPE_NAMES:
+        return False
+    a0 = launches[0]
+    if x2d.dim() != 2 or x2d.shape[1] != a0.in_features:
+        return False
+    return all(
+        a.gemv and a.multi and a.in_features == a0.in_features and a.blocksize == a0.blocksize
+        for a in launches
+    ) and all(w.device == x2d.device for w in weights)
+
+
 def gemv_prepared_multi(
-    x2d: torch.Tensor, args_seq: Sequence[KernelArgs], weights: Sequence[torch.Tensor] | None = None
+    x2d: torch.Tensor,
+    args_seq: Sequence[KernelArgs] | Sequence[KeyedLaunch],
+    weights: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """``[x2d @ W_i.T]`` ([B, out_features_i] each, x2d's dtype) in one launch (:func:`multi_ok` holds):
-    each equal to :func:`gemv_prepared` of weight i on CPU; on CUDA within the same derived bound."""
+    each equal to :func:`gemv_prepared` of weight i on CPU; on CUDA within the same derived bound.
+    While tracing, ``args_seq`` may be the weights' :func:`keyed_launch` (then ``weights`` are given)."""
     compiling = torch.compiler.is_compiling()
     if _keyed(args_seq):  # graph inputs besides x: the weights
         return torch.ops.quantize_model.gemv_4bit_multi_keyed(

@@ -300,7 +300,7 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
         return type(self)._qm_base.forward(self, hidden_states)
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, weight)
-    if type(self)._qm_fused_router == "mixtral":
+    if self._qm_fused_router == "mixtral":  # not type(self).: a Python aliasing guard per layer
         renorm, out_dtype = True, None
     else:
         renorm, out_dtype = self.norm_topk_prob, router_logits.dtype

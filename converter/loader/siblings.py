@@ -61,6 +61,12 @@ class _Parked:
     taken: list[bool] = field(default_factory=list)
 
 
+#: Parked outputs while dynamo traces, by ``id()`` of their group: a traced store on the group itself is
+#: replayed after every compiled call (a setattr per group, 48 on a 48-layer model); this dict is empty
+#: again once each block took its outputs, and dynamo replays it once.
+_TRACED_PARKED: dict[int, _Parked] = {}
+
+
 class SiblingGroup:
     """The shared state of 2..4 sibling 4-bit layers (see the module docstring)."""
 
@@ -76,38 +82,48 @@ class SiblingGroup:
             return None
         index = member._sibling_index
         compiling = torch.compiler.is_compiling()
-        parked = self._parked
+        parked = _TRACED_PARKED.get(id(self)) if compiling else self._parked
         if parked is not None and parked.x is x and not parked.taken[index]:
             if compiling or parked.version == x._version:
-                return self._take(parked, index, member, x)
-        launch = self._launch_args(x)
+                return self._take(parked, index, member, x, compiling)
+        launch = self._traced_launch(member, x) if compiling and ops.keyed_tracing() else self._launch_args(x)
         if launch is None:
             return None
-        args, x2d = launch
-        if parked is not None and not all(parked.taken):
+        args, x2d, weights = launch
+        if parked is not None and not all(parked.taken) and not compiling:
             self.misses += 1
-            if self.misses >= MAX_MISSES and not compiling:
+            if self.misses >= MAX_MISSES:
                 self.enabled = False
                 self._parked = None
                 return None
-        outputs = ops.gemv_prepared_multi(x2d, args, [m.weight for m in self.members])
+        outputs = ops.gemv_prepared_multi(x2d, args, weights)
         version = 0 if compiling else x._version
         parked = _Parked(x, version, outputs, [False] * len(self.members))
-        self._parked = parked
-        return self._take(parked, index, member, x)
+        if compiling:
+            _TRACED_PARKED[id(self)] = parked
+        else:
+            self._parked = parked
+        return self._take(parked, index, member, x, compiling)
 
-    def _take(self, parked: _Parked, index: int, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _take(
+        self, parked: _Parked, index: int, member: nn.Module, x: torch.Tensor, compiling: bool
+    ) -> torch.Tensor:
         parked.taken[index] = True
-        if all(parked.taken):
-            self._parked = None  # nothing stays referenced (or, under dynamo, outlives the graph)
+        if all(parked.taken):  # nothing stays referenced (or, under dynamo, outlives the graph)
+            if compiling:
+                del _TRACED_PARKED[id(self)]
+            else:
+                self._parked = None
         y = parked.outputs[index]
         if member.bias is not None:
             y = y + member.bias
         return y.reshape(*x.shape[:-1], member.out_features)
 
-    def _launch_args(self, x: torch.Tensor) -> tuple[list[ops.KernelArgs], torch.Tensor] | None:
-        """The members' kernel arguments and x as [tokens, in_features] when one fused launch may serve
-        this call, else None."""
+    def _launch_args(
+        self, x: torch.Tensor
+    ) -> tuple[list[ops.KernelArgs], torch.Tensor, list[torch.Tensor]] | None:
+        """The members' kernel arguments, x as [tokens, in_features] and the members' weights when one
+        fused launch may serve this call, else None."""
         if torch.is_grad_enabled() and x.requires_grad:
             return None
         args = []
@@ -126,7 +142,37 @@ class SiblingGroup:
         if x.shape[-1] != args[0].in_features:
             return None
         x2d = x.reshape(-1, args[0].in_features)
-        return (args, x2d) if ops.multi_ok(x2d, args) else None
+        return (args, x2d, [m.weight for m in self.members]) if ops.multi_ok(x2d, args) else None
+
+    def _traced_launch(
+        self, caller: nn.Module, x: torch.Tensor
+    ) -> tuple[list[ops.KeyedLaunch], torch.Tensor, list[torch.Tensor]] | None:
+        """:meth:`_launch_args` while torch.compile traces (keyed), reading what the members' own traced
+        calls read (``module._traced_forward``: key, weight and its id, use_gemv, compute dtype, bias),
+        the launch's sizes as constants of the keys: dynamo guards each read before every compiled call.
+        The calling member is read as itself, not as a member of the group (a second source of the same
+        module costs a Python aliasing guard per call)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        keys, weights = [], []
+        for i, listed in enumerate(self.members):
+            m = caller if i == caller._sibling_index else listed
+            key, weight, bias = m._prepared_key, m.weight, m.bias
+            if (
+                key < 0
+                or not m.use_gemv
+                or id(weight) != m._prepared_id  # a weight put in place of the prepared one
+                or x.dtype != m.compute_dtype
+                or (bias is not None and (bias.dtype != x.dtype or bias.requires_grad))
+            ):
+                return None
+            keys.append(key)
+            weights.append(weight)
+        launches = [ops.keyed_launch(k) for k in keys]
+        if x.shape[-1] != launches[0].in_features:
+            return None
+        x2d = x.reshape(-1, launches[0].in_features)
+        return (launches, x2d, weights) if ops.keyed_multi_ok(x2d, launches, weights) else None
 
 
 def group_siblings(model: nn.Module, names: Iterable[tuple[str, ...]] = SIBLING_NAMES) -> int:

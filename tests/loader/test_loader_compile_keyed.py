@@ -95,6 +95,25 @@ def test_a_reprepared_layer_recompiles(dynamo, our_folder: Path) -> None:
         assert torch.equal(compiled(IDS).logits, model(IDS).logits)
 
 
+def test_a_weight_put_in_place_of_the_prepared_one_recompiles(dynamo, our_folder: Path) -> None:
+    """A compiled graph reads the layer's key and weight, not ``_prepared_for``: a weight object put in
+    the prepared one's place (same shape, other codes), with no eager call in between, fails the graph's
+    identity guard on the weight, and the call is traced again on the general path (which breaks the
+    graph where it prepares the weight) and gives the eager logits."""
+    model = _load(our_folder)
+    compiled = torch.compile(model, backend="aot_eager")
+    q0, q1 = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
+    with torch.no_grad():
+        before = compiled(IDS).logits
+        q0._buffers["weight"] = q1.weight  # the key stays, the weight object is another one
+        assert q0._kernel_args is not None
+        assert q0._prepared_for is not q0.weight
+        got = compiled(IDS).logits
+        want = model(IDS).logits
+        assert not torch.equal(want, before)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["single", "siblings"])
 def test_exported_program_holds_the_tensors_not_keys(dynamo, our_folder: Path, monkeypatch, fused) -> None:
     """torch.export (strict: dynamo) of a loaded model: the program takes the prepared tensors as it did

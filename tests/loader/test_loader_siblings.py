@@ -166,6 +166,7 @@ def test_compiled_model_has_no_graph_break_and_the_eager_logits(
     assert sorted(launches) == sorted([2, 3] * len(model.model.layers))  # traced: one per group
     assert torch.equal(compiled, eager)
     assert all(m._siblings._parked is None for m in model.modules() if getattr(m, "_siblings", None))
+    assert not siblings._TRACED_PARKED  # the traced launches' parked outputs, all taken
 
 
 def test_cpu_layers_launch_alone_by_default(our_folder: Path, launches: list[int], monkeypatch) -> None:
@@ -200,3 +201,20 @@ def test_codes_replaced_in_place_leave_the_group_launch(our_folder: Path, launch
             assert torch.equal(got[2], old[2])
     assert len(launches) >= 2  # the group launches again after the swap
     assert set(launches) == {3}
+
+
+def test_compiled_group_sees_a_weight_put_in_place_of_a_members(dynamo, our_folder: Path) -> None:
+    """The traced group launch reads each member's key and weight identity (not its kernel arguments):
+    v_proj given another weight object behind its back (no eager call in between) fails the graph's
+    identity guard, and the retraced call leaves v_proj out of the group: the eager logits."""
+    model = _load(our_folder)
+    attn = _attention(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = IDS[:, :1]
+    with torch.no_grad():
+        before = compiled(ids).logits
+        attn.v_proj._buffers["weight"] = model.model.layers[1].self_attn.v_proj.weight
+        got = compiled(ids).logits
+        want = model(ids).logits
+    assert not torch.equal(want, before)
+    assert torch.equal(got, want)

@@ -57,7 +57,7 @@ def test_graph_reads_only_the_codes_of_each_experts_layer(dynamo, folders) -> No
     torch._dynamo.reset()
     for m in layers:  # unregistered: the plain op, which takes the tensors
         prepared.release(m._prepared.key)
-        m.__dict__["_prepared"] = None
+        m.__dict__["_prepared"], m.__dict__["_prepared_key"] = None, -1
     plain_names, plain_ops, plain_inputs = trace_guards(model, IDS)
     assert any(op.startswith("quantize_model.moe_experts_4bit.") for op in plain_ops)
     assert plain_inputs - inputs == 2 * len(layers)
