@@ -153,6 +153,11 @@ class KernelArgs(NamedTuple):
     gemv: bool  # the fused GEMV applies (a kernel, whole blocks per row)
     key: int = -1  # converter.kernels.prepared's key once a layer registered these (>= 0), else -1
 
+    @property
+    def multi(self) -> bool:
+        """This device's kernels have the several-weights launch (gemv_4bit_multi)."""
+        return self.impls is not None and "gemv_4bit_multi" in self.impls
+
 
 def prepare(packed: torch.Tensor, state: Any) -> KernelArgs:
     """The kernel arguments of a weight ([out, in] or any shape when only dequantized)."""
@@ -258,8 +263,7 @@ def keyed_launch(key: int) -> KeyedLaunch:
     (its layer's ``_prepared_key``, one int guard) and a layer prepared again has a new key, so the graph
     is traced again and this is evaluated anew."""
     a = prepared.lookup(key)
-    multi = a.impls is not None and "gemv_4bit_multi" in a.impls
-    return KeyedLaunch(a.key, a.in_features, a.out_features, a.gemv, a.blocksize, multi)
+    return KeyedLaunch(a.key, a.in_features, a.out_features, a.gemv, a.blocksize, a.multi)
 
 
 def keyed_linear(
@@ -277,10 +281,16 @@ def keyed_linear(
     return y.reshape(*x.shape[:-1], launch.out_features)
 
 
-def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
+def multi_ok(
+    x2d: torch.Tensor,
+    args_seq: Sequence[KernelArgs] | Sequence[KeyedLaunch],
+    weights: Sequence[torch.Tensor] | None = None,
+) -> bool:
     """Whether one several-weights launch (:func:`gemv_prepared_multi`) takes ``x2d`` times these weights:
     2..GEMV_MAX_WEIGHTS weights that each take the fused GEMV, of one in_features and blocksize, on
-    x2d's device, with a kernel for it, and 1..GEMV_MAX_TOKENS rows of x2d."""
+    x2d's device, with a kernel for it, and 1..GEMV_MAX_TOKENS rows of x2d. ``args_seq``: the weights'
+    kernel arguments, or while tracing their :func:`keyed_launch` (then ``weights``, the layers' weights,
+    say where they are; default: the arguments' packed codes)."""
     if not 2 <= len(args_seq) <= GEMV_MAX_WEIGHTS or not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS:
         return False
     if x2d.dtype not in KERNEL_DTYPE_NAMES:
@@ -288,33 +298,11 @@ def multi_ok(x2d: torch.Tensor, args_seq: Sequence[KernelArgs]) -> bool:
     a0 = args_seq[0]
     if x2d.dim() != 2 or x2d.shape[1] != a0.in_features:
         return False
-    return all(
-        a.gemv
-        and a.impls is not None
-        and "gemv_4bit_multi" in a.impls
-        and a.in_features == a0.in_features
-        and a.blocksize == a0.blocksize
-        and a.packed.device == x2d.device
-        for a in args_seq
-    )
-
-
-def keyed_multi_ok(
-    x2d: torch.Tensor, launches: Sequence[KeyedLaunch], weights: Sequence[torch.Tensor]
-) -> bool:
-    """:func:`multi_ok` for a traced call of registered weights (their :func:`keyed_launch`), the weights
-    on x2d's device."""
-    if not 2 <= len(launches) <= GEMV_MAX_WEIGHTS or not 1 <= x2d.shape[0] <= GEMV_MAX_TOKENS:
-        return False
-    if x2d.dtype not in KERNEL_DTYPE_NAMES:
-        return False
-    a0 = launches[0]
-    if x2d.dim() != 2 or x2d.shape[1] != a0.in_features:
-        return False
+    on = [a.packed for a in args_seq] if weights is None else weights
     return all(
         a.gemv and a.multi and a.in_features == a0.in_features and a.blocksize == a0.blocksize
-        for a in launches
-    ) and all(w.device == x2d.device for w in weights)
+        for a in args_seq
+    ) and all(w.device == x2d.device for w in on)
 
 
 def gemv_prepared_multi(

@@ -142,7 +142,8 @@ class SiblingGroup:
         if x.shape[-1] != args[0].in_features:
             return None
         x2d = x.reshape(-1, args[0].in_features)
-        return (args, x2d, [m.weight for m in self.members]) if ops.multi_ok(x2d, args) else None
+        weights = [m.weight for m in self.members]
+        return (args, x2d, weights) if ops.multi_ok(x2d, args, weights) else None
 
     def _traced_launch(
         self, caller: nn.Module, x: torch.Tensor
@@ -172,7 +173,7 @@ class SiblingGroup:
         if x.shape[-1] != launches[0].in_features:
             return None
         x2d = x.reshape(-1, launches[0].in_features)
-        return (launches, x2d, weights) if ops.keyed_multi_ok(x2d, launches, weights) else None
+        return (launches, x2d, weights) if ops.multi_ok(x2d, launches, weights) else None
 
 
 def group_siblings(model: nn.Module, names: Iterable[tuple[str, ...]] = SIBLING_NAMES) -> int:
