@@ -1,7 +1,10 @@
-"""Helpers for tests that read dynamo's guards (shared by the loader and MoE compile tests)."""
+"""Helpers for tests that read dynamo's guards and exported programs (shared by the loader and MoE
+compile tests)."""
 
 from __future__ import annotations
 
+import gc
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,3 +46,30 @@ def trace_guards(model: torch.nn.Module, *args: Any) -> tuple[list[str], list[st
         call_with_guard_filter(compiled, *args)
     assert len(inputs) == 1, f"{len(inputs)} graphs"
     return names, ops, inputs[0]
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, use_cache=False).logits
+
+
+def export_outlives_model(load: Callable[[], torch.nn.Module], ids: torch.Tensor) -> list[str]:
+    """The op names of ``torch.export`` (strict: dynamo) of the logits of the model ``load()`` makes, after
+    checking that no keyed op is in the program (keys are this process's: a saved program would read no
+    or other layers' tensors) and that it runs after its model is freed, giving the eager logits."""
+    model = load()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = model(ids).logits
+        program = torch.export.export(_Logits(model), (ids,), strict=True)
+    ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert not any("keyed" in op for op in ops)
+    del model
+    gc.collect()
+    with torch.no_grad():
+        assert torch.equal(program.module()(ids), expected)
+    return ops
