@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import logging
 import os
 import sys
 import time
@@ -172,6 +173,7 @@ def _warm_compiled(
 
     graphs = torch._dynamo.utils.counters["stats"]
     before_graphs = graphs["unique_graphs"]
+    skips = _CudagraphSkips()  # reduce-overhead runs a graph without CUDA graphs when inductor skips them
     compile_decode(model, device, fullgraph=True)
     try:
         time_generate(model, ids, new, cache, device)
@@ -189,6 +191,27 @@ def _warm_compiled(
         msg = "torch.compile compiled nothing (TORCHDYNAMO_DISABLE=1?)"
         raise RuntimeError(msg)
     time_generate(model, ids, new, cache, device)
+    row["cudagraph_skips"] = skips.finish()
+
+
+class _CudagraphSkips(logging.Handler):
+    """The reasons inductor gave for running a compiled graph without CUDA graphs (its "skipping
+    cudagraphs due to ..." warnings) while this handler is attached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch._inductor import cudagraph_utils
+
+        self.logger = cudagraph_utils.cudagraphs_log
+        self.messages: list[str] = []
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage()[:300])
+
+    def finish(self) -> list[str]:
+        self.logger.removeHandler(self)
+        return list(dict.fromkeys(self.messages))
 
 
 def _time_blocks(blocks: list[torch.nn.Module], x: torch.Tensor, iters: int, graph: bool) -> float:
@@ -331,7 +354,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {mode}: {label} | {ours} | {theirs} | {_ratio(o.get(key), b.get(key))} |")
         for side, row in (("ours", o), ("bf16", b)):
             if "compile" in row:
-                lines.append(f"| {mode}: {side} compile | {row['compile']} | | |")
+                skips = "; ".join(row.get("cudagraph_skips", [])) or "none"
+                lines.append(f"| {mode}: {side} compile | {row['compile']}, CUDA-graph skips: {skips} | | |")
     impl = r.get("bf16_experts_implementation")
     lines.append(f"\nconvert {r['convert_s']} s, load {r['load_s']}, whole run {r['total_s']} s")
     lines.append(f"bf16 experts implementation: {impl}")
