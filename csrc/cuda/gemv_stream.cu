@@ -27,7 +27,7 @@
 //   grid row; its four 32-byte segments are XOR-swizzled by the row (segment s at (s ^ (row & 3)) * 32)
 //   so the 8-byte loads of four rows of a half-warp hit four different bank quarters.
 // - work split: `split` warps of a CTA share a 16-row tile (every split-th k tile) and meet in shared
-//   memory in warp order; a CTA takes up to 8 / split row tiles, fewer where that evens out the row
+//   memory in warp order; a CTA takes 8 / split row tiles, at split 1 fewer where that evens out the row
 //   tiles per multiprocessor (28672 rows: 7 per CTA, one warp idle); for thin shapes the K range is also cut into `ks` slices across CTAs
 //   (grid.y) whose float32 partial sums go to a scratch buffer, summed in slice order by a second tiny
 //   kernel: deterministic, no atomics.
@@ -541,10 +541,14 @@ Plan plan(int device, int64_t N, int64_t K, int variant) {
   while (pl.split < kWarps && row_tiles * pl.split * 2 <= slots * kWarps && k_tiles >= 4 * pl.split) pl.split *= 2;
   // Row tiles per CTA: the fewest row tiles on the busiest multiprocessor (CTAs spread evenly, all
   // resident at once), ties to more per CTA. 28672 rows at split 1 on 132 SMs: 7 (256 CTAs, 14 row
-  // tiles on the busiest SM) rather than 8 (224 CTAs, 16 on 92 SMs and 8 on 40).
+  // tiles on the busiest SM) rather than 8 (224 CTAs, 16 on 92 SMs and 8 on 40). Split warps keep every
+  // warp of a CTA busy: the q/k/v launches (6144 x 4096, 5120 x 2048 rows together) at split 4 took one
+  // row tile per CTA (half of its warps idle, 384 / 320 CTAs in two waves): 12.7 / 9.1 us on an H100,
+  // two row tiles per CTA (one wave) 11.1 / 7.7 us, same arithmetic (docs/benchmarks.md round 36).
   pl.tiles = kWarps / pl.split;
   int64_t best = -1;
-  for (int t = kWarps / pl.split; t >= 1 && 2 * t * pl.split >= kWarps; --t) {
+  const int fewest = pl.split == 1 ? (kWarps + 1) / 2 : kWarps / pl.split;
+  for (int t = kWarps / pl.split; t >= fewest; --t) {
     const int64_t busiest = ((row_tiles + t - 1) / t + sms - 1) / sms * t;
     if (best < 0 || busiest < best) best = busiest, pl.tiles = t;
   }
