@@ -211,7 +211,18 @@ def keyed_tracing() -> bool:
     torch.compile traces, but not under ``torch.export``, whose program would keep this process's keys
     as constants (a saved or later-run program would read no or other layers' tensors): there the
     tensors are the graph's inputs, as before the keyed ops."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    return torch.compiler.is_compiling() and not _exporting()
+
+
+@dynamo_marks.assume_constant_result
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing, read when dynamo traces the call. Not
+    ``torch.compiler.is_exporting()``: dynamo up to torch 2.11 folds that call to True under
+    ``torch.compile`` too (torch/_dynamo/variables/torch.py), which sent every compiled call there down
+    the general path (no keyed ops: the prepared tensors were graph inputs again, and a graph kept
+    reading the old codes after ``weight.data = ...``). torch.export sets the flag it returns."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def _keyed(args_seq: Sequence[KernelArgs]) -> bool:

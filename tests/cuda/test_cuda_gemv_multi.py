@@ -93,6 +93,24 @@ def test_multi_within_bound_and_equal_to_one_weight_launches(dtype, nested):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("outs", "in_f"), [((4096, 1024, 1024), 4096), ((4096, 512, 512), 2048)], ids=["llama8b", "qwen3moe"]
+)
+def test_real_qkv_launches_take_full_ctas(outs, in_f):
+    """The q/k/v launches of Llama-3.1-8B and Qwen3-30B-A3B: the default plan takes split 4 with two row
+    tiles per CTA (variant 14) on a GPU of ~132 multiprocessors, where it took one (half of each CTA's
+    warps idle); the split per row tile is the same, so the sums are: within the bound, and equal to
+    variant 14's bit for bit on any GPU."""
+    weights = [_weight(o, in_f, 64, True, seed=70 + i) for i, o in enumerate(outs)]
+    for batch in (1, 4):
+        x = torch.randn(batch, in_f, dtype=torch.bfloat16, device="cuda")
+        ys = _check(weights, x, in_f, 64, STREAM, f"{outs}x{in_f}")
+        forced = _check(weights, x, in_f, 64, 14, f"{outs}x{in_f} variant 14")
+        for i, (y, f) in enumerate(zip(ys, forced, strict=True)):
+            assert torch.equal(y, f), f"weight {i}, B={batch}"
+
+
+@pytest.mark.cuda
 def test_mixed_weights_in_one_launch():
     """Each weight its own quant map (NF4 / FP4), absmax kind (nested / float32) and blocksize-64 codes."""
     in_f = 2048
