@@ -287,17 +287,26 @@ gemv_4bit = define("gemv_4bit", _gemv_4bit_cpu, _gemv_4bit_fake, _gemv_4bit_cuda
 
 
 def _unkey(weight: torch.Tensor, key: int, out_features: int) -> tuple:
-    """gemv_4bit's arguments after x, the weight's from the registry."""
+    """gemv_4bit's arguments after x: the codes of ``weight``, the rest from the registry.
+
+    The registered codes are the weight's own bytes, except where the call was given other memory: a
+    copy of them (torch's ``cudagraphs`` backend copies every non-static input into its recorded
+    buffers) or codes put in place with ``weight.data = ...`` (an eager call prepares those again with
+    the weight's quant state, which is the registered absmax). Either way the launch reads the codes it
+    was given, as the eager forward does."""
     a = prepared.lookup(key)
-    if a.packed.data_ptr() != weight.data_ptr():
-        msg = (
-            f"gemv_4bit_keyed: key {key} was registered for another weight: the layer's weight no longer "
-            "holds the codes its kernel arguments were prepared from (its data replaced in place, e.g. "
-            "`weight.data = ...`, which an eager call prepares again but a compiled graph does not see); "
-            "give it the new weight with load_state_dict instead"
-        )
-        raise ValueError(msg)
-    return (a.packed, a.absmax, a.codes, a.nested_absmax, a.nested_map, a.offset, a.quant_map, out_features,
+    packed = a.packed
+    if packed.data_ptr() != weight.data_ptr():
+        flat = weight.contiguous().reshape(-1)
+        packed = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+        if packed.numel() != a.packed.numel() or packed.device != a.packed.device:
+            msg = (
+                f"gemv_4bit_keyed: key {key} was registered for a weight of {a.packed.numel()} code bytes on "
+                f"{a.packed.device}, called with {packed.numel()} on {packed.device} (the layer's weight "
+                "replaced in place by one of another size); give a layer new weights with load_state_dict"
+            )
+            raise ValueError(msg)
+    return (packed, a.absmax, a.codes, a.nested_absmax, a.nested_map, a.offset, a.quant_map, out_features,
             a.blocksize)  # fmt: skip
 
 

@@ -305,7 +305,8 @@ class QuantLinear4bit(nn.Module):
     _prepared_key: int = -1
     _prepared_id: int = 0
     #: The address of the codes they were prepared from: ``weight.data = codes`` keeps the weight object
-    #: but not this address, and the next eager call prepares again (a compiled graph's keyed op refuses).
+    #: but not this address, and the next eager call prepares again (a compiled graph's keyed op reads the
+    #: codes it is given).
     _prepared_ptr: int = -1
     #: Those codes, held so that their address is never reused by new codes while it is compared.
     _prepared_data: torch.Tensor | None = None
@@ -421,8 +422,8 @@ class QuantLinear4bit(nn.Module):
         self.__dict__["_prepared_data"] = weight.detach()
         self.__dict__["_prepared_ptr"] = _data_address(weight)
         if weight.is_cuda:  # CUDA graphs may keep these addresses: no per-replay copy of the weight
-            # (the weight is the keyed op's graph input: dynamo marks module buffers static too; the
-            # keyed op refuses a copy of it, whose address is not the registered one)
+            # (the weight is the keyed op's graph input: dynamo marks module buffers static too; torch's
+            # ``cudagraphs`` backend copies it anyway, and the keyed op then reads the copy)
             dynamo_marks.mark_static_address(weight)
             for t in self._kernel_args:
                 if isinstance(t, torch.Tensor):
@@ -501,7 +502,7 @@ class QuantLinear4bit(nn.Module):
         weight = self.weight
         args = self._kernel_args
         if compiling:
-            pass  # a compiled graph's keyed op refuses codes replaced in place (see _stale)
+            pass  # a compiled graph's keyed op reads the codes it is given (see _stale)
         elif self._prepared_for is not weight:
             self._assigned(weight)  # PEFT's bnb merge or unmerge: the general path serves it
             args = None
@@ -524,8 +525,8 @@ class QuantLinear4bit(nn.Module):
 
     def _stale(self, weight: torch.Tensor) -> bool:
         """Whether the prepared weight's codes were replaced under it (``weight.data = codes``) since it
-        was prepared. Eager calls only: a compiled graph reads the prepared codes by key, and its keyed op
-        refuses other codes (converter/kernels/custom_ops.py)."""
+        was prepared. Eager calls only: a compiled graph's keyed op reads the codes it is given with the
+        registered absmax (converter/kernels/custom_ops.py)."""
         return (
             self._prepared_for is weight
             and not torch.compiler.is_compiling()
@@ -610,7 +611,8 @@ def _traced_forward(layer: QuantLinear4bit, x: torch.Tensor) -> torch.Tensor | N
     a layer prepared again (new weight, device move, codes reloaded) has a new key; a weight assigned
     in place of the prepared one (PEFT's merge) fails the identity guard, and the retraced call takes
     the general path; a ``use_gemv`` or dtype switched fails its guard; codes replaced inside the
-    same weight (``weight.data = ...``) make the keyed op raise (converter/kernels/custom_ops.py)."""
+    same weight (``weight.data = ...``) are what the keyed op reads, with the registered absmax (the
+    weight's quant state), as the eager call does (converter/kernels/custom_ops.py ``_unkey``)."""
     key = layer._prepared_key
     if key < 0 or not layer.use_gemv or not ops.keyed_tracing():
         return None

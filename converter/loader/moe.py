@@ -450,17 +450,19 @@ class PreparedExperts(NamedTuple):
 
 
 def _unkey_experts(packed: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed, absmax, quant_map) of the layer that registered ``key``, whose codes ``packed`` must be."""
+    """(packed, absmax, quant_map): the codes given, the absmax and code table of the layer that registered
+    ``key``. The codes are the registered ones, a copy of them (torch's ``cudagraphs`` backend copies
+    non-static inputs) or codes put in place (``packed.data = ...``, which the eager call reads too)."""
     a = prepared.lookup(key)
-    if a.packed.data_ptr() != packed.data_ptr():
+    if packed.shape != a.packed.shape or packed.device != a.packed.device:
         msg = (
-            f"moe_experts_4bit_keyed: key {key} was registered for other experts: the layer's `packed` no "
-            "longer holds the codes its absmax was registered with (its buffer replaced behind the layer, "
-            "e.g. `experts._buffers['packed'] = ...` or `packed.data = ...`); assign the new tensors as "
+            f"moe_experts_4bit_keyed: key {key} was registered for experts codes {tuple(a.packed.shape)} on "
+            f"{a.packed.device}, called with {tuple(packed.shape)} on {packed.device} (the layer's `packed` "
+            "replaced behind it, e.g. `experts._buffers['packed'] = ...`); assign the new tensors as "
             "attributes (`experts.packed = ...`, `experts.absmax = ...`) or load them with load_state_dict"
         )
         raise ValueError(msg)
-    return a.packed, a.absmax, a.quant_map
+    return packed, a.absmax, a.quant_map
 
 
 @torch.library.custom_op("quantize_model::moe_experts_4bit_keyed", mutates_args=())

@@ -169,20 +169,38 @@ def test_preparing_again_keeps_one_finalizer_per_layer(our_folder: Path) -> None
     assert not any(k in prepared._ARGS or k in prepared._FINALIZERS for k in keys)
 
 
-def test_codes_replaced_in_place_raise_a_clear_error(dynamo, our_folder: Path) -> None:
-    """``weight.data = ...`` swaps the codes under a prepared layer (an eager call prepares the new codes:
-    test_loader_module.py; a compiled graph reads the registered ones by key): the compiled model never
-    reads the old weight's codes, it refuses with an error that says what happened and what to do.
-    (Round 35 saw old logits here on torch 2.11: the graph had not taken the keyed path at all, see
-    test_keyed_launches_while_compiling_and_not_while_exporting.)"""
+def test_codes_replaced_in_place_are_read_as_eager_reads_them(dynamo, our_folder: Path) -> None:
+    """``weight.data = ...`` swaps the codes under a prepared layer: the eager call prepares the new codes
+    with the weight's quant state (test_loader_module.py); the compiled graph's keyed op reads the codes
+    it is given, with the registered absmax (the same quant state), so both give the new logits. (Round
+    35 saw the old logits here on torch 2.11: the graph had not taken the keyed path at all, see
+    test_keyed_launches_while_compiling_and_not_while_exporting; round 34's op refused other memory,
+    which broke torch's ``cudagraphs`` backend: it copies the weights before it records.)"""
     model = _load(our_folder)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     layers = model.model.layers
     with torch.no_grad():
-        compiled(IDS)
+        before = compiled(IDS).logits
         layers[0].mlp.down_proj.weight.data = layers[1].mlp.down_proj.weight.data.clone()
-        with pytest.raises(ValueError, match=r"replaced in place.*load_state_dict"):
-            compiled(IDS)
+        got = compiled(IDS).logits
+        assert not torch.equal(got, before)
+        assert torch.equal(got, model(IDS).logits)
+
+
+def test_keyed_op_reads_a_copy_of_the_codes_and_refuses_other_sizes(our_folder: Path) -> None:
+    """What torch's ``cudagraphs`` backend does at record time: the weight is a copy of the registered
+    codes at another address. The op reads the copy (the same bytes: the same output); codes of another
+    size get an error naming the key and load_state_dict."""
+    layer = _layers(_load(our_folder))[0]
+    key, weight = layer._prepared_key, layer.weight
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    op = torch.ops.quantize_model.gemv_4bit_keyed
+    with torch.no_grad():
+        expected = op(x, weight, key, layer.out_features)
+        assert torch.equal(op(x, weight.detach().clone(), key, layer.out_features), expected)
+        assert torch.equal(expected, layer(x))
+        with pytest.raises(ValueError, match=rf"key {key} was registered for a weight of .*load_state_dict"):
+            op(x, weight.detach().reshape(-1)[:-1].clone(), key, layer.out_features)
 
 
 def test_epoch_changes_when_a_live_layer_drops_its_kernel_tensors(

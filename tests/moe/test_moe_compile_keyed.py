@@ -167,6 +167,16 @@ def test_moves_and_assigned_buffers_register_anew(folders) -> None:
     assert key not in prepared._ARGS
 
 
+def _eager_with(layer: torch.nn.Module, packed: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """The layer's eager output with ``packed`` as its codes buffer (put behind it, then restored)."""
+    own = layer._buffers["packed"]
+    layer._buffers["packed"] = packed
+    try:
+        return layer(*inputs)
+    finally:
+        layer._buffers["packed"] = own
+
+
 def test_freed_or_stale_keys_raise_clear_errors(folders) -> None:
     model = _load(folders("qwen3_moe")[0])
     layer = _experts(model)[0]
@@ -177,8 +187,15 @@ def test_freed_or_stale_keys_raise_clear_errors(folders) -> None:
     with torch.no_grad():
         expected = layer(x, idx, w)
         assert torch.equal(moe_experts_4bit_keyed(x, idx, w, packed, key, *args), expected)
-        with pytest.raises(ValueError, match=r"registered for other experts.*load_state_dict"):
-            moe_experts_4bit_keyed(x, idx, w, packed.clone(), key, *args)
+        # a copy of the codes (torch's cudagraphs backend copies its inputs when it records): the copy
+        # is read; other codes of the same shape are read as the eager call reads them
+        assert torch.equal(moe_experts_4bit_keyed(x, idx, w, packed.clone(), key, *args), expected)
+        other = torch.roll(packed, 1, dims=0)
+        assert torch.equal(
+            moe_experts_4bit_keyed(x, idx, w, other, key, *args), _eager_with(layer, other, x, idx, w)
+        )
+        with pytest.raises(ValueError, match=r"registered for experts codes.*load_state_dict"):
+            moe_experts_4bit_keyed(x, idx, w, packed[:-1], key, *args)
         del model, layer
         gc.collect()
         with pytest.raises(
