@@ -58,5 +58,18 @@ def skip_prepared_tensor_guards(entries: Sequence[Any]) -> list[bool]:
 
 
 def compile_options() -> dict[str, Any]:
-    """``torch.compile`` options for a model with 4-bit layers (see the module docstring)."""
-    return {"guard_filter_fn": skip_prepared_tensor_guards}
+    """``torch.compile`` options for a model with 4-bit layers (see the module docstring); none before
+    torch 2.13 (:func:`guard_filter_supported`)."""
+    return {"guard_filter_fn": skip_prepared_tensor_guards} if guard_filter_supported() else {}
+
+
+def guard_filter_supported() -> bool:
+    """Whether this torch's dynamo builds a ``guard_filter_fn``'s entries for a transformers 5.2x model.
+
+    torch 2.11's asserts "Guarded object must be identical" on the first call (it keeps each guarded
+    object alive while it builds the entries, and ``config.per_layer_config`` returns a new object per
+    read); 2.13's does not. Without the filter the guards it would drop stay, which since the keyed ops
+    is a few per layer (docs/benchmarks.md round 36)."""
+    import torch
+
+    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)

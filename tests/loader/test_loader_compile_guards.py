@@ -67,8 +67,11 @@ def test_compiled_model_reads_a_replaced_weight_like_eager(dynamo, our_folder: P
     with torch.no_grad():
         assert torch.equal(compiled(IDS).logits, model(IDS).logits)
         assert_compiled_without_breaks(dynamo)
-        assert dropped
-        assert all("._kernel_args." in n or n.endswith("._buffers['weight']") for n in dropped)
+        if compile_guards.guard_filter_supported():
+            assert dropped
+            assert all("._kernel_args." in n or n.endswith("._buffers['weight']") for n in dropped)
+        else:  # torch 2.11's dynamo asserts while it builds a filter's entries: no filter there
+            assert options == {}
         layers = model.model.layers
         before = model(IDS).logits
         layers[0].self_attn.q_proj.load_state_dict(layers[1].self_attn.q_proj.state_dict())
