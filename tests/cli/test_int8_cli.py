@@ -41,6 +41,24 @@ def test_inspect_and_verify(qm, int8_out: Path) -> None:
     assert r.exit_code == 0, r.output
 
 
+def test_convert_counts_scb_and_weight_format_in_the_quantized_bytes(qm, int8_out: Path) -> None:
+    """The convert summary, its JSON and quantization_report.json said 8.00 bits per quantized weight:
+    the byte count left out every int8 weight's SCB and weight_format (counted for 4-bit: absmax, maps,
+    quant state), so it disagreed with `inspect` of the same folder."""
+    from safetensors import safe_open
+
+    report = json.loads((int8_out / "quantization_report.json").read_text())["summary"]
+    rows = []
+    for shard in sorted(int8_out.glob("model-*.safetensors")):
+        with safe_open(shard, "pt") as fh:
+            rows += [fh.get_slice(k).get_shape()[0] for k in fh.keys() if k.endswith(".SCB")]
+    assert len(rows) == report["tensors_quantized"]
+    # per weight: its codes (1 byte per parameter), SCB (4 bytes per row) and weight_format (1 byte)
+    assert report["bytes_quantized"] == report["params_quantized"] + sum(4 * n + 1 for n in rows)
+    inspected = json.loads(qm("inspect", int8_out, "--json").stdout)
+    assert report["quantized_bits_per_param"] == inspected["quantized_bits_per_param"]
+
+
 def test_verify_against_the_source_measures_the_int8_weights(
     qm, int8_out: Path, tiny_llama: Path, tmp_path: Path
 ) -> None:
