@@ -81,6 +81,34 @@ def test_verify_against_the_source_measures_the_int8_weights(
     assert "but quantization_report.json says" in r.output
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("load_in_4bit", True, "both true"),
+        ("load_in_8bit", 1, "not true or false"),
+        ("llm_int8_threshold", 6, "not a float"),
+        ("llm_int8_skip_modules", "lm_head", "not a list"),
+        ("llm_int8_has_fp16_weight", True, "keep float weights"),
+    ],
+)
+def test_verify_reports_a_config_transformers_refuses(
+    qm, int8_out: Path, tmp_path: Path, key: str, value: object, said: str
+) -> None:
+    """Each edit makes transformers' from_pretrained of the folder fail (BitsAndBytesConfig raises, or
+    Linear8bitLt(has_fp16_weights=True) cannot take int8 codes), yet `verify` said OK."""
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(int8_out, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["quantization_config"][key] = value
+    (edited / "config.json").write_text(json.dumps(config, indent=2))
+    r = qm("verify", edited)
+    assert r.exit_code == 1, r.output
+    assert key in r.output
+    assert said in r.output
+
+
 def test_verify_detects_a_wrong_scb_shape(qm, int8_out: Path, tmp_path: Path) -> None:
     import shutil
 
