@@ -179,3 +179,38 @@ def test_4bit_only_options_do_not_change_an_int8_folder(qm, int8_out: Path, tiny
     with safe_open(next(int8_out.glob("model-*.safetensors")), "pt") as f:
         options = json.loads(f.metadata()["quantize_model.provenance"])["options"]
     assert not {"blocksize", "double_quant", "compute_dtype", "quant_storage"} & set(options)
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "extra"),
+    [
+        ("int8", "model.layers.0.self_attn.q_proj.weight_format"),  # a key int8 writes
+        ("int8", "model.layers.0.self_attn.q_proj.weight.absmax"),  # under the weight: loaders refuse it
+        ("nf4", "model.layers.0.self_attn.q_proj.weight.absmax"),  # a key 4-bit writes
+    ],
+)
+def test_a_source_tensor_named_like_a_quantized_key_is_refused_before_writing(
+    qm, tiny_llama: Path, tmp_path: Path, quant_type: str, extra: str
+) -> None:
+    """A kept source tensor whose name is one of the keys quantizing its weight writes (or lies under
+    them) failed while writing the shard, blaming the output ("not a valid quantize-model shard,
+    reconvert it"), or, for int8 and a key under the weight, finished a folder that verify and
+    load_quantized refuse. Now `convert` (and --dry-run) refuses it up front, naming the tensor."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors[extra] = torch.zeros((), dtype=torch.uint8) if extra.endswith("_format") else torch.ones(4)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    for dry in ([], ["--dry-run"]):
+        r = qm("convert", src, out, "-q", "--quant-type", quant_type, *dry)
+        assert r.exit_code == 2, r.output
+        assert extra in r.output
+        assert "--skip 'model.layers.0.self_attn.q_proj'" in r.output
+        assert "reconvert" not in r.output
+        assert not out.exists()
