@@ -247,11 +247,13 @@ class QuantLinear8bit(nn.Module):
 
     # -- device moves: codes and SCB move, never cast (.half() must not touch them) ---------------
     def _apply(self, fn, recurse: bool = True):
-        weight = self._buffers.pop("weight")
+        # a parameter once PEFT's 8-bit merge / unmerge set a new Int8Params, else our buffer
+        where = self._parameters if "weight" in self._parameters else self._buffers
+        weight = where.pop("weight")
         try:
             super()._apply(fn, recurse)
         finally:
-            self._buffers["weight"] = weight
+            where["weight"] = weight
         if weight.device.type == "meta":
             return self
         target = fn(torch.empty(0, device=weight.device)).device

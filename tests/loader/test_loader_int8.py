@@ -239,6 +239,26 @@ def test_peft_lora_wraps_and_trains(int8_folder: Path) -> None:
                for n, m in _int8_layers(model).items())  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_a_peft_merged_int8_model_casts_and_moves(int8_folder: Path) -> None:
+    """PEFT's 8-bit merge sets the layer's weight to a new Int8Params (a parameter, no longer our
+    buffer); `.half()` / `.to(dtype)` of the merged model then raised KeyError 'weight'. Now they
+    work and, as for any int8 layer, never cast the merged codes or SCB."""
+    model = load_quantized(int8_folder, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    merged = peft.get_peft_model(model, config).merge_and_unload()
+    layer = merged.model.layers[0].self_attn.q_proj
+    codes, scb = layer.codes.clone(), layer.scb.clone()
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    merged.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.int8
+    assert torch.equal(layer.codes, codes)
+    assert torch.equal(layer.scb, scb)
+    assert merged.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert merged(ids).logits.dtype == torch.bfloat16
+
+
 def test_replace_linear_layers_and_state(int8_folder: Path, plain_llama: Path) -> None:
     state = load_quantized_state(int8_folder)
     records = {k: v for k, v in state.items() if isinstance(v, Int8Tensor)}
