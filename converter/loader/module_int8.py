@@ -34,6 +34,7 @@ from torch import nn
 
 from converter.kernels import prepared
 from converter.loader import bnb_optional, int8_ops
+from converter.loader.ops import check_compute_dtype
 from formats.int8 import Int8Tensor, scb_key, weight_format_key
 
 # bitsandbytes' classes, once the process has imported it (bnb_optional: we never import it ourselves):
@@ -86,6 +87,7 @@ def exact_linear(
     ``x[:, cols] @ dequant(CB[:, cols]).T`` added in x's dtype.
     """
     dtype, shape = x.dtype, x.shape
+    check_compute_dtype(dtype)
     a = x.reshape(-1, shape[-1])
     h = a.to(torch.float16)  # a copy (or x itself for fp16 x: never written below unless copied)
     cols = None

@@ -195,6 +195,19 @@ def test_float64_input_computes_in_float64(tokens: int, use_gemv: bool) -> None:
         ours.dequantize(torch.int32)
 
 
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.complex64])
+def test_other_input_dtypes_are_a_type_error_on_every_path(exact: bool, dtype: torch.dtype) -> None:
+    """docs/python-api.md: dtypes other than float32/float16/bfloat16/float64 are a TypeError. With
+    ``exact = True`` an integer input ran bitsandbytes' math and returned an integer tensor (the
+    products truncated), and a complex one failed inside torch."""
+    ours, _ = _layer()
+    ours.exact = exact
+    x = torch.ones(3, 80, dtype=dtype)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"float32, float16, bfloat16 or float64, not"):
+        ours(x)
+
+
 def test_a_loaded_int8_model_runs_in_float64(int8_folder: Path) -> None:
     model = load_quantized(int8_folder).double()
     with torch.no_grad():
