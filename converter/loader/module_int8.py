@@ -167,9 +167,18 @@ class QuantLinear8bit(nn.Module):
         exact: bool = False,
     ) -> None:
         nn.Module.__init__(self)  # not bnb's __init__: it would allocate a full-precision weight
-        if codes.dim() != 2 or codes.dtype != torch.int8 or scb.shape != (codes.shape[0],):
-            msg = f"int8 weight must be int8 [out, in] with SCB [out], got {codes.dtype} {list(codes.shape)}"
+        if (
+            codes.dim() != 2
+            or codes.dtype != torch.int8
+            or scb.shape != (codes.shape[0],)
+            or not scb.is_floating_point()
+        ):
+            msg = (
+                f"int8 weight must be int8 [out, in] with a float SCB [out], got {codes.dtype} "
+                f"{list(codes.shape)} with SCB {scb.dtype} {list(scb.shape)}"
+            )
             raise ValueError(msg)
+        scb = scb.to(torch.float32)  # the kernels' SCB dtype (exact: the values are float16 numbers)
         self.out_features, self.in_features = (int(d) for d in codes.shape)
         self.compute_dtype = compute_dtype
         self.exact = exact
@@ -205,6 +214,8 @@ class QuantLinear8bit(nn.Module):
             prepared.retire()
         self._parameters.pop("weight", None)
         self.__dict__.pop("weight", None)
+        # the kernels take contiguous tensors (no copy when they are: from_record, the shards' views)
+        codes, scb = codes.contiguous(), scb.contiguous()
         self._buffers["weight"] = make_weight(codes, scb)
         self.state = _make_state(codes, scb, threshold)
 

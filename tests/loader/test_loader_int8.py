@@ -208,6 +208,29 @@ def test_other_input_dtypes_are_a_type_error_on_every_path(exact: bool, dtype: t
         ours(x)
 
 
+@pytest.mark.parametrize("tokens", [1, 12])
+def test_layer_from_a_strided_or_half_precision_scb_and_codes(tokens: int) -> None:
+    """``Linear8bit(codes, scb)`` from tensors: codes that are a transposed view, or an SCB that is
+    a strided view or float16 (bitsandbytes' SCB values are float16 numbers), ran past 8 tokens but
+    raised from the GEMV kernel ("codes is not contiguous", "scb has dtype float16") for 1..8 tokens
+    (fp16 SCB: always); so did such views given to ``load_state_dict``. The layer now stores them
+    contiguous and the SCB as float32 (exact)."""
+    ours, _ = _layer()
+    codes, scb = ours.codes, ours.scb
+    strided = torch.stack([scb, scb], dim=1)[:, 0]
+    x = torch.randn(tokens, 80, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ours(x)
+        for c, s in [(codes.t().contiguous().t(), scb), (codes, strided), (codes, scb.half())]:
+            layer = Linear8bit(c, s, ours.bias.data)
+            assert layer.scb.dtype == torch.float32
+            assert torch.equal(layer(x), expected)
+            if s.dtype == torch.float32:  # load_state_dict takes the same views (it refuses F16 SCB)
+                layer = Linear8bit(torch.zeros_like(codes), torch.ones_like(scb), ours.bias.data)
+                layer.load_state_dict({"weight": c, "SCB": s, "bias": ours.bias.data})
+                assert torch.equal(layer(x), expected)
+
+
 def test_a_loaded_int8_model_runs_in_float64(int8_folder: Path) -> None:
     model = load_quantized(int8_folder).double()
     with torch.no_grad():
