@@ -93,7 +93,9 @@ def parameter_count(model: nn.Module, only_trainable: bool = False, exclude_embe
     total = sum(
         p.numel()
         for name, p in model.named_parameters()
-        if not (exclude_embeddings and name in embeddings) and (p.requires_grad or not only_trainable)
+        if not (exclude_embeddings and name in embeddings)
+        and (p.requires_grad or not only_trainable)
+        and not _is_quantized_weight(model, name)  # a parameter once PEFT merged into it: counted below
     )
     if only_trainable:
         return total

@@ -34,6 +34,7 @@ from torch import nn
 
 from converter.kernels import prepared
 from converter.loader import bnb_optional, int8_ops
+from converter.loader.ops import check_compute_dtype
 from formats.int8 import Int8Tensor, scb_key, weight_format_key
 
 # bitsandbytes' classes, once the process has imported it (bnb_optional: we never import it ourselves):
@@ -86,6 +87,7 @@ def exact_linear(
     ``x[:, cols] @ dequant(CB[:, cols]).T`` added in x's dtype.
     """
     dtype, shape = x.dtype, x.shape
+    check_compute_dtype(dtype)
     a = x.reshape(-1, shape[-1])
     h = a.to(torch.float16)  # a copy (or x itself for fp16 x: never written below unless copied)
     cols = None
@@ -165,9 +167,18 @@ class QuantLinear8bit(nn.Module):
         exact: bool = False,
     ) -> None:
         nn.Module.__init__(self)  # not bnb's __init__: it would allocate a full-precision weight
-        if codes.dim() != 2 or codes.dtype != torch.int8 or scb.shape != (codes.shape[0],):
-            msg = f"int8 weight must be int8 [out, in] with SCB [out], got {codes.dtype} {list(codes.shape)}"
+        if (
+            codes.dim() != 2
+            or codes.dtype != torch.int8
+            or scb.shape != (codes.shape[0],)
+            or not scb.is_floating_point()
+        ):
+            msg = (
+                f"int8 weight must be int8 [out, in] with a float SCB [out], got {codes.dtype} "
+                f"{list(codes.shape)} with SCB {scb.dtype} {list(scb.shape)}"
+            )
             raise ValueError(msg)
+        scb = scb.to(torch.float32)  # the kernels' SCB dtype (exact: the values are float16 numbers)
         self.out_features, self.in_features = (int(d) for d in codes.shape)
         self.compute_dtype = compute_dtype
         self.exact = exact
@@ -203,6 +214,8 @@ class QuantLinear8bit(nn.Module):
             prepared.retire()
         self._parameters.pop("weight", None)
         self.__dict__.pop("weight", None)
+        # the kernels take contiguous tensors (no copy when they are: from_record, the shards' views)
+        codes, scb = codes.contiguous(), scb.contiguous()
         self._buffers["weight"] = make_weight(codes, scb)
         self.state = _make_state(codes, scb, threshold)
 
@@ -247,11 +260,13 @@ class QuantLinear8bit(nn.Module):
 
     # -- device moves: codes and SCB move, never cast (.half() must not touch them) ---------------
     def _apply(self, fn, recurse: bool = True):
-        weight = self._buffers.pop("weight")
+        # a parameter once PEFT's 8-bit merge / unmerge set a new Int8Params, else our buffer
+        where = self._parameters if "weight" in self._parameters else self._buffers
+        weight = where.pop("weight")
         try:
             super()._apply(fn, recurse)
         finally:
-            self._buffers["weight"] = weight
+            where["weight"] = weight
         if weight.device.type == "meta":
             return self
         target = fn(torch.empty(0, device=weight.device)).device

@@ -236,6 +236,27 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
 
 
+def _check_no_key_collision(planned: Sequence[PlannedTensor], options: Options) -> None:
+    """Refuse a kept tensor named like a key a quantized weight writes (``<m>.weight_format``,
+    ``W.absmax``) or lying under one (``W.x``: loaders refuse keys under a quantized weight's keys), from
+    the names alone, before anything is written."""
+    owner = {key: p.name for p in planned if p.quantize for key in options.method.layout(p, options)}
+    for p in planned:
+        if p.quantize:
+            continue
+        name = p.name
+        while name not in owner and "." in name:
+            name = name.rsplit(".", 1)[0]
+        if name in owner:
+            module = _module_of(owner[name])
+            what = "is a key" if name == p.name else f"lies under {name!r}, a key"
+            msg = (
+                f"tensor {p.name!r} in {p.info.file} {what} that quantizing {owner[name]!r} writes; pass "
+                f"--skip {module!r} to keep that weight unquantized, or remove the tensor from the checkpoint"
+            )
+            raise UnsupportedTensorError(msg)
+
+
 def build_plan(
     tensors: Sequence[TensorInfo],
     selection: object,
@@ -292,6 +313,7 @@ def build_plan(
             nbytes = t.numel * DTYPE_SIZES.get(dt, 1)
             planned.append(PlannedTensor(t, False, False, dt, reason, nbytes))
 
+    _check_no_key_collision(planned, options)
     if not any(p.quantize for p in planned):
         f64 = next((p for p in planned if p.reason.startswith("dtype F64")), None)
         weights = [p for p in planned if p.info.name.endswith(".weight")]

@@ -281,6 +281,14 @@ def _config_problems(folder: Path, quant_types: dict[str, str], names: Collectio
         problems.append(
             f"{path}: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'bitsandbytes'"
         )
+    refused = _bnb_config_refusal(qc)
+    if refused:
+        problems.append(f"{path}: transformers refuses this quantization_config: {refused}")
+    if "int8" in quant_types.values() and qc.get("llm_int8_has_fp16_weight"):
+        problems.append(
+            f"{path}: quantization_config.llm_int8_has_fp16_weight is true: transformers would build "
+            f"Linear8bitLt layers that keep float weights and cannot load the stored int8 codes"
+        )
     for kind in sorted(set(quant_types.values())):
         if not get_method(kind).matches_config(qc):  # the test the loaders use to pick the method
             problems.append(
@@ -306,6 +314,39 @@ def _config_problems(folder: Path, quant_types: dict[str, str], names: Collectio
             f"layers; add {', '.join(repr(leaf) for leaf in leaves)} to the list"
         )
     return problems
+
+
+#: quantization_config keys transformers' BitsAndBytesConfig requires to be booleans when present.
+_BNB_BOOL_KEYS = (
+    "load_in_4bit",
+    "load_in_8bit",
+    "llm_int8_enable_fp32_cpu_offload",
+    "llm_int8_has_fp16_weight",
+    "bnb_4bit_use_double_quant",
+)
+_BNB_STORAGE_NAMES = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
+
+
+def _bnb_config_refusal(qc: dict) -> str | None:
+    """Why transformers' ``BitsAndBytesConfig`` (its ``__init__`` / ``post_init`` checks) refuses
+    ``qc``, so that ``from_pretrained`` fails before loading any weight; None if it takes it."""
+    if qc.get("load_in_4bit") and qc.get("load_in_8bit"):
+        return "load_in_4bit and load_in_8bit are both true; set the one the weights are not to false"
+    for key in _BNB_BOOL_KEYS:
+        if key in qc and not isinstance(qc[key], bool):
+            return f"{key} is {qc[key]!r}, not true or false"
+    threshold = qc.get("llm_int8_threshold", 6.0)
+    if not isinstance(threshold, float):
+        return f"llm_int8_threshold is {threshold!r}, not a float (write it with a decimal point: 6.0)"
+    skip = qc.get("llm_int8_skip_modules")
+    if skip is not None and not isinstance(skip, list):
+        return f"llm_int8_skip_modules is {skip!r}, not a list of module names (or null)"
+    if not isinstance(qc.get("bnb_4bit_quant_type", "fp4"), str):
+        return f"bnb_4bit_quant_type is {qc['bnb_4bit_quant_type']!r}, not a string"
+    storage = qc.get("bnb_4bit_quant_storage")
+    if storage is not None and storage not in _BNB_STORAGE_NAMES:
+        return f"bnb_4bit_quant_storage is {storage!r}, not one of {', '.join(_BNB_STORAGE_NAMES)}"
+    return None
 
 
 def _check_metadata(raw: dict, file: str, result: VerifyResult) -> None:

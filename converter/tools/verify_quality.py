@@ -98,7 +98,8 @@ def verify_against(
                             f"source, but quantization_report.json says {stored:.6g}"
                         )
                     if q.nonfinite:
-                        problems.append(f"tensor {key!r} in {shard_name}: {q.nonfinite} NaN/Inf values")
+                        hint = _nonfinite_hint(key, rec)
+                        problems.append(f"tensor {key!r} in {shard_name}: {q.nonfinite} NaN/Inf values{hint}")
     except InputError:
         raise
     finally:
@@ -118,6 +119,21 @@ def verify_against(
     summary["tensors_not_in_source"] = len(foreign)
     summary["not_from_source"] = bool(foreign) or elsewhere
     return summary, problems
+
+
+def _nonfinite_hint(key: str, rec: QuantizedTensor | Int8Tensor) -> str:
+    """Why a verified int8 record decodes to NaN and the remedy: its source is finite (a NaN/Inf weight
+    is refused), so a row past float16's range was stored as bitsandbytes stores it (SCB = inf);
+    reconverting alone writes the same bytes."""
+    from formats.int8 import Int8Tensor
+
+    if not isinstance(rec, Int8Tensor):
+        return ""
+    module = key.removesuffix(".weight")
+    return (
+        f" (rows past float16's range, stored as bitsandbytes stores them: SCB = inf); reconvert with "
+        f"--skip {module!r} to keep it unquantized"
+    )
 
 
 def _measure(key: str, x: torch.Tensor, rec: QuantizedTensor | Int8Tensor) -> TensorQuality:

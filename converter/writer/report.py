@@ -88,11 +88,13 @@ def make_result(
 ) -> ConversionResult:
     q = plan.quantized
     k = plan.kept
+    opts = plan.options
     bytes_out = bytes_quantized = 0
     for s in plan.shards:
         path = output / s.name
         bytes_out += path.stat().st_size if path.exists() else s.nbytes
-        bytes_quantized += _quantized_bytes(path, {t.name for t in s.tensors if t.quantize})
+        keys = {k for t in s.tensors if t.quantize for k in opts.method.layout(t, opts)}
+        bytes_quantized += _quantized_bytes(path, keys)
     return ConversionResult(
         output=output,
         shards=[s.name for s in plan.shards],
@@ -112,9 +114,10 @@ def make_result(
     )
 
 
-def _quantized_bytes(path: Path, weights: set[str]) -> int:
-    """Stored bytes of the quantized weights' bnb keys in one shard (from its header; 0 if absent)."""
-    if not weights or not path.exists():
+def _quantized_bytes(path: Path, keys: set[str]) -> int:
+    """Stored bytes of the quantized weights' keys in one shard (every key their method writes: 4-bit
+    codes, absmax, maps and quant state; int8 codes, SCB and weight_format), from its header; 0 if absent."""
+    if not keys or not path.exists():
         return 0
     import json
     import struct
@@ -124,12 +127,7 @@ def _quantized_bytes(path: Path, weights: set[str]) -> int:
         header = json.loads(f.read(n))
     total = 0
     for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        owner = key if key in weights else key.split(".quant_state.", 1)[0]
-        while owner not in weights and "." in owner:
-            owner = owner.rsplit(".", 1)[0]
-        if owner in weights:
+        if key in keys:
             begin, end = entry["data_offsets"]
             total += end - begin
     return total

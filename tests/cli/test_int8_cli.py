@@ -41,6 +41,24 @@ def test_inspect_and_verify(qm, int8_out: Path) -> None:
     assert r.exit_code == 0, r.output
 
 
+def test_convert_counts_scb_and_weight_format_in_the_quantized_bytes(qm, int8_out: Path) -> None:
+    """The convert summary, its JSON and quantization_report.json said 8.00 bits per quantized weight:
+    the byte count left out every int8 weight's SCB and weight_format (counted for 4-bit: absmax, maps,
+    quant state), so it disagreed with `inspect` of the same folder."""
+    from safetensors import safe_open
+
+    report = json.loads((int8_out / "quantization_report.json").read_text())["summary"]
+    rows = []
+    for shard in sorted(int8_out.glob("model-*.safetensors")):
+        with safe_open(shard, "pt") as fh:
+            rows += [fh.get_slice(k).get_shape()[0] for k in fh.keys() if k.endswith(".SCB")]
+    assert len(rows) == report["tensors_quantized"]
+    # per weight: its codes (1 byte per parameter), SCB (4 bytes per row) and weight_format (1 byte)
+    assert report["bytes_quantized"] == report["params_quantized"] + sum(4 * n + 1 for n in rows)
+    inspected = json.loads(qm("inspect", int8_out, "--json").stdout)
+    assert report["quantized_bits_per_param"] == inspected["quantized_bits_per_param"]
+
+
 def test_verify_against_the_source_measures_the_int8_weights(
     qm, int8_out: Path, tiny_llama: Path, tmp_path: Path
 ) -> None:
@@ -61,6 +79,34 @@ def test_verify_against_the_source_measures_the_int8_weights(
     r = qm("verify", changed, "--against", tiny_llama)
     assert r.exit_code == 1
     assert "but quantization_report.json says" in r.output
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("load_in_4bit", True, "both true"),
+        ("load_in_8bit", 1, "not true or false"),
+        ("llm_int8_threshold", 6, "not a float"),
+        ("llm_int8_skip_modules", "lm_head", "not a list"),
+        ("llm_int8_has_fp16_weight", True, "keep float weights"),
+    ],
+)
+def test_verify_reports_a_config_transformers_refuses(
+    qm, int8_out: Path, tmp_path: Path, key: str, value: object, said: str
+) -> None:
+    """Each edit makes transformers' from_pretrained of the folder fail (BitsAndBytesConfig raises, or
+    Linear8bitLt(has_fp16_weights=True) cannot take int8 codes), yet `verify` said OK."""
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(int8_out, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["quantization_config"][key] = value
+    (edited / "config.json").write_text(json.dumps(config, indent=2))
+    r = qm("verify", edited)
+    assert r.exit_code == 1, r.output
+    assert key in r.output
+    assert said in r.output
 
 
 def test_verify_detects_a_wrong_scb_shape(qm, int8_out: Path, tmp_path: Path) -> None:
@@ -133,3 +179,38 @@ def test_4bit_only_options_do_not_change_an_int8_folder(qm, int8_out: Path, tiny
     with safe_open(next(int8_out.glob("model-*.safetensors")), "pt") as f:
         options = json.loads(f.metadata()["quantize_model.provenance"])["options"]
     assert not {"blocksize", "double_quant", "compute_dtype", "quant_storage"} & set(options)
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "extra"),
+    [
+        ("int8", "model.layers.0.self_attn.q_proj.weight_format"),  # a key int8 writes
+        ("int8", "model.layers.0.self_attn.q_proj.weight.absmax"),  # under the weight: loaders refuse it
+        ("nf4", "model.layers.0.self_attn.q_proj.weight.absmax"),  # a key 4-bit writes
+    ],
+)
+def test_a_source_tensor_named_like_a_quantized_key_is_refused_before_writing(
+    qm, tiny_llama: Path, tmp_path: Path, quant_type: str, extra: str
+) -> None:
+    """A kept source tensor whose name is one of the keys quantizing its weight writes (or lies under
+    them) failed while writing the shard, blaming the output ("not a valid quantize-model shard,
+    reconvert it"), or, for int8 and a key under the weight, finished a folder that verify and
+    load_quantized refuse. Now `convert` (and --dry-run) refuses it up front, naming the tensor."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors[extra] = torch.zeros((), dtype=torch.uint8) if extra.endswith("_format") else torch.ones(4)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    for dry in ([], ["--dry-run"]):
+        r = qm("convert", src, out, "-q", "--quant-type", quant_type, *dry)
+        assert r.exit_code == 2, r.output
+        assert extra in r.output
+        assert "--skip 'model.layers.0.self_attn.q_proj'" in r.output
+        assert "reconvert" not in r.output
+        assert not out.exists()

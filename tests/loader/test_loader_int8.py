@@ -195,6 +195,42 @@ def test_float64_input_computes_in_float64(tokens: int, use_gemv: bool) -> None:
         ours.dequantize(torch.int32)
 
 
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.complex64])
+def test_other_input_dtypes_are_a_type_error_on_every_path(exact: bool, dtype: torch.dtype) -> None:
+    """docs/python-api.md: dtypes other than float32/float16/bfloat16/float64 are a TypeError. With
+    ``exact = True`` an integer input ran bitsandbytes' math and returned an integer tensor (the
+    products truncated), and a complex one failed inside torch."""
+    ours, _ = _layer()
+    ours.exact = exact
+    x = torch.ones(3, 80, dtype=dtype)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"float32, float16, bfloat16 or float64, not"):
+        ours(x)
+
+
+@pytest.mark.parametrize("tokens", [1, 12])
+def test_layer_from_a_strided_or_half_precision_scb_and_codes(tokens: int) -> None:
+    """``Linear8bit(codes, scb)`` from tensors: codes that are a transposed view, or an SCB that is
+    a strided view or float16 (bitsandbytes' SCB values are float16 numbers), ran past 8 tokens but
+    raised from the GEMV kernel ("codes is not contiguous", "scb has dtype float16") for 1..8 tokens
+    (fp16 SCB: always); so did such views given to ``load_state_dict``. The layer now stores them
+    contiguous and the SCB as float32 (exact)."""
+    ours, _ = _layer()
+    codes, scb = ours.codes, ours.scb
+    strided = torch.stack([scb, scb], dim=1)[:, 0]
+    x = torch.randn(tokens, 80, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ours(x)
+        for c, s in [(codes.t().contiguous().t(), scb), (codes, strided), (codes, scb.half())]:
+            layer = Linear8bit(c, s, ours.bias.data)
+            assert layer.scb.dtype == torch.float32
+            assert torch.equal(layer(x), expected)
+            if s.dtype == torch.float32:  # load_state_dict takes the same views (it refuses F16 SCB)
+                layer = Linear8bit(torch.zeros_like(codes), torch.ones_like(scb), ours.bias.data)
+                layer.load_state_dict({"weight": c, "SCB": s, "bias": ours.bias.data})
+                assert torch.equal(layer(x), expected)
+
+
 def test_a_loaded_int8_model_runs_in_float64(int8_folder: Path) -> None:
     model = load_quantized(int8_folder).double()
     with torch.no_grad():
@@ -237,6 +273,26 @@ def test_peft_lora_wraps_and_trains(int8_folder: Path) -> None:
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(frozen[n.removeprefix("base_model.model.").replace(".base_layer", "")], m.codes)
                for n, m in _int8_layers(model).items())  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_a_peft_merged_int8_model_casts_and_moves(int8_folder: Path) -> None:
+    """PEFT's 8-bit merge sets the layer's weight to a new Int8Params (a parameter, no longer our
+    buffer); `.half()` / `.to(dtype)` of the merged model then raised KeyError 'weight'. Now they
+    work and, as for any int8 layer, never cast the merged codes or SCB."""
+    model = load_quantized(int8_folder, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    merged = peft.get_peft_model(model, config).merge_and_unload()
+    layer = merged.model.layers[0].self_attn.q_proj
+    codes, scb = layer.codes.clone(), layer.scb.clone()
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    merged.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.int8
+    assert torch.equal(layer.codes, codes)
+    assert torch.equal(layer.scb, scb)
+    assert merged.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert merged(ids).logits.dtype == torch.bfloat16
 
 
 def test_replace_linear_layers_and_state(int8_folder: Path, plain_llama: Path) -> None:

@@ -83,6 +83,22 @@ def test_parameter_counts_under_peft_as_documented(bnb_nf4: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("folder", ["bnb_nf4", "int8_folder"])
+def test_num_parameters_after_merge_and_unload_is_bitsandbytes(
+    folder: str, request: pytest.FixtureRequest
+) -> None:
+    """PEFT's merge sets each merged layer's weight to a new Params4bit / Int8Params, a parameter: our
+    ``num_parameters()`` counted it twice (as a parameter and by the layer's [out, in]); transformers +
+    bitsandbytes' count of the merged model is the one of the unmerged model."""
+    path = request.getfixturevalue(folder)
+    config = peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)
+    ours = peft.get_peft_model(load_quantized(path), config).merge_and_unload()
+    theirs = peft.get_peft_model(bnb_load(path), config).merge_and_unload()
+    assert ours.num_parameters() == theirs.num_parameters()
+    assert ours.num_parameters(exclude_embeddings=True) == theirs.num_parameters(exclude_embeddings=True)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_custom_module_registration_trains_and_merges(our_folder: Path) -> None:
     # The path for installs without bitsandbytes: PEFT's custom-module API with our LoRA layer.
     from converter.kernels import bnb4bit as kernels
