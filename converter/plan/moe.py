@@ -415,14 +415,23 @@ def keep_advice(
     quant_type: str = "nf4",
     quantizes_experts: bool = True,
 ) -> str | None:
-    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters.
-    ``quantizes_experts``: whether ``quant_type`` can quantize experts (``--moe-experts quantize``);
-    if not (int8), the advice names the 4-bit types that can."""
+    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters (fused
+    3-D experts, which no mode quantizes, get a warning without the advice). ``quantizes_experts``:
+    whether ``quant_type`` can quantize experts (``--moe-experts quantize``); if not (int8), the advice
+    names the 4-bit types that can."""
     if check_mode(mode) != "keep":
         return None
     experts, total = expert_share(tensors)
     if not total or experts / total <= threshold:
         return None
+    per_expert = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name))
+    if per_expert / total <= threshold:  # mostly fused 3-D experts: no mode or quant type quantizes them
+        return (
+            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit: "
+            "they are stored fused on disk (one 3-D tensor per layer and projection, as gpt-oss and "
+            "Qwen3-VL-MoE ship them), with no per-expert name to quantize under, so neither "
+            "--moe-experts mode quantizes them and the folder barely shrinks"
+        )
     if not quantizes_experts:
         return (
             f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "

@@ -49,6 +49,13 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
                  kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
                  routed_scaling_factor=2.5, num_key_value_heads=4),
     ),
+    # experts fused 3-D on disk (gate_up_proj [E, H, 2I], down_proj, their biases): no per-expert name
+    "gpt_oss": (
+        "gpt_oss",
+        "GptOssForCausalLM",
+        _decoder(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                 layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    ),
 }  # fmt: skip
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 

@@ -133,6 +133,24 @@ def test_keep_warning_with_int8_advises_a_4bit_type(moe_src, tmp_path):
     convert(src, tmp_path / "nf4", quant_type="nf4", moe_experts="quantize", progress=False, warn=print)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_keep_warning_on_fused_experts_does_not_advise_quantize(moe_src, tmp_path, quant_type):
+    """gpt-oss stores its experts fused 3-D on disk, which no mode quantizes: the keep warning advised
+    --moe-experts quantize (or a 4-bit type with it), and that run only said it had no effect. The
+    warning says the experts stay 16-bit whatever --moe-experts says."""
+    src = moe_src("gpt_oss")
+    messages: list[str] = []
+    convert(src, tmp_path / "keep", quant_type=quant_type, progress=False, warn=messages.append)
+    (message,) = [m for m in _moe_warnings(messages) if "% of the parameters" in m]
+    assert "stay 16-bit" in message
+    assert "fused" in message
+    assert "--moe-experts quantize stores" not in message
+    assert "--quant-type nf4 --moe-experts quantize" not in message
+    messages.clear()
+    convert(src, tmp_path / "q", progress=False, moe_experts="quantize", warn=messages.append)
+    assert any("has no effect" in m for m in messages)
+
+
 def test_keep_output_is_unchanged_by_the_option(moe_src, tmp_path):
     """moe_experts='keep' writes the same bytes as a conversion that never heard of the option."""
     src = moe_src("qwen3_moe")
