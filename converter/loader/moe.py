@@ -40,7 +40,7 @@ are stacked into the fused parameters here (transformers' own loader does the sa
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -767,11 +767,36 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 def _model_module_name(model: nn.Module, ckpt_module: str, modules: Mapping[str, nn.Module]) -> str | None:
     """The model's name for a checkpoint experts module (transformers' renamings, e.g. Mixtral's
-    ``block_sparse_moe`` -> ``mlp``)."""
-    if ckpt_module in modules:
-        return ckpt_module
-    renamed = rename_key(model, ckpt_module + ".gate_up_proj").removesuffix(".gate_up_proj")
-    return renamed if renamed in modules else None
+    ``block_sparse_moe`` -> ``mlp``; the base-model prefix stripped or added as transformers' loader
+    does, e.g. ``model.layers.0.mlp.experts`` into ``Qwen3MoeModel``)."""
+    for candidate in _prefix_variants(model, ckpt_module):
+        if candidate in modules:
+            return candidate
+        renamed = rename_key(model, candidate + ".gate_up_proj").removesuffix(".gate_up_proj")
+        if renamed in modules:
+            return renamed
+    return None
+
+
+def _prefix_variants(model: nn.Module, name: str) -> list[str]:
+    """``name``, then ``name`` with the model's base-model prefix stripped (or added), as transformers'
+    loader tries both."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return [name]
+    stripped = name.removeprefix(prefix + ".")
+    return [name, stripped if stripped != name else f"{prefix}.{name}"]
+
+
+def _renamed_key(model: nn.Module, key: str, params: Collection[str]) -> str:
+    """``key`` after transformers' renamings (Mixtral's ``block_sparse_moe.gate`` -> ``mlp.gate``),
+    under either base-model prefix, where that names a parameter of the model; else ``key`` (a key
+    that only needs the prefix is left to ``model._match_prefix``)."""
+    for candidate in _prefix_variants(model, key):
+        renamed = rename_key(model, candidate)
+        if renamed in params and (candidate == key or renamed != candidate):
+            return renamed
+    return key
 
 
 def rename_key(model: nn.Module, key: str) -> str:
@@ -907,8 +932,7 @@ def attach_experts(
         if key in used:
             continue
         if key not in params:  # plain tensors and quantized records alike (Qwen2-VL, LLaVA, Gemma 3)
-            renamed = rename_key(model, key)
-            key = renamed if renamed in params else key
+            key = _renamed_key(model, key, params)
         rest[key] = value
     state.clear()
     state.update(rest)

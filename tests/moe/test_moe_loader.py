@@ -141,6 +141,23 @@ def test_keep_folder_loads_with_16bit_experts(tmp_path):
     assert torch.isfinite(_logits(model)).all()
 
 
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_base_model_class_takes_the_experts(folders, name):
+    """model_class=<the base model> (AutoModel: hidden states for embeddings) strips the checkpoint's
+    base-model prefix, as transformers does and as load_quantized did for every other key; the experts'
+    keys kept it, and the load failed ("per-expert tensors under 'model.layers.0.mlp.experts' have no
+    fused experts module"). The base model's hidden states are the causal LM's."""
+    import transformers
+
+    q, _ = folders(name)
+    causal = load_quantized(q)
+    base = load_quantized(q, model_class=transformers.AutoModel)
+    assert type(base) is type(causal.model)
+    assert len(moe_modules(base)) == len(moe_modules(causal))
+    with torch.no_grad():
+        assert torch.equal(base(IDS).last_hidden_state, causal.model(IDS).last_hidden_state)
+
+
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     import sys, torch
