@@ -465,9 +465,9 @@ def build_skeleton(
     cls = type(model)
 
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
-    attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
+    dropped = attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
     _match_prefix(model, state)
-    dropped = _drop_orphan_records(model, state) if model_class is not None else []
+    dropped += _drop_orphan_records(model, state) if model_class is not None else []
     try:
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
     except (ImportError, AttributeError, TypeError):  # another transformers version: skip the check

@@ -837,8 +837,10 @@ def attach_experts(
     *,
     where: str,
     device: str | torch.device = "cpu",
-) -> None:
+) -> list[str]:
     """Fill the model's fused experts modules from per-expert tensors, which leave ``state`` (in place).
+    Returns the per-expert keys of layers the model has no place for (DeepSeek-V3's and GLM-4.5's MTP
+    layer), taken out of ``state`` unused, as transformers leaves its unexpected keys.
 
     4-bit experts are stacked on ``device`` (one copy from the shards' mapping to that device).
 
@@ -851,9 +853,19 @@ def attach_experts(
     groups = _group(state)
     modules = dict(model.named_modules())
     used: set[str] = set()
+    unused: list[str] = []
     for ckpt_name, experts in groups.items():
         name = _model_module_name(model, ckpt_name, modules)
         module = modules.get(name) if name else None
+        if module is None and _model_module_name(model, ckpt_name.rpartition(".")[0], modules) is None:
+            # no MoE block at all where the experts sit (the MTP layer after the last decoder layer):
+            # transformers reports the keys as unexpected and loads; a block without fused experts
+            # (a dense MLP where the checkpoint has experts) stays an error below
+            keys = sorted(key for parts in experts.values() for key, _ in parts.values())
+            unused += keys
+            for key in keys:
+                del state[key]
+            continue
         if module is None or not _is_fused_experts(module):
             kind = type(module).__name__ if module is not None else "no module"
             msg = f"{where}: per-expert tensors under {ckpt_name!r} have no fused experts module ({kind})"
@@ -936,6 +948,7 @@ def attach_experts(
         rest[key] = value
     state.clear()
     state.update(rest)
+    return unused
 
 
 def moe_modules(model: nn.Module) -> dict[str, QuantExperts4bit]:

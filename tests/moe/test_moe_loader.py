@@ -158,6 +158,60 @@ def test_base_model_class_takes_the_experts(folders, name):
         assert torch.equal(base(IDS).last_hidden_state, causal.model(IDS).last_hidden_state)
 
 
+def _with_mtp_layer(src, dst):
+    """``src`` (tiny DeepSeek-V3, 2 layers) with the multi-token-prediction layer DeepSeek-V3 and GLM-4.5
+    ship after their last decoder layer (``model.layers.61.*`` / ``model.layers.46.*``, routed experts
+    included), which their transformers classes have no module for: here layer 2, a copy of layer 1
+    plus the MTP projections."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    for key in [k for k in tensors if k.startswith("model.layers.1.")]:
+        tensors[key.replace("model.layers.1.", "model.layers.2.")] = tensors[key].clone()
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
+    for leaf in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"model.layers.2.{leaf}.weight"] = torch.ones(64, dtype=torch.bfloat16)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("mode", ["keep", "quantize"])
+def test_experts_of_a_layer_the_model_lacks_are_unused(tmp_path, mode):
+    """DeepSeek-V3's and GLM-4.5's checkpoints hold an MTP layer that transformers loads as unexpected
+    keys; load_quantized refused every such folder ("per-expert tensors under 'model.layers.2.mlp.experts'
+    have no fused experts module"). Its experts are now unused tensors, named in the warning like the
+    layer's other tensors, and the model is the one converted without that layer."""
+    src = make_moe("deepseek_v3", tmp_path / "src")
+    mtp = _with_mtp_layer(src, tmp_path / "mtp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "plain", moe_experts=mode, progress=False)
+        convert(mtp, tmp_path / "out", moe_experts=mode, progress=False)
+    with pytest.warns(UserWarning, match=r"unused by DeepseekV3ForCausalLM") as caught:
+        model = load_quantized(tmp_path / "out")
+    (message,) = [str(w.message) for w in caught if "unused by" in str(w.message)]
+    n = re.search(r"(\d+) checkpoint tensor\(s\) unused", message)
+    assert n is not None
+    assert int(n[1]) == sum(1 for k in _keys(tmp_path / "out") if k.startswith("model.layers.2."))
+    assert "model.layers.2." in message
+    assert torch.equal(_logits(model), _logits(load_quantized(tmp_path / "plain")))
+
+
+def _keys(folder) -> list[str]:
+    """Tensor names of a folder's shards, a quantized weight once (its components left out)."""
+    from formats.reader import open_folder
+
+    reader = open_folder(folder)
+    return [*reader.quantized, *reader.passthrough]
+
+
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     import sys, torch
