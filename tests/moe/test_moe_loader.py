@@ -485,6 +485,51 @@ def test_int8_experts_are_refused_by_name_and_not_listed_as_ours(tmp_path):
     assert any("load_quantized" in x for x in summary.not_loaders)
 
 
+def test_4bit_routers_of_transformers_4x_folders_hold_the_decoded_record(tmp_path):
+    """transformers 4.x + bitsandbytes quantized every nn.Linear but the head, MoE routers included
+    (Mixtral's block_sparse_moe.gate was one then; older unsloth bnb-4bit MoE repos are such folders).
+    load_quantized refused them: "'model.layers.0.block_sparse_moe.gate.weight' is quantized but
+    'model.layers.0.mlp.gate' is a MixtralTopKRouter, not nn.Linear". The router now holds the record
+    decoded, the weight transformers 4.x's Linear4bit computed with: bitsandbytes' dequantize_4bit,
+    bit for bit, and the model's logits are those of the folder with that weight in 16 bit."""
+    import json
+
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file, save_file
+
+    src = make_moe("mixtral", tmp_path / "src")
+    convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
+    shard = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(shard)
+    decoded: dict[str, torch.Tensor] = {}
+    for key in [k for k in tensors if k.endswith("block_sparse_moe.gate.weight")]:
+        w = tensors.pop(key)
+        packed, state = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        tensors[key] = packed
+        tensors.update({f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()})
+        decoded[key.replace("block_sparse_moe", "mlp")] = bnb.functional.dequantize_4bit(packed, state)
+    assert len(decoded) == 2
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": dict.fromkeys(sorted(tensors), shard.name)}
+    (tmp_path / "q" / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"]["llm_int8_skip_modules"] = None  # what transformers 4.x wrote
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+
+    model = load_quantized(tmp_path / "q")
+    for key, w in decoded.items():
+        assert w.dtype == torch.bfloat16
+        assert torch.equal(model.get_parameter(key), w)
+    plain = tmp_path / "plain"
+    tensors = {k: v for k, v in tensors.items() if ".block_sparse_moe.gate.weight." not in k}
+    tensors.update({k.replace("mlp", "block_sparse_moe"): w for k, w in decoded.items()})
+    plain.mkdir()
+    save_file(tensors, plain / "model.safetensors", metadata={"format": "pt"})
+    config["quantization_config"]["llm_int8_skip_modules"] = ["gate", "lm_head"]
+    (plain / "config.json").write_text(json.dumps(config))
+    assert torch.equal(_logits(model), _logits(load_quantized(plain)))
+
+
 def test_model_card_lists_int8_experts_as_quantized(tmp_path):
     """push's model card found quantized experts by their 4-bit '.absmax' keys only: an indexed folder
     of per-expert int8 records ('.SCB', what transformers 4.x + bitsandbytes' load_in_8bit saves for
