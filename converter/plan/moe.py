@@ -67,6 +67,11 @@ LOADERS_KEPT = (
     "transformers 5.x + unsloth-zoo",
 )
 NOT_LOADERS_KEPT = ("vLLM pre-quantized bitsandbytes (needs every expert quantized)",)
+#: A folder with no quantized weight at all (a source checkpoint).
+NOT_CONVERTED = (
+    "quantize-model load_quantized and the pre-quantized bitsandbytes loaders (no weight is quantized: "
+    "convert the checkpoint first)"
+)
 #: Per-expert LLM.int8 records (transformers 4.x's load_in_8bit of per-expert nn.Linear experts).
 LOADERS_INT8 = ("transformers 4.x + bitsandbytes",)
 NOT_LOADERS_INT8 = (
@@ -278,9 +283,12 @@ class MoeSummary:
     loaders: tuple[str, ...]
     not_loaders: tuple[str, ...]
     expert_types: tuple[str, ...] = ()  # quant types of the quantized experts (e.g. "nf4", "int8"), if known
+    converted: bool = True  # False: no weight of the folder is quantized (a source checkpoint)
 
     @property
     def layout(self) -> str:
+        if not self.converted:
+            return "experts not quantized (no weight is: a source checkpoint)"
         if self.experts_quantized and not self.experts_kept:
             kind = "/".join(self.expert_types) or "4-bit"
             return f"experts quantized (per-expert bnb {kind} records)"
@@ -371,6 +379,8 @@ def _summarize(
     k = sum(1 for n in kept_names if EXPERT_KEY.match(n) or FUSED_EXPERT_KEY.match(n))
     if not q and not k:
         return None
+    if not quantized_names:  # a source checkpoint (16-bit, FP8): no pre-quantized bnb loader takes it
+        return MoeSummary(0, k, (), (NOT_CONVERTED,), converted=False)
     if q:
         not_loaders = NOT_LOADERS_QUANTIZED + (
             ("vLLM (some experts are not quantized: it needs all of them)",) if k else ()
