@@ -85,12 +85,15 @@ def _experts_forward(
     blocksize: int,
     act: Callable[[torch.Tensor], torch.Tensor],
     use_gemv: bool,
+    apply_gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """transformers' eager experts loop with 4-bit weights (module docstring)."""
+    """transformers' eager experts loop with 4-bit weights (module docstring). ``apply_gate``: the
+    experts class's own gating of the gate/up output (DeepSeek-V4's clamped SwiGLU), instead of
+    ``act(gate) * up``."""
     hidden_dim = hidden.shape[1]
     num_experts = packed.shape[0]
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
-    if use_gemv and _grouped_ok(hidden, intermediate, blocksize):
+    if use_gemv and apply_gate is None and _grouped_ok(hidden, intermediate, blocksize):
         return _decode_grouped(
             hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act,
             _grouped_gemv_rows,
@@ -111,8 +114,11 @@ def _experts_forward(
                 p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate * hidden_dim, blocksize, x.dtype
             )
             gate_up = F.linear(x, w.view(2 * intermediate, hidden_dim))
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = act(gate) * up
+        if apply_gate is not None:
+            h = apply_gate(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = act(gate) * up
         if gemv_dn and n <= ops.GEMV_MAX_TOKENS:
             y = _gemv(h, p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim, intermediate, blocksize)
         else:
@@ -578,13 +584,17 @@ class QuantExperts4bit(nn.Module):
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         nested: dict[str, torch.Tensor] | None = None,
         proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+        apply_gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.num_experts = int(packed.shape[0])
         self.hidden_dim, self.intermediate_dim = hidden_dim, intermediate
         self.blocksize, self.quant_type = blocksize, quant_type
         self.dtype, self.compute_dtype = dtype, compute_dtype or dtype
-        self.act_name = act_name if act_name in _ACTS else None
+        # a gate of the experts class's own (gate/up output -> hidden): run by torch, never by the
+        # op's named activations, which compute act(gate) * up
+        self.apply_gate = apply_gate
+        self.act_name = act_name if act_name in _ACTS and apply_gate is None else None
         self.act_fn = act_fn
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("absmax", absmax, persistent=False)
@@ -729,6 +739,9 @@ class QuantExperts4bit(nn.Module):
             # the custom op: one node for torch.compile, and gradients to the input and the routing
             # weights (its registered backward) when training adapters elsewhere in the model
             y = moe_experts_4bit(*args, self.act_name, self.use_gemv)
+        elif self.apply_gate is not None:  # the class's own gate: the per-expert loop, on any device
+            use_gemv = self.use_gemv and not _needs_autograd(x, w)
+            y = _experts_forward(*args, self.act_fn, use_gemv, self.apply_gate)
         elif _needs_autograd(x, w):  # an activation the op does not know: torch's autograd through
             y = _experts_forward(*args, self.act_fn, use_gemv=False)  # dequantize + F.linear
         else:
@@ -763,6 +776,15 @@ def _is_fused_experts(module: nn.Module) -> bool:
         and getattr(module, "has_gate", True)
         and getattr(module, "is_concatenated", True)
     )
+
+
+def _own_gate(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The experts module's ``_apply_gate`` where its class has its own (DeepSeek-V4, GLM-5: a clamped
+    SwiGLU), not transformers' default ``act_fn(gate) * up``; None otherwise."""
+    fn = getattr(type(module), "_apply_gate", None)
+    if fn is None or getattr(fn, "__module__", None) == "transformers.integrations.moe":
+        return None
+    return module._apply_gate
 
 
 def _model_module_name(model: nn.Module, ckpt_module: str, modules: Mapping[str, nn.Module]) -> str | None:
@@ -914,6 +936,7 @@ def attach_experts(
                 compute_dtype=compute_dtype,
                 act_name=getattr(config, "hidden_act", None),
                 act_fn=module.act_fn,
+                apply_gate=_own_gate(module),
                 nested=st.nested,
                 proj_names=st.proj_names,
             )

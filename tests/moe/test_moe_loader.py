@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from moe_helpers import FAMILIES, experts_reference_and_bound, load_bf16_eager, make_moe
 from tiny_models import load_logged
 
@@ -49,6 +50,24 @@ def test_logits_bit_identical_to_dequantized_model(folders, name):
     ref = load_bf16_eager(plain)
     assert torch.equal(_logits(ours), _logits(ref))
     assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+def test_experts_with_their_own_gate_run_it(folders):
+    """DeepSeek-V4's experts (per-expert on disk) gate with a clamped SwiGLU, their class's own
+    _apply_gate: the 4-bit experts ran silu(gate) * up without the clamp, silently other logits than
+    transformers on the same weights. They now run the module's _apply_gate: on the dequantize path
+    the logits equal those of the dequantized folder loaded by transformers, bit for bit (prefill and
+    decode), as for the other families; the clamp binds (limit 0.1), so the old forward differed."""
+    q, plain = folders("deepseek_v4")
+    ours = _dequant_paths(load_quantized(q))
+    ref = load_bf16_eager(plain)
+    assert ref.config.swiglu_limit == 0.1
+    assert torch.equal(_logits(ours), _logits(ref))
+    assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+    eager = load_quantized(q)  # the default (GEMV) path: the same tokens
+    assert torch.equal(eager.generate(IDS[:, :4], max_new_tokens=4, do_sample=False),
+                       ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
 
 
 @pytest.mark.parametrize("name", FAMILIES)
