@@ -189,6 +189,33 @@ def _drop_orphan_records(model: nn.Module, state: dict[str, Any]) -> list[str]:
     return dropped
 
 
+def _decode_quantized_routers(model: nn.Module, state: dict[str, Any]) -> None:
+    """Decode, in ``state``, the quantized weights of MoE routers that are no linear layer in this
+    transformers: transformers 4.x + bitsandbytes quantized every nn.Linear but the head, and the
+    routers (``block_sparse_moe.gate``, ``mlp.gate``) were nn.Linear then; 5.x's router modules hold a
+    plain weight. It gets the record decoded to its original dtype, the weight transformers 4.x's
+    Linear4bit computed with (unsloth-zoo loads such folders the same way)."""
+    from converter.plan.moe import router_modules
+
+    modules = dict(model.named_modules())
+    for name, record in quantized_modules(state).items():
+        module = modules.get(name)
+        weight = module._parameters.get("weight") if module is not None else None
+        if (
+            weight is None
+            or is_swappable(module)
+            or not router_modules([f"{name}.weight"], ())
+            or tuple(weight.shape) != tuple(record.shape)
+            or getattr(record, "dtype", None) is None
+        ):
+            continue
+        dtype = dtype_from_name(record.dtype)
+        if any(isinstance(v, torch.Tensor) and v.is_meta for v in vars(record).values()):  # a Hub estimate
+            state[f"{name}.weight"] = torch.empty(record.shape, dtype=dtype, device="meta")
+        else:
+            state[f"{name}.weight"] = for_record(record).dequantize(record, dtype)
+
+
 def _match_prefix(model: nn.Module, state: dict[str, Any]) -> None:
     """Rename ``state``'s keys (in place, order kept) as transformers' loader does with the base-model
     prefix: stripped for a model without it (``roberta.*`` keys into ``RobertaModel``), added for one
@@ -465,9 +492,10 @@ def build_skeleton(
     cls = type(model)
 
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
-    attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
+    dropped = attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
     _match_prefix(model, state)
-    dropped = _drop_orphan_records(model, state) if model_class is not None else []
+    dropped += _drop_orphan_records(model, state) if model_class is not None else []
+    _decode_quantized_routers(model, state)
     try:
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)
     except (ImportError, AttributeError, TypeError):  # another transformers version: skip the check

@@ -40,7 +40,7 @@ are stacked into the fused parameters here (transformers' own loader does the sa
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -85,12 +85,15 @@ def _experts_forward(
     blocksize: int,
     act: Callable[[torch.Tensor], torch.Tensor],
     use_gemv: bool,
+    apply_gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """transformers' eager experts loop with 4-bit weights (module docstring)."""
+    """transformers' eager experts loop with 4-bit weights (module docstring). ``apply_gate``: the
+    experts class's own gating of the gate/up output (DeepSeek-V4's clamped SwiGLU), instead of
+    ``act(gate) * up``."""
     hidden_dim = hidden.shape[1]
     num_experts = packed.shape[0]
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
-    if use_gemv and _grouped_ok(hidden, intermediate, blocksize):
+    if use_gemv and apply_gate is None and _grouped_ok(hidden, intermediate, blocksize):
         return _decode_grouped(
             hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act,
             _grouped_gemv_rows,
@@ -111,8 +114,11 @@ def _experts_forward(
                 p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate * hidden_dim, blocksize, x.dtype
             )
             gate_up = F.linear(x, w.view(2 * intermediate, hidden_dim))
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = act(gate) * up
+        if apply_gate is not None:
+            h = apply_gate(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = act(gate) * up
         if gemv_dn and n <= ops.GEMV_MAX_TOKENS:
             y = _gemv(h, p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim, intermediate, blocksize)
         else:
@@ -580,13 +586,17 @@ class QuantExperts4bit(nn.Module):
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         nested: dict[str, torch.Tensor] | None = None,
         proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+        apply_gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.num_experts = int(packed.shape[0])
         self.hidden_dim, self.intermediate_dim = hidden_dim, intermediate
         self.blocksize, self.quant_type = blocksize, quant_type
         self.dtype, self.compute_dtype = dtype, compute_dtype or dtype
-        self.act_name = act_name if act_name in _ACTS else None
+        # a gate of the experts class's own (gate/up output -> hidden): run by torch, never by the
+        # op's named activations, which compute act(gate) * up
+        self.apply_gate = apply_gate
+        self.act_name = act_name if act_name in _ACTS and apply_gate is None else None
         self.act_fn = act_fn
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("absmax", absmax, persistent=False)
@@ -731,6 +741,9 @@ class QuantExperts4bit(nn.Module):
             # the custom op: one node for torch.compile, and gradients to the input and the routing
             # weights (its registered backward) when training adapters elsewhere in the model
             y = moe_experts_4bit(*args, self.act_name, self.use_gemv)
+        elif self.apply_gate is not None:  # the class's own gate: the per-expert loop, on any device
+            use_gemv = self.use_gemv and not _needs_autograd(x, w)
+            y = _experts_forward(*args, self.act_fn, use_gemv, self.apply_gate)
         elif _needs_autograd(x, w):  # an activation the op does not know: torch's autograd through
             y = _experts_forward(*args, self.act_fn, use_gemv=False)  # dequantize + F.linear
         else:
@@ -767,13 +780,47 @@ def _is_fused_experts(module: nn.Module) -> bool:
     )
 
 
+def _own_gate(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The experts module's ``_apply_gate`` where its class has its own (DeepSeek-V4, GLM-5: a clamped
+    SwiGLU), not transformers' default ``act_fn(gate) * up``; None otherwise."""
+    fn = getattr(type(module), "_apply_gate", None)
+    if fn is None or getattr(fn, "__module__", None) == "transformers.integrations.moe":
+        return None
+    return module._apply_gate
+
+
 def _model_module_name(model: nn.Module, ckpt_module: str, modules: Mapping[str, nn.Module]) -> str | None:
     """The model's name for a checkpoint experts module (transformers' renamings, e.g. Mixtral's
-    ``block_sparse_moe`` -> ``mlp``)."""
-    if ckpt_module in modules:
-        return ckpt_module
-    renamed = rename_key(model, ckpt_module + ".gate_up_proj").removesuffix(".gate_up_proj")
-    return renamed if renamed in modules else None
+    ``block_sparse_moe`` -> ``mlp``; the base-model prefix stripped or added as transformers' loader
+    does, e.g. ``model.layers.0.mlp.experts`` into ``Qwen3MoeModel``)."""
+    for candidate in _prefix_variants(model, ckpt_module):
+        if candidate in modules:
+            return candidate
+        renamed = rename_key(model, candidate + ".gate_up_proj").removesuffix(".gate_up_proj")
+        if renamed in modules:
+            return renamed
+    return None
+
+
+def _prefix_variants(model: nn.Module, name: str) -> list[str]:
+    """``name``, then ``name`` with the model's base-model prefix stripped (or added), as transformers'
+    loader tries both."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return [name]
+    stripped = name.removeprefix(prefix + ".")
+    return [name, stripped if stripped != name else f"{prefix}.{name}"]
+
+
+def _renamed_key(model: nn.Module, key: str, params: Collection[str]) -> str:
+    """``key`` after transformers' renamings (Mixtral's ``block_sparse_moe.gate`` -> ``mlp.gate``),
+    under either base-model prefix, where that names a parameter of the model; else ``key`` (a key
+    that only needs the prefix is left to ``model._match_prefix``)."""
+    for candidate in _prefix_variants(model, key):
+        renamed = rename_key(model, candidate)
+        if renamed in params and (candidate == key or renamed != candidate):
+            return renamed
+    return key
 
 
 def rename_key(model: nn.Module, key: str) -> str:
@@ -814,8 +861,10 @@ def attach_experts(
     *,
     where: str,
     device: str | torch.device = "cpu",
-) -> None:
+) -> list[str]:
     """Fill the model's fused experts modules from per-expert tensors, which leave ``state`` (in place).
+    Returns the per-expert keys of layers the model has no place for (DeepSeek-V3's and GLM-4.5's MTP
+    layer), taken out of ``state`` unused, as transformers leaves its unexpected keys.
 
     4-bit experts are stacked on ``device`` (one copy from the shards' mapping to that device).
 
@@ -828,9 +877,19 @@ def attach_experts(
     groups = _group(state)
     modules = dict(model.named_modules())
     used: set[str] = set()
+    unused: list[str] = []
     for ckpt_name, experts in groups.items():
         name = _model_module_name(model, ckpt_name, modules)
         module = modules.get(name) if name else None
+        if module is None and _model_module_name(model, ckpt_name.rpartition(".")[0], modules) is None:
+            # no MoE block at all where the experts sit (the MTP layer after the last decoder layer):
+            # transformers reports the keys as unexpected and loads; a block without fused experts
+            # (a dense MLP where the checkpoint has experts) stays an error below
+            keys = sorted(key for parts in experts.values() for key, _ in parts.values())
+            unused += keys
+            for key in keys:
+                del state[key]
+            continue
         if module is None or not _is_fused_experts(module):
             kind = type(module).__name__ if module is not None else "no module"
             msg = f"{where}: per-expert tensors under {ckpt_name!r} have no fused experts module ({kind})"
@@ -879,6 +938,7 @@ def attach_experts(
                 compute_dtype=compute_dtype,
                 act_name=getattr(config, "hidden_act", None),
                 act_fn=module.act_fn,
+                apply_gate=_own_gate(module),
                 nested=st.nested,
                 proj_names=st.proj_names,
             )
@@ -909,11 +969,11 @@ def attach_experts(
         if key in used:
             continue
         if key not in params:  # plain tensors and quantized records alike (Qwen2-VL, LLaVA, Gemma 3)
-            renamed = rename_key(model, key)
-            key = renamed if renamed in params else key
+            key = _renamed_key(model, key, params)
         rest[key] = value
     state.clear()
     state.update(rest)
+    return unused
 
 
 def moe_modules(model: nn.Module) -> dict[str, QuantExperts4bit]:

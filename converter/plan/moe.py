@@ -67,6 +67,11 @@ LOADERS_KEPT = (
     "transformers 5.x + unsloth-zoo",
 )
 NOT_LOADERS_KEPT = ("vLLM pre-quantized bitsandbytes (needs every expert quantized)",)
+#: A folder with no quantized weight at all (a source checkpoint).
+NOT_CONVERTED = (
+    "quantize-model load_quantized and the pre-quantized bitsandbytes loaders (no weight is quantized: "
+    "convert the checkpoint first)"
+)
 #: Per-expert LLM.int8 records (transformers 4.x's load_in_8bit of per-expert nn.Linear experts).
 LOADERS_INT8 = ("transformers 4.x + bitsandbytes",)
 NOT_LOADERS_INT8 = (
@@ -278,9 +283,12 @@ class MoeSummary:
     loaders: tuple[str, ...]
     not_loaders: tuple[str, ...]
     expert_types: tuple[str, ...] = ()  # quant types of the quantized experts (e.g. "nf4", "int8"), if known
+    converted: bool = True  # False: no weight of the folder is quantized (a source checkpoint)
 
     @property
     def layout(self) -> str:
+        if not self.converted:
+            return "experts not quantized (no weight is: a source checkpoint)"
         if self.experts_quantized and not self.experts_kept:
             kind = "/".join(self.expert_types) or "4-bit"
             return f"experts quantized (per-expert bnb {kind} records)"
@@ -371,6 +379,8 @@ def _summarize(
     k = sum(1 for n in kept_names if EXPERT_KEY.match(n) or FUSED_EXPERT_KEY.match(n))
     if not q and not k:
         return None
+    if not quantized_names:  # a source checkpoint (16-bit, FP8): no pre-quantized bnb loader takes it
+        return MoeSummary(0, k, (), (NOT_CONVERTED,), converted=False)
     if q:
         not_loaders = NOT_LOADERS_QUANTIZED + (
             ("vLLM (some experts are not quantized: it needs all of them)",) if k else ()
@@ -415,14 +425,23 @@ def keep_advice(
     quant_type: str = "nf4",
     quantizes_experts: bool = True,
 ) -> str | None:
-    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters.
-    ``quantizes_experts``: whether ``quant_type`` can quantize experts (``--moe-experts quantize``);
-    if not (int8), the advice names the 4-bit types that can."""
+    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters (fused
+    3-D experts, which no mode quantizes, get a warning without the advice). ``quantizes_experts``:
+    whether ``quant_type`` can quantize experts (``--moe-experts quantize``); if not (int8), the advice
+    names the 4-bit types that can."""
     if check_mode(mode) != "keep":
         return None
     experts, total = expert_share(tensors)
     if not total or experts / total <= threshold:
         return None
+    per_expert = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name))
+    if per_expert / total <= threshold:  # mostly fused 3-D experts: no mode or quant type quantizes them
+        return (
+            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit: "
+            "they are stored fused on disk (one 3-D tensor per layer and projection, as gpt-oss and "
+            "Qwen3-VL-MoE ship them), with no per-expert name to quantize under, so neither "
+            "--moe-experts mode quantizes them and the folder barely shrinks"
+        )
     if not quantizes_experts:
         return (
             f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "

@@ -49,6 +49,23 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
                  kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
                  routed_scaling_factor=2.5, num_key_value_heads=4),
     ),
+    # per-expert w1/w3/w2 on disk; its experts gate with a clamped SwiGLU (their own _apply_gate), here
+    # clamped at 0.1 so that the clamp binds for random weights
+    "deepseek_v4": (
+        "deepseek_v4",
+        "DeepseekV4ForCausalLM",
+        _decoder(moe_intermediate_size=64, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
+                 num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1, hc_mult=2,
+                 hc_sinkhorn_iters=2, o_groups=2, o_lora_rank=32, index_n_heads=2, index_head_dim=16,
+                 index_topk=8, sliding_window=8, swiglu_limit=0.1, mlp_layer_types=["moe", "moe"]),
+    ),
+    # experts fused 3-D on disk (gate_up_proj [E, H, 2I], down_proj, their biases): no per-expert name
+    "gpt_oss": (
+        "gpt_oss",
+        "GptOssForCausalLM",
+        _decoder(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                 layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    ),
 }  # fmt: skip
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from converter.cli import cli
 from converter.errors import AlreadyQuantizedError, InputError
 from converter.kernels import bnb4bit as kernels
+from converter.loader.model import load_quantized
 from converter.plan.moe import EXPERT_KEY
 from converter.tools.inspection import inspect_path, verify_path
 from converter.writer.pipeline import convert
@@ -131,6 +132,41 @@ def test_keep_warning_with_int8_advises_a_4bit_type(moe_src, tmp_path):
     with pytest.raises(InputError, match="nf4 / fp4, not int8"):
         convert(src, tmp_path / "q", quant_type="int8", moe_experts="quantize", progress=False)
     convert(src, tmp_path / "nf4", quant_type="nf4", moe_experts="quantize", progress=False, warn=print)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_keep_warning_on_fused_experts_does_not_advise_quantize(moe_src, tmp_path, quant_type):
+    """gpt-oss stores its experts fused 3-D on disk, which no mode quantizes: the keep warning advised
+    --moe-experts quantize (or a 4-bit type with it), and that run only said it had no effect. The
+    warning says the experts stay 16-bit whatever --moe-experts says."""
+    src = moe_src("gpt_oss")
+    messages: list[str] = []
+    convert(src, tmp_path / "keep", quant_type=quant_type, progress=False, warn=messages.append)
+    (message,) = [m for m in _moe_warnings(messages) if "% of the parameters" in m]
+    assert "stay 16-bit" in message
+    assert "fused" in message
+    assert "--moe-experts quantize stores" not in message
+    assert "--quant-type nf4 --moe-experts quantize" not in message
+    messages.clear()
+    convert(src, tmp_path / "q", progress=False, moe_experts="quantize", warn=messages.append)
+    assert any("has no effect" in m for m in messages)
+
+
+@pytest.mark.parametrize("source", ["bf16", "fp8"])
+def test_inspect_of_an_unconverted_moe_folder_names_no_loader(moe_src, tmp_path, source):
+    """inspect of a MoE source folder (nothing quantized: bf16, or a block-FP8 DeepSeek-V3 checkpoint)
+    listed "quantize-model load_quantized" and "stock transformers + bitsandbytes (experts stay 16-bit)"
+    among the loaders of a folder that load_quantized refuses as no bitsandbytes checkpoint."""
+    src = moe_src("deepseek_v3")
+    if source == "fp8":
+        src = make_fp8_source(src, tmp_path / "fp8")
+    summary = inspect_path(src).moe
+    assert summary is not None
+    assert summary.loaders == ()
+    assert any("load_quantized" in x and "convert" in x for x in summary.not_loaders)
+    assert "16 bit" not in summary.layout  # FP8 experts are not 16-bit
+    with pytest.raises(InputError, match="no quantized weight"):
+        load_quantized(src)
 
 
 def test_keep_output_is_unchanged_by_the_option(moe_src, tmp_path):

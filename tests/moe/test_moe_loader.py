@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from moe_helpers import FAMILIES, experts_reference_and_bound, load_bf16_eager, make_moe
 from tiny_models import load_logged
 
@@ -49,6 +50,24 @@ def test_logits_bit_identical_to_dequantized_model(folders, name):
     ref = load_bf16_eager(plain)
     assert torch.equal(_logits(ours), _logits(ref))
     assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+def test_experts_with_their_own_gate_run_it(folders):
+    """DeepSeek-V4's experts (per-expert on disk) gate with a clamped SwiGLU, their class's own
+    _apply_gate: the 4-bit experts ran silu(gate) * up without the clamp, silently other logits than
+    transformers on the same weights. They now run the module's _apply_gate: on the dequantize path
+    the logits equal those of the dequantized folder loaded by transformers, bit for bit (prefill and
+    decode), as for the other families; the clamp binds (limit 0.1), so the old forward differed."""
+    q, plain = folders("deepseek_v4")
+    ours = _dequant_paths(load_quantized(q))
+    ref = load_bf16_eager(plain)
+    assert ref.config.swiglu_limit == 0.1
+    assert torch.equal(_logits(ours), _logits(ref))
+    assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+    eager = load_quantized(q)  # the default (GEMV) path: the same tokens
+    assert torch.equal(eager.generate(IDS[:, :4], max_new_tokens=4, do_sample=False),
+                       ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -139,6 +158,77 @@ def test_keep_folder_loads_with_16bit_experts(tmp_path):
     assert torch.equal(experts.gate_up_proj, ref.model.layers[0].mlp.experts.gate_up_proj)
     assert torch.equal(model.model.layers[0].mlp.gate.weight, ref.model.layers[0].mlp.gate.weight)
     assert torch.isfinite(_logits(model)).all()
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_base_model_class_takes_the_experts(folders, name):
+    """model_class=<the base model> (AutoModel: hidden states for embeddings) strips the checkpoint's
+    base-model prefix, as transformers does and as load_quantized did for every other key; the experts'
+    keys kept it, and the load failed ("per-expert tensors under 'model.layers.0.mlp.experts' have no
+    fused experts module"). The base model's hidden states are the causal LM's."""
+    import transformers
+
+    q, _ = folders(name)
+    causal = load_quantized(q)
+    base = load_quantized(q, model_class=transformers.AutoModel)
+    assert type(base) is type(causal.model)
+    assert len(moe_modules(base)) == len(moe_modules(causal))
+    with torch.no_grad():
+        assert torch.equal(base(IDS).last_hidden_state, causal.model(IDS).last_hidden_state)
+
+
+def _with_mtp_layer(src, dst):
+    """``src`` (tiny DeepSeek-V3, 2 layers) with the multi-token-prediction layer DeepSeek-V3 and GLM-4.5
+    ship after their last decoder layer (``model.layers.61.*`` / ``model.layers.46.*``, routed experts
+    included), which their transformers classes have no module for: here layer 2, a copy of layer 1
+    plus the MTP projections."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    for key in [k for k in tensors if k.startswith("model.layers.1.")]:
+        tensors[key.replace("model.layers.1.", "model.layers.2.")] = tensors[key].clone()
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
+    for leaf in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"model.layers.2.{leaf}.weight"] = torch.ones(64, dtype=torch.bfloat16)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("mode", ["keep", "quantize"])
+def test_experts_of_a_layer_the_model_lacks_are_unused(tmp_path, mode):
+    """DeepSeek-V3's and GLM-4.5's checkpoints hold an MTP layer that transformers loads as unexpected
+    keys; load_quantized refused every such folder ("per-expert tensors under 'model.layers.2.mlp.experts'
+    have no fused experts module"). Its experts are now unused tensors, named in the warning like the
+    layer's other tensors, and the model is the one converted without that layer."""
+    src = make_moe("deepseek_v3", tmp_path / "src")
+    mtp = _with_mtp_layer(src, tmp_path / "mtp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "plain", moe_experts=mode, progress=False)
+        convert(mtp, tmp_path / "out", moe_experts=mode, progress=False)
+    with pytest.warns(UserWarning, match=r"unused by DeepseekV3ForCausalLM") as caught:
+        model = load_quantized(tmp_path / "out")
+    (message,) = [str(w.message) for w in caught if "unused by" in str(w.message)]
+    n = re.search(r"(\d+) checkpoint tensor\(s\) unused", message)
+    assert n is not None
+    assert int(n[1]) == sum(1 for k in _keys(tmp_path / "out") if k.startswith("model.layers.2."))
+    assert "model.layers.2." in message
+    assert torch.equal(_logits(model), _logits(load_quantized(tmp_path / "plain")))
+
+
+def _keys(folder) -> list[str]:
+    """Tensor names of a folder's shards, a quantized weight once (its components left out)."""
+    from formats.reader import open_folder
+
+    reader = open_folder(folder)
+    return [*reader.quantized, *reader.passthrough]
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
@@ -412,6 +502,51 @@ def test_int8_experts_are_refused_by_name_and_not_listed_as_ours(tmp_path):
     assert summary.layout == "experts quantized (per-expert bnb int8 records)"  # not "4-bit"
     assert summary.loaders == ("transformers 4.x + bitsandbytes",)
     assert any("load_quantized" in x for x in summary.not_loaders)
+
+
+def test_4bit_routers_of_transformers_4x_folders_hold_the_decoded_record(tmp_path):
+    """transformers 4.x + bitsandbytes quantized every nn.Linear but the head, MoE routers included
+    (Mixtral's block_sparse_moe.gate was one then; older unsloth bnb-4bit MoE repos are such folders).
+    load_quantized refused them: "'model.layers.0.block_sparse_moe.gate.weight' is quantized but
+    'model.layers.0.mlp.gate' is a MixtralTopKRouter, not nn.Linear". The router now holds the record
+    decoded, the weight transformers 4.x's Linear4bit computed with: bitsandbytes' dequantize_4bit,
+    bit for bit, and the model's logits are those of the folder with that weight in 16 bit."""
+    import json
+
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file, save_file
+
+    src = make_moe("mixtral", tmp_path / "src")
+    convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
+    shard = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(shard)
+    decoded: dict[str, torch.Tensor] = {}
+    for key in [k for k in tensors if k.endswith("block_sparse_moe.gate.weight")]:
+        w = tensors.pop(key)
+        packed, state = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        tensors[key] = packed
+        tensors.update({f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()})
+        decoded[key.replace("block_sparse_moe", "mlp")] = bnb.functional.dequantize_4bit(packed, state)
+    assert len(decoded) == 2
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": dict.fromkeys(sorted(tensors), shard.name)}
+    (tmp_path / "q" / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"]["llm_int8_skip_modules"] = None  # what transformers 4.x wrote
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+
+    model = load_quantized(tmp_path / "q")
+    for key, w in decoded.items():
+        assert w.dtype == torch.bfloat16
+        assert torch.equal(model.get_parameter(key), w)
+    plain = tmp_path / "plain"
+    tensors = {k: v for k, v in tensors.items() if ".block_sparse_moe.gate.weight." not in k}
+    tensors.update({k.replace("mlp", "block_sparse_moe"): w for k, w in decoded.items()})
+    plain.mkdir()
+    save_file(tensors, plain / "model.safetensors", metadata={"format": "pt"})
+    config["quantization_config"]["llm_int8_skip_modules"] = ["gate", "lm_head"]
+    (plain / "config.json").write_text(json.dumps(config))
+    assert torch.equal(_logits(model), _logits(load_quantized(plain)))
 
 
 def test_model_card_lists_int8_experts_as_quantized(tmp_path):
