@@ -216,6 +216,19 @@ def _decode_quantized_routers(model: nn.Module, state: dict[str, Any]) -> None:
             state[f"{name}.weight"] = for_record(record).dequantize(record, dtype)
 
 
+def transformers_quantization_config(qc: dict[str, Any]) -> Any:
+    """What transformers' ``from_pretrained`` leaves in ``model.config.quantization_config``: its
+    ``BitsAndBytesConfig`` (``.load_in_4bit``, ``.bnb_4bit_quant_type``, ``to_dict()``; building it needs
+    no bitsandbytes), so code written against transformers reads the same attributes; the dict itself
+    where this transformers cannot build one from it."""
+    try:
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        return AutoQuantizationConfig.from_dict(dict(qc))
+    except (ImportError, ValueError, TypeError, KeyError):
+        return qc
+
+
 def _match_prefix(model: nn.Module, state: dict[str, Any]) -> None:
     """Rename ``state``'s keys (in place, order kept) as transformers' loader does with the base-model
     prefix: stripped for a model without it (``roberta.*`` keys into ``RobertaModel``), added for one
@@ -763,7 +776,7 @@ def load_quantized(
             stacklevel=3,
         )
     if isinstance(qc, dict):
-        model.config.quantization_config = qc
+        model.config.quantization_config = transformers_quantization_config(qc)
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     mark_quantized(model)

@@ -560,3 +560,20 @@ def test_mamba_mixers_that_branch_on_a_quantized_config_run(tmp_path: Path, quan
             layer.exact = True
     with torch.no_grad():
         assert torch.equal(ours(IDS[:, :5]).logits, theirs(IDS[:, :5]).logits)
+
+
+def test_quantization_config_is_the_object_transformers_gives(our_folder: Path, int8_folder: Path) -> None:
+    """``model.config.quantization_config`` as transformers + bitsandbytes leave it on the same folder: a
+    ``BitsAndBytesConfig`` (code reads ``.load_in_4bit``, ``.bnb_4bit_quant_type``) with the same values;
+    ``save_pretrained`` writes it back as the dict a folder holds."""
+    for folder in (our_folder, int8_folder):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = load_quantized(folder).config
+        theirs = bnb_load(folder).config.quantization_config
+        assert type(ours.quantization_config) is type(theirs)
+        assert ours.quantization_config.to_dict() == theirs.to_dict()
+        saved = ours.to_dict()["quantization_config"]
+        stored = json.loads((folder / "config.json").read_text())["quantization_config"]
+        assert {k: saved.get(k) for k in stored} == stored
+        assert saved["load_in_4bit"] is (folder == our_folder)
