@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import warnings
@@ -423,6 +424,35 @@ def test_fp8_block_source_is_dequantized_then_quantized(moe_src, tmp_path):
 
     with torch.no_grad():
         assert torch.isfinite(load_quantized(out)(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_fp8_source_size_is_its_bytes_on_disk(moe_src, tmp_path):
+    """An FP8 source's "Bytes in" (convert's summary, the report, the pushed card's "(from X)") and the
+    dry run's "Size in" counted each FP8 weight at its bf16 size and its scales not at all (a 339 kB source
+    reported as 609 kB): they are the source's tensor bytes as its safetensors header stores them."""
+    from converter.tools.push import build_model_card
+    from converter.units import human_bytes
+    from converter.writer.report import REPORT_NAME
+
+    src = make_fp8_source(moe_src("deepseek_v3"), tmp_path / "fp8", block=(128, 128))
+    with (src / "model.safetensors").open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    stored = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()}
+    on_disk = sum(stored.values())
+    as_bf16 = sum(
+        2 * math.prod(header[k]["shape"]) if header[k]["dtype"] == "F8_E4M3" else n
+        for k, n in stored.items()
+        if not k.endswith("weight_scale_inv")
+    )
+    assert as_bf16 > on_disk  # the old count differs from the right one on this source
+    out = tmp_path / "q"
+    pre = convert(src, out, moe_experts="quantize", progress=False, dry_run=True).preflight
+    assert pre.bytes_in == on_disk
+    result = convert(src, out, moe_experts="quantize", progress=False)
+    assert result.bytes_in == result.bytes_read == on_disk
+    assert json.loads((out / REPORT_NAME).read_text())["summary"]["bytes_in"] == on_disk
+    assert f"(from {human_bytes(on_disk)})" in build_model_card(out, "someone/tiny-fp8-bnb")
 
 
 @pytest.mark.parametrize("mode", ["keep", "quantize"])
