@@ -20,7 +20,8 @@ from converter.cli import cli
 from converter.errors import AlreadyQuantizedError, InputError
 from converter.kernels import bnb4bit as kernels
 from converter.loader.model import load_quantized
-from converter.plan.moe import EXPERT_KEY
+from converter.plan.moe import EXPERT_KEY, is_skipped_by_vllm, router_modules
+from converter.plan.selection_facts import should_convert_module
 from converter.tools.inspection import inspect_path, verify_path
 from converter.writer.pipeline import convert
 from formats.reader import open_folder
@@ -380,6 +381,52 @@ def test_verify_names_routers_missing_from_the_skip_list(moe_src, tmp_path, name
     config["quantization_config"]["llm_int8_skip_modules"] += routers
     (out / "config.json").write_text(json.dumps(config))
     assert verify_path(out).ok
+
+
+def test_router_linear_inside_a_gate_stays_16_bit_and_is_skipped(moe_src, tmp_path):
+    """HunYuan-MoE's router is an nn.Linear inside its gate module (``mlp.gate.wg``): --moe-experts
+    quantize quantized it and left it out of llm_int8_skip_modules, although routers stay 16-bit (vLLM
+    and unsloth expect them so). It is kept as it is on disk and listed by its leaf, and the list
+    matches no quantized module (transformers' suffix match, vLLM's component match)."""
+    src = moe_src("hunyuan_v1_moe")
+    out = tmp_path / "q"
+    convert(src, out, moe_experts="quantize", progress=False)
+    records, source = _records(out), _source_tensors(src)
+    assert all(k in records and not isinstance(records[k], torch.Tensor) for k in expert_keys(src))
+    routers = [k for k in source if k.endswith(".mlp.gate.wg.weight")]
+    assert len(routers) == 2  # one per layer
+    assert all(isinstance(records[k], torch.Tensor) and torch.equal(records[k], source[k]) for k in routers)
+    skip = read_config(out)["quantization_config"]["llm_int8_skip_modules"]
+    assert "wg" in skip
+    quantized = [k.removesuffix(".weight") for k, r in records.items() if not isinstance(r, torch.Tensor)]
+    assert any(".self_attn." in m for m in quantized)
+    assert any(".shared_mlp." in m for m in quantized)
+    assert all(should_convert_module(m, skip) and not is_skipped_by_vllm(m, skip) for m in quantized)
+    assert verify_path(out).ok
+
+
+def test_router_names():
+    """Routers by checkpoint name (the skip list's leaves): the router modules themselves and the
+    linear inside HunYuan-MoE's gate and LongCat-Flash's router; nothing else."""
+    routers = {
+        "model.layers.0.mlp.gate.weight": "gate",
+        "model.layers.0.mlp.shared_expert_gate.weight": "shared_expert_gate",
+        "model.layers.0.block_sparse_moe.router.weight": "router",
+        "model.layers.0.mlp.gate.wg.weight": "wg",
+        "model.layers.0.mlp.router.classifier.weight": "classifier",
+    }
+    others = [
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.experts.0.gate_proj.weight",
+        "model.layers.0.mlp.shared_mlp.gate_proj.weight",
+        "model.layers.0.mlp.gate.wg.bias",
+        "model.layers.0.linear_attn.forget_gate.f_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "classifier.weight",
+        "score.weight",
+    ]
+    got = router_modules([*routers, *others], ())
+    assert got == {k.removesuffix(".weight"): leaf for k, leaf in routers.items()}
 
 
 # ---------------------------------------------------------------------------------------------
