@@ -19,7 +19,9 @@ variants are refused by name. ``target_modules="all-linear"`` needs the model:
 ``PeftModel.from_pretrained(model, path, config=register_lora(LoraConfig.from_pretrained(path)))``.
 
 4-bit layers only: LLM.int8 layers (``QuantLinear8bit``) get PEFT's 8-bit LoRA layer when bitsandbytes
-is installed (they are then ``bnb.nn.Linear8bitLt``); without it PEFT refuses them.
+is installed (they are then ``bnb.nn.Linear8bitLt``); without it PEFT refuses them. 4-bit MoE experts
+(``--moe-experts quantize``) take no LoRA: they are packed buffers, not the ``nn.Parameter``s PEFT's
+``target_parameters`` wraps, and ``register_lora(config, model)`` refuses a config that names them.
 """
 
 from __future__ import annotations
@@ -205,6 +207,8 @@ def register_lora(config: Any, model: nn.Module | None = None) -> Any:
     """
     from converter.loader import module
 
+    if model is not None:
+        _refuse_4bit_expert_parameters(config, model)
     if _is_all_linear(config):
         if model is not None:
             config.target_modules = _all_linear(config, model)
@@ -218,6 +222,31 @@ def register_lora(config: Any, model: nn.Module | None = None) -> Any:
             raise ValueError(msg)
     config._register_custom_module({QuantLinear4bit: lora_layer_class()})
     return config
+
+
+def _refuse_4bit_expert_parameters(config: Any, model: nn.Module) -> None:
+    """A ValueError for ``target_parameters`` that name 4-bit MoE experts (``mlp.experts.gate_up_proj``):
+    PEFT wraps ``nn.Parameter``s only, so it would say that it found no target_parameters (or, with
+    target_modules too, only warn and train no expert)."""
+    from converter.loader.moe import QuantExperts4bit
+
+    targets = sorted(getattr(config, "target_parameters", None) or ())
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantExperts4bit)]
+    named = [
+        t
+        for t in targets
+        if any(n == (mod := t.rpartition(".")[0]) or n.endswith(f".{mod}") for n in experts)
+    ]
+    if named:
+        msg = (
+            f"target_parameters {named} name 4-bit MoE experts ({len(experts)} layers, e.g. {experts[0]!r}): "
+            "quantize-model keeps them as packed 4-bit buffers run by its own kernels, not as the "
+            "nn.Parameters PEFT's target_parameters wraps (PEFT would report that it found no "
+            "target_parameters), and LoRA on 4-bit experts is not supported. Train the other layers "
+            "(target_modules: attention, shared experts; gradients flow through the 4-bit experts), or "
+            "convert with --moe-experts keep, whose 16-bit experts target_parameters wraps"
+        )
+        raise ValueError(msg)
 
 
 def _is_all_linear(config: Any) -> bool:

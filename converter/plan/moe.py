@@ -39,7 +39,13 @@ FUSED_EXPERT_KEY = re.compile(
     r"^(?P<module>.+\.experts)\.(?P<proj>gate_up_proj|down_proj|up_proj|gate_proj)$"
 )
 #: Router weights (16-bit everywhere: vLLM and unsloth expect them so); their leaf goes to the skip list.
-_ROUTER_KEY = re.compile(r"^(?P<module>.+\.(?P<leaf>gate|router|shared_expert_gate))\.weight$")
+#: A router module itself (``mlp.gate``, ``router``, ``shared_expert_gate``), or the linear of a router
+#: built around one (HunYuan-MoE's ``mlp.gate.wg``, LongCat-Flash's ``mlp.router.classifier``): leaves
+#: that name nothing else in these models, so the skip entry keeps no other module 16-bit.
+_ROUTER_KEY = re.compile(
+    r"^(?P<module>.+\.(?:(?P<leaf>gate|router|shared_expert_gate)|(?:gate|router)\.(?P<inner>wg|classifier)))"
+    r"\.weight$"
+)
 
 #: Projection leaf -> role (gate, up, down); Mixtral names them w1 (gate), w3 (up), w2 (down).
 PROJ_ROLE = {
@@ -243,7 +249,9 @@ def router_modules(names: Iterable[str], quantized: Collection[str]) -> dict[str
     """The 16-bit routers among the tensor ``names`` (module -> leaf name): a folder with quantized
     experts lists every leaf in ``llm_int8_skip_modules`` (``quantized``: the names written 4-bit)."""
     return {
-        m["module"]: m["leaf"] for name in names if (m := _ROUTER_KEY.match(name)) and name not in quantized
+        m["module"]: m["leaf"] or m["inner"]
+        for name in names
+        if (m := _ROUTER_KEY.match(name)) and name not in quantized
     }
 
 

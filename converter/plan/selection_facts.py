@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
@@ -341,6 +341,15 @@ def is_router(name: str, module: Any) -> bool:
     return "Router" in type(module).__name__ or leaf in {"gate", "router", "shared_expert_gate"}
 
 
+def inside_router(name: str, modules: Mapping[str, Any]) -> bool:
+    """Whether module ``name`` sits inside a router: the nn.Linear that scores the experts in routers
+    built around one (HunYuan-MoE's ``mlp.gate.wg``, LongCat-Flash's ``mlp.router.classifier``, DBRX's
+    ``router.layer``, Gemma 4's ``router.proj``) is the router's weight and stays 16-bit as well."""
+    parts = name.split(".")
+    prefixes = (".".join(parts[:i]) for i in range(1, len(parts)))
+    return any(p in modules and is_router(p, modules[p]) for p in prefixes)
+
+
 def _key_steps() -> tuple[Any, Any]:
     """transformers' apply_renamings / apply_converters (5.2x), or the same loops for releases that
     inline them in rename_source_key (5.17): every renaming in turn, then at most one converter."""
@@ -445,7 +454,7 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
             reason = "router" if is_router(mod_name, mod) else f"not nn.Linear ({kind})"
         elif mod_name not in convertible:
             reason = default_reason(mod_name, mod)
-        elif is_router(mod_name, mod):
+        elif is_router(mod_name, mod) or inside_router(mod_name, modules):
             reason = "router"
         if reason is not None:
             out[key] = KeyFacts(

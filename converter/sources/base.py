@@ -51,6 +51,9 @@ class TensorInfo:
     file: str  # weight file name, relative to the source root
     dtype: str  # safetensors dtype code: "BF16", "F32", "I64", ...
     shape: tuple[int, ...]
+    #: Bytes on disk when they differ from ``dtype`` x ``shape``: a source that decodes on read (block
+    #: FP8, seen as BF16) gives its codes plus their scales here.
+    stored_nbytes: int | None = None
 
     @property
     def numel(self) -> int:
@@ -61,6 +64,9 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """The tensor's bytes in the source's files (what reading it costs)."""
+        if self.stored_nbytes is not None:
+            return self.stored_nbytes
         return self.numel * DTYPE_SIZES.get(self.dtype, 1)
 
 

@@ -12,10 +12,11 @@ stored in the default dtype bf16) and transformers' ``Fp8Dequantize._dequantize_
 product, one cast to bf16) compute it; the two agree wherever the shape divides into whole blocks,
 and partial edge blocks (DeepSeek's ``ceil``) take their block's scale as DeepSeek's kernel does.
 
-:class:`Fp8BlockSource` wraps any Source: its tensor list shows each FP8 weight as BF16 and hides
-the ``weight_scale_inv`` tensors, its config drops the FP8 ``quantization_config`` (the output
-gets the bnb one), and reading a weight dequantizes it from its file. Any other quantized source
-(bnb, GPTQ, FP8 without block scales, MXFP4) keeps the "already quantized" refusal.
+:class:`Fp8BlockSource` wraps any Source: its tensor list shows each FP8 weight as BF16 (its size
+stays its bytes on disk, codes plus scale) and hides the ``weight_scale_inv`` tensors, its config
+drops the FP8 ``quantization_config`` (the output gets the bnb one), and reading a weight
+dequantizes it from its file. Any other quantized source (bnb, GPTQ, FP8 without block scales,
+MXFP4) keeps the "already quantized" refusal.
 """
 
 from __future__ import annotations
@@ -117,8 +118,12 @@ class Fp8BlockSource(Source):
         self.block = block_size(config) or (128, 128)
         self.fp8_weights = {t.name for t in tensors if t.dtype in _FP8_WEIGHT_DTYPES}
         self.scale_file = {t.name: t.file for t in tensors if t.name.endswith(SCALE_SUFFIX)}
+        scale_bytes = {t.name: t.nbytes for t in tensors if t.name.endswith(SCALE_SUFFIX)}
+        # Sizes stay the bytes on disk (codes plus their scales): "Bytes in" is the source's size.
         self._tensors = [
-            TensorInfo(t.name, t.file, "BF16", t.shape) if t.name in self.fp8_weights else t
+            TensorInfo(t.name, t.file, "BF16", t.shape, t.nbytes + scale_bytes.get(t.name + SCALE_SUFFIX, 0))
+            if t.name in self.fp8_weights
+            else t
             for t in tensors
             if not (t.name.endswith(SCALE_SUFFIX) and t.name.removesuffix(SCALE_SUFFIX) in self.fp8_weights)
         ]

@@ -59,6 +59,12 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
                  hc_sinkhorn_iters=2, o_groups=2, o_lora_rank=32, index_n_heads=2, index_head_dim=16,
                  index_topk=8, sliding_window=8, swiglu_limit=0.1, mlp_layer_types=["moe", "moe"]),
     ),
+    # its router is an nn.Linear inside the gate module: mlp.gate.wg (float32 in the model)
+    "hunyuan_v1_moe": (
+        "hunyuan_v1_moe",
+        "HunYuanMoEV1ForCausalLM",
+        _decoder(intermediate_size=64, num_experts=4, moe_topk=2, head_dim=16),
+    ),
     # experts fused 3-D on disk (gate_up_proj [E, H, 2I], down_proj, their biases): no per-expert name
     "gpt_oss": (
         "gpt_oss",

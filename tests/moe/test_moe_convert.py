@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import warnings
@@ -19,7 +20,8 @@ from converter.cli import cli
 from converter.errors import AlreadyQuantizedError, InputError
 from converter.kernels import bnb4bit as kernels
 from converter.loader.model import load_quantized
-from converter.plan.moe import EXPERT_KEY
+from converter.plan.moe import EXPERT_KEY, is_skipped_by_vllm, router_modules
+from converter.plan.selection_facts import should_convert_module
 from converter.tools.inspection import inspect_path, verify_path
 from converter.writer.pipeline import convert
 from formats.reader import open_folder
@@ -381,6 +383,52 @@ def test_verify_names_routers_missing_from_the_skip_list(moe_src, tmp_path, name
     assert verify_path(out).ok
 
 
+def test_router_linear_inside_a_gate_stays_16_bit_and_is_skipped(moe_src, tmp_path):
+    """HunYuan-MoE's router is an nn.Linear inside its gate module (``mlp.gate.wg``): --moe-experts
+    quantize quantized it and left it out of llm_int8_skip_modules, although routers stay 16-bit (vLLM
+    and unsloth expect them so). It is kept as it is on disk and listed by its leaf, and the list
+    matches no quantized module (transformers' suffix match, vLLM's component match)."""
+    src = moe_src("hunyuan_v1_moe")
+    out = tmp_path / "q"
+    convert(src, out, moe_experts="quantize", progress=False)
+    records, source = _records(out), _source_tensors(src)
+    assert all(k in records and not isinstance(records[k], torch.Tensor) for k in expert_keys(src))
+    routers = [k for k in source if k.endswith(".mlp.gate.wg.weight")]
+    assert len(routers) == 2  # one per layer
+    assert all(isinstance(records[k], torch.Tensor) and torch.equal(records[k], source[k]) for k in routers)
+    skip = read_config(out)["quantization_config"]["llm_int8_skip_modules"]
+    assert "wg" in skip
+    quantized = [k.removesuffix(".weight") for k, r in records.items() if not isinstance(r, torch.Tensor)]
+    assert any(".self_attn." in m for m in quantized)
+    assert any(".shared_mlp." in m for m in quantized)
+    assert all(should_convert_module(m, skip) and not is_skipped_by_vllm(m, skip) for m in quantized)
+    assert verify_path(out).ok
+
+
+def test_router_names():
+    """Routers by checkpoint name (the skip list's leaves): the router modules themselves and the
+    linear inside HunYuan-MoE's gate and LongCat-Flash's router; nothing else."""
+    routers = {
+        "model.layers.0.mlp.gate.weight": "gate",
+        "model.layers.0.mlp.shared_expert_gate.weight": "shared_expert_gate",
+        "model.layers.0.block_sparse_moe.router.weight": "router",
+        "model.layers.0.mlp.gate.wg.weight": "wg",
+        "model.layers.0.mlp.router.classifier.weight": "classifier",
+    }
+    others = [
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.experts.0.gate_proj.weight",
+        "model.layers.0.mlp.shared_mlp.gate_proj.weight",
+        "model.layers.0.mlp.gate.wg.bias",
+        "model.layers.0.linear_attn.forget_gate.f_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "classifier.weight",
+        "score.weight",
+    ]
+    got = router_modules([*routers, *others], ())
+    assert got == {k.removesuffix(".weight"): leaf for k, leaf in routers.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # FP8 sources
 
@@ -423,6 +471,35 @@ def test_fp8_block_source_is_dequantized_then_quantized(moe_src, tmp_path):
 
     with torch.no_grad():
         assert torch.isfinite(load_quantized(out)(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_fp8_source_size_is_its_bytes_on_disk(moe_src, tmp_path):
+    """An FP8 source's "Bytes in" (convert's summary, the report, the pushed card's "(from X)") and the
+    dry run's "Size in" counted each FP8 weight at its bf16 size and its scales not at all (a 339 kB source
+    reported as 609 kB): they are the source's tensor bytes as its safetensors header stores them."""
+    from converter.tools.push import build_model_card
+    from converter.units import human_bytes
+    from converter.writer.report import REPORT_NAME
+
+    src = make_fp8_source(moe_src("deepseek_v3"), tmp_path / "fp8", block=(128, 128))
+    with (src / "model.safetensors").open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    stored = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()}
+    on_disk = sum(stored.values())
+    as_bf16 = sum(
+        2 * math.prod(header[k]["shape"]) if header[k]["dtype"] == "F8_E4M3" else n
+        for k, n in stored.items()
+        if not k.endswith("weight_scale_inv")
+    )
+    assert as_bf16 > on_disk  # the old count differs from the right one on this source
+    out = tmp_path / "q"
+    pre = convert(src, out, moe_experts="quantize", progress=False, dry_run=True).preflight
+    assert pre.bytes_in == on_disk
+    result = convert(src, out, moe_experts="quantize", progress=False)
+    assert result.bytes_in == result.bytes_read == on_disk
+    assert json.loads((out / REPORT_NAME).read_text())["summary"]["bytes_in"] == on_disk
+    assert f"(from {human_bytes(on_disk)})" in build_model_card(out, "someone/tiny-fp8-bnb")
 
 
 @pytest.mark.parametrize("mode", ["keep", "quantize"])

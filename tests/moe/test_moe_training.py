@@ -101,6 +101,22 @@ def test_lora_trains_through_4bit_experts(folders):
         assert torch.equal(m.absmax, absmax)
 
 
+@pytest.mark.parametrize("target", ["mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"])
+def test_lora_target_parameters_on_4bit_experts_is_refused_clearly(folders, target):
+    """PEFT's target_parameters on 4-bit experts failed with PEFT's "no target_parameters found" (beside
+    target_modules: a warning, and no expert trained): register_lora(config, model) refuses the config,
+    saying why and what to do instead. A config naming no expert passes as before."""
+    from converter.loader.lora import register_lora
+
+    q, _ = folders("qwen3_moe")
+    model = load_quantized(q)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], target_parameters=[target])
+    with pytest.raises(ValueError, match=r"name 4-bit MoE experts .*not supported.*--moe-experts keep"):
+        register_lora(config, model)
+    plain = peft.LoraConfig(r=4, target_modules=["q_proj"])
+    assert register_lora(plain, model) is plain
+
+
 def test_lora_all_linear_trains_with_the_fused_router(folders):
     """target_modules="all-linear" also wraps each router (mlp.gate), which parametrizes its weight:
     training runs (the fused router's fallback recursed forever) and the loss goes down."""
