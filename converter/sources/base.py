@@ -228,7 +228,21 @@ def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | No
             return f"tensor {t.name!r} is packed U8 with an absmax sibling (bitsandbytes 4-bit)"
         if t.name.endswith((".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".SCB")):
             return f"tensor {t.name!r} is a bitsandbytes quant state"
+        if t.name.endswith(".qweight") and t.dtype in _INTEGER_DTYPES:
+            return f"tensor {t.name!r} is {t.dtype} packed weights (GPTQ / AWQ)"
+        if t.name.endswith(".weight") and t.dtype in _INTEGER_DTYPES:
+            # integer weights with their scales beside them (W8A8, compressed-tensors without its config):
+            # kept as they are, a loader would read the codes as numbers
+            scale = next((f"{t.name}{s}" for s in _SCALE_SUFFIXES if f"{t.name}{s}" in names), None)
+            if scale is not None:
+                return f"tensor {t.name!r} is {t.dtype} with a scale beside it ({scale!r})"
     return None
+
+
+#: safetensors dtype codes of integer tensors.
+_INTEGER_DTYPES = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"})
+#: Suffixes of the per-weight scale of integer-quantized formats (``<name>.weight`` + suffix).
+_SCALE_SUFFIXES = ("_scale", "_scale_inv", "_scales", ".scale", ".scales")
 
 
 def check_weight_map(index: str, weight_map: dict[str, str], seen: dict[str, str], advice: str) -> None:

@@ -173,6 +173,32 @@ def test_already_quantized_by_tensors(tmp_path: Path) -> None:
         open_source(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("tensors", "reason"),
+    [
+        ({"l.weight": torch.zeros(4, 4, dtype=torch.int8), "l.weight_scale": torch.ones(4, 1)},
+         r"tensor 'l.weight' is I8 with a scale beside it \('l.weight_scale'\)"),
+        ({"l.qweight": torch.zeros(4, 4, dtype=torch.int32), "l.scales": torch.ones(1, 4)},
+         r"tensor 'l.qweight' is I32 packed weights \(GPTQ / AWQ\)"),
+    ],
+    ids=["int8-with-scale", "gptq"],
+)  # fmt: skip
+def test_integer_weights_with_scales_refused(tmp_path: Path, tensors: dict, reason: str) -> None:
+    """Quantized checkpoints that lost their quantization_config: kept as they are, the integer codes
+    would be read as numbers by any loader (the folder looked converted)."""
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(AlreadyQuantizedError, match=reason):
+        open_source(tmp_path)
+
+
+def test_integer_weight_without_scale_is_a_plain_tensor(tmp_path: Path) -> None:
+    save_file(
+        {"ids.weight": torch.zeros(4, 4, dtype=torch.int64), "l.weight": torch.ones(4, 4)},
+        tmp_path / "model.safetensors",
+    )
+    assert {t.name for t in open_source(tmp_path).tensors()} == {"ids.weight", "l.weight"}
+
+
 def test_fp8_source_refused(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(4, 4).to(torch.float8_e4m3fn)}, tmp_path / "model.safetensors")
     with pytest.raises(AlreadyQuantizedError, match=r"tensor 'w' is F8_E4M3"):
