@@ -93,6 +93,29 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+#: Options that shape one kind of conversion only (flag -> parameter name), by the quant types they apply to.
+_INT8_ONLY = {"--int8-threshold": "int8_threshold", "--int8-scale": "int8_scale"}
+_4BIT_ONLY = {"--double-quant / --no-double-quant": "double_quant", "--blocksize": "blocksize",
+              "--quant-storage": "quant_storage"}  # fmt: skip
+
+
+def options_not_for(ctx: click.Context, quant_type: str) -> str | None:
+    """The warning for options given on the command line that this quant type does not use
+    (``--int8-threshold`` on an nf4 run; docs/cli.md: they do not apply), so that none is dropped
+    without a word; None when there are none."""
+    from click.core import ParameterSource
+
+    unused = _4BIT_ONLY if quant_type == "int8" else _INT8_ONLY
+    given = [
+        flag for flag, name in unused.items() if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    ]
+    if not given:
+        return None
+    applies = "nf4 and fp4" if quant_type == "int8" else "int8"
+    them = "them" if len(given) > 1 else "it"
+    return f"{', '.join(given)}: not used by --quant-type {quant_type} (only by {applies}); leave {them} out"
+
+
 def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     """Click parameters -> keyword arguments of converter.writer.pipeline.convert."""
     return {
@@ -137,6 +160,8 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
     from converter.writer.pipeline import resolve_device
 
     app.configure(json=params["as_json"], quiet=params["quiet"])
+    if unused := options_not_for(click.get_current_context(), params["quant_type"].lower()):
+        app.warn(unused)
     if params["dry_run"]:
         from converter.cli._preflight import show_preflight
 
