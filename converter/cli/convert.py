@@ -93,27 +93,27 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-#: Options that shape one kind of conversion only (flag -> parameter name), by the quant types they apply to.
-_INT8_ONLY = {"--int8-threshold": "int8_threshold", "--int8-scale": "int8_scale"}
-_4BIT_ONLY = {"--double-quant / --no-double-quant": "double_quant", "--blocksize": "blocksize",
-              "--quant-storage": "quant_storage"}  # fmt: skip
-
-
 def options_not_for(ctx: click.Context, quant_type: str) -> str | None:
-    """The warning for options given on the command line that this quant type does not use
-    (``--int8-threshold`` on an nf4 run; docs/cli.md: they do not apply), so that none is dropped
-    without a word; None when there are none."""
+    """The warning for options given on the command line that this quant type does not read (another
+    method's own options: ``--int8-threshold`` on an nf4 run; docs/cli.md: they do not apply), so that
+    none is dropped without a word; None when there are none."""
     from click.core import ParameterSource
 
-    unused = _4BIT_ONLY if quant_type == "int8" else _INT8_ONLY
+    from converter.methods import get_method, own_options
+
+    mine = get_method(quant_type).own_options
+    params = {p.name: p for p in ctx.command.params}
     given = [
-        flag for flag, name in unused.items() if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+        " / ".join(params[name].opts + params[name].secondary_opts)
+        for name in dict.fromkeys(own_options())  # nf4 and fp4 share theirs
+        if name not in mine
+        and name in params
+        and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
     ]
     if not given:
         return None
-    applies = "nf4 and fp4" if quant_type == "int8" else "int8"
     them = "them" if len(given) > 1 else "it"
-    return f"{', '.join(given)}: not used by --quant-type {quant_type} (only by {applies}); leave {them} out"
+    return f"{', '.join(given)}: not used by --quant-type {quant_type}; leave {them} out"
 
 
 def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
