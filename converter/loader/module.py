@@ -599,6 +599,20 @@ class QuantLinear4bit(nn.Module):
                     self.bias.copy_(value)
 
 
+def keyed_weight(layer: QuantLinear4bit) -> tuple[int, torch.Tensor] | None:
+    """(key, weight) of a layer whose traced call may read its prepared tensors by key: registered, on
+    the fused GEMV, and still holding the weight object they were prepared from (``id()``: one
+    ``ID_MATCH`` guard; a weight put in its place, PEFT's merge, fails it); None otherwise. What
+    :func:`_traced_forward` and a sibling group's traced launch (``siblings.py``) both read of a layer."""
+    key = layer._prepared_key
+    if key < 0 or not layer.use_gemv:
+        return None
+    weight = layer.weight
+    if id(weight) != layer._prepared_id:
+        return None
+    return key, weight
+
+
 def _traced_forward(layer: QuantLinear4bit, x: torch.Tensor) -> torch.Tensor | None:
     """``QuantLinear4bit.forward`` while torch.compile traces (not under export): the fused GEMV of the
     prepared weight, reading as little of the layer as it can, as dynamo checks a guard per attribute
@@ -613,12 +627,9 @@ def _traced_forward(layer: QuantLinear4bit, x: torch.Tensor) -> torch.Tensor | N
     the general path; a ``use_gemv`` or dtype switched fails its guard; codes replaced inside the
     same weight (``weight.data = ...``) are what the keyed op reads, with the registered absmax (the
     weight's quant state), as the eager call does (converter/kernels/custom_ops.py ``_unkey``)."""
-    key = layer._prepared_key
-    if key < 0 or not layer.use_gemv or not ops.keyed_tracing():
+    if not ops.keyed_tracing() or (keyed := keyed_weight(layer)) is None:
         return None
-    weight = layer.weight
-    if id(weight) != layer._prepared_id:
-        return None
+    key, weight = keyed
     bias = layer.bias
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return None

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from converter.loader import ops
-from converter.loader.module import QuantLinear4bit
+from converter.loader.module import QuantLinear4bit, keyed_weight
 
 #: Names of child modules that read the same input, in the order models call them. A group forms
 #: where a module has all the names of a tuple as 4-bit children with one in_features and device.
@@ -149,7 +149,7 @@ class SiblingGroup:
         self, caller: nn.Module, x: torch.Tensor
     ) -> tuple[list[ops.KeyedLaunch], torch.Tensor, list[torch.Tensor]] | None:
         """:meth:`_launch_args` while torch.compile traces (keyed), reading what the members' own traced
-        calls read (``module._traced_forward``: key, weight and its id, use_gemv, compute dtype, bias),
+        calls read (``module.keyed_weight``: key, weight and its id, use_gemv; compute dtype, bias),
         the launch's sizes as constants of the keys: dynamo guards each read before every compiled call.
         The calling member is read as itself, not as a member of the group (a second source of the same
         module costs a Python aliasing guard per call)."""
@@ -158,13 +158,12 @@ class SiblingGroup:
         keys, weights = [], []
         for i, listed in enumerate(self.members):
             m = caller if i == caller._sibling_index else listed
-            key, weight, bias = m._prepared_key, m.weight, m.bias
-            if (
-                key < 0
-                or not m.use_gemv
-                or id(weight) != m._prepared_id  # a weight put in place of the prepared one
-                or x.dtype != m.compute_dtype
-                or (bias is not None and (bias.dtype != x.dtype or bias.requires_grad))
+            if (keyed := keyed_weight(m)) is None:
+                return None
+            key, weight = keyed
+            bias = m.bias
+            if x.dtype != m.compute_dtype or (
+                bias is not None and (bias.dtype != x.dtype or bias.requires_grad)
             ):
                 return None
             keys.append(key)
