@@ -70,6 +70,13 @@ TINY: dict[str, tuple[str, str, dict[str, Any], str]] = {
         ),
         "float32",
     ),
+    # its linears are FalconLinear, a subclass of nn.Linear that transformers + bnb leave 16-bit
+    "falcon": (
+        "falcon",
+        "FalconForCausalLM",
+        {k: v for k, v in _decoder(new_decoder_architecture=True, num_kv_heads=2).items() if k != "head_dim"},
+        "bfloat16",
+    ),
     "mixtral": (
         "mixtral",
         "MixtralForCausalLM",

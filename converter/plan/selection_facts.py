@@ -36,6 +36,9 @@ from typing import Any, Protocol
 
 from converter.errors import InputError
 
+#: Why a subclass of nn.Linear stays 16-bit: transformers + bitsandbytes convert only nn.Linear itself.
+SUBCLASS_REASON = "a subclass of nn.Linear, which transformers + bitsandbytes do not quantize"
+
 
 class SelectionError(InputError):
     """The tensors to quantize cannot be decided for this checkpoint."""
@@ -451,7 +454,12 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
             reason = "bias"
         elif mod_name not in linear or pname != "weight":
             kind = type(mod).__name__ if mod is not None else "?"
-            reason = "router" if is_router(mod_name, mod) else f"not nn.Linear ({kind})"
+            if is_router(mod_name, mod):
+                reason = "router"
+            elif isinstance(mod, nn.Linear):  # Falcon's FalconLinear: replace_with_bnb_linear asks type() too
+                reason = f"{SUBCLASS_REASON} ({kind})"
+            else:
+                reason = f"not nn.Linear ({kind})"
         elif mod_name not in convertible:
             reason = default_reason(mod_name, mod)
         elif is_router(mod_name, mod) or inside_router(mod_name, modules):

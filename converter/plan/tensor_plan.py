@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from converter.errors import InputError, UnsupportedTensorError
 from converter.methods import QuantMethod, get_method, own_options
 from converter.plan.moe import check_mode
+from converter.plan.selection_facts import SUBCLASS_REASON
 from converter.sources.base import CODE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
 from formats.quant_types import MAX_BNB_ELEMENTS, QuantType
 from formats.validate import UnsupportedOption
@@ -317,16 +318,22 @@ def build_plan(
     if not any(p.quantize for p in planned):
         f64 = next((p for p in planned if p.reason.startswith("dtype F64")), None)
         weights = [p for p in planned if p.info.name.endswith(".weight")]
-        # the reason a 2-D weight was kept says more than a norm's (e.g. Falcon's FalconLinear)
-        example = f64 or next((p for p in weights if len(p.info.shape) == 2), None)
+        # the reason a 2-D weight was kept says more than a norm's, and a linear of the model's own
+        # class (Falcon's FalconLinear) more than the head, which every model keeps
+        matrices = [p for p in weights if len(p.info.shape) == 2]
+        own_class = next((p for p in matrices if p.reason.startswith(SUBCLASS_REASON)), None)
+        example = f64 or own_class or (matrices[0] if matrices else None)
         example = example or (weights[0] if weights else planned[0] if planned else None)
         detail = f" (e.g. {example.name!r}: {example.reason})" if example else ""
-        hint = (
-            "pass --dtype float32 (or bfloat16) to cast float64 weights" if f64 else "check --include/--skip"
-        )
+        if f64:
+            hint = "pass --dtype float32 (or bfloat16) to cast float64 weights, or the checkpoint's dtype"
+        elif own_class:
+            hint = "transformers + bitsandbytes would load this model unquantized too"
+        else:
+            hint = "check --include/--skip, or the checkpoint's dtype"
         msg = (
             f"nothing to quantize: no tensor is a float32/float16/bfloat16 linear weight selected for "
-            f"quantization{detail}; {hint}, or the checkpoint's dtype"
+            f"quantization{detail}; {hint}"
         )
         raise InputError(msg)
     groups: list[ShardPlan] = []

@@ -130,6 +130,31 @@ def test_include_restricts(tiny_checkpoint):
     assert linear4bit_modules(_load_4bit(folder, sel.skip_modules)) == quantized_modules(sel)
 
 
+def test_subclassed_linears_stay_16_bit_as_in_transformers_and_convert_says_why(tiny_checkpoint, tmp_path):
+    """Falcon's linears are FalconLinear (a subclass of nn.Linear): transformers + bitsandbytes build no
+    Linear4bit for them, so neither do we, and convert's "nothing to quantize" names one of them and
+    why instead of the head (which every model keeps) and a hint about --include/--skip."""
+    from converter.errors import InputError
+    from converter.writer.pipeline import convert
+
+    folder = tiny_checkpoint("falcon")
+    sel = select_tensors(read_config(folder), read_infos(folder))
+    assert not sel.quantize
+    assert linear4bit_modules(_load_4bit(folder, sel.skip_modules)) == set()
+    assert sel.keep["transformer.h.0.mlp.dense_h_to_4h.weight"] == (
+        "a subclass of nn.Linear, which transformers + bitsandbytes do not quantize (FalconLinear)"
+    )
+    with pytest.raises(InputError) as err:
+        convert(folder, tmp_path / "out", progress=False)
+    assert str(err.value) == (
+        "nothing to quantize: no tensor is a float32/float16/bfloat16 linear weight selected for "
+        "quantization (e.g. 'transformer.h.0.mlp.dense_4h_to_h.weight': a subclass of nn.Linear, which "
+        "transformers + bitsandbytes do not quantize (FalconLinear)); transformers + bitsandbytes would "
+        "load this model unquantized too"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_minilm_real_weights(minilm_model):
     infos = read_infos(minilm_model)
     sel = select_tensors(read_config(minilm_model), infos)
