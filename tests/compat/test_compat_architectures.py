@@ -1,0 +1,252 @@
+"""Many more architectures than test_compat_transformers.py's six: for each tiny random model (decoders
+with biases, fused q/k/v, parallel blocks, MLA and MoE; encoders; encoder-decoders; vision and
+vision-language models; a state-space model) our NF4 folder holds the same tensors, byte for byte, as
+transformers + bitsandbytes' own ``save_pretrained`` of the same source, transformers builds its
+Linear4bit layers at the same modules from both folders, and ``load_quantized`` builds a 4-bit layer
+at each of them. Non-nested NF4 only: there bitsandbytes' CPU bytes are exact (nested absmax and FP4
+differ by counted codes, tested on the six in test_compat_transformers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from tiny_models import linear4bit_modules, load_logged, read_tensors
+
+from converter.loader.model import linear4bit_modules as loader_4bit_modules
+from converter.loader.model import load_quantized
+from converter.writer.pipeline import convert
+
+_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+_VISION = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+_CLIP_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=128,
+    max_position_embeddings=32,
+)
+
+
+def _for_model(model_type: str, **kwargs: Any) -> Callable[[], Any]:
+    return lambda: transformers.AutoConfig.for_model(model_type, **kwargs)
+
+
+# name -> (architecture, config factory)
+ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
+    "qwen2": ("Qwen2ForCausalLM", _for_model("qwen2", **_TEXT)),  # q/k/v biases
+    "qwen3": ("Qwen3ForCausalLM", _for_model("qwen3", **_TEXT, head_dim=16)),
+    "mistral": ("MistralForCausalLM", _for_model("mistral", **_TEXT)),
+    "gemma2": ("Gemma2ForCausalLM", _for_model("gemma2", **_TEXT, head_dim=16)),
+    "gemma3_text": ("Gemma3ForCausalLM", _for_model("gemma3_text", **_TEXT, head_dim=16)),
+    "phi3": ("Phi3ForCausalLM", _for_model("phi3", **_TEXT)),  # fused qkv_proj, gate_up_proj
+    "phi": ("PhiForCausalLM", _for_model("phi", **_TEXT)),
+    "gpt_neox": ("GPTNeoXForCausalLM", _for_model("gpt_neox", **_TEXT)),  # fused query_key_value
+    "starcoder2": ("Starcoder2ForCausalLM", _for_model("starcoder2", **_TEXT)),
+    "olmo2": ("Olmo2ForCausalLM", _for_model("olmo2", **_TEXT)),
+    "cohere": ("CohereForCausalLM", _for_model("cohere", **_TEXT)),
+    "granite": ("GraniteForCausalLM", _for_model("granite", **_TEXT)),
+    "stablelm": ("StableLmForCausalLM", _for_model("stablelm", **_TEXT)),
+    "opt": (
+        "OPTForCausalLM",
+        _for_model(
+            "opt",
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+        ),
+    ),
+    "bloom": ("BloomForCausalLM", _for_model("bloom", hidden_size=64, n_layer=2, n_head=4, vocab_size=128)),
+    "gptj": (
+        "GPTJForCausalLM",
+        _for_model("gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, rotary_dim=8),
+    ),
+    "glm4": ("Glm4ForCausalLM", _for_model("glm4", **_TEXT, head_dim=16)),
+    "olmoe": ("OlmoeForCausalLM", _for_model("olmoe", **_TEXT, num_experts=4, num_experts_per_tok=2)),
+    "deepseek_v3": (  # MLA attention, shared experts, a dense first layer
+        "DeepseekV3ForCausalLM",
+        _for_model(
+            "deepseek_v3",
+            **_TEXT,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
+    "roberta": (
+        "RobertaModel",
+        _for_model(
+            "roberta",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+        ),
+    ),
+    "distilbert": (
+        "DistilBertModel",
+        _for_model("distilbert", dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=128),
+    ),
+    "deberta_v2": (
+        "DebertaV2Model",
+        _for_model(
+            "deberta-v2",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+        ),
+    ),
+    "bart": (
+        "BartForConditionalGeneration",
+        _for_model(
+            "bart",
+            d_model=64,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+        ),
+    ),
+    "whisper": (
+        "WhisperForConditionalGeneration",
+        _for_model(
+            "whisper",
+            d_model=64,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            vocab_size=128,
+            num_mel_bins=16,
+            max_source_positions=32,
+            max_target_positions=32,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ),
+    ),
+    "vit": ("ViTModel", lambda: transformers.ViTConfig(**_VISION)),
+    "clip": (
+        "CLIPModel",
+        lambda: transformers.CLIPConfig(text_config=_CLIP_TEXT, vision_config=_VISION, projection_dim=32),
+    ),
+    "siglip": (
+        "SiglipModel",
+        lambda: transformers.SiglipConfig(text_config=_CLIP_TEXT, vision_config=_VISION),
+    ),
+    "llava": (
+        "LlavaForConditionalGeneration",
+        lambda: transformers.LlavaConfig(
+            vision_config=transformers.CLIPVisionConfig(**_VISION),
+            text_config=transformers.LlamaConfig(**_TEXT, head_dim=16),
+            image_token_index=3,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3ForConditionalGeneration",
+        lambda: transformers.Gemma3Config(
+            vision_config=_VISION,
+            text_config=dict(_TEXT, head_dim=16),
+            mm_tokens_per_image=4,
+            image_token_index=3,
+        ),
+    ),
+    "mamba": (
+        "MambaForCausalLM",
+        lambda: transformers.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=128, state_size=8),
+    ),
+}
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_nf4_folder_equals_transformers_bitsandbytes_save(tmp_path, name):
+    arch, make_config = ARCHITECTURES[name]
+    config = make_config()
+    config.architectures = [arch]
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    getattr(transformers, arch)(config).to(torch.bfloat16).eval().save_pretrained(src)
+
+    ours = tmp_path / "ours"
+    convert(
+        str(src), str(ours), quant_type="nf4", double_quant=False, compute_dtype="bfloat16", progress=False
+    )
+    qc = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    bnb_model, _, _ = load_logged(src, quantization_config=qc)
+    bnb_model.save_pretrained(tmp_path / "bnb")
+
+    ours_t, ref_t = read_tensors(ours), read_tensors(tmp_path / "bnb")
+    # we copy every source tensor; transformers drops non-persistent buffers (position_ids)
+    assert set(ref_t) <= set(ours_t)
+    assert {k for k in set(ours_t) - set(ref_t) if not k.endswith("position_ids")} == set()
+    differing = [
+        k
+        for k in ref_t
+        if ours_t[k].dtype != ref_t[k].dtype
+        or ours_t[k].shape != ref_t[k].shape
+        or not torch.equal(_as_bytes(ours_t[k]), _as_bytes(ref_t[k]))
+    ]
+    assert differing == []
+
+    ours_model, info, _ = load_logged(ours)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        assert not info[kind], (kind, info[kind])
+    quantized = linear4bit_modules(bnb_model)
+    assert quantized, "transformers + bitsandbytes quantized nothing: not a test of the selection"
+    assert linear4bit_modules(ours_model) == quantized
+    assert set(loader_4bit_modules(load_quantized(ours, dtype=torch.bfloat16))) == quantized
