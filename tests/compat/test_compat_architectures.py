@@ -1,23 +1,25 @@
 """Many more architectures than test_compat_transformers.py's six: for each tiny random model (decoders
 with biases, fused q/k/v, parallel blocks, MLA and MoE; encoders; encoder-decoders; vision and
-vision-language models; a state-space model) our NF4 folder holds the same tensors, byte for byte, as
-transformers + bitsandbytes' own ``save_pretrained`` of the same source, transformers builds its
-Linear4bit layers at the same modules from both folders, and ``load_quantized`` builds a 4-bit layer
-at each of them. Non-nested NF4 only: there bitsandbytes' CPU bytes are exact (nested absmax and FP4
-differ by counted codes, tested on the six in test_compat_transformers.py)."""
+vision-language models; a state-space model) our NF4 and int8 folders hold the same tensors, byte for
+byte, as transformers + bitsandbytes' own ``save_pretrained`` of the same source, transformers builds
+its Linear4bit / Linear8bitLt layers at the same modules from both folders, and ``load_quantized``
+builds one of ours at each of them. Non-nested NF4 only: there bitsandbytes' CPU bytes are exact
+(nested absmax and FP4 differ by counted codes, tested on the six in test_compat_transformers.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from tiny_models import linear4bit_modules, load_logged, read_tensors
+from tiny_models import load_logged, read_tensors
 
-from converter.loader.model import linear4bit_modules as loader_4bit_modules
 from converter.loader.model import load_quantized
+from converter.loader.module import QuantLinear4bit
+from converter.loader.module_int8 import QuantLinear8bit
 from converter.writer.pipeline import convert
 
 _TEXT = dict(
@@ -208,8 +210,31 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+#: per quant type: transformers' config, its layer class, ours
+_QUANT = {
+    "nf4": (
+        lambda: transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=False,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        "Linear4bit",
+        QuantLinear4bit,
+    ),
+    "int8": (lambda: transformers.BitsAndBytesConfig(load_in_8bit=True), "Linear8bitLt", QuantLinear8bit),
+}
+
+
+def _modules(model: torch.nn.Module, cls: type | str) -> set[str]:
+    if isinstance(cls, str):
+        cls = getattr(bnb.nn, cls)
+    return {n for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+@pytest.mark.parametrize("quant_type", sorted(_QUANT))
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_nf4_folder_equals_transformers_bitsandbytes_save(tmp_path, name):
+def test_folder_equals_transformers_bitsandbytes_save(tmp_path, name, quant_type):
     arch, make_config = ARCHITECTURES[name]
     config = make_config()
     config.architectures = [arch]
@@ -218,16 +243,10 @@ def test_nf4_folder_equals_transformers_bitsandbytes_save(tmp_path, name):
     getattr(transformers, arch)(config).to(torch.bfloat16).eval().save_pretrained(src)
 
     ours = tmp_path / "ours"
-    convert(
-        str(src), str(ours), quant_type="nf4", double_quant=False, compute_dtype="bfloat16", progress=False
-    )
-    qc = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=False,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    bnb_model, _, _ = load_logged(src, quantization_config=qc)
+    options = {"double_quant": False, "compute_dtype": "bfloat16"} if quant_type == "nf4" else {}
+    convert(str(src), str(ours), quant_type=quant_type, progress=False, **options)
+    make_qc, bnb_class, our_class = _QUANT[quant_type]
+    bnb_model, _, _ = load_logged(src, quantization_config=make_qc())
     bnb_model.save_pretrained(tmp_path / "bnb")
 
     ours_t, ref_t = read_tensors(ours), read_tensors(tmp_path / "bnb")
@@ -246,7 +265,7 @@ def test_nf4_folder_equals_transformers_bitsandbytes_save(tmp_path, name):
     ours_model, info, _ = load_logged(ours)
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         assert not info[kind], (kind, info[kind])
-    quantized = linear4bit_modules(bnb_model)
+    quantized = _modules(bnb_model, bnb_class)
     assert quantized, "transformers + bitsandbytes quantized nothing: not a test of the selection"
-    assert linear4bit_modules(ours_model) == quantized
-    assert set(loader_4bit_modules(load_quantized(ours, dtype=torch.bfloat16))) == quantized
+    assert _modules(ours_model, bnb_class) == quantized
+    assert _modules(load_quantized(ours, dtype=torch.bfloat16), our_class) == quantized
