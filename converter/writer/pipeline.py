@@ -634,7 +634,7 @@ class _Conversion:
         self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None, to: str
     ) -> np.ndarray:
         x = self._read(p, mapped, following, to)
-        return np.ascontiguousarray(x.T if p.transpose else x)
+        return np.ascontiguousarray(x.swapaxes(-1, -2) if p.transpose else x)
 
     def _write_kept(self, p: PlannedTensor, x: np.ndarray, writer: ShardWriter) -> None:
         t0 = time.perf_counter()
