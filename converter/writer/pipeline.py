@@ -306,6 +306,9 @@ class _Conversion:
 
             report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
             if self.dry_run:
+                from converter.writer.report import plan_moe_summary
+
+                report.moe = plan_moe_summary(plan)
                 report.refused = would_refuse(
                     self.output, fingerprint, plan_json, overwrite=overwrite, protected=protected
                 )
