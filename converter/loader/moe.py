@@ -906,7 +906,8 @@ def attach_experts(
     records included, are renamed.
     """
     modules = dict(model.named_modules())
-    fused = split_fused(state, where)  # Qwen3-VL-MoE's fused 3-D records, as per-expert pieces
+    # Qwen3-VL-MoE's fused 3-D records, as per-expert pieces
+    fused = split_fused(state, where, sizes_only=torch.device(device).type == "meta")
     orient_kept(state, lambda m: _model_module_name(model, m, modules), modules)
     groups = _group(state)
     used: set[str] = set()

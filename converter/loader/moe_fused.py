@@ -91,9 +91,11 @@ def _check(rec: QuantizedTensor, key: str, proj: str, where: str) -> None:
         raise MoeLoadError(msg)
 
 
-def split_fused(state: dict[str, Any], where: str) -> dict[str, tuple[str, str]]:
+def split_fused(state: dict[str, Any], where: str, *, sizes_only: bool = False) -> dict[str, tuple[str, str]]:
     """Replace (in place) every quantized fused expert record of ``state`` by its per-expert pieces under
-    ``<module>.<e>.{gate,up,down}_proj.weight``; returns module -> the fused keys it came from."""
+    ``<module>.<e>.{gate,up,down}_proj.weight``; returns module -> the fused keys it came from.
+    ``sizes_only`` (experts stacked on the meta device: estimate, inspect --memory): no absmax is
+    decoded, a de-nested piece gets a meta float32 absmax of its size (no weight data read)."""
     fused: dict[str, tuple[str, str]] = {}
     for key in [k for k, v in state.items() if isinstance(v, QuantizedTensor) and FUSED_EXPERT_KEY.match(k)]:
         m = FUSED_EXPERT_KEY.match(key)
@@ -109,7 +111,13 @@ def split_fused(state: dict[str, Any], where: str) -> dict[str, tuple[str, str]]
         shape = (out_f // len(pieces), in_f)
         nb = math.prod(shape) // rec.blocksize
         aligned = rec.nested is None or nb % NESTED_BLOCKSIZE == 0
-        decoded = None if aligned else ops.decoded_absmax(state_from_record(rec)).reshape(-1)
+        decoded = None
+        if not aligned:
+            decoded = (
+                torch.empty(num * out_f * in_f // rec.blocksize, dtype=torch.float32, device="meta")
+                if sizes_only
+                else ops.decoded_absmax(state_from_record(rec)).reshape(-1)
+            )
         for e in range(num):
             for i, leaf in pieces:
                 name = f"{module}.{e}.{leaf}.weight"

@@ -360,11 +360,16 @@ def partial_block_experts(records: Sequence[tuple[str, Sequence[int], int]]) -> 
     """The per-expert weights among ``(name, shape, blocksize)`` that do not fill whole blocks: load_quantized
     keeps a layer's gate, up and down codes of an expert back to back and needs each to end on a block
     boundary (``I*H % blocksize == 0``; bitsandbytes' own records allow a partial last block). A fused 3-D
-    record is sliced per expert, so each expert's ``[O, I]`` must fill whole blocks."""
+    record is sliced the same way: each expert's gate, up (half of ``gate_up_proj``'s rows) and down."""
     out = []
     for name, shape, blocksize in records:
-        per_expert = shape[1:] if FUSED_EXPERT_KEY.match(name) and len(shape) == 3 else shape
-        if _expert_match(name) and blocksize and math.prod(per_expert) % blocksize:
+        fused = FUSED_EXPERT_KEY.match(name)
+        numel = (
+            math.prod(shape[1:]) // (2 if fused["proj"] == "gate_up_proj" else 1)
+            if fused
+            else math.prod(shape)
+        )
+        if _expert_match(name) and blocksize and numel % blocksize:
             out.append(name)
     return out
 

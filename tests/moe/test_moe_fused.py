@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import make_dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -311,3 +312,51 @@ def test_inspect_and_dry_run_name_the_loaders(vl, tmp_path):
                                    "--dry-run"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "unsloth" in res.output
+
+
+def test_model_card_names_the_fused_record_and_its_loaders(vl):
+    from converter.tools.push import build_model_card
+
+    _, q, _ = vl()
+    card = build_model_card(q, "me/tiny-vl-moe-nf4")
+    assert "one fused bitsandbytes 4-bit record per layer and projection" in card
+    assert "unsloth-zoo" in card
+    assert "vLLM pre-quantized bitsandbytes (no fused 3-D expert records" in card
+
+
+def test_gpt_oss_fused_experts_stay_16bit_with_a_reason():
+    """gpt-oss's fused experts carry biases (and interleave gate/up): no loader here runs them 4-bit, so
+    --moe-experts quantize keeps them with a reason, and its note says the option had no effect."""
+    infos = [
+        SimpleNamespace(name="model.layers.0.mlp.experts.gate_up_proj", dtype="BF16", shape=(4, 64, 128)),
+        SimpleNamespace(name="model.layers.0.mlp.experts.gate_up_proj_bias", dtype="BF16", shape=(4, 128)),
+        SimpleNamespace(name="model.layers.0.mlp.experts.down_proj", dtype="BF16", shape=(4, 64, 64)),
+        SimpleNamespace(name="model.layers.0.mlp.experts.down_proj_bias", dtype="BF16", shape=(4, 64)),
+        SimpleNamespace(name="model.layers.0.mlp.router.weight", dtype="BF16", shape=(4, 64)),
+    ]
+    sel = make_dataclass("Sel", ["quantize", "keep", "skip_modules"], frozen=True)({}, {}, [])
+    out = moe.apply_moe_mode(sel, infos, "quantize")
+    assert not out.quantize
+    assert "biases" in out.keep["model.layers.0.mlp.experts.gate_up_proj"]
+    assert "no effect" in moe.no_effect_note(infos, "quantize", list(out.quantize))
+    assert "gpt-oss" in moe.keep_advice(infos, "keep")
+
+
+def test_estimate_reads_no_expert_bytes(vl, monkeypatch):
+    """estimate sizes the fused experts from the headers: neither splitting (the de-nested pieces' absmax
+    decode included) nor stacking reads an expert byte, and it counts the bytes load_quantized holds."""
+    from converter.loader import moe_fused, moe_records
+    from converter.loader.estimate import estimate
+    from converter.loader.footprint import memory_by_device
+
+    _, q, _ = vl()
+    loaded = memory_by_device(load_quantized(q, device_map="cpu"))
+
+    def read(*_):
+        msg = "estimate read an expert's bytes"
+        raise AssertionError(msg)
+
+    fake = SimpleNamespace(packed_bytes=lambda p: p.reshape(-1), decoded_absmax=read)
+    monkeypatch.setattr(moe_fused, "ops", fake)
+    monkeypatch.setattr(moe_records, "ops", SimpleNamespace(packed_bytes=read, decoded_absmax=read))
+    assert estimate(q, "cpu")[1] == loaded
