@@ -52,7 +52,13 @@ from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
-from converter.loader.moe_fused import fused_state_dict, keep_fused_names_on_save, orient_kept, split_fused
+from converter.loader.moe_fused import (
+    fused_state_dict,
+    keep_fused_names_on_save,
+    orient_kept,
+    split_fused,
+    split_record,
+)
 from converter.loader.moe_records import (
     ROLES,
     MoeLoadError,
@@ -726,10 +732,10 @@ class QuantExperts4bit(nn.Module):
                 name = prefix + leaf
                 group = {k: v for k, v in rest.items() if k == name or k.startswith(name + ".")}
                 if name in group:
-                    records[name] = QuantizedTensor.from_state_dict(name, group)
+                    rec = QuantizedTensor.from_state_dict(name, group)
+                    records.update(split_record(rec, name, leaf, prefix, "load_state_dict"))
                     for k in group:
                         del rest[k]
-            split_fused(records, "load_state_dict")
         except (ValueError, MoeLoadError) as err:
             error_msgs.append(str(err))
             return None

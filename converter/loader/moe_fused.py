@@ -91,6 +91,31 @@ def _check(rec: QuantizedTensor, key: str, proj: str, where: str) -> None:
         raise MoeLoadError(msg)
 
 
+def split_record(
+    rec: QuantizedTensor, key: str, proj: str, prefix: str, where: str, *, sizes_only: bool = False
+) -> dict[str, QuantizedTensor]:
+    """The per-expert pieces ``<prefix><e>.{gate,up,down}_proj.weight`` of the fused ``proj`` record
+    ``rec`` (stored under ``key``); ``sizes_only`` as :func:`split_fused` takes it."""
+    _check(rec, key, proj, where)
+    num, out_f, in_f = rec.shape
+    pieces = ((0, "gate_proj"), (1, "up_proj")) if proj == "gate_up_proj" else ((0, "down_proj"),)
+    shape = (out_f // len(pieces), in_f)
+    nb = math.prod(shape) // rec.blocksize
+    decoded = None
+    if rec.nested is not None and nb % NESTED_BLOCKSIZE:  # nested blocks straddle the pieces
+        decoded = (
+            torch.empty(num * out_f * in_f // rec.blocksize, dtype=torch.float32, device="meta")
+            if sizes_only
+            else ops.decoded_absmax(state_from_record(rec)).reshape(-1)
+        )
+    out = {}
+    for e in range(num):
+        for i, leaf in pieces:
+            name = f"{prefix}{e}.{leaf}.weight"
+            out[name] = _piece(rec, name, shape, e * len(pieces) + i, decoded)
+    return out
+
+
 def split_fused(state: dict[str, Any], where: str, *, sizes_only: bool = False) -> dict[str, tuple[str, str]]:
     """Replace (in place) every quantized fused expert record of ``state`` by its per-expert pieces under
     ``<module>.<e>.{gate,up,down}_proj.weight``; returns module -> the fused keys it came from.
@@ -104,24 +129,7 @@ def split_fused(state: dict[str, Any], where: str, *, sizes_only: bool = False) 
         if proj not in FUSED_NAMES:
             msg = f"{where}: {key!r}: no loader runs a quantized fused {proj} (gate_up_proj, down_proj only)"
             raise MoeLoadError(msg)
-        rec = state.pop(key)
-        _check(rec, key, proj, where)
-        num, out_f, in_f = rec.shape
-        pieces = ((0, "gate_proj"), (1, "up_proj")) if proj == "gate_up_proj" else ((0, "down_proj"),)
-        shape = (out_f // len(pieces), in_f)
-        nb = math.prod(shape) // rec.blocksize
-        aligned = rec.nested is None or nb % NESTED_BLOCKSIZE == 0
-        decoded = None
-        if not aligned:
-            decoded = (
-                torch.empty(num * out_f * in_f // rec.blocksize, dtype=torch.float32, device="meta")
-                if sizes_only
-                else ops.decoded_absmax(state_from_record(rec)).reshape(-1)
-            )
-        for e in range(num):
-            for i, leaf in pieces:
-                name = f"{module}.{e}.{leaf}.weight"
-                state[name] = _piece(rec, name, shape, e * len(pieces) + i, decoded)
+        state.update(split_record(state.pop(key), key, proj, f"{module}.", where, sizes_only=sizes_only))
         gu, dn = fused.get(module, ("", ""))
         fused[module] = (key, dn) if proj == "gate_up_proj" else (gu, key)
     for module, (gu, dn) in fused.items():

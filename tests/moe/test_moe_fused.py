@@ -360,3 +360,25 @@ def test_estimate_reads_no_expert_bytes(vl, monkeypatch):
     monkeypatch.setattr(moe_fused, "ops", fake)
     monkeypatch.setattr(moe_records, "ops", SimpleNamespace(packed_bytes=read, decoded_absmax=read))
     assert estimate(q, "cpu")[1] == loaded
+
+
+@pytest.mark.parametrize("inter", [128, 256])
+def test_load_state_dict_of_fused_records(vl, inter):
+    """A fused layer's state_dict holds the fused records (no per-expert key), and load_state_dict of
+    another layer's stacks them again: the layer then computes what the other one does; a missing
+    record is named."""
+    _, q, _ = vl(inter)
+    layers = list(moe_modules(load_quantized(q)).values())
+    first, second = layers[0], layers[1]
+    state = second.state_dict()
+    assert sorted({k.split(".")[0] for k in state}) == ["down_proj", "gate_up_proj"]
+    first.load_state_dict(state)
+    assert torch.equal(first.packed, second.packed)
+    assert torch.equal(first.absmax, second.absmax)
+    x = torch.randn(3, first.hidden_dim, dtype=torch.bfloat16)
+    idx, w = torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(first(x, idx, w), second(x, idx, w))
+    partial = {k: v for k, v in state.items() if not k.startswith("down_proj")}
+    result = first.load_state_dict(partial, strict=False)
+    assert any("down_proj" in k for k in result.missing_keys)
