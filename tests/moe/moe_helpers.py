@@ -111,7 +111,10 @@ def make_qwen3_vl_moe(folder: Path, *, inter: int = 128, hub: bool = True, seed:
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
                   patch_size=8, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
                   deepstack_visual_indexes=[0])  # fmt: skip
-    cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    vocab = text["vocab_size"]  # the image/video tokens inside the tiny vocabulary
+    tokens = dict(image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+                  vision_end_token_id=vocab - 1)  # fmt: skip
+    cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **tokens)
     cfg.architectures = ["Qwen3VLMoeForConditionalGeneration"]
     torch.manual_seed(seed)
     with warnings.catch_warnings():

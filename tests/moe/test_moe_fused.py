@@ -382,3 +382,29 @@ def test_load_state_dict_of_fused_records(vl, inter):
     partial = {k: v for k, v in state.items() if not k.startswith("down_proj")}
     result = first.load_state_dict(partial, strict=False)
     assert any("down_proj" in k for k in result.missing_keys)
+
+
+def test_image_prompt_through_the_4bit_vision_tower(vl):
+    """The vision tower's linears are quantized as in any vision-language model (qkv, proj, fc1/fc2, the
+    mergers; the Conv3d patch embedding kept): an image prompt gives the dequantized folder's logits,
+    bit for bit, on the dequantize path."""
+    from converter.loader.model import linear4bit_modules
+
+    _, q, plain = vl()
+    ours = _dequant_paths(load_quantized(q))
+    vision = [n for n in linear4bit_modules(ours) if ".visual." in f".{n}"]
+    assert len(vision) == 12
+    assert not any("patch_embed" in n for n in vision)
+    ref = load_bf16_eager(plain)
+    c = ours.config
+    h = w = 4  # patches: 2x2 merged into 4 image tokens
+    ids = torch.tensor([[1, 2, c.vision_start_token_id, *[c.image_token_id] * 4, c.vision_end_token_id, 5]])
+    pixels = torch.randn(h * w, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    kw = dict(
+        input_ids=ids,
+        pixel_values=pixels,
+        image_grid_thw=torch.tensor([[1, h, w]]),
+        mm_token_type_ids=(ids == c.image_token_id).long(),
+    )
+    with torch.no_grad():
+        assert torch.equal(ours(**kw).logits, ref(**kw).logits)
