@@ -312,6 +312,9 @@ def test_inspect_and_dry_run_name_the_loaders(vl, tmp_path):
                                    "--dry-run"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "unsloth" in res.output
+    res = CliRunner().invoke(cli, ["verify", str(q), "--against", str(src)])  # transposed 3-D records too
+    assert res.exit_code == 0, res.output
+    assert "24 quantized tensors" in res.output
 
 
 def test_model_card_names_the_fused_record_and_its_loaders(vl):
