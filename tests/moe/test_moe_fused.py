@@ -27,6 +27,7 @@ from moe_helpers import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_models import load_logged
 
 from converter.cli import cli
 from converter.kernels import bnb4bit as kernels
@@ -259,7 +260,10 @@ def test_save_pretrained_writes_fused_records(vl, inter, tmp_path):
     assert torch.equal(_logits(load_quantized(tmp_path / "saved")), _logits(model))
 
 
-def test_model_dequantize_restores_transformers_experts(vl):
+def test_model_dequantize_restores_transformers_experts(vl, tmp_path):
+    """model.dequantize(): transformers' experts module again, with the dequantized folder's weights; it
+    saves (in model orientation, as transformers' own save_pretrained writes) a folder transformers loads
+    to the same logits."""
     _, q, plain = vl()
     model = load_quantized(q)
     model.dequantize()
@@ -269,6 +273,13 @@ def test_model_dequantize_restores_transformers_experts(vl):
         model.model.language_model.layers[0].mlp.experts.gate_up_proj,
         ref.model.language_model.layers[0].mlp.experts.gate_up_proj,
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "saved")
+    assert _source(tmp_path / "saved")[GU.format(0)].shape == (4, 256, 64)
+    saved, info, _ = load_logged(tmp_path / "saved", dtype=torch.bfloat16)  # its default experts code
+    assert not info["missing_keys"]
+    assert torch.equal(_logits(saved), _logits(model))
 
 
 def test_keep_is_unchanged_and_loads_hub_orientation(vl, tmp_path):
