@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from converter.cli._app import App, table
+from converter.cli._moe_rows import moe_rows
 from converter.units import human_bytes, human_count
 
 
@@ -43,6 +44,7 @@ def show_preflight(app: App, pre: Any) -> None:
         if pre.download_bytes:
             s.add_row("Downloads", human_bytes(pre.download_bytes))
         s.add_row("Fits", "yes" if pre.fits else "NO")
+        moe_rows(s, pre.moe)
         app.print_table(s)
     for problem in [*pre.problems, *([pre.refused] if pre.refused else [])]:
         app.error(problem)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from converter.cli._app import App, table
+from converter.cli._moe_rows import moe_rows
 from converter.errors import InputError
 from converter.methods import method_names
 from converter.plan.tensor_plan import QUANT_STORAGES, parse_size
@@ -224,4 +225,5 @@ def summary_table(result: Any) -> Any:
         t.add_row("Throughput", f"{human_bytes(result.throughput)}/s")
     if result.pushed_to:
         t.add_row("Pushed to", result.pushed_to)
+    moe_rows(t, result.moe)
     return t

@@ -8,7 +8,8 @@ one dequantized weight in memory at a time. Floating-point tensors are written i
 (with the sentence-transformers module folders convert copies: ``1_Pooling/config.json``).
 The index is written last, so a folder with an index is complete.
 
-GPT-2 style ``Conv1D`` weights are stored ``[in, out]`` by transformers but quantized as ``[out, in]``
+GPT-2 style ``Conv1D`` weights (and Qwen3-VL-MoE's fused experts, ``[E, in, out]`` on the Hub) are stored
+``[in, out]`` by transformers but quantized as ``[out, in]``
 (bitsandbytes' layout): they are written back transposed, so that plain transformers loads the folder.
 Which weights those are: the ``transposed`` flag of our per-tensor metadata, or, for a folder another
 tool wrote (transformers + bitsandbytes' ``save_pretrained``), the ``Conv1D`` modules of the model that
@@ -176,13 +177,13 @@ def _plan(state: dict, dtypes: dict[str, torch.dtype], max_shard_size: int) -> l
 def _tensor(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):  # a quantized record: its method decodes it
         w = for_record(value).dequantize(value, dtype)
-        return w.t() if transposed else w
+        return w.transpose(-2, -1) if transposed else w
     return value.to(dtype)
 
 
 def _shape(value: QuantizedTensor | torch.Tensor, transposed: bool) -> tuple[int, ...]:
     shape = tuple(int(d) for d in value.shape)
-    return shape[::-1] if transposed else shape
+    return (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
 
 
 def dequantize_checkpoint(

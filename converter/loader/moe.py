@@ -52,6 +52,13 @@ from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.kernels.cpu_threads import gemv_threads
 from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
+from converter.loader.moe_fused import (
+    fused_state_dict,
+    keep_fused_names_on_save,
+    orient_kept,
+    split_fused,
+    split_record,
+)
 from converter.loader.moe_records import (
     ROLES,
     MoeLoadError,
@@ -587,8 +594,11 @@ class QuantExperts4bit(nn.Module):
         nested: dict[str, torch.Tensor] | None = None,
         proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
         apply_gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        fused: bool = False,
     ) -> None:
         super().__init__()
+        # loaded from fused 3-D records (Qwen3-VL-MoE, converter/loader/moe_fused.py): saved as such
+        self.fused = fused
         self.num_experts = int(packed.shape[0])
         self.hidden_dim, self.intermediate_dim = hidden_dim, intermediate
         self.blocksize, self.quant_type = blocksize, quant_type
@@ -664,13 +674,18 @@ class QuantExperts4bit(nn.Module):
         return KERNEL_DTYPE_NAMES[self.dtype]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # One bnb record per expert per projection under the checkpoint's names (save_pretrained).
-        destination.update(expert_state_dict(self, prefix))
+        # One bnb record per expert per projection under the checkpoint's names (save_pretrained), or
+        # the fused 3-D records the layer was loaded from.
+        destination.update(fused_state_dict(self, prefix) if self.fused else expert_state_dict(self, prefix))
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         # The records _save_to_state_dict writes (or a checkpoint's), stacked again as at load.
+        if self.fused:  # the fused records, split into the per-expert ones stacked below
+            state_dict = self._split_saved(state_dict, prefix, error_msgs)
+            if state_dict is None:
+                return
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in state_dict.items():
             if key.startswith(prefix):
@@ -685,7 +700,10 @@ class QuantExperts4bit(nn.Module):
                     missing_keys.append(name)
                     continue
                 try:
-                    experts.setdefault(e, {})[role] = (name, QuantizedTensor.from_state_dict(name, group))
+                    rec = group[name]  # a fused record's piece (_split_saved) is a record already
+                    if not isinstance(rec, QuantizedTensor):
+                        rec = QuantizedTensor.from_state_dict(name, group)
+                    experts.setdefault(e, {})[role] = (name, rec)
                 except ValueError as err:
                     error_msgs.append(str(err))
         unexpected_keys.extend(key for group in groups.values() for key in group)
@@ -703,6 +721,25 @@ class QuantExperts4bit(nn.Module):
         self._nested = st.nested
         self._buffers.update(packed=st.packed, absmax=st.absmax, quant_map=st.quant_map)
         self._prepare()
+
+    def _split_saved(self, state_dict: Mapping[str, Any], prefix: str, error_msgs: list[str]) -> dict | None:
+        """``state_dict``'s keys under ``prefix`` with the fused records split per expert (records, not
+        bnb keys: the loop above reads them as records too)."""
+        records: dict[str, Any] = {}
+        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        try:
+            for leaf in ("gate_up_proj", "down_proj"):
+                name = prefix + leaf
+                group = {k: v for k, v in rest.items() if k == name or k.startswith(name + ".")}
+                if name in group:
+                    rec = QuantizedTensor.from_state_dict(name, group)
+                    records.update(split_record(rec, name, leaf, prefix, "load_state_dict"))
+                    for k in group:
+                        del rest[k]
+        except (ValueError, MoeLoadError) as err:
+            error_msgs.append(str(err))
+            return None
+        return {**rest, **records}  # other keys under prefix: unexpected below
 
     def expert_weights(self, e: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of expert ``e``, dequantized."""
@@ -874,8 +911,11 @@ def attach_experts(
     ``model.layers.*`` / ``language_model.model.*`` -> ``model.language_model.*``), quantized
     records included, are renamed.
     """
-    groups = _group(state)
     modules = dict(model.named_modules())
+    # Qwen3-VL-MoE's fused 3-D records, as per-expert pieces
+    fused = split_fused(state, where, sizes_only=torch.device(device).type == "meta")
+    orient_kept(state, lambda m: _model_module_name(model, m, modules), modules)
+    groups = _group(state)
     used: set[str] = set()
     unused: list[str] = []
     for ckpt_name, experts in groups.items():
@@ -941,6 +981,7 @@ def attach_experts(
                 apply_gate=_own_gate(module),
                 nested=st.nested,
                 proj_names=st.proj_names,
+                fused=ckpt_name in fused,
             )
             # transformers' module (its parameters on the meta device), for model.dequantize()
             layer.__dict__[SOURCE_MODULE] = module
@@ -963,6 +1004,8 @@ def attach_experts(
             dn = torch.stack([experts[e]["down"][1] for e in range(num)])
             module.gate_up_proj = nn.Parameter(gu.to(target), requires_grad=False)
             module.down_proj = nn.Parameter(dn.to(target), requires_grad=False)
+    if fused:
+        keep_fused_names_on_save(model)
     params = dict(model.named_parameters())
     rest: dict[str, Any] = {}
     for key, value in state.items():

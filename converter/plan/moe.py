@@ -11,8 +11,9 @@ own names (the transformers-4.x / vLLM / unsloth layout, ``../shared/reference/m
 the same quant type, blocksize and nesting as every other weight. Routers stay 16 bit and their leaf
 names are added to ``llm_int8_skip_modules`` (vLLM's bnb loader matches single dotted components).
 Shared experts are ordinary ``nn.Linear`` layers in transformers and already quantized by the
-normal selection. Fused 3-D expert tensors on disk (gpt-oss, Qwen3-VL-MoE) have no per-expert name
-and stay 16 bit with a reason saying so.
+normal selection. Fused 3-D expert tensors on disk (Qwen3-VL-MoE) become one fused bnb record per
+tensor in transformers' model orientation (converter/plan/moe_fused.py); gpt-oss's biased fused
+experts stay 16 bit with a reason saying so.
 
 This module only looks at tensor names, shapes and dtypes; it never imports transformers.
 """
@@ -27,16 +28,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from converter.errors import InputError
+from converter.plan.moe_fused import FUSED_EXPERT_KEY, fused_layers
 
 MOE_MODES = ("keep", "quantize")
 
 #: A per-expert projection weight: (experts module, expert index, projection leaf name).
 EXPERT_KEY = re.compile(
     r"^(?P<module>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$"
-)
-#: A fused 3-D experts tensor (one tensor for all experts of a layer).
-FUSED_EXPERT_KEY = re.compile(
-    r"^(?P<module>.+\.experts)\.(?P<proj>gate_up_proj|down_proj|up_proj|gate_proj)$"
 )
 #: Router weights (16-bit everywhere: vLLM and unsloth expect them so); their leaf goes to the skip list.
 #: A router module itself (``mlp.gate``, ``router``, ``shared_expert_gate``), or the linear of a router
@@ -71,6 +69,16 @@ LOADERS_KEPT = (
     "stock transformers + bitsandbytes (experts stay 16-bit)",
     "quantize-model load_quantized",
     "transformers 5.x + unsloth-zoo",
+)
+#: Fused 3-D bnb records (Qwen3-VL-MoE's experts in model orientation, converter/plan/moe_fused.py).
+LOADERS_FUSED = (
+    "quantize-model load_quantized (4-bit experts run by its own kernels)",
+    "transformers 5.x + unsloth-zoo (Jul 2026 or later: its fused 3-D bnb expert record)",
+)
+NOT_LOADERS_FUSED = (
+    "stock transformers 5.x + bitsandbytes (cannot load 4-bit experts)",
+    "vLLM pre-quantized bitsandbytes (no fused 3-D expert records: vllm#32013 was not merged)",
+    "transformers 4.x (no such model class)",
 )
 NOT_LOADERS_KEPT = ("vLLM pre-quantized bitsandbytes (needs every expert quantized)",)
 #: A folder with no quantized weight at all (a source checkpoint).
@@ -110,6 +118,11 @@ class ExpertKey:
     module: str  # checkpoint name of the experts module, e.g. "model.layers.0.mlp.experts"
     index: int
     proj: str  # leaf as on disk: gate_proj / up_proj / down_proj / w1 / w3 / w2
+
+
+def is_expert_weight(name: str) -> bool:
+    """A routed-expert weight: per-expert 2-D or fused 3-D."""
+    return bool(EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name))
 
 
 def parse_expert_key(name: str) -> ExpertKey | None:
@@ -223,23 +236,24 @@ def apply_moe_mode(
         return selection
     quantize = dict(selection.quantize)
     keep = dict(selection.keep)
-    spec = _no_transpose_spec()
+    spec = _spec(transpose=False)
+    fused, fused_keep = fused_layers(tensors)
     for t in tensors:
         if t.name in quantize:
             continue
         key = parse_expert_key(t.name)
-        if key is None:
-            if FUSED_EXPERT_KEY.match(t.name):
-                keep[t.name] = "fused 3-D MoE experts on disk: no per-expert name to quantize under"
+        if key is None and t.name not in fused:
+            if t.name in fused_keep:
+                keep[t.name] = fused_keep[t.name]
             continue
         module = t.name.removesuffix(".weight")
         if _glob_hit(skip, t.name, module) or (include and not _glob_hit(include, t.name, module)):
             continue  # the selection's own reason (a --skip/--include glob) stays
-        if len(t.shape) != 2 or t.dtype not in _QUANTIZABLE:
+        if len(t.shape) != (2 if key is not None else 3) or t.dtype not in _QUANTIZABLE:
             keep[t.name] = f"expert weight of shape {list(t.shape)} and dtype {t.dtype} cannot be quantized"
             continue
         keep.pop(t.name, None)
-        quantize[t.name] = spec
+        quantize[t.name] = spec if key is not None else _spec(transpose=fused[t.name].transpose)
     routers = set(router_modules((t.name for t in tensors), quantize).values())
     skip_modules = sorted(set(selection.skip_modules) | routers)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
@@ -269,17 +283,18 @@ def unskipped_routers(
     """The 16-bit routers (module -> leaf, sorted) of a folder with 4-bit experts that
     ``llm_int8_skip_modules`` does not skip, so that vLLM's bnb loader would take them for quantized
     layers; empty when no expert is quantized."""
-    if not any(EXPERT_KEY.match(name) for name in quantized):
+    if not any(is_expert_weight(name) for name in quantized):
         return {}
     routers = router_modules(names, quantized)
     return {m: routers[m] for m in sorted(routers) if not is_skipped_by_vllm(m, skip_modules)}
 
 
-def _no_transpose_spec() -> Any:
-    """Expert weights are stored [out, in] like nn.Linear: quantized as they are."""
+def _spec(*, transpose: bool) -> Any:
+    """Per-expert weights are stored [out, in] like nn.Linear and quantized as they are; fused 3-D ones
+    in Hub orientation ([E, in, out]) are quantized transposed per expert (converter/plan/moe_fused.py)."""
     from converter.plan.selection import QuantizeSpec
 
-    return QuantizeSpec(transpose=False)
+    return QuantizeSpec(transpose=transpose)
 
 
 @dataclass(frozen=True)
@@ -292,6 +307,7 @@ class MoeSummary:
     not_loaders: tuple[str, ...]
     expert_types: tuple[str, ...] = ()  # quant types of the quantized experts (e.g. "nf4", "int8"), if known
     converted: bool = True  # False: no weight of the folder is quantized (a source checkpoint)
+    fused: bool = False  # the quantized experts are fused 3-D records (one per layer and projection)
 
     @property
     def layout(self) -> str:
@@ -299,7 +315,8 @@ class MoeSummary:
             return "experts not quantized (no weight is: a source checkpoint)"
         if self.experts_quantized and not self.experts_kept:
             kind = "/".join(self.expert_types) or "4-bit"
-            return f"experts quantized (per-expert bnb {kind} records)"
+            each = "fused 3-D" if self.fused else "per-expert"
+            return f"experts quantized ({each} bnb {kind} records)"
         if self.experts_quantized:
             return "experts partly quantized"
         return "experts kept in 16 bit"
@@ -317,9 +334,13 @@ class MoeSummary:
 def mixed_modules(quantized_names: Sequence[str], kept_names: Sequence[str]) -> list[str]:
     """Experts modules (checkpoint names) holding both 4-bit and 16-bit per-expert weights: load_quantized
     stacks a layer's experts into one 4-bit or one 16-bit module, so it cannot load such a layer."""
-    quantized = {m["module"] for n in quantized_names if (m := EXPERT_KEY.match(n))}
-    kept = {m["module"] for n in kept_names if (m := EXPERT_KEY.match(n))}
+    quantized = {m["module"] for n in quantized_names if (m := _expert_match(n))}
+    kept = {m["module"] for n in kept_names if (m := _expert_match(n))}
     return sorted(quantized & kept)
+
+
+def _expert_match(name: str) -> re.Match[str] | None:
+    return EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name)
 
 
 def mixed_advice(quantized_names: Sequence[str], kept_names: Sequence[str]) -> str | None:
@@ -338,10 +359,17 @@ def mixed_advice(quantized_names: Sequence[str], kept_names: Sequence[str]) -> s
 def partial_block_experts(records: Sequence[tuple[str, Sequence[int], int]]) -> list[str]:
     """The per-expert weights among ``(name, shape, blocksize)`` that do not fill whole blocks: load_quantized
     keeps a layer's gate, up and down codes of an expert back to back and needs each to end on a block
-    boundary (``I*H % blocksize == 0``; bitsandbytes' own records allow a partial last block)."""
+    boundary (``I*H % blocksize == 0``; bitsandbytes' own records allow a partial last block). A fused 3-D
+    record is sliced the same way: each expert's gate, up (half of ``gate_up_proj``'s rows) and down."""
     out = []
     for name, shape, blocksize in records:
-        if EXPERT_KEY.match(name) and blocksize and math.prod(shape) % blocksize:
+        fused = FUSED_EXPERT_KEY.match(name)
+        numel = (
+            math.prod(shape[1:]) // (2 if fused["proj"] == "gate_up_proj" else 1)
+            if fused
+            else math.prod(shape)
+        )
+        if _expert_match(name) and blocksize and numel % blocksize:
             out.append(name)
     return out
 
@@ -385,10 +413,13 @@ def _summarize(
 ) -> MoeSummary | None:
     q = sum(1 for n in quantized_names if EXPERT_KEY.match(n))
     k = sum(1 for n in kept_names if EXPERT_KEY.match(n) or FUSED_EXPERT_KEY.match(n))
-    if not q and not k:
+    qf = sum(1 for n in quantized_names if FUSED_EXPERT_KEY.match(n))
+    if not q and not k and not qf:
         return None
     if not quantized_names:  # a source checkpoint (16-bit, FP8): no pre-quantized bnb loader takes it
         return MoeSummary(0, k, (), (NOT_CONVERTED,), converted=False)
+    if qf:
+        return _summarize_fused(q + qf, k, quantized_names, kept_names, partial_blocks)
     if q:
         not_loaders = NOT_LOADERS_QUANTIZED + (
             ("vLLM (some experts are not quantized: it needs all of them)",) if k else ()
@@ -410,17 +441,34 @@ def _summarize(
     return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
 
 
+def _summarize_fused(
+    q: int, k: int, quantized_names: Sequence[str], kept_names: Sequence[str], partial_blocks: Sequence[str]
+) -> MoeSummary:
+    """A folder with fused 3-D expert records: load_quantized and unsloth-zoo read them, nothing else."""
+    if partial_blocks:
+        reason = (
+            f"quantize-model load_quantized ({partial_blocks[0]} does not fill whole blocks per expert: "
+            "convert with a --blocksize that divides each expert weight's size)"
+        )
+        return MoeSummary(q, k, LOADERS_FUSED[1:], (*NOT_LOADERS_FUSED, reason), fused=True)
+    mixed = mixed_modules(quantized_names, kept_names)
+    if mixed:
+        reason = f"quantize-model load_quantized ({mixed[0]} mixes 4-bit and 16-bit experts)"
+        return MoeSummary(q, k, (), (*NOT_LOADERS_FUSED, reason), fused=True)
+    return MoeSummary(q, k, LOADERS_FUSED, NOT_LOADERS_FUSED, fused=True)
+
+
 def no_effect_note(tensors: Sequence[_TensorLike], mode: str, quantized: Sequence[str]) -> str | None:
     """The note for ``--moe-experts quantize`` when it quantizes no expert weight (a dense model, fused
     3-D experts only, or globs leaving every expert out): the conversion is the one with ``keep``, so
     the caller records ``keep``, and no folder claims quantized experts it does not hold."""
-    if check_mode(mode) != "quantize" or any(EXPERT_KEY.match(n) for n in quantized):
+    if check_mode(mode) != "quantize" or any(is_expert_weight(n) for n in quantized):
         return None
     why = (
         "the checkpoint has no routed MoE experts"
         if not is_moe(tensors)
-        else "no per-expert weight was quantized (fused 3-D experts on disk, or --skip/--include left "
-        "every expert out)"
+        else "no expert weight was quantized (biased fused 3-D experts on disk, or --skip/--include "
+        "left every expert out)"
     )
     return f"--moe-experts quantize has no effect: {why}; the folder is the one --moe-experts keep writes"
 
@@ -433,8 +481,9 @@ def keep_advice(
     quant_type: str = "nf4",
     quantizes_experts: bool = True,
 ) -> str | None:
-    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters (fused
-    3-D experts, which no mode quantizes, get a warning without the advice). ``quantizes_experts``:
+    """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters (biased
+    fused 3-D experts, which no mode quantizes, get a warning without the advice; other fused ones an
+    advice naming the fused record's loaders). ``quantizes_experts``:
     whether ``quant_type`` can quantize experts (``--moe-experts quantize``); if not (int8), the advice
     names the 4-bit types that can."""
     if check_mode(mode) != "keep":
@@ -442,13 +491,29 @@ def keep_advice(
     experts, total = expert_share(tensors)
     if not total or experts / total <= threshold:
         return None
-    per_expert = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name))
-    if per_expert / total <= threshold:  # mostly fused 3-D experts: no mode or quant type quantizes them
+    fused, _ = fused_layers(tensors)
+    quantizable = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name) or t.name in fused)
+    if quantizable / total <= threshold:  # mostly biased fused experts (gpt-oss): no mode quantizes them
         return (
             f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit: "
-            "they are stored fused on disk (one 3-D tensor per layer and projection, as gpt-oss and "
-            "Qwen3-VL-MoE ship them), with no per-expert name to quantize under, so neither "
-            "--moe-experts mode quantizes them and the folder barely shrinks"
+            "they are stored fused on disk with biases (one 3-D tensor per layer and projection, as "
+            "gpt-oss ships them), which no loader here runs 4-bit, so neither --moe-experts mode "
+            "quantizes them and the folder barely shrinks"
+        )
+    if fused and not quantizes_experts:
+        return (
+            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
+            f"--quant-type {quant_type}: the folder barely shrinks. Fused 3-D experts are quantized only "
+            "with the 4-bit types: --quant-type nf4 --moe-experts quantize"
+        )
+    if fused:
+        return (
+            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
+            "--moe-experts keep (the default): the folder loads with stock transformers + bitsandbytes but "
+            "barely shrinks. They are stored fused on disk (one 3-D tensor per layer and projection, as "
+            "Qwen3-VL-MoE ships them); --moe-experts quantize stores each as one fused 3-D 4-bit record, "
+            "which loads with quantize-model's load_quantized and unsloth-zoo, but not with stock "
+            "transformers 5.x nor vLLM"
         )
     if not quantizes_experts:
         return (

@@ -54,6 +54,8 @@ class Preflight:
     problems: list[str] = field(default_factory=list)
     #: dry runs: why a run would refuse the output folder (foreign files, another conversion), or None
     refused: str | None = None
+    #: dry runs of MoE checkpoints: converter.plan.moe.MoeSummary (experts quantized or kept, loaders)
+    moe: Any = None
 
     @property
     def bits_per_param(self) -> float:
@@ -69,7 +71,8 @@ class Preflight:
             raise WontFitError(self.problems[0])
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "bits_per_param": self.bits_per_param, "fits": self.fits}
+        moe = self.moe.to_json() if self.moe is not None else None
+        return {**asdict(self), "moe": moe, "bits_per_param": self.bits_per_param, "fits": self.fits}
 
 
 def disk_free(path: Path) -> tuple[int, Path]:

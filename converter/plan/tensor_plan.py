@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from converter.errors import InputError, UnsupportedTensorError
 from converter.methods import QuantMethod, get_method, own_options
 from converter.plan.moe import check_mode
+from converter.plan.moe_fused import FUSED_EXPERT_KEY, swap_last
 from converter.plan.selection_facts import SUBCLASS_REASON
 from converter.sources.base import CODE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
 from formats.quant_types import MAX_BNB_ELEMENTS, QuantType
@@ -114,7 +115,7 @@ class Options:
 class PlannedTensor:
     info: TensorInfo
     quantize: bool
-    transpose: bool = False  # GPT-2 Conv1D: stored [in, out], quantized as [out, in]
+    transpose: bool = False  # [.., in, out] quantized as [.., out, in]: GPT-2 Conv1D, Hub fused experts
     out_dtype: str = ""  # safetensors code written (kept tensors) or of the dequantized weight
     reason: str = ""  # why a tensor is kept
     out_nbytes: int = 0
@@ -126,7 +127,7 @@ class PlannedTensor:
     @property
     def out_shape(self) -> tuple[int, ...]:
         s = self.info.shape
-        return (s[1], s[0]) if self.transpose else s
+        return swap_last(s) if self.transpose else s
 
     def to_json(self) -> dict:
         return {
@@ -203,10 +204,11 @@ def check_quantizable(t: TensorInfo, cast_to: str | None) -> None:
         if t.dtype == "F64":
             msg += " or --dtype float32 to cast"
         raise UnsupportedTensorError(msg)
-    if len(t.shape) != 2 or t.numel == 0:
+    fused = len(t.shape) == 3 and FUSED_EXPERT_KEY.match(t.name) is not None  # --moe-experts quantize
+    if not (len(t.shape) == 2 or fused) or t.numel == 0:
         msg = (
-            f"{where} has shape {_shape_text(t.shape)}: only non-empty 2-D (Linear) weights "
-            f"can be quantized; {skip_hint}"
+            f"{where} has shape {_shape_text(t.shape)}: only non-empty 2-D (Linear) weights and fused "
+            f"3-D MoE experts can be quantized; {skip_hint}"
         )
         raise UnsupportedTensorError(msg)
     if t.numel > MAX_BNB_ELEMENTS:
@@ -302,7 +304,7 @@ def build_plan(
             out_dtype = DTYPE_CODES[to] if (to := target(t)) else t.dtype
             if out_dtype == "F64":
                 out_dtype = "F32"
-            out_shape = (t.shape[1], t.shape[0]) if transpose else t.shape
+            out_shape = swap_last(t.shape) if transpose else t.shape
             try:
                 options.method.check_tensor(t.file, t.name, out_shape, CODE_NAMES[out_dtype], options)
             except UnsupportedOption as exc:

@@ -119,7 +119,7 @@ def inspect_path(path: str | Path) -> InspectResult:
                 result.bytes_quantized += sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)
                 qtypes[info.describe()] += 1
                 shapes.append((key, tuple(info.shape), getattr(info, "blocksize", 0)))
-                if moe.EXPERT_KEY.match(key):
+                if moe.is_expert_weight(key):
                     qtype = getattr(info.quant_type, "label", info.quant_type)
                     expert_formats.add((str(qtype), group.quant_storage))
             for key in shard.passthrough:
@@ -435,7 +435,7 @@ def inspect_hub(
             result.params_quantized += math.prod(qs.shape)
             nested = " nested" if qs.nested_offset is not None else ""
             qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
-            if moe.EXPERT_KEY.match(key) and key in header:  # the packed weight's dtype is the storage
+            if moe.is_expert_weight(key) and key in header:  # the packed weight's dtype is the storage
                 storage = STORAGE_NAMES.get(header[key]["dtype"], header[key]["dtype"])
                 expert_formats.add((qs.quant_type.label, storage))
     result.quant_types = dict(sorted(qtypes.items()))

@@ -354,6 +354,13 @@ def _moe_card(
         else f"**with {summary.experts_quantized} routed MoE expert weights in {bits} bit and "
         f"{summary.experts_kept} kept 16-bit**"
     )
+    records = (
+        "one fused bitsandbytes 4-bit record per layer and projection (`experts.gate_up_proj [E, 2I, H]`, "
+        "`experts.down_proj [E, H, I]`), under the checkpoint's own names"
+        if summary.fused
+        else f"one bitsandbytes `{layer}` record per quantized expert per projection, under the "
+        "checkpoint's own names"
+    )
     if int8:  # load_quantized refuses LLM.int8 experts (converter.loader.moe_records)
         ours = f"""## Use with quantize-model
 
@@ -373,9 +380,8 @@ model = load_quantized("{repo_id}")
 
 # {name}
 
-{quant_type.upper()} {bits}-bit quantization of {origin}, made with quantize-model, {experts}: one
-bitsandbytes `{layer}` record per quantized expert per projection, under the checkpoint's own
-names; routers stay 16-bit (`llm_int8_skip_modules`).
+{quant_type.upper()} {bits}-bit quantization of {origin}, made with quantize-model, {experts}: {records};
+routers stay 16-bit (`llm_int8_skip_modules`).
 
 ## Quantization
 

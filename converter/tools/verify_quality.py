@@ -81,7 +81,7 @@ def verify_against(
                     if x.dtype != want:
                         x = x.to(want)
                     if (tensor_meta.get(key) or {}).get("transposed"):
-                        x = x.t()
+                        x = x.transpose(-2, -1)
                     x = x.contiguous()
                     if tuple(x.shape) != tuple(rec.shape):
                         foreign.append(

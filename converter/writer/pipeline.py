@@ -306,6 +306,9 @@ class _Conversion:
 
             report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
             if self.dry_run:
+                from converter.writer.report import plan_moe_summary
+
+                report.moe = plan_moe_summary(plan)
                 report.refused = would_refuse(
                     self.output, fingerprint, plan_json, overwrite=overwrite, protected=protected
                 )
@@ -634,7 +637,7 @@ class _Conversion:
         self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None, to: str
     ) -> np.ndarray:
         x = self._read(p, mapped, following, to)
-        return np.ascontiguousarray(x.T if p.transpose else x)
+        return np.ascontiguousarray(x.swapaxes(-1, -2) if p.transpose else x)
 
     def _write_kept(self, p: PlannedTensor, x: np.ndarray, writer: ShardWriter) -> None:
         t0 = time.perf_counter()

@@ -37,6 +37,7 @@ class ConversionResult:
     notes: list[str] = field(default_factory=list)  # e.g. why --device cuda fell back to the CPU
     quality: dict | None = None  # converter.record.quality.summarize: totals and the worst tensors
     preflight: Any = None  # converter.plan.preflight.Preflight of a dry run (nothing written)
+    moe: Any = None  # converter.plan.moe.MoeSummary (MoE checkpoints): experts quantized or kept, loaders
 
     @property
     def params_total(self) -> int:
@@ -66,6 +67,7 @@ class ConversionResult:
         d = asdict(self)
         d["output"] = str(self.output)
         d["preflight"] = self.preflight.to_json() if self.preflight is not None else None
+        d["moe"] = self.moe.to_json() if self.moe is not None else None
         d.update(
             params_total=self.params_total,
             kept_share=self.kept_share,
@@ -111,7 +113,19 @@ def make_result(
         bytes_read=bytes_read,
         shards_reused=shards_reused,
         bytes_quantized=bytes_quantized,
+        moe=plan_moe_summary(plan),
     )
+
+
+def plan_moe_summary(plan: Any) -> Any:
+    """The MoE summary (which loaders read the folder) of a plan; None for a dense model."""
+    from converter.plan import moe
+
+    opts = plan.options
+    quantized = [t.name for t in plan.quantized]
+    shapes = [(t.name, t.out_shape, getattr(opts, "blocksize", 0) or 0) for t in plan.quantized]
+    formats = {(opts.method.name, str(getattr(opts, "quant_storage", "uint8") or "uint8"))}
+    return moe.summarize(quantized, [t.name for t in plan.kept], moe.partial_block_experts(shapes), formats)
 
 
 def _quantized_bytes(path: Path, keys: set[str]) -> int:

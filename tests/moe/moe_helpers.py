@@ -96,6 +96,52 @@ def make_moe(name: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def make_qwen3_vl_moe(folder: Path, *, inter: int = 128, hub: bool = True, seed: int = 0) -> Path:
+    """Random tiny bf16 Qwen3-VL-MoE (text + vision tower): hidden 64, expert intermediate ``inter`` (128:
+    an expert projection's 128 blocks straddle the 256-wide nested blocks; 256: they fill them). Its
+    experts are fused 3-D on disk; ``hub``: in the Hub's orientation ``gate_up_proj [E, H, 2I]`` /
+    ``down_proj [E, I, H]`` as Qwen ships them, else in transformers' model orientation, which its
+    save_pretrained writes."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    text = _decoder(intermediate_size=96, moe_intermediate_size=inter, num_experts=4, num_experts_per_tok=2,
+                    decoder_sparse_step=1, head_dim=16, num_key_value_heads=2,
+                    rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})  # fmt: skip
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])  # fmt: skip
+    vocab = text["vocab_size"]  # the image/video tokens inside the tiny vocabulary
+    tokens = dict(image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+                  vision_end_token_id=vocab - 1)  # fmt: skip
+    cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **tokens)
+    cfg.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.Qwen3VLMoeForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+        for n, p in model.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                torch.nn.init.normal_(p, std=0.5)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+    if hub:
+        tensors = load_file(folder / "model.safetensors")
+        for k in [k for k in tensors if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+            tensors[k] = tensors[k].transpose(1, 2).contiguous()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def fused_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    from converter.plan.moe_fused import FUSED_EXPERT_KEY
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return [k for k in f.keys() if FUSED_EXPERT_KEY.match(k)]
+
+
 def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-style FP8: per-block scale = amax / 448, codes float8_e4m3fn, scale_inv float32."""
     rows, cols = w.shape
