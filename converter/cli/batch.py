@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from converter.cli._app import App
-from converter.cli.convert import conversion_kwargs, conversion_options
+from converter.cli.convert import conversion_kwargs, conversion_options, options_not_for
 from converter.units import human_bytes
 
 EPILOG = """\b
@@ -98,6 +98,12 @@ def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **para
     if is_plan:  # only options given on the command line override the plan's [defaults]
         kwargs = {k: v for k, v in kwargs.items() if _given(ctx, k)}
     plan = load_plan(plan_file, kwargs)
+    if not is_plan or _given(ctx, "quant_type"):  # the command line's quant type is every job's
+        note = options_not_for(ctx, params["quant_type"])
+        if note:
+            app.warn(note)
+    for note in plan.warnings:  # a job's or variant's keys its quant type does not read
+        app.warn(note)
     root = output_root or plan.output_root
     if root is None:
         app.abort(

@@ -368,3 +368,36 @@ def test_jobs_wait_for_the_budget(tiny_llama: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.ok
     assert [e[0] for e in events[:3]] == ["start"] * 3  # no budget: all three at once
+
+
+def test_variants_of_one_conversion_are_refused_and_foreign_options_warned(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`variants = [{quant_type = "int8"}, {quant_type = "int8", double_quant = false}]` converted the
+    same bytes into two folders (llama-int8, llama-int8-no-double-quant), exit 0: now exit 2 before any
+    work, naming both variants; an option another method owns is a warning naming the line."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'[defaults]\noutput_root = "out"\n[[job]]\nsource = "{tiny_llama}"\n'
+        'variants = [{quant_type = "int8"}, {quant_type = "int8", double_quant = false}]\n'
+    )
+    r = qm("batch", plan)
+    assert r.exit_code == 2
+    assert "job 1, variant 2 is the same conversion as job 1, variant 1" in r.stderr
+    assert "double_quant does not apply to quant_type 'int8'" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+    plan.write_text(
+        f'[defaults]\noutput_root = "out"\n[[job]]\nsource = "{tiny_llama}"\n'
+        'variants = [{quant_type = "int8", double_quant = false}, {quant_type = "nf4"}]\n'
+    )
+    r = qm("batch", plan, "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    assert [i["output"] for i in json.loads(r.stdout)["items"]] == ["tiny-llama-int8", "tiny-llama-nf4"]
+    assert f"{plan}:5: job 1, variant 1: double_quant does not apply to quant_type 'int8'" in r.stderr
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} listed\n")
+    r = qm("batch", listing, tmp_path / "out2", "--quant-type", "int8", "--blocksize", "128", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert "--blocksize: not used by --quant-type int8" in r.stderr
