@@ -149,6 +149,8 @@ class VerifyResult:
     #: What to do about the problems: reconvert; resume an unfinished conversion; nothing we can say for a
     #: folder quantize-model did not write (no index, no per-tensor metadata).
     remedy: str = "reconvert with --overwrite"
+    #: what could not be checked, and why (not problems: the exit code stays 0)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -195,6 +197,7 @@ def verify_path(path: str | Path) -> VerifyResult:
     found: dict[str, str] = {}
     quant_types: dict[str, str] = {}  # quantized weight key -> "nf4" / "fp4" / "int8"
     unreadable: set[str] = set()
+    kept: list[str] = []  # unquantized tensors
     for name in names:
         file = folder / name
         if not file.is_file():
@@ -210,6 +213,7 @@ def verify_path(path: str | Path) -> VerifyResult:
                     quant_types[key] = getattr(qt, "label", qt)  # a method name: nf4 / fp4 / int8
                     result.tensors += 1
                 result.tensors += len(shard.passthrough)
+                kept.extend(shard.passthrough)
                 if shard.metadata is not None:
                     ours = True
                     _check_metadata(shard.raw_metadata, str(file), result)
@@ -238,7 +242,7 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"was checked"
         )
     if path.is_dir() and not unfinished:
-        result.problems.extend(_config_problems(folder, quant_types, found))
+        result.problems.extend(_config_problems(folder, quant_types, found, kept, result.notes))
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):
             if shard_name in unreadable:
@@ -252,12 +256,20 @@ def verify_path(path: str | Path) -> VerifyResult:
     return result
 
 
-def _config_problems(folder: Path, quant_types: dict[str, str], names: Collection[str] = ()) -> list[str]:
+def _config_problems(
+    folder: Path,
+    quant_types: dict[str, str],
+    names: Collection[str] = (),
+    kept: Collection[str] = (),
+    notes: list[str] | None = None,
+) -> list[str]:
     """What in ``config.json`` would make transformers + bitsandbytes load the quantized weights wrongly:
     no config, no ``quantization_config``, a method or quant type other than the records', or a
     quantized module that ``llm_int8_skip_modules`` keeps unquantized (transformers would then read
     its packed codes as a plain weight); with 4-bit MoE experts, a 16-bit router (among the tensor
-    ``names``) that the list does not skip (vLLM's bnb loader would take it for a quantized layer)."""
+    ``names``) that the list does not skip (vLLM's bnb loader would take it for a quantized layer);
+    a linear layer kept 16-bit (among the ``kept`` tensors) that the list does not skip (transformers
+    would build a quantized layer for it: ``skip_check``). What cannot be checked goes to ``notes``."""
     from converter.methods import get_method
     from converter.plan.selection_facts import should_convert_module
 
@@ -313,6 +325,13 @@ def _config_problems(folder: Path, quant_types: dict[str, str], names: Collectio
             f"of this folder with 4-bit experts: vLLM's bitsandbytes loader would load them as quantized "
             f"layers; add {', '.join(repr(leaf) for leaf in leaves)} to the list"
         )
+    if not refused:  # a list transformers takes: which 16-bit linears would it still convert?
+        from converter.tools.skip_check import unskipped_linears
+
+        found, note = unskipped_linears(path, config, quant_types, kept, skip)
+        problems.extend(found)
+        if note is not None and notes is not None:
+            notes.append(note)
     return problems
 
 

@@ -310,3 +310,57 @@ def test_verify_one_shard_against_the_source(qm, converted: Path, tiny_llama: Pa
     assert "model.layers.0.self_attn.q_proj.weight" in with_records  # measured against the source
     whole = json.loads(qm("verify", converted, "--against", tiny_llama, "--json").stdout)
     assert with_records < set(whole["quality"]["tensors"])
+
+
+def _set_skip_modules(folder: Path, skip: list[str]) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["llm_int8_skip_modules"] = skip
+    path.write_text(json.dumps(config, indent=2))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_verify_names_a_16bit_linear_the_skip_list_no_longer_lists(
+    qm, tiny_llama: Path, tmp_path: Path, quant_type: str
+) -> None:
+    """A config.json whose llm_int8_skip_modules lost a linear the folder keeps 16-bit verified OK, and
+    transformers + bitsandbytes then built a Linear4bit for it with no quant state (load fails): verify
+    names the module and the fix."""
+    out = tmp_path / "out"
+    skip = ("--skip", "model.layers.0.mlp.down_proj")
+    assert qm("convert", tiny_llama, out, "-q", "--quant-type", quant_type, *skip).exit_code == 0
+    assert qm("verify", out, "-q").exit_code == 0
+    _set_skip_modules(out, ["lm_head"])
+    r = qm("verify", out)
+    assert r.exit_code == 1
+    assert (
+        f"{out / 'config.json'}: llm_int8_skip_modules does not list 'model.layers.0.mlp.down_proj': "
+        "linear layer(s) this folder keeps in 16 bit" in r.stderr
+    )
+    assert "add 'model.layers.0.mlp.down_proj' to quantization_config.llm_int8_skip_modules" in r.stderr
+    _set_skip_modules(out, ["layers.0.mlp.down_proj"])  # the head too (transformers' defaults are replaced)
+    r = qm("verify", out, "--json")
+    assert r.exit_code == 1
+    assert "does not list 'lm_head'" in json.loads(r.stdout)["problems"][0]
+    _set_skip_modules(out, ["lm_head", "layers.0.mlp.down_proj"])
+    assert qm("verify", out, "-q").exit_code == 0
+
+
+def test_verify_checks_the_skip_list_from_a_live_skeleton_or_says_it_did_not(
+    qm, converted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside the shipped table and the cache, the model is built on the meta device; without
+    transformers either, verify says the check was not made (exit 0: nothing found wrong)."""
+    from converter.plan import selection, selection_table
+
+    _set_skip_modules(converted, [])
+    monkeypatch.setattr(selection_table, "lookup", lambda config, keys: None)
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    assert "llm_int8_skip_modules does not list 'lm_head'" in r.stderr
+    monkeypatch.setattr(selection, "transformers_usable", lambda: False)
+    r = qm("verify", converted)
+    assert r.exit_code == 0, r.stderr
+    assert "llm_int8_skip_modules not checked against the 16-bit linear layers" in r.stderr
+    assert "needs transformers >= 5" in r.stderr
+    assert json.loads(qm("verify", converted, "--json").stdout)["notes"]
