@@ -242,7 +242,10 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"was checked"
         )
     if path.is_dir() and not unfinished:
-        result.problems.extend(_config_problems(folder, quant_types, found, kept, result.notes))
+        # the skip list against the kept linears only over every shard (a missing one's weights are not
+        # 16-bit linears: they are reported once, as missing or unreadable)
+        kept_if_all = kept if complete else None
+        result.problems.extend(_config_problems(folder, quant_types, found, kept_if_all, result.notes))
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):
             if shard_name in unreadable:
@@ -260,7 +263,7 @@ def _config_problems(
     folder: Path,
     quant_types: dict[str, str],
     names: Collection[str] = (),
-    kept: Collection[str] = (),
+    unquantized: Collection[str] | None = None,
     notes: list[str] | None = None,
 ) -> list[str]:
     """What in ``config.json`` would make transformers + bitsandbytes load the quantized weights wrongly:
@@ -268,8 +271,9 @@ def _config_problems(
     quantized module that ``llm_int8_skip_modules`` keeps unquantized (transformers would then read
     its packed codes as a plain weight); with 4-bit MoE experts, a 16-bit router (among the tensor
     ``names``) that the list does not skip (vLLM's bnb loader would take it for a quantized layer);
-    a linear layer kept 16-bit (among the ``kept`` tensors) that the list does not skip (transformers
-    would build a quantized layer for it: ``skip_check``). What cannot be checked goes to ``notes``."""
+    a linear layer kept 16-bit (among the ``unquantized`` tensors; None: not every shard was read)
+    that the list does not skip (transformers would build a quantized layer for it: ``skip_check``).
+    What cannot be checked goes to ``notes``."""
     from converter.methods import get_method
     from converter.plan.selection_facts import should_convert_module
 
@@ -325,10 +329,10 @@ def _config_problems(
             f"of this folder with 4-bit experts: vLLM's bitsandbytes loader would load them as quantized "
             f"layers; add {', '.join(repr(leaf) for leaf in leaves)} to the list"
         )
-    if not refused:  # a list transformers takes: which 16-bit linears would it still convert?
+    if not refused and unquantized is not None:  # which 16-bit linears would transformers convert?
         from converter.tools.skip_check import unskipped_linears
 
-        found, note = unskipped_linears(path, config, quant_types, kept, skip)
+        found, note = unskipped_linears(path, config, quant_types, unquantized, skip)
         problems.extend(found)
         if note is not None and notes is not None:
             notes.append(note)

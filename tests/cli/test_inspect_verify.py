@@ -364,3 +364,18 @@ def test_verify_checks_the_skip_list_from_a_live_skeleton_or_says_it_did_not(
     assert "llm_int8_skip_modules not checked against the 16-bit linear layers" in r.stderr
     assert "needs transformers >= 5" in r.stderr
     assert json.loads(qm("verify", converted, "--json").stdout)["notes"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_missing_shard_is_not_also_a_skip_list_problem(qm, converted: Path, damage: str) -> None:
+    """The skip-list check runs over every shard only: the quantized weights of a missing or truncated
+    shard are not 16-bit linears missing from llm_int8_skip_modules."""
+    shard = sorted(converted.glob("model-*.safetensors"))[1]
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:1000])
+    r = qm("verify", converted, "--json")
+    assert r.exit_code == 1
+    problems = json.loads(r.stdout)["problems"]
+    assert all(str(shard) in p for p in problems), problems
