@@ -123,6 +123,9 @@ def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **para
         _deliver(batch_signals.restore())  # a dry run writes no report: Ctrl-C stops it at once
         _dry_run(app, jobs, root, force)
         return
+    for option, report in (("--junit", params["junit_path"]), ("--json", params["json_path"])):
+        if report is not None and report != "-":
+            _check_report_path(app, option, Path(report))
 
     def on_warning(k: int, text: str) -> None:
         app.warn(f"[{k + 1}/{n}] {jobs[k].source}: {text}")
@@ -188,6 +191,23 @@ def _report(app: App, result: Any, plan_file: Path, params: dict, interrupted: s
         app.print_json(data)
     else:
         app.print_table(_table(result))
+
+
+def _check_report_path(app: App, option: str, path: Path) -> None:
+    """Refuse, before any job runs, a report path that cannot be written (a typo, a read-only folder):
+    found only after the last job, it failed the whole batch at its end."""
+    import errno
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        app.abort(f"{path}: {option} cannot write its report there ({reason}); choose another path", 2)
 
 
 def _given(ctx: click.Context, key: str) -> bool:

@@ -401,3 +401,21 @@ def test_variants_of_one_conversion_are_refused_and_foreign_options_warned(
     r = qm("batch", listing, tmp_path / "out2", "--quant-type", "int8", "--blocksize", "128", "-q")
     assert r.exit_code == 0, r.stderr
     assert "--blocksize: not used by --quant-type int8" in r.stderr
+
+
+@pytest.mark.parametrize("option", ["--json", "--junit"])
+def test_a_report_path_that_cannot_be_written_is_refused_before_any_job(
+    qm, tiny_llama: Path, tmp_path: Path, option: str
+) -> None:
+    """`--json reports/r.json` where `reports` is a file (a typo, a read-only folder) ran every job and
+    then failed the batch at its end, exit 1, naming a hidden temp file: now exit 2 before any work."""
+    plan = _plan(tmp_path, tiny_llama)
+    (tmp_path / "reports").write_text("a file, not a folder")
+    r = qm("batch", plan, option, tmp_path / "reports" / "r.json", "-q")
+    assert r.exit_code == 2
+    assert f"{tmp_path / 'reports' / 'r.json'}: {option} cannot write its report there" in r.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "folder").mkdir()
+    r = qm("batch", plan, option, tmp_path / "folder", "-q")
+    assert r.exit_code == 2
+    assert f"{tmp_path / 'folder'}: {option} cannot write its report there (is a folder)" in r.stderr
