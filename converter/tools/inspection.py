@@ -51,6 +51,8 @@ class InspectResult:
     quantization_config: dict | None = None
     moe: MoeSummary | None = None  # MoE folders: experts quantized or kept, and which loaders read it
     bytes_read: int | None = None  # a Hub repo: bytes fetched (headers, quant states, small JSON)
+    #: what keeps the folder from loading that the summary would not show (a damaged config.json)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def bits_per_param(self) -> float:
@@ -135,8 +137,17 @@ def inspect_path(path: str | Path) -> InspectResult:
     if config.is_file() and Path(path).is_dir():
         try:
             result.quantization_config = (read_config(folder) or {}).get("quantization_config")
-        except CorruptFileError:  # verify names it; inspect reports what the shards hold
+        except CorruptFileError as exc:  # inspect reports what the shards hold, and says this
             result.quantization_config = None
+            result.warnings.append(str(exc))
+    finished = Path(path).is_dir() and not unfinished_conversion(folder)  # unfinished: said once, as that
+    if finished and result.tensors_quantized and not isinstance(result.quantization_config, dict):
+        why = "no quantization_config" if config.is_file() else "missing"
+        if not result.warnings:
+            result.warnings.append(
+                f"{config}: {why}, but {result.tensors_quantized} weights are quantized: transformers "
+                f"cannot load them as stored; `quantize-model verify` checks the whole folder"
+            )
     return result
 
 

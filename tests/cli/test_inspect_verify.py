@@ -379,3 +379,39 @@ def test_a_missing_shard_is_not_also_a_skip_list_problem(qm, converted: Path, da
     assert r.exit_code == 1
     problems = json.loads(r.stdout)["problems"]
     assert all(str(shard) in p for p in problems), problems
+
+
+@pytest.mark.parametrize("damage", ["not json", "no quantization_config", "no config"])
+def test_inspect_warns_of_a_config_that_cannot_load_the_folder(qm, converted: Path, damage: str) -> None:
+    """inspect of a folder whose config.json was cut short (or lost its quantization_config) showed the
+    summary without a word, exit 0, as if the folder loaded: it still shows it, and warns naming the file."""
+    config = converted / "config.json"
+    if damage == "not json":
+        config.write_text('{"model_type": "llama",')
+    elif damage == "no quantization_config":
+        data = json.loads(config.read_text())
+        del data["quantization_config"]
+        config.write_text(json.dumps(data))
+    else:
+        config.unlink()
+    r = qm("inspect", converted)
+    assert r.exit_code == 0
+    expected = {
+        "not json": f"Warning: {config}: not valid JSON",
+        "no quantization_config": f"Warning: {config}: no quantization_config, but 14 weights are quantized",
+        "no config": f"Warning: {config}: missing, but 14 weights are quantized",
+    }[damage]
+    assert r.stderr.startswith(expected), r.stderr
+    assert json.loads(qm("inspect", converted, "--json").stdout)["warnings"]
+
+
+def test_inspect_of_an_unfinished_conversion_warns_once(qm, converted: Path) -> None:
+    manifest = converted / ".quantize-model-manifest.json"
+    m = json.loads(manifest.read_text())
+    m["state"] = "in_progress"
+    manifest.write_text(json.dumps(m))
+    (converted / "config.json").unlink()  # written last
+    r = qm("inspect", converted)
+    assert r.exit_code == 0
+    assert r.stderr.count("Warning:") == 1
+    assert "the conversion did not finish" in r.stderr
