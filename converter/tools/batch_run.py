@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ConverterError
+from converter.tools.batch import STATE_DIR
 from converter.tools.plan_file import Job
 
-STATE_DIR = ".quantize-model-batch"
+__all__ = ["STATE_DIR", "run_batch"]
 #: Statuses of a job (JUnit: failed -> failure, interrupted -> error, cancelled -> skipped, the rest pass).
 STATUSES = ("converted", "resumed", "up-to-date", "failed", "interrupted", "cancelled")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import InputError
-from converter.tools.batch import BatchItem, default_name, read_list
+from converter.tools.batch import STATE_DIR, BatchItem, bad_output_name, default_name, read_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -369,9 +369,10 @@ def _expand_job(
                     if (key not in JOB_KEYS or key == "revision") and key not in foreign
                 ]
                 name += "-" + "-".join(parts) if parts else ""
-        if "/" in name or name in ("", ".", ".."):
+        if bad_output_name(name):
+            other = " other than the batch's own state folder" if name == STATE_DIR else ""
             msg = "job"
-            raise fail(msg, k, "output", f"output name {name!r} must be a plain folder name")
+            raise fail(msg, k, "output", f"output name {name!r} must be a plain folder name{other}")
         line = fail("job", k, None, "").args[0].split(": ", 1)[0]
         job = Job(
             source,

@@ -279,3 +279,18 @@ def test_jobs_of_the_same_conversion_are_refused_and_different_ones_are_not(tmp_
         '[[job]]\nsource = "org/m"\nquant_type = "int8"\nrevision = "dev"\noutput = "dev"\n'
     )
     assert [j.output for j in load_plan(plan_path).jobs] == ["org--m", "cuda", "dev"]
+
+
+def test_the_batch_state_folder_is_no_job_output(tmp_path: Path) -> None:
+    """`output = ".quantize-model-batch"` converted into the batch's stamp folder: every job's stamp
+    then sat inside that converted folder (and was pushed with it)."""
+    from converter.tools.batch import read_list
+
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text('[[job]]\nsource = "org/m"\noutput = ".quantize-model-batch"\n')
+    with pytest.raises(InputError, match=r"plan.toml:3: job 1: output name '.quantize-model-batch' must be"):
+        load_plan(plan_path)
+    listing = tmp_path / "list.txt"
+    listing.write_text("org/m .quantize-model-batch\n")
+    with pytest.raises(InputError, match="other than the batch's own state folder"):
+        read_list(listing)
