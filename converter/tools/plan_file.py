@@ -283,7 +283,15 @@ def _refuse_duplicates(
         a = first.setdefault(conversion_identity(job, params), b)
         if a == b:
             continue
-        why = "; ".join(_not_apply(ignored[i], jobs[i]) for i in (a, b) if ignored[i])
+        notes = [_not_apply(ignored[i], jobs[i]) for i in (a, b) if ignored[i]]
+        free = sorted(
+            k for k in {*jobs[a].options, *job.options} if jobs[a].options.get(k) != job.options.get(k)
+        )
+        free = [k for k in free if k not in {f for i in (a, b) for f in ignored[i]}]
+        if free:  # device, threads, keep_downloads...: how it runs, not what it writes
+            verb = "do" if len(free) > 1 else "does"
+            notes.append(f"{', '.join(free)} {verb} not change the output")
+        why = "; ".join(notes)
         same = (
             f"both would write {job.output!r}"
             if jobs[a].output == job.output

@@ -248,6 +248,7 @@ def test_options_another_method_owns_do_not_name_a_variant(tmp_path: Path) -> No
         '{quant_type = "int8"}, {quant_type = "int8", blocksize = 128, output = "other"}',
         '{quant_type = "nf4"}, {quant_type = "nf4", blocksize = 64, int8_threshold = 2.0}',
         '{skip = ["a"]}, {skip = "a", max_shard_size = "5GB"}',
+        '{device = "cpu"}, {device = "cuda", threads = 2}',
     ],
 )
 def test_variants_of_the_same_conversion_are_refused_naming_both(tmp_path: Path, variants: str) -> None:
@@ -294,3 +295,17 @@ def test_the_batch_state_folder_is_no_job_output(tmp_path: Path) -> None:
     listing.write_text("org/m .quantize-model-batch\n")
     with pytest.raises(InputError, match="other than the batch's own state folder"):
         read_list(listing)
+
+
+def test_a_duplicate_says_which_differences_do_not_count(tmp_path: Path) -> None:
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(
+        '[[job]]\nsource = "org/m"\nvariants = [{quant_type = "int8", device = "cpu"}, '
+        '{quant_type = "int8", blocksize = 32, device = "cuda"}]\n'
+    )
+    with pytest.raises(InputError) as err:
+        load_plan(plan_path)
+    assert (
+        "with the same effective options (blocksize does not apply to quant_type 'int8'; device does not "
+        "change the output), so 'org--m-int8-cpu' and 'org--m-int8-cuda' would be byte-identical"
+    ) in str(err.value)
