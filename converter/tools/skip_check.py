@@ -33,7 +33,7 @@ def unskipped_linears(
     try:
         found = model_facts(config, keys)
     except InputError as exc:  # unknown model type, repository code, a config it cannot build
-        return [], f"{not_checked} ({exc})"
+        return [], f"{not_checked} ({str(exc).rsplit('; ', 1)[0]})"  # the advice is convert's
     except Exception as exc:  # a check that cannot run must not fail verify
         return [], f"{not_checked} (transformers could not build the model: {type(exc).__name__}: {exc})"
     if found is None:

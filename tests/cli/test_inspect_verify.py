@@ -415,3 +415,25 @@ def test_inspect_of_an_unfinished_conversion_warns_once(qm, converted: Path) -> 
     assert r.exit_code == 0
     assert r.stderr.count("Warning:") == 1
     assert "the conversion did not finish" in r.stderr
+
+
+def test_verify_of_a_repository_code_model_notes_the_unchecked_skip_list(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A model transformers cannot build without running repository code: the skip-list check is not
+    made, and the note says why without convert's --include advice; the folder verifies."""
+    import shutil
+
+    from tiny_models import add_repository_code
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    add_repository_code(src)
+    out = tmp_path / "out"
+    assert qm("convert", src, out, "-q", "--include", "*proj*").exit_code == 0
+    r = qm("verify", out)
+    assert r.exit_code == 0, r.stderr
+    note = r.stderr.strip()
+    assert note.startswith(f"Note: {out / 'config.json'}: llm_int8_skip_modules not checked"), note
+    assert "is not built into transformers" in note
+    assert "--include" not in note
