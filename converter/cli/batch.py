@@ -216,7 +216,8 @@ def _given(ctx: click.Context, key: str) -> bool:
 
 
 def _how(r: Any) -> str:
-    return "no-op" if r.status == "up-to-date" else r.status
+    how = "no-op" if r.status == "up-to-date" and not r.pushed_to else r.status
+    return f"{how}, pushed to {r.pushed_to}" if r.pushed_to else how
 
 
 def _table(result: Any) -> Any:

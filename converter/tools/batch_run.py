@@ -55,6 +55,7 @@ class ItemResult:
     status: str = "converted"
     bytes_out: int = 0
     quality: dict | None = None  # the report's quality summary
+    pushed_to: str | None = None  # the Hub repo this run uploaded the folder to (None: no upload)
 
     def to_json(self) -> dict:
         return {
@@ -68,6 +69,7 @@ class ItemResult:
             "seconds": self.seconds,
             "bytes_out": self.bytes_out,
             "quality": self.quality,
+            "pushed_to": self.pushed_to,
             "result": self.result.to_json() if self.result is not None else None,
         }
 
@@ -242,7 +244,14 @@ def stamped_up_to_date(job: Job, root: Path, key: str | None, push_to: str | Non
         or stamp.get("files") != _folder_files_or_none(root / job.output)
     ):
         return False
-    return not push_to or stamp.get("pushed_to") == push_to
+    return not push_to or pushed_already(stamp, push_to)
+
+
+def pushed_already(stamp: dict, push_to: str) -> bool:
+    """Whether the stamp records a push of the folder to ``push_to``: the repo id, or the repo URL that
+    earlier versions recorded (which never equalled the id, so every run pushed again)."""
+    pushed = stamp.get("pushed_to")
+    return isinstance(pushed, str) and (pushed == push_to or pushed.endswith("/" + push_to))
 
 
 # --- one job ----------------------------------------------------------------------------------
@@ -309,13 +318,16 @@ def run_job(
                 fresh = verify_path(out).ok
             if fresh:
                 stamp = read_stamp(root, job) or {}
-                if push_to and stamp.get("pushed_to") != push_to:
+                pushed = None
+                if push_to and not pushed_already(stamp, push_to):  # converted before, not pushed yet
                     from converter.tools.push import push_folder
 
                     push_folder(out, push_to, private=private)
+                    pushed = push_to
                 write_stamp(root, job, pre.fingerprint, push_to or stamp.get("pushed_to"), key)
                 return ItemResult(job, True, time.perf_counter() - t0, status="up-to-date",
-                                  bytes_out=_shard_bytes(out), quality=_quality(out))  # fmt: skip
+                                  bytes_out=_shard_bytes(out), quality=_quality(out),
+                                  pushed_to=pushed)  # fmt: skip
             force_this = True  # complete by its manifest but its files do not verify: redo it
         else:
             force_this = force or (pre is not None and replaces_stale_output(job, root, pre))
@@ -323,10 +335,12 @@ def run_job(
             job.source, out, overwrite=force_this, push_to=push_to, private=private, warn=warn, **kw
         )
         fingerprint = _fingerprint(out)
-        write_stamp(root, job, fingerprint, result.pushed_to, key)
+        pushed = push_to if result.pushed_to else None  # the repo id (result.pushed_to is its URL)
+        write_stamp(root, job, fingerprint, pushed, key)
         status = "resumed" if result.resumed else "converted"
         return ItemResult(job, True, time.perf_counter() - t0, result=result, status=status,
-                          bytes_out=result.bytes_out, quality=result.quality)  # fmt: skip
+                          bytes_out=result.bytes_out, quality=result.quality,
+                          pushed_to=pushed)  # fmt: skip
     except Exception as exc:  # any failure is this job's one-line error (Ctrl-C is not caught)
         message, code = _describe(exc)
         return ItemResult(job, False, time.perf_counter() - t0, message, code or 1, status="failed")
