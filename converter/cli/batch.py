@@ -98,7 +98,7 @@ def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **para
     if is_plan:  # only options given on the command line override the plan's [defaults]
         kwargs = {k: v for k, v in kwargs.items() if _given(ctx, k)}
     plan = load_plan(plan_file, kwargs)
-    if not is_plan or _given(ctx, "quant_type"):  # the command line's quant type is every job's
+    if not is_plan:  # a list: the command line's quant type is every job's (a plan's jobs may set theirs)
         note = options_not_for(ctx, params["quant_type"])
         if note:
             app.warn(note)
