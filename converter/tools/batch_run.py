@@ -150,15 +150,33 @@ def source_state(job: Job) -> Any:
             if not any(part.startswith(".") for part in p.relative_to(local).parts)
         )
     else:
-        try:
-            from huggingface_hub import HfApi
-
-            return {"commit": HfApi().model_info(job.source, revision=job.revision).sha}
-        except Exception:
-            return None
+        return _hub_state(job)
     return {
         str(p): [p.stat().st_size, p.stat().st_mtime_ns, *_weight_identity(p)] for p in files if p.is_file()
     }
+
+
+def _hub_state(job: Job) -> dict[str, str] | None:
+    """The commit a Hub job's revision names: a full commit sha as given (a commit never moves: no API
+    call), with HF_HUB_OFFLINE=1 the cache's ref of the revision (the snapshot an offline run reads;
+    the API call failed, so every up-to-date job failed), else one API call. None when unknown."""
+    import re
+
+    revision = job.revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return {"commit": revision}
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.is_offline_mode():
+            from huggingface_hub.file_download import repo_folder_name
+
+            folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=job.source, repo_type="model")
+            commit = (folder / "refs" / revision).read_text().strip()
+            return {"commit": commit} if commit else None
+        return {"commit": HfApi().model_info(job.source, revision=job.revision).sha}
+    except Exception:
+        return None
 
 
 def _weight_identity(path: Path) -> list[str | None]:

@@ -80,3 +80,54 @@ def test_a_pushed_job_is_not_pushed_again(
     r = qm("batch", plan, "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["items"][0]["status"] == "up-to-date"
+
+
+def test_a_job_pinned_to_a_commit_is_up_to_date_without_any_call(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """A commit never moves: the job's source state is its revision, no API call (there was one per run)."""
+    sha = fake_hub.add_repo("org/tiny", checkpoint_dir)
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[defaults]\noutput_root = "out"\n\n[[job]]\nsource = "org/tiny"\nrevision = "{sha}"\n')
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["items"][0]["status"] == "converted"
+    fake_hub.requests.clear()
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["items"][0]["status"] == "up-to-date"
+    assert fake_hub.requests == []
+
+
+def test_offline_up_to_date_hub_jobs_are_skipped_from_the_cached_ref(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With HF_HUB_OFFLINE=1 the commit could not be asked for, so every up-to-date Hub job was planned
+    from the cached snapshot and its whole output re-hashed: the cache's ref of the revision (kept
+    downloads record it) is the commit an offline run reads, and the stamp decides, as online."""
+    from huggingface_hub import constants
+
+    fake_hub.add_repo("org/tiny", checkpoint_dir)
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        '[defaults]\noutput_root = "out"\nkeep_downloads = true\n\n[[job]]\nsource = "org/tiny"\n'
+    )
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    import functools
+
+    import converter.writer.pipeline
+
+    @functools.wraps(converter.writer.pipeline.convert)  # plan keys are checked against its signature
+    def no_work(*a, **k):
+        msg = "an up-to-date job must not be planned or converted"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(converter.writer.pipeline, "convert", no_work)
+    fake_hub.requests.clear()
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["items"][0]["status"] == "up-to-date"
+    assert fake_hub.requests == []
