@@ -4,8 +4,9 @@
 parameter) from the headers and quant states alone; ``inspect_hub`` does the same for a Hub repo by
 HTTP range requests (the headers and the small quant-state blobs), downloading no shard.
 ``verify_path`` re-hashes every shard against the index, validates every shard and every quantized
-record, checks the weight_map against the shards' contents and, for our own shards, the metadata;
-it returns the problems it found, one line each.
+record, checks the weight_map against the shards' contents and, for our own shards, the metadata,
+and config.json as transformers + bitsandbytes would read it (``skip_check``: 16-bit linears the
+skip list misses); it returns the problems it found, one line each, and what it could not check.
 """
 
 from __future__ import annotations
