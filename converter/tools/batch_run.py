@@ -349,6 +349,7 @@ def run_job(
             force_this = True  # complete by its manifest but its files do not verify: redo it
         else:
             force_this = force or (pre is not None and replaces_stale_output(job, root, pre))
+        claim(root, job)
         result = convert(
             job.source, out, overwrite=force_this, push_to=push_to, private=private, warn=warn, **kw
         )
@@ -362,6 +363,16 @@ def run_job(
     except Exception as exc:  # any failure is this job's one-line error (Ctrl-C is not caught)
         message, code = _describe(exc)
         return ItemResult(job, False, time.perf_counter() - t0, message, code or 1, status="failed")
+
+
+def claim(root: Path, job: Job) -> None:
+    """Stamp a job's folder as the batch's before its first conversion starts (no key, no fingerprint:
+    never up to date), when nothing is there yet. A first run killed mid-job left an unfinished
+    folder without a stamp, which a rerun after a new source commit refused as a folder the batch did
+    not write, every night, until --force."""
+    out = root / job.output
+    if read_stamp(root, job) is None and (not out.exists() or (out.is_dir() and not any(out.iterdir()))):
+        write_stamp(root, job, "", None)
 
 
 def replaces_stale_output(job: Job, root: Path, pre: Any) -> bool:

@@ -419,3 +419,42 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_any_job(
     r = qm("batch", plan, option, tmp_path / "folder", "-q")
     assert r.exit_code == 2
     assert f"{tmp_path / 'folder'}: {option} cannot write its report there (is a folder)" in r.stderr
+
+
+def test_a_first_run_interrupted_mid_job_is_replaced_after_the_source_changed(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A job's first run stopped mid-conversion (CI timeout, pre-emption) left an unfinished folder and no
+    stamp; once the source changed (a new commit on main), every rerun refused that folder as one the
+    batch did not write ("holds a conversion with ... a different source; pass --overwrite"), night
+    after night. The batch claims the folder when it starts the job, so the rerun replaces it."""
+    import functools
+    import shutil
+
+    import converter.writer.pipeline
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[defaults]\noutput_root = "out"\n\n[[job]]\nsource = "{src}"\n')
+    real = converter.writer.pipeline.convert
+
+    @functools.wraps(real)
+    def stopped_mid_job(*a, **k):
+        def hook(name: str, done: int) -> None:
+            if done:
+                raise KeyboardInterrupt  # Ctrl-C while the first shard is being written
+
+        return real(*a, **{**k, "progress": hook})
+
+    monkeypatch.setattr(converter.writer.pipeline, "convert", stopped_mid_job)
+    r = qm("batch", plan, "-q")
+    assert r.exit_code == 130, r.stderr
+    assert not (tmp_path / "out" / "src" / "config.json").exists()  # unfinished
+    monkeypatch.undo()
+
+    swap_data_keeping_stat(src / "model.safetensors")
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["items"][0]["status"] == "converted"
+    assert qm("verify", tmp_path / "out" / "src", "-q").exit_code == 0
