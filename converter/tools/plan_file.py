@@ -135,8 +135,8 @@ def not_read_by_method(options: dict[str, Any]) -> tuple[dict[str, Any], list[st
 
 def conversion_identity(job: Job, params: dict[str, inspect.Parameter]) -> str:
     """What decides a job's output bytes: source, revision and every ``Options`` field (convert()'s
-    default where the job does not set it; other methods' options left out). Equal identities,
-    byte-identical folders."""
+    default where the job does not set it; other methods' options left out), and where it is pushed
+    (one conversion mirrored to two repos is two jobs). Equal identities, byte-identical folders."""
     from dataclasses import fields
 
     from converter.plan.tensor_plan import Options, parse_size
@@ -148,7 +148,7 @@ def conversion_identity(job: Job, params: dict[str, inspect.Parameter]) -> str:
     for key in ("skip", "include"):
         value = values[key]
         values[key] = [value] if isinstance(value, str) else list(value)  # the order is recorded
-    return json.dumps([job.source, job.revision, values], sort_keys=True, default=str)
+    return json.dumps([job.source, job.revision, job.push_to, values], sort_keys=True, default=str)
 
 
 class _Lines:

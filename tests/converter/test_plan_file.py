@@ -278,8 +278,9 @@ def test_jobs_of_the_same_conversion_are_refused_and_different_ones_are_not(tmp_
         '[[job]]\nsource = "org/m"\nquant_type = "int8"\n'
         '[[job]]\nsource = "org/m"\nquant_type = "int8"\nint8_scale = "cuda"\noutput = "cuda"\n'
         '[[job]]\nsource = "org/m"\nquant_type = "int8"\nrevision = "dev"\noutput = "dev"\n'
+        '[[job]]\nsource = "org/m"\nquant_type = "int8"\npush_to = "me/m"\noutput = "mirror"\n'
     )
-    assert [j.output for j in load_plan(plan_path).jobs] == ["org--m", "cuda", "dev"]
+    assert [j.output for j in load_plan(plan_path).jobs] == ["org--m", "cuda", "dev", "mirror"]
 
 
 def test_the_batch_state_folder_is_no_job_output(tmp_path: Path) -> None:
