@@ -267,6 +267,14 @@ def _load_toml(path: Path, cli_options: dict[str, Any]) -> BatchPlan:
     return BatchPlan(jobs, output_root, path, warnings)
 
 
+def _option_fields() -> set[str]:
+    from dataclasses import fields
+
+    from converter.plan.tensor_plan import Options
+
+    return {f.name for f in fields(Options)}
+
+
 def _not_apply(keys: list[str], job: Job) -> str:
     verb = "do" if len(keys) > 1 else "does"
     return f"{', '.join(keys)} {verb} not apply to quant_type {job.options.get('quant_type', 'nf4')!r}"
@@ -287,7 +295,8 @@ def _refuse_duplicates(
         free = sorted(
             k for k in {*jobs[a].options, *job.options} if jobs[a].options.get(k) != job.options.get(k)
         )
-        free = [k for k in free if k not in {f for i in (a, b) for f in ignored[i]}]
+        # not Options fields (those differ only as spelled: a default given, "a" for ["a"])
+        free = [k for k in free if k not in _option_fields()]
         if free:  # device, threads, keep_downloads...: how it runs, not what it writes
             verb = "do" if len(free) > 1 else "does"
             notes.append(f"{', '.join(free)} {verb} not change the output")
