@@ -39,7 +39,6 @@ from converter.errors import ConverterError
 from converter.tools.batch import STATE_DIR
 from converter.tools.plan_file import Job
 
-__all__ = ["STATE_DIR", "run_batch"]
 #: Statuses of a job (JUnit: failed -> failure, interrupted -> error, cancelled -> skipped, the rest pass).
 STATUSES = ("converted", "resumed", "up-to-date", "failed", "interrupted", "cancelled")
 
@@ -159,7 +158,8 @@ def source_state(job: Job) -> Any:
 def _hub_state(job: Job) -> dict[str, str] | None:
     """The commit a Hub job's revision names: a full commit sha as given (a commit never moves: no API
     call), with HF_HUB_OFFLINE=1 the cache's ref of the revision (the snapshot an offline run reads;
-    the API call failed, so every up-to-date job failed), else one API call. None when unknown."""
+    the API call fails offline, and every up-to-date job was planned and re-hashed, or failed without
+    kept downloads), else one API call. None when unknown."""
     import re
 
     revision = job.revision or "main"
