@@ -57,6 +57,7 @@ def unskipped_linears(
     return [
         f"{config_path}: llm_int8_skip_modules does not list {shown}: linear layer(s) this folder keeps "
         f"in 16 bit (no quant state), which transformers + bitsandbytes would replace with quantized "
-        f"layers and then fail to load; add {', '.join(repr(n) for n in names)} to "
-        f"quantization_config.llm_int8_skip_modules (or reconvert the folder)"
+        f"layers that find none (the load or the first forward fails); add "
+        f"{', '.join(repr(n) for n in names)} to quantization_config.llm_int8_skip_modules (or reconvert "
+        f"the folder)"
     ], None
