@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from converter.cli._app import App
-from converter.cli.convert import conversion_kwargs, conversion_options
+from converter.cli.convert import conversion_kwargs, conversion_options, options_not_for
 from converter.units import human_bytes
 
 EPILOG = """\b
@@ -98,6 +98,12 @@ def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **para
     if is_plan:  # only options given on the command line override the plan's [defaults]
         kwargs = {k: v for k, v in kwargs.items() if _given(ctx, k)}
     plan = load_plan(plan_file, kwargs)
+    if not is_plan:  # a list: the command line's quant type is every job's (a plan's jobs may set theirs)
+        note = options_not_for(ctx, params["quant_type"])
+        if note:
+            app.warn(note)
+    for note in plan.warnings:  # a job's or variant's keys its quant type does not read
+        app.warn(note)
     root = output_root or plan.output_root
     if root is None:
         app.abort(
@@ -117,6 +123,9 @@ def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **para
         _deliver(batch_signals.restore())  # a dry run writes no report: Ctrl-C stops it at once
         _dry_run(app, jobs, root, force)
         return
+    for option, report in (("--junit", params["junit_path"]), ("--json", params["json_path"])):
+        if report is not None and report != "-":
+            _check_report_path(app, option, Path(report))
 
     def on_warning(k: int, text: str) -> None:
         app.warn(f"[{k + 1}/{n}] {jobs[k].source}: {text}")
@@ -184,13 +193,31 @@ def _report(app: App, result: Any, plan_file: Path, params: dict, interrupted: s
         app.print_table(_table(result))
 
 
+def _check_report_path(app: App, option: str, path: Path) -> None:
+    """Refuse, before any job runs, a report path that cannot be written (a typo, a read-only folder):
+    found only after the last job, it failed the whole batch at its end."""
+    import errno
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        app.abort(f"{path}: {option} cannot write its report there ({reason}); choose another path", 2)
+
+
 def _given(ctx: click.Context, key: str) -> bool:
     source = ctx.get_parameter_source(key)
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _how(r: Any) -> str:
-    return "no-op" if r.status == "up-to-date" else r.status
+    how = "no-op" if r.status == "up-to-date" and not r.pushed_to else r.status
+    return f"{how}, pushed to {r.pushed_to}" if r.pushed_to else how
 
 
 def _table(result: Any) -> Any:

@@ -86,6 +86,8 @@ def inspect(
         r = inspect_hub(spec, revision=revision)
     else:
         r = inspect_path(path)
+        for warning in r.warnings:
+            app.warn(warning)
         damaged = damaged_manifest(path) if path.is_dir() else None
         if damaged is not None:
             app.warn(damaged)

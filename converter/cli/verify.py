@@ -49,6 +49,8 @@ def verify(
             r.remedy = "give --against the source this folder was converted from"
     if app.json:
         app.print_json({**r.to_json(), "quality": quality})
+    for note in r.notes:
+        app.info(f"Note: {note}")
     for problem in r.problems:
         app.error(problem)
     if not r.ok:

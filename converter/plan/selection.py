@@ -377,3 +377,29 @@ def as_dict(sel: Selection) -> dict[str, Any]:
         "keep_fp32": sorted(sel.keep_fp32),
         "keep_fp32_strict": sorted(sel.keep_fp32_strict),
     }
+
+
+def model_facts(config: dict, keys: Sequence[str]) -> tuple[Any, Any] | None:
+    """transformers' facts for a checkpoint's ``keys`` (the shipped table or the per-user cache, else a
+    skeleton on the meta device) with the ``should_convert_module`` they were made for; None when the
+    table misses and transformers >= 5 is not installed. Raises SelectionError (UnknownModelError) for
+    a config transformers cannot build."""
+    from converter.plan import selection_table
+    from converter.plan.selection_facts import MATCHERS, facts_from_model
+
+    found = selection_table.lookup(config, keys)
+    if found is not None:
+        facts = found[0]
+    elif transformers_usable():
+        model = build_skeleton(config, keys)
+        with _quiet_transformers():
+            facts = facts_from_model(model, keys)
+        if facts.matcher is not None:
+            selection_table.store_facts(config, keys, selection_table.transformers_version(), facts)
+    else:
+        return None
+    if facts.matcher is None:  # a should_convert_module we do not mirror: transformers' own
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return facts, should_convert_module
+    return facts, MATCHERS[facts.matcher]

@@ -143,6 +143,16 @@ class HubClient:
                 time.sleep(delay)
         raise AssertionError  # unreachable
 
+    def _has_token(self) -> bool:
+        """Whether a token goes with the requests: the one given, else HF_TOKEN or the stored login."""
+        if isinstance(self.token, str):
+            return bool(self.token)
+        if self.token is False:
+            return False
+        from huggingface_hub import get_token
+
+        return bool(get_token())
+
     def map_error(
         self, exc: BaseException, what: str, *, file: str | None = None, attempts: int = 1
     ) -> Exception:
@@ -173,6 +183,10 @@ class HubClient:
             )
         status = _status(exc)
         if status == 401:
+            if not self._has_token():  # CI: the secret was not passed to this job
+                return HubAccessError(
+                    f"{repo}: no Hugging Face token is set and the Hub asks for one (HTTP 401); {login}"
+                )
             return HubAccessError(
                 f"{repo}: the Hub rejected the token (HTTP 401); {login} with a valid token"
             )

@@ -16,6 +16,15 @@ from pathlib import Path
 
 from converter.errors import InputError
 
+#: The batch's own folder under the output root (its per-job stamps): never a job's output name.
+STATE_DIR = ".quantize-model-batch"
+
+
+def bad_output_name(name: str) -> bool:
+    """Whether ``name`` cannot be a job's folder under the output root: not a plain folder name, or
+    the batch's own state folder (the job's files and every job's stamps would share it)."""
+    return "/" in name or name in ("", ".", "..", STATE_DIR)
+
 
 @dataclass(frozen=True)
 class BatchItem:
@@ -76,8 +85,10 @@ def read_list(path: Path) -> list[BatchItem]:
         raise InputError(msg)
     seen: dict[str, str] = {}
     for it in items:
-        if "/" in it.output or it.output in (".", ".."):
+        if bad_output_name(it.output):
             msg = f"{path}: output name {it.output!r} for {it.source} must be a plain folder name"
+            if it.output == STATE_DIR:
+                msg += " other than the batch's own state folder"
             raise InputError(msg)
         if it.output in seen:
             msg = (

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ConverterError
+from converter.tools.batch import STATE_DIR
 from converter.tools.plan_file import Job
 
-STATE_DIR = ".quantize-model-batch"
 #: Statuses of a job (JUnit: failed -> failure, interrupted -> error, cancelled -> skipped, the rest pass).
 STATUSES = ("converted", "resumed", "up-to-date", "failed", "interrupted", "cancelled")
 
@@ -54,6 +54,7 @@ class ItemResult:
     status: str = "converted"
     bytes_out: int = 0
     quality: dict | None = None  # the report's quality summary
+    pushed_to: str | None = None  # the Hub repo this run uploaded the folder to (None: no upload)
 
     def to_json(self) -> dict:
         return {
@@ -67,6 +68,7 @@ class ItemResult:
             "seconds": self.seconds,
             "bytes_out": self.bytes_out,
             "quality": self.quality,
+            "pushed_to": self.pushed_to,
             "result": self.result.to_json() if self.result is not None else None,
         }
 
@@ -147,15 +149,34 @@ def source_state(job: Job) -> Any:
             if not any(part.startswith(".") for part in p.relative_to(local).parts)
         )
     else:
-        try:
-            from huggingface_hub import HfApi
-
-            return {"commit": HfApi().model_info(job.source, revision=job.revision).sha}
-        except Exception:
-            return None
+        return _hub_state(job)
     return {
         str(p): [p.stat().st_size, p.stat().st_mtime_ns, *_weight_identity(p)] for p in files if p.is_file()
     }
+
+
+def _hub_state(job: Job) -> dict[str, str] | None:
+    """The commit a Hub job's revision names: a full commit sha as given (a commit never moves: no API
+    call), with HF_HUB_OFFLINE=1 the cache's ref of the revision (the snapshot an offline run reads;
+    the API call fails offline, and every up-to-date job was planned and re-hashed, or failed without
+    kept downloads), else one API call. None when unknown."""
+    import re
+
+    revision = job.revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return {"commit": revision}
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.is_offline_mode():
+            from huggingface_hub.file_download import repo_folder_name
+
+            folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=job.source, repo_type="model")
+            commit = (folder / "refs" / revision).read_text().strip()
+            return {"commit": commit} if commit else None
+        return {"commit": HfApi().model_info(job.source, revision=job.revision).sha}
+    except Exception:
+        return None
 
 
 def _weight_identity(path: Path) -> list[str | None]:
@@ -241,7 +262,14 @@ def stamped_up_to_date(job: Job, root: Path, key: str | None, push_to: str | Non
         or stamp.get("files") != _folder_files_or_none(root / job.output)
     ):
         return False
-    return not push_to or stamp.get("pushed_to") == push_to
+    return not push_to or pushed_already(stamp, push_to)
+
+
+def pushed_already(stamp: dict, push_to: str) -> bool:
+    """Whether the stamp records a push of the folder to ``push_to``: the repo id, or the repo URL that
+    earlier versions recorded (which never equalled the id, so every run pushed again)."""
+    pushed = stamp.get("pushed_to")
+    return isinstance(pushed, str) and (pushed == push_to or pushed.endswith("/" + push_to))
 
 
 # --- one job ----------------------------------------------------------------------------------
@@ -308,27 +336,43 @@ def run_job(
                 fresh = verify_path(out).ok
             if fresh:
                 stamp = read_stamp(root, job) or {}
-                if push_to and stamp.get("pushed_to") != push_to:
+                pushed = None
+                if push_to and not pushed_already(stamp, push_to):  # converted before, not pushed yet
                     from converter.tools.push import push_folder
 
                     push_folder(out, push_to, private=private)
+                    pushed = push_to
                 write_stamp(root, job, pre.fingerprint, push_to or stamp.get("pushed_to"), key)
                 return ItemResult(job, True, time.perf_counter() - t0, status="up-to-date",
-                                  bytes_out=_shard_bytes(out), quality=_quality(out))  # fmt: skip
+                                  bytes_out=_shard_bytes(out), quality=_quality(out),
+                                  pushed_to=pushed)  # fmt: skip
             force_this = True  # complete by its manifest but its files do not verify: redo it
         else:
             force_this = force or (pre is not None and replaces_stale_output(job, root, pre))
+        claim(root, job)
         result = convert(
             job.source, out, overwrite=force_this, push_to=push_to, private=private, warn=warn, **kw
         )
         fingerprint = _fingerprint(out)
-        write_stamp(root, job, fingerprint, result.pushed_to, key)
+        pushed = push_to if result.pushed_to else None  # the repo id (result.pushed_to is its URL)
+        write_stamp(root, job, fingerprint, pushed, key)
         status = "resumed" if result.resumed else "converted"
         return ItemResult(job, True, time.perf_counter() - t0, result=result, status=status,
-                          bytes_out=result.bytes_out, quality=result.quality)  # fmt: skip
+                          bytes_out=result.bytes_out, quality=result.quality,
+                          pushed_to=pushed)  # fmt: skip
     except Exception as exc:  # any failure is this job's one-line error (Ctrl-C is not caught)
         message, code = _describe(exc)
         return ItemResult(job, False, time.perf_counter() - t0, message, code or 1, status="failed")
+
+
+def claim(root: Path, job: Job) -> None:
+    """Stamp a job's folder as the batch's before its first conversion starts (no key, no fingerprint:
+    never up to date), when nothing is there yet. A first run killed mid-job left an unfinished
+    folder without a stamp, which a rerun after a new source commit refused as a folder the batch did
+    not write, every night, until --force."""
+    out = root / job.output
+    if read_stamp(root, job) is None and (not out.exists() or (out.is_dir() and not any(out.iterdir()))):
+        write_stamp(root, job, "", None)
 
 
 def replaces_stale_output(job: Job, root: Path, pre: Any) -> bool:

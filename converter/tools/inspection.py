@@ -4,8 +4,9 @@
 parameter) from the headers and quant states alone; ``inspect_hub`` does the same for a Hub repo by
 HTTP range requests (the headers and the small quant-state blobs), downloading no shard.
 ``verify_path`` re-hashes every shard against the index, validates every shard and every quantized
-record, checks the weight_map against the shards' contents and, for our own shards, the metadata;
-it returns the problems it found, one line each.
+record, checks the weight_map against the shards' contents and, for our own shards, the metadata,
+and config.json as transformers + bitsandbytes would read it (``skip_check``: 16-bit linears the
+skip list misses); it returns the problems it found, one line each, and what it could not check.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class InspectResult:
     quantization_config: dict | None = None
     moe: MoeSummary | None = None  # MoE folders: experts quantized or kept, and which loaders read it
     bytes_read: int | None = None  # a Hub repo: bytes fetched (headers, quant states, small JSON)
+    #: what keeps the folder from loading that the summary would not show (a damaged config.json)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def bits_per_param(self) -> float:
@@ -135,8 +138,17 @@ def inspect_path(path: str | Path) -> InspectResult:
     if config.is_file() and Path(path).is_dir():
         try:
             result.quantization_config = (read_config(folder) or {}).get("quantization_config")
-        except CorruptFileError:  # verify names it; inspect reports what the shards hold
+        except CorruptFileError as exc:  # inspect reports what the shards hold, and says this
             result.quantization_config = None
+            result.warnings.append(str(exc))
+    finished = Path(path).is_dir() and not unfinished_conversion(folder)  # unfinished: said once, as that
+    if finished and result.tensors_quantized and not isinstance(result.quantization_config, dict):
+        why = "no quantization_config" if config.is_file() else "missing"
+        if not result.warnings:
+            result.warnings.append(
+                f"{config}: {why}, but {result.tensors_quantized} weights are quantized: transformers "
+                f"cannot load them as stored; `quantize-model verify` checks the whole folder"
+            )
     return result
 
 
@@ -149,6 +161,8 @@ class VerifyResult:
     #: What to do about the problems: reconvert; resume an unfinished conversion; nothing we can say for a
     #: folder quantize-model did not write (no index, no per-tensor metadata).
     remedy: str = "reconvert with --overwrite"
+    #: what could not be checked, and why (not problems: the exit code stays 0)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -195,6 +209,7 @@ def verify_path(path: str | Path) -> VerifyResult:
     found: dict[str, str] = {}
     quant_types: dict[str, str] = {}  # quantized weight key -> "nf4" / "fp4" / "int8"
     unreadable: set[str] = set()
+    kept: list[str] = []  # unquantized tensors
     for name in names:
         file = folder / name
         if not file.is_file():
@@ -210,6 +225,7 @@ def verify_path(path: str | Path) -> VerifyResult:
                     quant_types[key] = getattr(qt, "label", qt)  # a method name: nf4 / fp4 / int8
                     result.tensors += 1
                 result.tensors += len(shard.passthrough)
+                kept.extend(shard.passthrough)
                 if shard.metadata is not None:
                     ours = True
                     _check_metadata(shard.raw_metadata, str(file), result)
@@ -238,7 +254,10 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"was checked"
         )
     if path.is_dir() and not unfinished:
-        result.problems.extend(_config_problems(folder, quant_types, found))
+        # the skip list against the kept linears only over every shard (a missing one's weights are not
+        # 16-bit linears: they are reported once, as missing or unreadable)
+        kept_if_all = kept if complete else None
+        result.problems.extend(_config_problems(folder, quant_types, found, kept_if_all, result.notes))
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):
             if shard_name in unreadable:
@@ -252,12 +271,21 @@ def verify_path(path: str | Path) -> VerifyResult:
     return result
 
 
-def _config_problems(folder: Path, quant_types: dict[str, str], names: Collection[str] = ()) -> list[str]:
+def _config_problems(
+    folder: Path,
+    quant_types: dict[str, str],
+    names: Collection[str] = (),
+    unquantized: Collection[str] | None = None,
+    notes: list[str] | None = None,
+) -> list[str]:
     """What in ``config.json`` would make transformers + bitsandbytes load the quantized weights wrongly:
     no config, no ``quantization_config``, a method or quant type other than the records', or a
     quantized module that ``llm_int8_skip_modules`` keeps unquantized (transformers would then read
     its packed codes as a plain weight); with 4-bit MoE experts, a 16-bit router (among the tensor
-    ``names``) that the list does not skip (vLLM's bnb loader would take it for a quantized layer)."""
+    ``names``) that the list does not skip (vLLM's bnb loader would take it for a quantized layer);
+    a linear layer kept 16-bit (among the ``unquantized`` tensors; None: not every shard was read)
+    that the list does not skip (transformers would build a quantized layer for it: ``skip_check``).
+    What cannot be checked goes to ``notes``."""
     from converter.methods import get_method
     from converter.plan.selection_facts import should_convert_module
 
@@ -313,6 +341,13 @@ def _config_problems(folder: Path, quant_types: dict[str, str], names: Collectio
             f"of this folder with 4-bit experts: vLLM's bitsandbytes loader would load them as quantized "
             f"layers; add {', '.join(repr(leaf) for leaf in leaves)} to the list"
         )
+    if not refused and unquantized is not None:  # which 16-bit linears would transformers convert?
+        from converter.tools.skip_check import unskipped_linears
+
+        found, note = unskipped_linears(path, config, quant_types, unquantized, skip)
+        problems.extend(found)
+        if note is not None and notes is not None:
+            notes.append(note)
     return problems
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import math
 import re
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import InputError
-from converter.tools.batch import BatchItem, default_name, read_list
+from converter.tools.batch import STATE_DIR, BatchItem, bad_output_name, default_name, read_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,6 +94,8 @@ class BatchPlan:
     jobs: list[Job]
     output_root: Path | None  # from [defaults] output_root; None for lists (the CLI must give one)
     path: Path
+    #: one line per job key its quant type does not read ("plan.toml:9: job 2: ... does not apply")
+    warnings: list[str] = field(default_factory=list)
 
 
 def convert_parameters() -> dict[str, inspect.Parameter]:
@@ -116,7 +119,36 @@ def load_plan(path: Path, cli_options: dict[str, Any] | None = None) -> BatchPla
 
 
 def _job_from_item(item: BatchItem, options: dict[str, Any], where: str) -> Job:
-    return Job(item.source, item.output, item.revision, dict(options), where=where)
+    return Job(item.source, item.output, item.revision, not_read_by_method(options)[0], where=where)
+
+
+def not_read_by_method(options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``options`` without the keys their quant type does not read (another method's own options:
+    ``double_quant`` on int8, ``int8_threshold`` on nf4; ``QuantMethod.own_options``), and those keys.
+    They never change the output, so they must not change a job's name, key or identity either."""
+    from converter.methods import get_method, own_options
+
+    mine = get_method(options.get("quant_type", "nf4")).own_options
+    foreign = [k for k in dict.fromkeys(own_options()) if k in options and k not in mine]
+    return {k: v for k, v in options.items() if k not in foreign}, foreign
+
+
+def conversion_identity(job: Job, params: dict[str, inspect.Parameter]) -> str:
+    """What decides a job's output bytes: source, revision and every ``Options`` field (convert()'s
+    default where the job does not set it; other methods' options left out), and where it is pushed
+    (one conversion mirrored to two repos is two jobs). Equal identities, byte-identical folders."""
+    from dataclasses import fields
+
+    from converter.plan.tensor_plan import Options, parse_size
+
+    values = {f.name: job.options.get(f.name, params[f.name].default) for f in fields(Options)}
+    values = not_read_by_method(values)[0]
+    values["quant_type"] = str(values["quant_type"]).lower()
+    values["max_shard_size"] = parse_size(values["max_shard_size"])
+    for key in ("skip", "include"):
+        value = values[key]
+        values[key] = [value] if isinstance(value, str) else list(value)  # the order is recorded
+    return json.dumps([job.source, job.revision, job.push_to, values], sort_keys=True, default=str)
 
 
 class _Lines:
@@ -211,8 +243,18 @@ def _load_toml(path: Path, cli_options: dict[str, Any]) -> BatchPlan:
         msg_0 = ""
         raise fail(msg_0, -1, None, "the plan has no jobs; add a [[job]] table with a 'source'")
     jobs: list[Job] = []
+    labels: list[str] = []  # "job 2" / "job 2, variant 3", for messages
+    ignored: list[list[str]] = []  # the keys each job sets that its quant type does not read
+    warnings: list[str] = []
     for k, raw in enumerate(raw_jobs):
-        jobs.extend(_expand_job(k, raw, base, params, path, fail))
+        for job, label, foreign, line in _expand_job(k, raw, base, params, path, fail):
+            jobs.append(job)
+            labels.append(label)
+            ignored.append(foreign)
+            if foreign:
+                them = "them" if len(foreign) > 1 else "it"
+                warnings.append(f"{line}: {label}: {_not_apply(foreign, job)}; leave {them} out")
+    _refuse_duplicates(jobs, labels, ignored, params)
     seen: dict[str, Job] = {}
     for j in jobs:
         if j.output in seen:
@@ -222,7 +264,54 @@ def _load_toml(path: Path, cli_options: dict[str, Any]) -> BatchPlan:
             )
             raise InputError(msg)
         seen[j.output] = j
-    return BatchPlan(jobs, output_root, path)
+    return BatchPlan(jobs, output_root, path, warnings)
+
+
+def _option_fields() -> set[str]:
+    from dataclasses import fields
+
+    from converter.plan.tensor_plan import Options
+
+    return {f.name for f in fields(Options)}
+
+
+def _not_apply(keys: list[str], job: Job) -> str:
+    verb = "do" if len(keys) > 1 else "does"
+    return f"{', '.join(keys)} {verb} not apply to quant_type {job.options.get('quant_type', 'nf4')!r}"
+
+
+def _refuse_duplicates(
+    jobs: list[Job], labels: list[str], ignored: list[list[str]], params: dict[str, inspect.Parameter]
+) -> None:
+    """Two jobs (or variants) that resolve to the same conversion would write byte-identical folders
+    under two names (``{quant_type = "int8", double_quant = false}`` beside plain int8): refused,
+    naming both, rather than converting twice or silently dropping one (docs/ci.md)."""
+    first: dict[str, int] = {}
+    for b, job in enumerate(jobs):
+        a = first.setdefault(conversion_identity(job, params), b)
+        if a == b:
+            continue
+        notes = [_not_apply(ignored[i], jobs[i]) for i in (a, b) if ignored[i]]
+        free = sorted(
+            k for k in {*jobs[a].options, *job.options} if jobs[a].options.get(k) != job.options.get(k)
+        )
+        # not Options fields (those differ only as spelled: a default given, "a" for ["a"])
+        free = [k for k in free if k not in _option_fields()]
+        if free:  # device, threads, keep_downloads...: how it runs, not what it writes
+            verb = "do" if len(free) > 1 else "does"
+            notes.append(f"{', '.join(free)} {verb} not change the output")
+        why = "; ".join(notes)
+        same = (
+            f"both would write {job.output!r}"
+            if jobs[a].output == job.output
+            else f"{jobs[a].output!r} and {job.output!r} would be byte-identical"
+        )
+        msg = (
+            f"{job.where}: {labels[b]} is the same conversion as {labels[a]} ({jobs[a].where}): "
+            f"{job.source} with the same effective options{f' ({why})' if why else ''}, so {same}; "
+            "remove one of them"
+        )
+        raise InputError(msg)
 
 
 def _unknown(key: str, params: dict[str, Any]) -> str:
@@ -233,7 +322,11 @@ def _unknown(key: str, params: dict[str, Any]) -> str:
     return f"key {key!r} is unknown; {hint}"
 
 
-def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: Any) -> list[Job]:
+def _expand_job(
+    k: int, raw: Any, base: dict, params: dict, path: Path, fail: Any
+) -> list[tuple[Job, str, list[str], str]]:
+    """The job's variants as (job, label for messages, keys the job or variant sets that its quant
+    type does not read, "plan.toml:LINE" of the first of them)."""
     if not isinstance(raw, dict):
         msg = "job"
         raise fail(msg, k, None, "each [[job]] must be a table")
@@ -244,8 +337,8 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
     if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
         msg = "job"
         raise fail(msg, k, "variants", "key 'variants' must be a non-empty list of tables")
-    out: list[Job] = []
-    for v in variants:
+    out: list[tuple[Job, str, list[str], str]] = []
+    for n, v in enumerate(variants):
         if "variants" in v or "source" in v:
             msg = "job"
             raise fail(msg, k, "variants", "a variant cannot set 'source' or 'variants'")
@@ -263,6 +356,8 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
             except ValueError as exc:
                 msg = "job"
                 raise fail(msg, k, key if key in raw else "variants", f"key {key!r}: {exc}") from None
+        options, foreign = not_read_by_method(options)
+        foreign = [key for key in foreign if key in merged]  # [defaults] apply to every quant type
         for key, kind in (("output", str), ("revision", str), ("push_to", str), ("private", bool)):
             if key in merged and not isinstance(merged[key], kind):
                 where_key = key if key in raw else "variants"
@@ -285,23 +380,31 @@ def _expand_job(k: int, raw: Any, base: dict, params: dict, path: Path, fail: An
         if name is None:
             name = default_name(merged["source"] if not Path(source).exists() else source)
             if len(variants) > 1:  # a revision tells variants apart too (main / dev)
-                parts = [_slug(key, x) for key, x in v.items() if key not in JOB_KEYS or key == "revision"]
+                parts = [
+                    _slug(key, x)
+                    for key, x in v.items()
+                    if (key not in JOB_KEYS or key == "revision") and key not in foreign
+                ]
                 name += "-" + "-".join(parts) if parts else ""
-        if "/" in name or name in ("", ".", ".."):
+        if bad_output_name(name):
+            other = " other than the batch's own state folder" if name == STATE_DIR else ""
             msg = "job"
-            raise fail(msg, k, "output", f"output name {name!r} must be a plain folder name")
+            raise fail(msg, k, "output", f"output name {name!r} must be a plain folder name{other}")
         line = fail("job", k, None, "").args[0].split(": ", 1)[0]
-        out.append(
-            Job(
-                source,
-                name,
-                merged.get("revision"),
-                options,
-                merged.get("push_to"),
-                bool(merged.get("private", False)),
-                where=line,
-            )
+        job = Job(
+            source,
+            name,
+            merged.get("revision"),
+            options,
+            merged.get("push_to"),
+            bool(merged.get("private", False)),
+            where=line,
         )
+        label = f"job {k + 1}" + (f", variant {n + 1}" if len(variants) > 1 else "")
+        at = line
+        if foreign:
+            at = fail("job", k, foreign[0] if foreign[0] in raw else "variants", "").args[0].split(": ")[0]
+        out.append((job, label, foreign, at))
     return out
 
 

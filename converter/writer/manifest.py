@@ -136,9 +136,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except OSError as exc:
         if tmp is not None:
             tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temp file behind
+        if exc.filename is not None and Path(exc.filename).name.startswith(f".{path.name}."):
+            # named after the file asked for (a missing folder, a folder in its place), not our temp
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 

@@ -368,3 +368,93 @@ def test_jobs_wait_for_the_budget(tiny_llama: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.ok
     assert [e[0] for e in events[:3]] == ["start"] * 3  # no budget: all three at once
+
+
+def test_variants_of_one_conversion_are_refused_and_foreign_options_warned(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`variants = [{quant_type = "int8"}, {quant_type = "int8", double_quant = false}]` converted the
+    same bytes into two folders (llama-int8, llama-int8-no-double-quant), exit 0: now exit 2 before any
+    work, naming both variants; an option another method owns is a warning naming the line."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'[defaults]\noutput_root = "out"\n[[job]]\nsource = "{tiny_llama}"\n'
+        'variants = [{quant_type = "int8"}, {quant_type = "int8", double_quant = false}]\n'
+    )
+    r = qm("batch", plan)
+    assert r.exit_code == 2
+    assert "job 1, variant 2 is the same conversion as job 1, variant 1" in r.stderr
+    assert "double_quant does not apply to quant_type 'int8'" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+    plan.write_text(
+        f'[defaults]\noutput_root = "out"\n[[job]]\nsource = "{tiny_llama}"\n'
+        'variants = [{quant_type = "int8", double_quant = false}, {quant_type = "nf4"}]\n'
+    )
+    r = qm("batch", plan, "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    assert [i["output"] for i in json.loads(r.stdout)["items"]] == ["tiny-llama-int8", "tiny-llama-nf4"]
+    assert f"{plan}:5: job 1, variant 1: double_quant does not apply to quant_type 'int8'" in r.stderr
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} listed\n")
+    r = qm("batch", listing, tmp_path / "out2", "--quant-type", "int8", "--blocksize", "128", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert "--blocksize: not used by --quant-type int8" in r.stderr
+
+
+@pytest.mark.parametrize("option", ["--json", "--junit"])
+def test_a_report_path_that_cannot_be_written_is_refused_before_any_job(
+    qm, tiny_llama: Path, tmp_path: Path, option: str
+) -> None:
+    """`--json reports/r.json` where `reports` is a file (a typo, a read-only folder) ran every job and
+    then failed the batch at its end, exit 1, naming a hidden temp file: now exit 2 before any work."""
+    plan = _plan(tmp_path, tiny_llama)
+    (tmp_path / "reports").write_text("a file, not a folder")
+    r = qm("batch", plan, option, tmp_path / "reports" / "r.json", "-q")
+    assert r.exit_code == 2
+    assert f"{tmp_path / 'reports' / 'r.json'}: {option} cannot write its report there" in r.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "folder").mkdir()
+    r = qm("batch", plan, option, tmp_path / "folder", "-q")
+    assert r.exit_code == 2
+    assert f"{tmp_path / 'folder'}: {option} cannot write its report there (is a folder)" in r.stderr
+
+
+def test_a_first_run_interrupted_mid_job_is_replaced_after_the_source_changed(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A job's first run stopped mid-conversion (CI timeout, pre-emption) left an unfinished folder and no
+    stamp; once the source changed (a new commit on main), every rerun refused that folder as one the
+    batch did not write ("holds a conversion with ... a different source; pass --overwrite"), night
+    after night. The batch claims the folder when it starts the job, so the rerun replaces it."""
+    import functools
+    import shutil
+
+    import converter.writer.pipeline
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[defaults]\noutput_root = "out"\n\n[[job]]\nsource = "{src}"\n')
+    real = converter.writer.pipeline.convert
+
+    @functools.wraps(real)
+    def stopped_mid_job(*a, **k):
+        def hook(name: str, done: int) -> None:
+            if done:
+                raise KeyboardInterrupt  # Ctrl-C while the first shard is being written
+
+        return real(*a, **{**k, "progress": hook})
+
+    monkeypatch.setattr(converter.writer.pipeline, "convert", stopped_mid_job)
+    r = qm("batch", plan, "-q")
+    assert r.exit_code == 130, r.stderr
+    assert not (tmp_path / "out" / "src" / "config.json").exists()  # unfinished
+    monkeypatch.undo()
+
+    swap_data_keeping_stat(src / "model.safetensors")
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["items"][0]["status"] == "converted"
+    assert qm("verify", tmp_path / "out" / "src", "-q").exit_code == 0

@@ -310,3 +310,130 @@ def test_verify_one_shard_against_the_source(qm, converted: Path, tiny_llama: Pa
     assert "model.layers.0.self_attn.q_proj.weight" in with_records  # measured against the source
     whole = json.loads(qm("verify", converted, "--against", tiny_llama, "--json").stdout)
     assert with_records < set(whole["quality"]["tensors"])
+
+
+def _set_skip_modules(folder: Path, skip: list[str]) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["llm_int8_skip_modules"] = skip
+    path.write_text(json.dumps(config, indent=2))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_verify_names_a_16bit_linear_the_skip_list_no_longer_lists(
+    qm, tiny_llama: Path, tmp_path: Path, quant_type: str
+) -> None:
+    """A config.json whose llm_int8_skip_modules lost a linear the folder keeps 16-bit verified OK, and
+    transformers + bitsandbytes then built a Linear4bit for it with no quant state (load fails): verify
+    names the module and the fix."""
+    out = tmp_path / "out"
+    skip = ("--skip", "model.layers.0.mlp.down_proj")
+    assert qm("convert", tiny_llama, out, "-q", "--quant-type", quant_type, *skip).exit_code == 0
+    assert qm("verify", out, "-q").exit_code == 0
+    _set_skip_modules(out, ["lm_head"])
+    r = qm("verify", out)
+    assert r.exit_code == 1
+    assert (
+        f"{out / 'config.json'}: llm_int8_skip_modules does not list 'model.layers.0.mlp.down_proj': "
+        "linear layer(s) this folder keeps in 16 bit" in r.stderr
+    )
+    assert "add 'model.layers.0.mlp.down_proj' to quantization_config.llm_int8_skip_modules" in r.stderr
+    _set_skip_modules(out, ["layers.0.mlp.down_proj"])  # the head too (transformers' defaults are replaced)
+    r = qm("verify", out, "--json")
+    assert r.exit_code == 1
+    assert "does not list 'lm_head'" in json.loads(r.stdout)["problems"][0]
+    _set_skip_modules(out, ["lm_head", "layers.0.mlp.down_proj"])
+    assert qm("verify", out, "-q").exit_code == 0
+
+
+def test_verify_checks_the_skip_list_from_a_live_skeleton_or_says_it_did_not(
+    qm, converted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside the shipped table and the cache, the model is built on the meta device; without
+    transformers either, verify says the check was not made (exit 0: nothing found wrong)."""
+    from converter.plan import selection, selection_table
+
+    _set_skip_modules(converted, [])
+    monkeypatch.setattr(selection_table, "lookup", lambda config, keys: None)
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    assert "llm_int8_skip_modules does not list 'lm_head'" in r.stderr
+    monkeypatch.setattr(selection, "transformers_usable", lambda: False)
+    r = qm("verify", converted)
+    assert r.exit_code == 0, r.stderr
+    assert "llm_int8_skip_modules not checked against the 16-bit linear layers" in r.stderr
+    assert "needs transformers >= 5" in r.stderr
+    assert json.loads(qm("verify", converted, "--json").stdout)["notes"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_missing_shard_is_not_also_a_skip_list_problem(qm, converted: Path, damage: str) -> None:
+    """The skip-list check runs over every shard only: the quantized weights of a missing or truncated
+    shard are not 16-bit linears missing from llm_int8_skip_modules."""
+    shard = sorted(converted.glob("model-*.safetensors"))[1]
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:1000])
+    r = qm("verify", converted, "--json")
+    assert r.exit_code == 1
+    problems = json.loads(r.stdout)["problems"]
+    assert all(str(shard) in p for p in problems), problems
+
+
+@pytest.mark.parametrize("damage", ["not json", "no quantization_config", "no config"])
+def test_inspect_warns_of_a_config_that_cannot_load_the_folder(qm, converted: Path, damage: str) -> None:
+    """inspect of a folder whose config.json was cut short (or lost its quantization_config) showed the
+    summary without a word, exit 0, as if the folder loaded: it still shows it, and warns naming the file."""
+    config = converted / "config.json"
+    if damage == "not json":
+        config.write_text('{"model_type": "llama",')
+    elif damage == "no quantization_config":
+        data = json.loads(config.read_text())
+        del data["quantization_config"]
+        config.write_text(json.dumps(data))
+    else:
+        config.unlink()
+    r = qm("inspect", converted)
+    assert r.exit_code == 0
+    expected = {
+        "not json": f"Warning: {config}: not valid JSON",
+        "no quantization_config": f"Warning: {config}: no quantization_config, but 14 weights are quantized",
+        "no config": f"Warning: {config}: missing, but 14 weights are quantized",
+    }[damage]
+    assert r.stderr.startswith(expected), r.stderr
+    assert json.loads(qm("inspect", converted, "--json").stdout)["warnings"]
+
+
+def test_inspect_of_an_unfinished_conversion_warns_once(qm, converted: Path) -> None:
+    manifest = converted / ".quantize-model-manifest.json"
+    m = json.loads(manifest.read_text())
+    m["state"] = "in_progress"
+    manifest.write_text(json.dumps(m))
+    (converted / "config.json").unlink()  # written last
+    r = qm("inspect", converted)
+    assert r.exit_code == 0
+    assert r.stderr.count("Warning:") == 1
+    assert "the conversion did not finish" in r.stderr
+
+
+def test_verify_of_a_repository_code_model_notes_the_unchecked_skip_list(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A model transformers cannot build without running repository code: the skip-list check is not
+    made, and the note says why without convert's --include advice; the folder verifies."""
+    import shutil
+
+    from tiny_models import add_repository_code
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    add_repository_code(src)
+    out = tmp_path / "out"
+    assert qm("convert", src, out, "-q", "--include", "*proj*").exit_code == 0
+    r = qm("verify", out)
+    assert r.exit_code == 0, r.stderr
+    note = r.stderr.strip()
+    assert note.startswith(f"Note: {out / 'config.json'}: llm_int8_skip_modules not checked"), note
+    assert "is not built into transformers" in note
+    assert "--include" not in note

@@ -493,3 +493,36 @@ def test_repository_code_model_converts_with_include(tiny_checkpoint, tmp_path):
     assert linear4bit_modules(model) == quantized
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("drop", ["lm_head", "layers.0.mlp.down_proj"])
+def test_verify_flags_exactly_the_skip_lists_transformers_cannot_load(tiny_checkpoint, tmp_path, drop):
+    """The oracle for verify's skip-list check: with an entry of llm_int8_skip_modules removed by
+    hand, transformers + bitsandbytes builds a Linear4bit for a weight stored 16-bit and the forward
+    fails; verify names that module. The untouched folder runs and verifies."""
+    from converter.tools.inspection import verify_path
+
+    src = tiny_checkpoint("llama")
+    out = tmp_path / "ours"
+    # blocksize 32 divides every input width (96 too): bitsandbytes' CPU forward runs the folder anywhere
+    pipeline.convert(str(src), str(out), skip=["*.layers.0.mlp.down_proj"], blocksize=32, progress=False)
+    assert verify_path(out).ok
+    ours, info, messages = _load(out)
+    _assert_clean_load(info, messages)
+    _outputs(ours, "llama")  # runs
+
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    skip = config["quantization_config"]["llm_int8_skip_modules"]
+    config["quantization_config"]["llm_int8_skip_modules"] = [s for s in skip if s != drop]
+    assert len(config["quantization_config"]["llm_int8_skip_modules"]) == len(skip) - 1
+    path.write_text(json.dumps(config))
+    problems = verify_path(out).problems
+    assert len(problems) == 1
+    named = drop if drop == "lm_head" else f"model.{drop}"
+    assert f"llm_int8_skip_modules does not list '{named}'" in problems[0]
+    broken, _, _ = _load(out)
+    module = broken.get_submodule(named)
+    assert type(module).__name__ == "Linear4bit"
+    with pytest.raises(AssertionError):  # bitsandbytes: "quantization state not initialized"
+        _outputs(broken, "llama")

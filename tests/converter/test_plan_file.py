@@ -219,3 +219,94 @@ def test_bad_int8_and_device_values_are_refused_before_any_work(
     plan_path.write_text(f'[[job]]\nsource = "org/m"\n{line}\n')
     with pytest.raises(InputError, match=message):
         load_plan(plan_path)
+
+
+def test_options_another_method_owns_do_not_name_a_variant(tmp_path: Path) -> None:
+    """`{quant_type = "int8", double_quant = false}` got its own folder 'x-int8-no-double-quant' for
+    bytes identical to plain int8's: a variant's name, options and key leave out the options its
+    method does not own (QuantMethod.own_options), and say so once."""
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(
+        '[defaults]\ndouble_quant = false\n[[job]]\nsource = "org/m"\nvariants = [\n'
+        '  {quant_type = "int8", blocksize = 128}, {quant_type = "nf4", int8_threshold = 3.0},\n'
+        '  {quant_type = "fp4"},\n]\n'
+    )
+    plan = load_plan(plan_path)
+    assert [j.output for j in plan.jobs] == ["org--m-int8", "org--m-nf4", "org--m-fp4"]
+    assert plan.jobs[0].options == {"quant_type": "int8"}  # [defaults]' double_quant dropped too
+    assert plan.jobs[1].options == {"quant_type": "nf4", "double_quant": False}
+    assert plan.warnings == [
+        f"{plan_path}:5: job 1, variant 1: blocksize does not apply to quant_type 'int8'; leave it out",
+        f"{plan_path}:5: job 1, variant 2: int8_threshold does not apply to quant_type 'nf4'; leave it out",
+    ]
+
+
+@pytest.mark.parametrize(
+    "variants",
+    [
+        '{quant_type = "int8"}, {quant_type = "int8", double_quant = false}',
+        '{quant_type = "int8"}, {quant_type = "int8", blocksize = 128, output = "other"}',
+        '{quant_type = "nf4"}, {quant_type = "nf4", blocksize = 64, int8_threshold = 2.0}',
+        '{skip = ["a"]}, {skip = "a", max_shard_size = "5GB"}',
+        '{device = "cpu"}, {device = "cuda", threads = 2}',
+    ],
+)
+def test_variants_of_the_same_conversion_are_refused_naming_both(tmp_path: Path, variants: str) -> None:
+    """Two variants resolving to the same effective options (another method's options, convert()'s
+    defaults spelled out) converted the same bytes twice under two names: refused before any work,
+    naming both variants."""
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(f'[[job]]\nsource = "org/m"\nvariants = [{variants}]\n')
+    with pytest.raises(InputError) as err:
+        load_plan(plan_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{plan_path}:1: job 1, variant 2 is the same conversion as job 1, variant 1")
+    assert "with the same effective options" in msg
+    assert msg.endswith("remove one of them")
+
+
+def test_jobs_of_the_same_conversion_are_refused_and_different_ones_are_not(tmp_path: Path) -> None:
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(
+        '[[job]]\nsource = "org/m"\nquant_type = "int8"\n'
+        '[[job]]\nsource = "org/m"\nquant_type = "int8"\nint8_scale = "cpu"\noutput = "again"\n'
+    )
+    same = r"plan.toml:4: job 2 is the same conversion as job 1 \(.*plan.toml:1\)"
+    with pytest.raises(InputError, match=same):
+        load_plan(plan_path)
+    plan_path.write_text(
+        '[[job]]\nsource = "org/m"\nquant_type = "int8"\n'
+        '[[job]]\nsource = "org/m"\nquant_type = "int8"\nint8_scale = "cuda"\noutput = "cuda"\n'
+        '[[job]]\nsource = "org/m"\nquant_type = "int8"\nrevision = "dev"\noutput = "dev"\n'
+        '[[job]]\nsource = "org/m"\nquant_type = "int8"\npush_to = "me/m"\noutput = "mirror"\n'
+    )
+    assert [j.output for j in load_plan(plan_path).jobs] == ["org--m", "cuda", "dev", "mirror"]
+
+
+def test_the_batch_state_folder_is_no_job_output(tmp_path: Path) -> None:
+    """`output = ".quantize-model-batch"` converted into the batch's stamp folder: every job's stamp
+    then sat inside that converted folder (and was pushed with it)."""
+    from converter.tools.batch import read_list
+
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text('[[job]]\nsource = "org/m"\noutput = ".quantize-model-batch"\n')
+    with pytest.raises(InputError, match=r"plan.toml:3: job 1: output name '.quantize-model-batch' must be"):
+        load_plan(plan_path)
+    listing = tmp_path / "list.txt"
+    listing.write_text("org/m .quantize-model-batch\n")
+    with pytest.raises(InputError, match="other than the batch's own state folder"):
+        read_list(listing)
+
+
+def test_a_duplicate_says_which_differences_do_not_count(tmp_path: Path) -> None:
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(
+        '[[job]]\nsource = "org/m"\nvariants = [{quant_type = "int8", device = "cpu"}, '
+        '{quant_type = "int8", blocksize = 32, device = "cuda"}]\n'
+    )
+    with pytest.raises(InputError) as err:
+        load_plan(plan_path)
+    assert (
+        "with the same effective options (blocksize does not apply to quant_type 'int8'; device does not "
+        "change the output), so 'org--m-int8-cpu' and 'org--m-int8-cuda' would be byte-identical"
+    ) in str(err.value)

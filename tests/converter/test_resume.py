@@ -133,6 +133,21 @@ def test_two_writers_of_the_same_file_never_interleave(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [".stamp.json.tmp", "stamp.json"]
 
 
+@pytest.mark.parametrize("where", ["missing folder", "folder in its place"])
+def test_a_failed_atomic_write_names_the_file_asked_for(tmp_path: Path, where: str) -> None:
+    """A report path in a missing folder, or a folder where the file should go, failed naming the
+    hidden temp file (`.r.json.1a2b3c4d.tmp: Is a directory`), not the path the user gave."""
+    from converter.writer.manifest import atomic_write_bytes
+
+    target = tmp_path / "missing" / "r.json" if where == "missing folder" else tmp_path / "r.json"
+    if where != "missing folder":
+        target.mkdir()
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(target, b"{}")
+    assert err.value.filename == str(target)
+    assert [p.name for p in tmp_path.rglob(".*.tmp")] == []
+
+
 def test_a_finished_folder_on_a_read_only_mount_is_a_no_op(
     tiny_llama_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

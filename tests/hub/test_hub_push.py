@@ -103,11 +103,13 @@ def test_push_is_resumable(converted: Path, fake_hub: FakeHub, monkeypatch) -> N
 def test_push_without_token_is_a_clear_error(converted: Path, fake_hub: FakeHub) -> None:
     with pytest.raises(HubAccessError) as err:
         push_folder(converted, DEST)
-    assert str(err.value) == (
-        f"{DEST}: the Hub rejected the token (HTTP 401); run `hf auth login` or set HF_TOKEN "
-        "(a token with write access) with a valid token"
+    assert str(err.value) == (  # not "rejected the token": there is none (a CI secret not passed)
+        f"{DEST}: no Hugging Face token is set and the Hub asks for one (HTTP 401); run `hf auth login` "
+        "or set HF_TOKEN (a token with write access)"
     )
     assert err.value.exit_code == 2
+    with pytest.raises(HubAccessError, match="the Hub rejected the token"):
+        push_folder(converted, DEST, token="hf_wrong")
 
 
 def test_push_refuses_unfinished_folder(converted: Path, fake_hub: FakeHub) -> None:
