@@ -215,6 +215,11 @@ def _unsupported(
     if _has_linear_attention(model):
         return "linear-attention cache layers (state-space or recurrent: Mamba, Jamba) are not supported"
     cache = model_kwargs.get("cache")
+    if getattr(cache, "offloading", False):
+        # cache_implementation="offloaded" / "offloaded_static": keys and values kept off the device. The
+        # loop would decode on a static cache of its own on the device instead (the memory the user
+        # asked to save), or record graphs over the cache's own stream copies.
+        return "offloaded caches (keys and values moved off the device between layers) are not supported"
     if cache is not None and not _is_empty_reusable_cache(cache):
         return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"
     return None

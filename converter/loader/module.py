@@ -592,8 +592,13 @@ class QuantLinear4bit(nn.Module):
             missing_keys.append(bias_key)
         else:
             value = state_dict[bias_key]
-            if local_metadata.get("assign_to_params_buffers", False) or self.bias.device.type == "meta":
-                self.bias = nn.Parameter(value.to(self.bias.dtype), requires_grad=False)
+            if value.shape != self.bias.shape:  # copy_ would broadcast a [1] bias over every row
+                error_msgs.append(
+                    f"{bias_key}: checkpoint shape {list(value.shape)} does not match the layer's "
+                    f"{list(self.bias.shape)}"
+                )
+            elif local_metadata.get("assign_to_params_buffers", False) or self.bias.device.type == "meta":
+                self.bias = nn.Parameter(value.to(self.bias.dtype), requires_grad=self.bias.requires_grad)
             else:
                 with torch.no_grad():
                     self.bias.copy_(value)

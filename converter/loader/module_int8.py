@@ -314,8 +314,17 @@ class QuantLinear8bit(nn.Module):
         elif bias_key not in state_dict:
             missing_keys.append(bias_key)
         else:
-            with torch.no_grad():
-                self.bias = nn.Parameter(state_dict[bias_key].to(self.bias.dtype), requires_grad=False)
+            value = state_dict[bias_key]
+            if value.shape != self.bias.shape:
+                error_msgs.append(
+                    f"{bias_key}: checkpoint shape {list(value.shape)} does not match the layer's "
+                    f"{list(self.bias.shape)}"
+                )
+            elif local_metadata.get("assign_to_params_buffers", False) or self.bias.device.type == "meta":
+                self.bias = nn.Parameter(value.to(self.bias.dtype), requires_grad=self.bias.requires_grad)
+            else:  # in place, as torch loads a parameter: its device, its requires_grad, an optimizer's hold
+                with torch.no_grad():
+                    self.bias.copy_(value)
 
 
 # -- bitsandbytes' classes, taken when the process imports it (bnb_optional) ----------------------------

@@ -313,6 +313,34 @@ def test_model_inputs_the_steps_do_not_pass_fall_back(gpt2, extra: str, caplog) 
     assert extra in caplog.text
 
 
+@pytest.mark.parametrize("implementation", ["offloaded", "offloaded_static"])
+def test_offloaded_caches_fall_back_to_transformers_loop(
+    model, implementation: str, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An offloaded cache keeps keys and values off the device to save its memory: the device loop
+    swapped an offloaded DynamicCache for a static cache of its own on the device (the memory the user
+    asked to save) and recorded graphs over an offloaded StaticCache's stream copies. It hands the
+    offloading cache to transformers' loop instead (on a CPU-only torch that loop cannot offload, as
+    plain generate cannot: a stand-in records what it was given)."""
+    from transformers.generation.utils import GenerationMixin
+
+    given = []
+
+    def loop(self, input_ids, **kwargs):
+        given.append(kwargs.get("cache"))
+        return input_ids
+
+    monkeypatch.setattr(GenerationMixin, "_sample", loop)
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        model.generate(
+            IDS, custom_generate=graphed_greedy, cache_implementation=implementation, max_new_tokens=4
+        )
+    assert "offloaded caches" in caplog.text
+    assert len(given) == 1
+    assert given[0].offloading
+
+
 def test_bad_steps_per_graph_is_refused(model) -> None:
     with pytest.raises(ValueError, match="steps_per_graph must be a positive int, got 0"):
         model.generate(IDS, custom_generate=graphed_greedy, steps_per_graph=0, max_new_tokens=3)

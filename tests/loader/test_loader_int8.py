@@ -151,6 +151,31 @@ def test_state_dict_is_bitsandbytes_layout_and_round_trips() -> None:
     assert torch.equal(clone.codes, ours.codes)
 
 
+def test_load_state_dict_loads_the_bias_in_place_as_torch_does() -> None:
+    """``load_state_dict`` put a new frozen Parameter in place of the bias (the state dict's tensor, on its
+    device): a bias made trainable was frozen again and the optimizer holding the old one stopped
+    training the layer's (on a GPU the bias stayed on the CPU: the next forward failed). It copies into
+    the layer's bias, as torch loads parameters (and the 4-bit layer its bias); a bias of another shape
+    is reported, not taken."""
+    ours, _ = _layer()
+    new, _ = _layer(seed=1)
+    ours.bias.requires_grad_(True)
+    bias = ours.bias
+    opt = torch.optim.SGD([bias], lr=1.0)
+    ours.load_state_dict(new.state_dict())
+    assert ours.bias is bias
+    assert bias.requires_grad
+    assert torch.equal(bias, new.bias)
+    ours(torch.randn(3, 80, dtype=torch.bfloat16)).float().sum().backward()
+    before = ours.bias.detach().clone()
+    opt.step()
+    assert not torch.equal(ours.bias, before)  # the optimizer trains the layer's bias
+    sd = new.state_dict()
+    sd["bias"] = sd["bias"][:1]
+    with pytest.raises(RuntimeError, match=r"bias: checkpoint shape \[1\] does not match the layer's \[48\]"):
+        ours.load_state_dict(sd)
+
+
 def test_half_and_to_never_cast_codes_or_scb() -> None:
     ours, _ = _layer()
     ours.half()

@@ -223,6 +223,23 @@ def test_state_dict_is_bnb_layout_and_round_trips(nested: bool) -> None:
         wrong.load_state_dict(sd)
 
 
+def test_a_bias_of_another_shape_is_refused_not_broadcast() -> None:
+    """``load_state_dict`` copied the bias in place, so a bias of shape [1] (or any shape that
+    broadcasts) filled every row with its value, silently; it is reported as torch reports a size
+    mismatch. Loaded with ``assign=True`` the bias keeps its ``requires_grad``, as torch keeps it."""
+    layer, _, bias = make_layer(40, 96, bias=True)
+    sd = layer.state_dict()
+    sd["bias"] = sd["bias"][:1].clone()
+    with pytest.raises(RuntimeError, match=r"bias: checkpoint shape \[1\] does not match the layer's \[40\]"):
+        layer.load_state_dict(sd)
+    assert torch.equal(layer.bias, bias)
+    other, _, other_bias = make_layer(40, 96, bias=True, seed=3)
+    layer.bias.requires_grad_(True)
+    layer.load_state_dict(other.state_dict(), assign=True)
+    assert torch.equal(layer.bias, other_bias)
+    assert layer.bias.requires_grad
+
+
 def test_subclass_of_bnb_linear4bit_and_bnb_dequantize_agrees() -> None:
     layer, record, _ = make_layer(32, 200, nested=True)
     assert isinstance(layer, bnb.nn.Linear4bit)
