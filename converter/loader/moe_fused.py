@@ -27,9 +27,9 @@ from torch import nn
 
 from converter.loader import ops
 from converter.loader.module import state_from_record
-from converter.loader.moe_records import ROLES, MoeLoadError, _own
+from converter.loader.moe_records import ROLES, ExpertsLayout, MoeLoadError, span_record
 from converter.plan.moe_fused import FUSED_EXPERT_KEY, swap_last
-from formats.quant_types import NESTED_BLOCKSIZE, QuantType
+from formats.quant_types import NESTED_BLOCKSIZE
 from formats.record import NestedAbsmax, QuantizedTensor
 
 #: The per-expert leaf names the fused records are split under (never written: saving writes fused).
@@ -44,23 +44,15 @@ def _piece(
     numel = math.prod(shape)
     nb = numel // rec.blocksize
     packed = ops.packed_bytes(rec.packed)[index * numel // 2 : (index + 1) * numel // 2]
-    if decoded is not None:  # nested blocks straddle the pieces: the float32 absmax decoded once
-        return QuantizedTensor(
-            name,
-            shape,
-            rec.dtype,
-            rec.quant_type,
-            rec.blocksize,
-            packed.reshape(-1, 1),
-            decoded[index * nb : (index + 1) * nb],
-            rec.quant_map,
-        )
-    codes = rec.absmax.reshape(-1)[index * nb : (index + 1) * nb]
     nested = None
-    if rec.nested is not None:
-        nn_ = nb // NESTED_BLOCKSIZE
-        nabs = rec.nested.nested_absmax.reshape(-1)[index * nn_ : (index + 1) * nn_]
-        nested = NestedAbsmax(nabs, rec.nested.nested_quant_map, rec.nested.offset)
+    if decoded is not None:  # nested blocks straddle the pieces: the float32 absmax decoded once
+        absmax = decoded[index * nb : (index + 1) * nb]
+    else:
+        absmax = rec.absmax.reshape(-1)[index * nb : (index + 1) * nb]
+        if rec.nested is not None:
+            nn_ = nb // NESTED_BLOCKSIZE
+            nabs = rec.nested.nested_absmax.reshape(-1)[index * nn_ : (index + 1) * nn_]
+            nested = NestedAbsmax(nabs, rec.nested.nested_quant_map, rec.nested.offset)
     return QuantizedTensor(
         name,
         shape,
@@ -68,7 +60,7 @@ def _piece(
         rec.quant_type,
         rec.blocksize,
         packed.reshape(-1, 1),
-        codes,
+        absmax,
         rec.quant_map,
         nested,
     )
@@ -142,43 +134,20 @@ def split_fused(state: dict[str, Any], where: str, *, sizes_only: bool = False) 
 def fused_state_dict(module: Any, prefix: str) -> dict[str, torch.Tensor]:
     """The fused records of a QuantExperts4bit loaded from fused records, under ``prefix`` (``...experts.``):
     ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, on the CPU."""
-    from converter.loader.moe_records import ExpertsLayout
-
     lay = ExpertsLayout(module.hidden_dim, module.intermediate_dim, module.blocksize)
-    qt = QuantType.parse(module.quant_type)
     nested = module.nested_buffers()
     out: dict[str, torch.Tensor] = {}
-    num = module.num_experts
     for leaf, roles in ((FUSED_NAMES[0], ROLES[:2]), (FUSED_NAMES[1], ROLES[2:])):
         first, last = roles[0], roles[-1]
         po, ao, no = lay.offsets(first)
-        end_po = lay.offsets(last)[0] + lay.numel(last) // 2
-        end_ao = lay.offsets(last)[1] + lay.blocks(last)
-        end_no = lay.offsets(last)[2] + lay.nested_blocks(last)
-        rows = sum(lay.shape(r)[0] for r in roles)
-        packed = _own(module.packed[:, po:end_po]).reshape(-1, 1)
-        extra = None
-        if nested is not None:
-            absmax = _own(nested["codes"][:, ao:end_ao]).reshape(-1)
-            r = ROLES.index(first)
-            extra = NestedAbsmax(
-                _own(nested["absmax"][:, no:end_no]).reshape(-1),
-                _own(nested["map"]),
-                float(nested["offset"][0, r]),
-            )
-        else:
-            absmax = _own(module.absmax[:, ao:end_ao]).reshape(-1)
-        rec = QuantizedTensor(
-            name=f"{prefix}{leaf}",
-            shape=(num, rows, lay.shape(first)[1]),
-            dtype=module.dtype_name,
-            quant_type=qt,
-            blocksize=lay.blocksize,
-            packed=packed,
-            absmax=absmax,
-            quant_map=_own(module.quant_map),
-            nested=extra,
+        end_po, end_ao, end_no = lay.offsets(last)
+        spans = (
+            (po, end_po + lay.numel(last) // 2),
+            (ao, end_ao + lay.blocks(last)),
+            (no, end_no + lay.nested_blocks(last)),
         )
+        shape = (module.num_experts, sum(lay.shape(r)[0] for r in roles), lay.shape(first)[1])
+        rec = span_record(module, nested, f"{prefix}{leaf}", shape, slice(None), spans, ROLES.index(first))
         out.update(rec.state_dict())
     return out
 

@@ -223,36 +223,56 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
+def span_record(
+    module: Any,
+    nested: dict[str, torch.Tensor] | None,
+    name: str,
+    shape: tuple[int, ...],
+    experts: int | slice,
+    spans: tuple[tuple[int, int], tuple[int, int], tuple[int, int]],
+    role: int,
+) -> QuantizedTensor:
+    """A bnb record (own CPU tensors) of the ``experts`` rows (one expert, or all: a fused record) of a
+    QuantExperts4bit's stacked buffers over the (packed bytes, absmax blocks, nested blocks) ``spans``;
+    ``role``: the ROLES index whose nested offset the record takes (``nested``: ``nested_buffers()``)."""
+    (p0, p1), (a0, a1), (n0, n1) = spans
+    packed = _own(module.packed[experts, p0:p1]).reshape(-1, 1)
+    if nested is not None:
+        absmax = _own(nested["codes"][experts, a0:a1]).reshape(-1)
+        first = experts if isinstance(experts, int) else 0  # a fused record's experts share one offset
+        extra = NestedAbsmax(
+            _own(nested["absmax"][experts, n0:n1]).reshape(-1),
+            _own(nested["map"]),  # a copy per record: the saver rejects shared tensors
+            float(nested["offset"][first, role]),
+        )
+    else:
+        absmax, extra = _own(module.absmax[experts, a0:a1]).reshape(-1), None
+    return QuantizedTensor(
+        name=name,
+        shape=shape,
+        dtype=module.dtype_name,
+        quant_type=QuantType.parse(module.quant_type),
+        blocksize=module.blocksize,
+        packed=packed,
+        absmax=absmax,
+        quant_map=_own(module.quant_map),
+        nested=extra,
+    )
+
+
 def expert_state_dict(module: Any, prefix: str) -> dict[str, torch.Tensor]:
     """The per-expert bnb records of a QuantExperts4bit under ``prefix`` (``...experts.``), on the CPU."""
     lay = ExpertsLayout(module.hidden_dim, module.intermediate_dim, module.blocksize)
-    qt = QuantType.parse(module.quant_type)
     nested = module.nested_buffers()
     out: dict[str, torch.Tensor] = {}
     for e in range(module.num_experts):
         for r, role in enumerate(ROLES):
             po, ao, no = lay.offsets(role)
-            n_bytes, nb, nn_ = lay.numel(role) // 2, lay.blocks(role), lay.nested_blocks(role)
-            packed = _own(module.packed[e, po : po + n_bytes]).reshape(-1, 1)
-            if nested is not None:
-                absmax = _own(nested["codes"][e, ao : ao + nb])
-                extra = NestedAbsmax(
-                    _own(nested["absmax"][e, no : no + nn_]),
-                    _own(nested["map"]),  # a copy per record: the saver rejects shared tensors
-                    float(nested["offset"][e, r]),
-                )
-            else:
-                absmax, extra = _own(module.absmax[e, ao : ao + nb]), None
-            rec = QuantizedTensor(
-                name=f"{prefix}{e}.{module.proj_names[r]}.weight",
-                shape=lay.shape(role),
-                dtype=module.dtype_name,
-                quant_type=qt,
-                blocksize=lay.blocksize,
-                packed=packed,
-                absmax=absmax,
-                quant_map=_own(module.quant_map),
-                nested=extra,
+            spans = (
+                (po, po + lay.numel(role) // 2),
+                (ao, ao + lay.blocks(role)),
+                (no, no + lay.nested_blocks(role)),
             )
-            out.update(rec.state_dict())
+            name = f"{prefix}{e}.{module.proj_names[r]}.weight"
+            out.update(span_record(module, nested, name, lay.shape(role), e, spans, r).state_dict())
     return out
