@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from moe_helpers import FAMILIES, experts_reference_and_bound, load_bf16_eager, make_moe
+from moe_helpers import FAMILIES, assert_float32_experts_within_bound, load_bf16_eager, make_moe
 from tiny_models import load_logged
 
 from converter.loader.model import linear4bit_modules, load_quantized
@@ -113,16 +113,7 @@ def test_gemv_path_within_derived_bound(folders, tokens):
     """float32 compute: decode (<= 8 tokens per expert: fused GEMV) and mixed batches (an expert with
     more tokens is dequantized once) stay within the derived float32 error bound of the exact result."""
     q, _ = folders("qwen3_moe")
-    m = next(iter(moe_modules(load_quantized(q)).values()))
-    m.compute_dtype = torch.float32
-    g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, m.hidden_dim, generator=g)
-    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)])
-    w = torch.rand(tokens, 2, generator=g)
-    with torch.no_grad():
-        got = m(x, idx, w).double()
-    ref, bound = experts_reference_and_bound(m, x, idx, w)
-    assert ((got - ref).abs() <= bound).all()
+    assert_float32_experts_within_bound(q, tokens)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
