@@ -100,16 +100,13 @@ def options_not_for(ctx: click.Context, quant_type: str) -> str | None:
     none is dropped without a word; None when there are none."""
     from click.core import ParameterSource
 
-    from converter.methods import get_method, own_options
+    from converter.methods import foreign_options
 
-    mine = get_method(quant_type).own_options
     params = {p.name: p for p in ctx.command.params}
     given = [
         " / ".join(params[name].opts + params[name].secondary_opts)
-        for name in dict.fromkeys(own_options())  # nf4 and fp4 share theirs
-        if name not in mine
-        and name in params
-        and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+        for name in foreign_options(quant_type)
+        if name in params and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
     ]
     if not given:
         return None

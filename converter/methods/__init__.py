@@ -60,6 +60,13 @@ def own_options() -> tuple[str, ...]:
     return tuple(k for m in _REGISTRY.values() for k in m.own_options)
 
 
+def foreign_options(quant_type: str) -> list[str]:
+    """The Options fields other methods own and ``quant_type``'s does not read (``int8_threshold`` for
+    nf4, ``double_quant`` for int8), once each (nf4 and fp4 share theirs)."""
+    mine = get_method(quant_type).own_options
+    return [k for k in dict.fromkeys(own_options()) if k not in mine]
+
+
 register(Bnb4bitMethod("nf4", "4-bit NormalFloat (NF4), blockwise absmax (bitsandbytes Linear4bit)"))
 register(Bnb4bitMethod("fp4", "4-bit float (FP4), blockwise absmax (bitsandbytes Linear4bit)"))
 register(Int8Method())

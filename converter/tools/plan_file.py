@@ -126,10 +126,9 @@ def not_read_by_method(options: dict[str, Any]) -> tuple[dict[str, Any], list[st
     """``options`` without the keys their quant type does not read (another method's own options:
     ``double_quant`` on int8, ``int8_threshold`` on nf4; ``QuantMethod.own_options``), and those keys.
     They never change the output, so they must not change a job's name, key or identity either."""
-    from converter.methods import get_method, own_options
+    from converter.methods import foreign_options
 
-    mine = get_method(options.get("quant_type", "nf4")).own_options
-    foreign = [k for k in dict.fromkeys(own_options()) if k in options and k not in mine]
+    foreign = [k for k in foreign_options(options.get("quant_type", "nf4")) if k in options]
     return {k: v for k, v in options.items() if k not in foreign}, foreign
 
 
