@@ -339,9 +339,6 @@ def _select_transformers(
     """The live rule: build the skeleton, gather its facts (remembered in the per-user cache), decide."""
     from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
 
-    from converter.plan import selection_table
-    from converter.plan.selection_facts import facts_from_model
-
     keys = [t.name for t in tensors]
     model = build_skeleton(config, keys)
     cls_name = type(model).__name__
@@ -353,17 +350,33 @@ def _select_transformers(
                 "checkpoint cannot fill; quantize this model on load with transformers + bitsandbytes instead"
             )
             raise SelectionError(msg)
+    facts = _live_facts(config, keys, model)
+    return _from_facts(facts, tensors, skip=skip, include=include, via="live", matcher=_convert_rule(facts))
+
+
+def _live_facts(config: dict, keys: Sequence[str], model: Any) -> Any:
+    """transformers' facts gathered from the skeleton ``model`` for ``keys``, remembered in the per-user
+    cache when their should_convert_module is one we mirror (else nothing is cached)."""
+    from converter.plan import selection_table
+    from converter.plan.selection_facts import facts_from_model
+
     with _quiet_transformers():
         facts = facts_from_model(model, keys)
-    if facts.matcher is None:  # a should_convert_module we do not mirror: use it, cache nothing
+    if facts.matcher is not None:
+        selection_table.store_facts(config, keys, selection_table.transformers_version(), facts)
+    return facts
+
+
+def _convert_rule(facts: Any) -> Any:
+    """The should_convert_module ``facts`` were made for: ours mirroring it, or transformers' own where
+    we mirror none."""
+    if facts.matcher is None:
         from transformers.quantizers.quantizers_utils import should_convert_module
 
-        return _from_facts(
-            facts, tensors, skip=skip, include=include, via="live", matcher=should_convert_module
-        )
-    selection = _from_facts(facts, tensors, skip=skip, include=include, via="live")
-    selection_table.store_facts(config, keys, selection_table.transformers_version(), facts)
-    return selection
+        return should_convert_module
+    from converter.plan.selection_facts import MATCHERS
+
+    return MATCHERS[facts.matcher]
 
 
 def as_dict(sel: Selection) -> dict[str, Any]:
@@ -385,21 +398,12 @@ def model_facts(config: dict, keys: Sequence[str]) -> tuple[Any, Any] | None:
     table misses and transformers >= 5 is not installed. Raises SelectionError (UnknownModelError) for
     a config transformers cannot build."""
     from converter.plan import selection_table
-    from converter.plan.selection_facts import MATCHERS, facts_from_model
 
     found = selection_table.lookup(config, keys)
     if found is not None:
         facts = found[0]
     elif transformers_usable():
-        model = build_skeleton(config, keys)
-        with _quiet_transformers():
-            facts = facts_from_model(model, keys)
-        if facts.matcher is not None:
-            selection_table.store_facts(config, keys, selection_table.transformers_version(), facts)
+        facts = _live_facts(config, keys, build_skeleton(config, keys))
     else:
         return None
-    if facts.matcher is None:  # a should_convert_module we do not mirror: transformers' own
-        from transformers.quantizers.quantizers_utils import should_convert_module
-
-        return facts, should_convert_module
-    return facts, MATCHERS[facts.matcher]
+    return facts, _convert_rule(facts)
