@@ -5,6 +5,8 @@ All contenders side by side in one process, on one NF4 folder (ours and bnb read
 - ``ours``: ``converter.load_quantized(folder)``;
 - ``ours-alone``: the same with every 4-bit layer launching alone (``ungroup_siblings``: no q/k/v, gate/up
   groups), to measure what the grouped launches give;
+- ``ours-general``: the same with every eager 4-bit call on the general route (``ops.linear``), as every
+  call ran before round 38's prepared launches (loader/cuda_gemv.py): what they give;
 - ``ours-nowarm`` (``--load`` only, when named in ``--load-contenders``): ``ours`` with
   ``QM_LOAD_WARMUP=0``, to measure what the load's CUDA warm-up thread gives;
 - ``bnb``: ``AutoModelForCausalLM.from_pretrained(folder)`` (transformers' bitsandbytes integration);
@@ -136,7 +138,7 @@ def load(kind: str, plain: Path, nf4: Path, device: str, verify: bool = False) -
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if kind in ("ours", "ours-alone", "ours-nowarm"):
+        if kind in ("ours", "ours-alone", "ours-nowarm", "ours-general"):
             from converter import load_quantized
             from converter.loader.siblings import ungroup_siblings
 
@@ -146,10 +148,26 @@ def load(kind: str, plain: Path, nf4: Path, device: str, verify: bool = False) -
             model = load_quantized(nf4, device=device, verify=verify)
             if kind == "ours-alone":  # every 4-bit layer launches alone (no q/k/v, gate/up groups)
                 ungroup_siblings(model)
+            if (
+                kind == "ours-general"
+            ):  # eager calls without the prepared launches (every call before round 38)
+                general_route(model)
             return model
         if kind == "bnb":
             return AutoModelForCausalLM.from_pretrained(nf4, device_map=device).eval()
         return AutoModelForCausalLM.from_pretrained(plain, dtype=torch.bfloat16, device_map=device).eval()
+
+
+def general_route(model: torch.nn.Module) -> None:
+    """Send every eager 4-bit call of ``model`` down the general route (``ops.linear``,
+    ``ops.gemv_prepared_multi``): the A/B of the prepared launches (loader/cpu_gemv.py, cuda_gemv.py)."""
+    from converter.loader.module import QuantLinear4bit
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear4bit):
+            m._eager_gemv = None
+            if m._siblings is not None:
+                m._siblings._eager_group = lambda x: None
 
 
 def compile_decode(model: torch.nn.Module, device: str, fullgraph: bool) -> None:

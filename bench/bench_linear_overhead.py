@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from converter.kernels import bnb4bit as kernels
+from converter.loader import ops
 from converter.loader.module import Linear4bit, linear_4bit
+from converter.loader.siblings import SiblingGroup
 from formats.quant_types import QuantType
 from formats.record import QuantizedTensor
 
@@ -74,6 +76,10 @@ def bench_shape(shape: str, dev: str) -> dict:
         ours = ours_layer(w, nested=True).to(dev)
         row["ours_us"] = per_call_us(lambda: ours(x), dev, calls)
         row["ours_general_path_us"] = per_call_us(lambda: linear_4bit(x, ours.weight), dev, calls)
+        # the route each eager call took before the prepared launches of loader/cuda_gemv.py (round 38)
+        row["ours_prepared_route_us"] = per_call_us(
+            lambda: ops.linear(x, ours._kernel_args, None), dev, calls
+        )
         row["F.linear_bf16_us"] = per_call_us(lambda: F.linear(x, wb), dev, calls)
         try:
             theirs = bnb_layer(w, dev)
@@ -84,10 +90,38 @@ def bench_shape(shape: str, dev: str) -> dict:
     return row
 
 
+def bench_group(in_f: int, outs: list[int], dev: str) -> dict:
+    """q/k/v as a decoder calls them (three calls on one x): our sibling group (one launch), the same group
+    through the general route (``ops.gemv_prepared_multi``, every eager call before round 38), three
+    bf16 ``F.linear`` calls, three bnb layers."""
+    layers = [ours_layer(torch.randn(o, in_f) * 0.02, nested=True).to(dev) for o in outs]
+    group = SiblingGroup(layers)
+    for i, m in enumerate(layers):
+        m._siblings, m._sibling_index = group, i
+    x = torch.randn(1, in_f, dtype=torch.bfloat16, device=dev)
+    wbs = [(torch.randn(o, in_f) * 0.02).to(torch.bfloat16).to(dev) for o in outs]
+    row: dict = {"group": f"{in_f}->{'+'.join(map(str, outs))}", "device": dev}
+    with torch.no_grad():
+        row["ours_group_us"] = per_call_us(lambda: [m(x) for m in layers], dev, 2000)
+        prepared = group._eager_group
+        group._eager_group = lambda x: None
+        row["ours_group_general_route_us"] = per_call_us(lambda: [m(x) for m in layers], dev, 2000)
+        group._eager_group = prepared
+        row["F.linear_bf16_x3_us"] = per_call_us(lambda: [F.linear(x, w) for w in wbs], dev, 2000)
+        try:
+            theirs = [bnb_layer(torch.randn(o, in_f) * 0.02, dev) for o in outs]
+            row["bnb_x3_us"] = per_call_us(lambda: [m(x) for m in theirs], dev, 2000)
+        except Exception as exc:  # bitsandbytes missing or without this device: reported, not fatal
+            row["bnb_x3_us"] = None
+            row["bnb_error"] = f"{type(exc).__name__}: {exc}"[:120]
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--shapes", default="64x64,4096x4096")
+    ap.add_argument("--groups", default="4096:4096+1024+1024,4096:14336+14336", help="in:out+out+... groups")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = args.device
@@ -96,6 +130,15 @@ def main() -> None:
         row = bench_shape(shape, dev)
         rows.append(row)
         print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if dev == "cuda":  # sibling groups launch together on CUDA only (loader/siblings.py)
+        for spec in filter(None, args.groups.split(",")):
+            in_f, outs = spec.split(":")
+            row = bench_group(int(in_f), [int(o) for o in outs.split("+")], dev)
+            rows.append(row)
+            print(
+                json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}),
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "rows": rows}, f, indent=2)

@@ -36,6 +36,7 @@ from converter.kernels import prepared
 from converter.kernels.checks import KERNEL_DTYPE_NAMES
 from converter.loader import bnb_optional, dynamo_marks, ops
 from converter.loader.cpu_gemv import CpuGemv
+from converter.loader.cuda_gemv import CudaGemv
 from formats.bnb_compat import quant_state_json
 from formats.quant_types import NESTED_BLOCKSIZE, QuantType
 from formats.record import QuantizedTensor
@@ -184,6 +185,13 @@ def _state_to(state: Any, device: torch.device | None, clone: bool = False) -> A
     )
 
 
+def _eager_launch(args: ops.KernelArgs) -> CpuGemv | CudaGemv | None:
+    """The eager decode launch of prepared arguments on the CPU or a CUDA GPU, else None."""
+    if CpuGemv.applies(args):
+        return CpuGemv(args)
+    return CudaGemv(args) if CudaGemv.applies(args) else None
+
+
 def make_weight(packed: torch.Tensor, state: Any) -> torch.Tensor:
     """The ``weight`` object of a layer: bnb ``Params4bit`` (or :class:`Packed4bit`), frozen, quantized."""
     if _BnbParams4bit is None:
@@ -310,8 +318,9 @@ class QuantLinear4bit(nn.Module):
     _prepared_ptr: int = -1
     #: Those codes, held so that their address is never reused by new codes while it is compared.
     _prepared_data: torch.Tensor | None = None
-    #: The eager CPU decode launch of the prepared weight (loader/cpu_gemv.py); None off the CPU.
-    _cpu_gemv: CpuGemv | None = None
+    #: The eager decode launch of the prepared weight, no per-call Python checks (loader/cpu_gemv.py,
+    #: loader/cuda_gemv.py); None where neither applies.
+    _eager_gemv: CpuGemv | CudaGemv | None = None
     #: The group of layers reading the same input that share one GEMV launch (loader/siblings.py).
     _siblings: SiblingGroup | None = None
     _sibling_index: int = 0
@@ -414,7 +423,7 @@ class QuantLinear4bit(nn.Module):
         # registered: a compiled step reads the small tensors by key (converter/kernels/prepared.py)
         self._kernel_args = prepared.register(self, args) if args.gemv else args
         self.__dict__["_prepared_key"] = self._kernel_args.key
-        self._cpu_gemv = CpuGemv(self._kernel_args) if CpuGemv.applies(self._kernel_args) else None
+        self._eager_gemv = _eager_launch(self._kernel_args)
         # Not through nn.Module.__setattr__ (it would register a Params4bit as a parameter); a weight
         # swapped in by assignment later (PEFT's merge) is seen as new and takes the general path.
         self.__dict__["_prepared_for"] = weight
@@ -438,7 +447,7 @@ class QuantLinear4bit(nn.Module):
             prepared.retire()
             if old.key >= 0:
                 prepared.release(old.key)
-        self._kernel_args = self._cpu_gemv = None
+        self._kernel_args = self._eager_gemv = None
         self.__dict__["_prepared_for"] = self.__dict__["_prepared_data"] = None
         self.__dict__["_prepared_key"], self.__dict__["_prepared_id"] = -1, 0
 
@@ -482,8 +491,8 @@ class QuantLinear4bit(nn.Module):
         if compiling:  # before any read of the layer: dynamo guards each one (see _traced_forward)
             if (y := _traced_forward(self, x)) is not None:
                 return y
-        elif (  # eager CPU decode, no cast, no bias: one launch without per-call Python checks
-            (fast := self._cpu_gemv) is not None
+        elif (  # eager decode, no cast, no bias: one launch without per-call Python checks
+            (fast := self._eager_gemv) is not None
             and x.dtype == self.compute_dtype
             and self.use_gemv
             # self.weight unless a weight was assigned as a parameter (not the prepared one then), at a

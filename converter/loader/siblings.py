@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from converter.loader import ops
-from converter.loader.module import QuantLinear4bit, keyed_weight
+from converter.loader.cuda_gemv import CudaGemvGroup
+from converter.loader.module import QuantLinear4bit, _data_address, keyed_weight
 
 #: Names of child modules that read the same input, in the order models call them. A group forms
 #: where a module has all the names of a tuple as 4-bit children with one in_features and device.
@@ -75,6 +76,9 @@ class SiblingGroup:
         self.enabled = True
         self.misses = 0
         self._parked: _Parked | None = None
+        #: The eager GPU launch of the members' prepared weights and the arguments it was made from.
+        self._eager: CudaGemvGroup | None = None
+        self._eager_for: tuple[ops.KernelArgs, ...] = ()
 
     def forward(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output for ``x`` through the group launch, or None (the member's own path)."""
@@ -86,17 +90,25 @@ class SiblingGroup:
         if parked is not None and parked.x is x and not parked.taken[index]:
             if compiling or parked.version == x._version:
                 return self._take(parked, index, member, x, compiling)
-        launch = self._traced_launch(member, x) if compiling and ops.keyed_tracing() else self._launch_args(x)
-        if launch is None:
-            return None
-        args, x2d, weights = launch
+        fast = fit = None
+        if not compiling and (fast := self._eager_group(x)) is not None:
+            fit = fast.fits(x)
+        if fit is None:
+            keyed = compiling and ops.keyed_tracing()
+            launch = self._traced_launch(member, x) if keyed else self._launch_args(x)
+            if launch is None:
+                return None
         if parked is not None and not all(parked.taken) and not compiling:
             self.misses += 1
             if self.misses >= MAX_MISSES:
                 self.enabled = False
                 self._parked = None
                 return None
-        outputs = ops.gemv_prepared_multi(x2d, args, weights)
+        if fit is not None:  # eager on the GPU: the prepared launch, no per-call argument building
+            outputs = fast(x, fit)
+        else:
+            args, x2d, weights = launch
+            outputs = ops.gemv_prepared_multi(x2d, args, weights)
         version = 0 if compiling else x._version
         parked = _Parked(x, version, outputs, [False] * len(self.members))
         if compiling:
@@ -118,6 +130,36 @@ class SiblingGroup:
         if member.bias is not None:
             y = y + member.bias
         return y.reshape(*x.shape[:-1], member.out_features)
+
+    def _eager_group(self, x: torch.Tensor) -> CudaGemvGroup | None:
+        """The members' prepared eager launch (loader/cuda_gemv.py) when each member would take the fused
+        GEMV for x (inference, its prepared weight holding the codes it was prepared from, x in its
+        compute dtype, no bias or one of x's dtype), else None. :meth:`_launch_args`'s conditions, read
+        without ``nn.Module.__getattr__``; made again when a member's arguments were prepared again."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        made_for = self._eager_for
+        stale = False
+        for i, m in enumerate(self.members):
+            weight = m._buffers.get("weight")  # None when a weight was assigned as a parameter
+            a = m._kernel_args
+            if (
+                a is None
+                or not m.use_gemv
+                or weight is not m._prepared_for
+                or _data_address(weight) != m._prepared_ptr
+                or x.dtype != m.compute_dtype
+            ):
+                return None
+            bias = m._parameters.get("bias")
+            if bias is not None and (bias.dtype != x.dtype or bias.requires_grad):
+                return None
+            stale = stale or i >= len(made_for) or a is not made_for[i]
+        if stale:
+            args = [m._kernel_args for m in self.members]
+            self._eager_for = tuple(args)
+            self._eager = CudaGemvGroup(args) if CudaGemvGroup.applies(args) else None
+        return self._eager
 
     def _launch_args(
         self, x: torch.Tensor

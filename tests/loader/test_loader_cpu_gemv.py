@@ -24,7 +24,7 @@ def _general(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_fast_launch_gives_the_general_route_bits(nested: bool, dtype: torch.dtype, monkeypatch) -> None:
     layer, _, _ = make_layer(48, 128, nested=nested, blocksize=64, compute_dtype=dtype)
-    assert isinstance(layer._cpu_gemv, CpuGemv)
+    assert isinstance(layer._eager_gemv, CpuGemv)
     taken: list[int] = []
     real = CpuGemv.__call__
     monkeypatch.setattr(CpuGemv, "__call__", lambda self, x: taken.append(1) or real(self, x))
@@ -37,7 +37,7 @@ def test_fast_launch_gives_the_general_route_bits(nested: bool, dtype: torch.dty
 
 def test_other_calls_take_the_general_route(monkeypatch) -> None:
     layer, _, _ = make_layer(48, 128, blocksize=64, bias=True)
-    assert layer._cpu_gemv is not None
+    assert layer._eager_gemv is not None
     layer_nb, _, _ = make_layer(48, 128, blocksize=64)
     monkeypatch.setattr(CpuGemv, "__call__", lambda self, x: pytest.fail("fast launch taken"))
     with torch.no_grad():
@@ -50,7 +50,7 @@ def test_other_calls_take_the_general_route(monkeypatch) -> None:
 
 def test_fast_launch_declines_what_it_cannot_take() -> None:
     layer, _, _ = make_layer(48, 128, blocksize=64)
-    fast = layer._cpu_gemv
+    fast = layer._eager_gemv
     assert fast(torch.randn(9, 128).to(torch.bfloat16)) is None  # more than 8 tokens
     assert fast(torch.randn(128, 2).to(torch.bfloat16).T) is None  # not contiguous
     assert fast(torch.ones(1, 128, dtype=torch.int32)) is None
@@ -68,8 +68,8 @@ def test_copies_use_their_own_tensors(how: str) -> None:
     with torch.no_grad():
         want = layer(x)
     twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
-    assert twin._cpu_gemv._consts[1] == twin._kernel_args.packed.data_ptr()
-    assert twin._cpu_gemv._consts[1] != layer._cpu_gemv._consts[1]
+    assert twin._eager_gemv._consts[1] == twin._kernel_args.packed.data_ptr()
+    assert twin._eager_gemv._consts[1] != layer._eager_gemv._consts[1]
     del layer
     gc.collect()
     with torch.no_grad():

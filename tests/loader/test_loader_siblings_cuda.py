@@ -16,6 +16,7 @@ from error_bounds import worst_ratio
 from loader_helpers import gemv_bound, greedy_reference, linear4bit_outputs, save_tiny_llama
 
 from converter.loader import ops
+from converter.loader.cuda_gemv import CudaGemv, CudaGemvGroup
 from converter.loader.decode import graphed_greedy
 from converter.loader.model import load_quantized
 
@@ -41,11 +42,12 @@ def model(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 def test_grouped_layers_within_the_gemv_bound(model, monkeypatch: pytest.MonkeyPatch, tokens: int) -> None:
-    seen: list[int] = []
-    real = ops.gemv_prepared_multi
+    seen: list[int] = []  # eager: the groups' prepared launch (loader/cuda_gemv.py), not ops' general one
+    real = CudaGemvGroup.__call__
     monkeypatch.setattr(
-        ops, "gemv_prepared_multi", lambda x2d, a, w=None: seen.append(len(a)) or real(x2d, a, w)
+        CudaGemvGroup, "__call__", lambda g, x, fit: seen.append(len(g.args)) or real(g, x, fit)
     )
+    monkeypatch.setattr(ops, "gemv_prepared_multi", lambda *a: pytest.fail("the general group launch"))
     calls = linear4bit_outputs(model, IDS[:, :tokens].cuda())
     layers = len(model.model.layers)
     assert sorted(seen) == [2] * layers + [3] * layers
@@ -60,3 +62,54 @@ def test_graphed_greedy_with_groups_gives_transformers_greedy_tokens(model) -> N
     want = greedy_reference(model, ids, **kw)  # the same grouped layers in transformers' own loop
     got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_prepared_eager_launches_give_the_general_route_bits(model, tokens: int) -> None:
+    """The eager launches without per-call checks (loader/cuda_gemv.py) run the general route's kernel
+    with its arguments: the same bits, for every layer alone and every group."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "_eager_gemv", None), CudaGemv)]
+    assert len(layers) == 7 * len(model.model.layers)
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    with torch.no_grad():
+        for layer in layers:
+            x = torch.randn(tokens, layer.in_features, device="cuda", generator=g).to(torch.bfloat16)
+            assert torch.equal(layer._eager_gemv(x), ops.linear(x, layer._kernel_args, None))
+        for block in model.model.layers:
+            for first in (block.self_attn.q_proj, block.mlp.gate_proj):
+                group = first._siblings
+                x = torch.randn(tokens, first.in_features, device="cuda", generator=g).to(torch.bfloat16)
+                fast = group._eager_group(x)
+                assert isinstance(fast, CudaGemvGroup)
+                want = ops.gemv_prepared_multi(x, [m._kernel_args for m in group.members])
+                for got, ref in zip(fast(x, fast.fits(x)), want, strict=True):
+                    assert torch.equal(got, ref)
+
+
+def test_prepared_eager_launches_follow_the_current_stream_and_graph_capture(model) -> None:
+    layer = model.model.layers[0].self_attn.o_proj
+    group = model.model.layers[0].mlp.gate_proj._siblings
+    x = torch.randn(1, layer.in_features, device="cuda").to(torch.bfloat16)
+    fast = group._eager_group(x)
+    with torch.no_grad():
+        want = layer(x)
+        want_group = fast(x, fast.fits(x))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # queued on the side stream: ready once it is synchronised
+            got = layer(x)
+        side.synchronize()
+        assert torch.equal(got, want)
+        graph = torch.cuda.CUDAGraph()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(x), fast(x, fast.fits(x))  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+            captured_group = fast(x, fast.fits(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, want)
+        for got_g, ref in zip(captured_group, want_group, strict=True):
+            assert torch.equal(got_g, ref)
