@@ -91,9 +91,10 @@ def bench_shape(shape: str, dev: str) -> dict:
 
 
 def bench_group(in_f: int, outs: list[int], dev: str) -> dict:
-    """q/k/v as a decoder calls them (three calls on one x): our sibling group (one launch), the same group
-    through the general route (``ops.gemv_prepared_multi``, every eager call before round 38), three
-    bf16 ``F.linear`` calls, three bnb layers."""
+    """A sibling group as a decoder calls it (q/k/v, gate/up: one call per member on one x), time per
+    whole group: ours (one launch), the same group through the general route (``ops.gemv_prepared_multi``,
+    every eager call before round 38), one bf16 ``F.linear`` per member, one bnb layer per member.
+    (Round 38's raw file names the last two ``*_x3_us`` for both groups: one call per member.)"""
     layers = [ours_layer(torch.randn(o, in_f) * 0.02, nested=True).to(dev) for o in outs]
     group = SiblingGroup(layers)
     for i, m in enumerate(layers):
@@ -107,12 +108,12 @@ def bench_group(in_f: int, outs: list[int], dev: str) -> dict:
         group._eager_group = lambda x: None
         row["ours_group_general_route_us"] = per_call_us(lambda: [m(x) for m in layers], dev, 2000)
         group._eager_group = prepared
-        row["F.linear_bf16_x3_us"] = per_call_us(lambda: [F.linear(x, w) for w in wbs], dev, 2000)
+        row["F.linear_bf16_each_us"] = per_call_us(lambda: [F.linear(x, w) for w in wbs], dev, 2000)
         try:
             theirs = [bnb_layer(torch.randn(o, in_f) * 0.02, dev) for o in outs]
-            row["bnb_x3_us"] = per_call_us(lambda: [m(x) for m in theirs], dev, 2000)
+            row["bnb_each_us"] = per_call_us(lambda: [m(x) for m in theirs], dev, 2000)
         except Exception as exc:  # bitsandbytes missing or without this device: reported, not fatal
-            row["bnb_x3_us"] = None
+            row["bnb_each_us"] = None
             row["bnb_error"] = f"{type(exc).__name__}: {exc}"[:120]
     return row
 

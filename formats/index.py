@@ -286,7 +286,13 @@ class Verification:
     _POOL, _CALLER = 1, 2
 
     def __init__(
-        self, index: Index, threads: int | None = None, algo: str | None = None, *, whole: bool = False
+        self,
+        index: Index,
+        threads: int | None = None,
+        algo: str | None = None,
+        *,
+        whole: bool = False,
+        start: bool = True,
     ) -> None:
         self.index = index
         self._problems, present = file_problems(index)
@@ -309,7 +315,17 @@ class Verification:
         # thread to run, which the caller would otherwise do once per thread, in turn with the threads
         # already hashing for the GIL.
         self._starter = threading.Thread(target=self._start, args=(hashed,), name="qm-verify-start")
-        self._starter.start()
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the threads (once; calling the verification starts them too). A caller that parses
+        the shards' headers first starts them after: a dozen threads taking the GIL between chunks
+        made that pure-Python parse 17x slower (8B folder, 16 cores: 0.40 s instead of 0.02 s)."""
+        if not self._started:
+            self._started = True
+            self._starter.start()
 
     def _start(self, hashed: list[str]) -> None:
         tasks = len(self._order) + len(hashed) - len(self._chunked)
@@ -381,6 +397,7 @@ class Verification:
         return owners.count(self._POOL), owners.count(self._CALLER)
 
     def __call__(self) -> list[str]:
+        self.start()
         self._starter.join()
         for task in self._tasks:
             task.result()
@@ -417,12 +434,18 @@ class Verification:
 
 
 def start_verify(
-    folder: Path, *, threads: int | None = None, algo: str | None = None, whole: bool = False
+    folder: Path,
+    *,
+    threads: int | None = None,
+    algo: str | None = None,
+    whole: bool = False,
+    start: bool = True,
 ) -> Verification:
     """Start hashing every shard on background threads; call the result to wait for the problems.
     ``algo="sha256"``: check the sha256 chunk digests even where xxh3_128 ones are recorded;
-    ``whole=True``: also the whole-file sha256 of every shard (one thread per shard)."""
-    return Verification(read_index(folder, require_files=False), threads, algo, whole=whole)
+    ``whole=True``: also the whole-file sha256 of every shard (one thread per shard); ``start=False``:
+    the threads start at the result's ``start()`` (or call)."""
+    return Verification(read_index(folder, require_files=False), threads, algo, whole=whole, start=start)
 
 
 def verify_shards(

@@ -298,7 +298,8 @@ def shards_verified(
         return
     try:
         with timing.phase("verify_start"):
-            pending = start_verify(folder, threads=_hash_threads(), algo=algo)
+            # started by read_state once the headers are parsed (Verification.start says why)
+            pending = start_verify(folder, threads=_hash_threads(), algo=algo, start=False)
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
 
@@ -342,6 +343,9 @@ def read_state(
             out = checkpoint.records()
     except FormatError as exc:
         raise CorruptFileError(str(exc)) from exc
+    finally:
+        if hashes is not None:  # the hashing threads, now that the headers' parse is done
+            hashes.start()
     if all(isinstance(v, torch.Tensor) for v in out.values()):
         msg = (
             f"{folder}: no quantized weight (no '*.quant_state.bitsandbytes__nf4|fp4' key and no int8 "
