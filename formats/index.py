@@ -42,6 +42,7 @@ from formats.validate import (
     MissingShard,
     TwoLayouts,
     UnknownFormatVersion,
+    unsupported_version,
 )
 from formats.writer import ShardInfo, naming_os_errors
 
@@ -95,6 +96,7 @@ def index_text(
     provenance: Mapping[str, Any],
     *,
     version: str | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> str:
     """The text ``write_index`` writes for ``shards`` (in ``folder``); a rerun compares it with the
     index a finished conversion holds."""
@@ -109,7 +111,7 @@ def index_text(
         "metadata": {
             "total_size": total,
             "quantize_model": {
-                "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+                "format": {"name": FORMAT_NAME, "version": format_version},
                 "tool": {"name": FORMAT_NAME, "version": version or tool_version()},
                 "shards": {name: _shard_json(s) for name, s in names.items()},
                 "provenance": dict(provenance),
@@ -127,10 +129,11 @@ def write_index(
     provenance: Mapping[str, Any],
     *,
     version: str | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> Path:
     """Write the index for ``shards`` (already in ``folder``). Every shard must hold a weight_map key."""
     folder = Path(folder)
-    text = index_text(folder, shards, weight_map, provenance, version=version)
+    text = index_text(folder, shards, weight_map, provenance, version=version, format_version=format_version)
     path = folder / INDEX_NAME
     tmp = folder / f".{INDEX_NAME}.partial"
     try:
@@ -213,11 +216,7 @@ def read_index(folder: Path, *, require_files: bool = True) -> Index:
         if name != FORMAT_NAME:
             msg = f"{path}: metadata.quantize_model.format.name is {name!r}, expected {FORMAT_NAME!r}"
             raise BadIndex(msg)
-        if version != FORMAT_VERSION:
-            msg = (
-                f"{path}: format version {version} is not supported (this reader knows {FORMAT_VERSION}); "
-                "upgrade quantize-model"
-            )
+        if (msg := unsupported_version(path, version)) is not None:
             raise UnknownFormatVersion(msg)
         stray = sorted(set(wm.values()) - set(shards))
         if stray:

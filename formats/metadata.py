@@ -105,10 +105,11 @@ def build_metadata(
     prov: Mapping[str, Any],
     *,
     version: str | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> dict[str, str]:
     """The ``quantize_model.*`` fields for a ShardWriter (which adds ``"format": "pt"``)."""
     out = {
-        "quantize_model.format": _dumps({"name": FORMAT_NAME, "version": FORMAT_VERSION}),
+        "quantize_model.format": _dumps({"name": FORMAT_NAME, "version": format_version}),
         "quantize_model.tool": _dumps({"name": FORMAT_NAME, "version": version or tool_version()}),
         "quantize_model.tensors": _dumps(tensors),
         "quantize_model.provenance": _dumps(prov),

@@ -34,9 +34,24 @@ from formats.quant_types import BLOCKSIZES, NESTED_BLOCKSIZE, QuantType, n_block
 
 #: safetensors refuses headers above this many bytes (safetensors/src/tensor.rs MAX_HEADER_SIZE).
 MAX_HEADER_SIZE = 100_000_000
-#: Our own format version written under ``quantize_model.format``; readers refuse newer ones.
+#: Our own format version written under ``quantize_model.format``; readers refuse versions they do not
+#: know. A folder is version 1 unless it holds a fused 3-D experts record (docs/format.md 7): a reader of
+#: version 1 does not refuse such a record but loads the model with its experts newly initialized, so
+#: those folders alone are version 2 and every other folder stays readable by version-1 readers.
 FORMAT_NAME = "quantize-model"
 FORMAT_VERSION = 1
+FUSED_EXPERTS_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION, FUSED_EXPERTS_FORMAT_VERSION)
+
+
+def unsupported_version(where: object, version: object) -> str | None:
+    """The message refusing format ``version`` (read from ``where``), or None for a version we know."""
+    if version in SUPPORTED_FORMAT_VERSIONS and not isinstance(version, bool):
+        return None
+    known = " and ".join(map(str, SUPPORTED_FORMAT_VERSIONS))
+    why = f"format version {version} is not supported (this reader knows {known})"
+    return f"{where}: {why}; upgrade quantize-model"
+
 
 #: safetensors dtype code -> item size in bytes (sub-byte and unusual codes are refused).
 DTYPES: dict[str, int] = {
@@ -730,11 +745,7 @@ def validate_file(path: Path, f: BinaryIO, file_size: int) -> ValidatedShard:
         if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME or not _is_int(fmt.get("version")):
             msg = f"{file}: __metadata__ 'quantize_model.format' is {metadata['quantize_model.format']!r}"
             raise BadMetadata(msg)
-        if fmt["version"] != FORMAT_VERSION:
-            msg = (
-                f"{file}: format version {fmt['version']} is not supported (this reader knows "
-                f"{FORMAT_VERSION}); upgrade quantize-model"
-            )
+        if (msg := unsupported_version(file, fmt["version"])) is not None:
             raise UnknownFormatVersion(msg)
 
     # 7. Quantized weights. Our shards hold every group whole; a shard bnb/transformers wrote may have

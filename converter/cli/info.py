@@ -16,13 +16,14 @@ def backend_report() -> dict[str, Any]:
     from converter.kernels import bnb4bit as kernels
     from converter.kernels.bnb4bit_cuda import cuda_status
     from converter.kernels.isa_env import forced_isa
-    from formats.validate import FORMAT_VERSION
+    from formats.validate import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS
 
     backends = kernels.available_backends()
     usable, why = cuda_status()
     return {
         "version": __version__,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,  # written; 2 where a folder holds fused experts records
+        "format_versions_read": list(SUPPORTED_FORMAT_VERSIONS),
         "cpu": {**backends["cpu"], "forced": forced_isa()},
         "cuda": backends.get("cuda") if usable else None,
         "cuda_unavailable_reason": None if usable else why,
@@ -41,7 +42,8 @@ def info(app: App, as_json: bool) -> None:
         return
     t = table()
     t.add_row("quantize-model", r["version"])
-    t.add_row("Format version", str(r["format_version"]))
+    read = " and ".join(map(str, r["format_versions_read"]))
+    t.add_row("Format version", f"{r['format_version']} (2 with fused experts records; reads {read})")
     forced = f"; QM_CPU_ISA forces {r['cpu']['forced']}" if r["cpu"]["forced"] else ""
     t.add_row("CPU kernels", f"{', '.join(r['cpu']['isa'])} ({r['cpu']['threads']} threads{forced})")
     if r["cuda"] is None:

@@ -20,7 +20,7 @@ from converter.plan.moe_fused import FUSED_EXPERT_KEY, swap_last
 from converter.plan.selection_facts import SUBCLASS_REASON
 from converter.sources.base import CODE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
 from formats.quant_types import MAX_BNB_ELEMENTS, QuantType
-from formats.validate import UnsupportedOption
+from formats.validate import FORMAT_VERSION, FUSED_EXPERTS_FORMAT_VERSION, UnsupportedOption
 
 #: torch dtype names accepted by --dtype / --compute-dtype, and their safetensors codes.
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -165,6 +165,13 @@ class Plan:
     @property
     def kept(self) -> list[PlannedTensor]:
         return [t for t in self.tensors if not t.quantize]
+
+    @property
+    def format_version(self) -> int:
+        """The folder's format version: 2 where a fused 3-D experts record is written (a version-1
+        reader would run random experts), else 1 (formats/validate.py)."""
+        fused = any(t.quantize and len(t.info.shape) == 3 for t in self.tensors)
+        return FUSED_EXPERTS_FORMAT_VERSION if fused else FORMAT_VERSION
 
     def weight_map(self) -> dict[str, str]:
         """Planned tensor name -> shard file (the quantized record's own keys are added by the writer)."""

@@ -62,7 +62,8 @@ def _index_differs(src: Source, plan: Plan, output: Path, manifest: Manifest) ->
         except (OSError, KeyError, TypeError, ValueError):
             return False
     try:
-        text = index.index_text(output, shards, weight_map_of(plan), provenance_of(src, plan, None))
+        prov = provenance_of(src, plan, None)
+        text = index.index_text(output, shards, weight_map_of(plan), prov, format_version=plan.format_version)
         return (output / index.INDEX_NAME).read_bytes() != text.encode("utf-8")
     except (OSError, ValueError, struct.error):
         return True

@@ -73,7 +73,6 @@ from converter.writer.outputs import (
 )
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
 from formats import index, metadata
-from formats.validate import FORMAT_VERSION
 from formats.writer import ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
@@ -297,7 +296,7 @@ class _Conversion:
         advice = options.method.loader_advice(plan)
         if advice:
             self._tell(advice)
-        tv, fv = tool_version(), str(FORMAT_VERSION)
+        tv, fv = tool_version(), str(plan.format_version)
         plan_json = plan.to_json(tv, fv)
         fingerprint = plan.fingerprint(tv, fv)
         protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
@@ -527,6 +526,7 @@ class _Conversion:
             {p.name: _tensor_record(p, opts) for p in shard.tensors},
             self._provenance(shard),
             version=tool_version(),
+            format_version=self.plan.format_version,
         )
         path = self.output / shard.name
         writer = ShardWriter(path, slots, meta)
@@ -706,7 +706,11 @@ class _Conversion:
     def _write_index(self, manifest: Manifest) -> None:
         shards = [shard_info(self.output / s.name, manifest.shards[s.name]) for s in self.plan.shards]
         index.write_index(
-            self.output, shards, weight_map_of(self.plan), provenance_of(self.src, self.plan, None)
+            self.output,
+            shards,
+            weight_map_of(self.plan),
+            provenance_of(self.src, self.plan, None),
+            format_version=self.plan.format_version,
         )
 
     def _write_config(self, config: dict | None) -> None:

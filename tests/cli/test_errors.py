@@ -58,7 +58,7 @@ def test_a_newer_format_version_is_not_called_invalid(tmp_path: Path) -> None:
     except UnknownFormatVersion as exc:
         message, code = describe_error(exc)
     assert message.endswith(
-        "format version 99 is not supported (this reader knows 1); upgrade quantize-model"
+        "format version 99 is not supported (this reader knows 1 and 2); upgrade quantize-model"
     )
     assert code == 2  # as load_quantized and dequantize give it: change the tool, then rerun
 

@@ -42,7 +42,7 @@ def test_valid_metadata_passes_and_is_deterministic() -> None:
 @pytest.mark.parametrize(
     ("key", "change", "where"),
     [
-        ("quantize_model.format", {"name": "quantize-model", "version": 2}, "quantize_model.format/version"),
+        ("quantize_model.format", {"name": "quantize-model", "version": 3}, "quantize_model.format/version"),
         ("quantize_model.tool", {"name": "quantize-model"}, "quantize_model.tool"),
         ("quantize_model.tensors", {"w": {"kind": "quantized"}}, "quantize_model.tensors/w"),
         (

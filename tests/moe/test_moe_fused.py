@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from tiny_models import load_logged
 
 from converter.cli import cli
+from converter.errors import CorruptFileError
 from converter.kernels import bnb4bit as kernels
 from converter.loader import ops
 from converter.loader.dequantize import dequantize_checkpoint
@@ -41,6 +42,8 @@ from converter.plan import moe
 from converter.plan.moe import EXPERT_KEY
 from converter.tools.inspection import inspect_path
 from converter.writer.pipeline import convert
+from formats import validate
+from formats.index import INDEX_NAME
 from formats.reader import open_folder
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 11, 90, 3, 45]])
@@ -413,3 +416,31 @@ def test_image_prompt_through_the_4bit_vision_tower(vl):
     )
     with torch.no_grad():
         assert torch.equal(ours(**kw).logits, ref(**kw).logits)
+
+
+def _format_versions(folder: Path) -> set[int]:
+    """The format versions a folder's shards and index carry."""
+    index = json.loads((folder / INDEX_NAME).read_text())
+    got = {index["metadata"]["quantize_model"]["format"]["version"]}
+    for shard in set(index["weight_map"].values()):
+        with safe_open(folder / shard, "pt") as f:
+            got.add(json.loads(f.metadata()["quantize_model.format"])["version"])
+    return got
+
+
+def test_fused_folders_alone_are_format_version_2(vl, tmp_path, monkeypatch):
+    """A reader of format version 1 does not refuse a fused record: it loads the model with its experts
+    "newly initialized". Such folders alone are version 2 (docs/format.md 8), which that reader refuses
+    with "upgrade quantize-model"; every other folder stays version 1, readable by it."""
+    src, q, _ = vl()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "keep", progress=False)
+        again = convert(src, q, moe_experts="quantize", progress=False)
+    assert _format_versions(q) == {2}
+    assert _format_versions(tmp_path / "keep") == {1}
+    assert again.noop  # the plan's fingerprint (format version included) is stable: a rerun is up to date
+    monkeypatch.setattr(validate, "SUPPORTED_FORMAT_VERSIONS", (1,))  # a version-1 reader
+    with pytest.raises(CorruptFileError, match=r"format version 2 is not supported .*upgrade quantize-model"):
+        load_quantized(q)
+    assert not moe_modules(load_quantized(tmp_path / "keep"))
