@@ -448,6 +448,8 @@ class QuantLinear4bit(nn.Module):
             if old.key >= 0:
                 prepared.release(old.key)
         self._kernel_args = self._eager_gemv = None
+        if self._siblings is not None:  # its group's launch holds these arguments' tensors (e.g. on the GPU)
+            self._siblings.forget_launch()
         self.__dict__["_prepared_for"] = self.__dict__["_prepared_data"] = None
         self.__dict__["_prepared_key"], self.__dict__["_prepared_id"] = -1, 0
 

@@ -161,6 +161,11 @@ class SiblingGroup:
             self._eager = CudaGemvGroup(args) if CudaGemvGroup.applies(args) else None
         return self._eager
 
+    def forget_launch(self) -> None:
+        """Drop the eager launch (a member is prepared again: moved, cast or given new codes), so that it
+        keeps none of the old tensors alive; the next eager call makes it again."""
+        self._eager, self._eager_for = None, ()
+
     def _launch_args(
         self, x: torch.Tensor
     ) -> tuple[list[ops.KernelArgs], torch.Tensor, list[torch.Tensor]] | None:

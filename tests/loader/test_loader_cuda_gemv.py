@@ -145,6 +145,9 @@ def test_group_launch_made_again_for_new_arguments_and_skipped_for_training(
         before = attn.q_proj._siblings._eager
         attn.k_proj.weight.data = attn.k_proj.weight.data.clone()  # k prepared again on its next call
         attn.k_proj._prepare()
+        # the group's launch is dropped with the old arguments (a model moved off the GPU frees them)
+        assert attn.q_proj._siblings._eager is None
+        assert attn.q_proj._siblings._eager_for == ()
         del launches[:]
         assert torch.equal(grouped(ids).logits, alone(ids).logits)
     after = attn.q_proj._siblings._eager

@@ -29,15 +29,24 @@ IDS = torch.tensor([[1, 5, 9, 33, 2, 200, 7, 64]])
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory):
+def folder(tmp_path_factory: pytest.TempPathFactory):
     from converter.writer.pipeline import convert
 
     root = tmp_path_factory.mktemp("siblings")
     plain = save_tiny_llama(root / "plain", hidden_size=512, intermediate_size=1024, num_attention_heads=8)
     convert(plain, root / "nf4", progress=False, compute_dtype="bfloat16")
+    return root / "nf4"
+
+
+def _load(folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_quantized(root / "nf4", device="cuda").eval()
+        return load_quantized(folder, device="cuda").eval()
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return _load(folder)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 8])
@@ -113,3 +122,18 @@ def test_prepared_eager_launches_follow_the_current_stream_and_graph_capture(mod
         assert torch.equal(captured, want)
         for got_g, ref in zip(captured_group, want_group, strict=True):
             assert torch.equal(got_g, ref)
+
+
+def test_a_model_moved_off_the_gpu_keeps_no_group_launch_on_it(folder) -> None:
+    """The groups' eager launches hold their members' prepared tensors: moving the model to the CPU drops
+    them with the members' arguments (nothing keeps the GPU copies of q/k/v, gate/up alive)."""
+    model = _load(folder)
+    with torch.no_grad():
+        model(IDS[:, :1].cuda())  # a decode-sized step makes every group's launch
+    groups = [m._siblings for m in model.modules() if getattr(m, "_siblings", None) is not None]
+    assert groups
+    assert all(isinstance(g._eager, CudaGemvGroup) for g in groups)
+    model.cpu()
+    assert all(g._eager is None and g._eager_for == () for g in groups)
+    with torch.no_grad():  # and it still runs, on the CPU
+        model(IDS[:, :1])
