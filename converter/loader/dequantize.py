@@ -44,6 +44,7 @@ from converter.writer.manifest import (
     clear_folder,
     dangling_link,
     is_temp_file,
+    source_overlap,
     writing_to,
 )
 from formats.record import QuantizedTensor
@@ -241,9 +242,9 @@ def dequantize_checkpoint(
     if out.exists() and not out.is_dir() and not overwrite:
         msg = f"{out}: exists and is not a folder; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)
-    if folder.resolve() == out.resolve() or folder.resolve().is_relative_to(out.resolve()):
-        msg = f"{out}: is or contains the source folder {folder}; write the plain checkpoint somewhere else"
-        raise OutputExistsError(msg)
+    overlap = source_overlap(out, folder, remedy="write the plain checkpoint somewhere else")
+    if overlap is not None:
+        raise OutputExistsError(overlap)
     identity = {"source": _source_identity(folder), "dtype": name, "max_shard_size": limit}
     done = _finished(out, identity) if out.is_dir() and not overwrite else None
     if done is not None:

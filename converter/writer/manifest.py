@@ -280,7 +280,20 @@ def _contains_source(output: Path, protected: tuple[Path, ...]) -> str | None:
     for p in protected:
         p = p.resolve()
         if output == p or p.is_relative_to(output):
-            return f"{output}: the output folder contains the source {p}; choose another output folder"
+            return source_overlap(output, p, remedy="choose another output folder")
+    return None
+
+
+def source_overlap(output: Path, source: Path, *, remedy: str) -> str | None:
+    """The error for an output folder that is the local ``source`` (a folder or a file), contains it,
+    or lies inside a source folder (``convert SRC SRC/sub``: a rerun would read the output as part of
+    the source), else None. convert and dequantize ask it before any work; ``remedy`` ends the line."""
+    out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
+    if out == src or src.is_relative_to(out):
+        kind = "file" if src.is_file() else "folder"
+        return f"{out}: the output folder is or contains the source {kind} {src}; {remedy}"
+    if src.is_dir() and out.is_relative_to(src):
+        return f"{out}: the output folder is inside the source folder {src}; {remedy}"
     return None
 
 

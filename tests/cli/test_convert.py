@@ -76,6 +76,44 @@ def test_output_a_link_to_a_missing_folder_says_so(qm, tiny_llama: Path, tmp_pat
     assert not (tmp_path / "big").exists()
 
 
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_output_inside_the_source_or_around_it_is_refused_before_any_work(
+    qm, tiny_llama: Path, tmp_path: Path, command: str
+) -> None:
+    """``convert SRC SRC/sub`` and ``dequantize IN IN/sub`` were accepted: the output was written inside
+    the input (a rerun then read it as part of the source). Refused before anything is created, naming
+    both folders, as an output folder that contains the source is."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    if command == "dequantize":
+        assert qm("convert", tiny_llama, tmp_path / "nf4", "-q").exit_code == 0
+        src = tmp_path / "nf4"
+    before = sorted(p.name for p in src.iterdir())
+    inside = src / "sub"
+    r = qm(command, src, inside)
+    assert r.exit_code == 2
+    what = "write the plain checkpoint somewhere else" if command == "dequantize" else "choose another"
+    assert r.stderr.startswith(f"Error: {inside}: the output folder is inside the source folder {src}; ")
+    assert what in r.stderr
+    assert r.stdout == ""
+    assert not inside.exists()
+    assert sorted(p.name for p in src.iterdir()) == before
+    for around in (src, tmp_path):  # the same folder, and a folder that contains the source
+        r = qm(command, src, around)
+        assert r.exit_code == 2
+        assert r.stderr.startswith(f"Error: {around}: ")
+        assert f"contains the source folder {src}; " in r.stderr
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_an_output_beside_a_single_file_source_is_accepted(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """A single .safetensors file converted into a folder beside it (``models/m.safetensors ->
+    models/m-nf4``) is no output inside its source: only a folder source's inside is refused."""
+    src = shutil.copytree(tiny_llama, tmp_path / "models")
+    r = qm("convert", src / "model.safetensors", src / "model-nf4", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (src / "model-nf4" / "config.json").is_file()
+
+
 def test_truncated_shard_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:
     src = shutil.copytree(tiny_llama, tmp_path / "src")
     path = src / "model.safetensors"
