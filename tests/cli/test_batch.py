@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 
 def test_batch_continues_past_failures(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    other = shutil.copytree(tiny_llama, tmp_path / "other")  # one source twice is refused as a duplicate
     listing = tmp_path / "list.txt"
-    listing.write_text(f"# two good, one bad\n{tiny_llama}\n./does/not/exist\n{tiny_llama} second\n")
+    listing.write_text(f"# two good, one bad\n{tiny_llama}\n./does/not/exist\n{other} second\n")
     root = tmp_path / "outs"
     r = qm("batch", listing, root, "--json")
     assert r.exit_code == 1
@@ -45,6 +47,22 @@ def test_batch_duplicate_outputs_exit_2(qm, tiny_llama: Path, tmp_path: Path) ->
     )
 
 
+def test_batch_list_of_the_same_conversion_twice_exit_2_before_any_job(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Two list lines of one source under two names converted it twice into byte-identical folders
+    (a TOML plan refused it); refused before any work, exit 2, naming both lines."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n{tiny_llama} b\n")
+    r = qm("batch", listing, tmp_path / "outs")
+    assert r.exit_code == 2
+    assert r.stderr == (
+        f"Error: {listing}:2: line 2 is the same conversion as line 1 ({listing}:1): {tiny_llama} with the "
+        "same effective options, so 'a' and 'b' would be byte-identical; remove one of them\n"
+    )
+    assert not (tmp_path / "outs").exists()
+
+
 def test_a_changed_source_under_a_hidden_folder_is_converted_again(qm, tmp_path: Path) -> None:
     """A local source under a folder whose name starts with '.' (~/.cache/..., or given as ../model)
     had no files in its stamp key, so new weights there were reported up-to-date: a stale folder."""
@@ -66,7 +84,7 @@ def test_a_changed_source_under_a_hidden_folder_is_converted_again(qm, tmp_path:
 def test_batch_bad_device_is_a_usage_error_before_any_job(qm, tiny_llama: Path, tmp_path: Path) -> None:
     """--device gpu ran every job and failed each ("[1/2] ...: --device 'gpu' is not supported"), exit 1."""
     listing = tmp_path / "list.txt"
-    listing.write_text(f"{tiny_llama}\n{tiny_llama} second\n")
+    listing.write_text(f"{tiny_llama}\n")
     for command in (["batch", listing, tmp_path / "outs"], ["convert", tiny_llama, tmp_path / "out"]):
         r = qm(*command, "--device", "gpu")
         assert r.exit_code == 2, command
@@ -84,8 +102,9 @@ def test_batch_says_once_that_cuda_falls_back(qm, tiny_llama: Path, tmp_path: Pa
     _, note = resolve_device("cuda")
     if note is None:
         pytest.skip("a usable CUDA backend: nothing falls back")
+    other = shutil.copytree(tiny_llama, tmp_path / "other")
     listing = tmp_path / "list.txt"
-    listing.write_text(f"{tiny_llama}\n{tiny_llama} second\n")
+    listing.write_text(f"{tiny_llama}\n{other} second\n")
     r = qm("batch", listing, tmp_path / "outs", "--device", "cuda", "-q")
     assert r.exit_code == 0
     assert r.stderr == f"Warning: {note}\n"
