@@ -130,3 +130,89 @@ def test_batch_warnings_name_the_job(qm, tmp_path: Path) -> None:
         lines = r.stderr.splitlines()
         assert len(lines) == 1, (args, r.stderr)
         assert lines[0].startswith(warning.replace("Warning: ", f"Warning: {prefix}")), args
+
+
+def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An up-to-date job is neither planned (preflight) nor converted: both go through convert()."""
+    import functools
+
+    import converter.writer.pipeline
+
+    @functools.wraps(converter.writer.pipeline.convert)
+    def no_work(*a, **k):
+        msg = "an up-to-date job must not be planned or converted"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(converter.writer.pipeline, "convert", no_work)
+
+
+def _shards(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.glob("*/*.safetensors"))}
+
+
+def test_device_and_keep_downloads_do_not_make_a_job_stale(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The up-to-date key held --device and --keep-downloads, which change no byte of the output: a rerun
+    with another of them planned every job again (and verified it) instead of skipping it from its stamp."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n")
+    root = tmp_path / "outs"
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    before = _shards(root)
+    _no_work(monkeypatch)
+    for extra in (["--keep-downloads"], ["--device", "cuda"], ["--device", "cuda", "--keep-downloads"]):
+        r = qm("batch", listing, root, "--json", *extra)
+        assert r.exit_code == 0, (extra, r.stderr)
+        assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"], extra
+    assert _shards(root) == before
+
+
+def _legacy_job_key(job, options, state) -> str:
+    """job_key as batch computed it before --device and --keep-downloads left it."""
+    import hashlib
+
+    from converter import __version__
+    from converter.tools.batch_run import job_kwargs
+    from formats.validate import FORMAT_VERSION
+
+    kw = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(job_kwargs(job, options).items())}
+    for key in ("progress", "threads", "push_to", "private"):
+        kw.pop(key, None)
+    blob = json.dumps([job.source, kw, __version__, str(FORMAT_VERSION), state], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def test_a_stamp_with_the_previous_key_is_checked_once_and_never_reconverted(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stamp written with the previous key (device and keep_downloads in it) no longer matches the
+    cheap check: the job is planned once, found up to date by its fingerprint and files (no conversion,
+    no hashing), and its stamp rewritten with the new key, so the run after skips it from the stamp."""
+    import converter.tools.batch_run
+    import converter.tools.inspection
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n")
+    root = tmp_path / "outs"
+    stamp = root / ".quantize-model-batch" / "a.json"
+    monkeypatch.setattr(converter.tools.batch_run, "job_key", _legacy_job_key)
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    old_key = json.loads(stamp.read_text())["job_key"]
+    monkeypatch.undo()
+    before = _shards(root)
+
+    def no_hashing(*a, **k):
+        msg = "a folder whose stamp matches its fingerprint and files is not hashed again"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(converter.tools.inspection, "verify_path", no_hashing)
+    r = qm("batch", listing, root, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"]
+    assert json.loads(stamp.read_text())["job_key"] not in (None, old_key)
+    _no_work(monkeypatch)
+    r = qm("batch", listing, root, "--json", "--device", "cuda")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"]
+    assert _shards(root) == before
