@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from converter.errors import CorruptFileError, OutputExistsError
+from converter.errors import CorruptFileError, FolderBusyError, OutputExistsError
 from converter.locks import lock_folder
 from formats.chunks import ChunkDigests, hash_file
 from formats.writer import ShardInfo, naming_os_errors, temp_path
@@ -431,14 +431,15 @@ def _verified_shards(output: Path, manifest: Manifest, *, deep: bool) -> dict[st
 class FolderLock:
     """An exclusive flock on the output folder itself (no lock file to clean up), held for a run.
 
-    A second conversion into the same folder fails at once instead of interleaving shards.
+    A second conversion into the same folder fails at once instead of interleaving shards, with
+    FolderBusyError (exit 75: retry once the other process ends).
     """
 
     def __init__(self, folder: Path) -> None:
         fd = lock_folder(folder)
         if fd is None:
             msg = f"{folder}: another quantize-model process is writing this folder; wait for it to finish"
-            raise OutputExistsError(msg)
+            raise FolderBusyError(msg)
         self.fd = fd
 
     def release(self) -> None:

@@ -216,3 +216,23 @@ def test_a_stamp_with_the_previous_key_is_checked_once_and_never_reconverted(
     assert r.exit_code == 0, r.stderr
     assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"]
     assert _shards(root) == before
+
+
+def test_a_job_whose_folder_another_process_is_writing_reports_exit_75(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The job's exit code in the reports tells a busy folder (retry) from a bad input (2)."""
+    from converter.writer.manifest import FolderLock
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n")
+    root = tmp_path / "outs"
+    (root / "a").mkdir(parents=True)
+    with FolderLock(root / "a"):
+        r = qm("batch", listing, root, "--json")
+    assert r.exit_code == 1
+    [item] = json.loads(r.stdout)["items"]
+    assert (item["status"], item["exit_code"]) == ("failed", 75)
+    assert item["error"].endswith(
+        "another quantize-model process is writing this folder; wait for it to finish"
+    )

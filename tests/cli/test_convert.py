@@ -114,6 +114,29 @@ def test_an_output_beside_a_single_file_source_is_accepted(qm, tiny_llama: Path,
     assert (src / "model-nf4" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_a_folder_another_process_is_writing_exits_75_to_retry(
+    qm, tiny_llama: Path, tmp_path: Path, command: str
+) -> None:
+    """An output folder locked by a running conversion exited 2, a usage error, although the same command
+    works once the other process ends: now 75 (EX_TEMPFAIL), which CI scripts can retry on."""
+    from converter.writer.manifest import FolderLock
+
+    src = tiny_llama
+    if command == "dequantize":
+        src = tmp_path / "nf4"
+        assert qm("convert", tiny_llama, src, "-q").exit_code == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out):
+        r = qm(command, src, out, "--json")
+    assert r.exit_code == 75
+    said = f"{out}: another quantize-model process is writing this folder; wait for it to finish"
+    assert r.stderr == f"Error: {said}\n"
+    assert json.loads(r.stdout) == {"ok": False, "error": said, "exit_code": 75}
+    assert qm(command, src, out, "-q").exit_code == 0  # the lock is gone with its holder
+
+
 def test_truncated_shard_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:
     src = shutil.copytree(tiny_llama, tmp_path / "src")
     path = src / "model.safetensors"

@@ -516,6 +516,7 @@ def test_second_writer_into_the_same_folder_refused(tiny_llama: Path, tmp_path: 
     assert str(exc.value) == (
         f"{out}: another quantize-model process is writing this folder; wait for it to finish"
     )
+    assert exc.value.exit_code == 75  # transient (EX_TEMPFAIL): the same command works later
     assert list(out.iterdir()) == []
     convert(tiny_llama, out, progress=False)  # the lock is gone with its holder
 
