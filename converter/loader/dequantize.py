@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from converter.errors import ConverterError, InputError, OutputExistsError
+from converter.kernels.isa_env import forced_isa
 from converter.loader.config_file import read_config
 from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
@@ -215,6 +216,7 @@ def dequantize_checkpoint(
     default main) with ``token``, ``cache_dir``, ``force_download`` and ``local_files_only`` as
     ``load_quantized`` fetches it; ``subfolder``: the checkpoint is that folder of ``source``.
     """
+    forced_isa()  # a bad QM_CPU_ISA is named before any work, not as the decode kernel's ValueError
     if progress is False:
         progress = None
     if progress is not None and not callable(progress):

@@ -56,8 +56,9 @@ def test_info_reports_a_bad_qm_cpu_isa_as_a_warning(qm, monkeypatch) -> None:
     report = json.loads(r.stdout)
     assert (report["cpu"]["forced"], report["cpu"]["forced_error"]) == (None, said)
     assert report["cpu"]["isa"] == kernels.cpu_isas()
-    r = qm("convert", "./no/such/model", "out")
-    assert (r.exit_code, r.stderr) == (2, f"Error: {said}\n")
+    for command in ("convert", "dequantize"):  # dequantize said "unexpected ValueError", exit 1
+        r = qm(command, "./no/such/model", "out")
+        assert (r.exit_code, r.stderr) == (2, f"Error: {said}\n"), command
 
 
 def test_info_json_has_no_forced_error_without_one(qm, monkeypatch) -> None:
