@@ -14,7 +14,7 @@ def backend_report() -> dict[str, Any]:
     """Tool and format versions, CPU kernel paths, and the CUDA backend (or why it is not usable).
 
     A bad ``QM_CPU_ISA`` does not stop the report (it is what one runs to find out what is wrong): the
-    error every other command refuses it with is ``cpu.forced_error``, ``cpu.forced`` None."""
+    error convert and dequantize refuse it with is ``cpu.forced_error``, ``cpu.forced`` None."""
     from converter import __version__
     from converter.errors import InputError
     from converter.kernels import bnb4bit as kernels

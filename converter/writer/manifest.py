@@ -286,8 +286,9 @@ def _contains_source(output: Path, protected: tuple[Path, ...]) -> str | None:
 
 def source_overlap(output: Path, source: Path, *, remedy: str) -> str | None:
     """The error for an output folder that is the local ``source`` (a folder or a file), contains it,
-    or lies inside a source folder (``convert SRC SRC/sub``: a rerun would read the output as part of
-    the source), else None. convert and dequantize ask it before any work; ``remedy`` ends the line."""
+    or lies inside a source folder (``convert SRC SRC/sub``: the output would become part of the
+    source it is made from), else None. convert and dequantize ask it before any work; ``remedy`` ends
+    the line."""
     out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
     if out == src or src.is_relative_to(out):
         kind = "file" if src.is_file() else "folder"

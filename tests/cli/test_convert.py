@@ -81,7 +81,7 @@ def test_output_inside_the_source_or_around_it_is_refused_before_any_work(
     qm, tiny_llama: Path, tmp_path: Path, command: str
 ) -> None:
     """``convert SRC SRC/sub`` and ``dequantize IN IN/sub`` were accepted: the output was written inside
-    the input (a rerun then read it as part of the source). Refused before anything is created, naming
+    the input, becoming part of what it is made from. Refused before anything is created, naming
     both folders, as an output folder that contains the source is."""
     src = shutil.copytree(tiny_llama, tmp_path / "src")
     if command == "dequantize":
