@@ -2,7 +2,8 @@
 
 Messages are one line: they name the file or tensor and end with what to do. Exit codes follow
 pip-tools: 2 for usage or input errors (the user must change something), 1 for a conversion that
-failed while running.
+failed while running, 75 (EX_TEMPFAIL of sysexits.h) for a refusal that goes away by itself (another
+process is writing the output folder): the same command, retried later, works.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class NonFiniteTensorError(InputError):
 
 class OutputExistsError(InputError):
     """The output folder holds something we did not write, or a different plan."""
+
+
+class FolderBusyError(OutputExistsError):
+    """Another quantize-model process holds the output folder's lock: nothing is wrong with the command,
+    which works once that process ends. Exit code 75 (EX_TEMPFAIL), which scripts can retry on."""
+
+    exit_code = 75
 
 
 class ConversionFailedError(ConverterError):

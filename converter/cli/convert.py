@@ -25,7 +25,8 @@ Examples:
   quantize-model convert ./llama-8b ./llama-8b-int8 --quant-type int8 --int8-threshold 6.0
 
 Rerunning the same command resumes an interrupted conversion, or does nothing if it finished.
-Exit codes: 0 ok, 1 conversion failed, 2 usage or input error, 130 interrupted (rerun to resume).
+Exit codes: 0 ok, 1 conversion failed, 2 usage or input error, 75 another process is writing OUTPUT
+(retry once it ends), 130 interrupted (rerun to resume).
 """
 
 _DTYPES = click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False)

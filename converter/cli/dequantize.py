@@ -16,7 +16,8 @@ Examples:
   quantize-model dequantize ./llama-nf4 ./llama-fp32 --dtype fp32 --max-shard-size 2GB
   quantize-model dequantize org/llama-nf4 ./llama-bf16 --revision main
 
-Exit codes: 0 ok, 1 failed, 2 usage or input error.
+Exit codes: 0 ok, 1 failed, 2 usage or input error, 75 another process is writing OUT (retry once it
+ends).
 """
 
 

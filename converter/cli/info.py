@@ -11,8 +11,12 @@ from converter.units import human_bytes
 
 
 def backend_report() -> dict[str, Any]:
-    """Tool and format versions, CPU kernel paths, and the CUDA backend (or why it is not usable)."""
+    """Tool and format versions, CPU kernel paths, and the CUDA backend (or why it is not usable).
+
+    A bad ``QM_CPU_ISA`` does not stop the report (it is what one runs to find out what is wrong): the
+    error convert and dequantize refuse it with is ``cpu.forced_error``, ``cpu.forced`` None."""
     from converter import __version__
+    from converter.errors import InputError
     from converter.kernels import bnb4bit as kernels
     from converter.kernels.bnb4bit_cuda import cuda_status
     from converter.kernels.isa_env import forced_isa
@@ -20,11 +24,15 @@ def backend_report() -> dict[str, Any]:
 
     backends = kernels.available_backends()
     usable, why = cuda_status()
+    try:
+        forced, forced_error = forced_isa(), None
+    except InputError as exc:
+        forced, forced_error = None, str(exc)
     return {
         "version": __version__,
         "format_version": FORMAT_VERSION,  # written; 2 where a folder holds fused experts records
         "format_versions_read": list(SUPPORTED_FORMAT_VERSIONS),
-        "cpu": {**backends["cpu"], "forced": forced_isa()},
+        "cpu": {**backends["cpu"], "forced": forced, "forced_error": forced_error},
         "cuda": backends.get("cuda") if usable else None,
         "cuda_unavailable_reason": None if usable else why,
     }
@@ -37,6 +45,8 @@ def info(app: App, as_json: bool) -> None:
     """Show the tool and format versions and which kernel backends (CPU paths, CUDA devices) work here."""
     app.configure(json=as_json)
     r = backend_report()
+    if r["cpu"]["forced_error"]:  # on stderr, before the report (stdout stays the report alone)
+        app.warn(r["cpu"]["forced_error"])
     if app.json:
         app.print_json(r)
         return

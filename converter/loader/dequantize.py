@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from converter.errors import ConverterError, InputError, OutputExistsError
+from converter.kernels.isa_env import forced_isa
 from converter.loader.config_file import read_config
 from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
@@ -44,6 +45,7 @@ from converter.writer.manifest import (
     clear_folder,
     dangling_link,
     is_temp_file,
+    source_overlap,
     writing_to,
 )
 from formats.record import QuantizedTensor
@@ -214,6 +216,7 @@ def dequantize_checkpoint(
     default main) with ``token``, ``cache_dir``, ``force_download`` and ``local_files_only`` as
     ``load_quantized`` fetches it; ``subfolder``: the checkpoint is that folder of ``source``.
     """
+    forced_isa()  # a bad QM_CPU_ISA is named before any work, not as the decode kernel's ValueError
     if progress is False:
         progress = None
     if progress is not None and not callable(progress):
@@ -241,9 +244,9 @@ def dequantize_checkpoint(
     if out.exists() and not out.is_dir() and not overwrite:
         msg = f"{out}: exists and is not a folder; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)
-    if folder.resolve() == out.resolve() or folder.resolve().is_relative_to(out.resolve()):
-        msg = f"{out}: is or contains the source folder {folder}; write the plain checkpoint somewhere else"
-        raise OutputExistsError(msg)
+    overlap = source_overlap(out, folder, remedy="write the plain checkpoint somewhere else")
+    if overlap is not None:
+        raise OutputExistsError(overlap)
     identity = {"source": _source_identity(folder), "dtype": name, "max_shard_size": limit}
     done = _finished(out, identity) if out.is_dir() and not overwrite else None
     if done is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from converter.errors import InputError
@@ -31,6 +31,9 @@ class BatchItem:
     source: str
     output: str  # folder name under the output root
     revision: str | None = None
+    #: where the item is, for messages: "line 3" of a text list, "item 2" (0-based) of a JSON list
+    label: str = field(default="", compare=False)
+    line: int | None = field(default=None, compare=False)  # a text list's line number
 
 
 def default_name(source: str) -> str:
@@ -59,12 +62,11 @@ def read_list(path: Path) -> list[BatchItem]:
             raise InputError(msg)
         for k, entry in enumerate(data):
             if isinstance(entry, str):
-                items.append(BatchItem(entry, default_name(entry)))
+                items.append(BatchItem(entry, default_name(entry), label=f"item {k}"))
             elif isinstance(entry, dict) and isinstance(entry.get("source"), str):
                 src = entry["source"]
-                items.append(
-                    BatchItem(src, str(entry.get("output") or default_name(src)), entry.get("revision"))
-                )
+                name = str(entry.get("output") or default_name(src))
+                items.append(BatchItem(src, name, entry.get("revision"), label=f"item {k}"))
             else:
                 msg = f"{path}: item {k} must be a string or an object with a 'source' string; fix the list"
                 raise InputError(msg)
@@ -79,7 +81,8 @@ def read_list(path: Path) -> list[BatchItem]:
                     f"{path}:{lineno}: expected 'SOURCE [OUTPUT_NAME]', got {len(parts)} fields; fix the line"
                 )
                 raise InputError(msg)
-            items.append(BatchItem(parts[0], parts[1] if len(parts) == 2 else default_name(parts[0])))
+            name = parts[1] if len(parts) == 2 else default_name(parts[0])
+            items.append(BatchItem(parts[0], name, label=f"line {lineno}", line=lineno))
     if not items:
         msg = f"{path}: the list has no sources; add one per line"
         raise InputError(msg)

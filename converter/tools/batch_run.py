@@ -199,15 +199,22 @@ def _weight_identity(path: Path) -> list[str | None]:
     return [header, sample_digest(path, path.stat().st_size)]
 
 
+#: job keywords that never change the output's bytes, left out of the up-to-date key: how the job runs
+#: (threads, device, kept downloads, progress) and where it is pushed (the stamp records pushes)
+_NOT_IN_KEY = ("progress", "threads", "device", "keep_downloads", "push_to", "private")
+
+
 def job_key(job: Job, options: dict[str, Any], state: Any) -> str:
-    """Source state, the job's options, tool and format version: equal keys, equal output."""
+    """Source state, the job's options, tool and format version: equal keys, equal output. A stamp of
+    an older key (device and keep_downloads in it) matches no key: the job is planned once, found up to
+    date by its fingerprint and files (``stamp_matches``: nothing converted or hashed) and stamped anew."""
     import hashlib
 
     from converter import __version__
     from formats.validate import FORMAT_VERSION
 
     kw = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(job_kwargs(job, options).items())}
-    for key in ("progress", "threads", "push_to", "private"):  # never change the bytes
+    for key in _NOT_IN_KEY:
         kw.pop(key, None)
     blob = json.dumps([job.source, kw, __version__, str(FORMAT_VERSION), state], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

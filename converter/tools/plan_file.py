@@ -114,11 +114,15 @@ def load_plan(path: Path, cli_options: dict[str, Any] | None = None) -> BatchPla
     cli_options = dict(cli_options or {})
     if path.suffix.lower() != ".toml":
         items = read_list(path)
-        return BatchPlan([_job_from_item(i, cli_options, str(path)) for i in items], None, path)
+        jobs = [_job_from_item(i, cli_options, path) for i in items]
+        # the command line's options are every item's: none is another method's own, none is ignored
+        _refuse_duplicates(jobs, [i.label for i in items], [[] for _ in items], convert_parameters())
+        return BatchPlan(jobs, None, path)
     return _load_toml(path, cli_options)
 
 
-def _job_from_item(item: BatchItem, options: dict[str, Any], where: str) -> Job:
+def _job_from_item(item: BatchItem, options: dict[str, Any], path: Path) -> Job:
+    where = f"{path}:{item.line}" if item.line is not None else str(path)
     return Job(item.source, item.output, item.revision, not_read_by_method(options)[0], where=where)
 
 
@@ -147,7 +151,9 @@ def conversion_identity(job: Job, params: dict[str, inspect.Parameter]) -> str:
     for key in ("skip", "include"):
         value = values[key]
         values[key] = [value] if isinstance(value, str) else list(value)  # the order is recorded
-    return json.dumps([job.source, job.revision, job.push_to, values], sort_keys=True, default=str)
+    local = Path(job.source).expanduser()  # ./m, m and /abs/m: one source (a list's paths are as given)
+    source = str(local.resolve()) if local.exists() else job.source
+    return json.dumps([source, job.revision, job.push_to, values], sort_keys=True, default=str)
 
 
 class _Lines:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from converter.errors import CorruptFileError, OutputExistsError
+from converter.errors import CorruptFileError, FolderBusyError, OutputExistsError
 from converter.locks import lock_folder
 from formats.chunks import ChunkDigests, hash_file
 from formats.writer import ShardInfo, naming_os_errors, temp_path
@@ -280,7 +280,21 @@ def _contains_source(output: Path, protected: tuple[Path, ...]) -> str | None:
     for p in protected:
         p = p.resolve()
         if output == p or p.is_relative_to(output):
-            return f"{output}: the output folder contains the source {p}; choose another output folder"
+            return source_overlap(output, p, remedy="choose another output folder")
+    return None
+
+
+def source_overlap(output: Path, source: Path, *, remedy: str) -> str | None:
+    """The error for an output folder that is the local ``source`` (a folder or a file), contains it,
+    or lies inside a source folder (``convert SRC SRC/sub``: the output would become part of the
+    source it is made from), else None. convert and dequantize ask it before any work; ``remedy`` ends
+    the line."""
+    out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
+    if out == src or src.is_relative_to(out):
+        kind = "file" if src.is_file() else "folder"
+        return f"{out}: the output folder is or contains the source {kind} {src}; {remedy}"
+    if src.is_dir() and out.is_relative_to(src):
+        return f"{out}: the output folder is inside the source folder {src}; {remedy}"
     return None
 
 
@@ -418,14 +432,15 @@ def _verified_shards(output: Path, manifest: Manifest, *, deep: bool) -> dict[st
 class FolderLock:
     """An exclusive flock on the output folder itself (no lock file to clean up), held for a run.
 
-    A second conversion into the same folder fails at once instead of interleaving shards.
+    A second conversion into the same folder fails at once instead of interleaving shards, with
+    FolderBusyError (exit 75: retry once the other process ends).
     """
 
     def __init__(self, folder: Path) -> None:
         fd = lock_folder(folder)
         if fd is None:
             msg = f"{folder}: another quantize-model process is writing this folder; wait for it to finish"
-            raise OutputExistsError(msg)
+            raise FolderBusyError(msg)
         self.fd = fd
 
     def release(self) -> None:

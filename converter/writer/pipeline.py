@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError
+from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError, OutputExistsError
 from converter.kernels.bnb4bit_np import NonFiniteInputError
 from converter.kernels.isa_env import forced_isa
 from converter.plan import moe
@@ -59,6 +59,7 @@ from converter.writer.manifest import (
     decide,
     shard_chunks_json,
     shard_info,
+    source_overlap,
     temp_files,
     would_refuse,
     writing_to,
@@ -185,6 +186,11 @@ def convert(
     if blocker is not None and blocker != output:  # an output file itself is refused by the manifest
         msg = f"{output}: {blocker} is a file, not a folder; choose an output folder"
         raise InputError(msg)
+    local = Path(source).expanduser() if isinstance(source, str | Path) else None
+    if local is not None and local.exists():  # refused before the source is read (a Hub id: not here)
+        overlap = source_overlap(output, local, remedy="choose another output folder")
+        if overlap is not None:
+            raise OutputExistsError(overlap)
     src = (
         source
         if isinstance(source, Source)

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 
 def test_batch_continues_past_failures(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    other = shutil.copytree(tiny_llama, tmp_path / "other")  # one source twice is refused as a duplicate
     listing = tmp_path / "list.txt"
-    listing.write_text(f"# two good, one bad\n{tiny_llama}\n./does/not/exist\n{tiny_llama} second\n")
+    listing.write_text(f"# two good, one bad\n{tiny_llama}\n./does/not/exist\n{other} second\n")
     root = tmp_path / "outs"
     r = qm("batch", listing, root, "--json")
     assert r.exit_code == 1
@@ -45,6 +47,22 @@ def test_batch_duplicate_outputs_exit_2(qm, tiny_llama: Path, tmp_path: Path) ->
     )
 
 
+def test_batch_list_of_the_same_conversion_twice_exit_2_before_any_job(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Two list lines of one source under two names converted it twice into byte-identical folders
+    (a TOML plan refused it); refused before any work, exit 2, naming both lines."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n{tiny_llama} b\n")
+    r = qm("batch", listing, tmp_path / "outs")
+    assert r.exit_code == 2
+    assert r.stderr == (
+        f"Error: {listing}:2: line 2 is the same conversion as line 1 ({listing}:1): {tiny_llama} with the "
+        "same effective options, so 'a' and 'b' would be byte-identical; remove one of them\n"
+    )
+    assert not (tmp_path / "outs").exists()
+
+
 def test_a_changed_source_under_a_hidden_folder_is_converted_again(qm, tmp_path: Path) -> None:
     """A local source under a folder whose name starts with '.' (~/.cache/..., or given as ../model)
     had no files in its stamp key, so new weights there were reported up-to-date: a stale folder."""
@@ -66,7 +84,7 @@ def test_a_changed_source_under_a_hidden_folder_is_converted_again(qm, tmp_path:
 def test_batch_bad_device_is_a_usage_error_before_any_job(qm, tiny_llama: Path, tmp_path: Path) -> None:
     """--device gpu ran every job and failed each ("[1/2] ...: --device 'gpu' is not supported"), exit 1."""
     listing = tmp_path / "list.txt"
-    listing.write_text(f"{tiny_llama}\n{tiny_llama} second\n")
+    listing.write_text(f"{tiny_llama}\n")
     for command in (["batch", listing, tmp_path / "outs"], ["convert", tiny_llama, tmp_path / "out"]):
         r = qm(*command, "--device", "gpu")
         assert r.exit_code == 2, command
@@ -84,8 +102,9 @@ def test_batch_says_once_that_cuda_falls_back(qm, tiny_llama: Path, tmp_path: Pa
     _, note = resolve_device("cuda")
     if note is None:
         pytest.skip("a usable CUDA backend: nothing falls back")
+    other = shutil.copytree(tiny_llama, tmp_path / "other")
     listing = tmp_path / "list.txt"
-    listing.write_text(f"{tiny_llama}\n{tiny_llama} second\n")
+    listing.write_text(f"{tiny_llama}\n{other} second\n")
     r = qm("batch", listing, tmp_path / "outs", "--device", "cuda", "-q")
     assert r.exit_code == 0
     assert r.stderr == f"Warning: {note}\n"
@@ -111,3 +130,109 @@ def test_batch_warnings_name_the_job(qm, tmp_path: Path) -> None:
         lines = r.stderr.splitlines()
         assert len(lines) == 1, (args, r.stderr)
         assert lines[0].startswith(warning.replace("Warning: ", f"Warning: {prefix}")), args
+
+
+def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An up-to-date job is neither planned (preflight) nor converted: both go through convert()."""
+    import functools
+
+    import converter.writer.pipeline
+
+    @functools.wraps(converter.writer.pipeline.convert)
+    def no_work(*a, **k):
+        msg = "an up-to-date job must not be planned or converted"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(converter.writer.pipeline, "convert", no_work)
+
+
+def _shards(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.glob("*/*.safetensors"))}
+
+
+def test_device_and_keep_downloads_do_not_make_a_job_stale(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The up-to-date key held --device and --keep-downloads, which change no byte of the output: a rerun
+    with another of them planned every job again (and verified it) instead of skipping it from its stamp."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n")
+    root = tmp_path / "outs"
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    before = _shards(root)
+    _no_work(monkeypatch)
+    for extra in (["--keep-downloads"], ["--device", "cuda"], ["--device", "cuda", "--keep-downloads"]):
+        r = qm("batch", listing, root, "--json", *extra)
+        assert r.exit_code == 0, (extra, r.stderr)
+        assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"], extra
+    assert _shards(root) == before
+
+
+def _legacy_job_key(job, options, state) -> str:
+    """job_key as batch computed it before --device and --keep-downloads left it."""
+    import hashlib
+
+    from converter import __version__
+    from converter.tools.batch_run import job_kwargs
+    from formats.validate import FORMAT_VERSION
+
+    kw = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(job_kwargs(job, options).items())}
+    for key in ("progress", "threads", "push_to", "private"):
+        kw.pop(key, None)
+    blob = json.dumps([job.source, kw, __version__, str(FORMAT_VERSION), state], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def test_a_stamp_with_the_previous_key_is_checked_once_and_never_reconverted(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stamp written with the previous key (device and keep_downloads in it) no longer matches the
+    cheap check: the job is planned once, found up to date by its fingerprint and files (no conversion,
+    no hashing), and its stamp rewritten with the new key, so the run after skips it from the stamp."""
+    import converter.tools.batch_run
+    import converter.tools.inspection
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n")
+    root = tmp_path / "outs"
+    stamp = root / ".quantize-model-batch" / "a.json"
+    monkeypatch.setattr(converter.tools.batch_run, "job_key", _legacy_job_key)
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    old_key = json.loads(stamp.read_text())["job_key"]
+    monkeypatch.undo()
+    before = _shards(root)
+
+    def no_hashing(*a, **k):
+        msg = "a folder whose stamp matches its fingerprint and files is not hashed again"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(converter.tools.inspection, "verify_path", no_hashing)
+    r = qm("batch", listing, root, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"]
+    assert json.loads(stamp.read_text())["job_key"] not in (None, old_key)
+    _no_work(monkeypatch)
+    r = qm("batch", listing, root, "--json", "--device", "cuda")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"]
+    assert _shards(root) == before
+
+
+def test_a_job_whose_folder_another_process_is_writing_reports_exit_75(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The job's exit code in the reports tells a busy folder (retry) from a bad input (2)."""
+    from converter.writer.manifest import FolderLock
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n")
+    root = tmp_path / "outs"
+    (root / "a").mkdir(parents=True)
+    with FolderLock(root / "a"):
+        r = qm("batch", listing, root, "--json")
+    assert r.exit_code == 1
+    [item] = json.loads(r.stdout)["items"]
+    assert (item["status"], item["exit_code"]) == ("failed", 75)
+    assert item["error"].endswith(
+        "another quantize-model process is writing this folder; wait for it to finish"
+    )

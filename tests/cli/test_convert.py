@@ -76,6 +76,67 @@ def test_output_a_link_to_a_missing_folder_says_so(qm, tiny_llama: Path, tmp_pat
     assert not (tmp_path / "big").exists()
 
 
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_output_inside_the_source_or_around_it_is_refused_before_any_work(
+    qm, tiny_llama: Path, tmp_path: Path, command: str
+) -> None:
+    """``convert SRC SRC/sub`` and ``dequantize IN IN/sub`` were accepted: the output was written inside
+    the input, becoming part of what it is made from. Refused before anything is created, naming
+    both folders, as an output folder that contains the source is."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    if command == "dequantize":
+        assert qm("convert", tiny_llama, tmp_path / "nf4", "-q").exit_code == 0
+        src = tmp_path / "nf4"
+    before = sorted(p.name for p in src.iterdir())
+    inside = src / "sub"
+    r = qm(command, src, inside)
+    assert r.exit_code == 2
+    what = "write the plain checkpoint somewhere else" if command == "dequantize" else "choose another"
+    assert r.stderr.startswith(f"Error: {inside}: the output folder is inside the source folder {src}; ")
+    assert what in r.stderr
+    assert r.stdout == ""
+    assert not inside.exists()
+    assert sorted(p.name for p in src.iterdir()) == before
+    for around in (src, tmp_path):  # the same folder, and a folder that contains the source
+        r = qm(command, src, around)
+        assert r.exit_code == 2
+        assert r.stderr.startswith(f"Error: {around}: ")
+        assert f"contains the source folder {src}; " in r.stderr
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_an_output_beside_a_single_file_source_is_accepted(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """A single .safetensors file converted into a folder beside it (``models/m.safetensors ->
+    models/m-nf4``) is no output inside its source: only a folder source's inside is refused."""
+    src = shutil.copytree(tiny_llama, tmp_path / "models")
+    r = qm("convert", src / "model.safetensors", src / "model-nf4", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (src / "model-nf4" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_a_folder_another_process_is_writing_exits_75_to_retry(
+    qm, tiny_llama: Path, tmp_path: Path, command: str
+) -> None:
+    """An output folder locked by a running conversion exited 2, a usage error, although the same command
+    works once the other process ends: now 75 (EX_TEMPFAIL), which CI scripts can retry on."""
+    from converter.writer.manifest import FolderLock
+
+    src = tiny_llama
+    if command == "dequantize":
+        src = tmp_path / "nf4"
+        assert qm("convert", tiny_llama, src, "-q").exit_code == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out):
+        r = qm(command, src, out, "--json")
+    assert r.exit_code == 75
+    said = f"{out}: another quantize-model process is writing this folder; wait for it to finish"
+    assert r.stderr == f"Error: {said}\n"
+    assert json.loads(r.stdout) == {"ok": False, "error": said, "exit_code": 75}
+    assert qm(command, src, out, "-q").exit_code == 0  # the lock is gone with its holder
+
+
 def test_truncated_shard_exit_2(qm, tiny_llama: Path, tmp_path: Path) -> None:
     src = shutil.copytree(tiny_llama, tmp_path / "src")
     path = src / "model.safetensors"

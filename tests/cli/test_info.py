@@ -35,3 +35,36 @@ def test_version_names_the_kernels(qm) -> None:
     r = qm("--version")
     assert r.exit_code == 0
     assert r.stdout.startswith(f"quantize-model {__version__}\nkernels: cpu (")
+
+
+def test_info_reports_a_bad_qm_cpu_isa_as_a_warning(qm, monkeypatch) -> None:
+    """info, the command run to find out what is wrong, exited 2 on a bad QM_CPU_ISA and printed no
+    report; it now prints it with one warning naming the value and the valid ones (convert still
+    refuses it)."""
+    monkeypatch.setenv("QM_CPU_ISA", "bogus")
+    said = (
+        "QM_CPU_ISA='bogus': unknown kernel path; use one of scalar, avx2, avx512, avx512bf16 or auto, "
+        "or unset it"
+    )
+    r = qm("info")
+    assert r.exit_code == 0, r.output
+    assert r.stderr == f"Warning: {said}\n"
+    assert f"quantize-model  {__version__}" in r.stdout
+    assert "CPU kernels" in r.stdout
+    r = qm("info", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert (report["cpu"]["forced"], report["cpu"]["forced_error"]) == (None, said)
+    assert report["cpu"]["isa"] == kernels.cpu_isas()
+    for command in ("convert", "dequantize"):  # dequantize said "unexpected ValueError", exit 1
+        r = qm(command, "./no/such/model", "out")
+        assert (r.exit_code, r.stderr) == (2, f"Error: {said}\n"), command
+
+
+def test_info_json_has_no_forced_error_without_one(qm, monkeypatch) -> None:
+    monkeypatch.setenv("QM_CPU_ISA", "scalar")
+    r = qm("info", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["cpu"]["forced"] == "scalar"
+    assert json.loads(r.stdout)["cpu"]["forced_error"] is None
+    assert r.stderr == ""

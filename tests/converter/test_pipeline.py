@@ -339,6 +339,20 @@ def test_output_inside_source_refused(tiny_llama: Path, tmp_path: Path) -> None:
     assert (src / "model.safetensors").exists()
 
 
+def test_output_folder_inside_the_source_refused_before_reading_it(tiny_llama: Path, tmp_path: Path) -> None:
+    """convert(SRC, SRC/sub) wrote the output inside the source folder; refused (exit 2) before the
+    source is read or the output created, naming both folders."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    with pytest.raises(OutputExistsError) as exc:
+        convert(src, src / "sub" / "nf4", progress=False, dry_run=True)
+    assert exc.value.exit_code == 2
+    assert str(exc.value) == (
+        f"{src / 'sub' / 'nf4'}: the output folder is inside the source folder {src}; "
+        "choose another output folder"
+    )
+    assert not (src / "sub").exists()
+
+
 def test_dtype_cast_and_compute_dtype(tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     convert(tiny_llama, out, dtype="float16", progress=False)
@@ -502,6 +516,7 @@ def test_second_writer_into_the_same_folder_refused(tiny_llama: Path, tmp_path: 
     assert str(exc.value) == (
         f"{out}: another quantize-model process is writing this folder; wait for it to finish"
     )
+    assert exc.value.exit_code == 75  # transient (EX_TEMPFAIL): the same command works later
     assert list(out.iterdir()) == []
     convert(tiny_llama, out, progress=False)  # the lock is gone with its holder
 

@@ -310,3 +310,29 @@ def test_a_duplicate_says_which_differences_do_not_count(tmp_path: Path) -> None
         "with the same effective options (blocksize does not apply to quant_type 'int8'; device does not "
         "change the output), so 'org--m-int8-cpu' and 'org--m-int8-cuda' would be byte-identical"
     ) in str(err.value)
+
+
+def test_list_items_of_the_same_conversion_are_refused_as_plan_jobs_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text or JSON list naming one source twice under two output names converted the same bytes twice
+    (a TOML plan refuses that before any work); the list goes through the same check, naming both. A
+    list's local paths are the working folder's: ./m and its absolute path are one source."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "m"
+    src.mkdir()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# twice\n{src} a\n\n./m  b\n")
+    with pytest.raises(InputError) as err:
+        load_plan(listing, {"quant_type": "nf4"})
+    assert str(err.value) == (
+        f"{listing}:4: line 4 is the same conversion as line 2 ({listing}:2): ./m with the same effective "
+        "options, so 'a' and 'b' would be byte-identical; remove one of them"
+    )
+    as_json = tmp_path / "list.json"
+    as_json.write_text(json.dumps(["org/m", {"source": "org/m", "output": "again"}]))
+    same = r"list.json: item 1 is the same conversion as item 0 \(.*list.json\)"
+    with pytest.raises(InputError, match=same):
+        load_plan(as_json)
+    as_json.write_text(json.dumps(["org/m", {"source": "org/m", "output": "dev", "revision": "dev"}]))
+    assert [j.output for j in load_plan(as_json).jobs] == ["org--m", "dev"]

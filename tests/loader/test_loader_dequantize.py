@@ -250,6 +250,21 @@ def test_overwrite_never_removes_the_source_or_a_good_output_for_a_bad_source(
     assert not link.is_symlink()
 
 
+def test_an_output_inside_the_source_is_refused(our_folder: Path, tmp_path: Path) -> None:
+    """dequantize_checkpoint(IN, IN/sub) wrote the plain checkpoint inside the quantized folder."""
+    import shutil
+
+    src = shutil.copytree(our_folder, tmp_path / "nf4")
+    with pytest.raises(OutputExistsError) as exc:
+        dequantize_checkpoint(src, src / "plain")
+    assert exc.value.exit_code == 2
+    assert str(exc.value) == (
+        f"{src / 'plain'}: the output folder is inside the source folder {src}; "
+        "write the plain checkpoint somewhere else"
+    )
+    assert not (src / "plain").exists()
+
+
 def test_an_interrupted_dequantize_restarts_and_a_concurrent_one_is_refused(
     our_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
