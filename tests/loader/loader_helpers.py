@@ -60,6 +60,19 @@ def train_steps(model: torch.nn.Module, params: list[torch.nn.Parameter], ids: t
     return losses
 
 
+def inputs_an_eager_launch_declines(in_features: int) -> list[torch.Tensor]:
+    """x that the eager launches of a bfloat16 layer of ``in_features`` (loader/cpu_gemv.py, cuda_gemv.py)
+    hand back to the general route: more than 8 tokens, not contiguous, not a kernel dtype, a last
+    dimension other than in_features (same element count), another device."""
+    return [
+        torch.randn(9, in_features).to(torch.bfloat16),
+        torch.randn(in_features, 2).to(torch.bfloat16).T,
+        torch.ones(1, in_features, dtype=torch.int32),
+        torch.randn(2, in_features // 2).to(torch.bfloat16),
+        torch.randn(1, in_features, dtype=torch.bfloat16, device="meta"),
+    ]
+
+
 def make_layer(
     out_features: int,
     in_features: int,

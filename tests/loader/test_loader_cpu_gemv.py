@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from loader_helpers import make_layer
+from loader_helpers import inputs_an_eager_launch_declines, make_layer
 
 from converter.loader import ops
 from converter.loader.cpu_gemv import CpuGemv
@@ -50,11 +50,8 @@ def test_other_calls_take_the_general_route(monkeypatch) -> None:
 
 def test_fast_launch_declines_what_it_cannot_take() -> None:
     layer, _, _ = make_layer(48, 128, blocksize=64)
-    fast = layer._eager_gemv
-    assert fast(torch.randn(9, 128).to(torch.bfloat16)) is None  # more than 8 tokens
-    assert fast(torch.randn(128, 2).to(torch.bfloat16).T) is None  # not contiguous
-    assert fast(torch.ones(1, 128, dtype=torch.int32)) is None
-    assert fast(torch.randn(2, 64).to(torch.bfloat16)) is None  # 128 elements, wrong last dim
+    for x in inputs_an_eager_launch_declines(128):
+        assert layer._eager_gemv(x) is None, (x.shape, x.dtype, x.device)
     with torch.no_grad():  # and the layer still answers all of them through the general route
         x = torch.randn(9, 128).to(torch.bfloat16)
         assert torch.equal(layer(x), _general(layer, x))
