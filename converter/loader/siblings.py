@@ -161,6 +161,10 @@ class SiblingGroup:
             self._eager = CudaGemvGroup(args) if CudaGemvGroup.applies(args) else None
         return self._eager
 
+    def __getstate__(self) -> dict:
+        # copies and pickles make their eager launch from their own members' arguments, on first use
+        return {**self.__dict__, "_eager": None, "_eager_for": (), "_parked": None}
+
     def forget_launch(self) -> None:
         """Drop the eager launch (a member is prepared again: moved, cast or given new codes), so that it
         keeps none of the old tensors alive; the next eager call makes it again."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import pickle
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,3 +156,18 @@ def test_group_launch_made_again_for_new_arguments_and_skipped_for_training(
     attn.q_proj(x).sum().backward()  # training: each layer's own autograd path, no fast launch
     assert launches == []
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_groups_make_their_launch_from_their_own_layers(models, launches: list[str], how: str) -> None:
+    grouped, alone = models
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        grouped(ids)  # every group made its launch
+        twin = copy.deepcopy(grouped) if how == "deepcopy" else pickle.loads(pickle.dumps(grouped))
+        groups = [m._siblings for m in twin.modules() if getattr(m, "_siblings", None) is not None]
+        assert groups
+        assert all(g._eager is None for g in groups)
+        assert torch.equal(twin(ids).logits, alone(ids).logits)
+    for g in groups:
+        assert all(a is m._kernel_args for a, m in zip(g._eager.args, g.members, strict=True))
