@@ -780,6 +780,10 @@ def load_quantized(
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     mark_quantized(model)
+    # transformers' quantizer attributes: Trainer refuses the model without adapters (hf_quantizer.py)
+    from converter.loader.hf_quantizer import attach_quantizer
+
+    attach_quantizer(model)
     model.eval()
     load_generation_config(model, folder, config_kwargs if _is_model_class(model_class) else {})
     bind_dequantize(model)  # model.dequantize(): transformers' needs its quantizer (dequantize_inplace.py)
