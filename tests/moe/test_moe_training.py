@@ -30,19 +30,25 @@ CUDA = pytest.param(
 )
 
 
+#: top-2 routes of 3 tokens: experts shared between tokens; and tokens with one expert in both slots
+ROUTES = {"distinct": [[0, 3], [3, 1], [2, 0]], "repeated": [[1, 1], [3, 1], [2, 2]]}
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "relu"])
-def test_backward_matches_finite_differences(folders, monkeypatch, act, device):
+@pytest.mark.parametrize("routes", list(ROUTES))
+def test_backward_matches_finite_differences(folders, monkeypatch, act, device, routes):
     """The op's hand-written backward (gradients for the input and the routing weights; the 4-bit
     weights are frozen) against torch.autograd.gradcheck's float64 finite differences, on one layer's
-    real experts with tokens routed to several experts (some to the same one twice)."""
+    real experts with tokens routed to several experts (some to the same one twice), and with tokens
+    routed to one expert in both slots (the forward counted one of the two: its Jacobian disagreed)."""
     monkeypatch.setattr(moe, "_dequant", _float64_dequant)
     q, _ = folders("qwen3_moe")
     m = next(iter(moe_modules(load_quantized(q, device=device)).values()))
     gen = torch.Generator().manual_seed(0)
     tokens, k = 3, 2
     x = torch.randn(tokens, m.hidden_dim, dtype=torch.float64, generator=gen).to(device).requires_grad_()
-    idx = torch.tensor([[0, 3], [3, 1], [2, 0]], device=device)
+    idx = torch.tensor(ROUTES[routes], device=device)
     w = torch.rand(tokens, k, dtype=torch.float64, generator=gen).to(device).requires_grad_()
     if act == "relu":  # keep every pre-activation away from relu's kink at 0 (finite differences)
         gate_up = torch.stack([m.expert_weights(e, torch.float64)[0] for e in range(m.num_experts)])
