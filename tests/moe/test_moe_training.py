@@ -123,6 +123,63 @@ def test_lora_target_parameters_on_4bit_experts_is_refused_clearly(folders, targ
     assert register_lora(plain, model) is plain
 
 
+REFUSAL = (
+    r"name 4-bit MoE experts \(\d layers?, e\.g\. 'model\.layers\.\d\.mlp\.experts'\).*not supported.*q_proj"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "targets"),
+    [
+        ("qwen3_moe", ["gate_proj", "up_proj", "down_proj"]),
+        ("qwen3_moe", ["q_proj", "down_proj"]),
+        ("qwen3_moe", ["experts"]),
+        ("qwen3_moe", r".*\.experts\.\d+\.gate_proj"),
+        ("deepseek_v3", ["q_a_proj", "gate_proj", "up_proj"]),  # also its shared experts' and dense MLP's
+        ("mixtral", ["w1", "w3", "w2"]),
+        ("mixtral", ["w1", "w2"]),
+    ],
+)
+def test_lora_target_modules_on_4bit_experts_are_refused_clearly(folders, name, targets):
+    """target_modules naming the 4-bit experts (their per-expert projections, which PEFT maps onto the
+    fused experts' parameters, or the experts module) got PEFT's generic errors ("No `target_modules`
+    passed but also no `target_parameters` found", "Target module QuantExperts4bit(...) is not
+    supported", "Cannot convert PEFT target(s) w1 without also targeting w3"): check_targets (and
+    register_lora(config, model), which calls it) refuses the config, naming the experts and what works."""
+    from converter.loader.lora import check_targets, register_lora
+
+    q, _ = folders(name)
+    model = load_quantized(q)
+    config = peft.LoraConfig(r=4, target_modules=targets)
+    with pytest.raises(ValueError, match=REFUSAL) as err:
+        check_targets(config, model)
+    assert "--moe-experts keep" in str(err.value)
+    assert "model.dequantize()" in str(err.value)
+    with pytest.raises(ValueError, match=REFUSAL):
+        register_lora(peft.LoraConfig(r=4, target_modules=targets), model)
+    assert config.target_modules == peft.LoraConfig(r=4, target_modules=targets).target_modules  # unchanged
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear", None, ["q_proj", "gate"]])
+def test_lora_targets_beside_4bit_experts_pass_the_check(folders, targets):
+    from converter.loader.lora import check_targets
+
+    q, _ = folders("qwen3_moe")
+    check_targets(peft.LoraConfig(r=4, target_modules=targets), load_quantized(q))  # no error
+
+
+def test_registered_lora_refuses_to_wrap_the_experts_module(folders):
+    """register_lora without the model registers a refusal for the experts module: PEFT asked to wrap it
+    (target_modules=["experts"]) raises ours, naming the module, instead of "is not supported"."""
+    from converter.loader.lora import register_lora
+
+    q, _ = folders("qwen3_moe")
+    config = register_lora(peft.LoraConfig(r=4, target_modules=["q_proj", "experts"]))
+    match = r"'experts', 'q_proj'\] name 4-bit MoE experts \(QuantExperts4bit\(num_experts=4.*not supported"
+    with pytest.raises(ValueError, match=match):
+        peft.get_peft_model(load_quantized(q), config)
+
+
 def test_lora_all_linear_trains_with_the_fused_router(folders):
     """target_modules="all-linear" also wraps each router (mlp.gate), which parametrizes its weight:
     training runs (the fused router's fallback recursed forever) and the loss goes down."""
