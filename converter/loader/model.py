@@ -646,7 +646,8 @@ def load_quantized(
     builds): per 16 MiB chunk its xxh3_128 where the index records one, else its sha256;
     ``verify="sha256"`` checks the sha256 digests (cryptographic, ~30x the hashing cost).
     The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
-    its bnb LoRA layer).
+    its bnb LoRA layer), and ``hf_quantizer`` / ``is_quantized`` as transformers sets them (so its
+    Trainer refuses the model without adapters: converter/loader/hf_quantizer.py).
 
     ``revision``: the branch, tag or commit of a Hub repo id (default: main); ``token``, ``cache_dir``,
     ``force_download`` and ``local_files_only`` go to huggingface_hub's download as ``from_pretrained``
