@@ -107,8 +107,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     """Swap every quantized module of ``model`` for torch's own (in place) and return ``model``.
 
     ``dtype``: of the dequantized weights (default ``model.config.dtype``). The model afterwards has no
-    ``quantization_config`` nor ``config._is_quantized`` and is not ``is_loaded_in_4bit`` /
-    ``is_loaded_in_8bit``, so ``save_pretrained`` writes a plain checkpoint.
+    ``quantization_config`` nor ``config._is_quantized``, no ``hf_quantizer`` and is not ``is_quantized``,
+    ``is_loaded_in_4bit`` nor ``is_loaded_in_8bit``, so ``save_pretrained`` writes a plain checkpoint
+    and ``Trainer`` takes it without adapters.
     """
     dtype = _dtype(model, dtype)
     targets = [
@@ -137,7 +138,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
         sub_config = getattr(module, "config", None)
         if sub_config is not None and "_is_quantized" in vars(sub_config):
             del sub_config._is_quantized
-    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+    # the load's flags and transformers' quantizer attributes (loader/hf_quantizer.py): a plain model now
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_quantizer", "is_quantized", "half", "float"):
         if flag in model.__dict__:
             delattr(model, flag)
     return model

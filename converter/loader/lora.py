@@ -20,8 +20,12 @@ variants are refused by name. ``target_modules="all-linear"`` needs the model:
 
 4-bit layers only: LLM.int8 layers (``QuantLinear8bit``) get PEFT's 8-bit LoRA layer when bitsandbytes
 is installed (they are then ``bnb.nn.Linear8bitLt``); without it PEFT refuses them. 4-bit MoE experts
-(``--moe-experts quantize``) take no LoRA: they are packed buffers, not the ``nn.Parameter``s PEFT's
-``target_parameters`` wraps, and ``register_lora(config, model)`` refuses a config that names them.
+(``--moe-experts quantize``) take no LoRA: they are packed buffers, neither the linear modules PEFT wraps
+nor the ``nn.Parameter``s its ``target_parameters`` wraps. :func:`check_targets` refuses a config that
+names them, with a ValueError that says what to do instead (``register_lora(config, model)`` calls it;
+plain ``get_peft_model`` gives PEFT's generic errors, as no code of ours runs there); and the LoRA
+layer ``register_lora`` registers for the experts module refuses to be built (``target_modules``
+naming the experts module itself).
 """
 
 from __future__ import annotations
@@ -206,9 +210,10 @@ def register_lora(config: Any, model: nn.Module | None = None) -> Any:
     model and without bitsandbytes it is refused (a ValueError), as PEFT would find none of them.
     """
     from converter.loader import module
+    from converter.loader.moe import QuantExperts4bit
 
     if model is not None:
-        _refuse_4bit_expert_parameters(config, model)
+        check_targets(config, model)
     if _is_all_linear(config):
         if model is not None:
             config.target_modules = _all_linear(config, model)
@@ -220,33 +225,102 @@ def register_lora(config: Any, model: nn.Module | None = None) -> Any:
                 "as PEFT does), or name the modules (target_modules=['q_proj', ...])"
             )
             raise ValueError(msg)
-    config._register_custom_module({QuantLinear4bit: lora_layer_class()})
+    config._register_custom_module({QuantLinear4bit: lora_layer_class(), QuantExperts4bit: _RefusedExperts})
     return config
 
 
-def _refuse_4bit_expert_parameters(config: Any, model: nn.Module) -> None:
-    """A ValueError for ``target_parameters`` that name 4-bit MoE experts (``mlp.experts.gate_up_proj``):
-    PEFT wraps ``nn.Parameter``s only, so it would say that it found no target_parameters (or, with
-    target_modules too, only warn and train no expert)."""
+def _experts_refusal(what: str, experts: list[str] | nn.Module) -> ValueError:
+    """``experts``: the names of the model's 4-bit experts modules, or the one PEFT was wrapping."""
+    if isinstance(experts, nn.Module):
+        where = f"QuantExperts4bit({experts.extra_repr()})"
+    else:
+        where = f"{len(experts)} layer{'s' if len(experts) > 1 else ''}, e.g. {experts[0]!r}"
+    return ValueError(
+        f"{what} name 4-bit MoE experts ({where}): quantize-model keeps them as packed 4-bit buffers run "
+        "by its own kernels (QuantExperts4bit), neither the linear modules PEFT wraps nor the nn.Parameters "
+        "its target_parameters wraps (PEFT would say that the module is not supported, or that it found no "
+        "target_modules / target_parameters), and LoRA on 4-bit experts is not supported. Train the "
+        "other layers (target_modules such as ['q_proj', 'k_proj', 'v_proj', 'o_proj']; gradients flow "
+        "through the 4-bit experts), or give the model 16-bit experts, which target_parameters wraps: "
+        "convert with --moe-experts keep, or call model.dequantize() before get_peft_model"
+    )
+
+
+class _RefusedExperts:
+    """What ``register_lora`` registers for :class:`QuantExperts4bit`: PEFT building a LoRA layer around
+    the experts module (``target_modules`` naming it) gets our refusal instead of its generic one."""
+
+    def __init__(self, target: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        raise _experts_refusal(_shown("target_modules", kwargs["config"].target_modules), target)
+
+
+def _shown(field: str, targets: Any) -> str:
+    return f"{field} {targets if isinstance(targets, str) else sorted(targets)!r}"
+
+
+def check_targets(config: Any, model: nn.Module) -> None:
+    """A ValueError, saying what to do instead, for a ``peft.LoraConfig`` that names ``model``'s 4-bit
+    MoE experts (no-op for a model without them): ``target_parameters`` on them
+    (``mlp.experts.gate_up_proj``), ``target_modules`` naming the experts module (``experts``), or naming
+    their per-expert projections (``gate_proj``, Mixtral's ``w1``...), which PEFT maps onto the fused
+    experts' parameters under transformers 5 (or finds nowhere else). Call it before plain
+    ``get_peft_model``, whose own errors for these do not say why; ``register_lora(config, model)``
+    calls it."""
     from converter.loader.moe import QuantExperts4bit
 
-    targets = sorted(getattr(config, "target_parameters", None) or ())
-    experts = [n for n, m in model.named_modules() if isinstance(m, QuantExperts4bit)]
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantExperts4bit)}
+    if not modules:
+        return
+    experts = list(modules)
+    params = sorted(getattr(config, "target_parameters", None) or ())
     named = [
-        t
-        for t in targets
-        if any(n == (mod := t.rpartition(".")[0]) or n.endswith(f".{mod}") for n in experts)
+        t for t in params if any(n == (mod := t.rpartition(".")[0]) or n.endswith(f".{mod}") for n in experts)
     ]
     if named:
-        msg = (
-            f"target_parameters {named} name 4-bit MoE experts ({len(experts)} layers, e.g. {experts[0]!r}): "
-            "quantize-model keeps them as packed 4-bit buffers run by its own kernels, not as the "
-            "nn.Parameters PEFT's target_parameters wraps (PEFT would report that it found no "
-            "target_parameters), and LoRA on 4-bit experts is not supported. Train the other layers "
-            "(target_modules: attention, shared experts; gradients flow through the 4-bit experts), or "
-            "convert with --moe-experts keep, whose 16-bit experts target_parameters wraps"
+        raise _experts_refusal(_shown("target_parameters", named), experts)
+    targets = getattr(config, "target_modules", None)
+    if targets is None:  # PEFT's defaults for the model type: attention projections
+        return
+    if any(_is_match(config, n) for n in experts) or _names_projections(config, model, modules):
+        raise _experts_refusal(_shown("target_modules", targets), experts)
+
+
+def _names_projections(config: Any, model: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``config.target_modules`` name the experts' per-expert projections (the checkpoint's
+    ``<experts>.<e>.gate_proj``) where PEFT would wrap nothing else, or would map them onto the fused
+    experts' parameters (transformers 5 MoE models)."""
+    projections = [f"{n}.0.{p}" for n, m in modules.items() for p in m.proj_names]
+    if not any(_is_match(config, key) for key in projections):
+        return False
+    others = any(n not in modules and _is_match(config, n) for n, _ in model.named_modules())
+    return not others or _peft_maps_onto_experts(config, model)
+
+
+def _is_match(config: Any, key: str) -> bool:
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return bool(check_target_module_exists(config, key))  # PEFT's "excluded" marker is falsy
+
+
+def _peft_maps_onto_experts(config: Any, model: nn.Module) -> bool:
+    """Whether PEFT's transformers-5 conversion of ``config`` (on a copy) targets the experts' fused
+    parameters, or refuses the projections it found (Mixtral's w1 without w3)."""
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
         )
-        raise ValueError(msg)
+    except ImportError:  # a PEFT without the conversion: the names stay module names
+        return False
+    converted = copy.deepcopy(config)
+    try:
+        convert_peft_config_for_transformers(
+            converted, model=model, conversions=get_model_conversion_mapping(model)
+        )
+    except ValueError:
+        return True
+    leaves = {t.rpartition(".")[2] for t in getattr(converted, "target_parameters", None) or ()}
+    return bool(leaves & {"gate_up_proj", "down_proj"})
 
 
 def _is_all_linear(config: Any) -> bool:

@@ -646,7 +646,8 @@ def load_quantized(
     builds): per 16 MiB chunk its xxh3_128 where the index records one, else its sha256;
     ``verify="sha256"`` checks the sha256 digests (cryptographic, ~30x the hashing cost).
     The model is in eval mode with ``is_loaded_in_4bit = True`` (so PEFT wraps its 4-bit layers with
-    its bnb LoRA layer).
+    its bnb LoRA layer), and ``hf_quantizer`` / ``is_quantized`` as transformers sets them (so its
+    Trainer refuses the model without adapters: converter/loader/hf_quantizer.py).
 
     ``revision``: the branch, tag or commit of a Hub repo id (default: main); ``token``, ``cache_dir``,
     ``force_download`` and ``local_files_only`` go to huggingface_hub's download as ``from_pretrained``
@@ -780,6 +781,10 @@ def load_quantized(
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)
     mark_quantized(model)
+    # transformers' quantizer attributes: Trainer refuses the model without adapters (hf_quantizer.py)
+    from converter.loader.hf_quantizer import attach_quantizer
+
+    attach_quantizer(model)
     model.eval()
     load_generation_config(model, folder, config_kwargs if _is_model_class(model_class) else {})
     bind_dequantize(model)  # model.dequantize(): transformers' needs its quantizer (dequantize_inplace.py)

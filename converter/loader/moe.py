@@ -106,6 +106,9 @@ def _experts_forward(
             _grouped_gemv_rows,
         )  # fmt: skip
     out = torch.zeros_like(hidden)
+    # a token routed to one expert in two of its slots (a custom router, or top-k past the experts with
+    # nonzero weight) is two rows of that expert: both count, as in transformers' index_add_
+    repeats = _has_repeats(top_k_index)
     gemv_gu = use_gemv and hidden_dim % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
     gemv_dn = use_gemv and intermediate % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
     for e, slot, token_idx in _expert_rows(top_k_index, num_experts):
@@ -134,10 +137,21 @@ def _experts_forward(
             )
             y = F.linear(h, w.view(hidden_dim, intermediate))
         y = y * top_k_weights[token_idx, slot, None]
-        # out.index_add_(0, token_idx, y) as transformers does, bit for bit (a token appears once per
-        # expert, each sum rounds once to out's dtype); bf16 index_add_ is ~10^4 times slower on CPU.
-        out[token_idx] = out[token_idx] + y.to(out.dtype)
+        if repeats:  # a token more than once in token_idx: transformers' own index_add_ (accumulates)
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        else:
+            # out.index_add_(0, token_idx, y) as transformers does, bit for bit (a token appears once per
+            # expert, each sum rounds once to out's dtype); bf16 index_add_ is ~10^4 times slower on CPU.
+            out[token_idx] = out[token_idx] + y.to(out.dtype)
     return out
+
+
+def _has_repeats(top_k_index: torch.Tensor) -> bool:
+    """Whether some token has the same expert in two of its top-k slots (a host sync)."""
+    if top_k_index.shape[1] < 2:
+        return False
+    ids = top_k_index.sort(dim=1).values
+    return bool((ids[:, 1:] == ids[:, :-1]).any())
 
 
 def _expert_rows(

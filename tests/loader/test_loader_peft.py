@@ -383,3 +383,81 @@ def test_all_linear_with_the_model_matches_peft_with_bitsandbytes(our_folder: Pa
         load_quantized(our_folder), peft.LoraConfig(r=2, target_modules="all-linear")
     )
     assert set(ours.target_modules) == set(theirs.peft_config["default"].target_modules)
+
+
+def _trainer(model: torch.nn.Module, out: Path):
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.tensor([1, 5, 9, 30, 7, 100, 3, 8])
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        learning_rate=1e-2, logging_steps=1, save_strategy="no",
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=[{"input_ids": ids, "labels": ids}] * 4)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("folder", ["bnb_nf4", "int8_folder"])
+def test_trainer_refuses_a_model_without_adapters_as_for_bitsandbytes(
+    folder: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """transformers' Trainer on a loaded model with no adapters started training and failed in the first
+    backward ("element 0 of tensors does not require grad"); transformers + bitsandbytes' model is refused
+    at construction through its hf_quantizer / is_quantized: ours now is too, with the same message."""
+    path = request.getfixturevalue(folder)
+    messages = []
+    for model in (bnb_load(path), load_quantized(path)):
+        with pytest.raises(ValueError, match=r"purely quantized models\. Please attach trainable") as err:
+            _trainer(model, tmp_path)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    ours = load_quantized(path)
+    assert ours.is_quantized
+    assert ours.hf_quantizer.is_trainable
+    assert not hasattr(ours, "quantization_method")  # .to(dtype) and Trainer's device move as before
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("prepare", [False, True], ids=["get_peft_model", "prepare_model_for_kbit_training"])
+def test_trainer_trains_lora_on_a_loaded_model(prepare: bool, bnb_nf4: Path, tmp_path: Path) -> None:
+    """With LoRA attached (plain get_peft_model, or after prepare_model_for_kbit_training) the Trainer
+    takes the model and trains the adapters: the loss is logged and lora_B moves from zero."""
+    model = load_quantized(bnb_nf4)
+    if prepare:
+        model = peft.prepare_model_for_kbit_training(model)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=TARGETS))
+    trainer = _trainer(model, tmp_path)
+    trainer.train()
+    assert [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b
+    assert any(p.abs().sum() > 0 for p in lora_b)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_quantizer_attributes_keep_casts_copies_and_save(bnb_nf4: Path, tmp_path: Path) -> None:
+    """The quantizer attributes change nothing else: .half() / .float() cast as documented (transformers
+    refuses them on a quantized model), copies keep their own, save_pretrained writes the same state
+    dict, and dequantize() removes them (Trainer then takes the model)."""
+    import copy
+    import pickle
+
+    from safetensors.torch import load_file
+
+    model = load_quantized(bnb_nf4)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin.half.model is twin
+        assert twin.hf_quantizer is not model.hf_quantizer
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    assert sorted(saved) == sorted(state)
+    assert all(torch.equal(saved[k], v) for k, v in state.items())
+    assert model.half() is model
+    assert model.model.embed_tokens.weight.dtype == torch.float16
+    assert model.float() is model
+    assert model.lm_head.weight.dtype == torch.float32
+    model.dequantize()
+    assert not hasattr(model, "hf_quantizer") or model.hf_quantizer is None
+    assert not getattr(model, "is_quantized", False)
+    _trainer(model, tmp_path)  # not refused

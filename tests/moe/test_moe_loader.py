@@ -37,6 +37,41 @@ def _logits(model, ids=IDS) -> torch.Tensor:
         return model(ids).logits
 
 
+def _repeated_routes(tokens: int, num_experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-2 routes of ``tokens`` tokens where tokens 0 and 2 have the same expert in both slots (a custom
+    router, or top-k past the experts with nonzero weight), and their routing weights."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(num_experts, generator=g)[:2] for _ in range(tokens)])
+    idx[0], idx[2] = torch.tensor([1, 1]), torch.tensor([3, 3])
+    return idx, torch.rand(tokens, 2, generator=g)
+
+
+@pytest.mark.parametrize("tokens", [3, 12], ids=["decode", "prefill"])
+def test_a_token_routed_twice_to_one_expert_counts_both_slots(folders, tokens):
+    """transformers' experts loop adds every (token, slot) pair (index_add_), so a token whose top-k holds
+    one expert twice gets that expert's output with both weights. Our per-expert loop (prefill on the CPU,
+    use_gemv = False) wrote ``out[token_idx] = out[token_idx] + y``, where a repeated token keeps one
+    of its slots: it now equals transformers' experts module on the decoded weights bit for bit; and
+    the default path (grouped GEMV for decode, per-expert GEMV in prefill) stays within the derived
+    float32 bound of the exact result, both slots counted."""
+    from moe_helpers import experts_reference_and_bound
+
+    q, plain = folders("qwen3_moe")
+    ours = next(iter(moe_modules(load_quantized(q)).values()))
+    theirs = load_bf16_eager(plain).model.layers[0].mlp.experts
+    idx, w = _repeated_routes(tokens, ours.num_experts, tokens)
+    x = torch.randn(tokens, ours.hidden_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours.use_gemv = False
+        assert torch.equal(ours(x.bfloat16(), idx, w.bfloat16()), theirs(x.bfloat16(), idx, w.bfloat16()))
+        ours.use_gemv, ours.compute_dtype = True, torch.float32
+        got = ours(x, idx, w).double()
+    ref, bound = experts_reference_and_bound(ours, x, idx, w)
+    assert ((got - ref).abs() <= bound).all()
+    once = ref[0] - w[0, 0].double() * (ref[0] / w[0].sum().double())  # token 0 with one slot only
+    assert (got[0] - once).abs().max() > 100 * bound[0].max()
+
+
 @pytest.mark.parametrize("name", [*FAMILIES, "qwen3_moe_i32"])
 def test_logits_bit_identical_to_dequantized_model(folders, name):
     """On the dequantize path our loader computes transformers' eager experts loop with the decoded

@@ -30,19 +30,25 @@ CUDA = pytest.param(
 )
 
 
+#: top-2 routes of 3 tokens: experts shared between tokens; and tokens with one expert in both slots
+ROUTES = {"distinct": [[0, 3], [3, 1], [2, 0]], "repeated": [[1, 1], [3, 1], [2, 2]]}
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "relu"])
-def test_backward_matches_finite_differences(folders, monkeypatch, act, device):
+@pytest.mark.parametrize("routes", list(ROUTES))
+def test_backward_matches_finite_differences(folders, monkeypatch, act, device, routes):
     """The op's hand-written backward (gradients for the input and the routing weights; the 4-bit
     weights are frozen) against torch.autograd.gradcheck's float64 finite differences, on one layer's
-    real experts with tokens routed to several experts (some to the same one twice)."""
+    real experts with tokens routed to several experts (some to the same one twice), and with tokens
+    routed to one expert in both slots (the forward counted one of the two: its Jacobian disagreed)."""
     monkeypatch.setattr(moe, "_dequant", _float64_dequant)
     q, _ = folders("qwen3_moe")
     m = next(iter(moe_modules(load_quantized(q, device=device)).values()))
     gen = torch.Generator().manual_seed(0)
     tokens, k = 3, 2
     x = torch.randn(tokens, m.hidden_dim, dtype=torch.float64, generator=gen).to(device).requires_grad_()
-    idx = torch.tensor([[0, 3], [3, 1], [2, 0]], device=device)
+    idx = torch.tensor(ROUTES[routes], device=device)
     w = torch.rand(tokens, k, dtype=torch.float64, generator=gen).to(device).requires_grad_()
     if act == "relu":  # keep every pre-activation away from relu's kink at 0 (finite differences)
         gate_up = torch.stack([m.expert_weights(e, torch.float64)[0] for e in range(m.num_experts)])
@@ -115,6 +121,63 @@ def test_lora_target_parameters_on_4bit_experts_is_refused_clearly(folders, targ
         register_lora(config, model)
     plain = peft.LoraConfig(r=4, target_modules=["q_proj"])
     assert register_lora(plain, model) is plain
+
+
+REFUSAL = (
+    r"name 4-bit MoE experts \(\d layers?, e\.g\. 'model\.layers\.\d\.mlp\.experts'\).*not supported.*q_proj"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "targets"),
+    [
+        ("qwen3_moe", ["gate_proj", "up_proj", "down_proj"]),
+        ("qwen3_moe", ["q_proj", "down_proj"]),
+        ("qwen3_moe", ["experts"]),
+        ("qwen3_moe", r".*\.experts\.\d+\.gate_proj"),
+        ("deepseek_v3", ["q_a_proj", "gate_proj", "up_proj"]),  # also its shared experts' and dense MLP's
+        ("mixtral", ["w1", "w3", "w2"]),
+        ("mixtral", ["w1", "w2"]),
+    ],
+)
+def test_lora_target_modules_on_4bit_experts_are_refused_clearly(folders, name, targets):
+    """target_modules naming the 4-bit experts (their per-expert projections, which PEFT maps onto the
+    fused experts' parameters, or the experts module) got PEFT's generic errors ("No `target_modules`
+    passed but also no `target_parameters` found", "Target module QuantExperts4bit(...) is not
+    supported", "Cannot convert PEFT target(s) w1 without also targeting w3"): check_targets (and
+    register_lora(config, model), which calls it) refuses the config, naming the experts and what works."""
+    from converter.loader.lora import check_targets, register_lora
+
+    q, _ = folders(name)
+    model = load_quantized(q)
+    config = peft.LoraConfig(r=4, target_modules=targets)
+    with pytest.raises(ValueError, match=REFUSAL) as err:
+        check_targets(config, model)
+    assert "--moe-experts keep" in str(err.value)
+    assert "model.dequantize()" in str(err.value)
+    with pytest.raises(ValueError, match=REFUSAL):
+        register_lora(peft.LoraConfig(r=4, target_modules=targets), model)
+    assert config.target_modules == peft.LoraConfig(r=4, target_modules=targets).target_modules  # unchanged
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear", None, ["q_proj", "gate"]])
+def test_lora_targets_beside_4bit_experts_pass_the_check(folders, targets):
+    from converter.loader.lora import check_targets
+
+    q, _ = folders("qwen3_moe")
+    check_targets(peft.LoraConfig(r=4, target_modules=targets), load_quantized(q))  # no error
+
+
+def test_registered_lora_refuses_to_wrap_the_experts_module(folders):
+    """register_lora without the model registers a refusal for the experts module: PEFT asked to wrap it
+    (target_modules=["experts"]) raises ours, naming the module, instead of "is not supported"."""
+    from converter.loader.lora import register_lora
+
+    q, _ = folders("qwen3_moe")
+    config = register_lora(peft.LoraConfig(r=4, target_modules=["q_proj", "experts"]))
+    match = r"'experts', 'q_proj'\] name 4-bit MoE experts \(QuantExperts4bit\(num_experts=4.*not supported"
+    with pytest.raises(ValueError, match=match):
+        peft.get_peft_model(load_quantized(q), config)
 
 
 def test_lora_all_linear_trains_with_the_fused_router(folders):
