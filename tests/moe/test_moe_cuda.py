@@ -358,6 +358,21 @@ def test_module_within_derived_bound(folders, tokens):
     assert ((got - ref).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("tokens", [3, 8, 12, 40])
+def test_a_token_routed_twice_to_one_expert_counts_both_slots(folders, tokens):
+    """A token whose top-k names one expert in two slots (a custom router) gets it once per slot, as
+    transformers' experts loop adds every (token, slot) pair: decode (fused grouped GEMVs) and prefill
+    (sorted by expert) within the derived float32 bound of the exact result with both slots counted."""
+    m = _cuda_experts(folders)
+    m.compute_dtype = torch.float32
+    x, idx, w = _routing(m, tokens, 2, 7 + tokens)
+    idx[0], idx[2] = torch.tensor([1, 1]), torch.tensor([3, 3])
+    with torch.no_grad():
+        got = m(x, idx, w).double().cpu()
+    ref, bound = experts_reference_and_bound(m, x, idx, w, silu_u=CUDA_SILU_U)
+    assert ((got - ref).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fused_decode_16bit_within_derived_bound(folders, tokens, dtype):
