@@ -230,9 +230,28 @@ def test_a_job_whose_folder_another_process_is_writing_reports_exit_75(
     (root / "a").mkdir(parents=True)
     with FolderLock(root / "a"):
         r = qm("batch", listing, root, "--json")
-    assert r.exit_code == 1
+    assert r.exit_code == 75  # every failure was a busy folder: the batch, retried, goes on
+    assert "1 of 1 job(s) found their folder being written by another quantize-model process" in r.stderr
     [item] = json.loads(r.stdout)["items"]
     assert (item["status"], item["exit_code"]) == ("failed", 75)
     assert item["error"].endswith(
         "another quantize-model process is writing this folder; wait for it to finish"
     )
+    listing.write_text(f"{tiny_llama} a\n{tmp_path / 'missing'} b\n")
+    with FolderLock(root / "a"):
+        r = qm("batch", listing, root, "--json")
+    assert r.exit_code == 1  # another failure needs a fix first
+
+
+def test_a_bad_forced_isa_is_refused_once_before_any_job(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """QM_CPU_ISA=neon failed every job with convert's message (exit 2 each, batch exit 1): refused
+    once before any job, exit 2, nothing written."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n")
+    monkeypatch.setenv("QM_CPU_ISA", "neon")
+    r = qm("batch", listing, tmp_path / "outs")
+    assert r.exit_code == 2
+    assert "QM_CPU_ISA='neon': unknown kernel path" in r.stderr
+    assert not (tmp_path / "outs").exists()
