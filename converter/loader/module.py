@@ -513,7 +513,7 @@ class QuantLinear4bit(nn.Module):
         weight = self.weight
         args = self._kernel_args
         if compiling:
-            pass  # a compiled graph's keyed op reads the codes it is given (see _stale)
+            pass  # a compiled graph's keyed op reads the codes it is given with the registered absmax
         elif self._prepared_for is not weight:
             self._assigned(weight)  # PEFT's bnb merge or unmerge: the general path serves it
             args = None
@@ -533,16 +533,6 @@ class QuantLinear4bit(nn.Module):
             bias = bias.to(compute)
         y = ops.linear(x, args, bias, self.use_gemv, weight)
         return y if y.dtype == inp_dtype else y.to(inp_dtype)
-
-    def _stale(self, weight: torch.Tensor) -> bool:
-        """Whether the prepared weight's codes were replaced under it (``weight.data = codes``) since it
-        was prepared. Eager calls only: a compiled graph's keyed op reads the codes it is given with the
-        registered absmax (converter/kernels/custom_ops.py)."""
-        return (
-            self._prepared_for is weight
-            and not torch.compiler.is_compiling()
-            and _data_address(weight) != self._prepared_ptr
-        )
 
     # -- device moves --------------------------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):

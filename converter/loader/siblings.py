@@ -95,7 +95,7 @@ class SiblingGroup:
             fit = fast.fits(x)
         if fit is None:
             keyed = compiling and ops.keyed_tracing()
-            launch = self._traced_launch(member, x) if keyed else self._launch_args(x)
+            launch = self._traced_launch(member, x) if keyed else self._launch_args(x, compiling)
             if launch is None:
                 return None
         if parked is not None and not all(parked.taken) and not compiling:
@@ -131,32 +131,39 @@ class SiblingGroup:
             y = y + member.bias
         return y.reshape(*x.shape[:-1], member.out_features)
 
-    def _eager_group(self, x: torch.Tensor) -> CudaGemvGroup | None:
-        """The members' prepared eager launch (loader/cuda_gemv.py) when each member would take the fused
-        GEMV for x (inference, its prepared weight holding the codes it was prepared from, x in its
-        compute dtype, no bias or one of x's dtype), else None. :meth:`_launch_args`'s conditions, read
-        without ``nn.Module.__getattr__``; made again when a member's arguments were prepared again."""
+    def _prepared_args(self, x: torch.Tensor, compiling: bool) -> list[ops.KernelArgs] | None:
+        """The members' prepared arguments when each member would take the fused GEMV for x (inference,
+        its prepared weight still holding the codes it was prepared from, x in its compute dtype, no bias
+        or one of x's dtype), else None. Read without ``nn.Module.__getattr__``: an eager decode step
+        asks it for every group. While tracing (torch.export) the codes are the graph's: not compared."""
         if torch.is_grad_enabled() and x.requires_grad:
             return None
-        made_for = self._eager_for
-        stale = False
-        for i, m in enumerate(self.members):
+        args = []
+        for m in self.members:
             weight = m._buffers.get("weight")  # None when a weight was assigned as a parameter
             a = m._kernel_args
             if (
                 a is None
                 or not m.use_gemv
                 or weight is not m._prepared_for
-                or _data_address(weight) != m._prepared_ptr
+                or (not compiling and _data_address(weight) != m._prepared_ptr)  # codes replaced in place
                 or x.dtype != m.compute_dtype
             ):
                 return None
             bias = m._parameters.get("bias")
             if bias is not None and (bias.dtype != x.dtype or bias.requires_grad):
                 return None
-            stale = stale or i >= len(made_for) or a is not made_for[i]
-        if stale:
-            args = [m._kernel_args for m in self.members]
+            args.append(a)
+        return args
+
+    def _eager_group(self, x: torch.Tensor) -> CudaGemvGroup | None:
+        """The members' prepared eager launch (loader/cuda_gemv.py) when :meth:`_prepared_args` holds,
+        else None; made again when a member's arguments were prepared again."""
+        args = self._prepared_args(x, compiling=False)
+        if args is None:
+            return None
+        made_for = self._eager_for
+        if len(made_for) != len(args) or any(a is not b for a, b in zip(args, made_for, strict=False)):
             self._eager_for = tuple(args)
             self._eager = CudaGemvGroup(args) if CudaGemvGroup.applies(args) else None
         return self._eager
@@ -171,29 +178,15 @@ class SiblingGroup:
         self._eager, self._eager_for = None, ()
 
     def _launch_args(
-        self, x: torch.Tensor
+        self, x: torch.Tensor, compiling: bool
     ) -> tuple[list[ops.KernelArgs], torch.Tensor, list[torch.Tensor]] | None:
         """The members' kernel arguments, x as [tokens, in_features] and the members' weights when one
         fused launch may serve this call, else None."""
-        if torch.is_grad_enabled() and x.requires_grad:
-            return None
-        args = []
-        for m in self.members:
-            a = m._kernel_args
-            if (
-                a is None
-                or not m.use_gemv
-                or m._prepared_for is not m.weight
-                or m._stale(m.weight)  # its codes replaced in place: its own call prepares them again
-                or x.dtype != m.compute_dtype
-                or (m.bias is not None and (m.bias.dtype != x.dtype or m.bias.requires_grad))
-            ):
-                return None
-            args.append(a)
-        if x.shape[-1] != args[0].in_features:
+        args = self._prepared_args(x, compiling)
+        if args is None or x.shape[-1] != args[0].in_features:
             return None
         x2d = x.reshape(-1, args[0].in_features)
-        weights = [m.weight for m in self.members]
+        weights = [m._prepared_for for m in self.members]  # each member's weight (_prepared_args)
         return (args, x2d, weights) if ops.multi_ok(x2d, args, weights) else None
 
     def _traced_launch(
