@@ -22,11 +22,9 @@ from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
 from converter.writer.pipeline import convert
 
+_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 _TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
+    **_SIZES,
     num_key_value_heads=2,
     vocab_size=128,
     max_position_embeddings=64,
@@ -35,22 +33,8 @@ _TEXT = dict(
     bos_token_id=0,
     eos_token_id=1,
 )
-_VISION = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-)
-_CLIP_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    vocab_size=128,
-    max_position_embeddings=32,
-)
+_VISION = dict(**_SIZES, image_size=32, patch_size=8)
+_CLIP_TEXT = dict(**_SIZES, vocab_size=128, max_position_embeddings=32)
 
 
 def _for_model(model_type: str, **kwargs: Any) -> Callable[[], Any]:

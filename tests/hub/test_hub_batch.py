@@ -13,27 +13,29 @@ from hub_helpers import qm
 pytestmark = pytest.mark.hub
 
 
+def _run(plan: Path) -> dict:
+    """The one job's item of ``batch PLAN --json``, the batch having exited 0."""
+    r = qm("batch", plan, "--json")
+    assert r.exit_code == 0, r.stderr
+    [item] = json.loads(r.stdout)["items"]
+    return item
+
+
 def test_hub_job_up_to_date_costs_one_api_call(
     tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
 ) -> None:
     fake_hub.add_repo("org/tiny", checkpoint_dir)
     plan = tmp_path / "plan.toml"
     plan.write_text('[defaults]\noutput_root = "out"\n\n[[job]]\nsource = "org/tiny"\nrevision = "main"\n')
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["items"][0]["status"] == "converted"
+    assert _run(plan)["status"] == "converted"
 
     fake_hub.requests.clear()
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["items"][0]["status"] == "up-to-date"
+    assert _run(plan)["status"] == "up-to-date"
     assert [(m, p) for _, m, p, _ in fake_hub.requests] == [("GET", "/api/models/org/tiny/revision/main")]
 
     # A new commit on main: the job is planned and converted again.
     fake_hub.add_repo("org/tiny", {"README.md": b"new card\n"})
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["items"][0]["status"] == "converted"
+    assert _run(plan)["status"] == "converted"
 
 
 def test_a_pushed_job_is_not_pushed_again(
@@ -53,9 +55,7 @@ def test_a_pushed_job_is_not_pushed_again(
     plan = tmp_path / "plan.toml"
     src = tiny_checkpoint("llama")
     plan.write_text(f'[defaults]\noutput_root = "out"\n\n[[job]]\nsource = "{src}"\npush_to = "me/pushed"\n')
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
-    item = json.loads(r.stdout)["items"][0]
+    item = _run(plan)
     assert (item["status"], item["pushed_to"]) == ("converted", "me/pushed")
     assert "README.md" in fake_hub.repos["me/pushed"].commits[fake_hub.repos["me/pushed"].refs["main"]]
 
@@ -67,9 +67,7 @@ def test_a_pushed_job_is_not_pushed_again(
 
     monkeypatch.setattr(converter.tools.push, "push_folder", no_push)
     fake_hub.requests.clear()
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
-    item = json.loads(r.stdout)["items"][0]
+    item = _run(plan)
     assert (item["status"], item["pushed_to"]) == ("up-to-date", None)
     assert fake_hub.requests == []  # a local source: not even one API call
 
@@ -77,9 +75,7 @@ def test_a_pushed_job_is_not_pushed_again(
     data = json.loads(stamp.read_text())
     data["pushed_to"] = f"{fake_hub.endpoint}/me/pushed"
     stamp.write_text(json.dumps(data))
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["items"][0]["status"] == "up-to-date"
+    assert _run(plan)["status"] == "up-to-date"
 
 
 def test_a_job_pinned_to_a_commit_is_up_to_date_without_any_call(
@@ -89,13 +85,9 @@ def test_a_job_pinned_to_a_commit_is_up_to_date_without_any_call(
     sha = fake_hub.add_repo("org/tiny", checkpoint_dir)
     plan = tmp_path / "plan.toml"
     plan.write_text(f'[defaults]\noutput_root = "out"\n\n[[job]]\nsource = "org/tiny"\nrevision = "{sha}"\n')
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["items"][0]["status"] == "converted"
+    assert _run(plan)["status"] == "converted"
     fake_hub.requests.clear()
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["items"][0]["status"] == "up-to-date"
+    assert _run(plan)["status"] == "up-to-date"
     assert fake_hub.requests == []
 
 
@@ -112,8 +104,7 @@ def test_offline_up_to_date_hub_jobs_are_skipped_from_the_cached_ref(
     plan.write_text(
         '[defaults]\noutput_root = "out"\nkeep_downloads = true\n\n[[job]]\nsource = "org/tiny"\n'
     )
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
+    _run(plan)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     import functools
@@ -127,7 +118,5 @@ def test_offline_up_to_date_hub_jobs_are_skipped_from_the_cached_ref(
 
     monkeypatch.setattr(converter.writer.pipeline, "convert", no_work)
     fake_hub.requests.clear()
-    r = qm("batch", plan, "--json")
-    assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["items"][0]["status"] == "up-to-date"
+    assert _run(plan)["status"] == "up-to-date"
     assert fake_hub.requests == []
