@@ -35,6 +35,16 @@ _TEXT = dict(
 )
 _VISION = dict(**_SIZES, image_size=32, patch_size=8)
 _CLIP_TEXT = dict(**_SIZES, vocab_size=128, max_position_embeddings=32)
+_SEQ2SEQ = dict(  # BART, Whisper
+    d_model=64,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    vocab_size=128,
+)
 
 
 def _for_model(model_type: str, **kwargs: Any) -> Callable[[], Any]:
@@ -114,10 +124,7 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
         "DebertaV2Model",
         _for_model(
             "deberta-v2",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **_SIZES,
             vocab_size=128,
         ),
     ),
@@ -125,14 +132,7 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
         "BartForConditionalGeneration",
         _for_model(
             "bart",
-            d_model=64,
-            encoder_ffn_dim=128,
-            decoder_ffn_dim=128,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            vocab_size=128,
+            **_SEQ2SEQ,
             max_position_embeddings=64,
         ),
     ),
@@ -140,14 +140,7 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
         "WhisperForConditionalGeneration",
         _for_model(
             "whisper",
-            d_model=64,
-            encoder_ffn_dim=128,
-            decoder_ffn_dim=128,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            vocab_size=128,
+            **_SEQ2SEQ,
             num_mel_bins=16,
             max_source_positions=32,
             max_target_positions=32,
