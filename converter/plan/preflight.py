@@ -144,7 +144,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
     reusable = 0
     up_to_date = False
     manifest = None if overwrite else Manifest.load(output)
-    plan_json = plan.to_json(tool_version(), str(plan.format_version)) if manifest is not None else {}
+    plan_json = plan.to_json(tool_version()) if manifest is not None else {}
     if manifest is not None and same_plan(manifest, fingerprint, plan_json):
         for name, info in manifest.shards.items():
             f = output / name

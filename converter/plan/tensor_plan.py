@@ -7,6 +7,7 @@ is also the identity a resumed run must match (converter/writer/manifest.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -166,7 +167,7 @@ class Plan:
     def kept(self) -> list[PlannedTensor]:
         return [t for t in self.tensors if not t.quantize]
 
-    @property
+    @functools.cached_property  # asked per shard written: computed once
     def format_version(self) -> int:
         """The folder's format version: 2 where a fused 3-D experts record is written (a version-1
         reader would run random experts), else 1 (formats/validate.py)."""
@@ -177,10 +178,10 @@ class Plan:
         """Planned tensor name -> shard file (the quantized record's own keys are added by the writer)."""
         return {t.name: s.name for s in self.shards for t in s.tensors}
 
-    def to_json(self, tool_version: str, format_version: str) -> dict:
+    def to_json(self, tool_version: str) -> dict:
         return {
             "tool_version": tool_version,
-            "format_version": format_version,
+            "format_version": str(self.format_version),
             "source": self.source_identity,
             "options": self.options.to_json(),
             "model_dtype": self.model_dtype,
@@ -189,8 +190,8 @@ class Plan:
             "shards": [{"name": s.name, "tensors": [t.to_json() for t in s.tensors]} for s in self.shards],
         }
 
-    def fingerprint(self, tool_version: str, format_version: str) -> str:
-        blob = json.dumps(self.to_json(tool_version, format_version), sort_keys=True, separators=(",", ":"))
+    def fingerprint(self, tool_version: str) -> str:
+        blob = json.dumps(self.to_json(tool_version), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

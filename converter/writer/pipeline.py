@@ -302,9 +302,9 @@ class _Conversion:
         advice = options.method.loader_advice(plan)
         if advice:
             self._tell(advice)
-        tv, fv = tool_version(), str(plan.format_version)
-        plan_json = plan.to_json(tv, fv)
-        fingerprint = plan.fingerprint(tv, fv)
+        tv = tool_version()
+        plan_json = plan.to_json(tv)
+        fingerprint = plan.fingerprint(tv)
         protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
         if self.dry_run or self.check_fit:  # before the output folder is created or touched
             from converter.plan.preflight import preflight_of
