@@ -138,10 +138,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
         sub_config = getattr(module, "config", None)
         if sub_config is not None and "_is_quantized" in vars(sub_config):
             del sub_config._is_quantized
-    # the load's flags and transformers' quantizer attributes (loader/hf_quantizer.py): a plain model now
-    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_quantizer", "is_quantized", "half", "float"):
-        if flag in model.__dict__:
-            delattr(model, flag)
+    # the load's flags and transformers' quantizer attributes (loader/hf_quantizer.py), on the model and
+    # on the transformers models inside one (replace_linear_layers sets them there): a plain model now
+    flags = ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_quantizer", "is_quantized", "half", "float")
+    for module in model.modules():
+        for flag in flags:
+            if flag in module.__dict__:
+                delattr(module, flag)
     return model
 
 

@@ -156,9 +156,11 @@ def replace_linear_layers(
     strict=False)`` (the quantized weights are records, ``QuantizedTensor`` / ``Int8Tensor``).
     ``compute_dtype`` defaults to the checkpoint config's ``bnb_4bit_compute_dtype``, else the weights'
     original dtype (int8: the input's). Sets ``module.is_loaded_in_4bit = True`` (int8:
-    ``is_loaded_in_8bit``) so PEFT picks its 4-bit (8-bit) LoRA layer, and ``config._is_quantized`` on
-    the transformers models in ``module`` (:func:`mark_quantized`). Returns the names of the swapped
-    modules.
+    ``is_loaded_in_8bit``) so PEFT picks its 4-bit (8-bit) LoRA layer, ``config._is_quantized`` on
+    the transformers models in ``module`` (:func:`mark_quantized`), and on the outermost ones
+    ``hf_quantizer`` / ``is_quantized`` and ``dequantize()`` as :func:`load_quantized` does (so
+    ``Trainer`` refuses the model without adapters, as for bitsandbytes). Returns the names of the
+    swapped modules.
     """
     from converter.loader.state import load_quantized_state, resolve_folder
 
@@ -178,6 +180,7 @@ def replace_linear_layers(
     if names:
         setattr(module, _method_of(state).loaded_flag, True)
         mark_quantized(module)
+        _attach_quantizers(module)
     return names
 
 
@@ -192,3 +195,26 @@ def mark_quantized(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, modeling_utils.PreTrainedModel):
             sub.config._is_quantized = True
+
+
+def _outermost(module: nn.Module, cls: type) -> list[nn.Module]:
+    """The modules of type ``cls`` in ``module`` (itself included) that no other such module holds."""
+    if isinstance(module, cls):
+        return [module]
+    return [found for child in module.children() for found in _outermost(child, cls)]
+
+
+def _attach_quantizers(module: nn.Module) -> None:
+    """transformers' quantizer attributes and our ``dequantize()`` on the outermost transformers models
+    in ``module`` that have no quantizer yet (converter/loader/hf_quantizer.py): a model swapped here
+    is refused by ``Trainer`` without adapters, where training failed in the first backward."""
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is None:
+        return
+    from converter.loader.dequantize_inplace import bind_dequantize
+    from converter.loader.hf_quantizer import attach_quantizer
+
+    for model in _outermost(module, modeling_utils.PreTrainedModel):
+        if getattr(model, "hf_quantizer", None) is None:
+            attach_quantizer(model)
+            bind_dequantize(model)

@@ -461,3 +461,45 @@ def test_quantizer_attributes_keep_casts_copies_and_save(bnb_nf4: Path, tmp_path
     assert not hasattr(model, "hf_quantizer") or model.hf_quantizer is None
     assert not getattr(model, "is_quantized", False)
     _trainer(model, tmp_path)  # not refused
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_replace_linear_layers_gives_the_quantizer_attributes_too(bnb_nf4: Path, tmp_path: Path) -> None:
+    """A transformers model swapped by replace_linear_layers got no hf_quantizer: Trainer took it without
+    adapters and training failed in the first backward. Now it is refused as load_quantized's model is;
+    a transformers model inside a plain wrapper gets them (the outermost transformers model only), and
+    dequantize() removes them again."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from converter.loader.replace import replace_linear_layers
+
+    config = AutoConfig.from_pretrained(bnb_nf4)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    replace_linear_layers(model, bnb_nf4)
+    assert model.is_quantized
+    assert model.hf_quantizer.is_trainable
+    assert getattr(model.model, "hf_quantizer", None) is None  # the inner LlamaModel: not twice
+    with pytest.raises(ValueError, match=r"purely quantized models\. Please attach trainable"):
+        _trainer(model, tmp_path)
+    model.dequantize()
+    assert getattr(model, "hf_quantizer", None) is None
+    assert not getattr(model, "is_quantized", False)
+    _trainer(model, tmp_path)  # not refused
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+    from converter.loader.state import load_quantized_state
+
+    wrapper = Wrapper(AutoModelForCausalLM.from_config(config))
+    replace_linear_layers(wrapper, {f"inner.{k}": v for k, v in load_quantized_state(bnb_nf4).items()})
+    assert wrapper.inner.is_quantized
+    assert not hasattr(wrapper, "hf_quantizer")
+    from converter.loader.dequantize_inplace import dequantize_model
+
+    dequantize_model(wrapper)
+    assert getattr(wrapper.inner, "hf_quantizer", None) is None
+    assert not getattr(wrapper.inner, "is_quantized", False)
