@@ -121,6 +121,9 @@ def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **para
         if fallback_note:
             app.warn(fallback_note)  # once, as convert does; each job falls back the same way
     jobs = select_part(plan.jobs, params["only"])
+    overlaps = _outputs_in_sources(jobs, root)
+    if overlaps:  # refused once before any job (each job refused it alone, after the others ran)
+        app.abort(overlaps, 2)
     force = params["force"] or params["overwrite"]
     n = len(jobs)
     if params["dry_run"]:
@@ -204,6 +207,21 @@ def _report(app: App, result: Any, plan_file: Path, params: dict, interrupted: s
         app.print_json(data)
     else:
         app.print_table(_table(result))
+
+
+def _outputs_in_sources(jobs: list, root: Path) -> str | None:
+    """The error for jobs whose output folder (``root / output``) is, contains or lies inside a local
+    source of the batch (an output root inside a source folder): convert refuses each such job, and the
+    batch's own state files would land in that source too."""
+    from converter.writer.manifest import source_overlap
+
+    sources = {Path(j.source).expanduser() for j in jobs if Path(j.source).expanduser().exists()}
+    for job in jobs:
+        for src in sorted(sources):
+            overlap = source_overlap(root / job.output, src, remedy="choose another output root")
+            if overlap:
+                return f"{job.where or job.source}: {overlap}"
+    return None
 
 
 def _check_report_path(app: App, option: str, path: Path) -> None:

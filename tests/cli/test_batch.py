@@ -255,3 +255,22 @@ def test_a_bad_forced_isa_is_refused_once_before_any_job(
     assert r.exit_code == 2
     assert "QM_CPU_ISA='neon': unknown kernel path" in r.stderr
     assert not (tmp_path / "outs").exists()
+
+
+def test_an_output_root_inside_a_source_folder_is_refused_before_any_job(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """An output root inside a job's source folder failed that job alone (after the others had run) and
+    left the batch's state files in the source: refused once before any work, exit 2, naming both."""
+    other = shutil.copytree(tiny_llama, tmp_path / "other")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{other} a\n{tiny_llama} b\n")
+    root = tiny_llama / "outs"
+    r = qm("batch", listing, root)
+    assert r.exit_code == 2
+    assert r.stderr == (
+        f"Error: {listing}:1: {root.resolve() / 'a'}: the output folder is inside the source folder "
+        f"{tiny_llama.resolve()}; choose another output root\n"
+    )
+    assert not root.exists()
+    assert not (tmp_path / "outs").exists()
