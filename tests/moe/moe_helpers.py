@@ -334,3 +334,33 @@ def make_llama4(folder: Path, seed: int = 0) -> Path:
         for p, s in (("gate_up_proj", [4, 64, 256]), ("down_proj", [4, 128, 64]))
     }, shapes
     return folder
+
+
+def make_llama4_multimodal(folder: Path, seed: int = 0) -> Path:
+    """Random tiny bf16 Llama4ForConditionalGeneration (the text model of :data:`LLAMA4`, a one-layer
+    vision tower): its experts sit under ``language_model.model.layers.<i>.feed_forward.experts``."""
+    import transformers
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  image_size=32, patch_size=16, vision_output_dim=64, projector_input_dim=64,
+                  projector_output_dim=64, pixel_shuffle_ratio=0.5)  # fmt: skip
+    cfg = transformers.Llama4Config(
+        text_config=LLAMA4,
+        vision_config=vision,
+        image_token_index=127,
+        boi_token_index=125,
+        eoi_token_index=126,
+    )
+    cfg.architectures = ["Llama4ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.Llama4ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+        for n, p in model.named_parameters():
+            if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                torch.nn.init.normal_(p, std=0.05)
+            elif n.endswith("feed_forward.router.weight"):
+                torch.nn.init.normal_(p, std=0.5)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+    return folder

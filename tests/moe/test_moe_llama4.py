@@ -250,15 +250,49 @@ def test_stock_transformers_loads_the_folder_like_our_loader(llama4, mode):
     assert torch.equal(_logits(model), _logits(ours))
 
 
-def test_stock_keep_experts_are_the_source_weights_bit_for_bit(llama4):
-    """keep: the experts stock transformers builds hold the source's bf16 weights exactly, and its
-    experts compute what the source's fused experts module computes on them (bmm vs per-expert F.linear
-    on the same bf16 values: equal within bf16 rounding of the two summation orders)."""
+def _experts_bound(experts: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 reference, bound) for two bf16 computations of Llama4TextExperts on ``x`` that differ only
+    in their fp32 summation orders (bmm vs per-expert F.linear). Each side rounds gate and up to bf16
+    (relative error <= u = 2^-8), silu and the product once more (<= u each), so h carries <= 3u|h|
+    (to first order); the down projection sums K = I products in fp32 (order error <= gamma_K Σ|h||w|)
+    and rounds to bf16 (<= u|y|). Each side is within 3u·S + gamma_K·S + u|y| of the exact result
+    (S = Σ_k |h_k||W_kj|), so the two differ by at most twice that."""
+    e, inter = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2] // 2
+    gu, dn = experts.gate_up_proj.double(), experts.down_proj.double()
+    h = x.double().view(e, -1, x.shape[-1])
+    g, up = torch.bmm(h, gu).chunk(2, -1)
+    act = torch.nn.functional.silu(g) * up
+    ref = torch.bmm(act, dn).reshape(-1, x.shape[-1])
+    s_abs = torch.bmm(act.abs(), dn.abs()).reshape(-1, x.shape[-1])
+    u, u32 = 2.0**-8, 2.0**-24
+    gamma = inter * u32 / (1 - inter * u32)
+    return ref, 2 * ((3 * u + gamma) * s_abs + u * ref.abs())
+
+
+def test_stock_keep_computes_the_source_experts(llama4, tmp_path):
+    """keep: the experts stock transformers builds hold the source's bf16 weights exactly; they compute
+    what the source's fused Llama4TextExperts computes, up to the fp32 summation order of bmm vs
+    per-expert F.linear (bound derived in _experts_bound; in practice equal but for rare 1-ulp bits).
+    The whole model's logits equal, bit for bit, those of the same per-expert model on the dequantized
+    folder (test_our_loader_equals_the_dequantized_model_and_generates and the stock/ours test)."""
     model, _ = _stock(llama4("keep"))
     want = _per_expert(_source(llama4("src")))
     got = {k: v for k, v in model.state_dict().items() if k in want}
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = transformers.AutoModelForCausalLM.from_pretrained(llama4("src"), dtype=torch.bfloat16).eval()
+    x = torch.randn(E * 12, H, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        for i in range(LAYERS):
+            theirs = src.model.layers[i].feed_forward.experts
+            assert type(theirs).__name__ == "Llama4TextExperts"
+            a, b = model.model.layers[i].feed_forward.experts(x).reshape(-1, H), theirs(x)
+            ref, bound = _experts_bound(theirs, x)
+            assert ((a.double() - b.double()).abs() <= bound).all()
+            assert ((a.double() - ref).abs() <= bound / 2).all()
+            assert int((a != b).sum()) <= a.numel() // 100
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -405,3 +439,58 @@ def test_resume_after_sigkill_gives_the_same_bytes(llama4, tmp_path):
     assert r.resumed
     assert r.shards_reused == len(manifest["shards"])
     assert output_hashes(out) == output_hashes(reference)
+
+
+def test_fp8_block_source_composes_with_the_per_expert_view(llama4, tmp_path):
+    """A block-FP8 Llama 4 (2-D linears FP8 with weight_scale_inv, experts bf16): the FP8 view decodes the
+    linears and passes the fused experts through to the per-expert view, read by rows; the expert records
+    are those of the bf16 source's conversion, byte for byte."""
+    from moe_helpers import make_fp8_source
+
+    fp8 = make_fp8_source(llama4("src"), tmp_path / "fp8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(fp8, tmp_path / "q", progress=False, **MODES["nf4"])
+    got, want = open_folder(tmp_path / "q").records(), open_folder(llama4("nf4")).records()
+    assert not [k for k in got if k.endswith(("scale_inv", "experts.gate_up_proj", "experts.down_proj"))]
+    experts = [k for k in want if ".experts." in k and k.endswith("_proj.weight")]
+    assert len(experts) == LAYERS * E * 3
+    for k in experts:
+        assert torch.equal(got[k].packed, want[k].packed), k
+        assert torch.equal(got[k].absmax, want[k].absmax), k
+    assert not isinstance(got["model.layers.0.self_attn.q_proj.weight"], torch.Tensor)
+
+
+@pytest.mark.parametrize("mode", ["keep", "nf4"])
+def test_multimodal_llama4_folder_loads_with_stock_transformers(tmp_path, mode):
+    """Llama4ForConditionalGeneration (experts under language_model.model.layers...): both modes load with
+    stock transformers + bitsandbytes with no missing or unexpected key, the experts per expert; our
+    loader gives the same text logits; dequantize gives back the source's keys for plain transformers."""
+    from moe_helpers import make_llama4_multimodal
+
+    src = make_llama4_multimodal(tmp_path / "src")
+    out = tmp_path / "q"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, out, progress=False, **MODES[mode])
+        model, info = transformers.Llama4ForConditionalGeneration.from_pretrained(
+            out, device_map="cpu", output_loading_info=True
+        )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    experts = model.language_model.model.layers[0].feed_forward.experts
+    assert type(experts).__name__ == "SequentialLlama4TextExperts"
+    kind = torch.nn.Linear if mode == "keep" else bnb.nn.Linear4bit
+    assert type(experts[0].gate_proj) is kind
+    skip = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    if mode == "keep":
+        assert "language_model.model.layers.0.feed_forward.experts" in skip
+    # (transformers 5.24's Llama4ForConditionalGeneration.forward fails on text alone: the text model)
+    ours = _dequant_paths(load_quantized(out))
+    assert torch.equal(_logits(model.eval().language_model), _logits(ours.language_model))
+    plain = tmp_path / "plain"
+    dequantize_checkpoint(out, plain)
+    assert _source(plain).keys() == _source(src).keys()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, info = transformers.Llama4ForConditionalGeneration.from_pretrained(plain, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
