@@ -211,6 +211,7 @@ def _fuse_llama4(state: dict, config: dict | None) -> dict:
         if m is not None:
             groups.setdefault(m["module"], {})[(int(m["e"]), m["p"])] = k
     fused: dict[str, tuple[str, _Fused]] = {}  # first part's key -> (fused name, fused tensor)
+    position = {k: i for i, k in enumerate(state)}
     for module, parts in groups.items():
         num = 1 + max(e for e, _ in parts)
         if set(parts) != {(e, p) for e in range(num) for p in ("gate", "up", "down")}:
@@ -218,7 +219,7 @@ def _fuse_llama4(state: dict, config: dict | None) -> dict:
         inter, hidden = (int(d) for d in state[parts[(0, "gate")]].shape)
         gate_up = tuple((state[parts[(e, "gate")]], state[parts[(e, "up")]]) for e in range(num))
         down = tuple((state[parts[(e, "down")]],) for e in range(num))
-        keys = sorted(parts.values(), key=list(state).index)
+        keys = sorted(parts.values(), key=position.__getitem__)
         fused[keys[0]] = (f"{module}.gate_up_proj", _Fused(gate_up, (num, hidden, 2 * inter)))
         fused[keys[1]] = (f"{module}.down_proj", _Fused(down, (num, inter, hidden)))
         for k in keys[2:]:

@@ -494,3 +494,31 @@ def test_multimodal_llama4_folder_loads_with_stock_transformers(tmp_path, mode):
         warnings.simplefilter("ignore")
         _, info = transformers.Llama4ForConditionalGeneration.from_pretrained(plain, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+@pytest.mark.parametrize("mode", ["keep", "nf4"])
+def test_model_dequantize_restores_the_fused_experts(llama4, mode, tmp_path):
+    """model.dequantize() on a loaded Llama 4: transformers' fused Llama4TextExperts again, with the logits
+    of the dequantized folder in plain transformers, bit for bit (the same weights, the same modules); the
+    model saves a plain checkpoint that plain transformers loads with no missing or unexpected key."""
+    folder, plain = llama4(mode), tmp_path / "plain"
+    dequantize_checkpoint(folder, plain)
+    model = load_quantized(folder)
+    model.dequantize()
+    assert not linear4bit_modules(model)
+    experts = model.model.layers[0].feed_forward.experts
+    assert type(experts).__name__ == "Llama4TextExperts"
+    assert experts.gate_up_proj.shape == (E, H, 2 * INTER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.bfloat16).eval()
+    assert torch.equal(_logits(model), _logits(ref))
+    model.save_pretrained(tmp_path / "saved")
+    assert _source(tmp_path / "saved").keys() == _source(llama4("src")).keys()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again, info = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "saved", dtype=torch.bfloat16, output_loading_info=True
+        )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert torch.equal(_logits(again.eval()), _logits(ref))
