@@ -522,3 +522,25 @@ def test_model_dequantize_restores_the_fused_experts(llama4, mode, tmp_path):
         )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert torch.equal(_logits(again.eval()), _logits(ref))
+
+
+def test_quantize_with_a_layers_experts_skipped_loads_everywhere(llama4, tmp_path):
+    """--skip of one layer's experts with quantize: those stay 16-bit and are named in the skip list, so
+    stock transformers builds them nn.Linear next to the other layer's Linear4bit experts (each expert
+    is its own linear in Llama 4: no mixed-layer warning); our loader gives the same logits."""
+    out = tmp_path / "q"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(
+            llama4("src"), out, progress=False, skip=["*.layers.1.feed_forward.experts.*"], **MODES["nf4"]
+        )
+    assert not [w for w in caught if "keep some experts 16-bit" in str(w.message)]
+    model, info = _stock(out)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(model.model.layers[0].feed_forward.experts[0].gate_proj) is bnb.nn.Linear4bit
+    assert type(model.model.layers[1].feed_forward.experts[0].gate_proj) is torch.nn.Linear
+    assert torch.equal(_logits(model), _logits(_dequant_paths(load_quantized(out))))
+    summary = inspect_path(out).moe
+    assert summary.experts_quantized == E * 3
+    assert summary.experts_kept == E * 3
+    assert any("stock transformers" in x for x in summary.loaders)
