@@ -19,9 +19,9 @@ the per-expert 2-D weights instead of the fused ones::
     experts.<e>.down_proj.weight = down_proj[e].T
 
 each read as expert ``e``'s block of the fused tensor only (``get_rows``: a memory map or HTTP range of
-those bytes), made contiguous. The tensor list keeps the source's dtype; each weight's size is its own
-bytes, so the sizes still add up to the source's. ``dequantize`` fuses them back
-(``converter/loader/dequantize.py``).
+those bytes; gate and up share one read of the block when read one after the other), made contiguous.
+The tensor list keeps the source's dtype; each weight's size is its own bytes, so the sizes still add
+up to the source's. ``dequantize`` fuses them back (``converter/loader/dequantize.py``).
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ class _Llama4File:
 
     def __init__(self, owner: Llama4ExpertsSource, inner: Any) -> None:
         self.owner, self.inner = owner, inner
+        #: the last expert block read, ((fused name, expert), rows): gate then up read it once
+        self._last: tuple[tuple[str, int], Any] | None = None
 
     def prefetch(self, name: str) -> None:
         where = self.owner.virtual.get(name)
@@ -127,11 +129,18 @@ class _Llama4File:
         if where is None:
             return self.inner.get(name)
         src, e, part, inter = where
-        rows = getattr(self.inner, "get_rows", None)
-        block = (rows(src, e, e + 1) if rows is not None else self.inner.get(src)[e : e + 1])[0]
+        if self._last is not None and self._last[0] == (src, e):
+            block = self._last[1]
+        else:
+            self._last = None  # the previous block goes before the next is read
+            rows = getattr(self.inner, "get_rows", None)
+            block = (rows(src, e, e + 1) if rows is not None else self.inner.get(src)[e : e + 1])[0]
+            if part != "down":
+                self._last = ((src, e), block)
         if part == "gate":
             block = block[:, :inter]
         elif part == "up":
+            self._last = None  # gate and up of this expert are read: one block kept at most
             block = block[:, inter:]
         return block.T.contiguous()
 
