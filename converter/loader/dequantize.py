@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -176,7 +177,67 @@ def _plan(state: dict, dtypes: dict[str, torch.dtype], max_shard_size: int) -> l
     return shards
 
 
-def _tensor(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Fused:
+    """A Llama 4 fused experts tensor written from its per-expert weights (16-bit or quantized):
+    ``gate_up_proj [E, H, 2I]`` (expert e: ``cat([gate_e.T, up_e.T], 1)``) or ``down_proj [E, I, H]``."""
+
+    parts: tuple[tuple[QuantizedTensor | torch.Tensor, ...], ...]  # per expert: (gate, up) or (down,)
+    shape: tuple[int, ...]
+
+    def build(self, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=dtype)
+        for e, parts in enumerate(self.parts):
+            out[e] = torch.cat([_tensor(p, dtype, False).T for p in parts], dim=1)
+        return out
+
+
+_LLAMA4_EXPERT = re.compile(
+    r"^(?P<module>.+\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<p>gate|up|down)_proj\.weight$"
+)
+
+
+def _fuse_llama4(state: dict, config: dict | None) -> dict:
+    """``state`` with Llama 4's per-expert weights (converter/sources/llama4.py) fused back into the
+    ``gate_up_proj`` / ``down_proj`` tensors plain transformers loads, each where its first part stood.
+    Other models, and an experts module missing a part, are left as they are."""
+    from converter.sources.llama4 import is_llama4
+
+    if not is_llama4(config):
+        return state
+    groups: dict[str, dict[tuple[int, str], str]] = {}
+    for k in state:
+        m = _LLAMA4_EXPERT.match(k)
+        if m is not None:
+            groups.setdefault(m["module"], {})[(int(m["e"]), m["p"])] = k
+    fused: dict[str, tuple[str, _Fused]] = {}  # first part's key -> (fused name, fused tensor)
+    position = {k: i for i, k in enumerate(state)}
+    for module, parts in groups.items():
+        num = 1 + max(e for e, _ in parts)
+        if set(parts) != {(e, p) for e in range(num) for p in ("gate", "up", "down")}:
+            continue
+        inter, hidden = (int(d) for d in state[parts[(0, "gate")]].shape)
+        gate_up = tuple((state[parts[(e, "gate")]], state[parts[(e, "up")]]) for e in range(num))
+        down = tuple((state[parts[(e, "down")]],) for e in range(num))
+        keys = sorted(parts.values(), key=position.__getitem__)
+        fused[keys[0]] = (f"{module}.gate_up_proj", _Fused(gate_up, (num, hidden, 2 * inter)))
+        fused[keys[1]] = (f"{module}.down_proj", _Fused(down, (num, inter, hidden)))
+        for k in keys[2:]:
+            fused[k] = ("", _Fused((), ()))  # dropped
+    out: dict = {}
+    for k, v in state.items():
+        if k not in fused:
+            out[k] = v
+        elif fused[k][0]:
+            out[fused[k][0]] = fused[k][1]
+    return out
+
+
+def _tensor(
+    value: QuantizedTensor | torch.Tensor | _Fused, dtype: torch.dtype, transposed: bool
+) -> torch.Tensor:
+    if isinstance(value, _Fused):
+        return value.build(dtype)
     if not isinstance(value, torch.Tensor):  # a quantized record: its method decodes it
         w = for_record(value).dequantize(value, dtype)
         return w.transpose(-2, -1) if transposed else w
@@ -391,6 +452,7 @@ def _write_plain(
     progress: Callable[[str], None] | None,
 ) -> DequantizeResult:
     """The shards, the other files, config.json and (several shards) the index, in that order."""
+    state = _fuse_llama4(state, config)  # Llama 4: per-expert weights back into its fused experts
     meta_model = functools.cache(lambda: _meta_model(folder))  # built once, and only when needed
     transposed = _transposed_weights(folder, state, meta_model)
     dtypes = _out_dtypes(state, torch_dtype, meta_model)

@@ -11,6 +11,9 @@ that method would only say "You need to first quantize your model": the loader b
   replaced a GPT-2 ``Conv1D`` for that ``Conv1D`` again, its weight ``[in, out]`` as checkpoints store it);
 - each 4-bit MoE experts module (:class:`QuantExperts4bit`) for transformers' own experts module, kept
   on the meta device when the model was built, with its ``gate_up_proj`` / ``down_proj`` filled;
+- Llama 4's per-expert experts (``SequentialLlama4TextExperts``, as transformers and the loader build
+  them for a pre-quantized folder) for transformers' fused ``Llama4TextExperts`` again, its
+  ``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]`` stacked from the (dequantized) per-expert linears;
 
 on the device each weight is on, in ``dtype`` (default: the model's ``config.dtype``, as transformers).
 The model's logits are then those of the folder's ``quantize-model dequantize`` output loaded by plain
@@ -103,6 +106,27 @@ def _dense_experts(name: str, module: QuantExperts4bit, dtype: torch.dtype | Non
     return source
 
 
+def _sequential_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Llama 4's per-expert experts modules (converter.plan.selection.patch_for_bnb) of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "SequentialLlama4TextExperts"]
+
+
+def _fused_llama4_experts(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """transformers' ``Llama4TextExperts`` holding the weights of the per-expert MLPs ``module``
+    (``gate_up_proj[e] = cat([gate.W.T, up.W.T], 1)``, ``down_proj[e] = down.W.T``)."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    weights = [(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight) for mlp in module]
+    dtype = dtype or weights[0][0].dtype
+    with torch.device("meta"):
+        fused = Llama4TextExperts(module[0].config)
+    gate_up = torch.stack([torch.cat([g.T, u.T], dim=1) for g, u, _ in weights]).to(dtype)
+    down = torch.stack([d.T for _, _, d in weights]).to(dtype)
+    fused.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+    fused.down_proj = nn.Parameter(down, requires_grad=False)
+    return fused
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Swap every quantized module of ``model`` for torch's own (in place) and return ``model``.
 
@@ -121,6 +145,15 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     for name, module in targets:  # every refusal before the first swap: never half dequantized
         weight = module.packed if isinstance(module, QuantExperts4bit) else module.weight
         _check_swappable(name, weight, bool(device_map) and device_of(name, device_map) == "disk")
+    sequential = _sequential_experts(model)
+    for name, module in sequential:
+        for sub, linear in module.named_modules():
+            weight = getattr(linear, "weight", None)
+            if isinstance(weight, torch.Tensor) and not isinstance(
+                linear, (QuantLinear4bit, QuantLinear8bit)
+            ):
+                where = f"{name}.{sub}"
+                _check_swappable(where, weight, bool(device_map) and device_of(where, device_map) == "disk")
     if not targets:
         warnings.warn("dequantize(): the model has no quantized modules; nothing changed", stacklevel=2)
     for name, module in targets:
@@ -129,6 +162,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
         else:
             new = _dense_linear(module, dtype)
         new.train(module.training)  # an eval model stays in eval mode throughout
+        _move_hook(module, new)
+        model.set_submodule(name, new)
+    for name, module in sequential:  # after its linears: they hold the dequantized weights now
+        new = _fused_llama4_experts(module, dtype)
+        new.train(module.training)
         _move_hook(module, new)
         model.set_submodule(name, new)
     config = getattr(model, "config", None)

@@ -426,7 +426,21 @@ def build_model(
         why = f"{type(exc).__name__}: {exc}"
         msg = f"{folder}: transformers could not build {cls.__name__} from config.json ({why})"
         raise ModelBuildError(msg) from exc
+    _patch_per_expert(model, state)
     return Built(model, config, own, qc, compute_dtype)
+
+
+def _patch_per_expert(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Llama 4 with per-expert keys in the shards (``<experts>.<e>.gate_proj.weight``, as the converter
+    and transformers + bitsandbytes write it): the model as transformers builds it for a pre-quantized
+    checkpoint, each ``Llama4TextExperts`` a ``SequentialLlama4TextExperts`` of per-expert nn.Linear
+    (``converter.plan.selection.patch_for_bnb``), whose layers are then swapped like any other."""
+    from converter.plan.selection import PATCHED_MODULES, patch_for_bnb
+
+    names = [n for n, m in model.named_modules() if type(m).__name__ in PATCHED_MODULES]
+    if names and any(f"{n}.0.gate_proj.weight" in state for n in names):
+        with BUILD_LOCK:
+            patch_for_bnb(model)
 
 
 #: the keyword arguments transformers' ``_from_config`` takes itself, not handing them to ``__init__``

@@ -944,6 +944,8 @@ def attach_experts(
             for key in keys:
                 del state[key]
             continue
+        if isinstance(module, nn.ModuleList):
+            continue  # per-expert nn.Linear (Llama 4 built as for a pre-quantized checkpoint): loaded as such
         if module is None or not _is_fused_experts(module):
             kind = type(module).__name__ if module is not None else "no module"
             msg = f"{where}: per-expert tensors under {ckpt_name!r} have no fused experts module ({kind})"

@@ -81,6 +81,16 @@ NOT_LOADERS_FUSED = (
     "transformers 4.x (no such model class)",
 )
 NOT_LOADERS_KEPT = ("vLLM pre-quantized bitsandbytes (needs every expert quantized)",)
+#: Llama 4: transformers builds its experts as per-expert nn.Linear for a pre-quantized bnb checkpoint
+#: (``SequentialLlama4TextExperts``), so per-expert 4-bit records load with stock transformers too.
+LOADERS_LLAMA4_QUANTIZED = (
+    "quantize-model load_quantized",
+    "stock transformers 5.x + bitsandbytes (Llama 4: its per-expert Linear4bit experts)",
+)
+LOADERS_LLAMA4_KEPT = (
+    "stock transformers + bitsandbytes (experts stay 16-bit: listed in llm_int8_skip_modules)",
+    "quantize-model load_quantized",
+)
 #: A folder with no quantized weight at all (a source checkpoint).
 NOT_CONVERTED = (
     "quantize-model load_quantized and the pre-quantized bitsandbytes loaders (no weight is quantized: "
@@ -130,6 +140,24 @@ def parse_expert_key(name: str) -> ExpertKey | None:
     if m is None:
         return None
     return ExpertKey(m["module"], int(m["index"]), m["proj"])
+
+
+#: Llama 4's per-expert weights as converter/sources/llama4.py shows them, and its shared expert.
+_LLAMA4_EXPERT = re.compile(r"^(?P<layer>.+)\.feed_forward\.experts\.\d+\.(?:gate|up|down)_proj\.weight$")
+
+
+def is_llama4_layout(names: Iterable[str], config: Any = None) -> bool:
+    """Whether per-expert weights are Llama 4's (transformers builds them as per-expert nn.Linear): from
+    config.json's model_type when given, else from the names alone (``<layer>.feed_forward.experts.<e>.*``
+    beside ``<layer>.feed_forward.shared_expert.*``; Jamba, the other model with ``feed_forward.experts``,
+    has no shared expert)."""
+    if isinstance(config, dict) and config.get("model_type"):
+        from converter.sources.llama4 import is_llama4
+
+        return is_llama4(config)
+    names = list(names)
+    layers = {m["layer"] for n in names if (m := _LLAMA4_EXPERT.match(n))}
+    return any(n.partition(".feed_forward.shared_expert.")[0] in layers for n in names)
 
 
 def _numel(t: _TensorLike) -> int:
@@ -224,14 +252,21 @@ def apply_moe_mode(
     *,
     skip: Sequence[str] = (),
     include: Sequence[str] = (),
+    config: Any = None,
 ) -> Any:
-    """The selection with ``--moe-experts`` applied (``keep`` returns it unchanged).
+    """The selection with ``--moe-experts`` applied (``keep`` returns it unchanged, but for Llama 4).
 
     ``quantize`` moves every 2-D per-expert weight the user's globs allow into ``quantize`` and adds
     the router leaf names to ``skip_modules``. ``selection`` is converter.plan.selection.Selection (any
     frozen dataclass with ``quantize``, ``keep``, ``skip_modules``).
+
+    Llama 4 (``config``): transformers builds its experts as per-expert nn.Linear for a pre-quantized
+    checkpoint, so the selection quantizes them like any Linear; ``keep`` takes them out again and lists
+    each experts module in ``skip_modules``, so that transformers leaves those layers nn.Linear.
     """
     mode = check_mode(mode)
+    if mode == "keep" and is_moe(tensors) and is_llama4_layout((t.name for t in tensors), config):
+        return _keep_llama4(selection)
     if mode == "keep" or not is_moe(tensors):
         return selection
     quantize = dict(selection.quantize)
@@ -256,6 +291,19 @@ def apply_moe_mode(
         quantize[t.name] = spec if key is not None else _spec(transpose=fused[t.name].transpose)
     routers = set(router_modules((t.name for t in tensors), quantize).values())
     skip_modules = sorted(set(selection.skip_modules) | routers)
+    return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
+
+
+def _keep_llama4(selection: Any) -> Any:
+    """``--moe-experts keep`` for Llama 4: its per-expert weights 16-bit, their experts modules skipped."""
+    moved = [n for n in selection.quantize if _LLAMA4_EXPERT.match(n)]
+    if not moved:
+        return selection
+    quantize = {k: v for k, v in selection.quantize.items() if k not in set(moved)}
+    reason = "routed MoE expert (--moe-experts keep: 16-bit, its experts module in llm_int8_skip_modules)"
+    keep = {**selection.keep, **dict.fromkeys(moved, reason)}
+    modules = {n.split(".experts.")[0] + ".experts" for n in moved}
+    skip_modules = sorted(set(selection.skip_modules) | modules)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
 
 
@@ -346,8 +394,8 @@ def _expert_match(name: str) -> re.Match[str] | None:
 def mixed_advice(quantized_names: Sequence[str], kept_names: Sequence[str]) -> str | None:
     """The warning for a conversion that leaves some experts of a layer 16-bit and others 4-bit."""
     mixed = mixed_modules(quantized_names, kept_names)
-    if not mixed:
-        return None
+    if not mixed or is_llama4_layout([*quantized_names, *kept_names]):
+        return None  # Llama 4: every expert is its own Linear, quantized or not, in every loader
     return (
         f"{len(mixed)} MoE layer(s) keep some experts 16-bit and quantize the others (e.g. {mixed[0]!r}): "
         "quantize-model's load_quantized cannot load such a layer (it stacks a layer's experts into one "
@@ -396,6 +444,8 @@ def summarize(
     """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense);
     ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts);
     ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known."""
+    if is_llama4_layout([*quantized_names, *kept_names]):
+        return _summarize_llama4(quantized_names, kept_names, expert_formats)
     summary = _summarize(quantized_names, kept_names, partial_blocks)
     if summary is not None and summary.experts_quantized:
         summary = replace(summary, expert_types=tuple(sorted({t for t, _ in expert_formats})))
@@ -439,6 +489,23 @@ def _summarize(
             return MoeSummary(q, k, (), (*not_loaders, reason))
         return MoeSummary(q, k, LOADERS_QUANTIZED[:1], not_loaders)
     return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
+
+
+def _summarize_llama4(
+    quantized_names: Sequence[str], kept_names: Sequence[str], expert_formats: Collection[tuple[str, str]]
+) -> MoeSummary:
+    """Llama 4's per-expert weights: stock transformers + bitsandbytes builds each as its own Linear
+    (quantized or skipped), and so does load_quantized, so any mix of 4-bit and 16-bit experts loads."""
+    q = sum(1 for n in quantized_names if _LLAMA4_EXPERT.match(n))
+    k = sum(1 for n in kept_names if _LLAMA4_EXPERT.match(n))
+    if not quantized_names:
+        return MoeSummary(0, k, (), (NOT_CONVERTED,), converted=False)
+    if any(t == "int8" for t, _ in expert_formats) and q:
+        return MoeSummary(q, k, LOADERS_INT8, NOT_LOADERS_INT8[2:], ("int8",))
+    if q:
+        types = tuple(sorted({t for t, _ in expert_formats}))
+        return MoeSummary(q, k, LOADERS_LLAMA4_QUANTIZED, (), types)
+    return MoeSummary(0, k, LOADERS_LLAMA4_KEPT, NOT_LOADERS_KEPT)
 
 
 def _summarize_fused(
@@ -491,6 +558,20 @@ def keep_advice(
     experts, total = expert_share(tensors)
     if not total or experts / total <= threshold:
         return None
+    if is_llama4_layout(t.name for t in tensors):
+        how = (
+            "--moe-experts quantize stores every expert in 4 bit"
+            if quantizes_experts
+            else f"with --quant-type {quant_type} they cannot be quantized; --quant-type nf4 --moe-experts "
+            "quantize stores every expert in 4 bit"
+        )
+        return (
+            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
+            "--moe-experts keep (the default): the folder loads with stock transformers + bitsandbytes but "
+            f"barely shrinks. {how}: Llama 4's experts are written per expert (as transformers loads a "
+            "pre-quantized Llama 4), so that folder loads with stock transformers 5.x + bitsandbytes and "
+            "quantize-model's load_quantized"
+        )
     fused, _ = fused_layers(tensors)
     quantizable = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name) or t.name in fused)
     if quantizable / total <= threshold:  # mostly biased fused experts (gpt-oss): no mode quantizes them

@@ -40,7 +40,15 @@ from converter.plan.selection_facts import data_reason as _data_reason
 from converter.plan.selection_facts import strip_prefix as _strip
 from converter.plan.selection_facts import user_reason as _user_reason
 
-__all__ = ["QuantizeSpec", "Selection", "SelectionError", "as_dict", "module_of", "select_tensors"]
+__all__ = [
+    "PATCHED_MODULES",
+    "QuantizeSpec",
+    "Selection",
+    "SelectionError",
+    "as_dict",
+    "module_of",
+    "select_tensors",
+]
 
 
 class UnknownModelError(SelectionError):
@@ -343,15 +351,52 @@ def _select_transformers(
     model = build_skeleton(config, keys)
     cls_name = type(model).__name__
     for name, mod in model.named_modules():
-        if type(mod).__name__ in MODULES_TO_PATCH_FOR_QUANTIZATION:
+        kind = type(mod).__name__
+        if kind in MODULES_TO_PATCH_FOR_QUANTIZATION and kind not in PATCHED_MODULES:
             msg = (
-                f"{cls_name}: transformers rebuilds '{name}' ({type(mod).__name__}) as separate "
-                "per-expert layers when it loads a pre-quantized bitsandbytes checkpoint, which the fused "
-                "checkpoint cannot fill; quantize this model on load with transformers + bitsandbytes instead"
+                f"{cls_name}: transformers rebuilds '{name}' ({kind}) as other layers when it loads a "
+                "pre-quantized bitsandbytes checkpoint, and quantize-model does not know that layout yet; "
+                "quantize this model on load with transformers + bitsandbytes instead"
             )
             raise SelectionError(msg)
+    patch_for_bnb(model)
     facts = _live_facts(config, keys, model)
     return _from_facts(facts, tensors, skip=skip, include=include, via="live", matcher=_convert_rule(facts))
+
+
+#: transformers' MODULES_TO_PATCH_FOR_QUANTIZATION entries whose pre-quantized layout the converter writes
+#: (converter/sources/llama4.py shows Llama 4's fused experts as the per-expert weights they become).
+PATCHED_MODULES = frozenset({"Llama4TextExperts"})
+
+
+def patch_for_bnb(model: Any) -> list[str]:
+    """``model`` (on the meta device) as transformers builds it for a pre-quantized bitsandbytes checkpoint:
+    its own ``HfQuantizer._convert_model_for_quantization`` run with a bitsandbytes quantization config
+    (Llama 4's ``Llama4TextExperts`` become ``SequentialLlama4TextExperts``, per-expert ``nn.Linear``).
+    Each replacement takes the dtype of the module it replaces. Returns the names of the replaced modules."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION, HfQuantizer
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    before = {n: m for n, m in model.named_modules() if type(m).__name__ in MODULES_TO_PATCH_FOR_QUANTIZATION}
+    if not before:
+        return []
+    fake = SimpleNamespace(
+        quantization_config=SimpleNamespace(quant_method=QuantizationMethod.BITS_AND_BYTES)
+    )
+    HfQuantizer._convert_model_for_quantization(fake, model)
+    replaced = []
+    for name, old in before.items():
+        new = model.get_submodule(name)
+        if new is old:
+            continue
+        replaced.append(name)
+        dtype = next((p.dtype for p in old.parameters() if p.is_floating_point()), None)
+        if dtype is not None and dtype != torch.float32:
+            new.to(dtype)
+    return replaced
 
 
 def _live_facts(config: dict, keys: Sequence[str], model: Any) -> Any:
@@ -403,7 +448,9 @@ def model_facts(config: dict, keys: Sequence[str]) -> tuple[Any, Any] | None:
     if found is not None:
         facts = found[0]
     elif transformers_usable():
-        facts = _live_facts(config, keys, build_skeleton(config, keys))
+        model = build_skeleton(config, keys)
+        patch_for_bnb(model)
+        facts = _live_facts(config, keys, model)
     else:
         return None
     return facts, _convert_rule(facts)

@@ -134,9 +134,11 @@ class Skip(Exception):
 
 
 def _build(config: dict) -> Any:
-    from converter.plan.selection import build_skeleton
+    from converter.plan.selection import build_skeleton, patch_for_bnb
 
-    return build_skeleton(config)
+    model = build_skeleton(config)
+    patch_for_bnb(model)  # as the live rule builds it (Llama 4's per-expert experts)
+    return model
 
 
 def _universe(model: Any) -> list[str]:

@@ -88,6 +88,18 @@ class _Fp8File:
         if name in self.owner.fp8_weights:
             self.inner.prefetch(name + SCALE_SUFFIX)
 
+    def prefetch_rows(self, name: str, start: int, stop: int) -> None:
+        rows = getattr(self.inner, "prefetch_rows", None)
+        if name not in self.owner.fp8_weights and rows is not None:
+            rows(name, start, stop)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of a tensor this view passes through unchanged."""
+        rows = getattr(self.inner, "get_rows", None)
+        if name in self.owner.fp8_weights or rows is None:
+            return self.get(name)[start:stop]
+        return rows(name, start, stop)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.owner.fp8_weights:
             return self.inner.get(name)

@@ -57,6 +57,9 @@ def verify_against(
         from converter.sources.fp8 import wrap_if_block_fp8
 
         src = wrap_if_block_fp8(src)
+        from converter.sources.llama4 import wrap_if_llama4
+
+        src = wrap_if_llama4(src)  # Llama 4's fused experts: measured as convert wrote them, per expert
     except BaseException:
         src.close()
         raise

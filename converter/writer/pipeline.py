@@ -205,6 +205,7 @@ def convert(
     )
     try:
         src = _wrap_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
+        src = _wrap_llama4(src)  # Llama 4's fused experts: per-expert weights, as transformers loads them
         conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
         conversion.dry_run, conversion.check_fit = dry_run, preflight
         conversion.warn = warn
@@ -283,7 +284,7 @@ class _Conversion:
         )
         moe.check_experts(tensors, config)
         selection = moe.apply_moe_mode(
-            selection, tensors, options.moe_experts, skip=options.skip, include=options.include
+            selection, tensors, options.moe_experts, skip=options.skip, include=options.include, config=config
         )
         method = options.method
         advice = moe.keep_advice(
@@ -758,6 +759,13 @@ def _wrap_fp8(src: Source) -> Source:
     from converter.sources.fp8 import wrap_if_block_fp8
 
     return wrap_if_block_fp8(src)
+
+
+def _wrap_llama4(src: Source) -> Source:
+    """converter.sources.llama4's per-expert view of ``src`` when it is Llama 4 with fused experts."""
+    from converter.sources.llama4 import wrap_if_llama4
+
+    return wrap_if_llama4(src)
 
 
 def _get_array(reader: Any, name: str) -> tuple[np.ndarray, str]:

@@ -295,3 +295,72 @@ def assert_float32_experts_within_bound(folder: Path, tokens: int) -> None:
         got = m(x, idx, w).double()
     ref, bound = experts_reference_and_bound(m, x, idx, w)
     assert ((got - ref).abs() <= bound).all()
+
+
+#: Tiny Llama 4 text model: expert and dense intermediate size 128, so that every 4-bit weight's rows are
+#: whole 64-element blocks (bitsandbytes 0.50 decodes other widths wrongly on the CPU, which the converter
+#: warns about; stock transformers + bitsandbytes then would not compute what the folder holds).
+LLAMA4 = dict(
+    hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128, num_local_experts=4,
+    num_experts_per_tok=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+
+def make_llama4(folder: Path, seed: int = 0) -> Path:
+    """Random tiny bf16 Llama4ForCausalLM saved with save_pretrained: its routed experts are fused 3-D on
+    disk (``feed_forward.experts.gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]``), as Meta ships them."""
+    import transformers
+    from safetensors import safe_open
+
+    cfg = transformers.Llama4TextConfig(**LLAMA4)
+    cfg.architectures = ["Llama4ForCausalLM"]
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.Llama4ForCausalLM(cfg).to(torch.bfloat16).eval()
+        for n, p in model.named_parameters():
+            if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                torch.nn.init.normal_(p, std=0.05)  # (gate_up_proj starts all zero)
+            elif n.endswith("feed_forward.router.weight"):
+                torch.nn.init.normal_(p, std=0.5)  # top-1 differs per token
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if ".experts." in k}
+    assert shapes == {
+        f"model.layers.{i}.feed_forward.experts.{p}": s
+        for i in range(2)
+        for p, s in (("gate_up_proj", [4, 64, 256]), ("down_proj", [4, 128, 64]))
+    }, shapes
+    return folder
+
+
+def make_llama4_multimodal(folder: Path, seed: int = 0) -> Path:
+    """Random tiny bf16 Llama4ForConditionalGeneration (the text model of :data:`LLAMA4`, a one-layer
+    vision tower): its experts sit under ``language_model.model.layers.<i>.feed_forward.experts``."""
+    import transformers
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  image_size=32, patch_size=16, vision_output_dim=64, projector_input_dim=64,
+                  projector_output_dim=64, pixel_shuffle_ratio=0.5)  # fmt: skip
+    cfg = transformers.Llama4Config(
+        text_config=LLAMA4,
+        vision_config=vision,
+        image_token_index=127,
+        boi_token_index=125,
+        eoi_token_index=126,
+    )
+    cfg.architectures = ["Llama4ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.Llama4ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+        for n, p in model.named_parameters():
+            if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                torch.nn.init.normal_(p, std=0.05)
+            elif n.endswith("feed_forward.router.weight"):
+                torch.nn.init.normal_(p, std=0.5)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+    return folder

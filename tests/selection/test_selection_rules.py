@@ -124,30 +124,6 @@ def test_selection_is_frozen(tiny_checkpoint):
     assert len(d["quantize"]) == 13
 
 
-def test_llama4_fused_experts_are_refused():
-    """transformers swaps Llama4TextExperts for per-expert nn.Linear layers when it loads a
-    pre-quantized bnb checkpoint, so a folder with fused expert tensors could not load right."""
-    import transformers
-
-    cfg = transformers.Llama4TextConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        intermediate_size_mlp=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=128,
-        num_local_experts=2,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-    ).to_dict()
-    cfg["architectures"] = ["Llama4ForCausalLM"]
-    with pytest.raises(SelectionError, match=r"Llama4TextExperts.*quantize this model on load"):
-        select_tensors(cfg, [])
-
-
 def test_architecture_not_in_transformers_uses_the_builtin_class_with_the_same_head(tiny_checkpoint):
     """A config naming a repository-code class of a built-in model_type: the matching Auto class
     builds the skeleton (never the repository's code), so lm_head is still recognised."""
