@@ -120,7 +120,8 @@ def inspect(
             "MoE experts", f"{r.moe.layout} ({r.moe.experts_quantized} quantized, {r.moe.experts_kept} kept)"
         )
         t.add_row("Loads with", "; ".join(r.moe.loaders))
-        t.add_row("Not with", "; ".join(r.moe.not_loaders))
+        if r.moe.not_loaders:
+            t.add_row("Not with", "; ".join(r.moe.not_loaders))
     if r.quantization_config:
         q = r.quantization_config
         method = for_config(q)
