@@ -435,6 +435,34 @@ def test_nothing_to_quantize(tiny_llama: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("include", "example", "hint"),
+    [
+        # the experts the glob names are kept by --moe-experts keep: say so, not the head's reason
+        (
+            "*experts*",
+            "'model.layers.0.mlp.experts.0.down_proj.weight': fused MoE experts",
+            "routed MoE experts stay 16-bit with --moe-experts keep (the default); pass "
+            "--moe-experts quantize",
+        ),
+        ("*.mlp.gate", "'model.layers.0.mlp.gate.weight': router", "check --include/--skip"),
+        ("lm_head", "'lm_head.weight': lm_head (output embedding)", "check --include/--skip"),
+    ],
+)
+def test_nothing_to_quantize_names_a_weight_the_include_matched(
+    include: str, example: str, hint: str, tiny_checkpoint, tmp_path: Path
+) -> None:
+    """The example of "nothing to quantize" is one of the weights --include named (it was the first 2-D
+    weight, the head, whatever the globs: '--include *experts*' of a MoE model was told about lm_head)."""
+    with pytest.raises(InputError) as info:
+        convert(tiny_checkpoint("qwen3_moe"), tmp_path / "out", include=[include], progress=False)
+    msg = str(info.value)
+    assert msg.startswith("nothing to quantize: ")
+    assert f"(e.g. {example}" in msg
+    assert msg.endswith(hint + ("" if "pass" in hint else ", or the checkpoint's dtype"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_too_many_elements_refused_from_the_plan(tmp_path: Path) -> None:
     from qm_checkpoints import write_safetensors_header
 
