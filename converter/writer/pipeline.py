@@ -33,6 +33,7 @@ from converter.kernels.bnb4bit_np import NonFiniteInputError
 from converter.kernels.isa_env import forced_isa
 from converter.plan import moe
 from converter.plan.selection import select_tensors
+from converter.plan.selection_facts import unmatched_globs
 from converter.plan.tensor_plan import (
     DTYPE_CODES,
     Options,
@@ -274,6 +275,16 @@ class _Conversion:
         if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
+        for option, globs in (("--skip", options.skip), ("--include", options.include)):
+            # fnmatch on whole names: '--skip down_proj' (as llm_int8_skip_modules is written) kept
+            # nothing and said nothing
+            for glob, example, better in unmatched_globs(globs, [t.name for t in tensors]):
+                does = "keeps nothing 16-bit" if option == "--skip" else "selects nothing"
+                hint = f"; did you mean {better!r}?" if better else ""
+                self._tell(
+                    f"{option} {glob!r} matches no tensor or module of the checkpoint, so it {does}: globs "
+                    f"match whole dotted names such as {example!r}{hint}"
+                )
         selection = select_tensors(
             config,
             tensors,

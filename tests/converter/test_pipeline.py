@@ -463,6 +463,36 @@ def test_nothing_to_quantize_names_a_weight_the_include_matched(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_glob_that_matches_nothing_is_named_with_the_glob_that_would(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """fnmatch matches whole dotted names: '--skip down_proj' (as transformers' llm_int8_skip_modules
+    is written) kept nothing 16-bit and said nothing, every down_proj quantized. Each glob that matches
+    no tensor or module (either spelling of the base-model prefix) is a warning, with the glob meant."""
+    told: list[str] = []
+    result = convert(
+        tiny_llama,
+        tmp_path / "out",
+        skip=["down_proj", "*.up_proj", "nothing*"],
+        include=["model.layers.*", "q_proj", "layers.1.*"],
+        progress=False,
+        warn=told.append,
+    )
+    unmatched = [m for m in told if "matches no tensor or module" in m]
+    assert len(unmatched) == 3
+    assert unmatched[0] == (
+        "--skip 'down_proj' matches no tensor or module of the checkpoint, so it keeps nothing 16-bit: "
+        "globs match whole dotted names such as 'model.layers.0.mlp.down_proj'; did you mean '*.down_proj'?"
+    )
+    assert unmatched[1].startswith("--skip 'nothing*' matches no tensor or module of the checkpoint, so ")
+    assert "did you mean" not in unmatched[1]
+    assert unmatched[2] == (
+        "--include 'q_proj' matches no tensor or module of the checkpoint, so it selects nothing: globs "
+        "match whole dotted names such as 'model.layers.0.self_attn.q_proj'; did you mean '*.q_proj'?"
+    )
+    assert all(m in result.notes for m in unmatched)  # kept in the result too
+
+
 def test_too_many_elements_refused_from_the_plan(tmp_path: Path) -> None:
     from qm_checkpoints import write_safetensors_header
 
