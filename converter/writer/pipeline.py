@@ -602,10 +602,37 @@ class _Conversion:
         x, code = _get_array(mapped[file], p.name)
         if code != to and p.quantize and code in _FLOAT_CODES:
             x = self._cast_input(p, x, code, to)
+        elif code != to and not p.quantize and code in _FLOAT_CODES and to in _FLOAT_CODES:
+            x = self._cast_kept(p, x, code, to)
         elif code != to and (code in _FLOAT_CODES or p.quantize):
             x = _cast(x, code, to)  # --dtype (packed/absmax/maps are produced after it, never cast)
         self.stats.seconds_read += time.perf_counter() - t0
         return x
+
+    def _cast_kept(self, p: PlannedTensor, x: np.ndarray, code: str, to: str) -> np.ndarray:
+        """The --dtype cast of a tensor kept unquantized. A finite value past ``to``'s range becomes Inf,
+        as in transformers' cast, and is written so; the run says so, naming the tensor (it was silent:
+        only quantization_report.json counted the Inf, verify passed, the model computed NaN)."""
+        import torch
+
+        from converter.sources.mapped import as_torch
+        from formats.writer import TORCH_DTYPES
+
+        source = as_torch(x, code)
+        y = source.to(TORCH_DTYPES[to])
+        narrower = y.dtype.itemsize < source.dtype.itemsize or y.dtype == torch.float16
+        # no tensor-sized temporaries unless a value is not finite (an embedding may be a GB)
+        if narrower and y.numel() and not all(torch.isfinite(m) for m in torch.aminmax(y)):
+            over = torch.isinf(y) & torch.isfinite(source)
+            if bool(over.any()):
+                name, count, largest = CODE_NAMES[to], int(over.sum()), float(source[over].abs().max())
+                self._tell(
+                    f"tensor {p.name!r} in {p.info.file} holds {count} value(s) past {name}'s range (|w| up "
+                    f"to {largest:.4g}), which the cast to {name} turns into Inf, written as such "
+                    "(transformers' cast does the same): the model computes Inf/NaN from it; convert with "
+                    "--dtype float32, or without --dtype where the checkpoint's own dtype holds it"
+                )
+        return y.view(torch.uint16).numpy() if to == "BF16" else y.numpy()
 
     def _cast_input(self, p: PlannedTensor, x: np.ndarray, code: str, to: str) -> np.ndarray:
         """The --dtype cast of a weight to quantize. A finite value past ``to``'s range becomes Inf, as

@@ -681,3 +681,32 @@ def test_cast_overflow_refused_by_name_and_cause(tmp_path: Path, dtype: str, val
         "writes an inf absmax that loads as NaN); convert without --dtype (or with --dtype float32), or "
         "pass --skip 'layer'"
     )
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("bfloat16", 3.4e38), ("float16", 99840.0)])
+def test_cast_overflow_in_a_kept_tensor_is_named(tmp_path: Path, dtype: str, value: float) -> None:
+    """A kept tensor (an embedding, a norm) with a finite value past --dtype's range is written as the
+    cast makes it, Inf, as transformers' cast does; the run warns naming it (it was silent: only the
+    report's nonfinite_kept counted it, verify passed and the model computed NaN). In range: no word."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    norm = torch.ones(64)
+    norm[5] = value
+    tensors = {"layer.weight": torch.randn(8, 64), "norm.weight": norm, "ok.weight": torch.ones(64)}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    told: list[str] = []
+    result = convert(src, tmp_path / "out", include=["layer"], dtype=dtype, progress=False, warn=told.append)
+    largest = "3.4e+38" if dtype == "bfloat16" else "9.984e+04"
+    note = (
+        f"tensor 'norm.weight' in model.safetensors holds 1 value(s) past {dtype}'s range (|w| up to "
+        f"{largest}), which the cast to {dtype} turns into Inf, written as such (transformers' cast does the "
+        "same): the model computes Inf/NaN from it; convert with --dtype float32, or without --dtype where "
+        "the checkpoint's own dtype holds it"
+    )
+    assert [m for m in told if "range" in m] == [note]
+    assert note in result.notes
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert torch.isinf(f.get_tensor("norm.weight")[5])  # as transformers' cast makes it
+    assert result.quality["kept_with_nonfinite"] == ["norm.weight"]
