@@ -64,6 +64,7 @@ def dequantize(
         verify=not no_verify,
         overwrite=overwrite,
         revision=revision,
+        warn=app.warn,
     )
     if app.json:
         app.print_json({"ok": True, **result.to_json()})

@@ -73,6 +73,8 @@ class DequantizeResult:
     bytes_written: int = 0
     seconds: float = 0.0
     up_to_date: bool = False  # the output already held this plain checkpoint: nothing was written
+    #: warnings of the run: tensors with finite values the cast to ``dtype`` made Inf
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -84,6 +86,7 @@ class DequantizeResult:
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
             "up_to_date": self.up_to_date,
+            "notes": self.notes,
         }
 
 
@@ -244,6 +247,29 @@ def _tensor(
     return value.to(dtype)
 
 
+def _overflow_note(name: str, value: QuantizedTensor | torch.Tensor, written: torch.Tensor) -> str | None:
+    """The warning for a tensor ``written`` holds Inf where ``value`` (decoded in float32) is finite:
+    values past the dtype's range that the cast made Inf (they are written so, as transformers' cast
+    makes them), else None. No tensor-sized temporary unless a written value is not finite."""
+    if not written.is_floating_point() or not written.numel():
+        return None
+    if all(torch.isfinite(m) for m in torch.aminmax(written)):
+        return None
+    source = value if isinstance(value, torch.Tensor) else for_record(value).dequantize(value, torch.float32)
+    source = source.reshape(written.shape) if source.numel() == written.numel() else None
+    if source is None or not source.is_floating_point():
+        return None
+    over = torch.isinf(written) & torch.isfinite(source)
+    if not bool(over.any()):
+        return None
+    dtype = str(written.dtype).removeprefix("torch.")
+    return (
+        f"tensor {name!r} holds {int(over.sum())} value(s) past {dtype}'s range (|w| up to "
+        f"{float(source[over].abs().max()):.4g}), which the cast to {dtype} turns into Inf, written as such "
+        "(transformers' cast does the same): the model computes Inf/NaN from it; use --dtype fp32 or bf16"
+    )
+
+
 def _shape(value: QuantizedTensor | torch.Tensor, transposed: bool) -> tuple[int, ...]:
     shape = tuple(int(d) for d in value.shape)
     return (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
@@ -264,6 +290,7 @@ def dequantize_checkpoint(
     force_download: bool = False,
     local_files_only: bool = False,
     subfolder: str = "",
+    warn: Callable[[str], None] | None = None,
 ) -> DequantizeResult:
     """Write ``output``: a plain safetensors checkpoint of the quantized folder (or Hub repo) ``source``.
 
@@ -276,6 +303,8 @@ def dequantize_checkpoint(
     ``convert(progress=False)``). A Hub repo id is fetched at ``revision`` (branch, tag or commit;
     default main) with ``token``, ``cache_dir``, ``force_download`` and ``local_files_only`` as
     ``load_quantized`` fetches it; ``subfolder``: the checkpoint is that folder of ``source``.
+    ``warn`` is given each warning (a tensor whose finite values the cast to ``dtype`` made Inf; also in
+    ``result.notes``); default: Python's ``warnings``.
     """
     forced_isa()  # a bad QM_CPU_ISA is named before any work, not as the decode kernel's ValueError
     if progress is False:
@@ -344,7 +373,13 @@ def dequantize_checkpoint(
                     raise OutputExistsError(msg)
                 clear_folder(out)
             atomic_write_bytes(out / UNFINISHED_NAME, marker)
-        result = _write_plain(folder, out, state, config, name, torch_dtype, limit, progress)
+        if warn is None:
+            import warnings
+
+            def warn(note: str) -> None:
+                warnings.warn(note, UserWarning, stacklevel=4)
+
+        result = _write_plain(folder, out, state, config, name, torch_dtype, limit, progress, warn)
         files = {
             p.name: p.stat().st_size
             for p in sorted(out.iterdir())
@@ -450,6 +485,7 @@ def _write_plain(
     torch_dtype: torch.dtype,
     limit: int,
     progress: Callable[[str], None] | None,
+    warn: Callable[[str], None],
 ) -> DequantizeResult:
     """The shards, the other files, config.json and (several shards) the index, in that order."""
     state = _fuse_llama4(state, config)  # Llama 4: per-expert weights back into its fused experts
@@ -464,7 +500,13 @@ def _write_plain(
         slots = [TensorSlot(k, DTYPE_CODES[dtypes[k]], _shape(state[k], k in transposed)) for k in group]
         with ShardWriter(out / shard_name, slots, {}) as writer:
             for k in group:
-                writer.write(k, _tensor(state[k], dtypes[k], k in transposed).contiguous())
+                written = _tensor(state[k], dtypes[k], k in transposed).contiguous()
+                writer.write(k, written)
+                note = _overflow_note(k, state[k], written.transpose(-2, -1) if k in transposed else written)
+                del written
+                if note is not None:
+                    result.notes.append(note)
+                    warn(note)
                 if not isinstance(state[k], torch.Tensor):
                     result.tensors_dequantized += 1
                 else:

@@ -15,7 +15,8 @@ that method would only say "You need to first quantize your model": the loader b
   them for a pre-quantized folder) for transformers' fused ``Llama4TextExperts`` again, its
   ``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]`` stacked from the (dequantized) per-expert linears;
 
-on the device each weight is on, in ``dtype`` (default: the model's ``config.dtype``, as transformers).
+on the device each weight is on, in ``dtype`` (default: the model's ``config.dtype``, as transformers; after
+a ``.half()`` / ``.float()`` / ``.to(dtype)`` of the loaded model, the dtype its parameters were cast to).
 The model's logits are then those of the folder's ``quantize-model dequantize`` output loaded by plain
 transformers. New parameters are frozen like the rest of a loaded model (``requires_grad_()`` to train).
 
@@ -44,9 +45,18 @@ class DequantizeError(ValueError):
 
 
 def _dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None:
-        dtype = getattr(getattr(model, "config", None), "dtype", None)
-    return None if dtype is None else dtype_from_name(dtype)
+    if dtype is not None:
+        return dtype_from_name(dtype)
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    dtype = None if dtype is None else dtype_from_name(dtype)
+    # .half() / .float() / .to(dtype) after the load (torch's casts, which transformers refuses on a
+    # bitsandbytes model) leave config.dtype as loaded: the linears then take the dtype every other
+    # floating-point parameter holds, else the model would mix them ("expected m1 and m2 to have the
+    # same dtype"); a model still holding config.dtype anywhere (fp32-kept modules) keeps it
+    held = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(held) == 1 and dtype not in held:
+        return held.pop()
+    return dtype
 
 
 def _check_swappable(name: str, weight: torch.Tensor, on_disk: bool) -> None:
@@ -130,7 +140,8 @@ def _fused_llama4_experts(module: nn.Module, dtype: torch.dtype | None) -> nn.Mo
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Swap every quantized module of ``model`` for torch's own (in place) and return ``model``.
 
-    ``dtype``: of the dequantized weights (default ``model.config.dtype``). The model afterwards has no
+    ``dtype``: of the dequantized weights (default ``model.config.dtype``, or the dtype every floating-point
+    parameter was cast to after the load when that is another one). The model afterwards has no
     ``quantization_config`` nor ``config._is_quantized``, no ``hf_quantizer`` and is not ``is_quantized``,
     ``is_loaded_in_4bit`` nor ``is_loaded_in_8bit``, so ``save_pretrained`` writes a plain checkpoint
     and ``Trainer`` takes it without adapters.

@@ -334,7 +334,15 @@ def _expert_weights(
     blocksize: int,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate_up [2I, H], down [H, I]) of one expert (its row of ``packed`` / ``absmax``), dequantized."""
+    """(gate_up [2I, H], down [H, I]) of one expert (its row of ``packed`` / ``absmax``), dequantized.
+
+    float64 (no kernel dtype; ``model.double().dequantize()``): the float32 weights, cast, as the 4-bit
+    linear layers decode them (float64 holds each float32 product exactly)."""
+    if dtype == torch.float64:
+        gu, dn = _expert_weights(
+            packed, absmax, quant_map, intermediate, hidden_dim, blocksize, torch.float32
+        )
+        return gu.to(dtype), dn.to(dtype)
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
     gu = _dequant(packed[:gu_bytes], absmax[:gu_blocks], quant_map, 2 * gu_bytes, blocksize, dtype)
     dn = _dequant(packed[gu_bytes:], absmax[gu_blocks:], quant_map, gu_bytes, blocksize, dtype)

@@ -200,6 +200,38 @@ def user_reason(skip: Sequence[str], include: Sequence[str], *names: str) -> str
     return None
 
 
+def _spellings(name: str) -> tuple[str, ...]:
+    """``name`` and ``name`` without its first component (the base-model prefix a model's own module
+    names may lack or add: ``bert.encoder...`` / ``encoder...``)."""
+    return (name, name.split(".", 1)[1]) if "." in name else (name,)
+
+
+def unmatched_globs(globs: Sequence[str], tensor_names: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """The globs of ``globs`` that match no tensor name nor module (any dotted prefix of one) of the
+    checkpoint, in either spelling (with or without the base-model prefix), each with an example name
+    (a module whose last component is the glob, else the first tensor) and a glob that does match where
+    one component of the names is the glob itself (``down_proj`` -> ``*.down_proj``), else None.
+
+    fnmatch matches whole names, so ``--skip down_proj`` (as transformers' ``llm_int8_skip_modules``
+    is written) keeps nothing: the conversion warns instead of quantizing everything silently."""
+    names: set[str] = set()
+    modules: dict[str, str] = {}  # a component -> the first module name it ends
+    for full in tensor_names:
+        parts = full.split(".")
+        for i in range(1, len(parts) + 1):
+            names.update(_spellings(".".join(parts[:i])))
+            modules.setdefault(parts[i - 1], ".".join(parts[:i]))
+    out = []
+    for g in globs:
+        if any(fnmatch.fnmatchcase(n, v) for v in _spellings(g) for n in names):
+            continue
+        if g in modules:
+            out.append((g, modules[g], f"*.{g}"))
+        else:
+            out.append((g, tensor_names[0] if tensor_names else "", None))
+    return out
+
+
 def data_reason(t: TensorLike) -> str | None:
     """Reason a linear weight cannot be quantized by its dtype or shape, or None."""
     if t.dtype not in QUANTIZABLE_DTYPES:

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 from converter.errors import InputError, UnsupportedTensorError
 from converter.methods import QuantMethod, get_method, own_options
-from converter.plan.moe import check_mode
+from converter.plan.moe import check_mode, is_expert_weight
 from converter.plan.moe_fused import FUSED_EXPERT_KEY, swap_last
-from converter.plan.selection_facts import SUBCLASS_REASON
+from converter.plan.selection_facts import SUBCLASS_REASON, user_reason
 from converter.sources.base import CODE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
 from formats.quant_types import MAX_BNB_ELEMENTS, QuantType
 from formats.validate import FORMAT_VERSION, FUSED_EXPERTS_FORMAT_VERSION, UnsupportedOption
@@ -331,14 +331,28 @@ def build_plan(
         # the reason a 2-D weight was kept says more than a norm's, and a linear of the model's own
         # class (Falcon's FalconLinear) more than the head, which every model keeps
         matrices = [p for p in weights if len(p.info.shape) == 2]
+        # the weights --skip / --include leave to the selection say why they were kept (the head's
+        # reason is no answer to "--include '*experts*'")
+        wanted = [
+            p
+            for p in matrices
+            if user_reason(options.skip, options.include, p.name, _module_of(p.name)) is None
+        ]
+        matrices = wanted or matrices
         own_class = next((p for p in matrices if p.reason.startswith(SUBCLASS_REASON)), None)
-        example = f64 or own_class or (matrices[0] if matrices else None)
+        # routed experts, kept 16-bit by --moe-experts keep
+        keep_experts = options.moe_experts == "keep"
+        experts = next((p for p in wanted if keep_experts and is_expert_weight(p.name)), None)
+        example = f64 or own_class or experts or (matrices[0] if matrices else None)
         example = example or (weights[0] if weights else planned[0] if planned else None)
         detail = f" (e.g. {example.name!r}: {example.reason})" if example else ""
         if f64:
             hint = "pass --dtype float32 (or bfloat16) to cast float64 weights, or the checkpoint's dtype"
         elif own_class:
             hint = "transformers + bitsandbytes would load this model unquantized too"
+        elif experts:
+            hint = "routed MoE experts stay 16-bit with --moe-experts keep (the default); pass "
+            hint += "--moe-experts quantize"
         else:
             hint = "check --include/--skip, or the checkpoint's dtype"
         msg = (

@@ -33,6 +33,7 @@ from converter.kernels.bnb4bit_np import NonFiniteInputError
 from converter.kernels.isa_env import forced_isa
 from converter.plan import moe
 from converter.plan.selection import select_tensors
+from converter.plan.selection_facts import unmatched_globs
 from converter.plan.tensor_plan import (
     DTYPE_CODES,
     Options,
@@ -275,6 +276,16 @@ class _Conversion:
         if not self.dry_run and (overwrite or not (self.output / MANIFEST_NAME).exists()):
             # A fresh run needs every file: let a Hub source start downloading during planning.
             self._announce_needed(src.weight_files())
+        for option, globs in (("--skip", options.skip), ("--include", options.include)):
+            # fnmatch on whole names: '--skip down_proj' (as llm_int8_skip_modules is written) kept
+            # nothing and said nothing
+            for glob, example, better in unmatched_globs(globs, [t.name for t in tensors]):
+                does = "keeps nothing 16-bit" if option == "--skip" else "selects nothing"
+                hint = f"; did you mean {better!r}?" if better else ""
+                self._tell(
+                    f"{option} {glob!r} matches no tensor or module of the checkpoint, so it {does}: globs "
+                    f"match whole dotted names such as {example!r}{hint}"
+                )
         selection = select_tensors(
             config,
             tensors,
@@ -592,10 +603,37 @@ class _Conversion:
         x, code = _get_array(mapped[file], p.name)
         if code != to and p.quantize and code in _FLOAT_CODES:
             x = self._cast_input(p, x, code, to)
+        elif code != to and not p.quantize and code in _FLOAT_CODES and to in _FLOAT_CODES:
+            x = self._cast_kept(p, x, code, to)
         elif code != to and (code in _FLOAT_CODES or p.quantize):
             x = _cast(x, code, to)  # --dtype (packed/absmax/maps are produced after it, never cast)
         self.stats.seconds_read += time.perf_counter() - t0
         return x
+
+    def _cast_kept(self, p: PlannedTensor, x: np.ndarray, code: str, to: str) -> np.ndarray:
+        """The --dtype cast of a tensor kept unquantized. A finite value past ``to``'s range becomes Inf,
+        as in transformers' cast, and is written so; the run says so, naming the tensor (it was silent:
+        only quantization_report.json counted the Inf, verify passed, the model computed NaN)."""
+        import torch
+
+        from converter.sources.mapped import as_torch
+        from formats.writer import TORCH_DTYPES
+
+        source = as_torch(x, code)
+        y = source.to(TORCH_DTYPES[to])
+        narrower = y.dtype.itemsize < source.dtype.itemsize or y.dtype == torch.float16
+        # no tensor-sized temporaries unless a value is not finite (an embedding may be a GB)
+        if narrower and y.numel() and not all(torch.isfinite(m) for m in torch.aminmax(y)):
+            over = torch.isinf(y) & torch.isfinite(source)
+            if bool(over.any()):
+                name, count, largest = CODE_NAMES[to], int(over.sum()), float(source[over].abs().max())
+                self._tell(
+                    f"tensor {p.name!r} in {p.info.file} holds {count} value(s) past {name}'s range (|w| up "
+                    f"to {largest:.4g}), which the cast to {name} turns into Inf, written as such "
+                    "(transformers' cast does the same): the model computes Inf/NaN from it; convert with "
+                    "--dtype float32, or without --dtype where the checkpoint's own dtype holds it"
+                )
+        return y.view(torch.uint16).numpy() if to == "BF16" else y.numpy()
 
     def _cast_input(self, p: PlannedTensor, x: np.ndarray, code: str, to: str) -> np.ndarray:
         """The --dtype cast of a weight to quantize. A finite value past ``to``'s range becomes Inf, as

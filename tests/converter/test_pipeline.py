@@ -435,6 +435,64 @@ def test_nothing_to_quantize(tiny_llama: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("include", "example", "hint"),
+    [
+        # the experts the glob names are kept by --moe-experts keep: say so, not the head's reason
+        (
+            "*experts*",
+            "'model.layers.0.mlp.experts.0.down_proj.weight': fused MoE experts",
+            "routed MoE experts stay 16-bit with --moe-experts keep (the default); pass "
+            "--moe-experts quantize",
+        ),
+        ("*.mlp.gate", "'model.layers.0.mlp.gate.weight': router", "check --include/--skip"),
+        ("lm_head", "'lm_head.weight': lm_head (output embedding)", "check --include/--skip"),
+    ],
+)
+def test_nothing_to_quantize_names_a_weight_the_include_matched(
+    include: str, example: str, hint: str, tiny_checkpoint, tmp_path: Path
+) -> None:
+    """The example of "nothing to quantize" is one of the weights --include named (it was the first 2-D
+    weight, the head, whatever the globs: '--include *experts*' of a MoE model was told about lm_head)."""
+    with pytest.raises(InputError) as info:
+        convert(tiny_checkpoint("qwen3_moe"), tmp_path / "out", include=[include], progress=False)
+    msg = str(info.value)
+    assert msg.startswith("nothing to quantize: ")
+    assert f"(e.g. {example}" in msg
+    assert msg.endswith(hint + ("" if "pass" in hint else ", or the checkpoint's dtype"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_glob_that_matches_nothing_is_named_with_the_glob_that_would(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """fnmatch matches whole dotted names: '--skip down_proj' (as transformers' llm_int8_skip_modules
+    is written) kept nothing 16-bit and said nothing, every down_proj quantized. Each glob that matches
+    no tensor or module (either spelling of the base-model prefix) is a warning, with the glob meant."""
+    told: list[str] = []
+    result = convert(
+        tiny_llama,
+        tmp_path / "out",
+        skip=["down_proj", "*.up_proj", "nothing*"],
+        include=["model.layers.*", "q_proj", "layers.1.*"],
+        progress=False,
+        warn=told.append,
+    )
+    unmatched = [m for m in told if "matches no tensor or module" in m]
+    assert len(unmatched) == 3
+    assert unmatched[0] == (
+        "--skip 'down_proj' matches no tensor or module of the checkpoint, so it keeps nothing 16-bit: "
+        "globs match whole dotted names such as 'model.layers.0.mlp.down_proj'; did you mean '*.down_proj'?"
+    )
+    assert unmatched[1].startswith("--skip 'nothing*' matches no tensor or module of the checkpoint, so ")
+    assert "did you mean" not in unmatched[1]
+    assert unmatched[2] == (
+        "--include 'q_proj' matches no tensor or module of the checkpoint, so it selects nothing: globs "
+        "match whole dotted names such as 'model.layers.0.self_attn.q_proj'; did you mean '*.q_proj'?"
+    )
+    assert all(m in result.notes for m in unmatched)  # kept in the result too
+
+
 def test_too_many_elements_refused_from_the_plan(tmp_path: Path) -> None:
     from qm_checkpoints import write_safetensors_header
 
@@ -623,3 +681,32 @@ def test_cast_overflow_refused_by_name_and_cause(tmp_path: Path, dtype: str, val
         "writes an inf absmax that loads as NaN); convert without --dtype (or with --dtype float32), or "
         "pass --skip 'layer'"
     )
+
+
+@pytest.mark.parametrize(("dtype", "value"), [("bfloat16", 3.4e38), ("float16", 99840.0)])
+def test_cast_overflow_in_a_kept_tensor_is_named(tmp_path: Path, dtype: str, value: float) -> None:
+    """A kept tensor (an embedding, a norm) with a finite value past --dtype's range is written as the
+    cast makes it, Inf, as transformers' cast does; the run warns naming it (it was silent: only the
+    report's nonfinite_kept counted it, verify passed and the model computed NaN). In range: no word."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    norm = torch.ones(64)
+    norm[5] = value
+    tensors = {"layer.weight": torch.randn(8, 64), "norm.weight": norm, "ok.weight": torch.ones(64)}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    told: list[str] = []
+    result = convert(src, tmp_path / "out", include=["layer"], dtype=dtype, progress=False, warn=told.append)
+    largest = "3.4e+38" if dtype == "bfloat16" else "9.984e+04"
+    note = (
+        f"tensor 'norm.weight' in model.safetensors holds 1 value(s) past {dtype}'s range (|w| up to "
+        f"{largest}), which the cast to {dtype} turns into Inf, written as such (transformers' cast does the "
+        "same): the model computes Inf/NaN from it; convert with --dtype float32, or without --dtype where "
+        "the checkpoint's own dtype holds it"
+    )
+    assert [m for m in told if "range" in m] == [note]
+    assert note in result.notes
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert torch.isinf(f.get_tensor("norm.weight")[5])  # as transformers' cast makes it
+    assert result.quality["kept_with_nonfinite"] == ["norm.weight"]

@@ -489,3 +489,37 @@ def test_keep_in_fp32_modules_stay_float32_as_transformers_saves_them(tmp_path: 
     with torch.no_grad():
         want = theirs(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
         assert torch.equal(ours(input_ids=ids, decoder_input_ids=ids[:, :3]).logits, want)
+
+
+def test_values_the_cast_makes_inf_are_named(tmp_path: Path) -> None:
+    """--dtype fp16 of a folder holding values past float16's range (a bf16 norm of 70000, a 4-bit weight
+    whose absmax decodes past it) writes them as the cast makes them, Inf, as transformers' cast does,
+    and says so, naming each tensor (it was silent: exit 0, the model computed NaN); fp32: no word."""
+    from safetensors.torch import save_file
+
+    from converter.writer.pipeline import convert
+
+    src = tmp_path / "src"
+    src.mkdir()
+    w = torch.randn(8, 64, dtype=torch.bfloat16)
+    w[1, 2] = 1e5
+    norm = torch.ones(64, dtype=torch.bfloat16)
+    norm[3] = 7e4
+    save_file({"layer.weight": w, "norm.weight": norm}, src / "model.safetensors", metadata={"format": "pt"})
+    folder = tmp_path / "nf4"
+    convert(src, folder, include=["layer"], progress=False)
+    told: list[str] = []
+    result = dequantize_checkpoint(folder, tmp_path / "fp16", dtype="fp16", warn=told.append)
+    assert told == result.notes
+    assert [m.split(" holds ")[0] for m in told] == ["tensor 'layer.weight'", "tensor 'norm.weight'"]
+    assert told[1] == (
+        "tensor 'norm.weight' holds 1 value(s) past float16's range (|w| up to 7.014e+04), which the cast to "
+        "float16 turns into Inf, written as such (transformers' cast does the same): the model computes "
+        "Inf/NaN from it; use --dtype fp32 or bf16"
+    )
+    assert result.to_json()["notes"] == told
+    with safe_open(str(tmp_path / "fp16" / "model.safetensors"), "pt") as f:
+        assert torch.isinf(f.get_tensor("norm.weight")[3])
+    told.clear()
+    assert dequantize_checkpoint(folder, tmp_path / "fp32", dtype="fp32", warn=told.append).notes == []
+    assert told == []

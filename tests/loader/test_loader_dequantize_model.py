@@ -75,6 +75,28 @@ def test_dtype_argument_and_copies(our_folder):
             assert torch.equal(m.weight.to(torch.bfloat16), bf16[n])
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("cast", ["half", "float", "to"])
+def test_dequantize_after_a_cast_follows_the_models_dtype(kind, cast, our_folder, int8_folder):
+    """A loaded model cast with ``.half()`` / ``.float()`` / ``.to(dtype)`` (allowed, unlike on a
+    transformers + bitsandbytes model) keeps its ``config.dtype``; ``dequantize()`` without a dtype gives
+    its linears the dtype the model's other parameters now hold, so the model still runs (they were made
+    in the load's bf16 beside float16 / float32 norms and embeddings: 'expected m1 and m2 to have the same
+    dtype'), with the weights the 4-bit kernels decode."""
+    folder = our_folder if kind == "nf4" else int8_folder
+    want = torch.float32 if cast == "float" else torch.float16
+    model = load_quantized(folder)
+    model = model.half() if cast == "half" else model.float() if cast == "float" else model.to(want)
+    reference = load_quantized(folder).dequantize(want)  # the weights, decoded straight into want
+    model.dequantize()
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert linears
+    assert {m.weight.dtype for m in linears.values()} == {want}
+    for name, layer in linears.items():
+        assert torch.equal(layer.weight, reference.get_submodule(name).weight)
+    assert _logits(model).dtype == want  # it runs
+
+
 def test_peft_wrapped_layers_are_refused_before_any_swap(our_folder):
     peft = pytest.importorskip("peft")
     model = load_quantized(our_folder)

@@ -129,6 +129,23 @@ def test_model_dequantize_restores_transformers_experts(folders, name, tmp_path)
     assert torch.equal(_logits(load_logged(tmp_path / "saved", dtype=torch.bfloat16)[0]), _logits(ref))
 
 
+def test_model_double_dequantize_decodes_the_experts_in_float64(folders):
+    """model.double().dequantize(): the experts are decoded in float64 as the 4-bit linears are (the
+    float32 weights, cast: float64 holds each product exactly); the experts' decode refused float64
+    ("out_dtype torch.float64 is not supported"), and dequantize(torch.float64) with it."""
+    q, _ = folders("qwen3_moe")
+    model = load_quantized(q).double()
+    float32 = {n: m.expert_weights(0, torch.float32) for n, m in moe_modules(model).items()}
+    assert float32
+    model.dequantize()
+    assert not moe_modules(model)
+    for n, (gate_up, down) in float32.items():
+        experts = model.get_submodule(n)
+        assert experts.gate_up_proj.dtype == torch.float64
+        assert torch.equal(experts.gate_up_proj[0], gate_up.double())
+        assert torch.equal(experts.down_proj[0], down.double())
+
+
 def test_experts_are_views_of_one_buffer_per_layer(folders):
     q, _ = folders("deepseek_v3")
     model = load_quantized(q)
