@@ -13,7 +13,7 @@ from converter.cli._app import App, table
 from converter.cli._moe_rows import moe_rows
 from converter.errors import InputError
 from converter.methods import method_names
-from converter.plan.tensor_plan import QUANT_STORAGES, parse_size
+from converter.plan.tensor_plan import QUANT_STORAGES, normalize_dtype, parse_size
 from converter.units import human_bytes, human_count
 from formats.quant_types import BLOCKSIZES
 
@@ -29,7 +29,13 @@ Exit codes: 0 ok, 1 conversion failed, 2 usage or input error, 75 another proces
 (retry once it ends), 130 interrupted (rerun to resume).
 """
 
-_DTYPES = click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False)
+#: as dequantize takes them: the short names too (normalized by _dtype_name, so a batch's key is one)
+_DTYPES = click.Choice(["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"], case_sensitive=False)
+
+
+def _dtype_name(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """'bf16' / 'BF16' -> 'bfloat16': one spelling downstream (plans, batch keys, messages)."""
+    return normalize_dtype(value, f"--{param.name.replace('_', '-')}") if value else value
 
 
 def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -65,9 +71,9 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Quantize the absmax constants too (nested quantization)."),
         click.option("--blocksize", type=click.Choice([str(b) for b in BLOCKSIZES]),
                      default="64", show_default=True, help="Elements per absmax block."),
-        click.option("--compute-dtype", type=_DTYPES, default=None,
+        click.option("--compute-dtype", type=_DTYPES, default=None, callback=_dtype_name,
                      help="bnb_4bit_compute_dtype in config.json [default: the model dtype]."),
-        click.option("--dtype", type=_DTYPES, default=None,
+        click.option("--dtype", type=_DTYPES, default=None, callback=_dtype_name,
                      help="Cast weights to this dtype before quantizing, as transformers does."),
         click.option("--quant-storage", type=click.Choice(list(QUANT_STORAGES)),
                      default="uint8", show_default=True, help="dtype the packed weights are stored as."),

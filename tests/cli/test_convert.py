@@ -224,3 +224,16 @@ def test_version_lists_backends(qm) -> None:
     first, second = r.stdout.splitlines()
     assert first == "quantize-model 0.1.0"
     assert second.startswith("kernels: cpu (")
+
+
+def test_dtype_takes_the_short_names_dequantize_takes(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """``dequantize --dtype bf16`` was accepted and ``convert --dtype bf16`` refused ("'bf16' is not one
+    of 'float32', 'float16', 'bfloat16'"): convert takes both spellings, as one (same folder, a no-op)."""
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "--dtype", "fp16", "--compute-dtype", "BF16", "-q").exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
+    assert config["dtype"] == "float16"
+    r = qm("convert", tiny_llama, out, "--dtype", "float16", "--compute-dtype", "bfloat16")
+    assert r.exit_code == 0
+    assert r.stderr.endswith("already converted with the same source and options; nothing to do\n")
