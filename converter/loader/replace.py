@@ -74,6 +74,19 @@ def quantized_modules(state: Mapping[str, Any]) -> dict[str, QuantizedTensor]:
     }
 
 
+def _experts_hint(targets: Mapping[str, QuantizedTensor], modules: Mapping[str, nn.Module]) -> str:
+    """What to use instead when the misfits include 4-bit MoE experts this model holds no nn.Linear for
+    (transformers' fused experts modules): load_quantized builds those from the records."""
+    from converter.plan.moe import is_expert_weight
+
+    if not any(is_expert_weight(f"{n}.weight") and n not in modules for n in targets):
+        return ""
+    return (
+        "; the 4-bit MoE experts among them load with load_quantized, which builds the model's experts "
+        "modules from them (replace_linear_layers swaps nn.Linear layers only)"
+    )
+
+
 def swap_layers(
     model: nn.Module,
     state: Mapping[str, Any],
@@ -107,7 +120,7 @@ def swap_layers(
     if problems:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         msg = f"{where}: {len(problems)} quantized weight(s) do not fit the model: {shown}"
-        raise CheckpointMismatchError(msg)
+        raise CheckpointMismatchError(msg + _experts_hint(targets, modules))
     for name, record in targets.items():
         module = modules[name]
         bias = state.get(f"{name}.bias")

@@ -636,3 +636,22 @@ def test_estimate_reads_no_expert_bytes(folders, monkeypatch):
     # the stacking's reads of every expert's codes and absmax (moe_records' own use of ops only)
     monkeypatch.setattr(moe_records, "ops", types.SimpleNamespace(packed_bytes=read, decoded_absmax=read))
     assert estimate(q, "cpu")[1] == loaded
+
+
+def test_replace_linear_layers_on_a_moe_folder_points_to_load_quantized(folders):
+    """replace_linear_layers on a transformers MoE model raised "has no module ... in the model" for every
+    expert and stopped there: the message now says the experts load with load_quantized."""
+    from converter.loader.replace import CheckpointMismatchError, replace_linear_layers
+
+    q, _ = folders("qwen3_moe")
+    config = transformers.AutoConfig.from_pretrained(q)
+    del config.quantization_config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(CheckpointMismatchError, match=r"experts\.0\.\w+\.weight' has no module") as err:
+        replace_linear_layers(model, q)
+    assert str(err.value).endswith(
+        "; the 4-bit MoE experts among them load with load_quantized, which builds the model's experts "
+        "modules from them (replace_linear_layers swaps nn.Linear layers only)"
+    )
