@@ -276,6 +276,11 @@ def decide(
 _NOT_A_FOLDER = "{output}: exists and is not a folder; remove it or pass --overwrite"
 
 
+def not_a_folder(output: Path) -> str:
+    """The refusal of an output that exists as a file (without --overwrite)."""
+    return _NOT_A_FOLDER.format(output=Path(output).resolve())
+
+
 def _contains_source(output: Path, protected: tuple[Path, ...]) -> str | None:
     for p in protected:
         p = p.resolve()

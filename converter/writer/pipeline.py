@@ -58,6 +58,7 @@ from converter.writer.manifest import (
     atomic_write_bytes,
     dangling_link,
     decide,
+    not_a_folder,
     shard_chunks_json,
     shard_info,
     source_overlap,
@@ -187,6 +188,8 @@ def convert(
     if blocker is not None and blocker != output:  # an output file itself is refused by the manifest
         msg = f"{output}: {blocker} is a file, not a folder; choose an output folder"
         raise InputError(msg)
+    if blocker == output and not overwrite and not dry_run:  # before the plan's warnings (a dry run
+        raise OutputExistsError(not_a_folder(output))  # reports the plan and the refusal)
     local = Path(source).expanduser() if isinstance(source, str | Path) else None
     if local is not None and local.exists():  # refused before the source is read (a Hub id: not here)
         overlap = source_overlap(output, local, remedy="choose another output folder")

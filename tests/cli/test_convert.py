@@ -237,3 +237,16 @@ def test_dtype_takes_the_short_names_dequantize_takes(qm, tiny_llama: Path, tmp_
     r = qm("convert", tiny_llama, out, "--dtype", "float16", "--compute-dtype", "bfloat16")
     assert r.exit_code == 0
     assert r.stderr.endswith("already converted with the same source and options; nothing to do\n")
+
+
+def test_an_output_that_is_a_file_is_refused_before_the_plan_warns(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """An OUTPUT that exists as a file was refused only after the plan was made, its warnings printed
+    first (here: a --skip glob that matches nothing); now the refusal is the one line, the file kept."""
+    out = tmp_path / "out"
+    out.write_text("mine")
+    r = qm("convert", tiny_llama, out, "--skip", "no_such_module")
+    assert r.exit_code == 2
+    assert r.stderr == f"Error: {out.resolve()}: exists and is not a folder; remove it or pass --overwrite\n"
+    assert out.read_text() == "mine"
