@@ -200,6 +200,11 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
         return
     if result.noop:
         app.info(f"{result.output}: already converted with the same source and options; nothing to do")
+    elif result.refreshed:
+        app.info(
+            f"{result.output}: already converted; the files that changed in the source since were "
+            f"rewritten ({result.shards_reused} shard(s) kept)"
+        )
     elif result.resumed:
         app.info(
             f"{result.output}: resumed an interrupted conversion ({result.shards_reused} shard(s) reused)"

@@ -256,6 +256,7 @@ class _Conversion:
         self.quality: QualityMeter | None = None
         self.warn: Callable[[str], None] | None = None
         self.keep_others = False  # resuming a finished folder: leave files a run does not write
+        self.refreshed = False  # a finished folder whose other files changed in the source (run())
         #: tensors whose --dtype cast turned finite values into Inf: name -> (target code, largest |w|)
         self.cast_overflow: dict[str, tuple[str, float]] = {}
 
@@ -349,6 +350,10 @@ class _Conversion:
                 protected=protected,
                 refresh=bool(changed),
             )
+            # every shard reused: a finished folder, only its other files to rewrite (the CLI says so
+            # instead of "resumed an interrupted conversion")
+            self.refreshed = bool(changed) and decision.action is Action.RESUME
+            self.refreshed = self.refreshed and len(decision.done) == len(plan.shards)
             if changed and decision.action is Action.RESUME:
                 gone = set(gone_files(self.src, self.output, decision.manifest))
                 rewritten = [n for n in changed if n not in gone]
@@ -780,6 +785,7 @@ class _Conversion:
             bytes_read=self.stats.bytes_in,
             shards_reused=reused if action is Action.RESUME else 0,
         )
+        result.refreshed = self.refreshed
         result.notes.extend(self.notes)
         return result
 

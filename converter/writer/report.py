@@ -32,6 +32,9 @@ class ConversionResult:
     noop: bool = False
     bytes_read: int = 0  # source bytes read by this run (less than bytes_in when resumed)
     shards_reused: int = 0  # shards a resumed run found complete and kept
+    #: a finished conversion whose other files (config.json, tokenizer...) changed in the source since:
+    #: those rewritten, every shard kept (``resumed`` is True too: the run went through the resume path)
+    refreshed: bool = False
     bytes_quantized: int = 0  # stored bytes of the quantized weights (codes, absmax, maps, quant state)
     pushed_to: str | None = None
     notes: list[str] = field(default_factory=list)  # e.g. why --device cuda fell back to the CPU

@@ -250,3 +250,23 @@ def test_an_output_that_is_a_file_is_refused_before_the_plan_warns(
     assert r.exit_code == 2
     assert r.stderr == f"Error: {out.resolve()}: exists and is not a folder; remove it or pass --overwrite\n"
     assert out.read_text() == "mine"
+
+
+def test_a_rerun_after_the_source_config_changed_does_not_say_resumed(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Only the source's config.json changed since a finished conversion: the rerun said "resumed an
+    interrupted conversion" (nothing was interrupted); it says what it did."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    out = tmp_path / "out"
+    assert qm("convert", src, out, "-q").exit_code == 0
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "my_note": 1}))
+    r = qm("convert", src, out)
+    assert r.exit_code == 0
+    assert "resumed an interrupted" not in r.stderr
+    assert (
+        f"{out}: already converted; the files that changed in the source since were rewritten "
+        "(1 shard(s) kept)"
+    ) in r.stderr
+    assert json.loads((out / "config.json").read_text())["my_note"] == 1

@@ -234,6 +234,7 @@ def test_rerun_into_a_finished_folder_with_a_damaged_index_or_no_report_rewrites
     with pytest.warns(UserWarning, match=rf"{name}: not what this conversion writes"):
         r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
     assert not r.noop
+    assert r.refreshed  # a finished folder: not an interrupted conversion resumed
     assert r.shards_reused == len(shards)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == shards
     assert (out / "quantization_report.json").is_file()
