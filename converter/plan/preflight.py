@@ -59,8 +59,11 @@ class Preflight:
 
     @property
     def bits_per_param(self) -> float:
+        """Stored bits per parameter (tensor data, as convert's summary and ``inspect`` count it; the
+        shard headers, in ``bytes_out``, are left out)."""
         total = self.params_quantized + self.params_kept
-        return 8 * self.bytes_out / total if total else 0.0
+        stored = sum(t["bytes_out"] for t in self.tensors)
+        return 8 * stored / total if total else 0.0
 
     @property
     def fits(self) -> bool:

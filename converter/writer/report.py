@@ -36,6 +36,7 @@ class ConversionResult:
     #: those rewritten, every shard kept (``resumed`` is True too: the run went through the resume path)
     refreshed: bool = False
     bytes_quantized: int = 0  # stored bytes of the quantized weights (codes, absmax, maps, quant state)
+    bytes_kept: int = 0  # stored bytes of the tensors kept unquantized
     pushed_to: str | None = None
     notes: list[str] = field(default_factory=list)  # e.g. why --device cuda fell back to the CPU
     quality: dict | None = None  # converter.record.quality.summarize: totals and the worst tensors
@@ -53,8 +54,11 @@ class ConversionResult:
 
     @property
     def bits_per_param(self) -> float:
-        """Output bits per parameter over the whole checkpoint (kept tensors included)."""
-        return 8 * self.bytes_out / self.params_total if self.params_total else 0.0
+        """Stored bits per parameter over the whole checkpoint (kept tensors included): tensor data, as
+        ``inspect`` and ``--dry-run`` count it (the shard headers, in ``bytes_out``, are left out: they
+        weigh on tiny models only)."""
+        stored = self.bytes_quantized + self.bytes_kept
+        return 8 * stored / self.params_total if self.params_total else 0.0
 
     @property
     def quantized_bits_per_param(self) -> float:
@@ -116,6 +120,7 @@ def make_result(
         bytes_read=bytes_read,
         shards_reused=shards_reused,
         bytes_quantized=bytes_quantized,
+        bytes_kept=sum(t.out_nbytes for t in k),
         moe=plan_moe_summary(plan),
     )
 
