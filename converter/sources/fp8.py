@@ -21,7 +21,6 @@ MXFP4) keeps the "already quantized" refusal.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from converter.sources.fp8_layout import (
     block_size,
     is_block_fp8,
 )
+from converter.sources.view import SourceView
 
 __all__ = [
     "SCALE_SUFFIX",
@@ -115,7 +115,7 @@ class _Fp8File:
         return dequantize_block_fp8(raw, scale, self.owner.block)
 
 
-class Fp8BlockSource(Source):
+class Fp8BlockSource(SourceView):
     """A block-scaled FP8 source seen as a bf16 one (see the module docstring)."""
 
     def __init__(self, inner: Source) -> None:
@@ -126,7 +126,7 @@ class Fp8BlockSource(Source):
             where = inner.describe().get("path") or inner.describe().get("repo_id")
             msg = f"{where}: already quantized ({problem})"
             raise AlreadyQuantizedError(msg)
-        self.inner = inner
+        super().__init__(inner)
         self.block = block_size(config) or (128, 128)
         self.fp8_weights = {t.name for t in tensors if t.dtype in _FP8_WEIGHT_DTYPES}
         self.scale_file = {t.name: t.file for t in tensors if t.name.endswith(SCALE_SUFFIX)}
@@ -141,9 +141,6 @@ class Fp8BlockSource(Source):
         ]
         self._config = {k: v for k, v in (config or {}).items() if k != "quantization_config"}
 
-    def notes(self) -> list[str]:
-        return self.inner.notes()
-
     def describe(self) -> dict:
         return {**self.inner.describe(), "dequantized": f"fp8 {self.block[0]}x{self.block[1]} blocks -> bf16"}
 
@@ -153,40 +150,8 @@ class Fp8BlockSource(Source):
     def tensors(self) -> list[TensorInfo]:
         return self._tensors
 
-    def weight_files(self) -> list[str]:
-        return self.inner.weight_files()
-
-    def acquire(self, file: str) -> Path:
-        return self.inner.acquire(file)
-
     def open_file(self, file: str) -> Any:
         return _Fp8File(self, file, self.inner.open_file(file))
-
-    def release(self, file: str) -> None:
-        self.inner.release(file)
-
-    def extra_files(self) -> list[str]:
-        return self.inner.extra_files()
-
-    def copy_extra_file(self, name: str, dest: Path) -> None:
-        self.inner.copy_extra_file(name, dest)
-
-    def holds_extra_file(self, name: str, path: Path) -> bool:
-        return self.inner.holds_extra_file(name, path)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:  # Hub extras: set_needed, download_plan, download_progress
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "on_download":  # the progress bar's hook belongs to the Hub source
-            setattr(self.inner, name, value)
-        else:
-            object.__setattr__(self, name, value)
 
 
 def wrap_if_block_fp8(src: Source) -> Source:

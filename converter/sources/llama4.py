@@ -27,11 +27,11 @@ up to the source's. ``dequantize`` fuses them back (``converter/loader/dequantiz
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from converter.errors import InputError
 from converter.sources.base import Source, TensorInfo
+from converter.sources.view import SourceView
 
 __all__ = [
     "FUSED_KEY",
@@ -148,61 +148,23 @@ class _Llama4File:
         getattr(self.inner, "close", lambda: None)()
 
 
-class Llama4ExpertsSource(Source):
+class Llama4ExpertsSource(SourceView):
     """A Llama 4 source with per-expert 2-D expert weights (see the module docstring)."""
 
     def __init__(self, inner: Source) -> None:
         tensors = inner.tensors()
-        self.inner = inner
+        super().__init__(inner)
         self.virtual = _per_expert(tensors)
         self._tensors = _listing(tensors, self.virtual)
-
-    def notes(self) -> list[str]:
-        return self.inner.notes()
 
     def describe(self) -> dict:
         return {**self.inner.describe(), "llama4_experts": "fused -> per-expert nn.Linear weights"}
 
-    def config(self) -> dict | None:
-        return self.inner.config()
-
     def tensors(self) -> list[TensorInfo]:
         return self._tensors
 
-    def weight_files(self) -> list[str]:
-        return self.inner.weight_files()
-
-    def acquire(self, file: str) -> Path:
-        return self.inner.acquire(file)
-
     def open_file(self, file: str) -> Any:
         return _Llama4File(self, self.inner.open_file(file))
-
-    def release(self, file: str) -> None:
-        self.inner.release(file)
-
-    def extra_files(self) -> list[str]:
-        return self.inner.extra_files()
-
-    def copy_extra_file(self, name: str, dest: Path) -> None:
-        self.inner.copy_extra_file(name, dest)
-
-    def holds_extra_file(self, name: str, path: Path) -> bool:
-        return self.inner.holds_extra_file(name, path)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:  # Hub extras: set_needed, download_plan, download_progress
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "on_download":  # the progress bar's hook belongs to the Hub source
-            setattr(self.inner, name, value)
-        else:
-            object.__setattr__(self, name, value)
 
 
 def wrap_if_llama4(src: Source) -> Source:
