@@ -247,7 +247,9 @@ def _tensor(
     return value.to(dtype)
 
 
-def _overflow_note(name: str, value: QuantizedTensor | torch.Tensor, written: torch.Tensor) -> str | None:
+def _overflow_note(
+    name: str, value: QuantizedTensor | torch.Tensor | _Fused, written: torch.Tensor
+) -> str | None:
     """The warning for a tensor ``written`` holds Inf where ``value`` (decoded in float32) is finite:
     values past the dtype's range that the cast made Inf (they are written so, as transformers' cast
     makes them), else None. No tensor-sized temporary unless a written value is not finite."""
@@ -255,7 +257,12 @@ def _overflow_note(name: str, value: QuantizedTensor | torch.Tensor, written: to
         return None
     if all(torch.isfinite(m) for m in torch.aminmax(written)):
         return None
-    source = value if isinstance(value, torch.Tensor) else for_record(value).dequantize(value, torch.float32)
+    if isinstance(value, _Fused):  # Llama 4's experts, fused from their per-expert weights
+        source = value.build(torch.float32)
+    elif isinstance(value, torch.Tensor):
+        source = value
+    else:
+        source = for_record(value).dequantize(value, torch.float32)
     source = source.reshape(written.shape) if source.numel() == written.numel() else None
     if source is None or not source.is_floating_point():
         return None

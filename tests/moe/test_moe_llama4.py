@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -591,3 +592,27 @@ def test_on_cuda_every_4bit_layer_is_within_the_gemv_bound_and_stock_bitsandbyte
     assert not info["unexpected_keys"]
     with torch.no_grad():
         assert stock.generate(IDS[:, :4].cuda(), max_new_tokens=5, do_sample=False).shape == (1, 9)
+
+
+def test_dequantize_to_float16_names_fused_experts_the_cast_makes_inf(llama4, tmp_path):
+    """A Llama 4 expert weight past float16's range: dequantize --dtype float16 names the fused tensor it
+    writes (the check decoded a fused tensor as if it were a quantized record: AttributeError)."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(llama4("src"), src)
+    tensors = _source(src)
+    name = "model.layers.0.feed_forward.experts.gate_up_proj"
+    tensors[name][1, 3, 5] = 1.0e5
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    folder = tmp_path / "keep"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, folder, progress=False)
+    notes = []
+    result = dequantize_checkpoint(folder, tmp_path / "plain", dtype="float16", warn=notes.append)
+    assert notes == result.notes
+    assert len(notes) == 1
+    assert notes[0].startswith(
+        f"tensor {name!r} holds 1 value(s) past float16's range (|w| up to 9.984e+04)"
+    )  # 1e5 in bf16
