@@ -624,11 +624,7 @@ class _Conversion:
         only quantization_report.json counted the Inf, verify passed, the model computed NaN)."""
         import torch
 
-        from converter.sources.mapped import as_torch
-        from formats.writer import TORCH_DTYPES
-
-        source = as_torch(x, code)
-        y = source.to(TORCH_DTYPES[to])
+        source, y = _torch_cast(x, code, to)
         narrower = y.dtype.itemsize < source.dtype.itemsize or y.dtype == torch.float16
         # no tensor-sized temporaries unless a value is not finite (an embedding may be a GB)
         if narrower and y.numel() and not all(torch.isfinite(m) for m in torch.aminmax(y)):
@@ -641,7 +637,7 @@ class _Conversion:
                     "(transformers' cast does the same): the model computes Inf/NaN from it; convert with "
                     "--dtype float32, or without --dtype where the checkpoint's own dtype holds it"
                 )
-        return y.view(torch.uint16).numpy() if to == "BF16" else y.numpy()
+        return _as_numpy(y)
 
     def _cast_input(self, p: PlannedTensor, x: np.ndarray, code: str, to: str) -> np.ndarray:
         """The --dtype cast of a weight to quantize. A finite value past ``to``'s range becomes Inf, as
@@ -650,11 +646,7 @@ class _Conversion:
         bitsandbytes stores; other methods refuse the Inf, and the error names the cast as its cause."""
         import torch
 
-        from converter.sources.mapped import as_torch
-        from formats.writer import TORCH_DTYPES
-
-        source = as_torch(x, code)
-        y = source.to(TORCH_DTYPES[to])
+        source, y = _torch_cast(x, code, to)
         inf = torch.isinf(y)
         if bool(inf.any()):
             over = inf & torch.isfinite(source)
@@ -663,7 +655,7 @@ class _Conversion:
                     y[over] = torch.finfo(y.dtype).max * torch.sign(source[over]).to(y.dtype)
                 else:
                     self.cast_overflow[p.name] = (to, float(source[over].abs().max()))
-        return y.view(torch.uint16).numpy() if to == "BF16" else y.numpy()
+        return _as_numpy(y)
 
     def _read_many(
         self, planned: Iterator[PlannedTensor], mapped: dict, following: dict
@@ -834,15 +826,26 @@ def _get_array(reader: Any, name: str) -> tuple[np.ndarray, str]:
     return t.numpy(), code
 
 
-def _cast(x: np.ndarray, code: str, to: str) -> np.ndarray:
-    """A --dtype cast, rounded by torch as transformers casts (torch is imported for casts only)."""
-    import torch
-
+def _torch_cast(x: np.ndarray, code: str, to: str) -> tuple[Any, Any]:
+    """(x as a torch tensor, x cast to safetensors dtype ``to``): a --dtype cast, rounded by torch as
+    transformers casts (torch is imported for casts only)."""
     from converter.sources.mapped import as_torch
     from formats.writer import TORCH_DTYPES
 
-    y = as_torch(x, code).to(TORCH_DTYPES[to])
-    return y.view(torch.uint16).numpy() if to == "BF16" else y.numpy()
+    source = as_torch(x, code)
+    return source, source.to(TORCH_DTYPES[to])
+
+
+def _as_numpy(y: Any) -> np.ndarray:
+    """A cast torch tensor as the numpy array the writer takes (bf16 as its uint16 bits)."""
+    import torch
+
+    return y.view(torch.uint16).numpy() if y.dtype == torch.bfloat16 else y.numpy()
+
+
+def _cast(x: np.ndarray, code: str, to: str) -> np.ndarray:
+    """A --dtype cast of ``x`` (see :func:`_torch_cast`)."""
+    return _as_numpy(_torch_cast(x, code, to)[1])
 
 
 def _tensor_record(p: PlannedTensor, opts: Options) -> dict:
