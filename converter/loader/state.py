@@ -124,6 +124,10 @@ def resolve_folder(
         msg = f"{text}: not a local folder, and the Hub repo could not be fetched{at} ({cause})"
         hint = _access_hint(text, exc, token)
         raise SourceNotFoundError(msg + (f"; {hint}" if hint else "")) from exc
+    if sub and not (Path(fetched) / sub).is_dir():  # no file of the repo matched: named as a local folder's
+        at = f" at revision {revision!r}" if revision is not None else ""
+        msg = f"{text}: the Hub repo has no subfolder {sub!r}{at} (holding safetensors or JSON files)"
+        raise SourceNotFoundError(msg)
     return Path(fetched) / sub
 
 

@@ -56,3 +56,15 @@ def test_refused_access_to_a_hub_repo_says_what_to_do(
         load_quantized_state("org/gated", token=TOKEN, revision="v9")
     assert "RevisionNotFoundError" in str(err.value)
     assert "HF_TOKEN" not in str(err.value)
+
+
+def test_a_subfolder_the_hub_repo_lacks_is_named(fake_hub: FakeHub, hf_home: Path, nf4_folder: Path) -> None:
+    """``subfolder=`` naming no folder of the repo: the error named a path in the cache that does not
+    exist ("…/snapshots/<sha>/v2: no model.safetensors.index.json …"), not the missing subfolder, as a
+    local folder's does ("has no subfolder 'v2'")."""
+    fake_hub.add_repo("org/variants", {f"v1/{p.name}": p for p in nf4_folder.iterdir() if p.is_file()})
+    assert len(load_quantized_state("org/variants", subfolder="v1")) > 0
+    with pytest.raises(SourceNotFoundError) as err:
+        load_quantized_state("org/variants", subfolder="v2")
+    assert str(err.value).startswith("org/variants: the Hub repo has no subfolder 'v2'")
+    assert "snapshots" not in str(err.value)
