@@ -201,6 +201,7 @@ def build_model_card(folder: Path, repo_id: str) -> str:
     name = repo_id.rsplit("/", 1)[-1]
     if moe_summary is not None and moe_summary.experts_quantized:
         return _moe_card(front, name, method.name, origin, table, repo_id, moe_summary)
+    loader, remote_code = transformers_loader(config)
     return f"""---
 {front}
 ---
@@ -218,9 +219,9 @@ load them unchanged).
 ## Load with transformers (needs `bitsandbytes`)
 
 ```python
-from transformers import AutoModelForCausalLM
+from transformers import {loader}
 
-model = AutoModelForCausalLM.from_pretrained("{repo_id}", device_map="auto")
+model = {loader}.from_pretrained("{repo_id}", device_map="auto"{remote_code})
 ```
 
 The `quantization_config` in `config.json` tells transformers the weights are already quantized.
@@ -233,6 +234,27 @@ from converter import load_quantized
 model = load_quantized("{repo_id}")
 ```
 """
+
+
+def transformers_loader(config: dict[str, Any]) -> tuple[str, str]:
+    """The transformers class the card's snippet loads the folder with, and the extra argument it needs:
+    ``AutoModelForCausalLM`` for a causal LM (and a config that names no architecture), else the class
+    ``architectures`` names (``BertModel``, ``T5ForConditionalGeneration``, ``WhisperFor...``), which
+    ``AutoModelForCausalLM`` refuses ("Unrecognized configuration class"); repository code: the Auto
+    class its ``auto_map`` maps to that class, with ``trust_remote_code=True``."""
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    if arch is None or not arch.isidentifier():
+        return "AutoModelForCausalLM", ""
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict):
+        for auto, ref in auto_map.items():
+            ref = ref[0] if isinstance(ref, list) and ref else ref
+            if isinstance(ref, str) and ref.rsplit(".", 1)[-1] == arch and str(auto).startswith("AutoModel"):
+                return str(auto), ", trust_remote_code=True"
+    if arch.endswith(("ForCausalLM", "LMHeadModel")):
+        return "AutoModelForCausalLM", ""
+    return arch, ""
 
 
 def push_folder(

@@ -323,3 +323,51 @@ def test_a_repush_cut_before_its_card_leaves_no_card_of_the_old_weights(
     push_folder(fp4, DEST)  # the same folder again: nothing to change, the card stays
     assert len(fake_hub.repos[DEST].commits) == commits
     assert "README.md" in _remote(fake_hub, DEST)
+
+
+@pytest.mark.parametrize("name", ["bert", "t5"])
+def test_the_cards_transformers_snippet_loads_a_model_that_is_not_a_causal_lm(
+    name: str, tmp_path: Path, fake_hub: FakeHub, hf_home: Path, monkeypatch
+) -> None:
+    """The card told every model to load with ``AutoModelForCausalLM``, which fails on a T5
+    ("Unrecognized configuration class") or a BertModel (a new LM head, initialised as a quantized
+    layer); it names the class of the folder's ``architectures`` now (a causal LM keeps
+    ``AutoModelForCausalLM``), and the snippet loads the model."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import TINY, make_tiny
+
+    from converter.writer.pipeline import convert
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = tmp_path / f"{name}-nf4"
+    convert(make_tiny(name, tmp_path / name), out, progress=False)
+    repo = f"me/{name}-nf4"
+    push_folder(out, repo)
+    card = _remote(fake_hub, repo)["README.md"].decode()
+    arch = TINY[name][1]
+    snippet = (
+        f'from transformers import {arch}\n\nmodel = {arch}.from_pretrained("{repo}", device_map="auto")'
+    )
+    assert snippet in card
+    assert "AutoModelForCausalLM" not in card
+    import transformers
+
+    model = getattr(transformers, arch).from_pretrained(repo, device_map="cpu")  # the card's snippet
+    assert getattr(model, "is_loaded_in_4bit", False)
+    # what the card said: T5 "Unrecognized configuration class"; BERT builds BertLMHeadModel, whose head
+    # the folder lacks, and fails initialising it as a quantized layer ("normal_kernel_cpu" ... 'Byte')
+    with pytest.raises((ValueError, NotImplementedError)):
+        transformers.AutoModelForCausalLM.from_pretrained(repo, device_map="cpu")
+
+
+def test_the_cards_snippet_for_repository_code_names_its_auto_class_and_trust_remote_code() -> None:
+    from converter.tools.push import transformers_loader
+
+    config = {
+        "architectures": ["MyModel"],
+        "auto_map": {"AutoConfig": "c.MyConfig", "AutoModel": "m.MyModel"},
+    }
+    assert transformers_loader(config) == ("AutoModel", ", trust_remote_code=True")
+    assert transformers_loader({"architectures": ["LlamaForCausalLM"]}) == ("AutoModelForCausalLM", "")
+    assert transformers_loader({"architectures": ["GPT2LMHeadModel"]}) == ("AutoModelForCausalLM", "")
+    assert transformers_loader({}) == ("AutoModelForCausalLM", "")
