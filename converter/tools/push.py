@@ -133,8 +133,10 @@ def license_fields(folder: Path, source_meta: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def build_model_card(folder: Path, repo_id: str) -> str:
-    """The README.md for the pushed repo: metadata, quantization settings, how to load it."""
+def build_model_card(folder: Path, repo_id: str, revision: str | None = None) -> str:
+    """The README.md for the pushed repo: metadata, quantization settings, how to load it (from
+    ``revision``, the branch pushed to, where it is not main: the snippets name it)."""
+    rev = f", revision={json.dumps(revision)}" if revision and revision != "main" else ""
     from huggingface_hub import ModelCardData
 
     report = _load_json(folder / REPORT_NAME)
@@ -200,7 +202,7 @@ def build_model_card(folder: Path, repo_id: str) -> str:
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     name = repo_id.rsplit("/", 1)[-1]
     if moe_summary is not None and moe_summary.experts_quantized:
-        return _moe_card(front, name, method.name, origin, table, repo_id, moe_summary)
+        return _moe_card(front, name, method.name, origin, table, repo_id, moe_summary, revision)
     loader, remote_code = transformers_loader(config)
     return f"""---
 {front}
@@ -221,7 +223,7 @@ load them unchanged).
 ```python
 from transformers import {loader}
 
-model = {loader}.from_pretrained("{repo_id}", device_map="auto"{remote_code})
+model = {loader}.from_pretrained("{repo_id}"{rev}, device_map="auto"{remote_code})
 ```
 
 The `quantization_config` in `config.json` tells transformers the weights are already quantized.
@@ -231,7 +233,7 @@ The `quantization_config` in `config.json` tells transformers the weights are al
 ```python
 from converter import load_quantized
 
-model = load_quantized("{repo_id}")
+model = load_quantized("{repo_id}"{rev})
 ```
 """
 
@@ -281,7 +283,7 @@ def push_folder(
     check_repo_id(repo_id)
     folder = Path(folder).expanduser().resolve()
     check_folder(folder)
-    card = build_model_card(folder, repo_id)
+    card = build_model_card(folder, repo_id, revision)
     client = HubClient(repo_id, token=token, endpoint=endpoint, write=True, attempts=attempts)
     client.revision = revision or "main"
     api = client.api
@@ -362,7 +364,14 @@ def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
 
 
 def _moe_card(
-    front: str, name: str, quant_type: str, origin: str, table: str, repo_id: str, summary: Any
+    front: str,
+    name: str,
+    quant_type: str,
+    origin: str,
+    table: str,
+    repo_id: str,
+    summary: Any,
+    revision: str | None = None,
 ) -> str:
     """The card of a folder whose MoE experts are quantized (4-bit, or LLM.int8 as transformers 4.x +
     bitsandbytes saved them): stock transformers 5.x cannot load it."""
@@ -383,10 +392,13 @@ def _moe_card(
         else f"one bitsandbytes `{layer}` record per quantized expert per projection, under the "
         "checkpoint's own names"
     )
+    branch = revision if revision and revision != "main" else None
+    rev = f", revision={json.dumps(branch)}" if branch else ""
+    cli_rev = f" --revision {branch}" if branch else ""
     if int8:  # load_quantized refuses LLM.int8 experts (converter.loader.moe_records)
         ours = f"""## Use with quantize-model
 
-`load_quantized` does not run LLM.int8 experts: `quantize-model dequantize {repo_id} OUT` writes
+`load_quantized` does not run LLM.int8 experts: `quantize-model dequantize {repo_id} OUT{cli_rev}` writes
 the 16-bit checkpoint, which transformers loads."""
     else:
         ours = f"""## Load with quantize-model
@@ -394,7 +406,7 @@ the 16-bit checkpoint, which transformers loads."""
 ```python
 from converter import load_quantized
 
-model = load_quantized("{repo_id}")
+model = load_quantized("{repo_id}"{rev})
 ```"""
     return f"""---
 {front}

@@ -224,6 +224,28 @@ def test_push_to_a_branch(converted: Path, fake_hub: FakeHub, monkeypatch) -> No
     assert repo.commits[repo.refs["main"]] == {}, "main must be left alone"
 
 
+def test_the_card_of_a_push_to_a_branch_loads_from_that_branch(
+    converted: Path, fake_hub: FakeHub, monkeypatch
+) -> None:
+    """The card pushed to a branch told readers to load the repo without a revision, i.e. main, which
+    a push to a branch leaves as it is (here empty: "no model.safetensors"); its snippets name the
+    branch now, and what they load is the branch's model."""
+    from converter import load_quantized_state
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_folder(converted, DEST, revision="nf4")
+    repo = fake_hub.repos[DEST]
+    card = (fake_hub.blobs / repo.commits[repo.refs["nf4"]]["README.md"].sha256).read_bytes().decode()
+    assert f'AutoModelForCausalLM.from_pretrained("{DEST}", revision="nf4", device_map="auto")' in card
+    assert f'load_quantized("{DEST}", revision="nf4")' in card
+    assert len(load_quantized_state(DEST, revision="nf4")) == len(load_quantized_state(converted))
+    with pytest.raises(Exception, match=r"no model\.safetensors"):  # what the card loaded: main
+        load_quantized_state(DEST)
+    push_folder(converted, "me/on-main", revision="main")  # main itself is named as before: not at all
+    card = _remote(fake_hub, "me/on-main")["README.md"].decode()
+    assert 'load_quantized("me/on-main")' in card
+
+
 def test_pushing_another_folder_removes_the_old_weights(
     converted: Path, fake_hub: FakeHub, monkeypatch, tmp_path: Path
 ) -> None:
