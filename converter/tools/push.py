@@ -65,6 +65,21 @@ def check_online(repo_id: str) -> None:
         raise InputError(msg)
 
 
+def check_token(repo_id: str) -> None:
+    """A HubAccessError when no token is set (HF_TOKEN, ``hf auth login``): the Hub refuses every upload
+    without one, so a conversion whose result would be pushed is refused before it starts, not after it."""
+    from huggingface_hub import get_token
+
+    from converter.sources.hub_client import HubAccessError
+
+    if not get_token():
+        msg = (
+            f"{repo_id}: no Hugging Face token is set and a push needs one; run `hf auth login` or set "
+            "HF_TOKEN (a token with write access)"
+        )
+        raise HubAccessError(msg)
+
+
 def check_folder(folder: Path) -> None:
     """Refuse anything but a finished, intact conversion (index + config present and readable, the
     manifest, where there is one, readable and complete, every shard present and matching the index's

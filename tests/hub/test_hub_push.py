@@ -309,6 +309,26 @@ def test_push_under_hf_hub_offline_says_so_before_converting(
     assert not out.exists()
 
 
+def test_convert_push_to_without_a_token_says_so_before_converting(
+    fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    """`convert --push-to` with no token set converted the whole checkpoint, then failed at the upload
+    ("no Hugging Face token is set and the Hub asks for one (HTTP 401)"): for a large model, hours
+    before an error known from the start. It is refused now before the output is created (exit 2)."""
+    from converter.writer.pipeline import convert
+
+    out = tmp_path / "out"
+    with pytest.raises(HubAccessError) as info:
+        convert(checkpoint_dir, out, progress=False, push_to=DEST)
+    assert str(info.value) == (
+        f"{DEST}: no Hugging Face token is set and a push needs one; run `hf auth login` or set HF_TOKEN "
+        "(a token with write access)"
+    )
+    assert info.value.exit_code == 2
+    assert not out.exists()
+    assert fake_hub.requests == []
+
+
 def test_a_repush_cut_before_its_card_leaves_no_card_of_the_old_weights(
     converted: Path, fake_hub: FakeHub, monkeypatch, tmp_path: Path
 ) -> None:
