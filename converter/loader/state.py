@@ -118,12 +118,33 @@ def resolve_folder(
                 force_download=force_download,
                 local_files_only=local_files_only,
             )
-        return Path(fetched) / sub
     except Exception as exc:  # huggingface_hub raises many types; name the repo and the cause
         cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         at = f" at revision {revision!r}" if revision is not None else ""
         msg = f"{text}: not a local folder, and the Hub repo could not be fetched{at} ({cause})"
-        raise SourceNotFoundError(msg) from exc
+        hint = _access_hint(text, exc, token)
+        raise SourceNotFoundError(msg + (f"; {hint}" if hint else "")) from exc
+    if sub and not (Path(fetched) / sub).is_dir():  # no file of the repo matched: named as a local folder's
+        at = f" at revision {revision!r}" if revision is not None else ""
+        msg = f"{text}: the Hub repo has no subfolder {sub!r}{at} (holding safetensors or JSON files)"
+        raise SourceNotFoundError(msg)
+    return Path(fetched) / sub
+
+
+def _access_hint(repo: str, exc: BaseException, token: str | bool | None) -> str | None:
+    """What to do when ``exc`` is the Hub refusing access (a gated repo, a private one without a
+    token, a rejected token), as ``convert`` says it (``converter.sources.hub_client``); else None."""
+    from converter.sources.hub_client import HubAccessError, HubClient, HubRepoNotFoundError
+
+    try:
+        mapped = HubClient(repo, token=token, endpoint=None).map_error(exc, "download")
+    except Exception:  # the hint is a courtesy: never hide the cause behind another error
+        return None
+    if not isinstance(mapped, (HubAccessError, HubRepoNotFoundError)):
+        return None
+    text = str(mapped)
+    text = text.removeprefix(f"{repo}: ")
+    return text.replace("set HF_TOKEN", "set HF_TOKEN (or pass token=)")
 
 
 def _module_folders(folder: Path) -> list[str]:

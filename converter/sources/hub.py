@@ -385,6 +385,14 @@ class HubSource(Source):
             )
             raise SourceNotFoundError(msg)
         pickles = self._pickle_candidates(names)
+        if not pickles and self.offline:  # the listing is the local snapshot's: what was cached, not the repo
+            held = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+            msg = (
+                f"{self.repo_id}@{self.commit[:12]}: its weights are not in the local Hugging Face cache "
+                f"(the cached snapshot holds {len(names)} file(s){': ' + held if names else ''}) and "
+                "HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE to download them (or download the whole repo first)"
+            )
+            raise SourceNotFoundError(msg)
         if not pickles:
             msg = (
                 f"{self.repo_id}@{self.commit[:12]}: no safetensors weights "

@@ -65,6 +65,21 @@ def check_online(repo_id: str) -> None:
         raise InputError(msg)
 
 
+def check_token(repo_id: str) -> None:
+    """A HubAccessError when no token is set (HF_TOKEN, ``hf auth login``): the Hub refuses every upload
+    without one, so a conversion whose result would be pushed is refused before it starts, not after it."""
+    from huggingface_hub import get_token
+
+    from converter.sources.hub_client import HubAccessError
+
+    if not get_token():
+        msg = (
+            f"{repo_id}: no Hugging Face token is set and a push needs one; run `hf auth login` or set "
+            "HF_TOKEN (a token with write access)"
+        )
+        raise HubAccessError(msg)
+
+
 def check_folder(folder: Path) -> None:
     """Refuse anything but a finished, intact conversion (index + config present and readable, the
     manifest, where there is one, readable and complete, every shard present and matching the index's
@@ -133,8 +148,10 @@ def license_fields(folder: Path, source_meta: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def build_model_card(folder: Path, repo_id: str) -> str:
-    """The README.md for the pushed repo: metadata, quantization settings, how to load it."""
+def build_model_card(folder: Path, repo_id: str, revision: str | None = None) -> str:
+    """The README.md for the pushed repo: metadata, quantization settings, how to load it (from
+    ``revision``, the branch pushed to, where it is not main: the snippets name it)."""
+    rev = f", revision={json.dumps(revision)}" if revision and revision != "main" else ""
     from huggingface_hub import ModelCardData
 
     report = _load_json(folder / REPORT_NAME)
@@ -200,7 +217,8 @@ def build_model_card(folder: Path, repo_id: str) -> str:
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     name = repo_id.rsplit("/", 1)[-1]
     if moe_summary is not None and moe_summary.experts_quantized:
-        return _moe_card(front, name, method.name, origin, table, repo_id, moe_summary)
+        return _moe_card(front, name, method.name, origin, table, repo_id, moe_summary, revision)
+    loader, remote_code = transformers_loader(config)
     return f"""---
 {front}
 ---
@@ -218,9 +236,9 @@ load them unchanged).
 ## Load with transformers (needs `bitsandbytes`)
 
 ```python
-from transformers import AutoModelForCausalLM
+from transformers import {loader}
 
-model = AutoModelForCausalLM.from_pretrained("{repo_id}", device_map="auto")
+model = {loader}.from_pretrained("{repo_id}"{rev}, device_map="auto"{remote_code})
 ```
 
 The `quantization_config` in `config.json` tells transformers the weights are already quantized.
@@ -230,9 +248,30 @@ The `quantization_config` in `config.json` tells transformers the weights are al
 ```python
 from converter import load_quantized
 
-model = load_quantized("{repo_id}")
+model = load_quantized("{repo_id}"{rev})
 ```
 """
+
+
+def transformers_loader(config: dict[str, Any]) -> tuple[str, str]:
+    """The transformers class the card's snippet loads the folder with, and the extra argument it needs:
+    ``AutoModelForCausalLM`` for a causal LM (and a config that names no architecture), else the class
+    ``architectures`` names (``BertModel``, ``T5ForConditionalGeneration``, ``WhisperFor...``), which
+    ``AutoModelForCausalLM`` refuses ("Unrecognized configuration class"); repository code: the Auto
+    class its ``auto_map`` maps to that class, with ``trust_remote_code=True``."""
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    if arch is None or not arch.isidentifier():
+        return "AutoModelForCausalLM", ""
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict):
+        for auto, ref in auto_map.items():
+            ref = ref[0] if isinstance(ref, list) and ref else ref
+            if isinstance(ref, str) and ref.rsplit(".", 1)[-1] == arch and str(auto).startswith("AutoModel"):
+                return str(auto), ", trust_remote_code=True"
+    if arch.endswith(("ForCausalLM", "LMHeadModel")):
+        return "AutoModelForCausalLM", ""
+    return arch, ""
 
 
 def push_folder(
@@ -259,7 +298,7 @@ def push_folder(
     check_repo_id(repo_id)
     folder = Path(folder).expanduser().resolve()
     check_folder(folder)
-    card = build_model_card(folder, repo_id)
+    card = build_model_card(folder, repo_id, revision)
     client = HubClient(repo_id, token=token, endpoint=endpoint, write=True, attempts=attempts)
     client.revision = revision or "main"
     api = client.api
@@ -340,7 +379,14 @@ def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
 
 
 def _moe_card(
-    front: str, name: str, quant_type: str, origin: str, table: str, repo_id: str, summary: Any
+    front: str,
+    name: str,
+    quant_type: str,
+    origin: str,
+    table: str,
+    repo_id: str,
+    summary: Any,
+    revision: str | None = None,
 ) -> str:
     """The card of a folder whose MoE experts are quantized (4-bit, or LLM.int8 as transformers 4.x +
     bitsandbytes saved them): stock transformers 5.x cannot load it."""
@@ -361,10 +407,13 @@ def _moe_card(
         else f"one bitsandbytes `{layer}` record per quantized expert per projection, under the "
         "checkpoint's own names"
     )
+    branch = revision if revision and revision != "main" else None
+    rev = f", revision={json.dumps(branch)}" if branch else ""
+    cli_rev = f" --revision {branch}" if branch else ""
     if int8:  # load_quantized refuses LLM.int8 experts (converter.loader.moe_records)
         ours = f"""## Use with quantize-model
 
-`load_quantized` does not run LLM.int8 experts: `quantize-model dequantize {repo_id} OUT` writes
+`load_quantized` does not run LLM.int8 experts: `quantize-model dequantize {repo_id} OUT{cli_rev}` writes
 the 16-bit checkpoint, which transformers loads."""
     else:
         ours = f"""## Load with quantize-model
@@ -372,7 +421,7 @@ the 16-bit checkpoint, which transformers loads."""
 ```python
 from converter import load_quantized
 
-model = load_quantized("{repo_id}")
+model = load_quantized("{repo_id}"{rev})
 ```"""
     return f"""---
 {front}

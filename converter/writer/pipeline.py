@@ -153,10 +153,11 @@ def convert(
     """
     forced_isa()  # a bad QM_CPU_ISA is refused before the source is opened or the output created
     if push_to and not dry_run:
-        from converter.tools.push import check_online, check_repo_id
+        from converter.tools.push import check_online, check_repo_id, check_token
 
         check_repo_id(push_to)  # before the conversion, not after it
         check_online(push_to)
+        check_token(push_to)
     started = time.perf_counter()
     try:
         options = Options(

@@ -224,6 +224,28 @@ def test_push_to_a_branch(converted: Path, fake_hub: FakeHub, monkeypatch) -> No
     assert repo.commits[repo.refs["main"]] == {}, "main must be left alone"
 
 
+def test_the_card_of_a_push_to_a_branch_loads_from_that_branch(
+    converted: Path, fake_hub: FakeHub, monkeypatch
+) -> None:
+    """The card pushed to a branch told readers to load the repo without a revision, i.e. main, which
+    a push to a branch leaves as it is (here empty: "no model.safetensors"); its snippets name the
+    branch now, and what they load is the branch's model."""
+    from converter import load_quantized_state
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_folder(converted, DEST, revision="nf4")
+    repo = fake_hub.repos[DEST]
+    card = (fake_hub.blobs / repo.commits[repo.refs["nf4"]]["README.md"].sha256).read_bytes().decode()
+    assert f'AutoModelForCausalLM.from_pretrained("{DEST}", revision="nf4", device_map="auto")' in card
+    assert f'load_quantized("{DEST}", revision="nf4")' in card
+    assert len(load_quantized_state(DEST, revision="nf4")) == len(load_quantized_state(converted))
+    with pytest.raises(Exception, match=r"no model\.safetensors"):  # what the card loaded: main
+        load_quantized_state(DEST)
+    push_folder(converted, "me/on-main", revision="main")  # main itself is named as before: not at all
+    card = _remote(fake_hub, "me/on-main")["README.md"].decode()
+    assert 'load_quantized("me/on-main")' in card
+
+
 def test_pushing_another_folder_removes_the_old_weights(
     converted: Path, fake_hub: FakeHub, monkeypatch, tmp_path: Path
 ) -> None:
@@ -287,6 +309,26 @@ def test_push_under_hf_hub_offline_says_so_before_converting(
     assert not out.exists()
 
 
+def test_convert_push_to_without_a_token_says_so_before_converting(
+    fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    """`convert --push-to` with no token set converted the whole checkpoint, then failed at the upload
+    ("no Hugging Face token is set and the Hub asks for one (HTTP 401)"): for a large model, hours
+    before an error known from the start. It is refused now before the output is created (exit 2)."""
+    from converter.writer.pipeline import convert
+
+    out = tmp_path / "out"
+    with pytest.raises(HubAccessError) as info:
+        convert(checkpoint_dir, out, progress=False, push_to=DEST)
+    assert str(info.value) == (
+        f"{DEST}: no Hugging Face token is set and a push needs one; run `hf auth login` or set HF_TOKEN "
+        "(a token with write access)"
+    )
+    assert info.value.exit_code == 2
+    assert not out.exists()
+    assert fake_hub.requests == []
+
+
 def test_a_repush_cut_before_its_card_leaves_no_card_of_the_old_weights(
     converted: Path, fake_hub: FakeHub, monkeypatch, tmp_path: Path
 ) -> None:
@@ -323,3 +365,51 @@ def test_a_repush_cut_before_its_card_leaves_no_card_of_the_old_weights(
     push_folder(fp4, DEST)  # the same folder again: nothing to change, the card stays
     assert len(fake_hub.repos[DEST].commits) == commits
     assert "README.md" in _remote(fake_hub, DEST)
+
+
+@pytest.mark.parametrize("name", ["bert", "t5"])
+def test_the_cards_transformers_snippet_loads_a_model_that_is_not_a_causal_lm(
+    name: str, tmp_path: Path, fake_hub: FakeHub, hf_home: Path, monkeypatch
+) -> None:
+    """The card told every model to load with ``AutoModelForCausalLM``, which fails on a T5
+    ("Unrecognized configuration class") or a BertModel (a new LM head, initialised as a quantized
+    layer); it names the class of the folder's ``architectures`` now (a causal LM keeps
+    ``AutoModelForCausalLM``), and the snippet loads the model."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import TINY, make_tiny
+
+    from converter.writer.pipeline import convert
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = tmp_path / f"{name}-nf4"
+    convert(make_tiny(name, tmp_path / name), out, progress=False)
+    repo = f"me/{name}-nf4"
+    push_folder(out, repo)
+    card = _remote(fake_hub, repo)["README.md"].decode()
+    arch = TINY[name][1]
+    snippet = (
+        f'from transformers import {arch}\n\nmodel = {arch}.from_pretrained("{repo}", device_map="auto")'
+    )
+    assert snippet in card
+    assert "AutoModelForCausalLM" not in card
+    import transformers
+
+    model = getattr(transformers, arch).from_pretrained(repo, device_map="cpu")  # the card's snippet
+    assert getattr(model, "is_loaded_in_4bit", False)
+    # what the card said: T5 "Unrecognized configuration class"; BERT builds BertLMHeadModel, whose head
+    # the folder lacks, and fails initialising it as a quantized layer ("normal_kernel_cpu" ... 'Byte')
+    with pytest.raises((ValueError, NotImplementedError)):
+        transformers.AutoModelForCausalLM.from_pretrained(repo, device_map="cpu")
+
+
+def test_the_cards_snippet_for_repository_code_names_its_auto_class_and_trust_remote_code() -> None:
+    from converter.tools.push import transformers_loader
+
+    config = {
+        "architectures": ["MyModel"],
+        "auto_map": {"AutoConfig": "c.MyConfig", "AutoModel": "m.MyModel"},
+    }
+    assert transformers_loader(config) == ("AutoModel", ", trust_remote_code=True")
+    assert transformers_loader({"architectures": ["LlamaForCausalLM"]}) == ("AutoModelForCausalLM", "")
+    assert transformers_loader({"architectures": ["GPT2LMHeadModel"]}) == ("AutoModelForCausalLM", "")
+    assert transformers_loader({}) == ("AutoModelForCausalLM", "")

@@ -157,6 +157,26 @@ def test_offline_without_cache_is_a_clear_error(
         _open(tmp_path)
 
 
+def test_offline_with_only_the_config_cached_says_the_weights_are_not_cached(
+    tmp_path: Path, fake_hub: FakeHub, repo: str, monkeypatch
+) -> None:
+    """transformers (AutoConfig / AutoTokenizer) cached the repo's config.json but no weights: offline,
+    the conversion said "no safetensors weights (no model.safetensors or model.safetensors.index.json);
+    is this a model repo with transformers weights?", of a repo that has them: the listing offline is
+    the cached snapshot's, so it now says they are not in the cache."""
+    from huggingface_hub import constants, hf_hub_download
+
+    hf_hub_download(REPO, "config.json")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SourceNotFoundError) as err:
+        _open(tmp_path)
+    assert str(err.value) == (
+        f"{REPO}@{repo[:12]}: its weights are not in the local Hugging Face cache (the cached snapshot "
+        "holds 1 file(s): config.json) and HF_HUB_OFFLINE=1; unset HF_HUB_OFFLINE to download them "
+        "(or download the whole repo first)"
+    )
+
+
 def test_keep_downloads_go_to_the_shared_cache(tmp_path: Path, fake_hub: FakeHub, repo: str) -> None:
     with _open(tmp_path, keep_downloads=True) as src:
         for f in src.weight_files():
