@@ -724,6 +724,15 @@ def load_quantized(
             msg = f"pass dtype= only, not also torch_dtype= (its former name): got {dtype} and {torch_dtype}"
             raise TypeError(msg)
         dtype = torch_dtype
+    if "quantization_config" in config_kwargs:  # from_pretrained's habit: the folder's own config decides
+        given = config_kwargs.pop("quantization_config")
+        warnings.warn(
+            f"{folder}: quantization_config={type(given).__name__}(...) is ignored: the folder is already "
+            "quantized and its own quantization_config (config.json) says how its weights are stored, as "
+            "transformers uses a pre-quantized checkpoint's own; remove the argument",
+            UserWarning,
+            stacklevel=3,
+        )
     # With a single target device the shards stream straight into device tensors (loader/stream.py);
     # a device_map keeps the CPU mapping (placement decides per module). The shards are hashed while
     # the model is built (on a first load that includes importing its transformers modules).

@@ -410,6 +410,17 @@ def test_name_or_path_is_the_argument(our_folder: Path, class_name: str | None) 
     assert peft_model.peft_config["default"].base_model_name_or_path == str(our_folder)
 
 
+def test_a_quantization_config_argument_is_named_as_ignored(our_folder: Path) -> None:
+    """``quantization_config=BitsAndBytesConfig(...)``, as from_pretrained takes it, was dropped silently;
+    the folder's own config still decides, and a warning says the argument is ignored."""
+    from transformers import BitsAndBytesConfig
+
+    asked = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4")
+    with pytest.warns(UserWarning, match=r"quantization_config=BitsAndBytesConfig\(\.\.\.\) is ignored"):
+        model = load_quantized(our_folder, verify=False, quantization_config=asked)
+    assert model.config.quantization_config.bnb_4bit_quant_type == "nf4"
+
+
 def test_torch_dtype_is_dtype(our_folder: Path) -> None:
     """``torch_dtype=`` (transformers' former name of ``dtype``, which its from_pretrained still takes)
     sets the load dtype, instead of landing in the config and leaving bfloat16; given with a different
