@@ -216,9 +216,12 @@ def build_model_card(folder: Path, repo_id: str, revision: str | None = None) ->
         rows.append(("MoE experts", moe_summary.layout))
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     name = repo_id.rsplit("/", 1)[-1]
-    if moe_summary is not None and moe_summary.experts_quantized:
-        return _moe_card(front, name, method.name, origin, table, repo_id, moe_summary, revision)
     loader, remote_code = transformers_loader(config)
+    if moe_summary is not None and moe_summary.experts_quantized:
+        snippet = f'{loader}.from_pretrained("{repo_id}"{rev}, device_map="auto"{remote_code})'
+        return _moe_card(
+            front, name, method.name, origin, table, repo_id, moe_summary, revision, (loader, snippet)
+        )
     return f"""---
 {front}
 ---
@@ -387,11 +390,15 @@ def _moe_card(
     repo_id: str,
     summary: Any,
     revision: str | None = None,
+    transformers_call: tuple[str, str] = ("AutoModelForCausalLM", ""),
 ) -> str:
     """The card of a folder whose MoE experts are quantized (4-bit, or LLM.int8 as transformers 4.x +
-    bitsandbytes saved them): stock transformers 5.x cannot load it."""
+    bitsandbytes saved them): stock transformers 5.x cannot load it, but for Llama 4, whose experts
+    transformers builds per expert (``transformers_call``: the class and the call of its snippet)."""
     loaders = "\n".join(f"- {x}" for x in summary.loaders) or "- none known"
-    not_loaders = "\n".join(f"- {x}" for x in summary.not_loaders)
+    not_loaders = (
+        "\n\nNot:\n\n" + "\n".join(f"- {x}" for x in summary.not_loaders) if summary.not_loaders else ""
+    )
     int8 = "int8" in summary.expert_types
     bits, layer = ("8", "Linear8bitLt") if int8 else ("4", "Linear4bit")
     experts = (
@@ -410,6 +417,18 @@ def _moe_card(
     branch = revision if revision and revision != "main" else None
     rev = f", revision={json.dumps(branch)}" if branch else ""
     cli_rev = f" --revision {branch}" if branch else ""
+    stock = ""
+    if any(x.startswith("stock transformers") for x in summary.loaders):  # Llama 4's per-expert records
+        cls, call = transformers_call
+        stock = f"""
+## Load with transformers (needs `bitsandbytes`)
+
+```python
+from transformers import {cls}
+
+model = {call}
+```
+"""
     if int8:  # load_quantized refuses LLM.int8 experts (converter.loader.moe_records)
         ours = f"""## Use with quantize-model
 
@@ -438,11 +457,7 @@ routers stay 16-bit (`llm_int8_skip_modules`).
 
 ## Which loaders read this folder
 
-{loaders}
-
-Not:
-
-{not_loaders}
-
+{loaders}{not_loaders}
+{stock}
 {ours}
 """

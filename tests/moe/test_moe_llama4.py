@@ -616,3 +616,19 @@ def test_dequantize_to_float16_names_fused_experts_the_cast_makes_inf(llama4, tm
     assert notes[0].startswith(
         f"tensor {name!r} holds 1 value(s) past float16's range (|w| up to 9.984e+04)"
     )  # 1e5 in bf16
+
+
+def test_the_model_card_of_a_quantized_llama4_shows_the_transformers_snippet(llama4):
+    """The MoE card said only load_quantized loads 4-bit experts, with an empty "Not:" list: a Llama 4
+    folder's per-expert records load with stock transformers + bitsandbytes too, and its card shows that
+    snippet; a Qwen3-MoE-style card keeps its "Not:" list and has none."""
+    from converter.tools.push import build_model_card
+
+    card = build_model_card(llama4("nf4"), "me/tiny-llama4-nf4", revision="v1")
+    assert "## Load with transformers (needs `bitsandbytes`)" in card
+    assert (
+        'model = AutoModelForCausalLM.from_pretrained("me/tiny-llama4-nf4", revision="v1", device_map="auto")'
+        in card
+    )
+    assert "Not:" not in card
+    assert 'load_quantized("me/tiny-llama4-nf4", revision="v1")' in card
