@@ -315,17 +315,7 @@ def make_llama4(folder: Path, seed: int = 0) -> Path:
 
     cfg = transformers.Llama4TextConfig(**LLAMA4)
     cfg.architectures = ["Llama4ForCausalLM"]
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.Llama4ForCausalLM(cfg).to(torch.bfloat16).eval()
-        for n, p in model.named_parameters():
-            if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                torch.nn.init.normal_(p, std=0.05)  # (gate_up_proj starts all zero)
-            elif n.endswith("feed_forward.router.weight"):
-                torch.nn.init.normal_(p, std=0.5)  # top-1 differs per token
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
+    _save_llama4(transformers.Llama4ForCausalLM, cfg, folder, seed)
     with safe_open(folder / "model.safetensors", "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if ".experts." in k}
     assert shapes == {
@@ -352,10 +342,17 @@ def make_llama4_multimodal(folder: Path, seed: int = 0) -> Path:
         eoi_token_index=126,
     )
     cfg.architectures = ["Llama4ForConditionalGeneration"]
+    _save_llama4(transformers.Llama4ForConditionalGeneration, cfg, folder, seed)
+    return folder
+
+
+def _save_llama4(cls: type, cfg: Any, folder: Path, seed: int) -> None:
+    """A random bf16 ``cls(cfg)`` saved with save_pretrained, its experts and routers drawn so that they
+    matter (gate_up_proj starts all zero; the router's top-1 then differs per token)."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.Llama4ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+        model = cls(cfg).to(torch.bfloat16).eval()
         for n, p in model.named_parameters():
             if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 torch.nn.init.normal_(p, std=0.05)
@@ -363,4 +360,3 @@ def make_llama4_multimodal(folder: Path, seed: int = 0) -> Path:
                 torch.nn.init.normal_(p, std=0.5)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
-    return folder
