@@ -253,7 +253,12 @@ def _overflow_note(
     """The warning for a tensor ``written`` holds Inf where ``value`` (decoded in float32) is finite:
     values past the dtype's range that the cast made Inf (they are written so, as transformers' cast
     makes them), else None. No tensor-sized temporary unless a written value is not finite."""
-    if not written.is_floating_point() or not written.numel():
+    # a cast that can overflow: to float16, or a float32/float64 tensor to bf16 (bf16's range is float32's,
+    # so a bf16 run pays no extra pass over its decoded 4-bit weights, whose values are float32 products)
+    wide_source = isinstance(value, torch.Tensor) and value.dtype in (torch.float32, torch.float64)
+    if not written.numel() or not (
+        written.dtype == torch.float16 or (wide_source and written.dtype != value.dtype)
+    ):
         return None
     if all(torch.isfinite(m) for m in torch.aminmax(written)):
         return None
