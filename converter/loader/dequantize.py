@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -195,22 +194,17 @@ class _Fused:
         return out
 
 
-_LLAMA4_EXPERT = re.compile(
-    r"^(?P<module>.+\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<p>gate|up|down)_proj\.weight$"
-)
-
-
 def _fuse_llama4(state: dict, config: dict | None) -> dict:
     """``state`` with Llama 4's per-expert weights (converter/sources/llama4.py) fused back into the
     ``gate_up_proj`` / ``down_proj`` tensors plain transformers loads, each where its first part stood.
     Other models, and an experts module missing a part, are left as they are."""
-    from converter.sources.llama4 import is_llama4
+    from converter.sources.llama4 import EXPERT_KEY, is_llama4
 
     if not is_llama4(config):
         return state
     groups: dict[str, dict[tuple[int, str], str]] = {}
     for k in state:
-        m = _LLAMA4_EXPERT.match(k)
+        m = EXPERT_KEY.match(k)
         if m is not None:
             groups.setdefault(m["module"], {})[(int(m["e"]), m["p"])] = k
     fused: dict[str, tuple[str, _Fused]] = {}  # first part's key -> (fused name, fused tensor)

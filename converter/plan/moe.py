@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 from converter.errors import InputError
 from converter.plan.moe_fused import FUSED_EXPERT_KEY, fused_layers
+from converter.sources.llama4 import EXPERT_KEY as LLAMA4_EXPERT
+from converter.sources.llama4 import is_llama4
 
 MOE_MODES = ("keep", "quantize")
 
@@ -142,21 +144,17 @@ def parse_expert_key(name: str) -> ExpertKey | None:
     return ExpertKey(m["module"], int(m["index"]), m["proj"])
 
 
-#: Llama 4's per-expert weights as converter/sources/llama4.py shows them, and its shared expert.
-_LLAMA4_EXPERT = re.compile(r"^(?P<layer>.+)\.feed_forward\.experts\.\d+\.(?:gate|up|down)_proj\.weight$")
-
-
 def is_llama4_layout(names: Iterable[str], config: Any = None) -> bool:
     """Whether per-expert weights are Llama 4's (transformers builds them as per-expert nn.Linear): from
     config.json's model_type when given, else from the names alone (``<layer>.feed_forward.experts.<e>.*``
     beside ``<layer>.feed_forward.shared_expert.*``; Jamba, the other model with ``feed_forward.experts``,
     has no shared expert)."""
     if isinstance(config, dict) and config.get("model_type"):
-        from converter.sources.llama4 import is_llama4
-
         return is_llama4(config)
     names = list(names)
-    layers = {m["layer"] for n in names if (m := _LLAMA4_EXPERT.match(n))}
+    layers = {
+        m["module"].removesuffix(".feed_forward.experts") for n in names if (m := LLAMA4_EXPERT.match(n))
+    }
     return any(n.partition(".feed_forward.shared_expert.")[0] in layers for n in names)
 
 
@@ -296,13 +294,13 @@ def apply_moe_mode(
 
 def _keep_llama4(selection: Any) -> Any:
     """``--moe-experts keep`` for Llama 4: its per-expert weights 16-bit, their experts modules skipped."""
-    moved = [n for n in selection.quantize if _LLAMA4_EXPERT.match(n)]
+    moved = {n: m["module"] for n in selection.quantize if (m := LLAMA4_EXPERT.match(n))}
     if not moved:
         return selection
-    quantize = {k: v for k, v in selection.quantize.items() if k not in set(moved)}
+    quantize = {k: v for k, v in selection.quantize.items() if k not in moved}
     reason = "routed MoE expert (--moe-experts keep: 16-bit, its experts module in llm_int8_skip_modules)"
     keep = {**selection.keep, **dict.fromkeys(moved, reason)}
-    modules = {n.split(".experts.")[0] + ".experts" for n in moved}
+    modules = set(moved.values())
     skip_modules = sorted(set(selection.skip_modules) | modules)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
 
@@ -496,8 +494,8 @@ def _summarize_llama4(
 ) -> MoeSummary:
     """Llama 4's per-expert weights: stock transformers + bitsandbytes builds each as its own Linear
     (quantized or skipped), and so does load_quantized, so any mix of 4-bit and 16-bit experts loads."""
-    q = sum(1 for n in quantized_names if _LLAMA4_EXPERT.match(n))
-    k = sum(1 for n in kept_names if _LLAMA4_EXPERT.match(n))
+    q = sum(1 for n in quantized_names if LLAMA4_EXPERT.match(n))
+    k = sum(1 for n in kept_names if LLAMA4_EXPERT.match(n))
     if not quantized_names:
         return MoeSummary(0, k, (), (NOT_CONVERTED,), converted=False)
     if any(t == "int8" for t, _ in expert_formats) and q:

@@ -34,6 +34,7 @@ from converter.sources.base import Source, TensorInfo
 from converter.sources.view import SourceView
 
 __all__ = [
+    "EXPERT_KEY",
     "FUSED_KEY",
     "LLAMA4_MODEL_TYPES",
     "Llama4ExpertsSource",
@@ -46,6 +47,11 @@ LLAMA4_MODEL_TYPES = frozenset({"llama4", "llama4_text"})
 
 #: A fused Llama 4 experts tensor on disk.
 FUSED_KEY = re.compile(r"^(?P<module>.+\.feed_forward\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+#: A per-expert weight as this view shows it (and a converted folder holds it): experts module, expert
+#: index, part (gate / up / down). The plan's MoE rules and ``dequantize``'s re-fuse read it.
+EXPERT_KEY = re.compile(
+    r"^(?P<module>.+\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<p>gate|up|down)_proj\.weight$"
+)
 
 
 class Llama4LayoutError(InputError):
