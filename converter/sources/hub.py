@@ -208,17 +208,14 @@ class _RangeFile:
         bytes only (a Llama 4 expert of a fused 3-D experts tensor, converter/sources/llama4.py)."""
         import numpy as np
 
-        from converter.sources.mapped import NP_DTYPES, as_torch
+        from converter.sources.mapped import as_torch, numpy_dtype, row_span
 
         info = self._infos[name]
         begin, end = self.source._offsets[(self.file, name)]
-        row = (end - begin) // info.shape[0] if info.shape and info.shape[0] else 0
+        skip, length = row_span(end - begin, info.shape, start, stop)
         shape = (stop - start, *info.shape[1:])
-        np_dtype = NP_DTYPES.get(info.dtype)
-        if np_dtype is None:
-            msg = f"tensor {name!r} in {self.source.repo_id}/{self.file}: dtype {info.dtype} is not supported"
-            raise CorruptFileError(msg)
-        data = bytearray(self.source.read_tensor_bytes(self.file, name, start * row, (stop - start) * row))
+        np_dtype = numpy_dtype(info.dtype, f"tensor {name!r} in {self.source.repo_id}/{self.file}")
+        data = bytearray(self.source.read_tensor_bytes(self.file, name, skip, length))
         if not data:
             return as_torch(np.empty(shape, dtype=np_dtype), info.dtype)
         return as_torch(np.frombuffer(data, dtype=np_dtype).reshape(shape), info.dtype)

@@ -113,26 +113,18 @@ class MappedFile:
         dtype, shape = entry["dtype"], tuple(entry["shape"])
         begin, end = entry["data_offsets"]
         self.prefetch(name)
-        np_dtype = NP_DTYPES.get(dtype)
-        if np_dtype is None:
-            msg = (
-                f"tensor {name!r} in {self.path}: dtype {dtype} is not supported; re-save it as F32/F16/BF16"
-            )
-            raise CorruptFileError(msg)
-        if end == begin:
-            return np.empty(shape, dtype=np_dtype), dtype
-        offset = self._start + begin
+        np_dtype = numpy_dtype(dtype, f"tensor {name!r} in {self.path}")
+        return self._map(self._start + begin, end - begin, np_dtype, shape), dtype
+
+    def _map(self, offset: int, length: int, np_dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """``length`` bytes at ``offset`` of the file as a numpy array of ``shape`` over a private memory map
+        of those bytes only (an empty array for none)."""
+        if length <= 0:
+            return np.empty(shape, dtype=np_dtype)
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-        region = mmap.mmap(
-            self._fd, offset + (end - begin) - aligned, offset=aligned, access=mmap.ACCESS_COPY
-        )
-        arr = np.frombuffer(
-            region,
-            dtype=np_dtype,
-            count=(end - begin) // np.dtype(np_dtype).itemsize,
-            offset=offset - aligned,
-        )
-        return arr.reshape(shape), dtype
+        region = mmap.mmap(self._fd, offset + length - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        count = length // np.dtype(np_dtype).itemsize
+        return np.frombuffer(region, dtype=np_dtype, count=count, offset=offset - aligned).reshape(shape)
 
     def get(self, name: str) -> Any:
         """``name`` as a torch tensor over the same memory map."""
@@ -141,10 +133,9 @@ class MappedFile:
     def _row_range(self, name: str, start: int, stop: int) -> tuple[dict, int, int]:
         """(header entry, first byte, byte count) of rows ``start:stop`` along ``name``'s first dimension."""
         entry = self._entries[name]
-        shape = entry["shape"]
         begin, end = entry["data_offsets"]
-        row = (end - begin) // shape[0] if shape and shape[0] else 0
-        return entry, self._start + begin + start * row, (stop - start) * row
+        skip, length = row_span(end - begin, entry["shape"], start, stop)
+        return entry, self._start + begin + skip, length
 
     def prefetch_rows(self, name: str, start: int, stop: int) -> None:
         """:meth:`prefetch` for rows ``start:stop`` (first dimension) of ``name`` only."""
@@ -159,17 +150,23 @@ class MappedFile:
         those bytes only (a Llama 4 expert of a fused 3-D experts tensor, converter/sources/llama4.py)."""
         entry, offset, length = self._row_range(name, start, stop)
         dtype, shape = entry["dtype"], (stop - start, *entry["shape"][1:])
-        np_dtype = NP_DTYPES.get(dtype)
-        if np_dtype is None:
-            msg = (
-                f"tensor {name!r} in {self.path}: dtype {dtype} is not supported; re-save it as F32/F16/BF16"
-            )
-            raise CorruptFileError(msg)
-        if length <= 0:
-            return as_torch(np.empty(shape, dtype=np_dtype), dtype)
-        self.prefetch_rows(name, start, stop)
-        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-        region = mmap.mmap(self._fd, offset + length - aligned, offset=aligned, access=mmap.ACCESS_COPY)
-        count = length // np.dtype(np_dtype).itemsize
-        arr = np.frombuffer(region, dtype=np_dtype, count=count, offset=offset - aligned)
-        return as_torch(arr.reshape(shape), dtype)
+        np_dtype = numpy_dtype(dtype, f"tensor {name!r} in {self.path}")
+        if length > 0:
+            self.prefetch_rows(name, start, stop)
+        return as_torch(self._map(offset, length, np_dtype, shape), dtype)
+
+
+def numpy_dtype(dtype: str, where: str) -> Any:
+    """The numpy dtype holding safetensors dtype ``dtype``'s bits, or a CorruptFileError naming ``where``."""
+    np_dtype = NP_DTYPES.get(dtype)
+    if np_dtype is None:
+        msg = f"{where}: dtype {dtype} is not supported; re-save it as F32/F16/BF16"
+        raise CorruptFileError(msg)
+    return np_dtype
+
+
+def row_span(nbytes: int, shape: Any, start: int, stop: int) -> tuple[int, int]:
+    """(first byte, byte count) of rows ``start:stop`` along the first dimension of a tensor of ``shape``
+    and ``nbytes`` (a Llama 4 expert's block of a fused experts tensor: converter/sources/llama4.py)."""
+    row = nbytes // shape[0] if shape and shape[0] else 0
+    return start * row, (stop - start) * row
