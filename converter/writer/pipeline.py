@@ -353,8 +353,8 @@ class _Conversion:
             )
             # every shard reused: a finished folder, only its other files to rewrite (the CLI says so
             # instead of "resumed an interrupted conversion")
-            self.refreshed = bool(changed) and decision.action is Action.RESUME
-            self.refreshed = self.refreshed and len(decision.done) == len(plan.shards)
+            resumed = decision.action is Action.RESUME
+            self.refreshed = bool(changed) and resumed and len(decision.done) == len(plan.shards)
             if changed and decision.action is Action.RESUME:
                 gone = set(gone_files(self.src, self.output, decision.manifest))
                 rewritten = [n for n in changed if n not in gone]
