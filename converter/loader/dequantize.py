@@ -188,9 +188,11 @@ class _Fused:
     shape: tuple[int, ...]
 
     def build(self, dtype: torch.dtype) -> torch.Tensor:
+        from converter.sources.llama4 import fused_block
+
         out = torch.empty(self.shape, dtype=dtype)
         for e, parts in enumerate(self.parts):
-            out[e] = torch.cat([_tensor(p, dtype, False).T for p in parts], dim=1)
+            out[e] = fused_block([_tensor(p, dtype, False) for p in parts])
         return out
 
 

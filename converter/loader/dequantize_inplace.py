@@ -126,12 +126,14 @@ def _fused_llama4_experts(module: nn.Module, dtype: torch.dtype | None) -> nn.Mo
     (``gate_up_proj[e] = cat([gate.W.T, up.W.T], 1)``, ``down_proj[e] = down.W.T``)."""
     from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
 
+    from converter.sources.llama4 import fused_block
+
     weights = [(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight) for mlp in module]
     dtype = dtype or weights[0][0].dtype
     with torch.device("meta"):
         fused = Llama4TextExperts(module[0].config)
-    gate_up = torch.stack([torch.cat([g.T, u.T], dim=1) for g, u, _ in weights]).to(dtype)
-    down = torch.stack([d.T for _, _, d in weights]).to(dtype)
+    gate_up = torch.stack([fused_block((g, u)) for g, u, _ in weights]).to(dtype)
+    down = torch.stack([fused_block((d,)) for _, _, d in weights]).to(dtype)
     fused.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
     fused.down_proj = nn.Parameter(down, requires_grad=False)
     return fused

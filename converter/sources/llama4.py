@@ -27,6 +27,7 @@ up to the source's. ``dequantize`` fuses them back (``converter/loader/dequantiz
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from converter.errors import InputError
@@ -38,6 +39,7 @@ __all__ = [
     "FUSED_KEY",
     "LLAMA4_MODEL_TYPES",
     "Llama4ExpertsSource",
+    "fused_block",
     "is_llama4",
     "wrap_if_llama4",
 ]
@@ -61,6 +63,14 @@ class Llama4LayoutError(InputError):
 def is_llama4(config: dict | None) -> bool:
     """Whether ``config.json`` describes a Llama 4 model (text-only or multimodal)."""
     return isinstance(config, dict) and config.get("model_type") in LLAMA4_MODEL_TYPES
+
+
+def fused_block(weights: Sequence[Any]) -> Any:
+    """Expert e's block of a fused tensor from its per-expert nn.Linear weights, the inverse of this view's
+    reads: ``gate_up_proj[e] = cat([gate.T, up.T], 1)``, ``down_proj[e] = down.T`` (torch tensors)."""
+    import torch
+
+    return torch.cat([w.T for w in weights], dim=1)
 
 
 def _per_expert(tensors: list[TensorInfo]) -> dict[str, tuple[str, int, str, int]]:
