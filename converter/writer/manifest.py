@@ -235,7 +235,7 @@ def decide(
     fresh = Decision(Action.CREATE, Manifest(fingerprint, plan=plan_json), {})
     if output.exists() and not output.is_dir():
         if not overwrite:
-            raise OutputExistsError(_NOT_A_FOLDER.format(output=output))
+            raise OutputExistsError(not_a_folder(output))
         output.unlink()
         return fresh
     # A kill between writing the first manifest's temp file and renaming it leaves only that file:
@@ -273,12 +273,9 @@ def decide(
     raise OutputExistsError(_foreign(output, manifest, plan_json))
 
 
-_NOT_A_FOLDER = "{output}: exists and is not a folder; remove it or pass --overwrite"
-
-
 def not_a_folder(output: Path) -> str:
     """The refusal of an output that exists as a file (without --overwrite)."""
-    return _NOT_A_FOLDER.format(output=Path(output).resolve())
+    return f"{Path(output).resolve()}: exists and is not a folder; remove it or pass --overwrite"
 
 
 def _contains_source(output: Path, protected: tuple[Path, ...]) -> str | None:
@@ -399,7 +396,7 @@ def would_refuse(
     if contains or overwrite or not output.exists():
         return contains
     if not output.is_dir():
-        return _NOT_A_FOLDER.format(output=output)
+        return not_a_folder(output)
     if all(is_temp_file(p.name, MANIFEST_NAME) for p in output.iterdir()):  # decide() drops them
         return None
     manifest = Manifest.load(output)
