@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from killed_child import run_until_killed
 from test_pipeline import output_hashes
 
 from converter.writer.manifest import MANIFEST_NAME
@@ -57,15 +55,7 @@ def test_resume_after_sigkill(stage: str, tiny_llama_sharded: Path, tmp_path: Pa
 
     out = tmp_path / "out"
     script = CHILD.format(tests=str(Path(__file__).parent))
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tiny_llama_sharded), str(out), stage],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_until_killed(script, tiny_llama_sharded, out, stage)
 
     # Nothing looks complete: no config.json (transformers needs it), manifest still in progress.
     assert not (out / "config.json").exists()

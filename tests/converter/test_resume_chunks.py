@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from killed_child import run_until_killed
 from test_pipeline import output_hashes
 
 from converter.writer.manifest import MANIFEST_NAME
@@ -64,15 +61,7 @@ def test_resumed_shards_get_correct_chunk_digests(
     _check_digests(reference)
 
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD.format(chunk=CHUNK), str(tiny_llama_sharded), str(out)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_until_killed(CHILD.format(chunk=CHUNK), tiny_llama_sharded, out)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     (entry,) = manifest["shards"].values()
     assert entry["chunks"]["size"] == CHUNK

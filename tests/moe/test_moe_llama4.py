@@ -10,11 +10,7 @@ bitsandbytes, with our loader, and dequantize back to the fused layout.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -23,6 +19,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
+from killed_child import run_until_killed
 from moe_helpers import LLAMA4, make_llama4
 from safetensors import safe_open
 
@@ -422,15 +419,7 @@ def test_resume_after_sigkill_gives_the_same_bytes(llama4, tmp_path):
         warnings.simplefilter("ignore")
         convert(src, reference, max_shard_size="40KB", moe_experts="quantize", progress=False)
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(src), str(out)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_until_killed(CHILD, src, out)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["state"] == "in_progress"
     assert manifest["shards"]
