@@ -250,21 +250,26 @@ def test_stock_transformers_loads_the_folder_like_our_loader(llama4, mode):
 
 def _experts_bound(experts: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float64 reference, bound) for two bf16 computations of Llama4TextExperts on ``x`` that differ only
-    in their fp32 summation orders (bmm vs per-expert F.linear). Each side rounds gate and up to bf16
-    (relative error <= u = 2^-8), silu and the product once more (<= u each), so h carries <= 3u|h|
-    (to first order); the down projection sums K = I products in fp32 (order error <= gamma_K Σ|h||w|)
-    and rounds to bf16 (<= u|y|). Each side is within 3u·S + gamma_K·S + u|y| of the exact result
-    (S = Σ_k |h_k||W_kj|), so the two differ by at most twice that."""
-    e, inter = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2] // 2
+    in their fp32 summation orders (bmm vs per-expert F.linear). Each side sums gate and up over H in fp32
+    (absolute error <= gamma_H Σ|x||w|: G, U), rounds them to bf16 (relative error <= u = 2^-8), silu and
+    the product once more (<= u each), so h carries <= 3u|h| + 1.1|up| G + |silu(g)| U (to first order;
+    silu' <= 1.1); the down projection sums K = I products in fp32 (order error <= gamma_K Σ|h||w|) and
+    rounds to bf16 (<= u|y|). Each side is within 3u·S + Σ_k (1.1|up_k| G_k + |silu(g_k)| U_k)|W_kj| +
+    gamma_K·S + u|y| of the exact result (S = Σ_k |h_k||W_kj|), so the two differ by at most twice that."""
+    e, hidden, inter = experts.gate_up_proj.shape[0], x.shape[-1], experts.gate_up_proj.shape[2] // 2
     gu, dn = experts.gate_up_proj.double(), experts.down_proj.double()
-    h = x.double().view(e, -1, x.shape[-1])
+    h = x.double().view(e, -1, hidden)
     g, up = torch.bmm(h, gu).chunk(2, -1)
     act = torch.nn.functional.silu(g) * up
-    ref = torch.bmm(act, dn).reshape(-1, x.shape[-1])
-    s_abs = torch.bmm(act.abs(), dn.abs()).reshape(-1, x.shape[-1])
+    ref = torch.bmm(act, dn).reshape(-1, hidden)
+    s_abs = torch.bmm(act.abs(), dn.abs()).reshape(-1, hidden)
     u, u32 = 2.0**-8, 2.0**-24
-    gamma = inter * u32 / (1 - inter * u32)
-    return ref, 2 * ((3 * u + gamma) * s_abs + u * ref.abs())
+    gamma_k = inter * u32 / (1 - inter * u32)
+    gamma_h = hidden * u32 / (1 - hidden * u32)
+    g_sum, u_sum = (gamma_h * torch.bmm(h.abs(), gu.abs())).chunk(2, -1)
+    d_act = 1.1 * up.abs() * g_sum + torch.nn.functional.silu(g).abs() * u_sum
+    from_sums = torch.bmm(d_act, dn.abs()).reshape(-1, hidden)
+    return ref, 2 * ((3 * u + gamma_k) * s_abs + from_sums + u * ref.abs())
 
 
 def test_stock_keep_computes_the_source_experts(llama4, tmp_path):
