@@ -10,10 +10,11 @@ that method would only say "You need to first quantize your model": the loader b
   with the weight its kernels compute with (bitsandbytes' decode, bit for bit), the same bias (one that
   replaced a GPT-2 ``Conv1D`` for that ``Conv1D`` again, its weight ``[in, out]`` as checkpoints store it);
 - each 4-bit MoE experts module (:class:`QuantExperts4bit`) for transformers' own experts module, kept
-  on the meta device when the model was built, with its ``gate_up_proj`` / ``down_proj`` filled;
-- Llama 4's per-expert experts (``SequentialLlama4TextExperts``, as transformers and the loader build
-  them for a pre-quantized folder) for transformers' fused ``Llama4TextExperts`` again, its
-  ``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]`` stacked from the (dequantized) per-expert linears;
+  on the meta device when the model was built, with its ``gate_up_proj`` / ``down_proj`` filled (Llama 4's
+  :class:`QuantLlama4Experts4bit` for a fused ``Llama4TextExperts``, ``x @ W`` orientation);
+- Llama 4's 16-bit per-expert experts (``SequentialLlama4TextExperts``, as transformers and the loader
+  build them for a pre-quantized folder) for transformers' fused ``Llama4TextExperts`` again, its
+  ``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]`` stacked from the per-expert linears;
 
 on the device each weight is on, in ``dtype`` (default: the model's ``config.dtype``, as transformers; after
 a ``.half()`` / ``.float()`` / ``.to(dtype)`` of the loaded model, the dtype its parameters were cast to).
@@ -38,6 +39,7 @@ from converter.loader.devices import device_of
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.module_int8 import QuantLinear8bit
 from converter.loader.moe import SOURCE_MODULE, QuantExperts4bit
+from converter.loader.moe_llama4 import QuantLlama4Experts4bit
 
 
 class DequantizeError(ValueError):
@@ -110,6 +112,8 @@ def _dense_experts(name: str, module: QuantExperts4bit, dtype: torch.dtype | Non
         msg = f"dequantize(): {name!r} was not built by load_quantized (no experts module to restore)"
         raise DequantizeError(msg)
     dtype = dtype or module.dtype
+    if isinstance(module, QuantLlama4Experts4bit):  # Llama 4: its fused Llama4TextExperts, x @ W
+        return module.dense_module(dtype)
     pairs = [module.expert_weights(e, dtype) for e in range(module.num_experts)]
     source.gate_up_proj = nn.Parameter(torch.stack([gu for gu, _ in pairs]), requires_grad=False)
     source.down_proj = nn.Parameter(torch.stack([dn for _, dn in pairs]), requires_grad=False)

@@ -927,12 +927,15 @@ def attach_experts(
 
     4-bit experts are stacked on ``device`` (one copy from the shards' mapping to that device).
 
-    Quantized experts become :class:`QuantExperts4bit`; 16-bit ones are stacked into the module's
-    own ``gate_up_proj`` / ``down_proj``. Other keys whose names transformers renames on load
-    (Mixtral's router ``block_sparse_moe.gate`` -> ``mlp.gate``; the vision-language models' legacy
-    ``model.layers.*`` / ``language_model.model.*`` -> ``model.language_model.*``), quantized
-    records included, are renamed.
+    Quantized experts become :class:`QuantExperts4bit` (Llama 4's per-expert
+    ``SequentialLlama4TextExperts`` its routed-only twin, converter/loader/moe_llama4.py); 16-bit ones
+    are stacked into the module's own ``gate_up_proj`` / ``down_proj`` (Llama 4's stay per-expert
+    nn.Linear). Other keys whose names transformers renames on load (Mixtral's router
+    ``block_sparse_moe.gate`` -> ``mlp.gate``; the vision-language models' legacy ``model.layers.*`` /
+    ``language_model.model.*`` -> ``model.language_model.*``), quantized records included, are renamed.
     """
+    from converter.loader.moe_llama4 import QuantLlama4Experts4bit, is_llama4_sequential  # subclasses ours
+
     modules = dict(model.named_modules())
     # Qwen3-VL-MoE's fused 3-D records, as per-expert pieces
     fused = split_fused(state, where, sizes_only=torch.device(device).type == "meta")
@@ -952,14 +955,20 @@ def attach_experts(
             for key in keys:
                 del state[key]
             continue
-        if isinstance(module, nn.ModuleList):
-            continue  # per-expert nn.Linear (Llama 4 built as for a pre-quantized checkpoint): loaded as such
-        if module is None or not _is_fused_experts(module):
+        records = [v for parts in experts.values() for _, v in parts.values()]
+        quantized = any(isinstance(v, QuantizedTensor) for v in records)
+        llama4 = isinstance(module, nn.ModuleList) and quantized and is_llama4_sequential(module)
+        if isinstance(module, nn.ModuleList) and not llama4:
+            continue  # per-expert nn.Linear (Llama 4's 16-bit experts, built as transformers builds them)
+        if module is None or not (llama4 or _is_fused_experts(module)):
             kind = type(module).__name__ if module is not None else "no module"
             msg = f"{where}: per-expert tensors under {ckpt_name!r} have no fused experts module ({kind})"
             raise MoeLoadError(msg)
-        num, inter, hidden = (int(d) for d in module.gate_up_proj.shape)
-        inter //= 2
+        if llama4:  # per-expert nn.Linear on the meta device: gate_proj [I, H]
+            num, (inter, hidden) = len(module), (int(d) for d in module[0].gate_proj.weight.shape)
+        else:
+            num, inter, hidden = (int(d) for d in module.gate_up_proj.shape)
+            inter //= 2
         missing = [(e, r) for e in range(num) for r in ("gate", "up", "down") if r not in experts.get(e, {})]
         extra = sorted(e for e in experts if not 0 <= e < num)
         if missing or extra:
@@ -987,10 +996,15 @@ def attach_experts(
             )
             raise MoeLoadError(msg)
         used.update(key for parts in experts.values() for key, _ in parts.values())
-        if any(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()):
+        if quantized:
             st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device))
             config = getattr(module, "config", None)
-            layer = QuantExperts4bit(
+            cls: type[QuantExperts4bit] = QuantExperts4bit
+            extra: dict[str, Any] = {}
+            if llama4:  # its MoE block calls experts(routed_in): the routed-only twin (loader/moe_llama4.py)
+                config = module[0].config
+                cls, extra = QuantLlama4Experts4bit, {"top_k": config.num_experts_per_tok, "config": config}
+            layer = cls(
                 st.packed,
                 st.absmax,
                 st.quant_map,
@@ -1001,11 +1015,12 @@ def attach_experts(
                 dtype=dtype_from_name(st.dtype),
                 compute_dtype=compute_dtype,
                 act_name=getattr(config, "hidden_act", None),
-                act_fn=module.act_fn,
-                apply_gate=_own_gate(module),
+                act_fn=module[0].activation_fn if llama4 else module.act_fn,
+                apply_gate=None if llama4 else _own_gate(module),
                 nested=st.nested,
                 proj_names=st.proj_names,
                 fused=ckpt_name in fused,
+                **extra,
             )
             # transformers' module (its parameters on the meta device), for model.dequantize()
             layer.__dict__[SOURCE_MODULE] = module

@@ -26,7 +26,8 @@ from safetensors import safe_open
 from converter.kernels import bnb4bit as kernels
 from converter.loader.dequantize import dequantize_checkpoint
 from converter.loader.model import linear4bit_modules, load_quantized
-from converter.loader.module import QuantLinear4bit
+from converter.loader.moe import moe_modules
+from converter.loader.moe_llama4 import QuantLlama4Experts4bit
 from converter.plan.selection import SelectionError, patch_for_bnb, select_tensors
 from converter.plan.selection_table import NO_CACHE_ENV
 from converter.sources.llama4 import Llama4ExpertsSource, wrap_if_llama4
@@ -99,9 +100,78 @@ def _stock(folder: Path):
 
 def _dequant_paths(model: torch.nn.Module) -> torch.nn.Module:
     """Our 4-bit linears on their dequantize + F.linear path (as bitsandbytes' CPU forward here)."""
-    for layer in linear4bit_modules(model).values():
+    for layer in [*linear4bit_modules(model).values(), *moe_modules(model).values()]:
         layer.use_gemv = False
     return model
+
+
+def _routed_io(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor, ...]]:
+    """(layer, routed_in, output) of every 4-bit Llama 4 experts layer in a forward of ``ids``."""
+    seen: list = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out.clone())))
+        for m in moe_modules(model).values()
+    ]
+    try:
+        _logits(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _assert_routed_within_bound(model: torch.nn.Module, ids: torch.Tensor = IDS) -> None:
+    """Every 4-bit Llama 4 experts layer of a bf16 forward: the block of each token's routed expert (top-1:
+    the one block of the token that is not zero) within the derived bound of the float64 result with the
+    layer's decoded weights, every other block exactly zero (what the dense SequentialLlama4TextExperts
+    gives a zero row).
+
+    The bound (moe_helpers.experts_reference_and_bound) covers every path a bf16 layer takes, each
+    parameter the largest of them: weights decoded to bf16 for F.linear (relative u16 = 2^-8) or by the
+    fused GEMV (error_bounds.gemv_arithmetic: float32 decode, or codes rounded to bf16 on AVX512-BF16 and
+    tensor cores, whose accumulators may not round to nearest: acc_u 2^-23); float32 sums; gate/up
+    rounded to bf16 (or kept float32 in CUDA's fused act(gate) * up); silu in float32 (CUDA: 7 u32)
+    rounded to bf16; the product and the down projection each rounded to bf16 (the last once more
+    after the routing weight, which is 1 here: the router's scores are in the rows). No input is below
+    2^-126 (asserted), so no flushed subnormal adds to it."""
+    from error_bounds import U32, gemv_arithmetic
+    from moe_helpers import experts_reference_and_bound
+
+    u16 = 2.0**-8
+    seen = _routed_io(model, ids)
+    assert len(seen) == LAYERS
+    for layer, x, y in seen:
+        assert layer.top_k == 1
+        gemv = gemv_arithmetic(x.device.type, x.dtype)
+        arithmetic = dict(
+            weight_rel=max(u16, gemv["weight_rel"]), acc_u=max(U32, gemv["acc_u"]), pre_u=u16,
+            silu_u=7 * U32 + u16 + 7 * U32 * u16, h_u=U32 + u16 + U32 * u16, y_u=u16, wy_u=U32, out_u=u16,
+        )  # fmt: skip
+        blocks, out = x.view(E, -1, H), y.view(E, -1, H)
+        idx = blocks.abs().amax(-1).argmax(0)  # [T]
+        token = torch.arange(blocks.shape[1], device=x.device)
+        rows = blocks[idx, token]
+        assert not ((rows != 0) & (rows.abs() < 2.0**-126)).any()
+        ones = torch.ones(len(idx), 1, dtype=rows.dtype)
+        ref, bound = experts_reference_and_bound(layer, rows, idx[:, None], ones, **arithmetic)
+        assert ((out[idx, token].double().cpu() - ref).abs() <= bound).all()
+        rest = torch.ones(E, blocks.shape[1], dtype=torch.bool, device=x.device)
+        rest[idx, token] = False
+        assert not out[rest].any()
+
+
+def _assert_computes_like(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
+    """Our loader (dequantize path) computes what ``ref`` (transformers' per-expert experts, the same
+    decoded weights) does. One token: the logits bit for bit (each side runs each expert's weights on
+    one row). A prefill: 16-bit experts run as transformers' SequentialLlama4TextExperts on both sides,
+    bit for bit; 4-bit experts run the routed rows only, where transformers runs every expert on every
+    row (zero rows included), and a float32 sum over other row counts may take another order: each
+    layer within the derived bound (_assert_routed_within_bound)."""
+    assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+    if moe_modules(ours):
+        _assert_routed_within_bound(ours)
+    else:
+        assert torch.equal(_logits(ours), _logits(ref))
 
 
 def _patched_plain(folder: Path):
@@ -245,7 +315,7 @@ def test_stock_transformers_loads_the_folder_like_our_loader(llama4, mode):
     kind = torch.nn.Linear if mode == "keep" else bnb.nn.Linear4bit
     assert all(type(mlp.gate_proj) is kind and type(mlp.down_proj) is kind for mlp in experts)
     ours = _dequant_paths(load_quantized(folder))
-    assert torch.equal(_logits(model), _logits(ours))
+    _assert_computes_like(ours, model)
 
 
 def _experts_bound(experts: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,21 +370,67 @@ def test_stock_keep_computes_the_source_experts(llama4, tmp_path):
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_our_loader_equals_the_dequantized_model_and_generates(llama4, mode, tmp_path):
-    """load_quantized builds SequentialLlama4TextExperts as transformers does; its logits equal those of the
-    dequantized folder's weights in that same model, bit for bit (dequantize path); the default path
-    generates."""
+    """load_quantized builds 16-bit experts as transformers does (SequentialLlama4TextExperts) and 4-bit
+    ones as one routed-only layer; either computes what the dequantized folder's weights do in
+    transformers' per-expert model (_assert_computes_like, dequantize path); the default path generates."""
     folder = llama4(mode)
     plain = tmp_path / "plain"
     dequantize_checkpoint(folder, plain)
     ours = load_quantized(folder)
     experts = ours.model.layers[1].feed_forward.experts
-    assert type(experts).__name__ == "SequentialLlama4TextExperts"
-    want = torch.nn.Linear if mode == "keep" else QuantLinear4bit
-    assert isinstance(experts[0].up_proj, want)
+    if mode == "keep":
+        assert type(experts).__name__ == "SequentialLlama4TextExperts"
+        assert isinstance(experts[0].up_proj, torch.nn.Linear)
+    else:  # the routed-only 4-bit experts (converter/loader/moe_llama4.py)
+        assert isinstance(experts, QuantLlama4Experts4bit)
+        assert (experts.num_experts, experts.hidden_dim, experts.intermediate_dim) == (E, H, INTER)
     out = ours.generate(IDS[:, :4], max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 9)
-    ref = _patched_plain(plain)
-    assert torch.equal(_logits(_dequant_paths(ours)), _logits(ref))
+    _assert_computes_like(_dequant_paths(ours), _patched_plain(plain))
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_4bit_experts_read_only_the_routed_experts(llama4, mode):
+    """The 4-bit experts run each token's routed expert only (transformers' per-expert module runs all of
+    them on every token, the unrouted ones on zero rows): with every expert no token of a one-token step
+    is routed to poisoned (NaN scales), the logits are those of the intact model, bit for bit, on the
+    default (GEMV) path and the dequantize path. The default path's experts stay within the derived
+    bound too."""
+    for dequant in (False, True):
+        model = load_quantized(llama4(mode))
+        if dequant:
+            _dequant_paths(model)
+        else:
+            _assert_routed_within_bound(model)
+        want = _logits(model, IDS[:, :1])
+        for layer, x, _ in _routed_io(model, IDS[:, :1]):
+            routed = int(x.view(E, -1, H).abs().amax(-1).argmax(0))
+            for e in range(E):
+                if e != routed:
+                    layer.absmax[e] = float("nan")
+        got = _logits(model, IDS[:, :1])
+        assert torch.equal(got, want)
+        layer.absmax[routed] = float("nan")  # the routed one is read: the poison shows
+        assert torch.isnan(_logits(model, IDS[:, :1])).all()
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_loaded_4bit_llama4_saves_the_per_expert_records_and_reloads(llama4, mode, tmp_path):
+    """save_pretrained of a loaded 4-bit Llama 4 writes the per-expert records the folder holds (the same
+    bytes), which stock transformers + bitsandbytes and load_quantized load again with the same logits."""
+    folder = llama4(mode)
+    model = load_quantized(folder)
+    model.save_pretrained(tmp_path / "saved")
+    with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys() if ".experts." in k}
+    src = {k: v for k, v in _source(folder).items() if ".experts." in k}
+    assert saved.keys() == src.keys()
+    assert all(torch.equal(saved[k], src[k]) for k in src)
+    again = _dequant_paths(load_quantized(tmp_path / "saved"))
+    assert torch.equal(_logits(again), _logits(_dequant_paths(model)))
+    stock, info = _stock(tmp_path / "saved")
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    _assert_computes_like(again, stock)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -481,7 +597,7 @@ def test_multimodal_llama4_folder_loads_with_stock_transformers(tmp_path, mode):
         assert "language_model.model.layers.0.feed_forward.experts" in skip
     # (transformers 5.24's Llama4ForConditionalGeneration.forward fails on text alone: the text model)
     ours = _dequant_paths(load_quantized(out))
-    assert torch.equal(_logits(model.eval().language_model), _logits(ours.language_model))
+    _assert_computes_like(ours.language_model, model.eval().language_model)
     plain = tmp_path / "plain"
     dequantize_checkpoint(out, plain)
     assert _source(plain).keys() == _source(src).keys()
@@ -534,7 +650,12 @@ def test_quantize_with_a_layers_experts_skipped_loads_everywhere(llama4, tmp_pat
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert type(model.model.layers[0].feed_forward.experts[0].gate_proj) is bnb.nn.Linear4bit
     assert type(model.model.layers[1].feed_forward.experts[0].gate_proj) is torch.nn.Linear
-    assert torch.equal(_logits(model), _logits(_dequant_paths(load_quantized(out))))
+    ours = _dequant_paths(load_quantized(out))
+    assert isinstance(ours.model.layers[0].feed_forward.experts, QuantLlama4Experts4bit)
+    assert type(ours.model.layers[1].feed_forward.experts).__name__ == "SequentialLlama4TextExperts"
+    assert torch.equal(_logits(model, IDS[:, :1]), _logits(ours, IDS[:, :1]))
+    seen = _routed_io(ours, IDS)
+    assert [layer for layer, *_ in seen] == [ours.model.layers[0].feed_forward.experts]
     summary = inspect_path(out).moe
     assert summary.experts_quantized == E * 3
     assert summary.experts_kept == E * 3
@@ -545,8 +666,9 @@ def test_quantize_with_a_layers_experts_skipped_loads_everywhere(llama4, tmp_pat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("mode", ["keep", "nf4"])
 def test_on_cuda_every_4bit_layer_is_within_the_gemv_bound_and_stock_bitsandbytes_loads(llama4, mode):
-    """Llama 4 on the GPU: every 4-bit layer of a real forward (8 tokens: the fused GEMV, the per-expert
-    layers included) within the bound of the kernel's arithmetic against float64 with the exact decode;
+    """Llama 4 on the GPU: every 4-bit linear of a real forward (8 tokens: the fused GEMV) within the bound
+    of the kernel's arithmetic against float64 with the exact decode, the routed 4-bit experts within
+    theirs (_assert_routed_within_bound);
     greedy generate() runs; stock transformers + bitsandbytes loads the same folder on the GPU with no
     missing or unexpected key and generates too. (End-to-end logits have no derivable tolerance.)"""
     from error_bounds import dot_bound, gemv_arithmetic, worst_ratio
@@ -567,7 +689,10 @@ def test_on_cuda_every_4bit_layer_is_within_the_gemv_bound_and_stock_bitsandbyte
         for h in hooks:
             h.remove()
     assert {name for name, *_ in seen} == set(layers)
-    assert (mode == "nf4") == any(".experts.0." in name for name in layers)
+    assert not any(".experts.0." in name for name in layers)  # 16-bit (keep) or one routed layer (nf4)
+    if mode == "nf4":
+        assert all(m.packed.is_cuda for m in moe_modules(ours).values())
+        _assert_routed_within_bound(ours, IDS[:, :8].cuda())  # 8 rows: the grouped decode kernels
     for name, layer, x, y in seen:
         x2d = x.reshape(-1, x.shape[-1])
         w32 = layer.dequantize(torch.float32)
