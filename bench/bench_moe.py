@@ -13,11 +13,7 @@
    is of its 3.0B read per token) generating --tokens tokens greedily at batch 1 on CPU: our
    load_quantized (4-bit experts, grouped GEMV) vs the bf16 model in transformers with its default
    experts implementation and with "eager".
-4. Llama 4 decode (``--only llama4``): a small random Llama 4 (16 experts, top-1, shared expert, 6
-   layers) at batch 1 on CPU: our routed 4-bit experts vs the same folder's experts run densely (every
-   expert on every token, as transformers' per-expert layout does) vs transformers + bitsandbytes on the
-   same folder vs the bf16 model.
-5. ``--device cuda`` (replaces 1-4; ``--whole`` runs it on the CPU, a smoke run): the whole model
+4. ``--device cuda`` (replaces 1-3; ``--whole`` runs it on the CPU, a smoke run): the whole model
    (``moe_whole.py``): Qwen3-30B-A3B's real shapes with ``--layers`` decoder layers (default 48, the real
    model) and ``--vocab`` (default 151936), converted from random tensors made on the fly
    (``random_source.py``: no 61 GB bf16 checkpoint on disk), loaded with ``load_quantized`` vs the bf16
@@ -314,80 +310,6 @@ def decode(work: Path, tokens: int, repeat: int, compiled: bool = False) -> None
         print(f"| {name} | {tokens / t:.1f} | {tokens / t / base:.2f}x |")
 
 
-def random_small_llama4(src: Path) -> Path:
-    """A random bf16 Llama 4 text model at ``src`` (once) with Scout's expert ratios scaled down: 16 routed
-    experts, top-1, a shared expert, every layer MoE (hidden 1024, expert intermediate 1024, 6 layers, vocab
-    8192); fused experts on disk, as Meta ships them."""
-    import transformers
-
-    if (src / "config.json").exists():
-        return src
-    cfg = transformers.Llama4TextConfig(
-        hidden_size=1024, intermediate_size=1024, intermediate_size_mlp=2048, num_hidden_layers=6,
-        num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=8192, num_local_experts=16,
-        num_experts_per_tok=1, interleave_moe_layer_step=1, max_position_embeddings=512, pad_token_id=0,
-    )  # fmt: skip
-    cfg.architectures = ["Llama4ForCausalLM"]
-    torch.manual_seed(0)
-    transformers.Llama4ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src)
-    return src
-
-
-def decode_llama4(work: Path, tokens: int, repeat: int) -> None:
-    """Llama 4 decode on CPU: our routed 4-bit experts vs the same folder's experts run densely (every expert
-    on every token: transformers' per-expert layout, as our loader ran it before) vs transformers +
-    bitsandbytes on the same folder vs the bf16 model."""
-    import transformers
-
-    import converter.loader.moe_llama4 as moe_llama4
-    from converter.loader.model import load_quantized
-
-    src = random_small_llama4(work / "small-llama4-6l")
-    q = work / "small-llama4-6l-q"
-    if not (q / "config.json").exists():
-        _convert(src, q, moe_experts="quantize")
-    ids = torch.tensor([[1, 9, 1031, 314, 2718, 42, 7, 100]])
-    kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        routed = load_quantized(q)
-        is_sequential = moe_llama4.is_llama4_sequential
-        moe_llama4.is_llama4_sequential = lambda module: False  # the per-expert 4-bit linears, run densely
-        try:
-            dense = load_quantized(q)
-        finally:
-            moe_llama4.is_llama4_sequential = is_sequential
-        models = {
-            "ours (routed 4-bit experts)": routed,
-            "ours, experts run densely (before)": dense,
-            "transformers + bitsandbytes (same folder)": transformers.AutoModelForCausalLM.from_pretrained(
-                q, device_map="cpu"
-            ),
-            "bf16 (transformers)": transformers.AutoModelForCausalLM.from_pretrained(
-                src, dtype=torch.bfloat16
-            ),
-        }
-    best = dict.fromkeys(models, float("inf"))
-    clock = time.process_time if CPU_CLOCK else time.perf_counter
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for m in models.values():
-            m.eval().generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
-        for _ in range(repeat):  # interleaved, best of N
-            for name, m in models.items():
-                t0 = clock()
-                m.generate(ids, **kw)
-                best[name] = min(best[name], clock() - t0)
-    base = tokens / best["bf16 (transformers)"]
-    bnb = tokens / best["transformers + bitsandbytes (same folder)"]
-    print(f"\n## Llama 4 decode (16 experts, top-1), batch 1, {tokens} new tokens after 8 (best of {repeat})")
-    print(f"load average at the end: {os.getloadavg()}")
-    print("| model | tok/s | vs bf16 | vs transformers + bnb |")
-    print("|---|---|---|---|")
-    for name, t in best.items():
-        print(f"| {name} | {tokens / t:.1f} | {tokens / t / base:.2f}x | {tokens / t / bnb:.2f}x |")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/moe-bench")
@@ -395,7 +317,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=("size", "decode", "llama4"), default=None)
+    ap.add_argument("--only", choices=("size", "decode"), default=None)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--vocab", type=int, default=QWEN3_30B["vocab"], help="--device cuda / --whole")
@@ -437,8 +359,6 @@ def main() -> None:
         decode(work, args.tokens, args.repeat, args.compiled)
     if args.only in (None, "size"):
         size_and_speed(work, args.layers, args.repeat)
-    if args.only in (None, "llama4"):
-        decode_llama4(work, args.tokens, args.repeat)
 
 
 if __name__ == "__main__":
