@@ -27,8 +27,8 @@ from converter.plan import moe
 from converter.sources.hub_ranges import RangeReader
 from converter.writer.manifest import MANIFEST_NAME, Manifest, damaged_manifest
 from formats import index as index_mod
-from formats.reader import open_shard
-from formats.validate import STORAGE_NAMES, FormatError
+from formats.reader import Shard, open_shard
+from formats.validate import STORAGE_NAMES, FormatError, QuantGroup, TensorEntry, find_quant_groups
 from formats.writer import TORCH_NAMES
 
 if TYPE_CHECKING:
@@ -95,6 +95,52 @@ def _shard_files(path: Path) -> tuple[Path, list[str]]:
     return path, names
 
 
+class _SplitGroups:
+    """The pieces of quantized weights that a shard holds only part of, gathered over a folder's shards.
+
+    transformers' ``save_pretrained`` (of a bnb model, or of one ``load_quantized`` built) cuts shards
+    key by key, so a weight's codes may end one shard and its absmax / quant state start the next.
+    ``open_shard`` sees each shard alone: the codes as a plain uint8 tensor, the rest as a ``partial``
+    group. The loader joins them (``formats.reader.Checkpoint``); inspect and verify, which read one
+    shard at a time, counted the codes as a kept tensor and the weight as not quantized (verify then
+    reported a 16-bit linear missing from ``llm_int8_skip_modules``). This joins them from the
+    headers and the quant-state bytes alone (no torch), as ``Checkpoint`` does.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.located: dict[str, tuple[str, int, TensorEntry]] = {}  # key -> (shard, data start, entry)
+        self.pieces: set[str] = set()
+        self.bases: set[str] = set()
+
+    def add(self, name: str, shard: Shard) -> None:
+        """Note every key of ``shard`` (file ``name``) and its pieces of split weights."""
+        for key in shard.keys():
+            self.located[key] = (name, shard.data_start, shard.entry(key))
+        for base, keys in shard.partial.items():
+            self.bases.add(base)
+            self.pieces.update(keys)
+
+    def join(self) -> dict[str, QuantGroup]:
+        """The split weights, each validated whole (a component in no shard raises its FormatError)."""
+        if not self.bases:
+            return {}
+        keys = self.pieces | {b for b in self.bases if b in self.located}
+        entries = {k: (self.located[k][2].dtype, tuple(self.located[k][2].shape)) for k in sorted(keys)}
+        groups, _ = find_quant_groups(str(self.folder), entries, self._read, complete=True)
+        return groups
+
+    def nbytes(self, key: str) -> int:
+        entry = self.located[key][2]
+        return entry.end - entry.begin
+
+    def _read(self, key: str) -> bytes:
+        name, start, entry = self.located[key]
+        with open(self.folder / name, "rb") as f:
+            f.seek(start + entry.begin)
+            return f.read(entry.end - entry.begin)
+
+
 def inspect_path(path: str | Path) -> InspectResult:
     folder, names = _shard_files(Path(path))
     result = InspectResult(path=str(path), shards=names)
@@ -104,6 +150,9 @@ def inspect_path(path: str | Path) -> InspectResult:
     names_k: list[str] = []
     shapes: list[tuple[str, tuple[int, ...], int]] = []
     expert_formats: set[tuple[str, str]] = set()
+    split = _SplitGroups(folder)
+    passthrough: list[tuple[str, TensorEntry]] = []  # counted once the split weights are joined
+    groups: list[tuple[QuantGroup, int]] = []  # each quantized weight and its bytes
     for name in names:
         with open_shard(folder / name) as shard:
             meta = shard.metadata or {}
@@ -111,26 +160,34 @@ def inspect_path(path: str | Path) -> InspectResult:
             result.tool_version = result.tool_version or tool.get("version")
             prov = meta.get("quantize_model.provenance") or {}
             result.source = result.source or prov.get("source")
-            names_q += shard.quantized
-            names_k += shard.passthrough
+            split.add(name, shard)
             # From the validated header alone (no tensor data, no torch).
             for key in shard.quantized:
                 group = shard.group(key)
-                info = group.info
-                result.tensors_quantized += 1
-                result.params_quantized += math.prod(info.shape)
-                result.bytes_quantized += sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)
-                qtypes[info.describe()] += 1
-                shapes.append((key, tuple(info.shape), getattr(info, "blocksize", 0)))
-                if moe.is_expert_weight(key):
-                    qtype = getattr(info.quant_type, "label", info.quant_type)
-                    expert_formats.add((str(qtype), group.quant_storage))
-            for key in shard.passthrough:
-                e = shard.entry(key)
-                result.tensors_kept += 1
-                result.params_kept += math.prod(e.shape)
-                result.bytes_kept += e.end - e.begin
-                kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
+                groups.append((group, sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)))
+            passthrough += [(key, shard.entry(key)) for key in shard.passthrough]
+    joined = split.join() if Path(path).is_dir() else {}  # one shard alone: its pieces stay pieces
+    groups += [(group, sum(split.nbytes(k) for k in group.keys)) for group in joined.values()]
+    claimed = {k for group in joined.values() for k in group.keys}
+    for group, nbytes in groups:
+        info = group.info
+        names_q.append(group.name)
+        result.tensors_quantized += 1
+        result.params_quantized += math.prod(info.shape)
+        result.bytes_quantized += nbytes
+        qtypes[info.describe()] += 1
+        shapes.append((group.name, tuple(info.shape), getattr(info, "blocksize", 0)))
+        if moe.is_expert_weight(group.name):
+            qtype = getattr(info.quant_type, "label", info.quant_type)
+            expert_formats.add((str(qtype), group.quant_storage))
+    for key, e in passthrough:
+        if key in claimed:
+            continue
+        names_k.append(key)
+        result.tensors_kept += 1
+        result.params_kept += math.prod(e.shape)
+        result.bytes_kept += e.end - e.begin
+        kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
     result.moe = moe.summarize(names_q, names_k, moe.partial_block_experts(shapes), expert_formats)
@@ -210,12 +267,14 @@ def verify_path(path: str | Path) -> VerifyResult:
     quant_types: dict[str, str] = {}  # quantized weight key -> "nf4" / "fp4" / "int8"
     unreadable: set[str] = set()
     kept: list[str] = []  # unquantized tensors
+    split = _SplitGroups(folder)
     for name in names:
         file = folder / name
         if not file.is_file():
             continue  # reported by verify_shards
         try:
             with open_shard(file) as shard:
+                split.add(name, shard)
                 data_bytes += shard.data_size
                 for key in shard.keys():
                     found[key] = name
@@ -239,6 +298,20 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"be verified: reconvert the folder"
         )
     complete = all((folder / name).is_file() for name in names) and not unreadable
+    pieces_unjoined = False
+    if complete and path.is_dir():  # weights split across shards, joined and checked whole
+        try:
+            joined = split.join()
+        except FormatError as exc:  # e.g. a component in no shard: named as the loader names it
+            result.problems.append(str(exc))
+            joined = {}
+            pieces_unjoined = True  # its pieces are not 16-bit linears: no skip-list problem for them
+        for key, group in joined.items():
+            qt = group.info.quant_type
+            quant_types[key] = getattr(qt, "label", qt)
+            claimed = set(group.keys)
+            result.tensors += 1 - sum(k in claimed for k in kept)
+            kept = [k for k in kept if k not in claimed]
     if index_has_digests and complete and total_size != data_bytes:  # our index, every shard read
         result.problems.append(
             f"{folder / index_mod.INDEX_NAME}: metadata.total_size is {total_size}, but the shards hold "
@@ -256,7 +329,7 @@ def verify_path(path: str | Path) -> VerifyResult:
     if path.is_dir() and not unfinished:
         # the skip list against the kept linears only over every shard (a missing one's weights are not
         # 16-bit linears: they are reported once, as missing or unreadable)
-        kept_if_all = kept if complete else None
+        kept_if_all = kept if complete and not pieces_unjoined else None
         result.problems.extend(_config_problems(folder, quant_types, found, kept_if_all, result.notes))
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):
