@@ -44,6 +44,7 @@ from converter.writer.manifest import (
     atomic_write_bytes,
     clear_folder,
     dangling_link,
+    file_above,
     is_temp_file,
     source_overlap,
     writing_to,
@@ -339,6 +340,9 @@ def dequantize_checkpoint(
     dangling = dangling_link(out.parent if overwrite and out.is_symlink() else out)
     if dangling is not None:
         raise InputError(dangling)
+    above = file_above(out)  # as convert refuses it (mkdir failed: exit 1, "Not a directory")
+    if above is not None:
+        raise InputError(above)
     if out.exists() and not out.is_dir() and not overwrite:
         msg = f"{out}: exists and is not a folder; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)

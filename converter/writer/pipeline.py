@@ -58,6 +58,7 @@ from converter.writer.manifest import (
     atomic_write_bytes,
     dangling_link,
     decide,
+    file_above,
     not_a_folder,
     shard_chunks_json,
     shard_info,
@@ -185,12 +186,11 @@ def convert(
     dangling = dangling_link(output)
     if dangling is not None:
         raise InputError(dangling)
-    blocker = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None and blocker != output:  # an output file itself is refused by the manifest
-        msg = f"{output}: {blocker} is a file, not a folder; choose an output folder"
-        raise InputError(msg)
-    if blocker == output and not overwrite and not dry_run:  # before the plan's warnings (a dry run
-        raise OutputExistsError(not_a_folder(output))  # reports the plan and the refusal)
+    above = file_above(output)  # an output file itself is refused by the manifest
+    if above is not None:
+        raise InputError(above)
+    if output.exists() and not output.is_dir() and not overwrite and not dry_run:  # before the plan's
+        raise OutputExistsError(not_a_folder(output))  # warnings (a dry run reports the plan and the refusal)
     local = Path(source).expanduser() if isinstance(source, str | Path) else None
     if local is not None and local.exists():  # refused before the source is read (a Hub id: not here)
         overlap = source_overlap(output, local, remedy="choose another output folder")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from converter.cli import cli
-from converter.errors import OutputExistsError
+from converter.errors import InputError, OutputExistsError
 from converter.loader import ops
 from converter.loader.dequantize import dequantize_checkpoint
 from converter.loader.module import state_from_record
@@ -76,6 +76,25 @@ def test_plain_checkpoint_loads_in_transformers(bnb_nf4: Path, tmp_path: Path) -
     ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, quantized(ids).logits)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_under_a_file_is_an_input_error(our_folder: Path, tmp_path: Path, overwrite: bool) -> None:
+    """`dequantize IN afile/sub` failed while creating the folder: exit 1 ("work failed") with the OS's
+    bare "Not a directory", where `convert` refuses the same path with exit 2 naming the file in the way."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+    with pytest.raises(InputError, match=r"afile is a file, not a folder; choose an output folder"):
+        dequantize_checkpoint(our_folder, out, overwrite=overwrite)
+    args = ["dequantize", str(our_folder), str(out), "--json"] + (["--overwrite"] if overwrite else [])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert json.loads(result.stdout) == {
+        "ok": False,
+        "error": f"{out}: {tmp_path / 'afile'} is a file, not a folder; choose an output folder",
+        "exit_code": 2,
+    }
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_refuses_a_non_empty_output(our_folder: Path, tmp_path: Path) -> None:
