@@ -496,9 +496,16 @@ def inspect_hub(
     names_q: list[str] = []
     names_k: list[str] = []
     expert_formats: set[tuple[str, str]] = set()
+    # Every shard's header first: a weight's keys may sit in two shards (transformers' save_pretrained
+    # cuts shards key by key: the codes in one, the quant state or SCB in the next), so the weights are
+    # known, and their keys told from the kept tensors, only over the whole repo.
+    headers: dict[str, dict[str, Any]] = {}
+    weights: dict[str, Any] = {}  # 4-bit weight key -> its quant state
+    scb_in: dict[str, str] = {}  # int8 weight key -> the shard holding its SCB
     for name in names:
         header, data_start = hub.header(name)
         meta = header.pop("__metadata__", None) or {}
+        headers[name] = header
         tool = _json_field(meta, "quantize_model.tool")
         result.tool_version = result.tool_version or tool.get("version")
         result.source = result.source or _json_field(meta, "quantize_model.provenance").get("source")
@@ -506,46 +513,46 @@ def inspect_hub(
         spans = {k: tuple(data_start + x for x in header[k]["data_offsets"]) for k in qs_keys.values()}
         blocks = hub.get_spans(name, spans.values())  # merged across small gaps, concurrent
         starts = [a for a, _ in blocks]
-        weights: dict[str, Any] = {}
         for weight, key in qs_keys.items():
             a, b = spans[key]
             start, data = blocks[bisect.bisect_right(starts, a) - 1] if b > a else (a, b"")
             weights[weight] = parse_quant_state(name, key, data[a - start : b - start])
-        # LLM.int8 weights: <m>.weight I8 with <m>.SCB (+ <m>.weight_format), known from the header alone
-        present = {k: (e["dtype"], tuple(e["shape"])) for k, e in header.items()}
-        int8 = {
-            w: check_int8_group(name, w, present)
-            for w in (k.removesuffix(SCB_SUFFIX) + "weight" for k in header if k.split(".")[-1] == SCB_SUFFIX)
-        }
-        int8_keys = {k for w in int8 for k in (w, scb_key(w), weight_format_key(w))}
-        for key, entry in header.items():
-            begin, end = entry["data_offsets"]
-            owner = next(
-                (w for w in (key, key.rsplit(".", 1)[0], key.split(".quant_state.")[0]) if w in weights), None
-            )
-            if owner is not None or key in int8_keys:
-                result.bytes_quantized += end - begin
-                continue
-            names_k.append(key)
-            result.tensors_kept += 1
-            result.params_kept += math.prod(entry["shape"])
-            result.bytes_kept += end - begin
-            kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
-        names_q += list(weights) + list(int8)
-        for key, info in int8.items():
-            result.tensors_quantized += 1
-            result.params_quantized += math.prod(info.shape)
-            qtypes[info.describe()] += 1
-            if moe.EXPERT_KEY.match(key):  # per-expert LLM.int8 records: int8's loaders, not 4-bit's
-                expert_formats.add(("int8", "int8"))
-        for key, qs in weights.items():
-            result.tensors_quantized += 1
-            result.params_quantized += math.prod(qs.shape)
-            nested = " nested" if qs.nested_offset is not None else ""
-            qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
-            if moe.is_expert_weight(key) and key in header:  # the packed weight's dtype is the storage
-                storage = STORAGE_NAMES.get(header[key]["dtype"], header[key]["dtype"])
-                expert_formats.add((qs.quant_type.label, storage))
+        for k in header:
+            if k.split(".")[-1] == SCB_SUFFIX:
+                scb_in[k.removesuffix(SCB_SUFFIX) + "weight"] = name
+    entries = {k: e for header in headers.values() for k, e in header.items()}
+    # LLM.int8 weights: <m>.weight I8 with <m>.SCB (+ <m>.weight_format), known from the headers alone
+    present = {k: (e["dtype"], tuple(e["shape"])) for k, e in entries.items()}
+    int8 = {w: check_int8_group(name, w, present) for w, name in scb_in.items()}
+    quantized = set(weights) | {k for w in int8 for k in (w, scb_key(w), weight_format_key(w))}
+    names_q += list(weights) + list(int8)
+    for key, info in int8.items():
+        result.tensors_quantized += 1
+        result.params_quantized += math.prod(info.shape)
+        qtypes[info.describe()] += 1
+        if moe.EXPERT_KEY.match(key):  # per-expert LLM.int8 records: int8's loaders, not 4-bit's
+            expert_formats.add(("int8", "int8"))
+    for key, qs in weights.items():
+        result.tensors_quantized += 1
+        result.params_quantized += math.prod(qs.shape)
+        nested = " nested" if qs.nested_offset is not None else ""
+        qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
+        if moe.is_expert_weight(key) and key in entries:  # the packed weight's dtype is the storage
+            storage = STORAGE_NAMES.get(entries[key]["dtype"], entries[key]["dtype"])
+            expert_formats.add((qs.quant_type.label, storage))
+    for key, entry in entries.items():
+        begin, end = entry["data_offsets"]
+        owner = next(
+            (w for w in (key, key.rsplit(".", 1)[0], key.split(".quant_state.")[0]) if w in quantized), None
+        )
+        if owner is not None:
+            result.bytes_quantized += end - begin
+            continue
+        names_k.append(key)
+        result.tensors_kept += 1
+        result.params_kept += math.prod(entry["shape"])
+        result.bytes_kept += end - begin
+        kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
     partial = moe.partial_block_experts([(k, tuple(qs.shape), qs.blocksize) for k, qs in weights.items()])

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+from tiny_models import resharded_as_transformers
 
 
 @pytest.fixture
@@ -439,31 +440,6 @@ def test_verify_of_a_repository_code_model_notes_the_unchecked_skip_list(
     assert "--include" not in note
 
 
-def _resharded_as_transformers(converted: Path, out: Path, split: str) -> Path:
-    """``converted`` rewritten as transformers' ``save_pretrained`` shards a bnb model: key by key, so
-    ``split`` (a quantized weight's codes) ends shard 1 and its quant state starts shard 2; an index
-    with a weight_map and no digests, no metadata of ours."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    tensors: dict = {}
-    for shard in sorted(converted.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    keys = sorted(tensors)
-    cut = keys.index(split) + 1
-    assert keys[cut].startswith(split + ".")  # the next key is one of its components
-    out.mkdir()
-    weight_map = {}
-    for i, part in enumerate((keys[:cut], keys[cut:]), start=1):
-        name = f"model-0000{i}-of-00002.safetensors"
-        save_file({k: tensors[k].contiguous() for k in part}, out / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, name))
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    shutil.copy(converted / "config.json", out / "config.json")
-    return out
-
-
 def test_a_weight_split_across_shards_is_one_quantized_weight(qm, converted: Path, tmp_path: Path) -> None:
     """transformers' save_pretrained (of a bnb model, or of one load_quantized built) cuts shards key by
     key, so a weight's codes and its absmax / quant state may sit in two shards. inspect counted that
@@ -471,7 +447,7 @@ def test_a_weight_split_across_shards_is_one_quantized_weight(qm, converted: Pat
     a 16-bit linear missing from llm_int8_skip_modules: a false problem, exit 1, on a folder that
     load_quantized and transformers both load."""
     split = "model.layers.0.mlp.down_proj.weight"
-    folder = _resharded_as_transformers(converted, tmp_path / "split", split)
+    folder = resharded_as_transformers(converted, tmp_path / "split", split)
     r = qm("inspect", folder, "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
@@ -494,7 +470,7 @@ def test_a_split_weight_missing_a_component_is_named_by_verify(qm, converted: Pa
     from safetensors.torch import load_file, save_file
 
     split = "model.layers.0.mlp.down_proj.weight"
-    folder = _resharded_as_transformers(converted, tmp_path / "split", split)
+    folder = resharded_as_transformers(converted, tmp_path / "split", split)
     second = folder / "model-00002-of-00002.safetensors"
     tensors = load_file(second)
     del tensors[split + ".absmax"]
