@@ -389,6 +389,34 @@ def test_meta_is_refused(our_folder: Path, kwargs: dict) -> None:
         load_quantized(our_folder, **kwargs)
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available() or torch.xpu.is_available(), reason="needs no MPS/XPU")
+@pytest.mark.parametrize(
+    ("kwargs", "named", "kind"),
+    [
+        ({"device": "mps"}, "device='mps'", "mps"),
+        ({"device": torch.device("mps")}, "device='mps'", "mps"),
+        ({"device": "xpu:0"}, "device='xpu:0'", "xpu"),
+        ({"device_map": "xpu"}, "device_map='xpu'", "xpu"),
+        ({"device_map": {"": "mps"}}, "device_map puts '' on 'mps'", "mps"),
+        ({"device_map": "auto", "max_memory": {"mps": "1GiB"}}, "max_memory names 'mps'", "mps"),
+    ],
+)
+def test_another_accelerator_this_torch_lacks_is_a_placement_error_before_any_work(
+    tmp_path: Path, kwargs: dict, named: str, kind: str
+) -> None:
+    """`device="mps"` (a notebook moved from a Mac) on a torch without MPS failed deep inside the load
+    with torch's "Could not run 'aten::empty.memory_format' with arguments from the 'MPS' backend"
+    (NotImplementedError; XPU: "AssertionError: Torch not compiled with XPU enabled"), after the shards
+    were read; as CUDA is, it is a PlacementError naming the device, before the folder is looked at."""
+    missing = tmp_path / "not-read"
+    why = f"{named}, but this torch (torch {torch.__version__}) has no {kind!r} device available"
+    with pytest.raises(PlacementError, match=re.escape(why)):
+        load_quantized(missing, **kwargs)
+    if "device" in kwargs:
+        with pytest.raises(PlacementError, match=re.escape(why)):
+            load_quantized_state(missing, device=kwargs["device"])
+
+
 _KILLED_LOAD = """
 import os, signal, sys, torch
 from converter.loader.model import load_quantized
