@@ -80,14 +80,16 @@ def unfinished_conversion(folder: Path) -> bool:
     return manifest is not None and manifest.state != "complete"
 
 
-def _shard_files(path: Path) -> tuple[Path, list[str]]:
+def _shard_files(path: Path, *, require_files: bool = False) -> tuple[Path, list[str]]:
+    """The folder and its shard names (the index's, else its *.safetensors). ``require_files``: a shard
+    the index names that is gone is an input error naming it (inspect; verify reports it instead)."""
     if not path.exists():
         msg = f"{path}: no such file or folder; check the path"
         raise SourceNotFoundError(msg)
     if path.is_file():
         return path.parent, [path.name]
     if (path / index_mod.INDEX_NAME).is_file():
-        return path, index_mod.read_index(path, require_files=False).files
+        return path, index_mod.read_index(path, require_files=require_files).files
     names = sorted(p.name for p in path.glob("*.safetensors"))
     if not names and not (path / MANIFEST_NAME).is_file():  # an interrupted conversion is reported instead
         msg = f"{path}: no .safetensors shards and no {index_mod.INDEX_NAME}; give a converted folder"
@@ -142,7 +144,8 @@ class _SplitGroups:
 
 
 def inspect_path(path: str | Path) -> InspectResult:
-    folder, names = _shard_files(Path(path))
+    # a shard the index names that is gone: named with the index (it was the OS error, exit 1)
+    folder, names = _shard_files(Path(path), require_files=True)
     result = InspectResult(path=str(path), shards=names)
     qtypes: Counter[str] = Counter()
     kept: Counter[str] = Counter()

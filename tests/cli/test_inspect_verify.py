@@ -76,6 +76,21 @@ def test_verify_missing_shard(qm, converted: Path) -> None:
     assert f"{shard}: missing" in data["problems"]
 
 
+def test_inspect_of_a_folder_missing_a_shard_is_an_input_error_naming_it(qm, converted: Path) -> None:
+    """inspect of a converted folder whose index names a shard that is gone failed with the OS error,
+    exit 1 ("work failed": "No such file or directory; check the path and rerun"), where cli.md says a
+    damaged converted folder given to inspect is exit 2, and `inspect --memory` and `dequantize` name
+    the index and the missing shard."""
+    shard = sorted(converted.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    r = qm("inspect", converted, "--json")
+    assert r.exit_code == 2
+    error = json.loads(r.stdout)["error"]
+    index = converted / "model.safetensors.index.json"
+    assert error == f"{index}: shard file(s) missing: {shard.name}; re-run the conversion"
+    assert json.loads(qm("inspect", converted, "--memory", "--json").stdout)["error"] == error
+
+
 def test_verify_unfinished_conversion(qm, converted: Path) -> None:
     manifest = converted / ".quantize-model-manifest.json"
     m = json.loads(manifest.read_text())
