@@ -66,6 +66,53 @@ def test_verify_detects_a_flipped_byte(qm, converted: Path) -> None:
     assert lines[-1] == f"Error: {converted}: 1 problem(s) found; reconvert with --overwrite"
 
 
+def test_verify_names_the_tensors_of_a_chunk_that_differs(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tampered shard was named with a byte range only ("sha256 of chunk 3 (bytes 12288-16383) is
+    ..."): which weight was damaged took a hex dump. The line names the tensors those bytes hold (and
+    the header, when the range covers it)."""
+    import struct
+
+    from formats import chunks
+
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 4096)  # several chunks in a tiny shard
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    shard = out / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    name = "model.layers.1.self_attn.o_proj.weight"
+    begin, end = header[name]["data_offsets"]
+    at = 8 + header_len + (begin + end) // 2
+    data[at] ^= 0x01
+    shard.write_bytes(bytes(data))
+    r = qm("verify", out, "--json")
+    assert r.exit_code == 1
+    (problem,) = json.loads(r.stdout)["problems"]
+    k = at // 4096
+    held = [  # in file order
+        key
+        for _, key in sorted(
+            (e["data_offsets"][0], key)
+            for key, e in header.items()
+            if key != "__metadata__"
+            and 8 + header_len + e["data_offsets"][0] < (k + 1) * 4096
+            and 8 + header_len + e["data_offsets"][1] > k * 4096
+        )
+    ]
+    assert name in held
+    assert problem.startswith(f"{shard}: sha256 of chunk {k} (bytes {k * 4096}-{k * 4096 + 4095}) is ")
+    shown = ", ".join(repr(h) for h in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    assert problem.endswith(f"; chunk {k} holds {shown}")
+    data[at] ^= 0x01
+    data[20] ^= 0x01  # in the header's JSON: named as the header
+    shard.write_bytes(bytes(data))
+    problems = json.loads(qm("verify", out, "--json").stdout)["problems"]
+    assert any("sha256 of chunk 0 " in p and p.endswith("; chunk 0 holds the header") for p in problems)
+
+
 def test_verify_missing_shard(qm, converted: Path) -> None:
     shard = sorted(converted.glob("model-*.safetensors"))[0]
     shard.unlink()
