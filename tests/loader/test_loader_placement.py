@@ -322,6 +322,12 @@ def test_inspect_memory_bad_options_are_named(our_folder: Path) -> None:
     assert r.exit_code == 2
     assert "Invalid value for '--dtype'" in r.output
     assert runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--dtype", "Float16"]).exit_code == 0
+    # the short names convert and dequantize take: the same estimate (was "Invalid value for '--dtype'")
+    for short, name in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")):
+        r = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--dtype", short, "--json"])
+        assert r.exit_code == 0, r.output
+        full = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--dtype", name, "--json"])
+        assert json.loads(r.stdout) == json.loads(full.stdout)
 
 
 def test_a_gpu_index_that_does_not_exist_is_a_placement_error(our_folder: Path) -> None:
