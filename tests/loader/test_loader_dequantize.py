@@ -97,6 +97,34 @@ def test_an_output_under_a_file_is_an_input_error(our_folder: Path, tmp_path: Pa
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_an_output_on_a_read_only_filesystem_is_an_input_error(
+    our_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dequantize IN /mnt/ro/out` failed creating the folder: exit 1 with the OS's "Read-only file
+    system; check the path and rerun"; it is refused before any work, exit 2, as convert's preflight
+    refuses it."""
+    import os
+    from types import SimpleNamespace
+
+    import converter.plan.preflight
+
+    real = os.statvfs
+    st = real(tmp_path)
+    read_only = SimpleNamespace(**{k: getattr(st, k) for k in dir(st) if k.startswith("f_")})
+    read_only.f_flag |= os.ST_RDONLY  # as `mount -o ro` sets it
+    monkeypatch.setattr(
+        converter.plan.preflight.os, "statvfs", lambda p: read_only if Path(p) == tmp_path else real(p)
+    )
+    out = tmp_path / "plain"
+    said = f"{out}: {tmp_path} is on a read-only filesystem; choose another output folder"
+    with pytest.raises(InputError) as info:
+        dequantize_checkpoint(our_folder, out)
+    assert str(info.value) == said
+    result = CliRunner().invoke(cli, ["dequantize", str(our_folder), str(out), "--json"])
+    assert (result.exit_code, json.loads(result.stdout)["error"]) == (2, said)
+    assert not out.exists()
+
+
 def test_refuses_a_non_empty_output(our_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "busy"
     out.mkdir()
