@@ -111,6 +111,29 @@ def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _no_config(src: Source) -> str:
+    """Why a source without config.json cannot be converted, naming it ("the source has no config.json"
+    named no path); a PEFT adapter folder (adapter_model.safetensors) is said to be one, as the advice
+    to add the model's config.json does not apply to it."""
+    root = getattr(src, "root", None)  # a local source's folder
+    label = str(root) if root is not None else str(src.describe().get("repo_id") or "the source")
+    if "adapter_model.safetensors" in src.weight_files():
+        base = None
+        try:
+            base = json.loads((Path(root) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        of = f" ({base})" if isinstance(base, str) and base else ""
+        return (
+            f"{label}: a PEFT adapter (adapter_config.json), not a model: convert its base model{of} and "
+            "load the adapter on the loaded model (PeftModel.from_pretrained)"
+        )
+    return (
+        f"{label}: no config.json, so the layers transformers would quantize cannot be known; add the "
+        "model's config.json, or name the weights to quantize with --include globs"
+    )
+
+
 def convert(
     source: str | Path | Source,
     output: str | Path,
@@ -291,6 +314,8 @@ class _Conversion:
                     f"{option} {glob!r} matches no tensor or module of the checkpoint, so it {does}: globs "
                     f"match whole dotted names such as {example!r}{hint}"
                 )
+        if config is None and not options.include:  # select_tensors' refusal, naming the source
+            raise InputError(_no_config(src))
         selection = select_tensors(
             config,
             tensors,
