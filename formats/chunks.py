@@ -26,6 +26,7 @@ GPU load reads the same 16 MiB pieces into pinned staging buffers, one held per 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections import deque
@@ -197,4 +198,39 @@ def mismatch_line(
     more = f"; {len(bad)} of {len(want)} chunks differ" if len(bad) > 1 else ""
     return (
         f"{path}: {algo} of chunk {k} (bytes {start}-{start + n - 1}) is {got[k]}, index says {want[k]}{more}"
+        f"{_held(path, k, start, n)}"
     )
+
+
+#: a safetensors header longer than this is not parsed to name a damaged chunk's tensors
+_HEADER_LIMIT = 100_000_000
+
+
+def _held(path: Path, k: int, start: int, n: int) -> str:
+    """``"; chunk 3 holds 'a', 'b' and 3 more"``: the tensors (in file order) and the header that chunk
+    ``k``, the file's bytes ``start .. start + n - 1``, holds, read from the shard's header ("" where it
+    cannot be read). A mismatch was named by its byte range only: finding the weight took a hex dump."""
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len <= _HEADER_LIMIT:
+                return ""
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(header, dict):
+        return ""
+    data_start = 8 + header_len
+    held = ["the header"] if start < data_start else []
+    spans = []
+    for key, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) and key != "__metadata__" else None
+        if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets):
+            begin, end = data_start + offsets[0], data_start + offsets[1]
+            if begin < start + n and end > start:
+                spans.append((begin, key))
+    held += [repr(key) for _, key in sorted(spans)]
+    if not held:
+        return ""
+    shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    return f"; chunk {k} holds {shown}"

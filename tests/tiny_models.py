@@ -240,3 +240,28 @@ def int8_experts(folder: Path) -> None:
     save_file(tensors, shard, metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": dict.fromkeys(sorted(tensors), shard.name)}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def resharded_as_transformers(converted: Path, out: Path, split: str) -> Path:
+    """``converted`` rewritten as transformers' ``save_pretrained`` shards a bnb model: key by key, so
+    ``split`` (a key of a quantized weight) ends shard 1 and the weight's next key starts shard 2; an index
+    with a weight_map and no digests, no metadata of ours."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors: dict = {}
+    for shard in sorted(converted.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    keys = sorted(tensors)
+    cut = keys.index(split) + 1
+    assert keys[cut].startswith(split.rsplit(".", 1)[0] + ".")  # the next key is of the same module
+    out.mkdir()
+    weight_map = {}
+    for i, part in enumerate((keys[:cut], keys[cut:]), start=1):
+        name = f"model-0000{i}-of-00002.safetensors"
+        save_file({k: tensors[k].contiguous() for k in part}, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(converted / "config.json", out / "config.json")
+    return out

@@ -39,9 +39,11 @@ def _format_os_error(exc: OSError) -> str:
 
 def _format_format_error(exc: Exception) -> str:
     from formats.index import INDEX_REMEDY
-    from formats.validate import BadIndex, TwoLayouts, UnknownFormatVersion
+    from formats.validate import BadIndex, MissingShard, TwoLayouts, UnknownFormatVersion
 
     if isinstance(exc, (UnknownFormatVersion, TwoLayouts)):  # valid files; the message says what to do
+        return str(exc)
+    if isinstance(exc, MissingShard):  # no file to call invalid; the message says what to do
         return str(exc)
     if isinstance(exc, BadIndex):  # the index, not a shard
         return f"{exc}; {INDEX_REMEDY}"

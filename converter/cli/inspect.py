@@ -34,7 +34,8 @@ from converter.units import human_bytes, human_count
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"], case_sensitive=False),
+    # the short names too, as convert and dequantize take them ("bf16" was a usage error here)
+    type=click.Choice(["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"], case_sensitive=False),
     default="bfloat16",
     show_default=True,
     help="dtype of the non-quantized tensors once loaded (with --memory).",

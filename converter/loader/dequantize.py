@@ -37,6 +37,7 @@ from converter.loader.config_file import read_config
 from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
 from converter.methods import for_record
+from converter.plan.preflight import read_only
 from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
 from converter.sources.local import extra_files_in, read_header, sample_digest
 from converter.writer.manifest import (
@@ -44,6 +45,7 @@ from converter.writer.manifest import (
     atomic_write_bytes,
     clear_folder,
     dangling_link,
+    file_above,
     is_temp_file,
     source_overlap,
     writing_to,
@@ -339,6 +341,9 @@ def dequantize_checkpoint(
     dangling = dangling_link(out.parent if overwrite and out.is_symlink() else out)
     if dangling is not None:
         raise InputError(dangling)
+    above = file_above(out)  # as convert refuses it (mkdir failed: exit 1, "Not a directory")
+    if above is not None:
+        raise InputError(above)
     if out.exists() and not out.is_dir() and not overwrite:
         msg = f"{out}: exists and is not a folder; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)
@@ -349,6 +354,10 @@ def dequantize_checkpoint(
     done = _finished(out, identity) if out.is_dir() and not overwrite else None
     if done is not None:
         return done
+    holder = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
+    if read_only(holder):  # as convert's preflight refuses it (mkdir failed: exit 1, the OS's message)
+        msg = f"{out}: {holder} is on a read-only filesystem; choose another output folder"
+        raise InputError(msg)
     if out.is_dir() and not overwrite and not _restartable(out) and _damaged(out, identity) is None:
         msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)

@@ -38,6 +38,24 @@ def check_device(device: str | int | torch.device, what: str, *, mapped: bool = 
         raise PlacementError(msg)
     if d.type == "cuda":
         check_gpu(d.index or 0, what, mapped=mapped)
+    elif d.type != "cpu":
+        # Another accelerator (mps, xpu, ...): run by torch's ops where this torch has it, but one it
+        # lacks failed deep in the load, after the shards were read (MPS: "Could not run
+        # 'aten::empty.memory_format' with arguments from the 'MPS' backend"; XPU: an AssertionError).
+        # Only where torch can say (its torch.<type> module): a backend a plugin registers otherwise
+        # (privateuseone) is left to torch, as before.
+        backend = getattr(torch, d.type, None)
+        is_available = getattr(backend, "is_available", None)
+        if callable(is_available) and not is_available():
+            choices = ["'cpu'", "'disk'"] if mapped else ["'cpu'"]
+            if torch.cuda.is_available():
+                choices.append("a GPU index" if mapped else "'cuda'")
+            devices = " or ".join([", ".join(choices[:-1]), choices[-1]]) if len(choices) > 1 else choices[0]
+            msg = (
+                f"{what}, but this torch (torch {torch.__version__}) has no {d.type!r} device available; "
+                f"name only devices that exist ({devices})"
+            )
+            raise PlacementError(msg)
 
 
 def check_gpu(index: int, what: str, *, mapped: bool = True) -> None:

@@ -229,6 +229,21 @@ def transformers_quantization_config(qc: dict[str, Any]) -> Any:
         return qc
 
 
+def _skipping(qc: dict[str, Any], new: frozenset[str], model: nn.Module) -> dict[str, Any]:
+    """``qc`` with ``new`` (layers the shards lack, left 16-bit, that transformers would quantize: a new
+    classification head) in its ``llm_int8_skip_modules``, as the loaded model's layers are. The folder's
+    own list (``["lm_head"]``) made ``save_pretrained`` write a folder on which transformers +
+    bitsandbytes built a quantized layer for the saved 16-bit head, and failed to load or run it."""
+    if not new:
+        return qc
+    skip = qc.get("llm_int8_skip_modules")
+    if skip is None:  # transformers' default skips, which do not cover these: written out, plus them
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        skip = list(get_keys_to_not_convert(model))
+    return {**qc, "llm_int8_skip_modules": [*skip, *sorted(n for n in new if n not in skip)]}
+
+
 def _match_prefix(model: nn.Module, state: dict[str, Any]) -> None:
     """Rename ``state``'s keys (in place, order kept) as transformers' loader does with the base-model
     prefix: stripped for a model without it (``roberta.*`` keys into ``RobertaModel``), added for one
@@ -617,7 +632,8 @@ def _new_parameters_warning(
         msg += (
             f". transformers + bitsandbytes would make {sorted(new_quantizable)} quantized layers "
             "(config.json's llm_int8_skip_modules does not name them) and fail to initialise them; "
-            f"here they stay {str(dtype).removeprefix('torch.')}"
+            f"here they stay {str(dtype).removeprefix('torch.')}, and model.config's "
+            "llm_int8_skip_modules names them (save_pretrained writes a folder transformers loads)"
         )
     return msg
 
@@ -800,6 +816,7 @@ def load_quantized(
             stacklevel=3,
         )
     if isinstance(qc, dict):
+        qc = _skipping(qc, skeleton.new_quantizable, model)
         model.config.quantization_config = transformers_quantization_config(qc)
     records = list(quantized_modules(state).values())  # MoE expert records were taken out by attach_experts
     setattr(model, for_record(records[0]).loaded_flag if records else "is_loaded_in_4bit", True)

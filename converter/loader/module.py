@@ -50,6 +50,7 @@ _BnbParams4bit: type | None = None
 _BnbQuantState: type | None = None
 
 _DTYPES = {v: k for k, v in KERNEL_DTYPE_NAMES.items()}
+_SHORT_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 #: A tensor's ``data_ptr()`` without the ``__torch_function__`` of bitsandbytes' ``Params4bit`` (1.3 µs a
 #: call there against 0.1 µs, per eager forward); the public method on a torch without this binding.
@@ -62,12 +63,15 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     key = name.removeprefix("torch.") if isinstance(name, str) else None
+    # the short names convert, dequantize_checkpoint and the CLI's --dtype take ("bf16" was refused here)
+    key = _SHORT_NAMES.get(key, key) if key is not None else None
     dtype = _DTYPES.get(key) if key is not None else None
     if dtype is None and key is not None and not key.startswith("_"):
         alias = getattr(torch, key, None)
         dtype = alias if isinstance(alias, torch.dtype) and alias in KERNEL_DTYPE_NAMES else None
     if dtype is None:
-        msg = f"unsupported dtype {name!r}: expected one of {', '.join(_DTYPES)} (or half, float)"
+        also = "bf16, fp16, fp32, half, float"
+        msg = f"unsupported dtype {name!r}: expected one of {', '.join(_DTYPES)} (or {also})"
         raise ValueError(msg)
     return dtype
 

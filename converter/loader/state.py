@@ -45,6 +45,21 @@ class NotQuantizedError(InputError):
     """The checkpoint holds no quantized (4-bit or LLM.int8) weight."""
 
 
+def _adapter_message(folder: Path) -> str | None:
+    """For a PEFT adapter folder (adapter_config.json): what it is and how to load it, with its base
+    model; "no quantized weight ... not a bitsandbytes checkpoint" said what it is not, not what to do."""
+    try:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    of = f" ({base})" if isinstance(base, str) and base else ""
+    return (
+        f"{folder}: a PEFT adapter (adapter_config.json), not a quantized model: load its base model{of} "
+        f"with load_quantized, then the adapter on it: PeftModel.from_pretrained(model, '{folder}')"
+    )
+
+
 def resolve_folder(
     path_or_repo: str | os.PathLike,
     *,
@@ -368,7 +383,7 @@ def read_state(
         if hashes is not None:  # the hashing threads, now that the headers' parse is done
             hashes.start()
     if all(isinstance(v, torch.Tensor) for v in out.values()):
-        msg = (
+        msg = _adapter_message(folder) or (
             f"{folder}: no quantized weight (no '*.quant_state.bitsandbytes__nf4|fp4' key and no int8 "
             "'*.SCB' key); not a bitsandbytes 4-bit or 8-bit checkpoint"
         )

@@ -86,6 +86,15 @@ def disk_free(path: Path) -> tuple[int, Path]:
     return shutil.disk_usage(p).free, p
 
 
+def read_only(path: Path) -> bool:
+    """Whether ``path`` is on a filesystem mounted read-only. Its free space was reported and the
+    preflight said the run fits; the run then failed creating the folder (OSError, exit 1)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows): the run says it
+        return False
+
+
 def ram_available() -> int | None:
     """MemAvailable from /proc/meminfo (None where there is none)."""
     try:
@@ -200,7 +209,10 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
         download_bytes=download,
         up_to_date=up_to_date,
     )
-    if needed > free:
+    if not up_to_date and read_only(where):
+        msg = f"{output}: {where} is on a read-only filesystem; choose another output folder"
+        report.problems.append(msg)
+    elif needed > free:
         report.problems.append(
             f"{output}: the conversion needs {human_bytes(needed)} of disk for its shards but {where} has "
             f"{human_bytes(free)} free; free some space or choose another output folder"

@@ -43,6 +43,23 @@ def default_name(source: str) -> str:
     return re.sub(r"[^\w.-]+", "--", name.replace("/", "--")).strip("-.") or "model"
 
 
+#: a field of a text list: "double-quoted", 'single-quoted', or a run of non-space characters
+_FIELD = re.compile(r"\"([^\"]*)\"|'([^']*)'|(\S+)")
+
+
+def _fields(line: str) -> list[str]:
+    """The fields of one text-list line. A '#' starts a comment only where a field would start (as in
+    shell): ``runs/exp#3`` is one path (cutting it at the '#' named another folder, silently).
+    Quotes keep the spaces of a path in one field."""
+    out: list[str] = []
+    for m in _FIELD.finditer(line):
+        bare = m.group(3)
+        if bare is not None and bare.startswith("#"):
+            break
+        out.append(bare if bare is not None else m.group(1) if m.group(1) is not None else m.group(2))
+    return out
+
+
 def read_list(path: Path) -> list[BatchItem]:
     """Parse a batch list file; raises InputError naming the file and line on bad content."""
     try:
@@ -72,13 +89,13 @@ def read_list(path: Path) -> list[BatchItem]:
                 raise InputError(msg)
     else:
         for lineno, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
+            parts = _fields(line)
+            if not parts:
                 continue
-            parts = line.split()
             if len(parts) > 2:
                 msg = (
-                    f"{path}:{lineno}: expected 'SOURCE [OUTPUT_NAME]', got {len(parts)} fields; fix the line"
+                    f"{path}:{lineno}: expected 'SOURCE [OUTPUT_NAME]', got {len(parts)} fields; quote a "
+                    'path that holds spaces ("my models/llama"), else fix the line'
                 )
                 raise InputError(msg)
             name = parts[1] if len(parts) == 2 else default_name(parts[0])

@@ -27,8 +27,8 @@ from converter.plan import moe
 from converter.sources.hub_ranges import RangeReader
 from converter.writer.manifest import MANIFEST_NAME, Manifest, damaged_manifest
 from formats import index as index_mod
-from formats.reader import open_shard
-from formats.validate import STORAGE_NAMES, FormatError
+from formats.reader import Shard, open_shard
+from formats.validate import STORAGE_NAMES, FormatError, QuantGroup, TensorEntry, find_quant_groups
 from formats.writer import TORCH_NAMES
 
 if TYPE_CHECKING:
@@ -80,14 +80,16 @@ def unfinished_conversion(folder: Path) -> bool:
     return manifest is not None and manifest.state != "complete"
 
 
-def _shard_files(path: Path) -> tuple[Path, list[str]]:
+def _shard_files(path: Path, *, require_files: bool = False) -> tuple[Path, list[str]]:
+    """The folder and its shard names (the index's, else its *.safetensors). ``require_files``: a shard
+    the index names that is gone is an input error naming it (inspect; verify reports it instead)."""
     if not path.exists():
         msg = f"{path}: no such file or folder; check the path"
         raise SourceNotFoundError(msg)
     if path.is_file():
         return path.parent, [path.name]
     if (path / index_mod.INDEX_NAME).is_file():
-        return path, index_mod.read_index(path, require_files=False).files
+        return path, index_mod.read_index(path, require_files=require_files).files
     names = sorted(p.name for p in path.glob("*.safetensors"))
     if not names and not (path / MANIFEST_NAME).is_file():  # an interrupted conversion is reported instead
         msg = f"{path}: no .safetensors shards and no {index_mod.INDEX_NAME}; give a converted folder"
@@ -95,8 +97,55 @@ def _shard_files(path: Path) -> tuple[Path, list[str]]:
     return path, names
 
 
+class _SplitGroups:
+    """The pieces of quantized weights that a shard holds only part of, gathered over a folder's shards.
+
+    transformers' ``save_pretrained`` (of a bnb model, or of one ``load_quantized`` built) cuts shards
+    key by key, so a weight's codes may end one shard and its absmax / quant state start the next.
+    ``open_shard`` sees each shard alone: the codes as a plain uint8 tensor, the rest as a ``partial``
+    group. The loader joins them (``formats.reader.Checkpoint``); inspect and verify, which read one
+    shard at a time, counted the codes as a kept tensor and the weight as not quantized (verify then
+    reported a 16-bit linear missing from ``llm_int8_skip_modules``). This joins them from the
+    headers and the quant-state bytes alone (no torch), as ``Checkpoint`` does.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.located: dict[str, tuple[str, int, TensorEntry]] = {}  # key -> (shard, data start, entry)
+        self.pieces: set[str] = set()
+        self.bases: set[str] = set()
+
+    def add(self, name: str, shard: Shard) -> None:
+        """Note every key of ``shard`` (file ``name``) and its pieces of split weights."""
+        for key in shard.keys():
+            self.located[key] = (name, shard.data_start, shard.entry(key))
+        for base, keys in shard.partial.items():
+            self.bases.add(base)
+            self.pieces.update(keys)
+
+    def join(self) -> dict[str, QuantGroup]:
+        """The split weights, each validated whole (a component in no shard raises its FormatError)."""
+        if not self.bases:
+            return {}
+        keys = self.pieces | {b for b in self.bases if b in self.located}
+        entries = {k: (self.located[k][2].dtype, tuple(self.located[k][2].shape)) for k in sorted(keys)}
+        groups, _ = find_quant_groups(str(self.folder), entries, self._read, complete=True)
+        return groups
+
+    def nbytes(self, key: str) -> int:
+        entry = self.located[key][2]
+        return entry.end - entry.begin
+
+    def _read(self, key: str) -> bytes:
+        name, start, entry = self.located[key]
+        with open(self.folder / name, "rb") as f:
+            f.seek(start + entry.begin)
+            return f.read(entry.end - entry.begin)
+
+
 def inspect_path(path: str | Path) -> InspectResult:
-    folder, names = _shard_files(Path(path))
+    # a shard the index names that is gone: named with the index (it was the OS error, exit 1)
+    folder, names = _shard_files(Path(path), require_files=True)
     result = InspectResult(path=str(path), shards=names)
     qtypes: Counter[str] = Counter()
     kept: Counter[str] = Counter()
@@ -104,6 +153,9 @@ def inspect_path(path: str | Path) -> InspectResult:
     names_k: list[str] = []
     shapes: list[tuple[str, tuple[int, ...], int]] = []
     expert_formats: set[tuple[str, str]] = set()
+    split = _SplitGroups(folder)
+    passthrough: list[tuple[str, TensorEntry]] = []  # counted once the split weights are joined
+    groups: list[tuple[QuantGroup, int]] = []  # each quantized weight and its bytes
     for name in names:
         with open_shard(folder / name) as shard:
             meta = shard.metadata or {}
@@ -111,26 +163,34 @@ def inspect_path(path: str | Path) -> InspectResult:
             result.tool_version = result.tool_version or tool.get("version")
             prov = meta.get("quantize_model.provenance") or {}
             result.source = result.source or prov.get("source")
-            names_q += shard.quantized
-            names_k += shard.passthrough
+            split.add(name, shard)
             # From the validated header alone (no tensor data, no torch).
             for key in shard.quantized:
                 group = shard.group(key)
-                info = group.info
-                result.tensors_quantized += 1
-                result.params_quantized += math.prod(info.shape)
-                result.bytes_quantized += sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)
-                qtypes[info.describe()] += 1
-                shapes.append((key, tuple(info.shape), getattr(info, "blocksize", 0)))
-                if moe.is_expert_weight(key):
-                    qtype = getattr(info.quant_type, "label", info.quant_type)
-                    expert_formats.add((str(qtype), group.quant_storage))
-            for key in shard.passthrough:
-                e = shard.entry(key)
-                result.tensors_kept += 1
-                result.params_kept += math.prod(e.shape)
-                result.bytes_kept += e.end - e.begin
-                kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
+                groups.append((group, sum(shard.entry(k).end - shard.entry(k).begin for k in group.keys)))
+            passthrough += [(key, shard.entry(key)) for key in shard.passthrough]
+    joined = split.join() if Path(path).is_dir() else {}  # one shard alone: its pieces stay pieces
+    groups += [(group, sum(split.nbytes(k) for k in group.keys)) for group in joined.values()]
+    claimed = {k for group in joined.values() for k in group.keys}
+    for group, nbytes in groups:
+        info = group.info
+        names_q.append(group.name)
+        result.tensors_quantized += 1
+        result.params_quantized += math.prod(info.shape)
+        result.bytes_quantized += nbytes
+        qtypes[info.describe()] += 1
+        shapes.append((group.name, tuple(info.shape), getattr(info, "blocksize", 0)))
+        if moe.is_expert_weight(group.name):
+            qtype = getattr(info.quant_type, "label", info.quant_type)
+            expert_formats.add((str(qtype), group.quant_storage))
+    for key, e in passthrough:
+        if key in claimed:
+            continue
+        names_k.append(key)
+        result.tensors_kept += 1
+        result.params_kept += math.prod(e.shape)
+        result.bytes_kept += e.end - e.begin
+        kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
     result.moe = moe.summarize(names_q, names_k, moe.partial_block_experts(shapes), expert_formats)
@@ -210,12 +270,14 @@ def verify_path(path: str | Path) -> VerifyResult:
     quant_types: dict[str, str] = {}  # quantized weight key -> "nf4" / "fp4" / "int8"
     unreadable: set[str] = set()
     kept: list[str] = []  # unquantized tensors
+    split = _SplitGroups(folder)
     for name in names:
         file = folder / name
         if not file.is_file():
             continue  # reported by verify_shards
         try:
             with open_shard(file) as shard:
+                split.add(name, shard)
                 data_bytes += shard.data_size
                 for key in shard.keys():
                     found[key] = name
@@ -239,6 +301,20 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"be verified: reconvert the folder"
         )
     complete = all((folder / name).is_file() for name in names) and not unreadable
+    pieces_unjoined = False
+    if complete and path.is_dir():  # weights split across shards, joined and checked whole
+        try:
+            joined = split.join()
+        except FormatError as exc:  # e.g. a component in no shard: named as the loader names it
+            result.problems.append(str(exc))
+            joined = {}
+            pieces_unjoined = True  # its pieces are not 16-bit linears: no skip-list problem for them
+        for key, group in joined.items():
+            qt = group.info.quant_type
+            quant_types[key] = getattr(qt, "label", qt)
+            claimed = set(group.keys)
+            result.tensors += 1 - sum(k in claimed for k in kept)
+            kept = [k for k in kept if k not in claimed]
     if index_has_digests and complete and total_size != data_bytes:  # our index, every shard read
         result.problems.append(
             f"{folder / index_mod.INDEX_NAME}: metadata.total_size is {total_size}, but the shards hold "
@@ -256,7 +332,7 @@ def verify_path(path: str | Path) -> VerifyResult:
     if path.is_dir() and not unfinished:
         # the skip list against the kept linears only over every shard (a missing one's weights are not
         # 16-bit linears: they are reported once, as missing or unreadable)
-        kept_if_all = kept if complete else None
+        kept_if_all = kept if complete and not pieces_unjoined else None
         result.problems.extend(_config_problems(folder, quant_types, found, kept_if_all, result.notes))
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):
@@ -423,9 +499,16 @@ def inspect_hub(
     names_q: list[str] = []
     names_k: list[str] = []
     expert_formats: set[tuple[str, str]] = set()
+    # Every shard's header first: a weight's keys may sit in two shards (transformers' save_pretrained
+    # cuts shards key by key: the codes in one, the quant state or SCB in the next), so the weights are
+    # known, and their keys told from the kept tensors, only over the whole repo.
+    headers: dict[str, dict[str, Any]] = {}
+    weights: dict[str, Any] = {}  # 4-bit weight key -> its quant state
+    scb_in: dict[str, str] = {}  # int8 weight key -> the shard holding its SCB
     for name in names:
         header, data_start = hub.header(name)
         meta = header.pop("__metadata__", None) or {}
+        headers[name] = header
         tool = _json_field(meta, "quantize_model.tool")
         result.tool_version = result.tool_version or tool.get("version")
         result.source = result.source or _json_field(meta, "quantize_model.provenance").get("source")
@@ -433,46 +516,46 @@ def inspect_hub(
         spans = {k: tuple(data_start + x for x in header[k]["data_offsets"]) for k in qs_keys.values()}
         blocks = hub.get_spans(name, spans.values())  # merged across small gaps, concurrent
         starts = [a for a, _ in blocks]
-        weights: dict[str, Any] = {}
         for weight, key in qs_keys.items():
             a, b = spans[key]
             start, data = blocks[bisect.bisect_right(starts, a) - 1] if b > a else (a, b"")
             weights[weight] = parse_quant_state(name, key, data[a - start : b - start])
-        # LLM.int8 weights: <m>.weight I8 with <m>.SCB (+ <m>.weight_format), known from the header alone
-        present = {k: (e["dtype"], tuple(e["shape"])) for k, e in header.items()}
-        int8 = {
-            w: check_int8_group(name, w, present)
-            for w in (k.removesuffix(SCB_SUFFIX) + "weight" for k in header if k.split(".")[-1] == SCB_SUFFIX)
-        }
-        int8_keys = {k for w in int8 for k in (w, scb_key(w), weight_format_key(w))}
-        for key, entry in header.items():
-            begin, end = entry["data_offsets"]
-            owner = next(
-                (w for w in (key, key.rsplit(".", 1)[0], key.split(".quant_state.")[0]) if w in weights), None
-            )
-            if owner is not None or key in int8_keys:
-                result.bytes_quantized += end - begin
-                continue
-            names_k.append(key)
-            result.tensors_kept += 1
-            result.params_kept += math.prod(entry["shape"])
-            result.bytes_kept += end - begin
-            kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
-        names_q += list(weights) + list(int8)
-        for key, info in int8.items():
-            result.tensors_quantized += 1
-            result.params_quantized += math.prod(info.shape)
-            qtypes[info.describe()] += 1
-            if moe.EXPERT_KEY.match(key):  # per-expert LLM.int8 records: int8's loaders, not 4-bit's
-                expert_formats.add(("int8", "int8"))
-        for key, qs in weights.items():
-            result.tensors_quantized += 1
-            result.params_quantized += math.prod(qs.shape)
-            nested = " nested" if qs.nested_offset is not None else ""
-            qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
-            if moe.is_expert_weight(key) and key in header:  # the packed weight's dtype is the storage
-                storage = STORAGE_NAMES.get(header[key]["dtype"], header[key]["dtype"])
-                expert_formats.add((qs.quant_type.label, storage))
+        for k in header:
+            if k.split(".")[-1] == SCB_SUFFIX:
+                scb_in[k.removesuffix(SCB_SUFFIX) + "weight"] = name
+    entries = {k: e for header in headers.values() for k, e in header.items()}
+    # LLM.int8 weights: <m>.weight I8 with <m>.SCB (+ <m>.weight_format), known from the headers alone
+    present = {k: (e["dtype"], tuple(e["shape"])) for k, e in entries.items()}
+    int8 = {w: check_int8_group(name, w, present) for w, name in scb_in.items()}
+    quantized = set(weights) | {k for w in int8 for k in (w, scb_key(w), weight_format_key(w))}
+    names_q += list(weights) + list(int8)
+    for key, info in int8.items():
+        result.tensors_quantized += 1
+        result.params_quantized += math.prod(info.shape)
+        qtypes[info.describe()] += 1
+        if moe.EXPERT_KEY.match(key):  # per-expert LLM.int8 records: int8's loaders, not 4-bit's
+            expert_formats.add(("int8", "int8"))
+    for key, qs in weights.items():
+        result.tensors_quantized += 1
+        result.params_quantized += math.prod(qs.shape)
+        nested = " nested" if qs.nested_offset is not None else ""
+        qtypes[f"{qs.quant_type.label} blocksize {qs.blocksize}{nested}"] += 1
+        if moe.is_expert_weight(key) and key in entries:  # the packed weight's dtype is the storage
+            storage = STORAGE_NAMES.get(entries[key]["dtype"], entries[key]["dtype"])
+            expert_formats.add((qs.quant_type.label, storage))
+    for key, entry in entries.items():
+        begin, end = entry["data_offsets"]
+        owner = next(
+            (w for w in (key, key.rsplit(".", 1)[0], key.split(".quant_state.")[0]) if w in quantized), None
+        )
+        if owner is not None:
+            result.bytes_quantized += end - begin
+            continue
+        names_k.append(key)
+        result.tensors_kept += 1
+        result.params_kept += math.prod(entry["shape"])
+        result.bytes_kept += end - begin
+        kept[_CODE_NAMES.get(entry["dtype"], entry["dtype"])] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
     partial = moe.partial_block_experts([(k, tuple(qs.shape), qs.blocksize) for k, qs in weights.items()])

@@ -193,6 +193,9 @@ class _Lines:
         return self.headers.get((section, job))
 
 
+_TABLES = "a plan has [defaults] and [[job]] only"
+
+
 def _load_toml(path: Path, cli_options: dict[str, Any]) -> BatchPlan:
     try:
         text = path.read_text(encoding="utf-8")
@@ -216,9 +219,14 @@ def _load_toml(path: Path, cli_options: dict[str, Any]) -> BatchPlan:
         label = f"job {job + 1}: " if job >= 0 else f"[{section}]: " if section else ""
         return InputError(f"{where}: {label}{what}")
 
-    for top in data:
-        if top not in ("defaults", "job"):
-            raise fail(top, -1, None, f"unknown table {top!r}: a plan has [defaults] and [[job]] only")
+    for top, value in data.items():
+        if top in ("defaults", "job"):
+            continue
+        if not isinstance(value, dict):  # a key before the first table: it was called a table, no line
+            where = "put it under [defaults]" if top in params or top == "output_root" else _TABLES
+            before_tables = ""  # the section of the lines above the first table
+            raise fail(before_tables, -1, top, f"key {top!r} is outside any table: {where}")
+        raise fail(top, -1, None, f"unknown table {top!r}: {_TABLES}")
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         msg_0 = ""

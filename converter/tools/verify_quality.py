@@ -43,7 +43,7 @@ def verify_against(
     from converter.errors import InputError
     from converter.sources import open_source
     from formats import index as index_mod
-    from formats.reader import open_shard
+    from formats.reader import open_checkpoint, open_shard
 
     problems: list[str] = []
     foreign: list[str] = []  # tensors the source does not hold as stored: another source was given
@@ -68,41 +68,52 @@ def verify_against(
     measured: dict[str, TensorQuality] = {}
     mapped: dict[str, Any] = {}
     try:
-        for shard_name in names:
-            with open_shard(folder / shard_name) as shard:
-                tensor_meta = json.loads((shard.raw_metadata or {}).get("quantize_model.tensors", "{}"))
-                for key in shard.quantized:
-                    rec = shard.record(key)
-                    info = infos.get(key)
-                    if info is None:
-                        foreign.append(f"tensor {key!r} in {shard_name}: not in the source {source}")
-                        continue
-                    if info.file not in mapped:
-                        mapped[info.file] = src.open_file(info.file)
-                    x = mapped[info.file].get(key)
-                    want = getattr(torch, rec.dtype) if rec.dtype is not None else x.dtype
-                    if x.dtype != want:
-                        x = x.to(want)
-                    if (tensor_meta.get(key) or {}).get("transposed"):
-                        x = x.transpose(-2, -1)
-                    x = x.contiguous()
-                    if tuple(x.shape) != tuple(rec.shape):
-                        foreign.append(
-                            f"tensor {key!r} in {shard_name}: shape {list(rec.shape)} but the source has "
-                            f"{list(x.shape)}"
-                        )
-                        continue
-                    q = _measure(key, x, rec)
-                    measured[key] = q
-                    stored = (report.get(key) or {}).get("rel_rmse")
-                    if stored is not None and abs(stored - q.rel_rmse) > REL_TOL * max(q.rel_rmse, 1e-12):
-                        off.append(
-                            f"tensor {key!r} in {shard_name}: relative RMSE {q.rel_rmse:.6g} against the "
-                            f"source, but quantization_report.json says {stored:.6g}"
-                        )
-                    if q.nonfinite:
-                        hint = _nonfinite_hint(key, rec)
-                        problems.append(f"tensor {key!r} in {shard_name}: {q.nonfinite} NaN/Inf values{hint}")
+        # The whole folder as one checkpoint: transformers' save_pretrained may put a weight's codes and
+        # its quant state in two shards, and a shard read alone left that weight out, unmeasured. One
+        # shard given alone is read as it is (its split weights' pieces cannot be joined).
+        paths = [folder / n for n in names]
+        with open_checkpoint(paths) if len(paths) > 1 else open_shard(paths[0]) as checkpoint:
+            shards = getattr(checkpoint, "shards", [checkpoint])
+            metas: dict[str, dict] = {}  # shard name -> its per-tensor metadata of ours ({}: none)
+            for key in checkpoint.quantized:
+                shard = next(s for s in shards if key in s)
+                shard_name = shard.path.name
+                if shard_name not in metas:
+                    metas[shard_name] = json.loads(
+                        (shard.raw_metadata or {}).get("quantize_model.tensors", "{}")
+                    )
+                tensor_meta = metas[shard_name]
+                rec = checkpoint.record(key)
+                info = infos.get(key)
+                if info is None:
+                    foreign.append(f"tensor {key!r} in {shard_name}: not in the source {source}")
+                    continue
+                if info.file not in mapped:
+                    mapped[info.file] = src.open_file(info.file)
+                x = mapped[info.file].get(key)
+                want = getattr(torch, rec.dtype) if rec.dtype is not None else x.dtype
+                if x.dtype != want:
+                    x = x.to(want)
+                if (tensor_meta.get(key) or {}).get("transposed"):
+                    x = x.transpose(-2, -1)
+                x = x.contiguous()
+                if tuple(x.shape) != tuple(rec.shape):
+                    foreign.append(
+                        f"tensor {key!r} in {shard_name}: shape {list(rec.shape)} but the source has "
+                        f"{list(x.shape)}"
+                    )
+                    continue
+                q = _measure(key, x, rec)
+                measured[key] = q
+                stored = (report.get(key) or {}).get("rel_rmse")
+                if stored is not None and abs(stored - q.rel_rmse) > REL_TOL * max(q.rel_rmse, 1e-12):
+                    off.append(
+                        f"tensor {key!r} in {shard_name}: relative RMSE {q.rel_rmse:.6g} against the "
+                        f"source, but quantization_report.json says {stored:.6g}"
+                    )
+                if q.nonfinite:
+                    hint = _nonfinite_hint(key, rec)
+                    problems.append(f"tensor {key!r} in {shard_name}: {q.nonfinite} NaN/Inf values{hint}")
     except InputError:
         raise
     finally:

@@ -469,6 +469,16 @@ def dangling_link(path: Path) -> str | None:
     return None
 
 
+def file_above(path: Path) -> str | None:
+    """The error for an output ``path`` under a file (``afile/sub``), else None: no folder can be made
+    there, and mkdir's own "Not a directory" names neither the file nor the remedy (an OS error, exit 1,
+    where this is the input's fault, exit 2). ``path`` itself being a file is the callers' own case."""
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is None:
+        return None
+    return f"{path}: {blocker} is a file, not a folder; choose an output folder"
+
+
 #: removed first when a folder is cleared: without them nothing left in it loads as a checkpoint
 _CLEARED_FIRST = ("model.safetensors.index.json", "config.json")
 

@@ -58,6 +58,7 @@ from converter.writer.manifest import (
     atomic_write_bytes,
     dangling_link,
     decide,
+    file_above,
     not_a_folder,
     shard_chunks_json,
     shard_info,
@@ -108,6 +109,29 @@ def resolve_device(device: str) -> tuple[str, str | None]:
 def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
     """``skip`` / ``include``: one glob as a string, or several (a bare string is not split into letters)."""
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _no_config(src: Source) -> str:
+    """Why a source without config.json cannot be converted, naming it ("the source has no config.json"
+    named no path); a PEFT adapter folder (adapter_model.safetensors) is said to be one, as the advice
+    to add the model's config.json does not apply to it."""
+    root = getattr(src, "root", None)  # a local source's folder
+    label = str(root) if root is not None else str(src.describe().get("repo_id") or "the source")
+    if "adapter_model.safetensors" in src.weight_files():
+        base = None
+        try:
+            base = json.loads((Path(root) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        of = f" ({base})" if isinstance(base, str) and base else ""
+        return (
+            f"{label}: a PEFT adapter (adapter_config.json), not a model: convert its base model{of} and "
+            "load the adapter on the loaded model (PeftModel.from_pretrained)"
+        )
+    return (
+        f"{label}: no config.json, so the layers transformers would quantize cannot be known; add the "
+        "model's config.json, or name the weights to quantize with --include globs"
+    )
 
 
 def convert(
@@ -185,12 +209,11 @@ def convert(
     dangling = dangling_link(output)
     if dangling is not None:
         raise InputError(dangling)
-    blocker = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None and blocker != output:  # an output file itself is refused by the manifest
-        msg = f"{output}: {blocker} is a file, not a folder; choose an output folder"
-        raise InputError(msg)
-    if blocker == output and not overwrite and not dry_run:  # before the plan's warnings (a dry run
-        raise OutputExistsError(not_a_folder(output))  # reports the plan and the refusal)
+    above = file_above(output)  # an output file itself is refused by the manifest
+    if above is not None:
+        raise InputError(above)
+    if output.exists() and not output.is_dir() and not overwrite and not dry_run:  # before the plan's
+        raise OutputExistsError(not_a_folder(output))  # warnings (a dry run reports the plan and the refusal)
     local = Path(source).expanduser() if isinstance(source, str | Path) else None
     if local is not None and local.exists():  # refused before the source is read (a Hub id: not here)
         overlap = source_overlap(output, local, remedy="choose another output folder")
@@ -291,6 +314,8 @@ class _Conversion:
                     f"{option} {glob!r} matches no tensor or module of the checkpoint, so it {does}: globs "
                     f"match whole dotted names such as {example!r}{hint}"
                 )
+        if config is None and not options.include:  # select_tensors' refusal, naming the source
+            raise InputError(_no_config(src))
         selection = select_tensors(
             config,
             tensors,

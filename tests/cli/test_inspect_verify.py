@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+from tiny_models import resharded_as_transformers
 
 
 @pytest.fixture
@@ -65,6 +66,53 @@ def test_verify_detects_a_flipped_byte(qm, converted: Path) -> None:
     assert lines[-1] == f"Error: {converted}: 1 problem(s) found; reconvert with --overwrite"
 
 
+def test_verify_names_the_tensors_of_a_chunk_that_differs(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tampered shard was named with a byte range only ("sha256 of chunk 3 (bytes 12288-16383) is
+    ..."): which weight was damaged took a hex dump. The line names the tensors those bytes hold (and
+    the header, when the range covers it)."""
+    import struct
+
+    from formats import chunks
+
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 4096)  # several chunks in a tiny shard
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    shard = out / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    name = "model.layers.1.self_attn.o_proj.weight"
+    begin, end = header[name]["data_offsets"]
+    at = 8 + header_len + (begin + end) // 2
+    data[at] ^= 0x01
+    shard.write_bytes(bytes(data))
+    r = qm("verify", out, "--json")
+    assert r.exit_code == 1
+    (problem,) = json.loads(r.stdout)["problems"]
+    k = at // 4096
+    held = [  # in file order
+        key
+        for _, key in sorted(
+            (e["data_offsets"][0], key)
+            for key, e in header.items()
+            if key != "__metadata__"
+            and 8 + header_len + e["data_offsets"][0] < (k + 1) * 4096
+            and 8 + header_len + e["data_offsets"][1] > k * 4096
+        )
+    ]
+    assert name in held
+    assert problem.startswith(f"{shard}: sha256 of chunk {k} (bytes {k * 4096}-{k * 4096 + 4095}) is ")
+    shown = ", ".join(repr(h) for h in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    assert problem.endswith(f"; chunk {k} holds {shown}")
+    data[at] ^= 0x01
+    data[20] ^= 0x01  # in the header's JSON: named as the header
+    shard.write_bytes(bytes(data))
+    problems = json.loads(qm("verify", out, "--json").stdout)["problems"]
+    assert any("sha256 of chunk 0 " in p and p.endswith("; chunk 0 holds the header") for p in problems)
+
+
 def test_verify_missing_shard(qm, converted: Path) -> None:
     shard = sorted(converted.glob("model-*.safetensors"))[0]
     shard.unlink()
@@ -73,6 +121,21 @@ def test_verify_missing_shard(qm, converted: Path) -> None:
     data = json.loads(r.stdout)
     assert data["ok"] is False
     assert f"{shard}: missing" in data["problems"]
+
+
+def test_inspect_of_a_folder_missing_a_shard_is_an_input_error_naming_it(qm, converted: Path) -> None:
+    """inspect of a converted folder whose index names a shard that is gone failed with the OS error,
+    exit 1 ("work failed": "No such file or directory; check the path and rerun"), where cli.md says a
+    damaged converted folder given to inspect is exit 2, and `inspect --memory` and `dequantize` name
+    the index and the missing shard."""
+    shard = sorted(converted.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    r = qm("inspect", converted, "--json")
+    assert r.exit_code == 2
+    error = json.loads(r.stdout)["error"]
+    index = converted / "model.safetensors.index.json"
+    assert error == f"{index}: shard file(s) missing: {shard.name}; re-run the conversion"
+    assert json.loads(qm("inspect", converted, "--memory", "--json").stdout)["error"] == error
 
 
 def test_verify_unfinished_conversion(qm, converted: Path) -> None:
@@ -437,3 +500,64 @@ def test_verify_of_a_repository_code_model_notes_the_unchecked_skip_list(
     assert note.startswith(f"Note: {out / 'config.json'}: llm_int8_skip_modules not checked"), note
     assert "is not built into transformers" in note
     assert "--include" not in note
+
+
+def test_a_weight_split_across_shards_is_one_quantized_weight(qm, converted: Path, tmp_path: Path) -> None:
+    """transformers' save_pretrained (of a bnb model, or of one load_quantized built) cuts shards key by
+    key, so a weight's codes and its absmax / quant state may sit in two shards. inspect counted that
+    weight's codes as a kept uint8 tensor and the weight as not quantized, and verify reported it as
+    a 16-bit linear missing from llm_int8_skip_modules: a false problem, exit 1, on a folder that
+    load_quantized and transformers both load."""
+    split = "model.layers.0.mlp.down_proj.weight"
+    folder = resharded_as_transformers(converted, tmp_path / "split", split)
+    r = qm("inspect", folder, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert (data["tensors_quantized"], data["tensors_kept"]) == (14, 7)
+    assert data["kept_dtypes"] == {"bfloat16": 7}
+    assert data["quant_types"] == {"nf4 blocksize 64 nested": 14}
+    whole = json.loads(qm("inspect", converted, "--json").stdout)
+    for key in ("params_quantized", "params_kept", "bytes_quantized", "bytes_kept"):
+        assert data[key] == whole[key], key
+    r = qm("verify", folder, "--json")
+    data = json.loads(r.stdout)
+    assert data["problems"] == [], data["problems"]
+    assert data["tensors"] == 21
+    assert r.exit_code == 0
+
+
+def test_a_split_weight_missing_a_component_is_named_by_verify(qm, converted: Path, tmp_path: Path) -> None:
+    """A component missing from every shard is named as missing (as load_quantized names it), not
+    reported as a 16-bit linear the skip list lacks."""
+    from safetensors.torch import load_file, save_file
+
+    split = "model.layers.0.mlp.down_proj.weight"
+    folder = resharded_as_transformers(converted, tmp_path / "split", split)
+    second = folder / "model-00002-of-00002.safetensors"
+    tensors = load_file(second)
+    del tensors[split + ".absmax"]
+    save_file(tensors, second, metadata={"format": "pt"})
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"][split + ".absmax"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = qm("verify", folder, "--json")
+    problems = json.loads(r.stdout)["problems"]
+    assert r.exit_code == 1
+    assert any(f"{split}.absmax" in p and "missing" in p for p in problems), problems
+    assert not any("llm_int8_skip_modules" in p for p in problems), problems
+
+
+def test_verify_against_measures_a_weight_split_across_shards(
+    qm, converted: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`verify --against` read one shard at a time and left out a weight whose quant state is in
+    another shard: 13 of 14 tensors measured, silently, on a folder transformers' save_pretrained wrote."""
+    split = "model.layers.0.mlp.down_proj.weight"
+    folder = resharded_as_transformers(converted, tmp_path / "split", split)
+    whole = json.loads(qm("verify", converted, "--against", tiny_llama, "--json").stdout)["quality"]
+    r = qm("verify", folder, "--against", tiny_llama, "--json")
+    assert r.exit_code == 0, r.output
+    quality = json.loads(r.stdout)["quality"]
+    assert quality["tensors_measured"] == 14
+    assert quality["tensors"][split] == whole["tensors"][split]
+    assert quality["tensors"] == whole["tensors"]

@@ -46,3 +46,28 @@ def test_bad_lists(tmp_path: Path) -> None:
     bad_json.write_text(json.dumps([{"output": "x"}]))
     with pytest.raises(InputError, match="item 0 must be a string or an object with a 'source' string"):
         read_list(bad_json)
+
+
+def test_text_list_paths_with_a_hash_or_spaces(tmp_path: Path) -> None:
+    """A '#' inside a path (`runs/exp#3`) began a comment: the line's source became `runs/exp`, another
+    folder, silently. A '#' starts a comment only at the start of a field, as in shell. A path with
+    spaces could not be listed at all ("got 3 fields; fix the line", with no way to fix it): a field
+    may be quoted."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(
+        "runs/exp#3\n"
+        "runs/exp#4 out#4  # a comment\n"
+        '"my models/llama one"   # spaces, quoted\n'
+        "'my models/llama two' two\n"
+        "org/a#b#c\n"
+    )
+    assert read_list(listing) == [
+        BatchItem("runs/exp#3", "runs--exp--3"),
+        BatchItem("runs/exp#4", "out#4"),
+        BatchItem("my models/llama one", "my--models--llama--one"),
+        BatchItem("my models/llama two", "two"),
+        BatchItem("org/a#b#c", "org--a--b--c"),
+    ]
+    listing.write_text("my models/llama one\n")
+    with pytest.raises(InputError, match=r"got 3 fields; quote a path that holds spaces"):
+        read_list(listing)

@@ -711,3 +711,33 @@ def test_cast_overflow_in_a_kept_tensor_is_named(tmp_path: Path, dtype: str, val
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert torch.isinf(f.get_tensor("norm.weight")[5])  # as transformers' cast makes it
     assert result.quality["kept_with_nonfinite"] == ["norm.weight"]
+
+
+def test_a_source_without_config_is_named_and_a_peft_adapter_is_said_to_be_one(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`convert ./my-adapter out` (a PEFT adapter folder: adapter_config.json, adapter_model.safetensors)
+    said "the source has no config.json, so the layers transformers would quantize cannot be known; add
+    the model's config.json ...": no path named, and the advice does not apply to an adapter."""
+    plain = tmp_path / "no-config"
+    plain.mkdir()
+    shutil.copy(tiny_llama / "model.safetensors", plain / "model.safetensors")
+    with pytest.raises(InputError) as info:
+        convert(plain, tmp_path / "out", progress=False)
+    assert str(info.value) == (
+        f"{plain}: no config.json, so the layers transformers would quantize cannot be known; add the "
+        "model's config.json, or name the weights to quantize with --include globs"
+    )
+    adapter = tmp_path / "my-adapter"
+    adapter.mkdir()
+    shutil.copy(tiny_llama / "model.safetensors", adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "org/base"})
+    )
+    with pytest.raises(InputError) as info:
+        convert(adapter, tmp_path / "out", progress=False)
+    assert str(info.value) == (
+        f"{adapter}: a PEFT adapter (adapter_config.json), not a model: convert its base model (org/base) "
+        "and load the adapter on the loaded model (PeftModel.from_pretrained)"
+    )
+    assert not (tmp_path / "out").exists()

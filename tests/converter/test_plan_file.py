@@ -116,6 +116,14 @@ def test_cli_options_override_defaults_not_job_keys(tmp_path: Path) -> None:
         ),
         ("[defaults]\n", r"plan.toml: the plan has no jobs; add a \[\[job\]\] table with a 'source'"),
         ('[job_defaults]\nx = 1\n[[job]]\nsource = "a/b"\n', r"plan.toml:1: \[job_defaults\]: unknown table"),
+        (  # a key before any table (where cli.md's "the plan's output_root" suggests it) is not a table
+            '# converted models\noutput_root = "out"\n[[job]]\nsource = "a/b"\n',
+            r"plan.toml:2: key 'output_root' is outside any table: put it under \[defaults\]$",
+        ),
+        (
+            'quant_typo = "nf4"\n[[job]]\nsource = "a/b"\n',
+            r"plan.toml:1: key 'quant_typo' is outside any table: a plan has \[defaults\] and \[\[job\]\]",
+        ),
         (
             '[[job]]\nsource = "a/b"\noutput = "same"\n\n[[job]]\nsource = "c/d"\noutput = "same"\n',
             r"plan.toml:5: jobs a/b \(.*plan.toml:1\) and c/d would both write 'same'",

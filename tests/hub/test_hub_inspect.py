@@ -323,3 +323,28 @@ def test_hub_estimate_range_read_failure_names_the_range_and_stops(
     sent = set(_range_reads(fake_hub)[2:])
     assert len(blocks) > 30
     assert len(sent) <= 8  # those in flight when the first one failed, not all of them
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "split"), [("nf4", "mlp.down_proj.weight"), ("int8", "mlp.down_proj.SCB")]
+)
+def test_inspect_hub_joins_a_weight_split_across_shards(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, quant_type: str, split: str
+) -> None:
+    """A repo saved by transformers' save_pretrained may hold a weight's codes in one shard and its
+    quant state in the next: the remote summary counted those codes as a kept uint8 tensor (as the
+    local one did), not as part of the quantized weight."""
+    from tiny_models import resharded_as_transformers
+
+    out = tmp_path / quant_type
+    assert qm("convert", checkpoint_dir, out, "--quant-type", quant_type, "-q").exit_code == 0
+    whole = json.loads(qm("inspect", out, "--json").stdout)
+    folder = resharded_as_transformers(out, tmp_path / "split", f"model.layers.0.{split}")
+    fake_hub.add_repo("org/split", folder)
+    r = qm("inspect", "org/split", "--json")
+    assert r.exit_code == 0, r.stderr
+    remote = json.loads(r.stdout)
+    local = json.loads(qm("inspect", folder, "--json").stdout)
+    counts = ("tensors_quantized", "tensors_kept", "kept_dtypes", "quant_types", "params_kept", "bytes_kept")
+    for key in counts:
+        assert remote[key] == local[key] == whole[key], key

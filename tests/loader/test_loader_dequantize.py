@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from converter.cli import cli
-from converter.errors import OutputExistsError
+from converter.errors import InputError, OutputExistsError
 from converter.loader import ops
 from converter.loader.dequantize import dequantize_checkpoint
 from converter.loader.module import state_from_record
@@ -76,6 +76,53 @@ def test_plain_checkpoint_loads_in_transformers(bnb_nf4: Path, tmp_path: Path) -
     ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, quantized(ids).logits)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_under_a_file_is_an_input_error(our_folder: Path, tmp_path: Path, overwrite: bool) -> None:
+    """`dequantize IN afile/sub` failed while creating the folder: exit 1 ("work failed") with the OS's
+    bare "Not a directory", where `convert` refuses the same path with exit 2 naming the file in the way."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+    with pytest.raises(InputError, match=r"afile is a file, not a folder; choose an output folder"):
+        dequantize_checkpoint(our_folder, out, overwrite=overwrite)
+    args = ["dequantize", str(our_folder), str(out), "--json"] + (["--overwrite"] if overwrite else [])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert json.loads(result.stdout) == {
+        "ok": False,
+        "error": f"{out}: {tmp_path / 'afile'} is a file, not a folder; choose an output folder",
+        "exit_code": 2,
+    }
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_an_output_on_a_read_only_filesystem_is_an_input_error(
+    our_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dequantize IN /mnt/ro/out` failed creating the folder: exit 1 with the OS's "Read-only file
+    system; check the path and rerun"; it is refused before any work, exit 2, as convert's preflight
+    refuses it."""
+    import os
+    from types import SimpleNamespace
+
+    import converter.plan.preflight
+
+    real = os.statvfs
+    st = real(tmp_path)
+    read_only = SimpleNamespace(**{k: getattr(st, k) for k in dir(st) if k.startswith("f_")})
+    read_only.f_flag |= os.ST_RDONLY  # as `mount -o ro` sets it
+    monkeypatch.setattr(
+        converter.plan.preflight.os, "statvfs", lambda p: read_only if Path(p) == tmp_path else real(p)
+    )
+    out = tmp_path / "plain"
+    said = f"{out}: {tmp_path} is on a read-only filesystem; choose another output folder"
+    with pytest.raises(InputError) as info:
+        dequantize_checkpoint(our_folder, out)
+    assert str(info.value) == said
+    result = CliRunner().invoke(cli, ["dequantize", str(our_folder), str(out), "--json"])
+    assert (result.exit_code, json.loads(result.stdout)["error"]) == (2, said)
+    assert not out.exists()
 
 
 def test_refuses_a_non_empty_output(our_folder: Path, tmp_path: Path) -> None:

@@ -471,6 +471,22 @@ def test_dtype_takes_any_torch_dtype_name(our_folder: Path) -> None:
         load_quantized(our_folder, verify=False, dtype="double")
 
 
+def test_dtype_takes_the_short_names_convert_and_dequantize_take(our_folder: Path) -> None:
+    """``convert(dtype="bf16")``, ``dequantize_checkpoint(dtype="fp16")`` and the CLI's ``--dtype bf16``
+    take the short names; ``load_quantized``, ``estimate`` and ``model.dequantize`` refused them
+    ("unsupported dtype 'bf16': expected one of float32, float16, bfloat16 (or half, float)")."""
+    from converter.loader.estimate import estimate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+            model = load_quantized(our_folder, verify=False, dtype=name)
+            assert {p.dtype for p in model.parameters()} == {dtype}, name
+            assert estimate(our_folder, "auto", None, name) == estimate(our_folder, "auto", None, dtype), name
+            model.dequantize(dtype=name)
+            assert {p.dtype for p in model.parameters()} == {dtype}, name
+
+
 def test_dtype_auto_is_the_checkpoints_as_from_pretrained_picks_it(plain_llama: Path, tmp_path: Path) -> None:
     """``dtype="auto"`` / ``torch_dtype="auto"`` (the usual from_pretrained call) and ``dtype=None`` (what
     from_pretrained makes "auto" of) load a float16 folder in float16, as transformers + bitsandbytes

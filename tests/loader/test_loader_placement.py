@@ -322,6 +322,12 @@ def test_inspect_memory_bad_options_are_named(our_folder: Path) -> None:
     assert r.exit_code == 2
     assert "Invalid value for '--dtype'" in r.output
     assert runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--dtype", "Float16"]).exit_code == 0
+    # the short names convert and dequantize take: the same estimate (was "Invalid value for '--dtype'")
+    for short, name in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")):
+        r = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--dtype", short, "--json"])
+        assert r.exit_code == 0, r.output
+        full = runner.invoke(cli, ["inspect", str(our_folder), "--memory", "--dtype", name, "--json"])
+        assert json.loads(r.stdout) == json.loads(full.stdout)
 
 
 def test_a_gpu_index_that_does_not_exist_is_a_placement_error(our_folder: Path) -> None:
@@ -387,6 +393,34 @@ def test_meta_is_refused(our_folder: Path, kwargs: dict) -> None:
     tensors"); it is refused with a PlacementError (an InputError)."""
     with pytest.raises(PlacementError, match="'meta' is not a device a quantized model can be loaded onto"):
         load_quantized(our_folder, **kwargs)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available() or torch.xpu.is_available(), reason="needs no MPS/XPU")
+@pytest.mark.parametrize(
+    ("kwargs", "named", "kind"),
+    [
+        ({"device": "mps"}, "device='mps'", "mps"),
+        ({"device": torch.device("mps")}, "device='mps'", "mps"),
+        ({"device": "xpu:0"}, "device='xpu:0'", "xpu"),
+        ({"device_map": "xpu"}, "device_map='xpu'", "xpu"),
+        ({"device_map": {"": "mps"}}, "device_map puts '' on 'mps'", "mps"),
+        ({"device_map": "auto", "max_memory": {"mps": "1GiB"}}, "max_memory names 'mps'", "mps"),
+    ],
+)
+def test_another_accelerator_this_torch_lacks_is_a_placement_error_before_any_work(
+    tmp_path: Path, kwargs: dict, named: str, kind: str
+) -> None:
+    """`device="mps"` (a notebook moved from a Mac) on a torch without MPS failed deep inside the load
+    with torch's "Could not run 'aten::empty.memory_format' with arguments from the 'MPS' backend"
+    (NotImplementedError; XPU: "AssertionError: Torch not compiled with XPU enabled"), after the shards
+    were read; as CUDA is, it is a PlacementError naming the device, before the folder is looked at."""
+    missing = tmp_path / "not-read"
+    why = f"{named}, but this torch (torch {torch.__version__}) has no {kind!r} device available"
+    with pytest.raises(PlacementError, match=re.escape(why)):
+        load_quantized(missing, **kwargs)
+    if "device" in kwargs:
+        with pytest.raises(PlacementError, match=re.escape(why)):
+            load_quantized_state(missing, device=kwargs["device"])
 
 
 _KILLED_LOAD = """

@@ -126,6 +126,28 @@ def test_refuses_a_plain_checkpoint(plain_llama: Path) -> None:
         load_quantized_state(plain_llama)
 
 
+def test_a_peft_adapter_folder_is_said_to_be_one(plain_llama: Path, tmp_path: Path) -> None:
+    """`load_quantized("./my-adapter")` (a PEFT adapter: adapter_config.json, adapter_model.safetensors)
+    said "no quantized weight ...; not a bitsandbytes 4-bit or 8-bit checkpoint": true, but not what to
+    do. It names the adapter's base model and how to load the adapter on it."""
+    import json
+    import shutil
+
+    adapter = tmp_path / "my-adapter"
+    adapter.mkdir()
+    shutil.copy(plain_llama / "model.safetensors", adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "org/base-nf4"})
+    )
+    with pytest.raises(NotQuantizedError) as info:
+        load_quantized_state(adapter)
+    assert str(info.value) == (
+        f"{adapter}: a PEFT adapter (adapter_config.json), not a quantized model: load its base model "
+        f"(org/base-nf4) with load_quantized, then the adapter on it: "
+        f"PeftModel.from_pretrained(model, '{adapter}')"
+    )
+
+
 def test_refuses_a_missing_component_naming_file_and_tensor(bnb_nf4: Path, tmp_path: Path) -> None:
     folder = tmp_path / "broken"
     shutil.copytree(bnb_nf4, folder)
