@@ -12,8 +12,10 @@ the same quant type, blocksize and nesting as every other weight. Routers stay 1
 names are added to ``llm_int8_skip_modules`` (vLLM's bnb loader matches single dotted components).
 Shared experts are ordinary ``nn.Linear`` layers in transformers and already quantized by the
 normal selection. Fused 3-D expert tensors on disk (Qwen3-VL-MoE) become one fused bnb record per
-tensor in transformers' model orientation (converter/plan/moe_fused.py); gpt-oss's biased fused
-experts stay 16 bit with a reason saying so.
+tensor in transformers' model orientation (converter/plan/moe_fused.py). gpt-oss's biased fused
+experts are written as unsloth's per-expert ``nn.Linear`` records (``experts.gate_up_projs.<e>.weight``,
+converter/sources/gpt_oss.py shows them so for a ``quantize`` run): the weights 4-bit, the biases 16-bit;
+with ``keep`` they stay fused and 16 bit as before.
 
 This module only looks at tensor names, shapes and dtypes; it never imports transformers.
 """
@@ -29,6 +31,7 @@ from typing import Any, Protocol
 
 from converter.errors import InputError
 from converter.plan.moe_fused import FUSED_EXPERT_KEY, fused_layers
+from converter.sources.gpt_oss import EXPERT_KEY as GPT_OSS_EXPERT
 from converter.sources.llama4 import EXPERT_KEY as LLAMA4_EXPERT
 from converter.sources.llama4 import is_llama4
 
@@ -93,6 +96,16 @@ LOADERS_LLAMA4_KEPT = (
     "stock transformers + bitsandbytes (experts stay 16-bit: listed in llm_int8_skip_modules)",
     "quantize-model load_quantized",
 )
+#: gpt-oss: unsloth's per-expert nn.Linear records (converter/sources/gpt_oss.py); transformers' own
+#: GptOssExperts is fused 3-D with biases, and vLLM has no bitsandbytes gpt-oss.
+LOADERS_GPT_OSS = (
+    "quantize-model load_quantized (4-bit experts run by its own kernels)",
+    "transformers 5.x + unsloth (gpt-oss bnb-4bit: per-expert gate_up_projs / down_projs Linear records)",
+)
+NOT_LOADERS_GPT_OSS = (
+    "stock transformers 5.x + bitsandbytes (GptOssExperts is fused 3-D: no place for per-expert records)",
+    "vLLM pre-quantized bitsandbytes (GptOssForCausalLM has no bitsandbytes support: vllm#25653)",
+)
 #: A folder with no quantized weight at all (a source checkpoint).
 NOT_CONVERTED = (
     "quantize-model load_quantized and the pre-quantized bitsandbytes loaders (no weight is quantized: "
@@ -133,8 +146,14 @@ class ExpertKey:
 
 
 def is_expert_weight(name: str) -> bool:
-    """A routed-expert weight: per-expert 2-D or fused 3-D."""
-    return bool(EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name))
+    """A routed-expert weight: per-expert 2-D (gpt-oss's per-expert records too) or fused 3-D."""
+    return bool(EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name) or _gpt_oss_weight(name))
+
+
+def _gpt_oss_weight(name: str) -> bool:
+    """gpt-oss's per-expert record weight (``experts.gate_up_projs.<e>.weight``; not its bias)."""
+    m = GPT_OSS_EXPERT.match(name)
+    return m is not None and m["kind"] == "weight"
 
 
 def parse_expert_key(name: str) -> ExpertKey | None:
@@ -167,12 +186,12 @@ def _numel(t: _TensorLike) -> int:
 
 def expert_share(tensors: Sequence[_TensorLike]) -> tuple[int, int]:
     """(parameters in routed experts, all parameters) of a checkpoint, from its headers."""
-    experts = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name) or FUSED_EXPERT_KEY.match(t.name))
+    experts = sum(_numel(t) for t in tensors if is_expert_weight(t.name))
     return experts, sum(_numel(t) for t in tensors)
 
 
 def is_moe(tensors: Sequence[_TensorLike]) -> bool:
-    return any(EXPERT_KEY.match(t.name) or FUSED_EXPERT_KEY.match(t.name) for t in tensors)
+    return any(is_expert_weight(t.name) for t in tensors)
 
 
 class MoeCheckpointError(InputError):
@@ -275,6 +294,12 @@ def apply_moe_mode(
         if t.name in quantize:
             continue
         key = parse_expert_key(t.name)
+        gpt_oss = GPT_OSS_EXPERT.match(t.name)
+        if gpt_oss is not None and gpt_oss["kind"] == "bias":
+            keep[t.name] = "bias (gpt-oss expert: 16-bit, as unsloth's per-expert Linear holds it)"
+            continue
+        if gpt_oss is not None:
+            key = ExpertKey(gpt_oss["module"], int(gpt_oss["e"]), gpt_oss["proj"])
         if key is None and t.name not in fused:
             if t.name in fused_keep:
                 keep[t.name] = fused_keep[t.name]
@@ -386,7 +411,10 @@ def mixed_modules(quantized_names: Sequence[str], kept_names: Sequence[str]) -> 
 
 
 def _expert_match(name: str) -> re.Match[str] | None:
-    return EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name)
+    m = EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name)
+    if m is None and _gpt_oss_weight(name):  # gpt-oss's per-expert record (its 16-bit bias is no expert)
+        m = GPT_OSS_EXPERT.match(name)
+    return m
 
 
 def mixed_advice(quantized_names: Sequence[str], kept_names: Sequence[str]) -> str | None:
@@ -444,6 +472,8 @@ def summarize(
     ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known."""
     if is_llama4_layout([*quantized_names, *kept_names]):
         return _summarize_llama4(quantized_names, kept_names, expert_formats)
+    if any(_gpt_oss_weight(n) for n in [*quantized_names, *kept_names]):
+        return _summarize_gpt_oss(quantized_names, kept_names, partial_blocks, expert_formats)
     summary = _summarize(quantized_names, kept_names, partial_blocks)
     if summary is not None and summary.experts_quantized:
         summary = replace(summary, expert_types=tuple(sorted({t for t, _ in expert_formats})))
@@ -504,6 +534,27 @@ def _summarize_llama4(
         types = tuple(sorted({t for t, _ in expert_formats}))
         return MoeSummary(q, k, LOADERS_LLAMA4_QUANTIZED, (), types)
     return MoeSummary(0, k, LOADERS_LLAMA4_KEPT, NOT_LOADERS_KEPT)
+
+
+def _summarize_gpt_oss(
+    quantized_names: Sequence[str],
+    kept_names: Sequence[str],
+    partial_blocks: Sequence[str],
+    expert_formats: Collection[tuple[str, str]],
+) -> MoeSummary:
+    """gpt-oss's per-expert records (unsloth's names): load_quantized and unsloth read them."""
+    q = sum(1 for n in quantized_names if _gpt_oss_weight(n))
+    k = sum(1 for n in kept_names if _gpt_oss_weight(n))
+    types = tuple(sorted({t for t, _ in expert_formats}))
+    if not q:
+        return MoeSummary(0, k, LOADERS_KEPT[1:2], NOT_LOADERS_GPT_OSS)
+    if k or partial_blocks:
+        what = (
+            f"{partial_blocks[0]} does not fill whole blocks" if partial_blocks else "some experts are 16-bit"
+        )
+        reason = f"quantize-model load_quantized ({what})"
+        return MoeSummary(q, k, LOADERS_GPT_OSS[1:], (*NOT_LOADERS_GPT_OSS, reason), types)
+    return MoeSummary(q, k, LOADERS_GPT_OSS, NOT_LOADERS_GPT_OSS, types)
 
 
 def _summarize_fused(

@@ -211,6 +211,8 @@ def convert(
     try:
         src = _wrap_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
         src = _wrap_llama4(src)  # Llama 4's fused experts: per-expert weights, as transformers loads them
+        if options.moe_experts == "quantize":  # gpt-oss's fused experts: unsloth's per-expert records
+            src = _wrap_gpt_oss(src)
         conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
         conversion.dry_run, conversion.check_fit = dry_run, preflight
         conversion.warn = warn
@@ -806,6 +808,13 @@ def _wrap_llama4(src: Source) -> Source:
     from converter.sources.llama4 import wrap_if_llama4
 
     return wrap_if_llama4(src)
+
+
+def _wrap_gpt_oss(src: Source) -> Source:
+    """converter.sources.gpt_oss's per-expert view of ``src`` when it is gpt-oss with fused bf16 experts."""
+    from converter.sources.gpt_oss import wrap_if_gpt_oss
+
+    return wrap_if_gpt_oss(src)
 
 
 def _get_array(reader: Any, name: str) -> tuple[np.ndarray, str]:
