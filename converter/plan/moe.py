@@ -583,8 +583,7 @@ def no_effect_note(tensors: Sequence[_TensorLike], mode: str, quantized: Sequenc
     why = (
         "the checkpoint has no routed MoE experts"
         if not is_moe(tensors)
-        else "no expert weight was quantized (biased fused 3-D experts on disk, or --skip/--include "
-        "left every expert out)"
+        else "no expert weight was quantized (--skip/--include left every expert out)"
     )
     return f"--moe-experts quantize has no effect: {why}; the folder is the one --moe-experts keep writes"
 
@@ -598,7 +597,7 @@ def keep_advice(
     quantizes_experts: bool = True,
 ) -> str | None:
     """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters (biased
-    fused 3-D experts, which no mode quantizes, get a warning without the advice; other fused ones an
+    fused 3-D experts, gpt-oss's, an advice naming the per-expert records' loaders; other fused ones an
     advice naming the fused record's loaders). ``quantizes_experts``:
     whether ``quant_type`` can quantize experts (``--moe-experts quantize``); if not (int8), the advice
     names the 4-bit types that can."""
@@ -623,12 +622,20 @@ def keep_advice(
         )
     fused, _ = fused_layers(tensors)
     quantizable = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name) or t.name in fused)
-    if quantizable / total <= threshold:  # mostly biased fused experts (gpt-oss): no mode quantizes them
+    if quantizable / total <= threshold:  # mostly biased fused experts (gpt-oss)
+        how = (
+            "--moe-experts quantize writes them as per-expert 4-bit records under unsloth's names "
+            "(experts.gate_up_projs.<e> / down_projs.<e>, biases 16-bit)"
+            if quantizes_experts
+            else f"with --quant-type {quant_type} they cannot be quantized; --quant-type nf4 --moe-experts "
+            "quantize writes them as per-expert 4-bit records under unsloth's names"
+        )
         return (
-            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit: "
-            "they are stored fused on disk with biases (one 3-D tensor per layer and projection, as "
-            "gpt-oss ships them), which no loader here runs 4-bit, so neither --moe-experts mode "
-            "quantizes them and the folder barely shrinks"
+            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
+            "--moe-experts keep (the default): they are stored fused on disk with biases (one 3-D tensor "
+            f"per layer and projection, as gpt-oss ships them) and the folder barely shrinks. {how}, "
+            "which load with quantize-model's load_quantized and unsloth, but not with stock "
+            "transformers 5.x nor vLLM"
         )
     if fused and not quantizes_experts:
         return (

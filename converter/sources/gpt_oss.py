@@ -19,7 +19,7 @@ those (:class:`GptOssExpertsSource` wraps the source for that run only; ``keep``
 
 each read as expert ``e``'s block of the fused tensor only (``get_rows``), made contiguous. The weights
 are quantized like any nn.Linear weight, the biases stay 16 bit. The loader stacks them again
-(converter/loader/moe_gpt_oss.py), ``dequantize`` fuses them back (:func:`fuse_state`).
+(converter/loader/moe_gpt_oss.py), ``dequantize`` fuses them back (converter/loader/dequantize.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ __all__ = [
     "EXPERT_KEY",
     "FUSED_KEY",
     "GptOssExpertsSource",
-    "fuse_state",
     "is_gpt_oss",
     "wrap_if_gpt_oss",
 ]
@@ -169,39 +168,3 @@ def wrap_if_gpt_oss(src: Source) -> Source:
     if not any(FUSED_KEY.match(n) and not n.endswith("_bias") and f"{n}_bias" in names for n in names):
         return src
     return GptOssExpertsSource(src)
-
-
-def fuse_state(state: dict, dense: Any) -> dict:
-    """``state`` with gpt-oss's per-expert tensors (16-bit tensors, or what ``dense(key, value)`` decodes
-    a quantized record to) fused back into the tensors transformers loads: ``gate_up_proj [E, H, 2I]``
-    (``stack(weight_e.T)``), ``down_proj [E, I, H]`` and the stacked biases. Keys keep their order, the
-    fused ones standing where expert 0's weight stood. Other keys are passed through."""
-    import torch
-
-    groups: dict[tuple[str, str, str], dict[int, str]] = {}
-    for key in state:
-        m = EXPERT_KEY.match(key)
-        if m is not None:
-            groups.setdefault((m["module"], m["proj"], m["kind"]), {})[int(m["e"])] = key
-    if not groups:
-        return state
-    first = {min(g.items())[1]: k for k, g in groups.items()}
-    out: dict = {}
-    for key, value in state.items():
-        if EXPERT_KEY.match(key) is None:
-            out[key] = value
-            continue
-        group_key = first.get(key)
-        if group_key is None:
-            continue
-        module, proj, kind = group_key
-        experts = groups[group_key]
-        if sorted(experts) != list(range(len(experts))):
-            gap = next(e for e in range(len(experts)) if e not in experts)
-            msg = f"{module}.{proj}.{gap}.{kind} is missing: the folder holds other experts of this layer"
-            raise GptOssLayoutError(msg)
-        parts = [dense(experts[e], state[experts[e]]) for e in range(len(experts))]
-        fused = torch.stack([p.T if kind == "weight" else p for p in parts])
-        name = f"{module}.{proj.removesuffix('s')}" + ("_bias" if kind == "bias" else "")
-        out[name] = fused.contiguous()
-    return out
