@@ -311,3 +311,11 @@ def test_rerun_is_a_noop(gpt_oss):
         r = convert(gpt_oss("src"), folder, moe_experts="quantize", progress=False)
     assert r.noop
     assert (folder / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_verify_against_the_source_measures_the_per_expert_records(gpt_oss):
+    """verify --against the bf16 source reads the fused experts per expert, as the conversion wrote them
+    (it said the folder was not converted from that source)."""
+    r = CliRunner().invoke(cli, ["verify", str(gpt_oss("q")), "--against", str(gpt_oss("src"))])
+    assert r.exit_code == 0, r.output
+    assert f"{LAYERS * (4 + 2 * E)} quantized tensors" in r.output
