@@ -300,21 +300,39 @@ def apply_moe_mode(
             continue
         if gpt_oss is not None:
             key = ExpertKey(gpt_oss["module"], int(gpt_oss["e"]), gpt_oss["proj"])
+        module = t.name.removesuffix(".weight")
+        globbed_out = _glob_hit(skip, t.name, module) or (include and not _glob_hit(include, t.name, module))
         if key is None and t.name not in fused:
-            if t.name in fused_keep:
+            if t.name in fused_keep and not globbed_out:  # globbed out: the selection's reason stays
                 keep[t.name] = fused_keep[t.name]
             continue
-        module = t.name.removesuffix(".weight")
-        if _glob_hit(skip, t.name, module) or (include and not _glob_hit(include, t.name, module)):
+        if globbed_out:
+            if gpt_oss is not None:  # not a model parameter to the selection: the glob is the reason
+                from converter.plan.selection_facts import user_reason
+
+                keep[t.name] = user_reason(skip, include, t.name, module) or "--skip/--include glob"
             continue  # the selection's own reason (a --skip/--include glob) stays
         if len(t.shape) != (2 if key is not None else 3) or t.dtype not in _QUANTIZABLE:
             keep[t.name] = f"expert weight of shape {list(t.shape)} and dtype {t.dtype} cannot be quantized"
             continue
         keep.pop(t.name, None)
         quantize[t.name] = spec if key is not None else _spec(transpose=fused[t.name].transpose)
+    if not any(is_expert_weight(n) for n in quantize):  # no expert quantized: no router to skip either
+        return replace(selection, keep=keep)  # (no_effect_note: the run is recorded as keep)
     routers = set(router_modules((t.name for t in tensors), quantize).values())
     skip_modules = sorted(set(selection.skip_modules) | routers)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
+
+
+def globs_select_an_expert(names: Iterable[str], skip: Sequence[str], include: Sequence[str]) -> bool:
+    """Whether ``--skip`` / ``--include`` leave some gpt-oss per-expert weight among ``names`` to quantize
+    (apply_moe_mode's rule): if none, a conversion writes gpt-oss's fused experts as ``keep`` does."""
+    for name in names:
+        if _gpt_oss_weight(name):
+            module = name.removesuffix(".weight")
+            if not _glob_hit(skip, name, module) and (not include or _glob_hit(include, name, module)):
+                return True
+    return False
 
 
 def _keep_llama4(selection: Any) -> Any:
@@ -548,12 +566,14 @@ def _summarize_gpt_oss(
     types = tuple(sorted({t for t, _ in expert_formats}))
     if not q:
         return MoeSummary(0, k, LOADERS_KEPT[1:2], NOT_LOADERS_GPT_OSS)
-    if k or partial_blocks:
-        what = (
-            f"{partial_blocks[0]} does not fill whole blocks" if partial_blocks else "some experts are 16-bit"
-        )
+    mixed = mixed_modules(quantized_names, kept_names)
+    if partial_blocks or mixed:
+        what = f"{partial_blocks[0]} does not fill whole blocks" if partial_blocks else ""
+        what = what or f"{mixed[0]} mixes 4-bit and 16-bit experts"
         reason = f"quantize-model load_quantized ({what})"
-        return MoeSummary(q, k, LOADERS_GPT_OSS[1:], (*NOT_LOADERS_GPT_OSS, reason), types)
+        return MoeSummary(q, k, LOADERS_GPT_OSS[1:] if not k else (), (*NOT_LOADERS_GPT_OSS, reason), types)
+    if k:  # whole layers' experts 16-bit (--skip): load_quantized stacks them as transformers holds them
+        return MoeSummary(q, k, LOADERS_GPT_OSS[:1], NOT_LOADERS_GPT_OSS, types)
     return MoeSummary(q, k, LOADERS_GPT_OSS, NOT_LOADERS_GPT_OSS, types)
 
 

@@ -319,3 +319,51 @@ def test_verify_against_the_source_measures_the_per_expert_records(gpt_oss):
     r = CliRunner().invoke(cli, ["verify", str(gpt_oss("q")), "--against", str(gpt_oss("src"))])
     assert r.exit_code == 0, r.output
     assert f"{LAYERS * (4 + 2 * E)} quantized tensors" in r.output
+
+
+def test_globs_leaving_every_expert_out_write_the_keep_folder(gpt_oss, tmp_path):
+    """--moe-experts quantize with --include globs that select no expert weight: the run says the option
+    had no effect and writes the folder keep writes, byte for byte (fused experts, not per-expert
+    16-bit records)."""
+    messages: list[str] = []
+    convert(gpt_oss("src"), tmp_path / "q", moe_experts="quantize", include=["*self_attn*"], progress=False,
+            warn=messages.append)  # fmt: skip
+    assert any("has no effect" in m for m in messages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(gpt_oss("src"), tmp_path / "keep", include=["*self_attn*"], progress=False)
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "q" / f).read_bytes() == (tmp_path / "keep" / f).read_bytes(), f
+
+
+def test_a_layer_skipped_whole_stays_16bit_and_loads(gpt_oss, tmp_path):
+    """--skip of one layer's experts: its per-expert records 16-bit with the glob as their reason, the
+    other layer's 4-bit; load_quantized stacks the 16-bit ones into GptOssExperts' fused parameters
+    (logits of the dequantized folder on transformers, bit for bit); a layer split between 4-bit and
+    16-bit experts is refused at load with a clear error, and convert warns."""
+    out = tmp_path / "q"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(
+            gpt_oss("src"), out, moe_experts="quantize", skip=["*.layers.1.mlp.experts.*"], progress=False
+        )
+    records = open_folder(out).records()
+    assert isinstance(records["model.layers.1.mlp.experts.gate_up_projs.0.weight"], torch.Tensor)
+    assert not isinstance(records["model.layers.0.mlp.experts.gate_up_projs.0.weight"], torch.Tensor)
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert "--skip glob" in json.dumps(report)
+    s = inspect_path(out).moe
+    assert any("load_quantized" in x for x in s.loaders)
+    model = _dequant_paths(load_quantized(out))
+    assert list(moe_modules(model)) == ["model.layers.0.mlp.experts"]
+    dequantize_checkpoint(out, tmp_path / "plain")
+    ref = _eager(tmp_path / "plain", experts_implementation="eager")
+    assert torch.equal(_logits(model), _logits(ref))
+    messages: list[str] = []
+    split = tmp_path / "split"
+    skip = ["*.layers.1.mlp.experts.*.3.*"]
+    convert(gpt_oss("src"), split, moe_experts="quantize", skip=skip, progress=False, warn=messages.append)
+    assert any("keep some experts 16-bit" in m for m in messages)
+    assert not inspect_path(split).moe.loaders
+    with pytest.raises(Exception, match="mixes 4-bit and 16-bit experts"):
+        load_quantized(split)
