@@ -242,10 +242,15 @@ def test_default_path_within_the_derived_float32_bound(gpt_oss, tokens):
     assert (got - ref).abs().max() > 0 or tokens > 8  # the GEMV path ran (not the exact reference)
 
 
-def test_generate_on_the_default_path(gpt_oss):
+def test_generate_on_the_default_path_and_counts(gpt_oss):
+    """generate on the default path; num_parameters() counts the experts' weights and biases as
+    transformers counts the bf16 model's, and the footprint is far below it."""
     model = load_quantized(gpt_oss("q"))
     out = model.generate(IDS[:, :4], max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 10)
+    ref = _eager(gpt_oss("src"))
+    assert model.num_parameters() == ref.num_parameters()
+    assert model.get_memory_footprint() < ref.get_memory_footprint() / 2
 
 
 def test_save_pretrained_writes_the_same_records(gpt_oss, tmp_path):
