@@ -255,7 +255,7 @@ def test_generate_on_the_default_path_and_counts(gpt_oss):
 
 def test_save_pretrained_writes_the_same_records(gpt_oss, tmp_path):
     """save_pretrained of the loaded model writes the folder's tensors again (every key, equal), and that
-    folder loads with the same logits."""
+    folder loads with the same logits; load_state_dict of the model's state_dict restores a layer."""
     model = load_quantized(gpt_oss("q"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -265,6 +265,15 @@ def test_save_pretrained_writes_the_same_records(gpt_oss, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = _dequant_paths(load_quantized(tmp_path / "saved"))
     assert torch.equal(_logits(again), _logits(_dequant_paths(model)))
+    # load_state_dict reads the same records back into a layer whose codes and biases were overwritten
+    experts = moe_modules(again)["model.layers.0.mlp.experts"]
+    experts.packed.zero_()
+    experts.gate_up_bias.zero_()
+    assert not torch.equal(_logits(again), _logits(model))
+    result = again.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert not result.unexpected_keys
+    assert torch.equal(_logits(again), _logits(model))
 
 
 def test_dequantize_writes_the_fused_tensors_transformers_loads(gpt_oss):
