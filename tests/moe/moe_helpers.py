@@ -401,11 +401,12 @@ def gpt_oss_reference_and_bound(m, x, idx, w, *, sigmoid_u: float = 4 * U32):
     - gate_up = W_gu x: float32 weights (decoded exactly), H products summed in any order:
       gamma_H |W_gu| @ |x|; + b_gu rounded once: + u (|pre| + e);
     - gate/up interleaved (``[::2]`` / ``[1::2]``); the clamps are exact and 1-Lipschitz (errors carry
-      over unchanged);
+      over unchanged; the limit, 0.5 here and 7.0 in gpt-oss, is exact in float32);
     - glu = g * sigmoid(alpha g) = silu(alpha g) / alpha: Lipschitz in g with constant max|silu'| < 1.1;
-      its evaluation: alpha * g rounded (|d(alpha g)| <= u |alpha g|, which moves sigmoid by at most
-      sigmoid' <= 1/4 times that: |g| / 4 * u |alpha g| absolutely), sigmoid with relative error
-      ``sigmoid_u`` (torch float32: exp, add, divide: 4u), the product one more rounding u;
+      its evaluation: alpha rounded to float32 and alpha * g rounded (|d(alpha g)| <= 2u |alpha g| to
+      first order, which moves sigmoid by at most sigmoid' <= 1/4 times that: |g| / 4 * 2u |alpha g|
+      absolutely), sigmoid with relative error ``sigmoid_u`` (torch float32: exp, add, divide: 4u), the
+      product one more rounding u;
     - h = (up + 1) * glu: up + 1 rounded (u), the product first order plus one rounding u;
     - y = W_dn h: (|W_dn| @ e_h) + gamma_I |W_dn| @ (|h| + e_h); + b_dn rounded once;
     - the routing weight times y rounded (u), the k terms summed in float32 (gamma_k).
@@ -427,7 +428,7 @@ def gpt_oss_reference_and_bound(m, x, idx, w, *, sigmoid_u: float = 4 * U32):
             eg, eu = e_pre[::2], e_pre[1::2]
             glu = g * torch.sigmoid(alpha * g)
             ga = g.abs() + eg
-            e_glu = 1.1 * eg + ga / 4 * u * alpha * ga + (sigmoid_u + u) * (glu.abs() + 1.1 * eg)
+            e_glu = 1.1 * eg + ga / 4 * 2 * u * alpha * ga + (sigmoid_u + u) * (glu.abs() + 1.1 * eg)
             up1 = up + 1
             e_up1 = eu + u * (up1.abs() + eu)
             h = up1 * glu
