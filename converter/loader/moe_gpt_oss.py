@@ -391,7 +391,7 @@ def attach_gpt_oss_experts(
                 compute_dtype=compute_dtype,
                 act_name=None,
                 act_fn=torch.sigmoid,  # unused: the class's own gate runs
-                apply_gate=_own_gate(module),
+                apply_gate=_own_gate(module) or module._apply_gate,  # GptOssExperts' clamped gate
                 nested=None,
                 gate_up_bias=gu_bias.to(dev, bias_dtype),
                 down_bias=dn_bias.to(dev, bias_dtype),
