@@ -183,18 +183,21 @@ def _plan(state: dict, dtypes: dict[str, torch.dtype], max_shard_size: int) -> l
 
 @dataclass(frozen=True)
 class _Fused:
-    """A Llama 4 fused experts tensor written from its per-expert weights (16-bit or quantized):
-    ``gate_up_proj [E, H, 2I]`` (expert e: ``cat([gate_e.T, up_e.T], 1)``) or ``down_proj [E, I, H]``."""
+    """A Llama 4 or gpt-oss fused experts tensor written from its per-expert weights (16-bit or quantized):
+    ``gate_up_proj [E, H, 2I]`` (expert e: ``cat([gate_e.T, up_e.T], 1)``; gpt-oss: ``gate_up_e.T``) or
+    ``down_proj [E, I, H]``; gpt-oss's biases ``[E, 2I]`` / ``[E, H]`` stacked."""
 
     parts: tuple[tuple[QuantizedTensor | torch.Tensor, ...], ...]  # per expert: (gate, up) or (down,)
     shape: tuple[int, ...]
+    stack_only: bool = False  # gpt-oss's biases: stacked as they are (no transpose)
 
     def build(self, dtype: torch.dtype) -> torch.Tensor:
         from converter.sources.llama4 import fused_block
 
         out = torch.empty(self.shape, dtype=dtype)
         for e, parts in enumerate(self.parts):
-            out[e] = fused_block([_tensor(p, dtype, False) for p in parts])
+            pieces = [_tensor(p, dtype, False) for p in parts]
+            out[e] = pieces[0] if self.stack_only else fused_block(pieces)
         return out
 
 
@@ -234,6 +237,41 @@ def _fuse_llama4(state: dict, config: dict | None) -> dict:
     return out
 
 
+def _fuse_gpt_oss(state: dict) -> dict:
+    """``state`` with gpt-oss's per-expert records (unsloth's ``experts.gate_up_projs.<e>.weight`` /
+    ``.bias``, ``down_projs``: converter/sources/gpt_oss.py) fused back into the ``gate_up_proj [E, H, 2I]``,
+    ``gate_up_proj_bias``, ``down_proj [E, I, H]`` and ``down_proj_bias`` tensors plain transformers
+    loads, each where expert 0's record stood. An experts module missing a record is left as it is."""
+    from converter.sources.gpt_oss import EXPERT_KEY
+
+    groups: dict[tuple[str, str, str], dict[int, str]] = {}
+    for k in state:
+        m = EXPERT_KEY.match(k)
+        if m is not None:
+            groups.setdefault((m["module"], m["proj"], m["kind"]), {})[int(m["e"])] = k
+    fused: dict[str, tuple[str, _Fused]] = {}
+    for (module, proj, kind), experts in groups.items():
+        num = len(experts)
+        if set(experts) != set(range(num)):
+            continue
+        parts = tuple((state[experts[e]],) for e in range(num))
+        shape = tuple(int(d) for d in state[experts[0]].shape)
+        name = f"{module}.{proj.removesuffix('s')}" + ("_bias" if kind == "bias" else "")
+        full = (num, *shape) if kind == "bias" else (num, shape[1], shape[0])
+        fused[experts[0]] = (name, _Fused(parts, full, stack_only=kind == "bias"))
+        for e in range(1, num):
+            fused[experts[e]] = ("", _Fused((), ()))  # dropped
+    if not fused:
+        return state
+    out: dict = {}
+    for k, v in state.items():
+        if k not in fused:
+            out[k] = v
+        elif fused[k][0]:
+            out[fused[k][0]] = fused[k][1]
+    return out
+
+
 def _tensor(
     value: QuantizedTensor | torch.Tensor | _Fused, dtype: torch.dtype, transposed: bool
 ) -> torch.Tensor:
@@ -260,7 +298,7 @@ def _overflow_note(
         return None
     if all(torch.isfinite(m) for m in torch.aminmax(written)):
         return None
-    if isinstance(value, _Fused):  # Llama 4's experts, fused from their per-expert weights
+    if isinstance(value, _Fused):  # Llama 4's / gpt-oss's experts, fused from their per-expert weights
         source = value.build(torch.float32)
     elif isinstance(value, torch.Tensor):
         source = value
@@ -506,6 +544,7 @@ def _write_plain(
 ) -> DequantizeResult:
     """The shards, the other files, config.json and (several shards) the index, in that order."""
     state = _fuse_llama4(state, config)  # Llama 4: per-expert weights back into its fused experts
+    state = _fuse_gpt_oss(state)  # gpt-oss: unsloth's per-expert records back into its fused experts
     meta_model = functools.cache(lambda: _meta_model(folder))  # built once, and only when needed
     transposed = _transposed_weights(folder, state, meta_model)
     dtypes = _out_dtypes(state, torch_dtype, meta_model)

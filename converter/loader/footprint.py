@@ -104,6 +104,9 @@ def parameter_count(model: nn.Module, only_trainable: bool = False, exclude_embe
             total += module.out_features * module.in_features
         elif isinstance(module, QuantExperts4bit):
             total += module.num_experts * 3 * module.intermediate_dim * module.hidden_dim
+            for bias in ("gate_up_bias", "down_bias"):  # gpt-oss's expert biases (buffers beside the codes)
+                b = getattr(module, bias, None)
+                total += b.numel() if isinstance(b, torch.Tensor) else 0
     return total
 
 

@@ -934,9 +934,15 @@ def attach_experts(
     ``block_sparse_moe.gate`` -> ``mlp.gate``; the vision-language models' legacy ``model.layers.*`` /
     ``language_model.model.*`` -> ``model.language_model.*``), quantized records included, are renamed.
     """
+    from converter.loader.moe_gpt_oss import attach_gpt_oss_experts
     from converter.loader.moe_llama4 import QuantLlama4Experts4bit, is_llama4_sequential  # subclasses ours
 
     modules = dict(model.named_modules())
+    # gpt-oss's per-expert records (unsloth's names): QuantGptOssExperts4bit, loader/moe_gpt_oss.py
+    attach_gpt_oss_experts(
+        model, state, compute_dtype, where=where, device=device,
+        module_name=lambda m: _model_module_name(model, m, modules),
+    )  # fmt: skip
     # Qwen3-VL-MoE's fused 3-D records, as per-expert pieces
     fused = split_fused(state, where, sizes_only=torch.device(device).type == "meta")
     orient_kept(state, lambda m: _model_module_name(model, m, modules), modules)

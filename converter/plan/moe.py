@@ -12,8 +12,10 @@ the same quant type, blocksize and nesting as every other weight. Routers stay 1
 names are added to ``llm_int8_skip_modules`` (vLLM's bnb loader matches single dotted components).
 Shared experts are ordinary ``nn.Linear`` layers in transformers and already quantized by the
 normal selection. Fused 3-D expert tensors on disk (Qwen3-VL-MoE) become one fused bnb record per
-tensor in transformers' model orientation (converter/plan/moe_fused.py); gpt-oss's biased fused
-experts stay 16 bit with a reason saying so.
+tensor in transformers' model orientation (converter/plan/moe_fused.py). gpt-oss's biased fused
+experts are written as unsloth's per-expert ``nn.Linear`` records (``experts.gate_up_projs.<e>.weight``,
+converter/sources/gpt_oss.py shows them so for a ``quantize`` run): the weights 4-bit, the biases 16-bit;
+with ``keep`` they stay fused and 16 bit as before.
 
 This module only looks at tensor names, shapes and dtypes; it never imports transformers.
 """
@@ -29,6 +31,7 @@ from typing import Any, Protocol
 
 from converter.errors import InputError
 from converter.plan.moe_fused import FUSED_EXPERT_KEY, fused_layers
+from converter.sources.gpt_oss import EXPERT_KEY as GPT_OSS_EXPERT
 from converter.sources.llama4 import EXPERT_KEY as LLAMA4_EXPERT
 from converter.sources.llama4 import is_llama4
 
@@ -93,6 +96,16 @@ LOADERS_LLAMA4_KEPT = (
     "stock transformers + bitsandbytes (experts stay 16-bit: listed in llm_int8_skip_modules)",
     "quantize-model load_quantized",
 )
+#: gpt-oss: unsloth's per-expert nn.Linear records (converter/sources/gpt_oss.py); transformers' own
+#: GptOssExperts is fused 3-D with biases, and vLLM has no bitsandbytes gpt-oss.
+LOADERS_GPT_OSS = (
+    "quantize-model load_quantized (4-bit experts run by its own kernels)",
+    "transformers 5.x + unsloth (gpt-oss bnb-4bit: per-expert gate_up_projs / down_projs Linear records)",
+)
+NOT_LOADERS_GPT_OSS = (
+    "stock transformers 5.x + bitsandbytes (GptOssExperts is fused 3-D: no place for per-expert records)",
+    "vLLM pre-quantized bitsandbytes (GptOssForCausalLM has no bitsandbytes support: vllm#25653)",
+)
 #: A folder with no quantized weight at all (a source checkpoint).
 NOT_CONVERTED = (
     "quantize-model load_quantized and the pre-quantized bitsandbytes loaders (no weight is quantized: "
@@ -133,8 +146,14 @@ class ExpertKey:
 
 
 def is_expert_weight(name: str) -> bool:
-    """A routed-expert weight: per-expert 2-D or fused 3-D."""
-    return bool(EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name))
+    """A routed-expert weight: per-expert 2-D (gpt-oss's per-expert records too) or fused 3-D."""
+    return bool(EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name) or _gpt_oss_weight(name))
+
+
+def _gpt_oss_weight(name: str) -> bool:
+    """gpt-oss's per-expert record weight (``experts.gate_up_projs.<e>.weight``; not its bias)."""
+    m = GPT_OSS_EXPERT.match(name)
+    return m is not None and m["kind"] == "weight"
 
 
 def parse_expert_key(name: str) -> ExpertKey | None:
@@ -167,12 +186,12 @@ def _numel(t: _TensorLike) -> int:
 
 def expert_share(tensors: Sequence[_TensorLike]) -> tuple[int, int]:
     """(parameters in routed experts, all parameters) of a checkpoint, from its headers."""
-    experts = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name) or FUSED_EXPERT_KEY.match(t.name))
+    experts = sum(_numel(t) for t in tensors if is_expert_weight(t.name))
     return experts, sum(_numel(t) for t in tensors)
 
 
 def is_moe(tensors: Sequence[_TensorLike]) -> bool:
-    return any(EXPERT_KEY.match(t.name) or FUSED_EXPERT_KEY.match(t.name) for t in tensors)
+    return any(is_expert_weight(t.name) for t in tensors)
 
 
 class MoeCheckpointError(InputError):
@@ -275,21 +294,45 @@ def apply_moe_mode(
         if t.name in quantize:
             continue
         key = parse_expert_key(t.name)
+        gpt_oss = GPT_OSS_EXPERT.match(t.name)
+        if gpt_oss is not None and gpt_oss["kind"] == "bias":
+            keep[t.name] = "bias (gpt-oss expert: 16-bit, as unsloth's per-expert Linear holds it)"
+            continue
+        if gpt_oss is not None:
+            key = ExpertKey(gpt_oss["module"], int(gpt_oss["e"]), gpt_oss["proj"])
+        module = t.name.removesuffix(".weight")
+        globbed_out = _glob_hit(skip, t.name, module) or (include and not _glob_hit(include, t.name, module))
         if key is None and t.name not in fused:
-            if t.name in fused_keep:
+            if t.name in fused_keep and not globbed_out:  # globbed out: the selection's reason stays
                 keep[t.name] = fused_keep[t.name]
             continue
-        module = t.name.removesuffix(".weight")
-        if _glob_hit(skip, t.name, module) or (include and not _glob_hit(include, t.name, module)):
+        if globbed_out:
+            if gpt_oss is not None:  # not a model parameter to the selection: the glob is the reason
+                from converter.plan.selection_facts import user_reason
+
+                keep[t.name] = user_reason(skip, include, t.name, module) or "--skip/--include glob"
             continue  # the selection's own reason (a --skip/--include glob) stays
         if len(t.shape) != (2 if key is not None else 3) or t.dtype not in _QUANTIZABLE:
             keep[t.name] = f"expert weight of shape {list(t.shape)} and dtype {t.dtype} cannot be quantized"
             continue
         keep.pop(t.name, None)
         quantize[t.name] = spec if key is not None else _spec(transpose=fused[t.name].transpose)
+    if not any(is_expert_weight(n) for n in quantize):  # no expert quantized: no router to skip either
+        return replace(selection, keep=keep)  # (no_effect_note: the run is recorded as keep)
     routers = set(router_modules((t.name for t in tensors), quantize).values())
     skip_modules = sorted(set(selection.skip_modules) | routers)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
+
+
+def globs_select_an_expert(names: Iterable[str], skip: Sequence[str], include: Sequence[str]) -> bool:
+    """Whether ``--skip`` / ``--include`` leave some gpt-oss per-expert weight among ``names`` to quantize
+    (apply_moe_mode's rule): if none, a conversion writes gpt-oss's fused experts as ``keep`` does."""
+    for name in names:
+        if _gpt_oss_weight(name):
+            module = name.removesuffix(".weight")
+            if not _glob_hit(skip, name, module) and (not include or _glob_hit(include, name, module)):
+                return True
+    return False
 
 
 def _keep_llama4(selection: Any) -> Any:
@@ -386,7 +429,10 @@ def mixed_modules(quantized_names: Sequence[str], kept_names: Sequence[str]) -> 
 
 
 def _expert_match(name: str) -> re.Match[str] | None:
-    return EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name)
+    m = EXPERT_KEY.match(name) or FUSED_EXPERT_KEY.match(name)
+    if m is None and _gpt_oss_weight(name):  # gpt-oss's per-expert record (its 16-bit bias is no expert)
+        m = GPT_OSS_EXPERT.match(name)
+    return m
 
 
 def mixed_advice(quantized_names: Sequence[str], kept_names: Sequence[str]) -> str | None:
@@ -444,6 +490,8 @@ def summarize(
     ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known."""
     if is_llama4_layout([*quantized_names, *kept_names]):
         return _summarize_llama4(quantized_names, kept_names, expert_formats)
+    if any(_gpt_oss_weight(n) for n in [*quantized_names, *kept_names]):
+        return _summarize_gpt_oss(quantized_names, kept_names, partial_blocks, expert_formats)
     summary = _summarize(quantized_names, kept_names, partial_blocks)
     if summary is not None and summary.experts_quantized:
         summary = replace(summary, expert_types=tuple(sorted({t for t, _ in expert_formats})))
@@ -506,6 +554,29 @@ def _summarize_llama4(
     return MoeSummary(0, k, LOADERS_LLAMA4_KEPT, NOT_LOADERS_KEPT)
 
 
+def _summarize_gpt_oss(
+    quantized_names: Sequence[str],
+    kept_names: Sequence[str],
+    partial_blocks: Sequence[str],
+    expert_formats: Collection[tuple[str, str]],
+) -> MoeSummary:
+    """gpt-oss's per-expert records (unsloth's names): load_quantized and unsloth read them."""
+    q = sum(1 for n in quantized_names if _gpt_oss_weight(n))
+    k = sum(1 for n in kept_names if _gpt_oss_weight(n))
+    types = tuple(sorted({t for t, _ in expert_formats}))
+    if not q:
+        return MoeSummary(0, k, LOADERS_KEPT[1:2], NOT_LOADERS_GPT_OSS)
+    mixed = mixed_modules(quantized_names, kept_names)
+    if partial_blocks or mixed:
+        what = f"{partial_blocks[0]} does not fill whole blocks" if partial_blocks else ""
+        what = what or f"{mixed[0]} mixes 4-bit and 16-bit experts"
+        reason = f"quantize-model load_quantized ({what})"
+        return MoeSummary(q, k, LOADERS_GPT_OSS[1:] if not k else (), (*NOT_LOADERS_GPT_OSS, reason), types)
+    if k:  # whole layers' experts 16-bit (--skip): load_quantized stacks them as transformers holds them
+        return MoeSummary(q, k, LOADERS_GPT_OSS[:1], NOT_LOADERS_GPT_OSS, types)
+    return MoeSummary(q, k, LOADERS_GPT_OSS, NOT_LOADERS_GPT_OSS, types)
+
+
 def _summarize_fused(
     q: int, k: int, quantized_names: Sequence[str], kept_names: Sequence[str], partial_blocks: Sequence[str]
 ) -> MoeSummary:
@@ -532,8 +603,7 @@ def no_effect_note(tensors: Sequence[_TensorLike], mode: str, quantized: Sequenc
     why = (
         "the checkpoint has no routed MoE experts"
         if not is_moe(tensors)
-        else "no expert weight was quantized (biased fused 3-D experts on disk, or --skip/--include "
-        "left every expert out)"
+        else "no expert weight was quantized (--skip/--include left every expert out)"
     )
     return f"--moe-experts quantize has no effect: {why}; the folder is the one --moe-experts keep writes"
 
@@ -547,7 +617,7 @@ def keep_advice(
     quantizes_experts: bool = True,
 ) -> str | None:
     """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters (biased
-    fused 3-D experts, which no mode quantizes, get a warning without the advice; other fused ones an
+    fused 3-D experts, gpt-oss's, an advice naming the per-expert records' loaders; other fused ones an
     advice naming the fused record's loaders). ``quantizes_experts``:
     whether ``quant_type`` can quantize experts (``--moe-experts quantize``); if not (int8), the advice
     names the 4-bit types that can."""
@@ -572,12 +642,20 @@ def keep_advice(
         )
     fused, _ = fused_layers(tensors)
     quantizable = sum(_numel(t) for t in tensors if EXPERT_KEY.match(t.name) or t.name in fused)
-    if quantizable / total <= threshold:  # mostly biased fused experts (gpt-oss): no mode quantizes them
+    if quantizable / total <= threshold:  # mostly biased fused experts (gpt-oss)
+        how = (
+            "--moe-experts quantize writes them as per-expert 4-bit records under unsloth's names "
+            "(experts.gate_up_projs.<e> / down_projs.<e>, biases 16-bit)"
+            if quantizes_experts
+            else f"with --quant-type {quant_type} they cannot be quantized; --quant-type nf4 --moe-experts "
+            "quantize writes them as per-expert 4-bit records under unsloth's names"
+        )
         return (
-            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit: "
-            "they are stored fused on disk with biases (one 3-D tensor per layer and projection, as "
-            "gpt-oss ships them), which no loader here runs 4-bit, so neither --moe-experts mode "
-            "quantizes them and the folder barely shrinks"
+            f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
+            "--moe-experts keep (the default): they are stored fused on disk with biases (one 3-D tensor "
+            f"per layer and projection, as gpt-oss ships them) and the folder barely shrinks. {how}, "
+            "which load with quantize-model's load_quantized and unsloth, but not with stock "
+            "transformers 5.x nor vLLM"
         )
     if fused and not quantizes_experts:
         return (

@@ -15,7 +15,8 @@ The orientation comes from the pair alone: model orientation has ``gate_up[2] ==
 down[1]``; both at once would need a zero dimension, so the headers decide without config.json.
 
 gpt-oss stores fused experts too, but with biases, gate/up interleaved and its own clamped
-activation: its tensors stay 16 bit (no loader here runs such a record).
+activation: a ``quantize`` conversion reads them through converter/sources/gpt_oss.py as unsloth's
+per-expert records, so they never reach this module; biased fused experts of another model stay 16 bit.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def fused_layers(tensors: Sequence[_TensorLike]) -> tuple[dict[str, FusedExperts
             why = "fused experts without one gate_up_proj and one down_proj: no loader runs them 4-bit"
         elif f"{gu.name}_bias" in names or f"{dn.name}_bias" in names:
             why = (
-                "fused experts with biases (gpt-oss: interleaved gate/up, clamped activation): "
-                "no loader here runs them 4-bit"
+                "fused experts with biases: only gpt-oss's (config.json model_type gpt_oss) are "
+                "quantized, as per-expert records (converter/sources/gpt_oss.py); no loader here runs "
+                "these 4-bit"
             )
         else:
             transpose = orientation(gu.shape, dn.shape)

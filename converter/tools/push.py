@@ -411,6 +411,10 @@ def _moe_card(
         "one fused bitsandbytes 4-bit record per layer and projection (`experts.gate_up_proj [E, 2I, H]`, "
         "`experts.down_proj [E, H, I]`), under the checkpoint's own names"
         if summary.fused
+        else "one bitsandbytes `Linear4bit` record per expert per projection under unsloth's gpt-oss names "
+        "(`experts.gate_up_projs.<e>.weight [2I, H]`, gate/up rows interleaved, and "
+        "`experts.down_projs.<e>.weight [H, I]`), their biases 16-bit"
+        if any("gate_up_projs" in x for x in summary.loaders)
         else f"one bitsandbytes `{layer}` record per quantized expert per projection, under the "
         "checkpoint's own names"
     )

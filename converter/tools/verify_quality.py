@@ -34,6 +34,18 @@ if TYPE_CHECKING:
 _TORCH_TO_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
+def _has_gpt_oss_records(folder: Path, names: list[str]) -> bool:
+    """Whether the folder's shards hold gpt-oss's per-expert records (converter/sources/gpt_oss.py)."""
+    from converter.sources.gpt_oss import EXPERT_KEY
+    from formats.reader import open_shard
+
+    for shard_name in names:
+        with open_shard(folder / shard_name) as shard:
+            if any(EXPERT_KEY.match(k) for k in shard.quantized):
+                return True
+    return False
+
+
 def verify_against(
     folder: Path, source: str, *, revision: str | None = None
 ) -> tuple[dict[str, Any], list[str]]:
@@ -60,6 +72,10 @@ def verify_against(
         from converter.sources.llama4 import wrap_if_llama4
 
         src = wrap_if_llama4(src)  # Llama 4's fused experts: measured as convert wrote them, per expert
+        if _has_gpt_oss_records(folder, names):  # gpt-oss's experts, as --moe-experts quantize wrote them
+            from converter.sources.gpt_oss import wrap_if_gpt_oss
+
+            src = wrap_if_gpt_oss(src)
     except BaseException:
         src.close()
         raise

@@ -234,6 +234,8 @@ def convert(
     try:
         src = _wrap_fp8(src)  # FP8 with block scales: dequantized to bf16 on read
         src = _wrap_llama4(src)  # Llama 4's fused experts: per-expert weights, as transformers loads them
+        if options.moe_experts == "quantize":  # gpt-oss's fused experts: unsloth's per-expert records
+            src = _wrap_gpt_oss(src, options)
         conversion = _Conversion(src, output, options, threads=threads, device=device, started=started)
         conversion.dry_run, conversion.check_fit = dry_run, preflight
         conversion.warn = warn
@@ -831,6 +833,19 @@ def _wrap_llama4(src: Source) -> Source:
     from converter.sources.llama4 import wrap_if_llama4
 
     return wrap_if_llama4(src)
+
+
+def _wrap_gpt_oss(src: Source, options: Options) -> Source:
+    """converter.sources.gpt_oss's per-expert view of ``src`` when it is gpt-oss with fused bf16 experts
+    and --skip / --include leave some expert weight to quantize (else the fused tensors, as keep writes
+    them: the run then says --moe-experts quantize had no effect, and records keep)."""
+    from converter.sources.gpt_oss import wrap_if_gpt_oss
+
+    view = wrap_if_gpt_oss(src)
+    if view is src:
+        return src
+    names = (t.name for t in view.tensors())
+    return view if moe.globs_select_an_expert(names, options.skip, options.include) else src
 
 
 def _get_array(reader: Any, name: str) -> tuple[np.ndarray, str]:

@@ -360,3 +360,84 @@ def _save_llama4(cls: type, cfg: Any, folder: Path, seed: int) -> None:
                 torch.nn.init.normal_(p, std=0.5)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
+
+
+#: Tiny gpt-oss: hidden 64, expert intermediate 128 (every row whole 64-element blocks; I != H, so a
+#: weight in the wrong orientation cannot pass), 4 experts, top-2, the SwiGLU clamped at 0.5 so that the
+#: clamp binds for the random weights below.
+GPT_OSS = dict(MOE["gpt_oss"][2], intermediate_size=128, swiglu_limit=0.5)
+
+
+def make_gpt_oss(folder: Path, seed: int = 0) -> Path:
+    """Random tiny bf16 GptOssForCausalLM saved with save_pretrained: its routed experts fused 3-D on disk
+    with biases (``mlp.experts.gate_up_proj [E, H, 2I]`` gate/up interleaved, ``gate_up_proj_bias
+    [E, 2I]``, ``down_proj [E, I, H]``, ``down_proj_bias [E, H]``), as the bf16 gpt-oss checkpoints
+    ship them; experts, biases and routers drawn so that they matter."""
+    import transformers
+
+    cfg = transformers.GptOssConfig(**GPT_OSS)
+    cfg.architectures = ["GptOssForCausalLM"]
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GptOssForCausalLM(cfg).to(torch.bfloat16).eval()
+        for n, p in model.named_parameters():
+            if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                torch.nn.init.normal_(p, std=0.08)
+            elif n.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")):
+                torch.nn.init.normal_(p, std=0.2)
+            elif n.endswith("mlp.router.weight"):
+                torch.nn.init.normal_(p, std=0.5)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+    return folder
+
+
+def gpt_oss_reference_and_bound(m, x, idx, w, *, sigmoid_u: float = 4 * U32):
+    """float64 reference (on the CPU) of a QuantGptOssExperts4bit with its decoded weights, and an
+    elementwise bound on the error of its float32 compute path (``m.compute_dtype = torch.float32``; the
+    biases bf16, exact in float32), derived step by step (u = 2^-24, gamma_K = K u / (1 - K u)):
+
+    - gate_up = W_gu x: float32 weights (decoded exactly), H products summed in any order:
+      gamma_H |W_gu| @ |x|; + b_gu rounded once: + u (|pre| + e);
+    - gate/up interleaved (``[::2]`` / ``[1::2]``); the clamps are exact and 1-Lipschitz (errors carry
+      over unchanged; the limit, 0.5 here and 7.0 in gpt-oss, is exact in float32);
+    - glu = g * sigmoid(alpha g) = silu(alpha g) / alpha: Lipschitz in g with constant max|silu'| < 1.1;
+      its evaluation: alpha rounded to float32 and alpha * g rounded (|d(alpha g)| <= 2u |alpha g| to
+      first order, which moves sigmoid by at most sigmoid' <= 1/4 times that: |g| / 4 * 2u |alpha g|
+      absolutely), sigmoid with relative error ``sigmoid_u`` (torch float32: exp, add, divide: 4u), the
+      product one more rounding u;
+    - h = (up + 1) * glu: up + 1 rounded (u), the product first order plus one rounding u;
+    - y = W_dn h: (|W_dn| @ e_h) + gamma_I |W_dn| @ (|h| + e_h); + b_dn rounded once;
+    - the routing weight times y rounded (u), the k terms summed in float32 (gamma_k).
+    """
+    u = U32
+    h_dim, i_dim, k = m.hidden_dim, m.intermediate_dim, idx.shape[1]
+    alpha, limit = float(m.config.swiglu_alpha), float(m.config.swiglu_limit)
+    xd, idx, w = x.double().cpu(), idx.cpu(), w.cpu()
+    out, bound = torch.zeros_like(xd), torch.zeros_like(xd)
+    gu_b, dn_b = m.gate_up_bias.double().cpu(), m.down_bias.double().cpu()
+    for t in range(x.shape[0]):
+        for j in range(k):
+            e = int(idx[t, j])
+            gu, dn = (a.double().cpu() for a in m.expert_weights(e, torch.float32))
+            pre = gu @ xd[t] + gu_b[e]
+            e_pre = gamma(h_dim) * (gu.abs() @ xd[t].abs())
+            e_pre = e_pre + u * (pre.abs() + e_pre)
+            g, up = pre[::2].clamp(max=limit), pre[1::2].clamp(min=-limit, max=limit)
+            eg, eu = e_pre[::2], e_pre[1::2]
+            glu = g * torch.sigmoid(alpha * g)
+            ga = g.abs() + eg
+            e_glu = 1.1 * eg + ga / 4 * 2 * u * alpha * ga + (sigmoid_u + u) * (glu.abs() + 1.1 * eg)
+            up1 = up + 1
+            e_up1 = eu + u * (up1.abs() + eu)
+            h = up1 * glu
+            eh = e_glu * up1.abs() + glu.abs() * e_up1 + e_glu * e_up1
+            eh = eh + u * (h.abs() + eh)
+            y = dn @ h + dn_b[e]
+            ey = dn.abs() @ eh + gamma(i_dim) * (dn.abs() @ (h.abs() + eh))
+            ey = ey + u * (y.abs() + ey)
+            wt = float(w[t, j])
+            out[t] += wt * y
+            bound[t] += abs(wt) * ey + (u + gamma(k) * (1 + u)) * abs(wt) * (y.abs() + ey)
+    return out, bound

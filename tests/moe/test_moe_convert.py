@@ -137,21 +137,25 @@ def test_keep_warning_with_int8_advises_a_4bit_type(moe_src, tmp_path):
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
-def test_keep_warning_on_fused_experts_does_not_advise_quantize(moe_src, tmp_path, quant_type):
-    """gpt-oss stores its experts fused 3-D on disk, which no mode quantizes: the keep warning advised
-    --moe-experts quantize (or a 4-bit type with it), and that run only said it had no effect. The
-    warning says the experts stay 16-bit whatever --moe-experts says."""
+def test_keep_warning_on_gpt_oss_fused_experts_names_the_per_expert_records(moe_src, tmp_path, quant_type):
+    """gpt-oss stores its experts fused 3-D on disk with biases. The keep warning said no mode quantizes
+    them; --moe-experts quantize now writes them as unsloth's per-expert records (loader/moe_gpt_oss.py),
+    so the warning says so and names who loads that folder (with int8: the 4-bit types it needs); the
+    quantize run quantizes them (no 'has no effect' note)."""
     src = moe_src("gpt_oss")
     messages: list[str] = []
     convert(src, tmp_path / "keep", quant_type=quant_type, progress=False, warn=messages.append)
     (message,) = [m for m in _moe_warnings(messages) if "% of the parameters" in m]
     assert "stay 16-bit" in message
     assert "fused" in message
-    assert "--moe-experts quantize stores" not in message
-    assert "--quant-type nf4 --moe-experts quantize" not in message
+    assert "unsloth's names" in message
+    assert "not with stock transformers 5.x nor vLLM" in message
+    assert ("--quant-type nf4 --moe-experts quantize" in message) == (quant_type == "int8")
+    if quant_type == "int8":
+        return
     messages.clear()
     convert(src, tmp_path / "q", progress=False, moe_experts="quantize", warn=messages.append)
-    assert any("has no effect" in m for m in messages)
+    assert not any("has no effect" in m for m in messages)
 
 
 @pytest.mark.parametrize("source", ["bf16", "fp8"])
