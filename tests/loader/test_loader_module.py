@@ -248,7 +248,7 @@ def test_subclass_of_bnb_linear4bit_and_bnb_dequantize_agrees() -> None:
     assert torch.equal(w.view(torch.int16), record.dequantize().view(torch.int16))
 
 
-@pytest.mark.parametrize("bad", [None, "bf16", "auto", 16])
+@pytest.mark.parametrize("bad", [None, "bfloat", "auto", 16])
 def test_dtype_from_name_refuses_what_it_cannot_name(bad) -> None:
     """``load_quantized(..., dtype=None)`` (transformers' habit) is a ValueError naming the choices, not
     an AttributeError from inside the parser."""
@@ -257,6 +257,7 @@ def test_dtype_from_name_refuses_what_it_cannot_name(bad) -> None:
     assert dtype_from_name("torch.float16") is torch.float16
     assert dtype_from_name("half") is torch.float16  # any torch name of a kernel dtype, as transformers
     assert dtype_from_name("float") is torch.float32
+    assert dtype_from_name("bf16") is torch.bfloat16  # convert's and dequantize's short names too
 
 
 @pytest.mark.parametrize("bias", [False, True])
