@@ -29,7 +29,7 @@ from typing import Any
 
 from converter.errors import InputError
 from converter.sources.base import Source, TensorInfo
-from converter.sources.view import SourceView
+from converter.sources.view import PerExpertFile, PerExpertView, expert_block, per_expert_listing
 
 __all__ = [
     "EXPERT_KEY",
@@ -96,67 +96,34 @@ def _per_expert(tensors: list[TensorInfo]) -> dict[str, tuple[str, int, bool]]:
 
 def _listing(tensors: list[TensorInfo], virtual: dict[str, tuple[str, int, bool]]) -> list[TensorInfo]:
     """``tensors`` with each fused tensor replaced, where it stood, by its per-expert tensors."""
-    by_source: dict[str, list[str]] = {}
-    for name, (src, _, _) in virtual.items():
-        by_source.setdefault(src, []).append(name)
-    out: list[TensorInfo] = []
-    for t in tensors:
-        names = by_source.get(t.name)
-        if names is None:
-            out.append(t)
-            continue
+
+    def entry(t: TensorInfo, name: str) -> tuple[tuple[int, ...], int]:
         shape = tuple(t.shape[1:])
         shape = (shape[1], shape[0]) if len(shape) == 2 else shape  # weights: [in, out] -> [out, in]
-        size = t.nbytes // t.shape[0]
-        out += [TensorInfo(n, t.file, t.dtype, shape, size) for n in names]
-    return out
+        return shape, t.nbytes // t.shape[0]
+
+    return per_expert_listing(tensors, {n: v[0] for n, v in virtual.items()}, entry)
 
 
-class _GptOssFile:
+class _GptOssFile(PerExpertFile):
     """An open weight file whose per-expert tensors are cut out of the fused ones on read."""
 
-    def __init__(self, owner: GptOssExpertsSource, inner: Any) -> None:
-        self.owner, self.inner = owner, inner
-
-    def prefetch(self, name: str) -> None:
-        where = self.owner.virtual.get(name)
-        if where is None:
-            self.inner.prefetch(name)
-            return
-        rows = getattr(self.inner, "prefetch_rows", None)
-        if rows is not None:
-            rows(where[0], where[1], where[1] + 1)
-
-    def get(self, name: str) -> Any:
-        where = self.owner.virtual.get(name)
-        if where is None:
-            return self.inner.get(name)
+    def cut(self, where: tuple) -> Any:
         src, e, weight = where
-        rows = getattr(self.inner, "get_rows", None)
-        block = (rows(src, e, e + 1) if rows is not None else self.inner.get(src)[e : e + 1])[0]
+        block = expert_block(self.inner, src, e)
         return block.T.contiguous() if weight else block.contiguous()
 
-    def close(self) -> None:
-        getattr(self.inner, "close", lambda: None)()
 
-
-class GptOssExpertsSource(SourceView):
+class GptOssExpertsSource(PerExpertView):
     """A gpt-oss source with unsloth's per-expert records (see the module docstring)."""
+
+    DESCRIBE = ("gpt_oss_experts", "fused -> per-expert nn.Linear records")
+    file_class = _GptOssFile
 
     def __init__(self, inner: Source) -> None:
         tensors = inner.tensors()
-        super().__init__(inner)
-        self.virtual = _per_expert(tensors)
-        self._tensors = _listing(tensors, self.virtual)
-
-    def describe(self) -> dict:
-        return {**self.inner.describe(), "gpt_oss_experts": "fused -> per-expert nn.Linear records"}
-
-    def tensors(self) -> list[TensorInfo]:
-        return self._tensors
-
-    def open_file(self, file: str) -> Any:
-        return _GptOssFile(self, self.inner.open_file(file))
+        virtual = _per_expert(tensors)
+        super().__init__(inner, virtual, _listing(tensors, virtual))
 
 
 def wrap_if_gpt_oss(src: Source) -> Source:

@@ -32,7 +32,7 @@ from typing import Any
 
 from converter.errors import InputError
 from converter.sources.base import Source, TensorInfo
-from converter.sources.view import SourceView
+from converter.sources.view import PerExpertFile, PerExpertView, expert_block, per_expert_listing
 
 __all__ = [
     "EXPERT_KEY",
@@ -106,51 +106,31 @@ def _per_expert(tensors: list[TensorInfo]) -> dict[str, tuple[str, int, str, int
 
 def _listing(tensors: list[TensorInfo], virtual: dict[str, tuple[str, int, str, int]]) -> list[TensorInfo]:
     """``tensors`` with each fused tensor replaced, where it stood, by its per-expert weights."""
-    by_source: dict[str, list[str]] = {}
-    for name, (src, _, _, _) in virtual.items():
-        by_source.setdefault(src, []).append(name)
-    out: list[TensorInfo] = []
-    for t in tensors:
-        names = by_source.get(t.name)
-        if names is None:
-            out.append(t)
-            continue
-        down = t.name.endswith(".down_proj")
-        inter = virtual[names[0]][3]
-        shape = (t.shape[2], inter) if down else (inter, t.shape[1])  # down [E, I, H]; gate_up [E, H, 2I]
-        size = t.nbytes // (t.shape[0] * (1 if down else 2))
-        out += [TensorInfo(n, t.file, t.dtype, shape, size) for n in names]
-    return out
+
+    def entry(t: TensorInfo, name: str) -> tuple[tuple[int, ...], int]:
+        inter = virtual[name][3]
+        if t.name.endswith(".down_proj"):  # down [E, I, H] -> [H, I]
+            return (t.shape[2], inter), t.nbytes // t.shape[0]
+        return (inter, t.shape[1]), t.nbytes // (2 * t.shape[0])  # gate_up [E, H, 2I] -> [I, H] each
+
+    return per_expert_listing(tensors, {n: v[0] for n, v in virtual.items()}, entry)
 
 
-class _Llama4File:
+class _Llama4File(PerExpertFile):
     """An open weight file whose per-expert weights are cut out of the fused tensors on read."""
 
-    def __init__(self, owner: Llama4ExpertsSource, inner: Any) -> None:
-        self.owner, self.inner = owner, inner
+    def __init__(self, owner: PerExpertView, inner: Any) -> None:
+        super().__init__(owner, inner)
         #: the last expert block read, ((fused name, expert), rows): gate then up read it once
         self._last: tuple[tuple[str, int], Any] | None = None
 
-    def prefetch(self, name: str) -> None:
-        where = self.owner.virtual.get(name)
-        if where is None:
-            self.inner.prefetch(name)
-            return
-        rows = getattr(self.inner, "prefetch_rows", None)
-        if rows is not None:
-            rows(where[0], where[1], where[1] + 1)
-
-    def get(self, name: str) -> Any:
-        where = self.owner.virtual.get(name)
-        if where is None:
-            return self.inner.get(name)
+    def cut(self, where: tuple) -> Any:
         src, e, part, inter = where
         if self._last is not None and self._last[0] == (src, e):
             block = self._last[1]
         else:
             self._last = None  # the previous block goes before the next is read
-            rows = getattr(self.inner, "get_rows", None)
-            block = (rows(src, e, e + 1) if rows is not None else self.inner.get(src)[e : e + 1])[0]
+            block = expert_block(self.inner, src, e)
             if part != "down":
                 self._last = ((src, e), block)
         if part == "gate":
@@ -160,27 +140,17 @@ class _Llama4File:
             block = block[:, inter:]
         return block.T.contiguous()
 
-    def close(self) -> None:
-        getattr(self.inner, "close", lambda: None)()
 
-
-class Llama4ExpertsSource(SourceView):
+class Llama4ExpertsSource(PerExpertView):
     """A Llama 4 source with per-expert 2-D expert weights (see the module docstring)."""
+
+    DESCRIBE = ("llama4_experts", "fused -> per-expert nn.Linear weights")
+    file_class = _Llama4File
 
     def __init__(self, inner: Source) -> None:
         tensors = inner.tensors()
-        super().__init__(inner)
-        self.virtual = _per_expert(tensors)
-        self._tensors = _listing(tensors, self.virtual)
-
-    def describe(self) -> dict:
-        return {**self.inner.describe(), "llama4_experts": "fused -> per-expert nn.Linear weights"}
-
-    def tensors(self) -> list[TensorInfo]:
-        return self._tensors
-
-    def open_file(self, file: str) -> Any:
-        return _Llama4File(self, self.inner.open_file(file))
+        virtual = _per_expert(tensors)
+        super().__init__(inner, virtual, _listing(tensors, virtual))
 
 
 def wrap_if_llama4(src: Source) -> Source:
