@@ -228,6 +228,12 @@ def _fuse_llama4(state: dict, config: dict | None) -> dict:
         fused[keys[1]] = (f"{module}.down_proj", _Fused(down, (num, inter, hidden)))
         for k in keys[2:]:
             fused[k] = ("", _Fused((), ()))  # dropped
+    return _replaced(state, fused)
+
+
+def _replaced(state: dict, fused: dict[str, tuple[str, _Fused]]) -> dict:
+    """``state`` with each key of ``fused`` replaced, where it stood, by its (fused name, fused tensor),
+    or dropped where the name is empty (the other parts of a fused tensor)."""
     out: dict = {}
     for k, v in state.items():
         if k not in fused:
@@ -261,15 +267,7 @@ def _fuse_gpt_oss(state: dict) -> dict:
         fused[experts[0]] = (name, _Fused(parts, full, stack_only=kind == "bias"))
         for e in range(1, num):
             fused[experts[e]] = ("", _Fused((), ()))  # dropped
-    if not fused:
-        return state
-    out: dict = {}
-    for k, v in state.items():
-        if k not in fused:
-            out[k] = v
-        elif fused[k][0]:
-            out[fused[k][0]] = fused[k][1]
-    return out
+    return _replaced(state, fused) if fused else state
 
 
 def _tensor(

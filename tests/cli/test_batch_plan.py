@@ -320,18 +320,9 @@ def test_an_output_on_a_read_only_filesystem_is_refused_up_front(
     """`convert --dry-run` (and `batch --dry-run`, a CI preflight) said "Fits yes" for an output on a
     read-only filesystem, with its free space; the run then failed creating the folder ("Read-only file
     system; check the path and rerun", exit 1). The preflight names the folder that cannot be written."""
-    import os
-    from types import SimpleNamespace
+    from read_only import mark_read_only
 
-    import converter.plan.preflight
-
-    real = os.statvfs
-    st = real(tmp_path)
-    read_only = SimpleNamespace(**{k: getattr(st, k) for k in dir(st) if k.startswith("f_")})
-    read_only.f_flag |= os.ST_RDONLY  # as `mount -o ro` sets it
-    monkeypatch.setattr(
-        converter.plan.preflight.os, "statvfs", lambda p: read_only if Path(p) == tmp_path else real(p)
-    )
+    mark_read_only(monkeypatch, tmp_path)
     out = tmp_path / "out"
     said = f"Error: {out}: {tmp_path} is on a read-only filesystem; choose another output folder\n"
     r = qm("convert", tiny_llama, out)

@@ -103,18 +103,9 @@ def test_an_output_on_a_read_only_filesystem_is_an_input_error(
     """`dequantize IN /mnt/ro/out` failed creating the folder: exit 1 with the OS's "Read-only file
     system; check the path and rerun"; it is refused before any work, exit 2, as convert's preflight
     refuses it."""
-    import os
-    from types import SimpleNamespace
+    from read_only import mark_read_only
 
-    import converter.plan.preflight
-
-    real = os.statvfs
-    st = real(tmp_path)
-    read_only = SimpleNamespace(**{k: getattr(st, k) for k in dir(st) if k.startswith("f_")})
-    read_only.f_flag |= os.ST_RDONLY  # as `mount -o ro` sets it
-    monkeypatch.setattr(
-        converter.plan.preflight.os, "statvfs", lambda p: read_only if Path(p) == tmp_path else real(p)
-    )
+    mark_read_only(monkeypatch, tmp_path)
     out = tmp_path / "plain"
     said = f"{out}: {tmp_path} is on a read-only filesystem; choose another output folder"
     with pytest.raises(InputError) as info:
