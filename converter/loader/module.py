@@ -263,7 +263,7 @@ class _Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, packed, state, bias, allow_gemv):
         ctx.state = state
         ctx.save_for_backward(packed)
-        return _linear_forward(x, packed, state, bias, allow_gemv)
+        return ops.not_a_view(_linear_forward(x, packed, state, bias, allow_gemv))
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -34,7 +34,7 @@ from torch import nn
 
 from converter.kernels import prepared
 from converter.loader import bnb_optional, int8_ops
-from converter.loader.ops import check_compute_dtype
+from converter.loader.ops import check_compute_dtype, not_a_view
 from formats.int8 import Int8Tensor, scb_key, weight_format_key
 
 # bitsandbytes' classes, once the process has imported it (bnb_optional: we never import it ourselves):
@@ -132,8 +132,8 @@ class _Linear8bitFunction(torch.autograd.Function):
     def forward(ctx, x, codes, scb, bias, allow_gemv, exact_threshold=None):
         ctx.save_for_backward(codes, scb)
         if exact_threshold is not None:
-            return exact_linear(x, codes, scb, bias, exact_threshold)
-        return _forward(x, codes, scb, bias, allow_gemv)
+            return not_a_view(exact_linear(x, codes, scb, bias, exact_threshold))
+        return not_a_view(_forward(x, codes, scb, bias, allow_gemv))
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -427,3 +427,11 @@ def warn_if_slow(device: torch.device | str) -> None:
         return
     _warned.add(device.type)
     warnings.warn(why, RuntimeWarning, stacklevel=3)
+
+
+def not_a_view(y: torch.Tensor) -> torch.Tensor:
+    """A custom autograd Function's output as it may return it: an output that is a view made inside the
+    Function cannot be modified in place by the caller (autograd refuses it: Llama 4's MoE adds its
+    routed experts into the shared expert's output in place). Only the GEMV paths' reshape makes one:
+    its few rows are copied."""
+    return y.clone() if y._base is not None else y

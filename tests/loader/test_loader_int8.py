@@ -117,6 +117,23 @@ def test_backward_reaches_the_input_only() -> None:
     assert not any(p.requires_grad for p in ours.parameters())
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_output_modified_in_place_under_autograd(exact: bool) -> None:
+    """A caller's in-place add into the output while training (Llama 4's MoE does it to its shared
+    expert's): the GEMV path's output was a view made inside the autograd Function, which autograd
+    refuses to see modified in place. It takes the add now, with the gradient of the plain output."""
+    ours, _ = _layer(bias=False)
+    ours.exact = exact
+    x = torch.randn(1, 4, 80, requires_grad=True)
+    with torch.no_grad():
+        want = ours(x) + 1.0
+    y = ours(x)
+    y.add_(1.0)
+    assert torch.equal(y, want)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad[0], torch.ones(4, 48) @ ours.dequantize(torch.float32), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("scale", [1.0, 10.0])  # without / with outlier columns (threshold 6)
 def test_exact_path_gives_the_linear_gradients(scale: float) -> None:
     """exact=True keeps bnb's forward bits and gives grad_x = grad_y @ W, grad_b = sum(grad_y) (bnb's

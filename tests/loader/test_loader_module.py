@@ -126,6 +126,26 @@ def test_gradient_flows_to_input_only() -> None:
     assert layer.weight.grad is None
 
 
+@pytest.mark.parametrize("n_tokens", [1, 12])  # the GEMV path (its output a reshape) and F.linear
+def test_output_modified_in_place_under_autograd(n_tokens: int) -> None:
+    """A caller may add into the layer's output in place while training (Llama 4's MoE adds its routed
+    experts into the shared expert's output): autograd refused it ("Output 0 of _Linear4bitFunction is a
+    view and is being modified inplace") on the GEMV path, whose output was a view made inside the
+    Function. The output now takes the add, and the gradient is the one without it."""
+    layer, _, _ = make_layer(48, 128, dtype=torch.float32, bias=False)
+    x = torch.randn(1, n_tokens, 128, requires_grad=True)
+    with torch.no_grad():
+        want = layer(x) + 1.0
+    y = layer(x)
+    y.add_(1.0)
+    assert torch.equal(y, want)
+    y.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    layer(x).sum().backward()
+    assert torch.equal(grad, x.grad)
+
+
 def test_gradcheck_float64_free_path() -> None:
     # autograd.gradcheck in float32 with loose tolerances: the backward is the exact transpose.
     layer, _, _ = make_layer(8, 64, dtype=torch.float32)

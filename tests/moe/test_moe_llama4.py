@@ -414,6 +414,23 @@ def test_4bit_experts_read_only_the_routed_experts(llama4, mode):
         assert torch.isnan(_logits(model, IDS[:, :1])).all()
 
 
+@pytest.mark.parametrize("mode", ["keep", "nf4"])
+def test_lora_on_the_attention_trains_through_the_experts(llama4, mode):
+    """LoRA on a loaded Llama 4's attention: the loss backpropagates through the MoE blocks (the routed
+    4-bit experts' op backward; Llama 4 adds them into its 4-bit shared expert's output in place, which
+    autograd refused on the GEMV path) and every adapter gets a finite gradient that is not zero."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_quantized(llama4(mode)), LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    for name, p in model.named_parameters():
+        if "lora_" in name:  # lora_B starts at zero: lora_A's gradients would be zero too
+            torch.nn.init.normal_(p, std=0.1)
+    model(IDS[:, :6], labels=IDS[:, :6]).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grads) == 4 * LAYERS
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+
+
 @pytest.mark.parametrize("mode", ["nf4", "fp4"])
 def test_loaded_4bit_llama4_saves_the_per_expert_records_and_reloads(llama4, mode, tmp_path):
     """save_pretrained of a loaded 4-bit Llama 4 writes the per-expert records the folder holds (the same
