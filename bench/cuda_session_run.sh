@@ -142,10 +142,8 @@ for s in ${*:-env}; do
     probe) step probe timeout 300 python3 "$ROOT/bench/probe_warmup.py" --json "$OUT/probe.json" ;;
     host) step host python3 "$ROOT/bench/bench_cuda_host.py" --layers 8 --hidden 3072 ;;
     int8) step int8 timeout 60 python3 "$ROOT/bench/bench_int8.py" --device cuda --iters 20 --json "$OUT/int8.json" ;;
-    newtests) step newtests timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/cuda/test_cuda_gemv_int8.py" \
-      "$ROOT/tests/cuda/test_cuda_int8.py" "$ROOT/tests/loader/test_loader_int8_cuda.py" "$ROOT/tests/loader/test_loader_stream_cuda.py" \
-      "$ROOT/tests/loader/test_loader_stream.py" "$ROOT/tests/cuda/test_cuda_gemv_stream.py" \
-      "$ROOT/tests/loader/test_loader_load_cuda.py" ;;
+    newtests) step newtests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/moe/test_moe_llama4.py" \
+      "$ROOT/tests/moe/test_moe_gpt_oss.py" "$ROOT/tests/loader/test_loader_module.py" "$ROOT/tests/loader/test_loader_int8.py" ;;
     *) echo "unknown step $s" >&2 ;;
   esac
 done

@@ -39,7 +39,8 @@ from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.model_build import ModelBuildError, class_to_build
 from converter.loader.module import QuantLinear4bit, dtype_from_name
-from converter.loader.moe import attach_experts, moe_modules
+from converter.loader.moe import moe_modules
+from converter.loader.moe_attach import attach_experts
 from converter.loader.replace import (
     compute_dtype_from_config,
     is_swappable,

@@ -7,10 +7,11 @@ transformers 5.x keeps a layer's routed experts in one module (``Qwen3MoeExperts
 ``--moe-experts quantize`` has one bnb record per expert per projection
 (``<layer>.mlp.experts.<e>.gate_proj.weight``; Mixtral ``block_sparse_moe.experts.<e>.w1``).
 
-:func:`attach_experts` replaces each such module by a :class:`QuantExperts4bit` whose codes and
-scales are one buffer per layer: ``packed [E, I*H + H*I/2]`` (per expert: gate rows, up rows, then
-down) and ``absmax [E, 2*I*H/bs + H*I/bs]`` float32 (nested absmax decoded at load, exactly as the
-kernels decode it), so every expert's weights are zero-copy views. The forward
+:func:`converter.loader.moe_attach.attach_experts` replaces each such module by a
+:class:`QuantExperts4bit` whose codes and scales are one buffer per layer: ``packed [E, I*H +
+H*I/2]`` (per expert: gate rows, up rows, then down) and ``absmax [E, 2*I*H/bs + H*I/bs]`` float32
+(nested absmax decoded at load, exactly as the kernels decode it), so every expert's weights are
+zero-copy views. The forward
 (``quantize_model::moe_experts_4bit``, a torch custom op with a fake implementation, so
 ``torch.compile`` traces the model with the experts as one node; there its keyed twin
 ``moe_experts_4bit_keyed``, which reads the absmax and code table the layer registered under a key,
@@ -54,9 +55,6 @@ from converter.loader import moe_cuda, ops
 from converter.loader.module import dtype_from_name
 from converter.loader.moe_fused import (
     fused_state_dict,
-    keep_fused_names_on_save,
-    orient_kept,
-    split_fused,
     split_record,
 )
 from converter.loader.moe_records import (
@@ -67,8 +65,6 @@ from converter.loader.moe_records import (
     region_pointers,
     stack_records,
 )
-from converter.plan.moe import EXPERT_KEY
-from converter.plan.moe import PROJ_ROLE as _ROLE
 from formats.record import QuantizedTensor
 
 #: Activations the custom op knows by name (config.hidden_act); others run the module's own act_fn.
@@ -898,170 +894,6 @@ def rename_key(model: nn.Module, key: str) -> str:
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         model._qm_renamings = renamings
     return apply_renamings(key, renamings) if renamings else key
-
-
-def _group(state: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
-    """checkpoint experts module -> expert index -> role -> record or tensor."""
-    groups: dict[str, dict[int, dict[str, Any]]] = {}
-    for key, value in state.items():
-        m = EXPERT_KEY.match(key)
-        if m is not None:
-            groups.setdefault(m["module"], {}).setdefault(int(m["index"]), {})[_ROLE[m["proj"]]] = (
-                key,
-                value,
-            )
-    return groups
-
-
-def attach_experts(
-    model: nn.Module,
-    state: dict[str, Any],
-    compute_dtype: torch.dtype | None,
-    *,
-    where: str,
-    device: str | torch.device = "cpu",
-) -> list[str]:
-    """Fill the model's fused experts modules from per-expert tensors, which leave ``state`` (in place).
-    Returns the per-expert keys of layers the model has no place for (DeepSeek-V3's and GLM-4.5's MTP
-    layer), taken out of ``state`` unused, as transformers leaves its unexpected keys.
-
-    4-bit experts are stacked on ``device`` (one copy from the shards' mapping to that device).
-
-    Quantized experts become :class:`QuantExperts4bit` (Llama 4's per-expert
-    ``SequentialLlama4TextExperts`` its routed-only twin, converter/loader/moe_llama4.py); 16-bit ones
-    are stacked into the module's own ``gate_up_proj`` / ``down_proj`` (Llama 4's stay per-expert
-    nn.Linear). Other keys whose names transformers renames on load (Mixtral's router
-    ``block_sparse_moe.gate`` -> ``mlp.gate``; the vision-language models' legacy ``model.layers.*`` /
-    ``language_model.model.*`` -> ``model.language_model.*``), quantized records included, are renamed.
-    """
-    from converter.loader.moe_gpt_oss import attach_gpt_oss_experts
-    from converter.loader.moe_llama4 import QuantLlama4Experts4bit, is_llama4_sequential  # subclasses ours
-
-    modules = dict(model.named_modules())
-    # gpt-oss's per-expert records (unsloth's names): QuantGptOssExperts4bit, loader/moe_gpt_oss.py
-    attach_gpt_oss_experts(
-        model, state, compute_dtype, where=where, device=device,
-        module_name=lambda m: _model_module_name(model, m, modules),
-    )  # fmt: skip
-    # Qwen3-VL-MoE's fused 3-D records, as per-expert pieces
-    fused = split_fused(state, where, sizes_only=torch.device(device).type == "meta")
-    orient_kept(state, lambda m: _model_module_name(model, m, modules), modules)
-    groups = _group(state)
-    used: set[str] = set()
-    unused: list[str] = []
-    for ckpt_name, experts in groups.items():
-        name = _model_module_name(model, ckpt_name, modules)
-        module = modules.get(name) if name else None
-        if module is None and _model_module_name(model, ckpt_name.rpartition(".")[0], modules) is None:
-            # no MoE block at all where the experts sit (the MTP layer after the last decoder layer):
-            # transformers reports the keys as unexpected and loads; a block without fused experts
-            # (a dense MLP where the checkpoint has experts) stays an error below
-            keys = sorted(key for parts in experts.values() for key, _ in parts.values())
-            unused += keys
-            for key in keys:
-                del state[key]
-            continue
-        records = [v for parts in experts.values() for _, v in parts.values()]
-        quantized = any(isinstance(v, QuantizedTensor) for v in records)
-        llama4 = isinstance(module, nn.ModuleList) and quantized and is_llama4_sequential(module)
-        if isinstance(module, nn.ModuleList) and not llama4:
-            continue  # per-expert nn.Linear (Llama 4's 16-bit experts, built as transformers builds them)
-        if module is None or not (llama4 or _is_fused_experts(module)):
-            kind = type(module).__name__ if module is not None else "no module"
-            msg = f"{where}: per-expert tensors under {ckpt_name!r} have no fused experts module ({kind})"
-            raise MoeLoadError(msg)
-        if llama4:  # per-expert nn.Linear on the meta device: gate_proj [I, H]
-            num, (inter, hidden) = len(module), (int(d) for d in module[0].gate_proj.weight.shape)
-        else:
-            num, inter, hidden = (int(d) for d in module.gate_up_proj.shape)
-            inter //= 2
-        missing = [(e, r) for e in range(num) for r in ("gate", "up", "down") if r not in experts.get(e, {})]
-        extra = sorted(e for e in experts if not 0 <= e < num)
-        if missing or extra:
-            what = (
-                f"expert {missing[0][0]} {missing[0][1]} is missing"
-                if missing
-                else f"the checkpoint also holds expert(s) {extra[:5]}; config.json and the shards disagree"
-            )
-            msg = f"{where}: {ckpt_name!r} needs {num} experts x gate/up/down; {what}"
-            raise MoeLoadError(msg)
-        other = next(
-            (
-                k
-                for parts in experts.values()
-                for k, v in parts.values()
-                if not isinstance(v, (torch.Tensor, QuantizedTensor))
-            ),
-            None,
-        )
-        if other is not None:  # LLM.int8 experts (transformers 4.x's load_in_8bit of per-expert Linears)
-            msg = (
-                f"{where}: {ckpt_name!r}: the experts are LLM.int8 records (e.g. {other!r}); load_quantized "
-                "runs 4-bit or 16-bit experts only: `quantize-model dequantize` the folder and load that, "
-                "or convert the dequantized checkpoint with --moe-experts quantize"
-            )
-            raise MoeLoadError(msg)
-        used.update(key for parts in experts.values() for key, _ in parts.values())
-        if quantized:
-            st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device))
-            config = getattr(module, "config", None)
-            cls: type[QuantExperts4bit] = QuantExperts4bit
-            extra: dict[str, Any] = {}
-            if llama4:  # its MoE block calls experts(routed_in): the routed-only twin (loader/moe_llama4.py)
-                config = module[0].config
-                cls, extra = QuantLlama4Experts4bit, {"top_k": config.num_experts_per_tok, "config": config}
-            layer = cls(
-                st.packed,
-                st.absmax,
-                st.quant_map,
-                hidden_dim=hidden,
-                intermediate=inter,
-                blocksize=st.blocksize,
-                quant_type=st.quant_type.label,
-                dtype=dtype_from_name(st.dtype),
-                compute_dtype=compute_dtype,
-                act_name=getattr(config, "hidden_act", None),
-                act_fn=module[0].activation_fn if llama4 else module.act_fn,
-                apply_gate=None if llama4 else _own_gate(module),
-                nested=st.nested,
-                proj_names=st.proj_names,
-                fused=ckpt_name in fused,
-                **extra,
-            )
-            # transformers' module (its parameters on the meta device), for model.dequantize()
-            layer.__dict__[SOURCE_MODULE] = module
-            model.set_submodule(name, layer)
-            # Release this layer's per-expert tensors now: on a streamed GPU load they are device
-            # tensors, and holding every layer's until the end doubled the experts' peak memory.
-            # (a comprehension: loop variables left behind would keep the last expert alive)
-            state.update(dict.fromkeys([k for parts in experts.values() for k, _ in parts.values()]))
-            experts.clear()
-        else:
-            want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-            for e in range(num):
-                for role, shape in want.items():
-                    key, value = experts[e][role]
-                    if tuple(value.shape) != shape:
-                        msg = f"{where}: {key!r} has shape {list(value.shape)}, the model wants {list(shape)}"
-                        raise MoeLoadError(msg)
-            target = module.gate_up_proj.dtype
-            gu = torch.stack([torch.cat([experts[e]["gate"][1], experts[e]["up"][1]]) for e in range(num)])
-            dn = torch.stack([experts[e]["down"][1] for e in range(num)])
-            module.gate_up_proj = nn.Parameter(gu.to(target), requires_grad=False)
-            module.down_proj = nn.Parameter(dn.to(target), requires_grad=False)
-    if fused:
-        keep_fused_names_on_save(model)
-    params = dict(model.named_parameters())
-    rest: dict[str, Any] = {}
-    for key, value in state.items():
-        if key in used:
-            continue
-        if key not in params:  # plain tensors and quantized records alike (Qwen2-VL, LLaVA, Gemma 3)
-            key = _renamed_key(model, key, params)
-        rest[key] = value
-    state.clear()
-    state.update(rest)
-    return unused
 
 
 def moe_modules(model: nn.Module) -> dict[str, QuantExperts4bit]:

@@ -242,6 +242,34 @@ def test_default_path_within_the_derived_float32_bound(gpt_oss, tokens):
     assert (got - ref).abs().max() > 0 or tokens > 8  # the GEMV path ran (not the exact reference)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("tokens", [3, 12], ids=["decode", "prefill"])
+def test_on_cuda_within_the_derived_float32_bound_and_generates(gpt_oss, tokens):
+    """The 4-bit gpt-oss experts on the GPU (the per-expert loop: the CUDA GEMV for up to 8 tokens per
+    expert, else dequantize + matmul, float32 compute without TF32) within the same derived bound as on
+    the CPU, torch's CUDA sigmoid allowed 7 u (exp, add, divide on the device: the MoE CUDA tests' silu
+    allowance); greedy generate() runs on the GPU."""
+    from error_bounds import U32
+
+    model = load_quantized(gpt_oss("q"), device="cuda")
+    m = next(iter(moe_modules(model).values()))
+    assert m.packed.is_cuda
+    assert m.gate_up_bias.is_cuda
+    loaded, m.compute_dtype = m.compute_dtype, torch.float32
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=g) * 2
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    with torch.no_grad():
+        got = m(x.cuda(), idx.cuda(), w.cuda()).double().cpu()
+    ref, bound = gpt_oss_reference_and_bound(m, x, idx, w, sigmoid_u=7 * U32)
+    assert ((got - ref).abs() <= bound).all()
+    m.compute_dtype = loaded
+    out = model.generate(IDS[:, :4].cuda(), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
+
+
 def test_generate_on_the_default_path_and_counts(gpt_oss):
     """generate on the default path; num_parameters() counts the experts' weights and biases as
     transformers counts the bf16 model's, and the footprint is far below it."""

@@ -491,7 +491,7 @@ def test_each_layers_expert_records_are_released_once_stacked(tmp_path, monkeypa
     GPU load they are device tensors, and keeping all of them to the end doubled the experts' memory."""
     import weakref
 
-    from converter.loader import moe as moe_module
+    from converter.loader import moe_attach as moe_module
     from converter.loader.model import build_skeleton
     from converter.loader.state import load_quantized_state
 
