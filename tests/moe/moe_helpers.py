@@ -441,3 +441,57 @@ def gpt_oss_reference_and_bound(m, x, idx, w, *, sigmoid_u: float = 4 * U32):
             out[t] += wt * y
             bound[t] += abs(wt) * ey + (u + gamma(k) * (1 + u)) * abs(wt) * (y.abs() + ey)
     return out, bound
+
+
+#: A child that converts with --moe-experts quantize in 40 KB shards and SIGKILLs itself once the manifest
+#: lists a finished shard (tests/killed_child.py runs it).
+_KILLED_QUANTIZE = """
+import json, os, signal, sys
+from pathlib import Path
+from converter.writer import pipeline
+from converter.writer.manifest import MANIFEST_NAME
+
+src, out = sys.argv[1:3]
+
+def hook(name, done):
+    if json.loads((Path(out) / MANIFEST_NAME).read_text())["shards"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+pipeline.convert(src, out, max_shard_size="40KB", moe_experts="quantize", progress=hook)
+"""
+
+
+def _output_hashes(folder: Path) -> dict[str, str]:
+    """Every deterministic output file (the report holds timings and is left out)."""
+    import hashlib
+
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != "quantization_report.json"
+    }
+
+
+def assert_quantize_resumes_after_sigkill(src: Path, tmp_path: Path) -> None:
+    """A --moe-experts quantize run of ``src`` killed after its first shard resumes through the same source
+    view: the finished shards are kept and the folder equals an uninterrupted run's, byte for byte."""
+    from killed_child import run_until_killed
+
+    from converter.writer.manifest import MANIFEST_NAME
+    from converter.writer.pipeline import convert
+
+    reference = tmp_path / "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, reference, max_shard_size="40KB", moe_experts="quantize", progress=False)
+    out = tmp_path / "out"
+    run_until_killed(_KILLED_QUANTIZE, src, out)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["state"] == "in_progress"
+    assert manifest["shards"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = convert(src, out, max_shard_size="40KB", moe_experts="quantize", progress=False)
+    assert r.resumed
+    assert r.shards_reused == len(manifest["shards"])
+    assert _output_hashes(out) == _output_hashes(reference)

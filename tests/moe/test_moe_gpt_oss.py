@@ -10,9 +10,7 @@ them back. ``keep`` (the default) leaves the fused 16-bit tensors as before.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -21,8 +19,12 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from killed_child import run_until_killed
-from moe_helpers import GPT_OSS, gpt_oss_reference_and_bound, make_gpt_oss
+from moe_helpers import (
+    GPT_OSS,
+    assert_quantize_resumes_after_sigkill,
+    gpt_oss_reference_and_bound,
+    make_gpt_oss,
+)
 from safetensors import safe_open
 
 from converter.cli import cli
@@ -34,7 +36,6 @@ from converter.loader.moe_gpt_oss import QuantGptOssExperts4bit
 from converter.sources.gpt_oss import GptOssExpertsSource, wrap_if_gpt_oss
 from converter.sources.local import LocalSource
 from converter.tools.inspection import inspect_path
-from converter.writer.manifest import MANIFEST_NAME
 from converter.writer.pipeline import convert
 from formats.reader import open_folder
 
@@ -415,49 +416,7 @@ def test_a_layer_skipped_whole_stays_16bit_and_loads(gpt_oss, tmp_path):
         load_quantized(split)
 
 
-_CHILD = textwrap.dedent(
-    """
-    import json, os, signal, sys
-    from pathlib import Path
-    from converter.writer import pipeline
-    from converter.writer.manifest import MANIFEST_NAME
-
-    src, out = sys.argv[1:3]
-
-    def hook(name, done):
-        if json.loads((Path(out) / MANIFEST_NAME).read_text())["shards"]:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    pipeline.convert(src, out, max_shard_size="40KB", moe_experts="quantize", progress=hook)
-    """
-)
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    """Every deterministic output file (the report holds timings and is left out)."""
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != "quantization_report.json"
-    }
-
-
 def test_resume_after_sigkill_gives_the_same_bytes(gpt_oss, tmp_path):
     """A quantize run killed after its first shard resumes through the same per-expert view: the
     finished shards are kept and the folder equals an uninterrupted run's, byte for byte."""
-    src = gpt_oss("src")
-    reference = tmp_path / "reference"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert(src, reference, max_shard_size="40KB", moe_experts="quantize", progress=False)
-    out = tmp_path / "out"
-    run_until_killed(_CHILD, src, out)
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["state"] == "in_progress"
-    assert manifest["shards"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = convert(src, out, max_shard_size="40KB", moe_experts="quantize", progress=False)
-    assert r.resumed
-    assert r.shards_reused == len(manifest["shards"])
-    assert _hashes(out) == _hashes(reference)
+    assert_quantize_resumes_after_sigkill(gpt_oss("src"), tmp_path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -19,8 +18,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from killed_child import run_until_killed
-from moe_helpers import LLAMA4, make_llama4
+from moe_helpers import LLAMA4, assert_quantize_resumes_after_sigkill, make_llama4
 from safetensors import safe_open
 
 from converter.kernels import bnb4bit as kernels
@@ -33,7 +31,6 @@ from converter.plan.selection_table import NO_CACHE_ENV
 from converter.sources.llama4 import Llama4ExpertsSource, wrap_if_llama4
 from converter.sources.local import LocalSource
 from converter.tools.inspection import inspect_path
-from converter.writer.manifest import MANIFEST_NAME
 from converter.writer.pipeline import convert
 from formats.quant_types import QuantType
 from formats.reader import open_folder
@@ -521,52 +518,8 @@ def test_rerun_is_a_noop(llama4):
     assert again.noop
 
 
-def output_hashes(folder: Path) -> dict[str, str]:
-    """Every deterministic output file (the report holds timings and is left out)."""
-    import hashlib
-
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != "quantization_report.json"
-    }
-
-
-CHILD = textwrap.dedent(
-    """
-    import json, os, signal, sys
-    from pathlib import Path
-    from converter.writer import pipeline
-    from converter.writer.manifest import MANIFEST_NAME
-
-    src, out = sys.argv[1:3]
-
-    def hook(name, done):
-        if json.loads((Path(out) / MANIFEST_NAME).read_text())["shards"]:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    pipeline.convert(src, out, max_shard_size="40KB", moe_experts="quantize", progress=hook)
-    """
-)
-
-
 def test_resume_after_sigkill_gives_the_same_bytes(llama4, tmp_path):
-    src = llama4("src")
-    reference = tmp_path / "reference"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert(src, reference, max_shard_size="40KB", moe_experts="quantize", progress=False)
-    out = tmp_path / "out"
-    run_until_killed(CHILD, src, out)
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["state"] == "in_progress"
-    assert manifest["shards"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = convert(src, out, max_shard_size="40KB", moe_experts="quantize", progress=False)
-    assert r.resumed
-    assert r.shards_reused == len(manifest["shards"])
-    assert output_hashes(out) == output_hashes(reference)
+    assert_quantize_resumes_after_sigkill(llama4("src"), tmp_path)
 
 
 def test_fp8_block_source_composes_with_the_per_expert_view(llama4, tmp_path):
