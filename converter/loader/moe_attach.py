@@ -93,8 +93,9 @@ def attach_experts(
             for key in keys:
                 del state[key]
             continue
-        records = [v for parts in experts.values() for _, v in parts.values()]
-        quantized = any(isinstance(v, QuantizedTensor) for v in records)
+        quantized = any(
+            isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()
+        )
         llama4 = isinstance(module, nn.ModuleList) and quantized and is_llama4_sequential(module)
         if isinstance(module, nn.ModuleList) and not llama4:
             continue  # per-expert nn.Linear (Llama 4's 16-bit experts, built as transformers builds them)
