@@ -227,6 +227,7 @@ def experts_reference_and_bound(
     y_u: float = 0.0,
     wy_u: float = U32,
     out_u: float = 0.0,
+    flush_abs: float = 0.0,
 ):
     """float64 reference (on the CPU) of a QuantExperts4bit with its decoded weights, and an elementwise bound
     on a compute path's error, derived step by step (gamma_K(u) = K u / (1 - K u)):
@@ -240,7 +241,10 @@ def experts_reference_and_bound(
       one rounding ``h_u``;
     - down: (1 + wr) |W_dn| @ |e_h| + (wr + gamma_I (1 + wr)) |W_dn| @ |h|, then rounded with ``y_u``;
     - routing: w * y rounded with ``wy_u`` (an FMA: no more than u), the k terms summed in float32
-      (gamma_k); ``out_u``: one final rounding of the sum to the output dtype.
+      (gamma_k); ``out_u``: one final rounding of the sum to the output dtype;
+    - ``flush_abs`` (error_bounds.gemv_arithmetic: a GEMV path that treats subnormal inputs and partial
+      sums as zero): each dot product of K terms loses at most ``flush_abs * K * max_k |w[o, k]|`` more,
+      as dot_bound counts it (gate/up: K = H; down: K = I, before its rounding).
 
     The defaults are torch's float32 ops (CPU and CUDA float32 compute).
     """
@@ -256,7 +260,7 @@ def experts_reference_and_bound(
         for j in range(k):
             gu, dn = (a.double().cpu() for a in m.expert_weights(int(idx[t, j]), torch.float32))
             pre = gu @ xd[t]
-            e_pre = dot_h * (gu.abs() @ xd[t].abs())
+            e_pre = dot_h * (gu.abs() @ xd[t].abs()) + flush_abs * h_dim * gu.abs().amax(dim=1)
             e_pre = e_pre + pre_u * (pre.abs() + e_pre)
             g, u = pre[:i_dim], pre[i_dim:]
             eg, eu = e_pre[:i_dim], e_pre[i_dim:]
@@ -271,6 +275,7 @@ def experts_reference_and_bound(
             )
             y = dn @ h
             ey = (1 + weight_rel) * (dn.abs() @ eh) + dot_i * (dn.abs() @ (h.abs() + eh))
+            ey = ey + flush_abs * i_dim * dn.abs().amax(dim=1)
             ey = ey + y_u * (y.abs() + ey)
             wt = float(w[t, j])
             out[t] += wt * y

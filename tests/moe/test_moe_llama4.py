@@ -129,8 +129,8 @@ def _assert_routed_within_bound(model: torch.nn.Module, ids: torch.Tensor = IDS)
     tensor cores, whose accumulators may not round to nearest: acc_u 2^-23); float32 sums; gate/up
     rounded to bf16 (or kept float32 in CUDA's fused act(gate) * up); silu in float32 (CUDA: 7 u32)
     rounded to bf16; the product and the down projection each rounded to bf16 (the last once more
-    after the routing weight, which is 1 here: the router's scores are in the rows). No input is below
-    2^-126 (asserted), so no flushed subnormal adds to it."""
+    after the routing weight, which is 1 here: the router's scores are in the rows); where the GEMV
+    path flushes subnormal inputs and partial sums (AVX512-BF16), ``flush_abs`` per dot product."""
     from error_bounds import U32, gemv_arithmetic
     from moe_helpers import experts_reference_and_bound
 
@@ -143,12 +143,13 @@ def _assert_routed_within_bound(model: torch.nn.Module, ids: torch.Tensor = IDS)
         arithmetic = dict(
             weight_rel=max(u16, gemv["weight_rel"]), acc_u=max(U32, gemv["acc_u"]), pre_u=u16,
             silu_u=7 * U32 + u16 + 7 * U32 * u16, h_u=U32 + u16 + U32 * u16, y_u=u16, wy_u=U32, out_u=u16,
+            flush_abs=gemv.get("flush_abs", 0.0),
         )  # fmt: skip
         blocks, out = x.view(E, -1, H), y.view(E, -1, H)
         idx = blocks.abs().amax(-1).argmax(0)  # [T]
         token = torch.arange(blocks.shape[1], device=x.device)
         rows = blocks[idx, token]
-        assert not ((rows != 0) & (rows.abs() < 2.0**-126)).any()
+        assert not ((rows != 0) & (rows.abs() < 2.0**-126)).any()  # no subnormal input in this model
         ones = torch.ones(len(idx), 1, dtype=rows.dtype)
         ref, bound = experts_reference_and_bound(layer, rows, idx[:, None], ones, **arithmetic)
         assert ((out[idx, token].double().cpu() - ref).abs() <= bound).all()
