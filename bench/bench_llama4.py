@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import time
@@ -74,6 +75,7 @@ def _quantized(folder: Path, cfg, device: str) -> tuple[Path, float]:
     with torch.device("meta"):
         meta = transformers.Llama4ForCausalLM(cfg)
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}  # fused experts, as on disk
+    print(f"converting a random {folder.name} ({sum(map(math.prod, shapes.values())) / 1e9:.1f} G params)")
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

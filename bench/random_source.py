@@ -35,9 +35,21 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, device: str) -> 
     1-D tensors (norm weights) are ones, as a model initialises them."""
     if len(shape) == 1:
         return torch.ones(shape, dtype=torch.bfloat16)
+    if len(shape) == 3:  # fused experts: one block per expert, so a block is drawn alone (random_rows)
+        return random_rows(name, shape, 0, shape[0], seed, device)
     g = torch.Generator(device=device).manual_seed(tensor_seed(name, seed))
     x = torch.randn(shape, generator=g, device=device, dtype=torch.float32).mul_(0.02)
     return x.to(torch.bfloat16).cpu()
+
+
+def random_rows(
+    name: str, shape: tuple[int, ...], start: int, stop: int, seed: int, device: str
+) -> torch.Tensor:
+    """Blocks ``start:stop`` of the 3-D tensor ``name``, each drawn with its own seed: a per-expert view
+    reads one expert's block without drawing the other experts' (Llama 4 Scout's fused ``gate_up_proj``
+    is 1.3 G values a layer, read once per expert)."""
+    blocks = [random_tensor(f"{name}[{e}]", tuple(shape[1:]), seed, device) for e in range(start, stop)]
+    return torch.stack(blocks)
 
 
 class _RandomFile:
@@ -51,6 +63,12 @@ class _RandomFile:
 
     def get(self, name: str) -> torch.Tensor:
         return random_tensor(name, self._shapes[name], self._seed, self._device)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        shape = self._shapes[name]
+        if len(shape) != 3:
+            return self.get(name)[start:stop]
+        return random_rows(name, shape, start, stop, self._seed, self._device)
 
     def get_array(self, name: str) -> tuple[np.ndarray, str]:
         return self.get(name).view(torch.uint16).numpy(), "BF16"
