@@ -130,6 +130,10 @@ def swap_layers(
         if has_bias and bias is None:
             msg = f"{where}: module {name!r} has a bias but the checkpoint has no {name + '.bias'!r}"
             raise CheckpointMismatchError(msg)
+        if has_bias and bias.is_floating_point() and bias.dtype != module.bias.dtype:
+            # The model's dtype (dtype=, or config.json's), as from_pretrained casts a Linear4bit's bias:
+            # a float32 checkpoint loaded in float16 otherwise kept float32 biases, cast on every call.
+            bias = bias.to(module.bias.dtype)
         method = for_record(record)
         layer = method.runtime_layer().from_record(
             record,

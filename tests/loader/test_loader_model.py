@@ -16,7 +16,7 @@ import torch
 from error_bounds import worst_ratio
 from loader_helpers import bnb_load, bnb_quantize_folder, gemv_bound, linear4bit_outputs, make_layer
 from safetensors.torch import save_file
-from tiny_models import add_repository_code
+from tiny_models import add_repository_code, make_tiny
 from torch import nn
 
 from converter.loader.head import GemvHead
@@ -432,6 +432,30 @@ def test_torch_dtype_is_dtype(our_folder: Path) -> None:
     assert model.config.dtype == torch.float16
     with pytest.raises(TypeError, match="torch_dtype"):
         load_quantized(our_folder, verify=False, dtype=torch.float32, torch_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_quantized_layers_biases_take_the_load_dtype(quant_type: str, tmp_path: Path) -> None:
+    """A float32 checkpoint with biases (BERT) loaded with ``dtype=torch.float16``: the quantized layers'
+    biases are float16 as every other float parameter, as transformers + bitsandbytes loads the same
+    folder; they stayed float32 (the checkpoint's), cast to float16 on every call."""
+    import transformers
+
+    from converter.writer.pipeline import convert
+
+    src = make_tiny("bert", tmp_path / "src")
+    out = tmp_path / quant_type
+    convert(src, out, quant_type=quant_type, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = load_quantized(out, verify=False, dtype=torch.float16)
+        stock = transformers.AutoModel.from_pretrained(out, dtype=torch.float16)
+    query = ours.encoder.layer[0].attention.self.query
+    assert type(query).__name__ != "Linear"
+    assert query.bias.dtype == torch.float16
+    assert {p.dtype for p in ours.parameters() if p.is_floating_point()} == {torch.float16}
+    stock_biases = {k: p.dtype for k, p in stock.named_parameters() if k.endswith(".bias")}
+    assert {k: p.dtype for k, p in ours.named_parameters() if k.endswith(".bias")} == stock_biases
 
 
 @pytest.mark.parametrize(
