@@ -826,10 +826,12 @@ class QuantExperts4bit(nn.Module):
             if key.startswith(prefix):
                 name = prefix + ".".join(key[len(prefix) :].split(".", 3)[:3])  # <e>.<proj>.weight
                 groups.setdefault(name, {})[key] = value
+        projs = self._projections()
+        roles = ROLES if projs is None else tuple(role for role, _, _ in projs)
         experts: dict[int, dict[str, tuple[str, Any]]] = {}
         for e in range(self.num_experts):
-            for role, proj in zip(ROLES, self.proj_names, strict=True):
-                name = f"{prefix}{e}.{proj}.weight"
+            for r, role in enumerate(roles):
+                name = self._record_key(prefix, e, r)
                 group = groups.pop(name, None)
                 if group is None or name not in group:
                     missing_keys.append(name)
@@ -841,13 +843,16 @@ class QuantExperts4bit(nn.Module):
                     experts.setdefault(e, {})[role] = (name, rec)
                 except ValueError as err:
                     error_msgs.append(str(err))
+        extra = self._take_extra_state(groups, prefix, missing_keys)
         unexpected_keys.extend(key for group in groups.values() for key in group)
-        if len(experts) != self.num_experts or any(len(parts) != len(ROLES) for parts in experts.values()):
+        if len(experts) != self.num_experts or any(len(parts) != len(roles) for parts in experts.values()):
             return
-        device = self.packed.device if not self.packed.is_meta else experts[0]["gate"][1].packed.device
+        if extra is None:
+            return
+        device = self.packed.device if not self.packed.is_meta else experts[0][roles[0]][1].packed.device
         try:
             where, name = "load_state_dict", prefix.removesuffix(".") or type(self).__name__
-            st = stack_records(experts, where, name, self.hidden_dim, self.intermediate_dim, device)
+            st = stack_records(experts, where, name, self.hidden_dim, self.intermediate_dim, device, projs)
         except MoeLoadError as err:
             error_msgs.append(str(err))
             return
@@ -855,7 +860,25 @@ class QuantExperts4bit(nn.Module):
         self.dtype, self.proj_names = dtype_from_name(st.dtype), st.proj_names
         self._nested = st.nested
         self._buffers.update(packed=st.packed, absmax=st.absmax, quant_map=st.quant_map)
+        self._buffers.update(extra(device))
         self._prepare()
+
+    # -- what a subclass with another layout changes in loading (gpt-oss: converter/loader/moe_gpt_oss.py)
+    def _projections(self) -> tuple[tuple[str, int, int], ...] | None:
+        """The buffer layout's projections for ``stack_records`` (None: gate, up, down)."""
+        return None
+
+    def _record_key(self, prefix: str, e: int, r: int) -> str:
+        """The state-dict name of expert ``e``'s projection ``r`` (saved and loaded)."""
+        return f"{prefix}{e}.{self.proj_names[r]}.weight"
+
+    def _take_extra_state(
+        self, groups: dict[str, dict[str, Any]], prefix: str, missing_keys: list[str]
+    ) -> Callable[[torch.device], dict[str, torch.Tensor]] | None:
+        """A subclass's own tensors besides the records (taken out of ``groups``, the missing ones added to
+        ``missing_keys``): a function giving the buffers to set on the layer's device, None when some are
+        missing (the layer is then left as it is)."""
+        return lambda device: {}
 
     def _split_saved(self, state_dict: Mapping[str, Any], prefix: str, error_msgs: list[str]) -> dict | None:
         """``state_dict``'s keys under ``prefix`` with the fused records split per expert (records, not

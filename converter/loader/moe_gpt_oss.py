@@ -113,9 +113,11 @@ class QuantGptOssExperts4bit(QuantExperts4bit):
     def _prepared_extras(self) -> dict[str, Any]:
         return {"apply_gate": self.apply_gate}
 
-    def _layout(self) -> ExpertsLayout:
-        h, i = self.hidden_dim, self.intermediate_dim
-        return ExpertsLayout(h, i, self.blocksize, _projs(h, i))
+    def _projections(self) -> tuple[Projection, ...]:
+        return _projs(self.hidden_dim, self.intermediate_dim)
+
+    def _record_key(self, prefix: str, e: int, r: int) -> str:
+        return f"{prefix}{PROJS[r]}.{e}.weight"  # unsloth's ModuleList names
 
     def forward(  # type: ignore[override]
         self,
@@ -150,57 +152,34 @@ class QuantGptOssExperts4bit(QuantExperts4bit):
         def bias(e: int, r: int, proj: str) -> dict[str, torch.Tensor]:
             return {f"{prefix}{proj}.{e}.bias": biases[proj][e].detach().to("cpu", copy=True)}
 
+        h, i = self.hidden_dim, self.intermediate_dim
+        lay = ExpertsLayout(h, i, self.blocksize, _projs(h, i))
+
         def key(e: int, r: int, proj: str) -> str:
-            return f"{prefix}{proj}.{e}.weight"
+            return self._record_key(prefix, e, r)
 
-        destination.update(expert_state_dict(self, prefix, self._layout(), key=key, extra=bias))
+        destination.update(expert_state_dict(self, prefix, lay, key=key, extra=bias))
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        groups: dict[str, dict[str, Any]] = {}
-        for key, value in state_dict.items():
-            if key.startswith(prefix):
-                name = prefix + ".".join(key[len(prefix) :].split(".", 3)[:3])  # <proj>.<e>.weight|bias
-                groups.setdefault(name, {})[key] = value
-        experts: dict[int, dict[str, tuple[str, Any]]] = {}
-        biases: dict[str, list[Any]] = {p: [None] * self.num_experts for p in PROJS}
+    def _take_extra_state(self, groups, prefix, missing_keys):
+        # the biases (<proj>.<e>.bias), stacked in the layer's bias dtype
+        biases: dict[str, list[Any]] = {p: [] for p in PROJS}
         for e in range(self.num_experts):
             for proj in PROJS:
-                name, bias = f"{prefix}{proj}.{e}.weight", f"{prefix}{proj}.{e}.bias"
-                group, bgroup = groups.pop(name, None), groups.pop(bias, None)
-                if bgroup is None or bias not in bgroup:
+                bias = f"{prefix}{proj}.{e}.bias"
+                group = groups.pop(bias, None)
+                if group is None or bias not in group:
                     missing_keys.append(bias)
                 else:
-                    biases[proj][e] = bgroup[bias]
-                if group is None or name not in group:
-                    missing_keys.append(name)
-                    continue
-                try:
-                    experts.setdefault(e, {})[proj] = (name, QuantizedTensor.from_state_dict(name, group))
-                except ValueError as err:
-                    error_msgs.append(str(err))
-        unexpected_keys.extend(key for group in groups.values() for key in group)
-        if len(experts) != self.num_experts or any(len(p) != 2 for p in experts.values()):
-            return
-        if any(b is None for bs in biases.values() for b in bs):
-            return
-        device = (
-            self.packed.device if not self.packed.is_meta else experts[0]["gate_up_projs"][1].packed.device
-        )
-        try:
-            where, name = "load_state_dict", prefix.removesuffix(".") or type(self).__name__
-            h, i = self.hidden_dim, self.intermediate_dim
-            st = stack_records(experts, where, name, h, i, device, _projs(h, i))
-        except MoeLoadError as err:
-            error_msgs.append(str(err))
-            return
-        self.blocksize, self.quant_type = st.blocksize, st.quant_type.label
-        self.dtype, self._nested = dtype_from_name(st.dtype), st.nested
-        gu_bias, dn_bias = _stack_biases(biases, device, self.gate_up_bias.dtype)
-        self._buffers.update(packed=st.packed, absmax=st.absmax, quant_map=st.quant_map)
-        self._buffers.update(gate_up_bias=gu_bias, down_bias=dn_bias)
-        self._prepare()
+                    biases[proj].append(group[bias])
+        if any(len(b) != self.num_experts for b in biases.values()):
+            return None
+        dtype = self.gate_up_bias.dtype
+
+        def buffers(device: torch.device) -> dict[str, torch.Tensor]:
+            gu, dn = _stack_biases(biases, device, dtype)
+            return {"gate_up_bias": gu, "down_bias": dn}
+
+        return buffers
 
     def dense_module(self, dtype: torch.dtype) -> nn.Module:
         """transformers' ``GptOssExperts`` with these weights (``x @ W`` orientation: ``gate_up_proj[e] =
