@@ -34,6 +34,11 @@ converter/kernels/prepared.py) runs only the experts the router picked:
   model dtype), so with ``use_gemv = False`` the output is bit-identical to the dequantized bf16
   model's.
 
+Experts whose class gates with its own ``_apply_gate`` (DeepSeek-V4, GLM-5) run that gate in the
+per-expert loop on every device. gpt-oss' biased experts (converter/loader/moe_gpt_oss.py) run the
+same forward with per-expert biases (:class:`ExpertBiases`) and their gate: grouped GEMVs on decode
+(CPU and CUDA), the loop otherwise, and compile through ``moe_experts_4bit_gated_keyed``.
+
 A folder whose experts were kept 16-bit (``--moe-experts keep``) has per-expert tensors too; they
 are stacked into the fused parameters here (transformers' own loader does the same merge).
 """
@@ -77,6 +82,13 @@ _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+class ExpertBiases(NamedTuple):
+    """Per-expert biases (gpt-oss: converter/loader/moe_gpt_oss.py), added after each projection."""
+
+    gate_up: torch.Tensor  # [E, 2I]
+    down: torch.Tensor  # [E, H]
+
+
 def _experts_forward(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -89,17 +101,25 @@ def _experts_forward(
     act: Callable[[torch.Tensor], torch.Tensor],
     use_gemv: bool,
     apply_gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    biases: ExpertBiases | None = None,
 ) -> torch.Tensor:
     """transformers' eager experts loop with 4-bit weights (module docstring). ``apply_gate``: the
-    experts class's own gating of the gate/up output (DeepSeek-V4's clamped SwiGLU), instead of
-    ``act(gate) * up``."""
+    experts class's own gating of the gate/up output (DeepSeek-V4's clamped SwiGLU, gpt-oss' interleaved
+    one), instead of ``act(gate) * up``.
+
+    ``biases`` (gpt-oss' ``GptOssExperts``): each projection rounded, then its expert's bias added (not
+    ``F.linear`` with a bias, which fuses the add), before the gate and before the routing weight; the
+    dequantize path multiplies as that class does, ``x @ W`` with W laid out ``[in, out]`` contiguous as
+    it holds it (the same matmul, bit for bit). Decode of biased experts takes the grouped GEMV with
+    their gate; a class's own gate without biases (DeepSeek-V4) keeps the per-expert loop."""
     hidden_dim = hidden.shape[1]
     num_experts = packed.shape[0]
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
-    if use_gemv and apply_gate is None and _grouped_ok(hidden, intermediate, blocksize):
+    grouped = apply_gate is None or biases is not None
+    if use_gemv and grouped and _grouped_ok(hidden, intermediate, blocksize):
         return _decode_grouped(
             hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act,
-            _grouped_gemv_rows,
+            _grouped_gemv_rows, apply_gate, biases,
         )  # fmt: skip
     out = torch.zeros_like(hidden)
     # a token routed to one expert in two of its slots (a custom router, or top-k past the experts with
@@ -119,7 +139,9 @@ def _experts_forward(
             w = _dequant(
                 p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate * hidden_dim, blocksize, x.dtype
             )
-            gate_up = F.linear(x, w.view(2 * intermediate, hidden_dim))
+            gate_up = _dense_linear(x, w.view(2 * intermediate, hidden_dim), biases is not None)
+        if biases is not None:
+            gate_up = gate_up + biases.gate_up[e]
         if apply_gate is not None:
             h = apply_gate(gate_up)
         else:
@@ -131,7 +153,9 @@ def _experts_forward(
             w = _dequant(
                 p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim * intermediate, blocksize, h.dtype
             )
-            y = F.linear(h, w.view(hidden_dim, intermediate))
+            y = _dense_linear(h, w.view(hidden_dim, intermediate), biases is not None)
+        if biases is not None:
+            y = y + biases.down[e]
         y = y * top_k_weights[token_idx, slot, None]
         if repeats:  # a token more than once in token_idx: transformers' own index_add_ (accumulates)
             out.index_add_(0, token_idx, y.to(out.dtype))
@@ -140,6 +164,12 @@ def _experts_forward(
             # expert, each sum rounds once to out's dtype); bf16 index_add_ is ~10^4 times slower on CPU.
             out[token_idx] = out[token_idx] + y.to(out.dtype)
     return out
+
+
+def _dense_linear(x: torch.Tensor, w: torch.Tensor, x_at_w: bool) -> torch.Tensor:
+    """x @ w.T for a decoded weight w [out, in]: ``F.linear`` (transformers' fused-experts loop), or with
+    ``x_at_w`` the matmul of a class holding W as ``[in, out]`` (gpt-oss: ``x @ W``, W contiguous)."""
+    return x @ w.T.contiguous() if x_at_w else F.linear(x, w)
 
 
 def _has_repeats(top_k_index: torch.Tensor) -> bool:
@@ -229,11 +259,14 @@ def _grouped_gemv(
 
 
 def _decode_grouped(
-    hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act, gemv
-):
+    hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act, gemv,
+    apply_gate=None, biases=None,
+):  # fmt: skip
     """Decode: every (token, slot) pair is one row of a grouped GEMV indexed by the routed expert ids,
     one launch per projection (``gemv``: :func:`_grouped_gemv_rows` on the CPU,
-    ``moe_cuda.grouped_gemv`` on CUDA); the k expert outputs of a token are weighted and summed."""
+    ``moe_cuda.grouped_gemv`` on CUDA); the k expert outputs of a token are weighted and summed.
+    ``apply_gate`` / ``biases``: as :func:`_experts_forward` (the biases gathered by expert id on the
+    device: ``bias[ids]``, no host sync)."""
     tokens, hidden_dim = hidden.shape
     k = top_k_index.shape[1]
     ids = moe_cuda.flat_ids(top_k_index)
@@ -241,8 +274,13 @@ def _decode_grouped(
         hidden, ids, packed, absmax, quant_map, x_share=k, byte_offset=0, block_offset=0,
         out_features=2 * intermediate, in_features=hidden_dim, blocksize=bs,
     )  # fmt: skip
-    # act(gate) * up: a new contiguous tensor (one dispatch per op here: decode is host-bound)
-    h = act(gate_up[:, :intermediate]).mul_(gate_up[:, intermediate:])
+    if biases is not None:
+        gate_up = gate_up + biases.gate_up[ids]
+    if apply_gate is not None:
+        h = apply_gate(gate_up)
+    else:
+        # act(gate) * up: a new contiguous tensor (one dispatch per op here: decode is host-bound)
+        h = act(gate_up[:, :intermediate]).mul_(gate_up[:, intermediate:])
     if not h.is_contiguous():  # a module's own act_fn may keep the slice's strides; the GEMV reads rows
         h = h.contiguous()
     y = gemv(
@@ -250,6 +288,8 @@ def _decode_grouped(
         block_offset=2 * intermediate * hidden_dim // bs, out_features=hidden_dim, in_features=intermediate,
         blocksize=bs,
     )  # fmt: skip
+    if biases is not None:
+        y = y + biases.down[ids]
     # y * w in the promoted dtype as before (in place when that is y's), then a sum over the k slots
     y, w = y.view(tokens, k, hidden_dim), top_k_weights.reshape(tokens, k, 1)
     y = (y.mul_(w) if w.dtype == y.dtype else y * w).sum(dim=1)
@@ -276,25 +316,32 @@ def _experts_forward_cuda(
     blocksize: int,
     act: Callable[[torch.Tensor], torch.Tensor],
     use_gemv: bool,
+    apply_gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    biases: ExpertBiases | None = None,
 ) -> torch.Tensor:
     """CUDA: decode (<= 8 tokens, or any count while a CUDA graph is being captured: no host sync) as
-    grouped GEMVs (SiLU: two fused launches); prefill sorted by expert, grouped dequantize + grouped
-    matmul. Layouts the kernels do not take, and ``use_gemv = False``, run :func:`_experts_forward`."""
+    grouped GEMVs (SiLU: two fused launches; biased experts with their own gate, gpt-oss: the two
+    grouped launches with the biases gathered and the gate between them); prefill sorted by expert,
+    grouped dequantize + grouped matmul (biased experts: the per-expert loop). Layouts the kernels do
+    not take, ``use_gemv = False`` and a class's own gate without biases run :func:`_experts_forward`."""
     hidden_dim = hidden.shape[1]
     args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act)
     ok = (
         use_gemv
+        and (apply_gate is None or biases is not None)
         and moe_cuda.available()
         and intermediate % blocksize == 0
         and moe_cuda.layout_ok(hidden, packed, absmax, hidden_dim, blocksize)
     )
     if not ok:
-        return _experts_forward(*args, use_gemv)
+        return _experts_forward(*args, use_gemv, apply_gate, biases)
     decode = hidden.shape[0] <= ops.GEMV_MAX_TOKENS or torch.cuda.is_current_stream_capturing()
-    if decode and act is F.silu and top_k_index.shape[1] <= moe_cuda.FUSED_MAX_K:
+    if decode and apply_gate is None and act is F.silu and top_k_index.shape[1] <= moe_cuda.FUSED_MAX_K:
         return moe_cuda.decode_silu(*args[:-1])
     if decode:
-        return _decode_grouped(*args, moe_cuda.grouped_gemv)
+        return _decode_grouped(*args, moe_cuda.grouped_gemv, apply_gate, biases)
+    if biases is not None:  # gpt-oss prefill: transformers' per-expert loop (GEMV or dequantize + matmul)
+        return _experts_forward(*args, use_gemv, apply_gate, biases)
     return moe_cuda.prefill(*args)
 
 
@@ -477,6 +524,12 @@ class PreparedExperts(NamedTuple):
     packed: torch.Tensor  # uint8 [E, bytes]
     absmax: torch.Tensor  # float32 [E, blocks]
     quant_map: torch.Tensor  # float32 [16]: the layer's own table
+    # experts with per-expert biases and their class's own gate (gpt-oss, moe_experts_4bit_gated_keyed);
+    # the gate is a method of transformers' replaced module (never of the layer: the registry would keep
+    # the layer alive)
+    gate_up_bias: torch.Tensor | None = None  # [E, 2I]
+    down_bias: torch.Tensor | None = None  # [E, H]
+    apply_gate: Callable[[torch.Tensor], torch.Tensor] | None = None
     key: int = -1
 
 
@@ -484,6 +537,12 @@ def _unkey_experts(packed: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.
     """(packed, absmax, quant_map): the codes given, the absmax and code table of the layer that registered
     ``key``. The codes are the registered ones, a copy of them (torch's ``cudagraphs`` backend copies
     non-static inputs) or codes put in place (``packed.data = ...``, which the eager call reads too)."""
+    a = _lookup_experts(packed, key)
+    return packed, a.absmax, a.quant_map
+
+
+def _lookup_experts(packed: torch.Tensor, key: int) -> PreparedExperts:
+    """The :class:`PreparedExperts` registered under ``key``, checked against the codes given."""
     a = prepared.lookup(key)
     if packed.shape != a.packed.shape or packed.device != a.packed.device:
         msg = (
@@ -493,7 +552,7 @@ def _unkey_experts(packed: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.
             "attributes (`experts.packed = ...`, `experts.absmax = ...`) or load them with load_state_dict"
         )
         raise ValueError(msg)
-    return packed, a.absmax, a.quant_map
+    return a
 
 
 @torch.library.custom_op("quantize_model::moe_experts_4bit_keyed", mutates_args=())
@@ -526,6 +585,53 @@ def _(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tens
 
 
 @moe_experts_4bit_keyed.register_fake
+def _(hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
+    return torch.empty_like(hidden)
+
+
+def _gated_args(packed: torch.Tensor, key: int) -> tuple:
+    """(packed, absmax, quant_map) and (apply_gate, biases) of a gated layer registered under ``key``."""
+    a = _lookup_experts(packed, key)
+    if a.apply_gate is None or a.gate_up_bias is None or a.down_bias is None:
+        msg = f"moe_experts_4bit_gated_keyed: key {key} was registered by experts without a gate and biases"
+        raise ValueError(msg)
+    return (packed, a.absmax, a.quant_map), (a.apply_gate, ExpertBiases(a.gate_up_bias, a.down_bias))
+
+
+def _no_act(x: torch.Tensor) -> torch.Tensor:  # the gated experts never call the activation
+    msg = "gated experts run their own gate"
+    raise AssertionError(msg)
+
+
+@torch.library.custom_op("quantize_model::moe_experts_4bit_gated_keyed", mutates_args=())
+def moe_experts_4bit_gated_keyed(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    packed: torch.Tensor,
+    key: int,
+    intermediate: int,
+    blocksize: int,
+    use_gemv: bool,
+) -> torch.Tensor:
+    """Routed experts with per-expert biases and their class's own gate (gpt-oss), everything but the
+    codes read by ``key`` (:class:`PreparedExperts`: absmax, code table, biases, the gate): the eager
+    forward's own implementation (:func:`_experts_forward`), so a compiled graph gives the eager bits.
+    Inference only (no autograd formula: a layer that needs gradients runs eagerly)."""
+    buffers, (gate, biases) = _gated_args(packed, key)
+    rest = (intermediate, blocksize, _no_act, use_gemv, gate, biases)
+    return _experts_forward(hidden, top_k_index, top_k_weights, *buffers, *rest)
+
+
+@moe_experts_4bit_gated_keyed.register_kernel("cuda")
+def _(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, packed: torch.Tensor,
+      key: int, intermediate: int, blocksize: int, use_gemv: bool) -> torch.Tensor:  # fmt: skip
+    buffers, (gate, biases) = _gated_args(packed, key)
+    rest = (intermediate, blocksize, _no_act, use_gemv, gate, biases)
+    return _experts_forward_cuda(hidden, top_k_index, top_k_weights, *buffers, *rest)
+
+
+@moe_experts_4bit_gated_keyed.register_fake
 def _(hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
     return torch.empty_like(hidden)
 
@@ -594,6 +700,8 @@ class QuantExperts4bit(nn.Module):
     #: ``_prepared.key`` (-1: none), what a compiled graph reads: one int guard, where reading the
     #: NamedTuple guards its type, length and key.
     _prepared_key: int = -1
+    #: The buffers registered for the keyed ops, in :class:`PreparedExperts`' field order.
+    _prepared_buffers: tuple[str, ...] = _PREPARED_BUFFERS
 
     def __init__(
         self,
@@ -646,18 +754,27 @@ class QuantExperts4bit(nn.Module):
         if old is not None:
             prepared.retire()
             prepared.release(old.key)
-        buffers = PreparedExperts(*(self._buffers[name] for name in _PREPARED_BUFFERS))
-        absent = any(t is None or t.is_meta for t in buffers[:3])
+        tensors = [self._buffers.get(name) for name in self._prepared_buffers]
+        # (a subclass's own buffers are not registered yet while QuantExperts4bit.__init__ runs: it
+        # prepares again once they are)
+        absent = any(t is None or t.is_meta for t in tensors)
+        buffers = None if absent else PreparedExperts(*tensors, **self._prepared_extras())
         self.__dict__["_prepared"] = None if absent else prepared.register(self, buffers)
         self.__dict__["_prepared_key"] = -1 if absent else self.__dict__["_prepared"].key
 
+    def _prepared_extras(self) -> dict[str, Any]:
+        """Fields of :class:`PreparedExperts` besides the buffers (a subclass's gate)."""
+        return {}
+
     def _prepared_is_current(self) -> bool:
         p = self.__dict__.get("_prepared")
-        return p is not None and all(p[i] is self._buffers[n] for i, n in enumerate(_PREPARED_BUFFERS))
+        return p is not None and all(
+            p[i] is self._buffers.get(n) for i, n in enumerate(self._prepared_buffers)
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        if name in _PREPARED_BUFFERS and "_prepared" in self.__dict__:  # a new buffer: a new key
+        if name in self._prepared_buffers and "_prepared" in self.__dict__:  # a new buffer: a new key
             self._prepare()
 
     def __setstate__(self, state: dict) -> None:
@@ -709,10 +826,12 @@ class QuantExperts4bit(nn.Module):
             if key.startswith(prefix):
                 name = prefix + ".".join(key[len(prefix) :].split(".", 3)[:3])  # <e>.<proj>.weight
                 groups.setdefault(name, {})[key] = value
+        projs = self._projections()
+        roles = ROLES if projs is None else tuple(role for role, _, _ in projs)
         experts: dict[int, dict[str, tuple[str, Any]]] = {}
         for e in range(self.num_experts):
-            for role, proj in zip(ROLES, self.proj_names, strict=True):
-                name = f"{prefix}{e}.{proj}.weight"
+            for r, role in enumerate(roles):
+                name = self._record_key(prefix, e, r)
                 group = groups.pop(name, None)
                 if group is None or name not in group:
                     missing_keys.append(name)
@@ -724,13 +843,16 @@ class QuantExperts4bit(nn.Module):
                     experts.setdefault(e, {})[role] = (name, rec)
                 except ValueError as err:
                     error_msgs.append(str(err))
+        extra = self._take_extra_state(groups, prefix, missing_keys)
         unexpected_keys.extend(key for group in groups.values() for key in group)
-        if len(experts) != self.num_experts or any(len(parts) != len(ROLES) for parts in experts.values()):
+        if len(experts) != self.num_experts or any(len(parts) != len(roles) for parts in experts.values()):
             return
-        device = self.packed.device if not self.packed.is_meta else experts[0]["gate"][1].packed.device
+        if extra is None:
+            return
+        device = self.packed.device if not self.packed.is_meta else experts[0][roles[0]][1].packed.device
         try:
             where, name = "load_state_dict", prefix.removesuffix(".") or type(self).__name__
-            st = stack_records(experts, where, name, self.hidden_dim, self.intermediate_dim, device)
+            st = stack_records(experts, where, name, self.hidden_dim, self.intermediate_dim, device, projs)
         except MoeLoadError as err:
             error_msgs.append(str(err))
             return
@@ -738,7 +860,25 @@ class QuantExperts4bit(nn.Module):
         self.dtype, self.proj_names = dtype_from_name(st.dtype), st.proj_names
         self._nested = st.nested
         self._buffers.update(packed=st.packed, absmax=st.absmax, quant_map=st.quant_map)
+        self._buffers.update(extra(device))
         self._prepare()
+
+    # -- what a subclass with another layout changes in loading (gpt-oss: converter/loader/moe_gpt_oss.py)
+    def _projections(self) -> tuple[tuple[str, int, int], ...] | None:
+        """The buffer layout's projections for ``stack_records`` (None: gate, up, down)."""
+        return None
+
+    def _record_key(self, prefix: str, e: int, r: int) -> str:
+        """The state-dict name of expert ``e``'s projection ``r`` (saved and loaded)."""
+        return f"{prefix}{e}.{self.proj_names[r]}.weight"
+
+    def _take_extra_state(
+        self, groups: dict[str, dict[str, Any]], prefix: str, missing_keys: list[str]
+    ) -> Callable[[torch.device], dict[str, torch.Tensor]] | None:
+        """A subclass's own tensors besides the records (taken out of ``groups``, the missing ones added to
+        ``missing_keys``): a function giving the buffers to set on the layer's device, None when some are
+        missing (the layer is then left as it is)."""
+        return lambda device: {}
 
     def _split_saved(self, state_dict: Mapping[str, Any], prefix: str, error_msgs: list[str]) -> dict | None:
         """``state_dict``'s keys under ``prefix`` with the fused records split per expert (records, not

@@ -15,6 +15,7 @@ experts writes one bnb record per expert per projection under the checkpoint's n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,19 +34,39 @@ class MoeLoadError(InputError):
     """A folder's expert tensors do not fit the model's experts modules."""
 
 
+#: A projection of an expert in a layer's buffers: (role, out_features, in_features).
+Projection = tuple[str, int, int]
+
+
 @dataclass
 class ExpertsLayout:
-    """Where each projection of an expert sits in the layer's buffers (offsets within one expert's row)."""
+    """Where each projection of an expert sits in the layer's buffers (offsets within one expert's row).
+
+    ``projs``: the projections in buffer order as (role, out, in); default the SwiGLU experts' ``gate
+    [I, H]``, ``up [I, H]``, ``down [H, I]`` (:data:`ROLES`). gpt-oss: one fused ``gate_up_projs [2I,
+    H]`` then ``down_projs [H, I]`` (converter/loader/moe_gpt_oss.py)."""
 
     hidden: int
     inter: int
     blocksize: int
+    projs: tuple[Projection, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.projs is None:
+            h, i = self.hidden, self.inter
+            self.projs = (("gate", i, h), ("up", i, h), ("down", h, i))
+        self._by_role = {role: (out, inn) for role, out, inn in self.projs}
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(role for role, _, _ in self.projs)
 
     def shape(self, role: str) -> tuple[int, int]:
-        return (self.hidden, self.inter) if role == "down" else (self.inter, self.hidden)
+        return self._by_role[role]
 
     def numel(self, role: str) -> int:
-        return self.inter * self.hidden
+        out, inn = self._by_role[role]
+        return out * inn
 
     def blocks(self, role: str) -> int:
         return self.numel(role) // self.blocksize
@@ -55,19 +76,30 @@ class ExpertsLayout:
 
     def offsets(self, role: str) -> tuple[int, int, int]:
         """(byte offset, block offset, nested-absmax offset) of ``role`` in an expert's rows."""
-        i = ROLES.index(role)
-        before = ROLES[:i]
+        roles = self.roles
+        before = roles[: roles.index(role)]
         return (
             sum(self.numel(r) // 2 for r in before),
             sum(self.blocks(r) for r in before),
             sum(self.nested_blocks(r) for r in before),
         )
 
-    def totals(self) -> tuple[int, int, int]:
+    def spans(self, role: str) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(packed bytes, absmax blocks, nested blocks) ranges of ``role`` in an expert's rows
+        (:func:`span_record`'s ``spans``)."""
+        po, ao, no = self.offsets(role)
         return (
-            sum(self.numel(r) // 2 for r in ROLES),
-            sum(self.blocks(r) for r in ROLES),
-            sum(self.nested_blocks(r) for r in ROLES),
+            (po, po + self.numel(role) // 2),
+            (ao, ao + self.blocks(role)),
+            (no, no + self.nested_blocks(role)),
+        )
+
+    def totals(self) -> tuple[int, int, int]:
+        roles = self.roles
+        return (
+            sum(self.numel(r) // 2 for r in roles),
+            sum(self.blocks(r) for r in roles),
+            sum(self.nested_blocks(r) for r in roles),
         )
 
 
@@ -93,10 +125,11 @@ class StackedExperts:
     blocksize: int
     quant_type: QuantType
     dtype: str
-    proj_names: tuple[str, str, str]  # checkpoint leaf of gate, up, down ("gate_proj"... or "w1", "w3", "w2")
+    # checkpoint leaf of gate, up, down ("gate_proj"... or "w1", "w3", "w2"); a layout's own roles otherwise
+    proj_names: tuple[str, ...]
     nested: (
         dict[str, torch.Tensor] | None
-    )  # codes [E, blocks] u8, absmax [E, nested] f32, offset [E, 3], map [256]
+    )  # codes [E, blocks] u8, absmax [E, nested] f32, offset [E, projections], map [256]
 
 
 def _check_record(rec: Any, key: str, role: str, first: Any, first_key: str, lay: ExpertsLayout, where: str,
@@ -139,8 +172,13 @@ def stack_records(
     hidden: int,
     inter: int,
     device: torch.device,
+    projs: tuple[Projection, ...] | None = None,
 ) -> StackedExperts:
     """The layer's buffers on ``device`` from its per-expert records (checked against the model's shapes).
+
+    ``experts[e][role] = (key, record)``; ``projs``: the layout's projections (:class:`ExpertsLayout`;
+    default gate, up, down, whose checkpoint leaf names become ``proj_names``; a custom layout's
+    ``proj_names`` are its roles).
 
     The layer is assembled where the records are (the CPU mapping, or the GPU a streamed load put them
     on) and moved once if ``device`` differs (``"meta"``: empty tensors of the stacked shapes, nothing
@@ -149,20 +187,21 @@ def stack_records(
     :func:`ops.decoded_absmax` (a pass per record was 18 k small device round trips in a
     Qwen3-30B-A3B).
     """
-    first_key, first = experts[0]["gate"]
+    roles = ROLES if projs is None else tuple(role for role, _, _ in projs)
+    first_key, first = experts[0][roles[0]]
     bs, qt, dtype = first.blocksize, first.quant_type, first.dtype
     if (inter * hidden) % bs:
         msg = f"{where}: {name}: {inter}x{hidden} expert weights do not fill whole {bs}-element blocks"
         raise MoeLoadError(msg)
-    lay = ExpertsLayout(hidden, inter, bs)
+    lay = ExpertsLayout(hidden, inter, bs, projs)
     n_bytes, n_blocks, n_nested = lay.totals()
     num = len(experts)
     for e in range(num):
-        for role in ROLES:
+        for role in roles:
             key, rec = experts[e][role]
             _check_record(rec, key, role, first, first_key, lay, where, name)
     quant_map = first.quant_map.float().contiguous()
-    names = tuple(experts[0][role][0].rsplit(".", 2)[-2] for role in ROLES)
+    names = roles if projs is not None else tuple(experts[0][role][0].rsplit(".", 2)[-2] for role in roles)
     if device.type == "meta":  # sizes only (estimate, inspect --memory): no expert byte read or held
         packed = torch.empty(num, n_bytes, dtype=torch.uint8, device=device)
         absmax = torch.empty(num, n_blocks, dtype=torch.float32, device=device)
@@ -175,9 +214,9 @@ def stack_records(
     if keep_nested:  # the absmax is decoded from them below; saving reads them (kept on the CPU)
         codes = torch.empty(num, n_blocks, dtype=torch.uint8, device=work)
         nabs = torch.empty(num, n_nested, dtype=torch.float32, device=work)
-        offsets = torch.empty(num, len(ROLES), dtype=torch.float32)
+        offsets = torch.empty(num, len(roles), dtype=torch.float32)
     for e in range(num):
-        for r, role in enumerate(ROLES):
+        for r, role in enumerate(roles):
             _, rec = experts[e][role]
             po, ao, no = lay.offsets(role)
             data = ops.packed_bytes(rec.packed)
@@ -193,7 +232,7 @@ def stack_records(
     if keep_nested:
         table = nested_map.float().to(work)
         shift = offsets.to(work)
-        for r, role in enumerate(ROLES):
+        for r, role in enumerate(roles):
             _, ao, no = lay.offsets(role)
             nb, nn_ = lay.blocks(role), lay.nested_blocks(role)
             scale = nabs[:, no : no + nn_].repeat_interleave(NESTED_BLOCKSIZE, dim=1)[:, :nb]
@@ -260,19 +299,25 @@ def span_record(
     )
 
 
-def expert_state_dict(module: Any, prefix: str) -> dict[str, torch.Tensor]:
-    """The per-expert bnb records of a QuantExperts4bit under ``prefix`` (``...experts.``), on the CPU."""
-    lay = ExpertsLayout(module.hidden_dim, module.intermediate_dim, module.blocksize)
+def expert_state_dict(
+    module: Any,
+    prefix: str,
+    lay: ExpertsLayout | None = None,
+    key: Callable[[int, int, str], str] | None = None,
+    extra: Callable[[int, int, str], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The per-expert bnb records of a QuantExperts4bit under ``prefix`` (``...experts.``), on the CPU.
+
+    ``lay``: the layer's layout (default gate, up, down); ``key(e, r, role)``: a record's name (default
+    ``<prefix><e>.<proj_names[r]>.weight``); ``extra(e, r, role)``: tensors written right after that
+    record (gpt-oss: its bias)."""
+    lay = lay or ExpertsLayout(module.hidden_dim, module.intermediate_dim, module.blocksize)
     nested = module.nested_buffers()
     out: dict[str, torch.Tensor] = {}
     for e in range(module.num_experts):
-        for r, role in enumerate(ROLES):
-            po, ao, no = lay.offsets(role)
-            spans = (
-                (po, po + lay.numel(role) // 2),
-                (ao, ao + lay.blocks(role)),
-                (no, no + lay.nested_blocks(role)),
-            )
-            name = f"{prefix}{e}.{module.proj_names[r]}.weight"
-            out.update(span_record(module, nested, name, lay.shape(role), e, spans, r).state_dict())
+        for r, role in enumerate(lay.roles):
+            name = key(e, r, role) if key is not None else f"{prefix}{e}.{module.proj_names[r]}.weight"
+            out.update(span_record(module, nested, name, lay.shape(role), e, lay.spans(role), r).state_dict())
+            if extra is not None:
+                out.update(extra(e, r, role))
     return out

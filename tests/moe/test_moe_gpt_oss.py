@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from converter.cli import cli
 from converter.kernels import bnb4bit as kernels
+from converter.loader import moe_cuda
 from converter.loader.dequantize import dequantize_checkpoint
 from converter.loader.model import linear4bit_modules, load_quantized
 from converter.loader.moe import moe_modules
@@ -247,9 +248,10 @@ def test_default_path_within_the_derived_float32_bound(gpt_oss, tokens):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("tokens", [3, 12], ids=["decode", "prefill"])
 def test_on_cuda_within_the_derived_float32_bound_and_generates(gpt_oss, tokens):
-    """The 4-bit gpt-oss experts on the GPU (the per-expert loop: the CUDA GEMV for up to 8 tokens per
-    expert, else dequantize + matmul, float32 compute without TF32) within the same derived bound as on
-    the CPU, torch's CUDA sigmoid allowed 7 u (exp, add, divide on the device: the MoE CUDA tests' silu
+    """The 4-bit gpt-oss experts on the GPU (decode: one grouped GEMV per projection over the (token,
+    slot) rows; prefill: the per-expert loop, the CUDA GEMV for up to 8 tokens per expert, else
+    dequantize + matmul; float32 compute without TF32) within the same derived bound as on the CPU,
+    torch's CUDA sigmoid allowed 7 u (exp, add, divide on the device: the MoE CUDA tests' silu
     allowance); greedy generate() runs on the GPU."""
     from error_bounds import U32
 
@@ -269,6 +271,105 @@ def test_on_cuda_within_the_derived_float32_bound_and_generates(gpt_oss, tokens)
     m.compute_dtype = loaded
     out = model.generate(IDS[:, :4].cuda(), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 9)
+
+
+def _cuda_routing(m, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, H, generator=g) * 2
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    return x.cuda(), idx.cuda(), w.cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not moe_cuda.available(), reason="no CUDA MoE kernels")
+def test_cuda_decode_is_grouped_without_host_sync_and_replays_in_a_cuda_graph(gpt_oss, monkeypatch):
+    """CUDA decode: both projections through ``moe_cuda.grouped_gemv`` (one launch each over every
+    (token, slot) row, the expert ids read on the device), the biases gathered by id, the clamped gate,
+    the weighted sum over slots: no per-expert loop, no host synchronisation (torch's sync debug mode
+    raises on one), within the derived float32 bound of the exact result on the decoded weights; captured
+    once in a CUDA graph, each replay with other tokens and experts equals an eager call, bit for bit."""
+    from error_bounds import U32
+
+    from converter.loader import moe as moe_loader
+
+    m = next(iter(moe_modules(load_quantized(gpt_oss("q"), device="cuda")).values()))
+    m.compute_dtype = torch.float32
+    launches = []
+    real = moe_cuda.grouped_gemv
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs["out_features"])
+        return real(*args, **kwargs)
+
+    def no_loop(*args, **kwargs):
+        msg = "the per-expert loop ran on a CUDA decode step"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(moe_cuda, "grouped_gemv", counted)
+    monkeypatch.setattr(moe_loader, "_expert_rows", no_loop)
+    x, idx, w = _cuda_routing(m, 3, 0)
+    with torch.no_grad():
+        m(x, idx, w)  # warm-up: first-call allocations and lazy initialisation outside the check
+        torch.cuda.synchronize()
+        launches.clear()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = m(x, idx, w)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert launches == [2 * INTER, H]
+    ref, bound = gpt_oss_reference_and_bound(m, x.cpu(), idx.cpu(), w.cpu(), sigmoid_u=7 * U32)
+    assert ((got.double().cpu() - ref).abs() <= bound).all()
+
+    with torch.no_grad():
+        x, idx, w = _cuda_routing(m, 2, 1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            m(x, idx, w)  # warm-up on a side stream, as torch.cuda.graph requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(x, idx, w)
+        for seed in (2, 3, 4):
+            x2, idx2, w2 = _cuda_routing(m, 2, seed)
+            x.copy_(x2)
+            idx.copy_(idx2)
+            w.copy_(w2)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, m(x2, idx2, w2)), seed
+
+
+def test_compiles_fullgraph_with_the_eager_logits(gpt_oss, dynamo):
+    """torch.compile(model, fullgraph=True) of a loaded gpt-oss model: each 4-bit experts layer is one
+    ``quantize_model::moe_experts_4bit_gated_keyed`` node (its codes the graph's one input from the layer;
+    the scales, code table, biases and gate read by key), no graph break, and the compiled logits equal
+    the eager ones bit for bit (aot_eager runs the ATen ops eager runs and the op's implementation is the
+    eager forward): decode-sized (3 tokens: the grouped GEMV) and prefill (12: the per-expert loop)."""
+    from dynamo_helpers import trace_guards
+
+    model = load_quantized(gpt_oss("q")).eval()
+    _, ops, _ = trace_guards(model, IDS[:, :3])
+    assert dict(dynamo["graph_break"]) == {}
+    assert sum(op.startswith("quantize_model.moe_experts_4bit_gated_keyed") for op in ops) == LAYERS
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for ids in (IDS[:, :3], IDS):
+        assert torch.equal(_logits(compiled, ids), _logits(model, ids))
+    assert dict(dynamo["graph_break"]) == {}
+
+
+def test_generate_static_cache_fullgraph_gives_the_eager_tokens(gpt_oss):
+    """generate() with a StaticCache and the decode step through torch.compile(fullgraph=True) (aot_eager,
+    in a child process: tests/moe/test_moe_compile_generate.py's script): one graph, no break, the eager
+    tokens and logits on the first compiled call and again on the reset cache."""
+    from test_moe_compile_generate import _run
+
+    got = _run(gpt_oss("q"), "aot_eager")
+    assert got["tokens_equal"] == [True, True, True]
+    assert got["max_diff"] == 0.0
 
 
 def test_generate_on_the_default_path_and_counts(gpt_oss):
