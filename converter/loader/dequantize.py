@@ -327,12 +327,13 @@ def _streamed(value: QuantizedTensor | torch.Tensor | _Fused) -> bool:
 
 
 def _parts(
-    value: QuantizedTensor | torch.Tensor | _Fused, dtype: torch.dtype, transposed: bool
+    value: QuantizedTensor | torch.Tensor | _Fused, dtype: torch.dtype, transposed: bool, name: str = ""
 ) -> Iterator[tuple[torch.Tensor, Callable[[], torch.Tensor | None]]]:
     """The tensor ``value`` is written as, in ``dtype``, in consecutive C-contiguous parts in file order:
     each with a callable giving the same part decoded in float32 (a 16-bit tensor: as it is; None where
     there is none), for the overflow check. A tensor of three or more dimensions comes block by block
-    along its first dimension (one expert at a time); any other tensor whole, in one part."""
+    along its first dimension (one expert at a time); any other tensor whole, in one part. ``name``: the
+    tensor's, for the error a fused tensor's expert of another shape than expert 0's gets."""
     if isinstance(value, _Fused) and not _streamed(value):  # no element: one empty part
         yield torch.empty(value.shape, dtype=dtype), lambda: None
         return
@@ -357,10 +358,18 @@ def _parts(
             w = _record_rows(value, e, dtype_)
             return w.transpose(-2, -1) if transposed else w
 
+        part = block(dtype).contiguous()
+        if isinstance(value, _Fused) and tuple(part.shape) != value.shape[1:]:
+            # per-expert weights of other shapes than expert 0's (a folder not written by us, edited)
+            msg = (
+                f"tensor {name!r}: expert {e}'s weights make a block of shape {list(part.shape)}, the fused "
+                f"tensor's experts are {list(value.shape[1:])} (expert 0's): the per-expert weights disagree"
+            )
+            raise InputError(msg)
         if isinstance(value, torch.Tensor):
-            yield block(dtype).contiguous(), lambda e=e: value[e]
+            yield part, lambda e=e: value[e]
         else:
-            yield block(dtype).contiguous(), lambda block=block: block(torch.float32)
+            yield part, lambda block=block: block(torch.float32)
 
 
 class _Overflow:
@@ -645,7 +654,7 @@ def _write_plain(
             for k in group:
                 # block by block for a tensor of 3+ dimensions (fused experts): one block in memory
                 overflow, offset, streamed = _Overflow(k, state[k], dtypes[k]), 0, _streamed(state[k])
-                for written, source in _parts(state[k], dtypes[k], k in transposed):
+                for written, source in _parts(state[k], dtypes[k], k in transposed, k):
                     if streamed:
                         writer.write_part(k, offset, written)
                         offset += written.numel() * written.element_size()

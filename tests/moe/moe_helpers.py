@@ -550,7 +550,7 @@ def largest_fresh_tensors_of_dequantize(folder: Path, out: Path, monkeypatch, **
     return largest
 
 
-def _whole_parts(value, dtype, transposed):
+def _whole_parts(value, dtype, transposed, name=""):
     """Each tensor of the plain checkpoint built whole, as ``dequantize`` built it before it streamed the
     fused experts: ``_Fused.build`` (an empty fused tensor filled expert by expert) and the decode of a
     whole record, transposed."""

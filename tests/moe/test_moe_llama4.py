@@ -27,6 +27,7 @@ from moe_helpers import (
 )
 from safetensors import safe_open
 
+from converter.errors import InputError
 from converter.kernels import bnb4bit as kernels
 from converter.loader.dequantize import dequantize_checkpoint
 from converter.loader.model import linear4bit_modules, load_quantized
@@ -763,6 +764,23 @@ def test_dequantize_to_float16_counts_the_overflow_over_every_expert_in_one_note
     )
     written = _source(tmp_path / "plain")[name]
     assert int(torch.isinf(written).sum()) == 3
+
+
+def test_dequantize_refuses_an_expert_of_other_shapes_than_the_fused_tensor(llama4, tmp_path):
+    """An expert whose weights make a block of another shape than expert 0's (the per-expert tensors of an
+    edited folder) is refused, naming the fused tensor: the fused tensor is written expert by expert."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "keep"
+    shutil.copytree(llama4("keep"), folder)
+    with safe_open(folder / "model.safetensors", "pt") as f:  # as another tool writes it: no metadata
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    m = "model.layers.1.feed_forward.experts"
+    for p in ("gate", "up"):  # [I, H] -> [H, I]: the same elements, another block
+        tensors[f"{m}.2.{p}_proj.weight"] = tensors[f"{m}.2.{p}_proj.weight"].T.contiguous()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=rf"tensor '{m}.gate_up_proj': expert 2's weights make a block"):
+        dequantize_checkpoint(folder, tmp_path / "plain", verify=False)
 
 
 def test_the_model_card_of_a_quantized_llama4_shows_the_transformers_snippet(llama4):
