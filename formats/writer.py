@@ -8,14 +8,19 @@ real header is written at close, padded with spaces to the reserved size (a mult
 accept trailing whitespace after the JSON). The file lives under a temp name in the same folder
 (``.<name>.partial``) until it is complete, fsynced and renamed; the same inputs give the same bytes.
 
+A fixed slot may also be written in parts (``write_part``: bytes at an offset inside it, in any
+order, each byte once), so that a tensor too large to hold whole (a fused MoE experts tensor) is
+written a block at a time; ``close`` refuses a slot whose parts do not cover it.
+
 States::
 
-    OPEN --write()*--> OPEN --close()--> FINALIZING --> CLOSED
+    OPEN --write()* / write_part()*--> OPEN --close()--> FINALIZING --> CLOSED
       \\------------------- abort() / any failure -----> ABORTED
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import json
 import math
@@ -114,11 +119,15 @@ def temp_path(path: Path) -> Path:
 
 
 def _as_bytes(
-    slot: TensorSlot, data: torch.Tensor | np.ndarray | bytes | bytearray | memoryview
+    slot: TensorSlot,
+    data: torch.Tensor | np.ndarray | bytes | bytearray | memoryview,
+    *,
+    whole: bool = True,
 ) -> memoryview:
-    """A flat byte view of ``data`` after checking its dtype and element count against ``slot``."""
+    """A flat byte view of ``data`` after checking its dtype and (``whole``: a write of the whole slot)
+    element count against ``slot``."""
     where = f"tensor {slot.name!r}"
-    count = None if slot.shape is None else math.prod(slot.shape)
+    count = None if slot.shape is None or not whole else math.prod(slot.shape)
     torch = sys.modules.get("torch")  # a torch tensor can only be passed once torch is imported
     if torch is not None and isinstance(data, torch.Tensor):
         want = __getattr__("TORCH_DTYPES").get(slot.dtype)
@@ -128,7 +137,7 @@ def _as_bytes(
         if count is not None and data.numel() != count:
             msg = f"{where}: {data.numel()} elements written, the plan says shape {list(slot.shape or ())}"
             raise SlotMismatch(msg)
-        if slot.shape is None and data.dim() != 1:
+        if slot.shape is None and whole and data.dim() != 1:
             msg = f"{where}: blob must be a 1-D U8 tensor, got shape {list(data.shape)}"
             raise SlotMismatch(msg)
         flat = data.detach().to("cpu").contiguous().reshape(-1)
@@ -228,6 +237,8 @@ class ShardWriter:
         self._blob_names = sorted(s.name for s in slots if s.shape is None)
         self._blobs: dict[str, bytes] = {}
         self._written: set[str] = set()
+        #: slots written in parts so far (not yet whole): name -> sorted disjoint byte spans [start, end)
+        self._parts: dict[str, list[tuple[int, int]]] = {}
         placeholder = {name: (_PLACEHOLDER_OFFSET, _PLACEHOLDER_OFFSET) for name in self._blob_names}
         self._header_size = -(-len(self._header_json(placeholder)) // 8) * 8
         if self._header_size > MAX_HEADER_SIZE:
@@ -272,6 +283,9 @@ class ShardWriter:
         if name in self._written:
             msg = f"{self.path}: tensor {name!r} written twice"
             raise DuplicateWrite(msg)
+        if name in self._parts:
+            msg = f"{self.path}: tensor {name!r} written whole after parts of it (write_part)"
+            raise DuplicateWrite(msg)
         buf = _as_bytes(slot, data)
         if slot.shape is None:
             self._blobs[name] = bytes(buf)
@@ -283,9 +297,80 @@ class ShardWriter:
                 _pwrite_all(self._fd, buf, self._data_start + self._offsets[name][0])
         self._written.add(name)
 
+    def write_part(
+        self, name: str, byte_offset: int, data: torch.Tensor | np.ndarray | bytes | memoryview
+    ) -> None:
+        """Write part of one planned fixed-size tensor: ``data``'s bytes (its elements in C order, of the
+        slot's dtype) at ``byte_offset`` from the tensor's start. Parts may come in any order; each byte
+        of the slot is written once (a part outside the slot, overlapping another or on a tensor written
+        with ``write`` is refused), and the tensor counts as written once its parts cover it."""
+        self._expect(WriterState.OPEN, "write_part")
+        slot = self._slots.get(name)
+        if slot is None:
+            msg = f"{self.path}: tensor {name!r} is not in this shard's plan"
+            raise UnknownSlot(msg)
+        if slot.shape is None or slot.nbytes is None:
+            msg = f"{self.path}: tensor {name!r} is a variable-length blob: write it whole (write)"
+            raise SlotMismatch(msg)
+        if name in self._written:
+            msg = f"{self.path}: tensor {name!r} written twice (a part after it was written whole)"
+            raise DuplicateWrite(msg)
+        if not isinstance(byte_offset, int) or isinstance(byte_offset, bool):
+            msg = f"{self.path}: tensor {name!r}: byte_offset must be an int, not {byte_offset!r}"
+            raise TypeError(msg)
+        buf = _as_bytes(slot, data, whole=False)
+        start, end, size = byte_offset, byte_offset + buf.nbytes, slot.nbytes
+        if start < 0 or end > size:
+            msg = (
+                f"{self.path}: tensor {name!r}: part of {buf.nbytes} bytes at offset {byte_offset!r} lies "
+                f"outside its {size} bytes"
+            )
+            raise SlotMismatch(msg)
+        if start % DTYPES[slot.dtype] or buf.nbytes % DTYPES[slot.dtype]:
+            msg = (
+                f"{self.path}: tensor {name!r}: part of {buf.nbytes} bytes at offset {start} does not "
+                f"start and end on {slot.dtype} elements ({DTYPES[slot.dtype]} bytes)"
+            )
+            raise SlotMismatch(msg)
+        spans = self._parts.setdefault(name, [])
+        i = bisect.bisect_left(spans, (start, end))
+        before = spans[i - 1] if i else None
+        after = spans[i] if i < len(spans) else None
+        if start < end and (
+            (before is not None and before[1] > start) or (after is not None and after[0] < end)
+        ):
+            other = before if before is not None and before[1] > start else after
+            assert other is not None
+            msg = (
+                f"{self.path}: tensor {name!r}: part [{start}, {end}) overlaps the part "
+                f"[{other[0]}, {other[1]}) already written"
+            )
+            raise DuplicateWrite(msg)
+        if start < end:
+            with naming_os_errors(self.path):
+                _pwrite_all(self._fd, buf, self._data_start + self._offsets[name][0] + start)
+            # merged with its neighbours where they touch: one span once the slot is whole
+            if before is not None and before[1] == start:
+                start = spans.pop(i - 1)[0]
+                i -= 1
+            if after is not None and after[0] == end:
+                end = spans.pop(i)[1]
+            spans.insert(i, (start, end))
+        if spans == [(0, size)] or size == 0:
+            del self._parts[name]
+            self._written.add(name)
+
     def close(self) -> ShardInfo:
         """Append the blobs, write the header, fsync, rename into place, fsync the folder."""
         self._expect(WriterState.OPEN, "close")
+        partial = sorted(self._parts)
+        if partial:
+            shown = ", ".join(
+                f"{m!r} ({sum(b - a for a, b in self._parts[m])} of {self._slots[m].nbytes} bytes)"
+                for m in partial[:10]
+            ) + (" ..." if len(partial) > 10 else "")
+            msg = f"{self.path}: {len(partial)} planned tensor(s) only partly written: {shown}"
+            raise MissingSlots(msg)
         missing = sorted(set(self._slots) - self._written)
         if missing:
             shown = ", ".join(repr(m) for m in missing[:10]) + (" ..." if len(missing) > 10 else "")

@@ -2,7 +2,12 @@
 
 Streams tensor by tensor: the plan (names, shapes, dtypes, shard split) is made from the records
 alone, then each shard is written by ``formats.writer.ShardWriter`` (temp name, fsync, rename) with
-one dequantized weight in memory at a time. Floating-point tensors are written in ``dtype``
+one dequantized weight in memory at a time. A tensor of three or more dimensions (the fused MoE experts
+tensors: Llama 4's and gpt-oss's, fused back from their per-expert records, Qwen3-VL-MoE's fused 3-D
+records, 16-bit fused experts kept) is never built whole: it is written block by block along its first
+dimension (one expert's block at a time, ``ShardWriter.write_part``), so the memory a write takes is
+one expert's block, not the fused tensor (21.5 GB in bf16 for one of Llama 4 Maverick's
+``gate_up_proj``). Floating-point tensors are written in ``dtype``
 (integer tensors such as ``position_ids`` keep theirs). ``config.json`` loses its
 ``quantization_config`` and gets ``dtype`` / ``torch_dtype``; tokenizer and other files are copied
 (with the sentence-transformers module folders convert copies: ``1_Pooling/config.json``).
@@ -10,7 +15,8 @@ The index is written last, so a folder with an index is complete.
 
 GPT-2 style ``Conv1D`` weights (and Qwen3-VL-MoE's fused experts, ``[E, in, out]`` on the Hub) are stored
 ``[in, out]`` by transformers but quantized as ``[out, in]``
-(bitsandbytes' layout): they are written back transposed, so that plain transformers loads the folder.
+(bitsandbytes' layout): they are written back transposed (a fused 3-D record expert by expert, each
+expert's run of blocks decoded alone), so that plain transformers loads the folder.
 Which weights those are: the ``transposed`` flag of our per-tensor metadata, or, for a folder another
 tool wrote (transformers + bitsandbytes' ``save_pretrained``), the ``Conv1D`` modules of the model that
 ``config.json`` describes (built on the meta device).
@@ -25,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +56,8 @@ from converter.writer.manifest import (
     source_overlap,
     writing_to,
 )
-from formats.record import QuantizedTensor
+from formats.quant_types import NESTED_BLOCKSIZE
+from formats.record import NestedAbsmax, QuantizedTensor
 from formats.writer import DTYPE_CODES, ShardWriter, TensorSlot
 
 #: Present in the output until the plain checkpoint is complete (the last step removes it).
@@ -191,14 +198,13 @@ class _Fused:
     shape: tuple[int, ...]
     stack_only: bool = False  # gpt-oss's biases: stacked as they are (no transpose)
 
-    def build(self, dtype: torch.dtype) -> torch.Tensor:
+    def block(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert ``e``'s block ``[*shape[1:]]`` of the fused tensor in ``dtype`` (never the whole tensor:
+        it is written block by block, ``_parts``)."""
         from converter.sources.llama4 import fused_block
 
-        out = torch.empty(self.shape, dtype=dtype)
-        for e, parts in enumerate(self.parts):
-            pieces = [_tensor(p, dtype, False) for p in parts]
-            out[e] = pieces[0] if self.stack_only else fused_block(pieces)
-        return out
+        pieces = [_tensor(p, dtype, False) for p in self.parts[e]]
+        return pieces[0] if self.stack_only else fused_block(pieces)
 
 
 def _fuse_llama4(state: dict, config: dict | None) -> dict:
@@ -270,50 +276,142 @@ def _fuse_gpt_oss(state: dict) -> dict:
     return _replaced(state, fused) if fused else state
 
 
-def _tensor(
-    value: QuantizedTensor | torch.Tensor | _Fused, dtype: torch.dtype, transposed: bool
-) -> torch.Tensor:
-    if isinstance(value, _Fused):
-        return value.build(dtype)
+def _tensor(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):  # a quantized record: its method decodes it
         w = for_record(value).dequantize(value, dtype)
         return w.transpose(-2, -1) if transposed else w
     return value.to(dtype)
 
 
-def _overflow_note(
-    name: str, value: QuantizedTensor | torch.Tensor | _Fused, written: torch.Tensor
-) -> str | None:
-    """The warning for a tensor ``written`` holds Inf where ``value`` (decoded in float32) is finite:
-    values past the dtype's range that the cast made Inf (they are written so, as transformers' cast
-    makes them), else None. No tensor-sized temporary unless a written value is not finite."""
-    # a cast that can overflow: to float16, or a float32/float64 tensor to bf16 (bf16's range is float32's,
-    # so a bf16 run pays no extra pass over its decoded 4-bit weights, whose values are float32 products)
-    wide_source = isinstance(value, torch.Tensor) and value.dtype in (torch.float32, torch.float64)
-    if not written.numel() or not (
-        written.dtype == torch.float16 or (wide_source and written.dtype != value.dtype)
-    ):
-        return None
-    if all(torch.isfinite(m) for m in torch.aminmax(written)):
-        return None
-    if isinstance(value, _Fused):  # Llama 4's / gpt-oss's experts, fused from their per-expert weights
-        source = value.build(torch.float32)
-    elif isinstance(value, torch.Tensor):
-        source = value
-    else:
-        source = for_record(value).dequantize(value, torch.float32)
-    source = source.reshape(written.shape) if source.numel() == written.numel() else None
-    if source is None or not source.is_floating_point():
-        return None
-    over = torch.isinf(written) & torch.isfinite(source)
-    if not bool(over.any()):
-        return None
-    dtype = str(written.dtype).removeprefix("torch.")
-    return (
-        f"tensor {name!r} holds {int(over.sum())} value(s) past {dtype}'s range (|w| up to "
-        f"{float(source[over].abs().max()):.4g}), which the cast to {dtype} turns into Inf, written as such "
-        "(transformers' cast does the same): the model computes Inf/NaN from it; use --dtype fp32 or bf16"
+def _record_rows(record: QuantizedTensor, index: int, dtype: torch.dtype) -> torch.Tensor:
+    """``record``'s block ``index`` along its first dimension (``[*shape[1:]]``: one expert of a fused 3-D
+    record) decoded in ``dtype``, the same bits as that block of the whole record's decode: the run of
+    4-bit blocks that holds it (widened to whole 256-block nested groups, so that each absmax is decoded
+    from its own nested block, with the record's offset) is decoded as a record of its own."""
+    per = math.prod(record.shape[1:])
+    start, stop, bs = index * per, (index + 1) * per, record.blocksize
+    b0, b1 = start // bs, -(-stop // bs)
+    nested = None
+    if record.nested is not None:
+        g0, g1 = b0 // NESTED_BLOCKSIZE, -(-b1 // NESTED_BLOCKSIZE)
+        b0, b1 = g0 * NESTED_BLOCKSIZE, min(g1 * NESTED_BLOCKSIZE, record.n_blocks)
+        nested_absmax = record.nested.nested_absmax.reshape(-1)[g0:g1]
+        nested = NestedAbsmax(nested_absmax, record.nested.nested_quant_map, record.nested.offset)
+    e0, e1 = b0 * bs, min(b1 * bs, record.n)
+    from converter.loader.ops import packed_bytes
+
+    piece = QuantizedTensor(
+        record.name,
+        (e1 - e0,),
+        record.dtype,
+        record.quant_type,
+        bs,
+        packed_bytes(record.packed)[e0 // 2 : (e1 + 1) // 2].reshape(-1, 1),
+        record.absmax.reshape(-1)[b0:b1],
+        record.quant_map,
+        nested,
+        prechecked=True,  # views of a checked record
     )
+    flat = for_record(piece).dequantize(piece, dtype).reshape(-1)
+    return flat[start - e0 : stop - e0].reshape(record.shape[1:])
+
+
+def _streamed(value: QuantizedTensor | torch.Tensor | _Fused) -> bool:
+    """Whether ``value`` is written block by block along its first dimension (three or more dimensions:
+    fused experts), not built whole."""
+    if isinstance(value, _Fused):
+        return bool(value.parts) and math.prod(value.shape) > 0
+    if isinstance(value, (torch.Tensor, QuantizedTensor)):
+        return len(value.shape) >= 3 and math.prod(value.shape) > 0
+    return False  # another method's record (int8: 2-D only): whole
+
+
+def _parts(
+    value: QuantizedTensor | torch.Tensor | _Fused, dtype: torch.dtype, transposed: bool, name: str = ""
+) -> Iterator[tuple[torch.Tensor, Callable[[], torch.Tensor | None]]]:
+    """The tensor ``value`` is written as, in ``dtype``, in consecutive C-contiguous parts in file order:
+    each with a callable giving the same part decoded in float32 (a 16-bit tensor: as it is; None where
+    there is none), for the overflow check. A tensor of three or more dimensions comes block by block
+    along its first dimension (one expert at a time); any other tensor whole, in one part. ``name``: the
+    tensor's, for the error a fused tensor's expert of another shape than expert 0's gets."""
+    if isinstance(value, _Fused) and not _streamed(value):  # no element: one empty part
+        yield torch.empty(value.shape, dtype=dtype), lambda: None
+        return
+    if not _streamed(value):
+        assert not isinstance(value, _Fused)
+        whole = value
+        if isinstance(whole, torch.Tensor):
+            yield whole.to(dtype).contiguous(), lambda: whole
+        else:
+            yield (
+                _tensor(whole, dtype, transposed).contiguous(),
+                lambda: _tensor(whole, torch.float32, transposed),
+            )
+        return
+    for e in range(value.shape[0]):
+
+        def block(dtype_: torch.dtype, e: int = e) -> torch.Tensor:
+            if isinstance(value, _Fused):
+                return value.block(e, dtype_)
+            if isinstance(value, torch.Tensor):
+                return value[e].to(dtype_)
+            w = _record_rows(value, e, dtype_)
+            return w.transpose(-2, -1) if transposed else w
+
+        part = block(dtype).contiguous()
+        if isinstance(value, _Fused) and tuple(part.shape) != value.shape[1:]:
+            # per-expert weights of other shapes than expert 0's (a folder not written by us, edited)
+            msg = (
+                f"tensor {name!r}: expert {e}'s weights make a block of shape {list(part.shape)}, the fused "
+                f"tensor's experts are {list(value.shape[1:])} (expert 0's): the per-expert weights disagree"
+            )
+            raise InputError(msg)
+        if isinstance(value, torch.Tensor):
+            yield part, lambda e=e: value[e]
+        else:
+            yield part, lambda block=block: block(torch.float32)
+
+
+class _Overflow:
+    """The float16 / bfloat16 overflow check of one tensor written in parts: finite values (decoded in
+    float32) the cast to the written dtype made Inf, counted over the parts into one note."""
+
+    def __init__(self, name: str, value: QuantizedTensor | torch.Tensor | _Fused, dtype: torch.dtype) -> None:
+        self.name, self.dtype = name, dtype
+        # a cast that can overflow: to float16, or a float32/float64 tensor to bf16 (bf16's range is
+        # float32's, so a bf16 run pays no extra pass over its decoded 4-bit weights, whose values are
+        # float32 products)
+        wide = isinstance(value, torch.Tensor) and value.dtype in (torch.float32, torch.float64)
+        self.checked = dtype == torch.float16 or (wide and dtype != value.dtype)
+        self.count, self.largest = 0, 0.0
+
+    def add(self, written: torch.Tensor, source: Callable[[], torch.Tensor | None]) -> None:
+        """Count the part ``written`` (``source()``: the same part decoded, only called when ``written``
+        holds a value that is not finite). No part-sized temporary otherwise."""
+        if not self.checked or not written.numel():
+            return
+        if all(torch.isfinite(m) for m in torch.aminmax(written)):
+            return
+        decoded = source()
+        if decoded is None or decoded.numel() != written.numel() or not decoded.is_floating_point():
+            return
+        decoded = decoded.reshape(written.shape)
+        over = torch.isinf(written) & torch.isfinite(decoded)
+        if bool(over.any()):
+            self.count += int(over.sum())
+            self.largest = max(self.largest, float(decoded[over].abs().max()))
+
+    def note(self) -> str | None:
+        """The warning for the tensor (values past the dtype's range that the cast made Inf: written so,
+        as transformers' cast makes them), else None."""
+        if not self.count:
+            return None
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"tensor {self.name!r} holds {self.count} value(s) past {dtype}'s range (|w| up to "
+            f"{self.largest:.4g}), which the cast to {dtype} turns into Inf, written as such "
+            "(transformers' cast does the same): the model computes Inf/NaN from it; use --dtype fp32 or bf16"
+        )
 
 
 def _shape(value: QuantizedTensor | torch.Tensor, transposed: bool) -> tuple[int, ...]:
@@ -554,10 +652,17 @@ def _write_plain(
         slots = [TensorSlot(k, DTYPE_CODES[dtypes[k]], _shape(state[k], k in transposed)) for k in group]
         with ShardWriter(out / shard_name, slots, {}) as writer:
             for k in group:
-                written = _tensor(state[k], dtypes[k], k in transposed).contiguous()
-                writer.write(k, written)
-                note = _overflow_note(k, state[k], written.transpose(-2, -1) if k in transposed else written)
-                del written
+                # block by block for a tensor of 3+ dimensions (fused experts): one block in memory
+                overflow, offset, streamed = _Overflow(k, state[k], dtypes[k]), 0, _streamed(state[k])
+                for written, source in _parts(state[k], dtypes[k], k in transposed, k):
+                    if streamed:
+                        writer.write_part(k, offset, written)
+                        offset += written.numel() * written.element_size()
+                    else:  # the one part: the whole tensor
+                        writer.write(k, written)
+                    overflow.add(written, source)
+                    del written, source
+                note = overflow.note()
                 if note is not None:
                     result.notes.append(note)
                     warn(note)

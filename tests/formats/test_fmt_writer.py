@@ -143,6 +143,85 @@ def test_refuses_unknown_duplicate_wrong_size_and_dtype(tmp_path: Path) -> None:
     assert load_file(info.path)["b"].tolist() == list(b'{"k": 1}')
 
 
+def test_write_part_gives_the_bytes_of_one_write(tmp_path: Path) -> None:
+    """A tensor written in parts (any order, any mix of torch, numpy and bytes) gives the file that one
+    write of the whole tensor gives."""
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    c = torch.tensor([1.5, -2.0, 3.25], dtype=torch.bfloat16)
+    slots = [TensorSlot("a", "F32", (3, 4)), TensorSlot("b", "U8", None), TensorSlot("c", "BF16", (3,))]
+    with ShardWriter(tmp_path / "whole.safetensors", slots, {}) as whole:
+        whole.write("a", a)
+        whole.write("b", b'{"k": 1}')
+        whole.write("c", c)
+    with ShardWriter(tmp_path / "parts.safetensors", slots, {}) as w:
+        w.write_part("a", 32, a[2])  # the last row first
+        w.write_part("a", 0, a[0].numpy())
+        w.write_part("a", 16, a[1].numpy().tobytes())
+        w.write_part("c", 4, c[2:])
+        w.write_part("c", 0, c[:2])
+        w.write("b", b'{"k": 1}')
+    assert (tmp_path / "parts.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    empty = TensorSlot("z", "F32", (0, 4))
+    with ShardWriter(tmp_path / "empty.safetensors", [empty], {}) as w:
+        w.write_part("z", 0, torch.zeros(0))  # a zero-size tensor is whole with its empty part
+    assert load_file(tmp_path / "empty.safetensors")["z"].shape == (0, 4)
+
+
+def test_write_part_refuses_parts_outside_overlapping_or_missing(tmp_path: Path) -> None:
+    slots = [TensorSlot("a", "F32", (3, 4)), TensorSlot("b", "U8", None), TensorSlot("c", "BF16", (3,))]
+    w = ShardWriter(tmp_path / "x.safetensors", slots, {})
+    with pytest.raises(UnknownSlot, match="'zz' is not in this shard's plan"):
+        w.write_part("zz", 0, torch.zeros(4))
+    with pytest.raises(SlotMismatch, match="'b' is a variable-length blob: write it whole"):
+        w.write_part("b", 0, b"{}")
+    with pytest.raises(SlotMismatch, match=r"'a': part of 16 bytes at offset 40 lies outside its 48 bytes"):
+        w.write_part("a", 40, torch.zeros(4))
+    with pytest.raises(SlotMismatch, match=r"'a': part of 4 bytes at offset -4 lies outside"):
+        w.write_part("a", -4, torch.zeros(1))
+    with pytest.raises(SlotMismatch, match=r"does not start and end on F32 elements \(4 bytes\)"):
+        w.write_part("a", 2, torch.zeros(1))
+    with pytest.raises(SlotMismatch, match=r"does not start and end on F32 elements"):
+        w.write_part("a", 0, b"123")
+    with pytest.raises(SlotMismatch, match=r"dtype torch\.float16 written to a F32 slot"):
+        w.write_part("a", 0, torch.zeros(4, dtype=torch.float16))
+    with pytest.raises(TypeError, match="byte_offset must be an int"):
+        w.write_part("a", 0.0, torch.zeros(4))  # type: ignore[arg-type]
+    w.write_part("a", 16, torch.ones(4))
+    with pytest.raises(DuplicateWrite, match=r"'a': part \[16, 32\) overlaps the part \[16, 32\)"):
+        w.write_part("a", 16, torch.ones(4))  # the same part again
+    with pytest.raises(DuplicateWrite, match=r"'a': part \[8, 24\) overlaps the part \[16, 32\)"):
+        w.write_part("a", 8, torch.ones(4))
+    with pytest.raises(DuplicateWrite, match=r"'a': part \[28, 36\) overlaps the part \[16, 32\)"):
+        w.write_part("a", 28, torch.ones(2))
+    with pytest.raises(DuplicateWrite, match="'a' written whole after parts of it"):
+        w.write("a", torch.zeros(12))
+    w.write_part("a", 0, torch.ones(4))
+    w.write("b", b"{}")
+    w.write("c", torch.zeros(3, dtype=torch.bfloat16))
+    with pytest.raises(DuplicateWrite, match="'c' written twice"):
+        w.write_part("c", 0, torch.zeros(1, dtype=torch.bfloat16))
+    with pytest.raises(
+        MissingSlots, match=r"1 planned tensor\(s\) only partly written: 'a' \(32 of 48 bytes\)"
+    ):
+        w.close()
+    assert w.state is WriterState.OPEN  # refused before finalizing: the missing part can still come
+    w.write_part("a", 32, torch.ones(4))
+    with pytest.raises(DuplicateWrite, match="'a' written twice"):
+        w.write_part("a", 0, torch.zeros(0))  # nothing more once whole, not even an empty part
+    info = w.close()
+    assert load_file(info.path)["a"].tolist() == [[1.0] * 4] * 3
+    with pytest.raises(WriterStateError, match=r"write_part\(\) needs state open, the writer is closed"):
+        w.write_part("a", 0, torch.zeros(4))
+
+
+def test_a_part_left_out_leaves_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(MissingSlots, match=r"'a' \(16 of 48 bytes\)"):
+        with ShardWriter(path, [TensorSlot("a", "F32", (3, 4))], {}) as w:
+            w.write_part("a", 0, torch.zeros(4))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_abort_and_exceptions_leave_no_file(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
     w = _small_writer(path)

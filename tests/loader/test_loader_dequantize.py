@@ -561,3 +561,32 @@ def test_values_the_cast_makes_inf_are_named(tmp_path: Path) -> None:
     told.clear()
     assert dequantize_checkpoint(folder, tmp_path / "fp32", dtype="fp32", warn=told.append).notes == []
     assert told == []
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 32), (5, 7, 9), (6, 128, 96), (3, 257, 65)])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_one_expert_of_a_fused_record_decodes_to_its_block_of_the_whole_decode(shape, nested, dtype):
+    """dequantize decodes a fused 3-D record expert by expert: each expert's block equals, bit for bit,
+    that block of the whole record's decode, where experts fill whole 64-element blocks or not (5 x 7 x 9:
+    63 elements each, an odd count of elements in all) and where an expert's blocks start or end inside a
+    256-block nested group (6 x 128 x 96: 192 blocks each; 3 x 257 x 65: neither)."""
+    from converter.loader.dequantize import _record_rows
+    from converter.methods import for_record
+    from formats import reference
+    from formats.quant_types import QuantType
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    packed, absmax = reference.quantize_4bit(x.float().reshape(-1).numpy(), 64, QuantType.NF4)
+    nest = None
+    if nested:
+        codes, nested_absmax, offset = reference.quantize_nested(absmax)
+        nest = (torch.from_numpy(codes), torch.from_numpy(nested_absmax), float(offset))
+    rec = QuantizedTensor.from_kernel_outputs(
+        "w", shape, "bfloat16", QuantType.NF4, 64, torch.from_numpy(packed), torch.from_numpy(absmax), nest
+    )
+    whole = for_record(rec).dequantize(rec, dtype)
+    for e in range(shape[0]):
+        block = _record_rows(rec, e, dtype)
+        assert block.shape == shape[1:]
+        assert torch.equal(block.view(torch.uint8), whole[e].contiguous().view(torch.uint8)), e

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from error_bounds import U32, gamma
 from tiny_models import _decoder
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -500,3 +502,95 @@ def assert_quantize_resumes_after_sigkill(src: Path, tmp_path: Path) -> None:
     assert r.resumed
     assert r.shards_reused == len(manifest["shards"])
     assert _output_hashes(out) == _output_hashes(reference)
+
+
+class FreshTensors(TorchDispatchMode):
+    """Records the largest CPU tensor any torch operation allocates while it is active: an output whose
+    storage is none of the operation's inputs' (views and in-place results are not allocations). Our
+    C++ decode kernels are called directly, not through the dispatcher; what they return is not seen,
+    but everything torch makes of it (casts, transposes, concatenations, stacks, ``torch.empty``) is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0  # bytes
+        self.shape: tuple[int, ...] = ()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if t.device.type == "cpu"}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in inputs and storage.nbytes() > self.largest:
+                    self.largest, self.shape = storage.nbytes(), tuple(t.shape)
+        return out
+
+
+def largest_fresh_tensors_of_dequantize(folder: Path, out: Path, monkeypatch, **kwargs) -> dict[str, tuple]:
+    """Each tensor of the plain checkpoint ``dequantize_checkpoint`` writes from ``folder`` into ``out`` ->
+    (bytes, shape) of the largest tensor torch allocated while it made and wrote that tensor (from the
+    end of the tensor written before it: its ``progress`` call)."""
+    from converter.loader import dequantize as deq
+
+    seen, largest = FreshTensors(), {}
+    write_plain = deq._write_plain
+
+    def watched(*a, **k):
+        with seen:
+            return write_plain(*a, **k)
+
+    def written(name: str) -> None:
+        largest[name] = (seen.largest, seen.shape)
+        seen.largest, seen.shape = 0, ()
+
+    monkeypatch.setattr(deq, "_write_plain", watched)
+    deq.dequantize_checkpoint(folder, out, progress=written, **kwargs)
+    monkeypatch.setattr(deq, "_write_plain", write_plain)
+    return largest
+
+
+def _whole_parts(value, dtype, transposed, name=""):
+    """Each tensor of the plain checkpoint built whole, as ``dequantize`` built it before it streamed the
+    fused experts: ``_Fused.build`` (an empty fused tensor filled expert by expert) and the decode of a
+    whole record, transposed."""
+    from converter.loader import dequantize as deq
+    from converter.methods import for_record
+    from converter.sources.llama4 import fused_block
+
+    def whole(v, dtype_, flip):
+        if isinstance(v, torch.Tensor):
+            return v.to(dtype_)
+        w = for_record(v).dequantize(v, dtype_)
+        return w.transpose(-2, -1) if flip else w
+
+    if isinstance(value, deq._Fused):
+        out = torch.empty(value.shape, dtype=dtype)
+        for e, parts in enumerate(value.parts):
+            pieces = [whole(p, dtype, False) for p in parts]
+            out[e] = pieces[0] if value.stack_only else fused_block(pieces)
+        yield out, lambda: None
+    else:
+        yield whole(value, dtype, transposed).contiguous(), lambda: whole(value, torch.float32, transposed)
+
+
+def assert_streamed_bytes_equal_whole_build(folder: Path, tmp_path: Path, monkeypatch, **kwargs) -> None:
+    """``dequantize`` of ``folder`` (its fused experts written expert by expert) writes the very bytes of
+    the same dequantize with every tensor built whole and written at once (``_whole_parts``)."""
+    from converter.loader import dequantize as deq
+
+    deq.dequantize_checkpoint(folder, tmp_path / "streamed", **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(deq, "_parts", _whole_parts)
+        m.setattr(deq, "_streamed", lambda value: False)
+        deq.dequantize_checkpoint(folder, tmp_path / "whole", **kwargs)
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir() if p.suffix in (".safetensors", ".json"))
+    files = [f for f in files if not f.startswith(".")]
+    assert any(f.endswith(".safetensors") for f in files)
+    assert files == sorted(
+        p.name
+        for p in (tmp_path / "streamed").iterdir()
+        if p.suffix in (".safetensors", ".json") and not p.name.startswith(".")
+    )
+    for f in files:
+        assert (tmp_path / "streamed" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f

@@ -20,7 +20,9 @@ import torch
 from click.testing import CliRunner
 from moe_helpers import (
     assert_float32_experts_within_bound,
+    assert_streamed_bytes_equal_whole_build,
     fused_keys,
+    largest_fresh_tensors_of_dequantize,
     load_bf16_eager,
     make_qwen3_vl_moe,
     read_config,
@@ -227,6 +229,35 @@ def test_dequantize_writes_the_source_names_and_orientation(vl, hub):
         gu, dn = ours.expert_weights(e, torch.bfloat16)
         assert torch.equal(experts.gate_up_proj[e], gu)
         assert torch.equal(experts.down_proj[e], dn)
+
+
+@pytest.mark.parametrize(("inter", "hub"), [(128, True), (256, False)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_dequantize_never_builds_a_fused_experts_tensor_whole(vl, inter, hub, dtype, tmp_path, monkeypatch):
+    """dequantize decodes a fused 3-D record expert by expert (each expert's run of blocks, widened to
+    whole 256-block nested groups) and writes it, transposed back where the source was in the Hub's
+    orientation, expert by expert: no tensor torch allocates while it makes and writes one is as large
+    as it (it decoded the whole record, then made a transposed copy of it)."""
+    _, q, _ = vl(inter, hub)
+    size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    largest = largest_fresh_tensors_of_dequantize(q, tmp_path / "plain", monkeypatch, dtype=dtype)
+    for i in range(2):
+        for key in (GU.format(i), DN.format(i)):
+            numel = 4 * 2 * inter * 64 if key == GU.format(i) else 4 * inter * 64
+            # one expert's block, or the nested groups that hold it (inter 128: down_proj's 128 blocks)
+            block = max(numel // 4, 256 * 64)
+            assert largest[key][0] < numel * size, (key, largest[key])
+            assert largest[key][0] <= block * size, (key, largest[key])
+
+
+@pytest.mark.parametrize(("inter", "hub"), [(128, True), (128, False), (256, True)])
+def test_dequantize_streamed_bytes_equal_the_whole_tensor_build(vl, inter, hub, tmp_path, monkeypatch):
+    """The fused records decoded and written expert by expert (expert boundaries inside a nested group
+    with inter 128): the same file, byte for byte, as each record decoded whole (and transposed) and
+    written at once, in bf16, float16 (with its overflow check) and float32."""
+    _, q, _ = vl(inter, hub)
+    for dtype in ("bfloat16", "float16", "float32"):
+        assert_streamed_bytes_equal_whole_build(q, tmp_path / dtype, monkeypatch, dtype=dtype)
 
 
 @pytest.mark.parametrize("inter", [128, 256])

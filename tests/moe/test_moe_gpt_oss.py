@@ -22,7 +22,9 @@ from click.testing import CliRunner
 from moe_helpers import (
     GPT_OSS,
     assert_quantize_resumes_after_sigkill,
+    assert_streamed_bytes_equal_whole_build,
     gpt_oss_reference_and_bound,
+    largest_fresh_tensors_of_dequantize,
     make_gpt_oss,
 )
 from safetensors import safe_open
@@ -430,6 +432,34 @@ def test_dequantize_writes_the_fused_tensors_transformers_loads(gpt_oss):
     assert not info["missing_keys"]
     assert not info["unexpected_keys"]
     assert not info["mismatched_keys"]
+
+
+@pytest.mark.parametrize("name", ["q", "keep"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_dequantize_never_builds_a_fused_experts_tensor_whole(gpt_oss, name, dtype, tmp_path, monkeypatch):
+    """dequantize writes gate_up_proj [E, H, 2I] / down_proj [E, I, H] (fused back from the per-expert
+    records, or the kept 16-bit fused tensors cast) and the biases stacked from per-expert ones expert by
+    expert: no tensor torch allocates while it makes and writes one is as large as it, the largest is
+    one expert's block."""
+    size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    largest = largest_fresh_tensors_of_dequantize(gpt_oss(name), tmp_path / "plain", monkeypatch, dtype=dtype)
+    for i in range(LAYERS):
+        m = f"model.layers.{i}.mlp.experts"
+        fused = {"gate_up_proj": E * H * 2 * INTER, "down_proj": E * INTER * H}
+        if name == "q":  # stacked from the per-expert biases (kept: 2-D tensors, written whole)
+            fused |= {"gate_up_proj_bias": E * 2 * INTER, "down_proj_bias": E * H}
+        for leaf, numel in fused.items():
+            key = f"{m}.{leaf}"
+            assert largest[key][0] < numel * size, (key, largest[key])
+            assert largest[key][0] <= numel // E * size, (key, largest[key])
+
+
+@pytest.mark.parametrize("name", ["q", "keep"])
+def test_dequantize_streamed_bytes_equal_the_whole_tensor_build(gpt_oss, name, tmp_path, monkeypatch):
+    """The fused tensors and stacked biases written expert by expert: the same file, byte for byte, as
+    each built whole and written at once (bf16, float16 with its overflow check, float32)."""
+    for dtype in ("bfloat16", "float16", "float32"):
+        assert_streamed_bytes_equal_whole_build(gpt_oss(name), tmp_path / dtype, monkeypatch, dtype=dtype)
 
 
 def test_model_dequantize_restores_gpt_oss_experts(gpt_oss, tmp_path):

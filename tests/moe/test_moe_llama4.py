@@ -18,9 +18,16 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from moe_helpers import LLAMA4, assert_quantize_resumes_after_sigkill, make_llama4
+from moe_helpers import (
+    LLAMA4,
+    assert_quantize_resumes_after_sigkill,
+    assert_streamed_bytes_equal_whole_build,
+    largest_fresh_tensors_of_dequantize,
+    make_llama4,
+)
 from safetensors import safe_open
 
+from converter.errors import InputError
 from converter.kernels import bnb4bit as kernels
 from converter.loader.dequantize import dequantize_checkpoint
 from converter.loader.model import linear4bit_modules, load_quantized
@@ -684,6 +691,29 @@ def test_on_cuda_every_4bit_layer_is_within_the_gemv_bound_and_stock_bitsandbyte
         assert stock.generate(IDS[:, :4].cuda(), max_new_tokens=5, do_sample=False).shape == (1, 9)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_dequantize_never_builds_a_fused_experts_tensor_whole(llama4, mode, dtype, tmp_path, monkeypatch):
+    """dequantize writes gate_up_proj [E, H, 2I] / down_proj [E, I, H] expert by expert: no tensor torch
+    allocates while it makes and writes one is as large as it, the largest is one expert's block (it built
+    each fused tensor whole: 21.5 GB for one of Maverick's gate_up_proj in bf16)."""
+    size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    largest = largest_fresh_tensors_of_dequantize(llama4(mode), tmp_path / "plain", monkeypatch, dtype=dtype)
+    for i in range(LAYERS):
+        m = f"model.layers.{i}.feed_forward.experts"
+        for key, numel in ((f"{m}.gate_up_proj", E * H * 2 * INTER), (f"{m}.down_proj", E * INTER * H)):
+            assert largest[key][0] < numel * size, (key, largest[key])
+            assert largest[key][0] <= numel // E * size, (key, largest[key])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_dequantize_streamed_bytes_equal_the_whole_tensor_build(llama4, mode, tmp_path, monkeypatch):
+    """The fused tensors written expert by expert: the same file, byte for byte, as each fused tensor
+    built whole and written at once (bf16, float16 with its overflow check, float32)."""
+    for dtype in ("bfloat16", "float16", "float32"):
+        assert_streamed_bytes_equal_whole_build(llama4(mode), tmp_path / dtype, monkeypatch, dtype=dtype)
+
+
 def test_dequantize_to_float16_names_fused_experts_the_cast_makes_inf(llama4, tmp_path):
     """A Llama 4 expert weight past float16's range: dequantize --dtype float16 names the fused tensor it
     writes (the check decoded a fused tensor as if it were a quantized record: AttributeError)."""
@@ -706,6 +736,51 @@ def test_dequantize_to_float16_names_fused_experts_the_cast_makes_inf(llama4, tm
     assert notes[0].startswith(
         f"tensor {name!r} holds 1 value(s) past float16's range (|w| up to 9.984e+04)"
     )  # 1e5 in bf16
+
+
+def test_dequantize_to_float16_counts_the_overflow_over_every_expert_in_one_note(llama4, tmp_path):
+    """The fused tensor is written expert by expert; the float16 overflow check counts the values of every
+    expert's block into one note naming the fused tensor, with the largest |w| of them all."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(llama4("src"), src)
+    tensors = _source(src)
+    name = "model.layers.1.feed_forward.experts.down_proj"
+    tensors[name][0, 3, 5] = 1.0e5
+    tensors[name][2, 7, 1] = -2.0e5
+    tensors[name][3, 0, 0] = 7.0e4
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    folder = tmp_path / "keep"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, folder, progress=False)
+    notes = []
+    dequantize_checkpoint(folder, tmp_path / "plain", dtype="float16", warn=notes.append)
+    largest = float(torch.tensor(-2.0e5, dtype=torch.bfloat16).abs())
+    assert len(notes) == 1, notes
+    assert notes[0].startswith(
+        f"tensor {name!r} holds 3 value(s) past float16's range (|w| up to {largest:.4g})"
+    )
+    written = _source(tmp_path / "plain")[name]
+    assert int(torch.isinf(written).sum()) == 3
+
+
+def test_dequantize_refuses_an_expert_of_other_shapes_than_the_fused_tensor(llama4, tmp_path):
+    """An expert whose weights make a block of another shape than expert 0's (the per-expert tensors of an
+    edited folder) is refused, naming the fused tensor: the fused tensor is written expert by expert."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "keep"
+    shutil.copytree(llama4("keep"), folder)
+    with safe_open(folder / "model.safetensors", "pt") as f:  # as another tool writes it: no metadata
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    m = "model.layers.1.feed_forward.experts"
+    for p in ("gate", "up"):  # [I, H] -> [H, I]: the same elements, another block
+        tensors[f"{m}.2.{p}_proj.weight"] = tensors[f"{m}.2.{p}_proj.weight"].T.contiguous()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=rf"tensor '{m}.gate_up_proj': expert 2's weights make a block"):
+        dequantize_checkpoint(folder, tmp_path / "plain", verify=False)
 
 
 def test_the_model_card_of_a_quantized_llama4_shows_the_transformers_snippet(llama4):
