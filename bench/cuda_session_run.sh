@@ -35,6 +35,7 @@
 #   moeprof  bench_moe.py --modes profile,graphed-compiled at $MOE_LAYERS (default 12) layers: kernels per token by family
 #   moe      bench_moe.py --device cuda: whole Qwen3-30B-A3B-shaped model (MOE_LAYERS, default 48 layers),
 #            ours vs bf16: memory, MoE blocks, generate() eager and compiled
+#   moeall   every cuda-marked test under tests/moe (after a change to the shared experts forward)
 #   llama4   bench_llama4.py --device cuda: Llama 4 Scout's shapes at $LLAMA4_LAYERS (default 4) layers, $LLAMA4_MODES
 #            (default eager; eager,compiled,graphed-compiled), routed 4-bit
 #            experts vs the same folder run densely vs transformers + bnb vs bf16, decode
@@ -127,6 +128,7 @@ for s in ${*:-env}; do
     rebuild) step rebuild bash "$ROOT/bench/cuda_device_run.sh" build ;;  # a warm machine keeps the last build: after a kernel change
     moetests) step moetests timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/moe/test_moe_cuda.py" \
       "$ROOT/tests/moe/test_moe_router_cuda.py" "$ROOT/tests/cuda/test_cuda_gemv_stream.py" "$ROOT/tests/cuda/test_cuda_gemv_multi.py" ;;
+    moeall) step moeall timeout "${MOEALL_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rs -m cuda "$ROOT/tests/moe" ;;
     moegemv) step moegemv timeout 120 python3 "$ROOT/bench/bench_moe_gemv_cuda.py" --replays 15 --json "$OUT/moegemv.json" ;;
     moencu) step moencu timeout 240 bash -c "for k in grouped_glu grouped_sum; do ncu --clock-control none -k regex:\$k \
       --launch-skip 2 --launch-count 1 --set full python3 $ROOT/bench/profile_moe_gemv.py; done" ;;
