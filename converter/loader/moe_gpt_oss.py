@@ -47,7 +47,7 @@ from converter.loader.moe import (
     _needs_autograd,
     _own_gate,
 )
-from converter.loader.moe_records import MoeLoadError, host, span_record
+from converter.loader.moe_records import MoeLoadError, _own, host, span_record
 from converter.sources.gpt_oss import EXPERT_KEY
 from formats.quant_types import NESTED_BLOCKSIZE
 from formats.record import QuantizedTensor
@@ -253,7 +253,7 @@ class QuantGptOssExperts4bit(QuantExperts4bit):
                 name = f"{prefix}{proj}.{e}.weight"
                 rec = span_record(self, nested, name, shapes[proj], e, self._spans(proj), r)
                 destination.update(rec.state_dict())
-                destination[f"{prefix}{proj}.{e}.bias"] = biases[proj][e].detach().to("cpu", copy=True)
+                destination[f"{prefix}{proj}.{e}.bias"] = _own(biases[proj][e])
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -219,8 +219,10 @@ def host(t: torch.Tensor) -> torch.Tensor:
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor with storage of its own (slices of one buffer would be shared tensors to the saver)."""
-    return t.detach().to("cpu", copy=True)
+    """A CPU tensor with storage of its own (slices of one buffer would be shared tensors to the saver);
+    a meta tensor (``estimate``'s skeleton: accelerate's check_device_map lists its state_dict) stays
+    meta, having no data to copy."""
+    return t.detach().to("meta" if t.is_meta else "cpu", copy=True)
 
 
 def span_record(
