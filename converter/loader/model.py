@@ -453,8 +453,14 @@ def _patch_per_expert(model: nn.Module, state: Mapping[str, Any]) -> None:
     (``converter.plan.selection.patch_for_bnb``), whose layers are then swapped like any other."""
     from converter.plan.selection import PATCHED_MODULES, patch_for_bnb
 
+    prefix = getattr(model, "base_model_prefix", "") or ""
     names = [n for n, m in model.named_modules() if type(m).__name__ in PATCHED_MODULES]
-    if names and any(f"{n}.0.gate_proj.weight" in state for n in names):
+    # under either base-model prefix, as _match_prefix renames the keys after this build: the keys of
+    # a Llama4ForCausalLM folder are model.layers.*, Llama4TextModel's modules (AutoModel) layers.*
+    keys = {f"{n}.0.gate_proj.weight" for n in names}
+    if prefix:
+        keys |= {f"{prefix}.{k}" for k in keys} | {k.removeprefix(f"{prefix}.") for k in keys}
+    if names and any(k in state for k in keys):
         with BUILD_LOCK:
             patch_for_bnb(model)
 

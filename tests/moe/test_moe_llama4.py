@@ -387,6 +387,24 @@ def test_our_loader_equals_the_dequantized_model_and_generates(llama4, mode, tmp
     _assert_computes_like(_dequant_paths(ours), _patched_plain(plain))
 
 
+@pytest.mark.parametrize("mode", ["keep", "nf4"])
+def test_model_class_automodel_builds_the_per_expert_layers(llama4, mode):
+    """load_quantized(folder, model_class=AutoModel) (Llama4TextModel, no ``model.`` prefix on its module
+    names) left the fused Llama4TextExperts in place: the per-expert keys were looked up without the
+    base-model prefix, so the 4-bit experts came in as the generic QuantExperts4bit ("forward() missing 2
+    required positional arguments: 'top_k_index' and 'top_k_weights'") and the 16-bit ones were bmm-ed
+    in the wrong orientation. The base model now gets the layers the causal LM has, and the same states."""
+    folder = llama4(mode)
+    full = load_quantized(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lm_head unused by the base model
+        base = load_quantized(folder, model_class=transformers.AutoModel)
+    experts = base.layers[1].feed_forward.experts
+    assert type(experts) is type(full.model.layers[1].feed_forward.experts)
+    with torch.no_grad():
+        assert torch.equal(base(IDS).last_hidden_state, full.model(IDS).last_hidden_state)
+
+
 @pytest.mark.parametrize("mode", ["nf4", "fp4"])
 def test_4bit_experts_read_only_the_routed_experts(llama4, mode):
     """The 4-bit experts run each token's routed expert only (transformers' per-expert module runs all of
