@@ -596,6 +596,31 @@ def test_multimodal_llama4_folder_loads_with_stock_transformers(tmp_path, mode):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 
 
+def test_automodelforcausallm_of_a_multimodal_folder_builds_the_text_model(tmp_path):
+    """load_quantized(multimodal folder, model_class=AutoModelForCausalLM) failed: "transformers could not
+    build Llama4ForCausalLM from config.json (AttributeError: 'Llama4Config' object has no attribute
+    'pad_token_id')", while transformers' AutoModelForCausalLM.from_pretrained builds Llama4ForCausalLM
+    from the text_config (auto_factory). It now does the same, as model_class=Llama4ForCausalLM does."""
+    from moe_helpers import make_llama4_multimodal
+
+    from converter.loader.estimate import estimate
+    from converter.loader.footprint import memory_by_device
+
+    src = make_llama4_multimodal(tmp_path / "src")
+    out = tmp_path / "q"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experts kept; vision tensors unused by the text model
+        convert(src, out, progress=False, **MODES["nf4"])
+        text = load_quantized(out, model_class=transformers.Llama4ForCausalLM)
+        auto = load_quantized(out, model_class=transformers.AutoModelForCausalLM)
+        planned = estimate(out, "cpu", model_class=transformers.AutoModelForCausalLM)[1]
+    assert planned == memory_by_device(auto)
+    assert type(auto) is transformers.Llama4ForCausalLM
+    assert isinstance(auto.model.layers[0].feed_forward.experts, QuantLlama4Experts4bit)
+    with torch.no_grad():
+        assert torch.equal(auto(IDS).logits, text(IDS).logits)
+
+
 @pytest.mark.parametrize("mode", ["keep", "nf4"])
 def test_model_dequantize_restores_the_fused_experts(llama4, mode, tmp_path):
     """model.dequantize() on a loaded Llama 4: transformers' fused Llama4TextExperts again, with the logits
