@@ -242,10 +242,11 @@ def span_record(
     if nested is not None:
         absmax = _own(nested["codes"][experts, a0:a1]).reshape(-1)
         first = experts if isinstance(experts, int) else 0  # a fused record's experts share one offset
+        offset = nested["offset"][first, role]
         extra = NestedAbsmax(
             _own(nested["absmax"][experts, n0:n1]).reshape(-1),
             _own(nested["map"]),  # a copy per record: the saver rejects shared tensors
-            float(nested["offset"][first, role]),
+            0.0 if offset.is_meta else float(offset),  # a header-only skeleton's: no value to read
         )
     else:
         absmax, extra = _own(module.absmax[experts, a0:a1]).reshape(-1), None
