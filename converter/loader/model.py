@@ -129,6 +129,18 @@ def _requested_class(requested: type, config: Any, folder: Path, *, trust_remote
         raise ModelBuildError(msg) from None
 
 
+def _text_config_for(requested: type, cls: type, config: Any) -> Any:
+    """The config an Auto ``model_class`` builds ``cls`` from, as its ``from_pretrained`` does: a composite
+    config's ``text_config`` where ``cls`` takes that (``AutoModelForCausalLM`` on a Llama 4
+    multimodal folder builds the text-only causal LM), else ``config``."""
+    if _is_model_class(requested):
+        return config  # read with cls.config_class already (_read_config)
+    text_class = (getattr(config, "sub_configs", None) or {}).get("text_config")
+    if text_class is not None and getattr(cls, "config_class", None) is text_class:
+        return config.get_text_config()
+    return config
+
+
 def _is_model_class(requested: type | None) -> bool:
     """Whether ``requested`` is a concrete transformers model class with its own config class (not an
     Auto class): its ``from_pretrained`` reads the config with that class."""
@@ -430,14 +442,16 @@ def build_model(
             raise
         own = None
     cls = own
+    build_config = config
     if model_class is not None:
         cls = _requested_class(model_class, config, folder, trust_remote_code=trust_remote_code)
+        build_config = _text_config_for(model_class, cls, config)
     assert cls is not None
     _check_init_kwargs(cls, model_kwargs)
     try:
         with BUILD_LOCK, _params_on_meta(), _no_init_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = cls._from_config(config, dtype=dtype, **model_kwargs)
+            model = cls._from_config(build_config, dtype=dtype, **model_kwargs)
     except Exception as exc:
         why = f"{type(exc).__name__}: {exc}"
         msg = f"{folder}: transformers could not build {cls.__name__} from config.json ({why})"
@@ -453,8 +467,14 @@ def _patch_per_expert(model: nn.Module, state: Mapping[str, Any]) -> None:
     (``converter.plan.selection.patch_for_bnb``), whose layers are then swapped like any other."""
     from converter.plan.selection import PATCHED_MODULES, patch_for_bnb
 
+    prefix = getattr(model, "base_model_prefix", "") or ""
     names = [n for n, m in model.named_modules() if type(m).__name__ in PATCHED_MODULES]
-    if names and any(f"{n}.0.gate_proj.weight" in state for n in names):
+    # under either base-model prefix, as _match_prefix renames the keys after this build: the keys of
+    # a Llama4ForCausalLM folder are model.layers.*, Llama4TextModel's modules (AutoModel) layers.*
+    keys = {f"{n}.0.gate_proj.weight" for n in names}
+    if prefix:
+        keys |= {f"{prefix}.{k}" for k in keys} | {k.removeprefix(f"{prefix}.") for k in keys}
+    if names and any(k in state for k in keys):
         with BUILD_LOCK:
             patch_for_bnb(model)
 

@@ -235,7 +235,9 @@ def quant_state_tensors(state: Any) -> dict[str, torch.Tensor]:
     if state.nested:
         out["nested_absmax"] = state.state2.absmax
         out["nested_quant_map"] = state.state2.code
-    offset = float(state.offset.item()) if state.nested else None
+    offset = None
+    if state.nested:  # a header-only skeleton's offset is meta (estimate of a Hub repo): no value to read
+        offset = 0.0 if state.offset.is_meta else float(state.offset.item())
     shape = [int(d) for d in state.shape]
     qt = QuantType.parse(state.quant_type)
     js = quant_state_json(qt, state.blocksize, KERNEL_DTYPE_NAMES[state.dtype], shape, offset)

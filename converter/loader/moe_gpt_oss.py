@@ -66,6 +66,7 @@ from converter.loader.moe_records import (
     ExpertsLayout,
     MoeLoadError,
     Projection,
+    _own,
     expert_state_dict,
     stack_records,
 )
@@ -150,7 +151,7 @@ class QuantGptOssExperts4bit(QuantExperts4bit):
         biases = {"gate_up_projs": self.gate_up_bias, "down_projs": self.down_bias}
 
         def bias(e: int, r: int, proj: str) -> dict[str, torch.Tensor]:
-            return {f"{prefix}{proj}.{e}.bias": biases[proj][e].detach().to("cpu", copy=True)}
+            return {f"{prefix}{proj}.{e}.bias": _own(biases[proj][e])}
 
         h, i = self.hidden_dim, self.intermediate_dim
         lay = ExpertsLayout(h, i, self.blocksize, _projs(h, i))

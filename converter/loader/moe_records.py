@@ -258,8 +258,10 @@ def host(t: torch.Tensor) -> torch.Tensor:
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor with storage of its own (slices of one buffer would be shared tensors to the saver)."""
-    return t.detach().to("cpu", copy=True)
+    """A CPU tensor with storage of its own (slices of one buffer would be shared tensors to the saver);
+    a meta tensor (``estimate``'s skeleton: accelerate's check_device_map lists its state_dict) stays
+    meta, having no data to copy."""
+    return t.detach().to("meta" if t.is_meta else "cpu", copy=True)
 
 
 def span_record(
@@ -279,10 +281,11 @@ def span_record(
     if nested is not None:
         absmax = _own(nested["codes"][experts, a0:a1]).reshape(-1)
         first = experts if isinstance(experts, int) else 0  # a fused record's experts share one offset
+        offset = nested["offset"][first, role]
         extra = NestedAbsmax(
             _own(nested["absmax"][experts, n0:n1]).reshape(-1),
             _own(nested["map"]),  # a copy per record: the saver rejects shared tensors
-            float(nested["offset"][first, role]),
+            0.0 if offset.is_meta else float(offset),  # a header-only skeleton's: no value to read
         )
     else:
         absmax, extra = _own(module.absmax[experts, a0:a1]).reshape(-1), None

@@ -113,6 +113,10 @@ def load_plan(path: Path, cli_options: dict[str, Any] | None = None) -> BatchPla
     override [defaults] (a job's own keys still win)."""
     cli_options = dict(cli_options or {})
     if path.suffix.lower() != ".toml":
+        if "moe_experts" in not_read_by_method(cli_options)[1]:  # every item would fail alike: refused once
+            qt = cli_options["quant_type"]
+            msg = f"--moe-experts quantize writes 4-bit expert records: use it with nf4 / fp4, not {qt}"
+            raise InputError(msg)
         items = read_list(path)
         jobs = [_job_from_item(i, cli_options, path) for i in items]
         # the command line's options are every item's: none is another method's own, none is ignored
@@ -130,9 +134,14 @@ def not_read_by_method(options: dict[str, Any]) -> tuple[dict[str, Any], list[st
     """``options`` without the keys their quant type does not read (another method's own options:
     ``double_quant`` on int8, ``int8_threshold`` on nf4; ``QuantMethod.own_options``), and those keys.
     They never change the output, so they must not change a job's name, key or identity either."""
-    from converter.methods import foreign_options
+    from converter.methods import foreign_options, get_method
 
-    foreign = [k for k in foreign_options(options.get("quant_type", "nf4")) if k in options]
+    quant_type = options.get("quant_type", "nf4")
+    foreign = [k for k in foreign_options(quant_type) if k in options]
+    if options.get("moe_experts", "keep") != "keep" and not get_method(quant_type).quantizes_experts:
+        # experts are quantized by the 4-bit types only: [defaults] moe_experts = "quantize" beside an
+        # int8 variant (convert refuses the pair) is the int8 conversion, as double_quant is
+        foreign.append("moe_experts")
     return {k: v for k, v in options.items() if k not in foreign}, foreign
 
 

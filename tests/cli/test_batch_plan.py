@@ -423,6 +423,46 @@ def test_variants_of_one_conversion_are_refused_and_foreign_options_warned(
     assert "--blocksize: not used by --quant-type int8" in r.stderr
 
 
+def test_moe_experts_quantize_in_defaults_does_not_fail_the_int8_variants(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`[defaults] moe_experts = "quantize"` with `variants = [{quant_type = "nf4"}, {quant_type =
+    "int8"}]`: the nf4 variant converted, then every int8 variant failed at run time ("--moe-experts
+    quantize writes 4-bit expert records ... not int8"), exit 1, though a plan is checked before any
+    work. Experts are quantized by the 4-bit types only, so int8 variants take moe_experts as they take
+    double_quant: left out (a warning where the job sets it); a list with both on the command line is
+    refused before any job (each item failed alike)."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'[defaults]\noutput_root = "out"\nmoe_experts = "quantize"\n[[job]]\nsource = "{tiny_llama}"\n'
+        'variants = [{quant_type = "nf4"}, {quant_type = "int8"}]\n'
+    )
+    r = qm("batch", plan, "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    items = json.loads(r.stdout)["items"]
+    assert [(i["output"], i["status"]) for i in items] == [
+        ("tiny-llama-nf4", "converted"),
+        ("tiny-llama-int8", "converted"),
+    ]
+    assert "does not apply" not in r.stderr  # [defaults] apply to every quant type
+
+    plan.write_text(
+        f'[defaults]\noutput_root = "out"\n[[job]]\nsource = "{tiny_llama}"\n'
+        'variants = [{quant_type = "int8", moe_experts = "quantize"}, {quant_type = "int8"}]\n'
+    )
+    r = qm("batch", plan)
+    assert r.exit_code == 2
+    assert "job 1, variant 2 is the same conversion as job 1, variant 1" in r.stderr
+    assert "moe_experts does not apply to quant_type 'int8'" in r.stderr
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} listed\n")
+    r = qm("batch", listing, tmp_path / "out2", "--quant-type", "int8", "--moe-experts", "quantize")
+    assert r.exit_code == 2
+    assert "--moe-experts quantize writes 4-bit expert records: use it with nf4 / fp4, not int8" in r.stderr
+    assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.parametrize("option", ["--json", "--junit"])
 def test_a_report_path_that_cannot_be_written_is_refused_before_any_job(
     qm, tiny_llama: Path, tmp_path: Path, option: str

@@ -209,6 +209,14 @@ def test_estimate_of_a_hub_moe_repo_is_the_folders(tmp_path: Path, fake_hub: Fak
     assert qm("convert", src, out, "--moe-experts", "quantize", "-q").exit_code == 0
     fake_hub.add_repo("org/tiny-moe", out)
     assert estimate("org/tiny-moe", "cpu") == estimate(out, "cpu")
+    # a dict map: accelerate's check_device_map lists the skeleton's state_dict, whose per-expert records
+    # were copied off the meta device, then their nested offsets read ("Tensor.item() cannot be called
+    # on meta tensors"; inspect REPO --memory --device-map '{...}' failed, exit 1)
+    device_map = {"model.layers.1": "disk", "": "cpu"}
+    assert estimate("org/tiny-moe", device_map) == estimate(out, device_map)
+    r = qm("inspect", "org/tiny-moe", "--memory", "--device-map", json.dumps(device_map), "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["bytes_per_device"] == estimate(out, device_map)[1]
     assert not list((hf_home / "hub").rglob("*.safetensors"))
 
 

@@ -551,3 +551,15 @@ def test_resume_after_sigkill_gives_the_same_bytes(gpt_oss, tmp_path):
     """A quantize run killed after its first shard resumes through the same per-expert view: the
     finished shards are kept and the folder equals an uninterrupted run's, byte for byte."""
     assert_quantize_resumes_after_sigkill(gpt_oss("src"), tmp_path)
+
+
+def test_estimate_with_a_dict_device_map_matches_the_offloaded_load(gpt_oss, tmp_path):
+    """estimate with a dict device_map failed on the quantized gpt-oss folder ("Cannot copy out of meta
+    tensor": the per-expert biases of the meta skeleton were copied to the CPU for accelerate's
+    check_device_map); it now gives the offloaded load's bytes per device."""
+    from converter.loader.estimate import estimate
+    from converter.loader.footprint import memory_by_device
+
+    device_map = {"model.layers.1": "disk", "": "cpu"}
+    loaded = load_quantized(gpt_oss("q"), device_map=device_map, offload_folder=tmp_path / "offload")
+    assert estimate(gpt_oss("q"), device_map)[1] == memory_by_device(loaded)

@@ -394,6 +394,24 @@ def test_our_loader_equals_the_dequantized_model_and_generates(llama4, mode, tmp
     _assert_computes_like(_dequant_paths(ours), _patched_plain(plain))
 
 
+@pytest.mark.parametrize("mode", ["keep", "nf4"])
+def test_model_class_automodel_builds_the_per_expert_layers(llama4, mode):
+    """load_quantized(folder, model_class=AutoModel) (Llama4TextModel, no ``model.`` prefix on its module
+    names) left the fused Llama4TextExperts in place: the per-expert keys were looked up without the
+    base-model prefix, so the 4-bit experts came in as the generic QuantExperts4bit ("forward() missing 2
+    required positional arguments: 'top_k_index' and 'top_k_weights'") and the 16-bit ones were bmm-ed
+    in the wrong orientation. The base model now gets the layers the causal LM has, and the same states."""
+    folder = llama4(mode)
+    full = load_quantized(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lm_head unused by the base model
+        base = load_quantized(folder, model_class=transformers.AutoModel)
+    experts = base.layers[1].feed_forward.experts
+    assert type(experts) is type(full.model.layers[1].feed_forward.experts)
+    with torch.no_grad():
+        assert torch.equal(base(IDS).last_hidden_state, full.model(IDS).last_hidden_state)
+
+
 @pytest.mark.parametrize("mode", ["nf4", "fp4"])
 def test_4bit_experts_read_only_the_routed_experts(llama4, mode):
     """The 4-bit experts run each token's routed expert only (transformers' per-expert module runs all of
@@ -583,6 +601,31 @@ def test_multimodal_llama4_folder_loads_with_stock_transformers(tmp_path, mode):
         warnings.simplefilter("ignore")
         _, info = transformers.Llama4ForConditionalGeneration.from_pretrained(plain, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_automodelforcausallm_of_a_multimodal_folder_builds_the_text_model(tmp_path):
+    """load_quantized(multimodal folder, model_class=AutoModelForCausalLM) failed: "transformers could not
+    build Llama4ForCausalLM from config.json (AttributeError: 'Llama4Config' object has no attribute
+    'pad_token_id')", while transformers' AutoModelForCausalLM.from_pretrained builds Llama4ForCausalLM
+    from the text_config (auto_factory). It now does the same, as model_class=Llama4ForCausalLM does."""
+    from moe_helpers import make_llama4_multimodal
+
+    from converter.loader.estimate import estimate
+    from converter.loader.footprint import memory_by_device
+
+    src = make_llama4_multimodal(tmp_path / "src")
+    out = tmp_path / "q"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experts kept; vision tensors unused by the text model
+        convert(src, out, progress=False, **MODES["nf4"])
+        text = load_quantized(out, model_class=transformers.Llama4ForCausalLM)
+        auto = load_quantized(out, model_class=transformers.AutoModelForCausalLM)
+        planned = estimate(out, "cpu", model_class=transformers.AutoModelForCausalLM)[1]
+    assert planned == memory_by_device(auto)
+    assert type(auto) is transformers.Llama4ForCausalLM
+    assert isinstance(auto.model.layers[0].feed_forward.experts, QuantLlama4Experts4bit)
+    with torch.no_grad():
+        assert torch.equal(auto(IDS).logits, text(IDS).logits)
 
 
 @pytest.mark.parametrize("mode", ["keep", "nf4"])

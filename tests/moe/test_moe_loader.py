@@ -638,6 +638,20 @@ def test_estimate_reads_no_expert_bytes(folders, monkeypatch):
     assert estimate(q, "cpu")[1] == loaded
 
 
+def test_estimate_with_a_dict_device_map_matches_the_offloaded_load(folders, tmp_path):
+    """estimate(folder, {"model.layers.1": "disk", "": "cpu"}) (and inspect --memory --device-map '{...}')
+    on a --moe-experts quantize folder failed with "NotImplementedError: Cannot copy out of meta tensor":
+    accelerate's check_device_map lists model.state_dict(), and the meta-stacked experts' per-expert
+    records were copied to the CPU. The records of meta experts stay meta; the numbers are the load's."""
+    from converter.loader.estimate import estimate
+    from converter.loader.footprint import memory_by_device
+
+    q, _ = folders("qwen3_moe")
+    device_map = {"model.layers.1": "disk", "": "cpu"}
+    loaded = load_quantized(q, device_map=device_map, offload_folder=tmp_path / "offload")
+    assert estimate(q, device_map)[1] == memory_by_device(loaded)
+
+
 def test_replace_linear_layers_on_a_moe_folder_points_to_load_quantized(folders):
     """replace_linear_layers on a transformers MoE model raised "has no module ... in the model" for every
     expert and stopped there: the message now says the experts load with load_quantized."""
