@@ -34,10 +34,11 @@ converter/kernels/prepared.py) runs only the experts the router picked:
   model dtype), so with ``use_gemv = False`` the output is bit-identical to the dequantized bf16
   model's.
 
-Experts whose class gates with its own ``_apply_gate`` (DeepSeek-V4, GLM-5) run that gate in the
-per-expert loop on every device. gpt-oss' biased experts (converter/loader/moe_gpt_oss.py) run the
-same forward with per-expert biases (:class:`ExpertBiases`) and their gate: grouped GEMVs on decode
-(CPU and CUDA), the loop otherwise, and compile through ``moe_experts_4bit_gated_keyed``.
+Experts whose class gates with its own ``_apply_gate`` (DeepSeek-V4, GLM-5) run that gate between
+the two grouped GEMVs on CPU decode, and in the per-expert loop otherwise. gpt-oss' biased experts
+(converter/loader/moe_gpt_oss.py) run the same forward with per-expert biases (:class:`ExpertBiases`)
+and their gate: grouped GEMVs on decode (CPU and CUDA), the loop otherwise, and compile through
+``moe_experts_4bit_gated_keyed``.
 
 A folder whose experts were kept 16-bit (``--moe-experts keep``) has per-expert tensors too; they
 are stacked into the fused parameters here (transformers' own loader does the same merge).
@@ -111,12 +112,11 @@ def _experts_forward(
     ``F.linear`` with a bias, which fuses the add), before the gate and before the routing weight; the
     dequantize path multiplies as that class does, ``x @ W`` with W laid out ``[in, out]`` contiguous as
     it holds it (the same matmul, bit for bit). Decode of biased experts takes the grouped GEMV with
-    their gate; a class's own gate without biases (DeepSeek-V4) keeps the per-expert loop."""
+    their gate, as does a class's own gate without biases (DeepSeek-V4) on the CPU."""
     hidden_dim = hidden.shape[1]
     num_experts = packed.shape[0]
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
-    grouped = apply_gate is None or biases is not None
-    if use_gemv and grouped and _grouped_ok(hidden, intermediate, blocksize):
+    if use_gemv and _grouped_ok(hidden, intermediate, blocksize):
         return _decode_grouped(
             hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act,
             _grouped_gemv_rows, apply_gate, biases,
@@ -936,7 +936,7 @@ class QuantExperts4bit(nn.Module):
             # the custom op: one node for torch.compile, and gradients to the input and the routing
             # weights (its registered backward) when training adapters elsewhere in the model
             y = moe_experts_4bit(*args, self.act_name, self.use_gemv)
-        elif self.apply_gate is not None:  # the class's own gate: the per-expert loop, on any device
+        elif self.apply_gate is not None:  # own gate: grouped CPU decode, else the per-expert loop
             use_gemv = self.use_gemv and not _needs_autograd(x, w)
             y = _experts_forward(*args, self.act_fn, use_gemv, self.apply_gate)
         elif _needs_autograd(x, w):  # an activation the op does not know: torch's autograd through

@@ -105,6 +105,40 @@ def test_experts_with_their_own_gate_run_it(folders):
                        ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
 
 
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+def test_experts_with_their_own_gate_decode_grouped_on_the_cpu(folders, monkeypatch):
+    """A decode step of experts with their class's own gate (DeepSeek-V4) runs the two grouped GEMVs per
+    layer with the gate between them, as SiLU experts do, instead of one GEMV per hit expert and
+    projection behind a Python loop over the experts (what it ran before), and generates the tokens of
+    transformers on the dequantized weights."""
+    import converter.loader.moe as moe
+
+    q, plain = folders("deepseek_v4_i64")
+    model = load_quantized(q)
+    if moe._grouped_kernel() is None:
+        pytest.skip("no grouped CPU kernel in this build")
+    calls = {"grouped": 0, "loop": 0}
+    grouped, rows = moe._grouped_gemv_rows, moe._expert_rows
+
+    def counted_grouped(*args, **kwargs):
+        calls["grouped"] += 1
+        return grouped(*args, **kwargs)
+
+    def counted_rows(*args, **kwargs):
+        calls["loop"] += 1
+        return rows(*args, **kwargs)
+
+    monkeypatch.setattr(moe, "_grouped_gemv_rows", counted_grouped)
+    monkeypatch.setattr(moe, "_expert_rows", counted_rows)
+    with torch.no_grad():
+        model(IDS[:, :1])
+    assert calls == {"grouped": 2 * len(moe_modules(model)), "loop": 0}
+    monkeypatch.undo()
+    ref = load_bf16_eager(plain)
+    assert torch.equal(model.generate(IDS[:, :4], max_new_tokens=4, do_sample=False),
+                       ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_model_dequantize_restores_transformers_experts(folders, name, tmp_path):
     """model.dequantize(): the 4-bit experts become transformers' own experts module again (and the
