@@ -35,6 +35,9 @@ def verify(
     from formats.validate import FormatError
 
     app.configure(json=as_json, quiet=quiet)
+    if revision is not None and against is None:  # it names the --against repo's branch: never ignored
+        msg = f"--revision {revision!r} is the revision of --against SRC: add --against, or leave it out"
+        app.abort(msg, 2)
     try:
         r = verify_path(path)
     except FormatError as exc:  # an index it cannot read: a problem verify found (exit 1, not 2)

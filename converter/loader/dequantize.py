@@ -493,7 +493,14 @@ def dequantize_checkpoint(
         msg = f"{out}: {holder} is on a read-only filesystem; choose another output folder"
         raise InputError(msg)
     if out.is_dir() and not overwrite and not _restartable(out) and _damaged(out, identity) is None:
-        msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
+        change = _what_changed(out, identity)
+        if change is not None:  # our finished output of other options: named, as convert names them
+            msg = (
+                f"{out}: holds a checkpoint dequantized with other options or from another source "
+                f"({change}); choose another folder or pass --overwrite"
+            )
+        else:
+            msg = f"{out}: exists and is not empty; choose another folder or pass --overwrite"
         raise OutputExistsError(msg)
     # The source (config and digests) is read before anything of the output is touched: a bad source
     # leaves an existing output as it was.
@@ -577,6 +584,34 @@ def _same_identity(done: dict, identity: dict) -> bool:
     source = identity["source"]
     older = {**source, "files": {name: value[:2] for name, value in source["files"].items()}}
     return recorded in (identity, {**identity, "source": older})
+
+
+def _what_changed(out: Path, identity: dict) -> str | None:
+    """The first difference between the finished dequantize ``out`` holds and ``identity`` (``dtype:
+    'float32' -> 'float16'``, the shard size, the source folder or one of its files), or None when
+    ``out`` holds no record of a finished dequantize."""
+    if (out / UNFINISHED_NAME).exists():
+        return None
+    try:
+        done = json.loads((out / DONE_NAME).read_text(encoding="utf-8"))
+        if not isinstance(done, dict):
+            return None
+        for key in ("dtype", "max_shard_size"):
+            if done.get(key) != identity[key]:
+                return f"{key}: {done.get(key)!r} -> {identity[key]!r}"
+        before, now = done["source"], identity["source"]
+        if before["path"] != now["path"]:
+            return f"source: {before['path']} -> {now['path']}"
+        for name in sorted(set(before["files"]) | set(now["files"])):
+            if name not in now["files"]:
+                return f"source file {name} removed"
+            if name not in before["files"]:
+                return f"source file {name} added"
+            if before["files"][name] != now["files"][name][: len(before["files"][name])]:
+                return f"source file {name} changed"
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return None
 
 
 def _done_record(out: Path, identity: dict) -> dict | None:

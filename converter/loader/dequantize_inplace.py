@@ -188,6 +188,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
         new.train(module.training)
         _move_hook(module, new)
         model.set_submodule(name, new)
+    from converter.loader.head import GemvHead
+
+    for module in model.modules():  # the load's bf16 GEMV head: plain F.linear, as transformers' head
+        if type(module) is GemvHead:  # (on 1..8 tokens its logits differed from the plain model's)
+            module.__class__ = nn.Linear
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -206,29 +206,51 @@ def _spellings(name: str) -> tuple[str, ...]:
     return (name, name.split(".", 1)[1]) if "." in name else (name,)
 
 
+def _glob_spellings(glob: str) -> tuple[str, ...]:
+    """``glob`` and, when its first component is a plain name (a base-model prefix the checkpoint's
+    keys may lack: ``bert.pooler.*``), ``glob`` without it; never a wildcard's (``*.pooler.*`` is not
+    ``pooler.*``: the selection does not strip it)."""
+    head, dot, rest = glob.partition(".")
+    return (glob, rest) if dot and not any(c in head for c in "*?[") else (glob,)
+
+
 def unmatched_globs(globs: Sequence[str], tensor_names: Sequence[str]) -> list[tuple[str, str, str | None]]:
-    """The globs of ``globs`` that match no tensor name nor module (any dotted prefix of one) of the
-    checkpoint, in either spelling (with or without the base-model prefix), each with an example name
-    (a module whose last component is the glob, else the first tensor) and a glob that does match where
-    one component of the names is the glob itself (``down_proj`` -> ``*.down_proj``), else None.
+    """The globs of ``globs`` that match no name the selection tries (each tensor name and its own
+    module, in either spelling: with or without the base-model prefix), each with an example name
+    (a module whose last component is the glob, else the first tensor) and a glob that does match
+    (``down_proj`` -> ``*.down_proj``, ``model.layers.0`` -> ``model.layers.0.*``), else None.
 
     fnmatch matches whole names, so ``--skip down_proj`` (as transformers' ``llm_int8_skip_modules``
-    is written) keeps nothing: the conversion warns instead of quantizing everything silently."""
-    names: set[str] = set()
+    is written) keeps nothing: the conversion warns instead of quantizing everything silently. So does a
+    glob naming only a parent module (``--skip model.layers.0``, ``--skip pooler``) or a wildcard
+    prefix the names lack (``--skip '*.pooler.*'`` of ``pooler.dense.weight``): the selection matches a
+    weight's own names, never its parents', and these kept nothing without a word."""
+    names: set[str] = set()  # what user_reason is given for a tensor: its name and its module
     modules: dict[str, str] = {}  # a component -> the first module name it ends
     for full in tensor_names:
+        for own in (full, module_of(full)):
+            if own:
+                names.update(_spellings(own))
         parts = full.split(".")
         for i in range(1, len(parts) + 1):
-            names.update(_spellings(".".join(parts[:i])))
             modules.setdefault(parts[i - 1], ".".join(parts[:i]))
+
+    def hits(glob: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, v) for v in _glob_spellings(glob) for n in names)
+
     out = []
     for g in globs:
-        if any(fnmatch.fnmatchcase(n, v) for v in _spellings(g) for n in names):
+        if hits(g):
             continue
-        if g in modules:
-            out.append((g, modules[g], f"*.{g}"))
-        else:
-            out.append((g, tensor_names[0] if tensor_names else "", None))
+        tries = [f"*.{g}", f"{g}.*", f"*.{g}.*"]
+        if g.startswith("*."):
+            tries.insert(0, g[2:])
+        better = next((t for t in tries if hits(t)), None)
+        example = modules.get(g)
+        if example not in names:  # a parent module ('pooler'): one the selection matches, under it
+            under = [m for n in tensor_names if better and fnmatch.fnmatchcase(m := module_of(n), better)]
+            example = under[0] if under else (tensor_names[0] if tensor_names else "")
+        out.append((g, example, better))
     return out
 
 

@@ -322,6 +322,13 @@ def verify_path(path: str | Path) -> VerifyResult:
         )
     if no_index and ours:
         result.problems.append(f"{folder / index_mod.INDEX_NAME}: missing; reconvert the folder")
+    elif weight_map is not None and not index_has_digests and not ours and not unfinished:
+        # a sharded save_pretrained (transformers' index, none of our metadata): its structure checked,
+        # no byte of it hashed; it passed as "verified" without a word
+        result.notes.append(
+            f"{folder / index_mod.INDEX_NAME} records no digests (a save_pretrained's index, not a folder "
+            f"quantize-model wrote): the shards' structure was checked, their contents could not be"
+        )
     elif no_index:
         result.remedy = ""
         result.problems.append(

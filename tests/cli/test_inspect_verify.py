@@ -561,3 +561,13 @@ def test_verify_against_measures_a_weight_split_across_shards(
     assert quality["tensors_measured"] == 14
     assert quality["tensors"][split] == whole["tensors"][split]
     assert quality["tensors"] == whole["tensors"]
+
+
+def test_verify_refuses_a_revision_without_against(qm, converted: Path) -> None:
+    """`verify PATH --revision REV` names the revision of `--against`'s Hub repo: without --against it
+    was ignored and the folder verified with exit 0, as if a revision had been checked."""
+    r = qm("verify", converted, "--revision", "v1")
+    assert r.exit_code == 2
+    assert r.stderr.splitlines()[-1] == (
+        "Error: --revision 'v1' is the revision of --against SRC: add --against, or leave it out"
+    )

@@ -494,6 +494,35 @@ def test_a_glob_that_matches_nothing_is_named_with_the_glob_that_would(
     assert all(m in result.notes for m in unmatched)  # kept in the result too
 
 
+def test_a_glob_naming_a_parent_module_or_a_wildcard_prefix_is_warned(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The selection matches a weight's own names (the key and its module), never a parent's: '--skip
+    model.layers.0' and '--skip *.model.layers.*' (no name has a component before 'model') kept nothing
+    16-bit, and said nothing, because the check also took parent modules and stripped the glob's '*.'."""
+    told: list[str] = []
+    result = convert(
+        tiny_llama,
+        tmp_path / "out",
+        skip=["model.layers.0", "*.model.layers.*", "model.layers.1.*"],
+        progress=False,
+        dry_run=True,
+        warn=told.append,
+    )
+    kept_by_glob = {t["name"] for t in result.preflight.tensors if "--skip" in t["reason"]}
+    assert kept_by_glob
+    assert all("model.layers.1." in n for n in kept_by_glob)  # the other two kept nothing
+    unmatched = [m for m in told if "matches no tensor or module" in m]
+    assert unmatched == [
+        "--skip 'model.layers.0' matches no tensor or module of the checkpoint, so it keeps nothing 16-bit: "
+        "globs match whole dotted names such as 'model.layers.0.input_layernorm'; did you mean "
+        "'model.layers.0.*'?",
+        "--skip '*.model.layers.*' matches no tensor or module of the checkpoint, so it keeps nothing "
+        "16-bit: globs match whole dotted names such as 'model.layers.0.input_layernorm'; did you mean "
+        "'model.layers.*'?",
+    ]
+
+
 def test_too_many_elements_refused_from_the_plan(tmp_path: Path) -> None:
     from qm_checkpoints import write_safetensors_header
 

@@ -153,6 +153,29 @@ def test_a_rerun_onto_a_finished_output_does_nothing(our_folder: Path, bnb_nf4: 
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+def test_a_finished_output_of_other_options_is_refused_naming_the_difference(
+    our_folder: Path, bnb_nf4: Path, tmp_path: Path
+) -> None:
+    """A rerun with another --dtype, --max-shard-size or source onto a finished dequantize said only
+    "exists and is not empty", where convert names the option that changed: it now names it too."""
+    out = tmp_path / "plain"
+    done = CliRunner().invoke(cli, ["dequantize", str(our_folder), str(out), "--max-shard-size", "60KB"])
+    assert done.exit_code == 0, done.output
+    moved = f"source: {our_folder.resolve()} -> {bnb_nf4.resolve()}"
+    cases = [
+        ([str(our_folder), "--max-shard-size", "60KB", "--dtype", "fp32"], "dtype: 'bfloat16' -> 'float32'"),
+        ([str(our_folder)], "max_shard_size: 60000 -> 5000000000"),
+        ([str(bnb_nf4), "--max-shard-size", "60KB"], moved),
+    ]
+    for args, change in cases:
+        refused = CliRunner().invoke(cli, ["dequantize", args[0], str(out), *args[1:]])
+        assert refused.exit_code == 2, refused.output
+        assert refused.output.splitlines()[-1] == (
+            f"Error: {out}: holds a checkpoint dequantized with other options or from another source "
+            f"({change}); choose another folder or pass --overwrite"
+        )
+
+
 def test_a_rerun_onto_a_damaged_finished_output_redoes_it(our_folder: Path, tmp_path: Path) -> None:
     """A finished output in which a file was deleted or resized used to be refused on rerun ("exists
     and is not empty", exit 2) where `convert` redoes its own damaged output: the same command now
@@ -438,7 +461,7 @@ def test_sentence_transformers_module_folders_are_copied_as_convert_copies_them(
     assert (out / POOLING).read_bytes() == (folder / POOLING).read_bytes()
     # the input's module file changed since: another input, as for its top-level files
     (folder / POOLING).write_text('{"pooling_mode_cls_token": true}\n')
-    with pytest.raises(OutputExistsError, match="exists and is not empty"):
+    with pytest.raises(OutputExistsError, match=r"source file 1_Pooling/config\.json changed"):
         dequantize_checkpoint(folder, out)
 
 

@@ -89,7 +89,8 @@ def test_dequantize_after_a_cast_follows_the_models_dtype(kind, cast, our_folder
     model = model.half() if cast == "half" else model.float() if cast == "float" else model.to(want)
     reference = load_quantized(folder).dequantize(want)  # the weights, decoded straight into want
     model.dequantize()
-    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    head = model.get_output_embeddings()  # never quantized: cast with the model, not decoded
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head}
     assert linears
     assert {m.weight.dtype for m in linears.values()} == {want}
     for name, layer in linears.items():
@@ -180,6 +181,22 @@ def test_gpt2_conv1d_layers_dequantize_to_conv1d(kind, tmp_path):
     saved, info, _ = load_logged(tmp_path / "saved", dtype=torch.float32)
     assert not info["mismatched_keys"]
     assert torch.equal(_logits(saved), _logits(model))
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_dequantize_gives_the_plain_models_logits_on_short_inputs(tokens, our_folder, tmp_path):
+    """A loaded model's bf16 CPU head runs our GEMV kernel on 1..8 tokens (converter/loader/head.py):
+    after ``dequantize()`` it stayed, and the logits of a short prompt or a decode step differed from
+    plain transformers' on the dequantized checkpoint (the test above takes 12 tokens: F.linear). The
+    head is a plain nn.Linear again."""
+    model = load_quantized(our_folder)
+    assert type(model.get_output_embeddings()) is not torch.nn.Linear  # the GEMV head, while quantized
+    model.dequantize()
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    dequantize_checkpoint(our_folder, tmp_path / "plain", dtype="bf16")
+    ids = IDS[:, :tokens]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _plain(tmp_path / "plain")(ids).logits)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])

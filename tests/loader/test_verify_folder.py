@@ -207,3 +207,27 @@ def test_a_conversion_killed_after_its_first_shard_is_not_loaded(
     assert result.exit_code == 2, result.output
     assert said in result.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_verify_notes_that_a_sharded_save_pretrained_was_not_hashed(our_folder: Path, tmp_path: Path) -> None:
+    """A sharded `save_pretrained` (transformers' index: a weight_map, no digests, no metadata of ours)
+    has nothing to hash against: verify said "OK: N shard(s), ... verified" without a word. It still
+    passes (its structure is checked; tests/cli/test_inspect_verify.py reshards one), with a note saying
+    the contents were not verified (`notes` in --json)."""
+    import torch
+
+    from converter import load_quantized
+
+    saved = tmp_path / "saved"
+    load_quantized(our_folder, dtype=torch.bfloat16).save_pretrained(saved, max_shard_size="60KB")
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded: the index is transformers' own
+    result = CliRunner().invoke(cli, ["verify", str(saved), "--json"])
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert notes == [
+        f"{saved / 'model.safetensors.index.json'} records no digests (a save_pretrained's index, not a "
+        "folder quantize-model wrote): the shards' structure was checked, their contents could not be"
+    ]
+    # our own folder: digests checked, no such note
+    assert json.loads(CliRunner().invoke(cli, ["verify", str(our_folder), "--json"]).stdout)["notes"] == []
