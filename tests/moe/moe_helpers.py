@@ -61,15 +61,6 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
                  hc_sinkhorn_iters=2, o_groups=2, o_lora_rank=32, index_n_heads=2, index_head_dim=16,
                  index_topk=8, sliding_window=8, swiglu_limit=0.1, mlp_layer_types=["moe", "moe"]),
     ),
-    # the same with experts of whole 64-element blocks per row (the grouped CPU decode takes them)
-    "deepseek_v4_i64": (
-        "deepseek_v4",
-        "DeepseekV4ForCausalLM",
-        _decoder(intermediate_size=64, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
-                 num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1, hc_mult=2,
-                 hc_sinkhorn_iters=2, o_groups=2, o_lora_rank=32, index_n_heads=2, index_head_dim=16,
-                 index_topk=8, sliding_window=8, swiglu_limit=0.1, mlp_layer_types=["moe", "moe"]),
-    ),
     # its router is an nn.Linear inside the gate module: mlp.gate.wg (float32 in the model)
     "hunyuan_v1_moe": (
         "hunyuan_v1_moe",
@@ -84,6 +75,10 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
                  layer_types=["sliding_attention", "full_attention"], sliding_window=8),
     ),
 }  # fmt: skip
+# DeepSeek-V4 with experts of whole 64-element blocks per row (its experts' width is intermediate_size,
+# 96 above): the grouped CPU decode takes them
+MOE["deepseek_v4_i64"] = (*MOE["deepseek_v4"][:2], dict(MOE["deepseek_v4"][2], intermediate_size=64))
+
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 
 
