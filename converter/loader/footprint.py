@@ -40,13 +40,30 @@ def module_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, int]]:
             yield prefix + attr, t, size
 
 
+def host_copies(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(name, tensor, bytes) of the host tensors modules keep besides their parameters and buffers: a 4-bit
+    experts layer's nested scales as the folder holds them (``QuantExperts4bit.nested_buffers``: kept on
+    the CPU for saving, never read by the forward; 1/64 byte per weight). Host memory wherever the layer
+    runs, so a device map never places them."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, QuantExperts4bit):
+            continue
+        for key, t in (module.nested_buffers() or {}).items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield f"{module_name}._nested.{key}", t, t.numel() * t.element_size()
+
+
 def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
-    """Bytes of parameters (and buffers) of ``model``; the 4-bit weights at their real size."""
-    return sum(
+    """Bytes of parameters (and buffers, and the experts' host copies) of ``model``; the 4-bit weights at
+    their real size."""
+    held = sum(
         size
         for name, _, size in module_tensors(model)
         if return_buffers or _is_parameter(model, name) or _is_quantized_weight(model, name)
     )
+    return held + (sum(size for _, _, size in host_copies(model)) if return_buffers else 0)
 
 
 def memory_by_device(model: nn.Module) -> dict[str, int]:
@@ -69,6 +86,8 @@ def memory_by_device(model: nn.Module) -> dict[str, int]:
             on_disk = mapped(t)
         key = "disk" if on_disk else str(t.device)
         out[key] = out.get(key, 0) + size
+    for _, _, size in host_copies(model):
+        out["cpu"] = out.get("cpu", 0) + size
     return out
 
 

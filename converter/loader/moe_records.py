@@ -205,7 +205,15 @@ def stack_records(
     if device.type == "meta":  # sizes only (estimate, inspect --memory): no expert byte read or held
         packed = torch.empty(num, n_bytes, dtype=torch.uint8, device=device)
         absmax = torch.empty(num, n_blocks, dtype=torch.float32, device=device)
-        return StackedExperts(packed, absmax, quant_map.to(device), bs, qt, dtype, names, None)  # type: ignore[arg-type]
+        meta_nested = None
+        if first.nested is not None:  # the host copies a load keeps for saving (below), sized
+            meta_nested = {
+                "codes": torch.empty(num, n_blocks, dtype=torch.uint8, device=device),
+                "absmax": torch.empty(num, n_nested, dtype=torch.float32, device=device),
+                "offset": torch.empty(num, len(roles), dtype=torch.float32, device=device),
+                "map": torch.empty(first.nested.nested_quant_map.numel(), dtype=torch.float32, device=device),
+            }
+        return StackedExperts(packed, absmax, quant_map.to(device), bs, qt, dtype, names, meta_nested)  # type: ignore[arg-type]
     nested_map = first.nested.nested_quant_map if first.nested is not None else None
     keep_nested = nested_map is not None and _all_nested_alike(experts, nested_map)
     work = first.packed.device

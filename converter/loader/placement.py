@@ -47,7 +47,7 @@ from torch import nn
 
 from converter.loader.devices import STRATEGIES, PlacementError, device_of, gpu_index
 from converter.loader.file_mappings import drop_pages, file_mappings, inside, page_ranges, unwritten_runs
-from converter.loader.footprint import module_tensors
+from converter.loader.footprint import host_copies, module_tensors
 from converter.loader.module import QuantLinear4bit
 from converter.loader.module_int8 import QuantLinear8bit
 from converter.loader.moe import QuantExperts4bit, _is_fused_experts
@@ -235,6 +235,8 @@ def bytes_per_device(model: nn.Module, device_map: Mapping[str, Device]) -> dict
         device = device_of(name, device_map)
         key = "disk" if device == "disk" else str(accelerator_device(device))
         out[key] = out.get(key, 0) + size
+    for _, _, size in host_copies(model):  # host memory wherever their layer runs
+        out["cpu"] = out.get("cpu", 0) + size
     return out
 
 
