@@ -344,6 +344,10 @@ def _keep_llama4(selection: Any) -> Any:
     reason = "routed MoE expert (--moe-experts keep: 16-bit, its experts module in llm_int8_skip_modules)"
     keep = {**selection.keep, **dict.fromkeys(moved, reason)}
     modules = set(moved.values())
+    # also without the wrappers (model., language_model.model.): transformers matches an entry as a suffix,
+    # so another class (AutoModel's Llama4TextModel, AutoModelForCausalLM on a multimodal folder) skips
+    # them too; vLLM matches the full names (a prefix) and finds nothing under the short ones
+    modules |= {m[m.index("layers.") :] for m in modules if "layers." in m}
     skip_modules = sorted(set(selection.skip_modules) | modules)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
 

@@ -394,6 +394,22 @@ def test_our_loader_equals_the_dequantized_model_and_generates(llama4, mode, tmp
     _assert_computes_like(_dequant_paths(ours), _patched_plain(plain))
 
 
+def test_keep_folder_loads_in_stock_transformers_base_model(llama4):
+    """Stock ``AutoModel.from_pretrained`` of a ``keep`` folder (Llama4TextModel: module names without the
+    ``model.`` prefix) quantized the 16-bit experts, whose skip entries named them with the prefix, and
+    failed ("FP4 quantization state not initialized"). The experts modules are listed in both spellings
+    (transformers matches a suffix; vLLM the full name): the base model loads them 16-bit and computes
+    what the causal LM's base does."""
+    folder = llama4("keep")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = transformers.AutoModel.from_pretrained(folder, device_map="cpu")
+        full = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    assert type(base.layers[0].feed_forward.experts[0].gate_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(base(IDS).last_hidden_state, full.model(IDS).last_hidden_state)
+
+
 @pytest.mark.parametrize("mode", ["keep", "nf4"])
 def test_model_class_automodel_builds_the_per_expert_layers(llama4, mode):
     """load_quantized(folder, model_class=AutoModel) (Llama4TextModel, no ``model.`` prefix on its module
