@@ -344,10 +344,11 @@ def _keep_llama4(selection: Any) -> Any:
     reason = "routed MoE expert (--moe-experts keep: 16-bit, its experts module in llm_int8_skip_modules)"
     keep = {**selection.keep, **dict.fromkeys(moved, reason)}
     modules = set(moved.values())
-    # also without the wrappers (model., language_model.model.): transformers matches an entry as a suffix,
-    # so another class (AutoModel's Llama4TextModel, AutoModelForCausalLM on a multimodal folder) skips
-    # them too; vLLM matches the full names (a prefix) and finds nothing under the short ones
-    modules |= {m[m.index("layers.") :] for m in modules if "layers." in m}
+    # also as the classes another Auto class builds name them: transformers matches an entry at the start
+    # of a module's name (or as the suffix of a leaf), so AutoModelForCausalLM on a multimodal folder
+    # (model.layers.…) and AutoModel's Llama4TextModel (layers.…) skip them too; vLLM matches the full
+    # names and finds nothing under the others
+    modules |= {m[i:] for m in modules for i in (m.find("model.layers."), m.find("layers.")) if i > 0}
     skip_modules = sorted(set(selection.skip_modules) | modules)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
 

@@ -367,10 +367,15 @@ def skip_list(
         base_linear = {n[len(prefix) + 1 :] for n in linear if n.startswith(prefix + ".")}
         base_quant = {n[len(prefix) + 1 :] for n in quantized if n.startswith(prefix + ".")}
         ok = converts(base_linear, stripped) == base_quant
-    if ok:
-        return stripped
-    if converts(linear, names) == quantized:
-        return names
+    chosen = stripped if ok else names if converts(linear, names) == quantized else None
+    if chosen is not None:
+        # a head under a wrapper (language_model.lm_head) also as "lm_head": transformers matches it as a
+        # suffix, so the text class another Auto class builds from the folder (AutoModelForCausalLM on a
+        # multimodal Llama 4) leaves its head 16-bit too, unless that would skip a quantized module
+        wrapped = any(n.endswith(".lm_head") for n in chosen) and "lm_head" not in chosen
+        if wrapped and converts(linear, [*chosen, "lm_head"]) == quantized:
+            chosen = sorted([*chosen, "lm_head"])
+        return chosen
     msg = (
         f"{facts.cls_name}: no llm_int8_skip_modules list makes transformers quantize exactly the "
         "selected layers; report this model with its config.json"

@@ -645,6 +645,27 @@ def test_automodelforcausallm_of_a_multimodal_folder_builds_the_text_model(tmp_p
 
 
 @pytest.mark.parametrize("mode", ["keep", "nf4"])
+def test_stock_automodelforcausallm_loads_a_multimodal_folder(mode, tmp_path):
+    """Stock ``AutoModelForCausalLM.from_pretrained`` of a multimodal Llama 4 folder builds Llama4ForCausalLM
+    (module names ``model.layers.…``, ``lm_head``): the skip list named only ``language_model.…``, so
+    transformers made the 16-bit head (and with ``keep`` the 16-bit experts) Linear4bit with no state and
+    the forward failed. The head and experts modules are listed as each class names them; the text model
+    computes what the multimodal class's language model does."""
+    from moe_helpers import make_llama4_multimodal
+
+    src = make_llama4_multimodal(tmp_path / "src")
+    out = tmp_path / "q"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vision tensors unused by the text model
+        convert(src, out, progress=False, **MODES[mode])
+        text = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+        full = transformers.Llama4ForConditionalGeneration.from_pretrained(out, device_map="cpu")
+    assert type(text.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(text(IDS).logits, full.language_model(IDS).logits)
+
+
+@pytest.mark.parametrize("mode", ["keep", "nf4"])
 def test_model_dequantize_restores_the_fused_experts(llama4, mode, tmp_path):
     """model.dequantize() on a loaded Llama 4: transformers' fused Llama4TextExperts again, with the logits
     of the dequantized folder in plain transformers, bit for bit (the same weights, the same modules); the
