@@ -43,7 +43,7 @@ from converter.loader.config_file import read_config
 from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
 from converter.methods import for_record
-from converter.plan.preflight import read_only
+from converter.plan.preflight import WontFitError, disk_free, read_only
 from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
 from converter.sources.local import extra_files_in, read_header, sample_digest
 from converter.writer.manifest import (
@@ -419,6 +419,23 @@ def _shape(value: QuantizedTensor | torch.Tensor, transposed: bool) -> tuple[int
     return (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
 
 
+def _refuse_if_the_disk_cannot_hold(out: Path, state: dict, dtype: torch.dtype) -> None:
+    """Refuse, before the output is touched, a plain checkpoint the output's filesystem cannot hold, as
+    convert's preflight does (it ran into the full disk part-way: exit 1, a folder left to resume). The
+    size is a lower bound (every float tensor in ``dtype``; a float32-planned one is larger), counting
+    the bytes an unfinished output already holds as free."""
+    needed = sum(math.prod(_shape(v, False)) * _out_dtype(v, dtype).itemsize for v in state.values())
+    free, where = disk_free(out)
+    if out.is_dir():
+        free += sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.is_symlink())
+    if needed > free:
+        msg = (
+            f"{out}: the plain checkpoint needs at least {needed / 1e9:.2f} GB, {where} has "
+            f"{free / 1e9:.2f} GB free; free some space or choose another output folder"
+        )
+        raise WontFitError(msg)
+
+
 def dequantize_checkpoint(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -506,6 +523,7 @@ def dequantize_checkpoint(
     # leaves an existing output as it was.
     config = read_config(folder)
     state = load_quantized_state(folder, verify=verify)
+    _refuse_if_the_disk_cannot_hold(out, state, torch_dtype)
     linked_or_file = out.is_symlink() or (out.exists() and not out.is_dir())
     if linked_or_file and overwrite and (not out.is_dir() or any(out.iterdir())):
         out.unlink()  # a file, or a link to a full folder: the link goes, never what it points to

@@ -116,6 +116,30 @@ def test_an_output_on_a_read_only_filesystem_is_an_input_error(
     assert not out.exists()
 
 
+def test_an_output_the_disk_cannot_hold_is_refused_before_any_work(
+    our_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dequantize IN OUT` on a filesystem with too little free space ran into the full disk part-way (exit
+    1, an unfinished folder left); it is refused before the output is touched, exit 2, naming the bytes
+    needed and free, as convert's preflight refuses a conversion that cannot fit. With enough space the
+    same call runs."""
+    import converter.loader.dequantize as dq
+
+    plain = sum(
+        torch.Size(v.shape).numel() * 2 for v in load_quantized_state(our_folder, verify=False).values()
+    )  # bf16 output, every tensor of this Llama a float one
+    monkeypatch.setattr(dq, "disk_free", lambda path: (plain - 1, tmp_path))
+    out = tmp_path / "plain"
+    with pytest.raises(InputError, match=r"needs at least .* GB, .* free; free some space") as info:
+        dequantize_checkpoint(our_folder, out)
+    assert str(info.value).startswith(f"{out}: the plain checkpoint needs")
+    result = CliRunner().invoke(cli, ["dequantize", str(our_folder), str(out), "--json"])
+    assert result.exit_code == 2
+    assert not out.exists()
+    monkeypatch.setattr(dq, "disk_free", lambda path: (plain, tmp_path))
+    assert dequantize_checkpoint(our_folder, out).bytes_written >= plain
+
+
 def test_refuses_a_non_empty_output(our_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "busy"
     out.mkdir()
