@@ -794,21 +794,28 @@ def test_dequantize_streamed_bytes_equal_the_whole_tensor_build(llama4, mode, tm
         assert_streamed_bytes_equal_whole_build(llama4(mode), tmp_path / dtype, monkeypatch, dtype=dtype)
 
 
-def test_dequantize_to_float16_names_fused_experts_the_cast_makes_inf(llama4, tmp_path):
-    """A Llama 4 expert weight past float16's range: dequantize --dtype float16 names the fused tensor it
-    writes (the check decoded a fused tensor as if it were a quantized record: AttributeError)."""
+def _keep_folder_with(llama4, tmp_path: Path, name: str, values: dict[tuple[int, ...], float]) -> Path:
+    """A ``keep`` folder converted from the Llama 4 source with ``values`` put into its tensor ``name``."""
     from safetensors.torch import save_file
 
     src = tmp_path / "src"
     shutil.copytree(llama4("src"), src)
     tensors = _source(src)
-    name = "model.layers.0.feed_forward.experts.gate_up_proj"
-    tensors[name][1, 3, 5] = 1.0e5
+    for index, value in values.items():
+        tensors[name][index] = value
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     folder = tmp_path / "keep"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         convert(src, folder, progress=False)
+    return folder
+
+
+def test_dequantize_to_float16_names_fused_experts_the_cast_makes_inf(llama4, tmp_path):
+    """A Llama 4 expert weight past float16's range: dequantize --dtype float16 names the fused tensor it
+    writes (the check decoded a fused tensor as if it were a quantized record: AttributeError)."""
+    name = "model.layers.0.feed_forward.experts.gate_up_proj"
+    folder = _keep_folder_with(llama4, tmp_path, name, {(1, 3, 5): 1.0e5})
     notes = []
     result = dequantize_checkpoint(folder, tmp_path / "plain", dtype="float16", warn=notes.append)
     assert notes == result.notes
@@ -821,20 +828,9 @@ def test_dequantize_to_float16_names_fused_experts_the_cast_makes_inf(llama4, tm
 def test_dequantize_to_float16_counts_the_overflow_over_every_expert_in_one_note(llama4, tmp_path):
     """The fused tensor is written expert by expert; the float16 overflow check counts the values of every
     expert's block into one note naming the fused tensor, with the largest |w| of them all."""
-    from safetensors.torch import save_file
-
-    src = tmp_path / "src"
-    shutil.copytree(llama4("src"), src)
-    tensors = _source(src)
     name = "model.layers.1.feed_forward.experts.down_proj"
-    tensors[name][0, 3, 5] = 1.0e5
-    tensors[name][2, 7, 1] = -2.0e5
-    tensors[name][3, 0, 0] = 7.0e4
-    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    folder = tmp_path / "keep"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert(src, folder, progress=False)
+    values = {(0, 3, 5): 1.0e5, (2, 7, 1): -2.0e5, (3, 0, 0): 7.0e4}
+    folder = _keep_folder_with(llama4, tmp_path, name, values)
     notes = []
     dequantize_checkpoint(folder, tmp_path / "plain", dtype="float16", warn=notes.append)
     largest = float(torch.tensor(-2.0e5, dtype=torch.bfloat16).abs())
