@@ -66,6 +66,7 @@ from converter.loader.moe_fused import (
 from converter.loader.moe_records import (
     ROLES,
     MoeLoadError,
+    StackedExperts,
     expert_state_dict,
     host,
     region_pointers,
@@ -799,6 +800,32 @@ class QuantExperts4bit(nn.Module):
         if "_prepared" in self.__dict__ and not self._prepared_is_current():  # moved: a new key
             self._prepare()
         return self
+
+    @classmethod
+    def from_stacked(
+        cls,
+        st: StackedExperts,
+        *,
+        hidden_dim: int,
+        intermediate: int,
+        compute_dtype: torch.dtype | None,
+        **kwargs: Any,
+    ) -> QuantExperts4bit:
+        """A layer over ``stack_records``' buffers, with the records' blocksize, quant type, dtype and nested
+        scales; ``kwargs``: the rest of ``__init__``'s (and a subclass's) arguments."""
+        return cls(
+            st.packed,
+            st.absmax,
+            st.quant_map,
+            hidden_dim=hidden_dim,
+            intermediate=intermediate,
+            blocksize=st.blocksize,
+            quant_type=st.quant_type.label,
+            dtype=dtype_from_name(st.dtype),
+            compute_dtype=compute_dtype,
+            nested=st.nested,
+            **kwargs,
+        )
 
     def nested_buffers(self) -> dict[str, torch.Tensor] | None:
         """The nested-absmax tensors of the source records (codes, absmax, offset, map), or None."""

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from converter.loader.module import dtype_from_name
 from converter.loader.moe import (
     SOURCE_MODULE,
     QuantExperts4bit,
@@ -143,20 +142,14 @@ def attach_experts(
             if llama4:  # its MoE block calls experts(routed_in): the routed-only twin (loader/moe_llama4.py)
                 config = module[0].config
                 cls, extra = QuantLlama4Experts4bit, {"top_k": config.num_experts_per_tok, "config": config}
-            layer = cls(
-                st.packed,
-                st.absmax,
-                st.quant_map,
+            layer = cls.from_stacked(
+                st,
                 hidden_dim=hidden,
                 intermediate=inter,
-                blocksize=st.blocksize,
-                quant_type=st.quant_type.label,
-                dtype=dtype_from_name(st.dtype),
                 compute_dtype=compute_dtype,
                 act_name=getattr(config, "hidden_act", None),
                 act_fn=module[0].activation_fn if llama4 else module.act_fn,
                 apply_gate=None if llama4 else _own_gate(module),
-                nested=st.nested,
                 proj_names=st.proj_names,
                 fused=ckpt_name in fused,
                 **extra,

@@ -51,7 +51,6 @@ import torch
 from torch import nn
 
 from converter.loader import ops
-from converter.loader.module import dtype_from_name
 from converter.loader.moe import (
     SOURCE_MODULE,
     ExpertBiases,
@@ -255,20 +254,14 @@ def attach_gpt_oss_experts(
         if all(quantized):
             st = stack_records(weights, where, ckpt_name, hidden, inter, dev, _projs(hidden, inter))
             gu_bias, dn_bias = _stack_biases(biases, dev, bias_dtype)
-            layer = QuantGptOssExperts4bit(
-                st.packed,
-                st.absmax,
-                st.quant_map,
+            layer = QuantGptOssExperts4bit.from_stacked(
+                st,
                 hidden_dim=hidden,
                 intermediate=inter,
-                blocksize=st.blocksize,
-                quant_type=st.quant_type.label,
-                dtype=dtype_from_name(st.dtype),
                 compute_dtype=compute_dtype,
                 act_name=None,
                 act_fn=torch.sigmoid,  # unused: the class's own gate runs
                 apply_gate=_own_gate(module) or module._apply_gate,  # GptOssExperts' clamped gate
-                nested=st.nested,
                 gate_up_bias=gu_bias,
                 down_bias=dn_bias,
                 config=module.config,
