@@ -35,8 +35,8 @@ converter/kernels/prepared.py) runs only the experts the router picked:
   model's.
 
 Experts whose class gates with its own ``_apply_gate`` (DeepSeek-V4, GLM-5) run that gate between
-the two grouped GEMVs on CPU decode, and in the per-expert loop otherwise. gpt-oss' biased experts
-(converter/loader/moe_gpt_oss.py) run the same forward with per-expert biases (:class:`ExpertBiases`)
+the two grouped GEMVs on decode (CPU and CUDA), and in the per-expert loop otherwise. gpt-oss' biased
+experts (converter/loader/moe_gpt_oss.py) run the same forward with per-expert biases (:class:`ExpertBiases`)
 and their gate: grouped GEMVs on decode (CPU and CUDA), the loop otherwise, and compile through
 ``moe_experts_4bit_gated_keyed``.
 
@@ -113,7 +113,7 @@ def _experts_forward(
     ``F.linear`` with a bias, which fuses the add), before the gate and before the routing weight; the
     dequantize path multiplies as that class does, ``x @ W`` with W laid out ``[in, out]`` contiguous as
     it holds it (the same matmul, bit for bit). Decode of biased experts takes the grouped GEMV with
-    their gate, as does a class's own gate without biases (DeepSeek-V4) on the CPU."""
+    their gate, as does a class's own gate without biases (DeepSeek-V4)."""
     hidden_dim = hidden.shape[1]
     num_experts = packed.shape[0]
     gu_bytes, gu_blocks = intermediate * hidden_dim, 2 * intermediate * hidden_dim // blocksize
@@ -321,15 +321,15 @@ def _experts_forward_cuda(
     biases: ExpertBiases | None = None,
 ) -> torch.Tensor:
     """CUDA: decode (<= 8 tokens, or any count while a CUDA graph is being captured: no host sync) as
-    grouped GEMVs (SiLU: two fused launches; biased experts with their own gate, gpt-oss: the two
-    grouped launches with the biases gathered and the gate between them); prefill sorted by expert,
-    grouped dequantize + grouped matmul (biased experts: the per-expert loop). Layouts the kernels do
-    not take, ``use_gemv = False`` and a class's own gate without biases run :func:`_experts_forward`."""
+    grouped GEMVs (SiLU: two fused launches; experts with their class's own gate, gpt-oss and
+    DeepSeek-V4 / GLM-5: the two grouped launches with the biases, if any, gathered and the gate between
+    them); prefill sorted by expert, grouped dequantize + grouped matmul (own gate: the per-expert loop,
+    the fused kernels compute ``act(gate) * up``). Layouts the kernels do not take and
+    ``use_gemv = False`` run :func:`_experts_forward`."""
     hidden_dim = hidden.shape[1]
     args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act)
     ok = (
         use_gemv
-        and (apply_gate is None or biases is not None)
         and moe_cuda.available()
         and intermediate % blocksize == 0
         and moe_cuda.layout_ok(hidden, packed, absmax, hidden_dim, blocksize)
@@ -341,7 +341,7 @@ def _experts_forward_cuda(
         return moe_cuda.decode_silu(*args[:-1])
     if decode:
         return _decode_grouped(*args, moe_cuda.grouped_gemv, apply_gate, biases)
-    if biases is not None:  # gpt-oss prefill: transformers' per-expert loop (GEMV or dequantize + matmul)
+    if apply_gate is not None:  # own-gate prefill: transformers' per-expert loop (GEMV or dequant + mm)
         return _experts_forward(*args, use_gemv, apply_gate, biases)
     return moe_cuda.prefill(*args)
 
@@ -963,9 +963,10 @@ class QuantExperts4bit(nn.Module):
             # the custom op: one node for torch.compile, and gradients to the input and the routing
             # weights (its registered backward) when training adapters elsewhere in the model
             y = moe_experts_4bit(*args, self.act_name, self.use_gemv)
-        elif self.apply_gate is not None:  # own gate: grouped CPU decode, else the per-expert loop
+        elif self.apply_gate is not None:  # own gate: grouped decode, else the per-expert loop
             use_gemv = self.use_gemv and not _needs_autograd(x, w)
-            y = _experts_forward(*args, self.act_fn, use_gemv, self.apply_gate)
+            forward = _experts_forward_cuda if x.is_cuda else _experts_forward
+            y = forward(*args, self.act_fn, use_gemv, self.apply_gate)
         elif _needs_autograd(x, w):  # an activation the op does not know: torch's autograd through
             y = _experts_forward(*args, self.act_fn, use_gemv=False)  # dequantize + F.linear
         else:

@@ -454,6 +454,30 @@ def gpt_oss_reference_and_bound(m, x, idx, w, *, sigmoid_u: float = 4 * U32):
     return out, bound
 
 
+def assert_cuda_graph_replays_like_eager(m, routing, seeds: tuple[int, ...] = (1, 2, 3, 4)) -> None:
+    """Captures ``m(x, idx, w)`` once in a CUDA graph (inputs ``routing(seeds[0])``), then for each later
+    seed copies that routing (other tokens, other experts) into the captured inputs and replays: the
+    kernels read the expert ids on the device, so each replay equals an eager call, bit for bit."""
+    with torch.no_grad():
+        x, idx, w = routing(seeds[0])
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            m(x, idx, w)  # warm-up on a side stream, as torch.cuda.graph requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(x, idx, w)
+        for seed in seeds[1:]:
+            x2, idx2, w2 = routing(seed)
+            x.copy_(x2)
+            idx.copy_(idx2)
+            w.copy_(w2)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, m(x2, idx2, w2)), seed
+
+
 #: A child that converts with --moe-experts quantize in 40 KB shards and SIGKILLs itself once the manifest
 #: lists a finished shard (tests/killed_child.py runs it).
 _KILLED_QUANTIZE = """

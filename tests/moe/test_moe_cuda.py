@@ -13,8 +13,9 @@ import textwrap
 
 import pytest
 import torch
+import transformers
 from error_bounds import U32, dot_bound, gemv_arithmetic, worst_ratio
-from moe_helpers import experts_reference_and_bound
+from moe_helpers import assert_cuda_graph_replays_like_eager, experts_reference_and_bound
 
 from converter.kernels import bnb4bit as kernels
 from converter.loader import moe as moe_loader
@@ -415,24 +416,7 @@ def test_decode_in_a_cuda_graph_follows_new_routing(folders):
     """Captured once, replayed with other tokens and other experts: the kernel reads the ids on the
     device, so each replay equals an eager call with that routing, bit for bit."""
     m = _cuda_experts(folders)
-    with torch.no_grad():
-        x, idx, w = _routing(m, 2, 2, 0, torch.bfloat16)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            m(x, idx, w)  # warm-up on a side stream, as torch.cuda.graph requires
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = m(x, idx, w)
-        for seed in (1, 2, 3):
-            x2, idx2, w2 = _routing(m, 2, 2, seed, torch.bfloat16)
-            x.copy_(x2)
-            idx.copy_(idx2)
-            w.copy_(w2)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, m(x2, idx2, w2)), seed
+    assert_cuda_graph_replays_like_eager(m, lambda seed: _routing(m, 2, 2, seed, torch.bfloat16))
 
 
 _COMPILE_SCRIPT = textwrap.dedent(
@@ -501,3 +485,44 @@ def test_loaded_on_the_gpu_saves_the_source_records(folders, tmp_path):
     experts = [k for k in src if ".experts." in k]
     assert experts
     assert all(torch.equal(saved[k], src[k]) for k in experts)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+def test_own_gate_decode_is_grouped_without_host_sync_and_replays_in_a_cuda_graph(folders, monkeypatch):
+    """DeepSeek-V4's experts (their class's own clamped SwiGLU) decode on CUDA through the two grouped
+    GEMV launches with their gate between them, as gpt-oss' do, instead of the per-expert loop (a GEMV
+    per hit expert and projection, host syncs to find the hit experts): no per-expert loop, no host
+    synchronisation, a CUDA-graph replay with other routing equals an eager call bit for bit, and the
+    model generates on the GPU."""
+    q, _ = folders("deepseek_v4_i64")
+    model = load_quantized(q, device="cuda")
+    m = next(iter(moe_modules(model).values()))
+    assert m.apply_gate is not None
+    launches = []
+    real = moe_cuda.grouped_gemv
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs["out_features"])
+        return real(*args, **kwargs)
+
+    def no_loop(*args, **kwargs):
+        msg = "the per-expert loop ran on a CUDA decode step"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(moe_cuda, "grouped_gemv", counted)
+    monkeypatch.setattr(moe_loader, "_expert_rows", no_loop)
+    x, idx, w = _routing(m, 3, 2, 0, torch.bfloat16)
+    with torch.no_grad():
+        m(x, idx, w)  # warm-up: first-call allocations and lazy initialisation outside the check
+        torch.cuda.synchronize()
+        launches.clear()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            m(x, idx, w)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert launches == [2 * m.intermediate_dim, m.hidden_dim]
+    assert_cuda_graph_replays_like_eager(m, lambda seed: _routing(m, 2, 2, seed, torch.bfloat16))
+    monkeypatch.undo()
+    out = model.generate(torch.tensor([[1, 5, 9, 33]], device="cuda"), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)

@@ -21,6 +21,7 @@ import transformers
 from click.testing import CliRunner
 from moe_helpers import (
     GPT_OSS,
+    assert_cuda_graph_replays_like_eager,
     assert_quantize_resumes_after_sigkill,
     assert_streamed_bytes_equal_whole_build,
     gpt_oss_reference_and_bound,
@@ -324,24 +325,7 @@ def test_cuda_decode_is_grouped_without_host_sync_and_replays_in_a_cuda_graph(gp
     ref, bound = gpt_oss_reference_and_bound(m, x.cpu(), idx.cpu(), w.cpu(), sigmoid_u=7 * U32)
     assert ((got.double().cpu() - ref).abs() <= bound).all()
 
-    with torch.no_grad():
-        x, idx, w = _cuda_routing(m, 2, 1)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            m(x, idx, w)  # warm-up on a side stream, as torch.cuda.graph requires
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = m(x, idx, w)
-        for seed in (2, 3, 4):
-            x2, idx2, w2 = _cuda_routing(m, 2, seed)
-            x.copy_(x2)
-            idx.copy_(idx2)
-            w.copy_(w2)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, m(x2, idx2, w2)), seed
+    assert_cuda_graph_replays_like_eager(m, lambda seed: _cuda_routing(m, 2, seed))
 
 
 def test_compiles_fullgraph_with_the_eager_logits(gpt_oss, dynamo):
