@@ -454,6 +454,39 @@ def gpt_oss_reference_and_bound(m, x, idx, w, *, sigmoid_u: float = 4 * U32):
     return out, bound
 
 
+def grouped_cuda_decode(m, x, idx, w, monkeypatch) -> tuple[torch.Tensor, list[int]]:
+    """``m(x, idx, w)`` on CUDA after a warm-up call, with torch's sync debug mode raising on any host
+    synchronisation and the per-expert loop refused: the output, and the ``out_features`` of each
+    ``moe_cuda.grouped_gemv`` launch it made (the monkeypatches are undone before returning)."""
+    from converter.loader import moe as moe_loader
+    from converter.loader import moe_cuda
+
+    launches: list[int] = []
+    real = moe_cuda.grouped_gemv
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs["out_features"])
+        return real(*args, **kwargs)
+
+    def no_loop(*args, **kwargs):
+        msg = "the per-expert loop ran on a CUDA decode step"
+        raise AssertionError(msg)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(moe_cuda, "grouped_gemv", counted)
+        patch.setattr(moe_loader, "_expert_rows", no_loop)
+        with torch.no_grad():
+            m(x, idx, w)  # warm-up: first-call allocations and lazy initialisation outside the check
+            torch.cuda.synchronize()
+            launches.clear()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = m(x, idx, w)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return out, launches
+
+
 def assert_cuda_graph_replays_like_eager(m, routing, seeds: tuple[int, ...] = (1, 2, 3, 4)) -> None:
     """Captures ``m(x, idx, w)`` once in a CUDA graph (inputs ``routing(seeds[0])``), then for each later
     seed copies that routing (other tokens, other experts) into the captured inputs and replays: the

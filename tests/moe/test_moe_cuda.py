@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from error_bounds import U32, dot_bound, gemv_arithmetic, worst_ratio
-from moe_helpers import assert_cuda_graph_replays_like_eager, experts_reference_and_bound
+from moe_helpers import assert_cuda_graph_replays_like_eager, experts_reference_and_bound, grouped_cuda_decode
 
 from converter.kernels import bnb4bit as kernels
 from converter.loader import moe as moe_loader
@@ -498,31 +498,9 @@ def test_own_gate_decode_is_grouped_without_host_sync_and_replays_in_a_cuda_grap
     model = load_quantized(q, device="cuda")
     m = next(iter(moe_modules(model).values()))
     assert m.apply_gate is not None
-    launches = []
-    real = moe_cuda.grouped_gemv
-
-    def counted(*args, **kwargs):
-        launches.append(kwargs["out_features"])
-        return real(*args, **kwargs)
-
-    def no_loop(*args, **kwargs):
-        msg = "the per-expert loop ran on a CUDA decode step"
-        raise AssertionError(msg)
-
-    monkeypatch.setattr(moe_cuda, "grouped_gemv", counted)
-    monkeypatch.setattr(moe_loader, "_expert_rows", no_loop)
     x, idx, w = _routing(m, 3, 2, 0, torch.bfloat16)
-    with torch.no_grad():
-        m(x, idx, w)  # warm-up: first-call allocations and lazy initialisation outside the check
-        torch.cuda.synchronize()
-        launches.clear()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            m(x, idx, w)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    _, launches = grouped_cuda_decode(m, x, idx, w, monkeypatch)
     assert launches == [2 * m.intermediate_dim, m.hidden_dim]
     assert_cuda_graph_replays_like_eager(m, lambda seed: _routing(m, 2, 2, seed, torch.bfloat16))
-    monkeypatch.undo()
     out = model.generate(torch.tensor([[1, 5, 9, 33]], device="cuda"), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)

@@ -25,6 +25,7 @@ from moe_helpers import (
     assert_quantize_resumes_after_sigkill,
     assert_streamed_bytes_equal_whole_build,
     gpt_oss_reference_and_bound,
+    grouped_cuda_decode,
     largest_fresh_tensors_of_dequantize,
     make_gpt_oss,
 )
@@ -294,33 +295,10 @@ def test_cuda_decode_is_grouped_without_host_sync_and_replays_in_a_cuda_graph(gp
     once in a CUDA graph, each replay with other tokens and experts equals an eager call, bit for bit."""
     from error_bounds import U32
 
-    from converter.loader import moe as moe_loader
-
     m = next(iter(moe_modules(load_quantized(gpt_oss("q"), device="cuda")).values()))
     m.compute_dtype = torch.float32
-    launches = []
-    real = moe_cuda.grouped_gemv
-
-    def counted(*args, **kwargs):
-        launches.append(kwargs["out_features"])
-        return real(*args, **kwargs)
-
-    def no_loop(*args, **kwargs):
-        msg = "the per-expert loop ran on a CUDA decode step"
-        raise AssertionError(msg)
-
-    monkeypatch.setattr(moe_cuda, "grouped_gemv", counted)
-    monkeypatch.setattr(moe_loader, "_expert_rows", no_loop)
     x, idx, w = _cuda_routing(m, 3, 0)
-    with torch.no_grad():
-        m(x, idx, w)  # warm-up: first-call allocations and lazy initialisation outside the check
-        torch.cuda.synchronize()
-        launches.clear()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            got = m(x, idx, w)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    got, launches = grouped_cuda_decode(m, x, idx, w, monkeypatch)
     assert launches == [2 * INTER, H]
     ref, bound = gpt_oss_reference_and_bound(m, x.cpu(), idx.cpu(), w.cpu(), sigmoid_u=7 * U32)
     assert ((got.double().cpu() - ref).abs() <= bound).all()
