@@ -139,6 +139,28 @@ def test_experts_with_their_own_gate_decode_grouped_on_the_cpu(folders, monkeypa
                        ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
 
 
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+@pytest.mark.parametrize("name", ["deepseek_v4", "deepseek_v4_i64"])
+@pytest.mark.parametrize("tokens", [3, 12], ids=["decode", "prefill"])
+def test_experts_with_their_own_gate_within_the_derived_float32_bound(folders, name, tokens):
+    """Experts with their class's own clamped SwiGLU (DeepSeek-V4), computing in float32 on the default
+    path (deepseek_v4_i64 decode: the grouped CPU GEMVs; deepseek_v4, intermediate 96: the per-expert
+    loop, down by dequantize + matmul), stay within experts_reference_and_bound's derived bound, which
+    follows their gate (clamps, limit 0.1)."""
+    from moe_helpers import experts_reference_and_bound
+
+    m = next(iter(moe_modules(load_quantized(folders(name)[0])).values()))
+    m.compute_dtype = torch.float32
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, m.hidden_dim, generator=g)
+    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    with torch.no_grad():
+        got = m(x, idx, w).double()
+    ref, bound = experts_reference_and_bound(m, x, idx, w)
+    assert ((got - ref).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_model_dequantize_restores_transformers_experts(folders, name, tmp_path):
     """model.dequantize(): the 4-bit experts become transformers' own experts module again (and the
