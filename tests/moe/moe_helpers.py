@@ -375,6 +375,37 @@ def experts_reference_and_bound(
     return out, bound + out_u * (out.abs() + bound)
 
 
+def down_code_step_ratios(m, x, idx, w) -> tuple[float, float]:
+    """max |got - ref| / bound of ``m``'s output (float32 compute; :func:`experts_reference_and_bound`
+    with its float32 defaults), and the same once one down weight has moved one 4-bit code step in
+    ``m.packed`` (restored after): expert ``idx[0, 0]``'s weight from its largest |h| of token 0 into
+    output 0, the code to its neighbour in the code table (checked: that weight alone changes). A
+    second ratio > 1 shows the bound sees the smallest change the format can make to one weight."""
+    m.compute_dtype = torch.float32
+    ref, bound = experts_reference_and_bound(m, x, idx, w)
+    with torch.no_grad():
+        within = float(((m(x, idx, w).double() - ref).abs() / bound).max())
+    e, i_dim, h_dim = int(idx[0, 0]), m.intermediate_dim, m.hidden_dim
+    gu, dn = (a.double() for a in m.expert_weights(e, torch.float32))
+    pre = gu @ x[0].double()
+    if getattr(m, "gate_up_bias", None) is not None:
+        pre = pre + m.gate_up_bias[e].double()
+    h = _gated(pre, torch.zeros_like(pre), experts_gate(m), 0.0, 0.0)[0]
+    n = 2 * i_dim * h_dim + int(h.abs().argmax())  # down [H, I] after gate_up [2I, H]: output 0's row
+    codes, shift = m.packed[e].view(torch.uint8), 4 * (1 - n % 2)  # the first element: high nibble
+    old = int(codes[n // 2])
+    c = (old >> shift) & 0xF
+    codes[n // 2] = old ^ ((c ^ (c + 1 if c < 15 else c - 1)) << shift)
+    try:
+        delta = m.expert_weights(e, torch.float32)[1].double() - dn
+        assert torch.count_nonzero(delta) == 1
+        with torch.no_grad():
+            outside = float(((m(x, idx, w).double() - ref).abs() / bound).max())
+    finally:
+        codes[n // 2] = old
+    return within, outside
+
+
 def assert_float32_experts_within_bound(folder: Path, tokens: int) -> None:
     """The first 4-bit experts layer of ``load_quantized(folder)``, computing in float32 on its default
     path (fused GEMV for <= 8 tokens per expert, else dequantized once), stays within the derived

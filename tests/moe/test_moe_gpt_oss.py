@@ -24,6 +24,7 @@ from moe_helpers import (
     GPT_OSS,
     assert_quantize_resumes_after_sigkill,
     assert_streamed_bytes_equal_whole_build,
+    down_code_step_ratios,
     experts_reference_and_bound,
     largest_fresh_tensors_of_dequantize,
     make_gpt_oss,
@@ -245,6 +246,17 @@ def test_default_path_within_the_derived_float32_bound(gpt_oss, tokens):
     ref, bound = experts_reference_and_bound(m, x, idx, w)
     assert ((got - ref).abs() <= bound).all()
     assert (got - ref).abs().max() > 0 or tokens > 8  # the GEMV path ran (not the exact reference)
+
+
+def test_one_down_code_step_leaves_the_derived_bound(gpt_oss):
+    """The derived bound is not vacuous: with one down weight of a routed expert moved by one 4-bit code
+    step, the output leaves it (decode, the grouped GEMV), where the unchanged layer's stays inside."""
+    m = next(iter(moe_modules(load_quantized(gpt_oss("q"))).values()))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, H, generator=g) * 2
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(3)])
+    within, outside = down_code_step_ratios(m, x, idx, torch.rand(3, 2, generator=g))
+    assert within <= 1 < outside
 
 
 @pytest.mark.cuda
