@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from error_bounds import U32, gamma
@@ -219,6 +219,88 @@ def load_bf16_eager(folder: Path):
     return model.eval()
 
 
+#: The fused CUDA decode's silu (csrc/cuda/gemv_grouped.cu) and torch's CUDA sigmoid: expf within 2 ulp
+#: (4u, CUDA's documented bound without fast math), 1 + e rounded (u), the division rounded (u): 6u to
+#: first order, 7u with margin for the products of these terms.
+CUDA_SILU_U = 7 * U32
+
+
+class Gate(NamedTuple):
+    """The gating of an expert's gate/up output that :func:`experts_reference_and_bound` models (the
+    default: ``silu(gate) * up``, gate and up the two halves)."""
+
+    limit: float | None = None  # clamped: gate <= limit, -limit <= up <= limit (DeepSeek-V4, gpt-oss)
+    alpha: float | None = None  # gpt-oss: glu = gate * sigmoid(alpha * gate), h = (up + 1) * glu
+    interleaved: bool = False  # gpt-oss: gate/up rows interleaved (gate even, up odd)
+
+
+def experts_gate(m) -> Gate:
+    """The gate of the 4-bit experts layer ``m``: its class's own ``_apply_gate`` where it has one
+    (gpt-oss; DeepSeek-V4's clamped SiLU), else silu(gate) * up. A gate the bound does not model is
+    refused, so that no test compares a layer against the bound of another activation."""
+    own = getattr(m, "apply_gate", None)
+    if own is None:
+        if getattr(m, "act_name", "silu") not in ("silu", "swish"):
+            msg = f"the bound models silu(gate) * up, not {m.act_name}"
+            raise NotImplementedError(msg)
+        return Gate()
+    owner = own.__self__
+    kind = type(owner).__name__
+    if kind == "GptOssExperts":
+        return Gate(limit=float(owner.limit), alpha=float(owner.alpha), interleaved=True)
+    if kind == "DeepseekV4Experts" and type(owner.act_fn).__name__ in ("SiLU", "SiLUActivation"):
+        return Gate(limit=float(owner.limit))
+    msg = f"the bound does not model {kind}._apply_gate"
+    raise NotImplementedError(msg)
+
+
+def _rel(*us: float) -> float:
+    """The relative error of a chain of relative errors ``us``: prod(1 + u) - 1."""
+    return math.prod(1 + u for u in us) - 1
+
+
+def _product(a, ea, b, eb, u: float):
+    """``a * b`` (float64 reference values) and the error bound of the computed product of a and b known
+    within ``ea`` and ``eb``, rounded once with unit roundoff ``u``."""
+    p = a * b
+    e = a.abs() * eb + b.abs() * ea + ea * eb
+    return p, e + u * (p.abs() + e)
+
+
+def _gated(pre, e_pre, gate: Gate, silu_u: float, h_u: float):
+    """h = gate(gate/up output ``pre``) and its error bound, from e_pre, pre's (elementwise) bound.
+
+    - clamps are 1-Lipschitz: an error carries over unchanged, plus the limit's rounding to float32
+      (u |limit|: 0.1 is not a float32; 0.5 and 7.0 are);
+    - silu(g) is Lipschitz with max|silu'| < 1.1 (1.0998 at g = 2.40), so its error is 1.1 e_g plus
+      ``silu_u`` relative for its evaluation; gpt-oss' g * sigmoid(alpha g) = silu(alpha g) / alpha
+      has the same Lipschitz constant in g; alpha and alpha * g rounded (relative 2u) move sigmoid by at
+      most sigmoid' <= 1/4 times that (|d sigmoid(alpha g) / dg| <= alpha / 4), times |g|; then the
+      sigmoid's evaluation (``silu_u``) and the product (u);
+    - gpt-oss' up + 1: one rounding u;
+    - the product: |a| e_b + |b| e_a + e_a e_b, then rounded with ``h_u``.
+
+    The gate's own operations are float32 (u = 2^-24)."""
+    u, i_dim = U32, pre.shape[0] // 2
+    split = (slice(0, None, 2), slice(1, None, 2)) if gate.interleaved else (slice(i_dim), slice(i_dim, None))
+    (g, up), (eg, eu) = [pre[s] for s in split], [e_pre[s] for s in split]
+    if gate.limit is not None:
+        limit = gate.limit
+        g, up = g.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        eg, eu = eg + u * abs(limit), eu + u * abs(limit)
+    if gate.alpha is None:
+        s = torch.nn.functional.silu(g)
+        es = 1.1 * eg + silu_u * (s.abs() + 1.1 * eg)
+        return _product(s, es, up, eu, h_u)
+    alpha, ga = gate.alpha, g.abs() + eg  # ga: |g| as computed, at most
+    glu = g * torch.sigmoid(alpha * g)
+    e_glu = 1.1 * eg + ga * (alpha / 4) * ga * _rel(u, u)
+    e_glu = e_glu + _rel(silu_u, u) * (glu.abs() + e_glu)
+    up1 = up + 1
+    e_up1 = eu + u * (up1.abs() + eu)
+    return _product(glu, e_glu, up1, e_up1, h_u)
+
+
 def experts_reference_and_bound(
     m,
     x,
@@ -231,6 +313,7 @@ def experts_reference_and_bound(
     silu_u: float = 4 * U32,
     h_u: float = U32,
     y_u: float = 0.0,
+    bias_u: float = U32,
     wy_u: float = U32,
     out_u: float = 0.0,
     flush_abs: float = 0.0,
@@ -241,11 +324,14 @@ def experts_reference_and_bound(
     - gate/up: weights used with relative error ``weight_rel`` (0: float32 decode; u16 when the
       weight is dequantized to a 16-bit dtype), dot products of H terms accumulated in any order with
       unit roundoff ``acc_u`` (2^-24; 2^-23 for tensor cores, which may truncate): (wr + gamma_H (1 +
-      wr)) |W_gu| @ |x|; then the results rounded with ``pre_u`` (0 when they stay float32);
-    - silu: Lipschitz constant max|silu'| < 1.1, plus ``silu_u``, the relative error of its evaluation
-      (torch float32: exp, add, divide, multiply, 4u); h = silu(g) * up: first-order product error plus
-      one rounding ``h_u``;
-    - down: (1 + wr) |W_dn| @ |e_h| + (wr + gamma_I (1 + wr)) |W_dn| @ |h|, then rounded with ``y_u``;
+      wr)) |W_gu| @ |x|; then the results rounded with ``pre_u`` (0 when they stay float32); a bias
+      (gpt-oss; 16-bit, exact in float32) added with one rounding ``bias_u``;
+    - the gate (:func:`experts_gate`, propagated by :func:`_gated`): silu(gate) * up, DeepSeek-V4's
+      clamped one, or gpt-oss' clamped (up + 1) * gate * sigmoid(alpha * gate); ``silu_u``: the relative
+      error of the silu's (or sigmoid's) evaluation (torch float32: exp, add, divide, multiply, 4u);
+      ``h_u``: the rounding of h;
+    - down: (1 + wr) |W_dn| @ |e_h| + (wr + gamma_I (1 + wr)) |W_dn| @ |h|, then rounded with ``y_u``,
+      a bias added with ``bias_u``;
     - routing: w * y rounded with ``wy_u`` (an FMA: no more than u), the k terms summed in float32
       (gamma_k); ``out_u``: one final rounding of the sum to the output dtype;
     - ``flush_abs`` (error_bounds.gemv_arithmetic: a GEMV path that treats subnormal inputs and partial
@@ -255,6 +341,9 @@ def experts_reference_and_bound(
     The defaults are torch's float32 ops (CPU and CUDA float32 compute).
     """
     h_dim, i_dim, k = m.hidden_dim, m.intermediate_dim, idx.shape[1]
+    gate = experts_gate(m)
+    biases = getattr(m, "gate_up_bias", None), getattr(m, "down_bias", None)
+    gu_b, dn_b = (None if b is None else b.double().cpu() for b in biases)
     dot_h = weight_rel + gamma(h_dim, acc_u) * (1 + weight_rel)
     dot_i = weight_rel + gamma(i_dim, acc_u) * (1 + weight_rel)
     route = wy_u + gamma(k) * (1 + wy_u)
@@ -264,29 +353,57 @@ def experts_reference_and_bound(
     bound = torch.zeros_like(xd)
     for t in range(x.shape[0]):
         for j in range(k):
-            gu, dn = (a.double().cpu() for a in m.expert_weights(int(idx[t, j]), torch.float32))
+            e = int(idx[t, j])
+            gu, dn = (a.double().cpu() for a in m.expert_weights(e, torch.float32))
             pre = gu @ xd[t]
             e_pre = dot_h * (gu.abs() @ xd[t].abs()) + flush_abs * h_dim * gu.abs().amax(dim=1)
             e_pre = e_pre + pre_u * (pre.abs() + e_pre)
-            g, u = pre[:i_dim], pre[i_dim:]
-            eg, eu = e_pre[:i_dim], e_pre[i_dim:]
-            s = torch.nn.functional.silu(g)
-            es = 1.1 * eg + silu_u * (s.abs() + 1.1 * eg)
-            h = s * u
-            eh = (
-                es * u.abs()
-                + s.abs() * eu
-                + es * eu
-                + h_u * (h.abs() + es * u.abs() + s.abs() * eu + es * eu)
-            )
+            if gu_b is not None:
+                pre = pre + gu_b[e]
+                e_pre = e_pre + bias_u * (pre.abs() + e_pre)
+            h, eh = _gated(pre, e_pre, gate, silu_u, h_u)
             y = dn @ h
             ey = (1 + weight_rel) * (dn.abs() @ eh) + dot_i * (dn.abs() @ (h.abs() + eh))
             ey = ey + flush_abs * i_dim * dn.abs().amax(dim=1)
             ey = ey + y_u * (y.abs() + ey)
+            if dn_b is not None:
+                y = y + dn_b[e]
+                ey = ey + bias_u * (y.abs() + ey)
             wt = float(w[t, j])
             out[t] += wt * y
             bound[t] += abs(wt) * ey + route * abs(wt) * (y.abs() + ey)
     return out, bound + out_u * (out.abs() + bound)
+
+
+def down_code_step_ratios(m, x, idx, w) -> tuple[float, float]:
+    """max |got - ref| / bound of ``m``'s output (float32 compute; :func:`experts_reference_and_bound`
+    with its float32 defaults), and the same once one down weight has moved one 4-bit code step in
+    ``m.packed`` (restored after): expert ``idx[0, 0]``'s weight from its largest |h| of token 0 into
+    output 0, the code to its neighbour in the code table (checked: that weight alone changes). A
+    second ratio > 1 shows the bound sees the smallest change the format can make to one weight."""
+    m.compute_dtype = torch.float32
+    ref, bound = experts_reference_and_bound(m, x, idx, w)
+    with torch.no_grad():
+        within = float(((m(x, idx, w).double() - ref).abs() / bound).max())
+    e, i_dim, h_dim = int(idx[0, 0]), m.intermediate_dim, m.hidden_dim
+    gu, dn = (a.double() for a in m.expert_weights(e, torch.float32))
+    pre = gu @ x[0].double()
+    if getattr(m, "gate_up_bias", None) is not None:
+        pre = pre + m.gate_up_bias[e].double()
+    h = _gated(pre, torch.zeros_like(pre), experts_gate(m), 0.0, 0.0)[0]
+    n = 2 * i_dim * h_dim + int(h.abs().argmax())  # down [H, I] after gate_up [2I, H]: output 0's row
+    codes, shift = m.packed[e].view(torch.uint8), 4 * (1 - n % 2)  # the first element: high nibble
+    old = int(codes[n // 2])
+    c = (old >> shift) & 0xF
+    codes[n // 2] = old ^ ((c ^ (c + 1 if c < 15 else c - 1)) << shift)
+    try:
+        delta = m.expert_weights(e, torch.float32)[1].double() - dn
+        assert torch.count_nonzero(delta) == 1
+        with torch.no_grad():
+            outside = float(((m(x, idx, w).double() - ref).abs() / bound).max())
+    finally:
+        codes[n // 2] = old
+    return within, outside
 
 
 def assert_float32_experts_within_bound(folder: Path, tokens: int) -> None:
@@ -402,56 +519,6 @@ def make_gpt_oss(folder: Path, seed: int = 0) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
     return folder
-
-
-def gpt_oss_reference_and_bound(m, x, idx, w, *, sigmoid_u: float = 4 * U32):
-    """float64 reference (on the CPU) of a QuantGptOssExperts4bit with its decoded weights, and an
-    elementwise bound on the error of its float32 compute path (``m.compute_dtype = torch.float32``; the
-    biases bf16, exact in float32), derived step by step (u = 2^-24, gamma_K = K u / (1 - K u)):
-
-    - gate_up = W_gu x: float32 weights (decoded exactly), H products summed in any order:
-      gamma_H |W_gu| @ |x|; + b_gu rounded once: + u (|pre| + e);
-    - gate/up interleaved (``[::2]`` / ``[1::2]``); the clamps are exact and 1-Lipschitz (errors carry
-      over unchanged; the limit, 0.5 here and 7.0 in gpt-oss, is exact in float32);
-    - glu = g * sigmoid(alpha g) = silu(alpha g) / alpha: Lipschitz in g with constant max|silu'| < 1.1;
-      its evaluation: alpha rounded to float32 and alpha * g rounded (|d(alpha g)| <= 2u |alpha g| to
-      first order, which moves sigmoid by at most sigmoid' <= 1/4 times that: |g| / 4 * 2u |alpha g|
-      absolutely), sigmoid with relative error ``sigmoid_u`` (torch float32: exp, add, divide: 4u), the
-      product one more rounding u;
-    - h = (up + 1) * glu: up + 1 rounded (u), the product first order plus one rounding u;
-    - y = W_dn h: (|W_dn| @ e_h) + gamma_I |W_dn| @ (|h| + e_h); + b_dn rounded once;
-    - the routing weight times y rounded (u), the k terms summed in float32 (gamma_k).
-    """
-    u = U32
-    h_dim, i_dim, k = m.hidden_dim, m.intermediate_dim, idx.shape[1]
-    alpha, limit = float(m.config.swiglu_alpha), float(m.config.swiglu_limit)
-    xd, idx, w = x.double().cpu(), idx.cpu(), w.cpu()
-    out, bound = torch.zeros_like(xd), torch.zeros_like(xd)
-    gu_b, dn_b = m.gate_up_bias.double().cpu(), m.down_bias.double().cpu()
-    for t in range(x.shape[0]):
-        for j in range(k):
-            e = int(idx[t, j])
-            gu, dn = (a.double().cpu() for a in m.expert_weights(e, torch.float32))
-            pre = gu @ xd[t] + gu_b[e]
-            e_pre = gamma(h_dim) * (gu.abs() @ xd[t].abs())
-            e_pre = e_pre + u * (pre.abs() + e_pre)
-            g, up = pre[::2].clamp(max=limit), pre[1::2].clamp(min=-limit, max=limit)
-            eg, eu = e_pre[::2], e_pre[1::2]
-            glu = g * torch.sigmoid(alpha * g)
-            ga = g.abs() + eg
-            e_glu = 1.1 * eg + ga / 4 * 2 * u * alpha * ga + (sigmoid_u + u) * (glu.abs() + 1.1 * eg)
-            up1 = up + 1
-            e_up1 = eu + u * (up1.abs() + eu)
-            h = up1 * glu
-            eh = e_glu * up1.abs() + glu.abs() * e_up1 + e_glu * e_up1
-            eh = eh + u * (h.abs() + eh)
-            y = dn @ h + dn_b[e]
-            ey = dn.abs() @ eh + gamma(i_dim) * (dn.abs() @ (h.abs() + eh))
-            ey = ey + u * (y.abs() + ey)
-            wt = float(w[t, j])
-            out[t] += wt * y
-            bound[t] += abs(wt) * ey + (u + gamma(k) * (1 + u)) * abs(wt) * (y.abs() + ey)
-    return out, bound
 
 
 def grouped_cuda_decode(m, x, idx, w, monkeypatch) -> tuple[torch.Tensor, list[int]]:

@@ -15,7 +15,12 @@ import pytest
 import torch
 import transformers
 from error_bounds import U32, dot_bound, gemv_arithmetic, worst_ratio
-from moe_helpers import assert_cuda_graph_replays_like_eager, experts_reference_and_bound, grouped_cuda_decode
+from moe_helpers import (
+    CUDA_SILU_U,
+    assert_cuda_graph_replays_like_eager,
+    experts_reference_and_bound,
+    grouped_cuda_decode,
+)
 
 from converter.kernels import bnb4bit as kernels
 from converter.loader import moe as moe_loader
@@ -338,12 +343,6 @@ def _routing(m: QuantExperts4bit, tokens: int, k: int, seed: int, dtype=torch.fl
     return x.cuda(), idx.cuda(), w.cuda()
 
 
-#: The fused decode's silu (csrc/cuda/gemv_grouped.cu): expf within 2 ulp (4u, CUDA's documented bound
-#: without fast math), 1 + e rounded (u), the division rounded (u): 6u to first order, 7u with margin
-#: for the products of these terms.
-CUDA_SILU_U = 7 * U32
-
-
 @pytest.mark.parametrize("tokens", [1, 3, 8, 12, 40])
 def test_module_within_derived_bound(folders, tokens):
     """float32 compute on CUDA: decode (<= 8 tokens: the fused grouped GEMVs) and prefill (sorted by
@@ -352,6 +351,23 @@ def test_module_within_derived_bound(folders, tokens):
     m = _cuda_experts(folders)
     m.compute_dtype = torch.float32
     assert m.packed.is_cuda
+    x, idx, w = _routing(m, tokens, 2, tokens)
+    with torch.no_grad():
+        got = m(x, idx, w).double().cpu()
+    ref, bound = experts_reference_and_bound(m, x, idx, w, silu_u=CUDA_SILU_U)
+    assert ((got - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("tokens", [3, 12])
+def test_own_gate_module_within_derived_bound(folders, tokens):
+    """Experts with their class's own clamped SwiGLU (DeepSeek-V4) on CUDA, float32 compute (decode: the
+    two grouped GEMVs with the gate between them; prefill: the per-expert loop, the CUDA GEMV or
+    dequantize + matmul), within the derived float32 bound that
+    follows their gate (moe_helpers.experts_gate), torch's CUDA silu allowed CUDA_SILU_U."""
+    pytest.importorskip("transformers.models.deepseek_v4")
+    q, _ = folders("deepseek_v4_i64")
+    m = next(iter(moe_modules(load_quantized(q, device="cuda")).values()))
+    m.compute_dtype = torch.float32
     x, idx, w = _routing(m, tokens, 2, tokens)
     with torch.no_grad():
         got = m(x, idx, w).double().cpu()

@@ -20,11 +20,13 @@ import torch
 import transformers
 from click.testing import CliRunner
 from moe_helpers import (
+    CUDA_SILU_U,
     GPT_OSS,
     assert_cuda_graph_replays_like_eager,
     assert_quantize_resumes_after_sigkill,
     assert_streamed_bytes_equal_whole_build,
-    gpt_oss_reference_and_bound,
+    down_code_step_ratios,
+    experts_reference_and_bound,
     grouped_cuda_decode,
     largest_fresh_tensors_of_dequantize,
     make_gpt_oss,
@@ -233,7 +235,7 @@ def test_logits_bit_identical_to_dequantized_model(gpt_oss):
 @pytest.mark.parametrize("tokens", [3, 12], ids=["decode", "prefill"])
 def test_default_path_within_the_derived_float32_bound(gpt_oss, tokens):
     """The default path (grouped GEMV for decode, per-expert GEMV or dequantize + matmul in prefill),
-    computing in float32, stays within gpt_oss_reference_and_bound's derived bound of the exact result
+    computing in float32, stays within experts_reference_and_bound's derived bound of the exact result
     on the decoded weights (biases, clamped gate); so does a default-path model's generate run."""
     m = next(iter(moe_modules(load_quantized(gpt_oss("q"))).values()))
     m.compute_dtype = torch.float32
@@ -243,9 +245,20 @@ def test_default_path_within_the_derived_float32_bound(gpt_oss, tokens):
     w = torch.rand(tokens, 2, generator=g)
     with torch.no_grad():
         got = m(x, idx, w).double()
-    ref, bound = gpt_oss_reference_and_bound(m, x, idx, w)
+    ref, bound = experts_reference_and_bound(m, x, idx, w)
     assert ((got - ref).abs() <= bound).all()
     assert (got - ref).abs().max() > 0 or tokens > 8  # the GEMV path ran (not the exact reference)
+
+
+def test_one_down_code_step_leaves_the_derived_bound(gpt_oss):
+    """The derived bound is not vacuous: with one down weight of a routed expert moved by one 4-bit code
+    step, the output leaves it (decode, the grouped GEMV), where the unchanged layer's stays inside."""
+    m = next(iter(moe_modules(load_quantized(gpt_oss("q"))).values()))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, H, generator=g) * 2
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(3)])
+    within, outside = down_code_step_ratios(m, x, idx, torch.rand(3, 2, generator=g))
+    assert within <= 1 < outside
 
 
 @pytest.mark.cuda
@@ -255,10 +268,8 @@ def test_on_cuda_within_the_derived_float32_bound_and_generates(gpt_oss, tokens)
     """The 4-bit gpt-oss experts on the GPU (decode: one grouped GEMV per projection over the (token,
     slot) rows; prefill: the per-expert loop, the CUDA GEMV for up to 8 tokens per expert, else
     dequantize + matmul; float32 compute without TF32) within the same derived bound as on the CPU,
-    torch's CUDA sigmoid allowed 7 u (exp, add, divide on the device: the MoE CUDA tests' silu
+    torch's CUDA sigmoid allowed CUDA_SILU_U (exp, add, divide on the device: the MoE CUDA tests' silu
     allowance); greedy generate() runs on the GPU."""
-    from error_bounds import U32
-
     model = load_quantized(gpt_oss("q"), device="cuda")
     m = next(iter(moe_modules(model).values()))
     assert m.packed.is_cuda
@@ -270,7 +281,7 @@ def test_on_cuda_within_the_derived_float32_bound_and_generates(gpt_oss, tokens)
     w = torch.rand(tokens, 2, generator=g)
     with torch.no_grad():
         got = m(x.cuda(), idx.cuda(), w.cuda()).double().cpu()
-    ref, bound = gpt_oss_reference_and_bound(m, x, idx, w, sigmoid_u=7 * U32)
+    ref, bound = experts_reference_and_bound(m, x, idx, w, silu_u=CUDA_SILU_U)
     assert ((got - ref).abs() <= bound).all()
     m.compute_dtype = loaded
     out = model.generate(IDS[:, :4].cuda(), max_new_tokens=5, do_sample=False)
@@ -293,14 +304,12 @@ def test_cuda_decode_is_grouped_without_host_sync_and_replays_in_a_cuda_graph(gp
     the weighted sum over slots: no per-expert loop, no host synchronisation (torch's sync debug mode
     raises on one), within the derived float32 bound of the exact result on the decoded weights; captured
     once in a CUDA graph, each replay with other tokens and experts equals an eager call, bit for bit."""
-    from error_bounds import U32
-
     m = next(iter(moe_modules(load_quantized(gpt_oss("q"), device="cuda")).values()))
     m.compute_dtype = torch.float32
     x, idx, w = _cuda_routing(m, 3, 0)
     got, launches = grouped_cuda_decode(m, x, idx, w, monkeypatch)
     assert launches == [2 * INTER, H]
-    ref, bound = gpt_oss_reference_and_bound(m, x.cpu(), idx.cpu(), w.cpu(), sigmoid_u=7 * U32)
+    ref, bound = experts_reference_and_bound(m, x.cpu(), idx.cpu(), w.cpu(), silu_u=CUDA_SILU_U)
     assert ((got.double().cpu() - ref).abs() <= bound).all()
 
     assert_cuda_graph_replays_like_eager(m, lambda seed: _cuda_routing(m, 2, seed))

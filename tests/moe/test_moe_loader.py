@@ -13,7 +13,13 @@ import warnings
 import pytest
 import torch
 import transformers
-from moe_helpers import FAMILIES, assert_float32_experts_within_bound, load_bf16_eager, make_moe
+from moe_helpers import (
+    FAMILIES,
+    assert_float32_experts_within_bound,
+    down_code_step_ratios,
+    load_bf16_eager,
+    make_moe,
+)
 from tiny_models import load_logged
 
 from converter.loader.model import linear4bit_modules, load_quantized
@@ -137,6 +143,23 @@ def test_experts_with_their_own_gate_decode_grouped_on_the_cpu(folders, monkeypa
     ref = load_bf16_eager(plain)
     assert torch.equal(model.generate(IDS[:, :4], max_new_tokens=4, do_sample=False),
                        ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+@pytest.mark.parametrize("name", ["deepseek_v4", "deepseek_v4_i64"])
+@pytest.mark.parametrize("tokens", [3, 12], ids=["decode", "prefill"])
+def test_experts_with_their_own_gate_within_the_derived_float32_bound(folders, name, tokens):
+    """Experts with their class's own clamped SwiGLU (DeepSeek-V4), computing in float32 on the default
+    path (deepseek_v4_i64 decode: the grouped CPU GEMVs; deepseek_v4, intermediate 96: the per-expert
+    loop, down by dequantize + matmul), stay within experts_reference_and_bound's derived bound, which
+    follows their gate (clamps, limit 0.1); the same layer with one down weight moved by one 4-bit code
+    step leaves it."""
+    m = next(iter(moe_modules(load_quantized(folders(name)[0])).values()))
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, m.hidden_dim, generator=g)
+    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)])
+    within, outside = down_code_step_ratios(m, x, idx, torch.rand(tokens, 2, generator=g))
+    assert within <= 1 < outside
 
 
 @pytest.mark.parametrize("name", FAMILIES)
