@@ -8,10 +8,12 @@ Contenders (each ``generate()`` greedy, ``--prompt`` tokens then ``--new``, inte
 ``--repeat``; bench/moe_whole.py's ``_run_mode``):
 
 - ours: ``load_quantized`` of a ``--moe-experts quantize`` NF4 folder, the experts one
-  ``QuantLlama4Experts4bit`` per layer (routed experts only: converter/loader/moe_llama4.py);
+  ``QuantLlama4Experts4bit`` per layer (routed experts only: converter/loader/moe_llama4.py); with
+  ``--moe-experts keep``, a folder whose experts stay 16-bit, run for the routed experts only
+  (``route_sequential``);
 - ours dense: the same folder with the experts as transformers builds them pre-quantized
-  (``SequentialLlama4TextExperts`` of 4-bit linears, every expert on every token), how our loader ran
-  them before the routed layer;
+  (``SequentialLlama4TextExperts`` of 4-bit or 16-bit linears, every expert on every token), how our
+  loader ran them before the routed layers;
 - transformers + bitsandbytes: stock ``from_pretrained`` of the same folder (also per-expert, dense);
 - bf16: the model from the config in bf16 (transformers' fused ``Llama4TextExperts``, a bmm over every
   expert).
@@ -64,8 +66,8 @@ def _config(shapes: dict, layers: int):
     return cfg
 
 
-def _quantized(folder: Path, cfg, device: str) -> tuple[Path, float]:
-    """The NF4 ``--moe-experts quantize`` folder of a random checkpoint with ``cfg``'s tensors (once)."""
+def _quantized(folder: Path, cfg, device: str, moe_experts: str) -> tuple[Path, float]:
+    """The NF4 folder (experts per ``moe_experts``) of a random checkpoint with ``cfg``'s tensors (once)."""
     if (folder / "config.json").exists():
         return folder, 0.0
     import transformers
@@ -80,23 +82,26 @@ def _quantized(folder: Path, cfg, device: str) -> tuple[Path, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         src = RandomSource(cfg.to_dict(), shapes, device=device)
-        convert(src, folder, moe_experts="quantize", device=device, progress=False, overwrite=True)
+        convert(src, folder, moe_experts=moe_experts, device=device, progress=False, overwrite=True)
     return folder, time.perf_counter() - t0
 
 
-def _contenders(q: Path, cfg, device: str) -> dict:
+def _contenders(q: Path, cfg, device: str, moe_experts: str) -> dict:
     import transformers
 
-    import converter.loader.moe_llama4 as moe_llama4
+    import converter.loader.moe_attach as moe_attach
     from converter.loader.model import load_quantized
 
     def dense():
-        routed = moe_llama4.is_llama4_sequential
-        moe_llama4.is_llama4_sequential = lambda module: False  # the per-expert 4-bit linears stay
+        # the per-expert linears (4-bit, or 16-bit in a keep folder) stay transformers' dense module
+        routed = moe_attach.is_llama4_sequential
+        moe_attach.is_llama4_sequential = lambda module: False
         try:
             return load_quantized(q, device=device)
         finally:
-            moe_llama4.is_llama4_sequential = routed
+            moe_attach.is_llama4_sequential = routed
+
+    bits = "4-bit" if moe_experts == "quantize" else "16-bit"
 
     def bf16():
         with torch.device(device):
@@ -104,7 +109,7 @@ def _contenders(q: Path, cfg, device: str) -> dict:
             return transformers.Llama4ForCausalLM(cfg).to(torch.bfloat16)
 
     return {
-        "ours (routed 4-bit experts)": lambda: load_quantized(q, device=device),
+        f"ours (routed {bits} experts)": lambda: load_quantized(q, device=device),
         "ours, experts run densely": dense,
         "transformers + bnb (same folder)": lambda: transformers.AutoModelForCausalLM.from_pretrained(
             q, device_map=device
@@ -123,6 +128,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--modes", default="eager", help="eager,compiled,graphed[-compiled] (bench/moe_whole.py)")
     ap.add_argument("--only", default=None, help="comma-separated contender prefixes (e.g. ours,bf16)")
+    ap.add_argument("--moe-experts", choices=("quantize", "keep"), default="quantize", help="its experts")
     ap.add_argument("--workdir", default="/tmp/llama4-bench")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -133,13 +139,14 @@ def main() -> None:
     layers = args.layers or (8 if args.device == "cuda" else 6)
     cfg = _config(SCOUT if args.device == "cuda" else SMALL, layers)
     name = f"{'scout' if args.device == 'cuda' else 'small'}-{layers}l"
-    q, t_conv = _quantized(Path(args.workdir) / f"llama4-{name}-nf4", cfg, args.device)
+    suffix = "nf4" if args.moe_experts == "quantize" else "nf4-keep"
+    q, t_conv = _quantized(Path(args.workdir) / f"llama4-{name}-{suffix}", cfg, args.device, args.moe_experts)
     cpu = f"{platform.machine()} CPU x{args.threads}"
     where = torch.cuda.get_device_name() if args.device == "cuda" else cpu
     print(f"{where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, Llama 4 {name}, ", end="")
     print(f"converted in {t_conv:.1f} s" if t_conv else "folder reused")
     models, memory = {}, {}
-    for label, make in _contenders(q, cfg, args.device).items():
+    for label, make in _contenders(q, cfg, args.device, args.moe_experts).items():
         if args.only and not any(label.startswith(p) for p in args.only.split(",")):
             continue
         gc.collect()
@@ -157,8 +164,8 @@ def main() -> None:
         rows += list(_run_mode(models, mode, ids, args.new, args.repeat, args.device).values())
     bf16 = {r["mode"]: r.get("decode_tok_s") for r in rows if r["contender"] == "bf16"}
     bnb = {r["mode"]: r.get("decode_tok_s") for r in rows if r["contender"].startswith("transformers")}
-    print(f"\n## Llama 4 {name} decode, batch 1, {args.new} new tokens after {args.prompt}", end=" ")
-    print(f"(best of {args.repeat})")
+    print(f"\n## Llama 4 {name} ({suffix}) decode, batch 1, {args.new} new tokens", end=" ")
+    print(f"after {args.prompt} (best of {args.repeat})")
     print("| contender | mode | decode tok/s | vs bf16 | vs transformers + bnb | memory (GB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

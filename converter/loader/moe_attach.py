@@ -25,7 +25,7 @@ from converter.loader.moe import (
 )
 from converter.loader.moe_fused import keep_fused_names_on_save, orient_kept, split_fused
 from converter.loader.moe_gpt_oss import attach_gpt_oss_experts
-from converter.loader.moe_llama4 import QuantLlama4Experts4bit, is_llama4_sequential
+from converter.loader.moe_llama4 import QuantLlama4Experts4bit, is_llama4_sequential, route_sequential
 from converter.loader.moe_records import MoeLoadError, stack_records
 from converter.plan.moe import EXPERT_KEY
 from converter.plan.moe import PROJ_ROLE as _ROLE
@@ -97,7 +97,11 @@ def attach_experts(
         )
         llama4 = isinstance(module, nn.ModuleList) and quantized and is_llama4_sequential(module)
         if isinstance(module, nn.ModuleList) and not llama4:
-            continue  # per-expert nn.Linear (Llama 4's 16-bit experts, built as transformers builds them)
+            # per-expert nn.Linear (Llama 4's 16-bit experts, built as transformers builds them), run
+            # for the routed experts only
+            if is_llama4_sequential(module):
+                route_sequential(module, module[0].config.num_experts_per_tok)
+            continue
         if module is None or not (llama4 or _is_fused_experts(module)):
             kind = type(module).__name__ if module is not None else "no module"
             msg = f"{where}: per-expert tensors under {ckpt_name!r} have no fused experts module ({kind})"

@@ -14,10 +14,17 @@ on decode, grouped dequantize + matmul on prefill, compile and CUDA graphs), and
 scatters its top-k scores into ``-inf``), found with one top-k over the blocks' largest ``|x|`` on the
 device (no host sync). The other rows of the output are zeros, as an expert's SwiGLU without biases
 gives for a zero row, so ``Llama4TextMoe``'s sum over the blocks adds exactly what it did.
+
+16-bit experts (``--moe-experts keep`` folders) stay transformers' ``SequentialLlama4TextExperts`` (its
+per-expert ``nn.Linear``, which LoRA can wrap, and its state-dict names) with :func:`route_sequential`'s
+forward: each hit expert's MLP on its routed rows only, the other rows zeros as above. Finding the hit
+experts syncs with the host, so under ``torch.compile`` and CUDA-graph capture the module's own dense
+forward runs.
 """
 
 from __future__ import annotations
 
+from types import MethodType
 from typing import Any
 
 import torch
@@ -25,12 +32,47 @@ from torch import nn
 
 from converter.loader.moe import QuantExperts4bit
 
-__all__ = ["QuantLlama4Experts4bit", "is_llama4_sequential"]
+__all__ = ["QuantLlama4Experts4bit", "is_llama4_sequential", "route_sequential"]
 
 
 def is_llama4_sequential(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' per-expert Llama 4 experts (``SequentialLlama4TextExperts``)."""
     return type(module).__name__ == "SequentialLlama4TextExperts"
+
+
+def _routes(routed_in: torch.Tensor, num: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(blocks [E, T, H], each token's routed experts [T, k], the token of each entry [T, k]): a token's
+    routed experts are its k blocks that are not zero (a block scaled by a score that underflowed to 0
+    may lose to a zero one: both add nothing)."""
+    blocks = routed_in.view(num, -1, routed_in.shape[-1])
+    top_k_index = blocks.abs().amax(dim=-1).T.topk(top_k, dim=1).indices
+    token = torch.arange(blocks.shape[1], device=routed_in.device).unsqueeze(1).expand_as(top_k_index)
+    return blocks, top_k_index, token
+
+
+def route_sequential(module: nn.ModuleList, top_k: int) -> None:
+    """Make a 16-bit ``SequentialLlama4TextExperts`` run each token's routed experts only (module
+    docstring): its forward replaced on the instance, so its class, children and names stay."""
+    module.top_k = top_k
+    module.forward = MethodType(_sequential_routed_forward, module)
+
+
+def _sequential_routed_forward(self: nn.ModuleList, hidden_states: torch.Tensor) -> torch.Tensor:
+    num = self.num_experts
+    if torch.compiler.is_compiling() or self.top_k >= num or _capturing(hidden_states):
+        return type(self).forward(self, hidden_states)  # transformers' dense loop
+    blocks, top_k_index, token = _routes(hidden_states, num, self.top_k)
+    hit = torch.zeros(blocks.shape[:2], dtype=torch.bool, device=blocks.device)
+    hit[top_k_index, token] = True
+    out = torch.zeros_like(blocks)
+    for e in hit.any(dim=1).nonzero().flatten().tolist():  # ascending, as transformers' loop
+        rows = hit[e].nonzero().flatten()
+        out[e, rows] = self[e](blocks[e, rows])
+    return out
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class QuantLlama4Experts4bit(QuantExperts4bit):
@@ -43,12 +85,8 @@ class QuantLlama4Experts4bit(QuantExperts4bit):
 
     def forward(self, routed_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         num, hidden = self.num_experts, self.hidden_dim
-        blocks = routed_in.view(num, -1, hidden)
+        blocks, top_k_index, token = _routes(routed_in, num, self.top_k)
         tokens = blocks.shape[1]
-        # each token's routed experts: its k blocks that are not zero (a block scaled by a score that
-        # underflowed to 0 may lose to a zero one: both add nothing)
-        top_k_index = blocks.abs().amax(dim=-1).T.topk(self.top_k, dim=1).indices  # [T, k]
-        token = torch.arange(tokens, device=routed_in.device).unsqueeze(1).expand_as(top_k_index)
         rows = blocks[top_k_index, token].reshape(-1, hidden)  # (token, slot) pairs, scaled as routed
         ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
         y = super().forward(rows, top_k_index.reshape(-1, 1), ones)  # each pair its own row, weight 1

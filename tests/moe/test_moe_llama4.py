@@ -453,6 +453,47 @@ def test_4bit_experts_read_only_the_routed_experts(llama4, mode):
         assert torch.isnan(_logits(model, IDS[:, :1])).all()
 
 
+def _keep_experts_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [layer.feed_forward.experts for layer in model.model.layers]
+
+
+def test_16bit_experts_run_only_the_routed_experts(llama4, dynamo):
+    """A keep folder's 16-bit experts (transformers' SequentialLlama4TextExperts: every expert's MLP on
+    every token, zero rows included) run each token's routed experts only: with every expert no token is
+    routed to poisoned (NaN weights), a one-token step and a prefill give the intact model's logits bit
+    for bit, and a routed expert's poison shows. Under torch.compile the module's dense loop runs (the
+    routed forward syncs with the host): fullgraph, the eager logits bit for bit."""
+    routed_in: dict[int, torch.Tensor] = {}
+
+    def record(mod: torch.nn.Module, args: tuple) -> None:
+        routed_in[id(mod)] = args[0]
+
+    for ids in (IDS[:, :1], IDS[:, :5]):
+        model = load_quantized(llama4("keep"))
+        layers = _keep_experts_layers(model)
+        assert all(type(m).__name__ == "SequentialLlama4TextExperts" for m in layers)
+        hooks = [m.register_forward_pre_hook(record) for m in layers]
+        want = _logits(model, ids)
+        for h in hooks:
+            h.remove()
+        hit = [routed_in[id(m)].view(E, -1, H).abs().amax(dim=(1, 2)) > 0 for m in layers]
+        assert not all(bool(h.all()) for h in hit)  # some experts take no token
+        with torch.no_grad():
+            for m, h in zip(layers, hit, strict=True):
+                for e in (~h).nonzero().flatten().tolist():
+                    m[e].down_proj.weight.fill_(float("nan"))
+        assert torch.equal(_logits(model, ids), want)
+        with torch.no_grad():
+            layers[0][int(hit[0].nonzero()[0])].down_proj.weight.fill_(float("nan"))
+        assert torch.isnan(_logits(model, ids)).all()
+    fresh = load_quantized(llama4("keep")).eval()
+    eager = _logits(fresh, IDS[:, :5])
+    compiled = torch.compile(fresh, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(IDS[:, :5]).logits, eager)
+    assert dict(dynamo["graph_break"]) == {}
+
+
 @pytest.mark.parametrize("mode", ["keep", "nf4"])
 def test_lora_on_the_attention_trains_through_the_experts(llama4, mode):
     """LoRA on a loaded Llama 4's attention: the loss backpropagates through the MoE blocks (the routed
