@@ -37,8 +37,8 @@
 #            ours vs bf16: memory, MoE blocks, generate() eager and compiled
 #   moeall   every cuda-marked test under tests/moe (after a change to the shared experts forward)
 #   llama4   bench_llama4.py --device cuda: Llama 4 Scout's shapes at $LLAMA4_LAYERS (default 4) layers, $LLAMA4_MODES
-#            (default eager; eager,compiled,graphed-compiled), routed 4-bit
-#            experts vs the same folder run densely vs transformers + bnb vs bf16, decode
+#            (default eager; eager,compiled,graphed-compiled), routed 4-bit experts (LLAMA4_EXPERTS=keep: 16-bit)
+#            vs the same folder run densely vs transformers + bnb vs bf16 (LLAMA4_ONLY: contender prefixes), decode
 #   moehost  bench_moe.py at $MOE_LAYERS (default 12) layers, modes compiled and graphed-compiled, with
 #            MOE_HOST_PROFILE=1: per decode token, wall vs device-busy time and the host functions that take it
 #   probe    probe_warmup.py: the load warm-up's first calls per op, on threads, beside busy threads; a first forward after it
@@ -138,7 +138,8 @@ for s in ${*:-env}; do
     moe) step moe timeout "${MOE_TIMEOUT:-240}" python3 "$ROOT/bench/bench_moe.py" --device cuda --layers "${MOE_LAYERS:-48}" --repeat 2 --modes "${MOE_MODES:-eager,compiled,graphed-compiled}" \
       --workdir /tmp/qm_moe --json "$OUT/moe.json" ;;
     llama4) step llama4 timeout "${LLAMA4_TIMEOUT:-240}" python3 "$ROOT/bench/bench_llama4.py" --device cuda \
-      --layers "${LLAMA4_LAYERS:-4}" --modes "${LLAMA4_MODES:-eager}" --prompt 64 --new 32 --repeat 2 --workdir /tmp/qm_llama4 --json "$OUT/llama4.json" ;;
+      --layers "${LLAMA4_LAYERS:-4}" --modes "${LLAMA4_MODES:-eager}" --prompt 64 --new 32 --repeat 2 --workdir /tmp/qm_llama4 --json "$OUT/llama4.json" \
+      --moe-experts "${LLAMA4_EXPERTS:-quantize}" ${LLAMA4_ONLY:+--only "$LLAMA4_ONLY"} ;;
     moehost) step moehost timeout "${MOE_TIMEOUT:-300}" env MOE_HOST_PROFILE=1 python3 "$ROOT/bench/bench_moe.py" \
       --device cuda --layers "${MOE_LAYERS:-12}" --repeat 2 --modes compiled,graphed-compiled --workdir /tmp/qm_moe \
       --json "$OUT/moehost.json" ;;
