@@ -104,9 +104,10 @@ def _contenders(q: Path, cfg, device: str, moe_experts: str) -> dict:
     bits = "4-bit" if moe_experts == "quantize" else "16-bit"
 
     def bf16():
+        # built in bf16 (not float32, then cast: twice the memory, which ran out at 6 Scout layers)
         with torch.device(device):
             torch.manual_seed(0)
-            return transformers.Llama4ForCausalLM(cfg).to(torch.bfloat16)
+            return transformers.Llama4ForCausalLM._from_config(cfg, dtype=torch.bfloat16)
 
     return {
         f"ours (routed {bits} experts)": lambda: load_quantized(q, device=device),
