@@ -260,6 +260,19 @@ def test_different_options_refused_then_overwritten(tiny_llama: Path, tmp_path: 
     assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
 
 
+@pytest.mark.parametrize(("first", "then"), [("int8", "nf4"), ("nf4", "int8")])
+def test_a_rerun_with_another_method_names_the_quant_type(
+    tiny_llama: Path, tmp_path: Path, first: str, then: str
+) -> None:
+    """A rerun with --quant-type int8 over a 4-bit folder (or back) was refused naming an option the
+    user never gave ("option blocksize: None -> 64", the first of the method's own options in
+    alphabetical order) instead of the one they changed: the quant type comes first."""
+    out = tmp_path / "out"
+    convert(tiny_llama, out, quant_type=first, progress=False)
+    with pytest.raises(OutputExistsError, match=rf"\(option quant_type: '{first}' -> '{then}'\); choose"):
+        convert(tiny_llama, out, quant_type=then, progress=False)
+
+
 def test_refused_rerun_names_what_changed(tiny_llama_sharded: Path, tmp_path: Path) -> None:
     """A rerun refused because the options or the source changed since the first run said only
     "different options or a different source": it now names the first difference."""
