@@ -414,6 +414,24 @@ class _Overflow:
         )
 
 
+def _nan_rows_note(name: str, value: object) -> str | None:
+    """The warning for an int8 weight whose rows decode to NaN, else None: a row past float16's range
+    when it was quantized, stored as bitsandbytes stores it (SCB = inf, zero codes; convert warns of it).
+    Read from the SCB, not the decoded weight (no pass over it)."""
+    from formats.int8 import Int8Tensor
+
+    if not isinstance(value, Int8Tensor):
+        return None
+    rows = int((~torch.isfinite(value.scb)).sum())
+    if not rows:
+        return None
+    return (
+        f"tensor {name!r}: {rows} row(s) decode to NaN (SCB = inf: values past float16's range when it was "
+        "quantized, stored as bitsandbytes stores them), written as such: the model computes NaN from it; "
+        f"convert the source again with --skip {name.removesuffix('.weight')!r} to keep it unquantized"
+    )
+
+
 def _shape(value: QuantizedTensor | torch.Tensor, transposed: bool) -> tuple[int, ...]:
     shape = tuple(int(d) for d in value.shape)
     return (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
@@ -715,10 +733,10 @@ def _write_plain(
                         writer.write(k, written)
                     overflow.add(written, source)
                     del written, source
-                note = overflow.note()
-                if note is not None:
-                    result.notes.append(note)
-                    warn(note)
+                for note in (overflow.note(), _nan_rows_note(k, state[k])):
+                    if note is not None:
+                        result.notes.append(note)
+                        warn(note)
                 if not isinstance(state[k], torch.Tensor):
                     result.tensors_dequantized += 1
                 else:

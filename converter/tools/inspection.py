@@ -327,7 +327,7 @@ def verify_path(path: str | Path) -> VerifyResult:
         # no byte of it hashed; it passed as "verified" without a word
         result.notes.append(
             f"{folder / index_mod.INDEX_NAME} records no digests (a save_pretrained's index, not a folder "
-            f"quantize-model wrote): the shards' structure was checked, their contents could not be"
+            f"quantize-model wrote): the shards' structure was checked, their contents could not be verified"
         )
     elif no_index:
         result.remedy = ""

@@ -12,6 +12,9 @@ missing. The local folder is not modified.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,28 @@ STALE_PATTERNS = [
     "quantization_report.json",
 ]  # fmt: skip
 LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "USE_POLICY")
+#: huggingface_hub's loggers that warn of a commit with nothing in it (a rerun of a finished push)
+_COMMIT_LOGGERS = ("huggingface_hub.hf_api", "huggingface_hub._upload_pipeline")
+_EMPTY_COMMIT = "No files have been modified since last commit"
+
+
+def _not_an_empty_commit_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_EMPTY_COMMIT)
+
+
+@contextmanager
+def _quiet_empty_commits() -> Iterator[None]:
+    """Drop huggingface_hub's "No files have been modified since last commit. Skipping to prevent empty
+    commit." while pushing: a rerun of a finished push (how a push resumes) finds every file and the
+    card already there, which is no problem; it was printed twice, with -q too."""
+    loggers = [logging.getLogger(name) for name in _COMMIT_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_not_an_empty_commit_notice)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_not_an_empty_commit_notice)
 
 
 def _load_json(path: Path) -> dict:
@@ -312,29 +337,30 @@ def push_folder(
     # The card is the mark of a complete upload: a card of other weights (an earlier push) goes in the
     # weights' commit, so a push cut off before its own card leaves no card rather than a wrong one.
     stale = [] if _remote_card_is(client, revision, card) else ["README.md"]
-    client.call(
-        "upload",
-        lambda: api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            revision=revision,
-            ignore_patterns=list(IGNORE_PATTERNS),
-            # weights of an earlier push that this folder does not have (a single model.safetensors
-            # replaced by shards, or fewer shards) would stay beside the new index: loaders that glob
-            # *.safetensors, and a folder without an index, would read the old model
-            delete_patterns=[*STALE_PATTERNS, *stale],
-            commit_message=message,
-        ),
-    )
-    client.call(
-        "model card upload",
-        lambda: api.create_commit(
-            repo_id,
-            operations=[CommitOperationAdd("README.md", card.encode())],
-            revision=revision,
-            commit_message="Add model card (quantize-model)",
-        ),
-    )
+    with _quiet_empty_commits():
+        client.call(
+            "upload",
+            lambda: api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=revision,
+                ignore_patterns=list(IGNORE_PATTERNS),
+                # weights of an earlier push that this folder does not have (a single model.safetensors
+                # replaced by shards, or fewer shards) would stay beside the new index: loaders that glob
+                # *.safetensors, and a folder without an index, would read the old model
+                delete_patterns=[*STALE_PATTERNS, *stale],
+                commit_message=message,
+            ),
+        )
+        client.call(
+            "model card upload",
+            lambda: api.create_commit(
+                repo_id,
+                operations=[CommitOperationAdd("README.md", card.encode())],
+                revision=revision,
+                commit_message="Add model card (quantize-model)",
+            ),
+        )
     return str(url)
 
 

@@ -24,6 +24,12 @@ from converter.units import first_of
 #: relative error below gamma_4096 = 4096 u / (1 - 4096 u) ~ 2.4e-4 (u = 2^-24); rel_rmse is a square
 #: root of a ratio of two such sums: below (2 * 2.4e-4) / 2 = 2.4e-4. 1e-3 covers it with margin.
 REL_TOL = 1e-3
+#: Without the report's figure (no quantization_report.json: deleted, damaged, a transformers +
+#: bitsandbytes save_pretrained), a relative RMSE above this says the source is another: a tensor's own
+#: quantization errs by less than the tensor itself, zero being one of the codes (int8, NF4, FP4), so
+#: its relative RMSE stays below 1 (~0.006 int8, ~0.1 NF4), where an unrelated tensor of the same shape
+#: gives ~1.4.
+MAX_OWN_REL_RMSE = 1.0
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +132,11 @@ def verify_against(
                     off.append(
                         f"tensor {key!r} in {shard_name}: relative RMSE {q.rel_rmse:.6g} against the "
                         f"source, but quantization_report.json says {stored:.6g}"
+                    )
+                elif stored is None and q.rel_rmse > MAX_OWN_REL_RMSE:
+                    off.append(
+                        f"tensor {key!r} in {shard_name}: relative RMSE {q.rel_rmse:.6g} against the "
+                        "source, more than the tensor itself (quantization_report.json has none to compare)"
                     )
                 if q.nonfinite:
                     hint = _nonfinite_hint(key, rec)

@@ -372,7 +372,9 @@ def plan_difference(old: dict, new: dict) -> str | None:
         fields = [_FILE_FIELDS.get(k, k) for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
         return f"source file {name} changed: {', '.join(fields)}"
     opts_old, opts_new = old.get("options") or {}, new.get("options") or {}
-    for key in sorted(opts_old.keys() | opts_new.keys()):
+    # the quant type first: another method records other options (int8 none of blocksize, double_quant,
+    # ...), which would otherwise be named instead of the option the user changed
+    for key in sorted(opts_old.keys() | opts_new.keys(), key=lambda k: (k != "quant_type", k)):
         if opts_old.get(key) != opts_new.get(key):
             return f"option {key}: {opts_old.get(key)!r} -> {opts_new.get(key)!r}"
     for key in sorted((old.keys() | new.keys()) - {"shards"}):

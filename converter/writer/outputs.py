@@ -100,12 +100,23 @@ def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
         changed.append("config.json")
     if _index_differs(src, plan, output, manifest):
         changed.append(index.INDEX_NAME)
-    if not (output / REPORT_NAME).is_file():
+    if not _report_readable(output / REPORT_NAME):
         changed.append(REPORT_NAME)
     for name in src.extra_files():
         if copied_file(name) and not src.holds_extra_file(name, output / name):
             changed.append(name)
     return changed + gone_files(src, output, manifest)
+
+
+def _report_readable(path: Path) -> bool:
+    """Whether ``path`` is a report a run could have written: a JSON object with its per-tensor list.
+    Its timings differ from run to run, so it is not compared byte for byte as the other files are;
+    one cut short or not JSON is rewritten (`verify --against` reads its statistics)."""
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and isinstance(report.get("tensors"), list)
 
 
 def gone_files(src: Source, output: Path, manifest: Manifest) -> list[str]:

@@ -281,6 +281,39 @@ def test_verify_against_a_same_shaped_other_source_is_one_line(qm, converted: Pa
     assert json.loads(r.stdout)["quality"]["not_from_source"] is True
 
 
+@pytest.mark.parametrize("report", ["missing", "damaged"])
+def test_verify_against_another_source_without_the_report_is_still_caught(
+    qm, converted: Path, tiny_llama: Path, tmp_path: Path, report: str
+) -> None:
+    """Without a readable quantization_report.json (deleted, damaged, or a folder transformers +
+    bitsandbytes saved, which has none) `verify --against` a same-shaped other source (another seed)
+    said "OK ... verified" with exit 0 and not_from_source false, though every tensor's relative RMSE
+    against it was ~1.4: more than the tensor itself, which no quantization of it can err by (zero is
+    one of the codes). The folder's own source still verifies."""
+    import shutil
+
+    from qm_checkpoints import make_tiny_llama
+
+    folder = tmp_path / "folder"
+    shutil.copytree(converted, folder)
+    if report == "missing":
+        (folder / "quantization_report.json").unlink()
+    else:
+        (folder / "quantization_report.json").write_text("{bad")
+    other = make_tiny_llama(tmp_path / "other", seed=1)
+    r = qm("verify", folder, "--against", other, "--json")
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.splitlines()
+    assert re.fullmatch(
+        r"Error: tensor '[^']+' in model-\d+-of-\d+\.safetensors: relative RMSE [\d.]+ against the source, "
+        r"more than the tensor itself \(quantization_report\.json has none to compare\) \(and 13 more\); "
+        + re.escape(f"the folder does not look converted from {other}"),
+        lines[0],
+    ), lines[0]
+    assert json.loads(r.stdout)["quality"]["not_from_source"] is True
+    assert qm("verify", folder, "--against", tiny_llama).exit_code == 0
+
+
 def test_inspect_memory_options_without_memory_are_refused(qm, converted: Path) -> None:
     """`inspect PATH --max-memory cpu=1GB` (--memory forgotten) printed the plain summary, the
     memory options silently ignored."""

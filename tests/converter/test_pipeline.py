@@ -209,14 +209,15 @@ def test_rerun_after_a_copied_file_was_deleted_from_the_source_removes_it(
     assert convert(src, out, max_shard_size="40KB", progress=False).noop
 
 
-@pytest.mark.parametrize("damage", ["truncated", "edited", "deleted report"])
+@pytest.mark.parametrize("damage", ["truncated", "edited", "deleted report", "damaged report"])
 def test_rerun_into_a_finished_folder_with_a_damaged_index_or_no_report_rewrites_them(
     tiny_llama_sharded: Path, tmp_path: Path, damage: str
 ) -> None:
     """A finished folder whose index was cut short or edited (`verify` fails on it and says to
-    reconvert) or whose quantization_report.json was deleted: the rerun said "already converted ...;
-    nothing to do" and left it so; --overwrite was the only way out. The index and the report are now
-    checked as config.json is: rewritten, the shards kept, ending with what a fresh run writes."""
+    reconvert) or whose quantization_report.json was deleted or damaged (not JSON: `verify --against`
+    then has no statistics to compare): the rerun said "already converted ...; nothing to do" and left
+    it so; --overwrite was the only way out. The index and the report are now checked as config.json
+    is: rewritten, the shards kept, ending with what a fresh run writes."""
     from converter.tools.inspection import verify_path
 
     out = tmp_path / "out"
@@ -228,9 +229,12 @@ def test_rerun_into_a_finished_folder_with_a_damaged_index_or_no_report_rewrites
         index.write_text(text[: len(text) // 2])
     elif damage == "edited":
         index.write_text(text.replace('"total_size": ', '"total_size": 1', 1))
+    elif damage == "damaged report":
+        report = out / "quantization_report.json"
+        report.write_text(report.read_text()[:100])
     else:
         (out / "quantization_report.json").unlink()
-    name = "quantization_report.json" if damage == "deleted report" else "model.safetensors.index.json"
+    name = "quantization_report.json" if damage.endswith("report") else "model.safetensors.index.json"
     with pytest.warns(UserWarning, match=rf"{name}: not what this conversion writes"):
         r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
     assert not r.noop
@@ -258,6 +262,19 @@ def test_different_options_refused_then_overwritten(tiny_llama: Path, tmp_path: 
     assert not r.noop
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+
+
+@pytest.mark.parametrize(("first", "then"), [("int8", "nf4"), ("nf4", "int8")])
+def test_a_rerun_with_another_method_names_the_quant_type(
+    tiny_llama: Path, tmp_path: Path, first: str, then: str
+) -> None:
+    """A rerun with --quant-type int8 over a 4-bit folder (or back) was refused naming an option the
+    user never gave ("option blocksize: None -> 64", the first of the method's own options in
+    alphabetical order) instead of the one they changed: the quant type comes first."""
+    out = tmp_path / "out"
+    convert(tiny_llama, out, quant_type=first, progress=False)
+    with pytest.raises(OutputExistsError, match=rf"\(option quant_type: '{first}' -> '{then}'\); choose"):
+        convert(tiny_llama, out, quant_type=then, progress=False)
 
 
 def test_refused_rerun_names_what_changed(tiny_llama_sharded: Path, tmp_path: Path) -> None:

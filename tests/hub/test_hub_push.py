@@ -214,6 +214,20 @@ def test_quiet_push_and_dequantize_print_no_progress_bars(
         assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), args
 
 
+def test_a_quiet_repush_of_the_same_folder_prints_nothing(
+    converted: Path, fake_hub: FakeHub, hf_home: Path
+) -> None:
+    """Rerunning a finished push (the documented way to resume one) with -q printed huggingface_hub's
+    "No files have been modified since last commit. Skipping to prevent empty commit." twice on stderr
+    (the upload and the card commit, both no-ops): nothing changed, so nothing is said."""
+    env = hub_env(fake_hub, hf_home) | {"HF_TOKEN": TOKEN}
+    cmd = [sys.executable, "-c", "from converter.cli import main; main()", "push", str(converted), DEST, "-q"]
+    for attempt in range(2):
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), attempt
+    assert "README.md" in _remote(fake_hub, DEST)
+
+
 def test_push_to_a_branch(converted: Path, fake_hub: FakeHub, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     push_folder(converted, DEST, revision="nf4")

@@ -610,6 +610,39 @@ def test_values_the_cast_makes_inf_are_named(tmp_path: Path) -> None:
     assert told == []
 
 
+def test_int8_rows_that_decode_to_nan_are_named(tmp_path: Path) -> None:
+    """An int8 folder holding a row past float16's range (stored as bitsandbytes stores it: SCB = inf,
+    zero codes; convert warns that it loads as NaN) was dequantized to a plain checkpoint with that row
+    NaN without a word (exit 0, no note), the model computing NaN; the note names the tensor, the rows
+    and the remedy, in every dtype."""
+    from safetensors.torch import save_file
+
+    from converter.writer.pipeline import convert
+
+    src = tmp_path / "src"
+    src.mkdir()
+    w = torch.randn(8, 64, dtype=torch.bfloat16)
+    w[1, 2] = 1e5
+    save_file(
+        {"layer.weight": w, "other.weight": torch.randn(8, 64, dtype=torch.bfloat16)},
+        src / "model.safetensors",
+    )
+    folder = tmp_path / "int8"
+    with pytest.warns(UserWarning, match="layer.weight"):
+        convert(src, folder, quant_type="int8", include=["layer", "other"], progress=False)
+    for dtype in ("bf16", "fp32"):
+        told: list[str] = []
+        result = dequantize_checkpoint(folder, tmp_path / dtype, dtype=dtype, warn=told.append)
+        assert told == result.notes
+        assert told == [
+            "tensor 'layer.weight': 1 row(s) decode to NaN (SCB = inf: values past float16's range when "
+            "it was quantized, stored as bitsandbytes stores them), written as such: the model computes NaN "
+            "from it; convert the source again with --skip 'layer' to keep it unquantized"
+        ]
+        with safe_open(str(tmp_path / dtype / "model.safetensors"), "pt") as f:
+            assert int(torch.isnan(f.get_tensor("layer.weight")).sum()) == 64
+
+
 @pytest.mark.parametrize("shape", [(4, 64, 32), (5, 7, 9), (6, 128, 96), (3, 257, 65)])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -227,7 +227,8 @@ def test_verify_notes_that_a_sharded_save_pretrained_was_not_hashed(our_folder: 
     notes = json.loads(result.stdout)["notes"]
     assert notes == [
         f"{saved / 'model.safetensors.index.json'} records no digests (a save_pretrained's index, not a "
-        "folder quantize-model wrote): the shards' structure was checked, their contents could not be"
+        "folder quantize-model wrote): the shards' structure was checked, their contents could not be "
+        "verified"
     ]
     # our own folder: digests checked, no such note
     assert json.loads(CliRunner().invoke(cli, ["verify", str(our_folder), "--json"]).stdout)["notes"] == []
