@@ -95,9 +95,14 @@ def attach_experts(
         quantized = any(
             isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()
         )
-        llama4 = isinstance(module, nn.ModuleList) and quantized and is_llama4_sequential(module)
+        # Llama 4's experts are each their own linear, so a layer may mix 4-bit and 16-bit experts (a --skip
+        # of one expert; stock transformers loads it): only a layer whose experts are all 4-bit is stacked
+        every = all(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values())
+        llama4 = isinstance(module, nn.ModuleList) and every and is_llama4_sequential(module)
         if isinstance(module, nn.ModuleList) and not llama4:
-            continue  # per-expert nn.Linear (Llama 4's 16-bit experts, built as transformers builds them)
+            # per-expert nn.Linear (Llama 4's 16-bit experts, built as transformers builds them; the 4-bit
+            # ones of a mixed layer become Linear4bit as any quantized linear does)
+            continue
         if module is None or not (llama4 or _is_fused_experts(module)):
             kind = type(module).__name__ if module is not None else "no module"
             msg = f"{where}: per-expert tensors under {ckpt_name!r} have no fused experts module ({kind})"
