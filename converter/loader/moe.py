@@ -1037,8 +1037,8 @@ def _prefix_variants(model: nn.Module, name: str) -> list[str]:
 
 def _renamed_key(model: nn.Module, key: str, params: Collection[str]) -> str:
     """``key`` after transformers' renamings (Mixtral's ``block_sparse_moe.gate`` -> ``mlp.gate``),
-    under either base-model prefix, where that names a parameter of the model; else ``key`` (a key
-    that only needs the prefix is left to ``model._match_prefix``)."""
+    under either base-model prefix, where that names a parameter or buffer of the model; else ``key``
+    (a key that only needs the prefix is left to ``model._match_prefix``)."""
     for candidate in _prefix_variants(model, key):
         renamed = rename_key(model, candidate)
         if renamed in params and (candidate == key or renamed != candidate):

@@ -182,7 +182,9 @@ def attach_experts(
             module.down_proj = nn.Parameter(dn.to(target), requires_grad=False)
     if fused:
         keep_fused_names_on_save(model)
-    params = dict(model.named_parameters())
+    # buffers too: a renaming may target one (DeepSeek-V4's router bias ``ffn.gate.bias`` ->
+    # ``mlp.gate.e_score_correction_bias``, which picks the top-k experts)
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     rest: dict[str, Any] = {}
     for key, value in state.items():
         if key in used:

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from moe_helpers import FAMILIES, assert_float32_experts_within_bound, load_bf16_eager, make_moe
+from moe_helpers import FAMILIES, MOE, assert_float32_experts_within_bound, load_bf16_eager, make_moe
 from tiny_models import load_logged
 
 from converter.loader.model import linear4bit_modules, load_quantized
@@ -103,6 +103,63 @@ def test_experts_with_their_own_gate_run_it(folders):
     eager = load_quantized(q)  # the default (GEMV) path: the same tokens
     assert torch.equal(eager.generate(IDS[:, :4], max_new_tokens=4, do_sample=False),
                        ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+@pytest.mark.parametrize("mode", ["quantize", "keep"])
+def test_deepseek_v4_router_bias_is_loaded(tmp_path, mode):
+    """DeepSeek-V4 stores its router's score-correction bias as ``ffn.gate.bias``, which transformers
+    renames to the buffer ``mlp.gate.e_score_correction_bias`` (it picks the top-k experts). The loader
+    renamed checkpoint keys onto parameters only: the bias was reported unused and stayed zero, so the
+    tokens were routed to other experts than in transformers. It is now loaded (float32, as
+    transformers keeps it) and the logits equal the dequantized folder's in transformers."""
+    from safetensors.torch import load_file, save_file
+
+    from converter.loader.dequantize import dequantize_checkpoint
+
+    src = make_moe("deepseek_v4", tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    biases = [k for k in tensors if k.endswith(".ffn.gate.bias")]
+    assert biases
+    for k in biases:  # random init leaves it zero; a trained checkpoint's is not
+        tensors[k] = (2 * torch.randn(tensors[k].shape, generator=g)).to(tensors[k].dtype)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "q", moe_experts=mode, progress=False)
+    dequantize_checkpoint(tmp_path / "q", tmp_path / "plain")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = _dequant_paths(load_quantized(tmp_path / "q"))
+    assert not [w for w in caught if "unused" in str(w.message)]
+    ref = load_bf16_eager(tmp_path / "plain")
+    for i, layer in enumerate(ours.model.layers):
+        bias = layer.mlp.gate.e_score_correction_bias
+        assert bias.dtype == torch.float32
+        assert torch.equal(bias, tensors[f"model.layers.{i}.ffn.gate.bias"].float())
+        assert torch.equal(bias, ref.model.layers[i].mlp.gate.e_score_correction_bias)
+    assert torch.equal(_logits(ours), _logits(ref))
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+def test_deepseek_v4_hash_router_table_is_loaded(tmp_path):
+    """DeepSeek-V4's first layers route by a fixed token -> experts table, the buffer ``tid2eid``
+    (``ffn.gate.tid2eid`` on disk, ``mlp.gate.tid2eid`` in transformers): it was reported unused and
+    stayed zero, so every token went to expert 0; it is now loaded as transformers loads it."""
+    model_type, arch, kwargs = MOE["deepseek_v4"]
+    cfg = transformers.AutoConfig.for_model(model_type, **dict(kwargs, mlp_layer_types=["hash_moe", "moe"]))
+    cfg.architectures = [arch]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, arch)(cfg).to(torch.bfloat16).eval()
+        table = model.model.layers[0].mlp.gate.tid2eid
+        table.copy_(torch.stack([torch.randperm(cfg.num_local_experts)[:2] for _ in range(len(table))]))
+        model.save_pretrained(tmp_path / "src")
+        convert(tmp_path / "src", tmp_path / "q", moe_experts="quantize", progress=False)
+    ours = load_quantized(tmp_path / "q")
+    assert torch.equal(ours.model.layers[0].mlp.gate.tid2eid, table)
 
 
 @pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
