@@ -283,6 +283,23 @@ def check_targets(config: Any, model: nn.Module) -> None:
         return
     if any(_is_match(config, n) for n in experts) or _names_projections(config, model, modules):
         raise _experts_refusal(_shown("target_modules", targets), experts)
+    # names of other linear layers (DeepSeek's shared_experts.gate_proj, a dense MLP's down_proj) that
+    # PEFT's transformers-5 conversion still takes, by their leaf name, for the experts' fused parameters:
+    # get_peft_model would wrap none of them ("all-linear" is expanded to module names by register_lora)
+    if not _is_all_linear(config) and _peft_maps_onto_experts(config, model):
+        raise _mapped_refusal(_shown("target_modules", targets), experts)
+
+
+def _mapped_refusal(what: str, experts: list[str]) -> ValueError:
+    return ValueError(
+        f"{what}: for this model type PEFT's transformers-5 conversion "
+        "(peft.utils.transformers_weight_conversion) maps every target ending in a per-expert projection "
+        "name (gate_proj, up_proj, down_proj; Mixtral's w1, w3, w2) onto the routed MoE experts' fused "
+        "parameters and drops it from target_modules, so get_peft_model would wrap none of the layers "
+        f"these name (shared experts, dense MLP layers), and the 4-bit experts ({len(experts)} layer"
+        f"{'s' if len(experts) > 1 else ''}, e.g. {experts[0]!r}) take no LoRA. Name other layers "
+        "(target_modules such as ['q_proj', 'k_proj', 'v_proj', 'o_proj'])"
+    )
 
 
 def _names_projections(config: Any, model: nn.Module, modules: dict[str, nn.Module]) -> bool:
