@@ -1043,6 +1043,12 @@ def _renamed_key(model: nn.Module, key: str, params: Collection[str]) -> str:
         renamed = rename_key(model, candidate)
         if renamed in params and (candidate == key or renamed != candidate):
             return renamed
+        if renamed != candidate:
+            # a renaming anchored at the key's start matches it without the base-model prefix, which the
+            # model's name has (DeepSeek-V4's own ``embed.weight`` -> ``model.embed_tokens.weight``)
+            prefixed = next((n for n in _prefix_variants(model, renamed)[1:] if n in params), None)
+            if prefixed is not None:
+                return prefixed
     return key
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -140,6 +141,36 @@ def test_deepseek_v4_router_bias_is_loaded(tmp_path, mode):
         assert torch.equal(bias, tensors[f"model.layers.{i}.ffn.gate.bias"].float())
         assert torch.equal(bias, ref.model.layers[i].mlp.gate.e_score_correction_bias)
     assert torch.equal(_logits(ours), _logits(ref))
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+def test_deepseek_v4_in_its_own_names_loads_like_transformers(tmp_path):
+    """DeepSeek's own checkpoints name tensors without the ``model.`` prefix (``embed.weight``,
+    ``hc_head_fn``, ``layers.0.attn.wq_a.weight``, ``head.weight``), which transformers renames with
+    patterns anchored at the start (``^embed\\.weight`` -> ``embed_tokens.weight``) and then prefixes. The
+    loader tried the renamings on the prefixed key only: the embedding and the hyper-connection head were
+    reported unused and left uninitialised (logits ~0.7 off). They now load: the logits equal those of
+    the same checkpoint in transformers' own names."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_moe("deepseek_v4", tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    own = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn",
+           "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}  # fmt: skip
+    raw = {own.get(k.removeprefix("model."), k.removeprefix("model.")): v for k, v in tensors.items()}
+    assert "embed.weight" in raw
+    assert "hc_head_fn" in raw
+    shutil.copytree(src, tmp_path / "raw")
+    save_file(raw, tmp_path / "raw" / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
+        convert(tmp_path / "raw", tmp_path / "q_raw", moe_experts="quantize", progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_quantized(tmp_path / "q_raw")
+    assert not [w for w in caught if "unused" in str(w.message)]
+    assert torch.equal(_logits(ours), _logits(load_quantized(tmp_path / "q")))
 
 
 @pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
