@@ -283,17 +283,46 @@ def check_targets(config: Any, model: nn.Module) -> None:
         return
     if any(_is_match(config, n) for n in experts) or _names_projections(config, model, modules):
         raise _experts_refusal(_shown("target_modules", targets), experts)
+    # names of other linear layers (DeepSeek's shared_experts.gate_proj, a dense MLP's down_proj) that
+    # PEFT's transformers-5 conversion still takes, by their leaf name, for the experts' fused parameters:
+    # get_peft_model would wrap none of them ("all-linear" is expanded to module names by register_lora)
+    if not _is_all_linear(config) and _peft_maps_onto_experts(config, model):
+        raise _mapped_refusal(_shown("target_modules", targets), experts)
+
+
+def _mapped_refusal(what: str, experts: list[str]) -> ValueError:
+    return ValueError(
+        f"{what}: for this model type PEFT's transformers-5 conversion "
+        "(peft.utils.transformers_weight_conversion) maps every target ending in a per-expert projection "
+        "name (gate_proj, up_proj, down_proj; Mixtral's w1, w3, w2) onto the routed MoE experts' fused "
+        "parameters and drops it from target_modules, so get_peft_model would wrap none of the layers "
+        f"these name (shared experts, dense MLP layers), and the 4-bit experts ({len(experts)} layer"
+        f"{'s' if len(experts) > 1 else ''}, e.g. {experts[0]!r}) take no LoRA. Name other layers "
+        "(target_modules such as ['q_proj', 'k_proj', 'v_proj', 'o_proj'])"
+    )
 
 
 def _names_projections(config: Any, model: nn.Module, modules: dict[str, nn.Module]) -> bool:
     """Whether ``config.target_modules`` name the experts' per-expert projections (the checkpoint's
-    ``<experts>.<e>.gate_proj``) where PEFT would wrap nothing else, or would map them onto the fused
-    experts' parameters (transformers 5 MoE models)."""
-    projections = [f"{n}.0.{p}" for n, m in modules.items() for p in m.proj_names]
+    ``<experts>.<e>.gate_proj``; gpt-oss' ``<experts>.gate_up_projs.<e>``) by a target that names no
+    other module (PEFT wraps nothing there, beside other targets without a word), or PEFT would map
+    them onto the fused experts' parameters (transformers 5 MoE models)."""
+    projections = [
+        key for n, m in modules.items() for p in m.proj_names for key in (f"{n}.0.{p}", f"{n}.{p}.0")
+    ]
     if not any(_is_match(config, key) for key in projections):
         return False
-    others = any(n not in modules and _is_match(config, n) for n, _ in model.named_modules())
-    return not others or _peft_maps_onto_experts(config, model)
+    if _peft_maps_onto_experts(config, model):
+        return True
+    others = [n for n, _ in model.named_modules() if n not in modules]
+    targets = config.target_modules
+    # each target on its own: one naming only experts is a no-op even where another names q_proj
+    for target in [targets] if isinstance(targets, str) else sorted(targets):
+        one = copy.copy(config)
+        one.target_modules = target if isinstance(targets, str) else {target}
+        if any(_is_match(one, key) for key in projections) and not any(_is_match(one, n) for n in others):
+            return True
+    return False
 
 
 def _is_match(config: Any, key: str) -> bool:

@@ -1037,12 +1037,18 @@ def _prefix_variants(model: nn.Module, name: str) -> list[str]:
 
 def _renamed_key(model: nn.Module, key: str, params: Collection[str]) -> str:
     """``key`` after transformers' renamings (Mixtral's ``block_sparse_moe.gate`` -> ``mlp.gate``),
-    under either base-model prefix, where that names a parameter of the model; else ``key`` (a key
-    that only needs the prefix is left to ``model._match_prefix``)."""
+    under either base-model prefix, where that names a parameter or buffer of the model; else ``key``
+    (a key that only needs the prefix is left to ``model._match_prefix``)."""
     for candidate in _prefix_variants(model, key):
         renamed = rename_key(model, candidate)
         if renamed in params and (candidate == key or renamed != candidate):
             return renamed
+        if renamed != candidate:
+            # a renaming anchored at the key's start matches it without the base-model prefix, which the
+            # model's name has (DeepSeek-V4's own ``embed.weight`` -> ``model.embed_tokens.weight``)
+            prefixed = next((n for n in _prefix_variants(model, renamed)[1:] if n in params), None)
+            if prefixed is not None:
+                return prefixed
     return key
 
 

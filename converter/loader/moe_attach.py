@@ -95,10 +95,14 @@ def attach_experts(
         quantized = any(
             isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values()
         )
-        llama4 = isinstance(module, nn.ModuleList) and quantized and is_llama4_sequential(module)
+        # Llama 4's experts are each their own linear, so a layer may mix 4-bit and 16-bit experts (a --skip
+        # of one expert; stock transformers loads it): only a layer whose experts are all 4-bit is stacked
+        every = all(isinstance(v, QuantizedTensor) for parts in experts.values() for _, v in parts.values())
+        llama4 = isinstance(module, nn.ModuleList) and every and is_llama4_sequential(module)
         if isinstance(module, nn.ModuleList) and not llama4:
-            # per-expert nn.Linear (Llama 4's 16-bit experts, built as transformers builds them), run
-            # for the routed experts only
+            # per-expert linears (Llama 4's 16-bit experts, built as transformers builds them; the 4-bit
+            # ones of a mixed layer become Linear4bit as any quantized linear does), run for the routed
+            # experts only
             if is_llama4_sequential(module):
                 route_sequential(module, module[0].config.num_experts_per_tok)
             continue
@@ -181,7 +185,9 @@ def attach_experts(
             module.down_proj = nn.Parameter(dn.to(target), requires_grad=False)
     if fused:
         keep_fused_names_on_save(model)
-    params = dict(model.named_parameters())
+    # buffers too: a renaming may target one (DeepSeek-V4's router bias ``ffn.gate.bias`` ->
+    # ``mlp.gate.e_score_correction_bias``, which picks the top-k experts)
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     rest: dict[str, Any] = {}
     for key, value in state.items():
         if key in used:

@@ -188,7 +188,10 @@ def stack_records(
     Qwen3-30B-A3B).
     """
     roles = ROLES if projs is None else tuple(role for role, _, _ in projs)
-    first_key, first = experts[0][roles[0]]
+    # the reference record is the first 4-bit one: expert 0 may be the one a --skip kept 16-bit, which
+    # _check_record below then names (reading its quant state was an AttributeError)
+    records = [experts[e][role] for e in sorted(experts) for role in roles]
+    first_key, first = next(((k, r) for k, r in records if isinstance(r, QuantizedTensor)), records[0])
     bs, qt, dtype = first.blocksize, first.quant_type, first.dtype
     if (inter * hidden) % bs:
         msg = f"{where}: {name}: {inter}x{hidden} expert weights do not fill whole {bs}-element blocks"

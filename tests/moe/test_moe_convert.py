@@ -199,13 +199,14 @@ def test_quantize_honours_skip_globs(moe_src, tmp_path):
 
 @pytest.mark.parametrize(
     ("skip", "loads"),
-    [("*.experts.3.*", False), ("*.layers.0.*.experts.*", True)],
-    ids=["one-expert", "one-layer"],
+    [("*.experts.3.*", False), ("*.experts.0.*", False), ("*.layers.0.*.experts.*", True)],
+    ids=["one-expert", "expert-0", "one-layer"],
 )
 def test_skip_that_splits_a_layers_experts_is_said_not_to_load(moe_src, tmp_path, skip, loads):
     """A --skip that keeps one expert of a layer 16-bit made a folder that load_quantized refuses (it stacks a
     layer's experts into one 4-bit or one 16-bit module), while inspect listed load_quantized as its loader
-    and convert said nothing; skipping whole layers' experts loads."""
+    and convert said nothing; skipping whole layers' experts loads. With expert 0 the one kept 16-bit, the
+    refusal was an AttributeError ('Tensor' object has no attribute 'blocksize')."""
     from converter.loader.model import load_quantized
     from converter.loader.moe_records import MoeLoadError
 

@@ -534,3 +534,22 @@ def test_estimate_with_a_dict_device_map_matches_the_offloaded_load(gpt_oss, tmp
     device_map = {"model.layers.1": "disk", "": "cpu"}
     loaded = load_quantized(gpt_oss("q"), device_map=device_map, offload_folder=tmp_path / "offload")
     assert estimate(gpt_oss("q"), device_map)[1] == memory_by_device(loaded)
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "v_proj", "gate_up_projs", "down_projs"], ["q_proj", "experts.gate_up_projs.0"]],
+)
+def test_lora_naming_the_per_expert_records_beside_other_layers_is_refused(gpt_oss, targets):
+    """target_modules naming the 4-bit experts by their per-expert record names (unsloth's
+    ``gate_up_projs`` / ``down_projs``) were refused alone, but beside the attention projections
+    check_targets let them through and get_peft_model wrapped the attention only, without a word: no
+    expert was trained. A target that names only experts is now refused wherever it stands."""
+    import peft
+
+    from converter.loader.lora import check_targets
+
+    model = load_quantized(gpt_oss("q"))
+    with pytest.raises(ValueError, match=r"name 4-bit MoE experts .*not supported"):
+        check_targets(peft.LoraConfig(r=4, target_modules=targets), model)
+    check_targets(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), model)  # no error

@@ -761,6 +761,38 @@ def test_quantize_with_a_layers_experts_skipped_loads_everywhere(llama4, tmp_pat
     assert any("stock transformers" in x for x in summary.loaders)
 
 
+@pytest.mark.parametrize("expert", [0, E - 1])
+def test_quantize_with_one_expert_skipped_loads_like_stock_transformers(llama4, tmp_path, expert):
+    """--skip of one expert of a layer with quantize: that expert stays 16-bit (named in the skip list),
+    stock transformers builds it nn.Linear beside the layer's Linear4bit experts, and convert and inspect
+    name load_quantized as a loader (Llama 4's experts are each their own linear). load_quantized refused
+    the layer ("mixes 4-bit and 16-bit experts"; for expert 0 an AttributeError): it now keeps that
+    layer's per-expert modules, 4-bit experts as our Linear4bit, and gives stock transformers' logits."""
+    from converter.loader.module import QuantLinear4bit
+
+    out = tmp_path / "q"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(
+            llama4("src"), out, progress=False, skip=[f"*.layers.1.feed_forward.experts.{expert}.*"],
+            **MODES["nf4"],
+        )  # fmt: skip
+    assert any("load_quantized" in x for x in inspect_path(out).moe.loaders)
+    model, info = _stock(out)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(model.model.layers[1].feed_forward.experts[expert].gate_proj) is torch.nn.Linear
+    ours = _dequant_paths(load_quantized(out))
+    assert isinstance(ours.model.layers[0].feed_forward.experts, QuantLlama4Experts4bit)
+    mixed = ours.model.layers[1].feed_forward.experts
+    assert type(mixed).__name__ == "SequentialLlama4TextExperts"
+    for e in range(E):
+        assert isinstance(mixed[e].gate_proj, QuantLinear4bit) == (e != expert), e
+    assert torch.equal(_logits(model, IDS[:, :1]), _logits(ours, IDS[:, :1]))
+    ours.save_pretrained(tmp_path / "saved")
+    again = _dequant_paths(load_quantized(tmp_path / "saved"))
+    assert torch.equal(_logits(again, IDS[:, :1]), _logits(ours, IDS[:, :1]))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("mode", ["keep", "nf4"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import torch
 import transformers
 from moe_helpers import (
     FAMILIES,
+    MOE,
     assert_float32_experts_within_bound,
     down_code_step_ratios,
     load_bf16_eager,
@@ -109,6 +111,93 @@ def test_experts_with_their_own_gate_run_it(folders):
     eager = load_quantized(q)  # the default (GEMV) path: the same tokens
     assert torch.equal(eager.generate(IDS[:, :4], max_new_tokens=4, do_sample=False),
                        ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+@pytest.mark.parametrize("mode", ["quantize", "keep"])
+def test_deepseek_v4_router_bias_is_loaded(tmp_path, mode):
+    """DeepSeek-V4 stores its router's score-correction bias as ``ffn.gate.bias``, which transformers
+    renames to the buffer ``mlp.gate.e_score_correction_bias`` (it picks the top-k experts). The loader
+    renamed checkpoint keys onto parameters only: the bias was reported unused and stayed zero, so the
+    tokens were routed to other experts than in transformers. It is now loaded (float32, as
+    transformers keeps it) and the logits equal the dequantized folder's in transformers."""
+    from safetensors.torch import load_file, save_file
+
+    from converter.loader.dequantize import dequantize_checkpoint
+
+    src = make_moe("deepseek_v4", tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    biases = [k for k in tensors if k.endswith(".ffn.gate.bias")]
+    assert biases
+    for k in biases:  # random init leaves it zero; a trained checkpoint's is not
+        tensors[k] = (2 * torch.randn(tensors[k].shape, generator=g)).to(tensors[k].dtype)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "q", moe_experts=mode, progress=False)
+    dequantize_checkpoint(tmp_path / "q", tmp_path / "plain")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = _dequant_paths(load_quantized(tmp_path / "q"))
+    assert not [w for w in caught if "unused" in str(w.message)]
+    ref = load_bf16_eager(tmp_path / "plain")
+    for i, layer in enumerate(ours.model.layers):
+        bias = layer.mlp.gate.e_score_correction_bias
+        assert bias.dtype == torch.float32
+        assert torch.equal(bias, tensors[f"model.layers.{i}.ffn.gate.bias"].float())
+        assert torch.equal(bias, ref.model.layers[i].mlp.gate.e_score_correction_bias)
+    assert torch.equal(_logits(ours), _logits(ref))
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+def test_deepseek_v4_in_its_own_names_loads_like_transformers(tmp_path):
+    """DeepSeek's own checkpoints name tensors without the ``model.`` prefix (``embed.weight``,
+    ``hc_head_fn``, ``layers.0.attn.wq_a.weight``, ``head.weight``), which transformers renames with
+    patterns anchored at the start (``^embed\\.weight`` -> ``embed_tokens.weight``) and then prefixes. The
+    loader tried the renamings on the prefixed key only: the embedding and the hyper-connection head were
+    reported unused and left uninitialised (logits ~0.7 off). They now load: the logits equal those of
+    the same checkpoint in transformers' own names."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_moe("deepseek_v4", tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    own = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn",
+           "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}  # fmt: skip
+    raw = {own.get(k.removeprefix("model."), k.removeprefix("model.")): v for k, v in tensors.items()}
+    assert "embed.weight" in raw
+    assert "hc_head_fn" in raw
+    shutil.copytree(src, tmp_path / "raw")
+    save_file(raw, tmp_path / "raw" / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
+        convert(tmp_path / "raw", tmp_path / "q_raw", moe_experts="quantize", progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_quantized(tmp_path / "q_raw")
+    assert not [w for w in caught if "unused" in str(w.message)]
+    assert torch.equal(_logits(ours), _logits(load_quantized(tmp_path / "q")))
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+def test_deepseek_v4_hash_router_table_is_loaded(tmp_path):
+    """DeepSeek-V4's first layers route by a fixed token -> experts table, the buffer ``tid2eid``
+    (``ffn.gate.tid2eid`` on disk, ``mlp.gate.tid2eid`` in transformers): it was reported unused and
+    stayed zero, so every token went to expert 0; it is now loaded as transformers loads it."""
+    model_type, arch, kwargs = MOE["deepseek_v4"]
+    cfg = transformers.AutoConfig.for_model(model_type, **dict(kwargs, mlp_layer_types=["hash_moe", "moe"]))
+    cfg.architectures = [arch]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, arch)(cfg).to(torch.bfloat16).eval()
+        table = model.model.layers[0].mlp.gate.tid2eid
+        table.copy_(torch.stack([torch.randperm(cfg.num_local_experts)[:2] for _ in range(len(table))]))
+        model.save_pretrained(tmp_path / "src")
+        convert(tmp_path / "src", tmp_path / "q", moe_experts="quantize", progress=False)
+    ours = load_quantized(tmp_path / "q")
+    assert torch.equal(ours.model.layers[0].mlp.gate.tid2eid, table)
 
 
 @pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")

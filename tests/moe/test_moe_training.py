@@ -160,6 +160,32 @@ def test_lora_target_modules_on_4bit_experts_are_refused_clearly(folders, name, 
     assert config.target_modules == peft.LoraConfig(r=4, target_modules=targets).target_modules  # unchanged
 
 
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["q_a_proj", "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"],
+        ["shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"],
+        r".*\.shared_experts\.(gate|up|down)_proj",
+        ["q_a_proj", "mlp.down_proj"],  # the dense first layer's
+    ],
+)
+def test_lora_on_layers_peft_maps_onto_the_4bit_experts_is_refused_clearly(folders, targets):
+    """DeepSeek-V3's shared experts and dense MLP are 4-bit linears, but PEFT's transformers-5 conversion
+    takes every target ending in gate_proj / up_proj / down_proj for the routed experts' fused
+    parameters: get_peft_model wrapped none of the layers named (PEFT's "No `target_modules` passed but
+    also no `target_parameters` found", or beside q_a_proj only a RuntimeWarning and no adapter on
+    them), and check_targets let the config through. It now refuses it, naming the targets and why."""
+    from converter.loader.lora import check_targets
+
+    q, _ = folders("deepseek_v3")
+    model = load_quantized(q)
+    with pytest.raises(ValueError, match=r"PEFT.*maps.*fused.*experts") as err:
+        check_targets(peft.LoraConfig(r=4, target_modules=targets), model)
+    assert "gate_proj" in str(err.value) or "down_proj" in str(err.value)
+    check_targets(peft.LoraConfig(r=4, target_modules=["q_a_proj", "kv_b_proj"]), model)  # no error
+    check_targets(peft.LoraConfig(r=4, target_modules="all-linear"), model)  # expanded by register_lora
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear", None, ["q_proj", "gate"]])
 def test_lora_targets_beside_4bit_experts_pass_the_check(folders, targets):
     from converter.loader.lora import check_targets
