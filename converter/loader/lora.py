@@ -377,4 +377,18 @@ def _all_linear(config: Any, model: nn.Module) -> set[str]:
     head = getattr(model, "get_output_embeddings", lambda: None)()
     if head is None and getattr(config, "task_type", None) == TaskType.SEQ_CLS:
         head = next((h for name in SEQ_CLS_HEAD_NAMES if (h := getattr(model, name, None)) is not None), None)
-    return names - {n for n, m in model.named_modules() if head is not None and m is head}
+    return names - {
+        n for n, m in model.named_modules() if (head is not None and m is head) or _scoring_router(n, m)
+    }
+
+
+def _scoring_router(name: str, module: nn.Module) -> bool:
+    """A router that subclasses nn.Linear but returns more than its product (Llama 4's ``Llama4Router``:
+    scores and logits; Phi-MoE's ``PhimoeTopKRouter``: logits, weights, experts): PEFT's LoRA layer adds
+    its update to that output and fails at the first forward ("'tuple' object has no attribute 'dtype'",
+    stock transformers + PEFT too), so "all-linear" leaves it out. Routers that compute a plain product
+    stay targets."""
+    from converter.plan.selection_facts import is_router
+
+    overridden = isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+    return overridden and is_router(name, module)

@@ -511,6 +511,37 @@ def test_lora_on_the_attention_trains_through_the_experts(llama4, mode):
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
 
 
+@pytest.mark.parametrize("mode", ["keep", "nf4"])
+def test_lora_all_linear_leaves_the_router_out_and_trains(llama4, mode):
+    """``register_lora(LoraConfig(target_modules="all-linear"), model)`` on a loaded Llama 4 listed each
+    ``Llama4Router`` (an nn.Linear subclass returning scores and logits), and the first forward failed
+    ("'tuple' object has no attribute 'dtype'"; stock transformers + PEFT the same). The routers are left
+    out; the attention, shared experts (and a keep folder's 16-bit experts) get adapters, and a backward
+    step gives each a finite gradient, not zero (a keep folder's experts: those routed to)."""
+    from peft import LoraConfig, get_peft_model
+
+    from converter.loader.lora import register_lora
+
+    model = load_quantized(llama4(mode))
+    config = register_lora(LoraConfig(target_modules="all-linear", r=4), model)
+    assert not any(name.endswith("router") for name in config.target_modules)
+    assert any(name.endswith("shared_expert.gate_proj") for name in config.target_modules)
+    assert any(".experts.0." in name for name in config.target_modules) == (mode == "keep")
+    model = get_peft_model(model, config)
+    for name, p in model.named_parameters():
+        if "lora_" in name:  # lora_B starts at zero: lora_A's gradients would be zero too
+            torch.nn.init.normal_(p, std=0.1)
+    model(IDS[:, :6], labels=IDS[:, :6]).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    dense = {n: g for n, g in grads.items() if ".experts." not in n}
+    assert dense
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in dense.values())
+    # a keep folder's experts: the routed ones get gradients, the others none (not run: no gradient)
+    experts = [g for n, g in grads.items() if ".experts." in n]
+    assert all(g is None or torch.isfinite(g).all() for g in experts)
+    assert any(g is not None and g.abs().sum() > 0 for g in experts) == (mode == "keep")
+
+
 @pytest.mark.parametrize("mode", ["nf4", "fp4"])
 def test_loaded_4bit_llama4_saves_the_per_expert_records_and_reloads(llama4, mode, tmp_path):
     """save_pretrained of a loaded 4-bit Llama 4 writes the per-expert records the folder holds (the same
