@@ -25,7 +25,12 @@ from converter.loader.moe import (
 )
 from converter.loader.moe_fused import keep_fused_names_on_save, orient_kept, split_fused
 from converter.loader.moe_gpt_oss import attach_gpt_oss_experts
-from converter.loader.moe_llama4 import QuantLlama4Experts4bit, is_llama4_sequential, route_sequential
+from converter.loader.moe_llama4 import (
+    QuantLlama4Experts4bit,
+    is_llama4_sequential,
+    route_block,
+    route_sequential,
+)
 from converter.loader.moe_records import MoeLoadError, stack_records
 from converter.plan.moe import EXPERT_KEY
 from converter.plan.moe import PROJ_ROLE as _ROLE
@@ -165,6 +170,8 @@ def attach_experts(
             # transformers' module (its parameters on the meta device), for model.dequantize()
             layer.__dict__[SOURCE_MODULE] = module
             model.set_submodule(name, layer)
+            if llama4 and type(block := modules.get(name.rpartition(".")[0])).__name__ == "Llama4TextMoe":
+                route_block(block)  # hands the experts the routed rows (loader/moe_llama4.py)
             # Release this layer's per-expert tensors now: on a streamed GPU load they are device
             # tensors, and holding every layer's until the end doubled the experts' peak memory.
             # (a comprehension: loop variables left behind would keep the last expert alive)

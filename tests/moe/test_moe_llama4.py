@@ -110,12 +110,16 @@ def _dequant_paths(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _routed_io(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor, ...]]:
-    """(layer, routed_in, output) of every 4-bit Llama 4 experts layer in a forward of ``ids``."""
+    """(layer, rows, top_k_index, output) of every 4-bit Llama 4 experts layer in a forward of ``ids``: the
+    block hands its experts each token's routed rows (``hidden * score``) and their experts
+    (moe_llama4.route_block)."""
     seen: list = []
-    hooks = [
-        m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out.clone())))
-        for m in moe_modules(model).values()
-    ]
+
+    def record(mod: torch.nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        assert len(inp) == 3, "the experts were called with routed_in, not the routed rows"
+        seen.append((mod, inp[0], inp[1], out.clone()))
+
+    hooks = [m.register_forward_hook(record) for m in moe_modules(model).values()]
     try:
         _logits(model, ids)
     finally:
@@ -125,10 +129,10 @@ def _routed_io(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[torch.nn
 
 
 def _assert_routed_within_bound(model: torch.nn.Module, ids: torch.Tensor = IDS) -> None:
-    """Every 4-bit Llama 4 experts layer of a bf16 forward: the block of each token's routed expert (top-1:
-    the one block of the token that is not zero) within the derived bound of the float64 result with the
-    layer's decoded weights, every other block exactly zero (what the dense SequentialLlama4TextExperts
-    gives a zero row).
+    """Every 4-bit Llama 4 experts layer of a bf16 forward: each token's routed row (its hidden state
+    times its router score, as the block hands it over) within the derived bound of the float64 result
+    with the layer's decoded weights (test_routed_block_computes_what_transformers_block_does checks the
+    block around it).
 
     The bound (moe_helpers.experts_reference_and_bound) covers every path a bf16 layer takes, each
     parameter the largest of them: weights decoded to bf16 for F.linear (relative u16 = 2^-8) or by the
@@ -144,25 +148,18 @@ def _assert_routed_within_bound(model: torch.nn.Module, ids: torch.Tensor = IDS)
     u16 = 2.0**-8
     seen = _routed_io(model, ids)
     assert len(seen) == LAYERS
-    for layer, x, y in seen:
+    for layer, rows, idx, y in seen:
         assert layer.top_k == 1
-        gemv = gemv_arithmetic(x.device.type, x.dtype)
+        gemv = gemv_arithmetic(rows.device.type, rows.dtype)
         arithmetic = dict(
             weight_rel=max(u16, gemv["weight_rel"]), acc_u=max(U32, gemv["acc_u"]), pre_u=u16,
             silu_u=7 * U32 + u16 + 7 * U32 * u16, h_u=U32 + u16 + U32 * u16, y_u=u16, wy_u=U32, out_u=u16,
             flush_abs=gemv.get("flush_abs", 0.0),
         )  # fmt: skip
-        blocks, out = x.view(E, -1, H), y.view(E, -1, H)
-        idx = blocks.abs().amax(-1).argmax(0)  # [T]
-        token = torch.arange(blocks.shape[1], device=x.device)
-        rows = blocks[idx, token]
         assert not ((rows != 0) & (rows.abs() < 2.0**-126)).any()  # no subnormal input in this model
-        ones = torch.ones(len(idx), 1, dtype=rows.dtype)
-        ref, bound = experts_reference_and_bound(layer, rows, idx[:, None], ones, **arithmetic)
-        assert ((out[idx, token].double().cpu() - ref).abs() <= bound).all()
-        rest = torch.ones(E, blocks.shape[1], dtype=torch.bool, device=x.device)
-        rest[idx, token] = False
-        assert not out[rest].any()
+        ones = torch.ones(len(rows), 1, dtype=rows.dtype)
+        ref, bound = experts_reference_and_bound(layer, rows.cpu(), idx.cpu(), ones, **arithmetic)
+        assert ((y.double().cpu() - ref).abs() <= bound).all()
 
 
 def _assert_computes_like(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
@@ -442,8 +439,8 @@ def test_4bit_experts_read_only_the_routed_experts(llama4, mode):
         else:
             _assert_routed_within_bound(model)
         want = _logits(model, IDS[:, :1])
-        for layer, x, _ in _routed_io(model, IDS[:, :1]):
-            routed = int(x.view(E, -1, H).abs().amax(-1).argmax(0))
+        for layer, _, idx, _ in _routed_io(model, IDS[:, :1]):
+            routed = int(idx[0, 0])
             for e in range(E):
                 if e != routed:
                     layer.absmax[e] = float("nan")
@@ -451,6 +448,40 @@ def test_4bit_experts_read_only_the_routed_experts(llama4, mode):
         assert torch.equal(got, want)
         layer.absmax[routed] = float("nan")  # the routed one is read: the poison shows
         assert torch.isnan(_logits(model, IDS[:, :1])).all()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("dequant", [False, True], ids=["gemv", "dequantize"])
+def test_routed_block_computes_what_transformers_block_does(llama4, dequant, k):
+    """A Llama4TextMoe over 4-bit experts hands them each token's routed rows (the router's own top-k,
+    ``hidden * score``) instead of the E-fold ``routed_in`` (moe_llama4.route_block): the block's output
+    and router logits equal transformers' block forward on the same module bit for bit (one token and a
+    prefill; top-1 as Llama 4 ships, and top-2: the two outputs' float32 sum), with fewer ATen ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = load_quantized(llama4("nf4"))
+    if dequant:
+        _dequant_paths(model)
+    block = model.model.layers[0].feed_forward
+    assert "forward" in vars(block)  # route_block's, on the instance
+    block.top_k = block.router.top_k = block.experts.top_k = k
+    g = torch.Generator().manual_seed(k)
+    for tokens in (1, 5):
+        x = torch.randn(1, tokens, H, generator=g).bfloat16()
+        with torch.no_grad(), Ops() as ours:
+            got, got_logits = block(x)
+        with torch.no_grad(), Ops() as theirs:
+            want, want_logits = type(block).forward(block, x)
+        assert torch.equal(got_logits, want_logits)
+        assert torch.equal(got, want), (tokens, (got.float() - want.float()).abs().max())
+        assert ours.count + 8 <= theirs.count, (ours.count, theirs.count)
 
 
 def _keep_experts_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
