@@ -11,6 +11,8 @@ Contenders (each ``generate()`` greedy, ``--prompt`` tokens then ``--new``, inte
   ``QuantLlama4Experts4bit`` per layer (routed experts only: converter/loader/moe_llama4.py); with
   ``--moe-experts keep``, a folder whose experts stay 16-bit, run for the routed experts only
   (``route_sequential``);
+- ours, transformers' MoE block: the routed 4-bit experts called with ``Llama4TextMoe``'s E-fold
+  ``routed_in`` (before ``route_block`` handed them the routed rows);
 - ours dense: the same folder with the experts as transformers builds them pre-quantized
   (``SequentialLlama4TextExperts`` of 4-bit or 16-bit linears, every expert on every token), how our
   loader ran them before the routed layers;
@@ -101,6 +103,13 @@ def _contenders(q: Path, cfg, device: str, moe_experts: str) -> dict:
         finally:
             moe_attach.is_llama4_sequential = routed
 
+    def block_unrouted():
+        # the routed 4-bit experts called with transformers' E-fold routed_in (before route_block)
+        model = load_quantized(q, device=device)
+        for layer in model.model.layers:
+            vars(layer.feed_forward).pop("forward", None)
+        return model
+
     bits = "4-bit" if moe_experts == "quantize" else "16-bit"
 
     def bf16():
@@ -111,6 +120,7 @@ def _contenders(q: Path, cfg, device: str, moe_experts: str) -> dict:
 
     return {
         f"ours (routed {bits} experts)": lambda: load_quantized(q, device=device),
+        **({"ours, transformers' MoE block": block_unrouted} if moe_experts == "quantize" else {}),
         "ours, experts run densely": dense,
         "transformers + bnb (same folder)": lambda: transformers.AutoModelForCausalLM.from_pretrained(
             q, device_map=device
