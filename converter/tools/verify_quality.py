@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from converter.record.quality import Codes, TensorQuality, measure, summarize
 from converter.units import first_of
+from converter.writer.report import REPORT_NAME, read_report_tensors
 
 #: Allowed relative difference between the report's rel_rmse and the recomputed one. Both come from
 #: the same codes; only the summation order may differ (another machine's kernel path: scalar vs 8
@@ -199,8 +200,5 @@ def _measure(key: str, x: torch.Tensor, rec: QuantizedTensor | Int8Tensor) -> Te
 
 
 def _report_tensors(folder: Path) -> dict[str, dict]:
-    try:
-        report = json.loads((folder / "quantization_report.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {t["name"]: t for t in report.get("tensors", []) if isinstance(t, dict) and "name" in t}
+    tensors = read_report_tensors(folder / REPORT_NAME) or []
+    return {t["name"]: t for t in tensors if isinstance(t, dict) and "name" in t}

@@ -14,7 +14,7 @@ from pathlib import Path
 from converter.plan.tensor_plan import Plan, ShardPlan
 from converter.sources import Source
 from converter.writer.manifest import Manifest
-from converter.writer.report import REPORT_NAME
+from converter.writer.report import REPORT_NAME, read_report_tensors
 from formats import bnb_compat, index, metadata
 from formats.chunks import ChunkDigests
 from formats.writer import ShardInfo
@@ -100,23 +100,14 @@ def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
         changed.append("config.json")
     if _index_differs(src, plan, output, manifest):
         changed.append(index.INDEX_NAME)
-    if not _report_readable(output / REPORT_NAME):
+    # a report cut short or not JSON is rewritten (`verify --against` reads its statistics); its timings
+    # differ from run to run, so it is not compared byte for byte as the other files are
+    if read_report_tensors(output / REPORT_NAME) is None:
         changed.append(REPORT_NAME)
     for name in src.extra_files():
         if copied_file(name) and not src.holds_extra_file(name, output / name):
             changed.append(name)
     return changed + gone_files(src, output, manifest)
-
-
-def _report_readable(path: Path) -> bool:
-    """Whether ``path`` is a report a run could have written: a JSON object with its per-tensor list.
-    Its timings differ from run to run, so it is not compared byte for byte as the other files are;
-    one cut short or not JSON is rewritten (`verify --against` reads its statistics)."""
-    try:
-        report = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and isinstance(report.get("tensors"), list)
 
 
 def gone_files(src: Source, output: Path, manifest: Manifest) -> list[str]:

@@ -7,6 +7,7 @@ only to the result and the report, never into shards, index or config (reruns gi
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,17 @@ from typing import Any
 from converter.version import tool_version
 
 REPORT_NAME = "quantization_report.json"
+
+
+def read_report_tensors(path: Path) -> list[Any] | None:
+    """The per-tensor entries of the report at ``path``; None where it is missing or is no report a run
+    could have written (cut short, not JSON, not an object with its ``tensors`` list)."""
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    tensors = report.get("tensors") if isinstance(report, dict) else None
+    return tensors if isinstance(tensors, list) else None
 
 
 @dataclass

@@ -281,7 +281,7 @@ def test_verify_against_a_same_shaped_other_source_is_one_line(qm, converted: Pa
     assert json.loads(r.stdout)["quality"]["not_from_source"] is True
 
 
-@pytest.mark.parametrize("report", ["missing", "damaged"])
+@pytest.mark.parametrize("report", ["missing", "damaged", "not a report"])
 def test_verify_against_another_source_without_the_report_is_still_caught(
     qm, converted: Path, tiny_llama: Path, tmp_path: Path, report: str
 ) -> None:
@@ -298,8 +298,8 @@ def test_verify_against_another_source_without_the_report_is_still_caught(
     shutil.copytree(converted, folder)
     if report == "missing":
         (folder / "quantization_report.json").unlink()
-    else:
-        (folder / "quantization_report.json").write_text("{bad")
+    else:  # cut short; or JSON that is no report (an AttributeError in verify before)
+        (folder / "quantization_report.json").write_text("{bad" if report == "damaged" else "[1, 2]")
     other = make_tiny_llama(tmp_path / "other", seed=1)
     r = qm("verify", folder, "--against", other, "--json")
     assert r.exit_code == 1, r.output
