@@ -39,7 +39,7 @@ from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.model_build import ModelBuildError, class_to_build
 from converter.loader.module import QuantLinear4bit, dtype_from_name
-from converter.loader.moe import moe_modules
+from converter.loader.moe import moe_modules, prefix_variants
 from converter.loader.moe_attach import attach_experts
 from converter.loader.replace import (
     compute_dtype_from_config,
@@ -467,14 +467,11 @@ def _patch_per_expert(model: nn.Module, state: Mapping[str, Any]) -> None:
     (``converter.plan.selection.patch_for_bnb``), whose layers are then swapped like any other."""
     from converter.plan.selection import PATCHED_MODULES, patch_for_bnb
 
-    prefix = getattr(model, "base_model_prefix", "") or ""
     names = [n for n, m in model.named_modules() if type(m).__name__ in PATCHED_MODULES]
     # under either base-model prefix, as _match_prefix renames the keys after this build: the keys of
     # a Llama4ForCausalLM folder are model.layers.*, Llama4TextModel's modules (AutoModel) layers.*
-    keys = {f"{n}.0.gate_proj.weight" for n in names}
-    if prefix:
-        keys |= {f"{prefix}.{k}" for k in keys} | {k.removeprefix(f"{prefix}.") for k in keys}
-    if names and any(k in state for k in keys):
+    keys = {k for n in names for k in prefix_variants(model, f"{n}.0.gate_proj.weight")}
+    if any(k in state for k in keys):
         with BUILD_LOCK:
             patch_for_bnb(model)
 

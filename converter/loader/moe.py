@@ -1016,7 +1016,7 @@ def _model_module_name(model: nn.Module, ckpt_module: str, modules: Mapping[str,
     """The model's name for a checkpoint experts module (transformers' renamings, e.g. Mixtral's
     ``block_sparse_moe`` -> ``mlp``; the base-model prefix stripped or added as transformers' loader
     does, e.g. ``model.layers.0.mlp.experts`` into ``Qwen3MoeModel``)."""
-    for candidate in _prefix_variants(model, ckpt_module):
+    for candidate in prefix_variants(model, ckpt_module):
         if candidate in modules:
             return candidate
         renamed = rename_key(model, candidate + ".gate_up_proj").removesuffix(".gate_up_proj")
@@ -1025,7 +1025,7 @@ def _model_module_name(model: nn.Module, ckpt_module: str, modules: Mapping[str,
     return None
 
 
-def _prefix_variants(model: nn.Module, name: str) -> list[str]:
+def prefix_variants(model: nn.Module, name: str) -> list[str]:
     """``name``, then ``name`` with the model's base-model prefix stripped (or added), as transformers'
     loader tries both."""
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -1039,14 +1039,14 @@ def _renamed_key(model: nn.Module, key: str, params: Collection[str]) -> str:
     """``key`` after transformers' renamings (Mixtral's ``block_sparse_moe.gate`` -> ``mlp.gate``),
     under either base-model prefix, where that names a parameter or buffer of the model; else ``key``
     (a key that only needs the prefix is left to ``model._match_prefix``)."""
-    for candidate in _prefix_variants(model, key):
+    for candidate in prefix_variants(model, key):
         renamed = rename_key(model, candidate)
         if renamed in params and (candidate == key or renamed != candidate):
             return renamed
         if renamed != candidate:
             # a renaming anchored at the key's start matches it without the base-model prefix, which the
             # model's name has (DeepSeek-V4's own ``embed.weight`` -> ``model.embed_tokens.weight``)
-            prefixed = next((n for n in _prefix_variants(model, renamed)[1:] if n in params), None)
+            prefixed = next((n for n in prefix_variants(model, renamed)[1:] if n in params), None)
             if prefixed is not None:
                 return prefixed
     return key
