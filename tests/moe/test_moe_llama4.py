@@ -162,16 +162,62 @@ def _assert_routed_within_bound(model: torch.nn.Module, ids: torch.Tensor = IDS)
         assert ((y.double().cpu() - ref).abs() <= bound).all()
 
 
+def _routed_16bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The 16-bit per-expert Llama 4 experts layers that run their routed experts only (route_sequential)."""
+    return [
+        m
+        for m in model.modules()
+        if type(m).__name__ == "SequentialLlama4TextExperts" and "forward" in vars(m)
+    ]
+
+
+def _assert_16bit_routed_within_bound(model: torch.nn.Module, ids: torch.Tensor = IDS) -> None:
+    """Every routed 16-bit Llama 4 experts layer of a bf16 forward of ``ids``: its output on the input it got
+    within the derived bound (_experts_bound: two bf16 computations that differ only in their float32
+    summation orders; here F.linear on an expert's routed rows against transformers' dense loop's F.linear
+    on all the layer's rows, which a BLAS may sum in another order) of that dense loop on the same module
+    and input, and within half of it of the float64 result."""
+    from types import SimpleNamespace
+
+    layers = _routed_16bit_layers(model)
+    assert layers
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(mod: torch.nn.Module, args: tuple) -> None:
+        seen[id(mod)] = args[0]
+
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    try:
+        _logits(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in layers:
+        x = seen[id(m)]
+        with torch.no_grad():
+            routed = m(x).reshape(-1, H).double()
+            dense = type(m).forward(m, x).reshape(-1, H).double()
+        fused = SimpleNamespace(  # Llama4TextExperts' layout: x @ W, gate then up
+            gate_up_proj=torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]).T for e in m]),
+            down_proj=torch.stack([e.down_proj.weight.T for e in m]),
+        )
+        ref, bound = _experts_bound(fused, x)
+        assert ((routed - dense).abs() <= bound).all()
+        assert ((routed - ref).abs() <= bound / 2).all()
+
+
 def _assert_computes_like(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
     """Our loader (dequantize path) computes what ``ref`` (transformers' per-expert experts, the same
     decoded weights) does. One token: the logits bit for bit (each side runs each expert's weights on
-    one row). A prefill: 16-bit experts run as transformers' SequentialLlama4TextExperts on both sides,
-    bit for bit; 4-bit experts run the routed rows only, where transformers runs every expert on every
-    row (zero rows included), and a float32 sum over other row counts may take another order: each
-    layer within the derived bound (_assert_routed_within_bound)."""
+    one row). A prefill: our experts run the routed rows only, where transformers runs every expert on
+    every row (zero rows included), and a float32 sum over other row counts may take another order:
+    each layer within the derived bound (4-bit: _assert_routed_within_bound; 16-bit:
+    _assert_16bit_routed_within_bound)."""
     assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
     if moe_modules(ours):
         _assert_routed_within_bound(ours)
+    elif _routed_16bit_layers(ours):
+        _assert_16bit_routed_within_bound(ours)
     else:
         assert torch.equal(_logits(ours), _logits(ref))
 
@@ -492,8 +538,9 @@ def test_16bit_experts_run_only_the_routed_experts(llama4, dynamo):
     """A keep folder's 16-bit experts (transformers' SequentialLlama4TextExperts: every expert's MLP on
     every token, zero rows included) run each token's routed experts only: with every expert no token is
     routed to poisoned (NaN weights), a one-token step and a prefill give the intact model's logits bit
-    for bit, and a routed expert's poison shows. Under torch.compile the module's dense loop runs (the
-    routed forward syncs with the host): fullgraph, the eager logits bit for bit."""
+    for bit, and a routed expert's poison shows; each layer within the derived bound of the dense loop.
+    Under torch.compile the module's dense loop runs (the routed forward syncs with the host): fullgraph,
+    the logits of the dense loop run eagerly, bit for bit."""
     routed_in: dict[int, torch.Tensor] = {}
 
     def record(mod: torch.nn.Module, args: tuple) -> None:
@@ -518,11 +565,14 @@ def test_16bit_experts_run_only_the_routed_experts(llama4, dynamo):
             layers[0][int(hit[0].nonzero()[0])].down_proj.weight.fill_(float("nan"))
         assert torch.isnan(_logits(model, ids)).all()
     fresh = load_quantized(llama4("keep")).eval()
-    eager = _logits(fresh, IDS[:, :5])
     compiled = torch.compile(fresh, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        assert torch.equal(compiled(IDS[:, :5]).logits, eager)
+        got = compiled(IDS[:, :5]).logits
     assert dict(dynamo["graph_break"]) == {}
+    for m in _keep_experts_layers(fresh):
+        del m.forward  # eager with transformers' dense loop, which the compiled graph runs
+    assert torch.equal(got, _logits(fresh, IDS[:, :5]))
+    _assert_16bit_routed_within_bound(load_quantized(llama4("keep")), IDS[:, :5])
 
 
 @pytest.mark.parametrize("mode", ["keep", "nf4"])
