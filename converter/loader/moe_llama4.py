@@ -87,10 +87,7 @@ def _routed_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple
         # order than transformers' sum over every expert's block
         return type(self).forward(self, hidden_states)
     h = hidden_states.reshape(-1, self.hidden_dim)
-    router_scores, router_logits = self.router(h)
-    # the router's own top-k (the same call on the same logits) and the scores it scattered there
-    top_k_index = torch.topk(router_logits, k, dim=1).indices
-    scores = router_scores.gather(1, top_k_index)
+    top_k_index, scores, router_logits = _route(self.router, h, k)
     rows = (h.unsqueeze(1) * scores.unsqueeze(-1)).reshape(-1, h.shape[-1])  # routed_in's rows, same product
     ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
     y = experts(rows, top_k_index.reshape(-1, 1), ones)  # each (token, slot) its own row, weight 1
@@ -98,6 +95,27 @@ def _routed_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple
     # transformers sums every expert's block (zero but the routed ones): one value, or two in float32
     out.add_(y if k == 1 else y.view(-1, k, y.shape[-1]).sum(dim=1))
     return out, router_logits
+
+
+def _route(router: nn.Module, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routed experts of each token, their scores and the router logits. transformers'
+    ``Llama4Router`` scatters its top-k values into ``-inf`` and takes the sigmoid of all ``E``; the
+    scores of the routed experts are the sigmoid of those values (an elementwise op: the same bits),
+    so the scatter, the ``E``-wide sigmoid and a second top-k are left out. A router of another class
+    (or one with hooks: LoRA, offload) is called as transformers calls it."""
+    if type(router) is not _router_class() or router._forward_hooks or router._forward_pre_hooks:
+        router_scores, router_logits = router(h)
+        top_k_index = torch.topk(router_logits, k, dim=1).indices  # the router's own top-k, again
+        return top_k_index, router_scores.gather(1, top_k_index), router_logits
+    router_logits = nn.Linear.forward(router, h)
+    values, top_k_index = torch.topk(router_logits, k, dim=1)
+    return top_k_index, torch.sigmoid(values.float()).to(values.dtype), router_logits
+
+
+def _router_class() -> type:
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    return Llama4Router
 
 
 def _capturing(x: torch.Tensor) -> bool:
