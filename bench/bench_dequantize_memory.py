@@ -37,32 +37,16 @@ SHAPES = dict(
 )  # fmt: skip
 
 _CHILD = """
-import json, sys, threading, time
+import json, sys, time
 import torch, transformers
 from converter.loader.dequantize import dequantize_checkpoint
+from converter.tools.peak_rss import PeakRss
 
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-
-before = anon()
-peak = [before]
-done = threading.Event()
-
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.0005)
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-t0 = time.perf_counter()
-dequantize_checkpoint(sys.argv[1], sys.argv[2], dtype=sys.argv[3], verify=False, overwrite=True)
-seconds = time.perf_counter() - t0
-done.set()
-sampler.join()
-print(json.dumps({"peak_anon": peak[0] - before, "seconds": seconds}))
+with PeakRss(("RssAnon",)) as rss:  # sampled every 0.5 ms
+    t0 = time.perf_counter()
+    dequantize_checkpoint(sys.argv[1], sys.argv[2], dtype=sys.argv[3], verify=False, overwrite=True)
+    seconds = time.perf_counter() - t0
+print(json.dumps({"peak_anon": rss.grown["RssAnon"], "seconds": seconds}))
 """
 
 

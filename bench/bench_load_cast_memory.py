@@ -22,38 +22,16 @@ import tempfile
 from pathlib import Path
 
 _CHILD = """
-import json, sys, threading, time
+import json, sys
 import torch, accelerate, transformers
 from transformers.models.llama import modeling_llama
 from converter import load_quantized
+from converter.tools.peak_rss import PeakRss
 
-def status():
-    out = {}
-    for line in open("/proc/self/status"):
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-before = status()
-peak = dict(before)
-done = threading.Event()
-
-def sample():
-    while not done.is_set():
-        for key, value in status().items():
-            peak[key] = max(peak[key], value)
-        time.sleep(0.0005)
-
-sampler = threading.Thread(target=sample)
-sampler.start()
 kwargs = json.loads(sys.argv[2])
-model = load_quantized(sys.argv[1], dtype=getattr(torch, kwargs.pop("dtype")), verify=False, **kwargs)
-done.set()
-sampler.join()
-after = status()
-print(json.dumps({"peak": {k: peak[k] - before[k] for k in peak},
-                  "after": {k: after[k] - before[k] for k in after}}))
+with PeakRss(("VmRSS", "RssAnon", "RssFile")) as rss:  # sampled every 0.5 ms
+    model = load_quantized(sys.argv[1], dtype=getattr(torch, kwargs.pop("dtype")), verify=False, **kwargs)
+print(json.dumps({"peak": rss.grown, "after": {k: rss.after[k] - rss.before[k] for k in rss.keys}}))
 """
 
 HALF = {

@@ -117,9 +117,7 @@ def inspect(
         "Bits per parameter", f"{r.bits_per_param:.2f} overall, {r.quantized_bits_per_param:.3f} quantized"
     )
     if r.moe:
-        t.add_row(
-            "MoE experts", f"{r.moe.layout} ({r.moe.experts_quantized} quantized, {r.moe.experts_kept} kept)"
-        )
+        t.add_row("MoE experts", f"{r.moe.layout}: {r.moe.counts}")
         t.add_row("Loads with", "; ".join(r.moe.loaders))
         if r.moe.not_loaders:
             t.add_row("Not with", "; ".join(r.moe.not_loaders))

@@ -7,6 +7,7 @@ model skeleton sized by the 4-bit records' real bytes), computed from the shard 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +56,17 @@ def show_memory(
 ) -> None:
     """Print the plan and the bytes per device (a table, or JSON with --json); a Hub repo id is
     fetched at ``revision``; ``trust_remote_code``: the repository code its config names may run."""
+    from converter.loader.devices import AbsentDeviceWarning, absent_device_note
     from converter.loader.estimate import estimate
 
+    planned_map, budget = parse_device_map(device_map), parse_max_memory(max_memory)
+    note = absent_device_note(planned_map, budget)  # a GPU this machine lacks: planned, and said so
     try:
-        plan, per_device = estimate(
-            path,
-            parse_device_map(device_map),
-            parse_max_memory(max_memory),
-            dtype,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AbsentDeviceWarning)  # said below, once, as a CLI warning
+            plan, per_device = estimate(
+                path, planned_map, budget, dtype, revision=revision, trust_remote_code=trust_remote_code
+            )
     except ValueError as exc:  # transformers' refusal, which names its Python argument only
         if trust_remote_code or "trust_remote_code" not in str(exc):
             raise
@@ -74,9 +75,17 @@ def show_memory(
             "the model; pass --trust-remote-code if you trust that code",
             2,
         )
+    notes = [note] if note else []
+    for text in notes:
+        app.warn(text)
     if app.json:
         app.print_json(
-            {"device_map": plan, "bytes_per_device": per_device, "total": sum(per_device.values())}
+            {
+                "device_map": plan,
+                "bytes_per_device": per_device,
+                "total": sum(per_device.values()),
+                "warnings": notes,
+            }
         )
         return
     t = table()

@@ -21,6 +21,20 @@ class PlacementError(InputError):
     """A device / device_map / max_memory / offload request that cannot be honoured."""
 
 
+class AbsentDeviceError(PlacementError):
+    """A GPU (or another accelerator) named that this process does not have: ``what`` says where it was
+    named (``max_memory names GPU 0``), ``have`` what there is (``no CUDA device is available here
+    (...)``)."""
+
+    def __init__(self, msg: str, what: str, have: str) -> None:
+        super().__init__(msg)
+        self.what, self.have = what, have
+
+
+class AbsentDeviceWarning(UserWarning):
+    """``estimate`` planned onto a device this process does not have (a plan for another machine)."""
+
+
 def check_device(device: str | int | torch.device, what: str, *, mapped: bool = False) -> None:
     """``device`` (a torch device, its name, or a GPU index) is one this process can load onto;
     else a PlacementError naming it (``what`` says where it was given; ``mapped``: in a device_map
@@ -51,11 +65,9 @@ def check_device(device: str | int | torch.device, what: str, *, mapped: bool = 
             if torch.cuda.is_available():
                 choices.append("a GPU index" if mapped else "'cuda'")
             devices = " or ".join([", ".join(choices[:-1]), choices[-1]]) if len(choices) > 1 else choices[0]
-            msg = (
-                f"{what}, but this torch (torch {torch.__version__}) has no {d.type!r} device available; "
-                f"name only devices that exist ({devices})"
-            )
-            raise PlacementError(msg)
+            have = f"this torch (torch {torch.__version__}) has no {d.type!r} device available"
+            msg = f"{what}, but {have}; name only devices that exist ({devices})"
+            raise AbsentDeviceError(msg, what, have)
 
 
 def check_gpu(index: int, what: str, *, mapped: bool = True) -> None:
@@ -76,7 +88,7 @@ def check_gpu(index: int, what: str, *, mapped: bool = True) -> None:
         choices.append(f"a GPU index below {count}" if mapped else f"'cuda:0' to 'cuda:{count - 1}'")
     devices = " or ".join([", ".join(choices[:-1]), choices[-1]]) if len(choices) > 1 else choices[0]
     msg = f"{what}, but {have}; name only devices that exist ({devices})"
-    raise PlacementError(msg)
+    raise AbsentDeviceError(msg, what, have)
 
 
 def gpu_index(device: Any) -> int | None:
@@ -110,6 +122,21 @@ def check_devices_exist(device_map: Any, max_memory: Mapping[Any, int | str] | N
         check_gpu(index, f"device_map={device_map!r} (GPU {index})")
     elif isinstance(device_map, str | torch.device) and device_map not in STRATEGIES:
         check_device(device_map, f"device_map={str(device_map)!r}", mapped=True)
+
+
+def absent_device_note(device_map: Any, max_memory: Mapping[Any, int | str] | None) -> str | None:
+    """What ``estimate`` says when ``device_map`` / ``max_memory`` name a GPU (or another accelerator) this
+    process does not have, where ``load_quantized`` refuses (check_devices_exist): accelerate plans onto it
+    all the same (with a "Device 0 is not available" log line), so the plan is one for a machine that has
+    it. None when every device named exists."""
+    try:
+        check_devices_exist(device_map, max_memory)
+    except AbsentDeviceError as exc:
+        return (
+            f"{exc.what}, but {exc.have}: this is the plan on a machine that has it (load_quantized "
+            "refuses it here)"
+        )
+    return None
 
 
 def device_of(name: str, device_map: Mapping[str, Any]) -> Any:

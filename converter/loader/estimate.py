@@ -8,14 +8,18 @@ Its own module because it needs both the model skeleton (``converter.loader.mode
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from converter.loader.devices import AbsentDeviceWarning, absent_device_note
 from converter.loader.model import UnexpectedArgumentError, build_skeleton, dtype_plan, requested_dtype
 from converter.loader.placement import Device, DeviceMap, bytes_per_device, plan_device_map
 from converter.loader.state import load_quantized_state, resolve_folder
@@ -48,7 +52,11 @@ def estimate(
     snapshot is read instead); ``subfolder``: the checkpoint is that folder.
     ``model_class`` and ``config_kwargs`` as ``load_quantized`` takes them: the skeleton planned is that
     class (its modules, its ``_no_split_modules``), the config updated with ``config_kwargs``
-    (``num_labels=3``), new parameters (a head the shards lack) sized in ``dtype``."""
+    (``num_labels=3``), new parameters (a head the shards lack) sized in ``dtype``.
+    A GPU (or another accelerator) that ``device_map`` / ``max_memory`` name and this process does not
+    have (``max_memory={0: "20GiB"}`` on a CPU-only machine) is planned all the same, as accelerate plans
+    it, with an ``AbsentDeviceWarning`` (converter.loader.devices) saying so: the plan is the one on a
+    machine that has that device, where ``load_quantized`` raises a PlacementError here."""
     from huggingface_hub import constants
 
     # A Hub repo (online): its JSON files, and the shards' headers by range requests; no shard is fetched.
@@ -96,8 +104,32 @@ def estimate(
     model = skeleton.model
     _apply_dtype_plan(model, state, dtype)
     model.tie_weights()  # tied weights count once, as in the loaded model
-    plan = plan_device_map(model, device_map, max_memory)
+    note = absent_device_note(device_map, max_memory)
+    if note is None:
+        plan = plan_device_map(model, device_map, max_memory)
+    else:  # planned all the same (a plan for the machine that has it), said once, in our words
+        warnings.warn(note, AbsentDeviceWarning, stacklevel=2)
+        with _accelerate_absent_device_lines_dropped():
+            plan = plan_device_map(model, device_map, max_memory)
     return plan, bytes_per_device(model, plan)
+
+
+class _DropAbsentDevice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is not available, available devices are" not in record.getMessage()
+
+
+@contextmanager
+def _accelerate_absent_device_lines_dropped() -> Iterator[None]:
+    """Without accelerate's "Device 0 is not available, available devices are []" (logged once per
+    get_max_memory call, twice a plan): the AbsentDeviceWarning says it."""
+    logger = logging.getLogger("accelerate.utils.modeling")
+    drop = _DropAbsentDevice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _apply_dtype_plan(model: nn.Module, state: Mapping[str, Any], dtype: torch.dtype) -> None:

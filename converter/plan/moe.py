@@ -25,7 +25,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -393,36 +393,84 @@ def _spec(*, transpose: bool) -> Any:
 
 @dataclass(frozen=True)
 class MoeSummary:
-    """What a folder holds in routed experts, and which loaders read it."""
+    """What a folder holds in routed experts, and which loaders read it.
 
-    experts_quantized: int  # per-expert records quantized
-    experts_kept: int  # expert tensors left in 16 bit
+    Two kinds of count: ``experts_*`` count experts, one per (layer, expert index) pair, whatever the
+    layout on disk (a fused 3-D tensor of E experts is E of them; an expert's gate, up and down weights
+    are one); ``tensors_*`` count the routed-expert weight tensors (a per-expert 2-D weight per projection,
+    or a fused 3-D one per layer and projection), as ``inspect``'s "Quantized" / "Kept" rows do."""
+
+    tensors_quantized: int  # routed-expert weight records quantized
+    tensors_kept: int  # routed-expert weight tensors left in 16 bit
     loaders: tuple[str, ...]
     not_loaders: tuple[str, ...]
     expert_types: tuple[str, ...] = ()  # quant types of the quantized experts (e.g. "nf4", "int8"), if known
     converted: bool = True  # False: no weight of the folder is quantized (a source checkpoint)
     fused: bool = False  # the quantized experts are fused 3-D records (one per layer and projection)
+    experts_quantized: int = 0  # experts (layer, index) whose every routed weight is quantized
+    experts_kept: int = 0  # experts none of whose routed weights is quantized
+    experts_partly: int = 0  # experts with some routed weights quantized and others 16-bit
 
     @property
     def layout(self) -> str:
         if not self.converted:
             return "experts not quantized (no weight is: a source checkpoint)"
-        if self.experts_quantized and not self.experts_kept:
+        if self.tensors_quantized and not self.tensors_kept:
             kind = "/".join(self.expert_types) or "4-bit"
             each = "fused 3-D" if self.fused else "per-expert"
             return f"experts quantized ({each} bnb {kind} records)"
-        if self.experts_quantized:
+        if self.tensors_quantized:
             return "experts partly quantized"
         return "experts kept in 16 bit"
+
+    @property
+    def counts(self) -> str:
+        """The counts in words: ``8 experts quantized, 0 kept (24 expert weights quantized, 0 kept)``."""
+        partly = f", {self.experts_partly} partly" if self.experts_partly else ""
+        return (
+            f"{self.experts_quantized} experts quantized, {self.experts_kept} kept{partly} "
+            f"({self.tensors_quantized} expert weights quantized, {self.tensors_kept} kept)"
+        )
 
     def to_json(self) -> dict:
         return {
             "layout": self.layout,
             "experts_quantized": self.experts_quantized,
             "experts_kept": self.experts_kept,
+            "experts_partly_quantized": self.experts_partly,
+            "expert_tensors_quantized": self.tensors_quantized,
+            "expert_tensors_kept": self.tensors_kept,
             "loaders": list(self.loaders),
             "not_loaders": list(self.not_loaders),
         }
+
+
+def _experts_of(name: str, shapes: Mapping[str, Sequence[int]]) -> list[tuple[str, int]]:
+    """The experts, as (experts module, index) pairs, whose weight the tensor ``name`` holds: one for a
+    per-expert weight (any family's names), ``shape[0]`` for a fused 3-D tensor; none for other tensors."""
+    if m := EXPERT_KEY.match(name):  # Llama 4's per-expert names too
+        return [(m["module"], int(m["index"]))]
+    if _gpt_oss_weight(name):
+        m = GPT_OSS_EXPERT.match(name)
+        return [(m["module"], int(m["e"]))]
+    if m := FUSED_EXPERT_KEY.match(name):
+        shape = shapes.get(name)
+        if shape is None:
+            msg = f"{name}: a fused experts tensor needs its shape to count its experts"
+            raise ValueError(msg)
+        return [(m["module"], e) for e in range(shape[0])] if len(shape) == 3 else []
+    return []
+
+
+def count_experts(
+    quantized_names: Iterable[str], kept_names: Iterable[str], shapes: Mapping[str, Sequence[int]]
+) -> tuple[int, int, int]:
+    """(experts whose every routed weight is quantized, experts with none quantized, experts with some)
+    among the tensors named; ``shapes``: the shape of each fused 3-D experts tensor (its first dimension
+    is its number of experts; the quantized one's logical shape, not the packed one's)."""
+    quantized = {pair for n in quantized_names for pair in _experts_of(n, shapes)}
+    kept = {pair for n in kept_names for pair in _experts_of(n, shapes)}
+    return len(quantized - kept), len(kept - quantized), len(quantized & kept)
 
 
 def mixed_modules(quantized_names: Sequence[str], kept_names: Sequence[str]) -> list[str]:
@@ -489,18 +537,33 @@ def summarize(
     kept_names: Sequence[str],
     partial_blocks: Sequence[str] = (),
     expert_formats: Collection[tuple[str, str]] = (),
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> MoeSummary | None:
     """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense);
     ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts);
-    ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known."""
+    ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known;
+    ``shapes``: name -> shape of at least every fused 3-D experts tensor named (to count its experts)."""
+    summary = _summary(quantized_names, kept_names, partial_blocks, expert_formats)
+    if summary is None:
+        return None
+    q, k, partly = count_experts(quantized_names, kept_names, shapes or {})
+    return replace(summary, experts_quantized=q, experts_kept=k, experts_partly=partly)
+
+
+def _summary(
+    quantized_names: Sequence[str],
+    kept_names: Sequence[str],
+    partial_blocks: Sequence[str],
+    expert_formats: Collection[tuple[str, str]],
+) -> MoeSummary | None:
     if is_llama4_layout([*quantized_names, *kept_names]):
         return _summarize_llama4(quantized_names, kept_names, expert_formats)
     if any(_gpt_oss_weight(n) for n in [*quantized_names, *kept_names]):
         return _summarize_gpt_oss(quantized_names, kept_names, partial_blocks, expert_formats)
     summary = _summarize(quantized_names, kept_names, partial_blocks)
-    if summary is not None and summary.experts_quantized:
+    if summary is not None and summary.tensors_quantized:
         summary = replace(summary, expert_types=tuple(sorted({t for t, _ in expert_formats})))
-    if summary is not None and summary.experts_quantized and any(t == "int8" for t, _ in expert_formats):
+    if summary is not None and summary.tensors_quantized and any(t == "int8" for t, _ in expert_formats):
         return replace(summary, loaders=LOADERS_INT8, not_loaders=NOT_LOADERS_INT8)
     vllm = vllm_unreadable(expert_formats)
     if summary is None or vllm is None or LOADERS_QUANTIZED[1] not in summary.loaders:

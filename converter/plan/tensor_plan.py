@@ -41,7 +41,14 @@ _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000 (decimal, as transformers), '512MiB' -> 536_870_912, 1000 -> 1000."""
+    """'5GB' -> 5_000_000_000 (decimal, as transformers), '512MiB' -> 536_870_912, 1000 -> 1000.
+
+    A decimal value is huggingface_hub's ``parse_size_to_int`` to the byte (what transformers'
+    ``save_pretrained(max_shard_size=...)`` uses): ``int(float(value) * unit)``, so '4.1MB' is 4_099_999
+    bytes, as there; the binary units (which it lacks) are accelerate's ``convert_file_size_to_int``."""
+    if isinstance(text, bool) or not isinstance(text, int | str):  # True is an int: 1 byte
+        msg = f"invalid size {text!r}: use a whole number of bytes or a number with a unit, e.g. 5GB, 2GiB"
+        raise InputError(msg)
     if isinstance(text, int):
         value = text
     else:

@@ -193,7 +193,8 @@ def inspect_path(path: str | Path) -> InspectResult:
         kept[TORCH_NAMES.get(e.dtype, e.dtype)] += 1
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
-    result.moe = moe.summarize(names_q, names_k, moe.partial_block_experts(shapes), expert_formats)
+    sizes = {name: shape for name, shape, _ in shapes} | {key: tuple(e.shape) for key, e in passthrough}
+    result.moe = moe.summarize(names_q, names_k, moe.partial_block_experts(shapes), expert_formats, sizes)
     config = folder / "config.json"
     if config.is_file() and Path(path).is_dir():
         try:
@@ -566,7 +567,10 @@ def inspect_hub(
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
     partial = moe.partial_block_experts([(k, tuple(qs.shape), qs.blocksize) for k, qs in weights.items()])
-    result.moe = moe.summarize(names_q, names_k, partial, expert_formats)
+    sizes = {k: tuple(e["shape"]) for k, e in entries.items()} | {
+        k: tuple(qs.shape) for k, qs in weights.items()
+    }
+    result.moe = moe.summarize(names_q, names_k, partial, expert_formats, sizes)
     if "config.json" in hub.files:
         try:
             result.quantization_config = json.loads(hub.get("config.json")).get("quantization_config")

@@ -242,7 +242,7 @@ def build_model_card(folder: Path, repo_id: str, revision: str | None = None) ->
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     name = repo_id.rsplit("/", 1)[-1]
     loader, remote_code = transformers_loader(config)
-    if moe_summary is not None and moe_summary.experts_quantized:
+    if moe_summary is not None and moe_summary.tensors_quantized:
         snippet = f'{loader}.from_pretrained("{repo_id}"{rev}, device_map="auto"{remote_code})'
         return _moe_card(
             front, name, method.name, origin, table, repo_id, moe_summary, revision, (loader, snippet)
@@ -399,12 +399,23 @@ def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
         except Exception:  # an unreadable folder: check_folder reports it
             return None
         quantized = [k for k, v in records.items() if not hasattr(v, "dtype")]
-        return moe.summarize(quantized, [k for k in records if k not in quantized], (), formats)
+        shapes = {k: tuple(v.shape) for k, v in records.items()}
+        return moe.summarize(quantized, [k for k in records if k not in quantized], (), formats, shapes)
     # a quantized weight's companion: 4-bit ``<m>.weight.absmax``, LLM.int8 ``<m>.SCB``
     weights = {k.removesuffix(".absmax") for k in keys if k.endswith(".absmax")} | {
         k.removesuffix(SCB_SUFFIX) + "weight" for k in keys if k.split(".")[-1] == SCB_SUFFIX
     }
-    return moe.summarize(sorted(weights), [k for k in keys if k not in weights], (), formats)
+    fused = [k for k in keys if moe.FUSED_EXPERT_KEY.match(k)]
+    shapes: dict[str, tuple[int, ...]] = {}
+    if fused:  # their number of experts: the first dimension (a 4-bit record's from its quant state)
+        from formats.reader import open_folder
+
+        try:
+            with open_folder(folder) as ckpt:
+                shapes = {k: (ckpt.record(k) if k in weights else ckpt.entry(k)).shape for k in fused}
+        except Exception:  # an unreadable folder: check_folder reports it
+            return None
+    return moe.summarize(sorted(weights), [k for k in keys if k not in weights], (), formats, shapes)
 
 
 def _moe_card(
@@ -429,9 +440,10 @@ def _moe_card(
     bits, layer = ("8", "Linear8bitLt") if int8 else ("4", "Linear4bit")
     experts = (
         f"**with every routed MoE expert in {bits} bit**"
-        if not summary.experts_kept
-        else f"**with {summary.experts_quantized} routed MoE expert weights in {bits} bit and "
-        f"{summary.experts_kept} kept 16-bit**"
+        if not summary.tensors_kept
+        else f"**with {summary.experts_quantized} routed MoE experts in {bits} bit"
+        + (f", {summary.experts_partly} partly" if summary.experts_partly else "")
+        + f" and {summary.experts_kept} kept 16-bit**"
     )
     records = (
         "one fused bitsandbytes 4-bit record per layer and projection (`experts.gate_up_proj [E, 2I, H]`, "

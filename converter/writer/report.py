@@ -145,7 +145,9 @@ def plan_moe_summary(plan: Any) -> Any:
     quantized = [t.name for t in plan.quantized]
     shapes = [(t.name, t.out_shape, getattr(opts, "blocksize", 0) or 0) for t in plan.quantized]
     formats = {(opts.method.name, str(getattr(opts, "quant_storage", "uint8") or "uint8"))}
-    return moe.summarize(quantized, [t.name for t in plan.kept], moe.partial_block_experts(shapes), formats)
+    sizes = {t.name: t.out_shape for t in plan.quantized} | {t.name: t.info.shape for t in plan.kept}
+    partial = moe.partial_block_experts(shapes)
+    return moe.summarize(quantized, [t.name for t in plan.kept], partial, formats, sizes)
 
 
 def _quantized_bytes(path: Path, keys: set[str]) -> int:

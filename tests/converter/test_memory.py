@@ -12,34 +12,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-# The child samples its own RssAnon every 2 ms from a thread: after imports (the baseline), and the
-# peak while converting. Input pages are memory-mapped, so they count as file-backed, not anonymous.
+# The child samples its own RssAnon every 2 ms from a thread (converter.tools.peak_rss): after imports
+# (the baseline), and the peak while converting. Input pages are memory-mapped, so they count as
+# file-backed, not anonymous.
 CHILD = textwrap.dedent(
     """
-    import json, sys, threading, time
+    import json, sys
     sys.path.insert(0, {tests!r})
+    from converter.tools.peak_rss import PeakRss
     from converter.writer.pipeline import convert
 
-    def rss_anon():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    base = rss_anon()
-    peak = [base]
-    stop = threading.Event()
-    def poll():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_anon())
-            time.sleep(0.002)
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    convert(sys.argv[1], sys.argv[2], include=["layers.*"], max_shard_size="100MB", progress=False)
-    stop.set()
-    th.join()
-    print(json.dumps({{"base": base, "peak": peak[0]}}))
+    with PeakRss(("RssAnon",), period=0.002) as rss:
+        convert(sys.argv[1], sys.argv[2], include=["layers.*"], max_shard_size="100MB", progress=False)
+    print(json.dumps({{"base": rss.before["RssAnon"], "peak": rss.peak["RssAnon"]}}))
     """
 )
 

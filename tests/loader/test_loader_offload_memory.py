@@ -23,31 +23,14 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 VOCAB, HIDDEN = 131072, 64
 
 _PEAK_ANON = """
-import json, sys, threading, time, torch
+import json, sys, torch
 from converter.loader.model import load_quantized
+from converter.tools.peak_rss import PeakRss
 
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-
-base = anon()
-peak = [base]
-done = threading.Event()
-
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.0005)
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-model = load_quantized(sys.argv[1], dtype=getattr(torch, sys.argv[2]), device_map=json.loads(sys.argv[3]),
-                       offload_folder=sys.argv[4], verify=False)
-done.set()
-sampler.join()
-peak[0] = max(peak[0], anon())
-print(json.dumps({"peak": peak[0] - base}))
+with PeakRss(("RssAnon",)) as rss:  # sampled every 0.5 ms, and once more as the load returns
+    model = load_quantized(sys.argv[1], dtype=getattr(torch, sys.argv[2]), device_map=json.loads(sys.argv[3]),
+                           offload_folder=sys.argv[4], verify=False)
+print(json.dumps({"peak": rss.grown["RssAnon"]}))
 """
 
 

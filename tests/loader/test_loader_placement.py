@@ -342,6 +342,51 @@ def test_a_gpu_index_that_does_not_exist_is_a_placement_error(our_folder: Path) 
         load_quantized(our_folder, device_map=missing)  # a GPU index, as transformers takes it
 
 
+def test_estimate_onto_a_gpu_this_machine_lacks_plans_it_and_says_so(our_folder: Path) -> None:
+    """`inspect --memory --max-memory 0=...` on a machine without GPU 0 printed a plan with layers on
+    cuda:0, exit 0, and nothing but accelerate's "Device 0 is not available, available devices are []"
+    twice (load_quantized refuses the same request). The plan is still made (it is the one on a machine
+    with that GPU: planning for a GPU host from a laptop), with one warning saying so: stderr, `warnings`
+    in --json, an AbsentDeviceWarning from estimate()."""
+    from converter.cli import cli
+    from converter.loader.estimate import estimate
+
+    missing = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    said = f"max_memory names GPU {missing}, but "
+    cli_args = [
+        "inspect",
+        str(our_folder),
+        "--memory",
+        "--max-memory",
+        f"{missing}=70kB",
+        "--max-memory",
+        "cpu=1GB",
+    ]
+    for json_out in (False, True):
+        r = CliRunner().invoke(cli, [*cli_args, *(["--json"] if json_out else [])])
+        assert r.exit_code == 0, r.output
+        warned = [line for line in r.stderr.splitlines() if line.startswith("Warning: ")]
+        assert len(warned) == 1, r.stderr
+        assert warned[0].startswith(f"Warning: {said}"), r.stderr
+        assert "this is the plan on a machine that has it (load_quantized refuses it here)" in warned[0]
+        assert "is not available, available devices are" not in r.stderr  # accelerate's, said by ours
+        if json_out:
+            out = json.loads(r.stdout)
+            assert out["warnings"] == [warned[0].removeprefix("Warning: ")]
+            assert f"cuda:{missing}" in out["bytes_per_device"]
+    from converter.loader.devices import AbsentDeviceWarning
+
+    with pytest.warns(AbsentDeviceWarning, match=said):
+        plan, per_device = estimate(our_folder, "auto", {missing: "70kB", "cpu": "1GB"})
+    assert missing in plan.values()
+    assert per_device[f"cuda:{missing}"] > 0
+    with pytest.warns(AbsentDeviceWarning, match=f"device_map puts 'lm_head' on GPU {missing}, but "):
+        estimate(our_folder, {"": "cpu", "lm_head": missing})
+    # a plan onto devices that exist says nothing
+    r = CliRunner().invoke(cli, ["inspect", str(our_folder), "--memory", "--max-memory", "cpu=1GB", "--json"])
+    assert (r.exit_code, r.stderr, json.loads(r.stdout)["warnings"]) == (0, "", [])
+
+
 def test_a_gpu_index_as_device_map_plans_the_whole_model_on_it(our_folder: Path) -> None:
     """``device_map=1`` is ``{"": 1}`` for transformers; the plan used to refuse it (torch.device(1) is
     no device without CUDA)."""

@@ -225,7 +225,7 @@ def test_skip_that_splits_a_layers_experts_is_said_not_to_load(moe_src, tmp_path
 
     card = build_model_card(out, "me/tiny-moe-nf4")
     assert "every routed MoE expert in 4 bit" not in card
-    assert "expert weights in 4 bit and" in card
+    assert re.search(r"with \d+ routed MoE experts in 4 bit and \d+ kept 16-bit", card)
     if loads:
         load_quantized(out, device="cpu", dtype=torch.bfloat16)
     else:
@@ -351,8 +351,12 @@ def test_cli_flag_and_warning(moe_src, tmp_path):
     r = runner.invoke(cli, ["inspect", str(tmp_path / "q"), "--json"])
     assert r.exit_code == 0, r.output
     moe = json.loads(r.stdout)["moe"]
-    assert moe["experts_quantized"] == len(expert_keys(src))
+    cfg = read_config(src)
+    experts = cfg["num_hidden_layers"] * cfg["num_experts"]
+    assert len(expert_keys(src)) == 3 * experts
+    assert moe["experts_quantized"] == experts  # (layer, expert) pairs: gate, up and down are one expert
     assert moe["experts_kept"] == 0
+    assert moe["expert_tensors_quantized"] == len(expert_keys(src))  # the records
     assert any("vLLM" in x for x in moe["loaders"])
     assert any("stock transformers 5" in x for x in moe["not_loaders"])
     r = runner.invoke(cli, ["verify", str(tmp_path / "q")])  # the metadata schema knows the option
@@ -362,6 +366,61 @@ def test_cli_flag_and_warning(moe_src, tmp_path):
     assert keep.experts_quantized == 0
     assert any("vLLM" in x for x in keep.not_loaders)
     assert inspect_path(tmp_path / "q").moe.layout == "experts quantized (per-expert bnb nf4 records)"
+
+
+def test_experts_are_counted_as_experts_not_tensors(moe_src, tmp_path):
+    """inspect (text and --json), the conversion report and the model card count experts as (layer,
+    expert) pairs: they counted tensors, so 2 layers of 4 experts read "24 quantized" (gate, up and down
+    records of each); the tensor counts keep their own names. An expert with one projection skipped is
+    "partly" quantized, neither quantized nor kept."""
+    from converter.plan import moe as moe_plan
+    from converter.tools.push import build_model_card
+
+    src = moe_src("olmoe")
+    cfg = read_config(src)
+    layers, per_layer = cfg["num_hidden_layers"], cfg["num_experts"]
+    experts = layers * per_layer
+    runner = CliRunner()
+    r = runner.invoke(cli, ["convert", str(src), str(tmp_path / "q"), "--moe-experts", "quantize", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)["moe"]
+    assert (report["experts_quantized"], report["experts_kept"]) == (experts, 0)
+    assert report["expert_tensors_quantized"] == 3 * experts
+    r = runner.invoke(cli, ["inspect", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    assert f"{experts} experts quantized, 0 kept ({3 * experts} expert weights quantized, 0 kept)" in r.stdout
+
+    # down_proj kept 16-bit in every expert: all of them partly quantized
+    out = tmp_path / "down16"
+    convert(
+        src, out, moe_experts="quantize", skip=["*.experts.*.down_proj"], progress=False, warn=lambda m: None
+    )
+    summary = inspect_path(out).moe
+    assert summary.layout == "experts partly quantized"
+    assert (summary.experts_quantized, summary.experts_kept, summary.experts_partly) == (0, 0, experts)
+    assert (summary.tensors_quantized, summary.tensors_kept) == (2 * experts, experts)
+    assert summary.to_json()["experts_partly_quantized"] == experts
+    card = build_model_card(out, "me/tiny-moe-nf4")
+    assert f"with 0 routed MoE experts in 4 bit, {experts} partly and 0 kept 16-bit" in card
+
+    # layer 0's experts kept whole: the card counts experts, not weights
+    out = tmp_path / "layer0"
+    convert(src, out, moe_experts="quantize", skip=["*.layers.0.mlp.experts.*"], progress=False)
+    want = (experts - per_layer, per_layer, 0)
+    summary = inspect_path(out).moe
+    assert (summary.experts_quantized, summary.experts_kept, summary.experts_partly) == want
+    card = build_model_card(out, "me/tiny-moe-nf4")
+    assert f"with {experts - per_layer} routed MoE experts in 4 bit and {per_layer} kept 16-bit" in card
+
+    # fused 3-D tensors hold shape[0] experts each (a source's, kept; a converted folder's, quantized)
+    fused = [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
+    shapes = {n: (8, 64, 32) for n in fused}
+    kept = moe_plan.summarize([], fused, shapes=shapes)
+    assert (kept.experts_kept, kept.tensors_kept) == (16, 4)
+    quantized = moe_plan.summarize([*fused, "model.layers.0.self_attn.q_proj.weight"], [], shapes=shapes)
+    assert (quantized.experts_quantized, quantized.tensors_quantized) == (16, 4)
+    with pytest.raises(ValueError, match="needs its shape"):
+        moe_plan.summarize(fused, [])
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])

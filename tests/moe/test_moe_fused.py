@@ -337,7 +337,8 @@ def test_inspect_and_dry_run_name_the_loaders(vl, tmp_path):
     src, q, _ = vl()
     moe = inspect_path(q).moe
     assert moe.fused
-    assert moe.experts_quantized == 4
+    # experts, not records: 2 layers x 4 experts, held in 2 fused records (gate_up, down) per layer
+    assert (moe.experts_quantized, moe.tensors_quantized) == (2 * 4, 2 * 2)
     assert not moe.experts_kept
     assert "fused 3-D" in moe.layout
     assert any("unsloth" in x for x in moe.loaders)

@@ -180,7 +180,7 @@ def test_summary_card_and_bits_name_the_loaders(gpt_oss):
 
     q, keep = inspect_path(gpt_oss("q")), inspect_path(gpt_oss("keep"))
     s = q.moe
-    assert s.experts_quantized == LAYERS * E * 2
+    assert (s.experts_quantized, s.tensors_quantized) == (LAYERS * E, LAYERS * E * 2)  # experts, records
     assert not s.experts_kept
     assert s.layout == "experts quantized (per-expert bnb nf4 records)"
     assert any("load_quantized" in x for x in s.loaders)

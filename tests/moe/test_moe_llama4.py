@@ -324,7 +324,7 @@ def test_quantize_writes_each_expert_as_bnb_quantize_4bit(llama4, mode):
     assert "router" in qc["llm_int8_skip_modules"]
     assert not [s for s in qc["llm_int8_skip_modules"] if "experts" in s]
     summary = inspect_path(folder).moe
-    assert summary.experts_quantized == len(want)
+    assert (summary.experts_quantized, summary.tensors_quantized) == (LAYERS * E, len(want))
     assert not summary.experts_kept
     assert any("stock transformers" in x for x in summary.loaders)
 
@@ -878,8 +878,8 @@ def test_quantize_with_a_layers_experts_skipped_loads_everywhere(llama4, tmp_pat
     seen = _routed_io(ours, IDS)
     assert [layer for layer, *_ in seen] == [ours.model.layers[0].feed_forward.experts]
     summary = inspect_path(out).moe
-    assert summary.experts_quantized == E * 3
-    assert summary.experts_kept == E * 3
+    assert (summary.experts_quantized, summary.experts_kept) == (E, E)  # layer 0's, layer 1's
+    assert (summary.tensors_quantized, summary.tensors_kept) == (E * 3, E * 3)
     assert any("stock transformers" in x for x in summary.loaders)
 
 

@@ -1,0 +1,37 @@
+"""converter.tools.peak_rss: the one RSS sampler the memory tests' and benchmarks' child scripts share
+(tests/loader/test_loader_offload_memory.py, bench/bench_dequantize_memory.py,
+bench/bench_load_cast_memory.py each carried their own copy)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from converter.tools.peak_rss import PeakRss, status
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
+
+
+def test_the_peak_of_a_block_is_what_it_held_at_most() -> None:
+    """64 MiB touched then freed inside the block: the peak is above the baseline by about that, and the
+    process as the block ends is back near the baseline (glibc returns an mmap-sized block at free)."""
+    size = 64 << 20
+    with PeakRss(("RssAnon", "VmRSS")) as rss:
+        block = bytearray(size)  # zero-filled: every page written, so resident
+        time.sleep(0.02)  # a few sampling periods while it is held
+        del block
+    assert set(rss.grown) == {"RssAnon", "VmRSS"}
+    assert size - (4 << 20) <= rss.grown["RssAnon"] <= size + (16 << 20), rss.grown
+    assert rss.after["RssAnon"] - rss.before["RssAnon"] < 16 << 20, (rss.before, rss.after)
+    assert rss.peak["VmRSS"] >= rss.before["VmRSS"] + size - (4 << 20)
+
+
+def test_status_reads_the_fields_asked_in_bytes_and_names_a_missing_one() -> None:
+    got = status(("VmRSS", "RssAnon", "RssFile"))
+    assert list(got) == ["VmRSS", "RssAnon", "RssFile"]
+    assert got["VmRSS"] >= got["RssAnon"] > 0
+    assert got["VmRSS"] % 1024 == 0
+    with pytest.raises(KeyError, match="no field NotAField"):
+        status(("RssAnon", "NotAField"))
