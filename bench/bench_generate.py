@@ -28,7 +28,9 @@ excluded); ours with verify on and off, transformers + bnb on the same folder, b
 verify's cost. ``--load-profile`` adds one cProfile'd load of ours and of bnb (where the time goes);
 ``--load-breakdown`` adds to each row its best run's first-forward parts and second forward, and to
 ours the phases of its load (``QM_LOAD_TIMING=1``, converter/loader/timing.py).
-``--modes ''`` skips the generate runs.
+``--modes ''`` skips the generate runs. ``--sample`` samples instead of greedy decoding, in every mode
+(``do_sample=True``, temperature 0.7, top-k 50, top-p 0.9: chat settings; ``graphed`` runs them inside
+its graphs), each timed call seeded alike.
 ``--quality`` (real weights only): next-token log-likelihood of a fixed text, teacher-forced one token
 at a time (so the fused GEMV runs) and in one forward (dequantize path), against transformers + bnb and bf16.
 
@@ -204,8 +206,15 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+#: generate() settings every timed call takes on top of greedy's (``--sample``: SAMPLING).
+EXTRA_KWARGS: dict = {}
+SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9}
+
+
 def time_generate(model, ids: torch.Tensor, new: int, cache, device: str, mode: str = "eager") -> float:
     kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "disable_compile": True}
+    kwargs.update(EXTRA_KWARGS)
+    torch.manual_seed(0)
     if mode.startswith("graphed"):
         from converter.loader.decode import graphed_greedy
 
@@ -486,8 +495,11 @@ def main() -> None:
     ap.add_argument("--load-contenders", default="", help="of ours,bnb,bf16 (default: all) for --load")
     ap.add_argument("--quality", action="store_true", help="also perplexity / logits on real weights")
     ap.add_argument("--nf4", default=None, help="an existing NF4 folder of --model (default: converted)")
+    ap.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-k 50, top-p 0.9)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.sample:
+        EXTRA_KWARGS.update(SAMPLING)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if args.model == "smollm2":
@@ -513,6 +525,7 @@ def main() -> None:
         "model": args.model,
         "prompt": args.prompt,
         "new": args.new,
+        "sampling": dict(EXTRA_KWARGS),
         "generate": [],
     }
     for mode in [m for m in args.modes.split(",") if m]:  # --modes "" with --load: load times only

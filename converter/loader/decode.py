@@ -12,10 +12,17 @@ the token back, position + 1) runs on device tensors only, ``steps_per_graph`` o
 into one CUDA graph, and the host looks at the tokens once per replay (EOS, streamer). The tokens are
 those of ``generate(do_sample=False)``: the same forward on the same static cache, the same argmax.
 
+Sampling (``do_sample=True``) runs on the same loop when its logits processors are the warpers that
+read the logits only (temperature, top-k, top-p, min-p: transformers' own objects, called in its order
+inside the step) and the token is drawn as ``torch.multinomial(probs, 1)`` draws it (an exponential
+variate per logit from the default generator, ``argmax(probs / q)``: the same draws, without the
+host-side checks that make ``multinomial`` sync), so with the same seed the tokens are those of
+``generate(do_sample=True)`` on the same static cache.
+
 On the CPU the same loop runs without graphs (it still skips the per-step bookkeeping). Anything the
-device loop does not reproduce exactly (sampling, beams, padding, other logits processors or stopping
-criteria, scores or attentions in the output) falls back to transformers' own loop with a warning that
-names the reason, so the result is never silently different.
+device loop does not reproduce exactly (beams, padding, other logits processors, e.g. a repetition
+penalty, or stopping criteria, scores or attentions in the output) falls back to transformers' own
+loop with a warning that names the reason, so the result is never silently different.
 
 The static cache: the one passed to ``generate`` (``cache=StaticCache(...)``: the recorded graphs are
 kept with it and replayed by later calls that pass it again), or, when generate made a dynamic one,
@@ -71,6 +78,19 @@ class _EosMask:
     min_total_length: int  # EOS allowed once the sequence (prompt + new) has this many tokens
 
 
+@dataclass(frozen=True)
+class _Sampling:
+    """``do_sample=True``: the warpers applied to the step's logits (transformers' own objects, in its
+    order), then one draw from the softmax."""
+
+    warpers: tuple[Any, ...]
+
+    @property
+    def key(self) -> tuple:
+        """What a recorded graph baked in: each warper's class and settings (Python numbers)."""
+        return tuple((type(w).__name__, repr(sorted(vars(w).items()))) for w in self.warpers)
+
+
 @dataclass
 class _GraphState:
     """Static buffers of the decode step and the graphs recorded over them (per cache and batch)."""
@@ -84,6 +104,7 @@ class _GraphState:
     eos_ids: torch.Tensor | None = None
     warm: bool = False
     epoch: int = 0  # converter.kernels.prepared.epoch() when made: its graphs hold the kernel tensors of then
+    sampling: _Sampling | None = None  # None: greedy
 
 
 def graphed_greedy(
@@ -98,7 +119,8 @@ def graphed_greedy(
     compile_step: bool = False,
     **model_kwargs: Any,
 ) -> Any:
-    """A ``custom_generate`` decoding loop for ``model.generate``: greedy, several steps per graph.
+    """A ``custom_generate`` decoding loop for ``model.generate``: greedy (or sampling with temperature,
+    top-k, top-p, min-p), several steps per graph.
 
     ``steps_per_graph``: decode steps per CUDA-graph replay (the host checks EOS once per replay).
     ``compile_step``: run the decode step's forward through ``torch.compile`` (inductor, no CUDA graphs
@@ -183,8 +205,8 @@ def _unsupported(
     cfg = generation_config
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported"
-    if cfg.do_sample or (cfg.num_beams or 1) != 1:
-        return "only greedy decoding (do_sample=False, num_beams=1) runs on the device loop"
+    if (cfg.num_beams or 1) != 1:
+        return "beam search (num_beams > 1) does not run on the device loop"
     if cfg.return_dict_in_generate and (
         cfg.output_scores or cfg.output_logits or cfg.output_attentions or cfg.output_hidden_states
     ):
@@ -193,9 +215,14 @@ def _unsupported(
         return "inputs_embeds prompts are not supported"
     if input_ids.device.type not in ("cuda", "cpu") or input_ids.shape[1] == 0:
         return f"input_ids on {input_ids.device.type} (empty or not CPU/CUDA) are not supported"
+    warpers = _warper_types() if cfg.do_sample else ()
+    seen_warper = False
     for p in logits_processor:
-        if not isinstance(p, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)):
+        if isinstance(p, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)) and not seen_warper:
+            continue  # the EOS mask, applied first in the step
+        if type(p) not in warpers:  # a subclass may read input_ids or sync
             return f"the logits processor {type(p).__name__} is not supported"
+        seen_warper = True
     for c in stopping_criteria:
         if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)):
             return f"the stopping criterion {type(c).__name__} is not supported"
@@ -223,6 +250,34 @@ def _unsupported(
     if cache is not None and not _is_empty_reusable_cache(cache):
         return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"
     return None
+
+
+def _warper_types() -> tuple[type, ...]:
+    """The warpers the step applies as they are: they read the logits only (not the token history,
+    which the step does not keep) and run no host sync, so they record into a CUDA graph."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    return (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+
+
+def _sampling(logits_processor, generation_config) -> _Sampling | None:
+    if not generation_config.do_sample:
+        return None
+    return _Sampling(tuple(p for p in logits_processor if type(p) in _warper_types()))
+
+
+def _draw(probs: torch.Tensor) -> torch.Tensor:
+    """``torch.multinomial(probs, 1)``'s draw (its one-sample path: an exponential variate per entry
+    from the default generator, then ``argmax(probs / q)``) without its host-side checks of ``probs``,
+    which sync and so cannot be recorded into a CUDA graph. The same generator calls in the same order:
+    the same tokens for the same seed."""
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True)
 
 
 def _has_linear_attention(model) -> bool:
@@ -270,14 +325,19 @@ def _greedy(
     # through the same logits processors _sample applies.
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
-    first = torch.argmax(logits_processor(input_ids, logits), dim=-1).view(batch, 1)
+    scores = logits_processor(input_ids, logits)
+    sampling = _sampling(logits_processor, generation_config)
+    if sampling is not None:  # as _sample draws the first token
+        first = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+    else:
+        first = torch.argmax(scores, dim=-1).view(batch, 1)
     eos_mask = _eos_mask(logits_processor, device, vocab=logits.shape[-1])
-    del outputs, logits
+    del outputs, logits, scores
     tokens = [first.to("cpu", copy=True)]
     _stream(streamer, tokens[0])
     finished = _finished(tokens[0], eos)
     remaining = max_length - prompt - 1
-    state = _state(cache, batch, k, eos_mask, compile_step, device)
+    state = _state(cache, batch, k, eos_mask, sampling, compile_step, device)
     state.token.copy_(first)
     state.position.fill_(prompt)
     state.min_total.fill_(eos_mask.min_total_length if eos_mask else 0)
@@ -333,7 +393,8 @@ def _run(state: _GraphState, step, remaining: int, k: int, device: torch.device)
 
 
 def _step_fn(model, cache, state: _GraphState, compile_step: bool):
-    """One decode step on device tensors only: forward, EOS mask, argmax, feed back, position + 1."""
+    """One decode step on device tensors only: forward, EOS mask, argmax (or the warpers and a draw),
+    feed back, position + 1."""
     kw = {"cache": cache} if _takes_cache(model) else {"past_key_values": cache}
     forward = _compiled_call(model) if compile_step else model
 
@@ -348,7 +409,12 @@ def _step_fn(model, cache, state: _GraphState, compile_step: bool):
             blocked = state.position + 1 < state.min_total  # (B, 1)
             ids = state.eos_ids
             logits[:, ids] = torch.where(blocked, float("-inf"), logits[:, ids])
-        nxt = torch.argmax(logits, dim=-1, keepdim=True)
+        if state.sampling is None:
+            nxt = torch.argmax(logits, dim=-1, keepdim=True)
+        else:
+            for warper in state.sampling.warpers:
+                logits = warper(state.token, logits)  # they read the logits only (_warper_types)
+            nxt = _draw(torch.softmax(logits, dim=-1))
         state.chunk[:, i : i + 1].copy_(nxt)
         state.token.copy_(nxt)
         state.position.add_(1)
@@ -401,14 +467,19 @@ def _eos_mask(logits_processor, device, vocab: int) -> _EosMask | None:
     """The EOS ids the min-length processors bar, those of the ``vocab`` logits only: transformers marks
     them by ``isin(arange(vocab), eos)``, so an id the head lacks (GPT2Config's default 50256 in a small
     model) bars nothing."""
-    from transformers.generation.logits_process import MinLengthLogitsProcessor
+    from transformers.generation.logits_process import (
+        MinLengthLogitsProcessor,
+        MinNewTokensLengthLogitsProcessor,
+    )
 
     lengths, ids = [], []
     for p in logits_processor:
         if isinstance(p, MinLengthLogitsProcessor):
             lengths.append(p.min_length)
-        else:  # MinNewTokensLengthLogitsProcessor
+        elif isinstance(p, MinNewTokensLengthLogitsProcessor):
             lengths.append(p.prompt_length_to_skip + p.min_new_tokens)
+        else:  # a warper (sampling): applied after the mask
+            continue
         ids.append(torch.as_tensor(p.eos_token_id).flatten())
     if not lengths:
         return None
@@ -530,11 +601,19 @@ def _cache_batch(cache) -> int | None:
     return getattr(layer, "batch_size", None) if layer is not None and layer.is_initialized else None
 
 
-def _state(cache, batch: int, k: int, eos_mask: _EosMask | None, compile_step: bool, device) -> _GraphState:
-    """The buffers and graphs for this cache, batch, EOS-mask ids and step kind (recorded once each, and
-    again after layers were prepared again: their graphs launch with the freed kernel tensors)."""
+def _state(
+    cache,
+    batch: int,
+    k: int,
+    eos_mask: _EosMask | None,
+    sampling: _Sampling | None,
+    compile_step: bool,
+    device,
+) -> _GraphState:
+    """The buffers and graphs for this cache, batch, EOS-mask ids, warpers and step kind (recorded once
+    each, and again after layers were prepared again: their graphs launch with the freed kernel tensors)."""
     eos_key = tuple(eos_mask.eos_ids.tolist()) if eos_mask else None
-    key = (batch, k, eos_key, compile_step)
+    key = (batch, k, eos_key, sampling.key if sampling else None, compile_step)
     epoch = prepared.epoch()  # read after the prefill, which prepares the layers whose codes were replaced
     states = _graphs.setdefault(cache, {})
     if any(s.epoch != epoch for s in states.values()):
@@ -548,6 +627,7 @@ def _state(cache, batch: int, k: int, eos_mask: _EosMask | None, compile_step: b
             chunk=torch.zeros(batch, k, dtype=torch.long, device=device),
             eos_ids=eos_mask.eos_ids if eos_mask else None,
             epoch=epoch,
+            sampling=sampling,
         )
         states[key] = state
     return state

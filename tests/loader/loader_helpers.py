@@ -225,6 +225,16 @@ def greedy_reference(model, ids: torch.Tensor, **kw) -> torch.Tensor:
     return model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
 
 
+def sample_reference(model, ids: torch.Tensor, seed: int, **kw) -> torch.Tensor:
+    """transformers' own sampling loop on a static cache, seeded (what graphed_greedy's sampling must
+    reproduce with the same seed)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + kw["max_new_tokens"])
+    torch.manual_seed(seed)
+    return model.generate(ids, do_sample=True, cache=cache, disable_compile=True, **kw)
+
+
 def hiding(package: str) -> str:
     """Python source that makes ``package`` unimportable and unfindable for the rest of a child process
     (an install without it), to prefix to a ``python -c`` script."""

@@ -10,13 +10,14 @@ same tokens, exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from loader_helpers import WEIGHT_CHANGES, change_weights, greedy_reference
+from loader_helpers import WEIGHT_CHANGES, change_weights, greedy_reference, sample_reference
 from transformers import StaticCache
 
 from converter.loader import decode
@@ -233,16 +234,91 @@ def test_batch_rows_finished_early_are_padded_like_transformers(model) -> None:
     assert torch.equal(got, want)
 
 
-def test_sampling_falls_back_to_transformers_with_a_warning(model, caplog) -> None:
-    kw = {"max_new_tokens": 6, "do_sample": True, "top_k": 5, "pad_token_id": 0}
+SAMPLINGS = {
+    "top-k": {"top_k": 5},
+    "temperature-top-p": {"temperature": 0.7, "top_k": 0, "top_p": 0.9},
+    "min-p": {"top_k": 0, "min_p": 0.05, "temperature": 1.3},
+    "defaults": {},  # generate()'s own: top_k=50
+    "no-warper": {"top_k": 0},
+}
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
+@pytest.mark.parametrize("steps_per_graph", [1, 4])
+def test_sampled_tokens_equal_transformers_sampling_with_the_same_seed(
+    model, sampling: dict, steps_per_graph: int
+) -> None:
+    """do_sample=True runs on the device loop (the warpers inside the step, the draw without
+    multinomial's syncs) and gives transformers' sampled tokens for the same seed, batch rows included."""
+    ids = torch.cat([IDS, IDS.flip(1)])
+    kw = {"max_new_tokens": 13, "pad_token_id": 0, **sampling}
+    want = sample_reference(model, ids, seed=11, **kw)
+    torch.manual_seed(11)
+    with _no_fallback():
+        got = model.generate(
+            ids, do_sample=True, custom_generate=graphed_greedy, steps_per_graph=steps_per_graph, **kw
+        )
+    assert torch.equal(got, want)
+    torch.manual_seed(12)
+    other = model.generate(ids, do_sample=True, custom_generate=graphed_greedy, **kw)
+    assert not torch.equal(other, want)  # the draws follow the seed: a sampled text, not argmax's
+
+
+def test_sampling_with_eos_and_min_new_tokens_equals_transformers(model) -> None:
+    ids = torch.cat([IDS, IDS.flip(1)])
+    kw = {"max_new_tokens": 24, "pad_token_id": 3, "top_k": 3, "min_new_tokens": 4}
+    eos = int(sample_reference(model, ids, seed=5, **kw)[0, ids.shape[1] + 6])
+    want = sample_reference(model, ids, seed=5, eos_token_id=eos, **kw)
+    torch.manual_seed(5)
+    with _no_fallback():
+        got = model.generate(
+            ids, do_sample=True, custom_generate=graphed_greedy, steps_per_graph=4, eos_token_id=eos, **kw
+        )
+    assert want.shape[1] < ids.shape[1] + 24 or (want == 3).any()  # EOS stopped or padded a row
+    assert torch.equal(got, want)
+
+
+def test_sampling_graph_state_follows_the_warper_settings(model) -> None:
+    """Graphs bake the warpers' numbers in: another top_k gets a state of its own, not the first one's."""
+    kw = {"max_new_tokens": 6, "pad_token_id": 0, "do_sample": True}
+    model.generate(IDS, custom_generate=graphed_greedy, top_k=4, **kw)
+    model.generate(IDS, custom_generate=graphed_greedy, top_k=9, **kw)
+    keys = [key for key in decode._graphs[decode._own_caches[model]] if key[3] is not None]
+    assert len({key[3] for key in keys}) >= 2
+
+
+def test_sampling_with_a_repetition_penalty_falls_back_with_a_warning(model, caplog) -> None:
+    """A warper that reads the token history (repetition_penalty) runs transformers' loop, said once."""
+    kw = {"max_new_tokens": 6, "do_sample": True, "top_k": 5, "repetition_penalty": 1.3, "pad_token_id": 0}
     torch.manual_seed(3)
     want = model.generate(IDS, **kw)
     decode._warned.clear()
     torch.manual_seed(3)
     with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
         got = model.generate(IDS, custom_generate=graphed_greedy, **kw)
-    assert "only greedy decoding" in caplog.text
+    assert "RepetitionPenaltyLogitsProcessor is not supported" in caplog.text
     assert torch.equal(got, want)
+
+
+def test_draw_is_multinomials_draw() -> None:
+    """_draw takes multinomial's one-sample path: the same token for the same generator state."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 1000, generator=g) * 3, dim=-1)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        want = torch.multinomial(probs, 1)
+        torch.manual_seed(seed)
+        assert torch.equal(decode._draw(probs), want)
+
+
+@contextlib.contextmanager
+def _no_fallback():
+    """Fails the test if graphed_greedy fell back to transformers' loop."""
+    before = set(decode._warned)
+    decode._warned.clear()
+    yield
+    assert not decode._warned, decode._warned
+    decode._warned.update(before)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from loader_helpers import WEIGHT_CHANGES, change_weights, greedy_reference
+from loader_helpers import WEIGHT_CHANGES, change_weights, greedy_reference, sample_reference
 from transformers import StaticCache
 
 from converter.loader import decode
@@ -70,6 +70,32 @@ def test_graphed_eos_stop_and_batch_padding(model) -> None:
     want = greedy_reference(model, ids, **kw)
     got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "sampling", [{"top_k": 5}, {"temperature": 0.7, "top_k": 0, "top_p": 0.9}, {"top_k": 0, "min_p": 0.05}]
+)
+def test_graphed_sampling_equals_transformers_sampling_with_the_same_seed(model, sampling: dict) -> None:
+    """do_sample=True recorded into CUDA graphs: the warpers and the exponential draws replay with the
+    generator's offsets advancing as eager calls advance them, so the tokens are transformers' for the
+    same seed; a second call replays the recorded graphs with new draws."""
+    ids = torch.cat([IDS, IDS.flip(1)]).cuda()
+    kw = {"max_new_tokens": 37, "pad_token_id": 0, **sampling}
+    want = sample_reference(model, ids, seed=7, **kw)
+    torch.manual_seed(7)
+    got = model.generate(ids, do_sample=True, custom_generate=graphed_greedy, steps_per_graph=8, **kw)
+    assert torch.equal(got, want)
+    states = decode._graphs[decode._own_caches[model]]
+    sampled = [s for s in states.values() if s.sampling is not None]
+    assert sampled
+    assert all(s.graphs for s in sampled), "no CUDA graph was recorded"
+    recorded = {n: id(g) for s in sampled for n, g in s.graphs.items()}
+    want2 = sample_reference(model, ids, seed=8, **kw)
+    torch.manual_seed(8)
+    got2 = model.generate(ids, do_sample=True, custom_generate=graphed_greedy, steps_per_graph=8, **kw)
+    assert {n: id(g) for s in sampled for n, g in s.graphs.items()} == recorded  # replayed, not recorded
+    assert torch.equal(got2, want2)
+    assert not torch.equal(got2, got)
 
 
 def test_compiled_step_in_graphs_gives_the_eager_tokens(our_folder: Path) -> None:
