@@ -12,17 +12,18 @@ the token back, position + 1) runs on device tensors only, ``steps_per_graph`` o
 into one CUDA graph, and the host looks at the tokens once per replay (EOS, streamer). The tokens are
 those of ``generate(do_sample=False)``: the same forward on the same static cache, the same argmax.
 
-Sampling (``do_sample=True``) runs on the same loop when its logits processors are the warpers that
-read the logits only (temperature, top-k, top-p, min-p: transformers' own objects, called in its order
-inside the step) and the token is drawn as ``torch.multinomial(probs, 1)`` draws it (an exponential
-variate per logit from the default generator, ``argmax(probs / q)``: the same draws, without the
-host-side checks that make ``multinomial`` sync), so with the same seed the tokens are those of
-``generate(do_sample=True)`` on the same static cache.
+Sampling (``do_sample=True``) and a repetition penalty run on the same loop: their logits processors
+(repetition penalty, temperature, top-k, top-p, min-p: transformers' own objects, called in its order
+inside the step; the penalty reads a device buffer of the tokens so far) record into the graphs, and
+the token is drawn as ``torch.multinomial(probs, 1)`` draws it (an exponential variate per logit from
+the default generator, ``argmax(probs / q)``: the same draws, without the host-side checks that make
+``multinomial`` sync), so with the same seed the tokens are those of ``generate(do_sample=True)`` on
+the same static cache.
 
 On the CPU the same loop runs without graphs (it still skips the per-step bookkeeping). Anything the
-device loop does not reproduce exactly (beams, padding, other logits processors, e.g. a repetition
-penalty, or stopping criteria, scores or attentions in the output) falls back to transformers' own
-loop with a warning that names the reason, so the result is never silently different.
+device loop does not reproduce exactly (beams, padding, other logits processors or stopping criteria,
+scores or attentions in the output) falls back to transformers' own loop with a warning that names
+the reason, so the result is never silently different.
 
 The static cache: the one passed to ``generate`` (``cache=StaticCache(...)``: the recorded graphs are
 kept with it and replayed by later calls that pass it again), or, when generate made a dynamic one,
@@ -79,16 +80,21 @@ class _EosMask:
 
 
 @dataclass(frozen=True)
-class _Sampling:
-    """``do_sample=True``: the warpers applied to the step's logits (transformers' own objects, in its
-    order), then one draw from the softmax."""
+class _Processors:
+    """The logits processors the step applies after the EOS mask (transformers' own objects, in its
+    order: a repetition penalty, then the sampling warpers), and whether it then samples."""
 
-    warpers: tuple[Any, ...]
+    processors: tuple[Any, ...]
+    sample: bool
 
     @property
     def key(self) -> tuple:
-        """What a recorded graph baked in: each warper's class and settings (Python numbers)."""
-        return tuple((type(w).__name__, repr(sorted(vars(w).items()))) for w in self.warpers)
+        """What a recorded graph baked in: each processor's class and settings."""
+        return (self.sample, *((type(p).__name__, repr(sorted(vars(p).items()))) for p in self.processors))
+
+    @property
+    def reads_history(self) -> bool:
+        return any(type(p) is _history_types()[0] for p in self.processors)
 
 
 @dataclass
@@ -104,7 +110,8 @@ class _GraphState:
     eos_ids: torch.Tensor | None = None
     warm: bool = False
     epoch: int = 0  # converter.kernels.prepared.epoch() when made: its graphs hold the kernel tensors of then
-    sampling: _Sampling | None = None  # None: greedy
+    processors: _Processors | None = None  # None: greedy, no processor but the EOS mask
+    history: torch.Tensor | None = None  # (B, L) the tokens so far, L >= max_length, vocab size after them
 
 
 def graphed_greedy(
@@ -119,8 +126,8 @@ def graphed_greedy(
     compile_step: bool = False,
     **model_kwargs: Any,
 ) -> Any:
-    """A ``custom_generate`` decoding loop for ``model.generate``: greedy (or sampling with temperature,
-    top-k, top-p, min-p), several steps per graph.
+    """A ``custom_generate`` decoding loop for ``model.generate``: greedy or sampling (temperature,
+    top-k, top-p, min-p, repetition penalty), several steps per graph.
 
     ``steps_per_graph``: decode steps per CUDA-graph replay (the host checks EOS once per replay).
     ``compile_step``: run the decode step's forward through ``torch.compile`` (inductor, no CUDA graphs
@@ -215,14 +222,19 @@ def _unsupported(
         return "inputs_embeds prompts are not supported"
     if input_ids.device.type not in ("cuda", "cpu") or input_ids.shape[1] == 0:
         return f"input_ids on {input_ids.device.type} (empty or not CPU/CUDA) are not supported"
-    warpers = _warper_types() if cfg.do_sample else ()
-    seen_warper = False
+    allowed = _history_types() + (_warper_types() if cfg.do_sample else ())
+    filtered = False  # a warper that looks at the whole distribution (top-k, top-p, min-p) came
     for p in logits_processor:
-        if isinstance(p, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)) and not seen_warper:
-            continue  # the EOS mask, applied first in the step
-        if type(p) not in warpers:  # a subclass may read input_ids or sync
+        if isinstance(p, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)):
+            if filtered:  # the step masks EOS first: exact only before the filters (transformers' order)
+                return f"{type(p).__name__} after a top-k / top-p / min-p warper is not supported"
+            continue
+        if type(p) not in allowed:  # exact classes: a subclass may read more, or sync
             return f"the logits processor {type(p).__name__} is not supported"
-        seen_warper = True
+        if type(p).__name__ != "RepetitionPenaltyLogitsProcessor":
+            filtered = filtered or type(p).__name__ != "TemperatureLogitsWarper"
+        elif p.logits_indices is not None or p.cu_seq_lens_q is not None:
+            return "a repetition penalty set up for continuous batching is not supported"
     for c in stopping_criteria:
         if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)):
             return f"the stopping criterion {type(c).__name__} is not supported"
@@ -253,8 +265,8 @@ def _unsupported(
 
 
 def _warper_types() -> tuple[type, ...]:
-    """The warpers the step applies as they are: they read the logits only (not the token history,
-    which the step does not keep) and run no host sync, so they record into a CUDA graph."""
+    """The sampling warpers the step applies as they are: they read the logits only and run no host
+    sync, so they record into a CUDA graph."""
     from transformers.generation.logits_process import (
         MinPLogitsWarper,
         TemperatureLogitsWarper,
@@ -265,10 +277,20 @@ def _warper_types() -> tuple[type, ...]:
     return (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 
 
-def _sampling(logits_processor, generation_config) -> _Sampling | None:
-    if not generation_config.do_sample:
+def _history_types() -> tuple[type, ...]:
+    """Processors that read the tokens so far: the step hands them its history buffer, whose unused
+    positions hold the vocabulary size, an id the penalty clamps onto the column it drops."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    return (RepetitionPenaltyLogitsProcessor,)
+
+
+def _processors(logits_processor, generation_config) -> _Processors | None:
+    kept = _history_types() + _warper_types()
+    found = tuple(p for p in logits_processor if type(p) in kept)
+    if not found and not generation_config.do_sample:
         return None
-    return _Sampling(tuple(p for p in logits_processor if type(p) in _warper_types()))
+    return _Processors(found, bool(generation_config.do_sample))
 
 
 def _draw(probs: torch.Tensor) -> torch.Tensor:
@@ -326,18 +348,24 @@ def _greedy(
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     scores = logits_processor(input_ids, logits)
-    sampling = _sampling(logits_processor, generation_config)
-    if sampling is not None:  # as _sample draws the first token
+    processors = _processors(logits_processor, generation_config)
+    if processors is not None and processors.sample:  # as _sample draws the first token
         first = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
     else:
         first = torch.argmax(scores, dim=-1).view(batch, 1)
-    eos_mask = _eos_mask(logits_processor, device, vocab=logits.shape[-1])
+    vocab = logits.shape[-1]
+    eos_mask = _eos_mask(logits_processor, device, vocab=vocab)
     del outputs, logits, scores
     tokens = [first.to("cpu", copy=True)]
     _stream(streamer, tokens[0])
     finished = _finished(tokens[0], eos)
     remaining = max_length - prompt - 1
-    state = _state(cache, batch, k, eos_mask, sampling, compile_step, device)
+    history = _history_length(max_length) if processors is not None and processors.reads_history else 0
+    state = _state(cache, batch, k, eos_mask, processors, history, compile_step, device)
+    if state.history is not None:  # the prompt, the first token, then the id the penalty drops
+        state.history.fill_(vocab)
+        state.history[:, :prompt].copy_(input_ids)
+        state.history[:, prompt : prompt + 1].copy_(first)
     state.token.copy_(first)
     state.position.fill_(prompt)
     state.min_total.fill_(eos_mask.min_total_length if eos_mask else 0)
@@ -393,8 +421,8 @@ def _run(state: _GraphState, step, remaining: int, k: int, device: torch.device)
 
 
 def _step_fn(model, cache, state: _GraphState, compile_step: bool):
-    """One decode step on device tensors only: forward, EOS mask, argmax (or the warpers and a draw),
-    feed back, position + 1."""
+    """One decode step on device tensors only: forward, EOS mask, the logits processors, argmax (or a
+    draw), feed back, position + 1."""
     kw = {"cache": cache} if _takes_cache(model) else {"past_key_values": cache}
     forward = _compiled_call(model) if compile_step else model
 
@@ -409,12 +437,16 @@ def _step_fn(model, cache, state: _GraphState, compile_step: bool):
             blocked = state.position + 1 < state.min_total  # (B, 1)
             ids = state.eos_ids
             logits[:, ids] = torch.where(blocked, float("-inf"), logits[:, ids])
-        if state.sampling is None:
-            nxt = torch.argmax(logits, dim=-1, keepdim=True)
-        else:
-            for warper in state.sampling.warpers:
-                logits = warper(state.token, logits)  # they read the logits only (_warper_types)
+        processors = state.processors
+        if processors is not None:
+            for p in processors.processors:  # the warpers read the logits only; the penalty the history
+                logits = p(state.history if state.history is not None else state.token, logits)
+        if processors is not None and processors.sample:
             nxt = _draw(torch.softmax(logits, dim=-1))
+        else:
+            nxt = torch.argmax(logits, dim=-1, keepdim=True)
+        if state.history is not None:
+            state.history.scatter_(1, state.position + 1, nxt)
         state.chunk[:, i : i + 1].copy_(nxt)
         state.token.copy_(nxt)
         state.position.add_(1)
@@ -478,7 +510,7 @@ def _eos_mask(logits_processor, device, vocab: int) -> _EosMask | None:
             lengths.append(p.min_length)
         elif isinstance(p, MinNewTokensLengthLogitsProcessor):
             lengths.append(p.prompt_length_to_skip + p.min_new_tokens)
-        else:  # a warper (sampling): applied after the mask
+        else:  # a repetition penalty or a sampling warper: applied after the mask
             continue
         ids.append(torch.as_tensor(p.eos_token_id).flatten())
     if not lengths:
@@ -601,25 +633,36 @@ def _cache_batch(cache) -> int | None:
     return getattr(layer, "batch_size", None) if layer is not None and layer.is_initialized else None
 
 
+def _history_length(max_length: int) -> int:
+    """The history buffer's length: ``max_length`` rounded up as the kept caches are (nearby lengths
+    share one buffer, and so their graphs)."""
+    return -(-max_length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+
+
 def _state(
     cache,
     batch: int,
     k: int,
     eos_mask: _EosMask | None,
-    sampling: _Sampling | None,
+    processors: _Processors | None,
+    history: int,
     compile_step: bool,
     device,
 ) -> _GraphState:
-    """The buffers and graphs for this cache, batch, EOS-mask ids, warpers and step kind (recorded once
-    each, and again after layers were prepared again: their graphs launch with the freed kernel tensors)."""
+    """The buffers and graphs for this cache, batch, EOS-mask ids, logits processors, history length and
+    step kind (recorded once each, and again after layers were prepared again: their graphs launch with
+    the freed kernel tensors)."""
     eos_key = tuple(eos_mask.eos_ids.tolist()) if eos_mask else None
-    key = (batch, k, eos_key, sampling.key if sampling else None, compile_step)
+    key = (batch, k, eos_key, processors.key if processors else None, history, compile_step)
     epoch = prepared.epoch()  # read after the prefill, which prepares the layers whose codes were replaced
     states = _graphs.setdefault(cache, {})
     if any(s.epoch != epoch for s in states.values()):
         states.clear()  # every graph of this cache may read released tensors
     state = states.get(key)
-    if state is None or _stuck_in_inference_mode([state.token, state.position, state.min_total, state.chunk]):
+    buffers = [state.token, state.position, state.min_total, state.chunk] if state is not None else []
+    if state is not None and state.history is not None:
+        buffers.append(state.history)
+    if state is None or _stuck_in_inference_mode(buffers):
         state = _GraphState(
             token=torch.zeros(batch, 1, dtype=torch.long, device=device),
             position=torch.zeros(batch, 1, dtype=torch.long, device=device),
@@ -627,7 +670,8 @@ def _state(
             chunk=torch.zeros(batch, k, dtype=torch.long, device=device),
             eos_ids=eos_mask.eos_ids if eos_mask else None,
             epoch=epoch,
-            sampling=sampling,
+            processors=processors,
+            history=torch.zeros(batch, history, dtype=torch.long, device=device) if history else None,
         )
         states[key] = state
     return state

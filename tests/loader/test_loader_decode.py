@@ -287,16 +287,37 @@ def test_sampling_graph_state_follows_the_warper_settings(model) -> None:
     assert len({key[3] for key in keys}) >= 2
 
 
-def test_sampling_with_a_repetition_penalty_falls_back_with_a_warning(model, caplog) -> None:
-    """A warper that reads the token history (repetition_penalty) runs transformers' loop, said once."""
-    kw = {"max_new_tokens": 6, "do_sample": True, "top_k": 5, "repetition_penalty": 1.3, "pad_token_id": 0}
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_repetition_penalty_equals_transformers(model, sample: bool) -> None:
+    """A repetition penalty (Qwen's generation configs set one) runs on the device loop: it reads the
+    step's history buffer (the tokens so far; the unused positions hold the vocabulary size, which the
+    penalty clamps onto the column it drops), so the tokens equal transformers' for the same seed."""
+    ids = torch.cat([IDS, IDS.flip(1)])
+    kw = {"max_new_tokens": 19, "pad_token_id": 0, "repetition_penalty": 1.8}
+    if sample:
+        kw.update(top_k=6, temperature=0.8)
+        want = sample_reference(model, ids, seed=2, **kw)
+        plain = sample_reference(model, ids, seed=2, **{**kw, "repetition_penalty": 1.0})
+    else:
+        want = greedy_reference(model, ids, **kw)
+        plain = greedy_reference(model, ids, **{**kw, "repetition_penalty": 1.0})
+    assert not torch.equal(want, plain)  # the penalty changes the text
+    torch.manual_seed(2)
+    with _no_fallback():
+        got = model.generate(ids, do_sample=sample, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
+    assert torch.equal(got, want)
+
+
+def test_a_processor_reading_more_falls_back_with_a_warning(model, caplog) -> None:
+    """A processor the step does not reproduce (no_repeat_ngram_size) runs transformers' loop, said."""
+    kw = {"max_new_tokens": 6, "do_sample": True, "top_k": 5, "no_repeat_ngram_size": 2, "pad_token_id": 0}
     torch.manual_seed(3)
     want = model.generate(IDS, **kw)
     decode._warned.clear()
     torch.manual_seed(3)
     with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
         got = model.generate(IDS, custom_generate=graphed_greedy, **kw)
-    assert "RepetitionPenaltyLogitsProcessor is not supported" in caplog.text
+    assert "NoRepeatNGramLogitsProcessor is not supported" in caplog.text
     assert torch.equal(got, want)
 
 

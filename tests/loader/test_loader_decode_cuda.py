@@ -73,7 +73,13 @@ def test_graphed_eos_stop_and_batch_padding(model) -> None:
 
 
 @pytest.mark.parametrize(
-    "sampling", [{"top_k": 5}, {"temperature": 0.7, "top_k": 0, "top_p": 0.9}, {"top_k": 0, "min_p": 0.05}]
+    "sampling",
+    [
+        {"top_k": 5},
+        {"temperature": 0.7, "top_k": 0, "top_p": 0.9},
+        {"top_k": 0, "min_p": 0.05},
+        {"top_k": 20, "top_p": 0.8, "repetition_penalty": 1.5},  # the history buffer in the graphs
+    ],
 )
 def test_graphed_sampling_equals_transformers_sampling_with_the_same_seed(model, sampling: dict) -> None:
     """do_sample=True recorded into CUDA graphs: the warpers and the exponential draws replay with the
@@ -96,6 +102,15 @@ def test_graphed_sampling_equals_transformers_sampling_with_the_same_seed(model,
     assert {n: id(g) for s in sampled for n, g in s.graphs.items()} == recorded  # replayed, not recorded
     assert torch.equal(got2, want2)
     assert not torch.equal(got2, got)
+
+
+def test_graphed_greedy_with_a_repetition_penalty_equals_transformers(model) -> None:
+    ids = torch.cat([IDS, IDS.flip(1)]).cuda()
+    kw = {"max_new_tokens": 37, "pad_token_id": 0, "repetition_penalty": 1.8}
+    want = greedy_reference(model, ids, **kw)
+    got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=8, **kw)
+    assert torch.equal(got, want)
+    assert not torch.equal(want, greedy_reference(model, ids, **{**kw, "repetition_penalty": 1.0}))
 
 
 def test_compiled_step_in_graphs_gives_the_eager_tokens(our_folder: Path) -> None:
