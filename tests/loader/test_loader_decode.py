@@ -240,6 +240,7 @@ SAMPLINGS = {
     "min-p": {"top_k": 0, "min_p": 0.05, "temperature": 1.3},
     "defaults": {},  # generate()'s own: top_k=50
     "no-warper": {"top_k": 0},
+    "two-per-prompt": {"top_k": 8, "num_return_sequences": 2},  # generate() repeats each row first
 }
 
 
