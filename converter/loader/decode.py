@@ -1,4 +1,4 @@
-"""Greedy decoding with several decode steps per CUDA-graph replay, as a ``generate()`` plug-in.
+"""Greedy (or sampled) decoding with several decode steps per CUDA-graph replay, a ``generate()`` plug-in.
 
     out = model.generate(ids, custom_generate=graphed_greedy, max_new_tokens=128)
 
@@ -8,9 +8,10 @@ an H200, in series with the forward. Once the forward itself is a replayed CUDA 
 4-bit weights), that bookkeeping is most of the time per token. ``graphed_greedy`` keeps generate()'s
 own preparation (validation, cache creation, logits processors, stopping criteria, prefill) and
 replaces only its loop: the decode step (forward, EOS masking for ``min_new_tokens``, argmax, feeding
-the token back, position + 1) runs on device tensors only, ``steps_per_graph`` of them are recorded
-into one CUDA graph, and the host looks at the tokens once per replay (EOS, streamer). The tokens are
-those of ``generate(do_sample=False)``: the same forward on the same static cache, the same argmax.
+the token back, position + 1; a padded batch passes its padding mask too) runs on device tensors
+only, ``steps_per_graph`` of them are recorded into one CUDA graph, and the host looks at the tokens
+once per replay (EOS, streamer). The tokens are those of ``generate(do_sample=False)``: the same
+forward on the same static cache, the same argmax.
 
 Sampling (``do_sample=True``) and a repetition penalty run on the same loop: their logits processors
 (repetition penalty, temperature, top-k, top-p, min-p: transformers' own objects, called in its order
@@ -21,8 +22,8 @@ the default generator, ``argmax(probs / q)``: the same draws, without the host-s
 the same static cache.
 
 On the CPU the same loop runs without graphs (it still skips the per-step bookkeeping). Anything the
-device loop does not reproduce exactly (beams, padding, other logits processors or stopping criteria,
-scores or attentions in the output) falls back to transformers' own loop with a warning that names
+device loop does not reproduce exactly (beams, other logits processors or stopping criteria, scores or
+attentions in the output) falls back to transformers' own loop with a warning that names
 the reason, so the result is never silently different.
 
 The static cache: the one passed to ``generate`` (``cache=StaticCache(...)``: the recorded graphs are
@@ -102,7 +103,8 @@ class _GraphState:
     """Static buffers of the decode step and the graphs recorded over them (per cache and batch)."""
 
     token: torch.Tensor  # (B, 1) the token fed to the next step
-    position: torch.Tensor  # (B, 1) its position
+    position: torch.Tensor  # (B, 1) its position id (a padded row's skip its pads)
+    length: torch.Tensor  # (B, 1) its index in the sequence (pads included): the same in every row
     min_total: torch.Tensor  # () the EOS mask's length, a device scalar so graphs outlive one call
     chunk: torch.Tensor  # (B, steps_per_graph) the tokens a replay produced
     graphs: dict[int, Any] = field(default_factory=dict)  # steps -> torch.cuda.CUDAGraph
@@ -112,6 +114,7 @@ class _GraphState:
     epoch: int = 0  # converter.kernels.prepared.epoch() when made: its graphs hold the kernel tensors of then
     processors: _Processors | None = None  # None: greedy, no processor but the EOS mask
     history: torch.Tensor | None = None  # (B, L) the tokens so far, L >= max_length, vocab size after them
+    mask: torch.Tensor | None = None  # (B, L) padded prompts: the prompt's attention mask, then ones
 
 
 def graphed_greedy(
@@ -239,18 +242,18 @@ def _unsupported(
         if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)):
             return f"the stopping criterion {type(c).__name__} is not supported"
     mask = model_kwargs.get("attention_mask")
-    if mask is not None and (mask.shape != input_ids.shape or not bool(mask.all())):
-        return "padded prompts (an attention_mask with zeros) are not supported"
+    if mask is not None and mask.shape != input_ids.shape:
+        return f"an attention_mask of shape {tuple(mask.shape)} for prompts of {tuple(input_ids.shape)}"
     # the decode steps feed only the token, its position and the cache: any other model input (e.g.
     # token_type_ids, which transformers' loop extends and passes at every step) would be dropped
     extra = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _STEP_KWARGS)
     if extra:
         return f"model inputs the decode steps do not pass on ({', '.join(extra)}) are not supported"
     positions = model_kwargs.get("position_ids")
-    if positions is not None and (
-        positions.dim() != 2 or not bool((positions[:, -1] == input_ids.shape[1] - 1).all())
-    ):  # the steps continue at the prompt's length; transformers' loop at the last position + 1
-        return "position_ids other than 0 .. prompt length - 1 are not supported"
+    if positions is not None and (positions.dim() != 2 or positions.shape[0] != input_ids.shape[0]):
+        return f"position_ids of shape {tuple(positions.shape)} (one row per prompt only) are not supported"
+    if positions is None and mask is not None and not bool(mask.all()):
+        return "padded prompts on a model that takes no position_ids are not supported"
     if _has_linear_attention(model):
         return "linear-attention cache layers (state-space or recurrent: Mamba, Jamba) are not supported"
     cache = model_kwargs.get("cache")
@@ -343,6 +346,12 @@ def _greedy(
     cache = _static_cache(model, model_kwargs, batch, max_length)
     eos = _eos_ids(stopping_criteria)
 
+    # the steps continue each row at its last position + 1 (a padded row's positions skip its pads), as
+    # transformers' loop does, and pass the prompt's padding mask (ones after it: the causal mask hides
+    # what is not written yet)
+    positions = model_kwargs.get("position_ids")
+    pad_mask = model_kwargs.get("attention_mask")
+    pad_mask = pad_mask if pad_mask is not None and not bool(pad_mask.all()) else None
     # Prefill: generate()'s own (attention mask, position ids, logits_to_keep), then the first token
     # through the same logits processors _sample applies.
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
@@ -360,14 +369,24 @@ def _greedy(
     _stream(streamer, tokens[0])
     finished = _finished(tokens[0], eos)
     remaining = max_length - prompt - 1
-    history = _history_length(max_length) if processors is not None and processors.reads_history else 0
-    state = _state(cache, batch, k, eos_mask, processors, history, compile_step, device)
+    history = processors is not None and processors.reads_history
+    lengths = _history_length(max_length) if history or pad_mask is not None else 0
+    state = _state(
+        cache, batch, k, eos_mask, processors, (history, pad_mask is not None, lengths), compile_step, device
+    )
     if state.history is not None:  # the prompt, the first token, then the id the penalty drops
         state.history.fill_(vocab)
         state.history[:, :prompt].copy_(input_ids)
         state.history[:, prompt : prompt + 1].copy_(first)
+    if state.mask is not None:
+        state.mask.fill_(1)
+        state.mask[:, :prompt].copy_(pad_mask)
     state.token.copy_(first)
-    state.position.fill_(prompt)
+    state.length.fill_(prompt)
+    if positions is not None:
+        state.position.copy_(positions[:, -1:] + 1)
+    else:
+        state.position.fill_(prompt)
     state.min_total.fill_(eos_mask.min_total_length if eos_mask else 0)
     step = _step_fn(model, cache, state, compile_step)
     with _decode_mode(model):
@@ -424,6 +443,8 @@ def _step_fn(model, cache, state: _GraphState, compile_step: bool):
     """One decode step on device tensors only: forward, EOS mask, the logits processors, argmax (or a
     draw), feed back, position + 1."""
     kw = {"cache": cache} if _takes_cache(model) else {"past_key_values": cache}
+    if state.mask is not None:
+        kw["attention_mask"] = state.mask
     forward = _compiled_call(model) if compile_step else model
 
     def step(i: int) -> None:
@@ -432,9 +453,9 @@ def _step_fn(model, cache, state: _GraphState, compile_step: bool):
         )
         logits = out.logits[:, -1].float()
         if state.eos_ids is not None:
-            # the token chosen now makes the sequence position + 2 long; EOS stays barred while the
-            # sequence before it (position + 1 tokens) is shorter than the minimum, as MinLength's `<`
-            blocked = state.position + 1 < state.min_total  # (B, 1)
+            # the token chosen now makes the sequence length + 2 long; EOS stays barred while the
+            # sequence before it (length + 1 tokens) is shorter than the minimum, as MinLength's `<`
+            blocked = state.length + 1 < state.min_total  # (B, 1)
             ids = state.eos_ids
             logits[:, ids] = torch.where(blocked, float("-inf"), logits[:, ids])
         processors = state.processors
@@ -446,10 +467,11 @@ def _step_fn(model, cache, state: _GraphState, compile_step: bool):
         else:
             nxt = torch.argmax(logits, dim=-1, keepdim=True)
         if state.history is not None:
-            state.history.scatter_(1, state.position + 1, nxt)
+            state.history.scatter_(1, state.length + 1, nxt)
         state.chunk[:, i : i + 1].copy_(nxt)
         state.token.copy_(nxt)
         state.position.add_(1)
+        state.length.add_(1)
 
     return step
 
@@ -645,33 +667,37 @@ def _state(
     k: int,
     eos_mask: _EosMask | None,
     processors: _Processors | None,
-    history: int,
+    buffers: tuple[bool, bool, int],
     compile_step: bool,
     device,
 ) -> _GraphState:
-    """The buffers and graphs for this cache, batch, EOS-mask ids, logits processors, history length and
-    step kind (recorded once each, and again after layers were prepared again: their graphs launch with
-    the freed kernel tensors)."""
+    """The buffers and graphs for this cache, batch, EOS-mask ids, logits processors, sequence buffers
+    (``buffers``: a token history, a padding mask, their length) and step kind (recorded once each, and
+    again after layers were prepared again: their graphs launch with the freed kernel tensors)."""
     eos_key = tuple(eos_mask.eos_ids.tolist()) if eos_mask else None
-    key = (batch, k, eos_key, processors.key if processors else None, history, compile_step)
+    key = (batch, k, eos_key, processors.key if processors else None, buffers, compile_step)
+    history, padded, length = buffers
     epoch = prepared.epoch()  # read after the prefill, which prepares the layers whose codes were replaced
     states = _graphs.setdefault(cache, {})
     if any(s.epoch != epoch for s in states.values()):
         states.clear()  # every graph of this cache may read released tensors
     state = states.get(key)
-    buffers = [state.token, state.position, state.min_total, state.chunk] if state is not None else []
-    if state is not None and state.history is not None:
-        buffers.append(state.history)
-    if state is None or _stuck_in_inference_mode(buffers):
+    tensors = (
+        [] if state is None else [state.token, state.position, state.length, state.min_total, state.chunk]
+    )
+    tensors += [t for t in (state.history, state.mask) if t is not None] if state is not None else []
+    if state is None or _stuck_in_inference_mode(tensors):
         state = _GraphState(
             token=torch.zeros(batch, 1, dtype=torch.long, device=device),
             position=torch.zeros(batch, 1, dtype=torch.long, device=device),
+            length=torch.zeros(batch, 1, dtype=torch.long, device=device),
             min_total=torch.zeros((), dtype=torch.long, device=device),
             chunk=torch.zeros(batch, k, dtype=torch.long, device=device),
             eos_ids=eos_mask.eos_ids if eos_mask else None,
             epoch=epoch,
             processors=processors,
-            history=torch.zeros(batch, history, dtype=torch.long, device=device) if history else None,
+            history=torch.zeros(batch, length, dtype=torch.long, device=device) if history else None,
+            mask=torch.ones(batch, length, dtype=torch.long, device=device) if padded else None,
         )
         states[key] = state
     return state

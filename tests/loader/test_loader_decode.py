@@ -361,17 +361,58 @@ def test_beam_search_falls_back_to_transformers_beam_search(model, kw: dict) -> 
     assert torch.equal(got, want)
 
 
-def test_padded_prompt_falls_back(model, caplog) -> None:
-    ids = torch.cat([IDS, IDS])
+def _padded(ids: torch.Tensor, pads: tuple[int, ...], left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``ids`` with ``pads[i]`` pad tokens (mask 0) on the left (or right) of row i: id 77,
+    not the pad_token_id the tests pass, from which generate() would infer the same mask itself."""
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    decode._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = model.generate(
-            ids, attention_mask=mask, custom_generate=graphed_greedy, max_new_tokens=4, pad_token_id=0
-        )
-    assert "padded prompts" in caplog.text
-    assert got.shape == (2, IDS.shape[1] + 4)
+    ids = ids.clone()
+    for row, n in enumerate(pads):
+        if n:
+            cols = slice(0, n) if left else slice(ids.shape[1] - n, None)
+            mask[row, cols] = 0
+            ids[row, cols] = 77
+    return ids, mask
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_padded_prompts_equal_transformers(model, sample: bool, left: bool) -> None:
+    """Prompts of several lengths in one batch (padded, with their attention mask) run on the device
+    loop: each row continues at its last position + 1 and the steps pass the padding mask, as
+    transformers' loop does; the tokens are its tokens (left padding as batched generation uses, and
+    right padding, which transformers warns about but runs)."""
+    ids, mask = _padded(torch.cat([IDS, IDS.flip(1), IDS.roll(3, 1)]), (3, 0, 5), left)
+    kw = {"max_new_tokens": 15, "pad_token_id": 0, "attention_mask": mask}
+    if sample:
+        kw.update(top_k=6, repetition_penalty=1.4)  # the penalty skips the pads (prompt_ignore_length)
+        want = sample_reference(model, ids, seed=4, **kw)
+    else:
+        want = greedy_reference(model, ids, **kw)
+    if sample:
+        unmasked = sample_reference(model, ids, seed=4, **{**kw, "attention_mask": None})
+    else:
+        unmasked = greedy_reference(model, ids, **{**kw, "attention_mask": None})
+    assert not torch.equal(want, unmasked)  # the mask changes the padded rows' tokens
+    torch.manual_seed(4)
+    with _no_fallback():
+        got = model.generate(ids, do_sample=sample, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
+    assert torch.equal(got, want)
+
+
+def test_padded_prompts_with_eos_and_min_new_tokens_equal_transformers(model) -> None:
+    ids, mask = _padded(torch.cat([IDS, IDS.flip(1)]), (4, 0))
+    eos = _eos_of(model, ids[1:], 3)
+    kw = {
+        "max_new_tokens": 16,
+        "pad_token_id": 3,
+        "eos_token_id": eos,
+        "min_new_tokens": 2,
+        "attention_mask": mask,
+    }
+    want = greedy_reference(model, ids, **kw)
+    with _no_fallback():
+        got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=5, **kw)
+    assert torch.equal(got, want)
 
 
 @pytest.fixture(scope="module")
@@ -390,25 +431,33 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory):
     return model
 
 
-@pytest.mark.parametrize("extra", ["token_type_ids", "position_ids"])
-def test_model_inputs_the_steps_do_not_pass_fall_back(gpt2, extra: str, caplog) -> None:
-    """transformers' loop passes token_type_ids (extended) and position_ids (last + 1) at every decode
-    step; the device loop feeds only the token and the prompt length + i, so with token_type_ids, or with
-    position_ids that do not end at the prompt's length - 1, it falls back instead of silently giving
-    other tokens."""
+def test_token_type_ids_fall_back(gpt2, caplog) -> None:
+    """transformers' loop passes token_type_ids (extended) at every decode step; the device loop feeds
+    only the token, its position and the mask, so with token_type_ids it falls back instead of silently
+    giving other tokens."""
     kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
     ids = IDS % gpt2.config.vocab_size
-    if extra == "token_type_ids":
-        inputs = {"token_type_ids": torch.full_like(ids, 3)}
-    else:
-        inputs = {"position_ids": torch.arange(ids.shape[1]).unsqueeze(0) + 20}
+    inputs = {"token_type_ids": torch.full_like(ids, 3)}
     want = gpt2.generate(ids, **inputs, **kw)
     assert not torch.equal(want, gpt2.generate(ids, **kw))  # the input changes the tokens
     decode._warned.clear()
     with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
         got = gpt2.generate(ids, custom_generate=graphed_greedy, **inputs, **kw)
     assert torch.equal(got, want)
-    assert extra in caplog.text
+    assert "token_type_ids" in caplog.text
+
+
+def test_position_ids_continue_at_their_last_plus_one(gpt2) -> None:
+    """position_ids that do not end at the prompt's length - 1: the steps continue each row at its last
+    position + 1, as transformers' loop does (it fell back before padded prompts ran on the device)."""
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    ids = IDS % gpt2.config.vocab_size
+    positions = torch.arange(ids.shape[1]).unsqueeze(0) + 20
+    want = greedy_reference(gpt2, ids, position_ids=positions, **kw)
+    assert not torch.equal(want, greedy_reference(gpt2, ids, **kw))  # the positions change the tokens
+    with _no_fallback():
+        got = gpt2.generate(ids, custom_generate=graphed_greedy, position_ids=positions, **kw)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("implementation", ["offloaded", "offloaded_static"])

@@ -104,6 +104,26 @@ def test_graphed_sampling_equals_transformers_sampling_with_the_same_seed(model,
     assert not torch.equal(got2, got)
 
 
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_graphed_padded_prompts_equal_transformers(model, sample: bool) -> None:
+    """Left-padded prompts in CUDA graphs: per-row positions and the padding mask buffer replay."""
+    ids = torch.cat([IDS, IDS.flip(1), IDS.roll(3, 1)])
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[2, :5] = 0
+    ids = ids.masked_fill(mask == 0, 77).cuda()
+    kw = {"max_new_tokens": 37, "pad_token_id": 0, "attention_mask": mask.cuda()}
+    if sample:
+        kw.update(top_k=8, repetition_penalty=1.3)
+        want = sample_reference(model, ids, seed=3, **kw)
+    else:
+        want = greedy_reference(model, ids, **kw)
+    torch.manual_seed(3)
+    got = model.generate(ids, do_sample=sample, custom_generate=graphed_greedy, steps_per_graph=8, **kw)
+    assert torch.equal(got, want)
+    states = decode._graphs[decode._own_caches[model]]
+    assert any(s.mask is not None and s.graphs for s in states.values()), "no padded graph was recorded"
+
+
 def test_graphed_greedy_with_a_repetition_penalty_equals_transformers(model) -> None:
     ids = torch.cat([IDS, IDS.flip(1)]).cuda()
     kw = {"max_new_tokens": 37, "pad_token_id": 0, "repetition_penalty": 1.8}
