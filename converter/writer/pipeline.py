@@ -40,6 +40,7 @@ from converter.plan.tensor_plan import (
     PlannedTensor,
     ShardPlan,
     build_plan,
+    load_dtype,
     normalize_dtype,
     parse_size,
 )
@@ -318,12 +319,15 @@ class _Conversion:
                 )
         if config is None and not options.include:  # select_tensors' refusal, naming the source
             raise InputError(_no_config(src))
+        # float64 weights are judged as cast to --dtype, else to the dtype transformers loads the model in
+        # (a float64 q_proj beside bf16 ones is cast and quantized by transformers + bitsandbytes)
+        cast = options.dtype or load_dtype(config, tensors)
         selection = select_tensors(
             config,
             tensors,
             skip=options.skip,
             include=options.include,
-            cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
+            cast_to=DTYPE_CODES[cast] if cast else None,
         )
         moe.check_experts(tensors, config)
         selection = moe.apply_moe_mode(

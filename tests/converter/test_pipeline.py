@@ -411,7 +411,24 @@ def test_float64_weights_are_quantized_after_a_dtype_cast(tiny_llama: Path, tmp_
         assert set(a.keys()) == set(b.keys())
         for k in a.keys():
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
-    # Without a cast nothing is quantizable: refused before writing, saying how to cast.
+    # Without --dtype they get the dtype transformers loads the model in, config.json's (bfloat16), as
+    # transformers + bitsandbytes casts and quantizes them: the bf16 checkpoint's tensors (they were
+    # refused, 'pass --dtype float32', which gave another model than transformers loads).
+    assert json.loads((f64 / "config.json").read_text())["dtype"] == "bfloat16"
+    convert(f64, tmp_path / "auto64", progress=False)
+    convert(tiny_llama, tmp_path / "bf16", progress=False)
+    with (
+        safe_open(str(tmp_path / "auto64" / "model.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    # A config.json without a dtype: transformers would build the model in float64 (the first float
+    # tensor's dtype), which bitsandbytes cannot quantize: refused before writing, saying how to cast.
+    config = json.loads((f64 / "config.json").read_text())
+    del config["dtype"]
+    (f64 / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         InputError, match=r"dtype F64 is not float32/float16/bfloat16\); pass --dtype float32"
     ):
