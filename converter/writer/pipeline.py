@@ -21,7 +21,7 @@ import functools
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ from converter.writer.outputs import (
 )
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
 from formats import index, metadata
+from formats.quant_types import BLOCKSIZES
 from formats.writer import ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
@@ -107,9 +108,54 @@ def resolve_device(device: str) -> tuple[str, str | None]:
     return device, None
 
 
-def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
-    """``skip`` / ``include``: one glob as a string, or several (a bare string is not split into letters)."""
-    return (value,) if isinstance(value, str) else tuple(value)
+def _patterns(value: str | Sequence[str] | None, option: str = "skip") -> tuple[str, ...]:
+    """``skip`` / ``include``: one glob as a string, or several (a bare string is not split into letters);
+    None is none."""
+    if value is None:
+        return ()
+    globs = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else None
+    if globs is None or not all(isinstance(g, str) for g in globs):
+        msg = f"{option}={value!r}: give glob strings ('*.down_proj') or a list of them"
+        raise InputError(msg)
+    return globs
+
+
+def _check_python_types(**options: object) -> None:
+    """convert()'s options as Python gives them, checked as the CLI's parser checks its own: a truthy
+    string (double_quant='no') or a truncated float (blocksize=64.5) changed the bytes without a word,
+    and None or a number where a string goes raised TypeError / AttributeError."""
+    for name in (
+        "double_quant",
+        "overwrite",
+        "keep_downloads",
+        "allow_pickle",
+        "private",
+        "dry_run",
+        "preflight",
+    ):
+        value = options[name]
+        if isinstance(value, str) or value not in (True, False):
+            msg = f"{name}={value!r}: pass True or False"
+            raise InputError(msg)
+    blocksize = options["blocksize"]
+    if isinstance(blocksize, bool) or not (
+        isinstance(blocksize, int)
+        or (isinstance(blocksize, float) and blocksize.is_integer())
+        or (isinstance(blocksize, str) and blocksize.strip().isdigit())
+    ):
+        msg = f"blocksize {blocksize!r} is not supported: expected one of {', '.join(map(str, BLOCKSIZES))}"
+        raise InputError(msg)
+    for name in ("quant_type", "device", "int8_scale", "quant_storage", "moe_experts"):
+        value = options[name]
+        if not isinstance(value, str):
+            flag = "--" + name.replace("_", "-")
+            label = name if name == "quant_type" else flag
+            msg = f"{label} {value!r} is not supported: pass a string, as the CLI's {flag}"
+            raise InputError(msg)
+    size = options["max_shard_size"]
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        msg = f"invalid size {size!r}: use a number of bytes or a string with a unit, e.g. '5GB' or '2GiB'"
+        raise InputError(msg)
 
 
 def _no_config(src: Source) -> str:
@@ -184,16 +230,32 @@ def convert(
         check_online(push_to)
         check_token(push_to)
     started = time.perf_counter()
+    _check_python_types(
+        double_quant=double_quant,
+        overwrite=overwrite,
+        keep_downloads=keep_downloads,
+        allow_pickle=allow_pickle,
+        private=private,
+        dry_run=dry_run,
+        preflight=preflight,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        device=device,
+        int8_scale=int8_scale,
+        quant_storage=quant_storage,
+        moe_experts=moe_experts,
+        max_shard_size=max_shard_size,
+    )
     try:
         options = Options(
             quant_type=quant_type.lower(),
-            blocksize=int(blocksize),
+            blocksize=int(float(blocksize)),
             double_quant=bool(double_quant),
             compute_dtype=normalize_dtype(compute_dtype, "--compute-dtype"),
             dtype=normalize_dtype(dtype, "--dtype"),
             quant_storage=quant_storage,
-            skip=_patterns(skip),
-            include=_patterns(include),
+            skip=_patterns(skip, "skip"),
+            include=_patterns(include, "include"),
             max_shard_size=parse_size(max_shard_size),
             int8_threshold=int8_threshold,
             int8_scale=int8_scale,

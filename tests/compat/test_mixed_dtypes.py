@@ -76,7 +76,9 @@ def _mixed(
         (torch.bfloat16, None, torch.float64),
     ],
 )
-def test_mixed_dtypes_convert_like_bitsandbytes(tiny_checkpoint, tmp_path, linear, config_dtype, wide) -> None:
+def test_mixed_dtypes_convert_like_bitsandbytes(
+    tiny_checkpoint, tmp_path, linear, config_dtype, wide
+) -> None:
     src = _mixed(tiny_checkpoint("llama"), tmp_path / "src", linear, config_dtype, wide)
     convert(src, tmp_path / "ours", double_quant=False, progress=False, warn=lambda _: None)
     qc = transformers.BitsAndBytesConfig(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -682,6 +683,35 @@ def test_bad_threads_and_an_output_under_a_file_are_input_errors(tiny_llama: Pat
     (tmp_path / "afile").write_text("x")
     with pytest.raises(InputError, match="is a file, not a folder"):
         convert(tiny_llama, tmp_path / "afile" / "sub", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("double_quant", "no", "double_quant='no': pass True or False"),
+        ("overwrite", "false", "overwrite='false': pass True or False"),
+        ("blocksize", 64.5, "blocksize 64.5 is not supported"),
+        ("blocksize", True, "blocksize True is not supported"),
+        ("quant_type", None, "quant_type None is not supported"),
+        ("max_shard_size", 1.5, "invalid size 1.5"),
+        ("device", 0, "--device 0 is not supported"),
+        ("skip", [1], "skip=[1]: give glob strings"),
+    ],
+)
+def test_python_api_option_of_the_wrong_type_is_an_input_error(
+    tiny_llama: Path, tmp_path: Path, option: str, value: object, message: str
+) -> None:
+    """convert()'s options from Python are checked as the CLI's are: double_quant='no' wrote nested
+    records (a truthy string), blocksize=64.5 was truncated to 64, and None / numbers where strings go
+    raised TypeError or AttributeError (python-api.md: bad input raises an InputError)."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        convert(tiny_llama, tmp_path / "out", progress=False, **{option: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_api_skip_and_include_none_mean_none(tiny_llama: Path, tmp_path: Path) -> None:
+    r = convert(tiny_llama, tmp_path / "out", skip=None, include=None, progress=False)
+    assert r.tensors_quantized == 14
 
 
 def test_source_shard_replaced_during_the_conversion_leaves_it_unfinished(
