@@ -714,6 +714,22 @@ def test_python_api_skip_and_include_none_mean_none(tiny_llama: Path, tmp_path: 
     assert r.tensors_quantized == 14
 
 
+def test_config_field_transformers_refuses_is_an_input_error(tiny_llama: Path, tmp_path: Path) -> None:
+    """A config.json field of the wrong type ("num_hidden_layers": "two") failed with 'unexpected
+    StrictDataclassFieldValidationError', exit 1; it is an input error naming config.json and the field."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = "two"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as info:
+        convert(src, tmp_path / "out", progress=False)
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith("config.json: transformers cannot read it (")
+    assert "num_hidden_layers" in str(info.value)
+    assert str(info.value).endswith("; fix the config")
+    assert not (tmp_path / "out").exists()
+
+
 def test_source_shard_replaced_during_the_conversion_leaves_it_unfinished(
     tiny_llama_sharded: Path, tmp_path: Path
 ) -> None:
