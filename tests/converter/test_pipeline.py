@@ -730,6 +730,24 @@ def test_config_field_transformers_refuses_is_an_input_error(tiny_llama: Path, t
     assert not (tmp_path / "out").exists()
 
 
+def test_config_architectures_as_a_string_is_read_as_one_name(tiny_llama: Path, tmp_path: Path) -> None:
+    """ "architectures": "LlamaForCausalLM" (a string, not a list; transformers keeps it as given) was
+    read letter by letter, so the model class came from the keys instead (a BERT folder so written was
+    refused: 'nothing to quantize'); it is the class of that name, as in a list."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = "LlamaModel"  # a base model: its keys are not the checkpoint's
+    (src / "config.json").write_text(json.dumps(config))
+    listed = shutil.copytree(src, tmp_path / "listed")
+    config["architectures"] = ["LlamaModel"]
+    (listed / "config.json").write_text(json.dumps(config))
+    a = convert(src, tmp_path / "a", progress=False, dry_run=True).preflight
+    b = convert(listed, tmp_path / "b", progress=False, dry_run=True).preflight
+    assert [(t["name"], t["action"], t["reason"]) for t in a.tensors] == [
+        (t["name"], t["action"], t["reason"]) for t in b.tensors
+    ]
+
+
 def test_source_shard_replaced_during_the_conversion_leaves_it_unfinished(
     tiny_llama_sharded: Path, tmp_path: Path
 ) -> None:
