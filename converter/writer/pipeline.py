@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -139,8 +140,8 @@ def _check_python_types(**options: object) -> None:
             raise InputError(msg)
     blocksize = options["blocksize"]
     if isinstance(blocksize, bool) or not (
-        isinstance(blocksize, int)
-        or (isinstance(blocksize, float) and blocksize.is_integer())
+        isinstance(blocksize, numbers.Integral)
+        or (isinstance(blocksize, numbers.Real) and float(blocksize).is_integer())
         or (isinstance(blocksize, str) and blocksize.strip().isdigit())
     ):
         msg = f"blocksize {blocksize!r} is not supported: expected one of {', '.join(map(str, BLOCKSIZES))}"
@@ -153,7 +154,7 @@ def _check_python_types(**options: object) -> None:
             msg = f"{label} {value!r} is not supported: pass a string, as the CLI's {flag}"
             raise InputError(msg)
     size = options["max_shard_size"]
-    if isinstance(size, bool) or not isinstance(size, int | str):
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral | str):
         msg = f"invalid size {size!r}: use a number of bytes or a string with a unit, e.g. '5GB' or '2GiB'"
         raise InputError(msg)
 
@@ -246,6 +247,7 @@ def convert(
         moe_experts=moe_experts,
         max_shard_size=max_shard_size,
     )
+    shard_size = max_shard_size if isinstance(max_shard_size, str) else int(max_shard_size)  # numpy ints
     try:
         options = Options(
             quant_type=quant_type.lower(),
@@ -256,7 +258,7 @@ def convert(
             quant_storage=quant_storage,
             skip=_patterns(skip, "skip"),
             include=_patterns(include, "include"),
-            max_shard_size=parse_size(max_shard_size),
+            max_shard_size=parse_size(shard_size),
             int8_threshold=int8_threshold,
             int8_scale=int8_scale,
             moe_experts=str(moe_experts).lower(),

@@ -710,8 +710,20 @@ def test_python_api_option_of_the_wrong_type_is_an_input_error(
 
 
 def test_python_api_skip_and_include_none_mean_none(tiny_llama: Path, tmp_path: Path) -> None:
+    import numpy as np
+
     r = convert(tiny_llama, tmp_path / "out", skip=None, include=None, progress=False)
     assert r.tensors_quantized == 14
+    # numpy integers and booleans are numbers and booleans
+    r = convert(
+        tiny_llama,
+        tmp_path / "np",
+        blocksize=np.int64(64),
+        max_shard_size=np.int64(5 * 10**9),
+        double_quant=np.bool_(True),
+        progress=False,
+    )
+    assert output_hashes(tmp_path / "np") == output_hashes(tmp_path / "out")
 
 
 def test_config_field_transformers_refuses_is_an_input_error(tiny_llama: Path, tmp_path: Path) -> None:
