@@ -804,11 +804,19 @@ class _Conversion:
             if bad in self.cast_overflow:  # the checkpoint holds none: the --dtype cast made them
                 to, largest = self.cast_overflow[bad]
                 name = CODE_NAMES[to]
+                # without --dtype the cast is to config.json's dtype: 'convert without --dtype' was no fix
+                cast, fix = (
+                    (f"--dtype {name}", "convert without --dtype (or with --dtype float32)")
+                    if self.options.dtype
+                    else (
+                        f"the cast to config.json's dtype {name} (the one transformers loads the model in)",
+                        "convert with --dtype float32",
+                    )
+                )
                 msg = (
                     f"tensor {bad!r} in {where.info.file} holds a value past {name}'s range (|w| up to "
-                    f"{largest:.4g}), which --dtype {name} turns into Inf: 4-bit quantization "
-                    "cannot store it (bitsandbytes writes an inf absmax that loads as NaN); convert without "
-                    f"--dtype (or with --dtype float32), or pass {skip}"
+                    f"{largest:.4g}), which {cast} turns into Inf: 4-bit quantization cannot store it "
+                    f"(bitsandbytes writes an inf absmax that loads as NaN); {fix}, or pass {skip}"
                 )
             raise NonFiniteTensorError(msg) from None
         t1 = time.perf_counter()

@@ -823,6 +823,32 @@ def test_cast_overflow_refused_by_name_and_cause(tmp_path: Path, dtype: str, val
     )
 
 
+def test_cast_overflow_of_config_dtype_names_that_cast(tiny_llama: Path, tmp_path: Path) -> None:
+    """Without --dtype, a bf16 weight of 99840 in a checkpoint whose config.json says float16 is cast to
+    float16 (the dtype transformers loads it in) and refused; the error blamed '--dtype float16', which
+    was not given, and said to 'convert without --dtype', which is what the user did."""
+    from safetensors.torch import load_file, save_file
+
+    from converter.errors import NonFiniteTensorError
+
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name][2, 3] = 99840.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = "float16"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NonFiniteTensorError) as exc:
+        convert(src, tmp_path / "out", progress=False)
+    assert str(exc.value) == (
+        f"tensor {name!r} in model.safetensors holds a value past float16's range (|w| up to "
+        "9.984e+04), which the cast to config.json's dtype float16 (the one transformers loads the model "
+        "in) turns into Inf: 4-bit quantization cannot store it (bitsandbytes writes an inf absmax that "
+        "loads as NaN); convert with --dtype float32, or pass --skip 'model.layers.0.self_attn.q_proj'"
+    )
+
+
 @pytest.mark.parametrize(("dtype", "value"), [("bfloat16", 3.4e38), ("float16", 99840.0)])
 def test_cast_overflow_in_a_kept_tensor_is_named(tmp_path: Path, dtype: str, value: float) -> None:
     """A kept tensor (an embedding, a norm) with a finite value past --dtype's range is written as the
