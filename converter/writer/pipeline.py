@@ -727,11 +727,20 @@ class _Conversion:
             over = torch.isinf(y) & torch.isfinite(source)
             if bool(over.any()):
                 name, count, largest = CODE_NAMES[to], int(over.sum()), float(source[over].abs().max())
+                # without --dtype the cast is to config.json's dtype: 'without --dtype' is no fix then
+                cast, fix = (
+                    (name, "--dtype float32, or without --dtype where the checkpoint's own dtype holds it")
+                    if self.options.dtype
+                    else (
+                        f"config.json's dtype {name} (the one transformers loads the model in)",
+                        "--dtype float32",
+                    )
+                )
                 self._tell(
                     f"tensor {p.name!r} in {p.info.file} holds {count} value(s) past {name}'s range (|w| up "
-                    f"to {largest:.4g}), which the cast to {name} turns into Inf, written as such "
-                    "(transformers' cast does the same): the model computes Inf/NaN from it; convert with "
-                    "--dtype float32, or without --dtype where the checkpoint's own dtype holds it"
+                    f"to {largest:.4g}), which the cast to {cast} turns into Inf, written as such "
+                    "(transformers' cast does the same): the model computes Inf/NaN from it; "
+                    f"convert with {fix}"
                 )
         return _as_numpy(y)
 

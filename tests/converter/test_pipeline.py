@@ -839,8 +839,19 @@ def test_cast_overflow_of_config_dtype_names_that_cast(tiny_llama: Path, tmp_pat
     config = json.loads((src / "config.json").read_text())
     config["dtype"] = "float16"
     (src / "config.json").write_text(json.dumps(config))
+    # a kept tensor so cast is written Inf, with a warning that names the same cast and fix
+    norm = "model.layers.0.input_layernorm.weight"
+    tensors[norm][5] = 70016.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    told: list[str] = []
     with pytest.raises(NonFiniteTensorError) as exc:
-        convert(src, tmp_path / "out", progress=False)
+        convert(src, tmp_path / "out", progress=False, warn=told.append)
+    assert [m for m in told if "range" in m] == [
+        f"tensor {norm!r} in model.safetensors holds 1 value(s) past float16's range (|w| up to 7.014e+04), "
+        "which the cast to config.json's dtype float16 (the one transformers loads the model in) turns into "
+        "Inf, written as such (transformers' cast does the same): the model computes Inf/NaN from it; "
+        "convert with --dtype float32"
+    ]
     assert str(exc.value) == (
         f"tensor {name!r} in model.safetensors holds a value past float16's range (|w| up to "
         "9.984e+04), which the cast to config.json's dtype float16 (the one transformers loads the model "
