@@ -126,6 +126,8 @@ def model_class(
     has none for its model_type. See the module docstring for the rule."""
     import transformers
 
+    if isinstance(architectures, str):  # "architectures": "BertModel" in a hand-written config.json
+        architectures = (architectures,)  # was read letter by letter: another class, nothing to quantize
     cls = _by_name(transformers, architectures, config)
     if cls is not None:
         return cls

@@ -151,9 +151,11 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
     from converter.version import tool_version
     from converter.writer.manifest import Manifest, same_plan
     from converter.writer.outputs import changed_files
+    from formats.writer import temp_path
 
     opts = plan.options
     reusable = 0
+    replaced = 0  # bytes of stale shard files (and their temp files) a resumed run deletes first
     up_to_date = False
     manifest = None if overwrite else Manifest.load(output)
     plan_json = plan.to_json(tool_version()) if manifest is not None else {}
@@ -162,6 +164,18 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
             f = output / name
             if f.is_file() and f.stat().st_size == info.get("size"):
                 reusable += int(info["size"])
+        # A shard renamed into place whose manifest entry was never saved (a full disk while saving the
+        # manifest, a kill between the two) is deleted and written again: its bytes are free for the run.
+        for shard in plan.shards:
+            f = output / shard.name
+            info = manifest.shards.get(shard.name) or {}
+            for p in (f, temp_path(f)):
+                if (
+                    p.is_file()
+                    and not p.is_symlink()
+                    and not (p == f and p.stat().st_size == info.get("size"))
+                ):
+                    replaced += p.stat().st_size
         up_to_date = manifest.state == "complete" and reusable == sum(
             int(i.get("size", -1)) for i in manifest.shards.values()
         )
@@ -172,6 +186,8 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
     free, where = disk_free(output)
     if overwrite:
         free += _existing_bytes(output)
+    else:
+        free += replaced
     peak = process_rss() + max(
         (working_set(p, opts.blocksize, opts.double_quant) for p in plan.tensors), default=0
     )

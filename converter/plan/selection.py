@@ -321,7 +321,12 @@ def build_skeleton(config: dict, keys: Sequence[str] | None = None) -> Any:
         raise UnknownModelError(msg)
     cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
     with _quiet_transformers():
-        cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
+        try:
+            cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
+        except Exception as exc:  # a field of the wrong type or value: transformers' config refuses it
+            detail = " ".join(str(exc).split())
+            msg = f"config.json: transformers cannot read it ({type(exc).__name__}: {detail}); fix the config"
+            raise SelectionError(msg) from exc
         cls = model_class(cfg, config.get("architectures") or (), keys)
         if cls is None:
             msg = (

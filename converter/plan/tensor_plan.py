@@ -302,16 +302,17 @@ def build_plan(
 
     cast_to = options.dtype
     # Without --dtype, float tensors still get the one dtype transformers loads the model in (a checkpoint
-    # that mixes float32 norms with bf16 linears is cast on load, then quantized and saved in it).
+    # that mixes float32 norms with bf16 linears is cast on load, then quantized and saved in it); float64
+    # ones too (transformers casts every float tensor: a float64 norm written as such failed its forward).
     load_as = load_dtype(config, tensors)
 
     def target(t: TensorInfo) -> str | None:
-        return cast_to or (load_as if t.dtype in QUANTIZABLE_DTYPES else None)
+        return cast_to or (load_as if t.dtype in QUANTIZABLE_DTYPES or t.dtype == "F64" else None)
 
     planned: list[PlannedTensor] = []
     for t in tensors:
         if t.name in quantize:
-            check_quantizable(t, cast_to)
+            check_quantizable(t, cast_to or load_as)
             spec = quantize[t.name]
             transpose = bool(getattr(spec, "transpose", False))
             n = t.numel

@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from converter.plan.tensor_plan import (
     PlannedTensor,
     ShardPlan,
     build_plan,
+    load_dtype,
     normalize_dtype,
     parse_size,
 )
@@ -77,6 +79,7 @@ from converter.writer.outputs import (
 )
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
 from formats import index, metadata
+from formats.quant_types import BLOCKSIZES
 from formats.writer import ShardWriter, TensorSlot, temp_path
 
 #: Called after each tensor with (tensor name, input bytes done); the CLI drives its progress bar.
@@ -106,9 +109,54 @@ def resolve_device(device: str) -> tuple[str, str | None]:
     return device, None
 
 
-def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
-    """``skip`` / ``include``: one glob as a string, or several (a bare string is not split into letters)."""
-    return (value,) if isinstance(value, str) else tuple(value)
+def _patterns(value: str | Sequence[str] | None, option: str = "skip") -> tuple[str, ...]:
+    """``skip`` / ``include``: one glob as a string, or several (a bare string is not split into letters);
+    None is none."""
+    if value is None:
+        return ()
+    globs = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else None
+    if globs is None or not all(isinstance(g, str) for g in globs):
+        msg = f"{option}={value!r}: give glob strings ('*.down_proj') or a list of them"
+        raise InputError(msg)
+    return globs
+
+
+def _check_python_types(**options: object) -> None:
+    """convert()'s options as Python gives them, checked as the CLI's parser checks its own: a truthy
+    string (double_quant='no') or a truncated float (blocksize=64.5) changed the bytes without a word,
+    and None or a number where a string goes raised TypeError / AttributeError."""
+    for name in (
+        "double_quant",
+        "overwrite",
+        "keep_downloads",
+        "allow_pickle",
+        "private",
+        "dry_run",
+        "preflight",
+    ):
+        value = options[name]
+        if isinstance(value, str) or value not in (True, False):
+            msg = f"{name}={value!r}: pass True or False"
+            raise InputError(msg)
+    blocksize = options["blocksize"]
+    if isinstance(blocksize, bool) or not (
+        isinstance(blocksize, numbers.Integral)
+        or (isinstance(blocksize, numbers.Real) and float(blocksize).is_integer())
+        or (isinstance(blocksize, str) and blocksize.strip().isdigit())
+    ):
+        msg = f"blocksize {blocksize!r} is not supported: expected one of {', '.join(map(str, BLOCKSIZES))}"
+        raise InputError(msg)
+    for name in ("quant_type", "device", "int8_scale", "quant_storage", "moe_experts"):
+        value = options[name]
+        if not isinstance(value, str):
+            flag = "--" + name.replace("_", "-")
+            label = name if name == "quant_type" else flag
+            msg = f"{label} {value!r} is not supported: pass a string, as the CLI's {flag}"
+            raise InputError(msg)
+    size = options["max_shard_size"]
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral | str):
+        msg = f"invalid size {size!r}: use a number of bytes or a string with a unit, e.g. '5GB' or '2GiB'"
+        raise InputError(msg)
 
 
 def _no_config(src: Source) -> str:
@@ -183,17 +231,34 @@ def convert(
         check_online(push_to)
         check_token(push_to)
     started = time.perf_counter()
+    _check_python_types(
+        double_quant=double_quant,
+        overwrite=overwrite,
+        keep_downloads=keep_downloads,
+        allow_pickle=allow_pickle,
+        private=private,
+        dry_run=dry_run,
+        preflight=preflight,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        device=device,
+        int8_scale=int8_scale,
+        quant_storage=quant_storage,
+        moe_experts=moe_experts,
+        max_shard_size=max_shard_size,
+    )
+    shard_size = max_shard_size if isinstance(max_shard_size, str) else int(max_shard_size)  # numpy ints
     try:
         options = Options(
             quant_type=quant_type.lower(),
-            blocksize=int(blocksize),
+            blocksize=int(float(blocksize)),
             double_quant=bool(double_quant),
             compute_dtype=normalize_dtype(compute_dtype, "--compute-dtype"),
             dtype=normalize_dtype(dtype, "--dtype"),
             quant_storage=quant_storage,
-            skip=_patterns(skip),
-            include=_patterns(include),
-            max_shard_size=parse_size(max_shard_size),
+            skip=_patterns(skip, "skip"),
+            include=_patterns(include, "include"),
+            max_shard_size=parse_size(shard_size),
             int8_threshold=int8_threshold,
             int8_scale=int8_scale,
             moe_experts=str(moe_experts).lower(),
@@ -318,12 +383,15 @@ class _Conversion:
                 )
         if config is None and not options.include:  # select_tensors' refusal, naming the source
             raise InputError(_no_config(src))
+        # float64 weights are judged as cast to --dtype, else to the dtype transformers loads the model in
+        # (a float64 q_proj beside bf16 ones is cast and quantized by transformers + bitsandbytes)
+        cast = options.dtype or load_dtype(config, tensors)
         selection = select_tensors(
             config,
             tensors,
             skip=options.skip,
             include=options.include,
-            cast_to=DTYPE_CODES[options.dtype] if options.dtype else None,
+            cast_to=DTYPE_CODES[cast] if cast else None,
         )
         moe.check_experts(tensors, config)
         selection = moe.apply_moe_mode(
@@ -659,11 +727,20 @@ class _Conversion:
             over = torch.isinf(y) & torch.isfinite(source)
             if bool(over.any()):
                 name, count, largest = CODE_NAMES[to], int(over.sum()), float(source[over].abs().max())
+                # without --dtype the cast is to config.json's dtype: 'without --dtype' is no fix then
+                cast, fix = (
+                    (name, "--dtype float32, or without --dtype where the checkpoint's own dtype holds it")
+                    if self.options.dtype
+                    else (
+                        f"config.json's dtype {name} (the one transformers loads the model in)",
+                        "--dtype float32",
+                    )
+                )
                 self._tell(
                     f"tensor {p.name!r} in {p.info.file} holds {count} value(s) past {name}'s range (|w| up "
-                    f"to {largest:.4g}), which the cast to {name} turns into Inf, written as such "
-                    "(transformers' cast does the same): the model computes Inf/NaN from it; convert with "
-                    "--dtype float32, or without --dtype where the checkpoint's own dtype holds it"
+                    f"to {largest:.4g}), which the cast to {cast} turns into Inf, written as such "
+                    "(transformers' cast does the same): the model computes Inf/NaN from it; "
+                    f"convert with {fix}"
                 )
         return _as_numpy(y)
 
@@ -736,11 +813,19 @@ class _Conversion:
             if bad in self.cast_overflow:  # the checkpoint holds none: the --dtype cast made them
                 to, largest = self.cast_overflow[bad]
                 name = CODE_NAMES[to]
+                # without --dtype the cast is to config.json's dtype: 'convert without --dtype' was no fix
+                cast, fix = (
+                    (f"--dtype {name}", "convert without --dtype (or with --dtype float32)")
+                    if self.options.dtype
+                    else (
+                        f"the cast to config.json's dtype {name} (the one transformers loads the model in)",
+                        "convert with --dtype float32",
+                    )
+                )
                 msg = (
                     f"tensor {bad!r} in {where.info.file} holds a value past {name}'s range (|w| up to "
-                    f"{largest:.4g}), which --dtype {name} turns into Inf: 4-bit quantization "
-                    "cannot store it (bitsandbytes writes an inf absmax that loads as NaN); convert without "
-                    f"--dtype (or with --dtype float32), or pass {skip}"
+                    f"{largest:.4g}), which {cast} turns into Inf: 4-bit quantization cannot store it "
+                    f"(bitsandbytes writes an inf absmax that loads as NaN); {fix}, or pass {skip}"
                 )
             raise NonFiniteTensorError(msg) from None
         t1 = time.perf_counter()

@@ -38,17 +38,20 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(IDS).logits
 
 
-def _mixed(src: Path, folder: Path, linear: torch.dtype, config_dtype: str | None) -> Path:
-    """The tiny bf16 Llama with float32 norms, float32 q_proj values that bf16 does not hold exactly,
-    the other tensors in ``linear``; config.json's dtype ``config_dtype`` (None: no dtype field)."""
+def _mixed(
+    src: Path, folder: Path, linear: torch.dtype, config_dtype: str | None, wide: torch.dtype = torch.float32
+) -> Path:
+    """The tiny bf16 Llama with ``wide`` (float32 or float64) norms, ``wide`` q_proj values that bf16
+    does not hold exactly, the other tensors in ``linear``; config.json's dtype ``config_dtype`` (None: no
+    dtype field)."""
     shutil.copytree(src, folder)
     torch.manual_seed(3)
     out = {}
     for k, v in read_tensors(src).items():
         if "norm" in k:
-            out[k] = v.float() + 0.01 * torch.rand(v.shape)
+            out[k] = (v.float() + 0.01 * torch.rand(v.shape)).to(wide)
         elif "q_proj" in k:
-            out[k] = v.float() + 1e-4 * torch.randn(v.shape)
+            out[k] = (v.float() + 1e-4 * torch.randn(v.shape)).to(wide)
         else:
             out[k] = v.to(linear)
     save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -61,11 +64,22 @@ def _mixed(src: Path, folder: Path, linear: torch.dtype, config_dtype: str | Non
 
 
 @pytest.mark.parametrize(
-    ("linear", "config_dtype"),
-    [(torch.bfloat16, "bfloat16"), (torch.float16, "bfloat16"), (torch.bfloat16, None)],
+    ("linear", "config_dtype", "wide"),
+    [
+        (torch.bfloat16, "bfloat16", torch.float32),
+        (torch.float16, "bfloat16", torch.float32),
+        (torch.bfloat16, None, torch.float32),
+        # float64 norms and q_proj: transformers casts them to the model dtype too (and bitsandbytes
+        # quantizes the cast q_proj); they were written float64, q_proj kept: the folder's forward failed
+        # in transformers ("mixed dtype (CPU)" in the first norm)
+        (torch.bfloat16, "bfloat16", torch.float64),
+        (torch.bfloat16, None, torch.float64),
+    ],
 )
-def test_mixed_dtypes_convert_like_bitsandbytes(tiny_checkpoint, tmp_path, linear, config_dtype) -> None:
-    src = _mixed(tiny_checkpoint("llama"), tmp_path / "src", linear, config_dtype)
+def test_mixed_dtypes_convert_like_bitsandbytes(
+    tiny_checkpoint, tmp_path, linear, config_dtype, wide
+) -> None:
+    src = _mixed(tiny_checkpoint("llama"), tmp_path / "src", linear, config_dtype, wide)
     convert(src, tmp_path / "ours", double_quant=False, progress=False, warn=lambda _: None)
     qc = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -411,7 +412,24 @@ def test_float64_weights_are_quantized_after_a_dtype_cast(tiny_llama: Path, tmp_
         assert set(a.keys()) == set(b.keys())
         for k in a.keys():
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
-    # Without a cast nothing is quantizable: refused before writing, saying how to cast.
+    # Without --dtype they get the dtype transformers loads the model in, config.json's (bfloat16), as
+    # transformers + bitsandbytes casts and quantizes them: the bf16 checkpoint's tensors (they were
+    # refused, 'pass --dtype float32', which gave another model than transformers loads).
+    assert json.loads((f64 / "config.json").read_text())["dtype"] == "bfloat16"
+    convert(f64, tmp_path / "auto64", progress=False)
+    convert(tiny_llama, tmp_path / "bf16", progress=False)
+    with (
+        safe_open(str(tmp_path / "auto64" / "model.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    # A config.json without a dtype: transformers would build the model in float64 (the first float
+    # tensor's dtype), which bitsandbytes cannot quantize: refused before writing, saying how to cast.
+    config = json.loads((f64 / "config.json").read_text())
+    del config["dtype"]
+    (f64 / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         InputError, match=r"dtype F64 is not float32/float16/bfloat16\); pass --dtype float32"
     ):
@@ -667,6 +685,81 @@ def test_bad_threads_and_an_output_under_a_file_are_input_errors(tiny_llama: Pat
         convert(tiny_llama, tmp_path / "afile" / "sub", progress=False)
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("double_quant", "no", "double_quant='no': pass True or False"),
+        ("overwrite", "false", "overwrite='false': pass True or False"),
+        ("blocksize", 64.5, "blocksize 64.5 is not supported"),
+        ("blocksize", True, "blocksize True is not supported"),
+        ("quant_type", None, "quant_type None is not supported"),
+        ("max_shard_size", 1.5, "invalid size 1.5"),
+        ("device", 0, "--device 0 is not supported"),
+        ("skip", [1], "skip=[1]: give glob strings"),
+    ],
+)
+def test_python_api_option_of_the_wrong_type_is_an_input_error(
+    tiny_llama: Path, tmp_path: Path, option: str, value: object, message: str
+) -> None:
+    """convert()'s options from Python are checked as the CLI's are: double_quant='no' wrote nested
+    records (a truthy string), blocksize=64.5 was truncated to 64, and None / numbers where strings go
+    raised TypeError or AttributeError (python-api.md: bad input raises an InputError)."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        convert(tiny_llama, tmp_path / "out", progress=False, **{option: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_api_skip_and_include_none_mean_none(tiny_llama: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    r = convert(tiny_llama, tmp_path / "out", skip=None, include=None, progress=False)
+    assert r.tensors_quantized == 14
+    # numpy integers and booleans are numbers and booleans
+    r = convert(
+        tiny_llama,
+        tmp_path / "np",
+        blocksize=np.int64(64),
+        max_shard_size=np.int64(5 * 10**9),
+        double_quant=np.bool_(True),
+        progress=False,
+    )
+    assert output_hashes(tmp_path / "np") == output_hashes(tmp_path / "out")
+
+
+def test_config_field_transformers_refuses_is_an_input_error(tiny_llama: Path, tmp_path: Path) -> None:
+    """A config.json field of the wrong type ("num_hidden_layers": "two") failed with 'unexpected
+    StrictDataclassFieldValidationError', exit 1; it is an input error naming config.json and the field."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = "two"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as info:
+        convert(src, tmp_path / "out", progress=False)
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith("config.json: transformers cannot read it (")
+    assert "num_hidden_layers" in str(info.value)
+    assert str(info.value).endswith("; fix the config")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_architectures_as_a_string_is_read_as_one_name(tiny_llama: Path, tmp_path: Path) -> None:
+    """ "architectures": "LlamaForCausalLM" (a string, not a list; transformers keeps it as given) was
+    read letter by letter, so the model class came from the keys instead (a BERT folder so written was
+    refused: 'nothing to quantize'); it is the class of that name, as in a list."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = "LlamaModel"  # a base model: its keys are not the checkpoint's
+    (src / "config.json").write_text(json.dumps(config))
+    listed = shutil.copytree(src, tmp_path / "listed")
+    config["architectures"] = ["LlamaModel"]
+    (listed / "config.json").write_text(json.dumps(config))
+    a = convert(src, tmp_path / "a", progress=False, dry_run=True).preflight
+    b = convert(listed, tmp_path / "b", progress=False, dry_run=True).preflight
+    assert [(t["name"], t["action"], t["reason"]) for t in a.tensors] == [
+        (t["name"], t["action"], t["reason"]) for t in b.tensors
+    ]
+
+
 def test_source_shard_replaced_during_the_conversion_leaves_it_unfinished(
     tiny_llama_sharded: Path, tmp_path: Path
 ) -> None:
@@ -727,6 +820,43 @@ def test_cast_overflow_refused_by_name_and_cause(tmp_path: Path, dtype: str, val
         f"{largest}), which --dtype {dtype} turns into Inf: 4-bit quantization cannot store it (bitsandbytes "
         "writes an inf absmax that loads as NaN); convert without --dtype (or with --dtype float32), or "
         "pass --skip 'layer'"
+    )
+
+
+def test_cast_overflow_of_config_dtype_names_that_cast(tiny_llama: Path, tmp_path: Path) -> None:
+    """Without --dtype, a bf16 weight of 99840 in a checkpoint whose config.json says float16 is cast to
+    float16 (the dtype transformers loads it in) and refused; the error blamed '--dtype float16', which
+    was not given, and said to 'convert without --dtype', which is what the user did."""
+    from safetensors.torch import load_file, save_file
+
+    from converter.errors import NonFiniteTensorError
+
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name][2, 3] = 99840.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = "float16"
+    (src / "config.json").write_text(json.dumps(config))
+    # a kept tensor so cast is written Inf, with a warning that names the same cast and fix
+    norm = "model.layers.0.input_layernorm.weight"
+    tensors[norm][5] = 70016.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    told: list[str] = []
+    with pytest.raises(NonFiniteTensorError) as exc:
+        convert(src, tmp_path / "out", progress=False, warn=told.append)
+    assert [m for m in told if "range" in m] == [
+        f"tensor {norm!r} in model.safetensors holds 1 value(s) past float16's range (|w| up to 7.014e+04), "
+        "which the cast to config.json's dtype float16 (the one transformers loads the model in) turns into "
+        "Inf, written as such (transformers' cast does the same): the model computes Inf/NaN from it; "
+        "convert with --dtype float32"
+    ]
+    assert str(exc.value) == (
+        f"tensor {name!r} in model.safetensors holds a value past float16's range (|w| up to "
+        "9.984e+04), which the cast to config.json's dtype float16 (the one transformers loads the model "
+        "in) turns into Inf: 4-bit quantization cannot store it (bitsandbytes writes an inf absmax that "
+        "loads as NaN); convert with --dtype float32, or pass --skip 'model.layers.0.self_attn.q_proj'"
     )
 
 

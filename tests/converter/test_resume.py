@@ -205,6 +205,38 @@ def test_disk_full_fails_cleanly_then_resumes(
     assert output_hashes(out) == output_hashes(reference)
 
 
+def test_resume_counts_shards_it_rewrites_as_free_disk(
+    tiny_llama_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard renamed into place whose manifest entry was never saved (the disk filled up writing the
+    manifest, or a kill between the two): the rerun deletes it and writes it again, but its preflight
+    counted it as used disk, so once the user freed just the space the conversion needs, as the error
+    said, the rerun was refused ('needs 52.75 MB of disk ... but has 15.21 MB free') and could never
+    resume. The files the run replaces count as free."""
+    from converter.plan import preflight
+
+    reference = tmp_path / "reference"
+    convert(tiny_llama_sharded, reference, max_shard_size="40KB", progress=False)
+    out = tmp_path / "out"
+    convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    kept = "model-00001-of-00004.safetensors"
+    manifest["shards"] = {kept: manifest["shards"][kept]}  # shards 2-4 on disk, not in the manifest
+    manifest["state"] = "in_progress"
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    for name in ("config.json", "model.safetensors.index.json"):
+        (out / name).unlink()
+    stale = sum((out / f"model-0000{k}-of-00004.safetensors").stat().st_size for k in (2, 3, 4))
+    dry = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False, dry_run=True).preflight
+    assert dry.disk_needed > stale
+    # the disk holds the stale shards and just what the rerun needs once they are deleted
+    monkeypatch.setattr(preflight, "disk_free", lambda path: (dry.disk_needed - stale + 1, out))
+    r = convert(tiny_llama_sharded, out, max_shard_size="40KB", progress=False)
+    assert r.resumed
+    assert r.shards_reused == 1
+    assert output_hashes(out) == output_hashes(reference)
+
+
 def test_disk_full_at_the_index_names_it_and_leaves_no_temp_file(
     tiny_llama_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
