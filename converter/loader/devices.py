@@ -38,7 +38,12 @@ class AbsentDeviceWarning(UserWarning):
 def check_device(device: str | int | torch.device, what: str, *, mapped: bool = False) -> None:
     """``device`` (a torch device, its name, or a GPU index) is one this process can load onto;
     else a PlacementError naming it (``what`` says where it was given; ``mapped``: in a device_map
-    or max_memory, where "disk" is a choice too)."""
+    or max_memory, where "disk" is a choice too). An int is a GPU index, as torch and transformers take
+    it (``device=0``: ``torch.device(0)`` fails in a torch without an accelerator, "Cannot access
+    accelerator device when none is available", which named no device)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        check_gpu(device, what, mapped=mapped)
+        return
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError):
@@ -68,6 +73,14 @@ def check_device(device: str | int | torch.device, what: str, *, mapped: bool = 
             have = f"this torch (torch {torch.__version__}) has no {d.type!r} device available"
             msg = f"{what}, but {have}; name only devices that exist ({devices})"
             raise AbsentDeviceError(msg, what, have)
+
+
+def device_argument(name: str, device: Any) -> str:
+    """How an error names the ``name=device`` argument:
+    ``device='cuda:1'``; a GPU index, ``device=0 (GPU 0)``."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return f"{name}={device} (GPU {device})"
+    return f"{name}={str(device)!r}"
 
 
 def check_gpu(index: int, what: str, *, mapped: bool = True) -> None:

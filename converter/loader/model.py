@@ -33,7 +33,7 @@ from converter.kernels.isa_env import forced_isa
 from converter.loader import ops, router, timing
 from converter.loader.config_file import read_config
 from converter.loader.dequantize_inplace import bind_dequantize
-from converter.loader.devices import check_device, check_devices_exist
+from converter.loader.devices import check_device, check_devices_exist, device_argument
 from converter.loader.file_mappings import drop_pages, file_mappings, page_ranges
 from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
@@ -737,7 +737,7 @@ def load_quantized(
         raise ValueError(msg)
     # a GPU this process cannot use (a CPU-only torch, no GPU) or "meta": named now, before any work
     if device_map is None:
-        check_device(device, f"device={str(device)!r}")
+        check_device(device, device_argument("device", device))
     check_devices_exist(device_map, max_memory)
     forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
     folder = resolve_folder(

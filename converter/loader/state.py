@@ -25,7 +25,7 @@ import torch
 
 from converter.errors import CorruptFileError, InputError, PickleOnlyError, SourceNotFoundError
 from converter.loader import timing
-from converter.loader.devices import check_device
+from converter.loader.devices import check_device, device_argument
 from converter.units import first_of
 from formats.gc_pause import gc_paused
 from formats.index import INDEX_NAME, INDEX_REMEDY, Verification, read_index, start_verify
@@ -274,7 +274,8 @@ def load_quantized_state(
     ``cache_dir``, ``force_download`` and ``local_files_only`` as ``load_quantized`` fetches it; a local
     folder ignores them. ``subfolder``: the checkpoint is that folder of the local folder or repo.
     """
-    check_device(device, f"device={str(device)!r}")  # a CPU-only torch, no GPU, "meta": named before any work
+    # a CPU-only torch, no GPU, "meta": named before any work
+    check_device(device, device_argument("device", device))
     folder = resolve_folder(
         path_or_repo,
         revision=revision,

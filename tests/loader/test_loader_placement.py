@@ -401,6 +401,9 @@ def test_a_gpu_index_as_device_map_plans_the_whole_model_on_it(our_folder: Path)
         ({"device": "cuda"}, "device='cuda'"),
         ({"device": "cuda:0"}, "device='cuda:0'"),
         ({"device": torch.device("cuda", 1)}, "device='cuda:1'"),
+        # a GPU index, as torch takes it: torch.device(0) raised "Cannot access accelerator device when
+        # none is available", naming no device (load_quantized_state too)
+        ({"device": 0}, "device=0 (GPU 0)"),
         ({"device_map": "cuda:0"}, "device_map='cuda:0'"),
         ({"device_map": {"": "cuda"}}, "device_map puts '' on 'cuda'"),
         ({"device_map": {"": 0}}, "device_map puts '' on GPU 0"),
