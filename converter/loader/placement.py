@@ -309,6 +309,8 @@ def dispatch(
     if disk:
         model._qm_disk_files = tuple(paths)  # what "disk" reads: memory_by_device, casts_leave_disk
         model._apply = types.MethodType(_apply, model)
+        if hasattr(type(model), "resize_token_embeddings"):
+            model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
         for name in disk:  # a cast of the entry or of a module above it (model.lm_head.half()) runs these
             if name and _is_module(model, name):
                 entry = model.get_submodule(name)
@@ -322,6 +324,16 @@ def _apply(self: nn.Module, fn: Callable, recurse: bool = True) -> nn.Module:
     :func:`casts_leave_disk`. Named as the method it shadows, so a pickled bound method resolves on the
     unpickled model."""
     out = type(self)._apply(self, fn, recurse)
+    casts_leave_disk(self)
+    return out
+
+
+def resize_token_embeddings(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``resize_token_embeddings`` of a model with disk modules: it puts new embedding / head
+    modules in RAM (their page-dropping hooks moved onto them), so :func:`casts_leave_disk` then updates
+    ``hf_device_map`` as after a cast (a disk ``lm_head`` said "disk", counted under "cpu" by
+    ``memory_by_device``). Named as the method it shadows, as :func:`_apply` is."""
+    out = type(self).resize_token_embeddings(self, *args, **kwargs)
     casts_leave_disk(self)
     return out
 

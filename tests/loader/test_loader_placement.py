@@ -778,6 +778,25 @@ def test_only_pages_never_written_are_dropped(tmp_path: Path) -> None:
     mapped.close()
 
 
+def test_resize_token_embeddings_moves_the_new_disk_head_to_the_cpu_in_the_map(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """`model.resize_token_embeddings(n)` (a token added for fine-tuning) replaces a disk `lm_head` by a
+    new one in RAM, but `hf_device_map` kept saying "disk" for it (and its page-dropping hook, which
+    transformers moves to the new module, kept the old views) while `memory_by_device` counted it under
+    "cpu". Now the map says "cpu", as after a cast; an entry still read from the shards stays "disk"."""
+    model = load_quantized(our_folder, device_map=CPU_DISK, offload_folder=tmp_path / "off")
+    old = _logits(model)
+    model.resize_token_embeddings(old.shape[-1] + 8)
+    assert model.hf_device_map == {**CPU_DISK, "lm_head": "cpu"}
+    assert all(
+        not h.ranges and not h.tensors for h in _hooks(model.lm_head) if isinstance(h, ReleaseMappedPages)
+    )
+    assert set(memory_by_device(model)) == {"cpu", "disk"}
+    new = _logits(model)
+    assert torch.equal(new[..., : old.shape[-1]], old)
+
+
 def test_a_cast_of_a_submodule_moves_its_disk_entries_to_the_cpu_in_the_map(
     our_folder: Path, tmp_path: Path
 ) -> None:
