@@ -25,6 +25,7 @@ Gradients flow to the input in every path (the weight is frozen).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -285,6 +286,23 @@ class QuantLinear8bit(nn.Module):
         for key, value in items:
             destination[key] = value if keep_vars else value.detach()
 
+    def _check_lone_weight(self, name: str, state_dict: Mapping[str, Any], error_msgs: list[str]) -> None:
+        """A ``weight`` without its ``SCB`` that is not this layer's: a 4-bit weight (keys under
+        ``weight.``: the same model converted to nf4 / fp4) or another shape. torch reports a size mismatch
+        under ``strict=False`` too; the layer kept its weights and listed only the missing SCB."""
+        value = state_dict[name]
+        if any(k.startswith(name + ".") for k in state_dict):
+            error_msgs.append(
+                f"{name}: a 4-bit weight (bitsandbytes' Linear4bit layout: packed {list(value.shape)} with "
+                f"its {name}.quant_state.* / absmax keys), not an LLM.int8 one; load it into a model loaded "
+                "from a 4-bit folder"
+            )
+        elif tuple(value.shape) != (self.out_features, self.in_features):
+            error_msgs.append(
+                f"{name}: checkpoint shape {list(value.shape)} does not match the layer's "
+                f"{[self.out_features, self.in_features]}"
+            )
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
@@ -292,6 +310,8 @@ class QuantLinear8bit(nn.Module):
         keys = (name, scb_key(name), weight_format_key(name))
         if name not in state_dict or keys[1] not in state_dict:
             missing_keys.extend(k for k in keys[:2] if k not in state_dict)
+            if name in state_dict:  # codes without SCB: not taken; a mismatch is an error, as torch's
+                self._check_lone_weight(name, state_dict, error_msgs)
         else:
             record = Int8Tensor.from_state_dict(
                 name, {k: state_dict[k].cpu() for k in keys if k in state_dict}

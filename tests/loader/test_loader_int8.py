@@ -193,6 +193,33 @@ def test_load_state_dict_loads_the_bias_in_place_as_torch_does() -> None:
         ours.load_state_dict(sd)
 
 
+def test_load_state_dict_of_a_4bit_weight_or_another_shape_is_an_error_as_in_torch() -> None:
+    """An int8 model's ``load_state_dict(sd, strict=False)`` with a 4-bit state dict (the same model
+    converted to nf4: ``weight`` packed [N, 1] uint8 and its ``weight.absmax`` / ``weight.quant_state...``
+    keys, no ``SCB``), or a ``weight`` of another shape, returned normally and kept the old weights: only
+    the missing ``SCB`` was listed, the mismatch not at all (torch, and transformers + bitsandbytes, raise
+    "size mismatch" under ``strict=False`` too). Now an error names the weight."""
+    from loader_helpers import quantize_record
+
+    ours, _ = _layer(bias=False)
+    codes = ours.codes.clone()
+    record = quantize_record(torch.randn(48, 80, dtype=torch.bfloat16), name="weight")
+    four_bit = record.state_dict()
+    assert "weight.absmax" in four_bit
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"weight: a 4-bit weight \(bitsandbytes' Linear4bit layout"):
+            ours.load_state_dict(four_bit, strict=strict)
+        with pytest.raises(
+            RuntimeError, match=r"weight: checkpoint shape \[80, 48\] does not match the layer's"
+        ):
+            ours.load_state_dict({"weight": torch.zeros(80, 48, dtype=torch.int8)}, strict=strict)
+    assert torch.equal(ours.codes, codes)
+    # the codes alone, of the layer's shape, without SCB: reported missing as before, nothing taken
+    result = ours.load_state_dict({"weight": torch.zeros(48, 80, dtype=torch.int8)}, strict=False)
+    assert result.missing_keys == ["SCB"]
+    assert torch.equal(ours.codes, codes)
+
+
 def test_half_and_to_never_cast_codes_or_scb() -> None:
     ours, _ = _layer()
     ours.half()
