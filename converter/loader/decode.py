@@ -91,7 +91,7 @@ class _Processors:
     @property
     def key(self) -> tuple:
         """What a recorded graph baked in: each processor's class and settings."""
-        return (self.sample, *((type(p).__name__, repr(sorted(vars(p).items()))) for p in self.processors))
+        return (self.sample, *((type(p).__name__, _settings(p)) for p in self.processors))
 
     @property
     def reads_history(self) -> bool:
@@ -265,6 +265,19 @@ def _unsupported(
     if cache is not None and not _is_empty_reusable_cache(cache):
         return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"
     return None
+
+
+def _settings(processor) -> tuple:
+    """A processor's attributes as a graph key: tensors by every value (their repr elides the middle of
+    one with over 1000 entries, e.g. a penalty's per-row prompt_ignore_length in a big batch, so two
+    calls' settings could share a key and the second decode with the first's)."""
+
+    def value(v):
+        if isinstance(v, torch.Tensor):
+            return str(v.dtype), tuple(v.shape), tuple(v.flatten().tolist())
+        return repr(v)
+
+    return tuple((name, value(v)) for name, v in sorted(vars(processor).items()))
 
 
 def _warper_types() -> tuple[type, ...]:

@@ -531,6 +531,36 @@ def test_any_transformers_model_gets_its_greedy_tokens(model_type: str) -> None:
     assert torch.equal(model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw), want)
 
 
+def test_a_big_padded_batchs_penalty_keys_its_state_by_every_rows_padding() -> None:
+    """transformers' repetition penalty skips each row's left pads (``prompt_ignore_length``, one entry
+    per row). The step's state (on CUDA its graphs; on the CPU the processors it calls) is keyed by the
+    processors' settings, which were their repr: past 1000 rows torch elides a tensor's middle, so a
+    second call whose padding differed only in a middle row decoded with the first call's lengths (row
+    500 penalised its pads' token: other tokens, silently). Every value counts now."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **_TINY)).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]]).repeat(1001, 1)
+
+    def padded(middle: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask = ids.clone(), torch.ones_like(ids)
+        for row, n in ((0, 2), (500, middle)):
+            x[row, :n], mask[row, :n] = fill, 0
+        return x, mask
+
+    kw = {"max_new_tokens": 4, "pad_token_id": 0, "repetition_penalty": 5.0}
+    x, mask = padded(3, 77)
+    # pads of the token row 500 then picks: the penalty must skip them, as transformers' does
+    fill = int(greedy_reference(model, x, attention_mask=mask, **kw)[500, ids.shape[1] + 1])
+    for middle in (0, 3):  # the first call makes the state, the second must not reuse it
+        x, mask = padded(middle, fill)
+        want = greedy_reference(model, x, attention_mask=mask, **kw)
+        with _no_fallback():
+            got = model.generate(x, custom_generate=graphed_greedy, attention_mask=mask, **kw)
+        assert torch.equal(got, want)
+
+
 def test_sliding_window_only_cache_serves_any_length() -> None:
     """A model whose every layer slides (Mistral's sliding_window): its StaticCache layers hold the window
     and roll over it, so a cache made longer than the window serves any length. It used to count as
