@@ -380,6 +380,7 @@ def _greedy(
     del outputs, logits, scores
     tokens = [first.to("cpu", copy=True)]
     _stream(streamer, tokens[0])
+    streamed = 1  # new tokens the streamer has
     finished = _finished(tokens[0], eos)
     remaining = max_length - prompt - 1
     history = processors is not None and processors.reads_history
@@ -407,9 +408,12 @@ def _greedy(
             n = _run(state, step, remaining, k, device)
             got = state.chunk[:, :n].to("cpu", copy=True)  # a copy also on the CPU: the buffer is reused
             tokens.append(got)
-            _stream(streamer, got)
             remaining -= n
             finished |= _finished(got, eos)
+            if streamer is not None:  # as the output will read: pads after a row's EOS, none after the last
+                shown = _pad_after_eos(torch.cat(tokens, dim=1), eos, generation_config._pad_token_tensor)
+                _stream(streamer, shown[:, streamed:])
+                streamed = shown.shape[1]
     if streamer is not None:
         streamer.end()
     new = _pad_after_eos(torch.cat(tokens, dim=1), eos, generation_config._pad_token_tensor)

@@ -710,6 +710,31 @@ def test_streamer_gets_every_token_and_the_end(model, extra: dict) -> None:
     assert torch.equal(torch.cat(got.puts[1:]), out[0, IDS.shape[1] :])
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_streamer_gets_no_token_after_eos(model, rows: int) -> None:
+    """A replay (on the CPU: ``steps_per_graph`` steps) runs on past a row's EOS; the streamer got those
+    steps' tokens as they came (text after the EOS that the output does not hold), where plain
+    ``generate(streamer=s)`` gives it the EOS, then pad tokens for a finished row while others run, and
+    nothing once all have finished. It now gets what the output holds."""
+    kw = {"max_new_tokens": 14, "pad_token_id": 3}
+    ids = torch.cat([IDS, IDS.flip(1)])[:rows]
+    eos = _eos_of(model, ids[:1], 5)  # a token of row 0: it stops mid-chunk (a chunk is 4 steps)
+    want, got = _RecordingStreamer(), _RecordingStreamer()
+    ref = model.generate(ids, streamer=want, eos_token_id=eos, **kw)
+    with _no_fallback():
+        out = model.generate(
+            ids, custom_generate=graphed_greedy, streamer=got, eos_token_id=eos, steps_per_graph=4, **kw
+        )
+    assert torch.equal(out, ref)
+    assert got.ends == 1
+
+    def streamed(puts: list[torch.Tensor]) -> torch.Tensor:  # (rows, new tokens)
+        return torch.cat([p.reshape(rows, -1) for p in puts[1:]], dim=1)
+
+    assert torch.equal(streamed(got.puts), streamed(want.puts))
+    assert torch.equal(streamed(got.puts), out[:, ids.shape[1] :])
+
+
 def test_iterator_streamer_reader_ends(model) -> None:
     """A ``TextIteratorStreamer`` read on another thread (the documented way to stream): the reader waited
     forever for the end of the stream, which never came; it now ends with the generated text."""
