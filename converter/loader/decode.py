@@ -227,10 +227,14 @@ def _unsupported(
         return f"input_ids on {input_ids.device.type} (empty or not CPU/CUDA) are not supported"
     allowed = _history_types() + (_warper_types() if cfg.do_sample else ())
     filtered = False  # a warper that looks at the whole distribution (top-k, top-p, min-p) came
+    barred = set()  # the EOS id sets of the min-length processors: the step bars one set to one length
     for p in logits_processor:
         if isinstance(p, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)):
             if filtered:  # the step masks EOS first: exact only before the filters (transformers' order)
                 return f"{type(p).__name__} after a top-k / top-p / min-p warper is not supported"
+            barred.add(frozenset(torch.as_tensor(p.eos_token_id).flatten().tolist()))
+            if len(barred) > 1:
+                return "min-length processors barring different EOS ids are not supported"
             continue
         if type(p) not in allowed:  # exact classes: a subclass may read more, or sync
             return f"the logits processor {type(p).__name__} is not supported"

@@ -224,6 +224,31 @@ def test_min_new_tokens_bars_eos_on_device(model) -> None:
     assert torch.equal(got, want)
 
 
+def test_min_length_processors_with_other_eos_ids_fall_back(caplog) -> None:
+    """A ``MinLengthLogitsProcessor`` of one's own for another EOS id beside ``min_new_tokens``: the step
+    bars all their EOS ids until the longest minimum, so the generation config's EOS was barred too
+    (it ran on past where transformers stopped). Such processors fall back, saying so."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessorList
+    from transformers.generation.logits_process import MinLengthLogitsProcessor
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **_TINY)).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
+    text = greedy_reference(model, ids, max_new_tokens=8, pad_token_id=0)[0, ids.shape[1] :]
+    eos, other = int(text[2]), int(text[5])
+    assert other not in text[:5]
+    assert eos not in text[:2]
+    mine = LogitsProcessorList([MinLengthLogitsProcessor(ids.shape[1] + 12, eos_token_id=other)])
+    kw = {"max_new_tokens": 14, "pad_token_id": 0, "eos_token_id": eos, "min_new_tokens": 1}
+    want = model.generate(ids, logits_processor=mine, **kw)
+    assert want.shape[1] == ids.shape[1] + 3  # stopped at its EOS
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, logits_processor=mine, **kw)
+    assert torch.equal(got, want)
+    assert "different EOS ids" in caplog.text
+
+
 def test_batch_rows_finished_early_are_padded_like_transformers(model) -> None:
     ids = torch.cat([IDS, IDS.flip(1)])
     eos = _eos_of(model, ids[:1], 3)
