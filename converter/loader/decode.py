@@ -211,6 +211,7 @@ def _unsupported(
         MinNewTokensLengthLogitsProcessor,
     )
     from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+    from transformers.generation.utils import GenerationMixin
 
     cfg = generation_config
     if getattr(model.config, "is_encoder_decoder", False):
@@ -258,6 +259,19 @@ def _unsupported(
         return f"position_ids of shape {tuple(positions.shape)} (one row per prompt only) are not supported"
     if positions is None and mask is not None and not bool(mask.all()):
         return "padded prompts on a model that takes no position_ids are not supported"
+    switch = getattr(model.config, "original_max_position_embeddings", None)
+    if (
+        isinstance(switch, int)
+        and type(model).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation
+        and _max_length(stopping_criteria, cfg) >= switch + 2
+    ):
+        # Phi-3 (PhiMoE, Phi-4-multimodal): once the text passes original_max_position_embeddings its
+        # prepare_inputs_for_generation drops the cache and runs the whole text again (longrope switches
+        # to its long factors), a step the device loop does not take
+        return (
+            f"a text longer than original_max_position_embeddings ({switch}) on a model that then "
+            "recomputes its cache (Phi-3 longrope) is not supported"
+        )
     if _has_linear_attention(model):
         return "linear-attention cache layers (state-space or recurrent: Mamba, Jamba) are not supported"
     cache = model_kwargs.get("cache")

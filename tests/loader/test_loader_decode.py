@@ -586,6 +586,37 @@ def test_a_big_padded_batchs_penalty_keys_its_state_by_every_rows_padding() -> N
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("prompt", [12, 20], ids=["crosses-while-decoding", "prompt-past-it"])
+def test_phi3_text_past_its_original_positions_falls_back(prompt: int, caplog) -> None:
+    """Phi-3's prepare_inputs_for_generation drops the cache once the text passes
+    original_max_position_embeddings and runs the whole text again (with longrope: its long factors for
+    every position), then decodes on a new dynamic cache. The device loop kept decoding on the keys made
+    with the short factors (other tokens), and a prompt already past it was prefilled into no cache of
+    the loop's at all. It falls back."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}
+    rope["original_max_position_embeddings"] = 16
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("phi3", **_TINY, rope_scaling=rope, original_max_position_embeddings=16)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    rows = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17, 40, 41, 42, 43, 44, 45, 46, 47]])
+    ids, mask = _padded(torch.cat([rows, rows.flip(1), rows.roll(3, 1)])[:, :prompt], (prompt - 1, 0, 2))
+    kw = {"max_new_tokens": 14, "pad_token_id": 0, "attention_mask": mask}
+    want = greedy_reference(model, ids, **kw)
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert torch.equal(got, want)
+    assert "original_max_position_embeddings (16)" in caplog.text
+    short = {**kw, "max_new_tokens": 2}  # ends before 16 positions: the device loop
+    with _no_fallback():
+        got = model.generate(
+            ids[:, :12], custom_generate=graphed_greedy, **{**short, "attention_mask": mask[:, :12]}
+        )
+    assert torch.equal(got, greedy_reference(model, ids[:, :12], **{**short, "attention_mask": mask[:, :12]}))
+
+
 def test_sliding_window_only_cache_serves_any_length() -> None:
     """A model whose every layer slides (Mistral's sliding_window): its StaticCache layers hold the window
     and roll over it, so a cache made longer than the window serves any length. It used to count as
