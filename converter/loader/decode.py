@@ -222,6 +222,10 @@ def _unsupported(
         cfg.output_scores or cfg.output_logits or cfg.output_attentions or cfg.output_hidden_states
     ):
         return "scores, logits, attentions or hidden states in the output need the per-step loop"
+    if not _takes_cache(model) and "past_key_values" not in _forward_parameters(model):
+        # e.g. OpenAI GPT: transformers' loop runs the whole text at every step; a step of the device loop
+        # would see its one token only
+        return "a model whose forward takes no cache is not supported"
     if model_kwargs.get("inputs_embeds") is not None:
         return "inputs_embeds prompts are not supported"
     if input_ids.device.type not in ("cuda", "cpu") or input_ids.shape[1] == 0:
@@ -530,10 +534,14 @@ def _decode_mode(model):
     return ctx() if ctx is not None else contextlib.nullcontext()
 
 
-def _takes_cache(model) -> bool:
+def _forward_parameters(model):
     import inspect
 
-    return "cache" in inspect.signature(type(model).forward).parameters
+    return inspect.signature(type(model).forward).parameters
+
+
+def _takes_cache(model) -> bool:
+    return "cache" in _forward_parameters(model)
 
 
 def _max_length(stopping_criteria, generation_config) -> int:

@@ -617,6 +617,35 @@ def test_phi3_text_past_its_original_positions_falls_back(prompt: int, caplog) -
     assert torch.equal(got, greedy_reference(model, ids[:, :12], **{**short, "attention_mask": mask[:, :12]}))
 
 
+def test_a_model_that_takes_no_cache_falls_back(caplog) -> None:
+    """OpenAI GPT's forward takes no cache: transformers' loop runs the whole text at every step. The
+    device loop made a static cache the model never read, so each step saw its one token only (other
+    tokens, silently). It falls back."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    config = AutoConfig.for_model(
+        "openai-gpt",
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=256,
+        n_positions=256,
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.transformer.tokens_embed.weight.mul_(10)  # the context changes this random model's tokens
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
+    kw = {"max_new_tokens": 10, "min_new_tokens": 10, "pad_token_id": 0}
+    want = model.generate(ids, **kw)
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert torch.equal(got, want)
+    assert "takes no cache" in caplog.text
+
+
 def test_sliding_window_only_cache_serves_any_length() -> None:
     """A model whose every layer slides (Mistral's sliding_window): its StaticCache layers hold the window
     and roll over it, so a cache made longer than the window serves any length. It used to count as
