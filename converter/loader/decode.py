@@ -226,6 +226,10 @@ def _unsupported(
         # e.g. OpenAI GPT: transformers' loop runs the whole text at every step; a step of the device loop
         # would see its one token only
         return "a model whose forward takes no cache is not supported"
+    if getattr(model.config, "model_type", None) == "falcon" and getattr(model.config, "alibi", False):
+        # its alibi bias is as long as the attention mask, not the cache: transformers' loop fails on a
+        # static cache too ("The size of tensor a (256) must match the size of tensor b (12)")
+        return "Falcon with alibi does not run on a static cache"
     if model_kwargs.get("inputs_embeds") is not None:
         return "inputs_embeds prompts are not supported"
     if input_ids.device.type not in ("cuda", "cpu") or input_ids.shape[1] == 0:

@@ -646,6 +646,26 @@ def test_a_model_that_takes_no_cache_falls_back(caplog) -> None:
     assert "takes no cache" in caplog.text
 
 
+def test_falcon_with_alibi_falls_back(caplog) -> None:
+    """Falcon's alibi bias is as long as the attention mask, not the cache: it does not run on a static
+    cache (transformers' own static-cache loop fails as well), and the device loop failed ("The size of
+    tensor a (256) must match the size of tensor b (12)") where plain generate works. It falls back."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, alibi=True
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert torch.equal(got, model.generate(ids, **kw))
+    assert "alibi" in caplog.text
+
+
 def test_sliding_window_only_cache_serves_any_length() -> None:
     """A model whose every layer slides (Mistral's sliding_window): its StaticCache layers hold the window
     and roll over it, so a cache made longer than the window serves any length. It used to count as
