@@ -115,6 +115,7 @@ class _GraphState:
     processors: _Processors | None = None  # None: greedy, no processor but the EOS mask
     history: torch.Tensor | None = None  # (B, L) the tokens so far, L >= max_length, vocab size after them
     mask: torch.Tensor | None = None  # (B, L) padded prompts: the prompt's attention mask, then ones
+    invalid: torch.Tensor | None = None  # () sampling: whether a step's probabilities held a NaN
 
 
 def graphed_greedy(
@@ -428,11 +429,16 @@ def _greedy(
     else:
         state.position.fill_(prompt)
     state.min_total.fill_(eos_mask.min_total_length if eos_mask else 0)
+    if state.invalid is not None:
+        state.invalid.fill_(False)
     step = _step_fn(model, cache, state, compile_step)
     with _decode_mode(model):
         while remaining > 0 and not bool(finished.all()):
             n = _run(state, step, remaining, k, device)
             got = state.chunk[:, :n].to("cpu", copy=True)  # a copy also on the CPU: the buffer is reused
+            if state.invalid is not None and bool(state.invalid):  # as _sample's multinomial raises
+                msg = "probability tensor contains either `inf`, `nan` or element < 0"
+                raise RuntimeError(msg)
             tokens.append(got)
             remaining -= n
             finished |= _finished(got, eos)
@@ -506,7 +512,9 @@ def _step_fn(model, cache, state: _GraphState, compile_step: bool):
             for p in processors.processors:  # the warpers read the logits only; the penalty the history
                 logits = p(state.history if state.history is not None else state.token, logits)
         if processors is not None and processors.sample:
-            nxt = _draw(torch.softmax(logits, dim=-1))
+            probs = torch.softmax(logits, dim=-1)
+            state.invalid |= probs.isnan().any()  # what multinomial refuses (softmax makes no inf, no < 0)
+            nxt = _draw(probs)
         else:
             nxt = torch.argmax(logits, dim=-1, keepdim=True)
         if state.history is not None:
@@ -732,7 +740,7 @@ def _state(
     tensors = (
         [] if state is None else [state.token, state.position, state.length, state.min_total, state.chunk]
     )
-    tensors += [t for t in (state.history, state.mask) if t is not None] if state is not None else []
+    tensors += [t for t in (state.history, state.mask, state.invalid) if t is not None] if state else []
     if state is None or _stuck_in_inference_mode(tensors):
         state = _GraphState(
             token=torch.zeros(batch, 1, dtype=torch.long, device=device),
@@ -745,6 +753,9 @@ def _state(
             processors=processors,
             history=torch.zeros(batch, length, dtype=torch.long, device=device) if history else None,
             mask=torch.ones(batch, length, dtype=torch.long, device=device) if padded else None,
+            invalid=torch.zeros((), dtype=torch.bool, device=device)
+            if processors and processors.sample
+            else None,
         )
         states[key] = state
     return state

@@ -304,6 +304,32 @@ def test_sampling_with_eos_and_min_new_tokens_equals_transformers(model) -> None
     assert torch.equal(got, want)
 
 
+def test_sampling_nan_probabilities_raise_as_multinomial_does(model) -> None:
+    """transformers' loop draws with ``torch.multinomial``, which refuses probabilities holding a NaN (a
+    NaN logit, e.g. an overflow in half precision); the device loop's draw checks nothing, so it gave
+    tokens where transformers raises. It raises the same error now."""
+    steps = []
+
+    def nan_late(module, args, out):  # the 4th decode step's logits are NaN
+        steps.append(args[0].shape[1])
+        return out.fill_(float("nan")) if len(steps) == 5 else out
+
+    kw = {"max_new_tokens": 9, "pad_token_id": 0, "do_sample": True, "top_k": 5}
+    hook = model.lm_head.register_forward_hook(nan_late)
+    try:
+        with pytest.raises(RuntimeError, match="probability tensor contains"):
+            model.generate(IDS, **kw)
+        steps.clear()
+        with _no_fallback(), pytest.raises(RuntimeError, match="probability tensor contains"):
+            model.generate(IDS, custom_generate=graphed_greedy, **kw)
+    finally:
+        hook.remove()
+    torch.manual_seed(0)
+    want = model.generate(IDS, **kw)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(IDS, custom_generate=graphed_greedy, **kw), want)  # the flag is reset
+
+
 def test_sampling_graph_state_follows_the_warper_settings(model) -> None:
     """Graphs bake the warpers' numbers in: another top_k gets a state of its own, not the first one's."""
     kw = {"max_new_tokens": 6, "pad_token_id": 0, "do_sample": True}
