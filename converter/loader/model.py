@@ -764,9 +764,9 @@ def load_quantized(
             them = " and ".join(f"{n}=" for n in ignored)
             warnings.warn(
                 f"{them} {'are' if len(ignored) > 1 else 'is'} ignored without device_map: "
-                f"{'they need' if len(ignored) > 1 else 'it needs'} device_map (\"auto\", or a dict) to "
+                f'{"they need" if len(ignored) > 1 else "it needs"} device_map ("auto", or a dict) to '
                 f"spread the model over devices; the model loads whole on {device}. Pass "
-                f"device_map=\"auto\", or leave {'them' if len(ignored) > 1 else 'it'} out",
+                f'device_map="auto", or leave {"them" if len(ignored) > 1 else "it"} out',
                 UserWarning,
                 stacklevel=3,
             )
