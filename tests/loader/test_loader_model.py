@@ -20,7 +20,12 @@ from tiny_models import add_repository_code, make_tiny
 from torch import nn
 
 from converter.loader.head import GemvHead
-from converter.loader.model import ModelBuildError, UnexpectedArgumentError, linear4bit_modules, load_quantized
+from converter.loader.model import (
+    ModelBuildError,
+    UnexpectedArgumentError,
+    linear4bit_modules,
+    load_quantized,
+)
 from converter.loader.module import Linear4bit
 from converter.loader.replace import CheckpointMismatchError, replace_linear_layers
 from converter.loader.state import load_quantized_state
@@ -648,7 +653,11 @@ def test_gguf_file_is_an_unexpected_argument_naming_what_to_do(our_folder: Path,
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_memory": {"cpu": "1GiB"}}, {"offload_folder": "off"}, {"max_memory": {"cpu": 10**9}, "offload_folder": "o"}],
+    [
+        {"max_memory": {"cpu": "1GiB"}},
+        {"offload_folder": "off"},
+        {"max_memory": {"cpu": 10**9}, "offload_folder": "o"},
+    ],
 )
 def test_max_memory_or_offload_folder_without_device_map_warns(
     our_folder: Path, tmp_path: Path, kwargs: dict
