@@ -498,6 +498,8 @@ class _Conversion:
         tied = getattr(selection, "tied", None) or {}
         if not tied or identity.get("kind") != "local":
             return tensors, selection
+        if not selection.quantize:  # refused by build_plan: the refusal's example may be the copy the
+            return tensors, selection  # user named (--include lm_head), and it would say "written once"
         info = {t.name: t for t in tensors}
         drop: set[str] = set()
         for target, source in sorted(tied.items()):

@@ -499,6 +499,32 @@ def test_nothing_to_quantize_names_a_weight_the_include_matched(
     assert not (tmp_path / "out").exists()
 
 
+def test_nothing_to_quantize_names_the_tied_head_the_include_named(
+    tiny_llama: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """`--include lm_head` of a checkpoint that stores a tied lm_head beside the embedding, with its values:
+    the example was 'model.embed_tokens.weight': not nn.Linear (Embedding), a tensor the user did not name,
+    after a warning that lm_head would be "written once" by a run that writes nothing. It names the head
+    now."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "tied"
+    shutil.copytree(tiny_llama, src)
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(config))
+    tensors = load_file(src / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError) as info:
+        convert(src, tmp_path / "out", include=["lm_head"], progress=False)
+    msg = str(info.value)
+    assert "(e.g. 'lm_head.weight': lm_head (output embedding))" in msg, msg
+    assert "embed_tokens" not in msg
+    assert not [w for w in recwarn if "written once" in str(w.message)]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_glob_that_matches_nothing_is_named_with_the_glob_that_would(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
