@@ -327,3 +327,18 @@ def test_an_empty_path_is_refused(
     assert "empty" in r.stderr
     assert sorted(p.name for p in work.iterdir()) == before
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [(["inspect", ""], "PATH"), (["verify", ""], "PATH"), (["push", "", "me/m"], "FOLDER")],
+)
+def test_an_empty_folder_argument_is_refused(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], name: str
+) -> None:
+    """`verify ""` (or inspect, push) read the current folder, as `convert ""` did: exit 2, naming it."""
+    monkeypatch.chdir(tmp_path)
+    r = qm(*args)
+    assert r.exit_code == 2, r.output
+    assert f"'{name}'" in r.stderr, r.stderr
+    assert "empty" in r.stderr
