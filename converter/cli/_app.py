@@ -11,6 +11,7 @@ import errno
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -152,3 +153,18 @@ def table(title: str | None = None) -> Table:
     # Values (paths, tensor names) are never cut or folded, whatever the terminal width.
     t.add_column(no_wrap=True, overflow="ignore")
     return t
+
+
+def not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A path argument as given, refused when it is the empty string (an unset shell variable: ``convert
+    "$SRC" out``), which Path("") and click.Path take as the current folder."""
+    if value == "":
+        msg = "empty; give a path ('.' for the current folder)"
+        raise click.BadParameter(msg, ctx, param)
+    return value
+
+
+def not_empty_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """:func:`not_empty`, as a Path."""
+    value = not_empty(ctx, param, value)
+    return None if value is None else Path(value)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from converter.cli._app import App
+from converter.cli._app import App, not_empty_path
 from converter.cli.convert import conversion_kwargs, conversion_options, options_not_for
 from converter.units import human_bytes
 
@@ -32,7 +32,7 @@ Examples:
 
 @click.command(short_help="Convert many checkpoints", epilog=EPILOG)
 @click.argument("plan_file", type=click.Path(path_type=Path))
-@click.argument("output_root", type=click.Path(path_type=Path), required=False)
+@click.argument("output_root", required=False, callback=not_empty_path)
 @conversion_options
 @click.option("--only", metavar="I/N", default=None, help="Run part I of N (a stable split of the jobs).")
 @click.option(

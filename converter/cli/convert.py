@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from converter.cli._app import App, table
+from converter.cli._app import App, not_empty, not_empty_path, table
 from converter.cli._moe_rows import moe_rows
 from converter.errors import InputError
 from converter.methods import method_names
@@ -145,8 +145,8 @@ def conversion_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 
 
 @click.command(short_help="Quantize one checkpoint", epilog=EPILOG)
-@click.argument("source")
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("source", callback=not_empty)
+@click.argument("output", callback=not_empty_path)
 @conversion_options
 @click.option("--overwrite", is_flag=True, help="Replace whatever the output folder holds.")
 @click.option("--push-to", metavar="REPO_ID", default=None, help="Upload the result to this Hub repo.")
@@ -175,6 +175,8 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
             source,
             output,
             overwrite=params["overwrite"],
+            push_to=params["push_to"],  # checked, not pushed: --private without it is refused
+            private=params["private"],
             progress=False,
             dry_run=True,
             warn=app.warn,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from converter.cli._app import App, table
+from converter.cli._app import App, not_empty, not_empty_path, table
 from converter.sources import looks_like_repo_id
 from converter.units import human_bytes
 
@@ -22,8 +22,8 @@ ends).
 
 
 @click.command("dequantize", short_help="Write a plain checkpoint from a quantized one", epilog=EPILOG)
-@click.argument("source")
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("source", callback=not_empty)
+@click.argument("output", callback=not_empty_path)
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
               case_sensitive=False), default="bf16", show_default=True,
               help="dtype of every floating-point tensor written.")  # fmt: skip

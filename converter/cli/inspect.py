@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from converter.cli._app import App, table
+from converter.cli._app import App, not_empty, table
 from converter.methods import for_config
 from converter.units import human_bytes, human_count
 
 
 @click.command(short_help="Summarise a quantized folder, shard or Hub repo")
-@click.argument("spec", metavar="PATH", type=click.Path())
+@click.argument("spec", metavar="PATH", callback=not_empty)
 @click.option("--revision", default=None, help="Hub branch, tag or commit (a Hub repo id only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option(

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from converter.cli._app import App
+from converter.cli._app import App, not_empty_path
 
 
 @click.command("push")
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("folder", callback=not_empty_path)
 @click.argument("repo")
 @click.option(
     "--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility)."

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from converter.cli._app import App, describe_error
+from converter.cli._app import App, describe_error, not_empty_path
 
 
 @click.command(short_help="Check shard hashes and structure")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", callback=not_empty_path)
 @click.option(
     "--against",
     "against",

@@ -153,6 +153,22 @@ def _is_model_class(requested: type | None) -> bool:
     )
 
 
+def refuse_gguf_file(config_kwargs: Mapping[str, Any], caller: str = "load_quantized") -> None:
+    """``gguf_file=`` (a ``from_pretrained`` option): an UnexpectedArgumentError naming it and what to do.
+    AutoConfig took it and looked for the GGUF on the Hub, failing with an OSError about a bogus
+    ``huggingface.co//tmp/...`` URL."""
+    if "gguf_file" not in config_kwargs:
+        return
+    msg = (
+        f"{caller}() got an unexpected keyword argument gguf_file={config_kwargs['gguf_file']!r}: it reads "
+        "a pre-quantized safetensors folder (quantize-model convert's output), not a GGUF file; convert the "
+        "GGUF to a safetensors checkpoint first (AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)"
+        ".save_pretrained(out), as converter/tools/samples.py does), then quantize that folder with "
+        "quantize-model convert"
+    )
+    raise UnexpectedArgumentError(msg)
+
+
 def _read_config(
     folder: Path, requested: type | None, config_kwargs: Mapping[str, Any], *, trust_remote_code: bool
 ) -> tuple[Any, dict[str, Any]]:
@@ -160,6 +176,8 @@ def _read_config(
     (AutoConfig for an Auto class or none), ``config_kwargs`` set where the config has the attribute
     (``num_labels=3``, ``id2label``, ``problem_type``); the others, for the model's ``__init__``."""
     import transformers
+
+    refuse_gguf_file(config_kwargs)  # estimate's way here (load_quantized refused it before any work)
 
     if _is_model_class(requested):
         return requested.config_class.from_pretrained(folder, return_unused_kwargs=True, **config_kwargs)
@@ -735,9 +753,23 @@ def load_quantized(
             "pass use_safetensors=True or leave it out"
         )
         raise ValueError(msg)
+    refuse_gguf_file(config_kwargs)  # before a Hub repo is fetched
     # a GPU this process cannot use (a CPU-only torch, no GPU) or "meta": named now, before any work
     if device_map is None:
         check_device(device, device_argument("device", device))
+        ignored = [
+            name for name, value in (("max_memory", max_memory), ("offload_folder", offload_folder)) if value
+        ]
+        if ignored:  # transformers ignores them without a word
+            them = " and ".join(f"{n}=" for n in ignored)
+            warnings.warn(
+                f"{them} {'are' if len(ignored) > 1 else 'is'} ignored without device_map: "
+                f'{"they need" if len(ignored) > 1 else "it needs"} device_map ("auto", or a dict) to '
+                f"spread the model over devices; the model loads whole on {device}. Pass "
+                f'device_map="auto", or leave {"them" if len(ignored) > 1 else "it"} out',
+                UserWarning,
+                stacklevel=3,
+            )
     check_devices_exist(device_map, max_memory)
     forced_isa()  # a bad QM_CPU_ISA is named now, not at the model's first forward
     folder = resolve_folder(

@@ -309,8 +309,9 @@ def dispatch(
     if disk:
         model._qm_disk_files = tuple(paths)  # what "disk" reads: memory_by_device, casts_leave_disk
         model._apply = types.MethodType(_apply, model)
-        if hasattr(type(model), "resize_token_embeddings"):
-            model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
+        for method in (resize_token_embeddings, set_output_embeddings, set_input_embeddings):
+            if hasattr(type(model), method.__name__):
+                setattr(model, method.__name__, types.MethodType(method, model))
         for name in disk:  # a cast of the entry or of a module above it (model.lm_head.half()) runs these
             if name and _is_module(model, name):
                 entry = model.get_submodule(name)
@@ -334,6 +335,22 @@ def resize_token_embeddings(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     ``hf_device_map`` as after a cast (a disk ``lm_head`` said "disk", counted under "cpu" by
     ``memory_by_device``). Named as the method it shadows, as :func:`_apply` is."""
     out = type(self).resize_token_embeddings(self, *args, **kwargs)
+    casts_leave_disk(self)
+    return out
+
+
+def set_output_embeddings(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``set_output_embeddings`` of a model with disk modules: the head it is given is not
+    read from the files (in RAM, or on a GPU), so :func:`casts_leave_disk` updates ``hf_device_map`` as
+    after :func:`resize_token_embeddings` (a disk ``lm_head`` kept saying "disk")."""
+    out = type(self).set_output_embeddings(self, *args, **kwargs)
+    casts_leave_disk(self)
+    return out
+
+
+def set_input_embeddings(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``set_input_embeddings`` likewise (a disk ``embed_tokens`` replaced)."""
+    out = type(self).set_input_embeddings(self, *args, **kwargs)
     casts_leave_disk(self)
     return out
 

@@ -209,9 +209,12 @@ def _spellings(name: str) -> tuple[str, ...]:
 def _glob_spellings(glob: str) -> tuple[str, ...]:
     """``glob`` and, when its first component is a plain name (a base-model prefix the checkpoint's
     keys may lack: ``bert.pooler.*``), ``glob`` without it; never a wildcard's (``*.pooler.*`` is not
-    ``pooler.*``: the selection does not strip it)."""
+    ``pooler.*``: the selection does not strip it), nor a plain name's followed by wildcards alone
+    (``lm_head.*`` is not ``*``, which would match every name: it was the "did you mean" of ``lm_head``
+    in a checkpoint with no lm_head, a tied head, though it matches nothing there either)."""
     head, dot, rest = glob.partition(".")
-    return (glob, rest) if dot and not any(c in head for c in "*?[") else (glob,)
+    named = rest.strip("*?.") != ""
+    return (glob, rest) if dot and named and not any(c in head for c in "*?[") else (glob,)
 
 
 def unmatched_globs(globs: Sequence[str], tensor_names: Sequence[str]) -> list[tuple[str, str, str | None]]:

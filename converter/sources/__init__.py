@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from converter.errors import SourceNotFoundError
+from converter.errors import InputError, SourceNotFoundError
 from converter.sources.base import Source, TensorInfo
 
 __all__ = ["Source", "TensorInfo", "looks_like_repo_id", "open_source"]
@@ -44,6 +44,12 @@ def open_source(
         if revision is not None:
             msg = f"--revision {revision!r} applies to Hub repos only, but {str(spec)!r} is a local path"
             raise SourceNotFoundError(msg)
+        if keep_downloads:  # nothing is downloaded: refused as --revision is, not ignored without a word
+            msg = (
+                f"--keep-downloads applies to Hub repos only (it keeps their downloaded files), but "
+                f"{str(spec)!r} is a local path, which is read in place; leave it out"
+            )
+            raise InputError(msg)
         return LocalSource(path, allow_pickle=allow_pickle)
     text = str(spec)
     if isinstance(spec, str) and looks_like_repo_id(text):

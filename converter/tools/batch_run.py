@@ -289,7 +289,12 @@ def _describe(exc: BaseException) -> tuple[str, int]:
 
 
 def job_kwargs(job: Job, options: dict[str, Any]) -> dict[str, Any]:
-    return {**options, **job.convert_kwargs()}
+    kw = {**options, **job.convert_kwargs()}
+    if kw.get("keep_downloads") and Path(job.source).expanduser().exists():
+        # a batch-wide --keep-downloads (or [defaults] keep_downloads) is for the plan's Hub jobs: a
+        # local one downloads nothing (convert() refuses it there, as --revision)
+        kw["keep_downloads"] = False
+    return kw
 
 
 def preflight_job(

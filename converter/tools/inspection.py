@@ -221,7 +221,7 @@ class VerifyResult:
     problems: list[str] = field(default_factory=list)
     #: What to do about the problems: reconvert; resume an unfinished conversion; nothing we can say for a
     #: folder quantize-model did not write (no index, no per-tensor metadata).
-    remedy: str = "reconvert with --overwrite"
+    remedy: str = "reconvert with --overwrite"  # _RECONVERT, refined by verify_path (_remedy)
     #: what could not be checked, and why (not problems: the exit code stays 0)
     notes: list[str] = field(default_factory=list)
 
@@ -337,11 +337,13 @@ def verify_path(path: str | Path) -> VerifyResult:
             f"save_pretrained writes none), so its contents cannot be verified; the shards' structure "
             f"was checked"
         )
+    config_problems: list[str] = []
     if path.is_dir() and not unfinished:
         # the skip list against the kept linears only over every shard (a missing one's weights are not
         # 16-bit linears: they are reported once, as missing or unreadable)
         kept_if_all = kept if complete and not pieces_unjoined else None
-        result.problems.extend(_config_problems(folder, quant_types, found, kept_if_all, result.notes))
+        config_problems = _config_problems(folder, quant_types, found, kept_if_all, result.notes)
+        result.problems.extend(config_problems)
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):
             if shard_name in unreadable:
@@ -352,7 +354,31 @@ def verify_path(path: str | Path) -> VerifyResult:
                 result.problems.append(f"tensor {key!r}: index says {shard_name}, but it is not there")
         for key in sorted(set(found) - set(weight_map)):
             result.problems.append(f"tensor {key!r} in {found[key]} is missing from the index weight_map")
+    if result.problems and result.remedy == _RECONVERT:  # no remedy of its own (unfinished, damaged, ...)
+        result.remedy = _remedy(folder, ours, only_config=all(p in config_problems for p in result.problems))
     return result
+
+
+#: the remedy for damaged shards of our finished conversion: a rerun keeps a shard whose size and mtime
+#: did not change (bit rot, a copy that kept the mtime), so only a conversion from scratch redoes it
+_RECONVERT = "reconvert with --overwrite"
+
+
+def _remedy(folder: Path, ours: bool, *, only_config: bool) -> str:
+    """What to do about a finished folder's problems. ``config.json`` alone (hand-edited, or from another
+    version): the convert command run again rewrites it and keeps the shards (docs/cli.md, "Rerunning
+    into an existing folder"); --overwrite, which converts everything again, was the advice. A folder
+    quantize-model did not write cannot be reconverted: what it can do is said instead."""
+    if not ours:
+        if only_config:
+            return "fix config.json as said (quantize-model did not write this folder)"
+        return (
+            "quantize-model did not write this folder: save it again with the tool that made it, or convert "
+            "the original checkpoint with quantize-model convert"
+        )
+    if only_config and (folder / MANIFEST_NAME).is_file():
+        return "rerun the convert command that wrote it: it rewrites config.json and keeps the shards"
+    return _RECONVERT
 
 
 def _config_problems(

@@ -393,6 +393,15 @@ def _expand_job(
             except InputError as exc:
                 msg = "job"
                 raise fail(msg, k, "push_to" if "push_to" in raw else "variants", str(exc)) from None
+        if merged.get("private") and not merged.get("push_to"):  # nothing to make private: refused now,
+            msg = "job"  # as convert refuses --private without --push-to, not when the job runs
+            raise fail(
+                msg,
+                k,
+                "private" if "private" in raw else "variants",
+                "key 'private' makes the push_to repo private, but the job has no push_to; add push_to, or "
+                "leave private out",
+            )
         source = merged["source"]
         local = Path(source).expanduser()
         looks_local = source.startswith(("./", "../", "~")) or (path.parent / local).exists()

@@ -224,6 +224,16 @@ def convert(
     printed before the work starts (default: Python warnings).
     """
     forced_isa()  # a bad QM_CPU_ISA is refused before the source is opened or the output created
+    for name, value in (("source", source), ("output", output)):
+        if isinstance(value, str) and value == "":  # Path("") is the current folder: never meant
+            msg = f"{name}='': an empty path; give the {name} folder ('.' for the current folder)"
+            raise InputError(msg)
+    if private is True and not push_to:  # it would do nothing: refused, as --revision with a local path
+        msg = (
+            "--private makes the --push-to repo private, but nothing is pushed: add --push-to REPO_ID, "
+            "or leave it out"
+        )
+        raise InputError(msg)
     if push_to and not dry_run:
         from converter.tools.push import check_online, check_repo_id, check_token
 
@@ -488,6 +498,8 @@ class _Conversion:
         tied = getattr(selection, "tied", None) or {}
         if not tied or identity.get("kind") != "local":
             return tensors, selection
+        if not selection.quantize:  # refused by build_plan: the refusal's example may be the copy the
+            return tensors, selection  # user named (--include lm_head), and it would say "written once"
         info = {t.name: t for t in tensors}
         drop: set[str] = set()
         for target, source in sorted(tied.items()):

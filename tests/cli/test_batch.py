@@ -274,3 +274,27 @@ def test_an_output_root_inside_a_source_folder_is_refused_before_any_job(
     )
     assert not root.exists()
     assert not (tmp_path / "outs").exists()
+
+
+def test_batch_keep_downloads_is_for_the_hub_jobs(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """`batch list --keep-downloads` serves the list's Hub jobs: its local jobs, which download nothing
+    (`convert --keep-downloads` of a local path is refused, as `--revision`), convert as without it."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n")
+    r = qm("batch", listing, tmp_path / "out", "--keep-downloads", "-q")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "a" / "config.json").is_file()
+
+
+def test_a_plan_job_private_without_push_to_is_refused_with_the_plan(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`private = true` in a job without `push_to` is refused before any job, naming the plan line, as
+    `convert --private` without `--push-to` is (it would have failed the job when it ran)."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[job]]\nsource = "{tiny_llama}"\nprivate = true\n')
+    r = qm("batch", plan, tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert "plan.toml:3:" in r.stderr
+    assert "key 'private' makes the push_to repo private" in r.stderr
+    assert not (tmp_path / "out").exists()

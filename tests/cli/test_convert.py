@@ -270,3 +270,75 @@ def test_a_rerun_after_the_source_config_changed_does_not_say_resumed(
         "(1 shard(s) kept)"
     ) in r.stderr
     assert json.loads((out / "config.json").read_text())["my_note"] == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--private"], "--private makes the --push-to repo private"),
+        (["--keep-downloads"], "--keep-downloads applies to Hub repos only"),
+        (["--private", "--dry-run"], "--private makes the --push-to repo private"),
+        (["--keep-downloads", "--dry-run"], "--keep-downloads applies to Hub repos only"),
+    ],
+)
+def test_options_that_cannot_apply_are_refused(
+    qm, tiny_llama: Path, tmp_path: Path, options: list[str], needle: str
+) -> None:
+    """`--private` without `--push-to` and `--keep-downloads` with a local source did nothing without a
+    word, while `--revision` with a local path is refused (exit 2): refused the same way now, before OUTPUT
+    is created, naming the option and what to do."""
+    out = tmp_path / "out"
+    r = qm("convert", tiny_llama, out, *options)
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr
+    assert r.stderr.rstrip().endswith("leave it out")
+    assert not out.exists()
+
+
+def test_python_options_that_cannot_apply_are_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    from converter import convert
+    from converter.errors import InputError
+
+    with pytest.raises(InputError, match="--private makes the --push-to repo private"):
+        convert(tiny_llama, tmp_path / "a", private=True, progress=False)
+    with pytest.raises(InputError, match="--keep-downloads applies to Hub repos only"):
+        convert(tiny_llama, tmp_path / "b", keep_downloads=True, progress=False)
+    for source, output in (("", tmp_path / "c"), (tiny_llama, "")):
+        with pytest.raises(InputError, match="empty"):
+            convert(source, output, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+@pytest.mark.parametrize("empty", ["source", "output"])
+def test_an_empty_path_is_refused(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, empty: str
+) -> None:
+    """`convert "" out` (an unset shell variable) took the empty string as the current folder: refused now,
+    exit 2, naming the argument, and nothing is read or written."""
+    work = tmp_path / "cwd"
+    shutil.copytree(tiny_llama, work)
+    before = sorted(p.name for p in work.iterdir())
+    monkeypatch.chdir(work)
+    args = ["", tmp_path / "out"] if empty == "source" else [tiny_llama, ""]
+    r = qm(command, *args)
+    assert r.exit_code == 2, r.output
+    assert f"'{empty.upper()}'" in r.stderr, r.stderr
+    assert "empty" in r.stderr
+    assert sorted(p.name for p in work.iterdir()) == before
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [(["inspect", ""], "PATH"), (["verify", ""], "PATH"), (["push", "", "me/m"], "FOLDER")],
+)
+def test_an_empty_folder_argument_is_refused(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], name: str
+) -> None:
+    """`verify ""` (or inspect, push) read the current folder, as `convert ""` did: exit 2, naming it."""
+    monkeypatch.chdir(tmp_path)
+    r = qm(*args)
+    assert r.exit_code == 2, r.output
+    assert f"'{name}'" in r.stderr, r.stderr
+    assert "empty" in r.stderr

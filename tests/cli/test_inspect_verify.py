@@ -604,3 +604,50 @@ def test_verify_refuses_a_revision_without_against(qm, converted: Path) -> None:
     assert r.stderr.splitlines()[-1] == (
         "Error: --revision 'v1' is the revision of --against SRC: add --against, or leave it out"
     )
+
+
+def test_verify_after_a_hand_edit_of_config_says_rerun_the_convert_command(
+    qm, converted: Path, tiny_llama: Path
+) -> None:
+    """A hand edit of config.json (its quantization_config dropped) was "reconvert with --overwrite", which
+    converts everything again, though the convert command run again rewrites config.json and keeps the
+    shards: that is the advice now, and it works. A damaged shard still says --overwrite (a rerun keeps a
+    shard whose size and mtime did not change)."""
+    config = converted / "config.json"
+    data = json.loads(config.read_text())
+    del data["quantization_config"]
+    config.write_text(json.dumps(data))
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines()[-1] == (
+        f"Error: {converted}: 1 problem(s) found; rerun the convert command that wrote it: it rewrites "
+        "config.json and keeps the shards"
+    )
+    assert qm("convert", tiny_llama, converted, "-q", "--max-shard-size", "60KB").exit_code == 0
+    assert qm("verify", converted, "-q").exit_code == 0
+
+
+def test_verify_of_a_folder_quantize_model_did_not_write_does_not_say_reconvert(
+    qm, converted: Path, tmp_path: Path
+) -> None:
+    """A folder transformers' save_pretrained wrote (no manifest, no metadata of ours) was told "reconvert
+    with --overwrite": there is no conversion to redo. A config.json problem says to fix it; another
+    problem, that quantize-model did not write the folder and what to do instead."""
+    folder = resharded_as_transformers(converted, tmp_path / "saved", "model.layers.0.mlp.down_proj.weight")
+    config = folder / "config.json"
+    data = json.loads(config.read_text())
+    data["quantization_config"]["llm_int8_skip_modules"] = []  # lm_head, kept 16-bit, no longer listed
+    config.write_text(json.dumps(data))
+    r = qm("verify", folder)
+    assert r.exit_code == 1
+    last = r.stderr.splitlines()[-1]
+    assert last.endswith("; fix config.json as said (quantize-model did not write this folder)"), last
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    r = qm("verify", folder)
+    assert r.exit_code == 1
+    last = r.stderr.splitlines()[-1]
+    assert "--overwrite" not in last
+    assert last.endswith(
+        "quantize-model did not write this folder: save it again with the tool that made it, "
+        "or convert the original checkpoint with quantize-model convert"
+    ), last

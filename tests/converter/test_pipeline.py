@@ -499,6 +499,56 @@ def test_nothing_to_quantize_names_a_weight_the_include_matched(
     assert not (tmp_path / "out").exists()
 
 
+def test_nothing_to_quantize_names_the_tied_head_the_include_named(
+    tiny_llama: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """`--include lm_head` of a checkpoint that stores a tied lm_head beside the embedding, with its values:
+    the example was 'model.embed_tokens.weight': not nn.Linear (Embedding), a tensor the user did not name,
+    after a warning that lm_head would be "written once" by a run that writes nothing. It names the head
+    now."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "tied"
+    shutil.copytree(tiny_llama, src)
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(config))
+    tensors = load_file(src / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError) as info:
+        convert(src, tmp_path / "out", include=["lm_head"], progress=False)
+    msg = str(info.value)
+    assert "(e.g. 'lm_head.weight': lm_head (output embedding))" in msg, msg
+    assert "embed_tokens" not in msg
+    assert not [w for w in recwarn if "written once" in str(w.message)]
+    assert not (tmp_path / "out").exists()
+
+
+def test_include_of_a_head_the_checkpoint_ties_away_suggests_no_glob_that_matches_nothing(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A tied lm_head the checkpoint does not store: `--include lm_head` matches nothing, and the warning
+    said "did you mean 'lm_head.*'?", which matches nothing either (its 'lm_head.' was taken for a
+    base-model prefix, leaving '*'). It suggests nothing now, and names a tensor that exists."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "tied"
+    shutil.copytree(tiny_llama, src)
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(config))
+    tensors = load_file(src / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    told: list[str] = []
+    with pytest.raises(InputError, match=r"^nothing to quantize"):
+        convert(src, tmp_path / "out", include=["lm_head"], progress=False, warn=told.append)
+    (note,) = [t for t in told if t.startswith("--include 'lm_head'")]
+    assert "matches no tensor or module of the checkpoint" in note
+    assert "did you mean" not in note, note
+
+
 def test_a_glob_that_matches_nothing_is_named_with_the_glob_that_would(
     tiny_llama: Path, tmp_path: Path
 ) -> None:

@@ -20,7 +20,12 @@ from tiny_models import add_repository_code, make_tiny
 from torch import nn
 
 from converter.loader.head import GemvHead
-from converter.loader.model import ModelBuildError, linear4bit_modules, load_quantized
+from converter.loader.model import (
+    ModelBuildError,
+    UnexpectedArgumentError,
+    linear4bit_modules,
+    load_quantized,
+)
 from converter.loader.module import Linear4bit
 from converter.loader.replace import CheckpointMismatchError, replace_linear_layers
 from converter.loader.state import load_quantized_state
@@ -633,3 +638,38 @@ def test_quantization_config_is_the_object_transformers_gives(our_folder: Path, 
         stored = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert {k: saved.get(k) for k in stored} == stored
         assert saved["load_in_4bit"] is (folder == our_folder)
+
+
+@pytest.mark.parametrize("kwargs", [{"gguf_file": "model.gguf"}, {"gguf_file": "x.gguf", "num_labels": 3}])
+def test_gguf_file_is_an_unexpected_argument_naming_what_to_do(our_folder: Path, kwargs: dict) -> None:
+    """``gguf_file=`` (a from_pretrained option) went to AutoConfig, which looked for the GGUF on the Hub
+    and failed with an OSError naming a bogus ``huggingface.co//tmp/...`` URL. Now it is refused before
+    anything is read, as the other loading options load_quantized does not take, naming it and what to do."""
+    with pytest.raises(UnexpectedArgumentError, match=r"gguf_file='[^']+\.gguf'.*convert the GGUF") as info:
+        load_quantized(our_folder, verify=False, **kwargs)
+    assert "huggingface.co" not in str(info.value)
+    assert isinstance(info.value, TypeError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_memory": {"cpu": "1GiB"}},
+        {"offload_folder": "off"},
+        {"max_memory": {"cpu": 10**9}, "offload_folder": "o"},
+    ],
+)
+def test_max_memory_or_offload_folder_without_device_map_warns(
+    our_folder: Path, tmp_path: Path, kwargs: dict
+) -> None:
+    """``max_memory=`` / ``offload_folder=`` without ``device_map`` do nothing (transformers ignores them
+    too, silently): a warning names them and that they need device_map, and the load goes on."""
+    kwargs = {k: (tmp_path / v if k == "offload_folder" else v) for k, v in kwargs.items()}
+    with pytest.warns(UserWarning, match=r"need(s)? device_map") as record:
+        model = load_quantized(our_folder, verify=False, **kwargs)
+    text = " ".join(str(w.message) for w in record)
+    assert all(k in text for k in kwargs)
+    assert getattr(model, "hf_device_map", None) is None  # loaded as without them, on the CPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_quantized(our_folder, verify=False)  # no warning without them

@@ -818,3 +818,29 @@ def test_a_cast_of_a_submodule_moves_its_disk_entries_to_the_cpu_in_the_map(
     assert whole.hf_device_map == model.hf_device_map
     assert memory_by_device(whole) == memory_by_device(model)
     assert torch.equal(_logits(model), _logits(whole))
+
+
+@pytest.mark.parametrize("which", ["output", "input"])
+def test_set_embeddings_moves_the_new_disk_module_to_the_cpu_in_the_map(
+    our_folder: Path, tmp_path: Path, which: str
+) -> None:
+    """`model.set_output_embeddings(new_head)` (or `set_input_embeddings`) on a model whose head is on disk
+    puts a module in RAM where the map said "disk": `hf_device_map` kept "disk" for it while
+    `memory_by_device` counted it under "cpu", as `resize_token_embeddings` did before. Now the map says
+    "cpu", as after a cast; the entries still read from the shards stay "disk"."""
+    device_map = {**CPU_DISK, "model.embed_tokens": "disk"} if which == "input" else CPU_DISK
+    model = load_quantized(our_folder, device_map=device_map, offload_folder=tmp_path / "off")
+    old = _logits(model)
+    get = getattr(model, f"get_{which}_embeddings")
+    weight = get().weight.detach().clone()  # read from the offload folder by its hook? the mapped shard
+    if which == "output":
+        new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    else:
+        new = torch.nn.Embedding(*weight.shape, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+    getattr(model, f"set_{which}_embeddings")(new)
+    entry = "lm_head" if which == "output" else "model.embed_tokens"
+    assert model.hf_device_map == {**device_map, entry: "cpu"}
+    assert model.hf_device_map["model.layers.1"] == "disk"
+    assert torch.equal(_logits(model), old)
