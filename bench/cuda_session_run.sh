@@ -14,6 +14,8 @@
 #   graphed  bench_generate.py modes graphed, graphed-compiled (graphed_greedy: 16 decode steps per
 #            CUDA-graph replay) on the same 8B model, every contender ($CONTENDERS, default all three)
 #   dectests the CUDA tests of graphed_greedy only
+#   gensample bench_generate.py --sample on the same 8B model: sampled decode (temperature 0.7, top-k 50,
+#            top-p 0.9), modes $SAMPLE_MODES (default eager,graphed), contenders $CONTENDERS (default ours,bf16)
 #   compiletests the CUDA compile tests (keyed 4-bit ops in compiled steps, CUDA graphs, sibling launches)
 #   benchsmoke the shared bench CUDA helpers (cuda_timing, cuda_nf4) through three short scripts
 #   profile  profile_graphed.py: kernels per graphed decode token by family (8 layers), eager and compiled step
@@ -100,6 +102,8 @@ for s in ${*:-env}; do
     gen) step gen timeout 360 $GEN --prompt 512 --new 128 --repeats "${REPEATS:-1}" --modes eager,compiled --json "$OUT/gen.json" ;;
     graphed) step graphed timeout 420 $GEN --prompt 512 --new 128 --repeats "${REPEATS:-1}" \
       --contenders "${CONTENDERS:-ours,bnb,bf16}" --modes graphed,graphed-compiled --json "$OUT/graphed.json" ;;
+    gensample) step gensample timeout 420 $GEN --prompt 512 --new 128 --repeats "${REPEATS:-1}" --sample \
+      --contenders "${CONTENDERS:-ours,bf16}" --modes "${SAMPLE_MODES:-eager,graphed}" --json "$OUT/gensample.json" ;;
     dectests) step dectests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
       "$ROOT/tests/loader/test_loader_decode_cuda.py" ;;
     compiletests) step compiletests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs "$ROOT/tests/loader/test_loader_cuda_compile.py" \
