@@ -396,6 +396,17 @@ def _as_dtype(src: Path, dst: Path, dtype: torch.dtype) -> Path:
     return dst
 
 
+def _assert_same_tensors(one: Path, other: Path) -> None:
+    """The two folders' model.safetensors hold the same tensors, bit for bit."""
+    with (
+        safe_open(str(one / "model.safetensors"), "pt") as a,
+        safe_open(str(other / "model.safetensors"), "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
 def test_float64_weights_are_quantized_after_a_dtype_cast(tiny_llama: Path, tmp_path: Path) -> None:
     f64 = _as_dtype(tiny_llama, tmp_path / "f64", torch.float64)
     f32 = _as_dtype(tiny_llama, tmp_path / "f32", torch.float32)
@@ -405,26 +416,14 @@ def test_float64_weights_are_quantized_after_a_dtype_cast(tiny_llama: Path, tmp_
     assert (r.tensors_quantized, r.tensors_kept) == (14, 7)
     convert(f32, tmp_path / "out32", dtype="float32", progress=False)
     # (the shards' metadata differ: it records the source dtype and files)
-    with (
-        safe_open(str(tmp_path / "out64" / "model.safetensors"), "pt") as a,
-        safe_open(str(tmp_path / "out32" / "model.safetensors"), "pt") as b,
-    ):
-        assert set(a.keys()) == set(b.keys())
-        for k in a.keys():
-            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    _assert_same_tensors(tmp_path / "out64", tmp_path / "out32")
     # Without --dtype they get the dtype transformers loads the model in, config.json's (bfloat16), as
     # transformers + bitsandbytes casts and quantizes them: the bf16 checkpoint's tensors (they were
     # refused, 'pass --dtype float32', which gave another model than transformers loads).
     assert json.loads((f64 / "config.json").read_text())["dtype"] == "bfloat16"
     convert(f64, tmp_path / "auto64", progress=False)
     convert(tiny_llama, tmp_path / "bf16", progress=False)
-    with (
-        safe_open(str(tmp_path / "auto64" / "model.safetensors"), "pt") as a,
-        safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as b,
-    ):
-        assert set(a.keys()) == set(b.keys())
-        for k in a.keys():
-            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    _assert_same_tensors(tmp_path / "auto64", tmp_path / "bf16")
     # A config.json without a dtype: transformers would build the model in float64 (the first float
     # tensor's dtype), which bitsandbytes cannot quantize: refused before writing, saying how to cast.
     config = json.loads((f64 / "config.json").read_text())
