@@ -110,29 +110,48 @@ QM_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// AVX2: 16 weights per step (8 bytes); x permuted in groups of 16.
+// AVX2: 16 weights per step (8 bytes); x permuted in groups of 16. Each block sums code value x
+// activation (the table's values, unscaled) and scales that sum once by the block's absmax. The sums
+// run in independent chains (even / odd weights, and for B = 1 two steps at a time): one chain of
+// dependent FMAs per accumulator held a step to the FMA's latency (~2 weights a cycle). A row's order
+// of operations depends on K and the blocksize only, never on which rows a thread takes.
+template <int B>
+QM_TARGET_AVX2 inline void step_avx2(const uint8_t* w, const float* xf, int64_t K, int64_t k, __m256 qm_lo,
+                                     __m256 qm_hi, __m256* pe, __m256* po) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (k >> 1))));
+  const __m256i hi = _mm256_srli_epi32(v, 4), lo = _mm256_and_si256(v, _mm256_set1_epi32(0xF));
+  const __m256 we = lookup16_avx2(hi, qm_lo, qm_hi), wo = lookup16_avx2(lo, qm_lo, qm_hi);
+  for (int b = 0; b < B; ++b) {
+    const float* xb = xf + b * K + k;
+    pe[b] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xb), pe[b]);
+    po[b] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xb + 8), po[b]);
+  }
+}
+
 template <int B>
 QM_TARGET_AVX2 void rows_avx2(const Gemv4bitArgs& a, const void* xv, int64_t o0, int64_t o1) {
+  constexpr int U = B == 1 ? 2 : 1;  // steps in flight: chains of a one-row batch
   const float* xf = static_cast<const float*>(xv);
   const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs;
   const __m256 qm_lo = _mm256_loadu_ps(a.quant_map), qm_hi = _mm256_loadu_ps(a.quant_map + 8);
-  const __m256i nib = _mm256_set1_epi32(0xF);
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* w = a.packed + o * (K / 2);
     __m256 acc[B];
     for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < bpr; ++blk) {
+      __m256 pe[U][B], po[U][B];
+      for (int u = 0; u < U; ++u)
+        for (int b = 0; b < B; ++b) pe[u][b] = po[u][b] = _mm256_setzero_ps();
+      int64_t k = blk * bs;
+      const int64_t end = k + bs;
+      for (; k + 16 * U <= end; k += 16 * U)
+        for (int u = 0; u < U; ++u) step_avx2<B>(w, xf, K, k + 16 * u, qm_lo, qm_hi, pe[u], po[u]);
+      if (k < end) step_avx2<B>(w, xf, K, k, qm_lo, qm_hi, pe[0], po[0]);  // a block of 16 * odd
       const __m256 scale = _mm256_set1_ps(block_absmax(a, o * bpr + blk));
-      for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 16) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (k >> 1))));
-        const __m256i hi = _mm256_srli_epi32(v, 4), lo = _mm256_and_si256(v, nib);
-        const __m256 we = _mm256_mul_ps(lookup16_avx2(hi, qm_lo, qm_hi), scale);
-        const __m256 wo = _mm256_mul_ps(lookup16_avx2(lo, qm_lo, qm_hi), scale);
-        for (int b = 0; b < B; ++b) {
-          const float* xb = xf + b * K + k;
-          acc[b] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xb), acc[b]);
-          acc[b] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xb + 8), acc[b]);
-        }
+      for (int b = 0; b < B; ++b) {
+        __m256 part = _mm256_add_ps(pe[0][b], po[0][b]);
+        for (int u = 1; u < U; ++u) part = _mm256_add_ps(part, _mm256_add_ps(pe[u][b], po[u][b]));
+        acc[b] = _mm256_fmadd_ps(part, scale, acc[b]);
       }
     }
     for (int b = 0; b < B; ++b) store_y(a, b * a.out_features + o, hsum_avx2(acc[b]));
