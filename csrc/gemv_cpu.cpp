@@ -12,6 +12,7 @@
 #include "gemv_cpu.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -35,15 +36,24 @@ inline float block_absmax(const Gemv4bitArgs& a, int64_t i) {
   return scaled + a.offset;
 }
 
-// x widened to f32, and within each group of `group` elements reordered to (even..., odd...).
+// Where element j of a group of `group` goes: (even..., odd...), or with group kQuads (the AVX2 kernel's
+// byte-plane lookup, rows_avx2) in runs of 8: four even elements, then the four odd ones after them.
+constexpr int64_t kQuads = -32;
+
+inline int64_t permuted_index(int64_t group, int64_t j) {
+  if (group == kQuads) return 8 * (j / 8) + 4 * (j % 2) + (j / 2) % 4;
+  return j % 2 == 0 ? j / 2 : group / 2 + j / 2;
+}
+
+// x widened to f32, and within each group reordered as the rows kernel decodes (permuted_index).
 template <DType DT>
 void widen_permuted(const Gemv4bitArgs& a, int64_t group, std::vector<float, CacheLineAllocator<float>>& xf) {
-  const int64_t K = a.in_features, half = group / 2;
+  const int64_t K = a.in_features, size = group == kQuads ? 32 : group;
   xf.resize(static_cast<size_t>(a.batch * K));
   for (int64_t b = 0; b < a.batch; ++b) {
-    for (int64_t g = 0; g < K; g += group) {
-      for (int64_t j = 0; j < group; ++j) {
-        const int64_t dst = g + (j % 2 == 0 ? j / 2 : half + j / 2);
+    for (int64_t g = 0; g < K; g += size) {
+      for (int64_t j = 0; j < size; ++j) {
+        const int64_t dst = g + permuted_index(group, j);
         xf[static_cast<size_t>(b * K + dst)] = load_elem<DT>(a.x, b * K + g + j);
       }
     }
@@ -96,13 +106,6 @@ void rows_scalar(const Gemv4bitArgs& a, const void* xv, int64_t o0, int64_t o1) 
 }
 
 #if QM_X86
-// 16-entry table lookup with 8-lane permutes: bit 3 of the index picks the half (via the sign bit).
-QM_TARGET_AVX2 inline __m256 lookup16_avx2(__m256i idx, __m256 lo, __m256 hi) {
-  const __m256 from_lo = _mm256_permutevar8x32_ps(lo, idx);
-  const __m256 from_hi = _mm256_permutevar8x32_ps(hi, idx);
-  return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
 QM_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -110,48 +113,70 @@ QM_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// AVX2: 16 weights per step (8 bytes); x permuted in groups of 16. Each block sums code value x
-// activation (the table's values, unscaled) and scales that sum once by the block's absmax. The sums
-// run in independent chains (even / odd weights, and for B = 1 two steps at a time): one chain of
-// dependent FMAs per accumulator held a step to the FMA's latency (~2 weights a cycle). A row's order
-// of operations depends on K and the blocksize only, never on which rows a thread takes.
-template <int B>
-QM_TARGET_AVX2 inline void step_avx2(const uint8_t* w, const float* xf, int64_t K, int64_t k, __m256 qm_lo,
-                                     __m256 qm_hi, __m256* pe, __m256* po) {
-  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (k >> 1))));
-  const __m256i hi = _mm256_srli_epi32(v, 4), lo = _mm256_and_si256(v, _mm256_set1_epi32(0xF));
-  const __m256 we = lookup16_avx2(hi, qm_lo, qm_hi), wo = lookup16_avx2(lo, qm_lo, qm_hi);
+// AVX2: 32 weights per step (16 bytes). The 16-entry f32 table is held as its four byte planes, and
+// one vpshufb per plane looks up 32 nibbles at once (high nibbles, the even weights, in the low lane;
+// low nibbles, the odd ones, in the high lane); byte and word unpacks put the four bytes of each value
+// together, in runs of four even then four odd weights (x is permuted to that order: kQuads). Two
+// permutes and a blend per 8 weights did the same lookup (several micro-ops each on AMD). Each block
+// sums code value x activation (unscaled) in independent FMA chains and scales the sum once by the
+// block's absmax. A row's order of operations depends on K and the blocksize only, never on which rows
+// a thread takes.
+struct PlanesAvx2 {
+  __m256i b[4];
+};
+
+QM_TARGET_AVX2 inline PlanesAvx2 planes_avx2(const float* quant_map) {
+  alignas(32) uint8_t bytes[4][32];
+  for (int i = 0; i < 16; ++i) {
+    uint32_t u;
+    std::memcpy(&u, quant_map + i, 4);
+    for (int j = 0; j < 4; ++j) bytes[j][i] = bytes[j][i + 16] = static_cast<uint8_t>(u >> (8 * j));
+  }
+  PlanesAvx2 p;
+  for (int j = 0; j < 4; ++j) p.b[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[j]));
+  return p;
+}
+
+template <int B, int NA>
+QM_TARGET_AVX2 inline void step_avx2(const uint8_t* w, const float* xf, int64_t K, int64_t k, const PlanesAvx2& t,
+                                     __m256 (*part)[B]) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (k >> 1)));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m256i idx = _mm256_set_m128i(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+  const __m256i b0 = _mm256_shuffle_epi8(t.b[0], idx), b1 = _mm256_shuffle_epi8(t.b[1], idx);
+  const __m256i b2 = _mm256_shuffle_epi8(t.b[2], idx), b3 = _mm256_shuffle_epi8(t.b[3], idx);
+  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+  const __m256 f[4] = {_mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23)),
+                       _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23)),
+                       _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23)),
+                       _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23))};
   for (int b = 0; b < B; ++b) {
     const float* xb = xf + b * K + k;
-    pe[b] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xb), pe[b]);
-    po[b] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xb + 8), po[b]);
+    for (int m = 0; m < 4; ++m) part[m % NA][b] = _mm256_fmadd_ps(f[m], _mm256_loadu_ps(xb + 8 * m), part[m % NA][b]);
   }
 }
 
 template <int B>
 QM_TARGET_AVX2 void rows_avx2(const Gemv4bitArgs& a, const void* xv, int64_t o0, int64_t o1) {
-  constexpr int U = B == 1 ? 2 : 1;  // steps in flight: chains of a one-row batch
+  constexpr int NA = B == 1 ? 4 : 2;  // FMA chains per batch row
   const float* xf = static_cast<const float*>(xv);
   const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs;
-  const __m256 qm_lo = _mm256_loadu_ps(a.quant_map), qm_hi = _mm256_loadu_ps(a.quant_map + 8);
+  const PlanesAvx2 planes = planes_avx2(a.quant_map);
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* w = a.packed + o * (K / 2);
     __m256 acc[B];
     for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < bpr; ++blk) {
-      __m256 pe[U][B], po[U][B];
-      for (int u = 0; u < U; ++u)
-        for (int b = 0; b < B; ++b) pe[u][b] = po[u][b] = _mm256_setzero_ps();
-      int64_t k = blk * bs;
-      const int64_t end = k + bs;
-      for (; k + 16 * U <= end; k += 16 * U)
-        for (int u = 0; u < U; ++u) step_avx2<B>(w, xf, K, k + 16 * u, qm_lo, qm_hi, pe[u], po[u]);
-      if (k < end) step_avx2<B>(w, xf, K, k, qm_lo, qm_hi, pe[0], po[0]);  // a block of 16 * odd
+      __m256 part[NA][B];
+      for (int n = 0; n < NA; ++n)
+        for (int b = 0; b < B; ++b) part[n][b] = _mm256_setzero_ps();
+      for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 32) step_avx2<B, NA>(w, xf, K, k, planes, part);
       const __m256 scale = _mm256_set1_ps(block_absmax(a, o * bpr + blk));
       for (int b = 0; b < B; ++b) {
-        __m256 part = _mm256_add_ps(pe[0][b], po[0][b]);
-        for (int u = 1; u < U; ++u) part = _mm256_add_ps(part, _mm256_add_ps(pe[u][b], po[u][b]));
-        acc[b] = _mm256_fmadd_ps(part, scale, acc[b]);
+        __m256 sum = part[0][b];
+        for (int n = 1; n < NA; ++n) sum = _mm256_add_ps(sum, part[n][b]);
+        acc[b] = _mm256_fmadd_ps(sum, scale, acc[b]);
       }
     }
     for (int b = 0; b < B; ++b) store_y(a, b * a.out_features + o, hsum_avx2(acc[b]));
@@ -523,7 +548,7 @@ void gemv_prepare_x(const Gemv4bitArgs& args, Isa isa, GemvX& x) {
 #if QM_X86
   if (use_bf16dot(args, isa)) return prepare_x_bf16dot(args, x.bf16);
 #endif
-  const int64_t group = isa == Isa::AVX512 || isa == Isa::AVX512BF16 ? 32 : isa == Isa::AVX2 ? 16 : 2;
+  const int64_t group = isa == Isa::AVX512 || isa == Isa::AVX512BF16 ? 32 : isa == Isa::AVX2 ? kQuads : 2;
   widen_dispatch(args, group, x.f32);
 }
 
