@@ -19,8 +19,12 @@ def test_the_peak_of_a_block_is_what_it_held_at_most() -> None:
     process as the block ends is back near the baseline (glibc returns an mmap-sized block at free)."""
     size = 64 << 20
     with PeakRss(("RssAnon", "VmRSS")) as rss:
-        block = bytearray(size)  # zero-filled: every page written, so resident
-        time.sleep(0.02)  # a few sampling periods while it is held
+        block = b"\x01" * size  # every page written, so resident
+        # held until the sampler thread has seen it (on a loaded CI machine it may not run for a while;
+        # a fixed 20 ms hold saw nothing there once)
+        deadline = time.monotonic() + 10
+        while rss.peak["RssAnon"] < rss.before["RssAnon"] + size // 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         del block
     assert set(rss.grown) == {"RssAnon", "VmRSS"}
     assert size - (4 << 20) <= rss.grown["RssAnon"] <= size + (16 << 20), rss.grown
