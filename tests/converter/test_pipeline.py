@@ -498,6 +498,23 @@ def test_nothing_to_quantize_names_a_weight_the_include_matched(
     assert not (tmp_path / "out").exists()
 
 
+def _tied_copy(src: Path, dst: Path, store_head: bool) -> Path:
+    """The tiny Llama with tie_word_embeddings, its lm_head stored as a copy of the embedding or not."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (dst / "config.json").write_text(json.dumps(config))
+    tensors = load_file(dst / "model.safetensors")
+    if store_head:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    else:
+        del tensors["lm_head.weight"]
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 def test_nothing_to_quantize_names_the_tied_head_the_include_named(
     tiny_llama: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
 ) -> None:
@@ -505,16 +522,7 @@ def test_nothing_to_quantize_names_the_tied_head_the_include_named(
     the example was 'model.embed_tokens.weight': not nn.Linear (Embedding), a tensor the user did not name,
     after a warning that lm_head would be "written once" by a run that writes nothing. It names the head
     now."""
-    from safetensors.torch import load_file, save_file
-
-    src = tmp_path / "tied"
-    shutil.copytree(tiny_llama, src)
-    config = json.loads((src / "config.json").read_text())
-    config["tie_word_embeddings"] = True
-    (src / "config.json").write_text(json.dumps(config))
-    tensors = load_file(src / "model.safetensors")
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    src = _tied_copy(tiny_llama, tmp_path / "tied", store_head=True)
     with pytest.raises(InputError) as info:
         convert(src, tmp_path / "out", include=["lm_head"], progress=False)
     msg = str(info.value)
@@ -530,16 +538,7 @@ def test_include_of_a_head_the_checkpoint_ties_away_suggests_no_glob_that_matche
     """A tied lm_head the checkpoint does not store: `--include lm_head` matches nothing, and the warning
     said "did you mean 'lm_head.*'?", which matches nothing either (its 'lm_head.' was taken for a
     base-model prefix, leaving '*'). It suggests nothing now, and names a tensor that exists."""
-    from safetensors.torch import load_file, save_file
-
-    src = tmp_path / "tied"
-    shutil.copytree(tiny_llama, src)
-    config = json.loads((src / "config.json").read_text())
-    config["tie_word_embeddings"] = True
-    (src / "config.json").write_text(json.dumps(config))
-    tensors = load_file(src / "model.safetensors")
-    del tensors["lm_head.weight"]
-    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    src = _tied_copy(tiny_llama, tmp_path / "tied", store_head=False)
     told: list[str] = []
     with pytest.raises(InputError, match=r"^nothing to quantize"):
         convert(src, tmp_path / "out", include=["lm_head"], progress=False, warn=told.append)
