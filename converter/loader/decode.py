@@ -248,8 +248,8 @@ def _unsupported(
             continue
         if type(p) not in allowed:  # exact classes: a subclass may read more, or sync
             return f"the logits processor {type(p).__name__} is not supported"
-        if type(p).__name__ != "RepetitionPenaltyLogitsProcessor":
-            filtered = filtered or type(p).__name__ != "TemperatureLogitsWarper"
+        if type(p) not in _history_types():
+            filtered = filtered or type(p) is not _warper_types()[0]  # all but the temperature filter
         elif p.logits_indices is not None or p.cu_seq_lens_q is not None:
             return "a repetition penalty set up for continuous batching is not supported"
     for c in stopping_criteria:
