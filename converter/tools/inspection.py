@@ -230,7 +230,8 @@ class VerifyResult:
         return not self.problems
 
     def to_json(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
+        # no problem, nothing to do: a verified folder's JSON said "reconvert with --overwrite"
+        return {**asdict(self), "remedy": self.remedy if self.problems else "", "ok": self.ok}
 
 
 def verify_path(path: str | Path) -> VerifyResult:

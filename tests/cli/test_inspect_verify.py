@@ -43,6 +43,18 @@ def test_verify_ok(qm, converted: Path) -> None:
     assert r.stderr == ""
 
 
+def test_verify_json_of_a_verified_folder_has_no_remedy(qm, converted: Path) -> None:
+    """`verify --json` of a folder that verifies said "remedy": "reconvert with --overwrite": a CI script
+    printing the remedy told the user to reconvert a good folder. No problem, no remedy."""
+    r = qm("verify", converted, "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert (data["ok"], data["problems"], data["remedy"]) == (True, [], "")
+    sorted(converted.glob("model-*.safetensors"))[0].unlink()
+    data = json.loads(qm("verify", converted, "--json").stdout)
+    assert (data["ok"], data["remedy"]) == (False, "reconvert with --overwrite")
+
+
 def test_verify_quiet_prints_only_problems(qm, converted: Path) -> None:
     """verify had no -q, unlike convert, batch, push and dequantize: a CI step got the OK line."""
     r = qm("verify", converted, "-q")
