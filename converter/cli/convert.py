@@ -232,7 +232,7 @@ def summary_table(result: Any) -> Any:
         f"{result.bits_per_param:.2f} overall, {result.quantized_bits_per_param:.2f} in quantized weights",
     )
     t.add_row("Time", f"{result.seconds:.2f} s")
-    if not result.noop:
+    if not result.noop and result.bytes_read:  # a rerun that rewrote only small files read no shard
         t.add_row("Throughput", f"{human_bytes(result.throughput)}/s")
     if result.pushed_to:
         t.add_row("Pushed to", result.pushed_to)

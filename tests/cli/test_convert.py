@@ -256,10 +256,13 @@ def test_a_rerun_after_the_source_config_changed_does_not_say_resumed(
     qm, tiny_llama: Path, tmp_path: Path
 ) -> None:
     """Only the source's config.json changed since a finished conversion: the rerun said "resumed an
-    interrupted conversion" (nothing was interrupted); it says what it did."""
+    interrupted conversion" (nothing was interrupted); it says what it did, and no "Throughput 0 B/s"
+    (it read no source shard)."""
     src = shutil.copytree(tiny_llama, tmp_path / "src")
     out = tmp_path / "out"
-    assert qm("convert", src, out, "-q").exit_code == 0
+    first = qm("convert", src, out)
+    assert first.exit_code == 0
+    assert "Throughput" in first.stdout
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "my_note": 1}))
     r = qm("convert", src, out)
@@ -270,6 +273,7 @@ def test_a_rerun_after_the_source_config_changed_does_not_say_resumed(
         "(1 shard(s) kept)"
     ) in r.stderr
     assert json.loads((out / "config.json").read_text())["my_note"] == 1
+    assert "Throughput" not in r.stdout
 
 
 @pytest.mark.parametrize(
