@@ -6,6 +6,7 @@ interleaved (A B C, A B C, ...), best and median reported with ratios:
 - ``smollm2``: SmolLM2-135M bf16 (converter.tools.samples) -> nf4 nested. ``quantize-model convert`` vs
   transformers + bitsandbytes (``from_pretrained(load_in_4bit, device_map="cpu")`` + ``save_pretrained``)
   vs a plain copy of the files (``cp -r`` + ``sync``).
+- ``smollm2-int8``: the same to LLM.int8: ``convert --quant-type int8`` vs ``load_in_8bit`` + save vs a copy.
 - ``big``: 18 tensors of 11008x4096 bf16 (1.6 GB, one file, random). ``quantize-model convert
   --include '*'`` as a whole process vs bitsandbytes' ``quantize_4bit`` (nf4, nested) alone on the same
   tensors, in-process (only the calls are timed; reading and start-up are free for it) vs a plain copy.
@@ -55,6 +56,16 @@ import sys, torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                         bnb_4bit_compute_dtype=torch.bfloat16)
+m = AutoModelForCausalLM.from_pretrained(
+    sys.argv[1], quantization_config=qc, device_map="cpu", dtype=torch.bfloat16
+)
+m.save_pretrained(sys.argv[2])
+"""
+
+HF_BNB_INT8 = """
+import sys, torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+qc = BitsAndBytesConfig(load_in_8bit=True)
 m = AutoModelForCausalLM.from_pretrained(
     sys.argv[1], quantization_config=qc, device_map="cpu", dtype=torch.bfloat16
 )
@@ -152,33 +163,37 @@ def ours_argv(python: str, *args: str) -> list[str]:
     return [python, "-c", OURS, *args]
 
 
-def row_smollm2(args, python: str, work: Path, out: dict) -> None:
+def row_smollm2(args, python: str, work: Path, out: dict, method: str = "nf4") -> None:
+    """``method`` "nf4" (nested) or "int8" (LLM.int8: ``--quant-type int8`` vs ``load_in_8bit``)."""
     make = "from pathlib import Path; from converter.tools import samples; "
     make += f"print(samples.smollm2(Path({args.samples!r})))"
     src = Path(in_child(make))
     dst = work / "out"
 
     fresh = functools.partial(fresh_run, dst)
-
+    label = "nf4 nested" if method == "nf4" else "int8"
+    extra = [] if method == "nf4" else ["--quant-type", "int8"]
+    ours_name = f"quantize-model convert ({label})"
+    hf_name = f"transformers + bitsandbytes (load_in_{4 if method == 'nf4' else 8}bit + save)"
+    hf_code = HF_BNB if method == "nf4" else HF_BNB_INT8
     contenders = {
-        "quantize-model convert (nf4 nested)": fresh(ours_argv(python, "convert", str(src), str(dst), "-q")),
-        "transformers + bitsandbytes (load_in_4bit + save)": fresh(
-            [python, "-c", HF_BNB, str(src), str(dst)]
-        ),
+        ours_name: fresh(ours_argv(python, "convert", str(src), str(dst), *extra, "-q")),
+        hf_name: fresh([python, "-c", hf_code, str(src), str(dst)]),
         "plain copy (cp -r + sync)": fresh(["sh", "-c", f"cp -r '{src}' '{dst}' && sync '{dst}'/*"]),
     }
     if args.before:
         before = str(Path(args.before) / "quantize-model")
-        contenders["quantize-model before (--before)"] = fresh([before, "convert", str(src), str(dst), "-q"])
+        contenders["quantize-model before (--before)"] = fresh(
+            [before, "convert", str(src), str(dst), *extra, "-q"]
+        )
     warm(src)
     res = rounds(contenders, args.repeat)
-    report(
-        "SmolLM2-135M bf16 -> nf4 nested, whole processes", res, "quantize-model convert (nf4 nested)", out
-    )
-    hf = min(r[0] for r in res["transformers + bitsandbytes (load_in_4bit + save)"])
-    ours = min(r[0] for r in res["quantize-model convert (nf4 nested)"])
+    title = f"SmolLM2-135M bf16 -> {label}, whole processes"
+    report(title, res, ours_name, out)
+    hf = min(r[0] for r in res[hf_name])
+    ours = min(r[0] for r in res[ours_name])
     print(f"  transformers + bnb / ours: {hf / ours:.2f}x")
-    out["SmolLM2-135M bf16 -> nf4 nested, whole processes"]["hf_over_ours"] = hf / ours
+    out[title]["hf_over_ours"] = hf / ours
 
 
 def write_big(path: Path, n: int = 18, shape: tuple[int, int] = (11008, 4096)) -> None:
@@ -382,7 +397,7 @@ def save(args, out: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="smollm2,big", help="comma list of smollm2, big, gpu")
+    ap.add_argument("--rows", default="smollm2,big", help="comma list of smollm2, smollm2-int8, big, gpu")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--samples", default=str(Path(__file__).resolve().parents[1] / ".cache" / "samples"))
@@ -402,7 +417,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-e2e-") as tmp:
         work = Path(tmp)
         for row in args.rows.split(","):
-            {"smollm2": row_smollm2, "big": row_big, "gpu": row_gpu}[row](args, python, work, out)
+            {
+                "smollm2": row_smollm2,
+                "smollm2-int8": functools.partial(row_smollm2, method="int8"),
+                "big": row_big,
+                "gpu": row_gpu,
+            }[row](args, python, work, out)
             save(args, out)
     return 0
 

@@ -24,10 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from formats.validate import (
     INT8_QUANT_TYPE,
@@ -41,6 +40,9 @@ from formats.validate import (
     scb_key,
     weight_format_key,
 )
+
+if TYPE_CHECKING:  # torch is imported where a record's tensors are made: the converter's path needs none
+    import torch
 
 QUANT_TYPE = INT8_QUANT_TYPE
 __all__ = [
@@ -201,6 +203,8 @@ class Int8Tensor:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """bnb's keys in its ``_save_to_state_dict`` order (weight, SCB, weight_format)."""
+        import torch
+
         out = {self.name: self.codes, scb_key(self.name): self.scb}
         if self.has_weight_format:
             out[weight_format_key(self.name)] = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
@@ -208,6 +212,8 @@ class Int8Tensor:
 
     def dequantize(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """Reference (numpy) dequantization, cast to ``dtype`` (default: the original dtype, else float32)."""
+        import torch
+
         w = torch.from_numpy(dequantize_int8(self.codes.numpy(), self.scb.numpy()))
         name = dtype if dtype is not None else (self.dtype or "float32")
         target = name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."))
@@ -229,6 +235,8 @@ class Int8Tensor:
         dtype: str | None = None,
     ) -> Int8Tensor:
         """Rebuild a record from bnb keys (ours or a bnb/transformers-made checkpoint)."""
+        import torch
+
         present = {
             k: (_code(tensors[k]), tuple(tensors[k].shape))
             for k in (name, scb_key(name), weight_format_key(name))

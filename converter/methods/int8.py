@@ -1,6 +1,7 @@
 """LLM.int8 (bitsandbytes ``Linear8bitLt``, ``load_in_8bit``): row-wise int8 codes + fp16 row absmax.
 
-Kernels ``converter.kernels.int8`` through ``converter.quantize.int8_quantizer``; record and math
+Kernels ``converter.kernels.int8_np`` (CPU, no torch) or ``converter.kernels.int8`` (CUDA) through
+``converter.quantize.int8_quantizer``; record and math
 ``formats.int8``; config ``formats.int8.quantization_config`` (13 keys, ``load_in_8bit``); runtime
 layer ``converter.loader.module_int8.Linear8bit``. Options it owns: ``int8_threshold`` (only used by
 the forward pass: bnb's stored bytes do not depend on it) and ``int8_scale`` ("cpu": bnb's CPU bytes,
@@ -68,10 +69,20 @@ class Int8Method(QuantMethod):
         )
 
     def record_entries(self, p: PlannedTensor, options: Options, result: Any) -> list:
-        from formats.int8 import Int8Tensor
+        """bnb's keys in its ``_save_to_state_dict`` order (weight, SCB, weight_format), numpy arrays
+        (the converter's int8 path imports no torch), checked against the planned layout."""
+        import numpy as np
 
-        record = Int8Tensor(p.name, p.out_shape, _dtype_name(p.out_dtype), result.codes, result.scb)
-        return list(record.state_dict().items())
+        from formats.validate import WEIGHT_FORMAT_ROW, int8_layout
+
+        layout = int8_layout(p.name, p.out_shape)
+        values = [result.codes, result.scb, np.array(WEIGHT_FORMAT_ROW, dtype=np.uint8)]
+        for (key, (code, shape)), value in zip(layout.items(), values, strict=True):
+            if value.dtype != _NUMPY_OF_CODE[code] or tuple(value.shape) != shape:
+                got = f"{value.dtype} {list(value.shape)}"
+                msg = f"internal error: {key!r} is {got}, planned {code} {list(shape)}"
+                raise RuntimeError(msg)
+        return list(zip(layout, values, strict=True))
 
     def quantizer(self, options: Options, device: str, threads: int | None) -> Any:
         from converter.quantize.int8_quantizer import Int8Quantizer
@@ -134,6 +145,10 @@ class Int8Method(QuantMethod):
         from converter.loader.module_int8 import Linear8bit
 
         return Linear8bit
+
+
+#: safetensors code -> numpy dtype of the int8 record's keys.
+_NUMPY_OF_CODE = {"I8": "int8", "F32": "float32", "U8": "uint8"}
 
 
 def _dtype_name(code: str) -> str:

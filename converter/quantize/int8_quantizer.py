@@ -1,9 +1,10 @@
 """Quantize a stream of host tensors to LLM.int8 for the converter (the int8 twin of cuda_pipeline).
 
-``quantize_many`` takes (name, contiguous 2-D [out, in] tensor) pairs and yields (name, Int8Result)
-in order, one tensor in memory at a time. On ``--device cuda`` each tensor is uploaded, quantized by
-the CUDA kernel and copied back (same bytes as the CPU for the same ``scale``); without a usable CUDA
-int8 kernel it runs on the CPU and says why in ``fallback_reason``.
+``quantize_many`` takes the pipeline's (name, 2-D [out, in] numpy array, dtype code) triples and yields
+(name, Int8Result) in order, numpy arrays, one tensor in memory at a time. On the CPU no torch is
+imported (``converter.kernels.int8_np``). On ``--device cuda`` each tensor is uploaded, quantized by the
+CUDA kernel (through torch) and copied back (same bytes as the CPU for the same ``scale``); without a
+usable CUDA int8 kernel it runs on the CPU and says why in ``fallback_reason``.
 
 bitsandbytes stores a row holding a value past fp16's range (|w| >= 65520, possible in bf16/fp32
 checkpoints) as SCB = inf with all-zero codes, which loads as NaN; the same bytes are written here
@@ -13,30 +14,30 @@ and ``notes`` names the tensors, so the user can --skip them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-import torch
+import numpy as np
 
-from converter.kernels import bnb4bit as kernels
-from converter.kernels import int8 as kernels_int8
-from converter.quantize.cuda_pipeline import Stats, _nonfinite
+from converter.kernels import int8_np
+from converter.quantize.host_quantizer import HostStats, nonfinite
 
 
 class Int8Result(NamedTuple):
-    codes: torch.Tensor  # int8 [out, in]
-    scb: torch.Tensor  # float32 [out]
+    codes: np.ndarray  # int8 [out, in]
+    scb: np.ndarray  # float32 [out]
 
 
 class Int8Quantizer:
-    """LLM.int8 quantization of many tensors (CPU kernels, or the CUDA ones when ``device`` is a GPU)."""
+    """LLM.int8 quantization of many tensors: the CPU kernels on numpy arrays (no torch, as the 4-bit
+    ``HostQuantizer``), or the CUDA ones through torch when ``device`` is a usable GPU."""
 
     def __init__(self, scale: str = "cpu", device: str = "cpu", threads: int | None = None) -> None:
-        kernels_int8.scale_table(scale)  # validates the name
+        int8_np.scale_table(scale)  # validates the name
         self.scale, self.threads = scale, threads
         self.device = "cpu"
         self.fallback_reason = ""
         self.notes: list[str] = []
-        self.stats = Stats()
+        self.stats = HostStats()
         self._overflow: list[str] = []
         if device != "cpu":
             usable, why = _cuda_usable()
@@ -45,18 +46,20 @@ class Int8Quantizer:
             else:
                 self.fallback_reason = f"--device {device}: {why}; quantizing int8 on the CPU (same bytes)"
 
-    def quantize(self, name: str, x: torch.Tensor) -> Int8Result:
+    def quantize(self, name: str, x: Any, dtype: str | None = None) -> Int8Result:
+        """``x``: a numpy array holding ``dtype`` values (bf16 as uint16 bits) or a torch tensor."""
         try:
             if self.device != "cpu":
-                codes, scb = kernels_int8.quantize_int8(x.to(self.device), scale=self.scale)
-                codes, scb = codes.cpu(), scb.cpu()
+                codes, scb = _quantize_cuda(x, dtype, self.device, self.scale)
             else:
-                codes, scb = kernels_int8.quantize_int8(
-                    x.contiguous(), scale=self.scale, threads=self.threads
+                if not isinstance(x, np.ndarray):  # a torch tensor from a Python caller
+                    x, dtype = _numpy_of(x)
+                codes, scb = int8_np.quantize_int8(
+                    np.ascontiguousarray(x), dtype or "", scale=self.scale, threads=self.threads
                 )
-        except kernels.NonFiniteInputError:
-            raise _nonfinite(name) from None
-        overflow = int(torch.isinf(scb).sum())
+        except int8_np.NonFiniteInputError:
+            raise nonfinite(name) from None
+        overflow = int(np.isinf(scb).sum())
         if overflow:
             self._overflow.append(f"{name} ({overflow} rows)")
             self.notes[:] = [
@@ -67,29 +70,50 @@ class Int8Quantizer:
                 "--skip those modules to keep them unquantized"
             ]
         self.stats.tensors += 1
-        self.stats.bytes_in += x.numel() * x.element_size()
+        self.stats.bytes_in += x.nbytes if isinstance(x, np.ndarray) else x.numel() * x.element_size()
         return Int8Result(codes, scb)
 
     def quantize_many(self, items: Iterable[tuple]) -> Iterator[tuple[str, Int8Result]]:
-        """(name, tensor) pairs, or the pipeline's (name, numpy array, safetensors dtype code) triples
-        (bf16 arrives as its uint16 bits)."""
+        """The pipeline's (name, numpy array, safetensors dtype code) triples (bf16 arrives as its
+        uint16 bits), or (name, torch tensor) pairs."""
         for item in items:
-            name, x = item[0], as_tensor(item[1], item[2] if len(item) > 2 else None)
+            name, x, dtype = item[0], item[1], item[2] if len(item) > 2 else None
             del item
-            done = [(name, self.quantize(name, x))]  # popped into the yield: nothing held here
+            done = [(name, self.quantize(name, x, dtype))]  # popped into the yield: nothing held here
             del x
             yield done.pop()
 
 
-_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+#: torch dtype name -> safetensors code, for torch tensors handed to the CPU path.
+_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def as_tensor(x: object, code: str | None) -> torch.Tensor:
-    """A torch view of the pipeline's numpy input (no copy; bf16's uint16 bits viewed as bfloat16)."""
-    if isinstance(x, torch.Tensor):
-        return x
-    t = torch.from_numpy(x)
-    return t.view(_TORCH[code]) if code is not None and t.dtype != _TORCH[code] else t
+def _numpy_of(t: Any) -> tuple[np.ndarray, str]:
+    """A CPU torch tensor as (numpy array, safetensors code): bf16 as its uint16 bits (no copy)."""
+    code = _CODES.get(str(t.dtype).removeprefix("torch."))
+    if code is None:
+        msg = f"x has dtype {t.dtype}: expected float32, float16 or bfloat16"
+        raise ValueError(msg)
+    t = t.contiguous()
+    if code == "BF16":
+        import torch
+
+        return t.view(torch.int16).numpy().view(np.uint16), code
+    return t.numpy(), code
+
+
+def _quantize_cuda(x: Any, dtype: str | None, device: str, scale: str) -> tuple[np.ndarray, np.ndarray]:
+    """The CUDA kernels through their torch face (imported here: the CPU path needs no torch)."""
+    import torch
+
+    from converter.kernels import int8 as kernels_int8
+
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(x)
+        torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype or ""]
+        x = t.view(torch_dtype) if t.dtype != torch_dtype else t
+    codes, scb = kernels_int8.quantize_int8(x.to(device), scale=scale)
+    return codes.cpu().numpy(), scb.cpu().numpy()
 
 
 def _cuda_usable() -> tuple[bool, str]:

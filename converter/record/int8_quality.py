@@ -13,13 +13,9 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
-from converter.kernels import int8 as kernels_int8
-from converter.quantize.int8_quantizer import as_tensor
+from converter.kernels import int8_np
 from converter.record.quality import QualityMeter, TensorQuality
-
-_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class Int8QualityMeter(QualityMeter):
@@ -32,7 +28,7 @@ class Int8QualityMeter(QualityMeter):
     def _measure(self, name: str, x: Any, dtype: str, codes: Any) -> None:
         t0 = time.perf_counter()
         # measured() wrapped (codes, scb) in a Codes
-        self.tensors[name] = measure_int8(name, as_tensor(x, dtype), codes.packed, codes.absmax)
+        self.tensors[name] = measure_int8(name, x, codes.packed, codes.absmax, dtype)
         self.seconds += time.perf_counter() - t0
 
 
@@ -41,35 +37,48 @@ class Int8QualityMeter(QualityMeter):
 _CHUNK = 1 << 16
 
 
-def _float32(x: torch.Tensor) -> np.ndarray:
-    """``x`` widened to float32 as numpy (exact for bf16 / fp16; float64 rounded to nearest)."""
-    if x.dtype == torch.bfloat16:
-        bits = x.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    return x.contiguous().numpy().astype(np.float32, copy=False)
+def _float32(x: np.ndarray, dtype: str | None) -> np.ndarray:
+    """``x`` widened to float32 (exact for bf16 / fp16; float64 rounded to nearest); bf16 arrives as
+    its uint16 bits (``dtype`` "BF16")."""
+    if dtype == "BF16":
+        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
 
 
-def measure_int8(name: str, x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor) -> TensorQuality:
-    """Error statistics of int8 codes ``q`` with row scales ``scb`` against ``x`` (any float dtype).
+def _host(t: Any) -> tuple[np.ndarray, str | None]:
+    """A numpy array (as given) or a CPU torch tensor as numpy, bf16 as its uint16 bits."""
+    if isinstance(t, np.ndarray):
+        return t, None
+    t = t.detach().cpu().contiguous()
+    if str(t.dtype) == "torch.bfloat16":
+        import torch
+
+        return t.view(torch.int16).numpy().view(np.uint16), "BF16"
+    return t.numpy(), None
+
+
+def measure_int8(name: str, x: Any, q: Any, scb: Any, dtype: str | None = None) -> TensorQuality:
+    """Error statistics of int8 codes ``q`` with row scales ``scb`` against ``x``: numpy arrays (``x``
+    holding ``dtype`` values, bf16 as uint16 bits with ``dtype`` "BF16") or torch tensors.
 
     numpy on the caller's thread, a chunk of rows at a time: torch's element-wise ops here ran on its
     OpenMP team, which the converter's background measuring thread then woke for every tensor beside
     the kernel pool and the writer (an int8 SmolLM2-135M conversion spent 13-34 s measuring on 2
-    cores, 2-4 s with one OpenMP thread), and held several float64 copies of the whole tensor."""
-    q = q.contiguous()
-    scb = scb.contiguous()
-    xt = x.reshape(q.shape)
+    cores, 2-4 s with one OpenMP thread), and held several float64 copies of the whole tensor; and
+    the converter's int8 path imports no torch."""
+    xh, code = _host(x)
+    dtype = code or dtype
+    q = np.ascontiguousarray(_host(q)[0])
+    scb = np.ascontiguousarray(_host(scb)[0])
+    xt = xh.reshape(q.shape)
     rows = q.shape[0]
-    step = max(1, _CHUNK // max(1, q.numel() // max(1, rows)))
+    step = max(1, _CHUNK // max(1, q.size // max(1, rows)))
     sum_x2 = sum_e2 = 0.0
     maxes: list[float] = []
     bad = 0
     for r0 in range(0, rows, step):
-        xf = _float32(xt[r0 : r0 + step]).reshape(-1)
-        w = kernels_int8.dequantize_int8(
-            q[r0 : r0 + step], scb[r0 : r0 + step], out_dtype=torch.float32, threads=1
-        )
-        w = w.numpy().reshape(-1)
+        xf = _float32(xt[r0 : r0 + step], dtype).reshape(-1)
+        w = int8_np.dequantize_int8(q[r0 : r0 + step], scb[r0 : r0 + step], threads=1).reshape(-1)
         decoded = np.isfinite(w)
         err = np.where(decoded, xf - w, xf)
         bad += int(np.count_nonzero(~(np.isfinite(xf) & decoded)))  # NaN/Inf in x or dequantized(x)
@@ -77,4 +86,4 @@ def measure_int8(name: str, x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor)
         sum_e2 += float(np.square(err, dtype=np.float64).sum())
         if err.size:
             maxes.append(float(np.abs(err).max()))
-    return TensorQuality(name, q.numel(), sum_x2, sum_e2, float(np.max(maxes)) if maxes else 0.0, bad)
+    return TensorQuality(name, q.size, sum_x2, sum_e2, float(np.max(maxes)) if maxes else 0.0, bad)

@@ -53,6 +53,19 @@ def test_cpu_conversion_and_readers_import_no_torch(tiny_checkpoint, tmp_path: P
     assert probe("--version")["heavy"] == []  # no GPU here: the CUDA check needs no torch
 
 
+def test_int8_conversion_imports_no_torch(tiny_checkpoint, tmp_path: Path) -> None:
+    """An int8 conversion imported torch (its quantizer, quality statistics and records were torch code):
+    seconds of imports on a small model's conversion, most of its time. Now numpy through the extension,
+    as 4-bit: the same bytes (tests/compat and tests/converter check them against bitsandbytes)."""
+    src = tiny_checkpoint("llama_tied")
+    probe("convert", str(src), str(tmp_path / "warm"), "-q")  # any transformers version: fills the cache
+    got = probe("convert", str(src), str(tmp_path / "a"), "--quant-type", "int8", "-q")
+    assert got["heavy"] == []
+    report = json.loads((tmp_path / "a" / "quantization_report.json").read_text())
+    assert report["summary"]["tensors_quantized"] > 0
+    assert probe("verify", str(tmp_path / "a"))["heavy"] == []
+
+
 def test_dtype_cast_is_where_torch_comes_in(tiny_checkpoint, tmp_path: Path) -> None:
     """--dtype casts with torch (transformers' rounding, tests/converter/test_pipeline checks the bytes)."""
     src = tiny_checkpoint("llama")  # bf16

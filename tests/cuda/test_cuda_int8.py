@@ -59,7 +59,7 @@ def test_nan_is_refused_and_quantizer_runs_on_the_gpu() -> None:
     assert q.fallback_reason == ""
     w = _weight(16, 64, torch.bfloat16, seed=3)
     ((_, r),) = q.quantize_many([("w", w)])
-    assert torch.equal(r.codes, kernels_int8.quantize_int8(w)[0])
+    assert torch.equal(torch.from_numpy(r.codes), kernels_int8.quantize_int8(w)[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
