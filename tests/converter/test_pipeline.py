@@ -808,6 +808,36 @@ def test_config_architectures_as_a_string_is_read_as_one_name(tiny_llama: Path, 
     ]
 
 
+@pytest.mark.parametrize("architectures", [[None], 5, [None, "LlamaForCausalLM"], {"a": 1}])
+def test_config_architectures_that_name_no_class_convert_as_transformers_loads_them(
+    tiny_llama: Path, tmp_path: Path, architectures: object
+) -> None:
+    """config.json's "architectures" holding no class name ([null], a number: transformers' config keeps
+    it and loads the model by its model_type) raised "unexpected TypeError: attribute name must be
+    string" / "object of type 'int' has no len()", exit 1; such entries name nothing, and the string
+    entries beside them are used: the same tensors quantized as with no "architectures" (or the name)."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = architectures
+    (src / "config.json").write_text(json.dumps(config))
+    named = shutil.copytree(src, tmp_path / "named")
+    config["architectures"] = ["LlamaForCausalLM"]
+    (named / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file
+
+    a = convert(src, tmp_path / "a", progress=False)
+    b = convert(named, tmp_path / "b", progress=False)
+    assert a.tensors_quantized == b.tensors_quantized > 0
+    got, want = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    qc = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in "ab"]
+    assert qc[0] == qc[1]
+
+
 def test_source_shard_replaced_during_the_conversion_leaves_it_unfinished(
     tiny_llama_sharded: Path, tmp_path: Path
 ) -> None:
