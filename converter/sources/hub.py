@@ -46,6 +46,7 @@ from converter.locks import lock_folder, locked_temp_folder, remove_if_unlocked
 from converter.sources.base import (
     Source,
     TensorInfo,
+    check_config_fields,
     check_weight_map,
     ignored_index_note,
     is_extra_file,
@@ -558,7 +559,10 @@ class HubSource(Source):
         return data
 
     def _read_config(self) -> dict | None:
-        return self._load_json("config.json") if "config.json" in self._names else None
+        if "config.json" not in self._names:
+            return None
+        config = self._load_json("config.json")
+        return check_config_fields(config, f"{self.repo_id}: config.json", "report it to the repo owner")
 
     # --- headers -------------------------------------------------------------------------------
     def _read_tensors(self) -> list[TensorInfo]:

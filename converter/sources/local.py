@@ -19,6 +19,7 @@ from converter.errors import AlreadyQuantizedError, CorruptFileError, PickleOnly
 from converter.sources.base import (
     Source,
     TensorInfo,
+    check_config_fields,
     check_weight_map,
     ignored_index_note,
     is_extra_file,
@@ -190,7 +191,9 @@ class LocalSource(Source):
 
     def _read_config(self) -> dict | None:
         path = self.root / "config.json"
-        return _load_json(path, str(path)) if path.is_file() else None
+        if not path.is_file():
+            return None
+        return check_config_fields(_load_json(path, str(path)), str(path), "fix it")
 
     def _read_tensors(self) -> list[TensorInfo]:
         tensors: list[TensorInfo] = []

@@ -345,3 +345,33 @@ def test_every_transformers_tokenizer_vocabulary_file_is_copied() -> None:
                     names |= {v for v in vocab.values() if isinstance(v, str)}
     assert len(names) > 10
     assert sorted(n for n in names if not is_extra_file(n)) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown"),
+    [
+        ("quantization_config", "none", '"none", not an object'),
+        ("quantization_config", [1], "[1], not an object"),
+        ("model_type", ["llama"], '["llama"], not a string'),
+    ],
+)
+def test_config_fields_of_the_wrong_json_type(tiny_llama: Path, tmp_path: Path, field, value, shown) -> None:
+    """A quantization_config that is not an object, a model_type that is not a string: transformers cannot
+    load such a config.json either; convert failed with "unexpected AttributeError: 'str' object has no
+    attribute 'get'" / "TypeError: unhashable type: 'list'" (exit 1). The file and the field are named,
+    exit 2."""
+    from click.testing import CliRunner
+
+    from converter.cli import cli
+
+    folder = _copy(tiny_llama, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptFileError) as exc:
+        open_source(folder)
+    assert str(exc.value) == f"{folder / 'config.json'}: {field} is {shown}; fix it"
+    r = CliRunner().invoke(cli, ["convert", str(folder), str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert f"{field} is {shown}" in r.output
+    assert "unexpected" not in r.output
