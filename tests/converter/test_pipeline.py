@@ -482,6 +482,8 @@ def test_nothing_to_quantize(tiny_llama: Path, tmp_path: Path) -> None:
         ),
         ("*.mlp.gate", "'model.layers.0.mlp.gate.weight': router", "check --include/--skip"),
         ("lm_head", "'lm_head.weight': lm_head (output embedding)", "check --include/--skip"),
+        # globs naming no 2-D weight: one of their tensors (it was the head, which they do not name)
+        ("*norm*", "'model.layers.0.input_layernorm.weight': ", "check --include/--skip"),
     ],
 )
 def test_nothing_to_quantize_names_a_weight_the_include_matched(
