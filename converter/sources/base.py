@@ -201,9 +201,11 @@ def is_extra_file(relname: str) -> bool:
     """Whether a source file (relative name, '/'-separated) is copied to the output as is."""
     base = relname.rsplit("/", 1)[-1]
     if "/" in relname:
-        # sentence-transformers pooling folders (1_Pooling/config.json) are tiny and needed.
+        # sentence-transformers module folders: their configs (1_Pooling/config.json) and weights
+        # (2_Dense/model.safetensors, which sentence-transformers loads the Dense layer from: without
+        # it the output's modules.json named a module it could not load)
         top = relname.split("/", 1)[0]
-        return top[:1].isdigit() and "_" in top and relname.endswith(".json")
+        return top[:1].isdigit() and "_" in top and relname.endswith((".json", ".safetensors"))
     # *.py: a repository's own model code (config.json "auto_map"), which transformers needs with
     # trust_remote_code=True to load the output; copied, never run
     return base in EXTRA_FILE_NAMES or base.startswith("LICENSE") or base.endswith(".py")

@@ -171,6 +171,46 @@ def test_rerun_after_the_source_config_or_tokenizer_changed_rewrites_them(
     assert convert(src, out, max_shard_size="40KB", progress=False).noop
 
 
+def test_sentence_transformers_module_weights_are_copied(tiny_llama: Path, tmp_path: Path) -> None:
+    """A sentence-transformers model with a Dense module (LaBSE, sentence-t5, distiluse: modules.json
+    names 2_Dense, whose config.json and model.safetensors sentence-transformers loads it from) lost
+    2_Dense/model.safetensors: only the module folders' JSON files were copied, so the output's Dense
+    module could not be loaded. Its weights are copied as they are (never quantized, never read as the
+    model's), by convert and by dequantize of the output; verify passes and a rerun does nothing."""
+    from safetensors.torch import save_file
+
+    from converter.loader.dequantize import dequantize_checkpoint
+    from converter.tools.inspection import verify_path
+
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
+    (src / "modules.json").write_text(json.dumps(modules))
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 64}')
+    (src / "2_Dense").mkdir()
+    (src / "2_Dense" / "config.json").write_text('{"in_features": 64, "out_features": 32, "bias": true}')
+    torch.manual_seed(0)
+    dense = {"linear.weight": torch.randn(32, 64), "linear.bias": torch.randn(32)}
+    save_file(dense, str(src / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    first = convert(src, out, progress=False)
+    for rel in ("modules.json", "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"):
+        assert (out / rel).read_bytes() == (src / rel).read_bytes(), rel
+    assert first.tensors_quantized > 0
+    assert "linear.weight" not in json.loads((out / "quantization_report.json").read_text())["tensors"]
+    assert verify_path(out).ok
+    assert convert(src, out, progress=False).noop
+    plain = tmp_path / "plain"
+    dequantize_checkpoint(out, plain)
+    assert (plain / "2_Dense" / "model.safetensors").read_bytes() == (
+        src / "2_Dense" / "model.safetensors"
+    ).read_bytes()
+
+
 def test_rerun_after_a_copied_file_was_deleted_from_the_source_removes_it(
     tiny_llama_sharded: Path, tmp_path: Path
 ) -> None:
