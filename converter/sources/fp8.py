@@ -110,9 +110,12 @@ class _Fp8File:
         scale_file = self.owner.scale_file[scale_name]
         if scale_file == self.file:
             scale = self.inner.get(scale_name)
-        else:  # the scale sits in another shard: map it for this one tensor
-            other = self.owner.inner.open_file(scale_file)
-            scale = other.get(scale_name)
+        else:  # the scale sits in another shard: that one tensor (a Hub source: no download of the shard)
+            elsewhere = getattr(self.owner.inner, "tensor_elsewhere", None)
+            if elsewhere is not None:
+                scale = elsewhere(scale_file, scale_name)
+            else:
+                scale = self.owner.inner.open_file(scale_file).get(scale_name)
         _check_scale(scale, scale_name, scale_file)
         raw = self.inner.get(name)
         # The float32 product, rounded once by the reader's cast to the dtype it writes: bf16 by default
