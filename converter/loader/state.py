@@ -126,7 +126,7 @@ def resolve_folder(
             snapshot_download(
                 text,
                 revision=Path(fetched).name,
-                allow_patterns=[f"{prefix}{f}/*.json" for f in folders],
+                allow_patterns=[f"{prefix}{f}/*.{ext}" for f in folders for ext in ("json", "safetensors")],
                 ignore_patterns=[f"{prefix}{f}/*/*" for f in folders],
                 token=token,
                 cache_dir=cache_dir,

@@ -119,6 +119,19 @@ def _fit(cls: type, config: Any, keys: Collection[str]) -> tuple[int, int]:
     return unused, len(params - matched)
 
 
+def architecture_names(architectures: Any) -> tuple[str, ...]:
+    """The class names of config.json's ``architectures`` as transformers' config keeps it, whatever it
+    holds: a string is that one name (it was read letter by letter: another class, nothing to quantize),
+    entries that are not strings (``[null]``, a number) name nothing. transformers reads such a config
+    and loads the model by its model_type; they raised a TypeError here ("attribute name must be
+    string", "object of type 'int' has no len()")."""
+    if isinstance(architectures, str):  # "architectures": "BertModel" in a hand-written config.json
+        return (architectures,)
+    if isinstance(architectures, list | tuple):
+        return tuple(a for a in architectures if isinstance(a, str))
+    return ()
+
+
 def model_class(
     config: Any, architectures: Sequence[str] = (), keys: Collection[str] | None = None
 ) -> type | None:
@@ -126,9 +139,7 @@ def model_class(
     has none for its model_type. See the module docstring for the rule."""
     import transformers
 
-    if isinstance(architectures, str):  # "architectures": "BertModel" in a hand-written config.json
-        architectures = (architectures,)  # was read letter by letter: another class, nothing to quantize
-    cls = _by_name(transformers, architectures, config)
+    cls = _by_name(transformers, architecture_names(architectures), config)
     if cls is not None:
         return cls
     candidates = list(dict.fromkeys(c for a in HEAD_ORDER if (c := _mapped(transformers, a, config))))

@@ -36,6 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from converter.plan.model_class import architecture_names
 from converter.plan.selection_facts import KeyFacts, ModelFacts
 
 TABLE_NAME = "selection_table.json"
@@ -135,7 +136,7 @@ def table_facts(config: dict, keys: Sequence[str], version: str | None) -> Model
     table = load_table()
     if not table or version is None or table.get("transformers") != version:
         return None
-    archs = config.get("architectures") or ()
+    archs = architecture_names(config.get("architectures"))
     entry = table["archs"].get(archs[0]) if len(archs) == 1 else None
     if entry is None or config.get("model_type") != entry["model_type"]:
         return None

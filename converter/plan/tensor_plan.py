@@ -341,17 +341,20 @@ def build_plan(
         matrices = [p for p in weights if len(p.info.shape) == 2]
         # the weights --skip / --include leave to the selection say why they were kept (the head's
         # reason is no answer to "--include '*experts*'")
-        wanted = [
+        selected = [
             p
-            for p in matrices
+            for p in planned
             if user_reason(options.skip, options.include, p.name, _module_of(p.name)) is None
         ]
+        wanted = [p for p in selected if p.info.name.endswith(".weight") and len(p.info.shape) == 2]
+        # an --include that names no 2-D weight (norms, biases): one of the tensors it named, not the head
+        named = selected if options.include and not wanted else []
         matrices = wanted or matrices
         own_class = next((p for p in matrices if p.reason.startswith(SUBCLASS_REASON)), None)
         # routed experts, kept 16-bit by --moe-experts keep
         keep_experts = options.moe_experts == "keep"
         experts = next((p for p in wanted if keep_experts and is_expert_weight(p.name)), None)
-        example = f64 or own_class or experts or (matrices[0] if matrices else None)
+        example = f64 or own_class or experts or (named or matrices or [None])[0]
         example = example or (weights[0] if weights else planned[0] if planned else None)
         detail = f" (e.g. {example.name!r}: {example.reason})" if example else ""
         if f64:

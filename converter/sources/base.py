@@ -7,6 +7,7 @@ source can download file k+1 while file k is quantized and delete consumed files
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,9 +201,11 @@ def is_extra_file(relname: str) -> bool:
     """Whether a source file (relative name, '/'-separated) is copied to the output as is."""
     base = relname.rsplit("/", 1)[-1]
     if "/" in relname:
-        # sentence-transformers pooling folders (1_Pooling/config.json) are tiny and needed.
+        # sentence-transformers module folders: their configs (1_Pooling/config.json) and weights
+        # (2_Dense/model.safetensors, which sentence-transformers loads the Dense layer from: without
+        # it the output's modules.json named a module it could not load)
         top = relname.split("/", 1)[0]
-        return top[:1].isdigit() and "_" in top and relname.endswith(".json")
+        return top[:1].isdigit() and "_" in top and relname.endswith((".json", ".safetensors"))
     # *.py: a repository's own model code (config.json "auto_map"), which transformers needs with
     # trust_remote_code=True to load the output; copied, never run
     return base in EXTRA_FILE_NAMES or base.startswith("LICENSE") or base.endswith(".py")
@@ -243,6 +246,24 @@ def quantized_reason(config: dict | None, tensors: list[TensorInfo]) -> str | No
 _INTEGER_DTYPES = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"})
 #: Suffixes of the per-weight scale of integer-quantized formats (``<name>.weight`` + suffix).
 _SCALE_SUFFIXES = ("_scale", "_scale_inv", "_scales", ".scale", ".scales")
+
+
+def check_config_fields(config: dict, display: str, advice: str) -> dict:
+    """``config`` (config.json's object, ``display`` naming it) when the fields quantize-model reads before
+    transformers does have their JSON types: ``model_type`` a string, ``quantization_config`` an object (or
+    null). Otherwise a CorruptFileError naming the field, ending with ``advice``; they raised
+    AttributeError / TypeError from the code that read them (exit 1), and transformers cannot load such
+    a config either."""
+    from converter.errors import CorruptFileError
+
+    for field, kind, what in (("model_type", str, "a string"), ("quantization_config", dict, "an object")):
+        value = config.get(field)
+        if value is not None and not isinstance(value, kind):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            msg = f"{display}: {field} is {shown}, not {what}; {advice}"
+            raise CorruptFileError(msg)
+    return config
 
 
 def check_weight_map(index: str, weight_map: dict[str, str], seen: dict[str, str], advice: str) -> None:

@@ -1,4 +1,4 @@
-"""FP8 sources with 128x128 block scales (DeepSeek-V3, Qwen3-FP8 style), dequantized to bf16 on read.
+"""FP8 sources with 128x128 block scales (DeepSeek-V3, Qwen3-FP8 style), dequantized on read.
 
 Such a checkpoint stores each linear weight as ``float8_e4m3fn`` ``W [O, I]`` plus
 ``W_scale_inv`` (float32 ``[ceil(O/bo), ceil(I/bi)]``, the name ``<module>.weight_scale_inv``) and
@@ -15,8 +15,9 @@ and partial edge blocks (DeepSeek's ``ceil``) take their block's scale as DeepSe
 :class:`Fp8BlockSource` wraps any Source: its tensor list shows each FP8 weight as BF16 (its size
 stays its bytes on disk, codes plus scale) and hides the ``weight_scale_inv`` tensors, its config
 drops the FP8 ``quantization_config`` (the output gets the bnb one), and reading a weight
-dequantizes it from its file. Any other quantized source (bnb, GPTQ, FP8 without block scales,
-MXFP4) keeps the "already quantized" refusal.
+dequantizes it from its file to its float32 product, which the reader casts once to the dtype it
+writes (bf16 unless ``--dtype`` or config.json's dtype says float16 / float32). Any other quantized
+source (bnb, GPTQ, FP8 without block scales, MXFP4) keeps the "already quantized" refusal.
 """
 
 from __future__ import annotations
@@ -101,18 +102,27 @@ class _Fp8File:
         return rows(name, start, stop)
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``; an FP8 weight comes out as its float32 dequantized product (the tensor list
+        calls it BF16, the dtype it is written in unless a cast says otherwise)."""
         if name not in self.owner.fp8_weights:
             return self.inner.get(name)
         scale_name = name + SCALE_SUFFIX
         scale_file = self.owner.scale_file[scale_name]
         if scale_file == self.file:
             scale = self.inner.get(scale_name)
-        else:  # the scale sits in another shard: map it for this one tensor
-            other = self.owner.inner.open_file(scale_file)
-            scale = other.get(scale_name)
+        else:  # the scale sits in another shard: that one tensor (a Hub source: no download of the shard)
+            elsewhere = getattr(self.owner.inner, "tensor_elsewhere", None)
+            if elsewhere is not None:
+                scale = elsewhere(scale_file, scale_name)
+            else:
+                scale = self.owner.inner.open_file(scale_file).get(scale_name)
         _check_scale(scale, scale_name, scale_file)
         raw = self.inner.get(name)
-        return dequantize_block_fp8(raw, scale, self.owner.block)
+        # The float32 product, rounded once by the reader's cast to the dtype it writes: bf16 by default
+        # (the same bytes), float16/float32 under --dtype or config.json's dtype, as transformers'
+        # Fp8Dequantize casts the product to the parameter's dtype. A bf16 result cast again rounded
+        # twice (a --dtype float32 conversion held bf16-precision weights).
+        return dequantize_block_fp8(raw, scale, self.owner.block, torch.float32)
 
 
 class Fp8BlockSource(SourceView):

@@ -46,6 +46,7 @@ from converter.locks import lock_folder, locked_temp_folder, remove_if_unlocked
 from converter.sources.base import (
     Source,
     TensorInfo,
+    check_config_fields,
     check_weight_map,
     ignored_index_note,
     is_extra_file,
@@ -260,6 +261,7 @@ class HubSource(Source):
         self._order: list[str] = []
         self._in_place: dict[str, Path] = {}  # cached files: read where they are, never deleted
         self._small: dict[str, Path] = {}
+        self._by_key: dict[tuple[str, str], TensorInfo] = {}  # (file, name): tensor_elsewhere's lookup
         self._converted: dict[str, Path] = {}  # pickle shards turned into temp safetensors
         self._streamed: set[str] = set()  # read by HTTP range, tensor by tensor (stream_large)
         self.stream_large = stream_large
@@ -558,7 +560,10 @@ class HubSource(Source):
         return data
 
     def _read_config(self) -> dict | None:
-        return self._load_json("config.json") if "config.json" in self._names else None
+        if "config.json" not in self._names:
+            return None
+        config = self._load_json("config.json")
+        return check_config_fields(config, f"{self.repo_id}: config.json", "report it to the repo owner")
 
     # --- headers -------------------------------------------------------------------------------
     def _read_tensors(self) -> list[TensorInfo]:
@@ -905,6 +910,26 @@ class HubSource(Source):
         with self._lock:
             self.bytes_downloaded += len(data)
         return data
+
+    def tensor_elsewhere(self, file: str, name: str) -> Any:
+        """Tensor ``name`` of ``file``, read for a tensor of another file (an FP8 weight whose scale
+        transformers' save_pretrained put in the next shard): from ``file`` where it is on disk already
+        (the cache, a pickle conversion, a download in hand), else by one HTTP range request. Acquiring
+        the file downloaded it whole for one small tensor, again after its release had deleted it, and
+        kept it on disk beside the two the disk budget counts."""
+        from converter.sources.mapped import MappedFile
+
+        path = self._converted.get(file) or self._cached_path(file)
+        if path is None:
+            with self._lock:
+                future = self._futures.get(file)
+            if future is not None and future.done() and not future.cancelled() and future.exception() is None:
+                path = future.result()
+        if path is not None:
+            return MappedFile(path, file).get(name)
+        if not self._by_key:
+            self._by_key = {(t.file, t.name): t for t in self._tensors}
+        return self.read_tensor(self._by_key[(file, name)])
 
     def read_array(self, info: TensorInfo) -> tuple[Any, str]:
         """One tensor as (numpy array, dtype code), read by HTTP range (files larger than the disk budget)."""

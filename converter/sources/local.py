@@ -19,6 +19,7 @@ from converter.errors import AlreadyQuantizedError, CorruptFileError, PickleOnly
 from converter.sources.base import (
     Source,
     TensorInfo,
+    check_config_fields,
     check_weight_map,
     ignored_index_note,
     is_extra_file,
@@ -95,6 +96,9 @@ class LocalSource(Source):
                 self.root = path.parent
                 if path.suffix == ".safetensors":
                     files = [path.name]
+                    note = _lone_shard_note(path)
+                    if note:
+                        self._notes.append(note)
                 else:
                     files = self._from_pickles([path.name])
             else:
@@ -190,7 +194,9 @@ class LocalSource(Source):
 
     def _read_config(self) -> dict | None:
         path = self.root / "config.json"
-        return _load_json(path, str(path)) if path.is_file() else None
+        if not path.is_file():
+            return None
+        return check_config_fields(_load_json(path, str(path)), str(path), "fix it")
 
     def _read_tensors(self) -> list[TensorInfo]:
         tensors: list[TensorInfo] = []
@@ -277,6 +283,27 @@ class LocalSource(Source):
         if self._tmp_lock >= 0:
             os.close(self._tmp_lock)
             self._tmp_lock = -1
+
+
+def _lone_shard_note(path: Path) -> str | None:
+    """The warning for a SOURCE file that is one shard of the sharded checkpoint beside it (its folder's
+    index names it and other files): the output then holds only that shard's tensors under the whole
+    model's config.json, which transformers loads with the rest randomly initialized (a warning in its
+    log only), and which verify passes. None for any other file."""
+    index = path.parent / INDEX_NAME
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        shards = {str(v) for v in weight_map.values()}
+        mine = sum(1 for v in weight_map.values() if str(v) == path.name)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        return None  # no index, or not one that could name it
+    if path.name not in shards or len(shards) < 2:
+        return None
+    return (
+        f"{path}: one of the {len(shards)} shards {INDEX_NAME} names, converted alone: the output holds "
+        f"{mine} of the model's {len(weight_map)} tensors, and transformers loads the others randomly "
+        f"initialized; to convert the whole model, pass the folder {path.parent}"
+    )
 
 
 def _make_pickle_dir() -> tuple[Path, int]:

@@ -70,8 +70,10 @@ def _index_differs(src: Source, plan: Plan, output: Path, manifest: Manifest) ->
 
 
 def copied_file(name: str) -> bool:
-    """Whether the source's extra file ``name`` is copied into the output as it is."""
-    return name not in ("config.json", REPORT_NAME) and not name.endswith(".safetensors")
+    """Whether the source's extra file ``name`` is copied into the output as it is (the weights of a
+    sentence-transformers module folder, ``2_Dense/model.safetensors``, too: not the model's)."""
+    top_weights = name.endswith(".safetensors") and "/" not in name
+    return name not in ("config.json", REPORT_NAME) and not top_weights
 
 
 def config_bytes(plan: Plan, config: dict | None) -> bytes:

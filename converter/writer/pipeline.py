@@ -792,7 +792,8 @@ class _Conversion:
         Left to the kernel, a finite value past float16's range becomes the row's inf SCB, as
         bitsandbytes stores it, rather than an Inf the checkpoint does not hold."""
         if p.out_dtype == "F16" and p.info.dtype in ("F32", "BF16") and self.options.method.rounds_to_float16:
-            return p.info.dtype
+            # a dequantized FP8 weight reaches the kernel as its float32 product: one rounding, to float16
+            return "F32" if p.name in getattr(self.src, "fp8_weights", ()) else p.info.dtype
         return p.out_dtype
 
     def _read_input(

@@ -171,6 +171,46 @@ def test_rerun_after_the_source_config_or_tokenizer_changed_rewrites_them(
     assert convert(src, out, max_shard_size="40KB", progress=False).noop
 
 
+def test_sentence_transformers_module_weights_are_copied(tiny_llama: Path, tmp_path: Path) -> None:
+    """A sentence-transformers model with a Dense module (LaBSE, sentence-t5, distiluse: modules.json
+    names 2_Dense, whose config.json and model.safetensors sentence-transformers loads it from) lost
+    2_Dense/model.safetensors: only the module folders' JSON files were copied, so the output's Dense
+    module could not be loaded. Its weights are copied as they are (never quantized, never read as the
+    model's), by convert and by dequantize of the output; verify passes and a rerun does nothing."""
+    from safetensors.torch import save_file
+
+    from converter.loader.dequantize import dequantize_checkpoint
+    from converter.tools.inspection import verify_path
+
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
+    (src / "modules.json").write_text(json.dumps(modules))
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 64}')
+    (src / "2_Dense").mkdir()
+    (src / "2_Dense" / "config.json").write_text('{"in_features": 64, "out_features": 32, "bias": true}')
+    torch.manual_seed(0)
+    dense = {"linear.weight": torch.randn(32, 64), "linear.bias": torch.randn(32)}
+    save_file(dense, str(src / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    first = convert(src, out, progress=False)
+    for rel in ("modules.json", "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"):
+        assert (out / rel).read_bytes() == (src / rel).read_bytes(), rel
+    assert first.tensors_quantized > 0
+    assert "linear.weight" not in json.loads((out / "quantization_report.json").read_text())["tensors"]
+    assert verify_path(out).ok
+    assert convert(src, out, progress=False).noop
+    plain = tmp_path / "plain"
+    dequantize_checkpoint(out, plain)
+    assert (plain / "2_Dense" / "model.safetensors").read_bytes() == (
+        src / "2_Dense" / "model.safetensors"
+    ).read_bytes()
+
+
 def test_rerun_after_a_copied_file_was_deleted_from_the_source_removes_it(
     tiny_llama_sharded: Path, tmp_path: Path
 ) -> None:
@@ -482,6 +522,8 @@ def test_nothing_to_quantize(tiny_llama: Path, tmp_path: Path) -> None:
         ),
         ("*.mlp.gate", "'model.layers.0.mlp.gate.weight': router", "check --include/--skip"),
         ("lm_head", "'lm_head.weight': lm_head (output embedding)", "check --include/--skip"),
+        # globs naming no 2-D weight: one of their tensors (it was the head, which they do not name)
+        ("*norm*", "'model.layers.0.input_layernorm.weight': ", "check --include/--skip"),
     ],
 )
 def test_nothing_to_quantize_names_a_weight_the_include_matched(
@@ -806,6 +848,36 @@ def test_config_architectures_as_a_string_is_read_as_one_name(tiny_llama: Path, 
     assert [(t["name"], t["action"], t["reason"]) for t in a.tensors] == [
         (t["name"], t["action"], t["reason"]) for t in b.tensors
     ]
+
+
+@pytest.mark.parametrize("architectures", [[None], 5, [None, "LlamaForCausalLM"], {"a": 1}])
+def test_config_architectures_that_name_no_class_convert_as_transformers_loads_them(
+    tiny_llama: Path, tmp_path: Path, architectures: object
+) -> None:
+    """config.json's "architectures" holding no class name ([null], a number: transformers' config keeps
+    it and loads the model by its model_type) raised "unexpected TypeError: attribute name must be
+    string" / "object of type 'int' has no len()", exit 1; such entries name nothing, and the string
+    entries beside them are used: the same tensors quantized as with no "architectures" (or the name)."""
+    src = shutil.copytree(tiny_llama, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = architectures
+    (src / "config.json").write_text(json.dumps(config))
+    named = shutil.copytree(src, tmp_path / "named")
+    config["architectures"] = ["LlamaForCausalLM"]
+    (named / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file
+
+    a = convert(src, tmp_path / "a", progress=False)
+    b = convert(named, tmp_path / "b", progress=False)
+    assert a.tensors_quantized == b.tensors_quantized > 0
+    got, want = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    qc = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in "ab"]
+    assert qc[0] == qc[1]
 
 
 def test_source_shard_replaced_during_the_conversion_leaves_it_unfinished(

@@ -345,3 +345,61 @@ def test_every_transformers_tokenizer_vocabulary_file_is_copied() -> None:
                     names |= {v for v in vocab.values() if isinstance(v, str)}
     assert len(names) > 10
     assert sorted(n for n in names if not is_extra_file(n)) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown"),
+    [
+        ("quantization_config", "none", '"none", not an object'),
+        ("quantization_config", [1], "[1], not an object"),
+        ("model_type", ["llama"], '["llama"], not a string'),
+    ],
+)
+def test_config_fields_of_the_wrong_json_type(tiny_llama: Path, tmp_path: Path, field, value, shown) -> None:
+    """A quantization_config that is not an object, a model_type that is not a string: transformers cannot
+    load such a config.json either; convert failed with "unexpected AttributeError: 'str' object has no
+    attribute 'get'" / "TypeError: unhashable type: 'list'" (exit 1). The file and the field are named,
+    exit 2."""
+    from click.testing import CliRunner
+
+    from converter.cli import cli
+
+    folder = _copy(tiny_llama, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptFileError) as exc:
+        open_source(folder)
+    assert str(exc.value) == f"{folder / 'config.json'}: {field} is {shown}; fix it"
+    r = CliRunner().invoke(cli, ["convert", str(folder), str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert f"{field} is {shown}" in r.output
+    assert "unexpected" not in r.output
+
+
+def test_one_shard_of_a_sharded_checkpoint_as_source_is_warned(
+    tiny_llama_sharded: Path, tmp_path: Path
+) -> None:
+    """SOURCE naming one shard of a sharded checkpoint (a tab completion too far) converted that shard
+    alone under the whole model's config.json, silently: transformers loads the folder with the other
+    weights randomly initialized (its log only warns) and verify passes. The run says so, naming the
+    shard, the counts and the folder to pass; a single-file checkpoint gets no such warning."""
+    from converter.writer.pipeline import convert
+
+    index = json.loads((tiny_llama_sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    shard = tiny_llama_sharded / shards[1]
+    mine = sum(1 for v in index.values() if v == shards[1])
+    told: list[str] = []
+    convert(shard, tmp_path / "out", progress=False, warn=told.append)
+    want = (
+        f"{shard}: one of the {len(shards)} shards model.safetensors.index.json names, converted alone: "
+        f"the output holds {mine} of the model's {len(index)} tensors, and transformers loads the others "
+        f"randomly initialized; to convert the whole model, pass the folder {tiny_llama_sharded}"
+    )
+    assert want in told
+    single = _copy(tiny_llama_sharded, tmp_path / "single")
+    (single / "model.safetensors.index.json").unlink()
+    told.clear()
+    convert(single / shards[1], tmp_path / "out2", progress=False, warn=told.append)
+    assert not [m for m in told if "converted alone" in m]

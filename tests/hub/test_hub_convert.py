@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -424,3 +425,49 @@ def test_offline_conversion_from_the_cache_is_identical(
         }
 
     assert same(tmp_path / "offline") == same(tmp_path / "online")  # provenance included
+
+
+def _fp8_with_scales_in_the_next_shard(src: Path, dst: Path) -> Path:
+    """``src`` (a sharded bf16 checkpoint) as block-scaled FP8 (Qwen3-FP8 / DeepSeek style), each FP8
+    weight's ``weight_scale_inv`` in the shard before the weight's (the first shard's in the last), as
+    save_pretrained leaves a weight and its scale on two sides of a shard boundary."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    shards: dict[str, dict] = {f: {} for f in files}
+    for i, f in enumerate(files):
+        for k, v in load_file(src / f).items():
+            if v.dim() == 2 and k.endswith("_proj.weight"):
+                scale = v.float().abs().amax().clamp(min=1e-12).reshape(1, 1) / 448.0
+                shards[f][k] = (v.float() / scale).to(torch.float8_e4m3fn)
+                shards[files[i - 1]][k.removesuffix(".weight") + ".weight_scale_inv"] = scale
+            else:
+                shards[f][k] = v
+    shutil.copytree(src, dst)
+    weight_map = {}
+    for f, tensors in shards.items():
+        save_file(tensors, dst / f, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, f))
+    index["weight_map"] = weight_map
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_fp8_scale_in_another_shard_does_not_download_that_shard_again(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """An FP8 weight whose scale sits in another shard acquired that whole shard for the one scale: a
+    shard already converted and deleted was downloaded again (and kept beside the two shards the disk
+    budget counts). The scale is read by one HTTP range request; every shard is downloaded once, and the
+    folder is the one converted from the same files on disk."""
+    src = _fp8_with_scales_in_the_next_shard(checkpoint_dir, tmp_path / "fp8")
+    fake_hub.add_repo("org/fp8", src)
+    _convert(src, tmp_path / "local")
+    _convert("org/fp8", tmp_path / "hub")
+    _assert_same_conversion(tmp_path / "local", tmp_path / "hub")
+    whole = [p for s, m, p, r in fake_hub.requests if s == "cdn" and m == "GET" and r is None]
+    assert len(whole) == len(set(whole)) == 3, whole

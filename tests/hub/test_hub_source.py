@@ -551,3 +551,23 @@ def test_a_temp_download_folder_is_locked_and_removed_once_its_run_is_killed(
         pass
     assert not killed.exists()
     assert not any(tmp.iterdir())
+
+
+def test_config_quantization_config_not_an_object(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """A Hub repo's config.json whose quantization_config is not an object is named with the repo (it was
+    an AttributeError from the already-quantized check, exit 1)."""
+    import json
+
+    from converter.errors import CorruptFileError
+
+    odd = shutil.copytree(checkpoint_dir, tmp_path / "odd")
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["quantization_config"] = "none"
+    (odd / "config.json").write_text(json.dumps(cfg))
+    fake_hub.add_repo("org/odd", odd)
+    with pytest.raises(CorruptFileError) as err:
+        HubSource("org/odd", attempts=1, output_dir=tmp_path / "out")
+    want = 'org/odd: config.json: quantization_config is "none", not an object; report it to the repo owner'
+    assert str(err.value) == want

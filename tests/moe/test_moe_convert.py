@@ -700,3 +700,45 @@ def test_inspect_and_card_list_vllm_only_for_nf4_uint8_experts(moe_src, tmp_path
         assert any("vLLM" in x and why in x for x in summary.not_loaders)
         assert "vLLM" not in loaders
         assert any("quantize-model load_quantized" in x for x in summary.loaders)
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "dtype"), [("nf4", "float16"), ("nf4", "float32"), ("int8", "float16")]
+)
+def test_fp8_source_cast_to_another_dtype_rounds_once(moe_src, tmp_path, quant_type, dtype):
+    """--dtype float16/float32 of an FP8 source casts each weight's float32 product once, as transformers'
+    Fp8Dequantize casts it to the parameter's dtype: the weights were rounded to bf16 first, then cast
+    again (a --dtype float32 folder held bf16-precision weights; 62% of float16 values were others). The
+    folder is the one converted from a source holding the float32 products, byte for byte."""
+    from safetensors.torch import save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from converter.sources.fp8 import dequantize_block_fp8
+
+    src = make_fp8_source(moe_src("qwen3_moe"), tmp_path / "fp8", block=(32, 32))
+    fp8 = _source_tensors(src)
+    exact = tmp_path / "f32"  # the same weights as their float32 products, in a plain checkpoint
+    shutil.copytree(src, exact)
+    scales = {k.removesuffix("_scale_inv"): w for k, w in fp8.items() if k.endswith("_scale_inv")}
+    products = {
+        k: dequantize_block_fp8(w, scales[k], (32, 32), torch.float32) if k in scales else w
+        for k, w in fp8.items()
+        if not k.endswith("_scale_inv")
+    }
+    save_file(products, exact / "model.safetensors", metadata={"format": "pt"})
+    cfg = read_config(exact)
+    del cfg["quantization_config"]
+    (exact / "config.json").write_text(json.dumps(cfg))
+    kw = dict(quant_type=quant_type, dtype=dtype, skip=["*.q_proj"], progress=False, warn=lambda _: None)
+    convert(src, tmp_path / "a", **kw)
+    convert(exact, tmp_path / "b", **kw)
+    got, want = _source_tensors(tmp_path / "a"), _source_tensors(tmp_path / "b")
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+    kept = "model.layers.0.self_attn.q_proj.weight"  # an FP8 weight kept unquantized: transformers' values
+    scale = fp8[kept.removesuffix(".weight") + ".weight_scale_inv"]
+    ref = Fp8Dequantize(None)._dequantize_one(fp8[kept], scale, getattr(torch, dtype))
+    assert got[kept].dtype == ref.dtype
+    assert torch.equal(got[kept], ref)
