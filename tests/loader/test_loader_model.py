@@ -374,6 +374,27 @@ def test_num_parameters_counts_the_quantized_weights(
     assert model.num_parameters(only_trainable=True) == 0  # a loaded model is frozen
 
 
+def test_counts_survive_torch_save_and_load(our_folder: Path, plain_llama: Path) -> None:
+    """A loaded model saved with torch.save and read back with torch.load keeps our
+    ``num_parameters()`` and ``get_memory_footprint()``: they were methods bound to local functions,
+    pickled as getattr(model, name), so the copy got transformers' own, which leave out the 4-bit
+    weights (a parameter count short by all of them) and count the 4-bit layers short, silently."""
+    import io
+
+    from transformers import AutoModelForCausalLM
+
+    model = load_quantized(our_folder)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)
+    expected = AutoModelForCausalLM.from_pretrained(plain_llama).num_parameters()
+    assert copy.num_parameters() == model.num_parameters() == expected
+    assert copy.num_parameters(exclude_embeddings=True) == model.num_parameters(exclude_embeddings=True)
+    assert copy.get_memory_footprint() == model.get_memory_footprint()
+    assert copy.get_memory_footprint(return_buffers=False) == model.get_memory_footprint(return_buffers=False)
+
+
 @pytest.mark.parametrize("generation_file", ["custom", "absent", "invalid"])
 def test_generation_config_is_the_folders(our_folder: Path, tmp_path: Path, generation_file: str) -> None:
     """The folder's generation_config.json (a chat model's extra EOS ids, sampling defaults) is the
