@@ -10,8 +10,8 @@ sizes). The same function sizes accelerate's plan, so the estimate and the measu
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import nn
@@ -129,17 +129,21 @@ def parameter_count(model: nn.Module, only_trainable: bool = False, exclude_embe
     return total
 
 
+def _get_memory_footprint(self: nn.Module, return_buffers: bool = True) -> int:
+    return memory_footprint(self, return_buffers)
+
+
+def _num_parameters(self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    return parameter_count(self, only_trainable, exclude_embeddings)
+
+
 def install_footprint(model: nn.Module) -> None:
     """Make ``model.get_memory_footprint()`` count the 4-bit layers at their real size, and
-    ``model.num_parameters()`` count the quantized weights."""
+    ``model.num_parameters()`` count the quantized weights.
 
-    def get_memory_footprint(self: nn.Module, return_buffers: bool = True) -> int:
-        return memory_footprint(self, return_buffers)
-
-    def num_parameters(
-        self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False
-    ) -> int:
-        return parameter_count(self, only_trainable, exclude_embeddings)
-
-    model.get_memory_footprint = types.MethodType(get_memory_footprint, model)
-    model.num_parameters = types.MethodType(num_parameters, model)
+    Bound with ``functools.partial`` to module-level functions, which pickle by name: methods bound to
+    local functions were pickled as ``getattr(model, name)``, so a model saved with ``torch.save`` came
+    back from ``torch.load`` with transformers' own two methods (the quantized weights left out of
+    ``num_parameters()``, the 4-bit layers counted short), silently."""
+    model.get_memory_footprint = partial(_get_memory_footprint, model)
+    model.num_parameters = partial(_num_parameters, model)

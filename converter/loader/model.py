@@ -572,7 +572,9 @@ def build_skeleton(
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
     dropped = attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
     _match_prefix(model, state)
-    dropped += _drop_orphan_records(model, state) if model_class is not None else []
+    # another class, or config.json overridden (num_hidden_layers=1): quantized weights with no module are
+    # unused, as transformers reports them (they were a CheckpointMismatchError where it loads)
+    dropped += _drop_orphan_records(model, state) if model_class is not None or config_kwargs else []
     _decode_quantized_routers(model, state)
     try:
         expected: set[str] | None = transformers_would_quantize(model, qc if isinstance(qc, dict) else None)

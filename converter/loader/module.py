@@ -353,6 +353,16 @@ class QuantLinear4bit(nn.Module):
             self.bias = nn.Parameter(bias, requires_grad=False)
         _adoption.track(self)
 
+    def __getstate__(self) -> dict:
+        # The prepared arguments are views of the weight, its codes as uint8 where the weight is stored
+        # as another dtype (bnb_4bit_quant_storage bfloat16, as for FSDP): torch.save refused such a
+        # layer ("Cannot save multiple tensors or storages that view the same data as different
+        # types"). They are not pickled: the copy prepares its own from its weight (__setstate__).
+        state = super().__getstate__()
+        if state.get("_kernel_args") is not None:
+            state.update(_kernel_args=True, _eager_gemv=None, _prepared_for=None, _prepared_data=None)
+        return state
+
     def __setstate__(self, state: dict) -> None:  # copies and unpickled layers are tracked too
         super().__setstate__(state)
         _adoption.track(self)

@@ -24,7 +24,7 @@ forward runs.
 
 from __future__ import annotations
 
-from types import MethodType
+from functools import partial
 from typing import Any
 
 import torch
@@ -54,7 +54,15 @@ def route_sequential(module: nn.ModuleList, top_k: int) -> None:
     """Make a 16-bit ``SequentialLlama4TextExperts`` run each token's routed experts only (module
     docstring): its forward replaced on the instance, so its class, children and names stay."""
     module.top_k = top_k
-    module.forward = MethodType(_sequential_routed_forward, module)
+    module.forward = _bound(_sequential_routed_forward, module)
+
+
+def _bound(function: Any, module: nn.Module) -> partial:
+    """``function`` bound to ``module`` as its instance ``forward``: a ``functools.partial``, which pickles
+    the function by its name in this module. A ``MethodType`` pickles as ``getattr(module, name)``, which
+    the module's class (transformers') does not have: ``torch.load`` of a saved model failed with
+    "'Llama4TextMoe' object has no attribute '_routed_block_forward'"."""
+    return partial(function, module)
 
 
 def _sequential_routed_forward(self: nn.ModuleList, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -77,7 +85,7 @@ def route_block(block: nn.Module) -> None:
     ``E``-fold ``routed_in`` they would take apart again: the same products and sums, about ten fewer
     kernels a layer (the repeat, the ``E``-fold scaling, the top-k over blocks, the zero-filled output
     and the sum over ``E``). Replaced on the instance: the class, its children and names stay."""
-    block.forward = MethodType(_routed_block_forward, block)
+    block.forward = _bound(_routed_block_forward, block)
 
 
 def _routed_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,9 +172,11 @@ def replace_linear_layers(
     ``module.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
     strict=False)`` (the quantized weights are records, ``QuantizedTensor`` / ``Int8Tensor``).
     ``compute_dtype`` defaults to the checkpoint config's ``bnb_4bit_compute_dtype``, else the weights'
-    original dtype (int8: the input's). Sets ``module.is_loaded_in_4bit = True`` (int8:
-    ``is_loaded_in_8bit``) so PEFT picks its 4-bit (8-bit) LoRA layer, ``config._is_quantized`` on
-    the transformers models in ``module`` (:func:`mark_quantized`), and on the outermost ones
+    original dtype (int8: the input's); a state from :func:`load_quantized_state` reads the config of
+    its folder (``state.folder``) as the folder itself does, another mapping has none. Sets
+    ``module.is_loaded_in_4bit = True`` (int8: ``is_loaded_in_8bit``) so PEFT picks its 4-bit (8-bit)
+    LoRA layer, ``config._is_quantized`` on the transformers models in ``module``
+    (:func:`mark_quantized`), and on the outermost ones
     ``hf_quantizer`` / ``is_quantized`` and ``dequantize()`` as :func:`load_quantized` does (so
     ``Trainer`` refuses the model without adapters, as for bitsandbytes). Returns the names of the
     swapped modules.
@@ -185,10 +187,14 @@ def replace_linear_layers(
     qc: dict[str, Any] = {}
     if isinstance(path_or_state, Mapping):
         state = path_or_state
+        # load_quantized_state's dict knows its folder: the config's compute dtype and int8 threshold
+        # apply as for the folder itself (they were lost: the weights' dtype and 6.0 instead, silently)
+        folder = getattr(state, "folder", None)
     else:
         folder = resolve_folder(path_or_state)
-        where = str(folder)
         state = load_quantized_state(folder, verify=verify)
+    if folder is not None:
+        where = str(folder)
         qc = quantization_config_of(folder)
         if compute_dtype is None:
             compute_dtype = compute_dtype_from_config(folder, state)

@@ -41,6 +41,20 @@ class ChecksumMismatchError(CorruptFileError):
     """A shard's sha256 differs from the one recorded in the index."""
 
 
+class QuantizedState(dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]):
+    """What :func:`load_quantized_state` returns: a ``dict`` of ``name -> record / tensor`` that also
+    knows the checkpoint folder it was read from (``.folder``), so that
+    ``replace_linear_layers(module, state)`` takes the folder config's ``bnb_4bit_compute_dtype`` and
+    ``llm_int8_threshold`` as ``replace_linear_layers(module, folder)`` does."""
+
+    def __init__(self, tensors: dict, folder: Path | None = None) -> None:
+        super().__init__(tensors)
+        self.folder = folder
+
+    def __reduce__(self) -> tuple:
+        return (QuantizedState, (dict(self), self.folder))
+
+
 class NotQuantizedError(InputError):
     """The checkpoint holds no quantized (4-bit or LLM.int8) weight."""
 
@@ -258,9 +272,10 @@ def load_quantized_state(
     force_download: bool = False,
     local_files_only: bool = False,
     subfolder: str = "",
-) -> dict[str, QuantizedTensor | Int8Tensor | torch.Tensor]:
+) -> QuantizedState:
     """``name -> QuantizedTensor`` for every quantized weight (the weight key, e.g.
-    ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor.
+    ``model.layers.0.mlp.down_proj.weight``) and ``name -> torch.Tensor`` for every other tensor, a
+    :class:`QuantizedState` (a ``dict``) whose ``.folder`` is the checkpoint folder.
 
     On the CPU, tensors are views of memory-mapped shards (nothing read before use). On another
     device (e.g. ``"cuda"``) every tensor is read once from its shard straight into its device tensor
@@ -286,7 +301,7 @@ def load_quantized_state(
         subfolder=subfolder,
     )
     with shards_verified(folder, verify, streaming=streams_to(device)) as hashes:
-        return read_state(folder, device, hashes)
+        return QuantizedState(read_state(folder, device, hashes), folder)
 
 
 def _hash_threads() -> int:

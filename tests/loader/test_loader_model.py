@@ -141,6 +141,40 @@ def test_replace_linear_layers_on_a_transformers_model(our_folder: Path) -> None
     assert torch.equal(_logits(model.eval()), _logits(reference))
 
 
+def test_replace_linear_layers_with_a_loaded_state_reads_its_folder_config(
+    plain_llama: Path, tmp_path: Path
+) -> None:
+    """The documented ``state = load_quantized_state(folder)``; ``replace_linear_layers(model, state)``
+    takes the folder config's ``bnb_4bit_compute_dtype`` (float32 here, transformers'
+    ``BitsAndBytesConfig`` default, for bf16 weights) and ``llm_int8_threshold``, as the folder path
+    does: the layers computed in the weights' dtype (bf16) and with threshold 6.0 instead, and the logits
+    were not load_quantized's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from converter.loader.module_int8 import QuantLinear8bit
+    from converter.writer.pipeline import convert
+
+    folder = tmp_path / "fp32-compute"
+    convert(plain_llama, folder, progress=False, compute_dtype="float32")
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = load_quantized_state(folder)
+    names = replace_linear_layers(model, state)
+    layers = linear4bit_modules(model)
+    assert sorted(layers) == sorted(names)
+    assert {layer.compute_dtype for layer in layers.values()} == {torch.float32}
+    model.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, strict=False)
+    assert torch.equal(_logits(model.eval()), _logits(load_quantized(folder)))
+
+    int8 = tmp_path / "int8-threshold-3"
+    convert(plain_llama, int8, progress=False, quant_type="int8", int8_threshold=3.0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    replace_linear_layers(model, load_quantized_state(int8))
+    thresholds = {m.threshold for m in model.modules() if isinstance(m, QuantLinear8bit)}
+    assert thresholds == {3.0}
+
+
 def test_replace_linear_layers_on_a_falcon_mamba_runs_its_quantized_branch(tmp_path: Path) -> None:
     """FalconMamba multiplies by ``dt_proj.weight`` unless ``config._is_quantized`` is set (transformers'
     quantizers and load_quantized set it): after replace_linear_layers on a plain transformers model the
@@ -338,6 +372,27 @@ def test_num_parameters_counts_the_quantized_weights(
     model = load_quantized(folder)
     assert model.num_parameters(exclude_embeddings=exclude_embeddings) == expected
     assert model.num_parameters(only_trainable=True) == 0  # a loaded model is frozen
+
+
+def test_counts_survive_torch_save_and_load(our_folder: Path, plain_llama: Path) -> None:
+    """A loaded model saved with torch.save and read back with torch.load keeps our
+    ``num_parameters()`` and ``get_memory_footprint()``: they were methods bound to local functions,
+    pickled as getattr(model, name), so the copy got transformers' own, which leave out the 4-bit
+    weights (a parameter count short by all of them) and count the 4-bit layers short, silently."""
+    import io
+
+    from transformers import AutoModelForCausalLM
+
+    model = load_quantized(our_folder)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)
+    expected = AutoModelForCausalLM.from_pretrained(plain_llama).num_parameters()
+    assert copy.num_parameters() == model.num_parameters() == expected
+    assert copy.num_parameters(exclude_embeddings=True) == model.num_parameters(exclude_embeddings=True)
+    assert copy.get_memory_footprint() == model.get_memory_footprint()
+    assert copy.get_memory_footprint(return_buffers=False) == model.get_memory_footprint(return_buffers=False)
 
 
 @pytest.mark.parametrize("generation_file", ["custom", "absent", "invalid"])

@@ -369,3 +369,30 @@ def test_docs_example_runs(our_folder: Path) -> None:
     loss = model(input_ids=IDS, labels=LABELS).loss
     loss.backward()
     assert model.base_model.model.score.modules_to_save.default.weight.grad is not None
+
+
+def test_fewer_layers_by_config_kwargs_load_as_with_transformers(bnb_nf4: Path) -> None:
+    """``load_quantized(folder, num_hidden_layers=1)`` (config.json overridden, as
+    ``from_pretrained(folder, num_hidden_layers=1)`` takes it) builds the one-layer model and reports
+    the second layer's tensors as unused, as transformers + bitsandbytes report them (UNEXPECTED); its
+    quantized weights were a CheckpointMismatchError ("has no module 'model.layers.1...'"). The logits
+    are transformers + bitsandbytes' on the dequantize path."""
+    from converter.loader.model import linear4bit_modules
+
+    with pytest.warns(UserWarning, match=r"unused by LlamaForCausalLM: \['model\.layers\.1\."):
+        model = load_quantized(bnb_nf4, num_hidden_layers=1)
+    assert model.config.num_hidden_layers == 1
+    assert sorted(linear4bit_modules(model)) == sorted(
+        f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    )  # fmt: skip
+    for layer in linear4bit_modules(model).values():
+        layer.use_gemv = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = transformers.AutoModelForCausalLM.from_pretrained(
+            bnb_nf4, device_map="cpu", num_hidden_layers=1
+        )
+    reference.train()  # bitsandbytes' dequantize + F.linear path (no dropout in Llama)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, reference(IDS).logits)

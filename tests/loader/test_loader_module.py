@@ -217,6 +217,30 @@ def test_dtype_casts_and_moves_keep_quantized_bytes(storage: str) -> None:
     assert isinstance(layer.weight, bnb.nn.Params4bit)
 
 
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16", "float32"])
+def test_torch_save_of_a_layer_of_any_quant_storage(storage: str) -> None:
+    """torch.save of a layer (and so of a whole loaded model) whose codes are stored as bfloat16 or
+    float32 (bnb_4bit_quant_storage, as FSDP QLoRA sets it): its prepared kernel arguments held the codes
+    as a uint8 view of the same memory, and torch.save refused the layer ("Cannot save multiple tensors
+    or storages that view the same data as different types"). The loaded copy prepares its own
+    arguments from its own codes: same outputs, on the fused GEMV too."""
+    import io
+
+    layer, _, _ = make_layer(32, 128, bias=True, storage=storage)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    expected = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)
+    assert copy.weight.dtype == layer.weight.dtype
+    assert copy._kernel_args is not None  # prepared again, for the fused GEMV
+    assert copy._eager_gemv is not None
+    codes = copy._kernel_args.packed
+    assert codes.untyped_storage().data_ptr() == copy.weight.untyped_storage().data_ptr()
+    assert torch.equal(copy(x), expected)
+
+
 @pytest.mark.parametrize("nested", [True, False])
 def test_state_dict_is_bnb_layout_and_round_trips(nested: bool) -> None:
     layer, record, bias = make_layer(40, 96, bias=True, nested=nested, quant_type="fp4")

@@ -1068,3 +1068,24 @@ def test_the_model_card_of_a_quantized_llama4_shows_the_transformers_snippet(lla
     )
     assert "Not:" not in card
     assert 'load_quantized("me/tiny-llama4-nf4", revision="v1")' in card
+
+
+@pytest.mark.parametrize("mode", ["keep", "nf4"])
+def test_torch_save_and_load_of_a_loaded_model(llama4, mode):
+    """torch.save / torch.load of a loaded Llama 4 model: the routed forwards the loader puts on the
+    experts (keep: SequentialLlama4TextExperts) and MoE blocks (4-bit) were bound methods, which pickle
+    as getattr(module, function name); transformers' classes have no such attribute, and torch.load
+    failed ("'Llama4TextMoe' object has no attribute '_routed_block_forward'"). The loaded copy runs
+    its own routed forward, bound to itself, with the same logits."""
+    import io
+
+    model = load_quantized(llama4(mode))
+    want = _logits(model, IDS)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)
+    routed = [(n, m) for n, m in copy.named_modules() if "forward" in vars(m)]
+    assert routed
+    assert all(vars(m)["forward"].args[0] is m for _, m in routed)
+    assert torch.equal(_logits(copy, IDS), want)
