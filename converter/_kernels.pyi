@@ -278,6 +278,9 @@ def quant_error_stats(
 ) -> tuple[float, float, float, int]:
     """(sum x^2, sum (x - v)^2, max |x - v|, non-finite count), v = quant_map[q] * absmax[block] (f32)."""
 
+def int8_error_stats(
+    x: int, dtype: str, rows: int, cols: int, codes: int, scb: int, threads: int = 0
+) -> tuple[float, float, float, int]: ...
 def count_nonfinite(x: int, dtype: str, n: int, threads: int = 0) -> int:
     """Number of NaN / Inf elements of x (float32 / float16 / bfloat16)."""
 

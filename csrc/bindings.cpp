@@ -195,6 +195,28 @@ PYBIND11_MODULE(_kernels, m) {
       "(sum x^2, sum (x - v)^2, max |x - v|, non-finite count) with v = quant_map[q] * absmax[block].");
 
   m.def(
+      "int8_error_stats",
+      [](uintptr_t x, const std::string& dtype, int64_t rows, int64_t cols, uintptr_t codes, uintptr_t scb,
+         int threads) -> py::tuple {
+        check_n(rows, "rows");
+        check_n(cols, "cols");
+        const qm::DType dt = qm::parse_dtype(dtype);
+        if (rows == 0 || cols == 0) return py::make_tuple(0.0, 0.0, 0.0, int64_t{0});
+        const void* xp = ptr<const void>(x, "x");
+        const auto* cp = ptr<const int8_t>(codes, "codes");
+        const auto* sp = ptr<const float>(scb, "scb");
+        qm::QuantErrorStats s;
+        {
+          py::gil_scoped_release release;
+          s = qm::int8_error_stats(xp, dt, rows, cols, cp, sp, threads);
+        }
+        return py::make_tuple(s.sum_x2, s.sum_e2, s.max_abs_e, s.nonfinite);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("codes"), py::arg("scb"),
+      py::arg("threads") = 0,
+      "(sum x^2, sum (x - v)^2, max |x - v|, non-finite count) with v = f32(f32(codes * SCB[row]) * f32(1/127)).");
+
+  m.def(
       "count_nonfinite",
       [](uintptr_t x, const std::string& dtype, int64_t n, int threads) -> int64_t {
         check_n(n, "n");

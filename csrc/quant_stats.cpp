@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "float_convert.h"
+#include "int8_cpu.h"
 #if QM_X86
 #include <immintrin.h>
 #endif
@@ -181,6 +182,68 @@ QuantErrorStats quant_error_stats(const void* x, DType dtype, int64_t n, int64_t
     total.max_abs_e = std::max(total.max_abs_e, p.max_abs_e);
     total.nonfinite += p.nonfinite;
   }
+  return total;
+}
+
+namespace {
+
+template <DType DT>
+QuantErrorStats int8_row_stats(const void* x, int64_t row, int64_t cols, const int8_t* codes, float scb) {
+  const float k = bits_f32(kInv127Bits);
+  QuantErrorStats out;
+  float m = 0.0f;
+  bool nan = false;
+  const int64_t base = row * cols;
+  for (int64_t j = 0; j < cols; ++j) {
+    const float xv = load_elem<DT>(x, base + j);
+    const float w = (static_cast<float>(codes[base + j]) * scb) * k;
+    const bool decoded = std::fabs(w) <= kMaxFinite;
+    const float e = decoded ? xv - w : xv;
+    out.nonfinite += !(decoded && std::fabs(xv) <= kMaxFinite);
+    out.sum_x2 += double(xv) * double(xv);
+    out.sum_e2 += double(e) * double(e);
+    const float ae = std::fabs(e);
+    if (ae != ae) {
+      nan = true;
+    } else {
+      m = std::max(m, ae);
+    }
+  }
+  out.max_abs_e = nan ? double(NAN) : double(m);
+  return out;
+}
+
+}  // namespace
+
+QuantErrorStats int8_error_stats(const void* x, DType dtype, int64_t rows, int64_t cols, const int8_t* codes,
+                                 const float* scb, int threads) {
+  QuantErrorStats total;
+  if (rows <= 0 || cols <= 0) return total;
+  std::vector<QuantErrorStats> per_row(static_cast<size_t>(rows));
+  const auto run = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      switch (dtype) {
+        case DType::F32: per_row[r] = int8_row_stats<DType::F32>(x, r, cols, codes, scb[r]); break;
+        case DType::F16: per_row[r] = int8_row_stats<DType::F16>(x, r, cols, codes, scb[r]); break;
+        case DType::BF16: per_row[r] = int8_row_stats<DType::BF16>(x, r, cols, codes, scb[r]); break;
+      }
+    }
+  };
+  if (threads == 1) {  // a background measurement on its own thread (as quant_error_stats)
+    ScopedDenormalsOn denormals;
+    run(0, rows);
+  } else {
+    parallel_for(rows, threads, 1, run);
+  }
+  bool nan = false;
+  for (const auto& p : per_row) {  // in row order: the same sums for any thread count
+    total.sum_x2 += p.sum_x2;
+    total.sum_e2 += p.sum_e2;
+    if (p.max_abs_e != p.max_abs_e) nan = true;
+    else total.max_abs_e = std::max(total.max_abs_e, p.max_abs_e);
+    total.nonfinite += p.nonfinite;
+  }
+  if (nan) total.max_abs_e = double(NAN);
   return total;
 }
 

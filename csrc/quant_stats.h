@@ -23,6 +23,14 @@ struct QuantErrorStats {
 QuantErrorStats quant_error_stats(const void* x, DType dtype, int64_t n, int64_t blocksize, const uint8_t* packed,
                                   const float* absmax, const float* quant_map, Isa isa, int threads);
 
+// The same statistics of LLM.int8 codes against x [rows, cols]: v = f32(f32(codes * SCB[row]) * f32(1/127)),
+// the weight bitsandbytes' loaders compute; a v that is not finite (a row stored with SCB = inf) counts
+// its x as the error (the row is lost) and as non-finite, as does a non-finite x. Sums in float64 per
+// row (exact squares of f32 values), rows added in order: the same result for any thread count; a NaN
+// error makes max_abs_e NaN.
+QuantErrorStats int8_error_stats(const void* x, DType dtype, int64_t rows, int64_t cols, const int8_t* codes,
+                                 const float* scb, int threads);
+
 // Number of NaN / Inf elements of x (kept tensors of the report).
 int64_t count_nonfinite(const void* x, DType dtype, int64_t n, int threads);
 

@@ -18,7 +18,7 @@ from converter import _kernels
 from converter.errors import NonFiniteInputError
 from converter.kernels.bnb4bit_np import address, check_input, threads_arg
 
-__all__ = ["dequantize_int8", "quantize_int8", "scale_table"]
+__all__ = ["dequantize_int8", "error_stats", "quantize_int8", "scale_table"]
 
 #: The row scales a checkpoint can be made with (``converter.kernels.int8``'s module docstring).
 SCALES = ("cpu", "cuda")
@@ -103,3 +103,26 @@ def dequantize_int8(codes: np.ndarray, scb: np.ndarray, *, threads: int | None =
             address(codes), address(scb), rows, cols, address(out), "float32", "auto", threads_arg(threads)
         )
     return out
+
+
+def error_stats(
+    x: np.ndarray, dtype: str, codes: np.ndarray, scb: np.ndarray, *, threads: int | None = None
+) -> tuple[float, float, float, int]:
+    """(sum x^2, sum e^2, max |e|, non-finite count) of ``codes``/``scb`` against ``x`` (``dtype`` values,
+    bf16 as uint16 bits, reshaped to the codes' [rows, cols]) in one pass: ``e = x - W`` with ``W`` the
+    weight bitsandbytes' loaders compute, or ``x`` where ``W`` is not finite (a row stored with SCB =
+    inf); float64 sums per row, added in row order (any thread count gives the same result)."""
+    rows, cols = _rows_cols(codes)
+    name = check_input(np.ascontiguousarray(x), dtype)
+    x = np.ascontiguousarray(x)
+    codes = np.ascontiguousarray(codes, dtype=np.int8)
+    scb = np.ascontiguousarray(scb, dtype=np.float32)
+    if x.size != codes.size or scb.shape != (rows,):
+        msg = f"x of {x.size} elements and scb {tuple(scb.shape)} do not match codes of {(rows, cols)}"
+        raise ValueError(msg)
+    if codes.size == 0:
+        return 0.0, 0.0, 0.0, 0
+    sx, se, m, bad = _kernels.int8_error_stats(
+        address(x), name, rows, cols, address(codes), address(scb), threads_arg(threads)
+    )
+    return float(sx), float(se), float(m), int(bad)

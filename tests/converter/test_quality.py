@@ -179,3 +179,39 @@ def test_int8_statistics_run_on_the_measuring_thread_alone() -> None:
     for got, want in (r["sum_x2"], r["sum_e2"]):
         assert abs(got - want) <= bound * want, (got, want)
     assert r["max"][0] == r["max"][1]
+
+
+@pytest.mark.parametrize("code", ["F32", "F16", "BF16"])
+def test_int8_error_stats_kernel_any_thread_count_and_dtype(code: str) -> None:
+    """The extension's one-pass int8 statistics (the converter's measuring thread calls it with one
+    thread): the same result for any thread count (float64 sums per row, added in row order), the
+    values of a float64 reference over W = f32(f32(q * SCB) * f32(1/127)) (sums of n non-negative terms
+    within gamma_n, the max exact; x - W is exact in float32, Sterbenz), a row stored as SCB = inf
+    counted as lost (its x is the error) and non-finite."""
+    from converter.kernels import int8_np
+
+    rng = np.random.default_rng(1)
+    x32 = rng.standard_normal((67, 300), dtype=np.float32)
+    x32[5, 7] = 99840.0  # past fp16's range: SCB = inf, the row decodes to NaN
+    if code == "F32":
+        x = x32
+    elif code == "F16":
+        x32[5, 7] = 60000.0  # fp16 input holds no such value; a large one instead
+        x = x32.astype(np.float16)
+        x32 = x.astype(np.float32)
+    else:
+        x = (x32.view(np.uint32) >> 16).astype(np.uint16)  # truncated bf16 bits
+        x32 = (x.astype(np.uint32) << 16).view(np.float32)
+    q, scb = int8_np.quantize_int8(x, code, threads=1)
+    one = int8_np.error_stats(x, code, q, scb, threads=1)
+    assert int8_np.error_stats(x, code, q, scb, threads=3) == one
+    w = int8_np.dequantize_int8(q, scb, threads=1).astype(np.float64)
+    xd = x32.astype(np.float64)
+    e = np.where(np.isfinite(w), xd - w, xd)
+    n = x32.size
+    bound = n * 2.0**-53 / (1 - n * 2.0**-53)
+    sx, se, m, bad = one
+    assert abs(sx - np.sum(xd * xd)) <= bound * np.sum(xd * xd)
+    assert abs(se - np.sum(e * e)) <= bound * np.sum(e * e)
+    assert m == np.max(np.abs(e))
+    assert bad == (300 if code != "F16" else 0)
