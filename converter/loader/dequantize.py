@@ -44,6 +44,7 @@ from converter.loader.module import dtype_from_name
 from converter.loader.state import INDEX_NAME, load_quantized_state, resolve_folder
 from converter.methods import for_record
 from converter.plan.preflight import WontFitError, disk_free, read_only
+from converter.plan.selection_facts import ModelFacts
 from converter.plan.tensor_plan import normalize_dtype, parse_size, shard_names
 from converter.sources.local import extra_files_in, read_header, sample_digest
 from converter.writer.manifest import (
@@ -105,10 +106,14 @@ def _out_dtype(value: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def _transposed_weights(
-    folder: Path, state: dict, meta_model: Callable[[], torch.nn.Module | None]
+    folder: Path,
+    state: dict,
+    meta_model: Callable[[], torch.nn.Module | None],
+    facts: Callable[[], ModelFacts | None],
 ) -> set[str]:
     """The quantized weights that are GPT-2 ``Conv1D`` weights (``[in, out]`` in a plain checkpoint);
-    ``meta_model``: the folder's model on the meta device (``_meta_model``), built on first use only."""
+    ``meta_model``: the folder's model on the meta device (``_meta_model``), built on first use only,
+    when ``facts`` (``_table_facts``) has none."""
     from safetensors import safe_open
 
     quantized = {k for k, v in state.items() if not isinstance(v, torch.Tensor)}
@@ -121,7 +126,27 @@ def _transposed_weights(
             found |= {k for k, rec in json.loads(meta).items() if (rec or {}).get("transposed")}
     if described:
         return found & quantized
+    known = facts()
+    if known is not None:  # transformers' facts without transformers: the shipped table or the user cache
+        return {k for k in quantized if known.keys[k].transpose}
     return _conv1d_weights(meta_model()) & quantized
+
+
+def _table_facts(config: dict | None, state: dict) -> ModelFacts | None:
+    """What transformers' model says of every key of ``state`` (dtype plan, Conv1D weights) from the
+    converter's shipped selection table or per-user cache, without importing transformers or building
+    the model (seconds of a small model's dequantize); None when they do not cover every key."""
+    if not isinstance(config, dict):
+        return None
+    from converter.plan import selection_table
+
+    try:
+        found = selection_table.lookup(config, list(state))
+    except Exception:  # an odd config the table cannot read: the model decides, as before
+        return None
+    if found is None or not set(state) <= set(found[0].keys):
+        return None
+    return found[0]
 
 
 def _meta_model(folder: Path) -> torch.nn.Module | None:
@@ -154,14 +179,30 @@ def _conv1d_weights(model: torch.nn.Module | None) -> set[str]:
 
 
 def _out_dtypes(
-    state: dict, dtype: torch.dtype, meta_model: Callable[[], torch.nn.Module | None]
+    state: dict,
+    dtype: torch.dtype,
+    meta_model: Callable[[], torch.nn.Module | None],
+    facts: Callable[[], ModelFacts | None] = lambda: None,
 ) -> dict[str, torch.dtype]:
     """The dtype each tensor is written in: ``dtype`` for floats, except the kept tensors transformers'
     dtype plan holds in float32 for ``dtype`` (``_keep_in_fp32_modules`` under float16,
     ``_keep_in_fp32_modules_strict`` under float16 or bfloat16: T5's ``wo``), which its ``save_pretrained``
     of the model loaded in ``dtype`` writes in float32 too; integer tensors as they are."""
     out = {k: _out_dtype(v, dtype) for k, v in state.items()}
-    model = meta_model() if dtype in (torch.float16, torch.bfloat16) else None
+    if dtype not in (torch.float16, torch.bfloat16):
+        return out
+    known = facts()
+    if known is not None:  # the same plan, from the facts: strict under fp16 and bf16, the other under fp16
+        for k, v in state.items():
+            f = known.keys[k]
+            if (
+                isinstance(v, torch.Tensor)
+                and v.is_floating_point()
+                and (f.fp32_strict or (f.fp32 and dtype == torch.float16))
+            ):
+                out[k] = torch.float32
+        return out
+    model = meta_model()
     if model is None:
         return out
     from converter.loader.model import dtype_plan
@@ -713,8 +754,9 @@ def _write_plain(
     state = _fuse_llama4(state, config)  # Llama 4: per-expert weights back into its fused experts
     state = _fuse_gpt_oss(state)  # gpt-oss: unsloth's per-expert records back into its fused experts
     meta_model = functools.cache(lambda: _meta_model(folder))  # built once, and only when needed
-    transposed = _transposed_weights(folder, state, meta_model)
-    dtypes = _out_dtypes(state, torch_dtype, meta_model)
+    facts = functools.cache(lambda: _table_facts(config, state))
+    transposed = _transposed_weights(folder, state, meta_model, facts)
+    dtypes = _out_dtypes(state, torch_dtype, meta_model, facts)
     groups = _plan(state, dtypes, limit)
     names = shard_names(len(groups))
     result = DequantizeResult(out, name)

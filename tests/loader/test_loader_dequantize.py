@@ -670,3 +670,55 @@ def test_one_expert_of_a_fused_record_decodes_to_its_block_of_the_whole_decode(s
         block = _record_rows(rec, e, dtype)
         assert block.shape == shape[1:]
         assert torch.equal(block.view(torch.uint8), whole[e].contiguous().view(torch.uint8)), e
+
+
+def test_dtype_plan_and_conv1d_from_the_selection_facts_equal_the_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dequantize built the folder's model on the meta device (importing transformers: seconds of a small
+    model's whole process) for its dtype plan and its Conv1D weights; the converter's selection facts
+    (shipped table, or the per-user cache the conversion filled) say the same without building it. Both
+    paths write the same files: T5 under float16 (``wo`` float32) and GPT-2 (Conv1D weights [in, out])."""
+    import transformers
+    from tiny_models import make_tiny
+
+    from converter.loader import dequantize as dq
+    from converter.writer.pipeline import convert
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    t5 = make_tiny("t5", tmp_path / "t5")  # float32
+    gpt2 = tmp_path / "gpt2"
+    config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128, n_positions=32)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(gpt2)
+    cases = ((t5, "float16", "fp16"), (gpt2, None, "bf16"))
+    for src, convert_dtype, _ in cases:
+        convert(src, tmp_path / f"{src.name}-q", dtype=convert_dtype, progress=False)
+
+    def no_model(folder: Path) -> None:
+        msg = "the meta model was built"
+        raise AssertionError(msg)
+
+    table_facts = dq._table_facts
+    for path in ("facts", "model"):
+        if path == "facts":
+            monkeypatch.setattr(dq, "_meta_model", no_model)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+            monkeypatch.setattr(dq, "_table_facts", lambda config, state: None)
+        for src, _, dtype in cases:
+            dequantize_checkpoint(tmp_path / f"{src.name}-q", tmp_path / f"{src.name}-{path}", dtype=dtype)
+    assert table_facts is not dq._table_facts
+    for src, _, _ in cases:
+        facts, model = tmp_path / f"{src.name}-facts", tmp_path / f"{src.name}-model"
+        assert sorted(p.name for p in facts.iterdir()) == sorted(p.name for p in model.iterdir())
+        for f in facts.iterdir():
+            assert f.read_bytes() == (model / f.name).read_bytes(), f.name
+    t5_plain = _read_folder(tmp_path / "t5-facts")
+    wo = [k for k in t5_plain if k.endswith("DenseReluDense.wo.weight")]
+    assert wo
+    assert all(t5_plain[k].dtype == torch.float32 for k in wo)
+    assert t5_plain["shared.weight"].dtype == torch.float16
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert _read_folder(tmp_path / "gpt2-facts")[key].shape == _read_folder(gpt2)[key].shape  # [in, out]
