@@ -7,6 +7,8 @@ interleaved (A B C, A B C, ...), best and median reported with ratios:
   transformers + bitsandbytes (``from_pretrained(load_in_4bit, device_map="cpu")`` + ``save_pretrained``)
   vs a plain copy of the files (``cp -r`` + ``sync``).
 - ``smollm2-int8``: the same to LLM.int8: ``convert --quant-type int8`` vs ``load_in_8bit`` + save vs a copy.
+- ``dequantize``: SmolLM2's nf4 folder back to bf16: ``dequantize`` vs transformers + bitsandbytes
+  (``from_pretrained`` + ``dequantize()`` + ``save_pretrained``) vs a copy of the folder.
 - ``big``: 18 tensors of 11008x4096 bf16 (1.6 GB, one file, random). ``quantize-model convert
   --include '*'`` as a whole process vs bitsandbytes' ``quantize_4bit`` (nf4, nested) alone on the same
   tensors, in-process (only the calls are timed; reading and start-up are free for it) vs a plain copy.
@@ -69,6 +71,14 @@ qc = BitsAndBytesConfig(load_in_8bit=True)
 m = AutoModelForCausalLM.from_pretrained(
     sys.argv[1], quantization_config=qc, device_map="cpu", dtype=torch.bfloat16
 )
+m.save_pretrained(sys.argv[2])
+"""
+
+HF_BNB_DEQUANTIZE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu", dtype=torch.bfloat16)
+m.dequantize()
 m.save_pretrained(sys.argv[2])
 """
 
@@ -189,6 +199,40 @@ def row_smollm2(args, python: str, work: Path, out: dict, method: str = "nf4") -
     warm(src)
     res = rounds(contenders, args.repeat)
     title = f"SmolLM2-135M bf16 -> {label}, whole processes"
+    report(title, res, ours_name, out)
+    hf = min(r[0] for r in res[hf_name])
+    ours = min(r[0] for r in res[ours_name])
+    print(f"  transformers + bnb / ours: {hf / ours:.2f}x")
+    out[title]["hf_over_ours"] = hf / ours
+
+
+def row_dequantize(args, python: str, work: Path, out: dict) -> None:
+    """SmolLM2-135M's nf4 folder (ours) back to a plain bf16 checkpoint, whole processes: ``quantize-model
+    dequantize`` vs transformers + bitsandbytes (``from_pretrained`` of the folder, ``dequantize()``,
+    ``save_pretrained``) vs a plain copy of the folder."""
+    make = "from pathlib import Path; from converter.tools import samples; "
+    make += f"print(samples.smollm2(Path({args.samples!r})))"
+    src = Path(in_child(make))
+    folder = work / "nf4"
+    if not (folder / "config.json").is_file():
+        subprocess.run(ours_argv(python, "convert", str(src), str(folder), "-q"), check=True)
+    dst = work / "out"
+    fresh = functools.partial(fresh_run, dst)
+    ours_name = "quantize-model dequantize"
+    hf_name = "transformers + bitsandbytes (from_pretrained + dequantize() + save)"
+    contenders = {
+        ours_name: fresh(ours_argv(python, "dequantize", str(folder), str(dst), "-q")),
+        hf_name: fresh([python, "-c", HF_BNB_DEQUANTIZE, str(folder), str(dst)]),
+        "plain copy (cp -r + sync)": fresh(["sh", "-c", f"cp -r '{folder}' '{dst}' && sync '{dst}'/*"]),
+    }
+    if args.before:
+        before = str(Path(args.before) / "quantize-model")
+        contenders["quantize-model before (--before)"] = fresh(
+            [before, "dequantize", str(folder), str(dst), "-q"]
+        )
+    warm(folder)
+    res = rounds(contenders, args.repeat)
+    title = "SmolLM2-135M nf4 -> bf16 (dequantize), whole processes"
     report(title, res, ours_name, out)
     hf = min(r[0] for r in res[hf_name])
     ours = min(r[0] for r in res[ours_name])
@@ -397,7 +441,9 @@ def save(args, out: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="smollm2,big", help="comma list of smollm2, smollm2-int8, big, gpu")
+    ap.add_argument(
+        "--rows", default="smollm2,big", help="comma list of smollm2, smollm2-int8, dequantize, big, gpu"
+    )
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--samples", default=str(Path(__file__).resolve().parents[1] / ".cache" / "samples"))
@@ -420,6 +466,7 @@ def main() -> int:
             {
                 "smollm2": row_smollm2,
                 "smollm2-int8": functools.partial(row_smollm2, method="int8"),
+                "dequantize": row_dequantize,
                 "big": row_big,
                 "gpu": row_gpu,
             }[row](args, python, work, out)
