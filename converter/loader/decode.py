@@ -219,6 +219,13 @@ def _unsupported(
         return "encoder-decoder models are not supported"
     if (cfg.num_beams or 1) != 1:
         return "beam search (num_beams > 1) does not run on the device loop"
+    if cfg.use_cache is False or model_kwargs.get("use_cache") is False:
+        # generate() then makes no cache and runs the whole text through the model at every step: other
+        # float rounding than a cached step's, so (bf16) other tokens than a loop on a cache
+        return (
+            "use_cache=False (in the call, the generation config or the model config): transformers' loop "
+            "runs the whole text at every step without a cache (pass use_cache=True to decode on the device)"
+        )
     if cfg.return_dict_in_generate and (
         cfg.output_scores or cfg.output_logits or cfg.output_attentions or cfg.output_hidden_states
     ):

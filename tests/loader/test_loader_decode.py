@@ -888,3 +888,35 @@ def test_iterator_streamer_reader_ends(model) -> None:
     worker.join(timeout=60)
     assert result, "generate did not return"
     assert text.split() == [str(int(t)) for t in result[0][0, IDS.shape[1] :]]
+
+
+@pytest.mark.parametrize("where", ["model-config", "call"])
+def test_use_cache_false_runs_transformers_loop_without_a_cache(where: str, caplog) -> None:
+    """``use_cache=False`` (a fine-tune's config.json often says so, saved from gradient-checkpointed
+    training; or passed to generate): transformers' loop makes no cache and runs the whole text through the
+    model at every step, whose float rounding differs from a cached step's (bf16: other tokens). The device
+    loop decoded one token a step on a static cache of its own; it falls back, saying so, and the model
+    sees the whole text at every step, as plain generate() gives it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    config = AutoConfig.for_model("llama", **_TINY, use_cache=where == "call")
+    model = AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
+    ids = torch.randint(2, 256, (2, 12))
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0}
+    if where == "call":
+        kw["use_cache"] = False
+    want = model.generate(ids, **kw)
+    lengths: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    decode._warned.clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+            got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    finally:
+        hook.remove()
+    assert "use_cache=False" in caplog.text
+    assert lengths == list(range(12, 20))  # the whole text at every step, no one-token step
+    assert torch.equal(got, want)
