@@ -265,9 +265,20 @@ def _unsupported(
     mask = model_kwargs.get("attention_mask")
     if mask is not None and mask.shape != input_ids.shape:
         return f"an attention_mask of shape {tuple(mask.shape)} for prompts of {tuple(input_ids.shape)}"
-    # the decode steps feed only the token, its position and the cache: any other model input (e.g.
-    # token_type_ids, which transformers' loop extends and passes at every step) would be dropped
-    extra = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _STEP_KWARGS)
+    # the decode steps feed only the token, its position and the cache: any other model input that
+    # transformers' loop passes at every step (e.g. GPT-2's token_type_ids, extended) would be dropped.
+    # What it passes is what the model's prepare_inputs_for_generation makes of the inputs at a decode
+    # step: the prefill's multimodal inputs (pixel values, their encoder outputs) and Gemma 3's
+    # token_type_ids are dropped there, and CPMAnt's takes the whole text again
+    step = _decode_step_inputs(model, input_ids, model_kwargs)
+    ids = step.get("input_ids") if step is not None else None
+    if isinstance(ids, torch.Tensor) and ids.shape[-1] != 1:
+        return (
+            f"{type(model).__name__}'s prepare_inputs_for_generation feeds the whole text at every step "
+            "(its forward slices off the cached part itself), not the one new token the device loop feeds"
+        )
+    given = model_kwargs if step is None else step
+    extra = sorted(k for k, v in given.items() if v is not None and k not in _STEP_KWARGS | {"input_ids"})
     if extra:
         return f"model inputs the decode steps do not pass on ({', '.join(extra)}) are not supported"
     positions = model_kwargs.get("position_ids")
@@ -299,6 +310,20 @@ def _unsupported(
     if cache is not None and not _is_empty_reusable_cache(cache):
         return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"
     return None
+
+
+def _decode_step_inputs(model, input_ids, model_kwargs) -> dict | None:
+    """The model inputs transformers' loop passes at a decode step (``_sample``: the model's
+    ``prepare_inputs_for_generation`` with ``next_sequence_length=1`` after the prefill), asked before
+    the prefill, on no cache; None where the model's own version cannot tell without one (it raised)."""
+    kwargs = {k: v for k, v in model_kwargs.items() if k not in ("cache", "use_cache")}
+    try:
+        inputs = model.prepare_inputs_for_generation(
+            input_ids, next_sequence_length=1, cache=None, use_cache=True, is_first_iteration=False, **kwargs
+        )
+    except Exception:  # an override that needs the prefill's state: judge the inputs given
+        return None
+    return dict(inputs) if isinstance(inputs, dict) else None
 
 
 def _settings(processor) -> tuple:

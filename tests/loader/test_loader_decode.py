@@ -920,3 +920,85 @@ def test_use_cache_false_runs_transformers_loop_without_a_cache(where: str, capl
     assert "use_cache=False" in caplog.text
     assert lengths == list(range(12, 20))  # the whole text at every step, no one-token step
     assert torch.equal(got, want)
+
+
+def test_cpmant_feeding_the_whole_text_falls_back_before_any_work(caplog) -> None:
+    """CPMAnt's prepare_inputs_for_generation hands its forward the whole text at every step (the
+    forward slices off the cached part itself; transformers' own static-cache loop fails on it). The device
+    loop fed one token a step and crashed inside it ("The size of tensor a (256) must match the size of
+    tensor b (12)"); it falls back before its prefill, saying why, with plain generate's tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "cpmant", hidden_size=64, dim_ff=128, num_hidden_layers=2, num_attention_heads=4, dim_head=16,
+        vocab_size=256, prompt_length=4, prompt_types=4,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8]])
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0}
+    lengths: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        want = model.generate(ids, **kw)
+        plain, lengths[:] = list(lengths), []
+        decode._warned.clear()
+        with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+            got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    finally:
+        hook.remove()
+    assert "CpmAntForCausalLM's prepare_inputs_for_generation feeds the whole text" in caplog.text
+    assert lengths == plain == list(range(8, 16))  # transformers' forwards only: no prefill of the loop's
+    assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def gemma3_multimodal(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Gemma 3 image-text model (Gemma3ForConditionalGeneration: the Hub's gemma-3-4b/12b/27b-it),
+    plain and converted to NF4 and loaded."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from converter.writer.pipeline import convert
+
+    text = {**_TINY, **_ARCHS["gemma3_text"], "vocab_size": 300, "bos_token_id": 2}
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14,
+    )  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    plain = Gemma3ForConditionalGeneration(config).eval()
+    root = tmp_path_factory.mktemp("decode-gemma3")
+    plain.save_pretrained(root / "src")
+    convert(root / "src", root / "q", progress=False)
+    return {"plain": plain, "nf4": load_quantized(root / "q").eval()}
+
+
+@pytest.mark.parametrize("inputs", ["text", "image", "image-token-types"])
+@pytest.mark.parametrize("kind", ["plain", "nf4"])
+def test_gemma3_multimodal_runs_on_the_device_loop(gemma3_multimodal, kind: str, inputs: str) -> None:
+    """Gemma 3's image-text checkpoints: generate() hands the loop ``mm_encoder_outputs`` (empty for a text
+    prompt; the image's encoder outputs with ``pixel_values``) and the processor's ``token_type_ids``,
+    which transformers' loop passes to the prefill only (its prepare_inputs_for_generation drops them at
+    the decode steps). The loop fell back on every such call, text-only too; it runs them now, with the
+    tokens of transformers' own static-cache loop."""
+    model = gemma3_multimodal[kind]
+    image = [297, 299, 299, 299, 299, 298]  # begin-of-image, its 4 tokens, end-of-image
+    ids = torch.tensor([[5, 9, *image, 33, 2, 200, 7], [8, 12, *image, 99, 3, 17, 40]])
+    kw: dict = {"max_new_tokens": 16, "min_new_tokens": 16, "pad_token_id": 0}
+    if inputs != "text":
+        kw["pixel_values"] = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    if inputs == "image-token-types":
+        kw["token_type_ids"] = (ids == 299).long()
+    want = greedy_reference(model, ids, **kw)
+    if inputs != "text":  # the image changes the tokens
+        text_only = {k: v for k, v in kw.items() if k not in ("pixel_values", "token_type_ids")}
+        assert not torch.equal(want, greedy_reference(model, ids, **text_only))
+    with _no_fallback():
+        got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
+    assert torch.equal(got, want)
