@@ -139,14 +139,34 @@ def graphed_greedy(
     """
     from transformers.generation.utils import GenerationMixin
 
+    caller = _generate_locals(model, sys._getframe(1))
     if streamer is None:
-        streamer = _generate_streamer(model, sys._getframe(1))
+        streamer = caller.get("streamer")
     if not isinstance(steps_per_graph, int) or steps_per_graph < 1:
         msg = f"steps_per_graph must be a positive int, got {steps_per_graph!r}"
         raise ValueError(msg)
-    reason = _unsupported(
-        model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
-    )
+    # generate() hands a custom_generate callable neither the assistant model nor a mode of its own: the
+    # generation config's mode (and the assistant of the generate() call) says what was asked for
+    assistant = caller.get("assistant_model")
+    mode = _hub_mode(generation_config, assistant)
+    if mode is not None:
+        name, repo = mode
+        msg = (
+            f"graphed_greedy does not run {name}, which transformers runs from the Hub repository {repo}: "
+            f"call generate(..., custom_generate={repo!r}, trust_remote_code=True) instead (graphed_greedy "
+            "would silently decode greedily or with plain beam search)"
+        )
+        raise ValueError(msg)
+    assisted = _is_assisted(generation_config, assistant)
+    if assisted:
+        reason = (
+            "assisted generation (assistant_model, prompt_lookup_num_tokens, assistant_early_exit or "
+            "use_mtp) runs transformers' candidate-and-verify loop"
+        )
+    else:
+        reason = _unsupported(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
+        )
     if reason is None and synced_gpus:
         reason = "synced_gpus (several processes) is not supported"
     if reason is not None:
@@ -158,6 +178,13 @@ def graphed_greedy(
         beams = (generation_config.num_beams or 1) > 1
         loop = GenerationMixin._beam_search if beams else GenerationMixin._sample
         extra = {} if beams else {"streamer": streamer}
+        if assisted:  # generate()'s dispatch for it: the assistant and the encoder inputs from its call
+            loop = GenerationMixin._assisted_decoding
+            extra = {
+                "streamer": streamer,
+                "assistant_model": assistant,
+                "inputs_tensor": caller.get("inputs_tensor"),
+            }
         return loop(
             model,
             input_ids,
@@ -186,19 +213,39 @@ def graphed_greedy(
             _in_use.discard(id(model_kwargs.get("cache")))
 
 
-def _generate_streamer(model: Any, caller: Any) -> Any:
-    """The ``streamer=`` of the ``model.generate()`` call running this loop (``caller`` is the calling
-    frame), or None. transformers (5.x) hands a ``custom_generate`` callable only the arguments that
-    ``_sample`` does not take, so the streamer, which generate() already gave the prompt, never reached
-    the loop: it got no tokens and no ``end()``, and a ``TextIteratorStreamer``'s reader waited forever."""
+def _generate_locals(model: Any, caller: Any) -> dict:
+    """The local variables of the ``model.generate()`` call running this loop (``caller`` is the calling
+    frame), or an empty dict. transformers (5.x) hands a ``custom_generate`` callable only the arguments
+    that ``_sample`` does not take: the ``streamer=`` (which generate() already gave the prompt: it got no
+    tokens and no ``end()``, and a ``TextIteratorStreamer``'s reader waited forever) and the
+    ``assistant_model=`` never reached the loop."""
     import inspect
 
     from transformers.generation.utils import GenerationMixin
 
     generate = inspect.unwrap(GenerationMixin.generate)  # under its decorators (no_grad, deprecate_kwarg)
     if caller.f_code is not generate.__code__ or caller.f_locals.get("self") is not model:
+        return {}
+    return dict(caller.f_locals)
+
+
+def _hub_mode(generation_config, assistant) -> tuple[str, str] | None:
+    """The decoding mode the generation config asks for when transformers runs it from a Hub repository
+    (contrastive search, DoLa, group and constrained beam search): its name and repository, else None.
+    With a ``custom_generate`` callable generate() skips that dispatch and hands the call to the loop."""
+    from transformers.generation.utils import GENERATION_MODES_MAPPING
+
+    mode = generation_config.get_generation_mode(assistant)
+    repo = GENERATION_MODES_MAPPING.get(mode)
+    if not isinstance(repo, str) or "/" not in repo:
         return None
-    return caller.f_locals.get("streamer")
+    return mode.value.replace("_", " "), repo
+
+
+def _is_assisted(generation_config, assistant) -> bool:
+    from transformers.generation.configuration_utils import GenerationMode
+
+    return generation_config.get_generation_mode(assistant) == GenerationMode.ASSISTED_GENERATION
 
 
 # -- what the device loop reproduces exactly -----------------------------------------------------------

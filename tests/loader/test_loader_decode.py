@@ -1002,3 +1002,62 @@ def test_gemma3_multimodal_runs_on_the_device_loop(gemma3_multimodal, kind: str,
     with _no_fallback():
         got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
     assert torch.equal(got, want)
+
+
+def _tiny_llama(seed: int = 0, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**_TINY, **extra})).eval()
+
+
+@pytest.mark.parametrize("assist", ["assistant_model", "prompt_lookup_num_tokens"])
+def test_assisted_generation_falls_back_to_transformers_assisted_loop(assist: str, caplog) -> None:
+    """``generate(assistant_model=...)`` or ``prompt_lookup_num_tokens``: transformers hands a
+    custom_generate callable no assistant, so the loop sampled (or decoded greedily) without one: with
+    do_sample, other tokens than transformers' speculative sampling for the same seed, silently. It runs
+    transformers' assisted loop now, with the generate() call's assistant, saying so."""
+    model = _tiny_llama()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
+    kw = {"max_new_tokens": 12, "pad_token_id": 0, "do_sample": True, "top_k": 0}
+    if assist == "assistant_model":
+        kw["assistant_model"] = _tiny_llama(seed=1, num_hidden_layers=1)
+    else:
+        kw["prompt_lookup_num_tokens"] = 3
+    torch.manual_seed(5)
+    want = model.generate(ids, **kw)
+    torch.manual_seed(5)
+    unassisted = model.generate(ids, **{k: v for k, v in kw.items() if k != assist})
+    if assist == "assistant_model":  # speculative sampling draws otherwise
+        assert not torch.equal(want, unassisted)
+    decode._warned.clear()
+    torch.manual_seed(5)
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert "assisted generation" in caplog.text
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("flags", "name", "repo"),
+    [
+        ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive search", "contrastive-search"),
+        (
+            {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 1.0},
+            "group beam search",
+            "group-beam-search",
+        ),
+        ({"force_words_ids": [[17]], "num_beams": 2}, "constrained beam search", "constrained-beam-search"),
+        ({"dola_layers": "high"}, "dola generation", "dola"),
+    ],
+    ids=["contrastive", "group-beams", "constrained-beams", "dola"],
+)
+def test_decoding_modes_transformers_runs_from_the_hub_are_refused(flags: dict, name: str, repo: str) -> None:
+    """Contrastive search, group and constrained beam search and DoLa live in Hub repositories in
+    transformers 5 (plain generate() asks for trust_remote_code to load them); with a custom_generate
+    callable generate() skips that dispatch, and the loop decoded greedily (contrastive, DoLa, constrained
+    without beams) or ran plain beam search, silently other tokens. It refuses them, naming the repo."""
+    model = _tiny_llama()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
+    with pytest.raises(ValueError, match=rf"does not run {name}, .*transformers-community/{repo}'"):
+        model.generate(ids, custom_generate=graphed_greedy, max_new_tokens=4, pad_token_id=0, **flags)
