@@ -266,6 +266,14 @@ def _unsupported(
         return "encoder-decoder models are not supported"
     if (cfg.num_beams or 1) != 1:
         return "beam search (num_beams > 1) does not run on the device loop"
+    if _bidirectional(model):
+        # BERT-family LM heads (BertLMHeadModel, RoBERTa, Electra, BigBird...) without is_decoder=True attend
+        # both ways: a step would see the static cache's unwritten positions, which transformers' mask
+        # (as long as the text so far) hides
+        return (
+            f"{type(model).__name__} with is_decoder=False attends bidirectionally (set is_decoder=True in "
+            "its config to use it as a causal LM)"
+        )
     if cfg.use_cache is False or model_kwargs.get("use_cache") is False:
         # generate() then makes no cache and runs the whole text through the model at every step: other
         # float rounding than a cached step's, so (bf16) other tokens than a loop on a cache
@@ -737,6 +745,18 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
         _in_use.add(id(own))  # until graphed_greedy returns
     model_kwargs["cache"] = own
     return own
+
+
+def _bidirectional(model) -> bool:
+    """Whether the decoder's layers are BERT-family layers built with ``is_decoder=False`` (their module
+    attribute: GPT-NeoX's config also says False, and its layers never read it)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if get_decoder is not None else model
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        decoder = model
+    decoder = decoder if isinstance(decoder, torch.nn.Module) else model
+    return any(getattr(m, "is_decoder", None) is False for m in decoder.modules())
 
 
 def _position_limit(config) -> int | None:

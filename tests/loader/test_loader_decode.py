@@ -1061,3 +1061,38 @@ def test_decoding_modes_transformers_runs_from_the_hub_are_refused(flags: dict, 
     ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
     with pytest.raises(ValueError, match=rf"does not run {name}, .*transformers-community/{repo}'"):
         model.generate(ids, custom_generate=graphed_greedy, max_new_tokens=4, pad_token_id=0, **flags)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "data2vec-text"])
+@pytest.mark.parametrize("is_decoder", [False, True], ids=["bidirectional", "decoder"])
+def test_bert_family_lm_heads_without_is_decoder_fall_back(model_type: str, is_decoder: bool, caplog) -> None:
+    """BERT-family LM heads (BertLMHeadModel, BigBird, Data2VecText, RoBERTa...) built without
+    ``is_decoder=True`` attend both ways: a decode step on the static cache saw its unwritten positions,
+    which transformers' mask (as long as the text so far) hides, and gave other tokens, silently. They fall
+    back, saying so; with ``is_decoder=True`` (causal) they run on the device loop with transformers'
+    static-cache tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=256, max_position_embeddings=256, pad_token_id=0, is_decoder=is_decoder,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(4)
+    ids = torch.tensor(
+        [[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17], [8, 12, 99, 3, 17, 40, 5, 9, 33, 2, 200, 7]]
+    )
+    kw = {"max_new_tokens": 10, "min_new_tokens": 10, "pad_token_id": 0}
+    if is_decoder:
+        with _no_fallback():
+            got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+        assert torch.equal(got, greedy_reference(model, ids, **kw))
+        return
+    want = model.generate(ids, **kw)
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert "is_decoder=False attends bidirectionally" in caplog.text
+    assert torch.equal(got, want)
