@@ -354,7 +354,11 @@ def _unsupported(
             f"a text longer than original_max_position_embeddings ({switch}) on a model that then "
             "recomputes its cache (Phi-3 longrope) is not supported"
         )
-    if _has_linear_attention(model):
+    try:
+        layers = _static_layers(model)
+    except Exception as e:  # e.g. DeepSeek-V4's compressed-attention layers: no static layer type of theirs
+        return f"transformers makes no StaticCache for {type(model).__name__} ({type(e).__name__}: {e})"
+    if _has_linear_attention(layers):
         return "linear-attention cache layers (state-space or recurrent: Mamba, Jamba) are not supported"
     cache = model_kwargs.get("cache")
     if getattr(cache, "offloading", False):
@@ -432,16 +436,21 @@ def _draw(probs: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / q, dim=-1, keepdim=True)
 
 
-def _has_linear_attention(model) -> bool:
-    """Whether the StaticCache of this model has layers that keep a state instead of keys and values
-    (transformers' ``LinearAttentionCacheLayerMixin``): the loop reads and resets keys and values only."""
+def _static_layers(model) -> list:
+    """The layers of a StaticCache for this model (lazily initialised: no tensors); raises where transformers
+    has no static layer for one of the model's layer types."""
     from transformers import StaticCache
 
+    return StaticCache(config=model.config, max_cache_len=1).layers
+
+
+def _has_linear_attention(layers) -> bool:
+    """Whether a StaticCache's ``layers`` keep a state instead of keys and values (transformers'
+    ``LinearAttentionCacheLayerMixin``): the loop reads and resets keys and values only."""
     try:
         from transformers.cache_utils import LinearAttentionCacheLayerMixin
     except ImportError:  # a transformers without such layers
         return False
-    layers = StaticCache(config=model.config, max_cache_len=1).layers  # lazily initialised: no tensors
     return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
 
 

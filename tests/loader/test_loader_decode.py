@@ -1096,3 +1096,22 @@ def test_bert_family_lm_heads_without_is_decoder_fall_back(model_type: str, is_d
         got = model.generate(ids, custom_generate=graphed_greedy, **kw)
     assert "is_decoder=False attends bidirectionally" in caplog.text
     assert torch.equal(got, want)
+
+
+def test_a_model_transformers_makes_no_static_cache_for_falls_back(caplog) -> None:
+    """DeepSeek-V4's compressed-attention layers have no static cache layer in transformers (its own
+    static-cache loop fails, plain generate runs on a dynamic cache): the loop died making its cache
+    ("KeyError: 'heavily_compressed_attention'"); it falls back, saying why, with plain generate's tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("deepseek_v4", **{**_TINY, "num_hidden_layers": 2, "head_dim": 16})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[8, 12, 36, 5, 20, 203, 10, 67, 15, 102, 6, 20]])
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    want = model.generate(ids, **kw)
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert "transformers makes no StaticCache for DeepseekV4ForCausalLM" in caplog.text
+    assert torch.equal(got, want)
