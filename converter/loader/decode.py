@@ -22,9 +22,11 @@ the default generator, ``argmax(probs / q)``: the same draws, without the host-s
 the same static cache.
 
 On the CPU the same loop runs without graphs (it still skips the per-step bookkeeping). Anything the
-device loop does not reproduce exactly (beams, other logits processors or stopping criteria, scores or
-attentions in the output) falls back to transformers' own loop with a warning that names
-the reason, so the result is never silently different.
+device loop does not reproduce exactly (beams, assisted generation, use_cache=False, other logits
+processors or stopping criteria, scores or attentions in the output, model inputs transformers' loop
+passes at every step) falls back to transformers' own loop with a warning that names the reason, so
+the result is never silently different; the modes transformers runs from Hub repositories (contrastive
+search, DoLa, group / constrained beam search) raise.
 
 The static cache: the one passed to ``generate`` (``cache=StaticCache(...)``: the recorded graphs are
 kept with it and replayed by later calls that pass it again), or, when generate made a dynamic one,
