@@ -22,9 +22,11 @@ the default generator, ``argmax(probs / q)``: the same draws, without the host-s
 the same static cache.
 
 On the CPU the same loop runs without graphs (it still skips the per-step bookkeeping). Anything the
-device loop does not reproduce exactly (beams, other logits processors or stopping criteria, scores or
-attentions in the output) falls back to transformers' own loop with a warning that names
-the reason, so the result is never silently different.
+device loop does not reproduce exactly (beams, assisted generation, use_cache=False, other logits
+processors or stopping criteria, scores or attentions in the output, model inputs transformers' loop
+passes at every step) falls back to transformers' own loop with a warning that names the reason, so
+the result is never silently different; the modes transformers runs from Hub repositories (contrastive
+search, DoLa, group / constrained beam search) raise.
 
 The static cache: the one passed to ``generate`` (``cache=StaticCache(...)``: the recorded graphs are
 kept with it and replayed by later calls that pass it again), or, when generate made a dynamic one,
@@ -139,14 +141,34 @@ def graphed_greedy(
     """
     from transformers.generation.utils import GenerationMixin
 
+    caller = _generate_locals(model, sys._getframe(1))
     if streamer is None:
-        streamer = _generate_streamer(model, sys._getframe(1))
+        streamer = caller.get("streamer")
     if not isinstance(steps_per_graph, int) or steps_per_graph < 1:
         msg = f"steps_per_graph must be a positive int, got {steps_per_graph!r}"
         raise ValueError(msg)
-    reason = _unsupported(
-        model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
-    )
+    # generate() hands a custom_generate callable neither the assistant model nor a mode of its own: the
+    # generation config's mode (and the assistant of the generate() call) says what was asked for
+    assistant = caller.get("assistant_model")
+    mode = _hub_mode(generation_config, assistant)
+    if mode is not None:
+        name, repo = mode
+        msg = (
+            f"graphed_greedy does not run {name}, which transformers runs from the Hub repository {repo}: "
+            f"call generate(..., custom_generate={repo!r}, trust_remote_code=True) instead (graphed_greedy "
+            "would silently decode greedily or with plain beam search)"
+        )
+        raise ValueError(msg)
+    assisted = _is_assisted(generation_config, assistant)
+    if assisted:
+        reason = (
+            "assisted generation (assistant_model, prompt_lookup_num_tokens, assistant_early_exit or "
+            "use_mtp) runs transformers' candidate-and-verify loop"
+        )
+    else:
+        reason = _unsupported(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
+        )
     if reason is None and synced_gpus:
         reason = "synced_gpus (several processes) is not supported"
     if reason is not None:
@@ -158,6 +180,13 @@ def graphed_greedy(
         beams = (generation_config.num_beams or 1) > 1
         loop = GenerationMixin._beam_search if beams else GenerationMixin._sample
         extra = {} if beams else {"streamer": streamer}
+        if assisted:  # generate()'s dispatch for it: the assistant and the encoder inputs from its call
+            loop = GenerationMixin._assisted_decoding
+            extra = {
+                "streamer": streamer,
+                "assistant_model": assistant,
+                "inputs_tensor": caller.get("inputs_tensor"),
+            }
         return loop(
             model,
             input_ids,
@@ -186,19 +215,39 @@ def graphed_greedy(
             _in_use.discard(id(model_kwargs.get("cache")))
 
 
-def _generate_streamer(model: Any, caller: Any) -> Any:
-    """The ``streamer=`` of the ``model.generate()`` call running this loop (``caller`` is the calling
-    frame), or None. transformers (5.x) hands a ``custom_generate`` callable only the arguments that
-    ``_sample`` does not take, so the streamer, which generate() already gave the prompt, never reached
-    the loop: it got no tokens and no ``end()``, and a ``TextIteratorStreamer``'s reader waited forever."""
+def _generate_locals(model: Any, caller: Any) -> dict:
+    """The local variables of the ``model.generate()`` call running this loop (``caller`` is the calling
+    frame), or an empty dict. transformers (5.x) hands a ``custom_generate`` callable only the arguments
+    that ``_sample`` does not take: the ``streamer=`` (which generate() already gave the prompt: it got no
+    tokens and no ``end()``, and a ``TextIteratorStreamer``'s reader waited forever) and the
+    ``assistant_model=`` never reached the loop."""
     import inspect
 
     from transformers.generation.utils import GenerationMixin
 
     generate = inspect.unwrap(GenerationMixin.generate)  # under its decorators (no_grad, deprecate_kwarg)
     if caller.f_code is not generate.__code__ or caller.f_locals.get("self") is not model:
+        return {}
+    return dict(caller.f_locals)
+
+
+def _hub_mode(generation_config, assistant) -> tuple[str, str] | None:
+    """The decoding mode the generation config asks for when transformers runs it from a Hub repository
+    (contrastive search, DoLa, group and constrained beam search): its name and repository, else None.
+    With a ``custom_generate`` callable generate() skips that dispatch and hands the call to the loop."""
+    from transformers.generation.utils import GENERATION_MODES_MAPPING
+
+    mode = generation_config.get_generation_mode(assistant)
+    repo = GENERATION_MODES_MAPPING.get(mode)
+    if not isinstance(repo, str) or "/" not in repo:
         return None
-    return caller.f_locals.get("streamer")
+    return mode.value.replace("_", " "), repo
+
+
+def _is_assisted(generation_config, assistant) -> bool:
+    from transformers.generation.configuration_utils import GenerationMode
+
+    return generation_config.get_generation_mode(assistant) == GenerationMode.ASSISTED_GENERATION
 
 
 # -- what the device loop reproduces exactly -----------------------------------------------------------
@@ -219,6 +268,21 @@ def _unsupported(
         return "encoder-decoder models are not supported"
     if (cfg.num_beams or 1) != 1:
         return "beam search (num_beams > 1) does not run on the device loop"
+    if _bidirectional(model):
+        # BERT-family LM heads (BertLMHeadModel, RoBERTa, Electra, BigBird...) without is_decoder=True attend
+        # both ways: a step would see the static cache's unwritten positions, which transformers' mask
+        # (as long as the text so far) hides
+        return (
+            f"{type(model).__name__} with is_decoder=False attends bidirectionally (set is_decoder=True in "
+            "its config to use it as a causal LM)"
+        )
+    if cfg.use_cache is False or model_kwargs.get("use_cache") is False:
+        # generate() then makes no cache and runs the whole text through the model at every step: other
+        # float rounding than a cached step's, so (bf16) other tokens than a loop on a cache
+        return (
+            "use_cache=False (in the call, the generation config or the model config): transformers' loop "
+            "runs the whole text at every step without a cache (pass use_cache=True to decode on the device)"
+        )
     if cfg.return_dict_in_generate and (
         cfg.output_scores or cfg.output_logits or cfg.output_attentions or cfg.output_hidden_states
     ):
@@ -258,9 +322,20 @@ def _unsupported(
     mask = model_kwargs.get("attention_mask")
     if mask is not None and mask.shape != input_ids.shape:
         return f"an attention_mask of shape {tuple(mask.shape)} for prompts of {tuple(input_ids.shape)}"
-    # the decode steps feed only the token, its position and the cache: any other model input (e.g.
-    # token_type_ids, which transformers' loop extends and passes at every step) would be dropped
-    extra = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _STEP_KWARGS)
+    # the decode steps feed only the token, its position and the cache: any other model input that
+    # transformers' loop passes at every step (e.g. GPT-2's token_type_ids, extended) would be dropped.
+    # What it passes is what the model's prepare_inputs_for_generation makes of the inputs at a decode
+    # step: the prefill's multimodal inputs (pixel values, their encoder outputs) and Gemma 3's
+    # token_type_ids are dropped there, and CPMAnt's takes the whole text again
+    step = _decode_step_inputs(model, input_ids, model_kwargs)
+    ids = step.get("input_ids") if step is not None else None
+    if isinstance(ids, torch.Tensor) and ids.shape[-1] != 1:
+        return (
+            f"{type(model).__name__}'s prepare_inputs_for_generation feeds the whole text at every step "
+            "(its forward slices off the cached part itself), not the one new token the device loop feeds"
+        )
+    given = model_kwargs if step is None else step
+    extra = sorted(k for k, v in given.items() if v is not None and k not in _STEP_KWARGS | {"input_ids"})
     if extra:
         return f"model inputs the decode steps do not pass on ({', '.join(extra)}) are not supported"
     positions = model_kwargs.get("position_ids")
@@ -281,7 +356,11 @@ def _unsupported(
             f"a text longer than original_max_position_embeddings ({switch}) on a model that then "
             "recomputes its cache (Phi-3 longrope) is not supported"
         )
-    if _has_linear_attention(model):
+    try:
+        layers = _static_layers(model)
+    except Exception as e:  # e.g. DeepSeek-V4's compressed-attention layers: no static layer type of theirs
+        return f"transformers makes no StaticCache for {type(model).__name__} ({type(e).__name__}: {e})"
+    if _has_linear_attention(layers):
         return "linear-attention cache layers (state-space or recurrent: Mamba, Jamba) are not supported"
     cache = model_kwargs.get("cache")
     if getattr(cache, "offloading", False):
@@ -292,6 +371,20 @@ def _unsupported(
     if cache is not None and not _is_empty_reusable_cache(cache):
         return f"the cache ({type(cache).__name__}) is neither a fresh DynamicCache nor an empty StaticCache"
     return None
+
+
+def _decode_step_inputs(model, input_ids, model_kwargs) -> dict | None:
+    """The model inputs transformers' loop passes at a decode step (``_sample``: the model's
+    ``prepare_inputs_for_generation`` with ``next_sequence_length=1`` after the prefill), asked before
+    the prefill, on no cache; None where the model's own version cannot tell without one (it raised)."""
+    kwargs = {k: v for k, v in model_kwargs.items() if k not in ("cache", "use_cache")}
+    try:
+        inputs = model.prepare_inputs_for_generation(
+            input_ids, next_sequence_length=1, cache=None, use_cache=True, is_first_iteration=False, **kwargs
+        )
+    except Exception:  # an override that needs the prefill's state: judge the inputs given
+        return None
+    return dict(inputs) if isinstance(inputs, dict) else None
 
 
 def _settings(processor) -> tuple:
@@ -345,16 +438,21 @@ def _draw(probs: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / q, dim=-1, keepdim=True)
 
 
-def _has_linear_attention(model) -> bool:
-    """Whether the StaticCache of this model has layers that keep a state instead of keys and values
-    (transformers' ``LinearAttentionCacheLayerMixin``): the loop reads and resets keys and values only."""
+def _static_layers(model) -> list:
+    """The layers of a StaticCache for this model (lazily initialised: no tensors); raises where transformers
+    has no static layer for one of the model's layer types."""
     from transformers import StaticCache
 
+    return StaticCache(config=model.config, max_cache_len=1).layers
+
+
+def _has_linear_attention(layers) -> bool:
+    """Whether a StaticCache's ``layers`` keep a state instead of keys and values (transformers'
+    ``LinearAttentionCacheLayerMixin``): the loop reads and resets keys and values only."""
     try:
         from transformers.cache_utils import LinearAttentionCacheLayerMixin
     except ImportError:  # a transformers without such layers
         return False
-    layers = StaticCache(config=model.config, max_cache_len=1).layers  # lazily initialised: no tensors
     return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
 
 
@@ -658,6 +756,18 @@ def _static_cache(model, model_kwargs: dict, batch: int, max_length: int):
         _in_use.add(id(own))  # until graphed_greedy returns
     model_kwargs["cache"] = own
     return own
+
+
+def _bidirectional(model) -> bool:
+    """Whether the decoder's layers are BERT-family layers built with ``is_decoder=False`` (their module
+    attribute: GPT-NeoX's config also says False, and its layers never read it)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if get_decoder is not None else model
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        decoder = model
+    decoder = decoder if isinstance(decoder, torch.nn.Module) else model
+    return any(getattr(m, "is_decoder", None) is False for m in decoder.modules())
 
 
 def _position_limit(config) -> int | None:

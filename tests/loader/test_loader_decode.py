@@ -888,3 +888,230 @@ def test_iterator_streamer_reader_ends(model) -> None:
     worker.join(timeout=60)
     assert result, "generate did not return"
     assert text.split() == [str(int(t)) for t in result[0][0, IDS.shape[1] :]]
+
+
+@pytest.mark.parametrize("where", ["model-config", "call"])
+def test_use_cache_false_runs_transformers_loop_without_a_cache(where: str, caplog) -> None:
+    """``use_cache=False`` (a fine-tune's config.json often says so, saved from gradient-checkpointed
+    training; or passed to generate): transformers' loop makes no cache and runs the whole text through the
+    model at every step, whose float rounding differs from a cached step's (bf16: other tokens). The device
+    loop decoded one token a step on a static cache of its own; it falls back, saying so, and the model
+    sees the whole text at every step, as plain generate() gives it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    config = AutoConfig.for_model("llama", **_TINY, use_cache=where == "call")
+    model = AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
+    ids = torch.randint(2, 256, (2, 12))
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0}
+    if where == "call":
+        kw["use_cache"] = False
+    want = model.generate(ids, **kw)
+    lengths: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    decode._warned.clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+            got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    finally:
+        hook.remove()
+    assert "use_cache=False" in caplog.text
+    assert lengths == list(range(12, 20))  # the whole text at every step, no one-token step
+    assert torch.equal(got, want)
+
+
+def test_cpmant_feeding_the_whole_text_falls_back_before_any_work(caplog) -> None:
+    """CPMAnt's prepare_inputs_for_generation hands its forward the whole text at every step (the
+    forward slices off the cached part itself; transformers' own static-cache loop fails on it). The device
+    loop fed one token a step and crashed inside it ("The size of tensor a (256) must match the size of
+    tensor b (12)"); it falls back before its prefill, saying why, with plain generate's tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "cpmant", hidden_size=64, dim_ff=128, num_hidden_layers=2, num_attention_heads=4, dim_head=16,
+        vocab_size=256, prompt_length=4, prompt_types=4,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8]])
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "pad_token_id": 0}
+    lengths: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        want = model.generate(ids, **kw)
+        plain, lengths[:] = list(lengths), []
+        decode._warned.clear()
+        with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+            got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    finally:
+        hook.remove()
+    assert "CpmAntForCausalLM's prepare_inputs_for_generation feeds the whole text" in caplog.text
+    assert lengths == plain == list(range(8, 16))  # transformers' forwards only: no prefill of the loop's
+    assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def gemma3_multimodal(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Gemma 3 image-text model (Gemma3ForConditionalGeneration: the Hub's gemma-3-4b/12b/27b-it),
+    plain and converted to NF4 and loaded."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from converter.writer.pipeline import convert
+
+    text = {**_TINY, **_ARCHS["gemma3_text"], "vocab_size": 300, "bos_token_id": 2}
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14,
+    )  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    plain = Gemma3ForConditionalGeneration(config).eval()
+    root = tmp_path_factory.mktemp("decode-gemma3")
+    plain.save_pretrained(root / "src")
+    convert(root / "src", root / "q", progress=False)
+    return {"plain": plain, "nf4": load_quantized(root / "q").eval()}
+
+
+@pytest.mark.parametrize("inputs", ["text", "image", "image-token-types"])
+@pytest.mark.parametrize("kind", ["plain", "nf4"])
+def test_gemma3_multimodal_runs_on_the_device_loop(gemma3_multimodal, kind: str, inputs: str) -> None:
+    """Gemma 3's image-text checkpoints: generate() hands the loop ``mm_encoder_outputs`` (empty for a text
+    prompt; the image's encoder outputs with ``pixel_values``) and the processor's ``token_type_ids``,
+    which transformers' loop passes to the prefill only (its prepare_inputs_for_generation drops them at
+    the decode steps). The loop fell back on every such call, text-only too; it runs them now, with the
+    tokens of transformers' own static-cache loop."""
+    model = gemma3_multimodal[kind]
+    image = [297, 299, 299, 299, 299, 298]  # begin-of-image, its 4 tokens, end-of-image
+    ids = torch.tensor([[5, 9, *image, 33, 2, 200, 7], [8, 12, *image, 99, 3, 17, 40]])
+    kw: dict = {"max_new_tokens": 16, "min_new_tokens": 16, "pad_token_id": 0}
+    if inputs != "text":
+        kw["pixel_values"] = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    if inputs == "image-token-types":
+        kw["token_type_ids"] = (ids == 299).long()
+    want = greedy_reference(model, ids, **kw)
+    if inputs != "text":  # the image changes the tokens
+        text_only = {k: v for k, v in kw.items() if k not in ("pixel_values", "token_type_ids")}
+        assert not torch.equal(want, greedy_reference(model, ids, **text_only))
+    with _no_fallback():
+        got = model.generate(ids, custom_generate=graphed_greedy, steps_per_graph=4, **kw)
+    assert torch.equal(got, want)
+
+
+def _tiny_llama(seed: int = 0, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**_TINY, **extra})).eval()
+
+
+@pytest.mark.parametrize("assist", ["assistant_model", "prompt_lookup_num_tokens"])
+def test_assisted_generation_falls_back_to_transformers_assisted_loop(assist: str, caplog) -> None:
+    """``generate(assistant_model=...)`` or ``prompt_lookup_num_tokens``: transformers hands a
+    custom_generate callable no assistant, so the loop sampled (or decoded greedily) without one: with
+    do_sample, other tokens than transformers' speculative sampling for the same seed, silently. It runs
+    transformers' assisted loop now, with the generate() call's assistant, saying so."""
+    model = _tiny_llama()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
+    kw = {"max_new_tokens": 12, "pad_token_id": 0, "do_sample": True, "top_k": 0}
+    if assist == "assistant_model":
+        kw["assistant_model"] = _tiny_llama(seed=1, num_hidden_layers=1)
+    else:
+        kw["prompt_lookup_num_tokens"] = 3
+    torch.manual_seed(5)
+    want = model.generate(ids, **kw)
+    torch.manual_seed(5)
+    unassisted = model.generate(ids, **{k: v for k, v in kw.items() if k != assist})
+    if assist == "assistant_model":  # speculative sampling draws otherwise
+        assert not torch.equal(want, unassisted)
+    decode._warned.clear()
+    torch.manual_seed(5)
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert "assisted generation" in caplog.text
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("flags", "name", "repo"),
+    [
+        ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive search", "contrastive-search"),
+        (
+            {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 1.0},
+            "group beam search",
+            "group-beam-search",
+        ),
+        ({"force_words_ids": [[17]], "num_beams": 2}, "constrained beam search", "constrained-beam-search"),
+        ({"dola_layers": "high"}, "dola generation", "dola"),
+    ],
+    ids=["contrastive", "group-beams", "constrained-beams", "dola"],
+)
+def test_decoding_modes_transformers_runs_from_the_hub_are_refused(flags: dict, name: str, repo: str) -> None:
+    """Contrastive search, group and constrained beam search and DoLa live in Hub repositories in
+    transformers 5 (plain generate() asks for trust_remote_code to load them); with a custom_generate
+    callable generate() skips that dispatch, and the loop decoded greedily (contrastive, DoLa, constrained
+    without beams) or ran plain beam search, silently other tokens. It refuses them, naming the repo."""
+    model = _tiny_llama()
+    ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
+    with pytest.raises(ValueError, match=rf"does not run {name}, .*transformers-community/{repo}'"):
+        model.generate(ids, custom_generate=graphed_greedy, max_new_tokens=4, pad_token_id=0, **flags)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "data2vec-text"])
+@pytest.mark.parametrize("is_decoder", [False, True], ids=["bidirectional", "decoder"])
+def test_bert_family_lm_heads_without_is_decoder_fall_back(model_type: str, is_decoder: bool, caplog) -> None:
+    """BERT-family LM heads (BertLMHeadModel, BigBird, Data2VecText, RoBERTa...) built without
+    ``is_decoder=True`` attend both ways: a decode step on the static cache saw its unwritten positions,
+    which transformers' mask (as long as the text so far) hides, and gave other tokens, silently. They fall
+    back, saying so; with ``is_decoder=True`` (causal) they run on the device loop with transformers'
+    static-cache tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=256, max_position_embeddings=256, pad_token_id=0, is_decoder=is_decoder,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(4)
+    ids = torch.tensor(
+        [[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17], [8, 12, 99, 3, 17, 40, 5, 9, 33, 2, 200, 7]]
+    )
+    kw = {"max_new_tokens": 10, "min_new_tokens": 10, "pad_token_id": 0}
+    if is_decoder:
+        with _no_fallback():
+            got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+        assert torch.equal(got, greedy_reference(model, ids, **kw))
+        return
+    want = model.generate(ids, **kw)
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert "is_decoder=False attends bidirectionally" in caplog.text
+    assert torch.equal(got, want)
+
+
+def test_a_model_transformers_makes_no_static_cache_for_falls_back(caplog) -> None:
+    """DeepSeek-V4's compressed-attention layers have no static cache layer in transformers (its own
+    static-cache loop fails, plain generate runs on a dynamic cache): the loop died making its cache
+    ("KeyError: 'heavily_compressed_attention'"); it falls back, saying why, with plain generate's tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("deepseek_v4", **{**_TINY, "num_hidden_layers": 2, "head_dim": 16})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[8, 12, 36, 5, 20, 203, 10, 67, 15, 102, 6, 20]])
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
+    want = model.generate(ids, **kw)
+    decode._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    assert "transformers makes no StaticCache for DeepseekV4ForCausalLM" in caplog.text
+    assert torch.equal(got, want)
