@@ -74,6 +74,10 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
         _decoder(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                  layer_types=["sliding_attention", "full_attention"], sliding_window=8),
     ),
+    # experts fused 3-D on disk under their own names (block_sparse_moe.input_linear.weight [E, 2I, H],
+    # output_linear.weight): a layout quantize-model does not quantize
+    "granitemoe": ("granitemoe", "GraniteMoeForCausalLM", _decoder(intermediate_size=64, num_local_experts=4,
+                                                                   num_experts_per_tok=2)),
 }  # fmt: skip
 # DeepSeek-V4 with experts of whole 64-element blocks per row (its experts' width is intermediate_size,
 # 96 above): the grouped CPU decode takes them

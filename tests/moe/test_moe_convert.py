@@ -332,6 +332,26 @@ def test_quantize_on_a_dense_model_is_not_recorded(tmp_path, tiny_checkpoint):
     assert "moe_experts" not in report["options"]
 
 
+def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
+    """Granite-MoE stores its routed experts fused 3-D under its own names (block_sparse_moe.input_linear
+    / output_linear), which no --moe-experts mode quantizes: quantize's note said 'the checkpoint has no
+    routed MoE experts' and keep said nothing while those experts, 16-bit, held most of the folder."""
+    src = moe_src("granitemoe")
+    first = "model.layers.0.block_sparse_moe.input_linear.weight"
+    for mode in ("keep", "quantize"):
+        messages: list[str] = []
+        convert(src, tmp_path / mode, progress=False, moe_experts=mode, warn=messages.append)
+        (message,) = _moe_warnings(messages)
+        assert "no routed MoE experts" not in message
+        assert (
+            f"routed experts ({first} and 3 more) are stored in a layout quantize-model does not quantize"
+            in (message)
+        )
+    assert "has no effect" in message  # quantize: the folder is keep's, byte for byte
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        assert (tmp_path / "quantize" / name).read_bytes() == (tmp_path / "keep" / name).read_bytes(), name
+
+
 def test_bad_mode_is_refused(moe_src, tmp_path):
     with pytest.raises(InputError, match=r"--moe-experts 'all'.*keep or quantize"):
         convert(moe_src("olmoe"), tmp_path / "o", moe_experts="all", progress=False)
