@@ -352,6 +352,28 @@ def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
         assert (tmp_path / "quantize" / name).read_bytes() == (tmp_path / "keep" / name).read_bytes(), name
 
 
+def test_config_with_infinity_as_transformers_writes_it(moe_src, tmp_path):
+    """transformers' save_pretrained writes the floats JSON cannot hold tagged ({"__float__": "Infinity"}:
+    GraniteMoeHybrid's time_step_limit [0, inf]) and its from_pretrained reads them back; convert passed
+    the tag to the config class and refused every such checkpoint (exit 2, 'config.json: transformers
+    cannot read it (StrictDataclassFieldValidationError: ... time_step_limit ...)')."""
+    import transformers
+
+    src = moe_src("granitemoehybrid")
+    written = json.loads((src / "config.json").read_text())
+    assert written["time_step_limit"] == [0.0, {"__float__": "Infinity"}]
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "routed experts (model.layers.0.block_sparse_moe.input_linear.weight and 3 more)" in r.stderr
+    out = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert out["time_step_limit"] == written["time_step_limit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert model.config.time_step_limit == (0.0, float("inf"))
+    assert type(model.model.layers[0].mamba.in_proj).__name__ == "Linear4bit"
+
+
 def test_bad_mode_is_refused(moe_src, tmp_path):
     with pytest.raises(InputError, match=r"--moe-experts 'all'.*keep or quantize"):
         convert(moe_src("olmoe"), tmp_path / "o", moe_experts="all", progress=False)
