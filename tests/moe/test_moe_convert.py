@@ -352,6 +352,26 @@ def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
         assert (tmp_path / "quantize" / name).read_bytes() == (tmp_path / "keep" / name).read_bytes(), name
 
 
+def test_experts_that_are_linears_are_not_named_as_kept():
+    """Experts built as nn.Linear modules under other names (NLLB-MoE's experts.expert_0.fc1) are quantized
+    as any linear: the notes do not call them 16-bit experts of a layout quantize-model does not quantize."""
+    from converter.plan.moe import keep_advice, no_effect_note
+    from converter.sources.base import TensorInfo
+
+    names = [
+        f"model.encoder.layers.0.ffn.experts.expert_{e}.{p}.weight" for e in range(4) for p in ("fc1", "fc2")
+    ]
+    tensors = [TensorInfo(n, "f", "BF16", (64, 64)) for n in names]
+    tensors.append(TensorInfo("model.shared.weight", "f", "BF16", (128, 64)))
+    note = no_effect_note(tensors, "quantize", names)
+    assert note is not None
+    assert "the checkpoint has no routed MoE experts" in note
+    assert keep_advice(tensors, "keep", quantized=names) is None
+    kept = no_effect_note(tensors, "quantize", [])  # the same tensors left 16-bit are named
+    assert kept is not None
+    assert f"routed experts ({names[0]} and 7 more) are stored" in kept
+
+
 def test_config_with_infinity_as_transformers_writes_it(moe_src, tmp_path):
     """transformers' save_pretrained writes the floats JSON cannot hold tagged ({"__float__": "Infinity"}:
     GraniteMoeHybrid's time_step_limit [0, inf]) and its from_pretrained reads them back; convert passed
