@@ -352,6 +352,23 @@ def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
         assert (tmp_path / "quantize" / name).read_bytes() == (tmp_path / "keep" / name).read_bytes(), name
 
 
+def test_include_naming_experts_of_a_layout_not_quantized(moe_src, tmp_path):
+    """--include naming Granite's 3-D experts only: 'nothing to quantize' gave the head as its example
+    ('lm_head.weight': lm_head (output embedding)), a tensor the glob did not name, and said to check
+    --include; it names the experts the glob matched, why they stay 16-bit."""
+    src = moe_src("granitemoe")
+    with pytest.raises(InputError) as err:
+        convert(src, tmp_path / "o", include=["*input_linear*"], progress=False, warn=lambda _: None)
+    msg = str(err.value)
+    assert "nothing to quantize" in msg
+    assert (
+        "(e.g. 'model.layers.0.block_sparse_moe.input_linear.weight': not nn.Linear (GraniteMoeExperts))"
+        in msg
+    )
+    assert "routed MoE experts stored in this layout stay 16-bit" in msg
+    assert "lm_head" not in msg
+
+
 def test_experts_that_are_linears_are_not_named_as_kept():
     """Experts built as nn.Linear modules under other names (NLLB-MoE's experts.expert_0.fc1) are quantized
     as any linear: the notes do not call them 16-bit experts of a layout quantize-model does not quantize."""
