@@ -194,6 +194,41 @@ def is_moe(tensors: Sequence[_TensorLike]) -> bool:
     return any(is_expert_weight(t.name) for t in tensors)
 
 
+#: Routed experts stored in a layout quantize-model does not quantize (they stay 16-bit whatever
+#: ``--moe-experts`` says): Granite-MoE's (and Granite 4.0's, JetMoE's) fused 3-D
+#: ``block_sparse_moe.input_linear`` / ``output_linear``, DBRX's ``ffn.experts.mlp.w1`` / ``v1`` / ``w2``.
+_OTHER_EXPERTS = re.compile(r"(?:^|\.)experts\.")
+_OTHER_EXPERTS_3D = re.compile(r"(?:^|\.)(?:block_sparse_moe|moe|mlp)\.(?:input|output)_linear\.weight$")
+
+
+def other_experts(tensors: Sequence[_TensorLike], quantized: Collection[str] = ()) -> list[_TensorLike]:
+    """The routed-expert weights of a layout quantize-model does not quantize (see ``_OTHER_EXPERTS``):
+    floating-point tensors of two or more dimensions under an experts module, or Granite's 3-D
+    ``input_linear`` / ``output_linear`` (2-D ones are ``nn.Linear``), that are neither per-expert,
+    fused 3-D nor gpt-oss expert weights, nor routers, nor in ``quantized`` (the selection's: experts
+    that are ``nn.Linear`` modules, NLLB-MoE's ``experts.expert_0.fc1``, are quantized as any linear)."""
+    quantized = set(quantized)
+    return [
+        t
+        for t in tensors
+        if t.name not in quantized
+        and len(t.shape) >= 2
+        and t.dtype in _QUANTIZABLE
+        and (_OTHER_EXPERTS.search(t.name) or (len(t.shape) == 3 and _OTHER_EXPERTS_3D.search(t.name)))
+        and not is_expert_weight(t.name)
+        and not _ROUTER_KEY.match(t.name)
+    ]
+
+
+def _other_experts_what(others: Sequence[_TensorLike]) -> str:
+    """'the checkpoint's routed experts (NAME and N more) are ...': the first tensor named, and the count."""
+    more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+    return (
+        f"the checkpoint's routed experts ({others[0].name}{more}) are stored in a layout quantize-model "
+        "does not quantize, so they stay 16-bit"
+    )
+
+
 class MoeCheckpointError(InputError):
     """A checkpoint's per-expert tensors are incomplete or of mismatched shapes."""
 
@@ -668,11 +703,11 @@ def no_effect_note(tensors: Sequence[_TensorLike], mode: str, quantized: Sequenc
     the caller records ``keep``, and no folder claims quantized experts it does not hold."""
     if check_mode(mode) != "quantize" or any(is_expert_weight(n) for n in quantized):
         return None
-    why = (
-        "the checkpoint has no routed MoE experts"
-        if not is_moe(tensors)
-        else "no expert weight was quantized (--skip/--include left every expert out)"
-    )
+    if is_moe(tensors):
+        why = "no expert weight was quantized (--skip/--include left every expert out)"
+    else:
+        others = other_experts(tensors, quantized)
+        why = _other_experts_what(others) if others else "the checkpoint has no routed MoE experts"
     return f"--moe-experts quantize has no effect: {why}; the folder is the one --moe-experts keep writes"
 
 
@@ -683,15 +718,25 @@ def keep_advice(
     *,
     quant_type: str = "nf4",
     quantizes_experts: bool = True,
+    quantized: Collection[str] = (),
 ) -> str | None:
     """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters (biased
     fused 3-D experts, gpt-oss's, an advice naming the per-expert records' loaders; other fused ones an
-    advice naming the fused record's loaders). ``quantizes_experts``:
+    advice naming the fused record's loaders; experts of a layout quantize-model does not quantize, not
+    among the selection's ``quantized`` weights, an advice naming them). ``quantizes_experts``:
     whether ``quant_type`` can quantize experts (``--moe-experts quantize``); if not (int8), the advice
     names the 4-bit types that can."""
     if check_mode(mode) != "keep":
         return None
     experts, total = expert_share(tensors)
+    others = other_experts(tensors, quantized) if not experts else []
+    if others and sum(_numel(t) for t in others) / total > threshold:
+        share = 100 * sum(_numel(t) for t in others) / total
+        return (
+            f"routed MoE experts hold {share:.1f}% of the parameters and the folder barely shrinks: "
+            f"{_other_experts_what(others)} (--moe-experts quantize too); the folder loads with stock "
+            "transformers + bitsandbytes and quantize-model's load_quantized"
+        )
     if not total or experts / total <= threshold:
         return None
     if is_llama4_layout(t.name for t in tensors):

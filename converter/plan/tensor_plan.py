@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from converter.errors import InputError, UnsupportedTensorError
 from converter.methods import QuantMethod, get_method, own_options
-from converter.plan.moe import check_mode, is_expert_weight
+from converter.plan.moe import check_mode, is_expert_weight, other_experts
 from converter.plan.moe_fused import FUSED_EXPERT_KEY, swap_last
 from converter.plan.selection_facts import SUBCLASS_REASON, user_reason
 from converter.sources.base import CODE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, QUANTIZABLE_DTYPES, TensorInfo
@@ -346,10 +346,12 @@ def build_plan(
             for p in planned
             if user_reason(options.skip, options.include, p.name, _module_of(p.name)) is None
         ]
-        wanted = [p for p in selected if p.info.name.endswith(".weight") and len(p.info.shape) == 2]
-        # an --include that names no 2-D weight (norms, biases): one of the tensors it named, not the head
+        # weights of any shape: --include '*input_linear*' naming Granite's 3-D experts is answered by
+        # their reason, not by the head's
+        wanted = [p for p in selected if p.info.name.endswith(".weight")]
+        # an --include that names no weight (biases): one of the tensors it named, not the head
         named = selected if options.include and not wanted else []
-        matrices = wanted or matrices
+        matrices = [p for p in wanted if len(p.info.shape) == 2] or wanted or matrices
         own_class = next((p for p in matrices if p.reason.startswith(SUBCLASS_REASON)), None)
         # routed experts, kept 16-bit by --moe-experts keep
         keep_experts = options.moe_experts == "keep"
@@ -364,6 +366,10 @@ def build_plan(
         elif experts:
             hint = "routed MoE experts stay 16-bit with --moe-experts keep (the default); pass "
             hint += "--moe-experts quantize"
+        elif example is not None and other_experts([example.info]):
+            hint = (
+                "routed MoE experts stored in this layout stay 16-bit (quantize-model does not quantize it)"
+            )
         else:
             hint = "check --include/--skip, or the checkpoint's dtype"
         msg = (

@@ -409,7 +409,11 @@ class _Conversion:
         )
         method = options.method
         advice = moe.keep_advice(
-            tensors, options.moe_experts, quant_type=method.name, quantizes_experts=method.quantizes_experts
+            tensors,
+            options.moe_experts,
+            quant_type=method.name,
+            quantizes_experts=method.quantizes_experts,
+            quantized=list(selection.quantize),
         ) or moe.mixed_advice(list(selection.quantize), list(selection.keep))
         if advice:
             self._tell(advice)

@@ -74,6 +74,19 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
         _decoder(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                  layer_types=["sliding_attention", "full_attention"], sliding_window=8),
     ),
+    # experts fused 3-D on disk under their own names (block_sparse_moe.input_linear.weight [E, 2I, H],
+    # output_linear.weight): a layout quantize-model does not quantize
+    "granitemoe": ("granitemoe", "GraniteMoeForCausalLM", _decoder(intermediate_size=64, num_local_experts=4,
+                                                                   num_experts_per_tok=2)),
+    # Granite 4.0-H: Mamba-2 and attention layers, the same fused experts; save_pretrained writes its
+    # time_step_limit [0, inf] as [0.0, {"__float__": "Infinity"}]
+    "granitemoehybrid": (
+        "granitemoehybrid",
+        "GraniteMoeHybridForCausalLM",
+        _decoder(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                 shared_intermediate_size=64, layer_types=["mamba", "attention"], mamba_n_heads=4,
+                 mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16),
+    ),
 }  # fmt: skip
 # DeepSeek-V4 with experts of whole 64-element blocks per row (its experts' width is intermediate_size,
 # 96 above): the grouped CPU decode takes them

@@ -332,6 +332,85 @@ def test_quantize_on_a_dense_model_is_not_recorded(tmp_path, tiny_checkpoint):
     assert "moe_experts" not in report["options"]
 
 
+def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
+    """Granite-MoE stores its routed experts fused 3-D under its own names (block_sparse_moe.input_linear
+    / output_linear), which no --moe-experts mode quantizes: quantize's note said 'the checkpoint has no
+    routed MoE experts' and keep said nothing while those experts, 16-bit, held most of the folder."""
+    src = moe_src("granitemoe")
+    first = "model.layers.0.block_sparse_moe.input_linear.weight"
+    for mode in ("keep", "quantize"):
+        messages: list[str] = []
+        convert(src, tmp_path / mode, progress=False, moe_experts=mode, warn=messages.append)
+        (message,) = _moe_warnings(messages)
+        assert "no routed MoE experts" not in message
+        assert (
+            f"routed experts ({first} and 3 more) are stored in a layout quantize-model does not quantize"
+            in (message)
+        )
+    assert "has no effect" in message  # quantize: the folder is keep's, byte for byte
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        assert (tmp_path / "quantize" / name).read_bytes() == (tmp_path / "keep" / name).read_bytes(), name
+
+
+def test_include_naming_experts_of_a_layout_not_quantized(moe_src, tmp_path):
+    """--include naming Granite's 3-D experts only: 'nothing to quantize' gave the head as its example
+    ('lm_head.weight': lm_head (output embedding)), a tensor the glob did not name, and said to check
+    --include; it names the experts the glob matched, why they stay 16-bit."""
+    src = moe_src("granitemoe")
+    with pytest.raises(InputError) as err:
+        convert(src, tmp_path / "o", include=["*input_linear*"], progress=False, warn=lambda _: None)
+    msg = str(err.value)
+    assert "nothing to quantize" in msg
+    assert (
+        "(e.g. 'model.layers.0.block_sparse_moe.input_linear.weight': not nn.Linear (GraniteMoeExperts))"
+        in msg
+    )
+    assert "routed MoE experts stored in this layout stay 16-bit" in msg
+    assert "lm_head" not in msg
+
+
+def test_experts_that_are_linears_are_not_named_as_kept():
+    """Experts built as nn.Linear modules under other names (NLLB-MoE's experts.expert_0.fc1) are quantized
+    as any linear: the notes do not call them 16-bit experts of a layout quantize-model does not quantize."""
+    from converter.plan.moe import keep_advice, no_effect_note
+    from converter.sources.base import TensorInfo
+
+    names = [
+        f"model.encoder.layers.0.ffn.experts.expert_{e}.{p}.weight" for e in range(4) for p in ("fc1", "fc2")
+    ]
+    tensors = [TensorInfo(n, "f", "BF16", (64, 64)) for n in names]
+    tensors.append(TensorInfo("model.shared.weight", "f", "BF16", (128, 64)))
+    note = no_effect_note(tensors, "quantize", names)
+    assert note is not None
+    assert "the checkpoint has no routed MoE experts" in note
+    assert keep_advice(tensors, "keep", quantized=names) is None
+    kept = no_effect_note(tensors, "quantize", [])  # the same tensors left 16-bit are named
+    assert kept is not None
+    assert f"routed experts ({names[0]} and 7 more) are stored" in kept
+
+
+def test_config_with_infinity_as_transformers_writes_it(moe_src, tmp_path):
+    """transformers' save_pretrained writes the floats JSON cannot hold tagged ({"__float__": "Infinity"}:
+    GraniteMoeHybrid's time_step_limit [0, inf]) and its from_pretrained reads them back; convert passed
+    the tag to the config class and refused every such checkpoint (exit 2, 'config.json: transformers
+    cannot read it (StrictDataclassFieldValidationError: ... time_step_limit ...)')."""
+    import transformers
+
+    src = moe_src("granitemoehybrid")
+    written = json.loads((src / "config.json").read_text())
+    assert written["time_step_limit"] == [0.0, {"__float__": "Infinity"}]
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "routed experts (model.layers.0.block_sparse_moe.input_linear.weight and 3 more)" in r.stderr
+    out = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert out["time_step_limit"] == written["time_step_limit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert model.config.time_step_limit == (0.0, float("inf"))
+    assert type(model.model.layers[0].mamba.in_proj).__name__ == "Linear4bit"
+
+
 def test_bad_mode_is_refused(moe_src, tmp_path):
     with pytest.raises(InputError, match=r"--moe-experts 'all'.*keep or quantize"):
         convert(moe_src("olmoe"), tmp_path / "o", moe_experts="all", progress=False)
