@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from converter import _kernels
+from converter.kernels import int8_np
 from converter.kernels.bnb4bit import (
     FLOAT_DTYPES,
     NonFiniteInputError,
@@ -39,7 +40,7 @@ __all__ = ["GEMV_INT8_MAX_BATCH", "SCALES", "dequantize_int8", "gemv_int8", "qua
 #: Largest batch of the fused int8 GEMV; larger batches dequantize and use F.linear.
 GEMV_INT8_MAX_BATCH = int(_kernels.gemv_int8_max_batch)
 #: The row scales a checkpoint can be made with (see the module docstring).
-SCALES = ("cpu", "cuda")
+SCALES = int8_np.SCALES
 
 
 def _cuda_int8() -> Any:
@@ -52,17 +53,10 @@ def _cuda_int8() -> Any:
 
 @cache
 def scale_table(scale: str) -> torch.Tensor | None:
-    """float32 [0x7c01] row scales indexed by the fp16 bits of SCB, or None for bnb's CPU formula."""
-    if scale not in SCALES:
-        msg = f"unknown int8 scale {scale!r}: expected one of {', '.join(map(repr, SCALES))}"
-        raise ValueError(msg)
-    if scale == "cpu":
-        return None
-    from formats.int8 import cuda_scale_table
-
-    table = torch.from_numpy(cuda_scale_table().copy())
-    assert table.numel() == _kernels.int8_scale_table_size
-    return table
+    """float32 [0x7c01] row scales indexed by the fp16 bits of SCB, or None for bnb's CPU formula
+    (``converter.kernels.int8_np.scale_table`` as a tensor)."""
+    table = int8_np.scale_table(scale)
+    return None if table is None else torch.from_numpy(table.copy())
 
 
 def _check_2d(name: str, t: torch.Tensor) -> tuple[int, int]:
