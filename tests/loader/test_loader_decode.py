@@ -242,11 +242,9 @@ def test_min_length_processors_with_other_eos_ids_fall_back(caplog) -> None:
     kw = {"max_new_tokens": 14, "pad_token_id": 0, "eos_token_id": eos, "min_new_tokens": 1}
     want = model.generate(ids, logits_processor=mine, **kw)
     assert want.shape[1] == ids.shape[1] + 3  # stopped at its EOS
-    decode._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = model.generate(ids, custom_generate=graphed_greedy, logits_processor=mine, **kw)
+    got, text = _graphed_warned(model, ids, caplog, logits_processor=mine, **kw)
     assert torch.equal(got, want)
-    assert "different EOS ids" in caplog.text
+    assert "different EOS ids" in text
 
 
 def test_batch_rows_finished_early_are_padded_like_transformers(model) -> None:
@@ -365,11 +363,8 @@ def test_a_processor_reading_more_falls_back_with_a_warning(model, caplog) -> No
     kw = {"max_new_tokens": 6, "do_sample": True, "top_k": 5, "no_repeat_ngram_size": 2, "pad_token_id": 0}
     torch.manual_seed(3)
     want = model.generate(IDS, **kw)
-    decode._warned.clear()
-    torch.manual_seed(3)
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = model.generate(IDS, custom_generate=graphed_greedy, **kw)
-    assert "NoRepeatNGramLogitsProcessor is not supported" in caplog.text
+    got, text = _graphed_warned(model, IDS, caplog, seed=3, **kw)
+    assert "NoRepeatNGramLogitsProcessor is not supported" in text
     assert torch.equal(got, want)
 
 
@@ -382,6 +377,17 @@ def test_draw_is_multinomials_draw() -> None:
         want = torch.multinomial(probs, 1)
         torch.manual_seed(seed)
         assert torch.equal(decode._draw(probs), want)
+
+
+def _graphed_warned(model, ids, caplog, seed: int | None = None, **kw):
+    """graphed_greedy's tokens for ``generate(ids, **kw)`` (its once-per-reason warnings cleared first,
+    the default generator seeded with ``seed``) and the log text of the call."""
+    decode._warned.clear()
+    if seed is not None:
+        torch.manual_seed(seed)
+    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
+        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    return got, caplog.text
 
 
 @contextlib.contextmanager
@@ -491,11 +497,9 @@ def test_token_type_ids_fall_back(gpt2, caplog) -> None:
     inputs = {"token_type_ids": torch.full_like(ids, 3)}
     want = gpt2.generate(ids, **inputs, **kw)
     assert not torch.equal(want, gpt2.generate(ids, **kw))  # the input changes the tokens
-    decode._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = gpt2.generate(ids, custom_generate=graphed_greedy, **inputs, **kw)
+    got, text = _graphed_warned(gpt2, ids, caplog, **inputs, **kw)
     assert torch.equal(got, want)
-    assert "token_type_ids" in caplog.text
+    assert "token_type_ids" in text
 
 
 def test_position_ids_continue_at_their_last_plus_one(gpt2) -> None:
@@ -630,11 +634,9 @@ def test_phi3_text_past_its_original_positions_falls_back(prompt: int, caplog) -
     ids, mask = _padded(torch.cat([rows, rows.flip(1), rows.roll(3, 1)])[:, :prompt], (prompt - 1, 0, 2))
     kw = {"max_new_tokens": 14, "pad_token_id": 0, "attention_mask": mask}
     want = greedy_reference(model, ids, **kw)
-    decode._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    got, text = _graphed_warned(model, ids, caplog, **kw)
     assert torch.equal(got, want)
-    assert "original_max_position_embeddings (16)" in caplog.text
+    assert "original_max_position_embeddings (16)" in text
     short = {**kw, "max_new_tokens": 2}  # ends before 16 positions: the device loop
     with _no_fallback():
         got = model.generate(
@@ -665,11 +667,9 @@ def test_a_model_that_takes_no_cache_falls_back(caplog) -> None:
     ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
     kw = {"max_new_tokens": 10, "min_new_tokens": 10, "pad_token_id": 0}
     want = model.generate(ids, **kw)
-    decode._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    got, text = _graphed_warned(model, ids, caplog, **kw)
     assert torch.equal(got, want)
-    assert "takes no cache" in caplog.text
+    assert "takes no cache" in text
 
 
 def test_falcon_with_alibi_falls_back(caplog) -> None:
@@ -685,11 +685,9 @@ def test_falcon_with_alibi_falls_back(caplog) -> None:
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.tensor([[5, 9, 33, 2, 200, 7, 64, 8, 12, 99, 3, 17]])
     kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
-    decode._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
+    got, text = _graphed_warned(model, ids, caplog, **kw)
     assert torch.equal(got, model.generate(ids, **kw))
-    assert "alibi" in caplog.text
+    assert "alibi" in text
 
 
 def test_sliding_window_only_cache_serves_any_length() -> None:
@@ -1030,11 +1028,8 @@ def test_assisted_generation_falls_back_to_transformers_assisted_loop(assist: st
     unassisted = model.generate(ids, **{k: v for k, v in kw.items() if k != assist})
     if assist == "assistant_model":  # speculative sampling draws otherwise
         assert not torch.equal(want, unassisted)
-    decode._warned.clear()
-    torch.manual_seed(5)
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
-    assert "assisted generation" in caplog.text
+    got, text = _graphed_warned(model, ids, caplog, seed=5, **kw)
+    assert "assisted generation" in text
     assert torch.equal(got, want)
 
 
