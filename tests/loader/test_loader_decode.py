@@ -1086,10 +1086,8 @@ def test_bert_family_lm_heads_without_is_decoder_fall_back(model_type: str, is_d
         assert torch.equal(got, greedy_reference(model, ids, **kw))
         return
     want = model.generate(ids, **kw)
-    decode._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
-    assert "is_decoder=False attends bidirectionally" in caplog.text
+    got, text = _graphed_warned(model, ids, caplog, **kw)
+    assert "is_decoder=False attends bidirectionally" in text
     assert torch.equal(got, want)
 
 
@@ -1105,8 +1103,6 @@ def test_a_model_transformers_makes_no_static_cache_for_falls_back(caplog) -> No
     ids = torch.tensor([[8, 12, 36, 5, 20, 203, 10, 67, 15, 102, 6, 20]])
     kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": 0}
     want = model.generate(ids, **kw)
-    decode._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="converter.loader.decode"):
-        got = model.generate(ids, custom_generate=graphed_greedy, **kw)
-    assert "transformers makes no StaticCache for DeepseekV4ForCausalLM" in caplog.text
+    got, text = _graphed_warned(model, ids, caplog, **kw)
+    assert "transformers makes no StaticCache for DeepseekV4ForCausalLM" in text
     assert torch.equal(got, want)
