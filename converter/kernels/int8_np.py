@@ -11,6 +11,7 @@ bfloat16 has no numpy dtype: a bf16 weight is passed as its uint16 bit pattern w
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from converter import _kernels
 from converter.errors import NonFiniteInputError
 from converter.kernels.bnb4bit_np import address, check_input, threads_arg
 
-__all__ = ["dequantize_int8", "error_stats", "quantize_int8", "scale_table"]
+__all__ = ["dequantize_int8", "error_stats", "host_array", "quantize_int8", "scale_table"]
 
 #: The row scales a checkpoint can be made with (``converter.kernels.int8``'s module docstring).
 SCALES = ("cpu", "cuda")
@@ -37,6 +38,25 @@ def scale_table(scale: str) -> np.ndarray | None:
     table = np.ascontiguousarray(cuda_scale_table(), dtype=np.float32)
     assert table.size == _kernels.int8_scale_table_size
     return table
+
+
+#: numpy dtype name -> safetensors code of the kernels' float inputs (bf16 travels as uint16 bits).
+_CODES = {"float32": "F32", "float16": "F16"}
+
+
+def host_array(t: Any) -> tuple[np.ndarray, str | None]:
+    """``t`` (a numpy array, or a torch tensor from a Python caller) as a numpy array on the host and
+    the safetensors code of its float dtype (None for any other dtype): a bf16 tensor as its uint16
+    bits, "BF16" (no copy of a contiguous CPU tensor); torch is imported only for a torch tensor."""
+    if isinstance(t, np.ndarray):
+        return t, _CODES.get(t.dtype.name)
+    t = t.detach().cpu().contiguous()
+    if str(t.dtype) == "torch.bfloat16":
+        import torch
+
+        return t.view(torch.int16).numpy().view(np.uint16), "BF16"
+    a = t.numpy()
+    return a, _CODES.get(a.dtype.name)
 
 
 def _rows_cols(x: np.ndarray) -> tuple[int, int]:
@@ -113,8 +133,8 @@ def error_stats(
     weight bitsandbytes' loaders compute, or ``x`` where ``W`` is not finite (a row stored with SCB =
     inf); float64 sums per row, added in row order (any thread count gives the same result)."""
     rows, cols = _rows_cols(codes)
-    name = check_input(np.ascontiguousarray(x), dtype)
     x = np.ascontiguousarray(x)
+    name = check_input(x, dtype)
     codes = np.ascontiguousarray(codes, dtype=np.int8)
     scb = np.ascontiguousarray(scb, dtype=np.float32)
     if x.size != codes.size or scb.shape != (rows,):

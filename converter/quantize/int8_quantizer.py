@@ -53,7 +53,7 @@ class Int8Quantizer:
                 codes, scb = _quantize_cuda(x, dtype, self.device, self.scale)
             else:
                 if not isinstance(x, np.ndarray):  # a torch tensor from a Python caller
-                    x, dtype = _numpy_of(x)
+                    x, dtype = _cpu_input(x)
                 codes, scb = int8_np.quantize_int8(
                     np.ascontiguousarray(x), dtype or "", scale=self.scale, threads=self.threads
                 )
@@ -84,22 +84,13 @@ class Int8Quantizer:
             yield done.pop()
 
 
-#: torch dtype name -> safetensors code, for torch tensors handed to the CPU path.
-_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-def _numpy_of(t: Any) -> tuple[np.ndarray, str]:
-    """A CPU torch tensor as (numpy array, safetensors code): bf16 as its uint16 bits (no copy)."""
-    code = _CODES.get(str(t.dtype).removeprefix("torch."))
+def _cpu_input(t: Any) -> tuple[np.ndarray, str]:
+    """A torch tensor as the CPU kernel's input: (numpy array, safetensors code), bf16 as uint16 bits."""
+    x, code = int8_np.host_array(t)
     if code is None:
         msg = f"x has dtype {t.dtype}: expected float32, float16 or bfloat16"
         raise ValueError(msg)
-    t = t.contiguous()
-    if code == "BF16":
-        import torch
-
-        return t.view(torch.int16).numpy().view(np.uint16), code
-    return t.numpy(), code
+    return x, code
 
 
 def _quantize_cuda(x: Any, dtype: str | None, device: str, scale: str) -> tuple[np.ndarray, np.ndarray]:
@@ -107,11 +98,11 @@ def _quantize_cuda(x: Any, dtype: str | None, device: str, scale: str) -> tuple[
     import torch
 
     from converter.kernels import int8 as kernels_int8
+    from formats.writer import TORCH_DTYPES
 
     if isinstance(x, np.ndarray):
         t = torch.from_numpy(x)
-        torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype or ""]
-        x = t.view(torch_dtype) if t.dtype != torch_dtype else t
+        x = t.view(TORCH_DTYPES[dtype]) if t.dtype != TORCH_DTYPES[dtype] else t
     codes, scb = kernels_int8.quantize_int8(x.to(device), scale=scale)
     return codes.cpu().numpy(), scb.cpu().numpy()
 

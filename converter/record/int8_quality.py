@@ -32,22 +32,6 @@ class Int8QualityMeter(QualityMeter):
         self.seconds += time.perf_counter() - t0
 
 
-def _host(t: Any) -> tuple[np.ndarray, str | None]:
-    """A numpy array (as given) or a CPU torch tensor as numpy, bf16 as its uint16 bits."""
-    if isinstance(t, np.ndarray):
-        return t, None
-    t = t.detach().cpu().contiguous()
-    if str(t.dtype) == "torch.bfloat16":
-        import torch
-
-        return t.view(torch.int16).numpy().view(np.uint16), "BF16"
-    return t.numpy(), None
-
-
-#: numpy dtype of x -> the kernel's dtype code (bf16 arrives as uint16 bits, named by ``dtype``).
-_CODES = {"float32": "F32", "float16": "F16"}
-
-
 def measure_int8(name: str, x: Any, q: Any, scb: Any, dtype: str | None = None) -> TensorQuality:
     """Error statistics of int8 codes ``q`` with row scales ``scb`` against ``x``: numpy arrays (``x``
     holding ``dtype`` values, bf16 as uint16 bits with ``dtype`` "BF16") or torch tensors.
@@ -56,14 +40,12 @@ def measure_int8(name: str, x: Any, q: Any, scb: Any, dtype: str | None = None) 
     thread): torch's element-wise ops here ran on its OpenMP team, which that background thread woke for
     every tensor beside the kernel pool and the writer (an int8 SmolLM2-135M conversion spent 13-34 s
     measuring on 2 cores), then numpy took ~0.8 s of CPU; and the converter's int8 path imports no torch."""
-    xh, code = _host(x)
-    if code is None:
-        code = "BF16" if dtype == "BF16" and xh.dtype.itemsize == 2 and xh.dtype.kind in "ui" else None
-    if code is None:
-        code = _CODES.get(xh.dtype.name)
-        if code is None:  # float64 from a Python caller: its float32 rounding (as it was measured before)
-            xh, code = xh.astype(np.float32), "F32"
-    q = np.ascontiguousarray(_host(q)[0])
-    scb = np.ascontiguousarray(_host(scb)[0])
+    xh, code = int8_np.host_array(x)
+    if code is None and dtype == "BF16" and xh.dtype.itemsize == 2 and xh.dtype.kind in "ui":
+        code = "BF16"  # the pipeline's bf16 bits
+    if code is None:  # float64 from a Python caller: its float32 rounding (as it was measured before)
+        xh, code = xh.astype(np.float32), "F32"
+    q = np.ascontiguousarray(int8_np.host_array(q)[0])
+    scb = np.ascontiguousarray(int8_np.host_array(scb)[0])
     sx, se, m, bad = int8_np.error_stats(xh.reshape(q.shape), code, q, scb, threads=1)
     return TensorQuality(name, q.size, sx, se, m, bad)
