@@ -25,6 +25,19 @@ constexpr int64_t kMaxBlock = 4096;
 constexpr float kMaxFinite = 3.4028235e38f;
 constexpr int64_t kGroupElements = 1 << 16;  // blocks per partial sum: fixed, whatever the threads
 
+// fn over [0, n): threads == 1 runs on the calling thread without the pool, so a measurement in a
+// background thread overlaps the pipeline's own kernels instead of queueing behind them (with the
+// denormal flags the pool's workers run with); otherwise on the pool, an item per chunk.
+template <typename Fn>
+void run_items(int64_t n, int threads, const Fn& fn) {
+  if (threads == 1) {
+    ScopedDenormalsOn denormals;
+    fn(0, n);
+  } else {
+    parallel_for(n, threads, 1, fn);
+  }
+}
+
 // Scalar reference of one block [begin, begin + len): sums in f32, then into the float64 totals.
 template <DType DT>
 void block_scalar(const void* x, int64_t begin, int64_t len, const uint8_t* q, float am, const float* qmap,
@@ -152,8 +165,6 @@ QuantErrorStats quant_error_stats(const void* x, DType dtype, int64_t n, int64_t
   const int64_t per_group = std::max<int64_t>(1, kGroupElements / blocksize);
   const int64_t groups = (nb + per_group - 1) / per_group;
   std::vector<QuantErrorStats> partial(static_cast<size_t>(groups));
-  // threads == 1 runs on the calling thread without the pool, so a measurement in a background
-  // thread overlaps the pipeline's own kernels instead of queueing behind them.
   const auto run = [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b0 = g * per_group, b1 = std::min(nb, b0 + per_group);
@@ -170,12 +181,7 @@ QuantErrorStats quant_error_stats(const void* x, DType dtype, int64_t n, int64_t
       }
     }
   };
-  if (threads == 1) {
-    ScopedDenormalsOn denormals;  // as the pool's workers run
-    run(0, groups);
-  } else {
-    parallel_for(groups, threads, 1, run);
-  }
+  run_items(groups, threads, run);
   for (const auto& p : partial) {  // in group order: the same sums for any thread count
     total.sum_x2 += p.sum_x2;
     total.sum_e2 += p.sum_e2;
@@ -229,12 +235,7 @@ QuantErrorStats int8_error_stats(const void* x, DType dtype, int64_t rows, int64
       }
     }
   };
-  if (threads == 1) {  // a background measurement on its own thread (as quant_error_stats)
-    ScopedDenormalsOn denormals;
-    run(0, rows);
-  } else {
-    parallel_for(rows, threads, 1, run);
-  }
+  run_items(rows, threads, run);
   bool nan = false;
   for (const auto& p : per_row) {  // in row order: the same sums for any thread count
     total.sum_x2 += p.sum_x2;
