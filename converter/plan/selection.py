@@ -299,18 +299,6 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(old)
 
 
-def _decode_special_floats(obj: Any) -> Any:
-    """``obj`` with transformers' tagged floats (``{"__float__": "Infinity"}``, ``"-Infinity"``, ``"NaN"``)
-    as floats, as ``PreTrainedConfig`` decodes them when it reads config.json (its ``from_dict`` does not)."""
-    if isinstance(obj, dict):
-        if set(obj) == {"__float__"} and obj["__float__"] in ("Infinity", "-Infinity", "NaN"):
-            return float(obj["__float__"].lower().replace("infinity", "inf"))
-        return {k: _decode_special_floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode_special_floats(v) for v in obj]
-    return obj
-
-
 def build_skeleton(config: dict, keys: Sequence[str] | None = None) -> Any:
     """The model class ``config.json`` and the checkpoint ``keys`` describe (``converter.plan.model_class``,
     the loader's lookup too), built on the meta device: no memory, no weights, never remote code."""
@@ -335,9 +323,11 @@ def build_skeleton(config: dict, keys: Sequence[str] | None = None) -> Any:
     with _quiet_transformers():
         try:
             # floats JSON cannot hold, as transformers' save_pretrained writes them ({"__float__":
-            # "Infinity"}: GraniteMoeHybrid's time_step_limit) and its from_pretrained reads them back
-            cfg_dict = _decode_special_floats(cfg_dict)
-            cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
+            # "Infinity"}: GraniteMoeHybrid's time_step_limit), decoded as its from_pretrained reads them
+            # (from_dict does not); a transformers without the decoder never wrote such tags
+            config_class = CONFIG_MAPPING[model_type]
+            decode = getattr(config_class, "_decode_special_floats", None)
+            cfg = config_class.from_dict(decode(cfg_dict) if decode is not None else cfg_dict)
         except Exception as exc:  # a field of the wrong type or value: transformers' config refuses it
             detail = " ".join(str(exc).split())
             msg = f"config.json: transformers cannot read it ({type(exc).__name__}: {detail}); fix the config"
