@@ -149,17 +149,19 @@ def graphed_greedy(
         raise ValueError(msg)
     # generate() hands a custom_generate callable neither the assistant model nor a mode of its own: the
     # generation config's mode (and the assistant of the generate() call) says what was asked for
-    assistant = caller.get("assistant_model")
-    mode = _hub_mode(generation_config, assistant)
-    if mode is not None:
-        name, repo = mode
+    from transformers.generation.configuration_utils import GenerationMode
+
+    mode = generation_config.get_generation_mode(caller.get("assistant_model"))
+    hub = _hub_mode(mode)
+    if hub is not None:
+        name, repo = hub
         msg = (
             f"graphed_greedy does not run {name}, which transformers runs from the Hub repository {repo}: "
             f"call generate(..., custom_generate={repo!r}, trust_remote_code=True) instead (graphed_greedy "
             "would silently decode greedily or with plain beam search)"
         )
         raise ValueError(msg)
-    assisted = _is_assisted(generation_config, assistant)
+    assisted = mode == GenerationMode.ASSISTED_GENERATION
     if assisted:
         reason = (
             "assisted generation (assistant_model, prompt_lookup_num_tokens, assistant_early_exit or "
@@ -184,7 +186,7 @@ def graphed_greedy(
             loop = GenerationMixin._assisted_decoding
             extra = {
                 "streamer": streamer,
-                "assistant_model": assistant,
+                "assistant_model": caller.get("assistant_model"),
                 "inputs_tensor": caller.get("inputs_tensor"),
             }
         return loop(
@@ -231,23 +233,17 @@ def _generate_locals(model: Any, caller: Any) -> dict:
     return dict(caller.f_locals)
 
 
-def _hub_mode(generation_config, assistant) -> tuple[str, str] | None:
-    """The decoding mode the generation config asks for when transformers runs it from a Hub repository
-    (contrastive search, DoLa, group and constrained beam search): its name and repository, else None.
-    With a ``custom_generate`` callable generate() skips that dispatch and hands the call to the loop."""
+def _hub_mode(mode) -> tuple[str, str] | None:
+    """The generation ``mode`` (``GenerationConfig.get_generation_mode``) when transformers runs it from a
+    Hub repository (contrastive search, DoLa, group and constrained beam search): its name and repository,
+    else None. With a ``custom_generate`` callable generate() skips that dispatch and hands the call to
+    the loop."""
     from transformers.generation.utils import GENERATION_MODES_MAPPING
 
-    mode = generation_config.get_generation_mode(assistant)
     repo = GENERATION_MODES_MAPPING.get(mode)
     if not isinstance(repo, str) or "/" not in repo:
         return None
     return mode.value.replace("_", " "), repo
-
-
-def _is_assisted(generation_config, assistant) -> bool:
-    from transformers.generation.configuration_utils import GenerationMode
-
-    return generation_config.get_generation_mode(assistant) == GenerationMode.ASSISTED_GENERATION
 
 
 # -- what the device loop reproduces exactly -----------------------------------------------------------
