@@ -730,12 +730,12 @@ def keep_advice(
         return None
     experts, total = expert_share(tensors)
     others = other_experts(tensors, quantized) if not experts else []
-    if others and sum(_numel(t) for t in others) / total > threshold:
-        share = 100 * sum(_numel(t) for t in others) / total
+    other_share = sum(_numel(t) for t in others) / total if others else 0.0
+    if other_share > threshold:
         return (
-            f"routed MoE experts hold {share:.1f}% of the parameters and the folder barely shrinks: "
-            f"{_other_experts_what(others)} (--moe-experts quantize too); the folder loads with stock "
-            "transformers + bitsandbytes and quantize-model's load_quantized"
+            f"routed MoE experts hold {100 * other_share:.1f}% of the parameters and the folder barely "
+            f"shrinks: {_other_experts_what(others)} (--moe-experts quantize too); the folder loads with "
+            "stock transformers + bitsandbytes and quantize-model's load_quantized"
         )
     if not total or experts / total <= threshold:
         return None
