@@ -182,7 +182,7 @@ def _out_dtypes(
     state: dict,
     dtype: torch.dtype,
     meta_model: Callable[[], torch.nn.Module | None],
-    facts: Callable[[], ModelFacts | None] = lambda: None,
+    facts: Callable[[], ModelFacts | None],
 ) -> dict[str, torch.dtype]:
     """The dtype each tensor is written in: ``dtype`` for floats, except the kept tensors transformers'
     dtype plan holds in float32 for ``dtype`` (``_keep_in_fp32_modules`` under float16,
