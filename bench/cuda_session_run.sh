@@ -14,6 +14,7 @@
 #   graphed  bench_generate.py modes graphed, graphed-compiled (graphed_greedy: 16 decode steps per
 #            CUDA-graph replay) on the same 8B model, every contender ($CONTENDERS, default all three)
 #   dectests the CUDA tests of graphed_greedy only
+#   checks   bench_decode_checks.py --device cuda: host cost per generate() call of graphed_greedy's checks
 #   gensample bench_generate.py --sample on the same 8B model: sampled decode (temperature 0.7, top-k 50,
 #            top-p 0.9), modes $SAMPLE_MODES (default eager,graphed), contenders $CONTENDERS (default ours,bf16)
 #   compiletests the CUDA compile tests (keyed 4-bit ops in compiled steps, CUDA graphs, sibling launches)
@@ -106,6 +107,7 @@ for s in ${*:-env}; do
       --contenders "${CONTENDERS:-ours,bf16}" --modes "${SAMPLE_MODES:-eager,graphed}" --json "$OUT/gensample.json" ;;
     dectests) step dectests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
       "$ROOT/tests/loader/test_loader_decode_cuda.py" ;;
+    checks) step checks timeout 120 python3 "$ROOT/bench/bench_decode_checks.py" --device cuda --json "$OUT/checks.json" ;;
     compiletests) step compiletests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs "$ROOT/tests/loader/test_loader_cuda_compile.py" \
       "$ROOT/tests/loader/test_loader_siblings_cuda.py" "$ROOT/tests/loader/test_loader_compile_keyed.py" "$ROOT/tests/loader/test_loader_decode_cuda.py" \
       "$ROOT/tests/moe/test_moe_compile_keyed.py" ;;
