@@ -87,6 +87,10 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
                  shared_intermediate_size=64, layer_types=["mamba", "attention"], mamba_n_heads=4,
                  mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16),
     ),
+    # JetMoE: Granite's fused 3-D experts in its MLP (mlp.input_linear / output_linear) and its attention
+    # (self_attention.experts.input_linear / output_linear, routed by self_attention.experts.router.layer)
+    "jetmoe": ("jetmoe", "JetMoeForCausalLM", _decoder(intermediate_size=64, num_local_experts=4,
+                                                      num_experts_per_tok=2, kv_channels=16)),
 }  # fmt: skip
 # DeepSeek-V4 with experts of whole 64-element blocks per row (its experts' width is intermediate_size,
 # 96 above): the grouped CPU decode takes them

@@ -352,6 +352,51 @@ def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
         assert (tmp_path / "quantize" / name).read_bytes() == (tmp_path / "keep" / name).read_bytes(), name
 
 
+@pytest.mark.parametrize(
+    ("name", "first", "experts", "tensors"),
+    [
+        # 2 layers x 4 experts, an input_linear and an output_linear per layer
+        ("granitemoe", "model.layers.0.block_sparse_moe.input_linear.weight", 8, 4),
+        # the MLP's 4 experts and the attention's 4 per layer; its attention router
+        # (self_attention.experts.router.layer) is no expert
+        ("jetmoe", "model.layers.0.mlp.input_linear.weight", 16, 8),
+    ],
+)
+def test_inspect_names_experts_of_a_layout_not_quantized(moe_src, tmp_path, name, first, experts, tensors):
+    """inspect (text and --json) and convert's summary say what convert's warning says of Granite's /
+    JetMoE's fused experts: kept 16-bit, in a layout quantize-model does not quantize, counted as experts;
+    inspect said nothing of them ("moe": null) while they held most of the folder."""
+    src = moe_src(name)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["convert", str(src), str(tmp_path / "q"), "--moe-experts", "quantize", "--json"])
+    assert r.exit_code == 0, r.output
+    layout = (
+        f"experts kept in 16 bit (stored in a layout quantize-model does not quantize: {first} and "
+        f"{tensors - 1} more)"
+    )
+    warning = f"routed experts ({first} and {tensors - 1} more) are stored in a layout quantize-model"
+    assert warning in r.stderr
+    assert json.loads(r.stdout)["moe"]["layout"] == layout  # convert's summary row too
+    r = runner.invoke(cli, ["inspect", str(tmp_path / "q"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)["moe"]
+    assert summary["layout"] == layout
+    assert summary["unquantized_layout"] == f"{first} and {tensors - 1} more"
+    assert (summary["experts_quantized"], summary["experts_kept"]) == (0, experts)
+    assert (summary["expert_tensors_quantized"], summary["expert_tensors_kept"]) == (0, tensors)
+    assert summary["loaders"] == [
+        "stock transformers + bitsandbytes (experts stay 16-bit)",
+        "quantize-model load_quantized",
+    ]
+    r = runner.invoke(cli, ["inspect", str(tmp_path / "q")], terminal_width=400)
+    assert r.exit_code == 0, r.output
+    row = f"{layout}: 0 experts quantized, {experts} kept (0 expert weights quantized, {tensors} kept)"
+    assert row in r.stdout
+    source = inspect_path(src).moe  # a source checkpoint: nothing quantized, said as for other experts
+    assert source.layout == "experts not quantized (no weight is: a source checkpoint)"
+    assert (source.experts_kept, source.tensors_kept) == (experts, tensors)
+
+
 def test_include_naming_experts_of_a_layout_not_quantized(moe_src, tmp_path):
     """--include naming Granite's 3-D experts only: 'nothing to quantize' gave the head as its example
     ('lm_head.weight': lm_head (output embedding)), a tensor the glob did not name, and said to check
