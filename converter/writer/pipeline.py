@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError, OutputExistsError
+from converter.kernels import MAX_THREADS, threads_beyond_limit
 from converter.kernels.bnb4bit_np import NonFiniteInputError
 from converter.kernels.isa_env import forced_isa
 from converter.plan import moe
@@ -277,6 +278,9 @@ def convert(
         raise InputError(str(exc)) from None
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         msg = f"threads={threads!r}: give a positive number of threads, or None for every core"
+        raise InputError(msg)
+    if threads is not None and threads > MAX_THREADS:  # the kernels' pool would run MAX_THREADS silently
+        msg = f"threads={threads}: {threads_beyond_limit(threads)}, or None for every core"
         raise InputError(msg)
     device, fallback_note = resolve_device(device)
 
