@@ -387,9 +387,24 @@ def apply_moe_mode(
         quantize[t.name] = spec if key is not None else _spec(transpose=fused[t.name].transpose)
     if not any(is_expert_weight(n) for n in quantize):  # no expert quantized: no router to skip either
         return replace(selection, keep=keep)  # (no_effect_note: the run is recorded as keep)
-    routers = set(router_modules((t.name for t in tensors), quantize).values())
+    routers = router_skip_entries(router_modules((t.name for t in tensors), quantize), quantize)
     skip_modules = sorted(set(selection.skip_modules) | routers)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
+
+
+def router_skip_entries(routers: Mapping[str, str], quantized: Collection[str]) -> set[str]:
+    """The ``llm_int8_skip_modules`` entries of the 16-bit ``routers`` (module -> leaf): each leaf
+    (``gate``), as vLLM's bnb loader matches one dotted component, unless transformers' rule (a pattern
+    also matches as a suffix: ``gate`` skips MiniMax's ``self_attn.output_gate``) would then skip a
+    ``quantized`` weight's module; those routers are listed by their whole module names, which both
+    match (vLLM as a prefix, transformers from the start, at a module boundary) and catch nothing else."""
+    from converter.plan.selection_facts import should_convert_module
+
+    modules = [n.removesuffix(".weight") for n in quantized]
+    catches = {
+        leaf: any(not should_convert_module(m, [leaf]) for m in modules) for leaf in set(routers.values())
+    }
+    return {module if catches[leaf] else leaf for module, leaf in routers.items()}
 
 
 def globs_select_an_expert(names: Iterable[str], skip: Sequence[str], include: Sequence[str]) -> bool:

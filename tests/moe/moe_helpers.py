@@ -91,6 +91,10 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
     # (self_attention.experts.input_linear / output_linear, routed by self_attention.experts.router.layer)
     "jetmoe": ("jetmoe", "JetMoeForCausalLM", _decoder(intermediate_size=64, num_local_experts=4,
                                                       num_experts_per_tok=2, kv_channels=16)),
+    # MiniMax: its attention's output_gate is an nn.Linear whose name ends with its routers' leaf "gate"
+    "minimax": ("minimax", "MiniMaxForCausalLM",
+                _decoder(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                         layer_types=["linear_attention", "full_attention"])),
 }  # fmt: skip
 # DeepSeek-V4 with experts of whole 64-element blocks per row (its experts' width is intermediate_size,
 # 96 above): the grouped CPU decode takes them

@@ -332,6 +332,31 @@ def test_quantize_on_a_dense_model_is_not_recorded(tmp_path, tiny_checkpoint):
     assert "moe_experts" not in report["options"]
 
 
+def test_router_leaf_that_ends_a_quantized_module_is_listed_by_full_name(moe_src, tmp_path):
+    """MiniMax's attention has an nn.Linear self_attn.output_gate, quantized; --moe-experts quantize listed
+    its routers' leaf 'gate' in llm_int8_skip_modules, which transformers 5 also matches as a suffix, so
+    it built output_gate as a 16-bit Linear over the packed codes and `verify` failed the fresh folder
+    ('llm_int8_skip_modules keeps ... output_gate ... unquantized'). The routers are listed by their
+    whole module names there: transformers and vLLM skip them, and nothing else."""
+    from transformers.quantizers.quantizers_utils import should_convert_module as hf_should_convert
+
+    src = moe_src("minimax")
+    convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
+    skip = read_config(tmp_path / "q")["quantization_config"]["llm_int8_skip_modules"]
+    routers = [f"model.layers.{i}.block_sparse_moe.gate" for i in range(2)]
+    assert skip == ["lm_head", *routers]
+    records = _records(tmp_path / "q")
+    gates = [k.removesuffix(".weight") for k in records if k.endswith("self_attn.output_gate.weight")]
+    assert gates
+    assert all(not isinstance(records[f"{m}.weight"], torch.Tensor) for m in gates)  # quantized
+    assert all(hf_should_convert(m, skip) for m in gates)  # transformers builds their Linear4bit
+    assert not any(hf_should_convert(m, skip) for m in routers)
+    assert all(is_skipped_by_vllm(m, skip) for m in routers)
+    assert not any(is_skipped_by_vllm(m, skip) for m in gates)
+    result = verify_path(tmp_path / "q")
+    assert result.ok, result.problems
+
+
 def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
     """Granite-MoE stores its routed experts fused 3-D under its own names (block_sparse_moe.input_linear
     / output_linear), which no --moe-experts mode quantizes: quantize's note said 'the checkpoint has no
