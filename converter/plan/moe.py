@@ -283,21 +283,41 @@ def _config_expert_count(config: Any) -> tuple[str, int] | None:
     return None
 
 
-def check_experts(tensors: Sequence[_TensorLike], config: Any = None) -> None:
+def _expert_widths(config: Any) -> list[int] | None:
+    """ERNIE-4.5-VL's expert widths: a layer's experts module holds its text experts, then as many vision
+    experts, each group of its own width, config.json's ``moe_intermediate_size`` list (text_config's in
+    transformers' layout: ``[1536, 512]``); transformers splits them into ``text_moe`` / ``vision_moe``.
+    None for any other checkpoint (one width)."""
+    if not isinstance(config, dict):
+        return None
+    for c in (config, config.get("text_config")):
+        widths = c.get("moe_intermediate_size") if isinstance(c, dict) else None
+        if isinstance(widths, list) and len(widths) > 1 and all(type(w) is int for w in widths):
+            return widths
+    return None
+
+
+def check_experts(tensors: Sequence[_TensorLike], config: Any = None, mode: str = "keep") -> None:
     """Refuse a checkpoint whose routed experts no loader can stack: an experts module missing an
     expert (a gap in its indices, or fewer or more experts than config.json's count) or one projection
     of an expert, or experts of different shapes (every loader stacks a layer's experts into one
-    [E, ...] tensor; transformers, vLLM and ours alike)."""
+    [E, ...] tensor; transformers, vLLM and ours alike). ERNIE-4.5-VL's text and vision experts (one
+    experts module, a width per group: ``_expert_widths``), which transformers stacks a group at a time,
+    may differ between the groups; ``--moe-experts quantize`` (``mode``) refuses them, naming why."""
     groups: dict[str, dict[int, dict[str, _TensorLike]]] = {}
     for t in tensors:
         key = parse_expert_key(t.name)
         if key is not None:
             groups.setdefault(key.module, {}).setdefault(key.index, {})[key.proj] = t
     count = _config_expert_count(config)
+    widths = _expert_widths(config)
     for module, experts in groups.items():
         leaves = {p for parts in experts.values() for p in parts}
         names = _ROLE_LEAVES["w1"] if leaves & {"w1", "w2", "w3"} else _ROLE_LEAVES["gate_proj"]
         shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        # ERNIE-4.5-VL: experts of each group (text, vision) alike; the groups' shapes may differ
+        n_experts = max(experts) + 1
+        per_group = n_experts // len(widths) if widths and n_experts % len(widths) == 0 else 0
         if count is not None and max(experts) + 1 != count[1]:
             field, n = count
             what = f"only experts 0..{max(experts)}" if max(experts) < n else f"expert {max(experts)}"
@@ -317,13 +337,24 @@ def check_experts(tensors: Sequence[_TensorLike], config: Any = None) -> None:
                     )
                     raise MoeCheckpointError(msg)
                 shape = tuple(t.shape)
-                first = shapes.setdefault(proj, (shape, t.name))
+                first = shapes.setdefault(f"{proj}/{e // per_group if per_group else 0}", (shape, t.name))
                 if shape != first[0]:
                     msg = (
                         f"{t.name} has shape {list(shape)} but {first[1]} has {list(first[0])}: the "
                         f"experts of {module!r} must all have the same shapes (a damaged source)"
                     )
                     raise MoeCheckpointError(msg)
+        if per_group and check_mode(mode) == "quantize":
+            groups_said = ", ".join(
+                f"{g * per_group}..{(g + 1) * per_group - 1} of width {w}" for g, w in enumerate(widths)
+            )
+            msg = (
+                f"{module}: --moe-experts quantize does not take ERNIE-4.5-VL's experts (one experts module "
+                f"of text and vision experts, {groups_said}, which transformers splits into text_moe and "
+                "vision_moe; no loader of 4-bit experts reads them): convert with --moe-experts keep (the "
+                "default), which stock transformers + bitsandbytes loads"
+            )
+            raise MoeCheckpointError(msg)
 
 
 def _glob_hit(globs: Sequence[str], *names: str) -> bool:

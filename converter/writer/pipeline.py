@@ -407,7 +407,7 @@ class _Conversion:
             include=options.include,
             cast_to=DTYPE_CODES[cast] if cast else None,
         )
-        moe.check_experts(tensors, config)
+        moe.check_experts(tensors, config, options.moe_experts)
         selection = moe.apply_moe_mode(
             selection, tensors, options.moe_experts, skip=options.skip, include=options.include, config=config
         )

@@ -357,6 +357,48 @@ def test_router_leaf_that_ends_a_quantized_module_is_listed_by_full_name(moe_src
     assert result.ok, result.problems
 
 
+def test_ernie_vl_text_and_vision_experts_convert_with_keep(moe_src, tmp_path):
+    """ERNIE-4.5-VL holds a layer's text experts then its vision experts, of other widths (config.json's
+    moe_intermediate_size [64, 32]), under one experts module; transformers splits them into text_moe /
+    vision_moe. Every conversion was refused as 'a damaged source' ('... must all have the same shapes');
+    keep converts and loads with stock transformers + bitsandbytes, the experts as the source's; quantize,
+    which no loader of 4-bit experts reads here, is refused naming the groups and keep."""
+    import transformers
+
+    src = moe_src("ernie4_5_vl_moe")
+    convert(src, tmp_path / "keep", progress=False, warn=lambda _: None)
+    assert verify_path(tmp_path / "keep").ok
+    with pytest.raises(InputError) as err:
+        convert(src, tmp_path / "q", moe_experts="quantize", progress=False, warn=lambda _: None)
+    assert str(err.value) == (
+        "model.layers.1.mlp.experts: --moe-experts quantize does not take ERNIE-4.5-VL's experts (one "
+        "experts module of text and vision experts, 0..3 of width 64, 4..7 of width 32, which transformers "
+        "splits into text_moe and vision_moe; no loader of 4-bit experts reads them): convert with "
+        "--moe-experts keep (the default), which stock transformers + bitsandbytes loads"
+    )
+    damaged = tmp_path / "damaged"  # a vision expert of the text experts' width: still a damaged source
+    shutil.copytree(src, damaged)
+    tensors = _source_tensors(src)
+    experts = "model.layers.1.mlp.experts"
+    tensors[f"{experts}.5.up_proj.weight"] = tensors[f"{experts}.0.up_proj.weight"].clone()
+    from safetensors.torch import save_file
+
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"experts\.5\.up_proj\.weight has shape \[64, 64\] but .*\.4\."):
+        convert(damaged, tmp_path / "d", progress=False, warn=lambda _: None)
+    cls = transformers.Ernie4_5_VLMoeForConditionalGeneration
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = cls.from_pretrained(src, dtype=torch.bfloat16)
+        ours, info = cls.from_pretrained(tmp_path / "keep", device_map="cpu", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    layer, want = ours.model.language_model.layers[1].mlp, ref.model.language_model.layers[1].mlp
+    for group in ("text_moe", "vision_moe"):
+        for p in ("gate_up_proj", "down_proj"):
+            got, exp = getattr(getattr(layer, group).experts, p), getattr(getattr(want, group).experts, p)
+            assert torch.equal(got, exp), (group, p)
+
+
 def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
     """Granite-MoE stores its routed experts fused 3-D under its own names (block_sparse_moe.input_linear
     / output_linear), which no --moe-experts mode quantizes: quantize's note said 'the checkpoint has no
