@@ -399,6 +399,45 @@ def test_ernie_vl_text_and_vision_experts_convert_with_keep(moe_src, tmp_path):
             assert torch.equal(got, exp), (group, p)
 
 
+def test_ernie_vl_keep_folder_loads_with_load_quantized(moe_src, tmp_path):
+    """load_quantized of an ERNIE-4.5-VL keep folder: the layer's experts split into text_moe / vision_moe
+    and its routers moved as transformers' conversion moves them (mlp.gate.weight [H, E] transposed into
+    text_moe.gate, gate.weight_1 into vision_moe.gate, moe_statics' [2, E] bias a row to each); it raised
+    'no fused experts module'. Every 16-bit tensor equals transformers + bitsandbytes' load of the folder,
+    nothing is unused or newly initialized, and on the dequantize path the logits equal those of the
+    dequantized folder loaded by transformers, bit for bit."""
+    import transformers
+
+    from converter.loader.dequantize import dequantize_checkpoint
+    from converter.loader.model import linear4bit_modules
+
+    convert(moe_src("ernie4_5_vl_moe"), tmp_path / "keep", progress=False, warn=lambda _: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_quantized(tmp_path / "keep")
+    assert not [
+        str(w.message) for w in caught if "unused" in str(w.message) or "initialized" in str(w.message)
+    ]
+    cls = transformers.Ernie4_5_VLMoeForConditionalGeneration
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bnb_model = cls.from_pretrained(tmp_path / "keep", device_map="cpu", dtype=torch.bfloat16)
+    theirs, mine = bnb_model.state_dict(), ours.state_dict()
+    assert set(theirs) <= set(mine)
+    plain = [k for k, v in theirs.items() if v.dtype in (torch.bfloat16, torch.float32)]
+    assert "model.language_model.layers.1.mlp.vision_moe.gate.weight" in plain
+    assert [k for k in plain if not torch.equal(theirs[k], mine[k])] == []
+    dequantize_checkpoint(tmp_path / "keep", tmp_path / "plain")
+    for layer in linear4bit_modules(ours).values():
+        layer.use_gemv = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = cls.from_pretrained(tmp_path / "plain", dtype=torch.bfloat16, experts_implementation="eager")
+    ids = torch.tensor([[1, 5, 9, 20, 33, 60, 7]])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, ref.eval()(input_ids=ids).logits)
+
+
 def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
     """Granite-MoE stores its routed experts fused 3-D under its own names (block_sparse_moe.input_linear
     / output_linear), which no --moe-experts mode quantizes: quantize's note said 'the checkpoint has no
