@@ -47,6 +47,16 @@ def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> s
     return value
 
 
+def _check_threads(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+    """More threads than the kernels run is a usage error naming the limit (their pool capped it silently)."""
+    from converter.kernels import MAX_THREADS, threads_beyond_limit
+
+    if value is not None and value > MAX_THREADS:
+        msg = f"{threads_beyond_limit(value)}, or leave it out for one per CPU"
+        raise click.BadParameter(msg)
+    return value
+
+
 def _check_size(_ctx: click.Context, param: click.Parameter, value: str) -> str:
     """A size the writer takes ('5GB', '2GiB'), checked as a usage error that names the option."""
     try:
@@ -83,8 +93,8 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Quantize only modules/tensors matching GLOB (repeatable)."),
         click.option("--max-shard-size", default="5GB", show_default=True, callback=_check_size,
                      help="Largest output shard."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="Kernel threads [default: the CPUs this process may use]."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, callback=_check_threads,
+                     help="Kernel threads, at most 256 [default: the CPUs this process may use]."),
         click.option("--device", default="cpu", show_default=True, callback=_check_device,
                      help="Where to quantize: cpu, cuda or cuda:N."),
         click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources only)."),

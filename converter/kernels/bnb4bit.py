@@ -28,6 +28,7 @@ from types import ModuleType
 import torch
 
 from converter import _kernels
+from converter.kernels.bnb4bit_np import default_threads as _default_threads
 from converter.kernels.bnb4bit_np import threads_arg as _threads  # the numpy twin's check, shared
 from converter.kernels.checks import (
     FLOAT_DTYPES,
@@ -83,7 +84,7 @@ def available_backends() -> dict[str, dict]:
     The "cuda" entry is ``converter.kernels.bnb4bit_cuda.backend_info()`` (device names, build); a build
     without CUDA, or a machine without a usable driver / device, has no "cuda" key.
     """
-    backends: dict[str, dict] = {"cpu": {"isa": cpu_isas(), "threads": int(_kernels.default_threads())}}
+    backends: dict[str, dict] = {"cpu": {"isa": cpu_isas(), "threads": _default_threads()}}
     if _kernels.has_cuda_build():
         info = _cuda_module().backend_info()
         if info is not None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from converter import _kernels
 from converter.errors import NonFiniteInputError
+from converter.kernels import MAX_THREADS, threads_beyond_limit
 from formats.quant_types import (
     NESTED_BLOCKSIZE,
     OFFSET_CHUNK,
@@ -32,6 +33,7 @@ __all__ = [
     "address",
     "check_input",
     "cpu_backend_info",
+    "default_threads",
     "dequantize_nested",
     "quantize_4bit",
     "quantize_nested",
@@ -64,11 +66,15 @@ def check_input(x: np.ndarray, dtype: str) -> str:
 
 
 def threads_arg(threads: int | None) -> int:
-    """The extension's thread count argument: 0 (one per CPU) for None; ValueError below 1."""
+    """The extension's thread count argument: 0 (one per CPU) for None; ValueError below 1 or above
+    MAX_THREADS (the C++ pool would run MAX_THREADS without a word)."""
     if threads is None:
         return 0
     if threads < 1:
         msg = f"threads must be >= 1 or None (one per CPU), got {threads}"
+        raise ValueError(msg)
+    if threads > MAX_THREADS:
+        msg = f"{threads_beyond_limit(threads)}, or None (one per CPU)"
         raise ValueError(msg)
     return int(threads)
 
@@ -176,8 +182,14 @@ def dequantize_nested(
 
 def cpu_backend_info() -> dict:
     """``{"isa": [...], "threads": int}``: what ``converter.kernels.bnb4bit.available_backends()["cpu"]``
-    says."""
-    return {"isa": list(_kernels.cpu_isas()), "threads": int(_kernels.default_threads())}
+    says; threads: what a launch with the default runs (one per CPU, at most MAX_THREADS)."""
+    return {"isa": list(_kernels.cpu_isas()), "threads": default_threads()}
+
+
+def default_threads() -> int:
+    """The threads of a kernel launch with the default (None): one per CPU of the affinity mask, at most
+    MAX_THREADS (the extension's ``default_threads`` is the CPU count, which its pool caps)."""
+    return min(int(_kernels.default_threads()), MAX_THREADS)
 
 
 def _check_extension_layout() -> None:

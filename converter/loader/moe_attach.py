@@ -52,6 +52,49 @@ def _group(state: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
     return groups
 
 
+def _split_text_vision(
+    model: nn.Module,
+    groups: dict[str, dict[int, dict[str, Any]]],
+    modules: Mapping[str, nn.Module],
+    state: dict[str, Any],
+) -> dict[str, str]:
+    """ERNIE-4.5-VL: a checkpoint experts module (``model.layers.1.mlp.experts``) holds the layer's text
+    experts, then its vision experts, which transformers builds as two fused modules of their own widths
+    (``mlp.text_moe.experts``, ``mlp.vision_moe.experts``). Such a group is split in ``groups`` (in place)
+    into one per model module, its experts numbered from 0 in each, keyed by the model module's name;
+    returns those names (key -> model module name) for the caller to use as they are. The layer's routers
+    move in ``state`` as transformers' conversion moves them: ``mlp.gate.weight`` ``[H, E]`` transposed
+    into ``text_moe.gate.weight``, ``gate.weight_1`` into ``vision_moe``'s, and
+    ``moe_statics.e_score_correction_bias`` ``[2, E]`` one row to each gate's ``moe_statics``."""
+    targets: dict[str, str] = {}
+    for ckpt_name in list(groups):
+        if _model_module_name(model, ckpt_name, modules) is not None:
+            continue
+        parent = _model_module_name(model, ckpt_name.rpartition(".")[0], modules)
+        subs = [f"{parent}.{g}.experts" for g in ("text_moe", "vision_moe")] if parent else []
+        if not subs or not all(n in modules and _is_fused_experts(modules[n]) for n in subs):
+            continue
+        sizes = [int(modules[n].gate_up_proj.shape[0]) for n in subs]
+        experts = groups[ckpt_name]
+        if sorted(experts) != list(range(sum(sizes))):
+            continue  # attach_experts names what is missing or extra, as for any layer
+        del groups[ckpt_name]
+        start = 0
+        for sub, size in zip(subs, sizes, strict=True):
+            groups[sub] = {e - start: experts[e] for e in range(start, start + size)}
+            targets[sub] = sub
+            start += size
+        layer = ckpt_name.rpartition(".")[0]
+        bias = state.pop(f"{layer}.moe_statics.e_score_correction_bias", None)
+        for i, (group, leaf) in enumerate((("text_moe", "weight"), ("vision_moe", "weight_1"))):
+            gate = state.pop(f"{layer}.gate.{leaf}", None)
+            if isinstance(gate, torch.Tensor):
+                state[f"{parent}.{group}.gate.weight"] = gate.t().contiguous()
+            if isinstance(bias, torch.Tensor) and bias.dim() == 2 and bias.shape[0] == 2:
+                state[f"{parent}.{group}.gate.moe_statics.e_score_correction_bias"] = bias[i : i + 1].clone()
+    return targets
+
+
 def attach_experts(
     model: nn.Module,
     state: dict[str, Any],
@@ -83,10 +126,11 @@ def attach_experts(
     fused = split_fused(state, where, sizes_only=torch.device(device).type == "meta")
     orient_kept(state, lambda m: _model_module_name(model, m, modules), modules)
     groups = _group(state)
+    targets = _split_text_vision(model, groups, modules, state)
     used: set[str] = set()
     unused: list[str] = []
     for ckpt_name, experts in groups.items():
-        name = _model_module_name(model, ckpt_name, modules)
+        name = targets.get(ckpt_name) or _model_module_name(model, ckpt_name, modules)
         module = modules.get(name) if name else None
         if module is None and _model_module_name(model, ckpt_name.rpartition(".")[0], modules) is None:
             # no MoE block at all where the experts sit (the MTP layer after the last decoder layer):

@@ -27,7 +27,7 @@ import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from converter.errors import InputError
 from converter.plan.moe_fused import FUSED_EXPERT_KEY, fused_layers
@@ -86,6 +86,10 @@ NOT_LOADERS_FUSED = (
     "transformers 4.x (no such model class)",
 )
 NOT_LOADERS_KEPT = ("vLLM pre-quantized bitsandbytes (needs every expert quantized)",)
+#: Experts of a layout quantize-model does not quantize (other_experts: Granite, JetMoE, DBRX), 16-bit:
+#: the folder is an ordinary bnb folder of the model (keep_advice says the same).
+LOADERS_OTHER = ("stock transformers + bitsandbytes (experts stay 16-bit)", "quantize-model load_quantized")
+NOT_LOADERS_OTHER: tuple[str, ...] = ()
 #: Llama 4: transformers builds its experts as per-expert nn.Linear for a pre-quantized bnb checkpoint
 #: (``SequentialLlama4TextExperts``), so per-expert 4-bit records load with stock transformers too.
 LOADERS_LLAMA4_QUANTIZED = (
@@ -123,6 +127,14 @@ NOT_LOADERS_INT8 = (
 class _TensorLike(Protocol):
     name: str
     dtype: str
+    shape: tuple[int, ...]
+
+
+class HeaderTensor(NamedTuple):
+    """A tensor as a safetensors header describes it (a ``_TensorLike``)."""
+
+    name: str
+    dtype: str  # safetensors code: "BF16", "F32", ...
     shape: tuple[int, ...]
 
 
@@ -199,14 +211,17 @@ def is_moe(tensors: Sequence[_TensorLike]) -> bool:
 #: ``block_sparse_moe.input_linear`` / ``output_linear``, DBRX's ``ffn.experts.mlp.w1`` / ``v1`` / ``w2``.
 _OTHER_EXPERTS = re.compile(r"(?:^|\.)experts\.")
 _OTHER_EXPERTS_3D = re.compile(r"(?:^|\.)(?:block_sparse_moe|moe|mlp)\.(?:input|output)_linear\.weight$")
+#: Their routers: an nn.Linear ``router.layer`` (JetMoE's attention experts hold theirs under ``experts.``).
+_OTHER_ROUTER = re.compile(r"(?:^|\.)router\.layer\.weight$")
 
 
 def other_experts(tensors: Sequence[_TensorLike], quantized: Collection[str] = ()) -> list[_TensorLike]:
     """The routed-expert weights of a layout quantize-model does not quantize (see ``_OTHER_EXPERTS``):
     floating-point tensors of two or more dimensions under an experts module, or Granite's 3-D
     ``input_linear`` / ``output_linear`` (2-D ones are ``nn.Linear``), that are neither per-expert,
-    fused 3-D nor gpt-oss expert weights, nor routers, nor in ``quantized`` (the selection's: experts
-    that are ``nn.Linear`` modules, NLLB-MoE's ``experts.expert_0.fc1``, are quantized as any linear)."""
+    fused 3-D nor gpt-oss expert weights, nor routers (JetMoE's attention ``experts.router.layer`` too),
+    nor in ``quantized`` (the selection's: experts that are ``nn.Linear`` modules, NLLB-MoE's
+    ``experts.expert_0.fc1``, are quantized as any linear)."""
     quantized = set(quantized)
     return [
         t
@@ -217,16 +232,34 @@ def other_experts(tensors: Sequence[_TensorLike], quantized: Collection[str] = (
         and (_OTHER_EXPERTS.search(t.name) or (len(t.shape) == 3 and _OTHER_EXPERTS_3D.search(t.name)))
         and not is_expert_weight(t.name)
         and not _ROUTER_KEY.match(t.name)
+        and not _OTHER_ROUTER.search(t.name)
     ]
+
+
+def _other_experts_named(others: Sequence[_TensorLike]) -> str:
+    """'NAME and N more': the first of ``others`` named, and the count of the rest."""
+    more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+    return f"{others[0].name}{more}"
 
 
 def _other_experts_what(others: Sequence[_TensorLike]) -> str:
     """'the checkpoint's routed experts (NAME and N more) are ...': the first tensor named, and the count."""
-    more = f" and {len(others) - 1} more" if len(others) > 1 else ""
     return (
-        f"the checkpoint's routed experts ({others[0].name}{more}) are stored in a layout quantize-model "
-        "does not quantize, so they stay 16-bit"
+        f"the checkpoint's routed experts ({_other_experts_named(others)}) are stored in a layout "
+        "quantize-model does not quantize, so they stay 16-bit"
     )
+
+
+def _other_experts_count(others: Sequence[_TensorLike]) -> int | None:
+    """The experts that ``others`` hold: a 3-D tensor (Granite, JetMoE: ``[E, out, in]``) holds its first
+    dimension's, once per module; None where a 2-D one (DBRX's ``[E * I, H]``) keeps its count out of the
+    shapes."""
+    modules: dict[str, int] = {}
+    for t in others:
+        if len(t.shape) != 3:
+            return None
+        modules[t.name.rsplit(".", 2)[0]] = t.shape[0]
+    return sum(modules.values())
 
 
 class MoeCheckpointError(InputError):
@@ -250,21 +283,41 @@ def _config_expert_count(config: Any) -> tuple[str, int] | None:
     return None
 
 
-def check_experts(tensors: Sequence[_TensorLike], config: Any = None) -> None:
+def _expert_widths(config: Any) -> list[int] | None:
+    """ERNIE-4.5-VL's expert widths: a layer's experts module holds its text experts, then as many vision
+    experts, each group of its own width, config.json's ``moe_intermediate_size`` list (text_config's in
+    transformers' layout: ``[1536, 512]``); transformers splits them into ``text_moe`` / ``vision_moe``.
+    None for any other checkpoint (one width)."""
+    if not isinstance(config, dict):
+        return None
+    for c in (config, config.get("text_config")):
+        widths = c.get("moe_intermediate_size") if isinstance(c, dict) else None
+        if isinstance(widths, list) and len(widths) > 1 and all(type(w) is int for w in widths):
+            return widths
+    return None
+
+
+def check_experts(tensors: Sequence[_TensorLike], config: Any = None, mode: str = "keep") -> None:
     """Refuse a checkpoint whose routed experts no loader can stack: an experts module missing an
     expert (a gap in its indices, or fewer or more experts than config.json's count) or one projection
     of an expert, or experts of different shapes (every loader stacks a layer's experts into one
-    [E, ...] tensor; transformers, vLLM and ours alike)."""
+    [E, ...] tensor; transformers, vLLM and ours alike). ERNIE-4.5-VL's text and vision experts (one
+    experts module, a width per group: ``_expert_widths``), which transformers stacks a group at a time,
+    may differ between the groups; ``--moe-experts quantize`` (``mode``) refuses them, naming why."""
     groups: dict[str, dict[int, dict[str, _TensorLike]]] = {}
     for t in tensors:
         key = parse_expert_key(t.name)
         if key is not None:
             groups.setdefault(key.module, {}).setdefault(key.index, {})[key.proj] = t
     count = _config_expert_count(config)
+    widths = _expert_widths(config)
     for module, experts in groups.items():
         leaves = {p for parts in experts.values() for p in parts}
         names = _ROLE_LEAVES["w1"] if leaves & {"w1", "w2", "w3"} else _ROLE_LEAVES["gate_proj"]
         shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        # ERNIE-4.5-VL: experts of each group (text, vision) alike; the groups' shapes may differ
+        n_experts = max(experts) + 1
+        per_group = n_experts // len(widths) if widths and n_experts % len(widths) == 0 else 0
         if count is not None and max(experts) + 1 != count[1]:
             field, n = count
             what = f"only experts 0..{max(experts)}" if max(experts) < n else f"expert {max(experts)}"
@@ -284,13 +337,24 @@ def check_experts(tensors: Sequence[_TensorLike], config: Any = None) -> None:
                     )
                     raise MoeCheckpointError(msg)
                 shape = tuple(t.shape)
-                first = shapes.setdefault(proj, (shape, t.name))
+                first = shapes.setdefault(f"{proj}/{e // per_group if per_group else 0}", (shape, t.name))
                 if shape != first[0]:
                     msg = (
                         f"{t.name} has shape {list(shape)} but {first[1]} has {list(first[0])}: the "
                         f"experts of {module!r} must all have the same shapes (a damaged source)"
                     )
                     raise MoeCheckpointError(msg)
+        if per_group and check_mode(mode) == "quantize":
+            groups_said = ", ".join(
+                f"{g * per_group}..{(g + 1) * per_group - 1} of width {w}" for g, w in enumerate(widths)
+            )
+            msg = (
+                f"{module}: --moe-experts quantize does not take ERNIE-4.5-VL's experts (one experts module "
+                f"of text and vision experts, {groups_said}, which transformers splits into text_moe and "
+                "vision_moe; no loader of 4-bit experts reads them): convert with --moe-experts keep (the "
+                "default), which stock transformers + bitsandbytes loads"
+            )
+            raise MoeCheckpointError(msg)
 
 
 def _glob_hit(globs: Sequence[str], *names: str) -> bool:
@@ -354,9 +418,24 @@ def apply_moe_mode(
         quantize[t.name] = spec if key is not None else _spec(transpose=fused[t.name].transpose)
     if not any(is_expert_weight(n) for n in quantize):  # no expert quantized: no router to skip either
         return replace(selection, keep=keep)  # (no_effect_note: the run is recorded as keep)
-    routers = set(router_modules((t.name for t in tensors), quantize).values())
+    routers = router_skip_entries(router_modules((t.name for t in tensors), quantize), quantize)
     skip_modules = sorted(set(selection.skip_modules) | routers)
     return replace(selection, quantize=quantize, keep=keep, skip_modules=skip_modules)
+
+
+def router_skip_entries(routers: Mapping[str, str], quantized: Collection[str]) -> set[str]:
+    """The ``llm_int8_skip_modules`` entries of the 16-bit ``routers`` (module -> leaf): each leaf
+    (``gate``), as vLLM's bnb loader matches one dotted component, unless transformers' rule (a pattern
+    also matches as a suffix: ``gate`` skips MiniMax's ``self_attn.output_gate``) would then skip a
+    ``quantized`` weight's module; those routers are listed by their whole module names, which both
+    match (vLLM as a prefix, transformers from the start, at a module boundary) and catch nothing else."""
+    from converter.plan.selection_facts import should_convert_module
+
+    modules = [n.removesuffix(".weight") for n in quantized]
+    catches = {
+        leaf: any(not should_convert_module(m, [leaf]) for m in modules) for leaf in set(routers.values())
+    }
+    return {module if catches[leaf] else leaf for module, leaf in routers.items()}
 
 
 def globs_select_an_expert(names: Iterable[str], skip: Sequence[str], include: Sequence[str]) -> bool:
@@ -443,13 +522,20 @@ class MoeSummary:
     converted: bool = True  # False: no weight of the folder is quantized (a source checkpoint)
     fused: bool = False  # the quantized experts are fused 3-D records (one per layer and projection)
     experts_quantized: int = 0  # experts (layer, index) whose every routed weight is quantized
-    experts_kept: int = 0  # experts none of whose routed weights is quantized
+    #: experts none of whose routed weights is quantized (None: not known from the tensors' shapes, DBRX)
+    experts_kept: int | None = 0
     experts_partly: int = 0  # experts with some routed weights quantized and others 16-bit
+    #: experts stored in a layout quantize-model does not quantize (Granite, JetMoE, DBRX: other_experts),
+    #: kept 16-bit: their first tensor named, and the count of the rest ("NAME and N more"); "" if none
+    other: str = ""
 
     @property
     def layout(self) -> str:
         if not self.converted:
             return "experts not quantized (no weight is: a source checkpoint)"
+        if self.other:
+            how = "stored in a layout quantize-model does not quantize"
+            return f"experts kept in 16 bit ({how}: {self.other})"
         if self.tensors_quantized and not self.tensors_kept:
             kind = "/".join(self.expert_types) or "4-bit"
             each = "fused 3-D" if self.fused else "per-expert"
@@ -462,6 +548,8 @@ class MoeSummary:
     def counts(self) -> str:
         """The counts in words: ``8 experts quantized, 0 kept (24 expert weights quantized, 0 kept)``."""
         partly = f", {self.experts_partly} partly" if self.experts_partly else ""
+        if self.experts_kept is None:  # DBRX's [E * I, H] experts: their count is in config.json only
+            return f"{self.tensors_quantized} expert weights quantized, {self.tensors_kept} kept"
         return (
             f"{self.experts_quantized} experts quantized, {self.experts_kept} kept{partly} "
             f"({self.tensors_quantized} expert weights quantized, {self.tensors_kept} kept)"
@@ -477,6 +565,8 @@ class MoeSummary:
             "expert_tensors_kept": self.tensors_kept,
             "loaders": list(self.loaders),
             "not_loaders": list(self.not_loaders),
+            # experts of a layout quantize-model does not quantize (16-bit): "NAME and N more", or null
+            "unquantized_layout": self.other or None,
         }
 
 
@@ -573,12 +663,27 @@ def summarize(
     partial_blocks: Sequence[str] = (),
     expert_formats: Collection[tuple[str, str]] = (),
     shapes: Mapping[str, Sequence[int]] | None = None,
+    others: Sequence[_TensorLike] = (),
 ) -> MoeSummary | None:
     """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense);
     ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts);
     ``expert_formats``: the ``(quant type, quant_storage)`` pairs of the quantized experts, where known;
-    ``shapes``: name -> shape of at least every fused 3-D experts tensor named (to count its experts)."""
+    ``shapes``: name -> shape of at least every fused 3-D experts tensor named (to count its experts);
+    ``others``: the kept tensors that are experts of a layout quantize-model does not quantize
+    (``other_experts`` of the kept tensors: Granite's, JetMoE's, DBRX's), summarized as kept 16-bit, as
+    ``convert`` names them, where the folder holds no expert of another layout."""
     summary = _summary(quantized_names, kept_names, partial_blocks, expert_formats)
+    if summary is None and others:
+        converted = bool(quantized_names)
+        return MoeSummary(
+            0,
+            len(others),
+            LOADERS_OTHER if converted else (),
+            NOT_LOADERS_OTHER if converted else (NOT_CONVERTED,),
+            converted=converted,
+            experts_kept=_other_experts_count(others),
+            other=_other_experts_named(others),
+        )
     if summary is None:
         return None
     q, k, partly = count_experts(quantized_names, kept_names, shapes or {})

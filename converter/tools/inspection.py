@@ -183,10 +183,12 @@ def inspect_path(path: str | Path) -> InspectResult:
         if moe.is_expert_weight(group.name):
             qtype = getattr(info.quant_type, "label", info.quant_type)
             expert_formats.add((str(qtype), group.quant_storage))
+    kept_tensors: list[moe.HeaderTensor] = []
     for key, e in passthrough:
         if key in claimed:
             continue
         names_k.append(key)
+        kept_tensors.append(moe.HeaderTensor(key, e.dtype, tuple(e.shape)))
         result.tensors_kept += 1
         result.params_kept += math.prod(e.shape)
         result.bytes_kept += e.end - e.begin
@@ -194,7 +196,9 @@ def inspect_path(path: str | Path) -> InspectResult:
     result.quant_types = dict(sorted(qtypes.items()))
     result.kept_dtypes = dict(sorted(kept.items()))
     sizes = {name: shape for name, shape, _ in shapes} | {key: tuple(e.shape) for key, e in passthrough}
-    result.moe = moe.summarize(names_q, names_k, moe.partial_block_experts(shapes), expert_formats, sizes)
+    partial = moe.partial_block_experts(shapes)
+    others = moe.other_experts(kept_tensors)  # Granite's, DBRX's experts: convert names them as 16-bit
+    result.moe = moe.summarize(names_q, names_k, partial, expert_formats, sizes, others)
     config = folder / "config.json"
     if config.is_file() and Path(path).is_dir():
         try:
@@ -578,6 +582,7 @@ def inspect_hub(
         if moe.is_expert_weight(key) and key in entries:  # the packed weight's dtype is the storage
             storage = STORAGE_NAMES.get(entries[key]["dtype"], entries[key]["dtype"])
             expert_formats.add((qs.quant_type.label, storage))
+    kept_tensors: list[moe.HeaderTensor] = []
     for key, entry in entries.items():
         begin, end = entry["data_offsets"]
         owner = next(
@@ -587,6 +592,7 @@ def inspect_hub(
             result.bytes_quantized += end - begin
             continue
         names_k.append(key)
+        kept_tensors.append(moe.HeaderTensor(key, entry["dtype"], tuple(entry["shape"])))
         result.tensors_kept += 1
         result.params_kept += math.prod(entry["shape"])
         result.bytes_kept += end - begin
@@ -597,7 +603,8 @@ def inspect_hub(
     sizes = {k: tuple(e["shape"]) for k, e in entries.items()} | {
         k: tuple(qs.shape) for k, qs in weights.items()
     }
-    result.moe = moe.summarize(names_q, names_k, partial, expert_formats, sizes)
+    others = moe.other_experts(kept_tensors)
+    result.moe = moe.summarize(names_q, names_k, partial, expert_formats, sizes, others)
     if "config.json" in hub.files:
         try:
             result.quantization_config = json.loads(hub.get("config.json")).get("quantization_config")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import InputError
+from converter.kernels import MAX_THREADS, threads_beyond_limit
 from converter.tools.batch import STATE_DIR, BatchItem, bad_output_name, default_name, read_list
 
 if sys.version_info >= (3, 11):
@@ -525,6 +526,8 @@ def check_value(key: str, value: Any, param: inspect.Parameter) -> Any:
         if key == "threads" and (not isinstance(value, int) or value < 1):
             msg_0 = f"{value!r} is not valid: use a whole number >= 1"
             raise ValueError(msg_0)
+        if key == "threads" and value > MAX_THREADS:
+            raise ValueError(threads_beyond_limit(value))
         return value
     kind = type(default).__name__ if default is not None else "a string or number"
     msg_0 = f"{value!r} is not valid: expected {kind}"

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from converter.errors import ConversionFailedError, InputError, NonFiniteTensorError, OutputExistsError
+from converter.kernels import MAX_THREADS, threads_beyond_limit
 from converter.kernels.bnb4bit_np import NonFiniteInputError
 from converter.kernels.isa_env import forced_isa
 from converter.plan import moe
@@ -278,6 +279,9 @@ def convert(
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         msg = f"threads={threads!r}: give a positive number of threads, or None for every core"
         raise InputError(msg)
+    if threads is not None and threads > MAX_THREADS:  # the kernels' pool would run MAX_THREADS silently
+        msg = f"threads={threads}: {threads_beyond_limit(threads)}, or None for every core"
+        raise InputError(msg)
     device, fallback_note = resolve_device(device)
 
     output = Path(output).expanduser()
@@ -403,7 +407,7 @@ class _Conversion:
             include=options.include,
             cast_to=DTYPE_CODES[cast] if cast else None,
         )
-        moe.check_experts(tensors, config)
+        moe.check_experts(tensors, config, options.moe_experts)
         selection = moe.apply_moe_mode(
             selection, tensors, options.moe_experts, skip=options.skip, include=options.include, config=config
         )

@@ -147,7 +147,8 @@ def plan_moe_summary(plan: Any) -> Any:
     formats = {(opts.method.name, str(getattr(opts, "quant_storage", "uint8") or "uint8"))}
     sizes = {t.name: t.out_shape for t in plan.quantized} | {t.name: t.info.shape for t in plan.kept}
     partial = moe.partial_block_experts(shapes)
-    return moe.summarize(quantized, [t.name for t in plan.kept], partial, formats, sizes)
+    others = moe.other_experts([t.info for t in plan.kept])  # Granite's, DBRX's experts: 16-bit
+    return moe.summarize(quantized, [t.name for t in plan.kept], partial, formats, sizes, others)
 
 
 def _quantized_bytes(path: Path, keys: set[str]) -> int:

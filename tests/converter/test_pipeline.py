@@ -775,6 +775,44 @@ def test_bad_threads_and_an_output_under_a_file_are_input_errors(tiny_llama: Pat
         convert(tiny_llama, tmp_path / "afile" / "sub", progress=False)
 
 
+def test_more_threads_than_the_kernels_run_are_refused_naming_the_limit(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernels' C++ thread pool runs at most 256 threads (kMaxThreads) and capped a larger count without
+    a word: --threads 300 ran 256. Every entry point refuses it naming the limit, before anything is
+    written; 256 itself converts, byte-equal to the default; the default on a host of more CPUs is 256."""
+    from click.testing import CliRunner
+
+    from converter import _kernels
+    from converter.cli import cli
+    from converter.kernels import MAX_THREADS, bnb4bit, bnb4bit_np
+    from converter.tools.plan_file import load_plan
+
+    limit = "257 threads: the kernels run at most 256 threads (the limit of their thread pool); give 1 to 256"
+    assert MAX_THREADS == 256
+    with pytest.raises(InputError) as err:
+        convert(tiny_llama, tmp_path / "api", threads=257, progress=False)
+    assert str(err.value) == f"threads=257: {limit}, or None for every core"
+    assert not (tmp_path / "api").exists()
+    r = CliRunner().invoke(cli, ["convert", str(tiny_llama), str(tmp_path / "cli"), "--threads", "257"])
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for '--threads': {limit}, or leave it out for one per CPU" in r.output
+    assert not (tmp_path / "cli").exists()
+    with pytest.raises(ValueError, match=re.escape(f"{limit}, or None (one per CPU)")):
+        bnb4bit_np.threads_arg(257)
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[[job]]\nsource = "org/m"\nthreads = 257\n')
+    with pytest.raises(InputError, match=re.escape(f"plan.toml:3: job 1: key 'threads': {limit}")):
+        load_plan(plan)
+    convert(tiny_llama, tmp_path / "max", threads=MAX_THREADS, progress=False)
+    convert(tiny_llama, tmp_path / "default", progress=False)
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        assert (tmp_path / "max" / name).read_bytes() == (tmp_path / "default" / name).read_bytes()
+    monkeypatch.setattr(_kernels, "default_threads", lambda: 384)  # a 384-CPU host runs 256 by default
+    assert bnb4bit_np.cpu_backend_info()["threads"] == MAX_THREADS
+    assert bnb4bit.available_backends()["cpu"]["threads"] == MAX_THREADS
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [

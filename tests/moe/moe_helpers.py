@@ -87,6 +87,27 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
                  shared_intermediate_size=64, layer_types=["mamba", "attention"], mamba_n_heads=4,
                  mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16),
     ),
+    # JetMoE: Granite's fused 3-D experts in its MLP (mlp.input_linear / output_linear) and its attention
+    # (self_attention.experts.input_linear / output_linear, routed by self_attention.experts.router.layer)
+    "jetmoe": ("jetmoe", "JetMoeForCausalLM", _decoder(intermediate_size=64, num_local_experts=4,
+                                                      num_experts_per_tok=2, kv_channels=16)),
+    # MiniMax: its attention's output_gate is an nn.Linear whose name ends with its routers' leaf "gate"
+    "minimax": ("minimax", "MiniMaxForCausalLM",
+                _decoder(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                         layer_types=["linear_attention", "full_attention"])),
+    # ERNIE-4.5-VL: one experts module per layer holding 4 text experts (width 64) then 4 vision experts
+    # (width 32), config.json's text_config.moe_intermediate_size [64, 32]
+    "ernie4_5_vl_moe": ("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", dict(
+        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=[64, 32],
+                         moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+                         mlp_layer_types=["dense", "sparse"], max_position_embeddings=64,
+                         tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [3, 3, 2]}),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=250, video_token_id=251)),
 }  # fmt: skip
 # DeepSeek-V4 with experts of whole 64-element blocks per row (its experts' width is intermediate_size,
 # 96 above): the grouped CPU decode takes them

@@ -332,6 +332,112 @@ def test_quantize_on_a_dense_model_is_not_recorded(tmp_path, tiny_checkpoint):
     assert "moe_experts" not in report["options"]
 
 
+def test_router_leaf_that_ends_a_quantized_module_is_listed_by_full_name(moe_src, tmp_path):
+    """MiniMax's attention has an nn.Linear self_attn.output_gate, quantized; --moe-experts quantize listed
+    its routers' leaf 'gate' in llm_int8_skip_modules, which transformers 5 also matches as a suffix, so
+    it built output_gate as a 16-bit Linear over the packed codes and `verify` failed the fresh folder
+    ('llm_int8_skip_modules keeps ... output_gate ... unquantized'). The routers are listed by their
+    whole module names there: transformers and vLLM skip them, and nothing else."""
+    from transformers.quantizers.quantizers_utils import should_convert_module as hf_should_convert
+
+    src = moe_src("minimax")
+    convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
+    skip = read_config(tmp_path / "q")["quantization_config"]["llm_int8_skip_modules"]
+    routers = [f"model.layers.{i}.block_sparse_moe.gate" for i in range(2)]
+    assert skip == ["lm_head", *routers]
+    records = _records(tmp_path / "q")
+    gates = [k.removesuffix(".weight") for k in records if k.endswith("self_attn.output_gate.weight")]
+    assert gates
+    assert all(not isinstance(records[f"{m}.weight"], torch.Tensor) for m in gates)  # quantized
+    assert all(hf_should_convert(m, skip) for m in gates)  # transformers builds their Linear4bit
+    assert not any(hf_should_convert(m, skip) for m in routers)
+    assert all(is_skipped_by_vllm(m, skip) for m in routers)
+    assert not any(is_skipped_by_vllm(m, skip) for m in gates)
+    result = verify_path(tmp_path / "q")
+    assert result.ok, result.problems
+
+
+def test_ernie_vl_text_and_vision_experts_convert_with_keep(moe_src, tmp_path):
+    """ERNIE-4.5-VL holds a layer's text experts then its vision experts, of other widths (config.json's
+    moe_intermediate_size [64, 32]), under one experts module; transformers splits them into text_moe /
+    vision_moe. Every conversion was refused as 'a damaged source' ('... must all have the same shapes');
+    keep converts and loads with stock transformers + bitsandbytes, the experts as the source's; quantize,
+    which no loader of 4-bit experts reads here, is refused naming the groups and keep."""
+    import transformers
+
+    src = moe_src("ernie4_5_vl_moe")
+    convert(src, tmp_path / "keep", progress=False, warn=lambda _: None)
+    assert verify_path(tmp_path / "keep").ok
+    with pytest.raises(InputError) as err:
+        convert(src, tmp_path / "q", moe_experts="quantize", progress=False, warn=lambda _: None)
+    assert str(err.value) == (
+        "model.layers.1.mlp.experts: --moe-experts quantize does not take ERNIE-4.5-VL's experts (one "
+        "experts module of text and vision experts, 0..3 of width 64, 4..7 of width 32, which transformers "
+        "splits into text_moe and vision_moe; no loader of 4-bit experts reads them): convert with "
+        "--moe-experts keep (the default), which stock transformers + bitsandbytes loads"
+    )
+    damaged = tmp_path / "damaged"  # a vision expert of the text experts' width: still a damaged source
+    shutil.copytree(src, damaged)
+    tensors = _source_tensors(src)
+    experts = "model.layers.1.mlp.experts"
+    tensors[f"{experts}.5.up_proj.weight"] = tensors[f"{experts}.0.up_proj.weight"].clone()
+    from safetensors.torch import save_file
+
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"experts\.5\.up_proj\.weight has shape \[64, 64\] but .*\.4\."):
+        convert(damaged, tmp_path / "d", progress=False, warn=lambda _: None)
+    cls = transformers.Ernie4_5_VLMoeForConditionalGeneration
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = cls.from_pretrained(src, dtype=torch.bfloat16)
+        ours, info = cls.from_pretrained(tmp_path / "keep", device_map="cpu", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    layer, want = ours.model.language_model.layers[1].mlp, ref.model.language_model.layers[1].mlp
+    for group in ("text_moe", "vision_moe"):
+        for p in ("gate_up_proj", "down_proj"):
+            got, exp = getattr(getattr(layer, group).experts, p), getattr(getattr(want, group).experts, p)
+            assert torch.equal(got, exp), (group, p)
+
+
+def test_ernie_vl_keep_folder_loads_with_load_quantized(moe_src, tmp_path):
+    """load_quantized of an ERNIE-4.5-VL keep folder: the layer's experts split into text_moe / vision_moe
+    and its routers moved as transformers' conversion moves them (mlp.gate.weight [H, E] transposed into
+    text_moe.gate, gate.weight_1 into vision_moe.gate, moe_statics' [2, E] bias a row to each); it raised
+    'no fused experts module'. Every 16-bit tensor equals transformers + bitsandbytes' load of the folder,
+    nothing is unused or newly initialized, and on the dequantize path the logits equal those of the
+    dequantized folder loaded by transformers, bit for bit."""
+    import transformers
+
+    from converter.loader.dequantize import dequantize_checkpoint
+    from converter.loader.model import linear4bit_modules
+
+    convert(moe_src("ernie4_5_vl_moe"), tmp_path / "keep", progress=False, warn=lambda _: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_quantized(tmp_path / "keep")
+    assert not [
+        str(w.message) for w in caught if "unused" in str(w.message) or "initialized" in str(w.message)
+    ]
+    cls = transformers.Ernie4_5_VLMoeForConditionalGeneration
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bnb_model = cls.from_pretrained(tmp_path / "keep", device_map="cpu", dtype=torch.bfloat16)
+    theirs, mine = bnb_model.state_dict(), ours.state_dict()
+    assert set(theirs) <= set(mine)
+    plain = [k for k, v in theirs.items() if v.dtype in (torch.bfloat16, torch.float32)]
+    assert "model.language_model.layers.1.mlp.vision_moe.gate.weight" in plain
+    assert [k for k in plain if not torch.equal(theirs[k], mine[k])] == []
+    dequantize_checkpoint(tmp_path / "keep", tmp_path / "plain")
+    for layer in linear4bit_modules(ours).values():
+        layer.use_gemv = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = cls.from_pretrained(tmp_path / "plain", dtype=torch.bfloat16, experts_implementation="eager")
+    ids = torch.tensor([[1, 5, 9, 20, 33, 60, 7]])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, ref.eval()(input_ids=ids).logits)
+
+
 def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
     """Granite-MoE stores its routed experts fused 3-D under its own names (block_sparse_moe.input_linear
     / output_linear), which no --moe-experts mode quantizes: quantize's note said 'the checkpoint has no
@@ -350,6 +456,51 @@ def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
     assert "has no effect" in message  # quantize: the folder is keep's, byte for byte
     for name in ("model.safetensors", "model.safetensors.index.json"):
         assert (tmp_path / "quantize" / name).read_bytes() == (tmp_path / "keep" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("name", "first", "experts", "tensors"),
+    [
+        # 2 layers x 4 experts, an input_linear and an output_linear per layer
+        ("granitemoe", "model.layers.0.block_sparse_moe.input_linear.weight", 8, 4),
+        # the MLP's 4 experts and the attention's 4 per layer; its attention router
+        # (self_attention.experts.router.layer) is no expert
+        ("jetmoe", "model.layers.0.mlp.input_linear.weight", 16, 8),
+    ],
+)
+def test_inspect_names_experts_of_a_layout_not_quantized(moe_src, tmp_path, name, first, experts, tensors):
+    """inspect (text and --json) and convert's summary say what convert's warning says of Granite's /
+    JetMoE's fused experts: kept 16-bit, in a layout quantize-model does not quantize, counted as experts;
+    inspect said nothing of them ("moe": null) while they held most of the folder."""
+    src = moe_src(name)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["convert", str(src), str(tmp_path / "q"), "--moe-experts", "quantize", "--json"])
+    assert r.exit_code == 0, r.output
+    layout = (
+        f"experts kept in 16 bit (stored in a layout quantize-model does not quantize: {first} and "
+        f"{tensors - 1} more)"
+    )
+    warning = f"routed experts ({first} and {tensors - 1} more) are stored in a layout quantize-model"
+    assert warning in r.stderr
+    assert json.loads(r.stdout)["moe"]["layout"] == layout  # convert's summary row too
+    r = runner.invoke(cli, ["inspect", str(tmp_path / "q"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)["moe"]
+    assert summary["layout"] == layout
+    assert summary["unquantized_layout"] == f"{first} and {tensors - 1} more"
+    assert (summary["experts_quantized"], summary["experts_kept"]) == (0, experts)
+    assert (summary["expert_tensors_quantized"], summary["expert_tensors_kept"]) == (0, tensors)
+    assert summary["loaders"] == [
+        "stock transformers + bitsandbytes (experts stay 16-bit)",
+        "quantize-model load_quantized",
+    ]
+    r = runner.invoke(cli, ["inspect", str(tmp_path / "q")], terminal_width=400)
+    assert r.exit_code == 0, r.output
+    row = f"{layout}: 0 experts quantized, {experts} kept (0 expert weights quantized, {tensors} kept)"
+    assert row in r.stdout
+    source = inspect_path(src).moe  # a source checkpoint: nothing quantized, said as for other experts
+    assert source.layout == "experts not quantized (no weight is: a source checkpoint)"
+    assert (source.experts_kept, source.tensors_kept) == (experts, tensors)
 
 
 def test_include_naming_experts_of_a_layout_not_quantized(moe_src, tmp_path):
