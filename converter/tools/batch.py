@@ -93,7 +93,7 @@ def _check_json_item(path: Path, k: int, entry: dict) -> None:
 def read_list(path: Path) -> list[BatchItem]:
     """Parse a batch list file; raises InputError naming the file and line on bad content."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no part of the first line
     except OSError as exc:
         msg = f"{path}: cannot read the list ({exc.strerror}); check the path"
         raise InputError(msg) from None
