@@ -191,6 +191,12 @@ class HubClient:
                 f"{repo}: the Hub rejected the token (HTTP 401); {login} with a valid token"
             )
         if status == 403:
+            if self.write:  # an upload: the token reads, but may not write there
+                return HubAccessError(
+                    f"{repo}: access denied (HTTP 403): the token may not write to this repo; run `hf auth "
+                    "login` or set HF_TOKEN with a token that has write access to it (a fine-grained token "
+                    "needs write permission on the repo or its organization)"
+                )
             return HubAccessError(
                 f"{repo}: access denied (HTTP 403) to {file or 'the repo'}; "
                 f"{login} with a token that can read it"

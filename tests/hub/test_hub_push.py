@@ -427,3 +427,21 @@ def test_the_cards_snippet_for_repository_code_names_its_auto_class_and_trust_re
     assert transformers_loader({"architectures": ["LlamaForCausalLM"]}) == ("AutoModelForCausalLM", "")
     assert transformers_loader({"architectures": ["GPT2LMHeadModel"]}) == ("AutoModelForCausalLM", "")
     assert transformers_loader({}) == ("AutoModelForCausalLM", "")
+
+
+def test_a_push_the_hub_forbids_says_the_token_cannot_write(
+    converted: Path, fake_hub: FakeHub, monkeypatch
+) -> None:
+    """HTTP 403 on an upload (a read-only or fine-grained token without write permission there) said
+    'run `hf auth login` or set HF_TOKEN (a token with write access) with a token that can read it':
+    reading was never the problem."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    fake_hub.add_fault(Fault(path=r"/commit/", method="POST", status=403, times=1))
+    with pytest.raises(HubAccessError) as err:
+        push_folder(converted, DEST)
+    assert str(err.value) == (
+        f"{DEST}: access denied (HTTP 403): the token may not write to this repo; run `hf auth login` or "
+        "set HF_TOKEN with a token that has write access to it (a fine-grained token needs write "
+        "permission on the repo or its organization)"
+    )
+    assert err.value.exit_code == 2
