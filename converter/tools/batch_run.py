@@ -140,7 +140,13 @@ def source_state(job: Job) -> Any:
     source identity holds (header and sampled data: ``_weight_identity``). None when unknown."""
     local = Path(job.source).expanduser()
     if local.is_file():
-        files = [local, local.with_name("config.json")]
+        from converter.sources.local import extra_files_in
+
+        # the files convert copies from the file's folder (tokenizer, licence, generation config: a
+        # new tokenizer_config.json there left the job up to date with the old one, where a rerun of
+        # convert rewrites it), beside the weights and config.json
+        extras = [local.parent / rel for rel in extra_files_in(local.parent)]
+        files = sorted({local, local.with_name("config.json"), *extras})
     elif local.is_dir():
         # hidden files inside the source are left out; the folders above it may be hidden (~/.cache/...)
         files = sorted(
