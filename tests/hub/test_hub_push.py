@@ -445,3 +445,27 @@ def test_a_push_the_hub_forbids_says_the_token_cannot_write(
         "permission on the repo or its organization)"
     )
     assert err.value.exit_code == 2
+
+
+def test_push_refuses_a_shard_the_index_does_not_list(
+    converted: Path, fake_hub: FakeHub, monkeypatch
+) -> None:
+    """A folder holding a .safetensors file its index does not list (an older conversion's shards left
+    by a copy over it) was pushed whole: the repo held the stray shard beside the index's, which
+    loaders that glob *.safetensors (vLLM) read too. verify reports it; push refuses it, exit 2."""
+    import shutil
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    stray = converted / "model-00001-of-00002.safetensors"
+    shutil.copyfile(converted / "model.safetensors", stray)
+    with pytest.raises(InputError) as err:
+        push_folder(converted, DEST)
+    assert str(err.value) == (
+        f"{stray}: a shard the index does not list (loaders that glob *.safetensors would read it); the "
+        "folder is not pushed: remove it, then push again"
+    )
+    assert err.value.exit_code == 2
+    assert DEST not in fake_hub.repos
+    stray.unlink()
+    push_folder(converted, DEST)
+    assert "model-00001-of-00002.safetensors" not in _remote(fake_hub, DEST)
