@@ -54,14 +54,21 @@ def open_source(
     text = str(spec)
     if isinstance(spec, str) and looks_like_repo_id(text):
         from converter.sources.hub import HubSource
+        from converter.sources.hub_client import HubRepoNotCachedError, HubRepoNotFoundError
 
-        return HubSource(
-            text,
-            revision=revision,
-            keep_downloads=keep_downloads,
-            allow_pickle=allow_pickle,
-            **hub_options,
-        )
+        try:
+            return HubSource(
+                text,
+                revision=revision,
+                keep_downloads=keep_downloads,
+                allow_pickle=allow_pickle,
+                **hub_options,
+            )
+        except (HubRepoNotFoundError, HubRepoNotCachedError) as exc:
+            # `models/llama` run from another folder than meant: the Hub's answer alone ("repository
+            # not found", offline "unset HF_HUB_OFFLINE to download it") never said the path was looked for
+            msg = f"{exc}; as a local path, {path.absolute()} does not exist either"
+            raise type(exc)(msg) from None
     msg = (
         f"{text}: no such file or folder, and not a Hub repo id (namespace/name); "
         "check the path or give a repo id"

@@ -40,6 +40,10 @@ class HubRepoNotFoundError(SourceNotFoundError):
     """The repo does not exist on the endpoint (or is private and we have no access)."""
 
 
+class HubRepoNotCachedError(SourceNotFoundError):
+    """HF_HUB_OFFLINE=1 and the repo is not in the local Hugging Face cache at all."""
+
+
 class HubRevisionNotFoundError(SourceNotFoundError):
     """The branch, tag or commit does not exist in the repo."""
 
@@ -206,7 +210,7 @@ class HubClient:
         if isinstance(exc, (OfflineModeIsEnabled,)) or (
             isinstance(exc, LocalEntryNotFoundError) and constants.is_offline_mode()
         ):
-            return SourceNotFoundError(
+            return (SourceNotFoundError if file else HubRepoNotCachedError)(
                 f"{repo}: {file + ' is' if file else 'the repo is'} not in the local Hugging Face cache and "
                 "HF_HUB_OFFLINE=1; "
                 "unset HF_HUB_OFFLINE to download it"
