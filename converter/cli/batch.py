@@ -121,6 +121,10 @@ def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **para
         if fallback_note:
             app.warn(fallback_note)  # once, as convert does; each job falls back the same way
     jobs = select_part(plan.jobs, params["only"])
+    not_a_folder = _file_in_the_way(Path(root))
+    if not_a_folder is not None:  # every job failed alike on it (exit 1): refused once, as a bad option
+        where = "" if not_a_folder == Path(root) else f"{not_a_folder} "
+        app.abort(f"{root}: {where}is a file, not a folder; choose another OUTPUT_ROOT", 2)
     overlaps = _outputs_in_sources(jobs, root)
     if overlaps:  # refused once before any job (each job refused it alone, after the others ran)
         app.abort(overlaps, 2)
@@ -207,6 +211,15 @@ def _report(app: App, result: Any, plan_file: Path, params: dict, interrupted: s
         app.print_json(data)
     else:
         app.print_table(_table(result))
+
+
+def _file_in_the_way(root: Path) -> Path | None:
+    """The output root itself, or the nearest of its parents that exists, when it is not a folder (a
+    file): no job can make its folder under it."""
+    for candidate in (root, *root.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def _outputs_in_sources(jobs: list, root: Path) -> str | None:
