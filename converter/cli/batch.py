@@ -283,7 +283,7 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
     from rich.table import Table
 
     from converter.cli._app import describe_error
-    from converter.tools.batch_run import preflight_job, replaces_stale_output, stamp_matches
+    from converter.tools.batch_run import in_plan_terms, preflight_job, replaces_stale_output, stamp_matches
 
     rows = []
     for k, job in enumerate(jobs):
@@ -291,7 +291,8 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
         try:
             pre = preflight_job(job, root, {}, force=force, warn=lambda t, p=prefix: app.warn(p + t))
         except Exception as exc:
-            rows.append({"job": job.to_json(), "action": "fail", "error": describe_error(exc)[0]})
+            error = in_plan_terms(describe_error(exc)[0], exc, job)
+            rows.append({"job": job.to_json(), "action": "fail", "error": error})
             continue
         if pre.up_to_date and not force:
             action = "skip (up to date)" if stamp_matches(root, job, pre.fingerprint) else "verify, then skip"
