@@ -65,10 +65,14 @@ def test_a_missing_local_path_shaped_like_a_repo_id_says_it_was_looked_for(
     )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    for command in (["convert", "models/llama", tmp_path / "out"], ["batch", "list.txt", tmp_path / "outs"]):
+    for command in (
+        ["convert", "models/llama", tmp_path / "out"],
+        ["batch", "list.txt", tmp_path / "outs"],
+        ["inspect", "models/llama"],
+    ):
         (tmp_path / "list.txt").write_text("models/llama\n")
         r = qm(*command)
-        assert r.exit_code == (2 if command[0] == "convert" else 1)
+        assert r.exit_code == (1 if command[0] == "batch" else 2)
         assert r.stderr.splitlines()[0].endswith(
             "models/llama: the repo is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; unset "
             f"HF_HUB_OFFLINE to download it; as a local path, {tmp_path / 'models' / 'llama'} does not "
