@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -61,9 +64,46 @@ def _error_table() -> list[tuple[type[BaseException], Callable[[Any], str], int 
     return [
         (ConverterError, str, None),  # our own messages are already one line ending in what to do
         (FormatError, _format_format_error, 2),  # a damaged input file (verify: a problem, exit 1)
-        (KeyboardInterrupt, lambda _: "interrupted; rerun the same command to resume", 130),
+        (KeyboardInterrupt, _format_interrupt, None),  # 130 for Ctrl-C, 143 for SIGTERM (its signum)
         (OSError, _format_os_error, 1),
     ]
+
+
+def _format_interrupt(exc: BaseException) -> str:
+    signum = getattr(exc, "signum", None)
+    if signum == signal.SIGTERM:
+        return "interrupted by SIGTERM; rerun the same command to resume"
+    return "interrupted; rerun the same command to resume"
+
+
+def _interrupt_code(exc: BaseException) -> int:
+    return 128 + int(getattr(exc, "signum", signal.SIGINT))
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what a CI runner sends a cancelled or timed-out job) stops the command as Ctrl-C does:
+    the work unwinds as for an interrupt (partial files removed, finished shards kept), one error line
+    and, with --json, the error object on stdout, exit 143. Without it the process died at once with
+    exit 143 and printed nothing, so a script reading ``--json`` got an empty stdout."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        exc = KeyboardInterrupt(signal.Signals(signum).name)
+        exc.signum = signum  # type: ignore[attr-defined]
+        raise exc
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:  # ignored by whoever started the process: stays ignored
+        yield
+        return
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def describe_error(exc: BaseException) -> tuple[str, int]:
@@ -71,6 +111,8 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     for kind, fmt, code in _error_table():
         if isinstance(exc, kind):
             message = fmt(exc)
+            if isinstance(exc, KeyboardInterrupt):
+                return message, _interrupt_code(exc)
             return message, code if code is not None else getattr(exc, "exit_code", 1)
     return f"unexpected {type(exc).__name__}: {exc}; {DEBUG_HINT}", 1
 

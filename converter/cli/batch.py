@@ -121,6 +121,10 @@ def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **para
         if fallback_note:
             app.warn(fallback_note)  # once, as convert does; each job falls back the same way
     jobs = select_part(plan.jobs, params["only"])
+    not_a_folder = _file_in_the_way(Path(root))
+    if not_a_folder is not None:  # every job failed alike on it (exit 1): refused once, as a bad option
+        where = "" if not_a_folder == Path(root) else f"{not_a_folder} "
+        app.abort(f"{root}: {where}is a file, not a folder; choose another OUTPUT_ROOT", 2)
     overlaps = _outputs_in_sources(jobs, root)
     if overlaps:  # refused once before any job (each job refused it alone, after the others ran)
         app.abort(overlaps, 2)
@@ -209,6 +213,15 @@ def _report(app: App, result: Any, plan_file: Path, params: dict, interrupted: s
         app.print_table(_table(result))
 
 
+def _file_in_the_way(root: Path) -> Path | None:
+    """The output root itself, or the nearest of its parents that exists, when it is not a folder (a
+    file): no job can make its folder under it."""
+    for candidate in (root, *root.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
 def _outputs_in_sources(jobs: list, root: Path) -> str | None:
     """The error for jobs whose output folder (``root / output``) is, contains or lies inside a local
     source of the batch (an output root inside a source folder): convert refuses each such job, and the
@@ -270,7 +283,7 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
     from rich.table import Table
 
     from converter.cli._app import describe_error
-    from converter.tools.batch_run import preflight_job, replaces_stale_output, stamp_matches
+    from converter.tools.batch_run import in_plan_terms, preflight_job, replaces_stale_output, stamp_matches
 
     rows = []
     for k, job in enumerate(jobs):
@@ -278,7 +291,8 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
         try:
             pre = preflight_job(job, root, {}, force=force, warn=lambda t, p=prefix: app.warn(p + t))
         except Exception as exc:
-            rows.append({"job": job.to_json(), "action": "fail", "error": describe_error(exc)[0]})
+            error = in_plan_terms(describe_error(exc)[0], exc, job)
+            rows.append({"job": job.to_json(), "action": "fail", "error": error})
             continue
         if pre.up_to_date and not force:
             action = "skip (up to date)" if stamp_matches(root, job, pre.fingerprint) else "verify, then skip"

@@ -26,7 +26,7 @@ Examples:
 
 Rerunning the same command resumes an interrupted conversion, or does nothing if it finished.
 Exit codes: 0 ok, 1 conversion failed, 2 usage or input error, 75 another process is writing OUTPUT
-(retry once it ends), 130 interrupted (rerun to resume).
+(retry once it ends), 130 interrupted (Ctrl-C; 143 for SIGTERM; rerun to resume).
 """
 
 #: as dequantize takes them: the short names too (normalized by _dtype_name, so a batch's key is one)
@@ -197,16 +197,19 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
     _, fallback_note = resolve_device(params["device"])
     if fallback_note:
         app.warn(fallback_note)  # before the long work starts; convert() falls back the same way
-    result = run_convert(
-        source,
-        output,
-        overwrite=params["overwrite"],
-        push_to=params["push_to"],
-        private=params["private"],
-        progress=app.show_progress,
-        warn=app.warn,
-        **conversion_kwargs(params),
-    )
+    from converter.cli._app import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # a CI job cancelled or timed out: the one line (and JSON), exit 143
+        result = run_convert(
+            source,
+            output,
+            overwrite=params["overwrite"],
+            push_to=params["push_to"],
+            private=params["private"],
+            progress=app.show_progress,
+            warn=app.warn,
+            **conversion_kwargs(params),
+        )
     if app.json:
         app.print_json({"ok": True, **result.to_json()})
         return

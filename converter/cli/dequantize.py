@@ -56,16 +56,19 @@ def dequantize(
     app.configure(json=as_json, quiet=quiet)
     if revision is not None and (Path(source).exists() or not looks_like_repo_id(source)):
         app.abort(f"--revision {revision!r} applies to Hub repos only, but {source!r} is a local path", 2)
-    result = dequantize_checkpoint(
-        source,
-        output,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        verify=not no_verify,
-        overwrite=overwrite,
-        revision=revision,
-        warn=app.warn,
-    )
+    from converter.cli._app import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # a CI job cancelled or timed out: the one line (and JSON), exit 143
+        result = dequantize_checkpoint(
+            source,
+            output,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            verify=not no_verify,
+            overwrite=overwrite,
+            revision=revision,
+            warn=app.warn,
+        )
     if app.json:
         app.print_json({"ok": True, **result.to_json()})
         return

@@ -84,7 +84,13 @@ def inspect(
         )
         return
     if hub:
-        r = inspect_hub(spec, revision=revision)
+        from converter.sources import not_a_local_path_either
+        from converter.sources.hub_client import HubRepoNotCachedError, HubRepoNotFoundError
+
+        try:
+            r = inspect_hub(spec, revision=revision)
+        except (HubRepoNotFoundError, HubRepoNotCachedError) as exc:
+            raise not_a_local_path_either(exc, spec) from None
     else:
         r = inspect_path(path)
         for warning in r.warnings:

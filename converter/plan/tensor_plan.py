@@ -356,7 +356,10 @@ def build_plan(
         # routed experts, kept 16-bit by --moe-experts keep
         keep_experts = options.moe_experts == "keep"
         experts = next((p for p in wanted if keep_experts and is_expert_weight(p.name)), None)
-        example = f64 or own_class or experts or (named or matrices or [None])[0]
+        # a linear weight of an int / bool / fp8 dtype (every linear weight is one): its reason says why,
+        # where the head's ('lm_head (output embedding)') did not
+        non_float = [p for p in matrices if p.reason.startswith("dtype ")][:1]
+        example = f64 or own_class or experts or (named or non_float or matrices or [None])[0]
         example = example or (weights[0] if weights else planned[0] if planned else None)
         detail = f" (e.g. {example.name!r}: {example.reason})" if example else ""
         if f64:

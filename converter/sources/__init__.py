@@ -13,7 +13,7 @@ from typing import Any
 from converter.errors import InputError, SourceNotFoundError
 from converter.sources.base import Source, TensorInfo
 
-__all__ = ["Source", "TensorInfo", "looks_like_repo_id", "open_source"]
+__all__ = ["Source", "TensorInfo", "looks_like_repo_id", "not_a_local_path_either", "open_source"]
 
 # Hub repo ids: "name" or "namespace/name"; letters, digits, '-', '_', '.'; no leading '.'/'-',
 # no '--' or '..' (huggingface_hub's validate_repo_id rules).
@@ -22,6 +22,13 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 def looks_like_repo_id(spec: str) -> bool:
     return bool(_REPO_ID.match(spec)) and "--" not in spec and ".." not in spec and not spec.endswith(".")
+
+
+def not_a_local_path_either(exc: Exception, spec: str) -> Exception:
+    """``exc`` (the Hub has no such repo, or offline none is cached) saying that ``spec`` was looked for
+    as a local path too: `models/llama` run from another folder than meant was told the Hub's answer
+    alone ("repository not found", offline "unset HF_HUB_OFFLINE to download it")."""
+    return type(exc)(f"{exc}; as a local path, {Path(spec).expanduser().absolute()} does not exist either")
 
 
 def open_source(
@@ -54,14 +61,18 @@ def open_source(
     text = str(spec)
     if isinstance(spec, str) and looks_like_repo_id(text):
         from converter.sources.hub import HubSource
+        from converter.sources.hub_client import HubRepoNotCachedError, HubRepoNotFoundError
 
-        return HubSource(
-            text,
-            revision=revision,
-            keep_downloads=keep_downloads,
-            allow_pickle=allow_pickle,
-            **hub_options,
-        )
+        try:
+            return HubSource(
+                text,
+                revision=revision,
+                keep_downloads=keep_downloads,
+                allow_pickle=allow_pickle,
+                **hub_options,
+            )
+        except (HubRepoNotFoundError, HubRepoNotCachedError) as exc:
+            raise not_a_local_path_either(exc, text) from None
     msg = (
         f"{text}: no such file or folder, and not a Hub repo id (namespace/name); "
         "check the path or give a repo id"

@@ -40,6 +40,10 @@ class HubRepoNotFoundError(SourceNotFoundError):
     """The repo does not exist on the endpoint (or is private and we have no access)."""
 
 
+class HubRepoNotCachedError(SourceNotFoundError):
+    """HF_HUB_OFFLINE=1 and the repo is not in the local Hugging Face cache at all."""
+
+
 class HubRevisionNotFoundError(SourceNotFoundError):
     """The branch, tag or commit does not exist in the repo."""
 
@@ -191,6 +195,12 @@ class HubClient:
                 f"{repo}: the Hub rejected the token (HTTP 401); {login} with a valid token"
             )
         if status == 403:
+            if self.write:  # an upload: the token reads, but may not write there
+                return HubAccessError(
+                    f"{repo}: access denied (HTTP 403): the token may not write to this repo; run `hf auth "
+                    "login` or set HF_TOKEN with a token that has write access to it (a fine-grained token "
+                    "needs write permission on the repo or its organization)"
+                )
             return HubAccessError(
                 f"{repo}: access denied (HTTP 403) to {file or 'the repo'}; "
                 f"{login} with a token that can read it"
@@ -200,7 +210,7 @@ class HubClient:
         if isinstance(exc, (OfflineModeIsEnabled,)) or (
             isinstance(exc, LocalEntryNotFoundError) and constants.is_offline_mode()
         ):
-            return SourceNotFoundError(
+            return (SourceNotFoundError if file else HubRepoNotCachedError)(
                 f"{repo}: {file + ' is' if file else 'the repo is'} not in the local Hugging Face cache and "
                 "HF_HUB_OFFLINE=1; "
                 "unset HF_HUB_OFFLINE to download it"

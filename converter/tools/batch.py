@@ -60,10 +60,40 @@ def _fields(line: str) -> list[str]:
     return out
 
 
+#: the keys of a JSON list's object items (per-job options are a TOML plan's: docs/ci.md)
+JSON_ITEM_KEYS = ("source", "output", "revision")
+
+
+def _check_json_item(path: Path, k: int, entry: dict) -> None:
+    """Refuse a key a JSON list's item cannot have, and an output or revision that is not a string: an
+    item's ``"quant_type": "int8"`` or a misspelt ``"revison"`` was ignored, so the job converted with
+    the command line's options (nf4 into a folder named ``-int8``) or the main branch, silently."""
+    import difflib
+
+    for key in entry:
+        if key in JSON_ITEM_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), JSON_ITEM_KEYS, n=1, cutoff=0.75)
+        hint = (
+            f"did you mean {close[0]!r}?"
+            if close
+            else "per-job options (quant_type, skip, ...) need a TOML plan (docs/ci.md), or give them on "
+            "the command line for every item"
+        )
+        msg = f"{path}: item {k}: key {key!r} is unknown (an item has {', '.join(JSON_ITEM_KEYS)}); {hint}"
+        raise InputError(msg)
+    for key in ("output", "revision"):  # an empty output is the default name, as an absent one
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, str) or (key == "revision" and not value)):
+            got = json.dumps(value)
+            msg = f"{path}: item {k}: {key!r} must be a non-empty string, got {got}; fix the list"
+            raise InputError(msg)
+
+
 def read_list(path: Path) -> list[BatchItem]:
     """Parse a batch list file; raises InputError naming the file and line on bad content."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no part of the first line
     except OSError as exc:
         msg = f"{path}: cannot read the list ({exc.strerror}); check the path"
         raise InputError(msg) from None
@@ -81,6 +111,7 @@ def read_list(path: Path) -> list[BatchItem]:
             if isinstance(entry, str):
                 items.append(BatchItem(entry, default_name(entry), label=f"item {k}"))
             elif isinstance(entry, dict) and isinstance(entry.get("source"), str):
+                _check_json_item(path, k, entry)
                 src = entry["source"]
                 name = str(entry.get("output") or default_name(src))
                 items.append(BatchItem(src, name, entry.get("revision"), label=f"item {k}"))

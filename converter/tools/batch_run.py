@@ -140,7 +140,13 @@ def source_state(job: Job) -> Any:
     source identity holds (header and sampled data: ``_weight_identity``). None when unknown."""
     local = Path(job.source).expanduser()
     if local.is_file():
-        files = [local, local.with_name("config.json")]
+        from converter.sources.local import extra_files_in
+
+        # the files convert copies from the file's folder (tokenizer, licence, generation config: a
+        # new tokenizer_config.json there left the job up to date with the old one, where a rerun of
+        # convert rewrites it), beside the weights and config.json
+        extras = [local.parent / rel for rel in extra_files_in(local.parent)]
+        files = sorted({local, local.with_name("config.json"), *extras})
     elif local.is_dir():
         # hidden files inside the source are left out; the folders above it may be hidden (~/.cache/...)
         files = sorted(
@@ -374,7 +380,19 @@ def run_job(
                           pushed_to=pushed)  # fmt: skip
     except Exception as exc:  # any failure is this job's one-line error (Ctrl-C is not caught)
         message, code = _describe(exc)
-        return ItemResult(job, False, time.perf_counter() - t0, message, code or 1, status="failed")
+        return ItemResult(job, False, time.perf_counter() - t0, in_plan_terms(message, exc, job),
+                          code or 1, status="failed")  # fmt: skip
+
+
+def in_plan_terms(message: str, exc: BaseException, job: Job) -> str:
+    """A job's error in the terms of the plan: a revision that does not exist is the job's ``revision``
+    (a plan key, a JSON item's field), not ``--revision``, which batch refuses."""
+    from converter.sources.hub_client import HubRevisionNotFoundError
+
+    if isinstance(exc, HubRevisionNotFoundError):
+        where = f" ({job.where})" if job.where else ""
+        return message.replace("to --revision", f"as the job's revision{where}")
+    return message
 
 
 def claim(root: Path, job: Job) -> None:

@@ -257,16 +257,18 @@ def verify_path(path: str | Path) -> VerifyResult:
         result.problems.append(
             f"{folder}: the conversion did not finish; rerun the same convert command to resume"
         )
+    unlisted: list[str] = []  # *.safetensors files the index does not list
     if path.is_dir():
         if (folder / index_mod.INDEX_NAME).is_file():
             index = index_mod.read_index(folder, require_files=False)
             weight_map, index_has_digests = index.weight_map, bool(index.shards)
             total_size = index.total_size
             for extra in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in names):
-                result.problems.append(
+                unlisted.append(
                     f"{folder / extra}: a shard the index does not list (loaders that glob *.safetensors "
                     f"would read it); remove it"
                 )
+            result.problems.extend(unlisted)
             # an explicit check: the sha256 chunk digests (cryptographic), not the load's xxh3_128
             result.problems.extend(index_mod.verify_shards(folder, algo="sha256", whole=True))
     no_index = path.is_dir() and not (folder / index_mod.INDEX_NAME).is_file() and not unfinished
@@ -361,6 +363,8 @@ def verify_path(path: str | Path) -> VerifyResult:
             result.problems.append(f"tensor {key!r} in {found[key]} is missing from the index weight_map")
     if result.problems and result.remedy == _RECONVERT:  # no remedy of its own (unfinished, damaged, ...)
         result.remedy = _remedy(folder, ours, only_config=all(p in config_problems for p in result.problems))
+        if all(p in unlisted for p in result.problems):  # the shards verified: nothing to reconvert
+            result.remedy = "remove the files the index does not list"
     return result
 
 

@@ -208,7 +208,7 @@ _TABLES = "a plan has [defaults] and [[job]] only"
 
 def _load_toml(path: Path, cli_options: dict[str, Any]) -> BatchPlan:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no part of the first line
     except OSError as exc:
         msg = f"{path}: cannot read the plan ({exc.strerror}); check the path"
         raise InputError(msg) from None

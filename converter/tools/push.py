@@ -145,6 +145,27 @@ def check_folder(folder: Path) -> None:
             "then reconvert it"
         )
         raise CorruptFileError(msg)
+    unlisted = _unlisted_shards(folder)
+    if unlisted:
+        msg = f"{first_of(unlisted)}; the folder is not pushed: remove it, then push again"
+        raise InputError(msg)
+
+
+def _unlisted_shards(folder: Path) -> list[str]:
+    """The ``*.safetensors`` files of the folder its index does not list (an older conversion's shards
+    left by a copy over it, a stray file), as ``verify`` reports them: uploaded, they sat in the repo
+    beside the index's shards, and loaders that glob ``*.safetensors`` (vLLM) read both."""
+    from formats import index as index_mod
+
+    try:
+        listed = set(index_mod.read_index(folder, require_files=False).files)
+    except Exception:  # a damaged index is verify_shards' problem
+        return []
+    return [
+        f"{p}: a shard the index does not list (loaders that glob *.safetensors would read it)"
+        for p in sorted(folder.glob("*.safetensors"))
+        if p.name not in listed
+    ]
 
 
 def _source_card_metadata(folder: Path) -> dict[str, Any]:

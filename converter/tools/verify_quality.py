@@ -59,7 +59,7 @@ def verify_against(
     """(quality summary with per-tensor statistics, problems) of ``folder`` against ``source``."""
     import torch
 
-    from converter.errors import InputError
+    from converter.errors import AlreadyQuantizedError, InputError
     from converter.sources import open_source
     from formats import index as index_mod
     from formats.reader import open_checkpoint, open_shard
@@ -71,7 +71,12 @@ def verify_against(
         folder, names = folder.parent, [folder.name]
     else:
         names = index_mod.read_index(folder, require_files=False).files
-    src = open_source(source, revision=revision)
+    try:
+        src = open_source(source, revision=revision)
+    except AlreadyQuantizedError as exc:  # convert's advice ("convert the original checkpoint instead")
+        message = str(exc).replace("; convert the original checkpoint instead", "")
+        msg = f"{message}; give --against the original checkpoint this folder was converted from"
+        raise AlreadyQuantizedError(msg) from None
     try:  # a block-scaled FP8 source is measured as convert read it: dequantized to bf16
         from converter.sources.fp8 import wrap_if_block_fp8
 

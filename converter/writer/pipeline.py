@@ -375,6 +375,20 @@ class _Conversion:
             warnings.warn(note, UserWarning, stacklevel=3)  # the frame that calls the caller, as before
         self.notes.append(note)
 
+    def _tell_unlisted_shards(self) -> None:
+        """A finished folder keeps what else it holds, but a ``*.safetensors`` file its index does not
+        list (an older conversion's shard left by a copy over the folder) is read by loaders that glob
+        ``*.safetensors`` (vLLM) beside the index's shards; ``verify`` reports it and ``push`` refuses
+        the folder: a rerun that said "nothing to do" about it passed the folder in CI."""
+        listed = {s.name for s in self.plan.shards}
+        stray = sorted(p.name for p in self.output.glob("*.safetensors") if p.name not in listed)
+        if stray:
+            self._tell(
+                f"{self.output}: {', '.join(stray)}: not a shard of this conversion (its index does not list "
+                "it; loaders that glob *.safetensors would read it, verify reports it and push refuses the "
+                "folder); remove it"
+            )
+
     # --- the whole run ---------------------------------------------------------------------
     def run(self, *, overwrite: bool, progress: bool | ProgressHook) -> ConversionResult:
         src, options = self.src, self.options
@@ -486,6 +500,8 @@ class _Conversion:
                 # A finished folder has no partial files: what else it holds was put there since
                 # (a git checkout to push from, evaluation results) and stays.
                 self.keep_others = True
+            if decision.action is not Action.CREATE:  # a rerun into a folder that keeps its other files
+                self._tell_unlisted_shards()
             if decision.action is Action.NOOP:
                 return self._result(decision.action, reused=len(decision.done))
             self.output.mkdir(parents=True, exist_ok=True)

@@ -298,3 +298,45 @@ def test_a_plan_job_private_without_push_to_is_refused_with_the_plan(
     assert "plan.toml:3:" in r.stderr
     assert "key 'private' makes the push_to repo private" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_source_whose_tokenizer_changed_is_not_up_to_date(qm, tmp_path: Path) -> None:
+    """A job whose source is one .safetensors file took only that file and the config.json beside it
+    into its up-to-date key, but convert copies the folder's tokenizer, licence and generation config
+    too: after the tokenizer beside it changed, the batch said up-to-date and the output kept the old
+    tokenizer_config.json (a rerun of convert rewrites it)."""
+    from qm_checkpoints import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "m")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src / 'model.safetensors'} m\n")
+    root = tmp_path / "outs"
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    new = '{"model_max_length": 4096, "chat_template": "fixed"}\n'
+    (src / "tokenizer_config.json").write_text(new)
+    r = qm("batch", listing, root, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] != ["up-to-date"]
+    assert (root / "m" / "tokenizer_config.json").read_text() == new
+    r = qm("batch", listing, root, "--json")  # and then it is
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["up-to-date"]
+
+
+def test_an_output_root_that_is_a_file_is_refused_once_before_any_job(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """OUTPUT_ROOT naming a file (or a path under one) failed every job alike ("[1/2] ...: afile is a
+    file, not a folder"), batch exit 1 as for a failed conversion: refused once, exit 2, as a bad option."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tiny_llama} a\n")
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    for root, said in (
+        (afile, f"{afile}: is a file"),
+        (afile / "sub", f"{afile / 'sub'}: {afile} is a file"),
+    ):
+        r = qm("batch", listing, root, "--json")
+        assert r.exit_code == 2, r.stderr
+        assert r.stderr == f"Error: {said}, not a folder; choose another OUTPUT_ROOT\n"
+        assert json.loads(r.stdout)["error"] == f"{said}, not a folder; choose another OUTPUT_ROOT"
+    assert afile.read_text() == "not a folder\n"

@@ -30,6 +30,72 @@ def test_rerun_says_nothing_to_do(qm, tiny_llama: Path, tmp_path: Path) -> None:
     assert r.stderr == f"{out}: already converted with the same source and options; nothing to do\n"
 
 
+def test_a_rerun_names_a_shard_the_index_does_not_list(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """A finished folder holding a *.safetensors file its index does not list (an older conversion's
+    shard left by a copy over it) got "nothing to do", exit 0, silently, while verify fails on it and
+    push refuses it (loaders that glob *.safetensors read it): the rerun warns, naming it."""
+    import shutil
+
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    shutil.copyfile(out / "model.safetensors", out / "model-00001-of-00002.safetensors")
+    warning = (
+        f"Warning: {out}: model-00001-of-00002.safetensors: not a shard of this conversion (its index does "
+        "not list it; loaders that glob *.safetensors would read it, verify reports it and push refuses the "
+        "folder); remove it\n"
+    )
+    r = qm("convert", tiny_llama, out)
+    assert r.exit_code == 0
+    assert r.stderr == warning + f"{out}: already converted with the same source and options; nothing to do\n"
+    r = qm("convert", tiny_llama, out, "--json")
+    assert json.loads(r.stdout)["notes"] == [warning.removeprefix("Warning: ").rstrip("\n")]
+    r = qm("verify", out, "--json")
+    assert r.exit_code == 1
+    assert json.loads(r.stdout)["remedy"] == "remove the files the index does not list"  # not a reconversion
+    (out / "model-00001-of-00002.safetensors").unlink()
+    assert qm("convert", tiny_llama, out, "-q").stderr == ""
+
+
+def test_sigterm_stops_convert_as_ctrl_c_does_with_its_line_json_and_exit_143(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """SIGTERM (a CI job cancelled or timed out) killed convert at once: exit 143, nothing on stderr and
+    an empty stdout under --json. It now unwinds as Ctrl-C does (the folder unfinished, resumable): one
+    line, the JSON error object, exit 143; the rerun finishes it, as a run never stopped writes it."""
+    import os
+    import signal
+
+    from converter.writer import pipeline
+
+    ref = tmp_path / "ref"
+    assert qm("convert", tiny_llama, ref, "-q").exit_code == 0
+    write_index = pipeline._Conversion._write_index
+
+    def terminated(self, manifest):  # after the shards, before the index and config.json
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write_index(self, manifest)
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(pipeline._Conversion, "_write_index", terminated)
+        r = qm("convert", tiny_llama, out, "--json")
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
+    assert r.exit_code == 143
+    assert r.stderr == "Error: interrupted by SIGTERM; rerun the same command to resume\n"
+    assert json.loads(r.stdout) == {
+        "ok": False,
+        "error": "interrupted by SIGTERM; rerun the same command to resume",
+        "exit_code": 143,
+    }
+    assert not (out / "config.json").exists()
+    assert qm("verify", out, "-q").exit_code == 1  # unfinished: never passes
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    for f in ref.iterdir():
+        if f.name != "quantization_report.json":  # its timings
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_json_output(qm, tiny_llama: Path, tmp_path: Path) -> None:
     r = qm("convert", tiny_llama, tmp_path / "out", "--json", "--quant-type", "fp4", "--no-double-quant")
     assert r.exit_code == 0

@@ -663,3 +663,19 @@ def test_verify_of_a_folder_quantize_model_did_not_write_does_not_say_reconvert(
         "quantize-model did not write this folder: save it again with the tool that made it, "
         "or convert the original checkpoint with quantize-model convert"
     ), last
+
+
+def test_verify_against_a_quantized_folder_says_to_give_the_original(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`verify OUT --against OUT` (or another converted folder) said "already quantized ...; convert the
+    original checkpoint instead", convert's advice: verify converts nothing."""
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    r = qm("verify", out, "--against", out)
+    assert r.exit_code == 2
+    assert r.stderr == (
+        f"Error: {out}: already quantized (its config.json has a quantization_config (quant_method "
+        "'bitsandbytes')); give --against the original checkpoint this folder was converted from\n"
+    )
+    assert qm("verify", out, "--against", tiny_llama, "-q").exit_code == 0

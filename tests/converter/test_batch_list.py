@@ -71,3 +71,50 @@ def test_text_list_paths_with_a_hash_or_spaces(tmp_path: Path) -> None:
     listing.write_text("my models/llama one\n")
     with pytest.raises(InputError, match=r"got 3 fields; quote a path that holds spaces"):
         read_list(listing)
+
+
+def test_json_list_item_keys_it_does_not_read_are_refused(tmp_path: Path) -> None:
+    """An item's per-job option ("quant_type": "int8") or a misspelt key ("revison", "ouptut") was
+    ignored: the job converted with the command line's options (nf4 into a folder named tl-int8) or
+    from the main branch, and the batch passed. Each is refused with the list, naming the item."""
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps(["org/a", {"source": "org/b", "output": "b-int8", "quant_type": "int8"}]))
+    with pytest.raises(InputError) as err:
+        read_list(listing)
+    assert str(err.value) == (
+        f"{listing}: item 1: key 'quant_type' is unknown (an item has source, output, revision); per-job "
+        "options (quant_type, skip, ...) need a TOML plan (docs/ci.md), or give them on the command line "
+        "for every item"
+    )
+    for typo, meant in (("revison", "revision"), ("ouptut", "output"), ("sources", "source")):
+        listing.write_text(json.dumps([{"source": "org/b", typo: "v1"}]))
+        with pytest.raises(
+            InputError, match=rf"item 0: key '{typo}' is unknown .*; did you mean '{meant}'\?$"
+        ):
+            read_list(listing)
+    listing.write_text(json.dumps([{"source": "org/b", "revision": 5}]))
+    with pytest.raises(
+        InputError, match=r"item 0: 'revision' must be a non-empty string, got 5; fix the list"
+    ):
+        read_list(listing)
+    listing.write_text(json.dumps([{"source": "org/b", "output": ["b"]}]))
+    with pytest.raises(InputError, match=r"item 0: 'output' must be a non-empty string, got \[\"b\"\]"):
+        read_list(listing)
+    # the keys an item has, an empty output (the default name) and nulls still work
+    listing.write_text(json.dumps([{"source": "org/b", "output": "", "revision": None}]))
+    assert read_list(listing) == [BatchItem("org/b", "org--b")]
+
+
+def test_cli_batch_refuses_a_json_item_option_before_any_job(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from converter.cli import cli
+
+    listing = tmp_path / "list.json"
+    listing.write_text(
+        json.dumps([{"source": str(tmp_path / "m"), "output": "m-int8", "quant_type": "int8"}])
+    )
+    r = CliRunner().invoke(cli, ["batch", str(listing), str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 2
+    assert json.loads(r.stdout)["error"].startswith(f"{listing}: item 0: key 'quant_type' is unknown")
+    assert not (tmp_path / "out").exists()

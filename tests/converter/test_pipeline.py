@@ -540,6 +540,26 @@ def test_nothing_to_quantize_names_a_weight_the_include_matched(
     assert not (tmp_path / "out").exists()
 
 
+def test_nothing_to_quantize_of_int_linear_weights_names_one_and_its_dtype(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A checkpoint whose linear weights are all int32 was told 'e.g. lm_head.weight: lm_head (output
+    embedding)', the head every model keeps, not why its linears were not quantized."""
+    from safetensors.torch import load_file, save_file
+
+    src = shutil.copytree(tiny_llama, tmp_path / "int32")
+    tensors = {k: (v.float() * 100).to(torch.int32) for k, v in load_file(src / "model.safetensors").items()}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError) as info:
+        convert(src, tmp_path / "out", progress=False)
+    assert str(info.value) == (
+        "nothing to quantize: no tensor is a float32/float16/bfloat16 linear weight selected for "
+        "quantization (e.g. 'model.layers.0.mlp.down_proj.weight': dtype I32 is not "
+        "float32/float16/bfloat16); check --include/--skip, or the checkpoint's dtype"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def _tied_copy(src: Path, dst: Path, store_head: bool) -> Path:
     """The tiny Llama with tie_word_embeddings, its lm_head stored as a copy of the embedding or not."""
     from safetensors.torch import load_file, save_file

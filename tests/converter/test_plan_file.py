@@ -344,3 +344,19 @@ def test_list_items_of_the_same_conversion_are_refused_as_plan_jobs_are(
         load_plan(as_json)
     as_json.write_text(json.dumps(["org/m", {"source": "org/m", "output": "dev", "revision": "dev"}]))
     assert [j.output for j in load_plan(as_json).jobs] == ["org--m", "dev"]
+
+
+def test_plans_and_lists_saved_with_a_utf8_bom_read_as_without(tmp_path: Path) -> None:
+    """A file saved by a Windows editor starts with a UTF-8 BOM: it became part of a text list's first
+    source ('\\ufefforg/a': "no such file or folder, and not a Hub repo id", the BOM invisible in the
+    message), a JSON list was "not valid JSON" and a TOML plan "not valid TOML (Invalid statement)" at
+    line 1. Each reads as the same file without the BOM."""
+    (tmp_path / "local-model").mkdir()
+    as_json = json.dumps(["org/a", {"source": "org/b", "output": "b-nf4"}])
+    for name, text in (("plan.toml", PLAN), ("list.txt", "org/a\norg/b  b-nf4\n"), ("list.json", as_json)):
+        plain, bom = tmp_path / name, tmp_path / f"bom-{name}"
+        plain.write_text(text, encoding="utf-8")
+        bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        want = [(j.source, j.output, j.revision, j.options) for j in load_plan(plain).jobs]
+        assert [(j.source, j.output, j.revision, j.options) for j in load_plan(bom).jobs] == want, name
+    assert want[0][:2] == ("org/a", "org--a")

@@ -120,3 +120,27 @@ def test_offline_up_to_date_hub_jobs_are_skipped_from_the_cached_ref(
     fake_hub.requests.clear()
     assert _run(plan)["status"] == "up-to-date"
     assert fake_hub.requests == []
+
+
+def test_a_job_whose_revision_does_not_exist_names_the_plan_not_the_option(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """The job's error said 'give an existing branch, tag or commit to --revision', an option batch
+    refuses (exit 2): the revision of a batch job is the plan's key or the JSON item's field."""
+    fake_hub.add_repo("org/tiny", checkpoint_dir)
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[defaults]\noutput_root = "out"\n\n[[job]]\nsource = "org/tiny"\nrevision = "v9"\n')
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps([{"source": "org/tiny", "revision": "v9"}]))
+    for args, where in (([plan], f"{plan}:4"), ([listing, tmp_path / "out2"], str(listing))):
+        r = qm("batch", *args, "--json")
+        assert r.exit_code == 1, r.stderr
+        [item] = json.loads(r.stdout)["items"]
+        assert (item["status"], item["exit_code"]) == ("failed", 2)
+        assert item["error"] == (
+            "org/tiny: revision 'v9' not found; give an existing branch, tag or commit as the job's "
+            f"revision ({where})"
+        )
+    r = qm("batch", plan, "--dry-run")
+    assert r.exit_code == 2
+    assert r.stderr.endswith(f"give an existing branch, tag or commit as the job's revision ({plan}:4)\n")

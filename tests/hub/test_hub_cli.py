@@ -40,8 +40,44 @@ def test_repo_not_found(tmp_path: Path, fake_hub: FakeHub, hf_home: Path) -> Non
     assert r.exit_code == 2
     assert _error_line(r) == (
         f"Error: org/missing: repository not found on {fake_hub.endpoint}; check the repo id, "
-        "or if it is private run `hf auth login` or set HF_TOKEN"
+        "or if it is private run `hf auth login` or set HF_TOKEN; as a local path, "
+        f"{Path('org/missing').absolute()} does not exist either"
     )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_local_path_shaped_like_a_repo_id_says_it_was_looked_for(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, monkeypatch
+) -> None:
+    """`convert models/llama out` run from another folder than meant (a CI step's working directory):
+    the error was the Hub's alone, "repository not found" or, under HF_HUB_OFFLINE=1, "the repo is not
+    in the local Hugging Face cache ...; unset HF_HUB_OFFLINE to download it", never that no such local
+    folder exists. Both now say so, with the absolute path looked for."""
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    r = qm("convert", "models/llama", tmp_path / "out")
+    assert r.exit_code == 2
+    assert _error_line(r).endswith(
+        f"repository not found on {fake_hub.endpoint}; check the repo id, or if it is private run `hf auth "
+        f"login` or set HF_TOKEN; as a local path, {tmp_path / 'models' / 'llama'} does not exist either"
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for command in (
+        ["convert", "models/llama", tmp_path / "out"],
+        ["batch", "list.txt", tmp_path / "outs"],
+        ["inspect", "models/llama"],
+    ):
+        (tmp_path / "list.txt").write_text("models/llama\n")
+        r = qm(*command)
+        assert r.exit_code == (1 if command[0] == "batch" else 2)
+        assert r.stderr.splitlines()[0].endswith(
+            "models/llama: the repo is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; unset "
+            f"HF_HUB_OFFLINE to download it; as a local path, {tmp_path / 'models' / 'llama'} does not "
+            "exist either"
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -427,3 +427,45 @@ def test_the_cards_snippet_for_repository_code_names_its_auto_class_and_trust_re
     assert transformers_loader({"architectures": ["LlamaForCausalLM"]}) == ("AutoModelForCausalLM", "")
     assert transformers_loader({"architectures": ["GPT2LMHeadModel"]}) == ("AutoModelForCausalLM", "")
     assert transformers_loader({}) == ("AutoModelForCausalLM", "")
+
+
+def test_a_push_the_hub_forbids_says_the_token_cannot_write(
+    converted: Path, fake_hub: FakeHub, monkeypatch
+) -> None:
+    """HTTP 403 on an upload (a read-only or fine-grained token without write permission there) said
+    'run `hf auth login` or set HF_TOKEN (a token with write access) with a token that can read it':
+    reading was never the problem."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    fake_hub.add_fault(Fault(path=r"/commit/", method="POST", status=403, times=1))
+    with pytest.raises(HubAccessError) as err:
+        push_folder(converted, DEST)
+    assert str(err.value) == (
+        f"{DEST}: access denied (HTTP 403): the token may not write to this repo; run `hf auth login` or "
+        "set HF_TOKEN with a token that has write access to it (a fine-grained token needs write "
+        "permission on the repo or its organization)"
+    )
+    assert err.value.exit_code == 2
+
+
+def test_push_refuses_a_shard_the_index_does_not_list(
+    converted: Path, fake_hub: FakeHub, monkeypatch
+) -> None:
+    """A folder holding a .safetensors file its index does not list (an older conversion's shards left
+    by a copy over it) was pushed whole: the repo held the stray shard beside the index's, which
+    loaders that glob *.safetensors (vLLM) read too. verify reports it; push refuses it, exit 2."""
+    import shutil
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    stray = converted / "model-00001-of-00002.safetensors"
+    shutil.copyfile(converted / "model.safetensors", stray)
+    with pytest.raises(InputError) as err:
+        push_folder(converted, DEST)
+    assert str(err.value) == (
+        f"{stray}: a shard the index does not list (loaders that glob *.safetensors would read it); the "
+        "folder is not pushed: remove it, then push again"
+    )
+    assert err.value.exit_code == 2
+    assert DEST not in fake_hub.repos
+    stray.unlink()
+    push_folder(converted, DEST)
+    assert "model-00001-of-00002.safetensors" not in _remote(fake_hub, DEST)

@@ -722,3 +722,42 @@ def test_dtype_plan_and_conv1d_from_the_selection_facts_equal_the_models(
     assert t5_plain["shared.weight"].dtype == torch.float16
     key = "transformer.h.0.attn.c_attn.weight"
     assert _read_folder(tmp_path / "gpt2-facts")[key].shape == _read_folder(gpt2)[key].shape  # [in, out]
+
+
+def test_sigterm_stops_the_dequantize_command_with_its_line_json_and_exit_143(
+    our_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (a CI job cancelled or timed out) killed `dequantize` at once, printing nothing (an empty
+    stdout under --json): it unwinds as Ctrl-C does, one line, the JSON error, exit 143, the folder left
+    unfinished; the rerun writes the files an uninterrupted run writes."""
+    import os
+    import signal
+
+    from converter.loader import dequantize as deq
+
+    reference = tmp_path / "reference"
+    dequantize_checkpoint(our_folder, reference, max_shard_size="60KB")
+    real_write = deq.ShardWriter.write
+
+    def terminated_on_second_shard(self, name, data):
+        if "-00002-of-" in self.path.name:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_write(self, name, data)
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(deq.ShardWriter, "write", terminated_on_second_shard)
+        r = CliRunner().invoke(
+            cli, ["dequantize", str(our_folder), str(out), "--max-shard-size", "60KB", "--json"]
+        )
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert r.exit_code == 143
+    assert r.stderr == "Error: interrupted by SIGTERM; rerun the same command to resume\n"
+    assert json.loads(r.stdout)["exit_code"] == 143
+    assert not (out / "config.json").exists()
+    r = CliRunner().invoke(cli, ["dequantize", str(our_folder), str(out), "--max-shard-size", "60KB", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for p in reference.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
