@@ -1,0 +1,39 @@
+"""The benchmark scripts as a checker reruns them: from outside the source tree, with the command lines
+their docstrings and docs/benchmarks.md show, measuring what they say they measure."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def test_decode_ab_cpu_clock_keeps_every_launch_on_the_timed_thread() -> None:
+    """``--clock cpu`` times the main thread's CPU time: the shipped policy hands SmolLM2's 56 MB bf16
+    head (and any launch of 1 MB of codes or more) to the pool's threads at one torch thread, whose
+    work that clock never sees; every contender's launches must stay on the calling thread."""
+    import bench_cpu_decode_ab as ab
+    import torch
+
+    from converter.kernels import cpu_threads
+
+    head_bytes = 49152 * 576 * 2
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cpu_threads.gemv_threads(head_bytes) == 0  # the pool: why the cpu clock needs its own
+        policy, caller = ab.thread_policies("cpu")
+        assert policy(head_bytes) == 1
+        assert policy(1 << 30) == 1
+        assert caller(head_bytes) == 1
+        policy, caller = ab.thread_policies("wall")
+        assert policy is cpu_threads.gemv_threads
+        assert caller(head_bytes) == 1
+    finally:
+        torch.set_num_threads(saved)
