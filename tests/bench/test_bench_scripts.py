@@ -37,3 +37,19 @@ def test_decode_ab_cpu_clock_keeps_every_launch_on_the_timed_thread() -> None:
         assert caller(head_bytes) == 1
     finally:
         torch.set_num_threads(saved)
+
+
+def test_bf16dot_times_ours_on_any_cpu() -> None:
+    """Without AVX-512 the table had bitsandbytes and F.linear only: ours must stand beside them."""
+    import bench_cpu_gemv_bf16dot as b
+
+    from converter.kernels import bnb4bit
+
+    assert b.ours_isas(["scalar", "avx2"]) == ["ours avx2"]
+    assert b.ours_isas(["scalar", "avx2", "avx512"]) == ["avx512"]
+    assert b.ours_isas(["scalar", "avx2", "avx512", "avx512bf16"]) == ["avx512", "avx512bf16"]
+    fns = b.contenders(64, 128, 1)
+    ours = [name for name in fns if name not in ("bnb Linear4bit", "bf16 F.linear")]
+    assert ours == b.ours_isas(bnb4bit.cpu_isas())
+    for name in ours:
+        assert fns[name]().shape == (1, 64)  # the isa the name carries is one the kernel takes
