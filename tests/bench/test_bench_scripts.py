@@ -14,6 +14,13 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
 
+def _run_outside(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``cd tmp_path && python bench/<script> args``, the checkout on PYTHONPATH (as the docs say)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(BENCH / script), *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_decode_ab_cpu_clock_keeps_every_launch_on_the_timed_thread() -> None:
     """``--clock cpu`` times the main thread's CPU time: the shipped policy hands SmolLM2's 56 MB bf16
     head (and any launch of 1 MB of codes or more) to the pool's threads at one torch thread, whose
@@ -53,3 +60,13 @@ def test_bf16dot_times_ours_on_any_cpu() -> None:
     assert ours == b.ours_isas(bnb4bit.cpu_isas())
     for name in ours:
         assert fns[name]().shape == (1, 64)  # the isa the name carries is one the kernel takes
+
+
+def test_quality_help_and_count(tmp_path: Path) -> None:
+    """``bench_quality.py [N]``: --help answers (it parsed '--help' as N and raised ValueError)."""
+    r = _run_outside(tmp_path, "bench_quality.py", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "[n]" in r.stdout
+    r = _run_outside(tmp_path, "bench_quality.py", "two")
+    assert r.returncode == 2
+    assert "invalid int value: 'two'" in r.stderr
