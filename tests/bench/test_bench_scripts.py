@@ -70,3 +70,13 @@ def test_quality_help_and_count(tmp_path: Path) -> None:
     r = _run_outside(tmp_path, "bench_quality.py", "two")
     assert r.returncode == 2
     assert "invalid int value: 'two'" in r.stderr
+
+
+def test_convert_makes_its_workdir(tmp_path: Path) -> None:
+    """``--workdir DIR`` that does not exist yet: made, not a FileNotFoundError from mkdtemp."""
+    work = tmp_path / "not" / "yet"
+    r = _run_outside(tmp_path, "bench_convert.py", "--layers", "1", "--hidden", "256", "--workdir", str(work))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wall time ratio ours / plain copy" in r.stdout
+    assert work.is_dir()
+    assert not list(work.iterdir())
