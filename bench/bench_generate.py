@@ -34,9 +34,9 @@ its graphs), each timed call seeded alike.
 ``--quality`` (real weights only): next-token log-likelihood of a fixed text, teacher-forced one token
 at a time (so the fused GEMV runs) and in one forward (dequantize path), against transformers + bnb and bf16.
 
-    cd /tmp && python bench/bench_generate.py --device cpu --model smollm2
-    cd /tmp && python bench/bench_generate.py --device cuda --model random-8b --prompt 512 --new 128
-    cd /tmp && python bench/bench_generate.py --device cuda --model random-8b --modes '' --load
+    cd /tmp && python /path/to/bench/bench_generate.py --device cpu --model smollm2
+    cd /tmp && python /path/to/bench/bench_generate.py --device cuda --model random-8b --prompt 512 --new 128
+    cd /tmp && python /path/to/bench/bench_generate.py --device cuda --model random-8b --modes '' --load
 """
 
 from __future__ import annotations

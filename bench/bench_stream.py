@@ -8,7 +8,7 @@ plain read) and, on CUDA, that buffer's pinned copy to the device. Every tensor 
 bytes in the file after each case (the stream must copy exactly). No transformers import: a run
 takes seconds.
 
-    cd /tmp && python bench/bench_stream.py --device cuda --gb 5.7 --readers 4,8,12 --chunks 8,16,32
+    cd /tmp && python /path/to/bench/bench_stream.py --device cuda --gb 5.7 --readers 4,8,12 --chunks 8,16,32
 """
 
 from __future__ import annotations

@@ -80,3 +80,17 @@ def test_convert_makes_its_workdir(tmp_path: Path) -> None:
     assert "wall time ratio ours / plain copy" in r.stdout
     assert work.is_dir()
     assert not list(work.iterdir())
+
+
+def test_documented_command_lines_run_from_outside_the_checkout() -> None:
+    """``cd /tmp && python bench/X.py`` cannot work (there is no bench/ in /tmp): the docs and the
+    docstrings show the script's path instead."""
+    bad = re.compile(r"cd /tmp && \S*python3? bench/")
+    files = [*BENCH.glob("*.py"), *(ROOT / "docs").glob("*.md")]
+    found = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in files
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if bad.search(line)
+    ]
+    assert not found
