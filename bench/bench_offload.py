@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from converter.tools.samples import DEFAULT_SAMPLES_DIR
+
 PROMPT = "The capital of France is"
 
 
@@ -245,7 +247,7 @@ def run_cuda(args: argparse.Namespace) -> None:
     print(f"| transformers + bnb, same map | {t_theirs[0] * 1e3:.0f} | {t_theirs[1]:.2f} |")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--model", help="a converted NF4 folder (default on cpu: SmolLM2-135M, converted)")
@@ -256,8 +258,15 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="--device cuda, no tokenizer: prompt length")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (--device cpu)")
     ap.add_argument("--work", default="/tmp/qm-bench-offload")
-    ap.add_argument("--samples", default=os.environ.get("QM_SAMPLES", "/tmp/qm-bench-offload/samples"))
+    ap.add_argument(  # where the other benchmarks take SmolLM2 from (QM_SAMPLES_DIR, else ./.cache/samples)
+        "--samples", default=os.environ.get("QM_SAMPLES_DIR", str(DEFAULT_SAMPLES_DIR))
+    )
     ap.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # internal: one measured run
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
     if args.row:
         print(json.dumps(run_row(args)))

@@ -94,3 +94,16 @@ def test_documented_command_lines_run_from_outside_the_checkout() -> None:
         if bad.search(line)
     ]
     assert not found
+
+
+def test_offload_takes_smollm2_from_the_shared_samples_dir(monkeypatch, tmp_path: Path) -> None:
+    """SmolLM2 comes from QM_SAMPLES_DIR (else ./.cache/samples), as for every other benchmark; the
+    offload benchmark read QM_SAMPLES and defaulted to a folder of its own (a second download)."""
+    import bench_offload
+
+    from converter.tools.samples import DEFAULT_SAMPLES_DIR
+
+    monkeypatch.delenv("QM_SAMPLES_DIR", raising=False)
+    assert bench_offload.build_parser().parse_args([]).samples == str(DEFAULT_SAMPLES_DIR)
+    monkeypatch.setenv("QM_SAMPLES_DIR", str(tmp_path))
+    assert bench_offload.build_parser().parse_args([]).samples == str(tmp_path)
