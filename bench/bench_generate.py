@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
+from need_cuda import require_cuda
 
 #: Llama-3.1-8B's shape (random weights: the speed of a decode does not depend on their values).
 LLAMA_8B = {
@@ -498,6 +499,8 @@ def main() -> None:
     ap.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-k 50, top-p 0.9)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.device == "cuda":
+        require_cuda(__file__)
     if args.sample:
         EXTRA_KWARGS.update(SAMPLING)
     work = Path(args.workdir)

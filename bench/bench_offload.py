@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from need_cuda import require_cuda
 
 from converter.tools.samples import DEFAULT_SAMPLES_DIR
 
@@ -274,6 +275,7 @@ def main() -> None:
     if args.device == "cuda":
         if not (args.model and args.source):
             ap.error("--device cuda needs --model (our NF4 folder) and --source (its bf16 original)")
+        require_cuda(__file__)
         run_cuda(args)
         return
     rows = run_cpu(args)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from need_cuda import require_cuda
 
 from converter.loader import stream
 from formats.chunks import read_exact
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--file", default="/tmp/qm_stream_bench.bin")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if torch.device(args.device).type == "cuda":
+        require_cuda(__file__)
     device = torch.device(args.device)
     path = Path(args.file)
     spans = make_file(path, int(args.gb * 1e9))

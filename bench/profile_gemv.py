@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cuda_nf4
+from need_cuda import require_cuda
 
 
 def main() -> None:
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--variant", type=int, default=0, help="csrc/cuda/gemv.cu variant (0: default)")
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
+    require_cuda(__file__)
     for shape in args.shapes:
         out_f, in_f = (int(v) for v in shape.split("x"))
         w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
@@ -107,3 +109,53 @@ def test_offload_takes_smollm2_from_the_shared_samples_dir(monkeypatch, tmp_path
     assert bench_offload.build_parser().parse_args([]).samples == str(DEFAULT_SAMPLES_DIR)
     monkeypatch.setenv("QM_SAMPLES_DIR", str(tmp_path))
     assert bench_offload.build_parser().parse_args([]).samples == str(tmp_path)
+
+
+#: Each GPU benchmark's command line (docstrings, docs/benchmarks.md), small settings.
+CUDA_COMMANDS = [
+    "bench_cuda.py --quick",
+    "bench_cuda_convert.py --layers 1 --workdir {tmp}",
+    "bench_cuda_host.py --layers 1 --hidden 256",
+    "bench_gemv_cuda.py --replays 1",
+    "bench_gemv_multi_cuda.py --replays 1",
+    "bench_int8.py --device cuda",
+    "bench_int8_cuda.py",
+    "bench_moe_gemv_cuda.py --replays 1",
+    "bench_route_topk.py",
+    "probe_warmup.py",
+    "profile_gemv.py 4096x4096",
+    "profile_graphed.py --layers 1",
+    "profile_moe_gemv.py",
+    "bench_linear_overhead.py --device cuda",
+    "bench_stream.py --device cuda --gb 0.01 --file {tmp}/stream.bin",
+    "bench_generate.py --device cuda --model random-8b --layers 1 --workdir {tmp}",
+    "bench_moe.py --device cuda --layers 1 --workdir {tmp}",
+    "bench_llama4.py --device cuda --layers 1 --workdir {tmp}",
+    "profile_decode.py --device cuda --layers 1 --workdir {tmp}",
+    "bench_load_process.py --device cuda --folder {tmp} --repeat 1",
+    "bench_offload.py --device cuda --model {tmp} --source {tmp}",
+    "bench_e2e.py --rows gpu --gpu-layers 1 --gpu-hidden 256 --repeat 1 --workdir {tmp}",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", CUDA_COMMANDS)
+def test_gpu_benchmark_without_a_gpu_says_so(command: str, tmp_path: Path) -> None:
+    """Without a GPU a GPU benchmark stops at once with one line naming itself and the reason: it
+    raised from inside torch ("Torch not compiled with CUDA enabled"), or timed the CPU conversion
+    under its "--device cuda" label (bench_e2e --rows gpu, bench_cuda_convert), exit status 0."""
+    from need_cuda import cuda_problem
+
+    why = cuda_problem()
+    if why is None:
+        pytest.skip("a usable GPU: these benchmarks run")
+    script, *args = command.format(tmp=tmp_path).split()
+    r = _run_outside(tmp_path, script, *args)
+    assert r.returncode == 1, r.stdout[-1000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    ours = f"needs a CUDA GPU and the converter's CUDA backend: {why}"
+    older = f"{script} needs the CUDA backend: {why}"  # bench_cuda.py, the GEMV benchmarks
+    assert last.startswith(script.removesuffix(".py")), last  # bench_int8.py: bench_int8_cuda.py
+    assert last.endswith(ours) or last == older, last
+    assert "quantize-model convert --device cuda" not in r.stdout  # no CPU time under the GPU's label
