@@ -159,3 +159,20 @@ def test_gpu_benchmark_without_a_gpu_says_so(command: str, tmp_path: Path) -> No
     assert last.startswith(script.removesuffix(".py")), last  # bench_int8.py: bench_int8_cuda.py
     assert last.endswith(ours) or last == older, last
     assert "quantize-model convert --device cuda" not in r.stdout  # no CPU time under the GPU's label
+
+
+def test_session_script_profile_gemv_arguments_parse() -> None:
+    """``cuda_session_run.sh benchsmoke`` ran ``profile_gemv.py 0 11``: shapes '0' and '11' (meant:
+    variant 11), a ValueError on the GPU machine. Every profile_gemv command line there must parse."""
+    import shlex
+
+    import profile_gemv
+
+    text = (BENCH / "cuda_session_run.sh").read_text()
+    calls = re.findall(r"profile_gemv\.py([^&;\"|]*)", text)
+    assert calls
+    for call in calls:
+        args = profile_gemv.build_parser().parse_args(shlex.split(call))
+        assert all(out_f > 0 and in_f > 0 for out_f, in_f in args.shapes)
+    with pytest.raises(SystemExit):
+        profile_gemv.build_parser().parse_args(["0", "11"])
