@@ -70,6 +70,9 @@ def time_loop(model, ids: torch.Tensor, new: int) -> float:
 
 _clock = time.perf_counter
 
+#: The contenders whose decode step goes through torch.compile.
+COMPILED = ("ours_graphed_compiled", "ours_compiled", "bf16_compiled")
+
 
 def thread_policies(clock: str) -> tuple:
     """(ours' GEMV thread policy, the calling thread alone's) for ``clock``: with ``cpu`` (the main
@@ -93,6 +96,10 @@ def main() -> None:
     global _clock
     _clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(1 if args.clock == "cpu" else args.threads)
+    only = set(args.only.split(",")) if args.only else None
+    compiled = [k for k in COMPILED if only is None or k in only]
+    if compiled:  # before any model is loaded or compiled
+        bg.require_dynamo(f"bench_cpu_decode_ab.py's {', '.join(compiled)}")
     load_start = os.getloadavg()
     plain = samples.smollm2(Path(os.environ.get("QM_SAMPLES_DIR", samples.DEFAULT_SAMPLES_DIR)))
     work = Path(args.workdir)
@@ -104,7 +111,6 @@ def main() -> None:
     ours = bg.load("ours", plain, nf4, "cpu")
     head = ours.get_output_embeddings()
     assert isinstance(head, GemvHead), type(head)
-    only = set(args.only.split(",")) if args.only else None
     wanted = lambda *names: only is None or bool(only & set(names))  # noqa: E731
     bf16 = bg.load("bf16", plain, nf4, "cpu") if wanted("bf16_eager") else None
     bf16c, static = None, None

@@ -77,6 +77,13 @@ TEXT = (
 )
 
 
+def require_dynamo(what: str) -> None:
+    """Exit when ``TORCHDYNAMO_DISABLE=1`` (our test targets set it): torch.compile then returns the
+    function unchanged, and every row labelled compiled would time the eager model."""
+    if os.environ.get("TORCHDYNAMO_DISABLE", "") == "1":
+        sys.exit(f"{what} needs torch.compile, but TORCHDYNAMO_DISABLE=1 turns it off (it would time eager)")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -501,6 +508,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda":
         require_cuda(__file__)
+    compiled = [m for m in args.modes.split(",") if m.endswith("compiled")]
+    if compiled:
+        require_dynamo(f"bench_generate.py --modes {','.join(compiled)}")
     if args.sample:
         EXTRA_KWARGS.update(SAMPLING)
     work = Path(args.workdir)

@@ -176,3 +176,25 @@ def test_session_script_profile_gemv_arguments_parse() -> None:
         assert all(out_f > 0 and in_f > 0 for out_f, in_f in args.shapes)
     with pytest.raises(SystemExit):
         profile_gemv.build_parser().parse_args(["0", "11"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "bench_generate.py --device cpu --model {tmp} --modes eager,compiled",
+        "bench_generate.py --device cpu --model {tmp} --modes graphed-compiled",
+        "bench_cpu_decode_ab.py --only ours,bf16_compiled --workdir {tmp}",
+        "probe_compile_host.py --layers 1 --workdir {tmp}",
+        "profile_graphed.py --compile-step --workdir {tmp}",
+    ],
+)
+def test_compiled_rows_refuse_torchdynamo_disable(command: str, tmp_path: Path, monkeypatch) -> None:
+    """TORCHDYNAMO_DISABLE=1 (set by our test targets) makes torch.compile return the eager function:
+    the rows labelled compiled silently timed the eager model. They stop first, naming the variable."""
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    script, *args = command.format(tmp=tmp_path).split()
+    r = _run_outside(tmp_path, script, *args)
+    assert r.returncode == 1, r.stdout[-1000:] + r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(script.removesuffix(".py")), last
+    assert "needs torch.compile, but TORCHDYNAMO_DISABLE=1 turns it off" in last
