@@ -11,7 +11,9 @@ single-device load (every touched shard page stays resident) for contrast.
 half of it on the CPU:
 time to first token and decode tok/s for ours vs transformers + bitsandbytes with the same device_map
 (transformers keeps the CPU half in float with llm_int8_enable_fp32_cpu_offload and streams it to the
-GPU; ours runs it on the CPU in 4-bit). Needs a GPU; written for the H200, not run yet.
+GPU; ours runs it on the CPU in 4-bit). Needs a GPU (run on an H200, 2026-12-04: docs/benchmarks.md,
+"Offloaded loading"); ``bench/cuda_session_run.sh offload`` runs it on bench_generate.py's random-8b
+folder: ``--model /tmp/qm_gen/llama8b-32-nf4 --source /tmp/qm_gen/llama8b-32 --tokens 16``.
 
 Run it from outside the source tree: ``cd /tmp && python /path/to/bench/bench_offload.py``.
 """
