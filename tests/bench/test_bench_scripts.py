@@ -198,3 +198,14 @@ def test_compiled_rows_refuse_torchdynamo_disable(command: str, tmp_path: Path, 
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(script.removesuffix(".py")), last
     assert "needs torch.compile, but TORCHDYNAMO_DISABLE=1 turns it off" in last
+
+
+def test_llama4_keep_layer_names_the_missing_folder(tmp_path: Path) -> None:
+    """Without the keep folder (bench_llama4.py makes it) it raised SourceNotFoundError from inside
+    load_quantized; now a usage error naming the folder and the command that makes it."""
+    folder = tmp_path / "llama4-small-6l-nf4-keep"
+    r = _run_outside(tmp_path, "bench_llama4_keep_layer.py", str(folder))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert f"{folder}: no converted folder there" in r.stderr
+    assert "bench_llama4.py --moe-experts keep --only ours" in r.stderr
