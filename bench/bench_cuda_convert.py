@@ -31,6 +31,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from need_cuda import require_cuda
+
 from converter.quantize import cuda_pipeline
 from formats.quant_types import QuantType
 
@@ -146,6 +148,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2, help="conversions per device, alternating")
     args = parser.parse_args()
+    require_cuda(__file__)
     from converter.plan import selection
     from converter.writer.pipeline import convert
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e
+from need_cuda import require_cuda
 
 
 def main() -> int:
@@ -29,6 +30,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
+    require_cuda(__file__, torch_free=True)  # before writing the checkpoint
     python = sys.executable
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-cuda-host-") as tmp:
         work = Path(tmp)

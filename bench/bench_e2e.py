@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from need_cuda import require_cuda
 from page_cache import drop, warm
 
 OURS = "import sys; from converter.cli import main; sys.argv[0] = 'quantize-model'; main()"
@@ -359,6 +360,7 @@ def write_llama(folder: Path, layers: int, hidden: int, shard_bytes: int = 2 * 1
 
 
 def row_gpu(args, python: str, work: Path, out: dict) -> None:
+    require_cuda("bench_e2e.py --rows gpu", torch_free=True)  # before writing the checkpoint
     src = work / "gpu-src"
     if not (src / "model.safetensors.index.json").exists():
         shape = f"{args.gpu_layers}, {args.gpu_hidden}"
@@ -391,6 +393,9 @@ def row_gpu(args, python: str, work: Path, out: dict) -> None:
         flush=True,
     )
     out["cuda_path"] = check_cuda_path(python, src, dst)
+    if out["cuda_path"]["device"] is None:  # the "--device cuda" row would time the CPU path
+        msg = "bench_e2e.py --rows gpu: --device cuda fell back to the CPU (see above)"
+        raise SystemExit(msg)
     warm(src)
     res = rounds(contenders, args.repeat)
     report(f"{total / 1e9:.2f} GB bf16 Llama, warm page cache", res, "plain copy (cp -r + sync)", out)

@@ -34,9 +34,9 @@ its graphs), each timed call seeded alike.
 ``--quality`` (real weights only): next-token log-likelihood of a fixed text, teacher-forced one token
 at a time (so the fused GEMV runs) and in one forward (dequantize path), against transformers + bnb and bf16.
 
-    cd /tmp && python bench/bench_generate.py --device cpu --model smollm2
-    cd /tmp && python bench/bench_generate.py --device cuda --model random-8b --prompt 512 --new 128
-    cd /tmp && python bench/bench_generate.py --device cuda --model random-8b --modes '' --load
+    cd /tmp && python /path/to/bench/bench_generate.py --device cpu --model smollm2
+    cd /tmp && python /path/to/bench/bench_generate.py --device cuda --model random-8b --prompt 512 --new 128
+    cd /tmp && python /path/to/bench/bench_generate.py --device cuda --model random-8b --modes '' --load
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
+from need_cuda import require_cuda
 
 #: Llama-3.1-8B's shape (random weights: the speed of a decode does not depend on their values).
 LLAMA_8B = {
@@ -74,6 +75,13 @@ TEXT = (
     "less memory. A good quantized model keeps almost the same predictions as the original one, while "
     "reading a quarter of the bytes for every token it generates."
 )
+
+
+def require_dynamo(what: str) -> None:
+    """Exit when ``TORCHDYNAMO_DISABLE=1`` (our test targets set it): torch.compile then returns the
+    function unchanged, and every row labelled compiled would time the eager model."""
+    if os.environ.get("TORCHDYNAMO_DISABLE", "") == "1":
+        sys.exit(f"{what} needs torch.compile, but TORCHDYNAMO_DISABLE=1 turns it off (it would time eager)")
 
 
 def log(msg: str) -> None:
@@ -498,6 +506,11 @@ def main() -> None:
     ap.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-k 50, top-p 0.9)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.device == "cuda":
+        require_cuda(__file__)
+    compiled = [m for m in args.modes.split(",") if m.endswith("compiled")]
+    if compiled:
+        require_dynamo(f"bench_generate.py --modes {','.join(compiled)}")
     if args.sample:
         EXTRA_KWARGS.update(SAMPLING)
     work = Path(args.workdir)

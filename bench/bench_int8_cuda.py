@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from cuda_timing import capture_graph, copy_bandwidth, rotation_for, time_op
+from need_cuda import require_cuda
 
 from converter.kernels import int8 as kernels_int8
 from converter.kernels import int8_cuda as kernels_int8_cuda
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args(argv)
+    require_cuda(__file__)
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth(args.iters)
     bnb, why = _bnb()

@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from need_cuda import require_cuda
 
 from converter.kernels import bnb4bit as kernels
 from converter.loader import ops
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--groups", default="4096:4096+1024+1024,4096:14336+14336", help="in:out+out+... groups")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.device == "cuda":
+        require_cuda(__file__)
     dev = args.device
     rows = []
     for shape in args.shapes.split(","):

@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from moe_whole import _allocated, _run_mode, _sync
+from need_cuda import require_cuda
 from random_source import RandomSource
 
 #: Llama 4 Scout's text shapes (every layer MoE: 16 routed experts, top-1, one shared expert).
@@ -143,6 +144,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/llama4-bench")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.device == "cuda":
+        require_cuda(__file__)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if "compiled" not in args.modes:

@@ -16,6 +16,7 @@ import os
 import platform
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
@@ -56,6 +57,11 @@ def main() -> None:
     ap.add_argument("folder")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if not (Path(args.folder) / "config.json").is_file():
+        ap.error(
+            f"{args.folder}: no converted folder there; make it first with "
+            "bench_llama4.py --moe-experts keep --only ours (its --workdir, default /tmp/llama4-bench)"
+        )
     torch.set_num_threads(args.threads)
     print(f"{platform.machine()} CPU x{args.threads}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print("| dtype | routed (ms) | dense (ms) | dense / routed |")

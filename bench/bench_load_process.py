@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from bench_load import prepare
+from need_cuda import require_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,6 +116,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.device == "cuda":
+        require_cuda(__file__)
     cases = {c: CASES[c] for c in args.cases.split(",")}
     folder = args.folder
     if folder is None:

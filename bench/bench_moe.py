@@ -40,6 +40,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from need_cuda import require_cuda
 from safetensors.torch import save_file
 
 #: --clock cpu: decode timed in process CPU seconds (run under `taskset -c N` with --threads 1, so the
@@ -330,6 +331,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="--device cuda / --whole: write the results here")
     ap.add_argument("--compiled", action="store_true", help="decode: also each side's compiled mode")
     args = ap.parse_args()
+    if args.device == "cuda":
+        require_cuda(__file__)
     global CPU_CLOCK
     CPU_CLOCK = args.clock == "cpu"
     torch.set_num_threads(args.threads)

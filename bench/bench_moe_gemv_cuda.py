@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cuda_timing import copy_bandwidth, time_graph
+from need_cuda import require_cuda
 
 from converter.kernels.checks import KERNEL_DTYPE_CODES
 from converter.kernels.cuda_launch import current_stream
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    require_cuda(__file__)
     if not moe_cuda.available():
         sys.exit("bench_moe_gemv_cuda.py needs the CUDA backend with the MoE kernels")
     props = torch.cuda.get_device_properties(0)

@@ -11,7 +11,9 @@ single-device load (every touched shard page stays resident) for contrast.
 half of it on the CPU:
 time to first token and decode tok/s for ours vs transformers + bitsandbytes with the same device_map
 (transformers keeps the CPU half in float with llm_int8_enable_fp32_cpu_offload and streams it to the
-GPU; ours runs it on the CPU in 4-bit). Needs a GPU; written for the H200, not run yet.
+GPU; ours runs it on the CPU in 4-bit). Needs a GPU (run on an H200, 2026-12-04: docs/benchmarks.md,
+"Offloaded loading"); ``bench/cuda_session_run.sh offload`` runs it on bench_generate.py's random-8b
+folder: ``--model /tmp/qm_gen/llama8b-32-nf4 --source /tmp/qm_gen/llama8b-32 --tokens 16``.
 
 Run it from outside the source tree: ``cd /tmp && python /path/to/bench/bench_offload.py``.
 """
@@ -29,6 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+from need_cuda import require_cuda
+
+from converter.tools.samples import DEFAULT_SAMPLES_DIR
 
 PROMPT = "The capital of France is"
 
@@ -245,7 +250,7 @@ def run_cuda(args: argparse.Namespace) -> None:
     print(f"| transformers + bnb, same map | {t_theirs[0] * 1e3:.0f} | {t_theirs[1]:.2f} |")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--model", help="a converted NF4 folder (default on cpu: SmolLM2-135M, converted)")
@@ -256,8 +261,15 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="--device cuda, no tokenizer: prompt length")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (--device cpu)")
     ap.add_argument("--work", default="/tmp/qm-bench-offload")
-    ap.add_argument("--samples", default=os.environ.get("QM_SAMPLES", "/tmp/qm-bench-offload/samples"))
+    ap.add_argument(  # where the other benchmarks take SmolLM2 from (QM_SAMPLES_DIR, else ./.cache/samples)
+        "--samples", default=os.environ.get("QM_SAMPLES_DIR", str(DEFAULT_SAMPLES_DIR))
+    )
     ap.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # internal: one measured run
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
     if args.row:
         print(json.dumps(run_row(args)))
@@ -265,6 +277,7 @@ def main() -> None:
     if args.device == "cuda":
         if not (args.model and args.source):
             ap.error("--device cuda needs --model (our NF4 folder) and --source (its bf16 original)")
+        require_cuda(__file__)
         run_cuda(args)
         return
     rows = run_cpu(args)

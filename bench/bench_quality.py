@@ -8,9 +8,9 @@ report attributes to the statistics. Run from outside the checkout:
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +39,9 @@ def run(src: Path, out: Path, on: bool) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("n", nargs="?", type=int, default=5, help="conversions each way (best of N)")
+    n = ap.parse_args().n
     src = smollm2()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_timing import time_graph
+from need_cuda import require_cuda
 
 from converter.loader import router
 
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=200)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    require_cuda(__file__)
     dtype = getattr(torch, args.dtype)
     renorm = not args.no_renorm
     config = router.decide(torch.device("cuda"), dtype, args.experts, args.k, renorm, dtype)

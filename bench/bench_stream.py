@@ -8,7 +8,7 @@ plain read) and, on CUDA, that buffer's pinned copy to the device. Every tensor 
 bytes in the file after each case (the stream must copy exactly). No transformers import: a run
 takes seconds.
 
-    cd /tmp && python bench/bench_stream.py --device cuda --gb 5.7 --readers 4,8,12 --chunks 8,16,32
+    cd /tmp && python /path/to/bench/bench_stream.py --device cuda --gb 5.7 --readers 4,8,12 --chunks 8,16,32
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from need_cuda import require_cuda
 
 from converter.loader import stream
 from formats.chunks import read_exact
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--file", default="/tmp/qm_stream_bench.bin")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if torch.device(args.device).type == "cuda":
+        require_cuda(__file__)
     device = torch.device(args.device)
     path = Path(args.file)
     spans = make_file(path, int(args.gb * 1e9))

@@ -113,7 +113,7 @@ for s in ${*:-env}; do
       "$ROOT/tests/moe/test_moe_compile_keyed.py" ;;
     profile) step profile timeout 300 bash -c "python3 $ROOT/bench/profile_graphed.py --layers 8 && \
       python3 $ROOT/bench/profile_graphed.py --layers 8 --compile-step" ;;
-    benchsmoke) step benchsmoke timeout 60 bash -c "python3 $ROOT/bench/profile_gemv.py 0 11 && echo prof ok && \
+    benchsmoke) step benchsmoke timeout 60 bash -c "python3 $ROOT/bench/profile_gemv.py 4096x4096 --variant 11 && echo prof ok && \
       python3 $ROOT/bench/bench_gemv_cuda.py --shapes 4096x4096 --replays 5 | tail -8" ;;
     load) step load timeout "${LOAD_TIMEOUT:-320}" $GEN --prompt 16 --new 2 --modes "" --load --load-repeats 2 --load-breakdown \
       --load-contenders "${LOAD_CONTENDERS:-ours,bnb,bf16}" --json "$OUT/load.json" ;;

@@ -17,6 +17,8 @@ together on the CPU too (``converter.loader.siblings``: CUDA only by default), a
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +100,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qm_compile_host"))
     ap.add_argument("--fused-groups", action="store_true", help="q/k/v in one launch on the CPU too")
     args = ap.parse_args()
+    if os.environ.get("TORCHDYNAMO_DISABLE", "") == "1":  # torch.compile would return the eager forward
+        sys.exit(
+            "probe_compile_host.py needs torch.compile, but TORCHDYNAMO_DISABLE=1 turns it off: unset it"
+        )
     if args.fused_groups:
         from converter.loader import siblings
 

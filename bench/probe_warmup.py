@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Any
 
+from need_cuda import require_cuda
+
 CONFIG = {  # Llama-3.1-8B's widths
     "hidden_size": 4096,
     "num_attention_heads": 32,
@@ -195,6 +197,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
+    require_cuda(__file__)
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args.variant)))
         return

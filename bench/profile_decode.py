@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import load, nf4_folder, random_llama, sync
+from need_cuda import require_cuda
 
 
 def module_times(model, step, device: str, steps: int) -> dict[str, float]:
@@ -78,6 +79,8 @@ def main() -> None:
     )
     ap.add_argument("--new", type=int, default=16, help="--mode generate: new tokens per call")
     args = ap.parse_args()
+    if args.device == "cuda":
+        require_cuda(__file__)
 
     from transformers import DynamicCache
 

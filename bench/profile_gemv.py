@@ -18,16 +18,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cuda_nf4
+from need_cuda import require_cuda
+
+
+def shape(text: str) -> tuple[int, int]:
+    """``OUTxIN`` -> (out_features, in_features)."""
+    try:
+        out_f, in_f = (int(v) for v in text.split("x"))
+    except ValueError:
+        msg = f"{text!r} is not OUTxIN (e.g. 4096x4096)"
+        raise argparse.ArgumentTypeError(msg) from None
+    return out_f, in_f
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("shapes", nargs="*", type=shape, default=[(28672, 8192)], help="OUTxIN")
+    parser.add_argument("--variant", type=int, default=0, help="csrc/cuda/gemv.cu variant (0: default)")
+    parser.add_argument("--batch", type=int, default=1)
+    return parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("shapes", nargs="*", default=["28672x8192"], help="OUTxIN")
-    parser.add_argument("--variant", type=int, default=0, help="csrc/cuda/gemv.cu variant (0: default)")
-    parser.add_argument("--batch", type=int, default=1)
-    args = parser.parse_args()
-    for shape in args.shapes:
-        out_f, in_f = (int(v) for v in shape.split("x"))
+    args = build_parser().parse_args()
+    require_cuda(__file__)
+    for out_f, in_f in args.shapes:
         w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
         record = cuda_nf4.quantize(w)
         del w

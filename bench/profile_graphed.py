@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import load, nf4_folder, random_llama, static_cache
+from bench_generate import load, nf4_folder, random_llama, require_dynamo, static_cache
+from need_cuda import require_cuda
 
 FAMILIES = (  # first match wins: (family, substrings of the kernel name)
     ("4-bit GEMV (ours)", ("gemv",)),
@@ -98,6 +99,9 @@ def main() -> None:
     ap.add_argument("--contenders", default="ours,bf16")
     ap.add_argument("--compile-step", action="store_true")
     args = ap.parse_args()
+    if args.compile_step:
+        require_dynamo("profile_graphed.py --compile-step")
+    require_cuda(__file__)
     work = Path(args.workdir)
     plain = random_llama(work / f"llama8b-{args.layers}", "cuda", args.layers)
     nf4 = nf4_folder(plain, work / f"{plain.name}-nf4", "cuda")

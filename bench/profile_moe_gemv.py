@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_moe_gemv_cuda import Layer
+from need_cuda import require_cuda
 
 
 def main() -> None:
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
+    require_cuda(__file__)
     layer = Layer(args.steps, args.batch, seed=0)
     for s in range(args.steps):
         layer.glu(s, args.lanes)
