@@ -27,10 +27,12 @@ def push(
     Creates REPO if needed. Rerun the same command after an interruption: files already on the Hub
     are not uploaded again. Authentication as huggingface_hub does it (`hf auth login` or HF_TOKEN).
     """
+    from converter.cli._app import sigterm_as_interrupt
     from converter.tools.push import push_folder
 
     app.configure(json=as_json, quiet=quiet)
-    url = push_folder(folder, repo, private=private, revision=revision)
+    with sigterm_as_interrupt():  # a CI job cancelled or timed out: the one line (and JSON), exit 143
+        url = push_folder(folder, repo, private=private, revision=revision)
     if app.json:
         app.print_json(
             {"ok": True, "folder": str(folder), "repo_id": repo, "url": url, "revision": revision or "main"}

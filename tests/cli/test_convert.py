@@ -96,6 +96,36 @@ def test_sigterm_stops_convert_as_ctrl_c_does_with_its_line_json_and_exit_143(
             assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+def test_sigterm_stops_push_with_its_line_json_and_exit_143(qm, tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM during an upload killed push at once (exit 143, nothing said, an empty stdout under
+    --json); it now ends as convert does: one line, the JSON error object, exit 143 (a rerun resumes:
+    files already on the Hub are not uploaded again)."""
+    import os
+    import signal
+
+    from converter.tools import push
+
+    def terminated(*_args, **_kwargs):  # mid-upload
+        os.kill(os.getpid(), signal.SIGTERM)
+        msg = "SIGTERM did not stop the push"
+        raise AssertionError(msg)
+
+    before = signal.getsignal(signal.SIGTERM)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(push, "push_folder", terminated)
+        r = qm("push", folder, "me/model", "--json")
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
+    assert r.exit_code == 143
+    assert r.stderr == "Error: interrupted by SIGTERM; rerun the same command to resume\n"
+    assert json.loads(r.stdout) == {
+        "ok": False,
+        "error": "interrupted by SIGTERM; rerun the same command to resume",
+        "exit_code": 143,
+    }
+
+
 def test_json_output(qm, tiny_llama: Path, tmp_path: Path) -> None:
     r = qm("convert", tiny_llama, tmp_path / "out", "--json", "--quant-type", "fp4", "--no-double-quant")
     assert r.exit_code == 0
