@@ -126,6 +126,23 @@ def test_gradient_flows_to_input_only() -> None:
     assert layer.weight.grad is None
 
 
+def test_backward_uses_the_forwards_weight_when_the_compute_dtype_is_wider() -> None:
+    """bnb_4bit_compute_dtype float32 over bfloat16 weights (transformers' BitsAndBytesConfig default):
+    the forward multiplies by W decoded exactly in float32, as bitsandbytes' forward does, and the
+    backward by that same W, so grad_x is the gradient of the forward (bitsandbytes 0.50.2's backward
+    decodes W to bfloat16 first: other gradients from equal logits; docs/python-api.md)."""
+    layer, _, _ = make_layer(48, 128, dtype=torch.bfloat16, compute_dtype=torch.float32)
+    layer.train()
+    w = layer.dequantize(torch.float32)
+    assert not torch.equal(w, layer.dequantize(torch.bfloat16).float())  # the two decodes differ here
+    x = torch.randn(12, 128, requires_grad=True)
+    g = torch.randn(12, 48)
+    y = layer(x)
+    assert torch.equal(y, F.linear(x.detach(), w))
+    y.backward(g)
+    assert torch.equal(x.grad, g @ w)
+
+
 @pytest.mark.parametrize("n_tokens", [1, 12])  # the GEMV path (its output a reshape) and F.linear
 def test_output_modified_in_place_under_autograd(n_tokens: int) -> None:
     """A caller may add into the layer's output in place while training (Llama 4's MoE adds its routed
