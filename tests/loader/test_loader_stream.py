@@ -121,7 +121,13 @@ def test_while_reading_runs_on_the_caller_beside_the_readers(our_folder: Path) -
         seen.append((threading.current_thread() is threading.main_thread(), _reader_threads() - before))
 
     out = stream_state(state, files, "cpu", readers=2, while_reading=during)
-    assert seen == [(True, 2)]
+    # Once, on the calling thread, with reader threads started. Not "2": the executor starts its threads
+    # lazily, one per submit unless one is idle, so a first reader that already read this small folder
+    # (a loaded machine can pause the caller between the two submits) serves the second job itself.
+    assert len(seen) == 1
+    on_caller, readers = seen[0]
+    assert on_caller
+    assert 1 <= readers <= 2
     plain = stream_state(state, files, "cpu", readers=2)
     for key in state:
         pairs = zip(stream._tensors_of(out[key]), stream._tensors_of(plain[key]), strict=True)
