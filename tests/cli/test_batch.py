@@ -340,3 +340,32 @@ def test_an_output_root_that_is_a_file_is_refused_once_before_any_job(
         assert r.stderr == f"Error: {said}, not a folder; choose another OUTPUT_ROOT\n"
         assert json.loads(r.stdout)["error"] == f"{said}, not a folder; choose another OUTPUT_ROOT"
     assert afile.read_text() == "not a folder\n"
+
+
+def test_a_job_whose_copied_files_were_refreshed_is_not_called_resumed(qm, tmp_path: Path) -> None:
+    """A finished job whose source's tokenizer changed since rewrites that file and keeps every shard:
+    the JSON and JUnit reports called it 'resumed', which says a killed run; it is 'refreshed' (counted
+    as such, a passing JUnit case), exit 0."""
+    import xml.etree.ElementTree as ET
+
+    from qm_checkpoints import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "m")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src} m\n")
+    root = tmp_path / "outs"
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 4096}\n')
+    junit = tmp_path / "junit.xml"
+    r = qm("batch", listing, root, "--json", "--junit", junit)
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [i["status"] for i in data["items"]] == ["refreshed"]
+    assert data["counts"]["refreshed"] == 1
+    assert data["counts"]["resumed"] == 0
+    (case,) = ET.parse(junit).getroot().iter("testcase")
+    assert [c.tag for c in case] == ["system-out"]  # passed: no failure, error or skipped
+    assert case.find("system-out").text.startswith(f"{src} -> m: refreshed in ")
+    r = qm("batch", listing, root)
+    assert r.exit_code == 0
+    assert f"[1/1] {src} -> m: no-op in" in r.stderr
