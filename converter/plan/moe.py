@@ -236,6 +236,12 @@ def other_experts(tensors: Sequence[_TensorLike], quantized: Collection[str] = (
     ]
 
 
+def may_be_other_expert(name: str) -> bool:
+    """Whether the tensor ``name`` may be one of ``other_experts`` (its name alone; its shape and dtype
+    decide): a cheap filter before reading shard headers."""
+    return bool(_OTHER_EXPERTS.search(name) or _OTHER_EXPERTS_3D.search(name))
+
+
 def _other_experts_named(others: Sequence[_TensorLike]) -> str:
     """'NAME and N more': the first of ``others`` named, and the count of the rest."""
     more = f" and {len(others) - 1} more" if len(others) > 1 else ""

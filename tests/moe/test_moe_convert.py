@@ -972,3 +972,22 @@ def test_fp8_source_cast_to_another_dtype_rounds_once(moe_src, tmp_path, quant_t
     ref = Fp8Dequantize(None)._dequantize_one(fp8[kept], scale, getattr(torch, dtype))
     assert got[kept].dtype == ref.dtype
     assert torch.equal(got[kept], ref)
+
+
+@pytest.mark.parametrize("name", ["granitemoe", "granitemoehybrid", "jetmoe"])
+def test_push_card_names_experts_of_a_layout_not_quantized_as_inspect_does(moe_src, tmp_path, name):
+    """The model card of a Granite-MoE / Granite 4.0-H / JetMoE folder had no "MoE experts" row (it read
+    the index's key names only), while inspect and convert named those experts as kept 16-bit: the row
+    now says what inspect says, from the shard headers (a folder without an index too)."""
+    from converter.tools.push import build_model_card
+
+    out = tmp_path / "q"
+    convert(moe_src(name), out, progress=False, warn=lambda _: None)
+    layout = inspect_path(out).moe.layout
+    assert layout.startswith("experts kept in 16 bit (stored in a layout quantize-model does not quantize: ")
+    row = f"| MoE experts | {layout} |"
+    card = build_model_card(out, f"me/tiny-{name}-nf4")
+    assert row in card.splitlines()
+    assert "## Load with transformers (needs `bitsandbytes`)" in card  # stock transformers loads it
+    (out / "model.safetensors.index.json").unlink()  # one shard, no index: read from its header
+    assert row in build_model_card(out, f"me/tiny-{name}-nf4").splitlines()
