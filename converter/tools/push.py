@@ -263,6 +263,21 @@ def build_model_card(folder: Path, repo_id: str, revision: str | None = None) ->
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     name = repo_id.rsplit("/", 1)[-1]
     loader, remote_code = transformers_loader(config)
+    # load_quantized reads it, but for experts it cannot stack (LongCat-Flash's zero experts)
+    ours = (
+        f"""
+## Load with quantize-model
+
+```python
+from converter import load_quantized
+
+model = load_quantized("{repo_id}"{rev})
+```
+"""
+        if moe_summary is None
+        or any(x.startswith("quantize-model load_quantized") for x in moe_summary.loaders)
+        else ""
+    )
     if moe_summary is not None and moe_summary.tensors_quantized:
         snippet = f'{loader}.from_pretrained("{repo_id}"{rev}, device_map="auto"{remote_code})'
         return _moe_card(
@@ -291,15 +306,7 @@ model = {loader}.from_pretrained("{repo_id}"{rev}, device_map="auto"{remote_code
 ```
 
 The `quantization_config` in `config.json` tells transformers the weights are already quantized.
-
-## Load with quantize-model
-
-```python
-from converter import load_quantized
-
-model = load_quantized("{repo_id}"{rev})
-```
-"""
+{ours}"""
 
 
 def transformers_loader(config: dict[str, Any]) -> tuple[str, str]:
