@@ -701,7 +701,8 @@ def _file_change(name: str, was: list | None, now: list | None) -> str | None:
         fields.remove("header")
     said = [f for f, a, b in zip(fields, was, now, strict=False) if a != b]
     if said == ["modification time"] and len(was) > 2:
-        said = ["modification time only: same size and sampled data"]
+        same = [f for f in fields[: len(was)] if f != "modification time"]
+        said = [f"modification time only: same {', '.join(same[:-1])} and {same[-1]}"]
     return f"{name} ({', '.join(said)})"
 
 
@@ -725,8 +726,10 @@ def _source_files_changed(before: dict, now: dict) -> str | None:
     others = [c for n, c in changes if not _is_weights(n)]
     if weights:
         also = f"; files dequantize copies from it changed too: {listed(others)}" if others else ""
-        return f"the source's weights changed: {listed(weights)}{also}"
-    return f"the source's weights did not change, but files dequantize copies from it did: {listed(others)}"
+        return f"the source's weight files changed: {listed(weights)}{also}"
+    return (
+        f"the source's weight files did not change, but files dequantize copies from it did: {listed(others)}"
+    )
 
 
 def _done_record(out: Path, identity: dict) -> dict | None:

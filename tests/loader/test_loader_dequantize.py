@@ -485,7 +485,9 @@ def test_sentence_transformers_module_folders_are_copied_as_convert_copies_them(
     assert (out / POOLING).read_bytes() == (folder / POOLING).read_bytes()
     # the input's module file changed since: another input, as for its top-level files
     (folder / POOLING).write_text('{"pooling_mode_cls_token": true}\n')
-    changed = r"weights did not change, but files dequantize copies from it did: 1_Pooling/config\.json \("
+    changed = (
+        r"weight files did not change, but files dequantize copies from it did: 1_Pooling/config\.json \("
+    )
     with pytest.raises(OutputExistsError, match=changed):
         dequantize_checkpoint(folder, out)
 
@@ -787,7 +789,7 @@ def test_a_changed_source_is_said_by_the_kind_of_file_and_whether_the_weights_ch
     with pytest.raises(OutputExistsError) as err:
         dequantize_checkpoint(folder, out)
     assert str(err.value) == (
-        f"{start}the source's weights did not change, but files dequantize copies from it did: LICENSE "
+        f"{start}the source's weight files did not change, but files dequantize copies from it did: LICENSE "
         f"(modification time only: same size and sampled data){end}"
     )
     shard = sorted(folder.glob("model-*.safetensors"))[0]
@@ -797,7 +799,7 @@ def test_a_changed_source_is_said_by_the_kind_of_file_and_whether_the_weights_ch
     with pytest.raises(OutputExistsError) as err:
         dequantize_checkpoint(folder, out)
     assert str(err.value) == (
-        f"{start}the source's weights changed: {shard.name} (modification time, sampled data); files "
+        f"{start}the source's weight files changed: {shard.name} (modification time, sampled data); files "
         "dequantize copies from it changed too: LICENSE (modification time only: same size and sampled "
         f"data){end}"
     )
