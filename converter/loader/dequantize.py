@@ -679,16 +679,57 @@ def _what_changed(out: Path, identity: dict) -> str | None:
         before, now = done["source"], identity["source"]
         if before["path"] != now["path"]:
             return f"source: {before['path']} -> {now['path']}"
-        for name in sorted(set(before["files"]) | set(now["files"])):
-            if name not in now["files"]:
-                return f"source file {name} removed"
-            if name not in before["files"]:
-                return f"source file {name} added"
-            if before["files"][name] != now["files"][name][: len(before["files"][name])]:
-                return f"source file {name} changed"
+        return _source_files_changed(before["files"], now["files"])
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    return None
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", ".safetensors.index.json"))
+
+
+def _file_change(name: str, was: list | None, now: list | None) -> str | None:
+    """How one source file differs from its record (``[size, mtime_ns, header sha256 (shards only),
+    sampled-data digest]``; an older record: size and mtime only), in words, or None."""
+    if was is None or now is None:
+        return f"{name} ({'added' if was is None else 'removed'})"
+    now = now[: len(was)]
+    if was == now:
+        return None
+    fields = ["size", "modification time", "header", "sampled data"]
+    if not name.endswith(".safetensors"):
+        fields.remove("header")
+    said = [f for f, a, b in zip(fields, was, now, strict=False) if a != b]
+    if said == ["modification time"] and len(was) > 2:
+        same = [f for f in fields[: len(was)] if f != "modification time"]
+        said = [f"modification time only: same {', '.join(same[:-1])} and {same[-1]}"]
+    return f"{name} ({', '.join(said)})"
+
+
+def _source_files_changed(before: dict, now: dict) -> str | None:
+    """The source files that differ from the record, weights first, saying whether the weights (the
+    shards and their index) changed: a plain ``cp LICENSE`` into the source changes its mtime, and
+    naming that file alone read as if the model had changed."""
+    changes = [
+        (n, c)
+        for n in sorted(before.keys() | now.keys())
+        if (c := _file_change(n, before.get(n), now.get(n)))
+    ]
+    if not changes:
+        return None
+
+    def listed(items: list[str]) -> str:
+        more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+        return ", ".join(items[:3]) + more
+
+    weights = [c for n, c in changes if _is_weights(n)]
+    others = [c for n, c in changes if not _is_weights(n)]
+    if weights:
+        also = f"; files dequantize copies from it changed too: {listed(others)}" if others else ""
+        return f"the source's weight files changed: {listed(weights)}{also}"
+    return (
+        f"the source's weight files did not change, but files dequantize copies from it did: {listed(others)}"
+    )
 
 
 def _done_record(out: Path, identity: dict) -> dict | None:

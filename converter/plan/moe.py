@@ -236,6 +236,12 @@ def other_experts(tensors: Sequence[_TensorLike], quantized: Collection[str] = (
     ]
 
 
+def may_be_other_expert(name: str) -> bool:
+    """Whether the tensor ``name`` may be one of ``other_experts`` (its name alone; its shape and dtype
+    decide): a cheap filter before reading shard headers."""
+    return bool(_OTHER_EXPERTS.search(name) or _OTHER_EXPERTS_3D.search(name))
+
+
 def _other_experts_named(others: Sequence[_TensorLike]) -> str:
     """'NAME and N more': the first of ``others`` named, and the count of the rest."""
     more = f" and {len(others) - 1} more" if len(others) > 1 else ""
@@ -297,6 +303,36 @@ def _expert_widths(config: Any) -> list[int] | None:
     return None
 
 
+def _zero_expert_rows(
+    module: str,
+    experts: Mapping[int, Mapping[str, _TensorLike]],
+    count: tuple[str, int] | None,
+    config: Any,
+    names: tuple[str, str, str],
+) -> str | None:
+    """The refusal of LongCat-Flash's experts as transformers' ``save_pretrained`` writes them, else None.
+    config.json's ``zero_expert_num`` zero-computation (identity) experts follow its ``n_routed_experts``;
+    transformers' ``LongcatFlashExperts`` holds a ``gate_up_proj`` row for them too (never used: such an
+    expert returns its input) but no ``down_proj``, so its checkpoint has gate and up weights of those
+    experts and no down weight. Said as what it is, not as a damaged source."""
+    zero = config.get("zero_expert_num") if isinstance(config, dict) else None
+    if count is None or type(zero) is not int or zero <= 0:
+        return None
+    field, n = count
+    gate, up, down = names
+    extra = sorted(e for e in experts if e >= n)
+    if extra != list(range(n, n + zero)) or any(down in experts[e] for e in extra):
+        return None
+    return (
+        f"{module}: experts {n}..{n + zero - 1} have {gate} and {up} weights but no {down}: they are "
+        f"config.json's zero_expert_num = {zero} zero-computation (identity) experts after its "
+        f"{field} = {n}, whose unused gate/up rows transformers' save_pretrained writes (LongCat-Flash's "
+        f"gate_up_proj holds {n + zero} experts, its down_proj {n}); --moe-experts quantize does not take "
+        "them (no 4-bit expert loader reads an expert without its down weight): convert with --moe-experts "
+        "keep (the default), which stock transformers + bitsandbytes loads"
+    )
+
+
 def check_experts(tensors: Sequence[_TensorLike], config: Any = None, mode: str = "keep") -> None:
     """Refuse a checkpoint whose routed experts no loader can stack: an experts module missing an
     expert (a gap in its indices, or fewer or more experts than config.json's count) or one projection
@@ -318,6 +354,11 @@ def check_experts(tensors: Sequence[_TensorLike], config: Any = None, mode: str 
         # ERNIE-4.5-VL: experts of each group (text, vision) alike; the groups' shapes may differ
         n_experts = max(experts) + 1
         per_group = n_experts // len(widths) if widths and n_experts % len(widths) == 0 else 0
+        zero = _zero_expert_rows(module, experts, count, config, names)
+        if zero is not None and check_mode(mode) == "quantize":
+            raise MoeCheckpointError(zero)
+        if zero is not None:  # keep: written as they are, which transformers' LongcatFlashExperts reads
+            experts = {e: parts for e, parts in experts.items() if e < count[1]}  # type: ignore[index]
         if count is not None and max(experts) + 1 != count[1]:
             field, n = count
             what = f"only experts 0..{max(experts)}" if max(experts) < n else f"expert {max(experts)}"
@@ -742,7 +783,31 @@ def _summarize(
             reason = f"quantize-model load_quantized ({mixed[0]} mixes 4-bit and 16-bit experts)"
             return MoeSummary(q, k, (), (*not_loaders, reason))
         return MoeSummary(q, k, LOADERS_QUANTIZED[:1], not_loaders)
+    zero = zero_expert_modules(kept_names)
+    if zero:
+        reason = (
+            f"quantize-model load_quantized ({zero[0]}: LongCat-Flash's zero (identity) experts have gate "
+            "and up weights but no down weight)"
+        )
+        return MoeSummary(0, k, LOADERS_KEPT[:1], (*NOT_LOADERS_KEPT, reason))
     return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
+
+
+def zero_expert_modules(names: Iterable[str]) -> list[str]:
+    """Experts modules (checkpoint names) whose last experts have gate and up weights but no down weight
+    while the others have all three: LongCat-Flash's zero (identity) experts as transformers'
+    save_pretrained writes them (``_zero_expert_rows``); load_quantized stacks whole experts only."""
+    roles: dict[str, dict[int, set[str]]] = {}
+    for n in names:
+        if key := parse_expert_key(n):
+            roles.setdefault(key.module, {}).setdefault(key.index, set()).add(PROJ_ROLE[key.proj])
+    out = []
+    for module, experts in roles.items():
+        without = sorted(e for e, r in experts.items() if r == {"gate", "up"})
+        whole = sorted(e for e, r in experts.items() if r == {"gate", "up", "down"})
+        if without and whole and len(without) + len(whole) == len(experts) and whole[-1] < without[0]:
+            out.append(module)
+    return sorted(out)
 
 
 def _summarize_llama4(

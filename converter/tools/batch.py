@@ -23,7 +23,29 @@ STATE_DIR = ".quantize-model-batch"
 def bad_output_name(name: str) -> bool:
     """Whether ``name`` cannot be a job's folder under the output root: not a plain folder name, or
     the batch's own state folder (the job's files and every job's stamps would share it)."""
-    return "/" in name or name in ("", ".", "..", STATE_DIR)
+    return output_name_problem(name) is not None
+
+
+def _unprintable(c: str) -> bool:
+    """A control character (C0, DEL, C1), a lone surrogate or a noncharacter: not for a folder name
+    (XML 1.0 forbids most of them, so the JUnit report naming the job could not be parsed)."""
+    o = ord(c)
+    return o < 0x20 or 0x7F <= o <= 0x9F or 0xD800 <= o <= 0xDFFF or o in (0xFFFE, 0xFFFF)
+
+
+def output_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a job's output folder name ("must be ..."), or None."""
+    if "/" in name or name in ("", ".", ".."):
+        return "must be a plain folder name"
+    if name == STATE_DIR:
+        return "must be a plain folder name other than the batch's own state folder"
+    if not name.strip():
+        return "must be a plain folder name, not blank"
+    bad = sorted({c for c in name if _unprintable(c)})
+    if bad:
+        said = ", ".join(f"U+{ord(c):04X}" for c in bad)
+        return f"must be a plain folder name without control characters (it holds {said})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -136,10 +158,10 @@ def read_list(path: Path) -> list[BatchItem]:
         raise InputError(msg)
     seen: dict[str, str] = {}
     for it in items:
-        if bad_output_name(it.output):
-            msg = f"{path}: output name {it.output!r} for {it.source} must be a plain folder name"
-            if it.output == STATE_DIR:
-                msg += " other than the batch's own state folder"
+        problem = output_name_problem(it.output)
+        if problem is not None:
+            where = f"{path}:{it.line}: line {it.line}" if it.line is not None else f"{path}: {it.label}"
+            msg = f"{where}: output name {it.output!r} for {it.source!r} {problem}; fix the list"
             raise InputError(msg)
         if it.output in seen:
             msg = (

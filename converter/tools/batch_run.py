@@ -40,7 +40,9 @@ from converter.tools.batch import STATE_DIR
 from converter.tools.plan_file import Job
 
 #: Statuses of a job (JUnit: failed -> failure, interrupted -> error, cancelled -> skipped, the rest pass).
-STATUSES = ("converted", "resumed", "up-to-date", "failed", "interrupted", "cancelled")
+#: ``refreshed``: the output was finished for the same weights, and only the files convert copies from the
+#: source (tokenizer, licence, config...) that changed since were rewritten (no shard redone).
+STATUSES = ("converted", "resumed", "refreshed", "up-to-date", "failed", "interrupted", "cancelled")
 
 
 @dataclass
@@ -50,7 +52,7 @@ class ItemResult:
     seconds: float
     error: str | None = None
     exit_code: int = 0
-    result: Any = None  # ConversionResult when converted or resumed
+    result: Any = None  # ConversionResult when converted, resumed or refreshed
     status: str = "converted"
     bytes_out: int = 0
     quality: dict | None = None  # the report's quality summary
@@ -374,7 +376,8 @@ def run_job(
         fingerprint = _fingerprint(out)
         pushed = push_to if result.pushed_to else None  # the repo id (result.pushed_to is its URL)
         write_stamp(root, job, fingerprint, pushed, key)
-        status = "resumed" if result.resumed else "converted"
+        # refreshed: a finished folder whose copied files were rewritten; resumed says a killed run
+        status = "refreshed" if result.refreshed else "resumed" if result.resumed else "converted"
         return ItemResult(job, True, time.perf_counter() - t0, result=result, status=status,
                           bytes_out=result.bytes_out, quality=result.quality,
                           pushed_to=pushed)  # fmt: skip

@@ -5,11 +5,14 @@ time = seconds. A failed job gets <failure message="the one-line error" type="ex
 interrupted by Ctrl-C/SIGTERM gets <error type="interrupted">; a job not started (--fail-fast, or
 the batch interrupted) gets <skipped>; every case's <system-out> says what happened and the output
 size (and the quality totals when measured). Attributes follow the Ant/Jenkins JUnit schema
-(tests, failures, errors, skipped, time on the suite).
+(tests, failures, errors, skipped, time on the suite). Every text and attribute is made XML 1.0:
+characters it forbids (control characters, lone surrogates from undecodable file names, U+FFFE/FFFF),
+which an error message or a source may hold, are written as ``\\xNN`` / ``\\uNNNN`` escapes.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 import xml.etree.ElementTree as ET
@@ -18,9 +21,27 @@ from typing import Any
 
 from converter.units import human_bytes
 
+#: What XML 1.0 forbids (its Char production: tab, newline and carriage return are its only controls).
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(value: object) -> str:
+    """``value`` as text XML 1.0 allows: each forbidden character as its Python escape (``\\x1b``)."""
+    return _NOT_XML.sub(lambda m: ascii(m.group())[1:-1], str(value))
+
 
 def junit_xml(result: Any, *, suite: str = "quantize-model batch") -> bytes:
     """``result`` is converter.tools.batch_run.BatchResult."""
+    root = _junit_tree(result, suite)
+    for element in root.iter():  # every text and attribute, whatever wrote it
+        element.attrib = {k: xml_text(v) for k, v in element.attrib.items()}
+        if element.text is not None:
+            element.text = xml_text(element.text)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def _junit_tree(result: Any, suite: str) -> ET.Element:
     items = result.items
     root = ET.Element("testsuites")
     ts = ET.SubElement(
@@ -51,8 +72,7 @@ def junit_xml(result: Any, *, suite: str = "quantize-model batch") -> bytes:
             ET.SubElement(case, "skipped", message=i.error or "cancelled")
         out = ET.SubElement(case, "system-out")
         out.text = _summary(i)
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    return root
 
 
 def _summary(i: Any) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 from converter.errors import InputError
 from converter.kernels import MAX_THREADS, threads_beyond_limit
-from converter.tools.batch import STATE_DIR, BatchItem, bad_output_name, default_name, read_list
+from converter.tools.batch import BatchItem, default_name, output_name_problem, read_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -418,10 +418,10 @@ def _expand_job(
                     if (key not in JOB_KEYS or key == "revision") and key not in foreign
                 ]
                 name += "-" + "-".join(parts) if parts else ""
-        if bad_output_name(name):
-            other = " other than the batch's own state folder" if name == STATE_DIR else ""
+        problem = output_name_problem(name)
+        if problem is not None:
             msg = "job"
-            raise fail(msg, k, "output", f"output name {name!r} must be a plain folder name{other}")
+            raise fail(msg, k, "output", f"output name {name!r} {problem}")
         line = fail("job", k, None, "").args[0].split(": ", 1)[0]
         job = Job(
             source,

@@ -263,6 +263,21 @@ def build_model_card(folder: Path, repo_id: str, revision: str | None = None) ->
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     name = repo_id.rsplit("/", 1)[-1]
     loader, remote_code = transformers_loader(config)
+    # load_quantized reads it, but for experts it cannot stack (LongCat-Flash's zero experts)
+    ours = (
+        f"""
+## Load with quantize-model
+
+```python
+from converter import load_quantized
+
+model = load_quantized("{repo_id}"{rev})
+```
+"""
+        if moe_summary is None
+        or any(x.startswith("quantize-model load_quantized") for x in moe_summary.loaders)
+        else ""
+    )
     if moe_summary is not None and moe_summary.tensors_quantized:
         snippet = f'{loader}.from_pretrained("{repo_id}"{rev}, device_map="auto"{remote_code})'
         return _moe_card(
@@ -291,15 +306,7 @@ model = {loader}.from_pretrained("{repo_id}"{rev}, device_map="auto"{remote_code
 ```
 
 The `quantization_config` in `config.json` tells transformers the weights are already quantized.
-
-## Load with quantize-model
-
-```python
-from converter import load_quantized
-
-model = load_quantized("{repo_id}"{rev})
-```
-"""
+{ours}"""
 
 
 def transformers_loader(config: dict[str, Any]) -> tuple[str, str]:
@@ -415,13 +422,18 @@ def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
     if not keys:
         from formats.reader import open_folder
 
-        try:
-            records = open_folder(folder).records()
+        try:  # from the headers: every tensor read whole called the 4-bit records (they have a dtype
+            # too) kept, and the folder a source checkpoint
+            with open_folder(folder) as ckpt:
+                quantized, kept = ckpt.quantized, ckpt.passthrough
+                fused = [k for k in [*quantized, *kept] if moe.FUSED_EXPERT_KEY.match(k)]
+                shapes = {
+                    k: tuple((ckpt.record(k) if k in quantized else ckpt.entry(k)).shape) for k in fused
+                }
         except Exception:  # an unreadable folder: check_folder reports it
             return None
-        quantized = [k for k, v in records.items() if not hasattr(v, "dtype")]
-        shapes = {k: tuple(v.shape) for k, v in records.items()}
-        return moe.summarize(quantized, [k for k in records if k not in quantized], (), formats, shapes)
+        others = _other_experts(folder, kept)
+        return moe.summarize(quantized, kept, (), formats, shapes, others)
     # a quantized weight's companion: 4-bit ``<m>.weight.absmax``, LLM.int8 ``<m>.SCB``
     weights = {k.removesuffix(".absmax") for k in keys if k.endswith(".absmax")} | {
         k.removesuffix(SCB_SUFFIX) + "weight" for k in keys if k.split(".")[-1] == SCB_SUFFIX
@@ -436,7 +448,29 @@ def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
                 shapes = {k: (ckpt.record(k) if k in weights else ckpt.entry(k)).shape for k in fused}
         except Exception:  # an unreadable folder: check_folder reports it
             return None
-    return moe.summarize(sorted(weights), [k for k in keys if k not in weights], (), formats, shapes)
+    kept = [k for k in keys if k not in weights]
+    others = _other_experts(folder, kept)
+    return moe.summarize(sorted(weights), kept, (), formats, shapes, others)
+
+
+def _other_experts(folder: Path, kept: list[str]) -> list[Any]:
+    """The kept tensors that are experts of a layout quantize-model does not quantize (Granite-MoE's,
+    Granite 4.0-H's, JetMoE's fused ``input_linear`` / ``output_linear``, DBRX's ``ffn.experts.mlp.*``),
+    as ``inspect`` and ``convert`` name them: their dtypes and shapes from the shard headers, read only
+    where a kept name may be one; [] for an unreadable folder (check_folder reports it)."""
+    from converter.plan import moe
+
+    names = [k for k in kept if moe.may_be_other_expert(k)]
+    if not names:
+        return []
+    from formats.reader import open_folder
+
+    try:
+        with open_folder(folder) as ckpt:
+            entries = {k: ckpt.entry(k) for k in names}
+    except Exception:
+        return []
+    return moe.other_experts([moe.HeaderTensor(k, e.dtype, tuple(e.shape)) for k, e in entries.items()])
 
 
 def _moe_card(

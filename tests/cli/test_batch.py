@@ -340,3 +340,96 @@ def test_an_output_root_that_is_a_file_is_refused_once_before_any_job(
         assert r.stderr == f"Error: {said}, not a folder; choose another OUTPUT_ROOT\n"
         assert json.loads(r.stdout)["error"] == f"{said}, not a folder; choose another OUTPUT_ROOT"
     assert afile.read_text() == "not a folder\n"
+
+
+def test_a_job_whose_copied_files_were_refreshed_is_not_called_resumed(qm, tmp_path: Path) -> None:
+    """A finished job whose source's tokenizer changed since rewrites that file and keeps every shard:
+    the JSON and JUnit reports called it 'resumed', which says a killed run; it is 'refreshed' (counted
+    as such, a passing JUnit case), exit 0."""
+    import xml.etree.ElementTree as ET
+
+    from qm_checkpoints import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "m")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src} m\n")
+    root = tmp_path / "outs"
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 4096}\n')
+    junit = tmp_path / "junit.xml"
+    r = qm("batch", listing, root, "--json", "--junit", junit)
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [i["status"] for i in data["items"]] == ["refreshed"]
+    assert data["counts"]["refreshed"] == 1
+    assert data["counts"]["resumed"] == 0
+    (case,) = ET.parse(junit).getroot().iter("testcase")
+    assert [c.tag for c in case] == ["system-out"]  # passed: no failure, error or skipped
+    assert case.find("system-out").text.startswith(f"{src} -> m: refreshed in ")
+    r = qm("batch", listing, root)
+    assert r.exit_code == 0
+    assert f"[1/1] {src} -> m: no-op in" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "where", "name", "problem"),
+    [
+        ("json", json.dumps([{"source": "SRC", "output": "   "}]), "LIST: item 0", "   ", "not blank"),
+        (
+            "json",
+            json.dumps(["SRC", {"source": "SRC", "output": "m\x1b[31m\x00"}]),
+            "LIST: item 1",
+            "m\x1b[31m\x00",
+            "without control characters (it holds U+0000, U+001B)",
+        ),
+        ("text", 'SRC "  "\n', "LIST:1: line 1", "  ", "not blank"),
+        ("text", "SRC a\x7fb\n", "LIST:1: line 1", "a\x7fb", "without control characters (it holds U+007F)"),
+        ("toml", '[[job]]\nsource = "SRC"\noutput = "x\\u0007"\n', None, "x\x07", ""),
+    ],
+    ids=["json-blank", "json-escape", "text-blank", "text-del", "toml-bell"],
+)
+def test_blank_or_control_character_output_names_are_refused_before_any_job(
+    qm, tiny_llama: Path, tmp_path: Path, kind: str, text: str, where: str | None, name: str, problem: str
+) -> None:
+    """An output name of spaces only, or holding control characters (a generated JSON list), was
+    accepted: the folder got that name and the JUnit report, naming the job, was no valid XML. Refused
+    before any work, exit 2, naming the item."""
+    listing = tmp_path / {"json": "list.json", "text": "list.txt", "toml": "plan.toml"}[kind]
+    listing.write_text(text.replace("SRC", str(tiny_llama)), encoding="utf-8")
+    root = tmp_path / "outs"
+    r = qm("batch", listing, root, "--junit", tmp_path / "junit.xml")
+    assert r.exit_code == 2, r.stderr
+    if where is None:  # a TOML plan: its line and job
+        assert r.stderr.startswith(f"Error: {listing}:3: job 1: output name {name!r} must be a plain")
+        assert "without control characters (it holds U+0007)" in r.stderr
+    else:
+        said = where.replace("LIST", str(listing))
+        assert r.stderr == (
+            f"Error: {said}: output name {name!r} for {str(tiny_llama)!r} must be a plain folder name, "
+            f"{problem}; fix the list\n".replace("name, without", "name without")
+        )
+    assert not root.exists()
+    assert not (tmp_path / "junit.xml").exists()
+
+
+def test_junit_report_is_xml_whatever_an_error_message_holds() -> None:
+    """An error message (or a source) holding control characters, a lone surrogate (an undecodable file
+    name) or U+FFFE made the JUnit report unparsable XML, or made writing it fail; each such character
+    is written as its escape, the rest of the text as it is."""
+    import xml.etree.ElementTree as ET
+
+    from converter.tools.batch_run import BatchResult, ItemResult
+    from converter.tools.junit import junit_xml
+    from converter.tools.plan_file import Job
+
+    error = "src\udcff/x: bad\x1b[31m byte \x00, \x0b\ufffe tab\there; line\nnext é"
+    job = Job("src\udcff/x\x01", "out", None, {})
+    result = BatchResult([ItemResult(job, False, 1.0, error, 2, status="failed")])
+    root = ET.fromstring(junit_xml(result))
+    (case,) = root.iter("testcase")
+    assert case.get("classname") == "src\\udcff/x\\x01"
+    said = "src\\udcff/x: bad\\x1b[31m byte \\x00, \\x0b\\ufffe tab\there; line\nnext é"
+    failure = case.find("failure")
+    assert failure.get("message") == said
+    assert failure.text == said
+    assert case.find("system-out").text.startswith("src\\udcff/x\\x01 -> out: failed in 1.0 s")

@@ -485,7 +485,10 @@ def test_sentence_transformers_module_folders_are_copied_as_convert_copies_them(
     assert (out / POOLING).read_bytes() == (folder / POOLING).read_bytes()
     # the input's module file changed since: another input, as for its top-level files
     (folder / POOLING).write_text('{"pooling_mode_cls_token": true}\n')
-    with pytest.raises(OutputExistsError, match=r"source file 1_Pooling/config\.json changed"):
+    changed = (
+        r"weight files did not change, but files dequantize copies from it did: 1_Pooling/config\.json \("
+    )
+    with pytest.raises(OutputExistsError, match=changed):
         dequantize_checkpoint(folder, out)
 
 
@@ -761,3 +764,42 @@ def test_sigterm_stops_the_dequantize_command_with_its_line_json_and_exit_143(
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
     for p in reference.iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_a_changed_source_is_said_by_the_kind_of_file_and_whether_the_weights_changed(
+    our_folder: Path, tmp_path: Path
+) -> None:
+    """A rerun refused because the input changed named the first file that differs in name order: after
+    a plain `cp LICENSE` into the input (a new mtime, the same bytes) it said 'source file LICENSE
+    changed', which read as a changed model. It says which kind of file changed, how, and whether the
+    weights did."""
+    import os
+    import shutil
+
+    folder = tmp_path / "nf4"
+    shutil.copytree(our_folder, folder)
+    (folder / "LICENSE").write_text("Apache-2.0\n")
+    out = tmp_path / "plain"
+    dequantize_checkpoint(folder, out)
+    licence = folder / "LICENSE"
+    st = licence.stat()
+    os.utime(licence, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as `cp` leaves it: same bytes
+    start = f"{out}: holds a checkpoint dequantized with other options or from another source ("
+    end = "); choose another folder or pass --overwrite"
+    with pytest.raises(OutputExistsError) as err:
+        dequantize_checkpoint(folder, out)
+    assert str(err.value) == (
+        f"{start}the source's weight files did not change, but files dequantize copies from it did: LICENSE "
+        f"(modification time only: same size and sampled data){end}"
+    )
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # other values, same size and header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(OutputExistsError) as err:
+        dequantize_checkpoint(folder, out)
+    assert str(err.value) == (
+        f"{start}the source's weight files changed: {shard.name} (modification time, sampled data); files "
+        "dequantize copies from it changed too: LICENSE (modification time only: same size and sampled "
+        f"data){end}"
+    )

@@ -972,3 +972,91 @@ def test_fp8_source_cast_to_another_dtype_rounds_once(moe_src, tmp_path, quant_t
     ref = Fp8Dequantize(None)._dequantize_one(fp8[kept], scale, getattr(torch, dtype))
     assert got[kept].dtype == ref.dtype
     assert torch.equal(got[kept], ref)
+
+
+@pytest.mark.parametrize("name", ["granitemoe", "granitemoehybrid", "jetmoe"])
+def test_push_card_names_experts_of_a_layout_not_quantized_as_inspect_does(moe_src, tmp_path, name):
+    """The model card of a Granite-MoE / Granite 4.0-H / JetMoE folder had no "MoE experts" row (it read
+    the index's key names only), while inspect and convert named those experts as kept 16-bit: the row
+    now says what inspect says, from the shard headers (a folder without an index too)."""
+    from converter.tools.push import build_model_card
+
+    out = tmp_path / "q"
+    convert(moe_src(name), out, progress=False, warn=lambda _: None)
+    layout = inspect_path(out).moe.layout
+    assert layout.startswith("experts kept in 16 bit (stored in a layout quantize-model does not quantize: ")
+    row = f"| MoE experts | {layout} |"
+    card = build_model_card(out, f"me/tiny-{name}-nf4")
+    assert row in card.splitlines()
+    assert "## Load with transformers (needs `bitsandbytes`)" in card  # stock transformers loads it
+    (out / "model.safetensors.index.json").unlink()  # one shard, no index: read from its header
+    assert row in build_model_card(out, f"me/tiny-{name}-nf4").splitlines()
+
+
+def _make_longcat_flash(folder: Path) -> Path:
+    """A tiny LongCat-Flash (4 routed experts, 2 zero experts) saved by transformers' save_pretrained:
+    gate/up weights for experts 0..5, down weights for 0..3."""
+    import transformers
+
+    cfg = transformers.LongcatFlashConfig(
+        vocab_size=256, hidden_size=64, ffn_hidden_size=96, expert_ffn_hidden_size=64, num_layers=1,
+        num_attention_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+        v_head_dim=16, head_dim=16, n_routed_experts=4, zero_expert_num=2, moe_topk=2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    cfg.architectures = ["LongcatFlashForCausalLM"]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.LongcatFlashForCausalLM(cfg).to(torch.bfloat16).eval().save_pretrained(folder)
+    return folder
+
+
+def test_longcat_flash_zero_experts_as_transformers_saves_them(tmp_path):
+    """transformers' save_pretrained writes LongCat-Flash's zero (identity) experts' unused gate/up rows
+    but no down weight: convert refused every such checkpoint as 'config.json has n_routed_experts = 4 but
+    the checkpoint holds expert 5 ... (an incomplete or damaged source ...)'. keep writes them as they
+    are, which stock transformers + bitsandbytes loads (its experts and router equal the source's), and
+    inspect and the card do not list load_quantized, which cannot stack them; quantize is refused, saying
+    what they are and to use keep."""
+    import transformers
+
+    from converter.loader.moe_records import MoeLoadError
+    from converter.plan.moe import LOADERS_KEPT
+    from converter.tools.push import build_model_card
+
+    src = _make_longcat_flash(tmp_path / "src")
+    first = "model.layers.0.mlp.experts"
+    with pytest.raises(InputError) as err:
+        convert(src, tmp_path / "q", moe_experts="quantize", progress=False, warn=lambda _: None)
+    assert str(err.value) == (
+        f"{first}: experts 4..5 have gate_proj and up_proj weights but no down_proj: they are "
+        "config.json's zero_expert_num = 2 zero-computation (identity) experts after its n_routed_experts "
+        "= 4, whose unused gate/up rows transformers' save_pretrained writes (LongCat-Flash's gate_up_proj "
+        "holds 6 experts, its down_proj 4); --moe-experts quantize does not take them (no 4-bit expert "
+        "loader reads an expert without its down weight): convert with --moe-experts keep (the default), "
+        "which stock transformers + bitsandbytes loads"
+    )
+    out = tmp_path / "keep"
+    convert(src, out, progress=False, warn=lambda _: None)
+    records, source = _records(out), _source_tensors(src)
+    experts = [k for k in source if k.startswith(f"{first}.")]
+    assert len(experts) == 4 * 3 + 2 * 2
+    assert all(torch.equal(records[k], source[k]) for k in experts)
+    summary = inspect_path(out).moe
+    assert summary.loaders == LOADERS_KEPT[:1]
+    assert any(x.startswith("quantize-model load_quantized (") for x in summary.not_loaders)
+    card = build_model_card(out, "me/tiny-longcat-nf4")
+    assert "load_quantized(" not in card
+    assert (
+        "LongcatFlashForCausalLM.from_pretrained(" in card or "AutoModelForCausalLM.from_pretrained(" in card
+    )
+    with pytest.raises(MoeLoadError):
+        load_quantized(out, device="cpu", dtype=torch.bfloat16)
+    cls = transformers.LongcatFlashForCausalLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = cls.from_pretrained(src, dtype=torch.bfloat16).state_dict()
+        theirs = cls.from_pretrained(out, device_map="cpu", dtype=torch.bfloat16).state_dict()
+    for key in (f"{first}.gate_up_proj", f"{first}.down_proj", "model.layers.0.mlp.router.classifier.weight"):
+        assert torch.equal(theirs[key], ref[key]), key
