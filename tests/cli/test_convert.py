@@ -56,6 +56,20 @@ def test_a_rerun_names_a_shard_the_index_does_not_list(qm, tiny_llama: Path, tmp
     assert qm("convert", tiny_llama, out, "-q").stderr == ""
 
 
+def _assert_stopped_by_sigterm(r, handler_before) -> None:
+    """A command SIGTERM stopped: its handler restored, exit 143, the one line and the JSON error object."""
+    import signal
+
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # restored
+    assert r.exit_code == 143
+    assert r.stderr == "Error: interrupted by SIGTERM; rerun the same command to resume\n"
+    assert json.loads(r.stdout) == {
+        "ok": False,
+        "error": "interrupted by SIGTERM; rerun the same command to resume",
+        "exit_code": 143,
+    }
+
+
 def test_sigterm_stops_convert_as_ctrl_c_does_with_its_line_json_and_exit_143(
     qm, tiny_llama: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -80,14 +94,7 @@ def test_sigterm_stops_convert_as_ctrl_c_does_with_its_line_json_and_exit_143(
     with monkeypatch.context() as m:
         m.setattr(pipeline._Conversion, "_write_index", terminated)
         r = qm("convert", tiny_llama, out, "--json")
-    assert signal.getsignal(signal.SIGTERM) is before  # restored
-    assert r.exit_code == 143
-    assert r.stderr == "Error: interrupted by SIGTERM; rerun the same command to resume\n"
-    assert json.loads(r.stdout) == {
-        "ok": False,
-        "error": "interrupted by SIGTERM; rerun the same command to resume",
-        "exit_code": 143,
-    }
+    _assert_stopped_by_sigterm(r, before)
     assert not (out / "config.json").exists()
     assert qm("verify", out, "-q").exit_code == 1  # unfinished: never passes
     assert qm("convert", tiny_llama, out, "-q").exit_code == 0
@@ -116,14 +123,7 @@ def test_sigterm_stops_push_with_its_line_json_and_exit_143(qm, tmp_path: Path, 
     with monkeypatch.context() as m:
         m.setattr(push, "push_folder", terminated)
         r = qm("push", folder, "me/model", "--json")
-    assert signal.getsignal(signal.SIGTERM) is before  # restored
-    assert r.exit_code == 143
-    assert r.stderr == "Error: interrupted by SIGTERM; rerun the same command to resume\n"
-    assert json.loads(r.stdout) == {
-        "ok": False,
-        "error": "interrupted by SIGTERM; rerun the same command to resume",
-        "exit_code": 143,
-    }
+    _assert_stopped_by_sigterm(r, before)
 
 
 def test_json_output(qm, tiny_llama: Path, tmp_path: Path) -> None:
