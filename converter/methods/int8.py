@@ -74,11 +74,12 @@ class Int8Method(QuantMethod):
         import numpy as np
 
         from formats.validate import WEIGHT_FORMAT_ROW, int8_layout
+        from formats.writer import NUMPY_DTYPES
 
         layout = int8_layout(p.name, p.out_shape)
         values = [result.codes, result.scb, np.array(WEIGHT_FORMAT_ROW, dtype=np.uint8)]
         for (key, (code, shape)), value in zip(layout.items(), values, strict=True):
-            if value.dtype != _NUMPY_OF_CODE[code] or tuple(value.shape) != shape:
+            if value.dtype != NUMPY_DTYPES[code] or tuple(value.shape) != shape:
                 got = f"{value.dtype} {list(value.shape)}"
                 msg = f"internal error: {key!r} is {got}, planned {code} {list(shape)}"
                 raise RuntimeError(msg)
@@ -145,10 +146,6 @@ class Int8Method(QuantMethod):
         from converter.loader.module_int8 import Linear8bit
 
         return Linear8bit
-
-
-#: safetensors code -> numpy dtype of the int8 record's keys.
-_NUMPY_OF_CODE = {"I8": "int8", "F32": "float32", "U8": "uint8"}
 
 
 def _dtype_name(code: str) -> str:
