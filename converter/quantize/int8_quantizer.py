@@ -95,14 +95,11 @@ def _cpu_input(t: Any) -> tuple[np.ndarray, str]:
 
 def _quantize_cuda(x: Any, dtype: str | None, device: str, scale: str) -> tuple[np.ndarray, np.ndarray]:
     """The CUDA kernels through their torch face (imported here: the CPU path needs no torch)."""
-    import torch
-
     from converter.kernels import int8 as kernels_int8
-    from formats.writer import TORCH_DTYPES
+    from converter.sources.mapped import as_torch
 
-    if isinstance(x, np.ndarray):
-        t = torch.from_numpy(x)
-        x = t.view(TORCH_DTYPES[dtype]) if t.dtype != TORCH_DTYPES[dtype] else t
+    if isinstance(x, np.ndarray):  # the pipeline's array (bf16 as its uint16 bits): a torch view of it
+        x = as_torch(x, dtype or "")
     codes, scb = kernels_int8.quantize_int8(x.to(device), scale=scale)
     return codes.cpu().numpy(), scb.cpu().numpy()
 
