@@ -22,12 +22,18 @@ _pending: int | None = None
 _raising = False
 
 
+def interrupt(signum: int) -> KeyboardInterrupt:
+    """The ``KeyboardInterrupt`` a signal stops a command with, carrying its number as ``signum`` (the CLI
+    says which signal, and exits 128 + signum: 130 for Ctrl-C, 143 for SIGTERM)."""
+    exc = KeyboardInterrupt(signal.Signals(signum).name)
+    exc.signum = signum  # type: ignore[attr-defined]
+    return exc
+
+
 def _handler(signum: int, frame: Any) -> None:
     global _pending
     if _raising:
-        exc = KeyboardInterrupt(signal.Signals(signum).name)
-        exc.signum = signum  # type: ignore[attr-defined]
-        raise exc
+        raise interrupt(signum)
     if _pending is None:
         _pending = signum
 

@@ -21,6 +21,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from converter.batch_signals import interrupt
 from converter.errors import ConverterError
 
 DEBUG_ENV = "QUANTIZE_MODEL_DEBUG"
@@ -91,9 +92,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        exc = KeyboardInterrupt(signal.Signals(signum).name)
-        exc.signum = signum  # type: ignore[attr-defined]
-        raise exc
+        raise interrupt(signum)
 
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_IGN:  # ignored by whoever started the process: stays ignored
