@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from converter.cli._app import App, not_empty, not_empty_path, table
+from converter.cli._app import App, not_empty, not_empty_path, sigterm_as_interrupt, table
 from converter.cli._moe_rows import moe_rows
 from converter.errors import InputError
 from converter.methods import method_names
@@ -197,8 +197,6 @@ def convert(app: App, source: str, output: Path, **params: Any) -> None:
     _, fallback_note = resolve_device(params["device"])
     if fallback_note:
         app.warn(fallback_note)  # before the long work starts; convert() falls back the same way
-    from converter.cli._app import sigterm_as_interrupt
-
     with sigterm_as_interrupt():  # a CI job cancelled or timed out: the one line (and JSON), exit 143
         result = run_convert(
             source,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from converter.cli._app import App, not_empty, not_empty_path, table
+from converter.cli._app import App, not_empty, not_empty_path, sigterm_as_interrupt, table
 from converter.sources import looks_like_repo_id
 from converter.units import human_bytes
 
@@ -56,8 +56,6 @@ def dequantize(
     app.configure(json=as_json, quiet=quiet)
     if revision is not None and (Path(source).exists() or not looks_like_repo_id(source)):
         app.abort(f"--revision {revision!r} applies to Hub repos only, but {source!r} is a local path", 2)
-    from converter.cli._app import sigterm_as_interrupt
-
     with sigterm_as_interrupt():  # a CI job cancelled or timed out: the one line (and JSON), exit 143
         result = dequantize_checkpoint(
             source,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from converter.cli._app import App, not_empty_path
+from converter.cli._app import App, not_empty_path, sigterm_as_interrupt
 
 
 @click.command("push")
@@ -27,7 +27,6 @@ def push(
     Creates REPO if needed. Rerun the same command after an interruption: files already on the Hub
     are not uploaded again. Authentication as huggingface_hub does it (`hf auth login` or HF_TOKEN).
     """
-    from converter.cli._app import sigterm_as_interrupt
     from converter.tools.push import push_folder
 
     app.configure(json=as_json, quiet=quiet)
