@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 import transformers
+from bnb_cpu_path import bnb_generic_cpu_path
 from tiny_models import (
     add_repository_code,
     linear4bit_modules,
@@ -81,13 +82,9 @@ def _ours(src, out, quant_type, nested, compute_dtype):
 
 
 def _outputs(model, name: str) -> torch.Tensor:
-    # bnb 0.50.2 on a CPU with AVX512-BF16 repacks each Linear4bit on its first eval forward
-    # (_convert_weight_packed_for_cpu), which assumes in_features % blocksize == 0 and crashes on
-    # our 96-input layers ("shape '[64, 1]' is invalid for input of size 96"). Use the generic
-    # dequantize + matmul path, the same for both folders.
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    # bnb's AVX512-BF16 repack crashes on our 96-input layers ("shape '[64, 1]' is invalid for input
+    # of size 96"): its generic path, the same for both folders
+    bnb_generic_cpu_path(model)
     ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 1, 120, 33]])
     kwargs = {"input_ids": ids}
     if name == "t5":

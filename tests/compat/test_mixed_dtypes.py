@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from bnb_cpu_path import bnb_generic_cpu_path
 from safetensors.torch import save_file
 from tiny_models import load_logged, read_tensors
 
@@ -30,10 +31,7 @@ def _qs(t: torch.Tensor) -> dict:
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
-    # bnb's AVX512-BF16 repack fails on 96-input rows (see test_compat_transformers._outputs)
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    bnb_generic_cpu_path(model)  # bnb's AVX512-BF16 repack fails on 96-input rows
     with torch.no_grad():
         return model(IDS).logits
 

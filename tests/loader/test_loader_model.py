@@ -13,6 +13,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from bnb_cpu_path import bnb_generic_cpu_path
 from error_bounds import worst_ratio
 from loader_helpers import bnb_load, bnb_quantize_folder, gemv_bound, linear4bit_outputs, make_layer
 from safetensors.torch import save_file
@@ -287,9 +288,7 @@ def test_gpt2_conv1d_fp4_fp16(tmp_path: Path) -> None:
     folder = bnb_quantize_folder(tmp_path / "gpt2", tmp_path / "gpt2-fp4", quant_type="fp4", nested=False)
     ours = load_quantized(folder, dtype=torch.float16)
     theirs = bnb_load(folder)
-    for module in theirs.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False  # keep bnb on its dequantize + F.linear path
+    bnb_generic_cpu_path(theirs)
     assert _quantized_names(ours, Linear4bit) == _quantized_names(theirs, bnb.nn.Linear4bit)
     assert len(linear4bit_modules(ours)) == 8
     for layer in linear4bit_modules(ours).values():
@@ -666,9 +665,7 @@ def test_mamba_mixers_that_branch_on_a_quantized_config_run(tmp_path: Path, quan
     convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
     ours = load_quantized(folder, dtype=torch.float32)
     theirs = bnb_load(folder).eval()
-    for module in theirs.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False  # keep bnb on its dequantize + F.linear path
+    bnb_generic_cpu_path(theirs)
     for layer in ours.modules():
         if hasattr(layer, "use_gemv"):
             layer.use_gemv = False

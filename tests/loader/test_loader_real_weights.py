@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bnb_cpu_path import bnb_generic_cpu_path
 
 from converter.loader.model import linear4bit_modules, load_quantized
 
@@ -59,11 +60,7 @@ def test_minilm_embeddings_close_to_fp32_and_equal_to_bnb_loader(minilm: Path, m
     theirs = AutoModel.from_pretrained(minilm_nf4, device_map="cpu")
     names = {n for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert names == set(linear4bit_modules(ours))
-    # bnb on an AVX512-BF16 CPU would repack the weights and multiply in bf16; switched off, it takes
-    # its dequantize + F.linear path, which ours matches bit for bit.
-    for module in theirs.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    bnb_generic_cpu_path(theirs)
     for layer in linear4bit_modules(ours).values():
         layer.use_gemv = False
     assert torch.equal(_embed(ours, batch), _embed(theirs.eval(), batch))
