@@ -126,12 +126,13 @@ def gone_files(src: Source, output: Path, manifest: Manifest) -> list[str]:
 
 
 def source_label(identity: dict) -> str:
-    """How outputs name the source: ``repo_id@commit`` for the Hub, the folder name for a local path.
+    """How outputs name the source: ``repo_id@commit`` for the Hub and for a snapshot of the Hugging
+    Face cache (a local path that is that repo at that commit), the folder name for another local path.
 
     Absolute local paths stay out of shards and index (they would leak into pushed repos and make
     the same checkpoint converted from two places differ).
     """
-    if identity.get("kind") == "hub":
+    if identity.get("kind") == "hub" or identity.get("repo_id"):
         commit = identity.get("commit")
         return f"{identity.get('repo_id')}@{commit}" if commit else str(identity.get("repo_id"))
     return str(identity.get("name") or Path(str(identity.get("path", "source"))).name)
