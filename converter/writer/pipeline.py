@@ -79,6 +79,7 @@ from converter.writer.outputs import (
     copied_file,
     gone_files,
     provenance_of,
+    recorded_files,
     weight_map_of,
 )
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
@@ -914,6 +915,8 @@ class _Conversion:
             weight_map_of(self.plan),
             provenance_of(self.src, self.plan, None),
             format_version=self.plan.format_version,
+            # config.json's digest from the bytes _write_config writes next (of the same src.config())
+            files=recorded_files(self.src, self.plan, self.src.config(), self.output),
         )
 
     def _write_config(self, config: dict | None) -> None:
