@@ -11,7 +11,8 @@ Layout (sorted keys, indent 2, trailing newline; written through a temp file and
               "sha256": "...", "size": 123,
               "chunks": {"size": 16777216, "sha256": ["...", ...]}   # optional: formats/chunks.py
           }},
-          "tool": {"name": "quantize-model", "version": "0.1.0"}
+          "tool": {"name": "quantize-model", "version": "0.1.0"},
+          "files": {"config.json": {"sha256": "...", "size": 123}}   # optional: since 2026-12-07
         },
         "total_size": 123                            # bytes of tensor data in all shards (headers excluded)
       },
@@ -76,6 +77,9 @@ class Index:
     shards: dict[str, ShardEntry]  # empty for an index we did not write
     format_version: int | None  # None for an index we did not write
     provenance: dict[str, Any] | None
+    #: sha256 and size of the small JSON files beside the shards that loaders read (``config.json``,
+    #: ``generation_config.json``); None for an index that records none (ours before 2026-12-07, others')
+    file_digests: dict[str, ShardEntry] | None = None
 
     @property
     def files(self) -> list[str]:
@@ -89,6 +93,18 @@ def _data_bytes(path: Path) -> int:
         return os.fstat(f.fileno()).st_size - 8 - header_len
 
 
+@dataclass(frozen=True)
+class FileDigest:
+    """The sha256 and size of a file's bytes, recorded in the index's ``files``."""
+
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, data: bytes) -> FileDigest:
+        return cls(hashlib.sha256(data).hexdigest(), len(data))
+
+
 def index_text(
     folder: Path,
     shards: Sequence[ShardInfo],
@@ -97,9 +113,12 @@ def index_text(
     *,
     version: str | None = None,
     format_version: int = FORMAT_VERSION,
+    files: Mapping[str, FileDigest] | None = None,
 ) -> str:
     """The text ``write_index`` writes for ``shards`` (in ``folder``); a rerun compares it with the
-    index a finished conversion holds."""
+    index a finished conversion holds. ``files``: the digests of the small JSON files beside the shards
+    that loaders read (``config.json``: its bytes, which may be written after the index), recorded for
+    ``verify``; None records none (as indexes before them)."""
     names = {Path(s.path).name: s for s in shards}
     unknown = sorted({f for f in weight_map.values() if f not in names})
     unused = sorted(set(names) - set(weight_map.values()))
@@ -119,6 +138,11 @@ def index_text(
         },
         "weight_map": dict(weight_map),
     }
+    if files is not None:
+        for name in files:
+            _check_file_name(name, folder / INDEX_NAME)
+        digests = {n: {"sha256": d.sha256, "size": d.size} for n, d in files.items()}
+        index["metadata"]["quantize_model"]["files"] = digests
     return json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
 
 
@@ -130,10 +154,14 @@ def write_index(
     *,
     version: str | None = None,
     format_version: int = FORMAT_VERSION,
+    files: Mapping[str, FileDigest] | None = None,
 ) -> Path:
-    """Write the index for ``shards`` (already in ``folder``). Every shard must hold a weight_map key."""
+    """Write the index for ``shards`` (already in ``folder``). Every shard must hold a weight_map key.
+    ``files``: as for :func:`index_text`."""
     folder = Path(folder)
-    text = index_text(folder, shards, weight_map, provenance, version=version, format_version=format_version)
+    text = index_text(
+        folder, shards, weight_map, provenance, version=version, format_version=format_version, files=files
+    )
     path = folder / INDEX_NAME
     tmp = folder / f".{INDEX_NAME}.partial"
     try:
@@ -176,6 +204,33 @@ def _shard_entry(name: str, e: dict, where: Path) -> ShardEntry:
     return ShardEntry(sha, size, chunks)
 
 
+def _check_file_name(name: str, where: Path) -> None:
+    """A name in the index's ``files``: a plain file name in the folder (never a path: verify reads it)."""
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        what = "which is not a file name inside the folder"
+        msg = f"{where}: metadata.quantize_model.files names {name!r}, {what}"
+        raise BadIndex(msg)
+
+
+def _file_digests(ours: dict, where: Path) -> dict[str, ShardEntry] | None:
+    """The index's ``files`` (optional), each entry checked as a shard's ``sha256`` and ``size`` are."""
+    files = ours.get("files")
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        msg = f"{where}: metadata.quantize_model.files must map file names to their sha256 and size"
+        raise BadIndex(msg)
+    out = {}
+    for name, e in files.items():
+        _check_file_name(name, where)
+        entry = _shard_entry(name, e, where) if isinstance(e, dict) and "chunks" not in e else None
+        if entry is None:
+            msg = f"{where}: metadata.quantize_model.files: {name}: must be {{'sha256', 'size'}}"
+            raise BadIndex(msg)
+        out[name] = entry
+    return out
+
+
 def read_index(folder: Path, *, require_files: bool = True) -> Index:
     """Parse and check an index (ours or transformers'). Raises BadIndex / MissingShard."""
     folder = Path(folder)
@@ -202,12 +257,13 @@ def read_index(folder: Path, *, require_files: bool = True) -> Index:
     total = meta.get("total_size")
     ours = meta.get("quantize_model")
     shards: dict[str, ShardEntry] = {}
-    version = prov = None
+    version = prov = digests = None
     if ours is not None:
         try:
             name, version = ours["format"]["name"], ours["format"]["version"]
             shards = {n: _shard_entry(n, e, path) for n, e in ours["shards"].items()}
             prov = ours.get("provenance")
+            digests = _file_digests(ours, path)
         except BadIndex:  # a chunks entry that does not fit its shard (the message names both)
             raise
         except (KeyError, TypeError, AttributeError) as exc:
@@ -230,7 +286,7 @@ def read_index(folder: Path, *, require_files: bool = True) -> Index:
             "index, quantize-model reads the index; remove the one that is not the model"
         )
         raise TwoLayouts(msg)
-    index = Index(folder, total if isinstance(total, int) else None, dict(wm), shards, version, prov)
+    index = Index(folder, total if isinstance(total, int) else None, dict(wm), shards, version, prov, digests)
     if require_files:
         missing = [f for f in index.files if not (folder / f).is_file()]
         if missing:
@@ -257,6 +313,32 @@ def file_problems(index: Index) -> tuple[list[str], list[str]]:
         else:
             present.append(name)
     return problems, present
+
+
+def recorded_file_problems(index: Index, *, skip_missing: Sequence[str] = ()) -> list[str]:
+    """One line per file of the index's ``files`` whose bytes are not the recorded ones (a hand edit of
+    ``config.json``: another layer count, dtype or quantization_config), or that is missing (those named
+    in ``skip_missing`` excepted: the caller reports their absence its own way). Empty where the index
+    records no ``files``."""
+    problems = []
+    for name, entry in sorted((index.file_digests or {}).items()):
+        path = index.folder / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            if name not in skip_missing:
+                problems.append(f"{path}: missing (the index records its sha256)")
+            continue
+        except OSError as exc:
+            problems.append(f"{path}: unreadable ({exc.strerror or exc})")
+            continue
+        got = FileDigest.of(data)
+        if (got.sha256, got.size) != (entry.sha256, entry.size):
+            problems.append(
+                f"{path}: sha256 {got.sha256}, index says {entry.sha256} "
+                "(changed since the conversion wrote it)"
+            )
+    return problems
 
 
 def digest_problems(index: Index, digests: dict[str, str]) -> list[str]:

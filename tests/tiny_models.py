@@ -265,3 +265,14 @@ def resharded_as_transformers(converted: Path, out: Path, split: str) -> Path:
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     shutil.copy(converted / "config.json", out / "config.json")
     return out
+
+
+def without_config_digests(folder: Path) -> Path:
+    """``folder``'s index as quantize-model wrote it before it recorded the digests of config.json & co
+    (``metadata.quantize_model.files``): for tests of verify's checks of what config.json says, which a
+    hand edit of a newer folder also fails by its digest."""
+    path = folder / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    del index["metadata"]["quantize_model"]["files"]
+    path.write_text(json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    return folder

@@ -207,7 +207,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
         for s in plan.shards
         for t in s.tensors
     ]
-    label = str(plan.source_identity.get("repo_id") or plan.source_identity.get("path") or "source")
+    label = str(plan.source_identity.get("path") or plan.source_identity.get("repo_id") or "source")
     report = Preflight(
         source=label,
         output=str(output),

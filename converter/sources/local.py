@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from converter.errors import AlreadyQuantizedError, CorruptFileError, PickleOnlyError, SourceNotFoundError
+from converter.sources import looks_like_repo_id
 from converter.sources.base import (
     Source,
     TensorInfo,
@@ -36,6 +38,34 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 PICKLE_TMP_PREFIX = "quantize-model-pickle-"
 _OWNER_NAME = ".owner"  # in each pickle temp folder: flocked by the run that made it, while it lives
 _UNOWNED_GRACE_S = 600.0  # a folder without the owner file (older versions) is left alone this long
+_COMMIT = re.compile("[0-9a-f]{40}")
+_SHA256 = re.compile("[0-9a-f]{64}")
+
+
+def hub_cache_snapshot(root: Path | str) -> tuple[str, str] | None:
+    """(repo id, commit) of a folder that is a snapshot of the Hugging Face cache,
+    ``…/models--<org>--<name>/snapshots/<commit>`` (huggingface_hub's layout: the repo id with ``/``
+    spelt ``--``, which a repo id cannot hold otherwise), else None. From the path alone, so it also
+    reads the path a folder converted before recorded."""
+    root = Path(root)
+    repo, snapshots = root.parent.parent.name, root.parent.name
+    if snapshots != "snapshots" or not repo.startswith("models--") or not _COMMIT.fullmatch(root.name):
+        return None
+    repo_id = repo.removeprefix("models--").replace("--", "/")
+    return (repo_id, root.name) if looks_like_repo_id(repo_id) else None
+
+
+def older_identity(identity: dict) -> dict | None:
+    """``identity`` (a LocalSource's) as the versions before a Hugging Face cache snapshot was recorded
+    by its repo id and commit described it, or None where they described it the same: a folder
+    converted from the snapshot by them is the same source, resumed or left as it is, not refused."""
+    if identity.get("kind") != "local" or "repo_id" not in identity:
+        return None
+    out = {k: v for k, v in identity.items() if k not in ("repo_id", "commit")}
+    files = out.get("files")
+    if isinstance(files, dict):
+        out["files"] = {n: {k: v for k, v in f.items() if k != "sha256"} for n, f in files.items()}
+    return out
 
 
 def _load_json(path: Path, display: str) -> dict:
@@ -234,6 +264,16 @@ class LocalSource(Source):
         out = {"kind": "local", "path": str(self.root), "name": self.root.name, "files": files}
         if self._pickles:
             out["pickle_files"] = list(self._pickles)
+        snapshot = hub_cache_snapshot(self.root)
+        if snapshot is not None:
+            # A snapshot of the Hugging Face cache is that repo at that commit: recorded as a Hub source
+            # is (outputs name it repo_id@commit, push's card its base model), each weight file with the
+            # sha256 its cache blob is named by, as the Hub lists it.
+            out["repo_id"], out["commit"] = snapshot
+            for name, original in zip(self._files, self._pickles or self._files, strict=True):
+                sha = _blob_sha256(self.root / original)
+                if sha is not None:
+                    files[name]["sha256"] = sha
         return out
 
     def _sample_digest(self, path: Path, st: os.stat_result) -> str:
@@ -283,6 +323,16 @@ class LocalSource(Source):
         if self._tmp_lock >= 0:
             os.close(self._tmp_lock)
             self._tmp_lock = -1
+
+
+def _blob_sha256(path: Path) -> str | None:
+    """The sha256 a cache snapshot's file is stored under: huggingface_hub links it to
+    ``blobs/<sha256 of its content>`` (an LFS file's; a small git file's blob is named by its 40-hex id)."""
+    try:
+        blob = Path(os.readlink(path)).name
+    except OSError:  # not a link: copied into the snapshot folder by hand
+        return None
+    return blob if _SHA256.fullmatch(blob) else None
 
 
 def _lone_shard_note(path: Path) -> str | None:

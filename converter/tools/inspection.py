@@ -245,6 +245,7 @@ def verify_path(path: str | Path) -> VerifyResult:
     result = VerifyResult(path=str(path), shards=names)
     weight_map: dict[str, str] | None = None
     index_has_digests = False
+    file_digests: dict | None = None  # the index's digests of config.json & co, where it records them
     total_size: int | None = None
     data_bytes = 0  # of the shards read: what the index's metadata.total_size must say
     damaged = damaged_manifest(folder) if path.is_dir() else None
@@ -262,7 +263,7 @@ def verify_path(path: str | Path) -> VerifyResult:
         if (folder / index_mod.INDEX_NAME).is_file():
             index = index_mod.read_index(folder, require_files=False)
             weight_map, index_has_digests = index.weight_map, bool(index.shards)
-            total_size = index.total_size
+            file_digests, total_size = index.file_digests, index.total_size
             for extra in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in names):
                 unlisted.append(
                     f"{folder / extra}: a shard the index does not list (loaders that glob *.safetensors "
@@ -350,6 +351,13 @@ def verify_path(path: str | Path) -> VerifyResult:
         # 16-bit linears: they are reported once, as missing or unreadable)
         kept_if_all = kept if complete and not pieces_unjoined else None
         config_problems = _config_problems(folder, quant_types, found, kept_if_all, result.notes)
+        if file_digests is not None:  # a hand edit of config.json (num_hidden_layers, dtype, ...)
+            config_problems += index_mod.recorded_file_problems(index, skip_missing=("config.json",))
+        elif index_has_digests:
+            result.notes.append(
+                f"{folder / 'config.json'}: not checked for edits: the index, written before quantize-model "
+                f"recorded config.json's sha256 (2026-12-07), has none"
+            )
         result.problems.extend(config_problems)
     if weight_map is not None:
         for key, shard_name in sorted(weight_map.items()):

@@ -181,6 +181,27 @@ def _source_card_metadata(folder: Path) -> dict[str, Any]:
         return {}
 
 
+def hub_origin(folder: Path, source: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(repo id, commit) of the Hub repo ``folder`` was converted from, as its report's ``source`` records
+    it: a Hub source, or a snapshot of the Hugging Face cache (``…/models--org--name/snapshots/<commit>``,
+    a local path). A folder converted from such a snapshot before it was recorded so has only the
+    snapshot's path, in its manifest: read from that. (None, None) for any other local source."""
+    repo_id = source.get("repo_id")
+    if isinstance(repo_id, str) and repo_id:
+        commit = source.get("commit")
+        return repo_id, commit if isinstance(commit, str) else None
+    if source.get("kind") != "local":
+        return None, None
+    from converter.sources.local import hub_cache_snapshot
+
+    recorded = (_load_json(folder / MANIFEST_NAME).get("plan") or {}).get("source")
+    path = recorded.get("path") if isinstance(recorded, dict) else None
+    snapshot = hub_cache_snapshot(path) if isinstance(path, str) else None
+    if snapshot is None or snapshot[1] != source.get("name"):  # the manifest of another conversion
+        return None, None
+    return snapshot
+
+
 def license_fields(folder: Path, source_meta: dict[str, Any]) -> dict[str, Any]:
     """license / license_name / license_link taken from the source card, else from a LICENSE file."""
     out = {k: source_meta[k] for k in ("license", "license_name", "license_link") if source_meta.get(k)}
@@ -208,7 +229,7 @@ def build_model_card(folder: Path, repo_id: str, revision: str | None = None) ->
     summary = report.get("summary") or {}
     method = get_method(str(options.get("quant_type") or qconfig.get("bnb_4bit_quant_type") or "nf4"))
     tags, headline, rows = method.card(qconfig, options)
-    base_model = source.get("repo_id") if source.get("kind") == "hub" else None
+    base_model, commit = hub_origin(folder, source)
     source_meta = _source_card_metadata(folder)
 
     card = ModelCardData(
@@ -228,7 +249,6 @@ def build_model_card(folder: Path, repo_id: str, revision: str | None = None) ->
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
 
     if base_model:
-        commit = source.get("commit")
         origin = f"[{base_model}](https://huggingface.co/{base_model})" + (
             f" (commit `{commit}`)" if commit else ""
         )

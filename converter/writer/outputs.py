@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Collection
 from pathlib import Path
 
 from converter.plan.tensor_plan import Plan, ShardPlan
@@ -46,11 +47,15 @@ def weight_map_of(plan: Plan) -> dict[str, str]:
     return weight_map
 
 
-def _index_differs(src: Source, plan: Plan, output: Path, manifest: Manifest) -> bool:
+def _index_differs(
+    src: Source, plan: Plan, output: Path, manifest: Manifest, rewritten: Collection[str] = ()
+) -> bool:
     """Whether the index of the finished conversion in ``output`` is not the one a run writes (cut
     short, edited). Compared only where every shard has its recorded size (else the run resumes
     anyway, rewriting that shard and the index) and the manifest has its chunk digests (else making
-    the index hashes the shards: a resume does that)."""
+    the index hashes the shards: a resume does that). The digests of the ``rewritten`` files (changed
+    in the source, or edited in the output) are taken as the index records them: the run that rewrites
+    them rewrites the index with their new digests, which is no fault of the index."""
     shards = []
     for s in plan.shards:
         entry = manifest.shards.get(s.name) or {}
@@ -63,10 +68,41 @@ def _index_differs(src: Source, plan: Plan, output: Path, manifest: Manifest) ->
             return False
     try:
         prov = provenance_of(src, plan, None)
-        text = index.index_text(output, shards, weight_map_of(plan), prov, format_version=plan.format_version)
-        return (output / index.INDEX_NAME).read_bytes() != text.encode("utf-8")
-    except (OSError, ValueError, struct.error):
+        old = (output / index.INDEX_NAME).read_bytes()
+        # an index written before the files' digests were recorded is not rewritten for them alone
+        recorded = json.loads(old)["metadata"]["quantize_model"].get("files")
+        files = None
+        if recorded is not None:
+            files = recorded_files(src, plan, src.config(), output, skip=rewritten)
+            for name in rewritten:
+                if name in recorded:
+                    files[name] = index.FileDigest(recorded[name]["sha256"], recorded[name]["size"])
+        wm = weight_map_of(plan)
+        text = index.index_text(output, shards, wm, prov, format_version=plan.format_version, files=files)
+        return old != text.encode("utf-8")
+    except (OSError, ValueError, struct.error, KeyError, TypeError):
         return True
+
+
+#: The small JSON files beside the shards that loaders read and the index records the digests of, for
+#: ``verify`` (docs/format.md section 6): config.json (ours), generation_config.json (copied).
+RECORDED_FILES = ("config.json", "generation_config.json")
+
+
+def recorded_files(
+    src: Source, plan: Plan, config: dict | None, output: Path, *, skip: Collection[str] = ()
+) -> dict[str, index.FileDigest]:
+    """The digests the index records of ``RECORDED_FILES`` (but ``skip``): config.json's from the bytes
+    the conversion writes (after the index), a file copied from the source from its copy in ``output``
+    (written before the index)."""
+    files = {}
+    if "config.json" not in skip:
+        files["config.json"] = index.FileDigest.of(config_bytes(plan, config))
+    copied = set(src.extra_files())
+    for name in RECORDED_FILES[1:]:
+        if name in copied and copied_file(name) and name not in skip:
+            files[name] = index.FileDigest.of((output / name).read_bytes())
+    return files
 
 
 def copied_file(name: str) -> bool:
@@ -100,16 +136,14 @@ def changed_files(src: Source, plan: Plan, output: Path) -> list[str]:
             changed.append("config.json")
     except (OSError, ValueError):
         changed.append("config.json")
-    if _index_differs(src, plan, output, manifest):
-        changed.append(index.INDEX_NAME)
     # a report cut short or not JSON is rewritten (`verify --against` reads its statistics); its timings
     # differ from run to run, so it is not compared byte for byte as the other files are
     if read_report_tensors(output / REPORT_NAME) is None:
         changed.append(REPORT_NAME)
-    for name in src.extra_files():
-        if copied_file(name) and not src.holds_extra_file(name, output / name):
-            changed.append(name)
-    return changed + gone_files(src, output, manifest)
+    copied = [n for n in src.extra_files() if copied_file(n) and not src.holds_extra_file(n, output / n)]
+    if _index_differs(src, plan, output, manifest, rewritten=[*changed, *copied]):
+        changed.insert(1 if changed[:1] == ["config.json"] else 0, index.INDEX_NAME)
+    return changed + copied + gone_files(src, output, manifest)
 
 
 def gone_files(src: Source, output: Path, manifest: Manifest) -> list[str]:
@@ -126,12 +160,13 @@ def gone_files(src: Source, output: Path, manifest: Manifest) -> list[str]:
 
 
 def source_label(identity: dict) -> str:
-    """How outputs name the source: ``repo_id@commit`` for the Hub, the folder name for a local path.
+    """How outputs name the source: ``repo_id@commit`` for the Hub and for a snapshot of the Hugging
+    Face cache (a local path that is that repo at that commit), the folder name for another local path.
 
     Absolute local paths stay out of shards and index (they would leak into pushed repos and make
     the same checkpoint converted from two places differ).
     """
-    if identity.get("kind") == "hub":
+    if identity.get("kind") == "hub" or identity.get("repo_id"):
         commit = identity.get("commit")
         return f"{identity.get('repo_id')}@{commit}" if commit else str(identity.get("repo_id"))
     return str(identity.get("name") or Path(str(identity.get("path", "source"))).name)

@@ -39,6 +39,7 @@ from converter.plan.selection_facts import unmatched_globs
 from converter.plan.tensor_plan import (
     DTYPE_CODES,
     Options,
+    Plan,
     PlannedTensor,
     ShardPlan,
     build_plan,
@@ -51,6 +52,7 @@ from converter.quantize.host_quantizer import HostQuantizer, HostResult
 from converter.record.quality import QualityMeter
 from converter.sources import Source, TensorInfo, open_source
 from converter.sources.base import CODE_NAMES
+from converter.sources.local import older_identity
 from converter.sources.mapped import MappedFile
 from converter.version import tool_version
 from converter.writer.manifest import (
@@ -63,6 +65,7 @@ from converter.writer.manifest import (
     decide,
     file_above,
     not_a_folder,
+    same_plan,
     shard_chunks_json,
     shard_info,
     source_overlap,
@@ -76,6 +79,7 @@ from converter.writer.outputs import (
     copied_file,
     gone_files,
     provenance_of,
+    recorded_files,
     weight_map_of,
 )
 from converter.writer.report import REPORT_NAME, ConversionResult, build_report, make_result
@@ -447,6 +451,8 @@ class _Conversion:
         if advice:
             self._tell(advice)
         tv = tool_version()
+        if not overwrite:
+            plan = self.plan = as_recorded(plan, self.output, tv)
         plan_json = plan.to_json(tv)
         fingerprint = plan.fingerprint(tv)
         protected = (Path(identity["path"]),) if identity.get("kind") == "local" else ()
@@ -578,7 +584,10 @@ class _Conversion:
         self._check_source_unchanged(identity)
         self._write_extras(manifest)
         result = self._result(decision.action, reused=len(decision.done))
-        report = build_report(result, plan, identity, selection, self.stats, manifest.shards, self.quality)
+        # the plan's identity: the one the folder recorded where a rerun adopted an older record of it
+        report = build_report(
+            result, plan, plan.source_identity, selection, self.stats, manifest.shards, self.quality
+        )
         if self.stats.device:
             report["timings"]["device"] = self.stats.device
         atomic_write_bytes(self.output / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
@@ -906,6 +915,8 @@ class _Conversion:
             weight_map_of(self.plan),
             provenance_of(self.src, self.plan, None),
             format_version=self.plan.format_version,
+            # config.json's digest from the bytes _write_config writes next (of the same src.config())
+            files=recorded_files(self.src, self.plan, self.src.config(), self.output),
         )
 
     def _write_config(self, config: dict | None) -> None:
@@ -930,6 +941,21 @@ class _Conversion:
         result.refreshed = self.refreshed
         result.notes.extend(self.notes)
         return result
+
+
+def as_recorded(plan: Plan, output: Path, tool_version: str) -> Plan:
+    """``plan``, or ``plan`` with the source identity the conversion in ``output`` recorded where that is
+    an older record of the same source (``sources.local.older_identity``: a Hugging Face cache snapshot
+    recorded by its path alone). A rerun then resumes that folder, or leaves it as it is, and writes
+    what its finished shards already say of the source, instead of refusing it as another source's."""
+    older = older_identity(plan.source_identity)
+    manifest = Manifest.load(output) if older is not None and output.is_dir() else None
+    if manifest is None or manifest.state == "clearing":  # "clearing": emptied whatever it records
+        return plan
+    if same_plan(manifest, plan.fingerprint(tool_version), plan.to_json(tool_version)):
+        return plan
+    was = dataclasses.replace(plan, source_identity=older)
+    return was if same_plan(manifest, was.fingerprint(tool_version), was.to_json(tool_version)) else plan
 
 
 def _torch_name(code: str) -> str:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
-from tiny_models import resharded_as_transformers
+from tiny_models import resharded_as_transformers, without_config_digests
 
 
 @pytest.fixture
@@ -438,6 +440,7 @@ def test_verify_names_a_16bit_linear_the_skip_list_no_longer_lists(
     skip = ("--skip", "model.layers.0.mlp.down_proj")
     assert qm("convert", tiny_llama, out, "-q", "--quant-type", quant_type, *skip).exit_code == 0
     assert qm("verify", out, "-q").exit_code == 0
+    without_config_digests(out)  # the edits below would be named by config.json's digest too
     _set_skip_modules(out, ["lm_head"])
     r = qm("verify", out)
     assert r.exit_code == 1
@@ -461,7 +464,7 @@ def test_verify_checks_the_skip_list_from_a_live_skeleton_or_says_it_did_not(
     transformers either, verify says the check was not made (exit 0: nothing found wrong)."""
     from converter.plan import selection, selection_table
 
-    _set_skip_modules(converted, [])
+    _set_skip_modules(without_config_digests(converted), [])
     monkeypatch.setattr(selection_table, "lookup", lambda config, keys: None)
     r = qm("verify", converted)
     assert r.exit_code == 1
@@ -631,8 +634,8 @@ def test_verify_after_a_hand_edit_of_config_says_rerun_the_convert_command(
     config.write_text(json.dumps(data))
     r = qm("verify", converted)
     assert r.exit_code == 1
-    assert r.stderr.splitlines()[-1] == (
-        f"Error: {converted}: 1 problem(s) found; rerun the convert command that wrote it: it rewrites "
+    assert r.stderr.splitlines()[-1] == (  # no quantization_config; not the bytes the index records
+        f"Error: {converted}: 2 problem(s) found; rerun the convert command that wrote it: it rewrites "
         "config.json and keeps the shards"
     )
     assert qm("convert", tiny_llama, converted, "-q", "--max-shard-size", "60KB").exit_code == 0
@@ -679,3 +682,100 @@ def test_verify_against_a_quantized_folder_says_to_give_the_original(
         "'bitsandbytes')); give --against the original checkpoint this folder was converted from\n"
     )
     assert qm("verify", out, "--against", tiny_llama, "-q").exit_code == 0
+
+
+def _edit_config(folder: Path, edit: str) -> None:
+    config = folder / "config.json"
+    data = json.loads(config.read_text())
+    if edit == "num_hidden_layers":  # transformers would build fewer layers and drop the others' weights
+        data["num_hidden_layers"] -= 1
+    elif edit == "dtype":  # both keys, consistently: the 16-bit tensors would load in another dtype
+        data["dtype"] = data["torch_dtype"] = "float16"
+    else:  # a quantization_config field no other check reads
+        data["quantization_config"]["bnb_4bit_compute_dtype"] = "float32"
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("edit", ["num_hidden_layers", "dtype", "quantization_config"])
+def test_verify_finds_a_hand_edit_of_config_json(qm, converted: Path, tiny_llama: Path, edit: str) -> None:
+    """A hand edit of config.json that keeps it loadable (another layer count, dtype or compute dtype)
+    passed verify: only what transformers needs to load the shards was checked. The index now records
+    config.json's sha256 and size: verify names the file (exit 1, as for a damaged shard), and the
+    convert command run again rewrites it, keeping the shards."""
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    recorded = index["metadata"]["quantize_model"]["files"]["config.json"]
+    config = (converted / "config.json").read_bytes()
+    assert recorded == {"sha256": hashlib.sha256(config).hexdigest(), "size": len(config)}
+    _edit_config(converted, edit)
+    r = qm("verify", converted)
+    assert r.exit_code == 1
+    lines = r.stderr.splitlines()
+    got = hashlib.sha256((converted / "config.json").read_bytes()).hexdigest()
+    assert lines[0] == (
+        f"Error: {converted / 'config.json'}: sha256 {got}, index says {recorded['sha256']} (changed since "
+        "the conversion wrote it)"
+    )
+    assert lines[-1].startswith(f"Error: {converted}: {len(lines) - 1} problem(s) found; rerun the convert")
+    data = json.loads(qm("verify", converted, "--json").stdout)
+    assert data["ok"] is False
+    assert any(p.startswith(f"{converted / 'config.json'}: sha256 ") for p in data["problems"])
+    r = qm("convert", tiny_llama, converted, "--max-shard-size", "60KB", "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["shards_reused"] == 3  # the shards kept, config.json rewritten
+    assert (converted / "config.json").read_bytes() == config
+    assert qm("verify", converted, "-q").exit_code == 0
+
+
+def test_a_folder_whose_index_records_no_config_digest_verifies_with_a_note(
+    qm, converted: Path, tiny_llama: Path
+) -> None:
+    """A folder converted before the index recorded config.json's digest still verifies (exit 0), with a
+    note that config.json was not checked for edits; a rerun of its convert command leaves it as it is
+    ("nothing to do"), and still rewrites a config.json edited since, recording its digest then."""
+    path = without_config_digests(converted) / "model.safetensors.index.json"
+    old = path.read_bytes()
+    r = qm("verify", converted)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("OK: ")
+    assert r.stderr == (
+        f"Note: {converted / 'config.json'}: not checked for edits: the index, written before quantize-model "
+        "recorded config.json's sha256 (2026-12-07), has none\n"
+    )
+    r = qm("convert", tiny_llama, converted, "--max-shard-size", "60KB", "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["noop"] is True
+    assert path.read_bytes() == old
+    _edit_config(converted, "num_hidden_layers")
+    assert qm("verify", converted, "-q").exit_code == 0  # not checked: the old index has no digest
+    r = qm("convert", tiny_llama, converted, "--max-shard-size", "60KB", "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["shards_reused"] == 3
+    assert "files" in json.loads(path.read_text())["metadata"]["quantize_model"]
+    r = qm("verify", converted)
+    assert (r.exit_code, r.stderr) == (0, "")
+
+
+def test_verify_finds_a_hand_edit_of_generation_config_json(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """generation_config.json, copied from the source, is read by the loaders as config.json is (EOS ids,
+    sampling defaults): its digest is recorded too, an edit is named, and a rerun restores it."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    (src / "generation_config.json").write_text('{"eos_token_id": 2, "temperature": 0.6}\n')
+    out = tmp_path / "out"
+    assert qm("convert", src, out, "-q").exit_code == 0
+    assert qm("verify", out, "-q").exit_code == 0
+    (out / "generation_config.json").write_text('{"eos_token_id": 2, "temperature": 1.5}\n')
+    r = qm("verify", out)
+    assert r.exit_code == 1
+    assert r.stderr.splitlines()[0].startswith(f"Error: {out / 'generation_config.json'}: sha256 ")
+    assert r.stderr.splitlines()[-1] == (
+        f"Error: {out}: 1 problem(s) found; rerun the convert command that wrote it: it rewrites config.json "
+        "and keeps the shards"
+    )
+    (out / "generation_config.json").unlink()
+    r = qm("verify", out)
+    assert r.stderr.splitlines()[0] == (
+        f"Error: {out / 'generation_config.json'}: missing (the index records its sha256)"
+    )
+    assert qm("convert", src, out, "-q").exit_code == 0
+    assert qm("verify", out, "-q").exit_code == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +11,15 @@ import torch
 from fmt_helpers import reference_record, shard_plan
 
 from formats import bnb_compat
-from formats.index import INDEX_NAME, read_index, shard_name, verify_shards, write_index
+from formats.index import (
+    INDEX_NAME,
+    FileDigest,
+    read_index,
+    recorded_file_problems,
+    shard_name,
+    verify_shards,
+    write_index,
+)
 from formats.quant_types import QuantType
 from formats.reader import open_checkpoint, open_folder, open_shard
 from formats.record import QuantizedTensor
@@ -92,6 +101,54 @@ def test_index_refusals(tmp_path: Path) -> None:
         read_index(tmp_path)
     (tmp_path / INDEX_NAME).write_text("{")
     with pytest.raises(BadIndex, match="not a JSON file"):
+        read_index(tmp_path)
+
+
+def test_index_records_the_digests_of_the_small_json_files(tmp_path: Path) -> None:
+    """``files`` (optional): config.json's sha256 and size, recorded before config.json is written (its
+    bytes are known); recorded_file_problems names a file whose bytes differ or that is missing. An index
+    without it (written before) reads as recording none."""
+    infos, wm = _write_two_shards(tmp_path)
+    write_index(tmp_path, infos, wm, PROV)
+    assert read_index(tmp_path).file_digests is None
+    assert recorded_file_problems(read_index(tmp_path)) == []
+    config = b'{"num_hidden_layers": 2}\n'
+    write_index(tmp_path, infos, wm, PROV, files={"config.json": FileDigest.of(config)})
+    obj = json.loads((tmp_path / INDEX_NAME).read_text())
+    digest = obj["metadata"]["quantize_model"]["files"]["config.json"]
+    assert digest == {"sha256": hashlib.sha256(config).hexdigest(), "size": len(config)}
+    index = read_index(tmp_path)
+    assert set(index.file_digests or {}) == {"config.json"}
+    path = tmp_path / "config.json"
+    assert recorded_file_problems(index) == [f"{path}: missing (the index records its sha256)"]
+    assert recorded_file_problems(index, skip_missing=("config.json",)) == []
+    path.write_bytes(config)
+    assert recorded_file_problems(index) == []
+    edited = b'{"num_hidden_layers": 1}\n'
+    path.write_bytes(edited)
+    assert recorded_file_problems(index) == [
+        f"{path}: sha256 {hashlib.sha256(edited).hexdigest()}, index says {digest['sha256']} (changed since "
+        "the conversion wrote it)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ([], "must map file names"),
+        ({"../config.json": {"sha256": "0" * 64, "size": 1}}, "not a file name inside the folder"),
+        ({"config.json": {"sha256": "0" * 63, "size": 1}}, "64 lowercase hex digits"),
+        ({"config.json": {"sha256": "0" * 64, "size": "1"}}, "64 lowercase hex digits"),
+        ({"config.json": "0" * 64}, r"must be \{'sha256', 'size'\}"),
+    ],
+)
+def test_index_refuses_a_malformed_files_record(tmp_path: Path, files: object, match: str) -> None:
+    infos, wm = _write_two_shards(tmp_path)
+    write_index(tmp_path, infos, wm, PROV)
+    obj = json.loads((tmp_path / INDEX_NAME).read_text())
+    obj["metadata"]["quantize_model"]["files"] = files
+    (tmp_path / INDEX_NAME).write_text(json.dumps(obj))
+    with pytest.raises(BadIndex, match=match):
         read_index(tmp_path)
 
 

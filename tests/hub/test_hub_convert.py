@@ -427,6 +427,108 @@ def test_offline_conversion_from_the_cache_is_identical(
     assert same(tmp_path / "offline") == same(tmp_path / "online")  # provenance included
 
 
+def _cache_snapshot(fake_hub: FakeHub, checkpoint_dir: Path) -> Path:
+    """``REPO`` downloaded into the (empty, offline-built) Hugging Face cache: its snapshot folder,
+    ``…/models--org--tiny/snapshots/<commit>``, whose files link to ``blobs/<sha256>``."""
+    from huggingface_hub import snapshot_download
+
+    fake_hub.add_repo(REPO, checkpoint_dir)
+    snapshot = Path(snapshot_download(REPO))
+    assert snapshot.parent.name == "snapshots"
+    assert snapshot.parent.parent.name == "models--org--tiny"
+    return snapshot
+
+
+def test_a_cache_snapshot_path_is_recorded_as_the_hub_repo_at_its_commit(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path
+) -> None:
+    """A source given as the path of a Hugging Face cache snapshot was recorded by the folder's name, the
+    commit hash ("source": "<sha>", no revision), so `push` wrote no base_model into the card. It is now
+    recorded as the Hub source it is a copy of: the shards, index and config are those of a conversion
+    of ``REPO`` from the Hub (provenance included), and the report names the repo and commit."""
+    snapshot = _cache_snapshot(fake_hub, checkpoint_dir)
+    _convert(REPO, tmp_path / "hub")
+    _convert(snapshot, tmp_path / "snapshot")
+
+    def same(folder: Path) -> dict[str, str]:
+        return {
+            k: v
+            for k, v in file_hashes(folder).items()
+            if not k.startswith(".") and k != "quantization_report.json"
+        }
+
+    assert same(tmp_path / "snapshot") == same(tmp_path / "hub")
+    index = json.loads((tmp_path / "snapshot" / "model.safetensors.index.json").read_text())
+    prov = index["metadata"]["quantize_model"]["provenance"]
+    assert (prov["source"], prov["revision"]) == (f"{REPO}@{snapshot.name}", snapshot.name)
+    report = json.loads((tmp_path / "snapshot" / "quantization_report.json").read_text())
+    assert (report["source"]["repo_id"], report["source"]["commit"]) == (REPO, snapshot.name)
+    assert report["source"]["kind"] == "local"
+    assert "path" not in report["source"]
+    assert _convert(snapshot, tmp_path / "snapshot").noop
+
+
+def _convert_as_before(monkeypatch: pytest.MonkeyPatch, snapshot: Path, out: Path, **kw):
+    """A conversion of the cache ``snapshot`` as the versions before recorded it (by its path alone)."""
+    from converter.sources import local
+    from converter.writer.pipeline import convert
+
+    with monkeypatch.context() as m:
+        m.setattr(local, "hub_cache_snapshot", lambda root: None)
+        return convert(snapshot, out, **{"max_shard_size": "40KB", "progress": False, **kw})
+
+
+def test_a_folder_converted_from_a_cache_snapshot_before_it_was_recorded_so_is_still_up_to_date(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch
+) -> None:
+    """Recording a snapshot by its repo id changes the plan's source: a rerun into a folder an earlier
+    version converted from the same snapshot must take the old record for the same source (nothing to
+    do, dry run too), not refuse the folder as another source's, nor convert it again."""
+    snapshot = _cache_snapshot(fake_hub, checkpoint_dir)
+    out = tmp_path / "out"
+    _convert_as_before(monkeypatch, snapshot, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["quantize_model"]["provenance"]["source"] == snapshot.name  # the old record
+    before = file_hashes(out)
+    r = _convert(snapshot, out)
+    assert r.noop
+    assert file_hashes(out) == before
+    pre = _convert(snapshot, out, dry_run=True).preflight
+    assert pre.refused is None
+    assert pre.up_to_date
+    # another folder gets the new record
+    assert _convert(snapshot, tmp_path / "new").noop is False
+    report = json.loads((tmp_path / "new" / "quantization_report.json").read_text())
+    assert report["source"]["repo_id"] == REPO
+
+
+def test_an_interrupted_conversion_from_a_cache_snapshot_made_before_it_was_recorded_so_resumes(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch
+) -> None:
+    """An unfinished folder of the old record resumes, keeping its shards, and ends as the old version's
+    uninterrupted conversion (one record of the source throughout), not refused."""
+    from converter.writer.manifest import MANIFEST_NAME
+
+    snapshot = _cache_snapshot(fake_hub, checkpoint_dir)
+    reference = tmp_path / "reference"
+    _convert_as_before(monkeypatch, snapshot, reference)
+    out = tmp_path / "out"
+
+    def stop(name: str, done: int) -> None:
+        if json.loads((out / MANIFEST_NAME).read_text())["shards"]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _convert_as_before(monkeypatch, snapshot, out, progress=stop)
+    assert json.loads((out / MANIFEST_NAME).read_text())["state"] == "in_progress"
+    r = _convert(snapshot, out)
+    assert r.resumed
+    assert r.shards_reused >= 1
+    assert file_hashes(out) == file_hashes(reference) | {
+        "quantization_report.json": file_hashes(out)["quantization_report.json"]
+    }
+
+
 def _fp8_with_scales_in_the_next_shard(src: Path, dst: Path) -> Path:
     """``src`` (a sharded bf16 checkpoint) as block-scaled FP8 (Qwen3-FP8 / DeepSeek style), each FP8
     weight's ``weight_scale_inv`` in the shard before the weight's (the first shard's in the last), as

@@ -469,3 +469,51 @@ def test_push_refuses_a_shard_the_index_does_not_list(
     stray.unlink()
     push_folder(converted, DEST)
     assert "model-00001-of-00002.safetensors" not in _remote(fake_hub, DEST)
+
+
+@pytest.mark.parametrize("recorded", ["repo_id", "before"])
+def test_the_card_of_a_conversion_from_a_cache_snapshot_names_its_base_model(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch, recorded: str
+) -> None:
+    """A folder converted from a Hugging Face cache snapshot path (``…/models--org--tiny/snapshots/<sha>``)
+    was pushed with no base_model in its card ("the local checkpoint `<sha>`"): the snapshot is that
+    Hub repo at that commit. Named now, for a folder an earlier version converted too (its report has
+    only the commit as the source's name; the path is in its manifest)."""
+    from huggingface_hub import snapshot_download
+
+    from converter.sources import local
+    from converter.writer.pipeline import convert
+
+    fake_hub.add_repo(SRC, checkpoint_dir)
+    snapshot = Path(snapshot_download(SRC))
+    out = tmp_path / "tiny-nf4"
+    with monkeypatch.context() as m:
+        if recorded == "before":  # as the versions before recorded a snapshot: by its path alone
+            m.setattr(local, "hub_cache_snapshot", lambda root: None)
+        convert(snapshot, out, progress=False)
+    source = json.loads((out / "quantization_report.json").read_text())["source"]
+    assert ("repo_id" in source) == (recorded == "repo_id")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_folder(out, DEST)
+    card = _remote(fake_hub, DEST)["README.md"].decode()
+    meta = _card_meta(card)
+    assert meta["base_model"] == SRC
+    assert meta["base_model_relation"] == "quantized"
+    assert f"[{SRC}](https://huggingface.co/{SRC}) (commit `{snapshot.name}`)" in card
+    assert "local checkpoint" not in card
+
+
+def test_the_card_of_a_local_folder_names_no_base_model(
+    tmp_path: Path, fake_hub: FakeHub, hf_home: Path, checkpoint_dir: Path, monkeypatch
+) -> None:
+    """Any other local folder (here one whose manifest names a path that is no cache snapshot) has no
+    base model: the card says which local checkpoint it was."""
+    from converter.writer.pipeline import convert
+
+    out = tmp_path / "tiny-nf4"
+    convert(checkpoint_dir, out, progress=False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_folder(out, DEST)
+    card = _remote(fake_hub, DEST)["README.md"].decode()
+    assert "base_model" not in _card_meta(card)
+    assert f"the local checkpoint `{checkpoint_dir.name}`" in card
