@@ -28,6 +28,8 @@ def show_preflight(app: App, pre: Any) -> None:
         s = table("Plan (nothing written)")
         s.add_row("Source", pre.source)
         note = "  (already converted: a run does nothing)" if pre.up_to_date else ""
+        if pre.refresh:
+            note = f"  (already converted: a run rewrites {', '.join(pre.refresh)}, every shard kept)"
         s.add_row("Output", pre.output + ("  (a run refuses it: see the error)" if pre.refused else note))
         s.add_row("Tensors", f"{sum(1 for x in pre.tensors if x['action'] == 'quantize')} quantized, "
                              f"{sum(1 for x in pre.tensors if x['action'] == 'keep')} kept")  # fmt: skip

@@ -301,6 +301,8 @@ def _dry_run(app: App, jobs: list, root: Path, force: bool) -> None:
             continue
         elif not pre.fits:
             action = "refuse (does not fit)"
+        elif pre.refresh:  # every shard kept, the changed files rewritten: the run reports "refreshed"
+            action = "refresh"
         else:
             action = "convert" if pre.disk_needed >= pre.bytes_out else "resume"
         rows.append({"job": job.to_json(), "action": action, "preflight": pre.to_json() | {"tensors": None},

@@ -161,18 +161,40 @@ def attach_experts(
             raise MoeLoadError(msg)
         if llama4:  # per-expert nn.Linear on the meta device: gate_proj [I, H]
             num, (inter, hidden) = len(module), (int(d) for d in module[0].gate_proj.weight.shape)
+            num_down = num
         else:
             num, inter, hidden = (int(d) for d in module.gate_up_proj.shape)
             inter //= 2
-        missing = [(e, r) for e in range(num) for r in ("gate", "up", "down") if r not in experts.get(e, {})]
-        extra = sorted(e for e in experts if not 0 <= e < num)
+            # LongCat-Flash: gate_up_proj also holds a (never used) row for each of its zero_expert_num
+            # zero-computation (identity) experts after the routed ones, down_proj none; its checkpoint
+            # has their gate/up weights and no down weight (plan/moe.py's _zero_expert_rows)
+            num_down = min(num, int(module.down_proj.shape[0]))
+        missing = [
+            (e, r)
+            for e in range(num)
+            for r in ("gate", "up", "down")
+            if r not in experts.get(e, {}) and (r != "down" or e < num_down)
+        ]
+        extra = sorted(e for e in experts if not 0 <= e < num) or [
+            e for e in range(num_down, num) if "down" in experts.get(e, {})
+        ]
         if missing or extra:
             what = (
                 f"expert {missing[0][0]} {missing[0][1]} is missing"
                 if missing
                 else f"the checkpoint also holds expert(s) {extra[:5]}; config.json and the shards disagree"
             )
-            msg = f"{where}: {ckpt_name!r} needs {num} experts x gate/up/down; {what}"
+            needs = "gate/up/down" if num_down == num else f"gate/up, the first {num_down} down too"
+            msg = f"{where}: {ckpt_name!r} needs {num} experts x {needs}; {what}"
+            raise MoeLoadError(msg)
+        if quantized and num_down < num:  # --moe-experts quantize refuses such a source: not ours
+            kind = getattr(getattr(model, "config", None), "model_type", None) or type(module).__name__
+            msg = (
+                f"{where}: {ckpt_name!r} ({kind}) holds 4-bit experts and {num - num_down} zero-computation "
+                f"(identity) experts, whose gate/up rows have no down weight: load_quantized stacks 4-bit "
+                "experts with all three projections only; load a folder whose experts stay 16-bit "
+                "(quantize-model convert --moe-experts keep)"
+            )
             raise MoeLoadError(msg)
         other = next(
             (
@@ -225,13 +247,15 @@ def attach_experts(
             want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
             for e in range(num):
                 for role, shape in want.items():
+                    if role not in experts[e]:  # a zero-computation expert's down (checked above)
+                        continue
                     key, value = experts[e][role]
                     if tuple(value.shape) != shape:
                         msg = f"{where}: {key!r} has shape {list(value.shape)}, the model wants {list(shape)}"
                         raise MoeLoadError(msg)
             target = module.gate_up_proj.dtype
             gu = torch.stack([torch.cat([experts[e]["gate"][1], experts[e]["up"][1]]) for e in range(num)])
-            dn = torch.stack([experts[e]["down"][1] for e in range(num)])
+            dn = torch.stack([experts[e]["down"][1] for e in range(num_down)])
             module.gate_up_proj = nn.Parameter(gu.to(target), requires_grad=False)
             module.down_proj = nn.Parameter(dn.to(target), requires_grad=False)
     if fused:

@@ -783,20 +783,16 @@ def _summarize(
             reason = f"quantize-model load_quantized ({mixed[0]} mixes 4-bit and 16-bit experts)"
             return MoeSummary(q, k, (), (*not_loaders, reason))
         return MoeSummary(q, k, LOADERS_QUANTIZED[:1], not_loaders)
-    zero = zero_expert_modules(kept_names)
-    if zero:
-        reason = (
-            f"quantize-model load_quantized ({zero[0]}: LongCat-Flash's zero (identity) experts have gate "
-            "and up weights but no down weight)"
-        )
-        return MoeSummary(0, k, LOADERS_KEPT[:1], (*NOT_LOADERS_KEPT, reason))
+    if zero_expert_modules(kept_names):  # LongCat-Flash: unsloth-zoo not checked with its zero experts
+        return MoeSummary(0, k, LOADERS_KEPT[:2], NOT_LOADERS_KEPT)
     return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
 
 
 def zero_expert_modules(names: Iterable[str]) -> list[str]:
     """Experts modules (checkpoint names) whose last experts have gate and up weights but no down weight
     while the others have all three: LongCat-Flash's zero (identity) experts as transformers'
-    save_pretrained writes them (``_zero_expert_rows``); load_quantized stacks whole experts only."""
+    save_pretrained writes them (``_zero_expert_rows``), which stock transformers and load_quantized
+    stack into ``LongcatFlashExperts`` (``gate_up_proj`` holds every expert, ``down_proj`` the routed)."""
     roles: dict[str, dict[int, set[str]]] = {}
     for n in names:
         if key := parse_expert_key(n):

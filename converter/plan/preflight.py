@@ -51,6 +51,10 @@ class Preflight:
     ram_available: int | None
     download_bytes: int = 0
     up_to_date: bool = False  # the output folder already holds this exact conversion
+    #: the output holds this conversion's shards, all reused, but these other files a run rewrites
+    #: (config.json, the index, copied tokenizer / licence files changed in the source or edited in the
+    #: output): the run "refreshes" the folder (ConversionResult.refreshed); empty otherwise
+    refresh: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     #: dry runs: why a run would refuse the output folder (foreign files, another conversion), or None
     refused: str | None = None
@@ -157,6 +161,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
     reusable = 0
     replaced = 0  # bytes of stale shard files (and their temp files) a resumed run deletes first
     up_to_date = False
+    refresh: list[str] = []
     manifest = None if overwrite else Manifest.load(output)
     plan_json = plan.to_json(tool_version()) if manifest is not None else {}
     if manifest is not None and same_plan(manifest, fingerprint, plan_json):
@@ -180,9 +185,10 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
             int(i.get("size", -1)) for i in manifest.shards.values()
         )
         if up_to_date:  # a run rewrites config.json and the copied files that changed in the source
-            up_to_date = not changed_files(src, plan, output)
+            refresh = changed_files(src, plan, output)
+            up_to_date = not refresh
     bytes_out = sum(s.nbytes + header_bytes(s) for s in plan.shards)
-    needed = 0 if up_to_date else max(0, bytes_out - reusable)
+    needed = 0 if up_to_date or refresh else max(0, bytes_out - reusable)
     free, where = disk_free(output)
     if overwrite:
         free += _existing_bytes(output)
@@ -224,6 +230,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
         ram_available=available,
         download_bytes=download,
         up_to_date=up_to_date,
+        refresh=refresh,
     )
     if not up_to_date and read_only(where):
         msg = f"{output}: {where} is on a read-only filesystem; choose another output folder"

@@ -283,7 +283,7 @@ def build_model_card(folder: Path, repo_id: str, revision: str | None = None) ->
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     name = repo_id.rsplit("/", 1)[-1]
     loader, remote_code = transformers_loader(config)
-    # load_quantized reads it, but for experts it cannot stack (LongCat-Flash's zero experts)
+    # load_quantized reads it, unless the MoE summary says it cannot (LLM.int8 experts, mixed layers)
     ours = (
         f"""
 ## Load with quantize-model

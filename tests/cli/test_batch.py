@@ -433,3 +433,37 @@ def test_junit_report_is_xml_whatever_an_error_message_holds() -> None:
     assert failure.get("message") == said
     assert failure.text == said
     assert case.find("system-out").text.startswith("src\\udcff/x\\x01 -> out: failed in 1.0 s")
+
+
+def test_batch_dry_run_names_a_refresh_as_the_run_does(qm, tmp_path: Path) -> None:
+    """A finished job whose source's tokenizer changed since is refreshed by the run (that file
+    rewritten, every shard kept), but the dry run planned it as 'resume', which says a killed run:
+    it now says 'refresh' (the files it rewrites in its preflight, no disk needed for shards), and the run
+    that follows reports 'refreshed'; convert --dry-run names those files too."""
+    from qm_checkpoints import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "m")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src} m\n")
+    root = tmp_path / "outs"
+    assert qm("batch", listing, root, "-q").exit_code == 0
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 4096}\n')
+    r = qm("batch", listing, root, "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    (row,) = json.loads(r.stdout)["jobs"]
+    assert row["action"] == "refresh"
+    assert row["preflight"]["refresh"] == ["tokenizer_config.json"]
+    assert row["preflight"]["disk_needed"] == 0
+    assert not row["preflight"]["up_to_date"]
+    r = qm("batch", listing, root, "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    assert " refresh " in r.stdout
+    assert "resume" not in r.stdout
+    r = qm("convert", src, root / "m", "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    assert "(already converted: a run rewrites tokenizer_config.json, every shard kept)" in r.stdout
+    r = qm("batch", listing, root, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["refreshed"]
+    rows = json.loads(qm("batch", listing, root, "--dry-run", "--json").stdout)["jobs"]
+    assert [x["action"] for x in rows] == ["skip (up to date)"]

@@ -136,6 +136,25 @@ def make_moe(name: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def make_longcat_flash(folder: Path) -> Path:
+    """A tiny LongCat-Flash (4 routed experts, 2 zero experts) saved by transformers' save_pretrained:
+    gate/up weights for experts 0..5, down weights for 0..3."""
+    import transformers
+
+    cfg = transformers.LongcatFlashConfig(
+        vocab_size=256, hidden_size=64, ffn_hidden_size=96, expert_ffn_hidden_size=64, num_layers=1,
+        num_attention_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+        v_head_dim=16, head_dim=16, n_routed_experts=4, zero_expert_num=2, moe_topk=2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    cfg.architectures = ["LongcatFlashForCausalLM"]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.LongcatFlashForCausalLM(cfg).to(torch.bfloat16).eval().save_pretrained(folder)
+    return folder
+
+
 def make_qwen3_vl_moe(folder: Path, *, inter: int = 128, hub: bool = True, seed: int = 0) -> Path:
     """Random tiny bf16 Qwen3-VL-MoE (text + vision tower): hidden 64, expert intermediate ``inter`` (128:
     an expert projection's 128 blocks straddle the 256-wide nested blocks; 256: they fill them). Its

@@ -13,7 +13,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from click.testing import CliRunner
-from moe_helpers import FAMILIES, expert_keys, make_fp8_source, make_moe, read_config
+from moe_helpers import FAMILIES, expert_keys, make_fp8_source, make_longcat_flash, make_moe, read_config
 from safetensors import safe_open
 from tiny_models import without_config_digests
 
@@ -995,39 +995,19 @@ def test_push_card_names_experts_of_a_layout_not_quantized_as_inspect_does(moe_s
     assert row in build_model_card(out, f"me/tiny-{name}-nf4").splitlines()
 
 
-def _make_longcat_flash(folder: Path) -> Path:
-    """A tiny LongCat-Flash (4 routed experts, 2 zero experts) saved by transformers' save_pretrained:
-    gate/up weights for experts 0..5, down weights for 0..3."""
-    import transformers
-
-    cfg = transformers.LongcatFlashConfig(
-        vocab_size=256, hidden_size=64, ffn_hidden_size=96, expert_ffn_hidden_size=64, num_layers=1,
-        num_attention_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
-        v_head_dim=16, head_dim=16, n_routed_experts=4, zero_expert_num=2, moe_topk=2,
-        max_position_embeddings=64,
-    )  # fmt: skip
-    cfg.architectures = ["LongcatFlashForCausalLM"]
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.LongcatFlashForCausalLM(cfg).to(torch.bfloat16).eval().save_pretrained(folder)
-    return folder
-
-
 def test_longcat_flash_zero_experts_as_transformers_saves_them(tmp_path):
     """transformers' save_pretrained writes LongCat-Flash's zero (identity) experts' unused gate/up rows
     but no down weight: convert refused every such checkpoint as 'config.json has n_routed_experts = 4 but
     the checkpoint holds expert 5 ... (an incomplete or damaged source ...)'. keep writes them as they
     are, which stock transformers + bitsandbytes loads (its experts and router equal the source's), and
-    inspect and the card do not list load_quantized, which cannot stack them; quantize is refused, saying
-    what they are and to use keep."""
+    so does load_quantized (tests/moe/test_moe_loader.py), which inspect and the card list (with its
+    snippet); quantize is refused, saying what they are and to use keep."""
     import transformers
 
-    from converter.loader.moe_records import MoeLoadError
     from converter.plan.moe import LOADERS_KEPT
     from converter.tools.push import build_model_card
 
-    src = _make_longcat_flash(tmp_path / "src")
+    src = make_longcat_flash(tmp_path / "src")
     first = "model.layers.0.mlp.experts"
     with pytest.raises(InputError) as err:
         convert(src, tmp_path / "q", moe_experts="quantize", progress=False, warn=lambda _: None)
@@ -1046,15 +1026,14 @@ def test_longcat_flash_zero_experts_as_transformers_saves_them(tmp_path):
     assert len(experts) == 4 * 3 + 2 * 2
     assert all(torch.equal(records[k], source[k]) for k in experts)
     summary = inspect_path(out).moe
-    assert summary.loaders == LOADERS_KEPT[:1]
-    assert any(x.startswith("quantize-model load_quantized (") for x in summary.not_loaders)
+    assert summary.loaders == LOADERS_KEPT[:2]
+    assert "quantize-model load_quantized" in summary.loaders
+    assert not any("load_quantized" in x for x in summary.not_loaders)
     card = build_model_card(out, "me/tiny-longcat-nf4")
-    assert "load_quantized(" not in card
+    assert 'load_quantized("me/tiny-longcat-nf4")' in card
     assert (
         "LongcatFlashForCausalLM.from_pretrained(" in card or "AutoModelForCausalLM.from_pretrained(" in card
     )
-    with pytest.raises(MoeLoadError):
-        load_quantized(out, device="cpu", dtype=torch.bfloat16)
     cls = transformers.LongcatFlashForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

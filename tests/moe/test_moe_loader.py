@@ -20,6 +20,7 @@ from moe_helpers import (
     assert_float32_experts_within_bound,
     down_code_step_ratios,
     load_bf16_eager,
+    make_longcat_flash,
     make_moe,
 )
 from tiny_models import load_logged
@@ -347,6 +348,69 @@ def test_keep_folder_loads_with_16bit_experts(tmp_path):
     assert torch.equal(experts.gate_up_proj, ref.model.layers[0].mlp.experts.gate_up_proj)
     assert torch.equal(model.model.layers[0].mlp.gate.weight, ref.model.layers[0].mlp.gate.weight)
     assert torch.isfinite(_logits(model)).all()
+
+
+def test_longcat_flash_keep_folder_loads_with_its_zero_experts(tmp_path):
+    """LongCat-Flash's zero-computation (identity) experts follow its routed ones: transformers'
+    LongcatFlashExperts holds a (never used) gate_up_proj row for each, and no down_proj, and its
+    save_pretrained writes their gate/up weights without a down weight, which --moe-experts keep copies.
+    load_quantized refused such a folder ("needs 6 experts x gate/up/down; expert 4 down is missing") although
+    inspect and the model card named it among the loaders. It now stacks every expert's gate/up and the
+    routed ones' down as transformers does: the experts equal the source's, tokens routed to the identity
+    experts included, the logits (prefill and decode) and greedy generate equal the dequantized folder's in
+    transformers, bit for bit, on the dequantize path; the default (GEMV) path generates too."""
+    from converter.loader.dequantize import dequantize_checkpoint
+
+    src = make_longcat_flash(tmp_path / "src")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "keep", progress=False)
+    dequantize_checkpoint(tmp_path / "keep", tmp_path / "plain")
+    model = _dequant_paths(load_quantized(tmp_path / "keep", device="cpu", dtype=torch.bfloat16))
+    assert linear4bit_modules(model)
+    assert not moe_modules(model)
+    ref = load_bf16_eager(tmp_path / "plain")
+    source = load_bf16_eager(src).state_dict()
+    for key in ("gate_up_proj", "down_proj"):
+        name = f"model.layers.0.mlp.experts.{key}"
+        assert torch.equal(model.state_dict()[name], source[name]), name
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
+    assert model.model.layers[0].mlp.experts.down_proj.shape[0] == 4
+    routed = []
+    model.model.layers[0].mlp.router.register_forward_hook(lambda _m, _a, out: routed.append(out[2]))
+    assert torch.equal(_logits(model), _logits(ref))
+    assert int(routed[0].max()) >= 4  # some tokens went to an identity expert
+    assert torch.equal(_logits(model, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(model.generate(IDS[:, :4], **kw), ref.generate(IDS[:, :4], **kw))
+        fast = load_quantized(tmp_path / "keep", device="cpu", dtype=torch.bfloat16)
+        out = fast.generate(IDS[:, :4], **kw)
+    assert out.shape == (1, 10)
+    assert int(out.max()) < fast.config.vocab_size
+
+
+def test_longcat_flash_4bit_zero_experts_are_refused_by_name(tmp_path, monkeypatch):
+    """--moe-experts quantize refuses LongCat-Flash's zero experts; a folder that has them 4-bit anyway
+    (made here with that check off) is refused by load_quantized naming the layer, the model type, what
+    those experts are and the conversion that loads, not as a damaged folder."""
+    from converter.loader.moe_records import MoeLoadError
+    from converter.plan import moe
+
+    src = make_longcat_flash(tmp_path / "src")
+    monkeypatch.setattr(moe, "check_experts", lambda *a, **k: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(src, tmp_path / "q", moe_experts="quantize", progress=False)
+    with pytest.raises(MoeLoadError) as err:
+        load_quantized(tmp_path / "q", device="cpu")
+    assert str(err.value) == (
+        f"{tmp_path / 'q'}: 'model.layers.0.mlp.experts' (longcat_flash) holds 4-bit experts and 2 "
+        "zero-computation (identity) experts, whose gate/up rows have no down weight: load_quantized stacks "
+        "4-bit experts with all three projections only; load a folder whose experts stay 16-bit "
+        "(quantize-model convert --moe-experts keep)"
+    )
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
