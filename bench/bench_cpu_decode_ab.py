@@ -46,8 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate as bg
 
-from converter.kernels import cpu_threads
+from converter.kernels import bnb4bit, cpu_threads
 from converter.kernels import gemv_bf16 as gemv_bf16_module
+from converter.kernels.isa_env import forced_isa
 from converter.loader import cpu_gemv
 from converter.loader.head import GemvHead
 from converter.tools import samples
@@ -82,6 +83,17 @@ def thread_policies(clock: str) -> tuple:
     return (caller if clock == "cpu" else cpu_threads.gemv_threads), caller
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo): the ratios differ between vendors and instruction sets."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -101,6 +113,8 @@ def main() -> None:
     if compiled:  # before any model is loaded or compiled
         bg.require_dynamo(f"bench_cpu_decode_ab.py's {', '.join(compiled)}")
     load_start = os.getloadavg()
+    isa = forced_isa() or bnb4bit.cpu_isas()[-1]  # the path our kernels run (QM_CPU_ISA, else the best)
+    bg.log(f"clock={args.clock} threads={torch.get_num_threads()} isa={isa} cpu={_cpu_model()}")
     plain = samples.smollm2(Path(os.environ.get("QM_SAMPLES_DIR", samples.DEFAULT_SAMPLES_DIR)))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -167,6 +181,8 @@ def main() -> None:
     step_ms = {k: (b - a) / (args.new - 1) * 1e3 for k, (a, b) in best.items()}
     result = {
         "machine": f"cpu x{torch.get_num_threads()} torch threads",
+        "cpu": _cpu_model(),
+        "isa": isa,
         "clock": args.clock,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
         "torch": torch.__version__,
