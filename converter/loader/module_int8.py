@@ -16,9 +16,10 @@ Forward paths (``x`` in the compute dtype, default the input's):
   within rounding; on CUDA csrc/cuda/gemv_int8.cu, capturable in a CUDA graph);
 - ``exact=True``: bitsandbytes' ``MatMul8bitLt`` inference math (activations cast to fp16 and
   quantized per token, outlier columns ``|x| >= threshold`` kept in x's dtype, int32 matmul), the same
-  bits as bnb's CPU backend; reimplemented in torch, no bitsandbytes needed. Like bnb's, its outlier
-  split is data-dependent (a graph break under torch.compile); the default path compiles with
-  ``fullgraph=True`` (its kernels are the custom ops of ``converter.loader.int8_ops``).
+  bits as bnb's CPU backend; reimplemented in torch, no bitsandbytes needed. In training mode on the
+  CPU it is what bnb's CPU backend runs there instead, ``MatMul8bitFp`` (:func:`training_linear`).
+  Like bnb's, its outlier split is data-dependent (a graph break under torch.compile); the default
+  path compiles with ``fullgraph=True`` (its kernels are the custom ops of ``converter.loader.int8_ops``).
 
 Gradients flow to the input in every path (the weight is frozen).
 """
@@ -113,6 +114,23 @@ def exact_linear(
     return out.reshape(*shape[:-1], codes.shape[0])
 
 
+def bnb_weight(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight bitsandbytes' autograd functions decode for ``grad_x`` (``MatMul8bitLt.backward``) and
+    its CPU training forward (``MatMul8bitFp``): ``q.to(dtype) * f32(SCB * f32(1/127))``, rounded to
+    ``dtype`` (not ``int8_vectorwise_dequant``'s ``f32(q * SCB) * f32(1/127)``)."""
+    return codes.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+
+
+def training_linear(
+    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """bitsandbytes' ``MatMul8bitFp``, what its CPU/XPU backend runs for a layer in training mode:
+    :func:`bnb_weight` in x's dtype, then ``F.linear``; autograd gives its gradients
+    (``grad_x = grad_y @ W``)."""
+    check_compute_dtype(x.dtype)
+    return F.linear(x, bnb_weight(codes, scb, x.dtype), bias)
+
+
 def _forward(x, codes, scb, bias, allow_gemv):
     out_features, in_features = codes.shape
     x2d = x.reshape(-1, in_features)
@@ -127,11 +145,12 @@ class _Linear8bitFunction(torch.autograd.Function):
 
     With ``exact_threshold`` set, y is :func:`exact_linear`'s (bitsandbytes' int8 x int8 math, whose
     rounding steps have no useful derivative) and the gradients are still those of x @ W.T + b, as
-    bitsandbytes' ``MatMul8bitLt.backward`` gives them."""
+    bitsandbytes' ``MatMul8bitLt.backward`` gives them (its bits: W is :func:`bnb_weight`)."""
 
     @staticmethod
     def forward(ctx, x, codes, scb, bias, allow_gemv, exact_threshold=None):
         ctx.save_for_backward(codes, scb)
+        ctx.exact = exact_threshold is not None
         if exact_threshold is not None:
             return not_a_view(exact_linear(x, codes, scb, bias, exact_threshold))
         return not_a_view(_forward(x, codes, scb, bias, allow_gemv))
@@ -141,7 +160,8 @@ class _Linear8bitFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         codes, scb = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ int8_ops.dequantize(codes, scb, grad_y.dtype)
+            decode = bnb_weight if ctx.exact else int8_ops.dequantize  # exact: bnb's bits for grad_x too
+            grad_x = grad_y @ decode(codes, scb, grad_y.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias, None, None
@@ -250,6 +270,9 @@ class QuantLinear8bit(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (bias is not None and bias.requires_grad)
         )
+        if self.exact and self.training and x.device.type in ("cpu", "xpu"):
+            # bitsandbytes' CPU/XPU backend trains with dequantize + linear (MatMul8bitFp), not int8 math
+            return not_a_view(training_linear(x, self.codes, self.scb, bias)).to(inp_dtype)
         if self.exact and not needs_grad:
             return exact_linear(x, self.codes, self.scb, bias, self.threshold).to(inp_dtype)
         if needs_grad:

@@ -7,7 +7,8 @@ kernels, records and runtime module lazily, so ``import converter.methods`` (the
 parsing) stays free of torch.
 
 Per layer of the flow:
-- plan:     ``check_options`` / ``options_json`` / ``check_tensor`` / ``out_nbytes``
+- plan:     ``check_options`` / ``options_json`` / ``check_tensor`` / ``out_nbytes`` / ``working_set``
+            / ``plan_label``
 - kernels:  ``quantizer`` (an object with ``quantize_many`` and ``fallback_reason``)
 - record:   ``layout`` / ``plan_slots`` / ``record`` / ``metadata_record``
 - config:   ``quantization_config``
@@ -56,6 +57,15 @@ class QuantMethod(ABC):
     @abstractmethod
     def out_nbytes(self, numel: int, shape: tuple[int, ...], options: Options) -> int:
         """Upper bound of the stored bytes of one quantized weight (cuts output shards)."""
+
+    def working_set(self, numel: int, shape: tuple[int, ...], options: Options) -> int:
+        """Anonymous bytes the quantizer's output of one weight holds (the preflight's peak memory):
+        by default its stored bytes."""
+        return self.out_nbytes(numel, shape, options)
+
+    def plan_label(self, options: Options) -> str:
+        """What a quantized tensor becomes, for ``--dry-run``'s table, e.g. "nf4 blocksize 64"."""
+        return self.name
 
     # -- record ----------------------------------------------------------------------------------
     @abstractmethod

@@ -120,6 +120,18 @@ class Bnb4bitMethod(QuantMethod):
 
         return quantized_nbytes(numel, options.blocksize, options.double_quant) + _TABLE_BYTES
 
+    def working_set(self, numel: int, shape: tuple[int, ...], options: Options) -> int:
+        from formats.quant_types import n_blocks, n_nested_blocks
+
+        nb = n_blocks(numel, options.blocksize)
+        codes = (numel + 1) // 2 + 4 * nb
+        if options.double_quant:
+            codes += nb + 4 * n_nested_blocks(nb) + 4 * nb  # codes, nested absmax, decoded absmax
+        return codes
+
+    def plan_label(self, options: Options) -> str:
+        return f"{self.name} blocksize {options.blocksize}"
+
     def layout(self, p: PlannedTensor, options: Options) -> dict:
         from formats.validate import quant_layout
 

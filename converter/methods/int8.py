@@ -53,6 +53,9 @@ class Int8Method(QuantMethod):
     def out_nbytes(self, numel: int, shape: tuple[int, ...], options: Options) -> int:
         return numel + 4 * shape[0] + 1
 
+    def plan_label(self, options: Options) -> str:
+        return "int8 row-wise"  # as inspect describes the record; LLM.int8 has no blocks
+
     def layout(self, p: PlannedTensor, options: Options) -> dict:
         from formats.int8 import int8_layout
 

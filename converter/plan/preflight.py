@@ -27,7 +27,6 @@ from typing import Any
 from converter.errors import InputError
 from converter.sources.base import DTYPE_SIZES
 from converter.units import human_bytes
-from formats.quant_types import n_blocks, n_nested_blocks
 
 
 class WontFitError(InputError):
@@ -119,18 +118,16 @@ def process_rss() -> int:
         return 0
 
 
-def working_set(p: Any, blocksize: int, nested: bool) -> int:
-    """Anonymous bytes alive while tensor ``p`` (converter.plan.tensor_plan.PlannedTensor) is processed."""
+def working_set(p: Any, options: Any) -> int:
+    """Anonymous bytes alive while tensor ``p`` (converter.plan.tensor_plan.PlannedTensor) is processed
+    with ``options`` (converter.plan.tensor_plan.Options): its cast or transposed copy, and the
+    quantizer's output (the method's: LLM.int8 holds a byte per element, 4-bit half a byte)."""
     info = p.info
     cast = p.out_dtype != info.dtype
     copy = info.numel * DTYPE_SIZES.get(p.out_dtype, 4) if (cast or p.transpose) else 0
     if not p.quantize:
         return copy
-    nb = n_blocks(info.numel, blocksize)
-    codes = (info.numel + 1) // 2 + 4 * nb
-    if nested:
-        codes += nb + 4 * n_nested_blocks(nb) + 4 * nb  # codes, nested absmax, decoded absmax
-    return copy + codes
+    return copy + options.method.working_set(info.numel, tuple(p.out_shape), options)
 
 
 def header_bytes(shard: Any) -> int:
@@ -194,9 +191,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
         free += _existing_bytes(output)
     else:
         free += replaced
-    peak = process_rss() + max(
-        (working_set(p, opts.blocksize, opts.double_quant) for p in plan.tensors), default=0
-    )
+    peak = process_rss() + max((working_set(p, opts) for p in plan.tensors), default=0)
     available = ram_available()
     download = sum(getattr(src, "download_plan", dict)().values()) if hasattr(src, "download_plan") else 0
     tensors = [
@@ -206,7 +201,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
             "shape": list(t.info.shape),
             "dtype": t.info.dtype,
             "action": "quantize" if t.quantize else "keep",
-            "reason": t.reason if not t.quantize else f"{opts.quant_type} blocksize {opts.blocksize}",
+            "reason": t.reason if not t.quantize else opts.method.plan_label(opts),
             "out_dtype": t.out_dtype,
             "bytes_out": t.out_nbytes,
         }

@@ -2,7 +2,8 @@
 shards and the source, and compare them with ``quantization_report.json``.
 
 The stored codes and absmax (nested absmax decoded as a loader does) are measured against the source
-tensor, cast to the dtype it was quantized in and transposed as recorded (GPT-2 Conv1D), with the same
+tensor, cast to the dtype it was quantized in (but for LLM.int8's float16, whose rounding the kernel does,
+as during conversion) and transposed as recorded (GPT-2 Conv1D), with the same
 kernel as during conversion (converter/record/quality.py). A recomputed relative RMSE that differs from the
 report's by more than ``REL_TOL`` is a problem: the shard or the report does not describe the source.
 A source the folder was not made from (other names or shapes, or most tensors off the report) is one
@@ -120,7 +121,7 @@ def verify_against(
                     mapped[info.file] = src.open_file(info.file)
                 x = mapped[info.file].get(key)
                 want = getattr(torch, rec.dtype) if rec.dtype is not None else x.dtype
-                if x.dtype != want:
+                if x.dtype != want and not _kernel_rounds_to_float16(rec, x.dtype, want):
                     x = x.to(want)
                 if (tensor_meta.get(key) or {}).get("transposed"):
                     x = x.transpose(-2, -1)
@@ -181,6 +182,19 @@ def _nonfinite_hint(key: str, rec: QuantizedTensor | Int8Tensor) -> str:
         f" (rows past float16's range, stored as bitsandbytes stores them: SCB = inf); reconvert with "
         f"--skip {module!r} to keep it unquantized"
     )
+
+
+def _kernel_rounds_to_float16(
+    rec: QuantizedTensor | Int8Tensor, have: torch.dtype, want: torch.dtype
+) -> bool:
+    """Whether the conversion left a --dtype float16 cast of this weight to its kernel (LLM.int8 rounds
+    a float32/bfloat16 weight to float16 itself: converter.writer.pipeline's ``_input_dtype``) and
+    measured the report against the weight as the checkpoint holds it: then so does this."""
+    import torch
+
+    from formats.int8 import Int8Tensor
+
+    return isinstance(rec, Int8Tensor) and want == torch.float16 and have in (torch.float32, torch.bfloat16)
 
 
 def _measure(key: str, x: torch.Tensor, rec: QuantizedTensor | Int8Tensor) -> TensorQuality:

@@ -90,6 +90,45 @@ def test_exact_layer_with_outliers_equals_linear8bitlt(dtype, rows, threshold) -
         assert torch.equal(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_exact_layer_in_training_mode_equals_linear8bitlt(dtype, rows) -> None:
+    """In training mode (model.train(), as a LoRA fine-tune runs) bitsandbytes' CPU backend computes an
+    int8 layer as MatMul8bitFp: W = q.to(x's dtype) * (SCB * (1/127)), then F.linear, not its int8
+    inference matmul. exact=True kept the inference math there: a PEFT fine-tune of a loaded int8 model
+    had another loss and other gradients than the same fine-tune under transformers + bitsandbytes."""
+    ours, ref = _layer()
+    ours.exact = True
+    ours.train()
+    ref.train()
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 80, generator=g).to(dtype)
+    x[..., 3] = 20.0  # an outlier column: the inference math would split it
+    grad_y = torch.randn(2, rows, 48, generator=g).to(dtype)
+    outs, grads = [], []
+    for layer in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = layer(xi)
+            y.backward(grad_y)
+            with torch.no_grad():
+                assert torch.equal(layer(x), y)
+        outs.append(y.detach())
+        grads.append(xi.grad)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1])
+    ours.eval()
+    with torch.no_grad():  # eval mode: the inference math again (bnb's MatMul8bitLt)
+        assert torch.equal(ours(x), int8_ops_exact(ours, x))
+
+
+def int8_ops_exact(layer: QuantLinear8bit, x: torch.Tensor) -> torch.Tensor:
+    from converter.loader.module_int8 import exact_linear
+
+    return exact_linear(x, layer.codes, layer.scb, layer.bias.to(x.dtype), layer.threshold)
+
+
 def test_default_path_is_dequantize_then_linear_and_gemv_within_float32_error() -> None:
     ours, _ = _layer(in_f=515)
     x = torch.randn(3, 515, dtype=torch.bfloat16)
@@ -131,7 +170,13 @@ def test_output_modified_in_place_under_autograd(exact: bool) -> None:
     y.add_(1.0)
     assert torch.equal(y, want)
     y.sum().backward()
-    torch.testing.assert_close(x.grad[0], torch.ones(4, 48) @ ours.dequantize(torch.float32), rtol=0, atol=0)
+    # exact: bitsandbytes' backward decode of W (q * (SCB / 127)), else the loaders' dequantize
+    w = (
+        ours.codes.float() * (ours.scb.unsqueeze(1) * (1.0 / 127.0))
+        if exact
+        else ours.dequantize(torch.float32)
+    )
+    torch.testing.assert_close(x.grad[0], torch.ones(4, 48) @ w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("scale", [1.0, 10.0])  # without / with outlier columns (threshold 6)
@@ -149,8 +194,29 @@ def test_exact_path_gives_the_linear_gradients(scale: float) -> None:
     assert torch.equal(y, want)
     grad_y = torch.randn(4, 48, generator=torch.Generator().manual_seed(2))
     y.backward(grad_y)
-    torch.testing.assert_close(x.grad, grad_y @ ours.dequantize(torch.float32), rtol=0, atol=0)
+    w = ours.codes.float() * (ours.scb.unsqueeze(1) * (1.0 / 127.0))  # bnb's backward decode
+    torch.testing.assert_close(x.grad, grad_y @ w, rtol=0, atol=0)
     torch.testing.assert_close(ours.bias.grad, grad_y.sum(0).to(ours.bias.dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_exact_path_input_gradient_equals_linear8bitlt(dtype) -> None:
+    """exact=True in eval mode under autograd: grad_x has bitsandbytes' bits. MatMul8bitLt.backward
+    decodes W as q.to(dtype) * (SCB * (1/127)); the exact path took int8_vectorwise_dequant's
+    f32(q * SCB) * (1/127), a rounding apart (a PEFT fine-tune's gradients ~1e-5 off bnb's)."""
+    ours, ref = _layer()
+    ours.exact = True
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 80, generator=g).to(dtype)
+    grad_y = torch.randn(2, 5, 48, generator=g).to(dtype)
+    grads = []
+    for layer in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer(xi).backward(grad_y)
+        grads.append(xi.grad)
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_state_dict_is_bitsandbytes_layout_and_round_trips() -> None:
