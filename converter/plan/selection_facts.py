@@ -40,6 +40,20 @@ from converter.errors import InputError
 SUBCLASS_REASON = "a subclass of nn.Linear, which transformers + bitsandbytes do not quantize"
 
 
+#: nn.Linear modules whose weight a model multiplies by itself instead of calling the layer, by (class of
+#: the parent module, leaf name): a 4-bit or int8 weight there fails in every loader (transformers +
+#: bitsandbytes too: "Expected size for first two dimensions of batch2 tensor"), so they stay 16-bit.
+#: transformers 5.x's MambaMixer computes ``self.dt_proj.weight @ time_step`` whatever the config
+#: (FalconMamba and Jamba branch on ``config._is_quantized`` and call the layer: quantized as usual).
+READ_DIRECTLY = {("MambaMixer", "dt_proj"): "read directly (MambaMixer multiplies by dt_proj.weight itself)"}
+
+
+def read_directly(name: str, modules: Mapping[str, Any]) -> str | None:
+    """Why linear module ``name`` stays 16-bit because its parent reads its weight (READ_DIRECTLY)."""
+    parent, _, leaf = name.rpartition(".")
+    return READ_DIRECTLY.get((type(modules.get(parent)).__name__, leaf))
+
+
 class SelectionError(InputError):
     """The tensors to quantize cannot be decided for this checkpoint."""
 
@@ -526,6 +540,8 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
             reason = default_reason(mod_name, mod)
         elif is_router(mod_name, mod) or inside_router(mod_name, modules):
             reason = "router"
+        else:
+            reason = read_directly(mod_name, modules)
         if reason is not None:
             out[key] = KeyFacts(
                 reason=reason,

@@ -663,6 +663,41 @@ def test_mamba_mixers_that_branch_on_a_quantized_config_run(tmp_path: Path, quan
     FalconMambaForCausalLM(config).save_pretrained(tmp_path / "plain")
     folder = tmp_path / quant_type
     convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    _assert_loaders_agree(folder)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_mamba_dt_proj_stays_16bit_so_every_loader_runs(tmp_path: Path, quant_type: str) -> None:
+    """Mamba's mixer multiplies by ``dt_proj.weight`` itself whatever the config (transformers 5.x), so a
+    quantized dt_proj failed in our loader and in transformers + bitsandbytes alike ("Expected size for
+    first two dimensions of batch2 tensor"). It stays 16-bit with its reason and is named in
+    ``llm_int8_skip_modules``; every other linear is quantized; both loaders give the same logits."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
+    MambaForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    report = json.loads((folder / "quantization_report.json").read_text())
+    actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
+    for i in range(2):
+        mixer = f"backbone.layers.{i}.mixer"
+        assert actions[f"{mixer}.dt_proj.weight"] == (
+            "keep",
+            "read directly (MambaMixer multiplies by dt_proj.weight itself)",
+        )
+        assert all(actions[f"{mixer}.{m}.weight"][0] == "quantize" for m in ("in_proj", "x_proj", "out_proj"))
+    skip = json.loads((folder / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert {"layers.0.mixer.dt_proj", "layers.1.mixer.dt_proj"} <= set(skip)
+    _assert_loaders_agree(folder)
+
+
+def _assert_loaders_agree(folder: Path) -> None:
+    """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
+    dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
     ours = load_quantized(folder, dtype=torch.float32)
     theirs = bnb_load(folder).eval()
     bnb_generic_cpu_path(theirs)
