@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -108,10 +109,11 @@ def convert_parameters() -> dict[str, inspect.Parameter]:
     return {k: p for k, p in params.items() if k not in _NOT_PLAN_OPTIONS}
 
 
-def load_plan(path: Path, cli_options: dict[str, Any] | None = None) -> BatchPlan:
-    """A TOML plan (``.toml``) or a text/JSON list (anything else); ``cli_options`` are convert()
-    keywords given on the command line: for a list they apply to every item, for a TOML plan they
-    override [defaults] (a job's own keys still win)."""
+def load_plan(path: str | os.PathLike, cli_options: dict[str, Any] | None = None) -> BatchPlan:
+    """A TOML plan (``.toml``) or a text/JSON list (anything else), a path as a str or a Path;
+    ``cli_options`` are convert() keywords given on the command line: for a list they apply to every
+    item, for a TOML plan they override [defaults] (a job's own keys still win)."""
+    path = Path(path)
     cli_options = dict(cli_options or {})
     if path.suffix.lower() != ".toml":
         if "moe_experts" in not_read_by_method(cli_options)[1]:  # every item would fail alike: refused once

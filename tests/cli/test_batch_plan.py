@@ -390,6 +390,24 @@ def test_jobs_wait_for_the_budget(tiny_llama: Path, tmp_path: Path) -> None:
     assert [e[0] for e in events[:3]] == ["start"] * 3  # no budget: all three at once
 
 
+def test_load_plan_and_run_batch_take_str_paths(tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    """docs/python-api.md's `load_plan(path)` and `run_batch(jobs, output_root)` with plain strings,
+    as convert() takes them: load_plan("plan.toml") raised AttributeError ('str' object has no
+    attribute 'suffix') and run_batch(jobs, "out") TypeError (str / str)."""
+    from converter.tools.batch_run import run_batch
+    from converter.tools.plan_file import load_plan
+
+    monkeypatch.chdir(tmp_path)
+    _plan(tmp_path, tiny_llama)
+    (tmp_path / "list.txt").write_text(f"{tiny_llama} from-list\n")
+    plan = load_plan("plan.toml")
+    assert [j.output for j in plan.jobs] == [j.output for j in load_plan(tmp_path / "plan.toml").jobs]
+    assert [j.output for j in load_plan("list.txt").jobs] == ["from-list"]
+    result = run_batch(plan.jobs[:1], "out-str")
+    assert result.ok
+    assert (tmp_path / "out-str" / plan.jobs[0].output / "config.json").is_file()
+
+
 def test_variants_of_one_conversion_are_refused_and_foreign_options_warned(
     qm, tiny_llama: Path, tmp_path: Path
 ) -> None:
