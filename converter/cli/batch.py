@@ -76,6 +76,12 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         _deliver(batch_signals.restore())
 
 
+# convert's --revision, which a batch refuses (a job's revision is the plan's): its help said "Hub
+# branch, tag or commit (Hub sources only)" as if it applied to every job
+_REVISION = next(p for p in batch.params if p.name == "revision")
+_REVISION.help = "Refused: give a revision per job in the plan or JSON list."
+
+
 def _deliver(signum: int | None) -> None:
     """Act on a signal recorded while the batch started and not reported (a bad plan, --dry-run):
     again, now that the previous handler is back (Ctrl-C: KeyboardInterrupt, SIGTERM: the end)."""

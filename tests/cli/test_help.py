@@ -45,6 +45,14 @@ def test_help_says_what_quiet_and_device_do(qm) -> None:
     assert "130 interrupted" in text
 
 
+def test_batch_help_says_its_revision_is_refused(qm) -> None:
+    """batch --help showed convert's "--revision TEXT  Hub branch, tag or commit (Hub sources only)."
+    though a batch refuses it (exit 2; docs/cli.md: give it per job)."""
+    text = " ".join(qm("batch", "--help").stdout.split())
+    assert "--revision TEXT Refused: give a revision per job in the plan or JSON list." in text
+    assert "Hub branch, tag or commit" in " ".join(qm("convert", "--help").stdout.split())
+
+
 @pytest.mark.parametrize("command", sorted(cli.commands))
 def test_every_documented_option_exists(command: str) -> None:
     """The other direction: each `--option` docs/cli.md names in a command's section is one that
