@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import click
 import pytest
 
 from converter.cli import cli
@@ -26,12 +27,22 @@ def test_every_option_is_documented(command: str) -> None:
     docs/cli.md did not name."""
     section = _section(command)
     assert section, command
-    options = {o for p in cli.commands[command].params for o in p.opts if o.startswith("--")}
-    hidden = {o for p in cli.commands[command].params if getattr(p, "hidden", False) for o in p.opts}
+    params = [p for p in cli.commands[command].params if isinstance(p, click.Option)]
+    options = {o for p in params for o in (*p.opts, *p.secondary_opts)}  # -q and --no-double-quant too
+    hidden = {o for p in params if p.hidden for o in p.opts}
     missing = sorted(
         o for o in options - hidden - {"--help"} if not re.search(rf"(?<![\w-]){o}(?![\w-])", section)
     )
     assert not missing, f"{command}: {missing} not in docs/cli.md"
+
+
+def test_the_tools_own_options_are_documented() -> None:
+    """`quantize-model --version` and the help options (-h as well as --help, on every command) are in
+    docs/cli.md's opening section."""
+    top = re.split(r"\n## ", DOC)[0]
+    names = [*cli.context_settings["help_option_names"], *(o for p in cli.params for o in p.opts)]
+    missing = [o for o in names if not re.search(rf"(?<![\w-]){o}(?![\w-])", top)]
+    assert not missing, f"{missing} not in docs/cli.md's opening section"
 
 
 def test_help_says_what_quiet_and_device_do(qm) -> None:
@@ -64,3 +75,29 @@ def test_every_documented_option_exists(command: str) -> None:
         if option not in {o for p in cli.commands[owner].params for o in (*p.opts, *p.secondary_opts)}:
             wrong.append(f"{owner} {option}")
     assert not wrong, f"docs/cli.md names options that do not exist: {wrong}"
+
+
+def test_convert_table_defaults_are_the_parsers() -> None:
+    """Each default docs/cli.md's convert table gives is the one click applies (on/off for flags)."""
+    section = _section("convert")
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        if line.startswith("| `-"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            for option in re.findall(r"`(--[a-z0-9-]+)", cells[0]):
+                rows[option] = cells[1]
+    wrong = []
+    for p in cli.commands["convert"].params:
+        if not isinstance(p, click.Option) or p.opts[-1] not in rows:
+            continue
+        documented = rows[p.opts[-1]]
+        if p.is_flag:
+            expected = "on" if p.default is True else ("off", "")
+        elif p.default is None or p.multiple:
+            continue  # "the model dtype", "CPUs of this process", "main": said in words
+        else:
+            expected = str(p.default)
+        if documented not in (expected if isinstance(expected, tuple) else (expected,)):
+            wrong.append(f"{p.opts[-1]}: docs say {documented!r}, the parser {p.default!r}")
+    assert len(rows) > 15
+    assert not wrong, wrong
