@@ -199,6 +199,25 @@ def test_bad_plan_exits_2_before_any_work(qm, tiny_llama: Path, tmp_path: Path) 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_output_root_is_asked_for_where_it_can_be_given(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A text or JSON list without OUTPUT_ROOT was told to "set output_root in [defaults]", which only
+    a TOML plan has."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[job]]\nsource = "{tiny_llama}"\n')
+    r = qm("batch", plan)
+    assert (r.exit_code, r.stderr) == (
+        2, f"Error: {plan}: no OUTPUT_ROOT: give one after the plan, or set output_root in [defaults]\n"
+    )  # fmt: skip
+    for name, text in (("list.txt", f"{tiny_llama}\n"), ("list.json", json.dumps([str(tiny_llama)]))):
+        (tmp_path / name).write_text(text)
+        r = qm("batch", tmp_path / name)
+        assert (r.exit_code, r.stderr) == (
+            2, f"Error: {tmp_path / name}: no OUTPUT_ROOT: give one after the list (a list cannot set it)\n"
+        )  # fmt: skip
+
+
 def test_parallel_jobs_give_the_same_bytes(qm, tiny_llama: Path, tmp_path: Path) -> None:
     plan = _plan(tmp_path, tiny_llama)
     assert qm("batch", plan, tmp_path / "seq", "-q").exit_code == 0
