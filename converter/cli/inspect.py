@@ -18,7 +18,8 @@ from converter.units import human_bytes, human_count
 @click.option(
     "--memory",
     is_flag=True,
-    help="Estimate what each device holds when loaded with --device-map/--max-memory (a folder).",
+    help="Estimate what each device holds when loaded with --device-map/--max-memory "
+    "(a folder or Hub repo id).",
 )
 @click.option(
     "--device-map",

@@ -101,3 +101,9 @@ def test_convert_table_defaults_are_the_parsers() -> None:
             wrong.append(f"{p.opts[-1]}: docs say {documented!r}, the parser {p.default!r}")
     assert len(rows) > 15
     assert not wrong, wrong
+
+
+def test_inspect_help_says_memory_takes_a_hub_repo(qm) -> None:
+    """`inspect --memory` said "(a folder)", though it plans a Hub repo id from range reads (docs/cli.md)."""
+    text = " ".join(qm("inspect", "--help").stdout.split())
+    assert "--device-map/--max-memory (a folder or Hub repo id)." in text
