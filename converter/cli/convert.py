@@ -21,7 +21,7 @@ EPILOG = """\b
 Examples:
   quantize-model convert ./my-model ./my-model-nf4
   quantize-model convert meta-llama/Llama-3.2-1B ./llama-nf4 --revision main --dtype bfloat16
-  quantize-model convert ./gpt2 ./gpt2-fp4 --quant-type fp4 --no-double-quant --skip 'lm_head'
+  quantize-model convert ./gpt2 ./gpt2-fp4 --quant-type fp4 --no-double-quant --skip 'transformer.h.0.*'
   quantize-model convert ./llama-8b ./llama-8b-int8 --quant-type int8 --int8-threshold 6.0
 
 Rerunning the same command resumes an interrupted conversion, or does nothing if it finished.

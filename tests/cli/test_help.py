@@ -107,3 +107,28 @@ def test_inspect_help_says_memory_takes_a_hub_repo(qm) -> None:
     """`inspect --memory` said "(a folder)", though it plans a Hub repo id from range reads (docs/cli.md)."""
     text = " ".join(qm("inspect", "--help").stdout.split())
     assert "--device-map/--max-memory (a folder or Hub repo id)." in text
+
+
+def test_convert_help_examples_run_without_a_warning_about_their_options(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The local examples of `convert --help`, planned on tiny checkpoints of their kind: the GPT-2 one
+    passed `--skip 'lm_head'`, which a GPT-2 checkpoint (tied head, no lm_head tensor) answers with
+    "--skip 'lm_head' matches no tensor or module of the checkpoint"."""
+    import shlex
+    import shutil
+
+    from tiny_models import make_tiny
+
+    monkeypatch.chdir(tmp_path)
+    make_tiny("gpt2", tmp_path / "gpt2")
+    for name in ("my-model", "llama-8b"):
+        shutil.copytree(tiny_llama, tmp_path / name)
+    lines = [line.strip() for line in cli.commands["convert"].epilog.splitlines()]
+    examples = [shlex.split(line)[2:] for line in lines if line.startswith("quantize-model convert ./")]
+    assert len(examples) == 3
+    for args in examples:
+        r = qm("convert", *args, "--dry-run", "-q")
+        assert r.exit_code == 0, (args, r.output)
+        option_warnings = [w for w in r.stderr.splitlines() if "matches no" in w or "not used by" in w]
+        assert not option_warnings, (args, option_warnings)
