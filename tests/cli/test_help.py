@@ -132,3 +132,43 @@ def test_convert_help_examples_run_without_a_warning_about_their_options(
         assert r.exit_code == 0, (args, r.output)
         option_warnings = [w for w in r.stderr.splitlines() if "matches no" in w or "not used by" in w]
         assert not option_warnings, (args, option_warnings)
+
+
+def _json_keys(value: dict, nested: set[str]) -> set[str]:
+    """The keys of a JSON object, and those of the objects under ``nested`` keys."""
+    return set(value) | {k for n in nested & set(value) if isinstance(value[n], dict) for k in value[n]}
+
+
+@pytest.mark.parametrize(
+    ("command", "marker"),
+    [
+        ("verify", "`--json` for machines (`{"),
+        ("inspect", "(`--json`: `{"),
+        ("dequantize", "(`--json`: `{"),
+        ("info", "`--json` for machines (`{"),
+    ],
+)
+def test_documented_json_keys_are_the_commands(
+    qm, tiny_llama: Path, tmp_path: Path, command: str, marker: str
+) -> None:
+    """The `{"key", ...}` docs/cli.md gives for a command's --json output is what it prints (dequantize,
+    push and info printed keys no doc named)."""
+    import json
+
+    section = "\n".join(p for p in re.split(r"\n## ", DOC) if p.startswith(f"`{command}"))
+    start = section.index(marker) + len(marker) - 1
+    shown = section[start : section.index("}`", start)]
+    documented = set(re.findall(r'"(\w+)"', shown))
+    nested = set(re.findall(r'"(\w+)": \{', shown))  # info's "cpu": {...}
+    folder = tmp_path / "nf4"
+    assert qm("convert", tiny_llama, folder, "-q").exit_code == 0
+    args = {
+        "verify": [folder],
+        "inspect": [folder, "--memory"],
+        "dequantize": [folder, tmp_path / "plain"],
+        "info": [],
+    }[command]
+    r = qm(command, *args, "--json")
+    assert r.exit_code == 0, r.output
+    printed = _json_keys(json.loads(r.stdout), nested)
+    assert documented == printed - ({"ok"} - documented)  # "ok": true, cli.md's opening says
