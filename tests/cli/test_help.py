@@ -140,16 +140,17 @@ def _json_keys(value: dict, nested: set[str]) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("command", "marker"),
+    ("command", "option", "marker"),
     [
-        ("verify", "`--json` for machines (`{"),
-        ("inspect", "(`--json`: `{"),
-        ("dequantize", "(`--json`: `{"),
-        ("info", "`--json` for machines (`{"),
+        ("verify", None, "`--json` for machines (`{"),
+        ("inspect", None, "`--json` for machines (`{"),
+        ("inspect", "--memory", "(`--json`: `{"),
+        ("dequantize", None, "(`--json`: `{"),
+        ("info", None, "`--json` for machines (`{"),
     ],
 )
 def test_documented_json_keys_are_the_commands(
-    qm, tiny_llama: Path, tmp_path: Path, command: str, marker: str
+    qm, tiny_llama: Path, tmp_path: Path, command: str, option: str | None, marker: str
 ) -> None:
     """The `{"key", ...}` docs/cli.md gives for a command's --json output is what it prints (dequantize,
     push and info printed keys no doc named)."""
@@ -162,13 +163,8 @@ def test_documented_json_keys_are_the_commands(
     nested = set(re.findall(r'"(\w+)": \{', shown))  # info's "cpu": {...}
     folder = tmp_path / "nf4"
     assert qm("convert", tiny_llama, folder, "-q").exit_code == 0
-    args = {
-        "verify": [folder],
-        "inspect": [folder, "--memory"],
-        "dequantize": [folder, tmp_path / "plain"],
-        "info": [],
-    }[command]
-    r = qm(command, *args, "--json")
+    args = {"verify": [folder], "inspect": [folder], "dequantize": [folder, tmp_path / "plain"], "info": []}
+    r = qm(command, *args[command], *([option] if option else []), "--json")
     assert r.exit_code == 0, r.output
     printed = _json_keys(json.loads(r.stdout), nested)
     assert documented == printed - ({"ok"} - documented)  # "ok": true, cli.md's opening says
