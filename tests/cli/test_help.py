@@ -168,3 +168,16 @@ def test_documented_json_keys_are_the_commands(
     assert r.exit_code == 0, r.output
     printed = _json_keys(json.loads(r.stdout), nested)
     assert documented == printed - ({"ok"} - documented)  # "ok": true, cli.md's opening says
+
+
+def test_convert_json_keys_are_the_ones_python_api_md_lists(qm, tiny_llama: Path, tmp_path: Path) -> None:
+    """python-api.md lists ConversionResult.to_json()'s keys, which `convert --json` prints after "ok"."""
+    import json
+
+    api = (Path(__file__).parents[2] / "docs" / "python-api.md").read_text()
+    marker = 'less its leading `"ok": true`\n(`{'
+    start = api.index(marker) + len(marker) - 1
+    documented = set(re.findall(r'"(\w+)"', api[start : api.index("}`", start)]))
+    r = qm("convert", tiny_llama, tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)) == documented | {"ok"}
