@@ -339,9 +339,29 @@ def _refuse_duplicates(
         raise InputError(msg)
 
 
+#: convert() keywords the batch command sets itself, and the command's option for them (if any)
+_COMMAND_OPTIONS = {
+    "overwrite": "--force",
+    "dry_run": "--dry-run",
+    "progress": "-q",
+    "preflight": "",
+    "warn": "",
+}
+
+
 def _unknown(key: str, params: dict[str, Any]) -> str:
+    """Why a key a table sets is not one of its keys (for [defaults], a job's own keys are not: said so,
+    not "key 'revision' is unknown; did you mean 'revision'?")."""
     import difflib
 
+    if key in JOB_KEYS:
+        where = "a [[job]] table" if key in ("source", "variants") else "a [[job]] table or a variant"
+        return f"key {key!r} belongs in {where}, not in [defaults]"
+    if key in _COMMAND_OPTIONS:
+        flag = _COMMAND_OPTIONS[key]
+        return f"key {key!r} is not a plan key: the batch command sets it" + (
+            f" (give `batch {flag}`)" if flag else ""
+        )
     close = difflib.get_close_matches(key, [*params, *JOB_KEYS], n=1)
     hint = f"did you mean {close[0]!r}?" if close else "see docs/ci.md for the plan keys"
     return f"key {key!r} is unknown; {hint}"
