@@ -57,7 +57,7 @@ def _check_threads(_ctx: click.Context, _param: click.Parameter, value: int | No
     return value
 
 
-def _check_size(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+def check_size(_ctx: click.Context, param: click.Parameter, value: str) -> str:
     """A size the writer takes ('5GB', '2GiB'), checked as a usage error that names the option."""
     try:
         parse_size(value)
@@ -91,7 +91,7 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Keep modules/tensors matching GLOB unquantized (repeatable)."),
         click.option("--include", multiple=True, metavar="GLOB",
                      help="Quantize only modules/tensors matching GLOB (repeatable)."),
-        click.option("--max-shard-size", default="5GB", show_default=True, callback=_check_size,
+        click.option("--max-shard-size", default="5GB", show_default=True, callback=check_size,
                      help="Largest output shard."),
         click.option("--threads", type=click.IntRange(min=1), default=None, callback=_check_threads,
                      help="Kernel threads, at most 256 [default: the CPUs this process may use]."),

@@ -304,10 +304,13 @@ def test_bad_option_is_usage_error(qm, tiny_llama: Path, tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("value", "why"), [("lots", "use a number with a unit, e.g. 5GB, 500MB, 2GiB"), ("0", "must be positive")]
 )
-def test_bad_shard_size_exit_2(qm, tiny_llama: Path, tmp_path: Path, value: str, why: str) -> None:
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_bad_shard_size_exit_2(
+    qm, tiny_llama: Path, tmp_path: Path, value: str, why: str, command: str
+) -> None:
     """A bad size is click's usage error naming the option ("invalid size '0': must be positive" named
-    none), found before anything is read."""
-    r = qm("convert", tiny_llama, tmp_path / "out", "--max-shard-size", value)
+    none; dequantize's still did), found before anything is read."""
+    r = qm(command, tiny_llama, tmp_path / "out", "--max-shard-size", value)
     assert r.exit_code == 2
     said = f"Error: Invalid value for '--max-shard-size': invalid size {value!r}: {why}"
     assert r.stderr.splitlines()[-1] == said
