@@ -25,7 +25,7 @@ from converter.units import human_bytes, human_count
     "--device-map",
     default="auto",
     show_default=True,
-    help="auto, balanced, sequential, a device, or JSON {module: device} (with --memory).",
+    help="auto, balanced, balanced_low_0, sequential, a device, or JSON {module: device} (with --memory).",
 )
 @click.option(
     "--max-memory",
