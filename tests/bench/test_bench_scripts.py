@@ -148,6 +148,23 @@ def test_load_benchmarks_take_smollm2_from_the_shared_samples_dir(
         assert asked.pop() == expected
 
 
+def test_every_scripts_help_starts_with_its_docstring() -> None:
+    """docs/benchmarks.md: `python bench/X.py --help` prints the docstring's first line and the flags;
+    probe_warmup.py's parser had no description (flags only). cpu_timing.parse_args takes its
+    callers' description, parse_args(__doc__...)."""
+    plain = []
+    for path in sorted(BENCH.glob("*.py")):
+        calls = re.findall(r"(ArgumentParser|(?<![\w.])parse_args)\(([^)]*)\)", path.read_text())
+        parsers = [
+            args
+            for name, args in calls
+            if "add_help=False" not in args and (name == "ArgumentParser" or args)
+        ]
+        if path.name != "cpu_timing.py" and any("__doc__" not in args for args in parsers):
+            plain.append(path.name)
+    assert not plain, f"a parser without the docstring's first line as its description: {plain}"
+
+
 #: Each GPU benchmark's command line (docstrings, docs/benchmarks.md), small settings.
 CUDA_COMMANDS = [
     "bench_cuda.py --quick",
