@@ -1,6 +1,8 @@
 """Loading a pre-quantized checkpoint on CPU, and batch-1 GEMV through the layer, side by side.
 
-    python bench/bench_load.py [--model .cache/samples/smollm2-135m] [--workdir .cache/bench] [--repeat 3]
+    python bench/bench_load.py [--model FOLDER] [--workdir .cache/bench] [--repeat 3]
+
+--model defaults to SmolLM2-135M, built once in $QM_SAMPLES_DIR, else ./.cache/samples (docs/benchmarks.md).
 
 1. Load time = from the call to the end of the first forward (8 tokens), each run in a fresh
    subprocess that has already imported torch/transformers (imports are not timed):
@@ -37,6 +39,16 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def smollm2_sample() -> Path:
+    """SmolLM2-135M where every benchmark takes it (built once from the PyPI-shipped GGUF): in
+    $QM_SAMPLES_DIR, else ./.cache/samples of the current folder (docs/benchmarks.md)."""
+    from converter.tools import samples
+
+    return samples.smollm2(Path(os.environ.get("QM_SAMPLES_DIR", samples.DEFAULT_SAMPLES_DIR)))
+
+
 CASES = ("read", "ours", "ours+verify", "ours+verify-sha256", "transformers+bnb")
 VERIFY = {"ours": False, "ours+verify": True, "ours+verify-sha256": "sha256"}
 IDS = [[1, 9, 1031, 314, 2718, 42, 7, 100]]
@@ -261,7 +273,7 @@ def bench_gemv(repeat: int) -> list[tuple[str, float, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / ".cache/samples/smollm2-135m")
+    parser.add_argument("--model", type=Path, help="a bf16 folder (default: SmolLM2-135M, see above)")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache/bench")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
@@ -279,10 +291,8 @@ def main() -> None:
     import torch
 
     model = args.model
-    if not args.synthetic and not model.is_dir() and model == REPO / ".cache/samples/smollm2-135m":
-        from converter.tools import samples
-
-        model = samples.smollm2(REPO / ".cache/samples")  # built once from the PyPI-shipped GGUF
+    if not args.synthetic and model is None:
+        model = smollm2_sample()
     if args.synthetic:
         layers, hidden = (int(v) for v in args.synthetic.split(","))
         model = synthetic_llama(args.workdir / f"llama-{layers}x{hidden}", layers, hidden)

@@ -2,7 +2,7 @@
 side by side. Each contender imports only what its script needs (bench_generate.py --load, by contrast,
 imports every contender's modules before its clock starts, to time the load call alone).
 
-    python bench/bench_load_process.py [--model .cache/samples/smollm2-135m] [--workdir .cache/bench]
+    python bench/bench_load_process.py [--model FOLDER] [--workdir .cache/bench]
         [--folder NF4_FOLDER] [--device cpu|cuda] [--cases ...] [--repeat 5] [--json out.json]
 
 Each run is a fresh ``python -c`` (wall time from before the interpreter starts to the end of the first
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_load import prepare
+from bench_load import prepare, smollm2_sample
 from need_cuda import require_cuda
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,9 @@ def run(code: str, folder: Path, device: str) -> tuple[float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=REPO / ".cache/samples/smollm2-135m")
+    ap.add_argument(  # as every benchmark: SmolLM2 from $QM_SAMPLES_DIR, else ./.cache/samples
+        "--model", type=Path, help="a bf16 folder to convert (default: SmolLM2-135M, built once)"
+    )
     ap.add_argument("--workdir", type=Path, default=REPO / ".cache/bench")
     ap.add_argument("--folder", type=Path, help="an NF4 folder to load (default: --model converted)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -121,12 +123,7 @@ def main() -> None:
     cases = {c: CASES[c] for c in args.cases.split(",")}
     folder = args.folder
     if folder is None:
-        model = args.model
-        if not model.is_dir() and model == REPO / ".cache/samples/smollm2-135m":
-            from converter.tools import samples
-
-            model = samples.smollm2(REPO / ".cache/samples")  # built once from the PyPI-shipped GGUF
-        folder = prepare(model, args.workdir)
+        folder = prepare(args.model or smollm2_sample(), args.workdir)
     for p in folder.iterdir():  # warm page cache for every contender
         if p.is_file():
             with open(p, "rb", buffering=0) as f:

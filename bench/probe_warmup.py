@@ -191,7 +191,7 @@ def first_forward(device: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help="run one variant in this process (internal)")
     parser.add_argument("--repeat", type=int, default=2)

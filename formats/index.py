@@ -296,8 +296,15 @@ def read_index(folder: Path, *, require_files: bool = True) -> Index:
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """The whole file's sha256, read in 1 MiB pieces (hashlib.file_digest is Python 3.11+; the project
+    supports 3.10)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def file_problems(index: Index) -> tuple[list[str], list[str]]:

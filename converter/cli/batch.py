@@ -76,6 +76,12 @@ def batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **param
         _deliver(batch_signals.restore())
 
 
+# convert's --revision, which a batch refuses (a job's revision is the plan's): its help said "Hub
+# branch, tag or commit (Hub sources only)" as if it applied to every job
+_REVISION = next(p for p in batch.params if p.name == "revision")
+_REVISION.help = "Refused: give a revision per job in the plan or JSON list."
+
+
 def _deliver(signum: int | None) -> None:
     """Act on a signal recorded while the batch started and not reported (a bad plan, --dry-run):
     again, now that the previous handler is back (Ctrl-C: KeyboardInterrupt, SIGTERM: the end)."""
@@ -109,10 +115,9 @@ def _batch(ctx: click.Context, plan_file: Path, output_root: Path | None, **para
     for note in plan.warnings:  # a job's or variant's keys its quant type does not read
         app.warn(note)
     root = output_root or plan.output_root
-    if root is None:
-        app.abort(
-            f"{plan_file}: no OUTPUT_ROOT: give one after the plan, or set output_root in [defaults]", 2
-        )
+    if root is None:  # a list has no [defaults]: there only the command line can give it
+        how = "the plan, or set output_root in [defaults]" if is_plan else "the list (a list cannot set it)"
+        app.abort(f"{plan_file}: no OUTPUT_ROOT: give one after {how}", 2)
     device = kwargs.get("device")
     if device not in (None, "cpu"):  # a GPU index past this machine's is refused here, not per job
         from converter.writer.pipeline import resolve_device

@@ -21,7 +21,7 @@ EPILOG = """\b
 Examples:
   quantize-model convert ./my-model ./my-model-nf4
   quantize-model convert meta-llama/Llama-3.2-1B ./llama-nf4 --revision main --dtype bfloat16
-  quantize-model convert ./gpt2 ./gpt2-fp4 --quant-type fp4 --no-double-quant --skip 'lm_head'
+  quantize-model convert ./gpt2 ./gpt2-fp4 --quant-type fp4 --no-double-quant --skip 'transformer.h.0.*'
   quantize-model convert ./llama-8b ./llama-8b-int8 --quant-type int8 --int8-threshold 6.0
 
 Rerunning the same command resumes an interrupted conversion, or does nothing if it finished.
@@ -57,7 +57,7 @@ def _check_threads(_ctx: click.Context, _param: click.Parameter, value: int | No
     return value
 
 
-def _check_size(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+def check_size(_ctx: click.Context, param: click.Parameter, value: str) -> str:
     """A size the writer takes ('5GB', '2GiB'), checked as a usage error that names the option."""
     try:
         parse_size(value)
@@ -91,7 +91,7 @@ def conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Keep modules/tensors matching GLOB unquantized (repeatable)."),
         click.option("--include", multiple=True, metavar="GLOB",
                      help="Quantize only modules/tensors matching GLOB (repeatable)."),
-        click.option("--max-shard-size", default="5GB", show_default=True, callback=_check_size,
+        click.option("--max-shard-size", default="5GB", show_default=True, callback=check_size,
                      help="Largest output shard."),
         click.option("--threads", type=click.IntRange(min=1), default=None, callback=_check_threads,
                      help="Kernel threads, at most 256 [default: the CPUs this process may use]."),

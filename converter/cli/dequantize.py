@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from converter.cli._app import App, not_empty, not_empty_path, sigterm_as_interrupt, table
+from converter.cli.convert import check_size
 from converter.sources import looks_like_repo_id
 from converter.units import human_bytes
 
@@ -27,7 +28,9 @@ ends).
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
               case_sensitive=False), default="bf16", show_default=True,
               help="dtype of every floating-point tensor written.")  # fmt: skip
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option(  # a bad size is a usage error naming the option, as convert's (it said only "invalid size")
+    "--max-shard-size", default="5GB", show_default=True, callback=check_size, help="Largest output shard."
+)
 @click.option("--no-verify", is_flag=True, help="Skip the check of the shards against the index's digests.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever the output folder holds.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub repo ids only).")

@@ -18,13 +18,14 @@ from converter.units import human_bytes, human_count
 @click.option(
     "--memory",
     is_flag=True,
-    help="Estimate what each device holds when loaded with --device-map/--max-memory (a folder).",
+    help="Estimate what each device holds when loaded with --device-map/--max-memory "
+    "(a folder or Hub repo id).",
 )
 @click.option(
     "--device-map",
     default="auto",
     show_default=True,
-    help="auto, balanced, sequential, a device, or JSON {module: device} (with --memory).",
+    help="auto, balanced, balanced_low_0, sequential, a device, or JSON {module: device} (with --memory).",
 )
 @click.option(
     "--max-memory",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from converter.cli._app import App, describe_error, not_empty_path
+from converter.cli._app import App, describe_error, not_empty, not_empty_path
 
 
 @click.command(short_help="Check shard hashes and structure")
@@ -16,6 +16,7 @@ from converter.cli._app import App, describe_error, not_empty_path
     "against",
     metavar="SRC",
     default=None,
+    callback=not_empty,  # --against "$SRC" with SRC unset: not the current folder
     help="Also recompute each quantized tensor's error statistics against the source SRC.",
 )
 @click.option("--revision", default=None, help="Hub branch, tag or commit of --against (Hub sources only).")

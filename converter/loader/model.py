@@ -179,11 +179,34 @@ def _read_config(
 
     refuse_gguf_file(config_kwargs)  # estimate's way here (load_quantized refused it before any work)
 
-    if _is_model_class(requested):
-        return requested.config_class.from_pretrained(folder, return_unused_kwargs=True, **config_kwargs)
-    return transformers.AutoConfig.from_pretrained(
-        folder, trust_remote_code=trust_remote_code, return_unused_kwargs=True, **config_kwargs
-    )
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        if _is_model_class(requested):
+            return requested.config_class.from_pretrained(folder, return_unused_kwargs=True, **config_kwargs)
+        return transformers.AutoConfig.from_pretrained(
+            folder, trust_remote_code=trust_remote_code, return_unused_kwargs=True, **config_kwargs
+        )
+    except StrictDataclassError as exc:  # a field of the wrong type ("num_hidden_layers": "two"), as
+        # convert words it (it was "unexpected StrictDataclassFieldValidationError" on two lines, exit 1)
+        detail = " ".join(str(exc).split())
+        msg = (
+            f"{Path(folder) / 'config.json'}: transformers cannot read it ({type(exc).__name__}: {detail}); "
+        )
+        raise ModelBuildError(msg + "fix the config") from None
+    except ValueError as exc:  # a model_type this transformers lacks: its many-line ValueError was
+        # "unexpected" (exit 1 in the CLI); repository code to trust is transformers' own refusal, kept
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        model_type = (read_config(folder) or {}).get("model_type")
+        if "trust_remote_code" in str(exc) or not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+            raise
+        msg = (
+            f"{Path(folder) / 'config.json'}: model_type {model_type!r} is not built into transformers "
+            f"{transformers.__version__}, and no repository code (auto_map's AutoConfig) builds its config; "
+            "upgrade transformers, or fix config.json"
+        )
+        raise ModelBuildError(msg) from None
 
 
 def _new_modules(absent: set[str], own: type | None, cls: type, config: Any) -> frozenset[str]:

@@ -457,7 +457,7 @@ def default_budget(root: Path) -> Budget:
 
 def run_batch(
     jobs: list[Job],
-    output_root: Path,
+    output_root: str | os.PathLike,
     *,
     parallel: int = 1,
     fail_fast: bool = False,
@@ -469,7 +469,9 @@ def run_batch(
     **options: Any,
 ) -> BatchResult:
     """Run every job (see the module docstring); results come back in plan order. A job's warnings
-    (MoE experts kept 16-bit, partial blocks) go to ``on_warning(k, text)`` (None: Python's warnings)."""
+    (MoE experts kept 16-bit, partial blocks) go to ``on_warning(k, text)`` (None: Python's warnings).
+    ``output_root``: a str or a Path."""
+    output_root = Path(output_root)
 
     def warner(k: int) -> Callable[[str], None] | None:
         return None if on_warning is None else functools.partial(on_warning, k)

@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -108,10 +109,11 @@ def convert_parameters() -> dict[str, inspect.Parameter]:
     return {k: p for k, p in params.items() if k not in _NOT_PLAN_OPTIONS}
 
 
-def load_plan(path: Path, cli_options: dict[str, Any] | None = None) -> BatchPlan:
-    """A TOML plan (``.toml``) or a text/JSON list (anything else); ``cli_options`` are convert()
-    keywords given on the command line: for a list they apply to every item, for a TOML plan they
-    override [defaults] (a job's own keys still win)."""
+def load_plan(path: str | os.PathLike, cli_options: dict[str, Any] | None = None) -> BatchPlan:
+    """A TOML plan (``.toml``) or a text/JSON list (anything else), a path as a str or a Path;
+    ``cli_options`` are convert() keywords given on the command line: for a list they apply to every
+    item, for a TOML plan they override [defaults] (a job's own keys still win)."""
+    path = Path(path)
     cli_options = dict(cli_options or {})
     if path.suffix.lower() != ".toml":
         if "moe_experts" in not_read_by_method(cli_options)[1]:  # every item would fail alike: refused once
@@ -337,9 +339,29 @@ def _refuse_duplicates(
         raise InputError(msg)
 
 
+#: convert() keywords the batch command sets itself, and the command's option for them (if any)
+_COMMAND_OPTIONS = {
+    "overwrite": "--force",
+    "dry_run": "--dry-run",
+    "progress": "-q",
+    "preflight": "",
+    "warn": "",
+}
+
+
 def _unknown(key: str, params: dict[str, Any]) -> str:
+    """Why a key a table sets is not one of its keys (for [defaults], a job's own keys are not: said so,
+    not "key 'revision' is unknown; did you mean 'revision'?")."""
     import difflib
 
+    if key in JOB_KEYS:
+        where = "a [[job]] table" if key in ("source", "variants") else "a [[job]] table or a variant"
+        return f"key {key!r} belongs in {where}, not in [defaults]"
+    if key in _COMMAND_OPTIONS:
+        flag = _COMMAND_OPTIONS[key]
+        return f"key {key!r} is not a plan key: the batch command sets it" + (
+            f" (give `batch {flag}`)" if flag else ""
+        )
     close = difflib.get_close_matches(key, [*params, *JOB_KEYS], n=1)
     hint = f"did you mean {close[0]!r}?" if close else "see docs/ci.md for the plan keys"
     return f"key {key!r} is unknown; {hint}"

@@ -239,12 +239,13 @@ def convert(
             "or leave it out"
         )
         raise InputError(msg)
-    if push_to and not dry_run:
+    if push_to is not None:  # "" too: `--push-to "$REPO"` with REPO unset converted and pushed nothing
         from converter.tools.push import check_online, check_repo_id, check_token
 
         check_repo_id(push_to)  # before the conversion, not after it
-        check_online(push_to)
-        check_token(push_to)
+        if not dry_run:
+            check_online(push_to)
+            check_token(push_to)
     started = time.perf_counter()
     _check_python_types(
         double_quant=double_quant,

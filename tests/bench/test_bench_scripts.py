@@ -111,6 +111,60 @@ def test_offload_takes_smollm2_from_the_shared_samples_dir(monkeypatch, tmp_path
     assert bench_offload.build_parser().parse_args([]).samples == str(tmp_path)
 
 
+@pytest.mark.parametrize("script", ["bench_load", "bench_load_process"])
+def test_load_benchmarks_take_smollm2_from_the_shared_samples_dir(
+    monkeypatch, tmp_path: Path, script: str
+) -> None:
+    """docs/benchmarks.md: SmolLM2 is built once in $QM_SAMPLES_DIR, else ./.cache/samples of the current
+    folder. bench_load.py and bench_load_process.py built it in the checkout's .cache/samples whatever
+    QM_SAMPLES_DIR said (a second 270 MB build), and took a --model at that path for the sample."""
+    import importlib
+
+    from converter.tools import samples
+
+    asked: list[Path] = []
+
+    class Built(Exception):
+        pass
+
+    def smollm2(samples_dir: Path = samples.DEFAULT_SAMPLES_DIR) -> Path:
+        asked.append(Path(samples_dir))
+        raise Built
+
+    monkeypatch.setattr(samples, "smollm2", smollm2)
+    main = importlib.import_module(script).main
+    monkeypatch.chdir(tmp_path)
+    for env, expected in (
+        (str(tmp_path / "shared"), tmp_path / "shared"),
+        (None, samples.DEFAULT_SAMPLES_DIR),
+    ):
+        if env is None:
+            monkeypatch.delenv("QM_SAMPLES_DIR", raising=False)
+        else:
+            monkeypatch.setenv("QM_SAMPLES_DIR", env)
+        monkeypatch.setattr(sys, "argv", [script, "--workdir", str(tmp_path / "work")])
+        with pytest.raises(Built):
+            main()
+        assert asked.pop() == expected
+
+
+def test_every_scripts_help_starts_with_its_docstring() -> None:
+    """docs/benchmarks.md: `python bench/X.py --help` prints the docstring's first line and the flags;
+    probe_warmup.py's parser had no description (flags only). cpu_timing.parse_args takes its
+    callers' description, parse_args(__doc__...)."""
+    plain = []
+    for path in sorted(BENCH.glob("*.py")):
+        calls = re.findall(r"(ArgumentParser|(?<![\w.])parse_args)\(([^)]*)\)", path.read_text())
+        parsers = [
+            args
+            for name, args in calls
+            if "add_help=False" not in args and (name == "ArgumentParser" or args)
+        ]
+        if path.name != "cpu_timing.py" and any("__doc__" not in args for args in parsers):
+            plain.append(path.name)
+    assert not plain, f"a parser without the docstring's first line as its description: {plain}"
+
+
 #: Each GPU benchmark's command line (docstrings, docs/benchmarks.md), small settings.
 CUDA_COMMANDS = [
     "bench_cuda.py --quick",

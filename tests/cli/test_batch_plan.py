@@ -199,6 +199,25 @@ def test_bad_plan_exits_2_before_any_work(qm, tiny_llama: Path, tmp_path: Path) 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_output_root_is_asked_for_where_it_can_be_given(
+    qm, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A text or JSON list without OUTPUT_ROOT was told to "set output_root in [defaults]", which only
+    a TOML plan has."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[job]]\nsource = "{tiny_llama}"\n')
+    r = qm("batch", plan)
+    assert (r.exit_code, r.stderr) == (
+        2, f"Error: {plan}: no OUTPUT_ROOT: give one after the plan, or set output_root in [defaults]\n"
+    )  # fmt: skip
+    for name, text in (("list.txt", f"{tiny_llama}\n"), ("list.json", json.dumps([str(tiny_llama)]))):
+        (tmp_path / name).write_text(text)
+        r = qm("batch", tmp_path / name)
+        assert (r.exit_code, r.stderr) == (
+            2, f"Error: {tmp_path / name}: no OUTPUT_ROOT: give one after the list (a list cannot set it)\n"
+        )  # fmt: skip
+
+
 def test_parallel_jobs_give_the_same_bytes(qm, tiny_llama: Path, tmp_path: Path) -> None:
     plan = _plan(tmp_path, tiny_llama)
     assert qm("batch", plan, tmp_path / "seq", "-q").exit_code == 0
@@ -388,6 +407,24 @@ def test_jobs_wait_for_the_budget(tiny_llama: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.ok
     assert [e[0] for e in events[:3]] == ["start"] * 3  # no budget: all three at once
+
+
+def test_load_plan_and_run_batch_take_str_paths(tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    """docs/python-api.md's `load_plan(path)` and `run_batch(jobs, output_root)` with plain strings,
+    as convert() takes them: load_plan("plan.toml") raised AttributeError ('str' object has no
+    attribute 'suffix') and run_batch(jobs, "out") TypeError (str / str)."""
+    from converter.tools.batch_run import run_batch
+    from converter.tools.plan_file import load_plan
+
+    monkeypatch.chdir(tmp_path)
+    _plan(tmp_path, tiny_llama)
+    (tmp_path / "list.txt").write_text(f"{tiny_llama} from-list\n")
+    plan = load_plan("plan.toml")
+    assert [j.output for j in plan.jobs] == [j.output for j in load_plan(tmp_path / "plan.toml").jobs]
+    assert [j.output for j in load_plan("list.txt").jobs] == ["from-list"]
+    result = run_batch(plan.jobs[:1], "out-str")
+    assert result.ok
+    assert (tmp_path / "out-str" / plan.jobs[0].output / "config.json").is_file()
 
 
 def test_variants_of_one_conversion_are_refused_and_foreign_options_warned(

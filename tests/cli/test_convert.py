@@ -304,10 +304,13 @@ def test_bad_option_is_usage_error(qm, tiny_llama: Path, tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("value", "why"), [("lots", "use a number with a unit, e.g. 5GB, 500MB, 2GiB"), ("0", "must be positive")]
 )
-def test_bad_shard_size_exit_2(qm, tiny_llama: Path, tmp_path: Path, value: str, why: str) -> None:
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_bad_shard_size_exit_2(
+    qm, tiny_llama: Path, tmp_path: Path, value: str, why: str, command: str
+) -> None:
     """A bad size is click's usage error naming the option ("invalid size '0': must be positive" named
-    none), found before anything is read."""
-    r = qm("convert", tiny_llama, tmp_path / "out", "--max-shard-size", value)
+    none; dequantize's still did), found before anything is read."""
+    r = qm(command, tiny_llama, tmp_path / "out", "--max-shard-size", value)
     assert r.exit_code == 2
     said = f"Error: Invalid value for '--max-shard-size': invalid size {value!r}: {why}"
     assert r.stderr.splitlines()[-1] == said
@@ -395,6 +398,19 @@ def test_options_that_cannot_apply_are_refused(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_an_empty_push_to_is_refused_before_any_work(
+    qm, tiny_llama: Path, tmp_path: Path, dry_run: list
+) -> None:
+    """`convert SRC OUT --push-to "$REPO"` with REPO unset converted and pushed nothing, exit 0 (a plan's
+    `push_to = ""` and `push FOLDER ""` are refused): refused now, exit 2, before OUTPUT is created."""
+    out = tmp_path / "out"
+    r = qm("convert", tiny_llama, out, "--push-to", "", *dry_run)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("Error: '': not a Hub repo id to push to (")
+    assert not out.exists()
+
+
 def test_python_options_that_cannot_apply_are_refused(tiny_llama: Path, tmp_path: Path) -> None:
     from converter import convert
     from converter.errors import InputError
@@ -403,6 +419,8 @@ def test_python_options_that_cannot_apply_are_refused(tiny_llama: Path, tmp_path
         convert(tiny_llama, tmp_path / "a", private=True, progress=False)
     with pytest.raises(InputError, match="--keep-downloads applies to Hub repos only"):
         convert(tiny_llama, tmp_path / "b", keep_downloads=True, progress=False)
+    with pytest.raises(InputError, match="'': not a Hub repo id to push to"):
+        convert(tiny_llama, tmp_path / "d", push_to="", progress=False)
     for source, output in (("", tmp_path / "c"), (tiny_llama, "")):
         with pytest.raises(InputError, match="empty"):
             convert(source, output, progress=False)
@@ -442,3 +460,17 @@ def test_an_empty_folder_argument_is_refused(
     assert r.exit_code == 2, r.output
     assert f"'{name}'" in r.stderr, r.stderr
     assert "empty" in r.stderr
+
+
+def test_an_empty_against_is_refused(
+    qm, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`verify OUT --against "$SRC"` with SRC unset compared OUT with whatever the current folder held (here
+    the source itself: "OK"), as `convert ""` read it: exit 2 now, naming the option."""
+    out = tmp_path / "out"
+    assert qm("convert", tiny_llama, out, "-q").exit_code == 0
+    monkeypatch.chdir(tiny_llama)
+    r = qm("verify", out, "--against", "")
+    assert r.exit_code == 2, r.output
+    assert "'--against': empty; give a path" in r.stderr, r.stderr
+    assert qm("verify", out, "--against", ".").exit_code == 0  # the current folder, said so

@@ -344,6 +344,45 @@ def test_inspect_memory_options_without_memory_are_refused(qm, converted: Path) 
     assert qm("inspect", converted, "--memory", "--max-memory", "cpu=1GB").exit_code == 0
 
 
+def test_a_model_type_transformers_lacks_is_an_input_error_for_the_loader(
+    qm, converted: Path, tmp_path: Path
+) -> None:
+    """A folder whose config.json names a model_type this transformers lacks (and no repository code
+    for its config), or a field transformers refuses: `inspect --memory` and load_quantized failed with
+    transformers' many-line error ("unexpected ValueError", exit 1), where convert says it in one line,
+    exit 2."""
+    import shutil
+
+    import transformers
+
+    from converter.loader.model import load_quantized
+    from converter.loader.model_build import ModelBuildError
+
+    folder = tmp_path / "unknown"
+    shutil.copytree(converted, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="not_a_model", architectures=["NotAModelForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(config))
+    said = (
+        f"{folder / 'config.json'}: model_type 'not_a_model' is not built into transformers "
+        f"{transformers.__version__}, and no repository code (auto_map's AutoConfig) builds its config; "
+        "upgrade transformers, or fix config.json"
+    )
+    r = qm("inspect", folder, "--memory")
+    assert (r.exit_code, r.stderr.splitlines()) == (2, [f"Error: {said}"])
+    with pytest.raises(ModelBuildError) as err:
+        load_quantized(folder)
+    assert str(err.value) == said
+    # a field transformers refuses, as convert says it (it was "unexpected StrictDataclass...", exit 1)
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers="two")
+    (folder / "config.json").write_text(json.dumps(config))
+    r = qm("inspect", folder, "--memory")
+    assert r.exit_code == 2
+    assert len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith(f"Error: {folder / 'config.json'}: transformers cannot read it (")
+    assert r.stderr.rstrip().endswith("); fix the config")
+
+
 def test_inspect_memory_of_a_folder_with_repository_code_takes_trust_remote_code(
     qm, converted: Path, tmp_path: Path
 ) -> None:

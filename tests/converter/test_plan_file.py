@@ -102,9 +102,24 @@ def test_cli_options_override_defaults_not_job_keys(tmp_path: Path) -> None:
             '[[job]]\nsource = "a/b"\nmoe_experts = "drop"\n',
             r"plan.toml:3: job 1: key 'moe_experts': 'drop' is not valid: use keep or quantize",
         ),
-        (
+        (  # a batch option, not a job's: said so, and the option to give (it was "is unknown")
             '[[job]]\nsource = "a/b"\ndry_run = true\n',
-            r"plan.toml:3: job 1: key 'dry_run' is unknown",  # a batch option, not a job's
+            r"plan.toml:3: job 1: key 'dry_run' is not a plan key: the batch command sets it "
+            r"\(give `batch --dry-run`\)$",
+        ),
+        (
+            '[defaults]\noverwrite = true\n[[job]]\nsource = "a/b"\n',
+            r"plan.toml:2: \[defaults\]: key 'overwrite' is not a plan key: the batch command sets it "
+            r"\(give `batch --force`\)$",
+        ),
+        (  # a job's key in [defaults] was "key 'revision' is unknown; did you mean 'revision'?"
+            '[defaults]\nrevision = "main"\n[[job]]\nsource = "a/b"\n',
+            r"plan.toml:2: \[defaults\]: key 'revision' belongs in a \[\[job\]\] table or a variant, "
+            r"not in \[defaults\]$",
+        ),
+        (
+            '[defaults]\nsource = "a/b"\n[[job]]\nsource = "a/b"\n',
+            r"plan.toml:2: \[defaults\]: key 'source' belongs in a \[\[job\]\] table, not in \[defaults\]$",
         ),
         (
             '[[job]]\noutput = "x"\n',

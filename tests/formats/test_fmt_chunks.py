@@ -192,6 +192,21 @@ def test_an_index_without_chunk_digests_is_verified_by_whole_file(tmp_path: Path
     )
 
 
+def test_an_index_without_chunk_digests_is_verified_on_python_3_10(tmp_path: Path, monkeypatch) -> None:
+    """The whole-file sha256 of a shard without chunk digests used hashlib.file_digest, which Python
+    3.10 (README: 3.10+) lacks: verify and the loaders failed with AttributeError on such folders."""
+    import hashlib
+
+    infos, wm = _write_two_shards(tmp_path)
+    write_index(tmp_path, infos, wm, PROV)
+    _edit_index(tmp_path, lambda e: e.pop("chunks"))
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)  # as on Python 3.10
+    assert verify_shards(tmp_path) == []
+    _flip(infos[1].path, 7)
+    (line,) = verify_shards(tmp_path)
+    assert line.startswith(f"{infos[1].path}: sha256 ")
+
+
 def test_taken_chunks_are_left_to_the_caller_and_hashed_at_the_end_if_never_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
