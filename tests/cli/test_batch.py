@@ -342,12 +342,8 @@ def test_an_output_root_that_is_a_file_is_refused_once_before_any_job(
     assert afile.read_text() == "not a folder\n"
 
 
-def test_a_job_whose_copied_files_were_refreshed_is_not_called_resumed(qm, tmp_path: Path) -> None:
-    """A finished job whose source's tokenizer changed since rewrites that file and keeps every shard:
-    the JSON and JUnit reports called it 'resumed', which says a killed run; it is 'refreshed' (counted
-    as such, a passing JUnit case), exit 0."""
-    import xml.etree.ElementTree as ET
-
+def _finished_job_with_a_new_tokenizer(qm, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(source, list, OUTPUT_ROOT) of a finished one-job batch whose source's tokenizer changed since."""
     from qm_checkpoints import make_tiny_llama
 
     src = make_tiny_llama(tmp_path / "m")
@@ -356,6 +352,16 @@ def test_a_job_whose_copied_files_were_refreshed_is_not_called_resumed(qm, tmp_p
     root = tmp_path / "outs"
     assert qm("batch", listing, root, "-q").exit_code == 0
     (src / "tokenizer_config.json").write_text('{"model_max_length": 4096}\n')
+    return src, listing, root
+
+
+def test_a_job_whose_copied_files_were_refreshed_is_not_called_resumed(qm, tmp_path: Path) -> None:
+    """A finished job whose source's tokenizer changed since rewrites that file and keeps every shard:
+    the JSON and JUnit reports called it 'resumed', which says a killed run; it is 'refreshed' (counted
+    as such, a passing JUnit case), exit 0."""
+    import xml.etree.ElementTree as ET
+
+    src, listing, root = _finished_job_with_a_new_tokenizer(qm, tmp_path)
     junit = tmp_path / "junit.xml"
     r = qm("batch", listing, root, "--json", "--junit", junit)
     assert r.exit_code == 0, r.stderr
@@ -440,14 +446,7 @@ def test_batch_dry_run_names_a_refresh_as_the_run_does(qm, tmp_path: Path) -> No
     rewritten, every shard kept), but the dry run planned it as 'resume', which says a killed run:
     it now says 'refresh' (the files it rewrites in its preflight, no disk needed for shards), and the run
     that follows reports 'refreshed'; convert --dry-run names those files too."""
-    from qm_checkpoints import make_tiny_llama
-
-    src = make_tiny_llama(tmp_path / "m")
-    listing = tmp_path / "list.txt"
-    listing.write_text(f"{src} m\n")
-    root = tmp_path / "outs"
-    assert qm("batch", listing, root, "-q").exit_code == 0
-    (src / "tokenizer_config.json").write_text('{"model_max_length": 4096}\n')
+    src, listing, root = _finished_job_with_a_new_tokenizer(qm, tmp_path)
     r = qm("batch", listing, root, "--dry-run", "--json")
     assert r.exit_code == 0, r.stderr
     (row,) = json.loads(r.stdout)["jobs"]
