@@ -4,7 +4,9 @@ vision-language models; a state-space model) our NF4 and int8 folders hold the s
 byte, as transformers + bitsandbytes' own ``save_pretrained`` of the same source, transformers builds
 its Linear4bit / Linear8bitLt layers at the same modules from both folders, and ``load_quantized``
 builds one of ours at each of them. Non-nested NF4 only: there bitsandbytes' CPU bytes are exact
-(nested absmax and FP4 differ by counted codes, tested on the six in test_compat_transformers.py)."""
+(nested absmax and FP4 differ by counted codes, tested on the six in test_compat_transformers.py).
+One deliberate difference: Mamba's ``dt_proj``, which MambaMixer multiplies by itself, stays 16-bit in
+our folders (quantized, transformers + bitsandbytes' own folder fails in its forward)."""
 
 from __future__ import annotations
 
@@ -182,6 +184,10 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
     ),
 }
 
+#: Modules our folders keep 16-bit where transformers + bitsandbytes quantize them and then fail in their
+#: own forward (converter/plan/selection_facts.py READ_DIRECTLY), by architecture: module-name suffixes.
+KEPT_WHERE_BNB_BREAKS = {"mamba": (".mixer.dt_proj",)}
+
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
@@ -209,6 +215,12 @@ def _modules(model: torch.nn.Module, cls: type | str) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, cls)}
 
 
+def _record_key(key: str, module: str) -> bool:
+    """Whether ``key`` belongs to bitsandbytes' 4-bit or int8 record of linear ``module``."""
+    record = {f"{module}.weight", f"{module}.SCB", f"{module}.weight_format"}
+    return key in record or key.startswith(f"{module}.weight.")
+
+
 @pytest.mark.parametrize("quant_type", sorted(_QUANT))
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_folder_equals_transformers_bitsandbytes_save(tmp_path, name, quant_type):
@@ -227,6 +239,14 @@ def test_folder_equals_transformers_bitsandbytes_save(tmp_path, name, quant_type
     bnb_model.save_pretrained(tmp_path / "bnb")
 
     ours_t, ref_t = read_tensors(ours), read_tensors(tmp_path / "bnb")
+    kept = KEPT_WHERE_BNB_BREAKS.get(name, ())
+    if kept:  # ours holds the source weight there; bnb's record of it is left out of the comparison
+        source_t = read_tensors(src)
+        mods = {k.removesuffix(".weight") for k in source_t if k.endswith(tuple(s + ".weight" for s in kept))}
+        assert mods, f"{name}: no module ends with {kept}"
+        for m in mods:
+            assert torch.equal(_as_bytes(ours_t.pop(m + ".weight")), _as_bytes(source_t[m + ".weight"]))
+        ref_t = {k: v for k, v in ref_t.items() if not any(_record_key(k, m) for m in mods)}
     # we copy every source tensor; transformers drops non-persistent buffers (position_ids)
     assert set(ref_t) <= set(ours_t)
     assert {k for k in set(ours_t) - set(ref_t) if not k.endswith("position_ids")} == set()
@@ -242,7 +262,7 @@ def test_folder_equals_transformers_bitsandbytes_save(tmp_path, name, quant_type
     ours_model, info, _ = load_logged(ours)
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         assert not info[kind], (kind, info[kind])
-    quantized = _modules(bnb_model, bnb_class)
+    quantized = {m for m in _modules(bnb_model, bnb_class) if not m.endswith(kept)}
     assert quantized, "transformers + bitsandbytes quantized nothing: not a test of the selection"
     assert _modules(ours_model, bnb_class) == quantized
     assert _modules(load_quantized(ours, dtype=torch.bfloat16), our_class) == quantized
