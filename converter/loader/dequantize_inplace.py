@@ -188,8 +188,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
         new.train(module.training)
         _move_hook(module, new)
         model.set_submodule(name, new)
-    from converter.loader.head import GemvHead
+    from converter.loader.head import GemvHead, drop_fast_head
 
+    drop_fast_head(model)  # a head set later stays plain too
     for module in model.modules():  # the load's bf16 GEMV head: plain F.linear, as transformers' head
         if type(module) is GemvHead:  # (on 1..8 tokens its logits differed from the plain model's)
             module.__class__ = nn.Linear

@@ -15,10 +15,19 @@ head: 6.9 ms vs 2.9 ms on one core of the dev VM). :class:`GemvHead` runs those 
 torch's own matmul is); every other call (prefill, grad, other dtypes or devices, a bias) is
 ``F.linear`` as before. The layer stays an ``nn.Linear`` with the same (tied) weight: state dict,
 PEFT and ``save_pretrained`` see no difference.
+
+A head that replaces it (``model.resize_token_embeddings(n)`` of an untied head builds a new plain
+``nn.Linear`` and hands it to ``set_output_embeddings``, as a user may) gets both again: the loader
+gives the model its own ``set_output_embeddings`` (:func:`set_output_embeddings`, a
+``functools.partial`` in the instance's ``__dict__``: it survives ``deepcopy`` and pickling, and
+torch.compile never traces it), which runs the class's and then :func:`keep_fast_head`. Before, CPU
+decode fell back to torch's bf16 matmul and the prompt step to the strided path.
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
 import torch
@@ -42,9 +51,12 @@ def _head(model: nn.Module) -> nn.Linear | None:
 
 
 def flatten_head_input(model: nn.Module) -> RemovableHandle | None:
-    """Give the model's output embedding, when it is a plain ``nn.Linear``, inputs with standard strides."""
+    """Give the model's output embedding, when it is a plain ``nn.Linear``, inputs with standard strides
+    (once: None when it has the hook already)."""
     head = _head(model)
-    return None if head is None else head.register_forward_pre_hook(_standard_strides)
+    if head is None or any(h is _standard_strides for h in head._forward_pre_hooks.values()):
+        return None
+    return head.register_forward_pre_hook(_standard_strides)
 
 
 class GemvHead(nn.Linear):
@@ -82,4 +94,44 @@ def use_gemv_head(model: nn.Module) -> bool:
     if head is None or kernel_backend(torch.device("cpu")) is None:
         return False
     head.__class__ = GemvHead
+    hooked = head.__dict__.get("_old_forward")  # accelerate's hook: it calls the forward bound before
+    if getattr(hooked, "__func__", None) is nn.Linear.forward:  # (a resized disk head: transformers
+        head._old_forward = types.MethodType(GemvHead.forward, head)  # moved the hook onto it first)
     return True
+
+
+#: The loaded model's attribute that says its head is kept fast (cleared by ``model.dequantize()``).
+FAST_HEAD = "_qm_fast_head"
+
+
+def install_fast_head(model: nn.Module) -> None:
+    """The loader's head: :func:`flatten_head_input` and :func:`use_gemv_head` now, and again for a head
+    that replaces it through ``set_output_embeddings`` (``resize_token_embeddings`` of an untied head)."""
+    flatten_head_input(model)
+    use_gemv_head(model)
+    if hasattr(type(model), "set_output_embeddings"):
+        model.__dict__[FAST_HEAD] = True
+        model.__dict__["set_output_embeddings"] = functools.partial(set_output_embeddings, model)
+
+
+def keep_fast_head(model: nn.Module) -> None:
+    """After the model's output embedding was replaced: the new plain ``nn.Linear`` gets the hook and the
+    GEMV, as :func:`install_fast_head` gave the loaded one (nothing for a model without it)."""
+    if model.__dict__.get(FAST_HEAD):
+        flatten_head_input(model)
+        use_gemv_head(model)
+
+
+def drop_fast_head(model: nn.Module) -> None:
+    """Undo :func:`install_fast_head`'s wrapper (``model.dequantize()``: a plain model keeps a plain head)."""
+    model.__dict__.pop(FAST_HEAD, None)
+    wrapper = model.__dict__.get("set_output_embeddings")
+    if isinstance(wrapper, functools.partial) and wrapper.func is set_output_embeddings:
+        del model.__dict__["set_output_embeddings"]
+
+
+def set_output_embeddings(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A loaded model's ``set_output_embeddings``: the class's, then :func:`keep_fast_head`."""
+    out = type(self).set_output_embeddings(self, *args, **kwargs)
+    keep_fast_head(self)
+    return out

@@ -36,7 +36,7 @@ from converter.loader.dequantize_inplace import bind_dequantize
 from converter.loader.devices import check_device, check_devices_exist, device_argument
 from converter.loader.file_mappings import drop_pages, file_mappings, page_ranges
 from converter.loader.footprint import install_footprint
-from converter.loader.head import flatten_head_input, use_gemv_head
+from converter.loader.head import install_fast_head
 from converter.loader.model_build import ModelBuildError, class_to_build
 from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import moe_modules, prefix_variants
@@ -903,8 +903,9 @@ def load_quantized(
     model.eval()
     load_generation_config(model, folder, config_kwargs if _is_model_class(model_class) else {})
     bind_dequantize(model)  # model.dequantize(): transformers' needs its quantizer (dequantize_inplace.py)
-    flatten_head_input(model)  # prompt step: lm_head input with standard strides (loader/head.py)
-    use_gemv_head(model)  # decode steps: the bf16 head through our CPU GEMV (loader/head.py)
+    # prompt step: lm_head input with standard strides; decode steps: the bf16 head through our CPU GEMV;
+    # both kept for a head set_output_embeddings / resize_token_embeddings puts in its place (loader/head.py)
+    install_fast_head(model)
     install_footprint(model)
     # before placement: accelerate's hooks wrap the forward the module has then
     fused = fused_router and bool(moe_modules(model)) and bool(router.install(model))

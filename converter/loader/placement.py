@@ -343,8 +343,11 @@ def set_output_embeddings(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """transformers' ``set_output_embeddings`` of a model with disk modules: the head it is given is not
     read from the files (in RAM, or on a GPU), so :func:`casts_leave_disk` updates ``hf_device_map`` as
     after :func:`resize_token_embeddings` (a disk ``lm_head`` kept saying "disk")."""
+    from converter.loader.head import keep_fast_head
+
     out = type(self).set_output_embeddings(self, *args, **kwargs)
     casts_leave_disk(self)
+    keep_fast_head(self)  # the loader's wrapper it replaces (loader/head.py): the new head stays fast
     return out
 
 

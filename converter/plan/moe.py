@@ -71,7 +71,7 @@ LOADERS_QUANTIZED = (
 )
 NOT_LOADERS_QUANTIZED = ("stock transformers 5.x + bitsandbytes (cannot load 4-bit experts)",)
 LOADERS_KEPT = (
-    "stock transformers + bitsandbytes (experts stay 16-bit)",
+    "stock transformers 5.x + bitsandbytes (experts stay 16-bit)",
     "quantize-model load_quantized",
     "transformers 5.x + unsloth-zoo",
 )
@@ -85,7 +85,13 @@ NOT_LOADERS_FUSED = (
     "vLLM pre-quantized bitsandbytes (no fused 3-D expert records: vllm#32013 was not merged)",
     "transformers 4.x (no such model class)",
 )
-NOT_LOADERS_KEPT = ("vLLM pre-quantized bitsandbytes (needs every expert quantized)",)
+NOT_LOADERS_KEPT = (
+    "vLLM pre-quantized bitsandbytes (needs every expert quantized)",
+    # checked with transformers 4.57 + bitsandbytes 0.50 (Qwen3-MoE, Mixtral): from_pretrained fails,
+    # "Cannot copy out of meta tensor"
+    "transformers 4.x + bitsandbytes (its experts and routers are nn.Linear layers, not in "
+    "llm_int8_skip_modules: it expects 4-bit records for the 16-bit weights and fails)",
+)
 #: Experts of a layout quantize-model does not quantize (other_experts: Granite, JetMoE, DBRX), 16-bit:
 #: the folder is an ordinary bnb folder of the model (keep_advice says the same).
 LOADERS_OTHER = ("stock transformers + bitsandbytes (experts stay 16-bit)", "quantize-model load_quantized")
@@ -945,8 +951,8 @@ def keep_advice(
     if fused:
         return (
             f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
-            "--moe-experts keep (the default): the folder loads with stock transformers + bitsandbytes but "
-            "barely shrinks. They are stored fused on disk (one 3-D tensor per layer and projection, as "
+            "--moe-experts keep (the default): the folder loads with stock transformers 5.x + bitsandbytes "
+            "but barely shrinks. They are stored fused on disk (one 3-D tensor per layer and projection, as "
             "Qwen3-VL-MoE ships them); --moe-experts quantize stores each as one fused 3-D 4-bit record, "
             "which loads with quantize-model's load_quantized and unsloth-zoo, but not with stock "
             "transformers 5.x nor vLLM"
@@ -954,15 +960,15 @@ def keep_advice(
     if not quantizes_experts:
         return (
             f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
-            f"--quant-type {quant_type}: the folder loads with stock transformers + bitsandbytes but barely "
-            "shrinks. Experts are quantized only with the 4-bit types: --quant-type nf4 --moe-experts "
+            f"--quant-type {quant_type}: the folder loads with stock transformers 5.x + bitsandbytes but "
+            "barely shrinks. Experts are quantized only with the 4-bit types: --quant-type nf4 --moe-experts "
             "quantize (or fp4) stores every expert in 4 bit; that folder loads with quantize-model's "
             "load_quantized, vLLM (pre-quantized bnb, TP=1), transformers 4.x and unsloth, but not with "
             "stock transformers 5.x"
         )
     return (
         f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
-        "--moe-experts keep (the default): the folder loads with stock transformers + bitsandbytes but "
+        "--moe-experts keep (the default): the folder loads with stock transformers 5.x + bitsandbytes but "
         "barely shrinks. --moe-experts quantize stores every expert in 4 bit; that folder loads with "
         "quantize-model's load_quantized, vLLM (pre-quantized bnb, TP=1), transformers 4.x and "
         "unsloth, but not with stock transformers 5.x"

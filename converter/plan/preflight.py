@@ -11,21 +11,28 @@ Estimates (upper bounds, so a refusal is never a false alarm from rounding):
   allowance), less the
   shards a resumed run keeps; an --overwrite frees the folder's current content. Hub downloads are
   checked by the Hub source itself (converter/sources/hub.py) when it opens.
-- memory: this process now, plus the largest per-tensor working set: a cast or transposed copy of
-  the input (inputs are memory-mapped: file-backed pages, not counted otherwise), the packed codes,
-  absmax and nested absmax, and the absmax the quality check decodes.
+- memory: this process now, plus the conversion's anonymous working set (``working_set_bound``),
+  the larger of two moments. While a tensor is quantized: its cast or transposed copy of the input
+  (inputs are memory-mapped: file-backed pages, reclaimable, not counted), the cast's temporaries
+  (torch's Inf checks: up to three bool masks of its size), its quantized output, and the outputs of the
+  ``MAX_PENDING`` tensors before it that the quality meter (converter/record/quality.py) still holds
+  while it measures them on its thread: the ``MAX_PENDING + 1`` largest outputs of the plan. While a
+  shard is closed: those pending outputs, the last tensor's input copy, and the shard's hash buffers
+  (``hash_file``: ``threads + 1`` chunks of ``CHUNK_BYTES``, at most the shard's size). Plus a fixed
+  allowance for the run's threads and small objects, and torch's import when a float cast needs it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from converter.errors import InputError
-from converter.sources.base import DTYPE_SIZES
+from converter.sources.base import DTYPE_SIZES, FLOAT_DTYPES
 from converter.units import human_bytes
 
 
@@ -118,16 +125,86 @@ def process_rss() -> int:
         return 0
 
 
-def working_set(p: Any, options: Any) -> int:
-    """Anonymous bytes alive while tensor ``p`` (converter.plan.tensor_plan.PlannedTensor) is processed
-    with ``options`` (converter.plan.tensor_plan.Options): its cast or transposed copy, and the
-    quantizer's output (the method's: LLM.int8 holds a byte per element, 4-bit half a byte)."""
+#: Elements of a cast's source ``converter.writer.pipeline._isfinite`` checks at a time.
+ISFINITE_CHUNK = 1 << 20
+#: Chunks ``formats.chunks.hash_file`` holds at once while it hashes a closed shard (its ``threads + 1``).
+HASH_CHUNKS_HELD = 3
+#: What the run allocates beside its tensors: the threads it starts (kernel pool, quality meter, hashers:
+#: stacks and allocator arenas), Python objects, the shard headers and quant-state records.
+RUN_OVERHEAD = 8 << 20
+#: A --dtype cast imports torch (the CPU path does not otherwise): its anonymous memory once imported
+#: (about 125 MiB measured with torch 2.x on Linux), when this process has not imported it yet.
+TORCH_IMPORT = 160 << 20
+
+
+def cast_copy(p: Any, options: Any) -> tuple[int, int]:
+    """(bytes of the anonymous copy of tensor ``p``'s input, bytes of the cast's temporaries). A copy
+    exists when the input is cast or transposed; LLM.int8 rounds a float16 ``--dtype`` cast itself: no
+    copy then. A float cast (torch: converter.writer.pipeline's ``_cast_input`` / ``_cast_kept``) checks
+    its result for Inf: ``isinf(y)`` is ``|y| == inf`` (a copy of ``|y|`` and a bool mask). A cast that
+    overflows also makes ``isfinite(source)`` beside that mask (its own mask, and ``|source|`` and three
+    masks of a chunk); the larger of the two is counted."""
     info = p.info
-    cast = p.out_dtype != info.dtype
-    copy = info.numel * DTYPE_SIZES.get(p.out_dtype, 4) if (cast or p.transpose) else 0
+    to = p.out_dtype
+    if (
+        p.quantize
+        and to == "F16"
+        and info.dtype in ("F32", "BF16")
+        and getattr(options.method, "rounds_to_float16", False)
+    ):
+        to = info.dtype  # the kernel reads the input as it is (converter.writer.pipeline._input_dtype)
+    cast = to != info.dtype
+    copy = info.numel * DTYPE_SIZES.get(to, 4) if (cast or p.transpose) else 0
+    temps = 0
+    if cast and to in FLOAT_DTYPES and info.dtype in FLOAT_DTYPES:
+        # isinf(y): |y| and a mask; on an overflow, the mask kept beside isfinite(source)'s own mask
+        # (converter.writer.pipeline._isfinite: its |source| and masks a chunk at a time)
+        temps = (DTYPE_SIZES[to] + 1) * info.numel
+        chunk = min(info.numel, ISFINITE_CHUNK) * (DTYPE_SIZES[info.dtype] + 3)
+        temps = max(temps, 2 * info.numel + chunk)
+    return copy, temps
+
+
+def working_set(p: Any, options: Any) -> int:
+    """Anonymous bytes tensor ``p`` (converter.plan.tensor_plan.PlannedTensor) itself needs while it is
+    processed with ``options`` (converter.plan.tensor_plan.Options): its cast or transposed copy, the
+    cast's temporaries and the quantizer's output (the method's: LLM.int8 holds a byte per element,
+    4-bit half a byte). ``working_set_bound`` adds what the run holds beside it."""
+    copy, temps = cast_copy(p, options)
+    return copy + temps + output_bytes(p, options)
+
+
+def output_bytes(p: Any, options: Any) -> int:
+    """Bytes of tensor ``p``'s quantized output (0 for a kept tensor)."""
     if not p.quantize:
-        return copy
-    return copy + options.method.working_set(info.numel, tuple(p.out_shape), options)
+        return 0
+    return options.method.working_set(p.info.numel, tuple(p.out_shape), options)
+
+
+def working_set_bound(plan: Any) -> int:
+    """Upper bound of the anonymous bytes a conversion of ``plan`` adds to the process (the preflight's
+    peak memory less the process now): the larger of a tensor being quantized or kept (its copy, the
+    cast's temporaries, its output) beside the outputs the quality meter still holds, and a shard being
+    hashed as it closes beside those outputs. The meter measures on its own thread and keeps the
+    outputs of up to ``MAX_PENDING`` earlier tensors until measured: bounded by the largest outputs of
+    the plan (the tensor's own among them)."""
+    from converter.record.quality import QualityMeter
+    from formats.chunks import CHUNK_BYTES
+
+    opts = plan.options
+    pending = QualityMeter.MAX_PENDING
+    outputs = sorted((output_bytes(p, opts) for p in plan.tensors), reverse=True)
+    held = sum(outputs[:pending])  # earlier tensors' outputs the meter holds
+    copies = [cast_copy(p, opts) for p in plan.tensors]
+    tensor = max((copy + temps for copy, temps in copies), default=0)
+    quantizing = tensor + held + (outputs[pending] if len(outputs) > pending else 0)
+    # a shard closes before the meter has measured its last tensors: their outputs, and the last
+    # one's input copy, are alive while the shard is hashed
+    last_copy = max((copy for copy, _ in copies), default=0)
+    chunks = HASH_CHUNKS_HELD * CHUNK_BYTES
+    hashing = max((min(s.nbytes + header_bytes(s), chunks) for s in plan.shards), default=0)
+    torch = TORCH_IMPORT if "torch" not in sys.modules and any(t for _, t in copies) else 0
+    return RUN_OVERHEAD + torch + max(quantizing, held + last_copy + hashing)
 
 
 def header_bytes(shard: Any) -> int:
@@ -191,7 +268,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
         free += _existing_bytes(output)
     else:
         free += replaced
-    peak = process_rss() + max((working_set(p, opts) for p in plan.tensors), default=0)
+    peak = process_rss() + working_set_bound(plan)
     available = ram_available()
     download = sum(getattr(src, "download_plan", dict)().values()) if hasattr(src, "download_plan") else 0
     tensors = [
@@ -237,8 +314,8 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
         )
     if available is not None and peak > available:
         report.problems.append(
-            f"{label}: the conversion needs about {human_bytes(peak)} of memory (the largest tensor's "
-            f"working set) but {human_bytes(available)} is available; close other programs or use a "
-            "machine with more memory"
+            f"{label}: the conversion needs about {human_bytes(peak)} of memory (this process and the "
+            f"conversion's working set) but {human_bytes(available)} is available; close other programs "
+            "or use a machine with more memory"
         )
     return report

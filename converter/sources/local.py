@@ -209,7 +209,8 @@ class LocalSource(Source):
             msg = (
                 f"{self.root}: only pickle weights ({', '.join(names[:3])}); "
                 "quantize-model reads safetensors: "
-                "re-save the model with save_pretrained(..., safe_serialization=True), "
+                "re-save the model with transformers' save_pretrained(folder) "
+                "(safetensors: its only format in 5.x, the default since 4.35), "
                 "or pass --allow-pickle if you trust the files"
             )
             raise PickleOnlyError(msg)

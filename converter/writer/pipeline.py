@@ -34,6 +34,7 @@ from converter.kernels import MAX_THREADS, threads_beyond_limit
 from converter.kernels.bnb4bit_np import NonFiniteInputError
 from converter.kernels.isa_env import forced_isa
 from converter.plan import moe
+from converter.plan.preflight import ISFINITE_CHUNK
 from converter.plan.selection import select_tensors
 from converter.plan.selection_facts import unmatched_globs
 from converter.plan.tensor_plan import (
@@ -770,7 +771,8 @@ class _Conversion:
         narrower = y.dtype.itemsize < source.dtype.itemsize or y.dtype == torch.float16
         # no tensor-sized temporaries unless a value is not finite (an embedding may be a GB)
         if narrower and y.numel() and not all(torch.isfinite(m) for m in torch.aminmax(y)):
-            over = torch.isinf(y) & torch.isfinite(source)
+            over = torch.isinf(y)
+            over &= _isfinite(source)  # chunked: no |source| of the tensor's size
             if bool(over.any()):
                 name, count, largest = CODE_NAMES[to], int(over.sum()), float(source[over].abs().max())
                 # without --dtype the cast is to config.json's dtype: 'without --dtype' is no fix then
@@ -800,7 +802,8 @@ class _Conversion:
         source, y = _torch_cast(x, code, to)
         inf = torch.isinf(y)
         if bool(inf.any()):
-            over = inf & torch.isfinite(source)
+            over = _isfinite(source)  # chunked: no |source| of the tensor's size
+            over &= inf
             if bool(over.any()):
                 if self.options.method.rounds_to_float16:
                     y[over] = torch.finfo(y.dtype).max * torch.sign(source[over]).to(y.dtype)
@@ -1024,6 +1027,19 @@ def _torch_cast(x: np.ndarray, code: str, to: str) -> tuple[Any, Any]:
 
     source = as_torch(x, code)
     return source, source.to(TORCH_DTYPES[to])
+
+
+def _isfinite(x: Any) -> Any:
+    """``torch.isfinite(x)`` a chunk of ``ISFINITE_CHUNK`` elements at a time: torch computes it through
+    ``|x|`` and two bool masks, which a whole tensor made (a float32 weight: 7 bytes per element beside
+    the cast's result, the preflight's peak memory; converter/plan/preflight.py)."""
+    import torch
+
+    flat = x.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.bool)
+    for i in range(0, flat.numel(), ISFINITE_CHUNK):
+        out[i : i + ISFINITE_CHUNK] = torch.isfinite(flat[i : i + ISFINITE_CHUNK])
+    return out.view(x.shape)
 
 
 def _as_numpy(y: Any) -> np.ndarray:

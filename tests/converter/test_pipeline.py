@@ -1095,3 +1095,17 @@ def test_a_source_without_config_is_named_and_a_peft_adapter_is_said_to_be_one(
         "and load the adapter on the loaded model (PeftModel.from_pretrained)"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_chunked_isfinite_is_torch_isfinite(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The cast's overflow check runs isfinite a chunk at a time (its |x| and masks were tensor-sized:
+    the preflight's peak memory counts one chunk); chunks that split rows give torch's mask."""
+    from converter.writer import pipeline
+
+    monkeypatch.setattr(pipeline, "ISFINITE_CHUNK", 7)
+    x = torch.randn(5, 11).to(dtype)
+    x[0, 3], x[2, 6], x[4, 10], x[3, 0] = float("inf"), float("-inf"), float("nan"), float("inf")
+    got = pipeline._isfinite(x)
+    assert got.shape == x.shape
+    assert torch.equal(got, torch.isfinite(x))

@@ -211,7 +211,8 @@ def test_pickle_only(tmp_path: Path) -> None:
         open_source(tmp_path)
     assert str(exc.value) == (
         f"{tmp_path}: only pickle weights (pytorch_model.bin); quantize-model reads safetensors: "
-        "re-save the model with save_pretrained(..., safe_serialization=True), "
+        "re-save the model with transformers' save_pretrained(folder) "
+        "(safetensors: its only format in 5.x, the default since 4.35), "
         "or pass --allow-pickle if you trust the files"
     )
 

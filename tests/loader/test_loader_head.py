@@ -115,3 +115,65 @@ def test_head_gemv_compiles_fullgraph_and_gives_eager_bits(dynamo) -> None:
         compiled = torch.compile(head, fullgraph=True)(x)
     assert_compiled_without_breaks(dynamo)
     assert torch.equal(compiled, eager)
+
+
+def _decode_logits(model: nn.Module, vocab: int) -> torch.Tensor:
+    """One decode step's logits after the prompt (1 token per sequence: the GEMV path), the next token
+    picked in the first ``vocab`` entries (the ids the embedding has)."""
+    with torch.no_grad():
+        out = model(IDS, use_cache=True, logits_to_keep=1)
+        return model(out.logits[..., :vocab].argmax(-1), cache=out.past_key_values).logits
+
+
+def _fast(head: nn.Module) -> bool:
+    from converter.loader.head import _standard_strides
+
+    return type(head) is GemvHead and any(h is _standard_strides for h in head._forward_pre_hooks.values())
+
+
+@pytest.mark.parametrize("how", ["resize", "set_output_embeddings"])
+def test_a_replaced_head_keeps_the_hook_and_the_gemv(our_folder: Path, how: str) -> None:
+    """``resize_token_embeddings`` of the (untied) head builds a new plain ``nn.Linear`` and hands it to
+    ``set_output_embeddings``: it lost the loader's GEMV and the prompt step's re-striding hook."""
+    import copy
+    import pickle
+
+    model = load_quantized(our_folder, dtype=torch.bfloat16)
+    old = model.get_output_embeddings()
+    vocab = old.out_features
+    with torch.no_grad():
+        before = model(IDS, logits_to_keep=1).logits
+        step_before = _decode_logits(model, vocab)
+    if how == "resize":
+        model.resize_token_embeddings(vocab + 16)
+    else:
+        new = nn.Linear(old.in_features, vocab + 16, bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            new.weight[:vocab] = old.weight
+        model.set_output_embeddings(new)
+    head = model.get_output_embeddings()
+    assert head is not old
+    assert head.out_features == vocab + 16
+    assert _fast(head)
+    assert len(head._forward_pre_hooks) == 1
+    with torch.no_grad():
+        after = model(IDS, logits_to_keep=1).logits
+        step_after = _decode_logits(model, vocab)
+    # the old vocabulary's rows are the old weights: same kernels, same bits
+    assert torch.equal(after[..., :vocab], before)
+    assert torch.equal(step_after[..., :vocab], step_before)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert _fast(twin.get_output_embeddings())
+        replaced = nn.Linear(old.in_features, vocab, bias=False, dtype=torch.bfloat16)
+        twin.set_output_embeddings(replaced)  # the twin's own wrapper, on the twin
+        assert twin.get_output_embeddings() is replaced
+        assert _fast(replaced)
+        assert model.get_output_embeddings() is head
+
+
+def test_dequantized_model_keeps_a_plain_head_when_replaced(our_folder: Path) -> None:
+    model = load_quantized(our_folder, dtype=torch.bfloat16)
+    model.dequantize()
+    assert type(model.get_output_embeddings()) is nn.Linear
+    model.resize_token_embeddings(model.get_output_embeddings().out_features + 16)
+    assert type(model.get_output_embeddings()) is nn.Linear

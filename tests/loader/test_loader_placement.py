@@ -55,15 +55,6 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(IDS).logits
 
 
-def _head_on_f_linear(model: torch.nn.Module) -> torch.nn.Module:
-    """Our bf16 head on ``F.linear``, as the plain ``nn.Linear`` that replaces it computes: our CPU GEMV
-    sums in another order than torch's matmul (on an AMX CPU the last bit differs)."""
-    head = model.get_output_embeddings()
-    if isinstance(head, GemvHead):
-        head.use_gemv = False
-    return model
-
-
 def _greedy(model: torch.nn.Module) -> torch.Tensor:
     return model.generate(IDS, max_new_tokens=6, do_sample=False)
 
@@ -796,8 +787,11 @@ def test_resize_token_embeddings_moves_the_new_disk_head_to_the_cpu_in_the_map(
     transformers moves to the new module, kept the old views) while `memory_by_device` counted it under
     "cpu". Now the map says "cpu", as after a cast; an entry still read from the shards stays "disk"."""
     model = load_quantized(our_folder, device_map=CPU_DISK, offload_folder=tmp_path / "off")
-    old = _logits(_head_on_f_linear(model))
+    old = _logits(model)
     model.resize_token_embeddings(old.shape[-1] + 8)
+    head = model.get_output_embeddings()
+    assert type(head) is GemvHead  # the new head runs our GEMV too (loader/head.py), under its hook
+    assert head._old_forward.__func__ is GemvHead.forward
     assert model.hf_device_map == {**CPU_DISK, "lm_head": "cpu"}
     assert all(
         not h.ranges and not h.tensors for h in _hooks(model.lm_head) if isinstance(h, ReleaseMappedPages)
@@ -840,7 +834,7 @@ def test_set_embeddings_moves_the_new_disk_module_to_the_cpu_in_the_map(
     "cpu", as after a cast; the entries still read from the shards stay "disk"."""
     device_map = {**CPU_DISK, "model.embed_tokens": "disk"} if which == "input" else CPU_DISK
     model = load_quantized(our_folder, device_map=device_map, offload_folder=tmp_path / "off")
-    old = _logits(_head_on_f_linear(model))
+    old = _logits(model)  # a new head is a GemvHead too (loader/head.py): the same kernel
     get = getattr(model, f"get_{which}_embeddings")
     weight = get().weight.detach().clone()  # read from the offload folder by its hook? the mapped shard
     if which == "output":

@@ -596,6 +596,10 @@ def test_cli_flag_and_warning(moe_src, tmp_path):
     assert keep is not None
     assert keep.experts_quantized == 0
     assert any("vLLM" in x for x in keep.not_loaders)
+    # transformers 4.x makes the 16-bit experts and routers Linear4bit and fails to load the folder
+    assert any(x.startswith("transformers 4.x") for x in keep.not_loaders)
+    assert not any("4.x" in x for x in keep.loaders)
+    assert keep.loaders[0].startswith("stock transformers 5.x")
     assert inspect_path(tmp_path / "q").moe.layout == "experts quantized (per-expert bnb nf4 records)"
 
 
