@@ -695,6 +695,44 @@ def test_mamba_dt_proj_stays_16bit_so_every_loader_runs(tmp_path: Path, quant_ty
     _assert_loaders_agree(folder)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_hy_v4_indexer_weights_proj_stays_16bit_so_every_loader_runs(tmp_path: Path, quant_type: str) -> None:
+    """HY-V4's sparse-attention indexer calls ``weights_proj`` on ``x.to(weights_proj.weight.dtype)``; its
+    model lists the layer in ``_keep_in_fp32_modules_strict`` only, which transformers + bitsandbytes does
+    not exclude, so a quantized one was uint8 storage (nf4: the input truncated to uint8, silent garbage
+    in both loaders) or int8 (both loaders failed). It stays 16-bit with its reason, named in
+    ``llm_int8_skip_modules``; its sibling projections are quantized; both loaders give the same logits."""
+    from transformers import HYV4Config, HYV4ForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = HYV4Config(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        head_dim=16, intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16,
+        v_head_dim=16,
+        index_n_heads=4, index_head_dim=32, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    HYV4ForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    # bitsandbytes 0.50's CPU int8 matmul takes 2-D/3-D inputs only; MLA's kv_b_proj gets a 4-D one
+    skip = ["*.kv_b_proj"] if quant_type == "int8" else []
+    convert(tmp_path / "plain", folder, quant_type=quant_type, skip=skip, progress=False)
+    report = json.loads((folder / "quantization_report.json").read_text())
+    actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
+    for i in range(2):
+        indexer = f"model.layers.{i}.self_attn.indexer"
+        assert actions[f"{indexer}.weights_proj.weight"] == (
+            "keep",
+            "read directly (HYV4Indexer casts its input to weights_proj.weight.dtype)",
+        )
+        assert actions[f"{indexer}.wk.weight"][0] == "quantize"
+    skip = json.loads((folder / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert {"layers.0.self_attn.indexer.weights_proj", "layers.1.self_attn.indexer.weights_proj"} <= set(skip)
+    _assert_loaders_agree(folder)
+
+
 def _assert_loaders_agree(folder: Path) -> None:
     """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
     dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
