@@ -733,6 +733,32 @@ def test_hy_v4_indexer_weights_proj_stays_16bit_so_every_loader_runs(tmp_path: P
     _assert_loaders_agree(folder)
 
 
+def test_fused_16bit_tensors_are_split_as_transformers_loads_them(tmp_path: Path) -> None:
+    """HRM's checkpoint holds ``attn.gqkv_proj`` and ``mlp.gate_up_proj`` fused; transformers' conversion
+    mapping chunks them into the model's gate/q/k/v and gate/up projections on load. Those stay 16-bit
+    (their quantization state would not follow the split): our loader left them unused, warned, and ran
+    with those projections randomly initialised (logits unlike transformers + bitsandbytes'). Now it runs
+    the same converters on 16-bit tensors: no warning, the same logits."""
+    from transformers import HrmTextConfig, HrmTextForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = HrmTextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        head_dim=16, max_position_embeddings=64,
+    )  # fmt: skip
+    HrmTextForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / "nf4"
+    convert(tmp_path / "plain", folder, quant_type="nf4", progress=False)
+    report = json.loads((folder / "quantization_report.json").read_text())
+    assert {t["action"] for t in report["tensors"] if t["name"].endswith("gqkv_proj.weight")} == {"keep"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "checkpoint tensor(s) unused" / new parameters
+        load_quantized(folder, dtype=torch.float32, verify=False)
+    _assert_loaders_agree(folder)
+
+
 def _assert_loaders_agree(folder: Path) -> None:
     """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
     dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
