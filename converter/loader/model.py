@@ -39,7 +39,7 @@ from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.model_build import ModelBuildError, class_to_build
 from converter.loader.module import QuantLinear4bit, dtype_from_name
-from converter.loader.moe import moe_modules, prefix_variants
+from converter.loader.moe import moe_modules, prefix_variants, rename_key
 from converter.loader.moe_attach import attach_experts
 from converter.loader.replace import (
     compute_dtype_from_config,
@@ -371,8 +371,9 @@ def _convert_16bit(model: nn.Module, state: dict[str, Any]) -> None:
         return
     groups: dict[tuple[int, str], tuple[Any, list[tuple[str, str]]]] = {}
     for key in pending:
+        renamed = rename_key(model, key)  # the renamings first (Sarvam-MoE: .attention. -> .self_attn.)
         for conv in converters:
-            layer, pattern = conv.rename_source_key(key)
+            layer, pattern = conv.rename_source_key(renamed)
             if pattern is not None:
                 groups.setdefault((id(conv), layer), (conv, []))[1].append((key, pattern))
                 break

@@ -759,6 +759,30 @@ def test_fused_16bit_tensors_are_split_as_transformers_loads_them(tmp_path: Path
     _assert_loaders_agree(folder)
 
 
+def test_fused_16bit_qkv_is_split_after_the_renamings(tmp_path: Path) -> None:
+    """Sarvam-MoE (a Glm4MoeForCausalLM) stores ``attention.query_key_value``: transformers renames
+    ``.attention.`` to ``.self_attn.`` and splits the rows by each target's size (GQA). The converter runs
+    on the renamed key, as transformers chains them (it never matched the raw key: q/k/v were randomly
+    initialised before)."""
+    from transformers import CONFIG_MAPPING, Glm4MoeForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = CONFIG_MAPPING["sarvam_moe"](
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, first_k_dense_replace=1, n_group=1, topk_group=1,
+    )  # fmt: skip
+    Glm4MoeForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / "nf4"
+    convert(tmp_path / "plain", folder, quant_type="nf4", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "checkpoint tensor(s) unused" / new parameters
+        load_quantized(folder, dtype=torch.float32, verify=False)
+    _assert_loaders_agree(folder)
+
+
 def _assert_loaders_agree(folder: Path) -> None:
     """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
     dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
