@@ -351,7 +351,8 @@ def dtype_plan(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dt
 def _convert_16bit(model: nn.Module, state: dict[str, Any]) -> None:
     """Run transformers' weight converters (``Chunk``, ``Concatenate``...: HRM's fused ``attn.gqkv_proj``
     split into its q/k/v/gate projections, Kimi-Linear's q/k/v convolutions stacked) on the 16-bit
-    tensors of ``state`` that name no parameter or buffer of the model, as ``from_pretrained`` does: the
+    tensors of ``state`` that name no parameter or buffer of the model, or one of another shape
+    (Inkling2's padded ``lm_head.weight`` sliced), as ``from_pretrained`` does: the
     targets replace their sources in ``state`` (in place). A group whose sources include a quantized
     record, whose conversion fails or whose targets are not the model's tensors of those shapes is left
     as it is (reported unused). MoE experts were taken out of ``state`` before (attach_experts)."""
@@ -361,7 +362,13 @@ def _convert_16bit(model: nn.Module, state: dict[str, Any]) -> None:
     except ImportError:  # another transformers: no converters
         return
     slots = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
-    pending = [k for k, v in state.items() if k not in slots]
+    # keys the model has no tensor for, or one of another shape (Inkling2's padded lm_head.weight, which
+    # a converter of the same name slices to the unpadded vocabulary)
+    pending = [
+        k
+        for k, v in state.items()
+        if k not in slots or (isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(slots[k].shape))
+    ]
     if not pending:
         return
     try:

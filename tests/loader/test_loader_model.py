@@ -783,6 +783,28 @@ def test_fused_16bit_qkv_is_split_after_the_renamings(tmp_path: Path) -> None:
     _assert_loaders_agree(folder)
 
 
+def test_padded_16bit_head_is_sliced_as_transformers_loads_it(tmp_path: Path) -> None:
+    """Inkling2 saves its head padded to ``vocab_size`` rows; transformers' converter of the same name
+    slices it to ``unpadded_vocab_size`` on load. Our loader refused the folder ("tensor 'lm_head.weight'
+    has shape [256, 64], the model wants [250, 64]"); it now runs the converter on a 16-bit tensor whose
+    shape differs from the model's too: the same logits as transformers + bitsandbytes."""
+    from transformers import Inkling2ForCausalLM, Inkling2TextConfig
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = Inkling2TextConfig(
+        vocab_size=256, unpadded_vocab_size=250, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+        swa_head_dim=16, sliding_window_size=16, rel_extent=16, n_layers_per_attn_res_block=1,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, eos_token_id=0,
+    )  # fmt: skip
+    Inkling2ForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / "nf4"
+    convert(tmp_path / "plain", folder, quant_type="nf4", progress=False)
+    _assert_loaders_agree(folder)
+
+
 def _assert_loaders_agree(folder: Path) -> None:
     """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
     dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
