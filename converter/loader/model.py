@@ -39,7 +39,7 @@ from converter.loader.footprint import install_footprint
 from converter.loader.head import install_fast_head
 from converter.loader.model_build import ModelBuildError, class_to_build
 from converter.loader.module import QuantLinear4bit, dtype_from_name
-from converter.loader.moe import moe_modules, prefix_variants
+from converter.loader.moe import moe_modules, prefix_variants, rename_key
 from converter.loader.moe_attach import attach_experts
 from converter.loader.replace import (
     compute_dtype_from_config,
@@ -346,6 +346,61 @@ def dtype_plan(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dt
         return plan[by_group[m.lastgroup]] if m is not None and m.lastgroup is not None else None
 
     return planned
+
+
+def _convert_16bit(model: nn.Module, state: dict[str, Any]) -> None:
+    """Run transformers' weight converters (``Chunk``, ``Concatenate``...: HRM's fused ``attn.gqkv_proj``
+    split into its q/k/v/gate projections, Kimi-Linear's q/k/v convolutions stacked) on the 16-bit
+    tensors of ``state`` that name no parameter or buffer of the model, or one of another shape
+    (Inkling2's padded ``lm_head.weight`` sliced), as ``from_pretrained`` does: the
+    targets replace their sources in ``state`` (in place). A group whose sources include a quantized
+    record, whose conversion fails or whose targets are not the model's tensors of those shapes is left
+    as it is (reported unused). MoE experts were taken out of ``state`` before (attach_experts)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # another transformers: no converters
+        return
+    slots = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    # keys the model has no tensor for, or one of another shape (Inkling2's padded lm_head.weight, which
+    # a converter of the same name slices to the unpadded vocabulary)
+    pending = [
+        k
+        for k, v in state.items()
+        if k not in slots or (isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(slots[k].shape))
+    ]
+    if not pending:
+        return
+    try:
+        mapping = get_model_conversion_mapping(model, None, None)
+        converters = [c for c in mapping if isinstance(c, WeightConverter)]
+    except Exception:  # another transformers version: none
+        return
+    groups: dict[tuple[int, str], tuple[Any, list[tuple[str, str]]]] = {}
+    for key in pending:
+        renamed = rename_key(model, key)  # the renamings first (Sarvam-MoE: .attention. -> .self_attn.)
+        for conv in converters:
+            layer, pattern = conv.rename_source_key(renamed)
+            if pattern is not None:
+                groups.setdefault((id(conv), layer), (conv, []))[1].append((key, pattern))
+                break
+    for (_, layer), (conv, items) in groups.items():
+        if not all(isinstance(state[k], torch.Tensor) for k, _ in items):
+            continue
+        for key, pattern in items:
+            conv.add_tensor(layer, key, pattern, lambda value=state[key]: value)
+        try:
+            out = conv.convert(layer, model=model, config=getattr(model, "config", None))
+        except Exception:  # an operation this model's tensors do not fit: left unused, as before
+            continue
+        if not out or not all(
+            isinstance(v, torch.Tensor) and k in slots and tuple(v.shape) == tuple(slots[k].shape)
+            for k, v in out.items()
+        ):
+            continue
+        for key, _ in items:
+            del state[key]
+        state.update(out)
 
 
 def _fill(
@@ -864,6 +919,7 @@ def load_quantized(
             casts: dict[torch.Tensor, torch.dtype] | None = {} if device_map is not None else None
             # a CPU load's tensors are views of the mapped shards: a cast one's pages are dropped after
             mappings = file_mappings(shard_files(folder)[0]) if torch.device(target).type == "cpu" else []
+            _convert_16bit(model, state)
             unused = _fill(model, state, str(folder), dtype, casts, mappings) + list(skeleton.dropped)
     timing.mark("built_at")
     _tie_weights(model)

@@ -213,6 +213,13 @@ def attach_experts(
             )
             raise MoeLoadError(msg)
         used.update(key for parts in experts.values() for key, _ in parts.values())
+        if quantized and not llama4 and not hasattr(module, "act_fn") and _own_gate(module) is None:
+            msg = (
+                f"{where}: {ckpt_name!r}: the experts module {type(module).__name__} has neither an act_fn "
+                "nor a gate of its own (_apply_gate): load_quantized cannot run its 4-bit experts; load a "
+                "folder whose experts stay 16-bit (quantize-model convert --moe-experts keep)"
+            )
+            raise MoeLoadError(msg)
         if quantized:
             st = stack_records(experts, where, ckpt_name, hidden, inter, torch.device(device))
             config = getattr(module, "config", None)
@@ -227,7 +234,8 @@ def attach_experts(
                 intermediate=inter,
                 compute_dtype=compute_dtype,
                 act_name=getattr(config, "hidden_act", None),
-                act_fn=module[0].activation_fn if llama4 else module.act_fn,
+                # an own gate (HY-V4's experts have no act_fn) never calls act_fn
+                act_fn=module[0].activation_fn if llama4 else getattr(module, "act_fn", None),
                 apply_gate=None if llama4 else _own_gate(module),
                 proj_names=st.proj_names,
                 fused=ckpt_name in fused,

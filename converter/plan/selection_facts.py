@@ -45,7 +45,25 @@ SUBCLASS_REASON = "a subclass of nn.Linear, which transformers + bitsandbytes do
 #: bitsandbytes too: "Expected size for first two dimensions of batch2 tensor"), so they stay 16-bit.
 #: transformers 5.x's MambaMixer computes ``self.dt_proj.weight @ time_step`` whatever the config
 #: (FalconMamba and Jamba branch on ``config._is_quantized`` and call the layer: quantized as usual).
-READ_DIRECTLY = {("MambaMixer", "dt_proj"): "read directly (MambaMixer multiplies by dt_proj.weight itself)"}
+#: The sparse-attention indexers below (and Inkling2-Loop's message gate) call the layer on
+#: ``x.to(self.<leaf>.weight.dtype)``: a 4-bit weight (uint8 storage) truncates the input to uint8 and
+#: the forward silently computes garbage in both loaders, an int8 one fails in both. Their models list
+#: the layer in ``_keep_in_fp32_modules_strict`` only, which transformers + bitsandbytes does not exclude
+#: from conversion (DeepSeek-V3.2, GLM-MoE-DSA, A.X-K2 and Mistral-Large-4 list it in
+#: ``_keep_in_fp32_modules``: kept 16-bit by transformers' rule already).
+READ_DIRECTLY = {
+    ("MambaMixer", "dt_proj"): "read directly (MambaMixer multiplies by dt_proj.weight itself)",
+    **{
+        (cls, leaf): f"read directly ({cls} casts its input to {leaf}.weight.dtype)"
+        for cls, leaf in (
+            ("HYV4Indexer", "weights_proj"),
+            ("HYV4VLIndexer", "weights_proj"),
+            ("Dots3NoteTextIndexer", "weights_proj"),
+            ("Glm5NextTextIndexer", "weights_proj"),
+            ("Inkling2LoopMessageGate", "down_proj"),
+        )
+    },
+}
 
 
 def read_directly(name: str, modules: Mapping[str, Any]) -> str | None:

@@ -695,6 +695,116 @@ def test_mamba_dt_proj_stays_16bit_so_every_loader_runs(tmp_path: Path, quant_ty
     _assert_loaders_agree(folder)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_hy_v4_indexer_weights_proj_stays_16bit_so_every_loader_runs(tmp_path: Path, quant_type: str) -> None:
+    """HY-V4's sparse-attention indexer calls ``weights_proj`` on ``x.to(weights_proj.weight.dtype)``; its
+    model lists the layer in ``_keep_in_fp32_modules_strict`` only, which transformers + bitsandbytes does
+    not exclude, so a quantized one was uint8 storage (nf4: the input truncated to uint8, silent garbage
+    in both loaders) or int8 (both loaders failed). It stays 16-bit with its reason, named in
+    ``llm_int8_skip_modules``; its sibling projections are quantized; both loaders give the same logits."""
+    from transformers import HYV4Config, HYV4ForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = HYV4Config(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        head_dim=16, intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16,
+        v_head_dim=16,
+        index_n_heads=4, index_head_dim=32, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    HYV4ForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    # bitsandbytes 0.50's CPU int8 matmul takes 2-D/3-D inputs only; MLA's kv_b_proj gets a 4-D one
+    skip = ["*.kv_b_proj"] if quant_type == "int8" else []
+    convert(tmp_path / "plain", folder, quant_type=quant_type, skip=skip, progress=False)
+    report = json.loads((folder / "quantization_report.json").read_text())
+    actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
+    for i in range(2):
+        indexer = f"model.layers.{i}.self_attn.indexer"
+        assert actions[f"{indexer}.weights_proj.weight"] == (
+            "keep",
+            "read directly (HYV4Indexer casts its input to weights_proj.weight.dtype)",
+        )
+        assert actions[f"{indexer}.wk.weight"][0] == "quantize"
+    skip = json.loads((folder / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert {"layers.0.self_attn.indexer.weights_proj", "layers.1.self_attn.indexer.weights_proj"} <= set(skip)
+    _assert_loaders_agree(folder)
+
+
+def test_fused_16bit_tensors_are_split_as_transformers_loads_them(tmp_path: Path) -> None:
+    """HRM's checkpoint holds ``attn.gqkv_proj`` and ``mlp.gate_up_proj`` fused; transformers' conversion
+    mapping chunks them into the model's gate/q/k/v and gate/up projections on load. Those stay 16-bit
+    (their quantization state would not follow the split): our loader left them unused, warned, and ran
+    with those projections randomly initialised (logits unlike transformers + bitsandbytes'). Now it runs
+    the same converters on 16-bit tensors: no warning, the same logits."""
+    from transformers import HrmTextConfig, HrmTextForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = HrmTextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        head_dim=16, max_position_embeddings=64,
+    )  # fmt: skip
+    HrmTextForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / "nf4"
+    convert(tmp_path / "plain", folder, quant_type="nf4", progress=False)
+    report = json.loads((folder / "quantization_report.json").read_text())
+    assert {t["action"] for t in report["tensors"] if t["name"].endswith("gqkv_proj.weight")} == {"keep"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "checkpoint tensor(s) unused" / new parameters
+        load_quantized(folder, dtype=torch.float32, verify=False)
+    _assert_loaders_agree(folder)
+
+
+def test_fused_16bit_qkv_is_split_after_the_renamings(tmp_path: Path) -> None:
+    """Sarvam-MoE (a Glm4MoeForCausalLM) stores ``attention.query_key_value``: transformers renames
+    ``.attention.`` to ``.self_attn.`` and splits the rows by each target's size (GQA). The converter runs
+    on the renamed key, as transformers chains them (it never matched the raw key: q/k/v were randomly
+    initialised before)."""
+    from transformers import CONFIG_MAPPING, Glm4MoeForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = CONFIG_MAPPING["sarvam_moe"](
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, first_k_dense_replace=1, n_group=1, topk_group=1,
+    )  # fmt: skip
+    Glm4MoeForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / "nf4"
+    convert(tmp_path / "plain", folder, quant_type="nf4", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "checkpoint tensor(s) unused" / new parameters
+        load_quantized(folder, dtype=torch.float32, verify=False)
+    _assert_loaders_agree(folder)
+
+
+def test_padded_16bit_head_is_sliced_as_transformers_loads_it(tmp_path: Path) -> None:
+    """Inkling2 saves its head padded to ``vocab_size`` rows; transformers' converter of the same name
+    slices it to ``unpadded_vocab_size`` on load. Our loader refused the folder ("tensor 'lm_head.weight'
+    has shape [256, 64], the model wants [250, 64]"); it now runs the converter on a 16-bit tensor whose
+    shape differs from the model's too: the same logits as transformers + bitsandbytes."""
+    from transformers import Inkling2ForCausalLM, Inkling2TextConfig
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = Inkling2TextConfig(
+        vocab_size=256, unpadded_vocab_size=250, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+        swa_head_dim=16, sliding_window_size=16, rel_extent=16, n_layers_per_attn_res_block=1,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, eos_token_id=0,
+    )  # fmt: skip
+    Inkling2ForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / "nf4"
+    convert(tmp_path / "plain", folder, quant_type="nf4", progress=False)
+    _assert_loaders_agree(folder)
+
+
 def _assert_loaders_agree(folder: Path) -> None:
     """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
     dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""

@@ -112,6 +112,13 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
 # DeepSeek-V4 with experts of whole 64-element blocks per row (its experts' width is intermediate_size,
 # 96 above): the grouped CPU decode takes them
 MOE["deepseek_v4_i64"] = (*MOE["deepseek_v4"][:2], dict(MOE["deepseek_v4"][2], intermediate_size=64))
+# HY-V4: fused 3-D experts in the model with a clamped SwiGLU of their own (_apply_gate) and no act_fn,
+# per-expert tensors on disk; an MLA attention with a sparse-attention indexer
+MOE["hy_v4"] = ("hy_v4", "HYV4ForCausalLM", _decoder(
+    intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+    num_key_value_heads=4, head_dim=16, kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16,
+    qk_nope_head_dim=16, v_head_dim=16, index_n_heads=4, index_head_dim=32, swiglu_limit=0.1,
+    pad_token_id=0, bos_token_id=0, eos_token_id=0))  # fmt: skip
 
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 

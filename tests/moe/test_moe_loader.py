@@ -114,6 +114,34 @@ def test_experts_with_their_own_gate_run_it(folders):
                        ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
 
 
+@pytest.mark.skipif(not hasattr(transformers, "HYV4ForCausalLM"), reason="no HY-V4")
+def test_experts_with_their_own_gate_and_no_act_fn_load(folders):
+    """HY-V4's experts module has its own clamped SwiGLU (_apply_gate) and no ``act_fn`` attribute:
+    load_quantized failed on its --moe-experts quantize folder ("'HYV4Experts' object has no attribute
+    'act_fn'"). It loads, runs the module's gate, and on the dequantize path equals the dequantized
+    folder in transformers bit for bit (prefill and decode)."""
+    q, plain = folders("hy_v4")
+    ours = _dequant_paths(load_quantized(q))
+    assert all(m.apply_gate is not None for m in moe_modules(ours).values())
+    ref = load_bf16_eager(plain)
+    assert torch.equal(_logits(ours), _logits(ref))
+    assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+
+
+@pytest.mark.skipif(not hasattr(transformers, "HYV4ForCausalLM"), reason="no HY-V4")
+def test_experts_with_neither_act_fn_nor_own_gate_are_refused_by_name(folders, monkeypatch):
+    """An experts module with no act_fn and no _apply_gate of its own has no activation to run: a
+    MoeLoadError names the module class and --moe-experts keep (not an AttributeError)."""
+    from transformers.models.hy_v4 import modeling_hy_v4
+
+    from converter.loader.moe_records import MoeLoadError
+
+    q, _ = folders("hy_v4")
+    monkeypatch.delattr(modeling_hy_v4.HYV4Experts, "_apply_gate")
+    with pytest.raises(MoeLoadError, match=r"HYV4Experts has neither an act_fn.*--moe-experts keep"):
+        load_quantized(q)
+
+
 @pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
 @pytest.mark.parametrize("mode", ["quantize", "keep"])
 def test_deepseek_v4_router_bias_is_loaded(tmp_path, mode):
