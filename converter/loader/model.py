@@ -314,6 +314,48 @@ def _match_prefix(model: nn.Module, state: dict[str, Any]) -> None:
         state.update(renamed)
 
 
+def _concatenate_kept(model: nn.Module, state: dict[str, Any]) -> None:
+    """Merge 16-bit tensors that transformers concatenates on load into one parameter (its
+    ``WeightConverter`` with a sole ``Concatenate``: OLMo-Hybrid's ``linear_attn.{q,k,v}_conv1d.weight`` ->
+    ``linear_attn.conv1d.weight``, which ``save_pretrained`` writes split), in the converter's source
+    order, as ``from_pretrained`` does; in place. Such tensors are never quantized (selection: "merged
+    with other tensors on load"); without this the model's parameter was left to a random initialisation
+    and the pieces reported unused (the logits differed from transformers')."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Concatenate, WeightConverter, apply_converters
+    except ImportError:  # another transformers version: nothing merged
+        return
+    try:
+        mapping = get_model_conversion_mapping(model, None, None)
+    except Exception:  # another transformers version: nothing merged
+        return
+    converters = [
+        c
+        for c in mapping
+        if isinstance(c, WeightConverter)
+        and len(c.operations) == 1
+        and type(c.operations[0]) is Concatenate
+        and c.operations[0].num_shards_attribute is None
+    ]
+    if not converters:
+        return
+    params = {n for n, _ in model.named_parameters()}
+    groups: dict[str, dict[str, str]] = {}  # target -> source pattern -> checkpoint key
+    for key, value in state.items():
+        if key in params or not isinstance(value, torch.Tensor):
+            continue
+        target, pattern = apply_converters(key, converters)
+        if pattern is not None and target in params:
+            groups.setdefault(target, {})[pattern] = key
+    for target, parts in groups.items():
+        conv = next(c for c in converters if set(parts) <= set(c.source_patterns))
+        if set(parts) != set(conv.source_patterns):  # a piece missing: left unused, as reported
+            continue
+        dim = conv.operations[0].dim
+        state[target] = torch.cat([state.pop(parts[p]) for p in conv.source_patterns], dim=dim)
+
+
 def transformers_would_quantize(model: nn.Module, quantization_config: dict | None) -> set[str]:
     """The module names transformers' bnb integration turns into Linear4bit for this config."""
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -595,6 +637,7 @@ def build_skeleton(
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
     dropped = attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
     _match_prefix(model, state)
+    _concatenate_kept(model, state)
     # another class, or config.json overridden (num_hidden_layers=1): quantized weights with no module are
     # unused, as transformers reports them (they were a CheckpointMismatchError where it loads)
     dropped += _drop_orphan_records(model, state) if model_class is not None or config_kwargs else []

@@ -695,6 +695,37 @@ def test_mamba_dt_proj_stays_16bit_so_every_loader_runs(tmp_path: Path, quant_ty
     _assert_loaders_agree(folder)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_olmo_hybrid_split_conv1d_is_concatenated_on_load(tmp_path: Path, quant_type: str) -> None:
+    """OLMo-Hybrid's ``linear_attn.conv1d.weight`` is written split (``q_conv1d`` / ``k_conv1d`` /
+    ``v_conv1d``) and concatenated by transformers' WeightConverter on load. Our loader left the three
+    unused and ``conv1d`` randomly initialised (warnings, and logits unlike transformers'); it now
+    concatenates them in the converter's order: the same tensor and logits as transformers + bitsandbytes."""
+    from safetensors.torch import load_file
+    from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = OlmoHybridConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, pad_token_id=3,
+        eos_token_id=3,
+    )  # fmt: skip
+    OlmoHybridForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    shard = load_file(folder / "model.safetensors")
+    prefix = "model.layers.0.linear_attn."
+    want = torch.cat([shard[f"{prefix}{p}_conv1d.weight"] for p in "qkv"]).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unused" tensors, no newly initialised parameters
+        ours = load_quantized(folder, dtype=torch.float32, verify=False)
+    assert torch.equal(ours.get_parameter(f"{prefix}conv1d.weight"), want)
+    _assert_loaders_agree(folder)
+
+
 def _assert_loaders_agree(folder: Path) -> None:
     """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
     dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
