@@ -95,6 +95,12 @@ def _split_text_vision(
     return targets
 
 
+def _gate_only(x: torch.Tensor) -> torch.Tensor:
+    """The act_fn of experts that gate with their own ``_apply_gate`` and have none: never called."""
+    msg = "these experts gate with their class's own _apply_gate: no act_fn to run"
+    raise RuntimeError(msg)
+
+
 def attach_experts(
     model: nn.Module,
     state: dict[str, Any],
@@ -221,14 +227,24 @@ def attach_experts(
             if llama4:  # its MoE block calls experts(routed_in): the routed-only twin (loader/moe_llama4.py)
                 config = module[0].config
                 cls, extra = QuantLlama4Experts4bit, {"top_k": config.num_experts_per_tok, "config": config}
+            apply_gate = None if llama4 else _own_gate(module)
+            act_fn = module[0].activation_fn if llama4 else getattr(module, "act_fn", None)
+            if act_fn is None and apply_gate is None:
+                msg = (
+                    f"{where}: {ckpt_name!r}: {type(module).__name__} has neither act_fn nor a gate of its "
+                    "own (_apply_gate): load_quantized cannot run its 4-bit experts; convert with "
+                    "--moe-experts keep"
+                )
+                raise MoeLoadError(msg)
             layer = cls.from_stacked(
                 st,
                 hidden_dim=hidden,
                 intermediate=inter,
                 compute_dtype=compute_dtype,
                 act_name=getattr(config, "hidden_act", None),
-                act_fn=module[0].activation_fn if llama4 else module.act_fn,
-                apply_gate=None if llama4 else _own_gate(module),
+                # a class with its own gate may have no act_fn (MiniMax-M3-VL's clamped SwiGLU): unused then
+                act_fn=act_fn if act_fn is not None else _gate_only,
+                apply_gate=apply_gate,
                 proj_names=st.proj_names,
                 fused=ckpt_name in fused,
                 **extra,
