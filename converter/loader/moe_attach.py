@@ -101,6 +101,58 @@ def _gate_only(x: torch.Tensor) -> torch.Tensor:
     raise RuntimeError(msg)
 
 
+def _is_ungated_experts(module: nn.Module | None, experts: Mapping[int, Mapping[str, Any]]) -> bool:
+    """Fused experts without a gate projection (NemotronH's ``up_proj`` / ``down_proj`` [E, out, in]:
+    ``down(act(up(x)))``) and a checkpoint group of their up/down weights only."""
+    return (
+        module is not None
+        and not hasattr(module, "gate_up_proj")
+        and isinstance(getattr(module, "up_proj", None), torch.Tensor)
+        and isinstance(getattr(module, "down_proj", None), torch.Tensor)
+        and module.up_proj.dim() == 3
+        and {r for parts in experts.values() for r in parts} == {"up", "down"}
+    )
+
+
+def _stack_ungated(
+    module: nn.Module,
+    experts: Mapping[int, Mapping[str, Any]],
+    quantized: bool,
+    *,
+    where: str,
+    ckpt_name: str,
+) -> None:
+    """Stack 16-bit per-expert up/down weights into the module's ``up_proj`` / ``down_proj`` as
+    transformers' conversion does (convert refuses --moe-experts quantize for such experts)."""
+    if quantized:
+        msg = (
+            f"{where}: {ckpt_name!r} holds 4-bit experts without a gate projection "
+            f"({type(module).__name__}): load_quantized runs 4-bit gated experts only; convert with "
+            "--moe-experts keep"
+        )
+        raise MoeLoadError(msg)
+    num = int(module.up_proj.shape[0])
+    for e in range(num):
+        for role, param in (("up", module.up_proj), ("down", module.down_proj)):
+            if role not in experts.get(e, {}):
+                msg = f"{where}: {ckpt_name!r} needs {num} experts x up/down; expert {e} {role} is missing"
+                raise MoeLoadError(msg)
+            key, value = experts[e][role]
+            if tuple(value.shape) != tuple(param.shape[1:]):
+                msg = (
+                    f"{where}: {key!r} has shape {list(value.shape)}, the model wants {list(param.shape[1:])}"
+                )
+                raise MoeLoadError(msg)
+    extra = sorted(e for e in experts if not 0 <= e < num)
+    if extra:
+        msg = f"{where}: {ckpt_name!r} also holds expert(s) {extra[:5]}; config.json and the shards disagree"
+        raise MoeLoadError(msg)
+    for role, name in (("up", "up_proj"), ("down", "down_proj")):
+        target = getattr(module, name).dtype
+        stacked = torch.stack([experts[e][role][1] for e in range(num)]).to(target)
+        setattr(module, name, nn.Parameter(stacked, requires_grad=False))
+
+
 def attach_experts(
     model: nn.Module,
     state: dict[str, Any],
@@ -160,6 +212,10 @@ def attach_experts(
             # experts only
             if is_llama4_sequential(module):
                 route_sequential(module, module[0].config.num_experts_per_tok)
+            continue
+        if _is_ungated_experts(module, experts):
+            _stack_ungated(module, experts, quantized, where=where, ckpt_name=ckpt_name)
+            used.update(key for parts in experts.values() for key, _ in parts.values())
             continue
         if module is None or not (llama4 or _is_fused_experts(module)):
             kind = type(module).__name__ if module is not None else "no module"

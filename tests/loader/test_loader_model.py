@@ -726,6 +726,36 @@ def test_olmo_hybrid_split_conv1d_is_concatenated_on_load(tmp_path: Path, quant_
     _assert_loaders_agree(folder)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_nemotron_h_experts_without_gate_convert_and_load(tmp_path: Path, quant_type: str) -> None:
+    """NemotronH's routed experts have no gate projection (per-expert ``up_proj`` / ``down_proj`` on disk):
+    convert refused every such checkpoint ("experts.0.gate_proj.weight is missing ... an incomplete or
+    damaged source") and load_quantized found "no fused experts module". They convert with the experts
+    16-bit (the default) and load in both loaders with the same logits; --moe-experts quantize, which no
+    loader of 4-bit experts runs for them, is refused naming why."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    from converter.plan.moe import MoeCheckpointError
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = NemotronHConfig(
+        vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, mamba_num_heads=4,
+        mamba_head_dim=16, ssm_state_size=8, n_groups=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layers_block_type=["linear_attention", "moe", "full_attention"],
+    )  # fmt: skip
+    NemotronHForCausalLM(config).save_pretrained(tmp_path / "plain")
+    with pytest.raises(MoeCheckpointError, match=r"experts without a gate projection.*--moe-experts keep"):
+        convert(tmp_path / "plain", tmp_path / "q", moe_experts="quantize", progress=False)
+    folder = tmp_path / quant_type
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "routed MoE experts ... stay 16-bit"
+        convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    _assert_loaders_agree(folder)
+
+
 def _assert_loaders_agree(folder: Path) -> None:
     """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
     dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
