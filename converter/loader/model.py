@@ -39,7 +39,7 @@ from converter.loader.footprint import install_footprint
 from converter.loader.head import flatten_head_input, use_gemv_head
 from converter.loader.model_build import ModelBuildError, class_to_build
 from converter.loader.module import QuantLinear4bit, dtype_from_name
-from converter.loader.moe import moe_modules, prefix_variants
+from converter.loader.moe import moe_modules, prefix_variants, rename_key
 from converter.loader.moe_attach import attach_experts
 from converter.loader.replace import (
     compute_dtype_from_config,
@@ -314,46 +314,76 @@ def _match_prefix(model: nn.Module, state: dict[str, Any]) -> None:
         state.update(renamed)
 
 
-def _concatenate_kept(model: nn.Module, state: dict[str, Any]) -> None:
-    """Merge 16-bit tensors that transformers concatenates on load into one parameter (its
-    ``WeightConverter`` with a sole ``Concatenate``: OLMo-Hybrid's ``linear_attn.{q,k,v}_conv1d.weight`` ->
-    ``linear_attn.conv1d.weight``, which ``save_pretrained`` writes split), in the converter's source
-    order, as ``from_pretrained`` does; in place. Such tensors are never quantized (selection: "merged
-    with other tensors on load"); without this the model's parameter was left to a random initialisation
-    and the pieces reported unused (the logits differed from transformers')."""
+def _convert_kept(model: nn.Module, state: dict[str, Any]) -> None:
+    """Merge or split 16-bit tensors as transformers' conversion does on load (a ``WeightConverter`` whose
+    only operation is ``Concatenate``, ``Chunk`` or ``Split``): OLMo-Hybrid's ``linear_attn.{q,k,v}_conv1d``
+    concatenated into ``conv1d``, NomicBERT's ``attn.Wqkv`` chunked and Molmo2's ``att_proj`` split into
+    ``q_proj`` / ``k_proj`` / ``v_proj``, which ``save_pretrained`` writes fused or split; in place, after
+    transformers' renamings. Such tensors are never quantized (selection: "merged with other tensors on
+    load", "fused tensor split on load"); without this the model's parameters were left to a random
+    initialisation and the checkpoint's reported unused (the outputs differed from transformers')."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import Concatenate, WeightConverter, apply_converters
-    except ImportError:  # another transformers version: nothing merged
+        from transformers.core_model_loading import (
+            Chunk,
+            Concatenate,
+            Split,
+            WeightConverter,
+            apply_converters,
+        )
+    except ImportError:  # another transformers version: nothing converted
         return
     try:
         mapping = get_model_conversion_mapping(model, None, None)
-    except Exception:  # another transformers version: nothing merged
+    except Exception:  # another transformers version: nothing converted
         return
-    converters = [
-        c
-        for c in mapping
-        if isinstance(c, WeightConverter)
-        and len(c.operations) == 1
-        and type(c.operations[0]) is Concatenate
-        and c.operations[0].num_shards_attribute is None
-    ]
+
+    def sole_op(c: Any) -> Any:
+        ops = getattr(c, "operations", None) or []
+        op = ops[0] if len(ops) == 1 else None
+        return (
+            op
+            if type(op) in (Concatenate, Chunk, Split) and getattr(op, "num_shards_attribute", None) is None
+            else None
+        )
+
+    converters = [c for c in mapping if isinstance(c, WeightConverter) and sole_op(c) is not None]
     if not converters:
         return
-    params = {n for n, _ in model.named_parameters()}
-    groups: dict[str, dict[str, str]] = {}  # target -> source pattern -> checkpoint key
-    for key, value in state.items():
+    params = dict(model.named_parameters())
+    groups: dict[str, tuple[Any, dict[str, str]]] = {}  # concatenation target -> (converter, pattern -> key)
+    for key in list(state):
+        value = state[key]
         if key in params or not isinstance(value, torch.Tensor):
             continue
-        target, pattern = apply_converters(key, converters)
-        if pattern is not None and target in params:
-            groups.setdefault(target, {})[pattern] = key
-    for target, parts in groups.items():
-        conv = next(c for c in converters if set(parts) <= set(c.source_patterns))
+        renamed = rename_key(model, key)
+        target, pattern = apply_converters(renamed, converters)
+        if pattern is None:
+            continue
+        conv = next(c for c in converters if pattern in c.source_patterns)
+        op = sole_op(conv)
+        if type(op) is Concatenate:
+            if target in params:
+                groups.setdefault(target, (conv, {}))[1][pattern] = key
+            continue
+        first = conv.target_patterns[0]
+        targets = [target.replace(first, t) for t in conv.target_patterns]
+        if len(conv.source_patterns) != 1 or not all(t in params for t in targets):
+            continue
+        if type(op) is Chunk:
+            pieces = torch.chunk(value, len(targets), dim=op.dim)
+        else:
+            pieces = torch.split(value, [params[t].shape[op.dim] for t in targets], dim=op.dim)
+        if len(pieces) != len(targets) or any(
+            tuple(p.shape) != tuple(params[t].shape) for p, t in zip(pieces, targets, strict=True)
+        ):
+            continue  # left unused, as reported
+        del state[key]
+        state.update({t: p.contiguous() for t, p in zip(targets, pieces, strict=True)})
+    for target, (conv, parts) in groups.items():
         if set(parts) != set(conv.source_patterns):  # a piece missing: left unused, as reported
             continue
-        dim = conv.operations[0].dim
-        state[target] = torch.cat([state.pop(parts[p]) for p in conv.source_patterns], dim=dim)
+        state[target] = torch.cat([state.pop(parts[p]) for p in conv.source_patterns], dim=sole_op(conv).dim)
 
 
 def transformers_would_quantize(model: nn.Module, quantization_config: dict | None) -> set[str]:
@@ -637,7 +667,7 @@ def build_skeleton(
     # MoE experts (loader/moe.py): takes the per-expert tensors out of `state`, renames e.g. Mixtral's router
     dropped = attach_experts(model, state, compute_dtype, where=str(folder), device=experts_device)
     _match_prefix(model, state)
-    _concatenate_kept(model, state)
+    _convert_kept(model, state)
     # another class, or config.json overridden (num_hidden_layers=1): quantized weights with no module are
     # unused, as transformers reports them (they were a CheckpointMismatchError where it loads)
     dropped += _drop_orphan_records(model, state) if model_class is not None or config_kwargs else []

@@ -756,6 +756,48 @@ def test_nemotron_h_experts_without_gate_convert_and_load(tmp_path: Path, quant_
     _assert_loaders_agree(folder)
 
 
+@pytest.mark.parametrize(
+    ("model_type", "fused"),
+    [
+        ("nomic_bert", "encoder.layers.0.attn.Wqkv.weight"),  # Chunk into q/k/v
+        ("molmo2_text", "layers.0.self_attn.att_proj.weight"),  # Split by the model's q/k/v sizes (GQA)
+    ],
+)
+def test_fused_tensors_split_on_load_are_split(tmp_path: Path, model_type: str, fused: str) -> None:
+    """NomicBERT's ``attn.Wqkv`` and Molmo2's ``att_proj`` are written fused and split by transformers'
+    WeightConverter (Chunk / Split) into ``q_proj`` / ``k_proj`` / ``v_proj`` on load; they stay 16-bit.
+    Our loader left them unused and the three projections randomly initialised (outputs unlike
+    transformers'); it now splits them: every parameter and the hidden states equal transformers'."""
+    from transformers import AutoConfig, AutoModel
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, head_dim=16, max_position_embeddings=64,
+        **({"num_key_value_heads": 2} if model_type == "molmo2_text" else {}),
+    )  # fmt: skip
+    AutoModel.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / "q"
+    convert(tmp_path / "plain", folder, progress=False)
+    report = json.loads((folder / "quantization_report.json").read_text())
+    assert {t["name"]: t["action"] for t in report["tensors"]}[fused] == "keep"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unused" tensors, no newly initialised parameters
+        ours = load_quantized(folder, model_class=AutoModel, verify=False)
+    theirs = bnb_generic_cpu_path(AutoModel.from_pretrained(folder, device_map="cpu").eval())
+    mine = dict(ours.named_parameters())
+    for name, p in theirs.named_parameters():
+        if p.dtype.is_floating_point:
+            assert torch.equal(mine[name], p), name
+    for layer in ours.modules():
+        if hasattr(layer, "use_gemv"):
+            layer.use_gemv = False
+    with torch.no_grad():
+        assert torch.equal(ours(IDS[:, :5]).last_hidden_state, theirs(IDS[:, :5]).last_hidden_state)
+
+
 def _assert_loaders_agree(folder: Path) -> None:
     """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
     dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
