@@ -95,6 +95,64 @@ def _split_text_vision(
     return targets
 
 
+def _gate_only(x: torch.Tensor) -> torch.Tensor:
+    """The act_fn of experts that gate with their own ``_apply_gate`` and have none: never called."""
+    msg = "these experts gate with their class's own _apply_gate: no act_fn to run"
+    raise RuntimeError(msg)
+
+
+def _is_ungated_experts(module: nn.Module | None, experts: Mapping[int, Mapping[str, Any]]) -> bool:
+    """Fused experts without a gate projection (NemotronH's ``up_proj`` / ``down_proj`` [E, out, in]:
+    ``down(act(up(x)))``) and a checkpoint group of their up/down weights only."""
+    return (
+        module is not None
+        and not hasattr(module, "gate_up_proj")
+        and isinstance(getattr(module, "up_proj", None), torch.Tensor)
+        and isinstance(getattr(module, "down_proj", None), torch.Tensor)
+        and module.up_proj.dim() == 3
+        and {r for parts in experts.values() for r in parts} == {"up", "down"}
+    )
+
+
+def _stack_ungated(
+    module: nn.Module,
+    experts: Mapping[int, Mapping[str, Any]],
+    quantized: bool,
+    *,
+    where: str,
+    ckpt_name: str,
+) -> None:
+    """Stack 16-bit per-expert up/down weights into the module's ``up_proj`` / ``down_proj`` as
+    transformers' conversion does (convert refuses --moe-experts quantize for such experts)."""
+    if quantized:
+        msg = (
+            f"{where}: {ckpt_name!r} holds 4-bit experts without a gate projection "
+            f"({type(module).__name__}): load_quantized runs 4-bit gated experts only; convert with "
+            "--moe-experts keep"
+        )
+        raise MoeLoadError(msg)
+    num = int(module.up_proj.shape[0])
+    for e in range(num):
+        for role, param in (("up", module.up_proj), ("down", module.down_proj)):
+            if role not in experts.get(e, {}):
+                msg = f"{where}: {ckpt_name!r} needs {num} experts x up/down; expert {e} {role} is missing"
+                raise MoeLoadError(msg)
+            key, value = experts[e][role]
+            if tuple(value.shape) != tuple(param.shape[1:]):
+                msg = (
+                    f"{where}: {key!r} has shape {list(value.shape)}, the model wants {list(param.shape[1:])}"
+                )
+                raise MoeLoadError(msg)
+    extra = sorted(e for e in experts if not 0 <= e < num)
+    if extra:
+        msg = f"{where}: {ckpt_name!r} also holds expert(s) {extra[:5]}; config.json and the shards disagree"
+        raise MoeLoadError(msg)
+    for role, name in (("up", "up_proj"), ("down", "down_proj")):
+        target = getattr(module, name).dtype
+        stacked = torch.stack([experts[e][role][1] for e in range(num)]).to(target)
+        setattr(module, name, nn.Parameter(stacked, requires_grad=False))
+
+
 def attach_experts(
     model: nn.Module,
     state: dict[str, Any],
@@ -154,6 +212,10 @@ def attach_experts(
             # experts only
             if is_llama4_sequential(module):
                 route_sequential(module, module[0].config.num_experts_per_tok)
+            continue
+        if _is_ungated_experts(module, experts):
+            _stack_ungated(module, experts, quantized, where=where, ckpt_name=ckpt_name)
+            used.update(key for parts in experts.values() for key, _ in parts.values())
             continue
         if module is None or not (llama4 or _is_fused_experts(module)):
             kind = type(module).__name__ if module is not None else "no module"
@@ -228,15 +290,17 @@ def attach_experts(
             if llama4:  # its MoE block calls experts(routed_in): the routed-only twin (loader/moe_llama4.py)
                 config = module[0].config
                 cls, extra = QuantLlama4Experts4bit, {"top_k": config.num_experts_per_tok, "config": config}
+            apply_gate = None if llama4 else _own_gate(module)  # checked above: one of the two exists
+            act_fn = module[0].activation_fn if llama4 else getattr(module, "act_fn", None)
             layer = cls.from_stacked(
                 st,
                 hidden_dim=hidden,
                 intermediate=inter,
                 compute_dtype=compute_dtype,
                 act_name=getattr(config, "hidden_act", None),
-                # an own gate (HY-V4's experts have no act_fn) never calls act_fn
-                act_fn=module[0].activation_fn if llama4 else getattr(module, "act_fn", None),
-                apply_gate=None if llama4 else _own_gate(module),
+                # a class with its own gate may have no act_fn (MiniMax-M3-VL's clamped SwiGLU): unused then
+                act_fn=act_fn if act_fn is not None else _gate_only,
+                apply_gate=apply_gate,
                 proj_names=st.proj_names,
                 fused=ckpt_name in fused,
                 **extra,

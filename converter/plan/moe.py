@@ -356,6 +356,16 @@ def check_experts(tensors: Sequence[_TensorLike], config: Any = None, mode: str 
     for module, experts in groups.items():
         leaves = {p for parts in experts.values() for p in parts}
         names = _ROLE_LEAVES["w1"] if leaves & {"w1", "w2", "w3"} else _ROLE_LEAVES["gate_proj"]
+        if leaves == {"up_proj", "down_proj"}:  # NemotronH's experts: no gate (up, act, down)
+            if check_mode(mode) == "quantize":
+                msg = (
+                    f"{module}: --moe-experts quantize does not take experts without a gate projection "
+                    "(up_proj and down_proj only, as NemotronH's): no loader of 4-bit experts runs them; "
+                    "convert with --moe-experts keep (the default), which stock transformers + "
+                    "bitsandbytes loads"
+                )
+                raise MoeCheckpointError(msg)
+            names = ("up_proj", "down_proj")
         shapes: dict[str, tuple[tuple[int, ...], str]] = {}
         # ERNIE-4.5-VL: experts of each group (text, vision) alike; the groups' shapes may differ
         n_experts = max(experts) + 1

@@ -805,6 +805,109 @@ def test_padded_16bit_head_is_sliced_as_transformers_loads_it(tmp_path: Path) ->
     _assert_loaders_agree(folder)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_olmo_hybrid_split_conv1d_is_concatenated_on_load(tmp_path: Path, quant_type: str) -> None:
+    """OLMo-Hybrid's ``linear_attn.conv1d.weight`` is written split (``q_conv1d`` / ``k_conv1d`` /
+    ``v_conv1d``) and concatenated by transformers' WeightConverter on load. Our loader left the three
+    unused and ``conv1d`` randomly initialised (warnings, and logits unlike transformers'); it now
+    concatenates them in the converter's order: the same tensor and logits as transformers + bitsandbytes."""
+    from safetensors.torch import load_file
+    from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = OlmoHybridConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, pad_token_id=3,
+        eos_token_id=3,
+    )  # fmt: skip
+    OlmoHybridForCausalLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    shard = load_file(folder / "model.safetensors")
+    prefix = "model.layers.0.linear_attn."
+    want = torch.cat([shard[f"{prefix}{p}_conv1d.weight"] for p in "qkv"]).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unused" tensors, no newly initialised parameters
+        ours = load_quantized(folder, dtype=torch.float32, verify=False)
+    assert torch.equal(ours.get_parameter(f"{prefix}conv1d.weight"), want)
+    _assert_loaders_agree(folder)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_nemotron_h_experts_without_gate_convert_and_load(tmp_path: Path, quant_type: str) -> None:
+    """NemotronH's routed experts have no gate projection (per-expert ``up_proj`` / ``down_proj`` on disk):
+    convert refused every such checkpoint ("experts.0.gate_proj.weight is missing ... an incomplete or
+    damaged source") and load_quantized found "no fused experts module". They convert with the experts
+    16-bit (the default) and load in both loaders with the same logits; --moe-experts quantize, which no
+    loader of 4-bit experts runs for them, is refused naming why."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    from converter.plan.moe import MoeCheckpointError
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = NemotronHConfig(
+        vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, mamba_num_heads=4,
+        mamba_head_dim=16, ssm_state_size=8, n_groups=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layers_block_type=["linear_attention", "moe", "full_attention"],
+    )  # fmt: skip
+    NemotronHForCausalLM(config).save_pretrained(tmp_path / "plain")
+    with pytest.raises(MoeCheckpointError, match=r"experts without a gate projection.*--moe-experts keep"):
+        convert(tmp_path / "plain", tmp_path / "q", moe_experts="quantize", progress=False)
+    folder = tmp_path / quant_type
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "routed MoE experts ... stay 16-bit"
+        convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    _assert_loaders_agree(folder)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "fused"),
+    [
+        ("nomic_bert", "encoder.layers.0.attn.Wqkv.weight"),  # Chunk into q/k/v
+        ("molmo2_text", "layers.0.self_attn.att_proj.weight"),  # Split by the model's q/k/v sizes (GQA)
+    ],
+)
+def test_fused_tensors_split_on_load_are_split(tmp_path: Path, model_type: str, fused: str) -> None:
+    """NomicBERT's ``attn.Wqkv`` and Molmo2's ``att_proj`` are written fused and split by transformers'
+    WeightConverter (Chunk / Split) into ``q_proj`` / ``k_proj`` / ``v_proj`` on load; they stay 16-bit.
+    Our loader left them unused and the three projections randomly initialised (outputs unlike
+    transformers'); it now splits them: every parameter and the hidden states equal transformers'."""
+    from transformers import AutoConfig, AutoModel
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, head_dim=16, max_position_embeddings=64,
+        **({"num_key_value_heads": 2} if model_type == "molmo2_text" else {}),
+    )  # fmt: skip
+    AutoModel.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / "q"
+    convert(tmp_path / "plain", folder, progress=False)
+    report = json.loads((folder / "quantization_report.json").read_text())
+    assert {t["name"]: t["action"] for t in report["tensors"]}[fused] == "keep"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unused" tensors, no newly initialised parameters
+        ours = load_quantized(folder, model_class=AutoModel, verify=False)
+    theirs = bnb_generic_cpu_path(AutoModel.from_pretrained(folder, device_map="cpu").eval())
+    mine = dict(ours.named_parameters())
+    for name, p in theirs.named_parameters():
+        if p.dtype.is_floating_point:
+            assert torch.equal(mine[name], p), name
+    for layer in ours.modules():
+        if hasattr(layer, "use_gemv"):
+            layer.use_gemv = False
+    with torch.no_grad():
+        assert torch.equal(ours(IDS[:, :5]).last_hidden_state, theirs(IDS[:, :5]).last_hidden_state)
+
+
 def _assert_loaders_agree(folder: Path) -> None:
     """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
     dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""

@@ -108,6 +108,11 @@ MOE: dict[str, tuple[str, str, dict[str, Any]]] = {
         vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=8,
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=250, video_token_id=251)),
+    # MiniMax-M3-VL's text model: fused experts with a clamped SwiGLU of their class's own (_apply_gate) and
+    # no act_fn; clamped at 0.1 so that the clamp binds for random weights
+    "minimax_m3_vl_text": ("minimax_m3_vl_text", "MiniMaxM3VLForCausalLM",
+                           _decoder(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                                    head_dim=16, swiglu_limit=0.1)),
 }  # fmt: skip
 # DeepSeek-V4 with experts of whole 64-element blocks per row (its experts' width is intermediate_size,
 # 96 above): the grouped CPU decode takes them

@@ -97,6 +97,23 @@ def test_logits_bit_identical_to_dequantized_model(folders, name):
 
 
 @pytest.mark.skipif(not hasattr(transformers, "DeepseekV4ForCausalLM"), reason="no DeepSeek-V4")
+@pytest.mark.skipif(not hasattr(transformers, "MiniMaxM3VLForCausalLM"), reason="no MiniMax-M3-VL")
+def test_experts_with_their_own_gate_and_no_act_fn_load(folders):
+    """MiniMax-M3-VL's experts gate with their class's own clamped SwiGLU and have no ``act_fn``: loading
+    a --moe-experts quantize folder failed with "'MiniMaxM3VLExperts' object has no attribute 'act_fn'".
+    It loads and runs the module's gate: on the dequantize path the logits equal those of the
+    dequantized folder loaded by transformers, bit for bit (prefill and decode); so does generate."""
+    q, plain = folders("minimax_m3_vl_text")
+    ours = _dequant_paths(load_quantized(q))
+    assert any(m.apply_gate is not None for m in moe_modules(ours).values())
+    ref = load_bf16_eager(plain)
+    assert ref.config.swiglu_limit == 0.1
+    assert torch.equal(_logits(ours), _logits(ref))
+    assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+    assert torch.equal(ours.generate(IDS[:, :4], max_new_tokens=4, do_sample=False),
+                       ref.generate(IDS[:, :4], max_new_tokens=4, do_sample=False))  # fmt: skip
+
+
 def test_experts_with_their_own_gate_run_it(folders):
     """DeepSeek-V4's experts (per-expert on disk) gate with a clamped SwiGLU, their class's own
     _apply_gate: the 4-bit experts ran silu(gate) * up without the clamp, silently other logits than
