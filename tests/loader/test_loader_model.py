@@ -681,17 +681,12 @@ def test_mamba_dt_proj_stays_16bit_so_every_loader_runs(tmp_path: Path, quant_ty
     MambaForCausalLM(config).save_pretrained(tmp_path / "plain")
     folder = tmp_path / quant_type
     convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
-    report = json.loads((folder / "quantization_report.json").read_text())
-    actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
-    for i in range(2):
-        mixer = f"backbone.layers.{i}.mixer"
-        assert actions[f"{mixer}.dt_proj.weight"] == (
-            "keep",
-            "read directly (MambaMixer multiplies by dt_proj.weight itself)",
-        )
-        assert all(actions[f"{mixer}.{m}.weight"][0] == "quantize" for m in ("in_proj", "x_proj", "out_proj"))
-    skip = json.loads((folder / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
-    assert {"layers.0.mixer.dt_proj", "layers.1.mixer.dt_proj"} <= set(skip)
+    _assert_kept_16bit(
+        folder,
+        [f"backbone.layers.{i}.mixer.dt_proj" for i in range(2)],
+        "read directly (MambaMixer multiplies by dt_proj.weight itself)",
+        quantized=[f"backbone.layers.{i}.mixer.{m}" for i in range(2) for m in ("in_proj", "out_proj")],
+    )
     _assert_loaders_agree(folder)
 
 
@@ -719,18 +714,24 @@ def test_hy_v4_indexer_weights_proj_stays_16bit_so_every_loader_runs(tmp_path: P
     # bitsandbytes 0.50's CPU int8 matmul takes 2-D/3-D inputs only; MLA's kv_b_proj gets a 4-D one
     skip = ["*.kv_b_proj"] if quant_type == "int8" else []
     convert(tmp_path / "plain", folder, quant_type=quant_type, skip=skip, progress=False)
+    _assert_kept_16bit(
+        folder,
+        [f"model.layers.{i}.self_attn.indexer.weights_proj" for i in range(2)],
+        "read directly (HYV4Indexer casts its input to weights_proj.weight.dtype)",
+        quantized=[f"model.layers.{i}.self_attn.indexer.wk" for i in range(2)],
+    )
+    _assert_loaders_agree(folder)
+
+
+def _assert_kept_16bit(folder: Path, modules: list[str], reason: str, *, quantized: list[str]) -> None:
+    """The report keeps each of ``modules``' weights with ``reason`` and quantizes ``quantized``'s;
+    ``llm_int8_skip_modules`` names ``modules`` (without the base-model prefix, as transformers matches)."""
     report = json.loads((folder / "quantization_report.json").read_text())
     actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
-    for i in range(2):
-        indexer = f"model.layers.{i}.self_attn.indexer"
-        assert actions[f"{indexer}.weights_proj.weight"] == (
-            "keep",
-            "read directly (HYV4Indexer casts its input to weights_proj.weight.dtype)",
-        )
-        assert actions[f"{indexer}.wk.weight"][0] == "quantize"
+    assert all(actions[f"{m}.weight"] == ("keep", reason) for m in modules)
+    assert all(actions[f"{m}.weight"][0] == "quantize" for m in quantized)
     skip = json.loads((folder / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
-    assert {"layers.0.self_attn.indexer.weights_proj", "layers.1.self_attn.indexer.weights_proj"} <= set(skip)
-    _assert_loaders_agree(folder)
+    assert {m.split(".", 1)[1] for m in modules} <= set(skip)
 
 
 def test_fused_16bit_tensors_are_split_as_transformers_loads_them(tmp_path: Path) -> None:
