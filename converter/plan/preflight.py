@@ -146,12 +146,7 @@ def cast_copy(p: Any, options: Any) -> tuple[int, int]:
     masks of a chunk); the larger of the two is counted."""
     info = p.info
     to = p.out_dtype
-    if (
-        p.quantize
-        and to == "F16"
-        and info.dtype in ("F32", "BF16")
-        and getattr(options.method, "rounds_to_float16", False)
-    ):
+    if p.quantize and to == "F16" and info.dtype in ("F32", "BF16") and options.method.rounds_to_float16:
         to = info.dtype  # the kernel reads the input as it is (converter.writer.pipeline._input_dtype)
     cast = to != info.dtype
     copy = info.numel * DTYPE_SIZES.get(to, 4) if (cast or p.transpose) else 0
@@ -163,15 +158,6 @@ def cast_copy(p: Any, options: Any) -> tuple[int, int]:
         chunk = min(info.numel, ISFINITE_CHUNK) * (DTYPE_SIZES[info.dtype] + 3)
         temps = max(temps, 2 * info.numel + chunk)
     return copy, temps
-
-
-def working_set(p: Any, options: Any) -> int:
-    """Anonymous bytes tensor ``p`` (converter.plan.tensor_plan.PlannedTensor) itself needs while it is
-    processed with ``options`` (converter.plan.tensor_plan.Options): its cast or transposed copy, the
-    cast's temporaries and the quantizer's output (the method's: LLM.int8 holds a byte per element,
-    4-bit half a byte). ``working_set_bound`` adds what the run holds beside it."""
-    copy, temps = cast_copy(p, options)
-    return copy + temps + output_bytes(p, options)
 
 
 def output_bytes(p: Any, options: Any) -> int:
