@@ -113,8 +113,7 @@ def test_preflight_peak_memory_bounds_a_conversion(tmp_path: Path, count: int, o
     """The preflight's peak memory (what ``convert --dry-run`` and ``batch --jobs`` go by) is an upper
     bound of what a conversion adds: it was about half of it (a 4096x8192 nf4 weight grew 37 MiB for
     19 MB estimated), the quality meter's pending outputs and the shard hash buffers left out. The
-    high-water mark also holds the memory-mapped input pages (file-backed, reclaimable, which the
-    estimate leaves out): at most the source file's size above the estimate."""
+    estimate counts anonymous memory: the mapped input pages are file-backed and reclaimable."""
     src = tmp_path / "src"
     src.mkdir()
     gen = torch.Generator().manual_seed(0)
@@ -143,7 +142,8 @@ def test_preflight_peak_memory_bounds_a_conversion(tmp_path: Path, count: int, o
     )
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout.strip().splitlines()[-1])
-    mapped = (src / "model.safetensors").stat().st_size
     mib = {k: f"{v / 2**20:.1f} MiB" for k, v in m.items()}
+    # VmHWM (in the message) also counts file-backed pages the estimate leaves out: the mapped input
+    # (reclaimable) and the code pages of kernels the conversion runs for the first time (torch's cast),
+    # which nothing here bounds: RssAnon, sampled (it can only miss a peak), is what the estimate bounds
     assert m["anon_grown"] <= m["estimate"], mib
-    assert m["hwm_grown"] <= m["estimate"] + mapped, mib
