@@ -79,7 +79,7 @@ class Index:
     provenance: dict[str, Any] | None
     #: sha256 and size of the small JSON files beside the shards that loaders read (``config.json``,
     #: ``generation_config.json``); None for an index that records none (ours before 2026-12-07, others')
-    file_digests: dict[str, ShardEntry] | None = None
+    file_digests: dict[str, FileDigest] | None = None
 
     @property
     def files(self) -> list[str]:
@@ -212,7 +212,7 @@ def _check_file_name(name: str, where: Path) -> None:
         raise BadIndex(msg)
 
 
-def _file_digests(ours: dict, where: Path) -> dict[str, ShardEntry] | None:
+def _file_digests(ours: dict, where: Path) -> dict[str, FileDigest] | None:
     """The index's ``files`` (optional), each entry checked as a shard's ``sha256`` and ``size`` are."""
     files = ours.get("files")
     if files is None:
@@ -227,7 +227,7 @@ def _file_digests(ours: dict, where: Path) -> dict[str, ShardEntry] | None:
         if entry is None:
             msg = f"{where}: metadata.quantize_model.files: {name}: must be {{'sha256', 'size'}}"
             raise BadIndex(msg)
-        out[name] = entry
+        out[name] = FileDigest(entry.sha256, entry.size)
     return out
 
 
@@ -340,7 +340,7 @@ def recorded_file_problems(index: Index, *, skip_missing: Sequence[str] = ()) ->
             problems.append(f"{path}: unreadable ({exc.strerror or exc})")
             continue
         got = FileDigest.of(data)
-        if (got.sha256, got.size) != (entry.sha256, entry.size):
+        if got != entry:
             problems.append(
                 f"{path}: sha256 {got.sha256}, index says {entry.sha256} "
                 "(changed since the conversion wrote it)"
