@@ -47,25 +47,20 @@ def test_peak_rss_anon_is_a_few_tensors(tmp_path: Path) -> None:
     }
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD.format(tests=str(Path(__file__).parent)),
-            str(src),
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    m = _child_json(CHILD.format(tests=str(Path(__file__).parent)), str(src), str(tmp_path / "out"))
     grown = m["peak"] - m["base"]
     # The bound of issue 3 is 2 x largest tensor + 300 MB including the interpreter; the conversion's
     # own share must stay under 2 x the largest tensor (one tensor's packed output is ~0.27 x).
     assert grown < 2 * largest, f"RssAnon grew by {grown / 2**20:.0f} MiB"
+
+
+def _child_json(code: str, *args: str) -> dict:
+    """Run ``code`` in a fresh interpreter with ``args``; the JSON object its last stdout line prints."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # The child plans the conversion (the preflight's estimate of what it adds: peak_ram less this process),
@@ -133,15 +128,7 @@ def test_preflight_peak_memory_bounds_a_conversion(tmp_path: Path, count: int, o
         "torch_dtype": "bfloat16",
     }
     (src / "config.json").write_text(json.dumps(config))
-    proc = subprocess.run(
-        [sys.executable, "-c", ESTIMATE_CHILD, str(src), str(tmp_path / "out"), json.dumps(options)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    m = _child_json(ESTIMATE_CHILD, str(src), str(tmp_path / "out"), json.dumps(options))
     mib = {k: f"{v / 2**20:.1f} MiB" for k, v in m.items()}
     # VmHWM (in the message) also counts file-backed pages the estimate leaves out: the mapped input
     # (reclaimable) and the code pages of kernels the conversion runs for the first time (torch's cast),
