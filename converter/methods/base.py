@@ -63,6 +63,14 @@ class QuantMethod(ABC):
         by default its stored bytes."""
         return self.out_nbytes(numel, shape, options)
 
+    def kernel_input_dtype(self, source: str, out: str) -> str:
+        """The dtype code a weight stored as ``source`` and planned as ``out`` reaches the quantizer in:
+        ``out``, but ``source`` where the kernel does a float16 cast of F32/BF16 itself
+        (``rounds_to_float16``: LLM.int8, the same rounding; no cast copy then)."""
+        if self.rounds_to_float16 and out == "F16" and source in ("F32", "BF16"):
+            return source
+        return out
+
     def plan_label(self, options: Options) -> str:
         """What a quantized tensor becomes, for ``--dry-run``'s table, e.g. "nf4 blocksize 64"."""
         return self.name

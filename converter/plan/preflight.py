@@ -145,9 +145,8 @@ def cast_copy(p: Any, options: Any) -> tuple[int, int]:
     overflows also makes ``isfinite(source)`` beside that mask (its own mask, and ``|source|`` and three
     masks of a chunk); the larger of the two is counted."""
     info = p.info
-    to = p.out_dtype
-    if p.quantize and to == "F16" and info.dtype in ("F32", "BF16") and options.method.rounds_to_float16:
-        to = info.dtype  # the kernel reads the input as it is (converter.writer.pipeline._input_dtype)
+    # a cast the kernel does itself makes no copy (converter.writer.pipeline._input_dtype)
+    to = options.method.kernel_input_dtype(info.dtype, p.out_dtype) if p.quantize else p.out_dtype
     cast = to != info.dtype
     copy = info.numel * DTYPE_SIZES.get(to, 4) if (cast or p.transpose) else 0
     temps = 0

@@ -188,7 +188,7 @@ def _kernel_rounds_to_float16(
     rec: QuantizedTensor | Int8Tensor, have: torch.dtype, want: torch.dtype
 ) -> bool:
     """Whether the conversion left a --dtype float16 cast of this weight to its kernel (LLM.int8 rounds
-    a float32/bfloat16 weight to float16 itself: converter.writer.pipeline's ``_input_dtype``) and
+    a float32/bfloat16 weight to float16 itself: its method's ``kernel_input_dtype``) and
     measured the report against the weight as the checkpoint holds it: then so does this."""
     import torch
 

@@ -828,10 +828,10 @@ class _Conversion:
         float16 cast of F32/BF16 that the method's kernel does itself (LLM.int8, the same rounding).
         Left to the kernel, a finite value past float16's range becomes the row's inf SCB, as
         bitsandbytes stores it, rather than an Inf the checkpoint does not hold."""
-        if p.out_dtype == "F16" and p.info.dtype in ("F32", "BF16") and self.options.method.rounds_to_float16:
-            # a dequantized FP8 weight reaches the kernel as its float32 product: one rounding, to float16
-            return "F32" if p.name in getattr(self.src, "fp8_weights", ()) else p.info.dtype
-        return p.out_dtype
+        code = self.options.method.kernel_input_dtype(p.info.dtype, p.out_dtype)
+        if code != p.out_dtype and p.name in getattr(self.src, "fp8_weights", ()):
+            return "F32"  # a dequantized FP8 weight reaches the kernel as its float32 product: one rounding
+        return code
 
     def _read_input(
         self, p: PlannedTensor, mapped: dict, following: PlannedTensor | None, to: str
