@@ -46,9 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate as bg
 
-from converter.kernels import bnb4bit, cpu_threads
+from converter.kernels import cpu_threads
 from converter.kernels import gemv_bf16 as gemv_bf16_module
-from converter.kernels.isa_env import forced_isa
+from converter.kernels.isa_env import running_isa
 from converter.loader import cpu_gemv
 from converter.loader.head import GemvHead
 from converter.tools import samples
@@ -113,7 +113,7 @@ def main() -> None:
     if compiled:  # before any model is loaded or compiled
         bg.require_dynamo(f"bench_cpu_decode_ab.py's {', '.join(compiled)}")
     load_start = os.getloadavg()
-    isa = forced_isa() or bnb4bit.cpu_isas()[-1]  # the path our kernels run (QM_CPU_ISA, else the best)
+    isa = running_isa()  # the path our kernels run (QM_CPU_ISA, else the best)
     bg.log(f"clock={args.clock} threads={torch.get_num_threads()} isa={isa} cpu={_cpu_model()}")
     plain = samples.smollm2(Path(os.environ.get("QM_SAMPLES_DIR", samples.DEFAULT_SAMPLES_DIR)))
     work = Path(args.workdir)

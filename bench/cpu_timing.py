@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from converter.kernels import bnb4bit as kernels
+from converter.kernels.isa_env import running_isa
 
 _clock: Callable[[], float] = time.perf_counter
 
@@ -47,7 +47,7 @@ def parse_args(description: str, default_repeat: int) -> argparse.Namespace:
         _clock = time.thread_time
         args.threads = 1
     torch.set_num_threads(args.threads)
-    isa = kernels.cpu_isas()[-1]
+    isa = running_isa()  # QM_CPU_ISA forces one; it printed the best path then too
     print(
         f"clock={args.clock} threads={args.threads} repeat={args.repeat} isa={isa} torch={torch.__version__}"
     )

@@ -19,8 +19,6 @@ gamma_K(2^-53) * (|x| @ |W|), is added to the bound too.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 #: Unit roundoff of float32 and float64 (round to nearest).
@@ -99,11 +97,9 @@ def worst_ratio(y: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -
 
 def cpu_isa_running(isa: str = "auto") -> str:
     """The CPU path an ``isa`` argument runs: "auto" is what QM_CPU_ISA forces, else the best path."""
-    from converter.kernels import bnb4bit as kernels
+    from converter.kernels.isa_env import running_isa
 
-    if isa != "auto":
-        return isa
-    return os.environ.get("QM_CPU_ISA") or kernels.cpu_isas()[-1]
+    return isa if isa != "auto" else running_isa()
 
 
 def gemv_arithmetic(device_type: str, x_dtype: torch.dtype, isa: str = "auto") -> dict[str, float]:

@@ -32,3 +32,16 @@ def forced_isa() -> str | None:
         msg = f"{ENV}={forced}: this CPU does not run that path; use one of {', '.join(runs)}, or unset it"
         raise InputError(msg)
     return forced
+
+
+def running_isa() -> str | None:
+    """The CPU kernel path ``isa="auto"`` runs now: the one ``QM_CPU_ISA`` forces, else the best this CPU
+    runs (None without the built extension)."""
+    forced = forced_isa()
+    if forced is not None:
+        return forced
+    try:
+        from converter import _kernels
+    except ImportError:
+        return None
+    return list(_kernels.cpu_isas())[-1]
