@@ -2,7 +2,7 @@
 vs bitsandbytes' Linear4bit (eval mode) vs bf16 ``F.linear`` on the dense weight.
 
     python bench/bench_cpu_gemv_bf16dot.py [--rounds 7] [--shapes 4096x4096,1536x576] [--batches 1,4]
-                                           [--smollm2-layer]
+                                           [--smollm2-layer] [--isas avx2,avx512bf16]
 
 One thread everywhere (``threads=1``, ``torch.set_num_threads(1)``, OMP_NUM_THREADS=1), timed in the
 process's CPU time (``time.process_time``: robust to other jobs on a shared machine, and it counts any
@@ -39,14 +39,17 @@ SHAPES = "4096x4096,14336x4096,4096x14336,1536x576,576x576"  # out_features x in
 SMOLLM2_LAYER = ("576x576", "192x576", "192x576", "576x576", "1536x576", "1536x576", "576x1536")
 
 
-def ours_isas(available: list[str]) -> list[str]:
-    """Our kernel paths to time: the AVX-512 ones this CPU runs, else its best path (named ``ours
-    <isa>``: without AVX-512 ours would otherwise be missing from the table)."""
+def ours_isas(available: list[str], wanted: str | None = None) -> list[str]:
+    """Our kernel paths to time: ``--isas`` (those of them this CPU runs), else the AVX-512 ones this CPU
+    runs, else its best path (named ``ours <isa>``: without AVX-512 ours would otherwise be missing from
+    the table)."""
+    if wanted:
+        return [isa for isa in wanted.split(",") if isa in available]
     isas = [isa for isa in ("avx512", "avx512bf16") if isa in available]
     return isas or [f"ours {available[-1]}"]
 
 
-def contenders(out_f: int, in_f: int, batch: int) -> dict[str, object]:
+def contenders(out_f: int, in_f: int, batch: int, isas: str | None = None) -> dict[str, object]:
     """name -> zero-argument callable for one shape and batch."""
     import bitsandbytes as bnb
 
@@ -79,7 +82,7 @@ def contenders(out_f: int, in_f: int, batch: int) -> dict[str, object]:
             threads=1,
         )
 
-    fns = {isa: gemv(isa) for isa in ours_isas(kernels.cpu_isas())}
+    fns = {isa: gemv(isa) for isa in ours_isas(kernels.cpu_isas(), isas)}
     fns["bnb Linear4bit"] = lambda: theirs(x)
     fns["bf16 F.linear"] = lambda: F.linear(x, w)
     return fns
@@ -94,6 +97,9 @@ def main() -> None:
     parser.add_argument(
         "--smollm2-layer", action="store_true", help="also one SmolLM2-135M layer's projections"
     )
+    parser.add_argument(
+        "--isas", default=None, help="our paths to time, e.g. avx2,avx512bf16 (default: the AVX-512 ones)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -106,7 +112,7 @@ def main() -> None:
 
     def best_times(shape: str, batch: int) -> dict[str, float]:
         out_f, in_f = (int(v) for v in shape.split("x"))
-        fns = contenders(out_f, in_f, batch)
+        fns = contenders(out_f, in_f, batch, args.isas)
         best = dict.fromkeys(fns, float("inf"))
         with torch.no_grad():
             calls = {}

@@ -157,6 +157,12 @@ QM_TARGET_AVX2 inline void step_avx2(const uint8_t* w, const float* xf, int64_t 
   }
 }
 
+// How far ahead of its reads a row prefetches its codes into L1 (one line per 128 weights). One row's
+// bytes follow the last's, but the hardware prefetcher alone left this kernel waiting on DRAM: SmolLM2-
+// 135M's 210 projections, one thread, ran 2.4x slower with weights from memory than cache-resident
+// (Xeon, forced AVX2 path: 24 -> 11.8 ms per token with the prefetch; 512 bytes ahead: 15 ms).
+constexpr int64_t kAvx2Ahead = 2048;
+
 template <int B>
 QM_TARGET_AVX2 void rows_avx2(const Gemv4bitArgs& a, const void* xv, int64_t o0, int64_t o1) {
   constexpr int NA = B == 1 ? 4 : 2;  // FMA chains per batch row
@@ -171,7 +177,10 @@ QM_TARGET_AVX2 void rows_avx2(const Gemv4bitArgs& a, const void* xv, int64_t o0,
       __m256 part[NA][B];
       for (int n = 0; n < NA; ++n)
         for (int b = 0; b < B; ++b) part[n][b] = _mm256_setzero_ps();
-      for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 32) step_avx2<B, NA>(w, xf, K, k, planes, part);
+      for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 32) {
+        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (k >> 1) + kAvx2Ahead), _MM_HINT_T0);
+        step_avx2<B, NA>(w, xf, K, k, planes, part);
+      }
       const __m256 scale = _mm256_set1_ps(block_absmax(a, o * bpr + blk));
       for (int b = 0; b < B; ++b) {
         __m256 sum = part[0][b];

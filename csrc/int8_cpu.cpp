@@ -435,6 +435,15 @@ void gemv_rows_scalar(const GemvInt8& a, int64_t o0, int64_t o1) {
 }
 
 #if QM_X86
+// The same 64 bytes of row `row` (the next tile's, R rows on), into L1: one line per 64 weights a
+// row reads. With only the hardware prefetcher, R interleaved row streams from DRAM ran at 0.4x the
+// speed of cache-resident weights (SmolLM2-135M's 210 projections, one thread, Xeon: 21 -> 13 ms per
+// token with the prefetch, AVX2 and AVX-512 alike). Past the codes' end (the last tile) a prefetch is a
+// hint that never faults.
+inline void prefetch_next_tile(const GemvInt8& a, int64_t row, int64_t k) {
+  _mm_prefetch(reinterpret_cast<const char*>(a.codes + row * a.K + k), _MM_HINT_T0);
+}
+
 // R rows x B tokens, 8 weights per step (each x load serves R rows); the row tail in scalar code.
 // R x B accumulators + R weights + 1 x stay within the 16 ymm registers.
 template <int B, int R>
@@ -447,6 +456,7 @@ QM_TARGET_AVX2 inline void gemv_tile_avx2(const GemvInt8& a, int64_t o) {
   for (; k + 8 <= K; k += 8) {
     __m256 w[R];
     for (int r = 0; r < R; ++r) {
+      if ((k & 63) == 0) prefetch_next_tile(a, o + r + R, k);
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.codes + (o + r) * K + k));
       w[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
     }
@@ -491,6 +501,7 @@ QM_TARGET_AVX512 inline void gemv_tile_avx512(const GemvInt8& a, int64_t o) {
     const __mmask16 valid = tail_mask(K - k);
     __m512 w[R];
     for (int r = 0; r < R; ++r) {
+      if ((k & 63) == 0) prefetch_next_tile(a, o + r + R, k);
       const __m128i q = _mm_maskz_loadu_epi8(valid, a.codes + (o + r) * K + k);
       w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
     }
