@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from converter.methods.base import QuantMethod
+from converter.methods.base import DeviceFootprint, QuantMethod
 from converter.sources.base import CODE_NAMES
 
 if TYPE_CHECKING:
@@ -92,6 +92,10 @@ class Int8Method(QuantMethod):
         from converter.quantize.int8_quantizer import Int8Quantizer
 
         return Int8Quantizer(options.int8_scale, device, threads)
+
+    def device_footprint(self, options: Options, device: str) -> DeviceFootprint:
+        # on a GPU each tensor goes through torch (.to(device), .cpu()): no staging of its own
+        return DeviceFootprint(imports_torch=device != "cpu")
 
     def quality_meter(self, options: Options, threads: int | None) -> Any:
         from converter.record.int8_quality import Int8QualityMeter
