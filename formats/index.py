@@ -330,22 +330,38 @@ def recorded_file_problems(index: Index, *, skip_missing: Sequence[str] = ()) ->
     problems = []
     for name, entry in sorted((index.file_digests or {}).items()):
         path = index.folder / name
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        got = _file_digest(path)
+        if isinstance(got, FileNotFoundError):
             if name not in skip_missing:
                 problems.append(f"{path}: missing (the index records its sha256)")
-            continue
-        except OSError as exc:
-            problems.append(f"{path}: unreadable ({exc.strerror or exc})")
-            continue
-        got = FileDigest.of(data)
-        if got != entry:
+        elif isinstance(got, OSError):
+            problems.append(f"{path}: unreadable ({got.strerror or got})")
+        elif got != entry:
             problems.append(
                 f"{path}: sha256 {got.sha256}, index says {entry.sha256} "
                 "(changed since the conversion wrote it)"
             )
     return problems
+
+
+def edited_files(index: Index, *, skip_missing: Sequence[str] = ()) -> list[str]:
+    """The names (sorted) of the index's ``files`` whose bytes are not the recorded ones, or that are
+    missing (those in ``skip_missing`` excepted) or unreadable: what :func:`recorded_file_problems`
+    reports, without the details (each file read once). Empty where the index records no ``files``."""
+    edited = []
+    for name, entry in sorted((index.file_digests or {}).items()):
+        got = _file_digest(index.folder / name)
+        if got != entry and not (isinstance(got, FileNotFoundError) and name in skip_missing):
+            edited.append(name)
+    return edited
+
+
+def _file_digest(path: Path) -> FileDigest | OSError:
+    """The digest of a small file's bytes, or the error reading it."""
+    try:
+        return FileDigest.of(path.read_bytes())
+    except OSError as exc:
+        return exc
 
 
 def digest_problems(index: Index, digests: dict[str, str]) -> list[str]:

@@ -89,6 +89,27 @@ TINY: dict[str, tuple[str, str, dict[str, Any], str]] = {
         _decoder(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1),
         "bfloat16",
     ),
+    # MLA attention (transformers feeds kv_b_proj a 4-D input), shared experts, a dense first layer
+    "deepseek_v3": (
+        "deepseek_v3",
+        "DeepseekV3ForCausalLM",
+        {
+            **{k: v for k, v in _decoder().items() if k != "head_dim"},
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+        "bfloat16",
+    ),
 }
 
 

@@ -6,11 +6,16 @@ config with a bare ``JSONDecodeError`` or ``AttributeError`` far from the cause.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from converter.errors import CorruptFileError
+from converter.errors import CorruptFileError, InputError
+from converter.loader.model_build import ModelBuildError
+from formats.index import INDEX_NAME, Index, edited_files
 
 CONFIG_NAME = "config.json"
 _FIX = "restore it from the source checkpoint or convert again"
@@ -40,3 +45,53 @@ def read_config(folder: Path) -> dict[str, Any] | None:
 def config_error(folder: Path, key: str, problem: str) -> CorruptFileError:
     """The error for one bad ``quantization_config`` field of ``folder/config.json``."""
     return CorruptFileError(f"{Path(folder) / CONFIG_NAME}: quantization_config.{key} {problem}; {_FIX}")
+
+
+@contextlib.contextmanager
+def config_edits_named(folder: Path, index: Index | None, *, stacklevel: int) -> Iterator[list[str]]:
+    """Compare ``config.json`` (and a copied ``generation_config.json``) of ``folder`` with the sha256
+    its ``index`` records of them (None: nothing checked, as for ``verify=False`` or an index written
+    before they were recorded) and yield the names that differ. An edit may be legitimate (rope
+    scaling, generation defaults), so it is one warning naming the files, not a refusal; a
+    ``ModelBuildError`` or ``CheckpointMismatchError`` the block raises (a config that no longer
+    describes the shards) says that config.json was edited. ``stacklevel``: the warning's, as the
+    caller's own ``warnings.warn`` would pass it."""
+    # a missing config.json is the load's own error (no config.json, or an unfinished conversion)
+    edited = edited_files(index, skip_missing=(CONFIG_NAME,)) if index is not None else []
+    if edited:
+        them = " and ".join(edited)
+        were, it = ("were", "them") if len(edited) > 1 else ("was", "it")
+        removed = " or removed" if any(not (Path(folder) / name).is_file() for name in edited) else ""
+        warnings.warn(
+            f"{folder}: {them} {were} changed{removed} after the conversion wrote {it} "
+            f"(the sha256 {INDEX_NAME} records differs); loading the folder as it is now. "
+            f"`quantize-model verify {folder}` reports the details",
+            UserWarning,
+            stacklevel=stacklevel + 2,  # past contextlib's __enter__ and this generator
+        )
+    try:
+        yield edited
+    except InputError as exc:
+        note = config_edit_note(edited)
+        if not note or not _names_a_mismatch(exc):
+            raise
+        msg = f"{exc}; {note}"
+        raise type(exc)(msg) from exc
+
+
+def config_edit_note(edited: list[str]) -> str:
+    """What a load error adds when ``config.json`` is among the ``edited`` files ("" when not)."""
+    if CONFIG_NAME not in edited:
+        return ""
+    return (
+        f"{CONFIG_NAME} was changed after the conversion wrote it (the sha256 {INDEX_NAME} records "
+        f"differs): the edit may be the cause; {_FIX}"
+    )
+
+
+def _names_a_mismatch(exc: InputError) -> bool:
+    """Whether ``exc`` is a load's error of a config that does not describe the shards (not a damaged
+    shard: ``ChecksumMismatchError`` is a ``CorruptFileError``, left as it is)."""
+    from converter.loader.replace import CheckpointMismatchError  # replace.py imports this module
+
+    return type(exc) in (ModelBuildError, CheckpointMismatchError)

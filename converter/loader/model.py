@@ -31,7 +31,7 @@ from torch import nn
 
 from converter.kernels.isa_env import forced_isa
 from converter.loader import ops, router, timing
-from converter.loader.config_file import read_config
+from converter.loader.config_file import config_edit_note, config_edits_named, read_config
 from converter.loader.dequantize_inplace import bind_dequantize
 from converter.loader.devices import check_device, check_devices_exist, device_argument
 from converter.loader.file_mappings import drop_pages, file_mappings, page_ranges
@@ -887,6 +887,8 @@ def load_quantized(
     with (
         warmed(target, folder, dtype) as warm,
         shards_verified(folder, verify, streaming=streams_to(target)) as hashes,
+        # a config.json edited since the conversion: one warning (verify=True); named in a load error
+        config_edits_named(folder, hashes.index if hashes else None, stacklevel=3) as edited,
     ):
         # the model class is built (meta device) on this thread while the readers stream the shards
         early = EarlyBuild(
@@ -932,6 +934,8 @@ def load_quantized(
             f"{refused[:5]} (layers transformers + bitsandbytes load quantized: a truncated conversion, "
             "or a config.json that does not describe these shards)"
         )
+        if note := config_edit_note(edited):
+            msg = f"{msg}; {note}"
         raise ModelBuildError(msg)
     recompute = _non_persistent_buffers(model)
     if left or recompute:

@@ -19,11 +19,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # annotations only: plan.py imports this package
     from converter.plan.tensor_plan import Options, Plan, PlannedTensor
     from formats.writer import TensorSlot
+
+
+class DeviceFootprint(NamedTuple):
+    """What a method's quantizer adds to host memory on a device, beside one tensor's input and output
+    at a time (``QuantMethod.device_footprint``; counted by ``converter.plan.preflight``)."""
+
+    #: bytes held for the whole run (``--device cuda``'s pinned staging buffers)
+    pinned: int = 0
+    #: tensors submitted at once (each one's input and output alive meanwhile)
+    in_flight: int = 1
+    #: the quantizer imports torch (when the process has not yet)
+    imports_torch: bool = False
 
 
 class QuantMethod(ABC):
@@ -100,6 +112,10 @@ class QuantMethod(ABC):
         """An object with ``quantize_many((name, array, dtype code), ...) -> iterator of (name, result)``
         (results in order; NaN/Inf -> kernels.NonFiniteInputError with ``.tensor``), ``fallback_reason``
         ("" or why the asked device is not used) and ``notes`` (things the user should know)."""
+
+    def device_footprint(self, options: Options, device: str) -> DeviceFootprint:
+        """What ``quantizer(options, device, ...)`` adds to host memory (the CPU quantizers: nothing)."""
+        return DeviceFootprint()
 
     @abstractmethod
     def quality_meter(self, options: Options, threads: int | None) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from converter.methods.base import QuantMethod
+from converter.methods.base import DeviceFootprint, QuantMethod
 from converter.sources.base import CODE_NAMES
 
 if TYPE_CHECKING:
@@ -170,6 +170,13 @@ class Bnb4bitMethod(QuantMethod):
         from converter.quantize.host_backends import make_host_quantizer
 
         return make_host_quantizer(self._qtype(), options.blocksize, options.double_quant, device, threads)
+
+    def device_footprint(self, options: Options, device: str) -> DeviceFootprint:
+        if device == "cpu":
+            return DeviceFootprint()
+        from converter.quantize import cuda_host  # the quantizer make_host_quantizer builds for a GPU
+
+        return DeviceFootprint(pinned=cuda_host.pinned_bytes(), in_flight=cuda_host.DEPTH)
 
     def quality_meter(self, options: Options, threads: int | None) -> Any:
         from converter.record.quality import QualityMeter

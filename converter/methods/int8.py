@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from converter.methods.base import QuantMethod
+from converter.methods.base import DeviceFootprint, QuantMethod
 from converter.sources.base import CODE_NAMES
 
 if TYPE_CHECKING:
     from converter.plan.tensor_plan import Options, Plan, PlannedTensor
 
 SCALES = ("cpu", "cuda")
+#: The weights whose linear transformers feeds a 4-D input (MLA attention's expand_kv), which
+#: bitsandbytes' CPU int8 matmul cannot take (``Int8Method.loader_advice``).
+MLA_4D_INPUT = ".kv_b_proj.weight"
 
 
 class Int8Method(QuantMethod):
@@ -92,6 +95,29 @@ class Int8Method(QuantMethod):
         from converter.quantize.int8_quantizer import Int8Quantizer
 
         return Int8Quantizer(options.int8_scale, device, threads)
+
+    def loader_advice(self, plan: Plan) -> str | None:
+        # transformers 5 feeds MLA attention's kv_b_proj (DeepSeek-V2/V3 and Kimi-K2, GLM-4.7-Flash,
+        # MiniCPM3, Youtu, ...: their expand_kv) a 4-D input, [batch, 1, seq, kv_lora_rank].
+        # bitsandbytes 0.50's Linear8bitLt (MatMul8bitLt) flattens 3-D inputs only: on the CPU its
+        # int8_vectorwise_quant then takes the row absmax over dim 1 ("The size of tensor a (5) must
+        # match the size of tensor b (16)", on every CPU), on CUDA its int8_linear_matmul refuses the
+        # input ("Only two or three dimensional matrices are supported for argument A";
+        # bitsandbytes-foundation/bitsandbytes#980). Our int8 layer flattens every leading dimension.
+        mla = [p.name for p in plan.tensors if p.quantize and p.name.endswith(MLA_4D_INPUT)]
+        if not mla:
+            return None
+        return (
+            f"{len(mla)} int8 weight(s) are MLA attention's kv_b_proj (e.g. {mla[0]}), whose input "
+            "transformers feeds as a 4-D tensor: transformers + bitsandbytes 0.50 fails in the forward of "
+            "this folder (its int8 matmul takes 2-D and 3-D inputs only), as it does with its own "
+            "load_in_8bit of this model; quantize-model's load_quantized runs it. --skip '*.kv_b_proj' "
+            "keeps them 16-bit for stock transformers + bitsandbytes"
+        )
+
+    def device_footprint(self, options: Options, device: str) -> DeviceFootprint:
+        # on a GPU each tensor goes through torch (.to(device), .cpu()): no staging of its own
+        return DeviceFootprint(imports_torch=device != "cpu")
 
     def quality_meter(self, options: Options, threads: int | None) -> Any:
         from converter.record.int8_quality import Int8QualityMeter

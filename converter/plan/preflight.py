@@ -19,7 +19,10 @@ Estimates (upper bounds, so a refusal is never a false alarm from rounding):
   while it measures them on its thread: the ``MAX_PENDING + 1`` largest outputs of the plan. While a
   shard is closed: those pending outputs, the last tensor's input copy, and the shard's hash buffers
   (``hash_file``: ``threads + 1`` chunks of ``CHUNK_BYTES``, at most the shard's size). Plus a fixed
-  allowance for the run's threads and small objects, and torch's import when a float cast needs it.
+  allowance for the run's threads and small objects, and torch's import when a float cast (or the
+  quantizer) needs it. With ``--device cuda``, the method's ``device_footprint``: the 4-bit quantizer's
+  pinned staging buffers (``converter.quantize.cuda_host.pinned_bytes``) for the whole run, and the
+  tensor it keeps submitted beside the one read (one more input copy and output).
 """
 
 from __future__ import annotations
@@ -166,30 +169,45 @@ def output_bytes(p: Any, options: Any) -> int:
     return options.method.working_set(p.info.numel, tuple(p.out_shape), options)
 
 
-def working_set_bound(plan: Any) -> int:
+def working_set_bound(plan: Any, device: str = "cpu") -> int:
     """Upper bound of the anonymous bytes a conversion of ``plan`` adds to the process (the preflight's
     peak memory less the process now): the larger of a tensor being quantized or kept (its copy, the
     cast's temporaries, its output) beside the outputs the quality meter still holds, and a shard being
     hashed as it closes beside those outputs. The meter measures on its own thread and keeps the
     outputs of up to ``MAX_PENDING`` earlier tensors until measured: bounded by the largest outputs of
-    the plan (the tensor's own among them)."""
+    the plan (the tensor's own among them). On a GPU (``device``, as the conversion runs on it) the
+    method's quantizer adds its ``device_footprint``: pinned staging held for the whole run, and the
+    other tensors it keeps submitted (their input copies and outputs) while one is read."""
     from converter.record.quality import QualityMeter
     from formats.chunks import CHUNK_BYTES
 
     opts = plan.options
+    footprint = opts.method.device_footprint(opts, device)
     pending = QualityMeter.MAX_PENDING
     outputs = sorted((output_bytes(p, opts) for p in plan.tensors), reverse=True)
     held = sum(outputs[:pending])  # earlier tensors' outputs the meter holds
     copies = [cast_copy(p, opts) for p in plan.tensors]
-    tensor = max((copy + temps for copy, temps in copies), default=0)
-    quantizing = tensor + held + (outputs[pending] if len(outputs) > pending else 0)
+    # the tensor read (its copy and the cast's temporaries) beside the input copies of the others in
+    # flight: the largest copies of other tensors
+    others = footprint.in_flight - 1
+    largest = sorted(range(len(copies)), key=lambda i: copies[i][0], reverse=True)[: others + 1]
+    tensor = max(
+        (
+            copy + temps + sum(copies[j][0] for j in [j for j in largest if j != i][:others])
+            for i, (copy, temps) in enumerate(copies)
+        ),
+        default=0,
+    )
+    # the outputs of the tensors in flight and of those the meter holds
+    quantizing = tensor + held + sum(outputs[pending : pending + footprint.in_flight])
     # a shard closes before the meter has measured its last tensors: their outputs, and the last
-    # one's input copy, are alive while the shard is hashed
+    # one's input copy, are alive while the shard is hashed (the quantizer has none in flight)
     last_copy = max((copy for copy, _ in copies), default=0)
     chunks = HASH_CHUNKS_HELD * CHUNK_BYTES
     hashing = max((min(s.nbytes + header_bytes(s), chunks) for s in plan.shards), default=0)
-    torch = TORCH_IMPORT if "torch" not in sys.modules and any(t for _, t in copies) else 0
-    return RUN_OVERHEAD + torch + max(quantizing, held + last_copy + hashing)
+    imports_torch = footprint.imports_torch or any(t for _, t in copies)
+    torch = TORCH_IMPORT if "torch" not in sys.modules and imports_torch else 0
+    return RUN_OVERHEAD + torch + footprint.pinned + max(quantizing, held + last_copy + hashing)
 
 
 def header_bytes(shard: Any) -> int:
@@ -209,8 +227,12 @@ def _existing_bytes(output: Path) -> int:
     return sum(f.stat().st_size for f in output.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwrite: bool) -> Preflight:
-    """The preflight of ``plan`` (converter.plan.tensor_plan.Plan) converting ``src`` into ``output``."""
+def preflight_of(
+    plan: Any, src: Any, output: Path, fingerprint: str, *, overwrite: bool, device: str = "cpu"
+) -> Preflight:
+    """The preflight of ``plan`` (converter.plan.tensor_plan.Plan) converting ``src`` into ``output``
+    on ``device`` (as ``pipeline.resolve_device`` gives it: "cpu" when a GPU was asked for but cannot
+    be used)."""
     from converter.version import tool_version
     from converter.writer.manifest import Manifest, same_plan
     from converter.writer.outputs import changed_files
@@ -253,7 +275,7 @@ def preflight_of(plan: Any, src: Any, output: Path, fingerprint: str, *, overwri
         free += _existing_bytes(output)
     else:
         free += replaced
-    peak = process_rss() + working_set_bound(plan)
+    peak = process_rss() + working_set_bound(plan, device)
     available = ram_available()
     download = sum(getattr(src, "download_plan", dict)().values()) if hasattr(src, "download_plan") else 0
     tensors = [

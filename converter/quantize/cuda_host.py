@@ -37,6 +37,27 @@ MIN_CAPABILITY = (8, 0)
 
 #: Input bytes per chunk: two pinned input slots of this size, two pinned output slots of a quarter.
 CHUNK_BYTES = 32 << 20
+#: The extension rounds the chunk down to a multiple of this, and up to one (host_pipeline.cpp's
+#: kMinChunkBytes: at least 4 bytes x the largest blocksize).
+MIN_CHUNK_BYTES = 1 << 16
+#: Tensors ``quantize_many`` keeps submitted: the worker quantizes tensor k while the converter writes
+#: tensor k-1 (each one's input and output arrays alive meanwhile).
+DEPTH = 2
+
+
+def staging_chunk(chunk_bytes: int = CHUNK_BYTES) -> int:
+    """The input bytes per chunk the extension stages: ``chunk_bytes`` rounded as it rounds them."""
+    return max(int(chunk_bytes), MIN_CHUNK_BYTES) // MIN_CHUNK_BYTES * MIN_CHUNK_BYTES
+
+
+def pinned_bytes(chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Pinned host memory a ``CudaHostQuantizer`` holds for the whole conversion
+    (csrc/cuda/host_pipeline.cpp's ``cudaHostAlloc`` calls): two input slots of a chunk, two output slots
+    of a quarter of one (packed codes), 16 bytes of scalars. The preflight counts it
+    (``converter.plan.preflight.working_set_bound``)."""
+    chunk = staging_chunk(chunk_bytes)
+    return 2 * chunk + 2 * (chunk // 4) + 16
+
 
 #: dtype codes of csrc/cuda/qm_cuda.h (DType), by safetensors dtype code.
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}
@@ -161,11 +182,13 @@ class CudaHostQuantizer:
         self.device = f"cuda:{device}"
         self.fallback_reason = ""
         self.stats = DeviceStats()
+        #: the pinned staging this quantizer holds (``pinned_bytes``: what the preflight counts)
+        self.pinned_bytes = pinned_bytes(chunk_bytes)
         warm_up(device)  # usually already started by pipeline.resolve_device
         mids = [float(v) for v in np.asarray(codebooks.DYNAMIC8_MIDPOINTS, dtype=np.float32)]
         threads_arg = kernels_np.threads_arg(threads)
         self._pipe = _kernels.CudaHostPipeline(
-            device, int(quant_type), self.blocksize, nested, int(chunk_bytes), threads_arg, mids
+            device, int(quant_type), self.blocksize, nested, staging_chunk(chunk_bytes), threads_arg, mids
         )
         self._cpu = HostQuantizer(quant_type, blocksize, nested, threads=threads)  # empty tensors only
 
@@ -210,7 +233,7 @@ class CudaHostQuantizer:
         nested = (p.codes, p.nested_absmax, float(offset)) if self.nested else None
         return p.name, HostResult(p.packed, p.absmax, nested)
 
-    def quantize_many(self, items: Iterable[Item], depth: int = 2) -> Iterator[tuple[str, HostResult]]:
+    def quantize_many(self, items: Iterable[Item], depth: int = DEPTH) -> Iterator[tuple[str, HostResult]]:
         """Results in order; up to ``depth`` tensors submitted while the oldest one's result is used."""
         if depth < 1:
             msg = f"depth must be >= 1, got {depth}"

@@ -461,7 +461,9 @@ class _Conversion:
         if self.dry_run or self.check_fit:  # before the output folder is created or touched
             from converter.plan.preflight import preflight_of
 
-            report = preflight_of(plan, self.src, self.output, fingerprint, overwrite=overwrite)
+            report = preflight_of(
+                plan, self.src, self.output, fingerprint, overwrite=overwrite, device=self.device
+            )
             if self.dry_run:
                 from converter.writer.report import plan_moe_summary
 

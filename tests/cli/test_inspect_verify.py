@@ -355,6 +355,7 @@ def test_a_model_type_transformers_lacks_is_an_input_error_for_the_loader(
 
     import transformers
 
+    from converter.loader.config_file import config_edit_note
     from converter.loader.model import load_quantized
     from converter.loader.model_build import ModelBuildError
 
@@ -372,7 +373,9 @@ def test_a_model_type_transformers_lacks_is_an_input_error_for_the_loader(
     assert (r.exit_code, r.stderr.splitlines()) == (2, [f"Error: {said}"])
     with pytest.raises(ModelBuildError) as err:
         load_quantized(folder)
-    assert str(err.value) == said
+    # the index records config.json's sha256: the error says that it was edited since the conversion
+    assert str(err.value) == f"{said}; {config_edit_note(['config.json'])}"
+    assert "config.json was changed after the conversion wrote it" in str(err.value)
     # a field transformers refuses, as convert says it (it was "unexpected StrictDataclass...", exit 1)
     config.update(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers="two")
     (folder / "config.json").write_text(json.dumps(config))

@@ -273,3 +273,34 @@ def test_verify_against_a_float16_cast_int8_folder(qm, name: str, tmp_path: Path
     stored = {t["name"]: t["rel_rmse"] for t in report["tensors"] if t.get("rel_rmse") is not None}
     measured = json.loads(r.stdout)["quality"]["tensors"]
     assert {k: v["rel_rmse"] for k, v in measured.items()} == pytest.approx(stored, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "warned"),
+    [
+        ("deepseek_v3", ["--quant-type", "int8"], True),
+        ("deepseek_v3", ["--quant-type", "int8", "--dry-run"], True),
+        ("deepseek_v3", ["--quant-type", "int8", "--skip", "*.kv_b_proj"], False),
+        ("deepseek_v3", ["--quant-type", "nf4"], False),
+        ("llama", ["--quant-type", "int8"], False),
+    ],
+    ids=["mla-int8", "mla-int8-dry-run", "mla-int8-skip", "mla-nf4", "llama-int8"],
+)
+def test_int8_of_an_mla_model_warns_once_that_stock_bitsandbytes_cannot_run_kv_b_proj(
+    qm, tiny_checkpoint, tmp_path: Path, model: str, options: list[str], warned: bool
+) -> None:
+    """transformers feeds MLA attention's kv_b_proj a 4-D input, which bitsandbytes 0.50's int8 matmul
+    does not take (tests/compat/test_compat_int8.py runs it): convert said nothing, and the folder
+    failed in the user's first forward with a tensor-size mismatch deep in bitsandbytes."""
+    r = qm("convert", tiny_checkpoint(model), tmp_path / "out", *options)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.stderr.split())  # the console wraps long lines
+    if not warned:
+        assert "4-D tensor" not in text
+        return
+    assert text.count("MLA attention's kv_b_proj") == 1, r.stderr
+    said = "Warning: 2 int8 weight(s) are MLA attention's kv_b_proj (e.g. model.layers.0.self_attn.kv_b_proj"
+    assert said in text
+    assert "bitsandbytes 0.50 fails in the forward of this folder" in text
+    assert "quantize-model's load_quantized runs it" in text
+    assert "--skip '*.kv_b_proj'" in text

@@ -242,3 +242,34 @@ def test_int8_rows_that_decode_to_nan_count_as_nonfinite(tmp_path):
         f"as bitsandbytes stores them: SCB = inf); reconvert with --skip 'model.layers.0.mlp.up_proj' to "
         f"keep it unquantized"
     ]
+
+
+def test_int8_mla_kv_b_proj_fails_in_stock_transformers_bitsandbytes_on_the_cpu(tiny_checkpoint, tmp_path):
+    """MLA attention (DeepSeek-V3 here) feeds kv_b_proj a 4-D input [batch, 1, seq, kv_lora_rank]:
+    bitsandbytes 0.50's int8 matmul flattens 3-D inputs only, so transformers + bitsandbytes fails in the
+    forward of our int8 folder, as with its own load_in_8bit of the model; load_quantized runs it, and
+    ``--skip '*.kv_b_proj'`` (what convert's warning advises) makes a folder stock transformers runs.
+    If a bitsandbytes release takes such inputs, this test fails: Int8Method.loader_advice's warning
+    must then name the versions that do not."""
+    from converter.loader.model import load_quantized
+
+    src = tiny_checkpoint("deepseek_v3")
+    out = tmp_path / "int8"
+    with pytest.warns(UserWarning, match=r"kv_b_proj .*4-D tensor.*load_quantized runs it"):
+        pipeline.convert(src, out, quant_type="int8", progress=False)
+    stock, _, _ = _load(out)
+    assert isinstance(stock.model.layers[0].self_attn.kv_b_proj, bnb.nn.Linear8bitLt)
+    with pytest.raises(RuntimeError, match="must match the size of tensor b"):
+        _outputs(stock, "deepseek_v3")
+    own = _load(src, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))[0]
+    with pytest.raises(RuntimeError, match="must match the size of tensor b"):
+        _outputs(own, "deepseek_v3")
+    ours = load_quantized(out)
+    assert torch.isfinite(_outputs(ours, "deepseek_v3")).all()
+
+    skipped = tmp_path / "skip"
+    pipeline.convert(src, skipped, quant_type="int8", progress=False, skip=("*.kv_b_proj",))
+    stock, _, _ = _load(skipped)
+    assert not isinstance(stock.model.layers[0].self_attn.kv_b_proj, bnb.nn.Linear8bitLt)
+    assert isinstance(stock.model.layers[0].self_attn.q_b_proj, bnb.nn.Linear8bitLt)
+    assert torch.isfinite(_outputs(stock, "deepseek_v3")).all()
