@@ -15,6 +15,7 @@ from typing import Any
 
 from converter.errors import CorruptFileError, InputError
 from converter.loader.model_build import ModelBuildError
+from converter.user_frame import user_stacklevel
 from formats.index import INDEX_NAME, Index, edited_files
 
 CONFIG_NAME = "config.json"
@@ -48,14 +49,13 @@ def config_error(folder: Path, key: str, problem: str) -> CorruptFileError:
 
 
 @contextlib.contextmanager
-def config_edits_named(folder: Path, index: Index | None, *, stacklevel: int) -> Iterator[list[str]]:
+def config_edits_named(folder: Path, index: Index | None) -> Iterator[list[str]]:
     """Compare ``config.json`` (and a copied ``generation_config.json``) of ``folder`` with the sha256
     its ``index`` records of them (None: nothing checked, as for ``verify=False`` or an index written
     before they were recorded) and yield the names that differ. An edit may be legitimate (rope
     scaling, generation defaults), so it is one warning naming the files, not a refusal; a
     ``ModelBuildError`` or ``CheckpointMismatchError`` the block raises (a config that no longer
-    describes the shards) says that config.json was edited. ``stacklevel``: the warning's, as the
-    caller's own ``warnings.warn`` would pass it."""
+    describes the shards) says that config.json was edited. The warning names the user's call."""
     # a missing config.json is the load's own error (no config.json, or an unfinished conversion)
     edited = edited_files(index, skip_missing=(CONFIG_NAME,)) if index is not None else []
     if edited:
@@ -67,7 +67,7 @@ def config_edits_named(folder: Path, index: Index | None, *, stacklevel: int) ->
             f"(the sha256 {INDEX_NAME} records differs); loading the folder as it is now. "
             f"`quantize-model verify {folder}` reports the details",
             UserWarning,
-            stacklevel=stacklevel + 2,  # past contextlib's __enter__ and this generator
+            stacklevel=user_stacklevel(),
         )
     try:
         yield edited

@@ -52,6 +52,7 @@ from converter.loader.siblings import group_siblings
 from converter.loader.state import read_state, resolve_folder, shard_files, shards_verified, streams_to
 from converter.loader.warmup import BUILD_LOCK, warmed
 from converter.methods import for_record
+from converter.user_frame import user_stacklevel
 
 
 class UnexpectedArgumentError(ModelBuildError, TypeError):
@@ -677,7 +678,7 @@ def build_skeleton(
             f"{folder}: transformers + bitsandbytes would load this folder differently: quantized in "
             f"the shards but not by transformers: {extra[:5]}; swapped by transformers but not "
             f"quantized: {missing[:5]}",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),  # reached from load_quantized and inspect --memory
         )
     return Skeleton(model, qc if isinstance(qc, dict) else None, new, frozenset(absent - new), tuple(dropped))
 
@@ -888,7 +889,7 @@ def load_quantized(
         warmed(target, folder, dtype) as warm,
         shards_verified(folder, verify, streaming=streams_to(target)) as hashes,
         # a config.json edited since the conversion: one warning (verify=True); named in a load error
-        config_edits_named(folder, hashes.index if hashes else None, stacklevel=3) as edited,
+        config_edits_named(folder, hashes.index if hashes else None) as edited,
     ):
         # the model class is built (meta device) on this thread while the readers stream the shards
         early = EarlyBuild(
