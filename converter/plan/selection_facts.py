@@ -67,6 +67,8 @@ READ_DIRECTLY = {
             ("GraniteSpeech5Encoder", "input_linear"),
             ("Ernie4_5_VLMoePatchEmbed", "proj"),
             ("Cosmos3EdgeVisionEmbeddings", "patch_embedding"),
+            ("Inkling2VisionEmbeddings", "patch_embedding"),  # Inkling2's vision model casts pixel_values
+            ("JevForDecision", "proj"),
             ("ColPaliForRetrieval", "embedding_proj_layer"),
             ("ColQwen2ForRetrieval", "embedding_proj_layer"),
             ("ColModernVBertForRetrieval", "embedding_proj_layer"),
