@@ -89,6 +89,12 @@ READ_DIRECTLY = {
             ("EsmFold2InputEmbedder", "token_bonds"),
         )
     },
+    # LayoutLMv2/v3's encoders index their relative-position bias tables' weights (rel_pos_bias.weight[...])
+    **{
+        (cls, leaf): f"read directly ({cls} indexes {leaf}.weight)"
+        for cls in ("LayoutLMv2Encoder", "LayoutLMv3Encoder")
+        for leaf in ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias")
+    },
     # these cast the pair states (also the folding trunk's input) to the head's dtype
     **{
         (cls, leaf): f"read directly ({cls} casts its pair states to {leaf}.weight.dtype)"

@@ -756,6 +756,38 @@ def test_layers_whose_input_is_cast_to_their_weight_dtype_stay_16bit(tmp_path: P
     _assert_loaders_agree(folder, {"input_features": features})
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_layoutlmv3_relative_position_tables_stay_16bit(tmp_path: Path, quant_type: str) -> None:
+    """LayoutLMv3's encoder indexes ``rel_pos_bias.weight`` (and the 2-D x/y tables) as bias tables instead
+    of calling the layers: quantized, the forward failed in our loader and in transformers + bitsandbytes
+    alike (nf4: the packed storage has one column, "index 31 is out of bounds"; int8: "result type Float
+    can't be cast to the desired output type Char"). They stay 16-bit with their reason, named in
+    ``llm_int8_skip_modules``; both loaders give the same logits."""
+    from transformers import LayoutLMv3Config, LayoutLMv3ForSequenceClassification
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = LayoutLMv3Config(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, visual_embed=False, rel_pos_bins=64, coordinate_size=10, shape_size=12,
+    )  # fmt: skip
+    LayoutLMv3ForSequenceClassification(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    for leaf in ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"):
+        _assert_kept_16bit(
+            folder,
+            [f"layoutlmv3.encoder.{leaf}"],
+            f"read directly (LayoutLMv3Encoder indexes {leaf}.weight)",
+            quantized=["layoutlmv3.encoder.layer.0.attention.self.query"],
+        )
+    bbox = torch.tensor(
+        [[[0, 0, 10, 10], [10, 0, 30, 10], [40, 5, 60, 20], [0, 30, 90, 50], [5, 60, 50, 90]]]
+    )
+    _assert_loaders_agree(folder, {"input_ids": IDS[:, :5], "bbox": bbox})
+
+
 def _assert_kept_16bit(folder: Path, modules: list[str], reason: str, *, quantized: list[str]) -> None:
     """The report keeps each of ``modules``' weights with ``reason`` and quantizes ``quantized``'s;
     ``llm_int8_skip_modules`` names ``modules`` (without the base-model prefix where the model has one, as
