@@ -61,7 +61,44 @@ READ_DIRECTLY = {
             ("Dots3NoteTextIndexer", "weights_proj"),
             ("Glm5NextTextIndexer", "weights_proj"),
             ("Inkling2LoopMessageGate", "down_proj"),
+            # the same cast before a projection, input layer or head (sweep48a): a 4-bit weight truncates
+            # the input to uint8 (LongT5 and Kosmos-2.5 skip the cast for int8 weights only), an int8
+            # one fails; none of these models lists the layer in _keep_in_fp32_modules (T5 does: its wo)
+            ("GraniteSpeech5Encoder", "input_linear"),
+            ("Ernie4_5_VLMoePatchEmbed", "proj"),
+            ("Cosmos3EdgeVisionEmbeddings", "patch_embedding"),
+            ("Inkling2VisionEmbeddings", "patch_embedding"),  # Inkling2's vision model casts pixel_values
+            ("JevForDecision", "proj"),
+            ("ColPaliForRetrieval", "embedding_proj_layer"),
+            ("ColQwen2ForRetrieval", "embedding_proj_layer"),
+            ("ColModernVBertForRetrieval", "embedding_proj_layer"),
+            ("Blip2TextModelWithProjection", "text_projection"),
+            ("Blip2VisionModelWithProjection", "vision_projection"),
+            ("Blip2ForImageTextRetrieval", "text_projection"),
+            ("Blip2ForImageTextRetrieval", "vision_projection"),
+            ("Blip2ForImageTextRetrieval", "itm_head"),
+            ("GradiumPhononTTSModel", "audio_prompt_proj"),
+            ("GradiumPhononTTSModel", "audio_latent_proj"),
+            ("LongT5DenseActDense", "wo"),
+            ("Kosmos2_5VisionMlp", "wo"),
+            ("EsmFold2AtomEncoder", "atom_linear"),
+            ("EsmFold2DiffusionConditioning", "pair_proj"),
+            ("EsmFold2DiffusionConditioning", "noise_proj"),
+            ("EsmFold2DiffusionModule", "coords_linear"),
+            ("EsmFold2MSAEncoder", "embed"),
+            ("EsmFold2InputEmbedder", "token_bonds"),
         )
+    },
+    # LayoutLMv2/v3's encoders index their relative-position bias tables' weights (rel_pos_bias.weight[...])
+    **{
+        (cls, leaf): f"read directly ({cls} indexes {leaf}.weight)"
+        for cls in ("LayoutLMv2Encoder", "LayoutLMv3Encoder")
+        for leaf in ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias")
+    },
+    # these cast the pair states (also the folding trunk's input) to the head's dtype
+    **{
+        (cls, leaf): f"read directly ({cls} casts its pair states to {leaf}.weight.dtype)"
+        for cls, leaf in (("EsmFold2ConfidenceHead", "pae_head"), ("EsmFold2Model", "distogram_head"))
     },
 }
 

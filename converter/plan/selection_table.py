@@ -46,8 +46,10 @@ TABLE_FORMAT = 1
 #: 4: KeyFacts.tied (a tied pair stored twice); 5: a linear inside a router is a router (HunYuan's gate.wg);
 #: 6: a subclass of nn.Linear (FalconLinear) has its own reason, which convert's error names;
 #: 7: a linear whose weight its parent reads directly (Mamba's dt_proj) stays 16-bit;
-#: 8: so does one whose parent casts its input to the weight's dtype (HY-V4's indexer weights_proj)
-CACHE_FORMAT = 8
+#: 8: so does one whose parent casts its input to the weight's dtype (HY-V4's indexer weights_proj);
+#: 9: and the projections, input layers and heads that do the same (GraniteSpeech5's input_linear, ...);
+#: 10: LayoutLMv2/v3's relative-position tables, which their encoder indexes, stay 16-bit
+CACHE_FORMAT = 10
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one

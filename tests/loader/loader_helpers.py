@@ -126,12 +126,13 @@ def bnb_quantize_folder(
     return dst
 
 
-def bnb_load(folder: Path):
+def bnb_load(folder: Path, model_class: type | None = None, **kwargs):
+    """transformers + bitsandbytes' load of ``folder`` (``model_class``, default AutoModelForCausalLM)."""
     from transformers import AutoModelForCausalLM
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+        return (model_class or AutoModelForCausalLM).from_pretrained(folder, device_map="cpu", **kwargs)
 
 
 def gemv_bound(

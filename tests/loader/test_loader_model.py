@@ -13,6 +13,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+import transformers
 from bnb_cpu_path import bnb_generic_cpu_path
 from error_bounds import worst_ratio
 from loader_helpers import bnb_load, bnb_quantize_folder, gemv_bound, linear4bit_outputs, make_layer
@@ -725,15 +726,80 @@ def test_hy_v4_indexer_weights_proj_stays_16bit_so_every_loader_runs(tmp_path: P
     _assert_loaders_agree(folder)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_layers_whose_input_is_cast_to_their_weight_dtype_stay_16bit(tmp_path: Path, quant_type: str) -> None:
+    """GraniteSpeech5's encoder calls ``input_linear`` on ``input_features.to(input_linear.weight.dtype)``
+    (as do Ernie-4.5-VL's patch embedding, the ColPali retrievers' projection, BLIP-2's retrieval heads,
+    LongT5's ``wo``...: selection_facts.READ_DIRECTLY): quantized, the input became uint8 (nf4: "mixed
+    dtype") or int8 and the forward failed in our loader and in transformers + bitsandbytes alike. It
+    stays 16-bit with its reason, named in ``llm_int8_skip_modules``; both loaders give the same logits."""
+    from transformers import AutoConfig, GraniteSpeech5ForCTC
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "granite_speech5_ctc", vocab_size=64, encoder_config=dict(
+            hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+            num_hidden_layers=2, num_mel_bins=16, context_size=8, max_position_embeddings=16, vocab_size=64,
+            subsample_layers=[0],
+        ),
+    )  # fmt: skip
+    GraniteSpeech5ForCTC(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    _assert_kept_16bit(
+        folder,
+        ["encoder.input_linear"],
+        "read directly (GraniteSpeech5Encoder casts its input to input_linear.weight.dtype)",
+        quantized=["encoder.layers.0.self_attn.q_proj"],
+    )
+    features = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(0))
+    _assert_loaders_agree(folder, {"input_features": features})
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_layoutlmv3_relative_position_tables_stay_16bit(tmp_path: Path, quant_type: str) -> None:
+    """LayoutLMv3's encoder indexes ``rel_pos_bias.weight`` (and the 2-D x/y tables) as bias tables instead
+    of calling the layers: quantized, the forward failed in our loader and in transformers + bitsandbytes
+    alike (nf4: the packed storage has one column, "index 31 is out of bounds"; int8: "result type Float
+    can't be cast to the desired output type Char"). They stay 16-bit with their reason, named in
+    ``llm_int8_skip_modules``; both loaders give the same logits."""
+    from transformers import LayoutLMv3Config, LayoutLMv3ForSequenceClassification
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = LayoutLMv3Config(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, visual_embed=False, rel_pos_bins=64, coordinate_size=10, shape_size=12,
+    )  # fmt: skip
+    LayoutLMv3ForSequenceClassification(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    for leaf in ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"):
+        _assert_kept_16bit(
+            folder,
+            [f"layoutlmv3.encoder.{leaf}"],
+            f"read directly (LayoutLMv3Encoder indexes {leaf}.weight)",
+            quantized=["layoutlmv3.encoder.layer.0.attention.self.query"],
+        )
+    bbox = torch.tensor(
+        [[[0, 0, 10, 10], [10, 0, 30, 10], [40, 5, 60, 20], [0, 30, 90, 50], [5, 60, 50, 90]]]
+    )
+    _assert_loaders_agree(folder, {"input_ids": IDS[:, :5], "bbox": bbox})
+
+
 def _assert_kept_16bit(folder: Path, modules: list[str], reason: str, *, quantized: list[str]) -> None:
     """The report keeps each of ``modules``' weights with ``reason`` and quantizes ``quantized``'s;
-    ``llm_int8_skip_modules`` names ``modules`` (without the base-model prefix, as transformers matches)."""
+    ``llm_int8_skip_modules`` names ``modules`` (without the base-model prefix where the model has one, as
+    transformers matches)."""
     report = json.loads((folder / "quantization_report.json").read_text())
     actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
     assert all(actions[f"{m}.weight"] == ("keep", reason) for m in modules)
     assert all(actions[f"{m}.weight"][0] == "quantize" for m in quantized)
     skip = json.loads((folder / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
-    assert {m.split(".", 1)[1] for m in modules} <= set(skip)
+    assert all(m in skip or m.split(".", 1)[1] in skip for m in modules)
 
 
 def test_fused_16bit_tensors_are_split_as_transformers_loads_them(tmp_path: Path) -> None:
@@ -911,19 +977,25 @@ def test_fused_tensors_split_on_load_are_split(tmp_path: Path, model_type: str, 
         assert torch.equal(ours(IDS[:, :5]).last_hidden_state, theirs(IDS[:, :5]).last_hidden_state)
 
 
-def _assert_loaders_agree(folder: Path) -> None:
-    """Our loader and transformers + bitsandbytes run ``folder`` (float32) and give the same logits:
-    dequantize + F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
+def _assert_loaders_agree(folder: Path, inputs: dict[str, torch.Tensor] | None = None) -> None:
+    """Our loader and transformers + bitsandbytes (config.json's architecture when ``inputs`` are given,
+    float32 then) run ``folder`` on ``inputs`` (default: token ids) and give the same logits: dequantize +
+    F.linear on both sides (int8: ``exact`` runs bitsandbytes' own matmul)."""
     ours = load_quantized(folder, dtype=torch.float32)
-    theirs = bnb_load(folder).eval()
+    if inputs is None:
+        theirs = bnb_load(folder).eval()
+    else:
+        arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+        theirs = bnb_load(folder, getattr(transformers, arch), dtype=torch.float32).eval()
     bnb_generic_cpu_path(theirs)
     for layer in ours.modules():
         if hasattr(layer, "use_gemv"):
             layer.use_gemv = False
         if hasattr(layer, "exact"):
             layer.exact = True
+    inputs = {"input_ids": IDS[:, :5]} if inputs is None else inputs
     with torch.no_grad():
-        assert torch.equal(ours(IDS[:, :5]).logits, theirs(IDS[:, :5]).logits)
+        assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
 
 
 def test_quantization_config_is_the_object_transformers_gives(our_folder: Path, int8_folder: Path) -> None:

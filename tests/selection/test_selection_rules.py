@@ -132,3 +132,24 @@ def test_architecture_not_in_transformers_uses_the_builtin_class_with_the_same_h
     sel = select_tensors(config, read_infos(folder))
     assert sel.keep["lm_head.weight"] == "lm_head (output embedding)"
     assert len(sel.quantize) == 14
+
+
+def test_read_directly_names_linears_of_transformers_classes_that_read_their_weight():
+    """Every (class, leaf) of selection_facts.READ_DIRECTLY is a class of this transformers whose
+    ``self.<leaf>`` is an nn.Linear, in a modeling file that reads ``<leaf>.weight`` itself or a class that
+    hands ``self.<leaf>`` on (a misspelt class or leaf would silently keep nothing 16-bit)."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    from converter.plan.selection_facts import READ_DIRECTLY
+
+    sources = {f: f.read_text() for f in Path(transformers.__file__).parent.glob("models/*/modeling_*.py")}
+    for cls, leaf in READ_DIRECTLY:
+        files = [text for text in sources.values() if re.search(rf"^class {cls}\(", text, re.M)]
+        assert len(files) == 1, cls
+        body = re.split(r"^class ", files[0].split(f"\nclass {cls}(", 1)[1], maxsplit=1, flags=re.M)[0]
+        assert re.search(rf"self\.{leaf} = nn\.Linear\(", body), (cls, leaf)
+        # LayoutLMv3's encoder hands the layer to a helper that reads ``bias.weight``
+        assert f"{leaf}.weight" in files[0] or f"self.{leaf}," in body, (cls, leaf)
