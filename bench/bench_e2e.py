@@ -12,6 +12,9 @@ interleaved (A B C, A B C, ...), best and median reported with ratios:
 - ``big``: 18 tensors of 11008x4096 bf16 (1.6 GB, one file, random). ``quantize-model convert
   --include '*'`` as a whole process vs bitsandbytes' ``quantize_4bit`` (nf4, nested) alone on the same
   tensors, in-process (only the calls are timed; reading and start-up are free for it) vs a plain copy.
+- ``cli``: the CLI's start as users time it: ``--help``, ``inspect FOLDER`` (as a script reads it: into
+  a pipe, and with ``--json``), ``convert SmolLM2 OUT -q``; with ``--before-pythonpath DIR`` each
+  also run from another checkout (the code before a change) in the same interleaved rounds.
 - ``gpu``: a multi-GB bf16 Llama-shaped checkpoint (``--gpu-layers``/``--gpu-hidden``), ours with
   ``--device cuda`` and ``--device cpu`` vs a plain copy, page cache warm and (root) cold.
 
@@ -439,6 +442,43 @@ def check_cuda_path(python: str, src: Path, dst: Path) -> dict:
     return got
 
 
+def row_cli(args, python: str, work: Path, out: dict) -> None:
+    """The CLI's whole processes, start-up included (docs/benchmarks.md, round 48)."""
+    make = "from pathlib import Path; from converter.tools import samples; "
+    make += f"print(samples.smollm2(Path({args.samples!r})))"
+    src = Path(in_child(make))
+    folder = work / "nf4"
+    if not (folder / "config.json").is_file():
+        subprocess.run(ours_argv(python, "convert", str(src), str(folder), "-q"), check=True)
+    dst = work / "out"
+    commands = {
+        "--help": ["--help"],
+        "inspect FOLDER": ["inspect", str(folder)],
+        "inspect FOLDER --json": ["inspect", str(folder), "--json"],
+        "convert SmolLM2 OUT -q": ["convert", str(src), str(dst), "-q"],
+    }
+    installs = {"ours": None}
+    if args.before_pythonpath:
+        installs["before"] = {**os.environ, "PYTHONPATH": args.before_pythonpath}
+    contenders = {}
+    for label, argv in commands.items():
+        for install, env in installs.items():
+
+            def go(argv=argv, env=env) -> tuple[float, int, str]:
+                shutil.rmtree(dst, ignore_errors=True)
+                return run_rss(ours_argv(python, *argv), env=env)
+
+            contenders[f"{install}: {label}"] = go
+    warm(src)
+    warm(folder)
+    print(f"\ncli row: load average before {os.getloadavg()}", flush=True)
+    res = rounds(contenders, args.repeat)
+    print(f"cli row: load average after {os.getloadavg()}")
+    for label in commands:
+        rows = {f"{install}: {label}": res[f"{install}: {label}"] for install in installs}
+        report(f"quantize-model {label}, whole processes", rows, f"ours: {label}", out)
+
+
 def save(args, out: dict) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
@@ -447,12 +487,15 @@ def save(args, out: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--rows", default="smollm2,big", help="comma list of smollm2, smollm2-int8, dequantize, big, gpu"
+        "--rows", default="smollm2,big", help="comma list of smollm2, smollm2-int8, dequantize, big, cli, gpu"
     )
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--samples", default=str(Path(__file__).resolve().parents[1] / ".cache" / "samples"))
     ap.add_argument("--before", default=None, help="bin folder of another install to compare with")
+    ap.add_argument(
+        "--before-pythonpath", default=None, help="cli row: a checkout (PYTHONPATH) of the code before"
+    )
     ap.add_argument("--gpu-layers", type=int, default=28)
     ap.add_argument("--gpu-hidden", type=int, default=3072)
     ap.add_argument("--json", default=None)
@@ -473,6 +516,7 @@ def main() -> int:
                 "smollm2-int8": functools.partial(row_smollm2, method="int8"),
                 "dequantize": row_dequantize,
                 "big": row_big,
+                "cli": row_cli,
                 "gpu": row_gpu,
             }[row](args, python, work, out)
             save(args, out)

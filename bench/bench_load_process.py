@@ -17,8 +17,9 @@ from a warm page cache):
   installed paid before bitsandbytes was left to the process);
 - transformers + bnb: ``AutoModelForCausalLM.from_pretrained(folder, device_map=device)`` on the same
   folder.
-Runs are interleaved; the median and the fastest of --repeat are printed. The folder is --folder, or
-our NF4 conversion of --model (bench_load.prepare).
+With ``--before-pythonpath DIR``, ``ours`` also runs from that checkout (the code before a change) as
+``ours before``, in the same interleaved rounds. Runs are interleaved; the median and the fastest of
+--repeat are printed. The folder is --folder, or our NF4 conversion of --model (bench_load.prepare).
 """
 
 from __future__ import annotations
@@ -92,11 +93,13 @@ CASES = {
 DEFAULT_CASES = ("ours", "ours no PEFT", "transformers + bnb")
 
 
-def run(code: str, folder: Path, device: str) -> tuple[float, str]:
+def run(code: str, folder: Path, device: str, pythonpath: str | None = None) -> tuple[float, str]:
     # A user's default environment: no TORCHDYNAMO_DISABLE (set by our test targets), which also makes
     # the imports that touch torch._dynamo (bitsandbytes' among them) cheaper than users see them.
     env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
     env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     t0 = time.perf_counter()
     cmd = [sys.executable, "-c", code, str(folder), device]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -117,10 +120,15 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, of {list(CASES)}")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--before-pythonpath", help="also run 'ours' from this checkout, as 'ours before'")
     args = ap.parse_args()
     if args.device == "cuda":
         require_cuda(__file__)
     cases = {c: CASES[c] for c in args.cases.split(",")}
+    paths: dict[str, str | None] = dict.fromkeys(cases)
+    if args.before_pythonpath:
+        cases["ours before"] = OURS
+        paths["ours before"] = args.before_pythonpath
     folder = args.folder
     if folder is None:
         folder = prepare(args.model or smollm2_sample(), args.workdir)
@@ -133,10 +141,10 @@ def main() -> None:
     notes: dict[str, str] = {}
     for _ in range(args.repeat):
         for case, code in cases.items():
-            wall, notes[case] = run(code, folder, args.device)
+            wall, notes[case] = run(code, folder, args.device, paths[case])
             times[case].append(wall)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, device {args.device}; folder {folder}; "
-          f"{args.repeat} runs each")  # fmt: skip
+          f"{args.repeat} runs each; load average {os.getloadavg()}")  # fmt: skip
     rows = []
     for case, ts in times.items():
         row = dict(case=case, median_s=statistics.median(ts), best_s=min(ts), runs=ts, note=notes[case])

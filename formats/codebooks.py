@@ -9,7 +9,24 @@ bitsandbytes itself, agree bit for bit. Do not edit one without the other.
 
 from __future__ import annotations
 
-import numpy as np
+import itertools
+import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_F32 = struct.Struct("<f")
+
+
+def f32(value: float) -> float:
+    """``value`` rounded to float32 (round to nearest even, as ``np.float32(value)``), as a float.
+
+    Pure Python so that importing the tables (``formats.quant_types``, the CLI's start) does not
+    import numpy.
+    """
+    return _F32.unpack(_F32.pack(value))[0]
+
 
 # fmt: off
 #: NF4 values indexed by the 4-bit code (7 negative, 0.0 at code 7, 8 positive).
@@ -104,9 +121,8 @@ DYNAMIC8_SHA256 = "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda
 #: bnb CUDA ``dQuantizeFP4`` thresholds on |s|, as written in kernels.cu (float32 literals, NOT exact
 #: midpoints). ``FP4_TREE_CODES[k]`` is the unsigned code for "k thresholds strictly below |s|".
 FP4_THRESHOLDS: tuple[float, ...] = (
-    float(np.float32(0.00260417)), float(np.float32(0.0859375)), float(np.float32(0.20833333)),
-    float(np.float32(0.29166667)), float(np.float32(0.4166667)), float(np.float32(0.583333)),
-    float(np.float32(0.8333333)),
+    f32(0.00260417), f32(0.0859375), f32(0.20833333), f32(0.29166667), f32(0.4166667),
+    f32(0.583333), f32(0.8333333),
 )
 # fmt: on
 FP4_TREE_CODES: tuple[int, ...] = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
@@ -117,10 +133,12 @@ FP4_ZERO_CODE = 0
 
 
 def _f32_midpoints(values: tuple[float, ...]) -> tuple[float, ...]:
-    """float32 midpoints ``(c[i] + c[i+1]) * 0.5`` computed in float32 arithmetic."""
-    c = np.asarray(values, dtype=np.float32)
-    mids = (c[:-1] + c[1:]) * np.float32(0.5)
-    return tuple(float(m) for m in mids.astype(np.float32))
+    """float32 midpoints ``(c[i] + c[i+1]) * 0.5`` computed in float32 arithmetic.
+
+    Neighbours in these tables are float32 values within 2**29 of each other in scale (or zero), so
+    their sum in double is exact and one rounding to float32 is float32 addition; halving is exact.
+    """
+    return tuple(f32(a + b) * 0.5 for a, b in itertools.pairwise(values))
 
 
 #: The 15 NF4 decision thresholds; bit-equal to bnb CUDA ``dQuantizeNF4``'s literals.
@@ -132,4 +150,6 @@ DYNAMIC8_MIDPOINTS: tuple[float, ...] = _f32_midpoints(DYNAMIC8)
 
 def as_f32(values: tuple[float, ...]) -> np.ndarray:
     """A table as a fresh float32 numpy array."""
+    import numpy as np
+
     return np.asarray(values, dtype=np.float32)

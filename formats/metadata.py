@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from functools import cache
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,10 @@ KEYS = ("quantize_model.format", "quantize_model.tool", "quantize_model.tensors"
 
 
 def tool_version() -> str:
+    # imported here: importlib.metadata (email, zipfile, csv...) is most of formats.index's import time,
+    # which every reader of a folder (inspect, verify, the loader) pays, and only a writer asks this
+    from importlib import metadata as importlib_metadata
+
     try:
         return importlib_metadata.version("quantize-model")
     except importlib_metadata.PackageNotFoundError:

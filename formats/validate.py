@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-
+from formats.codebooks import f32
 from formats.quant_types import BLOCKSIZES, NESTED_BLOCKSIZE, QuantType, n_blocks, n_nested_blocks
 
 #: safetensors refuses headers above this many bytes (safetensors/src/tensor.rs MAX_HEADER_SIZE).
@@ -69,7 +68,7 @@ STORAGE_NAMES: dict[str, str] = {code: name for name, code in STORAGE_CODES.item
 #: Original (and dequantized) dtypes a quantized weight may have.
 WEIGHT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
-_F32_MAX = float(np.finfo(np.float32).max)
+_F32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max
 QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
 #: JSON keys of bnb's packed quant state, in the order bnb's ``json.dumps`` writes them.
 QS_KEYS: tuple[str, ...] = ("quant_type", "blocksize", "dtype", "shape")
@@ -333,7 +332,7 @@ def parse_quant_state(file: str, key: str, raw: bytes) -> QuantStateInfo:
         if not isinstance(off, (int, float)) or isinstance(off, bool) or not math.isfinite(off):
             msg = f"{where}: nested_offset {off!r} must be a finite number"
             raise BadQuantState(msg)
-        if abs(off) > _F32_MAX or float(np.float32(off)) != off:
+        if abs(off) > _F32_MAX or f32(off) != off:
             msg = f"{where}: nested_offset {off!r} is not a float32 value"
             raise BadQuantState(msg)
         offset = float(off)

@@ -34,8 +34,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from formats.chunks import ChunkDigests, hash_file
 from formats.validate import (
     DTYPES,
@@ -51,6 +49,7 @@ from formats.validate import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 #: safetensors dtype code -> torch attribute name (the codes ``safetensors.torch`` knows).
@@ -62,9 +61,20 @@ TORCH_NAMES = {
 }  # fmt: skip
 
 
+#: safetensors dtype code -> numpy dtype name, where numpy has one (no bf16 / fp8 in numpy).
+NUMPY_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "<i2", "U16": "<u2", "F16": "<f2",
+    "I32": "<i4", "U32": "<u4", "F32": "<f4", "I64": "<i8", "U64": "<u8", "F64": "<f8", "C64": "<c8",
+}  # fmt: skip
+
+
 def __getattr__(name: str) -> Any:
-    """``TORCH_DTYPES`` (code -> torch dtype) and ``DTYPE_CODES`` (torch dtype -> code), built on first
-    use: writing numpy arrays or bytes never imports torch (the converter's CPU path)."""
+    """``TORCH_DTYPES`` (code -> torch dtype), ``DTYPE_CODES`` (torch dtype -> code) and
+    ``NUMPY_DTYPES`` (code -> numpy dtype), built on first use: writing numpy arrays or bytes never
+    imports torch (the converter's CPU path), and reading a folder (``inspect``, ``verify``, the
+    loader's index) never imports numpy."""
+    if name in globals():  # called directly below, after the first build
+        return globals()[name]
     if name in ("TORCH_DTYPES", "DTYPE_CODES"):
         import torch
 
@@ -72,17 +82,13 @@ def __getattr__(name: str) -> Any:
         globals()["TORCH_DTYPES"] = torch_dtypes
         globals()["DTYPE_CODES"] = {v: k for k, v in torch_dtypes.items()}
         return globals()[name]
+    if name == "NUMPY_DTYPES":
+        import numpy as np
+
+        globals()[name] = {code: np.dtype(numpy_name) for code, numpy_name in NUMPY_NAMES.items()}
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")  # noqa: EM102
 
-
-#: safetensors dtype code -> numpy dtype, where numpy has one (no bf16 / fp8 in numpy).
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    code: np.dtype(name)
-    for code, name in {
-        "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "<i2", "U16": "<u2", "F16": "<f2",
-        "I32": "<i4", "U32": "<u4", "F32": "<f4", "I64": "<i8", "U64": "<u8", "F64": "<f8", "C64": "<c8",
-    }.items()
-}  # fmt: skip
 
 _PLACEHOLDER_OFFSET = 10**19 - 1  # more digits than any real offset: reserves header room for blobs
 
@@ -142,8 +148,9 @@ def _as_bytes(
             raise SlotMismatch(msg)
         flat = data.detach().to("cpu").contiguous().reshape(-1)
         return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-    if isinstance(data, np.ndarray):
-        want_np = NUMPY_DTYPES.get(slot.dtype)
+    np = sys.modules.get("numpy")  # likewise a numpy array
+    if np is not None and isinstance(data, np.ndarray):
+        want_np = __getattr__("NUMPY_DTYPES").get(slot.dtype)
         if want_np is None or data.dtype.newbyteorder("<") != want_np or data.dtype.byteorder == ">":
             msg = f"{where}: numpy dtype {data.dtype} written to a {slot.dtype} slot (expected {want_np})"
             raise SlotMismatch(msg)

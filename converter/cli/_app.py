@@ -8,9 +8,12 @@ result (a summary table, or JSON with --json). ``QUANTIZE_MODEL_DEBUG=1`` shows 
 from __future__ import annotations
 
 import errno
+import importlib.abc
+import importlib.machinery
 import json
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -116,14 +119,49 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     return f"unexpected {type(exc).__name__}: {exc}; {DEBUG_HINT}", 1
 
 
+#: The huggingface_hub module every one of its progress bars comes from.
+_HUB_TQDM = "huggingface_hub.utils.tqdm"
+
+
+class _OnFirstImport(importlib.abc.MetaPathFinder):
+    """Calls ``then(module)`` right after the first import of module ``name`` has run, whoever imports
+    it; then steps aside (the import itself is the one the path finders would have done)."""
+
+    def __init__(self, name: str, then: Callable[[Any], None]) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module, then = loader.exec_module, self.then
+
+        def exec_then(module: Any) -> None:
+            exec_module(module)
+            then(module)
+
+        loader.exec_module = exec_then  # this spec's own loader instance
+        return spec
+
+
 def _hub_progress_bars_off() -> None:
     """huggingface_hub's own tqdm bars (push's upload, a Hub snapshot's download) follow the App's
-    rule too; a user's explicit HF_HUB_DISABLE_PROGRESS_BARS keeps priority, as huggingface_hub gives it."""
+    rule too; a user's explicit HF_HUB_DISABLE_PROGRESS_BARS keeps priority, as huggingface_hub gives it.
+
+    Turned off when huggingface_hub's progress module is first imported, not by importing it here:
+    huggingface_hub.utils (tqdm, asyncio, ssl...) is about 0.15 s, which inspect, verify and a local
+    conversion with --json / -q / into a pipe paid without ever reaching the Hub."""
     if "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
         return
-    from huggingface_hub.utils import disable_progress_bars
-
-    disable_progress_bars()
+    if _HUB_TQDM in sys.modules:
+        sys.modules[_HUB_TQDM].disable_progress_bars()
+    elif not any(isinstance(f, _OnFirstImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OnFirstImport(_HUB_TQDM, lambda module: module.disable_progress_bars()))
 
 
 class App:

@@ -26,7 +26,8 @@ except SystemExit as exc:
 else:
     code = 0
 heavy = sorted(m for m in ("torch", "transformers", "bitsandbytes") if m in sys.modules)
-print("PROBE " + json.dumps({"code": code, "heavy": heavy}))
+others = sorted(m for m in ("numpy", "huggingface_hub", "tqdm") if m in sys.modules)
+print("PROBE " + json.dumps({"code": code, "heavy": heavy, "others": others}))
 """
 
 
@@ -70,3 +71,19 @@ def test_dtype_cast_is_where_torch_comes_in(tiny_checkpoint, tmp_path: Path) -> 
     """--dtype casts with torch (transformers' rounding, tests/converter/test_pipeline checks the bytes)."""
     src = tiny_checkpoint("llama")  # bf16
     assert "torch" in probe("convert", str(src), str(tmp_path / "c"), "--dtype", "float32", "-q")["heavy"]
+
+
+def test_help_and_local_commands_skip_numpy_and_the_hub(tiny_checkpoint, tmp_path: Path) -> None:
+    """--help imported numpy (formats.codebooks computed its float32 thresholds with it, formats.validate
+    its float32 range: ~0.15 s of a 0.3 s --help), and every command run with --json / -q / into a pipe
+    imported huggingface_hub.utils (tqdm, asyncio, ssl: ~0.15 s) only to turn its progress bars off, even
+    on a local folder that never reaches the Hub; inspect and verify imported numpy for the reader's map
+    (np.memmap), which only a tensor read uses."""
+    assert probe("--help")["others"] == []
+    src = tiny_checkpoint("llama_tied")
+    out = tmp_path / "out"
+    assert "huggingface_hub" not in probe("convert", str(src), str(out), "-q")["others"]
+    assert "huggingface_hub" not in probe("convert", str(src), str(out), "--json", "--overwrite")["others"]
+    assert probe("inspect", str(out))["others"] == []
+    assert probe("inspect", str(out), "--json")["others"] == []
+    assert probe("verify", str(out), "-q")["others"] == []

@@ -77,6 +77,24 @@ def test_round_trip_our_shard(tmp_path: Path) -> None:
         assert torch.equal(got["model.ids"], torch.arange(3))
 
 
+def test_tensors_are_copy_on_write_views_that_outlive_the_shard(tmp_path: Path) -> None:
+    """The map is made when the shard opens and wrapped for numpy on the first tensor (inspect and verify
+    never import numpy): a tensor is still a writable view whose writes never reach the file, and it
+    stays valid after the shard is closed."""
+    path = tmp_path / "s.safetensors"
+    tensors, _ = _our_shard(path)
+    before = path.read_bytes()
+    with open_shard(path) as shard:
+        ids = shard.get_tensor("model.ids")
+        norm = shard.get_tensor("model.norm.weight")
+        ids.add_(100)
+    assert torch.equal(ids, torch.arange(3) + 100)
+    assert np.array_equal(as_bits(norm), as_bits(tensors["model.norm.weight"]))
+    assert path.read_bytes() == before
+    with open_shard(path) as shard:
+        assert torch.equal(shard.get_tensor("model.ids"), torch.arange(3))
+
+
 def test_reads_bnb_made_shard(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     x = randn((64, 128), torch.float16, 9)

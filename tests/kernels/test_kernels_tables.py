@@ -82,3 +82,24 @@ def test_cuda_dispatch_without_a_cuda_build_says_how_to_get_one():
     kernels._cuda_module.cache_clear()
     with pytest.raises(RuntimeError, match=r"no CUDA backend: reinstall it on a machine with nvcc"):
         kernels._cuda_module()
+
+
+def test_float32_tables_equal_numpy_float32_arithmetic():
+    """formats.codebooks derives its thresholds in pure Python (struct's float32 rounding) so that importing
+    it does not import numpy; they are the float32 arithmetic numpy does, sign of zero included."""
+
+    def numpy_midpoints(values):
+        c = np.asarray(values, dtype=np.float32)
+        return [float(m) for m in ((c[:-1] + c[1:]) * np.float32(0.5)).astype(np.float32)]
+
+    for table in (codebooks.NF4, codebooks.FP4, codebooks.DYNAMIC8):
+        got = codebooks._f32_midpoints(table)
+        assert _hex(got) == _hex(numpy_midpoints(table))
+        assert [np.signbit(v) for v in got] == [np.signbit(v) for v in numpy_midpoints(table)]
+    assert codebooks.NF4_THRESHOLDS == tuple(numpy_midpoints(codebooks.NF4))
+    assert codebooks.DYNAMIC8_MIDPOINTS == tuple(numpy_midpoints(codebooks.DYNAMIC8))
+    raw = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+    assert codebooks.FP4_THRESHOLDS == tuple(float(np.float32(v)) for v in raw)
+    for v in (0.1, -0.1, 1e-45, 3.4028234663852886e38, -0.0, 1 / 3, 2.0**-149 * 0.5):
+        assert _hex([codebooks.f32(v)]) == _hex([float(np.float32(v))])
+        assert np.signbit(codebooks.f32(v)) == np.signbit(np.float32(v))
