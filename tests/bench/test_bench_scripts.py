@@ -263,3 +263,12 @@ def test_llama4_keep_layer_names_the_missing_folder(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert f"{folder}: no converted folder there" in r.stderr
     assert "bench_llama4.py --moe-experts keep --only ours" in r.stderr
+
+
+def test_gemv_cold_times_both_kernels_from_dram_and_cached(tmp_path: Path) -> None:
+    """bench_cpu_gemv_cold.py as the docs run it: a row per kernel for the forced path, both columns."""
+    out = _run_outside(tmp_path, "bench_cpu_gemv_cold.py", "--rounds", "1", "--isas", "avx2")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["4bit"], ["int8"])]
+    assert [r[:2] for r in rows] == [["4bit", "avx2"], ["int8", "avx2"]]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
