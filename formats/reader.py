@@ -120,11 +120,7 @@ class Shard:
         if entry.end == entry.begin or self._map is None:
             return torch.empty(entry.shape, dtype=dtype)
         start = self._shard.data_start
-        if self._array is None:
-            import numpy as np
-
-            self._array = np.frombuffer(self._map, dtype=np.uint8)
-        raw = torch.from_numpy(self._array[start + entry.begin : start + entry.end])
+        raw = torch.from_numpy(self.mapped_bytes()[start + entry.begin : start + entry.end])
         try:
             return raw.view(dtype).reshape(entry.shape)
         except RuntimeError:  # misaligned for this dtype: copy once
@@ -184,6 +180,15 @@ class Shard:
         }
         out.update({name: self.get_tensor(name) for name in self.passthrough})
         return out
+
+    def mapped_bytes(self) -> np.ndarray | None:
+        """The whole file's copy-on-write mapping as a uint8 array (None for an empty file), made on the
+        first call: the tensors are views of it, and the loader's stream reads it by address."""
+        if self._array is None and self._map is not None:
+            import numpy as np
+
+            self._array = np.frombuffer(self._map, dtype=np.uint8)
+        return self._array
 
     def close(self) -> None:
         self._map = self._array = None

@@ -103,7 +103,7 @@ class _HeaderShard(Shard):
         self._shard = validate_file(path, f, f.size)  # type: ignore[arg-type]  # seek/read is all it uses
         self.raw_metadata = self._shard.metadata
         self.metadata = parse_metadata(self.raw_metadata, file=str(path))
-        self._map = None
+        self._map = self._array = None  # no mapping: Shard.mapped_bytes() is None
         self._file = f
 
     def _tensor(self, entry: Any, dtype: torch.dtype) -> torch.Tensor:

@@ -112,10 +112,11 @@ class StreamStats:
 
 
 def mapped_files(shards: Sequence[Any]) -> list[MappedFile]:
-    """``MappedFile`` of each ``formats.reader.Shard`` (its np.memmap); empty files are skipped."""
+    """``MappedFile`` of each ``formats.reader.Shard`` (its copy-on-write mapping); empty files and
+    shards without a mapping (a Hub header's) are skipped."""
     out = []
     for shard in shards:
-        mm = getattr(shard, "_map", None)
+        mm = shard.mapped_bytes()
         if mm is not None and mm.size:
             out.append(MappedFile(Path(shard.path), int(mm.ctypes.data), int(mm.size)))
     return out
