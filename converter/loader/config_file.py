@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import CorruptFileError, InputError
-from converter.loader.model_build import ModelBuildError
 from converter.user_frame import user_stacklevel
 from formats.index import INDEX_NAME, Index, edited_files
 
@@ -49,13 +48,15 @@ def config_error(folder: Path, key: str, problem: str) -> CorruptFileError:
 
 
 @contextlib.contextmanager
-def config_edits_named(folder: Path, index: Index | None) -> Iterator[list[str]]:
+def config_edits_named(
+    folder: Path, index: Index | None, mismatch: tuple[type[InputError], ...]
+) -> Iterator[list[str]]:
     """Compare ``config.json`` (and a copied ``generation_config.json``) of ``folder`` with the sha256
     its ``index`` records of them (None: nothing checked, as for ``verify=False`` or an index written
     before they were recorded) and yield the names that differ. An edit may be legitimate (rope
-    scaling, generation defaults), so it is one warning naming the files, not a refusal; a
-    ``ModelBuildError`` or ``CheckpointMismatchError`` the block raises (a config that no longer
-    describes the shards) says that config.json was edited. The warning names the user's call."""
+    scaling, generation defaults), so it is one warning naming the files, not a refusal; an error of
+    the ``mismatch`` types the block raises (the load's errors of a config that no longer describes the
+    shards, not a damaged shard's) says that config.json was edited. The warning names the user's call."""
     # a missing config.json is the load's own error (no config.json, or an unfinished conversion)
     edited = edited_files(index, skip_missing=(CONFIG_NAME,)) if index is not None else []
     if edited:
@@ -73,7 +74,7 @@ def config_edits_named(folder: Path, index: Index | None) -> Iterator[list[str]]
         yield edited
     except InputError as exc:
         note = config_edit_note(edited)
-        if not note or not _names_a_mismatch(exc):
+        if not note or type(exc) not in mismatch:
             raise
         msg = f"{exc}; {note}"
         raise type(exc)(msg) from exc
@@ -87,11 +88,3 @@ def config_edit_note(edited: list[str]) -> str:
         f"{CONFIG_NAME} was changed after the conversion wrote it (the sha256 {INDEX_NAME} records "
         f"differs): the edit may be the cause; {_FIX}"
     )
-
-
-def _names_a_mismatch(exc: InputError) -> bool:
-    """Whether ``exc`` is a load's error of a config that does not describe the shards (not a damaged
-    shard: ``ChecksumMismatchError`` is a ``CorruptFileError``, left as it is)."""
-    from converter.loader.replace import CheckpointMismatchError  # replace.py imports this module
-
-    return type(exc) in (ModelBuildError, CheckpointMismatchError)

@@ -42,6 +42,7 @@ from converter.loader.module import QuantLinear4bit, dtype_from_name
 from converter.loader.moe import moe_modules, prefix_variants, rename_key
 from converter.loader.moe_attach import attach_experts
 from converter.loader.replace import (
+    CheckpointMismatchError,
     compute_dtype_from_config,
     is_swappable,
     mark_quantized,
@@ -889,7 +890,9 @@ def load_quantized(
         warmed(target, folder, dtype) as warm,
         shards_verified(folder, verify, streaming=streams_to(target)) as hashes,
         # a config.json edited since the conversion: one warning (verify=True); named in a load error
-        config_edits_named(folder, hashes.index if hashes else None) as edited,
+        config_edits_named(
+            folder, hashes.index if hashes else None, (ModelBuildError, CheckpointMismatchError)
+        ) as edited,
     ):
         # the model class is built (meta device) on this thread while the readers stream the shards
         early = EarlyBuild(
