@@ -72,6 +72,29 @@ def read_directly(name: str, modules: Mapping[str, Any]) -> str | None:
     return READ_DIRECTLY.get((type(modules.get(parent)).__name__, leaf))
 
 
+def called_through_a_list(modules: Mapping[str, Any]) -> dict[str, str]:
+    """Linear modules a parent also holds in a plain Python list or tuple attribute and calls from there
+    (Mask2Former's / MaskFormer's ``PredictionBlock.layers = [nn.Linear(...), activation]``, registered
+    with ``add_module`` besides): quantizing replaces the registered module, the list keeps calling the
+    original, which no loader fills (transformers + bitsandbytes' forward fails on its meta weight, ours
+    likewise), so they stay 16-bit and load in place. By module name: the reason."""
+    from torch import nn
+
+    name_of = {id(m): n for n, m in modules.items()}
+    out: dict[str, str] = {}
+    for owner in modules.values():
+        for attr, value in vars(owner).items():
+            if attr.startswith("_") or not isinstance(value, (list, tuple)):
+                continue
+            for item in value:
+                if isinstance(item, nn.Linear) and id(item) in name_of:
+                    out[name_of[id(item)]] = (
+                        f"called through a plain list ({type(owner).__name__}.{attr}), "
+                        "which a replaced layer does not reach"
+                    )
+    return out
+
+
 class SelectionError(InputError):
     """The tensors to quantize cannot be decided for this checkpoint."""
 
@@ -492,6 +515,7 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
     default_skip = HfQuantizer.get_modules_to_not_convert(model, None, keep_in_fp32)
     linear = {n: m for n, m in modules.items() if isinstance(m, Conv1D) or type(m) is nn.Linear}
     convertible = {n for n in linear if hf_should_convert(n, default_skip)}
+    listed = called_through_a_list(modules)
 
     meta_sd = model.state_dict()
     buffers = {n for n, _ in model.named_buffers()}
@@ -559,7 +583,7 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
         elif is_router(mod_name, mod) or inside_router(mod_name, modules):
             reason = "router"
         else:
-            reason = read_directly(mod_name, modules)
+            reason = read_directly(mod_name, modules) or listed.get(mod_name)
         if reason is not None:
             out[key] = KeyFacts(
                 reason=reason,

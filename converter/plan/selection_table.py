@@ -46,8 +46,9 @@ TABLE_FORMAT = 1
 #: 4: KeyFacts.tied (a tied pair stored twice); 5: a linear inside a router is a router (HunYuan's gate.wg);
 #: 6: a subclass of nn.Linear (FalconLinear) has its own reason, which convert's error names;
 #: 7: a linear whose weight its parent reads directly (Mamba's dt_proj) stays 16-bit;
-#: 8: so does one whose parent casts its input to the weight's dtype (HY-V4's indexer weights_proj)
-CACHE_FORMAT = 8
+#: 8: so does one whose parent casts its input to the weight's dtype (HY-V4's indexer weights_proj);
+#: 9: and one its parent calls through a plain list (Mask2Former's PredictionBlock.layers)
+CACHE_FORMAT = 9
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one

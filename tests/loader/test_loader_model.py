@@ -725,13 +725,71 @@ def test_hy_v4_indexer_weights_proj_stays_16bit_so_every_loader_runs(tmp_path: P
 
 def _assert_kept_16bit(folder: Path, modules: list[str], reason: str, *, quantized: list[str]) -> None:
     """The report keeps each of ``modules``' weights with ``reason`` and quantizes ``quantized``'s;
-    ``llm_int8_skip_modules`` names ``modules`` (without the base-model prefix, as transformers matches)."""
+    ``llm_int8_skip_modules`` names ``modules`` (without the base-model prefix, as transformers matches;
+    a base model's names have none)."""
     report = json.loads((folder / "quantization_report.json").read_text())
     actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
     assert all(actions[f"{m}.weight"] == ("keep", reason) for m in modules)
     assert all(actions[f"{m}.weight"][0] == "quantize" for m in quantized)
     skip = json.loads((folder / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
-    assert {m.split(".", 1)[1] for m in modules} <= set(skip)
+    assert all(m in skip or m.split(".", 1)[1] in skip for m in modules)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_linears_called_through_a_plain_list_stay_16bit(tmp_path: Path, quant_type: str) -> None:
+    """Mask2Former's mask predictor calls its linears through ``PredictionBlock.layers``, a plain list
+    (registered with ``add_module`` besides): a quantized one is a replaced module the list does not
+    reach, and both loaders' forward failed ("Tensor on device meta is not on the expected device cpu").
+    They stay 16-bit with their reason, named in ``llm_int8_skip_modules``; the other linears are
+    quantized; both loaders give the same outputs (dequantize + F.linear; int8: bitsandbytes' matmul)."""
+    from transformers import Mask2FormerConfig, Mask2FormerModel
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    swin = dict(
+        model_type="swin",
+        image_size=32,
+        patch_size=4,
+        embed_dim=64,
+        depths=[1, 1, 1, 1],
+        num_heads=[2, 2, 4, 4],
+        window_size=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=swin, hidden_dim=64, feature_size=64, mask_feature_size=64,
+        encoder_feedforward_dim=128, dim_feedforward=128, encoder_layers=1, decoder_layers=2,
+        num_attention_heads=4, num_queries=8, architectures=["Mask2FormerModel"],
+    )  # fmt: skip
+    Mask2FormerModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    listed = [f"transformer_module.decoder.mask_predictor.mask_embedder.{i}.0" for i in range(3)]
+    _assert_kept_16bit(
+        folder,
+        listed,
+        "called through a plain list (Mask2FormerPredictionBlock.layers), which a replaced layer does not "
+        "reach",
+        quantized=[
+            "transformer_module.decoder.layers.0.self_attn.out_proj",
+            "pixel_level_module.decoder.encoder.layers.0.fc1",
+        ],
+    )
+    ours = load_quantized(folder, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = bnb_generic_cpu_path(Mask2FormerModel.from_pretrained(folder, device_map="cpu").eval())
+    for layer in ours.modules():
+        if hasattr(layer, "use_gemv"):
+            layer.use_gemv = False
+        if hasattr(layer, "exact"):
+            layer.exact = True
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        a, b = ours(pixel_values=pixels), theirs(pixel_values=pixels)
+    assert torch.equal(a.transformer_decoder_last_hidden_state, b.transformer_decoder_last_hidden_state)
+    assert torch.equal(a.masks_queries_logits[-1], b.masks_queries_logits[-1])
 
 
 def test_fused_16bit_tensors_are_split_as_transformers_loads_them(tmp_path: Path) -> None:
