@@ -32,6 +32,7 @@ import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from typing import Any, Protocol
 
 from converter.errors import InputError
@@ -66,10 +67,42 @@ READ_DIRECTLY = {
 }
 
 
+#: A module's class casting an input to a child's weight dtype: ``x.to(self.<leaf>.weight.dtype)``,
+#: ``.to(dtype=self.<leaf>.weight.dtype)`` or ``target_dtype = self.<leaf>.weight.dtype`` first.
+_CASTS = (
+    re.compile(r"\.to\(\s*(?:dtype\s*=\s*)?self\.(\w+)\.weight\.dtype\s*\)"),
+    re.compile(r"\b\w+\s*=\s*self\.(\w+)\.weight\.dtype\b"),
+)
+
+
+@cache
+def _cast_leaves(cls: type) -> frozenset[str]:
+    """The children whose weight's dtype ``cls``'s own code casts an input to (SigLIP2's
+    ``patch_embedding``, Switch Transformers' ``wo``): empty where its source cannot be read, or where
+    it handles quantized weights itself (names ``_is_quantized`` or ``torch.uint8``: GPT-Neo's and
+    Falcon's flash-attention casts, NLLB-MoE's ``fc2`` guard)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return frozenset()
+    if "_is_quantized" in source or "torch.uint8" in source:
+        return frozenset()
+    return frozenset(leaf for pattern in _CASTS for leaf in pattern.findall(source))
+
+
 def read_directly(name: str, modules: Mapping[str, Any]) -> str | None:
-    """Why linear module ``name`` stays 16-bit because its parent reads its weight (READ_DIRECTLY)."""
+    """Why linear module ``name`` stays 16-bit because its parent reads its weight (READ_DIRECTLY), or
+    casts its input to the weight's dtype (found in the parent class's source, as the table's entries:
+    a 4-bit weight, uint8 storage, truncates the input to uint8 in every loader, silently; Switch
+    Transformers' and SigLIP2's casts give garbage logits in transformers + bitsandbytes too)."""
     parent, _, leaf = name.rpartition(".")
-    return READ_DIRECTLY.get((type(modules.get(parent)).__name__, leaf))
+    cls = type(modules.get(parent))
+    known = READ_DIRECTLY.get((cls.__name__, leaf))
+    if known is None and leaf in _cast_leaves(cls):
+        return f"read directly ({cls.__name__} casts its input to {leaf}.weight.dtype)"
+    return known
 
 
 def called_through_a_list(modules: Mapping[str, Any]) -> dict[str, str]:

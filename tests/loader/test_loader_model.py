@@ -776,20 +776,115 @@ def test_linears_called_through_a_plain_list_stay_16bit(tmp_path: Path, quant_ty
             "pixel_level_module.decoder.encoder.layers.0.fc1",
         ],
     )
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    a, b = _both_loaders(folder, pixel_values=pixels)
+    assert torch.equal(a.transformer_decoder_last_hidden_state, b.transformer_decoder_last_hidden_state)
+    assert torch.equal(a.masks_queries_logits[-1], b.masks_queries_logits[-1])
+
+
+def _both_loaders(folder: Path, **inputs: torch.Tensor) -> tuple:
+    """The outputs of ``load_quantized`` and of transformers + bitsandbytes (config.json's architecture)
+    on ``inputs``, bfloat16, dequantize + F.linear on both sides (int8: bitsandbytes' own matmul)."""
+    import transformers
+
     ours = load_quantized(folder, dtype=torch.bfloat16)
+    cls = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = bnb_generic_cpu_path(Mask2FormerModel.from_pretrained(folder, device_map="cpu").eval())
+        theirs = bnb_generic_cpu_path(
+            cls.from_pretrained(folder, device_map="cpu", dtype=torch.bfloat16).eval()
+        )
     for layer in ours.modules():
         if hasattr(layer, "use_gemv"):
             layer.use_gemv = False
         if hasattr(layer, "exact"):
             layer.exact = True
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.no_grad():
-        a, b = ours(pixel_values=pixels), theirs(pixel_values=pixels)
-    assert torch.equal(a.transformer_decoder_last_hidden_state, b.transformer_decoder_last_hidden_state)
-    assert torch.equal(a.masks_queries_logits[-1], b.masks_queries_logits[-1])
+        return ours(**inputs), theirs(**inputs)
+
+
+def _tiny_siglip2(folder: Path) -> dict:
+    from transformers import Siglip2Config, Siglip2ForImageClassification
+
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=4
+    )
+    text = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
+    )
+    config = Siglip2Config(
+        vision_config=vision, text_config=text, architectures=["Siglip2ForImageClassification"]
+    )
+    Siglip2ForImageClassification(config).to(torch.bfloat16).save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        pixel_values=torch.randn(1, 16, 3 * 4 * 4, generator=g).to(torch.bfloat16),
+        pixel_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        spatial_shapes=torch.tensor([[4, 4]]),
+    )
+
+
+def _tiny_switch_transformers(folder: Path) -> dict:
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    config = SwitchTransformersConfig(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2, decoder_start_token_id=0,
+        architectures=["SwitchTransformersForConditionalGeneration"],
+    )  # fmt: skip
+    SwitchTransformersForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(folder)
+    return dict(input_ids=IDS % 128, decoder_input_ids=torch.tensor([[0, 5, 6, 7]]))
+
+
+#: model -> (tiny checkpoint writer, a linear whose parent casts the input to its weight's dtype, the
+#: parent's class, a sibling linear that is quantized)
+_CASTING = {
+    "siglip2": (
+        _tiny_siglip2,
+        "vision_model.embeddings.patch_embedding",
+        "Siglip2VisionEmbeddings",
+        "vision_model.encoder.layers.0.mlp.fc1",
+    ),
+    "switch_transformers": (
+        _tiny_switch_transformers,
+        "encoder.block.0.layer.1.mlp.wo",
+        "SwitchTransformersDenseActDense",
+        "encoder.block.0.layer.1.mlp.wi",
+    ),
+}
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+@pytest.mark.parametrize("name", sorted(_CASTING))
+def test_linears_whose_input_is_cast_to_their_weight_dtype_stay_16bit(
+    tmp_path: Path, name: str, quant_type: str
+) -> None:
+    """SigLIP2's patch embedding (``target_dtype = self.patch_embedding.weight.dtype``) and Switch
+    Transformers' dense ``wo`` (``hidden_states.to(self.wo.weight.dtype)`` unless int8) cast their input
+    to the weight's dtype: a 4-bit weight (uint8 storage) truncated it to uint8 and both loaders agreed
+    on garbage logits, an int8 patch embedding failed in both. Such a linear, found in its parent's
+    source, stays 16-bit with its reason and is named in ``llm_int8_skip_modules``; both loaders give
+    the same outputs, near the 16-bit model's."""
+    from transformers import AutoConfig
+
+    from converter.writer.pipeline import convert
+
+    write, kept, parent, quantized = _CASTING[name]
+    torch.manual_seed(0)
+    inputs = write(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    reason = f"read directly ({parent} casts its input to {kept.rsplit('.', 1)[1]}.weight.dtype)"
+    _assert_kept_16bit(folder, [kept], reason, quantized=[quantized])
+    ours, theirs = _both_loaders(folder, **inputs)
+    assert torch.equal(ours.logits, theirs.logits)
+    import transformers
+
+    arch = AutoConfig.from_pretrained(tmp_path / "plain").architectures[0]
+    plain = getattr(transformers, arch).from_pretrained(tmp_path / "plain", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = plain(**inputs).logits.float()
+    assert (ours.logits.float() - ref).norm() < 0.5 * ref.norm()
 
 
 def test_fused_16bit_tensors_are_split_as_transformers_loads_them(tmp_path: Path) -> None:
