@@ -44,7 +44,8 @@ SUBCLASS_REASON = "a subclass of nn.Linear, which transformers + bitsandbytes do
 #: nn.Linear modules whose weight a model multiplies by itself instead of calling the layer, by (class of
 #: the parent module, leaf name): a 4-bit or int8 weight there fails in every loader (transformers +
 #: bitsandbytes too: "Expected size for first two dimensions of batch2 tensor"), so they stay 16-bit.
-#: transformers 5.x's MambaMixer computes ``self.dt_proj.weight @ time_step`` whatever the config
+#: transformers 5.x's MambaMixer computes ``self.dt_proj.weight @ time_step`` whatever the config, WavLM's
+#: attention hands its projections' weights to ``F.multi_head_attention_forward``
 #: (FalconMamba and Jamba branch on ``config._is_quantized`` and call the layer: quantized as usual).
 #: The sparse-attention indexers below (and Inkling2-Loop's message gate) call the layer on
 #: ``x.to(self.<leaf>.weight.dtype)``: a 4-bit weight (uint8 storage) truncates the input to uint8 and
@@ -52,8 +53,13 @@ SUBCLASS_REASON = "a subclass of nn.Linear, which transformers + bitsandbytes do
 #: the layer in ``_keep_in_fp32_modules_strict`` only, which transformers + bitsandbytes does not exclude
 #: from conversion (DeepSeek-V3.2, GLM-MoE-DSA, A.X-K2 and Mistral-Large-4 list it in
 #: ``_keep_in_fp32_modules``: kept 16-bit by transformers' rule already).
+_MHA = "multi_head_attention_forward"
 READ_DIRECTLY = {
     ("MambaMixer", "dt_proj"): "read directly (MambaMixer multiplies by dt_proj.weight itself)",
+    **{
+        ("WavLMAttention", leaf): f"read directly (WavLMAttention passes {leaf}.weight to F.{_MHA})"
+        for leaf in ("q_proj", "k_proj", "v_proj", "out_proj")
+    },
     **{
         (cls, leaf): f"read directly ({cls} casts its input to {leaf}.weight.dtype)"
         for cls, leaf in (

@@ -48,8 +48,9 @@ TABLE_FORMAT = 1
 #: 7: a linear whose weight its parent reads directly (Mamba's dt_proj) stays 16-bit;
 #: 8: so does one whose parent casts its input to the weight's dtype (HY-V4's indexer weights_proj);
 #: 9: and one its parent calls through a plain list (Mask2Former's PredictionBlock.layers);
-#: 10: any linear whose parent's source casts an input to its weight's dtype (SigLIP2's patch_embedding)
-CACHE_FORMAT = 10
+#: 10: any linear whose parent's source casts an input to its weight's dtype (SigLIP2's patch_embedding);
+#: 11: WavLM's attention projections (their weights go to F.multi_head_attention_forward)
+CACHE_FORMAT = 11
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one

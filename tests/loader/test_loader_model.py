@@ -782,6 +782,41 @@ def test_linears_called_through_a_plain_list_stay_16bit(tmp_path: Path, quant_ty
     assert torch.equal(a.masks_queries_logits[-1], b.masks_queries_logits[-1])
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_wavlm_attention_projections_stay_16bit_so_every_loader_runs(tmp_path: Path, quant_type: str) -> None:
+    """WavLM's attention passes its q/k/v/out projections' weights to ``F.multi_head_attention_forward``
+    instead of calling the layers: quantized, the forward failed in our loader and in transformers +
+    bitsandbytes alike ("expecting query weights shape of (64, 64), but got torch.Size([2048, 1])").
+    They stay 16-bit with their reason, named in ``llm_int8_skip_modules``; the feed-forward layers are
+    quantized; both loaders give the same logits."""
+    from transformers import WavLMConfig, WavLMForCTC
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = WavLMConfig(
+        vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        conv_dim=(64, 64), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, architectures=["WavLMForCTC"],
+    )  # fmt: skip
+    WavLMForCTC(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    # gru_rel_pos_linear (16 -> 8) gets a 4-D input: bitsandbytes 0.50's CPU int8 matmul takes 2-D/3-D
+    # inputs only, and its CPU 4-bit dequantize takes rows of 16 as whole blocks (docs/cli.md --blocksize)
+    skip = ["*.gru_rel_pos_linear"]
+    convert(tmp_path / "plain", folder, quant_type=quant_type, skip=skip, progress=False)
+    for leaf in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        _assert_kept_16bit(
+            folder,
+            [f"wavlm.encoder.layers.{i}.attention.{leaf}" for i in range(2)],
+            f"read directly (WavLMAttention passes {leaf}.weight to F.multi_head_attention_forward)",
+            quantized=[f"wavlm.encoder.layers.{i}.feed_forward.output_dense" for i in range(2)],
+        )
+    audio = torch.randn(1, 4000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ours, theirs = _both_loaders(folder, input_values=audio)
+    assert torch.equal(ours.logits, theirs.logits)
+
+
 def _both_loaders(folder: Path, **inputs: torch.Tensor) -> tuple:
     """The outputs of ``load_quantized`` and of transformers + bitsandbytes (config.json's architecture)
     on ``inputs``, bfloat16, dequantize + F.linear on both sides (int8: bitsandbytes' own matmul)."""
