@@ -633,12 +633,18 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
             )
             continue
         late = None
-        # the packed companions (W.absmax, ...) must reach the same module on load
-        companion = apply_renamings(key + ".absmax", renamings)
-        if companion != apply_renamings(key, renamings) + ".absmax" or (
-            apply_converters(companion, converters)[1] is not None
-        ):
-            late = "renamed on load in a way its quantization state would not follow"
+        # the packed companions (W.absmax, ...; int8: the module's SCB) must reach the same module on
+        # load (UnlimitedOcr renames projector.layers.weight alone: an int8 weight came apart from its
+        # SCB and transformers + bitsandbytes left the projector uninitialised)
+        renamed_key = apply_renamings(key, renamings)
+        companions = (
+            (key + ".absmax", renamed_key + ".absmax"),
+            (key.removesuffix(".weight") + ".SCB", renamed_key.removesuffix(".weight") + ".SCB"),
+        )
+        for companion, expected in companions:
+            companion = apply_renamings(companion, renamings)
+            if companion != expected or apply_converters(companion, converters)[1] is not None:
+                late = "renamed on load in a way its quantization state would not follow"
         out[key] = KeyFacts(
             reason=None,
             module=mod_name,

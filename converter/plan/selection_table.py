@@ -49,8 +49,9 @@ TABLE_FORMAT = 1
 #: 8: so does one whose parent casts its input to the weight's dtype (HY-V4's indexer weights_proj);
 #: 9: and one its parent calls through a plain list (Mask2Former's PredictionBlock.layers);
 #: 10: any linear whose parent's source casts an input to its weight's dtype (SigLIP2's patch_embedding);
-#: 11: WavLM's attention projections (their weights go to F.multi_head_attention_forward)
-CACHE_FORMAT = 11
+#: 11: WavLM's attention projections (their weights go to F.multi_head_attention_forward);
+#: 12: a weight renamed on load apart from its module's SCB is late too (UnlimitedOcr's projector)
+CACHE_FORMAT = 12
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one
