@@ -32,6 +32,7 @@ import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from typing import Any, Protocol
 
 from converter.errors import InputError
@@ -43,7 +44,8 @@ SUBCLASS_REASON = "a subclass of nn.Linear, which transformers + bitsandbytes do
 #: nn.Linear modules whose weight a model multiplies by itself instead of calling the layer, by (class of
 #: the parent module, leaf name): a 4-bit or int8 weight there fails in every loader (transformers +
 #: bitsandbytes too: "Expected size for first two dimensions of batch2 tensor"), so they stay 16-bit.
-#: transformers 5.x's MambaMixer computes ``self.dt_proj.weight @ time_step`` whatever the config
+#: transformers 5.x's MambaMixer computes ``self.dt_proj.weight @ time_step`` whatever the config, WavLM's
+#: attention hands its projections' weights to ``F.multi_head_attention_forward``
 #: (FalconMamba and Jamba branch on ``config._is_quantized`` and call the layer: quantized as usual).
 #: The sparse-attention indexers below (and Inkling2-Loop's message gate) call the layer on
 #: ``x.to(self.<leaf>.weight.dtype)``: a 4-bit weight (uint8 storage) truncates the input to uint8 and
@@ -51,8 +53,13 @@ SUBCLASS_REASON = "a subclass of nn.Linear, which transformers + bitsandbytes do
 #: the layer in ``_keep_in_fp32_modules_strict`` only, which transformers + bitsandbytes does not exclude
 #: from conversion (DeepSeek-V3.2, GLM-MoE-DSA, A.X-K2 and Mistral-Large-4 list it in
 #: ``_keep_in_fp32_modules``: kept 16-bit by transformers' rule already).
+_MHA = "multi_head_attention_forward"
 READ_DIRECTLY = {
     ("MambaMixer", "dt_proj"): "read directly (MambaMixer multiplies by dt_proj.weight itself)",
+    **{
+        ("WavLMAttention", leaf): f"read directly (WavLMAttention passes {leaf}.weight to F.{_MHA})"
+        for leaf in ("q_proj", "k_proj", "v_proj", "out_proj")
+    },
     **{
         (cls, leaf): f"read directly ({cls} casts its input to {leaf}.weight.dtype)"
         for cls, leaf in (
@@ -103,10 +110,65 @@ READ_DIRECTLY = {
 }
 
 
+#: A module's class casting an input to a child's weight dtype: ``x.to(self.<leaf>.weight.dtype)``,
+#: ``.to(dtype=self.<leaf>.weight.dtype)`` or ``target_dtype = self.<leaf>.weight.dtype`` first.
+_CASTS = (
+    re.compile(r"\.to\(\s*(?:dtype\s*=\s*)?self\.(\w+)\.weight\.dtype\s*\)"),
+    re.compile(r"\b\w+\s*=\s*self\.(\w+)\.weight\.dtype\b"),
+)
+
+
+@cache
+def _cast_leaves(cls: type) -> frozenset[str]:
+    """The children whose weight's dtype ``cls``'s own code casts an input to (SigLIP2's
+    ``patch_embedding``, Switch Transformers' ``wo``): empty where its source cannot be read, or where
+    it handles quantized weights itself (names ``_is_quantized`` or ``torch.uint8``: GPT-Neo's and
+    Falcon's flash-attention casts, NLLB-MoE's ``fc2`` guard)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return frozenset()
+    if "_is_quantized" in source or "torch.uint8" in source:
+        return frozenset()
+    return frozenset(leaf for pattern in _CASTS for leaf in pattern.findall(source))
+
+
 def read_directly(name: str, modules: Mapping[str, Any]) -> str | None:
-    """Why linear module ``name`` stays 16-bit because its parent reads its weight (READ_DIRECTLY)."""
+    """Why linear module ``name`` stays 16-bit because its parent reads its weight (READ_DIRECTLY), or
+    casts its input to the weight's dtype (found in the parent class's source, as the table's entries:
+    a 4-bit weight, uint8 storage, truncates the input to uint8 in every loader, silently; Switch
+    Transformers' and SigLIP2's casts give garbage logits in transformers + bitsandbytes too)."""
     parent, _, leaf = name.rpartition(".")
-    return READ_DIRECTLY.get((type(modules.get(parent)).__name__, leaf))
+    cls = type(modules.get(parent))
+    known = READ_DIRECTLY.get((cls.__name__, leaf))
+    if known is None and leaf in _cast_leaves(cls):
+        return f"read directly ({cls.__name__} casts its input to {leaf}.weight.dtype)"
+    return known
+
+
+def called_through_a_list(modules: Mapping[str, Any]) -> dict[str, str]:
+    """Linear modules a parent also holds in a plain Python list or tuple attribute and calls from there
+    (Mask2Former's / MaskFormer's ``PredictionBlock.layers = [nn.Linear(...), activation]``, registered
+    with ``add_module`` besides): quantizing replaces the registered module, the list keeps calling the
+    original, which no loader fills (transformers + bitsandbytes' forward fails on its meta weight, ours
+    likewise), so they stay 16-bit and load in place. By module name: the reason."""
+    from torch import nn
+
+    name_of = {id(m): n for n, m in modules.items()}
+    out: dict[str, str] = {}
+    for owner in modules.values():
+        for attr, value in vars(owner).items():
+            if attr.startswith("_") or not isinstance(value, (list, tuple)):
+                continue
+            for item in value:
+                if isinstance(item, nn.Linear) and id(item) in name_of:
+                    out[name_of[id(item)]] = (
+                        f"called through a plain list ({type(owner).__name__}.{attr}), "
+                        "which a replaced layer does not reach"
+                    )
+    return out
 
 
 class SelectionError(InputError):
@@ -529,6 +591,7 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
     default_skip = HfQuantizer.get_modules_to_not_convert(model, None, keep_in_fp32)
     linear = {n: m for n, m in modules.items() if isinstance(m, Conv1D) or type(m) is nn.Linear}
     convertible = {n for n in linear if hf_should_convert(n, default_skip)}
+    listed = called_through_a_list(modules)
 
     meta_sd = model.state_dict()
     buffers = {n for n, _ in model.named_buffers()}
@@ -596,7 +659,7 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
         elif is_router(mod_name, mod) or inside_router(mod_name, modules):
             reason = "router"
         else:
-            reason = read_directly(mod_name, modules)
+            reason = read_directly(mod_name, modules) or listed.get(mod_name)
         if reason is not None:
             out[key] = KeyFacts(
                 reason=reason,
@@ -607,12 +670,18 @@ def facts_from_model(model: Any, keys: Sequence[str]) -> ModelFacts:
             )
             continue
         late = None
-        # the packed companions (W.absmax, ...) must reach the same module on load
-        companion = apply_renamings(key + ".absmax", renamings)
-        if companion != apply_renamings(key, renamings) + ".absmax" or (
-            apply_converters(companion, converters)[1] is not None
-        ):
-            late = "renamed on load in a way its quantization state would not follow"
+        # the packed companions (W.absmax, ...; int8: the module's SCB) must reach the same module on
+        # load (UnlimitedOcr renames projector.layers.weight alone: an int8 weight came apart from its
+        # SCB and transformers + bitsandbytes left the projector uninitialised)
+        renamed_key = apply_renamings(key, renamings)
+        companions = (
+            (key + ".absmax", renamed_key + ".absmax"),
+            (key.removesuffix(".weight") + ".SCB", renamed_key.removesuffix(".weight") + ".SCB"),
+        )
+        for companion, expected in companions:
+            companion = apply_renamings(companion, renamings)
+            if companion != expected or apply_converters(companion, converters)[1] is not None:
+                late = "renamed on load in a way its quantization state would not follow"
         out[key] = KeyFacts(
             reason=None,
             module=mod_name,

@@ -48,8 +48,12 @@ TABLE_FORMAT = 1
 #: 7: a linear whose weight its parent reads directly (Mamba's dt_proj) stays 16-bit;
 #: 8: so does one whose parent casts its input to the weight's dtype (HY-V4's indexer weights_proj);
 #: 9: and the projections, input layers and heads that do the same (GraniteSpeech5's input_linear, ...);
-#: 10: LayoutLMv2/v3's relative-position tables, which their encoder indexes, stay 16-bit
-CACHE_FORMAT = 10
+#: 10: LayoutLMv2/v3's relative-position tables, which their encoder indexes, stay 16-bit;
+#: 11: one its parent calls through a plain list (Mask2Former's PredictionBlock.layers);
+#: 12: any linear whose parent's source casts an input to its weight's dtype (SigLIP2's patch_embedding);
+#: 13: WavLM's attention projections (their weights go to F.multi_head_attention_forward); a weight
+#:     renamed on load apart from its module's SCB is late too (UnlimitedOcr's projector)
+CACHE_FORMAT = 13
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one

@@ -792,14 +792,201 @@ def test_layoutlmv3_relative_position_tables_stay_16bit(tmp_path: Path, quant_ty
 
 def _assert_kept_16bit(folder: Path, modules: list[str], reason: str, *, quantized: list[str]) -> None:
     """The report keeps each of ``modules``' weights with ``reason`` and quantizes ``quantized``'s;
-    ``llm_int8_skip_modules`` names ``modules`` (without the base-model prefix where the model has one, as
-    transformers matches)."""
+    ``llm_int8_skip_modules`` names ``modules`` (without the base-model prefix, as transformers matches;
+    a base model's names have none)."""
     report = json.loads((folder / "quantization_report.json").read_text())
     actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
     assert all(actions[f"{m}.weight"] == ("keep", reason) for m in modules)
     assert all(actions[f"{m}.weight"][0] == "quantize" for m in quantized)
     skip = json.loads((folder / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
     assert all(m in skip or m.split(".", 1)[1] in skip for m in modules)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_linears_called_through_a_plain_list_stay_16bit(tmp_path: Path, quant_type: str) -> None:
+    """Mask2Former's mask predictor calls its linears through ``PredictionBlock.layers``, a plain list
+    (registered with ``add_module`` besides): a quantized one is a replaced module the list does not
+    reach, and both loaders' forward failed ("Tensor on device meta is not on the expected device cpu").
+    They stay 16-bit with their reason, named in ``llm_int8_skip_modules``; the other linears are
+    quantized; both loaders give the same outputs (dequantize + F.linear; int8: bitsandbytes' matmul)."""
+    from transformers import Mask2FormerConfig, Mask2FormerModel
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    swin = dict(
+        model_type="swin",
+        image_size=32,
+        patch_size=4,
+        embed_dim=64,
+        depths=[1, 1, 1, 1],
+        num_heads=[2, 2, 4, 4],
+        window_size=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=swin, hidden_dim=64, feature_size=64, mask_feature_size=64,
+        encoder_feedforward_dim=128, dim_feedforward=128, encoder_layers=1, decoder_layers=2,
+        num_attention_heads=4, num_queries=8, architectures=["Mask2FormerModel"],
+    )  # fmt: skip
+    Mask2FormerModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    listed = [f"transformer_module.decoder.mask_predictor.mask_embedder.{i}.0" for i in range(3)]
+    _assert_kept_16bit(
+        folder,
+        listed,
+        "called through a plain list (Mask2FormerPredictionBlock.layers), which a replaced layer does not "
+        "reach",
+        quantized=[
+            "transformer_module.decoder.layers.0.self_attn.out_proj",
+            "pixel_level_module.decoder.encoder.layers.0.fc1",
+        ],
+    )
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    a, b = _both_loaders(folder, pixel_values=pixels)
+    assert torch.equal(a.transformer_decoder_last_hidden_state, b.transformer_decoder_last_hidden_state)
+    assert torch.equal(a.masks_queries_logits[-1], b.masks_queries_logits[-1])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_wavlm_attention_projections_stay_16bit_so_every_loader_runs(tmp_path: Path, quant_type: str) -> None:
+    """WavLM's attention passes its q/k/v/out projections' weights to ``F.multi_head_attention_forward``
+    instead of calling the layers: quantized, the forward failed in our loader and in transformers +
+    bitsandbytes alike ("expecting query weights shape of (64, 64), but got torch.Size([2048, 1])").
+    They stay 16-bit with their reason, named in ``llm_int8_skip_modules``; the feed-forward layers are
+    quantized; both loaders give the same logits."""
+    from transformers import WavLMConfig, WavLMForCTC
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = WavLMConfig(
+        vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        conv_dim=(64, 64), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, architectures=["WavLMForCTC"],
+    )  # fmt: skip
+    WavLMForCTC(config).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    # gru_rel_pos_linear (16 -> 8) gets a 4-D input: bitsandbytes 0.50's CPU int8 matmul takes 2-D/3-D
+    # inputs only, and its CPU 4-bit dequantize takes rows of 16 as whole blocks (docs/cli.md --blocksize)
+    skip = ["*.gru_rel_pos_linear"]
+    convert(tmp_path / "plain", folder, quant_type=quant_type, skip=skip, progress=False)
+    for leaf in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        _assert_kept_16bit(
+            folder,
+            [f"wavlm.encoder.layers.{i}.attention.{leaf}" for i in range(2)],
+            f"read directly (WavLMAttention passes {leaf}.weight to F.multi_head_attention_forward)",
+            quantized=[f"wavlm.encoder.layers.{i}.feed_forward.output_dense" for i in range(2)],
+        )
+    audio = torch.randn(1, 4000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ours, theirs = _both_loaders(folder, input_values=audio)
+    assert torch.equal(ours.logits, theirs.logits)
+
+
+def _both_loaders(folder: Path, **inputs: torch.Tensor) -> tuple:
+    """The outputs of ``load_quantized`` and of transformers + bitsandbytes (config.json's architecture)
+    on ``inputs``, bfloat16, dequantize + F.linear on both sides (int8: bitsandbytes' own matmul)."""
+    import transformers
+
+    ours = load_quantized(folder, dtype=torch.bfloat16)
+    cls = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = bnb_generic_cpu_path(
+            cls.from_pretrained(folder, device_map="cpu", dtype=torch.bfloat16).eval()
+        )
+    for layer in ours.modules():
+        if hasattr(layer, "use_gemv"):
+            layer.use_gemv = False
+        if hasattr(layer, "exact"):
+            layer.exact = True
+    with torch.no_grad():
+        return ours(**inputs), theirs(**inputs)
+
+
+def _tiny_siglip2(folder: Path) -> dict:
+    from transformers import Siglip2Config, Siglip2ForImageClassification
+
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=4
+    )
+    text = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
+    )
+    config = Siglip2Config(
+        vision_config=vision, text_config=text, architectures=["Siglip2ForImageClassification"]
+    )
+    Siglip2ForImageClassification(config).to(torch.bfloat16).save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        pixel_values=torch.randn(1, 16, 3 * 4 * 4, generator=g).to(torch.bfloat16),
+        pixel_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        spatial_shapes=torch.tensor([[4, 4]]),
+    )
+
+
+def _tiny_switch_transformers(folder: Path) -> dict:
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    config = SwitchTransformersConfig(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2, decoder_start_token_id=0,
+        architectures=["SwitchTransformersForConditionalGeneration"],
+    )  # fmt: skip
+    SwitchTransformersForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(folder)
+    return dict(input_ids=IDS % 128, decoder_input_ids=torch.tensor([[0, 5, 6, 7]]))
+
+
+#: model -> (tiny checkpoint writer, a linear whose parent casts the input to its weight's dtype, the
+#: parent's class, a sibling linear that is quantized)
+_CASTING = {
+    "siglip2": (
+        _tiny_siglip2,
+        "vision_model.embeddings.patch_embedding",
+        "Siglip2VisionEmbeddings",
+        "vision_model.encoder.layers.0.mlp.fc1",
+    ),
+    "switch_transformers": (
+        _tiny_switch_transformers,
+        "encoder.block.0.layer.1.mlp.wo",
+        "SwitchTransformersDenseActDense",
+        "encoder.block.0.layer.1.mlp.wi",
+    ),
+}
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+@pytest.mark.parametrize("name", sorted(_CASTING))
+def test_linears_whose_input_is_cast_to_their_weight_dtype_stay_16bit(
+    tmp_path: Path, name: str, quant_type: str
+) -> None:
+    """SigLIP2's patch embedding (``target_dtype = self.patch_embedding.weight.dtype``) and Switch
+    Transformers' dense ``wo`` (``hidden_states.to(self.wo.weight.dtype)`` unless int8) cast their input
+    to the weight's dtype: a 4-bit weight (uint8 storage) truncated it to uint8 and both loaders agreed
+    on garbage logits, an int8 patch embedding failed in both. Such a linear, found in its parent's
+    source, stays 16-bit with its reason and is named in ``llm_int8_skip_modules``; both loaders give
+    the same outputs, near the 16-bit model's."""
+    from transformers import AutoConfig
+
+    from converter.writer.pipeline import convert
+
+    write, kept, parent, quantized = _CASTING[name]
+    torch.manual_seed(0)
+    inputs = write(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    reason = f"read directly ({parent} casts its input to {kept.rsplit('.', 1)[1]}.weight.dtype)"
+    _assert_kept_16bit(folder, [kept], reason, quantized=[quantized])
+    ours, theirs = _both_loaders(folder, **inputs)
+    assert torch.equal(ours.logits, theirs.logits)
+    import transformers
+
+    arch = AutoConfig.from_pretrained(tmp_path / "plain").architectures[0]
+    plain = getattr(transformers, arch).from_pretrained(tmp_path / "plain", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = plain(**inputs).logits.float()
+    assert (ours.logits.float() - ref).norm() < 0.5 * ref.norm()
 
 
 def test_fused_16bit_tensors_are_split_as_transformers_loads_them(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ plain tensors, so it loads what transformers + bitsandbytes load, with the same 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,44 @@ def test_vision_language_checkpoint_loads_like_transformers(
     ids = torch.tensor([[5, 17, 3, 99, 42, 7, 64, 1, 120, 33]])  # 10 tokens: the dequantize path
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_int8_weight_renamed_apart_from_its_scb_stays_16bit(tmp_path: Path) -> None:
+    """UnlimitedOcr's checkpoint spells its projector ``model.projector.layers``; transformers renames
+    ``projector.layers.weight`` (and ``.bias``) to ``multi_modal_projector`` on load, not the module's
+    ``SCB``: an int8 projector came apart from its scale, transformers + bitsandbytes reported the weight
+    unexpected and ran with the projector uninitialised (ours loaded it). It stays 16-bit with the
+    reason a 4-bit weight renamed apart from its state has; both loaders hold the source's weight."""
+    from safetensors import safe_open
+
+    text = dict(_TEXT, num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2)
+    text.update(moe_intermediate_size=64, vocab_size=512, mlp_layer_types=["dense", "sparse"])
+    text["layer_types"] = ["reference_sliding_attention"] * 2
+    sam = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64)
+    encoder = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=56
+    )
+    config = transformers.UnlimitedOcrConfig(
+        text_config=text,
+        vision_config=dict(sam_config=sam, encoder_config=encoder),
+        architectures=["UnlimitedOcrForConditionalGeneration"],
+    )
+    torch.manual_seed(0)
+    transformers.UnlimitedOcrForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(
+        tmp_path / "src"
+    )
+    convert(tmp_path / "src", tmp_path / "out", quant_type="int8", progress=False)
+
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
+        source = f.get_tensor("model.projector.layers.weight")
+    report = json.loads((tmp_path / "out" / "quantization_report.json").read_text())
+    actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
+    assert actions["model.projector.layers.weight"] == (
+        "keep",
+        "renamed on load in a way its quantization state would not follow",
+    )
+    ref, info, _ = load_logged(tmp_path / "out")
+    assert not any(info.values()), info
+    ours = load_quantized(tmp_path / "out", dtype=torch.bfloat16)
+    assert torch.equal(ref.model.multi_modal_projector.weight, source)
+    assert torch.equal(ours.model.multi_modal_projector.weight, source)
