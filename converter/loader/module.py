@@ -246,7 +246,7 @@ def quant_state_tensors(state: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def _linear_forward(x, packed, state, bias, allow_gemv):
+def _linear_forward(x, packed, state, bias, allow_gemv, inference=False):
     out_features, in_features = (int(d) for d in state.shape)
     x2d = x.reshape(-1, in_features)
     if allow_gemv and ops.gemv_ok(x2d, in_features, state):
@@ -254,6 +254,8 @@ def _linear_forward(x, packed, state, bias, allow_gemv):
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], out_features)
+    if inference and allow_gemv and x.dtype == torch.bfloat16 and ops.f32_prefill(x):
+        return ops.linear_f32(x, ops.dequantize(packed, state, torch.float32), bias)  # as ops.linear's
     # The caller's shape and bias go to F.linear unchanged: the same GEMM call bitsandbytes makes.
     return F.linear(x, ops.dequantize(packed, state, x.dtype), bias)
 
@@ -291,7 +293,7 @@ def linear_4bit(
     state = weight.quant_state
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _Linear4bitFunction.apply(x, weight, state, bias, allow_gemv)
-    return _linear_forward(x, weight, state, bias, allow_gemv)  # inference: no autograd node
+    return _linear_forward(x, weight, state, bias, allow_gemv, inference=True)  # no autograd node
 
 
 class QuantLinear4bit(nn.Module):

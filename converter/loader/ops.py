@@ -30,6 +30,7 @@ import torch
 
 from converter.kernels import prepared
 from converter.kernels.checks import GEMV_MAX_WEIGHTS, KERNEL_DTYPE_NAMES
+from converter.kernels.isa_env import bf16_matmul_is_native
 from converter.loader import dynamo_marks
 from formats.quant_types import NESTED_BLOCKSIZE
 
@@ -161,6 +162,7 @@ class KernelArgs(NamedTuple):
 
 def prepare(packed: torch.Tensor, state: Any) -> KernelArgs:
     """The kernel arguments of a weight ([out, in] or any shape when only dequantized)."""
+    _bf16_matmul_is_native()  # eager: what a compiled graph of this layer reads (f32_prefill)
     shape = tuple(int(d) for d in state.shape)
     out_features = shape[0] if len(shape) == 2 else 1
     in_features = math.prod(shape) // out_features
@@ -397,8 +399,39 @@ def linear(
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], args.out_features)
+    if use_gemv and x.dtype == torch.bfloat16 and f32_prefill(x):
+        return linear_f32(
+            x, dequantize_prepared(args, (args.out_features, args.in_features), torch.float32), bias
+        )
     w = dequantize_prepared(args, (args.out_features, args.in_features), x.dtype)
     return torch.nn.functional.linear(x, w, bias)
+
+
+def linear_f32(x: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w32.T + bias`` for bf16 x on a CPU without native bf16 matmuls (:func:`f32_prefill`):
+    torch's bf16 GEMM there is 4-7x slower than float32's. The float32 weight (the f32 products the GEMV
+    also multiplies with) and x widened exactly, one float32 GEMM, rounded once to x's dtype."""
+    bias32 = bias.float() if bias is not None else None
+    return torch.nn.functional.linear(x.float(), w32, bias32).to(x.dtype)
+
+
+def f32_prefill(x: torch.Tensor) -> bool:
+    """A bf16 call under ``torch.no_grad`` (generate, inference) on a CPU without native bf16 matmuls
+    (``isa_env.bf16_matmul_is_native``), the same in a compiled graph as in eager mode. With grad enabled
+    (training) and with ``use_gemv = False`` the layer keeps bitsandbytes' bf16 call."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not _bf16_matmul_is_native()
+
+
+#: isa_env.bf16_matmul_is_native() as last seen in eager mode (a layer's preparation at load, or a call):
+#: a compiled graph reads this global (dynamo guards it) instead of the extension's CPU facts.
+_native_bf16_matmul = True
+
+
+def _bf16_matmul_is_native() -> bool:
+    global _native_bf16_matmul
+    if not torch.compiler.is_compiling():
+        _native_bf16_matmul = bf16_matmul_is_native()
+    return _native_bf16_matmul
 
 
 _warned: set[str] = set()

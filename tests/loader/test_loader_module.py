@@ -358,3 +358,23 @@ def test_weight_assigned_or_loaded_is_the_one_the_forward_reads() -> None:
         blocksize=64, quant_type="nf4", bnb_quantized=True,
     )  # fmt: skip
     assert torch.equal(layer(x), want)
+
+
+def test_bf16_prefill_multiplies_in_float32_without_native_bf16_matmuls(monkeypatch) -> None:
+    """More than 8 bf16 tokens under no_grad on a CPU without AVX512_BF16 (a path below avx512bf16, as
+    QM_CPU_ISA forces it): one float32 GEMM of the exact float32 weight, rounded once to bf16, within
+    the GEMM's bound of the float64 product; ``use_gemv = False`` and training keep bitsandbytes' bf16
+    call."""
+    layer, record, bias = make_layer(48, 128, bias=True, nested=True, blocksize=64)
+    x = torch.randn(12, 128).to(torch.bfloat16)
+    w32 = reference_weight(record, torch.float32)
+    monkeypatch.setenv("QM_CPU_ISA", "avx2" if "avx2" in _kernels.cpu_isas() else "scalar")
+    with torch.no_grad():
+        y = layer(x)
+        assert torch.equal(y, F.linear(x.float(), w32, bias.float()).to(torch.bfloat16))
+        ref, bound = dot_bound(x, w32, out_dtype=torch.bfloat16, bias=bias)  # float32 sums of K terms
+        assert worst_ratio(y, ref, bound) <= 1.0
+        layer.use_gemv = False
+        assert torch.equal(layer(x), F.linear(x, w32.to(torch.bfloat16), bias))
+    layer.use_gemv = True  # grad enabled (training): bitsandbytes' bf16 call too
+    assert torch.equal(layer(x), F.linear(x, w32.to(torch.bfloat16), bias))
