@@ -210,16 +210,23 @@ def row_smollm2(args, python: str, work: Path, out: dict, method: str = "nf4") -
     out[title]["hf_over_ours"] = hf / ours
 
 
-def row_dequantize(args, python: str, work: Path, out: dict) -> None:
-    """SmolLM2-135M's nf4 folder (ours) back to a plain bf16 checkpoint, whole processes: ``quantize-model
-    dequantize`` vs transformers + bitsandbytes (``from_pretrained`` of the folder, ``dequantize()``,
-    ``save_pretrained``) vs a plain copy of the folder."""
+def smollm2_nf4(args, python: str, work: Path) -> tuple[Path, Path]:
+    """SmolLM2-135M's sample checkpoint and its nf4 folder under ``work`` (converted once by
+    ``quantize-model convert``)."""
     make = "from pathlib import Path; from converter.tools import samples; "
     make += f"print(samples.smollm2(Path({args.samples!r})))"
     src = Path(in_child(make))
     folder = work / "nf4"
     if not (folder / "config.json").is_file():
         subprocess.run(ours_argv(python, "convert", str(src), str(folder), "-q"), check=True)
+    return src, folder
+
+
+def row_dequantize(args, python: str, work: Path, out: dict) -> None:
+    """SmolLM2-135M's nf4 folder (ours) back to a plain bf16 checkpoint, whole processes: ``quantize-model
+    dequantize`` vs transformers + bitsandbytes (``from_pretrained`` of the folder, ``dequantize()``,
+    ``save_pretrained``) vs a plain copy of the folder."""
+    _, folder = smollm2_nf4(args, python, work)
     dst = work / "out"
     fresh = functools.partial(fresh_run, dst)
     ours_name = "quantize-model dequantize"
@@ -444,12 +451,7 @@ def check_cuda_path(python: str, src: Path, dst: Path) -> dict:
 
 def row_cli(args, python: str, work: Path, out: dict) -> None:
     """The CLI's whole processes, start-up included (docs/benchmarks.md, round 48)."""
-    make = "from pathlib import Path; from converter.tools import samples; "
-    make += f"print(samples.smollm2(Path({args.samples!r})))"
-    src = Path(in_child(make))
-    folder = work / "nf4"
-    if not (folder / "config.json").is_file():
-        subprocess.run(ours_argv(python, "convert", str(src), str(folder), "-q"), check=True)
+    src, folder = smollm2_nf4(args, python, work)
     dst = work / "out"
     commands = {
         "--help": ["--help"],
