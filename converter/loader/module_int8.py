@@ -14,6 +14,9 @@ Forward paths (``x`` in the compute dtype, default the input's):
   respect to the stored weight; closer to the unquantized model than bnb's int8 x int8 matmul);
 - 1..8 tokens on the CPU or a CUDA device: the fused int8 GEMV (float32 sums, the same result
   within rounding; on CUDA csrc/cuda/gemv_int8.cu, capturable in a CUDA graph);
+- more bfloat16 tokens under ``torch.no_grad`` on a CPU without native bf16 matmuls: the default
+  path's float32 weight in one float32 GEMM, rounded once (``loader.ops.f32_prefill``, as 4-bit
+  layers do: torch's bf16 GEMM there is 4-7x slower);
 - ``exact=True``: bitsandbytes' ``MatMul8bitLt`` inference math (activations cast to fp16 and
   quantized per token, outlier columns ``|x| >= threshold`` kept in x's dtype, int32 matmul), the same
   bits as bnb's CPU backend; reimplemented in torch, no bitsandbytes needed. In training mode on the
@@ -36,7 +39,7 @@ from torch import nn
 
 from converter.kernels import prepared
 from converter.loader import bnb_optional, int8_ops
-from converter.loader.ops import check_compute_dtype, not_a_view
+from converter.loader.ops import check_compute_dtype, f32_prefill, linear_f32, not_a_view
 from formats.int8 import Int8Tensor, scb_key, weight_format_key
 
 # bitsandbytes' classes, once the process has imported it (bnb_optional: we never import it ourselves):
@@ -131,12 +134,15 @@ def training_linear(
     return F.linear(x, bnb_weight(codes, scb, x.dtype), bias)
 
 
-def _forward(x, codes, scb, bias, allow_gemv):
+def _forward(x, codes, scb, bias, allow_gemv, inference=False):
     out_features, in_features = codes.shape
     x2d = x.reshape(-1, in_features)
     if allow_gemv and int8_ops.gemv_ok(x2d):
         y = int8_ops.gemv(x2d, codes, scb, bias)
         return y.reshape(*x.shape[:-1], out_features)
+    if inference and allow_gemv and x.dtype == torch.bfloat16 and f32_prefill(x):
+        # no native bf16 matmuls on this CPU: the float32 weight in one float32 GEMM (as 4-bit layers do)
+        return linear_f32(x, int8_ops.dequantize(codes, scb, torch.float32), bias)
     return F.linear(x, int8_ops.dequantize(codes, scb, x.dtype), bias)
 
 
@@ -279,7 +285,7 @@ class QuantLinear8bit(nn.Module):
             exact = self.threshold if self.exact else None
             y = _Linear8bitFunction.apply(x, self.codes, self.scb, bias, self.use_gemv, exact)
         else:
-            y = _forward(x, self.codes, self.scb, bias, self.use_gemv)
+            y = _forward(x, self.codes, self.scb, bias, self.use_gemv, inference=True)
         return y.to(inp_dtype)
 
     # -- device moves: codes and SCB move, never cast (.half() must not touch them) ---------------

@@ -554,3 +554,21 @@ def test_device_map_cpu_and_footprint_count_codes_and_scb(int8_folder: Path) -> 
     others.update({id(m.bias): m.bias for m in layers.values() if m.bias is not None})
     expected = int8_bytes + sum(t.numel() * t.element_size() for t in others.values())
     assert plain.get_memory_footprint() == expected
+
+
+def test_bf16_prefill_multiplies_in_float32_without_native_bf16_matmuls(monkeypatch) -> None:
+    """More than 8 bf16 tokens under no_grad on a CPU without AVX512_BF16 (forced with QM_CPU_ISA): the
+    default path's float32 weight in one float32 GEMM, rounded once to bf16, as the 4-bit layers do;
+    ``use_gemv = False`` and training keep the bf16 ``F.linear`` of the weight cast to bf16."""
+    from converter.kernels import bnb4bit
+
+    ours, _ = _layer()
+    x = torch.randn(12, 80).to(torch.bfloat16)
+    w32 = int8_ops.dequantize(ours.codes, ours.scb, torch.float32)
+    monkeypatch.setenv("QM_CPU_ISA", "avx2" if "avx2" in bnb4bit.cpu_isas() else "scalar")
+    with torch.no_grad():
+        assert torch.equal(ours(x), torch.nn.functional.linear(x.float(), w32, ours.bias.float()).to(x.dtype))
+        ours.use_gemv = False
+        assert torch.equal(ours(x), torch.nn.functional.linear(x, w32.to(x.dtype), ours.bias))
+    ours.use_gemv = True
+    assert torch.equal(ours(x), torch.nn.functional.linear(x, w32.to(x.dtype), ours.bias))
