@@ -254,7 +254,7 @@ def _linear_forward(x, packed, state, bias, allow_gemv, inference=False):
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], out_features)
-    if inference and allow_gemv and x.dtype == torch.bfloat16 and ops.f32_prefill(x):
+    if inference and allow_gemv and ops.f32_prefill(x):
         return ops.linear_f32(x, ops.dequantize(packed, state, torch.float32), bias)  # as ops.linear's
     # The caller's shape and bias go to F.linear unchanged: the same GEMM call bitsandbytes makes.
     return F.linear(x, ops.dequantize(packed, state, x.dtype), bias)

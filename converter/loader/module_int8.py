@@ -140,7 +140,7 @@ def _forward(x, codes, scb, bias, allow_gemv, inference=False):
     if allow_gemv and int8_ops.gemv_ok(x2d):
         y = int8_ops.gemv(x2d, codes, scb, bias)
         return y.reshape(*x.shape[:-1], out_features)
-    if inference and allow_gemv and x.dtype == torch.bfloat16 and f32_prefill(x):
+    if inference and allow_gemv and f32_prefill(x):
         # no native bf16 matmuls on this CPU: the float32 weight in one float32 GEMM (as 4-bit layers do)
         return linear_f32(x, int8_ops.dequantize(codes, scb, torch.float32), bias)
     return F.linear(x, int8_ops.dequantize(codes, scb, x.dtype), bias)

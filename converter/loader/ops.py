@@ -399,7 +399,7 @@ def linear(
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], args.out_features)
-    if use_gemv and x.dtype == torch.bfloat16 and f32_prefill(x):
+    if use_gemv and f32_prefill(x):
         return linear_f32(
             x, dequantize_prepared(args, (args.out_features, args.in_features), torch.float32), bias
         )
@@ -419,7 +419,12 @@ def f32_prefill(x: torch.Tensor) -> bool:
     """A bf16 call under ``torch.no_grad`` (generate, inference) on a CPU without native bf16 matmuls
     (``isa_env.bf16_matmul_is_native``), the same in a compiled graph as in eager mode. With grad enabled
     (training) and with ``use_gemv = False`` the layer keeps bitsandbytes' bf16 call."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and not _bf16_matmul_is_native()
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not _bf16_matmul_is_native()
+    )
 
 
 #: isa_env.bf16_matmul_is_native() as last seen in eager mode (a layer's preparation at load, or a call):
