@@ -49,38 +49,42 @@ def ours_isas(available: list[str], wanted: str | None = None) -> list[str]:
     return isas or [f"ours {available[-1]}"]
 
 
-def contenders(out_f: int, in_f: int, batch: int, isas: str | None = None) -> dict[str, object]:
-    """name -> zero-argument callable for one shape and batch."""
-    import bitsandbytes as bnb
-
+def nf4_weight(out_f: int, in_f: int) -> tuple[torch.Tensor, Linear4bit, dict]:
+    """A random bf16 weight [out_f, in_f], our layer of its NF4 quantization (blocksize 64, nested
+    absmax) and the keyword arguments of ``kernels.gemv_4bit`` for it (all but x, isa and threads)."""
     w = (torch.randn(out_f, in_f) * 0.02).to(torch.bfloat16)
     packed, absmax = kernels.quantize_4bit(w, blocksize=64, quant_type=QuantType.NF4)
     nested = kernels.quantize_nested(absmax)
     record = QuantizedTensor.from_kernel_outputs(
         "w", (out_f, in_f), "bfloat16", QuantType.NF4, 64, packed, absmax, nested=nested
     )
-    ours = Linear4bit.from_record(record).eval()
+    layer = Linear4bit.from_record(record).eval()
+    state = layer.weight.quant_state
+    args = dict(
+        packed=packed,
+        absmax=None,
+        out_features=out_f,
+        in_features=in_f,
+        blocksize=64,
+        quant_map=state.code,
+        nested=kernels.NestedAbsmax(*nested, state.state2.code),
+    )
+    return w, layer, args
+
+
+def contenders(out_f: int, in_f: int, batch: int, isas: str | None = None) -> dict[str, object]:
+    """name -> zero-argument callable for one shape and batch."""
+    import bitsandbytes as bnb
+
+    w, ours, args = nf4_weight(out_f, in_f)
     theirs = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
     stats = {k: v for k, v in ours.state_dict().items() if k != "weight"}
     theirs.weight = bnb.nn.Params4bit.from_prequantized(ours.weight.data, stats, device="cpu", module=theirs)
     theirs.eval()
     x = torch.randn(batch, in_f).to(torch.bfloat16)
-    record_nested = kernels.NestedAbsmax(*nested, ours.weight.quant_state.state2.code)
-    qm = ours.weight.quant_state.code
 
     def gemv(isa: str):
-        return lambda: kernels.gemv_4bit(
-            x,
-            packed,
-            None,
-            out_features=out_f,
-            in_features=in_f,
-            blocksize=64,
-            quant_map=qm,
-            nested=record_nested,
-            isa=isa.removeprefix("ours "),
-            threads=1,
-        )
+        return lambda: kernels.gemv_4bit(x, **args, isa=isa.removeprefix("ours "), threads=1)
 
     fns = {isa: gemv(isa) for isa in ours_isas(kernels.cpu_isas(), isas)}
     fns["bnb Linear4bit"] = lambda: theirs(x)

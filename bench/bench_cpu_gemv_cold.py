@@ -20,34 +20,12 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch
-from bench_cpu_gemv_bf16dot import SMOLLM2_LAYER
+from bench_cpu_gemv_bf16dot import SMOLLM2_LAYER, nf4_weight
 
 from converter.kernels import bnb4bit as kernels
 from converter.kernels import int8
-from converter.loader.module import Linear4bit
-from formats.quant_types import QuantType
-from formats.record import QuantizedTensor
 
 LAYERS = 30  # SmolLM2-135M's decoder layers
-
-
-def weights_4bit(out_f: int, in_f: int) -> dict:
-    w = (torch.randn(out_f, in_f) * 0.02).to(torch.bfloat16)
-    packed, absmax = kernels.quantize_4bit(w, blocksize=64, quant_type=QuantType.NF4)
-    nested = kernels.quantize_nested(absmax)
-    record = QuantizedTensor.from_kernel_outputs(
-        "w", (out_f, in_f), "bfloat16", QuantType.NF4, 64, packed, absmax, nested=nested
-    )
-    state = Linear4bit.from_record(record).weight.quant_state
-    return dict(
-        packed=packed,
-        absmax=None,
-        out_features=out_f,
-        in_features=in_f,
-        blocksize=64,
-        quant_map=state.code,
-        nested=kernels.NestedAbsmax(*nested, state.state2.code),
-    )
 
 
 def token_calls(kind: str, layers: int, isa: str) -> list:
@@ -58,7 +36,7 @@ def token_calls(kind: str, layers: int, isa: str) -> list:
         for shape in SMOLLM2_LAYER:
             out_f, in_f = (int(v) for v in shape.split("x"))
             if kind == "4bit":
-                args = weights_4bit(out_f, in_f)
+                args = nf4_weight(out_f, in_f)[2]
                 x = xs[in_f]
                 distinct.append(lambda a=args, x=x: kernels.gemv_4bit(x, **a, isa=isa, threads=1))
             else:
