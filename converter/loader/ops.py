@@ -162,7 +162,8 @@ class KernelArgs(NamedTuple):
 
 def prepare(packed: torch.Tensor, state: Any) -> KernelArgs:
     """The kernel arguments of a weight ([out, in] or any shape when only dequantized)."""
-    _bf16_matmul_is_native()  # eager: what a compiled graph of this layer reads (f32_prefill)
+    if packed.device.type == "cpu":
+        _bf16_matmul_is_native()  # eager: what a compiled graph of this CPU layer reads (f32_prefill)
     shape = tuple(int(d) for d in state.shape)
     out_features = shape[0] if len(shape) == 2 else 1
     in_features = math.prod(shape) // out_features
