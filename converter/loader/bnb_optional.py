@@ -1,11 +1,12 @@
-"""bitsandbytes as our layers' base classes, taken when the process imports it; never imported by us.
+"""bitsandbytes as our layers' base classes, taken when the process imports it; imported by us only
+for a process that imports PEFT.
 
 Our 4-bit and 8-bit layers are also ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` instances where
 bitsandbytes is imported, so that a plain ``peft.get_peft_model`` wraps them with PEFT's own LoRA layers
-(PEFT dispatches on those types, and ``import peft`` imports bitsandbytes). Importing it ourselves would
-cost every loading process more than a second (it imports ``torch._dynamo`` and inductor; a whole process
-loading SmolLM2 on a 2-core VM, bench/bench_load_process.py: 5.2 s with it, 4.0 s without), and nothing
-in loading or running a model needs it. So:
+(PEFT dispatches on those types). Importing it in the loader would cost every loading process more than a
+second (it imports ``torch._dynamo`` and inductor; a whole process loading SmolLM2 on a 2-core VM,
+bench/bench_load_process.py: 5.2 s with it, 4.0 s without), and nothing in loading or running a model
+needs it. So:
 
 - where bitsandbytes is already imported (PEFT, the user's script, transformers' bnb loader), the layers
   take its classes as bases from the start;
@@ -15,14 +16,22 @@ in loading or running a model needs it. So:
   ``import peft`` after ``load_quantized`` still gives PEFT layers it recognizes; any plain layer built
   after that is upgraded at once.
 
-The hook is a ``sys.meta_path`` finder that answers nothing itself: for ``bitsandbytes`` alone it asks
-the finders after it and wraps the found loader's ``exec_module``; it removes itself once bitsandbytes
-is imported.
+PEFT up to 0.21 imported bitsandbytes in ``import peft``; 0.22 imports it only when it dispatches a
+layer, after its transformers-5 target conversion has judged the layers by type (an ``nn.Linear`` target
+stays a module target, anything else is taken for the fused MoE experts' parameters). So a process that
+imports PEFT imports bitsandbytes too, where it is installed: right after ``import peft``, or when our
+layers are first defined if PEFT came first. PEFT then sees the same bnb layers whatever its version.
+
+The hook is a ``sys.meta_path`` finder that answers nothing itself: for ``bitsandbytes`` and ``peft``
+alone it asks the finders after it and wraps the found loader's ``exec_module``; it removes itself once
+bitsandbytes is imported.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
+import importlib.util
 import logging
 import sys
 import threading
@@ -38,6 +47,7 @@ from typing import Any
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _NAME = "bitsandbytes"
+_PEFT = "peft"
 _lock = threading.Lock()
 _callbacks: list[Callable[[ModuleType], None]] = []
 
@@ -60,8 +70,26 @@ def when_imported(callback: Callable[[ModuleType], None]) -> None:
             _callbacks.append(callback)
             if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
                 sys.meta_path.insert(0, _AfterImport())
-            return
+    if module is None:
+        if _PEFT in sys.modules:  # PEFT 0.22+ came first, without bitsandbytes
+            _import_for_peft()
+        return
     _run(callback, module)
+
+
+def _import_for_peft() -> None:
+    """Import bitsandbytes, where it is installed, for a process that imports PEFT (module docstring)."""
+    if imported() is not None or importlib.util.find_spec(_NAME) is None:
+        return
+    try:
+        importlib.import_module(_NAME)
+    except Exception as exc:  # never break the user's `import peft`
+        warnings.warn(
+            f"quantize-model: bitsandbytes is installed but its import failed ({type(exc).__name__}: {exc}); "
+            "PEFT will not recognize our layers as bnb layers (use converter.loader.lora.register_lora)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 class Adoption:
@@ -123,12 +151,12 @@ def _imported_now(module: ModuleType) -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader the other finders give for bitsandbytes."""
+    """Finds nothing itself; wraps the loader the other finders give for bitsandbytes and PEFT."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if fullname != _NAME:
+        if fullname not in (_NAME, _PEFT):
             return None
         spec = None
         for finder in list(sys.meta_path):
@@ -144,7 +172,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_notify(module: ModuleType) -> None:
             exec_module(module)
-            _imported_now(module)
+            if fullname == _NAME:
+                _imported_now(module)
+            else:
+                _import_for_peft()
 
         loader.exec_module = exec_then_notify  # this spec's loader only (a finder makes one per spec)
         return spec

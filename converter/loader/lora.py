@@ -1,8 +1,8 @@
 """LoRA on our 4-bit layers through PEFT's custom-module API (for installs without bitsandbytes).
 
-With bitsandbytes installed nothing is needed: ``import peft`` imports it, which makes our layers
-``bnb.nn.Linear4bit`` instances (converter/loader/bnb_optional.py), and plain ``peft.get_peft_model``
-wraps them with PEFT's own 4-bit LoRA layer.
+With bitsandbytes installed nothing is needed: a process that imports PEFT imports it (PEFT itself up
+to 0.21, converter/loader/bnb_optional.py from 0.22), which makes our layers ``bnb.nn.Linear4bit``
+instances, and plain ``peft.get_peft_model`` wraps them with PEFT's own 4-bit LoRA layer.
 Without bitsandbytes, register this module's layer on the config first::
 
     from peft import LoraConfig, get_peft_model
@@ -39,6 +39,7 @@ from torch import nn
 
 from converter.kernels import bnb4bit as kernels
 from converter.loader.module import QuantLinear4bit, make_weight, state_from_record
+from converter.user_frame import user_stacklevel
 from formats.quant_types import QuantType
 from formats.record import QuantizedTensor
 
@@ -234,7 +235,7 @@ def _experts_refusal(what: str, experts: list[str] | nn.Module) -> ValueError:
     if isinstance(experts, nn.Module):
         where = f"QuantExperts4bit({experts.extra_repr()})"
     else:
-        where = f"{len(experts)} layer{'s' if len(experts) > 1 else ''}, e.g. {experts[0]!r}"
+        where = _some(experts)
     return ValueError(
         f"{what} name 4-bit MoE experts ({where}): quantize-model keeps them as packed 4-bit buffers run "
         "by its own kernels (QuantExperts4bit), neither the linear modules PEFT wraps nor the nn.Parameters "
@@ -283,11 +284,43 @@ def check_targets(config: Any, model: nn.Module) -> None:
         return
     if any(_is_match(config, n) for n in experts) or _names_projections(config, model, modules):
         raise _experts_refusal(_shown("target_modules", targets), experts)
+    if _is_all_linear(config):  # expanded to module names by register_lora, the experts left out
+        return
     # names of other linear layers (DeepSeek's shared_experts.gate_proj, a dense MLP's down_proj) that
-    # PEFT's transformers-5 conversion still takes, by their leaf name, for the experts' fused parameters:
-    # get_peft_model would wrap none of them ("all-linear" is expanded to module names by register_lora)
-    if not _is_all_linear(config) and _peft_maps_onto_experts(config, model):
+    # PEFT's transformers-5 conversion takes, by their leaf name, for the experts' fused parameters
+    # (PEFT up to 0.21; 0.22 where those layers are not nn.Linear): get_peft_model would wrap none of them
+    if _peft_maps_onto_experts(config, model):
         raise _mapped_refusal(_shown("target_modules", targets), experts)
+    _warn_about_partial_targets(config, model, modules)
+
+
+def _some(names: list[str], what: str = "layer") -> str:
+    """``3 layers, e.g. 'model.layers.1.mlp.experts'``."""
+    return f"{len(names)} {what}{'s' if len(names) > 1 else ''}, e.g. {names[0]!r}"
+
+
+def _warn_about_partial_targets(config: Any, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Warn where get_peft_model would wrap other layers than ``config.target_modules`` name: more (a
+    regex PEFT widens), or not the experts' projections they also name (4-bit: no LoRA)."""
+    targets, user = config.target_modules, user_stacklevel()
+    if wider := _widened_by_peft(config, model):
+        warnings.warn(
+            f"target_modules {targets!r}: PEFT's transformers-5 conversion (peft.utils.transformers_weight_"
+            "conversion) turns this regex into the leaf names of the layers it names, so get_peft_model "
+            f"would also wrap layers it does not name ({_some(wider)}); give target_modules as a list of "
+            "names (such as ['shared_experts.gate_proj']) to wrap only those",
+            UserWarning,
+            stacklevel=user,
+        )
+    if partly := _also_naming_projections(config, modules):
+        warnings.warn(
+            f"target_modules {partly!r} also name the per-expert projections of 4-bit MoE experts "
+            f"({_some(list(modules))}), which take no LoRA: only the other layers they name get adapters "
+            "(convert with --moe-experts keep, or call model.dequantize() before get_peft_model, to train "
+            "the experts too)",
+            UserWarning,
+            stacklevel=user,
+        )
 
 
 def _mapped_refusal(what: str, experts: list[str]) -> ValueError:
@@ -296,10 +329,35 @@ def _mapped_refusal(what: str, experts: list[str]) -> ValueError:
         "(peft.utils.transformers_weight_conversion) maps every target ending in a per-expert projection "
         "name (gate_proj, up_proj, down_proj; Mixtral's w1, w3, w2) onto the routed MoE experts' fused "
         "parameters and drops it from target_modules, so get_peft_model would wrap none of the layers "
-        f"these name (shared experts, dense MLP layers), and the 4-bit experts ({len(experts)} layer"
-        f"{'s' if len(experts) > 1 else ''}, e.g. {experts[0]!r}) take no LoRA. Name other layers "
-        "(target_modules such as ['q_proj', 'k_proj', 'v_proj', 'o_proj'])"
+        f"these name (shared experts, dense MLP layers), and the 4-bit experts ({_some(experts)}) take "
+        "no LoRA. Name other layers "
+        "(target_modules such as ['q_proj', 'k_proj', 'v_proj', 'o_proj']); PEFT 0.22 and later keep a "
+        "target that names nn.Linear layers only, as our 4-bit layers are where bitsandbytes is installed"
     )
+
+
+def _projection_keys(modules: dict[str, nn.Module]) -> list[str]:
+    """The experts' per-expert projections as the checkpoint names them (``<experts>.<e>.gate_proj``;
+    gpt-oss' ``<experts>.gate_up_projs.<e>``), expert 0 of each."""
+    return [key for n, m in modules.items() for p in m.proj_names for key in (f"{n}.0.{p}", f"{n}.{p}.0")]
+
+
+def _each_target(config: Any) -> list[tuple[Any, Any]]:
+    """``(target, a copy of config naming it alone)`` for each of ``config.target_modules``."""
+    targets = config.target_modules
+    pairs = []
+    for target in [targets] if isinstance(targets, str) else sorted(targets):
+        one = copy.copy(config)
+        one.target_modules = target if isinstance(targets, str) else {target}
+        pairs.append((target, one))
+    return pairs
+
+
+def _also_naming_projections(config: Any, modules: dict[str, nn.Module]) -> list[str]:
+    """The targets of ``config`` that name the experts' per-expert projections (beside other layers,
+    else check_targets refused them)."""
+    keys = _projection_keys(modules)
+    return [target for target, one in _each_target(config) if any(_is_match(one, key) for key in keys)]
 
 
 def _names_projections(config: Any, model: nn.Module, modules: dict[str, nn.Module]) -> bool:
@@ -307,22 +365,17 @@ def _names_projections(config: Any, model: nn.Module, modules: dict[str, nn.Modu
     ``<experts>.<e>.gate_proj``; gpt-oss' ``<experts>.gate_up_projs.<e>``) by a target that names no
     other module (PEFT wraps nothing there, beside other targets without a word), or PEFT would map
     them onto the fused experts' parameters (transformers 5 MoE models)."""
-    projections = [
-        key for n, m in modules.items() for p in m.proj_names for key in (f"{n}.0.{p}", f"{n}.{p}.0")
-    ]
+    projections = _projection_keys(modules)
     if not any(_is_match(config, key) for key in projections):
         return False
     if _peft_maps_onto_experts(config, model):
         return True
     others = [n for n, _ in model.named_modules() if n not in modules]
-    targets = config.target_modules
     # each target on its own: one naming only experts is a no-op even where another names q_proj
-    for target in [targets] if isinstance(targets, str) else sorted(targets):
-        one = copy.copy(config)
-        one.target_modules = target if isinstance(targets, str) else {target}
-        if any(_is_match(one, key) for key in projections) and not any(_is_match(one, n) for n in others):
-            return True
-    return False
+    return any(
+        any(_is_match(one, key) for key in projections) and not any(_is_match(one, n) for n in others)
+        for _, one in _each_target(config)
+    )
 
 
 def _is_match(config: Any, key: str) -> bool:
@@ -331,25 +384,43 @@ def _is_match(config: Any, key: str) -> bool:
     return bool(check_target_module_exists(config, key))  # PEFT's "excluded" marker is falsy
 
 
-def _peft_maps_onto_experts(config: Any, model: nn.Module) -> bool:
-    """Whether PEFT's transformers-5 conversion of ``config`` (on a copy) targets the experts' fused
-    parameters, or refuses the projections it found (Mixtral's w1 without w3)."""
+def _peft_converted(config: Any, model: nn.Module) -> Any:
+    """A copy of ``config`` as PEFT's transformers-5 conversion leaves it for ``model`` (``config`` itself
+    where this PEFT has no conversion); its ValueError (Mixtral's w1 without w3) propagates."""
     try:
         from peft.utils.transformers_weight_conversion import (
             convert_peft_config_for_transformers,
             get_model_conversion_mapping,
         )
     except ImportError:  # a PEFT without the conversion: the names stay module names
-        return False
+        return config
     converted = copy.deepcopy(config)
+    conversions = get_model_conversion_mapping(model)
+    convert_peft_config_for_transformers(converted, model=model, conversions=conversions)
+    return converted
+
+
+def _peft_maps_onto_experts(config: Any, model: nn.Module) -> bool:
+    """Whether PEFT's transformers-5 conversion of ``config`` targets the experts' fused parameters, or
+    refuses the projections it found (Mixtral's w1 without w3)."""
     try:
-        convert_peft_config_for_transformers(
-            converted, model=model, conversions=get_model_conversion_mapping(model)
-        )
+        converted = _peft_converted(config, model)
     except ValueError:
         return True
     leaves = {t.rpartition(".")[2] for t in getattr(converted, "target_parameters", None) or ()}
     return bool(leaves & {"gate_up_proj", "down_proj"})
+
+
+def _widened_by_peft(config: Any, model: nn.Module) -> list[str]:
+    """Modules a regex ``target_modules`` does not name but PEFT would wrap: its transformers-5 conversion
+    (0.22) turns the regex into the leaf names of what it matched (``shared_experts.gate_proj`` ->
+    every ``gate_proj``, a dense MLP's too)."""
+    if not isinstance(config.target_modules, str):
+        return []
+    converted = _peft_converted(config, model)
+    if converted is config or isinstance(converted.target_modules, str):
+        return []
+    return [n for n, _ in model.named_modules() if n and _is_match(converted, n) and not _is_match(config, n)]
 
 
 def _is_all_linear(config: Any) -> bool:

@@ -6,11 +6,12 @@ packed codes, with ``weight.quant_state`` holding absmax, the 16-entry quant map
 the 8-bit absmax codes, their scales, offset and 256-entry map. The weight is registered as a
 *buffer*, not a parameter: ``model.parameters()`` never hands it to an optimizer.
 
-``QuantLinear4bit`` holds all the behaviour. Once the process has imported bitsandbytes (``import
-peft`` does; we never import it: bnb_optional), ``Linear4bit`` subclasses it and ``bnb.nn.Linear4bit``,
-so ``peft.get_peft_model`` wraps it with PEFT's own 4-bit LoRA layer (and ``merge_and_unload``
-dequantizes it with bnb); bnb's constructor is not run (it would allocate a full-precision weight
-first), and layers built before that import are upgraded in place (:func:`upgrade_to_bitsandbytes`).
+``QuantLinear4bit`` holds all the behaviour. Once the process has imported bitsandbytes (a process
+importing PEFT does; the loader alone never does: bnb_optional), ``Linear4bit`` subclasses it and
+``bnb.nn.Linear4bit``, so ``peft.get_peft_model`` wraps it with PEFT's own 4-bit LoRA layer (and
+``merge_and_unload`` dequantizes it with bnb); bnb's constructor is not run (it would allocate a
+full-precision weight first), and layers built before that import are upgraded in place
+(:func:`upgrade_to_bitsandbytes`).
 Until then, and without bitsandbytes, ``Linear4bit`` is ``QuantLinear4bit`` and
 ``converter.loader.lora.register_lora`` plugs it into PEFT.
 

@@ -3,10 +3,11 @@
 The layer keeps bitsandbytes' representation, so PEFT and bnb tooling see what they expect:
 ``self.weight`` is an ``Int8Params`` (bnb's class once bitsandbytes is imported) holding the int8 codes with
 ``weight.CB`` / ``weight.SCB``, and ``self.state`` a ``MatmulLtState`` with ``CB``, ``SCB``,
-``threshold`` and ``has_fp16_weights=False``. The weight is a buffer: never handed to an optimizer.
-Once the process has imported bitsandbytes (``import peft`` does; we never import it: bnb_optional),
-``Linear8bit`` subclasses ``bnb.nn.Linear8bitLt`` (bnb's constructor is not run; layers built before
-are upgraded in place), so ``peft.get_peft_model`` wraps it with PEFT's own 8-bit LoRA layer.
+``threshold`` and ``has_fp16_weights=False``. The weight is a buffer: never handed to an optimizer. Once
+the process has imported bitsandbytes (a process importing PEFT does; the loader alone never does:
+bnb_optional), ``Linear8bit`` subclasses ``bnb.nn.Linear8bitLt`` (bnb's constructor is not run; layers
+built before are upgraded in place), so ``peft.get_peft_model`` wraps it with PEFT's own 8-bit LoRA
+layer.
 
 Forward paths (``x`` in the compute dtype, default the input's):
 

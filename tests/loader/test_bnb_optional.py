@@ -1,4 +1,5 @@
-"""converter.loader.bnb_optional: callbacks run right after bitsandbytes' import, whoever imports it.
+"""converter.loader.bnb_optional: callbacks run right after bitsandbytes' import, whoever imports it;
+importing PEFT imports bitsandbytes.
 
 Each case runs in a child process whose ``bitsandbytes`` is a stand-in package on PYTHONPATH (its
 import must not have happened yet, and the real one's import is what the hook exists to avoid).
@@ -16,10 +17,12 @@ from loader_helpers import hiding
 
 
 def _run(tmp_path: Path, script: str) -> str:
-    package = tmp_path / "site" / "bitsandbytes"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("IMPORTED_BY_STAND_IN = True\n")
-    path = os.pathsep.join([str(package.parent), os.environ.get("PYTHONPATH", "")])
+    # PEFT's stand-in imports nothing, as PEFT 0.22 does not import bitsandbytes
+    for name, text in [("bitsandbytes", "IMPORTED_BY_STAND_IN = True\n"), ("peft", "")]:
+        package = tmp_path / "site" / name
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(text)
+    path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -54,6 +57,40 @@ print("ok")
     assert out.strip().endswith("ok")
 
 
+def test_importing_peft_imports_bitsandbytes(tmp_path: Path) -> None:
+    """PEFT 0.22 imports bitsandbytes only when it dispatches a layer, after its transformers-5 target
+    conversion judged our layers by type (bitsandbytes' nn.Linear subclasses or not): a process that
+    imports PEFT imports bitsandbytes at once, whether PEFT comes after our layers or before them."""
+    out = _run(
+        tmp_path,
+        """
+import sys
+from converter.loader import bnb_optional
+seen = []
+bnb_optional.when_imported(lambda m: seen.append(m.IMPORTED_BY_STAND_IN))
+assert "bitsandbytes" not in sys.modules
+import peft
+assert seen == [True], seen
+print("ok")
+""",
+    )
+    assert out.strip() == "ok"
+    out = _run(
+        tmp_path / "peft first",
+        """
+import sys
+import peft
+assert "bitsandbytes" not in sys.modules
+from converter.loader import bnb_optional
+seen = []
+bnb_optional.when_imported(lambda m: seen.append(m.IMPORTED_BY_STAND_IN))
+assert seen == [True], seen
+print("ok")
+""",
+    )
+    assert out.strip() == "ok"
+
+
 def test_an_uninstalled_bitsandbytes_stays_missing() -> None:
     script = (
         hiding("bitsandbytes")  # an install without it
@@ -62,6 +99,7 @@ import importlib.util
 from converter.loader import bnb_optional
 bnb_optional.when_imported(lambda m: print("never"))
 assert importlib.util.find_spec("bitsandbytes") is None
+import peft  # noqa: F401  (with it installed, this imports bitsandbytes)
 try:
     import bitsandbytes  # noqa: F401
 except ModuleNotFoundError as exc:

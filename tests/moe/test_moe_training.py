@@ -4,11 +4,13 @@ train; and module casts (``.half()``, ``.to(dtype)``) leave their float32 scales
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
+from packaging.version import Version
 
 from converter.loader import moe
 from converter.loader.model import load_quantized
@@ -135,7 +137,6 @@ REFUSAL = (
         ("qwen3_moe", ["q_proj", "down_proj"]),
         ("qwen3_moe", ["experts"]),
         ("qwen3_moe", r".*\.experts\.\d+\.gate_proj"),
-        ("deepseek_v3", ["q_a_proj", "gate_proj", "up_proj"]),  # also its shared experts' and dense MLP's
         ("mixtral", ["w1", "w3", "w2"]),
         ("mixtral", ["w1", "w2"]),
     ],
@@ -160,30 +161,121 @@ def test_lora_target_modules_on_4bit_experts_are_refused_clearly(folders, name, 
     assert config.target_modules == peft.LoraConfig(r=4, target_modules=targets).target_modules  # unchanged
 
 
+#: PEFT 0.22 keeps a target naming nn.Linear layers only (our 4-bit layers, bitsandbytes installed) as a
+#: module target; up to 0.21 its transformers-5 conversion took every gate_proj / up_proj / down_proj of
+#: DeepSeek-V3 for the routed experts' fused parameters (get_peft_model then wrapped none of them).
+PEFT_KEEPS_LINEAR_TARGETS = Version(peft.__version__) >= Version("0.22")
+
+
+def _wrapped(model: torch.nn.Module) -> set[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _named(model: torch.nn.Module, targets: list[str] | str) -> set[str]:
+    """The linear layers ``targets`` name as PEFT matches them (a list: by suffix; a string: a regex)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    if isinstance(targets, str):
+        return {n for n in names if re.fullmatch(targets, n)}
+    return {n for n in names if any(n == t or n.endswith(f".{t}") for t in targets)}
+
+
+def _trains(model: torch.nn.Module, layers: set[str]) -> None:
+    """One step: every adapter of ``layers`` gets a gradient (lora_B's: lora_B starts at zero)."""
+    _train(model, 1)
+    grads = {
+        n.removeprefix("base_model.model.").partition(".lora_B")[0]: p.grad
+        for n, p in model.named_parameters()
+        if ".lora_B." in n
+    }
+    assert set(grads) == layers
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+SHARED = ["shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
+
+
 @pytest.mark.parametrize(
-    "targets",
+    ("targets", "widened"),
     [
-        ["q_a_proj", "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"],
-        ["shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"],
-        r".*\.shared_experts\.(gate|up|down)_proj",
-        ["q_a_proj", "mlp.down_proj"],  # the dense first layer's
+        (["q_a_proj", *SHARED], None),
+        (SHARED, None),
+        # PEFT 0.22 turns a regex into the leaf names it matched: the dense MLP is wrapped too (a warning)
+        (r".*\.shared_experts\.(gate|up|down)_proj", ["gate_proj", "up_proj", "down_proj"]),
+        (["q_a_proj", "mlp.down_proj"], None),  # the dense first layer's
     ],
 )
-def test_lora_on_layers_peft_maps_onto_the_4bit_experts_is_refused_clearly(folders, targets):
-    """DeepSeek-V3's shared experts and dense MLP are 4-bit linears, but PEFT's transformers-5 conversion
-    takes every target ending in gate_proj / up_proj / down_proj for the routed experts' fused
-    parameters: get_peft_model wrapped none of the layers named (PEFT's "No `target_modules` passed but
-    also no `target_parameters` found", or beside q_a_proj only a RuntimeWarning and no adapter on
-    them), and check_targets let the config through. It now refuses it, naming the targets and why."""
+def test_lora_on_the_shared_experts_and_dense_mlp_beside_4bit_experts(folders, targets, widened):
+    """DeepSeek-V3's shared experts and dense MLP are 4-bit linears. Up to PEFT 0.21 its transformers-5
+    conversion took every target ending in gate_proj / up_proj / down_proj for the routed experts'
+    fused parameters: get_peft_model wrapped none of the layers named (PEFT's "No `target_modules`
+    passed but also no `target_parameters` found", or beside q_a_proj only a RuntimeWarning and no
+    adapter on them), and check_targets refuses that, naming the targets and why. PEFT 0.22 keeps them
+    (our layers are bitsandbytes' nn.Linear subclasses: a process importing PEFT imports bitsandbytes):
+    check_targets lets them through, warning where PEFT wraps more than a regex names, and the
+    adapters on exactly the layers PEFT wraps train."""
     from converter.loader.lora import check_targets
 
     q, _ = folders("deepseek_v3")
     model = load_quantized(q)
-    with pytest.raises(ValueError, match=r"PEFT.*maps.*fused.*experts") as err:
-        check_targets(peft.LoraConfig(r=4, target_modules=targets), model)
-    assert "gate_proj" in str(err.value) or "down_proj" in str(err.value)
     check_targets(peft.LoraConfig(r=4, target_modules=["q_a_proj", "kv_b_proj"]), model)  # no error
     check_targets(peft.LoraConfig(r=4, target_modules="all-linear"), model)  # expanded by register_lora
+    config = peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0)
+    if not PEFT_KEEPS_LINEAR_TARGETS:
+        with pytest.raises(ValueError, match=r"PEFT.*maps.*fused.*experts") as err:
+            check_targets(config, model)
+        assert "gate_proj" in str(err.value) or "down_proj" in str(err.value)
+        return
+    named = _named(model, targets)
+    assert named
+    assert all("shared_experts" in n or "layers.0.mlp" in n or "q_a_proj" in n for n in named)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_targets(config, model)
+    ours = [str(w.message) for w in caught if w.filename == __file__]
+    wraps = named
+    if widened is not None:
+        wraps = _named(model, widened)
+        assert wraps > named
+        assert len(ours) == 1, ours
+        assert "would also wrap layers it does not name (3 layers" in ours[0]
+    else:
+        assert not ours
+    model = peft.get_peft_model(model, config)
+    assert _wrapped(model) == wraps
+    _trains(model, wraps)
+
+
+def test_lora_target_naming_4bit_experts_and_other_layers(folders):
+    """``gate_proj`` on DeepSeek-V3 names the routed 4-bit experts' per-expert projections and the shared
+    experts' and dense MLP's linears. PEFT up to 0.21 mapped it onto the experts' fused parameters
+    (refused: PEFT would wrap none); 0.22 wraps the linears, and check_targets warns that the experts
+    take no LoRA (they would have trained in a 16-bit model)."""
+    from converter.loader.lora import check_targets
+
+    q, _ = folders("deepseek_v3")
+    model = load_quantized(q)
+    targets = ["q_a_proj", "gate_proj", "up_proj"]
+    config = peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0)
+    if not PEFT_KEEPS_LINEAR_TARGETS:
+        with pytest.raises(ValueError, match=REFUSAL):
+            check_targets(config, model)
+        return
+    match = (
+        r"\['gate_proj', 'up_proj'\] also name the per-expert projections of 4-bit MoE experts.*take no LoRA"
+    )
+    with pytest.warns(UserWarning, match=match) as caught:
+        check_targets(config, model)
+    assert caught[0].filename == __file__  # the user's line
+    model = peft.get_peft_model(model, config)
+    named = _named(model.base_model.model, targets) | _wrapped(model)
+    assert _wrapped(model) == named
+    assert {n.rpartition(".")[0] for n in named} >= {
+        "model.layers.0.mlp",
+        "model.layers.1.mlp.shared_experts",
+    }
+    _trains(model, named)
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear", None, ["q_proj", "gate"]])
