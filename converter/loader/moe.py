@@ -128,19 +128,16 @@ def _experts_forward(
     repeats = _has_repeats(top_k_index)
     gemv_gu = use_gemv and hidden_dim % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
     gemv_dn = use_gemv and intermediate % blocksize == 0 and ops.kernel_backend(hidden.device) is not None
+    f32 = use_gemv and ops.f32_prefill(hidden)  # bf16 on a CPU without native bf16 matmuls: float32
+    x_at_w = biases is not None
     for e, slot, token_idx in _expert_rows(top_k_index, num_experts):
         n = token_idx.shape[0]
         x = hidden[token_idx]
         p, a = packed[e], absmax[e]
-        if gemv_gu and n <= ops.GEMV_MAX_TOKENS:
-            gate_up = _gemv(
-                x, p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate, hidden_dim, blocksize
-            )
-        else:
-            w = _dequant(
-                p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate * hidden_dim, blocksize, x.dtype
-            )
-            gate_up = _dense_linear(x, w.view(2 * intermediate, hidden_dim), biases is not None)
+        gu = (p[:gu_bytes], a[:gu_blocks], quant_map, 2 * intermediate, hidden_dim, blocksize)
+        dn = (p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim, intermediate, blocksize)
+        small = n <= ops.GEMV_MAX_TOKENS
+        gate_up = _gemv(x, *gu) if gemv_gu and small else _dequant_linear(x, *gu, x_at_w, f32)
         if biases is not None:
             gate_up = gate_up + biases.gate_up[e]
         if apply_gate is not None:
@@ -148,13 +145,7 @@ def _experts_forward(
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             h = act(gate) * up
-        if gemv_dn and n <= ops.GEMV_MAX_TOKENS:
-            y = _gemv(h, p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim, intermediate, blocksize)
-        else:
-            w = _dequant(
-                p[gu_bytes:], a[gu_blocks:], quant_map, hidden_dim * intermediate, blocksize, h.dtype
-            )
-            y = _dense_linear(h, w.view(hidden_dim, intermediate), biases is not None)
+        y = _gemv(h, *dn) if gemv_dn and small else _dequant_linear(h, *dn, x_at_w, f32)
         if biases is not None:
             y = y + biases.down[e]
         y = y * top_k_weights[token_idx, slot, None]
@@ -165,6 +156,26 @@ def _experts_forward(
             # expert, each sum rounds once to out's dtype); bf16 index_add_ is ~10^4 times slower on CPU.
             out[token_idx] = out[token_idx] + y.to(out.dtype)
     return out
+
+
+def _dequant_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    x_at_w: bool,
+    f32: bool,
+) -> torch.Tensor:
+    """One expert's projection of ``x`` by its dequantized weight: in x's dtype (transformers' loop on
+    the decoded weights), or with ``f32`` (``ops.f32_prefill``) the exact float32 weight and x widened,
+    rounded once to x's dtype, as the 4-bit linear layers' prefill there."""
+    dtype = torch.float32 if f32 else x.dtype
+    w = _dequant(packed, absmax, quant_map, out_features * in_features, blocksize, dtype)
+    w = w.view(out_features, in_features)
+    return _dense_linear(x.float(), w, x_at_w).to(x.dtype) if f32 else _dense_linear(x, w, x_at_w)
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, x_at_w: bool) -> torch.Tensor:

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from moe_helpers import (
     FAMILIES,
@@ -347,6 +348,39 @@ def test_gemv_path_within_derived_bound(folders, tokens):
     more tokens is dequantized once) stay within the derived float32 error bound of the exact result."""
     q, _ = folders("qwen3_moe")
     assert_float32_experts_within_bound(q, tokens)
+
+
+def test_bf16_prefill_multiplies_in_float32_without_native_bf16_matmuls(folders, monkeypatch):
+    """An expert with more than 8 bf16 tokens under no_grad on a CPU without AVX512_BF16 (a path below
+    avx512bf16, as QM_CPU_ISA forces it): the exact float32 weights, x widened, one float32 matmul per
+    projection rounded once to bf16, as the 4-bit linear layers' prefill there (torch's bf16 GEMM is 4-7x
+    slower than float32's on such CPUs); ``use_gemv = False`` and grad mode keep transformers' bf16 loop."""
+    from converter.kernels import bnb4bit
+
+    q, _ = folders("qwen3_moe")
+    model = load_quantized(q)
+    experts = next(iter(moe_modules(model).values()))
+    tokens = 12  # every token to experts 0 and 1: 12 rows each, past the GEMV's 8
+    x = torch.randn(tokens, model.config.hidden_size).to(torch.bfloat16)
+    index = torch.tensor([[0, 1]] * tokens)
+    weights = torch.rand(tokens, 2).to(torch.bfloat16)
+
+    def reference(dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in (0, 1):
+            gu, dn = experts.expert_weights(e, dtype)
+            gate, up = F.linear(x.to(dtype), gu).to(x.dtype).chunk(2, dim=-1)
+            y = F.linear((experts.act_fn(gate) * up).to(dtype), dn).to(x.dtype)
+            out = out + y * weights[:, e, None]
+        return out
+
+    monkeypatch.setenv("QM_CPU_ISA", "avx2" if "avx2" in bnb4bit.cpu_isas() else "scalar")
+    with torch.no_grad():
+        assert torch.equal(experts(x, index, weights), reference(torch.float32))
+        experts.use_gemv = False
+        assert torch.equal(experts(x, index, weights), reference(torch.bfloat16))
+    experts.use_gemv = True
+    assert torch.equal(experts(x, index, weights), reference(torch.bfloat16))  # grad mode: training
 
 
 @pytest.mark.parametrize("name", FAMILIES)
