@@ -50,6 +50,7 @@ _NAME = "bitsandbytes"
 _PEFT = "peft"
 _lock = threading.Lock()
 _callbacks: list[Callable[[ModuleType], None]] = []
+_tried_for_peft = False
 
 
 def imported() -> ModuleType | None:
@@ -78,9 +79,12 @@ def when_imported(callback: Callable[[ModuleType], None]) -> None:
 
 
 def _import_for_peft() -> None:
-    """Import bitsandbytes, where it is installed, for a process that imports PEFT (module docstring)."""
-    if imported() is not None or importlib.util.find_spec(_NAME) is None:
+    """Import bitsandbytes, where it is installed, for a process that imports PEFT (module docstring);
+    once: an import that failed is not retried (nor warned about again) by the next layer class."""
+    global _tried_for_peft
+    if _tried_for_peft or imported() is not None or importlib.util.find_spec(_NAME) is None:
         return
+    _tried_for_peft = True
     try:
         importlib.import_module(_NAME)
     except Exception as exc:  # never break the user's `import peft`

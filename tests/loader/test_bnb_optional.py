@@ -16,9 +16,9 @@ import pytest
 from loader_helpers import hiding
 
 
-def _run(tmp_path: Path, script: str) -> str:
+def _run(tmp_path: Path, script: str, bitsandbytes: str = "IMPORTED_BY_STAND_IN = True\n") -> str:
     # PEFT's stand-in imports nothing, as PEFT 0.22 does not import bitsandbytes
-    for name, text in [("bitsandbytes", "IMPORTED_BY_STAND_IN = True\n"), ("peft", "")]:
+    for name, text in [("bitsandbytes", bitsandbytes), ("peft", "")]:
         package = tmp_path / "site" / name
         package.mkdir(parents=True)
         (package / "__init__.py").write_text(text)
@@ -87,6 +87,25 @@ bnb_optional.when_imported(lambda m: seen.append(m.IMPORTED_BY_STAND_IN))
 assert seen == [True], seen
 print("ok")
 """,
+    )
+    assert out.strip() == "ok"
+
+
+def test_a_failing_bitsandbytes_import_is_reported_once_and_peft_still_imports(tmp_path: Path) -> None:
+    out = _run(
+        tmp_path,
+        """
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import peft
+    from converter.loader import module, module_int8  # two layer classes: not tried again
+assert not module.HAS_BITSANDBYTES
+messages = [str(w.message) for w in caught if "its import failed" in str(w.message)]
+assert len(messages) == 1 and "OSError: no libcudart" in messages[0], messages
+print("ok")
+""",
+        bitsandbytes='raise OSError("no libcudart")\n',
     )
     assert out.strip() == "ok"
 
