@@ -264,7 +264,9 @@ def check_targets(config: Any, model: nn.Module) -> None:
     MoE experts (no-op for a model without them): ``target_parameters`` on them
     (``mlp.experts.gate_up_proj``), ``target_modules`` naming the experts module (``experts``), or naming
     their per-expert projections (``gate_proj``, Mixtral's ``w1``...), which PEFT maps onto the fused
-    experts' parameters under transformers 5 (or finds nowhere else). Call it before plain
+    experts' parameters under transformers 5 (or finds nowhere else). Warns where ``get_peft_model``
+    would wrap other layers than named: a target that also names the experts' projections (they get no
+    adapter), or a regex that PEFT 0.22's conversion widens to leaf names. Call it before plain
     ``get_peft_model``, whose own errors for these do not say why; ``register_lora(config, model)``
     calls it."""
     from converter.loader.moe import QuantExperts4bit
@@ -330,9 +332,9 @@ def _mapped_refusal(what: str, experts: list[str]) -> ValueError:
         "name (gate_proj, up_proj, down_proj; Mixtral's w1, w3, w2) onto the routed MoE experts' fused "
         "parameters and drops it from target_modules, so get_peft_model would wrap none of the layers "
         f"these name (shared experts, dense MLP layers), and the 4-bit experts ({_some(experts)}) take "
-        "no LoRA. Name other layers "
-        "(target_modules such as ['q_proj', 'k_proj', 'v_proj', 'o_proj']); PEFT 0.22 and later keep a "
-        "target that names nn.Linear layers only, as our 4-bit layers are where bitsandbytes is installed"
+        "no LoRA. Name other layers (target_modules such as ['q_proj', 'k_proj', 'v_proj', 'o_proj']); "
+        "PEFT 0.22 and later keep a target that names nn.Linear layers only, as our 4-bit layers are "
+        "where bitsandbytes is installed"
     )
 
 
