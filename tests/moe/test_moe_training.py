@@ -4,6 +4,7 @@ train; and module casts (``.half()``, ``.to(dtype)``) leave their float32 scales
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import warnings
 from collections.abc import Callable
@@ -164,7 +165,9 @@ def test_lora_target_modules_on_4bit_experts_are_refused_clearly(folders, name, 
 #: PEFT 0.22 keeps a target naming nn.Linear layers only (our 4-bit layers, bitsandbytes installed) as a
 #: module target; up to 0.21 its transformers-5 conversion took every gate_proj / up_proj / down_proj of
 #: DeepSeek-V3 for the routed experts' fused parameters (get_peft_model then wrapped none of them).
-PEFT_KEEPS_LINEAR_TARGETS = Version(peft.__version__) >= Version("0.22")
+PEFT_KEEPS_LINEAR_TARGETS = (
+    Version(peft.__version__) >= Version("0.22") and importlib.util.find_spec("bitsandbytes") is not None
+)
 
 
 def _wrapped(model: torch.nn.Module) -> set[str]:
