@@ -31,6 +31,7 @@ naming the experts module itself).
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any
 
@@ -284,16 +285,17 @@ def check_targets(config: Any, model: nn.Module) -> None:
     targets = getattr(config, "target_modules", None)
     if targets is None:  # PEFT's defaults for the model type: attention projections
         return
-    if any(_is_match(config, n) for n in experts) or _names_projections(config, model, modules):
+    conversion = _PeftConversion(config, model)
+    if any(_is_match(config, n) for n in experts) or _names_projections(config, model, modules, conversion):
         raise _experts_refusal(_shown("target_modules", targets), experts)
     if _is_all_linear(config):  # expanded to module names by register_lora, the experts left out
         return
     # names of other linear layers (DeepSeek's shared_experts.gate_proj, a dense MLP's down_proj) that
     # PEFT's transformers-5 conversion takes, by their leaf name, for the experts' fused parameters
     # (PEFT up to 0.21; 0.22 where those layers are not nn.Linear): get_peft_model would wrap none of them
-    if _peft_maps_onto_experts(config, model):
+    if conversion.maps_onto_experts:
         raise _mapped_refusal(_shown("target_modules", targets), experts)
-    _warn_about_partial_targets(config, model, modules)
+    _warn_about_partial_targets(conversion, modules)
 
 
 def _some(names: list[str], what: str = "layer") -> str:
@@ -301,11 +303,12 @@ def _some(names: list[str], what: str = "layer") -> str:
     return f"{len(names)} {what}{'s' if len(names) > 1 else ''}, e.g. {names[0]!r}"
 
 
-def _warn_about_partial_targets(config: Any, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+def _warn_about_partial_targets(conversion: _PeftConversion, modules: dict[str, nn.Module]) -> None:
     """Warn where get_peft_model would wrap other layers than ``config.target_modules`` name: more (a
     regex PEFT widens), or not the experts' projections they also name (4-bit: no LoRA)."""
+    config = conversion.config
     targets, user = config.target_modules, user_stacklevel()
-    if wider := _widened_by_peft(config, model):
+    if wider := conversion.widened():
         warnings.warn(
             f"target_modules {targets!r}: PEFT's transformers-5 conversion (peft.utils.transformers_weight_"
             "conversion) turns this regex into the leaf names of the layers it names, so get_peft_model "
@@ -362,7 +365,9 @@ def _also_naming_projections(config: Any, modules: dict[str, nn.Module]) -> list
     return [target for target, one in _each_target(config) if any(_is_match(one, key) for key in keys)]
 
 
-def _names_projections(config: Any, model: nn.Module, modules: dict[str, nn.Module]) -> bool:
+def _names_projections(
+    config: Any, model: nn.Module, modules: dict[str, nn.Module], conversion: _PeftConversion
+) -> bool:
     """Whether ``config.target_modules`` name the experts' per-expert projections (the checkpoint's
     ``<experts>.<e>.gate_proj``; gpt-oss' ``<experts>.gate_up_projs.<e>``) by a target that names no
     other module (PEFT wraps nothing there, beside other targets without a word), or PEFT would map
@@ -370,7 +375,7 @@ def _names_projections(config: Any, model: nn.Module, modules: dict[str, nn.Modu
     projections = _projection_keys(modules)
     if not any(_is_match(config, key) for key in projections):
         return False
-    if _peft_maps_onto_experts(config, model):
+    if conversion.maps_onto_experts:
         return True
     others = [n for n, _ in model.named_modules() if n not in modules]
     # each target on its own: one naming only experts is a no-op even where another names q_proj
@@ -386,43 +391,51 @@ def _is_match(config: Any, key: str) -> bool:
     return bool(check_target_module_exists(config, key))  # PEFT's "excluded" marker is falsy
 
 
-def _peft_converted(config: Any, model: nn.Module) -> Any:
-    """A copy of ``config`` as PEFT's transformers-5 conversion leaves it for ``model`` (``config`` itself
-    where this PEFT has no conversion); its ValueError (Mixtral's w1 without w3) propagates."""
-    try:
-        from peft.utils.transformers_weight_conversion import (
-            convert_peft_config_for_transformers,
-            get_model_conversion_mapping,
-        )
-    except ImportError:  # a PEFT without the conversion: the names stay module names
-        return config
-    converted = copy.deepcopy(config)
-    conversions = get_model_conversion_mapping(model)
-    convert_peft_config_for_transformers(converted, model=model, conversions=conversions)
-    return converted
+class _PeftConversion:
+    """PEFT's transformers-5 conversion of ``config`` for ``model``, run on a copy once, when first asked
+    (a deepcopy and passes over every module; check_targets asks up to three times)."""
 
+    def __init__(self, config: Any, model: nn.Module) -> None:
+        self.config, self.model = config, model
 
-def _peft_maps_onto_experts(config: Any, model: nn.Module) -> bool:
-    """Whether PEFT's transformers-5 conversion of ``config`` targets the experts' fused parameters, or
-    refuses the projections it found (Mixtral's w1 without w3)."""
-    try:
-        converted = _peft_converted(config, model)
-    except ValueError:
-        return True
-    leaves = {t.rpartition(".")[2] for t in getattr(converted, "target_parameters", None) or ()}
-    return bool(leaves & {"gate_up_proj", "down_proj"})
+    @functools.cached_property
+    def converted(self) -> Any | None:
+        """The converted copy (``config`` itself where this PEFT has no conversion); None where PEFT
+        refuses the projections it found (Mixtral's w1 without w3)."""
+        try:
+            from peft.utils.transformers_weight_conversion import (
+                convert_peft_config_for_transformers,
+                get_model_conversion_mapping,
+            )
+        except ImportError:  # a PEFT without the conversion: the names stay module names
+            return self.config
+        converted = copy.deepcopy(self.config)
+        conversions = get_model_conversion_mapping(self.model)
+        try:
+            convert_peft_config_for_transformers(converted, model=self.model, conversions=conversions)
+        except ValueError:
+            return None
+        return converted
 
+    @property
+    def maps_onto_experts(self) -> bool:
+        """Whether the conversion targets the experts' fused parameters, or refuses the projections."""
+        if self.converted is None:
+            return True
+        leaves = {t.rpartition(".")[2] for t in getattr(self.converted, "target_parameters", None) or ()}
+        return bool(leaves & {"gate_up_proj", "down_proj"})
 
-def _widened_by_peft(config: Any, model: nn.Module) -> list[str]:
-    """Modules a regex ``target_modules`` does not name but PEFT would wrap: its transformers-5 conversion
-    (0.22) turns the regex into the leaf names of what it matched (``shared_experts.gate_proj`` ->
-    every ``gate_proj``, a dense MLP's too)."""
-    if not isinstance(config.target_modules, str):
-        return []
-    converted = _peft_converted(config, model)
-    if converted is config or isinstance(converted.target_modules, str):
-        return []
-    return [n for n, _ in model.named_modules() if n and _is_match(converted, n) and not _is_match(config, n)]
+    def widened(self) -> list[str]:
+        """Modules a regex ``target_modules`` does not name but PEFT would wrap: its conversion (0.22)
+        turns the regex into the leaf names of what it matched (``shared_experts.gate_proj`` -> every
+        ``gate_proj``, a dense MLP's too)."""
+        config, converted = self.config, self.converted
+        if not isinstance(config.target_modules, str) or converted is None or converted is config:
+            return []
+        if isinstance(converted.target_modules, str):
+            return []
+        names = (n for n, _ in self.model.named_modules() if n)
+        return [n for n in names if _is_match(converted, n) and not _is_match(config, n)]
 
 
 def _is_all_linear(config: Any) -> bool:
