@@ -5,9 +5,9 @@ Each family lists the leaf module names whose ``.weight`` transformers + bitsand
 what never gets quantized although its name looks like a projection: per-expert MoE weights that
 transformers >= 5 fuses into one 3-D parameter on load, and ``_keep_in_fp32_modules``.
 
-transformers also skips "the module of the last parameter": with a final norm that has weights (or an
-untied lm_head) that is never a projection, so the table can ignore it. OLMo (v1) is left out for
-that reason: its norms have no weights, so with tied embeddings its last down_proj stays unquantized.
+transformers also skips "the module of the last parameter" of the model as from_pretrained builds it
+(untied, so the lm_head, or a final norm with weights): never a projection, so the table can ignore it.
+OLMo (v1), whose norms have no weights, is left out.
 
 The table is conservative: it never selects a weight transformers would leave unquantized
 (tests/selection/test_allowlist.py compares every family with the transformers-based selection

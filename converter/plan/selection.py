@@ -30,7 +30,7 @@ import importlib.util
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -299,6 +299,15 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(old)
 
 
+def _no_tie_weights() -> Any:
+    """transformers' own context that keeps ``post_init`` from tying weights (from_pretrained's)."""
+    try:
+        from transformers.initialization import no_tie_weights
+    except ImportError:  # a transformers without it: the skeleton as its post_init leaves it
+        return nullcontext()
+    return no_tie_weights()
+
+
 def build_skeleton(config: dict, keys: Sequence[str] | None = None) -> Any:
     """The model class ``config.json`` and the checkpoint ``keys`` describe (``converter.plan.model_class``,
     the loader's lookup too), built on the meta device: no memory, no weights, never remote code."""
@@ -340,7 +349,10 @@ def build_skeleton(config: dict, keys: Sequence[str] | None = None) -> Any:
             )
             raise UnknownModelError(msg)
         try:
-            with torch.device("meta"):
+            # untied, as from_pretrained builds it (init.no_tie_weights) before transformers + bitsandbytes
+            # take "the module of the last parameter" out of conversion: a tied head is then the last
+            # parameter, not a linear before it (OLMo's last down_proj, Gemma 4's embed_vision projection)
+            with torch.device("meta"), _no_tie_weights():
                 model = cls(cfg)
         except Exception as exc:  # a config transformers cannot build a model from
             msg = (

@@ -53,7 +53,9 @@ TABLE_FORMAT = 1
 #: 12: any linear whose parent's source casts an input to its weight's dtype (SigLIP2's patch_embedding);
 #: 13: WavLM's attention projections (their weights go to F.multi_head_attention_forward); a weight
 #:     renamed on load apart from its module's SCB is late too (UnlimitedOcr's projector)
-CACHE_FORMAT = 13
+#: 14: "the last module" is that of the untied skeleton, as from_pretrained builds it (a tied head, not
+#:     OLMo's last down_proj)
+CACHE_FORMAT = 14
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one

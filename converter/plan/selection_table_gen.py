@@ -14,8 +14,8 @@ both spellings of the base-model prefix), then:
    (its bounds: ``num_hidden_layers - 1``, ``first_k_dense_replace``, ...);
 3. keeps a key only if its facts are identical in every build and its indices form the product of
    contiguous ranges; a variant is dropped when a linear weight's key cannot be kept, when its
-   default skip list or untouched Linear modules depend on the layer count (OLMo with tied
-   embeddings: the last layer's down_proj is "the last module"), so no entry ever needs a guess.
+   default skip list or untouched Linear modules depend on the layer count (a model whose last
+   parameter is the last layer's linear: "the last module"), so no entry ever needs a guess.
 
 tests/selection/test_selection_table.py checks the shipped table against live transformers.
 """

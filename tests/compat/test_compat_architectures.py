@@ -65,6 +65,9 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
     "gpt_neox": ("GPTNeoXForCausalLM", _for_model("gpt_neox", **_TEXT)),  # fused query_key_value
     "starcoder2": ("Starcoder2ForCausalLM", _for_model("starcoder2", **_TEXT)),
     "olmo2": ("Olmo2ForCausalLM", _for_model("olmo2", **_TEXT)),
+    # norms without weights and a tied head: the last parameter of the tied model is the last layer's
+    # down_proj, which transformers quantizes (its skip list is computed before the head is tied)
+    "olmo_tied": ("OlmoForCausalLM", _for_model("olmo", **dict(_TEXT, tie_word_embeddings=True))),
     "cohere": ("CohereForCausalLM", _for_model("cohere", **_TEXT)),
     "granite": ("GraniteForCausalLM", _for_model("granite", **_TEXT)),
     "stablelm": ("StableLmForCausalLM", _for_model("stablelm", **_TEXT)),

@@ -123,7 +123,9 @@ def test_real_smollm2_config_uses_the_table():
     )
     assert {k for k, _ in got.quantize.items()} == set(live.quantize)
     assert len(got.quantize) == 210
-    assert got.skip_modules == live.skip_modules == ["embed_tokens", "lm_head", "norm"]
+    # transformers' default skips of the untied model from_pretrained builds: the head is its last
+    # parameter, so the final norm is not "the last module"
+    assert got.skip_modules == live.skip_modules == ["embed_tokens", "lm_head"]
 
 
 @needs_current
