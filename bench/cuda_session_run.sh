@@ -66,9 +66,10 @@ if ! python3 -c "import converter._kernels as k; assert k.has_cuda_build() and h
   bash bench/cuda_device_run.sh build || exit 1
 fi
 GEN_DIR=/tmp/qm_gen
-quiet() { # drop warnings, progress bars and blank lines; keep pytest's summary (it says "N warnings")
-  awk '{ l = tolower($0) } l ~ /passed|failed/ { print; next }
-       l ~ /warn|it\/s]|loading weights|writing model shards/ || l ~ /^[ \t]*$/ { next } { print }'
+quiet() { # drop warnings, progress bars and blank lines; keep pytest's summary (it says "N warnings");
+  # flush every line, so a step killed by an outer timeout keeps what it printed
+  awk '{ l = tolower($0) } l ~ /passed|failed/ { print; fflush(); next }
+       l ~ /warn|it\/s]|loading weights|writing model shards/ || l ~ /^[ \t]*$/ { next } { print; fflush() }'
 }
 step() { # step NAME COMMAND...: run from /tmp (outside the source tree), log to $OUT/NAME.log
   local name=$1 t0
