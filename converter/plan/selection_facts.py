@@ -96,6 +96,11 @@ READ_DIRECTLY = {
             ("EsmFold2InputEmbedder", "token_bonds"),
         )
     },
+    # MobileBERT's MLM head multiplies by torch.cat([decoder.weight.t(), dense.weight]): a quantized
+    # dense fails in both loaders (transformers + bitsandbytes too: "Sizes of tensors must match")
+    ("MobileBertLMPredictionHead", "dense"): (
+        "read directly (MobileBertLMPredictionHead concatenates dense.weight into its output matrix)"
+    ),
     # LayoutLMv2/v3's encoders index their relative-position bias tables' weights (rel_pos_bias.weight[...])
     **{
         (cls, leaf): f"read directly ({cls} indexes {leaf}.weight)"

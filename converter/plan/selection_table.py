@@ -55,7 +55,8 @@ TABLE_FORMAT = 1
 #:     renamed on load apart from its module's SCB is late too (UnlimitedOcr's projector)
 #: 14: "the last module" is that of the untied skeleton, as from_pretrained builds it (a tied head, not
 #:     OLMo's last down_proj)
-CACHE_FORMAT = 14
+#: 15: MobileBERT's MLM head concatenates dense.weight (read directly)
+CACHE_FORMAT = 15
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one

@@ -121,6 +121,20 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
             vocab_size=128,
         ),
     ),
+    "mobilebert": (  # its MLM head reads cls.predictions.dense.weight (KEPT_WHERE_BNB_BREAKS)
+        "MobileBertForMaskedLM",
+        _for_model(
+            "mobilebert",
+            vocab_size=128,
+            hidden_size=128,
+            embedding_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            intra_bottleneck_size=64,
+            true_hidden_size=64,
+        ),
+    ),
     "distilbert": (
         "DistilBertModel",
         _for_model("distilbert", dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=128),
@@ -189,7 +203,7 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
 
 #: Modules our folders keep 16-bit where transformers + bitsandbytes quantize them and then fail in their
 #: own forward (converter/plan/selection_facts.py READ_DIRECTLY), by architecture: module-name suffixes.
-KEPT_WHERE_BNB_BREAKS = {"mamba": (".mixer.dt_proj",)}
+KEPT_WHERE_BNB_BREAKS = {"mamba": (".mixer.dt_proj",), "mobilebert": ("cls.predictions.dense",)}
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -759,6 +759,33 @@ def test_layers_whose_input_is_cast_to_their_weight_dtype_stay_16bit(tmp_path: P
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_mobilebert_mlm_head_dense_stays_16bit(tmp_path: Path, quant_type: str) -> None:
+    """MobileBERT's MLM head multiplies by ``torch.cat([decoder.weight.t(), dense.weight])``: quantized
+    (as transformers + bitsandbytes quantize it, once the skeleton is untied like from_pretrained's),
+    the forward failed in our loader and in theirs ("Sizes of tensors must match"). It stays 16-bit
+    with its reason, named in ``llm_int8_skip_modules``; both loaders give the same logits."""
+    from transformers import MobileBertConfig, MobileBertForMaskedLM
+
+    from converter.writer.pipeline import convert
+
+    torch.manual_seed(0)
+    config = MobileBertConfig(  # every input width a multiple of 64: whole blocks, bnb's CPU path exact
+        vocab_size=128, hidden_size=128, embedding_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, intra_bottleneck_size=64, true_hidden_size=64,
+    )  # fmt: skip
+    MobileBertForMaskedLM(config).save_pretrained(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(tmp_path / "plain", folder, quant_type=quant_type, progress=False)
+    _assert_kept_16bit(
+        folder,
+        ["cls.predictions.dense"],
+        "read directly (MobileBertLMPredictionHead concatenates dense.weight into its output matrix)",
+        quantized=["mobilebert.encoder.layer.0.attention.self.query"],
+    )
+    _assert_loaders_agree(folder, {"input_ids": IDS[:, :5]})
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
 def test_layoutlmv3_relative_position_tables_stay_16bit(tmp_path: Path, quant_type: str) -> None:
     """LayoutLMv3's encoder indexes ``rel_pos_bias.weight`` (and the 2-D x/y tables) as bias tables instead
     of calling the layers: quantized, the forward failed in our loader and in transformers + bitsandbytes
