@@ -6,8 +6,8 @@ what never gets quantized although its name looks like a projection: per-expert 
 transformers >= 5 fuses into one 3-D parameter on load, and ``_keep_in_fp32_modules``.
 
 transformers also skips "the module of the last parameter" of the model as from_pretrained builds it
-(untied, so the lm_head, or a final norm with weights): never a projection, so the table can ignore it.
-OLMo (v1), whose norms have no weights, is left out.
+(untied, so the lm_head, or a final norm with weights): never a projection, so the table can ignore it
+(OLMo (v1), whose norms have no weights, too: its last parameter is the untied lm_head).
 
 The table is conservative: it never selects a weight transformers would leave unquantized
 (tests/selection/test_allowlist.py compares every family with the transformers-based selection
@@ -51,6 +51,7 @@ FAMILIES: tuple[Family, ...] = (
                 "qwen3_moe",
                 "gemma",
                 "gemma2",
+                "olmo",
                 "olmo2",
                 "granite",
                 "smollm3",
