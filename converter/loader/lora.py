@@ -286,7 +286,7 @@ def check_targets(config: Any, model: nn.Module) -> None:
     if targets is None:  # PEFT's defaults for the model type: attention projections
         return
     conversion = _PeftConversion(config, model)
-    if any(_is_match(config, n) for n in experts) or _names_projections(config, model, modules, conversion):
+    if any(_is_match(config, n) for n in experts) or _names_projections(conversion, modules):
         raise _experts_refusal(_shown("target_modules", targets), experts)
     if _is_all_linear(config):  # expanded to module names by register_lora, the experts left out
         return
@@ -365,13 +365,12 @@ def _also_naming_projections(config: Any, modules: dict[str, nn.Module]) -> list
     return [target for target, one in _each_target(config) if any(_is_match(one, key) for key in keys)]
 
 
-def _names_projections(
-    config: Any, model: nn.Module, modules: dict[str, nn.Module], conversion: _PeftConversion
-) -> bool:
+def _names_projections(conversion: _PeftConversion, modules: dict[str, nn.Module]) -> bool:
     """Whether ``config.target_modules`` name the experts' per-expert projections (the checkpoint's
     ``<experts>.<e>.gate_proj``; gpt-oss' ``<experts>.gate_up_projs.<e>``) by a target that names no
     other module (PEFT wraps nothing there, beside other targets without a word), or PEFT would map
     them onto the fused experts' parameters (transformers 5 MoE models)."""
+    config, model = conversion.config, conversion.model
     projections = _projection_keys(modules)
     if not any(_is_match(config, key) for key in projections):
         return False
