@@ -5,13 +5,17 @@
 // odd ones. Instead of interleaving decoded weights, x is permuted once per call to the same
 // (even, odd) order, so decoding is a shift, a mask and two table permutes per 32 weights.
 //
-// AVX512-BF16 (isa avx512bf16, bfloat16 x, blocksize >= 64): the one path that is not the f32 product
-// quant_map[q] * absmax. Code values are rounded to bfloat16 in a word table and vdpbf16ps multiplies
-// them with x kept in bfloat16 (exact products, float32 sums), half the shuffle and FMA work per weight
-// of the f32 path; see rows_bf16dot.
+// Two paths are not the f32 product quant_map[q] * absmax:
+// - AVX512-BF16 (isa avx512bf16, bfloat16 x, blocksize >= 64): code values are rounded to bfloat16 in a
+//   word table and vdpbf16ps multiplies them with x kept in bfloat16 (exact products, float32 sums),
+//   half the shuffle and FMA work per weight of the f32 path; see group_bf16dot.
+// - AVX2 with 16-bit x (bfloat16 or float16, blocksize >= 64): code values and x as 15-bit integers
+//   (x scaled per 64 elements), exact integer products and sums per 64 weights (vpmaddwd); see
+//   rows_i16. A third of the shuffles of the f32 AVX2 path per weight.
 #include "gemv_cpu.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -35,6 +39,11 @@ inline float block_absmax(const Gemv4bitArgs& a, int64_t i) {
   const float scaled = a.map8[a.absmax_codes[i]] * a.nested_absmax[i / kNestedBlocksize];
   return scaled + a.offset;
 }
+
+// The AVX2 integer path (rows_i16): code values and x as integers of at most this magnitude, x scaled per
+// chunk of kI16Chunk elements.
+constexpr int kI16Scale = 16383;
+constexpr int64_t kI16Chunk = 64;
 
 // Where element j of a group of `group` goes: (even..., odd...), or with group kQuads (the AVX2 kernel's
 // byte-plane lookup, rows_avx2) in runs of 8: four even elements, then the four odd ones after them.
@@ -501,6 +510,138 @@ struct SpanBf16Dot {
   }
 };
 
+// ---- AVX2 with 16-bit x: integer dot products ----
+//
+// The f32 AVX2 path spends 12 shuffles on every 32 weights to look up four byte planes of a float
+// table, and shuffles are what AVX2 CPUs have least of (one port on Intel, two on AMD). Here the table
+// holds the code values as integers c = round(q * kI16Scale / max|q|) in two byte planes, and x holds
+// each 64-element chunk as integers round(x * kI16Scale / max|chunk|) (prepare_x_i16): 64 weights cost
+// 4 lookups and 4 byte unpacks, then 4 vpmaddwd multiply 16-bit pairs exactly and add them into int32.
+// Bounds: |c|, |x| <= 16383, and a lane of the int32 sum of one chunk holds 8 products, so it stays
+// below 8 * 16383^2 < 2^31. Each chunk's sum is converted to float32 and scaled by its x step
+// (max|chunk| / 16383), each block's by its absmax, the row's total divided by the code scale once.
+//
+// What it changes against the f32 product (tests/error_bounds.py derives the bound): each code value is
+// off by at most half a table step (max|q| / 32766), and each x element by at most half an x step, half
+// of 1/16383 of its chunk's largest magnitude (15 bits below it; a bfloat16 element holds 8). x that is
+// not finite, or a chunk whose largest magnitude is below 2^-100 but not zero, takes the f32 path
+// (prepare_x_i16 says so).
+
+// Element j (0..63) of a chunk sits at the int16 lane the kernel multiplies it in: the high nibbles
+// (even j) look up vectors 0-1 and the low ones (odd j) vectors 2-3; byte unpacks take bytes 0-7 of
+// each 128-bit lane into the first vector and bytes 8-15 into the second.
+inline int64_t i16_lane(int64_t j) {
+  const int64_t byte = j / 2, lane = byte / 16, in_lane = byte % 16;
+  return 16 * (2 * (j % 2) + in_lane / 8) + 8 * lane + in_lane % 8;
+}
+
+template <DType DT>
+bool prepare_x_i16_typed(const Gemv4bitArgs& a, GemvX& x) {
+  const int64_t K = a.in_features, chunks = K / kI16Chunk;
+  x.i16.resize(static_cast<size_t>(a.batch * K));
+  x.i16_step.resize(static_cast<size_t>(a.batch * chunks));
+  for (int64_t b = 0; b < a.batch; ++b) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t base = b * K + c * kI16Chunk;
+      float amax = 0.0f;
+      for (int64_t j = 0; j < kI16Chunk; ++j) {
+        const float v = load_elem<DT>(a.x, base + j);
+        if (!std::isfinite(v)) return false;
+        amax = std::max(amax, std::fabs(v));
+      }
+      if (amax != 0.0f && amax < 0x1p-100f) return false;
+      // Double precision for the scale and the product: the integer is x * 16383 / amax rounded once.
+      const double r = amax == 0.0f ? 0.0 : kI16Scale / double{amax};
+      int16_t* dst = x.i16.data() + base;
+      for (int64_t j = 0; j < kI16Chunk; ++j) {
+        dst[i16_lane(j)] = static_cast<int16_t>(std::lrint(double{load_elem<DT>(a.x, base + j)} * r));
+      }
+      x.i16_step[static_cast<size_t>(b * chunks + c)] = static_cast<float>(double{amax} / kI16Scale);
+    }
+  }
+  return true;
+}
+
+bool prepare_x_i16(const Gemv4bitArgs& a, GemvX& x) {
+  return a.x_dtype == DType::F16 ? prepare_x_i16_typed<DType::F16>(a, x) : prepare_x_i16_typed<DType::BF16>(a, x);
+}
+
+// The code table as two byte planes of int16 values, and the scale it was made with; false when the
+// quant_map has a value that is not finite or is all zeros (its rows take the f32 path).
+struct TableI16 {
+  __m256i lo, hi;
+  float scale;
+};
+
+QM_TARGET_AVX2 inline bool table_i16(const float* quant_map, TableI16& t) {
+  float qmax = 0.0f;
+  for (int i = 0; i < 16; ++i) {
+    if (!std::isfinite(quant_map[i])) return false;
+    qmax = std::max(qmax, std::fabs(quant_map[i]));
+  }
+  if (qmax == 0.0f) return false;
+  t.scale = static_cast<float>(kI16Scale / double{qmax});
+  alignas(32) uint8_t lo[32], hi[32];
+  for (int i = 0; i < 16; ++i) {
+    const auto c = static_cast<uint16_t>(static_cast<int16_t>(std::lrint(double{quant_map[i]} * t.scale)));
+    lo[i] = lo[i + 16] = static_cast<uint8_t>(c & 0xFF);
+    hi[i] = hi[i + 16] = static_cast<uint8_t>(c >> 8);
+  }
+  t.lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+  t.hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+  return true;
+}
+
+// Rows o0..o1 for B <= 4 activations (x rows xi[b * K], steps[b * K / 64]): each row's codes are read
+// once per call of this function. Per block, B float32 sums of chunk sums times their x step; per row,
+// B sums of block sums times absmax.
+template <int B>
+QM_TARGET_AVX2 void rows_i16_part(const Gemv4bitArgs& a, const TableI16& t, const int16_t* xi, const float* steps,
+                                  int64_t b0, int64_t o0, int64_t o1) {
+  const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs, chunks = K / kI16Chunk;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* w = a.packed + o * (K / 2);
+    __m256 acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < bpr; ++blk) {
+      __m256 part[B];
+      for (int b = 0; b < B; ++b) part[b] = _mm256_setzero_ps();
+      for (int64_t k = blk * bs; k < (blk + 1) * bs; k += kI16Chunk) {
+        if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (k >> 1) + kAvx2Ahead), _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (k >> 1)));
+        const __m256i even = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), odd = _mm256_and_si256(v, m4);
+        const __m256i el = _mm256_shuffle_epi8(t.lo, even), eh = _mm256_shuffle_epi8(t.hi, even);
+        const __m256i ol = _mm256_shuffle_epi8(t.lo, odd), oh = _mm256_shuffle_epi8(t.hi, odd);
+        const __m256i c[4] = {_mm256_unpacklo_epi8(el, eh), _mm256_unpackhi_epi8(el, eh), _mm256_unpacklo_epi8(ol, oh),
+                              _mm256_unpackhi_epi8(ol, oh)};
+        for (int b = 0; b < B; ++b) {
+          const __m256i* xv = reinterpret_cast<const __m256i*>(xi + (b0 + b) * K + k);
+          __m256i s = _mm256_madd_epi16(c[0], _mm256_load_si256(xv));
+          for (int m = 1; m < 4; ++m) s = _mm256_add_epi32(s, _mm256_madd_epi16(c[m], _mm256_load_si256(xv + m)));
+          const __m256 step = _mm256_broadcast_ss(steps + (b0 + b) * chunks + k / kI16Chunk);
+          part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, part[b]);
+        }
+      }
+      const __m256 scale = _mm256_set1_ps(block_absmax(a, o * bpr + blk));
+      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(part[b], scale, acc[b]);
+    }
+    for (int b = 0; b < B; ++b) store_y(a, (b0 + b) * a.out_features + o, hsum_avx2(acc[b]) / t.scale);
+  }
+}
+
+// Batches above 4 run as two parts over the same rows, 16 rows at a time: the second part re-reads the
+// rows' codes from L1 (4 accumulators and 4 partial sums per part fit AVX2's 16 registers).
+template <int B>
+QM_TARGET_AVX2 void rows_i16(const Gemv4bitArgs& a, const TableI16& t, const GemvX& x, int64_t o0, int64_t o1) {
+  constexpr int B1 = B <= 4 ? B : 4, B2 = B - B1;
+  for (int64_t g = o0; g < o1; g += 16) {
+    const int64_t g1 = std::min(o1, g + 16);
+    rows_i16_part<B1>(a, t, x.i16.data(), x.i16_step.data(), 0, g, g1);
+    if constexpr (B2 > 0) rows_i16_part<B2>(a, t, x.i16.data(), x.i16_step.data(), B1, g, g1);
+  }
+}
+
 #endif  // QM_X86
 
 using RowsFn = void (*)(const Gemv4bitArgs&, const void*, int64_t, int64_t);
@@ -509,6 +650,12 @@ using RowsFn = void (*)(const Gemv4bitArgs&, const void*, int64_t, int64_t);
 // path; every other avx512bf16 call runs the exact AVX-512 path.
 bool use_bf16dot(const Gemv4bitArgs& a, Isa isa) {
   return QM_X86 && isa == Isa::AVX512BF16 && a.x_dtype == DType::BF16 && a.blocksize >= 64;
+}
+
+// AVX2 with bfloat16 or float16 x and blocksize >= 64 (whole 64-element chunks per block) takes the
+// integer path where x allows it (prepare_x_i16); float32 x keeps the exact f32 path.
+bool use_i16(const Gemv4bitArgs& a, Isa isa) {
+  return QM_X86 && isa == Isa::AVX2 && a.x_dtype != DType::F32 && a.blocksize >= kI16Chunk;
 }
 
 RowsFn pick_rows(const Gemv4bitArgs& a, Isa isa) {
@@ -554,15 +701,35 @@ void check_args(const Gemv4bitArgs& args) {
 }  // namespace
 
 void gemv_prepare_x(const Gemv4bitArgs& args, Isa isa, GemvX& x) {
+  x.path = GemvX::Path::F32;
 #if QM_X86
-  if (use_bf16dot(args, isa)) return prepare_x_bf16dot(args, x.bf16);
+  if (use_bf16dot(args, isa)) {
+    x.path = GemvX::Path::Bf16Dot;
+    return prepare_x_bf16dot(args, x.bf16);
+  }
+  if (use_i16(args, isa) && prepare_x_i16(args, x)) {
+    x.path = GemvX::Path::I16;
+    return;
+  }
 #endif
   const int64_t group = isa == Isa::AVX512 || isa == Isa::AVX512BF16 ? 32 : isa == Isa::AVX2 ? kQuads : 2;
   widen_dispatch(args, group, x.f32);
 }
 
 void gemv_rows(const Gemv4bitArgs& args, const GemvX& x, int64_t o0, int64_t o1, Isa isa) {
-  const void* xp = use_bf16dot(args, isa) ? static_cast<const void*>(x.bf16.data()) : x.f32.data();
+#if QM_X86
+  if (x.path == GemvX::Path::I16) {
+    static constexpr void (*i16[])(const Gemv4bitArgs&, const TableI16&, const GemvX&, int64_t, int64_t) = {
+        rows_i16<1>, rows_i16<2>, rows_i16<3>, rows_i16<4>, rows_i16<5>, rows_i16<6>, rows_i16<7>, rows_i16<8>};
+    TableI16 t;
+    if (table_i16(args.quant_map, t)) return i16[args.batch - 1](args, t, x, o0, o1);
+    // A quant_map the integer table cannot hold: these rows take the f32 path on x widened here.
+    GemvX wide;
+    widen_dispatch(args, kQuads, wide.f32);
+    return pick_rows(args, isa)(args, wide.f32.data(), o0, o1);
+  }
+#endif
+  const void* xp = x.path == GemvX::Path::Bf16Dot ? static_cast<const void*>(x.bf16.data()) : x.f32.data();
   pick_rows(args, isa)(args, xp, o0, o1);
 }
 

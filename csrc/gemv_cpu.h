@@ -3,7 +3,8 @@
 // Not a byte-exact path: each weight is decoded to the f32 product quant_map[q] * absmax that
 // dequantize_4bit computes, then x * w is accumulated in float32 (FMA on the SIMD paths, in an order
 // that differs from torch's). Tested against dequantize + matmul within the dtype's rounding. The
-// AVX512BF16 path with bfloat16 x rounds code values to bfloat16 first (gemv_cpu.cpp).
+// AVX512BF16 path with bfloat16 x rounds code values to bfloat16 first, and the AVX2 path with 16-bit x
+// multiplies code values and x as 15-bit integers (gemv_cpu.cpp).
 #pragma once
 
 #include <cstddef>
@@ -63,8 +64,12 @@ struct CacheLineAllocator {
 };
 
 struct GemvX {
+  enum class Path { F32, Bf16Dot, I16 };
+  Path path = Path::F32;                                    // which of the buffers below gemv_rows reads
   std::vector<float, CacheLineAllocator<float>> f32;        // widened and permuted (the exact paths)
   std::vector<uint16_t, CacheLineAllocator<uint16_t>> bf16;  // bfloat16, permuted and zero padded (AVX512BF16)
+  std::vector<int16_t, CacheLineAllocator<int16_t>> i16;     // AVX2, 16-bit x: 15-bit integers per 64-chunk
+  std::vector<float> i16_step;                               // [batch][K / 64]: each chunk's max|x| / 16383
 };
 void gemv_prepare_x(const Gemv4bitArgs& args, Isa isa, GemvX& x);
 void gemv_rows(const Gemv4bitArgs& args, const GemvX& x, int64_t o0, int64_t o1, Isa isa);

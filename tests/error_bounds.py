@@ -25,6 +25,11 @@ import torch
 U32 = 2.0**-24
 U64 = 2.0**-53
 
+#: The CPU AVX2 GEMV with 16-bit x (csrc/gemv_cpu.cpp, rows_i16): code values and x as integers of at
+#: most I16_SCALE in magnitude, x scaled per X_CHUNK elements along K.
+I16_SCALE = 16383
+X_CHUNK = 64
+
 
 def unit_roundoff(dtype: torch.dtype) -> float:
     """u of ``dtype``: half its machine epsilon (float32 2^-24, float16 2^-11, bfloat16 2^-8)."""
@@ -54,6 +59,7 @@ def dot_bound(
     weight_rel: float = 0.0,
     acc_u: float = U32,
     flush_abs: float = 0.0,
+    x_chunk_rel: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(reference, bound)`` for ``y = x @ w.T (+ bias)`` as a kernel computes it in floating point.
 
@@ -66,7 +72,10 @@ def dot_bound(
       3. round the sum to ``out_dtype``, and with a ``bias`` add it in ``out_dtype`` afterwards (one
          more rounding), as the loader's GEMV path does (``y = gemv(x) + bias``);
       4. (``flush_abs``) lose at most ``flush_abs * max_k |w[o, k]|`` per term to inputs or partial
-         sums flushed to zero (vdpbf16ps treats subnormals as zero).
+         sums flushed to zero (vdpbf16ps treats subnormals as zero);
+      5. (``x_chunk_rel``) use each x[b, k] with an absolute error of at most ``x_chunk_rel`` times the
+         largest |x| of its chunk of X_CHUNK elements along K (x held as integers scaled per chunk).
+         Where K is not a multiple of X_CHUNK no path quantizes x so, and the term is 0.
 
     ``reference`` is the float64 ``x @ w.T (+ bias)``; ``bound`` is elementwise (float64) and covers
     1-3 plus the reference's own rounding. x, w: [B, K] and [O, K]; bias [O]; both results on x's
@@ -79,6 +88,10 @@ def dot_bound(
     dot = xd @ wd.T
     # 2K: at most one rounding per product and one per addition may underflow.
     err = (weight_rel + gamma(k, acc_u) * (1 + weight_rel)) * mag + 2 * k * underflow(torch.float32)
+    if x_chunk_rel and k % X_CHUNK == 0:
+        # sum_k |dx_k| |w_k|, each weight off by weight_rel and each term rounded as the rest (gamma_K)
+        dx = x_chunk_rel * chunk_amax(xd, X_CHUNK)
+        err = err + (1 + weight_rel) * (1 + gamma(k, acc_u)) * (dx @ wd.abs().T)
     if flush_abs:
         err = err + flush_abs * k * wd.abs().amax(dim=1)
     u, eta = unit_roundoff(out_dtype), underflow(out_dtype)
@@ -88,6 +101,13 @@ def dot_bound(
         ref = dot + bias.detach().double().to(xd.device)
         err = err + u * (ref.abs() + err) + eta  # y + bias, rounded to out_dtype
     return ref, err + gamma(k + 1, U64) * (mag + ref.abs())
+
+
+def chunk_amax(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each element of ``x`` ([..., K], K a multiple of ``chunk``) replaced by its chunk's largest |x|."""
+    shape = x.shape
+    amax = x.abs().reshape(*shape[:-1], shape[-1] // chunk, chunk).amax(dim=-1, keepdim=True)
+    return amax.expand(*shape[:-1], shape[-1] // chunk, chunk).reshape(shape)
 
 
 def worst_ratio(y: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -> float:
@@ -103,8 +123,8 @@ def cpu_isa_running(isa: str = "auto") -> str:
 
 
 def gemv_arithmetic(device_type: str, x_dtype: torch.dtype, isa: str = "auto") -> dict[str, float]:
-    """``dot_bound``'s ``weight_rel`` / ``acc_u`` / ``flush_abs`` for our fused GEMV on a device, from
-    what it computes (``isa``: the CPU path; "auto" is the one isa="auto" runs now).
+    """``dot_bound``'s ``weight_rel`` / ``acc_u`` / ``flush_abs`` / ``x_chunk_rel`` for our fused GEMV on a
+    device, from what it computes (``isa``: the CPU path; "auto" is the one isa="auto" runs now).
 
     - CPU (csrc/gemv_cpu.cpp), every ISA but the one below: x widened exactly; weights
       float32(quant_map[q] * absmax), or a block's sum of quant_map[q] * x scaled by its absmax
@@ -119,6 +139,11 @@ def gemv_arithmetic(device_type: str, x_dtype: torch.dtype, isa: str = "auto") -
       treats subnormal inputs and results as zero: at most K inputs (|x| < 2^-126, times |code| <= 1)
       and K/2 lane results (< 2^-126) flushed per output, in code units, which the block's absmax
       (<= max_k |w[o, k]|: the code +-1 decodes to +-absmax) scales: flush_abs = 1.5 * 2^-126.
+    - CPU "avx2" with float16 / bfloat16 x and blocksize >= 64 (rows_i16; blocksize 32 takes the f32
+      path, inside this bound too): code values as integers round(q * s) (:func:`i16_code_rel`
+      relative to q, then absmax's 2^-24), x as integers per chunk of 64 (I16_X_REL times the chunk's
+      largest |x|, absolute); their products and each chunk's sum are exact integers (below 2^31),
+      converted and scaled in float32 (round to nearest, a few roundings per term).
     - CUDA, float32 x (csrc/cuda/gemv.cu, CUDA cores): the same, block sums scaled by their absmax.
     - CUDA, float16 / bfloat16 x (csrc/cuda/gemv_mma.cu, tensor cores): code values rounded to x's
       dtype (u of that dtype) and block sums scaled by absmax (2^-24); mma accumulators in float32 but
@@ -129,6 +154,35 @@ def gemv_arithmetic(device_type: str, x_dtype: torch.dtype, isa: str = "auto") -
     rounded_codes = (1 + unit_roundoff(x_dtype)) * (1 + U32) - 1
     if device_type == "cuda" and x_dtype != torch.float32:
         return {"weight_rel": rounded_codes, "acc_u": 2 * U32}
-    if device_type == "cpu" and x_dtype == torch.bfloat16 and cpu_isa_running(isa) == "avx512bf16":
+    path = cpu_isa_running(isa) if device_type == "cpu" else None
+    if path == "avx512bf16" and x_dtype == torch.bfloat16:
         return {"weight_rel": rounded_codes, "acc_u": 2 * U32, "flush_abs": 1.5 * 2.0**-126}
+    if path == "avx2" and x_dtype != torch.float32:
+        return {"weight_rel": (1 + i16_code_rel()) * (1 + U32) - 1, "acc_u": U32, "x_chunk_rel": I16_X_REL}
     return {"weight_rel": U32, "acc_u": U32}
+
+
+#: x's integer in the AVX2 16-bit path: round(x * I16_SCALE / amax), the scale and the product in float64
+#: (each off by at most 2^-53 relative, so the integer is within 0.5 + 2^-38 of x's exact multiple),
+#: scaled back by the float32 step amax / I16_SCALE (rounded: relative 2^-24, so the half step grows by
+#: at most 2^-25; the rest is one more rounding of the term, in gamma_K). 2^-20 covers both. Error per
+#: element: at most this times its chunk's largest |x|.
+I16_X_REL = (0.5 + 2.0**-20) / I16_SCALE
+
+
+def i16_code_rel() -> float:
+    """Largest relative error of a nonzero code value held as an integer in the AVX2 16-bit path, over
+    the NF4 and FP4 tables: round(q * s) / s against q, s = float32(I16_SCALE / max|q|) as the kernel
+    computes it (0 stays 0)."""
+    import numpy as np
+
+    from formats.quant_types import QuantType
+
+    worst = 0.0
+    for quant_type in (QuantType.NF4, QuantType.FP4):
+        q = np.asarray(quant_type.codebook, dtype=np.float32).astype(np.float64)
+        s = float(np.float32(I16_SCALE / np.abs(q).max()))
+        c = np.rint(q * s)  # lrint: to nearest even, as np.rint
+        nonzero = q != 0
+        worst = max(worst, float((np.abs(c / s - q)[nonzero] / np.abs(q[nonzero])).max()))
+    return worst

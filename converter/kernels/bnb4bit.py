@@ -333,7 +333,10 @@ def gemv_4bit(
             it is decoded inline exactly as ``dequantize_nested`` does.
         isa, threads: CPU path and threads. The paths differ only in float32 summation order, except
             ``"avx512bf16"`` (``"auto"`` where the CPU has AVX512_BF16) with bfloat16 x and
-            blocksize >= 64: code values rounded to bfloat16, products summed by vdpbf16ps.
+            blocksize >= 64: code values rounded to bfloat16, products summed by vdpbf16ps; and
+            ``"avx2"`` (``"auto"`` on a CPU with AVX2 but not AVX-512) with float16 / bfloat16 x and
+            blocksize >= 64: code values and x (scaled per 64 elements) as 15-bit integers, exact
+            integer sums per 64 weights (docs/python-api.md says how far from the f32 product).
 
     Returns:
         ``y`` of x's dtype, ``[B, out_features]`` (``[out_features]`` for a 1-D x).

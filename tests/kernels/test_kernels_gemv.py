@@ -165,3 +165,70 @@ def test_avx512bf16_flushes_subnormal_x_within_the_bound():
         x, dense, out_dtype=torch.bfloat16, **gemv_arithmetic("cpu", torch.bfloat16, "avx512bf16")
     )
     assert worst_ratio(y, ref, bound) <= 1.0
+
+
+def _quantized(w: torch.Tensor, blocksize: int):
+    """(packed, absmax, quant_map, exact float32 decode) of a float weight, NF4."""
+    packed, absmax = kernels.quantize_4bit(w, blocksize=blocksize, quant_type=QuantType.NF4)
+    qm = codebook_tensor(QuantType.NF4)
+    dense = kernels.dequantize_4bit(
+        packed, absmax, n=w.numel(), blocksize=blocksize, quant_map=qm, out_dtype=torch.float32
+    ).view(w.shape)
+    return packed, absmax, qm, dense
+
+
+needs_avx2 = pytest.mark.skipif("avx2" not in kernels.cpu_isas(), reason="this CPU lacks AVX2")
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_avx2_holds_16bit_x_as_integers_per_chunk(dtype):
+    """AVX2 with 16-bit x multiplies 15-bit integers, x scaled per 64 elements: an element far below
+    its chunk's largest loses its low bits. Here each chunk's large first element meets weights of 0.0,
+    so y is the small elements' sum alone: within the bound with gemv_arithmetic's x_chunk_rel, outside
+    it without (the integer path ran). float32 x of the same values keeps the exact f32 path."""
+    out_features, in_features, blocksize = 16, 256, 64
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(out_features, in_features, generator=g)
+    w[:, ::64] = 0.0  # NF4 code 7 decodes to exactly 0.0
+    packed, absmax, qm, dense = _quantized(w, blocksize)
+    x = (torch.randn(2, in_features, generator=g) * 1e-3).to(dtype)
+    x[:, ::64] = 1000.0
+    y = _gemv(x, packed, absmax, None, qm, blocksize, isa="avx2")
+    arithmetic = gemv_arithmetic("cpu", dtype, "avx2")
+    ref, bound = dot_bound(x, dense, out_dtype=dtype, **arithmetic)
+    assert worst_ratio(y, ref, bound) <= 1.0
+    without = {k: v for k, v in arithmetic.items() if k != "x_chunk_rel"}
+    assert worst_ratio(y, *dot_bound(x, dense, out_dtype=dtype, **without)) > 1.0
+    y32 = _gemv(x.float(), packed, absmax, None, qm, blocksize, isa="avx2")
+    assert worst_ratio(y32, *dot_bound(x.float(), dense, out_dtype=torch.float32, **without)) <= 1.0
+
+
+@needs_avx2
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_avx2_integer_chunk_sums_do_not_overflow(sign):
+    """The largest chunk sums the integer path can form (every x at its chunk's largest magnitude, every
+    code value +-1: 8 products of 16383^2 per int32 lane) stay below 2^31: y is exactly +-K."""
+    in_features = 4096
+    packed, absmax, qm, _ = _quantized(torch.ones(8, in_features), 64)
+    x = torch.full((1, in_features), sign, dtype=torch.bfloat16)
+    y = _gemv(x, packed, absmax, None, qm, 64, isa="avx2")
+    assert torch.equal(y, torch.full((1, 8), sign * in_features, dtype=torch.bfloat16))
+
+
+@needs_avx2
+@pytest.mark.parametrize("case", ["inf", "nan", "tiny chunk"])
+def test_avx2_takes_the_exact_path_where_x_does_not_scale(case):
+    """x that is not finite, or a chunk whose largest |x| is below 2^-100 but not 0, cannot be scaled to
+    integers: the call runs the exact f32 path, so y is the float32 x's result rounded to x's dtype, bit
+    for bit (NaN where it has NaN), instead of integers of a scale that overflowed."""
+    packed, absmax, qm, _ = _quantized(torch.randn(24, 512, generator=torch.Generator().manual_seed(9)), 64)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    if case == "tiny chunk":
+        x[1, 64:128] = 2.0**-110
+    else:
+        x[1, 100] = float(case)
+    y = _gemv(x, packed, absmax, None, qm, 64, isa="avx2")
+    exact = _gemv(x.float(), packed, absmax, None, qm, 64, isa="avx2").to(torch.bfloat16)
+    assert torch.equal(y.isnan(), exact.isnan())
+    assert torch.equal(y.nan_to_num(0.0), exact.nan_to_num(0.0))

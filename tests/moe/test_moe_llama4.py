@@ -149,7 +149,8 @@ def _assert_routed_within_bound(model: torch.nn.Module, ids: torch.Tensor = IDS)
     rounded to bf16 (or kept float32 in CUDA's fused act(gate) * up); silu in float32 (CUDA: 7 u32)
     rounded to bf16; the product and the down projection each rounded to bf16 (the last once more
     after the routing weight, which is 1 here: the router's scores are in the rows); where the GEMV
-    path flushes subnormal inputs and partial sums (AVX512-BF16), ``flush_abs`` per dot product."""
+    path flushes subnormal inputs and partial sums (AVX512-BF16), ``flush_abs`` per dot product; where
+    it holds its inputs as integers per chunk of 64 (AVX2 with bf16 x), ``x_chunk_rel`` per input."""
     from error_bounds import U32, gemv_arithmetic
     from moe_helpers import experts_reference_and_bound
 
@@ -162,7 +163,7 @@ def _assert_routed_within_bound(model: torch.nn.Module, ids: torch.Tensor = IDS)
         arithmetic = dict(
             weight_rel=max(u16, gemv["weight_rel"]), acc_u=max(U32, gemv["acc_u"]), pre_u=u16,
             silu_u=7 * U32 + u16 + 7 * U32 * u16, h_u=U32 + u16 + U32 * u16, y_u=u16, wy_u=U32, out_u=u16,
-            flush_abs=gemv.get("flush_abs", 0.0),
+            flush_abs=gemv.get("flush_abs", 0.0), x_chunk_rel=gemv.get("x_chunk_rel", 0.0),
         )  # fmt: skip
         assert not ((rows != 0) & (rows.abs() < 2.0**-126)).any()  # no subnormal input in this model
         ones = torch.ones(len(rows), 1, dtype=rows.dtype)
