@@ -1,9 +1,15 @@
-// The AVX2 4-bit GEMV's table lookup, two ways, one thread, cache-resident (1536 x 576, blocksize 64):
-// - "planes": csrc/gemv_cpu.cpp's step_avx2 (the float32 table as four byte planes, one vpshufb each for
-//   32 codes, then byte and word unpacks: 12 shuffles per 32 weights; x in that kernel's quad order);
+// The AVX2 4-bit GEMV's table lookup, three ways, one thread, cache-resident (blocksize 64):
+// - "planes": the f32 path's step_avx2 in csrc/gemv_cpu.cpp (the float32 table as four byte planes, one
+//   vpshufb each for 32 codes, then byte and word unpacks: 12 shuffles per 32 weights; x in that
+//   kernel's quad order);
 // - "perm": two vpermps (the table's halves) and a blendv on the code's high bit per 8 weights, the
-//   nibbles spread with variable shifts (x in natural order; its sum is checked against float64).
-// Round 49, AMD EPYC (Zen 5): planes 12.7 G weights/s, perm 10.9. Build and run:
+//   nibbles spread with variable shifts (x in natural order; its sum is checked against float64);
+// - "i16": csrc/gemv_cpu.cpp's rows_i16 (16-bit x): code values as 15-bit integers in two byte planes,
+//   x as 15-bit integers per 64-chunk, vpmaddwd (8 shuffles per 64 weights); its sum is checked too.
+// Round 49, AMD EPYC (Zen 5), 1536x576: planes 12.7 G weights/s, perm 10.9. Round 51, AMD EPYC (Zen 3,
+// AVX2 only), 1536x576 / 576x1536 / 576x576: planes 7.7 / 8.2 / 7.8, perm 5.3 / 5.6 / 5.3, i16 15.0 /
+// 17.1 / 15.4 G weights/s.
+// Build and run:
 //   g++ -O3 -o /tmp/probe_avx2_lookup bench/probe_avx2_lookup.cpp && /tmp/probe_avx2_lookup
 #include <immintrin.h>
 #include <cstdint>
@@ -11,6 +17,8 @@
 #include <cstring>
 #include <vector>
 #include <chrono>
+#include <cmath>
+#include <algorithm>
 #include <random>
 static const float NF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 struct Planes { __m256i b[4]; };
@@ -71,24 +79,70 @@ __attribute__((noinline, target("avx2,fma"))) float rows_perm(const uint8_t* W, 
   }
   return tot;
 }
-// reference (natural order) for the perm method
+// i16: x as integers per 64-chunk in the kernel's lane order (rows_i16 / i16_lane), one step per chunk
+constexpr int S = 16383;
+int i16_lane(int j) { int b = j / 2, lane = b / 16, in = b % 16; return 16 * (2 * (j % 2) + in / 8) + 8 * lane + in % 8; }
+void prep_i16(const float* x, int K, int16_t* xi, float* step) {
+  for (int c = 0; c < K / 64; ++c) {
+    float am = 0; for (int e = 0; e < 64; ++e) am = std::max(am, std::fabs(x[c * 64 + e]));
+    double r = am > 0 ? S / (double)am : 0; step[c] = am / S;
+    for (int e = 0; e < 64; ++e) xi[c * 64 + i16_lane(e)] = (int16_t)std::lrint(x[c * 64 + e] * r);
+  }
+}
+__attribute__((noinline, target("avx2,fma"))) float rows_i16(const uint8_t* W, const int16_t* xi, const float* step, const float* absmax, int O, int K, int bs) {
+  alignas(32) uint8_t lo[32], hi[32];
+  for (int i = 0; i < 16; ++i) { int16_t c = (int16_t)std::lrint(NF4[i] * S); lo[i] = lo[i + 16] = (uint8_t)(c & 255); hi[i] = hi[i + 16] = (uint8_t)((uint16_t)c >> 8); }
+  const __m256i tlo = _mm256_load_si256((const __m256i*)lo), thi = _mm256_load_si256((const __m256i*)hi), m4 = _mm256_set1_epi8(0x0F);
+  float tot = 0;
+  for (int o = 0; o < O; ++o) {
+    const uint8_t* w = W + (size_t)o * K / 2; __m256 acc = _mm256_setzero_ps();
+    for (int blk = 0; blk < K / bs; ++blk) {
+      __m256 part = _mm256_setzero_ps();
+      for (int k = blk * bs; k < (blk + 1) * bs; k += 64) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (k >> 1)));
+        const __m256i e = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), d = _mm256_and_si256(v, m4);
+        const __m256i el = _mm256_shuffle_epi8(tlo, e), eh = _mm256_shuffle_epi8(thi, e), ol = _mm256_shuffle_epi8(tlo, d), oh = _mm256_shuffle_epi8(thi, d);
+        const __m256i* xv = (const __m256i*)(xi + k);
+        __m256i s = _mm256_madd_epi16(_mm256_unpacklo_epi8(el, eh), _mm256_load_si256(xv));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_unpackhi_epi8(el, eh), _mm256_load_si256(xv + 1)));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_unpacklo_epi8(ol, oh), _mm256_load_si256(xv + 2)));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_unpackhi_epi8(ol, oh), _mm256_load_si256(xv + 3)));
+        part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(step + (k >> 6)), part);
+      }
+      acc = _mm256_fmadd_ps(part, _mm256_set1_ps(absmax[o * (K / bs) + blk]), acc);
+    }
+    float r[8]; _mm256_storeu_ps(r, acc); for (int i = 0; i < 8; ++i) tot += r[i];
+  }
+  return tot / S;
+}
+// reference (natural order) for the perm and i16 methods
 double ref(const uint8_t* W, const float* x, const float* absmax, int O, int K, int bs) {
   double tot = 0;
   for (int o = 0; o < O; ++o) for (int k = 0; k < K; k += 2) { uint8_t b = W[(size_t)o * K / 2 + k / 2]; float a = absmax[o * (K / bs) + k / bs];
     tot += (double)x[k] * NF4[b >> 4] * a + (double)x[k + 1] * NF4[b & 15] * a; }
   return tot;
 }
-int main() {
-  const int O = 1536, K = 576, bs = 64;
-  std::vector<uint8_t> W((size_t)O * K / 2); std::vector<float> x(K), am(O * K / bs);
+void run(int O, int K) {
+  const int bs = 64;
+  std::vector<uint8_t> W((size_t)O * K / 2); std::vector<float> x(K), am(O * K / bs), step(K / 64);
+  std::vector<int16_t, std::allocator<int16_t>> xs(K + 16);
+  int16_t* xi = (int16_t*)(((uintptr_t)xs.data() + 31) & ~(uintptr_t)31);  // 32-byte aligned loads
   std::mt19937 g(0); for (auto& b : W) b = g() & 255; for (auto& v : x) v = (g() % 2000) / 1000.0f - 1; for (auto& v : am) v = (g() % 1000) / 1000.0f;
-  printf("ref %.4f perm %.4f\n", ref(W.data(), x.data(), am.data(), O, K, bs), rows_perm(W.data(), x.data(), am.data(), O, K, bs));
+  prep_i16(x.data(), K, xi, step.data());
+  printf("%dx%d: ref %.4f perm %.4f i16 %.4f\n", O, K, ref(W.data(), x.data(), am.data(), O, K, bs), rows_perm(W.data(), x.data(), am.data(), O, K, bs),
+         rows_i16(W.data(), xi, step.data(), am.data(), O, K, bs));
+  const char* names[3] = {"planes", "perm  ", "i16   "};
   for (int rep = 0; rep < 3; ++rep) {
-    for (int which = 0; which < 2; ++which) {
+    for (int which = 0; which < 3; ++which) {
       auto s = std::chrono::steady_clock::now(); float t = 0;
-      for (int i = 0; i < 200; ++i) { asm volatile("" ::: "memory"); x[i % K] += 0.0f; } for (int i = 0; i < 200; ++i) { asm volatile("" ::: "memory"); t += which ? rows_perm(W.data(), x.data(), am.data(), O, K, bs) : rows_planes(W.data(), x.data(), am.data(), O, K, bs); }
+      for (int i = 0; i < 200; ++i) {
+        asm volatile("" ::: "memory");
+        t += which == 2 ? rows_i16(W.data(), xi, step.data(), am.data(), O, K, bs)
+             : which ? rows_perm(W.data(), x.data(), am.data(), O, K, bs) : rows_planes(W.data(), x.data(), am.data(), O, K, bs);
+      }
       double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - s).count() / 200;
-      printf("%s %.1f us per GEMV (%.2f Gweights/s) %g\n", which ? "perm  " : "planes", us, O * (double)K / us / 1e3, t);
+      printf("  %s %.1f us per GEMV (%.2f Gweights/s) %g\n", names[which], us, O * (double)K / us / 1e3, t);
     }
   }
 }
+int main() { run(1536, 576); run(576, 1536); run(576, 576); }
