@@ -232,3 +232,21 @@ def test_avx2_takes_the_exact_path_where_x_does_not_scale(case):
     exact = _gemv(x.float(), packed, absmax, None, qm, 64, isa="avx2").to(torch.bfloat16)
     assert torch.equal(y.isnan(), exact.isnan())
     assert torch.equal(y.nan_to_num(0.0), exact.nan_to_num(0.0))
+
+
+@needs_avx2
+@pytest.mark.parametrize("table", ["NaN value", "all zeros"])
+def test_avx2_takes_the_exact_path_for_a_table_integers_cannot_hold(table):
+    """A quant_map with a value that is not finite, or of zeros only, has no integer scale: its rows run
+    the exact f32 path on x widened for them, so y equals the float32 x's result rounded to x's dtype."""
+    packed, absmax, qm, _ = _quantized(torch.randn(24, 512, generator=torch.Generator().manual_seed(11)), 64)
+    qm = qm.clone()
+    if table == "NaN value":
+        qm[3] = float("nan")
+    else:
+        qm.zero_()
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    y = _gemv(x, packed, absmax, None, qm, 64, isa="avx2")
+    exact = _gemv(x.float(), packed, absmax, None, qm, 64, isa="avx2").to(torch.bfloat16)
+    assert torch.equal(y.isnan(), exact.isnan())
+    assert torch.equal(y.nan_to_num(0.0), exact.nan_to_num(0.0))
