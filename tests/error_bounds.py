@@ -162,12 +162,13 @@ def gemv_arithmetic(device_type: str, x_dtype: torch.dtype, isa: str = "auto") -
     return {"weight_rel": U32, "acc_u": U32}
 
 
-#: x's integer in the AVX2 16-bit path: round(x * I16_SCALE / amax), the scale and the product in float64
-#: (each off by at most 2^-53 relative, so the integer is within 0.5 + 2^-38 of x's exact multiple),
-#: scaled back by the float32 step amax / I16_SCALE (rounded: relative 2^-24, so the half step grows by
-#: at most 2^-25; the rest is one more rounding of the term, in gamma_K). 2^-20 covers both. Error per
-#: element: at most this times its chunk's largest |x|.
-I16_X_REL = (0.5 + 2.0**-20) / I16_SCALE
+#: x's integer in the AVX2 16-bit path: round(x * r), r = float32(I16_SCALE / amax) and the product
+#: rounded to float32 (each a relative 2^-24 of a value <= I16_SCALE: together within 2^-9 of
+#: x * I16_SCALE / amax), so the integer is within 0.5 + 2^-9 of x's exact multiple; scaled back by the
+#: float32 step amax / I16_SCALE (rounded: relative 2^-24, so the bound grows by less than 2^-24; the
+#: rest is one more rounding of the term, in gamma_K). 2^-8 covers both. Error per element: at most
+#: this times its chunk's largest |x|.
+I16_X_REL = (0.5 + 2.0**-8) / I16_SCALE
 
 
 def i16_code_rel() -> float:
