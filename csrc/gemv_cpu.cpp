@@ -627,14 +627,16 @@ QM_TARGET_AVX2 inline bool table_i16(const float* quant_map, TableI16& t) {
 
 // Rows o0..o1 for B <= 4 activations (x rows xi[b * K], steps[b * K / 64]): each row's codes are read
 // once per call of this function. Per block, B float32 sums of chunk sums times their x step; per row,
-// B sums of block sums times absmax.
+// B sums of block sums times absmax, broadcast from memory (scales[(o - o0) * bpr + blk]: a broadcast
+// of a register is one more shuffle per block, a ninth per 64 weights at blocksize 64).
 template <int B>
 QM_TARGET_AVX2 void rows_i16_part(const Gemv4bitArgs& a, const TableI16& t, const int16_t* xi, const float* steps,
-                                  int64_t b0, int64_t o0, int64_t o1) {
+                                  const float* scales, int64_t b0, int64_t o0, int64_t o1) {
   const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs, chunks = K / kI16Chunk;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* w = a.packed + o * (K / 2);
+    const float* sc = scales + (o - o0) * bpr;
     __m256 acc[B];
     for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < bpr; ++blk) {
@@ -656,22 +658,32 @@ QM_TARGET_AVX2 void rows_i16_part(const Gemv4bitArgs& a, const TableI16& t, cons
           part[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, part[b]);
         }
       }
-      const __m256 scale = _mm256_set1_ps(block_absmax(a, o * bpr + blk));
+      const __m256 scale = _mm256_broadcast_ss(sc + blk);
       for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(part[b], scale, acc[b]);
     }
     for (int b = 0; b < B; ++b) store_y(a, (b0 + b) * a.out_features + o, hsum_avx2(acc[b]) / t.scale);
   }
 }
 
-// Batches above 4 run as two parts over the same rows, 16 rows at a time: the second part re-reads the
-// rows' codes from L1 (4 accumulators and 4 partial sums per part fit AVX2's 16 registers).
+// Rows go 16 at a time: their absmax decoded first where nested (block_absmax's float ops), and batches
+// above 4 as two parts over the same rows, the second re-reading the rows' codes from L1 (4
+// accumulators and 4 partial sums per part fit AVX2's 16 registers).
 template <int B>
 QM_TARGET_AVX2 void rows_i16(const Gemv4bitArgs& a, const TableI16& t, const GemvX& x, int64_t o0, int64_t o1) {
   constexpr int B1 = B <= 4 ? B : 4, B2 = B - B1;
-  for (int64_t g = o0; g < o1; g += 16) {
-    const int64_t g1 = std::min(o1, g + 16);
-    rows_i16_part<B1>(a, t, x.i16.data(), x.i16_step.data(), 0, g, g1);
-    if constexpr (B2 > 0) rows_i16_part<B2>(a, t, x.i16.data(), x.i16_step.data(), B1, g, g1);
+  constexpr int64_t kRows = 16;
+  const int64_t bpr = a.in_features / a.blocksize;
+  std::vector<float> decoded(a.absmax == nullptr ? static_cast<size_t>(kRows * bpr) : 0);
+  for (int64_t g = o0; g < o1; g += kRows) {
+    const int64_t g1 = std::min(o1, g + kRows);
+    const float* scales = decoded.data();
+    if (a.absmax != nullptr) {
+      scales = a.absmax + g * bpr;
+    } else {
+      for (int64_t i = 0; i < (g1 - g) * bpr; ++i) decoded[static_cast<size_t>(i)] = block_absmax(a, g * bpr + i);
+    }
+    rows_i16_part<B1>(a, t, x.i16.data(), x.i16_step.data(), scales, 0, g, g1);
+    if constexpr (B2 > 0) rows_i16_part<B2>(a, t, x.i16.data(), x.i16_step.data(), scales, B1, g, g1);
   }
 }
 
