@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "float_convert.h"
+#include "simd_store.h"
 #include "thread_pool.h"
 
 #if QM_X86
@@ -64,12 +65,6 @@ QM_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 8 bf16 -> 8 f32 (exact: a shift into the top half).
-QM_TARGET_AVX2 inline __m256 widen8_avx2(const uint16_t* p) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
 template <int B, int R>
 QM_TARGET_AVX2 void tile_avx2(const GemvBf16Args& a, const float* xf, int64_t o) {
   const int64_t K = a.in_features, Kv = K / 8 * 8;
@@ -82,7 +77,7 @@ QM_TARGET_AVX2 void tile_avx2(const GemvBf16Args& a, const float* xf, int64_t o)
   for (int64_t k = 0; k < Kv; k += 8) {
     for (int64_t l = 0; l < step && next < next_end; l += 64, next += 64) _mm_prefetch(next, _MM_HINT_T0);
     __m256 w[R];
-    for (int r = 0; r < R; ++r) w[r] = widen8_avx2(a.w + (o + r) * K + k);
+    for (int r = 0; r < R; ++r) w[r] = load8_avx2<DType::BF16>(a.w, (o + r) * K + k);
     for (int b = 0; b < B; ++b) {
       const __m256 xv = _mm256_loadu_ps(xf + b * K + k);
       for (int r = 0; r < R; ++r) acc[r][b] = _mm256_fmadd_ps(w[r], xv, acc[r][b]);

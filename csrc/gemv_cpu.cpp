@@ -24,6 +24,7 @@
 
 #include "codebooks.h"
 #include "float_convert.h"
+#include "simd_store.h"
 #include "thread_pool.h"
 
 #if QM_X86
@@ -543,14 +544,6 @@ inline int64_t i16_lane(int64_t j) {
   return 16 * (2 * (j % 2) + in_lane / 8) + 8 * lane + in_lane % 8;
 }
 
-// 8 elements of 16-bit x from p as float32 (exact): bfloat16 by a shift into the high half, float16 by F16C.
-template <DType DT>
-QM_TARGET_AVX2 inline __m256 load8_16bit(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  if constexpr (DT == DType::F16) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 // x as integers per chunk: max|chunk| and a finiteness check 8 elements at a time, then
 // round(x * r) with r = float32(16383 / max|chunk|) (vcvtps2dq: to nearest even), so each integer is
 // within 0.5 + 2^-9 of x * 16383 / max|chunk| (two float32 roundings of a value <= 16383; a product
@@ -575,7 +568,7 @@ QM_TARGET_AVX2 bool prepare_x_i16_typed(const Gemv4bitArgs& a, GemvX& x) {
     __m256 v[8], amax = _mm256_setzero_ps();
     __m256i special = _mm256_setzero_si256();  // exponent all ones: Inf or NaN
     for (int m = 0; m < 8; ++m) {
-      v[m] = load8_16bit<DT>(xs + 8 * m);
+      v[m] = load8_avx2<DT>(xs, 8 * m);
       const __m256i bits = _mm256_castps_si256(v[m]);
       special = _mm256_or_si256(special, _mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent));
       amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[m]));

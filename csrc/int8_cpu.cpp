@@ -165,18 +165,9 @@ QM_TARGET_AVX2 inline uint32_t row_max_bits_avx2(const void* p, int64_t base, in
 // 8 elements as the f32 values of their fp16 rounding.
 template <DType DT>
 QM_TARGET_AVX2 inline __m256 load8_f16_avx2(const void* p, int64_t i) {
-  if constexpr (DT == DType::F16) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-  } else {
-    __m256 v;
-    if constexpr (DT == DType::F32) {
-      v = _mm256_loadu_ps(static_cast<const float*>(p) + i);
-    } else {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-      v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  const __m256 v = load8_avx2<DT>(p, i);
+  if constexpr (DT == DType::F16) return v;
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 QM_TARGET_AVX2 inline __m256i code8_avx2(__m256 h, __m256 s) {

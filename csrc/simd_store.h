@@ -1,5 +1,6 @@
-// AVX2 stores of 8 float32 lanes into a float32 / float16 / bfloat16 buffer, round to nearest even:
-// the bits of float_convert.h's store_elem. Shared by the 4-bit and int8 dequantize kernels.
+// AVX2 loads and stores of 8 float32 lanes from / into a float32 / float16 / bfloat16 buffer: loads
+// exact (float_convert.h's load_elem), stores round to nearest even (its store_elem). Shared by the
+// 4-bit and int8 kernels.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +21,15 @@ QM_TARGET_AVX2 inline __m128i f32_to_bf16_avx2(__m256 v) {
   r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b1000);
   return _mm256_castsi256_si128(packed);
+}
+
+// Elements i..i+7 as float32, exactly: bfloat16 by a shift into the high half, float16 by F16C.
+template <DType DT>
+QM_TARGET_AVX2 inline __m256 load8_avx2(const void* p, int64_t i) {
+  if constexpr (DT == DType::F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+  if constexpr (DT == DType::F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 template <DType DT>
