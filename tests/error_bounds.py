@@ -88,10 +88,7 @@ def dot_bound(
     dot = xd @ wd.T
     # 2K: at most one rounding per product and one per addition may underflow.
     err = (weight_rel + gamma(k, acc_u) * (1 + weight_rel)) * mag + 2 * k * underflow(torch.float32)
-    if x_chunk_rel and k % X_CHUNK == 0:
-        # sum_k |dx_k| |w_k|, each weight off by weight_rel and each term rounded as the rest (gamma_K)
-        dx = x_chunk_rel * chunk_amax(xd, X_CHUNK)
-        err = err + (1 + weight_rel) * (1 + gamma(k, acc_u)) * (dx @ wd.abs().T)
+    err = err + x_chunk_error(xd.abs(), wd, x_chunk_rel, weight_rel, gamma(k, acc_u))
     if flush_abs:
         err = err + flush_abs * k * wd.abs().amax(dim=1)
     u, eta = unit_roundoff(out_dtype), underflow(out_dtype)
@@ -108,6 +105,19 @@ def chunk_amax(x: torch.Tensor, chunk: int) -> torch.Tensor:
     shape = x.shape
     amax = x.abs().reshape(*shape[:-1], shape[-1] // chunk, chunk).amax(dim=-1, keepdim=True)
     return amax.expand(*shape[:-1], shape[-1] // chunk, chunk).reshape(shape)
+
+
+def x_chunk_error(
+    x_abs: torch.Tensor, w: torch.Tensor, x_chunk_rel: float, weight_rel: float, gamma_k: float
+) -> torch.Tensor | float:
+    """``dot_bound``'s ``x_chunk_rel`` term for inputs of magnitude at most ``x_abs`` ([..., K]) and
+    weights ``w`` ([O, K]): sum_k |dx_k| |w_k| with |dx_k| <= x_chunk_rel * its chunk's largest |x|, each
+    weight off by ``weight_rel`` and each term rounded as the rest (``gamma_k``); 0 where the term does
+    not apply (no x_chunk_rel, or K not a multiple of X_CHUNK)."""
+    if not x_chunk_rel or x_abs.shape[-1] % X_CHUNK:
+        return 0.0
+    dx = x_chunk_rel * chunk_amax(x_abs, X_CHUNK)
+    return (1 + weight_rel) * (1 + gamma_k) * (dx @ w.abs().T)
 
 
 def worst_ratio(y: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from error_bounds import U32, X_CHUNK, chunk_amax, gamma
+from error_bounds import U32, gamma, x_chunk_error
 from tiny_models import _decoder
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -366,15 +366,6 @@ def _gated(pre, e_pre, gate: Gate, silu_u: float, h_u: float):
     return _product(glu, e_glu, up1, e_up1, h_u)
 
 
-def _x_chunk_err(w, x_abs, x_chunk_rel: float, weight_rel: float, gamma_k: float):
-    """|W| @ |dx| for inputs held as integers per chunk (error_bounds.dot_bound's x_chunk_rel term):
-    ``x_abs`` bounds the input's magnitudes; 0 where the path does not apply (K not a multiple of 64)."""
-    if not x_chunk_rel or x_abs.shape[-1] % X_CHUNK:
-        return 0.0
-    dx = x_chunk_rel * chunk_amax(x_abs, X_CHUNK)
-    return (1 + weight_rel) * (1 + gamma_k) * (w.abs() @ dx)
-
-
 def experts_reference_and_bound(
     m,
     x,
@@ -435,7 +426,7 @@ def experts_reference_and_bound(
             gu, dn = (a.double().cpu() for a in m.expert_weights(e, torch.float32))
             pre = gu @ xd[t]
             e_pre = dot_h * (gu.abs() @ xd[t].abs()) + flush_abs * h_dim * gu.abs().amax(dim=1)
-            e_pre = e_pre + _x_chunk_err(gu, xd[t].abs(), x_chunk_rel, weight_rel, gamma(h_dim, acc_u))
+            e_pre = e_pre + x_chunk_error(xd[t].abs(), gu, x_chunk_rel, weight_rel, gamma(h_dim, acc_u))
             e_pre = e_pre + pre_u * (pre.abs() + e_pre)
             if gu_b is not None:
                 pre = pre + gu_b[e]
@@ -444,7 +435,7 @@ def experts_reference_and_bound(
             y = dn @ h
             ey = (1 + weight_rel) * (dn.abs() @ eh) + dot_i * (dn.abs() @ (h.abs() + eh))
             ey = ey + flush_abs * i_dim * dn.abs().amax(dim=1)
-            ey = ey + _x_chunk_err(dn, h.abs() + eh, x_chunk_rel, weight_rel, gamma(i_dim, acc_u))
+            ey = ey + x_chunk_error(h.abs() + eh, dn, x_chunk_rel, weight_rel, gamma(i_dim, acc_u))
             ey = ey + y_u * (y.abs() + ey)
             if dn_b is not None:
                 y = y + dn_b[e]
