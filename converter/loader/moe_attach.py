@@ -114,6 +114,26 @@ def _is_ungated_experts(module: nn.Module | None, experts: Mapping[int, Mapping[
     )
 
 
+def _zero_experts_without_rows(
+    model: nn.Module, experts: Mapping[int, Mapping[str, Any]], num: int
+) -> list[int]:
+    """LongCat-Flash's zero-computation (identity) experts whose gate/up rows the model has no place
+    for: transformers 5.25 and later build ``LongcatFlashExperts.gate_up_proj`` for the
+    ``n_routed_experts`` routed experts only, where 5.24 and earlier gave each of the ``zero_expert_num``
+    identity experts a (never used) row too, and so wrote their gate/up weights, without a down weight,
+    in ``save_pretrained``. A folder from such a checkpoint holds experts ``num..num + zero_expert_num - 1``
+    with gate and up only; no version's forward reads them. Empty for any other checkpoint."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    zero = getattr(text, "zero_expert_num", None)
+    if type(zero) is not int or zero <= 0:
+        return []
+    extra = sorted(e for e in experts if e >= num)
+    if extra != list(range(num, num + zero)) or any(set(experts[e]) != {"gate", "up"} for e in extra):
+        return []
+    return extra
+
+
 def _stack_ungated(
     module: nn.Module,
     experts: Mapping[int, Mapping[str, Any]],
@@ -231,13 +251,16 @@ def attach_experts(
             # zero-computation (identity) experts after the routed ones, down_proj none; its checkpoint
             # has their gate/up weights and no down weight (plan/moe.py's _zero_expert_rows)
             num_down = min(num, int(module.down_proj.shape[0]))
+        # transformers >= 5.25's LongcatFlashExperts has rows for the routed experts only: a folder from a
+        # checkpoint that 5.24 saved still has the identity experts' gate/up weights, which no forward reads
+        rowless = _zero_experts_without_rows(model, experts, num) if not llama4 and num_down == num else []
         missing = [
             (e, r)
             for e in range(num)
             for r in ("gate", "up", "down")
             if r not in experts.get(e, {}) and (r != "down" or e < num_down)
         ]
-        extra = sorted(e for e in experts if not 0 <= e < num) or [
+        extra = sorted(e for e in experts if not 0 <= e < num and e not in rowless) or [
             e for e in range(num_down, num) if "down" in experts.get(e, {})
         ]
         if missing or extra:
@@ -249,15 +272,20 @@ def attach_experts(
             needs = "gate/up/down" if num_down == num else f"gate/up, the first {num_down} down too"
             msg = f"{where}: {ckpt_name!r} needs {num} experts x {needs}; {what}"
             raise MoeLoadError(msg)
-        if quantized and num_down < num:  # --moe-experts quantize refuses such a source: not ours
+        # --moe-experts quantize refuses such a source: not ours
+        if quantized and (num_down < num or rowless):
             kind = getattr(getattr(model, "config", None), "model_type", None) or type(module).__name__
             msg = (
-                f"{where}: {ckpt_name!r} ({kind}) holds 4-bit experts and {num - num_down} zero-computation "
-                f"(identity) experts, whose gate/up rows have no down weight: load_quantized stacks 4-bit "
-                "experts with all three projections only; load a folder whose experts stay 16-bit "
-                "(quantize-model convert --moe-experts keep)"
+                f"{where}: {ckpt_name!r} ({kind}) holds 4-bit experts and "
+                f"{len(rowless) or num - num_down} zero-computation (identity) experts, whose gate/up rows "
+                "have no down weight: load_quantized stacks 4-bit experts with all three projections only; "
+                "load a folder whose experts stay 16-bit (quantize-model convert --moe-experts keep)"
             )
             raise MoeLoadError(msg)
+        for e in rowless:  # 16-bit: left out and reported unused, as transformers leaves unexpected keys
+            for key, _ in experts.pop(e).values():
+                unused.append(key)
+                del state[key]
         other = next(
             (
                 k

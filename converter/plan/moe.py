@@ -75,6 +75,13 @@ LOADERS_KEPT = (
     "quantize-model load_quantized",
     "transformers 5.x + unsloth-zoo",
 )
+#: LongCat-Flash's zero (identity) experts' gate/up weights without a down weight, as transformers 5.24's
+#: save_pretrained writes them (``zero_expert_modules``): 5.25's LongcatFlashExperts has no rows for them.
+LOADERS_ZERO_EXPERTS = (
+    "stock transformers 5.0-5.24 + bitsandbytes (experts stay 16-bit; 5.25 and later keep no rows for the "
+    "zero experts and refuse their gate/up weights)",
+    "quantize-model load_quantized",
+)
 #: Fused 3-D bnb records (Qwen3-VL-MoE's experts in model orientation, converter/plan/moe_fused.py).
 LOADERS_FUSED = (
     "quantize-model load_quantized (4-bit experts run by its own kernels)",
@@ -316,11 +323,12 @@ def _zero_expert_rows(
     config: Any,
     names: tuple[str, str, str],
 ) -> str | None:
-    """The refusal of LongCat-Flash's experts as transformers' ``save_pretrained`` writes them, else None.
-    config.json's ``zero_expert_num`` zero-computation (identity) experts follow its ``n_routed_experts``;
-    transformers' ``LongcatFlashExperts`` holds a ``gate_up_proj`` row for them too (never used: such an
-    expert returns its input) but no ``down_proj``, so its checkpoint has gate and up weights of those
-    experts and no down weight. Said as what it is, not as a damaged source."""
+    """The refusal of LongCat-Flash's experts as transformers 5.24's ``save_pretrained`` writes them, else
+    None. config.json's ``zero_expert_num`` zero-computation (identity) experts follow its
+    ``n_routed_experts``; transformers' ``LongcatFlashExperts`` (up to 5.24; 5.25 holds the routed
+    experts only) holds a ``gate_up_proj`` row for them too (never used: such an expert returns its input)
+    but no ``down_proj``, so its checkpoint has gate and up weights of those experts and no down weight.
+    Said as what it is, not as a damaged source."""
     zero = config.get("zero_expert_num") if isinstance(config, dict) else None
     if count is None or type(zero) is not int or zero <= 0:
         return None
@@ -333,9 +341,10 @@ def _zero_expert_rows(
         f"{module}: experts {n}..{n + zero - 1} have {gate} and {up} weights but no {down}: they are "
         f"config.json's zero_expert_num = {zero} zero-computation (identity) experts after its "
         f"{field} = {n}, whose unused gate/up rows transformers' save_pretrained writes (LongCat-Flash's "
-        f"gate_up_proj holds {n + zero} experts, its down_proj {n}); --moe-experts quantize does not take "
-        "them (no 4-bit expert loader reads an expert without its down weight): convert with --moe-experts "
-        "keep (the default), which stock transformers + bitsandbytes loads"
+        f"gate_up_proj holds {n + zero} experts, its down_proj {n}, up to transformers 5.24); --moe-experts "
+        "quantize does not take them (no 4-bit expert loader reads an expert without its down weight): "
+        "convert with --moe-experts keep (the default), which load_quantized loads, and stock transformers "
+        "5.24 or older + bitsandbytes"
     )
 
 
@@ -373,7 +382,7 @@ def check_experts(tensors: Sequence[_TensorLike], config: Any = None, mode: str 
         zero = _zero_expert_rows(module, experts, count, config, names)
         if zero is not None and check_mode(mode) == "quantize":
             raise MoeCheckpointError(zero)
-        if zero is not None:  # keep: written as they are, which transformers' LongcatFlashExperts reads
+        if zero is not None:  # keep: written as they are, which transformers 5.24's LongcatFlashExperts reads
             experts = {e: parts for e, parts in experts.items() if e < count[1]}  # type: ignore[index]
         if count is not None and max(experts) + 1 != count[1]:
             field, n = count
@@ -800,15 +809,17 @@ def _summarize(
             return MoeSummary(q, k, (), (*not_loaders, reason))
         return MoeSummary(q, k, LOADERS_QUANTIZED[:1], not_loaders)
     if zero_expert_modules(kept_names):  # LongCat-Flash: unsloth-zoo not checked with its zero experts
-        return MoeSummary(0, k, LOADERS_KEPT[:2], NOT_LOADERS_KEPT)
+        return MoeSummary(0, k, LOADERS_ZERO_EXPERTS, NOT_LOADERS_KEPT)
     return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
 
 
 def zero_expert_modules(names: Iterable[str]) -> list[str]:
     """Experts modules (checkpoint names) whose last experts have gate and up weights but no down weight
     while the others have all three: LongCat-Flash's zero (identity) experts as transformers'
-    save_pretrained writes them (``_zero_expert_rows``), which stock transformers and load_quantized
-    stack into ``LongcatFlashExperts`` (``gate_up_proj`` holds every expert, ``down_proj`` the routed)."""
+    save_pretrained writes them up to 5.24 (``_zero_expert_rows``), which stock transformers 5.24 and
+    load_quantized stack into ``LongcatFlashExperts`` (``gate_up_proj`` holds every expert, ``down_proj``
+    the routed); under 5.25 and later, whose ``gate_up_proj`` holds the routed experts only, load_quantized
+    leaves the zero experts' rows out (stock transformers refuses them)."""
     roles: dict[str, dict[int, set[str]]] = {}
     for n in names:
         if key := parse_expert_key(n):

@@ -148,9 +148,7 @@ def make_moe(name: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def make_longcat_flash(folder: Path) -> Path:
-    """A tiny LongCat-Flash (4 routed experts, 2 zero experts) saved by transformers' save_pretrained:
-    gate/up weights for experts 0..5, down weights for 0..3."""
+def _longcat_flash_config():
     import transformers
 
     cfg = transformers.LongcatFlashConfig(
@@ -160,10 +158,52 @@ def make_longcat_flash(folder: Path) -> Path:
         max_position_embeddings=64,
     )  # fmt: skip
     cfg.architectures = ["LongcatFlashForCausalLM"]
+    return cfg
+
+
+def longcat_zero_rows() -> bool:
+    """Whether the installed transformers' ``LongcatFlashExperts.gate_up_proj`` holds a (never used) row
+    for each zero (identity) expert after the routed ones, so that its save_pretrained writes their gate/up
+    weights without a down weight: 5.24 and older do; 5.25 holds the routed experts only."""
+    from transformers.models.longcat_flash import modeling_longcat_flash
+
+    cfg = _longcat_flash_config()
+    with torch.device("meta"):
+        experts = modeling_longcat_flash.LongcatFlashExperts(cfg)
+    return int(experts.gate_up_proj.shape[0]) > cfg.n_routed_experts
+
+
+def make_longcat_flash(folder: Path, *, zero_rows: bool | None = None) -> Path:
+    """A tiny LongCat-Flash (4 routed experts, 2 zero experts) saved by transformers' save_pretrained:
+    gate/up/down weights for experts 0..3, and with transformers 5.24 and older (``longcat_zero_rows``)
+    gate/up weights for the zero experts 4..5 too. ``zero_rows`` True gives that 5.24 layout under any
+    version (the zero experts' rows added, random, where transformers did not write them), False the 5.25
+    layout (removed); the other weights are the same either way."""
+    import safetensors.torch
+    import transformers
+
+    cfg = _longcat_flash_config()
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformers.LongcatFlashForCausalLM(cfg).to(torch.bfloat16).eval().save_pretrained(folder)
+    if zero_rows is None or zero_rows == longcat_zero_rows():
+        return folder
+    path = folder / "model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    n, zero = cfg.n_routed_experts, cfg.zero_expert_num
+    layers = sorted({k.partition(".mlp.experts.")[0] for k in tensors if ".mlp.experts." in k})
+    for layer in layers:
+        for e in range(n, n + zero):
+            for proj in ("gate_proj", "up_proj"):
+                key = f"{layer}.mlp.experts.{e}.{proj}.weight"
+                if zero_rows:
+                    g = torch.Generator().manual_seed(e)
+                    shape = (cfg.expert_ffn_hidden_size, cfg.hidden_size)
+                    tensors[key] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+                else:
+                    del tensors[key]
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
     return folder
 
 

@@ -13,7 +13,15 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from click.testing import CliRunner
-from moe_helpers import FAMILIES, expert_keys, make_fp8_source, make_longcat_flash, make_moe, read_config
+from moe_helpers import (
+    FAMILIES,
+    expert_keys,
+    longcat_zero_rows,
+    make_fp8_source,
+    make_longcat_flash,
+    make_moe,
+    read_config,
+)
 from safetensors import safe_open
 from tiny_models import without_config_digests
 
@@ -999,19 +1007,21 @@ def test_push_card_names_experts_of_a_layout_not_quantized_as_inspect_does(moe_s
     assert row in build_model_card(out, f"me/tiny-{name}-nf4").splitlines()
 
 
-def test_longcat_flash_zero_experts_as_transformers_saves_them(tmp_path):
-    """transformers' save_pretrained writes LongCat-Flash's zero (identity) experts' unused gate/up rows
-    but no down weight: convert refused every such checkpoint as 'config.json has n_routed_experts = 4 but
-    the checkpoint holds expert 5 ... (an incomplete or damaged source ...)'. keep writes them as they
-    are, which stock transformers + bitsandbytes loads (its experts and router equal the source's), and
-    so does load_quantized (tests/moe/test_moe_loader.py), which inspect and the card list (with its
-    snippet); quantize is refused, saying what they are and to use keep."""
+def test_longcat_flash_zero_experts_as_transformers_5_24_saves_them(tmp_path):
+    """transformers 5.24's save_pretrained writes LongCat-Flash's zero (identity) experts' unused gate/up
+    rows but no down weight: convert refused every such checkpoint as 'config.json has n_routed_experts = 4
+    but the checkpoint holds expert 5 ... (an incomplete or damaged source ...)'. keep writes them as they
+    are, which stock transformers 5.24 + bitsandbytes loads (its experts and router equal the source's),
+    and so does load_quantized (tests/moe/test_moe_loader.py), which inspect and the card list (with its
+    snippet); quantize is refused, saying what they are and to use keep. transformers 5.25 keeps no rows
+    for those experts: it refuses the source and the folder alike (a size mismatch), load_quantized
+    leaves them out (test_moe_loader.py)."""
     import transformers
 
-    from converter.plan.moe import LOADERS_KEPT
+    from converter.plan.moe import LOADERS_ZERO_EXPERTS
     from converter.tools.push import build_model_card
 
-    src = make_longcat_flash(tmp_path / "src")
+    src = make_longcat_flash(tmp_path / "src", zero_rows=True)
     first = "model.layers.0.mlp.experts"
     with pytest.raises(InputError) as err:
         convert(src, tmp_path / "q", moe_experts="quantize", progress=False, warn=lambda _: None)
@@ -1019,9 +1029,9 @@ def test_longcat_flash_zero_experts_as_transformers_saves_them(tmp_path):
         f"{first}: experts 4..5 have gate_proj and up_proj weights but no down_proj: they are "
         "config.json's zero_expert_num = 2 zero-computation (identity) experts after its n_routed_experts "
         "= 4, whose unused gate/up rows transformers' save_pretrained writes (LongCat-Flash's gate_up_proj "
-        "holds 6 experts, its down_proj 4); --moe-experts quantize does not take them (no 4-bit expert "
-        "loader reads an expert without its down weight): convert with --moe-experts keep (the default), "
-        "which stock transformers + bitsandbytes loads"
+        "holds 6 experts, its down_proj 4, up to transformers 5.24); --moe-experts quantize does not take "
+        "them (no 4-bit expert loader reads an expert without its down weight): convert with --moe-experts "
+        "keep (the default), which load_quantized loads, and stock transformers 5.24 or older + bitsandbytes"
     )
     out = tmp_path / "keep"
     convert(src, out, progress=False, warn=lambda _: None)
@@ -1030,7 +1040,7 @@ def test_longcat_flash_zero_experts_as_transformers_saves_them(tmp_path):
     assert len(experts) == 4 * 3 + 2 * 2
     assert all(torch.equal(records[k], source[k]) for k in experts)
     summary = inspect_path(out).moe
-    assert summary.loaders == LOADERS_KEPT[:2]
+    assert summary.loaders == LOADERS_ZERO_EXPERTS
     assert "quantize-model load_quantized" in summary.loaders
     assert not any("load_quantized" in x for x in summary.not_loaders)
     card = build_model_card(out, "me/tiny-longcat-nf4")
@@ -1039,6 +1049,13 @@ def test_longcat_flash_zero_experts_as_transformers_saves_them(tmp_path):
         "LongcatFlashForCausalLM.from_pretrained(" in card or "AutoModelForCausalLM.from_pretrained(" in card
     )
     cls = transformers.LongcatFlashForCausalLM
+    if not longcat_zero_rows():  # transformers 5.25 or later: no place for the zero experts' rows
+        for folder in (src, out):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+                    cls.from_pretrained(folder, device_map="cpu", dtype=torch.bfloat16)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = cls.from_pretrained(src, dtype=torch.bfloat16).state_dict()

@@ -21,6 +21,7 @@ from moe_helpers import (
     assert_float32_experts_within_bound,
     down_code_step_ratios,
     load_bf16_eager,
+    longcat_zero_rows,
     make_longcat_flash,
     make_moe,
 )
@@ -426,7 +427,9 @@ def test_longcat_flash_keep_folder_loads_with_its_zero_experts(tmp_path):
     inspect and the model card named it among the loaders. It now stacks every expert's gate/up and the
     routed ones' down as transformers does: the experts equal the source's, tokens routed to the identity
     experts included, the logits (prefill and decode) and greedy generate equal the dequantized folder's in
-    transformers, bit for bit, on the dequantize path; the default (GEMV) path generates too."""
+    transformers, bit for bit, on the dequantize path; the default (GEMV) path generates too. (transformers
+    5.25 keeps no rows for the identity experts, and its save_pretrained writes none: the routed ones
+    only, tested the same way; a folder with such rows under 5.25: the next test.)"""
     from converter.loader.dequantize import dequantize_checkpoint
 
     src = make_longcat_flash(tmp_path / "src")
@@ -434,7 +437,10 @@ def test_longcat_flash_keep_folder_loads_with_its_zero_experts(tmp_path):
         warnings.simplefilter("ignore")
         convert(src, tmp_path / "keep", progress=False)
     dequantize_checkpoint(tmp_path / "keep", tmp_path / "plain")
-    model = _dequant_paths(load_quantized(tmp_path / "keep", device="cpu", dtype=torch.bfloat16))
+    # the reference's experts loop: transformers 5.25 runs LongcatFlashExperts by experts_implementation
+    # (grouped_mm by default, as stock from_pretrained), 5.24 by its own loop whatever was asked
+    eager = dict(device="cpu", dtype=torch.bfloat16, experts_implementation="eager")
+    model = _dequant_paths(load_quantized(tmp_path / "keep", **eager))
     assert linear4bit_modules(model)
     assert not moe_modules(model)
     ref = load_bf16_eager(tmp_path / "plain")
@@ -442,7 +448,7 @@ def test_longcat_flash_keep_folder_loads_with_its_zero_experts(tmp_path):
     for key in ("gate_up_proj", "down_proj"):
         name = f"model.layers.0.mlp.experts.{key}"
         assert torch.equal(model.state_dict()[name], source[name]), name
-    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == (6 if longcat_zero_rows() else 4)
     assert model.model.layers[0].mlp.experts.down_proj.shape[0] == 4
     routed = []
     model.model.layers[0].mlp.router.register_forward_hook(lambda _m, _a, out: routed.append(out[2]))
@@ -459,6 +465,67 @@ def test_longcat_flash_keep_folder_loads_with_its_zero_experts(tmp_path):
     assert int(out.max()) < fast.config.vocab_size
 
 
+def test_longcat_flash_keep_folder_from_a_5_24_save_loads_under_5_25(tmp_path):
+    """transformers 5.25's LongcatFlashExperts keeps no gate_up_proj rows for LongCat-Flash's identity
+    experts, so a keep folder converted from a checkpoint that 5.24's save_pretrained wrote (their gate/up
+    weights, no down weight) failed in load_quantized ("needs 4 experts x gate/up/down; the checkpoint also
+    holds expert(s) [4, 5]; config.json and the shards disagree"), as it fails in stock transformers 5.25.
+    No version's forward reads those rows: load_quantized leaves them out and names them unused, and the
+    model equals, logits and greedy generate bit for bit, the one loaded from the same model saved without
+    them. Under 5.24 both folders are the same checkpoint."""
+    from_524 = make_longcat_flash(tmp_path / "src_524", zero_rows=True)
+    native = make_longcat_flash(tmp_path / "src")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(from_524, tmp_path / "keep_524", progress=False)
+        convert(native, tmp_path / "keep", progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = _dequant_paths(load_quantized(tmp_path / "keep_524", device="cpu", dtype=torch.bfloat16))
+    ref = _dequant_paths(load_quantized(tmp_path / "keep", device="cpu", dtype=torch.bfloat16))
+    unused = [str(w.message) for w in caught if "unused by" in str(w.message)]
+    zero_keys = [f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in (4, 5) for p in ("gate", "up")]
+    if longcat_zero_rows():
+        assert not unused
+    else:
+        assert unused == [
+            f"{tmp_path / 'keep_524'}: 4 checkpoint tensor(s) unused by LongcatFlashForCausalLM: {zero_keys}"
+        ]
+    assert torch.equal(model.state_dict()["model.layers.0.mlp.experts.gate_up_proj"],
+                       ref.state_dict()["model.layers.0.mlp.experts.gate_up_proj"])  # fmt: skip
+    assert torch.equal(_logits(model), _logits(ref))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(model.generate(IDS[:, :4], **kw), ref.generate(IDS[:, :4], **kw))
+
+
+def test_longcat_flash_without_zero_expert_rows_quantizes_and_loads(tmp_path):
+    """A LongCat-Flash checkpoint as transformers 5.25 saves it (no rows for the identity experts, every
+    routed expert with gate/up/down) converts with --moe-experts quantize like any MoE; under 5.25
+    load_quantized runs its 4-bit experts: tokens routed to the identity experts included, the logits
+    equal, bit for bit, the dequantized folder's in transformers on the dequantize path. transformers 5.24's
+    LongcatFlashExperts wants those rows: load_quantized under it names the first one missing."""
+    from converter.loader.dequantize import dequantize_checkpoint
+    from converter.loader.moe_records import MoeLoadError
+
+    src = make_longcat_flash(tmp_path / "src", zero_rows=False)
+    convert(src, tmp_path / "q", moe_experts="quantize", progress=False, warn=lambda _: None)
+    if longcat_zero_rows():
+        missing = "needs 6 experts x gate/up, the first 4 down too; expert 4 gate is missing"
+        with pytest.raises(MoeLoadError, match=missing):
+            load_quantized(tmp_path / "q", device="cpu")
+        return
+    dequantize_checkpoint(tmp_path / "q", tmp_path / "plain")
+    model = _dequant_paths(load_quantized(tmp_path / "q", device="cpu", dtype=torch.bfloat16))
+    assert len(moe_modules(model)) == 1
+    ref = load_bf16_eager(tmp_path / "plain")
+    routed = []
+    model.model.layers[0].mlp.router.register_forward_hook(lambda _m, _a, out: routed.append(out[2]))
+    assert torch.equal(_logits(model), _logits(ref))
+    assert int(routed[0].max()) >= 4  # some tokens went to an identity expert
+
+
 def test_longcat_flash_4bit_zero_experts_are_refused_by_name(tmp_path, monkeypatch):
     """--moe-experts quantize refuses LongCat-Flash's zero experts; a folder that has them 4-bit anyway
     (made here with that check off) is refused by load_quantized naming the layer, the model type, what
@@ -466,7 +533,7 @@ def test_longcat_flash_4bit_zero_experts_are_refused_by_name(tmp_path, monkeypat
     from converter.loader.moe_records import MoeLoadError
     from converter.plan import moe
 
-    src = make_longcat_flash(tmp_path / "src")
+    src = make_longcat_flash(tmp_path / "src", zero_rows=True)
     monkeypatch.setattr(moe, "check_experts", lambda *a, **k: None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
