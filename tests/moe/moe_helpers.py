@@ -125,7 +125,36 @@ MOE["hy_v4"] = ("hy_v4", "HYV4ForCausalLM", _decoder(
     qk_nope_head_dim=16, v_head_dim=16, index_n_heads=4, index_head_dim=32, swiglu_limit=0.1,
     pad_token_id=0, bos_token_id=0, eos_token_id=0))  # fmt: skip
 
+# Model types transformers 5.25 added (make_moe skips them on older releases): MiniCPM-5-MoE (q_proj renamed
+# q_gate_proj on load; its experts listed in MODULES_TO_PATCH_FOR_QUANTIZATION for AWQ only), Kolibri-1.1
+# (sliding and indexed attention, its router's bias stored as moe.router.expert_bias), Param2-MoE (a
+# Glm4MoeForCausalLM with Sarvam-MoE's names: attention.query_key_value split into q/k/v on load)
+MOE["minicpm5_moe"] = ("minicpm5_moe", "MiniCPM5MoeForCausalLM", _decoder(
+    intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+    n_shared_experts=1, mlp_layer_types=["dense", "sparse"]))  # fmt: skip
+MOE["kolibri1_1"] = ("kolibri1_1", "Kolibri1_1ForCausalLM", _decoder(
+    intermediate_size=128, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+    shared_expert_intermediate_size=64, mlp_only_layers=[0], mlp_only_intermediate_size=128,
+    layer_types=["sliding_attention", "indexed_attention"], sliding_window=8, index_topk=8,
+    index_pool_size=16, index_compression=4, index_num_heads=2, index_num_local_tokens=2,
+    index_num_sink_tokens=1))  # fmt: skip
+MOE["param2moe"] = ("param2moe", "Glm4MoeForCausalLM", _decoder(
+    intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+    n_shared_experts=1, first_k_dense_replace=1))  # fmt: skip
+FAMILIES_5_25 = ["minicpm5_moe", "kolibri1_1", "param2moe"]
+
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
+
+
+def skip_unless_built_in(model_type: str, arch: str) -> None:
+    """Skip the calling test where the installed transformers lacks ``model_type`` or ``arch`` (the model
+    types transformers 5.25 added, under 5.24)."""
+    import pytest
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING or not hasattr(transformers, arch):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type} ({arch})")
 
 
 def make_moe(name: str, folder: Path, seed: int = 0) -> Path:
@@ -133,6 +162,7 @@ def make_moe(name: str, folder: Path, seed: int = 0) -> Path:
     import transformers
 
     model_type, arch, kwargs = MOE[name]
+    skip_unless_built_in(model_type, arch)
     cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
     cfg.architectures = [arch]
     torch.manual_seed(seed)

@@ -13,9 +13,17 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from click.testing import CliRunner
-from moe_helpers import FAMILIES, expert_keys, make_fp8_source, make_longcat_flash, make_moe, read_config
+from moe_helpers import (
+    FAMILIES,
+    FAMILIES_5_25,
+    expert_keys,
+    make_fp8_source,
+    make_longcat_flash,
+    make_moe,
+    read_config,
+)
 from safetensors import safe_open
-from tiny_models import without_config_digests
+from tiny_models import load_logged, without_config_digests
 
 from converter.cli import cli
 from converter.errors import AlreadyQuantizedError, InputError
@@ -120,6 +128,50 @@ def test_keep_default_warns_and_loads_with_stock_transformers(moe_src, tmp_path,
     model.train()
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def _bnb_modules(model, cls) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+@pytest.mark.parametrize("name", FAMILIES_5_25)
+def test_families_new_in_transformers_5_25_load_where_inspect_says(moe_src, tmp_path, name):
+    """MiniCPM-5-MoE, Kolibri-1.1 and Param2-MoE (transformers 5.25; skipped before): convert refused
+    MiniCPM-5-MoE ("transformers rebuilds 'model.layers.1.mlp.experts' (MiniCPM5MoeExperts) as other
+    layers", though transformers rebuilds them for AWQ only). Each converts: the nf4 and int8 ``keep``
+    folders load with stock transformers + bitsandbytes (no missing, unexpected or mismatched key), with
+    Linear4bit / Linear8bitLt exactly at the modules of our quantized records (load_quantized's), and run;
+    ``--moe-experts quantize`` names stock transformers 5.x among the loaders that cannot read it, and it
+    indeed refuses the folder."""
+    from converter.loader.module import QuantLinear4bit
+    from converter.loader.module_int8 import QuantLinear8bit
+
+    src = moe_src(name)
+    for quant_type, theirs, ours in (
+        ("nf4", bnb.nn.Linear4bit, QuantLinear4bit),
+        ("int8", bnb.nn.Linear8bitLt, QuantLinear8bit),
+    ):
+        out = tmp_path / quant_type
+        convert(src, out, quant_type=quant_type, progress=False, warn=lambda _: None)
+        model, info, _ = load_logged(out)
+        assert not any(info.values()), info
+        stock = _bnb_modules(model, theirs)
+        records = [r for r in _records(out).values() if not isinstance(r, torch.Tensor)]
+        assert len(stock) == len(records) > 0
+        assert stock == _bnb_modules(load_quantized(out), ours)
+        assert not any(".experts." in m for m in stock)
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+    out = tmp_path / "quantize"
+    convert(src, out, moe_experts="quantize", progress=False, warn=lambda _: None)
+    summary = inspect_path(out).moe
+    assert summary.experts_quantized == 4
+    assert any(x.startswith("quantize-model load_quantized") for x in summary.loaders)
+    assert any(x.startswith("stock transformers 5.x") for x in summary.not_loaders)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            load_logged(out)
 
 
 def test_keep_warning_with_int8_advises_a_4bit_type(moe_src, tmp_path):
