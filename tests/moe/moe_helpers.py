@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 from error_bounds import U32, gamma, x_chunk_error
-from tiny_models import _decoder
+from tiny_models import _decoder, skip_unless_built_in
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -144,17 +144,6 @@ MOE["param2moe"] = ("param2moe", "Glm4MoeForCausalLM", _decoder(
 FAMILIES_5_25 = ["minicpm5_moe", "kolibri1_1", "param2moe"]
 
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
-
-
-def skip_unless_built_in(model_type: str, arch: str) -> None:
-    """Skip the calling test where the installed transformers lacks ``model_type`` or ``arch`` (the model
-    types transformers 5.25 added, under 5.24)."""
-    import pytest
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if model_type not in CONFIG_MAPPING or not hasattr(transformers, arch):
-        pytest.skip(f"transformers {transformers.__version__} has no {model_type} ({arch})")
 
 
 def make_moe(name: str, folder: Path, seed: int = 0) -> Path:
