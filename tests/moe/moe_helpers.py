@@ -142,6 +142,14 @@ MOE["param2moe"] = ("param2moe", "Glm4MoeForCausalLM", _decoder(
     intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
     n_shared_experts=1, first_k_dense_replace=1))  # fmt: skip
 FAMILIES_5_25 = ["minicpm5_moe", "kolibri1_1", "param2moe"]
+# Ergo (transformers 5.25): its routed experts fused 3-D in its own names (layers.<l>.feed_forward.up_proj
+# [E, H, I] / down_proj, no gate, an RMSNorm per expert), a layout quantize-model does not quantize; 8
+# experts of width 128 in its one sparse layer hold most of the parameters
+MOE["ergo"] = ("ergo", "ErgoForCausalLM", dict(
+    vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    first_dense_intermediate_size=128, num_dense_blocks=1, moe_intermediate_size=128,
+    shared_intermediate_size=64, num_experts=8, num_experts_per_tok=2, sliding_window=8,
+    global_attention_every_n_layers=2, max_position_embeddings=64))  # fmt: skip
 
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 

@@ -491,24 +491,29 @@ def test_ernie_vl_keep_folder_loads_with_load_quantized(moe_src, tmp_path):
         assert torch.equal(ours(input_ids=ids).logits, ref.eval()(input_ids=ids).logits)
 
 
-def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "first", "more"),
+    [
+        ("granitemoe", "model.layers.0.block_sparse_moe.input_linear.weight", 3),
+        ("ergo", "layers.1.feed_forward.down_proj", 1),  # no .weight: Ergo's own names
+    ],
+)
+def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path, name, first, more):
     """Granite-MoE stores its routed experts fused 3-D under its own names (block_sparse_moe.input_linear
-    / output_linear), which no --moe-experts mode quantizes: quantize's note said 'the checkpoint has no
-    routed MoE experts' and keep said nothing while those experts, 16-bit, held most of the folder."""
-    src = moe_src("granitemoe")
-    first = "model.layers.0.block_sparse_moe.input_linear.weight"
+    / output_linear), and Ergo (transformers 5.25) as feed_forward.up_proj / down_proj, which no
+    --moe-experts mode quantizes: quantize's note said 'the checkpoint has no routed MoE experts' and keep
+    said nothing while those experts, 16-bit, held most of the folder."""
+    src = moe_src(name)
     for mode in ("keep", "quantize"):
         messages: list[str] = []
         convert(src, tmp_path / mode, progress=False, moe_experts=mode, warn=messages.append)
         (message,) = _moe_warnings(messages)
         assert "no routed MoE experts" not in message
-        assert (
-            f"routed experts ({first} and 3 more) are stored in a layout quantize-model does not quantize"
-            in (message)
-        )
+        layout = f"routed experts ({first} and {more} more) are stored in a layout quantize-model does not"
+        assert f"{layout} quantize" in message
     assert "has no effect" in message  # quantize: the folder is keep's, byte for byte
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        assert (tmp_path / "quantize" / name).read_bytes() == (tmp_path / "keep" / name).read_bytes(), name
+    for file in ("model.safetensors", "model.safetensors.index.json"):
+        assert (tmp_path / "quantize" / file).read_bytes() == (tmp_path / "keep" / file).read_bytes(), file
 
 
 @pytest.mark.parametrize(
@@ -519,6 +524,8 @@ def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
         # the MLP's 4 experts and the attention's 4 per layer; its attention router
         # (self_attention.experts.router.layer) is no expert
         ("jetmoe", "model.layers.0.mlp.input_linear.weight", 16, 8),
+        # Ergo: 8 experts in its one sparse layer, an up_proj and a down_proj
+        ("ergo", "layers.1.feed_forward.down_proj", 8, 2),
     ],
 )
 def test_inspect_names_experts_of_a_layout_not_quantized(moe_src, tmp_path, name, first, experts, tensors):
@@ -1032,7 +1039,7 @@ def test_fp8_source_cast_to_another_dtype_rounds_once(moe_src, tmp_path, quant_t
     assert torch.equal(got[kept], ref)
 
 
-@pytest.mark.parametrize("name", ["granitemoe", "granitemoehybrid", "jetmoe"])
+@pytest.mark.parametrize("name", ["granitemoe", "granitemoehybrid", "jetmoe", "ergo"])
 def test_push_card_names_experts_of_a_layout_not_quantized_as_inspect_does(moe_src, tmp_path, name):
     """The model card of a Granite-MoE / Granite 4.0-H / JetMoE folder had no "MoE experts" row (it read
     the index's key names only), while inspect and convert named those experts as kept 16-bit: the row
