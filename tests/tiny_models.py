@@ -122,6 +122,17 @@ def tiny_config(name: str) -> Any:
     return cfg
 
 
+def skip_unless_built_in(model_type: str, arch: str) -> None:
+    """Skip the calling test where the installed transformers lacks ``model_type`` or ``arch`` (the model
+    types transformers 5.25 added, under 5.24)."""
+    import pytest
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING or not hasattr(transformers, arch):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type} ({arch})")
+
+
 def make_tiny(name: str, folder: Path, seed: int = 0) -> Path:
     """Random tiny checkpoint ``name`` saved with save_pretrained into ``folder``."""
     import torch

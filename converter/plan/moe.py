@@ -99,7 +99,7 @@ NOT_LOADERS_KEPT = (
     "transformers 4.x + bitsandbytes (its experts and routers are nn.Linear layers, not in "
     "llm_int8_skip_modules: it expects 4-bit records for the 16-bit weights and fails)",
 )
-#: Experts of a layout quantize-model does not quantize (other_experts: Granite, JetMoE, DBRX), 16-bit:
+#: Experts of a layout quantize-model does not quantize (other_experts: Granite, JetMoE, DBRX, Ergo), 16-bit:
 #: the folder is an ordinary bnb folder of the model (keep_advice says the same).
 LOADERS_OTHER = ("stock transformers + bitsandbytes (experts stay 16-bit)", "quantize-model load_quantized")
 NOT_LOADERS_OTHER: tuple[str, ...] = ()
@@ -221,9 +221,13 @@ def is_moe(tensors: Sequence[_TensorLike]) -> bool:
 
 #: Routed experts stored in a layout quantize-model does not quantize (they stay 16-bit whatever
 #: ``--moe-experts`` says): Granite-MoE's (and Granite 4.0's, JetMoE's) fused 3-D
-#: ``block_sparse_moe.input_linear`` / ``output_linear``, DBRX's ``ffn.experts.mlp.w1`` / ``v1`` / ``w2``.
+#: ``block_sparse_moe.input_linear`` / ``output_linear``, DBRX's ``ffn.experts.mlp.w1`` / ``v1`` / ``w2``,
+#: Ergo's fused 3-D ``layers.<l>.feed_forward.up_proj`` / ``down_proj`` (``[E, H, I]`` / ``[E, I, H]``, no
+#: gate, each expert followed by its own RMSNorm; transformers 5.25 loads them as ``mlp.experts.*``).
 _OTHER_EXPERTS = re.compile(r"(?:^|\.)experts\.")
-_OTHER_EXPERTS_3D = re.compile(r"(?:^|\.)(?:block_sparse_moe|moe|mlp)\.(?:input|output)_linear\.weight$")
+_OTHER_EXPERTS_3D = re.compile(
+    r"(?:^|\.)(?:(?:block_sparse_moe|moe|mlp)\.(?:input|output)_linear\.weight|feed_forward\.(?:up|down)_proj)$"
+)
 #: Their routers: an nn.Linear ``router.layer`` (JetMoE's attention experts hold theirs under ``experts.``).
 _OTHER_ROUTER = re.compile(r"(?:^|\.)router\.layer\.weight$")
 
@@ -231,7 +235,8 @@ _OTHER_ROUTER = re.compile(r"(?:^|\.)router\.layer\.weight$")
 def other_experts(tensors: Sequence[_TensorLike], quantized: Collection[str] = ()) -> list[_TensorLike]:
     """The routed-expert weights of a layout quantize-model does not quantize (see ``_OTHER_EXPERTS``):
     floating-point tensors of two or more dimensions under an experts module, or Granite's 3-D
-    ``input_linear`` / ``output_linear`` (2-D ones are ``nn.Linear``), that are neither per-expert,
+    ``input_linear`` / ``output_linear`` (2-D ones are ``nn.Linear``) and Ergo's 3-D
+    ``feed_forward.up_proj`` / ``down_proj``, that are neither per-expert,
     fused 3-D nor gpt-oss expert weights, nor routers (JetMoE's attention ``experts.router.layer`` too),
     nor in ``quantized`` (the selection's: experts that are ``nn.Linear`` modules, NLLB-MoE's
     ``experts.expert_0.fc1``, are quantized as any linear)."""

@@ -367,14 +367,13 @@ def _select_transformers(
     config: dict, tensors: Sequence[_TensorLike], *, skip: Sequence[str], include: Sequence[str]
 ) -> Selection:
     """The live rule: build the skeleton, gather its facts (remembered in the per-user cache), decide."""
-    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
-
     keys = [t.name for t in tensors]
     model = build_skeleton(config, keys)
     cls_name = type(model).__name__
+    rebuilt = bnb_patched_modules()
     for name, mod in model.named_modules():
         kind = type(mod).__name__
-        if kind in MODULES_TO_PATCH_FOR_QUANTIZATION and kind not in PATCHED_MODULES:
+        if kind in rebuilt and kind not in PATCHED_MODULES:
             msg = (
                 f"{cls_name}: transformers rebuilds '{name}' ({kind}) as other layers when it loads a "
                 "pre-quantized bitsandbytes checkpoint, and quantize-model does not know that layout yet; "
@@ -389,6 +388,23 @@ def _select_transformers(
 #: transformers' MODULES_TO_PATCH_FOR_QUANTIZATION entries whose pre-quantized layout the converter writes
 #: (converter/sources/llama4.py shows Llama 4's fused experts as the per-expert weights they become).
 PATCHED_MODULES = frozenset({"Llama4TextExperts"})
+
+
+def bnb_patched_modules() -> frozenset[str]:
+    """The module classes transformers rebuilds when it loads a pre-quantized bitsandbytes checkpoint: the
+    entries of its ``MODULES_TO_PATCH_FOR_QUANTIZATION`` whose ``quantization_methods`` name bitsandbytes, as
+    ``HfQuantizer._convert_model_for_quantization`` checks them (an entry without that list counts too).
+    transformers 5.25 lists MiniCPM-5-MoE's experts for AWQ only: a bitsandbytes load keeps them as they
+    are."""
+    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    return frozenset(
+        kind
+        for kind, entry in MODULES_TO_PATCH_FOR_QUANTIZATION.items()
+        if QuantizationMethod.BITS_AND_BYTES
+        in entry.get("quantization_methods", (QuantizationMethod.BITS_AND_BYTES,))
+    )
 
 
 def patch_for_bnb(model: Any) -> list[str]:

@@ -115,20 +115,23 @@ READ_DIRECTLY = {
 }
 
 
-#: A module's class casting an input to a child's weight dtype: ``x.to(self.<leaf>.weight.dtype)``,
-#: ``.to(dtype=self.<leaf>.weight.dtype)`` or ``target_dtype = self.<leaf>.weight.dtype`` first.
+#: A module's class casting an input to a descendant's weight dtype: ``x.to(self.<leaf>.weight.dtype)``,
+#: ``.to(dtype=self.<leaf>.weight.dtype)`` or ``target_dtype = self.<leaf>.weight.dtype`` first; the path
+#: may go down more than one module (Ergo's decoder layer: ``self.self_attn.o_proj.weight.dtype``).
 _CASTS = (
-    re.compile(r"\.to\(\s*(?:dtype\s*=\s*)?self\.(\w+)\.weight\.dtype\s*\)"),
-    re.compile(r"\b\w+\s*=\s*self\.(\w+)\.weight\.dtype\b"),
+    re.compile(r"\.to\(\s*(?:dtype\s*=\s*)?self\.(\w+(?:\.\w+)*)\.weight\.dtype\s*\)"),
+    re.compile(r"\b\w+\s*=\s*self\.(\w+(?:\.\w+)*)\.weight\.dtype\b"),
 )
 
 
 @cache
 def _cast_leaves(cls: type) -> frozenset[str]:
-    """The children whose weight's dtype ``cls``'s own code casts an input to (SigLIP2's
-    ``patch_embedding``, Switch Transformers' ``wo``): empty where its source cannot be read, or where
-    it handles quantized weights itself (names ``_is_quantized`` or ``torch.uint8``: GPT-Neo's and
-    Falcon's flash-attention casts, NLLB-MoE's ``fc2`` guard)."""
+    """The descendants (paths from ``cls``'s module: ``patch_embedding``, ``self_attn.o_proj``) whose
+    weight's dtype ``cls``'s own code casts an input to (SigLIP2's ``patch_embedding``, Switch
+    Transformers' ``wo``, Ergo's decoder layer, which casts its attention and MLP inputs to
+    ``self_attn.o_proj.weight.dtype``): empty where its source cannot be read, or where it handles
+    quantized weights itself (names ``_is_quantized`` or ``torch.uint8``: GPT-Neo's and Falcon's
+    flash-attention casts, NLLB-MoE's ``fc2`` guard)."""
     import inspect
 
     try:
@@ -146,11 +149,16 @@ def read_directly(name: str, modules: Mapping[str, Any]) -> str | None:
     a 4-bit weight, uint8 storage, truncates the input to uint8 in every loader, silently; Switch
     Transformers' and SigLIP2's casts give garbage logits in transformers + bitsandbytes too)."""
     parent, _, leaf = name.rpartition(".")
-    cls = type(modules.get(parent))
-    known = READ_DIRECTLY.get((cls.__name__, leaf))
-    if known is None and leaf in _cast_leaves(cls):
-        return f"read directly ({cls.__name__} casts its input to {leaf}.weight.dtype)"
-    return known
+    known = READ_DIRECTLY.get((type(modules.get(parent)).__name__, leaf))
+    if known is not None:
+        return known
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):  # the parent, then each ancestor up to the model
+        owner = modules.get(".".join(parts[:i]))
+        path = ".".join(parts[i:])
+        if owner is not None and path in _cast_leaves(type(owner)):
+            return f"read directly ({type(owner).__name__} casts its input to {path}.weight.dtype)"
+    return None
 
 
 def called_through_a_list(modules: Mapping[str, Any]) -> dict[str, str]:

@@ -56,7 +56,8 @@ TABLE_FORMAT = 1
 #: 14: "the last module" is that of the untied skeleton, as from_pretrained builds it (a tied head, not
 #:     OLMo's last down_proj)
 #: 15: MobileBERT's MLM head concatenates dense.weight (read directly)
-CACHE_FORMAT = 15
+#: 16: a cast to the weight dtype of a linear further down (Ergo's decoder layer: self_attn.o_proj)
+CACHE_FORMAT = 16
 NO_CACHE_ENV = "QUANTIZE_MODEL_NO_CACHE"
 
 #: config.json fields no model construction reads: left out of the cache key, so two exports of one

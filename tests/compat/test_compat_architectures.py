@@ -17,7 +17,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from tiny_models import load_logged, read_tensors
+from tiny_models import load_logged, read_tensors, skip_unless_built_in
 
 from converter.loader.model import load_quantized
 from converter.loader.module import QuantLinear4bit
@@ -52,6 +52,19 @@ _SEQ2SEQ = dict(  # BART, Whisper
 def _for_model(model_type: str, **kwargs: Any) -> Callable[[], Any]:
     return lambda: transformers.AutoConfig.for_model(model_type, **kwargs)
 
+
+def _new_in_5_25(model_type: str, arch: str, **kwargs: Any) -> Callable[[], Any]:
+    """A model type transformers 5.25 added: the test skips where the installed transformers lacks it."""
+
+    def make() -> Any:
+        skip_unless_built_in(model_type, arch)
+        return transformers.AutoConfig.for_model(model_type, **kwargs)
+
+    return make
+
+
+_QWEN3_TEXT = dict(_TEXT, model_type="qwen3", head_dim=16)
+_MOE_5_25 = dict(_TEXT, head_dim=16, moe_intermediate_size=64, num_experts_per_tok=2)
 
 # name -> (architecture, config factory)
 ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
@@ -199,6 +212,92 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], Any]]] = {
         "MambaForCausalLM",
         lambda: transformers.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=128, state_size=8),
     ),
+    # transformers 5.25's new model types (skipped before)
+    "llava_onevision1_5": (  # a RICE-ViT tower (fused qkv), a patch merger, a Qwen3 text model
+        "LlavaOnevision15ForConditionalGeneration",
+        _new_in_5_25(
+            "llava_onevision1_5",
+            "LlavaOnevision15ForConditionalGeneration",
+            text_config=_QWEN3_TEXT,
+            vision_config=dict(
+                depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=8, out_hidden_size=64
+            ),
+            image_token_id=120,
+            video_token_id=121,
+            vision_start_token_id=122,
+            vision_end_token_id=123,
+        ),
+    ),
+    "ovis2_5": (  # a SigLIP-style tower, a visual tokenizer head and embedding table, a Qwen3 text model
+        "Ovis2_5ForConditionalGeneration",
+        _new_in_5_25(
+            "ovis2_5",
+            "Ovis2_5ForConditionalGeneration",
+            text_config=_QWEN3_TEXT,
+            vision_config=dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                patch_size=8,
+                image_size=32,
+                window_size=16,
+                vocab_size=68,
+                max_position_embeddings=64,
+            ),
+            image_token_id=120,
+            video_token_id=121,
+            image_start_token_id=122,
+            image_end_token_id=123,
+            video_start_token_id=124,
+            video_end_token_id=125,
+        ),
+    ),
+    "pi05": (  # PaliGemma (SigLIP + Gemma) beside a Gemma action expert with adaptive RMSNorms (dense)
+        "PI05ForConditionalGeneration",
+        _new_in_5_25(
+            "pi05",
+            "PI05ForConditionalGeneration",
+            vlm_config=dict(
+                model_type="paligemma",
+                text_config=dict(
+                    model_type="gemma", **_SIZES, num_key_value_heads=1, head_dim=32, vocab_size=128
+                ),
+                vision_config=dict(model_type="siglip_vision_model", **_VISION, vision_use_head=False),
+                projection_dim=64,
+                image_token_id=127,
+            ),
+            dit_config=dict(model_type="gemma", **_SIZES, num_key_value_heads=1, head_dim=32),
+            chunk_size=4,
+            max_action_dim=64,
+        ),
+    ),
+    "minicpm5_moe": (  # its q_proj renamed q_gate_proj on load; experts kept 16-bit
+        "MiniCPM5MoeForCausalLM",
+        _new_in_5_25(
+            "minicpm5_moe",
+            "MiniCPM5MoeForCausalLM",
+            **_MOE_5_25,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            mlp_layer_types=["dense", "sparse"],
+        ),
+    ),
+    "kolibri1_1": (  # sliding and indexed attention; experts kept 16-bit
+        "Kolibri1_1ForCausalLM",
+        _new_in_5_25(
+            "kolibri1_1",
+            "Kolibri1_1ForCausalLM",
+            **_MOE_5_25,
+            num_experts=4,
+            shared_expert_intermediate_size=64,
+            mlp_only_layers=[0],
+            mlp_only_intermediate_size=128,
+            layer_types=["sliding_attention", "indexed_attention"],
+            sliding_window=8,
+            index_num_heads=2,
+        ),
+    ),
 }
 
 #: Modules our folders keep 16-bit where transformers + bitsandbytes quantize them and then fail in their
@@ -283,3 +382,70 @@ def test_folder_equals_transformers_bitsandbytes_save(tmp_path, name, quant_type
     assert quantized, "transformers + bitsandbytes quantized nothing: not a test of the selection"
     assert _modules(ours_model, bnb_class) == quantized
     assert _modules(load_quantized(ours, dtype=torch.bfloat16), our_class) == quantized
+
+
+def _vlm_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A 32x32 image (16 patches of 8x8, merged 2x2 into 4 image tokens) among text tokens."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[1, 5, 122, 120, 120, 120, 120, 123, 9, 33, 2, 100]])
+    pixels = torch.randn(16, 3 * 8 * 8, generator=g).to(model.dtype)
+    return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+def _pi05_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """One 32x32 camera image (16 image tokens), text, a noisy action chunk and its flow-matching time."""
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        input_ids=torch.tensor([[127] * 16 + [1, 5, 9, 33, 2, 100]]),
+        pixel_values=torch.randn(1, 1, 3, 32, 32, generator=g).to(model.dtype),
+        pixel_attention_mask=torch.ones(1, 1, dtype=torch.bool),
+        noise=torch.randn(1, 4, 64, generator=g).to(model.dtype),
+        timestep=torch.tensor([0.5]),
+    )
+
+
+#: transformers 5.25's new dense models with their multimodal inputs
+_RUN_5_25 = {"llava_onevision1_5": _vlm_inputs, "ovis2_5": _vlm_inputs, "pi05": _pi05_inputs}
+
+
+@pytest.mark.parametrize("quant_type", sorted(_QUANT))
+@pytest.mark.parametrize("name", sorted(_RUN_5_25))
+def test_new_multimodal_models_run_in_both_loaders(tmp_path, name, quant_type):
+    """LLaVA-OneVision-1.5, Ovis2.5 and PI0.5 (transformers 5.25) with an image: stock transformers +
+    bitsandbytes runs our folder; load_quantized's outputs on its dequantize path equal those of the
+    `quantize-model dequantize` folder in transformers bit for bit (logits; PI0.5: its action velocity,
+    and sample_actions), and so does greedy generate; its default (GEMV) path runs."""
+    from converter.loader.dequantize import dequantize_checkpoint
+
+    arch, make_config = ARCHITECTURES[name]
+    config = make_config()
+    config.architectures = [arch]
+    cls = getattr(transformers, arch)
+    torch.manual_seed(0)
+    cls(config).to(torch.bfloat16).eval().save_pretrained(tmp_path / "src")
+    folder = tmp_path / quant_type
+    convert(str(tmp_path / "src"), str(folder), quant_type=quant_type, progress=False, warn=lambda _: None)
+    dequantize_checkpoint(folder, tmp_path / "plain")
+    make_inputs = _RUN_5_25[name]
+
+    stock, info, _ = load_logged(folder)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        assert torch.isfinite(stock(**make_inputs(stock)).logits).all()
+
+    ours = load_quantized(folder, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.isfinite(ours(**make_inputs(ours)).logits).all()  # the GEMV path
+    for layer in ours.modules():
+        if hasattr(layer, "use_gemv"):
+            layer.use_gemv = False
+    plain = cls.from_pretrained(tmp_path / "plain", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert torch.equal(ours(**make_inputs(ours)).logits, plain(**make_inputs(plain)).logits)
+    if name == "pi05":
+        kw = {k: v for k, v in make_inputs(ours).items() if k != "timestep"}
+        assert torch.equal(ours.sample_actions(**kw), plain.sample_actions(**kw))
+    else:
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        ids = torch.tensor([[1, 5, 9, 33]])
+        assert torch.equal(ours.generate(ids, **kw), plain.generate(ids, **kw))

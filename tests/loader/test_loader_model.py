@@ -18,7 +18,7 @@ from bnb_cpu_path import bnb_generic_cpu_path
 from error_bounds import worst_ratio
 from loader_helpers import bnb_load, bnb_quantize_folder, gemv_bound, linear4bit_outputs, make_layer
 from safetensors.torch import save_file
-from tiny_models import add_repository_code, make_tiny
+from tiny_models import add_repository_code, make_tiny, skip_unless_built_in
 from torch import nn
 
 from converter.loader.head import GemvHead
@@ -1014,6 +1014,64 @@ def test_linears_whose_input_is_cast_to_their_weight_dtype_stay_16bit(
     with torch.no_grad():
         ref = plain(**inputs).logits.float()
     assert (ours.logits.float() - ref).norm() < 0.5 * ref.norm()
+
+
+def _tiny_ergo(folder: Path) -> Path:
+    """Ergo (transformers 5.25): a dense first layer, then routed experts; saved in its own names."""
+    skip_unless_built_in("ergo", "ErgoForCausalLM")
+    from transformers import ErgoConfig, ErgoForCausalLM
+
+    config = ErgoConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        first_dense_intermediate_size=128, num_dense_blocks=1, moe_intermediate_size=64,
+        shared_intermediate_size=64, num_experts=4, num_experts_per_tok=2, sliding_window=8,
+        global_attention_every_n_layers=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ErgoForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_a_cast_to_a_deeper_linears_weight_dtype_keeps_it_16bit(tmp_path: Path, quant_type: str) -> None:
+    """Ergo's decoder layer casts its attention and MLP inputs to ``self.self_attn.o_proj.weight.dtype``:
+    with o_proj quantized, transformers + bitsandbytes failed on our folder ("value cannot be converted to
+    type uint8_t without overflow"; int8: int8_t) and so did load_quantized (int8: "quantized layers
+    compute in float32, ... not torch.int8"), as transformers + bitsandbytes quantizing on load does. Such
+    a linear, found through the path in an ancestor's source, stays 16-bit with its reason and is named in
+    ``llm_int8_skip_modules``; both loaders give the same logits, near the 16-bit model's."""
+    from converter.writer.pipeline import convert
+
+    src = _tiny_ergo(tmp_path / "plain")
+    folder = tmp_path / quant_type
+    convert(src, folder, quant_type=quant_type, progress=False)
+    reason = "read directly (ErgoDecoderLayer casts its input to self_attn.o_proj.weight.dtype)"
+    kept = [f"layers.{i}.attention.wo" for i in (0, 1)]  # Ergo's own names for self_attn.o_proj
+    _assert_kept_16bit(folder, [], reason, quantized=[f"layers.{i}.attention.wqkv" for i in (0, 1)])
+    report = json.loads((folder / "quantization_report.json").read_text())
+    actions = {t["name"]: (t["action"], t.get("reason")) for t in report["tensors"]}
+    assert all(actions[f"{m}.weight"] == ("keep", reason) for m in kept)
+    skip = json.loads((folder / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert {"layers.0.self_attn.o_proj", "layers.1.self_attn.o_proj"} <= set(skip)
+    ours, theirs = _both_loaders(folder, input_ids=IDS % 128)
+    assert torch.equal(ours.logits, theirs.logits)
+    plain = transformers.ErgoForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = plain(IDS % 128).logits.float()
+    assert (ours.logits.float() - ref).norm() < 0.5 * ref.norm()
+    # why: transformers + bitsandbytes quantizing o_proj on load cannot run the model either
+    bnb_config = (
+        transformers.BitsAndBytesConfig(load_in_8bit=True)
+        if quant_type == "int8"
+        else transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on_load = transformers.ErgoForCausalLM.from_pretrained(
+            src, device_map="cpu", quantization_config=bnb_config
+        )
+    with torch.no_grad(), pytest.raises(RuntimeError, match="without overflow"):
+        on_load(IDS % 128)
 
 
 def test_fused_16bit_tensors_are_split_as_transformers_loads_them(tmp_path: Path) -> None:

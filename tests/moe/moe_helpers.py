@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 from error_bounds import U32, gamma, x_chunk_error
-from tiny_models import _decoder
+from tiny_models import _decoder, skip_unless_built_in
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -125,6 +125,32 @@ MOE["hy_v4"] = ("hy_v4", "HYV4ForCausalLM", _decoder(
     qk_nope_head_dim=16, v_head_dim=16, index_n_heads=4, index_head_dim=32, swiglu_limit=0.1,
     pad_token_id=0, bos_token_id=0, eos_token_id=0))  # fmt: skip
 
+# Model types transformers 5.25 added (make_moe skips them on older releases): MiniCPM-5-MoE (q_proj renamed
+# q_gate_proj on load; its experts listed in MODULES_TO_PATCH_FOR_QUANTIZATION for AWQ only), Kolibri-1.1
+# (sliding and indexed attention, its router's bias stored as moe.router.expert_bias), Param2-MoE (a
+# Glm4MoeForCausalLM with Sarvam-MoE's names: attention.query_key_value split into q/k/v on load)
+MOE["minicpm5_moe"] = ("minicpm5_moe", "MiniCPM5MoeForCausalLM", _decoder(
+    intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+    n_shared_experts=1, mlp_layer_types=["dense", "sparse"]))  # fmt: skip
+MOE["kolibri1_1"] = ("kolibri1_1", "Kolibri1_1ForCausalLM", _decoder(
+    intermediate_size=128, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+    shared_expert_intermediate_size=64, mlp_only_layers=[0], mlp_only_intermediate_size=128,
+    layer_types=["sliding_attention", "indexed_attention"], sliding_window=8, index_topk=8,
+    index_pool_size=16, index_compression=4, index_num_heads=2, index_num_local_tokens=2,
+    index_num_sink_tokens=1))  # fmt: skip
+MOE["param2moe"] = ("param2moe", "Glm4MoeForCausalLM", _decoder(
+    intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+    n_shared_experts=1, first_k_dense_replace=1))  # fmt: skip
+FAMILIES_5_25 = ["minicpm5_moe", "kolibri1_1", "param2moe"]
+# Ergo (transformers 5.25): its routed experts fused 3-D in its own names (layers.<l>.feed_forward.up_proj
+# [E, H, I] / down_proj, no gate, an RMSNorm per expert), a layout quantize-model does not quantize; 8
+# experts of width 128 in its one sparse layer hold most of the parameters
+MOE["ergo"] = ("ergo", "ErgoForCausalLM", dict(
+    vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    first_dense_intermediate_size=128, num_dense_blocks=1, moe_intermediate_size=128,
+    shared_intermediate_size=64, num_experts=8, num_experts_per_tok=2, sliding_window=8,
+    global_attention_every_n_layers=2, max_position_embeddings=64))  # fmt: skip
+
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 
 
@@ -133,6 +159,7 @@ def make_moe(name: str, folder: Path, seed: int = 0) -> Path:
     import transformers
 
     model_type, arch, kwargs = MOE[name]
+    skip_unless_built_in(model_type, arch)
     cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
     cfg.architectures = [arch]
     torch.manual_seed(seed)

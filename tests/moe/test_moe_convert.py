@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from moe_helpers import (
     FAMILIES,
+    FAMILIES_5_25,
     expert_keys,
     longcat_zero_rows,
     make_fp8_source,
@@ -23,7 +24,7 @@ from moe_helpers import (
     read_config,
 )
 from safetensors import safe_open
-from tiny_models import without_config_digests
+from tiny_models import load_logged, without_config_digests
 
 from converter.cli import cli
 from converter.errors import AlreadyQuantizedError, InputError
@@ -128,6 +129,50 @@ def test_keep_default_warns_and_loads_with_stock_transformers(moe_src, tmp_path,
     model.train()
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def _bnb_modules(model, cls) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+@pytest.mark.parametrize("name", FAMILIES_5_25)
+def test_families_new_in_transformers_5_25_load_where_inspect_says(moe_src, tmp_path, name):
+    """MiniCPM-5-MoE, Kolibri-1.1 and Param2-MoE (transformers 5.25; skipped before): convert refused
+    MiniCPM-5-MoE ("transformers rebuilds 'model.layers.1.mlp.experts' (MiniCPM5MoeExperts) as other
+    layers", though transformers rebuilds them for AWQ only). Each converts: the nf4 and int8 ``keep``
+    folders load with stock transformers + bitsandbytes (no missing, unexpected or mismatched key), with
+    Linear4bit / Linear8bitLt exactly at the modules of our quantized records (load_quantized's), and run;
+    ``--moe-experts quantize`` names stock transformers 5.x among the loaders that cannot read it, and it
+    indeed refuses the folder."""
+    from converter.loader.module import QuantLinear4bit
+    from converter.loader.module_int8 import QuantLinear8bit
+
+    src = moe_src(name)
+    for quant_type, theirs, ours in (
+        ("nf4", bnb.nn.Linear4bit, QuantLinear4bit),
+        ("int8", bnb.nn.Linear8bitLt, QuantLinear8bit),
+    ):
+        out = tmp_path / quant_type
+        convert(src, out, quant_type=quant_type, progress=False, warn=lambda _: None)
+        model, info, _ = load_logged(out)
+        assert not any(info.values()), info
+        stock = _bnb_modules(model, theirs)
+        records = [r for r in _records(out).values() if not isinstance(r, torch.Tensor)]
+        assert len(stock) == len(records) > 0
+        assert stock == _bnb_modules(load_quantized(out), ours)
+        assert not any(".experts." in m for m in stock)
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+    out = tmp_path / "quantize"
+    convert(src, out, moe_experts="quantize", progress=False, warn=lambda _: None)
+    summary = inspect_path(out).moe
+    assert summary.experts_quantized == 4
+    assert any(x.startswith("quantize-model load_quantized") for x in summary.loaders)
+    assert any(x.startswith("stock transformers 5.x") for x in summary.not_loaders)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            load_logged(out)
 
 
 def test_keep_warning_with_int8_advises_a_4bit_type(moe_src, tmp_path):
@@ -447,24 +492,29 @@ def test_ernie_vl_keep_folder_loads_with_load_quantized(moe_src, tmp_path):
         assert torch.equal(ours(input_ids=ids).logits, ref.eval()(input_ids=ids).logits)
 
 
-def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "first", "more"),
+    [
+        ("granitemoe", "model.layers.0.block_sparse_moe.input_linear.weight", 3),
+        ("ergo", "layers.1.feed_forward.down_proj", 1),  # no .weight: Ergo's own names
+    ],
+)
+def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path, name, first, more):
     """Granite-MoE stores its routed experts fused 3-D under its own names (block_sparse_moe.input_linear
-    / output_linear), which no --moe-experts mode quantizes: quantize's note said 'the checkpoint has no
-    routed MoE experts' and keep said nothing while those experts, 16-bit, held most of the folder."""
-    src = moe_src("granitemoe")
-    first = "model.layers.0.block_sparse_moe.input_linear.weight"
+    / output_linear), and Ergo (transformers 5.25) as feed_forward.up_proj / down_proj, which no
+    --moe-experts mode quantizes: quantize's note said 'the checkpoint has no routed MoE experts' and keep
+    said nothing while those experts, 16-bit, held most of the folder."""
+    src = moe_src(name)
     for mode in ("keep", "quantize"):
         messages: list[str] = []
         convert(src, tmp_path / mode, progress=False, moe_experts=mode, warn=messages.append)
         (message,) = _moe_warnings(messages)
         assert "no routed MoE experts" not in message
-        assert (
-            f"routed experts ({first} and 3 more) are stored in a layout quantize-model does not quantize"
-            in (message)
-        )
+        layout = f"routed experts ({first} and {more} more) are stored in a layout quantize-model does not"
+        assert f"{layout} quantize" in message
     assert "has no effect" in message  # quantize: the folder is keep's, byte for byte
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        assert (tmp_path / "quantize" / name).read_bytes() == (tmp_path / "keep" / name).read_bytes(), name
+    for file in ("model.safetensors", "model.safetensors.index.json"):
+        assert (tmp_path / "quantize" / file).read_bytes() == (tmp_path / "keep" / file).read_bytes(), file
 
 
 @pytest.mark.parametrize(
@@ -475,6 +525,8 @@ def test_experts_of_a_layout_not_quantized_are_named(moe_src, tmp_path):
         # the MLP's 4 experts and the attention's 4 per layer; its attention router
         # (self_attention.experts.router.layer) is no expert
         ("jetmoe", "model.layers.0.mlp.input_linear.weight", 16, 8),
+        # Ergo: 8 experts in its one sparse layer, an up_proj and a down_proj
+        ("ergo", "layers.1.feed_forward.down_proj", 8, 2),
     ],
 )
 def test_inspect_names_experts_of_a_layout_not_quantized(moe_src, tmp_path, name, first, experts, tensors):
@@ -988,7 +1040,7 @@ def test_fp8_source_cast_to_another_dtype_rounds_once(moe_src, tmp_path, quant_t
     assert torch.equal(got[kept], ref)
 
 
-@pytest.mark.parametrize("name", ["granitemoe", "granitemoehybrid", "jetmoe"])
+@pytest.mark.parametrize("name", ["granitemoe", "granitemoehybrid", "jetmoe", "ergo"])
 def test_push_card_names_experts_of_a_layout_not_quantized_as_inspect_does(moe_src, tmp_path, name):
     """The model card of a Granite-MoE / Granite 4.0-H / JetMoE folder had no "MoE experts" row (it read
     the index's key names only), while inspect and convert named those experts as kept 16-bit: the row

@@ -724,6 +724,24 @@ def test_an_unknown_module_transformers_patches_is_still_refused(llama4, monkeyp
         select_tensors(json.loads((src / "config.json").read_text()), view.tensors(), use_transformers=True)
 
 
+def test_a_module_transformers_patches_for_other_methods_only_is_not_refused(llama4, monkeypatch):
+    """transformers 5.25 lists MiniCPM-5-MoE's experts in MODULES_TO_PATCH_FOR_QUANTIZATION for AWQ only
+    (its own _convert_model_for_quantization checks quantization_methods): convert refused every such
+    model ("transformers rebuilds ... as other layers"), though a bitsandbytes load keeps the module as it
+    is. An entry whose methods leave bitsandbytes out is no reason to refuse."""
+    import transformers.quantizers.base as base
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    awq_only = {"module_name": None, "quantization_methods": [QuantizationMethod.AWQ]}
+    patched = {**base.MODULES_TO_PATCH_FOR_QUANTIZATION, "Llama4TextMLP": awq_only}
+    monkeypatch.setattr(base, "MODULES_TO_PATCH_FOR_QUANTIZATION", patched)
+    monkeypatch.setenv(NO_CACHE_ENV, "1")
+    src = llama4("src")
+    view = wrap_if_llama4(LocalSource(src))
+    sel = select_tensors(json.loads((src / "config.json").read_text()), view.tensors(), use_transformers=True)
+    assert any(".feed_forward.shared_expert." in k for k in sel.quantize)  # the Llama4TextMLP linears
+
+
 def test_rerun_is_a_noop(llama4):
     folder = llama4("nf4")
     with warnings.catch_warnings():

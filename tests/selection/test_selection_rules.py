@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from tiny_models import read_config, read_infos
+from torch import nn
 
 import converter.plan.selection as selection
 from converter.errors import InputError
@@ -153,3 +155,38 @@ def test_read_directly_names_linears_of_transformers_classes_that_read_their_wei
         assert re.search(rf"self\.{leaf} = nn\.Linear\(", body), (cls, leaf)
         # LayoutLMv3's encoder hands the layer to a helper that reads ``bias.weight``
         assert f"{leaf}.weight" in files[0] or f"self.{leaf}," in body, (cls, leaf)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(4, 4)
+        self.o_proj = nn.Linear(4, 4)
+
+
+class _Layer(nn.Module):
+    """Ergo's decoder layer (transformers 5.25) in miniature: inputs cast to a grandchild's weight dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = _Attention()
+        self.mlp = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch_dtype = self.self_attn.o_proj.weight.dtype
+        return self.mlp(x.to(branch_dtype))
+
+
+def test_read_directly_finds_a_cast_to_a_deeper_linears_weight_dtype():
+    """Ergo's decoder layer casts its attention and MLP inputs to ``self.self_attn.o_proj.weight.dtype``:
+    only a parent's ``self.<leaf>.weight.dtype`` was looked for, so o_proj was quantized and both loaders
+    failed ("value cannot be converted to type uint8_t without overflow"). The path from any ancestor
+    counts; the linears it does not name stay quantizable."""
+    from converter.plan.selection_facts import read_directly
+
+    modules = dict(nn.ModuleDict({"layers": nn.ModuleList([_Layer()])}).named_modules())
+    assert read_directly("layers.0.self_attn.o_proj", modules) == (
+        "read directly (_Layer casts its input to self_attn.o_proj.weight.dtype)"
+    )
+    assert read_directly("layers.0.self_attn.q_proj", modules) is None
+    assert read_directly("layers.0.mlp", modules) is None
