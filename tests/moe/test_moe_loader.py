@@ -84,11 +84,10 @@ def test_a_token_routed_twice_to_one_expert_counts_both_slots(folders, tokens):
     assert (got[0] - once).abs().max() > 100 * bound[0].max()
 
 
-@pytest.mark.parametrize("name", [*FAMILIES, "qwen3_moe_i32"])
-def test_logits_bit_identical_to_dequantized_model(folders, name):
-    """On the dequantize path our loader computes transformers' eager experts loop with the decoded
-    weights, so its logits equal those of the dequantized bf16 folder loaded by transformers, bit for bit
-    (prefill: 12 tokens; decode: 1 token)."""
+def _assert_dequant_path_bit_identical(folders, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Our model of ``name``'s 4-bit folder on the dequantize path (every experts module ours) and the
+    dequantized folder in transformers' eager experts: their logits are equal bit for bit (prefill: 12
+    tokens; decode: 1 token). Returns (ours, reference)."""
     q, plain = folders(name)
     ours = _dequant_paths(load_quantized(q))
     mods = moe_modules(ours)
@@ -97,6 +96,15 @@ def test_logits_bit_identical_to_dequantized_model(folders, name):
     ref = load_bf16_eager(plain)
     assert torch.equal(_logits(ours), _logits(ref))
     assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+    return ours, ref
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "qwen3_moe_i32"])
+def test_logits_bit_identical_to_dequantized_model(folders, name):
+    """On the dequantize path our loader computes transformers' eager experts loop with the decoded
+    weights, so its logits equal those of the dequantized bf16 folder loaded by transformers, bit for bit
+    (prefill: 12 tokens; decode: 1 token)."""
+    _assert_dequant_path_bit_identical(folders, name)
 
 
 @pytest.mark.parametrize("name", FAMILIES_5_25)
@@ -105,20 +113,13 @@ def test_families_new_in_transformers_5_25_match_their_dequantized_folder(folder
     before) with 4-bit experts: on the dequantize path the logits equal those of the dequantized folder in
     transformers bit for bit (prefill and decode), and so does greedy generate; the default (GEMV) path
     generates as many valid tokens."""
-    q, plain = folders(name)
-    ours = _dequant_paths(load_quantized(q))
-    mods = moe_modules(ours)
-    assert mods
-    assert all(isinstance(m, QuantExperts4bit) for m in mods.values())
-    ref = load_bf16_eager(plain)
-    assert torch.equal(_logits(ours), _logits(ref))
-    assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
+    ours, ref = _assert_dequant_path_bit_identical(folders, name)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = ref.generate(IDS[:, :4], **kw)
         assert torch.equal(ours.generate(IDS[:, :4], **kw), expected)
-        fast = load_quantized(q).generate(IDS[:, :4], **kw)
+        fast = load_quantized(folders(name)[0]).generate(IDS[:, :4], **kw)
     assert fast.shape == expected.shape
     assert int(fast.max()) < ref.config.vocab_size
 
