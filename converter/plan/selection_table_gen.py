@@ -6,10 +6,11 @@ transformers).
 
 The table lists the transformers versions it is valid for. A run compares what it generated ("archs")
 with the existing table file: the same content adds the installed version to the list (sorted, once)
-and keeps the content; any difference (or a file in another table format) is refused, naming the
-architectures that differ, and the file is left as it was; ``--replace`` then writes the generated
-table for the installed version alone. A run that names architectures compares those alone with the
-whole file, so it differs unless ``--replace`` (or ``--out`` another file).
+and keeps the content; any difference (or a file in another table format, or not a table) is refused
+with exit status 1, naming the architectures that differ, and the file is left as it was;
+``--replace`` then writes the generated table for the installed version alone. A run that names
+architectures compares those alone with the whole file, so it differs unless ``--replace`` (or
+``--out`` a file that does not exist yet). No file yet: the generated table is written.
 
 For every architecture in ``ARCHITECTURES`` it builds tiny meta-device skeletons with the live rule's
 own code (``converter.plan.selection.build_skeleton`` + ``selection_facts.facts_from_model``) over every key
@@ -25,7 +26,8 @@ both spellings of the base-model prefix), then:
    default skip list or untouched Linear modules depend on the layer count (a model whose last
    parameter is the last layer's linear: "the last module"), so no entry ever needs a guess.
 
-tests/selection/test_selection_table.py checks the shipped table against live transformers.
+tests/selection/test_selection_table.py checks the shipped table against live transformers,
+tests/selection/test_selection_table_gen.py that the installed (listed) version generates it exactly.
 """
 
 from __future__ import annotations
