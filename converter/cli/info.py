@@ -1,4 +1,4 @@
-"""quantize-model info: versions and the kernel backends this installation can use."""
+"""quantize-model info: versions, the kernel backends this installation can use and the selection table."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from converter.units import human_bytes
 
 
 def backend_report() -> dict[str, Any]:
-    """Tool and format versions, CPU kernel paths, and the CUDA backend (or why it is not usable).
+    """Tool and format versions, CPU kernel paths, the CUDA backend (or why it is not usable) and the
+    transformers versions the shipped selection table is valid for.
 
     A bad ``QM_CPU_ISA`` does not stop the report (it is what one runs to find out what is wrong): the
     error convert and dequantize refuse it with is ``cpu.forced_error``, ``cpu.forced`` None."""
@@ -20,6 +21,7 @@ def backend_report() -> dict[str, Any]:
     from converter.kernels import bnb4bit as kernels
     from converter.kernels.bnb4bit_cuda import cuda_status
     from converter.kernels.isa_env import forced_isa
+    from converter.plan.selection_table import table_info
     from formats.validate import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS
 
     backends = kernels.available_backends()
@@ -35,7 +37,20 @@ def backend_report() -> dict[str, Any]:
         "cpu": {**backends["cpu"], "forced": forced, "forced_error": forced_error},
         "cuda": backends.get("cuda") if usable else None,
         "cuda_unavailable_reason": None if usable else why,
+        # the shipped selection table: the transformers versions it is valid for, whether this one is
+        "selection_table": table_info(),
     }
+
+
+def _selection_row(t: dict[str, Any]) -> str:
+    if not t["transformers"]:
+        return "no shipped table (each model config takes the live rule once, then the per-user cache)"
+    n = len(t["architectures"])
+    listed = f"shipped table of {n} architectures for transformers {', '.join(t['transformers'])}"
+    if t["used"]:
+        return f"{listed} (used: {t['installed']} is installed)"
+    installed = f"transformers {t['installed']} is installed" if t["installed"] else "no transformers"
+    return f"{listed} (not used: {installed})"
 
 
 @click.command(short_help="Show versions and kernel backends")
@@ -62,4 +77,5 @@ def info(app: App, as_json: bool) -> None:
         for d in r["cuda"].get("devices", []):
             details = f"sm {d['capability']}, {human_bytes(d['total_memory'])}, {d['multiprocessors']} SMs"
             t.add_row("CUDA kernels", f"{d['name']} ({details})")
+    t.add_row("Selection", _selection_row(r["selection_table"]))
     app.print_table(t)

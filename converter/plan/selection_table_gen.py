@@ -1,7 +1,16 @@
 """Generate ``converter/plan/selection_table.json`` from the installed transformers (needs torch +
 transformers).
 
-    python -m converter.plan.selection_table_gen            # rewrite the table for this transformers version
+    python -m converter.plan.selection_table_gen            # add this transformers version to the table
+    python -m converter.plan.selection_table_gen --replace  # a table for this transformers version alone
+
+The table lists the transformers versions it is valid for. A run compares what it generated ("archs")
+with the existing table file: the same content adds the installed version to the list (sorted, once)
+and keeps the content; any difference (or a file in another table format, or not a table) is refused
+with exit status 1, naming the architectures that differ, and the file is left as it was;
+``--replace`` then writes the generated table for the installed version alone. A run that names
+architectures compares those alone with the whole file, so it differs unless ``--replace`` (or
+``--out`` a file that does not exist yet). No file yet: the generated table is written.
 
 For every architecture in ``ARCHITECTURES`` it builds tiny meta-device skeletons with the live rule's
 own code (``converter.plan.selection.build_skeleton`` + ``selection_facts.facts_from_model``) over every key
@@ -17,7 +26,8 @@ both spellings of the base-model prefix), then:
    default skip list or untouched Linear modules depend on the layer count (a model whose last
    parameter is the last layer's linear: "the last module"), so no entry ever needs a guess.
 
-tests/selection/test_selection_table.py checks the shipped table against live transformers.
+tests/selection/test_selection_table.py checks the shipped table against live transformers,
+tests/selection/test_selection_table_gen.py that the installed (listed) version generates it exactly.
 """
 
 from __future__ import annotations
@@ -382,7 +392,7 @@ def generate(archs: Iterable[str] | None = None) -> dict:
 
     from converter.plan.selection import _quiet_transformers
 
-    out: dict[str, Any] = {"format": TABLE_FORMAT, "transformers": transformers.__version__, "archs": {}}
+    out: dict[str, Any] = {"format": TABLE_FORMAT, "transformers": [transformers.__version__], "archs": {}}
     with _quiet_transformers():
         for cls_name in archs or ARCHITECTURES:
             model_type, kwargs = ARCHITECTURES[cls_name]
@@ -400,14 +410,87 @@ def generate(archs: Iterable[str] | None = None) -> dict:
     return out
 
 
+class TableDiffers(Exception):
+    """The generated table's content is not the existing file's: nothing is written."""
+
+
+def _version_key(version: str) -> Any:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (0, Version(version), version)
+    except InvalidVersion:
+        return (1, version, version)
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def merge(existing: dict | None, generated: dict, where: str = TABLE_NAME) -> dict:
+    """The table to write: ``generated`` when there is no existing table, else the existing one with
+    the generated version added to its list, if both hold the same "archs". TableDiffers otherwise."""
+    (version,) = generated["transformers"]
+    if existing is None:
+        return generated
+    if existing.get("format") != TABLE_FORMAT or not isinstance(existing.get("transformers"), list):
+        msg = (
+            f"{where} is in table format {existing.get('format')!r}, this generator writes {TABLE_FORMAT}: "
+            f"nothing written; --replace writes a table for transformers {version} alone"
+        )
+        raise TableDiffers(msg)
+    old, new = existing.get("archs", {}), generated["archs"]
+    changed = sorted(a for a in set(old) & set(new) if old[a] != new[a])
+    only_old, only_new = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+    if changed or only_old or only_new:
+        listed = ", ".join(existing["transformers"]) or "no version"
+        parts = [f"{len(changed)} decided differently ({_names(changed)})"] if changed else []
+        if only_old:
+            parts.append(f"{len(only_old)} only in the file ({_names(only_old)})")
+        if only_new:
+            parts.append(f"{len(only_new)} only in the generated table ({_names(only_new)})")
+        n = len(changed) + len(only_old) + len(only_new)
+        msg = (
+            f"the table generated under transformers {version} differs from {where} (transformers "
+            f"{listed}) in {n} of {len(set(old) | set(new))} architectures: {'; '.join(parts)}. "
+            f"Nothing written. To replace the file with a table for transformers {version} alone "
+            "(the listed versions then use the live rule): python -m converter.plan.selection_table_gen "
+            "--replace"
+        )
+        raise TableDiffers(msg)
+    versions = sorted(set(existing["transformers"]) | {version}, key=_version_key)
+    return {**existing, "transformers": versions}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name(TABLE_NAME))
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="write the generated table for the installed transformers version alone, even where it "
+        "differs from the existing file (default: add the version if the content is the same, else refuse)",
+    )
     parser.add_argument("archs", nargs="*", help="architecture classes (default: all of ARCHITECTURES)")
     args = parser.parse_args(argv)
     table = generate(args.archs or None)
+    existing = None
+    if not args.replace and args.out.exists():
+        try:
+            existing = json.loads(args.out.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            sys.exit(f"{args.out}: not a table ({exc}); --replace overwrites it")
+        if not isinstance(existing, dict):
+            sys.exit(f"{args.out}: not a table; --replace overwrites it")
+    try:
+        table = merge(existing, table, str(args.out))
+    except TableDiffers as exc:
+        sys.exit(f"error: {exc}")
     args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"{args.out}: {len(table['archs'])} architectures for transformers {table['transformers']}")
+    print(
+        f"{args.out}: {len(table['archs'])} architectures for transformers {', '.join(table['transformers'])}"
+    )
 
 
 if __name__ == "__main__":

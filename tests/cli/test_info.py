@@ -68,3 +68,27 @@ def test_info_json_has_no_forced_error_without_one(qm, monkeypatch) -> None:
     assert json.loads(r.stdout)["cpu"]["forced"] == "scalar"
     assert json.loads(r.stdout)["cpu"]["forced_error"] is None
     assert r.stderr == ""
+
+
+def test_info_names_the_selection_tables_transformers_versions(qm, monkeypatch) -> None:
+    """info says which transformers versions the shipped selection table is valid for, and whether the
+    installed one is among them (else the first conversion of each model config imports transformers)."""
+    from converter.plan import selection_table
+
+    table = selection_table.load_table()
+    two = {**table, "transformers": ["5.24.0", "5.25.0"]}
+    monkeypatch.setattr(selection_table, "load_table", lambda: two)
+    monkeypatch.setattr(selection_table, "transformers_version", lambda: "5.25.0")
+    r = qm("info", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)["selection_table"]
+    assert got["transformers"] == ["5.24.0", "5.25.0"]
+    assert got["architectures"] == sorted(table["archs"])
+    assert (got["installed"], got["used"]) == ("5.25.0", True)
+    n = len(table["archs"])
+    r = qm("info")
+    want = f"shipped table of {n} architectures for transformers 5.24.0, 5.25.0 (used: 5.25.0 is installed)"
+    assert f"Selection       {want}" in r.stdout
+    monkeypatch.setattr(selection_table, "transformers_version", lambda: "5.26.0")
+    assert json.loads(qm("info", "--json").stdout)["selection_table"]["used"] is False
+    assert "(not used: transformers 5.26.0 is installed)" in qm("info").stdout

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import transformers
+from packaging.version import Version
 from tiny_models import read_config, read_infos
 
 from converter.plan import selection_table
@@ -27,11 +28,12 @@ from converter.plan.selection_table_gen import ARCHITECTURES
 from converter.sources.base import TensorInfo
 
 TABLE = selection_table.load_table()
-CURRENT = TABLE.get("transformers") == transformers.__version__
+CURRENT = transformers.__version__ in TABLE.get("transformers", [])
 needs_current = pytest.mark.skipif(
     not CURRENT,
-    reason=f"selection_table.json is for transformers {TABLE.get('transformers')}, "
-    f"{transformers.__version__} is installed: run python -m converter.plan.selection_table_gen",
+    reason=f"selection_table.json is for transformers {', '.join(TABLE.get('transformers', []))}, "
+    f"{transformers.__version__} is installed: run python -m converter.plan.selection_table_gen (it adds "
+    "the version where the content is the same)",
 )
 
 #: count fields raised so the configs differ from the generator's (layers, experts, dense layers)
@@ -72,12 +74,58 @@ def _checkpoint(config: dict) -> list[TensorInfo]:
 
 
 def test_table_is_current():
-    """A stale table is never used (every lookup misses, the live rule decides)."""
+    """The table is used for every transformers version it lists, never for another one (every lookup
+    misses, the live rule decides)."""
     assert TABLE, "converter/plan/selection_table.json is missing"
+    versions = TABLE["transformers"]
+    assert versions
+    assert versions == sorted(set(versions), key=Version)  # sorted, each once
     config = _config("LlamaForCausalLM")
     keys = [t.name for t in _checkpoint(config)]
-    assert (selection_table.table_facts(config, keys, TABLE["transformers"]) is not None) is True
+    for version in versions:
+        assert selection_table.table_facts(config, keys, version) is not None, version
     assert selection_table.table_facts(config, keys, "0.0.0") is None
+    assert selection_table.table_facts(config, keys, None) is None  # transformers not installed
+
+
+def test_a_version_the_table_does_not_list_takes_the_live_rule(tiny_checkpoint, tmp_path, monkeypatch):
+    """Simulated versions: a table valid for two versions decides for both; a third (one between them
+    too) misses, so the live rule decides (and fills the per-user cache for that version)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tiny_checkpoint("llama_tied")
+    config, infos = read_config(folder), read_infos(folder)
+    keys = [t.name for t in infos]
+    two = {**TABLE, "transformers": ["5.24.0", "5.26.0"]}
+    monkeypatch.setattr(selection_table, "load_table", lambda: two)
+    for version in ("5.24.0", "5.26.0"):
+        monkeypatch.setattr(selection_table, "transformers_version", lambda v=version: v)
+        assert selection_table.table_facts(config, keys, version) is not None
+        assert select_tensors(config, infos).via == "table", version
+    assert selection_table.table_info()["transformers"] == ["5.24.0", "5.26.0"]
+    assert selection_table.table_info()["used"] is True
+    for version in ("5.25.0", "5.24", "5.24.0.dev0", "5.27.0"):
+        monkeypatch.setattr(selection_table, "transformers_version", lambda v=version: v)
+        assert selection_table.table_facts(config, keys, version) is None, version
+        assert selection_table.lookup(config, keys) is None, version
+        assert selection_table.table_info()["used"] is False
+    assert select_tensors(config, infos).via == "live"
+    assert select_tensors(config, infos).via == "cache"  # 5.27.0's entry
+    # a table in the previous format (one version, a string) is not read at all
+    monkeypatch.undo()
+    old = {**TABLE, "format": 1, "transformers": TABLE["transformers"][0]}
+    path = tmp_path / "plan"
+    path.mkdir()
+    (path / selection_table.TABLE_NAME).write_text(json.dumps(old), encoding="utf-8")
+    monkeypatch.setattr(selection_table.resources, "files", lambda _: path)
+    selection_table.load_table.cache_clear()
+    try:
+        assert selection_table.load_table() == {}
+        assert selection_table.table_versions() == []
+        assert selection_table.table_facts(config, keys, TABLE["transformers"][0]) is None
+    finally:
+        monkeypatch.undo()
+        selection_table.load_table.cache_clear()
+    assert selection_table.load_table() == TABLE
 
 
 @needs_current
