@@ -42,9 +42,9 @@ from converter.plan.model_class import architecture_names
 from converter.plan.selection_facts import KeyFacts, ModelFacts
 
 TABLE_NAME = "selection_table.json"
+#: 2: "transformers" is the sorted list of versions the table is valid for (1: one version, a string).
 TABLE_FORMAT = 2
-#: 2: "transformers" is the sorted list of versions the table is valid for (1: one version, a string)
-#: 2: KeyFacts.fp32 is _keep_in_fp32_modules only, fp32_strict the strict list;
+#: The per-user cache's format. 2: KeyFacts.fp32 is _keep_in_fp32_modules only, fp32_strict the strict list;
 #: 3: without (known) architectures the class follows the checkpoint keys (plan/model_class.py);
 #: 4: KeyFacts.tied (a tied pair stored twice); 5: a linear inside a router is a router (HunYuan's gate.wg);
 #: 6: a subclass of nn.Linear (FalconLinear) has its own reason, which convert's error names;
