@@ -164,6 +164,19 @@ QM_TARGET_AVX2 inline void decode_absmax(const Gemv4bitArgs& a, int64_t i0, int6
   }
 }
 
+// Rows decoded together: a nested absmax is decoded for this many rows at a time (group_absmax).
+constexpr int64_t kAbsmaxRows = 16;
+
+// The absmax of rows g..g1 (at most kAbsmaxRows), row after row: the stored ones, or a nested record's
+// decoded into buf (kAbsmaxRows * blocks per row floats; allocated only for a nested record).
+QM_TARGET_AVX2 inline const float* group_absmax(const Gemv4bitArgs& a, int64_t g, int64_t g1, std::vector<float>& buf) {
+  const int64_t bpr = a.in_features / a.blocksize;
+  if (a.absmax != nullptr) return a.absmax + g * bpr;
+  buf.resize(static_cast<size_t>(kAbsmaxRows * bpr));
+  decode_absmax(a, g * bpr, (g1 - g) * bpr, buf.data());
+  return buf.data();
+}
+
 // AVX2: 32 weights per step (16 bytes). The 16-entry f32 table is held as its four byte planes, and one
 // vpshufb per plane looks up 32 nibbles at once (high nibbles, the even weights, in the low lane; low
 // nibbles, the odd ones, in the high lane); byte and word unpacks put the four bytes of each value
@@ -220,13 +233,13 @@ QM_TARGET_AVX2 void rows_avx2(const Gemv4bitArgs& a, const void* xv, int64_t o0,
   const float* xf = static_cast<const float*>(xv);
   const int64_t K = a.in_features, bs = a.blocksize, bpr = K / bs;
   const PlanesAvx2 planes = planes_avx2(a.quant_map);
-  constexpr int64_t kRows = 16;  // rows whose nested absmax are decoded at once
-  std::vector<float> decoded(a.absmax == nullptr ? static_cast<size_t>(kRows * bpr) : 0);
+  std::vector<float> decoded;
+  const float* group = nullptr;
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* w = a.packed + o * (K / 2);
-    const int64_t g = o0 + (o - o0) / kRows * kRows;  // first row of o's group
-    if (a.absmax == nullptr && o == g) decode_absmax(a, g * bpr, (std::min(o1, g + kRows) - g) * bpr, decoded.data());
-    const float* scales = a.absmax != nullptr ? a.absmax + o * bpr : decoded.data() + (o - g) * bpr;
+    const int64_t g = o0 + (o - o0) / kAbsmaxRows * kAbsmaxRows;  // first row of o's group
+    if (o == g) group = group_absmax(a, g, std::min(o1, g + kAbsmaxRows), decoded);
+    const float* scales = group + (o - g) * bpr;
     __m256 acc[B];
     for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < bpr; ++blk) {
@@ -341,11 +354,6 @@ struct SpanF32 {
   }
 };
 
-// Rows o0..o1 for a batch of B activations, run whole or split into two parts (Span::first_part: the
-// f32 path splits above 4, AVX512-BF16 above 6): R rows x the part's activations keep their
-// accumulators plus the decoded weights in registers, and a second part re-reads the same weight bytes
-// from L1 instead of memory. Rows go in groups of kGroup, each swept
-// over K in chunks of x that stay in L1; partial sums are parked between chunks.
 // Rows g0..g1 (rows g0 - first .. g1 - first of a) for a batch of B activations, each tile of R rows swept
 // over K in chunks of x that stay in L1, partial sums parked between chunks (park1, park2: the two parts).
 template <int B, class Span>
@@ -375,28 +383,24 @@ QM_TARGET_AVX512 inline void group_avx512(const Gemv4bitArgs& a, const typename 
 // from L1 instead of memory. Rows go in groups of kGroup (group_avx512).
 //
 // Where the span asks for it (Span::kDecodeGroups), a nested absmax is decoded for a whole group at once
-// (decode_absmax) and the group's spans read it as a float32 absmax, through args whose rows start at
+// (group_absmax) and the group's spans read it as a float32 absmax, through args whose rows start at
 // the group's first row (ga).
 template <int B, class Span>
 QM_TARGET_AVX512 void rows_avx512(const Gemv4bitArgs& a, const void* xv, int64_t o0, int64_t o1) {
   constexpr int B1 = Span::first_part(B), B2 = B - B1;
-  constexpr int64_t kGroup = 16;  // rows whose partial sums are parked between K chunks
+  constexpr int64_t kGroup = kAbsmaxRows;  // rows whose partial sums are parked between K chunks
   static_assert(kGroup % Span::rows(B1) == 0, "row groups are whole tiles");
   const auto* x = static_cast<const typename Span::X*>(xv);
-  const int64_t K = a.in_features, bpr = K / a.blocksize;
+  const bool decode = Span::kDecodeGroups && a.absmax == nullptr;
   alignas(64) __m512 park1[kGroup * B1];
   alignas(64) __m512 park2[kGroup * (B2 > 0 ? B2 : 1)];
   std::vector<float> decoded;
   Gemv4bitArgs ga = a;
-  if constexpr (Span::kDecodeGroups) {
-    if (a.absmax == nullptr) decoded.resize(static_cast<size_t>(kGroup * bpr));
-  }
   for (int64_t g0 = o0; g0 < o1; g0 += kGroup) {
     const int64_t g1 = std::min(o1, g0 + kGroup);
-    if (!decoded.empty()) {
-      decode_absmax(a, g0 * bpr, (g1 - g0) * bpr, decoded.data());
-      ga.packed = a.packed + g0 * (K / 2);
-      ga.absmax = decoded.data();
+    if (decode) {
+      ga.packed = a.packed + g0 * (a.in_features / 2);
+      ga.absmax = group_absmax(a, g0, g1, decoded);
       group_avx512<B, Span>(ga, x, g0, g0, g1, park1, park2);
     } else {
       group_avx512<B, Span>(a, x, 0, g0, g1, park1, park2);
@@ -698,23 +702,16 @@ QM_TARGET_AVX2 void rows_i16_part(const Gemv4bitArgs& a, const TableI16& t, cons
   }
 }
 
-// Rows go 16 at a time: their absmax decoded first where nested (decode_absmax), and batches
+// Rows go 16 at a time: their absmax decoded first where nested (group_absmax), and batches
 // above 4 as two parts over the same rows, the second re-reading the rows' codes from L1 (4
 // accumulators and 4 partial sums per part fit AVX2's 16 registers).
 template <int B>
 QM_TARGET_AVX2 void rows_i16(const Gemv4bitArgs& a, const TableI16& t, const GemvX& x, int64_t o0, int64_t o1) {
   constexpr int B1 = B <= 4 ? B : 4, B2 = B - B1;
-  constexpr int64_t kRows = 16;
-  const int64_t bpr = a.in_features / a.blocksize;
-  std::vector<float> decoded(a.absmax == nullptr ? static_cast<size_t>(kRows * bpr) : 0);
-  for (int64_t g = o0; g < o1; g += kRows) {
-    const int64_t g1 = std::min(o1, g + kRows);
-    const float* scales = decoded.data();
-    if (a.absmax != nullptr) {
-      scales = a.absmax + g * bpr;
-    } else {
-      decode_absmax(a, g * bpr, (g1 - g) * bpr, decoded.data());
-    }
+  std::vector<float> decoded;
+  for (int64_t g = o0; g < o1; g += kAbsmaxRows) {
+    const int64_t g1 = std::min(o1, g + kAbsmaxRows);
+    const float* scales = group_absmax(a, g, g1, decoded);
     rows_i16_part<B1>(a, t, x.i16.data(), x.i16_step.data(), scales, 0, g, g1);
     if constexpr (B2 > 0) rows_i16_part<B2>(a, t, x.i16.data(), x.i16_step.data(), scales, B1, g, g1);
   }
