@@ -120,11 +120,6 @@ def load_table() -> dict:
     return table if ok else {}
 
 
-def table_versions() -> list[str]:
-    """The transformers versions the shipped table is valid for (empty without a table)."""
-    return list(load_table().get("transformers", []))
-
-
 def _resolve(config: dict, aliases: dict[str, str], defaults: dict) -> dict | None:
     """The values of the fields the table reads, as transformers' config class would see them:
     the field, else its attribute_map alias (``n_layer`` for GPT-2's ``num_hidden_layers``), else the

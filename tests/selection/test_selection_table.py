@@ -120,7 +120,7 @@ def test_a_version_the_table_does_not_list_takes_the_live_rule(tiny_checkpoint, 
     selection_table.load_table.cache_clear()
     try:
         assert selection_table.load_table() == {}
-        assert selection_table.table_versions() == []
+        assert selection_table.table_info()["transformers"] == []
         assert selection_table.table_facts(config, keys, TABLE["transformers"][0]) is None
     finally:
         monkeypatch.undo()
