@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Protocol
 
 from converter.errors import InputError
 from converter.plan.moe_fused import FUSED_EXPERT_KEY, fused_layers
+from converter.plan.transformers4_types import TRANSFORMERS4_MODEL_TYPES
 from converter.sources.gpt_oss import EXPERT_KEY as GPT_OSS_EXPERT
 from converter.sources.llama4 import EXPERT_KEY as LLAMA4_EXPERT
 from converter.sources.llama4 import is_llama4
@@ -735,6 +736,7 @@ def summarize(
     expert_formats: Collection[tuple[str, str]] = (),
     shapes: Mapping[str, Sequence[int]] | None = None,
     others: Sequence[_TensorLike] = (),
+    model_type: str | None = None,
 ) -> MoeSummary | None:
     """The MoE summary of a folder from its quantized weight keys and kept tensor keys (None if dense);
     ``partial_blocks``: quantized expert weights that do not fill whole blocks (partial_block_experts);
@@ -742,8 +744,11 @@ def summarize(
     ``shapes``: name -> shape of at least every fused 3-D experts tensor named (to count its experts);
     ``others``: the kept tensors that are experts of a layout quantize-model does not quantize
     (``other_experts`` of the kept tensors: Granite's, JetMoE's, DBRX's), summarized as kept 16-bit, as
-    ``convert`` names them, where the folder holds no expert of another layout."""
+    ``convert`` names them, where the folder holds no expert of another layout; ``model_type``: config.json's,
+    where known (a model type transformers 4.x never had leaves 4.x out of the loaders)."""
     summary = _summary(quantized_names, kept_names, partial_blocks, expert_formats)
+    if summary is not None and not in_transformers4(model_type):
+        summary = _without_transformers4(summary, str(model_type))
     if summary is None and others:
         converted = bool(quantized_names)
         return MoeSummary(
@@ -759,6 +764,23 @@ def summarize(
         return None
     q, k, partly = count_experts(quantized_names, kept_names, shapes or {})
     return replace(summary, experts_quantized=q, experts_kept=k, experts_partly=partly)
+
+
+def in_transformers4(model_type: str | None) -> bool:
+    """Whether transformers 4.x has a model class for config.json's ``model_type`` (True when unknown)."""
+    return not model_type or model_type in TRANSFORMERS4_MODEL_TYPES
+
+
+def _without_transformers4(summary: MoeSummary, model_type: str) -> MoeSummary:
+    """``summary`` for a model type transformers 4.x never had: 4.x leaves the loaders, and among the
+    others it is named once, for that reason (instead of a 4.x-specific one)."""
+    is_4x = re.compile(r"(stock )?transformers 4\.x\b").match
+    if not any(is_4x(x) for x in (*summary.loaders, *summary.not_loaders)):
+        return summary
+    why = f"transformers 4.x (no {model_type} model class: the model type came in transformers 5.x)"
+    loaders = tuple(x for x in summary.loaders if not is_4x(x))
+    not_loaders = (*(x for x in summary.not_loaders if not is_4x(x)), why)
+    return replace(summary, loaders=loaders, not_loaders=not_loaders)
 
 
 def _summary(
@@ -917,13 +939,15 @@ def keep_advice(
     quant_type: str = "nf4",
     quantizes_experts: bool = True,
     quantized: Collection[str] = (),
+    model_type: str | None = None,
 ) -> str | None:
     """The one warning for ``--moe-experts keep`` when routed experts hold most of the parameters (biased
     fused 3-D experts, gpt-oss's, an advice naming the per-expert records' loaders; other fused ones an
     advice naming the fused record's loaders; experts of a layout quantize-model does not quantize, not
     among the selection's ``quantized`` weights, an advice naming them). ``quantizes_experts``:
     whether ``quant_type`` can quantize experts (``--moe-experts quantize``); if not (int8), the advice
-    names the 4-bit types that can."""
+    names the 4-bit types that can; ``model_type``: config.json's (transformers 4.x is named among the
+    per-expert records' loaders only for a model type it has)."""
     if check_mode(mode) != "keep":
         return None
     experts, total = expert_share(tensors)
@@ -983,19 +1007,21 @@ def keep_advice(
             "which loads with quantize-model's load_quantized and unsloth-zoo, but not with stock "
             "transformers 5.x nor vLLM"
         )
+    # the per-expert records' other readers (reference/moe-4bit.md)
+    vllm = "vLLM (pre-quantized bnb, TP=1)"
+    readers = f"{vllm}, transformers 4.x and" if in_transformers4(model_type) else f"{vllm} and"
+    readers += " unsloth"
     if not quantizes_experts:
         return (
             f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
             f"--quant-type {quant_type}: the folder loads with stock transformers 5.x + bitsandbytes but "
             "barely shrinks. Experts are quantized only with the 4-bit types: --quant-type nf4 --moe-experts "
             "quantize (or fp4) stores every expert in 4 bit; that folder loads with quantize-model's "
-            "load_quantized, vLLM (pre-quantized bnb, TP=1), transformers 4.x and unsloth, but not with "
-            "stock transformers 5.x"
+            f"load_quantized, {readers}, but not with stock transformers 5.x"
         )
     return (
         f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
         "--moe-experts keep (the default): the folder loads with stock transformers 5.x + bitsandbytes but "
         "barely shrinks. --moe-experts quantize stores every expert in 4 bit; that folder loads with "
-        "quantize-model's load_quantized, vLLM (pre-quantized bnb, TP=1), transformers 4.x and "
-        "unsloth, but not with stock transformers 5.x"
+        f"quantize-model's load_quantized, {readers}, but not with stock transformers 5.x"
     )

@@ -165,6 +165,7 @@ class Plan:
     model_dtype: str  # torch name of the dtype the model is saved in (config.json "dtype")
     compute_dtype: str
     source_identity: dict
+    model_type: str | None = None  # config.json's (which loaders read an MoE folder); not fingerprinted
 
     @property
     def quantized(self) -> list[PlannedTensor]:
@@ -404,6 +405,7 @@ def build_plan(
         model_dtype=model_dtype,
         compute_dtype=compute,
         source_identity=source_identity,
+        model_type=(config or {}).get("model_type"),
     )
 
 

@@ -198,14 +198,17 @@ def inspect_path(path: str | Path) -> InspectResult:
     sizes = {name: shape for name, shape, _ in shapes} | {key: tuple(e.shape) for key, e in passthrough}
     partial = moe.partial_block_experts(shapes)
     others = moe.other_experts(kept_tensors)  # Granite's, DBRX's experts: convert names them as 16-bit
-    result.moe = moe.summarize(names_q, names_k, partial, expert_formats, sizes, others)
     config = folder / "config.json"
+    model_type = None
     if config.is_file() and Path(path).is_dir():
         try:
-            result.quantization_config = (read_config(folder) or {}).get("quantization_config")
+            config_dict = read_config(folder) or {}
+            result.quantization_config = config_dict.get("quantization_config")
+            model_type = config_dict.get("model_type")
         except CorruptFileError as exc:  # inspect reports what the shards hold, and says this
             result.quantization_config = None
             result.warnings.append(str(exc))
+    result.moe = moe.summarize(names_q, names_k, partial, expert_formats, sizes, others, model_type)
     finished = Path(path).is_dir() and not unfinished_conversion(folder)  # unfinished: said once, as that
     if finished and result.tensors_quantized and not isinstance(result.quantization_config, dict):
         why = "no quantization_config" if config.is_file() else "missing"
@@ -616,12 +619,15 @@ def inspect_hub(
         k: tuple(qs.shape) for k, qs in weights.items()
     }
     others = moe.other_experts(kept_tensors)
-    result.moe = moe.summarize(names_q, names_k, partial, expert_formats, sizes, others)
+    model_type = None
     if "config.json" in hub.files:
         try:
-            result.quantization_config = json.loads(hub.get("config.json")).get("quantization_config")
+            config_dict = json.loads(hub.get("config.json"))
+            result.quantization_config = config_dict.get("quantization_config")
+            model_type = config_dict.get("model_type")
         except ValueError:
             result.quantization_config = None
+    result.moe = moe.summarize(names_q, names_k, partial, expert_formats, sizes, others, model_type)
     result.bytes_read = hub.bytes_read
     return result
 

@@ -277,7 +277,7 @@ def build_model_card(folder: Path, repo_id: str, revision: str | None = None) ->
                 f"{human_bytes(summary.get('bytes_out', 0))} (from {human_bytes(summary.get('bytes_in', 0))})",  # noqa: E501
             )
         )
-    moe_summary = _moe_summary(folder, qconfig)
+    moe_summary = _moe_summary(folder, qconfig, config.get("model_type"))
     if moe_summary is not None:
         rows.append(("MoE experts", moe_summary.layout))
     table = "\n".join(["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
@@ -425,9 +425,10 @@ def _remote_card_is(client: Any, revision: str | None, card: str) -> bool:
     return any(getattr(i, "path", None) == "README.md" and getattr(i, "blob_id", None) == blob for i in infos)
 
 
-def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
+def _moe_summary(folder: Path, qconfig: dict[str, Any], model_type: str | None = None) -> Any:
     """MoE experts quantized or kept, from the index's key names (None for a dense model); their
-    quant type and storage, which decide whether vLLM reads them, from ``qconfig``."""
+    quant type and storage, which decide whether vLLM reads them, from ``qconfig``; ``model_type``:
+    config.json's (whether transformers 4.x has the model class)."""
     from converter.plan import moe
     from formats.validate import SCB_SUFFIX
 
@@ -453,7 +454,7 @@ def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
         except Exception:  # an unreadable folder: check_folder reports it
             return None
         others = _other_experts(folder, kept)
-        return moe.summarize(quantized, kept, (), formats, shapes, others)
+        return moe.summarize(quantized, kept, (), formats, shapes, others, model_type)
     # a quantized weight's companion: 4-bit ``<m>.weight.absmax``, LLM.int8 ``<m>.SCB``
     weights = {k.removesuffix(".absmax") for k in keys if k.endswith(".absmax")} | {
         k.removesuffix(SCB_SUFFIX) + "weight" for k in keys if k.split(".")[-1] == SCB_SUFFIX
@@ -470,7 +471,7 @@ def _moe_summary(folder: Path, qconfig: dict[str, Any]) -> Any:
             return None
     kept = [k for k in keys if k not in weights]
     others = _other_experts(folder, kept)
-    return moe.summarize(sorted(weights), kept, (), formats, shapes, others)
+    return moe.summarize(sorted(weights), kept, (), formats, shapes, others, model_type)
 
 
 def _other_experts(folder: Path, kept: list[str]) -> list[Any]:

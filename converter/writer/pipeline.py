@@ -438,6 +438,7 @@ class _Conversion:
             quant_type=method.name,
             quantizes_experts=method.quantizes_experts,
             quantized=list(selection.quantize),
+            model_type=(config or {}).get("model_type"),
         ) or moe.mixed_advice(list(selection.quantize), list(selection.keep))
         if advice:
             self._tell(advice)

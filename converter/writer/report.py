@@ -148,7 +148,8 @@ def plan_moe_summary(plan: Any) -> Any:
     sizes = {t.name: t.out_shape for t in plan.quantized} | {t.name: t.info.shape for t in plan.kept}
     partial = moe.partial_block_experts(shapes)
     others = moe.other_experts([t.info for t in plan.kept])  # Granite's, DBRX's experts: 16-bit
-    return moe.summarize(quantized, [t.name for t in plan.kept], partial, formats, sizes, others)
+    kept = [t.name for t in plan.kept]
+    return moe.summarize(quantized, kept, partial, formats, sizes, others, getattr(plan, "model_type", None))
 
 
 def _quantized_bytes(path: Path, keys: set[str]) -> int:

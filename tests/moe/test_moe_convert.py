@@ -143,7 +143,8 @@ def test_families_new_in_transformers_5_25_load_where_inspect_says(moe_src, tmp_
     folders load with stock transformers + bitsandbytes (no missing, unexpected or mismatched key), with
     Linear4bit / Linear8bitLt exactly at the modules of our quantized records (load_quantized's), and run;
     ``--moe-experts quantize`` names stock transformers 5.x among the loaders that cannot read it, and it
-    indeed refuses the folder."""
+    indeed refuses the folder; transformers 4.x, which has no such model class, is no loader either
+    (inspect and the conversion's summary said it was)."""
     from converter.loader.module import QuantLinear4bit
     from converter.loader.module_int8 import QuantLinear8bit
 
@@ -164,11 +165,15 @@ def test_families_new_in_transformers_5_25_load_where_inspect_says(moe_src, tmp_
         with torch.no_grad():
             assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
     out = tmp_path / "quantize"
-    convert(src, out, moe_experts="quantize", progress=False, warn=lambda _: None)
+    result = convert(src, out, moe_experts="quantize", progress=False, warn=lambda _: None)
     summary = inspect_path(out).moe
     assert summary.experts_quantized == 4
     assert any(x.startswith("quantize-model load_quantized") for x in summary.loaders)
     assert any(x.startswith("stock transformers 5.x") for x in summary.not_loaders)
+    model_type = read_config(out)["model_type"]
+    for moe_summary in (summary, result.moe):
+        assert not any("transformers 4.x" in x for x in moe_summary.loaders), moe_summary.loaders
+        assert f"transformers 4.x (no {model_type} model class" in "; ".join(moe_summary.not_loaders)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
@@ -949,6 +954,37 @@ def test_model_card_names_the_loaders(moe_src, tmp_path):
     card = build_model_card(tmp_path / "keep", "me/tiny-moe-keep")
     assert "experts kept in 16 bit" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
+
+
+def test_transformers_4x_is_named_a_loader_only_of_its_own_model_types(moe_src, tmp_path):
+    """4-bit per-expert records load with transformers 4.x + bitsandbytes where 4.x has the model class
+    (Qwen3-MoE); for a model type that came in 5.x (config.json's model_type renamed here) inspect and
+    the model card name 4.x among the loaders that cannot read it, saying why, and the keep warning
+    leaves it out of the readers it names."""
+    from converter.plan.moe import HeaderTensor, keep_advice
+    from converter.tools.push import build_model_card
+
+    src = moe_src("qwen3_moe")
+    with open_folder(src) as ckpt:
+        tensors = [HeaderTensor(k, ckpt.entry(k).dtype, tuple(ckpt.entry(k).shape)) for k in ckpt.passthrough]
+    readers = "quantize-model's load_quantized, vLLM (pre-quantized bnb, TP=1)"
+    assert f"{readers}, transformers 4.x and unsloth," in keep_advice(tensors, "keep", model_type="qwen3_moe")
+    assert f"{readers} and unsloth," in keep_advice(tensors, "keep", model_type="minicpm5_moe")
+    out = tmp_path / "q"
+    convert(src, out, moe_experts="quantize", progress=False)
+    assert "transformers 4.x + bitsandbytes" in inspect_path(out).moe.loaders
+    config = read_config(out)
+    config["model_type"] = "minicpm5_moe"
+    (out / "config.json").write_text(json.dumps(config))
+    summary = inspect_path(out).moe
+    assert not any("4.x" in x for x in summary.loaders)
+    assert "vLLM pre-quantized bitsandbytes (NF4, uint8 storage, tensor parallel 1)" in summary.loaders
+    why = "transformers 4.x (no minicpm5_moe model class: the model type came in transformers 5.x)"
+    assert summary.not_loaders.count(why) == 1
+    card = build_model_card(out, "me/tiny-moe-nf4")
+    loaders, _, not_loaders = card.partition("Not:")
+    assert "4.x" not in loaders.split("Which loaders read this folder")[1]
+    assert why in not_loaders
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
