@@ -12,7 +12,8 @@ that method would only say "You need to first quantize your model": the loader b
 - each 4-bit MoE experts module (:class:`QuantExperts4bit`) for transformers' own experts module, kept
   on the meta device when the model was built, with its ``gate_up_proj`` / ``down_proj`` filled (Llama 4's
   :class:`QuantLlama4Experts4bit` for a fused ``Llama4TextExperts``, gpt-oss's
-  :class:`QuantGptOssExperts4bit` for ``GptOssExperts`` with its biases: ``x @ W`` orientation);
+  :class:`QuantGptOssExperts4bit` for ``GptOssExperts`` with its biases: ``x @ W`` orientation;
+  NemotronH's :class:`QuantUngatedExperts4bit` with its ``up_proj`` / ``down_proj``);
 - Llama 4's 16-bit per-expert experts (``SequentialLlama4TextExperts``, as transformers and the loader
   build them for a pre-quantized folder) for transformers' fused ``Llama4TextExperts`` again, its
   ``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]`` stacked from the per-expert linears;
@@ -42,6 +43,7 @@ from converter.loader.module_int8 import QuantLinear8bit
 from converter.loader.moe import SOURCE_MODULE, QuantExperts4bit
 from converter.loader.moe_gpt_oss import QuantGptOssExperts4bit
 from converter.loader.moe_llama4 import QuantLlama4Experts4bit
+from converter.loader.moe_ungated import QuantUngatedExperts4bit
 
 
 class DequantizeError(ValueError):
@@ -114,7 +116,8 @@ def _dense_experts(name: str, module: QuantExperts4bit, dtype: torch.dtype | Non
         msg = f"dequantize(): {name!r} was not built by load_quantized (no experts module to restore)"
         raise DequantizeError(msg)
     dtype = dtype or module.dtype
-    if isinstance(module, (QuantLlama4Experts4bit, QuantGptOssExperts4bit)):  # fused, x @ W (+ biases)
+    # fused x @ W (+ biases), or up/down without a gate (NemotronH): the layer builds its module
+    if isinstance(module, (QuantLlama4Experts4bit, QuantGptOssExperts4bit, QuantUngatedExperts4bit)):
         return module.dense_module(dtype)
     pairs = [module.expert_weights(e, dtype) for e in range(module.num_experts)]
     source.gate_up_proj = nn.Parameter(torch.stack([gu for gu, _ in pairs]), requires_grad=False)

@@ -272,19 +272,21 @@ def _grouped_gemv(
 
 def _decode_grouped(
     hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, bs, act, gemv,
-    apply_gate=None, biases=None,
+    apply_gate=None, biases=None, *, up_rows=2,
 ):  # fmt: skip
     """Decode: every (token, slot) pair is one row of a grouped GEMV indexed by the routed expert ids,
     one launch per projection (``gemv``: :func:`_grouped_gemv_rows` on the CPU,
     ``moe_cuda.grouped_gemv`` on CUDA); the k expert outputs of a token are weighted and summed.
     ``apply_gate`` / ``biases``: as :func:`_experts_forward` (the biases gathered by expert id on the
-    device: ``bias[ids]``, no host sync)."""
+    device: ``bias[ids]``, no host sync). ``up_rows``: the first projection's rows per intermediate
+    row (2: gate and up; 1: experts without a gate, converter/loader/moe_ungated.py, whose activation
+    comes as ``apply_gate``)."""
     tokens, hidden_dim = hidden.shape
     k = top_k_index.shape[1]
     ids = moe_cuda.flat_ids(top_k_index)
     gate_up = gemv(
         hidden, ids, packed, absmax, quant_map, x_share=k, byte_offset=0, block_offset=0,
-        out_features=2 * intermediate, in_features=hidden_dim, blocksize=bs,
+        out_features=up_rows * intermediate, in_features=hidden_dim, blocksize=bs,
     )  # fmt: skip
     if biases is not None:
         gate_up = gate_up + biases.gate_up[ids]
@@ -296,9 +298,9 @@ def _decode_grouped(
     if not h.is_contiguous():  # a module's own act_fn may keep the slice's strides; the GEMV reads rows
         h = h.contiguous()
     y = gemv(
-        h, ids, packed, absmax, quant_map, x_share=1, byte_offset=intermediate * hidden_dim,
-        block_offset=2 * intermediate * hidden_dim // bs, out_features=hidden_dim, in_features=intermediate,
-        blocksize=bs,
+        h, ids, packed, absmax, quant_map, x_share=1, byte_offset=up_rows * intermediate * hidden_dim // 2,
+        block_offset=up_rows * intermediate * hidden_dim // bs, out_features=hidden_dim,
+        in_features=intermediate, blocksize=bs,
     )  # fmt: skip
     if biases is not None:
         y = y + biases.down[ids]

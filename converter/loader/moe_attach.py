@@ -32,6 +32,7 @@ from converter.loader.moe_llama4 import (
     route_sequential,
 )
 from converter.loader.moe_records import MoeLoadError, stack_records
+from converter.loader.moe_ungated import check_ungated, ungated_layer
 from converter.plan.moe import EXPERT_KEY
 from converter.plan.moe import PROJ_ROLE as _ROLE
 from formats.record import QuantizedTensor
@@ -114,6 +115,12 @@ def _is_ungated_experts(module: nn.Module | None, experts: Mapping[int, Mapping[
     )
 
 
+def _text_config(model: nn.Module) -> Any:
+    """The model's text config (its config for a text-only model; None without one)."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _zero_experts_without_rows(
     model: nn.Module, experts: Mapping[int, Mapping[str, Any]], num: int
 ) -> list[int]:
@@ -123,9 +130,7 @@ def _zero_experts_without_rows(
     identity experts a (never used) row too, and so wrote their gate/up weights, without a down weight,
     in ``save_pretrained``. A folder from such a checkpoint holds experts ``num..num + zero_expert_num - 1``
     with gate and up only; no version's forward reads them. Empty for any other checkpoint."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    zero = getattr(text, "zero_expert_num", None)
+    zero = getattr(_text_config(model), "zero_expert_num", None)
     if type(zero) is not int or zero <= 0:
         return []
     extra = sorted(e for e in experts if e >= num)
@@ -134,39 +139,10 @@ def _zero_experts_without_rows(
     return extra
 
 
-def _stack_ungated(
-    module: nn.Module,
-    experts: Mapping[int, Mapping[str, Any]],
-    quantized: bool,
-    *,
-    where: str,
-    ckpt_name: str,
-) -> None:
-    """Stack 16-bit per-expert up/down weights into the module's ``up_proj`` / ``down_proj`` as
-    transformers' conversion does (convert refuses --moe-experts quantize for such experts)."""
-    if quantized:
-        msg = (
-            f"{where}: {ckpt_name!r} holds 4-bit experts without a gate projection "
-            f"({type(module).__name__}): load_quantized runs 4-bit gated experts only; convert with "
-            "--moe-experts keep"
-        )
-        raise MoeLoadError(msg)
+def _stack_ungated(module: nn.Module, experts: Mapping[int, Mapping[str, Any]]) -> None:
+    """Stack 16-bit per-expert up/down weights (checked: ``check_ungated``) into the module's ``up_proj`` /
+    ``down_proj`` as transformers' conversion does."""
     num = int(module.up_proj.shape[0])
-    for e in range(num):
-        for role, param in (("up", module.up_proj), ("down", module.down_proj)):
-            if role not in experts.get(e, {}):
-                msg = f"{where}: {ckpt_name!r} needs {num} experts x up/down; expert {e} {role} is missing"
-                raise MoeLoadError(msg)
-            key, value = experts[e][role]
-            if tuple(value.shape) != tuple(param.shape[1:]):
-                msg = (
-                    f"{where}: {key!r} has shape {list(value.shape)}, the model wants {list(param.shape[1:])}"
-                )
-                raise MoeLoadError(msg)
-    extra = sorted(e for e in experts if not 0 <= e < num)
-    if extra:
-        msg = f"{where}: {ckpt_name!r} also holds expert(s) {extra[:5]}; config.json and the shards disagree"
-        raise MoeLoadError(msg)
     for role, name in (("up", "up_proj"), ("down", "down_proj")):
         target = getattr(module, name).dtype
         stacked = torch.stack([experts[e][role][1] for e in range(num)]).to(target)
@@ -233,9 +209,21 @@ def attach_experts(
             if is_llama4_sequential(module):
                 route_sequential(module, module[0].config.num_experts_per_tok)
             continue
-        if _is_ungated_experts(module, experts):
-            _stack_ungated(module, experts, quantized, where=where, ckpt_name=ckpt_name)
+        if _is_ungated_experts(module, experts):  # NemotronH's: down(act(up(x))), loader/moe_ungated.py
+            check_ungated(module, experts, where=where, ckpt_name=ckpt_name)
             used.update(key for parts in experts.values() for key, _ in parts.values())
+            if not quantized:
+                _stack_ungated(module, experts)
+                continue
+            text = _text_config(model)
+            act_name = getattr(text, "mlp_hidden_act", None) or getattr(text, "hidden_act", None)
+            layer = ungated_layer(
+                module, experts, compute_dtype, act_name, where=where, ckpt_name=ckpt_name,
+                device=torch.device(device),
+            )  # fmt: skip
+            model.set_submodule(name, layer)
+            state.update(dict.fromkeys([k for parts in experts.values() for k, _ in parts.values()]))
+            experts.clear()
             continue
         if module is None or not (llama4 or _is_fused_experts(module)):
             kind = type(module).__name__ if module is not None else "no module"

@@ -71,6 +71,13 @@ LOADERS_QUANTIZED = (
     "transformers 5.x + unsloth-zoo (Jul 2026 or later)",
 )
 NOT_LOADERS_QUANTIZED = ("stock transformers 5.x + bitsandbytes (cannot load 4-bit experts)",)
+#: Per-expert records of experts without a gate projection (NemotronH's up_proj / down_proj,
+#: converter/loader/moe_ungated.py): no other loader of 4-bit experts is known to run them.
+LOADERS_UNGATED = LOADERS_QUANTIZED[:1]
+NOT_LOADERS_UNGATED = (
+    *NOT_LOADERS_QUANTIZED,
+    "vLLM pre-quantized bitsandbytes and unsloth-zoo (not known to run 4-bit experts without a gate)",
+)
 LOADERS_KEPT = (
     "stock transformers 5.x + bitsandbytes (experts stay 16-bit)",
     "quantize-model load_quantized",
@@ -371,15 +378,7 @@ def check_experts(tensors: Sequence[_TensorLike], config: Any = None, mode: str 
     for module, experts in groups.items():
         leaves = {p for parts in experts.values() for p in parts}
         names = _ROLE_LEAVES["w1"] if leaves & {"w1", "w2", "w3"} else _ROLE_LEAVES["gate_proj"]
-        if leaves == {"up_proj", "down_proj"}:  # NemotronH's experts: no gate (up, act, down)
-            if check_mode(mode) == "quantize":
-                msg = (
-                    f"{module}: --moe-experts quantize does not take experts without a gate projection "
-                    "(up_proj and down_proj only, as NemotronH's): no loader of 4-bit experts runs them; "
-                    "convert with --moe-experts keep (the default), which stock transformers + "
-                    "bitsandbytes loads"
-                )
-                raise MoeCheckpointError(msg)
+        if leaves == _UNGATED_LEAVES:  # NemotronH's experts: no gate (up, act, down)
             names = ("up_proj", "down_proj")
         shapes: dict[str, tuple[tuple[int, ...], str]] = {}
         # ERNIE-4.5-VL: experts of each group (text, vision) alike; the groups' shapes may differ
@@ -805,6 +804,19 @@ def _summary(
     return replace(summary, loaders=loaders, not_loaders=(*summary.not_loaders, vllm))
 
 
+_UNGATED_LEAVES = frozenset({"up_proj", "down_proj"})
+
+
+def ungated(names: Iterable[str]) -> bool:
+    """Whether the per-expert weights among ``names`` are of experts without a gate projection (every
+    experts module's leaves are ``up_proj`` and ``down_proj``: NemotronH's)."""
+    leaves: dict[str, set[str]] = {}
+    for n in names:
+        if key := parse_expert_key(n):
+            leaves.setdefault(key.module, set()).add(key.proj)
+    return bool(leaves) and all(v == _UNGATED_LEAVES for v in leaves.values())
+
+
 def _summarize(
     quantized_names: Sequence[str], kept_names: Sequence[str], partial_blocks: Sequence[str]
 ) -> MoeSummary | None:
@@ -818,23 +830,27 @@ def _summarize(
     if qf:
         return _summarize_fused(q + qf, k, quantized_names, kept_names, partial_blocks)
     if q:
-        not_loaders = NOT_LOADERS_QUANTIZED + (
-            ("vLLM (some experts are not quantized: it needs all of them)",) if k else ()
+        no_gate = ungated(quantized_names)
+        every, not_every = (
+            (LOADERS_UNGATED, NOT_LOADERS_UNGATED) if no_gate else (LOADERS_QUANTIZED, NOT_LOADERS_QUANTIZED)
+        )
+        not_loaders = not_every + (
+            ("vLLM (some experts are not quantized: it needs all of them)",) if k and not no_gate else ()
         )
         if partial_blocks:
             reason = (
                 f"quantize-model load_quantized ({partial_blocks[0]} does not fill whole blocks: "
                 "convert with a --blocksize that divides each expert weight's size)"
             )
-            loaders = LOADERS_QUANTIZED[1:] if not k else ()
+            loaders = every[1:] if not k else ()
             return MoeSummary(q, k, loaders, (*not_loaders, reason))
         if not k:
-            return MoeSummary(q, k, LOADERS_QUANTIZED, not_loaders)
+            return MoeSummary(q, k, every, not_loaders)
         mixed = mixed_modules(quantized_names, kept_names)
         if mixed:
             reason = f"quantize-model load_quantized ({mixed[0]} mixes 4-bit and 16-bit experts)"
             return MoeSummary(q, k, (), (*not_loaders, reason))
-        return MoeSummary(q, k, LOADERS_QUANTIZED[:1], not_loaders)
+        return MoeSummary(q, k, every[:1], not_loaders)
     if zero_expert_modules(kept_names):  # LongCat-Flash: unsloth-zoo not checked with its zero experts
         return MoeSummary(0, k, LOADERS_ZERO_EXPERTS, NOT_LOADERS_KEPT)
     return MoeSummary(0, k, LOADERS_KEPT, NOT_LOADERS_KEPT)
@@ -1011,17 +1027,22 @@ def keep_advice(
     vllm = "vLLM (pre-quantized bnb, TP=1)"
     readers = f"{vllm}, transformers 4.x and" if in_transformers4(model_type) else f"{vllm} and"
     readers += " unsloth"
+    if ungated(t.name for t in tensors):  # NemotronH's: load_quantized runs them (loader/moe_ungated.py)
+        readers = "no other loader of 4-bit experts is known to run experts without a gate"
+        readers = f"quantize-model's load_quantized ({readers})"
+    else:
+        readers = f"quantize-model's load_quantized, {readers}"
     if not quantizes_experts:
         return (
             f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
             f"--quant-type {quant_type}: the folder loads with stock transformers 5.x + bitsandbytes but "
             "barely shrinks. Experts are quantized only with the 4-bit types: --quant-type nf4 --moe-experts "
-            "quantize (or fp4) stores every expert in 4 bit; that folder loads with quantize-model's "
-            f"load_quantized, {readers}, but not with stock transformers 5.x"
+            f"quantize (or fp4) stores every expert in 4 bit; that folder loads with {readers}, but not "
+            "with stock transformers 5.x"
         )
     return (
         f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
         "--moe-experts keep (the default): the folder loads with stock transformers 5.x + bitsandbytes but "
         "barely shrinks. --moe-experts quantize stores every expert in 4 bit; that folder loads with "
-        f"quantize-model's load_quantized, {readers}, but not with stock transformers 5.x"
+        f"{readers}, but not with stock transformers 5.x"
     )

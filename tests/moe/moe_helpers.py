@@ -142,6 +142,14 @@ MOE["param2moe"] = ("param2moe", "Glm4MoeForCausalLM", _decoder(
     intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
     n_shared_experts=1, first_k_dense_replace=1))  # fmt: skip
 FAMILIES_5_25 = ["minicpm5_moe", "kolibri1_1", "param2moe"]
+# NemotronH: routed experts without a gate (per-expert up_proj / down_proj on disk, relu2 between them,
+# converter/loader/moe_ungated.py), a shared expert, Mamba-2 and attention layers around the MoE one
+MOE["nemotron_h"] = ("nemotron_h", "NemotronHForCausalLM", dict(
+    vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    intermediate_size=128, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64,
+    n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, mamba_num_heads=4,
+    mamba_head_dim=16, ssm_state_size=8, n_groups=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    layers_block_type=["linear_attention", "moe", "full_attention"]))  # fmt: skip
 # Ergo (transformers 5.25): its routed experts fused 3-D in its own names (layers.<l>.feed_forward.up_proj
 # [E, H, I] / down_proj, no gate, an RMSNorm per expert), a layout quantize-model does not quantize; 8
 # experts of width 128 in its one sparse layer hold most of the parameters
@@ -168,7 +176,7 @@ def make_moe(name: str, folder: Path, seed: int = 0) -> Path:
         model = getattr(transformers, arch)(cfg).to(torch.bfloat16).eval()
         # random init gives tiny router logits and near-uniform routing: widen them so top-k differs per token
         for n, p in model.named_parameters():
-            if n.endswith("mlp.gate.weight"):
+            if n.endswith(("mlp.gate.weight", "mixer.gate.weight")):
                 torch.nn.init.normal_(p, std=0.5)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
@@ -259,7 +267,7 @@ def make_qwen3_vl_moe(folder: Path, *, inter: int = 128, hub: bool = True, seed:
         warnings.simplefilter("ignore")
         model = transformers.Qwen3VLMoeForConditionalGeneration(cfg).to(torch.bfloat16).eval()
         for n, p in model.named_parameters():
-            if n.endswith("mlp.gate.weight"):
+            if n.endswith(("mlp.gate.weight", "mixer.gate.weight")):
                 torch.nn.init.normal_(p, std=0.5)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
