@@ -1,4 +1,4 @@
-"""``quantize-model dequantize IN OUT``: a quantized folder back to a plain safetensors checkpoint."""
+"""``quantize-model dequantize SOURCE OUTPUT``: a quantized folder back to a plain safetensors checkpoint."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ Examples:
   quantize-model dequantize ./llama-nf4 ./llama-fp32 --dtype fp32 --max-shard-size 2GB
   quantize-model dequantize org/llama-nf4 ./llama-bf16 --revision main
 
-Exit codes: 0 ok, 1 failed, 2 usage or input error, 75 another process is writing OUT (retry once it
+Exit codes: 0 ok, 1 failed, 2 usage or input error, 75 another process is writing OUTPUT (retry once it
 ends).
 """
 
