@@ -12,7 +12,8 @@
    vocab 8192: its bf16 head is 10% of the weights read per token, as Qwen3-30B-A3B's 311M-param head
    is of its 3.0B read per token) generating --tokens tokens greedily at batch 1 on CPU: our
    load_quantized (4-bit experts, grouped GEMV) vs the bf16 model in transformers with its default
-   experts implementation and with "eager".
+   experts implementation and with "eager". ``--family nemotron_h``: a small NemotronH instead
+   (experts without a gate, relu2; ``random_small_nemotron_h``).
 4. ``--device cuda`` (replaces 1-3; ``--whole`` runs it on the CPU, a smoke run): the whole model
    (``moe_whole.py``): Qwen3-30B-A3B's real shapes with ``--layers`` decoder layers (default 48, the real
    model) and ``--vocab`` (default 151936), converted from random tensors made on the fly
@@ -233,17 +234,44 @@ def random_small_moe(src: Path, **config: int) -> Path:
     return src
 
 
-def decode(work: Path, tokens: int, repeat: int, compiled: bool = False) -> None:
+def random_small_nemotron_h(src: Path) -> Path:
+    """A random bf16 NemotronH saved at ``src`` (once): 6 attention + 6 MoE layers (no Mamba layer: the
+    experts are what differs), hidden 1024, 64 gateless relu2 experts of 384, top-6 (as Nemotron-3
+    Nano routes), a shared expert of 768, vocab 8192; routers widened so top-k varies per token."""
+    import transformers
+
+    if (src / "config.json").exists():
+        return src
+    cfg = transformers.NemotronHConfig(
+        vocab_size=8192, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+        intermediate_size=3072, moe_intermediate_size=384, moe_shared_expert_intermediate_size=768,
+        n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1, tie_word_embeddings=False,
+        layers_block_type=["full_attention", "moe"] * 6, max_position_embeddings=512,
+    )  # fmt: skip
+    cfg.architectures = ["NemotronHForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.NemotronHForCausalLM(cfg).to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        if n.endswith("mixer.gate.weight"):
+            torch.nn.init.normal_(p, std=0.5)  # varied routing from token to token
+    model.save_pretrained(src)
+    return src
+
+
+def decode(work: Path, tokens: int, repeat: int, compiled: bool = False, family: str = "qwen3_moe") -> None:
     import transformers
 
     from converter.loader.model import load_quantized
 
-    src = random_small_moe(
-        work / "small-moe-6l", hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384,
-        num_experts=64, num_experts_per_tok=8, num_hidden_layers=6, num_attention_heads=16,
-        num_key_value_heads=4, head_dim=64, vocab_size=8192, max_position_embeddings=512,
-    )  # fmt: skip
-    q = work / "small-moe-6l-q"
+    if family == "nemotron_h":  # experts without a gate (converter/loader/moe_ungated.py)
+        src = random_small_nemotron_h(work / "small-nemotron-h")
+    else:
+        src = random_small_moe(
+            work / "small-moe-6l", hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384,
+            num_experts=64, num_experts_per_tok=8, num_hidden_layers=6, num_attention_heads=16,
+            num_key_value_heads=4, head_dim=64, vocab_size=8192, max_position_embeddings=512,
+        )  # fmt: skip
+    q = src.with_name(src.name + "-q")
     if not (q / "config.json").exists():
         _convert(src, q, moe_experts="quantize")
     ids = torch.tensor([[1, 9, 1031, 314, 2718, 42, 7, 100]])
@@ -303,7 +331,7 @@ def decode(work: Path, tokens: int, repeat: int, compiled: bool = False) -> None
             for name, (m, extra, cache) in models.items():
                 best[name] = min(best[name], run(m, extra, cache, tokens))
     base = tokens / best["bf16, transformers default experts"]
-    print(f"\n## decode, batch 1, {tokens} new tokens after 8 (best of {repeat}, interleaved)")
+    print(f"\n## {family} decode, batch 1, {tokens} new tokens after 8 (best of {repeat}, interleaved)")
     print(f"load average at the end: {os.getloadavg()}")
     print("| model | tok/s | vs bf16 default |")
     print("|---|---|---|")
@@ -330,6 +358,10 @@ def main() -> None:
     )
     ap.add_argument("--json", default=None, help="--device cuda / --whole: write the results here")
     ap.add_argument("--compiled", action="store_true", help="decode: also each side's compiled mode")
+    ap.add_argument(
+        "--family", choices=("qwen3_moe", "nemotron_h"), default="qwen3_moe",
+        help="decode: the small model's family (nemotron_h: experts without a gate)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.device == "cuda":
         require_cuda(__file__)
@@ -359,7 +391,7 @@ def main() -> None:
     if args.only in (None, "decode"):
         if args.compiled:
             os.environ.pop("TORCHDYNAMO_DISABLE", None)  # set above for 1-3; read at the first compile
-        decode(work, args.tokens, args.repeat, args.compiled)
+        decode(work, args.tokens, args.repeat, args.compiled, args.family)
     if args.only in (None, "size"):
         size_and_speed(work, args.layers, args.repeat)
 

@@ -150,6 +150,10 @@ MOE["nemotron_h"] = ("nemotron_h", "NemotronHForCausalLM", dict(
     n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, mamba_num_heads=4,
     mamba_head_dim=16, ssm_state_size=8, n_groups=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     layers_block_type=["linear_attention", "moe", "full_attention"]))  # fmt: skip
+# the same with its experts in a latent width (Nemotron-3 Super / Ultra: fc1_latent_proj 128 -> 64 before
+# the experts, fc2_latent_proj after): the experts' input and output width is moe_latent_size
+MOE["nemotron_h_latent"] = ("nemotron_h", "NemotronHForCausalLM", {
+    **MOE["nemotron_h"][2], "hidden_size": 128, "moe_latent_size": 64, "head_dim": 32})  # fmt: skip
 # Ergo (transformers 5.25): its routed experts fused 3-D in its own names (layers.<l>.feed_forward.up_proj
 # [E, H, I] / down_proj, no gate, an RMSNorm per expert), a layout quantize-model does not quantize; 8
 # experts of width 128 in its one sparse layer hold most of the parameters

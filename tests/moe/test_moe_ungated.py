@@ -73,13 +73,16 @@ def test_keep_warning_names_the_one_loader_of_ungated_4bit_experts(folders):
     assert "vLLM" not in advice
 
 
-def test_dequantize_path_is_the_dequantized_model_bit_for_bit(folders):
+@pytest.mark.parametrize("name", [NAME, "nemotron_h_latent"])
+def test_dequantize_path_is_the_dequantized_model_bit_for_bit(folders, name):
     """On the dequantize path (use_gemv False) the 4-bit experts compute NemotronHExperts' loop with the
     decoded weights, summing in the routing weights' dtype as it does: logits equal the dequantized bf16
-    folder's in transformers, bit for bit (prefill 12 tokens, decode 1), and greedy generate agrees."""
-    q, plain = folders(NAME)
+    folder's in transformers, bit for bit (prefill 12 tokens, decode 1), and greedy generate agrees; also
+    with the experts in a latent width (moe_latent_size 64 inside hidden 128)."""
+    q, plain = folders(name)
     ours = _dequant_paths(load_quantized(q))
-    _experts(ours)
+    (m,) = _experts(ours)
+    assert m.hidden_dim == ours.config.moe_latent_size or ours.config.moe_latent_size is None
     ref = load_bf16_eager(plain)
     assert torch.equal(_logits(ours), _logits(ref))
     assert torch.equal(_logits(ours, IDS[:, :1]), _logits(ref, IDS[:, :1]))
@@ -118,13 +121,14 @@ def _reference_and_bound(m: QuantUngatedExperts4bit, x, idx, w) -> tuple[torch.T
     return torch.stack(refs), torch.stack(bounds)
 
 
+@pytest.mark.parametrize("name", [NAME, "nemotron_h_latent"])
 @pytest.mark.parametrize("tokens", [1, 3, 12], ids=["decode1", "decode3", "prefill"])
-def test_gemv_paths_within_the_derived_float32_bound(folders, tokens, monkeypatch):
+def test_gemv_paths_within_the_derived_float32_bound(folders, name, tokens, monkeypatch):
     """float32 compute on the default path (decode: two grouped GEMVs over the routed experts; 12 tokens:
     the per-expert loop, the GEMV for experts with at most 8 tokens) stays within the derived bound of
     the exact result; with k = 2 the grouped decode and the per-expert loop give the same bits (the same
     row kernels, a two-term sum)."""
-    q, _ = folders(NAME)
+    q, _ = folders(name)
     (m,) = _experts(load_quantized(q))
     m.compute_dtype = torch.float32
     g = torch.Generator().manual_seed(tokens)
