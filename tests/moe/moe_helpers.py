@@ -556,6 +556,15 @@ def down_code_step_ratios(m, x, idx, w) -> tuple[float, float]:
     return within, outside
 
 
+def random_routes(m: Any, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, top-k index, routing weights) for an experts layer ``m``: ``tokens`` random float32 inputs of its
+    width, each routed to 2 distinct experts, with random weights in [0, 1) (seeded by ``tokens``)."""
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, m.hidden_dim, generator=g)
+    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)])
+    return x, idx, torch.rand(tokens, 2, generator=g)
+
+
 def assert_float32_experts_within_bound(folder: Path, tokens: int) -> None:
     """The first 4-bit experts layer of ``load_quantized(folder)``, computing in float32 on its default
     path (fused GEMV for <= 8 tokens per expert, else dequantized once), stays within the derived
@@ -565,10 +574,7 @@ def assert_float32_experts_within_bound(folder: Path, tokens: int) -> None:
 
     m = next(iter(moe_modules(load_quantized(folder)).values()))
     m.compute_dtype = torch.float32
-    g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, m.hidden_dim, generator=g)
-    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)])
-    w = torch.rand(tokens, 2, generator=g)
+    x, idx, w = random_routes(m, tokens)
     with torch.no_grad():
         got = m(x, idx, w).double()
     ref, bound = experts_reference_and_bound(m, x, idx, w)

@@ -25,6 +25,7 @@ from moe_helpers import (
     longcat_zero_rows,
     make_longcat_flash,
     make_moe,
+    random_routes,
 )
 from tiny_models import load_logged
 
@@ -307,10 +308,7 @@ def test_experts_with_their_own_gate_within_the_derived_float32_bound(folders, n
     follows their gate (clamps, limit 0.1); the same layer with one down weight moved by one 4-bit code
     step leaves it."""
     m = next(iter(moe_modules(load_quantized(folders(name)[0])).values()))
-    g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, m.hidden_dim, generator=g)
-    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)])
-    within, outside = down_code_step_ratios(m, x, idx, torch.rand(tokens, 2, generator=g))
+    within, outside = down_code_step_ratios(m, *random_routes(m, tokens))
     assert within <= 1 < outside
 
 

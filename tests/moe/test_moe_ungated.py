@@ -12,7 +12,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from error_bounds import U32, dot_bound, gamma, gemv_arithmetic, underflow
-from moe_helpers import load_bf16_eager
+from moe_helpers import load_bf16_eager, random_routes
 from safetensors import safe_open
 from test_moe_loader import _COMPILE_SCRIPT, IDS, _dequant_paths, _logits
 
@@ -131,10 +131,7 @@ def test_gemv_paths_within_the_derived_float32_bound(folders, name, tokens, monk
     q, _ = folders(name)
     (m,) = _experts(load_quantized(q))
     m.compute_dtype = torch.float32
-    g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, m.hidden_dim, generator=g)
-    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)])
-    w = torch.rand(tokens, 2, generator=g)
+    x, idx, w = random_routes(m, tokens)
     with torch.no_grad():
         got = m(x, idx, w).double()
     ref, bound = _reference_and_bound(m, x, idx, w)
@@ -154,10 +151,7 @@ def test_cuda_within_the_derived_float32_bound(folders, tokens):
     q, _ = folders(NAME)
     (m,) = _experts(load_quantized(q, device="cuda", dtype=torch.float32))
     m.compute_dtype = torch.float32
-    g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, m.hidden_dim, generator=g)
-    idx = torch.stack([torch.randperm(m.num_experts, generator=g)[:2] for _ in range(tokens)])
-    w = torch.rand(tokens, 2, generator=g)
+    x, idx, w = random_routes(m, tokens)
     with torch.no_grad():
         got = m(x.cuda(), idx.cuda(), w.cuda()).double().cpu()
     ref, bound = _reference_and_bound(m, x.cuda(), idx, w)
