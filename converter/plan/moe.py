@@ -61,6 +61,9 @@ PROJ_ROLE = {
     "w2": "down",
 }
 
+#: The projection leaves of experts without a gate (NemotronH's: ``down(act(up(x)))``).
+_UNGATED_LEAVES = frozenset({"up_proj", "down_proj"})
+
 _QUANTIZABLE = frozenset({"F32", "F16", "BF16", "F64"})
 
 #: Who reads which layout (reference/moe-4bit.md, late 2026).
@@ -802,9 +805,6 @@ def _summary(
         return summary
     loaders = tuple(x for x in summary.loaders if x != LOADERS_QUANTIZED[1])
     return replace(summary, loaders=loaders, not_loaders=(*summary.not_loaders, vllm))
-
-
-_UNGATED_LEAVES = frozenset({"up_proj", "down_proj"})
 
 
 def ungated(names: Iterable[str]) -> bool:
