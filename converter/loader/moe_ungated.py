@@ -16,9 +16,10 @@ The forward is ``NemotronHExperts.forward`` with 4-bit weights:
   (``moe._decode_grouped`` with one up row per intermediate row), the activation between them, then the
   routing weights and a sum over the k slots in the weights' dtype;
 - otherwise the hit experts in ascending order, each through the fused GEMV (at most 8 tokens) or
-  dequantized and multiplied (``F.linear``), weighted and summed with ``index_add_`` in the routing
-  weights' dtype as that class sums them, so that with ``use_gemv = False`` the output is the
-  dequantized model's, bit for bit.
+  dequantized and multiplied (``F.linear``), weighted and summed with ``index_add_`` as that class sums
+  them (in the routing weights' dtype up to transformers 5.24, in the hidden states' from 5.25:
+  :func:`sums_in_weights_dtype`), so that with ``use_gemv = False`` the output is the dequantized
+  model's, bit for bit.
 
 Under ``torch.compile`` the layer is one custom op, ``quantize_model::moe_experts_4bit_ungated`` (an
 activation known by name: relu2 or one of the gated experts' ``_ACTS``).
@@ -26,6 +27,7 @@ activation known by name: relu2 or one of the gated experts' ``_ACTS``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -100,8 +102,11 @@ def _ungated_forward(
     blocksize: int,
     act: Callable[[torch.Tensor], torch.Tensor],
     use_gemv: bool,
+    sum_in_weights_dtype: bool = False,
 ) -> torch.Tensor:
-    """``NemotronHExperts.forward`` with 4-bit weights, [T, H] -> [T, H] (module docstring)."""
+    """``NemotronHExperts.forward`` with 4-bit weights, [T, H] -> [T, H] (module docstring);
+    ``sum_in_weights_dtype``: the routes summed in the routing weights' dtype, then cast once
+    (transformers 5.24's class), else in the hidden states' (5.25's)."""
     if use_gemv and _grouped_decode(hidden, packed, absmax, intermediate, blocksize):
         gemv = moe_cuda.grouped_gemv if hidden.is_cuda else _grouped_gemv_rows
         args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize)
@@ -111,8 +116,7 @@ def _ungated_forward(
     kernels = use_gemv and ops.kernel_backend(hidden.device) is not None
     gemv_up, gemv_dn = kernels and hidden_dim % blocksize == 0, kernels and intermediate % blocksize == 0
     f32 = use_gemv and ops.f32_prefill(hidden)  # bf16 on a CPU without native bf16 matmuls: float32
-    # NemotronHExperts sums in the routing weights' dtype (float32 from its router), then casts once
-    out = torch.zeros_like(hidden, dtype=top_k_weights.dtype)
+    out = torch.zeros_like(hidden, dtype=top_k_weights.dtype if sum_in_weights_dtype else hidden.dtype)
     for e, slot, token_idx in _expert_rows(top_k_index, packed.shape[0]):
         x = hidden[token_idx]
         p, a = packed[e], absmax[e]
@@ -123,7 +127,19 @@ def _ungated_forward(
         y = _gemv(h, *dn) if gemv_dn and small else _dequant_linear(h, *dn, False, f32)
         y = y * top_k_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
-    return out.to(hidden.dtype)
+    return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
+
+
+def sums_in_weights_dtype(module: nn.Module) -> bool:
+    """Whether the experts class sums its routes in the routing weights' dtype and casts once at the end
+    (``zeros_like(hidden_states, dtype=top_k_weights.dtype)``: NemotronHExperts up to transformers 5.24)
+    rather than in the hidden states' dtype (5.25 and later, as the gated experts): read from the class's
+    source, the one place the difference shows (same shapes, same names)."""
+    try:
+        source = inspect.getsource(type(module))
+    except (OSError, TypeError):  # no source (a frozen install): the gated experts' rule
+        return False
+    return "dtype=top_k_weights.dtype" in source
 
 
 @torch.library.custom_op("quantize_model::moe_experts_4bit_ungated", mutates_args=())
@@ -138,10 +154,11 @@ def moe_experts_4bit_ungated(
     blocksize: int,
     act: str,
     use_gemv: bool,
+    sum_in_weights_dtype: bool,
 ) -> torch.Tensor:
     """Routed experts without a gate of one layer: [T, H] -> [T, H] (the module docstring)."""
     args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize)
-    return _ungated_forward(*args, ACTS[act], use_gemv)
+    return _ungated_forward(*args, ACTS[act], use_gemv, sum_in_weights_dtype)
 
 
 @moe_experts_4bit_ungated.register_fake
@@ -152,10 +169,14 @@ def _(hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
 class QuantUngatedExperts4bit(QuantExperts4bit):
     """A layer's routed experts without a gate projection in 4 bit, called as ``NemotronHExperts`` is."""
 
-    def __init__(self, *args: Any, act_name: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, act_name: str | None = None, sum_in_weights_dtype: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, act_name=act_name, **kwargs)
         self.act_name = act_name if act_name in ACTS else None  # relu2 too (the base knows gated ones)
         self.proj_names = PROJ_NAMES
+        # how the replaced class sums the routes (sums_in_weights_dtype): the same here, bit for bit
+        self.sum_in_weights_dtype = sum_in_weights_dtype
 
     def _projections(self) -> tuple[Projection, ...]:
         return projections(self.hidden_dim, self.intermediate_dim)
@@ -197,7 +218,7 @@ class QuantUngatedExperts4bit(QuantExperts4bit):
     ) -> torch.Tensor:
         dtype = hidden_states.dtype
         x = hidden_states if dtype == self.compute_dtype else hidden_states.to(self.compute_dtype)
-        w = top_k_weights  # as the router gives them: the class sums in their dtype
+        w = top_k_weights  # as the router gives them (float32 from NemotronH's)
         args = (
             x,
             top_k_index,
@@ -210,10 +231,11 @@ class QuantUngatedExperts4bit(QuantExperts4bit):
         )
         grad = _needs_autograd(x, w)  # training adapters elsewhere: torch's autograd through the loop
         if self.act_name is not None and not grad and torch.compiler.is_compiling():
-            y = moe_experts_4bit_ungated(*args, self.act_name, self.use_gemv)  # one node for torch.compile
+            # one node for torch.compile
+            y = moe_experts_4bit_ungated(*args, self.act_name, self.use_gemv, self.sum_in_weights_dtype)
         else:
             act = ACTS[self.act_name] if self.act_name is not None else self.act_fn
-            y = _ungated_forward(*args, act, self.use_gemv and not grad)
+            y = _ungated_forward(*args, act, self.use_gemv and not grad, self.sum_in_weights_dtype)
         return y if y.dtype == dtype else y.to(dtype)
 
 
@@ -259,6 +281,7 @@ def ungated_layer(
         compute_dtype=compute_dtype,
         act_name=act_name,
         act_fn=module.act_fn,
+        sum_in_weights_dtype=sums_in_weights_dtype(module),
     )
     layer.__dict__[SOURCE_MODULE] = module  # transformers' module (meta parameters), for model.dequantize()
     return layer
