@@ -946,6 +946,20 @@ class QuantExperts4bit(nn.Module):
             self.blocksize, dtype or self.dtype,
         )  # fmt: skip
 
+    def _op_args(self, x: torch.Tensor, top_k_index: torch.Tensor, w: torch.Tensor) -> tuple:
+        """The forward functions' leading arguments: input, routes, their weights, the layer's codes,
+        absmax and code table, its intermediate width and blocksize."""
+        return (
+            x,
+            top_k_index,
+            w,
+            self.packed,
+            self.absmax,
+            self.quant_map,
+            self.intermediate_dim,
+            self.blocksize,
+        )
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -962,16 +976,7 @@ class QuantExperts4bit(nn.Module):
                 self.act_name, self.use_gemv,
             )  # fmt: skip
             return y if y.dtype == dtype else y.to(dtype)
-        args = (
-            x,
-            top_k_index,
-            w,
-            self.packed,
-            self.absmax,
-            self.quant_map,
-            self.intermediate_dim,
-            self.blocksize,
-        )
+        args = self._op_args(x, top_k_index, w)
         if self.act_name is not None and (torch.compiler.is_compiling() or _needs_autograd(x, w)):
             # the custom op: one node for torch.compile, and gradients to the input and the routing
             # weights (its registered backward) when training adapters elsewhere in the model

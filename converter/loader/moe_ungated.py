@@ -219,16 +219,7 @@ class QuantUngatedExperts4bit(QuantExperts4bit):
         dtype = hidden_states.dtype
         x = hidden_states if dtype == self.compute_dtype else hidden_states.to(self.compute_dtype)
         w = top_k_weights  # as the router gives them (float32 from NemotronH's)
-        args = (
-            x,
-            top_k_index,
-            w,
-            self.packed,
-            self.absmax,
-            self.quant_map,
-            self.intermediate_dim,
-            self.blocksize,
-        )
+        args = self._op_args(x, top_k_index, w)
         grad = _needs_autograd(x, w)  # training adapters elsewhere: torch's autograd through the loop
         if self.act_name is not None and not grad and torch.compiler.is_compiling():
             # one node for torch.compile
