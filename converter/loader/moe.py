@@ -319,6 +319,23 @@ def _grouped_gemv_rows(
     return _grouped_gemv(x, ids, *args, **kw)
 
 
+def _cuda_kernels_take(
+    hidden: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, intermediate: int, blocksize: int
+) -> bool:
+    """Whether the CUDA MoE kernels take this layer: built, whole blocks per row in both projections,
+    the buffers' layout (``moe_cuda.layout_ok``)."""
+    return (
+        moe_cuda.available()
+        and intermediate % blocksize == 0
+        and moe_cuda.layout_ok(hidden, packed, absmax, hidden.shape[1], blocksize)
+    )
+
+
+def _cuda_decode(hidden: torch.Tensor) -> bool:
+    """Decode on CUDA: at most 8 tokens, or any count while a CUDA graph is being captured (no host sync)."""
+    return hidden.shape[0] <= ops.GEMV_MAX_TOKENS or torch.cuda.is_current_stream_capturing()
+
+
 def _experts_forward_cuda(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -339,17 +356,10 @@ def _experts_forward_cuda(
     them); prefill sorted by expert, grouped dequantize + grouped matmul (own gate: the per-expert loop,
     the fused kernels compute ``act(gate) * up``). Layouts the kernels do not take and
     ``use_gemv = False`` run :func:`_experts_forward`."""
-    hidden_dim = hidden.shape[1]
     args = (hidden, top_k_index, top_k_weights, packed, absmax, quant_map, intermediate, blocksize, act)
-    ok = (
-        use_gemv
-        and moe_cuda.available()
-        and intermediate % blocksize == 0
-        and moe_cuda.layout_ok(hidden, packed, absmax, hidden_dim, blocksize)
-    )
-    if not ok:
+    if not (use_gemv and _cuda_kernels_take(hidden, packed, absmax, intermediate, blocksize)):
         return _experts_forward(*args, use_gemv, apply_gate, biases)
-    decode = hidden.shape[0] <= ops.GEMV_MAX_TOKENS or torch.cuda.is_current_stream_capturing()
+    decode = _cuda_decode(hidden)
     if decode and apply_gate is None and act is F.silu and top_k_index.shape[1] <= moe_cuda.FUSED_MAX_K:
         return moe_cuda.decode_silu(*args[:-1])
     if decode:

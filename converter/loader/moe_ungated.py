@@ -27,6 +27,7 @@ activation known by name: relu2 or one of the gated experts' ``_ACTS``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,6 +41,8 @@ from converter.loader.moe import (
     _ACTS,
     SOURCE_MODULE,
     QuantExperts4bit,
+    _cuda_decode,
+    _cuda_kernels_take,
     _decode_grouped,
     _dequant,
     _dequant_linear,
@@ -83,12 +86,7 @@ def _grouped_decode(
     """Whether decode takes the two grouped GEMVs (the gated experts' conditions, converter/loader/moe.py)."""
     if not hidden.is_cuda:
         return _grouped_ok(hidden, inter, bs)
-    return (
-        (hidden.shape[0] <= ops.GEMV_MAX_TOKENS or torch.cuda.is_current_stream_capturing())
-        and moe_cuda.available()
-        and inter % bs == 0
-        and moe_cuda.layout_ok(hidden, packed, absmax, hidden.shape[1], bs)
-    )
+    return _cuda_decode(hidden) and _cuda_kernels_take(hidden, packed, absmax, inter, bs)
 
 
 def _ungated_forward(
@@ -135,8 +133,13 @@ def sums_in_weights_dtype(module: nn.Module) -> bool:
     (``zeros_like(hidden_states, dtype=top_k_weights.dtype)``: NemotronHExperts up to transformers 5.24)
     rather than in the hidden states' dtype (5.25 and later, as the gated experts): read from the class's
     source, the one place the difference shows (same shapes, same names)."""
+    return _class_sums_in_weights_dtype(type(module))
+
+
+@functools.cache  # inspect.getsource parses the whole modeling file (~10 ms): once per class, not per layer
+def _class_sums_in_weights_dtype(cls: type) -> bool:
     try:
-        source = inspect.getsource(type(module))
+        source = inspect.getsource(cls)
     except (OSError, TypeError):  # no source (a frozen install): the gated experts' rule
         return False
     return "dtype=top_k_weights.dtype" in source
