@@ -215,6 +215,21 @@ def size_and_speed(work: Path, layers: int, repeat: int) -> None:
     )
 
 
+def _save_random(src: Path, cls_name: str, cfg, router: str) -> Path:
+    """A random bf16 ``cls_name`` of ``cfg`` saved at ``src``, its routers (parameters ending in
+    ``router``) widened so that top-k varies from token to token."""
+    import transformers
+
+    cfg.architectures = [cls_name]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(cfg).to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        if n.endswith(router):
+            torch.nn.init.normal_(p, std=0.5)  # varied routing from token to token
+    model.save_pretrained(src)
+    return src
+
+
 def random_small_moe(src: Path, **config: int) -> Path:
     """A random bf16 Qwen3-MoE saved at ``src`` (once), its routers widened so top-k varies per token."""
     import transformers
@@ -224,14 +239,7 @@ def random_small_moe(src: Path, **config: int) -> Path:
     cfg = transformers.Qwen3MoeConfig(
         decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False, **config
     )
-    cfg.architectures = ["Qwen3MoeForCausalLM"]
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
-    for n, p in model.named_parameters():
-        if n.endswith("mlp.gate.weight"):
-            torch.nn.init.normal_(p, std=0.5)  # varied routing from token to token
-    model.save_pretrained(src)
-    return src
+    return _save_random(src, "Qwen3MoeForCausalLM", cfg, "mlp.gate.weight")
 
 
 def random_small_nemotron_h(src: Path) -> Path:
@@ -248,14 +256,7 @@ def random_small_nemotron_h(src: Path) -> Path:
         n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1, tie_word_embeddings=False,
         layers_block_type=["full_attention", "moe"] * 6, max_position_embeddings=512,
     )  # fmt: skip
-    cfg.architectures = ["NemotronHForCausalLM"]
-    torch.manual_seed(0)
-    model = transformers.NemotronHForCausalLM(cfg).to(torch.bfloat16)
-    for n, p in model.named_parameters():
-        if n.endswith("mixer.gate.weight"):
-            torch.nn.init.normal_(p, std=0.5)  # varied routing from token to token
-    model.save_pretrained(src)
-    return src
+    return _save_random(src, "NemotronHForCausalLM", cfg, "mixer.gate.weight")
 
 
 def decode(work: Path, tokens: int, repeat: int, compiled: bool = False, family: str = "qwen3_moe") -> None:
