@@ -947,6 +947,17 @@ def no_effect_note(tensors: Sequence[_TensorLike], mode: str, quantized: Sequenc
     return f"--moe-experts quantize has no effect: {why}; the folder is the one --moe-experts keep writes"
 
 
+def _per_expert_readers(names: Sequence[str], model_type: str | None) -> str:
+    """Who reads these experts as per-expert 4-bit records, in words (reference/moe-4bit.md)."""
+    if ungated(names):  # NemotronH's: load_quantized runs them (loader/moe_ungated.py)
+        return (
+            "quantize-model's load_quantized (no other loader of 4-bit experts is known to run experts "
+            "without a gate)"
+        )
+    ours = "quantize-model's load_quantized, vLLM (pre-quantized bnb, TP=1)"
+    return f"{ours}, transformers 4.x and unsloth" if in_transformers4(model_type) else f"{ours} and unsloth"
+
+
 def keep_advice(
     tensors: Sequence[_TensorLike],
     mode: str,
@@ -1023,15 +1034,7 @@ def keep_advice(
             "which loads with quantize-model's load_quantized and unsloth-zoo, but not with stock "
             "transformers 5.x nor vLLM"
         )
-    # the per-expert records' other readers (reference/moe-4bit.md)
-    vllm = "vLLM (pre-quantized bnb, TP=1)"
-    readers = f"{vllm}, transformers 4.x and" if in_transformers4(model_type) else f"{vllm} and"
-    readers += " unsloth"
-    if ungated(t.name for t in tensors):  # NemotronH's: load_quantized runs them (loader/moe_ungated.py)
-        readers = "no other loader of 4-bit experts is known to run experts without a gate"
-        readers = f"quantize-model's load_quantized ({readers})"
-    else:
-        readers = f"quantize-model's load_quantized, {readers}"
+    readers = _per_expert_readers([t.name for t in tensors], model_type)
     if not quantizes_experts:
         return (
             f"routed MoE experts hold {100 * experts / total:.1f}% of the parameters and stay 16-bit with "
