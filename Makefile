@@ -32,11 +32,11 @@ test: install
 test-fast: install
 	TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-# Every CPU kernel path in turn: the tests that run our kernels through isa="auto" (loader forward,
+# Every CPU kernel path in turn: the tests that run our kernels through isa="auto" (loader forward, MoE
 # conversion, bnb compatibility) once per ISA this CPU runs, forced with pytest --isa (QM_CPU_ISA).
 # The slow real-model tests compare bytes, which the kernel tests prove equal on every path: they run
 # once, in `make test`.
-ISA_TESTS ?= tests/kernels tests/loader tests/golden tests/compat tests/converter
+ISA_TESTS ?= tests/kernels tests/loader tests/golden tests/compat tests/converter tests/moe
 # make test already ran the best ISA (what isa="auto" picks); this runs the others this CPU has.
 test-isa: install
 	set -e; for isa in $$($(PY) -c "from converter.kernels import bnb4bit as kernels; print(*kernels.cpu_isas()[:-1])"); do \

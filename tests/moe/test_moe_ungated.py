@@ -128,8 +128,9 @@ def _reference_and_bound(m: QuantUngatedExperts4bit, x, idx, w) -> tuple[torch.T
 def test_gemv_paths_within_the_derived_float32_bound(folders, name, tokens, monkeypatch):
     """float32 compute on the default path (decode: two grouped GEMVs over the routed experts; 12 tokens:
     the per-expert loop, the GEMV for experts with at most 8 tokens) stays within the derived bound of
-    the exact result; with k = 2 the grouped decode and the per-expert loop give the same bits (the same
-    row kernels, a two-term sum)."""
+    the exact result; so does the per-expert loop on decode's tokens (the fused GEMV per expert: its
+    multi-row kernels may sum in another order than the grouped one's, e.g. on AVX2, so not the same
+    bits)."""
     q, _ = folders(name)
     (m,) = _experts(load_quantized(q))
     m.compute_dtype = torch.float32
@@ -138,10 +139,11 @@ def test_gemv_paths_within_the_derived_float32_bound(folders, name, tokens, monk
         got = m(x, idx, w).double()
     ref, bound = _reference_and_bound(m, x, idx, w)
     assert ((got - ref).abs() <= bound).all()
-    if tokens <= 8:  # the per-expert loop with the same GEMV: the same bits
+    if tokens <= 8:  # the per-expert loop with the fused GEMV on the same tokens
         monkeypatch.setattr(moe_ungated, "_grouped_decode", lambda *a: False)
         with torch.no_grad():
-            assert torch.equal(m(x, idx, w).double(), got)
+            loop = m(x, idx, w).double()
+        assert ((loop - ref).abs() <= bound).all()
 
 
 @pytest.mark.cuda
