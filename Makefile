@@ -33,7 +33,7 @@ test-fast: install
 	TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # Every CPU kernel path in turn: the tests that run our kernels through isa="auto" (loader forward, MoE
-# conversion, bnb compatibility) once per ISA this CPU runs, forced with pytest --isa (QM_CPU_ISA).
+# experts, conversion, bnb compatibility) once per ISA this CPU runs, forced with pytest --isa (QM_CPU_ISA).
 # The slow real-model tests compare bytes, which the kernel tests prove equal on every path: they run
 # once, in `make test`.
 ISA_TESTS ?= tests/kernels tests/loader tests/golden tests/compat tests/converter tests/moe
